@@ -1,0 +1,233 @@
+use std::collections::HashMap;
+
+use openuni_tensor::Shape;
+
+use crate::{expect_shape, shape_err, GraphError, Modulation, Op, Result, UnaryFn};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub usize);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ValueKind {
+    /// Fed by the caller on every run, by name.
+    Input(String),
+    /// A model parameter, by its upstream key name; uploaded once.
+    Weight(String),
+    /// Produced by node `node`.
+    Activation { node: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct Value {
+    pub shape: Shape,
+    pub kind: ValueKind,
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// A readable label (usually the upstream module path), shown in profiles and node diffs.
+    pub name: String,
+    pub op: Op,
+    pub output: ValueId,
+}
+
+/// A built graph: values, nodes in execution order, and named outputs.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub values: Vec<Value>,
+    pub nodes: Vec<Node>,
+    pub outputs: Vec<(String, ValueId)>,
+}
+
+impl Graph {
+    pub fn value(&self, id: ValueId) -> &Value {
+        &self.values[id.0]
+    }
+
+    pub fn shape(&self, id: ValueId) -> &Shape {
+        &self.values[id.0].shape
+    }
+
+    pub fn inputs(&self) -> impl Iterator<Item = (ValueId, &str)> {
+        self.values.iter().enumerate().filter_map(|(i, v)| match &v.kind {
+            ValueKind::Input(n) => Some((ValueId(i), n.as_str())),
+            _ => None,
+        })
+    }
+
+    pub fn weights(&self) -> impl Iterator<Item = (ValueId, &str)> {
+        self.values.iter().enumerate().filter_map(|(i, v)| match &v.kind {
+            ValueKind::Weight(n) => Some((ValueId(i), n.as_str())),
+            _ => None,
+        })
+    }
+}
+
+/// Builds a [`Graph`], checking every shape as nodes are added.
+#[derive(Default)]
+pub struct GraphBuilder {
+    g: Graph,
+    names: HashMap<String, ValueId>,
+}
+
+impl GraphBuilder {
+    pub fn new() -> GraphBuilder {
+        GraphBuilder::default()
+    }
+
+    pub fn shape(&self, id: ValueId) -> &Shape {
+        self.g.shape(id)
+    }
+
+    fn add_value(&mut self, shape: Shape, kind: ValueKind) -> ValueId {
+        self.g.values.push(Value { shape, kind });
+        ValueId(self.g.values.len() - 1)
+    }
+
+    fn named(&mut self, what: &'static str, name: &str, shape: Shape, kind: ValueKind) -> Result<ValueId> {
+        if let Some(&id) = self.names.get(name) {
+            // The same weight may be used twice (tied embeddings), with the same shape.
+            if what == "weight" && matches!(self.g.value(id).kind, ValueKind::Weight(_)) && self.g.shape(id) == &shape {
+                return Ok(id);
+            }
+            return Err(GraphError::Duplicate { what, name: name.into() });
+        }
+        let id = self.add_value(shape, kind);
+        self.names.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    pub fn input(&mut self, name: &str, shape: impl Into<Shape>) -> Result<ValueId> {
+        self.named("input", name, shape.into(), ValueKind::Input(name.into()))
+    }
+
+    pub fn weight(&mut self, name: &str, shape: impl Into<Shape>) -> Result<ValueId> {
+        self.named("weight", name, shape.into(), ValueKind::Weight(name.into()))
+    }
+
+    pub fn output(&mut self, name: &str, id: ValueId) -> Result<()> {
+        if self.g.outputs.iter().any(|(n, _)| n == name) {
+            return Err(GraphError::Duplicate { what: "output", name: name.into() });
+        }
+        self.g.outputs.push((name.into(), id));
+        Ok(())
+    }
+
+    fn push(&mut self, name: &str, op: Op, shape: Shape) -> ValueId {
+        let node = self.g.nodes.len();
+        let output = self.add_value(shape, ValueKind::Activation { node });
+        self.g.nodes.push(Node { name: name.into(), op, output });
+        output
+    }
+
+    pub fn finish(self) -> Graph {
+        self.g
+    }
+
+    // ---- ops ----
+
+    pub fn linear(&mut self, name: &str, x: ValueId, w: ValueId, bias: Option<ValueId>) -> Result<ValueId> {
+        let (xs, ws) = (self.shape(x).clone(), self.shape(w).clone());
+        if ws.rank() != 2 || xs.last() != ws.dims()[1] {
+            return Err(shape_err("linear", format!("{name}: input {xs} does not fit weight {ws} ([out, in])")));
+        }
+        let out = ws.dims()[0];
+        if let Some(b) = bias {
+            expect_shape("linear", &format!("{name}: bias"), self.shape(b), &Shape::new([out]))?;
+        }
+        Ok(self.push(name, Op::Linear { x, w, bias }, xs.with_last(out)))
+    }
+
+    pub fn rmsnorm(&mut self, name: &str, x: ValueId, weight: ValueId, bias: Option<ValueId>, eps: f32) -> Result<ValueId> {
+        let c = Shape::new([self.shape(x).last()]);
+        expect_shape("rmsnorm", &format!("{name}: weight"), self.shape(weight), &c)?;
+        if let Some(b) = bias {
+            expect_shape("rmsnorm", &format!("{name}: bias"), self.shape(b), &c)?;
+        }
+        let s = self.shape(x).clone();
+        Ok(self.push(name, Op::RmsNorm { x, weight, bias, eps }, s))
+    }
+
+    pub fn layernorm(
+        &mut self,
+        name: &str,
+        x: ValueId,
+        weight: Option<ValueId>,
+        bias: Option<ValueId>,
+        eps: f32,
+        modulation: Option<Modulation>,
+    ) -> Result<ValueId> {
+        let xs = self.shape(x).clone();
+        let c = Shape::new([xs.last()]);
+        for (what, v) in [("weight", weight), ("bias", bias)] {
+            if let Some(v) = v {
+                expect_shape("layernorm", &format!("{name}: {what}"), self.shape(v), &c)?;
+            }
+        }
+        if let Some(m) = modulation {
+            let bc = self.broadcast_shape("layernorm", name, &xs)?;
+            expect_shape("layernorm", &format!("{name}: modulation scale"), self.shape(m.scale), &bc)?;
+            expect_shape("layernorm", &format!("{name}: modulation shift"), self.shape(m.shift), &bc)?;
+        }
+        Ok(self.push(name, Op::LayerNorm { x, weight, bias, eps, modulation }, xs))
+    }
+
+    /// The [B, C] shape of a per-sample vector broadcast over the tokens of a [B, N, C] tensor.
+    fn broadcast_shape(&self, op: &'static str, name: &str, xs: &Shape) -> Result<Shape> {
+        if xs.rank() != 3 {
+            return Err(shape_err(op, format!("{name}: per-sample broadcast needs a [B, N, C] input, found {xs}")));
+        }
+        Ok(Shape::new([xs.dims()[0], xs.dims()[2]]))
+    }
+
+    pub fn unary(&mut self, name: &str, x: ValueId, f: UnaryFn) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        Ok(self.push(name, Op::Unary { x, f }, s))
+    }
+
+    pub fn add(&mut self, name: &str, a: ValueId, b: ValueId) -> Result<ValueId> {
+        let s = self.shape(a).clone();
+        expect_shape("add", &format!("{name}: second operand"), self.shape(b), &s)?;
+        Ok(self.push(name, Op::Add { a, b }, s))
+    }
+
+    pub fn gated_add(&mut self, name: &str, x: ValueId, gate: ValueId, y: ValueId) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        expect_shape("gated_add", &format!("{name}: y"), self.shape(y), &s)?;
+        let bc = self.broadcast_shape("gated_add", name, &s)?;
+        expect_shape("gated_add", &format!("{name}: gate"), self.shape(gate), &bc)?;
+        Ok(self.push(name, Op::GatedAdd { x, gate, y }, s))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &mut self,
+        name: &str,
+        q: ValueId,
+        k: ValueId,
+        v: ValueId,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        causal: bool,
+        scale: f32,
+    ) -> Result<ValueId> {
+        let (qs, ks, vs) = (self.shape(q).clone(), self.shape(k).clone(), self.shape(v).clone());
+        let bad = |m: String| Err(shape_err("attention", format!("{name}: {m}")));
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+            return bad(format!("{heads} query heads cannot share {kv_heads} key/value heads"));
+        }
+        if qs.rank() != 3 || qs.last() != heads * head_dim {
+            return bad(format!("q has shape {qs}, expected [B, N, {}]", heads * head_dim));
+        }
+        let (b, n) = (qs.dims()[0], qs.dims()[1]);
+        if ks.rank() != 3 || ks.dims()[0] != b || ks.last() != kv_heads * head_dim {
+            return bad(format!("k has shape {ks}, expected [{b}, M, {}]", kv_heads * head_dim));
+        }
+        expect_shape("attention", &format!("{name}: v"), &vs, &ks)?;
+        if causal && ks.dims()[1] != n {
+            return bad(format!("causal attention needs as many keys as queries, found {} and {n}", ks.dims()[1]));
+        }
+        Ok(self.push(name, Op::Attention { q, k, v, heads, kv_heads, head_dim, causal, scale }, qs))
+    }
+}

@@ -1,0 +1,18 @@
+//! Tensors on the host: dtypes, shapes, typed storage, and the safetensors weight loader.
+//!
+//! Everything numeric in the CPU reference is f32; the other dtypes exist so weights and reference
+//! files of any upstream precision can be read, and so the CUDA backend can upload bf16/f16 data.
+
+mod dtype;
+mod error;
+mod safetensors_io;
+mod shape;
+mod tensor;
+
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use safetensors_io::{write_safetensors, Weights};
+pub use shape::Shape;
+pub use tensor::{HostData, HostTensor};
+
+pub use half::{bf16, f16};

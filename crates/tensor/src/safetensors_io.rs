@@ -1,0 +1,267 @@
+//! Weight loading from safetensors: one file, several files, or a sharded
+//! `*.safetensors.index.json`. Files are memory-mapped; a tensor is decoded only when asked for.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::{DType, Error, HostData, HostTensor, Result, Shape};
+
+struct Entry {
+    file: usize,
+    st_dtype: StDtype,
+    shape: Shape,
+    start: usize,
+    end: usize,
+}
+
+/// A read-only set of named tensors from one or more safetensors files.
+pub struct Weights {
+    /// What error messages call this set: the file, or the index / folder it came from.
+    origin: PathBuf,
+    files: Vec<(PathBuf, Mmap)>,
+    entries: BTreeMap<String, Entry>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+fn dtype_of(st: StDtype) -> Option<DType> {
+    Some(match st {
+        StDtype::F32 => DType::F32,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F16 => DType::F16,
+        StDtype::I64 => DType::I64,
+        StDtype::I32 => DType::I32,
+        StDtype::U8 | StDtype::BOOL => DType::U8,
+        _ => return None,
+    })
+}
+
+impl Weights {
+    /// Opens `path`: a `.safetensors` file, a `.safetensors.index.json`, or a folder holding either
+    /// (an index wins over single files; otherwise every `*.safetensors` in the folder is opened).
+    pub fn open(path: impl AsRef<Path>) -> Result<Weights> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            let mut indices = vec![];
+            let mut singles = vec![];
+            for e in std::fs::read_dir(path).map_err(io_err(path))? {
+                let p = e.map_err(io_err(path))?.path();
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if name.ends_with(".safetensors.index.json") {
+                    indices.push(p);
+                } else if name.ends_with(".safetensors") {
+                    singles.push(p);
+                }
+            }
+            indices.sort();
+            singles.sort();
+            return match (indices.len(), singles.len()) {
+                (1, _) => Weights::open_index(&indices[0]),
+                (0, 0) => Err(Error::Format {
+                    path: path.to_path_buf(),
+                    msg: "folder holds no *.safetensors file and no *.safetensors.index.json".into(),
+                }),
+                (0, _) => Weights::open_files(path, &singles),
+                _ => Err(Error::Format {
+                    path: path.to_path_buf(),
+                    msg: format!("folder holds {} safetensors index files; pass one of them", indices.len()),
+                }),
+            };
+        }
+        let name = path.to_string_lossy();
+        if name.ends_with(".index.json") {
+            Weights::open_index(path)
+        } else {
+            Weights::open_files(path, &[path.to_path_buf()])
+        }
+    }
+
+    fn open_index(index: &Path) -> Result<Weights> {
+        let text = std::fs::read_to_string(index).map_err(io_err(index))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Format { path: index.to_path_buf(), msg: format!("index is not JSON: {e}") })?;
+        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Format {
+            path: index.to_path_buf(),
+            msg: "index has no `weight_map` object".into(),
+        })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|s| dir.join(s))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        let w = Weights::open_files(index, &shards)?;
+        // Every key the index promises must be in the shard it names.
+        for (key, shard) in map {
+            let shard = dir.join(shard.as_str().unwrap_or(""));
+            match w.entries.get(key) {
+                Some(e) if w.files[e.file].0 == shard => {}
+                Some(e) => {
+                    return Err(Error::Format {
+                        path: index.to_path_buf(),
+                        msg: format!("index puts `{key}` in {}, found in {}", shard.display(), w.files[e.file].0.display()),
+                    })
+                }
+                None => {
+                    return Err(Error::Format {
+                        path: index.to_path_buf(),
+                        msg: format!("index names `{key}` in {}, which does not contain it", shard.display()),
+                    })
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    fn open_files(origin: &Path, paths: &[PathBuf]) -> Result<Weights> {
+        let mut files = vec![];
+        let mut entries = BTreeMap::new();
+        for (fi, p) in paths.iter().enumerate() {
+            let f = File::open(p).map_err(io_err(p))?;
+            // SAFETY: the file is opened read-only and mapped privately; checkpoints are not
+            // modified while the program runs (the same contract as every safetensors loader).
+            let mmap = unsafe { Mmap::map(&f) }.map_err(io_err(p))?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::Format { path: p.clone(), msg: e.to_string() })?;
+            let base = 8 + n;
+            for (name, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                if base + e > mmap.len() {
+                    return Err(Error::Format { path: p.clone(), msg: format!("tensor `{name}` runs past the end of the file") });
+                }
+                if entries.contains_key(&name) {
+                    return Err(Error::Format { path: p.clone(), msg: format!("tensor `{name}` appears in two files") });
+                }
+                entries.insert(
+                    name,
+                    Entry { file: fi, st_dtype: info.dtype, shape: Shape::new(info.shape.clone()), start: base + s, end: base + e },
+                );
+            }
+            files.push((p.clone(), mmap));
+        }
+        Ok(Weights { origin: origin.to_path_buf(), files, entries })
+    }
+
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|k| k.as_str())
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn entry(&self, key: &str) -> Result<&Entry> {
+        self.entries.get(key).ok_or_else(|| {
+            // Point at the nearest names: a prefix mistake ("model." vs none) is the usual cause.
+            let tail = key.rsplit('.').next().unwrap_or(key);
+            let similar: Vec<&str> = self.keys().filter(|k| k.ends_with(tail)).take(3).collect();
+            Error::MissingKey {
+                path: self.origin.clone(),
+                key: key.to_string(),
+                available: self.entries.len(),
+                hint: if similar.is_empty() { String::new() } else { format!("; similar: {}", similar.join(", ")) },
+            }
+        })
+    }
+
+    /// The shape of a tensor, without reading it.
+    pub fn shape(&self, key: &str) -> Result<Shape> {
+        Ok(self.entry(key)?.shape.clone())
+    }
+
+    /// The stored dtype of a tensor.
+    pub fn dtype(&self, key: &str) -> Result<DType> {
+        let e = self.entry(key)?;
+        dtype_of(e.st_dtype).ok_or_else(|| self.unsupported(key, e, "the engine cannot read"))
+    }
+
+    fn unsupported(&self, key: &str, e: &Entry, purpose: &str) -> Error {
+        Error::UnsupportedDType {
+            path: self.files[e.file].0.clone(),
+            key: key.into(),
+            found: format!("{:?}", e.st_dtype),
+            purpose: purpose.into(),
+        }
+    }
+
+    /// Reads a tensor in its stored dtype.
+    pub fn get(&self, key: &str) -> Result<HostTensor> {
+        let e = self.entry(key)?;
+        let dtype = dtype_of(e.st_dtype).ok_or_else(|| self.unsupported(key, e, "the engine cannot read"))?;
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let data = HostData::from_le_bytes(dtype, bytes);
+        HostTensor::new(e.shape.clone(), data).map_err(|_| Error::Format {
+            path: self.files[e.file].0.clone(),
+            msg: format!("tensor `{key}`: {} bytes do not fit shape {} of {}", bytes.len(), e.shape, dtype),
+        })
+    }
+
+    /// Reads a floating-point tensor as f32, checking its shape when `expected` is given.
+    pub fn get_f32(&self, key: &str, expected: Option<&Shape>) -> Result<HostTensor> {
+        let e = self.entry(key)?;
+        if let Some(exp) = expected {
+            if &e.shape != exp {
+                return Err(Error::ShapeMismatch {
+                    path: self.files[e.file].0.clone(),
+                    key: key.into(),
+                    expected: exp.clone(),
+                    found: e.shape.clone(),
+                });
+            }
+        }
+        match dtype_of(e.st_dtype) {
+            Some(d) if d.is_float() => self.get(key)?.to_dtype(DType::F32),
+            _ => Err(self.unsupported(key, e, "is not a floating-point type (expected f32, bf16 or f16)")),
+        }
+    }
+
+    /// Reads every tensor as f32 (floats) or i64 (integers), for small reference files.
+    pub fn all(&self) -> Result<HashMap<String, HostTensor>> {
+        self.keys().map(|k| Ok((k.to_string(), self.get(k)?))).collect()
+    }
+}
+
+/// Writes tensors to a safetensors file (used by `openuni convert` and by tests).
+pub fn write_safetensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a HostTensor)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut views = vec![];
+    for (name, t) in tensors {
+        let dtype = match t.dtype() {
+            DType::F32 => StDtype::F32,
+            DType::BF16 => StDtype::BF16,
+            DType::F16 => StDtype::F16,
+            DType::I64 => StDtype::I64,
+            DType::I32 => StDtype::I32,
+            DType::U8 => StDtype::U8,
+        };
+        let view = TensorView::new(dtype, t.shape.dims().to_vec(), t.data.as_bytes())
+            .map_err(|e| Error::Format { path: path.into(), msg: format!("tensor `{name}`: {e}") })?;
+        views.push((name.to_string(), view));
+    }
+    safetensors::serialize_to_file(views, metadata, path)
+        .map_err(|e| Error::Format { path: path.into(), msg: e.to_string() })
+}
