@@ -11,7 +11,7 @@ mod tensor;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use safetensors_io::{write_safetensors, Weights};
+pub use safetensors_io::{write_safetensors, TensorSource, Weights};
 pub use shape::Shape;
 pub use tensor::{HostData, HostTensor};
 

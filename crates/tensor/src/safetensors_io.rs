@@ -265,3 +265,31 @@ pub fn write_safetensors<'a>(
     safetensors::serialize_to_file(views, metadata, path)
         .map_err(|e| Error::Format { path: path.into(), msg: e.to_string() })
 }
+
+/// Where executors take weights from: graph weight names are upstream key names, so a checkpoint
+/// file set serves directly, and a map serves tests and merged/overridden sets.
+pub trait TensorSource {
+    /// The tensor as f32, with exactly `shape`; errors name the source, the key, expected and found.
+    fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor>;
+}
+
+impl TensorSource for Weights {
+    fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
+        self.get_f32(name, Some(shape))
+    }
+}
+
+impl TensorSource for HashMap<String, HostTensor> {
+    fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
+        let t = self.get(name).ok_or_else(|| Error::MissingKey {
+            path: "<in-memory weights>".into(),
+            key: name.into(),
+            available: self.len(),
+            hint: String::new(),
+        })?;
+        if &t.shape != shape {
+            return Err(Error::ShapeMismatch { path: "<in-memory weights>".into(), key: name.into(), expected: shape.clone(), found: t.shape.clone() });
+        }
+        t.to_dtype(DType::F32)
+    }
+}

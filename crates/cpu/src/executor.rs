@@ -1,0 +1,167 @@
+use std::collections::HashMap;
+
+use openuni_graph::{plan, Graph, Op, Plan, ValueId, ValueKind};
+use openuni_tensor::{HostTensor, TensorSource};
+
+use crate::ops::{self, AttentionDims, ModulationRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Weights(#[from] openuni_tensor::Error),
+    #[error("input `{name}`: {msg}")]
+    Input { name: String, msg: String },
+    #[error("no value {0:?} in the arena (it was overwritten; build the executor with keep_all to read every node)")]
+    NotKept(ValueId),
+}
+
+/// Runs a graph on the CPU in f32. Weights are converted once; activations live in one arena
+/// allocated at construction, so `run` allocates only its returned outputs.
+pub struct CpuExecutor {
+    graph: Graph,
+    plan: Plan,
+    arena: Vec<f32>,
+    weights: HashMap<ValueId, Vec<f32>>,
+    keep_all: bool,
+}
+
+impl CpuExecutor {
+    /// `keep_all` gives every value its own memory so `value()` can read any node after a run.
+    pub fn new(graph: &Graph, source: &dyn TensorSource, keep_all: bool) -> Result<CpuExecutor, ExecError> {
+        let plan = plan(graph, keep_all);
+        let mut weights = HashMap::new();
+        for (id, name) in graph.weights() {
+            let t = source.tensor_f32(name, graph.shape(id))?;
+            weights.insert(id, t.to_f32_vec());
+        }
+        Ok(CpuExecutor { graph: graph.clone(), arena: vec![0.0; plan.arena_elems], plan, weights, keep_all })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Runs the graph; `inputs` must hold every graph input by name with its exact shape.
+    pub fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>, ExecError> {
+        let in_ids: Vec<(ValueId, String)> = self.graph.inputs().map(|(id, n)| (id, n.to_string())).collect();
+        for (id, name) in in_ids {
+            let t = inputs.get(&name).ok_or_else(|| ExecError::Input { name: name.clone(), msg: "missing".into() })?;
+            let shape = self.graph.shape(id);
+            if &t.shape != shape {
+                return Err(ExecError::Input { name, msg: format!("has shape {}, expected {shape}", t.shape) });
+            }
+            let off = self.plan.offset(id).expect("inputs are planned");
+            self.arena[off..off + shape.numel()].copy_from_slice(&t.to_f32_vec());
+        }
+        for i in 0..self.graph.nodes.len() {
+            self.run_node(i);
+        }
+        let mut out = HashMap::new();
+        for (name, id) in &self.graph.outputs {
+            out.insert(name.clone(), self.read(*id));
+        }
+        Ok(out)
+    }
+
+    /// An f32 copy of a value after `run`. Weights are always readable; activations only while
+    /// their memory has not been reused (always, with `keep_all`).
+    pub fn value(&self, id: ValueId) -> Result<HostTensor, ExecError> {
+        let live_at_end = self.graph.outputs.iter().any(|(_, o)| *o == id);
+        match self.graph.value(id).kind {
+            ValueKind::Weight(_) => Ok(self.read(id)),
+            _ if self.keep_all || live_at_end => Ok(self.read(id)),
+            _ => Err(ExecError::NotKept(id)),
+        }
+    }
+
+    fn read(&self, id: ValueId) -> HostTensor {
+        HostTensor::from_f32(self.graph.shape(id).clone(), self.slice(id).to_vec()).expect("planned size")
+    }
+
+    fn slice(&self, id: ValueId) -> &[f32] {
+        match self.plan.offset(id) {
+            Some(off) => &self.arena[off..off + self.graph.shape(id).numel()],
+            None => &self.weights[&id],
+        }
+    }
+
+    fn run_node(&mut self, i: usize) {
+        let node = &self.graph.nodes[i];
+        let out_id = node.output;
+        let out_shape = self.graph.shape(out_id).clone();
+        let cols = out_shape.last();
+        // Temporarily take the output's memory out of the arena so inputs can be borrowed
+        // alongside it; the planner guarantees they never overlap.
+        let off = self.plan.offset(out_id).expect("activations are planned");
+        let mut out = std::mem::take(&mut self.arena);
+        let (before, rest) = out.split_at_mut(off);
+        let (y, after) = rest.split_at_mut(out_shape.numel());
+        let view = ArenaView { before, after, off, len: out_shape.numel(), exec: self };
+        let g = &self.graph;
+        match &node.op {
+            Op::Linear { x, w, bias } => {
+                let k = g.shape(*x).last();
+                let b = bias.map(|b| view.get(b));
+                ops::linear(view.get(*x), view.get(*w), b, out_shape.rows(), k, cols, y);
+            }
+            Op::RmsNorm { x, weight, bias, eps } => {
+                ops::rmsnorm(view.get(*x), view.get(*weight), bias.map(|b| view.get(b)), *eps, cols, y)
+            }
+            Op::LayerNorm { x, weight, bias, eps, modulation } => {
+                let m = modulation.map(|m| ModulationRef {
+                    scale: view.get(m.scale),
+                    shift: view.get(m.shift),
+                    tokens: out_shape.dims()[1],
+                });
+                ops::layernorm(view.get(*x), weight.map(|w| view.get(w)), bias.map(|b| view.get(b)), *eps, cols, m, y)
+            }
+            Op::Unary { x, f } => ops::unary(*f, view.get(*x), y),
+            Op::Add { a, b } => ops::add(view.get(*a), view.get(*b), y),
+            Op::GatedAdd { x, gate, y: yy } => {
+                ops::gated_add(view.get(*x), view.get(*gate), view.get(*yy), out_shape.dims()[1], cols, y)
+            }
+            Op::Attention { q, k, v, heads, kv_heads, head_dim, causal, scale } => {
+                let qs = g.shape(*q).dims();
+                let d = AttentionDims {
+                    batch: qs[0],
+                    q_len: qs[1],
+                    kv_len: g.shape(*k).dims()[1],
+                    heads: *heads,
+                    kv_heads: *kv_heads,
+                    head_dim: *head_dim,
+                    causal: *causal,
+                    scale: *scale,
+                };
+                ops::attention(view.get(*q), view.get(*k), view.get(*v), d, y)
+            }
+        }
+        self.arena = out;
+    }
+}
+
+/// Read access to every value except the output being written, which is split out of the arena.
+struct ArenaView<'a> {
+    before: &'a [f32],
+    after: &'a [f32],
+    off: usize,
+    len: usize,
+    exec: &'a CpuExecutor,
+}
+
+impl<'a> ArenaView<'a> {
+    fn get(&self, id: ValueId) -> &'a [f32] {
+        let Some(o) = self.exec.plan.offset(id) else { return &self.exec.weights[&id] };
+        let n = self.exec.graph.shape(id).numel();
+        if o + n <= self.off {
+            &self.before[o..o + n]
+        } else {
+            assert!(o >= self.off + self.len, "planner placed an input over the node's output");
+            let s = o - self.off - self.len;
+            &self.after[s..s + n]
+        }
+    }
+}

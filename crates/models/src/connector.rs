@@ -1,0 +1,105 @@
+//! OpenUni's connector (`ConnectorEncoder`, a SigLIP-vision-encoder stack without embeddings):
+//! per layer `x = x + out_proj(MHA(LN1(x)))`, `x = x + fc2(gelu_tanh(fc1(LN2(x))))`; biased
+//! projections, bidirectional attention with no mask, no position embedding, no final norm
+//! (spec/openuni.md §1.5).
+
+use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
+use serde::Deserialize;
+
+use crate::{ModelError, Result};
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct ConnectorConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f32,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_eps() -> f32 {
+    1e-6
+}
+
+fn default_act() -> String {
+    "gelu_pytorch_tanh".into()
+}
+
+impl ConnectorConfig {
+    /// OpenUni-B (InternVL3-1B width) and OpenUni-L (InternVL3-2B width).
+    pub fn openuni_b() -> ConnectorConfig {
+        ConnectorConfig { hidden_size: 896, intermediate_size: 3072, num_attention_heads: 14, num_hidden_layers: 6, layer_norm_eps: 1e-6, hidden_act: default_act() }
+    }
+
+    pub fn openuni_l() -> ConnectorConfig {
+        ConnectorConfig { hidden_size: 1536, intermediate_size: 8960, num_attention_heads: 24, num_hidden_layers: 6, layer_norm_eps: 1e-6, hidden_act: default_act() }
+    }
+
+    pub fn validate(&self, origin: &str) -> Result<UnaryFn> {
+        let err = |msg: String| ModelError::Config { path: origin.into(), msg };
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        UnaryFn::from_config_name(&self.hidden_act)
+            .ok_or_else(|| err(format!("hidden_act `{}` is not supported (expected gelu_pytorch_tanh, gelu, silu or relu)", self.hidden_act)))
+    }
+}
+
+/// Adds the connector to `b`: `x` is [B, N, hidden]. Returns each layer's output (same shape);
+/// the last one is the connector's result. Weight names are `{prefix}layers.{i}.…` (prefix "" for
+/// a bare connector folder, "connector." inside an OpenUni checkpoint).
+pub fn build(b: &mut GraphBuilder, cfg: &ConnectorConfig, prefix: &str, x: ValueId, origin: &str) -> Result<Vec<ValueId>> {
+    let act = cfg.validate(origin)?;
+    let d = cfg.hidden_size;
+    let xs = b.shape(x).clone();
+    if xs.rank() != 3 || xs.last() != d {
+        return Err(ModelError::Config { path: origin.into(), msg: format!("connector input has shape {xs}, expected [B, N, {d}]") });
+    }
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    let mut x = x;
+    for i in 0..cfg.num_hidden_layers {
+        x = encoder_layer(b, cfg, &format!("{prefix}layers.{i}"), x, act, d)?;
+        layers.push(x);
+    }
+    Ok(layers)
+}
+
+fn layer_norm(b: &mut GraphBuilder, p: &str, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
+    let w = b.weight(&format!("{p}.weight"), [d])?;
+    let bias = b.weight(&format!("{p}.bias"), [d])?;
+    Ok(b.layernorm(p, x, Some(w), Some(bias), eps, None)?)
+}
+
+fn linear(b: &mut GraphBuilder, p: &str, x: ValueId, din: usize, dout: usize) -> Result<ValueId> {
+    let w = b.weight(&format!("{p}.weight"), [dout, din])?;
+    let bias = b.weight(&format!("{p}.bias"), [dout])?;
+    Ok(b.linear(p, x, w, Some(bias))?)
+}
+
+fn encoder_layer(b: &mut GraphBuilder, cfg: &ConnectorConfig, p: &str, x: ValueId, act: UnaryFn, d: usize) -> Result<ValueId> {
+    let h = layer_norm(b, &format!("{p}.layer_norm1"), x, d, cfg.layer_norm_eps)?;
+    let a = self_attention(b, cfg, &format!("{p}.self_attn"), h, d)?;
+    let x = b.add(&format!("{p}.residual1"), x, a)?;
+    let h = layer_norm(b, &format!("{p}.layer_norm2"), x, d, cfg.layer_norm_eps)?;
+    let h = linear(b, &format!("{p}.mlp.fc1"), h, d, cfg.intermediate_size)?;
+    let h = b.unary(&format!("{p}.mlp.act"), h, act)?;
+    let h = linear(b, &format!("{p}.mlp.fc2"), h, cfg.intermediate_size, d)?;
+    Ok(b.add(&format!("{p}.residual2"), x, h)?)
+}
+
+fn self_attention(b: &mut GraphBuilder, cfg: &ConnectorConfig, p: &str, x: ValueId, d: usize) -> Result<ValueId> {
+    let heads = cfg.num_attention_heads;
+    let head_dim = d / heads;
+    let q = linear(b, &format!("{p}.q_proj"), x, d, d)?;
+    let k = linear(b, &format!("{p}.k_proj"), x, d, d)?;
+    let v = linear(b, &format!("{p}.v_proj"), x, d, d)?;
+    let scale = (head_dim as f32).powf(-0.5);
+    let o = b.attention(&format!("{p}.attn"), q, k, v, heads, heads, head_dim, false, scale)?;
+    linear(b, &format!("{p}.out_proj"), o, d, d)
+}

@@ -1,0 +1,15 @@
+//! OpenUni's models, each built as a graph that reads like the upstream module: one function per
+//! upstream module, upstream key names kept, so a reader can hold the two side by side.
+
+pub mod config;
+pub mod connector;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {msg}")]
+    Config { path: String, msg: String },
+    #[error(transparent)]
+    Graph(#[from] openuni_graph::GraphError),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

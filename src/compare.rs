@@ -1,0 +1,52 @@
+//! Error metrics between a computed tensor and a reference, as `openuni verify` reports them.
+
+use openuni_tensor::HostTensor;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Diff {
+    pub max_abs: f64,
+    /// ‖got − expected‖₂ / ‖expected‖₂ (the absolute L2 error when the reference is all zeros).
+    pub rel_l2: f64,
+    /// Non-finite values in `got` (a NaN never passes).
+    pub non_finite: usize,
+}
+
+pub fn diff(got: &HostTensor, expected: &HostTensor) -> Diff {
+    let (g, e) = (got.to_f32_vec(), expected.to_f32_vec());
+    let (mut num, mut den, mut max_abs, mut non_finite) = (0f64, 0f64, 0f64, 0usize);
+    for (&a, &b) in g.iter().zip(&e) {
+        if !a.is_finite() {
+            non_finite += 1;
+            continue;
+        }
+        let d = (a as f64 - b as f64).abs();
+        max_abs = max_abs.max(d);
+        num += d * d;
+        den += (b as f64) * (b as f64);
+    }
+    let rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    Diff { max_abs, rel_l2, non_finite }
+}
+
+impl Diff {
+    pub fn passes(&self, tol: f64) -> bool {
+        self.non_finite == 0 && self.rel_l2 <= tol
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics() {
+        let e = HostTensor::from_f32([4], vec![3.0, 0.0, 4.0, 0.0]).unwrap();
+        let g = HostTensor::from_f32([4], vec![3.0, 0.5, 4.0, 0.0]).unwrap();
+        let d = diff(&g, &e);
+        assert!((d.rel_l2 - 0.1).abs() < 1e-12);
+        assert_eq!(d.max_abs, 0.5);
+        assert!(d.passes(0.1) && !d.passes(0.09));
+        let nan = HostTensor::from_f32([4], vec![3.0, f32::NAN, 4.0, 0.0]).unwrap();
+        assert!(!diff(&nan, &e).passes(1.0));
+    }
+}

@@ -1,0 +1,6 @@
+//! The `openuni` program's library: device selection, running graphs on a backend, and the
+//! reference-case harness behind `openuni verify`.
+
+pub mod compare;
+pub mod exec;
+pub mod verify;

@@ -1,0 +1,183 @@
+//! `openuni verify`: runs one reference case (spec: tests/fixtures/README.md and the shared case
+//! format) on a device and compares every output against the PyTorch result.
+
+mod connector;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use openuni_graph::Graph;
+use openuni_tensor::{DType, HostTensor, TensorSource, Weights};
+
+use crate::compare::{diff, Diff};
+use crate::exec::{diff_nodes, executor, Device};
+
+/// The f32 rule: CPU f32 against PyTorch f32.
+pub const F32_TOL: f64 = 1e-4;
+/// The bf16 rule when the case has no PyTorch bf16 run to scale from.
+pub const BF16_FALLBACK_TOL: f64 = 2e-2;
+
+/// A reference case folder: `case.json`, `io.safetensors`, and `model/` in the upstream layout.
+pub struct Case {
+    pub dir: PathBuf,
+    pub component: String,
+    pub json: serde_json::Value,
+    pub io: Weights,
+}
+
+impl Case {
+    pub fn open(dir: &Path) -> Result<Case> {
+        let cj = dir.join("case.json");
+        let text = std::fs::read_to_string(&cj).with_context(|| format!("{}: cannot read the case description", cj.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cj.display()))?;
+        let component = json
+            .get("component")
+            .and_then(|c| c.as_str())
+            .with_context(|| format!("{}: no \"component\" string", cj.display()))?
+            .to_string();
+        let io = Weights::open(dir.join("io.safetensors"))?;
+        Ok(Case { dir: dir.to_path_buf(), component, json, io })
+    }
+
+    /// An io tensor that must be present.
+    pub fn tensor(&self, name: &str) -> Result<HostTensor> {
+        Ok(self.io.get(name)?)
+    }
+
+    pub fn model_dir(&self) -> PathBuf {
+        self.dir.join("model")
+    }
+}
+
+/// A case turned into a graph: what to feed, which weights, and which graph outputs are checked
+/// against which io tensors.
+pub struct Prepared {
+    pub graph: Graph,
+    pub weights: Box<dyn TensorSource>,
+    pub inputs: HashMap<String, HostTensor>,
+    /// (graph output name, io tensor name, counted toward PASS/FAIL?)
+    pub checks: Vec<Check>,
+}
+
+pub struct Check {
+    pub output: String,
+    pub reference: String,
+    /// Intermediates (`mid.*`) are reported to localise a mismatch but do not decide the verdict.
+    pub decisive: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub device: Device,
+    pub dtype: DType,
+    pub diff_nodes: bool,
+}
+
+pub struct Line {
+    pub name: String,
+    pub diff: Diff,
+    pub tol: f64,
+    pub tol_source: String,
+    pub decisive: bool,
+}
+
+pub struct Report {
+    pub header: String,
+    pub lines: Vec<Line>,
+    pub node_diffs: Option<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.lines.iter().filter(|l| l.decisive).all(|l| l.diff.passes(l.tol))
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!("{}\n", self.header);
+        let w = self.lines.iter().map(|l| l.name.len()).max().unwrap_or(8).max(8);
+        for l in &self.lines {
+            let verdict = match (l.decisive, l.diff.passes(l.tol)) {
+                (true, true) => "PASS",
+                (true, false) => "FAIL",
+                (false, true) => "ok (intermediate)",
+                (false, false) => "off (intermediate)",
+            };
+            let nf = if l.diff.non_finite > 0 { format!("  {} non-finite", l.diff.non_finite) } else { String::new() };
+            let _ = writeln!(
+                s,
+                "  {:w$}  max_abs {:.3e}  rel_l2 {:.3e}  tol {:.1e} ({})  {verdict}{nf}",
+                l.name, l.diff.max_abs, l.diff.rel_l2, l.tol, l.tol_source
+            );
+        }
+        if let Some(n) = &self.node_diffs {
+            s.push_str(n);
+        }
+        let decisive = self.lines.iter().filter(|l| l.decisive).count();
+        let failed = self.lines.iter().filter(|l| l.decisive && !l.diff.passes(l.tol)).count();
+        let _ = writeln!(s, "result: {} ({} of {decisive} outputs failed)", if self.passed() { "PASS" } else { "FAIL" }, failed);
+        s
+    }
+}
+
+fn prepare(case: &Case) -> Result<Prepared> {
+    match case.component.as_str() {
+        "connector" => connector::prepare(case),
+        "dit" | "vae" | "llm" | "scheduler" | "pipeline" => bail!(
+            "{}: component `{}` is not implemented yet (this build verifies: connector)",
+            case.dir.display(),
+            case.component
+        ),
+        other => bail!(
+            "{}: unknown component `{other}` (expected one of connector, llm, dit, vae, scheduler, pipeline)",
+            case.dir.display()
+        ),
+    }
+}
+
+/// The tolerance for one output: f32 -> 1e-4; bf16 -> twice the error of PyTorch's own bf16 run
+/// of the same computation (`bf16.<name>` in io.safetensors), or 2e-2 when the case has none.
+fn tolerance(case: &Case, reference: &str, expected: &HostTensor, dtype: DType) -> Result<(f64, String)> {
+    if dtype == DType::F32 {
+        return Ok((F32_TOL, "f32".into()));
+    }
+    let key = format!("bf16.{reference}");
+    if case.io.contains(&key) {
+        let torch_bf16 = case.tensor(&key)?;
+        let e = diff(&torch_bf16, expected).rel_l2;
+        Ok((2.0 * e, format!("2x torch bf16 {e:.1e}")))
+    } else {
+        Ok((BF16_FALLBACK_TOL, "bf16 default".into()))
+    }
+}
+
+pub fn run_case(dir: &Path, opts: &Options) -> Result<Report> {
+    let case = Case::open(dir)?;
+    let p = prepare(&case)?;
+    let mut exec = executor(opts.device, &p.graph, p.weights.as_ref(), opts.dtype, false)?;
+    let outputs = exec.run(&p.inputs).with_context(|| format!("running {} on {}", case.component, opts.device))?;
+    let mut lines = vec![];
+    for c in &p.checks {
+        let expected = case.tensor(&c.reference)?;
+        let got = &outputs[&c.output];
+        if got.shape != expected.shape {
+            bail!("{}: output `{}` has shape {}, the reference has {}", dir.display(), c.reference, got.shape, expected.shape);
+        }
+        let (tol, tol_source) = tolerance(&case, &c.reference, &expected, opts.dtype)?;
+        lines.push(Line { name: c.reference.clone(), diff: diff(got, &expected), tol, tol_source, decisive: c.decisive });
+    }
+    let node_diffs = if opts.diff_nodes {
+        let rows = diff_nodes(&p.graph, p.weights.as_ref(), &p.inputs, opts.device, opts.dtype)?;
+        let w = rows.iter().map(|r| r.node.len()).max().unwrap_or(4);
+        let mut s = format!("node diffs ({} against the cpu f32 reference):\n", opts.device);
+        for r in rows {
+            let _ = writeln!(s, "  {:w$}  {:10}  max_abs {:.3e}  rel_l2 {:.3e}", r.node, r.op, r.diff.max_abs, r.diff.rel_l2);
+        }
+        Some(s)
+    } else {
+        None
+    };
+    let header = format!("case {}: component {}, device {}, dtype {}", dir.display(), case.component, opts.device, opts.dtype);
+    Ok(Report { header, lines, node_diffs })
+}
