@@ -1,0 +1,91 @@
+//! The reference ops against independent computations: textbook values, naive loops, and
+//! identities (GQA = attention with repeated key/value heads).
+
+use openuni_cpu::ops::{self, AttentionDims};
+use openuni_graph::UnaryFn;
+use rand::{Rng, SeedableRng};
+
+fn rand_vec(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32) {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn activations_match_textbook_values() {
+    // Values from the closed forms at x = 1 and x = -0.5 (computed independently in f64).
+    assert!((ops::silu(1.0) - 0.731_058_6).abs() < 1e-6);
+    assert!((ops::gelu_erf(1.0) - 0.841_344_75).abs() < 1e-6);
+    assert!((ops::gelu_tanh(1.0) - 0.841_191_99).abs() < 1e-6);
+    assert!((ops::gelu_erf(-0.5) - -0.154_268_68).abs() < 1e-6);
+    let mut y = [0.0; 3];
+    ops::unary(UnaryFn::Relu, &[-1.0, 0.0, 2.0], &mut y);
+    assert_eq!(y, [0.0, 0.0, 2.0]);
+}
+
+#[test]
+fn rmsnorm_and_layernorm_by_hand() {
+    // x = [3, 4]: mean square 12.5.
+    let mut y = [0.0; 2];
+    ops::rmsnorm(&[3.0, 4.0], &[1.0, 2.0], Some(&[0.5, 0.0]), 0.0, 2, &mut y);
+    let r = 12.5f32.sqrt();
+    close(&y, &[3.0 / r + 0.5, 8.0 / r], 1e-6);
+    // LayerNorm of [1, 3]: mean 2, var 1 -> [-1, 1]; then modulation (1 + 0.5) and shift 1.
+    let m = ops::ModulationRef { scale: &[0.5, 0.5], shift: &[1.0, 1.0], tokens: 1 };
+    ops::layernorm(&[1.0, 3.0], Some(&[2.0, 2.0]), Some(&[0.0, 1.0]), 0.0, 2, Some(m), &mut y);
+    close(&y, &[(-2.0) * 1.5 + 1.0, 3.0 * 1.5 + 1.0], 1e-6);
+}
+
+#[test]
+fn linear_matches_naive_loop() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let (rows, k, n) = (7, 13, 5);
+    let (x, w, b) = (rand_vec(&mut rng, rows * k), rand_vec(&mut rng, n * k), rand_vec(&mut rng, n));
+    let mut y = vec![0.0; rows * n];
+    ops::linear(&x, &w, Some(&b), rows, k, n, &mut y);
+    let mut naive = vec![0.0; rows * n];
+    for r in 0..rows {
+        for o in 0..n {
+            naive[r * n + o] = b[o] + (0..k).map(|i| x[r * k + i] * w[o * k + i]).sum::<f32>();
+        }
+    }
+    close(&y, &naive, 1e-5);
+}
+
+#[test]
+fn gated_add_broadcasts_per_sample() {
+    // 2 samples x 2 tokens x 2 channels.
+    let x = [1.0; 8];
+    let y = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+    let gate = [1.0, 0.0, 0.0, 2.0];
+    let mut out = [0.0; 8];
+    ops::gated_add(&x, &gate, &y, 2, 2, &mut out);
+    assert_eq!(out, [2.0, 1.0, 4.0, 1.0, 1.0, 13.0, 1.0, 17.0]);
+}
+
+#[test]
+fn attention_gqa_equals_repeated_heads_and_causal_first_row_is_v0() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let (b, n, hd) = (2, 5, 4);
+    let q = rand_vec(&mut rng, b * n * 4 * hd);
+    let k = rand_vec(&mut rng, b * n * 2 * hd);
+    let v = rand_vec(&mut rng, b * n * 2 * hd);
+    let d = AttentionDims { batch: b, q_len: n, kv_len: n, heads: 4, kv_heads: 2, head_dim: hd, causal: true, scale: 0.5 };
+    let mut gqa = vec![0.0; q.len()];
+    ops::attention(&q, &k, &v, d, &mut gqa);
+    // Repeat each kv head twice (repeat_kv) and run plain multi-head attention.
+    let rep = |t: &[f32]| -> Vec<f32> {
+        t.chunks_exact(2 * hd).flat_map(|row| [&row[..hd], &row[..hd], &row[hd..], &row[hd..]].concat()).collect()
+    };
+    let mut mha = vec![0.0; q.len()];
+    ops::attention(&q, &rep(&k), &rep(&v), AttentionDims { kv_heads: 4, ..d }, &mut mha);
+    close(&gqa, &mha, 1e-6);
+    // Causal: the first query sees only the first key, so its output is v[0] of its kv head.
+    for h in 0..4 {
+        close(&gqa[h * hd..(h + 1) * hd], &v[(h / 2) * hd..(h / 2 + 1) * hd], 1e-6);
+    }
+}

@@ -1,0 +1,78 @@
+//! Loading: single files, sharded index folders, dtype conversion, and errors that name the file,
+//! the key, expected and found.
+
+use std::collections::HashMap;
+
+use openuni_tensor::{bf16, write_safetensors, DType, Error, HostData, HostTensor, Shape, TensorSource, Weights};
+
+fn t(shape: &[usize], v: Vec<f32>) -> HostTensor {
+    HostTensor::from_f32(shape, v).unwrap()
+}
+
+#[test]
+fn sharded_index_with_mixed_dtypes_loads_as_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = t(&[2, 2], vec![1.0, -2.0, 3.5, 0.25]);
+    let b = a.to_dtype(DType::BF16).unwrap();
+    write_safetensors(&dir.path().join("m-00001-of-00002.safetensors"), [("a.weight", &a)], None).unwrap();
+    write_safetensors(&dir.path().join("m-00002-of-00002.safetensors"), [("b.weight", &b)], None).unwrap();
+    std::fs::write(
+        dir.path().join("m.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {"a.weight": "m-00001-of-00002.safetensors", "b.weight": "m-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    let w = Weights::open(dir.path()).unwrap();
+    assert_eq!(w.len(), 2);
+    assert_eq!(w.dtype("b.weight").unwrap(), DType::BF16);
+    let got = w.tensor_f32("b.weight", &Shape::new([2, 2])).unwrap();
+    assert_eq!(got, a); // these values are exact in bf16
+}
+
+#[test]
+fn errors_name_file_key_expected_and_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("model.safetensors");
+    let ids = HostTensor::new([3], HostData::I64(vec![1, 2, 3])).unwrap();
+    write_safetensors(&f, [("w", &t(&[2, 3], vec![0.0; 6])), ("ids", &ids)], None).unwrap();
+    let w = Weights::open(&f).unwrap();
+
+    let e = w.get_f32("w", Some(&Shape::new([3, 2]))).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }));
+    let msg = e.to_string();
+    assert!(msg.contains("model.safetensors") && msg.contains("`w`") && msg.contains("[3, 2]") && msg.contains("[2, 3]"), "{msg}");
+
+    let msg = w.get_f32("missing.weight", None).unwrap_err().to_string();
+    assert!(msg.contains("model.safetensors") && msg.contains("missing.weight"), "{msg}");
+
+    let msg = w.get_f32("ids", None).unwrap_err().to_string();
+    assert!(msg.contains("`ids`") && msg.contains("I64"), "{msg}");
+    assert_eq!(w.get("ids").unwrap().to_i64_vec(), vec![1, 2, 3]);
+
+    let msg = Weights::open(dir.path().join("nope.safetensors")).err().unwrap().to_string();
+    assert!(msg.contains("nope.safetensors"), "{msg}");
+
+    std::fs::write(dir.path().join("junk.safetensors"), b"not a safetensors file").unwrap();
+    let msg = Weights::open(dir.path().join("junk.safetensors")).err().unwrap().to_string();
+    assert!(msg.contains("junk.safetensors") && msg.contains("not a valid safetensors"), "{msg}");
+}
+
+#[test]
+fn index_naming_a_key_its_shard_lacks_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_safetensors(&dir.path().join("s1.safetensors"), [("a", &t(&[1], vec![1.0]))], None).unwrap();
+    std::fs::write(dir.path().join("x.safetensors.index.json"), r#"{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}"#).unwrap();
+    let msg = Weights::open(dir.path()).err().unwrap().to_string();
+    assert!(msg.contains("`b`") && msg.contains("s1.safetensors"), "{msg}");
+}
+
+#[test]
+fn conversions_round_to_nearest_even() {
+    let x = t(&[3], vec![1.0, 1.00390625, 3.0e38]);
+    let b = x.to_dtype(DType::BF16).unwrap();
+    let HostData::BF16(v) = &b.data else { panic!() };
+    // 1 + 2^-8 is halfway between two bf16 values: ties go to the even mantissa (1.0).
+    assert_eq!(v[1], bf16::from_f32(1.0));
+    assert!(HostTensor::new([2], HostData::F32(vec![1.0])).is_err());
+    let m: HashMap<String, HostTensor> = HashMap::from([("k".into(), x)]);
+    assert!(m.tensor_f32("k", &Shape::new([4])).is_err());
+}
