@@ -53,16 +53,25 @@ fn edit_safetensors(file: &Path, edit: impl FnOnce(&mut HashMap<String, HostTens
     write_safetensors(file, all.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap();
 }
 
-#[test]
-fn committed_connector_cases_pass_on_cpu() {
-    let cases = cases_of("connector");
-    assert!(!cases.is_empty(), "no connector case under tests/fixtures");
+fn assert_all_pass(component: &str) {
+    let cases = cases_of(component);
+    assert!(!cases.is_empty(), "no {component} case under tests/fixtures");
     for c in cases {
         let (code, out, err) = verify(&[c.to_str().unwrap()]);
         println!("{out}{err}");
         assert_eq!(code, 0, "{}", c.display());
         assert!(out.contains("PASS") && !out.contains("FAIL"));
     }
+}
+
+#[test]
+fn committed_connector_cases_pass_on_cpu() {
+    assert_all_pass("connector");
+}
+
+#[test]
+fn committed_scheduler_cases_pass() {
+    assert_all_pass("scheduler");
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! format) on a device and compares every output against the PyTorch result.
 
 mod connector;
+mod scheduler;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -57,7 +58,7 @@ pub struct Prepared {
     pub graph: Graph,
     pub weights: Box<dyn TensorSource>,
     pub inputs: HashMap<String, HostTensor>,
-    /// (graph output name, io tensor name, counted toward PASS/FAIL?)
+    /// Which graph outputs are compared with which io tensors.
     pub checks: Vec<Check>,
 }
 
@@ -121,11 +122,23 @@ impl Report {
     }
 }
 
-fn prepare(case: &Case) -> Result<Prepared> {
+/// What a component produced for one io tensor of the case.
+pub struct Produced {
+    pub reference: String,
+    pub tensor: HostTensor,
+    /// Intermediates (`mid.*`) are reported to localise a mismatch but do not decide the verdict.
+    pub decisive: bool,
+    /// Integer results (token ids, timesteps) must be equal, not close.
+    pub exact: bool,
+}
+
+/// Runs the case's component; node diffs are returned when asked for and the component is a graph.
+fn run_component(case: &Case, opts: &Options) -> Result<(Vec<Produced>, Option<String>)> {
     match case.component.as_str() {
-        "connector" => connector::prepare(case),
-        "dit" | "vae" | "llm" | "scheduler" | "pipeline" => bail!(
-            "{}: component `{}` is not implemented yet (this build verifies: connector)",
+        "connector" => run_graph(case, connector::prepare(case)?, opts),
+        "scheduler" => Ok((scheduler::run(case, opts)?, None)),
+        "dit" | "vae" | "llm" | "pipeline" => bail!(
+            "{}: component `{}` is not implemented yet (this build verifies: connector, scheduler)",
             case.dir.display(),
             case.component
         ),
@@ -134,6 +147,34 @@ fn prepare(case: &Case) -> Result<Prepared> {
             case.dir.display()
         ),
     }
+}
+
+/// Runs a graph-built component on the chosen device and collects its checked outputs.
+fn run_graph(case: &Case, p: Prepared, opts: &Options) -> Result<(Vec<Produced>, Option<String>)> {
+    let mut exec = executor(opts.device, &p.graph, p.weights.as_ref(), opts.dtype, false)?;
+    let mut outputs = exec.run(&p.inputs).with_context(|| format!("running {} on {}", case.component, opts.device))?;
+    let produced = p
+        .checks
+        .iter()
+        .map(|c| Produced {
+            reference: c.reference.clone(),
+            tensor: outputs.remove(&c.output).expect("every check names a graph output"),
+            decisive: c.decisive,
+            exact: false,
+        })
+        .collect();
+    let node_diffs = if opts.diff_nodes {
+        let rows = diff_nodes(&p.graph, p.weights.as_ref(), &p.inputs, opts.device, opts.dtype)?;
+        let w = rows.iter().map(|r| r.node.len()).max().unwrap_or(4);
+        let mut s = format!("node diffs ({} against the cpu f32 reference):\n", opts.device);
+        for r in rows {
+            let _ = writeln!(s, "  {:w$}  {:10}  max_abs {:.3e}  rel_l2 {:.3e}", r.node, r.op, r.diff.max_abs, r.diff.rel_l2);
+        }
+        Some(s)
+    } else {
+        None
+    };
+    Ok((produced, node_diffs))
 }
 
 /// The tolerance for one output: f32 -> 1e-4; bf16 -> twice the error of PyTorch's own bf16 run
@@ -154,30 +195,16 @@ fn tolerance(case: &Case, reference: &str, expected: &HostTensor, dtype: DType) 
 
 pub fn run_case(dir: &Path, opts: &Options) -> Result<Report> {
     let case = Case::open(dir)?;
-    let p = prepare(&case)?;
-    let mut exec = executor(opts.device, &p.graph, p.weights.as_ref(), opts.dtype, false)?;
-    let outputs = exec.run(&p.inputs).with_context(|| format!("running {} on {}", case.component, opts.device))?;
+    let (produced, node_diffs) = run_component(&case, opts)?;
     let mut lines = vec![];
-    for c in &p.checks {
-        let expected = case.tensor(&c.reference)?;
-        let got = &outputs[&c.output];
-        if got.shape != expected.shape {
-            bail!("{}: output `{}` has shape {}, the reference has {}", dir.display(), c.reference, got.shape, expected.shape);
+    for p in produced {
+        let expected = case.tensor(&p.reference)?;
+        if p.tensor.shape != expected.shape {
+            bail!("{}: output `{}` has shape {}, the reference has {}", dir.display(), p.reference, p.tensor.shape, expected.shape);
         }
-        let (tol, tol_source) = tolerance(&case, &c.reference, &expected, opts.dtype)?;
-        lines.push(Line { name: c.reference.clone(), diff: diff(got, &expected), tol, tol_source, decisive: c.decisive });
+        let (tol, tol_source) = if p.exact { (0.0, "exact".into()) } else { tolerance(&case, &p.reference, &expected, opts.dtype)? };
+        lines.push(Line { name: p.reference, diff: diff(&p.tensor, &expected), tol, tol_source, decisive: p.decisive });
     }
-    let node_diffs = if opts.diff_nodes {
-        let rows = diff_nodes(&p.graph, p.weights.as_ref(), &p.inputs, opts.device, opts.dtype)?;
-        let w = rows.iter().map(|r| r.node.len()).max().unwrap_or(4);
-        let mut s = format!("node diffs ({} against the cpu f32 reference):\n", opts.device);
-        for r in rows {
-            let _ = writeln!(s, "  {:w$}  {:10}  max_abs {:.3e}  rel_l2 {:.3e}", r.node, r.op, r.diff.max_abs, r.diff.rel_l2);
-        }
-        Some(s)
-    } else {
-        None
-    };
     let header = format!("case {}: component {}, device {}, dtype {}", dir.display(), case.component, opts.device, opts.dtype);
     Ok(Report { header, lines, node_diffs })
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod connector;
+pub mod scheduler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -1,0 +1,44 @@
+//! Case component `scheduler`: case.json {num_steps, flow_shift}; io: sigmas [N+1], timesteps [N]
+//! (exact), and the loop `x = step(velocities[i], x)` from x_init -> x_final, mid.samples.
+
+use anyhow::{bail, Context, Result};
+use openuni_models::scheduler::DpmSolver;
+use openuni_tensor::{HostData, HostTensor};
+
+use super::{Case, Options, Produced};
+
+pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
+    if opts.device != crate::exec::Device::Cpu {
+        // The solver is host f32 math on every device (latents stay f32 between steps).
+        eprintln!("note: the scheduler runs on the host in f32 whatever --device says");
+    }
+    let steps = case.json["num_steps"].as_u64().with_context(|| format!("{}: case.json has no integer num_steps", case.dir.display()))?;
+    let shift = case.json["flow_shift"].as_f64().with_context(|| format!("{}: case.json has no number flow_shift", case.dir.display()))?;
+    let mut solver = DpmSolver::new(steps as usize, shift).map_err(|e| anyhow::anyhow!("{}: {e}", case.dir.display()))?;
+    let n = solver.schedule.num_steps();
+    let x_init = case.tensor("x_init")?;
+    let velocities = case.tensor("velocities")?;
+    let per = x_init.numel();
+    if velocities.numel() != n * per {
+        bail!("{}: `velocities` has shape {}, expected [{n}, {}]", case.dir.display(), velocities.shape, x_init.shape);
+    }
+    let v = velocities.to_f32_vec();
+    let mut x = x_init.to_f32_vec();
+    let mut samples = Vec::with_capacity(n * per);
+    for i in 0..n {
+        solver.step(&v[i * per..(i + 1) * per], &mut x).map_err(anyhow::Error::msg)?;
+        samples.extend_from_slice(&x);
+    }
+    let sched = &solver.schedule;
+    let mut out = vec![
+        Produced { reference: "timesteps".into(), tensor: HostTensor::new([n], HostData::I64(sched.timesteps.clone()))?, decisive: true, exact: true },
+        Produced { reference: "sigmas".into(), tensor: HostTensor::from_f32([n + 1], sched.sigmas.clone())?, decisive: true, exact: false },
+        Produced { reference: "x_final".into(), tensor: HostTensor::from_f32(x_init.shape.clone(), x)?, decisive: true, exact: false },
+    ];
+    if case.io.contains("mid.samples") {
+        let mut shape = vec![n];
+        shape.extend_from_slice(x_init.shape.dims());
+        out.push(Produced { reference: "mid.samples".into(), tensor: HostTensor::from_f32(shape, samples)?, decisive: false, exact: false });
+    }
+    Ok(out)
+}
