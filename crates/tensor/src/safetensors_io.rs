@@ -221,7 +221,10 @@ impl Weights {
     pub fn get_f32(&self, key: &str, expected: Option<&Shape>) -> Result<HostTensor> {
         let e = self.entry(key)?;
         if let Some(exp) = expected {
-            if &e.shape != exp {
+            // Shapes differing only in size-1 dims hold the same data: a 1×1 conv weight
+            // [O, I, 1, 1] is the linear weight [O, I].
+            let squeeze = |s: &Shape| s.dims().iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+            if squeeze(&e.shape) != squeeze(exp) {
                 return Err(Error::ShapeMismatch {
                     path: self.files[e.file].0.clone(),
                     key: key.into(),
@@ -231,7 +234,13 @@ impl Weights {
             }
         }
         match dtype_of(e.st_dtype) {
-            Some(d) if d.is_float() => self.get(key)?.to_dtype(DType::F32),
+            Some(d) if d.is_float() => {
+                let mut t = self.get(key)?.to_dtype(DType::F32)?;
+                if let Some(exp) = expected {
+                    t.shape = exp.clone();
+                }
+                Ok(t)
+            }
             _ => Err(self.unsupported(key, e, "is not a floating-point type (expected f32, bf16 or f16)")),
         }
     }
