@@ -70,6 +70,11 @@ fn committed_connector_cases_pass_on_cpu() {
 }
 
 #[test]
+fn committed_dit_cases_pass_on_cpu() {
+    assert_all_pass("dit");
+}
+
+#[test]
 fn committed_scheduler_cases_pass() {
     assert_all_pass("scheduler");
 }

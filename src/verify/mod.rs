@@ -2,6 +2,7 @@
 //! format) on a device and compares every output against the PyTorch result.
 
 mod connector;
+mod dit;
 mod scheduler;
 
 use std::collections::HashMap;
@@ -137,8 +138,9 @@ fn run_component(case: &Case, opts: &Options) -> Result<(Vec<Produced>, Option<S
     match case.component.as_str() {
         "connector" => run_graph(case, connector::prepare(case)?, opts),
         "scheduler" => Ok((scheduler::run(case, opts)?, None)),
-        "dit" | "vae" | "llm" | "pipeline" => bail!(
-            "{}: component `{}` is not implemented yet (this build verifies: connector, scheduler)",
+        "dit" => run_graph(case, dit::prepare(case)?, opts),
+        "vae" | "llm" | "pipeline" => bail!(
+            "{}: component `{}` is not implemented yet (this build verifies: connector, dit, scheduler)",
             case.dir.display(),
             case.component
         ),

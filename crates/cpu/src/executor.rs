@@ -124,7 +124,7 @@ impl CpuExecutor {
             Op::GatedAdd { x, gate, y: yy } => {
                 ops::gated_add(view.get(*x), view.get(*gate), view.get(*yy), out_shape.dims()[1], cols, y)
             }
-            Op::Attention { q, k, v, heads, kv_heads, head_dim, causal, scale } => {
+            Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale } => {
                 let qs = g.shape(*q).dims();
                 let d = AttentionDims {
                     batch: qs[0],
@@ -136,8 +136,27 @@ impl CpuExecutor {
                     causal: *causal,
                     scale: *scale,
                 };
-                ops::attention(view.get(*q), view.get(*k), view.get(*v), d, y)
+                ops::attention(view.get(*q), view.get(*k), view.get(*v), key_mask.map(|m| view.get(m)), d, y)
             }
+            Op::LinearAttention { q, k, v, heads, head_dim } => {
+                let (b, n) = (out_shape.dims()[0], out_shape.dims()[1]);
+                ops::linear_attention(view.get(*q), view.get(*k), view.get(*v), b, n, *heads, *head_dim, y)
+            }
+            Op::ModulationTable { t, table } => {
+                let d = out_shape.dims();
+                ops::modulation_table(view.get(*t), view.get(*table), d[0], d[1], d[2], y)
+            }
+            Op::Chunk { x, index } => {
+                let d = g.shape(*x).dims();
+                ops::chunk(view.get(*x), d[0], d[1], d[2], *index, y)
+            }
+            Op::TimestepEmbedding { t, dim } => ops::timestep_embedding(view.get(*t), *dim, y),
+            Op::Transpose { x, batch, rows, cols } => ops::transpose(view.get(*x), *batch, *rows, *cols, y),
+            Op::DepthwiseConv2d { x, weight, bias, h, w, kernel } => {
+                let b = out_shape.dims()[0];
+                ops::depthwise_conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cols, *kernel, y)
+            }
+            Op::GluSilu { x } => ops::glu_silu(view.get(*x), cols, y),
         }
         self.arena = out;
     }

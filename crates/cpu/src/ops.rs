@@ -131,10 +131,13 @@ pub struct AttentionDims {
     pub scale: f32,
 }
 
+/// The additive logit bias diffusers gives a padded key (mask 0): −10000, not −∞.
+pub const MASKED_KEY_BIAS: f32 = -10000.0;
+
 /// Softmax attention, head by head, softmax in f64. Query head h reads key/value head
 /// h / (heads / kv_heads), as GQA's repeat_kv does. Causal masking aligns the last query with the
-/// last key.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: AttentionDims, out: &mut [f32]) {
+/// last key. `key_mask` [B, M] (1 keep, 0 pad) adds `(1 − mask)·(−10000)` to the logits.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: AttentionDims, out: &mut [f32]) {
     let (qw, kw, hd) = (d.heads * d.head_dim, d.kv_heads * d.head_dim, d.head_dim);
     let group = d.heads / d.kv_heads;
     let mut p = vec![0f64; d.kv_len];
@@ -148,7 +151,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: AttentionDims, out: &mut [f
                 for (j, pj) in p.iter_mut().enumerate().take(visible) {
                     let krow = &k[(b * d.kv_len + j) * kw + kh * hd..][..hd];
                     let s: f32 = qrow.iter().zip(krow).map(|(a, c)| a * c).sum();
-                    *pj = (s * d.scale) as f64;
+                    let bias = key_mask.map_or(0.0, |m| (1.0 - m[b * d.kv_len + j]) * MASKED_KEY_BIAS);
+                    *pj = (s * d.scale + bias) as f64;
                     max = max.max(*pj);
                 }
                 let mut sum = 0.0;
@@ -169,6 +173,130 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: AttentionDims, out: &mut [f
                     *o = a as f32;
                 }
             }
+        }
+    }
+}
+
+/// SANA's ReLU linear attention (diffusers `SanaLinearAttnProcessor2_0`), per batch and head of
+/// `head_dim` channels: `out_n = Σ_m v_m (k_m·q_n) / (Σ_m k_m·q_n + 1e-15)` with ReLU on q and k.
+/// The state `Σ_m k_m v_mᵀ` and the key sum are accumulated in f64 (the oracle of the f32 kernel).
+pub fn linear_attention(q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize, out: &mut [f32]) {
+    let (c, hd) = (heads * head_dim, head_dim);
+    let mut kv = vec![0f64; hd * hd];
+    let mut ksum = vec![0f64; hd];
+    for b in 0..batch {
+        for h in 0..heads {
+            kv.fill(0.0);
+            ksum.fill(0.0);
+            for m in 0..tokens {
+                let base = (b * tokens + m) * c + h * hd;
+                for i in 0..hd {
+                    let ki = k[base + i].max(0.0) as f64;
+                    ksum[i] += ki;
+                    for j in 0..hd {
+                        kv[i * hd + j] += ki * v[base + j] as f64;
+                    }
+                }
+            }
+            for n in 0..tokens {
+                let base = (b * tokens + n) * c + h * hd;
+                let qn: Vec<f64> = q[base..base + hd].iter().map(|&x| x.max(0.0) as f64).collect();
+                let den: f64 = qn.iter().zip(&ksum).map(|(a, s)| a * s).sum::<f64>() + 1e-15;
+                for j in 0..hd {
+                    let num: f64 = (0..hd).map(|i| qn[i] * kv[i * hd + j]).sum();
+                    out[base + j] = (num / den) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// adaLN-single's table: `out[b, j, :] = table[j, :] + t_row(b, j)`, where `t` holds k·C values per
+/// sample (one row per j) or C values (the same row for every j).
+pub fn modulation_table(t: &[f32], table: &[f32], batch: usize, k: usize, c: usize, out: &mut [f32]) {
+    let per_row = t.len() / batch == k * c;
+    for b in 0..batch {
+        for j in 0..k {
+            for i in 0..c {
+                let tv = if per_row { t[b * k * c + j * c + i] } else { t[b * c + i] };
+                out[(b * k + j) * c + i] = table[j * c + i] + tv;
+            }
+        }
+    }
+}
+
+/// Row `index` of each sample of a [B, k, C] tensor.
+pub fn chunk(x: &[f32], batch: usize, k: usize, c: usize, index: usize, out: &mut [f32]) {
+    for b in 0..batch {
+        out[b * c..(b + 1) * c].copy_from_slice(&x[(b * k + index) * c..][..c]);
+    }
+}
+
+/// diffusers `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`. The
+/// frequencies and the arguments are rounded to f32 exactly as PyTorch computes them, since at
+/// t ≈ 1000 the argument's rounding is visible in the output.
+pub fn timestep_embedding(t: &[f32], dim: usize, out: &mut [f32]) {
+    let half = dim / 2;
+    let ln = -(10000f64.ln() as f32);
+    for (b, &tb) in t.iter().enumerate() {
+        for i in 0..half {
+            let freq = (ln * i as f32 / half as f32).exp();
+            let arg = (tb * freq) as f64;
+            out[b * dim + i] = arg.cos() as f32;
+            out[b * dim + half + i] = arg.sin() as f32;
+        }
+    }
+}
+
+/// [batch, rows, cols] -> [batch, cols, rows].
+pub fn transpose(x: &[f32], batch: usize, rows: usize, cols: usize, out: &mut [f32]) {
+    for b in 0..batch {
+        let (xi, yo) = (&x[b * rows * cols..][..rows * cols], &mut out[b * rows * cols..][..rows * cols]);
+        for r in 0..rows {
+            for c in 0..cols {
+                yo[c * rows + r] = xi[r * cols + c];
+            }
+        }
+    }
+}
+
+/// Depthwise k×k convolution, zero padding k/2, over tokens [B, h·w, C] on an h×w grid;
+/// `weight` [C, 1, k, k].
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, c: usize, kernel: usize, out: &mut [f32]) {
+    let p = (kernel / 2) as isize;
+    for b in 0..batch {
+        for y in 0..h {
+            for xx in 0..w {
+                let o = &mut out[((b * h + y) * w + xx) * c..][..c];
+                for (ch, ov) in o.iter_mut().enumerate() {
+                    let mut acc = bias.map_or(0.0, |bb| bb[ch] as f64);
+                    for dy in 0..kernel {
+                        let sy = y as isize + dy as isize - p;
+                        if sy < 0 || sy >= h as isize {
+                            continue;
+                        }
+                        for dx in 0..kernel {
+                            let sx = xx as isize + dx as isize - p;
+                            if sx < 0 || sx >= w as isize {
+                                continue;
+                            }
+                            let xv = x[((b * h + sy as usize) * w + sx as usize) * c + ch];
+                            acc += weight[(ch * kernel + dy) * kernel + dx] as f64 * xv as f64;
+                        }
+                    }
+                    *ov = acc as f32;
+                }
+            }
+        }
+    }
+}
+
+/// `[u | g] -> u · silu(g)` over rows of 2·`hh` values.
+pub fn glu_silu(x: &[f32], hh: usize, out: &mut [f32]) {
+    for r in 0..out.len() / hh {
+        for i in 0..hh {
+            out[r * hh + i] = x[r * 2 * hh + i] * silu(x[r * 2 * hh + hh + i]);
         }
     }
 }

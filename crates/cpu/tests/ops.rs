@@ -76,13 +76,13 @@ fn attention_gqa_equals_repeated_heads_and_causal_first_row_is_v0() {
     let v = rand_vec(&mut rng, b * n * 2 * hd);
     let d = AttentionDims { batch: b, q_len: n, kv_len: n, heads: 4, kv_heads: 2, head_dim: hd, causal: true, scale: 0.5 };
     let mut gqa = vec![0.0; q.len()];
-    ops::attention(&q, &k, &v, d, &mut gqa);
+    ops::attention(&q, &k, &v, None, d, &mut gqa);
     // Repeat each kv head twice (repeat_kv) and run plain multi-head attention.
     let rep = |t: &[f32]| -> Vec<f32> {
         t.chunks_exact(2 * hd).flat_map(|row| [&row[..hd], &row[..hd], &row[hd..], &row[hd..]].concat()).collect()
     };
     let mut mha = vec![0.0; q.len()];
-    ops::attention(&q, &rep(&k), &rep(&v), AttentionDims { kv_heads: 4, ..d }, &mut mha);
+    ops::attention(&q, &rep(&k), &rep(&v), None, AttentionDims { kv_heads: 4, ..d }, &mut mha);
     close(&gqa, &mha, 1e-6);
     // Causal: the first query sees only the first key, so its output is v[0] of its kv head.
     for h in 0..4 {

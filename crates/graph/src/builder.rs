@@ -206,6 +206,7 @@ impl GraphBuilder {
         q: ValueId,
         k: ValueId,
         v: ValueId,
+        key_mask: Option<ValueId>,
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
@@ -228,6 +229,95 @@ impl GraphBuilder {
         if causal && ks.dims()[1] != n {
             return bad(format!("causal attention needs as many keys as queries, found {} and {n}", ks.dims()[1]));
         }
-        Ok(self.push(name, Op::Attention { q, k, v, heads, kv_heads, head_dim, causal, scale }, qs))
+        if let Some(m) = key_mask {
+            expect_shape("attention", &format!("{name}: key mask"), self.shape(m), &Shape::new([b, ks.dims()[1]]))?;
+        }
+        Ok(self.push(name, Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale }, qs))
+    }
+
+    pub fn linear_attention(&mut self, name: &str, q: ValueId, k: ValueId, v: ValueId, heads: usize, head_dim: usize) -> Result<ValueId> {
+        let qs = self.shape(q).clone();
+        if qs.rank() != 3 || qs.last() != heads * head_dim {
+            return Err(shape_err("linear_attention", format!("{name}: q has shape {qs}, expected [B, N, {}]", heads * head_dim)));
+        }
+        expect_shape("linear_attention", &format!("{name}: k"), self.shape(k), &qs)?;
+        expect_shape("linear_attention", &format!("{name}: v"), self.shape(v), &qs)?;
+        Ok(self.push(name, Op::LinearAttention { q, k, v, heads, head_dim }, qs))
+    }
+
+    pub fn modulation_table(&mut self, name: &str, t: ValueId, table: ValueId) -> Result<ValueId> {
+        let (ts, tab) = (self.shape(t).clone(), self.shape(table).clone());
+        if tab.rank() != 2 || ts.rank() != 2 {
+            return Err(shape_err("modulation_table", format!("{name}: t {ts} and table {tab} must both be 2-D")));
+        }
+        let (k, c) = (tab.dims()[0], tab.dims()[1]);
+        if ts.dims()[1] != k * c && ts.dims()[1] != c {
+            return Err(shape_err("modulation_table", format!("{name}: t has shape {ts}, expected [B, {}] or [B, {c}]", k * c)));
+        }
+        Ok(self.push(name, Op::ModulationTable { t, table }, Shape::new([ts.dims()[0], k, c])))
+    }
+
+    pub fn chunk(&mut self, name: &str, x: ValueId, index: usize) -> Result<ValueId> {
+        let xs = self.shape(x).clone();
+        if xs.rank() != 3 || index >= xs.dims()[1] {
+            return Err(shape_err("chunk", format!("{name}: cannot take row {index} of {xs} ([B, k, C])")));
+        }
+        Ok(self.push(name, Op::Chunk { x, index }, Shape::new([xs.dims()[0], xs.dims()[2]])))
+    }
+
+    pub fn timestep_embedding(&mut self, name: &str, t: ValueId, dim: usize) -> Result<ValueId> {
+        let ts = self.shape(t).clone();
+        if ts.rank() != 1 || dim % 2 != 0 {
+            return Err(shape_err("timestep_embedding", format!("{name}: t has shape {ts} (expected [B]) and dim {dim} (expected even)")));
+        }
+        Ok(self.push(name, Op::TimestepEmbedding { t, dim }, Shape::new([ts.dims()[0], dim])))
+    }
+
+    /// Views `x` as [batch, rows, cols] and transposes the last two; `out_shape` is how the result
+    /// is viewed (e.g. [B, C, h, w] for unpatchify).
+    pub fn transpose(&mut self, name: &str, x: ValueId, batch: usize, rows: usize, cols: usize, out_shape: impl Into<Shape>) -> Result<ValueId> {
+        let out_shape = out_shape.into();
+        let n = batch * rows * cols;
+        if self.shape(x).numel() != n || out_shape.numel() != n {
+            return Err(shape_err(
+                "transpose",
+                format!("{name}: {} -> {out_shape} does not hold [{batch}, {rows}, {cols}]", self.shape(x)),
+            ));
+        }
+        Ok(self.push(name, Op::Transpose { x, batch, rows, cols }, out_shape))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn depthwise_conv2d(
+        &mut self,
+        name: &str,
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+    ) -> Result<ValueId> {
+        let xs = self.shape(x).clone();
+        if xs.rank() != 3 || xs.dims()[1] != h * w {
+            return Err(shape_err("depthwise_conv2d", format!("{name}: input {xs} is not [B, {h}·{w}, C]")));
+        }
+        let c = xs.last();
+        if kernel % 2 == 0 {
+            return Err(shape_err("depthwise_conv2d", format!("{name}: kernel {kernel} must be odd")));
+        }
+        expect_shape("depthwise_conv2d", &format!("{name}: weight"), self.shape(weight), &Shape::new([c, 1, kernel, kernel]))?;
+        if let Some(b) = bias {
+            expect_shape("depthwise_conv2d", &format!("{name}: bias"), self.shape(b), &Shape::new([c]))?;
+        }
+        Ok(self.push(name, Op::DepthwiseConv2d { x, weight, bias, h, w, kernel }, xs))
+    }
+
+    pub fn glu_silu(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
+        let xs = self.shape(x).clone();
+        if xs.last() % 2 != 0 {
+            return Err(shape_err("glu_silu", format!("{name}: last dim of {xs} is odd")));
+        }
+        Ok(self.push(name, Op::GluSilu { x }, xs.with_last(xs.last() / 2)))
     }
 }

@@ -58,7 +58,36 @@ pub enum Op {
     GatedAdd { x: ValueId, gate: ValueId, y: ValueId },
     /// Softmax attention. `q` [B, N, heads·head_dim], `k`/`v` [B, M, kv_heads·head_dim] (GQA when
     /// kv_heads < heads), output [B, N, heads·head_dim]; softmax in f32 with `scale` on the logits.
-    Attention { q: ValueId, k: ValueId, v: ValueId, heads: usize, kv_heads: usize, head_dim: usize, causal: bool, scale: f32 },
+    /// `key_mask` [B, M] (1 keep, 0 pad) adds −10000 to padded keys' logits, as diffusers does.
+    Attention {
+        q: ValueId,
+        k: ValueId,
+        v: ValueId,
+        key_mask: Option<ValueId>,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        causal: bool,
+        scale: f32,
+    },
+    /// SANA's ReLU linear attention over [B, N, heads·head_dim] q, k, v: per head,
+    /// `out_n = Σ_m v_m (k_m·q_n) / (Σ_m k_m·q_n + 1e-15)` with ReLU on q and k, state in f32.
+    LinearAttention { q: ValueId, k: ValueId, v: ValueId, heads: usize, head_dim: usize },
+    /// `out[b, j, :] = table[j, :] + t[b, j·C .. (j+1)·C]` for `t` [B, k·C], or `+ t[b, :]` for `t`
+    /// [B, C] (broadcast over the k rows): adaLN-single's per-block (k = 6) and head (k = 2) tables.
+    ModulationTable { t: ValueId, table: ValueId },
+    /// Row `index` of a [B, k, C] tensor: [B, C].
+    Chunk { x: ValueId, index: usize },
+    /// The sinusoidal timestep embedding of diffusers' `Timesteps(dim, flip_sin_to_cos=True,
+    /// downscale_freq_shift=0)`: `t` [B] -> [B, dim] = [cos(t·f_i), sin(t·f_i)], f_i = 10000^(−i/(dim/2)).
+    TimestepEmbedding { t: ValueId, dim: usize },
+    /// [B, M, N] -> [B, N, M] (NCHW <-> token layouts; the output shape says how it is viewed).
+    Transpose { x: ValueId, batch: usize, rows: usize, cols: usize },
+    /// Depthwise k×k convolution with zero padding k/2 and bias over tokens [B, h·w, C] laid out as
+    /// an h×w grid (row-major); `weight` [C, 1, k, k].
+    DepthwiseConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
+    /// GLU with SiLU gate over the last dim: `[u | g]` (2H) -> `u · silu(g)` (H).
+    GluSilu { x: ValueId },
 }
 
 impl Op {
@@ -71,6 +100,13 @@ impl Op {
             Op::Add { .. } => "add",
             Op::GatedAdd { .. } => "gated_add",
             Op::Attention { .. } => "attention",
+            Op::LinearAttention { .. } => "linear_attention",
+            Op::ModulationTable { .. } => "modulation_table",
+            Op::Chunk { .. } => "chunk",
+            Op::TimestepEmbedding { .. } => "timestep_embedding",
+            Op::Transpose { .. } => "transpose",
+            Op::DepthwiseConv2d { .. } => "depthwise_conv2d",
+            Op::GluSilu { .. } => "glu_silu",
         }
     }
 
@@ -97,7 +133,17 @@ impl Op {
             Op::Unary { x, .. } => v.push(*x),
             Op::Add { a, b } => v.extend([*a, *b]),
             Op::GatedAdd { x, gate, y } => v.extend([*x, *gate, *y]),
-            Op::Attention { q, k, v: vv, .. } => v.extend([*q, *k, *vv]),
+            Op::Attention { q, k, v: vv, key_mask, .. } => {
+                v.extend([*q, *k, *vv]);
+                v.extend(key_mask);
+            }
+            Op::LinearAttention { q, k, v: vv, .. } => v.extend([*q, *k, *vv]),
+            Op::ModulationTable { t, table } => v.extend([*t, *table]),
+            Op::Chunk { x, .. } | Op::TimestepEmbedding { t: x, .. } | Op::Transpose { x, .. } | Op::GluSilu { x } => v.push(*x),
+            Op::DepthwiseConv2d { x, weight, bias, .. } => {
+                v.extend([*x, *weight]);
+                v.extend(bias);
+            }
         }
         v
     }

@@ -100,6 +100,6 @@ fn self_attention(b: &mut GraphBuilder, cfg: &ConnectorConfig, p: &str, x: Value
     let k = linear(b, &format!("{p}.k_proj"), x, d, d)?;
     let v = linear(b, &format!("{p}.v_proj"), x, d, d)?;
     let scale = (head_dim as f32).powf(-0.5);
-    let o = b.attention(&format!("{p}.attn"), q, k, v, heads, heads, head_dim, false, scale)?;
+    let o = b.attention(&format!("{p}.attn"), q, k, v, None, heads, heads, head_dim, false, scale)?;
     linear(b, &format!("{p}.out_proj"), o, d, d)
 }

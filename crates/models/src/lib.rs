@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod connector;
+pub mod prompt;
+pub mod sana;
 pub mod scheduler;
 
 #[derive(Debug, thiserror::Error)]

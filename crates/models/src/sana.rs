@@ -1,0 +1,281 @@
+//! diffusers `SanaTransformer2DModel` (Sana 600M/1600M 512px and SANA1.5 1.6B 1024px), op by op
+//! as spec/sana_dcae.md §1 describes it. Upstream key names are kept.
+//!
+//! The model is built in two parts so that what depends only on the prompt runs once per
+//! generation: [`caption_path`] (caption projection + norm, then every block's cross-attention
+//! K/V) and [`denoise`] (one transformer call per step).
+
+use openuni_graph::{GraphBuilder, Modulation, UnaryFn, ValueId};
+use serde::Deserialize;
+
+use crate::{ModelError, Result};
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct SanaConfig {
+    pub in_channels: usize,
+    pub out_channels: Option<usize>,
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    pub num_layers: usize,
+    pub num_cross_attention_heads: usize,
+    pub cross_attention_head_dim: usize,
+    pub cross_attention_dim: usize,
+    pub caption_channels: usize,
+    pub mlp_ratio: f64,
+    #[serde(default)]
+    pub attention_bias: bool,
+    pub patch_size: usize,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f32,
+    #[serde(default)]
+    pub norm_elementwise_affine: bool,
+    #[serde(default)]
+    pub interpolation_scale: Option<f64>,
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    #[serde(default)]
+    pub qk_norm: Option<String>,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+}
+
+fn default_norm_eps() -> f32 {
+    1e-6
+}
+
+/// RMSNorm eps of the caption norm and of the q/k norms (diffusers uses 1e-5 for both attentions).
+const CAPTION_NORM_EPS: f32 = 1e-5;
+const QK_NORM_EPS: f32 = 1e-5;
+const TIMESTEP_CHANNELS: usize = 256;
+
+impl SanaConfig {
+    /// The inner width D.
+    pub fn dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// The Mix-FFN hidden width, `int(mlp_ratio · D)`.
+    pub fn ffn_hidden(&self) -> usize {
+        (self.mlp_ratio * self.dim() as f64) as usize
+    }
+
+    pub fn qk_norm(&self) -> bool {
+        self.qk_norm.is_some()
+    }
+
+    /// Refuses configs this port does not implement, naming the field.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+        if self.patch_size != 1 {
+            return err(format!("patch_size {} is not supported (OpenUni's SANA models use 1)", self.patch_size));
+        }
+        if self.interpolation_scale.is_some() {
+            return err("interpolation_scale is set: sincos position embeddings (2K/4K models) are not supported".into());
+        }
+        if self.guidance_embeds {
+            return err("guidance_embeds (Sana-Sprint) is not supported".into());
+        }
+        if self.norm_elementwise_affine {
+            return err("norm_elementwise_affine=true is not supported (SANA's block norms have no affine)".into());
+        }
+        match self.qk_norm.as_deref() {
+            None | Some("rms_norm_across_heads") => {}
+            Some(other) => return err(format!("qk_norm `{other}` is not supported (expected null or rms_norm_across_heads)")),
+        }
+        if self.cross_attention_dim != self.dim() {
+            return err(format!(
+                "cross_attention_dim {} differs from the inner width {} (the caption projection outputs the inner width)",
+                self.cross_attention_dim,
+                self.dim()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A weight by upstream key.
+fn w(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId> {
+    Ok(b.weight(&key, shape.to_vec())?)
+}
+
+fn linear(b: &mut GraphBuilder, p: &str, x: ValueId, din: usize, dout: usize, bias: bool) -> Result<ValueId> {
+    let wt = w(b, format!("{p}.weight"), &[dout, din])?;
+    let bs = if bias { Some(w(b, format!("{p}.bias"), &[dout])?) } else { None };
+    Ok(b.linear(p, x, wt, bs)?)
+}
+
+fn rmsnorm(b: &mut GraphBuilder, p: &str, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
+    let wt = w(b, format!("{p}.weight"), &[d])?;
+    Ok(b.rmsnorm(p, x, wt, None, eps)?)
+}
+
+/// Per-block cross-attention keys and values, computed once per prompt.
+pub struct CrossKv {
+    pub k: ValueId,
+    pub v: ValueId,
+}
+
+/// `caption_projection` (Linear → tanh-GELU → Linear) and `caption_norm` (RMSNorm eps 1e-5) of
+/// `encoder_hidden_states` [B, L, caption_channels]; then each block's `attn2` K (with its norm
+/// for SANA1.5) and V. Returns (caption states, per-block K/V).
+pub fn caption_path(b: &mut GraphBuilder, cfg: &SanaConfig, enc: ValueId) -> Result<(ValueId, Vec<CrossKv>)> {
+    let d = cfg.dim();
+    let h = linear(b, "caption_projection.linear_1", enc, cfg.caption_channels, d, true)?;
+    let h = b.unary("caption_projection.act_1", h, UnaryFn::GeluTanh)?;
+    let h = linear(b, "caption_projection.linear_2", h, d, d, true)?;
+    let c = rmsnorm(b, "caption_norm", h, d, CAPTION_NORM_EPS)?;
+    let inner = cfg.num_cross_attention_heads * cfg.cross_attention_head_dim;
+    let mut kv = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = format!("transformer_blocks.{i}.attn2");
+        let mut k = linear(b, &format!("{p}.to_k"), c, d, inner, true)?;
+        if cfg.qk_norm() {
+            k = rmsnorm(b, &format!("{p}.norm_k"), k, inner, QK_NORM_EPS)?;
+        }
+        let v = linear(b, &format!("{p}.to_v"), c, d, inner, true)?;
+        kv.push(CrossKv { k, v });
+    }
+    Ok((c, kv))
+}
+
+/// Values of one transformer call that the caller may want to compare (`mid.*` of the cases).
+pub struct DenoiseOutputs {
+    pub output: ValueId,
+    pub patch_embed: ValueId,
+    pub t6: ValueId,
+    pub embedded_timestep: ValueId,
+    pub blocks: Vec<ValueId>,
+    pub norm_out: ValueId,
+}
+
+/// One transformer call: `hidden_states` [B, in, h, w] (NCHW), `timestep` [B] (f32 with integer
+/// values), the caption path's K/V, and an optional `encoder_attention_mask` [B, L] (1 keep, 0 pad).
+/// The output is the velocity [B, out, h, w].
+#[allow(clippy::too_many_arguments)]
+pub fn denoise(
+    b: &mut GraphBuilder,
+    cfg: &SanaConfig,
+    hidden_states: ValueId,
+    timestep: ValueId,
+    cross_kv: &[CrossKv],
+    mask: Option<ValueId>,
+    h: usize,
+    wd: usize,
+) -> Result<DenoiseOutputs> {
+    let d = cfg.dim();
+    let hs = b.shape(hidden_states).clone();
+    let batch = hs.dims()[0];
+    let n = h * wd;
+    if hs.dims() != [batch, cfg.in_channels, h, wd] {
+        return Err(ModelError::Config {
+            path: "transformer".into(),
+            msg: format!("hidden_states has shape {hs}, expected [B, {}, {h}, {wd}]", cfg.in_channels),
+        });
+    }
+    // Patch embed: 1×1 conv = a linear over channels of the token layout.
+    let tokens = b.transpose("patch_embed.to_tokens", hidden_states, batch, cfg.in_channels, n, [batch, n, cfg.in_channels])?;
+    let x0 = linear(b, "patch_embed.proj", tokens, cfg.in_channels, d, true)?;
+
+    // AdaLayerNormSingle: sinusoid (cos first) -> linear_1 -> SiLU -> linear_2 = embedded_timestep;
+    // t6 = linear(SiLU(embedded_timestep)).
+    let sin = b.timestep_embedding("time_embed.emb.time_proj", timestep, TIMESTEP_CHANNELS)?;
+    let p = "time_embed.emb.timestep_embedder";
+    let e = linear(b, &format!("{p}.linear_1"), sin, TIMESTEP_CHANNELS, d, true)?;
+    let e = b.unary(&format!("{p}.act"), e, UnaryFn::Silu)?;
+    let embedded = linear(b, &format!("{p}.linear_2"), e, d, d, true)?;
+    let e = b.unary("time_embed.silu", embedded, UnaryFn::Silu)?;
+    let t6 = linear(b, "time_embed.linear", e, d, 6 * d, true)?;
+
+    let mut x = x0;
+    let mut blocks = Vec::with_capacity(cfg.num_layers);
+    for (i, kv) in cross_kv.iter().enumerate() {
+        x = block(b, cfg, &format!("transformer_blocks.{i}"), x, t6, kv, mask, h, wd)?;
+        blocks.push(x);
+    }
+
+    // Output head: shift, scale from scale_shift_table[2, D] + embedded_timestep (no SiLU).
+    let table = w(b, "scale_shift_table".into(), &[2, d])?;
+    let m = b.modulation_table("norm_out.modulation", embedded, table)?;
+    let shift = b.chunk("norm_out.shift", m, 0)?;
+    let scale = b.chunk("norm_out.scale", m, 1)?;
+    let norm_out = b.layernorm("norm_out", x, None, None, cfg.norm_eps, Some(Modulation { scale, shift }))?;
+    let out = linear(b, "proj_out", norm_out, d, cfg.out_channels(), true)?;
+    let output = b.transpose("unpatchify", out, batch, n, cfg.out_channels(), [batch, cfg.out_channels(), h, wd])?;
+    Ok(DenoiseOutputs { output, patch_embed: x0, t6, embedded_timestep: embedded, blocks, norm_out })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn block(
+    b: &mut GraphBuilder,
+    cfg: &SanaConfig,
+    p: &str,
+    x: ValueId,
+    t6: ValueId,
+    kv: &CrossKv,
+    mask: Option<ValueId>,
+    h: usize,
+    wd: usize,
+) -> Result<ValueId> {
+    let d = cfg.dim();
+    // Modulation rows: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+    let table = w(b, format!("{p}.scale_shift_table"), &[6, d])?;
+    let m = b.modulation_table(&format!("{p}.modulation"), t6, table)?;
+    let row = |b: &mut GraphBuilder, i: usize, name: &str| b.chunk(&format!("{p}.{name}"), m, i);
+    let (shift_msa, scale_msa, gate_msa) = (row(b, 0, "shift_msa")?, row(b, 1, "scale_msa")?, row(b, 2, "gate_msa")?);
+    let (shift_mlp, scale_mlp, gate_mlp) = (row(b, 3, "shift_mlp")?, row(b, 4, "scale_mlp")?, row(b, 5, "gate_mlp")?);
+
+    // 1. Linear self-attention on the modulated norm, gated residual.
+    let a = b.layernorm(&format!("{p}.norm1"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_msa, shift: shift_msa }))?;
+    let a = linear_self_attention(b, cfg, &format!("{p}.attn1"), a)?;
+    let x = b.gated_add(&format!("{p}.attn1.residual"), x, gate_msa, a)?;
+
+    // 2. Cross-attention from the un-normalised x, plain residual.
+    let inner = cfg.num_cross_attention_heads * cfg.cross_attention_head_dim;
+    let q2 = format!("{p}.attn2");
+    let mut q = linear(b, &format!("{q2}.to_q"), x, d, inner, true)?;
+    if cfg.qk_norm() {
+        q = rmsnorm(b, &format!("{q2}.norm_q"), q, inner, QK_NORM_EPS)?;
+    }
+    let hd = cfg.cross_attention_head_dim;
+    let heads = cfg.num_cross_attention_heads;
+    let o = b.attention(&format!("{q2}.attn"), q, kv.k, kv.v, mask, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
+    let o = linear(b, &format!("{q2}.to_out.0"), o, inner, d, true)?;
+    let x = b.add(&format!("{q2}.residual"), x, o)?;
+
+    // 3. Mix-FFN (GLUMBConv) on the modulated norm, gated residual.
+    let a = b.layernorm(&format!("{p}.norm2"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_mlp, shift: shift_mlp }))?;
+    let f = glumbconv(b, cfg, &format!("{p}.ff"), a, h, wd)?;
+    Ok(b.gated_add(&format!("{p}.ff.residual"), x, gate_mlp, f)?)
+}
+
+fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, p: &str, x: ValueId) -> Result<ValueId> {
+    let d = cfg.dim();
+    let bias = cfg.attention_bias;
+    let mut q = linear(b, &format!("{p}.to_q"), x, d, d, bias)?;
+    let mut k = linear(b, &format!("{p}.to_k"), x, d, d, bias)?;
+    let v = linear(b, &format!("{p}.to_v"), x, d, d, bias)?;
+    if cfg.qk_norm() {
+        // SANA1.5: RMSNorm across all heads, before the head split and the ReLU.
+        q = rmsnorm(b, &format!("{p}.norm_q"), q, d, QK_NORM_EPS)?;
+        k = rmsnorm(b, &format!("{p}.norm_k"), k, d, QK_NORM_EPS)?;
+    }
+    let o = b.linear_attention(&format!("{p}.linear_attention"), q, k, v, cfg.num_attention_heads, cfg.attention_head_dim)?;
+    // The fp16 ±65504 clip diffusers applies here only matters for fp16 storage, which this
+    // engine does not use (f32 reference, bf16 CUDA).
+    linear(b, &format!("{p}.to_out.0"), o, d, d, true)
+}
+
+fn glumbconv(b: &mut GraphBuilder, cfg: &SanaConfig, p: &str, x: ValueId, h: usize, wd: usize) -> Result<ValueId> {
+    let (d, hf) = (cfg.dim(), cfg.ffn_hidden());
+    let u = linear(b, &format!("{p}.conv_inverted"), x, d, 2 * hf, true)?;
+    let u = b.unary(&format!("{p}.conv_inverted.act"), u, UnaryFn::Silu)?;
+    let dw = w(b, format!("{p}.conv_depth.weight"), &[2 * hf, 1, 3, 3])?;
+    let db = w(b, format!("{p}.conv_depth.bias"), &[2 * hf])?;
+    let u = b.depthwise_conv2d(&format!("{p}.conv_depth"), u, dw, Some(db), h, wd, 3)?;
+    let u = b.glu_silu(&format!("{p}.glu"), u)?;
+    linear(b, &format!("{p}.conv_point"), u, hf, d, false)
+}
