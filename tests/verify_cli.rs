@@ -75,6 +75,11 @@ fn committed_dit_cases_pass_on_cpu() {
 }
 
 #[test]
+fn committed_llm_cases_pass_on_cpu() {
+    assert_all_pass("llm");
+}
+
+#[test]
 fn committed_scheduler_cases_pass() {
     assert_all_pass("scheduler");
 }

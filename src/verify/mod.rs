@@ -3,6 +3,7 @@
 
 mod connector;
 mod dit;
+mod llm;
 mod scheduler;
 
 use std::collections::HashMap;
@@ -139,8 +140,9 @@ fn run_component(case: &Case, opts: &Options) -> Result<(Vec<Produced>, Option<S
         "connector" => run_graph(case, connector::prepare(case)?, opts),
         "scheduler" => Ok((scheduler::run(case, opts)?, None)),
         "dit" => run_graph(case, dit::prepare(case)?, opts),
-        "vae" | "llm" | "pipeline" => bail!(
-            "{}: component `{}` is not implemented yet (this build verifies: connector, dit, scheduler)",
+        "llm" => run_graph(case, llm::prepare(case)?, opts),
+        "vae" | "pipeline" => bail!(
+            "{}: component `{}` is not implemented yet (this build verifies: connector, dit, llm, scheduler)",
             case.dir.display(),
             case.component
         ),

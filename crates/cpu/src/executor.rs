@@ -157,6 +157,11 @@ impl CpuExecutor {
                 ops::depthwise_conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cols, *kernel, y)
             }
             Op::GluSilu { x } => ops::glu_silu(view.get(*x), cols, y),
+            Op::SwiGlu { gate, up } => ops::swiglu(view.get(*gate), view.get(*up), y),
+            Op::Rope { x, heads, head_dim, theta } => {
+                let d = out_shape.dims();
+                ops::rope(view.get(*x), d[0], d[1], *heads, *head_dim, *theta, y)
+            }
         }
         self.arena = out;
     }

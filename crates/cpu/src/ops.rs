@@ -300,3 +300,37 @@ pub fn glu_silu(x: &[f32], hh: usize, out: &mut [f32]) {
         }
     }
 }
+
+/// `silu(gate) · up`.
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
+/// The rotary inverse frequencies as transformers computes them in f32:
+/// `1 / theta^(float(2i) / head_dim)`.
+pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
+}
+
+/// Rotary embedding ("rotate_half") on [batch, tokens, heads·head_dim], token t at position t.
+/// Angles are f32 products like transformers'; cos/sin of the f32 angle are taken in f64.
+pub fn rope(x: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize, theta: f32, out: &mut [f32]) {
+    let inv = rope_inv_freq(theta, head_dim);
+    let half = head_dim / 2;
+    for b in 0..batch {
+        for t in 0..tokens {
+            for h in 0..heads {
+                let base = ((b * tokens + t) * heads + h) * head_dim;
+                for i in 0..half {
+                    let ang = (t as f32 * inv[i]) as f64;
+                    let (c, s) = (ang.cos() as f32, ang.sin() as f32);
+                    let (x1, x2) = (x[base + i], x[base + half + i]);
+                    out[base + i] = x1 * c - x2 * s;
+                    out[base + half + i] = x2 * c + x1 * s;
+                }
+            }
+        }
+    }
+}

@@ -313,6 +313,20 @@ impl GraphBuilder {
         Ok(self.push(name, Op::DepthwiseConv2d { x, weight, bias, h, w, kernel }, xs))
     }
 
+    pub fn swiglu(&mut self, name: &str, gate: ValueId, up: ValueId) -> Result<ValueId> {
+        let s = self.shape(gate).clone();
+        expect_shape("swiglu", &format!("{name}: up"), self.shape(up), &s)?;
+        Ok(self.push(name, Op::SwiGlu { gate, up }, s))
+    }
+
+    pub fn rope(&mut self, name: &str, x: ValueId, heads: usize, head_dim: usize, theta: f32) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        if s.rank() != 3 || s.last() != heads * head_dim || head_dim % 2 != 0 {
+            return Err(shape_err("rope", format!("{name}: input {s} is not [B, T, {heads}·{head_dim}] with an even head dim")));
+        }
+        Ok(self.push(name, Op::Rope { x, heads, head_dim, theta }, s))
+    }
+
     pub fn glu_silu(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
         let xs = self.shape(x).clone();
         if xs.last() % 2 != 0 {

@@ -88,6 +88,12 @@ pub enum Op {
     DepthwiseConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
     /// GLU with SiLU gate over the last dim: `[u | g]` (2H) -> `u · silu(g)` (H).
     GluSilu { x: ValueId },
+    /// SwiGLU of two same-shaped tensors: `silu(gate) · up` (Qwen2's MLP).
+    SwiGlu { gate: ValueId, up: ValueId },
+    /// Rotary position embedding ("rotate_half", whole head rotated) on [B, T, heads·head_dim];
+    /// token t of every row gets position `t` (each row is its own unpadded sequence).
+    /// `inv_freq[i] = 1 / theta^(2i/head_dim)`, angles and cos/sin in f32 as transformers does.
+    Rope { x: ValueId, heads: usize, head_dim: usize, theta: f32 },
 }
 
 impl Op {
@@ -107,6 +113,8 @@ impl Op {
             Op::Transpose { .. } => "transpose",
             Op::DepthwiseConv2d { .. } => "depthwise_conv2d",
             Op::GluSilu { .. } => "glu_silu",
+            Op::SwiGlu { .. } => "swiglu",
+            Op::Rope { .. } => "rope",
         }
     }
 
@@ -139,7 +147,12 @@ impl Op {
             }
             Op::LinearAttention { q, k, v: vv, .. } => v.extend([*q, *k, *vv]),
             Op::ModulationTable { t, table } => v.extend([*t, *table]),
-            Op::Chunk { x, .. } | Op::TimestepEmbedding { t: x, .. } | Op::Transpose { x, .. } | Op::GluSilu { x } => v.push(*x),
+            Op::Chunk { x, .. }
+            | Op::TimestepEmbedding { t: x, .. }
+            | Op::Transpose { x, .. }
+            | Op::GluSilu { x }
+            | Op::Rope { x, .. } => v.push(*x),
+            Op::SwiGlu { gate, up } => v.extend([*gate, *up]),
             Op::DepthwiseConv2d { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod connector;
 pub mod prompt;
+pub mod qwen2;
 pub mod sana;
 pub mod scheduler;
 

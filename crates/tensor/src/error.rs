@@ -21,6 +21,8 @@ pub enum Error {
     UnsupportedDType { path: PathBuf, key: String, found: String, purpose: String },
     #[error("tensor data of {found} elements does not match shape {shape} ({expected} elements)")]
     DataLength { shape: Shape, expected: usize, found: usize },
+    #[error("{path}: index {index} is out of range for tensor `{key}` with {len} rows")]
+    IndexOutOfRange { path: PathBuf, key: String, index: usize, len: usize },
     #[error("cannot convert a {from} tensor to {to}")]
     Conversion { from: DType, to: DType },
 }

@@ -5,12 +5,14 @@
 
 mod dtype;
 mod error;
+mod pth;
 mod safetensors_io;
 mod shape;
 mod tensor;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use pth::{read_pth, read_pth_bytes, read_pth_with, PthCheckpoint, PthError, PthOptions, PthResult, ALLOWED_GLOBALS};
 pub use safetensors_io::{write_safetensors, TensorSource, Weights};
 pub use shape::Shape;
 pub use tensor::{HostData, HostTensor};

@@ -59,10 +59,10 @@ pub enum PthError {
     #[error(
         "{path}: refusing to load: `{entry}` asks for the Python global `{global}`, which is not on the \
          allow-list of tensor-rebuild functions and storage types; the checkpoint may be malicious (nothing \
-         was executed). Allowed: {}",
+         was executed){hint}. Allowed: {}",
         ALLOWED_GLOBALS.join(", ")
     )]
-    ForbiddenGlobal { path: PathBuf, entry: String, global: String },
+    ForbiddenGlobal { path: PathBuf, entry: String, global: String, hint: String },
     #[error("{path}: `{entry}`: {msg}")]
     Format { path: PathBuf, entry: String, msg: String },
 }
@@ -139,7 +139,14 @@ pub fn read_pth_bytes(path: &Path, bytes: &[u8], opts: &PthOptions) -> PthResult
     let root = match vm.run() {
         Ok(v) => v,
         Err(VmError::Forbidden(global)) => {
-            return Err(PthError::ForbiddenGlobal { path: path.into(), entry: pkl_name, global })
+            let hint = if global.starts_with("torch.nn.") || global.starts_with("__main__.") {
+                "; it looks like a whole pickled model object: save its `state_dict()` instead".into()
+            } else if global.starts_with("numpy.") || global.starts_with("mmengine.") || global.starts_with("argparse.") {
+                "; it looks like a full training checkpoint: save only its state dict".into()
+            } else {
+                String::new()
+            };
+            return Err(PthError::ForbiddenGlobal { path: path.into(), entry: pkl_name, global, hint });
         }
         Err(VmError::Bad(msg)) => return Err(fmt(&pkl_name, msg)),
     };
@@ -225,6 +232,8 @@ impl<'a> Archive<'a> {
                 "this is the legacy (PyTorch < 1.6 / _use_new_zipfile_serialization=False) format, which is not \
                  supported; re-save it with a current torch.save"
                     .to_string()
+            } else if bytes.len() > 9 && bytes[8] == b'{' {
+                format!("not a torch.save zip archive ({e}); it looks like a safetensors file")
             } else {
                 format!("not a torch.save zip archive ({e})")
             }

@@ -245,6 +245,28 @@ impl Weights {
         }
     }
 
+    /// Rows of a 2-D floating-point tensor as f32 [rows.len(), cols]: an embedding lookup that
+    /// reads only the rows asked for (the vocabulary table is large).
+    pub fn rows_f32(&self, key: &str, rows: &[usize]) -> Result<HostTensor> {
+        let e = self.entry(key)?;
+        let dtype = match dtype_of(e.st_dtype) {
+            Some(d) if d.is_float() && e.shape.rank() == 2 => d,
+            _ => return Err(self.unsupported(key, e, "is not a 2-D floating-point table")),
+        };
+        let (n, cols) = (e.shape.dims()[0], e.shape.dims()[1]);
+        let row_bytes = cols * dtype.size_in_bytes();
+        let mut out = Vec::with_capacity(rows.len() * cols);
+        for &r in rows {
+            if r >= n {
+                return Err(Error::IndexOutOfRange { path: self.files[e.file].0.clone(), key: key.into(), index: r, len: n });
+            }
+            let start = e.start + r * row_bytes;
+            let t = HostTensor { shape: Shape::new([cols]), data: HostData::from_le_bytes(dtype, &self.files[e.file].1[start..start + row_bytes]) };
+            out.extend(t.to_f32_vec());
+        }
+        HostTensor::from_f32([rows.len(), cols], out)
+    }
+
     /// Reads every tensor as f32 (floats) or i64 (integers), for small reference files.
     pub fn all(&self) -> Result<HashMap<String, HostTensor>> {
         self.keys().map(|k| Ok((k.to_string(), self.get(k)?))).collect()

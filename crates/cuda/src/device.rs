@@ -1,0 +1,337 @@
+//! The device: a CUDA context, one stream, the kernel registry, and cuBLASLt on demand.
+//!
+//! Only standard driver calls are made (through cudarc), so the emulated GPU's `libcuda.so.1`
+//! (crates/emu) runs this code unchanged. cudarc's per-buffer event tracking is switched off: the
+//! backend uses one stream, raw device pointers into one arena, and CUDA-graph capture, where
+//! cudarc's extra event records and waits would only get in the way.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::{result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use crate::error::{CudaError, DriverContext, Result};
+use crate::gemm::Blas;
+use crate::kernels::KernelSet;
+use crate::nvrtc::{KernelFormat, KernelTarget};
+
+/// `cuDeviceGetName` of the emulated GPU (crates/emu).
+pub const EMULATED_DEVICE_NAME: &str = "OpenUni emulated GPU";
+
+/// Whether a CUDA driver library (`libcuda.so.1`, real or emulated) can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library by name.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Number of CUDA devices; an error when there is no driver or `cuInit` fails.
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(CudaError::NoDriver);
+    }
+    result::init().map_err(|e| CudaError::NoDevice { ordinal: 0, msg: format!("cuInit failed: {e}") })?;
+    let n = result::device::get_count().ctx(|| "counting devices".into())?;
+    Ok(n.max(0) as usize)
+}
+
+/// True when a CUDA device (real or emulated) can be used. Never panics; cached.
+pub fn device_available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| std::panic::catch_unwind(|| device_count().map(|n| n > 0).unwrap_or(false)).unwrap_or(false))
+}
+
+/// Loads a library by absolute path and keeps it loaded, so that cudarc's later load by name
+/// (`libcuda.so.1`, `libcublasLt.so.13`, `libnvrtc.so.13`) finds this one: how a `--device emu`
+/// flag selects the emulated driver without LD_LIBRARY_PATH. Call before any other CUDA call.
+pub fn preload_library(path: &std::path::Path) -> Result<()> {
+    // SAFETY: loading a shared library runs its initialisers; the caller names a CUDA library.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| CudaError::Io {
+        path: path.into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    std::mem::forget(lib);
+    Ok(())
+}
+
+/// A kernel argument: a device pointer (0 for "absent"), an integer or a float.
+#[derive(Clone, Copy, Debug)]
+pub enum KArg {
+    Ptr(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+/// An open device.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+    name: String,
+    cc: (i32, i32),
+    sm_count: u32,
+    emulated: bool,
+    kernels: KernelSet,
+    blas: Mutex<Option<Arc<Blas>>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaDevice({} #{}, sm_{}{}, {})", self.name, self.ordinal, self.cc.0, self.cc.1, self.kernels.target().image_name())
+    }
+}
+
+/// The kernel target for a device: `$OPENUNI_KERNEL_FORMAT` (`ptx` | `cubin`) and
+/// `$OPENUNI_KERNEL_ARCH` (e.g. `sm_90a`) override; otherwise PTX on the emulated GPU and CUBIN
+/// for the device's own architecture on a real one.
+pub fn default_target(cc: (i32, i32), emulated: bool) -> Result<KernelTarget> {
+    let format = match std::env::var("OPENUNI_KERNEL_FORMAT") {
+        Ok(s) if !s.is_empty() => KernelFormat::parse(&s).ok_or_else(|| CudaError::Invalid {
+            what: "OPENUNI_KERNEL_FORMAT".into(),
+            msg: format!("`{s}` is neither `ptx` nor `cubin`"),
+        })?,
+        _ if emulated => KernelFormat::Ptx,
+        _ => KernelFormat::Cubin,
+    };
+    let arch = match std::env::var("OPENUNI_KERNEL_ARCH") {
+        Ok(s) if !s.is_empty() => s,
+        _ => KernelTarget::arch_for(cc),
+    };
+    Ok(KernelTarget::new(arch, format))
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal` with the [`default_target`]. A missing driver, no device or a
+    /// failing driver call is an `Err`, never a panic.
+    pub fn open(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        CudaDevice::open_with(ordinal, None)
+    }
+
+    /// Opens device `ordinal`, compiling kernels for `target` when given.
+    pub fn open_with(ordinal: usize, target: Option<KernelTarget>) -> Result<Arc<CudaDevice>> {
+        match std::panic::catch_unwind(|| CudaDevice::open_inner(ordinal, target)) {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic in the CUDA driver bindings".into());
+                Err(CudaError::NoDevice { ordinal, msg })
+            }
+        }
+    }
+
+    fn open_inner(ordinal: usize, target: Option<KernelTarget>) -> Result<Arc<CudaDevice>> {
+        let n = device_count()?;
+        if ordinal >= n {
+            return Err(CudaError::NoDevice { ordinal, msg: format!("{n} CUDA device(s) present") });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice { ordinal, msg: e.to_string() })?;
+        // SAFETY: the backend orders all work on its one stream itself (see the module comment).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().ctx(|| "creating the stream".into())?;
+        let name = ctx.name().ctx(|| "reading the device name".into())?;
+        let cc = ctx.compute_capability().ctx(|| "reading the compute capability".into())?;
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .ctx(|| "reading the SM count".into())?
+            .max(1) as u32;
+        let emulated = name.trim() == EMULATED_DEVICE_NAME;
+        let target = match target {
+            Some(t) => t,
+            None => default_target(cc, emulated)?,
+        };
+        let kernels = KernelSet::new(ctx.clone(), target);
+        Ok(Arc::new(CudaDevice {
+            ctx,
+            stream,
+            ordinal,
+            name,
+            cc,
+            sm_count,
+            emulated,
+            kernels,
+            blas: Mutex::new(None),
+        }))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    pub fn is_emulated(&self) -> bool {
+        self.emulated
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The one stream every kernel, copy and GEMM of this device runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn kernels(&self) -> &KernelSet {
+        &self.kernels
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().ctx(|| "reading memory info".into())
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().ctx(|| "synchronizing the stream".into())
+    }
+
+    /// cuBLASLt handle and workspace, created on first use.
+    pub fn blas(&self) -> Result<Arc<Blas>> {
+        let mut b = self.blas.lock().unwrap();
+        if let Some(b) = &*b {
+            return Ok(b.clone());
+        }
+        let blas = Arc::new(Blas::new(self)?);
+        *b = Some(blas.clone());
+        Ok(blas)
+    }
+
+    /// Allocates `bytes` (at least 1) of device memory, 256-byte aligned, contents undefined.
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        // SAFETY: u8 has no invalid bit patterns; the memory is written before it is read.
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
+            .map_err(|err| CudaError::Driver { what: format!("allocating {bytes} bytes of device memory"), err })?;
+        let ptr = slice.device_ptr(&self.stream).0;
+        Ok(DeviceBuffer { _slice: slice, ptr, bytes })
+    }
+
+    /// Allocates a buffer holding a copy of `data`.
+    pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<DeviceBuffer> {
+        let b = self.alloc(std::mem::size_of_val(data))?;
+        self.copy_to_device(data, b.ptr())?;
+        Ok(b)
+    }
+
+    /// Copies host data to device address `dst` (stream-ordered).
+    pub fn copy_to_device<T: bytemuck::Pod>(&self, data: &[T], dst: u64) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().ctx(|| "binding the context".into())?;
+        // SAFETY: the caller owns `dst` for size_of_val(data) bytes; pageable source memory is
+        // staged by the driver before the call returns.
+        unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
+            .ctx(|| format!("copying {} bytes to the device", std::mem::size_of_val(data)))
+    }
+
+    /// Copies `out.len()` elements from device address `src` into `out`, and waits for the copy.
+    pub fn copy_to_host<T: bytemuck::Pod>(&self, src: u64, out: &mut [T]) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().ctx(|| "binding the context".into())?;
+        let n = std::mem::size_of_val(out);
+        // SAFETY: the caller guarantees `src` holds n readable bytes.
+        unsafe { result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
+            .ctx(|| format!("copying {n} bytes to the host"))?;
+        self.synchronize()
+    }
+
+    /// Device-to-device copy (stream-ordered).
+    pub fn copy_on_device(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().ctx(|| "binding the context".into())?;
+        // SAFETY: the caller owns both ranges.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .ctx(|| format!("copying {bytes} bytes on the device"))
+    }
+
+    /// Sets `bytes` bytes at `dst` to `value` (0xFF poisons f32 and bf16 data with NaN).
+    pub fn fill_bytes(&self, dst: u64, value: u8, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().ctx(|| "binding the context".into())?;
+        // SAFETY: the caller owns the range.
+        unsafe { result::memset_d8_async(dst, value, bytes, self.stream.cu_stream()) }
+            .ctx(|| format!("filling {bytes} bytes on the device"))
+    }
+
+    /// An event that records time (for [`CudaEvent::elapsed_ms`]).
+    pub fn timing_event(&self) -> Result<CudaEvent> {
+        self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ctx(|| "creating an event".into())
+    }
+
+    /// Records `event` on the device's stream.
+    pub fn record(&self, event: &CudaEvent) -> Result<()> {
+        event.record(&self.stream).ctx(|| "recording an event".into())
+    }
+
+    /// Launches kernel `kernel` (from any `kernels/*.cu`) on the device's stream.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameter list in number, order and types, and every
+    /// pointer must be valid for what the kernel reads and writes with these arguments.
+    pub unsafe fn launch(&self, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[KArg]) -> Result<()> {
+        let f = self.kernels.function(kernel)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                KArg::Ptr(p) => b.arg(p),
+                KArg::I64(v) => b.arg(v),
+                KArg::I32(v) => b.arg(v),
+                KArg::F32(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: smem };
+        b.launch(cfg).map(|_| ()).map_err(|err| CudaError::Launch { kernel: kernel.into(), err })
+    }
+}
+
+/// Device memory owned by the backend, addressed by raw pointer (the arena, weights, staging).
+pub struct DeviceBuffer {
+    /// Owns the allocation (freed on drop, stream-ordered).
+    _slice: CudaSlice<u8>,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes as requested.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The address `offset` bytes in; an error past the end.
+    pub fn at(&self, offset: usize) -> Result<u64> {
+        if offset > self.bytes {
+            return Err(CudaError::Invalid { what: "device buffer".into(), msg: format!("offset {offset} past its {} bytes", self.bytes) });
+        }
+        Ok(self.ptr + offset as u64)
+    }
+}

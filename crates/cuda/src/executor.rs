@@ -1,0 +1,484 @@
+//! `CudaExecutor`: runs a [`Graph`] on a CUDA device, the twin of `openuni_cpu::CpuExecutor`.
+//!
+//! At construction the graph is planned (one arena, one device allocation), weights are uploaded
+//! once in the storage dtype, every node is resolved to a kernel launch (or a cuBLASLt GEMM) with
+//! fixed pointers, and every kernel module the graph needs is loaded, so `run` allocates nothing
+//! and a run can be captured into a CUDA graph and replayed.
+//!
+//! Storage is f32 or bf16; values are always handed in and out as f32. With bf16 storage, f32
+//! inputs go to an f32 staging buffer and are cast into the arena on the device
+//! (`cast_f32_to_bf16`), and outputs are cast back (`cast_bf16_to_f32`) into staging before the
+//! copy to the host. Those casts are part of a captured graph.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::CudaGraph;
+use half::bf16;
+use openuni_graph::{plan, Graph, Op, Plan, ValueId, ValueKind};
+use openuni_tensor::{DType, HostTensor, TensorSource};
+
+use crate::device::{CudaDevice, DeviceBuffer};
+use crate::error::{CudaError, DriverContext, Result};
+use crate::gemm::{Blas, Epilogue, LinearArgs, LinearGemm};
+use crate::ops::{self, Modulation};
+
+/// One node's per-node timing from [`CudaExecutor::profile`].
+#[derive(Clone, Debug)]
+pub struct NodeTiming {
+    pub node: usize,
+    pub name: String,
+    pub op: &'static str,
+    pub median_ms: f64,
+    pub min_ms: f64,
+}
+
+/// A node resolved to device pointers.
+enum Step {
+    RmsNorm { x: u64, w: u64, b: u64, y: u64, rows: usize, cols: usize, eps: f32 },
+    LayerNorm { x: u64, w: u64, b: u64, m: Option<Modulation>, y: u64, rows: usize, cols: usize, eps: f32 },
+    Unary { f: openuni_graph::UnaryFn, x: u64, y: u64, n: usize },
+    Add { a: u64, b: u64, y: u64, n: usize },
+    GatedAdd { x: u64, gate: u64, v: u64, y: u64, n: usize, tokens: usize, cols: usize },
+    Linear(LinearGemm),
+}
+
+/// An f32 staging slot of a bf16 executor: (value, device address of its f32 copy, elements).
+struct Staged {
+    id: ValueId,
+    ptr: u64,
+    n: usize,
+}
+
+pub struct CudaExecutor {
+    dev: Arc<CudaDevice>,
+    graph: Graph,
+    plan: Plan,
+    dtype: DType,
+    keep_all: bool,
+    arena: DeviceBuffer,
+    _weights: Option<DeviceBuffer>,
+    weight_ptr: HashMap<ValueId, u64>,
+    _staging: Option<DeviceBuffer>,
+    staged_inputs: Vec<Staged>,
+    staged_outputs: Vec<Staged>,
+    steps: Vec<Step>,
+    blas: Option<Arc<Blas>>,
+    captured: Option<CudaGraph>,
+}
+
+const WEIGHT_ALIGN: usize = 256;
+
+fn align_up(n: usize, a: usize) -> usize {
+    n.div_ceil(a) * a
+}
+
+fn node_err(node: &str, op: &'static str, msg: impl Into<String>) -> CudaError {
+    CudaError::Node { node: node.into(), op, msg: msg.into() }
+}
+
+impl CudaExecutor {
+    /// Plans the arena, uploads the weights from `weights` in `dtype` (F32 or BF16), resolves every
+    /// node and loads its kernels. `keep_all` gives every value its own memory so that
+    /// [`CudaExecutor::value`] can read any node after a run.
+    pub fn new(dev: &Arc<CudaDevice>, graph: &Graph, weights: &dyn TensorSource, dtype: DType, keep_all: bool) -> Result<CudaExecutor> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(CudaError::DType(dtype));
+        }
+        // Refuse unsupported nodes before allocating anything.
+        for node in &graph.nodes {
+            match node.op {
+                Op::Linear { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => {}
+                Op::Attention { .. } => {
+                    return Err(node_err(
+                        &node.name,
+                        "attention",
+                        "the CUDA backend has no attention kernel yet (flash-attention comes with a later issue); run this graph on the CPU",
+                    ))
+                }
+                ref op => {
+                    return Err(node_err(&node.name, op.name(), format!("the CUDA backend has no `{}` kernel yet; run this graph on the CPU", op.name())))
+                }
+            }
+        }
+        let esize = dtype.size_in_bytes();
+        let plan = plan(graph, keep_all);
+
+        let arena = dev.alloc(plan.arena_elems * esize)?;
+        // Poison the arena (NaN in f32 and bf16) so that a read of an unwritten value shows.
+        dev.fill_bytes(arena.ptr(), 0xFF, arena.bytes())?;
+
+        // Weights: one allocation, each tensor 256-byte aligned, converted on the host.
+        let wlist: Vec<(ValueId, &str)> = graph.weights().collect();
+        let mut woff = HashMap::new();
+        let mut wtotal = 0usize;
+        for (id, _) in &wlist {
+            woff.insert(*id, wtotal);
+            wtotal = align_up(wtotal + graph.shape(*id).numel() * esize, WEIGHT_ALIGN);
+        }
+        let wbuf = if wlist.is_empty() { None } else { Some(dev.alloc(wtotal)?) };
+        let mut weight_ptr = HashMap::new();
+        if let Some(wb) = &wbuf {
+            for (id, name) in &wlist {
+                let t = weights.tensor_f32(name, graph.shape(*id))?;
+                let v = t.to_f32_vec();
+                let ptr = wb.ptr() + woff[id] as u64;
+                match dtype {
+                    DType::F32 => dev.copy_to_device(&v, ptr)?,
+                    _ => {
+                        let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                        dev.copy_to_device(&h, ptr)?
+                    }
+                }
+                weight_ptr.insert(*id, ptr);
+            }
+        }
+
+        // f32 staging for bf16 storage: one slot per input and per output.
+        let mut staged_inputs = vec![];
+        let mut staged_outputs = vec![];
+        let mut staging = None;
+        if dtype == DType::BF16 {
+            let mut slots: Vec<(bool, ValueId, usize)> = graph.inputs().map(|(id, _)| (true, id, 0)).collect();
+            let mut seen = std::collections::HashSet::new();
+            for (_, id) in &graph.outputs {
+                if seen.insert(*id) {
+                    slots.push((false, *id, 0));
+                }
+            }
+            let mut total = 0usize;
+            for s in slots.iter_mut() {
+                s.2 = total;
+                total = align_up(total + graph.shape(s.1).numel() * 4, WEIGHT_ALIGN);
+            }
+            if total > 0 {
+                let sb = dev.alloc(total)?;
+                for (is_in, id, off) in slots {
+                    let st = Staged { id, ptr: sb.ptr() + off as u64, n: graph.shape(id).numel() };
+                    if is_in {
+                        staged_inputs.push(st)
+                    } else {
+                        staged_outputs.push(st)
+                    }
+                }
+                staging = Some(sb);
+            }
+        }
+
+        let mut ex = CudaExecutor {
+            dev: dev.clone(),
+            graph: graph.clone(),
+            plan,
+            dtype,
+            keep_all,
+            arena,
+            _weights: wbuf,
+            weight_ptr,
+            _staging: staging,
+            staged_inputs,
+            staged_outputs,
+            steps: vec![],
+            blas: None,
+            captured: None,
+        };
+        ex.resolve()?;
+        dev.synchronize()?;
+        Ok(ex)
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device bytes of the activation arena.
+    pub fn arena_bytes(&self) -> usize {
+        self.arena.bytes()
+    }
+
+    /// The device address of a value.
+    pub fn ptr(&self, id: ValueId) -> u64 {
+        match self.plan.offset(id) {
+            Some(off) => self.arena.ptr() + (off * self.dtype.size_in_bytes()) as u64,
+            None => self.weight_ptr[&id],
+        }
+    }
+
+    fn resolve(&mut self) -> Result<()> {
+        let s = if self.dtype == DType::F32 { "f32" } else { "bf16" };
+        if self.blas.is_none() {
+            if let Some(node) = self.graph.nodes.iter().find(|n| matches!(n.op, Op::Linear { .. })) {
+                let b = self.dev.blas().map_err(|e| match e {
+                    CudaError::NoCublasLt { .. } => CudaError::NoCublasLt { node: node.name.clone() },
+                    e => node_err(&node.name, "linear", e.to_string()),
+                })?;
+                self.blas = Some(b);
+            }
+        }
+        let mut steps = Vec::with_capacity(self.graph.nodes.len());
+        let g = &self.graph;
+        for node in &g.nodes {
+            let out = g.shape(node.output);
+            let (rows, cols, n) = (out.rows(), out.last(), out.numel());
+            let p = |id: ValueId| self.ptr(id);
+            let kernel = |k: String| -> Result<()> {
+                self.dev.kernels().function(&k).map(|_| ()).map_err(|e| node_err(&node.name, node.op.name(), format!("kernel `{k}`: {e}")))
+            };
+            let step = match &node.op {
+                Op::RmsNorm { x, weight, bias, eps } => {
+                    kernel(format!("rmsnorm_{s}"))?;
+                    Step::RmsNorm { x: p(*x), w: p(*weight), b: bias.map_or(0, p), y: p(node.output), rows, cols, eps: *eps }
+                }
+                Op::LayerNorm { x, weight, bias, eps, modulation } => {
+                    kernel(format!("layernorm_{s}"))?;
+                    let m = modulation.map(|m| Modulation { scale: p(m.scale), shift: p(m.shift), tokens: out.dims()[1] });
+                    Step::LayerNorm {
+                        x: p(*x),
+                        w: weight.map_or(0, p),
+                        b: bias.map_or(0, p),
+                        m,
+                        y: p(node.output),
+                        rows,
+                        cols,
+                        eps: *eps,
+                    }
+                }
+                Op::Unary { x, f } => {
+                    kernel(format!("{}_{s}", f.name()))?;
+                    Step::Unary { f: *f, x: p(*x), y: p(node.output), n }
+                }
+                Op::Add { a, b } => {
+                    kernel(format!("add_{s}"))?;
+                    Step::Add { a: p(*a), b: p(*b), y: p(node.output), n }
+                }
+                Op::GatedAdd { x, gate, y } => {
+                    kernel(format!("gated_add_{s}"))?;
+                    Step::GatedAdd { x: p(*x), gate: p(*gate), v: p(*y), y: p(node.output), n, tokens: out.dims()[1], cols }
+                }
+                Op::Linear { x, w, bias } => {
+                    let blas = self.blas.as_ref().expect("created before the loop");
+                    let args = LinearArgs {
+                        dtype: self.dtype,
+                        rows,
+                        in_features: g.shape(*x).last(),
+                        out_features: cols,
+                        epilogue: if bias.is_some() { Epilogue::Bias } else { Epilogue::None },
+                        x: p(*x),
+                        w: p(*w),
+                        bias: bias.map(p),
+                        y: p(node.output),
+                    };
+                    Step::Linear(LinearGemm::new(blas, &args).map_err(|e| node_err(&node.name, "linear", e.to_string()))?)
+                }
+                _ => unreachable!("unsupported ops are refused in new()"),
+            };
+            steps.push(step);
+        }
+        if self.dtype == DType::BF16 {
+            for k in ["cast_f32_to_bf16", "cast_bf16_to_f32"] {
+                self.dev.kernels().function(k)?;
+            }
+        }
+        self.steps = steps;
+        Ok(())
+    }
+
+    /// Enqueues node `i`.
+    fn enqueue_step(&self, i: usize) -> Result<()> {
+        let d = &*self.dev;
+        let t = self.dtype;
+        // SAFETY: every pointer was resolved from the plan and the weight buffer for exactly
+        // these shapes, and the buffers live as long as `self`.
+        let r = unsafe {
+            match &self.steps[i] {
+                Step::RmsNorm { x, w, b, y, rows, cols, eps } => ops::rmsnorm(d, t, *x, *w, *b, *y, *rows, *cols, *eps),
+                Step::LayerNorm { x, w, b, m, y, rows, cols, eps } => ops::layernorm(d, t, *x, *w, *b, *m, *y, *rows, *cols, *eps),
+                Step::Unary { f, x, y, n } => ops::unary(d, t, *f, *x, *y, *n),
+                Step::Add { a, b, y, n } => ops::add(d, t, *a, *b, *y, *n),
+                Step::GatedAdd { x, gate, v, y, n, tokens, cols } => ops::gated_add(d, t, *x, *gate, *v, *y, *n, *tokens, *cols),
+                Step::Linear(gemm) => gemm.run(d, self.blas.as_ref().expect("resolved with a GEMM")),
+            }
+        };
+        let node = &self.graph.nodes[i];
+        r.map_err(|e| node_err(&node.name, node.op.name(), e.to_string()))
+    }
+
+    fn enqueue_input_casts(&self) -> Result<()> {
+        for s in &self.staged_inputs {
+            // SAFETY: staging slot and arena value of s.n elements each.
+            unsafe { ops::cast(&self.dev, DType::BF16, s.ptr, self.ptr(s.id), s.n)? };
+        }
+        Ok(())
+    }
+
+    fn enqueue_output_casts(&self) -> Result<()> {
+        for s in &self.staged_outputs {
+            // SAFETY: as above.
+            unsafe { ops::cast(&self.dev, DType::F32, self.ptr(s.id), s.ptr, s.n)? };
+        }
+        Ok(())
+    }
+
+    /// Input casts (bf16), every node, output casts (bf16).
+    fn enqueue_all(&self) -> Result<()> {
+        self.enqueue_input_casts()?;
+        for i in 0..self.steps.len() {
+            self.enqueue_step(i)?;
+        }
+        self.enqueue_output_casts()
+    }
+
+    /// Copies the inputs to the device: into the arena (f32) or the staging slots (bf16).
+    fn upload_inputs(&self, inputs: &HashMap<String, HostTensor>) -> Result<()> {
+        for (id, name) in self.graph.inputs() {
+            let t = inputs.get(name).ok_or_else(|| CudaError::Input { name: name.into(), msg: "missing".into() })?;
+            let shape = self.graph.shape(id);
+            if &t.shape != shape {
+                return Err(CudaError::Input { name: name.into(), msg: format!("has shape {}, expected {shape}", t.shape) });
+            }
+            let v = t.to_f32_vec();
+            let dst = match self.dtype {
+                DType::F32 => self.ptr(id),
+                _ => self.staged_inputs.iter().find(|s| s.id == id).expect("a staging slot per input").ptr,
+            };
+            self.dev.copy_to_device(&v, dst)?;
+        }
+        Ok(())
+    }
+
+    fn download_outputs(&self) -> Result<HashMap<String, HostTensor>> {
+        self.dev.synchronize()?;
+        let mut out = HashMap::new();
+        for (name, id) in &self.graph.outputs {
+            let shape = self.graph.shape(*id).clone();
+            let src = match self.dtype {
+                DType::F32 => self.ptr(*id),
+                _ => self.staged_outputs.iter().find(|s| s.id == *id).expect("a staging slot per output").ptr,
+            };
+            let mut v = vec![0f32; shape.numel()];
+            self.dev.copy_to_host(src, &mut v)?;
+            out.insert(name.clone(), HostTensor::from_f32(shape, v)?);
+        }
+        Ok(out)
+    }
+
+    /// Runs the graph; `inputs` must hold every graph input by name with its exact shape (any
+    /// numeric dtype; converted to f32). Outputs are f32.
+    pub fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
+        self.upload_inputs(inputs)?;
+        self.enqueue_all()?;
+        self.download_outputs()
+    }
+
+    /// An f32 copy of a value after `run`. Weights are always readable; activations only while
+    /// their memory has not been reused (always, with `keep_all`), as `CpuExecutor::value`.
+    pub fn value(&self, id: ValueId) -> Result<HostTensor> {
+        if id.0 >= self.graph.values.len() {
+            return Err(CudaError::Invalid { what: "value".into(), msg: format!("no value {} in the graph", id.0) });
+        }
+        let live_at_end = self.graph.outputs.iter().any(|(_, o)| *o == id);
+        let readable = matches!(self.graph.value(id).kind, ValueKind::Weight(_)) || self.keep_all || live_at_end;
+        if !readable {
+            return Err(CudaError::NotKept { id: id.0 });
+        }
+        self.dev.synchronize()?;
+        let shape = self.graph.shape(id).clone();
+        let n = shape.numel();
+        let v = match self.dtype {
+            DType::F32 => {
+                let mut v = vec![0f32; n];
+                self.dev.copy_to_host(self.ptr(id), &mut v)?;
+                v
+            }
+            _ => {
+                let mut h = vec![0u16; n];
+                self.dev.copy_to_host(self.ptr(id), &mut h)?;
+                h.into_iter().map(|b| bf16::from_bits(b).to_f32()).collect()
+            }
+        };
+        Ok(HostTensor::from_f32(shape, v)?)
+    }
+
+    /// Captures one run (input casts, every node, output casts) into a CUDA graph, replacing any
+    /// earlier capture. Inputs are not part of it: [`CudaExecutor::replay`] copies them first.
+    pub fn capture(&mut self) -> Result<()> {
+        self.captured = None;
+        let stream = self.dev.stream().clone();
+        self.dev.synchronize()?;
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .ctx(|| "beginning CUDA-graph capture".into())?;
+        let enqueued = self.enqueue_all();
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        enqueued?;
+        let graph = ended.ctx(|| "ending CUDA-graph capture / instantiating the graph".into())?;
+        let graph = graph.ok_or_else(|| CudaError::Invalid { what: "capture".into(), msg: "the captured graph is empty".into() })?;
+        graph.upload().ctx(|| "uploading the CUDA graph".into())?;
+        self.captured = Some(graph);
+        Ok(())
+    }
+
+    /// Copies `inputs` to the device and launches the captured graph (see `capture`).
+    pub fn replay(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
+        if self.captured.is_none() {
+            return Err(CudaError::Invalid { what: "replay".into(), msg: "nothing captured: call capture() first".into() });
+        }
+        self.upload_inputs(inputs)?;
+        self.captured.as_ref().unwrap().launch().ctx(|| "launching the CUDA graph".into())?;
+        self.download_outputs()
+    }
+
+    /// Runs the graph `iters` times (after one warm-up run) with a pair of CUDA events around each
+    /// node, and returns each node's median and minimum time.
+    pub fn profile(&mut self, inputs: &HashMap<String, HostTensor>, iters: usize) -> Result<Vec<NodeTiming>> {
+        let iters = iters.max(1);
+        self.upload_inputs(inputs)?;
+        self.enqueue_all()?;
+        self.dev.synchronize()?;
+        let n = self.steps.len();
+        let mut starts = Vec::with_capacity(n);
+        let mut ends = Vec::with_capacity(n);
+        for _ in 0..n {
+            starts.push(self.dev.timing_event()?);
+            ends.push(self.dev.timing_event()?);
+        }
+        let mut times = vec![Vec::with_capacity(iters); n];
+        for _ in 0..iters {
+            self.enqueue_input_casts()?;
+            for i in 0..n {
+                self.dev.record(&starts[i])?;
+                self.enqueue_step(i)?;
+                self.dev.record(&ends[i])?;
+            }
+            self.enqueue_output_casts()?;
+            self.dev.synchronize()?;
+            for i in 0..n {
+                let ms = starts[i].elapsed_ms(&ends[i]).ctx(|| "reading event times".into())?;
+                times[i].push(ms as f64);
+            }
+        }
+        Ok(self
+            .graph
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let t = &mut times[i];
+                t.sort_by(|a, b| a.total_cmp(b));
+                NodeTiming { node: i, name: node.name.clone(), op: node.op.name(), median_ms: t[t.len() / 2], min_ms: t[0] }
+            })
+            .collect())
+    }
+}

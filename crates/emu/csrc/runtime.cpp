@@ -1,0 +1,19 @@
+// Thread-local state shared by every kernel translation unit of the emulated GPU (see openuni_emu.h).
+// Compiled with -mtls-dialect=gnu2 and the default (global-dynamic) TLS model: the library is dlopen'ed
+// as libcuda.so.1 and its thread-local data is too large for the initial-exec model.
+#include "openuni_emu_abi.h"
+
+extern "C" {
+openuni_emu_hooks openuni_emu_hooks_table;
+
+// The running fiber's state; the scheduler writes it through openuni_emu_cur_slot() before every resume.
+__thread openuni_emu_thread* openuni_emu_cur;
+
+// `extern __shared__` arrays of every kernel alias this one per-worker buffer (build.rs gives them this
+// assembler name), as dynamic shared memory does on a GPU.
+__attribute__((aligned(128))) __thread unsigned char openuni_emu_dyn_smem[OPENUNI_EMU_MAX_DYN_SMEM];
+
+void openuni_emu_install_hooks(const openuni_emu_hooks* h) { openuni_emu_hooks_table = *h; }
+openuni_emu_thread** openuni_emu_cur_slot(void) { return &openuni_emu_cur; }
+unsigned char* openuni_emu_dyn_smem_ptr(void) { return openuni_emu_dyn_smem; }
+}

@@ -1,0 +1,182 @@
+//! The Qwen2 decoder inside InternVL3 (transformers `Qwen2Model`), op by op as
+//! spec/internvl3.md §3 describes it: RMSNorm, q/k/v with bias and o without, GQA, rotate-half
+//! RoPE, SwiGLU, final norm. Upstream key names are kept under a prefix: "model." for a Qwen2
+//! folder, "language_model.model." inside an InternVL3 checkpoint.
+
+use openuni_graph::{GraphBuilder, ValueId};
+use serde::Deserialize;
+
+use crate::{ModelError, Result};
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Qwen2Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f32,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// transformers 4.x and InternVL3 write `rope_theta` at the top level ...
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// ... transformers 5 writes `rope_parameters: {rope_type, rope_theta}`.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+}
+
+fn default_eps() -> f32 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_max_pos() -> usize {
+    32768
+}
+
+impl Qwen2Config {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The RoPE base from either config form. The `dynamic` (NTK) scaling of InternVL3 only acts
+    /// beyond `max_position_embeddings`, which [`check_length`](Self::check_length) refuses, so
+    /// it means plain RoPE here; other scalings are refused.
+    pub fn rope_theta(&self, origin: &str) -> Result<f32> {
+        let err = |msg: String| ModelError::Config { path: origin.into(), msg };
+        let mut theta = self.rope_theta;
+        let mut kinds = vec![];
+        if let Some(p) = &self.rope_parameters {
+            if let Some(t) = p.get("rope_theta").and_then(|t| t.as_f64()) {
+                theta = theta.or(Some(t));
+            }
+            kinds.push(p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default").to_string());
+        }
+        if let Some(s) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str()).unwrap_or("?");
+            kinds.push(kind.to_string());
+        }
+        if let Some(k) = kinds.iter().find(|k| !matches!(k.as_str(), "default" | "dynamic")) {
+            return Err(err(format!("rope scaling `{k}` is not supported (default and dynamic are)")));
+        }
+        theta.map(|t| t as f32).ok_or_else(|| err("no rope_theta (neither at the top level nor in rope_parameters)".into()))
+    }
+
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+            return err(format!(
+                "{} attention heads cannot share {} key/value heads",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.hidden_act != "silu" {
+            return err(format!("hidden_act `{}` is not supported (Qwen2 uses silu)", self.hidden_act));
+        }
+        if self.use_sliding_window {
+            return err("use_sliding_window=true is not supported".into());
+        }
+        self.rope_theta(origin)?;
+        Ok(())
+    }
+
+    /// Refuses sequences longer than the model's context (where dynamic NTK would change RoPE).
+    pub fn check_length(&self, tokens: usize) -> Result<()> {
+        if tokens > self.max_position_embeddings {
+            return Err(ModelError::Config {
+                path: "llm".into(),
+                msg: format!("sequence of {tokens} tokens exceeds the model's context of {} tokens", self.max_position_embeddings),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Outputs of [`build`] that callers may compare.
+pub struct Qwen2Outputs {
+    /// The last layer's output after the final RMSNorm (what OpenUni reads).
+    pub hidden_states: ValueId,
+    /// Each decoder layer's output, before the final norm.
+    pub layers: Vec<ValueId>,
+}
+
+/// The decoder stack on `embeds` [B, T, D] (the token embeddings, with OpenUni's meta-queries
+/// appended); every row is one causal sequence at positions 0..T-1.
+pub fn build(b: &mut GraphBuilder, cfg: &Qwen2Config, prefix: &str, embeds: ValueId, origin: &str) -> Result<Qwen2Outputs> {
+    cfg.validate(origin)?;
+    let theta = cfg.rope_theta(origin)?;
+    let s = b.shape(embeds).clone();
+    if s.rank() != 3 || s.last() != cfg.hidden_size {
+        return Err(ModelError::Config { path: origin.into(), msg: format!("embeddings have shape {s}, expected [B, T, {}]", cfg.hidden_size) });
+    }
+    cfg.check_length(s.dims()[1])?;
+    let mut x = embeds;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        x = decoder_layer(b, cfg, &format!("{prefix}layers.{i}"), x, theta)?;
+        layers.push(x);
+    }
+    let hidden_states = rmsnorm(b, &format!("{prefix}norm"), x, cfg.hidden_size, cfg.rms_norm_eps)?;
+    Ok(Qwen2Outputs { hidden_states, layers })
+}
+
+fn rmsnorm(b: &mut GraphBuilder, p: &str, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
+    let w = b.weight(&format!("{p}.weight"), [d])?;
+    Ok(b.rmsnorm(p, x, w, None, eps)?)
+}
+
+fn linear(b: &mut GraphBuilder, p: &str, x: ValueId, din: usize, dout: usize, bias: bool) -> Result<ValueId> {
+    let w = b.weight(&format!("{p}.weight"), [dout, din])?;
+    let bs = if bias { Some(b.weight(&format!("{p}.bias"), [dout])?) } else { None };
+    Ok(b.linear(p, x, w, bs)?)
+}
+
+fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, p: &str, x: ValueId, theta: f32) -> Result<ValueId> {
+    let d = cfg.hidden_size;
+    let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    let h = rmsnorm(b, &format!("{p}.input_layernorm"), x, d, cfg.rms_norm_eps)?;
+    let a = format!("{p}.self_attn");
+    let q = linear(b, &format!("{a}.q_proj"), h, d, heads * hd, true)?;
+    let k = linear(b, &format!("{a}.k_proj"), h, d, kv_heads * hd, true)?;
+    let v = linear(b, &format!("{a}.v_proj"), h, d, kv_heads * hd, true)?;
+    let q = b.rope(&format!("{a}.rope_q"), q, heads, hd, theta)?;
+    let k = b.rope(&format!("{a}.rope_k"), k, kv_heads, hd, theta)?;
+    let o = b.attention(&format!("{a}.attn"), q, k, v, None, heads, kv_heads, hd, true, (hd as f32).powf(-0.5))?;
+    let o = linear(b, &format!("{a}.o_proj"), o, heads * hd, d, false)?;
+    let x = b.add(&format!("{p}.residual1"), x, o)?;
+    let h = rmsnorm(b, &format!("{p}.post_attention_layernorm"), x, d, cfg.rms_norm_eps)?;
+    let m = format!("{p}.mlp");
+    let g = linear(b, &format!("{m}.gate_proj"), h, d, cfg.intermediate_size, false)?;
+    let u = linear(b, &format!("{m}.up_proj"), h, d, cfg.intermediate_size, false)?;
+    let a = b.swiglu(&format!("{m}.act"), g, u)?;
+    let y = linear(b, &format!("{m}.down_proj"), a, cfg.intermediate_size, d, false)?;
+    Ok(b.add(&format!("{p}.residual2"), x, y)?)
+}
+
+/// Where the decoder's weights live in a checkpoint: "model." in a Qwen2 folder,
+/// "language_model.model." in an InternVL3 one. Returns (decoder prefix, lm_head key prefix).
+pub fn detect_prefix(keys: &mut dyn Iterator<Item = &str>) -> Option<(&'static str, &'static str)> {
+    let mut found = None;
+    for k in keys {
+        if k == "model.embed_tokens.weight" {
+            found = Some(("model.", ""));
+        } else if k == "language_model.model.embed_tokens.weight" {
+            return Some(("language_model.model.", "language_model."));
+        }
+    }
+    found
+}

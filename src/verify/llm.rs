@@ -1,0 +1,68 @@
+//! Case component `llm`: input_ids [B,L] (i64) -> hidden_states [B,L,D] (last layer, after the
+//! final norm); model/ is a Qwen2 (transformers) or InternVL3 folder.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use openuni_graph::GraphBuilder;
+use openuni_models::config::read_json;
+use openuni_models::qwen2::{self, Qwen2Config};
+use openuni_tensor::Weights;
+
+use super::{Case, Check, Prepared};
+
+pub fn prepare(case: &Case) -> Result<Prepared> {
+    let cfg_path = case.model_dir().join("config.json");
+    let cfg: Qwen2Config = read_json(&cfg_path)?;
+    let origin = cfg_path.display().to_string();
+    let weights = Weights::open(case.model_dir())?;
+    let (prefix, head_prefix) = qwen2::detect_prefix(&mut weights.keys())
+        .with_context(|| format!("{}: no `model.embed_tokens.weight` (Qwen2) or `language_model.model.embed_tokens.weight` (InternVL3)", weights.origin().display()))?;
+    let ids = case.tensor("input_ids")?;
+    let dims = ids.shape.dims().to_vec();
+    if dims.len() != 2 {
+        bail!("{}: `input_ids` has shape {}, expected [B, L]", case.dir.display(), ids.shape);
+    }
+    let ids: Vec<usize> = ids
+        .to_i64_vec()
+        .into_iter()
+        .map(|i| usize::try_from(i).ok().filter(|&u| u < cfg.vocab_size).with_context(|| format!("token id {i} is outside the vocabulary of {}", cfg.vocab_size)))
+        .collect::<Result<_>>()?;
+    // The embedding lookup runs on the host, reading only the rows used.
+    let embed_key = format!("{prefix}embed_tokens.weight");
+    let embeds = weights.rows_f32(&embed_key, &ids)?;
+    let d = cfg.hidden_size;
+    let embeds = openuni_tensor::HostTensor::from_f32([dims[0], dims[1], d], embeds.to_f32_vec())?;
+
+    let mut b = GraphBuilder::new();
+    let x = b.input("inputs_embeds", embeds.shape.clone())?;
+    let out = qwen2::build(&mut b, &cfg, prefix, x, &origin)?;
+    let mut checks = vec![];
+    b.output("hidden_states", out.hidden_states)?;
+    checks.push(Check { output: "hidden_states".into(), reference: "hidden_states".into(), decisive: true });
+    for (i, &l) in out.layers.iter().enumerate() {
+        let name = format!("mid.layers.{i}");
+        if case.io.contains(&name) {
+            b.output(&name, l)?;
+            checks.push(Check { output: name.clone(), reference: name, decisive: false });
+        }
+    }
+    if case.io.contains("mid.logits") {
+        let head = if cfg.tie_word_embeddings { embed_key.clone() } else { format!("{head_prefix}lm_head.weight") };
+        let w = b.weight(&head, [cfg.vocab_size, d])?;
+        let logits = b.linear("lm_head", out.hidden_states, w, None)?;
+        b.output("mid.logits", logits)?;
+        checks.push(Check { output: "mid.logits".into(), reference: "mid.logits".into(), decisive: false });
+    }
+    if case.io.contains("mid.embed_tokens") {
+        // The lookup ran on the host; the graph input is that result.
+        b.output("mid.embed_tokens", x)?;
+        checks.push(Check { output: "mid.embed_tokens".into(), reference: "mid.embed_tokens".into(), decisive: false });
+    }
+    Ok(Prepared {
+        graph: b.finish(),
+        weights: Box::new(weights),
+        inputs: HashMap::from([("inputs_embeds".to_string(), embeds)]),
+        checks,
+    })
+}
