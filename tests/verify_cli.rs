@@ -80,6 +80,11 @@ fn committed_llm_cases_pass_on_cpu() {
 }
 
 #[test]
+fn committed_vae_cases_pass_on_cpu() {
+    assert_all_pass("vae");
+}
+
+#[test]
 fn committed_scheduler_cases_pass() {
     assert_all_pass("scheduler");
 }

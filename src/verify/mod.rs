@@ -5,6 +5,7 @@ mod connector;
 mod dit;
 mod llm;
 mod scheduler;
+mod vae;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -141,8 +142,9 @@ fn run_component(case: &Case, opts: &Options) -> Result<(Vec<Produced>, Option<S
         "scheduler" => Ok((scheduler::run(case, opts)?, None)),
         "dit" => run_graph(case, dit::prepare(case)?, opts),
         "llm" => run_graph(case, llm::prepare(case)?, opts),
-        "vae" | "pipeline" => bail!(
-            "{}: component `{}` is not implemented yet (this build verifies: connector, dit, llm, scheduler)",
+        "vae" => run_graph(case, vae::prepare(case)?, opts),
+        "pipeline" => bail!(
+            "{}: component `{}` is not implemented yet (this build verifies: connector, dit, llm, scheduler, vae)",
             case.dir.display(),
             case.component
         ),

@@ -158,6 +158,27 @@ impl CpuExecutor {
             }
             Op::GluSilu { x } => ops::glu_silu(view.get(*x), cols, y),
             Op::SwiGlu { gate, up } => ops::swiglu(view.get(*gate), view.get(*up), y),
+            Op::PackedLinearAttention { qkv, groups, head_dim } => {
+                let d = out_shape.dims();
+                ops::packed_linear_attention(view.get(*qkv), d[0], d[1], *groups, *head_dim, y)
+            }
+            Op::Conv2d { x, weight, bias, h, w, kernel } => {
+                let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());
+                ops::conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *kernel, y)
+            }
+            Op::RepeatChannels { x, repeats } => ops::repeat_channels(view.get(*x), g.shape(*x).last(), *repeats, y),
+            Op::Upsample2x { x, h, w } => ops::upsample2x(view.get(*x), out_shape.dims()[0], *h, *w, cols, y),
+            Op::PixelShuffleShortcut { x, h, w, cout } => {
+                ops::pixel_shuffle_shortcut(view.get(*x), out_shape.dims()[0], *h, *w, g.shape(*x).last(), *cout, y)
+            }
+            Op::Concat { xs } => {
+                let parts: Vec<&[f32]> = xs.iter().map(|&x| view.get(x)).collect();
+                let widths: Vec<usize> = xs.iter().map(|&x| g.shape(x).last()).collect();
+                ops::concat(&parts, &widths, y)
+            }
+            Op::GroupedLinear { x, weight, groups } => {
+                ops::grouped_linear(view.get(*x), view.get(*weight), g.shape(*x).last(), cols, *groups, y)
+            }
             Op::Rope { x, heads, head_dim, theta } => {
                 let d = out_shape.dims();
                 ops::rope(view.get(*x), d[0], d[1], *heads, *head_dim, *theta, y)

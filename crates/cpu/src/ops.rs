@@ -334,3 +334,121 @@ pub fn rope(x: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usiz
         }
     }
 }
+
+/// DC-AE's packed layout: group g of `qkv` rows is (q | k | v), each `hd` wide. Unpacks into three
+/// [tokens, groups·hd] tensors and runs [`linear_attention`].
+pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups: usize, hd: usize, out: &mut [f32]) {
+    let rows = batch * tokens;
+    let c = groups * hd;
+    let (mut q, mut k, mut v) = (vec![0f32; rows * c], vec![0f32; rows * c], vec![0f32; rows * c]);
+    for r in 0..rows {
+        for g in 0..groups {
+            let src = &qkv[r * 3 * c + g * 3 * hd..][..3 * hd];
+            q[r * c + g * hd..][..hd].copy_from_slice(&src[..hd]);
+            k[r * c + g * hd..][..hd].copy_from_slice(&src[hd..2 * hd]);
+            v[r * c + g * hd..][..hd].copy_from_slice(&src[2 * hd..]);
+        }
+    }
+    linear_attention(&q, &k, &v, batch, tokens, groups, hd, out);
+}
+
+/// k×k convolution (stride 1, zero padding k/2) over tokens [B, h·w, Cin] -> [B, h·w, Cout], as
+/// im2col in row blocks + sgemm; `weight` [Cout, Cin, k, k].
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, kernel: usize, out: &mut [f32]) {
+    let kk = cin * kernel * kernel;
+    let p = (kernel / 2) as isize;
+    const BLOCK: usize = 1024; // output pixels per im2col block: bounds the scratch memory
+    let mut cols = vec![0f32; BLOCK.min(h * w) * kk];
+    for b in 0..batch {
+        let xb = &x[b * h * w * cin..][..h * w * cin];
+        let ob = &mut out[b * h * w * cout..][..h * w * cout];
+        for start in (0..h * w).step_by(BLOCK) {
+            let n = BLOCK.min(h * w - start);
+            for (pi, col) in cols.chunks_exact_mut(kk).take(n).enumerate() {
+                let (y, xx) = ((start + pi) / w, (start + pi) % w);
+                for ci in 0..cin {
+                    for dy in 0..kernel {
+                        let sy = y as isize + dy as isize - p;
+                        for dx in 0..kernel {
+                            let sx = xx as isize + dx as isize - p;
+                            let inside = sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize;
+                            col[(ci * kernel + dy) * kernel + dx] =
+                                if inside { xb[(sy as usize * w + sx as usize) * cin + ci] } else { 0.0 };
+                        }
+                    }
+                }
+            }
+            linear(&cols[..n * kk], weight, bias, n, kk, cout, &mut ob[start * cout..(start + n) * cout]);
+        }
+    }
+}
+
+/// `repeat_interleave` over the last dim: output channel c is input channel c / repeats.
+pub fn repeat_channels(x: &[f32], cin: usize, repeats: usize, out: &mut [f32]) {
+    for (xr, yr) in x.chunks_exact(cin).zip(out.chunks_exact_mut(cin * repeats)) {
+        for (c, y) in yr.iter_mut().enumerate() {
+            *y = xr[c / repeats];
+        }
+    }
+}
+
+/// Nearest 2× upsampling of tokens [B, h·w, C] -> [B, 2h·2w, C].
+pub fn upsample2x(x: &[f32], batch: usize, h: usize, w: usize, c: usize, out: &mut [f32]) {
+    for b in 0..batch {
+        for y in 0..2 * h {
+            for xx in 0..2 * w {
+                let src = &x[((b * h + y / 2) * w + xx / 2) * c..][..c];
+                out[((b * 2 * h + y) * 2 * w + xx) * c..][..c].copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// `pixel_shuffle(repeat_interleave(x, R, channel), 2)`: `out[c, 2y+i, 2x+j] = x[(4c+2i+j)/R, y, x]`
+/// with R = 4·cout/cin, in token layout.
+#[allow(clippy::too_many_arguments)]
+pub fn pixel_shuffle_shortcut(x: &[f32], batch: usize, h: usize, w: usize, cin: usize, cout: usize, out: &mut [f32]) {
+    let r = 4 * cout / cin;
+    for b in 0..batch {
+        for y in 0..h {
+            for xx in 0..w {
+                let src = &x[((b * h + y) * w + xx) * cin..][..cin];
+                for i in 0..2 {
+                    for j in 0..2 {
+                        let dst = &mut out[((b * 2 * h + 2 * y + i) * 2 * w + 2 * xx + j) * cout..][..cout];
+                        for (c, d) in dst.iter_mut().enumerate() {
+                            *d = src[(4 * c + 2 * i + j) / r];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Concatenation along the last dim of tensors with `widths[i]` columns each.
+pub fn concat(xs: &[&[f32]], widths: &[usize], out: &mut [f32]) {
+    let total: usize = widths.iter().sum();
+    for (r, row) in out.chunks_exact_mut(total).enumerate() {
+        let mut at = 0;
+        for (x, &wd) in xs.iter().zip(widths) {
+            row[at..at + wd].copy_from_slice(&x[r * wd..(r + 1) * wd]);
+            at += wd;
+        }
+    }
+}
+
+/// Grouped 1×1 convolution: group g maps input channels [g·ci, (g+1)·ci) to output channels
+/// [g·co, (g+1)·co) with `weight` rows [g·co, (g+1)·co) of width ci.
+pub fn grouped_linear(x: &[f32], weight: &[f32], cin: usize, cout: usize, groups: usize, out: &mut [f32]) {
+    let (ci, co) = (cin / groups, cout / groups);
+    for (xr, yr) in x.chunks_exact(cin).zip(out.chunks_exact_mut(cout)) {
+        for g in 0..groups {
+            for o in 0..co {
+                let wrow = &weight[(g * co + o) * ci..][..ci];
+                yr[g * co + o] = wrow.iter().zip(&xr[g * ci..(g + 1) * ci]).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() as f32;
+            }
+        }
+    }
+}

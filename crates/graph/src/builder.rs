@@ -327,6 +327,77 @@ impl GraphBuilder {
         Ok(self.push(name, Op::Rope { x, heads, head_dim, theta }, s))
     }
 
+    pub fn packed_linear_attention(&mut self, name: &str, qkv: ValueId, groups: usize, head_dim: usize) -> Result<ValueId> {
+        let s = self.shape(qkv).clone();
+        if s.rank() != 3 || s.last() != groups * 3 * head_dim {
+            return Err(shape_err("packed_linear_attention", format!("{name}: input {s} is not [B, N, {groups}·3·{head_dim}]")));
+        }
+        Ok(self.push(name, Op::PackedLinearAttention { qkv, groups, head_dim }, s.with_last(groups * head_dim)))
+    }
+
+    /// Checks that `x` is [B, h·w, C] and returns (B, C).
+    fn grid(&self, op: &'static str, name: &str, x: ValueId, h: usize, w: usize) -> Result<(usize, usize)> {
+        let s = self.shape(x);
+        if s.rank() != 3 || s.dims()[1] != h * w {
+            return Err(shape_err(op, format!("{name}: input {s} is not [B, {h}·{w}, C]")));
+        }
+        Ok((s.dims()[0], s.last()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d(&mut self, name: &str, x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize) -> Result<ValueId> {
+        let (b, cin) = self.grid("conv2d", name, x, h, w)?;
+        let ws = self.shape(weight).clone();
+        if kernel % 2 == 0 || ws.rank() != 4 || ws.dims()[1..] != [cin, kernel, kernel] {
+            return Err(shape_err("conv2d", format!("{name}: weight {ws} is not [Cout, {cin}, {kernel}, {kernel}] (odd kernel)")));
+        }
+        let cout = ws.dims()[0];
+        if let Some(bb) = bias {
+            expect_shape("conv2d", &format!("{name}: bias"), self.shape(bb), &Shape::new([cout]))?;
+        }
+        Ok(self.push(name, Op::Conv2d { x, weight, bias, h, w, kernel }, Shape::new([b, h * w, cout])))
+    }
+
+    pub fn repeat_channels(&mut self, name: &str, x: ValueId, repeats: usize) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        Ok(self.push(name, Op::RepeatChannels { x, repeats }, s.with_last(s.last() * repeats)))
+    }
+
+    pub fn upsample2x(&mut self, name: &str, x: ValueId, h: usize, w: usize) -> Result<ValueId> {
+        let (b, c) = self.grid("upsample2x", name, x, h, w)?;
+        Ok(self.push(name, Op::Upsample2x { x, h, w }, Shape::new([b, 4 * h * w, c])))
+    }
+
+    pub fn pixel_shuffle_shortcut(&mut self, name: &str, x: ValueId, h: usize, w: usize, cout: usize) -> Result<ValueId> {
+        let (b, cin) = self.grid("pixel_shuffle_shortcut", name, x, h, w)?;
+        if (4 * cout) % cin != 0 {
+            return Err(shape_err("pixel_shuffle_shortcut", format!("{name}: 4·{cout} output channels are not a multiple of {cin}")));
+        }
+        Ok(self.push(name, Op::PixelShuffleShortcut { x, h, w, cout }, Shape::new([b, 4 * h * w, cout])))
+    }
+
+    pub fn concat(&mut self, name: &str, xs: &[ValueId]) -> Result<ValueId> {
+        let first = self.shape(*xs.first().ok_or_else(|| shape_err("concat", format!("{name}: nothing to concatenate")))?).clone();
+        let mut last = 0;
+        for &x in xs {
+            let s = self.shape(x);
+            if s.rank() != first.rank() || s.dims()[..s.rank() - 1] != first.dims()[..first.rank() - 1] {
+                return Err(shape_err("concat", format!("{name}: {s} does not match {first} outside the last dim")));
+            }
+            last += s.last();
+        }
+        Ok(self.push(name, Op::Concat { xs: xs.to_vec() }, first.with_last(last)))
+    }
+
+    pub fn grouped_linear(&mut self, name: &str, x: ValueId, weight: ValueId, groups: usize) -> Result<ValueId> {
+        let (xs, ws) = (self.shape(x).clone(), self.shape(weight).clone());
+        let cin = xs.last();
+        if groups == 0 || cin % groups != 0 || ws.rank() != 4 || ws.dims()[1..] != [cin / groups, 1, 1] || ws.dims()[0] % groups != 0 {
+            return Err(shape_err("grouped_linear", format!("{name}: weight {ws} does not fit {cin} channels in {groups} groups")));
+        }
+        Ok(self.push(name, Op::GroupedLinear { x, weight, groups }, xs.with_last(ws.dims()[0])))
+    }
+
     pub fn glu_silu(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
         let xs = self.shape(x).clone();
         if xs.last() % 2 != 0 {

@@ -88,6 +88,25 @@ pub enum Op {
     DepthwiseConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
     /// GLU with SiLU gate over the last dim: `[u | g]` (2H) -> `u · silu(g)` (H).
     GluSilu { x: ValueId },
+    /// DC-AE's multi-scale linear attention core: `qkv` [B, N, groups·3·head_dim] where group g is
+    /// channels [3·hd·g, 3·hd·(g+1)) = (q | k | v) of that group; output [B, N, groups·head_dim]
+    /// (channel g·hd + j). Same math as `LinearAttention` (diffusers' quadratic path for tiny
+    /// inputs computes the same formula in another order).
+    PackedLinearAttention { qkv: ValueId, groups: usize, head_dim: usize },
+    /// k×k convolution, stride 1, zero padding k/2, over tokens [B, h·w, Cin] on an h×w grid:
+    /// `weight` [Cout, Cin, k, k] -> [B, h·w, Cout].
+    Conv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
+    /// `repeat_interleave(x, repeats, channel)`: output channel c is input channel c / repeats.
+    RepeatChannels { x: ValueId, repeats: usize },
+    /// Nearest 2× upsampling of tokens on an h×w grid -> 2h×2w.
+    Upsample2x { x: ValueId, h: usize, w: usize },
+    /// DC-AE's upsample shortcut `pixel_shuffle(repeat_interleave(x, R, channel), 2)` on an h×w
+    /// grid with Cin channels to 2h×2w with Cout = Cin·R/4: `out[c, 2y+i, 2x+j] = x[(4c+2i+j)/R, y, x]`.
+    PixelShuffleShortcut { x: ValueId, h: usize, w: usize, cout: usize },
+    /// Concatenation along the last dim.
+    Concat { xs: Vec<ValueId> },
+    /// Grouped 1×1 convolution (block-diagonal linear): `weight` [Cout, Cin/groups, 1, 1], no bias.
+    GroupedLinear { x: ValueId, weight: ValueId, groups: usize },
     /// SwiGLU of two same-shaped tensors: `silu(gate) · up` (Qwen2's MLP).
     SwiGlu { gate: ValueId, up: ValueId },
     /// Rotary position embedding ("rotate_half", whole head rotated) on [B, T, heads·head_dim];
@@ -114,6 +133,13 @@ impl Op {
             Op::DepthwiseConv2d { .. } => "depthwise_conv2d",
             Op::GluSilu { .. } => "glu_silu",
             Op::SwiGlu { .. } => "swiglu",
+            Op::PackedLinearAttention { .. } => "packed_linear_attention",
+            Op::Conv2d { .. } => "conv2d",
+            Op::RepeatChannels { .. } => "repeat_channels",
+            Op::Upsample2x { .. } => "upsample2x",
+            Op::PixelShuffleShortcut { .. } => "pixel_shuffle_shortcut",
+            Op::Concat { .. } => "concat",
+            Op::GroupedLinear { .. } => "grouped_linear",
             Op::Rope { .. } => "rope",
         }
     }
@@ -151,7 +177,17 @@ impl Op {
             | Op::TimestepEmbedding { t: x, .. }
             | Op::Transpose { x, .. }
             | Op::GluSilu { x }
-            | Op::Rope { x, .. } => v.push(*x),
+            | Op::Rope { x, .. }
+            | Op::PackedLinearAttention { qkv: x, .. }
+            | Op::RepeatChannels { x, .. }
+            | Op::Upsample2x { x, .. }
+            | Op::PixelShuffleShortcut { x, .. } => v.push(*x),
+            Op::Conv2d { x, weight, bias, .. } => {
+                v.extend([*x, *weight]);
+                v.extend(bias);
+            }
+            Op::Concat { xs } => v.extend(xs),
+            Op::GroupedLinear { x, weight, .. } => v.extend([*x, *weight]),
             Op::SwiGlu { gate, up } => v.extend([*gate, *up]),
             Op::DepthwiseConv2d { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);

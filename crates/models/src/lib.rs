@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod connector;
+pub mod dcae;
 pub mod prompt;
 pub mod qwen2;
 pub mod sana;

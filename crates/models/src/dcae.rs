@@ -1,0 +1,251 @@
+//! The decoder of diffusers `AutoencoderDC` (DC-AE f32c32, SANA 1.0/1.1 structure), op by op as
+//! spec/sana_dcae.md §3.2 describes it. Activations are tokens [B, h·w, C] (NHWC); convolutions
+//! act on the h×w grid. Upstream key names are kept ("decoder.…").
+
+use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
+use serde::Deserialize;
+
+use crate::{ModelError, Result};
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct DcaeConfig {
+    pub latent_channels: usize,
+    pub attention_head_dim: usize,
+    pub decoder_block_out_channels: Vec<usize>,
+    pub decoder_block_types: Vec<String>,
+    pub decoder_layers_per_block: Vec<usize>,
+    pub decoder_qkv_multiscales: Vec<Vec<usize>>,
+    #[serde(default = "default_norm")]
+    pub decoder_norm_types: serde_json::Value,
+    #[serde(default = "default_act")]
+    pub decoder_act_fns: serde_json::Value,
+    #[serde(default = "default_true")]
+    pub decoder_in_shortcut: bool,
+    #[serde(default = "default_conv_act")]
+    pub decoder_conv_act_fn: String,
+    #[serde(default = "default_upsample")]
+    pub upsample_block_type: String,
+    pub scaling_factor: f32,
+}
+
+fn default_norm() -> serde_json::Value {
+    "rms_norm".into()
+}
+fn default_act() -> serde_json::Value {
+    "silu".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_conv_act() -> String {
+    "relu".into()
+}
+fn default_upsample() -> String {
+    "pixel_shuffle".into()
+}
+
+/// RMSNorm eps of every decoder norm.
+const NORM_EPS: f32 = 1e-5;
+/// GLUMBConv expansion of EfficientViT blocks.
+const EXPAND: usize = 4;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BlockType {
+    Res,
+    EfficientVit,
+}
+
+impl DcaeConfig {
+    /// Refuses what this port does not implement, naming the config field.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+        let n = self.decoder_block_out_channels.len();
+        if n == 0 || self.decoder_block_types.len() != n || self.decoder_layers_per_block.len() != n || self.decoder_qkv_multiscales.len() != n {
+            return err("decoder_block_out_channels, decoder_block_types, decoder_layers_per_block and decoder_qkv_multiscales must have one entry per stage".into());
+        }
+        let all = |v: &serde_json::Value, want: &str| match v {
+            serde_json::Value::String(s) => s == want,
+            serde_json::Value::Array(a) => a.iter().all(|x| x == want),
+            _ => false,
+        };
+        if !all(&self.decoder_norm_types, "rms_norm") {
+            return err(format!("decoder_norm_types {} is not supported (rms_norm is)", self.decoder_norm_types));
+        }
+        if !all(&self.decoder_act_fns, "silu") {
+            return err(format!("decoder_act_fns {} is not supported (silu is)", self.decoder_act_fns));
+        }
+        if self.upsample_block_type != "interpolate" {
+            return err(format!("upsample_block_type `{}` is not supported (interpolate is, as in every SANA VAE)", self.upsample_block_type));
+        }
+        if self.decoder_conv_act_fn != "relu" {
+            return err(format!("decoder_conv_act_fn `{}` is not supported (relu is)", self.decoder_conv_act_fn));
+        }
+        for (i, t) in self.decoder_block_types.iter().enumerate() {
+            match (self.block_type(i), self.decoder_qkv_multiscales[i].as_slice()) {
+                (Some(BlockType::Res), _) => {}
+                (Some(BlockType::EfficientVit), [5]) => {
+                    if self.decoder_block_out_channels[i] % self.attention_head_dim != 0 {
+                        return err(format!("stage {i}: {} channels are not a multiple of attention_head_dim", self.decoder_block_out_channels[i]));
+                    }
+                }
+                (Some(BlockType::EfficientVit), s) => return err(format!("stage {i}: qkv multiscales {s:?} are not supported ([5] is)")),
+                (None, _) => return err(format!("stage {i}: block type `{t}` is not supported (ResBlock, EfficientViTBlock)")),
+            }
+        }
+        if self.decoder_in_shortcut && self.decoder_block_out_channels[n - 1] % self.latent_channels != 0 {
+            return err("the in-shortcut needs the last stage's channels to be a multiple of latent_channels".into());
+        }
+        Ok(())
+    }
+
+    fn block_type(&self, stage: usize) -> Option<BlockType> {
+        match self.decoder_block_types[stage].as_str() {
+            "ResBlock" => Some(BlockType::Res),
+            "EfficientViTBlock" => Some(BlockType::EfficientVit),
+            _ => None,
+        }
+    }
+
+    /// Spatial upscaling from latent to image (32 for the f32c32 models).
+    pub fn upscale(&self) -> usize {
+        1 << (self.decoder_block_out_channels.len() - 1)
+    }
+}
+
+/// Values callers may compare (`mid.*`), all in token layout.
+pub struct DecoderOutputs {
+    /// The image [B, 3, H, W] (NCHW), values nominally in [-1, 1].
+    pub sample: ValueId,
+    /// conv_in + in-shortcut, the input of the last stage (tokens).
+    pub stem: ValueId,
+    /// Output of each stage `up_blocks.i`, indexed by i (tokens), with its grid size.
+    pub stages: Vec<(ValueId, usize, usize)>,
+    /// ReLU(norm_out(x)), the input of conv_out (tokens).
+    pub conv_out_input: ValueId,
+}
+
+fn w(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId> {
+    Ok(b.weight(&key, shape.to_vec())?)
+}
+
+fn conv(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, k: usize, bias: bool, h: usize, wd: usize) -> Result<ValueId> {
+    let wt = w(b, format!("{p}.weight"), &[cout, cin, k, k])?;
+    let bs = if bias { Some(w(b, format!("{p}.bias"), &[cout])?) } else { None };
+    Ok(b.conv2d(p, x, wt, bs, h, wd, k)?)
+}
+
+/// A 1×1 conv (stored [out, in, 1, 1]) or a linear (stored [out, in]) over channels.
+fn pointwise(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, bias: bool) -> Result<ValueId> {
+    let wt = w(b, format!("{p}.weight"), &[cout, cin])?;
+    let bs = if bias { Some(w(b, format!("{p}.bias"), &[cout])?) } else { None };
+    Ok(b.linear(p, x, wt, bs)?)
+}
+
+fn rmsnorm_ch(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize) -> Result<ValueId> {
+    let wt = w(b, format!("{p}.weight"), &[c])?;
+    let bs = w(b, format!("{p}.bias"), &[c])?;
+    Ok(b.rmsnorm(p, x, wt, Some(bs), NORM_EPS)?)
+}
+
+/// The decoder on `latent` [B, latent_channels, h, w] (NCHW, already divided by the scaling
+/// factor by the caller).
+pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: &str) -> Result<DecoderOutputs> {
+    cfg.validate(origin)?;
+    let ls = b.shape(latent).clone();
+    let d = ls.dims();
+    if d.len() != 4 || d[1] != cfg.latent_channels {
+        return Err(ModelError::Config { path: origin.into(), msg: format!("latent has shape {ls}, expected [B, {}, h, w]", cfg.latent_channels) });
+    }
+    let (batch, mut h, mut wd) = (d[0], d[2], d[3]);
+    let chans = &cfg.decoder_block_out_channels;
+    let n = chans.len();
+    let z = b.transpose("decoder.to_tokens", latent, batch, cfg.latent_channels, h * wd, [batch, h * wd, cfg.latent_channels])?;
+    let mut x = conv(b, "decoder.conv_in", z, cfg.latent_channels, chans[n - 1], 3, true, h, wd)?;
+    if cfg.decoder_in_shortcut {
+        let r = b.repeat_channels("decoder.in_shortcut", z, chans[n - 1] / cfg.latent_channels)?;
+        x = b.add("decoder.stem", x, r)?;
+    }
+    let stem = x;
+    let mut stages = vec![(x, 0, 0); n];
+    for i in (0..n).rev() {
+        let p = format!("decoder.up_blocks.{i}");
+        let c = chans[i];
+        let mut first = 0;
+        if i < n - 1 {
+            x = up_block(b, &format!("{p}.0"), x, chans[i + 1], c, h, wd)?;
+            (h, wd) = (2 * h, 2 * wd);
+            first = 1;
+        }
+        for j in 0..cfg.decoder_layers_per_block[i] {
+            let bp = format!("{p}.{}", first + j);
+            x = match cfg.block_type(i).expect("validated") {
+                BlockType::Res => res_block(b, &bp, x, c, h, wd)?,
+                BlockType::EfficientVit => efficient_vit_block(b, &bp, x, c, cfg.attention_head_dim, h, wd)?,
+            };
+        }
+        stages[i] = (x, h, wd);
+    }
+    let x = rmsnorm_ch(b, "decoder.norm_out", x, chans[0])?;
+    let conv_out_input = b.unary("decoder.conv_act", x, UnaryFn::Relu)?;
+    let y = conv(b, "decoder.conv_out", conv_out_input, chans[0], 3, 3, true, h, wd)?;
+    let sample = b.transpose("decoder.to_nchw", y, batch, h * wd, 3, [batch, 3, h, wd])?;
+    Ok(DecoderOutputs { sample, stem, stages, conv_out_input })
+}
+
+/// DCUpBlock2d (interpolate): `conv3x3(nearest2x(x)) + pixel_shuffle(repeat_interleave(x))`.
+fn up_block(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, h: usize, wd: usize) -> Result<ValueId> {
+    let up = b.upsample2x(&format!("{p}.upsample"), x, h, wd)?;
+    let main = conv(b, &format!("{p}.conv"), up, cin, cout, 3, true, 2 * h, 2 * wd)?;
+    let sc = b.pixel_shuffle_shortcut(&format!("{p}.shortcut"), x, h, wd, cout)?;
+    Ok(b.add(&format!("{p}.residual"), main, sc)?)
+}
+
+/// `x + norm(conv2(silu(conv1(x))))`.
+fn res_block(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
+    let y = conv(b, &format!("{p}.conv1"), x, c, c, 3, true, h, wd)?;
+    let y = b.unary(&format!("{p}.nonlinearity"), y, UnaryFn::Silu)?;
+    let y = conv(b, &format!("{p}.conv2"), y, c, c, 3, false, h, wd)?;
+    let y = rmsnorm_ch(b, &format!("{p}.norm"), y, c)?;
+    Ok(b.add(&format!("{p}.residual"), x, y)?)
+}
+
+/// `conv_out(attn(x))`, both residual.
+fn efficient_vit_block(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
+    let x = multiscale_attention(b, &format!("{p}.attn"), x, c, hd, h, wd)?;
+    glumbconv(b, &format!("{p}.conv_out"), x, c, h, wd)
+}
+
+/// SanaMultiscaleLinearAttention: [to_q|to_k|to_v] (one fused 1×1 conv), the 5×5 depthwise +
+/// grouped 1×1 multi-scale branch, ReLU linear attention over groups of (q|k|v) of `hd` channels
+/// each, to_out, channel RMSNorm, residual.
+fn multiscale_attention(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
+    let heads = c / hd;
+    let q = pointwise(b, &format!("{p}.to_q"), x, c, c, false)?;
+    let k = pointwise(b, &format!("{p}.to_k"), x, c, c, false)?;
+    let v = pointwise(b, &format!("{p}.to_v"), x, c, c, false)?;
+    let qkv = b.concat(&format!("{p}.qkv"), &[q, k, v])?;
+    let m = format!("{p}.to_qkv_multiscale.0");
+    let dw = w(b, format!("{m}.proj_in.weight"), &[3 * c, 1, 5, 5])?;
+    let agg = b.depthwise_conv2d(&format!("{m}.proj_in"), qkv, dw, None, h, wd, 5)?;
+    let gw = w(b, format!("{m}.proj_out.weight"), &[3 * c, hd, 1, 1])?;
+    let agg = b.grouped_linear(&format!("{m}.proj_out"), agg, gw, 3 * heads)?;
+    let all = b.concat(&format!("{p}.multiscale_qkv"), &[qkv, agg])?;
+    let o = b.packed_linear_attention(&format!("{p}.linear_attention"), all, 2 * heads, hd)?;
+    let o = pointwise(b, &format!("{p}.to_out"), o, 2 * c, c, false)?;
+    let o = rmsnorm_ch(b, &format!("{p}.norm_out"), o, c)?;
+    Ok(b.add(&format!("{p}.residual"), x, o)?)
+}
+
+/// GLUMBConv with residual: `x + norm(point(u · silu(g)))`, `[u|g] = dw3x3(silu(inverted(x)))`.
+fn glumbconv(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
+    let hidden = EXPAND * c;
+    let y = pointwise(b, &format!("{p}.conv_inverted"), x, c, 2 * hidden, true)?;
+    let y = b.unary(&format!("{p}.conv_inverted.act"), y, UnaryFn::Silu)?;
+    let dw = w(b, format!("{p}.conv_depth.weight"), &[2 * hidden, 1, 3, 3])?;
+    let db = w(b, format!("{p}.conv_depth.bias"), &[2 * hidden])?;
+    let y = b.depthwise_conv2d(&format!("{p}.conv_depth"), y, dw, Some(db), h, wd, 3)?;
+    let y = b.glu_silu(&format!("{p}.glu"), y)?;
+    let y = pointwise(b, &format!("{p}.conv_point"), y, hidden, c, false)?;
+    let y = rmsnorm_ch(b, &format!("{p}.norm"), y, c)?;
+    Ok(b.add(&format!("{p}.residual"), x, y)?)
+}
