@@ -9,11 +9,13 @@ pub struct Diff {
     pub rel_l2: f64,
     /// Non-finite values in `got` (a NaN never passes).
     pub non_finite: usize,
+    /// Fraction of values off by more than 0.5 (for integer-valued outputs such as pixels).
+    pub frac_over_half: f64,
 }
 
 pub fn diff(got: &HostTensor, expected: &HostTensor) -> Diff {
     let (g, e) = (got.to_f32_vec(), expected.to_f32_vec());
-    let (mut num, mut den, mut max_abs, mut non_finite) = (0f64, 0f64, 0f64, 0usize);
+    let (mut num, mut den, mut max_abs, mut non_finite, mut over_half) = (0f64, 0f64, 0f64, 0usize, 0usize);
     for (&a, &b) in g.iter().zip(&e) {
         if !a.is_finite() {
             non_finite += 1;
@@ -21,11 +23,14 @@ pub fn diff(got: &HostTensor, expected: &HostTensor) -> Diff {
         }
         let d = (a as f64 - b as f64).abs();
         max_abs = max_abs.max(d);
+        if d > 0.5 {
+            over_half += 1;
+        }
         num += d * d;
         den += (b as f64) * (b as f64);
     }
     let rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
-    Diff { max_abs, rel_l2, non_finite }
+    Diff { max_abs, rel_l2, non_finite, frac_over_half: over_half as f64 / g.len().max(1) as f64 }
 }
 
 impl Diff {

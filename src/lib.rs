@@ -3,4 +3,5 @@
 
 pub mod compare;
 pub mod exec;
+pub mod pipeline;
 pub mod verify;

@@ -85,6 +85,11 @@ fn committed_vae_cases_pass_on_cpu() {
 }
 
 #[test]
+fn committed_pipeline_cases_pass_on_cpu() {
+    assert_all_pass("pipeline");
+}
+
+#[test]
 fn committed_scheduler_cases_pass() {
     assert_all_pass("scheduler");
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use openuni_models::scheduler::DpmSolver;
 use openuni_tensor::{HostData, HostTensor};
 
-use super::{Case, Options, Produced};
+use super::{Case, Kind, Options, Produced};
 
 pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     if opts.device != crate::exec::Device::Cpu {
@@ -31,14 +31,14 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     }
     let sched = &solver.schedule;
     let mut out = vec![
-        Produced { reference: "timesteps".into(), tensor: HostTensor::new([n], HostData::I64(sched.timesteps.clone()))?, decisive: true, exact: true },
-        Produced { reference: "sigmas".into(), tensor: HostTensor::from_f32([n + 1], sched.sigmas.clone())?, decisive: true, exact: false },
-        Produced { reference: "x_final".into(), tensor: HostTensor::from_f32(x_init.shape.clone(), x)?, decisive: true, exact: false },
+        Produced { reference: "timesteps".into(), tensor: HostTensor::new([n], HostData::I64(sched.timesteps.clone()))?, decisive: true, kind: Kind::Exact },
+        Produced { reference: "sigmas".into(), tensor: HostTensor::from_f32([n + 1], sched.sigmas.clone())?, decisive: true, kind: Kind::Float },
+        Produced { reference: "x_final".into(), tensor: HostTensor::from_f32(x_init.shape.clone(), x)?, decisive: true, kind: Kind::Float },
     ];
     if case.io.contains("mid.samples") {
         let mut shape = vec![n];
         shape.extend_from_slice(x_init.shape.dims());
-        out.push(Produced { reference: "mid.samples".into(), tensor: HostTensor::from_f32(shape, samples)?, decisive: false, exact: false });
+        out.push(Produced { reference: "mid.samples".into(), tensor: HostTensor::from_f32(shape, samples)?, decisive: false, kind: Kind::Float });
     }
     Ok(out)
 }

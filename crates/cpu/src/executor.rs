@@ -171,6 +171,10 @@ impl CpuExecutor {
             Op::PixelShuffleShortcut { x, h, w, cout } => {
                 ops::pixel_shuffle_shortcut(view.get(*x), out_shape.dims()[0], *h, *w, g.shape(*x).last(), *cout, y)
             }
+            Op::SliceTokens { x, start, len } => {
+                let d = g.shape(*x).dims();
+                ops::slice_tokens(view.get(*x), d[0], d[1], d[2], *start, *len, y)
+            }
             Op::Concat { xs } => {
                 let parts: Vec<&[f32]> = xs.iter().map(|&x| view.get(x)).collect();
                 let widths: Vec<usize> = xs.iter().map(|&x| g.shape(x).last()).collect();

@@ -452,3 +452,10 @@ pub fn grouped_linear(x: &[f32], weight: &[f32], cin: usize, cout: usize, groups
         }
     }
 }
+
+/// Tokens [start, start + len) of each of `batch` rows of `tokens` tokens × `c` channels.
+pub fn slice_tokens(x: &[f32], batch: usize, tokens: usize, c: usize, start: usize, len: usize, out: &mut [f32]) {
+    for b in 0..batch {
+        out[b * len * c..(b + 1) * len * c].copy_from_slice(&x[(b * tokens + start) * c..(b * tokens + start + len) * c]);
+    }
+}

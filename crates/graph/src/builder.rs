@@ -376,6 +376,14 @@ impl GraphBuilder {
         Ok(self.push(name, Op::PixelShuffleShortcut { x, h, w, cout }, Shape::new([b, 4 * h * w, cout])))
     }
 
+    pub fn slice_tokens(&mut self, name: &str, x: ValueId, start: usize, len: usize) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        if s.rank() != 3 || start + len > s.dims()[1] {
+            return Err(shape_err("slice_tokens", format!("{name}: tokens {start}..{} are not inside {s} ([B, T, C])", start + len)));
+        }
+        Ok(self.push(name, Op::SliceTokens { x, start, len }, Shape::new([s.dims()[0], len, s.last()])))
+    }
+
     pub fn concat(&mut self, name: &str, xs: &[ValueId]) -> Result<ValueId> {
         let first = self.shape(*xs.first().ok_or_else(|| shape_err("concat", format!("{name}: nothing to concatenate")))?).clone();
         let mut last = 0;

@@ -103,6 +103,8 @@ pub enum Op {
     /// DC-AE's upsample shortcut `pixel_shuffle(repeat_interleave(x, R, channel), 2)` on an h×w
     /// grid with Cin channels to 2h×2w with Cout = Cin·R/4: `out[c, 2y+i, 2x+j] = x[(4c+2i+j)/R, y, x]`.
     PixelShuffleShortcut { x: ValueId, h: usize, w: usize, cout: usize },
+    /// Tokens [start, start + len) of every row of a [B, T, C] tensor.
+    SliceTokens { x: ValueId, start: usize, len: usize },
     /// Concatenation along the last dim.
     Concat { xs: Vec<ValueId> },
     /// Grouped 1×1 convolution (block-diagonal linear): `weight` [Cout, Cin/groups, 1, 1], no bias.
@@ -139,6 +141,7 @@ impl Op {
             Op::Upsample2x { .. } => "upsample2x",
             Op::PixelShuffleShortcut { .. } => "pixel_shuffle_shortcut",
             Op::Concat { .. } => "concat",
+            Op::SliceTokens { .. } => "slice_tokens",
             Op::GroupedLinear { .. } => "grouped_linear",
             Op::Rope { .. } => "rope",
         }
@@ -181,7 +184,8 @@ impl Op {
             | Op::PackedLinearAttention { qkv: x, .. }
             | Op::RepeatChannels { x, .. }
             | Op::Upsample2x { x, .. }
-            | Op::PixelShuffleShortcut { x, .. } => v.push(*x),
+            | Op::PixelShuffleShortcut { x, .. }
+            | Op::SliceTokens { x, .. } => v.push(*x),
             Op::Conv2d { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);

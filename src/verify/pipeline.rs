@@ -1,0 +1,88 @@
+//! Case component `pipeline`: OpenUni text-to-image end to end on a tiny model. case.json
+//! {prompt, negative_prompt, num_steps, guidance_scale, height, width, num_queries, flow_shift,
+//! connector}; model/ = llm/ (Qwen2 + tokenizer.json), openuni.safetensors, transformer/, vae/.
+//! Checks the token ids, the prompt embeddings, the final latents from the given noise, and the
+//! image; the `mid.*` values localise a mismatch.
+
+use anyhow::{bail, Context, Result};
+use openuni_models::connector::ConnectorConfig;
+use openuni_models::prompt::PromptTokenizer;
+use openuni_tensor::{HostData, HostTensor};
+
+use super::{Case, Kind, Options, Produced};
+use crate::pipeline::{to_uint8_nhwc, ModelPaths, OpenUni, RunOptions};
+
+fn field<'a>(case: &'a Case, key: &str) -> Result<&'a serde_json::Value> {
+    case.json.get(key).with_context(|| format!("{}: case.json has no `{key}`", case.dir.display()))
+}
+
+fn ids_tensor(ids: &[u32]) -> Result<HostTensor> {
+    Ok(HostTensor::new([1, ids.len()], HostData::I64(ids.iter().map(|&i| i as i64).collect()))?)
+}
+
+pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
+    let m = case.model_dir();
+    let prompt = field(case, "prompt")?.as_str().context("`prompt` is not a string")?;
+    let negative = match field(case, "negative_prompt")? {
+        serde_json::Value::Null => None,
+        v => Some(v.as_str().context("`negative_prompt` is neither null nor a string")?),
+    };
+    let steps = field(case, "num_steps")?.as_u64().context("`num_steps` is not an integer")? as usize;
+    let guidance = field(case, "guidance_scale")?.as_f64().context("`guidance_scale` is not a number")? as f32;
+    let shift = case.json.get("flow_shift").and_then(|v| v.as_f64()).unwrap_or(3.0);
+    let connector_cfg: ConnectorConfig = serde_json::from_value(field(case, "connector")?.clone())
+        .with_context(|| format!("{}: case.json `connector` is not a connector config", case.dir.display()))?;
+
+    let model = OpenUni::load(
+        &ModelPaths { llm: &m.join("llm"), openuni: &m.join("openuni.safetensors"), transformer: &m.join("transformer"), vae: &m.join("vae") },
+        connector_cfg,
+    )?;
+    let q_case = field(case, "num_queries")?.as_u64().unwrap_or(0) as usize;
+    if q_case != model.num_queries {
+        bail!("{}: case.json says {q_case} queries, openuni.safetensors has {}", case.dir.display(), model.num_queries);
+    }
+    let run = RunOptions { device: opts.device, dtype: opts.dtype };
+    let mut out = vec![];
+    let push = |out: &mut Vec<Produced>, name: &str, tensor: HostTensor, decisive: bool, kind: Kind| {
+        if case.io.contains(name) {
+            out.push(Produced { reference: name.into(), tensor, decisive, kind });
+        }
+    };
+
+    // 1-2. Strings and token ids: ours must equal the reference's.
+    let tok = PromptTokenizer::from_dir(&m.join("llm"))?;
+    let max_tokens = model.llm_cfg.max_position_embeddings.saturating_sub(model.num_queries);
+    let ids = tok.encode(prompt, negative, max_tokens)?;
+    push(&mut out, "input_ids_cond", ids_tensor(&ids.cond)?, true, Kind::Exact);
+    push(&mut out, "input_ids_uncond", ids_tensor(&ids.uncond)?, true, Kind::Exact);
+
+    // 3-4. Conditioning.
+    let c = model.condition(&ids.cond, &ids.uncond, run)?;
+    push(&mut out, "prompt_embeds", c.prompt_embeds.clone(), true, Kind::Float);
+    push(&mut out, "mid.llm.hidden_cond", c.hidden_cond, false, Kind::Float);
+    push(&mut out, "mid.llm.hidden_uncond", c.hidden_uncond, false, Kind::Float);
+    push(&mut out, "mid.connector", c.connector, false, Kind::Float);
+
+    // 5. Sampling from the case's noise.
+    let noise = case.tensor("noise")?;
+    let mut timesteps = vec![];
+    let (mut dit_out, mut steps_latents) = (vec![], vec![]);
+    let latents = model.denoise(&c.prompt_embeds, &noise, steps, guidance, shift, run, |r| {
+        timesteps.push(r.timestep);
+        dit_out.extend(r.model_output.to_f32_vec());
+        steps_latents.extend(r.latents.to_f32_vec());
+    })?;
+    let n = timesteps.len();
+    let ld = noise.shape.dims().to_vec();
+    push(&mut out, "latents", latents.clone(), true, Kind::Float);
+    push(&mut out, "mid.timesteps", HostTensor::new([n], HostData::I64(timesteps))?, false, Kind::Exact);
+    push(&mut out, "mid.dit_out", HostTensor::from_f32([n, 2, ld[1], ld[2], ld[3]], dit_out)?, false, Kind::Float);
+    push(&mut out, "mid.latents_steps", HostTensor::from_f32([n, 1, ld[1], ld[2], ld[3]], steps_latents)?, false, Kind::Float);
+
+    // 6. Decode and OpenUni's uint8 conversion.
+    let decoded = model.decode(&latents, run)?;
+    let (pixels, shape) = to_uint8_nhwc(&decoded)?;
+    push(&mut out, "mid.decoded", decoded, false, Kind::Float);
+    push(&mut out, "image", HostTensor::new(shape.to_vec(), HostData::U8(pixels))?, true, Kind::Pixels);
+    Ok(out)
+}
