@@ -14,23 +14,38 @@ use openuni_models::dcae::{self, DcaeConfig};
 use openuni_models::qwen2::{self, Qwen2Config};
 use openuni_models::sana::{self, SanaConfig};
 use openuni_models::scheduler::{guide, DpmSolver};
-use openuni_tensor::{DType, HostTensor, Weights};
+use openuni_tensor::{read_pth, DType, HostTensor, Overlay, TensorMap, TensorSource, Weights};
 
 use crate::exec::{executor, Device};
 
 /// The models of one OpenUni variant, loaded from their folders.
 pub struct OpenUni {
     pub llm_cfg: Qwen2Config,
-    pub llm: Weights,
+    pub llm: Box<dyn TensorSource>,
     llm_prefix: &'static str,
-    /// meta_queries, connector.*, projector.* (an OpenUni checkpoint converted to safetensors).
-    pub openuni: Weights,
+    /// meta_queries, connector.*, projector.*, and for fine-tuned checkpoints transformer.*.
+    pub openuni: Box<dyn TensorSource>,
     pub connector_cfg: ConnectorConfig,
     pub num_queries: usize,
     pub transformer_cfg: SanaConfig,
-    pub transformer: Weights,
+    transformer_base: Box<dyn TensorSource>,
     pub vae_cfg: DcaeConfig,
-    pub vae: Weights,
+    pub vae: Box<dyn TensorSource>,
+}
+
+/// The key by which a fine-tuned OpenUni checkpoint is recognised: it carries the whole SANA
+/// transformer under `transformer.` (spec/openuni.md §4).
+const FINETUNED_PROBE: &str = "transformer.proj_out.weight";
+
+/// Opens a weight file or folder: safetensors (file, folder, sharded index) or a PyTorch `.pth`
+/// read by our own allow-listed unpickler (never executing checkpoint code).
+pub fn open_weights(path: &Path) -> Result<Box<dyn TensorSource>> {
+    if path.extension().is_some_and(|e| e == "pth" || e == "pt" || e == "bin") {
+        let tensors = read_pth(path)?.into_iter().collect();
+        Ok(Box::new(TensorMap { origin: path.display().to_string(), tensors }))
+    } else {
+        Ok(Box::new(Weights::open(path)?))
+    }
 }
 
 /// Where the pieces are.
@@ -80,8 +95,8 @@ impl OpenUni {
         let llm = Weights::open(paths.llm)?;
         let (llm_prefix, _) = qwen2::detect_prefix(&mut llm.keys())
             .with_context(|| format!("{}: no Qwen2 or InternVL3 embedding table", paths.llm.display()))?;
-        let openuni = Weights::open(paths.openuni)?;
-        let mq = openuni.shape("meta_queries")?;
+        let openuni = open_weights(paths.openuni)?;
+        let mq = openuni.shape_of("meta_queries")?;
         if mq.rank() != 2 || mq.dims()[1] != llm_cfg.hidden_size {
             bail!(
                 "{}: `meta_queries` has shape {mq}, expected [Q, {}] (the LLM's hidden size)",
@@ -101,15 +116,24 @@ impl OpenUni {
         Ok(OpenUni {
             num_queries: mq.dims()[0],
             llm_cfg,
-            llm,
+            llm: Box::new(llm),
             llm_prefix,
             openuni,
             connector_cfg,
             transformer_cfg,
-            transformer: Weights::open(paths.transformer)?,
+            transformer_base: Box::new(Weights::open(paths.transformer)?),
             vae_cfg,
-            vae: Weights::open(paths.vae)?,
+            vae: Box::new(Weights::open(paths.vae)?),
         })
+    }
+
+    /// The transformer's weights: a fine-tuned checkpoint's `transformer.*` over the diffusers folder.
+    pub fn transformer(&self) -> Box<dyn TensorSource + '_> {
+        if self.openuni.contains(FINETUNED_PROBE) {
+            Box::new(Overlay { top: self.openuni.as_ref(), prefix: "transformer.".into(), base: self.transformer_base.as_ref() })
+        } else {
+            Box::new(self.transformer_base.as_ref())
+        }
     }
 
     /// The LLM over `ids` ++ meta-queries (one unpadded causal row), returning the last Q hidden
@@ -128,7 +152,7 @@ impl OpenUni {
             })
             .collect::<Result<_>>()?;
         let mut embeds = self.llm.rows_f32(&format!("{}embed_tokens.weight", self.llm_prefix), &rows)?.to_f32_vec();
-        embeds.extend(self.openuni.get_f32("meta_queries", None)?.to_f32_vec());
+        embeds.extend(self.openuni.tensor_f32("meta_queries", &[q, d].into())?.to_f32_vec());
         let t = ids.len() + q;
         let mut b = GraphBuilder::new();
         let x = b.input("inputs_embeds", [1, t, d])?;
@@ -136,7 +160,7 @@ impl OpenUni {
         let last = b.slice_tokens("queries", out.hidden_states, ids.len(), q)?;
         b.output("queries", last)?;
         let g = b.finish();
-        let mut exec = executor(run.device, &g, &self.llm, run.dtype, false)?;
+        let mut exec = executor(run.device, &g, self.llm.as_ref(), run.dtype, false)?;
         let inputs = HashMap::from([("inputs_embeds".to_string(), HostTensor::from_f32([1, t, d], embeds)?)]);
         Ok(exec.run(&inputs)?.remove("queries").expect("graph output"))
     }
@@ -159,7 +183,7 @@ impl OpenUni {
         b.output("connector", c)?;
         b.output("prompt_embeds", e)?;
         let g = b.finish();
-        let mut exec = executor(run.device, &g, &self.openuni, run.dtype, false)?;
+        let mut exec = executor(run.device, &g, self.openuni.as_ref(), run.dtype, false)?;
         let mut out = exec.run(&HashMap::from([("queries".to_string(), HostTensor::from_f32([2, q, d], both)?)]))?;
         Ok(Conditioning {
             prompt_embeds: out.remove("prompt_embeds").expect("graph output"),
@@ -202,7 +226,8 @@ impl OpenUni {
             b.output(&format!("cross_kv.{i}.v"), p.v)?;
         }
         let caption = b.finish();
-        let mut exec = executor(run.device, &caption, &self.transformer, run.dtype, false)?;
+        let weights = self.transformer();
+        let mut exec = executor(run.device, &caption, weights.as_ref(), run.dtype, false)?;
         let kv_values = exec.run(&HashMap::from([("encoder_hidden_states".to_string(), prompt_embeds.clone())]))?;
 
         // The step graph reads them as inputs.
@@ -220,7 +245,7 @@ impl OpenUni {
         let o = sana::denoise(&mut b, cfg, x, t, &kv_inputs, None, h, w)?;
         b.output("velocity", o.output)?;
         let step_graph = b.finish();
-        let mut step_exec = executor(run.device, &step_graph, &self.transformer, run.dtype, false)?;
+        let mut step_exec = executor(run.device, &step_graph, weights.as_ref(), run.dtype, false)?;
         let mut inputs: HashMap<String, HostTensor> = kv_values;
 
         let mut solver = DpmSolver::new(steps, flow_shift).map_err(anyhow::Error::msg)?;
@@ -251,7 +276,7 @@ impl OpenUni {
         let o = dcae::decoder(&mut b, &self.vae_cfg, z, "vae")?;
         b.output("sample", o.sample)?;
         let g = b.finish();
-        let mut exec = executor(run.device, &g, &self.vae, run.dtype, false)?;
+        let mut exec = executor(run.device, &g, self.vae.as_ref(), run.dtype, false)?;
         let mut out = exec.run(&HashMap::from([("latent".to_string(), HostTensor::from_f32(latents.shape.clone(), scaled)?)]))?;
         Ok(out.remove("sample").expect("graph output"))
     }

@@ -223,8 +223,7 @@ impl Weights {
         if let Some(exp) = expected {
             // Shapes differing only in size-1 dims hold the same data: a 1×1 conv weight
             // [O, I, 1, 1] is the linear weight [O, I].
-            let squeeze = |s: &Shape| s.dims().iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
-            if squeeze(&e.shape) != squeeze(exp) {
+            if squeezed(&e.shape) != squeezed(exp) {
                 return Err(Error::ShapeMismatch {
                     path: self.files[e.file].0.clone(),
                     key: key.into(),
@@ -297,30 +296,153 @@ pub fn write_safetensors<'a>(
         .map_err(|e| Error::Format { path: path.into(), msg: e.to_string() })
 }
 
-/// Where executors take weights from: graph weight names are upstream key names, so a checkpoint
-/// file set serves directly, and a map serves tests and merged/overridden sets.
+/// Where executors and models take weights from: graph weight names are upstream key names, so a
+/// checkpoint file set serves directly, a map serves tests and in-memory checkpoints (`.pth`), and
+/// an [`Overlay`] puts a fine-tuned checkpoint's tensors over a base model's.
 pub trait TensorSource {
-    /// The tensor as f32, with exactly `shape`; errors name the source, the key, expected and found.
+    /// Where the tensors come from, for messages.
+    fn origin(&self) -> String;
+
+    /// The stored shape of a tensor.
+    fn shape_of(&self, name: &str) -> Result<Shape>;
+
+    /// The tensor as f32 with exactly `shape` (shapes that differ only in size-1 dims are the same
+    /// data); errors name the source, the key, expected and found.
     fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor>;
+
+    fn contains(&self, name: &str) -> bool {
+        self.shape_of(name).is_ok()
+    }
+
+    /// Rows of a 2-D table as f32 (embedding lookups).
+    fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<HostTensor> {
+        let shape = self.shape_of(name)?;
+        let t = self.tensor_f32(name, &shape)?.to_f32_vec();
+        let cols = shape.last();
+        let n = shape.rows();
+        let mut out = Vec::with_capacity(rows.len() * cols);
+        for &r in rows {
+            if r >= n {
+                return Err(Error::IndexOutOfRange { path: self.origin().into(), key: name.into(), index: r, len: n });
+            }
+            out.extend_from_slice(&t[r * cols..(r + 1) * cols]);
+        }
+        HostTensor::from_f32([rows.len(), cols], out)
+    }
+}
+
+fn squeezed(s: &Shape) -> Vec<usize> {
+    s.dims().iter().copied().filter(|&d| d != 1).collect()
 }
 
 impl TensorSource for Weights {
+    fn origin(&self) -> String {
+        self.origin.display().to_string()
+    }
+    fn shape_of(&self, name: &str) -> Result<Shape> {
+        self.shape(name)
+    }
     fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
         self.get_f32(name, Some(shape))
+    }
+    fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<HostTensor> {
+        Weights::rows_f32(self, name, rows)
+    }
+}
+
+/// Tensors held in memory under a name for messages (a `.pth` checkpoint, a test's weights).
+pub struct TensorMap {
+    pub origin: String,
+    pub tensors: HashMap<String, HostTensor>,
+}
+
+impl TensorSource for TensorMap {
+    fn origin(&self) -> String {
+        self.origin.clone()
+    }
+    fn shape_of(&self, name: &str) -> Result<Shape> {
+        self.tensors.get(name).map(|t| t.shape.clone()).ok_or_else(|| Error::MissingKey {
+            path: self.origin.clone().into(),
+            key: name.into(),
+            available: self.tensors.len(),
+            hint: String::new(),
+        })
+    }
+    fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
+        let found = self.shape_of(name)?;
+        if squeezed(&found) != squeezed(shape) {
+            return Err(Error::ShapeMismatch { path: self.origin.clone().into(), key: name.into(), expected: shape.clone(), found });
+        }
+        let mut t = self.tensors[name].to_dtype(DType::F32).map_err(|_| Error::UnsupportedDType {
+            path: self.origin.clone().into(),
+            key: name.into(),
+            found: self.tensors[name].dtype().to_string(),
+            purpose: "is not a floating-point type".into(),
+        })?;
+        t.shape = shape.clone();
+        Ok(t)
     }
 }
 
 impl TensorSource for HashMap<String, HostTensor> {
-    fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
-        let t = self.get(name).ok_or_else(|| Error::MissingKey {
-            path: "<in-memory weights>".into(),
+    fn origin(&self) -> String {
+        "<in-memory weights>".into()
+    }
+    fn shape_of(&self, name: &str) -> Result<Shape> {
+        self.get(name).map(|t| t.shape.clone()).ok_or_else(|| Error::MissingKey {
+            path: self.origin().into(),
             key: name.into(),
             available: self.len(),
             hint: String::new(),
-        })?;
-        if &t.shape != shape {
-            return Err(Error::ShapeMismatch { path: "<in-memory weights>".into(), key: name.into(), expected: shape.clone(), found: t.shape.clone() });
+        })
+    }
+    fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
+        let found = self.shape_of(name)?;
+        if squeezed(&found) != squeezed(shape) {
+            return Err(Error::ShapeMismatch { path: self.origin().into(), key: name.into(), expected: shape.clone(), found });
         }
-        t.to_dtype(DType::F32)
+        let mut t = self[name].to_dtype(DType::F32)?;
+        t.shape = shape.clone();
+        Ok(t)
+    }
+}
+
+/// `top` (keys `{prefix}{name}`) over `base` (keys `{name}`): how a fine-tuned OpenUni checkpoint's
+/// `transformer.*` tensors replace the diffusers transformer's.
+pub struct Overlay<'a> {
+    pub top: &'a dyn TensorSource,
+    pub prefix: String,
+    pub base: &'a dyn TensorSource,
+}
+
+impl TensorSource for Overlay<'_> {
+    fn origin(&self) -> String {
+        format!("{} (over {})", self.top.origin(), self.base.origin())
+    }
+    fn shape_of(&self, name: &str) -> Result<Shape> {
+        self.top.shape_of(&format!("{}{name}", self.prefix)).or_else(|_| self.base.shape_of(name))
+    }
+    fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
+        let key = format!("{}{name}", self.prefix);
+        if self.top.contains(&key) {
+            self.top.tensor_f32(&key, shape)
+        } else {
+            self.base.tensor_f32(name, shape)
+        }
+    }
+}
+
+impl<T: TensorSource + ?Sized> TensorSource for &T {
+    fn origin(&self) -> String {
+        (**self).origin()
+    }
+    fn shape_of(&self, name: &str) -> Result<Shape> {
+        (**self).shape_of(name)
+    }
+    fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
+        (**self).tensor_f32(name, shape)
+    }
+    fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<HostTensor> {
+        (**self).rows_f32(name, rows)
     }
 }
