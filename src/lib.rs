@@ -2,6 +2,7 @@
 //! reference-case harness behind `openuni verify`.
 
 pub mod compare;
+pub mod convert;
 pub mod exec;
 pub mod pipeline;
 pub mod verify;

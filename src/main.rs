@@ -32,6 +32,14 @@ enum Command {
         #[arg(long)]
         diff_nodes: bool,
     },
+    /// Convert a PyTorch .pth checkpoint (read without running any pickled code) or safetensors
+    /// file(s) to one safetensors file with the same tensor names and dtypes.
+    Convert {
+        /// Input: a torch.save .pth/.pt file, a .safetensors file, index or folder.
+        input: PathBuf,
+        /// Output .safetensors file.
+        output: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +65,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 all_passed &= report.passed();
             }
             Ok(all_passed)
+        }
+        Command::Convert { input, output } => {
+            println!("{}", openuni::convert::convert(&input, &output)?);
+            Ok(true)
         }
     }
 }

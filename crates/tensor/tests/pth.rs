@@ -285,7 +285,8 @@ fn protocol4_frames_and_memoize() {
 
 #[test]
 fn structural_errors_name_the_problem() {
-    let cases: Vec<(Vec<u8>, Vec<(&str, Vec<u8>)>, &str)> = vec![
+    type Case = (Vec<u8>, Vec<(&'static str, Vec<u8>)>, &'static str);
+    let cases: Vec<Case> = vec![
         // view past the end of its storage
         ({
             let mut p = P::default();
