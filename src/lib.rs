@@ -4,5 +4,8 @@
 pub mod compare;
 pub mod convert;
 pub mod exec;
+pub mod generate;
+pub mod image;
 pub mod pipeline;
+pub mod tiny_model;
 pub mod verify;

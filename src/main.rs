@@ -17,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate images from text prompts (PNG files with the parameters in their metadata).
+    Generate(GenerateArgs),
     /// Run reference case(s) and compare every output with PyTorch's (PASS/FAIL, exit 1 on FAIL).
     Verify {
         /// Case folders (case.json, io.safetensors, model/).
@@ -42,6 +44,76 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The prompt (or use --prompts).
+    #[arg(long, conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A file of prompts: one per line, or JSONL with `prompt`, `seed`, `negative_prompt`.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// b-512, l-512 or l-1024.
+    #[arg(long, default_value = "b-512")]
+    variant: String,
+    /// OpenUni checkpoint (.pth or .safetensors); default: the Hugging Face cache.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// InternVL3 (or Qwen2) folder; default: the Hugging Face cache.
+    #[arg(long)]
+    mllm: Option<PathBuf>,
+    /// SANA transformer folder (diffusers); default: the Hugging Face cache.
+    #[arg(long)]
+    transformer: Option<PathBuf>,
+    /// DC-AE folder (diffusers); default: the Hugging Face cache.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 4.5)]
+    guidance: f32,
+    /// Seed of the first image; image i of a prompts file gets seed + i unless its line sets one.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Image height in pixels (a multiple of 32); default: the variant's size.
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels (a multiple of 32); default: the variant's size.
+    #[arg(long)]
+    width: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// bf16 or f32 (the CPU runs f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Output folder.
+    #[arg(long, default_value = "outputs")]
+    out: PathBuf,
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
+    use openuni::generate::{read_prompts, resolve, run, variant, Item, ModelFlags, Settings};
+    let v = variant(&a.variant)?;
+    let (device, dtype) = (Device::parse(&a.device)?, parse_dtype(&a.dtype)?);
+    let (items, problems) = match (&a.prompt, &a.prompts) {
+        (Some(p), None) => (vec![Item { prompt: p.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed }], vec![]),
+        (None, Some(f)) => read_prompts(f, a.seed, a.negative_prompt.as_deref())?,
+        _ => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
+    };
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
+    let settings = Settings { steps: a.steps, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v };
+    let report = run(&items, &models, &settings)?;
+    for p in &report.written {
+        println!("{}", p.display());
+    }
+    Ok(problems.is_empty() && report.failed.is_empty())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -56,6 +128,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
+        Command::Generate(a) => generate(a),
         Command::Verify { cases, device, dtype, diff_nodes } => {
             let opts = Options { device: Device::parse(&device)?, dtype: parse_dtype(&dtype)?, diff_nodes };
             let mut all_passed = true;

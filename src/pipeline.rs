@@ -90,7 +90,10 @@ fn ctx_path(p: &Path) -> String {
 impl OpenUni {
     pub fn load(paths: &ModelPaths, connector_cfg: ConnectorConfig) -> Result<OpenUni> {
         let llm_cfg_path = paths.llm.join("config.json");
-        let llm_cfg: Qwen2Config = read_json(&llm_cfg_path)?;
+        // An InternVL3 folder nests the Qwen2 config under `llm_config`.
+        let raw: serde_json::Value = read_json(&llm_cfg_path)?;
+        let llm_cfg: Qwen2Config = serde_json::from_value(raw.get("llm_config").cloned().unwrap_or(raw))
+            .with_context(|| format!("{}: not a Qwen2 (or InternVL3 llm_config) config", llm_cfg_path.display()))?;
         llm_cfg.validate(&ctx_path(&llm_cfg_path))?;
         let llm = Weights::open(paths.llm)?;
         let (llm_prefix, _) = qwen2::detect_prefix(&mut llm.keys())

@@ -1,0 +1,366 @@
+//! `openuni generate`: prompts in, PNG files out.
+//!
+//! Models are found offline: explicit flags first, then the Hugging Face cache layout that
+//! `huggingface-cli download` creates; with nothing configured and nothing cached, the built-in
+//! tiny model runs (and says its pictures are not meaningful).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use openuni_models::connector::ConnectorConfig;
+use openuni_models::prompt::PromptTokenizer;
+use openuni_tensor::{DType, HostTensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::exec::Device;
+use crate::image::write_png;
+use crate::pipeline::{to_uint8_nhwc, ModelPaths, OpenUni, RunOptions};
+use crate::tiny_model;
+
+/// One of the three published OpenUni variants.
+pub struct Variant {
+    pub name: &'static str,
+    pub mllm_repo: &'static str,
+    pub transformer_repo: &'static str,
+    pub vae_repo: &'static str,
+    /// The checkpoint file name in `wusize/openuni` without the suffix.
+    pub checkpoint_stem: &'static str,
+    pub connector: fn() -> ConnectorConfig,
+    pub size: usize,
+}
+
+pub const CHECKPOINT_REPO: &str = "wusize/openuni";
+
+pub const VARIANTS: [Variant; 3] = [
+    Variant {
+        name: "b-512",
+        mllm_repo: "OpenGVLab/InternVL3-1B",
+        transformer_repo: "Efficient-Large-Model/Sana_600M_512px_diffusers",
+        vae_repo: "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers",
+        checkpoint_stem: "openuni_b_internvl3_1b_sana_0_6b_512_hf",
+        connector: ConnectorConfig::openuni_b,
+        size: 512,
+    },
+    Variant {
+        name: "l-512",
+        mllm_repo: "OpenGVLab/InternVL3-2B",
+        transformer_repo: "Efficient-Large-Model/Sana_1600M_512px_diffusers",
+        vae_repo: "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers",
+        checkpoint_stem: "openuni_l_internvl3_2b_sana_1_6b_512_hf",
+        connector: ConnectorConfig::openuni_l,
+        size: 512,
+    },
+    Variant {
+        name: "l-1024",
+        mllm_repo: "OpenGVLab/InternVL3-2B",
+        transformer_repo: "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers",
+        vae_repo: "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers",
+        checkpoint_stem: "openuni_l_internvl3_2b_sana_1_6b_1024_hf",
+        connector: ConnectorConfig::openuni_l,
+        size: 1024,
+    },
+];
+
+pub fn variant(name: &str) -> Result<&'static Variant> {
+    VARIANTS.iter().find(|v| v.name == name).with_context(|| {
+        format!("--variant `{name}` is not one of {}", VARIANTS.iter().map(|v| v.name).collect::<Vec<_>>().join(", "))
+    })
+}
+
+/// The hub cache folder: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.
+pub fn hf_hub_cache() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+}
+
+/// The snapshot folder of `repo` in the cache: the revision `refs/main` names, else the only
+/// (or newest) snapshot.
+pub fn hf_snapshot(cache: &Path, repo: &str) -> Option<PathBuf> {
+    let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    if let Ok(rev) = std::fs::read_to_string(dir.join("refs/main")) {
+        let p = dir.join("snapshots").join(rev.trim());
+        if p.is_dir() {
+            return Some(p);
+        }
+    }
+    let mut snaps: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir.join("snapshots"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    snaps.sort();
+    snaps.pop().map(|(_, p)| p)
+}
+
+/// Where each model of a run comes from.
+pub struct Resolved {
+    pub llm: PathBuf,
+    pub openuni: PathBuf,
+    pub transformer: PathBuf,
+    pub vae: PathBuf,
+    pub connector: ConnectorConfig,
+    pub builtin: bool,
+    pub default_size: usize,
+}
+
+/// The user's explicit model locations.
+pub struct ModelFlags {
+    pub checkpoint: Option<PathBuf>,
+    pub mllm: Option<PathBuf>,
+    pub transformer: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
+}
+
+pub fn resolve(v: &Variant, flags: &ModelFlags) -> Result<Resolved> {
+    let cache = hf_hub_cache();
+    let snap = |repo: &str| cache.as_deref().and_then(|c| hf_snapshot(c, repo));
+    let found_checkpoint = || -> Option<PathBuf> {
+        let s = snap(CHECKPOINT_REPO)?;
+        // The fine-tuned (stage 2) file first: it is the one the paper's numbers come from.
+        ["blip3o60k", "text2image23m"].iter().map(|k| s.join(format!("{}_{k}.pth", v.checkpoint_stem))).find(|p| p.is_file())
+    };
+    let mllm = flags.mllm.clone().or_else(|| snap(v.mllm_repo));
+    let transformer = flags.transformer.clone().or_else(|| snap(v.transformer_repo).map(|p| p.join("transformer")));
+    let vae = flags.vae.clone().or_else(|| snap(v.vae_repo)).or_else(|| snap(v.transformer_repo).map(|p| p.join("vae")));
+    let checkpoint = flags.checkpoint.clone().or_else(found_checkpoint);
+    let any_flag = flags.checkpoint.is_some() || flags.mllm.is_some() || flags.transformer.is_some() || flags.vae.is_some();
+    match (&mllm, &transformer, &vae, &checkpoint) {
+        (Some(m), Some(t), Some(va), Some(c)) => Ok(Resolved {
+            llm: m.clone(),
+            openuni: c.clone(),
+            transformer: t.clone(),
+            vae: va.clone(),
+            connector: (v.connector)(),
+            builtin: false,
+            default_size: v.size,
+        }),
+        (None, None, None, None) if !any_flag => {
+            let p = tiny_model::ensure(&tiny_model::default_dir())?;
+            Ok(Resolved {
+                llm: p.0,
+                openuni: p.1,
+                transformer: p.2,
+                vae: p.3,
+                connector: tiny_model::connector_config(),
+                builtin: true,
+                default_size: tiny_model::SIZE,
+            })
+        }
+        _ => {
+            let cache = cache.map(|c| c.display().to_string()).unwrap_or_else(|| "(no HOME)".into());
+            let mut missing = vec![];
+            if mllm.is_none() {
+                missing.push(format!("the MLLM ({}; --mllm DIR)", v.mllm_repo));
+            }
+            if transformer.is_none() {
+                missing.push(format!("the transformer ({}, transformer/; --transformer DIR)", v.transformer_repo));
+            }
+            if vae.is_none() {
+                missing.push(format!("the VAE ({}; --vae DIR)", v.vae_repo));
+            }
+            if checkpoint.is_none() {
+                missing.push(format!(
+                    "the OpenUni checkpoint ({CHECKPOINT_REPO}: {}_blip3o60k.pth or _text2image23m.pth; --checkpoint FILE)",
+                    v.checkpoint_stem
+                ));
+            }
+            bail!("variant {}: not found in the Hugging Face cache {cache} nor given by flags: {}", v.name, missing.join("; "))
+        }
+    }
+}
+
+/// The sampler's `flow_shift` from the scheduler config next to the transformer (a diffusers
+/// pipeline folder has `scheduler/scheduler_config.json`), else SANA's 3.0.
+pub fn flow_shift(transformer: &Path) -> Result<f64> {
+    let cfg = transformer.parent().map(|p| p.join("scheduler/scheduler_config.json"));
+    match cfg.filter(|p| p.is_file()) {
+        Some(p) => {
+            let v: serde_json::Value = openuni_models::config::read_json(&p)?;
+            v.get("flow_shift").and_then(|f| f.as_f64()).with_context(|| format!("{}: no number `flow_shift`", p.display()))
+        }
+        None => Ok(3.0),
+    }
+}
+
+/// One image to make.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+}
+
+/// Reads a prompts file: one prompt per line, or JSONL objects with `prompt` and optional `seed`
+/// and `negative_prompt`. Empty lines and `#` comments are skipped; a bad line is reported by
+/// number and skipped, the rest go on.
+pub fn read_prompts(path: &Path, base_seed: u64, default_negative: Option<&str>) -> Result<(Vec<Item>, Vec<String>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the prompts file", path.display()))?;
+    let (mut items, mut problems) = (vec![], vec![]);
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let seed = base_seed + items.len() as u64;
+        if t.starts_with('{') {
+            let parsed: Result<Item, String> = (|| {
+                let v: serde_json::Value = serde_json::from_str(t).map_err(|e| format!("invalid JSON: {e}"))?;
+                let prompt = v.get("prompt").and_then(|p| p.as_str()).ok_or("no string `prompt`")?.to_string();
+                let seed = match v.get("seed") {
+                    None | Some(serde_json::Value::Null) => seed,
+                    Some(s) => s.as_u64().ok_or("`seed` is not a non-negative integer")?,
+                };
+                let negative_prompt = match v.get("negative_prompt") {
+                    None | Some(serde_json::Value::Null) => default_negative.map(str::to_string),
+                    Some(n) => Some(n.as_str().ok_or("`negative_prompt` is not a string")?.to_string()),
+                };
+                Ok(Item { prompt, negative_prompt, seed })
+            })();
+            match parsed {
+                Ok(it) => items.push(it),
+                Err(e) => problems.push(format!("{}:{}: {e}; skipped", path.display(), i + 1)),
+            }
+        } else {
+            items.push(Item { prompt: line.to_string(), negative_prompt: default_negative.map(str::to_string), seed });
+        }
+    }
+    Ok((items, problems))
+}
+
+/// A file-name-safe slug of a prompt: lowercase ASCII words joined by '-', at most 48 chars.
+pub fn slug(prompt: &str) -> String {
+    let mut s = String::new();
+    for word in prompt.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()) {
+        if s.len() + word.len() + 1 > 48 {
+            break;
+        }
+        if !s.is_empty() {
+            s.push('-');
+        }
+        s.push_str(&word.to_ascii_lowercase());
+    }
+    if s.is_empty() {
+        s.push_str("prompt");
+    }
+    s
+}
+
+/// Standard-normal latent noise [1, 32, h, w] from `seed` (our own generator: not PyTorch's).
+pub fn noise(seed: u64, channels: usize, h: usize, w: usize) -> HostTensor {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..channels * h * w).map(|_| StandardNormal.sample(&mut rng)).collect();
+    HostTensor::from_f32([1, channels, h, w], v).expect("sized")
+}
+
+pub struct Settings {
+    pub steps: usize,
+    pub guidance: f32,
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub device: Device,
+    pub dtype: DType,
+    pub out: PathBuf,
+    pub variant: &'static Variant,
+}
+
+/// What a run did.
+pub struct Report {
+    pub written: Vec<PathBuf>,
+    /// Items that could not be made (bad prompt), with the reason.
+    pub failed: Vec<String>,
+}
+
+/// Generates every item. Existing files are kept and skipped; an item whose prompt is refused is
+/// reported and the rest go on.
+pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
+    let (height, width) = (s.height.unwrap_or(models.default_size), s.width.unwrap_or(models.default_size));
+    for (flag, v) in [("--height", height), ("--width", width)] {
+        if v == 0 || v % 32 != 0 {
+            bail!("{flag} {v} is not a positive multiple of 32 (the VAE upscales latents 32x)");
+        }
+    }
+    if s.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if models.builtin {
+        eprintln!(
+            "note: no OpenUni weights configured or cached; using the built-in tiny random model ({}). \
+             It exercises every stage, but its pictures are not meaningful. See README for the real weights.",
+            tiny_model::default_dir().display()
+        );
+    }
+    std::fs::create_dir_all(&s.out).with_context(|| format!("{}: cannot create the output folder", s.out.display()))?;
+    let model = OpenUni::load(
+        &ModelPaths { llm: &models.llm, openuni: &models.openuni, transformer: &models.transformer, vae: &models.vae },
+        models.connector.clone(),
+    )?;
+    let tok = PromptTokenizer::from_dir(&models.llm)?;
+    let max_tokens = model.llm_cfg.max_position_embeddings.saturating_sub(model.num_queries);
+    let run = RunOptions { device: s.device, dtype: s.dtype };
+    let up = model.vae_cfg.upscale();
+    if height % up != 0 || width % up != 0 {
+        bail!("--height/--width {height}x{width} are not multiples of the VAE's {up}x upscaling");
+    }
+    let (lh, lw) = (height / up, width / up);
+    let shift = flow_shift(&models.transformer)?;
+
+    let todo: Vec<(usize, &Item, PathBuf)> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (i, it, s.out.join(format!("{i:05}-{}-{}.png", it.seed, slug(&it.prompt)))))
+        .filter(|(_, _, p)| {
+            let exists = p.exists();
+            if exists {
+                eprintln!("{}: exists, skipped", p.display());
+            }
+            !exists
+        })
+        .collect();
+    let bar = ProgressBar::new((todo.len() * s.steps) as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}").expect("valid template"));
+    let start = Instant::now();
+    let (mut written, mut failed) = (vec![], vec![]);
+    for (n, (i, it, path)) in todo.iter().enumerate() {
+        let ids = match tok.encode(&it.prompt, it.negative_prompt.as_deref(), max_tokens) {
+            Ok(ids) => ids,
+            Err(e) => {
+                let msg = format!("item {i}: {e}; skipped");
+                bar.suspend(|| eprintln!("{msg}"));
+                failed.push(msg);
+                continue;
+            }
+        };
+        let c = model.condition(&ids.cond, &ids.uncond, run)?;
+        let z = noise(it.seed, model.transformer_cfg.in_channels, lh, lw);
+        let latents = model.denoise(&c.prompt_embeds, &z, s.steps, s.guidance, shift, run, |_| bar.inc(1))?;
+        let decoded = model.decode(&latents, run)?;
+        let (pixels, _) = to_uint8_nhwc(&decoded)?;
+        let meta = vec![
+            ("Software".to_string(), format!("openuni {}", env!("CARGO_PKG_VERSION"))),
+            ("prompt".into(), it.prompt.clone()),
+            ("negative_prompt".into(), it.negative_prompt.clone().unwrap_or_default()),
+            ("seed".into(), it.seed.to_string()),
+            ("steps".into(), s.steps.to_string()),
+            ("guidance".into(), s.guidance.to_string()),
+            ("flow_shift".into(), shift.to_string()),
+            ("size".into(), format!("{width}x{height}")),
+            ("model".into(), if models.builtin { "built-in tiny random model (not meaningful)".into() } else { s.variant.name.to_string() }),
+            ("device".into(), format!("{} {}", s.device, s.dtype)),
+        ];
+        write_png(path, &pixels, width, height, &meta)?;
+        written.push(path.clone());
+        let rate = (n + 1) as f64 / start.elapsed().as_secs_f64();
+        bar.set_message(format!("{}/{} images, {rate:.2} images/s", n + 1, todo.len()));
+    }
+    bar.finish_and_clear();
+    Ok(Report { written, failed })
+}

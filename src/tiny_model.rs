@@ -1,0 +1,186 @@
+//! The built-in tiny OpenUni: the real structure (Qwen2 LLM, meta-queries, connector, projector,
+//! SANA transformer, DC-AE decoder) at toy widths with seeded random weights. It lets a fresh
+//! machine with no downloaded weights run `openuni generate` through every stage, including the
+//! loaders: the model is written to disk in the upstream layouts and read back like a real one.
+//! Its pictures are not meaningful.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use openuni_graph::{Graph, GraphBuilder};
+use openuni_models::connector::{self, ConnectorConfig};
+use openuni_models::dcae::{self, DcaeConfig};
+use openuni_models::qwen2::{self, Qwen2Config};
+use openuni_models::sana::{self, SanaConfig};
+use openuni_tensor::{write_safetensors, HostTensor, Shape};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use crate::pipeline::ModelPaths;
+
+const TOKENIZER: &str = include_str!("../assets/tiny_tokenizer.json");
+const SEED: u64 = 20250530;
+/// Bumped whenever the tiny model's structure or initialisation changes (cache key).
+const VERSION: u32 = 1;
+pub const NUM_QUERIES: usize = 16;
+/// The default picture size of the tiny model.
+pub const SIZE: usize = 256;
+
+fn llm_config() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 328,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "tie_word_embeddings": false
+    })
+}
+
+pub fn connector_config() -> ConnectorConfig {
+    ConnectorConfig { hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, num_hidden_layers: 2, layer_norm_eps: 1e-6, hidden_act: "gelu_pytorch_tanh".into() }
+}
+
+fn transformer_config() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "SanaTransformer2DModel", "in_channels": 32, "out_channels": 32,
+        "num_attention_heads": 2, "attention_head_dim": 32, "num_layers": 2,
+        "num_cross_attention_heads": 2, "cross_attention_head_dim": 32, "cross_attention_dim": 64,
+        "caption_channels": 48, "mlp_ratio": 2.5, "attention_bias": false, "sample_size": 8,
+        "patch_size": 1, "norm_elementwise_affine": false, "norm_eps": 1e-6,
+        "interpolation_scale": null, "qk_norm": null
+    })
+}
+
+fn vae_config() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "AutoencoderDC", "latent_channels": 32, "attention_head_dim": 8,
+        "decoder_block_out_channels": [8, 8, 16, 16, 32, 64],
+        "decoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"],
+        "decoder_layers_per_block": [1, 1, 1, 1, 1, 1],
+        "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+        "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu", "decoder_in_shortcut": true,
+        "decoder_conv_act_fn": "relu", "upsample_block_type": "interpolate", "scaling_factor": 0.41407
+    })
+}
+
+/// A weight's random value: norms' weights near 1, biases small, matrices ~ 1/sqrt(fan_in).
+fn init(name: &str, shape: &Shape, rng: &mut rand::rngs::StdRng) -> HostTensor {
+    let n = shape.numel();
+    let fan_in: usize = shape.dims().iter().skip(1).product::<usize>().max(1);
+    let normal = Normal::new(0.0f32, 1.0).expect("valid normal");
+    let mut draw = |scale: f32, offset: f32| (0..n).map(|_| offset + scale * normal.sample(rng)).collect::<Vec<_>>();
+    let v = if shape.rank() == 1 && name.ends_with(".weight") {
+        draw(0.05, 1.0)
+    } else if shape.rank() == 1 {
+        draw(0.02, 0.0)
+    } else if name.contains("scale_shift_table") || name == "meta_queries" {
+        draw(1.0 / (shape.last() as f32).sqrt(), 0.0)
+    } else {
+        draw(1.0 / (fan_in as f32).sqrt(), 0.0)
+    };
+    HostTensor::from_f32(shape.clone(), v).expect("sized")
+}
+
+/// Random weights for every weight a graph reads, plus `extra` named shapes.
+fn weights_of(graphs: &[&Graph], extra: &[(&str, Vec<usize>)], rng: &mut rand::rngs::StdRng) -> Vec<(String, HostTensor)> {
+    let mut seen = HashMap::new();
+    for g in graphs {
+        for (id, name) in g.weights() {
+            seen.entry(name.to_string()).or_insert_with(|| g.shape(id).clone());
+        }
+    }
+    for (name, s) in extra {
+        seen.insert(name.to_string(), Shape::new(s.clone()));
+    }
+    let mut names: Vec<_> = seen.into_iter().collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    names.into_iter().map(|(n, s)| (n.clone(), init(&n, &s, rng))).collect()
+}
+
+fn save(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
+    write_safetensors(path, tensors.iter().map(|(k, v)| (k.as_str(), v)), None)?;
+    Ok(())
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v)?).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// Where the tiny model lives; it is (re)written there when missing.
+pub fn default_dir() -> PathBuf {
+    let base = std::env::var_os("OPENUNI_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/openuni")).unwrap_or_else(|| PathBuf::from(".openuni-cache"))
+    });
+    base.join(format!("tiny-model-v{VERSION}"))
+}
+
+/// Writes the tiny model under `dir` (once) and returns its paths.
+pub fn ensure(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf)> {
+    let (llm, transformer, vae) = (dir.join("llm"), dir.join("transformer"), dir.join("vae"));
+    let openuni = dir.join("openuni.safetensors");
+    let done = dir.join(".complete");
+    if !done.exists() {
+        build(dir, &llm, &transformer, &vae, &openuni).with_context(|| format!("writing the built-in tiny model to {}", dir.display()))?;
+        std::fs::write(&done, b"")?;
+    }
+    Ok((llm, openuni, transformer, vae))
+}
+
+fn build(dir: &Path, llm: &Path, transformer: &Path, vae: &Path, openuni: &Path) -> Result<()> {
+    for d in [dir, llm, transformer, vae] {
+        std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create", d.display()))?;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
+
+    // LLM (Qwen2 folder layout).
+    let lc: Qwen2Config = serde_json::from_value(llm_config())?;
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", [1, 4, lc.hidden_size])?;
+    qwen2::build(&mut b, &lc, "model.", x, "tiny llm")?;
+    let g = b.finish();
+    let w = weights_of(&[&g], &[("model.embed_tokens.weight", vec![lc.vocab_size, lc.hidden_size])], &mut rng);
+    save(&llm.join("model.safetensors"), &w)?;
+    write_json(&llm.join("config.json"), &llm_config())?;
+    std::fs::write(llm.join("tokenizer.json"), TOKENIZER)?;
+
+    // OpenUni checkpoint: meta-queries, connector, projector.
+    let cc = connector_config();
+    let tc: SanaConfig = serde_json::from_value(transformer_config())?;
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", [1, NUM_QUERIES, cc.hidden_size])?;
+    connector::build(&mut b, &cc, "connector.", x, "tiny connector")?;
+    let g = b.finish();
+    let extra = [
+        ("meta_queries", vec![NUM_QUERIES, lc.hidden_size]),
+        ("projector.weight", vec![tc.caption_channels, cc.hidden_size]),
+        ("projector.bias", vec![tc.caption_channels]),
+    ];
+    save(openuni, &weights_of(&[&g], &extra, &mut rng))?;
+
+    // Transformer (diffusers folder layout).
+    let mut b = GraphBuilder::new();
+    let enc = b.input("enc", [2, NUM_QUERIES, tc.caption_channels])?;
+    let (_, kv) = sana::caption_path(&mut b, &tc, enc)?;
+    let xs = b.input("x", [2, tc.in_channels, 2, 2])?;
+    let t = b.input("t", [2])?;
+    sana::denoise(&mut b, &tc, xs, t, &kv, None, 2, 2)?;
+    let g = b.finish();
+    save(&transformer.join("diffusion_pytorch_model.safetensors"), &weights_of(&[&g], &[], &mut rng))?;
+    write_json(&transformer.join("config.json"), &transformer_config())?;
+
+    // VAE (diffusers AutoencoderDC folder layout, decoder only).
+    let vc: DcaeConfig = serde_json::from_value(vae_config())?;
+    let mut b = GraphBuilder::new();
+    let z = b.input("z", [1, vc.latent_channels, 4, 4])?;
+    dcae::decoder(&mut b, &vc, z, "tiny vae")?;
+    let g = b.finish();
+    save(&vae.join("diffusion_pytorch_model.safetensors"), &weights_of(&[&g], &[], &mut rng))?;
+    write_json(&vae.join("config.json"), &vae_config())?;
+    Ok(())
+}
+
+/// The tiny model's paths as the pipeline takes them.
+pub fn paths(p: &(PathBuf, PathBuf, PathBuf, PathBuf)) -> ModelPaths<'_> {
+    ModelPaths { llm: &p.0, openuni: &p.1, transformer: &p.2, vae: &p.3 }
+}

@@ -1,0 +1,82 @@
+//! `openuni generate` with the built-in tiny model: PNGs of the asked size with their parameters,
+//! re-runs skip finished images, and bad input is reported clearly.
+
+use std::path::Path;
+use std::process::Command;
+
+use openuni::image::read_png;
+
+fn generate(cache: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_openuni"))
+        .arg("generate")
+        .args(args)
+        .env("OPENUNI_CACHE", cache)
+        // No Hugging Face cache: the built-in model must be chosen.
+        .env("HF_HUB_CACHE", cache.join("no-hub"))
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn builtin_model_writes_pngs_with_parameters_and_skips_existing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let args = ["--prompt", "a red bicycle", "--steps", "2", "--height", "64", "--width", "96", "--seed", "7", "--out", out.to_str().unwrap()];
+    let (code, stdout, stderr) = generate(tmp.path(), &args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("not meaningful"), "{stderr}");
+    let file = out.join("00000-7-a-red-bicycle.png");
+    assert!(stdout.contains("00000-7-a-red-bicycle.png"), "{stdout}");
+    let (w, h, rgb, text) = read_png(&file).unwrap();
+    assert_eq!((w, h, rgb.len()), (96, 64, 96 * 64 * 3));
+    let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
+    assert_eq!(get("prompt").as_deref(), Some("a red bicycle"));
+    assert_eq!(get("seed").as_deref(), Some("7"));
+    assert_eq!(get("steps").as_deref(), Some("2"));
+    // Not a constant image: the whole path ran.
+    assert!(rgb.iter().any(|&v| v != rgb[0]));
+
+    let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let (code, _, stderr) = generate(tmp.path(), &args);
+    assert_eq!(code, 0);
+    assert!(stderr.contains("exists, skipped"), "{stderr}");
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), before);
+
+    // The same seed reproduces the same pixels.
+    let out2 = tmp.path().join("out2");
+    let mut args2 = args.to_vec();
+    *args2.last_mut().unwrap() = out2.to_str().unwrap();
+    assert_eq!(generate(tmp.path(), &args2).0, 0);
+    assert_eq!(read_png(&out2.join("00000-7-a-red-bicycle.png")).unwrap().2, rgb);
+}
+
+#[test]
+fn prompts_file_reports_bad_lines_and_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "a cat\n{\"prompt\": \"a dog\", \"seed\": 3}\n{\"prompt\": 5}\n\n# comment\n").unwrap();
+    let out = tmp.path().join("out");
+    let (code, stdout, stderr) =
+        generate(tmp.path(), &["--prompts", prompts.to_str().unwrap(), "--steps", "1", "--height", "32", "--width", "32", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 1, "a skipped line makes the exit code non-zero: {stderr}");
+    assert!(stderr.contains("p.txt:3: no string `prompt`"), "{stderr}");
+    assert!(stdout.contains("00000-42-a-cat.png") && stdout.contains("00001-3-a-dog.png"), "{stdout}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, _, err) = generate(tmp.path(), &["--prompt", "x", "--variant", "xl"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--variant `xl`"), "{err}");
+    let (code, _, err) = generate(tmp.path(), &["--prompt", "x", "--height", "100", "--out", tmp.path().to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--height 100"), "{err}");
+    let (code, _, err) = generate(tmp.path(), &["--prompt", "x", "--mllm", "/nowhere"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not found") && err.contains("--checkpoint"), "{err}");
+    let (code, _, err) = generate(tmp.path(), &["--prompt", "   ", "--out", tmp.path().to_str().unwrap(), "--height", "32", "--width", "32"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("empty"), "{err}");
+}
