@@ -34,7 +34,12 @@ fn main() {
     let test_kernels_dir = manifest.join("tests/kernels");
     let emu_include = manifest.join("include");
 
-    for p in [&kernels_dir, &test_kernels_dir, &emu_include, &manifest.join("csrc")] {
+    for p in [
+        &kernels_dir,
+        &test_kernels_dir,
+        &emu_include,
+        &manifest.join("csrc"),
+    ] {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     println!("cargo:rerun-if-changed=build.rs");
@@ -81,7 +86,8 @@ fn main() {
 
     // 1 + 2: preprocess and rewrite each source.
     let mut pp = base.clone();
-    pp.include(&emu_include).include(root.join("kernels/include"));
+    pp.include(&emu_include)
+        .include(root.join("kernels/include"));
     for d in &cuda_dirs {
         pp.include(d);
     }
@@ -108,10 +114,17 @@ fn main() {
         let tu = rewrite(&text, idx, src);
         for k in &tu.kernels {
             if !seen_kernels.insert(k.clone()) {
-                panic!("kernel `{k}` is defined in two .cu files ({}); names must be unique", src.display());
+                panic!(
+                    "kernel `{k}` is defined in two .cu files ({}); names must be unique",
+                    src.display()
+                );
             }
         }
-        let stem = src.file_stem().unwrap().to_string_lossy().replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+        let stem = src
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
         let ii = out.join(format!("tu{idx}_{stem}.ii"));
         write_if_changed(&ii, &tu.text);
         rewritten.push(ii);
@@ -139,12 +152,19 @@ fn main() {
     for idx in 0..sources.len() {
         write!(table, "&openuni_emu_tu_{idx}, ").unwrap();
     }
-    writeln!(table, "nullptr}};\nconst unsigned openuni_emu_ntus = {};\n}}", sources.len()).unwrap();
+    writeln!(
+        table,
+        "nullptr}};\nconst unsigned openuni_emu_ntus = {};\n}}",
+        sources.len()
+    )
+    .unwrap();
     let table_cpp = out.join("openuni_emu_table.cpp");
     write_if_changed(&table_cpp, &table);
 
     let mut rt = base.clone();
-    rt.include(&emu_include).file(manifest.join("csrc/runtime.cpp")).file(&table_cpp);
+    rt.include(&emu_include)
+        .file(manifest.join("csrc/runtime.cpp"))
+        .file(&table_cpp);
     objects.extend(rt.compile_intermediates());
 
     let mut lib = cc::Build::new();
@@ -168,7 +188,10 @@ fn list_cu(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn write_if_changed(path: &Path, text: &str) {
-    if fs::read_to_string(path).map(|old| old != text).unwrap_or(true) {
+    if fs::read_to_string(path)
+        .map(|old| old != text)
+        .unwrap_or(true)
+    {
         fs::write(path, text).unwrap();
     }
 }
@@ -177,7 +200,12 @@ fn write_if_changed(path: &Path, text: &str) {
 fn localize(obj: &Path) {
     let nm = env::var("NM").unwrap_or_else(|_| "nm".into());
     let objcopy = env::var("OBJCOPY").unwrap_or_else(|_| "objcopy".into());
-    let out = Command::new(&nm).arg("-g").arg("--defined-only").arg(obj).output().expect("running nm");
+    let out = Command::new(&nm)
+        .arg("-g")
+        .arg("--defined-only")
+        .arg(obj)
+        .output()
+        .expect("running nm");
     assert!(out.status.success(), "nm failed on {}", obj.display());
     let mut names = String::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -262,35 +290,67 @@ fn tokenize(s: &str) -> Vec<Tok> {
                     j += 1;
                 }
                 let close = format!("){}\"", &s[d0..j]);
-                let end = s[j..].find(&close).map(|p| j + p + close.len()).unwrap_or(b.len());
-                toks.push(Tok { start, end, kind: Kind::Str });
+                let end = s[j..]
+                    .find(&close)
+                    .map(|p| j + p + close.len())
+                    .unwrap_or(b.len());
+                toks.push(Tok {
+                    start,
+                    end,
+                    kind: Kind::Str,
+                });
                 i = end;
                 continue;
             }
-            if i < b.len() && (b[i] == b'"' || b[i] == b'\'') && matches!(&s[start..i], "u8" | "u" | "U" | "L") {
+            if i < b.len()
+                && (b[i] == b'"' || b[i] == b'\'')
+                && matches!(&s[start..i], "u8" | "u" | "U" | "L")
+            {
                 i = skip_quoted(b, i);
-                toks.push(Tok { start, end: i, kind: Kind::Str });
+                toks.push(Tok {
+                    start,
+                    end: i,
+                    kind: Kind::Str,
+                });
                 continue;
             }
-            toks.push(Tok { start, end: i, kind: Kind::Ident });
-        } else if c.is_ascii_digit() || (c == b'.' && i + 1 < b.len() && b[i + 1].is_ascii_digit()) {
+            toks.push(Tok {
+                start,
+                end: i,
+                kind: Kind::Ident,
+            });
+        } else if c.is_ascii_digit() || (c == b'.' && i + 1 < b.len() && b[i + 1].is_ascii_digit())
+        {
             while i < b.len() {
                 let d = b[i];
                 if d.is_ascii_alphanumeric() || d == b'.' || d == b'_' || d == b'\'' {
                     i += 1;
-                } else if (d == b'+' || d == b'-') && matches!(b[i - 1], b'e' | b'E' | b'p' | b'P') {
+                } else if (d == b'+' || d == b'-') && matches!(b[i - 1], b'e' | b'E' | b'p' | b'P')
+                {
                     i += 1;
                 } else {
                     break;
                 }
             }
-            toks.push(Tok { start, end: i, kind: Kind::Number });
+            toks.push(Tok {
+                start,
+                end: i,
+                kind: Kind::Number,
+            });
         } else if c == b'"' || c == b'\'' {
             i = skip_quoted(b, i);
-            toks.push(Tok { start, end: i, kind: Kind::Str });
+            toks.push(Tok {
+                start,
+                end: i,
+                kind: Kind::Str,
+            });
         } else {
             i += 1;
-            toks.push(Tok { start, end: i, kind: Kind::Punct });
+            toks.push(Tok {
+                start,
+                end: i,
+                kind: Kind::Punct,
+            });
         }
     }
     toks
@@ -339,8 +399,19 @@ fn rewrite(src: &str, idx: usize, path: &Path) -> Tu {
                 let prev = if i > 0 { t(i - 1) } else { "" };
                 let kind = if prev == "\"C\"" && i >= 2 && t(i - 2) == "extern" {
                     Block::ExternC
-                } else if matches!(prev, ")" | "]" | "else" | "do" | "try" | "const" | "noexcept" | "override" | "final" | "mutable")
-                    || (stack.last() == Some(&Block::Code) && matches!(prev, ";" | "{" | "}" | ":"))
+                } else if matches!(
+                    prev,
+                    ")" | "]"
+                        | "else"
+                        | "do"
+                        | "try"
+                        | "const"
+                        | "noexcept"
+                        | "override"
+                        | "final"
+                        | "mutable"
+                ) || (stack.last() == Some(&Block::Code)
+                    && matches!(prev, ";" | "{" | "}" | ":"))
                 {
                     Block::Code
                 } else {
@@ -353,7 +424,8 @@ fn rewrite(src: &str, idx: usize, path: &Path) -> Tu {
             }
             "__openuni_emu_global__" => {
                 edits.push((toks[i].start, tok.len(), String::new()));
-                let extern_c = (i >= 2 && t(i - 1) == "\"C\"" && t(i - 2) == "extern") || stack.contains(&Block::ExternC);
+                let extern_c = (i >= 2 && t(i - 1) == "\"C\"" && t(i - 2) == "extern")
+                    || stack.contains(&Block::ExternC);
                 let templated = i >= 1 && t(i - 1) == ">";
                 if extern_c && !templated {
                     let mut j = i + 1;
@@ -381,13 +453,22 @@ fn rewrite(src: &str, idx: usize, path: &Path) -> Tu {
                     let mut j = i + 1;
                     while j + 1 < toks.len() && t(j) != ";" {
                         if t(j) == "[" && t(j + 1) == "]" {
-                            edits.push((toks[j + 1].end, 0, " __asm__(\"openuni_emu_dyn_smem\")".into()));
+                            edits.push((
+                                toks[j + 1].end,
+                                0,
+                                " __asm__(\"openuni_emu_dyn_smem\")".into(),
+                            ));
                             break;
                         }
                         j += 1;
                     }
                 } else {
-                    let mut repl = if prev == "static" { "__thread" } else { "static __thread" }.to_string();
+                    let mut repl = if prev == "static" {
+                        "__thread"
+                    } else {
+                        "static __thread"
+                    }
+                    .to_string();
                     if is(i + 1, "static") {
                         edits.push((toks[i + 1].start, "static".len(), String::new()));
                         repl = "static __thread".into();
@@ -438,7 +519,11 @@ fn rewrite(src: &str, idx: usize, path: &Path) -> Tu {
     text.push_str("\n# 1 \"<openuni-emu registry>\"\n");
     text.push_str("static const openuni_emu_kernel_desc openuni_emu_kernels_of_tu[] = {\n");
     for k in &kernels {
-        writeln!(text, "  openuni_emu::make_desc(&{k}, \"{k}\", &openuni_emu::launch_tramp<&{k}>),").unwrap();
+        writeln!(
+            text,
+            "  openuni_emu::make_desc(&{k}, \"{k}\", &openuni_emu::launch_tramp<&{k}>),"
+        )
+        .unwrap();
     }
     text.push_str("  {nullptr, 0, nullptr, nullptr, nullptr}};\n");
     text.push_str("static const openuni_emu_global_desc openuni_emu_globals_of_tu[] = {\n");
@@ -446,7 +531,11 @@ fn rewrite(src: &str, idx: usize, path: &Path) -> Tu {
         writeln!(text, "  {{\"{g}\", (void*)&{g}, sizeof({g})}},").unwrap();
     }
     text.push_str("  {nullptr, nullptr, 0}};\n");
-    let path_lit = path.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+    let path_lit = path
+        .display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
     writeln!(
         text,
         "extern \"C\" {{ extern const openuni_emu_tu openuni_emu_tu_{idx}; }}\n\

@@ -118,14 +118,23 @@ pub fn env_threads() -> usize {
             .ok()
             .and_then(|s| s.parse::<usize>().ok())
             .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4))
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+                    .min(4)
+            })
     })
 }
 
 fn stack_size() -> usize {
     static S: OnceLock<usize> = OnceLock::new();
     *S.get_or_init(|| {
-        std::env::var("OPENUNI_EMU_STACK_KB").ok().and_then(|s| s.parse::<usize>().ok()).unwrap_or(128) * 1024
+        std::env::var("OPENUNI_EMU_STACK_KB")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(128)
+            * 1024
     })
 }
 
@@ -158,7 +167,13 @@ unsafe fn suspend(r: *mut Rec) {
     (*(*r).yielder).suspend(());
 }
 
-unsafe extern "C" fn hook_block_sync(t: *mut ThreadState, kind: c_int, pred: c_int, file: *const c_char, line: c_int) {
+unsafe extern "C" fn hook_block_sync(
+    t: *mut ThreadState,
+    kind: c_int,
+    pred: c_int,
+    file: *const c_char,
+    line: c_int,
+) {
     let r = rec_of(t);
     (*r).status = WAIT_BLOCK;
     (*r).kind = kind;
@@ -168,7 +183,12 @@ unsafe extern "C" fn hook_block_sync(t: *mut ThreadState, kind: c_int, pred: c_i
     suspend(r);
 }
 
-unsafe extern "C" fn hook_warp_sync(t: *mut ThreadState, mask: u32, file: *const c_char, line: c_int) {
+unsafe extern "C" fn hook_warp_sync(
+    t: *mut ThreadState,
+    mask: u32,
+    file: *const c_char,
+    line: c_int,
+) {
     let r = rec_of(t);
     (*r).status = WAIT_WARP;
     (*r).mask = mask;
@@ -183,11 +203,21 @@ unsafe extern "C" fn hook_yield(t: *mut ThreadState) {
     suspend(r);
 }
 
-unsafe extern "C" fn hook_fail(t: *mut ThreadState, code: c_int, msg: *const c_char, file: *const c_char, line: c_int) {
+unsafe extern "C" fn hook_fail(
+    t: *mut ThreadState,
+    code: c_int,
+    msg: *const c_char,
+    file: *const c_char,
+    line: c_int,
+) {
     let r = rec_of(t);
     (*r).status = FAILED;
     (*r).fail_code = code;
-    (*r).fail_msg = if msg.is_null() { String::new() } else { CStr::from_ptr(msg).to_string_lossy().into_owned() };
+    (*r).fail_msg = if msg.is_null() {
+        String::new()
+    } else {
+        CStr::from_ptr(msg).to_string_lossy().into_owned()
+    };
     (*r).file = file;
     (*r).line = line;
     // The scheduler never resumes a failed fiber; it is reset with the rest of the block.
@@ -262,7 +292,13 @@ fn site(file: *const c_char, line: i32) -> String {
 }
 
 #[cfg(not(openuni_emu_no_kernels))]
-fn run_block(k: &Kernel, cfg: &LaunchConfig, b: u64, params: Params, order: Order) -> Result<(), LaunchError> {
+fn run_block(
+    k: &Kernel,
+    cfg: &LaunchConfig,
+    b: u64,
+    params: Params,
+    order: Order,
+) -> Result<(), LaunchError> {
     WORKER.with(|w| {
         let mut w = w.borrow_mut();
         let w = &mut *w;
@@ -270,20 +306,36 @@ fn run_block(k: &Kernel, cfg: &LaunchConfig, b: u64, params: Params, order: Orde
         let [gx, gy, _] = cfg.grid;
         let n = (bx * by * bz) as usize;
         let nwarps = n.div_ceil(32);
-        let bid = [(b % gx as u64) as u32, ((b / gx as u64) % gy as u64) as u32, (b / (gx as u64 * gy as u64)) as u32];
+        let bid = [
+            (b % gx as u64) as u32,
+            ((b / gx as u64) % gy as u64) as u32,
+            (b / (gx as u64 * gy as u64)) as u32,
+        ];
 
         w.xchg.resize(nwarps * 32 * 2 * XCHG_SLOT, 0);
         w.warps.clear();
         for i in 0..nwarps {
             let cnt = (n - i * 32).min(32);
-            let existing = if cnt == 32 { u32::MAX } else { (1u32 << cnt) - 1 };
-            w.warps.push(Warp { existing, exited: 0, arrived: 0 });
+            let existing = if cnt == 32 {
+                u32::MAX
+            } else {
+                (1u32 << cnt) - 1
+            };
+            w.warps.push(Warp {
+                existing,
+                exited: 0,
+                arrived: 0,
+            });
         }
         w.recs.clear();
         w.recs.reserve(n);
         let xchg = w.xchg.as_mut_ptr();
         for lin in 0..n {
-            let (x, y, z) = (lin as u32 % bx, (lin as u32 / bx) % by, lin as u32 / (bx * by));
+            let (x, y, z) = (
+                lin as u32 % bx,
+                (lin as u32 / bx) % by,
+                lin as u32 / (bx * by),
+            );
             w.recs.push(Rec {
                 st: ThreadState {
                     tid: [x, y, z],
@@ -325,7 +377,13 @@ fn run_block(k: &Kernel, cfg: &LaunchConfig, b: u64, params: Params, order: Orde
                 }
             }
         });
-        unsafe { std::ptr::write_bytes(openuni_emu_dyn_smem_ptr(), 0xFF, (cfg.dyn_smem as usize).min(MAX_DYN_SMEM)) };
+        unsafe {
+            std::ptr::write_bytes(
+                openuni_emu_dyn_smem_ptr(),
+                0xFF,
+                (cfg.dyn_smem as usize).min(MAX_DYN_SMEM),
+            )
+        };
 
         // One fiber per CUDA thread, on reused guard-paged stacks.
         let launch = k.launch;
@@ -340,13 +398,16 @@ fn run_block(k: &Kernel, cfg: &LaunchConfig, b: u64, params: Params, order: Orde
             };
             let rec = unsafe { recs.add(lin) } as usize;
             let p = params;
-            w.fibers.push(Some(Coroutine::with_stack(stack, move |y: &Yielder<(), ()>, ()| {
-                let p = p;
-                unsafe {
-                    (*(rec as *mut Rec)).yielder = y as *const _;
-                    launch(p.0);
-                }
-            })));
+            w.fibers.push(Some(Coroutine::with_stack(
+                stack,
+                move |y: &Yielder<(), ()>, ()| {
+                    let p = p;
+                    unsafe {
+                        (*(rec as *mut Rec)).yielder = y as *const _;
+                        launch(p.0);
+                    }
+                },
+            )));
         }
 
         let result = schedule(w, recs, n, order);
@@ -354,7 +415,10 @@ fn run_block(k: &Kernel, cfg: &LaunchConfig, b: u64, params: Params, order: Orde
             let (bx_, by_, bz_) = (bid[0], bid[1], bid[2]);
             LaunchError {
                 code: msg.0,
-                message: format!("kernel `{}` ({}), block ({bx_},{by_},{bz_}) of {} threads: {}", k.name, k.file, n, msg.1),
+                message: format!(
+                    "kernel `{}` ({}), block ({bx_},{by_},{bz_}) of {} threads: {}",
+                    k.name, k.file, n, msg.1
+                ),
             }
         });
 
@@ -381,14 +445,22 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
     let mut waiting_block = 0usize;
     loop {
         for wi in 0..nwarps {
-            let wi = if order == Order::Reverse { nwarps - 1 - wi } else { wi };
+            let wi = if order == Order::Reverse {
+                nwarps - 1 - wi
+            } else {
+                wi
+            };
             let first = wi * 32;
             let cnt = (n - first).min(32);
             // Passes over the warp's lanes until none of them can run.
             loop {
                 let mut progressed = false;
                 for li in 0..cnt {
-                    let lane = if order == Order::Reverse { cnt - 1 - li } else { li };
+                    let lane = if order == Order::Reverse {
+                        cnt - 1 - li
+                    } else {
+                        li
+                    };
                     let i = first + lane;
                     let r = unsafe { &mut *recs.add(i) };
                     if r.status != RUNNABLE {
@@ -426,7 +498,9 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
                         }
                         CoroutineResult::Yield(()) => match r.status {
                             WAIT_BLOCK => waiting_block += 1,
-                            WAIT_WARP => warp_arrive(&mut w.warps[wi], recs, first, cnt, lane, wi, n)?,
+                            WAIT_WARP => {
+                                warp_arrive(&mut w.warps[wi], recs, first, cnt, lane, wi, n)?
+                            }
                             FAILED => {
                                 return Err((
                                     r.fail_code,
@@ -459,7 +533,9 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
             let (mut count, mut all, mut any) = (0i32, true, false);
             for i in 0..n {
                 let r = unsafe { &*recs.add(i) };
-                same &= r.kind == r0.kind && r.line == r0.line && (r.file == r0.file || site(r.file, 0) == site(r0.file, 0));
+                same &= r.kind == r0.kind
+                    && r.line == r0.line
+                    && (r.file == r0.file || site(r.file, 0) == site(r0.file, 0));
                 count += r.pred;
                 all &= r.pred != 0;
                 any |= r.pred != 0;
@@ -467,7 +543,10 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
             if !same {
                 return Err((
                     CUDA_ERROR_LAUNCH_FAILED,
-                    format!("barrier deadlock: the threads wait at different barriers\n{}", describe(recs, n)),
+                    format!(
+                        "barrier deadlock: the threads wait at different barriers\n{}",
+                        describe(recs, n)
+                    ),
                 ));
             }
             let result = match r0.kind {
@@ -491,13 +570,24 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
         } else {
             "warp operations cannot complete"
         };
-        return Err((CUDA_ERROR_LAUNCH_FAILED, format!("barrier deadlock: {what}\n{}", describe(recs, n))));
+        return Err((
+            CUDA_ERROR_LAUNCH_FAILED,
+            format!("barrier deadlock: {what}\n{}", describe(recs, n)),
+        ));
     }
 }
 
 /// A lane arrived at a warp exchange: release the lanes named in the mask once all of them have.
 #[inline]
-fn warp_arrive(warp: &mut Warp, recs: *mut Rec, first: usize, cnt: usize, lane: usize, wi: usize, n: usize) -> Result<(), (i32, String)> {
+fn warp_arrive(
+    warp: &mut Warp,
+    recs: *mut Rec,
+    first: usize,
+    cnt: usize,
+    lane: usize,
+    wi: usize,
+    n: usize,
+) -> Result<(), (i32, String)> {
     let r = unsafe { &*recs.add(first + lane) };
     let eff = r.mask & warp.existing;
     if eff & (1 << lane) == 0 {
@@ -559,10 +649,19 @@ fn describe(recs: *mut Rec, n: usize) -> String {
         match r.status {
             RUNNABLE => "runnable".into(),
             WAIT_BLOCK => {
-                let name = ["__syncthreads()", "__syncthreads_count()", "__syncthreads_and()", "__syncthreads_or()"][r.kind.clamp(0, 3) as usize];
+                let name = [
+                    "__syncthreads()",
+                    "__syncthreads_count()",
+                    "__syncthreads_and()",
+                    "__syncthreads_or()",
+                ][r.kind.clamp(0, 3) as usize];
                 format!("waiting at {name} {}", site(r.file, r.line))
             }
-            WAIT_WARP => format!("waiting in a warp operation at {} (mask {:#010x})", site(r.file, r.line), r.mask),
+            WAIT_WARP => format!(
+                "waiting in a warp operation at {} (mask {:#010x})",
+                site(r.file, r.line),
+                r.mask
+            ),
             EXITED => "exited".into(),
             _ => "failed".into(),
         }
@@ -610,7 +709,11 @@ fn run_job(job: &Job) {
         if i >= job.total {
             return;
         }
-        let b = if job.order == Order::Reverse { job.total - 1 - i } else { i };
+        let b = if job.order == Order::Reverse {
+            job.total - 1 - i
+        } else {
+            i
+        };
         if let Err(e) = run_block(job.kernel, &job.cfg, b, job.params, job.order) {
             job.failed.store(true, Ordering::Relaxed);
             let mut slot = job.error.lock().unwrap();
@@ -628,7 +731,9 @@ struct Pool {
 #[cfg(not(openuni_emu_no_kernels))]
 fn pool_send(extra: usize, job: &Arc<Job>) {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    let pool = POOL.get_or_init(|| Pool { senders: Mutex::new(Vec::new()) });
+    let pool = POOL.get_or_init(|| Pool {
+        senders: Mutex::new(Vec::new()),
+    });
     let mut senders = pool.senders.lock().unwrap();
     while senders.len() < extra {
         let (tx, rx) = mpsc::channel::<Arc<Job>>();
@@ -661,18 +766,32 @@ fn finish(job: &Job) {
 pub fn check_config(cfg: &LaunchConfig) -> Result<(), LaunchError> {
     let [bx, by, bz] = cfg.block;
     let [gx, gy, gz] = cfg.grid;
-    let bad = |m: String| Err(LaunchError { code: CUDA_ERROR_INVALID_VALUE, message: m });
+    let bad = |m: String| {
+        Err(LaunchError {
+            code: CUDA_ERROR_INVALID_VALUE,
+            message: m,
+        })
+    };
     if bx == 0 || by == 0 || bz == 0 || gx == 0 || gy == 0 || gz == 0 {
-        return bad(format!("zero-sized grid ({gx},{gy},{gz}) or block ({bx},{by},{bz})"));
+        return bad(format!(
+            "zero-sized grid ({gx},{gy},{gz}) or block ({bx},{by},{bz})"
+        ));
     }
     if bx > 1024 || by > 1024 || bz > 64 || (bx as u64 * by as u64 * bz as u64) > 1024 {
-        return bad(format!("block ({bx},{by},{bz}) exceeds 1024 threads per block (max dims 1024, 1024, 64)"));
+        return bad(format!(
+            "block ({bx},{by},{bz}) exceeds 1024 threads per block (max dims 1024, 1024, 64)"
+        ));
     }
     if gx > i32::MAX as u32 || gy > 65535 || gz > 65535 {
-        return bad(format!("grid ({gx},{gy},{gz}) exceeds the maximum grid size (2^31-1, 65535, 65535)"));
+        return bad(format!(
+            "grid ({gx},{gy},{gz}) exceeds the maximum grid size (2^31-1, 65535, 65535)"
+        ));
     }
     if cfg.dyn_smem as usize > MAX_DYN_SMEM {
-        return bad(format!("{} bytes of dynamic shared memory exceed the 227 KiB per block", cfg.dyn_smem));
+        return bad(format!(
+            "{} bytes of dynamic shared memory exceed the 227 KiB per block",
+            cfg.dyn_smem
+        ));
     }
     Ok(())
 }
@@ -682,12 +801,20 @@ pub fn check_config(cfg: &LaunchConfig) -> Result<(), LaunchError> {
 /// # Safety
 /// `params` must hold `kernel.param_sizes.len()` valid pointers to values of the kernel's parameter types,
 /// and every pointer argument must be valid for what the kernel does with it.
-pub unsafe fn launch(kernel: &'static Kernel, cfg: &LaunchConfig, params: *mut *mut c_void, opts: &LaunchOptions) -> Result<(), LaunchError> {
+pub unsafe fn launch(
+    kernel: &'static Kernel,
+    cfg: &LaunchConfig,
+    params: *mut *mut c_void,
+    opts: &LaunchOptions,
+) -> Result<(), LaunchError> {
     check_config(cfg)?;
     #[cfg(openuni_emu_no_kernels)]
     {
         let _ = (kernel, params, opts);
-        return Err(LaunchError { code: CUDA_ERROR_NOT_FOUND, message: crate::registry::NO_KERNELS_MSG.into() });
+        return Err(LaunchError {
+            code: CUDA_ERROR_NOT_FOUND,
+            message: crate::registry::NO_KERNELS_MSG.into(),
+        });
     }
     #[cfg(not(openuni_emu_no_kernels))]
     {

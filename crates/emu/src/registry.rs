@@ -5,7 +5,8 @@ use std::ffi::{c_char, c_uint, c_void, CStr};
 use std::sync::OnceLock;
 
 /// What every launch says when the crate was built without the CUDA headers.
-pub const NO_KERNELS_MSG: &str = "the emulated GPU was built without kernels because the CUDA headers were not \
+pub const NO_KERNELS_MSG: &str =
+    "the emulated GPU was built without kernels because the CUDA headers were not \
 found at build time; run `eval \"$(bash tools/setup_cuda.sh)\"` and rebuild (tools/build_emu.sh)";
 
 #[repr(C)]
@@ -76,7 +77,11 @@ impl Registry {
     pub fn global(&self, name: &str, tu: Option<usize>) -> Option<&Global> {
         let mut it = self.globals.iter().filter(|g| g.name == name);
         match tu {
-            Some(t) => self.globals.iter().find(|g| g.name == name && g.tu == t).or_else(|| it.next()),
+            Some(t) => self
+                .globals
+                .iter()
+                .find(|g| g.name == name && g.tu == t)
+                .or_else(|| it.next()),
             None => it.next(),
         }
     }
@@ -98,7 +103,11 @@ pub fn kernels_compiled() -> bool {
 pub fn registry() -> &'static Registry {
     static R: OnceLock<Registry> = OnceLock::new();
     R.get_or_init(|| {
-        let mut reg = Registry { kernels: Vec::new(), globals: Vec::new(), by_name: HashMap::new() };
+        let mut reg = Registry {
+            kernels: Vec::new(),
+            globals: Vec::new(),
+            by_name: HashMap::new(),
+        };
         #[cfg(not(openuni_emu_no_kernels))]
         unsafe {
             let tus = std::ptr::addr_of!(openuni_emu_tus) as *const *const RawTu;
@@ -121,7 +130,12 @@ pub fn registry() -> &'static Registry {
                 }
                 for g in 0..tu.nglobals as usize {
                     let raw = &*tu.globals.add(g);
-                    reg.globals.push(Global { name: cstr(raw.name), addr: raw.addr as *mut u8, size: raw.size, tu: t });
+                    reg.globals.push(Global {
+                        name: cstr(raw.name),
+                        addr: raw.addr as *mut u8,
+                        size: raw.size,
+                        tu: t,
+                    });
                 }
             }
         }

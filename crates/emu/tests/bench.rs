@@ -10,8 +10,15 @@ pub fn bench_once(order: Order, threads: usize) -> (std::time::Duration, Vec<f32
     let mut out = vec![0f32; 64 * 256];
     let mut p = out.as_mut_ptr();
     let mut args = [arg(&mut p)];
-    let cfg = LaunchConfig { grid: [64, 1, 1], block: [256, 1, 1], dyn_smem: 0 };
-    let opts = LaunchOptions { order: Some(order), threads: Some(threads) };
+    let cfg = LaunchConfig {
+        grid: [64, 1, 1],
+        block: [256, 1, 1],
+        dyn_smem: 0,
+    };
+    let opts = LaunchOptions {
+        order: Some(order),
+        threads: Some(threads),
+    };
     let t = std::time::Instant::now();
     unsafe { openuni_emu::launch(k, &cfg, args.as_mut_ptr(), &opts) }.unwrap();
     (t.elapsed(), out)

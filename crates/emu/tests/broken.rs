@@ -17,7 +17,15 @@ fn wrong_elements(kernel: &str, order: Order) -> usize {
     let x: Vec<f32> = (0..256).map(|i| i as f32 + 0.5).collect();
     let mut y = vec![0f32; 256];
     let (mut px, mut py) = (x.as_ptr(), y.as_mut_ptr());
-    launch(kernel, [1, 1, 1], [256, 1, 1], 0, order, &mut [arg(&mut px), arg(&mut py)]).unwrap();
+    launch(
+        kernel,
+        [1, 1, 1],
+        [256, 1, 1],
+        0,
+        order,
+        &mut [arg(&mut px), arg(&mut py)],
+    )
+    .unwrap();
     (1..256).filter(|&t| y[t] != x[t - 1]).count()
 }
 
@@ -49,7 +57,8 @@ fn expect_deadlock(kernel: &'static str, block: u32, args_n: Option<i32>) -> Str
         };
         let mut msgs = Vec::new();
         for order in ORDERS {
-            let e = launch(kernel, [1, 1, 1], [block, 1, 1], 0, order, &mut args).expect_err("a broken barrier must fail the launch");
+            let e = launch(kernel, [1, 1, 1], [block, 1, 1], 0, order, &mut args)
+                .expect_err("a broken barrier must fail the launch");
             assert_eq!(e.code, 719, "CUDA_ERROR_LAUNCH_FAILED");
             msgs.push(e.message);
         }
@@ -65,7 +74,10 @@ fn barrier_not_reached_by_all_threads_is_reported() {
     let m = expect_deadlock("emu_test_partial_barrier", 256, None);
     println!("{m}");
     assert!(m.contains("barrier deadlock"));
-    assert!(m.contains("threads 0-127: waiting at __syncthreads()") && m.contains("broken.cu:30"), "{m}");
+    assert!(
+        m.contains("threads 0-127: waiting at __syncthreads()") && m.contains("broken.cu:30"),
+        "{m}"
+    );
     assert!(m.contains("threads 128-255: exited"), "{m}");
 }
 
@@ -77,8 +89,14 @@ fn threads_at_different_barriers_are_reported() {
     let m = expect_deadlock("emu_test_divergent_barriers", 128, None);
     println!("{m}");
     assert!(m.contains("different barriers"), "{m}");
-    assert!(m.contains("threads 0-63: waiting at __syncthreads()"), "{m}");
-    assert!(m.contains("threads 64-127: waiting at __syncthreads()"), "{m}");
+    assert!(
+        m.contains("threads 0-63: waiting at __syncthreads()"),
+        "{m}"
+    );
+    assert!(
+        m.contains("threads 64-127: waiting at __syncthreads()"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -98,7 +116,19 @@ fn device_assert_fails_the_launch_with_710() {
     }
     let x: Vec<i32> = (0..64).map(|i| if i == 37 { -1 } else { i }).collect();
     let mut px = x.as_ptr();
-    let e = launch("emu_test_assert", [1, 1, 1], [64, 1, 1], 0, Order::Forward, &mut [arg(&mut px)]).unwrap_err();
+    let e = launch(
+        "emu_test_assert",
+        [1, 1, 1],
+        [64, 1, 1],
+        0,
+        Order::Forward,
+        &mut [arg(&mut px)],
+    )
+    .unwrap_err();
     assert_eq!(e.code, 710);
-    assert!(e.message.contains("thread (37,0,0)") && e.message.contains("x[threadIdx.x] >= 0"), "{}", e.message);
+    assert!(
+        e.message.contains("thread (37,0,0)") && e.message.contains("x[threadIdx.x] >= 0"),
+        "{}",
+        e.message
+    );
 }

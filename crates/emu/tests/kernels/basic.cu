@@ -75,3 +75,12 @@ extern "C" __global__ void emu_test_sync_count(int* out) {
   int c = __syncthreads_count(t % 3 == 0);
   if (t == 0) out[0] = c;
 }
+
+// Reads static shared memory that only block 0 writes: later blocks must see the 0xFF poison (NaN), not
+// block 0's values left behind on the same worker.
+extern "C" __global__ void emu_test_stale_shared(float* out) {
+  __shared__ float s[32];
+  if (blockIdx.x == 0) s[threadIdx.x] = 1.0f;
+  __syncthreads();
+  out[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
+}
