@@ -24,7 +24,7 @@ enum Command {
         /// Case folders (case.json, io.safetensors, model/).
         #[arg(required = true)]
         cases: Vec<PathBuf>,
-        /// cpu, cuda or cuda:N.
+        /// cpu, cuda, cuda:N, or emu (the emulated GPU: the CUDA backend run on the CPU).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Storage type on the device: f32 or bf16 (the CPU runs f32 only).
@@ -82,7 +82,7 @@ struct GenerateArgs {
     /// Image width in pixels (a multiple of 32); default: the variant's size.
     #[arg(long)]
     width: Option<usize>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N, or emu (the emulated GPU).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// bf16 or f32 (the CPU runs f32).
@@ -114,7 +114,13 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
     Ok(problems.is_empty() && report.failed.is_empty())
 }
 
+/// Kernels compiled by nvcc at build time when it was present (else empty: NVRTC at run time).
+mod prebuilt_kernels {
+    include!(concat!(env!("OUT_DIR"), "/prebuilt_kernels.rs"));
+}
+
 fn main() -> ExitCode {
+    openuni_cuda::KernelSet::set_prebuilt(prebuilt_kernels::PREBUILT_KERNELS);
     let cli = Cli::parse();
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# The project's test command (README, .ci/run): installs the pinned NVRTC 13.0 + CUDA headers
-# from PyPI if missing, then runs every test of the workspace. GPU tests print
-# "skipped: no CUDA device" where there is none.
+# The project's test command (README, .ci/run):
+#  1. installs the pinned NVRTC 13.0 + CUDA headers from PyPI if missing (tools/setup_cuda.sh);
+#  2. builds the emulated GPU (tools/build_emu.sh) and puts it first on LD_LIBRARY_PATH, so every
+#     CUDA-backend and kernel test runs the real CUDA path on the CPU;
+#  3. runs every test of the workspace, then the CUDA tests again in reverse thread order (a missing
+#     __syncthreads shows in one order only).
+# Tests that need a real GPU (speed) print "skipped: no CUDA device".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LOG="${OPENUNI_TEST_LOG:-/tmp/openuni-test.log}"
 eval "$(bash tools/setup_cuda.sh)"
-cargo test --workspace --release -- --nocapture 2>&1 | tee "${OPENUNI_TEST_LOG:-/tmp/openuni-test.log}"
+eval "$(bash tools/build_emu.sh)"
+export OPENUNI_EMU_MEMORY="${OPENUNI_EMU_MEMORY:-4GiB}"
+export OPENUNI_KERNEL_CACHE="${OPENUNI_KERNEL_CACHE:-$PWD/target/kernel-cache}"
+echo "== all tests (emulated GPU, forward thread order)"
+cargo test --workspace --release -- --nocapture 2>&1 | tee "$LOG"
+echo "== all tests again (emulated GPU, reverse thread order: a missing __syncthreads shows in one order only)"
+OPENUNI_EMU_THREAD_ORDER=reverse cargo test --workspace --release -- --nocapture 2>&1 | tee -a "$LOG"

@@ -17,7 +17,10 @@ fn list(dir: &Path, ext: &str) -> Vec<PathBuf> {
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let kernels = manifest.join("../../kernels").canonicalize().expect("the workspace's kernels/ folder");
+    let kernels = manifest
+        .join("../../kernels")
+        .canonicalize()
+        .expect("the workspace's kernels/ folder");
     let include = kernels.join("include");
     println!("cargo:rerun-if-changed={}", kernels.display());
     println!("cargo:rerun-if-changed={}", include.display());

@@ -15,8 +15,14 @@ use crate::gemm::Blas;
 use crate::kernels::KernelSet;
 use crate::nvrtc::{KernelFormat, KernelTarget};
 
-/// `cuDeviceGetName` of the emulated GPU (crates/emu).
-pub const EMULATED_DEVICE_NAME: &str = "OpenUni emulated GPU";
+/// What `cuDeviceGetName` of the emulated GPU (crates/emu) contains, compared case-insensitively
+/// (it reports e.g. "NVIDIA H100 80GB HBM3 (openuni emulated GPU)").
+pub const EMULATED_DEVICE_NAME: &str = "openuni emulated gpu";
+
+/// Whether a device name is the emulated GPU's.
+pub fn is_emulated_name(name: &str) -> bool {
+    name.to_ascii_lowercase().contains(EMULATED_DEVICE_NAME)
+}
 
 /// Whether a CUDA driver library (`libcuda.so.1`, real or emulated) can be loaded.
 pub fn driver_present() -> bool {
@@ -29,7 +35,10 @@ pub fn device_count() -> Result<usize> {
     if !driver_present() {
         return Err(CudaError::NoDriver);
     }
-    result::init().map_err(|e| CudaError::NoDevice { ordinal: 0, msg: format!("cuInit failed: {e}") })?;
+    result::init().map_err(|e| CudaError::NoDevice {
+        ordinal: 0,
+        msg: format!("cuInit failed: {e}"),
+    })?;
     let n = result::device::get_count().ctx(|| "counting devices".into())?;
     Ok(n.max(0) as usize)
 }
@@ -44,8 +53,9 @@ pub fn device_available() -> bool {
 /// (`libcuda.so.1`, `libcublasLt.so.13`, `libnvrtc.so.13`) finds this one: how a `--device emu`
 /// flag selects the emulated driver without LD_LIBRARY_PATH. Call before any other CUDA call.
 pub fn preload_library(path: &std::path::Path) -> Result<()> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     // SAFETY: loading a shared library runs its initialisers; the caller names a CUDA library.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| CudaError::Io {
+    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| CudaError::Io {
         path: path.into(),
         source: std::io::Error::other(e.to_string()),
     })?;
@@ -77,7 +87,15 @@ pub struct CudaDevice {
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaDevice({} #{}, sm_{}{}, {})", self.name, self.ordinal, self.cc.0, self.cc.1, self.kernels.target().image_name())
+        write!(
+            f,
+            "CudaDevice({} #{}, sm_{}{}, {})",
+            self.name,
+            self.ordinal,
+            self.cc.0,
+            self.cc.1,
+            self.kernels.target().image_name()
+        )
     }
 }
 
@@ -125,19 +143,27 @@ impl CudaDevice {
     fn open_inner(ordinal: usize, target: Option<KernelTarget>) -> Result<Arc<CudaDevice>> {
         let n = device_count()?;
         if ordinal >= n {
-            return Err(CudaError::NoDevice { ordinal, msg: format!("{n} CUDA device(s) present") });
+            return Err(CudaError::NoDevice {
+                ordinal,
+                msg: format!("{n} CUDA device(s) present"),
+            });
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice { ordinal, msg: e.to_string() })?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice {
+            ordinal,
+            msg: e.to_string(),
+        })?;
         // SAFETY: the backend orders all work on its one stream itself (see the module comment).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().ctx(|| "creating the stream".into())?;
         let name = ctx.name().ctx(|| "reading the device name".into())?;
-        let cc = ctx.compute_capability().ctx(|| "reading the compute capability".into())?;
+        let cc = ctx
+            .compute_capability()
+            .ctx(|| "reading the compute capability".into())?;
         let sm_count = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .ctx(|| "reading the SM count".into())?
             .max(1) as u32;
-        let emulated = name.trim() == EMULATED_DEVICE_NAME;
+        let emulated = is_emulated_name(&name);
         let target = match target {
             Some(t) => t,
             None => default_target(cc, emulated)?,
@@ -212,10 +238,16 @@ impl CudaDevice {
     /// Allocates `bytes` (at least 1) of device memory, 256-byte aligned, contents undefined.
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         // SAFETY: u8 has no invalid bit patterns; the memory is written before it is read.
-        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
-            .map_err(|err| CudaError::Driver { what: format!("allocating {bytes} bytes of device memory"), err })?;
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|err| CudaError::Driver {
+            what: format!("allocating {bytes} bytes of device memory"),
+            err,
+        })?;
         let ptr = slice.device_ptr(&self.stream).0;
-        Ok(DeviceBuffer { _slice: slice, ptr, bytes })
+        Ok(DeviceBuffer {
+            _slice: slice,
+            ptr,
+            bytes,
+        })
     }
 
     /// Allocates a buffer holding a copy of `data`.
@@ -274,7 +306,9 @@ impl CudaDevice {
 
     /// An event that records time (for [`CudaEvent::elapsed_ms`]).
     pub fn timing_event(&self) -> Result<CudaEvent> {
-        self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ctx(|| "creating an event".into())
+        self.ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .ctx(|| "creating an event".into())
     }
 
     /// Records `event` on the device's stream.
@@ -287,7 +321,14 @@ impl CudaDevice {
     /// # Safety
     /// `args` must match the kernel's parameter list in number, order and types, and every
     /// pointer must be valid for what the kernel reads and writes with these arguments.
-    pub unsafe fn launch(&self, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[KArg]) -> Result<()> {
+    pub unsafe fn launch(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[KArg],
+    ) -> Result<()> {
         let f = self.kernels.function(kernel)?;
         let mut b = self.stream.launch_builder(&f);
         for a in args {
@@ -298,8 +339,15 @@ impl CudaDevice {
                 KArg::F32(v) => b.arg(v),
             };
         }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: smem };
-        b.launch(cfg).map(|_| ()).map_err(|err| CudaError::Launch { kernel: kernel.into(), err })
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: block,
+            shared_mem_bytes: smem,
+        };
+        b.launch(cfg).map(|_| ()).map_err(|err| CudaError::Launch {
+            kernel: kernel.into(),
+            err,
+        })
     }
 }
 
@@ -330,7 +378,10 @@ impl DeviceBuffer {
     /// The address `offset` bytes in; an error past the end.
     pub fn at(&self, offset: usize) -> Result<u64> {
         if offset > self.bytes {
-            return Err(CudaError::Invalid { what: "device buffer".into(), msg: format!("offset {offset} past its {} bytes", self.bytes) });
+            return Err(CudaError::Invalid {
+                what: "device buffer".into(),
+                msg: format!("offset {offset} past its {} bytes", self.bytes),
+            });
         }
         Ok(self.ptr + offset as u64)
     }

@@ -20,13 +20,21 @@ pub enum CudaError {
     )]
     NoNvrtc,
     #[error("NVRTC call {call} failed for {file}: {code}")]
-    Nvrtc { file: String, call: &'static str, code: String },
+    Nvrtc {
+        file: String,
+        call: &'static str,
+        code: String,
+    },
     #[error("NVRTC failed to compile {file} for {arch}:\n{log}")]
     Compile { file: String, arch: String, log: String },
     #[error("kernel `{0}` is not defined in any kernels/*.cu")]
     UnknownKernel(String),
     #[error("loading module {file} ({format}) failed: {err}")]
-    LoadModule { file: String, format: &'static str, err: DriverError },
+    LoadModule {
+        file: String,
+        format: &'static str,
+        err: DriverError,
+    },
     #[error("kernel `{kernel}`: launch failed: {err}")]
     Launch { kernel: String, err: DriverError },
     #[error("cuBLASLt not available: libcublasLt.so.13 cannot be loaded (needed for node `{node}`)")]
@@ -34,7 +42,11 @@ pub enum CudaError {
     #[error("cuBLASLt failed while {what}: {err:?}")]
     Cublas { what: String, err: CublasError },
     #[error("node `{node}` ({op}): {msg}")]
-    Node { node: String, op: &'static str, msg: String },
+    Node {
+        node: String,
+        op: &'static str,
+        msg: String,
+    },
     #[error("input `{name}`: {msg}")]
     Input { name: String, msg: String },
     #[error("value {id} is not in device memory any more (its memory was reused; build the executor with keep_all to read every node)")]

@@ -22,6 +22,7 @@ use openuni_tensor::{DType, HostTensor, TensorSource};
 use crate::device::{CudaDevice, DeviceBuffer};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::gemm::{Blas, Epilogue, LinearArgs, LinearGemm};
+use crate::families;
 use crate::ops::{self, Modulation};
 
 /// One node's per-node timing from [`CudaExecutor::profile`].
@@ -36,11 +37,48 @@ pub struct NodeTiming {
 
 /// A node resolved to device pointers.
 enum Step {
-    RmsNorm { x: u64, w: u64, b: u64, y: u64, rows: usize, cols: usize, eps: f32 },
-    LayerNorm { x: u64, w: u64, b: u64, m: Option<Modulation>, y: u64, rows: usize, cols: usize, eps: f32 },
-    Unary { f: openuni_graph::UnaryFn, x: u64, y: u64, n: usize },
-    Add { a: u64, b: u64, y: u64, n: usize },
-    GatedAdd { x: u64, gate: u64, v: u64, y: u64, n: usize, tokens: usize, cols: usize },
+    /// Launches resolved by a kernel family (`crate::families`).
+    Launches(Vec<families::Launch>),
+    RmsNorm {
+        x: u64,
+        w: u64,
+        b: u64,
+        y: u64,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    },
+    LayerNorm {
+        x: u64,
+        w: u64,
+        b: u64,
+        m: Option<Modulation>,
+        y: u64,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    },
+    Unary {
+        f: openuni_graph::UnaryFn,
+        x: u64,
+        y: u64,
+        n: usize,
+    },
+    Add {
+        a: u64,
+        b: u64,
+        y: u64,
+        n: usize,
+    },
+    GatedAdd {
+        x: u64,
+        gate: u64,
+        v: u64,
+        y: u64,
+        n: usize,
+        tokens: usize,
+        cols: usize,
+    },
     Linear(LinearGemm),
 }
 
@@ -75,14 +113,24 @@ fn align_up(n: usize, a: usize) -> usize {
 }
 
 fn node_err(node: &str, op: &'static str, msg: impl Into<String>) -> CudaError {
-    CudaError::Node { node: node.into(), op, msg: msg.into() }
+    CudaError::Node {
+        node: node.into(),
+        op,
+        msg: msg.into(),
+    }
 }
 
 impl CudaExecutor {
     /// Plans the arena, uploads the weights from `weights` in `dtype` (F32 or BF16), resolves every
     /// node and loads its kernels. `keep_all` gives every value its own memory so that
     /// [`CudaExecutor::value`] can read any node after a run.
-    pub fn new(dev: &Arc<CudaDevice>, graph: &Graph, weights: &dyn TensorSource, dtype: DType, keep_all: bool) -> Result<CudaExecutor> {
+    pub fn new(
+        dev: &Arc<CudaDevice>,
+        graph: &Graph,
+        weights: &dyn TensorSource,
+        dtype: DType,
+        keep_all: bool,
+    ) -> Result<CudaExecutor> {
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(CudaError::DType(dtype));
         }
@@ -90,6 +138,7 @@ impl CudaExecutor {
         for node in &graph.nodes {
             match node.op {
                 Op::Linear { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => {}
+                ref op if families::supports(op) => {}
                 Op::Attention { .. } => {
                     return Err(node_err(
                         &node.name,
@@ -117,7 +166,11 @@ impl CudaExecutor {
             woff.insert(*id, wtotal);
             wtotal = align_up(wtotal + graph.shape(*id).numel() * esize, WEIGHT_ALIGN);
         }
-        let wbuf = if wlist.is_empty() { None } else { Some(dev.alloc(wtotal)?) };
+        let wbuf = if wlist.is_empty() {
+            None
+        } else {
+            Some(dev.alloc(wtotal)?)
+        };
         let mut weight_ptr = HashMap::new();
         if let Some(wb) = &wbuf {
             for (id, name) in &wlist {
@@ -155,7 +208,11 @@ impl CudaExecutor {
             if total > 0 {
                 let sb = dev.alloc(total)?;
                 for (is_in, id, off) in slots {
-                    let st = Staged { id, ptr: sb.ptr() + off as u64, n: graph.shape(id).numel() };
+                    let st = Staged {
+                        id,
+                        ptr: sb.ptr() + off as u64,
+                        n: graph.shape(id).numel(),
+                    };
                     if is_in {
                         staged_inputs.push(st)
                     } else {
@@ -221,7 +278,9 @@ impl CudaExecutor {
         if self.blas.is_none() {
             if let Some(node) = self.graph.nodes.iter().find(|n| matches!(n.op, Op::Linear { .. })) {
                 let b = self.dev.blas().map_err(|e| match e {
-                    CudaError::NoCublasLt { .. } => CudaError::NoCublasLt { node: node.name.clone() },
+                    CudaError::NoCublasLt { .. } => CudaError::NoCublasLt {
+                        node: node.name.clone(),
+                    },
                     e => node_err(&node.name, "linear", e.to_string()),
                 })?;
                 self.blas = Some(b);
@@ -234,16 +293,47 @@ impl CudaExecutor {
             let (rows, cols, n) = (out.rows(), out.last(), out.numel());
             let p = |id: ValueId| self.ptr(id);
             let kernel = |k: String| -> Result<()> {
-                self.dev.kernels().function(&k).map(|_| ()).map_err(|e| node_err(&node.name, node.op.name(), format!("kernel `{k}`: {e}")))
+                self.dev
+                    .kernels()
+                    .function(&k)
+                    .map(|_| ())
+                    .map_err(|e| node_err(&node.name, node.op.name(), format!("kernel `{k}`: {e}")))
             };
+            let fctx = families::Ctx { dev: &self.dev, graph: g, dtype: self.dtype, ptr: &p };
+            if let Some(launches) = families::resolve(&fctx, node) {
+                let launches = launches.map_err(|e| node_err(&node.name, node.op.name(), e.to_string()))?;
+                for l in &launches {
+                    kernel(l.kernel.clone())?;
+                }
+                steps.push(Step::Launches(launches));
+                continue;
+            }
             let step = match &node.op {
                 Op::RmsNorm { x, weight, bias, eps } => {
                     kernel(format!("rmsnorm_{s}"))?;
-                    Step::RmsNorm { x: p(*x), w: p(*weight), b: bias.map_or(0, p), y: p(node.output), rows, cols, eps: *eps }
+                    Step::RmsNorm {
+                        x: p(*x),
+                        w: p(*weight),
+                        b: bias.map_or(0, p),
+                        y: p(node.output),
+                        rows,
+                        cols,
+                        eps: *eps,
+                    }
                 }
-                Op::LayerNorm { x, weight, bias, eps, modulation } => {
+                Op::LayerNorm {
+                    x,
+                    weight,
+                    bias,
+                    eps,
+                    modulation,
+                } => {
                     kernel(format!("layernorm_{s}"))?;
-                    let m = modulation.map(|m| Modulation { scale: p(m.scale), shift: p(m.shift), tokens: out.dims()[1] });
+                    let m = modulation.map(|m| Modulation {
+                        scale: p(m.scale),
+                        shift: p(m.shift),
+                        tokens: out.dims()[1],
+                    });
                     Step::LayerNorm {
                         x: p(*x),
                         w: weight.map_or(0, p),
@@ -257,15 +347,33 @@ impl CudaExecutor {
                 }
                 Op::Unary { x, f } => {
                     kernel(format!("{}_{s}", f.name()))?;
-                    Step::Unary { f: *f, x: p(*x), y: p(node.output), n }
+                    Step::Unary {
+                        f: *f,
+                        x: p(*x),
+                        y: p(node.output),
+                        n,
+                    }
                 }
                 Op::Add { a, b } => {
                     kernel(format!("add_{s}"))?;
-                    Step::Add { a: p(*a), b: p(*b), y: p(node.output), n }
+                    Step::Add {
+                        a: p(*a),
+                        b: p(*b),
+                        y: p(node.output),
+                        n,
+                    }
                 }
                 Op::GatedAdd { x, gate, y } => {
                     kernel(format!("gated_add_{s}"))?;
-                    Step::GatedAdd { x: p(*x), gate: p(*gate), v: p(*y), y: p(node.output), n, tokens: out.dims()[1], cols }
+                    Step::GatedAdd {
+                        x: p(*x),
+                        gate: p(*gate),
+                        v: p(*y),
+                        y: p(node.output),
+                        n,
+                        tokens: out.dims()[1],
+                        cols,
+                    }
                 }
                 Op::Linear { x, w, bias } => {
                     let blas = self.blas.as_ref().expect("created before the loop");
@@ -280,7 +388,9 @@ impl CudaExecutor {
                         bias: bias.map(p),
                         y: p(node.output),
                     };
-                    Step::Linear(LinearGemm::new(blas, &args).map_err(|e| node_err(&node.name, "linear", e.to_string()))?)
+                    Step::Linear(
+                        LinearGemm::new(blas, &args).map_err(|e| node_err(&node.name, "linear", e.to_string()))?,
+                    )
                 }
                 _ => unreachable!("unsupported ops are refused in new()"),
             };
@@ -303,11 +413,37 @@ impl CudaExecutor {
         // these shapes, and the buffers live as long as `self`.
         let r = unsafe {
             match &self.steps[i] {
-                Step::RmsNorm { x, w, b, y, rows, cols, eps } => ops::rmsnorm(d, t, *x, *w, *b, *y, *rows, *cols, *eps),
-                Step::LayerNorm { x, w, b, m, y, rows, cols, eps } => ops::layernorm(d, t, *x, *w, *b, *m, *y, *rows, *cols, *eps),
+                Step::Launches(ls) => ls.iter().try_for_each(|l| l.enqueue(d)),
+                Step::RmsNorm {
+                    x,
+                    w,
+                    b,
+                    y,
+                    rows,
+                    cols,
+                    eps,
+                } => ops::rmsnorm(d, t, *x, *w, *b, *y, *rows, *cols, *eps),
+                Step::LayerNorm {
+                    x,
+                    w,
+                    b,
+                    m,
+                    y,
+                    rows,
+                    cols,
+                    eps,
+                } => ops::layernorm(d, t, *x, *w, *b, *m, *y, *rows, *cols, *eps),
                 Step::Unary { f, x, y, n } => ops::unary(d, t, *f, *x, *y, *n),
                 Step::Add { a, b, y, n } => ops::add(d, t, *a, *b, *y, *n),
-                Step::GatedAdd { x, gate, v, y, n, tokens, cols } => ops::gated_add(d, t, *x, *gate, *v, *y, *n, *tokens, *cols),
+                Step::GatedAdd {
+                    x,
+                    gate,
+                    v,
+                    y,
+                    n,
+                    tokens,
+                    cols,
+                } => ops::gated_add(d, t, *x, *gate, *v, *y, *n, *tokens, *cols),
                 Step::Linear(gemm) => gemm.run(d, self.blas.as_ref().expect("resolved with a GEMM")),
             }
         };
@@ -343,15 +479,27 @@ impl CudaExecutor {
     /// Copies the inputs to the device: into the arena (f32) or the staging slots (bf16).
     fn upload_inputs(&self, inputs: &HashMap<String, HostTensor>) -> Result<()> {
         for (id, name) in self.graph.inputs() {
-            let t = inputs.get(name).ok_or_else(|| CudaError::Input { name: name.into(), msg: "missing".into() })?;
+            let t = inputs.get(name).ok_or_else(|| CudaError::Input {
+                name: name.into(),
+                msg: "missing".into(),
+            })?;
             let shape = self.graph.shape(id);
             if &t.shape != shape {
-                return Err(CudaError::Input { name: name.into(), msg: format!("has shape {}, expected {shape}", t.shape) });
+                return Err(CudaError::Input {
+                    name: name.into(),
+                    msg: format!("has shape {}, expected {shape}", t.shape),
+                });
             }
             let v = t.to_f32_vec();
             let dst = match self.dtype {
                 DType::F32 => self.ptr(id),
-                _ => self.staged_inputs.iter().find(|s| s.id == id).expect("a staging slot per input").ptr,
+                _ => {
+                    self.staged_inputs
+                        .iter()
+                        .find(|s| s.id == id)
+                        .expect("a staging slot per input")
+                        .ptr
+                }
             };
             self.dev.copy_to_device(&v, dst)?;
         }
@@ -365,7 +513,13 @@ impl CudaExecutor {
             let shape = self.graph.shape(*id).clone();
             let src = match self.dtype {
                 DType::F32 => self.ptr(*id),
-                _ => self.staged_outputs.iter().find(|s| s.id == *id).expect("a staging slot per output").ptr,
+                _ => {
+                    self.staged_outputs
+                        .iter()
+                        .find(|s| s.id == *id)
+                        .expect("a staging slot per output")
+                        .ptr
+                }
             };
             let mut v = vec![0f32; shape.numel()];
             self.dev.copy_to_host(src, &mut v)?;
@@ -386,7 +540,10 @@ impl CudaExecutor {
     /// their memory has not been reused (always, with `keep_all`), as `CpuExecutor::value`.
     pub fn value(&self, id: ValueId) -> Result<HostTensor> {
         if id.0 >= self.graph.values.len() {
-            return Err(CudaError::Invalid { what: "value".into(), msg: format!("no value {} in the graph", id.0) });
+            return Err(CudaError::Invalid {
+                what: "value".into(),
+                msg: format!("no value {} in the graph", id.0),
+            });
         }
         let live_at_end = self.graph.outputs.iter().any(|(_, o)| *o == id);
         let readable = matches!(self.graph.value(id).kind, ValueKind::Weight(_)) || self.keep_all || live_at_end;
@@ -424,7 +581,10 @@ impl CudaExecutor {
         let ended = stream.end_capture(CUgraphInstantiate_flags(0));
         enqueued?;
         let graph = ended.ctx(|| "ending CUDA-graph capture / instantiating the graph".into())?;
-        let graph = graph.ok_or_else(|| CudaError::Invalid { what: "capture".into(), msg: "the captured graph is empty".into() })?;
+        let graph = graph.ok_or_else(|| CudaError::Invalid {
+            what: "capture".into(),
+            msg: "the captured graph is empty".into(),
+        })?;
         graph.upload().ctx(|| "uploading the CUDA graph".into())?;
         self.captured = Some(graph);
         Ok(())
@@ -433,10 +593,17 @@ impl CudaExecutor {
     /// Copies `inputs` to the device and launches the captured graph (see `capture`).
     pub fn replay(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
         if self.captured.is_none() {
-            return Err(CudaError::Invalid { what: "replay".into(), msg: "nothing captured: call capture() first".into() });
+            return Err(CudaError::Invalid {
+                what: "replay".into(),
+                msg: "nothing captured: call capture() first".into(),
+            });
         }
         self.upload_inputs(inputs)?;
-        self.captured.as_ref().unwrap().launch().ctx(|| "launching the CUDA graph".into())?;
+        self.captured
+            .as_ref()
+            .unwrap()
+            .launch()
+            .ctx(|| "launching the CUDA graph".into())?;
         self.download_outputs()
     }
 
@@ -477,7 +644,13 @@ impl CudaExecutor {
             .map(|(i, node)| {
                 let t = &mut times[i];
                 t.sort_by(|a, b| a.total_cmp(b));
-                NodeTiming { node: i, name: node.name.clone(), op: node.op.name(), median_ms: t[t.len() / 2], min_ms: t[0] }
+                NodeTiming {
+                    node: i,
+                    name: node.name.clone(),
+                    op: node.op.name(),
+                    median_ms: t[t.len() / 2],
+                    min_ms: t[0],
+                }
             })
             .collect())
     }

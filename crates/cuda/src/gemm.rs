@@ -45,7 +45,11 @@ impl Blas {
         }
         dev.context().bind_to_thread().ctx(|| "binding the context".into())?;
         let handle = lt::create_handle().ctx(|| "creating the cuBLASLt handle".into())?;
-        let ws = if dev.compute_capability().0 >= 9 { 32 << 20 } else { 4 << 20 };
+        let ws = if dev.compute_capability().0 >= 9 {
+            32 << 20
+        } else {
+            4 << 20
+        };
         let workspace = match dev.alloc(ws) {
             Ok(w) => w,
             Err(e) => {
@@ -127,7 +131,14 @@ fn alignment(ptrs: &[u64]) -> u32 {
 
 impl LinearGemm {
     pub fn new(blas: &Blas, p: &LinearArgs) -> Result<LinearGemm> {
-        let what = |s: &'static str| move || format!("linear [{}, {}] x [{}, {}]ᵀ: {s}", p.rows, p.in_features, p.out_features, p.in_features);
+        let what = |s: &'static str| {
+            move || {
+                format!(
+                    "linear [{}, {}] x [{}, {}]ᵀ: {s}",
+                    p.rows, p.in_features, p.out_features, p.in_features
+                )
+            }
+        };
         let dt = match p.dtype {
             DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
             DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
@@ -155,8 +166,11 @@ impl LinearGemm {
         g.a = lt::create_matrix_layout(dt, k, m, k as i64).ctx(what("layout of A"))?;
         g.b = lt::create_matrix_layout(dt, k, n, k as i64).ctx(what("layout of B"))?;
         g.c = lt::create_matrix_layout(dt, m, n, m as i64).ctx(what("layout of C"))?;
-        g.desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
-            .ctx(what("matmul descriptor"))?;
+        g.desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .ctx(what("matmul descriptor"))?;
         let set = |attr: sys::cublasLtMatmulDescAttributes_t, v: *const c_void, size: usize| {
             // SAFETY: `desc` is live; `v` points at `size` bytes of the attribute's type.
             unsafe { lt::set_matmul_desc_attribute(g.desc, attr, v, size) }
@@ -164,17 +178,37 @@ impl LinearGemm {
         let trans_t: i32 = 1; // CUBLAS_OP_T
         let trans_n: i32 = 0; // CUBLAS_OP_N
         use sys::cublasLtMatmulDescAttributes_t as A;
-        set(A::CUBLASLT_MATMUL_DESC_TRANSA, &trans_t as *const i32 as _, size_of::<i32>()).ctx(what("TRANSA"))?;
-        set(A::CUBLASLT_MATMUL_DESC_TRANSB, &trans_n as *const i32 as _, size_of::<i32>()).ctx(what("TRANSB"))?;
+        set(
+            A::CUBLASLT_MATMUL_DESC_TRANSA,
+            &trans_t as *const i32 as _,
+            size_of::<i32>(),
+        )
+        .ctx(what("TRANSA"))?;
+        set(
+            A::CUBLASLT_MATMUL_DESC_TRANSB,
+            &trans_n as *const i32 as _,
+            size_of::<i32>(),
+        )
+        .ctx(what("TRANSB"))?;
         let epi = match p.epilogue {
             Epilogue::None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
             Epilogue::Bias => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
             Epilogue::Gelu => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU,
             Epilogue::BiasGelu => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
         };
-        set(A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi as *const _ as _, size_of::<sys::cublasLtEpilogue_t>()).ctx(what("EPILOGUE"))?;
+        set(
+            A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            &epi as *const _ as _,
+            size_of::<sys::cublasLtEpilogue_t>(),
+        )
+        .ctx(what("EPILOGUE"))?;
         if let Some(bias) = p.bias {
-            set(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias as *const u64 as _, size_of::<u64>()).ctx(what("BIAS_POINTER"))?;
+            set(
+                A::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &bias as *const u64 as _,
+                size_of::<u64>(),
+            )
+            .ctx(what("BIAS_POINTER"))?;
         }
 
         let pref = lt::create_matmul_pref().ctx(what("preference"))?;
@@ -190,8 +224,13 @@ impl LinearGemm {
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
         // SAFETY: live preference; values of the attributes' types (u64 workspace, u32 alignments).
         unsafe {
-            lt::set_matmul_pref_attribute(pref.0, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as _, 8)
-                .ctx(what("workspace preference"))?;
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as _,
+                8,
+            )
+            .ctx(what("workspace preference"))?;
             for (attr, ptr) in [
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.w),
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.x),
@@ -199,7 +238,8 @@ impl LinearGemm {
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.y),
             ] {
                 let a = alignment(&[ptr]);
-                lt::set_matmul_pref_attribute(pref.0, attr, &a as *const u32 as _, 4).ctx(what("alignment preference"))?;
+                lt::set_matmul_pref_attribute(pref.0, attr, &a as *const u32 as _, 4)
+                    .ctx(what("alignment preference"))?;
             }
         }
         // SAFETY: all descriptors are live.

@@ -128,9 +128,10 @@ impl KernelSet {
         }
         let file = file_of_kernel(name).ok_or_else(|| CudaError::UnknownKernel(name.into()))?;
         let module = self.module(file)?;
-        let f = module
-            .load_function(name)
-            .map_err(|err| CudaError::Driver { what: format!("looking up kernel `{name}` in {file}"), err })?;
+        let f = module.load_function(name).map_err(|err| CudaError::Driver {
+            what: format!("looking up kernel `{name}` in {file}"),
+            err,
+        })?;
         self.functions.lock().unwrap().insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -168,11 +169,18 @@ impl KernelSet {
         let fp = source_fingerprint(source, kernel_headers());
         let want = self.target.image_name();
         let fmt = self.target.format;
-        let pre = KernelSet::prebuilt().iter().find(|p| p.file == file && p.target == want && p.fingerprint == fp);
+        let pre = KernelSet::prebuilt()
+            .iter()
+            .find(|p| p.file == file && p.target == want && p.fingerprint == fp);
         let (image, origin) = match pre {
             Some(p) => (p.image.to_vec(), "prebuilt"),
             None => {
-                let m = nvrtc::compile(file, source, kernel_headers(), &CompileOptions::new(self.target.clone()))?;
+                let m = nvrtc::compile(
+                    file,
+                    source,
+                    kernel_headers(),
+                    &CompileOptions::new(self.target.clone()),
+                )?;
                 self.resources.lock().unwrap().extend(m.resources.iter().cloned());
                 (m.image, if m.from_cache { "cache" } else { "nvrtc" })
             }
@@ -190,11 +198,18 @@ impl KernelSet {
                 Ptx::from_src(s)
             }
         };
-        let module = self
-            .ctx
-            .load_module(ptx)
-            .map_err(|err| CudaError::LoadModule { file: file.into(), format: fmt.name(), err })?;
-        files.insert(file, LoadedFile { module: module.clone(), origin });
+        let module = self.ctx.load_module(ptx).map_err(|err| CudaError::LoadModule {
+            file: file.into(),
+            format: fmt.name(),
+            err,
+        })?;
+        files.insert(
+            file,
+            LoadedFile {
+                module: module.clone(),
+                origin,
+            },
+        );
         Ok(module)
     }
 }

@@ -4,7 +4,8 @@
 //! - [`CudaDevice`]: context, one stream, the kernel registry ([`KernelSet`]), cuBLASLt.
 //! - [`nvrtc`]: kernel compilation to CUBIN (with the ptxas register/spill report) or PTX, and
 //!   the disk cache; kernels come from `kernels/*.cu`, embedded at build time.
-//! - [`ops`]: one launcher per kernel; [`gemm`]: cuBLASLt for `Op::Linear`.
+//! - [`ops`]: one launcher per kernel of the first families; [`families`]: every later op family
+//!   (its kernels, launchers and the node -> launches mapping); [`gemm`]: cuBLASLt for `Op::Linear`.
 //! - [`CudaExecutor`]: runs a graph from one arena, with CUDA-graph capture/replay and per-node
 //!   event timing.
 //!
@@ -14,14 +15,16 @@
 mod device;
 mod error;
 mod executor;
+pub mod families;
 pub mod gemm;
 mod kernels;
 pub mod nvrtc;
 pub mod ops;
+pub mod testing;
 
 pub use device::{
-    default_target, device_available, device_count, driver_present, preload_library, CudaDevice, DeviceBuffer, KArg,
-    EMULATED_DEVICE_NAME,
+    default_target, device_available, device_count, driver_present, is_emulated_name, preload_library, CudaDevice,
+    DeviceBuffer, KArg, EMULATED_DEVICE_NAME,
 };
 pub use error::{CudaError, Result};
 pub use executor::{CudaExecutor, NodeTiming};

@@ -52,7 +52,10 @@ pub struct KernelTarget {
 
 impl KernelTarget {
     pub fn new(arch: impl Into<String>, format: KernelFormat) -> KernelTarget {
-        KernelTarget { arch: arch.into(), format }
+        KernelTarget {
+            arch: arch.into(),
+            format,
+        }
     }
 
     /// The architecture for a compute capability: `sm_90a` for 9.0 (the `a` variant enables
@@ -108,7 +111,11 @@ impl std::fmt::Display for KernelResources {
 pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
     fn number_before(s: &str, unit: &str) -> Option<u32> {
         let i = s.find(unit)?;
-        s[..i].split(|c: char| !c.is_ascii_digit()).rfind(|t| !t.is_empty())?.parse().ok()
+        s[..i]
+            .split(|c: char| !c.is_ascii_digit())
+            .rfind(|t| !t.is_empty())?
+            .parse()
+            .ok()
     }
     fn quoted(s: &str) -> Option<&str> {
         let a = s.find('\'')?;
@@ -120,7 +127,10 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
     for line in log.lines() {
         if line.contains("Compiling entry function") {
             if let Some(name) = quoted(line) {
-                out.push(KernelResources { name: name.to_string(), ..Default::default() });
+                out.push(KernelResources {
+                    name: name.to_string(),
+                    ..Default::default()
+                });
                 current = Some(out.len() - 1);
             }
         } else if let Some(rest) = line.split("Function properties for ").nth(1) {
@@ -177,8 +187,11 @@ pub fn nvrtc_available() -> bool {
                 continue;
             }
             if let Ok(Some(b)) = std::fs::read_dir(&dir).map(|rd| {
-                rd.filter_map(|e| e.ok().map(|e| e.path()))
-                    .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc-builtins.so.")))
+                rd.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libnvrtc-builtins.so."))
+                })
             }) {
                 // SAFETY: loading NVIDIA's library runs no initialisers that depend on us.
                 if let Ok(l) = unsafe { libloading::Library::new(&b) } {
@@ -277,7 +290,12 @@ pub struct CompileOptions {
 
 impl CompileOptions {
     pub fn new(target: KernelTarget) -> CompileOptions {
-        CompileOptions { target, use_cache: true, cache_dir: None, extra: vec![] }
+        CompileOptions {
+            target,
+            use_cache: true,
+            cache_dir: None,
+            extra: vec![],
+        }
     }
 
     fn nvrtc_options(&self) -> Vec<String> {
@@ -302,8 +320,14 @@ fn check(r: nv::nvrtcResult, call: &'static str, file: &str) -> Result<()> {
         return Ok(());
     }
     // SAFETY: nvrtcGetErrorString returns a static string.
-    let code = unsafe { CStr::from_ptr(nv::nvrtcGetErrorString(r)) }.to_string_lossy().into_owned();
-    Err(CudaError::Nvrtc { file: file.into(), call, code })
+    let code = unsafe { CStr::from_ptr(nv::nvrtcGetErrorString(r)) }
+        .to_string_lossy()
+        .into_owned();
+    Err(CudaError::Nvrtc {
+        file: file.into(),
+        call,
+        code,
+    })
 }
 
 struct Program(nv::nvrtcProgram);
@@ -365,17 +389,30 @@ pub fn compile(file: &str, source: &str, headers: &[(&str, &str)], opts: &Compil
         if let Ok(image) = std::fs::read(p) {
             let log = std::fs::read_to_string(p.with_extension(format!("{ext}.log"))).unwrap_or_default();
             let resources = parse_ptxas_log(&log);
-            return Ok(CompiledModule { file: file.into(), target: opts.target.clone(), image, log, resources, from_cache: true });
+            return Ok(CompiledModule {
+                file: file.into(),
+                target: opts.target.clone(),
+                image,
+                log,
+                resources,
+                from_cache: true,
+            });
         }
     }
 
     let c = |s: &str, what: &str| {
-        CString::new(s).map_err(|_| CudaError::Invalid { what: format!("{file}: {what}"), msg: "contains a NUL byte".into() })
+        CString::new(s).map_err(|_| CudaError::Invalid {
+            what: format!("{file}: {what}"),
+            msg: "contains a NUL byte".into(),
+        })
     };
     let src = c(source, "source")?;
     let name = c(file, "file name")?;
     let hsrc: Vec<CString> = headers.iter().map(|(_, s)| c(s, "header")).collect::<Result<_>>()?;
-    let hname: Vec<CString> = headers.iter().map(|(n, _)| c(n, "header name")).collect::<Result<_>>()?;
+    let hname: Vec<CString> = headers
+        .iter()
+        .map(|(n, _)| c(n, "header name"))
+        .collect::<Result<_>>()?;
     let hsrc_p: Vec<*const c_char> = hsrc.iter().map(|s| s.as_ptr()).collect();
     let hname_p: Vec<*const c_char> = hname.iter().map(|s| s.as_ptr()).collect();
     let copts: Vec<CString> = options.iter().map(|o| c(o, "option")).collect::<Result<_>>()?;
@@ -416,15 +453,27 @@ pub fn compile(file: &str, source: &str, headers: &[(&str, &str)], opts: &Compil
                 cuda_include_dirs().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":")
             ));
         }
-        return Err(CudaError::Compile { file: file.into(), arch: opts.target.nvrtc_arch(), log });
+        return Err(CudaError::Compile {
+            file: file.into(),
+            arch: opts.target.nvrtc_arch(),
+            log,
+        });
     }
     let image = match opts.target.format {
         KernelFormat::Cubin => {
             let mut n = 0usize;
             // SAFETY: size query then a buffer of that size.
-            check(unsafe { nv::nvrtcGetCUBINSize(prog.0, &mut n) }, "nvrtcGetCUBINSize", file)?;
+            check(
+                unsafe { nv::nvrtcGetCUBINSize(prog.0, &mut n) },
+                "nvrtcGetCUBINSize",
+                file,
+            )?;
             let mut buf = vec![0u8; n];
-            check(unsafe { nv::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr() as *mut c_char) }, "nvrtcGetCUBIN", file)?;
+            check(
+                unsafe { nv::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr() as *mut c_char) },
+                "nvrtcGetCUBIN",
+                file,
+            )?;
             buf
         }
         KernelFormat::Ptx => {
@@ -432,7 +481,11 @@ pub fn compile(file: &str, source: &str, headers: &[(&str, &str)], opts: &Compil
             // SAFETY: as above.
             check(unsafe { nv::nvrtcGetPTXSize(prog.0, &mut n) }, "nvrtcGetPTXSize", file)?;
             let mut buf = vec![0u8; n];
-            check(unsafe { nv::nvrtcGetPTX(prog.0, buf.as_mut_ptr() as *mut c_char) }, "nvrtcGetPTX", file)?;
+            check(
+                unsafe { nv::nvrtcGetPTX(prog.0, buf.as_mut_ptr() as *mut c_char) },
+                "nvrtcGetPTX",
+                file,
+            )?;
             while buf.last() == Some(&0) {
                 buf.pop();
             }
@@ -447,7 +500,14 @@ pub fn compile(file: &str, source: &str, headers: &[(&str, &str)], opts: &Compil
         let _ = write_atomic(p, &image);
     }
     let resources = parse_ptxas_log(&log);
-    Ok(CompiledModule { file: file.into(), target: opts.target.clone(), image, log, resources, from_cache: false })
+    Ok(CompiledModule {
+        file: file.into(),
+        target: opts.target.clone(),
+        image,
+        log,
+        resources,
+        from_cache: false,
+    })
 }
 
 /// The `extern "C" __global__` entry points defined in a `.cu` source, in order of appearance
@@ -470,7 +530,10 @@ pub fn entry_points(source: &str) -> Vec<String> {
         let t = after.trim_start();
         let Some(t) = t.strip_prefix("void") else { continue };
         let t = t.trim_start();
-        let name: String = t.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let name: String = t
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
         if !name.is_empty() && t[name.len()..].trim_start().starts_with('(') {
             v.push(name);
         }
@@ -483,7 +546,9 @@ pub fn ptx_entries(ptx: &str) -> Vec<String> {
     ptx.lines()
         .filter_map(|l| {
             let l = l.trim_start();
-            let rest = l.strip_prefix(".visible .entry ").or_else(|| l.strip_prefix(".entry "))?;
+            let rest = l
+                .strip_prefix(".visible .entry ")
+                .or_else(|| l.strip_prefix(".entry "))?;
             Some(rest.split(|c: char| c == '(' || c.is_whitespace()).next()?.to_string())
         })
         .collect()

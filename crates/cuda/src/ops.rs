@@ -25,7 +25,10 @@ fn vec_width(dtype: DType) -> usize {
 }
 
 fn check_i32(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| CudaError::Invalid { what: what.into(), msg: format!("{v} does not fit 32 bits") })
+    i32::try_from(v).map_err(|_| CudaError::Invalid {
+        what: what.into(),
+        msg: format!("{v} does not fit 32 bits"),
+    })
 }
 
 /// Launch layout of the norm kernels: `(block (tx, ty), grid)`. Each row is handled by `tx`
@@ -35,9 +38,13 @@ fn check_i32(what: &str, v: usize) -> Result<i32> {
 /// 128 threads.
 pub fn norm_launch(rows: usize, cols: usize, dtype: DType) -> ((u32, u32, u32), (u32, u32, u32)) {
     let v = vec_width(dtype);
-    let items = if cols % v == 0 { cols / v } else { cols };
+    let items = if cols.is_multiple_of(v) { cols / v } else { cols };
     let want = items.div_ceil(4).max(1);
-    let tx = if want <= 32 { want.next_power_of_two() } else { (want.div_ceil(32) * 32).min(1024) };
+    let tx = if want <= 32 {
+        want.next_power_of_two()
+    } else {
+        (want.div_ceil(32) * 32).min(1024)
+    };
     let ty = (128 / tx).max(1);
     let grid = rows.div_ceil(ty).max(1);
     ((tx as u32, ty as u32, 1), (grid as u32, 1, 1))
@@ -55,13 +62,31 @@ fn elementwise_grid(dev: &CudaDevice, items: usize) -> (u32, u32, u32) {
 /// # Safety
 /// See the module comment.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn rmsnorm(dev: &CudaDevice, dtype: DType, x: u64, w: u64, b: u64, y: u64, rows: usize, cols: usize, eps: f32) -> Result<()> {
+pub unsafe fn rmsnorm(
+    dev: &CudaDevice,
+    dtype: DType,
+    x: u64,
+    w: u64,
+    b: u64,
+    y: u64,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
     if rows == 0 || cols == 0 {
         return Ok(());
     }
     let (block, grid) = norm_launch(rows, cols, dtype);
     let k = format!("rmsnorm_{}", suffix(dtype)?);
-    let args = [KArg::Ptr(x), KArg::Ptr(w), KArg::Ptr(b), KArg::Ptr(y), KArg::I64(rows as i64), KArg::I32(check_i32("cols", cols)?), KArg::F32(eps)];
+    let args = [
+        KArg::Ptr(x),
+        KArg::Ptr(w),
+        KArg::Ptr(b),
+        KArg::Ptr(y),
+        KArg::I64(rows as i64),
+        KArg::I32(check_i32("cols", cols)?),
+        KArg::F32(eps),
+    ];
     dev.launch(&k, grid, block, 0, &args)
 }
 
@@ -99,7 +124,12 @@ pub unsafe fn layernorm(
     let k = format!("layernorm_{}", suffix(dtype)?);
     let (sc, sh, tokens) = match modulation {
         Some(m) if m.tokens > 0 => (m.scale, m.shift, m.tokens),
-        Some(_) => return Err(CudaError::Invalid { what: "layernorm modulation".into(), msg: "tokens is 0".into() }),
+        Some(_) => {
+            return Err(CudaError::Invalid {
+                what: "layernorm modulation".into(),
+                msg: "tokens is 0".into(),
+            })
+        }
         None => (0, 0, 1),
     };
     let args = [
@@ -127,7 +157,13 @@ pub unsafe fn unary(dev: &CudaDevice, dtype: DType, f: UnaryFn, x: u64, y: u64, 
     }
     let k = format!("{}_{}", f.name(), suffix(dtype)?);
     let grid = elementwise_grid(dev, n / vec_width(dtype) + n % vec_width(dtype));
-    dev.launch(&k, grid, (256, 1, 1), 0, &[KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)])
+    dev.launch(
+        &k,
+        grid,
+        (256, 1, 1),
+        0,
+        &[KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)],
+    )
 }
 
 /// `add_<dtype>`: `y = a + b`.
@@ -140,7 +176,13 @@ pub unsafe fn add(dev: &CudaDevice, dtype: DType, a: u64, b: u64, y: u64, n: usi
     }
     let k = format!("add_{}", suffix(dtype)?);
     let grid = elementwise_grid(dev, n / vec_width(dtype) + n % vec_width(dtype));
-    dev.launch(&k, grid, (256, 1, 1), 0, &[KArg::Ptr(a), KArg::Ptr(b), KArg::Ptr(y), KArg::I64(n as i64)])
+    dev.launch(
+        &k,
+        grid,
+        (256, 1, 1),
+        0,
+        &[KArg::Ptr(a), KArg::Ptr(b), KArg::Ptr(y), KArg::I64(n as i64)],
+    )
 }
 
 /// `gated_add_<dtype>`: `out = x + gate[s, c] · v` over `n` elements of a [rows, cols] view,
@@ -149,12 +191,25 @@ pub unsafe fn add(dev: &CudaDevice, dtype: DType, a: u64, b: u64, y: u64, n: usi
 /// # Safety
 /// See the module comment.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gated_add(dev: &CudaDevice, dtype: DType, x: u64, gate: u64, v: u64, out: u64, n: usize, tokens: usize, cols: usize) -> Result<()> {
+pub unsafe fn gated_add(
+    dev: &CudaDevice,
+    dtype: DType,
+    x: u64,
+    gate: u64,
+    v: u64,
+    out: u64,
+    n: usize,
+    tokens: usize,
+    cols: usize,
+) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
     if tokens == 0 || cols == 0 {
-        return Err(CudaError::Invalid { what: "gated_add".into(), msg: format!("tokens {tokens}, cols {cols}") });
+        return Err(CudaError::Invalid {
+            what: "gated_add".into(),
+            msg: format!("tokens {tokens}, cols {cols}"),
+        });
     }
     let k = format!("gated_add_{}", suffix(dtype)?);
     let grid = elementwise_grid(dev, n / vec_width(dtype) + n % vec_width(dtype));
@@ -184,5 +239,11 @@ pub unsafe fn cast(dev: &CudaDevice, to: DType, x: u64, y: u64, n: usize) -> Res
         d => return Err(CudaError::DType(d)),
     };
     let grid = elementwise_grid(dev, n / 8 + n % 8);
-    dev.launch(k, grid, (256, 1, 1), 0, &[KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)])
+    dev.launch(
+        k,
+        grid,
+        (256, 1, 1),
+        0,
+        &[KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)],
+    )
 }

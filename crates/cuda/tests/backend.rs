@@ -25,9 +25,21 @@ fn ptxas_report_is_parsed_per_entry() {
     let r = parse_ptxas_log(LOG);
     assert_eq!(r.len(), 2);
     assert_eq!(r[0].name, "layernorm_bf16");
-    assert_eq!((r[0].registers, r[0].spill_stores, r[0].spill_loads, r[0].smem, r[0].barriers), (63, 8, 4, 128, 1));
+    assert_eq!(
+        (
+            r[0].registers,
+            r[0].spill_stores,
+            r[0].spill_loads,
+            r[0].smem,
+            r[0].barriers
+        ),
+        (63, 8, 4, 128, 1)
+    );
     assert_eq!(r[1].name, "add_f32");
-    assert_eq!((r[1].registers, r[1].spill_stores, r[1].smem, r[1].stack_frame), (32, 0, 0, 0));
+    assert_eq!(
+        (r[1].registers, r[1].spill_stores, r[1].smem, r[1].stack_frame),
+        (32, 0, 0, 0)
+    );
     assert_eq!(
         r[0].to_string(),
         "kernel layernorm_bf16: 63 registers, 8 bytes spill stores, 4 bytes spill loads, 128 bytes smem"
@@ -37,7 +49,10 @@ fn ptxas_report_is_parsed_per_entry() {
 #[test]
 fn every_kernel_is_found_in_its_file() {
     let names: Vec<&str> = kernel_sources().iter().map(|(f, _)| *f).collect();
-    assert!(names.contains(&"norm.cu") && names.contains(&"elementwise.cu"), "{names:?}");
+    assert!(
+        names.contains(&"norm.cu") && names.contains(&"elementwise.cu"),
+        "{names:?}"
+    );
     assert!(kernel_headers().iter().any(|(n, _)| *n == "common.cuh"));
     for k in ["rmsnorm_f32", "rmsnorm_bf16", "layernorm_f32", "layernorm_bf16"] {
         assert_eq!(file_of_kernel(k), Some("norm.cu"), "{k}");
@@ -54,7 +69,8 @@ fn every_kernel_is_found_in_its_file() {
 
 #[test]
 fn entry_point_scan_ignores_comments_and_macros() {
-    let src = "// extern \"C\" __global__ void in_comment(int)\nextern \"C\" __global__ void a_f32(const float* x) {}\n\
+    let src =
+        "// extern \"C\" __global__ void in_comment(int)\nextern \"C\" __global__ void a_f32(const float* x) {}\n\
                #define K(n) extern \"C\" __global__ void n##_x(int)\nextern \"C\" __global__ void\nb_bf16 (int) {}\n";
     assert_eq!(nvrtc::entry_points(src), vec!["a_f32", "b_bf16"]);
     let ptx = ".version 9.0\n.visible .entry rmsnorm_f32(\n.param .u64 a\n)\n.entry other (\n";
@@ -68,13 +84,19 @@ fn targets_and_fingerprints() {
     let t = KernelTarget::new("sm_90a", KernelFormat::Ptx);
     assert_eq!(t.nvrtc_arch(), "compute_90a");
     assert_eq!(t.image_name(), "compute_90a.ptx");
-    assert_eq!(KernelTarget::new("sm_90a", KernelFormat::Cubin).image_name(), "sm_90a.cubin");
+    assert_eq!(
+        KernelTarget::new("sm_90a", KernelFormat::Cubin).image_name(),
+        "sm_90a.cubin"
+    );
     assert_eq!(KernelFormat::parse("PTX"), Some(KernelFormat::Ptx));
     assert_eq!(KernelFormat::parse("elf"), None);
     let h = [("common.cuh", "x")];
     assert_eq!(source_fingerprint("abc", &h), source_fingerprint("abc", &h));
     assert_ne!(source_fingerprint("abc", &h), source_fingerprint("abd", &h));
-    assert_ne!(source_fingerprint("abc", &h), source_fingerprint("abc", &[("common.cuh", "y")]));
+    assert_ne!(
+        source_fingerprint("abc", &h),
+        source_fingerprint("abc", &[("common.cuh", "y")])
+    );
     // FNV-1a 64 of "a" (known value), so build.rs's copy of the function can be checked by hand.
     assert_eq!(source_fingerprint("a", &[]), 0xaf63dc4c8601ec8c);
 }
@@ -129,7 +151,13 @@ fn nvrtc_compiles_ptx_and_caches_it() {
     assert!(b.from_cache);
     assert_eq!(a.image, b.image);
     // A compile error names the file and carries NVRTC's log.
-    let e = nvrtc::compile("bad.cu", "extern \"C\" __global__ void f() { undefined_thing(); }", &[], &o).unwrap_err();
+    let e = nvrtc::compile(
+        "bad.cu",
+        "extern \"C\" __global__ void f() { undefined_thing(); }",
+        &[],
+        &o,
+    )
+    .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("bad.cu") && msg.contains("undefined_thing"), "{msg}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,0 +1,116 @@
+//! Bandwidth of kernels/norm.cu at the models' shapes, against the device-to-device copy
+//! bandwidth measured in the same run (the ceiling of a streaming kernel; the target for
+//! the norms is at least 85% of it). CUDA events, warm-up, median of 50 samples, each sample a batch of
+//! calls rotating through input sets 3x the L2 size so that every call reads from DRAM.
+//! Prints one line per kernel and a JSON record (device, date, commit); without a CUDA device it
+//! prints `skipped: no CUDA device`. Run: `cargo bench --bench norm` (or tools/gpu_run.sh).
+
+use openuni_cuda::ops::{self, Modulation};
+use openuni_cuda::testing::{random_bytes, rotation, time_ms, BenchReport, Rng};
+use openuni_tensor::DType;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// LLM / caption RMSNorm (weight).
+    Rms,
+    /// DC-AE channel RMSNorm (weight and bias).
+    RmsBias,
+    /// Connector LayerNorm (weight and bias).
+    LayerNorm,
+    /// SANA norm1/norm2: no affine, fused adaLN modulation per sample.
+    LayerNormAdaLn { tokens: usize },
+}
+
+fn main() {
+    let Some(mut r) = BenchReport::start("norm", env!("OPENUNI_GIT_COMMIT")) else {
+        return;
+    };
+    let bf = DType::BF16;
+    let cases: Vec<(&str, Kind, usize, usize, DType)> = vec![
+        (
+            "SANA-1.6B adaLN LN",
+            Kind::LayerNormAdaLn { tokens: 1024 },
+            2 * 1024,
+            2240,
+            bf,
+        ),
+        (
+            "SANA-1.6B adaLN LN",
+            Kind::LayerNormAdaLn { tokens: 1024 },
+            2 * 1024,
+            2240,
+            DType::F32,
+        ),
+        (
+            "SANA-600M adaLN LN",
+            Kind::LayerNormAdaLn { tokens: 1024 },
+            2 * 1024,
+            1152,
+            bf,
+        ),
+        ("SANA-1.6B RMSNorm", Kind::Rms, 2 * 1024, 2240, bf),
+        ("connector LN", Kind::LayerNorm, 2 * 256, 1536, bf),
+        ("connector LN (1 prompt)", Kind::LayerNorm, 256, 1536, bf),
+        ("LLM RMSNorm", Kind::Rms, 2 * 300, 1536, bf),
+        ("DC-AE channel RMSNorm", Kind::RmsBias, 512 * 512, 128, bf),
+        ("DC-AE channel RMSNorm", Kind::RmsBias, 128 * 128, 512, bf),
+    ];
+    let mut rng = Rng::new(1);
+    let (warmup, runs) = r.runs();
+    for (label, kind, rows, cols, dtype) in cases {
+        let rows = r.rows(rows);
+        let dev = r.dev.clone();
+        let es = dtype.size_in_bytes();
+        let set = (rows * cols * es).div_ceil(256) * 256;
+        let sets = if dev.is_emulated() { 1 } else { rotation(&dev, 2 * set) };
+        let x = dev.alloc(set * sets).unwrap();
+        let y = dev.alloc(set * sets).unwrap();
+        dev.copy_to_device(&random_bytes(&mut rng, dtype, rows * cols, 0.3, 1.5), x.ptr())
+            .unwrap();
+        for s in 1..sets {
+            dev.copy_on_device(x.ptr(), x.ptr() + (s * set) as u64, set).unwrap();
+        }
+        let w = dev.upload(&random_bytes(&mut rng, dtype, cols, 1.0, 0.2)).unwrap();
+        let b = dev.upload(&random_bytes(&mut rng, dtype, cols, 0.0, 0.2)).unwrap();
+        let samples = match kind {
+            Kind::LayerNormAdaLn { tokens } => rows.div_ceil(tokens.min(rows)),
+            _ => 0,
+        };
+        let sc = dev
+            .upload(&random_bytes(&mut rng, dtype, samples.max(1) * cols, 0.0, 0.3))
+            .unwrap();
+        let sh = dev
+            .upload(&random_bytes(&mut rng, dtype, samples.max(1) * cols, 0.0, 0.3))
+            .unwrap();
+        let (kernel, extra) = match kind {
+            Kind::Rms => ("rmsnorm", cols),
+            Kind::RmsBias => ("rmsnorm+bias", 2 * cols),
+            Kind::LayerNorm => ("layernorm", 2 * cols),
+            Kind::LayerNormAdaLn { .. } => ("layernorm+adaLN", 2 * samples * cols),
+        };
+        let ms = time_ms(&dev, warmup, runs, sets, |i| {
+            let off = ((i % sets) * set) as u64;
+            let (xp, yp) = (x.ptr() + off, y.ptr() + off);
+            // SAFETY: every buffer holds the shapes launched.
+            unsafe {
+                match kind {
+                    Kind::Rms => ops::rmsnorm(&dev, dtype, xp, w.ptr(), 0, yp, rows, cols, 1e-6),
+                    Kind::RmsBias => ops::rmsnorm(&dev, dtype, xp, w.ptr(), b.ptr(), yp, rows, cols, 1e-6),
+                    Kind::LayerNorm => ops::layernorm(&dev, dtype, xp, w.ptr(), b.ptr(), None, yp, rows, cols, 1e-5),
+                    Kind::LayerNormAdaLn { tokens } => {
+                        let m = Modulation {
+                            scale: sc.ptr(),
+                            shift: sh.ptr(),
+                            tokens: tokens.min(rows),
+                        };
+                        ops::layernorm(&dev, dtype, xp, 0, 0, Some(m), yp, rows, cols, 1e-6)
+                    }
+                }
+            }
+        })
+        .unwrap();
+        let bytes = (2 * rows * cols + extra) * es;
+        r.add(&format!("{kernel}_{dtype}"), label, &[rows, cols], bytes, ms);
+    }
+    r.finish();
+}

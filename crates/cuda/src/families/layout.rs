@@ -1,0 +1,24 @@
+//! Layout ops (`kernels/layout.cu`): transposes between NCHW and token layouts.
+
+use openuni_graph::{Node, Op};
+
+use super::{Ctx, Launch};
+use crate::device::KArg;
+use crate::error::Result;
+
+/// Tile edge of the shared-memory transpose (`TILE` in kernels/layout.cu).
+const TILE: u32 = 32;
+
+pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
+    let p = ctx.ptr;
+    match &node.op {
+        Op::Transpose { x, batch, rows, cols } => Ok(vec![Launch {
+            kernel: format!("transpose_{}", ctx.suffix()),
+            grid: ((*cols as u32).div_ceil(TILE), (*rows as u32).div_ceil(TILE), *batch as u32),
+            block: (TILE, 8, 1),
+            smem: 0,
+            args: vec![KArg::Ptr(p(*x)), KArg::Ptr(p(node.output)), KArg::I32(*rows as i32), KArg::I32(*cols as i32)],
+        }]),
+        _ => unreachable!("layout::resolve called for {}", node.op.name()),
+    }
+}

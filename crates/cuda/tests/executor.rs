@@ -1,0 +1,269 @@
+//! The CUDA executor against the CPU executor on a small multi-node graph (adaLN LayerNorm,
+//! biased and unbiased linears through cuBLASLt, tanh-GELU, gated residual, RMSNorm): outputs,
+//! node-by-node values with keep_all, CUDA-graph capture and replay, per-node profiling, and
+//! the error paths. Without a CUDA device (real or emulated) each test prints
+//! `skipped: no CUDA device`.
+
+use std::collections::HashMap;
+
+use openuni_cpu::CpuExecutor;
+use openuni_cuda::testing::{device_or_skip, rel_l2, Rng};
+use openuni_cuda::{CudaError, CudaExecutor};
+use openuni_graph::{Graph, GraphBuilder, Modulation, UnaryFn};
+use openuni_tensor::{DType, HostTensor};
+
+const B: usize = 2;
+const N: usize = 5;
+const C: usize = 48;
+const H: usize = 96;
+
+fn graph() -> Graph {
+    let mut g = GraphBuilder::new();
+    let x = g.input("x", [B, N, C]).unwrap();
+    let scale = g.input("scale", [B, C]).unwrap();
+    let shift = g.input("shift", [B, C]).unwrap();
+    let gate = g.input("gate", [B, C]).unwrap();
+    let w1 = g.weight("fc1.weight", [H, C]).unwrap();
+    let b1 = g.weight("fc1.bias", [H]).unwrap();
+    let w2 = g.weight("fc2.weight", [C, H]).unwrap();
+    let wn = g.weight("norm.weight", [C]).unwrap();
+    let h = g
+        .layernorm("norm1", x, None, None, 1e-6, Some(Modulation { scale, shift }))
+        .unwrap();
+    let a = g.linear("fc1", h, w1, Some(b1)).unwrap();
+    let a = g.unary("act", a, UnaryFn::GeluTanh).unwrap();
+    let o = g.linear("fc2", a, w2, None).unwrap();
+    let r = g.gated_add("residual", x, gate, o).unwrap();
+    let y = g.rmsnorm("norm", r, wn, None, 1e-6).unwrap();
+    g.output("y", y).unwrap();
+    g.output("mlp", o).unwrap();
+    g.finish()
+}
+
+fn weights(rng: &mut Rng) -> HashMap<String, HostTensor> {
+    let t = |shape: &[usize], v: Vec<f32>| HostTensor::from_f32(shape.to_vec(), v).unwrap();
+    HashMap::from([
+        ("fc1.weight".to_string(), t(&[H, C], rng.normals(H * C, 0.0, 0.15))),
+        ("fc1.bias".to_string(), t(&[H], rng.normals(H, 0.0, 0.5))),
+        ("fc2.weight".to_string(), t(&[C, H], rng.normals(C * H, 0.0, 0.1))),
+        ("norm.weight".to_string(), t(&[C], rng.normals(C, 1.0, 0.2))),
+    ])
+}
+
+fn inputs(rng: &mut Rng) -> HashMap<String, HostTensor> {
+    let t = |shape: &[usize], v: Vec<f32>| HostTensor::from_f32(shape.to_vec(), v).unwrap();
+    HashMap::from([
+        ("x".to_string(), t(&[B, N, C], rng.normals(B * N * C, 0.0, 1.0))),
+        ("scale".to_string(), t(&[B, C], rng.normals(B * C, 0.0, 0.3))),
+        ("shift".to_string(), t(&[B, C], rng.normals(B * C, 0.0, 0.3))),
+        ("gate".to_string(), t(&[B, C], rng.normals(B * C, 0.0, 1.0))),
+    ])
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        1e-5
+    } else {
+        2e-2
+    }
+}
+
+#[test]
+fn graph_matches_the_cpu_executor_node_by_node() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(7);
+    let g = graph();
+    let w = weights(&mut rng);
+    let inp = inputs(&mut rng);
+    let mut cpu = CpuExecutor::new(&g, &w, true).unwrap();
+    let want = cpu.run(&inp).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let mut ex = CudaExecutor::new(&dev, &g, &w, dtype, true).unwrap();
+        let got = ex.run(&inp).unwrap();
+        for name in ["y", "mlp"] {
+            let e = rel_l2(&got[name].to_f32_vec(), &want[name].to_f32_vec());
+            println!("{dtype} output {name}: rel L2 {e:.3e}");
+            assert!(e <= tol(dtype), "{dtype} output {name}: rel L2 {e:.3e}");
+        }
+        // Node-by-node diff, as `openuni verify --diff-nodes` does.
+        for node in &g.nodes {
+            let a = ex.value(node.output).unwrap().to_f32_vec();
+            let b = cpu.value(node.output).unwrap().to_f32_vec();
+            let e = rel_l2(&a, &b);
+            println!("{dtype} node {:10} ({}): rel L2 {e:.3e}", node.name, node.op.name());
+            assert!(e <= tol(dtype), "{dtype} node {}: rel L2 {e:.3e}", node.name);
+        }
+        // Weights read back as uploaded (rounded to the storage dtype).
+        let (id, _) = g.weights().next().unwrap();
+        let e = rel_l2(
+            &ex.value(id).unwrap().to_f32_vec(),
+            &cpu.value(id).unwrap().to_f32_vec(),
+        );
+        assert!(
+            e <= if dtype == DType::F32 { 0.0 } else { 4e-3 },
+            "weight read back: {e:.3e}"
+        );
+    }
+}
+
+#[test]
+fn capture_and_replay_give_the_same_results_as_run() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(8);
+    let g = graph();
+    let w = weights(&mut rng);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut ex = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
+        assert!(ex.replay(&inputs(&mut rng)).is_err(), "replay before capture must fail");
+        ex.capture().unwrap();
+        for round in 0..3 {
+            let inp = inputs(&mut rng);
+            let replayed = ex.replay(&inp).unwrap();
+            let ran = ex.run(&inp).unwrap();
+            for name in ["y", "mlp"] {
+                let e = rel_l2(&replayed[name].to_f32_vec(), &ran[name].to_f32_vec());
+                println!("{dtype} replay {round} {name}: rel L2 vs run {e:.3e}");
+                assert!(e <= 1e-6, "{dtype} replay {round} {name}: {e:.3e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn profile_times_every_node() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(9);
+    let g = graph();
+    let mut ex = CudaExecutor::new(&dev, &g, &weights(&mut rng), DType::BF16, false).unwrap();
+    let t = ex.profile(&inputs(&mut rng), 3).unwrap();
+    assert_eq!(t.len(), g.nodes.len());
+    for (n, node) in t.iter().zip(&g.nodes) {
+        println!(
+            "{:10} {:10} median {:.4} ms, min {:.4} ms",
+            n.name, n.op, n.median_ms, n.min_ms
+        );
+        assert_eq!(n.name, node.name);
+        assert!(n.median_ms >= 0.0 && n.min_ms <= n.median_ms && n.median_ms.is_finite());
+    }
+}
+
+#[test]
+fn errors_name_the_node_or_input() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(10);
+    let g = graph();
+    let w = weights(&mut rng);
+    // Missing input.
+    let mut ex = CudaExecutor::new(&dev, &g, &w, DType::F32, false).unwrap();
+    let mut inp = inputs(&mut rng);
+    inp.remove("gate");
+    let e = ex.run(&inp).unwrap_err();
+    assert!(matches!(e, CudaError::Input { ref name, .. } if name == "gate"), "{e}");
+    // Wrong input shape.
+    let mut inp = inputs(&mut rng);
+    inp.insert("x".into(), HostTensor::zeros_f32([B, N + 1, C]));
+    let e = ex.run(&inp).unwrap_err().to_string();
+    assert!(e.contains("`x`") && e.contains("expected"), "{e}");
+    // A value whose memory was reused is not readable without keep_all.
+    let act = g.nodes.iter().find(|n| n.name == "act").unwrap().output;
+    assert!(matches!(ex.value(act), Err(CudaError::NotKept { .. })));
+    // Missing weight: the tensor source's error names the key.
+    let mut w2 = w.clone();
+    w2.remove("fc2.weight");
+    let e = CudaExecutor::new(&dev, &g, &w2, DType::F32, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("fc2.weight"), "{e}");
+    // f16 storage is not offered.
+    assert!(matches!(
+        CudaExecutor::new(&dev, &g, &w, DType::F16, false),
+        Err(CudaError::DType(DType::F16))
+    ));
+    // Softmax attention has no CUDA kernel yet: the error names the node.
+    let mut gb = GraphBuilder::new();
+    let q = gb.input("q", [1, 4, 16]).unwrap();
+    let o = gb
+        .attention("blocks.0.attn", q, q, q, None, 2, 2, 8, false, 0.35)
+        .unwrap();
+    gb.output("o", o).unwrap();
+    let e = CudaExecutor::new(&dev, &gb.finish(), &w, DType::BF16, false)
+        .err()
+        .unwrap()
+        .to_string();
+    println!("{e}");
+    assert!(e.contains("blocks.0.attn") && e.contains("attention"), "{e}");
+}
+
+/// The GEMM wrapper on its own, with each epilogue, against the CPU linear (+ tanh-GELU):
+/// y = x · wᵀ (+ b) (then GELU), in f32 and bf16 storage.
+#[test]
+fn linear_gemm_epilogues_match_cpu() {
+    use openuni_cpu::ops as cpu;
+    use openuni_cuda::gemm::{Epilogue, LinearArgs, LinearGemm};
+    use openuni_cuda::testing::round_to;
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(11);
+    let (rows, k, n) = (7usize, 48usize, 96usize);
+    let x = rng.normals(rows * k, 0.0, 1.0);
+    let w = rng.normals(n * k, 0.0, 0.2);
+    let b = rng.normals(n, 0.0, 0.5);
+    let blas = dev.blas().unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let bytes = |v: &[f32]| -> Vec<u8> {
+            match dtype {
+                DType::F32 => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
+                _ => v
+                    .iter()
+                    .flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes())
+                    .collect(),
+            }
+        };
+        let (xb, wb, bb) = (
+            dev.upload(&bytes(&x)).unwrap(),
+            dev.upload(&bytes(&w)).unwrap(),
+            dev.upload(&bytes(&b)).unwrap(),
+        );
+        let yb = dev.alloc(rows * n * dtype.size_in_bytes()).unwrap();
+        for epi in [Epilogue::None, Epilogue::Bias, Epilogue::Gelu, Epilogue::BiasGelu] {
+            let with_bias = matches!(epi, Epilogue::Bias | Epilogue::BiasGelu);
+            let args = LinearArgs {
+                dtype,
+                rows,
+                in_features: k,
+                out_features: n,
+                epilogue: epi,
+                x: xb.ptr(),
+                w: wb.ptr(),
+                bias: with_bias.then_some(bb.ptr()),
+                y: yb.ptr(),
+            };
+            let g = LinearGemm::new(&blas, &args).unwrap();
+            dev.fill_bytes(yb.ptr(), 0xFF, yb.bytes()).unwrap();
+            unsafe { g.run(&dev, &blas).unwrap() };
+            let got: Vec<f32> = match dtype {
+                DType::F32 => {
+                    let mut o = vec![0f32; rows * n];
+                    dev.copy_to_host(yb.ptr(), &mut o).unwrap();
+                    o
+                }
+                _ => {
+                    let mut o = vec![0u16; rows * n];
+                    dev.copy_to_host(yb.ptr(), &mut o).unwrap();
+                    o.into_iter().map(|v| half::bf16::from_bits(v).to_f32()).collect()
+                }
+            };
+            let (xr, wr, br) = (round_to(dtype, &x), round_to(dtype, &w), round_to(dtype, &b));
+            let mut want = vec![0f32; rows * n];
+            cpu::linear(&xr, &wr, with_bias.then_some(&br[..]), rows, k, n, &mut want);
+            if matches!(epi, Epilogue::Gelu | Epilogue::BiasGelu) {
+                let pre = want.clone();
+                cpu::unary(UnaryFn::GeluTanh, &pre, &mut want);
+            }
+            let e = rel_l2(&got, &want);
+            let t = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            println!("linear {dtype} {epi:?}: rel L2 {e:.3e} (tolerance {t:.0e}, inputs rounded to the storage dtype)");
+            assert!(e <= t, "linear {dtype} {epi:?}: rel L2 {e:.3e}");
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Compiles every kernels/*.cu with NVRTC for sm_90a (CUBIN, `--ptxas-options=-v`) and prints
+//! one line per kernel: registers, spill stores/loads and static shared memory. Any compile error
+//! fails. Without NVRTC: fails when $CI is set (CI must run `tools/setup_cuda.sh`), else prints
+//! `skipped: NVRTC not found`.
+//!
+//! Also checks that the sources embedded in openuni-cuda are the ones on disk, that the source
+//! scan finds exactly the kernels ptxas compiled, and that the prebuilt images of build.rs (when
+//! nvcc was present) were built from these sources.
+
+use std::path::Path;
+
+use openuni_cuda::nvrtc::{self, CompileOptions};
+use openuni_cuda::{kernel_headers, kernel_sources, source_fingerprint, KernelFormat, KernelTarget};
+
+mod prebuilt {
+    include!(concat!(env!("OUT_DIR"), "/prebuilt_kernels.rs"));
+}
+
+fn on_disk(dir: &Path, ext: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == ext))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn nvrtc_or_skip() -> bool {
+    if nvrtc::nvrtc_available() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("NVRTC not found and CI is set: install it with `eval \"$(bash tools/setup_cuda.sh)\"` before running the tests");
+    }
+    println!("skipped: NVRTC not found");
+    false
+}
+
+#[test]
+fn embedded_kernels_are_the_ones_on_disk() {
+    // The working directory is the repository root under cargo and under tools/gpu_run.sh (where
+    // the build machine's CARGO_MANIFEST_DIR does not exist).
+    let root = [
+        std::env::current_dir().unwrap().join("kernels"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels"),
+    ]
+    .into_iter()
+    .find(|p| p.is_dir())
+    .expect("the kernels/ folder (run from the repository root)");
+    let embedded = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    };
+    assert_eq!(
+        embedded(kernel_sources()),
+        on_disk(&root, "cu"),
+        "kernels/*.cu changed since openuni-cuda was built"
+    );
+    assert_eq!(
+        embedded(kernel_headers()),
+        on_disk(&root.join("include"), "cuh"),
+        "kernels/include/*.cuh changed since openuni-cuda was built"
+    );
+}
+
+#[test]
+fn every_kernel_compiles_for_sm_90a() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let (maj, min) = nvrtc::nvrtc_version().unwrap();
+    println!("NVRTC {maj}.{min}; CUDA headers: {:?}", nvrtc::cuda_include_dirs());
+    let mut opts = CompileOptions::new(KernelTarget::new("sm_90a", KernelFormat::Cubin));
+    opts.use_cache = false;
+    let mut failures = vec![];
+    let mut total = 0;
+    for (file, src) in kernel_sources() {
+        match nvrtc::compile(file, src, kernel_headers(), &opts) {
+            Ok(m) => {
+                println!("{file}: {} bytes of sm_90a CUBIN", m.image.len());
+                for k in &m.resources {
+                    println!("{k}");
+                    if k.spill_stores > 0 || k.spill_loads > 0 {
+                        println!("  warning: {} spills registers", k.name);
+                    }
+                }
+                total += m.resources.len();
+                let mut compiled: Vec<&str> = m.resources.iter().map(|k| k.name.as_str()).collect();
+                compiled.sort();
+                let mut scanned = nvrtc::entry_points(src);
+                scanned.sort();
+                if compiled != scanned {
+                    failures.push(format!(
+                        "{file}: ptxas compiled kernels {compiled:?} but the source scan finds {scanned:?} (write each entry point \
+                         as `extern \"C\" __global__ void name(` on one line, no macros)"
+                    ));
+                }
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert!(total > 0, "no kernels compiled");
+}
+
+/// PTX is what the emulated GPU loads; NVRTC newer than 13.0 emits a PTX version that the R580
+/// driver rejects, so the PTX must say `.version 9.0` or older.
+#[test]
+fn every_kernel_compiles_to_ptx_the_r580_driver_accepts() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let mut opts = CompileOptions::new(KernelTarget::new("sm_90a", KernelFormat::Ptx));
+    opts.use_cache = false;
+    for (file, src) in kernel_sources() {
+        let m = nvrtc::compile(file, src, kernel_headers(), &opts).unwrap_or_else(|e| panic!("{e}"));
+        let ptx = String::from_utf8(m.image).unwrap();
+        let version = ptx
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(".version "))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        let (a, b) = version
+            .split_once('.')
+            .map(|(a, b)| (a.parse::<u32>().unwrap_or(99), b.parse::<u32>().unwrap_or(99)))
+            .unwrap_or((99, 99));
+        println!(
+            "{file}: PTX .version {version}, {} entries",
+            nvrtc::ptx_entries(&ptx).len()
+        );
+        assert!(
+            (a, b) <= (9, 0),
+            "{file}: PTX .version {version} is newer than 9.0: pin NVRTC to 13.0.x (tools/setup_cuda.sh)"
+        );
+    }
+}
+
+#[test]
+fn prebuilt_kernels_match_the_sources() {
+    let table = prebuilt::PREBUILT_KERNELS;
+    if table.is_empty() {
+        println!(
+            "prebuilt kernels: none (nvcc was not found, or failed, at build time; NVRTC compiles them at run time)"
+        );
+        return;
+    }
+    for p in table {
+        let src = kernel_sources().iter().find(|(f, _)| *f == p.file).map(|(_, s)| *s);
+        let src = src.unwrap_or_else(|| panic!("prebuilt {} has no source", p.file));
+        assert_eq!(
+            p.fingerprint,
+            source_fingerprint(src, kernel_headers()),
+            "prebuilt {} ({}) is stale",
+            p.file,
+            p.target
+        );
+        assert!(!p.image.is_empty());
+        println!("prebuilt {} {}: {} bytes", p.file, p.target, p.image.len());
+    }
+    for (file, _) in kernel_sources() {
+        for t in ["sm_90a.cubin", "compute_90a.ptx"] {
+            assert!(
+                table.iter().any(|p| p.file == *file && p.target == t),
+                "no prebuilt {t} for {file}"
+            );
+        }
+    }
+}
+
+/// With a device and a prebuilt table, modules come from the table (as `openuni` registers it),
+/// not from NVRTC, whenever the device's target is one of the prebuilt ones.
+#[test]
+fn prebuilt_kernels_are_loaded_when_they_match_the_device() {
+    let table = prebuilt::PREBUILT_KERNELS;
+    if table.is_empty() {
+        println!("prebuilt kernels: none (nvcc was not found, or failed, at build time)");
+        return;
+    }
+    let Some(dev) = openuni_cuda::testing::device_or_skip() else {
+        return;
+    };
+    openuni_cuda::KernelSet::set_prebuilt(table);
+    let want = dev.kernels().target().image_name();
+    dev.kernels().load_all().unwrap();
+    let origins = dev.kernels().origins();
+    println!("device target {want}: {origins:?}");
+    if table.iter().any(|p| p.target == want) {
+        assert!(origins.iter().all(|(_, o)| *o == "prebuilt"), "{origins:?}");
+    }
+}
