@@ -263,6 +263,7 @@ pub fn noise(seed: u64, channels: usize, h: usize, w: usize) -> HostTensor {
 
 pub struct Settings {
     pub steps: usize,
+    pub sampler: openuni_models::scheduler::SamplerKind,
     pub guidance: f32,
     pub height: Option<usize>,
     pub width: Option<usize>,
@@ -341,7 +342,7 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
         };
         let c = model.condition(&ids.cond, &ids.uncond, run)?;
         let z = noise(it.seed, model.transformer_cfg.in_channels, lh, lw);
-        let latents = model.denoise(&c.prompt_embeds, &z, s.steps, s.guidance, shift, run, |_| bar.inc(1))?;
+        let latents = model.denoise(&c.prompt_embeds, &z, s.steps, s.guidance, s.sampler, shift, run, |_| bar.inc(1))?;
         let decoded = model.decode(&latents, run)?;
         let (pixels, _) = to_uint8_nhwc(&decoded)?;
         let meta = vec![
@@ -351,6 +352,7 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
             ("seed".into(), it.seed.to_string()),
             ("steps".into(), s.steps.to_string()),
             ("guidance".into(), s.guidance.to_string()),
+            ("sampler".into(), format!("{:?}", s.sampler)),
             ("flow_shift".into(), shift.to_string()),
             ("size".into(), format!("{width}x{height}")),
             ("model".into(), if models.builtin { "built-in tiny random model (not meaningful)".into() } else { s.variant.name.to_string() }),

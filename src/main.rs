@@ -71,6 +71,9 @@ struct GenerateArgs {
     steps: usize,
     #[arg(long, default_value_t = 4.5)]
     guidance: f32,
+    /// dpm-solver (OpenUni's DPM-Solver++ 2M with flow sigmas) or euler (flow-matching Euler).
+    #[arg(long, default_value = "dpm-solver")]
+    sampler: String,
     /// Seed of the first image; image i of a prompts file gets seed + i unless its line sets one.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -106,7 +109,9 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
         eprintln!("{p}");
     }
     let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
-    let settings = Settings { steps: a.steps, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v };
+    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler)
+        .ok_or_else(|| anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler))?;
+    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v };
     let report = run(&items, &models, &settings)?;
     for p in &report.written {
         println!("{}", p.display());

@@ -13,7 +13,7 @@ use openuni_models::connector::{self, ConnectorConfig};
 use openuni_models::dcae::{self, DcaeConfig};
 use openuni_models::qwen2::{self, Qwen2Config};
 use openuni_models::sana::{self, SanaConfig};
-use openuni_models::scheduler::{guide, DpmSolver};
+use openuni_models::scheduler::{guide, Sampler, SamplerKind};
 use openuni_tensor::{read_pth, DType, HostTensor, Overlay, TensorMap, TensorSource, Weights};
 
 use crate::exec::{executor, Device};
@@ -76,7 +76,7 @@ pub struct Conditioning {
 
 /// Per-step values a caller may want to see (verification, progress).
 pub struct StepRecord {
-    pub timestep: i64,
+    pub timestep: f32,
     /// The raw transformer output [2, 32, h, w] before guidance.
     pub model_output: HostTensor,
     /// The latents after the step [1, 32, h, w].
@@ -205,6 +205,7 @@ impl OpenUni {
         noise: &HostTensor,
         steps: usize,
         guidance: f32,
+        sampler: SamplerKind,
         flow_shift: f64,
         run: RunOptions,
         mut on_step: impl FnMut(StepRecord),
@@ -251,7 +252,7 @@ impl OpenUni {
         let mut step_exec = executor(run.device, &step_graph, weights.as_ref(), run.dtype, false)?;
         let mut inputs: HashMap<String, HostTensor> = kv_values;
 
-        let mut solver = DpmSolver::new(steps, flow_shift).map_err(anyhow::Error::msg)?;
+        let mut solver = Sampler::with_kind(sampler, steps, flow_shift).map_err(anyhow::Error::msg)?;
         let mut latents = noise.to_f32_vec();
         let per = latents.len();
         let mut guided = vec![0f32; per];
@@ -259,8 +260,8 @@ impl OpenUni {
             let mut x2 = latents.clone();
             x2.extend_from_slice(&latents);
             inputs.insert("hidden_states".into(), HostTensor::from_f32([2, cfg.in_channels, h, w], x2)?);
-            // The transformer sees the integer timestep as f32, as SanaPipeline passes it.
-            inputs.insert("timestep".into(), HostTensor::from_f32([2], vec![ts as f32; 2])?);
+            // The transformer sees the timestep as f32, as SanaPipeline passes it.
+            inputs.insert("timestep".into(), HostTensor::from_f32([2], vec![ts; 2])?);
             let v = step_exec.run(&inputs)?.remove("velocity").expect("graph output");
             let vv = v.to_f32_vec();
             guide(&vv[..per], &vv[per..], guidance, &mut guided);

@@ -91,6 +91,8 @@ fn committed_pipeline_cases_pass_on_cpu() {
 
 #[test]
 fn committed_scheduler_cases_pass() {
+    // DPM-Solver++ (two step counts and shifts) and flow Euler.
+    assert!(cases_of("scheduler").len() >= 3);
     assert_all_pass("scheduler");
 }
 
@@ -164,4 +166,41 @@ fn bad_flags_are_errors() {
     let (code, _, err) = verify(&[&case, "--dtype", "bf16"]);
     assert_eq!(code, 2);
     assert!(err.contains("f32 reference only"), "{err}");
+}
+
+#[test]
+fn dit_case_with_bad_inputs_is_a_clear_error() {
+    let case = &cases_of("dit")[0];
+    // Timestep out of range.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(case, tmp.path());
+    edit_safetensors(&tmp.path().join("io.safetensors"), |io| {
+        let t = io.get_mut("timestep").unwrap();
+        *t = HostTensor::from_f32(t.shape.clone(), vec![1500.0; t.numel()]).unwrap();
+    });
+    let (code, _, err) = verify(&[tmp.path().to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("timestep 1500 is outside [0, 1000]"), "{err}");
+    // Latent channels that do not fit the config.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(case, tmp.path());
+    edit_safetensors(&tmp.path().join("io.safetensors"), |io| {
+        let x = io.get_mut("hidden_states").unwrap();
+        let d = x.shape.dims().to_vec();
+        *x = HostTensor::from_f32([d[0], 16, d[2], d[3]], vec![0.5; d[0] * 16 * d[2] * d[3]]).unwrap();
+    });
+    let (code, _, err) = verify(&[tmp.path().to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("hidden_states") && err.contains("expected [B, 32, h, w]"), "{err}");
+    // A mask of the wrong length.
+    let case = cases_of("dit").into_iter().find(|c| c.join("io.safetensors").exists() && Weights::open(c.join("io.safetensors")).unwrap().contains("encoder_attention_mask")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&case, tmp.path());
+    edit_safetensors(&tmp.path().join("io.safetensors"), |io| {
+        let m = io.get_mut("encoder_attention_mask").unwrap();
+        *m = HostTensor::from_f32([m.shape.dims()[0], 3], vec![1.0; m.shape.dims()[0] * 3]).unwrap();
+    });
+    let (code, _, err) = verify(&[tmp.path().to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("encoder_attention_mask"), "{err}");
 }

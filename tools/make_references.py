@@ -81,6 +81,7 @@ import safetensors  # noqa: E402
 import tokenizers  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.models.attention_processor import SanaMultiscaleLinearAttention  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # noqa: E402
@@ -567,6 +568,32 @@ def case_scheduler_20_shift3(out_dir, args):
 
 def case_scheduler_12_shift6(out_dir, args):
     return make_scheduler_case(out_dir, args, 1511, 12, 6.0, (2, 3))
+
+
+def run_euler(shift, N, x_init, velocities):
+    s = FlowMatchEulerDiscreteScheduler(shift=shift)
+    s.set_timesteps(N)
+    sigmas, timesteps = f32(s.sigmas), f32(s.timesteps)
+    x = x_init.clone()
+    samples = []
+    for i in range(N):
+        x = s.step(velocities[i], s.timesteps[i], x, return_dict=False)[0]
+        samples.append(f32(x))
+    return {"sigmas": sigmas, "timesteps": timesteps, "x_final": f32(x), "mid.samples": torch.stack(samples)}
+
+
+def case_scheduler_euler_10_shift3(out_dir, args):
+    """Flow Euler (diffusers FlowMatchEulerDiscreteScheduler(shift)): float timesteps, x += (s1 - s0) v."""
+    seed, N, shift, (h, w) = 1521, 10, 3.0, (2, 3)
+    gen = torch.Generator().manual_seed(seed)
+    x_init = randn(gen, 1, 32, h, w)
+    vel = randn(gen, N, 1, 32, h, w)
+    res = run_euler(shift, N, x_init, vel)
+    write_json(out_dir / "case.json", case_json("scheduler", seed, sampler="flow_euler", num_steps=N, flow_shift=shift,
+                                                latent_hw=[h, w]))
+    assert float(res["sigmas"][-1]) == 0.0
+    save_io(out_dir / "io.safetensors", {"x_init": x_init, "velocities": vel, **res})
+    return {"bf16": {}, "sens": None}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1418,6 +1445,22 @@ def cc_dit(d, name):
 def cc_scheduler(d, name):
     io_t = load_file(str(d / "io.safetensors"))
     cj = json.loads((d / "case.json").read_text())
+    if cj.get("sampler") == "flow_euler":
+        # diffusers shifts twice: once for sigma_min/max at construction, again in set_timesteps.
+        N, sh = cj["num_steps"], cj["flow_shift"]
+        shift = lambda s: sh * s / (1 + (sh - 1) * s)  # noqa: E731
+        smax, smin = shift(1.0), shift(1.0 / 1000)
+        t = torch.linspace(smax * 1000, smin * 1000, N, dtype=torch.float64)
+        sig = torch.cat([shift(t / 1000), torch.zeros(1, dtype=torch.float64)])
+        report(name, "sigmas", sig, io_t["sigmas"], tol=1e-6)
+        x = io_t["x_init"].to(DT)
+        samples = []
+        for i in range(N):
+            x = x + (sig[i + 1] - sig[i]) * io_t["velocities"][i].to(DT)
+            samples.append(x)
+        report(name, "x_final", x, io_t["x_final"])
+        report(name, "mid.samples", torch.stack(samples), io_t["mid.samples"])
+        return
     sig, ts = ref_sigmas(cj["num_steps"], cj["flow_shift"])
     CC_RESULTS.append((name, "timesteps (exact)", 0.0, 0.0, bool(torch.equal(ts, io_t["timesteps"]))))
     report(name, "sigmas", sig, io_t["sigmas"], tol=1e-7)
@@ -1516,6 +1559,7 @@ CASES = OrderedDict([
     ("dit_sana15_qknorm", case_dit_sana15_qknorm),
     ("scheduler_20_shift3", case_scheduler_20_shift3),
     ("scheduler_12_shift6", case_scheduler_12_shift6),
+    ("scheduler_euler_10_shift3", case_scheduler_euler_10_shift3),
     ("vae_linear_nonsquare", case_vae_linear_nonsquare),
     ("pipeline_tiny", case_pipeline_tiny),
     ("pth", case_pth),

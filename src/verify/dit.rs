@@ -30,6 +30,7 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     if t.shape.dims() != [batch] {
         bail!("{}: `timestep` has shape {}, expected [{batch}]", case.dir.display(), t.shape);
     }
+    sana::check_timesteps(&t.to_f32_vec()).map_err(|e| anyhow::anyhow!("{}: {e}", case.dir.display()))?;
     let mut b = GraphBuilder::new();
     let xi = b.input("hidden_states", x.shape.clone())?;
     let ei = b.input("encoder_hidden_states", enc.shape.clone())?;

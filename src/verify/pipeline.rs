@@ -7,6 +7,7 @@
 use anyhow::{bail, Context, Result};
 use openuni_models::connector::ConnectorConfig;
 use openuni_models::prompt::PromptTokenizer;
+use openuni_models::scheduler::SamplerKind;
 use openuni_tensor::{HostData, HostTensor};
 
 use super::{Case, Kind, Options, Produced};
@@ -67,7 +68,7 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     let noise = case.tensor("noise")?;
     let mut timesteps = vec![];
     let (mut dit_out, mut steps_latents) = (vec![], vec![]);
-    let latents = model.denoise(&c.prompt_embeds, &noise, steps, guidance, shift, run, |r| {
+    let latents = model.denoise(&c.prompt_embeds, &noise, steps, guidance, SamplerKind::DpmSolver, shift, run, |r| {
         timesteps.push(r.timestep);
         dit_out.extend(r.model_output.to_f32_vec());
         steps_latents.extend(r.latents.to_f32_vec());
@@ -75,6 +76,7 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     let n = timesteps.len();
     let ld = noise.shape.dims().to_vec();
     push(&mut out, "latents", latents.clone(), true, Kind::Float);
+    let timesteps = timesteps.into_iter().map(|t| t as i64).collect();
     push(&mut out, "mid.timesteps", HostTensor::new([n], HostData::I64(timesteps))?, false, Kind::Exact);
     push(&mut out, "mid.dit_out", HostTensor::from_f32([n, 2, ld[1], ld[2], ld[3]], dit_out)?, false, Kind::Float);
     push(&mut out, "mid.latents_steps", HostTensor::from_f32([n, 1, ld[1], ld[2], ld[3]], steps_latents)?, false, Kind::Float);

@@ -2,7 +2,7 @@
 //! (exact), and the loop `x = step(velocities[i], x)` from x_init -> x_final, mid.samples.
 
 use anyhow::{bail, Context, Result};
-use openuni_models::scheduler::DpmSolver;
+use openuni_models::scheduler::{Sampler, SamplerKind};
 use openuni_tensor::{HostData, HostTensor};
 
 use super::{Case, Kind, Options, Produced};
@@ -14,8 +14,12 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     }
     let steps = case.json["num_steps"].as_u64().with_context(|| format!("{}: case.json has no integer num_steps", case.dir.display()))?;
     let shift = case.json["flow_shift"].as_f64().with_context(|| format!("{}: case.json has no number flow_shift", case.dir.display()))?;
-    let mut solver = DpmSolver::new(steps as usize, shift).map_err(|e| anyhow::anyhow!("{}: {e}", case.dir.display()))?;
-    let n = solver.schedule.num_steps();
+    let kind = match case.json.get("sampler").and_then(|s| s.as_str()) {
+        None => SamplerKind::DpmSolver,
+        Some(s) => SamplerKind::parse(s).with_context(|| format!("{}: unknown sampler `{s}` (dpmsolver++, flow_euler)", case.dir.display()))?,
+    };
+    let mut solver = Sampler::with_kind(kind, steps as usize, shift).map_err(|e| anyhow::anyhow!("{}: {e}", case.dir.display()))?;
+    let n = solver.num_steps();
     let x_init = case.tensor("x_init")?;
     let velocities = case.tensor("velocities")?;
     let per = x_init.numel();
@@ -29,10 +33,19 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
         solver.step(&v[i * per..(i + 1) * per], &mut x).map_err(anyhow::Error::msg)?;
         samples.extend_from_slice(&x);
     }
-    let sched = &solver.schedule;
+    // DPM-Solver++ timesteps are integers and must be equal; Euler's are floats.
+    let timesteps = match kind {
+        SamplerKind::DpmSolver => {
+            let ts = solver.timesteps.iter().map(|&t| t as i64).collect();
+            Produced { reference: "timesteps".into(), tensor: HostTensor::new([n], HostData::I64(ts))?, decisive: true, kind: Kind::Exact }
+        }
+        SamplerKind::FlowEuler => {
+            Produced { reference: "timesteps".into(), tensor: HostTensor::from_f32([n], solver.timesteps.clone())?, decisive: true, kind: Kind::Float }
+        }
+    };
     let mut out = vec![
-        Produced { reference: "timesteps".into(), tensor: HostTensor::new([n], HostData::I64(sched.timesteps.clone()))?, decisive: true, kind: Kind::Exact },
-        Produced { reference: "sigmas".into(), tensor: HostTensor::from_f32([n + 1], sched.sigmas.clone())?, decisive: true, kind: Kind::Float },
+        timesteps,
+        Produced { reference: "sigmas".into(), tensor: HostTensor::from_f32([n + 1], solver.sigmas.clone())?, decisive: true, kind: Kind::Float },
         Produced { reference: "x_final".into(), tensor: HostTensor::from_f32(x_init.shape.clone(), x)?, decisive: true, kind: Kind::Float },
     ];
     if case.io.contains("mid.samples") {

@@ -97,6 +97,15 @@ impl SanaConfig {
     }
 }
 
+/// The transformer was trained on timesteps in [0, 1000] (σ·1000); anything else is a caller
+/// error that would silently give a meaningless velocity.
+pub fn check_timesteps(t: &[f32]) -> Result<()> {
+    match t.iter().find(|&&v| !(0.0..=1000.0).contains(&v)) {
+        Some(v) => Err(ModelError::Config { path: "timestep".into(), msg: format!("timestep {v} is outside [0, 1000]") }),
+        None => Ok(()),
+    }
+}
+
 /// A weight by upstream key.
 fn w(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId> {
     Ok(b.weight(&key, shape.to_vec())?)

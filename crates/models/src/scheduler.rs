@@ -1,8 +1,9 @@
-//! The sampler OpenUni uses through diffusers' SanaPipeline: `DPMSolverMultistepScheduler` with
-//! `algorithm_type dpmsolver++, solver_order 2, solver_type midpoint, prediction_type
+//! The samplers: OpenUni's default through diffusers' SanaPipeline, `DPMSolverMultistepScheduler`
+//! with `algorithm_type dpmsolver++, solver_order 2, solver_type midpoint, prediction_type
 //! flow_prediction, use_flow_sigmas, final_sigmas_type zero, lower_order_final` (spec/sana_dcae.md
-//! §4.3-4.4). All solver math is f32, as diffusers computes it (its coefficients are 0-d f32
-//! tensors); the schedule itself is made in f64 and stored as f32.
+//! §4.3-4.4), and flow Euler (`FlowMatchEulerDiscreteScheduler(shift)`). All solver math is f32,
+//! as diffusers computes it (its coefficients are 0-d f32 tensors); schedules are made in f64
+//! where diffusers uses numpy and stored as f32.
 
 /// The schedule for `num_steps` steps: `sigmas` has N+1 entries (the last is 0), `timesteps` N
 /// integers (σ·1000 truncated; what the transformer sees).
@@ -50,27 +51,101 @@ fn lambda(sigma: f32) -> f32 {
     (1.0 - sigma).ln() - sigma.ln()
 }
 
-/// Multistep DPM-Solver++ (order 2, midpoint) state for one generation.
-pub struct DpmSolver {
-    pub schedule: FlowSchedule,
+/// Which sampler runs the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SamplerKind {
+    /// DPM-Solver++ 2M (midpoint) with flow sigmas: OpenUni's default.
+    DpmSolver,
+    /// Flow-matching Euler: `x += (σ_{i+1} − σ_i)·v`.
+    FlowEuler,
+}
+
+impl SamplerKind {
+    pub fn parse(s: &str) -> Option<SamplerKind> {
+        match s {
+            "dpm-solver" | "dpmsolver++" | "flow_dpm_solver" => Some(SamplerKind::DpmSolver),
+            "euler" | "flow_euler" => Some(SamplerKind::FlowEuler),
+            _ => None,
+        }
+    }
+}
+
+/// diffusers `FlowMatchEulerDiscreteScheduler(shift).set_timesteps(N)`: N+1 sigmas (last 0) and N
+/// float timesteps σ·1000. diffusers shifts twice (once for σ_min/σ_max at construction, again in
+/// set_timesteps); that is reproduced here, since it is what users of the scheduler get.
+pub fn flow_euler_schedule(num_steps: usize, shift: f64) -> Result<(Vec<f32>, Vec<f32>), String> {
+    if num_steps == 0 {
+        return Err("the number of steps must be at least 1".into());
+    }
+    if !(shift.is_finite() && shift > 0.0) {
+        return Err(format!("flow_shift must be a positive number, found {shift}"));
+    }
+    let n_train = NUM_TRAIN_TIMESTEPS as f64;
+    // Construction (f32 tensors): the shifted training sigmas' extremes.
+    let shift32 = |s: f32| (shift as f32) * s / (1.0 + (shift as f32 - 1.0) * s);
+    let (sigma_max, sigma_min) = (shift32(1.0) as f64, shift32((1.0 / n_train) as f32) as f64);
+    // set_timesteps (numpy f64): linspace over σ·1000, back to σ, shifted again.
+    let shift64 = |s: f64| shift * s / (1.0 + (shift - 1.0) * s);
+    let sigmas: Vec<f32> = (0..num_steps)
+        .map(|i| {
+            let t = if num_steps == 1 {
+                sigma_max * n_train
+            } else {
+                sigma_max * n_train + (sigma_min - sigma_max) * n_train * i as f64 / (num_steps - 1) as f64
+            };
+            shift64(t / n_train) as f32
+        })
+        .collect();
+    let timesteps = sigmas.iter().map(|&s| s * NUM_TRAIN_TIMESTEPS as f32).collect();
+    let mut sigmas = sigmas;
+    sigmas.push(0.0);
+    Ok((sigmas, timesteps))
+}
+
+/// The sampling state of one generation: the schedule, the step counter and, for DPM-Solver++,
+/// the previous step's x0 prediction (the multistep history).
+pub struct Sampler {
+    pub kind: SamplerKind,
+    /// N+1 noise levels; the last is 0.
+    pub sigmas: Vec<f32>,
+    /// The N timesteps the transformer sees (integers for DPM-Solver++, floats for Euler).
+    pub timesteps: Vec<f32>,
     step: usize,
-    /// x0 prediction of the previous step (the multistep history).
     prev_x0: Option<Vec<f32>>,
 }
 
-impl DpmSolver {
-    pub fn new(num_steps: usize, flow_shift: f64) -> Result<DpmSolver, String> {
-        Ok(DpmSolver { schedule: FlowSchedule::new(num_steps, flow_shift)?, step: 0, prev_x0: None })
+/// The DPM-Solver++ sampler by its historical name.
+pub type DpmSolver = Sampler;
+
+impl Sampler {
+    /// OpenUni's default sampler (DPM-Solver++ 2M, flow sigmas).
+    pub fn new(num_steps: usize, flow_shift: f64) -> Result<Sampler, String> {
+        Sampler::with_kind(SamplerKind::DpmSolver, num_steps, flow_shift)
     }
 
-    /// The timestep the model sees at the current step.
-    pub fn timestep(&self) -> Option<i64> {
-        self.schedule.timesteps.get(self.step).copied()
+    pub fn with_kind(kind: SamplerKind, num_steps: usize, flow_shift: f64) -> Result<Sampler, String> {
+        let (sigmas, timesteps) = match kind {
+            SamplerKind::DpmSolver => {
+                let s = FlowSchedule::new(num_steps, flow_shift)?;
+                (s.sigmas, s.timesteps.iter().map(|&t| t as f32).collect())
+            }
+            SamplerKind::FlowEuler => flow_euler_schedule(num_steps, flow_shift)?,
+        };
+        Ok(Sampler { kind, sigmas, timesteps, step: 0, prev_x0: None })
+    }
+
+    pub fn num_steps(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    /// The timestep the model sees at the current step; `None` when done.
+    pub fn timestep(&self) -> Option<f32> {
+        self.timesteps.get(self.step).copied()
     }
 
     /// One step: `velocity` is the (guided) model output for `sample`; `sample` is updated in place.
     pub fn step(&mut self, velocity: &[f32], sample: &mut [f32]) -> Result<(), String> {
-        let n = self.schedule.num_steps();
+        let n = self.num_steps();
         if self.step >= n {
             return Err(format!("all {n} steps have been taken"));
         }
@@ -78,7 +153,15 @@ impl DpmSolver {
             return Err(format!("velocity has {} values, the sample {}", velocity.len(), sample.len()));
         }
         let i = self.step;
-        let sig = &self.schedule.sigmas;
+        let sig = &self.sigmas;
+        if self.kind == SamplerKind::FlowEuler {
+            let dt = sig[i + 1] - sig[i];
+            for (x, &v) in sample.iter_mut().zip(velocity) {
+                *x += dt * v;
+            }
+            self.step += 1;
+            return Ok(());
+        }
         let s0 = sig[i];
         // convert_model_output (flow prediction): x0 = x − σ·v.
         let x0: Vec<f32> = sample.iter().zip(velocity).map(|(&x, &v)| x - s0 * v).collect();
@@ -136,9 +219,18 @@ mod tests {
     }
 
     #[test]
+    fn euler_schedule_matches_the_published_start() {
+        // spec/sana_dcae.md §4.3: "timesteps are σ·1000 as floats (1000.0, 981.875, ...)".
+        let (s, t) = flow_euler_schedule(20, 3.0).unwrap();
+        assert_eq!(t[0], 1000.0);
+        assert!((t[1] - 981.875).abs() < 0.01, "{}", t[1]);
+        assert_eq!((s.len(), s[20]), (21, 0.0));
+    }
+
+    #[test]
     fn last_step_returns_the_clean_estimate() {
         let mut d = DpmSolver::new(1, 3.0).unwrap();
-        let s0 = d.schedule.sigmas[0];
+        let s0 = d.sigmas[0];
         let mut x = vec![1.0, -2.0];
         let v = [0.5, 0.25];
         d.step(&v, &mut x).unwrap();
