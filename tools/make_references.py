@@ -620,7 +620,9 @@ class LinearPathGuard:
     """Asserts that every EfficientViT attention of the decoder takes diffusers' LINEAR attention path
     (SanaMultiscaleAttnProcessor2_0 uses it only when H*W > attention_head_dim)."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, allow_quadratic=False):
+        self.allow_quadratic = allow_quadratic
+        self.quadratic = 0
         self.calls = 0
         self.handles = []
         for name, mod in vae.decoder.named_modules():
@@ -631,7 +633,9 @@ class LinearPathGuard:
     def _make(self, name):
         def hook(mod, args):
             h, w = args[0].shape[-2:]
-            assert h * w > mod.attention_head_dim, f"{name}: {h}x{w} <= {mod.attention_head_dim}: quadratic path"
+            if h * w <= mod.attention_head_dim:
+                assert self.allow_quadratic, f"{name}: {h}x{w} <= {mod.attention_head_dim}: quadratic path"
+                self.quadratic += 1
             self.calls += 1
 
         return hook
@@ -641,9 +645,9 @@ class LinearPathGuard:
             h.remove()
 
 
-def run_vae(vae, z, mids=True):
+def run_vae(vae, z, mids=True, allow_quadratic=False):
     rec = Recorder()
-    guard = LinearPathGuard(vae)
+    guard = LinearPathGuard(vae, allow_quadratic)
     if mids:
         n = len(vae.decoder.up_blocks)
         rec.input(vae.decoder.up_blocks[n - 1], "mid.decoder.stem")
@@ -655,9 +659,37 @@ def run_vae(vae, z, mids=True):
     rec.close()
     guard.close()
     assert guard.n_modules > 0 and guard.calls == guard.n_modules, (guard.calls, guard.n_modules)
+    assert not allow_quadratic or guard.quadratic > 0, "the case was meant to take the quadratic path"
     res = {"sample": f32(out)}
     res.update(rec.values)
     return res
+
+
+def case_vae_quadratic_small(out_dir, args):
+    """The other attention path: diffusers' EfficientViT attention is 'quadratic' (ReLU-normalised
+    scores K^T Q) when H*W <= attention_head_dim. Latent 2x3 with head_dim 8: stage 5 has 6 <= 8
+    positions (quadratic), stage 4 has 24 > 8 (linear), stage 3 has 96 (linear)."""
+    seed = 1611
+    cfg = dcae_config((4, 4, 8, 8, 16, 32), (1, 1, 1, 1, 1, 1), head_dim=8)
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(**cfg).eval()
+    shape_params(vae, seed + 1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    B, h, w = 1, 2, 3
+    z = randn(gen, B, 32, h, w)
+    mdir = out_dir / "model"
+    vae.save_pretrained(str(mdir))
+    vae2 = AutoencoderDC.from_pretrained(str(mdir), torch_dtype=torch.float32).eval()
+    res = run_vae(vae2, z, allow_quadratic=True)
+    assert_same("vae_quadratic_small", run_vae(vae, z, allow_quadratic=True), res)
+    b = bf16_copy(vae2)
+    bf = run_vae(b, z.to(torch.bfloat16), mids=False, allow_quadratic=True)["sample"]
+    bf16_err = {"sample": rel_l2(bf, res["sample"])}
+    save_io(out_dir / "io.safetensors", {"latent": z, **res, "bf16.sample": bf})
+    write_json(out_dir / "case.json", case_json("vae", seed, batch=B, latent_hw=[h, w], image_hw=[32 * h, 32 * w],
+                                                attention_path="quadratic in stage 5, linear in stages 3-4",
+                                                bf16_rel_l2=bf16_err))
+    return {"bf16": bf16_err, "sens": None}
 
 
 def case_vae_linear_nonsquare(out_dir, args):
@@ -1350,7 +1382,7 @@ def ref_dcae_decode(sd, cfg, z):
                 allq = torch.cat([qkv, ms], 1).reshape(B, -1, 3 * hd, H * Wd)
                 qq, kk, vv = allq.chunk(3, 2)
                 qq, kk = F.relu(qq), F.relu(kk)
-                assert H * Wd > hd
+                # diffusers quadratic path (H*W <= hd) computes the same formula in another order
                 vp = F.pad(vv, (0, 0, 0, 1), value=1.0)
                 o = (vp @ kk.transpose(-1, -2)) @ qq
                 o = o[:, :, :-1] / (o[:, :, -1:] + 1e-15)
@@ -1561,6 +1593,7 @@ CASES = OrderedDict([
     ("scheduler_12_shift6", case_scheduler_12_shift6),
     ("scheduler_euler_10_shift3", case_scheduler_euler_10_shift3),
     ("vae_linear_nonsquare", case_vae_linear_nonsquare),
+    ("vae_quadratic_small", case_vae_quadratic_small),
     ("pipeline_tiny", case_pipeline_tiny),
     ("pth", case_pth),
 ])
