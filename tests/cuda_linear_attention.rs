@@ -164,9 +164,10 @@ fn zero_state_gives_zero_output() {
     }
 }
 
-/// The state kernel's counters must be back at zero after every call: several runs and CUDA-graph
-/// replays of a node with several chunks per head give bit-identical results (the reduction order
-/// is fixed, whichever CTA finishes last). Two nodes of different shapes share the workspaces.
+/// The state kernel's counters must be back at zero after every call: runs and CUDA-graph replays
+/// alternating two input sets of a node with several chunks per head each match the CPU, and
+/// repeat bit for bit (the reduction order is fixed, whichever CTA finishes last). Two nodes of
+/// different shapes share the workspaces.
 #[test]
 fn repeated_runs_and_replays_are_identical() {
     let Some(dev) = device_or_skip() else { return };
@@ -174,50 +175,66 @@ fn repeated_runs_and_replays_are_identical() {
     let (b, n, heads, hd) = (2, 1025, 3, 32);
     let (n2, groups) = (300, 2);
     let c = heads * hd;
-    let (q, k, v) = qkv(&mut rng, b * n * c);
-    let x = rng.normals(b * n2 * groups * 3 * hd, 0.2, 1.0);
+    let w2 = groups * 3 * hd;
     let mut gb = GraphBuilder::new();
     let qi = gb.input("q", [b, n, c]).unwrap();
     let ki = gb.input("k", [b, n, c]).unwrap();
     let vi = gb.input("v", [b, n, c]).unwrap();
-    let xi = gb.input("qkv", [b, n2, groups * 3 * hd]).unwrap();
+    let xi = gb.input("qkv", [b, n2, w2]).unwrap();
     let y1 = gb.linear_attention("a.linear_attention", qi, ki, vi, heads, hd).unwrap();
     let y2 = gb.packed_linear_attention("b.linear_attention", xi, groups, hd).unwrap();
     gb.output("y1", y1).unwrap();
     gb.output("y2", y2).unwrap();
     let g = gb.finish();
-    let inputs = HashMap::from([
-        ("q".to_string(), tensor(&[b, n, c], q.clone())),
-        ("k".to_string(), tensor(&[b, n, c], k.clone())),
-        ("v".to_string(), tensor(&[b, n, c], v.clone())),
-        ("qkv".to_string(), tensor(&[b, n2, groups * 3 * hd], x.clone())),
-    ]);
-    let mut want1 = vec![0.0; b * n * c];
-    cpu::linear_attention(&q, &k, &v, b, n, heads, hd, &mut want1);
-    let mut want2 = vec![0.0; b * n2 * groups * hd];
-    cpu::packed_linear_attention(&x, b, n2, groups, hd, &mut want2);
     assert!(chunking(dev.sm_count(), &Dims::separate(b, n, heads, hd)).0 > 1, "the test needs several chunks");
+    // Two input sets, their CPU results (f32 inputs) and plain bf16 baselines.
+    struct Set {
+        inputs: HashMap<String, HostTensor>,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        x: Vec<f32>,
+    }
+    let sets: Vec<Set> = (0..2)
+        .map(|_| {
+            let (q, k, v) = qkv(&mut rng, b * n * c);
+            let x = rng.normals(b * n2 * w2, 0.2, 1.0);
+            let inputs = HashMap::from([
+                ("q".to_string(), tensor(&[b, n, c], q.clone())),
+                ("k".to_string(), tensor(&[b, n, c], k.clone())),
+                ("v".to_string(), tensor(&[b, n, c], v.clone())),
+                ("qkv".to_string(), tensor(&[b, n2, w2], x.clone())),
+            ]);
+            Set { inputs, q, k, v, x }
+        })
+        .collect();
     let w: HashMap<String, HostTensor> = HashMap::new();
     for dtype in DTYPES {
         let mut ex = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
-        let first = ex.run(&inputs).unwrap();
-        let (a1, a2) = (first["y1"].to_f32_vec(), first["y2"].to_f32_vec());
-        let mut base1 = vec![0.0; b * n * c];
-        cpu::linear_attention(&round_to(dtype, &q), &round_to(dtype, &k), &round_to(dtype, &v), b, n, heads, hd, &mut base1);
-        let mut base2 = vec![0.0; b * n2 * groups * hd];
-        cpu::packed_linear_attention(&round_to(dtype, &x), b, n2, groups, hd, &mut base2);
-        check(&format!("{dtype} node 1"), dtype, &a1, &want1, &base1);
-        check(&format!("{dtype} node 2"), dtype, &a2, &want2, &base2);
-        let again = ex.run(&inputs).unwrap();
-        assert_eq!(again["y1"].to_f32_vec(), a1, "{dtype}: second run differs");
-        assert_eq!(again["y2"].to_f32_vec(), a2, "{dtype}: second run differs");
-        ex.capture().unwrap();
-        for i in 0..2 {
-            let r = ex.replay(&inputs).unwrap();
-            assert_eq!(r["y1"].to_f32_vec(), a1, "{dtype}: replay {i} differs");
-            assert_eq!(r["y2"].to_f32_vec(), a2, "{dtype}: replay {i} differs");
+        let mut firsts = vec![];
+        for (i, s) in sets.iter().enumerate() {
+            let out = ex.run(&s.inputs).unwrap();
+            let (a1, a2) = (out["y1"].to_f32_vec(), out["y2"].to_f32_vec());
+            let (mut want1, mut base1) = (vec![0.0; b * n * c], vec![0.0; b * n * c]);
+            cpu::linear_attention(&s.q, &s.k, &s.v, b, n, heads, hd, &mut want1);
+            cpu::linear_attention(&round_to(dtype, &s.q), &round_to(dtype, &s.k), &round_to(dtype, &s.v), b, n, heads, hd, &mut base1);
+            let (mut want2, mut base2) = (vec![0.0; b * n2 * groups * hd], vec![0.0; b * n2 * groups * hd]);
+            cpu::packed_linear_attention(&s.x, b, n2, groups, hd, &mut want2);
+            cpu::packed_linear_attention(&round_to(dtype, &s.x), b, n2, groups, hd, &mut base2);
+            check(&format!("{dtype} set {i} node 1"), dtype, &a1, &want1, &base1);
+            check(&format!("{dtype} set {i} node 2"), dtype, &a2, &want2, &base2);
+            firsts.push((a1, a2));
         }
-        println!("{dtype}: 2 runs and 2 replays identical; workspaces {} bytes", ex.resource_bytes());
+        let same = |out: &HashMap<String, HostTensor>, i: usize, what: &str| {
+            assert!(out["y1"].to_f32_vec() == firsts[i].0, "{dtype}: {what} of set {i} differs (node 1)");
+            assert!(out["y2"].to_f32_vec() == firsts[i].1, "{dtype}: {what} of set {i} differs (node 2)");
+        };
+        same(&ex.run(&sets[0].inputs).unwrap(), 0, "second run");
+        ex.capture().unwrap();
+        for i in [1, 0, 1] {
+            same(&ex.replay(&sets[i].inputs).unwrap(), i, "replay");
+        }
+        println!("{dtype}: runs and replays identical; workspaces {} bytes", ex.resource_bytes());
     }
 }
 
