@@ -4,7 +4,7 @@
 # 1. Here (the CPU machine), build and collect the executables into .gpu/ (stripped, < 64 MiB):
 #        bash tools/gpu_run.sh --build
 #    which runs `cargo test --release --no-run` (tests/cuda_*.rs, tests/kernels_compile.rs and
-#    crates/cuda/tests/*.rs) and `cargo bench --no-run` (benches/norm.rs, benches/elementwise.rs),
+#    crates/cuda/tests/*.rs) and `cargo bench --no-run` (benches/norm.rs, benches/elementwise.rs, benches/linear_attention.rs),
 #    copies the executables into .gpu/ and records the commit in .gpu/COMMIT.
 # 2. On the GPU machine (no Rust, no network; CUDA 13.0 in /usr/local/cuda), from the repo root:
 #        bash tools/gpu_run.sh                  # with the device tool: carry [".gpu"]
@@ -17,8 +17,8 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 GPU_DIR="$ROOT/.gpu"
-TESTS=(kernels_compile cuda_norm cuda_elementwise backend executor)
-BENCHES=(norm elementwise)
+TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc backend executor)
+BENCHES=(norm elementwise linear_attention)
 
 if [ "${1:-}" = "--build" ]; then
   set -e
@@ -26,9 +26,9 @@ if [ "${1:-}" = "--build" ]; then
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu/' .gitignore 2>/dev/null || echo /.gpu/ >> .git/info/exclude
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
   J="$(mktemp)"
-  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise >> "$J"
+  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc >> "$J"
   cargo test --release --no-run --message-format=json -p openuni-cuda --tests >> "$J"
-  cargo bench --no-run --message-format=json --bench norm --bench elementwise >> "$J"
+  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention >> "$J"
   python3 - "$J" "$GPU_DIR" <<'PY'
 import json, sys, shutil, os, subprocess
 msgs, out = sys.argv[1], sys.argv[2]
@@ -126,20 +126,22 @@ for t in "${TESTS[@]}"; do
   [ -x "$exe" ] || { printf "%-36s %-6s\n" "test $t" "MISSING" >> "$SUMMARY"; any_fail=1; continue; }
   run_step "test $t" "$OUT/tests.log" "$exe" --nocapture --test-threads=1
 done
-for t in cuda_norm cuda_elementwise executor; do
+for t in cuda_norm cuda_elementwise cuda_linear_attention cuda_misc executor; do
   exe="$GPU_DIR/test-$t"
   [ -x "$exe" ] || continue
   OPENUNI_KERNEL_FORMAT=ptx run_step "test $t (ptx)" "$OUT/tests.log" "$exe" --nocapture --test-threads=1
 done
 
 if command -v compute-sanitizer > /dev/null 2>&1; then
-  for t in cuda_norm cuda_elementwise; do
+  for t in cuda_norm cuda_elementwise cuda_linear_attention cuda_misc; do
     exe="$GPU_DIR/test-$t"
     [ -x "$exe" ] || continue
     run_step "memcheck $t" "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 9 "$exe" --test-threads=1
   done
   [ -x "$GPU_DIR/test-cuda_norm" ] && run_step "racecheck cuda_norm" "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 9 "$GPU_DIR/test-cuda_norm" --test-threads=1
   [ -x "$GPU_DIR/test-cuda_norm" ] && run_step "synccheck cuda_norm" "$OUT/sanitizer.log" compute-sanitizer --tool synccheck --error-exitcode 9 "$GPU_DIR/test-cuda_norm" --test-threads=1
+  [ -x "$GPU_DIR/test-cuda_linear_attention" ] && run_step "racecheck cuda_linear_attention" "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 9 "$GPU_DIR/test-cuda_linear_attention" --test-threads=1
+  [ -x "$GPU_DIR/test-cuda_linear_attention" ] && run_step "synccheck cuda_linear_attention" "$OUT/sanitizer.log" compute-sanitizer --tool synccheck --error-exitcode 9 "$GPU_DIR/test-cuda_linear_attention" --test-threads=1
 else
   printf "%-36s %-6s\n" "compute-sanitizer" "ABSENT" >> "$SUMMARY"
 fi

@@ -8,7 +8,13 @@
 //! Storage is f32 or bf16; values are always handed in and out as f32. With bf16 storage, f32
 //! inputs go to an f32 staging buffer and are cast into the arena on the device
 //! (`cast_f32_to_bf16`), and outputs are cast back (`cast_bf16_to_f32`) into staging before the
-//! copy to the host. Those casts are part of a captured graph.
+//! copy to the host. Those casts are part of a captured graph. The f32 staging copy of an input
+//! stays valid for the whole run, and a kernel family may read it instead of the bf16 arena copy
+//! (`families::Ctx::f32_ptr`): the timestep embedding does, so that a timestep such as 999, which
+//! bf16 rounds to 1000, reaches the sinusoid exactly.
+//!
+//! Besides the arena, the weights and the staging buffer, the executor owns the workspaces and
+//! constant tables that kernel families request once at resolve time (`families::Resources`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -101,6 +107,9 @@ pub struct CudaExecutor {
     _staging: Option<DeviceBuffer>,
     staged_inputs: Vec<Staged>,
     staged_outputs: Vec<Staged>,
+    /// Workspaces and constant tables the kernel families asked for at resolve time; the resolved
+    /// launches point into them.
+    resources: families::Resources,
     steps: Vec<Step>,
     blas: Option<Arc<Blas>>,
     captured: Option<CudaGraph>,
@@ -235,6 +244,7 @@ impl CudaExecutor {
             _staging: staging,
             staged_inputs,
             staged_outputs,
+            resources: families::Resources::default(),
             steps: vec![],
             blas: None,
             captured: None,
@@ -265,6 +275,11 @@ impl CudaExecutor {
         self.arena.bytes()
     }
 
+    /// Device bytes of the families' workspaces and constant tables.
+    pub fn resource_bytes(&self) -> usize {
+        self.resources.bytes()
+    }
+
     /// The device address of a value.
     pub fn ptr(&self, id: ValueId) -> u64 {
         match self.plan.offset(id) {
@@ -287,6 +302,7 @@ impl CudaExecutor {
             }
         }
         let mut steps = Vec::with_capacity(self.graph.nodes.len());
+        let resources = std::cell::RefCell::new(std::mem::take(&mut self.resources));
         let g = &self.graph;
         for node in &g.nodes {
             let out = g.shape(node.output);
@@ -299,7 +315,21 @@ impl CudaExecutor {
                     .map(|_| ())
                     .map_err(|e| node_err(&node.name, node.op.name(), format!("kernel `{k}`: {e}")))
             };
-            let fctx = families::Ctx { dev: &self.dev, graph: g, dtype: self.dtype, ptr: &p };
+            // An f32 copy of a value: the value itself with f32 storage, an input's staging slot with bf16.
+            let p32 = |id: ValueId| -> Option<u64> {
+                match self.dtype {
+                    DType::F32 => Some(self.ptr(id)),
+                    _ => self.staged_inputs.iter().find(|s| s.id == id).map(|s| s.ptr),
+                }
+            };
+            let fctx = families::Ctx {
+                dev: &self.dev,
+                graph: g,
+                dtype: self.dtype,
+                ptr: &p,
+                f32_ptr: &p32,
+                resources: &resources,
+            };
             if let Some(launches) = families::resolve(&fctx, node) {
                 let launches = launches.map_err(|e| node_err(&node.name, node.op.name(), e.to_string()))?;
                 for l in &launches {
@@ -402,6 +432,7 @@ impl CudaExecutor {
             }
         }
         self.steps = steps;
+        self.resources = resources.into_inner();
         Ok(())
     }
 

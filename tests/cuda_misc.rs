@@ -1,0 +1,265 @@
+//! kernels/misc.cu against its CPU twins (openuni_cpu::ops::{modulation_table, chunk,
+//! timestep_embedding, glu_silu, swiglu, rope, slice_tokens, concat}) on random inputs, through
+//! the CUDA executor on one-node graphs, f32 and bf16 storage, B = 2, odd widths (scalar paths)
+//! and multiples of 8 (16-byte vector paths).
+//!
+//! Tolerances (openuni_cuda::testing::check), against the CPU twin on the f32 inputs: f32 storage,
+//! relative L2 <= 1e-5; bf16 storage, <= 2x the relative L2 error of a plain bf16 run (the CPU
+//! twin on the inputs rounded to bf16, its output rounded to bf16). Two stricter rules:
+//! - the copies (chunk, slice_tokens, concat) must equal the rounded input exactly;
+//! - the timestep embedding in bf16 storage must be as close as the f32 result rounded to bf16
+//!   (2x its error): the timestep is read from the input's f32 copy, so t = 999 is not the 1000
+//!   bf16 would make of it.
+//! Without a CUDA device (real or emulated) every test prints `skipped: no CUDA device`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use openuni_cpu::ops as cpu;
+use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
+use openuni_cuda::{CudaDevice, CudaExecutor};
+use openuni_graph::{Graph, GraphBuilder, UnaryFn};
+use openuni_tensor::{DType, HostTensor};
+
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+fn tensor(shape: &[usize], v: &[f32]) -> HostTensor {
+    HostTensor::from_f32(shape.to_vec(), v.to_vec()).unwrap()
+}
+
+/// Runs a graph with output `y` on the device.
+fn run(dev: &Arc<CudaDevice>, g: &Graph, weights: &HashMap<String, HostTensor>, inputs: &[(&str, &[usize], &[f32])], dtype: DType) -> Vec<f32> {
+    let inputs: HashMap<String, HostTensor> = inputs.iter().map(|(n, s, v)| (n.to_string(), tensor(s, v))).collect();
+    let mut ex = CudaExecutor::new(dev, g, weights, dtype, false).unwrap();
+    ex.run(&inputs).unwrap()["y"].to_f32_vec()
+}
+
+fn no_weights() -> HashMap<String, HostTensor> {
+    HashMap::new()
+}
+
+#[test]
+fn modulation_table_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(21);
+    // (B, k, C, t per row): adaLN-single's block table (6 rows, t [B, 6C]) and head table (2 rows,
+    // t [B, C] broadcast).
+    for &(b, k, c, per_row) in &[(2, 6, 48, true), (2, 2, 48, false), (2, 6, 7, true), (2, 2, 1152, false), (1, 6, 1152, true)] {
+        let tw = if per_row { k * c } else { c };
+        let t = rng.normals(b * tw, 0.0, 1.0);
+        let table = rng.normals(k * c, 0.0, 0.5);
+        let mut want = vec![0.0; b * k * c];
+        cpu::modulation_table(&t, &table, b, k, c, &mut want);
+        let mut gb = GraphBuilder::new();
+        let ti = gb.input("t", [b, tw]).unwrap();
+        let wi = gb.weight("scale_shift_table", [k, c]).unwrap();
+        let y = gb.modulation_table("modulation", ti, wi).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let w = HashMap::from([("scale_shift_table".to_string(), tensor(&[k, c], &table))]);
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &w, &[("t", &[b, tw], &t)], dtype);
+            let mut base = vec![0.0; b * k * c];
+            cpu::modulation_table(&round_to(dtype, &t), &round_to(dtype, &table), b, k, c, &mut base);
+            check(&format!("modulation_table {dtype} B={b} k={k} C={c} per_row={per_row}"), dtype, &got, &want, &base);
+        }
+    }
+}
+
+/// The copies are exact: the output equals the (rounded) input.
+fn assert_copy(what: &str, dtype: DType, got: &[f32], want: &[f32]) {
+    let r = round_to(dtype, want);
+    assert_eq!(got.len(), r.len(), "{what}: length");
+    let bad = got.iter().zip(&r).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    println!("{what}: {bad} of {} elements differ", got.len());
+    assert_eq!(bad, 0, "{what}: the copy is not exact");
+}
+
+#[test]
+fn chunk_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(22);
+    for &(b, k, c) in &[(2, 6, 7), (2, 6, 48), (2, 2, 1152)] {
+        let x = rng.normals(b * k * c, 0.0, 1.0);
+        for index in 0..k {
+            let mut want = vec![0.0; b * c];
+            cpu::chunk(&x, b, k, c, index, &mut want);
+            let mut gb = GraphBuilder::new();
+            let xi = gb.input("x", [b, k, c]).unwrap();
+            let y = gb.chunk("chunk", xi, index).unwrap();
+            gb.output("y", y).unwrap();
+            let g = gb.finish();
+            for dtype in DTYPES {
+                let got = run(&dev, &g, &no_weights(), &[("x", &[b, k, c], &x)], dtype);
+                assert_copy(&format!("chunk {dtype} [{b}, {k}, {c}] row {index}"), dtype, &got, &want);
+            }
+        }
+    }
+}
+
+#[test]
+fn slice_tokens_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(23);
+    // (B, T, C, start, len): the LLM's last 256 rows are a slice; odd C takes the scalar path.
+    for &(b, t, c, start, len) in &[(2, 7, 5, 2, 3), (2, 7, 64, 0, 7), (2, 300, 64, 44, 256), (2, 9, 48, 8, 1), (1, 5, 3, 1, 4)] {
+        let x = rng.normals(b * t * c, 0.0, 1.0);
+        let mut want = vec![0.0; b * len * c];
+        cpu::slice_tokens(&x, b, t, c, start, len, &mut want);
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [b, t, c]).unwrap();
+        let y = gb.slice_tokens("slice", xi, start, len).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &no_weights(), &[("x", &[b, t, c], &x)], dtype);
+            assert_copy(&format!("slice_tokens {dtype} [{b}, {t}, {c}] {start}..{}", start + len), dtype, &got, &want);
+        }
+    }
+}
+
+#[test]
+fn concat_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(24);
+    // Widths: odd (scalar path, unaligned destination columns), DC-AE's q|k|v (aligned), mixed.
+    for widths in [vec![5, 7], vec![5, 7, 3], vec![64, 64, 64], vec![64, 128], vec![8, 3, 16]] {
+        let (b, n) = (2, 7);
+        let xs: Vec<Vec<f32>> = widths.iter().map(|&w| rng.normals(b * n * w, 0.0, 1.0)).collect();
+        let total: usize = widths.iter().sum();
+        let mut want = vec![0.0; b * n * total];
+        let parts: Vec<&[f32]> = xs.iter().map(|v| &v[..]).collect();
+        cpu::concat(&parts, &widths, &mut want);
+        let mut gb = GraphBuilder::new();
+        let names: Vec<String> = (0..widths.len()).map(|i| format!("x{i}")).collect();
+        let ids: Vec<_> = names.iter().zip(&widths).map(|(nm, &w)| gb.input(nm, [b, n, w]).unwrap()).collect();
+        let y = gb.concat("concat", &ids).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let shapes: Vec<[usize; 3]> = widths.iter().map(|&w| [b, n, w]).collect();
+        let inputs: Vec<(&str, &[usize], &[f32])> =
+            names.iter().zip(&shapes).zip(&xs).map(|((nm, s), v)| (nm.as_str(), &s[..], &v[..])).collect();
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &no_weights(), &inputs, dtype);
+            assert_copy(&format!("concat {dtype} widths {widths:?}"), dtype, &got, &want);
+        }
+    }
+}
+
+fn timestep_graph(b: usize, dim: usize, via_node: bool) -> Graph {
+    let mut gb = GraphBuilder::new();
+    let t = gb.input("t", [b]).unwrap();
+    // `via_node`: the timestep is computed on the device (stored in the executor's dtype).
+    let t = if via_node { gb.unary("t.relu", t, UnaryFn::Relu).unwrap() } else { t };
+    let y = gb.timestep_embedding("time_proj", t, dim).unwrap();
+    gb.output("y", y).unwrap();
+    gb.finish()
+}
+
+#[test]
+fn timestep_embedding_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    // SANA's timesteps are integers up to 999 (bf16 holds integers exactly only up to 256).
+    for (t, dim) in [(vec![999.0, 0.0], 256), (vec![999.0, 998.0, 1.0, 517.0], 256), (vec![3.0, 261.0], 6), (vec![999.0, 501.0], 10)] {
+        let b = t.len();
+        let mut want = vec![0.0; b * dim];
+        cpu::timestep_embedding(&t, dim, &mut want);
+        let g = timestep_graph(b, dim, false);
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &no_weights(), &[("t", &[b], &t)], dtype);
+            // Stricter than the plain bf16 run (which rounds t): only the output rounding is allowed.
+            check(&format!("timestep_embedding {dtype} t={t:?} dim={dim}"), dtype, &got, &want, &want);
+        }
+    }
+}
+
+#[test]
+fn timestep_embedding_of_a_computed_timestep_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let (t, dim) = (vec![999.0, 250.0, 17.0], 256);
+    let b = t.len();
+    let mut want = vec![0.0; b * dim];
+    cpu::timestep_embedding(&t, dim, &mut want);
+    let g = timestep_graph(b, dim, true);
+    for dtype in DTYPES {
+        let got = run(&dev, &g, &no_weights(), &[("t", &[b], &t)], dtype);
+        // A bf16 value computed on the device is rounded like the plain bf16 run's input.
+        let mut base = vec![0.0; b * dim];
+        cpu::timestep_embedding(&round_to(dtype, &t), dim, &mut base);
+        check(&format!("timestep_embedding (computed t) {dtype}"), dtype, &got, &want, &base);
+    }
+}
+
+#[test]
+fn glu_silu_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(25);
+    // (rows as [B, N], hidden): SANA's Hf = 2.5 D (2880 at 1152), DC-AE's, odd.
+    for &(b, n, hh) in &[(2, 7, 8), (2, 5, 7), (2, 3, 2880), (1, 33, 64)] {
+        let x = rng.normals(b * n * 2 * hh, 0.0, 2.0);
+        let mut want = vec![0.0; b * n * hh];
+        cpu::glu_silu(&x, hh, &mut want);
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [b, n, 2 * hh]).unwrap();
+        let y = gb.glu_silu("glu", xi).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &no_weights(), &[("x", &[b, n, 2 * hh], &x)], dtype);
+            let mut base = vec![0.0; b * n * hh];
+            cpu::glu_silu(&round_to(dtype, &x), hh, &mut base);
+            check(&format!("glu_silu {dtype} [{b}, {n}, 2x{hh}]"), dtype, &got, &want, &base);
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(26);
+    for &(b, n, c) in &[(2, 7, 96), (2, 3, 37), (2, 5, 8960), (1, 1, 3)] {
+        let gate = rng.normals(b * n * c, 0.0, 2.0);
+        let up = rng.normals(b * n * c, 0.0, 1.0);
+        let mut want = vec![0.0; b * n * c];
+        cpu::swiglu(&gate, &up, &mut want);
+        let mut gb = GraphBuilder::new();
+        let gi = gb.input("gate", [b, n, c]).unwrap();
+        let ui = gb.input("up", [b, n, c]).unwrap();
+        let y = gb.swiglu("act", gi, ui).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &no_weights(), &[("gate", &[b, n, c], &gate), ("up", &[b, n, c], &up)], dtype);
+            let mut base = vec![0.0; b * n * c];
+            cpu::swiglu(&round_to(dtype, &gate), &round_to(dtype, &up), &mut base);
+            check(&format!("swiglu {dtype} [{b}, {n}, {c}]"), dtype, &got, &want, &base);
+        }
+    }
+}
+
+#[test]
+fn rope_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(27);
+    // (B, T, heads, head_dim, theta): InternVL3-1B (14 heads x 64, 1e6) and -2B (12 x 128), the
+    // 2 KV heads, an odd half (3), long rows (large angles).
+    for &(b, t, heads, hd, theta) in
+        &[(2, 7, 14, 64, 1e6f32), (2, 5, 2, 128, 1e6), (2, 9, 3, 6, 10000.0), (2, 600, 2, 64, 1e6), (1, 1, 1, 2, 10000.0)]
+    {
+        let c = heads * hd;
+        let x = rng.normals(b * t * c, 0.0, 1.0);
+        let mut want = vec![0.0; b * t * c];
+        cpu::rope(&x, b, t, heads, hd, theta, &mut want);
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [b, t, c]).unwrap();
+        let y = gb.rope("rope_q", xi, heads, hd, theta).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &no_weights(), &[("x", &[b, t, c], &x)], dtype);
+            let mut base = vec![0.0; b * t * c];
+            cpu::rope(&round_to(dtype, &x), b, t, heads, hd, theta, &mut base);
+            check(&format!("rope {dtype} [{b}, {t}, {heads}x{hd}] theta={theta}"), dtype, &got, &want, &base);
+        }
+    }
+}
