@@ -50,15 +50,31 @@ impl Ctx<'_> {
 
 /// Whether a family computes this op.
 pub fn supports(op: &Op) -> bool {
-    matches!(op, Op::Transpose { .. })
+    matches!(
+        op,
+        Op::Transpose { .. }
+            | Op::Conv2d { .. }
+            | Op::DepthwiseConv2d { .. }
+            | Op::GroupedLinear { .. }
+            | Op::Upsample2x { .. }
+            | Op::PixelShuffleShortcut { .. }
+            | Op::RepeatChannels { .. }
+    )
 }
 
 /// The launches of `node`, or `None` when no family computes its op.
 pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
     match &node.op {
         Op::Transpose { .. } => Some(layout::resolve(ctx, node)),
+        Op::Conv2d { .. }
+        | Op::DepthwiseConv2d { .. }
+        | Op::GroupedLinear { .. }
+        | Op::Upsample2x { .. }
+        | Op::PixelShuffleShortcut { .. }
+        | Op::RepeatChannels { .. } => Some(conv::resolve(ctx, node)),
         _ => None,
     }
 }
 
+pub mod conv;
 pub mod layout;
