@@ -1,7 +1,7 @@
 // conv.cu: the DC-AE decoder's convolution family, on tokens [B, h*w, C] (NHWC: the h x w grid
 // row-major, channels contiguous). Storage f32 or bf16, all arithmetic f32.
-// CPU twins: openuni_cpu::ops::{conv2d, depthwise_conv2d, grouped_linear, upsample2x,
-// pixel_shuffle_shortcut, repeat_channels}. Launchers: crates/cuda/src/families/conv.rs.
+// CPU twins: openuni_cpu::ops::{conv2d, upsample_conv2d, depthwise_conv2d, grouped_linear,
+// upsample2x, pixel_shuffle_shortcut, repeat_channels}. Launchers: crates/cuda/src/families/conv.rs.
 //
 //   conv2d_bf16_tc(x, w, bias, res, y, batch, h, wd, cin, cout, act)
 //       3x3 convolution, stride 1, zero padding 1, on the tensor cores (mma.sync m16n8k16 bf16 -> f32
@@ -33,6 +33,22 @@
 //       path for kernel sizes other than 3. Same tiling as above (8 x 16 pixels x 64 channels, the
 //       input halo in shared memory), chunks of 8 input channels, weights of up to 9 taps at a time;
 //       each thread accumulates one tile column (8 pixels) x 4 channels. Same epilogue.
+//   upsample_conv2d_bf16_tc(x, w, bias, y, h, wd, cin, cout, shortcut)
+//       DC-AE's DCUpBlock2d in one kernel: conv3x3(upsample2x(x)) + bias (+ the pixel-shuffle
+//       shortcut of x when shortcut != 0), x on the h x wd grid, y on 2h x 2wd. The 3x3 conv of a
+//       nearest-upsampled input is, for each output parity (pi, pj), a 2x2 conv of the
+//       low-resolution input with weights summed over tap groups (derivation above upconv_tc):
+//       16 instead of 36 taps per 4 outputs (2.25x fewer MACs), and the upsampled tensor (4x the
+//       input) is never written or read. blockIdx.z is the phase; otherwise conv2d_bf16_tc's tiling
+//       on the low-resolution grid (8 x 16 pixels x 64 channels, chunks of 16 channels, the same
+//       10 x 18 halo). Per chunk the raw weights are staged as loaded ([64][144], 16-byte stores),
+//       then combined in f32 into the phase's 4 taps and rounded once to bf16 (the only numerical
+//       difference from the plain conv: one extra rounding of the summed weights), then 4 taps x
+//       8 mma per warp. The shortcut is gathered from x in the epilogue. 38.4 KiB shared memory.
+//       Next step: combine the weights once at load time (a weight-prep pass) instead of per block.
+//   upsample_conv2d_{f32,bf16}(x, w, bias, y, h, wd, cin, cout, shortcut)
+//       The same op on the CUDA cores (conv2d_direct with UP: the halo loader reads x at half the
+//       coordinates); the f32-storage path and a second bf16 implementation for the tests.
 //   depthwise_conv2d_{f32,bf16}(x, w, bias, y, batch, h, wd, c, k)
 //       Depthwise k x k (odd k <= 7), zero padding k/2, weight [C, 1, k, k], bias may be null. Block
 //       (32, 8) owns 128 channels (blockIdx.y) whose weights it stages once in shared memory (25 KiB
@@ -59,9 +75,9 @@
 //
 // Version 1 (this one): correctness on any shape first, the tiling chosen for the decoder's shapes
 // (Cout 128..1024, grids 16^2..1024^2). Known next steps, to be measured on a GPU: cp.async double
-// buffering, a 128-channel N tile with dynamic shared memory, a [tap][Cout][Cin] weight layout,
-// the upsample conv as four 2x2 phase convolutions on the low-resolution input (2.25x fewer MACs),
-// shared-memory staging of the output tile for 16-byte stores.
+// buffering, a 128-channel N tile with dynamic shared memory, a [tap][Cout][Cin] weight layout
+// (and pre-combined phase weights for the upsample conv) prepared at load time, shared-memory
+// staging of the output tile for 16-byte stores.
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -92,20 +108,26 @@ __device__ __forceinline__ void tile_origin(int th, int tw, int h, int wd, int& 
     b = t / tiles_y;
 }
 
-template <typename T>
+// UP: the conv runs over the nearest-2x upsampled input without materializing it (x is the h x wd
+// low-resolution grid, the conv grid and y are 2h x 2wd), and `shortcut` adds DC-AE's
+// pixel-shuffle shortcut of x to the output.
+template <typename T, bool UP>
 __device__ __forceinline__ void conv2d_direct(const T* __restrict__ x, const T* __restrict__ w,
                                               const T* __restrict__ bias, const T* __restrict__ res,
-                                              T* __restrict__ y, int h, int wd, int cin, int cout, int k, int act) {
+                                              T* __restrict__ y, int h, int wd, int cin, int cout, int k, int act,
+                                              int shortcut) {
     __shared__ float As[CV_HALO][CV_BK];
     __shared__ float Bs[CV_TAPS][CV_BK][CV_BN];
     const int tid = threadIdx.x;
     const int tn = tid & 15;  // output channels 4 tn .. 4 tn + 3
     const int tm = tid >> 4;  // tile column
+    const int H = UP ? 2 * h : h, W = UP ? 2 * wd : wd;  // the conv grid
     int ox0, oy0, b;
-    tile_origin(CV_TH, CV_TW, h, wd, ox0, oy0, b);
+    tile_origin(CV_TH, CV_TW, H, W, ox0, oy0, b);
     const int n0 = blockIdx.y * CV_BN;
     const int pad = k / 2, hw = CV_TW + k - 1, hh = CV_TH + k - 1, kk = k * k;
-    const i64 img = (i64)b * h * wd;
+    const i64 img = (i64)b * h * wd;     // first pixel of the sample in x
+    const i64 img_out = (i64)b * H * W;  // in y
 
     float acc[CV_TH][4];
 #pragma unroll
@@ -119,8 +141,10 @@ __device__ __forceinline__ void conv2d_direct(const T* __restrict__ x, const T* 
             const int p = i / CV_BK, ci = i % CV_BK;
             const int iy = oy0 - pad + p / hw, ix = ox0 - pad + p % hw;
             float v = 0.f;
-            if (iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + ci < cin)
-                v = to_f32(x[(img + (i64)iy * wd + ix) * cin + c0 + ci]);
+            if (iy >= 0 && iy < H && ix >= 0 && ix < W && c0 + ci < cin) {
+                const i64 src = UP ? (i64)(iy >> 1) * wd + (ix >> 1) : (i64)iy * wd + ix;
+                v = to_f32(x[(img + src) * cin + c0 + ci]);
+            }
             As[p][ci] = v;
         }
         for (int t0 = 0; t0 < kk; t0 += CV_TAPS) {
@@ -153,12 +177,13 @@ __device__ __forceinline__ void conv2d_direct(const T* __restrict__ x, const T* 
     }
 
     const int ox = ox0 + tm;
-    if (ox >= wd) return;  // no barrier follows
+    if (ox >= W) return;  // no barrier follows
+    const int R = UP && shortcut ? 4 * cout / cin : 1;
 #pragma unroll
     for (int r = 0; r < CV_TH; ++r) {
         const int oy = oy0 + r;
-        if (oy >= h) break;
-        const i64 o = (img + (i64)oy * wd + ox) * cout;
+        if (oy >= H) break;
+        const i64 o = (img_out + (i64)oy * W + ox) * cout;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int n = n0 + tn * 4 + j;
@@ -167,6 +192,8 @@ __device__ __forceinline__ void conv2d_direct(const T* __restrict__ x, const T* 
             if (bias) v += to_f32(bias[n]);
             v = conv_epilogue(v, act);
             if (res) v += to_f32(res[o + n]);
+            if (UP && shortcut)
+                v += to_f32(x[(img + (i64)(oy >> 1) * wd + (ox >> 1)) * cin + (4 * n + 2 * (oy & 1) + (ox & 1)) / R]);
             y[o + n] = from_f32<T>(v);
         }
     }
@@ -354,6 +381,137 @@ __device__ __forceinline__ void conv2d_tc(const bf16* __restrict__ x, const bf16
                     if (res) v[j] += to_f32(res[o + n + j]);
                 }
                 if (pairs) {  // m == 2: cout is even and n is even
+                    *reinterpret_cast<__nv_bfloat162*>(y + o + n) = __floats2bfloat162_rn(v[0], v[1]);
+                } else {
+                    for (int j = 0; j < m; ++j) y[o + n + j] = from_f32<bf16>(v[j]);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the upsample conv as four 2x2 phase convolutions on the tensor cores (bf16)
+//
+// Output pixel (2y + pi, 2x + pj) of conv3x3(upsample2x(x)) reads upsampled rows 2y + pi - 1 + dy,
+// i.e. low-resolution rows y - 1 + pi + r with r = (pi + dy + 1) / 2 - pi in {0, 1}: for pi = 0 the
+// taps dy = {0} land on r = 0 and {1, 2} on r = 1; for pi = 1, {0, 1} on r = 0 and {2} on r = 1
+// (columns alike). So each parity phase (pi, pj) is a 2x2 convolution of x with weights summed over
+// those groups: 4 taps instead of 9 per output pixel.
+
+// Combines the 9 taps of (output channel n, input channel ci) held in `src` ([ci][tap] order,
+// tap = 3 dy + dx) into the 4 taps (r, s) of phase (pi, pj), in f32, rounded once to bf16.
+__device__ __forceinline__ void phase_taps(const bf16* src, int pi, int pj, bf16 (&out)[4]) {
+    float rows[2][3];  // rows[r][dx]: the taps of row group r
+#pragma unroll
+    for (int dx = 0; dx < 3; ++dx) {
+        const float c0 = to_f32(src[dx]), c1 = to_f32(src[3 + dx]), c2 = to_f32(src[6 + dx]);
+        rows[0][dx] = pi == 0 ? c0 : c0 + c1;
+        rows[1][dx] = pi == 0 ? c1 + c2 : c2;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        out[2 * r] = from_f32<bf16>(pj == 0 ? rows[r][0] : rows[r][0] + rows[r][1]);
+        out[2 * r + 1] = from_f32<bf16>(pj == 0 ? rows[r][1] + rows[r][2] : rows[r][2]);
+    }
+}
+
+// As: the halo [TC_HP][TC_LD] (the same 10 x 18 low-resolution window as conv2d_tc: both row
+// parities need rows y - 1 .. y + 8); Braw: the chunk's weights as loaded, [TC_BN][16 * 9];
+// Bs: the phase's combined weights [4][TC_BN][TC_LD]. blockIdx.z = 2 pi + pj.
+template <bool VEC>
+__device__ __forceinline__ void upconv_tc(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          const bf16* __restrict__ bias, bf16* __restrict__ y, int h, int wd,
+                                          int cin, int cout, int shortcut, bf16 (*As)[TC_LD],
+                                          bf16 (*Braw)[TC_BK * 9], bf16 (*Bs)[TC_BN][TC_LD]) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wm = warp & 3, wn = warp >> 2;
+    const int pi = blockIdx.z >> 1, pj = blockIdx.z & 1;
+    int ox0, oy0, b;
+    tile_origin(TC_TH, TC_TW, h, wd, ox0, oy0, b);  // low-resolution tile
+    const int n0 = blockIdx.y * TC_BN;
+    const i64 img = (i64)b * h * wd;
+
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < 4; ++nj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.f;
+
+    const int li = lane >> 3, lr = lane & 7;
+    const int a_px = lr + 8 * (li & 1), a_k = 8 * (li >> 1);
+    const int b_n = 8 * (li >> 1) + lr, b_k = 8 * (li & 1);
+
+    for (int c0 = 0; c0 < cin; c0 += TC_BK) {
+        {
+            uint4 ra[TC_AR], rb[TC_BR];
+            tc_load<VEC>(x, w, ra, rb, img, oy0, ox0, n0, c0, h, wd, cin, cout);
+#pragma unroll
+            for (int i = 0; i < TC_AR; ++i) {
+                const int s = tid + i * TC_THREADS;
+                if (s < TC_AV) *reinterpret_cast<uint4*>(&As[s >> 1][8 * (s & 1)]) = ra[i];
+            }
+            const int bv = tid % TC_RV, bn = tid / TC_RV;
+#pragma unroll
+            for (int i = 0; i < TC_BR; ++i) {
+                const int n = bn + TC_BROWS * i;
+                if (bn < TC_BROWS && n < TC_BN) *reinterpret_cast<uint4*>(&Braw[n][8 * bv]) = rb[i];
+            }
+        }
+        __syncthreads();
+        for (int q = tid; q < TC_BN * TC_BK; q += TC_THREADS) {
+            const int n = q / TC_BK, ci = q % TC_BK;
+            bf16 t4[4];
+            phase_taps(&Braw[n][ci * 9], pi, pj, t4);
+#pragma unroll
+            for (int t = 0; t < 4; ++t) Bs[t][n][ci] = t4[t];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const int dy = pi + (t >> 1), dx = pj + (t & 1);  // halo offset of tap (r, s)
+            unsigned a[2][4], bq[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+                ldmatrix_x4(a[mi], &As[(2 * wm + mi + dy) * TC_HW + a_px + dx][a_k]);
+#pragma unroll
+            for (int nb = 0; nb < 2; ++nb) ldmatrix_x4(bq[nb], &Bs[t][32 * wn + 16 * nb + b_n][b_k]);
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int nj = 0; nj < 4; ++nj) {
+                    const unsigned bb[2] = {bq[nj >> 1][2 * (nj & 1)], bq[nj >> 1][2 * (nj & 1) + 1]};
+                    mma_m16n8k16_bf16_f32(acc[mi][nj], a[mi], bb, acc[mi][nj]);
+                }
+        }
+        __syncthreads();  // every warp is done with As and Bs before the next store
+    }
+
+    const int g = lane >> 2, tq = lane & 3;
+    const int W2 = 2 * wd, R = shortcut ? 4 * cout / cin : 1;
+    const bool pairs = cout % 2 == 0 && (reinterpret_cast<unsigned long long>(y) & 3ull) == 0;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+        const int ly = oy0 + 2 * wm + mi;  // low-resolution row
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int lx = ox0 + g + 8 * hf;
+            if (ly >= h || lx >= wd) continue;
+            const i64 o = ((i64)b * 2 * h + 2 * ly + pi) * W2 * cout + (i64)(2 * lx + pj) * cout;
+            const bf16* xs = x + (img + (i64)ly * wd + lx) * cin;
+#pragma unroll
+            for (int nj = 0; nj < 4; ++nj) {
+                const int n = n0 + 32 * wn + 8 * nj + 2 * tq;
+                if (n >= cout) continue;
+                float v[2] = {acc[mi][nj][2 * hf], acc[mi][nj][2 * hf + 1]};
+                const int m = min(2, cout - n);
+                for (int j = 0; j < m; ++j) {
+                    if (bias) v[j] += to_f32(bias[n + j]);
+                    if (shortcut) v[j] += to_f32(xs[(4 * (n + j) + 2 * pi + pj) / R]);
+                }
+                if (pairs) {
                     *reinterpret_cast<__nv_bfloat162*>(y + o + n) = __floats2bfloat162_rn(v[0], v[1]);
                 } else {
                     for (int j = 0; j < m; ++j) y[o + n + j] = from_f32<bf16>(v[j]);
@@ -656,11 +814,29 @@ extern "C" __global__ void conv2d_bf16_tc(const bf16* x, const bf16* w, const bf
 }
 
 extern "C" __global__ void conv2d_f32(const float* x, const float* w, const float* bias, const float* res, float* y, int h, int wd, int cin, int cout, int k, int act) {
-    ou::conv2d_direct<float>(x, w, bias, res, y, h, wd, cin, cout, k, act);
+    ou::conv2d_direct<float, false>(x, w, bias, res, y, h, wd, cin, cout, k, act, 0);
 }
 
 extern "C" __global__ void conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, int h, int wd, int cin, int cout, int k, int act) {
-    ou::conv2d_direct<bf16>(x, w, bias, res, y, h, wd, cin, cout, k, act);
+    ou::conv2d_direct<bf16, false>(x, w, bias, res, y, h, wd, cin, cout, k, act, 0);
+}
+
+extern "C" __global__ void upsample_conv2d_bf16_tc(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
+    __shared__ __align__(16) bf16 As[ou::TC_HP][ou::TC_LD];
+    __shared__ __align__(16) bf16 Braw[ou::TC_BN][ou::TC_BK * 9];
+    __shared__ __align__(16) bf16 Bs[4][ou::TC_BN][ou::TC_LD];
+    if (cin % 8 == 0 && ou::aligned16(x) && ou::aligned16(w))
+        ou::upconv_tc<true>(x, w, bias, y, h, wd, cin, cout, shortcut, As, Braw, Bs);
+    else
+        ou::upconv_tc<false>(x, w, bias, y, h, wd, cin, cout, shortcut, As, Braw, Bs);
+}
+
+extern "C" __global__ void upsample_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int h, int wd, int cin, int cout, int shortcut) {
+    ou::conv2d_direct<float, true>(x, w, bias, nullptr, y, h, wd, cin, cout, 3, 0, shortcut);
+}
+
+extern "C" __global__ void upsample_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
+    ou::conv2d_direct<bf16, true>(x, w, bias, nullptr, y, h, wd, cin, cout, 3, 0, shortcut);
 }
 
 extern "C" __global__ void depthwise_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c, int k) {

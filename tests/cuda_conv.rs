@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use openuni_cpu::ops as cpu;
-use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, Conv2dArgs};
+use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, Conv2dArgs, UpsampleConv2dArgs};
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::{CudaDevice, CudaExecutor, DeviceBuffer};
 use openuni_graph::{Graph, GraphBuilder};
@@ -197,6 +197,90 @@ fn conv2d_kernels_with_fused_epilogue_and_misaligned_pointers() {
                     );
                     drop(yb);
                 }
+            }
+        }
+    }
+}
+
+/// The fused DCUpBlock2d op (`Op::UpsampleConv2d`): bf16 through the four 2×2 phase convolutions
+/// on the tensor cores, f32 on the CUDA cores.
+#[test]
+fn upsample_conv2d_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(21);
+    // (batch, h, w, cin, cout, bias, shortcut): R = 4 cout / cin = 4 and 2 as in the decoder, an
+    // odd channel count, no shortcut where 4 cout is not a multiple of cin, a low-resolution grid
+    // crossing the 8x16 tile, more than one 64-channel output tile.
+    let cases: &[(usize, usize, usize, usize, usize, bool, bool)] = &[
+        (2, 3, 4, 8, 8, true, true),
+        (1, 1, 1, 16, 8, true, true),
+        (1, 5, 9, 24, 12, false, true),
+        (1, 9, 17, 16, 16, true, true),
+        (1, 3, 2, 6, 3, true, true),
+        (2, 2, 3, 3, 5, true, false),
+        (1, 4, 4, 32, 70, true, false),
+    ];
+    for &(b, h, w, cin, cout, with_bias, shortcut) in cases {
+        let x = rng.normals(b * h * w * cin, 0.1, 1.0);
+        let wt = rng.normals(cout * cin * 9, 0.0, 1.0 / ((cin * 9) as f32).sqrt());
+        let bias = rng.normals(cout, 0.0, 0.5);
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [b, h * w, cin]).unwrap();
+        let wi = gb.weight("w", [cout, cin, 3, 3]).unwrap();
+        let bi = with_bias.then(|| gb.weight("b", [cout]).unwrap());
+        let y = gb.upsample_conv2d("up", xi, wi, bi, h, w, shortcut).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let (ws, bs) = ([cout, cin, 3, 3], [cout]);
+        let mut weights: Vec<(&str, &[usize], &[f32])> = vec![("w", &ws, &wt)];
+        if with_bias {
+            weights.push(("b", &bs, &bias));
+        }
+        check_graph(
+            &dev,
+            &format!("upsample_conv2d [{b}, {h}x{w}, {cin}] -> [{b}, {}x{}, {cout}] bias={with_bias} shortcut={shortcut}", 2 * h, 2 * w),
+            &g,
+            &[("x", &[b, h * w, cin], &x)],
+            &weights,
+            &|i, wv| {
+                let mut o = vec![0.0; 4 * b * h * w * cout];
+                cpu::upsample_conv2d(&i[0], &wv[0], wv.get(1).map(|v| &v[..]), b, h, w, cin, cout, shortcut, &mut o);
+                o
+            },
+        );
+    }
+}
+
+/// Both upsample-conv kernels on bf16, with pointers one element off a 16-byte boundary.
+#[test]
+fn upsample_conv2d_kernels_on_misaligned_pointers() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(22);
+    let (b, h, w, cin, cout) = (2usize, 3usize, 5usize, 16usize, 8usize);
+    let x = rng.normals(b * h * w * cin, 0.0, 1.0);
+    let wt = rng.normals(cout * cin * 9, 0.0, 1.0 / ((cin * 9) as f32).sqrt());
+    let bias = rng.normals(cout, 0.0, 0.5);
+    let n = 4 * b * h * w * cout;
+    let twin = |x: &[f32], wt: &[f32], bias: &[f32]| {
+        let mut o = vec![0.0; n];
+        cpu::upsample_conv2d(x, wt, Some(bias), b, h, w, cin, cout, true, &mut o);
+        o
+    };
+    let want = twin(&x, &wt, &bias);
+    for dtype in DTYPES {
+        let r = |v: &[f32]| round_to(dtype, v);
+        let base = twin(&r(&x), &r(&wt), &r(&bias));
+        for choice in [ConvKernel::Auto, ConvKernel::Direct] {
+            for misalign in [0usize, 1] {
+                let (_xb, xp) = upload(&dev, dtype, &x, misalign);
+                let (_wb, wp) = upload(&dev, dtype, &wt, misalign);
+                let (_bb, bp) = upload(&dev, dtype, &bias, misalign);
+                let (_yb, yp) = upload(&dev, dtype, &vec![f32::NAN; n], misalign);
+                let a = UpsampleConv2dArgs { dtype, x: xp, weight: wp, bias: bp, y: yp, batch: b, h, w, cin, cout, shortcut: true };
+                let l = conv::upsample_conv2d(&a, choice).unwrap();
+                // SAFETY: every buffer holds the shapes launched.
+                unsafe { l.enqueue(&dev).unwrap() };
+                check(&format!("{} misaligned={misalign}", l.kernel), dtype, &download(&dev, dtype, yp, n), &want, &base);
             }
         }
     }

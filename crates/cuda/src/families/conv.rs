@@ -1,5 +1,6 @@
 //! The DC-AE decoder's convolution family (`kernels/conv.cu`): `Conv2d` (3×3 bf16 on the tensor
-//! cores, every other case on the CUDA cores), `DepthwiseConv2d`, `GroupedLinear`, `Upsample2x`,
+//! cores, every other case on the CUDA cores), `UpsampleConv2d` (bf16: four 2×2 phase convolutions
+//! on the tensor cores), `DepthwiseConv2d`, `GroupedLinear`, `Upsample2x`,
 //! `PixelShuffleShortcut`, `RepeatChannels`. All on tokens [B, h·w, C] (NHWC).
 //!
 //! The launch builders are public so that tests and benchmarks launch exactly what the executor
@@ -127,6 +128,59 @@ pub fn conv2d(a: &Conv2dArgs, choice: ConvKernel) -> Result<Launch> {
         block: (256, 1, 1),
         smem: 0,
         args,
+    })
+}
+
+/// One upsample conv (DC-AE's DCUpBlock2d): `conv3x3(upsample2x(x), weight) + bias
+/// (+ pixel_shuffle_shortcut(x))` over tokens [batch, h·w, cin] -> [batch, 2h·2w, cout].
+#[derive(Clone, Copy, Debug)]
+pub struct UpsampleConv2dArgs {
+    pub dtype: DType,
+    pub x: u64,
+    pub weight: u64,
+    pub bias: u64,
+    pub y: u64,
+    pub batch: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub shortcut: bool,
+}
+
+/// The launch of one upsample conv: `upsample_conv2d_bf16_tc` (four 2×2 phase convolutions on
+/// the low-resolution input, on the tensor cores; grid z = phase) for bf16 with
+/// [`ConvKernel::Auto`], else `upsample_conv2d_<dtype>` (the 3×3 conv on the CUDA cores, reading
+/// the upsampled input through index arithmetic).
+pub fn upsample_conv2d(a: &UpsampleConv2dArgs, choice: ConvKernel) -> Result<Launch> {
+    let what = "upsample_conv2d";
+    let s = suffix(a.dtype)?;
+    if a.batch == 0 || a.h == 0 || a.w == 0 || a.cin == 0 || a.cout == 0 {
+        return Err(invalid(what, format!("empty shape: batch {}, grid {}×{}, {} -> {} channels", a.batch, a.h, a.w, a.cin, a.cout)));
+    }
+    if a.shortcut && (4 * a.cout) % a.cin != 0 {
+        return Err(invalid(what, format!("4·{} output channels are not a multiple of {} (shortcut)", a.cout, a.cin)));
+    }
+    let tensor_cores = choice == ConvKernel::Auto && a.dtype == DType::BF16;
+    // Tiles of the low-resolution grid (tensor cores, one per phase) or of the output grid.
+    let (gh, gw, phases) = if tensor_cores { (a.h, a.w, 4) } else { (2 * a.h, 2 * a.w, 1) };
+    let tiles = gh.div_ceil(TILE_H) * gw.div_ceil(TILE_W) * a.batch;
+    Ok(Launch {
+        kernel: if tensor_cores { "upsample_conv2d_bf16_tc".into() } else { format!("upsample_conv2d_{s}") },
+        grid: (grid_dim(what, tiles, i32::MAX as usize)?, grid_dim(what, a.cout.div_ceil(TILE_N), 65535)?, phases),
+        block: (256, 1, 1),
+        smem: 0,
+        args: vec![
+            KArg::Ptr(a.x),
+            KArg::Ptr(a.weight),
+            KArg::Ptr(a.bias),
+            KArg::Ptr(a.y),
+            i32_arg("h", a.h)?,
+            i32_arg("w", a.w)?,
+            i32_arg("cin", a.cin)?,
+            i32_arg("cout", a.cout)?,
+            KArg::I32(a.shortcut as i32),
+        ],
     })
 }
 
@@ -268,6 +322,25 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                     cout: g.shape(*weight).dims()[0],
                     kernel: *kernel,
                     act: ConvAct::None,
+                },
+                ConvKernel::Auto,
+            )?
+        }
+        Op::UpsampleConv2d { x, weight, bias, h, w, shortcut } => {
+            let xs = g.shape(*x);
+            upsample_conv2d(
+                &UpsampleConv2dArgs {
+                    dtype: ctx.dtype,
+                    x: p(*x),
+                    weight: p(*weight),
+                    bias: bias.map_or(0, p),
+                    y: out,
+                    batch: xs.dims()[0],
+                    h: *h,
+                    w: *w,
+                    cin: xs.last(),
+                    cout: g.shape(*weight).dims()[0],
+                    shortcut: *shortcut,
                 },
                 ConvKernel::Auto,
             )?

@@ -54,6 +54,7 @@ pub fn supports(op: &Op) -> bool {
         op,
         Op::Transpose { .. }
             | Op::Conv2d { .. }
+            | Op::UpsampleConv2d { .. }
             | Op::DepthwiseConv2d { .. }
             | Op::GroupedLinear { .. }
             | Op::Upsample2x { .. }
@@ -67,6 +68,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
     match &node.op {
         Op::Transpose { .. } => Some(layout::resolve(ctx, node)),
         Op::Conv2d { .. }
+        | Op::UpsampleConv2d { .. }
         | Op::DepthwiseConv2d { .. }
         | Op::GroupedLinear { .. }
         | Op::Upsample2x { .. }
