@@ -1,7 +1,9 @@
 //! Speed of kernels/conv.cu at the DC-AE decoder's shapes (batch 1, 512² and 1024² outputs).
 //!
 //! - 3×3 convolutions (`conv2d_bf16_tc`): TFLOP/s (2·MAC) and the fraction of a bf16 GEMM
-//!   ceiling measured in the same run (cuBLASLt, 8192³, through the executor's `LinearGemm`).
+//!   ceiling measured in the same run (cuBLASLt, 8192³, through the executor's `LinearGemm`);
+//!   for the up blocks also the fused upsample conv (`upsample_conv2d_bf16_tc`, what the decoder
+//!   runs), in effective TFLOP/s of the 3×3 conv it replaces.
 //! - the memory-bound ops (depthwise, grouped 1×1, upsample, pixel-shuffle shortcut): GB/s (bytes
 //!   read + written once) and the fraction of the device-to-device copy bandwidth.
 //!
@@ -12,7 +14,7 @@
 //! Run: `cargo bench --bench conv` (or tools/gpu_run.sh). The comparison with cuDNN
 //! (torch conv2d, bf16, channels_last) needs a PyTorch run on the same GPU.
 
-use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, Conv2dArgs};
+use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, Conv2dArgs, UpsampleConv2dArgs};
 use openuni_cuda::gemm::{Epilogue, LinearArgs, LinearGemm};
 use openuni_cuda::testing::{random_bytes, time_ms, BenchReport, Rng};
 use openuni_tensor::DType;
@@ -111,6 +113,44 @@ fn main() {
                 bytes,
                 ms,
             );
+
+            // The up blocks' conv as the fused op: upsample + 3x3 conv + pixel-shuffle shortcut,
+            // computed as four 2x2 phase convolutions on the low-resolution input. TFLOP/s count
+            // the 3x3 conv's FLOPs at the output resolution (the work it replaces; the kernel does
+            // 4/9 of them), so the lines compare directly with the one above.
+            if label.starts_with("up_blocks.") && label.contains(".0.conv") {
+                let (lh, lw) = ((h / 2).max(1), (w / 2).max(1));
+                let l = conv::upsample_conv2d(
+                    &UpsampleConv2dArgs {
+                        dtype: bf,
+                        x: x.ptr(),
+                        weight: wt.ptr(),
+                        bias: bias.ptr(),
+                        y: y.ptr(),
+                        batch: 1,
+                        h: lh,
+                        w: lw,
+                        cin,
+                        cout,
+                        shortcut: (4 * cout) % cin == 0,
+                    },
+                    ConvKernel::Auto,
+                )
+                .unwrap();
+                // SAFETY: x holds [lh·lw, cin] (a quarter of what it holds), y [4·lh·lw, cout].
+                let ms = time_ms(&dev, warmup, runs, 1, |_| unsafe { l.enqueue(&dev) }).unwrap();
+                let flops = 2.0 * (4 * lh * lw * cin * cout * 9) as f64;
+                let tflops = flops / (ms * 1e-3) / 1e12;
+                let frac = tflops / ceiling;
+                let bytes = 2 * (lh * lw * cin + 4 * lh * lw * cout + cout * cin * 9 + cout);
+                r.add(
+                    &l.kernel,
+                    &format!("{label} (fused: upsample + conv + shortcut): {tflops:.2} effective TFLOP/s = {:.1}% of the GEMM ceiling", 100.0 * frac),
+                    &[lh, lw, cin, cout],
+                    bytes,
+                    ms,
+                );
+            }
         }
     }
 
