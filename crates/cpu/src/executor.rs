@@ -166,6 +166,10 @@ impl CpuExecutor {
                 let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());
                 ops::conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *kernel, y)
             }
+            Op::UpsampleConv2d { x, weight, bias, h, w, shortcut } => {
+                let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());
+                ops::upsample_conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *shortcut, y)
+            }
             Op::RepeatChannels { x, repeats } => ops::repeat_channels(view.get(*x), g.shape(*x).last(), *repeats, y),
             Op::Upsample2x { x, h, w } => ops::upsample2x(view.get(*x), out_shape.dims()[0], *h, *w, cols, y),
             Op::PixelShuffleShortcut { x, h, w, cout } => {

@@ -384,6 +384,48 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: 
     }
 }
 
+/// DCUpBlock2d (interpolate): `conv2d(upsample2x(x), weight, bias)` (3×3) on an h×w grid ->
+/// 2h×2w, plus `pixel_shuffle_shortcut(x, cout)` when `shortcut`. The same im2col blocks and
+/// sgemm calls as [`conv2d`] on the upsampled tensor, read from `x` directly, then the shortcut
+/// added as [`add`] would: bit-identical to the unfused ops.
+#[allow(clippy::too_many_arguments)]
+pub fn upsample_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, shortcut: bool, out: &mut [f32]) {
+    let (hh, ww, kk) = (2 * h, 2 * w, cin * 9);
+    const BLOCK: usize = 1024; // as conv2d
+    let mut cols = vec![0f32; BLOCK.min(hh * ww) * kk];
+    for b in 0..batch {
+        let xb = &x[b * h * w * cin..][..h * w * cin];
+        let ob = &mut out[b * hh * ww * cout..][..hh * ww * cout];
+        for start in (0..hh * ww).step_by(BLOCK) {
+            let n = BLOCK.min(hh * ww - start);
+            for (pi, col) in cols.chunks_exact_mut(kk).take(n).enumerate() {
+                let (y, xx) = ((start + pi) / ww, (start + pi) % ww);
+                for ci in 0..cin {
+                    for dy in 0..3 {
+                        let sy = y as isize + dy as isize - 1;
+                        for dx in 0..3 {
+                            let sx = xx as isize + dx as isize - 1;
+                            let inside = sy >= 0 && sy < hh as isize && sx >= 0 && sx < ww as isize;
+                            col[(ci * 3 + dy) * 3 + dx] = if inside { xb[(sy as usize / 2 * w + sx as usize / 2) * cin + ci] } else { 0.0 };
+                        }
+                    }
+                }
+            }
+            linear(&cols[..n * kk], weight, bias, n, kk, cout, &mut ob[start * cout..(start + n) * cout]);
+        }
+        if shortcut {
+            let r = 4 * cout / cin;
+            for (p, o) in ob.chunks_exact_mut(cout).enumerate() {
+                let (y, xx) = (p / ww, p % ww);
+                let src = &xb[(y / 2 * w + xx / 2) * cin..][..cin];
+                for (c, v) in o.iter_mut().enumerate() {
+                    *v += src[(4 * c + 2 * (y % 2) + xx % 2) / r];
+                }
+            }
+        }
+    }
+}
+
 /// `repeat_interleave` over the last dim: output channel c is input channel c / repeats.
 pub fn repeat_channels(x: &[f32], cin: usize, repeats: usize, out: &mut [f32]) {
     for (xr, yr) in x.chunks_exact(cin).zip(out.chunks_exact_mut(cin * repeats)) {

@@ -89,3 +89,32 @@ fn attention_gqa_equals_repeated_heads_and_causal_first_row_is_v0() {
         close(&gqa[h * hd..(h + 1) * hd], &v[(h / 2) * hd..(h / 2 + 1) * hd], 1e-6);
     }
 }
+
+/// The fused DCUpBlock2d op is bit-identical to upsample2x -> conv2d -> + pixel_shuffle_shortcut,
+/// on a non-square grid whose upsampled size crosses conv2d's 1024-pixel im2col block.
+#[test]
+fn upsample_conv2d_equals_the_unfused_ops() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for &(b, h, w, cin, cout, shortcut) in &[(2usize, 3usize, 5usize, 8usize, 4usize, true), (1, 17, 31, 4, 4, true), (1, 2, 3, 6, 5, false)] {
+        let x = rand_vec(&mut rng, b * h * w * cin);
+        let wt = rand_vec(&mut rng, cout * cin * 9);
+        let bias = rand_vec(&mut rng, cout);
+        let n = b * 4 * h * w * cout;
+        let mut up = vec![0.0; 4 * b * h * w * cin];
+        ops::upsample2x(&x, b, h, w, cin, &mut up);
+        let mut main = vec![0.0; n];
+        ops::conv2d(&up, &wt, Some(&bias), b, 2 * h, 2 * w, cin, cout, 3, &mut main);
+        let want = if shortcut {
+            let mut sc = vec![0.0; n];
+            ops::pixel_shuffle_shortcut(&x, b, h, w, cin, cout, &mut sc);
+            let mut o = vec![0.0; n];
+            ops::add(&main, &sc, &mut o);
+            o
+        } else {
+            main
+        };
+        let mut got = vec![0.0; n];
+        ops::upsample_conv2d(&x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut got);
+        assert_eq!(got, want, "[{b}, {h}x{w}, {cin}] -> {cout} shortcut={shortcut}");
+    }
+}

@@ -358,6 +358,25 @@ impl GraphBuilder {
         Ok(self.push(name, Op::Conv2d { x, weight, bias, h, w, kernel }, Shape::new([b, h * w, cout])))
     }
 
+    /// DCUpBlock2d (interpolate) in one node: `conv3x3(upsample2x(x)) (+ bias)
+    /// (+ pixel_shuffle_shortcut(x))` -> [B, 2h·2w, Cout]. See `Op::UpsampleConv2d`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upsample_conv2d(&mut self, name: &str, x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, shortcut: bool) -> Result<ValueId> {
+        let (b, cin) = self.grid("upsample_conv2d", name, x, h, w)?;
+        let ws = self.shape(weight).clone();
+        if ws.rank() != 4 || ws.dims()[1..] != [cin, 3, 3] {
+            return Err(shape_err("upsample_conv2d", format!("{name}: weight {ws} is not [Cout, {cin}, 3, 3]")));
+        }
+        let cout = ws.dims()[0];
+        if let Some(bb) = bias {
+            expect_shape("upsample_conv2d", &format!("{name}: bias"), self.shape(bb), &Shape::new([cout]))?;
+        }
+        if shortcut && (4 * cout) % cin != 0 {
+            return Err(shape_err("upsample_conv2d", format!("{name}: 4·{cout} output channels are not a multiple of {cin} (shortcut)")));
+        }
+        Ok(self.push(name, Op::UpsampleConv2d { x, weight, bias, h, w, shortcut }, Shape::new([b, 4 * h * w, cout])))
+    }
+
     pub fn repeat_channels(&mut self, name: &str, x: ValueId, repeats: usize) -> Result<ValueId> {
         let s = self.shape(x).clone();
         Ok(self.push(name, Op::RepeatChannels { x, repeats }, s.with_last(s.last() * repeats)))

@@ -96,6 +96,12 @@ pub enum Op {
     /// k×k convolution, stride 1, zero padding k/2, over tokens [B, h·w, Cin] on an h×w grid:
     /// `weight` [Cout, Cin, k, k] -> [B, h·w, Cout].
     Conv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
+    /// DC-AE's DCUpBlock2d (interpolate) as one op: `Conv2d` (3×3, `weight` [Cout, Cin, 3, 3],
+    /// optional bias) over `Upsample2x(x)` on an h×w grid -> 2h×2w, plus
+    /// `PixelShuffleShortcut(x, cout)` when `shortcut`. Exactly that composition; a backend may
+    /// compute the conv as four 2×2 convolutions on the low-resolution input, one per output
+    /// pixel parity (2.25× fewer MACs, no upsampled tensor in memory).
+    UpsampleConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, shortcut: bool },
     /// `repeat_interleave(x, repeats, channel)`: output channel c is input channel c / repeats.
     RepeatChannels { x: ValueId, repeats: usize },
     /// Nearest 2× upsampling of tokens on an h×w grid -> 2h×2w.
@@ -137,6 +143,7 @@ impl Op {
             Op::SwiGlu { .. } => "swiglu",
             Op::PackedLinearAttention { .. } => "packed_linear_attention",
             Op::Conv2d { .. } => "conv2d",
+            Op::UpsampleConv2d { .. } => "upsample_conv2d",
             Op::RepeatChannels { .. } => "repeat_channels",
             Op::Upsample2x { .. } => "upsample2x",
             Op::PixelShuffleShortcut { .. } => "pixel_shuffle_shortcut",
@@ -186,7 +193,7 @@ impl Op {
             | Op::Upsample2x { x, .. }
             | Op::PixelShuffleShortcut { x, .. }
             | Op::SliceTokens { x, .. } => v.push(*x),
-            Op::Conv2d { x, weight, bias, .. } => {
+            Op::Conv2d { x, weight, bias, .. } | Op::UpsampleConv2d { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);
             }

@@ -192,12 +192,14 @@ pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: 
     Ok(DecoderOutputs { sample, stem, stages, conv_out_input })
 }
 
-/// DCUpBlock2d (interpolate): `conv3x3(nearest2x(x)) + pixel_shuffle(repeat_interleave(x))`.
+/// DCUpBlock2d (interpolate): `conv3x3(nearest2x(x)) + pixel_shuffle(repeat_interleave(x))`, as
+/// one fused node (`Op::UpsampleConv2d`, the same math as upsample2x -> conv -> + shortcut): the
+/// CUDA backend computes it as four 2×2 phase convolutions on `x` and never materializes the
+/// upsampled tensor.
 fn up_block(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, h: usize, wd: usize) -> Result<ValueId> {
-    let up = b.upsample2x(&format!("{p}.upsample"), x, h, wd)?;
-    let main = conv(b, &format!("{p}.conv"), up, cin, cout, 3, true, 2 * h, 2 * wd)?;
-    let sc = b.pixel_shuffle_shortcut(&format!("{p}.shortcut"), x, h, wd, cout)?;
-    Ok(b.add(&format!("{p}.residual"), main, sc)?)
+    let wt = w(b, format!("{p}.conv.weight"), &[cout, cin, 3, 3])?;
+    let bs = w(b, format!("{p}.conv.bias"), &[cout])?;
+    Ok(b.upsample_conv2d(&format!("{p}.conv"), x, wt, Some(bs), h, wd, true)?)
 }
 
 /// `x + norm(conv2(silu(conv1(x))))`.

@@ -127,6 +127,13 @@ pub fn supports(op: &Op) -> bool {
             | Op::Rope { .. }
             | Op::SliceTokens { .. }
             | Op::Concat { .. }
+            | Op::Conv2d { .. }
+            | Op::UpsampleConv2d { .. }
+            | Op::DepthwiseConv2d { .. }
+            | Op::GroupedLinear { .. }
+            | Op::Upsample2x { .. }
+            | Op::PixelShuffleShortcut { .. }
+            | Op::RepeatChannels { .. }
     )
 }
 
@@ -144,10 +151,18 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
         Op::Rope { .. } => Some(misc::resolve(ctx, node)),
         Op::SliceTokens { .. } => Some(misc::resolve(ctx, node)),
         Op::Concat { .. } => Some(misc::resolve(ctx, node)),
+        Op::Conv2d { .. }
+        | Op::UpsampleConv2d { .. }
+        | Op::DepthwiseConv2d { .. }
+        | Op::GroupedLinear { .. }
+        | Op::Upsample2x { .. }
+        | Op::PixelShuffleShortcut { .. }
+        | Op::RepeatChannels { .. } => Some(conv::resolve(ctx, node)),
         _ => None,
     }
 }
 
+pub mod conv;
 pub mod layout;
 pub mod linear_attention;
 pub mod misc;
