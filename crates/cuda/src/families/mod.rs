@@ -50,15 +50,17 @@ impl Ctx<'_> {
 
 /// Whether a family computes this op.
 pub fn supports(op: &Op) -> bool {
-    matches!(op, Op::Transpose { .. })
+    matches!(op, Op::Transpose { .. } | Op::Attention { .. })
 }
 
 /// The launches of `node`, or `None` when no family computes its op.
 pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
     match &node.op {
         Op::Transpose { .. } => Some(layout::resolve(ctx, node)),
+        Op::Attention { .. } => Some(attention::resolve(ctx, node)),
         _ => None,
     }
 }
 
+pub mod attention;
 pub mod layout;
