@@ -22,7 +22,11 @@
 //
 // attention_bf16_hd*: tensor cores (kernels/include/mma.cuh: mma.sync m16n8k16 bf16 -> f32 and
 //   ldmatrix). BLOCK_M = 64 query rows (16 per warp), BLOCK_N = 64 keys per tile.
-//   - Q is staged once through shared memory and held in registers as mma A fragments.
+//   - Q is staged once through shared memory (the V buffer, while K tile 0 is in flight) and held
+//     in registers as mma A fragments for the whole key loop.
+//   - Loads are asynchronous (cp.async, kernels/include/cp_async.cuh) and overlap the tensor-core
+//     work as in flash-attention 2: V tile t is in flight during S = Q K_t^T and the softmax, K tile
+//     t + 1 during O += P V_t; one K and one V buffer, two barriers per tile.
 //   - S = Q K^T: K tile [64 keys][HD] row-major in shared memory is exactly the "col" B operand
 //     (ldmatrix without .trans, two 8-key groups per ldmatrix.x4). Head dims that are not a
 //     multiple of 16 (72) are zero-padded to the next multiple of 16 in shared memory, in Q and K
@@ -56,12 +60,17 @@
 // reaches every __syncthreads (no early return before a barrier; rows past n are computed on zero
 // inputs and not stored).
 //
-// Version 1 (this one): loads are synchronous (global -> registers -> shared, then a barrier): no
-// cp.async double buffering (inline PTX may only live in kernels/include with a CPU twin; that
-// helper does not exist yet), no packing of the query heads that share a KV head into one CTA.
-// Both are the next steps once a GPU run shows where the time goes.
+// History:
+// - Version 1: synchronous loads (global -> registers -> shared, then a barrier); ptxas gave the
+//   hd128 kernel 223 registers, much of it load staging.
+// - Version 2 (this one): cp.async loads with the flash-attention 2 K/V overlap above (no staging
+//   registers, loads hidden behind the mma work). Not yet done: packing the query heads that share
+//   a KV head into one CTA (GQA reads each KV tile heads/kv_heads times, from L2), 32 query rows
+//   per warp (half the shared-memory traffic per FLOP), and wgmma/TMA (Hopper only; the emulated
+//   GPU cannot run them). Measure on a GPU first.
 
 #include "common.cuh"
+#include "cp_async.cuh"
 #include "mma.cuh"
 
 namespace ou {
@@ -114,24 +123,28 @@ template <int HD> struct Mma {
 };
 
 // rows x HDP bf16 into shared `dst` (row stride STRIDE) from global `src` (row stride `ld`
-// elements): rows >= valid and columns >= HD are zero.
+// elements): rows >= valid and columns >= HD are zero. `vec` (16-byte aligned rows): asynchronous
+// 16-byte copies, in flight until the caller's cp_async_wait; otherwise synchronous scalar loads.
+// Either way the tile is visible to the other threads only after a __syncthreads.
 template <int HD>
 __device__ __forceinline__ void load_tile_bf16(bf16* dst, const bf16* src, i64 ld, int rows, int valid, bool vec) {
     typedef Mma<HD> C;
     for (int c = threadIdx.x; c < rows * C::CHUNKS; c += THREADS) {
         const int r = c / C::CHUNKS, col = (c % C::CHUNKS) * 8;
-        Pack16<bf16> pk;
-        pk.raw = make_uint4(0u, 0u, 0u, 0u);
-        if (r < valid && col < HD) {
-            const bf16* p = src + (i64)r * ld + col;
-            if (vec) {
-                pk.raw = *reinterpret_cast<const uint4*>(p);
-            } else {
+        const bool in = r < valid && col < HD;
+        bf16* d = dst + r * C::STRIDE + col;
+        if (vec) {
+            cp_async_16(d, in ? src + (i64)r * ld + col : src, in);  // zero-fill reads nothing
+        } else {
+            Pack16<bf16> pk;
+            pk.raw = make_uint4(0u, 0u, 0u, 0u);
+            if (in) {
+                const bf16* p = src + (i64)r * ld + col;
 #pragma unroll
                 for (int e = 0; e < 8; ++e) pk.e[e] = p[e];
             }
+            *reinterpret_cast<uint4*>(d) = pk.raw;
         }
-        *reinterpret_cast<uint4*>(dst + r * C::STRIDE + col) = pk.raw;
     }
 }
 
@@ -146,10 +159,10 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
                                               bf16* __restrict__ out, int n, int m, int heads, int kv_heads,
                                               int causal, float scale) {
     typedef Mma<HD> C;
-    __shared__ __align__(16) bf16 sk[BN * C::STRIDE];  // Q staging, K tiles, O staging
-    __shared__ __align__(16) bf16 sv[BN * C::STRIDE];
+    __shared__ __align__(16) bf16 sk[BN * C::STRIDE];  // K tiles, then O staging
+    __shared__ __align__(16) bf16 sv[BN * C::STRIDE];  // Q staging, then V tiles
     __shared__ float sbias[BN];  // key-padding bias (log2 domain), -inf past m
-    static_assert(BM == BN, "Q and O are staged in the K buffer");
+    static_assert(BM == BN, "Q and O are staged in the K/V buffers");
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
@@ -163,34 +176,55 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
     const bool vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(out);
     const int qvalid = min(BM, n - m0);
 
-    // Q -> shared -> A fragments (ldmatrix.x4: matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15)).
-    load_tile_bf16<HD>(sk, qb, ldq, BM, qvalid, vec);
-    __syncthreads();
-    unsigned qf[C::KSTEPS][4];
-    {
-        const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = (lane >> 4) * 8;
-#pragma unroll
-        for (int ks = 0; ks < C::KSTEPS; ++ks) ldmatrix_x4(qf[ks], sk + r * C::STRIDE + ks * 16 + c);
-    }
-    __syncthreads();  // sk is overwritten by the first K tile
-
     const int off = m - n;  // query i sees keys <= i + off when causal
     const int kend = causal ? min(m, m0 + BM + off) : m;
     const int tiles = kend > 0 ? (kend + BN - 1) / BN : 0;
     const float sl2 = scale * LOG2E;
     const int row0 = m0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
 
+    // K tile `t` into sk and its key bias into sbias (one cp.async group).
+    auto load_k = [&](int t) {
+        const int n0 = t * BN, kvalid = min(BN, m - n0);
+        load_tile_bf16<HD>(sk, kb + (i64)n0 * ldk, ldk, BN, kvalid, vec);
+        if (tid < BN) sbias[tid] = tid < kvalid ? key_bias(mask, b, m, n0 + tid) * LOG2E : NEG_INF;
+        cp_async_commit();
+    };
+    auto load_v = [&](int t) {
+        const int n0 = t * BN;
+        load_tile_bf16<HD>(sv, vb + (i64)n0 * ldk, ldk, BN, min(BN, m - n0), vec);
+        cp_async_commit();
+    };
+
+    // Q -> shared (the V buffer) -> A fragments, while K tile 0 is in flight.
+    // ldmatrix.x4 matrices: (rows 0-7 | 8-15) x (cols 0-7 | 8-15) of the warp's 16 rows.
+    load_tile_bf16<HD>(sv, qb, ldq, BM, qvalid, vec);
+    cp_async_commit();
+    if (tiles > 0) load_k(0);
+    if (tiles > 0) {
+        cp_async_wait<1>();  // Q has landed, K tile 0 may still be in flight
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+    unsigned qf[C::KSTEPS][4];
+    {
+        const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = (lane >> 4) * 8;
+#pragma unroll
+        for (int ks = 0; ks < C::KSTEPS; ++ks) ldmatrix_x4(qf[ks], sv + r * C::STRIDE + ks * 16 + c);
+    }
+
     float mx[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
     float o[C::NT][4];
 #pragma unroll
     for (int t = 0; t < C::NT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
 
+    // Pipeline (flash-attention 2): V tile t loads during S = Q K_t^T and the softmax; K tile t + 1
+    // loads during O += P V_t. Two barriers per tile, each after every thread's wait.
     for (int tile = 0; tile < tiles; ++tile) {
-        const int n0 = tile * BN, kvalid = min(BN, m - n0);
-        load_tile_bf16<HD>(sk, kb + (i64)n0 * ldk, ldk, BN, kvalid, vec);
-        load_tile_bf16<HD>(sv, vb + (i64)n0 * ldk, ldk, BN, kvalid, vec);
-        if (tid < BN) sbias[tid] = tid < kvalid ? key_bias(mask, b, m, n0 + tid) * LOG2E : NEG_INF;
-        __syncthreads();
+        const int n0 = tile * BN;
+        cp_async_wait<0>();  // K tile `tile` (and its bias)
+        __syncthreads();     // ... visible to all; every warp is done with sv (Q or V tile - 1)
+        load_v(tile);
 
         // S = Q K^T: 8 groups of 8 keys; ldmatrix.x4 gives the B fragments of groups j and j + 1.
         float s[BN / 8][4];
@@ -248,6 +282,10 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
             o[t][3] *= alpha[1];
         }
 
+        cp_async_wait<0>();  // V tile `tile`
+        __syncthreads();     // ... visible to all; every warp is done with sk and sbias
+        if (tile + 1 < tiles) load_k(tile + 1);
+
         // O += P V: k-step kk covers keys 16kk..16kk+15 = key groups 2kk and 2kk + 1.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -269,10 +307,11 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
                 mma_m16n8k16_bf16_f32(o[C::NT - 1], a, vf, o[C::NT - 1]);
             }
         }
-        __syncthreads();  // the next tile overwrites sk, sv, sbias
     }
 
-    // O / l -> shared (bf16) -> global.
+    // O / l -> shared (bf16) -> global. sk is free: every warp passed the last tile's second
+    // barrier after its last read of sk, and no K load follows the last tile (with no tile at all,
+    // sk was never used); sv may still be read by other warps, so it is not used here.
     float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
