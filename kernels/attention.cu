@@ -54,9 +54,10 @@
 //   through a per-warp shared row so that each lane accumulates its own output columns
 //   (lane, lane + 32, ...) over the 32 keys. exp is expf, not exp2f, for accuracy.
 //
-// Global loads and stores are 16-byte vectors when q, k, v, out (and therefore every row, since
-// HD is a multiple of 8) are 16-byte aligned, which is always true in the executor's arena; a
-// scalar path handles any other pointer. Every thread of a CTA runs the same number of tiles and
+// Global accesses are 16 bytes wide (bf16: cp.async loads and uint4 stores; f32: float4 loads,
+// stores one float per lane, coalesced) when q, k, v, out (and therefore every row, since HD is a
+// multiple of 8) are 16-byte aligned, which is always true in the executor's arena; a scalar path
+// handles any other pointer (bf16: synchronous loads, the barriers order them the same way). Every thread of a CTA runs the same number of tiles and
 // reaches every __syncthreads (no early return before a barrier; rows past n are computed on zero
 // inputs and not stored).
 //
