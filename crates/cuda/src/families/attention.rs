@@ -60,7 +60,7 @@ pub fn launch(a: &AttentionArgs) -> std::result::Result<Vec<Launch>, String> {
     if !matches!(a.dtype, DType::F32 | DType::BF16) {
         return Err(format!("storage dtype {} has no attention kernel (f32 or bf16)", a.dtype));
     }
-    if a.heads == 0 || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+    if a.heads == 0 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
         return Err(format!("{} query heads cannot share {} key/value heads", a.heads, a.kv_heads));
     }
     let bh = a.batch * a.heads;
