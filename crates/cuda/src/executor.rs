@@ -148,13 +148,6 @@ impl CudaExecutor {
             match node.op {
                 Op::Linear { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => {}
                 ref op if families::supports(op) => {}
-                Op::Attention { .. } => {
-                    return Err(node_err(
-                        &node.name,
-                        "attention",
-                        "the CUDA backend has no attention kernel yet (flash-attention comes with a later issue); run this graph on the CPU",
-                    ))
-                }
                 ref op => {
                     return Err(node_err(&node.name, op.name(), format!("the CUDA backend has no `{}` kernel yet; run this graph on the CPU", op.name())))
                 }

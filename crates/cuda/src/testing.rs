@@ -316,6 +316,25 @@ impl BenchReport {
         ));
     }
 
+    /// Records one call of a compute-bound kernel: `flops` per call (counted as 2 per
+    /// multiply-add), `bytes` read plus written, `ms` per call. Prints TFLOP/s and GB/s.
+    pub fn add_flops(&mut self, kernel: &str, label: &str, shape: &[usize], flops: f64, bytes: usize, ms: f64) {
+        let tflops = flops / (ms * 1e-3) / 1e12;
+        let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+        println!(
+            "{kernel:<22} {:<24} {:>9.4} ms {:>8.2} TFLOP/s {:>8.1} GB/s  {label}",
+            format!("{shape:?}"),
+            ms,
+            tflops,
+            gbs
+        );
+        self.results.push(format!(
+            "{{\"kernel\":{},\"label\":{},\"shape\":{shape:?},\"flops\":{flops:.0},\"bytes\":{bytes},\"ms\":{ms:.6},\"tflops\":{tflops:.3},\"gbs\":{gbs:.2}}}",
+            json_str(kernel),
+            json_str(label)
+        ));
+    }
+
     /// Prints the JSON record (device, date, commit, copy bandwidth, results) and appends it to
     /// `$OPENUNI_BENCH_JSON` when set.
     pub fn finish(self) {

@@ -180,7 +180,8 @@ fn errors_name_the_node_or_input() {
         CudaExecutor::new(&dev, &g, &w, DType::F16, false),
         Err(CudaError::DType(DType::F16))
     ));
-    // Softmax attention has no CUDA kernel yet: the error names the node.
+    // Softmax attention with a head dim that has no kernel specialization (8): the error names
+    // the node and the supported head dims.
     let mut gb = GraphBuilder::new();
     let q = gb.input("q", [1, 4, 16]).unwrap();
     let o = gb
@@ -193,6 +194,7 @@ fn errors_name_the_node_or_input() {
         .to_string();
     println!("{e}");
     assert!(e.contains("blocks.0.attn") && e.contains("attention"), "{e}");
+    assert!(e.contains("head dim 8") && e.contains("16, 32, 64, 72, 112, 128"), "{e}");
 }
 
 /// The GEMM wrapper on its own, with each epilogue, against the CPU linear (+ tanh-GELU):

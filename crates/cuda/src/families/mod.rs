@@ -134,6 +134,7 @@ pub fn supports(op: &Op) -> bool {
             | Op::Upsample2x { .. }
             | Op::PixelShuffleShortcut { .. }
             | Op::RepeatChannels { .. }
+            | Op::Attention { .. }
     )
 }
 
@@ -158,10 +159,12 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
         | Op::Upsample2x { .. }
         | Op::PixelShuffleShortcut { .. }
         | Op::RepeatChannels { .. } => Some(conv::resolve(ctx, node)),
+        Op::Attention { .. } => Some(attention::resolve(ctx, node)),
         _ => None,
     }
 }
 
+pub mod attention;
 pub mod conv;
 pub mod layout;
 pub mod linear_attention;

@@ -1,0 +1,499 @@
+// attention.cu: softmax attention (flash-attention 2 style). CPU twin: openuni_cpu::ops::attention.
+//
+//   attention_{f32,bf16}_hd{16,32,64,72,112,128}(q, k, v, mask, out, n, m, heads, kv_heads, causal, scale)
+//
+//   q [B, n, heads*HD], k and v [B, m, kv_heads*HD], out [B, n, heads*HD], all row-major in the
+//   storage type; query head h reads key/value head h / (heads / kv_heads) (GQA, as repeat_kv).
+//   logit[i, j] = scale * q_i . k_j + bias_j, where bias_j = (1 - mask[b, j]) * -10000 when `mask`
+//   ([B, m], same storage type, 1 keep / 0 pad, diffusers' convention) is non-null, else 0; with
+//   `causal`, query i sees only keys j <= i + m - n (the last query is aligned with the last key).
+//   out_i = softmax_j(logit[i, :]) . V, softmax in f32. A query that sees no key at all (possible
+//   only for causal with m < n, which the graph builder refuses) gets zeros.
+//   The head dim HD is a compile-time constant: one entry point per supported head dim (16 and 32:
+//   tests; 64 and 128: InternVL3's LLM and the connector; 72 and 112: SANA's cross-attention).
+//   Every other head dim is refused by the launcher (crates/cuda/src/families/attention.rs).
+//
+// Both kernels are the flash-attention 2 algorithm: one CTA per (batch * head, block of query
+// rows); K/V tiles are streamed through shared memory; each query row keeps a running maximum and a
+// running sum in f32 (online softmax) and rescales its output accumulator whenever the maximum
+// grows, so the n x m score matrix never exists in global memory, and q, k, v are read once per
+// CTA. Grid: (ceil(n / BLOCK_M), B * heads), block 128 threads (4 warps), static shared memory only
+// (< 48 KiB for every head dim, so no cuFuncSetAttribute is needed).
+//
+// attention_bf16_hd*: tensor cores (kernels/include/mma.cuh: mma.sync m16n8k16 bf16 -> f32 and
+//   ldmatrix). BLOCK_M = 64 query rows (16 per warp), BLOCK_N = 64 keys per tile.
+//   - Q is staged once through shared memory (the V buffer, while K tile 0 is in flight) and held
+//     in registers as mma A fragments for the whole key loop.
+//   - Loads are asynchronous (cp.async, kernels/include/cp_async.cuh) and overlap the tensor-core
+//     work as in flash-attention 2: V tile t is in flight during S = Q K_t^T and the softmax, K tile
+//     t + 1 during O += P V_t; one K and one V buffer, two barriers per tile.
+//   - S = Q K^T: K tile [64 keys][HD] row-major in shared memory is exactly the "col" B operand
+//     (ldmatrix without .trans, two 8-key groups per ldmatrix.x4). Head dims that are not a
+//     multiple of 16 (72) are zero-padded to the next multiple of 16 in shared memory, in Q and K
+//     alike, so the padding adds nothing to S.
+//   - Online softmax on the S accumulator fragments: each thread owns 2 rows (g and g + 8 of its
+//     warp's 16) and 16 of the 64 columns; row maxima are reduced over the 4 lanes of a quad with
+//     two shuffles; the running sum is kept per thread (partial over its columns) and reduced over
+//     the quad only at the end (the rescale factor is the same for the whole quad). Logits are in
+//     the log2 domain (scale and bias pre-multiplied by log2 e) so p = exp2(x - max).
+//   - O += P V: the S accumulators of two adjacent 8-key groups are exactly the A fragment of one
+//     16-key k-step (rounded to bf16, as flash-attention does; the running sum uses the f32 p), and
+//     the V tile [64 keys][HD] is the B operand through ldmatrix .trans. O stays in f32 registers.
+//   - Shared-memory rows are padded by 8 bf16 (16 bytes): the row stride is an odd number of
+//     16-byte units, so ldmatrix's 8 row addresses hit 8 different bank groups.
+//   - Keys past m are zero-filled in shared memory (poisoned or stale K/V must not reach the mma:
+//     0 * NaN is NaN) and get a -inf bias; the key-padding mask is read once per tile into a
+//     shared bias row. Causal masking is evaluated only on tiles that cross the diagonal, and the
+//     CTA stops at the last key its last query row can see.
+//   - The output goes back through shared memory so that global stores are 16-byte, coalesced.
+//
+// attention_f32_hd*: the accuracy reference path, SIMT f32. BLOCK_M = 16 query rows (4 per warp),
+//   BLOCK_N = 32 keys per tile (one per lane). Lane j computes the scores of key j for its warp's
+//   4 rows (Q rows in shared memory are broadcast reads; the K tile rows are padded to HD + 1
+//   floats so the 32 lanes read 32 different banks); maxima and sums by warp shuffles; p goes
+//   through a per-warp shared row so that each lane accumulates its own output columns
+//   (lane, lane + 32, ...) over the 32 keys. exp is expf, not exp2f, for accuracy.
+//
+// Global accesses are 16 bytes wide (bf16: cp.async loads and uint4 stores; f32: float4 loads,
+// stores one float per lane, coalesced) when q, k, v, out (and therefore every row, since HD is a
+// multiple of 8) are 16-byte aligned, which is always true in the executor's arena; a scalar path
+// handles any other pointer (bf16: synchronous loads, the barriers order them the same way). Every thread of a CTA runs the same number of tiles and
+// reaches every __syncthreads (no early return before a barrier; rows past n are computed on zero
+// inputs and not stored).
+//
+// History:
+// - Version 1: synchronous loads (global -> registers -> shared, then a barrier); ptxas gave the
+//   hd128 kernel 223 registers, much of it load staging.
+// - Version 2 (this one): cp.async loads with the flash-attention 2 K/V overlap above (no staging
+//   registers, loads hidden behind the mma work). Not yet done: packing the query heads that share
+//   a KV head into one CTA (GQA reads each KV tile heads/kv_heads times, from L2), 32 query rows
+//   per warp (half the shared-memory traffic per FLOP), and wgmma/TMA (Hopper only; the emulated
+//   GPU cannot run them). Measure on a GPU first.
+
+#include "common.cuh"
+#include "cp_async.cuh"
+#include "mma.cuh"
+
+namespace ou {
+namespace attn {
+
+constexpr int THREADS = 128;  // 4 warps
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float MASKED_KEY_BIAS = -10000.f;
+// -inf (NVRTC has no INFINITY macro).
+#define NEG_INF __uint_as_float(0xff800000u)
+
+// Key-padding bias of key `key` (already known to be < m), from the [B, m] mask of sample b.
+template <typename T>
+__device__ __forceinline__ float key_bias(const T* mask, int b, int m, int key) {
+    return mask ? (1.f - to_f32(mask[(i64)b * m + key])) * MASKED_KEY_BIAS : 0.f;
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// The base to subtract from logits whose running maximum is `mx`: 0 while a row has seen no
+// key (mx = -inf), so that exp(-inf - base) = 0 instead of NaN.
+__device__ __forceinline__ float safe_max(float mx) { return mx == NEG_INF ? 0.f : mx; }
+
+// ---------------------------------------------------------------------------------------------
+// bf16: tensor cores
+// ---------------------------------------------------------------------------------------------
+
+constexpr int BM = 64;  // query rows per CTA (16 per warp)
+constexpr int BN = 64;  // keys per tile
+
+template <int HD> struct Mma {
+    static constexpr int HDP = (HD + 15) / 16 * 16;  // k extent of Q K^T (zero-padded)
+    static constexpr int STRIDE = HDP + 8;           // shared row stride in bf16: an odd number of 16 B
+    static constexpr int KSTEPS = HDP / 16;          // mma k-steps of Q K^T
+    static constexpr int NT = HD / 8;                // 8-column tiles of O
+    static constexpr int CHUNKS = HDP / 8;           // 16-byte chunks of a padded shared row
+    static_assert(HD % 8 == 0, "head dim must be a multiple of 8");
+    static_assert((STRIDE / 8) % 2 == 1, "row stride must be an odd number of 16-byte units");
+};
+
+// rows x HDP bf16 into shared `dst` (row stride STRIDE) from global `src` (row stride `ld`
+// elements): rows >= valid and columns >= HD are zero. `vec` (16-byte aligned rows): asynchronous
+// 16-byte copies, in flight until the caller's cp_async_wait; otherwise synchronous scalar loads.
+// Either way the tile is visible to the other threads only after a __syncthreads.
+template <int HD>
+__device__ __forceinline__ void load_tile_bf16(bf16* dst, const bf16* src, i64 ld, int rows, int valid, bool vec) {
+    typedef Mma<HD> C;
+    for (int c = threadIdx.x; c < rows * C::CHUNKS; c += THREADS) {
+        const int r = c / C::CHUNKS, col = (c % C::CHUNKS) * 8;
+        const bool in = r < valid && col < HD;
+        bf16* d = dst + r * C::STRIDE + col;
+        if (vec) {
+            cp_async_16(d, in ? src + (i64)r * ld + col : src, in);  // zero-fill reads nothing
+        } else {
+            Pack16<bf16> pk;
+            pk.raw = make_uint4(0u, 0u, 0u, 0u);
+            if (in) {
+                const bf16* p = src + (i64)r * ld + col;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) pk.e[e] = p[e];
+            }
+            *reinterpret_cast<uint4*>(d) = pk.raw;
+        }
+    }
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) is the low half
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+template <int HD>
+__device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                              const bf16* __restrict__ v, const bf16* __restrict__ mask,
+                                              bf16* __restrict__ out, int n, int m, int heads, int kv_heads,
+                                              int causal, float scale) {
+    typedef Mma<HD> C;
+    __shared__ __align__(16) bf16 sk[BN * C::STRIDE];  // K tiles, then O staging
+    __shared__ __align__(16) bf16 sv[BN * C::STRIDE];  // Q staging, then V tiles
+    __shared__ float sbias[BN];  // key-padding bias (log2 domain), -inf past m
+    static_assert(BM == BN, "Q and O are staged in the K/V buffers");
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads, kh = h / (heads / kv_heads);
+    const int m0 = blockIdx.x * BM;
+    const i64 ldq = (i64)heads * HD, ldk = (i64)kv_heads * HD;
+    const bf16* qb = q + ((i64)b * n + m0) * ldq + (i64)h * HD;
+    const bf16* kb = k + (i64)b * m * ldk + (i64)kh * HD;
+    const bf16* vb = v + (i64)b * m * ldk + (i64)kh * HD;
+    bf16* ob = out + ((i64)b * n + m0) * ldq + (i64)h * HD;
+    const bool vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(out);
+    const int qvalid = min(BM, n - m0);
+
+    const int off = m - n;  // query i sees keys <= i + off when causal
+    const int kend = causal ? min(m, m0 + BM + off) : m;
+    const int tiles = kend > 0 ? (kend + BN - 1) / BN : 0;
+    const float sl2 = scale * LOG2E;
+    const int row0 = m0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+
+    // K tile `t` into sk and its key bias into sbias (one cp.async group).
+    auto load_k = [&](int t) {
+        const int n0 = t * BN, kvalid = min(BN, m - n0);
+        load_tile_bf16<HD>(sk, kb + (i64)n0 * ldk, ldk, BN, kvalid, vec);
+        if (tid < BN) sbias[tid] = tid < kvalid ? key_bias(mask, b, m, n0 + tid) * LOG2E : NEG_INF;
+        cp_async_commit();
+    };
+    auto load_v = [&](int t) {
+        const int n0 = t * BN;
+        load_tile_bf16<HD>(sv, vb + (i64)n0 * ldk, ldk, BN, min(BN, m - n0), vec);
+        cp_async_commit();
+    };
+
+    // Q -> shared (the V buffer) -> A fragments, while K tile 0 is in flight.
+    // ldmatrix.x4 matrices: (rows 0-7 | 8-15) x (cols 0-7 | 8-15) of the warp's 16 rows.
+    load_tile_bf16<HD>(sv, qb, ldq, BM, qvalid, vec);
+    cp_async_commit();
+    if (tiles > 0) load_k(0);
+    if (tiles > 0) {
+        cp_async_wait<1>();  // Q has landed, K tile 0 may still be in flight
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+    unsigned qf[C::KSTEPS][4];
+    {
+        const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = (lane >> 4) * 8;
+#pragma unroll
+        for (int ks = 0; ks < C::KSTEPS; ++ks) ldmatrix_x4(qf[ks], sv + r * C::STRIDE + ks * 16 + c);
+    }
+
+    float mx[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    float o[C::NT][4];
+#pragma unroll
+    for (int t = 0; t < C::NT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+
+    // Pipeline (flash-attention 2): V tile t loads during S = Q K_t^T and the softmax; K tile t + 1
+    // loads during O += P V_t. Two barriers per tile, each after every thread's wait.
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int n0 = tile * BN;
+        cp_async_wait<0>();  // K tile `tile` (and its bias)
+        __syncthreads();     // ... visible to all; every warp is done with sv (Q or V tile - 1)
+        load_v(tile);
+
+        // S = Q K^T: 8 groups of 8 keys; ldmatrix.x4 gives the B fragments of groups j and j + 1.
+        float s[BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < C::KSTEPS; ++ks) {
+#pragma unroll
+            for (int j = 0; j < BN / 8; j += 2) {
+                unsigned kf[4];
+                ldmatrix_x4(kf, sk + ((j + (lane >> 4)) * 8 + (lane & 7)) * C::STRIDE + ks * 16 + ((lane >> 3) & 1) * 8);
+                const unsigned b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+                mma_m16n8k16_bf16_f32(s[j], qf[ks], b0, s[j]);
+                mma_m16n8k16_bf16_f32(s[j + 1], qf[ks], b1, s[j + 1]);
+            }
+        }
+
+        // Logits (log2 domain), masks, online softmax.
+        const bool diag = causal && n0 + BN - 1 > m0 + off;  // some key of the tile is above the diagonal
+        float tmax[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int kc = j * 8 + 2 * tq + (e & 1);
+                float x = s[j][e] * sl2 + sbias[kc];
+                if (diag && n0 + kc > row0 + (e >> 1) * 8 + off) x = NEG_INF;
+                s[j][e] = x;
+                tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
+            }
+        }
+        float alpha[2], base[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float mnew = fmaxf(mx[r], quad_max(tmax[r]));
+            base[r] = safe_max(mnew);
+            alpha[r] = exp2f(mx[r] - base[r]);  // 0 when mx was -inf
+            mx[r] = mnew;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(s[j][e] - base[e >> 1]);
+                s[j][e] = p;
+                l[e >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < C::NT; ++t) {
+            o[t][0] *= alpha[0];
+            o[t][1] *= alpha[0];
+            o[t][2] *= alpha[1];
+            o[t][3] *= alpha[1];
+        }
+
+        cp_async_wait<0>();  // V tile `tile`
+        __syncthreads();     // ... visible to all; every warp is done with sk and sbias
+        if (tile + 1 < tiles) load_k(tile + 1);
+
+        // O += P V: k-step kk covers keys 16kk..16kk+15 = key groups 2kk and 2kk + 1.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const unsigned a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const bf16* vrow = sv + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * C::STRIDE;
+#pragma unroll
+            for (int t = 0; t + 1 < C::NT; t += 2) {
+                unsigned vf[4];
+                ldmatrix_x4_trans(vf, vrow + (t + (lane >> 4)) * 8);
+                const unsigned b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+                mma_m16n8k16_bf16_f32(o[t], a, b0, o[t]);
+                mma_m16n8k16_bf16_f32(o[t + 1], a, b1, o[t + 1]);
+            }
+            if (C::NT % 2 == 1) {
+                unsigned vf[2];
+                ldmatrix_x2_trans(vf, vrow + (C::NT - 1) * 8);
+                mma_m16n8k16_bf16_f32(o[C::NT - 1], a, vf, o[C::NT - 1]);
+            }
+        }
+    }
+
+    // O / l -> shared (bf16) -> global. sk is free: every warp passed the last tile's second
+    // barrier after its last read of sk, and no K load follows the last tile (with no tile at all,
+    // sk was never used); sv may still be read by other warps, so it is not used here.
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float sum = quad_sum(l[r]);
+        inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+    }
+#pragma unroll
+    for (int t = 0; t < C::NT; ++t) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            __nv_bfloat162 pr = __floats2bfloat162_rn(o[t][2 * r] * inv[r], o[t][2 * r + 1] * inv[r]);
+            *reinterpret_cast<__nv_bfloat162*>(sk + (warp * 16 + g + 8 * r) * C::STRIDE + t * 8 + 2 * tq) = pr;
+        }
+    }
+    __syncthreads();
+    for (int c = tid; c < BM * (HD / 8); c += THREADS) {
+        const int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
+        if (r >= qvalid) continue;
+        const bf16* src = sk + r * C::STRIDE + col;
+        bf16* dst = ob + (i64)r * ldq + col;
+        if (vec) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dst[e] = src[e];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// f32: SIMT reference path
+// ---------------------------------------------------------------------------------------------
+
+constexpr int FBM = 16;  // query rows per CTA (4 per warp)
+constexpr int FBN = 32;  // keys per tile (one per lane)
+constexpr int FROWS = FBM / (THREADS / 32);
+
+// rows x HD floats into shared `dst` (row stride `sld`) from global `src` (row stride `ld`); rows
+// >= valid are zero.
+template <int HD>
+__device__ __forceinline__ void load_tile_f32(float* dst, int sld, const float* src, i64 ld, int rows, int valid,
+                                              bool vec) {
+    if (vec && sld % 4 == 0) {
+        for (int c = threadIdx.x; c < rows * (HD / 4); c += THREADS) {
+            const int r = c / (HD / 4), col = (c % (HD / 4)) * 4;
+            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (r < valid) x = *reinterpret_cast<const float4*>(src + (i64)r * ld + col);
+            *reinterpret_cast<float4*>(dst + r * sld + col) = x;
+        }
+    } else {
+        for (int c = threadIdx.x; c < rows * HD; c += THREADS) {
+            const int r = c / HD, col = c % HD;
+            dst[r * sld + col] = r < valid ? src[(i64)r * ld + col] : 0.f;
+        }
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ void attention_simt(const float* __restrict__ q, const float* __restrict__ k,
+                                               const float* __restrict__ v, const float* __restrict__ mask,
+                                               float* __restrict__ out, int n, int m, int heads, int kv_heads,
+                                               int causal, float scale) {
+    constexpr int OC = (HD + 31) / 32;  // output columns per lane
+    __shared__ __align__(16) float sq[FBM * HD];
+    __shared__ float sk[FBN * (HD + 1)];  // +1: lane j reads row j, 32 different banks
+    __shared__ __align__(16) float sv[FBN * HD];
+    __shared__ float sp[THREADS / 32][FROWS][FBN];
+    __shared__ float sbias[FBN];
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads, kh = h / (heads / kv_heads);
+    const int m0 = blockIdx.x * FBM;
+    const i64 ldq = (i64)heads * HD, ldk = (i64)kv_heads * HD;
+    const float* qb = q + ((i64)b * n + m0) * ldq + (i64)h * HD;
+    const float* kb = k + (i64)b * m * ldk + (i64)kh * HD;
+    const float* vb = v + (i64)b * m * ldk + (i64)kh * HD;
+    float* ob = out + ((i64)b * n + m0) * ldq + (i64)h * HD;
+    const bool vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(out);
+    const int qvalid = min(FBM, n - m0);
+
+    load_tile_f32<HD>(sq, HD, qb, ldq, FBM, qvalid, vec);
+
+    const int off = m - n;
+    const int kend = causal ? min(m, m0 + FBM + off) : m;
+    const int tiles = kend > 0 ? (kend + FBN - 1) / FBN : 0;
+    const int rbase = warp * FROWS;  // this warp's rows in the CTA
+
+    float mx[FROWS], l[FROWS], o[FROWS][OC];
+#pragma unroll
+    for (int r = 0; r < FROWS; ++r) {
+        mx[r] = NEG_INF;
+        l[r] = 0.f;
+#pragma unroll
+        for (int c = 0; c < OC; ++c) o[r][c] = 0.f;
+    }
+
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int n0 = tile * FBN, kvalid = min(FBN, m - n0);
+        load_tile_f32<HD>(sk, HD + 1, kb + (i64)n0 * ldk, ldk, FBN, kvalid, vec);
+        load_tile_f32<HD>(sv, HD, vb + (i64)n0 * ldk, ldk, FBN, kvalid, vec);
+        if (tid < FBN) sbias[tid] = tid < kvalid ? key_bias(mask, b, m, n0 + tid) : NEG_INF;
+        __syncthreads();
+
+        // Scores of key n0 + lane for the warp's rows.
+        float s[FROWS];
+#pragma unroll
+        for (int r = 0; r < FROWS; ++r) s[r] = 0.f;
+        const float* kr = sk + lane * (HD + 1);
+        for (int d = 0; d < HD; ++d) {
+            const float kd = kr[d];
+#pragma unroll
+            for (int r = 0; r < FROWS; ++r) s[r] += sq[(rbase + r) * HD + d] * kd;
+        }
+        const int key = n0 + lane;
+#pragma unroll
+        for (int r = 0; r < FROWS; ++r) {
+            float x = s[r] * scale + sbias[lane];
+            if (causal && key > m0 + rbase + r + off) x = NEG_INF;
+            const float mnew = fmaxf(mx[r], warp_max(x));
+            const float base = safe_max(mnew);
+            const float alpha = expf(mx[r] - base);
+            const float p = expf(x - base);
+            mx[r] = mnew;
+            l[r] = l[r] * alpha + p;  // per-lane partial sum, reduced at the end
+#pragma unroll
+            for (int c = 0; c < OC; ++c) o[r][c] *= alpha;
+            sp[warp][r][lane] = p;
+        }
+        __syncwarp();
+        for (int j = 0; j < FBN; ++j) {
+#pragma unroll
+            for (int c = 0; c < OC; ++c) {
+                const int d = lane + 32 * c;
+                if (HD % 32 == 0 || d < HD) {
+                    const float vd = sv[j * HD + d];
+#pragma unroll
+                    for (int r = 0; r < FROWS; ++r) o[r][c] += sp[warp][r][j] * vd;
+                }
+            }
+        }
+        __syncthreads();  // the next tile overwrites sk, sv, sp, sbias
+    }
+
+#pragma unroll
+    for (int r = 0; r < FROWS; ++r) {
+        float sum = l[r];
+        for (int x = 16; x > 0; x >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int row = rbase + r;
+        if (row < qvalid) {
+#pragma unroll
+            for (int c = 0; c < OC; ++c) {
+                const int d = lane + 32 * c;
+                if (HD % 32 == 0 || d < HD) ob[(i64)row * ldq + d] = o[r][c] * inv;
+            }
+        }
+    }
+}
+
+}  // namespace attn
+}  // namespace ou
+
+#undef NEG_INF
+
+using ou::bf16;
+
+// Entry points: one per (storage type, head dim). Written out one per line, no macros: the
+// kernel registry finds each kernel's file by scanning the sources for `extern "C" __global__ void NAME(`.
+#define OU_ATTN_ARGS_F32 const float* q, const float* k, const float* v, const float* mask, float* out, int n, int m, int heads, int kv_heads, int causal, float scale
+#define OU_ATTN_ARGS_BF16 const bf16* q, const bf16* k, const bf16* v, const bf16* mask, bf16* out, int n, int m, int heads, int kv_heads, int causal, float scale
+#define OU_ATTN_PASS q, k, v, mask, out, n, m, heads, kv_heads, causal, scale
+
+extern "C" __global__ void attention_f32_hd16(OU_ATTN_ARGS_F32) { ou::attn::attention_simt<16>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_f32_hd32(OU_ATTN_ARGS_F32) { ou::attn::attention_simt<32>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_f32_hd64(OU_ATTN_ARGS_F32) { ou::attn::attention_simt<64>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_f32_hd72(OU_ATTN_ARGS_F32) { ou::attn::attention_simt<72>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_f32_hd112(OU_ATTN_ARGS_F32) { ou::attn::attention_simt<112>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_f32_hd128(OU_ATTN_ARGS_F32) { ou::attn::attention_simt<128>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_bf16_hd16(OU_ATTN_ARGS_BF16) { ou::attn::attention_mma<16>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_bf16_hd32(OU_ATTN_ARGS_BF16) { ou::attn::attention_mma<32>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_bf16_hd64(OU_ATTN_ARGS_BF16) { ou::attn::attention_mma<64>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_bf16_hd72(OU_ATTN_ARGS_BF16) { ou::attn::attention_mma<72>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_bf16_hd112(OU_ATTN_ARGS_BF16) { ou::attn::attention_mma<112>(OU_ATTN_PASS); }
+extern "C" __global__ void attention_bf16_hd128(OU_ATTN_ARGS_BF16) { ou::attn::attention_mma<128>(OU_ATTN_PASS); }
