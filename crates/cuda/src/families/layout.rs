@@ -14,7 +14,8 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     match &node.op {
         Op::Transpose { x, batch, rows, cols } => Ok(vec![Launch {
             kernel: format!("transpose_{}", ctx.suffix()),
-            grid: ((*cols as u32).div_ceil(TILE), (*rows as u32).div_ceil(TILE), *batch as u32),
+            // Tiles flattened into x (limit 2^31 - 1): y is capped at 65535.
+            grid: ((*cols as u32).div_ceil(TILE) * (*rows as u32).div_ceil(TILE), 1, *batch as u32),
             block: (TILE, 8, 1),
             smem: 0,
             args: vec![KArg::Ptr(p(*x)), KArg::Ptr(p(node.output)), KArg::I32(*rows as i32), KArg::I32(*cols as i32)],
