@@ -50,6 +50,9 @@
 //       The same op on the CUDA cores (conv2d_direct with UP: the halo loader reads x at half the
 //       coordinates); the f32-storage path and a second bf16 implementation for the tests.
 //   depthwise_conv2d_{f32,bf16}(x, w, bias, y, batch, h, wd, c, k)
+//   depthwise_conv3_glu_{f32,bf16}(x, w, bias, y, batch, h, wd, c): the 3x3 depthwise conv of a
+//     [.., 2c] input fused with GLUMBConv's gate, u * silu(g) -> [.., c] (the 2c-wide conv output
+//     is never stored)
 //       Depthwise k x k (odd k <= 7), zero padding k/2, weight [C, 1, k, k], bias may be null. Block
 //       (32, 8) owns 128 channels (blockIdx.y) whose weights it stages once in shared memory (25 KiB
 //       at most), then strides over (sample, 4-row block, column) items. A thread computes 4
@@ -651,6 +654,84 @@ __device__ __forceinline__ void depthwise_conv2d(const T* x, const T* w, const T
         dwconv<T, 0>(x, w, bias, y, batch, h, wd, c, k, Ws, Bs);
 }
 
+// The depthwise 3x3 conv fused with GLUMBConv's SiLU gate: input [.., 2c] (u | g), output [.., c]
+// = dw(u) * silu(dw(g)), so the 2c-channel conv output (SANA's widest activation) is never stored.
+// Same work split as dwconv: the block owns DW_CB output channels, whose u and g weights sit in
+// shared memory.
+template <typename T>
+__device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                                            T* __restrict__ y, int batch, int h, int wd, int c) {
+    constexpr int ks = 3, pad = 1, kk = 9;
+    __shared__ float Wu[kk][DW_CB], Wg[kk][DW_CB];
+    __shared__ float Bu[DW_CB], Bg[DW_CB];
+    const int cin = 2 * c;
+    const int cb = blockIdx.y * DW_CB;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
+    for (int i = tid; i < kk * DW_CB; i += nthreads) {
+        const int t = i / DW_CB, cl = i % DW_CB;
+        const bool in = cb + cl < c;
+        Wu[t][cl] = in ? to_f32(w[(i64)(cb + cl) * kk + t]) : 0.f;
+        Wg[t][cl] = in ? to_f32(w[(i64)(cb + cl + c) * kk + t]) : 0.f;
+    }
+    for (int cl = tid; cl < DW_CB; cl += nthreads) {
+        const bool in = bias && cb + cl < c;
+        Bu[cl] = in ? to_f32(bias[cb + cl]) : 0.f;
+        Bg[cl] = in ? to_f32(bias[cb + cl + c]) : 0.f;
+    }
+    __syncthreads();  // the only barrier: every thread reaches it before its item loop
+
+    const int cl0 = 4 * threadIdx.x, c0 = cb + cl0, nc = min(4, c - c0);
+    if (nc <= 0) return;
+    const int align = 4 * (int)sizeof(T);
+    const bool vec = c % 4 == 0 && (reinterpret_cast<unsigned long long>(x) % align) == 0 &&
+                     (reinterpret_cast<unsigned long long>(y) % align) == 0;
+    const int rb = (h + DW_R - 1) / DW_R;
+    const i64 items = (i64)batch * rb * wd;
+    for (i64 it = (i64)blockIdx.x * blockDim.y + threadIdx.y; it < items; it += (i64)gridDim.x * blockDim.y) {
+        const int ox = (int)(it % wd);
+        const i64 r = it / wd;
+        const int y0 = (int)(r % rb) * DW_R;
+        const int b = (int)(r / rb);
+        float au[DW_R][4], ag[DW_R][4];
+#pragma unroll
+        for (int q = 0; q < DW_R; ++q)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) au[q][j] = Bu[cl0 + j], ag[q][j] = Bg[cl0 + j];
+#pragma unroll
+        for (int j = 0; j < DW_R + ks - 1; ++j) {
+            const int iy = y0 - pad + j;
+            if (iy < 0 || iy >= h) continue;
+#pragma unroll
+            for (int d = 0; d < ks; ++d) {
+                const int ix = ox - pad + d;
+                if (ix < 0 || ix >= wd) continue;
+                const T* px = x + (((i64)b * h + iy) * wd + ix) * cin + c0;
+                float u[4], g[4];
+                load4(px, u, vec, nc);
+                load4(px + c, g, vec, nc);
+#pragma unroll
+                for (int q = 0; q < DW_R; ++q) {
+                    const int dy = j - q;
+                    if (dy < 0 || dy >= ks) continue;
+                    const float* wu = &Wu[dy * ks + d][cl0];
+                    const float* wg = &Wg[dy * ks + d][cl0];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) au[q][e] += wu[e] * u[e], ag[q][e] += wg[e] * g[e];
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < DW_R; ++q) {
+            const int oy = y0 + q;
+            if (oy >= h) break;
+            float o[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[e] = au[q][e] * (ag[q][e] / (1.f + expf(-ag[q][e])));
+            store4(y + (((i64)b * h + oy) * wd + ox) * c + c0, o, vec, nc);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // grouped 1x1 conv
 
@@ -841,6 +922,14 @@ extern "C" __global__ void upsample_conv2d_bf16(const bf16* x, const bf16* w, co
 
 extern "C" __global__ void depthwise_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c, int k) {
     ou::depthwise_conv2d<float>(x, w, bias, y, batch, h, wd, c, k);
+}
+
+extern "C" __global__ void depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
+    ou::dwconv3_glu<float>(x, w, bias, y, batch, h, wd, c);
+}
+
+extern "C" __global__ void depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
+    ou::dwconv3_glu<bf16>(x, w, bias, y, batch, h, wd, c);
 }
 
 extern "C" __global__ void depthwise_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c, int k) {

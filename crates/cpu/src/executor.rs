@@ -157,6 +157,10 @@ impl CpuExecutor {
                 ops::depthwise_conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cols, *kernel, y)
             }
             Op::GluSilu { x } => ops::glu_silu(view.get(*x), cols, y),
+            Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel } => {
+                let b = out_shape.dims()[0];
+                ops::depthwise_conv_glu(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, 2 * cols, *kernel, y)
+            }
             Op::SwiGlu { gate, up } => ops::swiglu(view.get(*gate), view.get(*up), y),
             Op::PackedLinearAttention { qkv, groups, head_dim } => {
                 let d = out_shape.dims();

@@ -501,3 +501,11 @@ pub fn slice_tokens(x: &[f32], batch: usize, tokens: usize, c: usize, start: usi
         out[b * len * c..(b + 1) * len * c].copy_from_slice(&x[(b * tokens + start) * c..(b * tokens + start + len) * c]);
     }
 }
+
+/// `glu_silu(depthwise_conv2d(x))`: the CPU twin of the fused kernel is the two ops in a row.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, c2: usize, kernel: usize, out: &mut [f32]) {
+    let mut mid = vec![0f32; batch * h * w * c2];
+    depthwise_conv2d(x, weight, bias, batch, h, w, c2, kernel, &mut mid);
+    glu_silu(&mid, c2 / 2, out);
+}

@@ -425,6 +425,33 @@ impl GraphBuilder {
         Ok(self.push(name, Op::GroupedLinear { x, weight, groups }, xs.with_last(ws.dims()[0])))
     }
 
+    /// `glu_silu(depthwise_conv2d(x))` as one node.
+    #[allow(clippy::too_many_arguments)]
+    pub fn depthwise_conv_glu(
+        &mut self,
+        name: &str,
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+    ) -> Result<ValueId> {
+        let xs = self.shape(x).clone();
+        if xs.rank() != 3 || xs.dims()[1] != h * w || xs.last() % 2 != 0 {
+            return Err(shape_err("depthwise_conv_glu", format!("{name}: input {xs} is not [B, {h}·{w}, 2H]")));
+        }
+        let c = xs.last();
+        if kernel % 2 == 0 {
+            return Err(shape_err("depthwise_conv_glu", format!("{name}: kernel {kernel} must be odd")));
+        }
+        expect_shape("depthwise_conv_glu", &format!("{name}: weight"), self.shape(weight), &Shape::new([c, 1, kernel, kernel]))?;
+        if let Some(b) = bias {
+            expect_shape("depthwise_conv_glu", &format!("{name}: bias"), self.shape(b), &Shape::new([c]))?;
+        }
+        Ok(self.push(name, Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel }, xs.with_last(c / 2)))
+    }
+
     pub fn glu_silu(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
         let xs = self.shape(x).clone();
         if xs.last() % 2 != 0 {

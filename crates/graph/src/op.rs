@@ -88,6 +88,9 @@ pub enum Op {
     DepthwiseConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
     /// GLU with SiLU gate over the last dim: `[u | g]` (2H) -> `u · silu(g)` (H).
     GluSilu { x: ValueId },
+    /// GLUMBConv's middle in one op: `DepthwiseConv2d` of the 2H-channel input, then `GluSilu`
+    /// (so the 2H-wide conv output is never stored): [B, h·w, 2H] -> [B, h·w, H].
+    DepthwiseConvGlu { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
     /// DC-AE's multi-scale linear attention core: `qkv` [B, N, groups·3·head_dim] where group g is
     /// channels [3·hd·g, 3·hd·(g+1)) = (q | k | v) of that group; output [B, N, groups·head_dim]
     /// (channel g·hd + j). Same math as `LinearAttention` (diffusers' quadratic path for tiny
@@ -140,6 +143,7 @@ impl Op {
             Op::Transpose { .. } => "transpose",
             Op::DepthwiseConv2d { .. } => "depthwise_conv2d",
             Op::GluSilu { .. } => "glu_silu",
+            Op::DepthwiseConvGlu { .. } => "depthwise_conv_glu",
             Op::SwiGlu { .. } => "swiglu",
             Op::PackedLinearAttention { .. } => "packed_linear_attention",
             Op::Conv2d { .. } => "conv2d",
@@ -200,7 +204,7 @@ impl Op {
             Op::Concat { xs } => v.extend(xs),
             Op::GroupedLinear { x, weight, .. } => v.extend([*x, *weight]),
             Op::SwiGlu { gate, up } => v.extend([*gate, *up]),
-            Op::DepthwiseConv2d { x, weight, bias, .. } => {
+            Op::DepthwiseConv2d { x, weight, bias, .. } | Op::DepthwiseConvGlu { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);
             }

@@ -245,8 +245,8 @@ fn glumbconv(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, h: usize, wd: 
     let y = b.unary(&format!("{p}.conv_inverted.act"), y, UnaryFn::Silu)?;
     let dw = w(b, format!("{p}.conv_depth.weight"), &[2 * hidden, 1, 3, 3])?;
     let db = w(b, format!("{p}.conv_depth.bias"), &[2 * hidden])?;
-    let y = b.depthwise_conv2d(&format!("{p}.conv_depth"), y, dw, Some(db), h, wd, 3)?;
-    let y = b.glu_silu(&format!("{p}.glu"), y)?;
+    // conv_depth, then chunk into (u, gate) and u · silu(gate): one fused node.
+    let y = b.depthwise_conv_glu(&format!("{p}.conv_depth"), y, dw, Some(db), h, wd, 3)?;
     let y = pointwise(b, &format!("{p}.conv_point"), y, hidden, c, false)?;
     let y = rmsnorm_ch(b, &format!("{p}.norm"), y, c)?;
     Ok(b.add(&format!("{p}.residual"), x, y)?)

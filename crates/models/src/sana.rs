@@ -284,7 +284,7 @@ fn glumbconv(b: &mut GraphBuilder, cfg: &SanaConfig, p: &str, x: ValueId, h: usi
     let u = b.unary(&format!("{p}.conv_inverted.act"), u, UnaryFn::Silu)?;
     let dw = w(b, format!("{p}.conv_depth.weight"), &[2 * hf, 1, 3, 3])?;
     let db = w(b, format!("{p}.conv_depth.bias"), &[2 * hf])?;
-    let u = b.depthwise_conv2d(&format!("{p}.conv_depth"), u, dw, Some(db), h, wd, 3)?;
-    let u = b.glu_silu(&format!("{p}.glu"), u)?;
+    // conv_depth, then chunk into (u, gate) and u · silu(gate): one fused node.
+    let u = b.depthwise_conv_glu(&format!("{p}.conv_depth"), u, dw, Some(db), h, wd, 3)?;
     linear(b, &format!("{p}.conv_point"), u, hf, d, false)
 }

@@ -186,6 +186,48 @@ pub fn upsample_conv2d(a: &UpsampleConv2dArgs, choice: ConvKernel) -> Result<Lau
 
 /// Depthwise k×k conv (odd k <= [`MAX_KERNEL`]), weight [c, 1, k, k], `bias` 0 when absent.
 #[allow(clippy::too_many_arguments)]
+/// `depthwise_conv3_glu_<dtype>`: the 3×3 depthwise conv of a [.., 2c] input fused with the SiLU
+/// gate, `u · silu(g)` -> [.., c]. Same work split as [`depthwise_conv2d`].
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_conv3_glu(
+    dtype: DType,
+    sm_count: u32,
+    x: u64,
+    weight: u64,
+    bias: u64,
+    y: u64,
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    kernel: usize,
+) -> Result<Launch> {
+    let what = "depthwise_conv_glu";
+    if kernel != 3 {
+        return Err(invalid(what, format!("kernel {kernel}: the fused CUDA depthwise conv + GLU is 3x3 only (GLUMBConv's)")));
+    }
+    let items = batch * h.div_ceil(DW_ROWS) * w;
+    let gy = grid_dim(what, c.div_ceil(DW_CHANNELS), 65535)?;
+    let gx = items.div_ceil(8).clamp(1, ((sm_count.max(1) as usize) * 16).div_ceil(gy as usize));
+    Ok(Launch {
+        kernel: format!("depthwise_conv3_glu_{}", suffix(dtype)?),
+        grid: (gx as u32, gy, 1),
+        block: (32, 8, 1),
+        smem: 0,
+        args: vec![
+            KArg::Ptr(x),
+            KArg::Ptr(weight),
+            KArg::Ptr(bias),
+            KArg::Ptr(y),
+            i32_arg("batch", batch)?,
+            i32_arg("h", h)?,
+            i32_arg("w", w)?,
+            i32_arg("channels", c)?,
+        ],
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv2d(
     dtype: DType,
     sm_count: u32,
@@ -348,6 +390,10 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         Op::DepthwiseConv2d { x, weight, bias, h, w, kernel } => {
             let xs = g.shape(*x);
             depthwise_conv2d(ctx.dtype, sms, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last(), *kernel)?
+        }
+        Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel } => {
+            let xs = g.shape(*x);
+            depthwise_conv3_glu(ctx.dtype, sms, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last() / 2, *kernel)?
         }
         Op::GroupedLinear { x, weight, groups } => {
             let xs = g.shape(*x);

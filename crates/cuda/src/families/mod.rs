@@ -130,6 +130,7 @@ pub fn supports(op: &Op) -> bool {
             | Op::Conv2d { .. }
             | Op::UpsampleConv2d { .. }
             | Op::DepthwiseConv2d { .. }
+            | Op::DepthwiseConvGlu { .. }
             | Op::GroupedLinear { .. }
             | Op::Upsample2x { .. }
             | Op::PixelShuffleShortcut { .. }
@@ -155,6 +156,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
         Op::Conv2d { .. }
         | Op::UpsampleConv2d { .. }
         | Op::DepthwiseConv2d { .. }
+        | Op::DepthwiseConvGlu { .. }
         | Op::GroupedLinear { .. }
         | Op::Upsample2x { .. }
         | Op::PixelShuffleShortcut { .. }
