@@ -76,3 +76,21 @@ fn conversions_round_to_nearest_even() {
     let m: HashMap<String, HostTensor> = HashMap::from([("k".into(), x)]);
     assert!(m.tensor_f32("k", &Shape::new([4])).is_err());
 }
+
+#[test]
+fn overlay_prefers_the_checkpoint_and_falls_back_to_the_base() {
+    use openuni_tensor::{Overlay, TensorMap};
+    let base: HashMap<String, HostTensor> =
+        HashMap::from([("proj_out.weight".to_string(), t(&[2], vec![1.0, 2.0])), ("proj_out.bias".to_string(), t(&[1], vec![3.0]))]);
+    // A fine-tuned OpenUni checkpoint carries the transformer under `transformer.`.
+    let ckpt = TensorMap {
+        origin: "ckpt.pth".into(),
+        tensors: HashMap::from([("transformer.proj_out.weight".to_string(), t(&[2], vec![9.0, 8.0])), ("meta_queries".to_string(), t(&[1], vec![0.0]))]),
+    };
+    let o = Overlay { top: &ckpt, prefix: "transformer.".into(), base: &base };
+    assert_eq!(o.tensor_f32("proj_out.weight", &Shape::new([2])).unwrap().to_f32_vec(), vec![9.0, 8.0]);
+    assert_eq!(o.tensor_f32("proj_out.bias", &Shape::new([1])).unwrap().to_f32_vec(), vec![3.0]);
+    let msg = o.tensor_f32("proj_out.weight", &Shape::new([3])).unwrap_err().to_string();
+    assert!(msg.contains("ckpt.pth") && msg.contains("transformer.proj_out.weight"), "{msg}");
+    assert!(o.tensor_f32("missing", &Shape::new([1])).is_err());
+}
