@@ -3,9 +3,10 @@
 #  1. installs the pinned NVRTC 13.0 + CUDA headers from PyPI if missing (tools/setup_cuda.sh);
 #  2. builds the emulated GPU (tools/build_emu.sh) and puts it first on LD_LIBRARY_PATH, so every
 #     CUDA-backend and kernel test runs the real CUDA path on the CPU;
-#  3. runs every test of the workspace, then the CUDA tests again in reverse thread order (a missing
-#     __syncthreads shows in one order only).
-# Tests that need a real GPU (speed) print "skipped: no CUDA device".
+#  3. runs every test of the workspace in forward, then reverse thread order (a missing
+#     __syncthreads shows in one order only);
+#  4. runs the benchmarks once on the emulated GPU (a smoke run: CPU times, not speed) and once
+#     with no GPU at all, where speed measurements print "skipped: no CUDA device".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OPENUNI_TEST_LOG:-/tmp/openuni-test.log}"
@@ -17,3 +18,7 @@ echo "== all tests (emulated GPU, forward thread order)"
 cargo test --workspace --release -- --nocapture 2>&1 | tee "$LOG"
 echo "== all tests again (emulated GPU, reverse thread order: a missing __syncthreads shows in one order only)"
 OPENUNI_EMU_THREAD_ORDER=reverse cargo test --workspace --release -- --nocapture 2>&1 | tee -a "$LOG"
+echo "== benchmarks: smoke run on the emulated GPU (the times are CPU times, not speed)"
+cargo bench -p openuni 2>&1 | tee -a "$LOG"
+echo "== a benchmark with no GPU at all: the real-GPU path says it is skipped"
+LD_LIBRARY_PATH="$OPENUNI_CUDA_DIR/nvidia/cu13/lib" cargo bench -p openuni --bench norm 2>&1 | tee -a "$LOG"
