@@ -430,10 +430,14 @@ fn stream_ok(st: &State, s: Handle) -> bool {
 }
 
 /// The capture a stream is recording into, if any.
+// The Capture belongs to the stream object behind its raw handle, not to `State`: holding the
+// state lock (`st`) is what serialises access to every stream, so the borrow is tied to it.
+#[allow(clippy::mut_from_ref)]
 fn capture_of<'a>(st: &'a State, s: Handle) -> Option<&'a mut Capture> {
     if s.is_null() || !st.streams.contains(&(s as usize)) {
         return None;
     }
+    // SAFETY: `s` is a live stream of this state (checked above) and the caller holds the lock.
     unsafe { (*(s as *mut Stream)).capture.as_mut() }
 }
 
