@@ -17,7 +17,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::exec::Device;
 use crate::image::write_png;
-use crate::pipeline::{to_uint8_nhwc, ModelPaths, OpenUni, RunOptions};
+use crate::pipeline::{to_uint8_nhwc, DecodeOptions, ModelPaths, OpenUni, RunOptions};
 use crate::tiny_model;
 
 /// One of the three published OpenUni variants.
@@ -271,6 +271,9 @@ pub struct Settings {
     pub dtype: DType,
     pub out: PathBuf,
     pub variant: &'static Variant,
+    /// `--decode-tile` / `--decode-overlap` in pixels (see `DecodeOptions::from_flags`).
+    pub decode_tile: Option<usize>,
+    pub decode_overlap: Option<usize>,
 }
 
 /// What a run did.
@@ -312,6 +315,7 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
         bail!("--height/--width {height}x{width} are not multiples of the VAE's {up}x upscaling");
     }
     let (lh, lw) = (height / up, width / up);
+    let decode_opts = DecodeOptions::from_flags(s.decode_tile, s.decode_overlap, height, width, up)?;
     let shift = flow_shift(&models.transformer)?;
 
     let todo: Vec<(usize, &Item, PathBuf)> = items
@@ -343,7 +347,7 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
         let c = model.condition(&ids.cond, &ids.uncond, run)?;
         let z = noise(it.seed, model.transformer_cfg.in_channels, lh, lw);
         let latents = model.denoise(&c.prompt_embeds, &z, s.steps, s.guidance, s.sampler, shift, run, |_| bar.inc(1))?;
-        let decoded = model.decode(&latents, run)?;
+        let decoded = model.decode_with(&latents, run, decode_opts)?;
         let (pixels, _) = to_uint8_nhwc(&decoded)?;
         let meta = vec![
             ("Software".to_string(), format!("openuni {}", env!("CARGO_PKG_VERSION"))),

@@ -14,9 +14,9 @@ use openuni_models::dcae::{self, DcaeConfig};
 use openuni_models::qwen2::{self, Qwen2Config};
 use openuni_models::sana::{self, SanaConfig};
 use openuni_models::scheduler::{guide, Sampler, SamplerKind};
-use openuni_tensor::{read_pth, DType, HostTensor, Overlay, TensorMap, TensorSource, Weights};
+use openuni_tensor::{read_pth, DType, HostTensor, Overlay, Shape, TensorMap, TensorSource, Weights};
 
-use crate::exec::{executor, Device};
+use crate::exec::{executor, Device, GraphExecutor};
 
 /// The models of one OpenUni variant, loaded from their folders.
 pub struct OpenUni {
@@ -271,19 +271,209 @@ impl OpenUni {
         Ok(HostTensor::from_f32(noise.shape.clone(), latents)?)
     }
 
-    /// `decoder(latents / scaling_factor)` -> [B, 3, H, W] in nominal [-1, 1].
+    /// `decoder(latents / scaling_factor)` -> [B, 3, H, W] in nominal [-1, 1], in one piece.
     pub fn decode(&self, latents: &HostTensor, run: RunOptions) -> Result<HostTensor> {
-        let sf = self.vae_cfg.scaling_factor;
-        let scaled: Vec<f32> = latents.to_f32_vec().iter().map(|x| x / sf).collect();
+        self.check_latent(latents)?;
+        let mut exec = self.decoder_exec(&latents.shape, run)?;
+        self.decode_piece(exec.as_mut(), latents.shape.clone(), latents.to_f32_vec())
+    }
+
+    /// Decodes as `opts` asks: tiled when a tile size is set and the latent does not fit in one
+    /// tile, else in one piece (`decode`).
+    pub fn decode_with(&self, latents: &HostTensor, run: RunOptions, opts: DecodeOptions) -> Result<HostTensor> {
+        let d = latents.shape.dims();
+        match opts.tile {
+            Some(t) if d.len() == 4 && (d[2] > t || d[3] > t) => self.decode_tiled(latents, run, t, opts.overlap),
+            _ => self.decode(latents, run),
+        }
+    }
+
+    fn check_latent(&self, latents: &HostTensor) -> Result<()> {
+        let d = latents.shape.dims();
+        let c = self.vae_cfg.latent_channels;
+        if d.len() != 4 || d[1] != c {
+            bail!("the latent has shape {}, expected [B, {c}, h, w] (the VAE's latent channels)", latents.shape);
+        }
+        if d[0] == 0 || d[2] == 0 || d[3] == 0 {
+            bail!("the latent has shape {}: an empty latent cannot be decoded", latents.shape);
+        }
+        Ok(())
+    }
+
+    /// An executor of the decoder graph for latents of `shape`.
+    fn decoder_exec(&self, shape: &Shape, run: RunOptions) -> Result<Box<dyn GraphExecutor>> {
         let mut b = GraphBuilder::new();
-        let z = b.input("latent", latents.shape.clone())?;
+        let z = b.input("latent", shape.clone())?;
         let o = dcae::decoder(&mut b, &self.vae_cfg, z, "vae")?;
         b.output("sample", o.sample)?;
         let g = b.finish();
-        let mut exec = executor(run.device, &g, self.vae.as_ref(), run.dtype, false)?;
-        let mut out = exec.run(&HashMap::from([("latent".to_string(), HostTensor::from_f32(latents.shape.clone(), scaled)?)]))?;
+        executor(run.device, &g, self.vae.as_ref(), run.dtype, false)
+    }
+
+    /// Runs `exec` on raw (unscaled) latents `values` of `shape`.
+    fn decode_piece(&self, exec: &mut dyn GraphExecutor, shape: Shape, values: Vec<f32>) -> Result<HostTensor> {
+        let sf = self.vae_cfg.scaling_factor;
+        let scaled: Vec<f32> = values.iter().map(|x| x / sf).collect();
+        let mut out = exec.run(&HashMap::from([("latent".to_string(), HostTensor::from_f32(shape, scaled)?)]))?;
         Ok(out.remove("sample").expect("graph output"))
     }
+
+    /// Tiled decode (diffusers `enable_tiling` style) bounding the decoder's activation memory by
+    /// the tile: `tile` and `overlap` are in latent pixels. Tiles start every `tile - overlap`
+    /// latent pixels, the last one in each direction clamped to the edge (so every tile has the
+    /// same shape and one graph serves them all); a dimension no larger than `tile` is one tile.
+    /// Each tile is decoded with the whole batch, then blended in pixel space: on an edge shared
+    /// with a neighbouring tile its weight ramps linearly from ~0 to 1 over `overlap · upscale`
+    /// pixels (not at image borders), weights are separable (wy·wx), and the sum is normalised by
+    /// the summed weights, so the result is a continuous mix with no seam. With one tile covering
+    /// the latent the result is exactly `decode`'s.
+    pub fn decode_tiled(&self, latents: &HostTensor, run: RunOptions, tile: usize, overlap: usize) -> Result<HostTensor> {
+        self.check_latent(latents)?;
+        if tile < 2 {
+            bail!("decode tile of {tile} latent pixel(s): a tile needs at least 2 latent pixels ({} px)", 2 * self.vae_cfg.upscale());
+        }
+        if overlap >= tile {
+            bail!("decode overlap of {overlap} latent pixels must be smaller than the tile of {tile}");
+        }
+        let d = latents.shape.dims().to_vec();
+        let (bsz, c, h, w) = (d[0], d[1], d[2], d[3]);
+        let up = self.vae_cfg.upscale();
+        let (th, tw) = (tile.min(h), tile.min(w));
+        let (ys, xs) = (tile_starts(h, tile, overlap), tile_starts(w, tile, overlap));
+        let (ph, pw) = (h * up, w * up);
+        let npix = bsz
+            .checked_mul(3)
+            .and_then(|n| n.checked_mul(ph))
+            .and_then(|n| n.checked_mul(pw))
+            .filter(|&n| n <= isize::MAX as usize / 4)
+            .with_context(|| format!("the latent {} decodes to an image too large to hold in memory", latents.shape))?;
+        let z = latents.to_f32_vec();
+        let mut acc = vec![0f32; npix];
+        let mut wsum = vec![0f32; ph * pw];
+        // One executor per distinct tile shape (with clamped tiles there is only one).
+        let mut execs: HashMap<(usize, usize), Box<dyn GraphExecutor>> = HashMap::new();
+        for (iy, &y0) in ys.iter().enumerate() {
+            let wy = ramp(th * up, overlap * up, iy > 0, iy + 1 < ys.len());
+            for (ix, &x0) in xs.iter().enumerate() {
+                let wx = ramp(tw * up, overlap * up, ix > 0, ix + 1 < xs.len());
+                let mut piece = Vec::with_capacity(bsz * c * th * tw);
+                for bc in 0..bsz * c {
+                    for y in y0..y0 + th {
+                        let row = (bc * h + y) * w;
+                        piece.extend_from_slice(&z[row + x0..row + x0 + tw]);
+                    }
+                }
+                let shape: Shape = [bsz, c, th, tw].into();
+                let exec = match execs.entry((th, tw)) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(self.decoder_exec(&shape, run)?),
+                };
+                let out = self.decode_piece(exec.as_mut(), shape, piece)?.to_f32_vec();
+                let (tph, tpw, py0, px0) = (th * up, tw * up, y0 * up, x0 * up);
+                for (y, &a) in wy.iter().enumerate() {
+                    for (x, &b) in wx.iter().enumerate() {
+                        wsum[(py0 + y) * pw + px0 + x] += a * b;
+                    }
+                }
+                for bc in 0..bsz * 3 {
+                    for (y, &a) in wy.iter().enumerate() {
+                        let src = &out[(bc * tph + y) * tpw..(bc * tph + y + 1) * tpw];
+                        let dst = &mut acc[(bc * ph + py0 + y) * pw + px0..(bc * ph + py0 + y) * pw + px0 + tpw];
+                        for ((o, &s), &b) in dst.iter_mut().zip(src).zip(&wx) {
+                            *o += a * b * s;
+                        }
+                    }
+                }
+            }
+        }
+        for bc in 0..bsz * 3 {
+            for (o, &s) in acc[bc * ph * pw..(bc + 1) * ph * pw].iter_mut().zip(&wsum) {
+                *o /= s;
+            }
+        }
+        Ok(HostTensor::from_f32([bsz, 3, ph, pw], acc)?)
+    }
+}
+
+/// How the DC-AE decode is split, in latent pixels: `tile: None` decodes in one piece.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeOptions {
+    pub tile: Option<usize>,
+    pub overlap: usize,
+}
+
+impl DecodeOptions {
+    /// Images with a side above this many pixels are tiled by default (like diffusers'
+    /// `enable_tiling`: 512-px tiles, 448-px stride, 64-px blend).
+    pub const AUTO_ABOVE_PX: usize = 1024;
+    pub const DEFAULT_TILE_PX: usize = 512;
+    pub const DEFAULT_OVERLAP_PX: usize = 64;
+
+    /// From `--decode-tile PX` and `--decode-overlap PX` (pixels, multiples of the VAE's
+    /// upscale `up`) for an image of `height`×`width` pixels. No tile flag: tiled with the
+    /// defaults when a side exceeds `AUTO_ABOVE_PX` (or when only an overlap is given).
+    pub fn from_flags(tile_px: Option<usize>, overlap_px: Option<usize>, height: usize, width: usize, up: usize) -> Result<DecodeOptions> {
+        if let Some(t) = tile_px {
+            if t == 0 || t % up != 0 {
+                bail!("--decode-tile {t} is not a positive multiple of {up} (one latent pixel is {up}x{up} pixels)");
+            }
+            if t < 2 * up {
+                bail!("--decode-tile {t} is smaller than 2 latent pixels ({} px), the smallest tile the decoder takes", 2 * up);
+            }
+        }
+        if let Some(o) = overlap_px {
+            if o % up != 0 {
+                bail!("--decode-overlap {o} is not a multiple of {up} (one latent pixel is {up}x{up} pixels)");
+            }
+        }
+        let large = height > Self::AUTO_ABOVE_PX || width > Self::AUTO_ABOVE_PX;
+        let tile = match tile_px {
+            Some(t) => t,
+            None if large || overlap_px.is_some() => Self::DEFAULT_TILE_PX.div_ceil(up) * up,
+            None => return Ok(DecodeOptions::default()),
+        };
+        // The default overlap: 64 px, at most half the tile.
+        let overlap = overlap_px.unwrap_or_else(|| Self::DEFAULT_OVERLAP_PX.min(tile / 2) / up * up);
+        if overlap >= tile {
+            bail!("--decode-overlap {overlap} must be smaller than the decode tile {tile} (--decode-tile)");
+        }
+        Ok(DecodeOptions { tile: Some(tile / up), overlap: overlap / up })
+    }
+}
+
+/// Start offsets of tiles of `tile` covering `n` with stride `tile - overlap`, the last one
+/// clamped so that it ends at `n`; one tile at 0 when `n <= tile`.
+pub fn tile_starts(n: usize, tile: usize, overlap: usize) -> Vec<usize> {
+    if n <= tile {
+        return vec![0];
+    }
+    let stride = tile - overlap;
+    let mut v = vec![];
+    let mut s = 0;
+    while s + tile < n {
+        v.push(s);
+        s += stride;
+    }
+    v.push(n - tile);
+    v
+}
+
+/// A tile's blend weights along one axis of `len` pixels: 1, ramping linearly over `blend`
+/// pixels at an edge shared with a neighbour (`(i + 0.5) / blend`, so that two regularly spaced
+/// tiles' weights sum to exactly 1 across their overlap).
+fn ramp(len: usize, blend: usize, before: bool, after: bool) -> Vec<f32> {
+    let mut w = vec![1f32; len];
+    let blend = blend.min(len);
+    for i in 0..blend {
+        let r = (i as f32 + 0.5) / blend as f32;
+        if before {
+            w[i] *= r;
+        }
+        if after {
+            w[len - 1 - i] *= r;
+        }
+    }
+    w
 }
 
 /// OpenUni's post-processing: `uint8(clamp(127.5·x + 128, 0, 255))` (the cast truncates), NCHW
