@@ -184,10 +184,42 @@ pub fn upsample_conv2d(a: &UpsampleConv2dArgs, choice: ConvKernel) -> Result<Lau
     })
 }
 
-/// Depthwise k×k conv (odd k <= [`MAX_KERNEL`]), weight [c, 1, k, k], `bias` 0 when absent.
+/// The launch shared by the depthwise kernels: blocks of (32, 8) threads, 128 channels
+/// (blockIdx.y) x 8 (sample, 4-row block, column) items at a time; about 16 blocks per SM in all,
+/// each striding over its items. `kernel_arg` is passed last when the kernel takes its size.
 #[allow(clippy::too_many_arguments)]
+fn depthwise_launch(
+    name: String,
+    what: &str,
+    sm_count: u32,
+    [x, weight, bias, y]: [u64; 4],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    kernel_arg: Option<usize>,
+) -> Result<Launch> {
+    let items = batch * h.div_ceil(DW_ROWS) * w;
+    let gy = grid_dim(what, c.div_ceil(DW_CHANNELS), 65535)?;
+    let gx = items.div_ceil(8).clamp(1, ((sm_count.max(1) as usize) * 16).div_ceil(gy as usize));
+    let mut args = vec![
+        KArg::Ptr(x),
+        KArg::Ptr(weight),
+        KArg::Ptr(bias),
+        KArg::Ptr(y),
+        i32_arg("batch", batch)?,
+        i32_arg("h", h)?,
+        i32_arg("w", w)?,
+        i32_arg("channels", c)?,
+    ];
+    if let Some(k) = kernel_arg {
+        args.push(i32_arg("kernel", k)?);
+    }
+    Ok(Launch { kernel: name, grid: (gx as u32, gy, 1), block: (32, 8, 1), smem: 0, args })
+}
+
 /// `depthwise_conv3_glu_<dtype>`: the 3×3 depthwise conv of a [.., 2c] input fused with the SiLU
-/// gate, `u · silu(g)` -> [.., c]. Same work split as [`depthwise_conv2d`].
+/// gate, `u · silu(g)` -> [.., c] (`c` output channels). Same work split as [`depthwise_conv2d`].
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv3_glu(
     dtype: DType,
@@ -206,27 +238,11 @@ pub fn depthwise_conv3_glu(
     if kernel != 3 {
         return Err(invalid(what, format!("kernel {kernel}: the fused CUDA depthwise conv + GLU is 3x3 only (GLUMBConv's)")));
     }
-    let items = batch * h.div_ceil(DW_ROWS) * w;
-    let gy = grid_dim(what, c.div_ceil(DW_CHANNELS), 65535)?;
-    let gx = items.div_ceil(8).clamp(1, ((sm_count.max(1) as usize) * 16).div_ceil(gy as usize));
-    Ok(Launch {
-        kernel: format!("depthwise_conv3_glu_{}", suffix(dtype)?),
-        grid: (gx as u32, gy, 1),
-        block: (32, 8, 1),
-        smem: 0,
-        args: vec![
-            KArg::Ptr(x),
-            KArg::Ptr(weight),
-            KArg::Ptr(bias),
-            KArg::Ptr(y),
-            i32_arg("batch", batch)?,
-            i32_arg("h", h)?,
-            i32_arg("w", w)?,
-            i32_arg("channels", c)?,
-        ],
-    })
+    let name = format!("depthwise_conv3_glu_{}", suffix(dtype)?);
+    depthwise_launch(name, what, sm_count, [x, weight, bias, y], batch, h, w, c, None)
 }
 
+/// Depthwise k×k conv (odd k <= [`MAX_KERNEL`]), weight [c, 1, k, k], `bias` 0 when absent.
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv2d(
     dtype: DType,
@@ -245,28 +261,8 @@ pub fn depthwise_conv2d(
     if kernel % 2 == 0 || kernel > MAX_KERNEL {
         return Err(invalid(what, format!("kernel {kernel}: the CUDA depthwise conv takes odd kernels up to {MAX_KERNEL}")));
     }
-    // Blocks of (32, 8) threads: 128 channels (blockIdx.y) x 8 (sample, 4-row block, column) items
-    // at a time; about 16 blocks per SM in all, each striding over its items.
-    let items = batch * h.div_ceil(DW_ROWS) * w;
-    let gy = grid_dim(what, c.div_ceil(DW_CHANNELS), 65535)?;
-    let gx = items.div_ceil(8).clamp(1, ((sm_count.max(1) as usize) * 16).div_ceil(gy as usize));
-    Ok(Launch {
-        kernel: format!("depthwise_conv2d_{}", suffix(dtype)?),
-        grid: (gx as u32, gy, 1),
-        block: (32, 8, 1),
-        smem: 0,
-        args: vec![
-            KArg::Ptr(x),
-            KArg::Ptr(weight),
-            KArg::Ptr(bias),
-            KArg::Ptr(y),
-            i32_arg("batch", batch)?,
-            i32_arg("h", h)?,
-            i32_arg("w", w)?,
-            i32_arg("channels", c)?,
-            i32_arg("kernel", kernel)?,
-        ],
-    })
+    let name = format!("depthwise_conv2d_{}", suffix(dtype)?);
+    depthwise_launch(name, what, sm_count, [x, weight, bias, y], batch, h, w, c, Some(kernel))
 }
 
 /// Block-diagonal 1×1 conv: `rows` tokens, `cin` -> `cout` channels in `groups` groups, weight
