@@ -298,19 +298,37 @@ impl GraphBuilder {
         w: usize,
         kernel: usize,
     ) -> Result<ValueId> {
+        let xs = self.check_depthwise("depthwise_conv2d", name, x, weight, bias, h, w, kernel)?;
+        Ok(self.push(name, Op::DepthwiseConv2d { x, weight, bias, h, w, kernel }, xs))
+    }
+
+    /// The checks both depthwise ops share: `x` [B, h·w, C], an odd kernel, weight [C, 1, k, k],
+    /// bias [C]. Returns x's shape.
+    #[allow(clippy::too_many_arguments)]
+    fn check_depthwise(
+        &self,
+        op: &'static str,
+        name: &str,
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+    ) -> Result<Shape> {
         let xs = self.shape(x).clone();
         if xs.rank() != 3 || xs.dims()[1] != h * w {
-            return Err(shape_err("depthwise_conv2d", format!("{name}: input {xs} is not [B, {h}·{w}, C]")));
+            return Err(shape_err(op, format!("{name}: input {xs} is not [B, {h}·{w}, C]")));
         }
         let c = xs.last();
         if kernel % 2 == 0 {
-            return Err(shape_err("depthwise_conv2d", format!("{name}: kernel {kernel} must be odd")));
+            return Err(shape_err(op, format!("{name}: kernel {kernel} must be odd")));
         }
-        expect_shape("depthwise_conv2d", &format!("{name}: weight"), self.shape(weight), &Shape::new([c, 1, kernel, kernel]))?;
+        expect_shape(op, &format!("{name}: weight"), self.shape(weight), &Shape::new([c, 1, kernel, kernel]))?;
         if let Some(b) = bias {
-            expect_shape("depthwise_conv2d", &format!("{name}: bias"), self.shape(b), &Shape::new([c]))?;
+            expect_shape(op, &format!("{name}: bias"), self.shape(b), &Shape::new([c]))?;
         }
-        Ok(self.push(name, Op::DepthwiseConv2d { x, weight, bias, h, w, kernel }, xs))
+        Ok(xs)
     }
 
     pub fn swiglu(&mut self, name: &str, gate: ValueId, up: ValueId) -> Result<ValueId> {
@@ -437,19 +455,11 @@ impl GraphBuilder {
         w: usize,
         kernel: usize,
     ) -> Result<ValueId> {
-        let xs = self.shape(x).clone();
-        if xs.rank() != 3 || xs.dims()[1] != h * w || xs.last() % 2 != 0 {
-            return Err(shape_err("depthwise_conv_glu", format!("{name}: input {xs} is not [B, {h}·{w}, 2H]")));
+        let xs = self.check_depthwise("depthwise_conv_glu", name, x, weight, bias, h, w, kernel)?;
+        if xs.last() % 2 != 0 {
+            return Err(shape_err("depthwise_conv_glu", format!("{name}: input {xs} has an odd channel count (expected [u | gate])")));
         }
-        let c = xs.last();
-        if kernel % 2 == 0 {
-            return Err(shape_err("depthwise_conv_glu", format!("{name}: kernel {kernel} must be odd")));
-        }
-        expect_shape("depthwise_conv_glu", &format!("{name}: weight"), self.shape(weight), &Shape::new([c, 1, kernel, kernel]))?;
-        if let Some(b) = bias {
-            expect_shape("depthwise_conv_glu", &format!("{name}: bias"), self.shape(b), &Shape::new([c]))?;
-        }
-        Ok(self.push(name, Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel }, xs.with_last(c / 2)))
+        Ok(self.push(name, Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel }, xs.with_last(xs.last() / 2)))
     }
 
     pub fn glu_silu(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
