@@ -6,8 +6,11 @@
 //! Prints one line per kernel and a JSON record (device, date, commit); without a CUDA device it
 //! prints `skipped: no CUDA device`; on the emulated GPU the shapes are cut down (a smoke run of
 //! the benchmark code, CPU times). Run: `cargo bench --bench attention` (or tools/gpu_run.sh).
+//! Packed entries run several causal sequences of unequal lengths along one token axis (batch 1,
+//! `Op::Attention`'s segments) with RoPE fused into the kernel; their FLOPs count each sequence's
+//! own causal triangle only (what a padded batch would waste is not counted as work).
 
-use openuni_cuda::families::attention::{launch, AttentionArgs};
+use openuni_cuda::families::attention::{launch, rope_table, segment_table, AttentionArgs};
 use openuni_cuda::testing::{random_bytes, time_ms, BenchReport, Rng};
 use openuni_tensor::DType;
 
@@ -22,6 +25,10 @@ struct Case {
     causal: bool,
     mask: bool,
     dtype: DType,
+    /// Packed sequence lengths (batch must be 1); empty: none.
+    segs: &'static [usize],
+    /// Fused RoPE (theta 1e6).
+    rope: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -37,8 +44,30 @@ const fn case(
     mask: bool,
     dtype: DType,
 ) -> Case {
-    Case { label, batch, n, m, heads, kv_heads, head_dim, causal, mask, dtype }
+    Case { label, batch, n, m, heads, kv_heads, head_dim, causal, mask, dtype, segs: &[], rope: false }
 }
+
+/// Causal sequences `segs` packed along one token axis, with fused RoPE.
+const fn packed(label: &'static str, segs: &'static [usize], heads: usize, kv_heads: usize, head_dim: usize, dtype: DType) -> Case {
+    let mut n = 0;
+    let mut i = 0;
+    while i < segs.len() {
+        n += segs[i];
+        i += 1;
+    }
+    Case { label, batch: 1, n, m: n, heads, kv_heads, head_dim, causal: true, mask: false, dtype, segs, rope: true }
+}
+
+/// 32 prompts of 266..297 tokens (text + 256 queries), cond and uncond: 64 sequences.
+const PROMPTS_64: [usize; 64] = {
+    let mut v = [0usize; 64];
+    let mut i = 0;
+    while i < 64 {
+        v[i] = if i % 2 == 0 { 270 + (i * 7) % 28 } else { 266 };
+        i += 1;
+    }
+    v
+};
 
 fn main() {
     let Some(mut r) = BenchReport::start("attention", env!("OPENUNI_GIT_COMMIT")) else {
@@ -58,6 +87,10 @@ fn main() {
         // Connector: 256 queries, bidirectional.
         case("connector L 24x64", 2, 256, 256, 24, 24, 64, false, false, bf),
         case("connector B 14x64", 2, 256, 256, 14, 14, 64, false, false, bf),
+        // The same LLM shapes packed (cond ~290 tokens, uncond 266, no padding), RoPE fused.
+        packed("LLM 2B packed cond/uncond, fused RoPE", &[290, 266], 12, 2, 128, bf),
+        packed("LLM 1B packed cond/uncond, fused RoPE", &[290, 266], 14, 2, 64, bf),
+        packed("LLM 2B packed 32 prompts, fused RoPE", &PROMPTS_64, 12, 2, 128, bf),
         // The f32 reference path at one shape, for comparison.
         case("SANA-1.6B cross-attn, f32 reference", 2, 1024, 300, 20, 20, 112, false, true, DType::F32),
     ];
@@ -65,13 +98,19 @@ fn main() {
     let (warmup, runs) = r.runs();
     let emulated = r.dev.is_emulated();
     for c in cases {
-        // Emulated GPU: one sample, two heads, at most 64 queries and keys.
+        // Emulated GPU: one sample, two heads, at most 64 queries and keys (packed: 4 sequences).
+        let segs: Vec<usize> = match (c.segs.is_empty(), emulated) {
+            (true, _) => vec![],
+            (false, true) => vec![37, 5, 20, 2],
+            (false, false) => c.segs.to_vec(),
+        };
         let (batch, heads, kv_heads, n, m) = if emulated {
             (1, 2, if c.kv_heads < c.heads { 1 } else { 2 }, c.n.min(64), c.m.min(64))
         } else {
             (c.batch, c.heads, c.kv_heads, c.n, c.m)
         };
         let m = if c.causal { n } else { m };
+        let (n, m) = if segs.is_empty() { (n, m) } else { (segs.iter().sum(), segs.iter().sum()) };
         let dev = r.dev.clone();
         let (hd, es) = (c.head_dim, c.dtype.size_in_bytes());
         let q = dev.upload(&random_bytes(&mut rng, c.dtype, batch * n * heads * hd, 0.0, 1.0)).unwrap();
@@ -87,12 +126,19 @@ fn main() {
             };
             dev.upload(&bytes).unwrap()
         });
+        let bytes_i32 = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let bytes_f32 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let seg_buf = (!segs.is_empty()).then(|| dev.upload(&bytes_i32(&segment_table(&segs))).unwrap());
+        let longest = segs.iter().copied().max().unwrap_or(n);
+        let rope_buf = c.rope.then(|| dev.upload(&bytes_f32(&rope_table(1e6, hd, longest))).unwrap());
         let args = AttentionArgs {
             dtype: c.dtype,
             q: q.ptr(),
             k: k.ptr(),
             v: v.ptr(),
             mask: mask.as_ref().map_or(0, |b| b.ptr()),
+            segments: seg_buf.as_ref().map_or(0, |b| b.ptr()),
+            rope_cs: rope_buf.as_ref().map_or(0, |b| b.ptr()),
             out: out.ptr(),
             batch,
             n,
@@ -111,7 +157,9 @@ fn main() {
         })
         .unwrap();
         // Visible (query, key) pairs: all of them, or the causal lower triangle.
-        let pairs = if c.causal {
+        let pairs = if !segs.is_empty() {
+            segs.iter().map(|&l| (l * (l + 1) / 2) as f64).sum::<f64>()
+        } else if c.causal {
             (0..n).map(|i| (i + m - n + 1) as f64).sum::<f64>()
         } else {
             (n * m) as f64

@@ -1,6 +1,7 @@
 // attention.cu: softmax attention (flash-attention 2 style). CPU twin: openuni_cpu::ops::attention.
 //
-//   attention_{f32,bf16}_hd{16,32,64,72,112,128}(q, k, v, mask, out, n, m, heads, kv_heads, causal, scale)
+//   attention_{f32,bf16}_hd{16,32,64,72,112,128}(q, k, v, mask, seg, rope_cs, out, n, m, heads, kv_heads,
+//                                              causal, scale)
 //
 //   q [B, n, heads*HD], k and v [B, m, kv_heads*HD], out [B, n, heads*HD], all row-major in the
 //   storage type; query head h reads key/value head h / (heads / kv_heads) (GQA, as repeat_kv).
@@ -9,6 +10,16 @@
 //   `causal`, query i sees only keys j <= i + m - n (the last query is aligned with the last key).
 //   out_i = softmax_j(logit[i, :]) . V, softmax in f32. A query that sees no key at all (possible
 //   only for causal with m < n, which the graph builder refuses) gets zeros.
+//   Packed sequences (`seg` non-null; B = 1, n = m): seg[2t], seg[2t + 1] = [start, end) of the segment of
+//   token t; query i sees only keys of its own segment, j in [start(i), end(i)) (and j <= i when causal).
+//   Without `seg` every query sees keys [0, m) (j <= i + m - n when causal).
+//   Fused RoPE (`rope_cs` non-null; n = m): q and k are rotated (rotate_half, as misc.cu's rope) before the
+//   scores, token t at position p(t) = t - start(t) (t without `seg`); rope_cs[(p * HD/2 + i) * 2 + {0, 1}] =
+//   (cos, sin) of the f32 angle p * inv_freq[i], a table the launcher computes on the host exactly as the CPU
+//   twin (openuni_cpu::ops::rope_cos_sin) and the separate rope kernel do, so the rotation is the same
+//   arithmetic as Op::Rope. The bf16 kernel rotates its shared-memory Q and K tiles in place and rounds
+//   the rotated values to bf16, exactly what the separate rope op stores; the f32 kernel rotates while
+//   loading a tile (each thread loads both halves of its pair, so no extra barrier).
 //   The head dim HD is a compile-time constant: one entry point per supported head dim (16 and 32:
 //   tests; 64 and 128: InternVL3's LLM and the connector; 72 and 112: SANA's cross-attention).
 //   Every other head dim is refused by the launcher (crates/cuda/src/families/attention.rs).
@@ -43,8 +54,10 @@
 //     16-byte units, so ldmatrix's 8 row addresses hit 8 different bank groups.
 //   - Keys past m are zero-filled in shared memory (poisoned or stale K/V must not reach the mma:
 //     0 * NaN is NaN) and get a -inf bias; the key-padding mask is read once per tile into a
-//     shared bias row. Causal masking is evaluated only on tiles that cross the diagonal, and the
-//     CTA stops at the last key its last query row can see.
+//     shared bias row. Each row has a visible key range [lo, hi] (its segment, cut at the diagonal
+//     when causal); the CTA streams only keys [lo(first row), hi(last row)] (starting at lo, not at
+//     a multiple of 64, so packed sequences cost no tiles outside the CTA's own segments) and
+//     evaluates the per-row range only on tiles that are not inside every row's range.
 //   - The output goes back through shared memory so that global stores are 16-byte, coalesced.
 //
 // attention_f32_hd*: the accuracy reference path, SIMT f32. BLOCK_M = 16 query rows (4 per warp),
@@ -64,11 +77,15 @@
 // History:
 // - Version 1: synchronous loads (global -> registers -> shared, then a barrier); ptxas gave the
 //   hd128 kernel 223 registers, much of it load staging.
-// - Version 2 (this one): cp.async loads with the flash-attention 2 K/V overlap above (no staging
+// - Version 2: cp.async loads with the flash-attention 2 K/V overlap above (no staging
 //   registers, loads hidden behind the mma work). Not yet done: packing the query heads that share
 //   a KV head into one CTA (GQA reads each KV tile heads/kv_heads times, from L2), 32 query rows
 //   per warp (half the shared-memory traffic per FLOP), and wgmma/TMA (Hopper only; the emulated
 //   GPU cannot run them). Measure on a GPU first.
+// - Version 3 (this one): packed segments (per-row key ranges, key tiles from the CTA's first visible
+//   key) and fused RoPE. RoPE costs one extra barrier per K tile on the bf16 path, and with GQA every
+//   query head rotates the shared K tile again (heads / kv_heads times); a cos/sin table read from L2
+//   replaces the transcendentals.
 
 #include "common.cuh"
 #include "cp_async.cuh"
@@ -105,6 +122,15 @@ __device__ __forceinline__ float warp_max(float v) {
 // The base to subtract from logits whose running maximum is `mx`: 0 while a row has seen no
 // key (mx = -inf), so that exp(-inf - base) = 0 instead of NaN.
 __device__ __forceinline__ float safe_max(float mx) { return mx == NEG_INF ? 0.f : mx; }
+
+// Visible keys of query row i: [seg_lo, seg_hi] (inclusive). Both are non-decreasing in i, so a
+// block of rows [a, b] sees keys [seg_lo(a), seg_hi(b)] and every row sees [seg_lo(b), seg_hi(a)].
+__device__ __forceinline__ int seg_lo(const int* seg, int i) { return seg ? seg[2 * i] : 0; }
+__device__ __forceinline__ int seg_hi(const int* seg, int i, int m, int off, int causal) {
+    return causal ? i + off : (seg ? seg[2 * i + 1] - 1 : m - 1);
+}
+// RoPE position of token t: restarts at each segment start.
+__device__ __forceinline__ int rope_pos(const int* seg, int t) { return t - seg_lo(seg, t); }
 
 // ---------------------------------------------------------------------------------------------
 // bf16: tensor cores
@@ -154,9 +180,25 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
+// Rotates rows [0, valid) of a shared bf16 tile in place (RoPE); row r is token first + r. Rounds
+// the rotated values to bf16, as the separate rope op stores them.
+template <int HD>
+__device__ __forceinline__ void rope_tile_bf16(bf16* t, int valid, const float* cs, const int* seg, int first) {
+    constexpr int HALF = HD / 2;
+    for (int e = threadIdx.x; e < valid * HALF; e += THREADS) {
+        const int r = e / HALF, i = e - r * HALF;
+        const float* c = cs + ((i64)rope_pos(seg, first + r) * HALF + i) * 2;
+        bf16* p = t + r * Mma<HD>::STRIDE + i;
+        const float x1 = to_f32(p[0]), x2 = to_f32(p[HALF]);
+        p[0] = from_f32<bf16>(x1 * c[0] - x2 * c[1]);
+        p[HALF] = from_f32<bf16>(x2 * c[0] + x1 * c[1]);
+    }
+}
+
 template <int HD>
 __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                               const bf16* __restrict__ v, const bf16* __restrict__ mask,
+                                              const int* __restrict__ seg, const float* __restrict__ rope_cs,
                                               bf16* __restrict__ out, int n, int m, int heads, int kv_heads,
                                               int causal, float scale) {
     typedef Mma<HD> C;
@@ -178,21 +220,31 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
     const int qvalid = min(BM, n - m0);
 
     const int off = m - n;  // query i sees keys <= i + off when causal
-    const int kend = causal ? min(m, m0 + BM + off) : m;
-    const int tiles = kend > 0 ? (kend + BN - 1) / BN : 0;
+    const int qlast = m0 + qvalid - 1;
+    const int kbeg = seg_lo(seg, m0), kend = min(m, seg_hi(seg, qlast, m, off, causal) + 1);
+    const int tiles = kend > kbeg ? (kend - kbeg + BN - 1) / BN : 0;
+    // Keys inside [lo_all, hi_all] are visible to every row of the CTA (no per-row check needed).
+    const int lo_all = seg_lo(seg, qlast), hi_all = seg_hi(seg, m0, m, off, causal);
     const float sl2 = scale * LOG2E;
     const int row0 = m0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+    int rlo[2], rhi[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = min(row0 + 8 * r, n - 1);  // rows past n are not stored
+        rlo[r] = seg_lo(seg, i);
+        rhi[r] = seg_hi(seg, i, m, off, causal);
+    }
 
     // K tile `t` into sk and its key bias into sbias (one cp.async group).
     auto load_k = [&](int t) {
-        const int n0 = t * BN, kvalid = min(BN, m - n0);
+        const int n0 = kbeg + t * BN, kvalid = min(BN, kend - n0);
         load_tile_bf16<HD>(sk, kb + (i64)n0 * ldk, ldk, BN, kvalid, vec);
         if (tid < BN) sbias[tid] = tid < kvalid ? key_bias(mask, b, m, n0 + tid) * LOG2E : NEG_INF;
         cp_async_commit();
     };
     auto load_v = [&](int t) {
-        const int n0 = t * BN;
-        load_tile_bf16<HD>(sv, vb + (i64)n0 * ldk, ldk, BN, min(BN, m - n0), vec);
+        const int n0 = kbeg + t * BN;
+        load_tile_bf16<HD>(sv, vb + (i64)n0 * ldk, ldk, BN, min(BN, kend - n0), vec);
         cp_async_commit();
     };
 
@@ -207,6 +259,10 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
         cp_async_wait<0>();
     }
     __syncthreads();
+    if (rope_cs) {
+        rope_tile_bf16<HD>(sv, qvalid, rope_cs, seg, m0);
+        __syncthreads();
+    }
     unsigned qf[C::KSTEPS][4];
     {
         const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = (lane >> 4) * 8;
@@ -222,10 +278,14 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
     // Pipeline (flash-attention 2): V tile t loads during S = Q K_t^T and the softmax; K tile t + 1
     // loads during O += P V_t. Two barriers per tile, each after every thread's wait.
     for (int tile = 0; tile < tiles; ++tile) {
-        const int n0 = tile * BN;
+        const int n0 = kbeg + tile * BN;
         cp_async_wait<0>();  // K tile `tile` (and its bias)
         __syncthreads();     // ... visible to all; every warp is done with sv (Q or V tile - 1)
         load_v(tile);
+        if (rope_cs) {
+            rope_tile_bf16<HD>(sk, min(BN, kend - n0), rope_cs, seg, n0);
+            __syncthreads();  // the rotated K tile is visible to all
+        }
 
         // S = Q K^T: 8 groups of 8 keys; ldmatrix.x4 gives the B fragments of groups j and j + 1.
         float s[BN / 8][4];
@@ -244,7 +304,7 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
         }
 
         // Logits (log2 domain), masks, online softmax.
-        const bool diag = causal && n0 + BN - 1 > m0 + off;  // some key of the tile is above the diagonal
+        const bool part = n0 < lo_all || n0 + BN - 1 > hi_all;  // some key is hidden from some row
         float tmax[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
@@ -252,7 +312,7 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
             for (int e = 0; e < 4; ++e) {
                 const int kc = j * 8 + 2 * tq + (e & 1);
                 float x = s[j][e] * sl2 + sbias[kc];
-                if (diag && n0 + kc > row0 + (e >> 1) * 8 + off) x = NEG_INF;
+                if (part && (n0 + kc < rlo[e >> 1] || n0 + kc > rhi[e >> 1])) x = NEG_INF;
                 s[j][e] = x;
                 tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
             }
@@ -370,9 +430,31 @@ __device__ __forceinline__ void load_tile_f32(float* dst, int sld, const float* 
     }
 }
 
+// load_tile_f32 with RoPE: row r is token first + r; each thread loads both halves of its pair,
+// rotates them in f32 and stores them, so the tile needs no extra barrier.
+template <int HD>
+__device__ __forceinline__ void load_tile_f32_rope(float* dst, int sld, const float* src, i64 ld, int rows, int valid,
+                                                   const float* cs, const int* seg, int first) {
+    constexpr int HALF = HD / 2;
+    for (int e = threadIdx.x; e < rows * HALF; e += THREADS) {
+        const int r = e / HALF, i = e - r * HALF;
+        float y1 = 0.f, y2 = 0.f;
+        if (r < valid) {
+            const float* x = src + (i64)r * ld + i;
+            const float* c = cs + ((i64)rope_pos(seg, first + r) * HALF + i) * 2;
+            const float x1 = x[0], x2 = x[HALF];
+            y1 = x1 * c[0] - x2 * c[1];
+            y2 = x2 * c[0] + x1 * c[1];
+        }
+        dst[r * sld + i] = y1;
+        dst[r * sld + i + HALF] = y2;
+    }
+}
+
 template <int HD>
 __device__ __forceinline__ void attention_simt(const float* __restrict__ q, const float* __restrict__ k,
                                                const float* __restrict__ v, const float* __restrict__ mask,
+                                               const int* __restrict__ seg, const float* __restrict__ rope_cs,
                                                float* __restrict__ out, int n, int m, int heads, int kv_heads,
                                                int causal, float scale) {
     constexpr int OC = (HD + 31) / 32;  // output columns per lane
@@ -393,12 +475,24 @@ __device__ __forceinline__ void attention_simt(const float* __restrict__ q, cons
     const bool vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(out);
     const int qvalid = min(FBM, n - m0);
 
-    load_tile_f32<HD>(sq, HD, qb, ldq, FBM, qvalid, vec);
+    if (rope_cs) {
+        load_tile_f32_rope<HD>(sq, HD, qb, ldq, FBM, qvalid, rope_cs, seg, m0);
+    } else {
+        load_tile_f32<HD>(sq, HD, qb, ldq, FBM, qvalid, vec);
+    }
 
     const int off = m - n;
-    const int kend = causal ? min(m, m0 + FBM + off) : m;
-    const int tiles = kend > 0 ? (kend + FBN - 1) / FBN : 0;
+    const int qlast = m0 + qvalid - 1;
+    const int kbeg = seg_lo(seg, m0), kend = min(m, seg_hi(seg, qlast, m, off, causal) + 1);
+    const int tiles = kend > kbeg ? (kend - kbeg + FBN - 1) / FBN : 0;
     const int rbase = warp * FROWS;  // this warp's rows in the CTA
+    int rlo[FROWS], rhi[FROWS];
+#pragma unroll
+    for (int r = 0; r < FROWS; ++r) {
+        const int i = min(m0 + rbase + r, n - 1);  // rows past n are not stored
+        rlo[r] = seg_lo(seg, i);
+        rhi[r] = seg_hi(seg, i, m, off, causal);
+    }
 
     float mx[FROWS], l[FROWS], o[FROWS][OC];
 #pragma unroll
@@ -410,8 +504,12 @@ __device__ __forceinline__ void attention_simt(const float* __restrict__ q, cons
     }
 
     for (int tile = 0; tile < tiles; ++tile) {
-        const int n0 = tile * FBN, kvalid = min(FBN, m - n0);
-        load_tile_f32<HD>(sk, HD + 1, kb + (i64)n0 * ldk, ldk, FBN, kvalid, vec);
+        const int n0 = kbeg + tile * FBN, kvalid = min(FBN, kend - n0);
+        if (rope_cs) {
+            load_tile_f32_rope<HD>(sk, HD + 1, kb + (i64)n0 * ldk, ldk, FBN, kvalid, rope_cs, seg, n0);
+        } else {
+            load_tile_f32<HD>(sk, HD + 1, kb + (i64)n0 * ldk, ldk, FBN, kvalid, vec);
+        }
         load_tile_f32<HD>(sv, HD, vb + (i64)n0 * ldk, ldk, FBN, kvalid, vec);
         if (tid < FBN) sbias[tid] = tid < kvalid ? key_bias(mask, b, m, n0 + tid) : NEG_INF;
         __syncthreads();
@@ -430,7 +528,7 @@ __device__ __forceinline__ void attention_simt(const float* __restrict__ q, cons
 #pragma unroll
         for (int r = 0; r < FROWS; ++r) {
             float x = s[r] * scale + sbias[lane];
-            if (causal && key > m0 + rbase + r + off) x = NEG_INF;
+            if (key < rlo[r] || key > rhi[r]) x = NEG_INF;
             const float mnew = fmaxf(mx[r], warp_max(x));
             const float base = safe_max(mnew);
             const float alpha = expf(mx[r] - base);
@@ -481,9 +579,9 @@ using ou::bf16;
 
 // Entry points: one per (storage type, head dim). Written out one per line, no macros: the
 // kernel registry finds each kernel's file by scanning the sources for `extern "C" __global__ void NAME(`.
-#define OU_ATTN_ARGS_F32 const float* q, const float* k, const float* v, const float* mask, float* out, int n, int m, int heads, int kv_heads, int causal, float scale
-#define OU_ATTN_ARGS_BF16 const bf16* q, const bf16* k, const bf16* v, const bf16* mask, bf16* out, int n, int m, int heads, int kv_heads, int causal, float scale
-#define OU_ATTN_PASS q, k, v, mask, out, n, m, heads, kv_heads, causal, scale
+#define OU_ATTN_ARGS_F32 const float* q, const float* k, const float* v, const float* mask, const int* seg, const float* rope_cs, float* out, int n, int m, int heads, int kv_heads, int causal, float scale
+#define OU_ATTN_ARGS_BF16 const bf16* q, const bf16* k, const bf16* v, const bf16* mask, const int* seg, const float* rope_cs, bf16* out, int n, int m, int heads, int kv_heads, int causal, float scale
+#define OU_ATTN_PASS q, k, v, mask, seg, rope_cs, out, n, m, heads, kv_heads, causal, scale
 
 extern "C" __global__ void attention_f32_hd16(OU_ATTN_ARGS_F32) { ou::attn::attention_simt<16>(OU_ATTN_PASS); }
 extern "C" __global__ void attention_f32_hd32(OU_ATTN_ARGS_F32) { ou::attn::attention_simt<32>(OU_ATTN_PASS); }

@@ -20,7 +20,7 @@ use openuni_cpu::ops::{self as cpu, AttentionDims};
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::families::attention::{self, AttentionArgs};
 use openuni_cuda::{CudaDevice, CudaExecutor, DeviceBuffer};
-use openuni_graph::GraphBuilder;
+use openuni_graph::{AttentionParams, GraphBuilder};
 use openuni_tensor::{DType, HostTensor};
 
 const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
@@ -241,6 +241,8 @@ fn attention_on_misaligned_pointers() {
                 k: at(&kb),
                 v: at(&vb),
                 mask: mb.as_ref().map_or(0, at),
+                segments: 0,
+                rope_cs: 0,
                 out: at(&ob),
                 batch: c.b,
                 n: c.n,
@@ -294,4 +296,158 @@ fn unsupported_head_dim_is_refused() {
         assert!(e.contains("caption.attn2") && e.contains("head dim 48"), "{e}");
         assert!(e.contains("16, 32, 64, 72, 112, 128"), "{e}");
     }
+}
+
+/// A packed (segments) and/or fused-RoPE case: batch 1 with `segs`, or batch `b` without.
+#[derive(Clone, Copy, Debug)]
+struct PackedCase {
+    b: usize,
+    segs: Option<&'static [usize]>,
+    /// Token count per batch row when `segs` is None.
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    causal: bool,
+    rope: bool,
+    mask: bool,
+}
+
+const fn packed(segs: &'static [usize], hd: usize, causal: bool, rope: bool) -> PackedCase {
+    PackedCase { b: 1, segs: Some(segs), t: 0, heads: 8, kv_heads: 2, hd, causal, rope, mask: false }
+}
+
+/// Segments [37, 5, 70, 1] (unequal, a 1-token one), and [60, 10, 64, 3, 100] whose boundaries
+/// 60, 70, 134, 137 straddle the 64-row query tiles (and the 16-row f32 tiles) so one tile holds
+/// rows of up to three segments; GQA 8/2 at head dims 64 and 128; causal and not; with and
+/// without fused RoPE; plus RoPE without segments (B = 2) and segments with a key-padding mask.
+const PACKED: &[PackedCase] = &[
+    packed(&[37, 5, 70, 1], 64, true, true),
+    packed(&[37, 5, 70, 1], 128, true, true),
+    packed(&[37, 5, 70, 1], 64, true, false),
+    packed(&[37, 5, 70, 1], 128, false, false),
+    packed(&[60, 10, 64, 3, 100], 64, true, true),
+    packed(&[60, 10, 64, 3, 100], 128, true, false),
+    packed(&[60, 10, 64, 3, 100], 64, false, true),
+    packed(&[60, 10, 64, 3, 100], 128, false, true),
+    packed(&[300], 72, true, true),
+    PackedCase { b: 2, segs: None, t: 130, heads: 8, kv_heads: 2, hd: 64, causal: true, rope: true, mask: false },
+    PackedCase { b: 2, segs: None, t: 70, heads: 12, kv_heads: 2, hd: 128, causal: false, rope: true, mask: false },
+    PackedCase { mask: true, ..packed(&[37, 5, 70, 1], 64, false, true) },
+];
+
+const THETA: f32 = 1e6;
+
+impl PackedCase {
+    fn tokens(&self) -> usize {
+        self.segs.map_or(self.t, |s| s.iter().sum())
+    }
+}
+
+fn packed_expected(c: &PackedCase, q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>, segs: Option<&[usize]>) -> Vec<f32> {
+    let t = c.tokens();
+    let d = AttentionDims {
+        batch: c.b,
+        q_len: t,
+        kv_len: t,
+        heads: c.heads,
+        kv_heads: c.kv_heads,
+        head_dim: c.hd,
+        causal: c.causal,
+        scale: 1.0 / (c.hd as f32).sqrt(),
+    };
+    let mut out = vec![0.0; q.len()];
+    cpu::attention_ext(q, k, v, mask, d, segs, c.rope.then_some(THETA), &mut out);
+    out
+}
+
+/// Packed sequences and fused RoPE through the CUDA executor against the CPU twin
+/// (`openuni_cpu::ops::attention_ext`); each case also checks that the segments matter (the
+/// unsegmented result is far from the packed one), so a kernel that ignored them would fail.
+#[test]
+fn packed_segments_and_fused_rope_match_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(9);
+    for c in PACKED {
+        let t = c.tokens();
+        let (qw, kw) = (c.heads * c.hd, c.kv_heads * c.hd);
+        let q = rng.normals(c.b * t * qw, 0.0, 1.0);
+        let k = rng.normals(c.b * t * kw, 0.1, 1.5);
+        let v = rng.normals(c.b * t * kw, 0.5, 1.0);
+        let mask: Option<Vec<f32>> = c.mask.then(|| (0..c.b * t).map(|j| if j % 3 == 2 { 0.0 } else { 1.0 }).collect());
+        let want = packed_expected(c, &q, &k, &v, mask.as_deref(), c.segs);
+        if let Some(s) = c.segs.filter(|s| s.len() > 1) {
+            let whole = packed_expected(c, &q, &k, &v, mask.as_deref(), None);
+            let d = openuni_cuda::testing::rel_l2(&whole, &want);
+            assert!(d > 1e-2, "segments {s:?} change the result by only {d:.3e}");
+        }
+        for dtype in DTYPES {
+            let base = packed_expected(
+                c,
+                &round_to(dtype, &q),
+                &round_to(dtype, &k),
+                &round_to(dtype, &v),
+                mask.as_ref().map(|m| round_to(dtype, m)).as_deref(),
+                c.segs,
+            );
+            let mut gb = GraphBuilder::new();
+            let qi = gb.input("q", [c.b, t, qw]).unwrap();
+            let ki = gb.input("k", [c.b, t, kw]).unwrap();
+            let vi = gb.input("v", [c.b, t, kw]).unwrap();
+            let mi = mask.as_ref().map(|_| gb.input("mask", [c.b, t]).unwrap());
+            let p = AttentionParams {
+                key_mask: mi,
+                heads: c.heads,
+                kv_heads: c.kv_heads,
+                head_dim: c.hd,
+                causal: c.causal,
+                scale: 1.0 / (c.hd as f32).sqrt(),
+                segments: c.segs.map(|s| s.to_vec()),
+                rope: c.rope.then_some(THETA),
+            };
+            let y = gb.attention_ext("attn", qi, ki, vi, p).unwrap();
+            gb.output("y", y).unwrap();
+            let g = gb.finish();
+            let mut feeds = HashMap::from([
+                ("q".to_string(), tensor(&[c.b, t, qw], q.clone())),
+                ("k".to_string(), tensor(&[c.b, t, kw], k.clone())),
+                ("v".to_string(), tensor(&[c.b, t, kw], v.clone())),
+            ]);
+            if let Some(m) = &mask {
+                feeds.insert("mask".to_string(), tensor(&[c.b, t], m.clone()));
+            }
+            let mut ex = CudaExecutor::new(&dev, &g, &HashMap::<String, HostTensor>::new(), dtype, false).unwrap();
+            let got = ex.run(&feeds).unwrap()["y"].to_f32_vec();
+            let what = format!(
+                "packed attention {dtype} hd{} B={} segments={:?} T={t} heads {}/{} causal={} rope={} mask={}",
+                c.hd, c.b, c.segs, c.heads, c.kv_heads, c.causal, c.rope, c.mask
+            );
+            check(&what, dtype, &got, &want, &base);
+        }
+    }
+}
+
+/// The graph builder refuses segments that do not describe the token axis, with a clear message.
+#[test]
+fn bad_segments_are_refused() {
+    let mut gb = GraphBuilder::new();
+    let q = gb.input("q", [1, 10, 2 * 16]).unwrap();
+    let q2 = gb.input("q2", [2, 10, 2 * 16]).unwrap();
+    let p = |segs: &[usize]| AttentionParams {
+        key_mask: None,
+        heads: 2,
+        kv_heads: 2,
+        head_dim: 16,
+        causal: true,
+        scale: 0.25,
+        segments: Some(segs.to_vec()),
+        rope: Some(THETA),
+    };
+    let e = gb.attention_ext("llm.attn", q, q, q, p(&[3, 4])).unwrap_err().to_string();
+    assert!(e.contains("llm.attn") && e.contains("sum to 7") && e.contains("10 tokens"), "{e}");
+    let e = gb.attention_ext("llm.attn", q, q, q, p(&[10, 0])).unwrap_err().to_string();
+    assert!(e.contains("> 0"), "{e}");
+    let e = gb.attention_ext("llm.attn", q2, q2, q2, p(&[5, 5])).unwrap_err().to_string();
+    assert!(e.contains("batch 1"), "{e}");
+    assert!(gb.attention_ext("llm.attn", q, q, q, p(&[3, 7])).is_ok());
 }

@@ -124,7 +124,7 @@ impl CpuExecutor {
             Op::GatedAdd { x, gate, y: yy } => {
                 ops::gated_add(view.get(*x), view.get(*gate), view.get(*yy), out_shape.dims()[1], cols, y)
             }
-            Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale } => {
+            Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale, segments, rope } => {
                 let qs = g.shape(*q).dims();
                 let d = AttentionDims {
                     batch: qs[0],
@@ -136,7 +136,8 @@ impl CpuExecutor {
                     causal: *causal,
                     scale: *scale,
                 };
-                ops::attention(view.get(*q), view.get(*k), view.get(*v), key_mask.map(|m| view.get(m)), d, y)
+                let (qv, kv, vv) = (view.get(*q), view.get(*k), view.get(*v));
+                ops::attention_ext(qv, kv, vv, key_mask.map(|m| view.get(m)), d, segments.as_deref(), *rope, y)
             }
             Op::LinearAttention { q, k, v, heads, head_dim } => {
                 let (b, n) = (out_shape.dims()[0], out_shape.dims()[1]);

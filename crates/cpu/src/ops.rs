@@ -317,21 +317,85 @@ pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
 /// Rotary embedding ("rotate_half") on [batch, tokens, heads·head_dim], token t at position t.
 /// Angles are f32 products like transformers'; cos/sin of the f32 angle are taken in f64.
 pub fn rope(x: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize, theta: f32, out: &mut [f32]) {
+    let pos: Vec<usize> = (0..batch).flat_map(|_| 0..tokens).collect();
+    rope_at(x, &pos, heads, head_dim, theta, out)
+}
+
+/// The (cos, sin) of RoPE at `pos` for frequency `inv_freq`: the f32 angle, cos/sin in f64
+/// rounded to f32. The CUDA kernels use tables of exactly these values.
+pub fn rope_cos_sin(pos: usize, inv_freq: f32) -> (f32, f32) {
+    let ang = (pos as f32 * inv_freq) as f64;
+    (ang.cos() as f32, ang.sin() as f32)
+}
+
+/// [`rope`] with an explicit position per token row (`positions.len()` rows of heads·head_dim).
+pub fn rope_at(x: &[f32], positions: &[usize], heads: usize, head_dim: usize, theta: f32, out: &mut [f32]) {
     let inv = rope_inv_freq(theta, head_dim);
     let half = head_dim / 2;
-    for b in 0..batch {
-        for t in 0..tokens {
+    for (r, &p) in positions.iter().enumerate() {
+        for i in 0..half {
+            let (c, s) = rope_cos_sin(p, inv[i]);
             for h in 0..heads {
-                let base = ((b * tokens + t) * heads + h) * head_dim;
-                for i in 0..half {
-                    let ang = (t as f32 * inv[i]) as f64;
-                    let (c, s) = (ang.cos() as f32, ang.sin() as f32);
-                    let (x1, x2) = (x[base + i], x[base + half + i]);
-                    out[base + i] = x1 * c - x2 * s;
-                    out[base + half + i] = x2 * c + x1 * s;
-                }
+                let base = (r * heads + h) * head_dim;
+                let (x1, x2) = (x[base + i], x[base + half + i]);
+                out[base + i] = x1 * c - x2 * s;
+                out[base + half + i] = x2 * c + x1 * s;
             }
         }
+    }
+}
+
+/// The RoPE position of every token row of `batch` rows of `tokens`: restarting at 0 at each
+/// segment start when `segments` is given (batch 1), else 0..tokens per row.
+pub fn token_positions(batch: usize, tokens: usize, segments: Option<&[usize]>) -> Vec<usize> {
+    match segments {
+        Some(s) => s.iter().flat_map(|&len| 0..len).collect(),
+        None => (0..batch).flat_map(|_| 0..tokens).collect(),
+    }
+}
+
+/// `Op::Attention` with its packed segments and fused RoPE: RoPE (as [`rope_at`]) on q and k,
+/// then [`attention`] on each segment as its own sequence (batch 1) or on the whole batch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_ext(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: Option<&[f32]>,
+    d: AttentionDims,
+    segments: Option<&[usize]>,
+    rope_theta: Option<f32>,
+    out: &mut [f32],
+) {
+    let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    let rotated;
+    let (q, k) = match rope_theta {
+        Some(theta) => {
+            let pos = token_positions(d.batch, d.q_len, segments);
+            let (mut qr, mut kr) = (vec![0f32; q.len()], vec![0f32; k.len()]);
+            rope_at(q, &pos, d.heads, d.head_dim, theta, &mut qr);
+            rope_at(k, &pos, d.kv_heads, d.head_dim, theta, &mut kr);
+            rotated = (qr, kr);
+            (&rotated.0[..], &rotated.1[..])
+        }
+        None => (q, k),
+    };
+    let Some(segs) = segments else {
+        return attention(q, k, v, key_mask, d, out);
+    };
+    assert_eq!(d.batch, 1, "packed segments need batch 1");
+    let mut s = 0;
+    for &len in segs {
+        let ds = AttentionDims { q_len: len, kv_len: len, ..d };
+        attention(
+            &q[s * qw..(s + len) * qw],
+            &k[s * kw..(s + len) * kw],
+            &v[s * kw..(s + len) * kw],
+            key_mask.map(|m| &m[s..s + len]),
+            ds,
+            &mut out[s * qw..(s + len) * qw],
+        );
+        s += len;
     }
 }
 

@@ -118,3 +118,60 @@ fn upsample_conv2d_equals_the_unfused_ops() {
         assert_eq!(got, want, "[{b}, {h}x{w}, {cin}] -> {cout} shortcut={shortcut}");
     }
 }
+
+/// Packed segments [a, b, c] (causal, GQA, fused RoPE) equal running each sequence on its own:
+/// the separate `rope` op (positions 0..len) then plain causal attention, segment by segment.
+#[test]
+fn packed_segments_with_rope_equal_separate_sequences() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (heads, kv_heads, hd, theta) = (4, 2, 16, 10000.0);
+    let segs = [5usize, 1, 9];
+    let t: usize = segs.iter().sum();
+    let (qw, kw) = (heads * hd, kv_heads * hd);
+    let (q, k, v) = (rand_vec(&mut rng, t * qw), rand_vec(&mut rng, t * kw), rand_vec(&mut rng, t * kw));
+    for (causal, rope) in [(true, Some(theta)), (false, Some(theta)), (true, None)] {
+        let d = AttentionDims { batch: 1, q_len: t, kv_len: t, heads, kv_heads, head_dim: hd, causal, scale: 0.3 };
+        let mut packed = vec![0.0; t * qw];
+        ops::attention_ext(&q, &k, &v, None, d, Some(&segs), rope, &mut packed);
+        let mut s = 0;
+        for &len in &segs {
+            let (mut qs, mut ks) = (q[s * qw..(s + len) * qw].to_vec(), k[s * kw..(s + len) * kw].to_vec());
+            if let Some(th) = rope {
+                let (q0, k0) = (qs.clone(), ks.clone());
+                ops::rope(&q0, 1, len, heads, hd, th, &mut qs);
+                ops::rope(&k0, 1, len, kv_heads, hd, th, &mut ks);
+            }
+            let ds = AttentionDims { q_len: len, kv_len: len, ..d };
+            let mut want = vec![0.0; len * qw];
+            ops::attention(&qs, &ks, &v[s * kw..(s + len) * kw], None, ds, &mut want);
+            close(&packed[s * qw..(s + len) * qw], &want, 1e-6);
+            s += len;
+        }
+        // The segments matter: without them the first row of segment 2 would see segment 1.
+        let mut whole = vec![0.0; t * qw];
+        ops::attention_ext(&q, &k, &v, None, d, None, rope, &mut whole);
+        assert!(whole[6 * qw..7 * qw].iter().zip(&packed[6 * qw..7 * qw]).any(|(a, b)| (a - b).abs() > 1e-3));
+    }
+}
+
+/// Fused RoPE equals the `rope` op on q and k followed by attention (B = 2, position t in every row).
+#[test]
+fn fused_rope_equals_rope_then_attention() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let (b, t, heads, kv_heads, hd, theta) = (2, 23, 6, 2, 8, 1e6);
+    let (qw, kw) = (heads * hd, kv_heads * hd);
+    let (q, k, v) = (rand_vec(&mut rng, b * t * qw), rand_vec(&mut rng, b * t * kw), rand_vec(&mut rng, b * t * kw));
+    let d = AttentionDims { batch: b, q_len: t, kv_len: t, heads, kv_heads, head_dim: hd, causal: true, scale: 0.35 };
+    let mut fused = vec![0.0; q.len()];
+    ops::attention_ext(&q, &k, &v, None, d, None, Some(theta), &mut fused);
+    let (mut qr, mut kr) = (vec![0.0; q.len()], vec![0.0; k.len()]);
+    ops::rope(&q, b, t, heads, hd, theta, &mut qr);
+    ops::rope(&k, b, t, kv_heads, hd, theta, &mut kr);
+    let mut want = vec![0.0; q.len()];
+    ops::attention(&qr, &kr, &v, None, d, &mut want);
+    close(&fused, &want, 1e-6);
+    // And RoPE really changed the result.
+    let mut plain = vec![0.0; q.len()];
+    ops::attention(&q, &k, &v, None, d, &mut plain);
+    assert!(plain.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-3));
+}

@@ -4,6 +4,21 @@ use openuni_tensor::Shape;
 
 use crate::{expect_shape, shape_err, GraphError, Modulation, Op, Result, UnaryFn};
 
+/// The options of one attention node ([`GraphBuilder::attention_ext`]; meanings in `Op::Attention`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionParams {
+    pub key_mask: Option<ValueId>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub scale: f32,
+    /// Packed sequence lengths along the token axis (batch 1).
+    pub segments: Option<Vec<usize>>,
+    /// Fused RoPE base (theta).
+    pub rope: Option<f32>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ValueId(pub usize);
 
@@ -199,6 +214,7 @@ impl GraphBuilder {
         Ok(self.push(name, Op::GatedAdd { x, gate, y }, s))
     }
 
+    /// Plain softmax attention (no packed segments, no fused RoPE); see [`attention_ext`](Self::attention_ext).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &mut self,
@@ -213,6 +229,15 @@ impl GraphBuilder {
         causal: bool,
         scale: f32,
     ) -> Result<ValueId> {
+        let p = AttentionParams { key_mask, heads, kv_heads, head_dim, causal, scale, segments: None, rope: None };
+        self.attention_ext(name, q, k, v, p)
+    }
+
+    /// Softmax attention with every option of `Op::Attention`: packed segments (B = 1, lengths
+    /// summing to the token count, each > 0) and fused RoPE (q and k of the same length, even
+    /// head dim). All shapes are checked here.
+    pub fn attention_ext(&mut self, name: &str, q: ValueId, k: ValueId, v: ValueId, p: AttentionParams) -> Result<ValueId> {
+        let AttentionParams { key_mask, heads, kv_heads, head_dim, causal, scale, segments, rope } = p;
         let (qs, ks, vs) = (self.shape(q).clone(), self.shape(k).clone(), self.shape(v).clone());
         let bad = |m: String| Err(shape_err("attention", format!("{name}: {m}")));
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
@@ -226,13 +251,33 @@ impl GraphBuilder {
             return bad(format!("k has shape {ks}, expected [{b}, M, {}]", kv_heads * head_dim));
         }
         expect_shape("attention", &format!("{name}: v"), &vs, &ks)?;
-        if causal && ks.dims()[1] != n {
-            return bad(format!("causal attention needs as many keys as queries, found {} and {n}", ks.dims()[1]));
+        let m = ks.dims()[1];
+        if causal && m != n {
+            return bad(format!("causal attention needs as many keys as queries, found {m} and {n}"));
         }
-        if let Some(m) = key_mask {
-            expect_shape("attention", &format!("{name}: key mask"), self.shape(m), &Shape::new([b, ks.dims()[1]]))?;
+        if let Some(mk) = key_mask {
+            expect_shape("attention", &format!("{name}: key mask"), self.shape(mk), &Shape::new([b, m]))?;
         }
-        Ok(self.push(name, Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale }, qs))
+        if let Some(segs) = &segments {
+            let total: usize = segs.iter().sum();
+            if b != 1 {
+                return bad(format!("packed segments need batch 1 (all sequences along the token axis), found batch {b}"));
+            }
+            if m != n {
+                return bad(format!("packed segments need as many keys as queries, found {m} and {n}"));
+            }
+            if segs.is_empty() || segs.contains(&0) {
+                return bad(format!("segment lengths {segs:?} must be non-empty and each > 0"));
+            }
+            if total != n {
+                return bad(format!("segment lengths {segs:?} sum to {total}, but there are {n} tokens"));
+            }
+        }
+        if rope.is_some() && (m != n || head_dim % 2 != 0) {
+            return bad(format!("fused RoPE needs as many keys as queries ({m} and {n}) and an even head dim ({head_dim})"));
+        }
+        let op = Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale, segments, rope };
+        Ok(self.push(name, op, qs))
     }
 
     pub fn linear_attention(&mut self, name: &str, q: ValueId, k: ValueId, v: ValueId, heads: usize, head_dim: usize) -> Result<ValueId> {

@@ -9,7 +9,7 @@ mod builder;
 mod op;
 mod planner;
 
-pub use builder::{Graph, GraphBuilder, Node, Value, ValueId, ValueKind};
+pub use builder::{AttentionParams, Graph, GraphBuilder, Node, Value, ValueId, ValueKind};
 pub use op::{Modulation, Op, UnaryFn};
 pub use planner::{plan, Plan, ARENA_ALIGN_ELEMS};
 

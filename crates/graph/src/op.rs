@@ -59,6 +59,12 @@ pub enum Op {
     /// Softmax attention. `q` [B, N, heads·head_dim], `k`/`v` [B, M, kv_heads·head_dim] (GQA when
     /// kv_heads < heads), output [B, N, heads·head_dim]; softmax in f32 with `scale` on the logits.
     /// `key_mask` [B, M] (1 keep, 0 pad) adds −10000 to padded keys' logits, as diffusers does.
+    /// `segments` (packed sequences; B = 1, N = M = Σ lengths): token t belongs to the segment
+    /// that covers it, and a query sees only keys of its own segment (causally within it when
+    /// `causal`), exactly as if each segment were its own batch row.
+    /// `rope` = Some(theta): rotary embedding (as `Op::Rope`) applied to q and k before the
+    /// scores (N = M), at positions that restart from 0 at each segment start (no segments:
+    /// position t for token t of every batch row).
     Attention {
         q: ValueId,
         k: ValueId,
@@ -69,6 +75,8 @@ pub enum Op {
         head_dim: usize,
         causal: bool,
         scale: f32,
+        segments: Option<Vec<usize>>,
+        rope: Option<f32>,
     },
     /// SANA's ReLU linear attention over [B, N, heads·head_dim] q, k, v: per head,
     /// `out_n = Σ_m v_m (k_m·q_n) / (Σ_m k_m·q_n + 1e-15)` with ReLU on q and k, state in f32.

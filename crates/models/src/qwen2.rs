@@ -3,7 +3,7 @@
 //! RoPE, SwiGLU, final norm. Upstream key names are kept under a prefix: "model." for a Qwen2
 //! folder, "language_model.model." inside an InternVL3 checkpoint.
 
-use openuni_graph::{GraphBuilder, ValueId};
+use openuni_graph::{AttentionParams, GraphBuilder, ValueId};
 use serde::Deserialize;
 
 use crate::{ModelError, Result};
@@ -115,19 +115,56 @@ pub struct Qwen2Outputs {
 }
 
 /// The decoder stack on `embeds` [B, T, D] (the token embeddings, with OpenUni's meta-queries
-/// appended); every row is one causal sequence at positions 0..T-1.
+/// appended); every row is one causal sequence at positions 0..T-1. RoPE is fused into the
+/// attention node (the same arithmetic as a separate rope op on q and k; see `Op::Attention`).
 pub fn build(b: &mut GraphBuilder, cfg: &Qwen2Config, prefix: &str, embeds: ValueId, origin: &str) -> Result<Qwen2Outputs> {
+    let s = check_embeds(b, cfg, embeds, origin)?;
+    cfg.check_length(s.dims()[1])?;
+    stack(b, cfg, prefix, embeds, None, origin)
+}
+
+/// The decoder stack on several sequences packed along the token axis: `embeds` [1, T, D] holds
+/// the sequences one after another, `segments` their lengths (summing to T). Each sequence is
+/// causal on its own at positions 0..len-1, exactly as [`build`] on each sequence separately,
+/// with no padding: cond and uncond (or a batch of prompts) of unequal lengths in one pass.
+pub fn build_packed(
+    b: &mut GraphBuilder,
+    cfg: &Qwen2Config,
+    prefix: &str,
+    embeds: ValueId,
+    segments: &[usize],
+    origin: &str,
+) -> Result<Qwen2Outputs> {
+    let s = check_embeds(b, cfg, embeds, origin)?;
+    let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+    let total: usize = segments.iter().sum();
+    if s.dims()[0] != 1 || total != s.dims()[1] || segments.is_empty() || segments.contains(&0) {
+        return err(format!(
+            "packed embeddings {s} need batch 1 and non-empty sequence lengths summing to the token count; got {segments:?} (sum {total})"
+        ));
+    }
+    for (i, &len) in segments.iter().enumerate() {
+        cfg.check_length(len).map_err(|e| ModelError::Config { path: origin.into(), msg: format!("packed sequence {i}: {e}") })?;
+    }
+    stack(b, cfg, prefix, embeds, Some(segments), origin)
+}
+
+/// Checks `embeds` is [B, T, D] and returns its shape.
+fn check_embeds(b: &GraphBuilder, cfg: &Qwen2Config, embeds: ValueId, origin: &str) -> Result<openuni_tensor::Shape> {
     cfg.validate(origin)?;
-    let theta = cfg.rope_theta(origin)?;
     let s = b.shape(embeds).clone();
     if s.rank() != 3 || s.last() != cfg.hidden_size {
         return Err(ModelError::Config { path: origin.into(), msg: format!("embeddings have shape {s}, expected [B, T, {}]", cfg.hidden_size) });
     }
-    cfg.check_length(s.dims()[1])?;
+    Ok(s)
+}
+
+fn stack(b: &mut GraphBuilder, cfg: &Qwen2Config, prefix: &str, embeds: ValueId, segments: Option<&[usize]>, origin: &str) -> Result<Qwen2Outputs> {
+    let theta = cfg.rope_theta(origin)?;
     let mut x = embeds;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
-        x = decoder_layer(b, cfg, &format!("{prefix}layers.{i}"), x, theta)?;
+        x = decoder_layer(b, cfg, &format!("{prefix}layers.{i}"), x, theta, segments)?;
         layers.push(x);
     }
     let hidden_states = rmsnorm(b, &format!("{prefix}norm"), x, cfg.hidden_size, cfg.rms_norm_eps)?;
@@ -145,7 +182,7 @@ fn linear(b: &mut GraphBuilder, p: &str, x: ValueId, din: usize, dout: usize, bi
     Ok(b.linear(p, x, w, bs)?)
 }
 
-fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, p: &str, x: ValueId, theta: f32) -> Result<ValueId> {
+fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, p: &str, x: ValueId, theta: f32, segments: Option<&[usize]>) -> Result<ValueId> {
     let d = cfg.hidden_size;
     let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
     let h = rmsnorm(b, &format!("{p}.input_layernorm"), x, d, cfg.rms_norm_eps)?;
@@ -153,9 +190,18 @@ fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, p: &str, x: ValueId, t
     let q = linear(b, &format!("{a}.q_proj"), h, d, heads * hd, true)?;
     let k = linear(b, &format!("{a}.k_proj"), h, d, kv_heads * hd, true)?;
     let v = linear(b, &format!("{a}.v_proj"), h, d, kv_heads * hd, true)?;
-    let q = b.rope(&format!("{a}.rope_q"), q, heads, hd, theta)?;
-    let k = b.rope(&format!("{a}.rope_k"), k, kv_heads, hd, theta)?;
-    let o = b.attention(&format!("{a}.attn"), q, k, v, None, heads, kv_heads, hd, true, (hd as f32).powf(-0.5))?;
+    // RoPE on q and k inside the attention node (positions restart at each packed sequence).
+    let ap = AttentionParams {
+        key_mask: None,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        causal: true,
+        scale: (hd as f32).powf(-0.5),
+        segments: segments.map(|s| s.to_vec()),
+        rope: Some(theta),
+    };
+    let o = b.attention_ext(&format!("{a}.attn"), q, k, v, ap)?;
     let o = linear(b, &format!("{a}.o_proj"), o, heads * hd, d, false)?;
     let x = b.add(&format!("{p}.residual1"), x, o)?;
     let h = rmsnorm(b, &format!("{p}.post_attention_layernorm"), x, d, cfg.rms_norm_eps)?;

@@ -4,10 +4,16 @@
 //! bf16 storage runs the tensor-core kernel (64 query rows per CTA), f32 storage the SIMT
 //! reference kernel (16 query rows per CTA); both take 128 threads and only static shared memory,
 //! grid (query blocks, batch · heads).
+//!
+//! Packed segments and fused RoPE (`Op::Attention`'s `segments` and `rope`) are two constant
+//! tables built here and uploaded once per executor ([`Ctx::constant`], keyed by their contents):
+//! the [start, end) of every token's segment ([`segment_table`]) and RoPE's (cos, sin) at every
+//! position a segment reaches ([`rope_table`], computed exactly as the CPU twin computes them).
 
 use openuni_graph::{Node, Op};
 use openuni_tensor::DType;
 
+use super::misc::rope_inv_freq;
 use super::{Ctx, Launch};
 use crate::device::KArg;
 use crate::error::{CudaError, Result};
@@ -28,7 +34,9 @@ pub fn block_m(dtype: DType) -> usize {
 const THREADS: u32 = 128;
 
 /// One attention call on device pointers: q [batch, n, heads·head_dim], k and v [batch, m,
-/// kv_heads·head_dim], optional key mask [batch, m] (0 = none), out like q, all in `dtype`.
+/// kv_heads·head_dim], optional key mask [batch, m] (0 = none), out like q, all in `dtype`;
+/// optional packed-segment table (0 = none; [`segment_table`], batch 1, n = m) and RoPE table (0 =
+/// none; [`rope_table`] with at least as many positions as the longest sequence, n = m).
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionArgs {
     pub dtype: DType,
@@ -36,6 +44,10 @@ pub struct AttentionArgs {
     pub k: u64,
     pub v: u64,
     pub mask: u64,
+    /// [`segment_table`] on the device, or 0.
+    pub segments: u64,
+    /// [`rope_table`] on the device, or 0.
+    pub rope_cs: u64,
     pub out: u64,
     pub batch: usize,
     pub n: usize,
@@ -70,6 +82,12 @@ pub fn launch(a: &AttentionArgs) -> std::result::Result<Vec<Launch>, String> {
     if a.n > i32::MAX as usize || a.m > i32::MAX as usize {
         return Err(format!("lengths {} and {} do not fit the kernel's 32-bit indices", a.n, a.m));
     }
+    if (a.segments != 0 || a.rope_cs != 0) && a.n != a.m {
+        return Err(format!("packed segments and fused RoPE need as many keys as queries, found {} and {}", a.m, a.n));
+    }
+    if a.segments != 0 && a.batch != 1 {
+        return Err(format!("packed segments need batch 1, found {}", a.batch));
+    }
     if a.n == 0 || a.m == 0 || a.batch == 0 {
         return Ok(vec![]);
     }
@@ -84,6 +102,8 @@ pub fn launch(a: &AttentionArgs) -> std::result::Result<Vec<Launch>, String> {
             KArg::Ptr(a.k),
             KArg::Ptr(a.v),
             KArg::Ptr(a.mask),
+            KArg::Ptr(a.segments),
+            KArg::Ptr(a.rope_cs),
             KArg::Ptr(a.out),
             KArg::I32(a.n as i32),
             KArg::I32(a.m as i32),
@@ -95,21 +115,71 @@ pub fn launch(a: &AttentionArgs) -> std::result::Result<Vec<Launch>, String> {
     }])
 }
 
+/// The kernels' segment table: `[start, end)` of the segment of every token, as i32 pairs.
+pub fn segment_table(segments: &[usize]) -> Vec<i32> {
+    let mut t = Vec::with_capacity(2 * segments.iter().sum::<usize>());
+    let mut start = 0;
+    for &len in segments {
+        for _ in 0..len {
+            t.extend([start as i32, (start + len) as i32]);
+        }
+        start += len;
+    }
+    t
+}
+
+/// The kernels' RoPE table: for positions 0..positions and i < head_dim / 2, the (cos, sin) pair
+/// of the f32 angle `pos · inv_freq[i]` (openuni_cpu::ops::rope_cos_sin: cos/sin in f64, rounded).
+pub fn rope_table(theta: f32, head_dim: usize, positions: usize) -> Vec<f32> {
+    let inv = rope_inv_freq(theta, head_dim);
+    let mut t = Vec::with_capacity(positions * head_dim);
+    for p in 0..positions {
+        for &f in &inv {
+            let ang = (p as f32 * f) as f64;
+            t.extend([ang.cos() as f32, ang.sin() as f32]);
+        }
+    }
+    t
+}
+
+fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
+    bytemuck::cast_slice(v).to_vec()
+}
+
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let p = ctx.ptr;
-    let Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale } = &node.op else {
+    let Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale, segments, rope } = &node.op else {
         unreachable!("attention::resolve called for {}", node.op.name())
     };
     let qs = ctx.graph.shape(*q);
+    let n = qs.dims()[1];
+    // Tables keyed by their contents, so the layers of a model share one upload.
+    let seg_ptr = match segments {
+        Some(s) => {
+            let key = format!("attention.segments.{}", s.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(","));
+            ctx.constant(&key, &bytes_of(&segment_table(s)))?
+        }
+        None => 0,
+    };
+    let rope_ptr = match rope {
+        Some(theta) => {
+            let positions = segments.as_ref().map_or(n, |s| s.iter().copied().max().unwrap_or(0)).max(1);
+            let key = format!("attention.rope_cs.{:08x}.{head_dim}.{positions}", theta.to_bits());
+            ctx.constant(&key, &bytes_of(&rope_table(*theta, *head_dim, positions)))?
+        }
+        None => 0,
+    };
     let args = AttentionArgs {
         dtype: ctx.dtype,
         q: p(*q),
         k: p(*k),
         v: p(*v),
         mask: key_mask.map_or(0, p),
+        segments: seg_ptr,
+        rope_cs: rope_ptr,
         out: p(node.output),
         batch: qs.dims()[0],
-        n: qs.dims()[1],
+        n,
         m: ctx.graph.shape(*k).dims()[1],
         heads: *heads,
         kv_heads: *kv_heads,
