@@ -11,6 +11,11 @@
 //! GQA (heads/kv_heads 4/2, 6/1, 12/2), key-padding masks (some keys padded, and one sample with
 //! every key padded, where the -10000 bias rather than -inf matters), n != m in both directions,
 //! lengths 1, 7, 65, 130, 300 (not multiples of the 64-key or 64/16-query tiles).
+//! Packed sequences and fused RoPE (`packed_segments_and_fused_rope_match_cpu`): segments
+//! [37, 5, 70, 1] and [60, 10, 64, 3, 100] (boundaries inside 64-row and 16-row query tiles),
+//! GQA 8/2 at head dims 64 and 128 (and 72 with RoPE), causal and not, with and without RoPE,
+//! RoPE without segments at B = 2, and segments with a key-padding mask; same tolerances
+//! (f32 storage: 1e-5, stricter than the 1e-4 asked for packed attention).
 //! Without a CUDA device (real or emulated) every test prints `skipped: no CUDA device`.
 
 use std::collections::HashMap;
