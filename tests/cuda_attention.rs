@@ -456,3 +456,103 @@ fn bad_segments_are_refused() {
     assert!(e.contains("batch 1"), "{e}");
     assert!(gb.attention_ext("llm.attn", q, q, q, p(&[3, 7])).is_ok());
 }
+
+/// Direct launches of a packed, fused-RoPE call with the public table builders
+/// (`attention::segment_table`, `attention::rope_table`) and q, k, v, out one element past a
+/// 16-byte boundary (the scalar load/store path); the output is poisoned (NaN) first and the
+/// elements around it must stay untouched.
+#[test]
+fn packed_rope_on_misaligned_pointers() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(10);
+    let c = packed(&[37, 5, 70, 1], 64, true, true);
+    let t = c.tokens();
+    let (qw, kw) = (c.heads * c.hd, c.kv_heads * c.hd);
+    let q = rng.normals(t * qw, 0.0, 1.0);
+    let k = rng.normals(t * kw, 0.1, 1.5);
+    let v = rng.normals(t * kw, 0.5, 1.0);
+    let segs = c.segs.unwrap();
+    let want = packed_expected(&c, &q, &k, &v, None, Some(segs));
+    let seg_bytes: Vec<u8> = attention::segment_table(segs).iter().flat_map(|x| x.to_le_bytes()).collect();
+    let rope_bytes: Vec<u8> = attention::rope_table(THETA, c.hd, 70).iter().flat_map(|x| x.to_le_bytes()).collect();
+    let (seg_buf, rope_buf) = (dev.upload(&seg_bytes).unwrap(), dev.upload(&rope_bytes).unwrap());
+    for dtype in DTYPES {
+        let es = dtype.size_in_bytes();
+        let host = |v: &[f32]| -> Vec<u8> {
+            match dtype {
+                DType::F32 => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
+                _ => v.iter().flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes()).collect(),
+            }
+        };
+        let upload = |v: &[f32]| {
+            let buf = dev.alloc((v.len() + 1) * es).unwrap();
+            dev.copy_to_device(&host(v), buf.ptr() + es as u64).unwrap();
+            buf
+        };
+        let (qb, kb, vb) = (upload(&q), upload(&k), upload(&v));
+        let len = q.len();
+        let ob = dev.alloc((len + 2) * es).unwrap();
+        dev.fill_bytes(ob.ptr(), 0xFF, ob.bytes()).unwrap();
+        let at = |b: &DeviceBuffer| b.ptr() + es as u64;
+        let args = AttentionArgs {
+            dtype,
+            q: at(&qb),
+            k: at(&kb),
+            v: at(&vb),
+            mask: 0,
+            segments: seg_buf.ptr(),
+            rope_cs: rope_buf.ptr(),
+            out: at(&ob),
+            batch: 1,
+            n: t,
+            m: t,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.hd,
+            causal: true,
+            scale: 1.0 / (c.hd as f32).sqrt(),
+        };
+        let launches = attention::launch(&args).unwrap();
+        // SAFETY: every buffer holds the shapes launched (one element of slack before each); the
+        // tables cover every token and the longest segment's positions.
+        unsafe { launches.iter().try_for_each(|l| l.enqueue(&dev)).unwrap() };
+        dev.synchronize().unwrap();
+        let all: Vec<f32> = match dtype {
+            DType::F32 => {
+                let mut o = vec![0f32; len + 2];
+                dev.copy_to_host(ob.ptr(), &mut o).unwrap();
+                o
+            }
+            _ => {
+                let mut o = vec![0u16; len + 2];
+                dev.copy_to_host(ob.ptr(), &mut o).unwrap();
+                o.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
+            }
+        };
+        assert!(all[0].is_nan() && all[len + 1].is_nan(), "{} wrote outside its output", launches[0].kernel);
+        let base = packed_expected(&c, &round_to(dtype, &q), &round_to(dtype, &k), &round_to(dtype, &v), None, Some(segs));
+        check(&format!("packed rope {dtype} hd64 segments {segs:?} misaligned"), dtype, &all[1..=len], &want, &base);
+    }
+    // The launcher refuses segments with batch > 1 and RoPE with n != m.
+    let bad = AttentionArgs {
+        dtype: DType::F32,
+        q: 0,
+        k: 0,
+        v: 0,
+        mask: 0,
+        segments: 1,
+        rope_cs: 0,
+        out: 0,
+        batch: 2,
+        n: 4,
+        m: 4,
+        heads: 2,
+        kv_heads: 2,
+        head_dim: 64,
+        causal: true,
+        scale: 0.1,
+    };
+    assert!(attention::launch(&bad).unwrap_err().contains("batch 1"));
+    let bad = AttentionArgs { segments: 0, rope_cs: 1, batch: 1, m: 5, causal: false, ..bad };
+    assert!(attention::launch(&bad).unwrap_err().contains("as many keys as queries"));
+}
