@@ -67,6 +67,13 @@ pub enum CudaError {
 
 pub type Result<T, E = CudaError> = std::result::Result<T, E>;
 
+impl CudaError {
+    /// Whether the device ran out of memory (so that a caller can say what would fit).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, CudaError::Driver { err, .. } if err.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)
+    }
+}
+
 /// Maps a driver error to [`CudaError::Driver`] with a description of the call.
 pub(crate) trait DriverContext<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;

@@ -55,6 +55,11 @@ impl Graph {
         })
     }
 
+    /// The graph input called `name`.
+    pub fn input_id(&self, name: &str) -> Option<ValueId> {
+        self.inputs().find(|(_, n)| *n == name).map(|(id, _)| id)
+    }
+
     pub fn weights(&self) -> impl Iterator<Item = (ValueId, &str)> {
         self.values.iter().enumerate().filter_map(|(i, v)| match &v.kind {
             ValueKind::Weight(n) => Some((ValueId(i), n.as_str())),
