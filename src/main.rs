@@ -34,6 +34,37 @@ enum Command {
         #[arg(long)]
         diff_nodes: bool,
     },
+    /// Benchmark a variant with random weights (no download): per-stage times, images/s, memory,
+    /// and with --profile a per-op profile against measured ceilings. Table on stdout, JSON with --json.
+    Bench {
+        /// b-512, l-512, l-1024, or tiny (the built-in tiny model's sizes).
+        #[arg(long, default_value = "b-512")]
+        variant: String,
+        /// Comma-separated batch sizes.
+        #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// cpu, cuda, cuda:N, or emu (the emulated GPU: correctness only, its times are not speed).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// bf16 or f32 (the CPU runs f32).
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Denoising steps of the end-to-end batch time.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Timed runs per measurement (after a warm-up); the median is reported.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Also profile every op of the step and decode graphs.
+        #[arg(long)]
+        profile: bool,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Image side in pixels (a multiple of 32); default: the variant's size.
+        #[arg(long)]
+        size: Option<usize>,
+    },
     /// Convert a PyTorch .pth checkpoint (read without running any pickled code) or safetensors
     /// file(s) to one safetensors file with the same tensor names and dtypes.
     Convert {
@@ -162,6 +193,30 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 all_passed &= report.passed();
             }
             Ok(all_passed)
+        }
+        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size } => {
+            let device = Device::parse(&device)?;
+            let dtype = parse_dtype(&dtype)?;
+            let dtype = if device == Device::Cpu && dtype == openuni_tensor::DType::BF16 {
+                eprintln!("note: --device cpu runs f32; benchmarking f32");
+                openuni_tensor::DType::F32
+            } else {
+                dtype
+            };
+            let opts = openuni::bench::BenchOptions {
+                variant,
+                batches: batch,
+                run: openuni::pipeline::RunOptions { device, dtype },
+                steps,
+                iters,
+                profile,
+                json,
+                size,
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+            };
+            let report = openuni::bench::run(&opts)?;
+            print!("{}", openuni::bench::render(&report));
+            Ok(true)
         }
         Command::Convert { input, output } => {
             println!("{}", openuni::convert::convert(&input, &output)?);

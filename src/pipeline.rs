@@ -225,6 +225,19 @@ impl OpenUni {
         self.resident.borrow().execs.values().map(|e| e.activation_bytes()).sum()
     }
 
+    /// Runs `f` on the resident executor of graph `name` ("connector", "caption", "step",
+    /// "decoder") for input dims `dims`; an error if no call has made it yet.
+    pub fn resident_executor<R>(&self, name: &str, dims: &[usize], run: RunOptions, f: impl FnOnce(&mut dyn GraphExecutor) -> Result<R>) -> Result<R> {
+        let mut r = self.resident.borrow_mut();
+        let e = r
+            .execs
+            .iter_mut()
+            .find(|(k, _)| k.graph == name && k.dims == dims && k.device == run.device && k.dtype == run.dtype)
+            .map(|(_, e)| e)
+            .with_context(|| format!("no resident `{name}` executor for {dims:?} on {} {}", run.device, run.dtype))?;
+        f(e.as_mut())
+    }
+
     /// Drops every resident executor (their weights stay).
     pub fn release_executors(&self) {
         self.resident.borrow_mut().execs.clear();
