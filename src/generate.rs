@@ -410,19 +410,25 @@ pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
 pub fn out_of_memory_advice(model: &OpenUni, n: usize, lh: usize, lw: usize, run: RunOptions) -> String {
     model.release_executors();
     let free = crate::exec::open_device(run.device).and_then(|d| Ok(d.memory_info()?)).map(|(f, _)| f).unwrap_or(0);
-    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let size = |b: usize| {
+        if b >= 1 << 30 {
+            format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+        } else {
+            format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+        }
+    };
     let need = |k: usize| model.planned_batch_bytes(k, lh, lw, run.dtype).unwrap_or(usize::MAX);
-    // Leave a tenth for workspaces, staging and the LLM's per-call graphs.
-    let budget = free / 10 * 9;
-    let fits = (1..n).rev().find(|&k| need(k) <= budget);
+    // Leave a quarter of the plan for the kernels' workspaces, allocation rounding and the LLM's
+    // per-call graphs.
+    let fits = (1..n).rev().find(|&k| need(k).saturating_add(need(k) / 4) <= free);
     let head = format!(
-        "out of GPU memory at --batch {n}: its graphs plan {:.2} GiB of activations, {:.2} GiB are free besides {:.2} GiB of resident weights",
-        gib(need(n)),
-        gib(free),
-        gib(model.resident_weight_bytes())
+        "out of GPU memory at --batch {n}: its graphs plan {} of activations; {} are free besides {} of resident weights",
+        size(need(n)),
+        size(free),
+        size(model.resident_weight_bytes())
     );
     match fits {
-        Some(k) => format!("{head}; --batch {k} plans {:.2} GiB and should fit", gib(need(k))),
-        None => format!("{head}; even --batch 1 plans {:.2} GiB: use --decode-tile, a smaller --height/--width, or a larger GPU", gib(need(1))),
+        Some(k) => format!("{head}; --batch {k} plans {}, which fits", size(need(k))),
+        None => format!("{head}; even --batch 1 plans {}: use --decode-tile, a smaller --height/--width, or a larger GPU", size(need(1))),
     }
 }

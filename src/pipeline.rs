@@ -56,7 +56,7 @@ struct ExecKey {
 
 /// What stays on the device between calls, so that the batches after the first of a shape
 /// upload and allocate nothing: each stage's weights once per (device, dtype), and one executor
-/// per graph and shape (the step executor with its captured CUDA graph). The LLM graph depends
+/// per graph for the last shape it ran (the step executor with its captured CUDA graph). The LLM graph depends
 /// on the prompt lengths, so its executors are made per call (sharing the resident weights).
 #[derive(Default)]
 struct Resident {
@@ -263,6 +263,9 @@ impl OpenUni {
     ) -> Result<R> {
         let key = ExecKey { graph: name, dims: dims.to_vec(), device: run.device, dtype: run.dtype };
         if !self.resident.borrow().execs.contains_key(&key) {
+            // One resident executor per graph: a new shape (a last, smaller batch) replaces the
+            // old one, freeing its memory first, so that memory stays bounded by the largest batch.
+            self.resident.borrow_mut().execs.retain(|k, _| k.graph != name);
             let mut e = self.new_executor(stage, &build()?, run)?;
             if capture {
                 e.capture().with_context(|| format!("capturing the {name} graph"))?;
@@ -390,10 +393,16 @@ impl OpenUni {
         ])
     }
 
-    /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage
-    /// (arenas only: the kernels' small workspaces and f32 staging are not counted).
+    /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage:
+    /// each arena, plus with bf16 the f32 staging of every input and output (the kernels' small
+    /// workspaces are not counted).
     pub fn planned_batch_bytes(&self, n: usize, h: usize, w: usize, dtype: DType) -> Result<usize> {
-        Ok(self.batch_graphs(n, h, w)?.iter().map(|(_, g)| openuni_graph::plan(g, false).arena_elems * dtype.size_in_bytes()).sum())
+        let bytes = |g: &Graph| {
+            let arena = openuni_graph::plan(g, false).arena_elems * dtype.size_in_bytes();
+            let staged: usize = g.inputs().map(|(id, _)| g.shape(id).numel()).chain(g.outputs.iter().map(|(_, id)| g.shape(*id).numel())).sum();
+            arena + if dtype == DType::F32 { 0 } else { staged * 4 }
+        };
+        Ok(self.batch_graphs(n, h, w)?.iter().map(|(_, g)| bytes(g)).sum())
     }
 
     /// The transformer step graph on [2N, C, h, w] reading the caption path's K/V (of the

@@ -96,3 +96,37 @@ fn batch_equals_single_images_on_the_emulated_gpu() {
         assert!(pe < tol && lat < tol && img < tol, "{dtype}: batched differs from single: {pe:.2e} {lat:.2e} {img:.2e}");
     }
 }
+
+/// Out of device memory (the emulated GPU with a small memory cap): `generate` names the batch
+/// that failed and one that fits by the memory plan, and that batch then runs under the same cap.
+#[test]
+fn out_of_memory_names_a_batch_that_fits() {
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_openuni"));
+    let lib = exe.parent().and_then(|p| p.parent()).map(|t| t.join("emu/lib/libcuda.so.1"));
+    if !(lib.is_some_and(|l| l.is_file()) || std::env::var_os("OPENUNI_EMU_LIB").is_some()) {
+        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a\nb\nc\nd\ne\nf\ng\nh\n").unwrap();
+    let generate = |batch: &str| {
+        let out = std::process::Command::new(&exe)
+            .args(["generate", "--prompts", prompts.to_str().unwrap(), "--device", "emu", "--dtype", "bf16"])
+            .args(["--height", "64", "--width", "64", "--steps", "1", "--batch", batch, "--out", dir.path().join("out").to_str().unwrap()])
+            // 32 MiB go to cuBLASLt's workspace; the rest holds weights and a few images' graphs.
+            .env("OPENUNI_EMU_MEMORY", "36MiB")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, err) = generate("8");
+    assert_eq!(code, Some(2), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_default().to_string();
+    println!("{line}");
+    assert!(line.contains("out of GPU memory at --batch 8"), "{err}");
+    let fits: usize = line.split("; --batch ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no batch advised: {line}"));
+    assert!((1..8).contains(&fits));
+    let (code, err) = generate(&fits.to_string());
+    assert_eq!(code, Some(0), "the advised --batch {fits} failed too: {err}");
+}

@@ -70,7 +70,12 @@ pub type Result<T, E = CudaError> = std::result::Result<T, E>;
 impl CudaError {
     /// Whether the device ran out of memory (so that a caller can say what would fit).
     pub fn is_out_of_memory(&self) -> bool {
-        matches!(self, CudaError::Driver { err, .. } if err.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)
+        match self {
+            CudaError::Driver { err, .. } => err.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+            // A node's error keeps the driver error's text (e.g. its GEMM workspace allocation).
+            CudaError::Node { msg, .. } => msg.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+            _ => false,
+        }
     }
 }
 
