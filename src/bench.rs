@@ -171,6 +171,26 @@ fn variant_configs(name: &str) -> Result<VariantConfigs> {
     })
 }
 
+/// Writes the variant's configs as JSON (llm.json, connector.json, transformer.json, vae.json,
+/// openuni.json with the query count and image size), so that the PyTorch baseline
+/// (tools/bench_torch.py) builds exactly the models this benchmark runs.
+pub fn write_configs(variant: &str, dir: &std::path::Path) -> Result<()> {
+    let v = variant_configs(variant)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let files = [
+        ("llm.json", v.llm),
+        ("connector.json", serde_json::to_value(&v.connector)?),
+        ("transformer.json", v.transformer),
+        ("vae.json", v.vae),
+        ("openuni.json", serde_json::json!({"variant": variant, "num_queries": v.num_queries, "size": v.size})),
+    ];
+    for (name, value) in files {
+        let p = dir.join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(&value)?).with_context(|| format!("{}: cannot write", p.display()))?;
+    }
+    Ok(())
+}
+
 /// A variant with random weights.
 pub fn random_model(variant: &str) -> Result<(OpenUni, usize)> {
     let v = variant_configs(variant)?;

@@ -64,6 +64,9 @@ enum Command {
         /// Image side in pixels (a multiple of 32); default: the variant's size.
         #[arg(long)]
         size: Option<usize>,
+        /// Only write the variant's model configs as JSON into DIR (for tools/bench_torch.py) and exit.
+        #[arg(long, value_name = "DIR")]
+        write_configs: Option<PathBuf>,
     },
     /// Convert a PyTorch .pth checkpoint (read without running any pickled code) or safetensors
     /// file(s) to one safetensors file with the same tensor names and dtypes.
@@ -194,7 +197,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(all_passed)
         }
-        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size } => {
+        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs } => {
+            if let Some(dir) = write_configs {
+                openuni::bench::write_configs(&variant, &dir)?;
+                println!("{}", dir.display());
+                return Ok(true);
+            }
             let device = Device::parse(&device)?;
             let dtype = parse_dtype(&dtype)?;
             let dtype = if device == Device::Cpu && dtype == openuni_tensor::DType::BF16 {
