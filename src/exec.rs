@@ -194,6 +194,15 @@ impl WeightCache {
         })
     }
 
+    /// As `new`, with the executors built on it running on the device's second lane
+    /// ([`open_device_lane`]); on the CPU the same as `new`.
+    pub fn on_second_lane(device: Device, dtype: DType) -> Result<WeightCache> {
+        Ok(match device {
+            Device::Cpu => WeightCache::Cpu(openuni_cpu::WeightCache::new()),
+            _ => WeightCache::Cuda(openuni_cuda::WeightCache::new(&open_device_lane(device)?, dtype)),
+        })
+    }
+
     /// Bytes held (host f32 on the CPU, device memory on a GPU).
     pub fn bytes(&self) -> usize {
         match self {
@@ -237,6 +246,20 @@ pub fn executor_with(
         (Device::Cuda(_) | Device::Emu, WeightCache::Cuda(c)) => Ok(Box::new(CudaExecutor::with_cache(graph, weights, c, keep_all)?)),
         _ => bail!("a weight cache for another device was passed for --device {device}"),
     }
+}
+
+/// The second lane (stream, cuBLASLt workspace) of a CUDA device, once per process and device:
+/// the conditioning stages run there so that they can overlap the denoising on the first.
+pub fn open_device_lane(device: Device) -> Result<Arc<CudaDevice>> {
+    static LANES: OnceLock<std::sync::Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+    let dev = open_device(device)?;
+    let mut lanes = LANES.get_or_init(Default::default).lock().expect("lane table");
+    if let Some(d) = lanes.get(&dev.ordinal()) {
+        return Ok(d.clone());
+    }
+    let lane = dev.lane().with_context(|| format!("--device {device}: a second stream"))?;
+    lanes.insert(dev.ordinal(), lane.clone());
+    Ok(lane)
 }
 
 /// Opens a CUDA device (real or emulated), once per process and device.

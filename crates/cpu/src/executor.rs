@@ -273,6 +273,12 @@ impl CpuExecutor {
             Op::PixelShuffleShortcut { x, h, w, cout } => {
                 ops::pixel_shuffle_shortcut(view.get(*x), out_shape.dims()[0], *h, *w, g.shape(*x).last(), *cout, y)
             }
+            Op::GatherTokens { x, starts, len } => {
+                let (t, c) = (g.shape(*x).dims()[1], g.shape(*x).last());
+                for (i, &s) in starts.iter().enumerate() {
+                    ops::slice_tokens(view.get(*x), 1, t, c, s, *len, &mut y[i * len * c..(i + 1) * len * c]);
+                }
+            }
             Op::SliceTokens { x, start, len } => {
                 let d = g.shape(*x).dims();
                 ops::slice_tokens(view.get(*x), d[0], d[1], d[2], *start, *len, y)

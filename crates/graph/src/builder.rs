@@ -426,6 +426,18 @@ impl GraphBuilder {
         Ok(self.push(name, Op::SliceTokens { x, start, len }, Shape::new([s.dims()[0], len, s.last()])))
     }
 
+    /// `len` tokens from each of `starts` of a [1, T, C] tensor, stacked: [starts.len(), len, C].
+    pub fn gather_tokens(&mut self, name: &str, x: ValueId, starts: &[usize], len: usize) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        if s.rank() != 3 || s.dims()[0] != 1 || starts.is_empty() {
+            return Err(shape_err("gather_tokens", format!("{name}: needs a [1, T, C] input and at least one start, got {s} and {} starts", starts.len())));
+        }
+        if let Some(&bad) = starts.iter().find(|&&st| st + len > s.dims()[1]) {
+            return Err(shape_err("gather_tokens", format!("{name}: tokens {bad}..{} are not inside {s}", bad + len)));
+        }
+        Ok(self.push(name, Op::GatherTokens { x, starts: starts.to_vec(), len }, Shape::new([starts.len(), len, s.last()])))
+    }
+
     pub fn concat(&mut self, name: &str, xs: &[ValueId]) -> Result<ValueId> {
         let first = self.shape(*xs.first().ok_or_else(|| shape_err("concat", format!("{name}: nothing to concatenate")))?).clone();
         let mut last = 0;
