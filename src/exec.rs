@@ -14,7 +14,7 @@ use openuni_tensor::{DType, HostTensor, TensorSource};
 
 use crate::compare::{diff, Diff};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Cpu,
     Cuda(usize),
@@ -86,27 +86,129 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
-/// What both backends offer: run a graph, and read any value afterwards.
+/// What both backends offer: run a graph (inputs persist across runs until set again), time it,
+/// and read any value afterwards.
 pub trait GraphExecutor {
-    fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>>;
+    /// Sets every input not set before (or any subset again), runs, returns the outputs.
+    fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
+        self.set_inputs(inputs)?;
+        self.execute()?;
+        self.outputs()
+    }
+    fn set_inputs(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<()>;
+    /// One run on the inputs set so far (on a GPU: enqueued, or a captured graph replayed).
+    fn execute(&mut self) -> Result<()>;
+    /// The outputs of the last run, as f32 (waits for the device).
+    fn outputs(&mut self) -> Result<HashMap<String, HostTensor>>;
     fn value(&self, id: ValueId) -> Result<HostTensor>;
+    /// Captures a run into a CUDA graph that later `execute`s replay (a no-op on the CPU).
+    fn capture(&mut self) -> Result<()>;
+    /// Wall times of `iters` runs after a warm-up, in ms (CUDA events on a GPU).
+    fn time_runs(&mut self, iters: usize) -> Result<Vec<f64>>;
+    /// Each node's median time over `iters` runs after a warm-up, in ms, in node order.
+    fn profile(&mut self, iters: usize) -> Result<Vec<f64>>;
+    fn graph(&self) -> &Graph;
+    /// Device (or host) bytes of the activation arena, workspaces and staging of this graph.
+    fn activation_bytes(&self) -> usize;
 }
 
 impl GraphExecutor for CudaExecutor {
-    fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
-        Ok(CudaExecutor::run(self, inputs)?)
+    fn set_inputs(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<()> {
+        Ok(CudaExecutor::set_inputs(self, inputs)?)
+    }
+    fn execute(&mut self) -> Result<()> {
+        Ok(CudaExecutor::execute(self)?)
+    }
+    fn outputs(&mut self) -> Result<HashMap<String, HostTensor>> {
+        Ok(CudaExecutor::outputs(self)?)
     }
     fn value(&self, id: ValueId) -> Result<HostTensor> {
         Ok(CudaExecutor::value(self, id)?)
     }
+    fn capture(&mut self) -> Result<()> {
+        Ok(CudaExecutor::capture(self)?)
+    }
+    fn time_runs(&mut self, iters: usize) -> Result<Vec<f64>> {
+        Ok(CudaExecutor::time_runs(self, iters)?)
+    }
+    fn profile(&mut self, iters: usize) -> Result<Vec<f64>> {
+        Ok(CudaExecutor::profile(self, &HashMap::new(), iters)?.into_iter().map(|t| t.median_ms).collect())
+    }
+    fn graph(&self) -> &Graph {
+        CudaExecutor::graph(self)
+    }
+    fn activation_bytes(&self) -> usize {
+        self.arena_bytes() + self.resource_bytes() + self.staging_bytes()
+    }
 }
 
 impl GraphExecutor for CpuExecutor {
-    fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
-        Ok(CpuExecutor::run(self, inputs)?)
+    fn set_inputs(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<()> {
+        Ok(CpuExecutor::set_inputs(self, inputs)?)
+    }
+    fn execute(&mut self) -> Result<()> {
+        Ok(CpuExecutor::execute(self)?)
+    }
+    fn outputs(&mut self) -> Result<HashMap<String, HostTensor>> {
+        Ok(CpuExecutor::outputs(self))
     }
     fn value(&self, id: ValueId) -> Result<HostTensor> {
         Ok(CpuExecutor::value(self, id)?)
+    }
+    fn capture(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn time_runs(&mut self, iters: usize) -> Result<Vec<f64>> {
+        self.execute()?;
+        (0..iters)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                self.execute()?;
+                Ok(t.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect()
+    }
+    fn profile(&mut self, iters: usize) -> Result<Vec<f64>> {
+        Ok(CpuExecutor::profile(self, iters)?.into_iter().map(|t| t.median_ms).collect())
+    }
+    fn graph(&self) -> &Graph {
+        CpuExecutor::graph(self)
+    }
+    fn activation_bytes(&self) -> usize {
+        self.plan().arena_elems * 4
+    }
+}
+
+/// Weights converted (CPU) or uploaded (GPU) once and shared by every executor built with it.
+#[derive(Clone)]
+pub enum WeightCache {
+    Cpu(Arc<openuni_cpu::WeightCache>),
+    Cuda(Arc<openuni_cuda::WeightCache>),
+}
+
+impl WeightCache {
+    pub fn new(device: Device, dtype: DType) -> Result<WeightCache> {
+        Ok(match device {
+            Device::Cpu => WeightCache::Cpu(openuni_cpu::WeightCache::new()),
+            _ => WeightCache::Cuda(openuni_cuda::WeightCache::new(&open_device(device)?, dtype)),
+        })
+    }
+
+    /// As `new`, with the executors built on it running on the device's second lane
+    /// ([`open_device_lane`]); on the CPU the same as `new`.
+    pub fn on_second_lane(device: Device, dtype: DType) -> Result<WeightCache> {
+        Ok(match device {
+            Device::Cpu => WeightCache::Cpu(openuni_cpu::WeightCache::new()),
+            _ => WeightCache::Cuda(openuni_cuda::WeightCache::new(&open_device_lane(device)?, dtype)),
+        })
+    }
+
+    /// Bytes held (host f32 on the CPU, device memory on a GPU).
+    pub fn bytes(&self) -> usize {
+        match self {
+            WeightCache::Cpu(c) => c.bytes(),
+            WeightCache::Cuda(c) => c.bytes(),
+        }
     }
 }
 
@@ -119,18 +221,45 @@ pub fn executor(
     dtype: DType,
     keep_all: bool,
 ) -> Result<Box<dyn GraphExecutor>> {
-    match device {
-        Device::Cpu => {
-            if dtype != DType::F32 {
-                bail!("--device cpu runs the f32 reference only; --dtype {dtype} needs --device cuda");
-            }
-            Ok(Box::new(CpuExecutor::new(graph, weights, keep_all)?))
-        }
-        Device::Cuda(_) | Device::Emu => {
-            let dev = open_device(device)?;
-            Ok(Box::new(CudaExecutor::new(&dev, graph, weights, dtype, keep_all)?))
-        }
+    check_dtype(device, dtype)?;
+    executor_with(device, graph, weights, &WeightCache::new(device, dtype)?, keep_all)
+}
+
+fn check_dtype(device: Device, dtype: DType) -> Result<()> {
+    if device == Device::Cpu && dtype != DType::F32 {
+        bail!("--device cpu runs the f32 reference only; --dtype {dtype} needs --device cuda");
     }
+    Ok(())
+}
+
+/// As [`executor`], sharing weights through `cache` (made by `WeightCache::new` for the same
+/// device and dtype).
+pub fn executor_with(
+    device: Device,
+    graph: &Graph,
+    weights: &dyn TensorSource,
+    cache: &WeightCache,
+    keep_all: bool,
+) -> Result<Box<dyn GraphExecutor>> {
+    match (device, cache) {
+        (Device::Cpu, WeightCache::Cpu(c)) => Ok(Box::new(CpuExecutor::with_cache(graph, weights, c, keep_all)?)),
+        (Device::Cuda(_) | Device::Emu, WeightCache::Cuda(c)) => Ok(Box::new(CudaExecutor::with_cache(graph, weights, c, keep_all)?)),
+        _ => bail!("a weight cache for another device was passed for --device {device}"),
+    }
+}
+
+/// The second lane (stream, cuBLASLt workspace) of a CUDA device, once per process and device:
+/// the conditioning stages run there so that they can overlap the denoising on the first.
+pub fn open_device_lane(device: Device) -> Result<Arc<CudaDevice>> {
+    static LANES: OnceLock<std::sync::Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+    let dev = open_device(device)?;
+    let mut lanes = LANES.get_or_init(Default::default).lock().expect("lane table");
+    if let Some(d) = lanes.get(&dev.ordinal()) {
+        return Ok(d.clone());
+    }
+    let lane = dev.lane().with_context(|| format!("--device {device}: a second stream"))?;
+    lanes.insert(dev.ordinal(), lane.clone());
+    Ok(lane)
 }
 
 /// Opens a CUDA device (real or emulated), once per process and device.

@@ -274,6 +274,8 @@ pub struct Settings {
     /// `--decode-tile` / `--decode-overlap` in pixels (see `DecodeOptions::from_flags`).
     pub decode_tile: Option<usize>,
     pub decode_overlap: Option<usize>,
+    /// Images per batch (`--batch`): conditioned, denoised and decoded together.
+    pub batch: usize,
 }
 
 /// What a run did.
@@ -318,6 +320,9 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     let decode_opts = DecodeOptions::from_flags(s.decode_tile, s.decode_overlap, height, width, up)?;
     let shift = flow_shift(&models.transformer)?;
 
+    if s.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let todo: Vec<(usize, &Item, PathBuf)> = items
         .iter()
         .enumerate()
@@ -330,43 +335,100 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
             !exists
         })
         .collect();
-    let bar = ProgressBar::new((todo.len() * s.steps) as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}").expect("valid template"));
-    let start = Instant::now();
-    let (mut written, mut failed) = (vec![], vec![]);
-    for (n, (i, it, path)) in todo.iter().enumerate() {
-        let ids = match tok.encode(&it.prompt, it.negative_prompt.as_deref(), max_tokens) {
-            Ok(ids) => ids,
+    // Tokenize first: a refused prompt is reported and the rest go on in full batches.
+    let mut ready = vec![];
+    let mut failed = vec![];
+    for (i, it, path) in todo {
+        match tok.encode(&it.prompt, it.negative_prompt.as_deref(), max_tokens) {
+            Ok(ids) => ready.push((i, it, path, ids)),
             Err(e) => {
                 let msg = format!("item {i}: {e}; skipped");
-                bar.suspend(|| eprintln!("{msg}"));
+                eprintln!("{msg}");
                 failed.push(msg);
-                continue;
             }
+        }
+    }
+    let bar = ProgressBar::new((ready.len() * s.steps) as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} image-steps  {msg}").expect("valid template"));
+    let start = Instant::now();
+    let mut written = vec![];
+    let c = model.transformer_cfg.in_channels;
+    for chunk in ready.chunks(s.batch.max(1)) {
+        let n = chunk.len();
+        let made = (|| -> Result<HostTensor> {
+            let pairs: Vec<(&[u32], &[u32])> = chunk.iter().map(|(_, _, _, ids)| (&ids.cond[..], &ids.uncond[..])).collect();
+            let cond = model.condition_batch(&pairs, run)?;
+            let mut z = Vec::with_capacity(n * c * lh * lw);
+            for (_, it, _, _) in chunk {
+                z.extend(noise(it.seed, c, lh, lw).to_f32_vec());
+            }
+            let z = HostTensor::from_f32([n, c, lh, lw], z)?;
+            let latents = model.denoise(&cond.prompt_embeds, &z, s.steps, s.guidance, s.sampler, shift, run, |_| bar.inc(n as u64))?;
+            model.decode_with(&latents, run, decode_opts)
+        })();
+        let decoded = match made {
+            Ok(d) => d,
+            Err(e) if is_out_of_memory(&e) => {
+                bar.finish_and_clear();
+                return Err(e.context(out_of_memory_advice(&model, n, lh, lw, run)));
+            }
+            Err(e) => return Err(e),
         };
-        let c = model.condition(&ids.cond, &ids.uncond, run)?;
-        let z = noise(it.seed, model.transformer_cfg.in_channels, lh, lw);
-        let latents = model.denoise(&c.prompt_embeds, &z, s.steps, s.guidance, s.sampler, shift, run, |_| bar.inc(1))?;
-        let decoded = model.decode_with(&latents, run, decode_opts)?;
         let (pixels, _) = to_uint8_nhwc(&decoded)?;
-        let meta = vec![
-            ("Software".to_string(), format!("openuni {}", env!("CARGO_PKG_VERSION"))),
-            ("prompt".into(), it.prompt.clone()),
-            ("negative_prompt".into(), it.negative_prompt.clone().unwrap_or_default()),
-            ("seed".into(), it.seed.to_string()),
-            ("steps".into(), s.steps.to_string()),
-            ("guidance".into(), s.guidance.to_string()),
-            ("sampler".into(), format!("{:?}", s.sampler)),
-            ("flow_shift".into(), shift.to_string()),
-            ("size".into(), format!("{width}x{height}")),
-            ("model".into(), if models.builtin { "built-in tiny random model (not meaningful)".into() } else { s.variant.name.to_string() }),
-            ("device".into(), format!("{} {}", s.device, s.dtype)),
-        ];
-        write_png(path, &pixels, width, height, &meta)?;
-        written.push(path.clone());
-        let rate = (n + 1) as f64 / start.elapsed().as_secs_f64();
-        bar.set_message(format!("{}/{} images, {rate:.2} images/s", n + 1, todo.len()));
+        let per = height * width * 3;
+        for (k, (_, it, path, _)) in chunk.iter().enumerate() {
+            let meta = vec![
+                ("Software".to_string(), format!("openuni {}", env!("CARGO_PKG_VERSION"))),
+                ("prompt".into(), it.prompt.clone()),
+                ("negative_prompt".into(), it.negative_prompt.clone().unwrap_or_default()),
+                ("seed".into(), it.seed.to_string()),
+                ("steps".into(), s.steps.to_string()),
+                ("guidance".into(), s.guidance.to_string()),
+                ("sampler".into(), format!("{:?}", s.sampler)),
+                ("flow_shift".into(), shift.to_string()),
+                ("size".into(), format!("{width}x{height}")),
+                ("model".into(), if models.builtin { "built-in tiny random model (not meaningful)".into() } else { s.variant.name.to_string() }),
+                ("device".into(), format!("{} {}", s.device, s.dtype)),
+            ];
+            write_png(path, &pixels[k * per..(k + 1) * per], width, height, &meta)?;
+            written.push(path.clone());
+        }
+        let rate = written.len() as f64 / start.elapsed().as_secs_f64();
+        bar.set_message(format!("{}/{} images, {rate:.2} images/s", written.len(), ready.len()));
     }
     bar.finish_and_clear();
     Ok(Report { written, failed })
+}
+
+/// Whether an error comes from the device running out of memory.
+pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<openuni_cuda::CudaError>().is_some_and(|c| c.is_out_of_memory()))
+}
+
+/// What to say when a batch of `n` did not fit: the planned activation memory of the batch's
+/// resident graphs against the device's free memory, and the largest batch that would fit.
+pub fn out_of_memory_advice(model: &OpenUni, n: usize, lh: usize, lw: usize, run: RunOptions) -> String {
+    model.release_executors();
+    let free = crate::exec::open_device(run.device).and_then(|d| Ok(d.memory_info()?)).map(|(f, _)| f).unwrap_or(0);
+    let size = |b: usize| {
+        if b >= 1 << 30 {
+            format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+        } else {
+            format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+        }
+    };
+    let need = |k: usize| model.planned_batch_bytes(k, lh, lw, run.dtype).unwrap_or(usize::MAX);
+    // Leave a quarter of the plan for the kernels' workspaces, allocation rounding and the LLM's
+    // per-call graphs.
+    let fits = (1..n).rev().find(|&k| need(k).saturating_add(need(k) / 4) <= free);
+    let head = format!(
+        "out of GPU memory at --batch {n}: its graphs plan {} of activations; {} are free besides {} of resident weights",
+        size(need(n)),
+        size(free),
+        size(model.resident_weight_bytes())
+    );
+    match fits {
+        Some(k) => format!("{head}; --batch {k} plans {}, which fits", size(need(k))),
+        None => format!("{head}; even --batch 1 plans {}: use --decode-tile, a smaller --height/--width, or a larger GPU", size(need(1))),
+    }
 }

@@ -34,6 +34,40 @@ enum Command {
         #[arg(long)]
         diff_nodes: bool,
     },
+    /// Benchmark a variant with random weights (no download): per-stage times, images/s, memory,
+    /// and with --profile a per-op profile against measured ceilings. Table on stdout, JSON with --json.
+    Bench {
+        /// b-512, l-512, l-1024, or tiny (the built-in tiny model's sizes).
+        #[arg(long, default_value = "b-512")]
+        variant: String,
+        /// Comma-separated batch sizes.
+        #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// cpu, cuda, cuda:N, or emu (the emulated GPU: correctness only, its times are not speed).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// bf16 or f32 (the CPU runs f32).
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Denoising steps of the end-to-end batch time.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Timed runs per measurement (after a warm-up); the median is reported.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Also profile every op of the step and decode graphs.
+        #[arg(long)]
+        profile: bool,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Image side in pixels (a multiple of 32); default: the variant's size.
+        #[arg(long)]
+        size: Option<usize>,
+        /// Only write the variant's model configs as JSON into DIR (for tools/bench_torch.py) and exit.
+        #[arg(long, value_name = "DIR")]
+        write_configs: Option<PathBuf>,
+    },
     /// Convert a PyTorch .pth checkpoint (read without running any pickled code) or safetensors
     /// file(s) to one safetensors file with the same tensor names and dtypes.
     Convert {
@@ -94,6 +128,11 @@ struct GenerateArgs {
     /// Output folder.
     #[arg(long, default_value = "outputs")]
     out: PathBuf,
+    /// Images generated together: one batched conditioning, one transformer run of 2N rows
+    /// (uncond and cond) per step, one batched decode. On a GPU larger batches give more images/s
+    /// until memory runs out (the error then says what batch fits).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Decode the image in overlapping tiles of PX×PX pixels (a multiple of 32), bounding the
     /// VAE's memory; default: 512-px tiles when a side exceeds 1024 px, else one piece.
     #[arg(long, value_name = "PX")]
@@ -119,7 +158,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
     let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
     let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler)
         .ok_or_else(|| anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler))?;
-    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, decode_overlap: a.decode_overlap };
+    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, decode_overlap: a.decode_overlap, batch: a.batch };
     let report = run(&items, &models, &settings)?;
     for p in &report.written {
         println!("{}", p.display());
@@ -157,6 +196,35 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 all_passed &= report.passed();
             }
             Ok(all_passed)
+        }
+        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs } => {
+            if let Some(dir) = write_configs {
+                openuni::bench::write_configs(&variant, &dir)?;
+                println!("{}", dir.display());
+                return Ok(true);
+            }
+            let device = Device::parse(&device)?;
+            let dtype = parse_dtype(&dtype)?;
+            let dtype = if device == Device::Cpu && dtype == openuni_tensor::DType::BF16 {
+                eprintln!("note: --device cpu runs f32; benchmarking f32");
+                openuni_tensor::DType::F32
+            } else {
+                dtype
+            };
+            let opts = openuni::bench::BenchOptions {
+                variant,
+                batches: batch,
+                run: openuni::pipeline::RunOptions { device, dtype },
+                steps,
+                iters,
+                profile,
+                json,
+                size,
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+            };
+            let report = openuni::bench::run(&opts)?;
+            print!("{}", openuni::bench::render(&report));
+            Ok(true)
         }
         Command::Convert { input, output } => {
             println!("{}", openuni::convert::convert(&input, &output)?);

@@ -3,11 +3,12 @@
 //! uint8 pixels. Each stage is its own graph; what depends only on the prompt (the caption path
 //! and every block's cross-attention K/V) runs once per generation, the step graph once per step.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use openuni_graph::GraphBuilder;
+use openuni_graph::{Graph, GraphBuilder};
 use openuni_models::config::read_json;
 use openuni_models::connector::{self, ConnectorConfig};
 use openuni_models::dcae::{self, DcaeConfig};
@@ -16,7 +17,7 @@ use openuni_models::sana::{self, SanaConfig};
 use openuni_models::scheduler::{guide, Sampler, SamplerKind};
 use openuni_tensor::{read_pth, DType, HostTensor, Overlay, Shape, TensorMap, TensorSource, Weights};
 
-use crate::exec::{executor, Device, GraphExecutor};
+use crate::exec::{executor_with, Device, GraphExecutor, WeightCache};
 
 /// The models of one OpenUni variant, loaded from their folders.
 pub struct OpenUni {
@@ -31,6 +32,36 @@ pub struct OpenUni {
     transformer_base: Box<dyn TensorSource>,
     pub vae_cfg: DcaeConfig,
     pub vae: Box<dyn TensorSource>,
+    /// Device weights and executors kept between calls (see [`Resident`]).
+    resident: RefCell<Resident>,
+}
+
+/// The four weight sources of a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Llm,
+    OpenUni,
+    Transformer,
+    Vae,
+}
+
+/// An executor kept for reuse: which graph, at which input shape, on which device.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ExecKey {
+    graph: &'static str,
+    dims: Vec<usize>,
+    device: Device,
+    dtype: DType,
+}
+
+/// What stays on the device between calls, so that the batches after the first of a shape
+/// upload and allocate nothing: each stage's weights once per (device, dtype), and one executor
+/// per graph for the last shape it ran (the step executor with its captured CUDA graph). The LLM graph depends
+/// on the prompt lengths, so its executors are made per call (sharing the resident weights).
+#[derive(Default)]
+struct Resident {
+    weights: HashMap<(Stage, Device, DType), WeightCache>,
+    execs: HashMap<ExecKey, Box<dyn GraphExecutor>>,
 }
 
 /// The key by which a fine-tuned OpenUni checkpoint is recognised: it carries the whole SANA
@@ -63,23 +94,24 @@ pub struct RunOptions {
     pub dtype: DType,
 }
 
-/// The conditioning of one prompt: rows ordered [uncond, cond].
+/// The conditioning of N prompts: rows ordered [uncond_0 .. uncond_N-1, cond_0 .. cond_N-1]
+/// (diffusers' CFG order: the transformer output's first half is unconditional).
 pub struct Conditioning {
-    /// [2, Q, caption_channels]
+    /// [2N, Q, caption_channels]
     pub prompt_embeds: HostTensor,
-    /// The LLM's last Q hidden states after the final norm, [1, Q, D] each.
+    /// The LLM's last Q hidden states after the final norm, [N, Q, D] each.
     pub hidden_uncond: HostTensor,
     pub hidden_cond: HostTensor,
-    /// The connector output [2, Q, D].
+    /// The connector output [2N, Q, D].
     pub connector: HostTensor,
 }
 
 /// Per-step values a caller may want to see (verification, progress).
 pub struct StepRecord {
     pub timestep: f32,
-    /// The raw transformer output [2, 32, h, w] before guidance.
+    /// The raw transformer output [2N, 32, h, w] before guidance.
     pub model_output: HostTensor,
-    /// The latents after the step [1, 32, h, w].
+    /// The latents after the step [N, 32, h, w].
     pub latents: HostTensor,
 }
 
@@ -127,7 +159,121 @@ impl OpenUni {
             transformer_base: Box::new(Weights::open(paths.transformer)?),
             vae_cfg,
             vae: Box::new(Weights::open(paths.vae)?),
+            resident: RefCell::default(),
         })
+    }
+
+    /// A model from configs and weight sources (e.g. random weights for benchmarks).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        llm_cfg: Qwen2Config,
+        llm: Box<dyn TensorSource>,
+        llm_prefix: &'static str,
+        openuni: Box<dyn TensorSource>,
+        connector_cfg: ConnectorConfig,
+        num_queries: usize,
+        transformer_cfg: SanaConfig,
+        transformer: Box<dyn TensorSource>,
+        vae_cfg: DcaeConfig,
+        vae: Box<dyn TensorSource>,
+    ) -> OpenUni {
+        OpenUni {
+            llm_cfg,
+            llm,
+            llm_prefix,
+            openuni,
+            connector_cfg,
+            num_queries,
+            transformer_cfg,
+            transformer_base: transformer,
+            vae_cfg,
+            vae,
+            resident: RefCell::default(),
+        }
+    }
+
+    fn source(&self, stage: Stage) -> Box<dyn TensorSource + '_> {
+        match stage {
+            Stage::Llm => Box::new(self.llm.as_ref()),
+            Stage::OpenUni => Box::new(self.openuni.as_ref()),
+            Stage::Transformer => self.transformer(),
+            Stage::Vae => Box::new(self.vae.as_ref()),
+        }
+    }
+
+    /// The resident weights of `stage` on `run`'s device.
+    fn weight_cache(&self, stage: Stage, run: RunOptions) -> Result<WeightCache> {
+        let mut r = self.resident.borrow_mut();
+        if let Some(c) = r.weights.get(&(stage, run.device, run.dtype)) {
+            return Ok(c.clone());
+        }
+        if run.device == Device::Cpu && run.dtype != DType::F32 {
+            bail!("--device cpu runs the f32 reference only; --dtype {} needs --device cuda", run.dtype);
+        }
+        let c = WeightCache::new(run.device, run.dtype)?;
+        r.weights.insert((stage, run.device, run.dtype), c.clone());
+        Ok(c)
+    }
+
+    /// Bytes of resident weights (host f32 on the CPU, device memory on a GPU).
+    pub fn resident_weight_bytes(&self) -> usize {
+        self.resident.borrow().weights.values().map(|c| c.bytes()).sum()
+    }
+
+    /// Bytes of the resident executors' activations (arenas, workspaces, staging).
+    pub fn resident_activation_bytes(&self) -> usize {
+        self.resident.borrow().execs.values().map(|e| e.activation_bytes()).sum()
+    }
+
+    /// Runs `f` on the resident executor of graph `name` ("connector", "caption", "step",
+    /// "decoder") for input dims `dims`; an error if no call has made it yet.
+    pub fn resident_executor<R>(&self, name: &str, dims: &[usize], run: RunOptions, f: impl FnOnce(&mut dyn GraphExecutor) -> Result<R>) -> Result<R> {
+        let mut r = self.resident.borrow_mut();
+        let e = r
+            .execs
+            .iter_mut()
+            .find(|(k, _)| k.graph == name && k.dims == dims && k.device == run.device && k.dtype == run.dtype)
+            .map(|(_, e)| e)
+            .with_context(|| format!("no resident `{name}` executor for {dims:?} on {} {}", run.device, run.dtype))?;
+        f(e.as_mut())
+    }
+
+    /// Drops every resident executor (their weights stay).
+    pub fn release_executors(&self) {
+        self.resident.borrow_mut().execs.clear();
+    }
+
+    /// A new executor of `graph` reading `stage`'s resident weights.
+    fn new_executor(&self, stage: Stage, graph: &Graph, run: RunOptions) -> Result<Box<dyn GraphExecutor>> {
+        let cache = self.weight_cache(stage, run)?;
+        executor_with(run.device, graph, self.source(stage).as_ref(), &cache, false)
+    }
+
+    /// Runs `f` on the resident executor of graph `name` for input dims `dims`, building it with
+    /// `build` the first time (and capturing it into a CUDA graph when `capture`).
+    fn with_executor<R>(
+        &self,
+        stage: Stage,
+        name: &'static str,
+        dims: &[usize],
+        run: RunOptions,
+        capture: bool,
+        build: impl FnOnce() -> Result<Graph>,
+        f: impl FnOnce(&mut dyn GraphExecutor) -> Result<R>,
+    ) -> Result<R> {
+        let key = ExecKey { graph: name, dims: dims.to_vec(), device: run.device, dtype: run.dtype };
+        if !self.resident.borrow().execs.contains_key(&key) {
+            // One resident executor per graph: a new shape (a last, smaller batch) replaces the
+            // old one, freeing its memory first, so that memory stays bounded by the largest batch.
+            self.resident.borrow_mut().execs.retain(|k, _| k.graph != name);
+            let mut e = self.new_executor(stage, &build()?, run)?;
+            if capture {
+                e.capture().with_context(|| format!("capturing the {name} graph"))?;
+            }
+            self.resident.borrow_mut().execs.insert(key.clone(), e);
+        }
+        let mut r = self.resident.borrow_mut();
+        f(r.execs.get_mut(&key).expect("inserted above").as_mut())
     }
 
     /// The transformer's weights: a fine-tuned checkpoint's `transformer.*` over the diffusers folder.
@@ -139,45 +285,71 @@ impl OpenUni {
         }
     }
 
-    /// The LLM over `ids` ++ meta-queries (one unpadded causal row), returning the last Q hidden
-    /// states after the final norm [1, Q, D].
-    fn llm_queries(&self, ids: &[u32], run: RunOptions) -> Result<HostTensor> {
+    /// The LLM over each of `seqs` ++ meta-queries (unpadded causal rows), returning the last Q
+    /// hidden states after the final norm, [S, Q, D] flattened in the order of `seqs`.
+    fn llm_queries(&self, seqs: &[&[u32]], run: RunOptions) -> Result<Vec<f32>> {
         let (d, q) = (self.llm_cfg.hidden_size, self.num_queries);
-        let rows: Vec<usize> = ids
-            .iter()
-            .map(|&i| {
-                let i = i as usize;
-                if i < self.llm_cfg.vocab_size {
-                    Ok(i)
-                } else {
-                    bail!("token id {i} is outside the LLM's vocabulary of {}", self.llm_cfg.vocab_size)
-                }
-            })
-            .collect::<Result<_>>()?;
-        let mut embeds = self.llm.rows_f32(&format!("{}embed_tokens.weight", self.llm_prefix), &rows)?.to_f32_vec();
-        embeds.extend(self.openuni.tensor_f32("meta_queries", &[q, d].into())?.to_f32_vec());
-        let t = ids.len() + q;
-        let mut b = GraphBuilder::new();
-        let x = b.input("inputs_embeds", [1, t, d])?;
-        let out = qwen2::build(&mut b, &self.llm_cfg, self.llm_prefix, x, "llm")?;
-        let last = b.slice_tokens("queries", out.hidden_states, ids.len(), q)?;
-        b.output("queries", last)?;
-        let g = b.finish();
-        let mut exec = executor(run.device, &g, self.llm.as_ref(), run.dtype, false)?;
-        let inputs = HashMap::from([("inputs_embeds".to_string(), HostTensor::from_f32([1, t, d], embeds)?)]);
-        Ok(exec.run(&inputs)?.remove("queries").expect("graph output"))
+        let queries = self.openuni.tensor_f32("meta_queries", &[q, d].into())?.to_f32_vec();
+        let mut out = Vec::with_capacity(seqs.len() * q * d);
+        for ids in seqs {
+            let rows: Vec<usize> = ids
+                .iter()
+                .map(|&i| {
+                    let i = i as usize;
+                    if i < self.llm_cfg.vocab_size {
+                        Ok(i)
+                    } else {
+                        bail!("token id {i} is outside the LLM's vocabulary of {}", self.llm_cfg.vocab_size)
+                    }
+                })
+                .collect::<Result<_>>()?;
+            let mut embeds = self.llm.rows_f32(&format!("{}embed_tokens.weight", self.llm_prefix), &rows)?.to_f32_vec();
+            embeds.extend_from_slice(&queries);
+            let t = ids.len() + q;
+            let mut b = GraphBuilder::new();
+            let x = b.input("inputs_embeds", [1, t, d])?;
+            let o = qwen2::build(&mut b, &self.llm_cfg, self.llm_prefix, x, "llm")?;
+            let last = b.slice_tokens("queries", o.hidden_states, ids.len(), q)?;
+            b.output("queries", last)?;
+            let mut exec = self.new_executor(Stage::Llm, &b.finish(), run)?;
+            let inputs = HashMap::from([("inputs_embeds".to_string(), HostTensor::from_f32([1, t, d], embeds)?)]);
+            out.extend(exec.run(&inputs)?.remove("queries").expect("graph output").to_f32_vec());
+        }
+        Ok(out)
     }
 
     /// Prompt ids (cond, uncond) -> prompt embeddings [2, Q, caption_channels], [uncond, cond].
     pub fn condition(&self, ids_cond: &[u32], ids_uncond: &[u32], run: RunOptions) -> Result<Conditioning> {
-        let hidden_cond = self.llm_queries(ids_cond, run)?;
-        let hidden_uncond = self.llm_queries(ids_uncond, run)?;
+        self.condition_batch(&[(ids_cond, ids_uncond)], run)
+    }
+
+    /// N prompts' ids (cond, uncond) -> prompt embeddings [2N, Q, caption_channels] in the
+    /// order [uncond_0..N-1, cond_0..N-1]; the connector runs once on all 2N rows.
+    pub fn condition_batch(&self, prompts: &[(&[u32], &[u32])], run: RunOptions) -> Result<Conditioning> {
+        let n = prompts.len();
+        if n == 0 {
+            bail!("no prompts to condition on");
+        }
         let (d, q) = (self.llm_cfg.hidden_size, self.num_queries);
-        let mut both = hidden_uncond.to_f32_vec();
-        both.extend(hidden_cond.to_f32_vec());
-        let cc = self.transformer_cfg.caption_channels;
+        let seqs: Vec<&[u32]> = prompts.iter().map(|p| p.1).chain(prompts.iter().map(|p| p.0)).collect();
+        let hidden = self.llm_queries(&seqs, run)?;
+        let dims = [2 * n, q, d];
+        let inputs = HashMap::from([("queries".to_string(), HostTensor::from_f32(dims, hidden.clone())?)]);
+        let mut out = self.with_executor(Stage::OpenUni, "connector", &dims, run, false, || self.connector_graph(dims), |e| e.run(&inputs))?;
+        let half = n * q * d;
+        Ok(Conditioning {
+            prompt_embeds: out.remove("prompt_embeds").expect("graph output"),
+            connector: out.remove("connector").expect("graph output"),
+            hidden_uncond: HostTensor::from_f32([n, q, d], hidden[..half].to_vec())?,
+            hidden_cond: HostTensor::from_f32([n, q, d], hidden[half..].to_vec())?,
+        })
+    }
+
+    /// The connector + projector graph on [2N, Q, D].
+    fn connector_graph(&self, dims: [usize; 3]) -> Result<Graph> {
+        let (d, cc) = (self.llm_cfg.hidden_size, self.transformer_cfg.caption_channels);
         let mut b = GraphBuilder::new();
-        let x = b.input("queries", [2, q, d])?;
+        let x = b.input("queries", dims)?;
         let layers = connector::build(&mut b, &self.connector_cfg, "connector.", x, "connector")?;
         let c = *layers.last().unwrap_or(&x);
         let pw = b.weight("projector.weight", [cc, d])?;
@@ -185,19 +357,78 @@ impl OpenUni {
         let e = b.linear("projector", c, pw, Some(pb))?;
         b.output("connector", c)?;
         b.output("prompt_embeds", e)?;
-        let g = b.finish();
-        let mut exec = executor(run.device, &g, self.openuni.as_ref(), run.dtype, false)?;
-        let mut out = exec.run(&HashMap::from([("queries".to_string(), HostTensor::from_f32([2, q, d], both)?)]))?;
-        Ok(Conditioning {
-            prompt_embeds: out.remove("prompt_embeds").expect("graph output"),
-            connector: out.remove("connector").expect("graph output"),
-            hidden_uncond,
-            hidden_cond,
-        })
+        Ok(b.finish())
     }
 
-    /// The sampling loop from `noise` [1, 32, h, w]: each step runs the transformer once on the
-    /// batch [uncond, cond], guides in f32 and takes a DPM-Solver++ step; latents stay f32.
+    /// The caption path graph (projection, norm, every block's cross-attention K/V).
+    fn caption_graph(&self, prompt_embeds: &Shape) -> Result<Graph> {
+        let mut b = GraphBuilder::new();
+        let enc = b.input("encoder_hidden_states", prompt_embeds.clone())?;
+        let (_, kv) = sana::caption_path(&mut b, &self.transformer_cfg, enc)?;
+        for (i, p) in kv.iter().enumerate() {
+            b.output(&format!("cross_kv.{i}.k"), p.k)?;
+            b.output(&format!("cross_kv.{i}.v"), p.v)?;
+        }
+        Ok(b.finish())
+    }
+
+    /// The caption path for `prompt_embeds`.
+    fn cross_kv(&self, prompt_embeds: &HostTensor, run: RunOptions) -> Result<HashMap<String, HostTensor>> {
+        let dims = prompt_embeds.shape.dims().to_vec();
+        let inputs = HashMap::from([("encoder_hidden_states".to_string(), prompt_embeds.clone())]);
+        self.with_executor(Stage::Transformer, "caption", &dims, run, false, || self.caption_graph(&prompt_embeds.shape), |e| e.run(&inputs))
+    }
+
+    /// The graphs that stay resident for a batch of `n` images with `h`×`w` latents decoded in
+    /// one piece (connector, caption path, step, decoder), for memory planning without a device.
+    pub fn batch_graphs(&self, n: usize, h: usize, w: usize) -> Result<Vec<(&'static str, Graph)>> {
+        let (d, q, cc) = (self.llm_cfg.hidden_size, self.num_queries, self.transformer_cfg.caption_channels);
+        let caption = self.caption_graph(&[2 * n, q, cc].into())?;
+        let kv: HashMap<String, Shape> = caption.outputs.iter().map(|(name, id)| (name.clone(), caption.shape(*id).clone())).collect();
+        Ok(vec![
+            ("connector", self.connector_graph([2 * n, q, d])?),
+            ("step", self.step_graph(&kv, 2 * n, h, w)?),
+            ("caption", caption),
+            ("decoder", self.decoder_graph(&[n, self.vae_cfg.latent_channels, h, w].into())?),
+        ])
+    }
+
+    /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage:
+    /// each arena, plus with bf16 the f32 staging of every input and output (the kernels' small
+    /// workspaces are not counted).
+    pub fn planned_batch_bytes(&self, n: usize, h: usize, w: usize, dtype: DType) -> Result<usize> {
+        let bytes = |g: &Graph| {
+            let arena = openuni_graph::plan(g, false).arena_elems * dtype.size_in_bytes();
+            let staged: usize = g.inputs().map(|(id, _)| g.shape(id).numel()).chain(g.outputs.iter().map(|(_, id)| g.shape(*id).numel())).sum();
+            arena + if dtype == DType::F32 { 0 } else { staged * 4 }
+        };
+        Ok(self.batch_graphs(n, h, w)?.iter().map(|(_, g)| bytes(g)).sum())
+    }
+
+    /// The transformer step graph on [2N, C, h, w] reading the caption path's K/V (of the
+    /// shapes in `kv`) as inputs.
+    fn step_graph(&self, kv: &HashMap<String, Shape>, batch2: usize, h: usize, w: usize) -> Result<Graph> {
+        let cfg = &self.transformer_cfg;
+        let mut b = GraphBuilder::new();
+        let x = b.input("hidden_states", [batch2, cfg.in_channels, h, w])?;
+        let t = b.input("timestep", [batch2])?;
+        let mut kv_inputs = vec![];
+        for i in 0..cfg.num_layers {
+            let (kn, vn) = (format!("cross_kv.{i}.k"), format!("cross_kv.{i}.v"));
+            let k = b.input(&kn, kv[&kn].clone())?;
+            let v = b.input(&vn, kv[&vn].clone())?;
+            kv_inputs.push(sana::CrossKv { k, v });
+        }
+        // OpenUni's prompt mask is all ones, which is the same as no mask.
+        let o = sana::denoise(&mut b, cfg, x, t, &kv_inputs, None, h, w)?;
+        b.output("velocity", o.output)?;
+        Ok(b.finish())
+    }
+
+    /// The sampling loop from `noise` [N, 32, h, w] with `prompt_embeds` [2N, Q, cc] (uncond rows
+    /// first): each step runs the transformer once on the batch [uncond, cond] of all N images,
+    /// guides in f32 and takes a sampler step; latents stay f32. The caption path runs once, its
+    /// K/V stay on the device for every step, and on a GPU the step is a captured CUDA graph.
     #[allow(clippy::too_many_arguments)]
     pub fn denoise(
         &self,
@@ -212,70 +443,51 @@ impl OpenUni {
     ) -> Result<HostTensor> {
         let cfg = &self.transformer_cfg;
         let nd = noise.shape.dims().to_vec();
-        if nd.len() != 4 || nd[0] != 1 || nd[1] != cfg.in_channels {
-            bail!("noise has shape {}, expected [1, {}, h, w]", noise.shape, cfg.in_channels);
+        if nd.len() != 4 || nd[0] == 0 || nd[1] != cfg.in_channels {
+            bail!("noise has shape {}, expected [N, {}, h, w]", noise.shape, cfg.in_channels);
         }
+        let n = nd[0];
         let pe = prompt_embeds.shape.dims().to_vec();
-        if pe.len() != 3 || pe[0] != 2 || pe[2] != cfg.caption_channels {
-            bail!("prompt embeddings have shape {}, expected [2, Q, {}]", prompt_embeds.shape, cfg.caption_channels);
+        if pe.len() != 3 || pe[0] != 2 * n || pe[2] != cfg.caption_channels {
+            bail!("prompt embeddings have shape {}, expected [{}, Q, {}] (uncond and cond rows of {n} images)", prompt_embeds.shape, 2 * n, cfg.caption_channels);
         }
         let (h, w) = (nd[2], nd[3]);
-
-        // Once per generation: caption projection + norm and every block's cross-attention K/V.
-        let mut b = GraphBuilder::new();
-        let enc = b.input("encoder_hidden_states", prompt_embeds.shape.clone())?;
-        let (_, kv) = sana::caption_path(&mut b, cfg, enc)?;
-        for (i, p) in kv.iter().enumerate() {
-            b.output(&format!("cross_kv.{i}.k"), p.k)?;
-            b.output(&format!("cross_kv.{i}.v"), p.v)?;
-        }
-        let caption = b.finish();
-        let weights = self.transformer();
-        let mut exec = executor(run.device, &caption, weights.as_ref(), run.dtype, false)?;
-        let kv_values = exec.run(&HashMap::from([("encoder_hidden_states".to_string(), prompt_embeds.clone())]))?;
-
-        // The step graph reads them as inputs.
-        let mut b = GraphBuilder::new();
-        let x = b.input("hidden_states", [2, cfg.in_channels, h, w])?;
-        let t = b.input("timestep", [2])?;
-        let mut kv_inputs = vec![];
-        for i in 0..cfg.num_layers {
-            let (kn, vn) = (format!("cross_kv.{i}.k"), format!("cross_kv.{i}.v"));
-            let k = b.input(&kn, kv_values[&kn].shape.clone())?;
-            let v = b.input(&vn, kv_values[&vn].shape.clone())?;
-            kv_inputs.push(sana::CrossKv { k, v });
-        }
-        // OpenUni's prompt mask is all ones, which is the same as no mask.
-        let o = sana::denoise(&mut b, cfg, x, t, &kv_inputs, None, h, w)?;
-        b.output("velocity", o.output)?;
-        let step_graph = b.finish();
-        let mut step_exec = executor(run.device, &step_graph, weights.as_ref(), run.dtype, false)?;
-        let mut inputs: HashMap<String, HostTensor> = kv_values;
-
+        let kv = self.cross_kv(prompt_embeds, run)?;
+        let kv_shapes: HashMap<String, Shape> = kv.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+        let dims = [2 * n, cfg.in_channels, h, w];
+        let capture = run.device != Device::Cpu;
         let mut solver = Sampler::with_kind(sampler, steps, flow_shift).map_err(anyhow::Error::msg)?;
         let mut latents = noise.to_f32_vec();
         let per = latents.len();
         let mut guided = vec![0f32; per];
-        while let Some(ts) = solver.timestep() {
-            let mut x2 = latents.clone();
-            x2.extend_from_slice(&latents);
-            inputs.insert("hidden_states".into(), HostTensor::from_f32([2, cfg.in_channels, h, w], x2)?);
-            // The transformer sees the timestep as f32, as SanaPipeline passes it.
-            inputs.insert("timestep".into(), HostTensor::from_f32([2], vec![ts; 2])?);
-            let v = step_exec.run(&inputs)?.remove("velocity").expect("graph output");
-            let vv = v.to_f32_vec();
-            guide(&vv[..per], &vv[per..], guidance, &mut guided);
-            solver.step(&guided, &mut latents).map_err(anyhow::Error::msg)?;
-            on_step(StepRecord { timestep: ts, model_output: v, latents: HostTensor::from_f32(noise.shape.clone(), latents.clone())? });
-        }
+        self.with_executor(Stage::Transformer, "step", &dims, run, capture, || self.step_graph(&kv_shapes, 2 * n, h, w), |e| {
+            // The batch's K/V once; only the latents and the timestep change per step.
+            e.set_inputs(&kv)?;
+            while let Some(ts) = solver.timestep() {
+                let mut x2 = latents.clone();
+                x2.extend_from_slice(&latents);
+                // The transformer sees the timestep as f32, as SanaPipeline passes it.
+                let inputs = HashMap::from([
+                    ("hidden_states".to_string(), HostTensor::from_f32(dims, x2)?),
+                    ("timestep".to_string(), HostTensor::from_f32([2 * n], vec![ts; 2 * n])?),
+                ]);
+                e.set_inputs(&inputs)?;
+                e.execute()?;
+                let v = e.outputs()?.remove("velocity").expect("graph output");
+                let vv = v.to_f32_vec();
+                guide(&vv[..per], &vv[per..], guidance, &mut guided);
+                solver.step(&guided, &mut latents).map_err(anyhow::Error::msg)?;
+                on_step(StepRecord { timestep: ts, model_output: v, latents: HostTensor::from_f32(noise.shape.clone(), latents.clone())? });
+            }
+            Ok(())
+        })?;
         Ok(HostTensor::from_f32(noise.shape.clone(), latents)?)
     }
 
     /// `decoder(latents / scaling_factor)` -> [B, 3, H, W] in nominal [-1, 1], in one piece.
     pub fn decode(&self, latents: &HostTensor, run: RunOptions) -> Result<HostTensor> {
         self.check_latent(latents)?;
-        let mut exec = self.decoder_exec(&latents.shape, run)?;
-        self.decode_piece(exec.as_mut(), latents.shape.clone(), latents.to_f32_vec())
+        self.decode_piece(latents.shape.clone(), latents.to_f32_vec(), run)
     }
 
     /// Decodes as `opts` asks: tiled when a tile size is set and the latent does not fit in one
@@ -300,21 +512,21 @@ impl OpenUni {
         Ok(())
     }
 
-    /// An executor of the decoder graph for latents of `shape`.
-    fn decoder_exec(&self, shape: &Shape, run: RunOptions) -> Result<Box<dyn GraphExecutor>> {
+    /// The decoder graph for latents of `shape`.
+    fn decoder_graph(&self, shape: &Shape) -> Result<Graph> {
         let mut b = GraphBuilder::new();
         let z = b.input("latent", shape.clone())?;
         let o = dcae::decoder(&mut b, &self.vae_cfg, z, "vae")?;
         b.output("sample", o.sample)?;
-        let g = b.finish();
-        executor(run.device, &g, self.vae.as_ref(), run.dtype, false)
+        Ok(b.finish())
     }
 
-    /// Runs `exec` on raw (unscaled) latents `values` of `shape`.
-    fn decode_piece(&self, exec: &mut dyn GraphExecutor, shape: Shape, values: Vec<f32>) -> Result<HostTensor> {
+    /// Decodes raw (unscaled) latents `values` of `shape` on the resident decoder executor.
+    fn decode_piece(&self, shape: Shape, values: Vec<f32>, run: RunOptions) -> Result<HostTensor> {
         let sf = self.vae_cfg.scaling_factor;
         let scaled: Vec<f32> = values.iter().map(|x| x / sf).collect();
-        let mut out = exec.run(&HashMap::from([("latent".to_string(), HostTensor::from_f32(shape, scaled)?)]))?;
+        let inputs = HashMap::from([("latent".to_string(), HostTensor::from_f32(shape.clone(), scaled)?)]);
+        let mut out = self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || self.decoder_graph(&shape), |e| e.run(&inputs))?;
         Ok(out.remove("sample").expect("graph output"))
     }
 
@@ -350,8 +562,6 @@ impl OpenUni {
         let z = latents.to_f32_vec();
         let mut acc = vec![0f32; npix];
         let mut wsum = vec![0f32; ph * pw];
-        // One executor per distinct tile shape (with clamped tiles there is only one).
-        let mut execs: HashMap<(usize, usize), Box<dyn GraphExecutor>> = HashMap::new();
         for (iy, &y0) in ys.iter().enumerate() {
             let wy = ramp(th * up, overlap * up, iy > 0, iy + 1 < ys.len());
             for (ix, &x0) in xs.iter().enumerate() {
@@ -364,11 +574,9 @@ impl OpenUni {
                     }
                 }
                 let shape: Shape = [bsz, c, th, tw].into();
-                let exec = match execs.entry((th, tw)) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => e.insert(self.decoder_exec(&shape, run)?),
-                };
-                let out = self.decode_piece(exec.as_mut(), shape, piece)?.to_f32_vec();
+                // Every tile has the same shape (the last ones are clamped), so one resident
+                // executor serves them all.
+                let out = self.decode_piece(shape, piece, run)?.to_f32_vec();
                 let (tph, tpw, py0, px0) = (th * up, tw * up, y0 * up, x0 * up);
                 for (y, &a) in wy.iter().enumerate() {
                     for (x, &b) in wx.iter().enumerate() {

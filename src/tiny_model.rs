@@ -27,7 +27,7 @@ pub const NUM_QUERIES: usize = 16;
 /// The default picture size of the tiny model.
 pub const SIZE: usize = 256;
 
-fn llm_config() -> serde_json::Value {
+pub fn llm_config() -> serde_json::Value {
     serde_json::json!({
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -41,7 +41,7 @@ pub fn connector_config() -> ConnectorConfig {
     ConnectorConfig { hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, num_hidden_layers: 2, layer_norm_eps: 1e-6, hidden_act: "gelu_pytorch_tanh".into() }
 }
 
-fn transformer_config() -> serde_json::Value {
+pub fn transformer_config() -> serde_json::Value {
     serde_json::json!({
         "_class_name": "SanaTransformer2DModel", "in_channels": 32, "out_channels": 32,
         "num_attention_heads": 2, "attention_head_dim": 32, "num_layers": 2,
@@ -52,7 +52,7 @@ fn transformer_config() -> serde_json::Value {
     })
 }
 
-fn vae_config() -> serde_json::Value {
+pub fn vae_config() -> serde_json::Value {
     serde_json::json!({
         "_class_name": "AutoencoderDC", "latent_channels": 32, "attention_head_dim": 8,
         "decoder_block_out_channels": [8, 8, 16, 16, 32, 64],
@@ -64,21 +64,25 @@ fn vae_config() -> serde_json::Value {
     })
 }
 
-/// A weight's random value: norms' weights near 1, biases small, matrices ~ 1/sqrt(fan_in).
-fn init(name: &str, shape: &Shape, rng: &mut rand::rngs::StdRng) -> HostTensor {
-    let n = shape.numel();
+/// How a random weight is drawn, as (standard deviation, mean): norms' weights near 1, biases
+/// small, matrices ~ 1/sqrt(fan_in). Shared with the benchmark's random real-size models.
+pub fn init_rule(name: &str, shape: &Shape) -> (f32, f32) {
     let fan_in: usize = shape.dims().iter().skip(1).product::<usize>().max(1);
-    let normal = Normal::new(0.0f32, 1.0).expect("valid normal");
-    let mut draw = |scale: f32, offset: f32| (0..n).map(|_| offset + scale * normal.sample(rng)).collect::<Vec<_>>();
-    let v = if shape.rank() == 1 && name.ends_with(".weight") {
-        draw(0.05, 1.0)
+    if shape.rank() == 1 && name.ends_with(".weight") {
+        (0.05, 1.0)
     } else if shape.rank() == 1 {
-        draw(0.02, 0.0)
+        (0.02, 0.0)
     } else if name.contains("scale_shift_table") || name == "meta_queries" {
-        draw(1.0 / (shape.last() as f32).sqrt(), 0.0)
+        (1.0 / (shape.last() as f32).sqrt(), 0.0)
     } else {
-        draw(1.0 / (fan_in as f32).sqrt(), 0.0)
-    };
+        (1.0 / (fan_in as f32).sqrt(), 0.0)
+    }
+}
+
+fn init(name: &str, shape: &Shape, rng: &mut rand::rngs::StdRng) -> HostTensor {
+    let (scale, offset) = init_rule(name, shape);
+    let normal = Normal::new(0.0f32, 1.0).expect("valid normal");
+    let v = (0..shape.numel()).map(|_| offset + scale * normal.sample(rng)).collect::<Vec<_>>();
     HostTensor::from_f32(shape.clone(), v).expect("sized")
 }
 

@@ -98,6 +98,29 @@ fn chunk_matches_cpu() {
 }
 
 #[test]
+fn gather_tokens_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(29);
+    // (T, C, starts, len): the meta-query states of packed sequences; odd C takes the scalar path.
+    for (t, c, starts, len) in [(40, 64, vec![6, 20, 34], 6), (17, 5, vec![0, 3, 12], 5), (9, 48, vec![8], 1)] {
+        let x = rng.normals(t * c, 0.0, 1.0);
+        let mut want = vec![0.0; starts.len() * len * c];
+        for (i, &s) in starts.iter().enumerate() {
+            cpu::slice_tokens(&x, 1, t, c, s, len, &mut want[i * len * c..(i + 1) * len * c]);
+        }
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [1, t, c]).unwrap();
+        let y = gb.gather_tokens("gather", xi, &starts, len).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &no_weights(), &[("x", &[1, t, c], &x)], dtype);
+            assert_copy(&format!("gather_tokens {dtype} [1, {t}, {c}] {starts:?}+{len}"), dtype, &got, &want);
+        }
+    }
+}
+
+#[test]
 fn slice_tokens_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(23);

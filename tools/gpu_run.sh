@@ -4,10 +4,15 @@
 # 1. Here (the CPU machine), build and collect the executables into .gpu/ (stripped, < 64 MiB):
 #        bash tools/gpu_run.sh --build
 #    which runs `cargo test --release --no-run` (tests/cuda_*.rs, tests/kernels_compile.rs and
-#    crates/cuda/tests/*.rs) and `cargo bench --no-run` (benches/norm.rs, benches/elementwise.rs, benches/linear_attention.rs),
-#    copies the executables into .gpu/ and records the commit in .gpu/COMMIT.
+#    crates/cuda/tests/*.rs) and `cargo bench --no-run` (benches/*.rs), copies the executables and the
+#    `openuni` program into .gpu/, writes the three variants' configs for the PyTorch baseline
+#    (.gpu/configs/), downloads the diffusers wheel the GPU image lacks (.gpu/whl/), and records the commit.
 # 2. On the GPU machine (no Rust, no network; CUDA 13.0 in /usr/local/cuda), from the repo root:
-#        bash tools/gpu_run.sh                  # with the device tool: carry [".gpu"]
+#        bash tools/gpu_run.sh [kernels|pipeline|all]     # with the device tool: carry [".gpu"]
+#    kernels: every kernel test (CUBIN, then PTX), sanitizers, kernel benchmarks.
+#    pipeline: every reference case through `openuni verify --device cuda` (f32 and bf16), a batched
+#    `openuni generate` of the tiny model, then `openuni bench` of b-512, l-512, l-1024 (batch 1, 8, 32, with
+#    the per-op profile) and tools/bench_torch.py on the same shapes (eager and torch.compile), with ratios.
 #    It prints nvidia-smi, points LD_LIBRARY_PATH (libnvrtc, libcublasLt) and CUDA_INCLUDE_DIRS at
 #    /usr/local/cuda, runs every test executable (CUBIN kernels, then again with PTX kernels), the
 #    compute-sanitizer memcheck/racecheck passes when the tool is there, then every benchmark, and
@@ -17,8 +22,9 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 GPU_DIR="$ROOT/.gpu"
-TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc backend executor)
-BENCHES=(norm elementwise linear_attention)
+TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention cuda_conv backend executor)
+BENCHES=(norm elementwise linear_attention attention conv)
+VARIANTS=(b-512 l-512 l-1024)
 
 if [ "${1:-}" = "--build" ]; then
   set -e
@@ -26,9 +32,14 @@ if [ "${1:-}" = "--build" ]; then
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu/' .gitignore 2>/dev/null || echo /.gpu/ >> .git/info/exclude
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
   J="$(mktemp)"
-  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc >> "$J"
+  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv >> "$J"
   cargo test --release --no-run --message-format=json -p openuni-cuda --tests >> "$J"
-  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention >> "$J"
+  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv >> "$J"
+  cargo build --release
+  cp target/release/openuni "$GPU_DIR/openuni" && strip --strip-debug "$GPU_DIR/openuni"
+  for v in "${VARIANTS[@]}"; do "$GPU_DIR/openuni" bench --variant "$v" --write-configs "$GPU_DIR/configs/$v" > /dev/null; done
+  # The GPU image has torch and transformers but no diffusers (shared/GPU.md).
+  [ -n "$(ls "$GPU_DIR"/whl/diffusers-*.whl 2>/dev/null)" ] || python3 -m pip download -q --no-deps -d "$GPU_DIR/whl" diffusers==0.42.1 importlib_metadata==8.7.0
   python3 - "$J" "$GPU_DIR" <<'PY'
 import json, sys, shutil, os, subprocess
 msgs, out = sys.argv[1], sys.argv[2]
@@ -58,6 +69,8 @@ PY
   exit 0
 fi
 
+PHASE="${1:-all}"
+case "$PHASE" in kernels|pipeline|all) ;; *) echo "usage: bash tools/gpu_run.sh [--build | kernels | pipeline | all]" >&2; exit 2;; esac
 OUT="${OUT:-$ROOT/gpu-out}"
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
@@ -121,6 +134,7 @@ run_step() { # name log exe args...
   rm -f "$out"
 }
 
+if [ "$PHASE" != pipeline ]; then
 for t in "${TESTS[@]}"; do
   exe="$GPU_DIR/test-$t"
   [ -x "$exe" ] || { printf "%-36s %-6s\n" "test $t" "MISSING" >> "$SUMMARY"; any_fail=1; continue; }
@@ -151,6 +165,24 @@ for b in "${BENCHES[@]}"; do
   [ -x "$exe" ] || { printf "%-36s %-6s\n" "bench $b" "MISSING" >> "$SUMMARY"; any_fail=1; continue; }
   run_step "bench $b" "$OUT/bench.log" "$exe"
 done
+
+fi # kernels
+
+if [ "$PHASE" != kernels ]; then
+  OU="$GPU_DIR/openuni"
+  for dtype in f32 bf16; do
+    run_step "verify cases cuda $dtype" "$OUT/tests.log" "$OU" verify tests/fixtures/*/ --device cuda --dtype "$dtype"
+  done
+  printf 'a red fox\na lighthouse at dusk\na bowl of cherries\n' > "$OUT/prompts.txt"
+  run_step "generate tiny --batch 3" "$OUT/tests.log" "$OU" generate --prompts "$OUT/prompts.txt" --batch 3 --device cuda --dtype bf16 --out "$OUT/images"
+  SITE=/tmp/openuni-site
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$GPU_DIR"/whl/*.whl > "$OUT/pip.log" 2>&1 || echo "diffusers wheel install failed (see pip.log)"
+  for v in "${VARIANTS[@]}"; do
+    run_step "openuni bench $v" "$OUT/bench.log" "$OU" bench --variant "$v" --batch 1,8,32 --device cuda --dtype bf16 --iters 20 --profile --json "$OUT/ours-$v.json"
+    PYTHONPATH="$SITE" run_step "torch bench $v" "$OUT/bench.log" python3 tools/bench_torch.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch 1,8,32 --iters 20 --compile --json "$OUT/torch-$v.json"
+    [ -f "$OUT/ours-$v.json" ] && [ -f "$OUT/torch-$v.json" ] && python3 tools/bench_torch.py --compare "$OUT/ours-$v.json" "$OUT/torch-$v.json" | tee -a "$OUT/ratios.txt"
+  done
+fi
 
 echo
 echo "===== benchmark lines"

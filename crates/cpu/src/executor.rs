@@ -1,7 +1,9 @@
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use openuni_graph::{plan, Graph, Op, Plan, ValueId, ValueKind};
-use openuni_tensor::{HostTensor, TensorSource};
+use openuni_tensor::{HostTensor, Shape, TensorSource};
 
 use crate::ops::{self, AttentionDims, ModulationRef};
 
@@ -15,26 +17,71 @@ pub enum ExecError {
     NotKept(ValueId),
 }
 
-/// Runs a graph on the CPU in f32. Weights are converted once; activations live in one arena
-/// allocated at construction, so `run` allocates only its returned outputs.
+/// f32 copies of weights shared by every executor built with the same cache, so that the many
+/// graphs of one model (per batch size, per stage) convert each tensor once.
+#[derive(Default)]
+pub struct WeightCache {
+    tensors: Mutex<HashMap<(String, Shape), Arc<Vec<f32>>>>,
+}
+
+impl WeightCache {
+    pub fn new() -> Arc<WeightCache> {
+        Arc::new(WeightCache::default())
+    }
+
+    /// The weight `name` with `shape`, converted from `source` on first use.
+    pub fn get(&self, source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<Arc<Vec<f32>>, ExecError> {
+        let key = (name.to_string(), shape.clone());
+        if let Some(t) = self.tensors.lock().expect("weight cache").get(&key) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(source.tensor_f32(name, shape)?.to_f32_vec());
+        self.tensors.lock().expect("weight cache").insert(key, t.clone());
+        Ok(t)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.tensors.lock().expect("weight cache").values().map(|t| t.len() * 4).sum()
+    }
+}
+
+/// One node's time from [`CpuExecutor::profile`].
+#[derive(Clone, Debug)]
+pub struct CpuNodeTiming {
+    pub node: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+}
+
+/// Runs a graph on the CPU in f32. Weights are converted once (and shared through a
+/// [`WeightCache`]); activations live in one arena allocated at construction, so `run` allocates
+/// only its returned outputs. Graph inputs are never overwritten (the planner keeps them for the
+/// whole run), so an input set once serves every later `execute` until it is set again.
 pub struct CpuExecutor {
     graph: Graph,
     plan: Plan,
     arena: Vec<f32>,
-    weights: HashMap<ValueId, Vec<f32>>,
+    weights: HashMap<ValueId, Arc<Vec<f32>>>,
     keep_all: bool,
+    /// Which graph inputs (by value id) have been given at least once.
+    inputs_set: Vec<ValueId>,
 }
 
 impl CpuExecutor {
     /// `keep_all` gives every value its own memory so `value()` can read any node after a run.
     pub fn new(graph: &Graph, source: &dyn TensorSource, keep_all: bool) -> Result<CpuExecutor, ExecError> {
+        Self::with_cache(graph, source, &WeightCache::default(), keep_all)
+    }
+
+    /// As [`CpuExecutor::new`], taking weights from (and adding them to) `cache`.
+    pub fn with_cache(graph: &Graph, source: &dyn TensorSource, cache: &WeightCache, keep_all: bool) -> Result<CpuExecutor, ExecError> {
         let plan = plan(graph, keep_all);
         let mut weights = HashMap::new();
         for (id, name) in graph.weights() {
-            let t = source.tensor_f32(name, graph.shape(id))?;
-            weights.insert(id, t.to_f32_vec());
+            weights.insert(id, cache.get(source, name, graph.shape(id))?);
         }
-        Ok(CpuExecutor { graph: graph.clone(), arena: vec![0.0; plan.arena_elems], plan, weights, keep_all })
+        Ok(CpuExecutor { graph: graph.clone(), arena: vec![0.0; plan.arena_elems], plan, weights, keep_all, inputs_set: vec![] })
     }
 
     pub fn graph(&self) -> &Graph {
@@ -45,26 +92,73 @@ impl CpuExecutor {
         &self.plan
     }
 
-    /// Runs the graph; `inputs` must hold every graph input by name with its exact shape.
+    /// Runs the graph; `inputs` must hold every graph input not given by an earlier call, by
+    /// name with its exact shape.
     pub fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>, ExecError> {
-        let in_ids: Vec<(ValueId, String)> = self.graph.inputs().map(|(id, n)| (id, n.to_string())).collect();
-        for (id, name) in in_ids {
-            let t = inputs.get(&name).ok_or_else(|| ExecError::Input { name: name.clone(), msg: "missing".into() })?;
+        self.set_inputs(inputs)?;
+        self.execute()?;
+        Ok(self.outputs())
+    }
+
+    /// Copies `inputs` (any subset of the graph's inputs) into the arena.
+    pub fn set_inputs(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<(), ExecError> {
+        for (name, t) in inputs {
+            let id = self.graph.input_id(name).ok_or_else(|| ExecError::Input { name: name.clone(), msg: "is not an input of this graph".into() })?;
             let shape = self.graph.shape(id);
             if &t.shape != shape {
-                return Err(ExecError::Input { name, msg: format!("has shape {}, expected {shape}", t.shape) });
+                return Err(ExecError::Input { name: name.clone(), msg: format!("has shape {}, expected {shape}", t.shape) });
             }
             let off = self.plan.offset(id).expect("inputs are planned");
             self.arena[off..off + shape.numel()].copy_from_slice(&t.to_f32_vec());
+            if !self.inputs_set.contains(&id) {
+                self.inputs_set.push(id);
+            }
         }
+        Ok(())
+    }
+
+    fn check_inputs_set(&self) -> Result<(), ExecError> {
+        match self.graph.inputs().find(|(id, _)| !self.inputs_set.contains(id)) {
+            Some((_, name)) => Err(ExecError::Input { name: name.into(), msg: "missing".into() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs every node on the inputs set so far.
+    pub fn execute(&mut self) -> Result<(), ExecError> {
+        self.check_inputs_set()?;
         for i in 0..self.graph.nodes.len() {
             self.run_node(i);
         }
-        let mut out = HashMap::new();
-        for (name, id) in &self.graph.outputs {
-            out.insert(name.clone(), self.read(*id));
+        Ok(())
+    }
+
+    /// The graph's outputs after `execute`.
+    pub fn outputs(&self) -> HashMap<String, HostTensor> {
+        self.graph.outputs.iter().map(|(name, id)| (name.clone(), self.read(*id))).collect()
+    }
+
+    /// Runs the graph `iters` times (after one warm-up run) timing every node, like
+    /// `CudaExecutor::profile`.
+    pub fn profile(&mut self, iters: usize) -> Result<Vec<CpuNodeTiming>, ExecError> {
+        self.execute()?;
+        let n = self.graph.nodes.len();
+        let mut times = vec![Vec::with_capacity(iters.max(1)); n];
+        for _ in 0..iters.max(1) {
+            for (i, t) in times.iter_mut().enumerate() {
+                let start = Instant::now();
+                self.run_node(i);
+                t.push(start.elapsed().as_secs_f64() * 1e3);
+            }
         }
-        Ok(out)
+        Ok(times
+            .into_iter()
+            .enumerate()
+            .map(|(node, mut t)| {
+                t.sort_by(|a, b| a.total_cmp(b));
+                CpuNodeTiming { node, median_ms: t[t.len() / 2], min_ms: t[0] }
+            })
+            .collect())
     }
 
     /// An f32 copy of a value after `run`. Weights are always readable; activations only while
@@ -179,6 +273,12 @@ impl CpuExecutor {
             Op::Upsample2x { x, h, w } => ops::upsample2x(view.get(*x), out_shape.dims()[0], *h, *w, cols, y),
             Op::PixelShuffleShortcut { x, h, w, cout } => {
                 ops::pixel_shuffle_shortcut(view.get(*x), out_shape.dims()[0], *h, *w, g.shape(*x).last(), *cout, y)
+            }
+            Op::GatherTokens { x, starts, len } => {
+                let (t, c) = (g.shape(*x).dims()[1], g.shape(*x).last());
+                for (i, &s) in starts.iter().enumerate() {
+                    ops::slice_tokens(view.get(*x), 1, t, c, s, *len, &mut y[i * len * c..(i + 1) * len * c]);
+                }
             }
             Op::SliceTokens { x, start, len } => {
                 let d = g.shape(*x).dims();

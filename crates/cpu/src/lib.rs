@@ -4,4 +4,4 @@
 mod executor;
 pub mod ops;
 
-pub use executor::{CpuExecutor, ExecError};
+pub use executor::{CpuExecutor, CpuNodeTiming, ExecError, WeightCache};

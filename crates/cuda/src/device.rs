@@ -182,6 +182,26 @@ impl CudaDevice {
         }))
     }
 
+    /// Another handle on the same device and context with its own stream, cuBLASLt workspace and
+    /// loaded kernels, so that work enqueued on it can run concurrently with this handle's (the
+    /// next batch's conditioning beside the current batch's denoising). Device memory is shared;
+    /// nothing orders work between lanes, so a value made on one lane must reach another through
+    /// a synchronizing copy.
+    pub fn lane(&self) -> Result<Arc<CudaDevice>> {
+        let stream = self.ctx.new_stream().ctx(|| "creating a second stream".into())?;
+        Ok(Arc::new(CudaDevice {
+            ctx: self.ctx.clone(),
+            stream,
+            ordinal: self.ordinal,
+            name: self.name.clone(),
+            cc: self.cc,
+            sm_count: self.sm_count,
+            emulated: self.emulated,
+            kernels: KernelSet::new(self.ctx.clone(), self.kernels.target().clone()),
+            blas: Mutex::new(None),
+        }))
+    }
+
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }

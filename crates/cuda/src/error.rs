@@ -67,6 +67,18 @@ pub enum CudaError {
 
 pub type Result<T, E = CudaError> = std::result::Result<T, E>;
 
+impl CudaError {
+    /// Whether the device ran out of memory (so that a caller can say what would fit).
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            CudaError::Driver { err, .. } => err.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+            // A node's error keeps the driver error's text (e.g. its GEMM workspace allocation).
+            CudaError::Node { msg, .. } => msg.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+            _ => false,
+        }
+    }
+}
+
 /// Maps a driver error to [`CudaError::Driver`] with a description of the call.
 pub(crate) trait DriverContext<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;

@@ -29,6 +29,7 @@ use crate::device::{CudaDevice, DeviceBuffer};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::gemm::{Blas, Epilogue, LinearArgs, LinearGemm};
 use crate::families;
+use crate::weights::WeightCache;
 use crate::ops::{self, Modulation};
 
 /// One node's per-node timing from [`CudaExecutor::profile`].
@@ -102,8 +103,11 @@ pub struct CudaExecutor {
     dtype: DType,
     keep_all: bool,
     arena: DeviceBuffer,
-    _weights: Option<DeviceBuffer>,
+    /// Keeps the shared device weights alive as long as this executor points into them.
+    _weights: Arc<WeightCache>,
     weight_ptr: HashMap<ValueId, u64>,
+    /// Graph inputs given at least once (inputs persist across runs; see `set_inputs`).
+    inputs_set: Vec<ValueId>,
     _staging: Option<DeviceBuffer>,
     staged_inputs: Vec<Staged>,
     staged_outputs: Vec<Staged>,
@@ -115,7 +119,7 @@ pub struct CudaExecutor {
     captured: Option<CudaGraph>,
 }
 
-const WEIGHT_ALIGN: usize = 256;
+const STAGING_ALIGN: usize = 256;
 
 fn align_up(n: usize, a: usize) -> usize {
     n.div_ceil(a) * a
@@ -143,6 +147,17 @@ impl CudaExecutor {
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(CudaError::DType(dtype));
         }
+        Self::with_cache(graph, weights, &WeightCache::new(dev, dtype), keep_all)
+    }
+
+    /// As [`CudaExecutor::new`], with the device weights taken from (and added to) `cache`, whose
+    /// device and storage dtype the executor uses: the graphs of one model (each stage, each
+    /// batch size) then hold one copy of each weight.
+    pub fn with_cache(graph: &Graph, weights: &dyn TensorSource, cache: &Arc<WeightCache>, keep_all: bool) -> Result<CudaExecutor> {
+        let (dev, dtype) = (&cache.dev, cache.dtype);
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(CudaError::DType(dtype));
+        }
         // Refuse unsupported nodes before allocating anything.
         for node in &graph.nodes {
             match node.op {
@@ -160,34 +175,9 @@ impl CudaExecutor {
         // Poison the arena (NaN in f32 and bf16) so that a read of an unwritten value shows.
         dev.fill_bytes(arena.ptr(), 0xFF, arena.bytes())?;
 
-        // Weights: one allocation, each tensor 256-byte aligned, converted on the host.
-        let wlist: Vec<(ValueId, &str)> = graph.weights().collect();
-        let mut woff = HashMap::new();
-        let mut wtotal = 0usize;
-        for (id, _) in &wlist {
-            woff.insert(*id, wtotal);
-            wtotal = align_up(wtotal + graph.shape(*id).numel() * esize, WEIGHT_ALIGN);
-        }
-        let wbuf = if wlist.is_empty() {
-            None
-        } else {
-            Some(dev.alloc(wtotal)?)
-        };
         let mut weight_ptr = HashMap::new();
-        if let Some(wb) = &wbuf {
-            for (id, name) in &wlist {
-                let t = weights.tensor_f32(name, graph.shape(*id))?;
-                let v = t.to_f32_vec();
-                let ptr = wb.ptr() + woff[id] as u64;
-                match dtype {
-                    DType::F32 => dev.copy_to_device(&v, ptr)?,
-                    _ => {
-                        let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-                        dev.copy_to_device(&h, ptr)?
-                    }
-                }
-                weight_ptr.insert(*id, ptr);
-            }
+        for (id, name) in graph.weights() {
+            weight_ptr.insert(id, cache.get(weights, name, graph.shape(id))?);
         }
 
         // f32 staging for bf16 storage: one slot per input and per output.
@@ -205,7 +195,7 @@ impl CudaExecutor {
             let mut total = 0usize;
             for s in slots.iter_mut() {
                 s.2 = total;
-                total = align_up(total + graph.shape(s.1).numel() * 4, WEIGHT_ALIGN);
+                total = align_up(total + graph.shape(s.1).numel() * 4, STAGING_ALIGN);
             }
             if total > 0 {
                 let sb = dev.alloc(total)?;
@@ -232,8 +222,9 @@ impl CudaExecutor {
             dtype,
             keep_all,
             arena,
-            _weights: wbuf,
+            _weights: cache.clone(),
             weight_ptr,
+            inputs_set: vec![],
             _staging: staging,
             staged_inputs,
             staged_outputs,
@@ -266,6 +257,11 @@ impl CudaExecutor {
     /// Device bytes of the activation arena.
     pub fn arena_bytes(&self) -> usize {
         self.arena.bytes()
+    }
+
+    /// Device bytes of the f32 staging slots of a bf16 executor's inputs and outputs.
+    pub fn staging_bytes(&self) -> usize {
+        self._staging.as_ref().map_or(0, |b| b.bytes())
     }
 
     /// Device bytes of the families' workspaces and constant tables.
@@ -500,17 +496,19 @@ impl CudaExecutor {
         self.enqueue_output_casts()
     }
 
-    /// Copies the inputs to the device: into the arena (f32) or the staging slots (bf16).
-    fn upload_inputs(&self, inputs: &HashMap<String, HostTensor>) -> Result<()> {
-        for (id, name) in self.graph.inputs() {
-            let t = inputs.get(name).ok_or_else(|| CudaError::Input {
-                name: name.into(),
-                msg: "missing".into(),
+    /// Copies `inputs` (any subset of the graph's inputs) to the device: into the arena (f32) or
+    /// the staging slots (bf16). Inputs are never overwritten by a run (the planner keeps them),
+    /// so an input given once serves every later run until it is given again.
+    pub fn set_inputs(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<()> {
+        for (name, t) in inputs {
+            let id = self.graph.input_id(name).ok_or_else(|| CudaError::Input {
+                name: name.clone(),
+                msg: "is not an input of this graph".into(),
             })?;
             let shape = self.graph.shape(id);
             if &t.shape != shape {
                 return Err(CudaError::Input {
-                    name: name.into(),
+                    name: name.clone(),
                     msg: format!("has shape {}, expected {shape}", t.shape),
                 });
             }
@@ -526,8 +524,57 @@ impl CudaExecutor {
                 }
             };
             self.dev.copy_to_device(&v, dst)?;
+            if !self.inputs_set.contains(&id) {
+                self.inputs_set.push(id);
+            }
         }
         Ok(())
+    }
+
+    fn check_inputs_set(&self) -> Result<()> {
+        match self.graph.inputs().find(|(id, _)| !self.inputs_set.contains(id)) {
+            Some((_, name)) => Err(CudaError::Input {
+                name: name.into(),
+                msg: "missing".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Enqueues one run on the inputs set so far: the captured CUDA graph when there is one
+    /// (`capture`), else every node. Returns without waiting; `outputs` synchronizes.
+    pub fn execute(&mut self) -> Result<()> {
+        self.check_inputs_set()?;
+        match &self.captured {
+            Some(g) => g.launch().ctx(|| "launching the CUDA graph".into()),
+            None => self.enqueue_all(),
+        }
+    }
+
+    /// Whether runs replay a captured CUDA graph.
+    pub fn is_captured(&self) -> bool {
+        self.captured.is_some()
+    }
+
+    /// The graph's outputs (f32) after `execute`; waits for the device.
+    pub fn outputs(&self) -> Result<HashMap<String, HostTensor>> {
+        self.download_outputs()
+    }
+
+    /// Times `iters` runs (after one warm-up run) with CUDA events around each, in ms.
+    pub fn time_runs(&mut self, iters: usize) -> Result<Vec<f64>> {
+        self.execute()?;
+        self.dev.synchronize()?;
+        let (start, end) = (self.dev.timing_event()?, self.dev.timing_event()?);
+        let mut out = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            self.dev.record(&start)?;
+            self.execute()?;
+            self.dev.record(&end)?;
+            self.dev.synchronize()?;
+            out.push(start.elapsed_ms(&end).ctx(|| "reading event times".into())? as f64);
+        }
+        Ok(out)
     }
 
     fn download_outputs(&self) -> Result<HashMap<String, HostTensor>> {
@@ -555,7 +602,8 @@ impl CudaExecutor {
     /// Runs the graph; `inputs` must hold every graph input by name with its exact shape (any
     /// numeric dtype; converted to f32). Outputs are f32.
     pub fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
-        self.upload_inputs(inputs)?;
+        self.set_inputs(inputs)?;
+        self.check_inputs_set()?;
         self.enqueue_all()?;
         self.download_outputs()
     }
@@ -622,12 +670,8 @@ impl CudaExecutor {
                 msg: "nothing captured: call capture() first".into(),
             });
         }
-        self.upload_inputs(inputs)?;
-        self.captured
-            .as_ref()
-            .unwrap()
-            .launch()
-            .ctx(|| "launching the CUDA graph".into())?;
+        self.set_inputs(inputs)?;
+        self.execute()?;
         self.download_outputs()
     }
 
@@ -635,7 +679,8 @@ impl CudaExecutor {
     /// node, and returns each node's median and minimum time.
     pub fn profile(&mut self, inputs: &HashMap<String, HostTensor>, iters: usize) -> Result<Vec<NodeTiming>> {
         let iters = iters.max(1);
-        self.upload_inputs(inputs)?;
+        self.set_inputs(inputs)?;
+        self.check_inputs_set()?;
         self.enqueue_all()?;
         self.dev.synchronize()?;
         let n = self.steps.len();

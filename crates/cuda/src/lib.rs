@@ -21,6 +21,7 @@ mod kernels;
 pub mod nvrtc;
 pub mod ops;
 pub mod testing;
+mod weights;
 
 pub use device::{
     default_target, device_available, device_count, driver_present, is_emulated_name, preload_library, CudaDevice,
@@ -30,6 +31,7 @@ pub use error::{CudaError, Result};
 pub use executor::{CudaExecutor, NodeTiming};
 pub use kernels::{file_of_kernel, kernel_headers, kernel_sources, source_fingerprint, KernelSet, PrebuiltKernel};
 pub use nvrtc::{KernelFormat, KernelResources, KernelTarget};
+pub use weights::WeightCache;
 
 /// Re-exported so callers can name event and driver types without their own cudarc dependency.
 pub use cudarc;

@@ -70,6 +70,11 @@ impl Graph {
         })
     }
 
+    /// The graph input called `name`.
+    pub fn input_id(&self, name: &str) -> Option<ValueId> {
+        self.inputs().find(|(_, n)| *n == name).map(|(id, _)| id)
+    }
+
     pub fn weights(&self) -> impl Iterator<Item = (ValueId, &str)> {
         self.values.iter().enumerate().filter_map(|(i, v)| match &v.kind {
             ValueKind::Weight(n) => Some((ValueId(i), n.as_str())),
@@ -464,6 +469,18 @@ impl GraphBuilder {
             return Err(shape_err("slice_tokens", format!("{name}: tokens {start}..{} are not inside {s} ([B, T, C])", start + len)));
         }
         Ok(self.push(name, Op::SliceTokens { x, start, len }, Shape::new([s.dims()[0], len, s.last()])))
+    }
+
+    /// `len` tokens from each of `starts` of a [1, T, C] tensor, stacked: [starts.len(), len, C].
+    pub fn gather_tokens(&mut self, name: &str, x: ValueId, starts: &[usize], len: usize) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        if s.rank() != 3 || s.dims()[0] != 1 || starts.is_empty() {
+            return Err(shape_err("gather_tokens", format!("{name}: needs a [1, T, C] input and at least one start, got {s} and {} starts", starts.len())));
+        }
+        if let Some(&bad) = starts.iter().find(|&&st| st + len > s.dims()[1]) {
+            return Err(shape_err("gather_tokens", format!("{name}: tokens {bad}..{} are not inside {s}", bad + len)));
+        }
+        Ok(self.push(name, Op::GatherTokens { x, starts: starts.to_vec(), len }, Shape::new([starts.len(), len, s.last()])))
     }
 
     pub fn concat(&mut self, name: &str, xs: &[ValueId]) -> Result<ValueId> {

@@ -6,10 +6,12 @@
 //! node it is handed is well formed.
 
 mod builder;
+mod cost;
 mod op;
 mod planner;
 
 pub use builder::{AttentionParams, Graph, GraphBuilder, Node, Value, ValueId, ValueKind};
+pub use cost::{node_cost, Cost};
 pub use op::{Modulation, Op, UnaryFn};
 pub use planner::{plan, Plan, ARENA_ALIGN_ELEMS};
 

@@ -122,6 +122,9 @@ pub enum Op {
     PixelShuffleShortcut { x: ValueId, h: usize, w: usize, cout: usize },
     /// Tokens [start, start + len) of every row of a [B, T, C] tensor.
     SliceTokens { x: ValueId, start: usize, len: usize },
+    /// Tokens [s, s + len) of a [1, T, C] tensor for each s in `starts`, stacked: [starts.len(), len, C]
+    /// (the meta-query states of every sequence of a packed batch).
+    GatherTokens { x: ValueId, starts: Vec<usize>, len: usize },
     /// Concatenation along the last dim.
     Concat { xs: Vec<ValueId> },
     /// Grouped 1×1 convolution (block-diagonal linear): `weight` [Cout, Cin/groups, 1, 1], no bias.
@@ -161,6 +164,7 @@ impl Op {
             Op::PixelShuffleShortcut { .. } => "pixel_shuffle_shortcut",
             Op::Concat { .. } => "concat",
             Op::SliceTokens { .. } => "slice_tokens",
+            Op::GatherTokens { .. } => "gather_tokens",
             Op::GroupedLinear { .. } => "grouped_linear",
             Op::Rope { .. } => "rope",
         }
@@ -204,7 +208,8 @@ impl Op {
             | Op::RepeatChannels { x, .. }
             | Op::Upsample2x { x, .. }
             | Op::PixelShuffleShortcut { x, .. }
-            | Op::SliceTokens { x, .. } => v.push(*x),
+            | Op::SliceTokens { x, .. }
+            | Op::GatherTokens { x, .. } => v.push(*x),
             Op::Conv2d { x, weight, bias, .. } | Op::UpsampleConv2d { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);

@@ -39,7 +39,10 @@ pub fn plan(graph: &Graph, keep_all: bool) -> Plan {
         .values
         .iter()
         .map(|v| match v.kind {
-            ValueKind::Input(_) => Some((0, 0)),
+            // Inputs live for the whole run and are never overwritten, so that an input set once
+            // (a batch's cross-attention K/V) serves every later run of the graph. All inputs are
+            // live at node 0 anyway, so this keeps alive only inputs whose last use came early.
+            ValueKind::Input(_) => Some((0, n_nodes)),
             ValueKind::Activation { node } => Some((node, node)),
             ValueKind::Weight(_) => None,
         })
@@ -101,7 +104,7 @@ mod tests {
         let mut life = vec![(usize::MAX, 0usize); g.values.len()];
         for (i, v) in g.values.iter().enumerate() {
             match v.kind {
-                ValueKind::Input(_) => life[i] = (0, 0),
+                ValueKind::Input(_) => life[i] = (0, n_nodes),
                 ValueKind::Activation { node } => life[i] = (node, node),
                 ValueKind::Weight(_) => {}
             }
@@ -145,6 +148,27 @@ mod tests {
         // The input stays alive throughout; two more buffers suffice for the chain.
         assert_eq!(p.arena_elems, 3 * round_up(400));
         assert!(p.unshared_elems > 6 * p.arena_elems);
+    }
+
+    #[test]
+    fn inputs_are_never_overwritten() {
+        // `x` is last read by the first node; without the rule its memory would be reused.
+        let mut b = GraphBuilder::new();
+        let x = b.input("x", [4, 100]).unwrap();
+        let mut y = b.unary("a0", x, UnaryFn::Silu).unwrap();
+        for i in 1..4 {
+            y = b.unary(&format!("a{i}"), y, UnaryFn::Silu).unwrap();
+        }
+        b.output("y", y).unwrap();
+        let g = b.finish();
+        let p = plan(&g, false);
+        assert_no_overlap(&g, &p);
+        let xo = p.offset(x).unwrap();
+        for v in 1..g.values.len() {
+            if let Some(o) = p.offsets[v] {
+                assert!(o + 400 <= xo || o >= xo + round_up(400), "value {v} reuses the input's memory");
+            }
+        }
     }
 
     #[test]

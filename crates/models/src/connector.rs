@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::{ModelError, Result};
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 pub struct ConnectorConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,

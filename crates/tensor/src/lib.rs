@@ -13,7 +13,7 @@ mod tensor;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use pth::{read_pth, read_pth_bytes, read_pth_with, PthCheckpoint, PthError, PthOptions, PthResult, ALLOWED_GLOBALS};
-pub use safetensors_io::{write_safetensors, Overlay, TensorMap, TensorSource, Weights};
+pub use safetensors_io::{write_safetensors, Overlay, Routed, TensorMap, TensorSource, Weights};
 pub use shape::Shape;
 pub use tensor::{HostData, HostTensor};
 

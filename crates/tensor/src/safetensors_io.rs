@@ -432,6 +432,41 @@ impl TensorSource for Overlay<'_> {
     }
 }
 
+/// Names starting with one of `routes`' prefixes come from that route's source, all others from
+/// `default`: one graph reading two checkpoints (the conditioning graph reads the LLM's
+/// `model.*` and the OpenUni checkpoint's `connector.*` / `projector.*`), with a missing key
+/// reported against the file that should hold it.
+pub struct Routed<'a> {
+    pub routes: Vec<(&'static str, &'a dyn TensorSource)>,
+    pub default: &'a dyn TensorSource,
+}
+
+impl Routed<'_> {
+    fn source(&self, name: &str) -> &dyn TensorSource {
+        self.routes.iter().find(|(p, _)| name.starts_with(p)).map_or(self.default, |r| r.1)
+    }
+}
+
+impl TensorSource for Routed<'_> {
+    fn origin(&self) -> String {
+        let mut parts: Vec<String> = self.routes.iter().map(|(p, s)| format!("{p}* from {}", s.origin())).collect();
+        parts.push(format!("the rest from {}", self.default.origin()));
+        parts.join(", ")
+    }
+    fn shape_of(&self, name: &str) -> Result<Shape> {
+        self.source(name).shape_of(name)
+    }
+    fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
+        self.source(name).tensor_f32(name, shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.source(name).contains(name)
+    }
+    fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<HostTensor> {
+        self.source(name).rows_f32(name, rows)
+    }
+}
+
 impl<T: TensorSource + ?Sized> TensorSource for &T {
     fn origin(&self) -> String {
         (**self).origin()

@@ -2,7 +2,7 @@
 //! sinusoid, SiLU-GLU, SwiGLU, rotary embedding, token slices and concatenation.
 //!
 //! Chunk, SliceTokens and Concat are one strided 2-D copy each (Concat: one launch per input, into
-//! its column range of the output). The timestep embedding and rope read small frequency tables
+//! its column range of the output; GatherTokens: one per gathered range). The timestep embedding and rope read small frequency tables
 //! computed here exactly as the CPU twins compute them (`openuni_cpu::ops::{timestep_embedding,
 //! rope_inv_freq}`) and uploaded once per executor ([`Ctx::constant`]).
 
@@ -107,6 +107,14 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             let d = dims(*x);
             let (b, t, c) = (d[0], d[1], d[2]);
             vec![copy(ctx, p(*x) + (start * c * es) as u64, y, b, len * c, t * c, len * c)]
+        }
+        Op::GatherTokens { x, starts, len } => {
+            let c = g.shape(*x).last();
+            starts
+                .iter()
+                .enumerate()
+                .map(|(i, &st)| copy(ctx, p(*x) + (st * c * es) as u64, y + (i * len * c * es) as u64, 1, len * c, len * c, len * c))
+                .collect()
         }
         Op::Concat { xs } => {
             let (rows, total) = (out.rows(), out.last());

@@ -126,6 +126,7 @@ pub fn supports(op: &Op) -> bool {
             | Op::SwiGlu { .. }
             | Op::Rope { .. }
             | Op::SliceTokens { .. }
+            | Op::GatherTokens { .. }
             | Op::Concat { .. }
             | Op::Conv2d { .. }
             | Op::UpsampleConv2d { .. }
@@ -151,7 +152,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
         Op::GluSilu { .. } => Some(misc::resolve(ctx, node)),
         Op::SwiGlu { .. } => Some(misc::resolve(ctx, node)),
         Op::Rope { .. } => Some(misc::resolve(ctx, node)),
-        Op::SliceTokens { .. } => Some(misc::resolve(ctx, node)),
+        Op::SliceTokens { .. } | Op::GatherTokens { .. } => Some(misc::resolve(ctx, node)),
         Op::Concat { .. } => Some(misc::resolve(ctx, node)),
         Op::Conv2d { .. }
         | Op::UpsampleConv2d { .. }

@@ -1,0 +1,71 @@
+//! What a node costs: floating-point operations and the elements it must move at least once
+//! (every input, weights included, and its output). Profiles divide these by measured times to
+//! report achieved FLOP/s and bytes/s against the machine's measured ceilings.
+
+use crate::{Graph, Node, Op};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    /// Multiply-adds count 2.
+    pub flops: f64,
+    /// Elements read plus written (times the storage size gives bytes).
+    pub elems: f64,
+}
+
+/// The cost of `node` in `graph`, as the op is defined (not as a backend may compute it: the
+/// up-block conv counts the 3×3 conv on the upsampled grid it stands for).
+pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
+    let numel = |id| graph.shape(id).numel() as f64;
+    let out = graph.shape(node.output);
+    let elems = node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>() + out.numel() as f64;
+    let rows = out.rows() as f64;
+    let flops = match &node.op {
+        Op::Linear { x, w, .. } => 2.0 * rows * graph.shape(*x).last() as f64 * graph.shape(*w).dims()[0] as f64,
+        Op::Attention { q, k, heads, head_dim, causal, segments, .. } => {
+            let (qs, ks) = (graph.shape(*q).dims(), graph.shape(*k).dims());
+            // Packed sequences: only the (query, key) pairs inside each segment are work.
+            let pairs = segments.as_ref().map_or(qs[1] as f64 * ks[1] as f64, |s| s.iter().map(|&l| (l * l) as f64).sum());
+            let full = 4.0 * (qs[0] * heads * head_dim) as f64 * pairs;
+            if *causal {
+                full / 2.0
+            } else {
+                full
+            }
+        }
+        // Per head: the k·vᵀ state and its product with q, hd² multiply-adds each per token.
+        Op::LinearAttention { q, heads, head_dim, .. } => {
+            let d = graph.shape(*q).dims();
+            4.0 * (d[0] * d[1] * heads * head_dim * head_dim) as f64
+        }
+        Op::PackedLinearAttention { qkv, groups, head_dim } => {
+            let d = graph.shape(*qkv).dims();
+            4.0 * (d[0] * d[1] * groups * head_dim * head_dim) as f64
+        }
+        Op::Conv2d { x, kernel, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * kernel * kernel) as f64,
+        Op::UpsampleConv2d { x, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * 9) as f64,
+        Op::DepthwiseConv2d { kernel, .. } => 2.0 * out.numel() as f64 * (kernel * kernel) as f64,
+        Op::DepthwiseConvGlu { kernel, .. } => 4.0 * out.numel() as f64 * (kernel * kernel) as f64,
+        Op::GroupedLinear { x, groups, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() / groups) as f64,
+        _ => 0.0,
+    };
+    Cost { flops, elems }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GraphBuilder;
+
+    #[test]
+    fn linear_and_conv_costs() {
+        let mut b = GraphBuilder::new();
+        let x = b.input("x", [2, 6, 8]).unwrap();
+        let w = b.weight("w", [5, 8]).unwrap();
+        let y = b.linear("lin", x, w, None).unwrap();
+        b.output("y", y).unwrap();
+        let g = b.finish();
+        let c = node_cost(&g, &g.nodes[0]);
+        assert_eq!(c.flops, 2.0 * 12.0 * 8.0 * 5.0);
+        assert_eq!(c.elems, 96.0 + 40.0 + 60.0);
+    }
+}

@@ -1,0 +1,132 @@
+//! Batched generation (`--batch`): N prompts conditioned, denoised and decoded together must give
+//! each image what a batch of one gives it, on the CPU reference and on the emulated GPU (where
+//! the step runs as a captured CUDA graph and every stage's executor stays resident).
+
+use openuni::exec::Device;
+use openuni::generate::noise;
+use openuni::pipeline::{OpenUni, RunOptions};
+use openuni::tiny_model;
+use openuni_models::scheduler::SamplerKind;
+use openuni_tensor::{DType, HostTensor};
+
+fn model(dir: &std::path::Path) -> OpenUni {
+    let p = tiny_model::ensure(dir).unwrap();
+    OpenUni::load(&tiny_model::paths(&p), tiny_model::connector_config()).unwrap()
+}
+
+fn rel_l2(a: &[f32], r: &[f32]) -> f64 {
+    assert_eq!(a.len(), r.len());
+    let num: f64 = a.iter().zip(r).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = r.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Three prompts of different lengths (ids below the tiny vocabulary), uncond shorter.
+fn prompts() -> Vec<(Vec<u32>, Vec<u32>)> {
+    vec![
+        ((10..27).collect(), (3..9).collect()),
+        ((40..44).collect(), (3..9).collect()),
+        ((5..36).collect(), (50..52).collect()),
+    ]
+}
+
+/// Runs the three prompts as one batch and one by one; returns the worst relative L2 error of the
+/// batched prompt embeddings, latents and decoded images against the single runs.
+fn batched_vs_single(run: RunOptions) -> (f64, f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let ps = prompts();
+    let pairs: Vec<(&[u32], &[u32])> = ps.iter().map(|(c, u)| (&c[..], &u[..])).collect();
+    let (c, h, w) = (m.transformer_cfg.in_channels, 4, 6);
+    let n = ps.len();
+
+    let batch = m.condition_batch(&pairs, run).unwrap();
+    let mut z = vec![];
+    for i in 0..n {
+        z.extend(noise(7 + i as u64, c, h, w).to_f32_vec());
+    }
+    let z = HostTensor::from_f32([n, c, h, w], z).unwrap();
+    let lat = m.denoise(&batch.prompt_embeds, &z, 4, 4.5, SamplerKind::DpmSolver, 3.0, run, |_| {}).unwrap();
+    let img = m.decode(&lat, run).unwrap();
+
+    let pe = batch.prompt_embeds.to_f32_vec();
+    let per_pe = pe.len() / (2 * n);
+    let (lat_b, img_b) = (lat.to_f32_vec(), img.to_f32_vec());
+    let (per_lat, per_img) = (lat_b.len() / n, img_b.len() / n);
+    // The comparison means something only if the images differ from each other.
+    assert!(rel_l2(&pe[n * per_pe..(n + 1) * per_pe], &pe[(n + 1) * per_pe..(n + 2) * per_pe]) > 1e-2, "two prompts gave the same embeddings");
+    assert!(rel_l2(&lat_b[..per_lat], &lat_b[per_lat..2 * per_lat]) > 1e-2, "two images gave the same latents");
+    let (mut e_pe, mut e_lat, mut e_img) = (0f64, 0f64, 0f64);
+    for (i, (cond, uncond)) in pairs.iter().enumerate() {
+        let single = m.condition(cond, uncond, run).unwrap();
+        let s = single.prompt_embeds.to_f32_vec();
+        // Batched rows: [uncond_0..n-1, cond_0..n-1]; single rows: [uncond, cond].
+        e_pe = e_pe.max(rel_l2(&pe[i * per_pe..(i + 1) * per_pe], &s[..per_pe]));
+        e_pe = e_pe.max(rel_l2(&pe[(n + i) * per_pe..(n + i + 1) * per_pe], &s[per_pe..]));
+        let zi = noise(7 + i as u64, c, h, w);
+        let li = m.denoise(&single.prompt_embeds, &zi, 4, 4.5, SamplerKind::DpmSolver, 3.0, run, |_| {}).unwrap();
+        e_lat = e_lat.max(rel_l2(&lat_b[i * per_lat..(i + 1) * per_lat], &li.to_f32_vec()));
+        let ii = m.decode(&li, run).unwrap();
+        e_img = e_img.max(rel_l2(&img_b[i * per_img..(i + 1) * per_img], &ii.to_f32_vec()));
+    }
+    (e_pe, e_lat, e_img)
+}
+
+#[test]
+fn batch_equals_single_images_on_cpu() {
+    let (pe, lat, img) = batched_vs_single(RunOptions { device: Device::Cpu, dtype: DType::F32 });
+    println!("cpu f32, batch of 3 vs one by one: prompt_embeds {pe:.2e}, latents {lat:.2e}, image {img:.2e}");
+    // Same f32 arithmetic per row; only GEMM blocking may change summation order.
+    assert!(pe < 1e-5 && lat < 1e-5 && img < 1e-5, "batched differs from single: {pe:.2e} {lat:.2e} {img:.2e}");
+}
+
+#[test]
+fn batch_equals_single_images_on_the_emulated_gpu() {
+    let built = std::path::Path::new("target/emu/lib/libcuda.so.1").is_file() || std::env::var_os("OPENUNI_EMU_LIB").is_some();
+    if !built {
+        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
+        return;
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        let (pe, lat, img) = batched_vs_single(RunOptions { device: Device::Emu, dtype });
+        println!("emu {dtype}, batch of 3 vs one by one (captured step graph): prompt_embeds {pe:.2e}, latents {lat:.2e}, image {img:.2e}");
+        // Rows never mix in any kernel, so even bf16 agrees to rounding noise of the f32
+        // accumulations (summation order may differ with the batch's GEMM tiling).
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        assert!(pe < tol && lat < tol && img < tol, "{dtype}: batched differs from single: {pe:.2e} {lat:.2e} {img:.2e}");
+    }
+}
+
+/// Out of device memory (the emulated GPU with a small memory cap): `generate` names the batch
+/// that failed and one that fits by the memory plan, and that batch then runs under the same cap.
+#[test]
+fn out_of_memory_names_a_batch_that_fits() {
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_openuni"));
+    let lib = exe.parent().and_then(|p| p.parent()).map(|t| t.join("emu/lib/libcuda.so.1"));
+    if !(lib.is_some_and(|l| l.is_file()) || std::env::var_os("OPENUNI_EMU_LIB").is_some()) {
+        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a\nb\nc\nd\ne\nf\ng\nh\n").unwrap();
+    let generate = |batch: &str| {
+        let out = std::process::Command::new(&exe)
+            .args(["generate", "--prompts", prompts.to_str().unwrap(), "--device", "emu", "--dtype", "bf16"])
+            .args(["--height", "64", "--width", "64", "--steps", "1", "--batch", batch, "--out", dir.path().join("out").to_str().unwrap()])
+            // 32 MiB go to cuBLASLt's workspace; the rest holds weights and a few images' graphs.
+            .env("OPENUNI_EMU_MEMORY", "36MiB")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, err) = generate("8");
+    assert_eq!(code, Some(2), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_default().to_string();
+    println!("{line}");
+    assert!(line.contains("out of GPU memory at --batch 8"), "{err}");
+    let fits: usize = line.split("; --batch ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no batch advised: {line}"));
+    assert!((1..8).contains(&fits));
+    let (code, err) = generate(&fits.to_string());
+    assert_eq!(code, Some(0), "the advised --batch {fits} failed too: {err}");
+}

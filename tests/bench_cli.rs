@@ -1,0 +1,72 @@
+//! `openuni bench` on the tiny variant: the report has every stage for every batch size, the
+//! JSON matches the table, the profile covers the step and decode graphs, and bad flags are
+//! refused with a message naming them. (Speed itself is never asserted: see benches/ and
+//! BENCHMARKS.md.)
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_openuni")).arg("bench").args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn tiny_bench_on_the_cpu_reports_every_stage_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let (code, stdout, stderr) =
+        bench(&["--variant", "tiny", "--batch", "1,3", "--device", "cpu", "--steps", "2", "--iters", "2", "--profile", "--json", json.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    println!("{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.iter().map(|b| b["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3]);
+    for b in results {
+        for k in ["conditioning_ms", "caption_ms", "step_ms", "decode_ms", "batch_ms", "images_per_s"] {
+            assert!(b[k].as_f64().unwrap() > 0.0, "{k} = {}", b[k]);
+        }
+        // The whole batch includes every step: it cannot be faster than the steps alone.
+        assert!(b["batch_ms"].as_f64().unwrap() >= 2.0 * b["step_ms"].as_f64().unwrap() * 0.5);
+        assert!(b["planned_activation_bytes"].as_u64().unwrap() > 0 && b["weight_bytes"].as_u64().unwrap() > 0);
+    }
+    // A batch of 3 plans more activation memory than a batch of 1.
+    assert!(results[1]["planned_activation_bytes"].as_u64() > results[0]["planned_activation_bytes"].as_u64());
+    let prof = r["profile"].as_array().unwrap();
+    for graph in ["step batch 1", "decoder batch 3"] {
+        let linear = prof.iter().find(|p| p["graph"] == graph && p["op"] == "linear").unwrap_or_else(|| panic!("no linear in {graph}"));
+        assert!(linear["tflops"].as_f64().unwrap() > 0.0);
+    }
+    let shares: f64 = prof.iter().filter(|p| p["graph"] == "step batch 1").map(|p| p["share"].as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 1e-6, "shares of a graph sum to {shares}");
+    assert!(r["ceilings"]["tflops"].as_f64().unwrap() > 0.0);
+    assert!(stdout.contains("images/s") && stdout.contains("conv2d"));
+}
+
+#[test]
+fn bench_refuses_bad_flags() {
+    for (args, msg) in [
+        (&["--variant", "xl"][..], "--variant `xl` is not one of b-512, l-512, l-1024, tiny"),
+        (&["--variant", "tiny", "--device", "cpu", "--batch", "0"][..], "--batch takes a comma-separated list of positive batch sizes"),
+        (&["--variant", "tiny", "--device", "gpu"][..], "--device `gpu`"),
+        (&["--variant", "tiny", "--device", "cpu", "--size", "100"][..], "--size 100 is not a positive multiple of 32"),
+    ] {
+        let (code, _, stderr) = bench(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(msg), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn tiny_bench_on_the_emulated_gpu() {
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_openuni"));
+    let lib = exe.parent().and_then(|p| p.parent()).map(|t| t.join("emu/lib/libcuda.so.1"));
+    if !(lib.is_some_and(|l| l.is_file()) || std::env::var_os("OPENUNI_EMU_LIB").is_some()) {
+        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
+        return;
+    }
+    let (code, stdout, stderr) = bench(&["--variant", "tiny", "--size", "64", "--batch", "2", "--device", "emu", "--dtype", "bf16", "--steps", "1", "--iters", "1", "--profile"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    println!("{stdout}");
+    assert!(stdout.contains("not GPU speed"), "the emulator's times must be labelled: {stdout}");
+    assert!(stdout.contains("upsample_conv2d"));
+}
