@@ -17,7 +17,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::exec::Device;
 use crate::image::write_png;
-use crate::pipeline::{to_uint8_nhwc, DecodeOptions, ModelPaths, OpenUni, RunOptions};
+use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, ModelPaths, OpenUni, RunOptions, SamplingParams};
 use crate::tiny_model;
 
 /// One of the three published OpenUni variants.
@@ -353,30 +353,25 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     let start = Instant::now();
     let mut written = vec![];
     let c = model.transformer_cfg.in_channels;
-    for chunk in ready.chunks(s.batch.max(1)) {
-        let n = chunk.len();
-        let made = (|| -> Result<HostTensor> {
-            let pairs: Vec<(&[u32], &[u32])> = chunk.iter().map(|(_, _, _, ids)| (&ids.cond[..], &ids.uncond[..])).collect();
-            let cond = model.condition_batch(&pairs, run)?;
-            let mut z = Vec::with_capacity(n * c * lh * lw);
-            for (_, it, _, _) in chunk {
+    let chunks: Vec<_> = ready.chunks(s.batch.max(1)).collect();
+    let batches = chunks
+        .iter()
+        .map(|chunk| {
+            let mut z = Vec::with_capacity(chunk.len() * c * lh * lw);
+            for (_, it, _, _) in chunk.iter() {
                 z.extend(noise(it.seed, c, lh, lw).to_f32_vec());
             }
-            let z = HostTensor::from_f32([n, c, lh, lw], z)?;
-            let latents = model.denoise(&cond.prompt_embeds, &z, s.steps, s.guidance, s.sampler, shift, run, |_| bar.inc(n as u64))?;
-            model.decode_with(&latents, run, decode_opts)
-        })();
-        let decoded = match made {
-            Ok(d) => d,
-            Err(e) if is_out_of_memory(&e) => {
-                bar.finish_and_clear();
-                return Err(e.context(out_of_memory_advice(&model, n, lh, lw, run)));
-            }
-            Err(e) => return Err(e),
-        };
+            Ok(GenerationBatch {
+                prompts: chunk.iter().map(|(_, _, _, ids)| (ids.cond.clone(), ids.uncond.clone())).collect(),
+                noise: HostTensor::from_f32([chunk.len(), c, lh, lw], z)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let params = SamplingParams { steps: s.steps, guidance: s.guidance, sampler: s.sampler, flow_shift: shift, decode: decode_opts };
+    let per = height * width * 3;
+    let made = model.generate_batches(&batches, &params, run, |n| bar.inc(n as u64), |i, decoded| {
         let (pixels, _) = to_uint8_nhwc(&decoded)?;
-        let per = height * width * 3;
-        for (k, (_, it, path, _)) in chunk.iter().enumerate() {
+        for (k, (_, it, path, _)) in chunks[i].iter().enumerate() {
             let meta = vec![
                 ("Software".to_string(), format!("openuni {}", env!("CARGO_PKG_VERSION"))),
                 ("prompt".into(), it.prompt.clone()),
@@ -395,6 +390,16 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
         }
         let rate = written.len() as f64 / start.elapsed().as_secs_f64();
         bar.set_message(format!("{}/{} images, {rate:.2} images/s", written.len(), ready.len()));
+        Ok(())
+    });
+    if let Err(e) = made {
+        bar.finish_and_clear();
+        return Err(if is_out_of_memory(&e) {
+            let n = s.batch.min(ready.len());
+            e.context(out_of_memory_advice(&model, n, lh, lw, run))
+        } else {
+            e
+        });
     }
     bar.finish_and_clear();
     Ok(Report { written, failed })
@@ -418,14 +423,17 @@ pub fn out_of_memory_advice(model: &OpenUni, n: usize, lh: usize, lw: usize, run
         }
     };
     let need = |k: usize| model.planned_batch_bytes(k, lh, lw, run.dtype).unwrap_or(usize::MAX);
-    // Leave a quarter of the plan for the kernels' workspaces, allocation rounding and the LLM's
-    // per-call graphs.
-    let fits = (1..n).rev().find(|&k| need(k).saturating_add(need(k) / 4) <= free);
+    // Weights not uploaded yet when memory ran out will need room too.
+    let resident = model.resident_weight_bytes();
+    let missing = model.planned_weight_bytes(lh, lw, run.dtype).unwrap_or(0).saturating_sub(resident);
+    // Leave a quarter of the plan for the kernels' workspaces and allocation rounding.
+    let fits = (1..n).rev().find(|&k| need(k).saturating_add(need(k) / 4).saturating_add(missing) <= free);
     let head = format!(
-        "out of GPU memory at --batch {n}: its graphs plan {} of activations; {} are free besides {} of resident weights",
+        "out of GPU memory at --batch {n}: its graphs plan {} of activations; {} are free besides {} of resident weights ({} more to upload)",
         size(need(n)),
         size(free),
-        size(model.resident_weight_bytes())
+        size(resident),
+        size(missing)
     );
     match fits {
         Some(k) => format!("{head}; --batch {k} plans {}, which fits", size(need(k))),

@@ -15,7 +15,7 @@ use openuni_models::dcae::{self, DcaeConfig};
 use openuni_models::qwen2::{self, Qwen2Config};
 use openuni_models::sana::{self, SanaConfig};
 use openuni_models::scheduler::{guide, Sampler, SamplerKind};
-use openuni_tensor::{read_pth, DType, HostTensor, Overlay, Shape, TensorMap, TensorSource, Weights};
+use openuni_tensor::{read_pth, DType, HostTensor, Overlay, Routed, Shape, TensorMap, TensorSource, Weights};
 
 use crate::exec::{executor_with, Device, GraphExecutor, WeightCache};
 
@@ -36,11 +36,11 @@ pub struct OpenUni {
     resident: RefCell<Resident>,
 }
 
-/// The four weight sources of a model.
+/// What a graph reads its weights from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stage {
-    Llm,
-    OpenUni,
+    /// The LLM with the OpenUni checkpoint's meta-queries, connector and projector.
+    Conditioning,
     Transformer,
     Vae,
 }
@@ -92,6 +92,29 @@ pub struct ModelPaths<'a> {
 pub struct RunOptions {
     pub device: Device,
     pub dtype: DType,
+}
+
+/// One batch for [`OpenUni::generate_batches`]: each image's (cond, uncond) prompt ids and the
+/// batch's noise [N, 32, h, w].
+pub struct GenerationBatch {
+    pub prompts: Vec<(Vec<u32>, Vec<u32>)>,
+    pub noise: HostTensor,
+}
+
+/// How the images are sampled and decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct SamplingParams {
+    pub steps: usize,
+    pub guidance: f32,
+    pub sampler: SamplerKind,
+    pub flow_shift: f64,
+    pub decode: DecodeOptions,
+}
+
+/// A conditioning enqueued by [`OpenUni::start_conditioning`].
+pub struct PendingConditioning {
+    exec: Box<dyn GraphExecutor>,
+    n: usize,
 }
 
 /// The conditioning of N prompts: rows ordered [uncond_0 .. uncond_N-1, cond_0 .. cond_N-1]
@@ -194,8 +217,10 @@ impl OpenUni {
 
     fn source(&self, stage: Stage) -> Box<dyn TensorSource + '_> {
         match stage {
-            Stage::Llm => Box::new(self.llm.as_ref()),
-            Stage::OpenUni => Box::new(self.openuni.as_ref()),
+            Stage::Conditioning => Box::new(Routed {
+                routes: vec![("connector.", self.openuni.as_ref()), ("projector.", self.openuni.as_ref())],
+                default: self.llm.as_ref(),
+            }),
             Stage::Transformer => self.transformer(),
             Stage::Vae => Box::new(self.vae.as_ref()),
         }
@@ -210,7 +235,12 @@ impl OpenUni {
         if run.device == Device::Cpu && run.dtype != DType::F32 {
             bail!("--device cpu runs the f32 reference only; --dtype {} needs --device cuda", run.dtype);
         }
-        let c = WeightCache::new(run.device, run.dtype)?;
+        // The conditioning runs on the device's second lane, so that the next batch's can overlap
+        // this batch's denoising.
+        let c = match stage {
+            Stage::Conditioning => WeightCache::on_second_lane(run.device, run.dtype)?,
+            _ => WeightCache::new(run.device, run.dtype)?,
+        };
         r.weights.insert((stage, run.device, run.dtype), c.clone());
         Ok(c)
     }
@@ -285,13 +315,65 @@ impl OpenUni {
         }
     }
 
-    /// The LLM over each of `seqs` ++ meta-queries (unpadded causal rows), returning the last Q
-    /// hidden states after the final norm, [S, Q, D] flattened in the order of `seqs`.
-    fn llm_queries(&self, seqs: &[&[u32]], run: RunOptions) -> Result<Vec<f32>> {
+    /// Prompt ids (cond, uncond) -> prompt embeddings [2, Q, caption_channels], [uncond, cond].
+    pub fn condition(&self, ids_cond: &[u32], ids_uncond: &[u32], run: RunOptions) -> Result<Conditioning> {
+        self.condition_batch(&[(ids_cond, ids_uncond)], run)
+    }
+
+    /// N prompts' ids (cond, uncond) -> prompt embeddings [2N, Q, caption_channels] in the
+    /// order [uncond_0..N-1, cond_0..N-1].
+    pub fn condition_batch(&self, prompts: &[(&[u32], &[u32])], run: RunOptions) -> Result<Conditioning> {
+        let pending = self.start_conditioning(prompts, run)?;
+        self.finish_conditioning(pending)
+    }
+
+    /// The 2N sequences of N prompts in row order [uncond_0..N-1, cond_0..N-1], each with the
+    /// meta-queries appended: their lengths (the packed segments).
+    fn segments(&self, prompts: &[(&[u32], &[u32])]) -> Vec<usize> {
+        prompts.iter().map(|p| p.1.len()).chain(prompts.iter().map(|p| p.0.len())).map(|l| l + self.num_queries).collect()
+    }
+
+    /// The conditioning graph of packed sequences of `segments` tokens (each ending in the Q
+    /// meta-queries): the LLM with causal attention inside each sequence and no padding, the last
+    /// Q states of every sequence after the final norm, the connector on all of them at once, the
+    /// projector. Outputs `hidden` [S, Q, D], `connector` [S, Q, D], `prompt_embeds` [S, Q, cc].
+    fn conditioning_graph(&self, segments: &[usize]) -> Result<Graph> {
+        let (d, q, cc) = (self.llm_cfg.hidden_size, self.num_queries, self.transformer_cfg.caption_channels);
+        let total: usize = segments.iter().sum();
+        let mut b = GraphBuilder::new();
+        let x = b.input("inputs_embeds", [1, total, d])?;
+        let o = qwen2::build_packed(&mut b, &self.llm_cfg, self.llm_prefix, x, segments, "llm")?;
+        let ends = segments.iter().scan(0, |at, &l| {
+            *at += l;
+            Some(*at - q)
+        });
+        let hidden = b.gather_tokens("queries", o.hidden_states, &ends.collect::<Vec<_>>(), q)?;
+        let layers = connector::build(&mut b, &self.connector_cfg, "connector.", hidden, "connector")?;
+        let c = *layers.last().unwrap_or(&hidden);
+        let pw = b.weight("projector.weight", [cc, d])?;
+        let pb = b.weight("projector.bias", [cc])?;
+        let e = b.linear("projector", c, pw, Some(pb))?;
+        b.output("hidden", hidden)?;
+        b.output("connector", c)?;
+        b.output("prompt_embeds", e)?;
+        Ok(b.finish())
+    }
+
+    /// Starts the conditioning of N prompts (`conditioning_graph` on their packed sequences). On a
+    /// GPU it is enqueued on the device's second lane and this returns before it has run, so the
+    /// caller can denoise another batch meanwhile; [`finish_conditioning`](Self::finish_conditioning)
+    /// waits for it.
+    pub fn start_conditioning(&self, prompts: &[(&[u32], &[u32])], run: RunOptions) -> Result<PendingConditioning> {
+        let n = prompts.len();
+        if n == 0 {
+            bail!("no prompts to condition on");
+        }
         let (d, q) = (self.llm_cfg.hidden_size, self.num_queries);
         let queries = self.openuni.tensor_f32("meta_queries", &[q, d].into())?.to_f32_vec();
-        let mut out = Vec::with_capacity(seqs.len() * q * d);
-        for ids in seqs {
+        let segments = self.segments(prompts);
+        let total: usize = segments.iter().sum();
+        let mut embeds = Vec::with_capacity(total * d);
+        for ids in prompts.iter().map(|p| p.1).chain(prompts.iter().map(|p| p.0)) {
             let rows: Vec<usize> = ids
                 .iter()
                 .map(|&i| {
@@ -303,39 +385,22 @@ impl OpenUni {
                     }
                 })
                 .collect::<Result<_>>()?;
-            let mut embeds = self.llm.rows_f32(&format!("{}embed_tokens.weight", self.llm_prefix), &rows)?.to_f32_vec();
+            embeds.extend(self.llm.rows_f32(&format!("{}embed_tokens.weight", self.llm_prefix), &rows)?.to_f32_vec());
             embeds.extend_from_slice(&queries);
-            let t = ids.len() + q;
-            let mut b = GraphBuilder::new();
-            let x = b.input("inputs_embeds", [1, t, d])?;
-            let o = qwen2::build(&mut b, &self.llm_cfg, self.llm_prefix, x, "llm")?;
-            let last = b.slice_tokens("queries", o.hidden_states, ids.len(), q)?;
-            b.output("queries", last)?;
-            let mut exec = self.new_executor(Stage::Llm, &b.finish(), run)?;
-            let inputs = HashMap::from([("inputs_embeds".to_string(), HostTensor::from_f32([1, t, d], embeds)?)]);
-            out.extend(exec.run(&inputs)?.remove("queries").expect("graph output").to_f32_vec());
         }
-        Ok(out)
+        // The graph depends on the prompts' lengths, so its executor is made per call (on the
+        // resident weights).
+        let mut exec = self.new_executor(Stage::Conditioning, &self.conditioning_graph(&segments)?, run)?;
+        exec.set_inputs(&HashMap::from([("inputs_embeds".to_string(), HostTensor::from_f32([1, total, d], embeds)?)]))?;
+        exec.execute()?;
+        Ok(PendingConditioning { exec, n })
     }
 
-    /// Prompt ids (cond, uncond) -> prompt embeddings [2, Q, caption_channels], [uncond, cond].
-    pub fn condition(&self, ids_cond: &[u32], ids_uncond: &[u32], run: RunOptions) -> Result<Conditioning> {
-        self.condition_batch(&[(ids_cond, ids_uncond)], run)
-    }
-
-    /// N prompts' ids (cond, uncond) -> prompt embeddings [2N, Q, caption_channels] in the
-    /// order [uncond_0..N-1, cond_0..N-1]; the connector runs once on all 2N rows.
-    pub fn condition_batch(&self, prompts: &[(&[u32], &[u32])], run: RunOptions) -> Result<Conditioning> {
-        let n = prompts.len();
-        if n == 0 {
-            bail!("no prompts to condition on");
-        }
-        let (d, q) = (self.llm_cfg.hidden_size, self.num_queries);
-        let seqs: Vec<&[u32]> = prompts.iter().map(|p| p.1).chain(prompts.iter().map(|p| p.0)).collect();
-        let hidden = self.llm_queries(&seqs, run)?;
-        let dims = [2 * n, q, d];
-        let inputs = HashMap::from([("queries".to_string(), HostTensor::from_f32(dims, hidden.clone())?)]);
-        let mut out = self.with_executor(Stage::OpenUni, "connector", &dims, run, false, || self.connector_graph(dims), |e| e.run(&inputs))?;
+    /// Waits for a conditioning started by [`start_conditioning`](Self::start_conditioning).
+    pub fn finish_conditioning(&self, mut p: PendingConditioning) -> Result<Conditioning> {
+        let (n, q, d) = (p.n, self.num_queries, self.llm_cfg.hidden_size);
+        let mut out = p.exec.outputs()?;
+        let hidden = out.remove("hidden").expect("graph output").to_f32_vec();
         let half = n * q * d;
         Ok(Conditioning {
             prompt_embeds: out.remove("prompt_embeds").expect("graph output"),
@@ -343,21 +408,6 @@ impl OpenUni {
             hidden_uncond: HostTensor::from_f32([n, q, d], hidden[..half].to_vec())?,
             hidden_cond: HostTensor::from_f32([n, q, d], hidden[half..].to_vec())?,
         })
-    }
-
-    /// The connector + projector graph on [2N, Q, D].
-    fn connector_graph(&self, dims: [usize; 3]) -> Result<Graph> {
-        let (d, cc) = (self.llm_cfg.hidden_size, self.transformer_cfg.caption_channels);
-        let mut b = GraphBuilder::new();
-        let x = b.input("queries", dims)?;
-        let layers = connector::build(&mut b, &self.connector_cfg, "connector.", x, "connector")?;
-        let c = *layers.last().unwrap_or(&x);
-        let pw = b.weight("projector.weight", [cc, d])?;
-        let pb = b.weight("projector.bias", [cc])?;
-        let e = b.linear("projector", c, pw, Some(pb))?;
-        b.output("connector", c)?;
-        b.output("prompt_embeds", e)?;
-        Ok(b.finish())
     }
 
     /// The caption path graph (projection, norm, every block's cross-attention K/V).
@@ -382,15 +432,29 @@ impl OpenUni {
     /// The graphs that stay resident for a batch of `n` images with `h`×`w` latents decoded in
     /// one piece (connector, caption path, step, decoder), for memory planning without a device.
     pub fn batch_graphs(&self, n: usize, h: usize, w: usize) -> Result<Vec<(&'static str, Graph)>> {
-        let (d, q, cc) = (self.llm_cfg.hidden_size, self.num_queries, self.transformer_cfg.caption_channels);
+        let (q, cc) = (self.num_queries, self.transformer_cfg.caption_channels);
         let caption = self.caption_graph(&[2 * n, q, cc].into())?;
         let kv: HashMap<String, Shape> = caption.outputs.iter().map(|(name, id)| (name.clone(), caption.shape(*id).clone())).collect();
+        // The conditioning graph depends on the prompts' lengths: planned for the lengths
+        // `openuni bench` uses (30-token prompts, 16-token unconditional prompts).
+        let segments: Vec<usize> = (0..2 * n).map(|i| if i < n { 16 + q } else { 30 + q }).collect();
         Ok(vec![
-            ("connector", self.connector_graph([2 * n, q, d])?),
+            ("conditioning", self.conditioning_graph(&segments)?),
             ("step", self.step_graph(&kv, 2 * n, h, w)?),
             ("caption", caption),
             ("decoder", self.decoder_graph(&[n, self.vae_cfg.latent_channels, h, w].into())?),
         ])
+    }
+
+    /// Bytes of every weight the batch graphs read, stored as `dtype`.
+    pub fn planned_weight_bytes(&self, h: usize, w: usize, dtype: DType) -> Result<usize> {
+        let mut seen = HashMap::new();
+        for (_, g) in self.batch_graphs(1, h, w)? {
+            for (id, name) in g.weights() {
+                seen.insert(name.to_string(), g.shape(id).numel() * dtype.size_in_bytes());
+            }
+        }
+        Ok(seen.values().sum())
     }
 
     /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage:
@@ -423,6 +487,37 @@ impl OpenUni {
         let o = sana::denoise(&mut b, cfg, x, t, &kv_inputs, None, h, w)?;
         b.output("velocity", o.output)?;
         Ok(b.finish())
+    }
+
+    /// Generates `batches` one after another: the conditioning of batch i + 1 is started (on the
+    /// device's second lane) before batch i is denoised, so on a GPU the two overlap. Each batch's
+    /// decoded images [N, 3, H, W] go to `done(batch index, images)`; `on_step(N)` after each step.
+    pub fn generate_batches(
+        &self,
+        batches: &[GenerationBatch],
+        p: &SamplingParams,
+        run: RunOptions,
+        mut on_step: impl FnMut(usize),
+        mut done: impl FnMut(usize, HostTensor) -> Result<()>,
+    ) -> Result<()> {
+        let start = |b: &GenerationBatch| {
+            let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(c, u)| (&c[..], &u[..])).collect();
+            self.start_conditioning(&pairs, run)
+        };
+        let mut next = match batches.first() {
+            Some(b) => Some(start(b)?),
+            None => return Ok(()),
+        };
+        for (i, b) in batches.iter().enumerate() {
+            let cond = self.finish_conditioning(next.take().expect("started before"))?;
+            if let Some(after) = batches.get(i + 1) {
+                next = Some(start(after)?);
+            }
+            let n = b.prompts.len();
+            let latents = self.denoise(&cond.prompt_embeds, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |_| on_step(n))?;
+            done(i, self.decode_with(&latents, run, p.decode)?)?;
+        }
+        Ok(())
     }
 
     /// The sampling loop from `noise` [N, 32, h, w] with `prompt_embeds` [2N, Q, cc] (uncond rows

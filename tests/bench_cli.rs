@@ -22,7 +22,7 @@ fn tiny_bench_on_the_cpu_reports_every_stage_and_writes_json() {
     let results = r["results"].as_array().unwrap();
     assert_eq!(results.iter().map(|b| b["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3]);
     for b in results {
-        for k in ["conditioning_ms", "caption_ms", "step_ms", "decode_ms", "batch_ms", "images_per_s"] {
+        for k in ["conditioning_ms", "caption_ms", "step_ms", "decode_ms", "batch_ms", "images_per_s", "pipelined_images_per_s"] {
             assert!(b[k].as_f64().unwrap() > 0.0, "{k} = {}", b[k]);
         }
         // The whole batch includes every step: it cannot be faster than the steps alone.
