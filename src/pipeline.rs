@@ -255,8 +255,7 @@ impl OpenUni {
         self.resident.borrow().execs.values().map(|e| e.activation_bytes()).sum()
     }
 
-    /// Runs `f` on the resident executor of graph `name` ("connector", "caption", "step",
-    /// "decoder") for input dims `dims`; an error if no call has made it yet.
+    /// Runs `f` on the resident executor of graph `name` ("caption", "step", "decoder") for input dims `dims`; an error if no call has made it yet.
     pub fn resident_executor<R>(&self, name: &str, dims: &[usize], run: RunOptions, f: impl FnOnce(&mut dyn GraphExecutor) -> Result<R>) -> Result<R> {
         let mut r = self.resident.borrow_mut();
         let e = r
@@ -429,8 +428,8 @@ impl OpenUni {
         self.with_executor(Stage::Transformer, "caption", &dims, run, false, || self.caption_graph(&prompt_embeds.shape), |e| e.run(&inputs))
     }
 
-    /// The graphs that stay resident for a batch of `n` images with `h`×`w` latents decoded in
-    /// one piece (connector, caption path, step, decoder), for memory planning without a device.
+    /// The graphs alive together for a batch of `n` images with `h`×`w` latents decoded in one
+    /// piece (conditioning, caption path, step, decoder), for memory planning without a device.
     pub fn batch_graphs(&self, n: usize, h: usize, w: usize) -> Result<Vec<(&'static str, Graph)>> {
         let (q, cc) = (self.num_queries, self.transformer_cfg.caption_channels);
         let caption = self.caption_graph(&[2 * n, q, cc].into())?;
