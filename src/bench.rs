@@ -491,7 +491,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             batch_ms,
             images_per_s: n as f64 / (batch_ms * 1e-3),
             pipelined_images_per_s: 3.0 * n as f64 / (pipelined_ms * 1e-3),
-            planned_activation_bytes: model.planned_batch_bytes(n, lh, lw, run.dtype)?,
+            planned_activation_bytes: model.planned_batch_bytes(n, lh, lw, run.dtype, DecodeOptions::default())?,
             resident_activation_bytes: model.resident_activation_bytes(),
             weight_bytes: model.resident_weight_bytes(),
         });

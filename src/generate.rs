@@ -271,9 +271,8 @@ pub struct Settings {
     pub dtype: DType,
     pub out: PathBuf,
     pub variant: &'static Variant,
-    /// `--decode-tile` / `--decode-overlap` in pixels (see `DecodeOptions::from_flags`).
+    /// `--decode-tile` in pixels (see `DecodeOptions::from_flags`).
     pub decode_tile: Option<usize>,
-    pub decode_overlap: Option<usize>,
     /// Images per batch (`--batch`): conditioned, denoised and decoded together.
     pub batch: usize,
 }
@@ -317,7 +316,7 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
         bail!("--height/--width {height}x{width} are not multiples of the VAE's {up}x upscaling");
     }
     let (lh, lw) = (height / up, width / up);
-    let decode_opts = DecodeOptions::from_flags(s.decode_tile, s.decode_overlap, height, width, up)?;
+    let decode_opts = DecodeOptions::from_flags(s.decode_tile, height, width, &model.vae_cfg)?;
     let shift = flow_shift(&models.transformer)?;
 
     if s.batch == 0 {
@@ -396,7 +395,7 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
         bar.finish_and_clear();
         return Err(if is_out_of_memory(&e) {
             let n = s.batch.min(ready.len());
-            e.context(out_of_memory_advice(&model, n, lh, lw, run))
+            e.context(out_of_memory_advice(&model, n, lh, lw, run, decode_opts))
         } else {
             e
         });
@@ -412,7 +411,7 @@ pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
 
 /// What to say when a batch of `n` did not fit: the planned activation memory of the batch's
 /// resident graphs against the device's free memory, and the largest batch that would fit.
-pub fn out_of_memory_advice(model: &OpenUni, n: usize, lh: usize, lw: usize, run: RunOptions) -> String {
+pub fn out_of_memory_advice(model: &OpenUni, n: usize, lh: usize, lw: usize, run: RunOptions, decode: DecodeOptions) -> String {
     model.release_executors();
     let free = crate::exec::open_device(run.device).and_then(|d| Ok(d.memory_info()?)).map(|(f, _)| f).unwrap_or(0);
     let size = |b: usize| {
@@ -422,7 +421,7 @@ pub fn out_of_memory_advice(model: &OpenUni, n: usize, lh: usize, lw: usize, run
             format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
         }
     };
-    let need = |k: usize| model.planned_batch_bytes(k, lh, lw, run.dtype).unwrap_or(usize::MAX);
+    let need = |k: usize| model.planned_batch_bytes(k, lh, lw, run.dtype, decode).unwrap_or(usize::MAX);
     // Weights not uploaded yet when memory ran out will need room too.
     let resident = model.resident_weight_bytes();
     let missing = model.planned_weight_bytes(lh, lw, run.dtype).unwrap_or(0).saturating_sub(resident);

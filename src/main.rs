@@ -133,14 +133,11 @@ struct GenerateArgs {
     /// until memory runs out (the error then says what batch fits).
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Decode the image in overlapping tiles of PX×PX pixels (a multiple of 32), bounding the
-    /// VAE's memory; default: 512-px tiles when a side exceeds 1024 px, else one piece.
+    /// Decode the high-resolution stages in overlapping tiles of PX×PX pixels (a multiple of
+    /// 32, above 112 for the SANA VAEs), bounding the VAE's memory; the result is the one-piece
+    /// decode's. Default: 512-px tiles when a side exceeds 1024 px, else one piece.
     #[arg(long, value_name = "PX")]
     decode_tile: Option<usize>,
-    /// Overlap of neighbouring decode tiles in pixels (a multiple of 32, smaller than the tile),
-    /// blended linearly; default 64.
-    #[arg(long, value_name = "PX")]
-    decode_overlap: Option<usize>,
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
@@ -158,7 +155,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
     let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
     let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler)
         .ok_or_else(|| anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler))?;
-    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, decode_overlap: a.decode_overlap, batch: a.batch };
+    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch };
     let report = run(&items, &models, &settings)?;
     for p in &report.written {
         println!("{}", p.display());

@@ -428,27 +428,25 @@ impl OpenUni {
         self.with_executor(Stage::Transformer, "caption", &dims, run, false, || self.caption_graph(&prompt_embeds.shape), |e| e.run(&inputs))
     }
 
-    /// The graphs alive together for a batch of `n` images with `h`×`w` latents decoded in one
-    /// piece (conditioning, caption path, step, decoder), for memory planning without a device.
-    pub fn batch_graphs(&self, n: usize, h: usize, w: usize) -> Result<Vec<(&'static str, Graph)>> {
+    /// The graphs alive together for a batch of `n` images with `h`×`w` latents decoded as
+    /// `decode` says (conditioning, caption path, step, decoder or its global part and tile),
+    /// for memory planning without a device.
+    pub fn batch_graphs(&self, n: usize, h: usize, w: usize, decode: DecodeOptions) -> Result<Vec<(&'static str, Graph)>> {
         let (q, cc) = (self.num_queries, self.transformer_cfg.caption_channels);
         let caption = self.caption_graph(&[2 * n, q, cc].into())?;
         let kv: HashMap<String, Shape> = caption.outputs.iter().map(|(name, id)| (name.clone(), caption.shape(*id).clone())).collect();
         // The conditioning graph depends on the prompts' lengths: planned for the lengths
         // `openuni bench` uses (30-token prompts, 16-token unconditional prompts).
         let segments: Vec<usize> = (0..2 * n).map(|i| if i < n { 16 + q } else { 30 + q }).collect();
-        Ok(vec![
-            ("conditioning", self.conditioning_graph(&segments)?),
-            ("step", self.step_graph(&kv, 2 * n, h, w)?),
-            ("caption", caption),
-            ("decoder", self.decoder_graph(&[n, self.vae_cfg.latent_channels, h, w].into())?),
-        ])
+        let mut graphs = vec![("conditioning", self.conditioning_graph(&segments)?), ("step", self.step_graph(&kv, 2 * n, h, w)?), ("caption", caption)];
+        graphs.extend(decode_graphs(&self.vae_cfg, n, h, w, decode)?);
+        Ok(graphs)
     }
 
     /// Bytes of every weight the batch graphs read, stored as `dtype`.
     pub fn planned_weight_bytes(&self, h: usize, w: usize, dtype: DType) -> Result<usize> {
         let mut seen = HashMap::new();
-        for (_, g) in self.batch_graphs(1, h, w)? {
+        for (_, g) in self.batch_graphs(1, h, w, DecodeOptions::default())? {
             for (id, name) in g.weights() {
                 seen.insert(name.to_string(), g.shape(id).numel() * dtype.size_in_bytes());
             }
@@ -456,16 +454,10 @@ impl OpenUni {
         Ok(seen.values().sum())
     }
 
-    /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage:
-    /// each arena, plus with bf16 the f32 staging of every input and output (the kernels' small
-    /// workspaces are not counted).
-    pub fn planned_batch_bytes(&self, n: usize, h: usize, w: usize, dtype: DType) -> Result<usize> {
-        let bytes = |g: &Graph| {
-            let arena = openuni_graph::plan(g, false).arena_elems * dtype.size_in_bytes();
-            let staged: usize = g.inputs().map(|(id, _)| g.shape(id).numel()).chain(g.outputs.iter().map(|(_, id)| g.shape(*id).numel())).sum();
-            arena + if dtype == DType::F32 { 0 } else { staged * 4 }
-        };
-        Ok(self.batch_graphs(n, h, w)?.iter().map(|(_, g)| bytes(g)).sum())
+    /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage
+    /// (see [`planned_graph_bytes`]).
+    pub fn planned_batch_bytes(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions) -> Result<usize> {
+        Ok(self.batch_graphs(n, h, w, decode)?.iter().map(|(_, g)| planned_graph_bytes(g, dtype)).sum())
     }
 
     /// The transformer step graph on [2N, C, h, w] reading the caption path's K/V (of the
@@ -587,10 +579,9 @@ impl OpenUni {
     /// Decodes as `opts` asks: tiled when a tile size is set and the latent does not fit in one
     /// tile, else in one piece (`decode`).
     pub fn decode_with(&self, latents: &HostTensor, run: RunOptions, opts: DecodeOptions) -> Result<HostTensor> {
-        let d = latents.shape.dims();
-        match opts.tile {
-            Some(t) if d.len() == 4 && (d[2] > t || d[3] > t) => self.decode_tiled(latents, run, t, opts.overlap),
-            _ => self.decode(latents, run),
+        match tiling(&self.vae_cfg, latents.shape.dims(), opts)? {
+            Some(t) => self.decode_tiled(latents, run, t),
+            None => self.decode(latents, run),
         }
     }
 
@@ -606,140 +597,187 @@ impl OpenUni {
         Ok(())
     }
 
-    /// The decoder graph for latents of `shape`.
-    fn decoder_graph(&self, shape: &Shape) -> Result<Graph> {
-        let mut b = GraphBuilder::new();
-        let z = b.input("latent", shape.clone())?;
-        let o = dcae::decoder(&mut b, &self.vae_cfg, z, "vae")?;
-        b.output("sample", o.sample)?;
-        Ok(b.finish())
-    }
-
     /// Decodes raw (unscaled) latents `values` of `shape` on the resident decoder executor.
     fn decode_piece(&self, shape: Shape, values: Vec<f32>, run: RunOptions) -> Result<HostTensor> {
-        let sf = self.vae_cfg.scaling_factor;
-        let scaled: Vec<f32> = values.iter().map(|x| x / sf).collect();
-        let inputs = HashMap::from([("latent".to_string(), HostTensor::from_f32(shape.clone(), scaled)?)]);
-        let mut out = self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || self.decoder_graph(&shape), |e| e.run(&inputs))?;
+        let inputs = HashMap::from([("latent".to_string(), self.scaled_latent(shape.clone(), values)?)]);
+        let mut out = self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || decoder_graph(&self.vae_cfg, &shape), |e| e.run(&inputs))?;
         Ok(out.remove("sample").expect("graph output"))
     }
 
-    /// Tiled decode (diffusers `enable_tiling` style) bounding the decoder's activation memory by
-    /// the tile: `tile` and `overlap` are in latent pixels. Tiles start every `tile - overlap`
-    /// latent pixels, the last one in each direction clamped to the edge (so every tile has the
-    /// same shape and one graph serves them all); a dimension no larger than `tile` is one tile.
-    /// Each tile is decoded with the whole batch, then blended in pixel space: on an edge shared
-    /// with a neighbouring tile its weight ramps linearly from ~0 to 1 over `overlap · upscale`
-    /// pixels (not at image borders), weights are separable (wy·wx), and the sum is normalised by
-    /// the summed weights, so the result is a continuous mix with no seam. With one tile covering
-    /// the latent the result is exactly `decode`'s.
-    pub fn decode_tiled(&self, latents: &HostTensor, run: RunOptions, tile: usize, overlap: usize) -> Result<HostTensor> {
+    fn scaled_latent(&self, shape: Shape, values: Vec<f32>) -> Result<HostTensor> {
+        let sf = self.vae_cfg.scaling_factor;
+        Ok(HostTensor::from_f32(shape, values.iter().map(|x| x / sf).collect())?)
+    }
+
+    /// Tiled decode, exact up to summation order (spec/sana_dcae.md §3.4). DC-AE's attention is
+    /// global, so the decoder's global part (conv_in and the attention stages, at most 1/8 of the
+    /// image's resolution for the SANA VAEs) runs on the whole latent once. Its features are then
+    /// cut into overlapping `tiling.tile`-pixel tiles for the local part (the high-resolution
+    /// ResBlock stages, where the memory is), each tile reaching `tiling.context` pixels beyond
+    /// the region it keeps; with the model's own context (`Tiling::new`) every kept pixel sees
+    /// all it depends on, so the stitched image is the one-piece decode's: no seam, no blend.
+    /// Tiles start every `tile - 2·context` pixels, the last one in each direction clamped to the
+    /// edge, so every tile has one shape and one resident executor serves them all.
+    pub fn decode_tiled(&self, latents: &HostTensor, run: RunOptions, tiling: Tiling) -> Result<HostTensor> {
         self.check_latent(latents)?;
-        if tile < 2 {
-            bail!("decode tile of {tile} latent pixel(s): a tile needs at least 2 latent pixels ({} px)", 2 * self.vae_cfg.upscale());
-        }
-        if overlap >= tile {
-            bail!("decode overlap of {overlap} latent pixels must be smaller than the tile of {tile}");
+        let Tiling { tile, context } = tiling;
+        if tile <= 2 * context {
+            bail!("decode tile of {tile} feature pixels keeps nothing of its own with {context} pixels of context on each side");
         }
         let d = latents.shape.dims().to_vec();
-        let (bsz, c, h, w) = (d[0], d[1], d[2], d[3]);
-        let up = self.vae_cfg.upscale();
-        let (th, tw) = (tile.min(h), tile.min(w));
-        let (ys, xs) = (tile_starts(h, tile, overlap), tile_starts(w, tile, overlap));
-        let (ph, pw) = (h * up, w * up);
+        let (bsz, h, w) = (d[0], d[2], d[3]);
+        let split = self.vae_cfg.local_split();
+        let (up, grid) = (split.upscale, self.vae_cfg.upscale() / split.upscale);
+        let (fh, fw, ch) = (h * grid, w * grid, split.channels);
+        let (ph, pw) = (fh * up, fw * up);
         let npix = bsz
             .checked_mul(3)
             .and_then(|n| n.checked_mul(ph))
             .and_then(|n| n.checked_mul(pw))
             .filter(|&n| n <= isize::MAX as usize / 4)
             .with_context(|| format!("the latent {} decodes to an image too large to hold in memory", latents.shape))?;
-        let z = latents.to_f32_vec();
-        let mut acc = vec![0f32; npix];
-        let mut wsum = vec![0f32; ph * pw];
-        for (iy, &y0) in ys.iter().enumerate() {
-            let wy = ramp(th * up, overlap * up, iy > 0, iy + 1 < ys.len());
-            for (ix, &x0) in xs.iter().enumerate() {
-                let wx = ramp(tw * up, overlap * up, ix > 0, ix + 1 < xs.len());
-                let mut piece = Vec::with_capacity(bsz * c * th * tw);
-                for bc in 0..bsz * c {
+        let inputs = HashMap::from([("latent".to_string(), self.scaled_latent(latents.shape.clone(), latents.to_f32_vec())?)]);
+        let mut out = self.with_executor(Stage::Vae, "decoder.global", &d, run, false, || decoder_global_graph(&self.vae_cfg, &latents.shape), |e| e.run(&inputs))?;
+        let features = out.remove("features").expect("graph output").to_f32_vec();
+        let (th, tw) = (tile.min(fh), tile.min(fw));
+        let (ys, xs) = (tile_starts(fh, tile, 2 * context), tile_starts(fw, tile, 2 * context));
+        let (own_y, own_x) = (owned_spans(&ys, fh, context), owned_spans(&xs, fw, context));
+        let mut image = vec![0f32; npix];
+        for (&y0, &(oy0, oy1)) in ys.iter().zip(&own_y) {
+            for (&x0, &(ox0, ox1)) in xs.iter().zip(&own_x) {
+                let mut piece = Vec::with_capacity(bsz * th * tw * ch);
+                for bi in 0..bsz {
                     for y in y0..y0 + th {
-                        let row = (bc * h + y) * w;
-                        piece.extend_from_slice(&z[row + x0..row + x0 + tw]);
+                        let row = (bi * fh + y) * fw;
+                        piece.extend_from_slice(&features[(row + x0) * ch..(row + x0 + tw) * ch]);
                     }
                 }
-                let shape: Shape = [bsz, c, th, tw].into();
-                // Every tile has the same shape (the last ones are clamped), so one resident
-                // executor serves them all.
-                let out = self.decode_piece(shape, piece, run)?.to_f32_vec();
-                let (tph, tpw, py0, px0) = (th * up, tw * up, y0 * up, x0 * up);
-                for (y, &a) in wy.iter().enumerate() {
-                    for (x, &b) in wx.iter().enumerate() {
-                        wsum[(py0 + y) * pw + px0 + x] += a * b;
-                    }
-                }
+                let inputs = HashMap::from([("features".to_string(), HostTensor::from_f32([bsz, th * tw, ch], piece)?)]);
+                let dims = [bsz, th, tw];
+                let mut out = self.with_executor(Stage::Vae, "decoder.tile", &dims, run, false, || decoder_tile_graph(&self.vae_cfg, bsz, th, tw), |e| e.run(&inputs))?;
+                let decoded = out.remove("sample").expect("graph output").to_f32_vec();
+                let (tph, tpw) = (th * up, tw * up);
+                let (cx0, cx1) = ((ox0 - x0) * up, (ox1 - x0) * up);
                 for bc in 0..bsz * 3 {
-                    for (y, &a) in wy.iter().enumerate() {
-                        let src = &out[(bc * tph + y) * tpw..(bc * tph + y + 1) * tpw];
-                        let dst = &mut acc[(bc * ph + py0 + y) * pw + px0..(bc * ph + py0 + y) * pw + px0 + tpw];
-                        for ((o, &s), &b) in dst.iter_mut().zip(src).zip(&wx) {
-                            *o += a * b * s;
-                        }
+                    for y in oy0 * up..oy1 * up {
+                        let src = &decoded[(bc * tph + y - y0 * up) * tpw..][cx0..cx1];
+                        image[(bc * ph + y) * pw + ox0 * up..][..cx1 - cx0].copy_from_slice(src);
                     }
                 }
             }
         }
-        for bc in 0..bsz * 3 {
-            for (o, &s) in acc[bc * ph * pw..(bc + 1) * ph * pw].iter_mut().zip(&wsum) {
-                *o /= s;
-            }
-        }
-        Ok(HostTensor::from_f32([bsz, 3, ph, pw], acc)?)
+        Ok(HostTensor::from_f32([bsz, 3, ph, pw], image)?)
     }
 }
 
-/// How the DC-AE decode is split, in latent pixels: `tile: None` decodes in one piece.
+/// The decoder graph for latents of `shape`.
+fn decoder_graph(vae: &DcaeConfig, shape: &Shape) -> Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let z = b.input("latent", shape.clone())?;
+    let o = dcae::decoder(&mut b, vae, z, "vae")?;
+    b.output("sample", o.sample)?;
+    Ok(b.finish())
+}
+
+/// The decoder's global part (conv_in and the attention stages) on latents of `shape`.
+fn decoder_global_graph(vae: &DcaeConfig, shape: &Shape) -> Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let z = b.input("latent", shape.clone())?;
+    let o = dcae::decoder_global(&mut b, vae, z, "vae")?;
+    b.output("features", o.features)?;
+    Ok(b.finish())
+}
+
+/// The decoder's local part on a tile of `batch` × `h`×`w` global features.
+fn decoder_tile_graph(vae: &DcaeConfig, batch: usize, h: usize, w: usize) -> Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let x = b.input("features", [batch, h * w, vae.local_split().channels])?;
+    let o = dcae::decoder_local(&mut b, vae, x, batch, h, w)?;
+    b.output("sample", o.sample)?;
+    Ok(b.finish())
+}
+
+/// The tiling `opts` asks for on latents of `dims`, or `None` when one tile would cover them.
+fn tiling(vae: &DcaeConfig, dims: &[usize], opts: DecodeOptions) -> Result<Option<Tiling>> {
+    let Some(px) = opts.tile else { return Ok(None) };
+    let t = Tiling::new(vae, px)?;
+    let grid = vae.upscale() / vae.local_split().upscale;
+    Ok((dims.len() == 4 && (dims[2] * grid > t.tile || dims[3] * grid > t.tile)).then_some(t))
+}
+
+/// The decode graphs a batch of `n` latents of `h`×`w` keeps resident as `opts` decodes: the
+/// whole decoder, or its global part and one tile of the local part.
+pub fn decode_graphs(vae: &DcaeConfig, n: usize, h: usize, w: usize, opts: DecodeOptions) -> Result<Vec<(&'static str, Graph)>> {
+    let shape: Shape = [n, vae.latent_channels, h, w].into();
+    Ok(match tiling(vae, shape.dims(), opts)? {
+        None => vec![("decoder", decoder_graph(vae, &shape)?)],
+        Some(t) => {
+            let grid = vae.upscale() / vae.local_split().upscale;
+            vec![("decoder.global", decoder_global_graph(vae, &shape)?), ("decoder.tile", decoder_tile_graph(vae, n, t.tile.min(h * grid), t.tile.min(w * grid))?)]
+        }
+    })
+}
+
+/// Planned activation bytes of `g` with `dtype` storage: its arena, plus with bf16 the f32
+/// staging of every input and output (the kernels' small workspaces are not counted).
+pub fn planned_graph_bytes(g: &Graph, dtype: DType) -> usize {
+    let arena = openuni_graph::plan(g, false).arena_elems * dtype.size_in_bytes();
+    let staged: usize = g.inputs().map(|(id, _)| g.shape(id).numel()).chain(g.outputs.iter().map(|(_, id)| g.shape(*id).numel())).sum();
+    arena + if dtype == DType::F32 { 0 } else { staged * 4 }
+}
+
+/// How the DC-AE decode is split: `tile: None` decodes in one piece, else tiles of that many
+/// output pixels a side (the tile bounds the local part's memory; see `decode_tiled`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DecodeOptions {
     pub tile: Option<usize>,
-    pub overlap: usize,
 }
 
 impl DecodeOptions {
-    /// Images with a side above this many pixels are tiled by default (like diffusers'
-    /// `enable_tiling`: 512-px tiles, 448-px stride, 64-px blend).
+    /// Images with a side above this many pixels are tiled by default.
     pub const AUTO_ABOVE_PX: usize = 1024;
     pub const DEFAULT_TILE_PX: usize = 512;
-    pub const DEFAULT_OVERLAP_PX: usize = 64;
 
-    /// From `--decode-tile PX` and `--decode-overlap PX` (pixels, multiples of the VAE's
-    /// upscale `up`) for an image of `height`×`width` pixels. No tile flag: tiled with the
-    /// defaults when a side exceeds `AUTO_ABOVE_PX` (or when only an overlap is given).
-    pub fn from_flags(tile_px: Option<usize>, overlap_px: Option<usize>, height: usize, width: usize, up: usize) -> Result<DecodeOptions> {
-        if let Some(t) = tile_px {
-            if t == 0 || t % up != 0 {
-                bail!("--decode-tile {t} is not a positive multiple of {up} (one latent pixel is {up}x{up} pixels)");
-            }
-            if t < 2 * up {
-                bail!("--decode-tile {t} is smaller than 2 latent pixels ({} px), the smallest tile the decoder takes", 2 * up);
-            }
-        }
-        if let Some(o) = overlap_px {
-            if o % up != 0 {
-                bail!("--decode-overlap {o} is not a multiple of {up} (one latent pixel is {up}x{up} pixels)");
-            }
-        }
+    /// From `--decode-tile PX` (a multiple of the VAE's upscale, larger than twice its context)
+    /// for an image of `height`×`width` pixels. No flag: tiled with the default tile when a side
+    /// exceeds `AUTO_ABOVE_PX`.
+    pub fn from_flags(tile_px: Option<usize>, height: usize, width: usize, vae: &DcaeConfig) -> Result<DecodeOptions> {
         let large = height > Self::AUTO_ABOVE_PX || width > Self::AUTO_ABOVE_PX;
         let tile = match tile_px {
             Some(t) => t,
-            None if large || overlap_px.is_some() => Self::DEFAULT_TILE_PX.div_ceil(up) * up,
+            None if large => Self::DEFAULT_TILE_PX,
             None => return Ok(DecodeOptions::default()),
         };
-        // The default overlap: 64 px, at most half the tile.
-        let overlap = overlap_px.unwrap_or_else(|| Self::DEFAULT_OVERLAP_PX.min(tile / 2) / up * up);
-        if overlap >= tile {
-            bail!("--decode-overlap {overlap} must be smaller than the decode tile {tile} (--decode-tile)");
+        Tiling::new(vae, tile)?;
+        Ok(DecodeOptions { tile: Some(tile) })
+    }
+}
+
+/// A tiled decode's geometry on the grid of the decoder's local part (`dcae::LocalSplit`):
+/// tiles of `tile` pixels a side, each decoding `context` pixels beyond the region it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiling {
+    pub tile: usize,
+    pub context: usize,
+}
+
+impl Tiling {
+    /// Tiles of `tile_px` output pixels with the decoder's whole receptive field as context.
+    pub fn new(vae: &DcaeConfig, tile_px: usize) -> Result<Tiling> {
+        let (up, s) = (vae.upscale(), vae.local_split());
+        if tile_px == 0 || tile_px % up != 0 {
+            bail!("--decode-tile {tile_px} is not a positive multiple of {up} (one latent pixel is {up}x{up} pixels)");
         }
-        Ok(DecodeOptions { tile: Some(tile / up), overlap: overlap / up })
+        let t = Tiling { tile: tile_px / s.upscale, context: s.context };
+        if t.tile <= 2 * t.context {
+            let ctx = t.context * s.upscale;
+            bail!(
+                "--decode-tile {tile_px} keeps no pixels of its own: each tile decodes {ctx} px of context on each side \
+                 (the decoder's receptive field beyond its attention stages), so a tile must be larger than {} px",
+                2 * ctx
+            );
+        }
+        Ok(t)
     }
 }
 
@@ -760,22 +798,12 @@ pub fn tile_starts(n: usize, tile: usize, overlap: usize) -> Vec<usize> {
     v
 }
 
-/// A tile's blend weights along one axis of `len` pixels: 1, ramping linearly over `blend`
-/// pixels at an edge shared with a neighbour (`(i + 0.5) / blend`, so that two regularly spaced
-/// tiles' weights sum to exactly 1 across their overlap).
-fn ramp(len: usize, blend: usize, before: bool, after: bool) -> Vec<f32> {
-    let mut w = vec![1f32; len];
-    let blend = blend.min(len);
-    for i in 0..blend {
-        let r = (i as f32 + 0.5) / blend as f32;
-        if before {
-            w[i] *= r;
-        }
-        if after {
-            w[len - 1 - i] *= r;
-        }
-    }
-    w
+/// The span of `[0, n)` each tile starting at `starts` keeps: from `context` past its start (0 for
+/// the first) to where the next one's begins (`n` for the last). With stride <= tile - 2·context
+/// every kept pixel is at least `context` from its tile's inner edges.
+pub fn owned_spans(starts: &[usize], n: usize, context: usize) -> Vec<(usize, usize)> {
+    let lo = |i: usize| if i == 0 { 0 } else { starts[i] + context };
+    (0..starts.len()).map(|i| (lo(i), if i + 1 < starts.len() { lo(i + 1) } else { n })).collect()
 }
 
 /// OpenUni's post-processing: `uint8(clamp(127.5·x + 128, 0, 255))` (the cast truncates), NCHW

@@ -82,9 +82,7 @@ fn bad_input_is_a_clear_error() {
     for (flags, want) in [
         (&["--decode-tile", "100"][..], "--decode-tile 100 is not a positive multiple of 32"),
         (&["--decode-tile", "0"][..], "--decode-tile 0"),
-        (&["--decode-tile", "32"][..], "--decode-tile 32 is smaller than 2 latent pixels"),
-        (&["--decode-tile", "64", "--decode-overlap", "64"][..], "--decode-overlap 64 must be smaller"),
-        (&["--decode-tile", "128", "--decode-overlap", "48"][..], "--decode-overlap 48 is not a multiple of 32"),
+        (&["--decode-tile", "32"][..], "--decode-tile 32 keeps no pixels of its own: each tile decodes 24 px of context"),
     ] {
         let mut args = vec!["--prompt", "x", "--steps", "1", "--height", "64", "--width", "64", "--out", tmp.path().to_str().unwrap()];
         args.extend_from_slice(flags);
@@ -100,19 +98,21 @@ fn tiled_decode_flag_writes_the_full_image() {
     let out = tmp.path().join("out");
     let args = ["--prompt", "a lighthouse", "--steps", "1", "--height", "128", "--width", "160", "--seed", "5", "--out", out.to_str().unwrap()];
     let mut tiled = args.to_vec();
-    tiled.extend(["--decode-tile", "64", "--decode-overlap", "32"]);
+    tiled.extend(["--decode-tile", "64"]);
     let (code, _, stderr) = generate(tmp.path(), &tiled);
     assert_eq!(code, 0, "{stderr}");
     let (w, h, rgb, _) = read_png(&out.join("00000-5-a-lighthouse.png")).unwrap();
     assert_eq!((w, h, rgb.len()), (160, 128, 160 * 128 * 3));
     assert!(rgb.iter().any(|&v| v != rgb[0]));
-    // The same generation decoded in one piece differs (tiles see less context) but not wholesale.
+    // The same generation decoded in one piece: the tiled decode is exact up to summation
+    // order, so at most a rounding step of the uint8 cast may differ.
     let out2 = tmp.path().join("out2");
     let mut plain = args.to_vec();
     *plain.last_mut().unwrap() = out2.to_str().unwrap();
     assert_eq!(generate(tmp.path(), &plain).0, 0);
     let rgb2 = read_png(&out2.join("00000-5-a-lighthouse.png")).unwrap().2;
-    let mean_abs = rgb.iter().zip(&rgb2).map(|(&a, &b)| (a as f64 - b as f64).abs()).sum::<f64>() / rgb.len() as f64;
-    eprintln!("tiled (64-px tiles, 32-px overlap) vs one-piece decode: mean |diff| {mean_abs:.2} of 255");
-    assert!(mean_abs < 40.0, "{mean_abs}");
+    let max_diff = rgb.iter().zip(&rgb2).map(|(&a, &b)| a.abs_diff(b)).max().unwrap();
+    let differing = rgb.iter().zip(&rgb2).filter(|(a, b)| a != b).count();
+    eprintln!("tiled (64-px tiles) vs one-piece decode: {differing} of {} values differ, by at most {max_diff}", rgb.len());
+    assert!(max_diff <= 1, "{max_diff}");
 }

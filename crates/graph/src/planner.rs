@@ -16,6 +16,8 @@ pub struct Plan {
     pub arena_elems: usize,
     /// Sum of all slotted value sizes, i.e. what the arena would be without reuse.
     pub unshared_elems: usize,
+    /// The most elements alive at one node: no arena can be smaller.
+    pub live_peak_elems: usize,
 }
 
 impl Plan {
@@ -65,32 +67,55 @@ pub fn plan(graph: &Graph, keep_all: bool) -> Plan {
         }
     }
 
-    let mut order: Vec<usize> = (0..n).filter(|&i| life[i].is_some()).collect();
-    order.sort_by_key(|&i| (life[i].unwrap().0, i));
+    let sizes: Vec<usize> = graph.values.iter().map(|v| round_up(v.shape.numel().max(1))).collect();
+    let slotted: Vec<usize> = (0..n).filter(|&i| life[i].is_some()).collect();
+    let unshared = slotted.iter().map(|&i| sizes[i]).sum();
+    // Two orders of the same first-fit placement; the smaller arena wins. In order of creation
+    // a long-lived value can land above a gap that later large values cannot use; largest first
+    // (TFLite's "greedy by size") packs the big activations tightly, which decides the peak of
+    // the high-resolution decoder stages.
+    let mut by_start = slotted.clone();
+    by_start.sort_by_key(|&i| (life[i].unwrap().0, i));
+    let mut by_size = slotted;
+    by_size.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), life[i].unwrap().0, i));
+    let (offsets, arena) = [by_start, by_size]
+        .iter()
+        .map(|order| place(order, &life, &sizes))
+        .min_by_key(|(_, arena)| *arena)
+        .expect("two orders");
+    let mut live_at = vec![0usize; n_nodes + 1];
+    for (i, l) in life.iter().enumerate() {
+        if let Some((start, end)) = *l {
+            live_at[start..=end].iter_mut().for_each(|x| *x += sizes[i]);
+        }
+    }
+    let live_peak = live_at.into_iter().max().unwrap_or(0);
+    Plan { offsets, arena_elems: arena, unshared_elems: unshared, live_peak_elems: live_peak }
+}
 
-    let mut offsets = vec![None; n];
-    // Live allocations: (offset, size, last node).
-    let mut live: Vec<(usize, usize, usize)> = vec![];
-    let (mut arena, mut unshared) = (0usize, 0usize);
-    for i in order {
-        let (start, end) = life[i].unwrap();
-        let size = round_up(graph.values[i].shape.numel().max(1));
-        unshared += size;
-        live.retain(|&(_, _, e)| e >= start);
-        live.sort_unstable();
-        // First fit: the lowest gap between live allocations that holds `size`.
+/// Places the values in `order`, each at the lowest offset where it overlaps no value placed
+/// before it whose lifetime overlaps its own; returns the offsets and the arena size.
+fn place(order: &[usize], life: &[Option<(usize, usize)>], sizes: &[usize]) -> (Vec<Option<usize>>, usize) {
+    let mut offsets = vec![None; life.len()];
+    let mut placed: Vec<(usize, usize, usize, usize)> = vec![]; // (offset, size, start, end)
+    let mut arena = 0;
+    for &i in order {
+        let (start, end) = life[i].expect("slotted");
+        let size = sizes[i];
+        let mut busy: Vec<(usize, usize)> = placed.iter().filter(|p| p.2 <= end && start <= p.3).map(|p| (p.0, p.1)).collect();
+        busy.sort_unstable();
         let mut at = 0;
-        for &(off, sz, _) in &live {
+        for (off, sz) in busy {
             if off >= at + size {
                 break;
             }
             at = at.max(off + sz);
         }
-        live.push((at, size, end));
+        placed.push((at, size, start, end));
         offsets[i] = Some(at);
         arena = arena.max(at + size);
     }
-    Plan { offsets, arena_elems: arena, unshared_elems: unshared }
+    (offsets, arena)
 }
 
 #[cfg(test)]
@@ -148,6 +173,49 @@ mod tests {
         // The input stays alive throughout; two more buffers suffice for the chain.
         assert_eq!(p.arena_elems, 3 * round_up(400));
         assert!(p.unshared_elems > 6 * p.arena_elems);
+    }
+
+    #[test]
+    fn largest_first_avoids_the_gap_creation_order_leaves() {
+        // `s` (small, alive to the end) is made while `a` is alive, so in creation order it lands
+        // above `a`; `big`, twice `a`'s size, then cannot use the gap `a` leaves below `s`.
+        let mut b = GraphBuilder::new();
+        let x = b.input("x", [1, 1, 64]).unwrap();
+        let a = b.repeat_channels("a", x, 16).unwrap();
+        let s = b.unary("s", x, UnaryFn::Silu).unwrap();
+        let w1 = b.weight("w1", vec![64, 1024]).unwrap();
+        let d = b.linear("d", a, w1, None).unwrap();
+        let big = b.repeat_channels("big", d, 32).unwrap();
+        let w2 = b.weight("w2", vec![64, 2048]).unwrap();
+        let small = b.linear("small", big, w2, None).unwrap();
+        let out = b.add("out", small, s).unwrap();
+        b.output("out", out).unwrap();
+        let g = b.finish();
+        let p = plan(&g, false);
+        assert_no_overlap(&g, &p);
+        assert_eq!(p.live_peak_elems, 64 + 64 + 64 + 2048);
+        assert_eq!(p.arena_elems, p.live_peak_elems);
+        // Creation order alone would need 1024 more.
+        let (n_nodes, mut order) = (g.nodes.len(), (0..g.values.len()).collect::<Vec<_>>());
+        let mut life: Vec<Option<(usize, usize)>> = vec![None; g.values.len()];
+        for (i, v) in g.values.iter().enumerate() {
+            life[i] = match v.kind {
+                ValueKind::Input(_) => Some((0, n_nodes)),
+                ValueKind::Activation { node } => Some((node, node)),
+                ValueKind::Weight(_) => None,
+            };
+        }
+        for (ni, node) in g.nodes.iter().enumerate() {
+            for inp in node.op.inputs() {
+                if let Some(l) = &mut life[inp.0] {
+                    l.1 = l.1.max(ni);
+                }
+            }
+        }
+        life[out.0] = Some((life[out.0].unwrap().0, n_nodes));
+        order.retain(|&i| life[i].is_some());
+        let sizes: Vec<usize> = g.values.iter().map(|v| round_up(v.shape.numel())).collect();
+        assert_eq!(place(&order, &life, &sizes).1, p.arena_elems + 1024);
     }
 
     #[test]

@@ -148,15 +148,82 @@ fn rmsnorm_ch(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize) -> Result<Val
 }
 
 /// The decoder on `latent` [B, latent_channels, h, w] (NCHW, already divided by the scaling
-/// factor by the caller).
+/// factor by the caller): [`decoder_global`] then [`decoder_local`].
 pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: &str) -> Result<DecoderOutputs> {
+    let g = decoder_global(b, cfg, latent, origin)?;
+    let l = decoder_local(b, cfg, g.features, g.batch, g.h, g.w)?;
+    let mut stages = g.stages;
+    for (i, s) in l.stages.into_iter().enumerate() {
+        stages[i] = s;
+    }
+    Ok(DecoderOutputs { sample: l.sample, stem: g.stem, stages, conv_out_input: l.conv_out_input })
+}
+
+/// How the decoder splits for exact tiling (spec/sana_dcae.md §3.4): the stages from
+/// `split` up hold the global linear attention and run on the whole latent; the stages below
+/// it are ResBlocks and upsamplers only, so each output pixel of that local part depends on its
+/// input within `context` pixels and nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalSplit {
+    /// The lowest stage index of the global part.
+    pub split: usize,
+    /// Channels of the local part's input (`up_blocks.{split}`'s output).
+    pub channels: usize,
+    /// Output pixels per local-input pixel (2^split).
+    pub upscale: usize,
+    /// Receptive-field radius of the local part, in its input's pixels.
+    pub context: usize,
+}
+
+impl DcaeConfig {
+    /// Where the global part ends and how far the local part reaches (see [`LocalSplit`]).
+    pub fn local_split(&self) -> LocalSplit {
+        let n = self.decoder_block_out_channels.len();
+        // The lowest stage with attention; with none, only the last stage (it has no upsampler).
+        let split = (0..n).find(|&i| self.block_type(i) == Some(BlockType::EfficientVit)).unwrap_or(n - 1);
+        // Walk back from the output: conv_out reaches 1 pixel; each ResBlock's two 3×3 convs 2,
+        // an upsampler's 3×3 conv 1 more at the high resolution; the nearest upsample halves the
+        // reach (rounding up) on the way to the lower resolution.
+        let mut r = 1;
+        for i in 0..split {
+            r += 2 * self.decoder_layers_per_block[i] + 1;
+            r = r.div_ceil(2);
+        }
+        LocalSplit { split, channels: self.decoder_block_out_channels[split], upscale: 1 << split, context: r }
+    }
+}
+
+/// The global part's result: the features the local part reads, tokens [batch, h·w, channels].
+pub struct GlobalOutputs {
+    pub features: ValueId,
+    pub batch: usize,
+    pub h: usize,
+    pub w: usize,
+    /// conv_in + in-shortcut (tokens).
+    pub stem: ValueId,
+    /// Output of each stage `up_blocks.i` this part ran (i >= split), with its grid size;
+    /// the other entries are the stem.
+    pub stages: Vec<(ValueId, usize, usize)>,
+}
+
+/// The local part's results.
+pub struct LocalOutputs {
+    /// The image [B, 3, H, W] (NCHW).
+    pub sample: ValueId,
+    /// Output of each stage `up_blocks.i`, i < split (tokens), with its grid size.
+    pub stages: Vec<(ValueId, usize, usize)>,
+    pub conv_out_input: ValueId,
+}
+
+/// conv_in with the in-shortcut, then the stages from the last down to `local_split().split`.
+pub fn decoder_global(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: &str) -> Result<GlobalOutputs> {
     cfg.validate(origin)?;
     let ls = b.shape(latent).clone();
     let d = ls.dims();
     if d.len() != 4 || d[1] != cfg.latent_channels {
         return Err(ModelError::Config { path: origin.into(), msg: format!("latent has shape {ls}, expected [B, {}, h, w]", cfg.latent_channels) });
     }
-    let (batch, mut h, mut wd) = (d[0], d[2], d[3]);
+    let (batch, h, wd) = (d[0], d[2], d[3]);
     let chans = &cfg.decoder_block_out_channels;
     let n = chans.len();
     let z = b.transpose("decoder.to_tokens", latent, batch, cfg.latent_channels, h * wd, [batch, h * wd, cfg.latent_channels])?;
@@ -166,8 +233,39 @@ pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: 
         x = b.add("decoder.stem", x, r)?;
     }
     let stem = x;
-    let mut stages = vec![(x, 0, 0); n];
-    for i in (0..n).rev() {
+    let mut stages = vec![(x, h, wd); n];
+    let (x, h, wd) = run_stages(b, cfg, x, h, wd, cfg.local_split().split..n, &mut stages)?;
+    Ok(GlobalOutputs { features: x, batch, h, w: wd, stem, stages })
+}
+
+/// The stages below `local_split().split`, then norm_out, ReLU and conv_out, on `features`
+/// tokens [batch, h·w, channels] (the global part's output, or a tile of it).
+pub fn decoder_local(b: &mut GraphBuilder, cfg: &DcaeConfig, features: ValueId, batch: usize, h: usize, wd: usize) -> Result<LocalOutputs> {
+    let split = cfg.local_split().split;
+    let mut stages = vec![(features, h, wd); split];
+    let (x, h, wd) = run_stages(b, cfg, features, h, wd, 0..split, &mut stages)?;
+    let chans = &cfg.decoder_block_out_channels;
+    let x = rmsnorm_ch(b, "decoder.norm_out", x, chans[0])?;
+    let conv_out_input = b.unary("decoder.conv_act", x, UnaryFn::Relu)?;
+    let y = conv(b, "decoder.conv_out", conv_out_input, chans[0], 3, 3, true, h, wd)?;
+    let sample = b.transpose("decoder.to_nchw", y, batch, h * wd, 3, [batch, 3, h, wd])?;
+    Ok(LocalOutputs { sample, stages, conv_out_input })
+}
+
+/// `up_blocks.i` for i in `range`, from the highest down (each but the last starting with its
+/// upsampler), recording each stage's output in `stages[i]`; returns the result and its grid.
+fn run_stages(
+    b: &mut GraphBuilder,
+    cfg: &DcaeConfig,
+    mut x: ValueId,
+    mut h: usize,
+    mut wd: usize,
+    range: std::ops::Range<usize>,
+    stages: &mut [(ValueId, usize, usize)],
+) -> Result<(ValueId, usize, usize)> {
+    let chans = &cfg.decoder_block_out_channels;
+    let n = chans.len();
+    for i in range.rev() {
         let p = format!("decoder.up_blocks.{i}");
         let c = chans[i];
         let mut first = 0;
@@ -185,11 +283,7 @@ pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: 
         }
         stages[i] = (x, h, wd);
     }
-    let x = rmsnorm_ch(b, "decoder.norm_out", x, chans[0])?;
-    let conv_out_input = b.unary("decoder.conv_act", x, UnaryFn::Relu)?;
-    let y = conv(b, "decoder.conv_out", conv_out_input, chans[0], 3, 3, true, h, wd)?;
-    let sample = b.transpose("decoder.to_nchw", y, batch, h * wd, 3, [batch, 3, h, wd])?;
-    Ok(DecoderOutputs { sample, stem, stages, conv_out_input })
+    Ok((x, h, wd))
 }
 
 /// DCUpBlock2d (interpolate): `conv3x3(nearest2x(x)) + pixel_shuffle(repeat_interleave(x))`, as
