@@ -64,20 +64,20 @@ fn check_graph(
 fn conv2d_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(11);
-    // (batch, h, w, cin, cout, kernel, bias)
-    let cases: &[(usize, usize, usize, usize, usize, usize, bool)] = &[
-        (2, 3, 4, 4, 8, 3, true),
-        (1, 1, 1, 8, 4, 3, true),
-        (2, 9, 17, 16, 32, 3, false),
-        (1, 5, 7, 3, 5, 3, true),
-        (2, 4, 3, 64, 16, 3, true),
-        (1, 17, 33, 24, 70, 3, true),
-        (1, 11, 20, 32, 64, 3, true),
-        (1, 6, 5, 7, 9, 1, true),
-        (2, 7, 9, 8, 8, 5, false),
-        (1, 3, 4, 5, 3, 7, true),
+    // (batch, h, w, cin, cout, kernel, bias, fused SiLU)
+    let cases: &[(usize, usize, usize, usize, usize, usize, bool, bool)] = &[
+        (2, 3, 4, 4, 8, 3, true, false),
+        (1, 1, 1, 8, 4, 3, true, false),
+        (2, 9, 17, 16, 32, 3, false, true),
+        (1, 5, 7, 3, 5, 3, true, false),
+        (2, 4, 3, 64, 16, 3, true, false),
+        (1, 17, 33, 24, 70, 3, true, true),
+        (1, 11, 20, 32, 64, 3, true, false),
+        (1, 6, 5, 7, 9, 1, true, false),
+        (2, 7, 9, 8, 8, 5, false, true),
+        (1, 3, 4, 5, 3, 7, true, false),
     ];
-    for &(b, h, w, cin, cout, k, with_bias) in cases {
+    for &(b, h, w, cin, cout, k, with_bias, silu) in cases {
         let x = rng.normals(b * h * w * cin, 0.1, 1.0);
         let wt = rng.normals(cout * cin * k * k, 0.0, 1.0 / ((cin * k * k) as f32).sqrt());
         let bias = rng.normals(cout, 0.0, 0.5);
@@ -85,7 +85,7 @@ fn conv2d_matches_cpu() {
         let xi = gb.input("x", [b, h * w, cin]).unwrap();
         let wi = gb.weight("w", [cout, cin, k, k]).unwrap();
         let bi = with_bias.then(|| gb.weight("b", [cout]).unwrap());
-        let y = gb.conv2d("conv", xi, wi, bi, h, w, k).unwrap();
+        let y = gb.conv2d("conv", xi, wi, bi, h, w, k, silu).unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
         let (ws, bs) = ([cout, cin, k, k], [cout]);
@@ -95,13 +95,16 @@ fn conv2d_matches_cpu() {
         }
         check_graph(
             &dev,
-            &format!("conv2d {k}x{k} [{b}, {h}x{w}, {cin}] -> {cout} bias={with_bias}"),
+            &format!("conv2d {k}x{k} [{b}, {h}x{w}, {cin}] -> {cout} bias={with_bias} silu={silu}"),
             &g,
             &[("x", &[b, h * w, cin], &x)],
             &weights,
             &|i, wv| {
                 let mut o = vec![0.0; b * h * w * cout];
                 cpu::conv2d(&i[0], &wv[0], wv.get(1).map(|v| &v[..]), b, h, w, cin, cout, k, &mut o);
+                if silu {
+                    o.iter_mut().for_each(|v| *v = cpu::silu(*v));
+                }
                 o
             },
         );

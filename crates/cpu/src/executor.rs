@@ -261,9 +261,12 @@ impl CpuExecutor {
                 let d = out_shape.dims();
                 ops::packed_linear_attention(view.get(*qkv), d[0], d[1], *groups, *head_dim, y)
             }
-            Op::Conv2d { x, weight, bias, h, w, kernel } => {
+            Op::Conv2d { x, weight, bias, h, w, kernel, silu } => {
                 let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());
-                ops::conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *kernel, y)
+                ops::conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *kernel, y);
+                if *silu {
+                    y.iter_mut().for_each(|v| *v = ops::silu(*v));
+                }
             }
             Op::UpsampleConv2d { x, weight, bias, h, w, shortcut } => {
                 let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());

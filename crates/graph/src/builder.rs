@@ -413,7 +413,7 @@ impl GraphBuilder {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn conv2d(&mut self, name: &str, x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize) -> Result<ValueId> {
+    pub fn conv2d(&mut self, name: &str, x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize, silu: bool) -> Result<ValueId> {
         let (b, cin) = self.grid("conv2d", name, x, h, w)?;
         let ws = self.shape(weight).clone();
         if kernel % 2 == 0 || ws.rank() != 4 || ws.dims()[1..] != [cin, kernel, kernel] {
@@ -423,7 +423,7 @@ impl GraphBuilder {
         if let Some(bb) = bias {
             expect_shape("conv2d", &format!("{name}: bias"), self.shape(bb), &Shape::new([cout]))?;
         }
-        Ok(self.push(name, Op::Conv2d { x, weight, bias, h, w, kernel }, Shape::new([b, h * w, cout])))
+        Ok(self.push(name, Op::Conv2d { x, weight, bias, h, w, kernel, silu }, Shape::new([b, h * w, cout])))
     }
 
     /// DCUpBlock2d (interpolate) in one node: `conv3x3(upsample2x(x)) (+ bias)

@@ -105,8 +105,9 @@ pub enum Op {
     /// inputs computes the same formula in another order).
     PackedLinearAttention { qkv: ValueId, groups: usize, head_dim: usize },
     /// k×k convolution, stride 1, zero padding k/2, over tokens [B, h·w, Cin] on an h×w grid:
-    /// `weight` [Cout, Cin, k, k] -> [B, h·w, Cout].
-    Conv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
+    /// `weight` [Cout, Cin, k, k] -> [B, h·w, Cout], then SiLU when `silu` (fused into the
+    /// CUDA kernels' epilogue, so the pre-activation tensor is never stored).
+    Conv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize, silu: bool },
     /// DC-AE's DCUpBlock2d (interpolate) as one op: `Conv2d` (3×3, `weight` [Cout, Cin, 3, 3],
     /// optional bias) over `Upsample2x(x)` on an h×w grid -> 2h×2w, plus
     /// `PixelShuffleShortcut(x, cout)` when `shortcut`. Exactly that composition; a backend may

@@ -128,10 +128,12 @@ fn w(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId> {
     Ok(b.weight(&key, shape.to_vec())?)
 }
 
-fn conv(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, k: usize, bias: bool, h: usize, wd: usize) -> Result<ValueId> {
+/// A k×k conv, then SiLU when `silu` (one node: the CUDA kernels fuse it into the epilogue).
+#[allow(clippy::too_many_arguments)]
+fn conv(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, k: usize, bias: bool, silu: bool, h: usize, wd: usize) -> Result<ValueId> {
     let wt = w(b, format!("{p}.weight"), &[cout, cin, k, k])?;
     let bs = if bias { Some(w(b, format!("{p}.bias"), &[cout])?) } else { None };
-    Ok(b.conv2d(p, x, wt, bs, h, wd, k)?)
+    Ok(b.conv2d(p, x, wt, bs, h, wd, k, silu)?)
 }
 
 /// A 1×1 conv (stored [out, in, 1, 1]) or a linear (stored [out, in]) over channels.
@@ -227,7 +229,7 @@ pub fn decoder_global(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, o
     let chans = &cfg.decoder_block_out_channels;
     let n = chans.len();
     let z = b.transpose("decoder.to_tokens", latent, batch, cfg.latent_channels, h * wd, [batch, h * wd, cfg.latent_channels])?;
-    let mut x = conv(b, "decoder.conv_in", z, cfg.latent_channels, chans[n - 1], 3, true, h, wd)?;
+    let mut x = conv(b, "decoder.conv_in", z, cfg.latent_channels, chans[n - 1], 3, true, false, h, wd)?;
     if cfg.decoder_in_shortcut {
         let r = b.repeat_channels("decoder.in_shortcut", z, chans[n - 1] / cfg.latent_channels)?;
         x = b.add("decoder.stem", x, r)?;
@@ -247,7 +249,7 @@ pub fn decoder_local(b: &mut GraphBuilder, cfg: &DcaeConfig, features: ValueId, 
     let chans = &cfg.decoder_block_out_channels;
     let x = rmsnorm_ch(b, "decoder.norm_out", x, chans[0])?;
     let conv_out_input = b.unary("decoder.conv_act", x, UnaryFn::Relu)?;
-    let y = conv(b, "decoder.conv_out", conv_out_input, chans[0], 3, 3, true, h, wd)?;
+    let y = conv(b, "decoder.conv_out", conv_out_input, chans[0], 3, 3, true, false, h, wd)?;
     let sample = b.transpose("decoder.to_nchw", y, batch, h * wd, 3, [batch, 3, h, wd])?;
     Ok(LocalOutputs { sample, stages, conv_out_input })
 }
@@ -298,9 +300,8 @@ fn up_block(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, 
 
 /// `x + norm(conv2(silu(conv1(x))))`.
 fn res_block(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
-    let y = conv(b, &format!("{p}.conv1"), x, c, c, 3, true, h, wd)?;
-    let y = b.unary(&format!("{p}.nonlinearity"), y, UnaryFn::Silu)?;
-    let y = conv(b, &format!("{p}.conv2"), y, c, c, 3, false, h, wd)?;
+    let y = conv(b, &format!("{p}.conv1"), x, c, c, 3, true, true, h, wd)?;
+    let y = conv(b, &format!("{p}.conv2"), y, c, c, 3, false, false, h, wd)?;
     let y = rmsnorm_ch(b, &format!("{p}.norm"), y, c)?;
     Ok(b.add(&format!("{p}.residual"), x, y)?)
 }

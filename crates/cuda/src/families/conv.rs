@@ -343,7 +343,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let sms = ctx.dev.sm_count();
     let out = p(node.output);
     let launch = match &node.op {
-        Op::Conv2d { x, weight, bias, h, w, kernel } => {
+        Op::Conv2d { x, weight, bias, h, w, kernel, silu } => {
             let xs = g.shape(*x);
             conv2d(
                 &Conv2dArgs {
@@ -359,7 +359,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                     cin: xs.last(),
                     cout: g.shape(*weight).dims()[0],
                     kernel: *kernel,
-                    act: ConvAct::None,
+                    act: if *silu { ConvAct::Silu } else { ConvAct::None },
                 },
                 ConvKernel::Auto,
             )?
