@@ -58,6 +58,16 @@ fn emu_lib_dir() -> Option<PathBuf> {
     [near_exe, Some(PathBuf::from("target/emu/lib"))].into_iter().flatten().find(|d| d.join("libcuda.so.1").is_file())
 }
 
+/// Whether the emulated GPU is built (for tests: when it is not, this prints the skip line
+/// that a test needing a device must show, and the test returns).
+pub fn emulator_or_skip() -> bool {
+    let ok = emu_lib_dir().is_some();
+    if !ok {
+        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
+    }
+    ok
+}
+
 /// Loads the emulated driver and cuBLASLt by absolute path before cudarc's first call, so that
 /// cudarc's own dlopen("libcuda.so.1") finds them.
 fn load_emulator() -> Result<()> {

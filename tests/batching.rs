@@ -82,9 +82,7 @@ fn batch_equals_single_images_on_cpu() {
 
 #[test]
 fn batch_equals_single_images_on_the_emulated_gpu() {
-    let built = std::path::Path::new("target/emu/lib/libcuda.so.1").is_file() || std::env::var_os("OPENUNI_EMU_LIB").is_some();
-    if !built {
-        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
+    if !openuni::exec::emulator_or_skip() {
         return;
     }
     for dtype in [DType::F32, DType::BF16] {
@@ -101,12 +99,10 @@ fn batch_equals_single_images_on_the_emulated_gpu() {
 /// that failed and one that fits by the memory plan, and that batch then runs under the same cap.
 #[test]
 fn out_of_memory_names_a_batch_that_fits() {
-    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_openuni"));
-    let lib = exe.parent().and_then(|p| p.parent()).map(|t| t.join("emu/lib/libcuda.so.1"));
-    if !(lib.is_some_and(|l| l.is_file()) || std::env::var_os("OPENUNI_EMU_LIB").is_some()) {
-        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
+    if !openuni::exec::emulator_or_skip() {
         return;
     }
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_openuni"));
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("prompts.txt");
     std::fs::write(&prompts, "a\nb\nc\nd\ne\nf\ng\nh\n").unwrap();

@@ -58,10 +58,7 @@ fn bench_refuses_bad_flags() {
 
 #[test]
 fn tiny_bench_on_the_emulated_gpu() {
-    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_openuni"));
-    let lib = exe.parent().and_then(|p| p.parent()).map(|t| t.join("emu/lib/libcuda.so.1"));
-    if !(lib.is_some_and(|l| l.is_file()) || std::env::var_os("OPENUNI_EMU_LIB").is_some()) {
-        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
+    if !openuni::exec::emulator_or_skip() {
         return;
     }
     let (code, stdout, stderr) = bench(&["--variant", "tiny", "--size", "64", "--batch", "2", "--device", "emu", "--dtype", "bf16", "--steps", "1", "--iters", "1", "--profile"]);

@@ -135,9 +135,7 @@ fn less_context_than_the_receptive_field_differs() {
 
 #[test]
 fn tiled_decode_on_the_emulated_gpu() {
-    let built = std::path::Path::new("target/emu/lib/libcuda.so.1").is_file() || std::env::var_os("OPENUNI_EMU_LIB").is_some();
-    if !built {
-        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
+    if !openuni::exec::emulator_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

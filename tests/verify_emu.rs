@@ -18,16 +18,7 @@ fn cases() -> Vec<PathBuf> {
     v
 }
 
-/// The emulated GPU is usable when its driver was built next to this build's target folder.
-fn emulator_or_skip() -> bool {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_openuni"));
-    let lib = exe.parent().and_then(|p| p.parent()).map(|t| t.join("emu/lib/libcuda.so.1"));
-    let ok = lib.is_some_and(|l| l.is_file()) || std::env::var_os("OPENUNI_EMU_LIB").is_some();
-    if !ok {
-        println!("skipped: no CUDA device (the emulated GPU is not built: run tools/build_emu.sh)");
-    }
-    ok
-}
+use openuni::exec::emulator_or_skip;
 
 fn verify(case: &Path, dtype: &str) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_openuni"))
