@@ -255,7 +255,8 @@ impl OpenUni {
         self.resident.borrow().execs.values().map(|e| e.activation_bytes()).sum()
     }
 
-    /// Runs `f` on the resident executor of graph `name` ("caption", "step", "decoder") for input dims `dims`; an error if no call has made it yet.
+    /// Runs `f` on the resident executor of graph `name` ("caption", "step", "decoder",
+    /// "decoder.global", "decoder.tile") for input dims `dims`; an error if no call has made it yet.
     pub fn resident_executor<R>(&self, name: &str, dims: &[usize], run: RunOptions, f: impl FnOnce(&mut dyn GraphExecutor) -> Result<R>) -> Result<R> {
         let mut r = self.resident.borrow_mut();
         let e = r
@@ -627,8 +628,7 @@ impl OpenUni {
         let d = latents.shape.dims().to_vec();
         let (bsz, h, w) = (d[0], d[2], d[3]);
         let split = self.vae_cfg.local_split();
-        let (up, grid) = (split.upscale, self.vae_cfg.upscale() / split.upscale);
-        let (fh, fw, ch) = (h * grid, w * grid, split.channels);
+        let (up, fh, fw, ch) = (split.upscale, h * split.grid, w * split.grid, split.channels);
         let (ph, pw) = (fh * up, fw * up);
         let npix = bsz
             .checked_mul(3)
@@ -700,8 +700,7 @@ fn decoder_tile_graph(vae: &DcaeConfig, batch: usize, h: usize, w: usize) -> Res
 /// The tiling `opts` asks for on latents of `dims`, or `None` when one tile would cover them.
 fn tiling(vae: &DcaeConfig, dims: &[usize], opts: DecodeOptions) -> Result<Option<Tiling>> {
     let Some(px) = opts.tile else { return Ok(None) };
-    let t = Tiling::new(vae, px)?;
-    let grid = vae.upscale() / vae.local_split().upscale;
+    let (t, grid) = (Tiling::new(vae, px)?, vae.local_split().grid);
     Ok((dims.len() == 4 && (dims[2] * grid > t.tile || dims[3] * grid > t.tile)).then_some(t))
 }
 
@@ -712,7 +711,7 @@ pub fn decode_graphs(vae: &DcaeConfig, n: usize, h: usize, w: usize, opts: Decod
     Ok(match tiling(vae, shape.dims(), opts)? {
         None => vec![("decoder", decoder_graph(vae, &shape)?)],
         Some(t) => {
-            let grid = vae.upscale() / vae.local_split().upscale;
+            let grid = vae.local_split().grid;
             vec![("decoder.global", decoder_global_graph(vae, &shape)?), ("decoder.tile", decoder_tile_graph(vae, n, t.tile.min(h * grid), t.tile.min(w * grid))?)]
         }
     })

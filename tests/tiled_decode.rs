@@ -50,11 +50,11 @@ fn the_split_and_its_receptive_field() {
     // SANA's VAE: attention down to stage 3 (1/8 resolution, 512 channels); below it 3 upsamplers
     // and 9 ResBlocks plus conv_out reach 1 + 7 = 8 px at full resolution, 4 + 7 = 11 at 1/2, 6 + 7 =
     // 13 at 1/4, 7 at 1/8: 56 output pixels.
-    assert_eq!(sana_vae_config().local_split(), LocalSplit { split: 3, channels: 512, upscale: 8, context: 7 });
+    assert_eq!(sana_vae_config().local_split(), LocalSplit { split: 3, channels: 512, upscale: 8, grid: 4, context: 7 });
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path());
     // The tiny model: one block per stage: 1 + 3 = 4 -> 2, 2 + 3 = 5 -> 3, 3 + 3 = 6 -> 3.
-    assert_eq!(m.vae_cfg.local_split(), LocalSplit { split: 3, channels: 16, upscale: 8, context: 3 });
+    assert_eq!(m.vae_cfg.local_split(), LocalSplit { split: 3, channels: 16, upscale: 8, grid: 4, context: 3 });
 }
 
 /// The activation memory the executors allocate for decoding with the SANA VAE (the planner's

@@ -173,6 +173,8 @@ pub struct LocalSplit {
     pub channels: usize,
     /// Output pixels per local-input pixel (2^split).
     pub upscale: usize,
+    /// Local-input pixels per latent pixel (2^(stages - 1 - split)).
+    pub grid: usize,
     /// Receptive-field radius of the local part, in its input's pixels.
     pub context: usize,
 }
@@ -191,7 +193,7 @@ impl DcaeConfig {
             r += 2 * self.decoder_layers_per_block[i] + 1;
             r = r.div_ceil(2);
         }
-        LocalSplit { split, channels: self.decoder_block_out_channels[split], upscale: 1 << split, context: r }
+        LocalSplit { split, channels: self.decoder_block_out_channels[split], upscale: 1 << split, grid: 1 << (n - 1 - split), context: r }
     }
 }
 
