@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use openuni_graph::{node_cost, Graph, GraphBuilder};
 use openuni_models::connector::ConnectorConfig;
 use openuni_models::dcae::DcaeConfig;
-use openuni_models::qwen2::Qwen2Config;
+use openuni_models::config::{parse_config, MllmConfig};
 use openuni_models::sana::SanaConfig;
 use openuni_models::scheduler::SamplerKind;
 use openuni_tensor::{Error as TensorError, HostTensor, Shape, TensorSource};
@@ -194,9 +194,9 @@ pub fn write_configs(variant: &str, dir: &std::path::Path) -> Result<()> {
 /// A variant with random weights.
 pub fn random_model(variant: &str) -> Result<(OpenUni, usize)> {
     let v = variant_configs(variant)?;
-    let llm_cfg: Qwen2Config = serde_json::from_value(v.llm)?;
-    let tcfg: SanaConfig = serde_json::from_value(v.transformer)?;
-    let vcfg: DcaeConfig = serde_json::from_value(v.vae)?;
+    let llm_cfg = MllmConfig::from_value(v.llm, &format!("variant {variant} llm"))?.llm;
+    let tcfg: SanaConfig = parse_config(v.transformer, &format!("variant {variant} transformer"))?;
+    let vcfg: DcaeConfig = parse_config(v.vae, &format!("variant {variant} vae"))?;
     let src = |what: &str, tables: Vec<(&str, Vec<usize>)>| -> Box<dyn TensorSource> {
         Box::new(RandomWeights {
             origin: format!("random {variant} {what} weights"),

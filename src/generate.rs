@@ -182,10 +182,7 @@ pub fn resolve(v: &Variant, flags: &ModelFlags) -> Result<Resolved> {
 pub fn flow_shift(transformer: &Path) -> Result<f64> {
     let cfg = transformer.parent().map(|p| p.join("scheduler/scheduler_config.json"));
     match cfg.filter(|p| p.is_file()) {
-        Some(p) => {
-            let v: serde_json::Value = openuni_models::config::read_json(&p)?;
-            v.get("flow_shift").and_then(|f| f.as_f64()).with_context(|| format!("{}: no number `flow_shift`", p.display()))
-        }
+        Some(p) => Ok(openuni_models::config::read_config::<openuni_models::config::SchedulerConfig>(&p)?.flow_shift),
         None => Ok(3.0),
     }
 }

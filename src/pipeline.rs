@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use openuni_graph::{Graph, GraphBuilder};
-use openuni_models::config::read_json;
+use openuni_models::config::{read_config, read_mllm_config};
 use openuni_models::connector::{self, ConnectorConfig};
 use openuni_models::dcae::{self, DcaeConfig};
 use openuni_models::qwen2::{self, Qwen2Config};
@@ -138,18 +138,10 @@ pub struct StepRecord {
     pub latents: HostTensor,
 }
 
-fn ctx_path(p: &Path) -> String {
-    p.display().to_string()
-}
-
 impl OpenUni {
     pub fn load(paths: &ModelPaths, connector_cfg: ConnectorConfig) -> Result<OpenUni> {
         let llm_cfg_path = paths.llm.join("config.json");
-        // An InternVL3 folder nests the Qwen2 config under `llm_config`.
-        let raw: serde_json::Value = read_json(&llm_cfg_path)?;
-        let llm_cfg: Qwen2Config = serde_json::from_value(raw.get("llm_config").cloned().unwrap_or(raw))
-            .with_context(|| format!("{}: not a Qwen2 (or InternVL3 llm_config) config", llm_cfg_path.display()))?;
-        llm_cfg.validate(&ctx_path(&llm_cfg_path))?;
+        let llm_cfg = read_mllm_config(&llm_cfg_path)?.llm;
         let llm = Weights::open(paths.llm)?;
         let (llm_prefix, _) = qwen2::detect_prefix(&mut llm.keys())
             .with_context(|| format!("{}: no Qwen2 or InternVL3 embedding table", paths.llm.display()))?;
@@ -166,11 +158,9 @@ impl OpenUni {
             bail!("connector width {} differs from the LLM's hidden size {}", connector_cfg.hidden_size, llm_cfg.hidden_size);
         }
         let tcfg_path = paths.transformer.join("config.json");
-        let transformer_cfg: SanaConfig = read_json(&tcfg_path)?;
-        transformer_cfg.validate(&ctx_path(&tcfg_path))?;
+        let transformer_cfg: SanaConfig = read_config(&tcfg_path)?;
         let vcfg_path = paths.vae.join("config.json");
-        let vae_cfg: DcaeConfig = read_json(&vcfg_path)?;
-        vae_cfg.validate(&ctx_path(&vcfg_path))?;
+        let vae_cfg: DcaeConfig = read_config(&vcfg_path)?;
         Ok(OpenUni {
             num_queries: mq.dims()[0],
             llm_cfg,

@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use openuni_graph::{Graph, GraphBuilder};
 use openuni_models::connector::{self, ConnectorConfig};
 use openuni_models::dcae::{self, DcaeConfig};
-use openuni_models::qwen2::{self, Qwen2Config};
+use openuni_models::config::{parse_config, MllmConfig};
+use openuni_models::qwen2;
 use openuni_models::sana::{self, SanaConfig};
 use openuni_tensor::{write_safetensors, HostTensor, Shape};
 use rand::SeedableRng;
@@ -138,7 +139,7 @@ fn build(dir: &Path, llm: &Path, transformer: &Path, vae: &Path, openuni: &Path)
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
 
     // LLM (Qwen2 folder layout).
-    let lc: Qwen2Config = serde_json::from_value(llm_config())?;
+    let lc = MllmConfig::from_value(llm_config(), "tiny llm")?.llm;
     let mut b = GraphBuilder::new();
     let x = b.input("x", [1, 4, lc.hidden_size])?;
     qwen2::build(&mut b, &lc, "model.", x, "tiny llm")?;
@@ -150,7 +151,7 @@ fn build(dir: &Path, llm: &Path, transformer: &Path, vae: &Path, openuni: &Path)
 
     // OpenUni checkpoint: meta-queries, connector, projector.
     let cc = connector_config();
-    let tc: SanaConfig = serde_json::from_value(transformer_config())?;
+    let tc: SanaConfig = parse_config(transformer_config(), "tiny transformer")?;
     let mut b = GraphBuilder::new();
     let x = b.input("x", [1, NUM_QUERIES, cc.hidden_size])?;
     connector::build(&mut b, &cc, "connector.", x, "tiny connector")?;
@@ -174,7 +175,7 @@ fn build(dir: &Path, llm: &Path, transformer: &Path, vae: &Path, openuni: &Path)
     write_json(&transformer.join("config.json"), &transformer_config())?;
 
     // VAE (diffusers AutoencoderDC folder layout, decoder only).
-    let vc: DcaeConfig = serde_json::from_value(vae_config())?;
+    let vc: DcaeConfig = parse_config(vae_config(), "tiny vae")?;
     let mut b = GraphBuilder::new();
     let z = b.input("z", [1, vc.latent_channels, 4, 4])?;
     dcae::decoder(&mut b, &vc, z, "tiny vae")?;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 use openuni_graph::GraphBuilder;
-use openuni_models::config::read_json;
+use openuni_models::config::read_config;
 use openuni_models::connector::{self, ConnectorConfig};
 use openuni_tensor::Weights;
 
@@ -13,7 +13,7 @@ use super::{Case, Check, Prepared};
 
 pub fn prepare(case: &Case) -> Result<Prepared> {
     let cfg_path = case.model_dir().join("config.json");
-    let cfg: ConnectorConfig = read_json(&cfg_path)?;
+    let cfg: ConnectorConfig = read_config(&cfg_path)?;
     let inputs = case.tensor("inputs")?;
     let s = inputs.shape.dims().to_vec();
     if s.len() != 3 || s[2] != cfg.hidden_size {

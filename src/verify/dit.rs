@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 use openuni_graph::GraphBuilder;
-use openuni_models::config::read_json;
+use openuni_models::config::read_config;
 use openuni_models::sana::{self, SanaConfig};
 use openuni_tensor::{DType, Weights};
 
@@ -14,8 +14,7 @@ use super::{Case, Check, Prepared};
 
 pub fn prepare(case: &Case) -> Result<Prepared> {
     let cfg_path = case.model_dir().join("config.json");
-    let cfg: SanaConfig = read_json(&cfg_path)?;
-    cfg.validate(&cfg_path.display().to_string())?;
+    let cfg: SanaConfig = read_config(&cfg_path)?;
     let x = case.tensor("hidden_states")?;
     let enc = case.tensor("encoder_hidden_states")?;
     let t = case.tensor("timestep")?;

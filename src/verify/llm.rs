@@ -5,15 +5,15 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 use openuni_graph::GraphBuilder;
-use openuni_models::config::read_json;
-use openuni_models::qwen2::{self, Qwen2Config};
+use openuni_models::config::read_mllm_config;
+use openuni_models::qwen2;
 use openuni_tensor::Weights;
 
 use super::{Case, Check, Prepared};
 
 pub fn prepare(case: &Case) -> Result<Prepared> {
     let cfg_path = case.model_dir().join("config.json");
-    let cfg: Qwen2Config = read_json(&cfg_path)?;
+    let cfg = read_mllm_config(&cfg_path)?.llm;
     let origin = cfg_path.display().to_string();
     let weights = Weights::open(case.model_dir())?;
     let (prefix, head_prefix) = qwen2::detect_prefix(&mut weights.keys())

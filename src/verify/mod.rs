@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use openuni_graph::Graph;
 use openuni_tensor::{DType, HostTensor, TensorSource, Weights};
 
-use crate::compare::{diff, Diff};
+use crate::compare::{diff, first_non_finite, Diff};
 use crate::exec::{diff_nodes, executor, Device};
 
 /// The f32 rule: CPU f32 against PyTorch f32.
@@ -46,9 +46,44 @@ impl Case {
         Ok(Case { dir: dir.to_path_buf(), component, json, io })
     }
 
-    /// An io tensor that must be present.
+    /// An io tensor that must be present, hold at least one element and only finite values (an
+    /// empty tensor such as [2^40, 0] would drive loops by its dims; a NaN reference would make
+    /// every comparison meaningless).
     pub fn tensor(&self, name: &str) -> Result<HostTensor> {
-        Ok(self.io.get(name)?)
+        let shape = self.io.shape(name)?;
+        if shape.numel() == 0 {
+            bail!("{}: io tensor `{name}` has shape {shape} and no elements; expected a non-empty tensor", self.io.origin().display());
+        }
+        let t = self.io.get(name)?;
+        if let Some((i, v)) = first_non_finite(&t) {
+            bail!(
+                "{}: io tensor `{name}` holds the non-finite value {v} at flat index {i}; a reference case must be finite",
+                self.io.origin().display()
+            );
+        }
+        Ok(t)
+    }
+
+    /// An integer field of case.json within `range`, named in the error.
+    pub fn int_field(&self, key: &str, range: std::ops::RangeInclusive<u64>) -> Result<usize> {
+        let cj = self.dir.join("case.json");
+        let v = self.json.get(key).with_context(|| format!("{}: no `{key}`", cj.display()))?;
+        let n = v.as_u64().with_context(|| format!("{}: `{key}` is {v}, expected a non-negative integer", cj.display()))?;
+        if !range.contains(&n) {
+            bail!("{}: `{key}` is {n}, expected {} to {}", cj.display(), range.start(), range.end());
+        }
+        Ok(n as usize)
+    }
+
+    /// A finite number field of case.json within `range`, named in the error.
+    pub fn num_field(&self, key: &str, range: std::ops::RangeInclusive<f64>) -> Result<f64> {
+        let cj = self.dir.join("case.json");
+        let v = self.json.get(key).with_context(|| format!("{}: no `{key}`", cj.display()))?;
+        let x = v.as_f64().with_context(|| format!("{}: `{key}` is {v}, expected a number", cj.display()))?;
+        if !(x.is_finite() && range.contains(&x)) {
+            bail!("{}: `{key}` is {x}, expected a finite number from {} to {}", cj.display(), range.start(), range.end());
+        }
+        Ok(x)
     }
 
     pub fn model_dir(&self) -> PathBuf {
@@ -120,8 +155,9 @@ pub struct Report {
 }
 
 impl Report {
+    /// At least one decisive output, and every decisive output passes.
     pub fn passed(&self) -> bool {
-        self.lines.iter().filter(|l| l.decisive).all(|l| l.passes())
+        self.lines.iter().any(|l| l.decisive) && self.lines.iter().filter(|l| l.decisive).all(|l| l.passes())
     }
 
     pub fn render(&self) -> String {
@@ -231,6 +267,9 @@ fn tolerance(case: &Case, reference: &str, expected: &HostTensor, dtype: DType) 
     if case.io.contains(&key) {
         let torch_bf16 = case.tensor(&key)?;
         let e = diff(&torch_bf16, expected).rel_l2;
+        if !e.is_finite() {
+            bail!("{}: `{key}` gives a non-finite bf16 tolerance ({e})", case.dir.display());
+        }
         Ok(Rule::RelL2 { tol: 2.0 * e, source: format!("2x torch bf16 {e:.1e}") })
     } else {
         Ok(Rule::RelL2 { tol: BF16_FALLBACK_TOL, source: "bf16 default".into() })
@@ -252,6 +291,13 @@ pub fn run_case(dir: &Path, opts: &Options) -> Result<Report> {
             Kind::Float | Kind::Pixels => tolerance(&case, &p.reference, &expected, opts.dtype)?,
         };
         lines.push(Line { name: p.reference, diff: diff(&p.tensor, &expected), rule, decisive: p.decisive });
+    }
+    if !lines.iter().any(|l| l.decisive) {
+        // A case that checks nothing must not read as a PASS.
+        bail!(
+            "{}: the case has no decisive output to compare (io.safetensors holds none of the references this component checks)",
+            dir.display()
+        );
     }
     let header = format!("case {}: component {}, device {}, dtype {}", dir.display(), case.component, opts.device, opts.dtype);
     Ok(Report { header, lines, node_diffs })

@@ -5,13 +5,17 @@
 //! image; the `mid.*` values localise a mismatch.
 
 use anyhow::{bail, Context, Result};
+use openuni_models::config::{bounds, parse_config, MAX_FLOW_SHIFT};
 use openuni_models::connector::ConnectorConfig;
 use openuni_models::prompt::PromptTokenizer;
-use openuni_models::scheduler::SamplerKind;
+use openuni_models::scheduler::{SamplerKind, MAX_STEPS};
 use openuni_tensor::{HostData, HostTensor};
 
 use super::{Case, Kind, Options, Produced};
 use crate::pipeline::{to_uint8_nhwc, ModelPaths, OpenUni, RunOptions};
+
+/// The largest |guidance_scale| a case may ask for (OpenUni uses 3.5 to 4.5).
+const MAX_GUIDANCE: f64 = 1000.0;
 
 fn field<'a>(case: &'a Case, key: &str) -> Result<&'a serde_json::Value> {
     case.json.get(key).with_context(|| format!("{}: case.json has no `{key}`", case.dir.display()))
@@ -28,17 +32,17 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
         serde_json::Value::Null => None,
         v => Some(v.as_str().context("`negative_prompt` is neither null nor a string")?),
     };
-    let steps = field(case, "num_steps")?.as_u64().context("`num_steps` is not an integer")? as usize;
-    let guidance = field(case, "guidance_scale")?.as_f64().context("`guidance_scale` is not a number")? as f32;
-    let shift = case.json.get("flow_shift").and_then(|v| v.as_f64()).unwrap_or(3.0);
-    let connector_cfg: ConnectorConfig = serde_json::from_value(field(case, "connector")?.clone())
-        .with_context(|| format!("{}: case.json `connector` is not a connector config", case.dir.display()))?;
+    let steps = case.int_field("num_steps", 1..=MAX_STEPS as u64)?;
+    let guidance = case.num_field("guidance_scale", -MAX_GUIDANCE..=MAX_GUIDANCE)? as f32;
+    let shift = if case.json.get("flow_shift").is_some() { case.num_field("flow_shift", f64::MIN_POSITIVE..=MAX_FLOW_SHIFT)? } else { 3.0 };
+    let connector_cfg: ConnectorConfig =
+        parse_config(field(case, "connector")?.clone(), &format!("{}: `connector`", case.dir.join("case.json").display()))?;
 
     let model = OpenUni::load(
         &ModelPaths { llm: &m.join("llm"), openuni: &m.join("openuni.safetensors"), transformer: &m.join("transformer"), vae: &m.join("vae") },
         connector_cfg,
     )?;
-    let q_case = field(case, "num_queries")?.as_u64().unwrap_or(0) as usize;
+    let q_case = case.int_field("num_queries", 1..=bounds::POSITIONS as u64)?;
     if q_case != model.num_queries {
         bail!("{}: case.json says {q_case} queries, openuni.safetensors has {}", case.dir.display(), model.num_queries);
     }

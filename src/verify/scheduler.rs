@@ -2,7 +2,8 @@
 //! (exact), and the loop `x = step(velocities[i], x)` from x_init -> x_final, mid.samples.
 
 use anyhow::{bail, Context, Result};
-use openuni_models::scheduler::{Sampler, SamplerKind};
+use openuni_models::config::MAX_FLOW_SHIFT;
+use openuni_models::scheduler::{Sampler, SamplerKind, MAX_STEPS};
 use openuni_tensor::{HostData, HostTensor};
 
 use super::{Case, Kind, Options, Produced};
@@ -12,18 +13,18 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
         // The solver is host f32 math on every device (latents stay f32 between steps).
         eprintln!("note: the scheduler runs on the host in f32 whatever --device says");
     }
-    let steps = case.json["num_steps"].as_u64().with_context(|| format!("{}: case.json has no integer num_steps", case.dir.display()))?;
-    let shift = case.json["flow_shift"].as_f64().with_context(|| format!("{}: case.json has no number flow_shift", case.dir.display()))?;
+    let steps = case.int_field("num_steps", 1..=MAX_STEPS as u64)?;
+    let shift = case.num_field("flow_shift", f64::MIN_POSITIVE..=MAX_FLOW_SHIFT)?;
     let kind = match case.json.get("sampler").and_then(|s| s.as_str()) {
         None => SamplerKind::DpmSolver,
         Some(s) => SamplerKind::parse(s).with_context(|| format!("{}: unknown sampler `{s}` (dpmsolver++, flow_euler)", case.dir.display()))?,
     };
-    let mut solver = Sampler::with_kind(kind, steps as usize, shift).map_err(|e| anyhow::anyhow!("{}: {e}", case.dir.display()))?;
+    let mut solver = Sampler::with_kind(kind, steps, shift).map_err(|e| anyhow::anyhow!("{}: {e}", case.dir.display()))?;
     let n = solver.num_steps();
     let x_init = case.tensor("x_init")?;
     let velocities = case.tensor("velocities")?;
     let per = x_init.numel();
-    if velocities.numel() != n * per {
+    if Some(velocities.numel()) != n.checked_mul(per) {
         bail!("{}: `velocities` has shape {}, expected [{n}, {}]", case.dir.display(), velocities.shape, x_init.shape);
     }
     let v = velocities.to_f32_vec();

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 use openuni_graph::GraphBuilder;
-use openuni_models::config::read_json;
+use openuni_models::config::read_config;
 use openuni_models::dcae::{self, DcaeConfig};
 use openuni_tensor::{DType, Weights};
 
@@ -13,7 +13,7 @@ use super::{Case, Check, Prepared};
 
 pub fn prepare(case: &Case) -> Result<Prepared> {
     let cfg_path = case.model_dir().join("config.json");
-    let cfg: DcaeConfig = read_json(&cfg_path)?;
+    let cfg: DcaeConfig = read_config(&cfg_path)?;
     let latent = case.tensor("latent")?;
     let d = latent.shape.dims().to_vec();
     if d.len() != 4 || d[1] != cfg.latent_channels {

@@ -1,16 +1,195 @@
-//! Reading upstream config.json files with errors that name the file and the field.
+//! Reading upstream config.json files. Every model config goes through [`read_config`] (or, for
+//! the multimodal LLM folder, [`read_mllm_config`]): parsed with errors that name the file and the
+//! field, then checked against sane bounds ([`ModelConfig::validate`]) before anything is built or
+//! allocated. The bounds sit in one `validate` per config, well above every published model, so
+//! that an absurd value (2^62 layers, a zero head dim, a NaN eps) is an error naming the file, the
+//! field, the value and the bound instead of an overflow, a division by zero or an allocation abort.
 
+use std::ops::RangeInclusive;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
-use crate::ModelError;
+use crate::qwen2::Qwen2Config;
+use crate::{ModelError, Result};
 
-/// Parses a JSON config. Upstream configs may hold `Infinity`/`-Infinity` (diffusers'
-/// scheduler configs do), which strict JSON rejects; they are read as null.
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
+/// Generous bounds shared by the configs (the largest published models are far inside them).
+pub mod bounds {
+    /// Transformer / decoder layers of one model or stage.
+    pub const LAYERS: usize = 1024;
+    /// A hidden width (d_model, channels of a stage).
+    pub const WIDTH: usize = 65536;
+    /// An MLP's inner width.
+    pub const MLP_WIDTH: usize = 4 * WIDTH;
+    /// Attention heads.
+    pub const HEADS: usize = 1024;
+    /// One head's width.
+    pub const HEAD_DIM: usize = 1024;
+    /// Vocabulary entries (Qwen2 has 151,936; the largest published ~256K).
+    pub const VOCAB: usize = 1 << 22;
+    /// Positions of a model's context.
+    pub const POSITIONS: usize = 1 << 24;
+    /// Latent / image channels.
+    pub const CHANNELS: usize = 4096;
+}
+
+/// A model config that can check itself. `validate` refuses out-of-bound values naming the field;
+/// callers never see an unchecked config from [`read_config`].
+pub trait ModelConfig: DeserializeOwned {
+    fn validate(&self, origin: &str) -> Result<()>;
+}
+
+/// Reads and validates a model config (`config.json` of a transformer, VAE, connector, ...).
+pub fn read_config<T: ModelConfig>(path: &Path) -> Result<T> {
+    let origin = path.display().to_string();
+    let cfg: T = read_json(path)?;
+    cfg.validate(&origin)?;
+    Ok(cfg)
+}
+
+/// Parses and validates a model config held as JSON (a `case.json` field, a built-in variant);
+/// `origin` names it in errors.
+pub fn parse_config<T: ModelConfig>(value: serde_json::Value, origin: &str) -> Result<T> {
+    let cfg: T = from_value(value, origin)?;
+    cfg.validate(origin)?;
+    Ok(cfg)
+}
+
+/// The config of a multimodal LLM folder: an InternVL3 folder nests its Qwen2 decoder under
+/// `llm_config` (and its vision tower under `vision_config`, which the text-to-image path does not
+/// read); a plain Qwen2 folder is the decoder config itself. Every entry point (generate, verify,
+/// bench, tests) reads an LLM folder through [`read_mllm_config`] / [`MllmConfig::from_value`], so
+/// the nesting is handled in one place; a vision config, when needed, is added here.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MllmConfig {
+    /// The Qwen2 decoder.
+    pub llm: Qwen2Config,
+}
+
+impl MllmConfig {
+    /// From a parsed config.json (`origin` names the file in errors).
+    pub fn from_value(raw: serde_json::Value, origin: &str) -> Result<MllmConfig> {
+        let llm = match raw.get("llm_config") {
+            Some(nested) => parse_config(nested.clone(), &format!("{origin}: llm_config"))?,
+            None => parse_config(raw, origin)?,
+        };
+        Ok(MllmConfig { llm })
+    }
+}
+
+/// Reads the config.json of a Qwen2 or InternVL3 folder (see [`MllmConfig`]).
+pub fn read_mllm_config(path: &Path) -> Result<MllmConfig> {
+    MllmConfig::from_value(read_json(path)?, &path.display().to_string())
+}
+
+/// The diffusers scheduler config next to a SANA transformer (`scheduler/scheduler_config.json`);
+/// only `flow_shift` is read.
+#[derive(Clone, Debug, serde::Deserialize, PartialEq)]
+pub struct SchedulerConfig {
+    pub flow_shift: f64,
+}
+
+/// The largest flow shift accepted (SANA uses 3.0 at 512 px, up to ~6 at 4K).
+pub const MAX_FLOW_SHIFT: f64 = 1000.0;
+
+impl ModelConfig for SchedulerConfig {
+    fn validate(&self, origin: &str) -> Result<()> {
+        Bounds(origin).positive("flow_shift", self.flow_shift, MAX_FLOW_SHIFT)
+    }
+}
+
+/// Parses a JSON config file. Upstream configs may hold `Infinity`/`-Infinity` (diffusers'
+/// scheduler configs do), which strict JSON rejects; they are read as null. A type error names
+/// the field (`llm_config.num_hidden_layers: invalid value ...`).
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let err = |msg: String| ModelError::Config { path: path.display().to_string(), msg };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let text = text.replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null");
-    serde_json::from_str(&text).map_err(|e| err(format!("invalid config: {e}")))
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| err(describe(e)))
+}
+
+/// [`read_json`] for JSON already parsed.
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value, origin: &str) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| ModelError::Config { path: origin.into(), msg: describe(e) })
+}
+
+fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> String {
+    let path = e.path().to_string();
+    if path == "." || path.is_empty() {
+        format!("invalid config: {}", e.inner())
+    } else {
+        format!("invalid config: field `{path}`: {}", e.inner())
+    }
+}
+
+/// Bound checks that name the file, the field, the value and the bound.
+pub(crate) struct Bounds<'a>(pub &'a str);
+
+impl Bounds<'_> {
+    fn fail<T>(&self, field: &str, msg: String) -> Result<T> {
+        Err(ModelError::Config { path: self.0.into(), msg: format!("field `{field}`: {msg}") })
+    }
+
+    /// An integer in `range`.
+    pub fn int(&self, field: &str, value: usize, range: RangeInclusive<usize>) -> Result<()> {
+        if !range.contains(&value) {
+            return self.fail(field, format!("{value} is out of bounds (expected {} to {})", range.start(), range.end()));
+        }
+        Ok(())
+    }
+
+    /// Every entry of a list in `range`, and the list's length in `len`.
+    pub fn ints(&self, field: &str, values: &[usize], len: RangeInclusive<usize>, range: RangeInclusive<usize>) -> Result<()> {
+        if !len.contains(&values.len()) {
+            return self.fail(field, format!("has {} entries (expected {} to {})", values.len(), len.start(), len.end()));
+        }
+        for (i, &v) in values.iter().enumerate() {
+            self.int(&format!("{field}[{i}]"), v, range.clone())?;
+        }
+        Ok(())
+    }
+
+    /// A finite number in (0, max].
+    pub fn positive(&self, field: &str, value: f64, max: f64) -> Result<()> {
+        if !(value.is_finite() && value > 0.0 && value <= max) {
+            return self.fail(field, format!("{value} is out of bounds (expected a finite number in (0, {max}])"));
+        }
+        Ok(())
+    }
+
+    /// `a * b` (a derived size) in `range`, computed without overflow.
+    pub fn product(&self, what: &str, a: usize, b: usize, range: RangeInclusive<usize>) -> Result<usize> {
+        match a.checked_mul(b) {
+            Some(p) if range.contains(&p) => Ok(p),
+            Some(p) => self.fail(what, format!("{a} x {b} = {p} is out of bounds (expected {} to {})", range.start(), range.end())),
+            None => self.fail(what, format!("{a} x {b} overflows")),
+        }
+    }
+
+    /// `value` divisible by `by` (`by` already checked non-zero).
+    pub fn divisible(&self, field: &str, value: usize, by_field: &str, by: usize) -> Result<()> {
+        if by == 0 || value % by != 0 {
+            return self.fail(field, format!("{value} is not a multiple of `{by_field}` {by}"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_name_the_field_value_and_bound() {
+        let b = Bounds("cfg.json");
+        let e = b.int("num_layers", 1 << 62, 1..=1024).unwrap_err().to_string();
+        assert!(e.contains("cfg.json") && e.contains("num_layers") && e.contains(&(1usize << 62).to_string()) && e.contains("1024"), "{e}");
+        assert!(b.positive("eps", f64::NAN, 1.0).is_err());
+        assert!(b.positive("eps", 0.0, 1.0).is_err());
+        assert!(b.positive("eps", f64::INFINITY, 1.0).is_err());
+        assert!(b.positive("eps", 1e-6, 1.0).is_ok());
+        assert!(b.product("dim", usize::MAX, 2, 1..=10).unwrap_err().to_string().contains("overflows"));
+        assert!(b.divisible("hidden_size", 10, "heads", 0).is_err());
+    }
 }

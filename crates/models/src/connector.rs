@@ -6,6 +6,7 @@
 use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
 use serde::Deserialize;
 
+use crate::config::{bounds, Bounds, ModelConfig};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
@@ -40,14 +41,21 @@ impl ConnectorConfig {
 
     pub fn validate(&self, origin: &str) -> Result<UnaryFn> {
         let err = |msg: String| ModelError::Config { path: origin.into(), msg };
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            )));
-        }
+        let b = Bounds(origin);
+        b.int("hidden_size", self.hidden_size, 1..=bounds::WIDTH)?;
+        b.int("intermediate_size", self.intermediate_size, 1..=bounds::MLP_WIDTH)?;
+        b.int("num_attention_heads", self.num_attention_heads, 1..=bounds::HEADS)?;
+        b.int("num_hidden_layers", self.num_hidden_layers, 1..=bounds::LAYERS)?;
+        b.positive("layer_norm_eps", self.layer_norm_eps as f64, 1.0)?;
+        b.divisible("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)?;
         UnaryFn::from_config_name(&self.hidden_act)
             .ok_or_else(|| err(format!("hidden_act `{}` is not supported (expected gelu_pytorch_tanh, gelu, silu or relu)", self.hidden_act)))
+    }
+}
+
+impl ModelConfig for ConnectorConfig {
+    fn validate(&self, origin: &str) -> Result<()> {
+        ConnectorConfig::validate(self, origin).map(|_| ())
     }
 }
 

@@ -5,6 +5,7 @@
 use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
 use serde::Deserialize;
 
+use crate::config::{bounds, Bounds, ModelConfig};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -44,6 +45,15 @@ fn default_upsample() -> String {
     "pixel_shuffle".into()
 }
 
+/// Decoder stages (each but the last doubles the resolution: f32 models have 6).
+const MAX_STAGES: usize = 10;
+
+impl ModelConfig for DcaeConfig {
+    fn validate(&self, origin: &str) -> Result<()> {
+        DcaeConfig::validate(self, origin)
+    }
+}
+
 /// RMSNorm eps of every decoder norm.
 const NORM_EPS: f32 = 1e-5;
 /// GLUMBConv expansion of EfficientViT blocks.
@@ -59,8 +69,16 @@ impl DcaeConfig {
     /// Refuses what this port does not implement, naming the config field.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+        let b = Bounds(origin);
+        b.int("latent_channels", self.latent_channels, 1..=bounds::CHANNELS)?;
+        b.int("attention_head_dim", self.attention_head_dim, 1..=bounds::HEAD_DIM)?;
+        b.ints("decoder_block_out_channels", &self.decoder_block_out_channels, 1..=MAX_STAGES, 1..=bounds::WIDTH)?;
+        b.ints("decoder_layers_per_block", &self.decoder_layers_per_block, 1..=MAX_STAGES, 0..=bounds::LAYERS)?;
+        // diffusers takes the factor from the config as is; 0, a negative, NaN or Inf would
+        // silently give a flat or non-finite image.
+        b.positive("scaling_factor", self.scaling_factor as f64, 1e6)?;
         let n = self.decoder_block_out_channels.len();
-        if n == 0 || self.decoder_block_types.len() != n || self.decoder_layers_per_block.len() != n || self.decoder_qkv_multiscales.len() != n {
+        if self.decoder_block_types.len() != n || self.decoder_layers_per_block.len() != n || self.decoder_qkv_multiscales.len() != n {
             return err("decoder_block_out_channels, decoder_block_types, decoder_layers_per_block and decoder_qkv_multiscales must have one entry per stage".into());
         }
         let all = |v: &serde_json::Value, want: &str| match v {

@@ -6,6 +6,7 @@
 use openuni_graph::{AttentionParams, GraphBuilder, ValueId};
 use serde::Deserialize;
 
+use crate::config::{bounds, Bounds, ModelConfig};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -76,9 +77,30 @@ impl Qwen2Config {
         theta.map(|t| t as f32).ok_or_else(|| err("no rope_theta (neither at the top level nor in rope_parameters)".into()))
     }
 
+    /// Refuses configs this port does not implement or whose values are out of bounds, naming the
+    /// field (the bounds: [`crate::config::bounds`]).
     pub fn validate(&self, origin: &str) -> Result<()> {
         let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
-        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+        let b = Bounds(origin);
+        b.int("hidden_size", self.hidden_size, 1..=bounds::WIDTH)?;
+        b.int("intermediate_size", self.intermediate_size, 1..=bounds::MLP_WIDTH)?;
+        b.int("num_hidden_layers", self.num_hidden_layers, 1..=bounds::LAYERS)?;
+        b.int("num_attention_heads", self.num_attention_heads, 1..=bounds::HEADS)?;
+        b.int("num_key_value_heads", self.num_key_value_heads, 1..=bounds::HEADS)?;
+        b.int("vocab_size", self.vocab_size, 1..=bounds::VOCAB)?;
+        b.int("max_position_embeddings", self.max_position_embeddings, 1..=bounds::POSITIONS)?;
+        b.positive("rms_norm_eps", self.rms_norm_eps as f64, 1.0)?;
+        match self.head_dim {
+            Some(hd) => {
+                b.int("head_dim", hd, 1..=bounds::HEAD_DIM)?;
+                b.product("num_attention_heads x head_dim", self.num_attention_heads, hd, 1..=bounds::WIDTH)?;
+            }
+            None => b.divisible("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)?,
+        }
+        if self.head_dim() % 2 != 0 {
+            return err(format!("head dim {} is odd (rotate-half RoPE needs an even head dim)", self.head_dim()));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
             return err(format!(
                 "{} attention heads cannot share {} key/value heads",
                 self.num_attention_heads, self.num_key_value_heads
@@ -90,7 +112,7 @@ impl Qwen2Config {
         if self.use_sliding_window {
             return err("use_sliding_window=true is not supported".into());
         }
-        self.rope_theta(origin)?;
+        b.positive("rope_theta", self.rope_theta(origin)? as f64, 1e12)?;
         Ok(())
     }
 
@@ -103,6 +125,12 @@ impl Qwen2Config {
             });
         }
         Ok(())
+    }
+}
+
+impl ModelConfig for Qwen2Config {
+    fn validate(&self, origin: &str) -> Result<()> {
+        Qwen2Config::validate(self, origin)
     }
 }
 

@@ -8,6 +8,7 @@
 use openuni_graph::{GraphBuilder, Modulation, UnaryFn, ValueId};
 use serde::Deserialize;
 
+use crate::config::{bounds, Bounds, ModelConfig};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -70,6 +71,32 @@ impl SanaConfig {
     /// Refuses configs this port does not implement, naming the field.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+        let b = Bounds(origin);
+        b.int("in_channels", self.in_channels, 1..=bounds::CHANNELS)?;
+        if let Some(c) = self.out_channels {
+            b.int("out_channels", c, 1..=bounds::CHANNELS)?;
+        }
+        b.int("num_attention_heads", self.num_attention_heads, 1..=bounds::HEADS)?;
+        b.int("attention_head_dim", self.attention_head_dim, 1..=bounds::HEAD_DIM)?;
+        b.int("num_layers", self.num_layers, 1..=bounds::LAYERS)?;
+        b.int("num_cross_attention_heads", self.num_cross_attention_heads, 1..=bounds::HEADS)?;
+        b.int("cross_attention_head_dim", self.cross_attention_head_dim, 1..=bounds::HEAD_DIM)?;
+        b.int("cross_attention_dim", self.cross_attention_dim, 1..=bounds::WIDTH)?;
+        b.int("caption_channels", self.caption_channels, 1..=bounds::WIDTH)?;
+        b.positive("mlp_ratio", self.mlp_ratio, 64.0)?;
+        b.positive("norm_eps", self.norm_eps as f64, 1.0)?;
+        if let Some(s) = self.sample_size {
+            b.int("sample_size", s, 1..=bounds::WIDTH)?;
+        }
+        b.product("num_attention_heads x attention_head_dim", self.num_attention_heads, self.attention_head_dim, 1..=bounds::WIDTH)?;
+        b.product(
+            "num_cross_attention_heads x cross_attention_head_dim",
+            self.num_cross_attention_heads,
+            self.cross_attention_head_dim,
+            1..=bounds::WIDTH,
+        )?;
+        // mlp_ratio <= 64 and D <= WIDTH keep the Mix-FFN width finite; it must not round to 0.
+        b.int("int(mlp_ratio x inner width)", self.ffn_hidden(), 1..=64 * bounds::WIDTH)?;
         if self.patch_size != 1 {
             return err(format!("patch_size {} is not supported (OpenUni's SANA models use 1)", self.patch_size));
         }
@@ -94,6 +121,12 @@ impl SanaConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl ModelConfig for SanaConfig {
+    fn validate(&self, origin: &str) -> Result<()> {
+        SanaConfig::validate(self, origin)
     }
 }
 

@@ -15,14 +15,24 @@ pub struct FlowSchedule {
 
 pub const NUM_TRAIN_TIMESTEPS: usize = 1000;
 
+/// The most sampling steps a schedule is made for (beyond the 1000 training timesteps they only
+/// repeat; the bound keeps a typo like 2^62 an error instead of an allocation abort).
+pub const MAX_STEPS: usize = 10_000;
+
+/// Refuses step counts and shifts no schedule can be made from.
+fn check_schedule(num_steps: usize, flow_shift: f64) -> Result<(), String> {
+    if !(1..=MAX_STEPS).contains(&num_steps) {
+        return Err(format!("the number of steps is {num_steps}, expected 1 to {MAX_STEPS}"));
+    }
+    if !(flow_shift.is_finite() && flow_shift > 0.0 && flow_shift <= crate::config::MAX_FLOW_SHIFT) {
+        return Err(format!("flow_shift must be a positive number up to {}, found {flow_shift}", crate::config::MAX_FLOW_SHIFT));
+    }
+    Ok(())
+}
+
 impl FlowSchedule {
     pub fn new(num_steps: usize, flow_shift: f64) -> Result<FlowSchedule, String> {
-        if num_steps == 0 {
-            return Err("the number of steps must be at least 1".into());
-        }
-        if !(flow_shift.is_finite() && flow_shift > 0.0) {
-            return Err(format!("flow_shift must be a positive number, found {flow_shift}"));
-        }
+        check_schedule(num_steps, flow_shift)?;
         let n = num_steps;
         let t_min = 1.0 / NUM_TRAIN_TIMESTEPS as f64;
         // alphas = linspace(1, 1/1000, N+1); s = 1 - alphas; shifted, reversed, last (0) dropped.
@@ -74,12 +84,7 @@ impl SamplerKind {
 /// float timesteps σ·1000. diffusers shifts twice (once for σ_min/σ_max at construction, again in
 /// set_timesteps); that is reproduced here, since it is what users of the scheduler get.
 pub fn flow_euler_schedule(num_steps: usize, shift: f64) -> Result<(Vec<f32>, Vec<f32>), String> {
-    if num_steps == 0 {
-        return Err("the number of steps must be at least 1".into());
-    }
-    if !(shift.is_finite() && shift > 0.0) {
-        return Err(format!("flow_shift must be a positive number, found {shift}"));
-    }
+    check_schedule(num_steps, shift)?;
     let n_train = NUM_TRAIN_TIMESTEPS as f64;
     // Construction (f32 tensors): the shifted training sigmas' extremes.
     let shift32 = |s: f32| (shift as f32) * s / (1.0 + (shift as f32 - 1.0) * s);
