@@ -57,3 +57,30 @@ fn convert_refuses_hostile_pickle() {
     assert!(stderr.contains("os.system") && stderr.contains("hostile.pth"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// Loader regressions of issue 18: torch-written files (tools/make_references.py) that must give a
+/// clear error naming the file and the tensor, exit 2, and leave no output behind.
+fn assert_refused(fixture_name: &str, want: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let (code, _, stderr) = convert(&fixture(fixture_name), &out);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(fixture_name), "{stderr}");
+    for w in want {
+        assert!(stderr.contains(w), "want `{w}` in: {stderr}");
+    }
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "something was left behind");
+}
+
+#[test]
+fn convert_refuses_amplifying_stride0_view() {
+    // torch.zeros(1).expand(4096, 4096): 4 bytes of storage, 64 MiB if materialised.
+    assert_refused("amplified.pth", &["`amplified`", "16777216 elements", "storage of only 1", "would amplify"]);
+}
+
+#[test]
+fn convert_refuses_tensor_named_metadata() {
+    // safetensors reserves `__metadata__`: the converted file could not be read back.
+    assert_refused("metadata_key.pth", &["`__metadata__`", "reserved"]);
+}

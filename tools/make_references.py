@@ -1129,6 +1129,12 @@ def case_pth(out_dir, args):
             assert got["projector.weight"].storage_offset() == 5 and not got[
                 "connector.layers.0.self_attn.q_proj.weight"].is_contiguous()
 
+    # resource-hostile files (real torch.save output): a stride-0 view of a one-element storage that would
+    # materialise as 4096x4096 floats, and a tensor named like safetensors' metadata table.
+    torch.save(OrderedDict([("w", torch.ones(2)), ("amplified", torch.zeros(1).expand(4096, 4096))]),
+               str(out_dir / "amplified.pth"))
+    torch.save(OrderedDict([("__metadata__", torch.ones(2)), ("w", torch.ones(3))]), str(out_dir / "metadata_key.pth"))
+
     # hostile files: a real torch.save archive whose data.pkl calls os.system / builtins.eval when unpickled.
     # They are built from opcodes and never unpickled here (only disassembled).
     for fname, pkl in (("hostile", hostile_pickle_global()), ("hostile_eval", hostile_pickle_stack_global())):

@@ -12,7 +12,10 @@ mod tensor;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use pth::{read_pth, read_pth_bytes, read_pth_with, PthCheckpoint, PthError, PthOptions, PthResult, ALLOWED_GLOBALS};
+pub use pth::{
+    mem_available, read_pth, read_pth_bytes, read_pth_with, MemoryBudget, PthCheckpoint, PthError, PthOptions, PthResult,
+    ALLOWED_GLOBALS, MAX_OVERLAPPING_VIEW_ELEMENTS,
+};
 pub use safetensors_io::{write_safetensors, Overlay, Routed, TensorMap, TensorSource, Weights};
 pub use shape::Shape;
 pub use tensor::{HostData, HostTensor};

@@ -43,9 +43,43 @@ pub const ALLOWED_GLOBALS: &[&str] = &[
     "torch.BoolStorage",
 ];
 
-/// Tensor views whose strides overlap may hold more elements than their storage; beyond this many
-/// elements such a view is refused (a state dict never holds one; a crafted file could ask for 2^60).
-const MAX_OVERLAPPING_VIEW_ELEMENTS: u64 = 1 << 28;
+/// Tensor views whose strides overlap (stride 0, `expand`) may hold more elements than their
+/// storage; beyond this many elements such a view is refused: a state dict practically never holds
+/// one, and a crafted file could make a one-element storage materialise as gigabytes.
+pub const MAX_OVERLAPPING_VIEW_ELEMENTS: u64 = 1 << 20;
+
+/// What materialising a checkpoint may cost in memory. Tensors are copied out of the archive, so
+/// the total is bounded by the archive's own size (twice it, for tied weights that share one
+/// storage, plus [`SLACK_BYTES`](MemoryBudget::SLACK_BYTES)) and, when the system says, by the
+/// memory available now (`MemAvailable` in /proc/meminfo): a checkpoint that cannot fit is an error
+/// naming the tensor, never an allocation abort.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryBudget {
+    pub bytes: u64,
+    /// Where the bound comes from, for the error.
+    pub source: &'static str,
+}
+
+impl MemoryBudget {
+    pub const SLACK_BYTES: u64 = 256 << 20;
+
+    /// The budget for an archive of `archive_bytes`.
+    pub fn for_archive(archive_bytes: u64) -> MemoryBudget {
+        let own = archive_bytes.saturating_mul(2).saturating_add(Self::SLACK_BYTES);
+        match mem_available() {
+            Some(avail) if avail < own => MemoryBudget { bytes: avail, source: "MemAvailable in /proc/meminfo" },
+            _ => MemoryBudget { bytes: own, source: "twice the file size plus 256 MiB" },
+        }
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes (None where there is no such file).
+pub fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
 
 /// Errors name the file, the archive entry (or tensor) and what was found.
 #[derive(Debug, thiserror::Error)]
@@ -200,9 +234,32 @@ pub fn read_pth_bytes(path: &Path, bytes: &[u8], opts: &PthOptions) -> PthResult
         None
     };
 
+    if let Some((name, _)) = named.iter().find(|(n, _)| n == "__metadata__") {
+        // safetensors reserves the name for its string table: such a file could not be read back.
+        return Err(fmt(&pkl_name, format!("tensor name `{name}` is reserved by safetensors for metadata; rename the tensor")));
+    }
+
+    let budget = MemoryBudget::for_archive(bytes.len() as u64);
+    let mut used = 0u64;
     let mut tensors = Vec::with_capacity(named.len());
     for (name, t) in named {
         let entry = format!("{}/data/{}", archive.top, t.storage.key);
+        // Checked before the copy is allocated, so the limit is an error, never an abort.
+        let need = t.output_bytes().map_err(|m| fmt(&entry, format!("tensor `{name}`: {m}")))?;
+        used = used.saturating_add(need);
+        if used > budget.bytes {
+            let dims: Vec<String> = t.size.iter().map(|d| d.to_string()).collect();
+            return Err(fmt(
+                &entry,
+                format!(
+                    "tensor `{name}` ([{}] {:?}, {need} bytes) brings the checkpoint to {used} bytes in memory, more than the {} bytes allowed ({})",
+                    dims.join(", "),
+                    t.storage.kind,
+                    budget.bytes,
+                    budget.source
+                ),
+            ));
+        }
         let bytes = archive
             .entry(&entry)
             .map_err(|m| fmt(&entry, format!("storage of tensor `{name}`: {m}")))?
@@ -380,6 +437,18 @@ struct TensorRef {
     offset: u64,
     size: Vec<u64>,
     stride: Vec<u64>,
+}
+
+impl TensorRef {
+    /// Bytes of the contiguous tensor this view materialises as (f64 becomes f32).
+    fn output_bytes(&self) -> Result<u64, String> {
+        let numel = self.size.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or("element count overflows")?;
+        let es = match self.storage.kind {
+            StorageKind::F64 => 4,
+            k => k.elem_size(),
+        };
+        numel.checked_mul(es).ok_or_else(|| "byte size overflows".to_string())
+    }
 }
 
 #[derive(Default, Debug)]
@@ -1056,7 +1125,8 @@ fn materialise(t: &TensorRef, bytes: &[u8]) -> Result<HostTensor, String> {
         }
         if numel > s.numel && numel > MAX_OVERLAPPING_VIEW_ELEMENTS {
             return Err(format!(
-                "view of {numel} elements over a storage of {} (overlapping strides {:?}) is too large",
+                "view of {numel} elements over a storage of only {} (overlapping strides {:?}) would amplify the file; \
+                 at most {MAX_OVERLAPPING_VIEW_ELEMENTS} elements are accepted for such a view (save `.contiguous()` tensors)",
                 s.numel, t.stride
             ));
         }

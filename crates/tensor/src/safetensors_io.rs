@@ -280,6 +280,9 @@ pub fn write_safetensors<'a>(
 ) -> Result<()> {
     let mut views = vec![];
     for (name, t) in tensors {
+        if name == "__metadata__" {
+            return Err(Error::Format { path: path.into(), msg: "a tensor cannot be named `__metadata__` (safetensors reserves it for metadata)".into() });
+        }
         let dtype = match t.dtype() {
             DType::F32 => StDtype::F32,
             DType::BF16 => StDtype::BF16,

@@ -7,7 +7,8 @@ use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 
 use openuni_tensor::{
-    read_pth, read_pth_bytes, read_pth_with, DType, HostData, HostTensor, PthError, PthOptions, Weights,
+    read_pth, read_pth_bytes, read_pth_with, DType, HostData, HostTensor, MemoryBudget, PthError, PthOptions, Weights,
+    MAX_OVERLAPPING_VIEW_ELEMENTS,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -420,4 +421,56 @@ fn mutated_pickles_never_panic() {
         let r = std::panic::catch_unwind(|| read_pth_bytes(Path::new("r.pth"), &bytes, &PthOptions::default()));
         assert!(r.is_ok(), "round {round}: the reader panicked on a corrupted archive");
     }
+}
+
+#[test]
+fn amplifying_views_are_refused_and_memory_is_budgeted() {
+    // A stride-0 view of a one-element storage asking for 16M elements (64 MiB from 4 bytes).
+    let mut p = P::default();
+    p.op(b"\x80\x02}").s("big").tensor("FloatStorage", "0", 1, 0, &[4096, 4096], &[0, 0]).op(b"s.");
+    let bytes = make_archive("amp", &p.0, &[("0", vec![0; 4])]);
+    let msg = read_pth_bytes(Path::new("amp.pth"), &bytes, &PthOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("amp.pth") && msg.contains("`big`") && msg.contains("would amplify"), "{msg}");
+
+    // A small expanded view (as `expand` can leave in a state dict) is still read.
+    let mut p = P::default();
+    p.op(b"\x80\x02}").s("bias").tensor("FloatStorage", "0", 1, 0, &[3, 4], &[0, 0]).op(b"s.");
+    let bytes = make_archive("small", &p.0, &[("0", 2.5f32.to_le_bytes().to_vec())]);
+    let t = read_pth_bytes(Path::new("small.pth"), &bytes, &PthOptions::default()).unwrap().tensors;
+    assert_eq!(t[0].1.to_f32_vec(), vec![2.5; 12]);
+
+    // Many views of one storage: each alone is allowed, together they exceed twice the file plus
+    // 256 MiB; the error names the tensor where the budget ran out, before allocating it.
+    let n = MAX_OVERLAPPING_VIEW_ELEMENTS as i64;
+    let views = |storage: &str, count: usize| {
+        let mut p = P::default();
+        p.op(b"\x80\x02}(");
+        for i in 0..count {
+            p.s(&format!("t{i}")).tensor(storage, "0", 1, 0, &[n / 1024, 1024], &[0, 0]);
+        }
+        p.op(b"u.");
+        p.0
+    };
+    let bytes = make_archive("many", &views("FloatStorage", 300), &[("0", vec![0; 4])]);
+    let budget = MemoryBudget::for_archive(bytes.len() as u64);
+    assert!(budget.bytes <= (bytes.len() as u64) * 2 + MemoryBudget::SLACK_BYTES);
+    let msg = read_pth_bytes(Path::new("many.pth"), &bytes, &PthOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("many.pth") && msg.contains("tensor `t") && msg.contains("bytes allowed"), "{msg}");
+    // 40 one-byte views (40 MiB) fit.
+    let bytes = make_archive("bytes", &views("ByteStorage", 40), &[("0", vec![7])]);
+    assert_eq!(read_pth_bytes(Path::new("bytes.pth"), &bytes, &PthOptions::default()).unwrap().tensors.len(), 40);
+}
+
+#[test]
+fn tensor_named_metadata_is_refused() {
+    let mut p = P::default();
+    p.op(b"\x80\x02}").s("__metadata__").tensor("FloatStorage", "0", 1, 0, &[1], &[1]).op(b"s.");
+    let bytes = make_archive("meta", &p.0, &[("0", vec![0; 4])]);
+    let msg = read_pth_bytes(Path::new("meta.pth"), &bytes, &PthOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("meta.pth") && msg.contains("`__metadata__`") && msg.contains("reserved"), "{msg}");
+    // The writer refuses the name too, whatever the source.
+    let dir = tempfile::tempdir().unwrap();
+    let t = HostTensor::from_f32([1], vec![1.0]).unwrap();
+    let err = openuni_tensor::write_safetensors(&dir.path().join("x.safetensors"), [("__metadata__", &t)], None).unwrap_err();
+    assert!(err.to_string().contains("__metadata__"), "{err}");
 }
