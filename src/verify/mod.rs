@@ -86,6 +86,15 @@ impl Case {
         Ok(x)
     }
 
+    /// A finite positive number field of case.json, at most `max`.
+    pub fn positive_field(&self, key: &str, max: f64) -> Result<f64> {
+        let x = self.num_field(key, f64::NEG_INFINITY..=f64::INFINITY)?;
+        if !(x > 0.0 && x <= max) {
+            bail!("{}: `{key}` is {x}, expected a finite number in (0, {max}]", self.dir.join("case.json").display());
+        }
+        Ok(x)
+    }
+
     pub fn model_dir(&self) -> PathBuf {
         self.dir.join("model")
     }

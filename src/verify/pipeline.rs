@@ -34,7 +34,7 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     };
     let steps = case.int_field("num_steps", 1..=MAX_STEPS as u64)?;
     let guidance = case.num_field("guidance_scale", -MAX_GUIDANCE..=MAX_GUIDANCE)? as f32;
-    let shift = if case.json.get("flow_shift").is_some() { case.num_field("flow_shift", f64::MIN_POSITIVE..=MAX_FLOW_SHIFT)? } else { 3.0 };
+    let shift = if case.json.get("flow_shift").is_some() { case.positive_field("flow_shift", MAX_FLOW_SHIFT)? } else { 3.0 };
     let connector_cfg: ConnectorConfig =
         parse_config(field(case, "connector")?.clone(), &format!("{}: `connector`", case.dir.join("case.json").display()))?;
 

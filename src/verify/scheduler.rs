@@ -14,7 +14,7 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
         eprintln!("note: the scheduler runs on the host in f32 whatever --device says");
     }
     let steps = case.int_field("num_steps", 1..=MAX_STEPS as u64)?;
-    let shift = case.num_field("flow_shift", f64::MIN_POSITIVE..=MAX_FLOW_SHIFT)?;
+    let shift = case.positive_field("flow_shift", MAX_FLOW_SHIFT)?;
     let kind = match case.json.get("sampler").and_then(|s| s.as_str()) {
         None => SamplerKind::DpmSolver,
         Some(s) => SamplerKind::parse(s).with_context(|| format!("{}: unknown sampler `{s}` (dpmsolver++, flow_euler)", case.dir.display()))?,

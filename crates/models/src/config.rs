@@ -116,10 +116,13 @@ pub fn from_value<T: DeserializeOwned>(value: serde_json::Value, origin: &str) -
 
 fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> String {
     let path = e.path().to_string();
+    let inner = e.inner().to_string();
+    // NaN and Infinity are read as null: say so, since the file says NaN.
+    let hint = if inner.contains("invalid type: null") { " (NaN, Infinity and null are not accepted here)" } else { "" };
     if path == "." || path.is_empty() {
-        format!("invalid config: {}", e.inner())
+        format!("invalid config: {inner}{hint}")
     } else {
-        format!("invalid config: field `{path}`: {}", e.inner())
+        format!("invalid config: field `{path}`: {inner}{hint}")
     }
 }
 
