@@ -119,8 +119,9 @@ fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>) {
 /// A JSON value to put where a number was: extremes, wrong signs, wrong types.
 fn interesting_json(rng: &mut Rng) -> serde_json::Value {
     use serde_json::json;
-    match rng.below(12) {
+    match rng.below(14) {
         0 => json!(*rng.pick(&INTERESTING)),
+        12 | 13 => json!(0),
         1 => json!(-1),
         2 => json!(-(rng.below(1000) as i64)),
         3 => json!(1_000_000),
@@ -174,8 +175,10 @@ fn mutate_json(rng: &mut Rng, v: &mut serde_json::Value) {
     if all.is_empty() {
         return;
     }
+    // Numbers are where configs go wrong: three mutations in four hit a numeric leaf.
+    let numeric: Vec<Vec<String>> = all.iter().filter(|p| at(v, p).is_some_and(|x| x.is_number())).cloned().collect();
     for _ in 0..1 + rng.below(3) {
-        let path = rng.pick(&all).clone();
+        let path = if !numeric.is_empty() && rng.below(4) != 0 { rng.pick(&numeric).clone() } else { rng.pick(&all).clone() };
         let choice = rng.below(10);
         if choice == 0 {
             let (last, parent) = path.split_last().unwrap();
@@ -288,12 +291,13 @@ enum ConfigKind {
     Scheduler,
 }
 
-const CONFIG_SEEDS: [(ConfigKind, &str); 7] = [
+const CONFIG_SEEDS: [(ConfigKind, &str); 8] = [
     (ConfigKind::Mllm, "tests/fixtures/fuzz/internvl3_config.json"),
     (ConfigKind::Mllm, "tests/fixtures/llm_gqa_untied/model/config.json"),
     (ConfigKind::Sana, "tests/fixtures/dit_sana15_qknorm/model/config.json"),
     (ConfigKind::Sana, "tests/fixtures/dit_sana10_mask/model/config.json"),
     (ConfigKind::Dcae, "tests/fixtures/vae_quadratic_small/model/config.json"),
+    (ConfigKind::Dcae, "tests/fixtures/vae_linear_nonsquare/model/config.json"),
     (ConfigKind::Connector, "tests/fixtures/connector_b2/model/config.json"),
     (ConfigKind::Scheduler, "tests/fixtures/pipeline_tiny/model/scheduler/scheduler_config.json"),
 ];

@@ -240,6 +240,18 @@ fn run_component(case: &Case, opts: &Options) -> Result<(Vec<Produced>, Option<S
 
 /// Runs a graph-built component on the chosen device and collects its checked outputs.
 fn run_graph(case: &Case, p: Prepared, opts: &Options) -> Result<(Vec<Produced>, Option<String>)> {
+    if opts.device == Device::Cpu {
+        // The io shapes decide the activations: refuse a case that cannot fit before the arena
+        // is allocated (an error, not an allocation abort).
+        let need = openuni_graph::plan(&p.graph, false).arena_elems.saturating_mul(4) as u64;
+        if let Some(avail) = openuni_tensor::mem_available().filter(|&a| need > a) {
+            bail!(
+                "{}: running {} needs {need} bytes of activations for the case's input shapes, more than the {avail} bytes available (MemAvailable)",
+                case.dir.display(),
+                case.component
+            );
+        }
+    }
     let mut exec = executor(opts.device, &p.graph, p.weights.as_ref(), opts.dtype, false)?;
     let mut outputs = exec.run(&p.inputs).with_context(|| format!("running {} on {}", case.component, opts.device))?;
     let produced = p
