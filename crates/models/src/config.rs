@@ -195,4 +195,25 @@ mod tests {
         assert!(b.product("dim", usize::MAX, 2, 1..=10).unwrap_err().to_string().contains("overflows"));
         assert!(b.divisible("hidden_size", 10, "heads", 0).is_err());
     }
+
+    fn qwen2() -> serde_json::Value {
+        serde_json::json!({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 256, "rope_theta": 1e6})
+    }
+
+    #[test]
+    fn mllm_reader_takes_nested_or_plain_configs() {
+        let plain = MllmConfig::from_value(qwen2(), "plain.json").unwrap();
+        let nested = serde_json::json!({"llm_config": qwen2(), "vision_config": {"hidden_size": 32}, "template": "internvl2_5"});
+        assert_eq!(MllmConfig::from_value(nested, "nested.json").unwrap(), plain);
+        // Errors inside the nesting say where.
+        let mut bad = qwen2();
+        bad["num_hidden_layers"] = serde_json::json!(1u64 << 62);
+        let e = MllmConfig::from_value(serde_json::json!({"llm_config": bad}), "cfg.json").unwrap_err().to_string();
+        assert!(e.contains("cfg.json: llm_config") && e.contains("num_hidden_layers") && e.contains("1024"), "{e}");
+        let mut bad = qwen2();
+        bad.as_object_mut().unwrap().remove("intermediate_size");
+        let e = MllmConfig::from_value(serde_json::json!({"llm_config": bad}), "cfg.json").unwrap_err().to_string();
+        assert!(e.contains("llm_config") && e.contains("intermediate_size"), "{e}");
+    }
 }
