@@ -205,10 +205,23 @@ impl Weights {
         }
     }
 
+    /// Refuses to copy a tensor whose host copy (`bytes`) exceeds the memory available now, so that
+    /// a file larger than memory is an error naming the tensor rather than an allocation abort.
+    fn check_fits(&self, key: &str, e: &Entry, bytes: usize) -> Result<()> {
+        match crate::pth::mem_available() {
+            Some(avail) if bytes as u64 > avail => Err(Error::Format {
+                path: self.files[e.file].0.clone(),
+                msg: format!("tensor `{key}` ({}) needs {bytes} bytes in memory, more than the {avail} bytes available (MemAvailable)", e.shape),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads a tensor in its stored dtype.
     pub fn get(&self, key: &str) -> Result<HostTensor> {
         let e = self.entry(key)?;
         let dtype = dtype_of(e.st_dtype).ok_or_else(|| self.unsupported(key, e, "the engine cannot read"))?;
+        self.check_fits(key, e, e.end - e.start)?;
         let bytes = &self.files[e.file].1[e.start..e.end];
         let data = HostData::from_le_bytes(dtype, bytes);
         HostTensor::new(e.shape.clone(), data).map_err(|_| Error::Format {
@@ -234,6 +247,8 @@ impl Weights {
         }
         match dtype_of(e.st_dtype) {
             Some(d) if d.is_float() => {
+                // the stored copy and the f32 one are alive together
+                self.check_fits(key, e, (e.end - e.start).saturating_mul(1 + 4 / d.size_in_bytes()))?;
                 let mut t = self.get(key)?.to_dtype(DType::F32)?;
                 if let Some(exp) = expected {
                     t.shape = exp.clone();

@@ -94,3 +94,31 @@ fn overlay_prefers_the_checkpoint_and_falls_back_to_the_base() {
     assert!(msg.contains("ckpt.pth") && msg.contains("transformer.proj_out.weight"), "{msg}");
     assert!(o.tensor_f32("missing", &Shape::new([1])).is_err());
 }
+
+#[test]
+fn tensor_larger_than_available_memory_is_an_error() {
+    // A sparse file (no disk used) holding one f16 tensor 1 GiB larger than MemAvailable: reading it
+    // must be an error naming the tensor, not an allocation abort.
+    let Some(avail) = openuni_tensor::mem_available() else {
+        println!("skipped: no /proc/meminfo MemAvailable on this system");
+        return;
+    };
+    let n = (avail + (1 << 30)) / 2 * 2;
+    let header = format!(r#"{{"huge":{{"dtype":"F16","shape":[{}],"data_offsets":[0,{n}]}}}}"#, n / 2);
+    let mut header = header.into_bytes();
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("huge.safetensors");
+    let mut f = std::fs::File::create(&p).unwrap();
+    std::io::Write::write_all(&mut f, &(header.len() as u64).to_le_bytes()).unwrap();
+    std::io::Write::write_all(&mut f, &header).unwrap();
+    f.set_len(8 + header.len() as u64 + n).unwrap();
+    drop(f);
+    let w = Weights::open(&p).unwrap();
+    for err in [w.get("huge").unwrap_err(), w.get_f32("huge", None).unwrap_err()] {
+        let msg = err.to_string();
+        assert!(msg.contains("huge.safetensors") && msg.contains("`huge`") && msg.contains("MemAvailable"), "{msg}");
+    }
+}
