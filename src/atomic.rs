@@ -1,0 +1,91 @@
+//! Atomic output files: every file the program writes (PNGs, converted safetensors, JSON
+//! reports) is written to a hidden temporary file in the target's own folder and renamed into
+//! place only once complete, so an interrupted or failed run never leaves a truncated file at the
+//! target name (which a re-run could take for finished work). The temporary file is removed when
+//! writing fails; a process killed mid-write can leave only a hidden `.NAME.XXXXXX.partial`.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// A hidden temporary file next to `path`; it is deleted on drop unless persisted.
+fn temp_next_to(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?;
+    tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .with_context(|| format!("{}: cannot create a temporary file in {}", path.display(), dir.display()))
+}
+
+/// Moves a complete temporary file to `path` (replacing what is there).
+fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    tmp.as_file().sync_all().with_context(|| format!("{}: cannot flush", path.display()))?;
+    tmp.persist(path).map_err(|e| anyhow::Error::new(e.error)).with_context(|| format!("{}: cannot move the finished file into place", path.display()))?;
+    Ok(())
+}
+
+/// Writes `path` atomically through `write`, which gets a buffered writer.
+pub fn write_with(path: &Path, write: impl FnOnce(&mut BufWriter<&File>) -> Result<()>) -> Result<()> {
+    let tmp = temp_next_to(path)?;
+    {
+        let mut w = BufWriter::new(tmp.as_file());
+        write(&mut w).with_context(|| format!("{}: cannot write", path.display()))?;
+        w.flush().with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    persist(tmp, path)
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with(path, |w| Ok(w.write_all(bytes)?))
+}
+
+/// Writes `path` atomically through a writer that takes a file path (e.g. a library that opens the
+/// file itself): `write` gets the temporary file's path.
+pub fn write_via_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_next_to(path)?;
+    write(tmp.path())?;
+    // The writer may have replaced the file at the temporary path: reopen before syncing.
+    let reopened = tempfile::NamedTempFile::from_parts(File::open(tmp.path())?, tmp.into_temp_path());
+    persist(reopened, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".partial")).collect()
+    }
+
+    #[test]
+    fn failed_write_leaves_nothing_and_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.json");
+        write_bytes(&p, b"old").unwrap();
+        let e = write_with(&p, |w| {
+            w.write_all(b"half")?;
+            anyhow::bail!("disk full")
+        });
+        assert!(format!("{:#}", e.unwrap_err()).contains("disk full"));
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert!(leftovers(dir.path()).is_empty());
+        let e = write_via_path(&p, |t| {
+            std::fs::write(t, b"partial")?;
+            anyhow::bail!("interrupted")
+        });
+        assert!(e.is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert!(leftovers(dir.path()).is_empty());
+        write_via_path(&p, |t| Ok(std::fs::write(t, b"new")?)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        assert!(leftovers(dir.path()).is_empty());
+    }
+}
