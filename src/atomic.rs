@@ -17,8 +17,11 @@ fn temp_next_to(path: &Path) -> Result<tempfile::NamedTempFile> {
         _ => Path::new("."),
     };
     let name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?;
-    tempfile::Builder::new()
-        .prefix(&format!(".{}.", name.to_string_lossy()))
+    let mut b = tempfile::Builder::new();
+    // The permissions a plain create gives (0666 less the umask), not tempfile's private 0600.
+    #[cfg(unix)]
+    b.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    b.prefix(&format!(".{}.", name.to_string_lossy()))
         .suffix(".partial")
         .tempfile_in(dir)
         .with_context(|| format!("{}: cannot create a temporary file in {}", path.display(), dir.display()))
