@@ -310,7 +310,7 @@ pub fn read_prompts(path: &Path, base_seed: u64, default_negative: Option<&str>)
                 let v: serde_json::Value = serde_json::from_str(t).map_err(|e| format!("invalid JSON: {e}"))?;
                 let prompt = v.get("prompt").and_then(|p| p.as_str()).ok_or("no string `prompt`")?.to_string();
                 let seed = match v.get("seed") {
-                    None | Some(serde_json::Value::Null) => seed.ok_or_else(|| seed_overflow(base_seed, items.len()))?,
+                    None | Some(serde_json::Value::Null) => seed.ok_or(SEED_OVERFLOW)?,
                     Some(s) => s.as_u64().ok_or("`seed` is not a non-negative integer below 2^64")?,
                 };
                 let negative_prompt = match v.get("negative_prompt") {
@@ -321,13 +321,13 @@ pub fn read_prompts(path: &Path, base_seed: u64, default_negative: Option<&str>)
             })();
             match parsed {
                 Ok(it) => items.push(it),
+                // Not one bad line: every later line would overflow too, so the run is refused.
+                Err(e) if e == SEED_OVERFLOW => bail!("{}:{}: {}", path.display(), i + 1, seed_overflow(base_seed, items.len())),
                 Err(e) => problems.push(format!("{}:{}: {e}; skipped", path.display(), i + 1)),
             }
         } else {
-            match seed {
-                Some(seed) => items.push(Item { prompt: line.to_string(), negative_prompt: default_negative.map(str::to_string), seed }),
-                None => problems.push(format!("{}:{}: {}; skipped", path.display(), i + 1, seed_overflow(base_seed, items.len()))),
-            }
+            let Some(seed) = seed else { bail!("{}:{}: {}", path.display(), i + 1, seed_overflow(base_seed, items.len())) };
+            items.push(Item { prompt: line.to_string(), negative_prompt: default_negative.map(str::to_string), seed });
         }
     }
     if items.is_empty() && problems.is_empty() {
@@ -336,8 +336,10 @@ pub fn read_prompts(path: &Path, base_seed: u64, default_negative: Option<&str>)
     Ok((items, problems))
 }
 
+const SEED_OVERFLOW: &str = "seed overflow";
+
 fn seed_overflow(base: u64, k: usize) -> String {
-    format!("its seed would be --seed {base} + {k}, past the largest seed {} (seeds are not wrapped): give a smaller --seed or a `seed` on the line", u64::MAX)
+    format!("its seed would be --seed {base} + {k}, past the largest seed {} (seeds are not wrapped to 0): give a smaller --seed, or a `seed` on every line", u64::MAX)
 }
 
 /// A file-name-safe slug of a prompt: lowercase ASCII words joined by '-', at most 48 chars.

@@ -527,6 +527,9 @@ impl OpenUni {
                 return Err(e);
             }
             check_finite("the latents after denoising", &latents, i)?;
+            let sf = self.vae_cfg.scaling_factor;
+            let scaled = HostTensor::from_f32(latents.shape.clone(), latents.to_f32_vec().iter().map(|x| x / sf).collect())?;
+            check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &scaled, i)?;
             let decoded = self.decode_with(&latents, run, p.decode)?;
             check_finite(&format!("decode: the VAE output (latents / scaling_factor {} decoded)", self.vae_cfg.scaling_factor), &decoded, i)?;
             done(i, decoded)?;
