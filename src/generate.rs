@@ -89,8 +89,11 @@ pub mod limits {
     /// A clap value parser for an integer in `lo..=hi`.
     pub fn usize_in(lo: usize, hi: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
         move |s: &str| {
-            let v: u128 = s.trim().parse().map_err(|_| format!("not a non-negative integer (allowed: {lo}..={hi})"))?;
-            match usize::try_from(v) {
+            let s = s.trim();
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("not a non-negative integer (allowed: {lo}..={hi})"));
+            }
+            match s.parse::<usize>() {
                 Ok(v) if (lo..=hi).contains(&v) => Ok(v),
                 _ => Err(format!("out of range: allowed {lo}..={hi}")),
             }

@@ -47,7 +47,7 @@ impl Case {
                 args.extend([flag, default]);
             }
         }
-        if !extra.contains(&"--prompts") {
+        if !extra.contains(&"--prompts") && !extra.contains(&"--prompt") {
             args.extend(["--prompt", "a red bicycle"]);
         }
         args.extend_from_slice(extra);
@@ -280,6 +280,12 @@ fn absurd_flags_are_refused_before_anything_is_built() {
     ]);
 }
 
+/// A prompt over the length limit that still fits one command-line argument (128 KiB on Linux).
+fn long_text() -> &'static str {
+    static S: OnceLock<String> = OnceLock::new();
+    S.get_or_init(|| "x".repeat(70_000))
+}
+
 fn two_prompts(dir: &Path) {
     std::fs::write(dir.join("p.txt"), "a cat\na dog\n").unwrap();
 }
@@ -307,6 +313,8 @@ fn bad_prompts_and_sizes_are_refused() {
             .setup(|d| std::fs::write(d.join("p.txt"), "a".repeat(32 << 20)).unwrap()),
         Case::generate("32 MB JSON prompt line", &["--prompts", "{dir}/p.txt"], &["p.txt:1", "limit of 65536 bytes"])
             .setup(|d| std::fs::write(d.join("p.txt"), format!("{{\"prompt\": \"{}\"}}\n", "a ".repeat(16 << 20))).unwrap()),
+        Case::generate("70 KB prompt", &["--prompt", long_text()], &["the prompt is 70000 bytes", "limit of 65536 bytes"]),
+        Case::generate("70 KB negative prompt", &["--negative-prompt", long_text()], &["the negative prompt is 70000 bytes", "limit of 65536 bytes"]),
         Case::generate("seed 2^64-1 with two images", &["--prompts", "{dir}/p.txt", "--seed", "18446744073709551615"], &["p.txt:2", "--seed 18446744073709551615 + 1", "not wrapped"])
             .setup(two_prompts),
         Case::generate(
