@@ -2,13 +2,82 @@
 //! reports) is written to a hidden temporary file in the target's own folder and renamed into
 //! place only once complete, so an interrupted or failed run never leaves a truncated file at the
 //! target name (which a re-run could take for finished work). The temporary file is removed when
-//! writing fails; a process killed mid-write can leave only a hidden `.NAME.XXXXXX.partial`.
+//! writing fails; a SIGINT, SIGTERM or SIGHUP (Ctrl-C) during a write is deferred until the
+//! write has stopped and its temporary files are gone, then ends the process. Only a kill that
+//! runs no handler (SIGKILL, power loss) can leave a hidden temporary file, never a file at the
+//! target name.
 
+use std::ffi::c_int;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::Once;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+
+/// Files being written now, and a termination signal that arrived meanwhile (0: none).
+static WRITING: AtomicUsize = AtomicUsize::new(0);
+static DEFERRED: AtomicI32 = AtomicI32::new(0);
+
+/// SIGINT, SIGTERM, SIGHUP: while a file is being written the signal is deferred until the write
+/// has finished and its temporary file is removed (a library writing the file, such as
+/// safetensors, may keep its own temporary file that only its normal return cleans up), then the
+/// process ends by the same signal. Otherwise the default action runs at once.
+extern "C" fn on_signal(sig: c_int) {
+    if WRITING.load(Ordering::SeqCst) > 0 {
+        DEFERRED.store(sig, Ordering::SeqCst);
+    } else {
+        die_by(sig);
+    }
+}
+
+fn die_by(sig: c_int) {
+    // SAFETY: signal and raise are async-signal-safe.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// One write in progress (see [`on_signal`]).
+struct Writing;
+
+impl Writing {
+    fn start() -> Writing {
+        static HANDLERS: Once = Once::new();
+        HANDLERS.call_once(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                // SAFETY: installs a handler that only does async-signal-safe work.
+                unsafe { libc::signal(sig, on_signal as extern "C" fn(c_int) as libc::sighandler_t) };
+            }
+        });
+        WRITING.fetch_add(1, Ordering::SeqCst);
+        Writing
+    }
+
+    fn interrupted() -> bool {
+        DEFERRED.load(Ordering::SeqCst) != 0
+    }
+
+    /// Ends the write; a signal deferred meanwhile now ends the process.
+    fn finish(self, result: Result<()>) -> Result<()> {
+        drop(self);
+        if WRITING.load(Ordering::SeqCst) == 0 {
+            let sig = DEFERRED.swap(0, Ordering::SeqCst);
+            if sig != 0 {
+                die_by(sig);
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        WRITING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// A hidden temporary file next to `path`; it is deleted on drop unless persisted.
 fn temp_next_to(path: &Path) -> Result<tempfile::NamedTempFile> {
@@ -27,8 +96,12 @@ fn temp_next_to(path: &Path) -> Result<tempfile::NamedTempFile> {
         .with_context(|| format!("{}: cannot create a temporary file in {}", path.display(), dir.display()))
 }
 
-/// Moves a complete temporary file to `path` (replacing what is there).
+/// Moves a complete temporary file to `path` (replacing what is there), unless a termination
+/// signal arrived while it was written: then it is removed.
 fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    if Writing::interrupted() {
+        bail!("{}: interrupted; the partial file was removed", path.display());
+    }
     tmp.as_file().sync_all().with_context(|| format!("{}: cannot flush", path.display()))?;
     tmp.persist(path).map_err(|e| anyhow::Error::new(e.error)).with_context(|| format!("{}: cannot move the finished file into place", path.display()))?;
     Ok(())
@@ -36,13 +109,17 @@ fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
 
 /// Writes `path` atomically through `write`, which gets a buffered writer.
 pub fn write_with(path: &Path, write: impl FnOnce(&mut BufWriter<&File>) -> Result<()>) -> Result<()> {
-    let tmp = temp_next_to(path)?;
-    {
-        let mut w = BufWriter::new(tmp.as_file());
-        write(&mut w).with_context(|| format!("{}: cannot write", path.display()))?;
-        w.flush().with_context(|| format!("{}: cannot write", path.display()))?;
-    }
-    persist(tmp, path)
+    let writing = Writing::start();
+    let result = (|| {
+        let tmp = temp_next_to(path)?;
+        {
+            let mut w = BufWriter::new(tmp.as_file());
+            write(&mut w).with_context(|| format!("{}: cannot write", path.display()))?;
+            w.flush().with_context(|| format!("{}: cannot write", path.display()))?;
+        }
+        persist(tmp, path)
+    })();
+    writing.finish(result)
 }
 
 /// Writes `bytes` to `path` atomically.
@@ -53,11 +130,15 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Writes `path` atomically through a writer that takes a file path (e.g. a library that opens the
 /// file itself): `write` gets the temporary file's path.
 pub fn write_via_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = temp_next_to(path)?;
-    write(tmp.path())?;
-    // The writer may have replaced the file at the temporary path: reopen before syncing.
-    let reopened = tempfile::NamedTempFile::from_parts(File::open(tmp.path())?, tmp.into_temp_path());
-    persist(reopened, path)
+    let writing = Writing::start();
+    let result = (|| {
+        let tmp = temp_next_to(path)?;
+        write(tmp.path())?;
+        // The writer may have replaced the file at the temporary path: reopen before syncing.
+        let reopened = tempfile::NamedTempFile::from_parts(File::open(tmp.path())?, tmp.into_temp_path());
+        persist(reopened, path)
+    })();
+    writing.finish(result)
 }
 
 #[cfg(test)]

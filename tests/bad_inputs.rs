@@ -398,3 +398,39 @@ fn failed_writes_leave_no_partial_file() {
             }),
     ]);
 }
+
+/// Ctrl-C while `convert` writes its output: the signal is deferred until the write has stopped
+/// and the temporary files are removed, so nothing is left, neither at the target name nor hidden
+/// beside it (safetensors' own `.tmpXXXXXX` included), and the process still ends by SIGINT.
+#[test]
+fn interrupted_convert_leaves_no_partial_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, out) = (tmp.path().join("big.safetensors"), tmp.path().join("out"));
+    std::fs::create_dir(&out).unwrap();
+    // 256 MiB of zeros: long enough to write that the temporary file is seen before it is renamed.
+    let t = HostTensor::from_f32([64, 1 << 20], vec![0.0; 64 << 20]).unwrap();
+    write_safetensors(&input, [("w", &t)], None).unwrap();
+    drop(t);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_openuni")).arg("convert").arg(&input).arg(out.join("big.safetensors")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    let seen = loop {
+        let partial = std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".partial"));
+        if partial || start.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+            break partial;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(seen, "the temporary file was never seen while convert ran: the test cannot tell anything");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    eprintln!("convert after SIGINT: {status:?}, left {left:?}");
+    if status.success() {
+        // The write finished before the signal came: a complete file is fine.
+        assert_eq!(left.len(), 1, "{left:?}");
+    } else {
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGINT), "{status:?}");
+        assert!(left.is_empty(), "interrupted convert left {left:?}");
+    }
+}
