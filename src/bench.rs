@@ -186,7 +186,7 @@ pub fn write_configs(variant: &str, dir: &std::path::Path) -> Result<()> {
     ];
     for (name, value) in files {
         let p = dir.join(name);
-        std::fs::write(&p, serde_json::to_string_pretty(&value)?).with_context(|| format!("{}: cannot write", p.display()))?;
+        crate::atomic::write_bytes(&p, serde_json::to_string_pretty(&value)?.as_bytes())?;
     }
     Ok(())
 }
@@ -514,7 +514,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         profile,
     };
     if let Some(p) = &o.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("{}: cannot write the JSON report", p.display()))?;
+        crate::atomic::write_bytes(p, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("{}: cannot write the JSON report", p.display()))?;
     }
     Ok(report)
 }

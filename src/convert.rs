@@ -43,11 +43,6 @@ pub fn convert(input: &Path, output: &Path) -> anyhow::Result<String> {
         bail!("{}: no tensors to write", input.display());
     }
 
-    // Write next to the output and rename, so a failed run leaves no half-written file.
-    let tmp = output.with_file_name(format!(
-        ".{}.partial",
-        output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into())
-    ));
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         (
@@ -56,11 +51,8 @@ pub fn convert(input: &Path, output: &Path) -> anyhow::Result<String> {
         ),
     ]);
     let refs: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    if let Err(e) = write_safetensors(&tmp, refs, Some(meta)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
-    }
-    std::fs::rename(&tmp, output).with_context(|| format!("{}: cannot move {} into place", output.display(), tmp.display()))?;
+    // Atomic: a failed or interrupted run leaves no partial file, at the output name or beside it.
+    crate::atomic::write_via_path(output, |tmp| Ok(write_safetensors(tmp, refs, Some(meta))?))?;
 
     let bytes: usize = tensors.iter().map(|(_, t)| t.data.as_bytes().len()).sum();
     let params: usize = tensors.iter().map(|(_, t)| t.numel()).sum();

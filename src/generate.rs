@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::exec::Device;
-use crate::image::write_png;
+use crate::image::{write_png, Existing};
 use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, ModelPaths, OpenUni, RunOptions, SamplingParams};
 use crate::tiny_model;
 
@@ -68,6 +68,91 @@ pub fn variant(name: &str) -> Result<&'static Variant> {
     VARIANTS.iter().find(|v| v.name == name).with_context(|| {
         format!("--variant `{name}` is not one of {}", VARIANTS.iter().map(|v| v.name).collect::<Vec<_>>().join(", "))
     })
+}
+
+/// Bounds of the flags, checked when the command line is parsed (before anything is built), so
+/// that an absurd value is an error naming the flag, the value and the bound rather than a
+/// wrapped size, an allocation abort or a grey picture.
+pub mod limits {
+    pub const STEPS: (usize, usize) = (1, 1000);
+    /// Image side in pixels (the largest SANA model makes 4096²).
+    pub const SIDE: (usize, usize) = (32, 8192);
+    pub const BATCH: (usize, usize) = (1, 256);
+    pub const ITERS: (usize, usize) = (1, 10_000);
+    /// Classifier-free guidance scale (OpenUni uses 4.5; 1 is the conditional model alone).
+    pub const GUIDANCE: (f32, f32) = (0.0, 100.0);
+    /// Bytes of one prompt, checked before it is tokenized.
+    pub const PROMPT_BYTES: usize = 64 << 10;
+    /// Bytes of a prompts file.
+    pub const PROMPTS_FILE_BYTES: u64 = 256 << 20;
+
+    /// A clap value parser for an integer in `lo..=hi`.
+    pub fn usize_in(lo: usize, hi: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+        move |s: &str| {
+            let s = s.trim();
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("not a non-negative integer (allowed: {lo}..={hi})"));
+            }
+            match s.parse::<usize>() {
+                Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+                _ => Err(format!("out of range: allowed {lo}..={hi}")),
+            }
+        }
+    }
+
+    /// A clap value parser for a finite number in `lo..=hi` (NaN and infinities refused).
+    pub fn f32_in(lo: f32, hi: f32) -> impl Fn(&str) -> Result<f32, String> + Clone + Send + Sync + 'static {
+        move |s: &str| {
+            let v: f64 = s.trim().parse().map_err(|_| format!("not a number (allowed: {lo}..={hi})"))?;
+            if !v.is_finite() {
+                return Err(format!("not a finite number (allowed: {lo}..={hi})"));
+            }
+            if v < lo as f64 || v > hi as f64 {
+                return Err(format!("out of range: allowed {lo}..={hi}"));
+            }
+            Ok(v as f32)
+        }
+    }
+
+    /// An error unless `text` (what: "prompt", "negative prompt") is at most `PROMPT_BYTES`.
+    pub fn check_prompt(what: &str, text: &str) -> Result<(), String> {
+        if text.len() > PROMPT_BYTES {
+            return Err(format!("the {what} is {} bytes, above the limit of {PROMPT_BYTES} bytes (checked before tokenizing)", text.len()));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `device` can run `dtype` and opens it (a GPU, real or emulated), so that a wrong
+/// `--device` is reported before anything else happens, even when every image already exists.
+pub fn check_device(device: Device, dtype: DType) -> Result<()> {
+    match device {
+        Device::Cpu if dtype != DType::F32 => bail!("--device cpu runs the f32 reference only; --dtype {dtype} needs --device cuda or emu"),
+        Device::Cpu => Ok(()),
+        _ => crate::exec::open_device(device).map(|_| ()),
+    }
+}
+
+/// Bytes of host memory this process can still allocate: the smaller of the system's available
+/// memory and what the address-space limit (`ulimit -v`) leaves; `None` when neither is known.
+pub fn host_memory_left() -> Option<u64> {
+    let field = |text: &str, key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()?.saturating_mul(1024))
+    };
+    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| field(&t, "MemAvailable:"));
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit struct that we own.
+    let as_left = if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
+        let used = std::fs::read_to_string("/proc/self/status").ok().and_then(|t| field(&t, "VmSize:")).unwrap_or(0);
+        Some((lim.rlim_cur as u64).saturating_sub(used))
+    } else {
+        None
+    };
+    match (avail, as_left) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The hub cache folder: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.
@@ -199,7 +284,12 @@ pub struct Item {
 /// and `negative_prompt`. Empty lines and `#` comments are skipped; a bad line is reported by
 /// number and skipped, the rest go on.
 pub fn read_prompts(path: &Path, base_seed: u64, default_negative: Option<&str>) -> Result<(Vec<Item>, Vec<String>)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the prompts file", path.display()))?;
+    let cannot = || format!("{}: cannot read the prompts file", path.display());
+    let size = std::fs::metadata(path).with_context(cannot)?.len();
+    if size > limits::PROMPTS_FILE_BYTES {
+        bail!("{}: the prompts file is {size} bytes, above the limit of {} bytes", path.display(), limits::PROMPTS_FILE_BYTES);
+    }
+    let text = std::fs::read_to_string(path).with_context(cannot)?;
     let (mut items, mut problems) = (vec![], vec![]);
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
@@ -207,14 +297,21 @@ pub fn read_prompts(path: &Path, base_seed: u64, default_negative: Option<&str>)
         if t.is_empty() || t.starts_with('#') {
             continue;
         }
-        let seed = base_seed + items.len() as u64;
+        // Refused by length before JSON parsing or tokenizing (a JSON line may carry a prompt and
+        // a negative prompt of the limit each).
+        if line.len() > 2 * limits::PROMPT_BYTES + 1024 {
+            problems.push(format!("{}:{}: the line is {} bytes, above the limit of {} bytes for a prompt; skipped", path.display(), i + 1, line.len(), limits::PROMPT_BYTES));
+            continue;
+        }
+        // Seeds count up from --seed; one past u64::MAX is refused rather than wrapped to 0.
+        let seed = base_seed.checked_add(items.len() as u64);
         if t.starts_with('{') {
             let parsed: Result<Item, String> = (|| {
                 let v: serde_json::Value = serde_json::from_str(t).map_err(|e| format!("invalid JSON: {e}"))?;
                 let prompt = v.get("prompt").and_then(|p| p.as_str()).ok_or("no string `prompt`")?.to_string();
                 let seed = match v.get("seed") {
-                    None | Some(serde_json::Value::Null) => seed,
-                    Some(s) => s.as_u64().ok_or("`seed` is not a non-negative integer")?,
+                    None | Some(serde_json::Value::Null) => seed.ok_or(SEED_OVERFLOW)?,
+                    Some(s) => s.as_u64().ok_or("`seed` is not a non-negative integer below 2^64")?,
                 };
                 let negative_prompt = match v.get("negative_prompt") {
                     None | Some(serde_json::Value::Null) => default_negative.map(str::to_string),
@@ -224,13 +321,25 @@ pub fn read_prompts(path: &Path, base_seed: u64, default_negative: Option<&str>)
             })();
             match parsed {
                 Ok(it) => items.push(it),
+                // Not one bad line: every later line would overflow too, so the run is refused.
+                Err(e) if e == SEED_OVERFLOW => bail!("{}:{}: {}", path.display(), i + 1, seed_overflow(base_seed, items.len())),
                 Err(e) => problems.push(format!("{}:{}: {e}; skipped", path.display(), i + 1)),
             }
         } else {
+            let Some(seed) = seed else { bail!("{}:{}: {}", path.display(), i + 1, seed_overflow(base_seed, items.len())) };
             items.push(Item { prompt: line.to_string(), negative_prompt: default_negative.map(str::to_string), seed });
         }
     }
+    if items.is_empty() && problems.is_empty() {
+        bail!("{}: no prompts (the file is empty or has only blank lines and # comments)", path.display());
+    }
     Ok((items, problems))
+}
+
+const SEED_OVERFLOW: &str = "seed overflow";
+
+fn seed_overflow(base: u64, k: usize) -> String {
+    format!("its seed would be --seed {base} + {k}, past the largest seed {} (seeds are not wrapped to 0): give a smaller --seed, or a `seed` on every line", u64::MAX)
 }
 
 /// A file-name-safe slug of a prompt: lowercase ASCII words joined by '-', at most 48 chars.
@@ -281,18 +390,26 @@ pub struct Report {
     pub failed: Vec<String>,
 }
 
-/// Generates every item. Existing files are kept and skipped; an item whose prompt is refused is
-/// reported and the rest go on.
+/// Generates every item. A finished image (a complete PNG made with the same settings) is kept
+/// and skipped; a truncated or unreadable file, or one made with other settings, is made again
+/// (with a note saying why); an item whose prompt is refused is reported and the rest go on.
 pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     let (height, width) = (s.height.unwrap_or(models.default_size), s.width.unwrap_or(models.default_size));
     for (flag, v) in [("--height", height), ("--width", width)] {
-        if v == 0 || v % 32 != 0 {
-            bail!("{flag} {v} is not a positive multiple of 32 (the VAE upscales latents 32x)");
+        if v == 0 || v % 32 != 0 || v > limits::SIDE.1 {
+            bail!("{flag} {v} is not a positive multiple of 32 up to {} (the VAE upscales latents 32x)", limits::SIDE.1);
         }
     }
-    if s.steps == 0 {
-        bail!("--steps must be at least 1");
+    if !(limits::STEPS.0..=limits::STEPS.1).contains(&s.steps) {
+        bail!("--steps {} is outside {}..={}", s.steps, limits::STEPS.0, limits::STEPS.1);
     }
+    if !(limits::BATCH.0..=limits::BATCH.1).contains(&s.batch) {
+        bail!("--batch {} is outside {}..={}", s.batch, limits::BATCH.0, limits::BATCH.1);
+    }
+    if !s.guidance.is_finite() || !(limits::GUIDANCE.0..=limits::GUIDANCE.1).contains(&s.guidance) {
+        bail!("--guidance {} is not a finite number in {}..={}", s.guidance, limits::GUIDANCE.0, limits::GUIDANCE.1);
+    }
+    check_device(s.device, s.dtype)?;
     if models.builtin {
         eprintln!(
             "note: no OpenUni weights configured or cached; using the built-in tiny random model ({}). \
@@ -300,7 +417,6 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
             tiny_model::default_dir().display()
         );
     }
-    std::fs::create_dir_all(&s.out).with_context(|| format!("{}: cannot create the output folder", s.out.display()))?;
     let model = OpenUni::load(
         &ModelPaths { llm: &models.llm, openuni: &models.openuni, transformer: &models.transformer, vae: &models.vae },
         models.connector.clone(),
@@ -309,33 +425,52 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     let max_tokens = model.llm_cfg.max_position_embeddings.saturating_sub(model.num_queries);
     let run = RunOptions { device: s.device, dtype: s.dtype };
     let up = model.vae_cfg.upscale();
-    if height % up != 0 || width % up != 0 {
+    if up == 0 || height % up != 0 || width % up != 0 {
         bail!("--height/--width {height}x{width} are not multiples of the VAE's {up}x upscaling");
     }
     let (lh, lw) = (height / up, width / up);
     let decode_opts = DecodeOptions::from_flags(s.decode_tile, height, width, &model.vae_cfg)?;
     let shift = flow_shift(&models.transformer)?;
+    check_memory(&model, s.batch.min(items.len()).max(1), height, width, run, decode_opts)?;
+    std::fs::create_dir_all(&s.out).with_context(|| format!("{}: cannot create the output folder", s.out.display()))?;
 
-    if s.batch == 0 {
-        bail!("--batch must be at least 1");
-    }
-    let todo: Vec<(usize, &Item, PathBuf)> = items
-        .iter()
-        .enumerate()
-        .map(|(i, it)| (i, it, s.out.join(format!("{i:05}-{}-{}.png", it.seed, slug(&it.prompt)))))
-        .filter(|(_, _, p)| {
-            let exists = p.exists();
-            if exists {
-                eprintln!("{}: exists, skipped", p.display());
+    let model_name = if models.builtin { "built-in tiny random model (not meaningful)".to_string() } else { s.variant.name.to_string() };
+    // The settings an image is made with, kept in its PNG text chunks and compared on a re-run.
+    let text_of = |it: &Item| -> Vec<(String, String)> {
+        vec![
+            ("Software".to_string(), format!("openuni {}", env!("CARGO_PKG_VERSION"))),
+            ("prompt".into(), it.prompt.clone()),
+            ("negative_prompt".into(), it.negative_prompt.clone().unwrap_or_default()),
+            ("seed".into(), it.seed.to_string()),
+            ("steps".into(), s.steps.to_string()),
+            ("guidance".into(), s.guidance.to_string()),
+            ("sampler".into(), format!("{:?}", s.sampler)),
+            ("flow_shift".into(), shift.to_string()),
+            ("size".into(), format!("{width}x{height}")),
+            ("model".into(), model_name.clone()),
+            ("device".into(), format!("{} {}", s.device, s.dtype)),
+        ]
+    };
+    let mut todo: Vec<(usize, &Item, PathBuf)> = vec![];
+    for (i, it) in items.iter().enumerate() {
+        let path = s.out.join(format!("{i:05}-{}-{}.png", it.seed, slug(&it.prompt)));
+        match crate::image::existing(&path, width, height, &text_of(it)) {
+            Existing::Missing => todo.push((i, it, path)),
+            Existing::Finished => eprintln!("{}: exists with the same settings, skipped", path.display()),
+            Existing::Redo(why) => {
+                eprintln!("note: {why}; making it again");
+                todo.push((i, it, path));
             }
-            !exists
-        })
-        .collect();
+        }
+    }
     // Tokenize first: a refused prompt is reported and the rest go on in full batches.
     let mut ready = vec![];
     let mut failed = vec![];
     for (i, it, path) in todo {
-        match tok.encode(&it.prompt, it.negative_prompt.as_deref(), max_tokens) {
+        let checked = limits::check_prompt("prompt", &it.prompt)
+            .and_then(|_| it.negative_prompt.as_deref().map_or(Ok(()), |n| limits::check_prompt("negative prompt", n)))
+            .map_err(anyhow::Error::msg);
+        match checked.and_then(|_| Ok(tok.encode(&it.prompt, it.negative_prompt.as_deref(), max_tokens)?)) {
             Ok(ids) => ready.push((i, it, path, ids)),
             Err(e) => {
                 let msg = format!("item {i}: {e}; skipped");
@@ -368,20 +503,7 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     let made = model.generate_batches(&batches, &params, run, |n| bar.inc(n as u64), |i, decoded| {
         let (pixels, _) = to_uint8_nhwc(&decoded)?;
         for (k, (_, it, path, _)) in chunks[i].iter().enumerate() {
-            let meta = vec![
-                ("Software".to_string(), format!("openuni {}", env!("CARGO_PKG_VERSION"))),
-                ("prompt".into(), it.prompt.clone()),
-                ("negative_prompt".into(), it.negative_prompt.clone().unwrap_or_default()),
-                ("seed".into(), it.seed.to_string()),
-                ("steps".into(), s.steps.to_string()),
-                ("guidance".into(), s.guidance.to_string()),
-                ("sampler".into(), format!("{:?}", s.sampler)),
-                ("flow_shift".into(), shift.to_string()),
-                ("size".into(), format!("{width}x{height}")),
-                ("model".into(), if models.builtin { "built-in tiny random model (not meaningful)".into() } else { s.variant.name.to_string() }),
-                ("device".into(), format!("{} {}", s.device, s.dtype)),
-            ];
-            write_png(path, &pixels[k * per..(k + 1) * per], width, height, &meta)?;
+            write_png(path, &pixels[k * per..(k + 1) * per], width, height, &text_of(it))?;
             written.push(path.clone());
         }
         let rate = written.len() as f64 / start.elapsed().as_secs_f64();
@@ -399,6 +521,47 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     }
     bar.finish_and_clear();
     Ok(Report { written, failed })
+}
+
+/// Refuses a run whose planned host memory exceeds what this process can still allocate (see
+/// [`host_memory_left`]), so that a large size or batch is an error instead of an allocation
+/// abort. Counted with checked arithmetic: the batch's noise, latents and decoded images (f32,
+/// with the copies the finiteness check and the uint8 conversion make, and the bytes); on the CPU
+/// also the f32 weights and the planned activation arenas of every stage.
+pub fn check_memory(model: &OpenUni, n: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions) -> Result<()> {
+    let up = model.vae_cfg.upscale().max(1);
+    let (lh, lw) = (height / up, width / up);
+    let too_large = || anyhow::anyhow!("--batch {n} of {width}x{height} images: the memory needed does not fit a 64-bit count");
+    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(too_large);
+    let pixels = mul(mul(mul(n, 3)?, height)?, width)?;
+    let latents = mul(mul(mul(n, model.transformer_cfg.in_channels)?, lh)?, lw)?;
+    let images = mul(pixels, 3 * 4 + 1)?;
+    let mut need = mul(latents, 6 * 4)?.checked_add(images).ok_or_else(too_large)?;
+    let mut parts = format!("images {}", human(images));
+    if run.device == Device::Cpu {
+        let weights = model.planned_weight_bytes(lh, lw, DType::F32)?;
+        let acts = model.planned_batch_bytes(n, lh, lw, DType::F32, decode)?;
+        need = need.checked_add(weights).and_then(|v| v.checked_add(acts)).ok_or_else(too_large)?;
+        parts = format!("weights {}, activations {}, {parts}", human(weights), human(acts));
+    }
+    match host_memory_left() {
+        Some(left) if need as u64 > left => bail!(
+            "--batch {n} of {width}x{height} images needs about {} of host memory ({parts}), but only {} are left \
+             (available memory and the address-space limit): use a smaller --height/--width or --batch{}",
+            human(need),
+            human(left as usize),
+            if decode.tile.is_none() { ", or --decode-tile 512" } else { "" }
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn human(b: usize) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
 }
 
 /// Whether an error comes from the device running out of memory.

@@ -1,50 +1,110 @@
 //! Image files: 8-bit RGB PNGs carrying the generation parameters as text chunks, so an image
-//! says how it was made.
+//! says how it was made, and a re-run can tell a finished image made with the same settings from
+//! a truncated file or one made with other settings.
 
 use std::fs::File;
-use std::io::BufWriter;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-/// Writes `rgb` (H·W·3 bytes, row-major) to `path`, with `text` as PNG tEXt/iTXt chunks.
+/// Text chunks that describe the program, not the image: ignored when settings are compared.
+const NOT_SETTINGS: [&str; 1] = ["Software"];
+
+/// Writes `rgb` (H·W·3 bytes, row-major) to `path` atomically (see `crate::atomic`), with `text`
+/// as PNG tEXt/iTXt chunks.
 pub fn write_png(path: &Path, rgb: &[u8], width: usize, height: usize, text: &[(String, String)]) -> Result<()> {
-    if rgb.len() != width * height * 3 {
+    if width.checked_mul(height).and_then(|n| n.checked_mul(3)) != Some(rgb.len()) {
         bail!("{}: {} bytes do not make a {width}x{height} RGB image", path.display(), rgb.len());
     }
-    // Write to a temporary name and rename, so an interrupted run never leaves a truncated PNG
-    // that a re-run would take for finished work.
-    let tmp = path.with_extension("png.part");
-    let file = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    for (k, v) in text {
-        if v.is_ascii() {
-            enc.add_text_chunk(k.clone(), v.clone())?;
-        } else {
-            enc.add_itxt_chunk(k.clone(), v.clone())?;
+    let (w32, h32) = (u32::try_from(width), u32::try_from(height));
+    let (Ok(w32), Ok(h32)) = (w32, h32) else { bail!("{}: {width}x{height} is too large for a PNG", path.display()) };
+    crate::atomic::write_with(path, |out| {
+        let mut enc = png::Encoder::new(out, w32, h32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            if v.is_ascii() {
+                enc.add_text_chunk(k.clone(), v.clone())?;
+            } else {
+                enc.add_itxt_chunk(k.clone(), v.clone())?;
+            }
         }
-    }
-    let mut w = enc.write_header().with_context(|| format!("{}: cannot write", tmp.display()))?;
-    w.write_image_data(rgb).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    w.finish()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+        let mut w = enc.write_header()?;
+        w.write_image_data(rgb)?;
+        w.finish()?;
+        Ok(())
+    })
 }
 
-/// Reads a PNG back: (width, height, RGB bytes, text chunks). Used by tests and `--skip` checks.
-pub fn read_png(path: &Path) -> Result<(usize, usize, Vec<u8>, Vec<(String, String)>)> {
+/// A decoded PNG: width, height, RGB bytes, text chunks.
+pub type Png = (usize, usize, Vec<u8>, Vec<(String, String)>);
+
+/// Reads a whole PNG (through its end chunk, so a truncated file is an error). With
+/// `expect_size`, a file of another size is refused before its pixels are allocated.
+fn decode_png(path: &Path, expect_size: Option<(usize, usize)>) -> Result<Png> {
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let dec = png::Decoder::new(std::io::BufReader::new(file));
+    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    // Our largest image (8192² RGB) plus room for text chunks.
+    dec.set_limits(png::Limits { bytes: 8192 * 8192 * 3 + (16 << 20) });
     let mut reader = dec.read_info().with_context(|| format!("{}: not a PNG", path.display()))?;
-    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
-    let info = reader.next_frame(&mut buf).with_context(|| format!("{}: cannot decode", path.display()))?;
+    let (w, h) = reader.info().size();
+    if let Some((ew, eh)) = expect_size {
+        if (w as usize, h as usize) != (ew, eh) {
+            bail!("{}: {w}x{h}, not {ew}x{eh}", path.display());
+        }
+    }
+    if reader.info().color_type != png::ColorType::Rgb || reader.info().bit_depth != png::BitDepth::Eight {
+        bail!("{}: not an 8-bit RGB PNG", path.display());
+    }
+    let mut buf = vec![0; reader.output_buffer_size().with_context(|| format!("{}: too large", path.display()))?];
+    let info = reader.next_frame(&mut buf).with_context(|| format!("{}: cannot decode (truncated or corrupt)", path.display()))?;
     buf.truncate(info.buffer_size());
+    reader.finish().with_context(|| format!("{}: incomplete (no end chunk)", path.display()))?;
     let meta = reader.info();
     let mut text: Vec<(String, String)> = meta.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
     for t in &meta.utf8_text {
         text.push((t.keyword.clone(), t.get_text().unwrap_or_default()));
     }
     Ok((info.width as usize, info.height as usize, buf, text))
+}
+
+/// Reads a PNG back: (width, height, RGB bytes, text chunks).
+pub fn read_png(path: &Path) -> Result<Png> {
+    decode_png(path, None)
+}
+
+/// What is already at an output path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Existing {
+    Missing,
+    /// A complete PNG of this size made with these settings: nothing to do.
+    Finished,
+    /// Something that must be made again, and why (unreadable, truncated, other settings).
+    Redo(String),
+}
+
+/// Compares the file at `path` with the image a run would write there (`width`×`height`, text
+/// chunks `settings`). Only a PNG that decodes completely and whose settings all match is
+/// `Finished`.
+pub fn existing(path: &Path, width: usize, height: usize, settings: &[(String, String)]) -> Existing {
+    if !path.exists() {
+        return Existing::Missing;
+    }
+    let (_, _, _, text) = match decode_png(path, Some((width, height))) {
+        Ok(p) => p,
+        Err(e) => return Existing::Redo(format!("{e:#}")),
+    };
+    let differing: Vec<String> = settings
+        .iter()
+        .filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str()))
+        .filter_map(|(k, v)| {
+            let old = text.iter().find(|(kk, _)| kk == k).map(|(_, vv)| vv.as_str());
+            (old != Some(v.as_str())).then(|| format!("{k} {} (now {v})", old.unwrap_or("missing")))
+        })
+        .collect();
+    if differing.is_empty() {
+        Existing::Finished
+    } else {
+        Existing::Redo(format!("{}: made with other settings: {}", path.display(), differing.join(", ")))
+    }
 }

@@ -1,6 +1,7 @@
 //! The `openuni` program's library: device selection, running graphs on a backend, and the
 //! reference-case harness behind `openuni verify`.
 
+pub mod atomic;
 pub mod bench;
 pub mod compare;
 pub mod convert;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use openuni::exec::{parse_dtype, Device};
+use openuni::generate::limits::{self, f32_in, usize_in};
 use openuni::verify::{run_case, Options};
 
 #[derive(Parser)]
@@ -41,7 +42,7 @@ enum Command {
         #[arg(long, default_value = "b-512")]
         variant: String,
         /// Comma-separated batch sizes.
-        #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+        #[arg(long, default_value = "1,8,32", value_delimiter = ',', value_parser = usize_in(limits::BATCH.0, limits::BATCH.1))]
         batch: Vec<usize>,
         /// cpu, cuda, cuda:N, or emu (the emulated GPU: correctness only, its times are not speed).
         #[arg(long, default_value = "cuda")]
@@ -50,10 +51,10 @@ enum Command {
         #[arg(long, default_value = "bf16")]
         dtype: String,
         /// Denoising steps of the end-to-end batch time.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
         steps: usize,
         /// Timed runs per measurement (after a warm-up); the median is reported.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = usize_in(limits::ITERS.0, limits::ITERS.1))]
         iters: usize,
         /// Also profile every op of the step and decode graphs.
         #[arg(long)]
@@ -62,7 +63,7 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
         /// Image side in pixels (a multiple of 32); default: the variant's size.
-        #[arg(long)]
+        #[arg(long, value_parser = usize_in(limits::SIDE.0, limits::SIDE.1))]
         size: Option<usize>,
         /// Only write the variant's model configs as JSON into DIR (for tools/bench_torch.py) and exit.
         #[arg(long, value_name = "DIR")]
@@ -101,23 +102,26 @@ struct GenerateArgs {
     /// DC-AE folder (diffusers); default: the Hugging Face cache.
     #[arg(long)]
     vae: Option<PathBuf>,
-    #[arg(long, default_value_t = 20)]
+    /// Denoising steps (1..=1000).
+    #[arg(long, default_value_t = 20, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
     steps: usize,
-    #[arg(long, default_value_t = 4.5)]
+    /// Classifier-free guidance scale, a finite number in 0..=100.
+    #[arg(long, default_value_t = 4.5, value_parser = f32_in(limits::GUIDANCE.0, limits::GUIDANCE.1))]
     guidance: f32,
     /// dpm-solver (OpenUni's DPM-Solver++ 2M with flow sigmas) or euler (flow-matching Euler).
     #[arg(long, default_value = "dpm-solver")]
     sampler: String,
-    /// Seed of the first image; image i of a prompts file gets seed + i unless its line sets one.
+    /// Seed of the first image (0..=2^64-1); image i of a prompts file gets seed + i unless its
+    /// line sets one (a seed past 2^64-1 is refused, never wrapped).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Image height in pixels (a multiple of 32); default: the variant's size.
-    #[arg(long)]
+    /// Image height in pixels (a multiple of 32 in 32..=8192); default: the variant's size.
+    #[arg(long, value_parser = usize_in(limits::SIDE.0, limits::SIDE.1))]
     height: Option<usize>,
-    /// Image width in pixels (a multiple of 32); default: the variant's size.
-    #[arg(long)]
+    /// Image width in pixels (a multiple of 32 in 32..=8192); default: the variant's size.
+    #[arg(long, value_parser = usize_in(limits::SIDE.0, limits::SIDE.1))]
     width: Option<usize>,
     /// cpu, cuda, cuda:N, or emu (the emulated GPU).
     #[arg(long, default_value = "cpu")]
@@ -131,19 +135,28 @@ struct GenerateArgs {
     /// Images generated together: one batched conditioning, one transformer run of 2N rows
     /// (uncond and cond) per step, one batched decode. On a GPU larger batches give more images/s
     /// until memory runs out (the error then says what batch fits).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = usize_in(limits::BATCH.0, limits::BATCH.1))]
     batch: usize,
     /// Decode the high-resolution stages in overlapping tiles of PX×PX pixels (a multiple of
     /// 32, above 112 for the SANA VAEs), bounding the VAE's memory; the result is the one-piece
     /// decode's. Default: 512-px tiles when a side exceeds 1024 px, else one piece.
-    #[arg(long, value_name = "PX")]
+    #[arg(long, value_name = "PX", value_parser = usize_in(0, limits::SIDE.1))]
     decode_tile: Option<usize>,
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
-    use openuni::generate::{read_prompts, resolve, run, variant, Item, ModelFlags, Settings};
+    use openuni::generate::{check_device, read_prompts, resolve, run, variant, Item, ModelFlags, Settings};
+    // Every flag is checked (and the device opened) before prompts are read or models loaded.
     let v = variant(&a.variant)?;
     let (device, dtype) = (Device::parse(&a.device)?, parse_dtype(&a.dtype)?);
+    check_device(device, dtype)?;
+    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler)
+        .ok_or_else(|| anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler))?;
+    for (flag, v) in [("--height", a.height), ("--width", a.width), ("--decode-tile", a.decode_tile)] {
+        if let Some(v) = v.filter(|v| v % 32 != 0 || *v == 0) {
+            anyhow::bail!("{flag} {v} is not a positive multiple of 32 (the VAE upscales latents 32x)");
+        }
+    }
     let (items, problems) = match (&a.prompt, &a.prompts) {
         (Some(p), None) => (vec![Item { prompt: p.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed }], vec![]),
         (None, Some(f)) => read_prompts(f, a.seed, a.negative_prompt.as_deref())?,
@@ -152,9 +165,10 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
     for p in &problems {
         eprintln!("{p}");
     }
+    if items.is_empty() {
+        anyhow::bail!("no prompt left to generate: every line of the prompts file was refused (see above)");
+    }
     let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
-    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler)
-        .ok_or_else(|| anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler))?;
     let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch };
     let report = run(&items, &models, &settings)?;
     for p in &report.written {

@@ -495,9 +495,34 @@ impl OpenUni {
             if let Some(after) = batches.get(i + 1) {
                 next = Some(start(after)?);
             }
+            // No image is written from a non-finite value: each stage's output is checked, and the
+            // first one holding NaN/Inf is named (NaN weights, an overflow, a bad config value).
+            check_finite("conditioning: the LLM's query states", &cond.hidden_uncond, i)?;
+            check_finite("conditioning: the LLM's query states", &cond.hidden_cond, i)?;
+            check_finite("conditioning: the connector output", &cond.connector, i)?;
+            check_finite("conditioning: the projector output (prompt embeddings)", &cond.prompt_embeds, i)?;
             let n = b.prompts.len();
-            let latents = self.denoise(&cond.prompt_embeds, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |_| on_step(n))?;
-            done(i, self.decode_with(&latents, run, p.decode)?)?;
+            let (mut k, mut first_bad) = (0, None);
+            let latents = self.denoise(&cond.prompt_embeds, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |r| {
+                on_step(n);
+                k += 1;
+                if first_bad.is_none() {
+                    let at = format!("denoise step {k} of {}", p.steps);
+                    first_bad = check_finite(&format!("{at}: the transformer output (from its weights, the caption path's K/V or the latents fed in)"), &r.model_output, i)
+                        .and_then(|_| check_finite(&format!("{at}: the guided sampler update (guidance {})", p.guidance), &r.latents, i))
+                        .err();
+                }
+            })?;
+            if let Some(e) = first_bad {
+                return Err(e);
+            }
+            check_finite("the latents after denoising", &latents, i)?;
+            let sf = self.vae_cfg.scaling_factor;
+            let scaled = HostTensor::from_f32(latents.shape.clone(), latents.to_f32_vec().iter().map(|x| x / sf).collect())?;
+            check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &scaled, i)?;
+            let decoded = self.decode_with(&latents, run, p.decode)?;
+            check_finite(&format!("decode: the VAE output (latents / scaling_factor {} decoded)", self.vae_cfg.scaling_factor), &decoded, i)?;
+            done(i, decoded)?;
         }
         Ok(())
     }
@@ -793,6 +818,23 @@ pub fn tile_starts(n: usize, tile: usize, overlap: usize) -> Vec<usize> {
 pub fn owned_spans(starts: &[usize], n: usize, context: usize) -> Vec<(usize, usize)> {
     let lo = |i: usize| if i == 0 { 0 } else { starts[i] + context };
     (0..starts.len()).map(|i| (lo(i), if i + 1 < starts.len() { lo(i + 1) } else { n })).collect()
+}
+
+/// An error unless every value of `t` is finite: names the stage, the batch, what was found and
+/// where to look (the stage's weights, `openuni verify --diff-nodes` to find the op).
+pub fn check_finite(stage: &str, t: &HostTensor, batch: usize) -> Result<()> {
+    let v = t.to_f32_vec();
+    let Some(first) = v.iter().position(|x| !x.is_finite()) else { return Ok(()) };
+    let (nan, inf) = v.iter().fold((0usize, 0usize), |(n, i), x| (n + x.is_nan() as usize, i + x.is_infinite() as usize));
+    bail!(
+        "non-finite values first appeared in {stage} (batch {batch}): {nan} NaN and {inf} infinite of {} values, the first at \
+         flat index {first} of shape {} ({}); no image was written. A NaN/Inf weight or config value of that stage, or an \
+         overflow, causes this: check the model files, and run `openuni verify CASE --diff-nodes` on a reference case \
+         of the component to find the first diverging op",
+        v.len(),
+        t.shape,
+        v[first]
+    )
 }
 
 /// OpenUni's post-processing: `uint8(clamp(127.5·x + 128, 0, 255))` (the cast truncates), NCHW

@@ -46,7 +46,7 @@ fn tiny_bench_on_the_cpu_reports_every_stage_and_writes_json() {
 fn bench_refuses_bad_flags() {
     for (args, msg) in [
         (&["--variant", "xl"][..], "--variant `xl` is not one of b-512, l-512, l-1024, tiny"),
-        (&["--variant", "tiny", "--device", "cpu", "--batch", "0"][..], "--batch takes a comma-separated list of positive batch sizes"),
+        (&["--variant", "tiny", "--device", "cpu", "--batch", "0"][..], "invalid value '0' for '--batch <BATCH>': out of range: allowed 1..=256"),
         (&["--variant", "tiny", "--device", "gpu"][..], "--device `gpu`"),
         (&["--variant", "tiny", "--device", "cpu", "--size", "100"][..], "--size 100 is not a positive multiple of 32"),
     ] {

@@ -1,5 +1,6 @@
 //! `openuni generate` with the built-in tiny model: PNGs of the asked size with their parameters,
-//! re-runs skip finished images, and bad input is reported clearly.
+//! re-runs skip finished images (and only those), and bad input is reported clearly (more bad
+//! input in tests/bad_inputs.rs).
 
 use std::path::Path;
 use std::process::Command;
@@ -40,7 +41,7 @@ fn builtin_model_writes_pngs_with_parameters_and_skips_existing() {
     let before = std::fs::metadata(&file).unwrap().modified().unwrap();
     let (code, _, stderr) = generate(tmp.path(), &args);
     assert_eq!(code, 0);
-    assert!(stderr.contains("exists, skipped"), "{stderr}");
+    assert!(stderr.contains("exists with the same settings, skipped"), "{stderr}");
     assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), before);
 
     // The same seed reproduces the same pixels.
@@ -115,4 +116,40 @@ fn tiled_decode_flag_writes_the_full_image() {
     let differing = rgb.iter().zip(&rgb2).filter(|(a, b)| a != b).count();
     eprintln!("tiled (64-px tiles) vs one-piece decode: {differing} of {} values differ, by at most {max_diff}", rgb.len());
     assert!(max_diff <= 1, "{max_diff}");
+}
+
+/// A re-run skips only a complete PNG made with the same settings: a truncated, empty or foreign
+/// file at the name, or an image made with other settings, is made again with a note, and no
+/// temporary file is left.
+#[test]
+fn rerun_remakes_truncated_files_and_images_of_other_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let file = out.join("00000-3-a-kite.png");
+    let args = |steps: &'static str| ["--prompt", "a kite", "--steps", steps, "--height", "32", "--width", "64", "--seed", "3", "--out", out.to_str().unwrap()];
+    let (code, _, stderr) = generate(tmp.path(), &args("1"));
+    assert_eq!(code, 0, "{stderr}");
+    let good = std::fs::read(&file).unwrap();
+
+    let leftovers = || std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect::<Vec<_>>();
+    for (what, bytes) in [("empty", vec![]), ("truncated", good[..good.len() / 2].to_vec()), ("not a PNG", b"hello".to_vec())] {
+        std::fs::write(&file, &bytes).unwrap();
+        let (code, _, stderr) = generate(tmp.path(), &args("1"));
+        assert_eq!(code, 0, "{what}: {stderr}");
+        assert!(stderr.contains("making it again") && !stderr.contains("skipped"), "{what}: {stderr}");
+        assert_eq!(std::fs::read(&file).unwrap(), good, "{what}: the same settings make the same image");
+        assert!(leftovers().is_empty(), "{what}: {:?}", leftovers());
+    }
+
+    // Other settings: made again, and the PNG says so.
+    let (code, _, stderr) = generate(tmp.path(), &args("2"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("made with other settings: steps 1 (now 2)") && stderr.contains("making it again"), "{stderr}");
+    let text = read_png(&file).unwrap().3;
+    assert!(text.contains(&("steps".to_string(), "2".to_string())), "{text:?}");
+    // And now it is finished for those settings.
+    let (code, _, stderr) = generate(tmp.path(), &args("2"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("exists with the same settings, skipped"), "{stderr}");
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
 }
