@@ -265,61 +265,85 @@ fn clip8(acc: i32) -> u8 {
 const ROUND_HALF: i32 = 1 << (PRECISION_BITS - 1);
 
 /// `Image.resize((w, h))` of an RGB image with the default filter (BICUBIC) and no reducing_gap:
-/// a horizontal pass into an 8-bit temporary image, then a vertical pass; an unchanged axis is
-/// not resampled, and an unchanged size is a copy. The accumulators cannot overflow i32:
+/// two separable passes through an 8-bit intermediate image; an unchanged axis is not
+/// resampled and an unchanged size is a copy. Which pass runs first follows the reference
+/// Pillow ([`vertical_pass_first`]). The i32 accumulators cannot overflow:
 /// |sum| <= 255 · Σ|k| · 2^22 < 2^31 for the bicubic kernel (Σ|k| < 1.3).
 pub fn resize_bicubic(src: &RgbImage, width: usize, height: usize) -> RgbImage {
     assert!(width > 0 && height > 0, "resize target must be non-empty");
-    if src.width == width && src.height == height {
-        return src.clone();
+    let need_h = src.width != width;
+    let need_v = src.height != height;
+    match (need_h, need_v) {
+        (false, false) => src.clone(),
+        (true, false) => horizontal_pass(src, &axis_coeffs(src.width, width), 0, src.height),
+        (false, true) => vertical_pass(src, &axis_coeffs(src.height, height), 0),
+        (true, true) if vertical_pass_first(src.width, src.height, width, height) => {
+            let tmp = vertical_pass(src, &axis_coeffs(src.height, height), 0);
+            horizontal_pass(&tmp, &axis_coeffs(src.width, width), 0, height)
+        }
+        (true, true) => {
+            let vert = axis_coeffs(src.height, height);
+            // Only the source rows the vertical pass reads go through the horizontal pass.
+            let first = vert.bounds[0].0;
+            let last = vert.bounds[height - 1].0 + vert.bounds[height - 1].1;
+            let tmp = horizontal_pass(src, &axis_coeffs(src.width, width), first, last);
+            vertical_pass(&tmp, &vert, first)
+        }
     }
-    let vert = axis_coeffs(src.height, height);
-    // Rows of the source that the vertical pass reads.
-    let first_row = vert.bounds[0].0;
-    let last_row = vert.bounds[height - 1].0 + vert.bounds[height - 1].1;
-    let horizontal;
-    let (rows, row_offset) = if src.width != width {
-        let h = axis_coeffs(src.width, width);
-        let mut out = vec![0u8; (last_row - first_row) * width * 3];
-        for (ty, y) in (first_row..last_row).enumerate() {
-            let line = &src.data[y * src.width * 3..(y + 1) * src.width * 3];
-            for (xx, &(xmin, taps)) in h.bounds.iter().enumerate() {
-                let k = &h.weights[xx * h.ksize..xx * h.ksize + taps];
-                let mut acc = [ROUND_HALF; 3];
-                for (x, &kx) in k.iter().enumerate() {
-                    let p = &line[(xmin + x) * 3..(xmin + x) * 3 + 3];
-                    for c in 0..3 {
-                        acc[c] += p[c] as i32 * kx;
-                    }
-                }
-                let o = (ty * width + xx) * 3;
-                for c in 0..3 {
-                    out[o + c] = clip8(acc[c]);
+}
+
+/// The pass order of the reference Pillow (13.0.0, as pinned in the reference venv): when both
+/// axes change, the vertical pass runs first iff the height shrinks by more than twice as many
+/// pixels as the width does (`in_h - h > 2 * (in_w - w)`, so always when the width grows and
+/// the height shrinks). Read from its compiled `ImagingResample` and confirmed on 396 random
+/// size pairs; Pillow's main branch up to 12.x always ran the horizontal pass first. The order
+/// matters: the intermediate image is rounded to 8 bits.
+pub fn vertical_pass_first(in_w: usize, in_h: usize, w: usize, h: usize) -> bool {
+    let (in_w, in_h, w, h) = (in_w as i64, in_h as i64, w as i64, h as i64);
+    in_h - h > 0 && in_h - h > 2 * (in_w - w)
+}
+
+/// Pillow's `ImagingResampleHorizontal_8bpc` over source rows `first..last`.
+fn horizontal_pass(src: &RgbImage, c: &AxisCoeffs, first: usize, last: usize) -> RgbImage {
+    let width = c.bounds.len();
+    let mut out = vec![0u8; (last - first) * width * 3];
+    for (ty, y) in (first..last).enumerate() {
+        let line = &src.data[y * src.width * 3..(y + 1) * src.width * 3];
+        for (xx, &(xmin, taps)) in c.bounds.iter().enumerate() {
+            let k = &c.weights[xx * c.ksize..xx * c.ksize + taps];
+            let mut acc = [ROUND_HALF; 3];
+            for (x, &kx) in k.iter().enumerate() {
+                let p = &line[(xmin + x) * 3..(xmin + x) * 3 + 3];
+                for ch in 0..3 {
+                    acc[ch] += p[ch] as i32 * kx;
                 }
             }
+            let o = (ty * width + xx) * 3;
+            for ch in 0..3 {
+                out[o + ch] = clip8(acc[ch]);
+            }
         }
-        horizontal = RgbImage::new(width, last_row - first_row, out);
-        (&horizontal, first_row)
-    } else {
-        (src, 0)
-    };
-    if src.height == height {
-        return rows.clone();
     }
-    let stride = width * 3;
+    RgbImage::new(width, last - first, out)
+}
+
+/// Pillow's `ImagingResampleVertical_8bpc`; `src` row 0 is source row `row_offset`.
+fn vertical_pass(src: &RgbImage, c: &AxisCoeffs, row_offset: usize) -> RgbImage {
+    let height = c.bounds.len();
+    let stride = src.width * 3;
     let mut out = vec![0u8; height * stride];
-    for (yy, &(ymin, taps)) in vert.bounds.iter().enumerate() {
-        let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + taps];
+    for (yy, &(ymin, taps)) in c.bounds.iter().enumerate() {
+        let k = &c.weights[yy * c.ksize..yy * c.ksize + taps];
         let dst = &mut out[yy * stride..(yy + 1) * stride];
         for (i, d) in dst.iter_mut().enumerate() {
             let mut acc = ROUND_HALF;
             for (y, &ky) in k.iter().enumerate() {
-                acc += rows.data[(ymin - row_offset + y) * stride + i] as i32 * ky;
+                acc += src.data[(ymin - row_offset + y) * stride + i] as i32 * ky;
             }
             *d = clip8(acc);
         }
     }
-    RgbImage::new(width, height, out)
+    RgbImage::new(src.width, height, out)
 }
 
 // ------------------------------------------------------------------------------------------------
