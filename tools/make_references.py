@@ -1734,8 +1734,15 @@ PREPROCESS_SPECS = OrderedDict([
     ("preprocess_palette_trns", (17, 64, 96, "P", "image.png", {}, 48, 3, "palette PNG with a transparent entry")),
     ("preprocess_rgb16", (18, 60, 44, "RGB16", "image.png", {}, 40, 2, "16-bit RGB PNG: high byte kept")),
     ("preprocess_downscale", (19, 240, 180, "RGB", "image.png", {}, 32, 1, "strong downscale (antialias, 25+ taps)")),
-    ("preprocess_jpeg", (20, 96, 72, "RGB", "image.jpg", {"quality": 90}, 48, 4, "baseline JPEG, 4:2:0")),
+    ("preprocess_jpeg", (20, 96, 72, "RGB", "image.jpg", {"quality": 90}, 48, 4,
+                         "baseline JPEG, 4:2:0 (NOT bit-exact: the Rust decoder differs from libjpeg-turbo)")),
     ("preprocess_webp_lossless", (21, 80, 60, "RGB", "image.webp", {"lossless": True}, 40, 2, "lossless WebP")),
+    ("preprocess_order_tie", (23, 60, 80, "RGB", "image.png", {}, 40, 1,
+                              "pass order at the boundary: 80-40 == 2*(60-40), horizontal pass first")),
+    ("preprocess_order_vfirst", (24, 59, 80, "RGB", "image.png", {}, 40, 1,
+                                 "pass order just past the boundary: 80-40 > 2*(59-40), vertical pass first")),
+    ("preprocess_webp_lossy_alpha", (22, 50, 110, "RGBA", "image.webp", {"quality": 80}, 40, 3,
+                                     "lossy WebP with alpha (VP8 + ALPH), (1,2) grid, vertical pass first")),
 ])
 
 
@@ -1776,9 +1783,23 @@ def cc_preprocess(case_dir, case):
     report(case, "pixel_values", io["pixel_values"], torch.from_numpy((u8 / 255 - mean) / std), tol=1e-6)
 
 
+def make_preprocess_bad_inputs(out_dir, args):
+    """Files the loader must refuse with a clear error (tests/preprocess.rs): a CMYK JPEG (Pillow keeps it as
+    "CMYK"; Adobe APP14 marker, inverted samples) and a 16-bit grayscale PNG (Pillow: mode "I;16", which
+    convert('RGB') clips to white). No case.json: these are not verify cases."""
+    import numpy as np
+    from PIL import Image
+    Image.new("CMYK", (16, 8), (10, 200, 30, 40)).save(out_dir / "cmyk.jpg", quality=90)
+    g = (np.arange(12 * 10, dtype=np.uint16).reshape(10, 12) * 500).astype(np.uint16)
+    Image.fromarray(g).save(out_dir / "gray16.png")
+    assert Image.open(out_dir / "cmyk.jpg").mode == "CMYK" and Image.open(out_dir / "gray16.png").mode == "I;16"
+    return {"bf16": {}, "extra": "cmyk.jpg (CMYK), gray16.png (I;16)"}
+
+
 CROSSCHECKS["preprocess"] = cc_preprocess
 PREPROCESS_CASES = OrderedDict(
     (name, (lambda n: lambda out_dir, args: make_preprocess_case(out_dir, n))(name)) for name in PREPROCESS_SPECS)
+PREPROCESS_CASES["preprocess_bad_inputs"] = make_preprocess_bad_inputs
 
 
 # --------------------------------------------------------------------------------------------------------------
