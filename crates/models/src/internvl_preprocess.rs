@@ -98,17 +98,19 @@ pub fn decode_rgb_bytes(bytes: &[u8], name: &str) -> Result<RgbImage, ImageInput
         Some(other) => return Err(err(name, format!("is a {other:?} image; supported formats are PNG, JPEG and WebP"))),
         None => return Err(err(name, "is not a PNG, JPEG or WebP image (unrecognised file signature)")),
     };
-    // Format-specific facts the `image` crate hides, read from the header before decoding.
     match format {
+        // JPEG goes to zune-jpeg (the `image` crate's JPEG backend) directly, in strict mode.
+        ImageFormat::Jpeg => return decode_jpeg(bytes, name),
+        // The PNG header says what the `image` crate hides (16-bit gray expands to 16-bit gray+alpha
+        // with tRNS); read it before decoding.
         ImageFormat::Png => check_png_header(bytes, name)?,
-        ImageFormat::Jpeg => check_jpeg_header(bytes, name)?,
         _ => {}
     }
     let mut reader = reader;
     let mut limits = Limits::default();
     limits.max_alloc = Some(MAX_DECODER_ALLOC);
     reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(|e| err(name, format!("cannot read the {format:?} header: {e}")))?;
+    let decoder = reader.into_decoder().map_err(|e| err(name, format!("cannot read the {format:?} header: {e} (corrupt or truncated file?)")))?;
     let (w, h) = decoder.dimensions();
     check_dimensions(w as u64, h as u64, name)?;
     let img = DynamicImage::from_decoder(decoder)
@@ -148,22 +150,35 @@ fn check_png_header(bytes: &[u8], name: &str) -> Result<(), ImageInputError> {
     Ok(())
 }
 
-/// JPEG frame header: dimensions, and the colour space. CMYK / YCCK JPEGs are refused: Pillow keeps
-/// them as "CMYK" and converts with its own formula, which no decoder here reproduces.
-fn check_jpeg_header(bytes: &[u8], name: &str) -> Result<(), ImageInputError> {
-    let mut dec = zune_jpeg::JpegDecoder::new(zune_core::bytestream::ZCursor::new(bytes));
-    dec.decode_headers().map_err(|e| err(name, format!("cannot read the JPEG header: {e:?} (corrupt or truncated file?)")))?;
-    if let Some((w, h)) = dec.dimensions() {
-        check_dimensions(w as u64, h as u64, name)?;
-    }
+/// JPEG through zune-jpeg in strict mode, so a truncated or corrupt scan is an error (Pillow raises
+/// "image file is truncated" too) instead of grey padding. The frame header is checked first:
+/// dimensions against [`MAX_PIXELS`], and CMYK / YCCK JPEGs are refused: Pillow keeps them as
+/// "CMYK" and converts with its own formula, which no decoder here reproduces. Gray JPEGs are
+/// replicated to RGB (Pillow's L -> RGB). Not bit-exact with Pillow's libjpeg-turbo (see the doc).
+fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage, ImageInputError> {
+    use zune_core::bytestream::ZCursor;
     use zune_core::colorspace::ColorSpace;
-    match dec.input_colorspace() {
-        Some(ColorSpace::CMYK | ColorSpace::YCCK) => Err(err(
-            name,
-            "is a CMYK (or YCCK) JPEG; only grayscale and YCbCr/RGB JPEGs are supported: convert it to RGB first",
-        )),
-        _ => Ok(()),
+    use zune_core::options::DecoderOptions;
+    let options = DecoderOptions::default().set_strict_mode(true).set_max_width(1 << 16).set_max_height(1 << 16);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    dec.decode_headers().map_err(|e| err(name, format!("cannot read the JPEG header: {e:?} (corrupt or truncated file?)")))?;
+    let (w, h) = dec.dimensions().ok_or_else(|| err(name, "JPEG header has no frame size"))?;
+    check_dimensions(w as u64, h as u64, name)?;
+    let gray = match dec.input_colorspace() {
+        Some(ColorSpace::CMYK | ColorSpace::YCCK) => {
+            return Err(err(name, "is a CMYK (or YCCK) JPEG; only grayscale and YCbCr/RGB JPEGs are supported: convert it to RGB first"))
+        }
+        Some(ColorSpace::Luma) => true,
+        _ => false,
+    };
+    let out_space = if gray { ColorSpace::Luma } else { ColorSpace::RGB };
+    dec.set_options(dec.options().jpeg_set_out_colorspace(out_space));
+    let pixels = dec.decode().map_err(|e| err(name, format!("cannot decode the JPEG image ({w}x{h}): {e:?} (corrupt or truncated file?)")))?;
+    let data = if gray { pixels.iter().flat_map(|&l| [l, l, l]).collect() } else { pixels };
+    if data.len() != w * h * 3 {
+        return Err(err(name, format!("JPEG decoder returned {} bytes for {w}x{h} RGB", data.len())));
     }
+    Ok(RgbImage::new(w, h, data))
 }
 
 /// Pillow's `convert('RGB')` on what the decoder produced. 16-bit samples keep their high byte,
