@@ -235,3 +235,19 @@ fn sixteen_bit_rgb_keeps_the_high_byte() {
     assert_eq!(img.data, vec![0x01, 0x80, 0xFF, 0x00, 0x7F, 0x12]);
     assert!(decode_rgb(Path::new("/nonexistent/x.png")).unwrap_err().to_string().starts_with("/nonexistent/x.png: "));
 }
+
+/// Low-bit gray PNGs scale like Pillow's unpackers: 1-bit -> 0/255 (mode "1"), 2-bit -> x85
+/// ("L;2"). Expected values printed by Pillow 13.0.0 for the same 4x1 images.
+#[test]
+fn low_bit_gray_scales_like_pillow() {
+    for (depth, row, pillow) in [(png::BitDepth::Two, 0b0001_1011u8, [0u8, 85, 170, 255]), (png::BitDepth::One, 0b0101_0000, [0, 255, 0, 255])] {
+        let mut buf = Vec::new();
+        let mut enc = png::Encoder::new(&mut buf, 4, 1);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(depth);
+        enc.write_header().unwrap().write_image_data(&[row]).unwrap();
+        let img = decode_rgb_bytes(&buf, "low.png").unwrap();
+        let want: Vec<u8> = pillow.iter().flat_map(|&v| [v, v, v]).collect();
+        assert_eq!(img.data, want, "{depth:?}");
+    }
+}
