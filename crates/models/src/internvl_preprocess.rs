@@ -3,7 +3,7 @@
 //! `T.Resize((448,448), BICUBIC)` -> `T.ToTensor()` -> `T.Normalize(ImageNet)`.
 //! The algorithm, Pillow's fixed-point BICUBIC and every conversion rule are described in
 //! docs/internvl3-preprocess.md (sources: Pillow `src/libImaging/Resample.c`, `Image.resize`,
-//! `Convert.c`; torchvision `ToTensor`/`Normalize`; the InternVL3 model card).
+//! `Convert.c`, `JpegDecode.c`; torchvision `ToTensor`/`Normalize`; the InternVL3 model card).
 
 use std::io::Cursor;
 use std::path::Path;
@@ -99,7 +99,7 @@ pub fn decode_rgb_bytes(bytes: &[u8], name: &str) -> Result<RgbImage, ImageInput
         None => return Err(err(name, "is not a PNG, JPEG or WebP image (unrecognised file signature)")),
     };
     match format {
-        // JPEG goes to zune-jpeg (the `image` crate's JPEG backend) directly, in strict mode.
+        // JPEG goes to libjpeg-turbo (Pillow's decoder), see decode_jpeg.
         ImageFormat::Jpeg => return decode_jpeg(bytes, name),
         // The PNG header says what the `image` crate hides (16-bit gray expands to 16-bit gray+alpha
         // with tRNS); read it before decoding.
@@ -150,35 +150,73 @@ fn check_png_header(bytes: &[u8], name: &str) -> Result<(), ImageInputError> {
     Ok(())
 }
 
-/// JPEG through zune-jpeg in strict mode, so a truncated or corrupt scan is an error (Pillow raises
-/// "image file is truncated" too) instead of grey padding. The frame header is checked first:
-/// dimensions against [`MAX_PIXELS`], and CMYK / YCCK JPEGs are refused: Pillow keeps them as
-/// "CMYK" and converts with its own formula, which no decoder here reproduces. Gray JPEGs are
-/// replicated to RGB (Pillow's L -> RGB). Not bit-exact with Pillow's libjpeg-turbo (see the doc).
+/// JPEG through libjpeg-turbo's decoder (the `mozjpeg` crate builds it from source; mozjpeg changes
+/// only the encoder), the same decoder Pillow uses, with the same defaults (ISLOW integer IDCT, fancy
+/// upsampling), so the pixels agree bit for bit. libjpeg reports fatal errors by unwinding into
+/// `catch_unwind` here. Differences from plain libjpeg, as Pillow does: data that ends early (libjpeg
+/// would warn and pad with grey) is an error ("image file is truncated" in Pillow). The header is
+/// checked before decoding: dimensions against [`MAX_PIXELS`]; CMYK / YCCK are refused (Pillow keeps
+/// them as "CMYK" and converts with its own formula). Gray JPEGs come out replicated to RGB (libjpeg's
+/// gray -> RGB is Pillow's L -> RGB).
 fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage, ImageInputError> {
-    use zune_core::bytestream::ZCursor;
-    use zune_core::colorspace::ColorSpace;
-    use zune_core::options::DecoderOptions;
-    let options = DecoderOptions::default().set_strict_mode(true).set_max_width(1 << 16).set_max_height(1 << 16);
-    let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
-    dec.decode_headers().map_err(|e| err(name, format!("cannot read the JPEG header: {e:?} (corrupt or truncated file?)")))?;
-    let (w, h) = dec.dimensions().ok_or_else(|| err(name, "JPEG header has no frame size"))?;
-    check_dimensions(w as u64, h as u64, name)?;
-    let gray = match dec.input_colorspace() {
-        Some(ColorSpace::CMYK | ColorSpace::YCCK) => {
-            return Err(err(name, "is a CMYK (or YCCK) JPEG; only grayscale and YCbCr/RGB JPEGs are supported: convert it to RGB first"))
+    use mozjpeg_sys::J_COLOR_SPACE::{JCS_CMYK, JCS_YCCK};
+    let run = || -> Result<RgbImage, ImageInputError> {
+        let header = mozjpeg::Decompress::with_err(strict_jpeg_errors())
+            .from_mem(bytes)
+            .map_err(|e| err(name, format!("cannot read the JPEG header: {e} (corrupt or truncated file?)")))?;
+        let (w, h) = header.size();
+        check_dimensions(w as u64, h as u64, name)?;
+        if matches!(header.color_space(), JCS_CMYK | JCS_YCCK) {
+            return Err(err(name, "is a CMYK (or YCCK) JPEG; only grayscale and YCbCr/RGB JPEGs are supported: convert it to RGB first"));
         }
-        Some(ColorSpace::Luma) => true,
-        _ => false,
+        let mut started = header.rgb().map_err(|e| err(name, format!("cannot decode the JPEG image ({w}x{h}): {e}")))?;
+        let data = started.read_scanlines::<u8>().map_err(|e| err(name, format!("cannot decode the JPEG image ({w}x{h}): {e}")))?;
+        started.finish().map_err(|e| err(name, format!("cannot finish the JPEG image ({w}x{h}): {e}")))?;
+        if data.len() != w * h * 3 {
+            return Err(err(name, format!("JPEG decoder returned {} bytes for {w}x{h} RGB", data.len())));
+        }
+        Ok(RgbImage::new(w, h, data))
     };
-    let out_space = if gray { ColorSpace::Luma } else { ColorSpace::RGB };
-    dec.set_options(dec.options().jpeg_set_out_colorspace(out_space));
-    let pixels = dec.decode().map_err(|e| err(name, format!("cannot decode the JPEG image ({w}x{h}): {e:?} (corrupt or truncated file?)")))?;
-    let data = if gray { pixels.iter().flat_map(|&l| [l, l, l]).collect() } else { pixels };
-    if data.len() != w * h * 3 {
-        return Err(err(name, format!("JPEG decoder returned {} bytes for {w}x{h} RGB", data.len())));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let msg = payload.downcast_ref::<String>().cloned().unwrap_or_else(|| "libjpeg failed".into());
+            Err(err(name, format!("cannot decode the JPEG image: {msg} (corrupt or truncated file?)")))
+        }
     }
-    Ok(RgbImage::new(w, h, data))
+}
+
+/// libjpeg's standard error manager, with fatal errors unwinding (as the `mozjpeg` crate's own)
+/// and the end-of-data warning made fatal; other warnings stay silent, as in Pillow.
+fn strict_jpeg_errors() -> mozjpeg_sys::jpeg_error_mgr {
+    use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, jpeg_std_error, JWRN_JPEG_EOF};
+    unsafe extern "C-unwind" fn fatal(cinfo: &mut jpeg_common_struct) {
+        let code = cinfo.err.as_ref().map_or(-1, |e| e.msg_code);
+        let mut text = format!("libjpeg error {code}");
+        if let Some(format) = cinfo.err.as_ref().and_then(|e| e.format_message) {
+            // libjpeg writes at most JMSG_LENGTH_MAX (200) bytes, NUL included, into the buffer it is
+            // given; the binding declares it `&[u8; 80]`, so pass a raw pointer to a larger one.
+            type Writer = unsafe extern "C-unwind" fn(&mut jpeg_common_struct, *mut u8);
+            let mut buf = [0u8; 256];
+            // SAFETY: both signatures take a thin pointer as second argument; the buffer outlives the call.
+            let write: Writer = unsafe { std::mem::transmute(format) };
+            unsafe { write(cinfo, buf.as_mut_ptr()) };
+            let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            text = format!("libjpeg: {}", String::from_utf8_lossy(&buf[..len]));
+        }
+        std::panic::resume_unwind(Box::new(text));
+    }
+    unsafe extern "C-unwind" fn message(cinfo: &mut jpeg_common_struct, level: std::os::raw::c_int) {
+        if level < 0 && cinfo.err.as_ref().is_some_and(|e| e.msg_code == JWRN_JPEG_EOF as i32) {
+            std::panic::resume_unwind(Box::new("the data ends early (truncated file)".to_string()));
+        }
+    }
+    // SAFETY: jpeg_error_mgr is a plain C struct that jpeg_std_error fully initialises.
+    let mut e: jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { jpeg_std_error(&mut e) };
+    e.error_exit = Some(fatal);
+    e.emit_message = Some(message);
+    e
 }
 
 /// Pillow's `convert('RGB')` on what the decoder produced. 16-bit samples keep their high byte,
