@@ -1735,7 +1735,7 @@ PREPROCESS_SPECS = OrderedDict([
     ("preprocess_rgb16", (18, 60, 44, "RGB16", "image.png", {}, 40, 2, "16-bit RGB PNG: high byte kept")),
     ("preprocess_downscale", (19, 240, 180, "RGB", "image.png", {}, 32, 1, "strong downscale (antialias, 25+ taps)")),
     ("preprocess_jpeg", (20, 96, 72, "RGB", "image.jpg", {"quality": 90}, 48, 4,
-                         "baseline JPEG, 4:2:0 (NOT bit-exact: the Rust decoder differs from libjpeg-turbo)")),
+                         "baseline JPEG, 4:2:0 (decoded by libjpeg-turbo on both sides)")),
     ("preprocess_webp_lossless", (21, 80, 60, "RGB", "image.webp", {"lossless": True}, 40, 2, "lossless WebP")),
     ("preprocess_order_tie", (23, 60, 80, "RGB", "image.png", {}, 40, 1,
                               "pass order at the boundary: 80-40 == 2*(60-40), horizontal pass first")),
