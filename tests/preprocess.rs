@@ -202,6 +202,10 @@ fn max_num_out_of_range_is_refused() {
     let img = fixtures().join("preprocess_la_alpha/image.png");
     let e = load_image(&img, 448, 0).unwrap_err().to_string();
     assert!(e.contains("max_num 0") && e.contains(&img.display().to_string()), "{e}");
+    let e = load_image(&img, 448, 1000).unwrap_err().to_string();
+    assert!(e.contains("max_num 1000"), "{e}");
+    let e = load_image(&img, 100_000, 12).unwrap_err().to_string();
+    assert!(e.contains("input_size 100000"), "{e}");
 }
 
 /// 16-bit RGB keeps the high byte of each sample, as Pillow's "RGB;16B" unpacker does (the

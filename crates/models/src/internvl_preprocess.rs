@@ -18,6 +18,9 @@ pub const DEFAULT_MAX_NUM: usize = 12;
 /// Largest accepted image, in pixels: Pillow's `Image.MAX_IMAGE_PIXELS` (its decompression-bomb
 /// threshold, 1024·1024·1024 / 4 / 3). Checked on the declared size before any pixel is decoded.
 pub const MAX_PIXELS: u64 = 89_478_485;
+/// Largest accepted `input_size` and `max_num` (tile side and tile budget of [`load_image`]).
+pub const MAX_INPUT_SIZE: usize = 896;
+pub const MAX_MAX_NUM: usize = 40;
 /// Largest accepted file: a PNG/JPEG/WebP of MAX_PIXELS needs far less.
 pub const MAX_FILE_BYTES: u64 = 512 << 20;
 /// Decoder allocation bound given to the `image` crate: a 16-bit RGBA buffer of MAX_PIXELS plus slack.
@@ -474,11 +477,12 @@ pub fn pixel_values(img: &RgbImage, input_size: usize, max_num: usize) -> HostTe
 /// pixel values (before any bf16 cast), T = tiles (+ thumbnail).
 pub fn load_image(path: &Path, input_size: usize, max_num: usize) -> Result<HostTensor, ImageInputError> {
     let name = path.display().to_string();
-    if input_size == 0 {
-        return Err(err(&name, "input_size must be at least 1"));
+    // Bounds keep the output allocation bounded (at most 41 tiles of 896², about 395 MB of f32).
+    if !(1..=MAX_INPUT_SIZE).contains(&input_size) {
+        return Err(err(&name, format!("input_size {input_size} is out of range (expected 1..={MAX_INPUT_SIZE}; InternViT uses 448)")));
     }
-    if !(1..=64).contains(&max_num) {
-        return Err(err(&name, format!("max_num {max_num} is out of range (expected 1..=64; the model card uses 12)")));
+    if !(1..=MAX_MAX_NUM).contains(&max_num) {
+        return Err(err(&name, format!("max_num {max_num} is out of range (expected 1..={MAX_MAX_NUM}; the model card uses 12)")));
     }
     let img = decode_rgb(path)?;
     Ok(pixel_values(&img, input_size, max_num))
