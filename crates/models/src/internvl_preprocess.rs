@@ -210,7 +210,7 @@ fn strict_jpeg_errors() -> mozjpeg_sys::jpeg_error_mgr {
         std::panic::resume_unwind(Box::new(text));
     }
     unsafe extern "C-unwind" fn message(cinfo: &mut jpeg_common_struct, level: std::os::raw::c_int) {
-        if level < 0 && cinfo.err.as_ref().is_some_and(|e| e.msg_code == JWRN_JPEG_EOF as i32) {
+        if level < 0 && cinfo.err.as_ref().is_some_and(|e| e.msg_code == JWRN_JPEG_EOF) {
             std::panic::resume_unwind(Box::new("the data ends early (truncated file)".to_string()));
         }
     }
