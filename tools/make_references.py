@@ -1587,6 +1587,228 @@ def crosscheck(case_dir):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# preprocess: the InternVL3 model card's load_image (image file -> pixel_values), bit for bit
+# --------------------------------------------------------------------------------------------------------------
+# The transform is the model card's T.Compose([convert RGB, Resize((S,S), BICUBIC), ToTensor, Normalize]). With
+# torchvision importable (e.g. PYTHONPATH=/path/to/torchvision) it is used as is; otherwise the same four steps
+# are written out with Pillow + torch exactly as torchvision's PIL path computes them (Resize -> PIL
+# img.resize((S,S), BICUBIC); ToTensor -> uint8 HWC -> CHW -> .to(float32).div(255); Normalize ->
+# .sub(mean).div(std) with float32 mean/std). Both give identical bits (checked with torchvision 0.29.2).
+
+PP_MEAN = (0.485, 0.456, 0.406)
+PP_STD = (0.229, 0.224, 0.225)
+
+
+def pp_transform(input_size):
+    from PIL import Image
+    try:
+        import torchvision
+        import torchvision.transforms as T
+        from torchvision.transforms.functional import InterpolationMode
+        tf = T.Compose([
+            T.Lambda(lambda img: img.convert("RGB") if img.mode != "RGB" else img),
+            T.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean=PP_MEAN, std=PP_STD),
+        ])
+        return tf, f"torchvision {torchvision.__version__}"
+    except ImportError:
+        pass
+    import numpy as np
+
+    def tf(img):
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        img = img.resize((input_size, input_size), Image.BICUBIC)  # F_pil.resize: img.resize(size[::-1], interp)
+        w, h = img.size
+        t = torch.from_numpy(np.array(img, np.uint8, copy=True)).view(h, w, 3).permute(2, 0, 1).contiguous()
+        t = t.to(dtype=torch.float32).div(255)
+        mean = torch.as_tensor(PP_MEAN, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(PP_STD, dtype=torch.float32).view(-1, 1, 1)
+        return t.sub(mean).div(std)
+    return tf, "Pillow + torch (torchvision's PIL path written out)"
+
+
+def pp_find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
+    best_ratio_diff = float("inf")
+    best_ratio = (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        target_aspect_ratio = ratio[0] / ratio[1]
+        ratio_diff = abs(aspect_ratio - target_aspect_ratio)
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff = ratio_diff
+            best_ratio = ratio
+        elif ratio_diff == best_ratio_diff:
+            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+                best_ratio = ratio
+    return best_ratio
+
+
+def pp_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
+    """The model card's dynamic_preprocess, unchanged."""
+    orig_width, orig_height = image.size
+    aspect_ratio = orig_width / orig_height
+    target_ratios = set(
+        (i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if
+        i * j <= max_num and i * j >= min_num)
+    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
+    target_aspect_ratio = pp_find_closest_aspect_ratio(aspect_ratio, target_ratios, orig_width, orig_height, image_size)
+    target_width = image_size * target_aspect_ratio[0]
+    target_height = image_size * target_aspect_ratio[1]
+    blocks = target_aspect_ratio[0] * target_aspect_ratio[1]
+    resized_img = image.resize((target_width, target_height))
+    processed_images = []
+    for i in range(blocks):
+        box = ((i % (target_width // image_size)) * image_size, (i // (target_width // image_size)) * image_size,
+               ((i % (target_width // image_size)) + 1) * image_size, ((i // (target_width // image_size)) + 1) * image_size)
+        processed_images.append(resized_img.crop(box))
+    assert len(processed_images) == blocks
+    if use_thumbnail and len(processed_images) != 1:
+        processed_images.append(image.resize((image_size, image_size)))
+    return processed_images, target_aspect_ratio
+
+
+def pp_load_image(image_file, input_size=448, max_num=12):
+    """The model card's load_image, returning pixel_values in f32 (the card's bf16 cast comes later)."""
+    from PIL import Image
+    image = Image.open(image_file).convert("RGB")
+    transform, how = pp_transform(input_size)
+    images, grid = pp_dynamic_preprocess(image, image_size=input_size, use_thumbnail=True, max_num=max_num)
+    pixel_values = torch.stack([transform(img) for img in images])
+    return pixel_values, grid, how
+
+
+def pp_source_image(seed, w, h, mode):
+    """A small deterministic test picture: gradients, a disc, hard edges and noise (so resampling rounding
+    is exercised everywhere), in the requested Pillow mode."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 255 * x / max(w - 1, 1)
+    g = 255 * y / max(h - 1, 1)
+    b = 255 * ((np.hypot(x - w / 2, y - h / 2) < min(w, h) / 3) * 0.8 + 0.1 * ((x // 5 + y // 7) % 2))
+    rgb = np.stack([r, g, b], -1) + rng.normal(0, 24, (h, w, 3))
+    rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    im = Image.fromarray(rgb, "RGB")
+    if mode == "RGB":
+        return im
+    if mode == "L":
+        return im.convert("L")
+    if mode == "RGBA":  # alpha varies: convert('RGB') must drop it, not composite
+        a = np.clip(rng.randint(0, 256, (h, w)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.dstack([rgb, a]), "RGBA")
+    if mode == "LA":
+        a = rng.randint(0, 256, (h, w)).astype(np.uint8)
+        return Image.fromarray(np.dstack([np.array(im.convert("L")), a]), "LA")
+    if mode == "P":
+        p = im.quantize(colors=37, dither=Image.Dither.NONE)
+        p.info["transparency"] = 3  # a transparent palette entry: still its RGB after convert('RGB')
+        return p
+    raise ValueError(mode)
+
+
+def pp_write_png16(path, img):
+    """A 16-bit-per-sample RGB PNG (Pillow cannot write one): samples v*257 + noise in the low byte, so a
+    reader that rounds v16/257 instead of taking the high byte (Pillow's RGB;16B unpacker) is caught."""
+    import zlib
+    import numpy as np
+    a = np.array(img.convert("RGB"), dtype=np.uint16)
+    h, w, _ = a.shape
+    lo = np.random.RandomState(5).randint(0, 256, a.shape).astype(np.uint16)
+    v = (a << 8) | lo
+    raw = b"".join(b"\x00" + v[yy].astype(">u2").tobytes() for yy in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9))
+                           + chunk(b"IEND", b""))
+
+
+# name -> (seed, width, height, mode, file, save options, input_size, max_num, what it covers)
+PREPROCESS_SPECS = OrderedDict([
+    ("preprocess_rgb_37x61_448", (11, 37, 61, "RGB", "image.png", {}, 448, 1,
+                                  "model size: one 448 tile upsampled from 37x61")),
+    ("preprocess_wide_250x60", (12, 250, 60, "RGB", "image.png", {}, 56, 6,
+                                "wide: (4,1) grid + thumbnail, down- and upsampling")),
+    ("preprocess_tall_gray", (13, 45, 160, "L", "image.png", {}, 48, 4, "grayscale PNG, (1,4) tall grid")),
+    ("preprocess_square_tie", (14, 100, 100, "RGB", "image.png", {}, 64, 12,
+                               "equal-diff tie rule: (2,2) taken (area > half of 4 tiles), (3,3) not")),
+    ("preprocess_rgba_alpha", (15, 90, 70, "RGBA", "image.png", {}, 48, 4, "RGBA PNG: alpha dropped, not composited")),
+    ("preprocess_la_alpha", (16, 70, 50, "LA", "image.png", {}, 40, 2, "gray+alpha PNG")),
+    ("preprocess_palette_trns", (17, 64, 96, "P", "image.png", {}, 48, 3, "palette PNG with a transparent entry")),
+    ("preprocess_rgb16", (18, 60, 44, "RGB16", "image.png", {}, 40, 2, "16-bit RGB PNG: high byte kept")),
+    ("preprocess_downscale", (19, 240, 180, "RGB", "image.png", {}, 32, 1, "strong downscale (antialias, 25+ taps)")),
+    ("preprocess_jpeg", (20, 96, 72, "RGB", "image.jpg", {"quality": 90}, 48, 4,
+                         "baseline JPEG, 4:2:0 (decoded by libjpeg-turbo on both sides)")),
+    ("preprocess_webp_lossless", (21, 80, 60, "RGB", "image.webp", {"lossless": True}, 40, 2, "lossless WebP")),
+    ("preprocess_order_tie", (23, 60, 80, "RGB", "image.png", {}, 40, 1,
+                              "pass order at the boundary: 80-40 == 2*(60-40), horizontal pass first")),
+    ("preprocess_order_vfirst", (24, 59, 80, "RGB", "image.png", {}, 40, 1,
+                                 "pass order just past the boundary: 80-40 > 2*(59-40), vertical pass first")),
+    ("preprocess_webp_lossy_alpha", (22, 50, 110, "RGBA", "image.webp", {"quality": 80}, 40, 3,
+                                     "lossy WebP with alpha (VP8 + ALPH), (1,2) grid, vertical pass first")),
+])
+
+
+def make_preprocess_case(out_dir, name):
+    from PIL import Image
+    import PIL
+    seed, w, h, mode, fname, opts, input_size, max_num, what = PREPROCESS_SPECS[name]
+    path = out_dir / fname
+    if mode == "RGB16":
+        pp_write_png16(path, pp_source_image(seed, w, h, "RGB"))
+    else:
+        pp_source_image(seed, w, h, mode).save(path, **opts)
+    pv, grid, how = pp_load_image(path, input_size=input_size, max_num=max_num)
+    again, _, _ = pp_load_image(path, input_size=input_size, max_num=max_num)
+    assert torch.equal(pv, again), f"{name}: load_image is not deterministic"
+    save_io(out_dir / "io.safetensors", {"pixel_values": pv})
+    opened = Image.open(path)
+    write_json(out_dir / "case.json", case_json(
+        "preprocess", seed, image=fname, max_num=max_num, input_size=input_size, grid=list(grid),
+        tiles=int(pv.shape[0]), source_mode=opened.mode, source_size=list(opened.size), covers=what,
+        transform=how, pillow=PIL.__version__,
+        notes="pixel_values = the model card's load_image(image, input_size, max_num) in f32, before the bf16 cast"))
+    return {"bf16": {}, "extra": f"{fname} {opened.mode} {w}x{h} -> grid {grid}, {pv.shape[0]} tiles of {input_size} ({how})"}
+
+
+def cc_preprocess(case_dir, case):
+    """Independent check of the stored tensor: the normalisation re-done in float64 from the uint8 tiles of a
+    fresh Pillow run must agree to f32 rounding (the bit-exact test is the Rust one)."""
+    import numpy as np
+    from PIL import Image
+    cj = json.loads((case_dir / "case.json").read_text())
+    io = load_file(str(case_dir / "io.safetensors"))
+    image = Image.open(case_dir / cj["image"]).convert("RGB")
+    tiles, _ = pp_dynamic_preprocess(image, image_size=cj["input_size"], use_thumbnail=True, max_num=cj["max_num"])
+    u8 = np.stack([np.array(t, np.float64).transpose(2, 0, 1) for t in tiles])
+    mean = np.array(PP_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(PP_STD).reshape(1, 3, 1, 1)
+    report(case, "pixel_values", io["pixel_values"], torch.from_numpy((u8 / 255 - mean) / std), tol=1e-6)
+
+
+def make_preprocess_bad_inputs(out_dir, args):
+    """Files the loader must refuse with a clear error (tests/preprocess.rs): a CMYK JPEG (Pillow keeps it as
+    "CMYK"; Adobe APP14 marker, inverted samples) and a 16-bit grayscale PNG (Pillow: mode "I;16", which
+    convert('RGB') clips to white). No case.json: these are not verify cases."""
+    import numpy as np
+    from PIL import Image
+    Image.new("CMYK", (16, 8), (10, 200, 30, 40)).save(out_dir / "cmyk.jpg", quality=90)
+    g = (np.arange(12 * 10, dtype=np.uint16).reshape(10, 12) * 500).astype(np.uint16)
+    Image.fromarray(g).save(out_dir / "gray16.png")
+    assert Image.open(out_dir / "cmyk.jpg").mode == "CMYK" and Image.open(out_dir / "gray16.png").mode == "I;16"
+    return {"bf16": {}, "extra": "cmyk.jpg (CMYK), gray16.png (I;16)"}
+
+
+CROSSCHECKS["preprocess"] = cc_preprocess
+PREPROCESS_CASES = OrderedDict(
+    (name, (lambda n: lambda out_dir, args: make_preprocess_case(out_dir, n))(name)) for name in PREPROCESS_SPECS)
+PREPROCESS_CASES["preprocess_bad_inputs"] = make_preprocess_bad_inputs
+
+
+# --------------------------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------------------------
 
@@ -1613,6 +1835,7 @@ def dir_size(p):
 
 
 def main():
+    CASES.update(PREPROCESS_CASES)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output directory (default: tests/fixtures of this repository)")
     ap.add_argument("--only", action="append", default=[], metavar="NAME",

@@ -5,6 +5,7 @@ mod connector;
 mod dit;
 mod llm;
 mod pipeline;
+mod preprocess;
 mod scheduler;
 mod vae;
 
@@ -231,8 +232,9 @@ fn run_component(case: &Case, opts: &Options) -> Result<(Vec<Produced>, Option<S
         "llm" => run_graph(case, llm::prepare(case)?, opts),
         "vae" => run_graph(case, vae::prepare(case)?, opts),
         "pipeline" => Ok((pipeline::run(case, opts)?, None)),
+        "preprocess" => Ok((preprocess::run(case, opts)?, None)),
         other => bail!(
-            "{}: unknown component `{other}` (expected one of connector, llm, dit, vae, scheduler, pipeline)",
+            "{}: unknown component `{other}` (expected one of connector, llm, dit, vae, scheduler, pipeline, preprocess)",
             case.dir.display()
         ),
     }

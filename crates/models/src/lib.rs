@@ -4,6 +4,7 @@
 pub mod config;
 pub mod connector;
 pub mod dcae;
+pub mod internvl_preprocess;
 pub mod prompt;
 pub mod qwen2;
 pub mod sana;
