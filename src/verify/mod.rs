@@ -7,6 +7,7 @@ mod llm;
 mod pipeline;
 mod scheduler;
 mod vae;
+mod vit;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -186,8 +187,9 @@ fn run_component(case: &Case, opts: &Options) -> Result<(Vec<Produced>, Option<S
         "llm" => run_graph(case, llm::prepare(case)?, opts),
         "vae" => run_graph(case, vae::prepare(case)?, opts),
         "pipeline" => Ok((pipeline::run(case, opts)?, None)),
+        "vit" => run_graph(case, vit::prepare(case)?, opts),
         other => bail!(
-            "{}: unknown component `{other}` (expected one of connector, llm, dit, vae, scheduler, pipeline)",
+            "{}: unknown component `{other}` (expected one of connector, llm, dit, vae, scheduler, pipeline, vit)",
             case.dir.display()
         ),
     }

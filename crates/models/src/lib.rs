@@ -4,6 +4,7 @@
 pub mod config;
 pub mod connector;
 pub mod dcae;
+pub mod internvit;
 pub mod prompt;
 pub mod qwen2;
 pub mod sana;
