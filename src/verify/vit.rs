@@ -17,8 +17,8 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     let weights = Weights::open(case.model_dir())?;
     let layout = VitLayout::detect(&weights).with_context(|| {
         format!(
-            "{}: no vision tower (neither `vision_model.embeddings.patch_embedding.weight` nor transformers' \
-             `model.vision_tower.embeddings.patch_embeddings.projection.weight`)",
+            "{}: no vision tower (none of `vision_model.embeddings.patch_embedding.weight` (InternVL) or \
+             `[model.]vision_tower.embeddings.patch_embeddings.projection.weight` (transformers))",
             weights.origin().display()
         )
     })?;
