@@ -412,7 +412,7 @@ def case_llm_gqa_untied(out_dir, args):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def internvl_tiny_config(vit_hidden, vit_heads, vit_inter, vit_layers, llm_hidden, vocab):
+def internvl_tiny_config(vit_hidden, vit_heads, vit_inter, vit_layers, llm_hidden, vocab, llm_layers=1):
     """A small transformers InternVLConfig at the real tile geometry (448 px, patch 14, 1025 tokens)."""
     from transformers import InternVLConfig
     vision = dict(hidden_size=vit_hidden, num_attention_heads=vit_heads, intermediate_size=vit_inter,
@@ -420,7 +420,7 @@ def internvl_tiny_config(vit_hidden, vit_heads, vit_inter, vit_layers, llm_hidde
                   attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
                   hidden_act="gelu", use_mean_pooling=True, use_absolute_position_embeddings=True,
                   layer_scale_init_value=0.1, initializer_range=0.1)
-    text = qwen2_config(vocab, llm_hidden, 2 * llm_hidden, 1, 2, 1, tied=False).to_dict()
+    text = qwen2_config(vocab, llm_hidden, 2 * llm_hidden, llm_layers, 2, 1, tied=False).to_dict()
     cfg = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5, projector_hidden_act="gelu",
                          vision_feature_layer=-1, vision_feature_select_strategy="default", image_token_id=vocab - 1,
                          tie_word_embeddings=False)
@@ -490,6 +490,21 @@ def internvl_original_config(cfg, llm_config_path):
     }
 
 
+def save_internvl_original(m, cfg, out_dir):
+    """`out_dir/model`: the original layout (converted keys, InternVLChatConfig nesting with the llm_config in
+    InternVL3's form, bf16 tensors in one model.safetensors)."""
+    mdir = out_dir / "model"
+    mdir.mkdir()
+    tmp = out_dir / "_llm"
+    Qwen2ForCausalLM(cfg.text_config).save_pretrained(str(tmp))
+    to_internvl3_config_form(tmp / "config.json")
+    write_json(mdir / "config.json", internvl_original_config(cfg, tmp / "config.json"))
+    shutil.rmtree(tmp)
+    orig = internvl_to_original({k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}, cfg.vision_config.hidden_size)
+    save_weights(mdir / "model.safetensors", orig)
+    return mdir
+
+
 def tile_pixels(T, seed):
     """`T` normalised 448x448 tiles as the model card's load_image gives them (ImageNet mean/std, then rounded to
     bf16 as the card's `.to(torch.bfloat16)` does): a smooth synthetic RGB pattern with edges, in [0, 255]."""
@@ -556,17 +571,7 @@ def case_vit_tiny(out_dir, args):
     m2 = InternVLForConditionalGeneration.from_pretrained(str(ndir), dtype=torch.float32, attn_implementation="eager").eval()
     assert_same("vit_tiny (reloaded native layout)", run_vit(m2, pixel_values), res)
 
-    # The original layout: converted keys, InternVLChatConfig nesting, bf16 tensors in one model.safetensors.
-    mdir = out_dir / "model"
-    mdir.mkdir()
-    tmp = out_dir / "_llm"
-    from transformers import Qwen2ForCausalLM as _Q
-    _Q(cfg.text_config).save_pretrained(str(tmp))
-    to_internvl3_config_form(tmp / "config.json")
-    write_json(mdir / "config.json", internvl_original_config(cfg, tmp / "config.json"))
-    shutil.rmtree(tmp)
-    orig = internvl_to_original({k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}, cfg.vision_config.hidden_size)
-    save_weights(mdir / "model.safetensors", orig)
+    save_internvl_original(m, cfg, out_dir)
 
     b = bf16_copy(m)
     bf = run_vit(b, pixel_values, mids=False)["vit_embeds"]
@@ -581,6 +586,67 @@ def case_vit_tiny(out_dir, args):
         sens = sensitivity_report("vit_tiny", m, lambda mm: run_vit(mm, pixel_values, mids=False), ["vit_embeds"],
                                   const)
     return {"bf16": bf16_err, "sens": sens}
+
+
+INTERNVL2_5_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。")
+
+
+def internvl2_5_prompt(question, tiles):
+    """The model card's chat() prompt: internvl2_5 template, its system message, one image of `tiles` tiles."""
+    image = "<img>" + "<IMG_CONTEXT>" * (256 * tiles) + "</img>"
+    return (f"<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n<|im_start|>user\n{image}\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def case_chat_tiny(out_dir, args):
+    """Image chat: the templated prompt's ids (256 <IMG_CONTEXT> slots) + one tile -> the prefill logits of the last
+    position and the greedy continuation of transformers' InternVLForConditionalGeneration.generate (KV cache,
+    eos = <|im_end|>). ViT width 64 (1 head of 64, 1 layer), LLM 2 layers of width 64, a BPE tokenizer with
+    InternVL3's special tokens; weights bf16-representable, saved in the original layout."""
+    from transformers import InternVLForConditionalGeneration
+    seed = 1801
+    corpus = ["Describe the image in one sentence.", "What colour is the square?", "A red square on a blue field."]
+    tok_text, bpe_vocab = build_tokenizer_json(corpus, n_merges=24)
+    vocab = bpe_vocab + len(SPECIALS)
+    ids_of = {sp: bpe_vocab + i for i, sp in enumerate(SPECIALS)}
+    assert ids_of["<IMG_CONTEXT>"] == vocab - 1
+    torch.manual_seed(seed)
+    cfg = internvl_tiny_config(vit_hidden=64, vit_heads=1, vit_inter=128, vit_layers=1, llm_hidden=64, vocab=vocab,
+                               llm_layers=2)
+    m = InternVLForConditionalGeneration(cfg).eval()
+    shape_params(m, seed + 1, x2=("*.q_proj.weight", "*.k_proj.weight"))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 3)
+        emb = m.model.vision_tower.embeddings
+        emb.position_embeddings.copy_(0.5 * randn(gen, *emb.position_embeddings.shape))
+        emb.cls_token.copy_(randn(gen, *emb.cls_token.shape))
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    tok = Tokenizer.from_str(tok_text)
+    ids = torch.tensor([tok.encode(internvl2_5_prompt("What colour is the square?", 1)).ids], dtype=torch.int64)
+    assert int((ids == ids_of["<IMG_CONTEXT>"]).sum()) == 256
+    pixel_values = tile_pixels(1, seed + 2)
+    eos, N = ids_of["<|im_end|>"], 8
+    with torch.no_grad():
+        logits = m(input_ids=ids, pixel_values=pixel_values).logits[:, -1]
+        out = m.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=N, eos_token_id=eos, pad_token_id=eos, output_scores=True,
+                         return_dict_in_generate=True)
+    generated = out.sequences[:, ids.shape[1]:]
+    # Greedy must be decidable at f32 precision: every step's best logit leads the next by a clear margin.
+    margins = [float(torch.topk(sc[0], 2).values[0] - torch.topk(sc[0], 2).values[1]) for sc in out.scores]
+    assert min(margins) > 1e-3, margins
+    assert torch.equal(out.scores[0][0], logits[0].to(out.scores[0].dtype)) or rel_l2(out.scores[0][0], logits[0]) < 1e-6
+
+    mdir = save_internvl_original(m, cfg, out_dir)
+    (mdir / "tokenizer.json").write_text(tok_text)
+    save_io(out_dir / "io.safetensors", {"input_ids": ids, "pixel_values": pixel_values, "prefill_logits": f32(logits),
+                                         "generated_ids": generated.to(torch.int64)})
+    write_json(out_dir / "case.json", case_json(
+        "chat", seed, max_new_tokens=N, eos_token_id=eos, tiles=1, template="internvl2_5",
+        question="What colour is the square?", min_greedy_margin=min(margins),
+        reference="transformers InternVLForConditionalGeneration.generate (greedy, eager, KV cache)"))
+    return {"bf16": {}, "extra": f"generated {generated.tolist()}, min top-2 margin {min(margins):.3g}"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1673,6 +1739,39 @@ def cc_vit(d, name):
         report(name, f"mid.vision_model.encoder.layers.{i}", m, io_t[f"mid.vision_model.encoder.layers.{i}"])
 
 
+
+def cc_chat(d, name):
+    """Float64 chat from the original-layout files: ViT -> scatter into the <IMG_CONTEXT> rows -> Qwen2 (no cache:
+    the whole sequence again per step) -> greedy ids; the image context id from tokenizer.json's added tokens."""
+    io_t = load_file(str(d / "io.safetensors"))
+    cj = json.loads((d / "case.json").read_text())
+    cfg = json.loads((d / "model/config.json").read_text())
+    sd = load_file(str(d / "model/model.safetensors"))
+    tj = json.loads((d / "model/tokenizer.json").read_text())
+    ctx = [t["id"] for t in tj["added_tokens"] if t["content"] == "<IMG_CONTEXT>"][0]
+    vit, _ = ref_vit(sd, cfg, io_t["pixel_values"])
+    llm = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
+    ids = io_t["input_ids"][0].tolist()
+    table = W(llm, "model.embed_tokens.weight")
+    head = W(llm, "lm_head.weight")
+    img = vit.reshape(-1, vit.shape[-1])
+    gen = []
+    for step in range(cj["max_new_tokens"]):
+        emb = table[torch.tensor(ids)].clone()
+        emb[torch.tensor(ids) == ctx] = img
+        hs, _ = ref_qwen2(llm, cfg["llm_config"], emb[None])
+        logits = hs[0, -1] @ head.T
+        if step == 0:
+            report(name, "prefill_logits", logits[None], io_t["prefill_logits"])
+        nxt = int(logits.argmax())
+        gen.append(nxt)
+        ids.append(nxt)
+        if nxt == cj["eos_token_id"]:
+            break
+    want = io_t["generated_ids"][0].tolist()
+    CC_RESULTS.append((name, "generated_ids", 0.0 if gen == want else 1.0, 0.0, gen == want))
+
+
 def cc_llm(d, name):
     io_t = load_file(str(d / "io.safetensors"))
     cfg = json.loads((d / "model/config.json").read_text())
@@ -1787,7 +1886,8 @@ def cc_pipeline(d, name):
 
 
 CROSSCHECKS = {"connector": cc_connector, "llm": cc_llm, "dit": cc_dit, "scheduler": cc_scheduler, "vae": cc_vae,
-               "pipeline": cc_pipeline, "vit": cc_vit}
+               "pipeline": cc_pipeline, "vit": cc_vit,
+               "chat": cc_chat}
 
 
 def crosscheck(case_dir):
@@ -1821,6 +1921,7 @@ CASES = OrderedDict([
     ("pipeline_tiny", case_pipeline_tiny),
     ("pth", case_pth),
     ("vit_tiny", case_vit_tiny),
+    ("chat_tiny", case_chat_tiny),
 ])
 
 
