@@ -2,6 +2,7 @@
 //! reference-case harness behind `openuni verify`.
 
 pub mod bench;
+pub mod chat;
 pub mod compare;
 pub mod convert;
 pub mod exec;

@@ -1,6 +1,7 @@
 //! `openuni verify`: runs one reference case (spec: tests/fixtures/README.md and the shared case
 //! format) on a device and compares every output against the PyTorch result.
 
+mod chat;
 mod connector;
 mod dit;
 mod llm;
@@ -188,8 +189,9 @@ fn run_component(case: &Case, opts: &Options) -> Result<(Vec<Produced>, Option<S
         "vae" => run_graph(case, vae::prepare(case)?, opts),
         "pipeline" => Ok((pipeline::run(case, opts)?, None)),
         "vit" => run_graph(case, vit::prepare(case)?, opts),
+        "chat" => Ok((chat::run(case, opts)?, None)),
         other => bail!(
-            "{}: unknown component `{other}` (expected one of connector, llm, dit, vae, scheduler, pipeline, vit)",
+            "{}: unknown component `{other}` (expected one of connector, llm, dit, vae, scheduler, pipeline, vit, chat)",
             case.dir.display()
         ),
     }

@@ -13,6 +13,11 @@ use openuni_tensor::{DType, Weights};
 use super::{Case, Check, Prepared};
 
 pub fn prepare(case: &Case) -> Result<Prepared> {
+    prepare_outputs(case, true)
+}
+
+/// The vit graph of a case; `mids` adds the per-layer intermediates the case holds.
+pub fn prepare_outputs(case: &Case, mids: bool) -> Result<Prepared> {
     let cfg = read_internvl_vision(&case.model_dir().join("config.json"))?;
     let weights = Weights::open(case.model_dir())?;
     let layout = VitLayout::detect(&weights).with_context(|| {
@@ -35,7 +40,7 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     let mut checks = vec![Check { output: "vit_embeds".into(), reference: "vit_embeds".into(), decisive: true }];
     for (i, &l) in out.layers.iter().enumerate() {
         let name = format!("mid.vision_model.encoder.layers.{i}");
-        if case.io.contains(&name) {
+        if mids && case.io.contains(&name) {
             b.output(&name, l)?;
             checks.push(Check { output: name.clone(), reference: name, decisive: false });
         }
