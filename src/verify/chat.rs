@@ -10,7 +10,7 @@
 use anyhow::{bail, Context, Result};
 use crate::chat::{generate_greedy, scatter_image_embeds, CachedQwen2};
 use openuni_models::qwen2::{self, Qwen2Config};
-use openuni_tensor::{DType, HostData, HostTensor, Weights};
+use openuni_tensor::{HostData, HostTensor, Weights};
 
 use super::{run_graph, vit, Case, Kind, Options, Produced};
 
@@ -37,6 +37,9 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     let llm_cfg: Qwen2Config = serde_json::from_value(llm_json.clone()).with_context(|| format!("{}: `llm_config` is not a Qwen2 config", cfg_path.display()))?;
     let context_id = added_token_id(&mdir.join("tokenizer.json"), "<IMG_CONTEXT>")?;
 
+    if opts.device != crate::exec::Device::Cpu {
+        eprintln!("note: component chat: the ViT runs on {} ({}); the LLM prefill and cached decode run on the CPU in f32 (no GPU decoder yet)", opts.device, opts.dtype);
+    }
     // 1. The image embeddings: the vit component's graph on the chosen device.
     let (mut produced, _) = run_graph(case, vit::prepare_outputs(case, false)?, opts)?;
     let image = produced.remove(0).tensor.to_f32_vec();
@@ -57,7 +60,6 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
 
     let v = prefill.len();
     let gen = HostTensor::new([1, generated.len()], HostData::I64(generated.iter().map(|&i| i as i64).collect()))?;
-    let _ = DType::F32;
     Ok(vec![
         Produced { reference: "prefill_logits".into(), tensor: HostTensor::from_f32([1, v], prefill)?, decisive: true, kind: Kind::Float },
         Produced { reference: "generated_ids".into(), tensor: gen, decisive: true, kind: Kind::Exact },
