@@ -212,3 +212,200 @@ pub fn generate_greedy(
     }
     Ok((prefill, ids))
 }
+
+// ---- `openuni chat`: template, tokens, image embeddings, streamed answer ----
+
+/// The `internvl2_5` template's default system message (InternVL's conversation.py; the HF
+/// remote code always uses it, spec §7.6).
+pub const INTERNVL2_5_SYSTEM: &str =
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。";
+
+/// The single-turn `internvl2_5` prompt as InternVL's `chat()` renders it: with an image of
+/// `image_tokens` context tokens (256 per tile), `<img>` + that many `<IMG_CONTEXT>` + `</img>\n`
+/// precede the question.
+pub fn internvl2_5_prompt(question: &str, image_tokens: Option<usize>) -> String {
+    let image = image_tokens.map_or(String::new(), |n| format!("<img>{}</img>\n", "<IMG_CONTEXT>".repeat(n)));
+    format!(
+        "<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+}
+
+/// What `openuni chat` was asked.
+pub struct ChatOptions {
+    /// An InternVL folder (original layout); None: the built-in tiny random model.
+    pub model: Option<std::path::PathBuf>,
+    pub prompt: String,
+    /// A safetensors file with `pixel_values` [T, 3, S, S] (what the model card's `load_image` returns).
+    pub pixel_values: Option<std::path::PathBuf>,
+    pub max_new_tokens: usize,
+    /// Where the ViT runs (the LLM decodes on the CPU in f32).
+    pub device: crate::exec::Device,
+    pub dtype: openuni_tensor::DType,
+}
+
+/// Answers one question (streamed to stdout); returns the answer text.
+pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
+    use anyhow::{bail, Context};
+    use std::io::Write;
+
+    let tiny = o.model.is_none();
+    let dir = match &o.model {
+        Some(d) => d.clone(),
+        None => tiny_chat_model(&crate::tiny_model::default_dir().with_file_name("tiny-chat-v1"))?,
+    };
+    let cfg_path = dir.join("config.json");
+    let cfg: serde_json::Value = openuni_models::config::read_json(&cfg_path)?;
+    if let Some(t) = cfg.get("template").and_then(|t| t.as_str()) {
+        if t != "internvl2_5" {
+            bail!("{}: template `{t}` is not supported (internvl2_5 is)", cfg_path.display());
+        }
+    }
+    let llm_json = cfg.get("llm_config").or_else(|| cfg.get("text_config")).unwrap_or(&cfg);
+    let llm_cfg: Qwen2Config =
+        serde_json::from_value(llm_json.clone()).with_context(|| format!("{}: `llm_config` is not a Qwen2 config", cfg_path.display()))?;
+    let tok = openuni_models::prompt::PromptTokenizer::from_dir(&dir)?;
+    let special = |t: &str| tok.token_id(t).map(|i| i as usize).with_context(|| format!("{}: no token `{t}`", tok.path().display()));
+    let eos = special("<|im_end|>")?;
+    let specials: Vec<String> = tok.tokenizer().get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
+    if let Some(t) = specials.iter().find(|t| o.prompt.contains(t.as_str())) {
+        bail!("--prompt contains the special token `{t}` (it would change the template)");
+    }
+    let weights = openuni_tensor::Weights::open(&dir)?;
+
+    // Image embeddings, when an image is given.
+    let image = match &o.pixel_values {
+        None => None,
+        Some(p) => {
+            let vcfg = openuni_models::config::read_internvl_vision(&cfg_path)
+                .map_err(|e| anyhow::anyhow!("an image was given, but {e}"))?;
+            let layout = openuni_models::internvit::VitLayout::detect(&weights)
+                .with_context(|| format!("an image was given, but {} has no vision tower weights", weights.origin().display()))?;
+            openuni_models::internvit::check_position_table(&weights, &vcfg)?;
+            let px = openuni_tensor::Weights::open(p)?.get("pixel_values")?;
+            let s = vcfg.image_size;
+            if px.shape.rank() != 4 || px.shape.dims()[1..] != [vcfg.num_channels, s, s] || px.shape.dims()[0] == 0 {
+                bail!("{}: `pixel_values` has shape {}, expected [T, {}, {s}, {s}]", p.display(), px.shape, vcfg.num_channels);
+            }
+            let mut b = openuni_graph::GraphBuilder::new();
+            let x = b.input("pixel_values", px.shape.clone())?;
+            let out = openuni_models::internvit::build(&mut b, &vcfg, x)?;
+            b.output("vit_embeds", out.vit_embeds)?;
+            let g = b.finish();
+            let src = openuni_models::internvit::VitWeights { inner: &weights, layout };
+            let mut ex = crate::exec::executor(o.device, &g, &src, o.dtype, false)?;
+            let inputs = std::collections::HashMap::from([("pixel_values".to_string(), px.to_dtype(openuni_tensor::DType::F32)?)]);
+            let e = ex.run(&inputs)?.remove("vit_embeds").expect("graph output");
+            Some((e.shape.dims()[0] * e.shape.dims()[1], e.to_f32_vec()))
+        }
+    };
+
+    let text = internvl2_5_prompt(&o.prompt, image.as_ref().map(|(n, _)| *n));
+    let ids: Vec<usize> = tok.encode_text(&text, "prompt")?.into_iter().map(|i| i as usize).collect();
+    let (prefix, head_prefix) = openuni_models::qwen2::detect_prefix(&mut weights.keys())
+        .with_context(|| format!("{}: no `language_model.model.embed_tokens.weight`", weights.origin().display()))?;
+    let mut llm = CachedQwen2::load(&weights, &llm_cfg, prefix, &format!("{head_prefix}lm_head.weight"), &cfg_path.display().to_string())?;
+    let mut embeds = llm.embed(&ids)?;
+    if let Some((_, img)) = &image {
+        scatter_image_embeds(&mut embeds, &ids, special("<IMG_CONTEXT>")?, img, llm_cfg.hidden_size)?;
+    }
+    // Stream: print what each new token adds to the detokenised answer (special tokens skipped).
+    let mut generated: Vec<u32> = vec![];
+    let mut shown = String::new();
+    let mut stdout = std::io::stdout();
+    let mut decode_err = None;
+    generate_greedy(&mut llm, &embeds, o.max_new_tokens, Some(eos), |id| {
+        generated.push(id as u32);
+        match tok.tokenizer().decode(&generated, true) {
+            // A character split over tokens decodes as U+FFFD until its last byte arrives: wait.
+            Ok(t) if t.ends_with('\u{FFFD}') => {}
+            Ok(t) => {
+                if let Some(new) = t.strip_prefix(shown.as_str()) {
+                    let _ = write!(stdout, "{new}");
+                    let _ = stdout.flush();
+                }
+                shown = t;
+            }
+            Err(e) => decode_err = Some(e.to_string()),
+        }
+    })?;
+    if let Some(e) = decode_err {
+        bail!("detokenising the answer: {e}");
+    }
+    let all = tok.tokenizer().decode(&generated, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
+    if let Some(rest) = all.strip_prefix(shown.as_str()) {
+        print!("{rest}");
+    }
+    println!();
+    let stop = if generated.last() == Some(&(eos as u32)) { "stopped at <|im_end|>" } else { "stopped at --max-new-tokens" };
+    eprintln!("({} tokens, {stop})", generated.len());
+    let shown = all;
+    if tiny {
+        eprintln!("note: this is the built-in tiny model with random weights: its answers are not meaningful (use --model DIR for an InternVL3 folder)");
+    }
+    Ok(shown)
+}
+
+/// The built-in tiny chat model (an InternVL folder in the original layout, seeded random
+/// weights, the tiny tokenizer with InternVL's special tokens), written under `dir` once.
+pub fn tiny_chat_model(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    if dir.join(".complete").exists() {
+        return Ok(dir.to_path_buf());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let llm = crate::tiny_model::llm_config();
+    let cfg = serde_json::json!({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internvl2_5",
+        "downsample_ratio": 0.5, "ps_version": "v2", "select_layer": -1, "force_image_size": 448,
+        "vision_config": {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
+            "image_size": 448, "patch_size": 14, "num_channels": 3, "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6, "qkv_bias": true, "qk_normalization": false, "hidden_act": "gelu"
+        },
+        "llm_config": llm,
+    });
+    let vcfg = openuni_models::internvit::InternVlVisionConfig::from_json(&cfg, "tiny chat model")?;
+    let lcfg: Qwen2Config = serde_json::from_value(cfg["llm_config"].clone())?;
+    let mut b = openuni_graph::GraphBuilder::new();
+    let x = b.input("px", [1, 3, 448, 448])?;
+    openuni_models::internvit::build(&mut b, &vcfg, x)?;
+    let e = b.input("e", [1, 4, lcfg.hidden_size])?;
+    openuni_models::qwen2::build(&mut b, &lcfg, "language_model.model.", e, "tiny chat llm")?;
+    let g = b.finish();
+    let mut shapes: Vec<(String, Vec<usize>)> = g.weights().map(|(id, n)| (n.to_string(), g.shape(id).dims().to_vec())).collect();
+    let (v, d) = (lcfg.vocab_size, lcfg.hidden_size);
+    shapes.push(("language_model.model.embed_tokens.weight".into(), vec![v, d]));
+    shapes.push(("language_model.lm_head.weight".into(), vec![v, d]));
+    // Graph names -> stored tensors: q/k/v thirds back into one fused qkv, and the stored shapes.
+    let mut stored: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for (name, s) in shapes {
+        let (key, shape) = match name.strip_suffix("[q]") {
+            Some(base) => (base.to_string(), { let mut s = s.clone(); s[0] *= 3; s }),
+            None if name.ends_with("[k]") || name.ends_with("[v]") => continue,
+            None if name.ends_with("patch_embedding.weight") => (name, vec![s[0], 3, 14, 14]),
+            None if name.ends_with("class_embedding") => (name, vec![1, 1, s[0]]),
+            None if name.ends_with("position_embedding") => (name, vec![1, s[0], s[1]]),
+            None if name.ends_with(".ls1") || name.ends_with(".ls2") => (name, vec![s[1]]),
+            None => (name, s),
+        };
+        stored.insert(key, shape);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20250531);
+    let normal = Normal::new(0.0f32, 1.0).expect("valid normal");
+    let tensors: Vec<(String, openuni_tensor::HostTensor)> = stored
+        .into_iter()
+        .map(|(n, s)| {
+            let shape = Shape::new(s);
+            let (scale, offset) = crate::tiny_model::init_rule(&n, &shape);
+            let v = (0..shape.numel()).map(|_| offset + scale * normal.sample(&mut rng)).collect();
+            (n, openuni_tensor::HostTensor::from_f32(shape, v).expect("sized"))
+        })
+        .collect();
+    openuni_tensor::write_safetensors(&dir.join("model.safetensors"), tensors.iter().map(|(k, v)| (k.as_str(), v)), None)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    std::fs::write(dir.join("tokenizer.json"), include_str!("../assets/tiny_tokenizer.json"))?;
+    std::fs::write(dir.join(".complete"), b"")?;
+    Ok(dir.to_path_buf())
+}

@@ -68,6 +68,29 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         write_configs: Option<PathBuf>,
     },
+    /// Ask InternVL3 a question, optionally about an image (given as its preprocessed pixel values);
+    /// the answer streams to stdout. Without --model, the built-in tiny random model answers
+    /// (not meaningfully).
+    Chat {
+        /// The question.
+        #[arg(long)]
+        prompt: String,
+        /// A safetensors file holding `pixel_values` [T, 3, 448, 448] (the model card's load_image).
+        #[arg(long, value_name = "FILE")]
+        pixel_values: Option<PathBuf>,
+        /// An InternVL3 folder (config.json, model.safetensors, tokenizer.json).
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        /// Stop after this many new tokens (or at <|im_end|>).
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Where the vision tower runs: cpu, cuda, cuda:N or emu (the LLM decodes on the CPU in f32).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Vision tower storage type: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Convert a PyTorch .pth checkpoint (read without running any pickled code) or safetensors
     /// file(s) to one safetensors file with the same tensor names and dtypes.
     Convert {
@@ -221,6 +244,11 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             let report = openuni::bench::run(&opts)?;
             print!("{}", openuni::bench::render(&report));
+            Ok(true)
+        }
+        Command::Chat { prompt, pixel_values, model, max_new_tokens, device, dtype } => {
+            let opts = openuni::chat::ChatOptions { model, prompt, pixel_values, max_new_tokens, device: Device::parse(&device)?, dtype: parse_dtype(&dtype)? };
+            openuni::chat::run_cli(&opts)?;
             Ok(true)
         }
         Command::Convert { input, output } => {

@@ -105,3 +105,82 @@ fn tokenizer_without_image_context_token_is_a_clear_error() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("tokenizer.json") && out.contains("no added token `<IMG_CONTEXT>`"), "{out}");
 }
+
+fn chat(args: &[&str], cache: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_openuni")).arg("chat").args(args).env("OPENUNI_CACHE", cache).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// The case's pixel values as a file for `--pixel-values`.
+fn pixel_file(dir: &Path) -> PathBuf {
+    let px = Weights::open(case().join("io.safetensors")).unwrap().get("pixel_values").unwrap();
+    let p = dir.join("px.safetensors");
+    write_safetensors(&p, [("pixel_values", &px)], None).unwrap();
+    p
+}
+
+#[test]
+fn chat_cli_reproduces_the_reference_answer() {
+    // The case was made from the prompt "What colour is the square?" with one tile through the
+    // internvl2_5 template in Python: the CLI must build the same ids and decode the same answer.
+    let tmp = tempfile::tempdir().unwrap();
+    let px = pixel_file(tmp.path());
+    let model = case().join("model");
+    let args = ["--model", model.to_str().unwrap(), "--prompt", "What colour is the square?", "--pixel-values", px.to_str().unwrap(), "--max-new-tokens", "8"];
+    let (code, out, err) = chat(&args, tmp.path());
+    println!("{out}{err}");
+    assert_eq!(code, 0, "{err}");
+    let tok = openuni_models::prompt::PromptTokenizer::from_dir(&model).unwrap();
+    let want_ids: Vec<u32> = Weights::open(case().join("io.safetensors")).unwrap().get("generated_ids").unwrap().to_i64_vec().iter().map(|&i| i as u32).collect();
+    let want = tok.tokenizer().decode(&want_ids, true).unwrap();
+    assert_eq!(out.trim_end_matches('\n'), want);
+    assert!(err.contains("(8 tokens"), "{err}");
+    // The prompt ids the CLI builds are the reference's.
+    let text = openuni::chat::internvl2_5_prompt("What colour is the square?", Some(256));
+    let ids: Vec<i64> = tok.encode_text(&text, "prompt").unwrap().iter().map(|&i| i as i64).collect();
+    assert_eq!(ids, Weights::open(case().join("io.safetensors")).unwrap().get("input_ids").unwrap().to_i64_vec());
+}
+
+#[test]
+fn chat_cli_runs_the_tiny_model_and_says_it_is_not_meaningful() {
+    let tmp = tempfile::tempdir().unwrap();
+    let px = pixel_file(tmp.path());
+    for args in [vec!["--prompt", "What is this?"], vec!["--prompt", "What is this?", "--pixel-values", px.to_str().unwrap()]] {
+        let (code, out, err) = chat(&args, tmp.path());
+        println!("{out}{err}");
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("not meaningful"), "{err}");
+        assert!(err.contains("tokens, stopped at"), "{err}");
+    }
+}
+
+#[test]
+fn chat_cli_bad_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let px = pixel_file(tmp.path());
+    // Special-token text in the question.
+    let (code, _, err) = chat(&["--prompt", "hi <IMG_CONTEXT>"], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("special token `<IMG_CONTEXT>`"), "{err}");
+    // An image for a model without a vision tower; an unknown template.
+    let m = tmp.path().join("case");
+    copy_case(&m);
+    let cfg_path = m.join("model/config.json");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut no_vit = cfg.clone();
+    no_vit.as_object_mut().unwrap().remove("vision_config");
+    std::fs::write(&cfg_path, no_vit.to_string()).unwrap();
+    let model = m.join("model");
+    let (code, _, err) = chat(&["--model", model.to_str().unwrap(), "--prompt", "x", "--pixel-values", px.to_str().unwrap()], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("an image was given") && err.contains("no vision tower"), "{err}");
+    // The same model answers a text-only question.
+    let (code, _, err) = chat(&["--model", model.to_str().unwrap(), "--prompt", "x", "--max-new-tokens", "3"], tmp.path());
+    assert_eq!(code, 0, "{err}");
+    let mut other = cfg.clone();
+    other["template"] = serde_json::json!("chatml");
+    std::fs::write(&cfg_path, other.to_string()).unwrap();
+    let (code, _, err) = chat(&["--model", model.to_str().unwrap(), "--prompt", "x"], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("template `chatml` is not supported"), "{err}");
+}
