@@ -187,6 +187,104 @@ pub fn argmax(logits: &[f32]) -> usize {
     best
 }
 
+/// Sampling settings with transformers' `generate(do_sample=True)` semantics: the logits are
+/// divided by `temperature`, then only the `top_k` largest (0: all; ties at the k-th value kept)
+/// and the smallest set whose probability reaches `top_p` (1: all) stay; the next id is drawn
+/// from their softmax with our own seeded generator (the same seed gives the same answer here,
+/// not PyTorch's draw).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Refuses settings with no meaning (temperature <= 0, top_p outside (0, 1]).
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(err(format!("temperature {} must be a positive number (leave sampling off for greedy)", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(err(format!("top_p {} must be in (0, 1]", self.top_p)));
+        }
+        Ok(())
+    }
+
+    /// The processed logits: removed tokens are −∞ (temperature, then top-k, then top-p).
+    pub fn filter(&self, logits: &[f32]) -> Vec<f32> {
+        let mut l: Vec<f32> = logits.iter().map(|&x| x / self.temperature).collect();
+        if self.top_k > 0 && self.top_k < l.len() {
+            let mut sorted = l.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let kth = sorted[self.top_k - 1];
+            l.iter_mut().filter(|x| **x < kth).for_each(|x| *x = f32::NEG_INFINITY);
+        }
+        if self.top_p < 1.0 {
+            // Ascending order; drop the low tail whose cumulative probability is <= 1 - top_p,
+            // always keeping the most likely token.
+            let mut order: Vec<usize> = (0..l.len()).collect();
+            order.sort_by(|&a, &b| l[a].total_cmp(&l[b]));
+            let probs = softmax(&l);
+            // f32 cumulative sum and threshold, as torch's cumsum and comparison compute them.
+            let mut cum = 0.0f32;
+            for (n, &i) in order.iter().enumerate() {
+                cum += probs[i];
+                if cum <= 1.0 - self.top_p && n + 1 < order.len() {
+                    l[i] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        l
+    }
+}
+
+fn softmax(l: &[f32]) -> Vec<f32> {
+    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f64> = l.iter().map(|&x| ((x - max) as f64).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|&x| (x / sum) as f32).collect()
+}
+
+/// How the next id is chosen.
+pub enum Picker {
+    Greedy,
+    Sample(Sampling, Box<rand::rngs::StdRng>),
+}
+
+impl Picker {
+    pub fn new(sampling: Option<Sampling>) -> Result<Picker> {
+        use rand::SeedableRng;
+        Ok(match sampling {
+            None => Picker::Greedy,
+            Some(s) => {
+                s.validate()?;
+                Picker::Sample(s, Box::new(rand::rngs::StdRng::seed_from_u64(s.seed)))
+            }
+        })
+    }
+
+    pub fn pick(&mut self, logits: &[f32]) -> usize {
+        use rand::Rng;
+        match self {
+            Picker::Greedy => argmax(logits),
+            Picker::Sample(s, rng) => {
+                let probs = softmax(&s.filter(logits));
+                let u: f64 = rng.random();
+                let mut cum = 0.0f64;
+                for (i, &p) in probs.iter().enumerate() {
+                    cum += p as f64;
+                    if u < cum {
+                        return i;
+                    }
+                }
+                argmax(&probs)
+            }
+        }
+    }
+}
+
 /// Greedy decoding from prompt embeddings: returns the prefill logits (last prompt position)
 /// and the generated ids (ending with `eos` when it was produced). `on_token` sees each id as
 /// it is decoded (streaming).
@@ -195,13 +293,25 @@ pub fn generate_greedy(
     prompt_embeds: &[f32],
     max_new_tokens: usize,
     eos: Option<usize>,
+    on_token: impl FnMut(usize),
+) -> Result<(Vec<f32>, Vec<usize>)> {
+    generate(llm, prompt_embeds, max_new_tokens, eos, &mut Picker::Greedy, on_token)
+}
+
+/// [`generate_greedy`] with any [`Picker`].
+pub fn generate(
+    llm: &mut CachedQwen2,
+    prompt_embeds: &[f32],
+    max_new_tokens: usize,
+    eos: Option<usize>,
+    picker: &mut Picker,
     mut on_token: impl FnMut(usize),
 ) -> Result<(Vec<f32>, Vec<usize>)> {
     let prefill = llm.forward(prompt_embeds)?;
     let mut ids = vec![];
     let mut logits = prefill.clone();
     while ids.len() < max_new_tokens {
-        let next = argmax(&logits);
+        let next = picker.pick(&logits);
         ids.push(next);
         on_token(next);
         if Some(next) == eos || ids.len() == max_new_tokens {
@@ -238,6 +348,8 @@ pub struct ChatOptions {
     /// A safetensors file with `pixel_values` [T, 3, S, S] (what the model card's `load_image` returns).
     pub pixel_values: Option<std::path::PathBuf>,
     pub max_new_tokens: usize,
+    /// None: greedy.
+    pub sampling: Option<Sampling>,
     /// Where the ViT runs (the LLM decodes on the CPU in f32).
     pub device: crate::exec::Device,
     pub dtype: openuni_tensor::DType,
@@ -313,7 +425,8 @@ pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
     let mut shown = String::new();
     let mut stdout = std::io::stdout();
     let mut decode_err = None;
-    generate_greedy(&mut llm, &embeds, o.max_new_tokens, Some(eos), |id| {
+    let mut picker = Picker::new(o.sampling)?;
+    generate(&mut llm, &embeds, o.max_new_tokens, Some(eos), &mut picker, |id| {
         generated.push(id as u32);
         match tok.tokenizer().decode(&generated, true) {
             // A character split over tokens decodes as U+FFFD until its last byte arrives: wait.

@@ -84,6 +84,19 @@ enum Command {
         /// Stop after this many new tokens (or at <|im_end|>).
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
+        /// Sample instead of greedy decoding, at this temperature (transformers' do_sample order:
+        /// temperature, then --top-k, then --top-p).
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// With --temperature: keep the K most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// With --temperature: keep the smallest set of tokens reaching this probability.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// With --temperature: the seed of the draws (the same seed gives the same answer).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Where the vision tower runs: cpu, cuda, cuda:N or emu (the LLM decodes on the CPU in f32).
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -246,8 +259,20 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             print!("{}", openuni::bench::render(&report));
             Ok(true)
         }
-        Command::Chat { prompt, pixel_values, model, max_new_tokens, device, dtype } => {
-            let opts = openuni::chat::ChatOptions { model, prompt, pixel_values, max_new_tokens, device: Device::parse(&device)?, dtype: parse_dtype(&dtype)? };
+        Command::Chat { prompt, pixel_values, model, max_new_tokens, temperature, top_k, top_p, seed, device, dtype } => {
+            if temperature.is_none() && (top_k != 0 || top_p != 1.0) {
+                anyhow::bail!("--top-k and --top-p need --temperature (without it decoding is greedy)");
+            }
+            let sampling = temperature.map(|temperature| openuni::chat::Sampling { temperature, top_k, top_p, seed });
+            let opts = openuni::chat::ChatOptions {
+                model,
+                prompt,
+                pixel_values,
+                max_new_tokens,
+                sampling,
+                device: Device::parse(&device)?,
+                dtype: parse_dtype(&dtype)?,
+            };
             openuni::chat::run_cli(&opts)?;
             Ok(true)
         }

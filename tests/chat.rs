@@ -184,3 +184,46 @@ fn chat_cli_bad_input_is_a_clear_error() {
     assert_eq!(code, 2);
     assert!(err.contains("template `chatml` is not supported"), "{err}");
 }
+
+#[test]
+fn sampling_filters_follow_transformers() {
+    use openuni::chat::Sampling;
+    let probs = [0.5f32, 0.3, 0.15, 0.05];
+    let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+    let kept = |s: Sampling| -> Vec<usize> { s.filter(&logits).iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, _)| i).collect() };
+    let s = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 };
+    assert_eq!(kept(s), vec![0, 1, 2, 3]);
+    // Ascending cumulative probabilities 0.05, 0.2, 0.5, 1.0: top_p 0.75 drops those <= 0.25,
+    // top_p 0.45 those <= 0.55, and the most likely token always stays.
+    assert_eq!(kept(Sampling { top_p: 0.75, ..s }), vec![0, 1]);
+    assert_eq!(kept(Sampling { top_p: 0.45, ..s }), vec![0]);
+    assert_eq!(kept(Sampling { top_p: 0.01, ..s }), vec![0]);
+    assert_eq!(kept(Sampling { top_k: 3, ..s }), vec![0, 1, 2]);
+    // Temperature divides the logits before the filters.
+    let t = Sampling { temperature: 2.0, ..s }.filter(&logits);
+    assert!((t[0] - logits[0] / 2.0).abs() < 1e-7);
+    assert!(Sampling { temperature: 0.0, ..s }.validate().is_err());
+    assert!(Sampling { top_p: 1.5, ..s }.validate().is_err());
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_top_k_1_is_greedy() {
+    use openuni::chat::{generate, Picker, Sampling};
+    let cfg = llm_config();
+    let w = Weights::open(case().join("model")).unwrap();
+    let (p, h) = ("language_model.model.", "language_model.lm_head.weight");
+    let run = |picker: &mut Picker| {
+        let mut llm = CachedQwen2::load(&w, &cfg, p, h, "chat_tiny").unwrap();
+        let e = llm.embed(&[3, 17, 40, 5]).unwrap();
+        generate(&mut llm, &e, 12, None, picker, |_| {}).unwrap().1
+    };
+    let greedy = run(&mut Picker::Greedy);
+    let s = Sampling { temperature: 1.5, top_k: 0, top_p: 1.0, seed: 7 };
+    let a = run(&mut Picker::new(Some(s)).unwrap());
+    assert_eq!(a, run(&mut Picker::new(Some(s)).unwrap()), "same seed, same ids");
+    let others: Vec<Vec<usize>> = (8..12).map(|seed| run(&mut Picker::new(Some(Sampling { seed, ..s })).unwrap())).collect();
+    assert!(others.iter().any(|o| *o != a), "different seeds never differ");
+    assert!(a != greedy || others.iter().any(|o| *o != greedy), "sampling at temperature 1.5 always equals greedy");
+    let k1 = run(&mut Picker::new(Some(Sampling { top_k: 1, ..s })).unwrap());
+    assert_eq!(k1, greedy);
+}

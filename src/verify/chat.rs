@@ -1,5 +1,5 @@
 //! Case component `chat`: input_ids [1,L] (the templated prompt with its `<IMG_CONTEXT>` slots)
-//! + pixel_values [T,3,448,448] -> prefill_logits [1,V] (last prompt position, f32 tolerance)
+//! and pixel_values [T,3,448,448] -> prefill_logits [1,V] (last prompt position, f32 tolerance)
 //! and generated_ids [1,N] (greedy, KV cache; exact). model/ is an InternVL folder with
 //! tokenizer.json (the `<IMG_CONTEXT>` id is read from its added tokens); case.json gives
 //! `max_new_tokens` and `eos_token_id`.

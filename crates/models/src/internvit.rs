@@ -141,10 +141,10 @@ impl InternVlVisionConfig {
 
     fn validate(&self, origin: &str) -> Result<()> {
         let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return err(format!("vision_config: hidden_size {} is not a multiple of {} heads", self.hidden_size, self.num_attention_heads));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 || self.grid() % 2 != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) || !self.grid().is_multiple_of(2) {
             return err(format!(
                 "image size {} with patch size {} does not give an even patch grid (pixel shuffle merges 2×2 patches)",
                 self.image_size, self.patch_size
