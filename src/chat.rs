@@ -334,10 +334,20 @@ pub const INTERNVL2_5_SYSTEM: &str =
 /// `image_tokens` context tokens (256 per tile), `<img>` + that many `<IMG_CONTEXT>` + `</img>\n`
 /// precede the question.
 pub fn internvl2_5_prompt(question: &str, image_tokens: Option<usize>) -> String {
+    internvl2_5_conversation(&[], question, image_tokens)
+}
+
+/// The multi-turn form: earlier (question, answer) turns rendered as `role + message + sep`
+/// before the current question (InternVL's `chat(history=...)`; the image goes with the
+/// current question).
+pub fn internvl2_5_conversation(history: &[(String, String)], question: &str, image_tokens: Option<usize>) -> String {
     let image = image_tokens.map_or(String::new(), |n| format!("<img>{}</img>\n", "<IMG_CONTEXT>".repeat(n)));
-    format!(
-        "<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    let mut s = format!("<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n");
+    for (q, a) in history {
+        s.push_str(&format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"));
+    }
+    s.push_str(&format!("<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"));
+    s
 }
 
 /// What `openuni chat` was asked.
@@ -345,6 +355,8 @@ pub struct ChatOptions {
     /// An InternVL folder (original layout); None: the built-in tiny random model.
     pub model: Option<std::path::PathBuf>,
     pub prompt: String,
+    /// Earlier (question, answer) turns.
+    pub history: Vec<(String, String)>,
     /// A safetensors file with `pixel_values` [T, 3, S, S] (what the model card's `load_image` returns).
     pub pixel_values: Option<std::path::PathBuf>,
     pub max_new_tokens: usize,
@@ -356,6 +368,13 @@ pub struct ChatOptions {
 }
 
 /// Answers one question (streamed to stdout); returns the answer text.
+/// Reads a history file: a JSON list of [question, answer] pairs.
+pub fn read_history(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the history", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of [question, answer] pairs", path.display()))
+}
+
 pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
     use anyhow::{bail, Context};
     use std::io::Write;
@@ -379,8 +398,11 @@ pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
     let special = |t: &str| tok.token_id(t).map(|i| i as usize).with_context(|| format!("{}: no token `{t}`", tok.path().display()));
     let eos = special("<|im_end|>")?;
     let specials: Vec<String> = tok.tokenizer().get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
-    if let Some(t) = specials.iter().find(|t| o.prompt.contains(t.as_str())) {
-        bail!("--prompt contains the special token `{t}` (it would change the template)");
+    let turns = o.history.iter().flat_map(|(q, a)| [("history", q), ("history", a)]);
+    for (what, text) in std::iter::once(("--prompt", &o.prompt)).chain(turns) {
+        if let Some(t) = specials.iter().find(|t| text.contains(t.as_str())) {
+            bail!("{what} contains the special token `{t}` (it would change the template)");
+        }
     }
     let weights = openuni_tensor::Weights::open(&dir)?;
 
@@ -411,7 +433,7 @@ pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
         }
     };
 
-    let text = internvl2_5_prompt(&o.prompt, image.as_ref().map(|(n, _)| *n));
+    let text = internvl2_5_conversation(&o.history, &o.prompt, image.as_ref().map(|(n, _)| *n));
     let ids: Vec<usize> = tok.encode_text(&text, "prompt")?.into_iter().map(|i| i as usize).collect();
     let (prefix, head_prefix) = openuni_models::qwen2::detect_prefix(&mut weights.keys())
         .with_context(|| format!("{}: no `language_model.model.embed_tokens.weight`", weights.origin().display()))?;

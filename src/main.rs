@@ -75,6 +75,9 @@ enum Command {
         /// The question.
         #[arg(long)]
         prompt: String,
+        /// Earlier turns: a JSON file with a list of [question, answer] pairs.
+        #[arg(long, value_name = "FILE")]
+        history: Option<PathBuf>,
         /// A safetensors file holding `pixel_values` [T, 3, 448, 448] (the model card's load_image).
         #[arg(long, value_name = "FILE")]
         pixel_values: Option<PathBuf>,
@@ -259,7 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             print!("{}", openuni::bench::render(&report));
             Ok(true)
         }
-        Command::Chat { prompt, pixel_values, model, max_new_tokens, temperature, top_k, top_p, seed, device, dtype } => {
+        Command::Chat { prompt, history, pixel_values, model, max_new_tokens, temperature, top_k, top_p, seed, device, dtype } => {
             if temperature.is_none() && (top_k != 0 || top_p != 1.0) {
                 anyhow::bail!("--top-k and --top-p need --temperature (without it decoding is greedy)");
             }
@@ -267,6 +270,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             let opts = openuni::chat::ChatOptions {
                 model,
                 prompt,
+                history: match history {
+                    Some(h) => openuni::chat::read_history(&h)?,
+                    None => vec![],
+                },
                 pixel_values,
                 max_new_tokens,
                 sampling,

@@ -227,3 +227,31 @@ fn seeded_sampling_is_reproducible_and_top_k_1_is_greedy() {
     let k1 = run(&mut Picker::new(Some(Sampling { top_k: 1, ..s })).unwrap());
     assert_eq!(k1, greedy);
 }
+
+#[test]
+fn multi_turn_history_is_rendered_as_internvl_does() {
+    // spec/internvl3.md §7.1: system + sep, then role + message + sep per turn, the open
+    // assistant role last; the image goes with the current question.
+    let h = vec![("Hi?".to_string(), "Hello.".to_string())];
+    let got = openuni::chat::internvl2_5_conversation(&h, "And now?", Some(2));
+    let want = format!(
+        "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n\
+         <|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nAnd now?<|im_end|>\n<|im_start|>assistant\n",
+        openuni::chat::INTERNVL2_5_SYSTEM
+    );
+    assert_eq!(got, want);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let hist = tmp.path().join("history.json");
+    std::fs::write(&hist, r#"[["What is this?", "A square."]]"#).unwrap();
+    let (code, _, err) = chat(&["--prompt", "Which colour?", "--history", hist.to_str().unwrap(), "--max-new-tokens", "3"], tmp.path());
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(&hist, r#"[["What is this?", "A <|im_end|> square."]]"#).unwrap();
+    let (code, _, err) = chat(&["--prompt", "Which colour?", "--history", hist.to_str().unwrap()], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("history contains the special token `<|im_end|>`"), "{err}");
+    std::fs::write(&hist, r#"{"q": 1}"#).unwrap();
+    let (code, _, err) = chat(&["--prompt", "Which colour?", "--history", hist.to_str().unwrap()], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("history.json") && err.contains("[question, answer] pairs"), "{err}");
+}
