@@ -381,7 +381,19 @@ pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
 
     let tiny = o.model.is_none();
     let dir = match &o.model {
-        Some(d) => d.clone(),
+        Some(d) if d.is_dir() => d.clone(),
+        // A hub repo id (OpenGVLab/InternVL3-1B) found in the Hugging Face cache, as generate does.
+        Some(d) => {
+            let repo = d.to_string_lossy();
+            let cache = crate::generate::hf_hub_cache();
+            match cache.as_deref().and_then(|c| crate::generate::hf_snapshot(c, &repo)) {
+                Some(snap) if repo.contains('/') => snap,
+                _ => bail!(
+                    "--model {repo}: neither a folder nor a repository in the Hugging Face cache ({}); nothing is downloaded",
+                    cache.map_or("no cache folder".into(), |c| c.display().to_string())
+                ),
+            }
+        }
         None => tiny_chat_model(&crate::tiny_model::default_dir().with_file_name("tiny-chat-v1"))?,
     };
     let cfg_path = dir.join("config.json");

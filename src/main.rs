@@ -81,8 +81,9 @@ enum Command {
         /// A safetensors file holding `pixel_values` [T, 3, 448, 448] (the model card's load_image).
         #[arg(long, value_name = "FILE")]
         pixel_values: Option<PathBuf>,
-        /// An InternVL3 folder (config.json, model.safetensors, tokenizer.json).
-        #[arg(long, value_name = "DIR")]
+        /// An InternVL3 folder (config.json, model.safetensors, tokenizer.json) or a repository id
+        /// (OpenGVLab/InternVL3-1B) in the Hugging Face cache.
+        #[arg(long, value_name = "DIR|REPO")]
         model: Option<PathBuf>,
         /// Stop after this many new tokens (or at <|im_end|>).
         #[arg(long, default_value_t = 64)]

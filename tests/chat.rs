@@ -255,3 +255,30 @@ fn multi_turn_history_is_rendered_as_internvl_does() {
     assert_eq!(code, 2);
     assert!(err.contains("history.json") && err.contains("[question, answer] pairs"), "{err}");
 }
+
+#[test]
+fn chat_model_is_found_in_the_hugging_face_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("hub/models--Org--Tiny-InternVL/snapshots/abc123");
+    copy_case(&tmp.path().join("c"));
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(tmp.path().join("c/model").join(f), snap.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(tmp.path().join("hub/models--Org--Tiny-InternVL/refs")).unwrap();
+    std::fs::write(tmp.path().join("hub/models--Org--Tiny-InternVL/refs/main"), "abc123").unwrap();
+    let run = |repo: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_openuni"))
+            .args(["chat", "--model", repo, "--prompt", "x", "--max-new-tokens", "2"])
+            .env("HF_HUB_CACHE", tmp.path().join("hub"))
+            .output()
+            .unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, err) = run("Org/Tiny-InternVL");
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("not meaningful"), "a real folder is not the built-in model: {err}");
+    let (code, err) = run("Org/Missing");
+    assert_eq!(code, 2);
+    assert!(err.contains("--model Org/Missing") && err.contains("nothing is downloaded"), "{err}");
+}
