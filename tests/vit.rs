@@ -2,7 +2,8 @@
 //!
 //! - The committed case tests/fixtures/vit_tiny (transformers' InternVL on a small random model at
 //!   the real 448/14 geometry, saved in the original InternVL3 layout) passes on the CPU; the same
-//!   model as transformers saves it (`native_model/`, its own names and config) passes too.
+//!   model as transformers saves it (`native_model/`, its own names and config) passes too; so does
+//!   vit_rmsnorm_qknorm (InternViT-6B's RMSNorm and q/k norm, select_layer -2, two small tiles).
 //!   tests/verify_emu.rs runs the case on the emulated GPU in f32 and bf16.
 //! - A perturbed layer scale fails; a model without a vision tower, ps_version v1, a position
 //!   table for another grid, and pixel values of the wrong size are clear errors.
@@ -61,6 +62,19 @@ fn committed_vit_case_passes_on_cpu() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("vit_embeds") && out.contains("PASS") && !out.contains("FAIL"));
     assert!(out.contains("mid.vision_model.encoder.layers.1"), "the per-layer intermediates are compared");
+}
+
+#[test]
+fn internvit_6b_variants_pass_on_cpu() {
+    // tests/fixtures/vit_rmsnorm_qknorm: norm_type rms_norm, qk_normalization, select_layer -2,
+    // two 56-px tiles (4 image tokens each).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit_rmsnorm_qknorm");
+    let (code, out) = verify(&[dir.to_str().unwrap()]);
+    println!("{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("vit_embeds") && !out.contains("FAIL"));
+    // select_layer -2 of 3 layers: the last layer is not built, so its intermediate is not compared.
+    assert!(out.contains("mid.vision_model.encoder.layers.1") && !out.contains("mid.vision_model.encoder.layers.2"));
 }
 
 #[test]

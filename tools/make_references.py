@@ -412,17 +412,19 @@ def case_llm_gqa_untied(out_dir, args):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def internvl_tiny_config(vit_hidden, vit_heads, vit_inter, vit_layers, llm_hidden, vocab, llm_layers=1):
-    """A small transformers InternVLConfig at the real tile geometry (448 px, patch 14, 1025 tokens)."""
+def internvl_tiny_config(vit_hidden, vit_heads, vit_inter, vit_layers, llm_hidden, vocab, llm_layers=1, image=448,
+                         norm_type="layer_norm", qk_norm=False, feature_layer=-1):
+    """A small transformers InternVLConfig, by default at the real tile geometry (448 px, patch 14, 1025 tokens)."""
     from transformers import InternVLConfig
     vision = dict(hidden_size=vit_hidden, num_attention_heads=vit_heads, intermediate_size=vit_inter,
-                  num_hidden_layers=vit_layers, image_size=[448, 448], patch_size=[14, 14], num_channels=3,
-                  attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+                  num_hidden_layers=vit_layers, image_size=[image, image], patch_size=[14, 14], num_channels=3,
+                  attention_bias=True, use_qk_norm=qk_norm, norm_type=norm_type, layer_norm_eps=1e-6,
                   hidden_act="gelu", use_mean_pooling=True, use_absolute_position_embeddings=True,
                   layer_scale_init_value=0.1, initializer_range=0.1)
     text = qwen2_config(vocab, llm_hidden, 2 * llm_hidden, llm_layers, 2, 1, tied=False).to_dict()
     cfg = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5, projector_hidden_act="gelu",
-                         vision_feature_layer=-1, vision_feature_select_strategy="default", image_token_id=vocab - 1,
+                         vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
+                         image_token_id=vocab - 1,
                          tie_word_embeddings=False)
     cfg._attn_implementation = "eager"
     cfg.vision_config._attn_implementation = "eager"
@@ -462,7 +464,8 @@ def internvl_to_original(sd, C):
                      ("embeddings.patch_embeddings.projection.", "embeddings.patch_embedding."),
                      ("encoder.layer.", "encoder.layers."), (".layernorm_before.", ".norm1."),
                      (".layernorm_after.", ".norm2."), (".attention.projection_layer.", ".attn.proj."),
-                     (".lambda_1", ".ls1"), (".lambda_2", ".ls2")):
+                     (".lambda_1", ".ls1"), (".lambda_2", ".ls2"), (".attention.q_norm.", ".attn.q_norm."),
+                     (".attention.k_norm.", ".attn.k_norm.")):
             n = n.replace(a, b)
         out["vision_model." + n] = v
     return out
@@ -472,17 +475,19 @@ def internvl_original_config(cfg, llm_config_path):
     """The original InternVL3 config.json nesting (InternVLChatConfig: vision_config + llm_config) for `cfg`."""
     vc = cfg.vision_config
     llm = json.loads(Path(llm_config_path).read_text())
+    image = vc.image_size[0]
     return {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "downsample_ratio": 0.5,
-        "dynamic_image_size": True, "force_image_size": 448, "max_dynamic_patch": 12, "min_dynamic_patch": 1,
-        "use_thumbnail": True, "ps_version": "v2", "select_layer": -1, "template": "internvl2_5", "pad2square": False,
+        "dynamic_image_size": True, "force_image_size": image, "max_dynamic_patch": 12, "min_dynamic_patch": 1,
+        "use_thumbnail": True, "ps_version": "v2", "select_layer": cfg.vision_feature_layer, "template": "internvl2_5",
+        "pad2square": False,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_size": cfg.text_config.hidden_size,
         "system_message": None,
         "vision_config": {
             "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": vc.hidden_size,
             "intermediate_size": vc.intermediate_size, "num_hidden_layers": vc.num_hidden_layers,
-            "num_attention_heads": vc.num_attention_heads, "image_size": 448, "patch_size": 14, "num_channels": 3,
-            "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "qkv_bias": True, "qk_normalization": False,
+            "num_attention_heads": vc.num_attention_heads, "image_size": image, "patch_size": 14, "num_channels": 3,
+            "norm_type": vc.norm_type, "layer_norm_eps": 1e-6, "qkv_bias": True, "qk_normalization": vc.use_qk_norm,
             "hidden_act": "gelu", "use_flash_attn": False, "drop_path_rate": 0.0, "dropout": 0.0,
             "attention_dropout": 0.0, "initializer_factor": 0.1, "torch_dtype": "bfloat16",
         },
@@ -505,11 +510,11 @@ def save_internvl_original(m, cfg, out_dir):
     return mdir
 
 
-def tile_pixels(T, seed):
+def tile_pixels(T, seed, size=448):
     """`T` normalised 448x448 tiles as the model card's load_image gives them (ImageNet mean/std, then rounded to
     bf16 as the card's `.to(torch.bfloat16)` does): a smooth synthetic RGB pattern with edges, in [0, 255]."""
     gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(448.0), torch.arange(448.0), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
     tiles = []
     for t in range(T):
         ph = torch.rand(3, generator=gen) * 6.28
@@ -529,7 +534,8 @@ def run_vit(m, pixel_values, mids=True):
         for i, layer in enumerate(m.model.vision_tower.encoder.layer):
             rec.output(layer, f"mid.vision_model.encoder.layers.{i}")
     with torch.no_grad():
-        feats = m.model.get_image_features(pixel_values=pixel_values.to(m.dtype))
+        feats = m.model.get_image_features(pixel_values=pixel_values.to(m.dtype),
+                                           vision_feature_layer=m.config.vision_feature_layer)
     rec.close()
     emb = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     res = {"vit_embeds": f32(emb)}
@@ -585,6 +591,45 @@ def case_vit_tiny(out_dir, args):
     if args.sensitivity:
         sens = sensitivity_report("vit_tiny", m, lambda mm: run_vit(mm, pixel_values, mids=False), ["vit_embeds"],
                                   const)
+    return {"bf16": bf16_err, "sens": sens}
+
+
+def case_vit_rmsnorm_qknorm(out_dir, args):
+    """InternViT-6B's variants on a tiny geometry (56 px tiles, 4x4 patches, 4 image tokens per tile, two tiles):
+    norm_type rms_norm, qk_normalization (RMSNorm over all heads' q and k), select_layer -2 (the second-to-last
+    layer feeds the projector). KB-sized; same reference path as vit_tiny."""
+    from transformers import InternVLForConditionalGeneration
+    seed = 1751
+    torch.manual_seed(seed)
+    cfg = internvl_tiny_config(vit_hidden=64, vit_heads=2, vit_inter=128, vit_layers=3, llm_hidden=32, vocab=64,
+                               image=56, norm_type="rms_norm", qk_norm=True, feature_layer=-2)
+    m = InternVLForConditionalGeneration(cfg).eval()
+    const = shape_params(m, seed + 1, x2=("*.q_proj.weight", "*.k_proj.weight"))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 3)
+        emb = m.model.vision_tower.embeddings
+        emb.position_embeddings.copy_(0.5 * randn(gen, *emb.position_embeddings.shape))
+        emb.cls_token.copy_(randn(gen, *emb.cls_token.shape))
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    assert isinstance(m.model.vision_tower.encoder.layer[0].attention.q_norm, nn.Module)
+    pixel_values = tile_pixels(2, seed + 2, size=56)
+    res = run_vit(m, pixel_values)
+    assert res["vit_embeds"].shape == (2, 4, 32), res["vit_embeds"].shape
+    save_internvl_original(m, cfg, out_dir)
+    b = bf16_copy(m)
+    bf = run_vit(b, pixel_values, mids=False)["vit_embeds"]
+    bf16_err = {"vit_embeds": rel_l2(bf, res["vit_embeds"])}
+    save_io(out_dir / "io.safetensors", {"pixel_values": pixel_values, **res, "bf16.vit_embeds": bf})
+    write_json(out_dir / "case.json", case_json(
+        "vit", seed, tiles=2, image_size=56, patch_size=14, layout="original", weights_dtype="bfloat16",
+        norm_type="rms_norm", qk_normalization=True, select_layer=-2,
+        reference="transformers InternVLForConditionalGeneration.get_image_features (eager), converted to the "
+                  "original InternVL keys", bf16_rel_l2=bf16_err))
+    sens = None
+    if args.sensitivity:
+        sens = sensitivity_report("vit_rmsnorm_qknorm", m, lambda mm: run_vit(mm, pixel_values, mids=False),
+                                  ["vit_embeds"], const)
     return {"bf16": bf16_err, "sens": sens}
 
 
@@ -1697,6 +1742,12 @@ def ref_vit(sd, cfg, px):
     vc = cfg["vision_config"]
     C, H, p = vc["hidden_size"], vc["num_attention_heads"], vc["patch_size"]
     hd, eps = C // H, vc["layer_norm_eps"]
+
+    def norm(x, P):
+        if vc["norm_type"] == "rms_norm":
+            return rmsnorm(x, W(sd, P + ".weight"), eps)
+        return layernorm(x, W(sd, P + ".weight"), W(sd, P + ".bias"), eps)
+
     T, g = px.shape[0], px.shape[-1] // p
     x = F.conv2d(px.to(DT), W(sd, "vision_model.embeddings.patch_embedding.weight"),
                  W(sd, "vision_model.embeddings.patch_embedding.bias"), stride=p)       # [T, C, g, g]
@@ -1706,16 +1757,20 @@ def ref_vit(sd, cfg, px):
     mids = []
     for i in range(vc["num_hidden_layers"]):
         P = f"vision_model.encoder.layers.{i}."
-        h = layernorm(x, W(sd, P + "norm1.weight"), W(sd, P + "norm1.bias"), eps)
-        q, k, v = lin(h, sd, P + "attn.qkv").view(T, -1, 3, H, hd).permute(2, 0, 3, 1, 4)
+        h = norm(x, P + "norm1")
+        q, k, v = lin(h, sd, P + "attn.qkv").view(T, -1, 3, C).unbind(2)
+        if vc["qk_normalization"]:  # RMSNorm over all heads' channels together
+            q = rmsnorm(q, W(sd, P + "attn.q_norm.weight"), eps)
+            k = rmsnorm(k, W(sd, P + "attn.k_norm.weight"), eps)
+        q, k, v = (t.reshape(T, -1, H, hd).transpose(1, 2) for t in (q, k, v))
         a = torch.softmax((q * hd ** -0.5) @ k.transpose(-1, -2), -1) @ v
         x = x + W(sd, P + "ls1") * lin(a.transpose(1, 2).reshape(T, -1, C), sd, P + "attn.proj")
-        h = layernorm(x, W(sd, P + "norm2.weight"), W(sd, P + "norm2.bias"), eps)
+        h = norm(x, P + "norm2")
         h = lin(h, sd, P + "mlp.fc1")
         h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
         x = x + W(sd, P + "ls2") * lin(h, sd, P + "mlp.fc2")
         mids.append(x)
-    grid = x[:, 1:].reshape(T, g, g, C)
+    grid = mids[cfg.get("select_layer", -1)][:, 1:].reshape(T, g, g, C)
     h2 = g // 2
     out = torch.empty(T, h2 * h2, 4 * C, dtype=DT)
     for r2 in range(h2):          # out[t, r2*h2 + c2, dy*2C + dx*C + ch] = grid[t, 2*r2 + dy, 2*c2 + dx, ch]
@@ -1921,6 +1976,7 @@ CASES = OrderedDict([
     ("pipeline_tiny", case_pipeline_tiny),
     ("pth", case_pth),
     ("vit_tiny", case_vit_tiny),
+    ("vit_rmsnorm_qknorm", case_vit_rmsnorm_qknorm),
     ("chat_tiny", case_chat_tiny),
 ])
 
