@@ -282,3 +282,27 @@ fn chat_model_is_found_in_the_hugging_face_cache() {
     assert_eq!(code, 2);
     assert!(err.contains("--model Org/Missing") && err.contains("nothing is downloaded"), "{err}");
 }
+
+#[test]
+fn different_generated_ids_fail() {
+    // The reference continues past our stop, or differs in one id: both are a FAIL (exit 1).
+    for edit in [0usize, 1] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_case(tmp.path());
+        let io = tmp.path().join("io.safetensors");
+        let mut all = Weights::open(&io).unwrap().all().unwrap();
+        let mut ids = all["generated_ids"].to_i64_vec();
+        if edit == 0 {
+            ids.push(ids[0]);
+        } else {
+            ids[3] = (ids[3] + 1) % 10;
+        }
+        all.insert("generated_ids".into(), HostTensor::new([1, ids.len()], HostData::I64(ids)).unwrap());
+        std::fs::remove_file(&io).unwrap();
+        write_safetensors(&io, all.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap();
+        let (code, out) = verify(tmp.path());
+        println!("{out}");
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("generated_ids") && out.contains("FAIL"), "{out}");
+    }
+}

@@ -59,7 +59,12 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     let (prefill, generated) = generate_greedy(&mut llm, &embeds, max_new, Some(eos), |_| {})?;
 
     let v = prefill.len();
-    let gen = HostTensor::new([1, generated.len()], HostData::I64(generated.iter().map(|&i| i as i64).collect()))?;
+    // Compared position by position against the reference's length: a run that stops early is
+    // padded with -1 and one that runs on is cut, so a different length is a FAIL, not an error.
+    let n_ref = case.tensor("generated_ids")?.numel();
+    let mut ids: Vec<i64> = generated.iter().map(|&i| i as i64).collect();
+    ids.resize(n_ref, -1);
+    let gen = HostTensor::new([1, n_ref], HostData::I64(ids))?;
     Ok(vec![
         Produced { reference: "prefill_logits".into(), tensor: HostTensor::from_f32([1, v], prefill)?, decisive: true, kind: Kind::Float },
         Produced { reference: "generated_ids".into(), tensor: gen, decisive: true, kind: Kind::Exact },
