@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod bench;
+pub mod chat;
 pub mod compare;
 pub mod convert;
 pub mod exec;

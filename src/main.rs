@@ -69,6 +69,46 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         write_configs: Option<PathBuf>,
     },
+    /// Ask InternVL3 a question, optionally about an image (given as its preprocessed pixel values);
+    /// the answer streams to stdout. Without --model, the built-in tiny random model answers
+    /// (not meaningfully).
+    Chat {
+        /// The question.
+        #[arg(long)]
+        prompt: String,
+        /// Earlier turns: a JSON file with a list of [question, answer] pairs.
+        #[arg(long, value_name = "FILE")]
+        history: Option<PathBuf>,
+        /// A safetensors file holding `pixel_values` [T, 3, 448, 448] (the model card's load_image).
+        #[arg(long, value_name = "FILE")]
+        pixel_values: Option<PathBuf>,
+        /// An InternVL3 folder (config.json, model.safetensors, tokenizer.json) or a repository id
+        /// (OpenGVLab/InternVL3-1B) in the Hugging Face cache.
+        #[arg(long, value_name = "DIR|REPO")]
+        model: Option<PathBuf>,
+        /// Stop after this many new tokens (or at <|im_end|>).
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sample instead of greedy decoding, at this temperature (transformers' do_sample order:
+        /// temperature, then --top-k, then --top-p).
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// With --temperature: keep the K most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// With --temperature: keep the smallest set of tokens reaching this probability.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// With --temperature: the seed of the draws (the same seed gives the same answer).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where the vision tower runs: cpu, cuda, cuda:N or emu (the LLM decodes on the CPU in f32).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Vision tower storage type: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Convert a PyTorch .pth checkpoint (read without running any pickled code) or safetensors
     /// file(s) to one safetensors file with the same tensor names and dtypes.
     Convert {
@@ -235,6 +275,27 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             let report = openuni::bench::run(&opts)?;
             print!("{}", openuni::bench::render(&report));
+            Ok(true)
+        }
+        Command::Chat { prompt, history, pixel_values, model, max_new_tokens, temperature, top_k, top_p, seed, device, dtype } => {
+            if temperature.is_none() && (top_k != 0 || top_p != 1.0) {
+                anyhow::bail!("--top-k and --top-p need --temperature (without it decoding is greedy)");
+            }
+            let sampling = temperature.map(|temperature| openuni::chat::Sampling { temperature, top_k, top_p, seed });
+            let opts = openuni::chat::ChatOptions {
+                model,
+                prompt,
+                history: match history {
+                    Some(h) => openuni::chat::read_history(&h)?,
+                    None => vec![],
+                },
+                pixel_values,
+                max_new_tokens,
+                sampling,
+                device: Device::parse(&device)?,
+                dtype: parse_dtype(&dtype)?,
+            };
+            openuni::chat::run_cli(&opts)?;
             Ok(true)
         }
         Command::Convert { input, output } => {

@@ -408,6 +408,293 @@ def case_llm_gqa_untied(out_dir, args):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# InternVL vision: InternViT + pixel shuffle v2 + mlp1 (component `vit`)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def internvl_tiny_config(vit_hidden, vit_heads, vit_inter, vit_layers, llm_hidden, vocab, llm_layers=1, image=448,
+                         norm_type="layer_norm", qk_norm=False, feature_layer=-1):
+    """A small transformers InternVLConfig, by default at the real tile geometry (448 px, patch 14, 1025 tokens)."""
+    from transformers import InternVLConfig
+    vision = dict(hidden_size=vit_hidden, num_attention_heads=vit_heads, intermediate_size=vit_inter,
+                  num_hidden_layers=vit_layers, image_size=[image, image], patch_size=[14, 14], num_channels=3,
+                  attention_bias=True, use_qk_norm=qk_norm, norm_type=norm_type, layer_norm_eps=1e-6,
+                  hidden_act="gelu", use_mean_pooling=True, use_absolute_position_embeddings=True,
+                  layer_scale_init_value=0.1, initializer_range=0.1)
+    text = qwen2_config(vocab, llm_hidden, 2 * llm_hidden, llm_layers, 2, 1, tied=False).to_dict()
+    cfg = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5, projector_hidden_act="gelu",
+                         vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
+                         image_token_id=vocab - 1,
+                         tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    cfg.vision_config._attn_implementation = "eager"
+    cfg.text_config._attn_implementation = "eager"
+    return cfg
+
+
+def internvl_to_original(sd, C):
+    """transformers' InternVL state dict -> the original InternVL checkpoint keys (the inverse of transformers'
+    convert_internvl_weights_to_hf.py: q/k/v concatenated into qkv, renamed modules)."""
+    out = {}
+    for k, v in sd.items():
+        if k == "lm_head.weight":
+            out["language_model.lm_head.weight"] = v
+            continue
+        if k.startswith("model.language_model."):
+            out["language_model.model." + k[len("model.language_model."):]] = v
+            continue
+        if k.startswith("model.multi_modal_projector."):
+            n = k[len("model.multi_modal_projector."):]
+            for a, b in (("layer_norm.", "mlp1.0."), ("linear_1.", "mlp1.1."), ("linear_2.", "mlp1.3.")):
+                if n.startswith(a):
+                    out[b + n[len(a):]] = v
+            continue
+        assert k.startswith("model.vision_tower."), k
+        n = k[len("model.vision_tower."):]
+        if ".attention.k_proj." in n or ".attention.v_proj." in n:
+            continue
+        if ".attention.q_proj." in n:
+            kind = n.rsplit(".", 1)[1]
+            stem = n.split(".attention.q_proj.")[0]
+            qkv = torch.cat([sd[f"model.vision_tower.{stem}.attention.{x}_proj.{kind}"] for x in "qkv"], 0)
+            n = f"{stem}.attn.qkv.{kind}"
+            v = qkv
+        for a, b in (("embeddings.cls_token", "embeddings.class_embedding"),
+                     ("embeddings.position_embeddings", "embeddings.position_embedding"),
+                     ("embeddings.patch_embeddings.projection.", "embeddings.patch_embedding."),
+                     ("encoder.layer.", "encoder.layers."), (".layernorm_before.", ".norm1."),
+                     (".layernorm_after.", ".norm2."), (".attention.projection_layer.", ".attn.proj."),
+                     (".lambda_1", ".ls1"), (".lambda_2", ".ls2"), (".attention.q_norm.", ".attn.q_norm."),
+                     (".attention.k_norm.", ".attn.k_norm.")):
+            n = n.replace(a, b)
+        out["vision_model." + n] = v
+    return out
+
+
+def internvl_original_config(cfg, llm_config_path):
+    """The original InternVL3 config.json nesting (InternVLChatConfig: vision_config + llm_config) for `cfg`."""
+    vc = cfg.vision_config
+    llm = json.loads(Path(llm_config_path).read_text())
+    image = vc.image_size[0]
+    return {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "downsample_ratio": 0.5,
+        "dynamic_image_size": True, "force_image_size": image, "max_dynamic_patch": 12, "min_dynamic_patch": 1,
+        "use_thumbnail": True, "ps_version": "v2", "select_layer": cfg.vision_feature_layer, "template": "internvl2_5",
+        "pad2square": False,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_size": cfg.text_config.hidden_size,
+        "system_message": None,
+        "vision_config": {
+            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": vc.hidden_size,
+            "intermediate_size": vc.intermediate_size, "num_hidden_layers": vc.num_hidden_layers,
+            "num_attention_heads": vc.num_attention_heads, "image_size": image, "patch_size": 14, "num_channels": 3,
+            "norm_type": vc.norm_type, "layer_norm_eps": 1e-6, "qkv_bias": True, "qk_normalization": vc.use_qk_norm,
+            "hidden_act": "gelu", "use_flash_attn": False, "drop_path_rate": 0.0, "dropout": 0.0,
+            "attention_dropout": 0.0, "initializer_factor": 0.1, "torch_dtype": "bfloat16",
+        },
+        "llm_config": llm,
+    }
+
+
+def save_internvl_original(m, cfg, out_dir):
+    """`out_dir/model`: the original layout (converted keys, InternVLChatConfig nesting with the llm_config in
+    InternVL3's form, bf16 tensors in one model.safetensors)."""
+    mdir = out_dir / "model"
+    mdir.mkdir()
+    tmp = out_dir / "_llm"
+    Qwen2ForCausalLM(cfg.text_config).save_pretrained(str(tmp))
+    to_internvl3_config_form(tmp / "config.json")
+    write_json(mdir / "config.json", internvl_original_config(cfg, tmp / "config.json"))
+    shutil.rmtree(tmp)
+    orig = internvl_to_original({k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}, cfg.vision_config.hidden_size)
+    save_weights(mdir / "model.safetensors", orig)
+    return mdir
+
+
+def tile_pixels(T, seed, size=448):
+    """`T` normalised 448x448 tiles as the model card's load_image gives them (ImageNet mean/std, then rounded to
+    bf16 as the card's `.to(torch.bfloat16)` does): a smooth synthetic RGB pattern with edges, in [0, 255]."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    tiles = []
+    for t in range(T):
+        ph = torch.rand(3, generator=gen) * 6.28
+        r = 127.5 + 100 * torch.sin(xx / 37.0 + ph[0]) * torch.cos(yy / 53.0)
+        g = 127.5 + 120 * torch.sin((xx + yy) / 61.0 + ph[1])
+        b = torch.where((xx // 56 + yy // 56) % 2 == 0, 40.0, 215.0) + 30 * torch.cos(yy / 19.0 + ph[2])
+        u8 = torch.stack([r, g, b]).round().clamp(0, 255)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+        tiles.append(((u8 / 255.0 - mean) / std))
+    return torch.stack(tiles).to(torch.bfloat16).to(torch.float32)
+
+
+def run_vit(m, pixel_values, mids=True):
+    rec = Recorder()
+    if mids:
+        for i, layer in enumerate(m.model.vision_tower.encoder.layer):
+            rec.output(layer, f"mid.vision_model.encoder.layers.{i}")
+    with torch.no_grad():
+        feats = m.model.get_image_features(pixel_values=pixel_values.to(m.dtype),
+                                           vision_feature_layer=m.config.vision_feature_layer)
+    rec.close()
+    emb = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    res = {"vit_embeds": f32(emb)}
+    res.update(rec.values)
+    return res
+
+
+def case_vit_tiny(out_dir, args):
+    """InternViT (2 layers, width 128, 2 heads of 64) + pixel shuffle v2 + mlp1 at the real 448/14 geometry,
+    through transformers' InternVLForConditionalGeneration, saved in the ORIGINAL InternVL3 layout (bf16 weights
+    as the released checkpoints; the f32 run uses those bf16 values). `native_model/` holds the same model as
+    transformers saves it (its own tensor names and config), for the loader test of the other layout."""
+    from transformers import InternVLForConditionalGeneration
+    seed = 1701
+    torch.manual_seed(seed)
+    cfg = internvl_tiny_config(vit_hidden=128, vit_heads=2, vit_inter=256, vit_layers=2, llm_hidden=64, vocab=128)
+    m = InternVLForConditionalGeneration(cfg).eval()
+    const = shape_params(m, seed + 1, x2=("*.q_proj.weight", "*.k_proj.weight"))
+    with torch.no_grad():
+        # Position embeddings and the class token start at zero: give them content (and the layer scales a
+        # spread around their init) so that a wrong position or a lost class token shows in the output.
+        gen = torch.Generator().manual_seed(seed + 3)
+        emb = m.model.vision_tower.embeddings
+        emb.position_embeddings.copy_(0.5 * randn(gen, *emb.position_embeddings.shape))
+        emb.cls_token.copy_(randn(gen, *emb.cls_token.shape))
+        for layer in m.model.vision_tower.encoder.layer:
+            layer.lambda_1.copy_(0.5 + 0.5 * torch.rand(layer.lambda_1.shape, generator=gen))
+            layer.lambda_2.copy_(0.5 + 0.5 * torch.rand(layer.lambda_2.shape, generator=gen))
+        for p in m.parameters():  # the released checkpoints are bf16: use bf16-representable weights
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    pixel_values = tile_pixels(1, seed + 2)
+    res = run_vit(m, pixel_values)
+    assert res["vit_embeds"].shape == (1, 256, 64), res["vit_embeds"].shape
+
+    # The same model as transformers saves it (layout "native"), reloaded: must give the same bits.
+    ndir = out_dir / "native_model"
+    m.to(torch.bfloat16).save_pretrained(str(ndir))
+    m.to(torch.float32)
+    m2 = InternVLForConditionalGeneration.from_pretrained(str(ndir), dtype=torch.float32, attn_implementation="eager").eval()
+    assert_same("vit_tiny (reloaded native layout)", run_vit(m2, pixel_values), res)
+
+    save_internvl_original(m, cfg, out_dir)
+
+    b = bf16_copy(m)
+    bf = run_vit(b, pixel_values, mids=False)["vit_embeds"]
+    bf16_err = {"vit_embeds": rel_l2(bf, res["vit_embeds"])}
+    save_io(out_dir / "io.safetensors", {"pixel_values": pixel_values, **res, "bf16.vit_embeds": bf})
+    write_json(out_dir / "case.json", case_json(
+        "vit", seed, tiles=1, image_size=448, patch_size=14, layout="original", weights_dtype="bfloat16",
+        reference="transformers InternVLForConditionalGeneration.get_image_features (eager), converted to the "
+                  "original InternVL keys", bf16_rel_l2=bf16_err))
+    sens = None
+    if args.sensitivity:
+        sens = sensitivity_report("vit_tiny", m, lambda mm: run_vit(mm, pixel_values, mids=False), ["vit_embeds"],
+                                  const)
+    return {"bf16": bf16_err, "sens": sens}
+
+
+def case_vit_rmsnorm_qknorm(out_dir, args):
+    """InternViT-6B's variants on a tiny geometry (56 px tiles, 4x4 patches, 4 image tokens per tile, two tiles):
+    norm_type rms_norm, qk_normalization (RMSNorm over all heads' q and k), select_layer -2 (the second-to-last
+    layer feeds the projector). KB-sized; same reference path as vit_tiny."""
+    from transformers import InternVLForConditionalGeneration
+    seed = 1751
+    torch.manual_seed(seed)
+    cfg = internvl_tiny_config(vit_hidden=64, vit_heads=2, vit_inter=128, vit_layers=3, llm_hidden=32, vocab=64,
+                               image=56, norm_type="rms_norm", qk_norm=True, feature_layer=-2)
+    m = InternVLForConditionalGeneration(cfg).eval()
+    const = shape_params(m, seed + 1, x2=("*.q_proj.weight", "*.k_proj.weight"))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 3)
+        emb = m.model.vision_tower.embeddings
+        emb.position_embeddings.copy_(0.5 * randn(gen, *emb.position_embeddings.shape))
+        emb.cls_token.copy_(randn(gen, *emb.cls_token.shape))
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    assert isinstance(m.model.vision_tower.encoder.layer[0].attention.q_norm, nn.Module)
+    pixel_values = tile_pixels(2, seed + 2, size=56)
+    res = run_vit(m, pixel_values)
+    assert res["vit_embeds"].shape == (2, 4, 32), res["vit_embeds"].shape
+    save_internvl_original(m, cfg, out_dir)
+    b = bf16_copy(m)
+    bf = run_vit(b, pixel_values, mids=False)["vit_embeds"]
+    bf16_err = {"vit_embeds": rel_l2(bf, res["vit_embeds"])}
+    save_io(out_dir / "io.safetensors", {"pixel_values": pixel_values, **res, "bf16.vit_embeds": bf})
+    write_json(out_dir / "case.json", case_json(
+        "vit", seed, tiles=2, image_size=56, patch_size=14, layout="original", weights_dtype="bfloat16",
+        norm_type="rms_norm", qk_normalization=True, select_layer=-2,
+        reference="transformers InternVLForConditionalGeneration.get_image_features (eager), converted to the "
+                  "original InternVL keys", bf16_rel_l2=bf16_err))
+    sens = None
+    if args.sensitivity:
+        sens = sensitivity_report("vit_rmsnorm_qknorm", m, lambda mm: run_vit(mm, pixel_values, mids=False),
+                                  ["vit_embeds"], const)
+    return {"bf16": bf16_err, "sens": sens}
+
+
+INTERNVL2_5_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。")
+
+
+def internvl2_5_prompt(question, tiles):
+    """The model card's chat() prompt: internvl2_5 template, its system message, one image of `tiles` tiles."""
+    image = "<img>" + "<IMG_CONTEXT>" * (256 * tiles) + "</img>"
+    return (f"<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n<|im_start|>user\n{image}\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def case_chat_tiny(out_dir, args):
+    """Image chat: the templated prompt's ids (256 <IMG_CONTEXT> slots) + one tile -> the prefill logits of the last
+    position and the greedy continuation of transformers' InternVLForConditionalGeneration.generate (KV cache,
+    eos = <|im_end|>). ViT width 64 (1 head of 64, 1 layer), LLM 2 layers of width 64, a BPE tokenizer with
+    InternVL3's special tokens; weights bf16-representable, saved in the original layout."""
+    from transformers import InternVLForConditionalGeneration
+    seed = 1801
+    corpus = ["Describe the image in one sentence.", "What colour is the square?", "A red square on a blue field."]
+    tok_text, bpe_vocab = build_tokenizer_json(corpus, n_merges=24)
+    vocab = bpe_vocab + len(SPECIALS)
+    ids_of = {sp: bpe_vocab + i for i, sp in enumerate(SPECIALS)}
+    assert ids_of["<IMG_CONTEXT>"] == vocab - 1
+    torch.manual_seed(seed)
+    cfg = internvl_tiny_config(vit_hidden=64, vit_heads=1, vit_inter=128, vit_layers=1, llm_hidden=64, vocab=vocab,
+                               llm_layers=2)
+    m = InternVLForConditionalGeneration(cfg).eval()
+    shape_params(m, seed + 1, x2=("*.q_proj.weight", "*.k_proj.weight"))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 3)
+        emb = m.model.vision_tower.embeddings
+        emb.position_embeddings.copy_(0.5 * randn(gen, *emb.position_embeddings.shape))
+        emb.cls_token.copy_(randn(gen, *emb.cls_token.shape))
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    tok = Tokenizer.from_str(tok_text)
+    ids = torch.tensor([tok.encode(internvl2_5_prompt("What colour is the square?", 1)).ids], dtype=torch.int64)
+    assert int((ids == ids_of["<IMG_CONTEXT>"]).sum()) == 256
+    pixel_values = tile_pixels(1, seed + 2)
+    eos, N = ids_of["<|im_end|>"], 8
+    with torch.no_grad():
+        logits = m(input_ids=ids, pixel_values=pixel_values).logits[:, -1]
+        out = m.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=N, eos_token_id=eos, pad_token_id=eos, output_scores=True,
+                         return_dict_in_generate=True)
+    generated = out.sequences[:, ids.shape[1]:]
+    # Greedy must be decidable at f32 precision: every step's best logit leads the next by a clear margin.
+    margins = [float(torch.topk(sc[0], 2).values[0] - torch.topk(sc[0], 2).values[1]) for sc in out.scores]
+    assert min(margins) > 1e-3, margins
+    assert torch.equal(out.scores[0][0], logits[0].to(out.scores[0].dtype)) or rel_l2(out.scores[0][0], logits[0]) < 1e-6
+
+    mdir = save_internvl_original(m, cfg, out_dir)
+    (mdir / "tokenizer.json").write_text(tok_text)
+    save_io(out_dir / "io.safetensors", {"input_ids": ids, "pixel_values": pixel_values, "prefill_logits": f32(logits),
+                                         "generated_ids": generated.to(torch.int64)})
+    write_json(out_dir / "case.json", case_json(
+        "chat", seed, max_new_tokens=N, eos_token_id=eos, tiles=1, template="internvl2_5",
+        question="What colour is the square?", min_greedy_margin=min(margins),
+        reference="transformers InternVLForConditionalGeneration.generate (greedy, eager, KV cache)"))
+    return {"bf16": {}, "extra": f"generated {generated.tolist()}, min top-2 margin {min(margins):.3g}"}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # SANA transformer
 # --------------------------------------------------------------------------------------------------------------
 
@@ -1455,6 +1742,97 @@ def cc_connector(d, name):
         report(name, f"mid.layers.{i}", m, io_t[f"mid.layers.{i}"])
 
 
+
+# ---------------- InternViT (original layout) + pixel shuffle v2 (spec §5 index formula) + mlp1
+def ref_vit(sd, cfg, px):
+    vc = cfg["vision_config"]
+    C, H, p = vc["hidden_size"], vc["num_attention_heads"], vc["patch_size"]
+    hd, eps = C // H, vc["layer_norm_eps"]
+
+    def norm(x, P):
+        if vc["norm_type"] == "rms_norm":
+            return rmsnorm(x, W(sd, P + ".weight"), eps)
+        return layernorm(x, W(sd, P + ".weight"), W(sd, P + ".bias"), eps)
+
+    T, g = px.shape[0], px.shape[-1] // p
+    x = F.conv2d(px.to(DT), W(sd, "vision_model.embeddings.patch_embedding.weight"),
+                 W(sd, "vision_model.embeddings.patch_embedding.bias"), stride=p)       # [T, C, g, g]
+    x = x.flatten(2).transpose(1, 2)                                                      # patch = row * g + col
+    cls = W(sd, "vision_model.embeddings.class_embedding").reshape(1, 1, C).expand(T, 1, C)
+    x = torch.cat([cls, x], 1) + W(sd, "vision_model.embeddings.position_embedding").reshape(1, g * g + 1, C)
+    mids = []
+    for i in range(vc["num_hidden_layers"]):
+        P = f"vision_model.encoder.layers.{i}."
+        h = norm(x, P + "norm1")
+        q, k, v = lin(h, sd, P + "attn.qkv").view(T, -1, 3, C).unbind(2)
+        if vc["qk_normalization"]:  # RMSNorm over all heads' channels together
+            q = rmsnorm(q, W(sd, P + "attn.q_norm.weight"), eps)
+            k = rmsnorm(k, W(sd, P + "attn.k_norm.weight"), eps)
+        q, k, v = (t.reshape(T, -1, H, hd).transpose(1, 2) for t in (q, k, v))
+        a = torch.softmax((q * hd ** -0.5) @ k.transpose(-1, -2), -1) @ v
+        x = x + W(sd, P + "ls1") * lin(a.transpose(1, 2).reshape(T, -1, C), sd, P + "attn.proj")
+        h = norm(x, P + "norm2")
+        h = lin(h, sd, P + "mlp.fc1")
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+        x = x + W(sd, P + "ls2") * lin(h, sd, P + "mlp.fc2")
+        mids.append(x)
+    grid = mids[cfg.get("select_layer", -1)][:, 1:].reshape(T, g, g, C)
+    h2 = g // 2
+    out = torch.empty(T, h2 * h2, 4 * C, dtype=DT)
+    for r2 in range(h2):          # out[t, r2*h2 + c2, dy*2C + dx*C + ch] = grid[t, 2*r2 + dy, 2*c2 + dx, ch]
+        for c2 in range(h2):
+            for dy in range(2):
+                for dx in range(2):
+                    out[:, r2 * h2 + c2, (2 * dy + dx) * C:(2 * dy + dx + 1) * C] = grid[:, 2 * r2 + dy, 2 * c2 + dx]
+    y = layernorm(out, W(sd, "mlp1.0.weight"), W(sd, "mlp1.0.bias"), 1e-5)
+    y = lin(y, sd, "mlp1.1")
+    y = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
+    return lin(y, sd, "mlp1.3"), mids
+
+
+def cc_vit(d, name):
+    io_t = load_file(str(d / "io.safetensors"))
+    cfg = json.loads((d / "model/config.json").read_text())
+    sd = load_file(str(d / "model/model.safetensors"))
+    out, mids = ref_vit(sd, cfg, io_t["pixel_values"])
+    report(name, "vit_embeds", out, io_t["vit_embeds"])
+    for i, m in enumerate(mids):
+        report(name, f"mid.vision_model.encoder.layers.{i}", m, io_t[f"mid.vision_model.encoder.layers.{i}"])
+
+
+
+def cc_chat(d, name):
+    """Float64 chat from the original-layout files: ViT -> scatter into the <IMG_CONTEXT> rows -> Qwen2 (no cache:
+    the whole sequence again per step) -> greedy ids; the image context id from tokenizer.json's added tokens."""
+    io_t = load_file(str(d / "io.safetensors"))
+    cj = json.loads((d / "case.json").read_text())
+    cfg = json.loads((d / "model/config.json").read_text())
+    sd = load_file(str(d / "model/model.safetensors"))
+    tj = json.loads((d / "model/tokenizer.json").read_text())
+    ctx = [t["id"] for t in tj["added_tokens"] if t["content"] == "<IMG_CONTEXT>"][0]
+    vit, _ = ref_vit(sd, cfg, io_t["pixel_values"])
+    llm = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
+    ids = io_t["input_ids"][0].tolist()
+    table = W(llm, "model.embed_tokens.weight")
+    head = W(llm, "lm_head.weight")
+    img = vit.reshape(-1, vit.shape[-1])
+    gen = []
+    for step in range(cj["max_new_tokens"]):
+        emb = table[torch.tensor(ids)].clone()
+        emb[torch.tensor(ids) == ctx] = img
+        hs, _ = ref_qwen2(llm, cfg["llm_config"], emb[None])
+        logits = hs[0, -1] @ head.T
+        if step == 0:
+            report(name, "prefill_logits", logits[None], io_t["prefill_logits"])
+        nxt = int(logits.argmax())
+        gen.append(nxt)
+        ids.append(nxt)
+        if nxt == cj["eos_token_id"]:
+            break
+    want = io_t["generated_ids"][0].tolist()
+    CC_RESULTS.append((name, "generated_ids", 0.0 if gen == want else 1.0, 0.0, gen == want))
+
+
 def cc_llm(d, name):
     io_t = load_file(str(d / "io.safetensors"))
     cfg = json.loads((d / "model/config.json").read_text())
@@ -1569,7 +1947,8 @@ def cc_pipeline(d, name):
 
 
 CROSSCHECKS = {"connector": cc_connector, "llm": cc_llm, "dit": cc_dit, "scheduler": cc_scheduler, "vae": cc_vae,
-               "pipeline": cc_pipeline}
+               "pipeline": cc_pipeline, "vit": cc_vit,
+               "chat": cc_chat}
 
 
 def crosscheck(case_dir):
@@ -1824,6 +2203,9 @@ CASES = OrderedDict([
     ("vae_quadratic_small", case_vae_quadratic_small),
     ("pipeline_tiny", case_pipeline_tiny),
     ("pth", case_pth),
+    ("vit_tiny", case_vit_tiny),
+    ("vit_rmsnorm_qknorm", case_vit_rmsnorm_qknorm),
+    ("chat_tiny", case_chat_tiny),
 ])
 
 

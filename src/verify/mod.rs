@@ -1,6 +1,7 @@
 //! `openuni verify`: runs one reference case (spec: tests/fixtures/README.md and the shared case
 //! format) on a device and compares every output against the PyTorch result.
 
+mod chat;
 mod connector;
 mod dit;
 mod llm;
@@ -8,6 +9,7 @@ mod pipeline;
 mod preprocess;
 mod scheduler;
 mod vae;
+mod vit;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -233,8 +235,10 @@ fn run_component(case: &Case, opts: &Options) -> Result<(Vec<Produced>, Option<S
         "vae" => run_graph(case, vae::prepare(case)?, opts),
         "pipeline" => Ok((pipeline::run(case, opts)?, None)),
         "preprocess" => Ok((preprocess::run(case, opts)?, None)),
+        "vit" => run_graph(case, vit::prepare(case)?, opts),
+        "chat" => Ok((chat::run(case, opts)?, None)),
         other => bail!(
-            "{}: unknown component `{other}` (expected one of connector, llm, dit, vae, scheduler, pipeline, preprocess)",
+            "{}: unknown component `{other}` (expected one of connector, llm, dit, vae, scheduler, pipeline, preprocess, vit, chat)",
             case.dir.display()
         ),
     }

@@ -216,7 +216,9 @@ impl CpuExecutor {
             Op::Unary { x, f } => ops::unary(*f, view.get(*x), y),
             Op::Add { a, b } => ops::add(view.get(*a), view.get(*b), y),
             Op::GatedAdd { x, gate, y: yy } => {
-                ops::gated_add(view.get(*x), view.get(*gate), view.get(*yy), out_shape.dims()[1], cols, y)
+                // Rows per gate row: the tokens of one sample ([B, C] gate) or every row ([1, C]).
+                let tokens = out_shape.rows() / g.shape(*gate).rows();
+                ops::gated_add(view.get(*x), view.get(*gate), view.get(*yy), tokens, cols, y)
             }
             Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale, segments, rope } => {
                 let qs = g.shape(*q).dims();
@@ -282,6 +284,10 @@ impl CpuExecutor {
                 for (i, &s) in starts.iter().enumerate() {
                     ops::slice_tokens(view.get(*x), 1, t, c, s, *len, &mut y[i * len * c..(i + 1) * len * c]);
                 }
+            }
+            Op::ClassPosEmbed { x, cls, pos } => {
+                let d = out_shape.dims();
+                ops::class_pos_embed(view.get(*x), view.get(*cls), view.get(*pos), d[0], d[1] - 1, d[2], y)
             }
             Op::SliceTokens { x, start, len } => {
                 let d = g.shape(*x).dims();

@@ -559,6 +559,20 @@ pub fn grouped_linear(x: &[f32], weight: &[f32], cin: usize, cout: usize, groups
     }
 }
 
+/// A ViT's input tokens: for each of `batch` samples, row 0 = `cls + pos[0]`, row 1 + i =
+/// `x[i] + pos[1 + i]` for the `n` patch tokens of `c` channels.
+pub fn class_pos_embed(x: &[f32], cls: &[f32], pos: &[f32], batch: usize, n: usize, c: usize, out: &mut [f32]) {
+    for (b, sample) in out.chunks_exact_mut((n + 1) * c).enumerate().take(batch) {
+        let (first, rest) = sample.split_at_mut(c);
+        for ((o, &t), &p) in first.iter_mut().zip(cls).zip(&pos[..c]) {
+            *o = t + p;
+        }
+        for ((o, &t), &p) in rest.iter_mut().zip(&x[b * n * c..(b + 1) * n * c]).zip(&pos[c..]) {
+            *o = t + p;
+        }
+    }
+}
+
 /// Tokens [start, start + len) of each of `batch` rows of `tokens` tokens × `c` channels.
 pub fn slice_tokens(x: &[f32], batch: usize, tokens: usize, c: usize, start: usize, len: usize, out: &mut [f32]) {
     for b in 0..batch {

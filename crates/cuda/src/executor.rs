@@ -390,7 +390,8 @@ impl CudaExecutor {
                         v: p(*y),
                         y: p(node.output),
                         n,
-                        tokens: out.dims()[1],
+                        // Rows per gate row: one sample's tokens ([B, C] gate) or all rows ([1, C]).
+                        tokens: out.rows() / g.shape(*gate).rows(),
                         cols,
                     }
                 }

@@ -215,7 +215,11 @@ impl GraphBuilder {
         let s = self.shape(x).clone();
         expect_shape("gated_add", &format!("{name}: y"), self.shape(y), &s)?;
         let bc = self.broadcast_shape("gated_add", name, &s)?;
-        expect_shape("gated_add", &format!("{name}: gate"), self.shape(gate), &bc)?;
+        // [B, C] per sample, or [1, C] for every row (a layer scale).
+        let all_rows = Shape::new([1, s.last()]);
+        if self.shape(gate) != &all_rows {
+            expect_shape("gated_add", &format!("{name}: gate"), self.shape(gate), &bc)?;
+        }
         Ok(self.push(name, Op::GatedAdd { x, gate, y }, s))
     }
 
@@ -461,6 +465,19 @@ impl GraphBuilder {
             return Err(shape_err("pixel_shuffle_shortcut", format!("{name}: 4·{cout} output channels are not a multiple of {cin}")));
         }
         Ok(self.push(name, Op::PixelShuffleShortcut { x, h, w, cout }, Shape::new([b, 4 * h * w, cout])))
+    }
+
+    /// A ViT's class token and position embedding over patch tokens `x` [B, N, C] (see
+    /// `Op::ClassPosEmbed`): `cls` [C], `pos` [N + 1, C] -> [B, N + 1, C].
+    pub fn class_pos_embed(&mut self, name: &str, x: ValueId, cls: ValueId, pos: ValueId) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        if s.rank() != 3 {
+            return Err(shape_err("class_pos_embed", format!("{name}: input {s} is not [B, N, C]")));
+        }
+        let (b, n, c) = (s.dims()[0], s.dims()[1], s.dims()[2]);
+        expect_shape("class_pos_embed", &format!("{name}: class token"), self.shape(cls), &Shape::new([c]))?;
+        expect_shape("class_pos_embed", &format!("{name}: position table"), self.shape(pos), &Shape::new([n + 1, c]))?;
+        Ok(self.push(name, Op::ClassPosEmbed { x, cls, pos }, Shape::new([b, n + 1, c])))
     }
 
     pub fn slice_tokens(&mut self, name: &str, x: ValueId, start: usize, len: usize) -> Result<ValueId> {

@@ -54,7 +54,8 @@ pub enum Op {
     Unary { x: ValueId, f: UnaryFn },
     /// `a + b`, same shapes (residual add).
     Add { a: ValueId, b: ValueId },
-    /// `x + gate · y` with `gate` [B, C] broadcast over the tokens of [B, N, C] (adaLN gated residual).
+    /// `x + gate · y` with `gate` [B, C] broadcast over the tokens of [B, N, C] (adaLN gated residual),
+    /// or `gate` [1, C] broadcast over every row (a ViT's per-channel layer scale).
     GatedAdd { x: ValueId, gate: ValueId, y: ValueId },
     /// Softmax attention. `q` [B, N, heads·head_dim], `k`/`v` [B, M, kv_heads·head_dim] (GQA when
     /// kv_heads < heads), output [B, N, heads·head_dim]; softmax in f32 with `scale` on the logits.
@@ -121,6 +122,10 @@ pub enum Op {
     /// DC-AE's upsample shortcut `pixel_shuffle(repeat_interleave(x, R, channel), 2)` on an h×w
     /// grid with Cin channels to 2h×2w with Cout = Cin·R/4: `out[c, 2y+i, 2x+j] = x[(4c+2i+j)/R, y, x]`.
     PixelShuffleShortcut { x: ValueId, h: usize, w: usize, cout: usize },
+    /// A ViT's input tokens: the class token, then the patch tokens, plus the position table:
+    /// `x` [B, N, C], `cls` [C], `pos` [N + 1, C] -> [B, N + 1, C] with row 0 = `cls + pos[0]` and
+    /// row 1 + n = `x[n] + pos[1 + n]` (one rounding, as PyTorch's `cat` then `+`).
+    ClassPosEmbed { x: ValueId, cls: ValueId, pos: ValueId },
     /// Tokens [start, start + len) of every row of a [B, T, C] tensor.
     SliceTokens { x: ValueId, start: usize, len: usize },
     /// Tokens [s, s + len) of a [1, T, C] tensor for each s in `starts`, stacked: [starts.len(), len, C]
@@ -164,6 +169,7 @@ impl Op {
             Op::Upsample2x { .. } => "upsample2x",
             Op::PixelShuffleShortcut { .. } => "pixel_shuffle_shortcut",
             Op::Concat { .. } => "concat",
+            Op::ClassPosEmbed { .. } => "class_pos_embed",
             Op::SliceTokens { .. } => "slice_tokens",
             Op::GatherTokens { .. } => "gather_tokens",
             Op::GroupedLinear { .. } => "grouped_linear",
@@ -216,6 +222,7 @@ impl Op {
                 v.extend(bias);
             }
             Op::Concat { xs } => v.extend(xs),
+            Op::ClassPosEmbed { x, cls, pos } => v.extend([*x, *cls, *pos]),
             Op::GroupedLinear { x, weight, .. } => v.extend([*x, *weight]),
             Op::SwiGlu { gate, up } => v.extend([*gate, *up]),
             Op::DepthwiseConv2d { x, weight, bias, .. } | Op::DepthwiseConvGlu { x, weight, bias, .. } => {

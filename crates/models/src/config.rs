@@ -217,3 +217,10 @@ mod tests {
         assert!(e.contains("llm_config") && e.contains("intermediate_size"), "{e}");
     }
 }
+
+/// The vision tower and projector settings of an InternVL `config.json` (original nesting with
+/// `vision_config`/`llm_config`, or transformers' `vision_config`/`text_config`).
+pub fn read_internvl_vision(path: &Path) -> Result<crate::internvit::InternVlVisionConfig, ModelError> {
+    let cfg: serde_json::Value = read_json(path)?;
+    crate::internvit::InternVlVisionConfig::from_json(&cfg, &path.display().to_string())
+}

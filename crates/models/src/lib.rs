@@ -4,6 +4,7 @@
 pub mod config;
 pub mod connector;
 pub mod dcae;
+pub mod internvit;
 pub mod internvl_preprocess;
 pub mod prompt;
 pub mod qwen2;

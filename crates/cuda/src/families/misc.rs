@@ -1,5 +1,6 @@
 //! Small ops (`kernels/misc.cu`): adaLN-single's modulation table and its chunks, the timestep
-//! sinusoid, SiLU-GLU, SwiGLU, rotary embedding, token slices and concatenation.
+//! sinusoid, SiLU-GLU, SwiGLU, rotary embedding, token slices and concatenation, and a ViT's class
+//! token + position embedding (composed of the copy and modulation-table kernels).
 //!
 //! Chunk, SliceTokens and Concat are one strided 2-D copy each (Concat: one launch per input, into
 //! its column range of the output; GatherTokens: one per gathered range). The timestep embedding and rope read small frequency tables
@@ -128,6 +129,32 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                 at += w;
             }
             v
+        }
+        Op::ClassPosEmbed { x, cls, pos } => {
+            // Three launches of existing kernels: the class token into row 0 of every sample (a
+            // copy with source stride 0), the patch tokens into rows 1.., then the position table
+            // added in place (modulation_table: out[b, j, i] = table[j, i] + out[b, j, i]), so
+            // each value is rounded once, as PyTorch's `cat` then `+`.
+            let d = out.dims();
+            let (b, rows, c) = (d[0], d[1], d[2]);
+            vec![
+                copy(ctx, p(*cls), y, b, c, 0, rows * c),
+                copy(ctx, p(*x), y + (c * es) as u64, b, (rows - 1) * c, (rows - 1) * c, rows * c),
+                launch(
+                    ctx,
+                    format!("modulation_table_{s}"),
+                    n,
+                    vec![
+                        KArg::Ptr(y),
+                        KArg::Ptr(p(*pos)),
+                        KArg::Ptr(y),
+                        KArg::I64(n as i64),
+                        i32_arg("class_pos_embed tokens·C", rows * c)?,
+                        i32_arg("class_pos_embed C", c)?,
+                        KArg::I32(1),
+                    ],
+                ),
+            ]
         }
         Op::TimestepEmbedding { t, dim } => {
             let (batch, half) = (g.shape(*t).dims()[0], dim / 2);

@@ -127,6 +127,7 @@ pub fn supports(op: &Op) -> bool {
             | Op::Rope { .. }
             | Op::SliceTokens { .. }
             | Op::GatherTokens { .. }
+            | Op::ClassPosEmbed { .. }
             | Op::Concat { .. }
             | Op::Conv2d { .. }
             | Op::UpsampleConv2d { .. }
@@ -154,6 +155,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
         Op::Rope { .. } => Some(misc::resolve(ctx, node)),
         Op::SliceTokens { .. } | Op::GatherTokens { .. } => Some(misc::resolve(ctx, node)),
         Op::Concat { .. } => Some(misc::resolve(ctx, node)),
+        Op::ClassPosEmbed { .. } => Some(misc::resolve(ctx, node)),
         Op::Conv2d { .. }
         | Op::UpsampleConv2d { .. }
         | Op::DepthwiseConv2d { .. }

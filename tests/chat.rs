@@ -1,0 +1,308 @@
+//! Image chat on the CPU (src/chat.rs, component `chat`).
+//!
+//! - The committed case tests/fixtures/chat_tiny (transformers' InternVL `generate`, greedy with a
+//!   KV cache, on a small random model in the original layout) passes on the CPU: prefill logits
+//!   at the f32 tolerance, generated ids exactly. tests/verify_emu.rs runs it with the ViT on the
+//!   emulated GPU (f32 and bf16).
+//! - The KV cache gives what a full recompute gives: decoding a token against the cache equals
+//!   running the whole sequence again.
+//! - A prompt whose image slots do not match the tiles, and a tokenizer without `<IMG_CONTEXT>`,
+//!   are clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use openuni::chat::{argmax, CachedQwen2};
+use openuni_models::qwen2::Qwen2Config;
+use openuni_tensor::{write_safetensors, HostData, HostTensor, Weights};
+
+fn case() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_tiny")
+}
+
+fn verify(dir: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_openuni")).arg("verify").arg(dir).output().unwrap();
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn copy_case(dir: &Path) {
+    std::fs::create_dir_all(dir.join("model")).unwrap();
+    for f in ["case.json", "io.safetensors", "model/config.json", "model/model.safetensors", "model/tokenizer.json"] {
+        std::fs::copy(case().join(f), dir.join(f)).unwrap();
+    }
+}
+
+fn llm_config() -> Qwen2Config {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case().join("model/config.json")).unwrap()).unwrap();
+    serde_json::from_value(v["llm_config"].clone()).unwrap()
+}
+
+#[test]
+fn committed_chat_case_passes_on_cpu() {
+    let (code, out) = verify(&case());
+    println!("{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("prefill_logits") && out.contains("generated_ids") && !out.contains("FAIL"));
+}
+
+#[test]
+fn kv_cached_decoding_equals_a_full_recompute() {
+    let cfg = llm_config();
+    let w = Weights::open(case().join("model")).unwrap();
+    let origin = "chat_tiny";
+    let ids: Vec<usize> = vec![3, 17, 40, 5, 99, 12, 7];
+    let (p, h) = ("language_model.model.", "language_model.lm_head.weight");
+    // Cached: prefill 5 tokens, then two single-token steps.
+    let mut cached = CachedQwen2::load(&w, &cfg, p, h, origin).unwrap();
+    cached.forward(&cached.embed(&ids[..5]).unwrap()).unwrap();
+    cached.forward(&cached.embed(&ids[5..6]).unwrap()).unwrap();
+    let step = cached.forward(&cached.embed(&ids[6..7]).unwrap()).unwrap();
+    assert_eq!(cached.cached_len(), 7);
+    // Recomputed: all 7 tokens at once on a fresh cache.
+    let mut fresh = CachedQwen2::load(&w, &cfg, p, h, origin).unwrap();
+    let full = fresh.forward(&fresh.embed(&ids).unwrap()).unwrap();
+    let max = step.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("max |cached - recomputed| = {max:e}");
+    assert!(max < 1e-5, "cached decode differs from recompute by {max}");
+    assert_eq!(argmax(&step), argmax(&full));
+    // A perturbed cache must change the result (the cache is really read).
+    let mut broken = CachedQwen2::load(&w, &cfg, p, h, origin).unwrap();
+    broken.forward(&broken.embed(&[3, 17, 40, 5, 98]).unwrap()).unwrap();
+    broken.forward(&broken.embed(&ids[5..6]).unwrap()).unwrap();
+    let other = broken.forward(&broken.embed(&ids[6..7]).unwrap()).unwrap();
+    assert!(other.iter().zip(&full).any(|(a, b)| (a - b).abs() > 1e-4));
+}
+
+#[test]
+fn image_slot_mismatch_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_case(tmp.path());
+    let io = tmp.path().join("io.safetensors");
+    let mut all = Weights::open(&io).unwrap().all().unwrap();
+    let ids = all["input_ids"].to_i64_vec();
+    let ctx = *ids.iter().max().unwrap(); // <IMG_CONTEXT> is the last id of this vocabulary
+    let pos = ids.iter().position(|&i| i == ctx).unwrap();
+    let mut cut = ids.clone();
+    cut.remove(pos);
+    all.insert("input_ids".into(), HostTensor::new([1, cut.len()], HostData::I64(cut)).unwrap());
+    std::fs::remove_file(&io).unwrap();
+    write_safetensors(&io, all.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap();
+    let (code, out) = verify(tmp.path());
+    println!("{out}");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("255 image context tokens") && out.contains("256 embeddings"), "{out}");
+}
+
+#[test]
+fn tokenizer_without_image_context_token_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_case(tmp.path());
+    let t = tmp.path().join("model/tokenizer.json");
+    let text = std::fs::read_to_string(&t).unwrap().replace("<IMG_CONTEXT>", "<IMG_CTX_RENAMED>");
+    std::fs::write(&t, text).unwrap();
+    let (code, out) = verify(tmp.path());
+    println!("{out}");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("tokenizer.json") && out.contains("no added token `<IMG_CONTEXT>`"), "{out}");
+}
+
+fn chat(args: &[&str], cache: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_openuni")).arg("chat").args(args).env("OPENUNI_CACHE", cache).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// The case's pixel values as a file for `--pixel-values`.
+fn pixel_file(dir: &Path) -> PathBuf {
+    let px = Weights::open(case().join("io.safetensors")).unwrap().get("pixel_values").unwrap();
+    let p = dir.join("px.safetensors");
+    write_safetensors(&p, [("pixel_values", &px)], None).unwrap();
+    p
+}
+
+#[test]
+fn chat_cli_reproduces_the_reference_answer() {
+    // The case was made from the prompt "What colour is the square?" with one tile through the
+    // internvl2_5 template in Python: the CLI must build the same ids and decode the same answer.
+    let tmp = tempfile::tempdir().unwrap();
+    let px = pixel_file(tmp.path());
+    let model = case().join("model");
+    let args = ["--model", model.to_str().unwrap(), "--prompt", "What colour is the square?", "--pixel-values", px.to_str().unwrap(), "--max-new-tokens", "8"];
+    let (code, out, err) = chat(&args, tmp.path());
+    println!("{out}{err}");
+    assert_eq!(code, 0, "{err}");
+    let tok = openuni_models::prompt::PromptTokenizer::from_dir(&model).unwrap();
+    let want_ids: Vec<u32> = Weights::open(case().join("io.safetensors")).unwrap().get("generated_ids").unwrap().to_i64_vec().iter().map(|&i| i as u32).collect();
+    let want = tok.tokenizer().decode(&want_ids, true).unwrap();
+    assert_eq!(out.trim_end_matches('\n'), want);
+    assert!(err.contains("(8 tokens"), "{err}");
+    // The prompt ids the CLI builds are the reference's.
+    let text = openuni::chat::internvl2_5_prompt("What colour is the square?", Some(256));
+    let ids: Vec<i64> = tok.encode_text(&text, "prompt").unwrap().iter().map(|&i| i as i64).collect();
+    assert_eq!(ids, Weights::open(case().join("io.safetensors")).unwrap().get("input_ids").unwrap().to_i64_vec());
+}
+
+#[test]
+fn chat_cli_runs_the_tiny_model_and_says_it_is_not_meaningful() {
+    let tmp = tempfile::tempdir().unwrap();
+    let px = pixel_file(tmp.path());
+    for args in [vec!["--prompt", "What is this?"], vec!["--prompt", "What is this?", "--pixel-values", px.to_str().unwrap()]] {
+        let (code, out, err) = chat(&args, tmp.path());
+        println!("{out}{err}");
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("not meaningful"), "{err}");
+        assert!(err.contains("tokens, stopped at"), "{err}");
+    }
+}
+
+#[test]
+fn chat_cli_bad_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let px = pixel_file(tmp.path());
+    // Special-token text in the question.
+    let (code, _, err) = chat(&["--prompt", "hi <IMG_CONTEXT>"], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("special token `<IMG_CONTEXT>`"), "{err}");
+    // An image for a model without a vision tower; an unknown template.
+    let m = tmp.path().join("case");
+    copy_case(&m);
+    let cfg_path = m.join("model/config.json");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut no_vit = cfg.clone();
+    no_vit.as_object_mut().unwrap().remove("vision_config");
+    std::fs::write(&cfg_path, no_vit.to_string()).unwrap();
+    let model = m.join("model");
+    let (code, _, err) = chat(&["--model", model.to_str().unwrap(), "--prompt", "x", "--pixel-values", px.to_str().unwrap()], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("an image was given") && err.contains("no vision tower"), "{err}");
+    // The same model answers a text-only question.
+    let (code, _, err) = chat(&["--model", model.to_str().unwrap(), "--prompt", "x", "--max-new-tokens", "3"], tmp.path());
+    assert_eq!(code, 0, "{err}");
+    let mut other = cfg.clone();
+    other["template"] = serde_json::json!("chatml");
+    std::fs::write(&cfg_path, other.to_string()).unwrap();
+    let (code, _, err) = chat(&["--model", model.to_str().unwrap(), "--prompt", "x"], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("template `chatml` is not supported"), "{err}");
+}
+
+#[test]
+fn sampling_filters_follow_transformers() {
+    use openuni::chat::Sampling;
+    let probs = [0.5f32, 0.3, 0.15, 0.05];
+    let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+    let kept = |s: Sampling| -> Vec<usize> { s.filter(&logits).iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, _)| i).collect() };
+    let s = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 };
+    assert_eq!(kept(s), vec![0, 1, 2, 3]);
+    // Ascending cumulative probabilities 0.05, 0.2, 0.5, 1.0: top_p 0.75 drops those <= 0.25,
+    // top_p 0.45 those <= 0.55, and the most likely token always stays.
+    assert_eq!(kept(Sampling { top_p: 0.75, ..s }), vec![0, 1]);
+    assert_eq!(kept(Sampling { top_p: 0.45, ..s }), vec![0]);
+    assert_eq!(kept(Sampling { top_p: 0.01, ..s }), vec![0]);
+    assert_eq!(kept(Sampling { top_k: 3, ..s }), vec![0, 1, 2]);
+    // Temperature divides the logits before the filters.
+    let t = Sampling { temperature: 2.0, ..s }.filter(&logits);
+    assert!((t[0] - logits[0] / 2.0).abs() < 1e-7);
+    assert!(Sampling { temperature: 0.0, ..s }.validate().is_err());
+    assert!(Sampling { top_p: 1.5, ..s }.validate().is_err());
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_top_k_1_is_greedy() {
+    use openuni::chat::{generate, Picker, Sampling};
+    let cfg = llm_config();
+    let w = Weights::open(case().join("model")).unwrap();
+    let (p, h) = ("language_model.model.", "language_model.lm_head.weight");
+    let run = |picker: &mut Picker| {
+        let mut llm = CachedQwen2::load(&w, &cfg, p, h, "chat_tiny").unwrap();
+        let e = llm.embed(&[3, 17, 40, 5]).unwrap();
+        generate(&mut llm, &e, 12, None, picker, |_| {}).unwrap().1
+    };
+    let greedy = run(&mut Picker::Greedy);
+    let s = Sampling { temperature: 1.5, top_k: 0, top_p: 1.0, seed: 7 };
+    let a = run(&mut Picker::new(Some(s)).unwrap());
+    assert_eq!(a, run(&mut Picker::new(Some(s)).unwrap()), "same seed, same ids");
+    let others: Vec<Vec<usize>> = (8..12).map(|seed| run(&mut Picker::new(Some(Sampling { seed, ..s })).unwrap())).collect();
+    assert!(others.iter().any(|o| *o != a), "different seeds never differ");
+    assert!(a != greedy || others.iter().any(|o| *o != greedy), "sampling at temperature 1.5 always equals greedy");
+    let k1 = run(&mut Picker::new(Some(Sampling { top_k: 1, ..s })).unwrap());
+    assert_eq!(k1, greedy);
+}
+
+#[test]
+fn multi_turn_history_is_rendered_as_internvl_does() {
+    // spec/internvl3.md §7.1: system + sep, then role + message + sep per turn, the open
+    // assistant role last; the image goes with the current question.
+    let h = vec![("Hi?".to_string(), "Hello.".to_string())];
+    let got = openuni::chat::internvl2_5_conversation(&h, "And now?", Some(2));
+    let want = format!(
+        "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n\
+         <|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nAnd now?<|im_end|>\n<|im_start|>assistant\n",
+        openuni::chat::INTERNVL2_5_SYSTEM
+    );
+    assert_eq!(got, want);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let hist = tmp.path().join("history.json");
+    std::fs::write(&hist, r#"[["What is this?", "A square."]]"#).unwrap();
+    let (code, _, err) = chat(&["--prompt", "Which colour?", "--history", hist.to_str().unwrap(), "--max-new-tokens", "3"], tmp.path());
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(&hist, r#"[["What is this?", "A <|im_end|> square."]]"#).unwrap();
+    let (code, _, err) = chat(&["--prompt", "Which colour?", "--history", hist.to_str().unwrap()], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("history contains the special token `<|im_end|>`"), "{err}");
+    std::fs::write(&hist, r#"{"q": 1}"#).unwrap();
+    let (code, _, err) = chat(&["--prompt", "Which colour?", "--history", hist.to_str().unwrap()], tmp.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("history.json") && err.contains("[question, answer] pairs"), "{err}");
+}
+
+#[test]
+fn chat_model_is_found_in_the_hugging_face_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("hub/models--Org--Tiny-InternVL/snapshots/abc123");
+    copy_case(&tmp.path().join("c"));
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(tmp.path().join("c/model").join(f), snap.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(tmp.path().join("hub/models--Org--Tiny-InternVL/refs")).unwrap();
+    std::fs::write(tmp.path().join("hub/models--Org--Tiny-InternVL/refs/main"), "abc123").unwrap();
+    let run = |repo: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_openuni"))
+            .args(["chat", "--model", repo, "--prompt", "x", "--max-new-tokens", "2"])
+            .env("HF_HUB_CACHE", tmp.path().join("hub"))
+            .output()
+            .unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, err) = run("Org/Tiny-InternVL");
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("not meaningful"), "a real folder is not the built-in model: {err}");
+    let (code, err) = run("Org/Missing");
+    assert_eq!(code, 2);
+    assert!(err.contains("--model Org/Missing") && err.contains("nothing is downloaded"), "{err}");
+}
+
+#[test]
+fn different_generated_ids_fail() {
+    // The reference continues past our stop, or differs in one id: both are a FAIL (exit 1).
+    for edit in [0usize, 1] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_case(tmp.path());
+        let io = tmp.path().join("io.safetensors");
+        let mut all = Weights::open(&io).unwrap().all().unwrap();
+        let mut ids = all["generated_ids"].to_i64_vec();
+        if edit == 0 {
+            ids.push(ids[0]);
+        } else {
+            ids[3] = (ids[3] + 1) % 10;
+        }
+        all.insert("generated_ids".into(), HostTensor::new([1, ids.len()], HostData::I64(ids)).unwrap());
+        std::fs::remove_file(&io).unwrap();
+        write_safetensors(&io, all.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap();
+        let (code, out) = verify(tmp.path());
+        println!("{out}");
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("generated_ids") && out.contains("FAIL"), "{out}");
+    }
+}
