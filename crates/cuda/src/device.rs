@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use crate::error::{CudaError, DriverContext, Result};
@@ -71,6 +71,9 @@ pub enum KArg {
     I32(i32),
     F32(f32),
 }
+
+/// Dynamic shared memory a kernel may use without opting in (`cuFuncSetAttribute`).
+const DEFAULT_DYNAMIC_SMEM: u32 = 48 * 1024;
 
 /// An open device.
 pub struct CudaDevice {
@@ -350,6 +353,12 @@ impl CudaDevice {
         args: &[KArg],
     ) -> Result<()> {
         let f = self.kernels.function(kernel)?;
+        if smem > DEFAULT_DYNAMIC_SMEM {
+            // Above 48 KiB a kernel must opt in to its dynamic shared memory (a host-side attribute,
+            // so it also holds for launches recorded into a CUDA graph).
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .ctx(|| format!("allowing kernel `{kernel}` {smem} bytes of dynamic shared memory"))?;
+        }
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {
