@@ -387,14 +387,6 @@ impl GraphBuilder {
         Ok(self.push(name, Op::SwiGlu { gate, up }, s))
     }
 
-    pub fn rope(&mut self, name: &str, x: ValueId, heads: usize, head_dim: usize, theta: f32) -> Result<ValueId> {
-        let s = self.shape(x).clone();
-        if s.rank() != 3 || s.last() != heads * head_dim || head_dim % 2 != 0 {
-            return Err(shape_err("rope", format!("{name}: input {s} is not [B, T, {heads}·{head_dim}] with an even head dim")));
-        }
-        Ok(self.push(name, Op::Rope { x, heads, head_dim, theta }, s))
-    }
-
     pub fn packed_linear_attention(&mut self, name: &str, qkv: ValueId, groups: usize, head_dim: usize) -> Result<ValueId> {
         let s = self.shape(qkv).clone();
         if s.rank() != 3 || s.last() != groups * 3 * head_dim {
@@ -450,27 +442,6 @@ impl GraphBuilder {
         Ok(self.push(name, Op::RepeatChannels { x, repeats }, s.with_last(s.last() * repeats)))
     }
 
-    pub fn upsample2x(&mut self, name: &str, x: ValueId, h: usize, w: usize) -> Result<ValueId> {
-        let (b, c) = self.grid("upsample2x", name, x, h, w)?;
-        Ok(self.push(name, Op::Upsample2x { x, h, w }, Shape::new([b, 4 * h * w, c])))
-    }
-
-    pub fn pixel_shuffle_shortcut(&mut self, name: &str, x: ValueId, h: usize, w: usize, cout: usize) -> Result<ValueId> {
-        let (b, cin) = self.grid("pixel_shuffle_shortcut", name, x, h, w)?;
-        if (4 * cout) % cin != 0 {
-            return Err(shape_err("pixel_shuffle_shortcut", format!("{name}: 4·{cout} output channels are not a multiple of {cin}")));
-        }
-        Ok(self.push(name, Op::PixelShuffleShortcut { x, h, w, cout }, Shape::new([b, 4 * h * w, cout])))
-    }
-
-    pub fn slice_tokens(&mut self, name: &str, x: ValueId, start: usize, len: usize) -> Result<ValueId> {
-        let s = self.shape(x).clone();
-        if s.rank() != 3 || start + len > s.dims()[1] {
-            return Err(shape_err("slice_tokens", format!("{name}: tokens {start}..{} are not inside {s} ([B, T, C])", start + len)));
-        }
-        Ok(self.push(name, Op::SliceTokens { x, start, len }, Shape::new([s.dims()[0], len, s.last()])))
-    }
-
     /// `len` tokens from each of `starts` of a [1, T, C] tensor, stacked: [starts.len(), len, C].
     pub fn gather_tokens(&mut self, name: &str, x: ValueId, starts: &[usize], len: usize) -> Result<ValueId> {
         let s = self.shape(x).clone();
@@ -522,13 +493,5 @@ impl GraphBuilder {
             return Err(shape_err("depthwise_conv_glu", format!("{name}: input {xs} has an odd channel count (expected [u | gate])")));
         }
         Ok(self.push(name, Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel }, xs.with_last(xs.last() / 2)))
-    }
-
-    pub fn glu_silu(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
-        let xs = self.shape(x).clone();
-        if xs.last() % 2 != 0 {
-            return Err(shape_err("glu_silu", format!("{name}: last dim of {xs} is odd")));
-        }
-        Ok(self.push(name, Op::GluSilu { x }, xs.with_last(xs.last() / 2)))
     }
 }

@@ -16,7 +16,6 @@
 use openuni_graph::{Node, Op};
 use openuni_tensor::DType;
 
-use super::misc::rope_inv_freq;
 use super::{Ctx, Launch};
 use crate::device::KArg;
 use crate::error::{CudaError, Result};
@@ -170,6 +169,12 @@ pub fn rope_table(theta: f32, head_dim: usize, positions: usize) -> Vec<f32> {
         }
     }
     t
+}
+
+/// transformers' rotary inverse frequencies `1 / theta^(2i/head_dim)` in f32 (the CPU twin's
+/// `rope_inv_freq`).
+pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
 }
 
 fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {

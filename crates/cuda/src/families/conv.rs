@@ -1,7 +1,7 @@
 //! The DC-AE decoder's convolution family (`kernels/conv.cu`): `Conv2d` (3×3 bf16 on the tensor
 //! cores, every other case on the CUDA cores), `UpsampleConv2d` (bf16: four 2×2 phase convolutions
-//! on the tensor cores), `DepthwiseConv2d`, `GroupedLinear`, `Upsample2x`,
-//! `PixelShuffleShortcut`, `RepeatChannels`. All on tokens [B, h·w, C] (NHWC).
+//! on the tensor cores), `DepthwiseConv2d`, `DepthwiseConvGlu`, `GroupedLinear`, `RepeatChannels`.
+//! All on tokens [B, h·w, C] (NHWC).
 //!
 //! The launch builders are public so that tests and benchmarks launch exactly what the executor
 //! launches, on raw device pointers, and can reach the epilogue options (fused SiLU, residual)
@@ -291,41 +291,6 @@ pub fn grouped_linear(dtype: DType, x: u64, weight: u64, y: u64, rows: usize, ci
     })
 }
 
-/// Nearest 2× upsampling of [batch, h·w, c] tokens.
-#[allow(clippy::too_many_arguments)]
-pub fn upsample2x(dtype: DType, sm_count: u32, x: u64, y: u64, batch: usize, h: usize, w: usize, c: usize) -> Result<Launch> {
-    Ok(Launch {
-        kernel: format!("upsample2x_{}", suffix(dtype)?),
-        grid: stride_grid(sm_count, batch * h * w * c / (16 / dtype.size_in_bytes()) + 1),
-        block: (256, 1, 1),
-        smem: 0,
-        args: vec![KArg::Ptr(x), KArg::Ptr(y), i32_arg("batch", batch)?, i32_arg("h", h)?, i32_arg("w", w)?, i32_arg("channels", c)?],
-    })
-}
-
-/// DC-AE's upsample shortcut, [batch, h·w, cin] -> [batch, 2h·2w, cout] (4·cout a multiple of cin).
-#[allow(clippy::too_many_arguments)]
-pub fn pixel_shuffle_shortcut(dtype: DType, sm_count: u32, x: u64, y: u64, batch: usize, h: usize, w: usize, cin: usize, cout: usize) -> Result<Launch> {
-    if cin == 0 || (4 * cout) % cin != 0 {
-        return Err(invalid("pixel_shuffle_shortcut", format!("4·{cout} output channels are not a multiple of {cin}")));
-    }
-    Ok(Launch {
-        kernel: format!("pixel_shuffle_shortcut_{}", suffix(dtype)?),
-        grid: stride_grid(sm_count, 4 * batch * h * w * cout / (16 / dtype.size_in_bytes()) + 1),
-        block: (256, 1, 1),
-        smem: 0,
-        args: vec![
-            KArg::Ptr(x),
-            KArg::Ptr(y),
-            i32_arg("batch", batch)?,
-            i32_arg("h", h)?,
-            i32_arg("w", w)?,
-            i32_arg("cin", cin)?,
-            i32_arg("cout", cout)?,
-        ],
-    })
-}
-
 /// `repeat_interleave` over the last dim of `rows` rows of `cin` channels.
 pub fn repeat_channels(dtype: DType, sm_count: u32, x: u64, y: u64, rows: usize, cin: usize, repeats: usize) -> Result<Launch> {
     Ok(Launch {
@@ -394,14 +359,6 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         Op::GroupedLinear { x, weight, groups } => {
             let xs = g.shape(*x);
             grouped_linear(ctx.dtype, p(*x), p(*weight), out, xs.rows(), xs.last(), g.shape(*weight).dims()[0], *groups)?
-        }
-        Op::Upsample2x { x, h, w } => {
-            let xs = g.shape(*x);
-            upsample2x(ctx.dtype, sms, p(*x), out, xs.dims()[0], *h, *w, xs.last())?
-        }
-        Op::PixelShuffleShortcut { x, h, w, cout } => {
-            let xs = g.shape(*x);
-            pixel_shuffle_shortcut(ctx.dtype, sms, p(*x), out, xs.dims()[0], *h, *w, xs.last(), *cout)?
         }
         Op::RepeatChannels { x, repeats } => {
             let xs = g.shape(*x);

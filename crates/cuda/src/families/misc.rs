@@ -1,10 +1,10 @@
 //! Small ops (`kernels/misc.cu`): adaLN-single's modulation table and its chunks, the timestep
-//! sinusoid, SiLU-GLU, SwiGLU, rotary embedding, token slices and concatenation.
+//! sinusoid, SwiGLU, token gathers and concatenation.
 //!
-//! Chunk, SliceTokens and Concat are one strided 2-D copy each (Concat: one launch per input, into
-//! its column range of the output; GatherTokens: one per gathered range). The timestep embedding and rope read small frequency tables
-//! computed here exactly as the CPU twins compute them (`openuni_cpu::ops::{timestep_embedding,
-//! rope_inv_freq}`) and uploaded once per executor ([`Ctx::constant`]).
+//! Chunk, GatherTokens and Concat are strided 2-D copies (Chunk: one launch; GatherTokens: one per
+//! gathered range; Concat: one per input, into its column range of the output). The timestep
+//! embedding reads a small frequency table computed here exactly as the CPU twin computes it
+//! (`openuni_cpu::ops::timestep_embedding`) and uploaded once per executor ([`Ctx::constant`]).
 
 use openuni_graph::{Node, Op, ValueId};
 use openuni_tensor::DType;
@@ -56,12 +56,6 @@ pub fn timestep_frequencies(half: usize) -> Vec<f32> {
     (0..half).map(|i| (ln * i as f32 / half as f32).exp()).collect()
 }
 
-/// transformers' rotary inverse frequencies `1 / theta^(2i/head_dim)` in f32 (the CPU twin's
-/// `rope_inv_freq`).
-pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
-}
-
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -103,11 +97,6 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             let (b, k, c) = (d[0], d[1], d[2]);
             vec![copy(ctx, p(*x) + (index * c * es) as u64, y, b, c, k * c, c)]
         }
-        Op::SliceTokens { x, start, len } => {
-            let d = dims(*x);
-            let (b, t, c) = (d[0], d[1], d[2]);
-            vec![copy(ctx, p(*x) + (start * c * es) as u64, y, b, len * c, t * c, len * c)]
-        }
         Op::GatherTokens { x, starts, len } => {
             let c = g.shape(*x).last();
             starts
@@ -146,16 +135,6 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                 vec![KArg::Ptr(tp), KArg::Ptr(freq), KArg::Ptr(y), i32_arg("timestep batch", batch)?, i32_arg("timestep half dim", half)?],
             )]
         }
-        Op::GluSilu { x } => {
-            let hh = out.last();
-            let v = 16 / es;
-            vec![launch(
-                ctx,
-                format!("glu_silu_{s}"),
-                out.rows() * hh.div_ceil(v),
-                vec![KArg::Ptr(p(*x)), KArg::Ptr(y), KArg::I64(out.rows() as i64), i32_arg("glu_silu width", hh)?],
-            )]
-        }
         Op::SwiGlu { gate, up } => {
             let v = 16 / es;
             vec![launch(
@@ -163,28 +142,6 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                 format!("swiglu_{s}"),
                 n.div_ceil(v),
                 vec![KArg::Ptr(p(*gate)), KArg::Ptr(p(*up)), KArg::Ptr(y), KArg::I64(n as i64)],
-            )]
-        }
-        Op::Rope { x, heads, head_dim, theta } => {
-            let d = out.dims();
-            let (rows, tokens) = (d[0] * d[1], d[1]);
-            let inv = ctx.constant(
-                &format!("rope.inv_freq.{:08x}.{head_dim}", theta.to_bits()),
-                &f32_bytes(&rope_inv_freq(*theta, *head_dim)),
-            )?;
-            vec![launch(
-                ctx,
-                format!("rope_{s}"),
-                rows * (head_dim / 2),
-                vec![
-                    KArg::Ptr(p(*x)),
-                    KArg::Ptr(inv),
-                    KArg::Ptr(y),
-                    KArg::I64(rows as i64),
-                    i32_arg("rope tokens", tokens)?,
-                    i32_arg("rope heads", *heads)?,
-                    i32_arg("rope head_dim", *head_dim)?,
-                ],
             )]
         }
         _ => unreachable!("misc::resolve called for {}", node.op.name()),

@@ -122,10 +122,7 @@ pub fn supports(op: &Op) -> bool {
             | Op::ModulationTable { .. }
             | Op::Chunk { .. }
             | Op::TimestepEmbedding { .. }
-            | Op::GluSilu { .. }
             | Op::SwiGlu { .. }
-            | Op::Rope { .. }
-            | Op::SliceTokens { .. }
             | Op::GatherTokens { .. }
             | Op::Concat { .. }
             | Op::Conv2d { .. }
@@ -133,8 +130,6 @@ pub fn supports(op: &Op) -> bool {
             | Op::DepthwiseConv2d { .. }
             | Op::DepthwiseConvGlu { .. }
             | Op::GroupedLinear { .. }
-            | Op::Upsample2x { .. }
-            | Op::PixelShuffleShortcut { .. }
             | Op::RepeatChannels { .. }
             | Op::Attention { .. }
     )
@@ -149,18 +144,14 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
         Op::ModulationTable { .. } => Some(misc::resolve(ctx, node)),
         Op::Chunk { .. } => Some(misc::resolve(ctx, node)),
         Op::TimestepEmbedding { .. } => Some(misc::resolve(ctx, node)),
-        Op::GluSilu { .. } => Some(misc::resolve(ctx, node)),
         Op::SwiGlu { .. } => Some(misc::resolve(ctx, node)),
-        Op::Rope { .. } => Some(misc::resolve(ctx, node)),
-        Op::SliceTokens { .. } | Op::GatherTokens { .. } => Some(misc::resolve(ctx, node)),
+        Op::GatherTokens { .. } => Some(misc::resolve(ctx, node)),
         Op::Concat { .. } => Some(misc::resolve(ctx, node)),
         Op::Conv2d { .. }
         | Op::UpsampleConv2d { .. }
         | Op::DepthwiseConv2d { .. }
         | Op::DepthwiseConvGlu { .. }
         | Op::GroupedLinear { .. }
-        | Op::Upsample2x { .. }
-        | Op::PixelShuffleShortcut { .. }
         | Op::RepeatChannels { .. } => Some(conv::resolve(ctx, node)),
         Op::Attention { .. } => Some(attention::resolve(ctx, node)),
         _ => None,
