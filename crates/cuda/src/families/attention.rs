@@ -117,7 +117,7 @@ pub fn launch(a: &AttentionArgs) -> std::result::Result<Vec<Launch>, String> {
     if a.n == 0 || a.m == 0 || a.batch == 0 {
         return Ok(vec![]);
     }
-    let suffix = if a.dtype == DType::F32 { "f32" } else { "bf16" };
+    let suffix = super::suffix(a.dtype).map_err(|e| e.to_string())?;
     let smem = smem_bytes(a.dtype, cap);
     Ok(vec![Launch {
         kernel: format!("attention_{suffix}_hd{cap}"),

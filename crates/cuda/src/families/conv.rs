@@ -10,7 +10,7 @@
 use openuni_graph::{Node, Op};
 use openuni_tensor::DType;
 
-use super::{Ctx, Launch};
+use super::{i32_arg, stride_grid, suffix, Ctx, Launch};
 use crate::device::KArg;
 use crate::error::{CudaError, Result};
 
@@ -31,29 +31,11 @@ fn invalid(what: &str, msg: String) -> CudaError {
     CudaError::Invalid { what: what.into(), msg }
 }
 
-fn suffix(dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        d => Err(CudaError::DType(d)),
-    }
-}
-
-fn i32_arg(what: &str, v: usize) -> Result<KArg> {
-    i32::try_from(v).map(KArg::I32).map_err(|_| invalid(what, format!("{v} does not fit 32 bits")))
-}
-
 fn grid_dim(what: &str, v: usize, max: usize) -> Result<u32> {
     if v == 0 || v > max {
         return Err(invalid(what, format!("grid dimension {v} outside 1..={max}")));
     }
     Ok(v as u32)
-}
-
-/// Grid of the grid-stride kernels: enough 256-thread blocks for `items`, at most 16 per SM.
-fn stride_grid(sm_count: u32, items: usize) -> (u32, u32, u32) {
-    let cap = (sm_count.max(1) as usize) * 16;
-    (items.div_ceil(256).clamp(1, cap) as u32, 1, 1)
 }
 
 /// The fused activation of a conv2d epilogue (after the bias, before the residual).

@@ -9,34 +9,20 @@
 use openuni_graph::{Node, Op, ValueId};
 use openuni_tensor::DType;
 
-use super::{Ctx, Launch};
+use super::{i32_arg, stride_grid, vec_width, Ctx, Launch, STRIDE_THREADS};
 use crate::device::KArg;
-use crate::error::{CudaError, Result};
-
-const THREADS: u32 = 256;
-
-/// Grid of a grid-stride kernel over `items` work items: at most 16 blocks per SM.
-fn grid(ctx: &Ctx, items: usize) -> (u32, u32, u32) {
-    let cap = ctx.dev.sm_count().max(1) as usize * 16;
-    (items.div_ceil(THREADS as usize).clamp(1, cap) as u32, 1, 1)
-}
+use crate::error::Result;
 
 fn launch(ctx: &Ctx, kernel: String, items: usize, args: Vec<KArg>) -> Launch {
-    Launch { kernel, grid: grid(ctx, items), block: (THREADS, 1, 1), smem: 0, args }
-}
-
-fn i32_arg(what: &str, v: usize) -> Result<KArg> {
-    i32::try_from(v)
-        .map(KArg::I32)
-        .map_err(|_| CudaError::Invalid { what: what.into(), msg: format!("{v} does not fit 32 bits") })
+    Launch { kernel, grid: stride_grid(ctx.dev.sm_count(), items), block: (STRIDE_THREADS, 1, 1), smem: 0, args }
 }
 
 /// `dst[r·dst_stride + i] = src[r·src_stride + i]` for r < rows, i < cols (in elements).
-fn copy(ctx: &Ctx, src: u64, dst: u64, rows: usize, cols: usize, src_stride: usize, dst_stride: usize) -> Launch {
-    let v = 16 / ctx.dtype.size_in_bytes();
+fn copy(ctx: &Ctx, s: &str, src: u64, dst: u64, rows: usize, cols: usize, src_stride: usize, dst_stride: usize) -> Launch {
+    let v = vec_width(ctx.dtype);
     launch(
         ctx,
-        format!("strided_copy_{}", ctx.suffix()),
+        format!("strided_copy_{s}"),
         rows * cols.div_ceil(v),
         vec![
             KArg::Ptr(src),
@@ -63,7 +49,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let p = ctx.ptr;
     let g = ctx.graph;
-    let s = ctx.suffix();
+    let s = ctx.suffix()?;
     let es = ctx.dtype.size_in_bytes();
     let y = p(node.output);
     let out = g.shape(node.output);
@@ -95,14 +81,14 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         Op::Chunk { x, index } => {
             let d = dims(*x);
             let (b, k, c) = (d[0], d[1], d[2]);
-            vec![copy(ctx, p(*x) + (index * c * es) as u64, y, b, c, k * c, c)]
+            vec![copy(ctx, s, p(*x) + (index * c * es) as u64, y, b, c, k * c, c)]
         }
         Op::GatherTokens { x, starts, len } => {
             let c = g.shape(*x).last();
             starts
                 .iter()
                 .enumerate()
-                .map(|(i, &st)| copy(ctx, p(*x) + (st * c * es) as u64, y + (i * len * c * es) as u64, 1, len * c, len * c, len * c))
+                .map(|(i, &st)| copy(ctx, s, p(*x) + (st * c * es) as u64, y + (i * len * c * es) as u64, 1, len * c, len * c, len * c))
                 .collect()
         }
         Op::Concat { xs } => {
@@ -112,7 +98,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             for &x in xs {
                 let w = g.shape(x).last();
                 if w > 0 {
-                    v.push(copy(ctx, p(x), y + (at * es) as u64, rows, w, w, total));
+                    v.push(copy(ctx, s, p(x), y + (at * es) as u64, rows, w, w, total));
                 }
                 at += w;
             }
@@ -136,7 +122,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             )]
         }
         Op::SwiGlu { gate, up } => {
-            let v = 16 / es;
+            let v = vec_width(ctx.dtype);
             vec![launch(
                 ctx,
                 format!("swiglu_{s}"),
