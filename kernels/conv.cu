@@ -68,6 +68,11 @@
 //       tiles of 32 input channels; each thread a 4 x 4 block of outputs.
 //   repeat_channels_{f32,bf16}(x, y, rows, cin, repeats)
 //       repeat_interleave over channels: out[r, c] = x[r, c / repeats] (conv_in's shortcut).
+//   conv_geometry(out)
+//       Writes the tile geometry the kernels above are compiled with (12 ints), for the test that
+//       compares it with the launcher's. The geometry the launcher needs is defined once, in
+//       kernels/include/conv_geometry.cuh; crates/cuda/build.rs generates the launcher's constants
+//       from that header.
 //
 // Version 1 (this one): correctness on any shape first, the tiling chosen for the decoder's shapes
 // (Cout 128..1024, grids 16^2..1024^2). Known next steps, to be measured on a GPU: cp.async double
@@ -76,6 +81,7 @@
 // staging of the output tile for 16-byte stores.
 
 #include "common.cuh"
+#include "conv_geometry.cuh"
 #include "mma.cuh"
 
 namespace ou {
@@ -87,10 +93,10 @@ __device__ __forceinline__ float conv_epilogue(float v, int act) {
 // ---------------------------------------------------------------------------------------------
 // conv2d on the CUDA cores (any odd k <= 7)
 
-constexpr int CV_TH = 8, CV_TW = 16;   // output tile: 8 rows x 16 columns
-constexpr int CV_BN = 64;              // output channels per block
-constexpr int CV_BK = 8;               // input channels per chunk
-constexpr int CV_KMAX = 7;             // largest kernel the halo buffer holds
+constexpr int CV_TH = CONV_TILE_H, CV_TW = CONV_TILE_W;  // output tile: 8 rows x 16 columns
+constexpr int CV_BN = CONV_TILE_N;                       // output channels per block
+constexpr int CV_BK = 8;                                 // input channels per chunk
+constexpr int CV_KMAX = CONV_KMAX;                       // largest kernel the halo buffer holds
 constexpr int CV_TAPS = 9;             // taps of weights staged at a time
 constexpr int CV_HALO = (CV_TH + CV_KMAX - 1) * (CV_TW + CV_KMAX - 1);
 
@@ -198,8 +204,8 @@ __device__ __forceinline__ void conv2d_direct(const T* __restrict__ x, const T* 
 // ---------------------------------------------------------------------------------------------
 // conv2d 3x3 on the tensor cores (bf16)
 
-constexpr int TC_TH = 8, TC_TW = 16;                   // output tile: 8 rows x 16 columns = 128 pixels
-constexpr int TC_BN = 64;                              // output channels per block
+constexpr int TC_TH = CONV_TILE_H, TC_TW = CONV_TILE_W;  // output tile: 8 rows x 16 columns = 128 pixels
+constexpr int TC_BN = CONV_TILE_N;                       // output channels per block
 constexpr int TC_BK = 16;                              // input channels per chunk (one mma k step)
 constexpr int TC_HH = TC_TH + 2, TC_HW = TC_TW + 2;    // halo 10 x 18
 constexpr int TC_HP = TC_HH * TC_HW;                   // 180 halo pixels
@@ -520,9 +526,9 @@ __device__ __forceinline__ void upconv_tc(const bf16* __restrict__ x, const bf16
 // ---------------------------------------------------------------------------------------------
 // depthwise conv
 
-constexpr int DW_R = 4;     // output rows per thread
-constexpr int DW_CB = 128;  // channels per block (32 threads x 4)
-constexpr int DW_KMAX = 7;  // largest kernel the shared weight tile holds
+constexpr int DW_R = DW_ROWS;       // output rows per thread
+constexpr int DW_CB = DW_CHANNELS;  // channels per block (32 threads x 4)
+constexpr int DW_KMAX = CONV_KMAX;  // largest kernel the shared weight tile holds
 
 // Loads 4 channels starting at p (n of them valid) as f32; `vec`: one aligned vector.
 template <typename T>
@@ -728,7 +734,7 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
 // ---------------------------------------------------------------------------------------------
 // grouped 1x1 conv
 
-constexpr int GL_BM = 128, GL_BN = 32, GL_BK = 32;
+constexpr int GL_BM = GL_ROWS, GL_BN = GL_COLS, GL_BK = 32;
 
 template <typename T>
 __device__ __forceinline__ void grouped_linear(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
@@ -884,4 +890,15 @@ extern "C" __global__ void repeat_channels_f32(const float* x, float* y, i64 row
 
 extern "C" __global__ void repeat_channels_bf16(const bf16* x, bf16* y, i64 rows, int cin, int repeats) {
     ou::repeat_channels<bf16>(x, y, rows, cin, repeats);
+}
+
+// The geometry the compiled kernels use, in conv_geometry.cuh's order, for tests/cuda_conv.rs to
+// compare with the launcher's: tile h, w, n of conv2d_* and of conv2d_bf16_tc, the two kernel-size
+// limits, depthwise rows and channels, grouped_linear rows and outputs.
+extern "C" __global__ void conv_geometry(int* out) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        const int g[12] = {ou::CV_TH, ou::CV_TW, ou::CV_BN, ou::TC_TH, ou::TC_TW, ou::TC_BN,
+                           ou::CV_KMAX, ou::DW_KMAX, ou::DW_R, ou::DW_CB, ou::GL_BM, ou::GL_BN};
+        for (int i = 0; i < 12; ++i) out[i] = g[i];
+    }
 }

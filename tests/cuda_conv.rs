@@ -545,3 +545,43 @@ fn resblock_decoder_matches_cpu() {
         assert!(e <= tol, "{dtype}: relative L2 error {e:.3e} above {tol:.0e}");
     }
 }
+
+/// The geometry the compiled kernels use (conv.cu's `conv_geometry` kernel) is the launcher's
+/// (`families::conv::geometry`, generated from the same header): a kernel constant redefined in
+/// conv.cu, or a stale build, fails here.
+#[test]
+fn conv_geometry_matches_the_launcher() {
+    let Some(dev) = device_or_skip() else { return };
+    use openuni_cuda::families::conv::geometry as g;
+    let buf = dev.alloc(12 * 4).unwrap();
+    let l = openuni_cuda::families::Launch {
+        kernel: "conv_geometry".into(),
+        grid: (1, 1, 1),
+        block: (32, 1, 1),
+        smem: 0,
+        args: vec![openuni_cuda::KArg::Ptr(buf.ptr())],
+    };
+    // SAFETY: the kernel writes 12 ints to its argument.
+    unsafe { l.enqueue(&dev).unwrap() };
+    let mut got = vec![0i32; 12];
+    dev.copy_to_host(buf.ptr(), &mut got).unwrap();
+    let want = [
+        g::CONV_TILE_H,
+        g::CONV_TILE_W,
+        g::CONV_TILE_N,
+        g::CONV_TILE_H,
+        g::CONV_TILE_W,
+        g::CONV_TILE_N,
+        g::CONV_KMAX,
+        g::CONV_KMAX,
+        g::DW_ROWS,
+        g::DW_CHANNELS,
+        g::GL_ROWS,
+        g::GL_COLS,
+    ];
+    let want: Vec<i32> = want.iter().map(|&v| v as i32).collect();
+    assert_eq!(
+        got, want,
+        "kernels/conv.cu compiles with tile h/w/n (CUDA cores), h/w/n (tensor cores), kmax (conv, depthwise), depthwise rows/channels, grouped rows/cols {got:?}, the launcher uses {want:?}"
+    );
+}
