@@ -1,8 +1,7 @@
 //! kernels/conv.cu against its CPU twins (openuni_cpu::ops::{conv2d, upsample_conv2d,
-//! depthwise_conv2d, depthwise_conv_glu, grouped_linear, repeat_channels}) and kernels/layout.cu's
-//! transpose against openuni_cpu::ops::transpose, on random inputs: one-node graphs through the
-//! CUDA executor (f32 and bf16 storage), and the conv2d kernels launched directly for what no
-//! graph op reaches (the fused SiLU + residual epilogue, the CUDA-core kernel on 3×3 bf16,
+//! depthwise_conv2d, depthwise_conv_glu, grouped_linear, repeat_channels}) on random inputs:
+//! one-node graphs through the CUDA executor (f32 and bf16 storage), and the conv2d kernels
+//! launched directly for what no graph op reaches (the fused SiLU + residual epilogue, the CUDA-core kernel on 3×3 bf16,
 //! misaligned pointers that force the element-wise load paths).
 //!
 //! Shapes: odd channel counts (3, 5, 7, 9, 70), channel counts that are not a multiple of the
@@ -427,28 +426,7 @@ fn depthwise_conv_glu_matches_cpu() {
     }
 }
 
-/// kernels/layout.cu: [B, rows, cols] -> [B, cols, rows], tiles of 32 crossed in both directions.
-#[test]
-fn transpose_matches_cpu() {
-    let Some(dev) = device_or_skip() else { return };
-    let mut rng = Rng::new(18);
-    // 2_097_200 rows: more than 65535 row tiles (a 2048^2 image's H*W is 4M), which grid.y could not hold.
-    for &(b, rows, cols) in &[(2usize, 3usize, 4usize), (1, 1, 1), (1, 33, 65), (3, 70, 3), (2, 32, 96), (1, 5, 100), (1, 2_097_200, 3)] {
-        let x = rng.normals(b * rows * cols, 0.0, 1.0);
-        let mut gb = GraphBuilder::new();
-        let xi = gb.input("x", [b, rows, cols]).unwrap();
-        let y = gb.transpose("t", xi, b, rows, cols, [b, cols, rows]).unwrap();
-        gb.output("y", y).unwrap();
-        let g = gb.finish();
-        check_graph(&dev, &format!("transpose [{b}, {rows}, {cols}]"), &g, &[("x", &[b, rows, cols], &x)], &[], &|i, _| {
-            let mut o = vec![0.0; b * rows * cols];
-            cpu::transpose(&i[0], b, rows, cols, &mut o);
-            o
-        });
-    }
-}
-
-/// The grid-stride kernels (depthwise conv, upsample, pixel-shuffle shortcut, channel repeat)
+/// The grid-stride kernels (depthwise conv, channel repeat)
 /// launched with a single block along the strided dimension, so each thread loops over many items.
 #[test]
 fn grid_stride_kernels_cover_every_item_from_one_block() {
