@@ -4,7 +4,7 @@
 //!   ceiling measured in the same run (cuBLASLt, 8192³, through the executor's `LinearGemm`);
 //!   for the up blocks also the fused upsample conv (`upsample_conv2d_bf16_tc`, what the decoder
 //!   runs), in effective TFLOP/s of the 3×3 conv it replaces.
-//! - the memory-bound ops (depthwise, grouped 1×1, upsample, pixel-shuffle shortcut): GB/s (bytes
+//! - the memory-bound ops (depthwise, grouped 1×1): GB/s (bytes
 //!   read + written once) and the fraction of the device-to-device copy bandwidth.
 //!
 //! CUDA events, warm-up, median of 50 samples. Prints one line per case and a JSON record
@@ -154,7 +154,7 @@ fn main() {
         }
     }
 
-    // Memory-bound ops of the EfficientViT stages and the up blocks (1024² output).
+    // Memory-bound ops of the EfficientViT stages (1024² output).
     let sms = dev.sm_count();
     let cases: Vec<(&str, &str, usize, usize, usize, usize)> = vec![
         // (kernel, where, h, w, channels, kernel size or groups or cout)
@@ -163,12 +163,10 @@ fn main() {
         ("depthwise_conv2d", "up_blocks.5 GLUMBConv dw3x3 (8·1024) @1024²", 32, 32, 8192, 3),
         ("depthwise_conv2d", "up_blocks.3 GLUMBConv dw3x3 (8·512) @1024²", 128, 128, 4096, 3),
         ("grouped_linear", "up_blocks.3 multiscale proj_out (3·512, 48 groups) @1024²", 128, 128, 1536, 48),
-        ("upsample2x", "up_blocks.0.upsample (256) @1024²", 512, 512, 256, 0),
-        ("pixel_shuffle_shortcut", "up_blocks.0.shortcut (256 -> 128) @1024²", 512, 512, 256, 128),
     ];
     for (kernel, label, h, w, c, p) in cases {
         let (h, w, c) = (cut(h, 8), cut(w, 8), cut(c, 96));
-        let p = if kernel == "grouped_linear" { cut(p, 3) } else if kernel == "pixel_shuffle_shortcut" { c / 2 } else { p };
+        let p = if kernel == "grouped_linear" { cut(p, 3) } else { p };
         let n = h * w * c;
         let x = dev.upload(&random_bytes(&mut rng, bf, n, 0.0, 1.0)).unwrap();
         let y = dev.alloc(4 * n * 2).unwrap();
@@ -179,15 +177,13 @@ fn main() {
                 std::mem::forget(wt); // lives to the end of the process
                 (l, 2 * (2 * n + c * p * p))
             }
-            "grouped_linear" => {
+            _ => {
                 let ci = c / p;
                 let wt = dev.upload(&random_bytes(&mut rng, bf, c * ci, 0.0, 0.1)).unwrap();
                 let l = conv::grouped_linear(bf, x.ptr(), wt.ptr(), y.ptr(), h * w, c, c, p).unwrap();
                 std::mem::forget(wt);
                 (l, 2 * (2 * n + c * ci))
             }
-            "upsample2x" => (conv::upsample2x(bf, sms, x.ptr(), y.ptr(), 1, h, w, c).unwrap(), 2 * 5 * n),
-            _ => (conv::pixel_shuffle_shortcut(bf, sms, x.ptr(), y.ptr(), 1, h, w, c, p).unwrap(), 2 * (n + 4 * h * w * p)),
         };
         // SAFETY: the buffers hold the shapes launched.
         let ms = time_ms(&dev, warmup, runs, 1, |_| unsafe { l.enqueue(&dev) }).unwrap();

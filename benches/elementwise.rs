@@ -4,7 +4,7 @@
 //! Prints one line per kernel and a JSON record (device, date, commit); without a CUDA device it
 //! prints `skipped: no CUDA device`. Run: `cargo bench --bench elementwise` (or tools/gpu_run.sh).
 
-use openuni_cuda::ops;
+use openuni_cuda::families::{elementwise, enqueue};
 use openuni_cuda::testing::{random_bytes, rotation, time_ms, BenchReport, Rng};
 use openuni_graph::UnaryFn;
 use openuni_tensor::DType;
@@ -117,6 +117,7 @@ fn main() {
             Kind::GatedAdd { .. } => (format!("gated_add_{dtype}"), (3 * n + samples * cols) * es),
             Kind::Cast(to) => (format!("cast_{dtype}_to_{to}"), n * (es + out_es)),
         };
+        let sms = dev.sm_count();
         let ms = time_ms(&dev, warmup, runs, sets, |i| {
             let s = i % sets;
             let (ap, bp, yp) = (
@@ -127,12 +128,12 @@ fn main() {
             // SAFETY: every buffer holds the shapes launched.
             unsafe {
                 match kind {
-                    Kind::Unary(f) => ops::unary(&dev, dtype, f, ap, yp, n),
-                    Kind::Add => ops::add(&dev, dtype, ap, bp, yp, n),
+                    Kind::Unary(f) => elementwise::unary(dtype, sms, f, ap, yp, n).and_then(|l| enqueue(&dev, &l)),
+                    Kind::Add => elementwise::add(dtype, sms, ap, bp, yp, n).and_then(|l| enqueue(&dev, &l)),
                     Kind::GatedAdd { tokens } => {
-                        ops::gated_add(&dev, dtype, ap, gate.ptr(), bp, yp, n, tokens.min(rows), cols)
+                        elementwise::gated_add(dtype, sms, ap, gate.ptr(), bp, yp, n, tokens.min(rows), cols).and_then(|l| enqueue(&dev, &l))
                     }
-                    Kind::Cast(to) => ops::cast(&dev, to, ap, yp, n),
+                    Kind::Cast(to) => elementwise::cast(to, sms, ap, yp, n).and_then(|l| enqueue(&dev, &l)),
                 }
             }
         })

@@ -5,7 +5,8 @@
 //! Prints one line per kernel and a JSON record (device, date, commit); without a CUDA device it
 //! prints `skipped: no CUDA device`. Run: `cargo bench --bench norm` (or tools/gpu_run.sh).
 
-use openuni_cuda::ops::{self, Modulation};
+use openuni_cuda::families::enqueue;
+use openuni_cuda::families::norm::{self, Modulation};
 use openuni_cuda::testing::{random_bytes, rotation, time_ms, BenchReport, Rng};
 use openuni_tensor::DType;
 
@@ -94,16 +95,16 @@ fn main() {
             // SAFETY: every buffer holds the shapes launched.
             unsafe {
                 match kind {
-                    Kind::Rms => ops::rmsnorm(&dev, dtype, xp, w.ptr(), 0, yp, rows, cols, 1e-6),
-                    Kind::RmsBias => ops::rmsnorm(&dev, dtype, xp, w.ptr(), b.ptr(), yp, rows, cols, 1e-6),
-                    Kind::LayerNorm => ops::layernorm(&dev, dtype, xp, w.ptr(), b.ptr(), None, yp, rows, cols, 1e-5),
+                    Kind::Rms => norm::rmsnorm(dtype, xp, w.ptr(), 0, yp, rows, cols, 1e-6).and_then(|l| enqueue(&dev, &l)),
+                    Kind::RmsBias => norm::rmsnorm(dtype, xp, w.ptr(), b.ptr(), yp, rows, cols, 1e-6).and_then(|l| enqueue(&dev, &l)),
+                    Kind::LayerNorm => norm::layernorm(dtype, xp, w.ptr(), b.ptr(), None, yp, rows, cols, 1e-5).and_then(|l| enqueue(&dev, &l)),
                     Kind::LayerNormAdaLn { tokens } => {
                         let m = Modulation {
                             scale: sc.ptr(),
                             shift: sh.ptr(),
                             tokens: tokens.min(rows),
                         };
-                        ops::layernorm(&dev, dtype, xp, 0, 0, Some(m), yp, rows, cols, 1e-6)
+                        norm::layernorm(dtype, xp, 0, 0, Some(m), yp, rows, cols, 1e-6).and_then(|l| enqueue(&dev, &l))
                     }
                 }
             }

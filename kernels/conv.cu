@@ -1,9 +1,9 @@
 // conv.cu: the DC-AE decoder's convolution family, on tokens [B, h*w, C] (NHWC: the h x w grid
 // row-major, channels contiguous). Storage f32 or bf16, all arithmetic f32.
-// CPU twins: openuni_cpu::ops::{conv2d, upsample_conv2d, depthwise_conv2d, grouped_linear,
-// upsample2x, pixel_shuffle_shortcut, repeat_channels}. Launchers: crates/cuda/src/families/conv.rs.
+// CPU twins: openuni_cpu::ops::{conv2d, upsample_conv2d, depthwise_conv2d, depthwise_conv_glu,
+// grouped_linear, repeat_channels}. Launchers: crates/cuda/src/families/conv.rs.
 //
-//   conv2d_bf16_tc(x, w, bias, res, y, batch, h, wd, cin, cout, act)
+//   conv2d_bf16_tc(x, w, bias, res, y, h, wd, cin, cout, act)      grid (tiles of 8 x 16 pixels x batch, Cout / 64)
 //       3x3 convolution, stride 1, zero padding 1, on the tensor cores (mma.sync m16n8k16 bf16 -> f32
 //       through kernels/include/mma.cuh). Implicit GEMM: M = output pixels, N = Cout, K = Cin * 9.
 //       A block computes an 8 x 16 tile of output pixels (M = 128) for 64 output channels, in chunks
@@ -27,7 +27,7 @@
 //       Any Cin, Cout, h, w: 16-byte vector loads when Cin % 8 == 0 and the pointers are 16-byte
 //       aligned, element loads (zero-filled past Cin) otherwise; pixels and channels past the edges are
 //       masked. 36 KiB of static shared memory, 256 threads.
-//   conv2d_{f32,bf16}(x, w, bias, res, y, batch, h, wd, cin, cout, k, act)
+//   conv2d_{f32,bf16}(x, w, bias, res, y, h, wd, cin, cout, k, act) grid as conv2d_bf16_tc
 //       k x k convolution (odd k <= 7), stride 1, zero padding k/2, on the CUDA cores with f32 FMAs:
 //       the f32-storage path (the 1e-5 tolerance rules out TF32 and bf16 tensor cores) and the bf16
 //       path for kernel sizes other than 3. Same tiling as above (8 x 16 pixels x 64 channels, the
@@ -66,15 +66,13 @@
 //       output channels [g co, (g+1) co) with weight rows [g co, (g+1) co) of width ci. A block
 //       computes 128 rows x 32 outputs of one group (the decoder's groups are 32 -> 32) through shared
 //       tiles of 32 input channels; each thread a 4 x 4 block of outputs.
-//   upsample2x_{f32,bf16}(x, y, batch, h, w, c)
-//       Nearest 2x upsampling: each input vector (16 bytes when C allows) is read once and written to
-//       its 2 x 2 output pixels.
-//   pixel_shuffle_shortcut_{f32,bf16}(x, y, batch, h, w, cin, cout)
-//       DCUpBlock2d's shortcut: out[c, 2y+i, 2x+j] = x[(4c + 2i + j) / R, y, x] with R = 4 cout / cin.
-//       One 16-byte vector of output channels per thread (coalesced writes), gathered from the input
-//       pixel's channels (cache-resident).
 //   repeat_channels_{f32,bf16}(x, y, rows, cin, repeats)
 //       repeat_interleave over channels: out[r, c] = x[r, c / repeats] (conv_in's shortcut).
+//   conv_geometry(out)
+//       Writes the tile geometry the kernels above are compiled with (12 ints), for the test that
+//       compares it with the launcher's. The geometry the launcher needs is defined once, in
+//       kernels/include/conv_geometry.cuh; crates/cuda/build.rs generates the launcher's constants
+//       from that header.
 //
 // Version 1 (this one): correctness on any shape first, the tiling chosen for the decoder's shapes
 // (Cout 128..1024, grids 16^2..1024^2). Known next steps, to be measured on a GPU: cp.async double
@@ -83,6 +81,7 @@
 // staging of the output tile for 16-byte stores.
 
 #include "common.cuh"
+#include "conv_geometry.cuh"
 #include "mma.cuh"
 
 namespace ou {
@@ -94,10 +93,10 @@ __device__ __forceinline__ float conv_epilogue(float v, int act) {
 // ---------------------------------------------------------------------------------------------
 // conv2d on the CUDA cores (any odd k <= 7)
 
-constexpr int CV_TH = 8, CV_TW = 16;   // output tile: 8 rows x 16 columns
-constexpr int CV_BN = 64;              // output channels per block
-constexpr int CV_BK = 8;               // input channels per chunk
-constexpr int CV_KMAX = 7;             // largest kernel the halo buffer holds
+constexpr int CV_TH = CONV_TILE_H, CV_TW = CONV_TILE_W;  // output tile: 8 rows x 16 columns
+constexpr int CV_BN = CONV_TILE_N;                       // output channels per block
+constexpr int CV_BK = 8;                                 // input channels per chunk
+constexpr int CV_KMAX = CONV_KMAX;                       // largest kernel the halo buffer holds
 constexpr int CV_TAPS = 9;             // taps of weights staged at a time
 constexpr int CV_HALO = (CV_TH + CV_KMAX - 1) * (CV_TW + CV_KMAX - 1);
 
@@ -205,8 +204,8 @@ __device__ __forceinline__ void conv2d_direct(const T* __restrict__ x, const T* 
 // ---------------------------------------------------------------------------------------------
 // conv2d 3x3 on the tensor cores (bf16)
 
-constexpr int TC_TH = 8, TC_TW = 16;                   // output tile: 8 rows x 16 columns = 128 pixels
-constexpr int TC_BN = 64;                              // output channels per block
+constexpr int TC_TH = CONV_TILE_H, TC_TW = CONV_TILE_W;  // output tile: 8 rows x 16 columns = 128 pixels
+constexpr int TC_BN = CONV_TILE_N;                       // output channels per block
 constexpr int TC_BK = 16;                              // input channels per chunk (one mma k step)
 constexpr int TC_HH = TC_TH + 2, TC_HW = TC_TW + 2;    // halo 10 x 18
 constexpr int TC_HP = TC_HH * TC_HW;                   // 180 halo pixels
@@ -527,9 +526,9 @@ __device__ __forceinline__ void upconv_tc(const bf16* __restrict__ x, const bf16
 // ---------------------------------------------------------------------------------------------
 // depthwise conv
 
-constexpr int DW_R = 4;     // output rows per thread
-constexpr int DW_CB = 128;  // channels per block (32 threads x 4)
-constexpr int DW_KMAX = 7;  // largest kernel the shared weight tile holds
+constexpr int DW_R = DW_ROWS;       // output rows per thread
+constexpr int DW_CB = DW_CHANNELS;  // channels per block (32 threads x 4)
+constexpr int DW_KMAX = CONV_KMAX;  // largest kernel the shared weight tile holds
 
 // Loads 4 channels starting at p (n of them valid) as f32; `vec`: one aligned vector.
 template <typename T>
@@ -735,7 +734,7 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
 // ---------------------------------------------------------------------------------------------
 // grouped 1x1 conv
 
-constexpr int GL_BM = 128, GL_BN = 32, GL_BK = 32;
+constexpr int GL_BM = GL_ROWS, GL_BN = GL_COLS, GL_BK = 32;
 
 template <typename T>
 __device__ __forceinline__ void grouped_linear(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
@@ -794,66 +793,7 @@ __device__ __forceinline__ void grouped_linear(const T* __restrict__ x, const T*
 }
 
 // ---------------------------------------------------------------------------------------------
-// data movement: upsample, pixel-shuffle shortcut, channel repeat
-
-template <typename T>
-__device__ __forceinline__ void upsample2x(const T* __restrict__ x, T* __restrict__ y, int batch, int h, int w, int c) {
-    constexpr int V = Vec16<T>::N;
-    const bool vec = c % V == 0 && aligned16(x) && aligned16(y);
-    const int cv = vec ? c / V : c;  // items per pixel
-    const i64 items = (i64)batch * h * w * cv;
-    for (i64 it = (i64)blockIdx.x * blockDim.x + threadIdx.x; it < items; it += (i64)gridDim.x * blockDim.x) {
-        const int q = (int)(it % cv);
-        const i64 p = it / cv;  // input pixel (b, iy, ix)
-        const int ix = (int)(p % w);
-        const i64 bi = p / w;  // b * h + iy
-        const i64 o = ((2 * bi) * 2 * w + 2 * ix) * c;  // output pixel (b, 2 iy, 2 ix)
-        const i64 row = (i64)2 * w * c;
-        if (vec) {
-            const uint4 v = *reinterpret_cast<const uint4*>(x + p * c + q * V);
-            T* d = y + o + q * V;
-            *reinterpret_cast<uint4*>(d) = v;
-            *reinterpret_cast<uint4*>(d + c) = v;
-            *reinterpret_cast<uint4*>(d + row) = v;
-            *reinterpret_cast<uint4*>(d + row + c) = v;
-        } else {
-            const T v = x[p * c + q];
-            T* d = y + o + q;
-            d[0] = v;
-            d[c] = v;
-            d[row] = v;
-            d[row + c] = v;
-        }
-    }
-}
-
-template <typename T>
-__device__ __forceinline__ void pixel_shuffle_shortcut(const T* __restrict__ x, T* __restrict__ y, int batch, int h,
-                                                       int w, int cin, int cout) {
-    constexpr int V = Vec16<T>::N;
-    const int R = 4 * cout / cin;
-    const bool vec = cout % V == 0 && aligned16(y);
-    const int cv = vec ? cout / V : cout;
-    const i64 items = (i64)batch * 4 * h * w * cv;
-    for (i64 it = (i64)blockIdx.x * blockDim.x + threadIdx.x; it < items; it += (i64)gridDim.x * blockDim.x) {
-        const int q = (int)(it % cv);
-        const i64 p = it / cv;  // output pixel (b, Y, X)
-        const int X = (int)(p % (2 * w));
-        const i64 bY = p / (2 * w);
-        const int Y = (int)(bY % (2 * h));
-        const int b = (int)(bY / (2 * h));
-        const int ij = 2 * (Y & 1) + (X & 1);
-        const T* src = x + (((i64)b * h + (Y >> 1)) * w + (X >> 1)) * cin;
-        if (vec) {
-            Pack16<T> pk;
-#pragma unroll
-            for (int e = 0; e < V; ++e) pk.e[e] = src[(4 * (q * V + e) + ij) / R];
-            *reinterpret_cast<uint4*>(y + p * cout + q * V) = pk.raw;
-        } else {
-            y[p * cout + q] = src[(4 * q + ij) / R];
-        }
-    }
-}
+// data movement: channel repeat
 
 template <typename T>
 __device__ __forceinline__ void repeat_channels(const T* __restrict__ x, T* __restrict__ y, i64 rows, int cin,
@@ -944,26 +884,21 @@ extern "C" __global__ void grouped_linear_bf16(const bf16* x, const bf16* w, bf1
     ou::grouped_linear<bf16>(x, w, y, rows, cin, cout, groups);
 }
 
-extern "C" __global__ void upsample2x_f32(const float* x, float* y, int batch, int h, int w, int c) {
-    ou::upsample2x<float>(x, y, batch, h, w, c);
-}
-
-extern "C" __global__ void upsample2x_bf16(const bf16* x, bf16* y, int batch, int h, int w, int c) {
-    ou::upsample2x<bf16>(x, y, batch, h, w, c);
-}
-
-extern "C" __global__ void pixel_shuffle_shortcut_f32(const float* x, float* y, int batch, int h, int w, int cin, int cout) {
-    ou::pixel_shuffle_shortcut<float>(x, y, batch, h, w, cin, cout);
-}
-
-extern "C" __global__ void pixel_shuffle_shortcut_bf16(const bf16* x, bf16* y, int batch, int h, int w, int cin, int cout) {
-    ou::pixel_shuffle_shortcut<bf16>(x, y, batch, h, w, cin, cout);
-}
-
 extern "C" __global__ void repeat_channels_f32(const float* x, float* y, i64 rows, int cin, int repeats) {
     ou::repeat_channels<float>(x, y, rows, cin, repeats);
 }
 
 extern "C" __global__ void repeat_channels_bf16(const bf16* x, bf16* y, i64 rows, int cin, int repeats) {
     ou::repeat_channels<bf16>(x, y, rows, cin, repeats);
+}
+
+// The geometry the compiled kernels use, in conv_geometry.cuh's order, for tests/cuda_conv.rs to
+// compare with the launcher's: tile h, w, n of conv2d_* and of conv2d_bf16_tc, the two kernel-size
+// limits, depthwise rows and channels, grouped_linear rows and outputs.
+extern "C" __global__ void conv_geometry(int* out) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        const int g[12] = {ou::CV_TH, ou::CV_TW, ou::CV_BN, ou::TC_TH, ou::TC_TW, ou::TC_BN,
+                           ou::CV_KMAX, ou::DW_KMAX, ou::DW_R, ou::DW_CB, ou::GL_BM, ou::GL_BN};
+        for (int i = 0; i < 12; ++i) out[i] = g[i];
+    }
 }

@@ -17,7 +17,8 @@
 //   memory bound, the accurate functions cost nothing measurable).
 // - Grid-stride loops over 16-byte vectors (8 bf16 or 4 f32 per load) when every pointer is
 //   16-byte aligned, then a scalar tail; unaligned pointers take the scalar path for everything.
-//   The launcher (openuni_cuda::ops) sizes the grid to a few waves and never launches for n == 0.
+//   The launcher (openuni_cuda::families::elementwise) sizes the grid to a few waves and never launches
+//   for n == 0.
 // - gated_add vectorises only when cols is a multiple of the vector width, so that a vector never
 //   straddles two rows (the gate row can change between rows).
 // - No __restrict__: in-place calls (y == x or y == a) are allowed, since every element is read

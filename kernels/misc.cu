@@ -1,31 +1,26 @@
 // misc.cu: the small ops of SANA's adaLN-single and of the LLM. CPU twins: openuni_cpu::ops::{modulation_table,
-// chunk, timestep_embedding, glu_silu, swiglu, rope, slice_tokens, concat}.
+// chunk, timestep_embedding, swiglu, slice_tokens (gather_tokens), concat}.
 //
 //   modulation_table_{f32,bf16}(t, table, out, n, kc, c, per_row)
 //       out[b, j, i] = table[j, i] + t[b, j*c + i] (per_row, t [B, k*c]) or + t[b, i] (t [B, c]); n = B*k*c,
 //       kc = k*c.
 //   strided_copy_{f32,bf16}(src, dst, rows, cols, src_stride, dst_stride)
 //       dst[r * dst_stride + i] = src[r * src_stride + i] for r < rows, i < cols. Op::Chunk (one row of
-//       [B, k, C]), Op::SliceTokens (a token range of [B, T, C]) and Op::Concat (one launch per input, into
-//       its column range of the output) are all this copy.
+//       [B, k, C]), Op::GatherTokens (one launch per gathered token range) and Op::Concat (one launch per
+//       input, into its column range of the output) are all this copy.
 //   timestep_embedding_{f32,bf16}(t, freq, out, batch, half)          t in f32
 //   timestep_embedding_bf16_tbf16(t, freq, out, batch, half)         t in bf16 (a timestep computed on the device)
 //       out[b] = [cos(t_b * freq_i) for i < half, sin(t_b * freq_i) for i < half] (cos first:
 //       flip_sin_to_cos=True). `freq` [half] is computed on the host by the launcher exactly as the CPU twin
 //       does (f32 exp(-ln(10000) * i / half)), so that the f32 argument t * freq_i is bit-identical: at t ~ 1000
 //       one ulp of freq moves the argument by ~1e-4.
-//   glu_silu_{f32,bf16}(x, y, rows, hh)                 y[r, i] = x[r, i] * silu(x[r, hh + i])
 //   swiglu_{f32,bf16}(gate, up, y, n)                   y = silu(gate) * up
-//   rope_{f32,bf16}(x, inv_freq, y, rows, tokens, heads, head_dim)
-//       rotate_half rotary embedding of [B, T, heads * head_dim], token t of every row at position t:
-//       y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin for the two halves of each head, angle = f32(t * inv_freq[i]);
-//       `inv_freq` [head_dim / 2] is computed on the host exactly as the CPU twin (transformers) does.
 //
 // Version 1 (this one):
 // - All math in f32 except the sinusoids: cos/sin of the f32 argument are computed in double and rounded
 //   to f32, as the CPU twin does, so the two agree to the last bit in almost every case (sinf/cosf are
-//   within 2 ulp). They are a few thousand values per call (timestep: B x 128; rope: one angle per
-//   (row, i), reused for every head), so double precision costs nothing measurable.
+//   within 2 ulp). They are a few thousand values per call (timestep: B x 128), so double precision
+//   costs nothing measurable.
 // - Grid-stride loops; 16-byte vectors where the pointers, strides and widths allow it (checked at run
 //   time), scalars otherwise. The launcher sizes the grid to a few waves and never launches for n == 0.
 // - No __restrict__ on the elementwise kernels: y may alias an input (each element is read before it is
@@ -82,29 +77,6 @@ __device__ __forceinline__ void timestep_embedding(const TT* t, const float* fre
 }
 
 template <typename T>
-__device__ __forceinline__ void glu_silu(const T* x, T* y, i64 rows, int hh) {
-    constexpr int V = Vec16<T>::N;
-    if (aligned16(x) && aligned16(y) && hh % V == 0) {
-        const i64 hv = hh / V, n = rows * hv;
-        for (i64 i = misc_thread(); i < n; i += misc_threads()) {
-            const i64 r = i / hv, c = (i - r * hv) * V;
-            float u[V], g[V];
-            load_vec<T>(x + r * 2 * hh + c, u);
-            load_vec<T>(x + r * 2 * hh + hh + c, g);
-#pragma unroll
-            for (int j = 0; j < V; ++j) u[j] *= misc_silu(g[j]);
-            store_vec<T>(y + r * hh + c, u);
-        }
-        return;
-    }
-    const i64 n = rows * hh;
-    for (i64 i = misc_thread(); i < n; i += misc_threads()) {
-        const i64 r = i / hh, c = i - r * hh;
-        y[i] = from_f32<T>(to_f32(x[r * 2 * hh + c]) * misc_silu(to_f32(x[r * 2 * hh + hh + c])));
-    }
-}
-
-template <typename T>
 __device__ __forceinline__ void swiglu(const T* gate, const T* up, T* y, i64 n) {
     constexpr int V = Vec16<T>::N;
     const i64 nv = aligned16(gate) && aligned16(up) && aligned16(y) ? n / V : 0;
@@ -118,27 +90,6 @@ __device__ __forceinline__ void swiglu(const T* gate, const T* up, T* y, i64 n) 
     }
     for (i64 i = nv * V + misc_thread(); i < n; i += misc_threads())
         y[i] = from_f32<T>(misc_silu(to_f32(gate[i])) * to_f32(up[i]));
-}
-
-// One thread per (row, i < head_dim / 2): the angle's cos/sin are computed once and applied to every head.
-template <typename T>
-__device__ __forceinline__ void rope(const T* x, const float* inv_freq, T* y, i64 rows, int tokens, int heads,
-                                     int hd) {
-    const int half = hd / 2;
-    const i64 n = rows * half;
-    for (i64 e = misc_thread(); e < n; e += misc_threads()) {
-        const i64 row = e / half;
-        const int i = (int)(e - row * half);
-        const float ang = (float)(int)(row % tokens) * inv_freq[i];
-        const float c = (float)cos((double)ang), s = (float)sin((double)ang);
-        const i64 base = row * heads * hd + i;
-        for (int h = 0; h < heads; ++h) {
-            const i64 o = base + (i64)h * hd;
-            const float x1 = to_f32(x[o]), x2 = to_f32(x[o + half]);
-            y[o] = from_f32<T>(x1 * c - x2 * s);
-            y[o + half] = from_f32<T>(x2 * c + x1 * s);
-        }
-    }
 }
 
 }  // namespace ou
@@ -172,15 +123,5 @@ extern "C" __global__ void timestep_embedding_bf16_tbf16(const bf16* t, const fl
     ou::timestep_embedding<bf16, bf16>(t, freq, out, batch, half);
 }
 
-extern "C" __global__ void glu_silu_f32(const float* x, float* y, i64 rows, int hh) { ou::glu_silu<float>(x, y, rows, hh); }
-extern "C" __global__ void glu_silu_bf16(const bf16* x, bf16* y, i64 rows, int hh) { ou::glu_silu<bf16>(x, y, rows, hh); }
-
 extern "C" __global__ void swiglu_f32(const float* gate, const float* up, float* y, i64 n) { ou::swiglu<float>(gate, up, y, n); }
 extern "C" __global__ void swiglu_bf16(const bf16* gate, const bf16* up, bf16* y, i64 n) { ou::swiglu<bf16>(gate, up, y, n); }
-
-extern "C" __global__ void rope_f32(const float* x, const float* inv_freq, float* y, i64 rows, int tokens, int heads, int head_dim) {
-    ou::rope<float>(x, inv_freq, y, rows, tokens, heads, head_dim);
-}
-extern "C" __global__ void rope_bf16(const bf16* x, const float* inv_freq, bf16* y, i64 rows, int tokens, int heads, int head_dim) {
-    ou::rope<bf16>(x, inv_freq, y, rows, tokens, heads, head_dim);
-}

@@ -9,7 +9,7 @@
 //       adaLN modulation y = y * (1 + scale[s]) + shift[s] follows, where s = row / tokens is the
 //       sample the row belongs to and scale/shift hold one row of `cols` per sample ([B, C]).
 //
-// Launch layout (chosen by openuni_cuda::ops::norm_launch): blockDim = (tx, ty), each row is
+// Launch layout (chosen by openuni_cuda::families::norm::norm_launch): blockDim = (tx, ty), each row is
 // handled by the tx threads that share threadIdx.y, ty rows per block, gridDim.x = ceil(rows / ty).
 // tx is a power of two <= 32 (rows of a few hundred columns: a sub-warp per row, reductions by
 // shuffles only) or a multiple of 32 (wide rows: warp shuffles, then one shared-memory step).

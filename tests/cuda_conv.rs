@@ -1,8 +1,7 @@
-//! kernels/conv.cu against its CPU twins (openuni_cpu::ops::{conv2d, depthwise_conv2d,
-//! grouped_linear, upsample2x, pixel_shuffle_shortcut, repeat_channels}) and kernels/layout.cu's
-//! transpose against openuni_cpu::ops::transpose, on random inputs: one-node graphs through the
-//! CUDA executor (f32 and bf16 storage), and the conv2d kernels launched directly for what no
-//! graph op reaches (the fused SiLU + residual epilogue, the CUDA-core kernel on 3×3 bf16,
+//! kernels/conv.cu against its CPU twins (openuni_cpu::ops::{conv2d, upsample_conv2d,
+//! depthwise_conv2d, depthwise_conv_glu, grouped_linear, repeat_channels}) on random inputs:
+//! one-node graphs through the CUDA executor (f32 and bf16 storage), and the conv2d kernels
+//! launched directly for what no graph op reaches (the fused SiLU + residual epilogue, the CUDA-core kernel on 3×3 bf16,
 //! misaligned pointers that force the element-wise load paths).
 //!
 //! Shapes: odd channel counts (3, 5, 7, 9, 70), channel counts that are not a multiple of the
@@ -368,52 +367,6 @@ fn grouped_linear_matches_cpu() {
 }
 
 #[test]
-fn upsample2x_matches_cpu() {
-    let Some(dev) = device_or_skip() else { return };
-    let mut rng = Rng::new(15);
-    for &(b, h, w, c) in &[(2usize, 3usize, 4usize, 8usize), (1, 1, 1, 5), (2, 5, 3, 16), (1, 2, 7, 12)] {
-        let x = rng.normals(b * h * w * c, 0.0, 1.0);
-        let mut gb = GraphBuilder::new();
-        let xi = gb.input("x", [b, h * w, c]).unwrap();
-        let y = gb.upsample2x("up", xi, h, w).unwrap();
-        gb.output("y", y).unwrap();
-        let g = gb.finish();
-        check_graph(&dev, &format!("upsample2x [{b}, {h}x{w}, {c}]"), &g, &[("x", &[b, h * w, c], &x)], &[], &|i, _| {
-            let mut o = vec![0.0; 4 * b * h * w * c];
-            cpu::upsample2x(&i[0], b, h, w, c, &mut o);
-            o
-        });
-    }
-}
-
-#[test]
-fn pixel_shuffle_shortcut_matches_cpu() {
-    let Some(dev) = device_or_skip() else { return };
-    let mut rng = Rng::new(16);
-    // (batch, h, w, cin, cout): R = 4 cout / cin = 4 (1024 -> 1024), 2 (1024 -> 512), 1, 8, odd.
-    for &(b, h, w, cin, cout) in &[(2usize, 3usize, 4usize, 8usize, 8usize), (1, 3, 4, 16, 8), (1, 1, 1, 16, 4), (2, 2, 5, 4, 8), (1, 3, 2, 6, 3), (1, 2, 3, 32, 16)] {
-        let x = rng.normals(b * h * w * cin, 0.0, 1.0);
-        let mut gb = GraphBuilder::new();
-        let xi = gb.input("x", [b, h * w, cin]).unwrap();
-        let y = gb.pixel_shuffle_shortcut("sc", xi, h, w, cout).unwrap();
-        gb.output("y", y).unwrap();
-        let g = gb.finish();
-        check_graph(
-            &dev,
-            &format!("pixel_shuffle_shortcut [{b}, {h}x{w}, {cin}] -> {cout} (R = {})", 4 * cout / cin),
-            &g,
-            &[("x", &[b, h * w, cin], &x)],
-            &[],
-            &|i, _| {
-                let mut o = vec![0.0; 4 * b * h * w * cout];
-                cpu::pixel_shuffle_shortcut(&i[0], b, h, w, cin, cout, &mut o);
-                o
-            },
-        );
-    }
-}
-
-#[test]
 fn repeat_channels_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(17);
@@ -473,28 +426,7 @@ fn depthwise_conv_glu_matches_cpu() {
     }
 }
 
-/// kernels/layout.cu: [B, rows, cols] -> [B, cols, rows], tiles of 32 crossed in both directions.
-#[test]
-fn transpose_matches_cpu() {
-    let Some(dev) = device_or_skip() else { return };
-    let mut rng = Rng::new(18);
-    // 2_097_200 rows: more than 65535 row tiles (a 2048^2 image's H*W is 4M), which grid.y could not hold.
-    for &(b, rows, cols) in &[(2usize, 3usize, 4usize), (1, 1, 1), (1, 33, 65), (3, 70, 3), (2, 32, 96), (1, 5, 100), (1, 2_097_200, 3)] {
-        let x = rng.normals(b * rows * cols, 0.0, 1.0);
-        let mut gb = GraphBuilder::new();
-        let xi = gb.input("x", [b, rows, cols]).unwrap();
-        let y = gb.transpose("t", xi, b, rows, cols, [b, cols, rows]).unwrap();
-        gb.output("y", y).unwrap();
-        let g = gb.finish();
-        check_graph(&dev, &format!("transpose [{b}, {rows}, {cols}]"), &g, &[("x", &[b, rows, cols], &x)], &[], &|i, _| {
-            let mut o = vec![0.0; b * rows * cols];
-            cpu::transpose(&i[0], b, rows, cols, &mut o);
-            o
-        });
-    }
-}
-
-/// The grid-stride kernels (depthwise conv, upsample, pixel-shuffle shortcut, channel repeat)
+/// The grid-stride kernels (depthwise conv, channel repeat)
 /// launched with a single block along the strided dimension, so each thread loops over many items.
 #[test]
 fn grid_stride_kernels_cover_every_item_from_one_block() {
@@ -525,24 +457,11 @@ fn grid_stride_kernels_cover_every_item_from_one_block() {
         cpu::depthwise_conv2d(&r(&x), &r(&wt), Some(&r(&bias)), b, h, w, c, 5, &mut base);
         check(&format!("depthwise_conv2d 5x5 one block {dtype}"), dtype, &download(&dev, dtype, yp, n), &want, &base);
 
-        // Upsample, shortcut (R = 2), repeat over 24 channels.
+        // Repeat over 24 channels.
         let c = 24;
         let x = rng.normals(b * h * w * c, 0.0, 1.0);
         let (_xb, xp) = upload(&dev, dtype, &x, 0);
-        let n = 4 * b * h * w * c;
-        let (_yb, yp) = upload(&dev, dtype, &vec![f32::NAN; n], 0);
-        one_block(conv::upsample2x(dtype, dev.sm_count(), xp, yp, b, h, w, c).unwrap());
-        let mut want = vec![0.0; n];
-        cpu::upsample2x(&x, b, h, w, c, &mut want);
-        check(&format!("upsample2x one block {dtype}"), dtype, &download(&dev, dtype, yp, n), &want, &r(&want));
-
-        let cout = c / 2;
-        let n = 4 * b * h * w * cout;
-        one_block(conv::pixel_shuffle_shortcut(dtype, dev.sm_count(), xp, yp, b, h, w, c, cout).unwrap());
-        let mut want = vec![0.0; n];
-        cpu::pixel_shuffle_shortcut(&x, b, h, w, c, cout, &mut want);
-        check(&format!("pixel_shuffle_shortcut one block {dtype}"), dtype, &download(&dev, dtype, yp, n), &want, &r(&want));
-
+        let (_yb, yp) = upload(&dev, dtype, &vec![f32::NAN; b * h * w * c * 3], 0);
         let n = b * h * w * c * 3;
         one_block(conv::repeat_channels(dtype, dev.sm_count(), xp, yp, b * h * w, c, 3).unwrap());
         let mut want = vec![0.0; n];
@@ -603,4 +522,44 @@ fn resblock_decoder_matches_cpu() {
         println!("ResBlock decoder [{b}, 8, {h}x{w}] -> [{b}, 3, {}x{}] {dtype}: rel L2 {e:.3e} (tolerance {tol:.0e})", 4 * h, 4 * w);
         assert!(e <= tol, "{dtype}: relative L2 error {e:.3e} above {tol:.0e}");
     }
+}
+
+/// The geometry the compiled kernels use (conv.cu's `conv_geometry` kernel) is the launcher's
+/// (`families::conv::geometry`, generated from the same header): a kernel constant redefined in
+/// conv.cu, or a stale build, fails here.
+#[test]
+fn conv_geometry_matches_the_launcher() {
+    let Some(dev) = device_or_skip() else { return };
+    use openuni_cuda::families::conv::geometry as g;
+    let buf = dev.alloc(12 * 4).unwrap();
+    let l = openuni_cuda::families::Launch {
+        kernel: "conv_geometry".into(),
+        grid: (1, 1, 1),
+        block: (32, 1, 1),
+        smem: 0,
+        args: vec![openuni_cuda::KArg::Ptr(buf.ptr())],
+    };
+    // SAFETY: the kernel writes 12 ints to its argument.
+    unsafe { l.enqueue(&dev).unwrap() };
+    let mut got = vec![0i32; 12];
+    dev.copy_to_host(buf.ptr(), &mut got).unwrap();
+    let want = [
+        g::CONV_TILE_H,
+        g::CONV_TILE_W,
+        g::CONV_TILE_N,
+        g::CONV_TILE_H,
+        g::CONV_TILE_W,
+        g::CONV_TILE_N,
+        g::CONV_KMAX,
+        g::CONV_KMAX,
+        g::DW_ROWS,
+        g::DW_CHANNELS,
+        g::GL_ROWS,
+        g::GL_COLS,
+    ];
+    let want: Vec<i32> = want.iter().map(|&v| v as i32).collect();
+    assert_eq!(
+        got, want,
+        "kernels/conv.cu compiles with tile h/w/n (CUDA cores), h/w/n (tensor cores), kmax (conv, depthwise), depthwise rows/channels, grouped rows/cols {got:?}, the launcher uses {want:?}"
+    );
 }

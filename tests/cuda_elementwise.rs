@@ -13,7 +13,8 @@ use std::sync::Arc;
 use half::bf16;
 use openuni_cpu::ops as cpu;
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
-use openuni_cuda::{ops, CudaDevice, CudaExecutor};
+use openuni_cuda::families::{elementwise, enqueue};
+use openuni_cuda::{CudaDevice, CudaExecutor};
 use openuni_graph::{Graph, GraphBuilder, UnaryFn};
 use openuni_tensor::{DType, HostTensor};
 
@@ -168,8 +169,8 @@ fn casts_are_exact() {
         dev.fill_bytes(mid.ptr(), 0xFF, mid.bytes()).unwrap();
         dev.fill_bytes(back.ptr(), 0xFF, back.bytes()).unwrap();
         unsafe {
-            ops::cast(&dev, DType::BF16, sp, mp, n).unwrap();
-            ops::cast(&dev, DType::F32, mp, bp, n).unwrap();
+            enqueue(&dev, &elementwise::cast(DType::BF16, dev.sm_count(), sp, mp, n).unwrap()).unwrap();
+            enqueue(&dev, &elementwise::cast(DType::F32, dev.sm_count(), mp, bp, n).unwrap()).unwrap();
         }
         let mut h = vec![0u16; n];
         dev.copy_to_host(mp, &mut h).unwrap();
@@ -256,7 +257,7 @@ fn elementwise_on_misaligned_and_in_place_pointers() {
 
         // silu, misaligned.
         dev.fill_bytes(ybuf.ptr(), 0xFF, ybuf.bytes()).unwrap();
-        unsafe { ops::unary(&dev, dtype, UnaryFn::Silu, xp, yp, total).unwrap() };
+        unsafe { enqueue(&dev, &elementwise::unary(dtype, dev.sm_count(), UnaryFn::Silu, xp, yp, total).unwrap()).unwrap() };
         let (mut want, mut base) = (vec![0.0; total], vec![0.0; total]);
         cpu::unary(UnaryFn::Silu, &x, &mut want);
         cpu::unary(UnaryFn::Silu, &xr, &mut base);
@@ -269,7 +270,7 @@ fn elementwise_on_misaligned_and_in_place_pointers() {
         );
 
         // gated_add, misaligned x and v, aligned gate, in place over v.
-        unsafe { ops::gated_add(&dev, dtype, xp, gbuf.ptr(), vp, vp, total, n, c).unwrap() };
+        unsafe { enqueue(&dev, &elementwise::gated_add(dtype, dev.sm_count(), xp, gbuf.ptr(), vp, vp, total, n, c).unwrap()).unwrap() };
         cpu::gated_add(&x, &gate, &v, n, c, &mut want);
         cpu::gated_add(&xr, &gr, &vr, n, c, &mut base);
         check(
@@ -283,7 +284,7 @@ fn elementwise_on_misaligned_and_in_place_pointers() {
         // add in place over misaligned x, odd length.
         let (a0, m) = (xbuf.ptr() + es, total - 3);
         let before = read(a0, m);
-        unsafe { ops::add(&dev, dtype, a0, yp, a0, m).unwrap() };
+        unsafe { enqueue(&dev, &elementwise::add(dtype, dev.sm_count(), a0, yp, a0, m).unwrap()).unwrap() };
         let y = read(yp, m);
         let want_add: Vec<f32> = before.iter().zip(&y).map(|(p, q)| p + q).collect();
         check(

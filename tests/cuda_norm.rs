@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use openuni_cpu::ops::{self as cpu, ModulationRef};
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
-use openuni_cuda::{ops, CudaDevice, CudaExecutor};
+use openuni_cuda::families::{enqueue, norm};
+use openuni_cuda::{CudaDevice, CudaExecutor};
 use openuni_graph::{GraphBuilder, Modulation};
 use openuni_tensor::{DType, HostTensor};
 
@@ -266,7 +267,7 @@ fn norms_on_misaligned_and_in_place_pointers() {
             // RMSNorm, misaligned x and y.
             dev.copy_to_device(&host(&x), xp).unwrap();
             dev.fill_bytes(ybuf.ptr(), 0xFF, ybuf.bytes()).unwrap();
-            unsafe { ops::rmsnorm(&dev, dtype, xp, wbuf.ptr(), 0, yp, rows, cols, 1e-6).unwrap() };
+            unsafe { enqueue(&dev, &norm::rmsnorm(dtype, xp, wbuf.ptr(), 0, yp, rows, cols, 1e-6).unwrap()).unwrap() };
             let got = read(yp, n);
             let (mut want, mut base) = (vec![0.0; n], vec![0.0; n]);
             cpu::rmsnorm(&x, &w, None, 1e-6, cols, &mut want);
@@ -280,7 +281,7 @@ fn norms_on_misaligned_and_in_place_pointers() {
             );
 
             // LayerNorm in place over misaligned x.
-            unsafe { ops::layernorm(&dev, dtype, xp, wbuf.ptr(), 0, None, xp, rows, cols, 1e-5).unwrap() };
+            unsafe { enqueue(&dev, &norm::layernorm(dtype, xp, wbuf.ptr(), 0, None, xp, rows, cols, 1e-5).unwrap()).unwrap() };
             let got = read(xp, n);
             cpu::layernorm(&x, Some(&w), None, 1e-5, cols, None, &mut want);
             cpu::layernorm(&xr, Some(&wr), None, 1e-5, cols, None, &mut base);

@@ -22,8 +22,8 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 GPU_DIR="$ROOT/.gpu"
-TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention cuda_conv backend executor)
-BENCHES=(norm elementwise linear_attention attention conv)
+TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention cuda_conv cuda_layout backend executor)
+BENCHES=(norm elementwise linear_attention attention conv layout misc)
 VARIANTS=(b-512 l-512 l-1024)
 
 if [ "${1:-}" = "--build" ]; then
@@ -32,9 +32,9 @@ if [ "${1:-}" = "--build" ]; then
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu/' .gitignore 2>/dev/null || echo /.gpu/ >> .git/info/exclude
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
   J="$(mktemp)"
-  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv >> "$J"
+  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv --test cuda_layout >> "$J"
   cargo test --release --no-run --message-format=json -p openuni-cuda --tests >> "$J"
-  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv >> "$J"
+  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv --bench layout --bench misc >> "$J"
   cargo build --release
   cp target/release/openuni "$GPU_DIR/openuni" && strip --strip-debug "$GPU_DIR/openuni"
   for v in "${VARIANTS[@]}"; do "$GPU_DIR/openuni" bench --variant "$v" --write-configs "$GPU_DIR/configs/$v" > /dev/null; done

@@ -253,7 +253,6 @@ impl CpuExecutor {
                 let b = out_shape.dims()[0];
                 ops::depthwise_conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cols, *kernel, y)
             }
-            Op::GluSilu { x } => ops::glu_silu(view.get(*x), cols, y),
             Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel } => {
                 let b = out_shape.dims()[0];
                 ops::depthwise_conv_glu(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, 2 * cols, *kernel, y)
@@ -275,10 +274,6 @@ impl CpuExecutor {
                 ops::upsample_conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *shortcut, y)
             }
             Op::RepeatChannels { x, repeats } => ops::repeat_channels(view.get(*x), g.shape(*x).last(), *repeats, y),
-            Op::Upsample2x { x, h, w } => ops::upsample2x(view.get(*x), out_shape.dims()[0], *h, *w, cols, y),
-            Op::PixelShuffleShortcut { x, h, w, cout } => {
-                ops::pixel_shuffle_shortcut(view.get(*x), out_shape.dims()[0], *h, *w, g.shape(*x).last(), *cout, y)
-            }
             Op::GatherTokens { x, starts, len } => {
                 let (t, c) = (g.shape(*x).dims()[1], g.shape(*x).last());
                 for (i, &s) in starts.iter().enumerate() {
@@ -300,10 +295,6 @@ impl CpuExecutor {
             }
             Op::GroupedLinear { x, weight, groups } => {
                 ops::grouped_linear(view.get(*x), view.get(*weight), g.shape(*x).last(), cols, *groups, y)
-            }
-            Op::Rope { x, heads, head_dim, theta } => {
-                let d = out_shape.dims();
-                ops::rope(view.get(*x), d[0], d[1], *heads, *head_dim, *theta, y)
             }
         }
         self.arena = out;

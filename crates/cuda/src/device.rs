@@ -1,17 +1,19 @@
-//! The device: a CUDA context, one stream, the kernel registry, and cuBLASLt on demand.
+//! The device: a CUDA context, one stream, the kernel registry, and per-device singletons of the
+//! modules above it (cuBLASLt: `crate::gemm`).
 //!
 //! Only standard driver calls are made (through cudarc), so the emulated GPU's `libcuda.so.1`
 //! (crates/emu) runs this code unchanged. cudarc's per-buffer event tracking is switched off: the
 //! backend uses one stream, raw device pointers into one arena, and CUDA-graph capture, where
 //! cudarc's extra event records and waits would only get in the way.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use crate::error::{CudaError, DriverContext, Result};
-use crate::gemm::Blas;
 use crate::kernels::KernelSet;
 use crate::nvrtc::{KernelFormat, KernelTarget};
 
@@ -72,6 +74,9 @@ pub enum KArg {
     F32(f32),
 }
 
+/// Dynamic shared memory a kernel may use without opting in (`cuFuncSetAttribute`).
+const DEFAULT_DYNAMIC_SMEM: u32 = 48 * 1024;
+
 /// An open device.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -82,7 +87,10 @@ pub struct CudaDevice {
     sm_count: u32,
     emulated: bool,
     kernels: KernelSet,
-    blas: Mutex<Option<Arc<Blas>>>,
+    /// One instance per type of what the modules above the device keep per device handle
+    /// (cuBLASLt's handle and workspace, `crate::gemm`), created on first use, dropped with the
+    /// device: the device does not depend on them.
+    singletons: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -178,7 +186,7 @@ impl CudaDevice {
             sm_count,
             emulated,
             kernels,
-            blas: Mutex::new(None),
+            singletons: Mutex::default(),
         }))
     }
 
@@ -198,7 +206,7 @@ impl CudaDevice {
             sm_count: self.sm_count,
             emulated: self.emulated,
             kernels: KernelSet::new(self.ctx.clone(), self.kernels.target().clone()),
-            blas: Mutex::new(None),
+            singletons: Mutex::default(),
         }))
     }
 
@@ -244,15 +252,15 @@ impl CudaDevice {
         self.stream.synchronize().ctx(|| "synchronizing the stream".into())
     }
 
-    /// cuBLASLt handle and workspace, created on first use.
-    pub fn blas(&self) -> Result<Arc<Blas>> {
-        let mut b = self.blas.lock().unwrap();
-        if let Some(b) = &*b {
-            return Ok(b.clone());
+    /// This handle's instance of `T`, made by `make` on first use (see `singletons`).
+    pub(crate) fn singleton<T: Any + Send + Sync>(&self, make: impl FnOnce(&CudaDevice) -> Result<T>) -> Result<Arc<T>> {
+        let mut m = self.singletons.lock().unwrap();
+        if let Some(v) = m.get(&TypeId::of::<T>()) {
+            return Ok(v.clone().downcast::<T>().expect("keyed by its type"));
         }
-        let blas = Arc::new(Blas::new(self)?);
-        *b = Some(blas.clone());
-        Ok(blas)
+        let v = Arc::new(make(self)?);
+        m.insert(TypeId::of::<T>(), v.clone());
+        Ok(v)
     }
 
     /// Allocates `bytes` (at least 1) of device memory, 256-byte aligned, contents undefined.
@@ -350,6 +358,12 @@ impl CudaDevice {
         args: &[KArg],
     ) -> Result<()> {
         let f = self.kernels.function(kernel)?;
+        if smem > DEFAULT_DYNAMIC_SMEM {
+            // Above 48 KiB a kernel must opt in to its dynamic shared memory (a host-side attribute,
+            // so it also holds for launches recorded into a CUDA graph).
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .ctx(|| format!("allowing kernel `{kernel}` {smem} bytes of dynamic shared memory"))?;
+        }
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {

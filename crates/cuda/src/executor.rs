@@ -22,15 +22,13 @@ use std::sync::Arc;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
 use half::bf16;
-use openuni_graph::{plan, Graph, Op, Plan, ValueId, ValueKind};
+use openuni_graph::{plan, Graph, Plan, ValueId, ValueKind};
 use openuni_tensor::{DType, HostTensor, TensorSource};
 
 use crate::device::{CudaDevice, DeviceBuffer};
 use crate::error::{CudaError, DriverContext, Result};
-use crate::gemm::{Blas, Epilogue, LinearArgs, LinearGemm};
-use crate::families;
+use crate::families::{self, elementwise, Launch, Step};
 use crate::weights::WeightCache;
-use crate::ops::{self, Modulation};
 
 /// One node's per-node timing from [`CudaExecutor::profile`].
 #[derive(Clone, Debug)]
@@ -40,53 +38,6 @@ pub struct NodeTiming {
     pub op: &'static str,
     pub median_ms: f64,
     pub min_ms: f64,
-}
-
-/// A node resolved to device pointers.
-enum Step {
-    /// Launches resolved by a kernel family (`crate::families`).
-    Launches(Vec<families::Launch>),
-    RmsNorm {
-        x: u64,
-        w: u64,
-        b: u64,
-        y: u64,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    },
-    LayerNorm {
-        x: u64,
-        w: u64,
-        b: u64,
-        m: Option<Modulation>,
-        y: u64,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    },
-    Unary {
-        f: openuni_graph::UnaryFn,
-        x: u64,
-        y: u64,
-        n: usize,
-    },
-    Add {
-        a: u64,
-        b: u64,
-        y: u64,
-        n: usize,
-    },
-    GatedAdd {
-        x: u64,
-        gate: u64,
-        v: u64,
-        y: u64,
-        n: usize,
-        tokens: usize,
-        cols: usize,
-    },
-    Linear(LinearGemm),
 }
 
 /// An f32 staging slot of a bf16 executor: (value, device address of its f32 copy, elements).
@@ -114,8 +65,11 @@ pub struct CudaExecutor {
     /// Workspaces and constant tables the kernel families asked for at resolve time; the resolved
     /// launches point into them.
     resources: families::Resources,
+    /// One step per node, in order (`families::resolve`).
     steps: Vec<Step>,
-    blas: Option<Arc<Blas>>,
+    /// bf16 storage: the casts of the inputs' f32 staging into the arena, and of the outputs back.
+    input_casts: Vec<Launch>,
+    output_casts: Vec<Launch>,
     captured: Option<CudaGraph>,
 }
 
@@ -157,16 +111,6 @@ impl CudaExecutor {
         let (dev, dtype) = (&cache.dev, cache.dtype);
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(CudaError::DType(dtype));
-        }
-        // Refuse unsupported nodes before allocating anything.
-        for node in &graph.nodes {
-            match node.op {
-                Op::Linear { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => {}
-                ref op if families::supports(op) => {}
-                ref op => {
-                    return Err(node_err(&node.name, op.name(), format!("the CUDA backend has no `{}` kernel yet; run this graph on the CPU", op.name())))
-                }
-            }
         }
         let esize = dtype.size_in_bytes();
         let plan = plan(graph, keep_all);
@@ -230,7 +174,8 @@ impl CudaExecutor {
             staged_outputs,
             resources: families::Resources::default(),
             steps: vec![],
-            blas: None,
+            input_casts: vec![],
+            output_casts: vec![],
             captured: None,
         };
         ex.resolve()?;
@@ -278,143 +223,49 @@ impl CudaExecutor {
     }
 
     fn resolve(&mut self) -> Result<()> {
-        let s = if self.dtype == DType::F32 { "f32" } else { "bf16" };
-        if self.blas.is_none() {
-            if let Some(node) = self.graph.nodes.iter().find(|n| matches!(n.op, Op::Linear { .. })) {
-                let b = self.dev.blas().map_err(|e| match e {
-                    CudaError::NoCublasLt { .. } => CudaError::NoCublasLt {
-                        node: node.name.clone(),
-                    },
-                    e => node_err(&node.name, "linear", e.to_string()),
-                })?;
-                self.blas = Some(b);
-            }
-        }
         let mut steps = Vec::with_capacity(self.graph.nodes.len());
         let resources = std::cell::RefCell::new(std::mem::take(&mut self.resources));
         let g = &self.graph;
-        for node in &g.nodes {
-            let out = g.shape(node.output);
-            let (rows, cols, n) = (out.rows(), out.last(), out.numel());
-            let p = |id: ValueId| self.ptr(id);
-            let kernel = |k: String| -> Result<()> {
-                self.dev
-                    .kernels()
-                    .function(&k)
-                    .map(|_| ())
-                    .map_err(|e| node_err(&node.name, node.op.name(), format!("kernel `{k}`: {e}")))
-            };
-            // An f32 copy of a value: the value itself with f32 storage, an input's staging slot with bf16.
-            let p32 = |id: ValueId| -> Option<u64> {
-                match self.dtype {
-                    DType::F32 => Some(self.ptr(id)),
-                    _ => self.staged_inputs.iter().find(|s| s.id == id).map(|s| s.ptr),
-                }
-            };
-            let fctx = families::Ctx {
-                dev: &self.dev,
-                graph: g,
-                dtype: self.dtype,
-                ptr: &p,
-                f32_ptr: &p32,
-                resources: &resources,
-            };
-            if let Some(launches) = families::resolve(&fctx, node) {
-                let launches = launches.map_err(|e| node_err(&node.name, node.op.name(), e.to_string()))?;
-                for l in &launches {
-                    kernel(l.kernel.clone())?;
-                }
-                steps.push(Step::Launches(launches));
-                continue;
+        let p = |id: ValueId| self.ptr(id);
+        // An f32 copy of a value: the value itself with f32 storage, an input's staging slot with bf16.
+        let p32 = |id: ValueId| -> Option<u64> {
+            match self.dtype {
+                DType::F32 => Some(self.ptr(id)),
+                _ => self.staged_inputs.iter().find(|s| s.id == id).map(|s| s.ptr),
             }
-            let step = match &node.op {
-                Op::RmsNorm { x, weight, bias, eps } => {
-                    kernel(format!("rmsnorm_{s}"))?;
-                    Step::RmsNorm {
-                        x: p(*x),
-                        w: p(*weight),
-                        b: bias.map_or(0, p),
-                        y: p(node.output),
-                        rows,
-                        cols,
-                        eps: *eps,
-                    }
+        };
+        let fctx = families::Ctx {
+            dev: &self.dev,
+            graph: g,
+            dtype: self.dtype,
+            ptr: &p,
+            f32_ptr: &p32,
+            resources: &resources,
+        };
+        for node in &g.nodes {
+            let step = families::resolve(&fctx, node).map_err(|e| match e {
+                CudaError::NoCublasLt { .. } => CudaError::NoCublasLt { node: node.name.clone() },
+                e => node_err(&node.name, node.op.name(), e.to_string()),
+            })?;
+            // Load every kernel now, so that a run compiles nothing and a missing kernel names its node.
+            if let Step::Launches(ls) = &step {
+                for l in ls {
+                    self.dev
+                        .kernels()
+                        .function(&l.kernel)
+                        .map_err(|e| node_err(&node.name, node.op.name(), format!("kernel `{}`: {e}", l.kernel)))?;
                 }
-                Op::LayerNorm {
-                    x,
-                    weight,
-                    bias,
-                    eps,
-                    modulation,
-                } => {
-                    kernel(format!("layernorm_{s}"))?;
-                    let m = modulation.map(|m| Modulation {
-                        scale: p(m.scale),
-                        shift: p(m.shift),
-                        tokens: out.dims()[1],
-                    });
-                    Step::LayerNorm {
-                        x: p(*x),
-                        w: weight.map_or(0, p),
-                        b: bias.map_or(0, p),
-                        m,
-                        y: p(node.output),
-                        rows,
-                        cols,
-                        eps: *eps,
-                    }
-                }
-                Op::Unary { x, f } => {
-                    kernel(format!("{}_{s}", f.name()))?;
-                    Step::Unary {
-                        f: *f,
-                        x: p(*x),
-                        y: p(node.output),
-                        n,
-                    }
-                }
-                Op::Add { a, b } => {
-                    kernel(format!("add_{s}"))?;
-                    Step::Add {
-                        a: p(*a),
-                        b: p(*b),
-                        y: p(node.output),
-                        n,
-                    }
-                }
-                Op::GatedAdd { x, gate, y } => {
-                    kernel(format!("gated_add_{s}"))?;
-                    Step::GatedAdd {
-                        x: p(*x),
-                        gate: p(*gate),
-                        v: p(*y),
-                        y: p(node.output),
-                        n,
-                        // Rows per gate row: one sample's tokens ([B, C] gate) or all rows ([1, C]).
-                        tokens: out.rows() / g.shape(*gate).rows(),
-                        cols,
-                    }
-                }
-                Op::Linear { x, w, bias } => {
-                    let blas = self.blas.as_ref().expect("created before the loop");
-                    let args = LinearArgs {
-                        dtype: self.dtype,
-                        rows,
-                        in_features: g.shape(*x).last(),
-                        out_features: cols,
-                        epilogue: if bias.is_some() { Epilogue::Bias } else { Epilogue::None },
-                        x: p(*x),
-                        w: p(*w),
-                        bias: bias.map(p),
-                        y: p(node.output),
-                    };
-                    Step::Linear(
-                        LinearGemm::new(blas, &args).map_err(|e| node_err(&node.name, "linear", e.to_string()))?,
-                    )
-                }
-                _ => unreachable!("unsupported ops are refused in new()"),
-            };
+            }
             steps.push(step);
+        }
+        let sms = self.dev.sm_count();
+        let mut input_casts = vec![];
+        for s in &self.staged_inputs {
+            input_casts.extend(elementwise::cast(DType::BF16, sms, s.ptr, self.ptr(s.id), s.n)?);
+        }
+        let mut output_casts = vec![];
+        for s in &self.staged_outputs {
+            output_casts.extend(elementwise::cast(DType::F32, sms, self.ptr(s.id), s.ptr, s.n)?);
         }
         if self.dtype == DType::BF16 {
             for k in ["cast_f32_to_bf16", "cast_bf16_to_f32"] {
@@ -422,70 +273,29 @@ impl CudaExecutor {
             }
         }
         self.steps = steps;
+        self.input_casts = input_casts;
+        self.output_casts = output_casts;
         self.resources = resources.into_inner();
         Ok(())
     }
 
     /// Enqueues node `i`.
     fn enqueue_step(&self, i: usize) -> Result<()> {
-        let d = &*self.dev;
-        let t = self.dtype;
-        // SAFETY: every pointer was resolved from the plan and the weight buffer for exactly
-        // these shapes, and the buffers live as long as `self`.
-        let r = unsafe {
-            match &self.steps[i] {
-                Step::Launches(ls) => ls.iter().try_for_each(|l| l.enqueue(d)),
-                Step::RmsNorm {
-                    x,
-                    w,
-                    b,
-                    y,
-                    rows,
-                    cols,
-                    eps,
-                } => ops::rmsnorm(d, t, *x, *w, *b, *y, *rows, *cols, *eps),
-                Step::LayerNorm {
-                    x,
-                    w,
-                    b,
-                    m,
-                    y,
-                    rows,
-                    cols,
-                    eps,
-                } => ops::layernorm(d, t, *x, *w, *b, *m, *y, *rows, *cols, *eps),
-                Step::Unary { f, x, y, n } => ops::unary(d, t, *f, *x, *y, *n),
-                Step::Add { a, b, y, n } => ops::add(d, t, *a, *b, *y, *n),
-                Step::GatedAdd {
-                    x,
-                    gate,
-                    v,
-                    y,
-                    n,
-                    tokens,
-                    cols,
-                } => ops::gated_add(d, t, *x, *gate, *v, *y, *n, *tokens, *cols),
-                Step::Linear(gemm) => gemm.run(d, self.blas.as_ref().expect("resolved with a GEMM")),
-            }
-        };
+        // SAFETY: every pointer was resolved from the plan, the weights and the families'
+        // resources for exactly these shapes, and those buffers live as long as `self`.
+        let r = unsafe { self.steps[i].enqueue(&self.dev) };
         let node = &self.graph.nodes[i];
         r.map_err(|e| node_err(&node.name, node.op.name(), e.to_string()))
     }
 
     fn enqueue_input_casts(&self) -> Result<()> {
-        for s in &self.staged_inputs {
-            // SAFETY: staging slot and arena value of s.n elements each.
-            unsafe { ops::cast(&self.dev, DType::BF16, s.ptr, self.ptr(s.id), s.n)? };
-        }
-        Ok(())
+        // SAFETY: staging slots and arena values of the sizes resolved.
+        unsafe { families::enqueue(&self.dev, &self.input_casts) }
     }
 
     fn enqueue_output_casts(&self) -> Result<()> {
-        for s in &self.staged_outputs {
-            // SAFETY: as above.
-            unsafe { ops::cast(&self.dev, DType::F32, self.ptr(s.id), s.ptr, s.n)? };
-        }
-        Ok(())
+        // SAFETY: as above.
+        unsafe { families::enqueue(&self.dev, &self.output_casts) }
     }
 
     /// Input casts (bf16), every node, output casts (bf16).

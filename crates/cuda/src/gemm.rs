@@ -12,6 +12,7 @@
 
 use std::ffi::c_void;
 use std::mem::size_of;
+use std::sync::Arc;
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
@@ -38,8 +39,15 @@ pub fn cublaslt_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+impl CudaDevice {
+    /// cuBLASLt handle and workspace of this device handle, created on first use.
+    pub fn blas(&self) -> Result<Arc<Blas>> {
+        self.singleton(Blas::new)
+    }
+}
+
 impl Blas {
-    pub(crate) fn new(dev: &CudaDevice) -> Result<Blas> {
+    fn new(dev: &CudaDevice) -> Result<Blas> {
         if !cublaslt_present() {
             return Err(CudaError::NoCublasLt { node: "-".into() });
         }

@@ -4,8 +4,9 @@
 //! - [`CudaDevice`]: context, one stream, the kernel registry ([`KernelSet`]), cuBLASLt.
 //! - [`nvrtc`]: kernel compilation to CUBIN (with the ptxas register/spill report) or PTX, and
 //!   the disk cache; kernels come from `kernels/*.cu`, embedded at build time.
-//! - [`ops`]: one launcher per kernel of the first families; [`families`]: every later op family
-//!   (its kernels, launchers and the node -> launches mapping); [`gemm`]: cuBLASLt for `Op::Linear`.
+//! - [`families`]: the one dispatch path from a graph node to what computes it (an exhaustive
+//!   `match` over `Op`), one module per kernel file with its launch builders; [`gemm`]: cuBLASLt
+//!   for `Op::Linear` (a per-device handle, depending on the device, not the reverse).
 //! - [`CudaExecutor`]: runs a graph from one arena, with CUDA-graph capture/replay and per-node
 //!   event timing.
 //!
@@ -19,7 +20,6 @@ pub mod families;
 pub mod gemm;
 mod kernels;
 pub mod nvrtc;
-pub mod ops;
 pub mod testing;
 mod weights;
 

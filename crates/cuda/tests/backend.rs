@@ -106,7 +106,7 @@ fn norm_launch_layouts_are_valid() {
     for dtype in [DType::F32, DType::BF16] {
         for cols in [1, 2, 3, 8, 32, 48, 96, 100, 128, 1152, 1536, 2240, 4097, 8960, 40000] {
             for rows in [1, 5, 2048] {
-                let ((tx, ty, tz), (gx, _, _)) = openuni_cuda::ops::norm_launch(rows, cols, dtype);
+                let ((tx, ty, tz), (gx, _, _)) = openuni_cuda::families::norm::norm_launch(rows, cols, dtype);
                 assert_eq!(tz, 1);
                 assert!(tx.is_power_of_two() && tx <= 32 || tx % 32 == 0, "tx {tx}");
                 assert!(tx * ty <= 1024 && (tx * ty) % 32 == 0, "block {tx}x{ty}");

@@ -391,14 +391,6 @@ impl GraphBuilder {
         Ok(self.push(name, Op::SwiGlu { gate, up }, s))
     }
 
-    pub fn rope(&mut self, name: &str, x: ValueId, heads: usize, head_dim: usize, theta: f32) -> Result<ValueId> {
-        let s = self.shape(x).clone();
-        if s.rank() != 3 || s.last() != heads * head_dim || head_dim % 2 != 0 {
-            return Err(shape_err("rope", format!("{name}: input {s} is not [B, T, {heads}·{head_dim}] with an even head dim")));
-        }
-        Ok(self.push(name, Op::Rope { x, heads, head_dim, theta }, s))
-    }
-
     pub fn packed_linear_attention(&mut self, name: &str, qkv: ValueId, groups: usize, head_dim: usize) -> Result<ValueId> {
         let s = self.shape(qkv).clone();
         if s.rank() != 3 || s.last() != groups * 3 * head_dim {
@@ -452,19 +444,6 @@ impl GraphBuilder {
     pub fn repeat_channels(&mut self, name: &str, x: ValueId, repeats: usize) -> Result<ValueId> {
         let s = self.shape(x).clone();
         Ok(self.push(name, Op::RepeatChannels { x, repeats }, s.with_last(s.last() * repeats)))
-    }
-
-    pub fn upsample2x(&mut self, name: &str, x: ValueId, h: usize, w: usize) -> Result<ValueId> {
-        let (b, c) = self.grid("upsample2x", name, x, h, w)?;
-        Ok(self.push(name, Op::Upsample2x { x, h, w }, Shape::new([b, 4 * h * w, c])))
-    }
-
-    pub fn pixel_shuffle_shortcut(&mut self, name: &str, x: ValueId, h: usize, w: usize, cout: usize) -> Result<ValueId> {
-        let (b, cin) = self.grid("pixel_shuffle_shortcut", name, x, h, w)?;
-        if (4 * cout) % cin != 0 {
-            return Err(shape_err("pixel_shuffle_shortcut", format!("{name}: 4·{cout} output channels are not a multiple of {cin}")));
-        }
-        Ok(self.push(name, Op::PixelShuffleShortcut { x, h, w, cout }, Shape::new([b, 4 * h * w, cout])))
     }
 
     /// A ViT's class token and position embedding over patch tokens `x` [B, N, C] (see
@@ -539,13 +518,5 @@ impl GraphBuilder {
             return Err(shape_err("depthwise_conv_glu", format!("{name}: input {xs} has an odd channel count (expected [u | gate])")));
         }
         Ok(self.push(name, Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel }, xs.with_last(xs.last() / 2)))
-    }
-
-    pub fn glu_silu(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
-        let xs = self.shape(x).clone();
-        if xs.last() % 2 != 0 {
-            return Err(shape_err("glu_silu", format!("{name}: last dim of {xs} is odd")));
-        }
-        Ok(self.push(name, Op::GluSilu { x }, xs.with_last(xs.last() / 2)))
     }
 }

@@ -63,9 +63,10 @@ pub enum Op {
     /// `segments` (packed sequences; B = 1, N = M = Σ lengths): token t belongs to the segment
     /// that covers it, and a query sees only keys of its own segment (causally within it when
     /// `causal`), exactly as if each segment were its own batch row.
-    /// `rope` = Some(theta): rotary embedding (as `Op::Rope`) applied to q and k before the
-    /// scores (N = M), at positions that restart from 0 at each segment start (no segments:
-    /// position t for token t of every batch row).
+    /// `rope` = Some(theta): rotary position embedding ("rotate_half", whole head rotated,
+    /// `inv_freq[i] = 1 / theta^(2i/head_dim)`, angles in f32 as transformers computes them)
+    /// applied to q and k before the scores (N = M), at positions that restart from 0 at each
+    /// segment start (no segments: position t for token t of every batch row).
     Attention {
         q: ValueId,
         k: ValueId,
@@ -95,10 +96,9 @@ pub enum Op {
     /// Depthwise k×k convolution with zero padding k/2 and bias over tokens [B, h·w, C] laid out as
     /// an h×w grid (row-major); `weight` [C, 1, k, k].
     DepthwiseConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
-    /// GLU with SiLU gate over the last dim: `[u | g]` (2H) -> `u · silu(g)` (H).
-    GluSilu { x: ValueId },
-    /// GLUMBConv's middle in one op: `DepthwiseConv2d` of the 2H-channel input, then `GluSilu`
-    /// (so the 2H-wide conv output is never stored): [B, h·w, 2H] -> [B, h·w, H].
+    /// GLUMBConv's middle in one op: `DepthwiseConv2d` of the 2H-channel input, then the GLU with
+    /// SiLU gate over the last dim, `[u | g]` (2H) -> `u · silu(g)` (H), so the 2H-wide conv output
+    /// is never stored: [B, h·w, 2H] -> [B, h·w, H].
     DepthwiseConvGlu { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
     /// DC-AE's multi-scale linear attention core: `qkv` [B, N, groups·3·head_dim] where group g is
     /// channels [3·hd·g, 3·hd·(g+1)) = (q | k | v) of that group; output [B, N, groups·head_dim]
@@ -110,18 +110,15 @@ pub enum Op {
     /// CUDA kernels' epilogue, so the pre-activation tensor is never stored).
     Conv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize, silu: bool },
     /// DC-AE's DCUpBlock2d (interpolate) as one op: `Conv2d` (3×3, `weight` [Cout, Cin, 3, 3],
-    /// optional bias) over `Upsample2x(x)` on an h×w grid -> 2h×2w, plus
-    /// `PixelShuffleShortcut(x, cout)` when `shortcut`. Exactly that composition; a backend may
+    /// optional bias) over the nearest 2× upsampling of x on an h×w grid -> 2h×2w, plus DC-AE's
+    /// upsample shortcut when `shortcut`: `pixel_shuffle(repeat_interleave(x, R, channel), 2)`
+    /// with R = 4·Cout/Cin, `out[c, 2y+i, 2x+j] = x[(4c+2i+j)/R, y, x]` (the CPU twins
+    /// `upsample2x` and `pixel_shuffle_shortcut`). Exactly that composition; a backend may
     /// compute the conv as four 2×2 convolutions on the low-resolution input, one per output
     /// pixel parity (2.25× fewer MACs, no upsampled tensor in memory).
     UpsampleConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, shortcut: bool },
     /// `repeat_interleave(x, repeats, channel)`: output channel c is input channel c / repeats.
     RepeatChannels { x: ValueId, repeats: usize },
-    /// Nearest 2× upsampling of tokens on an h×w grid -> 2h×2w.
-    Upsample2x { x: ValueId, h: usize, w: usize },
-    /// DC-AE's upsample shortcut `pixel_shuffle(repeat_interleave(x, R, channel), 2)` on an h×w
-    /// grid with Cin channels to 2h×2w with Cout = Cin·R/4: `out[c, 2y+i, 2x+j] = x[(4c+2i+j)/R, y, x]`.
-    PixelShuffleShortcut { x: ValueId, h: usize, w: usize, cout: usize },
     /// A ViT's input tokens: the class token, then the patch tokens, plus the position table:
     /// `x` [B, N, C], `cls` [C], `pos` [N + 1, C] -> [B, N + 1, C] with row 0 = `cls + pos[0]` and
     /// row 1 + n = `x[n] + pos[1 + n]` (one rounding, as PyTorch's `cat` then `+`).
@@ -137,10 +134,6 @@ pub enum Op {
     GroupedLinear { x: ValueId, weight: ValueId, groups: usize },
     /// SwiGLU of two same-shaped tensors: `silu(gate) · up` (Qwen2's MLP).
     SwiGlu { gate: ValueId, up: ValueId },
-    /// Rotary position embedding ("rotate_half", whole head rotated) on [B, T, heads·head_dim];
-    /// token t of every row gets position `t` (each row is its own unpadded sequence).
-    /// `inv_freq[i] = 1 / theta^(2i/head_dim)`, angles and cos/sin in f32 as transformers does.
-    Rope { x: ValueId, heads: usize, head_dim: usize, theta: f32 },
 }
 
 impl Op {
@@ -159,21 +152,17 @@ impl Op {
             Op::TimestepEmbedding { .. } => "timestep_embedding",
             Op::Transpose { .. } => "transpose",
             Op::DepthwiseConv2d { .. } => "depthwise_conv2d",
-            Op::GluSilu { .. } => "glu_silu",
             Op::DepthwiseConvGlu { .. } => "depthwise_conv_glu",
             Op::SwiGlu { .. } => "swiglu",
             Op::PackedLinearAttention { .. } => "packed_linear_attention",
             Op::Conv2d { .. } => "conv2d",
             Op::UpsampleConv2d { .. } => "upsample_conv2d",
             Op::RepeatChannels { .. } => "repeat_channels",
-            Op::Upsample2x { .. } => "upsample2x",
-            Op::PixelShuffleShortcut { .. } => "pixel_shuffle_shortcut",
             Op::Concat { .. } => "concat",
             Op::ClassPosEmbed { .. } => "class_pos_embed",
             Op::SliceTokens { .. } => "slice_tokens",
             Op::GatherTokens { .. } => "gather_tokens",
             Op::GroupedLinear { .. } => "grouped_linear",
-            Op::Rope { .. } => "rope",
         }
     }
 
@@ -209,12 +198,8 @@ impl Op {
             Op::Chunk { x, .. }
             | Op::TimestepEmbedding { t: x, .. }
             | Op::Transpose { x, .. }
-            | Op::GluSilu { x }
-            | Op::Rope { x, .. }
             | Op::PackedLinearAttention { qkv: x, .. }
             | Op::RepeatChannels { x, .. }
-            | Op::Upsample2x { x, .. }
-            | Op::PixelShuffleShortcut { x, .. }
             | Op::SliceTokens { x, .. }
             | Op::GatherTokens { x, .. } => v.push(*x),
             Op::Conv2d { x, weight, bias, .. } | Op::UpsampleConv2d { x, weight, bias, .. } => {

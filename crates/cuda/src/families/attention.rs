@@ -1,9 +1,12 @@
 //! Softmax attention (`kernels/attention.cu`): flash-attention 2 style kernels, one entry point
-//! per storage dtype and head dim (`attention_<dtype>_hd<D>`).
+//! per storage dtype and head-dim capacity (`attention_<dtype>_hd<C>`); a capacity serves every
+//! head dim up to it (columns past the head dim are zero in shared memory), so every head dim
+//! from 1 to [`MAX_HEAD_DIM`] runs, on the smallest capacity that holds it ([`capacity`]).
 //!
 //! bf16 storage runs the tensor-core kernel (64 query rows per CTA), f32 storage the SIMT
-//! reference kernel (16 query rows per CTA); both take 128 threads and only static shared memory,
-//! grid (query blocks, batch · heads).
+//! reference kernel (16 query rows per CTA); both take 128 threads and dynamic shared memory
+//! ([`smem_bytes`], which the kernel checks against its own layout), grid (query blocks,
+//! batch · heads).
 //!
 //! Packed segments and fused RoPE (`Op::Attention`'s `segments` and `rope`) are two constant
 //! tables built here and uploaded once per executor ([`Ctx::constant`], keyed by their contents):
@@ -13,14 +16,38 @@
 use openuni_graph::{Node, Op};
 use openuni_tensor::DType;
 
-use super::misc::rope_inv_freq;
 use super::{Ctx, Launch};
 use crate::device::KArg;
 use crate::error::{CudaError, Result};
 
-/// Head dims with a compiled specialization: 16 and 32 (tests), 64 and 128 (InternVL3's LLM,
-/// the connector), 72 and 112 (SANA's cross-attention).
-pub const HEAD_DIMS: [usize; 6] = [16, 32, 64, 72, 112, 128];
+/// Head-dim capacities with a compiled kernel: every multiple of 16 up to 128 (InternVL3's LLM and
+/// the connector use 64 and 128, SANA's cross-attention 72 and 112), then every multiple of 32 up
+/// to 256 (at most 24 padded columns; the kernels skip the mma steps that see only padding).
+pub const HEAD_DIM_CAPACITIES: [usize; 12] = [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256];
+
+/// The largest head dim with a kernel.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The capacity (compiled kernel) that runs head dim `head_dim`: the smallest that holds it.
+pub fn capacity(head_dim: usize) -> Option<usize> {
+    if head_dim == 0 {
+        return None;
+    }
+    HEAD_DIM_CAPACITIES.into_iter().find(|&c| c >= head_dim)
+}
+
+/// Dynamic shared memory of the kernel for `capacity` (`Mma<HD>::BYTES` and `FSmem<HD>::BYTES` in
+/// kernels/attention.cu; the kernel traps when it is given less).
+pub fn smem_bytes(dtype: DType, capacity: usize) -> usize {
+    if dtype == DType::F32 {
+        // Q [16][C], K [32][C + 1], V [32][C] in f32.
+        (16 * capacity + 32 * (capacity + 1) + 32 * capacity) * 4
+    } else {
+        // K and V tiles [64][C + 8] in bf16, and a Q tile of the same size above capacity 128.
+        let tiles = if capacity <= 128 { 2 } else { 3 };
+        tiles * 64 * (capacity + 8) * 2
+    }
+}
 
 /// Query rows per CTA (`BM` and `FBM` in kernels/attention.cu).
 pub fn block_m(dtype: DType) -> usize {
@@ -62,12 +89,11 @@ pub struct AttentionArgs {
 /// The launch of one attention call (none for empty shapes). Errors name the unsupported head
 /// dim (with the supported ones) or the limit that is exceeded.
 pub fn launch(a: &AttentionArgs) -> std::result::Result<Vec<Launch>, String> {
-    if !HEAD_DIMS.contains(&a.head_dim) {
-        return Err(format!(
-            "head dim {} has no CUDA attention kernel; supported head dims: {}",
-            a.head_dim,
-            HEAD_DIMS.map(|d| d.to_string()).join(", ")
-        ));
+    let Some(cap) = capacity(a.head_dim) else {
+        return Err(format!("head dim {} has no CUDA attention kernel: supported head dims are 1 to {MAX_HEAD_DIM}", a.head_dim));
+    };
+    if a.rope_cs != 0 && a.head_dim % 2 != 0 {
+        return Err(format!("fused RoPE needs an even head dim, found {}", a.head_dim));
     }
     if !matches!(a.dtype, DType::F32 | DType::BF16) {
         return Err(format!("storage dtype {} has no attention kernel (f32 or bf16)", a.dtype));
@@ -91,12 +117,13 @@ pub fn launch(a: &AttentionArgs) -> std::result::Result<Vec<Launch>, String> {
     if a.n == 0 || a.m == 0 || a.batch == 0 {
         return Ok(vec![]);
     }
-    let suffix = if a.dtype == DType::F32 { "f32" } else { "bf16" };
+    let suffix = super::suffix(a.dtype).map_err(|e| e.to_string())?;
+    let smem = smem_bytes(a.dtype, cap);
     Ok(vec![Launch {
-        kernel: format!("attention_{suffix}_hd{}", a.head_dim),
+        kernel: format!("attention_{suffix}_hd{cap}"),
         grid: (a.n.div_ceil(block_m(a.dtype)) as u32, bh as u32, 1),
         block: (THREADS, 1, 1),
-        smem: 0,
+        smem: smem as u32,
         args: vec![
             KArg::Ptr(a.q),
             KArg::Ptr(a.k),
@@ -109,8 +136,10 @@ pub fn launch(a: &AttentionArgs) -> std::result::Result<Vec<Launch>, String> {
             KArg::I32(a.m as i32),
             KArg::I32(a.heads as i32),
             KArg::I32(a.kv_heads as i32),
+            KArg::I32(a.head_dim as i32),
             KArg::I32(a.causal as i32),
             KArg::F32(a.scale),
+            KArg::I32(smem as i32),
         ],
     }])
 }
@@ -140,6 +169,12 @@ pub fn rope_table(theta: f32, head_dim: usize, positions: usize) -> Vec<f32> {
         }
     }
     t
+}
+
+/// transformers' rotary inverse frequencies `1 / theta^(2i/head_dim)` in f32 (the CPU twin's
+/// `rope_inv_freq`).
+pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
 }
 
 fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {

@@ -19,7 +19,7 @@
 use openuni_graph::{Node, Op};
 use openuni_tensor::DType;
 
-use super::{Ctx, Launch};
+use super::{i32_arg, suffix, Ctx, Launch};
 use crate::device::KArg;
 use crate::error::{CudaError, Result};
 
@@ -107,10 +107,6 @@ fn partial_offset(d: &Dims) -> usize {
     (d.batch * d.heads * d.state_floats() * 4).div_ceil(256) * 256
 }
 
-fn check_i32(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| CudaError::Invalid { what: format!("linear attention {what}"), msg: format!("{v} does not fit 32 bits") })
-}
-
 fn check_grid(what: &str, v: usize) -> Result<u32> {
     if v > 65535 {
         return Err(CudaError::Invalid { what: "linear attention".into(), msg: format!("{what} {v} exceeds the grid's 65535") });
@@ -132,11 +128,7 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
             ),
         });
     }
-    let s = match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        d => return Err(CudaError::DType(d)),
-    };
+    let s = suffix(dtype)?;
     if d.tokens == 0 || d.batch == 0 || d.heads == 0 {
         return Ok(vec![]);
     }
@@ -144,12 +136,12 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
     let (state, partial) = (states, states + partial_offset(d) as u64);
     let heads = check_grid("heads", d.heads)?;
     let batch = check_grid("batch", d.batch)?;
-    let n = check_i32("tokens", d.tokens)?;
-    let rs = check_i32("row stride", d.row_stride)?;
-    let hs = check_i32("head stride", d.head_stride)?;
-    let ors = check_i32("output row stride", d.heads * hd)?;
+    let n = i32_arg("linear attention tokens", d.tokens)?;
+    let rs = i32_arg("linear attention row stride", d.row_stride)?;
+    let hs = i32_arg("linear attention head stride", d.head_stride)?;
+    let ors = i32_arg("linear attention output row stride", d.heads * hd)?;
     // Row offsets inside the kernels are 64-bit; the products below only need to fit i64.
-    check_i32("chunk length", chunk_len)?;
+    let chunk_arg = i32_arg("linear attention chunk length", chunk_len)?;
     Ok(vec![
         Launch {
             kernel: format!("linear_attention_state_{s}_hd{hd}"),
@@ -162,10 +154,10 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
                 KArg::Ptr(partial),
                 KArg::Ptr(state),
                 KArg::Ptr(counters),
-                KArg::I32(n),
-                KArg::I32(rs),
-                KArg::I32(hs),
-                KArg::I32(chunk_len as i32),
+                n,
+                rs,
+                hs,
+                chunk_arg,
                 KArg::I32(chunks as i32),
             ],
         },
@@ -178,10 +170,10 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
                 KArg::Ptr(p.q),
                 KArg::Ptr(state),
                 KArg::Ptr(p.out),
-                KArg::I32(n),
-                KArg::I32(rs),
-                KArg::I32(hs),
-                KArg::I32(ors),
+                n,
+                rs,
+                hs,
+                ors,
             ],
         },
     ])

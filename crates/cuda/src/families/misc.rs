@@ -1,43 +1,29 @@
 //! Small ops (`kernels/misc.cu`): adaLN-single's modulation table and its chunks, the timestep
-//! sinusoid, SiLU-GLU, SwiGLU, rotary embedding, token slices and concatenation, and a ViT's class
-//! token + position embedding (composed of the copy and modulation-table kernels).
+//! sinusoid, SwiGLU, token slices, gathers and concatenation, and a ViT's class token + position
+//! embedding (composed of the copy and modulation-table kernels).
 //!
-//! Chunk, SliceTokens and Concat are one strided 2-D copy each (Concat: one launch per input, into
-//! its column range of the output; GatherTokens: one per gathered range). The timestep embedding and rope read small frequency tables
-//! computed here exactly as the CPU twins compute them (`openuni_cpu::ops::{timestep_embedding,
-//! rope_inv_freq}`) and uploaded once per executor ([`Ctx::constant`]).
+//! Chunk, GatherTokens and Concat are strided 2-D copies (Chunk: one launch; GatherTokens: one per
+//! gathered range; Concat: one per input, into its column range of the output). The timestep
+//! embedding reads a small frequency table computed here exactly as the CPU twin computes it
+//! (`openuni_cpu::ops::timestep_embedding`) and uploaded once per executor ([`Ctx::constant`]).
 
 use openuni_graph::{Node, Op, ValueId};
 use openuni_tensor::DType;
 
-use super::{Ctx, Launch};
+use super::{i32_arg, stride_grid, vec_width, Ctx, Launch, STRIDE_THREADS};
 use crate::device::KArg;
-use crate::error::{CudaError, Result};
-
-const THREADS: u32 = 256;
-
-/// Grid of a grid-stride kernel over `items` work items: at most 16 blocks per SM.
-fn grid(ctx: &Ctx, items: usize) -> (u32, u32, u32) {
-    let cap = ctx.dev.sm_count().max(1) as usize * 16;
-    (items.div_ceil(THREADS as usize).clamp(1, cap) as u32, 1, 1)
-}
+use crate::error::Result;
 
 fn launch(ctx: &Ctx, kernel: String, items: usize, args: Vec<KArg>) -> Launch {
-    Launch { kernel, grid: grid(ctx, items), block: (THREADS, 1, 1), smem: 0, args }
-}
-
-fn i32_arg(what: &str, v: usize) -> Result<KArg> {
-    i32::try_from(v)
-        .map(KArg::I32)
-        .map_err(|_| CudaError::Invalid { what: what.into(), msg: format!("{v} does not fit 32 bits") })
+    Launch { kernel, grid: stride_grid(ctx.dev.sm_count(), items), block: (STRIDE_THREADS, 1, 1), smem: 0, args }
 }
 
 /// `dst[r·dst_stride + i] = src[r·src_stride + i]` for r < rows, i < cols (in elements).
-fn copy(ctx: &Ctx, src: u64, dst: u64, rows: usize, cols: usize, src_stride: usize, dst_stride: usize) -> Launch {
-    let v = 16 / ctx.dtype.size_in_bytes();
+fn copy(ctx: &Ctx, s: &str, src: u64, dst: u64, rows: usize, cols: usize, src_stride: usize, dst_stride: usize) -> Launch {
+    let v = vec_width(ctx.dtype);
     launch(
         ctx,
-        format!("strided_copy_{}", ctx.suffix()),
+        format!("strided_copy_{s}"),
         rows * cols.div_ceil(v),
         vec![
             KArg::Ptr(src),
@@ -57,12 +43,6 @@ pub fn timestep_frequencies(half: usize) -> Vec<f32> {
     (0..half).map(|i| (ln * i as f32 / half as f32).exp()).collect()
 }
 
-/// transformers' rotary inverse frequencies `1 / theta^(2i/head_dim)` in f32 (the CPU twin's
-/// `rope_inv_freq`).
-pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
-}
-
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -70,7 +50,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let p = ctx.ptr;
     let g = ctx.graph;
-    let s = ctx.suffix();
+    let s = ctx.suffix()?;
     let es = ctx.dtype.size_in_bytes();
     let y = p(node.output);
     let out = g.shape(node.output);
@@ -102,19 +82,19 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         Op::Chunk { x, index } => {
             let d = dims(*x);
             let (b, k, c) = (d[0], d[1], d[2]);
-            vec![copy(ctx, p(*x) + (index * c * es) as u64, y, b, c, k * c, c)]
+            vec![copy(ctx, s, p(*x) + (index * c * es) as u64, y, b, c, k * c, c)]
         }
         Op::SliceTokens { x, start, len } => {
             let d = dims(*x);
             let (b, t, c) = (d[0], d[1], d[2]);
-            vec![copy(ctx, p(*x) + (start * c * es) as u64, y, b, len * c, t * c, len * c)]
+            vec![copy(ctx, s, p(*x) + (start * c * es) as u64, y, b, len * c, t * c, len * c)]
         }
         Op::GatherTokens { x, starts, len } => {
             let c = g.shape(*x).last();
             starts
                 .iter()
                 .enumerate()
-                .map(|(i, &st)| copy(ctx, p(*x) + (st * c * es) as u64, y + (i * len * c * es) as u64, 1, len * c, len * c, len * c))
+                .map(|(i, &st)| copy(ctx, s, p(*x) + (st * c * es) as u64, y + (i * len * c * es) as u64, 1, len * c, len * c, len * c))
                 .collect()
         }
         Op::Concat { xs } => {
@@ -124,7 +104,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             for &x in xs {
                 let w = g.shape(x).last();
                 if w > 0 {
-                    v.push(copy(ctx, p(x), y + (at * es) as u64, rows, w, w, total));
+                    v.push(copy(ctx, s, p(x), y + (at * es) as u64, rows, w, w, total));
                 }
                 at += w;
             }
@@ -138,8 +118,8 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             let d = out.dims();
             let (b, rows, c) = (d[0], d[1], d[2]);
             vec![
-                copy(ctx, p(*cls), y, b, c, 0, rows * c),
-                copy(ctx, p(*x), y + (c * es) as u64, b, (rows - 1) * c, (rows - 1) * c, rows * c),
+                copy(ctx, s, p(*cls), y, b, c, 0, rows * c),
+                copy(ctx, s, p(*x), y + (c * es) as u64, b, (rows - 1) * c, (rows - 1) * c, rows * c),
                 launch(
                     ctx,
                     format!("modulation_table_{s}"),
@@ -173,45 +153,13 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                 vec![KArg::Ptr(tp), KArg::Ptr(freq), KArg::Ptr(y), i32_arg("timestep batch", batch)?, i32_arg("timestep half dim", half)?],
             )]
         }
-        Op::GluSilu { x } => {
-            let hh = out.last();
-            let v = 16 / es;
-            vec![launch(
-                ctx,
-                format!("glu_silu_{s}"),
-                out.rows() * hh.div_ceil(v),
-                vec![KArg::Ptr(p(*x)), KArg::Ptr(y), KArg::I64(out.rows() as i64), i32_arg("glu_silu width", hh)?],
-            )]
-        }
         Op::SwiGlu { gate, up } => {
-            let v = 16 / es;
+            let v = vec_width(ctx.dtype);
             vec![launch(
                 ctx,
                 format!("swiglu_{s}"),
                 n.div_ceil(v),
                 vec![KArg::Ptr(p(*gate)), KArg::Ptr(p(*up)), KArg::Ptr(y), KArg::I64(n as i64)],
-            )]
-        }
-        Op::Rope { x, heads, head_dim, theta } => {
-            let d = out.dims();
-            let (rows, tokens) = (d[0] * d[1], d[1]);
-            let inv = ctx.constant(
-                &format!("rope.inv_freq.{:08x}.{head_dim}", theta.to_bits()),
-                &f32_bytes(&rope_inv_freq(*theta, *head_dim)),
-            )?;
-            vec![launch(
-                ctx,
-                format!("rope_{s}"),
-                rows * (head_dim / 2),
-                vec![
-                    KArg::Ptr(p(*x)),
-                    KArg::Ptr(inv),
-                    KArg::Ptr(y),
-                    KArg::I64(rows as i64),
-                    i32_arg("rope tokens", tokens)?,
-                    i32_arg("rope heads", *heads)?,
-                    i32_arg("rope head_dim", *head_dim)?,
-                ],
             )]
         }
         _ => unreachable!("misc::resolve called for {}", node.op.name()),

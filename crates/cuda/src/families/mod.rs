@@ -1,23 +1,28 @@
-//! Kernel families beyond the first norms and elementwise ops: each op family has its own kernel
-//! file (`kernels/<family>.cu`), its launchers here in `families/<family>.rs`, and one arm in
-//! [`resolve`]. A family turns a graph node into the kernel launches that compute it; the
-//! executor only enqueues them, so adding an op touches no executor code.
+//! The CUDA backend's one dispatch path: [`resolve`] turns a graph node into the [`Step`] that
+//! computes it, through one exhaustive `match` over [`Op`] (no `_` arm: an op without a CUDA
+//! implementation does not compile). Each kernel file `kernels/<family>.cu` has its module here,
+//! `families/<family>.rs`, with the launch builders (public, so tests and benchmarks launch exactly
+//! what the executor launches) and the node -> launches mapping; `Op::Linear` is one cuBLASLt
+//! matmul ([`crate::gemm`]). The executor only enqueues steps, so adding an op touches no
+//! executor code (docs/architecture.md walks through it).
 //!
 //! Device memory: activations live in the executor's arena (the planner is the only allocator
 //! of values). A family that needs memory of its own, scratch between its launches (linear
-//! attention's per-head states) or constant tables (rope's inverse frequencies), asks for it at
+//! attention's per-head states) or constant tables (attention's RoPE cos/sin), asks for it at
 //! resolve time through [`Ctx::workspace`] / [`Ctx::constant`]: the buffers are allocated once,
 //! shared by key across the nodes of one executor, and owned by the executor ([`Resources`]) for
 //! as long as the resolved launches exist, so a run still allocates nothing and can be captured.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use openuni_graph::{Graph, Node, Op, ValueId};
 use openuni_tensor::DType;
 
 use crate::device::{CudaDevice, DeviceBuffer, KArg};
-use crate::error::Result;
+use crate::error::{CudaError, Result};
+use crate::gemm::{Blas, Epilogue, LinearArgs, LinearGemm};
 
 /// One kernel launch with its arguments resolved to device addresses and sizes.
 #[derive(Clone, Debug)]
@@ -35,6 +40,64 @@ impl Launch {
     pub unsafe fn enqueue(&self, dev: &CudaDevice) -> Result<()> {
         dev.launch(&self.kernel, self.grid, self.block, self.smem, &self.args)
     }
+}
+
+/// Enqueues `launches` in order.
+///
+/// # Safety
+/// As [`Launch::enqueue`], for each.
+pub unsafe fn enqueue(dev: &CudaDevice, launches: &[Launch]) -> Result<()> {
+    launches.iter().try_for_each(|l| l.enqueue(dev))
+}
+
+/// What one node runs: kernel launches, or one cuBLASLt matmul with the handle it was planned on.
+pub enum Step {
+    Launches(Vec<Launch>),
+    Gemm(LinearGemm, Arc<Blas>),
+}
+
+impl Step {
+    /// # Safety
+    /// The pointers the step was resolved with must still be valid (the executor's buffers).
+    pub unsafe fn enqueue(&self, dev: &CudaDevice) -> Result<()> {
+        match self {
+            Step::Launches(ls) => enqueue(dev, ls),
+            Step::Gemm(g, blas) => g.run(dev, blas),
+        }
+    }
+}
+
+// ---- small helpers shared by the launch builders ------------------------------------------------
+
+/// The kernel-name suffix of a storage type (kernels exist for f32 and bf16 storage).
+pub fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        d => Err(CudaError::DType(d)),
+    }
+}
+
+/// A 32-bit kernel argument, or an error naming the value that does not fit.
+pub fn i32_arg(what: &str, v: usize) -> Result<KArg> {
+    i32::try_from(v)
+        .map(KArg::I32)
+        .map_err(|_| CudaError::Invalid { what: what.into(), msg: format!("{v} does not fit 32 bits") })
+}
+
+/// Elements of `dtype` per 16-byte vector.
+pub fn vec_width(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
+/// Threads per block of the grid-stride kernels.
+pub const STRIDE_THREADS: u32 = 256;
+
+/// Grid of a grid-stride kernel over `items` work items: enough blocks of [`STRIDE_THREADS`] for
+/// the work, at most 16 per SM (a few waves; each thread then loops).
+pub fn stride_grid(sm_count: u32, items: usize) -> (u32, u32, u32) {
+    let cap = (sm_count.max(1) as usize) * 16;
+    (items.div_ceil(STRIDE_THREADS as usize).clamp(1, cap) as u32, 1, 1)
 }
 
 /// What a family needs to resolve a node.
@@ -103,74 +166,60 @@ impl Ctx<'_> {
     }
 
     /// The kernel-name suffix of the storage type.
-    pub fn suffix(&self) -> &'static str {
-        if self.dtype == DType::F32 {
-            "f32"
-        } else {
-            "bf16"
-        }
+    pub fn suffix(&self) -> Result<&'static str> {
+        suffix(self.dtype)
     }
 }
 
-/// Whether a family computes this op.
-pub fn supports(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Transpose { .. }
-            | Op::LinearAttention { .. }
-            | Op::PackedLinearAttention { .. }
-            | Op::ModulationTable { .. }
-            | Op::Chunk { .. }
-            | Op::TimestepEmbedding { .. }
-            | Op::GluSilu { .. }
-            | Op::SwiGlu { .. }
-            | Op::Rope { .. }
-            | Op::SliceTokens { .. }
-            | Op::GatherTokens { .. }
-            | Op::ClassPosEmbed { .. }
-            | Op::Concat { .. }
-            | Op::Conv2d { .. }
-            | Op::UpsampleConv2d { .. }
-            | Op::DepthwiseConv2d { .. }
-            | Op::DepthwiseConvGlu { .. }
-            | Op::GroupedLinear { .. }
-            | Op::Upsample2x { .. }
-            | Op::PixelShuffleShortcut { .. }
-            | Op::RepeatChannels { .. }
-            | Op::Attention { .. }
-    )
-}
-
-/// The launches of `node`, or `None` when no family computes its op.
-pub fn resolve(ctx: &Ctx, node: &Node) -> Option<Result<Vec<Launch>>> {
-    match &node.op {
-        Op::Transpose { .. } => Some(layout::resolve(ctx, node)),
-        Op::LinearAttention { .. } => Some(linear_attention::resolve(ctx, node)),
-        Op::PackedLinearAttention { .. } => Some(linear_attention::resolve(ctx, node)),
-        Op::ModulationTable { .. } => Some(misc::resolve(ctx, node)),
-        Op::Chunk { .. } => Some(misc::resolve(ctx, node)),
-        Op::TimestepEmbedding { .. } => Some(misc::resolve(ctx, node)),
-        Op::GluSilu { .. } => Some(misc::resolve(ctx, node)),
-        Op::SwiGlu { .. } => Some(misc::resolve(ctx, node)),
-        Op::Rope { .. } => Some(misc::resolve(ctx, node)),
-        Op::SliceTokens { .. } | Op::GatherTokens { .. } => Some(misc::resolve(ctx, node)),
-        Op::Concat { .. } => Some(misc::resolve(ctx, node)),
-        Op::ClassPosEmbed { .. } => Some(misc::resolve(ctx, node)),
+/// The step that computes `node`: the one place where an op meets its CUDA implementation.
+pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
+    let launches = match &node.op {
+        Op::Linear { x, w, bias } => return linear(ctx, node, *x, *w, *bias),
+        Op::RmsNorm { .. } | Op::LayerNorm { .. } => norm::resolve(ctx, node),
+        Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => elementwise::resolve(ctx, node),
+        Op::Attention { .. } => attention::resolve(ctx, node),
+        Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } => linear_attention::resolve(ctx, node),
+        Op::Transpose { .. } => layout::resolve(ctx, node),
+        Op::ModulationTable { .. }
+        | Op::Chunk { .. }
+        | Op::TimestepEmbedding { .. }
+        | Op::SwiGlu { .. }
+        | Op::SliceTokens { .. }
+        | Op::GatherTokens { .. }
+        | Op::ClassPosEmbed { .. }
+        | Op::Concat { .. } => misc::resolve(ctx, node),
         Op::Conv2d { .. }
         | Op::UpsampleConv2d { .. }
         | Op::DepthwiseConv2d { .. }
         | Op::DepthwiseConvGlu { .. }
         | Op::GroupedLinear { .. }
-        | Op::Upsample2x { .. }
-        | Op::PixelShuffleShortcut { .. }
-        | Op::RepeatChannels { .. } => Some(conv::resolve(ctx, node)),
-        Op::Attention { .. } => Some(attention::resolve(ctx, node)),
-        _ => None,
-    }
+        | Op::RepeatChannels { .. } => conv::resolve(ctx, node),
+    };
+    launches.map(Step::Launches)
+}
+
+/// `Op::Linear`: one cuBLASLt matmul, planned now (`crate::gemm`).
+fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>) -> Result<Step> {
+    let blas = ctx.dev.blas()?;
+    let out = ctx.graph.shape(node.output);
+    let args = LinearArgs {
+        dtype: ctx.dtype,
+        rows: out.rows(),
+        in_features: ctx.graph.shape(x).last(),
+        out_features: out.last(),
+        epilogue: if bias.is_some() { Epilogue::Bias } else { Epilogue::None },
+        x: (ctx.ptr)(x),
+        w: (ctx.ptr)(w),
+        bias: bias.map(ctx.ptr),
+        y: (ctx.ptr)(node.output),
+    };
+    Ok(Step::Gemm(LinearGemm::new(&blas, &args)?, blas))
 }
 
 pub mod attention;
 pub mod conv;
+pub mod elementwise;
 pub mod layout;
 pub mod linear_attention;
 pub mod misc;
+pub mod norm;

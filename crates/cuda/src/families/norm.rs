@@ -1,0 +1,121 @@
+//! Row norms (`kernels/norm.cu`): RMSNorm (optional bias) and LayerNorm (optional affine, optional
+//! fused adaLN modulation), over the last dimension. CPU twins: `openuni_cpu::ops::{rmsnorm,
+//! layernorm}`.
+//!
+//! The launch builders take raw device pointers (0 = absent) so that tests and benchmarks launch
+//! exactly what the executor launches.
+
+use openuni_graph::{Node, Op};
+use openuni_tensor::DType;
+
+use super::{i32_arg, suffix, vec_width, Ctx, Launch};
+use crate::device::KArg;
+use crate::error::{CudaError, Result};
+
+/// Launch layout of the norm kernels: `(block (tx, ty), grid)`. Each row is handled by `tx`
+/// threads so that each thread holds at most 4 items (16-byte vectors when `cols` is a multiple
+/// of the vector width, else single elements) in registers: a power of two up to 32 (a sub-warp
+/// per row, shuffles only), else a multiple of 32 up to 1024. `ty` rows share a block of at least
+/// 128 threads.
+pub fn norm_launch(rows: usize, cols: usize, dtype: DType) -> ((u32, u32, u32), (u32, u32, u32)) {
+    let v = vec_width(dtype);
+    let items = if cols.is_multiple_of(v) { cols / v } else { cols };
+    let want = items.div_ceil(4).max(1);
+    let tx = if want <= 32 {
+        want.next_power_of_two()
+    } else {
+        (want.div_ceil(32) * 32).min(1024)
+    };
+    let ty = (128 / tx).max(1);
+    let grid = rows.div_ceil(ty).max(1);
+    ((tx as u32, ty as u32, 1), (grid as u32, 1, 1))
+}
+
+/// `rmsnorm_<dtype>`: `y = x / sqrt(mean(x²) + eps) · w (+ b)` over rows of `cols`; no launch for
+/// an empty tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm(dtype: DType, x: u64, w: u64, b: u64, y: u64, rows: usize, cols: usize, eps: f32) -> Result<Vec<Launch>> {
+    let kernel = format!("rmsnorm_{}", suffix(dtype)?);
+    if rows == 0 || cols == 0 {
+        return Ok(vec![]);
+    }
+    let (block, grid) = norm_launch(rows, cols, dtype);
+    let args = vec![
+        KArg::Ptr(x),
+        KArg::Ptr(w),
+        KArg::Ptr(b),
+        KArg::Ptr(y),
+        KArg::I64(rows as i64),
+        i32_arg("cols", cols)?,
+        KArg::F32(eps),
+    ];
+    Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
+}
+
+/// Fused adaLN modulation operands of [`layernorm`]: `scale`/`shift` [B, cols], one row per
+/// sample of `tokens` rows.
+#[derive(Clone, Copy, Debug)]
+pub struct Modulation {
+    pub scale: u64,
+    pub shift: u64,
+    pub tokens: usize,
+}
+
+/// `layernorm_<dtype>`: `y = (x - mean) / sqrt(var + eps) (· w) (+ b)`, then
+/// `· (1 + scale) + shift` when `modulation` is given. `w`, `b` may be 0; no launch for an empty
+/// tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm(
+    dtype: DType,
+    x: u64,
+    w: u64,
+    b: u64,
+    modulation: Option<Modulation>,
+    y: u64,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<Vec<Launch>> {
+    let kernel = format!("layernorm_{}", suffix(dtype)?);
+    if rows == 0 || cols == 0 {
+        return Ok(vec![]);
+    }
+    let (block, grid) = norm_launch(rows, cols, dtype);
+    let (sc, sh, tokens) = match modulation {
+        Some(m) if m.tokens > 0 => (m.scale, m.shift, m.tokens),
+        Some(_) => {
+            return Err(CudaError::Invalid {
+                what: "layernorm modulation".into(),
+                msg: "tokens is 0".into(),
+            })
+        }
+        None => (0, 0, 1),
+    };
+    let args = vec![
+        KArg::Ptr(x),
+        KArg::Ptr(w),
+        KArg::Ptr(b),
+        KArg::Ptr(sc),
+        KArg::Ptr(sh),
+        KArg::Ptr(y),
+        KArg::I64(rows as i64),
+        i32_arg("cols", cols)?,
+        i32_arg("tokens", tokens)?,
+        KArg::F32(eps),
+    ];
+    Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
+}
+
+pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
+    let p = ctx.ptr;
+    let out = ctx.graph.shape(node.output);
+    let (rows, cols) = (out.rows(), out.last());
+    match &node.op {
+        Op::RmsNorm { x, weight, bias, eps } => rmsnorm(ctx.dtype, p(*x), p(*weight), bias.map_or(0, p), p(node.output), rows, cols, *eps),
+        Op::LayerNorm { x, weight, bias, eps, modulation } => {
+            let m = modulation.map(|m| Modulation { scale: p(m.scale), shift: p(m.shift), tokens: out.dims()[1] });
+            layernorm(ctx.dtype, p(*x), weight.map_or(0, p), bias.map_or(0, p), m, p(node.output), rows, cols, *eps)
+        }
+        _ => unreachable!("norm::resolve called for {}", node.op.name()),
+    }
+}

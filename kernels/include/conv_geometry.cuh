@@ -1,0 +1,21 @@
+// conv_geometry.cuh: the geometry of kernels/conv.cu that its launcher also needs, in one place.
+//
+// crates/cuda/build.rs reads the `constexpr int NAME = VALUE;` lines of this file and generates the
+// launcher's constants from them (openuni_cuda::families::conv::geometry), so kernel and launcher
+// cannot disagree; conv.cu's `conv_geometry` kernel reports the values the compiled kernels use,
+// and tests/cuda_conv.rs compares them with the launcher's. One definition per line, a literal
+// value, nothing else on the line but a comment.
+#pragma once
+
+namespace ou {
+
+constexpr int CONV_TILE_H = 8;    // output tile rows of conv2d_* and upsample_conv2d_* (per phase)
+constexpr int CONV_TILE_W = 16;   // output tile columns
+constexpr int CONV_TILE_N = 64;   // output channels per block
+constexpr int CONV_KMAX = 7;      // largest (odd) kernel of conv2d_{f32,bf16} and depthwise_conv2d_*
+constexpr int DW_ROWS = 4;        // depthwise: output rows per thread
+constexpr int DW_CHANNELS = 128;  // depthwise: channels per block (32 threads x 4)
+constexpr int GL_ROWS = 128;      // grouped_linear: rows per block
+constexpr int GL_COLS = 32;       // grouped_linear: outputs per block
+
+}  // namespace ou
