@@ -68,6 +68,9 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         write_configs: Option<PathBuf>,
     },
+    /// Serve images over HTTP with OpenAI's API shape (POST /v1/images/generations), batching
+    /// concurrent requests.
+    Serve(openuni::serve::cli::ServeArgs),
     /// Convert a PyTorch .pth checkpoint (read without running any pickled code) or safetensors
     /// file(s) to one safetensors file with the same tensor names and dtypes.
     Convert {
@@ -223,6 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             print!("{}", openuni::bench::render(&report));
             Ok(true)
         }
+        Command::Serve(a) => openuni::serve::cli::run(a).map(|()| true),
         Command::Convert { input, output } => {
             println!("{}", openuni::convert::convert(&input, &output)?);
             Ok(true)
