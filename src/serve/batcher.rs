@@ -111,6 +111,8 @@ impl Queue {
         if s.closing {
             return Err((job, "shutting_down"));
         }
+        // Requests whose client went away hold no place in the queue.
+        self.drop_gone(&mut s);
         if s.jobs.len() >= self.capacity {
             return Err((job, "queue_full"));
         }
