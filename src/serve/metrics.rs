@@ -45,7 +45,7 @@ impl Metrics {
                 HistogramOpts::new("openuni_queue_wait_seconds", "Time from admission to the start of the request's batch").buckets(latency_buckets.clone()),
             )
             .expect("valid metric"),
-            batch_duration: Histogram::with_opts(HistogramOpts::new("openuni_batch_duration_seconds", "Wall time of one batch").buckets(latency_buckets))
+            batch_duration: Histogram::with_opts(HistogramOpts::new("openuni_batch_duration_seconds", "Wall time of one pipeline call (one batch, or two when the second overlaps its conditioning)").buckets(latency_buckets))
                 .expect("valid metric"),
             errors: IntCounterVec::new(Opts::new("openuni_errors_total", "Failed or refused requests by kind"), &["kind"]).expect("valid metric"),
             requests: IntCounter::new("openuni_requests_total", "Image generation requests received").expect("valid metric"),
