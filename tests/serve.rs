@@ -227,8 +227,8 @@ fn emulated_gpu_images_equal_generate_and_requests_share_batches() {
 
 /// A long request holds the worker (one image per batch, a queue of one): the next request
 /// waits in the queue, the one after is refused with 503 and Retry-After; a waiting client that
-/// disconnects is dropped before its batch (its image is never made); SIGTERM lets the running
-/// request finish.
+/// disconnects is dropped before its batch (its image is never made), a running batch whose
+/// client disconnects stops at its next step; SIGTERM lets the running request finish.
 #[test]
 fn overload_503_cancellation_and_graceful_shutdown() {
     let tmp = tempfile::tempdir().unwrap();
@@ -266,6 +266,12 @@ fn overload_503_cancellation_and_graceful_shutdown() {
     assert_eq!(metric(&s, "openuni_images_generated_total"), 2.0);
     assert_eq!(metric(&s, "openuni_batch_size_count"), 2.0);
     assert_eq!(metric(&s, "openuni_errors_total{kind=\"queue_full\"}"), 1.0);
+
+    // A running batch whose only client disconnects stops at its next step; no image is counted.
+    let gone = post(&url, &long, None, Duration::from_millis(500));
+    assert!(gone.is_err(), "the client with a 0.5 s timeout got an answer");
+    wait_for("the deserted batch to stop", || metric(&s, "openuni_batches_stopped_total") == 1.0);
+    assert_eq!(metric(&s, "openuni_images_generated_total"), 2.0);
 
     // SIGTERM while a request runs: it still gets its image, then the process exits cleanly.
     let e = std::thread::spawn(move || post(&url, &long, None, Duration::from_secs(60)).unwrap());
@@ -331,8 +337,9 @@ fn bad_requests_api_key_and_deadline() {
     let r = send(&json!({"prompt": "slow", "size": "256x256", "steps": 600}).to_string(), key);
     assert_eq!(r.status, 504, "{}", r.body);
     assert_eq!(r.body["error"]["code"], "deadline_exceeded");
-    // The worker finishes the abandoned batch (its result discarded), then serves the next.
-    wait_for("the abandoned batch to end", || metric(&s, "openuni_batches_running") == 0.0);
+    // Nobody waits for that batch any more: it stops at its next step, and the server goes on.
+    wait_for("the abandoned batch to stop", || metric(&s, "openuni_batches_stopped_total") == 1.0);
+    assert_eq!(metric(&s, "openuni_images_generated_total"), 0.0);
     let r = send(&json!({"prompt": "fine", "size": "64x64", "steps": 1}).to_string(), key);
     assert_eq!(r.status, 200, "{}", r.body);
     // Every case but the missing prompt and the wrong model counts as `invalid_value`.

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use super::api::ImageRequest;
 use super::metrics::Metrics;
 use crate::generate::{is_out_of_memory, noise};
-use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
+use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams, Stopped};
 
 /// One generated image of a request.
 #[derive(Clone, Debug)]
@@ -223,11 +223,23 @@ impl Worker {
             self.metrics.queue_wait.observe(start.duration_since(j.admitted).as_secs_f64());
         }
         self.metrics.batches_running.inc();
+        // Once every request of this call is cancelled or past its deadline, the denoising stops
+        // at its next step: nobody would take the images.
+        let watch: Vec<(Arc<AtomicBool>, Instant)> = groups.iter().flatten().map(|j| (j.cancelled.clone(), j.deadline)).collect();
+        self.model.set_stop_check(Some(Box::new(move || {
+            let now = Instant::now();
+            watch.iter().all(|(c, d)| c.load(Ordering::Relaxed) || now >= *d)
+        })));
         let mut replies: Vec<Option<Vec<Image>>> = vec![None; groups.iter().map(Vec::len).sum()];
         let outcome = catch_unwind(AssertUnwindSafe(|| self.run_groups(&groups, &mut replies)));
+        self.model.set_stop_check(None);
         self.metrics.batches_running.dec();
         let failure = match outcome {
             Ok(Ok(())) => None,
+            Ok(Err(e)) if e.is::<Stopped>() => {
+                self.metrics.batches_stopped.inc();
+                Some(JobError { code: "cancelled", message: e.to_string() })
+            }
             Ok(Err(e)) => {
                 let code = if is_out_of_memory(&e) { "out_of_memory" } else { "generation_failed" };
                 Some(JobError { code, message: format!("{e:#}") })
@@ -237,7 +249,7 @@ impl Worker {
                 Some(JobError { code: "generation_failed", message: format!("internal error: the batch panicked ({what})") })
             }
         };
-        if failure.is_some() {
+        if failure.as_ref().is_some_and(|f| f.code != "cancelled") {
             // Executors may be half-built after a failure: the next batch makes fresh ones.
             self.model.release_executors();
         }

@@ -22,6 +22,8 @@ pub struct Metrics {
     /// Failed or refused requests by kind (the error `code`).
     pub errors: IntCounterVec,
     pub requests: IntCounter,
+    /// Pipeline calls stopped between denoising steps because every request in them was gone.
+    pub batches_stopped: IntCounter,
 }
 
 impl Metrics {
@@ -49,6 +51,8 @@ impl Metrics {
                 .expect("valid metric"),
             errors: IntCounterVec::new(Opts::new("openuni_errors_total", "Failed or refused requests by kind"), &["kind"]).expect("valid metric"),
             requests: IntCounter::new("openuni_requests_total", "Image generation requests received").expect("valid metric"),
+            batches_stopped: IntCounter::new("openuni_batches_stopped_total", "Batches stopped between steps because every client left or timed out")
+                .expect("valid metric"),
             registry,
         };
         let r = &m.registry;
@@ -62,6 +66,7 @@ impl Metrics {
         r.register(Box::new(m.batch_duration.clone())).expect("unique");
         r.register(Box::new(m.errors.clone())).expect("unique");
         r.register(Box::new(m.requests.clone())).expect("unique");
+        r.register(Box::new(m.batches_stopped.clone())).expect("unique");
         // Every kind shows from the start (at 0), so a dashboard can rate() it.
         for kind in ["invalid_json", "invalid_value", "unknown_parameter", "missing_required_parameter", "model_not_found", "invalid_api_key", "queue_full", "deadline_exceeded", "cancelled", "payload_too_large", "generation_failed", "out_of_memory", "shutting_down"] {
             m.errors.with_label_values(&[kind]);
