@@ -328,3 +328,63 @@ pub fn encode_png(rgb: &[u8], width: usize, height: usize) -> Result<Vec<u8>> {
     w.finish()?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(width: usize, n: usize, cancelled: bool) -> (Job, oneshot::Receiver<Result<Vec<Image>, JobError>>) {
+        let (reply, rx) = oneshot::channel();
+        let request = ImageRequest {
+            prompt: "p".into(),
+            negative_prompt: None,
+            n,
+            width,
+            height: 64,
+            seed: None,
+            steps: 2,
+            guidance: 4.5,
+            sampler: SamplerKind::DpmSolver,
+        };
+        let now = Instant::now();
+        let ids = PromptIds { cond: vec![1], uncond: vec![2] };
+        (Job { request, seed: 0, ids, admitted: now, deadline: now + Duration::from_secs(60), cancelled: Arc::new(AtomicBool::new(cancelled)), reply }, rx)
+    }
+
+    #[test]
+    fn groups_keep_arrival_order_and_never_split_a_request() {
+        let mut rxs = vec![];
+        let mut jobs = VecDeque::new();
+        for (w, n) in [(64, 2), (96, 1), (64, 3), (64, 1), (64, 4)] {
+            let (j, rx) = job(w, n, false);
+            jobs.push_back(j);
+            rxs.push(rx);
+        }
+        let key = jobs[0].key();
+        let groups = take_groups(&mut jobs, key, 4);
+        let sizes: Vec<Vec<usize>> = groups.iter().map(|g| g.iter().map(|j| j.request.n).collect()).collect();
+        // 2 then 3 does not fit: a second batch starts; the 4 fits in neither and waits.
+        assert_eq!(sizes, vec![vec![2], vec![3, 1]]);
+        let left: Vec<(usize, usize)> = jobs.iter().map(|j| (j.request.width, j.request.n)).collect();
+        assert_eq!(left, vec![(96, 1), (64, 4)]);
+    }
+
+    #[test]
+    fn queue_is_bounded_and_cancelled_requests_leave_it() {
+        let q = Queue::new(2, Arc::new(Metrics::new()));
+        let (a, _ra) = job(64, 1, false);
+        let (b, _rb) = job(64, 1, false);
+        let (c, _rc) = job(64, 1, false);
+        let flag_b = b.cancelled.clone();
+        assert!(q.push(a).is_ok() && q.push(b).is_ok());
+        let (c, why) = q.push(c).unwrap_err();
+        assert_eq!(why, "queue_full");
+        flag_b.store(true, Ordering::Relaxed);
+        assert!(q.push(c).is_ok(), "a cancelled request kept its place");
+        let policy = BatchPolicy { window: Duration::ZERO, max_batch: 8 };
+        let groups = q.next_batch(policy).unwrap();
+        assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), vec![2]);
+        q.close();
+        assert!(q.next_batch(policy).is_none());
+    }
+}
