@@ -71,7 +71,8 @@ fn agent(timeout: Duration) -> ureq::Agent {
     ureq::AgentBuilder::new().timeout(timeout).build()
 }
 
-fn post(url: &str, body: &str, key: Option<&str>, timeout: Duration) -> Result<Reply, ureq::Transport> {
+/// A response, or the transport error (a timeout, a refused connection) as text.
+fn post(url: &str, body: &str, key: Option<&str>, timeout: Duration) -> Result<Reply, String> {
     let mut req = agent(timeout).post(url).set("Content-Type", "application/json");
     if let Some(k) = key {
         req = req.set("Authorization", &format!("Bearer {k}"));
@@ -79,7 +80,7 @@ fn post(url: &str, body: &str, key: Option<&str>, timeout: Duration) -> Result<R
     let r = match req.send_string(body) {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
-        Err(ureq::Error::Transport(t)) => return Err(t),
+        Err(ureq::Error::Transport(t)) => return Err(t.to_string()),
     };
     let (status, retry_after) = (r.status(), r.header("Retry-After").map(str::to_string));
     let text = r.into_string().unwrap();

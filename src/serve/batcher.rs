@@ -105,16 +105,16 @@ impl Queue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits `job`, or gives it back when the queue is full or closing.
-    pub fn push(&self, job: Job) -> Result<(), (Job, &'static str)> {
+    /// Admits `job`, or says why not: `queue_full` or `shutting_down`.
+    pub fn push(&self, job: Job) -> Result<(), &'static str> {
         let mut s = self.lock();
         if s.closing {
-            return Err((job, "shutting_down"));
+            return Err("shutting_down");
         }
         // Requests whose client went away hold no place in the queue.
         self.drop_gone(&mut s);
         if s.jobs.len() >= self.capacity {
-            return Err((job, "queue_full"));
+            return Err("queue_full");
         }
         s.jobs.push_back(job);
         self.metrics.queue_depth.set(s.jobs.len() as i64);
@@ -375,12 +375,12 @@ mod tests {
         let (a, _ra) = job(64, 1, false);
         let (b, _rb) = job(64, 1, false);
         let (c, _rc) = job(64, 1, false);
+        let (d, _rd) = job(64, 1, false);
         let flag_b = b.cancelled.clone();
         assert!(q.push(a).is_ok() && q.push(b).is_ok());
-        let (c, why) = q.push(c).unwrap_err();
-        assert_eq!(why, "queue_full");
+        assert_eq!(q.push(c).unwrap_err(), "queue_full");
         flag_b.store(true, Ordering::Relaxed);
-        assert!(q.push(c).is_ok(), "a cancelled request kept its place");
+        assert!(q.push(d).is_ok(), "a cancelled request kept its place");
         let policy = BatchPolicy { window: Duration::ZERO, max_batch: 8 };
         let groups = q.next_batch(policy).unwrap();
         assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), vec![2]);

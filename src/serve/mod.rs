@@ -293,7 +293,7 @@ async fn generations(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
     let (tx, rx) = oneshot::channel();
     let cancelled = Arc::new(AtomicBool::new(false));
     let job = Job { request, seed, ids, admitted: arrived, deadline: arrived + state.deadline, cancelled: cancelled.clone(), reply: tx };
-    if let Err((_, why)) = state.queue.push(job) {
+    if let Err(why) = state.queue.push(job) {
         let e = if why == "queue_full" {
             ApiError { retry_after: Some(retry_after(&state)), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "queue_full", "the request queue is full; retry later") }
         } else {
