@@ -242,10 +242,10 @@ fn overload_503_cancellation_and_graceful_shutdown() {
         std::thread::spawn(move || post(&url, &long, None, Duration::from_secs(60)).unwrap())
     };
     wait_for("the long request to start", || metric(&s, "openuni_batches_running") == 1.0);
-    // B waits in the queue and gives up after 1 s (its client disconnects).
+    // B waits in the queue and gives up after 0.6 s (its client disconnects).
     let b = {
         let (url, short) = (url.clone(), short.clone());
-        std::thread::spawn(move || post(&url, &short, None, Duration::from_secs(1)))
+        std::thread::spawn(move || post(&url, &short, None, Duration::from_millis(600)))
     };
     wait_for("the second request to be queued", || metric(&s, "openuni_queue_depth") == 1.0);
     let c = post(&url, &short, None, Duration::from_secs(10)).unwrap();
@@ -253,7 +253,7 @@ fn overload_503_cancellation_and_graceful_shutdown() {
     assert_eq!(c.body["error"]["code"], "queue_full");
     let secs: u64 = c.retry_after.expect("Retry-After header").parse().unwrap();
     assert!((1..=60).contains(&secs));
-    assert!(b.join().unwrap().is_err(), "the client with a 1 s timeout got an answer");
+    assert!(b.join().unwrap().is_err(), "the client with a 0.6 s timeout got an answer");
     wait_for("the disconnect to be seen", || metric(&s, "openuni_errors_total{kind=\"cancelled\"}") == 1.0);
     // The cancelled request holds no place: a new one is admitted while the long one runs.
     assert_eq!(metric(&s, "openuni_batches_running"), 1.0, "the long request ended too early for this test");
@@ -275,7 +275,8 @@ fn overload_503_cancellation_and_graceful_shutdown() {
     assert_eq!(metric(&s, "openuni_images_generated_total"), 2.0);
 
     // SIGTERM while a request runs: it still gets its image, then the process exits cleanly.
-    let e = std::thread::spawn(move || post(&url, &long, None, Duration::from_secs(60)).unwrap());
+    let medium = json!({"prompt": "medium", "size": "256x256", "steps": 300}).to_string();
+    let e = std::thread::spawn(move || post(&url, &medium, None, Duration::from_secs(60)).unwrap());
     wait_for("the last request to start", || metric(&s, "openuni_batches_running") == 1.0);
     let status = s.terminate();
     let e = e.join().unwrap();
