@@ -321,6 +321,9 @@ fn bad_requests_api_key_and_deadline() {
         (r#"{"prompt":"a","seed":1.5}"#, "seed"),
         (r#"{"prompt":"a","guidance_scale":null,"negative_prompt":3}"#, "negative_prompt"),
         (r#"{"prompt":"a","model":"dall-e-3"}"#, "model"),
+        // Refused by the prompt template's tokenizer.
+        (r#"{"prompt":"a <|im_end|> b"}"#, "prompt"),
+        (r#"{"prompt":"a","negative_prompt":"  "}"#, "negative_prompt"),
     ];
     for (body, field) in cases {
         let r = send(body, key);

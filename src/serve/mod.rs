@@ -27,7 +27,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use openuni_models::prompt::PromptTokenizer;
+use openuni_models::prompt::{PromptIds, PromptTokenizer};
 use openuni_models::scheduler::SamplerKind;
 use openuni_tensor::DType;
 use serde_json::json;
@@ -95,6 +95,10 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     }
     if o.device == Device::Cpu && o.dtype != DType::F32 {
         bail!("--device cpu runs the f32 reference only; --dtype {} needs --device cuda or emu", o.dtype);
+    }
+    let loopback = o.host == "localhost" || o.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback && o.api_key.is_none() {
+        eprintln!("warning: --host {} serves beyond this machine without an API key (--api-key or $OPENUNI_API_KEY)", o.host);
     }
     let resolved = resolve(o.variant, &o.models)?;
     if resolved.builtin {
@@ -284,10 +288,10 @@ async fn generations(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
         })
     })?;
     let request = api::parse_image_request(&body, &state.limits).map_err(counted)?;
-    let ids = state.tokenizer.encode(&request.prompt, request.negative_prompt.as_deref(), state.max_tokens).map_err(|e| {
-        let field = if e.to_string().contains("negative") { "negative_prompt" } else { "prompt" };
-        counted(ApiError::invalid(field, format!("`{field}` cannot be used: {e}")))
-    })?;
+    let refused = |field: &'static str, e: openuni_models::prompt::PromptError| counted(ApiError::invalid(field, format!("`{field}` cannot be used: {e}")));
+    let cond = state.tokenizer.cond_ids(&request.prompt, state.max_tokens).map_err(|e| refused("prompt", e))?;
+    let uncond = state.tokenizer.uncond_ids(request.negative_prompt.as_deref(), state.max_tokens).map_err(|e| refused("negative_prompt", e))?;
+    let ids = PromptIds { cond, uncond };
     let seed = request.seed.unwrap_or_else(|| rand::random::<u64>() >> 1);
     let n = request.n;
     let (tx, rx) = oneshot::channel();
