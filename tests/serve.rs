@@ -316,6 +316,8 @@ fn bad_requests_api_key_and_deadline() {
         (r#"{"prompt":"a","n":5}"#, "n"),
         (r#"{"prompt":"a","size":"100x100"}"#, "size"),
         (r#"{"prompt":"a","size":"64"}"#, "size"),
+        // Above --max-side (default: twice the tiny model's 256 px).
+        (r#"{"prompt":"a","size":"1024x64"}"#, "size"),
         (r#"{"prompt":"a","response_format":"url"}"#, "response_format"),
         (r#"{"prompt":"a","steps":-2}"#, "steps"),
         (r#"{"prompt":"a","seed":1.5}"#, "seed"),

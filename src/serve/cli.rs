@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes (then 413).
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+    /// Largest side of a requested image in pixels, bounding one request's memory (default:
+    /// twice the model's size: 1024 px for the 512-px variants, 2048 for l-1024).
+    #[arg(long, value_name = "PX")]
+    pub max_side: Option<usize>,
     /// Default steps of a request without `steps`.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -85,6 +89,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         api_key: a.api_key.filter(|k| !k.is_empty()),
         deadline: Duration::from_secs_f64(a.deadline_s),
         max_body_bytes: a.max_body_bytes,
+        max_side: a.max_side,
         steps: a.steps,
         guidance: a.guidance,
         sampler,

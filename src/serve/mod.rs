@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     pub deadline: Duration,
     pub max_body_bytes: usize,
+    /// Largest side of a requested image; `None`: twice the model's default size.
+    pub max_side: Option<usize>,
     pub steps: usize,
     pub guidance: f32,
     pub sampler: SamplerKind,
@@ -89,6 +91,9 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     }
     if o.max_batch == Some(0) {
         bail!("--max-batch must be at least 1");
+    }
+    if o.max_side == Some(0) {
+        bail!("--max-side must be positive");
     }
     if o.steps == 0 {
         bail!("--steps must be at least 1");
@@ -147,7 +152,7 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         model_id,
         default_size: resolved.default_size,
         size_multiple: loaded.size_multiple,
-        max_side: MAX_SIDE,
+        max_side: o.max_side.unwrap_or(2 * resolved.default_size),
         max_n: loaded.max_batch.min(10),
         max_steps: MAX_STEPS,
         max_prompt_chars: MAX_PROMPT_CHARS,
@@ -180,8 +185,6 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     served
 }
 
-/// The largest side of a requested image, bounding one request's memory.
-const MAX_SIDE: usize = 4096;
 const MAX_STEPS: usize = 1000;
 const MAX_PROMPT_CHARS: usize = 8000;
 
