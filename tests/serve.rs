@@ -226,20 +226,28 @@ fn emulated_gpu_images_equal_generate_and_requests_share_batches() {
     concurrent_requests_share_batches(&s, 3);
 }
 
-/// A long request holds the worker (one image per batch, a queue of one): the next request
-/// waits in the queue, the one after is refused with 503 and Retry-After; a waiting client that
-/// disconnects is dropped before its batch (its image is never made), a running batch whose
-/// client disconnects stops at its next step; SIGTERM lets the running request finish.
+/// A long request A holds the worker (one image per batch, a queue of one): the next request B
+/// waits in the queue, the one after is refused with 503 and Retry-After; B's client disconnects
+/// and B is dropped before any batch (its image is never made); A's client then disconnects and
+/// A's batch stops at its next step (A is far longer than the test waits, so no timing margin is
+/// needed); SIGTERM lets a running request finish.
 #[test]
 fn overload_503_cancellation_and_graceful_shutdown() {
     let tmp = tempfile::tempdir().unwrap();
     let mut s = Server::start(tmp.path(), &["--max-batch", "1", "--queue", "1", "--batch-window-ms", "0"], &[]);
     let url = s.url("/v1/images/generations");
-    let long = json!({"prompt": "long", "size": "256x256", "steps": 600}).to_string();
+    // Many seconds on any CPU (the largest size and the most steps allowed): it ends when its
+    // client leaves.
+    let endless = json!({"prompt": "long", "size": "512x512", "steps": 1000}).to_string();
     let short = json!({"prompt": "short", "size": "64x64", "steps": 1}).to_string();
+    // A's client: a raw connection, so the test decides when it leaves (by closing it).
     let a = {
-        let (url, long) = (url.clone(), long.clone());
-        std::thread::spawn(move || post(&url, &long, None, Duration::from_secs(60)).unwrap())
+        use std::io::Write;
+        let mut conn = std::net::TcpStream::connect(s.base.trim_start_matches("http://")).unwrap();
+        let head = format!("POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", endless.len());
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(endless.as_bytes()).unwrap();
+        conn
     };
     wait_for("the long request to start", || metric(&s, "openuni_batches_running") == 1.0);
     // B waits in the queue and gives up after 0.6 s (its client disconnects).
@@ -255,24 +263,23 @@ fn overload_503_cancellation_and_graceful_shutdown() {
     assert!((1..=60).contains(&secs));
     assert!(b.join().unwrap().is_err(), "the client with a 0.6 s timeout got an answer");
     wait_for("the disconnect to be seen", || metric(&s, "openuni_errors_total{kind=\"cancelled\"}") == 1.0);
-    // The cancelled request holds no place: a new one is admitted while the long one runs.
-    assert_eq!(metric(&s, "openuni_batches_running"), 1.0, "the long request ended too early for this test");
+    assert_eq!(metric(&s, "openuni_batches_running"), 1.0, "the long request ended before its client left");
+    // The cancelled request holds no place: D is admitted while A runs.
     let d = {
         let (url, short) = (url.clone(), short.clone());
         std::thread::spawn(move || post(&url, &short, None, Duration::from_secs(60)).unwrap())
     };
-    assert_eq!(a.join().unwrap().status, 200);
-    assert_eq!(d.join().unwrap().status, 200);
-    // A, then D: the cancelled request's image was never made.
-    assert_eq!(metric(&s, "openuni_images_generated_total"), 2.0);
-    assert_eq!(metric(&s, "openuni_batch_size_count"), 2.0);
-    assert_eq!(metric(&s, "openuni_errors_total{kind=\"queue_full\"}"), 1.0);
-
-    // A running batch whose only client disconnects stops at its next step; no image is counted.
-    let gone = post(&url, &long, None, Duration::from_millis(500));
-    assert!(gone.is_err(), "the client with a 0.5 s timeout got an answer");
+    wait_for("D to be queued", || metric(&s, "openuni_queue_depth") == 1.0);
+    assert_eq!(metric(&s, "openuni_images_generated_total"), 0.0);
+    assert_eq!(metric(&s, "openuni_batches_stopped_total"), 0.0);
+    // A's client leaves: A's batch stops at its next step and D runs.
+    drop(a);
     wait_for("the deserted batch to stop", || metric(&s, "openuni_batches_stopped_total") == 1.0);
-    assert_eq!(metric(&s, "openuni_images_generated_total"), 2.0);
+    assert_eq!(d.join().unwrap().status, 200);
+    // Only D's image was made: B never ran, A stopped.
+    assert_eq!(metric(&s, "openuni_images_generated_total"), 1.0);
+    assert_eq!(metric(&s, "openuni_batch_size_count"), 1.0);
+    assert_eq!(metric(&s, "openuni_errors_total{kind=\"queue_full\"}"), 1.0);
 
     // SIGTERM while a request runs: it still gets its image, then the process exits cleanly.
     let medium = json!({"prompt": "medium", "size": "256x256", "steps": 300}).to_string();

@@ -319,6 +319,9 @@ async fn generations(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
         // The worker dropped the request unanswered: its deadline passed before its batch.
         Ok(Err(_)) if arrived.elapsed() >= state.deadline => return Err(counted(deadline_error(&state))),
         Ok(Err(_)) => return Err(counted(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", "the worker stopped before this request ran"))),
+        // Its batch stopped because every request in it was gone: for a client still waiting, that
+        // means the deadline passed (the worker saw it a moment before this handler's timer).
+        Ok(Ok(Err(e))) if e.code == "cancelled" => return Err(counted(deadline_error(&state))),
         Ok(Ok(Err(e))) => return Err(counted(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.code, e.message))),
         Ok(Ok(Ok(images))) => images,
     };
