@@ -282,7 +282,7 @@ fn overload_503_cancellation_and_graceful_shutdown() {
     assert_eq!(metric(&s, "openuni_errors_total{kind=\"queue_full\"}"), 1.0);
 
     // SIGTERM while a request runs: it still gets its image, then the process exits cleanly.
-    let medium = json!({"prompt": "medium", "size": "256x256", "steps": 300}).to_string();
+    let medium = json!({"prompt": "medium", "size": "256x256", "steps": 500}).to_string();
     let e = std::thread::spawn(move || post(&url, &medium, None, Duration::from_secs(60)).unwrap());
     wait_for("the last request to start", || metric(&s, "openuni_batches_running") == 1.0);
     let status = s.terminate();
@@ -348,7 +348,7 @@ fn bad_requests_api_key_and_deadline() {
     assert_eq!(get(&s.url("/v1/nothing")).0, 404);
 
     // A request that cannot finish within the 1 s deadline: 504, and the server goes on.
-    let r = send(&json!({"prompt": "slow", "size": "256x256", "steps": 600}).to_string(), key);
+    let r = send(&json!({"prompt": "slow", "size": "512x512", "steps": 1000}).to_string(), key);
     assert_eq!(r.status, 504, "{}", r.body);
     assert_eq!(r.body["error"]["code"], "deadline_exceeded");
     // Nobody waits for that batch any more: it stops at its next step, and the server goes on.
