@@ -10,5 +10,6 @@ pub mod exec;
 pub mod generate;
 pub mod image;
 pub mod pipeline;
+pub mod serve;
 pub mod tiny_model;
 pub mod verify;

@@ -109,6 +109,9 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Serve images over HTTP with OpenAI's API shape (POST /v1/images/generations), batching
+    /// concurrent requests.
+    Serve(openuni::serve::cli::ServeArgs),
     /// Convert a PyTorch .pth checkpoint (read without running any pickled code) or safetensors
     /// file(s) to one safetensors file with the same tensor names and dtypes.
     Convert {
@@ -298,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             openuni::chat::run_cli(&opts)?;
             Ok(true)
         }
+        Command::Serve(a) => openuni::serve::cli::run(a).map(|()| true),
         Command::Convert { input, output } => {
             println!("{}", openuni::convert::convert(&input, &output)?);
             Ok(true)

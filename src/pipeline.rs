@@ -34,7 +34,24 @@ pub struct OpenUni {
     pub vae: Box<dyn TensorSource>,
     /// Device weights and executors kept between calls (see [`Resident`]).
     resident: RefCell<Resident>,
+    /// Asked before every denoising step (see [`set_stop_check`](Self::set_stop_check)).
+    stop_check: RefCell<Option<StopCheck>>,
 }
+
+/// A check asked before every denoising step; `true` ends the generation with [`Stopped`].
+pub type StopCheck = Box<dyn Fn() -> bool>;
+
+/// The error of a generation ended by its [`StopCheck`] (e.g. every client of a served batch left).
+#[derive(Debug)]
+pub struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "generation stopped before its last step: nobody waits for it")
+    }
+}
+
+impl std::error::Error for Stopped {}
 
 /// What a graph reads its weights from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -173,6 +190,7 @@ impl OpenUni {
             vae_cfg,
             vae: Box::new(Weights::open(paths.vae)?),
             resident: RefCell::default(),
+            stop_check: RefCell::default(),
         })
     }
 
@@ -202,6 +220,7 @@ impl OpenUni {
             vae_cfg,
             vae,
             resident: RefCell::default(),
+            stop_check: RefCell::default(),
         }
     }
 
@@ -256,6 +275,12 @@ impl OpenUni {
             .map(|(_, e)| e)
             .with_context(|| format!("no resident `{name}` executor for {dims:?} on {} {}", run.device, run.dtype))?;
         f(e.as_mut())
+    }
+
+    /// Sets (or with `None` clears) the check asked before every denoising step: when it says
+    /// `true`, `denoise` and `generate_batches` end with [`Stopped`].
+    pub fn set_stop_check(&self, check: Option<StopCheck>) {
+        *self.stop_check.borrow_mut() = check;
     }
 
     /// Drops every resident executor (their weights stay).
@@ -566,6 +591,9 @@ impl OpenUni {
             // The batch's K/V once; only the latents and the timestep change per step.
             e.set_inputs(&kv)?;
             while let Some(ts) = solver.timestep() {
+                if self.stop_check.borrow().as_ref().is_some_and(|stop| stop()) {
+                    return Err(Stopped.into());
+                }
                 let mut x2 = latents.clone();
                 x2.extend_from_slice(&latents);
                 // The transformer sees the timestep as f32, as SanaPipeline passes it.
