@@ -1,84 +1,24 @@
 //! The fast CPU ops the executor runs by default: the same math as their plain twins in
-//! [`crate::ops`] (same names, same arguments), restructured for speed: GEMMs through the `gemm`
-//! crate on tiles, f32 accumulation, and work split across rayon's global pool (one pool for the
-//! process; the GEMMs inside a parallel task run on one thread). Each is tested against its twin
+//! [`crate::ops`] (same names, same arguments), restructured for speed: GEMMs on tiles
+//! ([`crate::sgemm`]), f32 accumulation, and work split across rayon's global pool (one pool for
+//! the process; the GEMMs inside a parallel task run on one thread). Each is tested against its twin
 //! on odd shapes (crates/cpu/tests/fast.rs); the twins stay the oracle (`Kernels::Reference`).
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::ops::{self, AttentionDims, ModulationRef, MASKED_KEY_BIAS};
+use crate::sgemm::{gemm as gemm_into, Threads, View};
 use openuni_graph::UnaryFn;
 
 /// Elements per parallel task of the elementwise ops: big enough to amortise a task.
 const ELEMS_PER_TASK: usize = 1 << 14;
-
-/// A matrix inside a slice: element (r, c) at `data[off + r·rs + c·cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    off: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    fn new(data: &'a [f32], off: usize, rs: usize, cs: usize) -> Self {
-        View { data, off, rs, cs }
-    }
-
-    /// Panics unless every element of a rows×cols block is inside the slice.
-    fn check(&self, rows: usize, cols: usize) {
-        if rows > 0 && cols > 0 {
-            let last = self.off + (rows - 1) * self.rs + (cols - 1) * self.cs;
-            assert!(last < self.data.len(), "GEMM operand out of bounds: {last} >= {}", self.data.len());
-        }
-    }
-}
-
-/// `dst[m, n] (+)= a[m, k] · b[k, n]`, `dst` row-major with row stride `ldd` from `dst_off`.
-/// `accumulate` adds to `dst` instead of overwriting it.
-#[allow(clippy::too_many_arguments)]
-fn gemm_into(m: usize, n: usize, k: usize, dst: &mut [f32], dst_off: usize, ldd: usize, accumulate: bool, a: View, b: View, par: Parallelism) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    a.check(m, k);
-    b.check(k, n);
-    assert!(n <= ldd && dst_off + (m - 1) * ldd + n <= dst.len(), "GEMM destination out of bounds");
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[dst_off + r * ldd..][..n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: the checks above bound every element gemm reads or writes with these strides; `dst`
-    // is borrowed mutably, so nothing else aliases it.
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr().add(dst_off), 1, ldd as isize, accumulate,
-            a.data.as_ptr().add(a.off), a.cs as isize, a.rs as isize,
-            b.data.as_ptr().add(b.off), b.cs as isize, b.rs as isize,
-            1.0, 1.0, false, false, false,
-            par,
-        );
-    }
-}
-
-/// All threads of rayon's pool, for a GEMM that is the only work in flight.
-fn all_threads() -> Parallelism {
-    Parallelism::Rayon(rayon::current_num_threads())
-}
 
 /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias)` on every thread.
 pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize, out: &mut [f32]) {
     if let Some(b) = bias {
         out[..rows * n].par_chunks_mut(n * (ELEMS_PER_TASK / n).max(1)).for_each(|c| c.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)));
     }
-    gemm_into(rows, n, k, out, 0, n, bias.is_some(), View::new(x, 0, k, 1), View::new(w, 0, 1, k), all_threads());
+    gemm_into(rows, n, k, out, 0, n, bias.is_some(), View::new(x, 0, k, 1), View::new(w, 0, 1, k), Threads::All);
 }
 
 /// [`ops::rmsnorm`], rows split across threads.
@@ -181,7 +121,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: A
                     let nk = KV_BLOCK.min(kv_end - j0);
                     let qv = View::new(q, (b * d.q_len + q0) * qw + h * hd, qw, 1);
                     let kt = View::new(k, (b * d.kv_len + j0) * kw + kh * hd, 1, kw);
-                    gemm_into(nq, nk, hd, &mut s, 0, nk, false, qv, kt, Parallelism::None);
+                    gemm_into(nq, nk, hd, &mut s, 0, nk, false, qv, kt, Threads::One);
                     for i in 0..nq {
                         let row = &mut s[i * nk..(i + 1) * nk];
                         let lim = visible(q0 + i).saturating_sub(j0).min(nk);
@@ -207,7 +147,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: A
                     }
                     let p = View::new(&s, 0, nk, 1);
                     let vv = View::new(v, (b * d.kv_len + j0) * kw + kh * hd, kw, 1);
-                    gemm_into(nq, hd, nk, &mut acc, 0, hd, true, p, vv, Parallelism::None);
+                    gemm_into(nq, hd, nk, &mut acc, 0, hd, true, p, vv, Threads::One);
                 }
                 for i in 0..nq {
                     let inv = 1.0 / sum[i];
@@ -288,7 +228,7 @@ fn linear_attention_core(q: &[f32], k: &[f32], v: &[f32], layout: HeadLayout, ba
                 v1[m * w..m * w + hd].copy_from_slice(&v[row + (layout.v)(h, hd)..][..hd]);
             }
             let mut state = vec![0f32; hd * w];
-            gemm_into(hd, w, tokens, &mut state, 0, w, false, View::new(&kr, 0, 1, hd), View::new(&v1, 0, w, 1), Parallelism::None);
+            gemm_into(hd, w, tokens, &mut state, 0, w, false, View::new(&kr, 0, 1, hd), View::new(&v1, 0, w, 1), Threads::One);
             state
         })
         .collect();
@@ -303,7 +243,7 @@ fn linear_attention_core(q: &[f32], k: &[f32], v: &[f32], layout: HeadLayout, ba
                         *d = s.max(0.0);
                     }
                 }
-                gemm_into(nr, w, hd, &mut res, 0, w, false, View::new(&qr, 0, hd, 1), View::new(&states[b * heads + h], 0, w, 1), Parallelism::None);
+                gemm_into(nr, w, hd, &mut res, 0, w, false, View::new(&qr, 0, hd, 1), View::new(&states[b * heads + h], 0, w, 1), Threads::One);
                 for i in 0..nr {
                     let r = &res[i * w..(i + 1) * w];
                     let inv = 1.0 / (r[hd] + 1e-15);
@@ -417,7 +357,7 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> Option<&'a [f32]> + Sync
             }
         }
     };
-    let gemm_block = |cols: &[f32], n: usize, o: &mut [f32], par: Parallelism| {
+    let gemm_block = |cols: &[f32], n: usize, o: &mut [f32], par: Threads| {
         if let Some(bb) = bias {
             o.chunks_exact_mut(cout).for_each(|r| r.copy_from_slice(bb));
         }
@@ -432,7 +372,7 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> Option<&'a [f32]> + Sync
                 |cols, (i, o)| {
                     let n = o.len() / cout;
                     fill(b, i * block, &mut cols[..n * kk]);
-                    gemm_block(&cols[..n * kk], n, o, Parallelism::None);
+                    gemm_block(&cols[..n * kk], n, o, Threads::One);
                 },
             )
         });
@@ -442,7 +382,7 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> Option<&'a [f32]> + Sync
             for (i, o) in ob.chunks_mut(block * cout).enumerate() {
                 let n = o.len() / cout;
                 fill(b, i * block, &mut cols[..n * kk]);
-                gemm_block(&cols[..n * kk], n, o, all_threads());
+                gemm_block(&cols[..n * kk], n, o, Threads::All);
             }
         }
     }
@@ -488,6 +428,6 @@ pub fn grouped_linear(x: &[f32], weight: &[f32], cin: usize, cout: usize, groups
     for g in 0..groups {
         let xv = View::new(x, g * ci, cin, 1);
         let wv = View::new(weight, g * co * ci, 1, ci);
-        gemm_into(rows, co, ci, out, g * co, cout, false, xv, wv, all_threads());
+        gemm_into(rows, co, ci, out, g * co, cout, false, xv, wv, Threads::All);
     }
 }

@@ -6,5 +6,6 @@
 mod executor;
 pub mod fast;
 pub mod ops;
+pub mod sgemm;
 
 pub use executor::{CpuExecutor, CpuNodeTiming, ExecError, Kernels, WeightCache};

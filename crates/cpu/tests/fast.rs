@@ -197,3 +197,44 @@ fn grouped_linear_matches_twin() {
         assert_close(&format!("grouped_linear {rows}x{cin}->{cout} g{groups}"), &f, &p, 1e-6);
     }
 }
+
+/// Both sgemm backends against a naive loop, for every operand layout the fast ops use
+/// (row-major, transposed, strided sub-matrices), accumulation, one and all threads (column
+/// blocks), and degenerate sizes. OpenBLAS is loaded at run time; without it only the crate runs.
+#[test]
+fn sgemm_backends_match_naive_loop() {
+    use openuni_cpu::sgemm::{self, Backend, Threads, View};
+    let mut r = rng(10);
+    if sgemm::backend() == Backend::GemmCrate {
+        println!("OpenBLAS not loaded (libopenblas.so.0 missing or OPENUNI_CPU_SGEMM=gemm): the gemm crate only");
+    }
+    for (m, k, n) in [(1, 1, 1), (1, 5, 1), (3, 1, 70), (37, 19, 101), (130, 67, 300)] {
+        // a: m×k inside a wider buffer (row stride k+3, offset 2) or transposed; b likewise.
+        let abuf = rand_vec(&mut r, (m + 1) * (k + 3) + (k + 1) * (m + 3));
+        let bbuf = rand_vec(&mut r, (k + 1) * (n + 3) + (n + 1) * (k + 3));
+        for (a, b) in [
+            (View::new(&abuf, 2, k + 3, 1), View::new(&bbuf, 1, n + 3, 1)),
+            (View::new(&abuf, 0, 1, m + 3), View::new(&bbuf, 3, 1, k + 3)),
+        ] {
+            let at = |i: usize, j: usize| a.data[a.off + i * a.rs + j * a.cs];
+            let bt = |i: usize, j: usize| b.data[b.off + i * b.rs + j * b.cs];
+            let init = rand_vec(&mut r, m * (n + 2));
+            for accumulate in [false, true] {
+                let mut want = init.clone();
+                for i in 0..m {
+                    for j in 0..n {
+                        let s: f32 = (0..k).map(|l| at(i, l) * bt(l, j)).sum();
+                        want[i * (n + 2) + 1 + j] = s + if accumulate { init[i * (n + 2) + 1 + j] } else { 0.0 };
+                    }
+                }
+                for be in [Backend::GemmCrate, Backend::OpenBlas] {
+                    for threads in [Threads::One, Threads::All] {
+                        let mut got = init.clone();
+                        sgemm::gemm_with(be, m, n, k, &mut got, 1, n + 2, accumulate, a, b, threads);
+                        assert_close(&format!("{be:?} {m}x{k}x{n} strides a {}/{} acc {accumulate} {threads:?}", a.rs, a.cs), &got, &want, 1e-6);
+                    }
+                }
+            }
+        }
+    }
+}
