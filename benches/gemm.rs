@@ -1,6 +1,7 @@
 //! Which sgemm the CPU backend should use: matrixmultiply (threaded), the `gemm` crate (rayon),
-//! optionally the system OpenBLAS (`--features bench-openblas`, needs `libopenblas-dev`), and
-//! PyTorch's own sgemm (`torch.nn.functional.linear`, MKL in the x86 wheels) through a helper
+//! `openuni_cpu::sgemm` (what the fast ops run: single-threaded calls of the `gemm` crate or of the
+//! system OpenBLAS, loaded at run time when `libopenblas.so.0` is installed, on column blocks split
+//! across rayon's pool), and PyTorch's own sgemm (`torch.nn.functional.linear`, MKL in the x86 wheels) through a helper
 //! process (`tools/bench_torch.py --sgemm-server`, started when `OPENUNI_BENCH_PYTHON` names a
 //! Python with torch), all at the same thread count, on the GEMM shapes of the models.
 //!
@@ -9,14 +10,16 @@
 //! and goes on a shared machine hits them alike; the table gives the median ms, GFLOP/s (2·MNK)
 //! and each time relative to matrixmultiply's and to PyTorch's in the same run.
 //!
-//!     OPENUNI_BENCH_PYTHON=/path/to/python cargo bench --bench gemm --features bench-openblas
+//!     OPENUNI_BENCH_PYTHON=/path/to/python cargo bench --bench gemm
 //!
 //! Threads: `OPENUNI_BENCH_THREADS` (default: all cores) for every candidate (rayon's global pool,
-//! matrixmultiply's `MATMUL_NUM_THREADS`, `openblas_set_num_threads`, `torch.set_num_threads`).
+//! matrixmultiply's `MATMUL_NUM_THREADS`, `torch.set_num_threads`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
+
+use openuni_cpu::sgemm::{self, Backend, Threads, View};
 
 /// (where the shape comes from, M, K, N).
 const SHAPES: &[(&str, usize, usize, usize)] = &[
@@ -55,27 +58,18 @@ fn mm_gemm(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], 
     }
 }
 
-#[cfg(feature = "bench-openblas")]
-mod openblas {
-    #[link(name = "openblas")]
-    extern "C" {
-        #[allow(clippy::too_many_arguments)]
-        fn cblas_sgemm(order: i32, ta: i32, tb: i32, m: i32, n: i32, k: i32, alpha: f32, a: *const f32, lda: i32, b: *const f32, ldb: i32, beta: f32, c: *mut f32, ldc: i32);
-        fn openblas_set_num_threads(n: i32);
-    }
-    pub fn set_threads(n: usize) {
-        // SAFETY: plain setter.
-        unsafe { openblas_set_num_threads(n as i32) }
-    }
-    pub fn mm(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], _threads: usize) {
-        const ROW_MAJOR: i32 = 101;
-        const NO_TRANS: i32 = 111;
-        const TRANS: i32 = 112;
-        // SAFETY: row-major x[m,k], w[n,k] read transposed, out[m,n].
-        unsafe {
-            cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, m as i32, n as i32, k as i32, 1.0, x.as_ptr(), k as i32, w.as_ptr(), k as i32, 0.0, out.as_mut_ptr(), n as i32)
-        }
-    }
+/// `openuni_cpu::sgemm` (what the fast CPU ops run) on one backend: single-threaded calls on
+/// column blocks across rayon's pool.
+fn mm_ours(be: Backend, x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    sgemm::gemm_with(be, m, n, k, out, 0, n, false, View::new(x, 0, k, 1), View::new(w, 0, 1, k), Threads::All);
+}
+
+fn mm_ours_openblas(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], _threads: usize) {
+    mm_ours(Backend::OpenBlas, x, w, m, k, n, out)
+}
+
+fn mm_ours_gemm(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], _threads: usize) {
+    mm_ours(Backend::GemmCrate, x, w, m, k, n, out)
 }
 
 /// The PyTorch helper process: one line "M K N" in, one line "ms" out (one timed call each).
@@ -141,11 +135,11 @@ fn main() {
     // matrixmultiply reads its thread count from the environment on first use.
     std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("rayon pool");
-    let mut cands: Vec<(&str, Sgemm)> = vec![("matrixmultiply", mm_matrixmultiply), ("gemm crate", mm_gemm)];
-    #[cfg(feature = "bench-openblas")]
-    {
-        openblas::set_threads(threads);
-        cands.push(("OpenBLAS (system)", openblas::mm));
+    let mut cands: Vec<(&str, Sgemm)> = vec![("matrixmultiply", mm_matrixmultiply), ("gemm crate", mm_gemm), ("ours: gemm crate", mm_ours_gemm)];
+    if sgemm::backend() == Backend::OpenBlas {
+        cands.push(("ours: OpenBLAS", mm_ours_openblas));
+    } else {
+        println!("(OpenBLAS not measured: libopenblas.so.0 did not load)");
     }
     let mut torch = Torch::start(threads);
     let commit = option_env!("OPENUNI_GIT_COMMIT").unwrap_or("unknown");

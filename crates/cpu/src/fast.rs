@@ -334,14 +334,33 @@ pub fn depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch
 /// Output pixels per im2col block: bounds each thread's scratch (as the twins' BLOCK).
 const CONV_BLOCK: usize = 1024;
 
-/// A k×k convolution on an `oh`×`ow` output grid as im2col blocks + GEMM. `src(y, x)` gives the
-/// input pixel's channels read at output-grid position (y, x) (None outside: zero padding), so the
-/// same driver serves the plain and the 2×-upsampling convolutions. Many blocks: one block per
-/// task, each GEMM on one thread; few blocks: blocks in turn, each GEMM on every thread.
+/// A k×k convolution on an `oh`×`ow` output grid as im2col blocks + GEMM, SiLU optionally
+/// applied to each block while it is in cache. `src(b, y, x)` gives the input pixel's channels read
+/// at output-grid position (y, x), so the same driver serves the plain and the 2×-upsampling
+/// convolutions. Many blocks: one block per task, each GEMM on one thread; few blocks: blocks in
+/// turn, each GEMM on every thread. When the image has more pixels than the conv has output
+/// channels, the weights are permuted to tap-major [Cout, k·k, Cin] once per call, so that each
+/// im2col row is k·k contiguous copies of Cin channels; else the im2col rows follow the weights'
+/// [Cin, k·k] order.
 #[allow(clippy::too_many_arguments)]
-fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> Option<&'a [f32]> + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, out: &mut [f32]) {
+fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
     let (kk, taps, p) = (cin * kernel * kernel, kernel * kernel, kernel / 2);
     let block = CONV_BLOCK.min(oh * ow);
+    let tap_major = taps > 1 && cout <= batch * oh * ow;
+    let permuted: Vec<f32> = if tap_major {
+        let mut wp = vec![0f32; cout * kk];
+        wp.par_chunks_mut(kk).zip(weight.par_chunks(kk)).for_each(|(d, s)| {
+            for ci in 0..cin {
+                for t in 0..taps {
+                    d[t * cin + ci] = s[ci * taps + t];
+                }
+            }
+        });
+        wp
+    } else {
+        vec![]
+    };
+    let wmat = if tap_major { &permuted[..] } else { weight };
     let fill = |b: usize, start: usize, cols: &mut [f32]| {
         for (pi, col) in cols.chunks_exact_mut(kk).enumerate() {
             let (y, xx) = ((start + pi) / ow, (start + pi) % ow);
@@ -349,9 +368,11 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> Option<&'a [f32]> + Sync
                 for dx in 0..kernel {
                     let t = dy * kernel + dx;
                     let s = (y + dy).checked_sub(p).filter(|&s| s < oh).zip((xx + dx).checked_sub(p).filter(|&s| s < ow));
-                    match s.and_then(|(sy, sx)| src(b, sy, sx)) {
-                        Some(px) => px.iter().enumerate().for_each(|(ci, &v)| col[ci * taps + t] = v),
-                        None => (0..cin).for_each(|ci| col[ci * taps + t] = 0.0),
+                    match (s.map(|(sy, sx)| src(b, sy, sx)), tap_major) {
+                        (Some(px), true) => col[t * cin..(t + 1) * cin].copy_from_slice(px),
+                        (None, true) => col[t * cin..(t + 1) * cin].fill(0.0),
+                        (Some(px), false) => px.iter().enumerate().for_each(|(ci, &v)| col[ci * taps + t] = v),
+                        (None, false) => (0..cin).for_each(|ci| col[ci * taps + t] = 0.0),
                     }
                 }
             }
@@ -361,7 +382,10 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> Option<&'a [f32]> + Sync
         if let Some(bb) = bias {
             o.chunks_exact_mut(cout).for_each(|r| r.copy_from_slice(bb));
         }
-        gemm_into(n, cout, kk, o, 0, cout, bias.is_some(), View::new(cols, 0, kk, 1), View::new(weight, 0, 1, kk), par);
+        gemm_into(n, cout, kk, o, 0, cout, bias.is_some(), View::new(cols, 0, kk, 1), View::new(wmat, 0, 1, kk), par);
+        if silu && par == Threads::One {
+            o.iter_mut().for_each(|v| *v = ops::silu(*v));
+        }
     };
     let blocks = batch * (oh * ow).div_ceil(block);
     let out = &mut out[..batch * oh * ow * cout];
@@ -385,6 +409,9 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> Option<&'a [f32]> + Sync
                 gemm_block(&cols[..n * kk], n, o, Threads::All);
             }
         }
+        if silu {
+            out.par_chunks_mut(ELEMS_PER_TASK).for_each(|c| c.iter_mut().for_each(|v| *v = ops::silu(*v)));
+        }
     }
 }
 
@@ -392,12 +419,8 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> Option<&'a [f32]> + Sync
 /// kernel's fused epilogue).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
-    let src = |b: usize, y: usize, xx: usize| Some(&x[((b * h + y) * w + xx) * cin..][..cin]);
-    conv_blocks(src, weight, bias, batch, h, w, cin, cout, kernel, out);
-    if silu {
-        let n = batch * h * w * cout;
-        out[..n].par_chunks_mut(ELEMS_PER_TASK).for_each(|c| c.iter_mut().for_each(|v| *v = ops::silu(*v)));
-    }
+    let src = |b: usize, y: usize, xx: usize| &x[((b * h + y) * w + xx) * cin..][..cin];
+    conv_blocks(src, weight, bias, batch, h, w, cin, cout, kernel, silu, out);
 }
 
 /// [`ops::upsample_conv2d`]: the 3×3 conv reads the nearest-2× upsampled input in place, then
@@ -405,8 +428,8 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: 
 #[allow(clippy::too_many_arguments)]
 pub fn upsample_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, shortcut: bool, out: &mut [f32]) {
     let (hh, ww) = (2 * h, 2 * w);
-    let src = |b: usize, y: usize, xx: usize| Some(&x[((b * h + y / 2) * w + xx / 2) * cin..][..cin]);
-    conv_blocks(src, weight, bias, batch, hh, ww, cin, cout, 3, out);
+    let src = |b: usize, y: usize, xx: usize| &x[((b * h + y / 2) * w + xx / 2) * cin..][..cin];
+    conv_blocks(src, weight, bias, batch, hh, ww, cin, cout, 3, false, out);
     if shortcut {
         let r = 4 * cout / cin;
         out[..batch * hh * ww * cout].par_chunks_mut(ww * cout).enumerate().for_each(|(row, o)| {
