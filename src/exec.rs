@@ -311,7 +311,8 @@ pub fn diff_nodes(
     device: Device,
     dtype: DType,
 ) -> Result<Vec<NodeDiff>> {
-    let mut cpu = CpuExecutor::new(graph, weights, true)?;
+    // The plain reference ops: the oracle, not the fast CPU path.
+    let mut cpu = CpuExecutor::reference(graph, weights, true)?;
     cpu.run(inputs)?;
     let mut dev = executor(device, graph, weights, dtype, true)?;
     dev.run(inputs).with_context(|| format!("running the graph on {device}"))?;

@@ -210,6 +210,26 @@ def compare(ours_path, torch_path):
         print(f"{r['batch']:>5} " + " ".join(cells) + f" {r['images_per_s']:>7.2f} vs {t['images_per_s']:<6.2f}")
 
 
+def sgemm_server(threads):
+    """benches/gemm.rs's PyTorch side: reads "M K N" lines, answers each with the ms of one
+    `F.linear(x[M,K], w[N,K])` call (the CPU backend's layout; tensors made and warmed once per shape)."""
+    import torch
+    torch.set_num_threads(threads or os.cpu_count())
+    shapes = {}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        m, k, n = map(int, line.split())
+        if (m, k, n) not in shapes:
+            shapes[(m, k, n)] = (torch.randn(m, k), torch.randn(n, k))
+            torch.nn.functional.linear(*shapes[(m, k, n)])
+        x, w = shapes[(m, k, n)]
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        print((time.perf_counter() - t) * 1e3, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", help="folder written by `openuni bench --variant V --write-configs DIR`")
@@ -224,8 +244,11 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--compare", nargs=2, metavar=("OURS_JSON", "TORCH_JSON"))
+    ap.add_argument("--sgemm-server", action="store_true", help="time F.linear calls for benches/gemm.rs (stdin/stdout)")
     args = ap.parse_args()
-    if args.compare:
+    if args.sgemm_server:
+        sgemm_server(args.threads)
+    elif args.compare:
         compare(*args.compare)
     elif args.configs:
         run(args)

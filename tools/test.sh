@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run):
-#  1. installs the pinned NVRTC 13.0 + CUDA headers from PyPI if missing (tools/setup_cuda.sh);
+#  1. installs the pinned NVRTC 13.0 + CUDA headers from PyPI if missing (tools/setup_cuda.sh), and the
+#     system OpenBLAS (the CPU backend's sgemm; without it the gemm crate runs) from apt when root;
 #  2. builds the emulated GPU (tools/build_emu.sh) and puts it first on LD_LIBRARY_PATH, so every
 #     CUDA-backend and kernel test runs the real CUDA path on the CPU;
 #  3. runs every test of the workspace in forward, then reverse thread order (a missing
@@ -10,6 +11,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OPENUNI_TEST_LOG:-/tmp/openuni-test.log}"
+echo "== system OpenBLAS (the CPU backend's sgemm, loaded at run time; without it the gemm crate runs)"
+if ! ldconfig -p | grep -q 'libopenblas\.so\.0'; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && apt-get install -y -qq libopenblas0) || echo "OpenBLAS not installed: the CPU backend uses the gemm crate"
+    else
+        echo "OpenBLAS not installed (no apt-get or not root): the CPU backend uses the gemm crate"
+    fi
+fi
 eval "$(bash tools/setup_cuda.sh)"
 eval "$(bash tools/build_emu.sh)"
 export OPENUNI_EMU_MEMORY="${OPENUNI_EMU_MEMORY:-4GiB}"

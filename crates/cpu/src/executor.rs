@@ -5,6 +5,7 @@ use std::time::Instant;
 use openuni_graph::{plan, Graph, Op, Plan, ValueId, ValueKind};
 use openuni_tensor::{HostTensor, Shape, TensorSource};
 
+use crate::fast;
 use crate::ops::{self, AttentionDims, ModulationRef};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,16 @@ impl WeightCache {
     }
 }
 
+/// Which implementation of each op the executor runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fast ops (`fast`): blocked, threaded on rayon's pool. The default.
+    #[default]
+    Fast,
+    /// The plain reference twins (`ops`): the oracle for `verify --diff-nodes` and the tests.
+    Reference,
+}
+
 /// One node's time from [`CpuExecutor::profile`].
 #[derive(Clone, Debug)]
 pub struct CpuNodeTiming {
@@ -64,6 +75,7 @@ pub struct CpuExecutor {
     arena: Vec<f32>,
     weights: HashMap<ValueId, Arc<Vec<f32>>>,
     keep_all: bool,
+    kernels: Kernels,
     /// Which graph inputs (by value id) have been given at least once.
     inputs_set: Vec<ValueId>,
 }
@@ -74,14 +86,24 @@ impl CpuExecutor {
         Self::with_cache(graph, source, &WeightCache::default(), keep_all)
     }
 
+    /// As [`CpuExecutor::new`] with the plain reference ops ([`Kernels::Reference`]).
+    pub fn reference(graph: &Graph, source: &dyn TensorSource, keep_all: bool) -> Result<CpuExecutor, ExecError> {
+        Self::with_kernels(graph, source, &WeightCache::default(), keep_all, Kernels::Reference)
+    }
+
     /// As [`CpuExecutor::new`], taking weights from (and adding them to) `cache`.
     pub fn with_cache(graph: &Graph, source: &dyn TensorSource, cache: &WeightCache, keep_all: bool) -> Result<CpuExecutor, ExecError> {
+        Self::with_kernels(graph, source, cache, keep_all, Kernels::Fast)
+    }
+
+    /// As [`CpuExecutor::with_cache`], running `kernels`.
+    pub fn with_kernels(graph: &Graph, source: &dyn TensorSource, cache: &WeightCache, keep_all: bool, kernels: Kernels) -> Result<CpuExecutor, ExecError> {
         let plan = plan(graph, keep_all);
         let mut weights = HashMap::new();
         for (id, name) in graph.weights() {
             weights.insert(id, cache.get(source, name, graph.shape(id))?);
         }
-        Ok(CpuExecutor { graph: graph.clone(), arena: vec![0.0; plan.arena_elems], plan, weights, keep_all, inputs_set: vec![] })
+        Ok(CpuExecutor { graph: graph.clone(), arena: vec![0.0; plan.arena_elems], plan, weights, keep_all, kernels, inputs_set: vec![] })
     }
 
     pub fn graph(&self) -> &Graph {
@@ -90,6 +112,10 @@ impl CpuExecutor {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Runs the graph; `inputs` must hold every graph input not given by an earlier call, by
@@ -196,14 +222,17 @@ impl CpuExecutor {
         let (y, after) = rest.split_at_mut(out_shape.numel());
         let view = ArenaView { before, after, off, len: out_shape.numel(), exec: self };
         let g = &self.graph;
+        let fast = self.kernels == Kernels::Fast;
         match &node.op {
             Op::Linear { x, w, bias } => {
                 let k = g.shape(*x).last();
                 let b = bias.map(|b| view.get(b));
-                ops::linear(view.get(*x), view.get(*w), b, out_shape.rows(), k, cols, y);
+                let f = if fast { fast::linear } else { ops::linear };
+                f(view.get(*x), view.get(*w), b, out_shape.rows(), k, cols, y);
             }
             Op::RmsNorm { x, weight, bias, eps } => {
-                ops::rmsnorm(view.get(*x), view.get(*weight), bias.map(|b| view.get(b)), *eps, cols, y)
+                let f = if fast { fast::rmsnorm } else { ops::rmsnorm };
+                f(view.get(*x), view.get(*weight), bias.map(|b| view.get(b)), *eps, cols, y)
             }
             Op::LayerNorm { x, weight, bias, eps, modulation } => {
                 let m = modulation.map(|m| ModulationRef {
@@ -211,14 +240,15 @@ impl CpuExecutor {
                     shift: view.get(m.shift),
                     tokens: out_shape.dims()[1],
                 });
-                ops::layernorm(view.get(*x), weight.map(|w| view.get(w)), bias.map(|b| view.get(b)), *eps, cols, m, y)
+                let f = if fast { fast::layernorm } else { ops::layernorm };
+                f(view.get(*x), weight.map(|w| view.get(w)), bias.map(|b| view.get(b)), *eps, cols, m, y)
             }
-            Op::Unary { x, f } => ops::unary(*f, view.get(*x), y),
-            Op::Add { a, b } => ops::add(view.get(*a), view.get(*b), y),
+            Op::Unary { x, f } => (if fast { fast::unary } else { ops::unary })(*f, view.get(*x), y),
+            Op::Add { a, b } => (if fast { fast::add } else { ops::add })(view.get(*a), view.get(*b), y),
             Op::GatedAdd { x, gate, y: yy } => {
                 // Rows per gate row: the tokens of one sample ([B, C] gate) or every row ([1, C]).
                 let tokens = out_shape.rows() / g.shape(*gate).rows();
-                ops::gated_add(view.get(*x), view.get(*gate), view.get(*yy), tokens, cols, y)
+                (if fast { fast::gated_add } else { ops::gated_add })(view.get(*x), view.get(*gate), view.get(*yy), tokens, cols, y)
             }
             Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale, segments, rope } => {
                 let qs = g.shape(*q).dims();
@@ -233,11 +263,11 @@ impl CpuExecutor {
                     scale: *scale,
                 };
                 let (qv, kv, vv) = (view.get(*q), view.get(*k), view.get(*v));
-                ops::attention_ext(qv, kv, vv, key_mask.map(|m| view.get(m)), d, segments.as_deref(), *rope, y)
+                (if fast { fast::attention_ext } else { ops::attention_ext })(qv, kv, vv, key_mask.map(|m| view.get(m)), d, segments.as_deref(), *rope, y)
             }
             Op::LinearAttention { q, k, v, heads, head_dim } => {
                 let (b, n) = (out_shape.dims()[0], out_shape.dims()[1]);
-                ops::linear_attention(view.get(*q), view.get(*k), view.get(*v), b, n, *heads, *head_dim, y)
+                (if fast { fast::linear_attention } else { ops::linear_attention })(view.get(*q), view.get(*k), view.get(*v), b, n, *heads, *head_dim, y)
             }
             Op::ModulationTable { t, table } => {
                 let d = out_shape.dims();
@@ -251,27 +281,32 @@ impl CpuExecutor {
             Op::Transpose { x, batch, rows, cols } => ops::transpose(view.get(*x), *batch, *rows, *cols, y),
             Op::DepthwiseConv2d { x, weight, bias, h, w, kernel } => {
                 let b = out_shape.dims()[0];
-                ops::depthwise_conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cols, *kernel, y)
+                (if fast { fast::depthwise_conv2d } else { ops::depthwise_conv2d })(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cols, *kernel, y)
             }
             Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel } => {
                 let b = out_shape.dims()[0];
-                ops::depthwise_conv_glu(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, 2 * cols, *kernel, y)
+                (if fast { fast::depthwise_conv_glu } else { ops::depthwise_conv_glu })(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, 2 * cols, *kernel, y)
             }
-            Op::SwiGlu { gate, up } => ops::swiglu(view.get(*gate), view.get(*up), y),
+            Op::SwiGlu { gate, up } => (if fast { fast::swiglu } else { ops::swiglu })(view.get(*gate), view.get(*up), y),
             Op::PackedLinearAttention { qkv, groups, head_dim } => {
                 let d = out_shape.dims();
-                ops::packed_linear_attention(view.get(*qkv), d[0], d[1], *groups, *head_dim, y)
+                (if fast { fast::packed_linear_attention } else { ops::packed_linear_attention })(view.get(*qkv), d[0], d[1], *groups, *head_dim, y)
             }
             Op::Conv2d { x, weight, bias, h, w, kernel, silu } => {
                 let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());
-                ops::conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *kernel, y);
-                if *silu {
+                let bias = bias.map(|bb| view.get(bb));
+                if fast {
+                    fast::conv2d(view.get(*x), view.get(*weight), bias, b, *h, *w, cin, cols, *kernel, *silu, y);
+                } else {
+                    ops::conv2d(view.get(*x), view.get(*weight), bias, b, *h, *w, cin, cols, *kernel, y);
+                }
+                if *silu && !fast {
                     y.iter_mut().for_each(|v| *v = ops::silu(*v));
                 }
             }
             Op::UpsampleConv2d { x, weight, bias, h, w, shortcut } => {
                 let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());
-                ops::upsample_conv2d(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *shortcut, y)
+                (if fast { fast::upsample_conv2d } else { ops::upsample_conv2d })(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *shortcut, y)
             }
             Op::RepeatChannels { x, repeats } => ops::repeat_channels(view.get(*x), g.shape(*x).last(), *repeats, y),
             Op::GatherTokens { x, starts, len } => {
@@ -294,7 +329,7 @@ impl CpuExecutor {
                 ops::concat(&parts, &widths, y)
             }
             Op::GroupedLinear { x, weight, groups } => {
-                ops::grouped_linear(view.get(*x), view.get(*weight), g.shape(*x).last(), cols, *groups, y)
+                (if fast { fast::grouped_linear } else { ops::grouped_linear })(view.get(*x), view.get(*weight), g.shape(*x).last(), cols, *groups, y)
             }
         }
         self.arena = out;

@@ -1,0 +1,456 @@
+//! The fast CPU ops the executor runs by default: the same math as their plain twins in
+//! [`crate::ops`] (same names, same arguments), restructured for speed: GEMMs on tiles
+//! ([`crate::sgemm`]), f32 accumulation, and work split across rayon's global pool (one pool for
+//! the process; the GEMMs inside a parallel task run on one thread). Each is tested against its twin
+//! on odd shapes (crates/cpu/tests/fast.rs); the twins stay the oracle (`Kernels::Reference`).
+
+use rayon::prelude::*;
+
+use crate::ops::{self, AttentionDims, ModulationRef, MASKED_KEY_BIAS};
+use crate::sgemm::{gemm as gemm_into, Threads, View};
+use openuni_graph::UnaryFn;
+
+/// Elements per parallel task of the elementwise ops: big enough to amortise a task.
+const ELEMS_PER_TASK: usize = 1 << 14;
+
+/// `out[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias)` on every thread.
+pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize, out: &mut [f32]) {
+    if let Some(b) = bias {
+        out[..rows * n].par_chunks_mut(n * (ELEMS_PER_TASK / n).max(1)).for_each(|c| c.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)));
+    }
+    gemm_into(rows, n, k, out, 0, n, bias.is_some(), View::new(x, 0, k, 1), View::new(w, 0, 1, k), Threads::All);
+}
+
+/// [`ops::rmsnorm`], rows split across threads.
+pub fn rmsnorm(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, cols: usize, out: &mut [f32]) {
+    let rows_per_task = (ELEMS_PER_TASK / cols).max(1);
+    out.par_chunks_mut(rows_per_task * cols)
+        .zip(x.par_chunks(rows_per_task * cols))
+        .for_each(|(y, x)| ops::rmsnorm(x, w, b, eps, cols, y));
+}
+
+/// [`ops::layernorm`], rows split across threads (f32 statistics, two passes).
+pub fn layernorm(x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, eps: f32, cols: usize, modulation: Option<ModulationRef>, out: &mut [f32]) {
+    let rows_per_task = (ELEMS_PER_TASK / cols).max(1);
+    out.par_chunks_mut(rows_per_task * cols).enumerate().for_each(|(t, yb)| {
+        for (i, yr) in yb.chunks_exact_mut(cols).enumerate() {
+            let r = t * rows_per_task + i;
+            let xr = &x[r * cols..][..cols];
+            let mean = xr.iter().sum::<f32>() / cols as f32;
+            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (j, (y, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                let mut o = (v - mean) * inv;
+                if let Some(w) = w {
+                    o *= w[j];
+                }
+                if let Some(b) = b {
+                    o += b[j];
+                }
+                *y = o;
+            }
+            if let Some(m) = modulation {
+                let s = (r / m.tokens) * cols;
+                let (scale, shift) = (&m.scale[s..s + cols], &m.shift[s..s + cols]);
+                for ((y, &sc), &sh) in yr.iter_mut().zip(scale).zip(shift) {
+                    *y = *y * (1.0 + sc) + sh;
+                }
+            }
+        }
+    });
+}
+
+/// [`ops::unary`] across threads.
+pub fn unary(f: UnaryFn, x: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(ELEMS_PER_TASK).zip(x.par_chunks(ELEMS_PER_TASK)).for_each(|(y, x)| ops::unary(f, x, y));
+}
+
+/// [`ops::add`] across threads.
+pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(a.par_chunks(ELEMS_PER_TASK).zip(b.par_chunks(ELEMS_PER_TASK)))
+        .for_each(|(y, (a, b))| ops::add(a, b, y));
+}
+
+/// [`ops::swiglu`] across threads.
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(gate.par_chunks(ELEMS_PER_TASK).zip(up.par_chunks(ELEMS_PER_TASK)))
+        .for_each(|(y, (g, u))| ops::swiglu(g, u, y));
+}
+
+/// [`ops::gated_add`] across threads, row by row.
+pub fn gated_add(x: &[f32], gate: &[f32], y: &[f32], tokens: usize, cols: usize, out: &mut [f32]) {
+    out.par_chunks_mut(cols).enumerate().with_min_len((ELEMS_PER_TASK / cols).max(1)).for_each(|(r, o)| {
+        let g = &gate[(r / tokens) * cols..][..cols];
+        let (xr, yr) = (&x[r * cols..][..cols], &y[r * cols..][..cols]);
+        for j in 0..cols {
+            o[j] = xr[j] + g[j] * yr[j];
+        }
+    });
+}
+
+/// Softmax attention as flash-attention does it: per (sample, block of `Q_BLOCK` queries, head),
+/// the logits of `KV_BLOCK` keys at a time as one GEMM tile, an online softmax (running max and
+/// sum, earlier output rescaled), and `P·V` accumulated by a second GEMM tile. Memory is
+/// O(Q_BLOCK · KV_BLOCK) per task, K/V are read in place (GQA: query head h reads key/value head
+/// h / (heads / kv_heads), never repeated). Same masking as [`ops::attention`].
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: AttentionDims, out: &mut [f32]) {
+    const Q_BLOCK: usize = 64;
+    const KV_BLOCK: usize = 256;
+    let (qw, kw, hd) = (d.heads * d.head_dim, d.kv_heads * d.head_dim, d.head_dim);
+    let group = d.heads / d.kv_heads;
+    if d.q_len == 0 {
+        return;
+    }
+    out[..d.batch * d.q_len * qw].par_chunks_mut(d.q_len * qw).enumerate().for_each(|(b, ob)| {
+        ob.par_chunks_mut(Q_BLOCK * qw).enumerate().for_each(|(blk, oblk)| {
+            let (q0, nq) = (blk * Q_BLOCK, oblk.len() / qw);
+            // Keys visible to query row i (causal: the last query sees the last key).
+            let visible = |i: usize| if d.causal { (i + d.kv_len + 1).saturating_sub(d.q_len).min(d.kv_len) } else { d.kv_len };
+            let kv_end = visible(q0 + nq - 1);
+            let mut s = vec![0f32; nq * KV_BLOCK];
+            let mut acc = vec![0f32; nq * hd];
+            let (mut max, mut sum) = (vec![0f32; nq], vec![0f32; nq]);
+            for h in 0..d.heads {
+                let kh = h / group;
+                max.fill(f32::NEG_INFINITY);
+                sum.fill(0.0);
+                acc.fill(0.0);
+                for j0 in (0..kv_end).step_by(KV_BLOCK) {
+                    let nk = KV_BLOCK.min(kv_end - j0);
+                    let qv = View::new(q, (b * d.q_len + q0) * qw + h * hd, qw, 1);
+                    let kt = View::new(k, (b * d.kv_len + j0) * kw + kh * hd, 1, kw);
+                    gemm_into(nq, nk, hd, &mut s, 0, nk, false, qv, kt, Threads::One);
+                    for i in 0..nq {
+                        let row = &mut s[i * nk..(i + 1) * nk];
+                        let lim = visible(q0 + i).saturating_sub(j0).min(nk);
+                        let mut m = f32::NEG_INFINITY;
+                        for (j, sj) in row.iter_mut().enumerate().take(lim) {
+                            let bias = key_mask.map_or(0.0, |mk| (1.0 - mk[b * d.kv_len + j0 + j]) * MASKED_KEY_BIAS);
+                            *sj = *sj * d.scale + bias;
+                            m = m.max(*sj);
+                        }
+                        let m_new = max[i].max(m);
+                        let mut block_sum = 0.0;
+                        for (j, sj) in row.iter_mut().enumerate() {
+                            *sj = if j < lim { (*sj - m_new).exp() } else { 0.0 };
+                            block_sum += *sj;
+                        }
+                        if m_new > max[i] {
+                            let corr = (max[i] - m_new).exp();
+                            sum[i] *= corr;
+                            acc[i * hd..(i + 1) * hd].iter_mut().for_each(|a| *a *= corr);
+                            max[i] = m_new;
+                        }
+                        sum[i] += block_sum;
+                    }
+                    let p = View::new(&s, 0, nk, 1);
+                    let vv = View::new(v, (b * d.kv_len + j0) * kw + kh * hd, kw, 1);
+                    gemm_into(nq, hd, nk, &mut acc, 0, hd, true, p, vv, Threads::One);
+                }
+                for i in 0..nq {
+                    let inv = 1.0 / sum[i];
+                    for (o, &a) in oblk[i * qw + h * hd..][..hd].iter_mut().zip(&acc[i * hd..(i + 1) * hd]) {
+                        *o = a * inv;
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// [`ops::rope_at`] across threads (rows of `heads · head_dim`).
+fn rope_at(x: &[f32], positions: &[usize], heads: usize, head_dim: usize, theta: f32, out: &mut [f32]) {
+    let w = heads * head_dim;
+    let rows_per_task = (ELEMS_PER_TASK / w).max(1);
+    out.par_chunks_mut(rows_per_task * w).enumerate().for_each(|(t, y)| {
+        let r0 = t * rows_per_task;
+        let n = y.len() / w;
+        ops::rope_at(&x[r0 * w..(r0 + n) * w], &positions[r0..r0 + n], heads, head_dim, theta, y);
+    });
+}
+
+/// [`ops::attention_ext`]: RoPE (as its twin computes it) then [`attention`] per segment.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_ext(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: AttentionDims, segments: Option<&[usize]>, rope_theta: Option<f32>, out: &mut [f32]) {
+    let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    let rotated;
+    let (q, k) = match rope_theta {
+        Some(theta) => {
+            let pos = ops::token_positions(d.batch, d.q_len, segments);
+            let (mut qr, mut kr) = (vec![0f32; q.len()], vec![0f32; k.len()]);
+            rope_at(q, &pos, d.heads, d.head_dim, theta, &mut qr);
+            rope_at(k, &pos, d.kv_heads, d.head_dim, theta, &mut kr);
+            rotated = (qr, kr);
+            (&rotated.0[..], &rotated.1[..])
+        }
+        None => (q, k),
+    };
+    let Some(segs) = segments else {
+        return attention(q, k, v, key_mask, d, out);
+    };
+    assert_eq!(d.batch, 1, "packed segments need batch 1");
+    let mut s = 0;
+    for &len in segs {
+        let ds = AttentionDims { q_len: len, kv_len: len, ..d };
+        let (qs, ks) = (&q[s * qw..(s + len) * qw], &k[s * kw..(s + len) * kw]);
+        attention(qs, ks, &v[s * kw..(s + len) * kw], key_mask.map(|m| &m[s..s + len]), ds, &mut out[s * qw..(s + len) * qw]);
+        s += len;
+    }
+}
+
+/// Where head h's q, k and v columns start in a row of `row_stride` values.
+struct HeadLayout {
+    row_stride: usize,
+    q: fn(usize, usize) -> usize,
+    k: fn(usize, usize) -> usize,
+    v: fn(usize, usize) -> usize,
+}
+
+/// ReLU linear attention (the math of [`ops::linear_attention`]) in two GEMM phases: per (sample,
+/// head) the state `relu(K)ᵀ [V | 1]` (hd × hd+1, its last column the key sum), then per block of
+/// rows `relu(Q) · state`, divided by the key-sum column. Output [B, N, heads·hd].
+#[allow(clippy::too_many_arguments)]
+fn linear_attention_core(q: &[f32], k: &[f32], v: &[f32], layout: HeadLayout, batch: usize, tokens: usize, heads: usize, hd: usize, out: &mut [f32]) {
+    const ROWS: usize = 256;
+    let (rs, c, w) = (layout.row_stride, heads * hd, hd + 1);
+    let states: Vec<Vec<f32>> = (0..batch * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / heads, bh % heads);
+            let (mut kr, mut v1) = (vec![0f32; tokens * hd], vec![1f32; tokens * w]);
+            for m in 0..tokens {
+                let row = (b * tokens + m) * rs;
+                for (d, &s) in kr[m * hd..(m + 1) * hd].iter_mut().zip(&k[row + (layout.k)(h, hd)..][..hd]) {
+                    *d = s.max(0.0);
+                }
+                v1[m * w..m * w + hd].copy_from_slice(&v[row + (layout.v)(h, hd)..][..hd]);
+            }
+            let mut state = vec![0f32; hd * w];
+            gemm_into(hd, w, tokens, &mut state, 0, w, false, View::new(&kr, 0, 1, hd), View::new(&v1, 0, w, 1), Threads::One);
+            state
+        })
+        .collect();
+    out[..batch * tokens * c].par_chunks_mut(tokens * c).enumerate().for_each(|(b, ob)| {
+        ob.par_chunks_mut(ROWS * c).enumerate().for_each(|(blk, oblk)| {
+            let (n0, nr) = (blk * ROWS, oblk.len() / c);
+            let (mut qr, mut res) = (vec![0f32; nr * hd], vec![0f32; nr * w]);
+            for h in 0..heads {
+                for i in 0..nr {
+                    let src = &q[(b * tokens + n0 + i) * rs + (layout.q)(h, hd)..][..hd];
+                    for (d, &s) in qr[i * hd..(i + 1) * hd].iter_mut().zip(src) {
+                        *d = s.max(0.0);
+                    }
+                }
+                gemm_into(nr, w, hd, &mut res, 0, w, false, View::new(&qr, 0, hd, 1), View::new(&states[b * heads + h], 0, w, 1), Threads::One);
+                for i in 0..nr {
+                    let r = &res[i * w..(i + 1) * w];
+                    let inv = 1.0 / (r[hd] + 1e-15);
+                    for (o, &num) in oblk[i * c + h * hd..][..hd].iter_mut().zip(r) {
+                        *o = num * inv;
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// [`ops::linear_attention`]: q, k, v [B, N, heads·hd].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_attention(q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize, out: &mut [f32]) {
+    let layout = HeadLayout { row_stride: heads * head_dim, q: |h, hd| h * hd, k: |h, hd| h * hd, v: |h, hd| h * hd };
+    linear_attention_core(q, k, v, layout, batch, tokens, heads, head_dim, out)
+}
+
+/// [`ops::packed_linear_attention`]: group g of each `qkv` row is (q | k | v), read in place.
+pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups: usize, hd: usize, out: &mut [f32]) {
+    let layout = HeadLayout { row_stride: 3 * groups * hd, q: |g, hd| 3 * g * hd, k: |g, hd| 3 * g * hd + hd, v: |g, hd| 3 * g * hd + 2 * hd };
+    linear_attention_core(qkv, qkv, qkv, layout, batch, tokens, groups, hd, out)
+}
+
+/// Depthwise k×k of one image row into `acc` (w pixels × c channels, f32), with the weights
+/// transposed to tap-major `wt[tap][c]` so the inner loop runs along contiguous channels.
+#[allow(clippy::too_many_arguments)]
+fn depthwise_row(x: &[f32], wt: &[f32], bias: Option<&[f32]>, b: usize, y: usize, h: usize, w: usize, c: usize, kernel: usize, acc: &mut [f32]) {
+    let p = kernel / 2;
+    for (xx, a) in acc.chunks_exact_mut(c).enumerate() {
+        match bias {
+            Some(bb) => a.copy_from_slice(bb),
+            None => a.fill(0.0),
+        }
+        for dy in 0..kernel {
+            let Some(sy) = (y + dy).checked_sub(p).filter(|&s| s < h) else { continue };
+            for dx in 0..kernel {
+                let Some(sx) = (xx + dx).checked_sub(p).filter(|&s| s < w) else { continue };
+                let src = &x[((b * h + sy) * w + sx) * c..][..c];
+                let wk = &wt[(dy * kernel + dx) * c..][..c];
+                for ((a, &s), &wv) in a.iter_mut().zip(src).zip(wk) {
+                    *a += wv * s;
+                }
+            }
+        }
+    }
+}
+
+/// `weight` [C, 1, k, k] -> tap-major [k·k, C].
+fn taps_major(weight: &[f32], c: usize, kernel: usize) -> Vec<f32> {
+    let kk = kernel * kernel;
+    let mut wt = vec![0f32; kk * c];
+    for ch in 0..c {
+        for t in 0..kk {
+            wt[t * c + ch] = weight[ch * kk + t];
+        }
+    }
+    wt
+}
+
+/// [`ops::depthwise_conv2d`], image rows split across threads.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, c: usize, kernel: usize, out: &mut [f32]) {
+    let wt = taps_major(weight, c, kernel);
+    out[..batch * h * w * c].par_chunks_mut(w * c).enumerate().for_each(|(r, o)| depthwise_row(x, &wt, bias, r / h, r % h, h, w, c, kernel, o));
+}
+
+/// [`ops::depthwise_conv_glu`] fused: each image row's 2H-channel depthwise result stays in a
+/// row buffer and only `u · silu(g)` is written.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, c2: usize, kernel: usize, out: &mut [f32]) {
+    let wt = taps_major(weight, c2, kernel);
+    let hh = c2 / 2;
+    out[..batch * h * w * hh].par_chunks_mut(w * hh).enumerate().for_each_init(
+        || vec![0f32; w * c2],
+        |acc, (r, o)| {
+            depthwise_row(x, &wt, bias, r / h, r % h, h, w, c2, kernel, acc);
+            for (oy, a) in o.chunks_exact_mut(hh).zip(acc.chunks_exact(c2)) {
+                for (i, y) in oy.iter_mut().enumerate() {
+                    *y = a[i] * ops::silu(a[hh + i]);
+                }
+            }
+        },
+    );
+}
+
+/// Output pixels per im2col block: bounds each thread's scratch (as the twins' BLOCK).
+const CONV_BLOCK: usize = 1024;
+
+/// A k×k convolution on an `oh`×`ow` output grid as im2col blocks + GEMM, SiLU optionally
+/// applied to each block while it is in cache. `src(b, y, x)` gives the input pixel's channels read
+/// at output-grid position (y, x), so the same driver serves the plain and the 2×-upsampling
+/// convolutions. Many blocks: one block per task, each GEMM on one thread; few blocks: blocks in
+/// turn, each GEMM on every thread. When the image has more pixels than the conv has output
+/// channels, the weights are permuted to tap-major [Cout, k·k, Cin] once per call, so that each
+/// im2col row is k·k contiguous copies of Cin channels; else the im2col rows follow the weights'
+/// [Cin, k·k] order.
+#[allow(clippy::too_many_arguments)]
+fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
+    let (kk, taps, p) = (cin * kernel * kernel, kernel * kernel, kernel / 2);
+    let block = CONV_BLOCK.min(oh * ow);
+    let tap_major = taps > 1 && cout <= batch * oh * ow;
+    let permuted: Vec<f32> = if tap_major {
+        let mut wp = vec![0f32; cout * kk];
+        wp.par_chunks_mut(kk).zip(weight.par_chunks(kk)).for_each(|(d, s)| {
+            for ci in 0..cin {
+                for t in 0..taps {
+                    d[t * cin + ci] = s[ci * taps + t];
+                }
+            }
+        });
+        wp
+    } else {
+        vec![]
+    };
+    let wmat = if tap_major { &permuted[..] } else { weight };
+    let fill = |b: usize, start: usize, cols: &mut [f32]| {
+        for (pi, col) in cols.chunks_exact_mut(kk).enumerate() {
+            let (y, xx) = ((start + pi) / ow, (start + pi) % ow);
+            for dy in 0..kernel {
+                for dx in 0..kernel {
+                    let t = dy * kernel + dx;
+                    let s = (y + dy).checked_sub(p).filter(|&s| s < oh).zip((xx + dx).checked_sub(p).filter(|&s| s < ow));
+                    match (s.map(|(sy, sx)| src(b, sy, sx)), tap_major) {
+                        (Some(px), true) => col[t * cin..(t + 1) * cin].copy_from_slice(px),
+                        (None, true) => col[t * cin..(t + 1) * cin].fill(0.0),
+                        (Some(px), false) => px.iter().enumerate().for_each(|(ci, &v)| col[ci * taps + t] = v),
+                        (None, false) => (0..cin).for_each(|ci| col[ci * taps + t] = 0.0),
+                    }
+                }
+            }
+        }
+    };
+    let gemm_block = |cols: &[f32], n: usize, o: &mut [f32], par: Threads| {
+        if let Some(bb) = bias {
+            o.chunks_exact_mut(cout).for_each(|r| r.copy_from_slice(bb));
+        }
+        gemm_into(n, cout, kk, o, 0, cout, bias.is_some(), View::new(cols, 0, kk, 1), View::new(wmat, 0, 1, kk), par);
+        if silu && par == Threads::One {
+            o.iter_mut().for_each(|v| *v = ops::silu(*v));
+        }
+    };
+    let blocks = batch * (oh * ow).div_ceil(block);
+    let out = &mut out[..batch * oh * ow * cout];
+    if blocks >= 2 * rayon::current_num_threads() {
+        out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(b, ob)| {
+            ob.par_chunks_mut(block * cout).enumerate().for_each_init(
+                || vec![0f32; block * kk],
+                |cols, (i, o)| {
+                    let n = o.len() / cout;
+                    fill(b, i * block, &mut cols[..n * kk]);
+                    gemm_block(&cols[..n * kk], n, o, Threads::One);
+                },
+            )
+        });
+    } else {
+        let mut cols = vec![0f32; block * kk];
+        for (b, ob) in out.chunks_mut(oh * ow * cout).enumerate() {
+            for (i, o) in ob.chunks_mut(block * cout).enumerate() {
+                let n = o.len() / cout;
+                fill(b, i * block, &mut cols[..n * kk]);
+                gemm_block(&cols[..n * kk], n, o, Threads::All);
+            }
+        }
+        if silu {
+            out.par_chunks_mut(ELEMS_PER_TASK).for_each(|c| c.iter_mut().for_each(|v| *v = ops::silu(*v)));
+        }
+    }
+}
+
+/// [`ops::conv2d`] (k×k, stride 1, zero padding k/2), optionally followed by SiLU (the CUDA
+/// kernel's fused epilogue).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
+    let src = |b: usize, y: usize, xx: usize| &x[((b * h + y) * w + xx) * cin..][..cin];
+    conv_blocks(src, weight, bias, batch, h, w, cin, cout, kernel, silu, out);
+}
+
+/// [`ops::upsample_conv2d`]: the 3×3 conv reads the nearest-2× upsampled input in place, then
+/// the pixel-shuffle shortcut is added row by row.
+#[allow(clippy::too_many_arguments)]
+pub fn upsample_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, shortcut: bool, out: &mut [f32]) {
+    let (hh, ww) = (2 * h, 2 * w);
+    let src = |b: usize, y: usize, xx: usize| &x[((b * h + y / 2) * w + xx / 2) * cin..][..cin];
+    conv_blocks(src, weight, bias, batch, hh, ww, cin, cout, 3, false, out);
+    if shortcut {
+        let r = 4 * cout / cin;
+        out[..batch * hh * ww * cout].par_chunks_mut(ww * cout).enumerate().for_each(|(row, o)| {
+            let (b, y) = (row / hh, row % hh);
+            for (xx, px) in o.chunks_exact_mut(cout).enumerate() {
+                let s = &x[((b * h + y / 2) * w + xx / 2) * cin..][..cin];
+                for (c, v) in px.iter_mut().enumerate() {
+                    *v += s[(4 * c + 2 * (y % 2) + xx % 2) / r];
+                }
+            }
+        });
+    }
+}
+
+/// [`ops::grouped_linear`]: one GEMM per group on strided column ranges.
+pub fn grouped_linear(x: &[f32], weight: &[f32], cin: usize, cout: usize, groups: usize, out: &mut [f32]) {
+    let (ci, co) = (cin / groups, cout / groups);
+    let rows = out.len() / cout;
+    for g in 0..groups {
+        let xv = View::new(x, g * ci, cin, 1);
+        let wv = View::new(weight, g * co * ci, 1, ci);
+        gemm_into(rows, co, ci, out, g * co, cout, false, xv, wv, Threads::All);
+    }
+}

@@ -1,0 +1,241 @@
+//! Every fast op (`openuni_cpu::fast`) against its plain twin (`openuni_cpu::ops`) on odd shapes:
+//! sizes that are not multiples of any block or vector width, blocks that end mid-way, several
+//! tasks per op. Relative L2 <= 1e-5 (f32 accumulation against the twins' f64), or exact where
+//! the fast op runs the twin on parts.
+
+use openuni_cpu::{fast, ops};
+use openuni_cpu::ops::{AttentionDims, ModulationRef};
+use openuni_graph::UnaryFn;
+use rand::{Rng, SeedableRng};
+
+fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+fn rand_vec(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
+}
+
+/// Relative L2 error of `got` against `want`; also fails on any non-finite value.
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    let rel = (num / den.max(1e-30)).sqrt();
+    assert!(rel <= tol, "{what}: relative L2 {rel:.2e} > {tol:.0e}");
+}
+
+#[test]
+fn linear_matches_twin() {
+    let mut r = rng(1);
+    for (rows, k, n) in [(1, 1, 1), (7, 13, 5), (67, 129, 33), (300, 70, 9)] {
+        let (x, w, b) = (rand_vec(&mut r, rows * k), rand_vec(&mut r, n * k), rand_vec(&mut r, n));
+        for bias in [None, Some(&b[..])] {
+            let (mut f, mut p) = (vec![7.0; rows * n], vec![0.0; rows * n]);
+            fast::linear(&x, &w, bias, rows, k, n, &mut f);
+            ops::linear(&x, &w, bias, rows, k, n, &mut p);
+            assert_close(&format!("linear {rows}x{k}x{n} bias {}", bias.is_some()), &f, &p, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn norms_match_twins() {
+    let mut r = rng(2);
+    for (rows, cols, tokens) in [(1, 3, 1), (37, 61, 37), (600, 45, 200)] {
+        let x: Vec<f32> = rand_vec(&mut r, rows * cols).iter().map(|v| v * 3.0 + 1.0).collect();
+        let (w, b) = (rand_vec(&mut r, cols), rand_vec(&mut r, cols));
+        let samples = rows / tokens;
+        let (scale, shift) = (rand_vec(&mut r, samples * cols), rand_vec(&mut r, samples * cols));
+        let (mut f, mut p) = (vec![0.0; rows * cols], vec![0.0; rows * cols]);
+        fast::rmsnorm(&x, &w, Some(&b), 1e-6, cols, &mut f);
+        ops::rmsnorm(&x, &w, Some(&b), 1e-6, cols, &mut p);
+        assert_eq!(f, p, "rmsnorm runs its twin on row blocks");
+        for (wo, bo, m) in [(None, None, false), (Some(&w[..]), Some(&b[..]), false), (Some(&w[..]), None, true)] {
+            let m = m.then_some(ModulationRef { scale: &scale, shift: &shift, tokens });
+            fast::layernorm(&x, wo, bo, 1e-5, cols, m, &mut f);
+            ops::layernorm(&x, wo, bo, 1e-5, cols, m, &mut p);
+            assert_close(&format!("layernorm {rows}x{cols}"), &f, &p, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn elementwise_ops_match_twins() {
+    let mut r = rng(3);
+    let (rows, cols, tokens) = (91, 389, 13); // 35k elements: three tasks, the last one partial
+    let n = rows * cols;
+    let (a, b, g) = (rand_vec(&mut r, n), rand_vec(&mut r, n), rand_vec(&mut r, rows / tokens * cols));
+    let (mut f, mut p) = (vec![0.0; n], vec![0.0; n]);
+    for u in [UnaryFn::Silu, UnaryFn::GeluTanh, UnaryFn::GeluErf, UnaryFn::Relu] {
+        fast::unary(u, &a, &mut f);
+        ops::unary(u, &a, &mut p);
+        assert_eq!(f, p, "{u:?}");
+    }
+    fast::add(&a, &b, &mut f);
+    ops::add(&a, &b, &mut p);
+    assert_eq!(f, p, "add");
+    fast::swiglu(&a, &b, &mut f);
+    ops::swiglu(&a, &b, &mut p);
+    assert_eq!(f, p, "swiglu");
+    fast::gated_add(&a, &g, &b, tokens, cols, &mut f);
+    ops::gated_add(&a, &g, &b, tokens, cols, &mut p);
+    assert_eq!(f, p, "gated_add");
+}
+
+fn attention_case(r: &mut rand::rngs::StdRng, d: AttentionDims, masked: bool) {
+    let (qn, kn) = (d.batch * d.q_len * d.heads * d.head_dim, d.batch * d.kv_len * d.kv_heads * d.head_dim);
+    let (q, k, v) = (rand_vec(r, qn), rand_vec(r, kn), rand_vec(r, kn));
+    let mask: Vec<f32> = (0..d.batch * d.kv_len).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect();
+    let m = masked.then_some(&mask[..]);
+    let (mut f, mut p) = (vec![0.0; qn], vec![0.0; qn]);
+    fast::attention(&q, &k, &v, m, d, &mut f);
+    ops::attention(&q, &k, &v, m, d, &mut p);
+    assert_close(&format!("attention {d:?} masked {masked}"), &f, &p, 1e-5);
+}
+
+#[test]
+fn attention_matches_twin() {
+    let mut r = rng(4);
+    let base = AttentionDims { batch: 2, q_len: 1, kv_len: 1, heads: 1, kv_heads: 1, head_dim: 8, causal: false, scale: 0.35 };
+    // Odd lengths across the 64-query and 256-key blocks, GQA, causal with fewer queries than keys.
+    attention_case(&mut r, AttentionDims { q_len: 3, kv_len: 5, ..base }, false);
+    attention_case(&mut r, AttentionDims { q_len: 131, kv_len: 300, heads: 6, kv_heads: 2, head_dim: 9, ..base }, true);
+    attention_case(&mut r, AttentionDims { q_len: 70, kv_len: 70, heads: 4, kv_heads: 2, head_dim: 17, causal: true, ..base }, false);
+    attention_case(&mut r, AttentionDims { batch: 1, q_len: 5, kv_len: 261, heads: 3, kv_heads: 1, causal: true, ..base }, true);
+    attention_case(&mut r, AttentionDims { batch: 1, q_len: 260, kv_len: 260, heads: 2, kv_heads: 2, causal: true, ..base }, true);
+}
+
+#[test]
+fn attention_ext_with_segments_and_rope_matches_twin() {
+    let mut r = rng(5);
+    let segs = [5usize, 70, 1, 11];
+    let t: usize = segs.iter().sum();
+    let d = AttentionDims { batch: 1, q_len: t, kv_len: t, heads: 4, kv_heads: 2, head_dim: 6, causal: true, scale: 0.4 };
+    let (q, k, v) = (rand_vec(&mut r, t * 24), rand_vec(&mut r, t * 12), rand_vec(&mut r, t * 12));
+    let (mut f, mut p) = (vec![0.0; t * 24], vec![0.0; t * 24]);
+    for (segments, rope) in [(Some(&segs[..]), Some(10000.0)), (None, Some(100.0)), (Some(&segs[..]), None)] {
+        fast::attention_ext(&q, &k, &v, None, d, segments, rope, &mut f);
+        ops::attention_ext(&q, &k, &v, None, d, segments, rope, &mut p);
+        assert_close(&format!("attention_ext segments {} rope {rope:?}", segments.is_some()), &f, &p, 1e-5);
+    }
+}
+
+#[test]
+fn linear_attention_matches_twins() {
+    let mut r = rng(6);
+    for (b, n, heads, hd) in [(1, 1, 1, 3), (2, 300, 3, 7), (1, 517, 2, 32)] {
+        let c = heads * hd;
+        let (q, k, v) = (rand_vec(&mut r, b * n * c), rand_vec(&mut r, b * n * c), rand_vec(&mut r, b * n * c));
+        let (mut f, mut p) = (vec![0.0; b * n * c], vec![0.0; b * n * c]);
+        fast::linear_attention(&q, &k, &v, b, n, heads, hd, &mut f);
+        ops::linear_attention(&q, &k, &v, b, n, heads, hd, &mut p);
+        assert_close(&format!("linear_attention {b}x{n}x{heads}x{hd}"), &f, &p, 1e-5);
+        let qkv = rand_vec(&mut r, b * n * 3 * c);
+        fast::packed_linear_attention(&qkv, b, n, heads, hd, &mut f);
+        ops::packed_linear_attention(&qkv, b, n, heads, hd, &mut p);
+        assert_close(&format!("packed_linear_attention {b}x{n}x{heads}x{hd}"), &f, &p, 1e-5);
+    }
+}
+
+#[test]
+fn depthwise_convs_match_twins() {
+    let mut r = rng(7);
+    for (b, h, w, c, kernel) in [(1, 1, 1, 2, 3), (2, 5, 7, 6, 3), (1, 9, 4, 34, 5), (1, 3, 2, 4, 1)] {
+        let x = rand_vec(&mut r, b * h * w * c);
+        let (wt, bias) = (rand_vec(&mut r, c * kernel * kernel), rand_vec(&mut r, c));
+        for bi in [None, Some(&bias[..])] {
+            let (mut f, mut p) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            fast::depthwise_conv2d(&x, &wt, bi, b, h, w, c, kernel, &mut f);
+            ops::depthwise_conv2d(&x, &wt, bi, b, h, w, c, kernel, &mut p);
+            assert_close(&format!("depthwise {b}x{h}x{w}x{c} k{kernel}"), &f, &p, 1e-6);
+            let (mut f, mut p) = (vec![0.0; x.len() / 2], vec![0.0; x.len() / 2]);
+            fast::depthwise_conv_glu(&x, &wt, bi, b, h, w, c, kernel, &mut f);
+            ops::depthwise_conv_glu(&x, &wt, bi, b, h, w, c, kernel, &mut p);
+            assert_close(&format!("depthwise_conv_glu {b}x{h}x{w}x{c} k{kernel}"), &f, &p, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn convs_match_twins() {
+    let mut r = rng(8);
+    // 2·37·29 = 2146 pixels: blocks of 1024 split mid-row, several blocks per image (the
+    // block-parallel path); 5x3 is one small block (the GEMM-parallel path); 2x3 with 9 output
+    // channels keeps the weights' own layout (fewer pixels than channels).
+    for (b, h, w, cin, cout, kernel) in [(2, 37, 29, 5, 7, 3), (1, 5, 3, 11, 4, 3), (1, 4, 6, 3, 2, 1), (1, 40, 30, 2, 3, 5), (1, 2, 3, 3, 9, 3)] {
+        let x = rand_vec(&mut r, b * h * w * cin);
+        let (wt, bias) = (rand_vec(&mut r, cout * cin * kernel * kernel), rand_vec(&mut r, cout));
+        for (bi, silu) in [(None, false), (Some(&bias[..]), true)] {
+            let (mut f, mut p) = (vec![0.0; b * h * w * cout], vec![0.0; b * h * w * cout]);
+            fast::conv2d(&x, &wt, bi, b, h, w, cin, cout, kernel, silu, &mut f);
+            ops::conv2d(&x, &wt, bi, b, h, w, cin, cout, kernel, &mut p);
+            if silu {
+                p.iter_mut().for_each(|v| *v = ops::silu(*v));
+            }
+            assert_close(&format!("conv2d {b}x{h}x{w} {cin}->{cout} k{kernel}"), &f, &p, 1e-6);
+        }
+    }
+    for (b, h, w, cin, cout, shortcut) in [(2, 17, 19, 8, 4, true), (1, 3, 5, 6, 3, false), (1, 2, 1, 4, 8, true), (1, 1, 1, 4, 8, true)] {
+        let x = rand_vec(&mut r, b * h * w * cin);
+        let (wt, bias) = (rand_vec(&mut r, cout * cin * 9), rand_vec(&mut r, cout));
+        let (mut f, mut p) = (vec![0.0; b * 4 * h * w * cout], vec![0.0; b * 4 * h * w * cout]);
+        fast::upsample_conv2d(&x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut f);
+        ops::upsample_conv2d(&x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut p);
+        assert_close(&format!("upsample_conv2d {b}x{h}x{w} {cin}->{cout} shortcut {shortcut}"), &f, &p, 1e-6);
+    }
+}
+
+#[test]
+fn grouped_linear_matches_twin() {
+    let mut r = rng(9);
+    for (rows, cin, cout, groups) in [(1, 3, 6, 3), (77, 12, 9, 3), (301, 20, 40, 4)] {
+        let (x, w) = (rand_vec(&mut r, rows * cin), rand_vec(&mut r, cout * cin / groups));
+        let (mut f, mut p) = (vec![0.0; rows * cout], vec![0.0; rows * cout]);
+        fast::grouped_linear(&x, &w, cin, cout, groups, &mut f);
+        ops::grouped_linear(&x, &w, cin, cout, groups, &mut p);
+        assert_close(&format!("grouped_linear {rows}x{cin}->{cout} g{groups}"), &f, &p, 1e-6);
+    }
+}
+
+/// Both sgemm backends against a naive loop, for every operand layout the fast ops use
+/// (row-major, transposed, strided sub-matrices), accumulation, one and all threads (column
+/// blocks), and degenerate sizes. OpenBLAS is loaded at run time; without it only the crate runs.
+#[test]
+fn sgemm_backends_match_naive_loop() {
+    use openuni_cpu::sgemm::{self, Backend, Threads, View};
+    let mut r = rng(10);
+    if sgemm::backend() == Backend::GemmCrate {
+        println!("OpenBLAS not loaded (libopenblas.so.0 missing or OPENUNI_CPU_SGEMM=gemm): the gemm crate only");
+    }
+    for (m, k, n) in [(1, 1, 1), (1, 5, 1), (3, 1, 70), (37, 19, 101), (130, 67, 300)] {
+        // a: m×k inside a wider buffer (row stride k+3, offset 2) or transposed; b likewise.
+        let abuf = rand_vec(&mut r, (m + 1) * (k + 3) + (k + 1) * (m + 3));
+        let bbuf = rand_vec(&mut r, (k + 1) * (n + 3) + (n + 1) * (k + 3));
+        for (a, b) in [
+            (View::new(&abuf, 2, k + 3, 1), View::new(&bbuf, 1, n + 3, 1)),
+            (View::new(&abuf, 0, 1, m + 3), View::new(&bbuf, 3, 1, k + 3)),
+        ] {
+            let at = |i: usize, j: usize| a.data[a.off + i * a.rs + j * a.cs];
+            let bt = |i: usize, j: usize| b.data[b.off + i * b.rs + j * b.cs];
+            let init = rand_vec(&mut r, m * (n + 2));
+            for accumulate in [false, true] {
+                let mut want = init.clone();
+                for i in 0..m {
+                    for j in 0..n {
+                        let s: f32 = (0..k).map(|l| at(i, l) * bt(l, j)).sum();
+                        want[i * (n + 2) + 1 + j] = s + if accumulate { init[i * (n + 2) + 1 + j] } else { 0.0 };
+                    }
+                }
+                for be in [Backend::GemmCrate, Backend::OpenBlas] {
+                    for threads in [Threads::One, Threads::All] {
+                        let mut got = init.clone();
+                        sgemm::gemm_with(be, m, n, k, &mut got, 1, n + 2, accumulate, a, b, threads);
+                        assert_close(&format!("{be:?} {m}x{k}x{n} strides a {}/{} acc {accumulate} {threads:?}", a.rs, a.cs), &got, &want, 1e-6);
+                    }
+                }
+            }
+        }
+    }
+}
