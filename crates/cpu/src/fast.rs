@@ -171,33 +171,10 @@ fn rope_at(x: &[f32], positions: &[usize], heads: usize, head_dim: usize, theta:
     });
 }
 
-/// [`ops::attention_ext`]: RoPE (as its twin computes it) then [`attention`] per segment.
+/// [`ops::attention_ext`] with the threaded RoPE and the blocked [`attention`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_ext(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: AttentionDims, segments: Option<&[usize]>, rope_theta: Option<f32>, out: &mut [f32]) {
-    let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
-    let rotated;
-    let (q, k) = match rope_theta {
-        Some(theta) => {
-            let pos = ops::token_positions(d.batch, d.q_len, segments);
-            let (mut qr, mut kr) = (vec![0f32; q.len()], vec![0f32; k.len()]);
-            rope_at(q, &pos, d.heads, d.head_dim, theta, &mut qr);
-            rope_at(k, &pos, d.kv_heads, d.head_dim, theta, &mut kr);
-            rotated = (qr, kr);
-            (&rotated.0[..], &rotated.1[..])
-        }
-        None => (q, k),
-    };
-    let Some(segs) = segments else {
-        return attention(q, k, v, key_mask, d, out);
-    };
-    assert_eq!(d.batch, 1, "packed segments need batch 1");
-    let mut s = 0;
-    for &len in segs {
-        let ds = AttentionDims { q_len: len, kv_len: len, ..d };
-        let (qs, ks) = (&q[s * qw..(s + len) * qw], &k[s * kw..(s + len) * kw]);
-        attention(qs, ks, &v[s * kw..(s + len) * kw], key_mask.map(|m| &m[s..s + len]), ds, &mut out[s * qw..(s + len) * qw]);
-        s += len;
-    }
+    ops::attention_ext_with(ops::AttentionParts { rope_at, attention }, q, k, v, key_mask, d, segments, rope_theta, out)
 }
 
 /// Where head h's q, k and v columns start in a row of `row_stride` values.

@@ -367,27 +367,50 @@ pub fn attention_ext(
     rope_theta: Option<f32>,
     out: &mut [f32],
 ) {
+    attention_ext_with(AttentionParts { rope_at, attention }, q, k, v, key_mask, d, segments, rope_theta, out)
+}
+
+/// The two computations [`attention_ext_with`] is made of: the plain ones here, or the threaded
+/// ones of `fast.rs` (the composition is the same, so it is written once).
+pub struct AttentionParts {
+    pub rope_at: fn(&[f32], &[usize], usize, usize, f32, &mut [f32]),
+    pub attention: fn(&[f32], &[f32], &[f32], Option<&[f32]>, AttentionDims, &mut [f32]),
+}
+
+/// [`attention_ext`] with the given parts.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_ext_with(
+    parts: AttentionParts,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: Option<&[f32]>,
+    d: AttentionDims,
+    segments: Option<&[usize]>,
+    rope_theta: Option<f32>,
+    out: &mut [f32],
+) {
     let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
     let rotated;
     let (q, k) = match rope_theta {
         Some(theta) => {
             let pos = token_positions(d.batch, d.q_len, segments);
             let (mut qr, mut kr) = (vec![0f32; q.len()], vec![0f32; k.len()]);
-            rope_at(q, &pos, d.heads, d.head_dim, theta, &mut qr);
-            rope_at(k, &pos, d.kv_heads, d.head_dim, theta, &mut kr);
+            (parts.rope_at)(q, &pos, d.heads, d.head_dim, theta, &mut qr);
+            (parts.rope_at)(k, &pos, d.kv_heads, d.head_dim, theta, &mut kr);
             rotated = (qr, kr);
             (&rotated.0[..], &rotated.1[..])
         }
         None => (q, k),
     };
     let Some(segs) = segments else {
-        return attention(q, k, v, key_mask, d, out);
+        return (parts.attention)(q, k, v, key_mask, d, out);
     };
     assert_eq!(d.batch, 1, "packed segments need batch 1");
     let mut s = 0;
     for &len in segs {
         let ds = AttentionDims { q_len: len, kv_len: len, ..d };
-        attention(
+        (parts.attention)(
             &q[s * qw..(s + len) * qw],
             &k[s * kw..(s + len) * kw],
             &v[s * kw..(s + len) * kw],
