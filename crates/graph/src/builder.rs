@@ -585,3 +585,35 @@ impl GraphBuilder {
         Ok(self.push(name, Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel }, xs.with_last(xs.last() / 2)))
     }
 }
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    /// The decode ops accept InternVL3-1B's shapes and name the node and the tensor when refusing.
+    #[test]
+    fn decode_ops_check_shapes() {
+        let mut b = GraphBuilder::new();
+        let q = b.input("q", [3, 14 * 64]).unwrap();
+        let k = b.input("k", [3, 2, 40, 64]).unwrap();
+        let v = b.input("v", [3, 2, 40, 64]).unwrap();
+        let p = b.input("p", [3]).unwrap();
+        let x = b.input("x", [3, 2 * 64]).unwrap();
+        let k2 = b.kv_cache_append("l0.k_append", k, x, p, 2, 64, Some(1e6)).unwrap();
+        assert_eq!(b.shape(k2), b.shape(k));
+        let y = b.decode_attention("l0.attn", q, k2, v, p, 14, 2, 64, 0.125, Some(1e6)).unwrap();
+        assert_eq!(b.shape(y), &Shape::new([3, 14 * 64]));
+
+        let e = b.decode_attention("l1.attn", q, k, v, p, 14, 7, 64, 0.125, None).unwrap_err().to_string();
+        assert!(e.contains("l1.attn") && e.contains("k cache"), "{e}");
+        let short = b.input("short", [2]).unwrap();
+        let e = b.decode_attention("l2.attn", q, k, v, short, 14, 2, 64, 0.125, None).unwrap_err().to_string();
+        assert!(e.contains("l2.attn") && e.contains("positions"), "{e}");
+        let e = b.kv_cache_append("l3.append", k, q, p, 2, 64, None).unwrap_err().to_string();
+        assert!(e.contains("l3.append") && e.contains("x"), "{e}");
+        let odd = b.input("odd", [3, 2, 40, 5]).unwrap();
+        let xo = b.input("xo", [3, 10]).unwrap();
+        let e = b.kv_cache_append("l4.append", odd, xo, p, 2, 5, Some(1e6)).unwrap_err().to_string();
+        assert!(e.contains("even head dim"), "{e}");
+    }
+}

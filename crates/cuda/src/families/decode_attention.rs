@@ -213,15 +213,19 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             let (batch, max_len) = (c[0], c[2]);
             let s = ctx.suffix()?;
             // The graph op makes a new value: copy the cache (misc.cu's strided copy as one row),
-            // then write the new rows in place into the copy.
+            // then write the new rows in place into the copy. When the output shares the cache's
+            // memory (a planner that aliases them), the copy is skipped.
             let n = batch * kv_heads * max_len * head_dim;
-            let copy = Launch {
-                kernel: format!("strided_copy_{s}"),
-                grid: stride_grid(ctx.dev.sm_count(), n.div_ceil(super::vec_width(ctx.dtype))),
-                block: (STRIDE_THREADS, 1, 1),
-                smem: 0,
-                args: vec![KArg::Ptr(p(*cache)), KArg::Ptr(p(node.output)), KArg::I64(1), KArg::I64(n as i64), KArg::I64(n as i64), KArg::I64(n as i64)],
-            };
+            let mut launches = vec![];
+            if p(*cache) != p(node.output) {
+                launches.push(Launch {
+                    kernel: format!("strided_copy_{s}"),
+                    grid: stride_grid(ctx.dev.sm_count(), n.div_ceil(super::vec_width(ctx.dtype))),
+                    block: (STRIDE_THREADS, 1, 1),
+                    smem: 0,
+                    args: vec![KArg::Ptr(p(*cache)), KArg::Ptr(p(node.output)), KArg::I64(1), KArg::I64(n as i64), KArg::I64(n as i64), KArg::I64(n as i64)],
+                });
+            }
             let args = AppendArgs {
                 dtype: ctx.dtype,
                 x: p(*x),
@@ -233,7 +237,6 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                 max_len,
                 head_dim: *head_dim,
             };
-            let mut launches = vec![copy];
             launches.extend(append_launch(&args, ctx.dev.sm_count()).map_err(err)?);
             Ok(launches)
         }
