@@ -610,6 +610,7 @@ pub fn decode_position(p: f32, max_len: usize) -> usize {
 
 /// `Op::DecodeAttention`: for each sequence b and query head h, softmax(scale · q·kᵀ) · V over keys
 /// [0, p_b] of KV head h / (heads / kv_heads), q rotated at position p_b when `rope` is given.
+#[allow(clippy::too_many_arguments)]
 pub fn decode_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], positions: &[f32], d: DecodeDims, scale: f32, rope: Option<f32>, out: &mut [f32]) {
     let hd = d.head_dim;
     let group = d.heads / d.kv_heads;

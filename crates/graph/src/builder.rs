@@ -307,7 +307,7 @@ impl GraphBuilder {
     ) -> Result<ValueId> {
         let (qs, ks) = (self.shape(q).clone(), self.shape(k_cache).clone());
         let bad = |m: String| Err(shape_err("decode_attention", format!("{name}: {m}")));
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim == 0 {
             return bad(format!("{heads} query heads cannot share {kv_heads} key/value heads (head dim {head_dim})"));
         }
         if qs.rank() != 2 || qs.last() != heads * head_dim {
@@ -319,7 +319,7 @@ impl GraphBuilder {
         }
         expect_shape("decode_attention", &format!("{name}: v cache"), self.shape(v_cache), &ks)?;
         expect_shape("decode_attention", &format!("{name}: positions"), self.shape(positions), &Shape::new([b]))?;
-        if rope.is_some() && head_dim % 2 != 0 {
+        if rope.is_some() && !head_dim.is_multiple_of(2) {
             return bad(format!("fused RoPE needs an even head dim, found {head_dim}"));
         }
         let op = Op::DecodeAttention { q, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale, rope };
@@ -347,7 +347,7 @@ impl GraphBuilder {
         let b = cs.dims()[0];
         expect_shape("kv_cache_append", &format!("{name}: x"), &xs, &Shape::new([b, kv_heads * head_dim]))?;
         expect_shape("kv_cache_append", &format!("{name}: positions"), self.shape(positions), &Shape::new([b]))?;
-        if rope.is_some() && head_dim % 2 != 0 {
+        if rope.is_some() && !head_dim.is_multiple_of(2) {
             return bad(format!("fused RoPE needs an even head dim, found {head_dim}"));
         }
         let op = Op::KvCacheAppend { cache, x, positions, kv_heads, head_dim, rope };

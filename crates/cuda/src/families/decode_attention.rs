@@ -77,7 +77,7 @@ pub fn launch(a: &DecodeArgs) -> std::result::Result<Vec<Launch>, String> {
         return Err(format!("{group} query heads per key/value head exceed the kernel's {MAX_GROUP}"));
     }
     check_sizes(a.batch, a.kv_heads, a.max_len, a.head_dim)?;
-    if a.rope_cs != 0 && a.head_dim % 2 != 0 {
+    if a.rope_cs != 0 && !a.head_dim.is_multiple_of(2) {
         return Err(format!("fused RoPE needs an even head dim, found {}", a.head_dim));
     }
     if a.batch == 0 {
@@ -136,7 +136,7 @@ pub struct AppendArgs {
 /// The launch of one in-place append.
 pub fn append_launch(a: &AppendArgs, sm_count: u32) -> std::result::Result<Vec<Launch>, String> {
     check_sizes(a.batch, a.kv_heads, a.max_len, a.head_dim)?;
-    if a.rope_cs != 0 && a.head_dim % 2 != 0 {
+    if a.rope_cs != 0 && !a.head_dim.is_multiple_of(2) {
         return Err(format!("fused RoPE needs an even head dim, found {}", a.head_dim));
     }
     if a.batch == 0 {
