@@ -26,6 +26,7 @@ struct Case {
     dtype: DType,
 }
 
+#[allow(clippy::too_many_arguments)]
 const fn case(label: &'static str, batch: usize, base: usize, spread: usize, heads: usize, kv_heads: usize, head_dim: usize, dtype: DType) -> Case {
     Case { label, batch, base, spread, heads, kv_heads, head_dim, dtype }
 }
