@@ -331,6 +331,17 @@ impl CpuExecutor {
             Op::GroupedLinear { x, weight, groups } => {
                 (if fast { fast::grouped_linear } else { ops::grouped_linear })(view.get(*x), view.get(*weight), g.shape(*x).last(), cols, *groups, y)
             }
+            Op::DecodeAttention { q, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale, rope } => {
+                let c = g.shape(*k_cache).dims();
+                let d = ops::DecodeDims { batch: c[0], heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim, max_len: c[2] };
+                let (qv, kv, vv, pv) = (view.get(*q), view.get(*k_cache), view.get(*v_cache), view.get(*positions));
+                ops::decode_attention(qv, kv, vv, pv, d, *scale, *rope, y)
+            }
+            Op::KvCacheAppend { cache, x, positions, kv_heads, head_dim, rope } => {
+                let c = g.shape(*cache).dims();
+                let d = ops::DecodeDims { batch: c[0], heads: *kv_heads, kv_heads: *kv_heads, head_dim: *head_dim, max_len: c[2] };
+                ops::kv_cache_append(view.get(*cache), view.get(*x), view.get(*positions), d, *rope, y)
+            }
         }
         self.arena = out;
     }

@@ -610,3 +610,84 @@ pub fn depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch
     depthwise_conv2d(x, weight, bias, batch, h, w, c2, kernel, &mut mid);
     glu_silu(&mid, c2 / 2, out);
 }
+
+/// Shapes of `Op::DecodeAttention` / `Op::KvCacheAppend`: caches [batch, kv_heads, max_len, head_dim].
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub max_len: usize,
+}
+
+/// A new token's position as the ops read it: the integer part of the f32, clamped to
+/// [0, max_len) (the CUDA kernels clamp the same way, so no access leaves the cache).
+pub fn decode_position(p: f32, max_len: usize) -> usize {
+    if p.is_nan() || p < 0.0 {
+        0
+    } else {
+        (p as usize).min(max_len - 1)
+    }
+}
+
+/// `Op::DecodeAttention`: for each sequence b and query head h, softmax(scale · q·kᵀ) · V over keys
+/// [0, p_b] of KV head h / (heads / kv_heads), q rotated at position p_b when `rope` is given.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], positions: &[f32], d: DecodeDims, scale: f32, rope: Option<f32>, out: &mut [f32]) {
+    let hd = d.head_dim;
+    let group = d.heads / d.kv_heads;
+    let mut qr = vec![0f32; d.heads * hd];
+    let mut scores = vec![0f32; d.max_len];
+    for b in 0..d.batch {
+        let p = decode_position(positions[b], d.max_len);
+        let qb = &q[b * d.heads * hd..(b + 1) * d.heads * hd];
+        match rope {
+            Some(theta) => rope_at(qb, &[p], d.heads, hd, theta, &mut qr),
+            None => qr.copy_from_slice(qb),
+        }
+        for h in 0..d.heads {
+            let base = (b * d.kv_heads + h / group) * d.max_len * hd;
+            let qh = &qr[h * hd..(h + 1) * hd];
+            let mut mx = f32::NEG_INFINITY;
+            for (j, s) in scores[..=p].iter_mut().enumerate() {
+                let k = &k_cache[base + j * hd..base + (j + 1) * hd];
+                *s = scale * qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
+                mx = mx.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in &mut scores[..=p] {
+                *s = (*s - mx).exp();
+                sum += *s;
+            }
+            let o = &mut out[(b * d.heads + h) * hd..(b * d.heads + h + 1) * hd];
+            o.fill(0.0);
+            for (j, &s) in scores[..=p].iter().enumerate() {
+                let v = &v_cache[base + j * hd..base + (j + 1) * hd];
+                for (oo, &vv) in o.iter_mut().zip(v) {
+                    *oo += s / sum * vv;
+                }
+            }
+        }
+    }
+}
+
+/// `Op::KvCacheAppend`: `out` = `cache` with row p_b of every (b, KV head) set to `x` (rotated at
+/// position p_b when `rope` is given).
+pub fn kv_cache_append(cache: &[f32], x: &[f32], positions: &[f32], d: DecodeDims, rope: Option<f32>, out: &mut [f32]) {
+    let (hd, w) = (d.head_dim, d.kv_heads * d.head_dim);
+    out.copy_from_slice(cache);
+    let mut row = vec![0f32; w];
+    for b in 0..d.batch {
+        let p = decode_position(positions[b], d.max_len);
+        let xb = &x[b * w..(b + 1) * w];
+        match rope {
+            Some(theta) => rope_at(xb, &[p], d.kv_heads, hd, theta, &mut row),
+            None => row.copy_from_slice(xb),
+        }
+        for h in 0..d.kv_heads {
+            let dst = ((b * d.kv_heads + h) * d.max_len + p) * hd;
+            out[dst..dst + hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
+        }
+    }
+}

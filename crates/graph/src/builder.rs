@@ -289,6 +289,71 @@ impl GraphBuilder {
         Ok(self.push(name, op, qs))
     }
 
+    /// `Op::DecodeAttention`: q [B, heads·head_dim], caches [B, kv_heads, max_len, head_dim],
+    /// positions [B]; output like q.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention(
+        &mut self,
+        name: &str,
+        q: ValueId,
+        k_cache: ValueId,
+        v_cache: ValueId,
+        positions: ValueId,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        rope: Option<f32>,
+    ) -> Result<ValueId> {
+        let (qs, ks) = (self.shape(q).clone(), self.shape(k_cache).clone());
+        let bad = |m: String| Err(shape_err("decode_attention", format!("{name}: {m}")));
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim == 0 {
+            return bad(format!("{heads} query heads cannot share {kv_heads} key/value heads (head dim {head_dim})"));
+        }
+        if qs.rank() != 2 || qs.last() != heads * head_dim {
+            return bad(format!("q has shape {qs}, expected [B, {}]", heads * head_dim));
+        }
+        let b = qs.dims()[0];
+        if ks.rank() != 4 || ks.dims()[0] != b || ks.dims()[1] != kv_heads || ks.dims()[3] != head_dim || ks.dims()[2] == 0 {
+            return bad(format!("k cache has shape {ks}, expected [{b}, {kv_heads}, max_len > 0, {head_dim}]"));
+        }
+        expect_shape("decode_attention", &format!("{name}: v cache"), self.shape(v_cache), &ks)?;
+        expect_shape("decode_attention", &format!("{name}: positions"), self.shape(positions), &Shape::new([b]))?;
+        if rope.is_some() && !head_dim.is_multiple_of(2) {
+            return bad(format!("fused RoPE needs an even head dim, found {head_dim}"));
+        }
+        let op = Op::DecodeAttention { q, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale, rope };
+        Ok(self.push(name, op, qs))
+    }
+
+    /// `Op::KvCacheAppend`: cache [B, kv_heads, max_len, head_dim], x [B, kv_heads·head_dim],
+    /// positions [B]; output like the cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_cache_append(
+        &mut self,
+        name: &str,
+        cache: ValueId,
+        x: ValueId,
+        positions: ValueId,
+        kv_heads: usize,
+        head_dim: usize,
+        rope: Option<f32>,
+    ) -> Result<ValueId> {
+        let (cs, xs) = (self.shape(cache).clone(), self.shape(x).clone());
+        let bad = |m: String| Err(shape_err("kv_cache_append", format!("{name}: {m}")));
+        if cs.rank() != 4 || cs.dims()[1] != kv_heads || cs.dims()[3] != head_dim || cs.dims()[2] == 0 || head_dim == 0 {
+            return bad(format!("cache has shape {cs}, expected [B, {kv_heads}, max_len > 0, {head_dim}]"));
+        }
+        let b = cs.dims()[0];
+        expect_shape("kv_cache_append", &format!("{name}: x"), &xs, &Shape::new([b, kv_heads * head_dim]))?;
+        expect_shape("kv_cache_append", &format!("{name}: positions"), self.shape(positions), &Shape::new([b]))?;
+        if rope.is_some() && !head_dim.is_multiple_of(2) {
+            return bad(format!("fused RoPE needs an even head dim, found {head_dim}"));
+        }
+        let op = Op::KvCacheAppend { cache, x, positions, kv_heads, head_dim, rope };
+        Ok(self.push(name, op, cs))
+    }
+
     pub fn linear_attention(&mut self, name: &str, q: ValueId, k: ValueId, v: ValueId, heads: usize, head_dim: usize) -> Result<ValueId> {
         let qs = self.shape(q).clone();
         if qs.rank() != 3 || qs.last() != heads * head_dim {
@@ -518,5 +583,37 @@ impl GraphBuilder {
             return Err(shape_err("depthwise_conv_glu", format!("{name}: input {xs} has an odd channel count (expected [u | gate])")));
         }
         Ok(self.push(name, Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel }, xs.with_last(xs.last() / 2)))
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    /// The decode ops accept InternVL3-1B's shapes and name the node and the tensor when refusing.
+    #[test]
+    fn decode_ops_check_shapes() {
+        let mut b = GraphBuilder::new();
+        let q = b.input("q", [3, 14 * 64]).unwrap();
+        let k = b.input("k", [3, 2, 40, 64]).unwrap();
+        let v = b.input("v", [3, 2, 40, 64]).unwrap();
+        let p = b.input("p", [3]).unwrap();
+        let x = b.input("x", [3, 2 * 64]).unwrap();
+        let k2 = b.kv_cache_append("l0.k_append", k, x, p, 2, 64, Some(1e6)).unwrap();
+        assert_eq!(b.shape(k2), b.shape(k));
+        let y = b.decode_attention("l0.attn", q, k2, v, p, 14, 2, 64, 0.125, Some(1e6)).unwrap();
+        assert_eq!(b.shape(y), &Shape::new([3, 14 * 64]));
+
+        let e = b.decode_attention("l1.attn", q, k, v, p, 14, 7, 64, 0.125, None).unwrap_err().to_string();
+        assert!(e.contains("l1.attn") && e.contains("k cache"), "{e}");
+        let short = b.input("short", [2]).unwrap();
+        let e = b.decode_attention("l2.attn", q, k, v, short, 14, 2, 64, 0.125, None).unwrap_err().to_string();
+        assert!(e.contains("l2.attn") && e.contains("positions"), "{e}");
+        let e = b.kv_cache_append("l3.append", k, q, p, 2, 64, None).unwrap_err().to_string();
+        assert!(e.contains("l3.append") && e.contains("x"), "{e}");
+        let odd = b.input("odd", [3, 2, 40, 5]).unwrap();
+        let xo = b.input("xo", [3, 10]).unwrap();
+        let e = b.kv_cache_append("l4.append", odd, xo, p, 2, 5, Some(1e6)).unwrap_err().to_string();
+        assert!(e.contains("even head dim"), "{e}");
     }
 }

@@ -134,6 +134,34 @@ pub enum Op {
     GroupedLinear { x: ValueId, weight: ValueId, groups: usize },
     /// SwiGLU of two same-shaped tensors: `silu(gate) · up` (Qwen2's MLP).
     SwiGlu { gate: ValueId, up: ValueId },
+    /// Decode-phase attention over a KV cache: one query row per sequence. `q` [B, heads·head_dim],
+    /// `k_cache`/`v_cache` [B, kv_heads, max_len, head_dim], `positions` [B] (integer-valued f32:
+    /// the position p_b of sequence b's new token, 0 <= p_b < max_len; values outside are clamped
+    /// to that range, the caller checks them on the host). Query head h of sequence b attends keys
+    /// [0, p_b] of KV head h / (heads / kv_heads) (GQA), softmax in f32 with `scale`; output
+    /// [B, heads·head_dim]. `rope` = Some(theta): q is first rotated as `Attention`'s fused RoPE at
+    /// position p_b (the keys were rotated when appended, [`Op::KvCacheAppend`]).
+    /// Cache layout [B, kv_heads, max_len, head_dim]: the keys of one (sequence, KV head) are one
+    /// contiguous run, so a chunk of keys is one contiguous block read once for all the query heads
+    /// that share it.
+    DecodeAttention {
+        q: ValueId,
+        k_cache: ValueId,
+        v_cache: ValueId,
+        positions: ValueId,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        rope: Option<f32>,
+    },
+    /// KV-cache append: the cache [B, kv_heads, max_len, head_dim] with row p_b of every (b, KV
+    /// head) replaced by the new token's `x` [B, kv_heads·head_dim], rotated first when `rope` =
+    /// Some(theta) (rotate_half at position p_b, as `Attention`'s fused RoPE: keys) or stored as
+    /// is (values). `positions` as in [`Op::DecodeAttention`] (clamped to [0, max_len)). As a graph
+    /// op the result is a new value (a backend copies the cache); a decoder that owns its cache
+    /// buffers calls the backend's in-place launch (openuni_cuda::families::decode_attention).
+    KvCacheAppend { cache: ValueId, x: ValueId, positions: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32> },
 }
 
 impl Op {
@@ -163,6 +191,8 @@ impl Op {
             Op::SliceTokens { .. } => "slice_tokens",
             Op::GatherTokens { .. } => "gather_tokens",
             Op::GroupedLinear { .. } => "grouped_linear",
+            Op::DecodeAttention { .. } => "decode_attention",
+            Op::KvCacheAppend { .. } => "kv_cache_append",
         }
     }
 
@@ -210,6 +240,8 @@ impl Op {
             Op::ClassPosEmbed { x, cls, pos } => v.extend([*x, *cls, *pos]),
             Op::GroupedLinear { x, weight, .. } => v.extend([*x, *weight]),
             Op::SwiGlu { gate, up } => v.extend([*gate, *up]),
+            Op::DecodeAttention { q, k_cache, v_cache, positions, .. } => v.extend([*q, *k_cache, *v_cache, *positions]),
+            Op::KvCacheAppend { cache, x, positions, .. } => v.extend([*cache, *x, *positions]),
             Op::DepthwiseConv2d { x, weight, bias, .. } | Op::DepthwiseConvGlu { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);

@@ -1,0 +1,189 @@
+//! kernels/decode_attention.cu against its CPU twins (openuni_cpu::ops::{decode_attention,
+//! kv_cache_append}) through the CUDA executor on one-node graphs, f32 and bf16 storage: cache
+//! lengths 1, below, at and past the kernel's key chunk (256), several sequences of different
+//! lengths in one batch, GQA ratios 1, 2, 6 and 7 (InternVL3-2B 12/2 hd 128, 1B 14/2 hd 64), head
+//! dims 64, 128 and odd-sized ones, with and without fused RoPE, and a position past the cache
+//! (clamped alike by both twins).
+//!
+//! Tolerances (openuni_cuda::testing::check): f32 storage, relative L2 <= 1e-5 against the CPU twin;
+//! bf16 storage, <= 2x the error of the CPU twin on bf16-rounded inputs (its output rounded to bf16).
+//! The append is checked with the same rule on the whole cache and on the appended rows alone, and
+//! every other row must be an exact copy.
+//!
+//! One test needs no device: the CPU twin of a decode step (append K rotated and V at position p,
+//! attend with q rotated at p) equals the last row of the prefill attention (`attention_ext`, causal,
+//! fused RoPE) over the same p + 1 tokens. Without a CUDA device (real or emulated) the other
+//! tests print `skipped: no CUDA device`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use openuni_cpu::ops::{self as cpu, AttentionDims, DecodeDims};
+use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
+use openuni_cuda::{CudaDevice, CudaExecutor};
+use openuni_graph::{Graph, GraphBuilder};
+use openuni_tensor::{DType, HostTensor};
+
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+const THETA: f32 = 1e6;
+
+fn run(dev: &Arc<CudaDevice>, g: &Graph, inputs: &[(&str, Vec<usize>, &[f32])], dtype: DType) -> Vec<f32> {
+    let inputs: HashMap<String, HostTensor> =
+        inputs.iter().map(|(n, s, v)| (n.to_string(), HostTensor::from_f32(s.clone(), v.to_vec()).unwrap())).collect();
+    let mut ex = CudaExecutor::new(dev, g, &HashMap::new(), dtype, false).unwrap();
+    ex.run(&inputs).unwrap()["y"].to_f32_vec()
+}
+
+struct Case {
+    positions: Vec<usize>,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    max_len: usize,
+    rope: bool,
+}
+
+fn cases() -> Vec<Case> {
+    let c = |positions: Vec<usize>, heads, kv_heads, hd, max_len, rope| Case { positions, heads, kv_heads, hd, max_len, rope };
+    vec![
+        // One key (the first decoded token after an empty cache), no GQA.
+        c(vec![0], 2, 2, 64, 5, true),
+        // InternVL3-1B: 14/2 hd 64; 1, 257 (chunk + 1) and 301 keys in one batch.
+        c(vec![0, 256, 300], 14, 2, 64, 301, true),
+        // InternVL3-2B: 12/2 hd 128; exactly two chunks, and a short sequence beside it.
+        c(vec![511, 100], 12, 2, 128, 520, true),
+        // Odd head dim without RoPE, GQA 7, keys not a multiple of anything.
+        c(vec![36, 4, 17], 7, 1, 40, 37, false),
+        // Head dim 256 (two output dims per thread), a position past the cache (clamped).
+        c(vec![2, 9], 4, 2, 256, 8, true),
+    ]
+}
+
+fn dims(c: &Case) -> DecodeDims {
+    DecodeDims { batch: c.positions.len(), heads: c.heads, kv_heads: c.kv_heads, head_dim: c.hd, max_len: c.max_len }
+}
+
+#[test]
+fn decode_attention_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(71);
+    for c in cases() {
+        let d = dims(&c);
+        let b = d.batch;
+        let rope = c.rope.then_some(THETA);
+        let scale = 1.0 / (c.hd as f32).sqrt();
+        let q = rng.normals(b * c.heads * c.hd, 0.0, 1.0);
+        let cache_shape = vec![b, c.kv_heads, c.max_len, c.hd];
+        let n_cache = b * c.kv_heads * c.max_len * c.hd;
+        // Keys of scale 2 make the softmax peaky enough that the chunks' maxima differ.
+        let k = rng.normals(n_cache, 0.0, 2.0);
+        let v = rng.normals(n_cache, 0.0, 1.0);
+        let pos: Vec<f32> = c.positions.iter().map(|&p| p as f32).collect();
+        let mut want = vec![0.0; q.len()];
+        cpu::decode_attention(&q, &k, &v, &pos, d, scale, rope, &mut want);
+
+        let mut gb = GraphBuilder::new();
+        let qi = gb.input("q", [b, c.heads * c.hd]).unwrap();
+        let ki = gb.input("k_cache", cache_shape.clone()).unwrap();
+        let vi = gb.input("v_cache", cache_shape.clone()).unwrap();
+        let pi = gb.input("positions", [b]).unwrap();
+        let y = gb.decode_attention("decode", qi, ki, vi, pi, c.heads, c.kv_heads, c.hd, scale, rope).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        for dtype in DTYPES {
+            let inputs = [("q", vec![b, c.heads * c.hd], &q[..]), ("k_cache", cache_shape.clone(), &k[..]), ("v_cache", cache_shape.clone(), &v[..]), ("positions", vec![b], &pos[..])];
+            let got = run(&dev, &g, &inputs, dtype);
+            let mut base = vec![0.0; q.len()];
+            cpu::decode_attention(&round_to(dtype, &q), &round_to(dtype, &k), &round_to(dtype, &v), &pos, d, scale, rope, &mut base);
+            let what = format!("decode_attention {dtype} positions {:?} heads {}/{} hd {} max_len {} rope {}", c.positions, c.heads, c.kv_heads, c.hd, c.max_len, c.rope);
+            check(&what, dtype, &got, &want, &base);
+        }
+    }
+}
+
+#[test]
+fn kv_cache_append_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(72);
+    for c in cases() {
+        let d = dims(&c);
+        let b = d.batch;
+        let cache_shape = vec![b, c.kv_heads, c.max_len, c.hd];
+        let cache = rng.normals(b * c.kv_heads * c.max_len * c.hd, 0.0, 1.0);
+        let x = rng.normals(b * c.kv_heads * c.hd, 0.0, 1.0);
+        let pos: Vec<f32> = c.positions.iter().map(|&p| p as f32).collect();
+        for rope in [Some(THETA), None] {
+            if rope.is_some() && c.hd % 2 != 0 {
+                continue;
+            }
+            let mut want = vec![0.0; cache.len()];
+            cpu::kv_cache_append(&cache, &x, &pos, d, rope, &mut want);
+            let mut gb = GraphBuilder::new();
+            let ci = gb.input("cache", cache_shape.clone()).unwrap();
+            let xi = gb.input("x", [b, c.kv_heads * c.hd]).unwrap();
+            let pi = gb.input("positions", [b]).unwrap();
+            let y = gb.kv_cache_append("append", ci, xi, pi, c.kv_heads, c.hd, rope).unwrap();
+            gb.output("y", y).unwrap();
+            let g = gb.finish();
+            for dtype in DTYPES {
+                let inputs = [("cache", cache_shape.clone(), &cache[..]), ("x", vec![b, c.kv_heads * c.hd], &x[..]), ("positions", vec![b], &pos[..])];
+                let got = run(&dev, &g, &inputs, dtype);
+                let mut base = vec![0.0; cache.len()];
+                cpu::kv_cache_append(&round_to(dtype, &cache), &round_to(dtype, &x), &pos, d, rope, &mut base);
+                let what = format!("kv_cache_append {dtype} positions {:?} kv_heads {} hd {} max_len {} rope {}", c.positions, c.kv_heads, c.hd, c.max_len, rope.is_some());
+                check(&what, dtype, &got, &want, &base);
+                // The appended rows alone (the whole cache's rounding would hide their error).
+                let rows: Vec<usize> = (0..b * c.kv_heads)
+                    .flat_map(|bh| {
+                        let start = (bh * c.max_len + cpu::decode_position(pos[bh / c.kv_heads], c.max_len)) * c.hd;
+                        start..start + c.hd
+                    })
+                    .collect();
+                let pick = |v: &[f32]| rows.iter().map(|&e| v[e]).collect::<Vec<f32>>();
+                check(&format!("{what}, appended rows"), dtype, &pick(&got), &pick(&want), &pick(&base));
+                // Rows other than the appended ones are copied exactly.
+                let r = round_to(dtype, &cache);
+                let (hd, l) = (c.hd, c.max_len);
+                let untouched = (0..got.len()).filter(|&e| {
+                    let (row, bh) = ((e / hd) % l, e / (hd * l));
+                    row != cpu::decode_position(pos[bh / c.kv_heads], l)
+                });
+                let bad = untouched.filter(|&e| got[e].to_bits() != r[e].to_bits()).count();
+                assert_eq!(bad, 0, "{what}: {bad} cache elements outside the appended rows changed");
+            }
+        }
+    }
+}
+
+/// The decode step's CPU twins against the prefill attention: appending p + 1 tokens one by one and
+/// attending with the last one gives the last row of causal attention with fused RoPE.
+#[test]
+fn decode_step_equals_last_row_of_prefill() {
+    let mut rng = Rng::new(73);
+    for &(n, heads, kv_heads, hd) in &[(1usize, 2usize, 1usize, 8usize), (7, 14, 2, 64), (300, 12, 2, 128)] {
+        let max_len = n + 3;
+        let (qw, kw) = (heads * hd, kv_heads * hd);
+        let q = rng.normals(n * qw, 0.0, 1.0);
+        let k = rng.normals(n * kw, 0.0, 1.0);
+        let v = rng.normals(n * kw, 0.0, 1.0);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let ad = AttentionDims { batch: 1, q_len: n, kv_len: n, heads, kv_heads, head_dim: hd, causal: true, scale };
+        let mut prefill = vec![0.0; n * qw];
+        cpu::attention_ext(&q, &k, &v, None, ad, None, Some(THETA), &mut prefill);
+
+        let d = DecodeDims { batch: 1, heads, kv_heads, head_dim: hd, max_len };
+        let (mut kc, mut vc) = (vec![0.0; kv_heads * max_len * hd], vec![0.0; kv_heads * max_len * hd]);
+        for t in 0..n {
+            let pos = [t as f32];
+            let (mut k2, mut v2) = (vec![0.0; kc.len()], vec![0.0; vc.len()]);
+            cpu::kv_cache_append(&kc, &k[t * kw..(t + 1) * kw], &pos, d, Some(THETA), &mut k2);
+            cpu::kv_cache_append(&vc, &v[t * kw..(t + 1) * kw], &pos, d, None, &mut v2);
+            (kc, vc) = (k2, v2);
+        }
+        let mut out = vec![0.0; qw];
+        cpu::decode_attention(&q[(n - 1) * qw..], &kc, &vc, &[(n - 1) as f32], d, scale, Some(THETA), &mut out);
+        let e = openuni_cuda::testing::rel_l2(&out, &prefill[(n - 1) * qw..]);
+        println!("decode step vs prefill last row, n {n} heads {heads}/{kv_heads} hd {hd}: rel L2 {e:.3e}");
+        assert!(e <= 1e-5, "decode step differs from the prefill's last row: rel L2 {e:.3e}");
+    }
+}
