@@ -48,7 +48,28 @@ struct Layer {
     down: Vec<f32>,
 }
 
-/// A Qwen2 decoder with its KV cache (f32, CPU).
+/// One sequence's KV cache: per layer, the keys (post-RoPE) and values of every position so far,
+/// [len, kv_heads·head_dim] each.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A Qwen2 decoder with its KV cache (f32, CPU). [`CachedQwen2::forward`] runs one sequence
+/// against the decoder's own cache; [`CachedQwen2::forward_batch`] runs several sequences, each
+/// with its own [`KvCache`], through the same weights at once (continuous batching).
 pub struct CachedQwen2<'a> {
     cfg: Qwen2Config,
     theta: f32,
@@ -57,9 +78,7 @@ pub struct CachedQwen2<'a> {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Vec<f32>,
-    /// Per layer: keys and values of every position so far, [len, kv_heads·head_dim] each.
-    cache: Vec<(Vec<f32>, Vec<f32>)>,
-    len: usize,
+    cache: KvCache,
 }
 
 impl<'a> CachedQwen2<'a> {
@@ -93,17 +112,28 @@ impl<'a> CachedQwen2<'a> {
         }
         let embed_key = format!("{prefix}embed_tokens.weight");
         let head = if cfg.tie_word_embeddings { embed_key.clone() } else { head_key.to_string() };
-        Ok(CachedQwen2 {
+        let mut llm = CachedQwen2 {
             cfg: cfg.clone(),
             theta: cfg.rope_theta(origin)?,
             source,
             embed_key,
             norm: get(format!("{prefix}norm.weight"), &[d])?,
             lm_head: get(head, &[cfg.vocab_size, d])?,
-            cache: vec![(vec![], vec![]); cfg.num_hidden_layers],
+            cache: KvCache::default(),
             layers,
-            len: 0,
-        })
+        };
+        llm.cache = llm.new_cache();
+        Ok(llm)
+    }
+
+    /// An empty cache for one more sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![(vec![], vec![]); self.cfg.num_hidden_layers], len: 0 }
+    }
+
+    /// The model width D.
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
     }
 
     /// Token embeddings [ids.len(), D] (rows read from the checkpoint).
@@ -117,62 +147,94 @@ impl<'a> CachedQwen2<'a> {
             .map_err(|e| ModelError::Config { path: self.source.origin(), msg: e.to_string() })
     }
 
-    /// Positions already in the cache.
+    /// Positions already in the decoder's own cache.
     pub fn cached_len(&self) -> usize {
-        self.len
+        self.cache.len
     }
 
     /// Runs `embeds` ([n, D], n >= 1) at positions len..len+n, appends their keys and values to the
-    /// cache, and returns the logits [V] of the last position.
+    /// decoder's own cache, and returns the logits [V] of the last position.
     pub fn forward(&mut self, embeds: &[f32]) -> Result<Vec<f32>> {
+        let mut cache = std::mem::take(&mut self.cache);
+        let out = self.forward_batch(&mut [(&mut cache, embeds)]);
+        self.cache = cache;
+        Ok(out?.remove(0))
+    }
+
+    /// Runs several sequences at once, each `(cache, embeds [n_i, D])` at its own positions
+    /// len_i..len_i+n_i, appending to its own cache; returns each sequence's last-position logits.
+    /// The projections and the MLP run over the rows of all sequences together (one matrix product
+    /// per weight); attention runs per sequence against its own cache. Every row's arithmetic is
+    /// the one it gets alone, so a sequence's logits do not depend on its batch mates.
+    pub fn forward_batch(&self, seqs: &mut [(&mut KvCache, &[f32])]) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
         let (d, hd, inter) = (c.hidden_size, c.head_dim(), c.intermediate_size);
         let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
         let (qw, kw) = (heads * hd, kv_heads * hd);
-        let n = embeds.len() / d;
-        if n == 0 || n * d != embeds.len() {
-            return Err(err(format!("embeddings of {} values are not a whole number of {d}-wide rows", embeds.len())));
+        let mut counts = vec![];
+        let mut positions = vec![];
+        for (cache, embeds) in seqs.iter() {
+            let n = embeds.len() / d;
+            if n == 0 || n * d != embeds.len() {
+                return Err(err(format!("embeddings of {} values are not a whole number of {d}-wide rows", embeds.len())));
+            }
+            if cache.layers.len() != c.num_hidden_layers {
+                return Err(err(format!("a KV cache of {} layers for a decoder of {}", cache.layers.len(), c.num_hidden_layers)));
+            }
+            c.check_length(cache.len + n)?;
+            positions.extend(cache.len..cache.len + n);
+            counts.push(n);
         }
-        c.check_length(self.len + n)?;
-        let positions: Vec<usize> = (self.len..self.len + n).collect();
-        let total = self.len + n;
+        let rows = positions.len();
         let eps = c.rms_norm_eps;
-        let mut x = embeds.to_vec();
-        let mut h = vec![0f32; n * d];
-        for (layer, (kc, vc)) in self.layers.iter().zip(self.cache.iter_mut()) {
+        let mut x: Vec<f32> = seqs.iter().flat_map(|(_, e)| e.iter().copied()).collect();
+        let mut h = vec![0f32; rows * d];
+        for (li, layer) in self.layers.iter().enumerate() {
             ops::rmsnorm(&x, &layer.input_norm, None, eps, d, &mut h);
-            let (mut q, mut k, mut v) = (vec![0f32; n * qw], vec![0f32; n * kw], vec![0f32; n * kw]);
-            ops::linear(&h, &layer.q.0, Some(&layer.q.1), n, d, qw, &mut q);
-            ops::linear(&h, &layer.k.0, Some(&layer.k.1), n, d, kw, &mut k);
-            ops::linear(&h, &layer.v.0, Some(&layer.v.1), n, d, kw, &mut v);
+            let (mut q, mut k, mut v) = (vec![0f32; rows * qw], vec![0f32; rows * kw], vec![0f32; rows * kw]);
+            ops::linear(&h, &layer.q.0, Some(&layer.q.1), rows, d, qw, &mut q);
+            ops::linear(&h, &layer.k.0, Some(&layer.k.1), rows, d, kw, &mut k);
+            ops::linear(&h, &layer.v.0, Some(&layer.v.1), rows, d, kw, &mut v);
             let (mut qr, mut kr) = (vec![0f32; q.len()], vec![0f32; k.len()]);
             ops::rope_at(&q, &positions, heads, hd, self.theta, &mut qr);
             ops::rope_at(&k, &positions, kv_heads, hd, self.theta, &mut kr);
-            kc.extend_from_slice(&kr);
-            vc.extend_from_slice(&v);
-            // Causal over the whole cache: the last query sees every key (ops::attention aligns
-            // the last query with the last key).
-            let dims = AttentionDims { batch: 1, q_len: n, kv_len: total, heads, kv_heads, head_dim: hd, causal: true, scale: (hd as f32).powf(-0.5) };
-            let mut o = vec![0f32; n * qw];
-            ops::attention(&qr, kc, vc, None, dims, &mut o);
-            let mut y = vec![0f32; n * d];
-            ops::linear(&o, &layer.o, None, n, qw, d, &mut y);
+            let mut o = vec![0f32; rows * qw];
+            let mut start = 0;
+            for ((cache, _), &n) in seqs.iter_mut().zip(&counts) {
+                let (kc, vc) = &mut cache.layers[li];
+                kc.extend_from_slice(&kr[start * kw..(start + n) * kw]);
+                vc.extend_from_slice(&v[start * kw..(start + n) * kw]);
+                // Causal over the whole cache: the last query sees every key (ops::attention
+                // aligns the last query with the last key).
+                let total = kc.len() / kw;
+                let dims = AttentionDims { batch: 1, q_len: n, kv_len: total, heads, kv_heads, head_dim: hd, causal: true, scale: (hd as f32).powf(-0.5) };
+                ops::attention(&qr[start * qw..(start + n) * qw], kc, vc, None, dims, &mut o[start * qw..(start + n) * qw]);
+                start += n;
+            }
+            let mut y = vec![0f32; rows * d];
+            ops::linear(&o, &layer.o, None, rows, qw, d, &mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
             ops::rmsnorm(&x, &layer.post_norm, None, eps, d, &mut h);
-            let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
-            ops::linear(&h, &layer.gate, None, n, d, inter, &mut g);
-            ops::linear(&h, &layer.up, None, n, d, inter, &mut u);
-            let mut a = vec![0f32; n * inter];
+            let (mut g, mut u) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
+            ops::linear(&h, &layer.gate, None, rows, d, inter, &mut g);
+            ops::linear(&h, &layer.up, None, rows, d, inter, &mut u);
+            let mut a = vec![0f32; rows * inter];
             ops::swiglu(&g, &u, &mut a);
-            ops::linear(&a, &layer.down, None, n, inter, d, &mut y);
+            ops::linear(&a, &layer.down, None, rows, inter, d, &mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         }
-        self.len = total;
-        let mut last = vec![0f32; d];
-        ops::rmsnorm(&x[(n - 1) * d..], &self.norm, None, eps, d, &mut last);
-        let mut logits = vec![0f32; c.vocab_size];
-        ops::linear(&last, &self.lm_head, None, 1, d, c.vocab_size, &mut logits);
-        Ok(logits)
+        // The last row of each sequence through the final norm and the head, together.
+        let b = seqs.len();
+        let mut last = vec![0f32; b * d];
+        let mut end = 0;
+        for ((cache, _), (&n, out)) in seqs.iter_mut().zip(counts.iter().zip(last.chunks_exact_mut(d))) {
+            end += n;
+            cache.len += n;
+            ops::rmsnorm(&x[(end - 1) * d..end * d], &self.norm, None, eps, d, out);
+        }
+        let mut logits = vec![0f32; b * c.vocab_size];
+        ops::linear(&last, &self.lm_head, None, b, d, c.vocab_size, &mut logits);
+        Ok(logits.chunks_exact(c.vocab_size).map(|l| l.to_vec()).collect())
     }
 }
 
@@ -321,6 +383,76 @@ pub fn generate(
         logits = llm.forward(&e)?;
     }
     Ok((prefill, ids))
+}
+
+/// One sequence for [`generate_continuous`]: its prompt embeddings [L, D] and its budget.
+pub struct BatchRequest<K> {
+    pub key: K,
+    pub prompt_embeds: Vec<f32>,
+    pub max_new_tokens: usize,
+}
+
+/// Continuous batching on the CPU decoder: up to `max_batch` sequences decode together, one
+/// [`KvCache`] each. Before every step, free places are filled from `requests` (a joining
+/// sequence runs its prompt as part of that step: its prefill rides along with the others'
+/// decode rows); after the step, a sequence that produced `eos` or reached its budget leaves and
+/// `on_done` gets its generated ids (ending with `eos` when produced). Each sequence picks its
+/// tokens with its own [`Picker`] (`sampling` None: greedy), so greedy answers are the ones
+/// [`generate_greedy`] gives one at a time. An error from `requests` or `on_done` stops the run.
+pub fn generate_continuous<K>(
+    llm: &CachedQwen2,
+    mut requests: impl Iterator<Item = anyhow::Result<BatchRequest<K>>>,
+    max_batch: usize,
+    eos: Option<usize>,
+    sampling: Option<Sampling>,
+    mut on_done: impl FnMut(K, Vec<usize>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    struct Live<K> {
+        key: K,
+        cache: KvCache,
+        input: Vec<f32>,
+        ids: Vec<usize>,
+        max_new_tokens: usize,
+        picker: Picker,
+    }
+    anyhow::ensure!(max_batch >= 1, "the batch size must be at least 1");
+    let mut live: Vec<Live<K>> = vec![];
+    let mut more = true;
+    loop {
+        while more && live.len() < max_batch {
+            match requests.next().transpose()? {
+                Some(r) if r.max_new_tokens == 0 => on_done(r.key, vec![])?,
+                Some(r) => live.push(Live {
+                    key: r.key,
+                    cache: llm.new_cache(),
+                    input: r.prompt_embeds,
+                    ids: vec![],
+                    max_new_tokens: r.max_new_tokens,
+                    picker: Picker::new(sampling)?,
+                }),
+                None => more = false,
+            }
+        }
+        if live.is_empty() {
+            return Ok(());
+        }
+        let logits = {
+            let mut batch: Vec<(&mut KvCache, &[f32])> = live.iter_mut().map(|s| (&mut s.cache, s.input.as_slice())).collect();
+            llm.forward_batch(&mut batch)?
+        };
+        let mut still = vec![];
+        for (mut s, l) in live.into_iter().zip(logits) {
+            let next = s.picker.pick(&l);
+            s.ids.push(next);
+            if Some(next) == eos || s.ids.len() == s.max_new_tokens {
+                on_done(s.key, s.ids)?;
+            } else {
+                s.input = llm.embed(&[next])?;
+                still.push(s);
+            }
+        }
+        live = still;
+    }
 }
 
 // ---- `openuni chat`: template, tokens, image embeddings, streamed answer ----

@@ -306,3 +306,41 @@ fn different_generated_ids_fail() {
         assert!(out.contains("generated_ids") && out.contains("FAIL"), "{out}");
     }
 }
+
+#[test]
+fn continuous_batching_gives_the_one_at_a_time_greedy_answers() {
+    use openuni::chat::{generate_continuous, generate_greedy, BatchRequest};
+    let cfg = llm_config();
+    let w = Weights::open(case().join("model")).unwrap();
+    let (p, h) = ("language_model.model.", "language_model.lm_head.weight");
+    let llm = CachedQwen2::load(&w, &cfg, p, h, "chat_tiny").unwrap();
+    // Prompts of different lengths and budgets, so sequences leave and join mid-run.
+    let prompts: Vec<(Vec<usize>, usize)> =
+        vec![(vec![3, 17, 40], 9), (vec![5, 99, 12, 7, 8, 1], 3), (vec![42], 6), (vec![11, 12, 13, 14], 1), (vec![7, 7, 7, 7, 7, 7, 7, 7], 7)];
+    let mut alone = vec![];
+    for (ids, n) in &prompts {
+        let mut one = CachedQwen2::load(&w, &cfg, p, h, "chat_tiny").unwrap();
+        let e = one.embed(ids).unwrap();
+        alone.push(generate_greedy(&mut one, &e, *n, None, |_| {}).unwrap().1);
+    }
+    for max_batch in [1, 2, 5] {
+        let reqs = prompts.iter().enumerate().map(|(i, (ids, n))| Ok(BatchRequest { key: i, prompt_embeds: llm.embed(ids).unwrap(), max_new_tokens: *n }));
+        let mut got = vec![vec![]; prompts.len()];
+        let mut order = vec![];
+        generate_continuous(&llm, reqs, max_batch, None, None, |k, ids| {
+            order.push(k);
+            got[k] = ids;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, alone, "batch {max_batch}");
+        if max_batch == 2 {
+            // The short ones finish first: sequences really left and joined between steps.
+            assert_ne!(order, (0..prompts.len()).collect::<Vec<_>>(), "{order:?}");
+        }
+    }
+    // A different prompt gives a different answer (the comparison above can fail).
+    let mut other = CachedQwen2::load(&w, &cfg, p, h, "chat_tiny").unwrap();
+    let e = other.embed(&[3, 17, 41]).unwrap();
+    assert_ne!(generate_greedy(&mut other, &e, 9, None, |_| {}).unwrap().1, alone[0]);
+}
