@@ -205,6 +205,13 @@ impl Bounds<'_> {
     }
 }
 
+/// The vision tower and projector settings of an InternVL `config.json` (original nesting with
+/// `vision_config`/`llm_config`, or transformers' `vision_config`/`text_config`), through the one
+/// reader [`read_mllm_config`].
+pub fn read_internvl_vision(path: &Path) -> Result<crate::internvit::InternVlVisionConfig, ModelError> {
+    read_mllm_config(path)?.vision()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,11 +262,4 @@ mod tests {
         let e = MllmConfig::from_value(serde_json::json!({"llm_config": bad}), "cfg.json").unwrap_err().to_string();
         assert!(e.contains("llm_config") && e.contains("intermediate_size"), "{e}");
     }
-}
-
-/// The vision tower and projector settings of an InternVL `config.json` (original nesting with
-/// `vision_config`/`llm_config`, or transformers' `vision_config`/`text_config`), through the one
-/// reader [`read_mllm_config`].
-pub fn read_internvl_vision(path: &Path) -> Result<crate::internvit::InternVlVisionConfig, ModelError> {
-    read_mllm_config(path)?.vision()
 }
