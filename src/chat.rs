@@ -12,6 +12,8 @@ use openuni_models::qwen2::Qwen2Config;
 use openuni_models::{ModelError, Result};
 use openuni_tensor::{Shape, TensorSource};
 
+pub mod questions;
+
 
 fn err(msg: String) -> ModelError {
     ModelError::Config { path: "chat".into(), msg }
@@ -48,7 +50,28 @@ struct Layer {
     down: Vec<f32>,
 }
 
-/// A Qwen2 decoder with its KV cache (f32, CPU).
+/// One sequence's KV cache: per layer, the keys (post-RoPE) and values of every position so far,
+/// [len, kv_heads·head_dim] each.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A Qwen2 decoder with its KV cache (f32, CPU). [`CachedQwen2::forward`] runs one sequence
+/// against the decoder's own cache; [`CachedQwen2::forward_batch`] runs several sequences, each
+/// with its own [`KvCache`], through the same weights at once (continuous batching).
 pub struct CachedQwen2<'a> {
     cfg: Qwen2Config,
     theta: f32,
@@ -57,9 +80,7 @@ pub struct CachedQwen2<'a> {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Vec<f32>,
-    /// Per layer: keys and values of every position so far, [len, kv_heads·head_dim] each.
-    cache: Vec<(Vec<f32>, Vec<f32>)>,
-    len: usize,
+    cache: KvCache,
 }
 
 impl<'a> CachedQwen2<'a> {
@@ -93,17 +114,28 @@ impl<'a> CachedQwen2<'a> {
         }
         let embed_key = format!("{prefix}embed_tokens.weight");
         let head = if cfg.tie_word_embeddings { embed_key.clone() } else { head_key.to_string() };
-        Ok(CachedQwen2 {
+        let mut llm = CachedQwen2 {
             cfg: cfg.clone(),
             theta: cfg.rope_theta(origin)?,
             source,
             embed_key,
             norm: get(format!("{prefix}norm.weight"), &[d])?,
             lm_head: get(head, &[cfg.vocab_size, d])?,
-            cache: vec![(vec![], vec![]); cfg.num_hidden_layers],
+            cache: KvCache::default(),
             layers,
-            len: 0,
-        })
+        };
+        llm.cache = llm.new_cache();
+        Ok(llm)
+    }
+
+    /// An empty cache for one more sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![(vec![], vec![]); self.cfg.num_hidden_layers], len: 0 }
+    }
+
+    /// The model width D.
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
     }
 
     /// Token embeddings [ids.len(), D] (rows read from the checkpoint).
@@ -117,62 +149,94 @@ impl<'a> CachedQwen2<'a> {
             .map_err(|e| ModelError::Config { path: self.source.origin(), msg: e.to_string() })
     }
 
-    /// Positions already in the cache.
+    /// Positions already in the decoder's own cache.
     pub fn cached_len(&self) -> usize {
-        self.len
+        self.cache.len
     }
 
     /// Runs `embeds` ([n, D], n >= 1) at positions len..len+n, appends their keys and values to the
-    /// cache, and returns the logits [V] of the last position.
+    /// decoder's own cache, and returns the logits [V] of the last position.
     pub fn forward(&mut self, embeds: &[f32]) -> Result<Vec<f32>> {
+        let mut cache = std::mem::take(&mut self.cache);
+        let out = self.forward_batch(&mut [(&mut cache, embeds)]);
+        self.cache = cache;
+        Ok(out?.remove(0))
+    }
+
+    /// Runs several sequences at once, each `(cache, embeds [n_i, D])` at its own positions
+    /// len_i..len_i+n_i, appending to its own cache; returns each sequence's last-position logits.
+    /// The projections and the MLP run over the rows of all sequences together (one matrix product
+    /// per weight); attention runs per sequence against its own cache. Every row's arithmetic is
+    /// the one it gets alone, so a sequence's logits do not depend on its batch mates.
+    pub fn forward_batch(&self, seqs: &mut [(&mut KvCache, &[f32])]) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
         let (d, hd, inter) = (c.hidden_size, c.head_dim(), c.intermediate_size);
         let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
         let (qw, kw) = (heads * hd, kv_heads * hd);
-        let n = embeds.len() / d;
-        if n == 0 || n * d != embeds.len() {
-            return Err(err(format!("embeddings of {} values are not a whole number of {d}-wide rows", embeds.len())));
+        let mut counts = vec![];
+        let mut positions = vec![];
+        for (cache, embeds) in seqs.iter() {
+            let n = embeds.len() / d;
+            if n == 0 || n * d != embeds.len() {
+                return Err(err(format!("embeddings of {} values are not a whole number of {d}-wide rows", embeds.len())));
+            }
+            if cache.layers.len() != c.num_hidden_layers {
+                return Err(err(format!("a KV cache of {} layers for a decoder of {}", cache.layers.len(), c.num_hidden_layers)));
+            }
+            c.check_length(cache.len + n)?;
+            positions.extend(cache.len..cache.len + n);
+            counts.push(n);
         }
-        c.check_length(self.len + n)?;
-        let positions: Vec<usize> = (self.len..self.len + n).collect();
-        let total = self.len + n;
+        let rows = positions.len();
         let eps = c.rms_norm_eps;
-        let mut x = embeds.to_vec();
-        let mut h = vec![0f32; n * d];
-        for (layer, (kc, vc)) in self.layers.iter().zip(self.cache.iter_mut()) {
+        let mut x: Vec<f32> = seqs.iter().flat_map(|(_, e)| e.iter().copied()).collect();
+        let mut h = vec![0f32; rows * d];
+        for (li, layer) in self.layers.iter().enumerate() {
             ops::rmsnorm(&x, &layer.input_norm, None, eps, d, &mut h);
-            let (mut q, mut k, mut v) = (vec![0f32; n * qw], vec![0f32; n * kw], vec![0f32; n * kw]);
-            ops::linear(&h, &layer.q.0, Some(&layer.q.1), n, d, qw, &mut q);
-            ops::linear(&h, &layer.k.0, Some(&layer.k.1), n, d, kw, &mut k);
-            ops::linear(&h, &layer.v.0, Some(&layer.v.1), n, d, kw, &mut v);
+            let (mut q, mut k, mut v) = (vec![0f32; rows * qw], vec![0f32; rows * kw], vec![0f32; rows * kw]);
+            ops::linear(&h, &layer.q.0, Some(&layer.q.1), rows, d, qw, &mut q);
+            ops::linear(&h, &layer.k.0, Some(&layer.k.1), rows, d, kw, &mut k);
+            ops::linear(&h, &layer.v.0, Some(&layer.v.1), rows, d, kw, &mut v);
             let (mut qr, mut kr) = (vec![0f32; q.len()], vec![0f32; k.len()]);
             ops::rope_at(&q, &positions, heads, hd, self.theta, &mut qr);
             ops::rope_at(&k, &positions, kv_heads, hd, self.theta, &mut kr);
-            kc.extend_from_slice(&kr);
-            vc.extend_from_slice(&v);
-            // Causal over the whole cache: the last query sees every key (ops::attention aligns
-            // the last query with the last key).
-            let dims = AttentionDims { batch: 1, q_len: n, kv_len: total, heads, kv_heads, head_dim: hd, causal: true, scale: (hd as f32).powf(-0.5) };
-            let mut o = vec![0f32; n * qw];
-            ops::attention(&qr, kc, vc, None, dims, &mut o);
-            let mut y = vec![0f32; n * d];
-            ops::linear(&o, &layer.o, None, n, qw, d, &mut y);
+            let mut o = vec![0f32; rows * qw];
+            let mut start = 0;
+            for ((cache, _), &n) in seqs.iter_mut().zip(&counts) {
+                let (kc, vc) = &mut cache.layers[li];
+                kc.extend_from_slice(&kr[start * kw..(start + n) * kw]);
+                vc.extend_from_slice(&v[start * kw..(start + n) * kw]);
+                // Causal over the whole cache: the last query sees every key (ops::attention
+                // aligns the last query with the last key).
+                let total = kc.len() / kw;
+                let dims = AttentionDims { batch: 1, q_len: n, kv_len: total, heads, kv_heads, head_dim: hd, causal: true, scale: (hd as f32).powf(-0.5) };
+                ops::attention(&qr[start * qw..(start + n) * qw], kc, vc, None, dims, &mut o[start * qw..(start + n) * qw]);
+                start += n;
+            }
+            let mut y = vec![0f32; rows * d];
+            ops::linear(&o, &layer.o, None, rows, qw, d, &mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
             ops::rmsnorm(&x, &layer.post_norm, None, eps, d, &mut h);
-            let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
-            ops::linear(&h, &layer.gate, None, n, d, inter, &mut g);
-            ops::linear(&h, &layer.up, None, n, d, inter, &mut u);
-            let mut a = vec![0f32; n * inter];
+            let (mut g, mut u) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
+            ops::linear(&h, &layer.gate, None, rows, d, inter, &mut g);
+            ops::linear(&h, &layer.up, None, rows, d, inter, &mut u);
+            let mut a = vec![0f32; rows * inter];
             ops::swiglu(&g, &u, &mut a);
-            ops::linear(&a, &layer.down, None, n, inter, d, &mut y);
+            ops::linear(&a, &layer.down, None, rows, inter, d, &mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         }
-        self.len = total;
-        let mut last = vec![0f32; d];
-        ops::rmsnorm(&x[(n - 1) * d..], &self.norm, None, eps, d, &mut last);
-        let mut logits = vec![0f32; c.vocab_size];
-        ops::linear(&last, &self.lm_head, None, 1, d, c.vocab_size, &mut logits);
-        Ok(logits)
+        // The last row of each sequence through the final norm and the head, together.
+        let b = seqs.len();
+        let mut last = vec![0f32; b * d];
+        let mut end = 0;
+        for ((cache, _), (&n, out)) in seqs.iter_mut().zip(counts.iter().zip(last.chunks_exact_mut(d))) {
+            end += n;
+            cache.len += n;
+            ops::rmsnorm(&x[(end - 1) * d..end * d], &self.norm, None, eps, d, out);
+        }
+        let mut logits = vec![0f32; b * c.vocab_size];
+        ops::linear(&last, &self.lm_head, None, b, d, c.vocab_size, &mut logits);
+        Ok(logits.chunks_exact(c.vocab_size).map(|l| l.to_vec()).collect())
     }
 }
 
@@ -323,6 +387,76 @@ pub fn generate(
     Ok((prefill, ids))
 }
 
+/// One sequence for [`generate_continuous`]: its prompt embeddings [L, D] and its budget.
+pub struct BatchRequest<K> {
+    pub key: K,
+    pub prompt_embeds: Vec<f32>,
+    pub max_new_tokens: usize,
+}
+
+/// Continuous batching on the CPU decoder: up to `max_batch` sequences decode together, one
+/// [`KvCache`] each. Before every step, free places are filled from `requests` (a joining
+/// sequence runs its prompt as part of that step: its prefill rides along with the others'
+/// decode rows); after the step, a sequence that produced `eos` or reached its budget leaves and
+/// `on_done` gets its generated ids (ending with `eos` when produced). Each sequence picks its
+/// tokens with its own [`Picker`] (`sampling` None: greedy), so greedy answers are the ones
+/// [`generate_greedy`] gives one at a time. An error from `requests` or `on_done` stops the run.
+pub fn generate_continuous<K>(
+    llm: &CachedQwen2,
+    mut requests: impl Iterator<Item = anyhow::Result<BatchRequest<K>>>,
+    max_batch: usize,
+    eos: Option<usize>,
+    sampling: Option<Sampling>,
+    mut on_done: impl FnMut(K, Vec<usize>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    struct Live<K> {
+        key: K,
+        cache: KvCache,
+        input: Vec<f32>,
+        ids: Vec<usize>,
+        max_new_tokens: usize,
+        picker: Picker,
+    }
+    anyhow::ensure!(max_batch >= 1, "the batch size must be at least 1");
+    let mut live: Vec<Live<K>> = vec![];
+    let mut more = true;
+    loop {
+        while more && live.len() < max_batch {
+            match requests.next().transpose()? {
+                Some(r) if r.max_new_tokens == 0 => on_done(r.key, vec![])?,
+                Some(r) => live.push(Live {
+                    key: r.key,
+                    cache: llm.new_cache(),
+                    input: r.prompt_embeds,
+                    ids: vec![],
+                    max_new_tokens: r.max_new_tokens,
+                    picker: Picker::new(sampling)?,
+                }),
+                None => more = false,
+            }
+        }
+        if live.is_empty() {
+            return Ok(());
+        }
+        let logits = {
+            let mut batch: Vec<(&mut KvCache, &[f32])> = live.iter_mut().map(|s| (&mut s.cache, s.input.as_slice())).collect();
+            llm.forward_batch(&mut batch)?
+        };
+        let mut still = vec![];
+        for (mut s, l) in live.into_iter().zip(logits) {
+            let next = s.picker.pick(&l);
+            s.ids.push(next);
+            if Some(next) == eos || s.ids.len() == s.max_new_tokens {
+                on_done(s.key, s.ids)?;
+            } else {
+                s.input = llm.embed(&[next])?;
+                still.push(s);
+            }
+        }
+        live = still;
+    }
+}
+
 // ---- `openuni chat`: template, tokens, image embeddings, streamed answer ----
 
 /// The `internvl2_5` template's default system message (InternVL's conversation.py; the HF
@@ -341,7 +475,20 @@ pub fn internvl2_5_prompt(question: &str, image_tokens: Option<usize>) -> String
 /// before the current question (InternVL's `chat(history=...)`; the image goes with the
 /// current question).
 pub fn internvl2_5_conversation(history: &[(String, String)], question: &str, image_tokens: Option<usize>) -> String {
-    let image = image_tokens.map_or(String::new(), |n| format!("<img>{}</img>\n", "<IMG_CONTEXT>".repeat(n)));
+    internvl2_5_with_images(history, question, image_tokens.as_slice())
+}
+
+/// The general form, with any number of images (`image_tokens[i]`: 256·T_i context tokens of
+/// image i). One image: `<img>…</img>\n` before the question, as `chat()` prefixes `<image>\n`.
+/// Several: the model card's multi-image form, `Image-1: <image>\nImage-2: <image>\n` before the
+/// question, each `<image>` then replaced by its own `<img>…</img>` (`num_patches_list`).
+pub fn internvl2_5_with_images(history: &[(String, String)], question: &str, image_tokens: &[usize]) -> String {
+    let block = |n: usize| format!("<img>{}</img>", "<IMG_CONTEXT>".repeat(n));
+    let image = match image_tokens {
+        [] => String::new(),
+        [n] => format!("{}\n", block(*n)),
+        many => many.iter().enumerate().map(|(i, &n)| format!("Image-{}: {}\n", i + 1, block(n))).collect(),
+    };
     let mut s = format!("<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n");
     for (q, a) in history {
         s.push_str(&format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"));
@@ -359,6 +506,10 @@ pub struct ChatOptions {
     pub history: Vec<(String, String)>,
     /// A safetensors file with `pixel_values` [T, 3, S, S] (what the model card's `load_image` returns).
     pub pixel_values: Option<std::path::PathBuf>,
+    /// Image files (JPEG, PNG, WebP), tiled as the model card's `load_image` does.
+    pub images: Vec<std::path::PathBuf>,
+    /// The most tiles per image (the thumbnail comes on top when there is more than one).
+    pub max_num: usize,
     pub max_new_tokens: usize,
     /// None: greedy.
     pub sampling: Option<Sampling>,
@@ -367,7 +518,6 @@ pub struct ChatOptions {
     pub dtype: openuni_tensor::DType,
 }
 
-/// Answers one question (streamed to stdout); returns the answer text.
 /// Reads a history file: a JSON list of [question, answer] pairs.
 pub fn read_history(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
     use anyhow::Context;
@@ -375,94 +525,197 @@ pub fn read_history(path: &std::path::Path) -> anyhow::Result<Vec<(String, Strin
     serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of [question, answer] pairs", path.display()))
 }
 
+/// The images of one question: all their tiles as one ViT batch, and the tiles per image.
+pub struct ImageTiles {
+    pub pixel_values: openuni_tensor::HostTensor,
+    pub tiles: Vec<usize>,
+}
+
+/// The tile side InternViT takes.
+pub const TILE: usize = 448;
+
+/// Loads image files with the model card's `load_image(path, 448, max_num)` and stacks their
+/// tiles in order.
+pub fn load_images(paths: &[std::path::PathBuf], max_num: usize) -> anyhow::Result<Option<ImageTiles>> {
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let mut values = vec![];
+    let mut tiles = vec![];
+    for p in paths {
+        let t = openuni_models::internvl_preprocess::load_image(p, TILE, max_num).map_err(|e| anyhow::anyhow!("image {e}"))?;
+        tiles.push(t.shape.dims()[0]);
+        values.extend(t.to_f32_vec());
+    }
+    let total = tiles.iter().sum::<usize>();
+    Ok(Some(ImageTiles { pixel_values: openuni_tensor::HostTensor::from_f32([total, 3, TILE, TILE], values)?, tiles }))
+}
+
+/// An InternVL folder opened for chat: config (through the one reader), tokenizer, weights.
+pub struct ChatModel {
+    pub tiny: bool,
+    pub cfg: openuni_models::config::MllmConfig,
+    pub cfg_path: std::path::PathBuf,
+    pub tok: openuni_models::prompt::PromptTokenizer,
+    pub eos: usize,
+    specials: Vec<String>,
+    pub weights: openuni_tensor::Weights,
+    device: crate::exec::Device,
+    dtype: openuni_tensor::DType,
+}
+
+impl ChatModel {
+    /// `model` None: the built-in tiny random model (written under the cache once).
+    pub fn open(model: Option<&std::path::Path>, device: crate::exec::Device, dtype: openuni_tensor::DType) -> anyhow::Result<ChatModel> {
+        use anyhow::{bail, Context};
+        let dir = match model {
+            Some(d) if d.is_dir() => d.to_path_buf(),
+            // A hub repo id (OpenGVLab/InternVL3-1B) found in the Hugging Face cache, as generate does.
+            Some(d) => {
+                let repo = d.to_string_lossy();
+                let cache = crate::generate::hf_hub_cache();
+                match cache.as_deref().and_then(|c| crate::generate::hf_snapshot(c, &repo)) {
+                    Some(snap) if repo.contains('/') => snap,
+                    _ => bail!(
+                        "--model {repo}: neither a folder nor a repository in the Hugging Face cache ({}); nothing is downloaded",
+                        cache.map_or("no cache folder".into(), |c| c.display().to_string())
+                    ),
+                }
+            }
+            None => tiny_chat_model(&crate::tiny_model::default_dir().with_file_name("tiny-chat-v1"))?,
+        };
+        let cfg_path = dir.join("config.json");
+        let cfg = openuni_models::config::read_mllm_config(&cfg_path)?;
+        if let Some(t) = cfg.template.as_deref() {
+            if t != "internvl2_5" {
+                bail!("{}: template `{t}` is not supported (internvl2_5 is)", cfg_path.display());
+            }
+        }
+        let tok = openuni_models::prompt::PromptTokenizer::from_dir(&dir)?;
+        let eos = tok.token_id("<|im_end|>").map(|i| i as usize).with_context(|| format!("{}: no token `<|im_end|>`", tok.path().display()))?;
+        let specials = tok.tokenizer().get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
+        let weights = openuni_tensor::Weights::open(&dir)?;
+        Ok(ChatModel { tiny: model.is_none(), cfg, cfg_path, tok, eos, specials, weights, device, dtype })
+    }
+
+    fn special(&self, t: &str) -> anyhow::Result<usize> {
+        use anyhow::Context;
+        self.tok.token_id(t).map(|i| i as usize).with_context(|| format!("{}: no token `{t}`", self.tok.path().display()))
+    }
+
+    /// Refuses user text holding special-token text (it would change the template).
+    pub fn check_text(&self, what: &str, text: &str) -> anyhow::Result<()> {
+        if let Some(t) = self.specials.iter().find(|t| text.contains(t.as_str())) {
+            anyhow::bail!("{what} contains the special token `{t}` (it would change the template)");
+        }
+        Ok(())
+    }
+
+    /// The decoder (on the CPU in f32).
+    pub fn llm(&self) -> anyhow::Result<CachedQwen2<'_>> {
+        use anyhow::Context;
+        let (prefix, head_prefix) = openuni_models::qwen2::detect_prefix(&mut self.weights.keys())
+            .with_context(|| format!("{}: no `language_model.model.embed_tokens.weight`", self.weights.origin().display()))?;
+        Ok(CachedQwen2::load(&self.weights, &self.cfg.llm, prefix, &format!("{head_prefix}lm_head.weight"), &self.cfg_path.display().to_string())?)
+    }
+
+    /// The vision tower + mlp1 over all tiles as one batch: [T·256, D] embeddings.
+    /// `origin` names where the pixel values came from in errors.
+    pub fn image_embeds(&self, px: &openuni_tensor::HostTensor, origin: &str) -> anyhow::Result<Vec<f32>> {
+        use anyhow::{bail, Context};
+        let vcfg = self.cfg.vision().map_err(|e| anyhow::anyhow!("an image was given, but {e}"))?;
+        let layout = openuni_models::internvit::VitLayout::detect(&self.weights)
+            .with_context(|| format!("an image was given, but {} has no vision tower weights", self.weights.origin().display()))?;
+        openuni_models::internvit::check_position_table(&self.weights, &vcfg)?;
+        let s = vcfg.image_size;
+        if px.shape.rank() != 4 || px.shape.dims()[1..] != [vcfg.num_channels, s, s] || px.shape.dims()[0] == 0 {
+            bail!("{origin}: `pixel_values` has shape {}, expected [T, {}, {s}, {s}]", px.shape, vcfg.num_channels);
+        }
+        let mut b = openuni_graph::GraphBuilder::new();
+        let x = b.input("pixel_values", px.shape.clone())?;
+        let out = openuni_models::internvit::build(&mut b, &vcfg, x)?;
+        b.output("vit_embeds", out.vit_embeds)?;
+        let g = b.finish();
+        let src = openuni_models::internvit::VitWeights { inner: &self.weights, layout };
+        let mut ex = crate::exec::executor(self.device, &g, &src, self.dtype, false)?;
+        let inputs = std::collections::HashMap::from([("pixel_values".to_string(), px.to_dtype(openuni_tensor::DType::F32)?)]);
+        Ok(ex.run(&inputs)?.remove("vit_embeds").expect("graph output").to_f32_vec())
+    }
+
+    /// The templated prompt's embeddings with the image rows scattered in. `images`: the
+    /// pixel values of all tiles and the tiles per image.
+    pub fn prompt_embeds(
+        &self,
+        llm: &CachedQwen2,
+        history: &[(String, String)],
+        question: &str,
+        images: Option<(&openuni_tensor::HostTensor, &[usize])>,
+        origin: &str,
+    ) -> anyhow::Result<Vec<f32>> {
+        let image = match images {
+            Some((px, tiles)) => {
+                let e = self.image_embeds(px, origin)?;
+                let per_tile = e.len() / self.cfg.llm.hidden_size / px.shape.dims()[0];
+                Some((tiles.iter().map(|t| t * per_tile).collect::<Vec<_>>(), e))
+            }
+            None => None,
+        };
+        let text = internvl2_5_with_images(history, question, image.as_ref().map_or(&[][..], |(n, _)| n));
+        let ids: Vec<usize> = self.tok.encode_text(&text, "prompt")?.into_iter().map(|i| i as usize).collect();
+        let mut embeds = llm.embed(&ids)?;
+        if let Some((_, img)) = &image {
+            scatter_image_embeds(&mut embeds, &ids, self.special("<IMG_CONTEXT>")?, img, self.cfg.llm.hidden_size)?;
+        }
+        Ok(embeds)
+    }
+
+    /// The answer text of generated ids (special tokens skipped).
+    pub fn detokenise(&self, ids: &[usize]) -> anyhow::Result<String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.tok.tokenizer().decode(&ids, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))
+    }
+
+    pub fn note_if_tiny(&self) {
+        if self.tiny {
+            eprintln!("note: this is the built-in tiny model with random weights: its answers are not meaningful (use --model DIR for an InternVL3 folder)");
+        }
+    }
+}
+
+/// Answers one question (streamed to stdout); returns the answer text.
 pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
-    use anyhow::{bail, Context};
+    use anyhow::bail;
     use std::io::Write;
 
-    let tiny = o.model.is_none();
-    let dir = match &o.model {
-        Some(d) if d.is_dir() => d.clone(),
-        // A hub repo id (OpenGVLab/InternVL3-1B) found in the Hugging Face cache, as generate does.
-        Some(d) => {
-            let repo = d.to_string_lossy();
-            let cache = crate::generate::hf_hub_cache();
-            match cache.as_deref().and_then(|c| crate::generate::hf_snapshot(c, &repo)) {
-                Some(snap) if repo.contains('/') => snap,
-                _ => bail!(
-                    "--model {repo}: neither a folder nor a repository in the Hugging Face cache ({}); nothing is downloaded",
-                    cache.map_or("no cache folder".into(), |c| c.display().to_string())
-                ),
-            }
-        }
-        None => tiny_chat_model(&crate::tiny_model::default_dir().with_file_name("tiny-chat-v1"))?,
-    };
-    let cfg_path = dir.join("config.json");
-    let cfg: serde_json::Value = openuni_models::config::read_json(&cfg_path)?;
-    if let Some(t) = cfg.get("template").and_then(|t| t.as_str()) {
-        if t != "internvl2_5" {
-            bail!("{}: template `{t}` is not supported (internvl2_5 is)", cfg_path.display());
-        }
+    if o.pixel_values.is_some() && !o.images.is_empty() {
+        bail!("--pixel-values and --image both give the image: use one");
     }
-    let llm_json = cfg.get("llm_config").or_else(|| cfg.get("text_config")).unwrap_or(&cfg);
-    let llm_cfg: Qwen2Config =
-        serde_json::from_value(llm_json.clone()).with_context(|| format!("{}: `llm_config` is not a Qwen2 config", cfg_path.display()))?;
-    let tok = openuni_models::prompt::PromptTokenizer::from_dir(&dir)?;
-    let special = |t: &str| tok.token_id(t).map(|i| i as usize).with_context(|| format!("{}: no token `{t}`", tok.path().display()));
-    let eos = special("<|im_end|>")?;
-    let specials: Vec<String> = tok.tokenizer().get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
+    let m = ChatModel::open(o.model.as_deref(), o.device, o.dtype)?;
     let turns = o.history.iter().flat_map(|(q, a)| [("history", q), ("history", a)]);
     for (what, text) in std::iter::once(("--prompt", &o.prompt)).chain(turns) {
-        if let Some(t) = specials.iter().find(|t| text.contains(t.as_str())) {
-            bail!("{what} contains the special token `{t}` (it would change the template)");
-        }
+        m.check_text(what, text)?;
     }
-    let weights = openuni_tensor::Weights::open(&dir)?;
-
-    // Image embeddings, when an image is given.
-    let image = match &o.pixel_values {
-        None => None,
-        Some(p) => {
-            let vcfg = openuni_models::config::read_internvl_vision(&cfg_path)
-                .map_err(|e| anyhow::anyhow!("an image was given, but {e}"))?;
-            let layout = openuni_models::internvit::VitLayout::detect(&weights)
-                .with_context(|| format!("an image was given, but {} has no vision tower weights", weights.origin().display()))?;
-            openuni_models::internvit::check_position_table(&weights, &vcfg)?;
+    let (px, tiles, origin) = match (&o.pixel_values, load_images(&o.images, o.max_num)?) {
+        (Some(p), _) => {
             let px = openuni_tensor::Weights::open(p)?.get("pixel_values")?;
-            let s = vcfg.image_size;
-            if px.shape.rank() != 4 || px.shape.dims()[1..] != [vcfg.num_channels, s, s] || px.shape.dims()[0] == 0 {
-                bail!("{}: `pixel_values` has shape {}, expected [T, {}, {s}, {s}]", p.display(), px.shape, vcfg.num_channels);
-            }
-            let mut b = openuni_graph::GraphBuilder::new();
-            let x = b.input("pixel_values", px.shape.clone())?;
-            let out = openuni_models::internvit::build(&mut b, &vcfg, x)?;
-            b.output("vit_embeds", out.vit_embeds)?;
-            let g = b.finish();
-            let src = openuni_models::internvit::VitWeights { inner: &weights, layout };
-            let mut ex = crate::exec::executor(o.device, &g, &src, o.dtype, false)?;
-            let inputs = std::collections::HashMap::from([("pixel_values".to_string(), px.to_dtype(openuni_tensor::DType::F32)?)]);
-            let e = ex.run(&inputs)?.remove("vit_embeds").expect("graph output");
-            Some((e.shape.dims()[0] * e.shape.dims()[1], e.to_f32_vec()))
+            let n = px.shape.dims().first().copied().unwrap_or(0);
+            (Some(px), vec![n], p.display().to_string())
         }
+        (None, Some(t)) => (Some(t.pixel_values), t.tiles, "--image".to_string()),
+        (None, None) => (None, vec![], String::new()),
     };
-
-    let text = internvl2_5_conversation(&o.history, &o.prompt, image.as_ref().map(|(n, _)| *n));
-    let ids: Vec<usize> = tok.encode_text(&text, "prompt")?.into_iter().map(|i| i as usize).collect();
-    let (prefix, head_prefix) = openuni_models::qwen2::detect_prefix(&mut weights.keys())
-        .with_context(|| format!("{}: no `language_model.model.embed_tokens.weight`", weights.origin().display()))?;
-    let mut llm = CachedQwen2::load(&weights, &llm_cfg, prefix, &format!("{head_prefix}lm_head.weight"), &cfg_path.display().to_string())?;
-    let mut embeds = llm.embed(&ids)?;
-    if let Some((_, img)) = &image {
-        scatter_image_embeds(&mut embeds, &ids, special("<IMG_CONTEXT>")?, img, llm_cfg.hidden_size)?;
-    }
+    let mut llm = m.llm()?;
+    let embeds = m.prompt_embeds(&llm, &o.history, &o.prompt, px.as_ref().map(|p| (p, tiles.as_slice())), &origin)?;
     // Stream: print what each new token adds to the detokenised answer (special tokens skipped).
     let mut generated: Vec<u32> = vec![];
     let mut shown = String::new();
     let mut stdout = std::io::stdout();
     let mut decode_err = None;
     let mut picker = Picker::new(o.sampling)?;
+    let eos = m.eos;
     generate(&mut llm, &embeds, o.max_new_tokens, Some(eos), &mut picker, |id| {
         generated.push(id as u32);
-        match tok.tokenizer().decode(&generated, true) {
+        match m.tok.tokenizer().decode(&generated, true) {
             // A character split over tokens decodes as U+FFFD until its last byte arrives: wait.
             Ok(t) if t.ends_with('\u{FFFD}') => {}
             Ok(t) => {
@@ -478,18 +731,15 @@ pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
     if let Some(e) = decode_err {
         bail!("detokenising the answer: {e}");
     }
-    let all = tok.tokenizer().decode(&generated, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
+    let all = m.tok.tokenizer().decode(&generated, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
     if let Some(rest) = all.strip_prefix(shown.as_str()) {
         print!("{rest}");
     }
     println!();
     let stop = if generated.last() == Some(&(eos as u32)) { "stopped at <|im_end|>" } else { "stopped at --max-new-tokens" };
     eprintln!("({} tokens, {stop})", generated.len());
-    let shown = all;
-    if tiny {
-        eprintln!("note: this is the built-in tiny model with random weights: its answers are not meaningful (use --model DIR for an InternVL3 folder)");
-    }
-    Ok(shown)
+    m.note_if_tiny();
+    Ok(all)
 }
 
 /// The built-in tiny chat model (an InternVL folder in the original layout, seeded random

@@ -69,13 +69,29 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         write_configs: Option<PathBuf>,
     },
-    /// Ask InternVL3 a question, optionally about an image (given as its preprocessed pixel values);
-    /// the answer streams to stdout. Without --model, the built-in tiny random model answers
-    /// (not meaningfully).
+    /// Ask InternVL3 a question, optionally about images; the answer streams to stdout. With
+    /// --questions, answer a JSONL file of questions with continuous batching. Without --model, the
+    /// built-in tiny random model answers (not meaningfully).
     Chat {
         /// The question.
-        #[arg(long)]
-        prompt: String,
+        #[arg(long, required_unless_present = "questions")]
+        prompt: Option<String>,
+        /// An image file (JPEG, PNG, WebP) the question is about; repeat for several images.
+        #[arg(long, value_name = "FILE", conflicts_with = "pixel_values")]
+        image: Vec<PathBuf>,
+        /// The most tiles per image (the model card's max_num; a thumbnail is added when > 1 tile).
+        #[arg(long, default_value_t = 12, value_parser = usize_in(1, openuni_models::internvl_preprocess::MAX_MAX_NUM))]
+        max_num: usize,
+        /// A JSONL file of questions ({"id", "question", "image": path | [paths]} per line) to answer
+        /// in batches; answers are appended to --answers.
+        #[arg(long, value_name = "FILE", requires = "answers", conflicts_with_all = ["prompt", "image", "pixel_values", "history"])]
+        questions: Option<PathBuf>,
+        /// With --questions: the JSONL file answers are appended to (answered ids are skipped on a re-run).
+        #[arg(long, value_name = "FILE", requires = "questions")]
+        answers: Option<PathBuf>,
+        /// With --questions: how many questions decode together.
+        #[arg(long, default_value_t = 8, value_parser = usize_in(1, 4096))]
+        max_batch: usize,
         /// Earlier turns: a JSON file with a list of [question, answer] pairs.
         #[arg(long, value_name = "FILE")]
         history: Option<PathBuf>,
@@ -280,25 +296,36 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             print!("{}", openuni::bench::render(&report));
             Ok(true)
         }
-        Command::Chat { prompt, history, pixel_values, model, max_new_tokens, temperature, top_k, top_p, seed, device, dtype } => {
+        Command::Chat {
+            prompt, image, max_num, questions, answers, max_batch, history, pixel_values, model, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
+        } => {
             if temperature.is_none() && (top_k != 0 || top_p != 1.0) {
                 anyhow::bail!("--top-k and --top-p need --temperature (without it decoding is greedy)");
             }
             let sampling = temperature.map(|temperature| openuni::chat::Sampling { temperature, top_k, top_p, seed });
             let opts = openuni::chat::ChatOptions {
                 model,
-                prompt,
+                prompt: prompt.unwrap_or_default(),
                 history: match history {
                     Some(h) => openuni::chat::read_history(&h)?,
                     None => vec![],
                 },
                 pixel_values,
+                images: image,
+                max_num,
                 max_new_tokens,
                 sampling,
                 device: Device::parse(&device)?,
                 dtype: parse_dtype(&dtype)?,
             };
-            openuni::chat::run_cli(&opts)?;
+            match (questions, answers) {
+                (Some(q), Some(a)) => {
+                    openuni::chat::questions::run(&opts, &q, &a, max_batch)?;
+                }
+                _ => {
+                    openuni::chat::run_cli(&opts)?;
+                }
+            }
             Ok(true)
         }
         Command::Serve(a) => openuni::serve::cli::run(a).map(|()| true),

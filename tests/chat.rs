@@ -306,3 +306,220 @@ fn different_generated_ids_fail() {
         assert!(out.contains("generated_ids") && out.contains("FAIL"), "{out}");
     }
 }
+
+#[test]
+fn continuous_batching_gives_the_one_at_a_time_greedy_answers() {
+    use openuni::chat::{generate_continuous, generate_greedy, BatchRequest};
+    let cfg = llm_config();
+    let w = Weights::open(case().join("model")).unwrap();
+    let (p, h) = ("language_model.model.", "language_model.lm_head.weight");
+    let llm = CachedQwen2::load(&w, &cfg, p, h, "chat_tiny").unwrap();
+    // Prompts of different lengths and budgets, so sequences leave and join mid-run.
+    let prompts: Vec<(Vec<usize>, usize)> =
+        vec![(vec![3, 17, 40], 9), (vec![5, 99, 12, 7, 8, 1], 3), (vec![42], 6), (vec![11, 12, 13, 14], 1), (vec![7, 7, 7, 7, 7, 7, 7, 7], 7)];
+    let mut alone = vec![];
+    for (ids, n) in &prompts {
+        let mut one = CachedQwen2::load(&w, &cfg, p, h, "chat_tiny").unwrap();
+        let e = one.embed(ids).unwrap();
+        alone.push(generate_greedy(&mut one, &e, *n, None, |_| {}).unwrap().1);
+    }
+    for max_batch in [1, 2, 5] {
+        let reqs = prompts.iter().enumerate().map(|(i, (ids, n))| Ok(BatchRequest { key: i, prompt_embeds: llm.embed(ids).unwrap(), max_new_tokens: *n }));
+        let mut got = vec![vec![]; prompts.len()];
+        let mut order = vec![];
+        generate_continuous(&llm, reqs, max_batch, None, None, |k, ids| {
+            order.push(k);
+            got[k] = ids;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, alone, "batch {max_batch}");
+        if max_batch == 2 {
+            // The short ones finish first: sequences really left and joined between steps.
+            assert_ne!(order, (0..prompts.len()).collect::<Vec<_>>(), "{order:?}");
+        }
+    }
+    // A different prompt gives a different answer (the comparison above can fail).
+    let mut other = CachedQwen2::load(&w, &cfg, p, h, "chat_tiny").unwrap();
+    let e = other.embed(&[3, 17, 41]).unwrap();
+    assert_ne!(generate_greedy(&mut other, &e, 9, None, |_| {}).unwrap().1, alone[0]);
+}
+
+/// A small RGB PNG written at test time.
+fn png(path: &Path, w: usize, h: usize, seed: usize) {
+    let rgb: Vec<u8> = (0..w * h * 3).map(|i| ((i * 37 + seed * 101) % 251) as u8).collect();
+    openuni::image::write_png(path, &rgb, w, h, &[]).unwrap();
+}
+
+#[test]
+fn multi_image_prompt_is_the_model_cards_form() {
+    let ctx = |n: usize| "<IMG_CONTEXT>".repeat(n);
+    let sys = openuni::chat::INTERNVL2_5_SYSTEM;
+    // Model card: question = 'Image-1: <image>\nImage-2: <image>\n' + q, each <image> replaced by
+    // <img> + 256·T_i context tokens + </img> (num_patches_list = [1, 3]).
+    let want = format!("<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\nImage-1: <img>{}</img>\nImage-2: <img>{}</img>\nq?<|im_end|>\n<|im_start|>assistant\n", ctx(256), ctx(768));
+    assert_eq!(openuni::chat::internvl2_5_with_images(&[], "q?", &[256, 768]), want);
+    // One image: chat()'s '<image>\n' + question.
+    assert_eq!(openuni::chat::internvl2_5_with_images(&[], "q?", &[256]), openuni::chat::internvl2_5_prompt("q?", Some(256)));
+    assert!(openuni::chat::internvl2_5_prompt("q?", Some(256)).contains(&format!("user\n<img>{}</img>\nq?", ctx(256))));
+}
+
+#[test]
+fn chat_cli_answers_about_image_files_with_the_tiny_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
+    png(&a, 32, 32, 1);
+    png(&b, 40, 20, 2);
+    let (sa, sb) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let (code, out1, err) = chat(&["--image", sa, "--prompt", "What is this?", "--max-new-tokens", "4"], tmp.path());
+    println!("{out1}{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("not meaningful") && err.contains("(4 tokens"), "{err}");
+    // --image is the model card's load_image: the same answer as its pixel values given directly.
+    let px = openuni_models::internvl_preprocess::load_image(&a, 448, 12).unwrap();
+    let pf = tmp.path().join("px.safetensors");
+    write_safetensors(&pf, [("pixel_values", &px)], None).unwrap();
+    let (code, out2, err) = chat(&["--pixel-values", pf.to_str().unwrap(), "--prompt", "What is this?", "--max-new-tokens", "4"], tmp.path());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out1, out2);
+    // Two images (1 tile, and 2 tiles + thumbnail with --max-num 2) in one ViT batch.
+    let (code, out, err) = chat(&["--image", sa, "--image", sb, "--max-num", "2", "--prompt", "Compare them.", "--max-new-tokens", "3"], tmp.path());
+    println!("{out}{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("not meaningful"), "{err}");
+}
+
+#[test]
+fn chat_cli_image_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.png");
+    png(&good, 16, 16, 0);
+    // Unreadable images: missing, corrupt.
+    let missing = tmp.path().join("missing.png");
+    let (code, _, err) = chat(&["--image", missing.to_str().unwrap(), "--prompt", "x"], tmp.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("missing.png") && err.contains("cannot read"), "{err}");
+    let corrupt = tmp.path().join("corrupt.png");
+    std::fs::write(&corrupt, &std::fs::read(&good).unwrap()[..40]).unwrap();
+    let (code, _, err) = chat(&["--image", corrupt.to_str().unwrap(), "--prompt", "x"], tmp.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("corrupt.png"), "{err}");
+    // --image and --pixel-values together.
+    let (code, _, err) = chat(&["--image", good.to_str().unwrap(), "--pixel-values", good.to_str().unwrap(), "--prompt", "x"], tmp.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--pixel-values") && err.contains("--image"), "{err}");
+    // A config with a vision tower but weights without one (missing vision tower).
+    let m = tmp.path().join("case");
+    copy_case(&m);
+    let wpath = m.join("model/model.safetensors");
+    let w = Weights::open(&wpath).unwrap();
+    let kept: Vec<(String, HostTensor)> = w.keys().filter(|k| k.starts_with("language_model.")).map(|k| (k.to_string(), w.get(k).unwrap())).collect();
+    drop(w);
+    write_safetensors(&wpath, kept.iter().map(|(k, t)| (k.as_str(), t)), None).unwrap();
+    let model = m.join("model");
+    let (code, _, err) = chat(&["--model", model.to_str().unwrap(), "--image", good.to_str().unwrap(), "--prompt", "x"], tmp.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("an image was given") && err.contains("no vision tower weights") && err.contains(model.to_str().unwrap()), "{err}");
+    // Text-only questions still work on it.
+    let (code, _, err) = chat(&["--model", model.to_str().unwrap(), "--prompt", "x", "--max-new-tokens", "2"], tmp.path());
+    assert_eq!(code, 0, "{err}");
+    // An image file for a model whose config has no vision tower.
+    let cfg_path = model.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("vision_config");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (code, _, err) = chat(&["--model", model.to_str().unwrap(), "--image", good.to_str().unwrap(), "--prompt", "x"], tmp.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("an image was given") && err.contains("no vision tower") && err.contains("config.json"), "{err}");
+}
+
+fn answer_lines(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn questions_file_is_answered_in_batches_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qdir = tmp.path().join("qs");
+    std::fs::create_dir_all(qdir.join("img")).unwrap();
+    png(&qdir.join("img/a.png"), 32, 32, 1);
+    png(&qdir.join("img/b.png"), 24, 24, 2);
+    let q = qdir.join("questions.jsonl");
+    let lines = [
+        r#"{"id": "q1", "question": "What is this?", "image": "img/a.png"}"#,
+        r#"{"id": 2, "question": "Compare them.", "image": ["img/a.png", "img/b.png"], "answer": "A"}"#,
+        r#"{"id": "q3", "question": "Say hello."}"#,
+        "",
+        r#"{"id": "q4", "question": "And this?", "image": "img/b.png"}"#,
+    ];
+    std::fs::write(&q, lines.join("\n")).unwrap();
+    let ans = tmp.path().join("answers.jsonl");
+    let run = |cache: &Path| chat(&["--questions", q.to_str().unwrap(), "--answers", ans.to_str().unwrap(), "--max-batch", "2", "--max-new-tokens", "5"], cache);
+    let (code, out, err) = run(tmp.path());
+    println!("{out}{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("answered 4 question(s)") && err.contains("not meaningful"), "{out}{err}");
+    let got = answer_lines(&ans);
+    let mut ids: Vec<String> = got.iter().map(|v| v["id"].to_string()).collect();
+    ids.sort();
+    assert_eq!(ids, ["\"q1\"", "\"q3\"", "\"q4\"", "2"]);
+    // Each batched answer is the one-question CLI's greedy answer.
+    let single = |args: &[&str]| {
+        let (code, out, err) = chat(&[args, &["--max-new-tokens", "5"]].concat(), tmp.path());
+        assert_eq!(code, 0, "{err}");
+        // The CLI prints the answer and one newline.
+        out.strip_suffix('\n').unwrap().to_string()
+    };
+    let (a, b) = (qdir.join("img/a.png"), qdir.join("img/b.png"));
+    let answer = |id: serde_json::Value| got.iter().find(|v| v["id"] == id).unwrap()["answer"].as_str().unwrap().to_string();
+    assert_eq!(answer("q1".into()), single(&["--image", a.to_str().unwrap(), "--prompt", "What is this?"]));
+    assert_eq!(answer(2.into()), single(&["--image", a.to_str().unwrap(), "--image", b.to_str().unwrap(), "--prompt", "Compare them."]));
+    assert_eq!(answer("q3".into()), single(&["--prompt", "Say hello."]));
+    // A re-run answers nothing new.
+    let before = std::fs::read_to_string(&ans).unwrap();
+    let (code, out, err) = run(tmp.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("answered 0 question(s)") && out.contains("4 already answered"), "{out}");
+    assert_eq!(std::fs::read_to_string(&ans).unwrap(), before);
+    // An interrupted write (a partial last line) is cut and its question redone.
+    let keep = before.trim_end_matches('\n').rfind('\n').unwrap() + 1;
+    let last: serde_json::Value = serde_json::from_str(before[keep..].trim_end()).unwrap();
+    std::fs::write(&ans, format!("{}{}", &before[..keep], &before[keep..keep + 10])).unwrap();
+    let (code, out, err) = run(tmp.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("line 4 is incomplete") && out.contains("answered 1 question(s)"), "{out}{err}");
+    let again = answer_lines(&ans);
+    assert_eq!(again.len(), 4);
+    assert_eq!(again[3], last);
+}
+
+#[test]
+fn questions_file_bad_lines_are_reported_with_line_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q.jsonl");
+    let lines = [
+        r#"{"id": "a", "question": "fine"}"#,
+        r#"{"id": "b", "question": "#,
+        r#"{"id": "c"}"#,
+        r#"{"id": "a", "question": "again"}"#,
+        r#"{"id": [1], "question": "x", "image": 5}"#,
+    ];
+    std::fs::write(&q, lines.join("\n")).unwrap();
+    let ans = tmp.path().join("a.jsonl");
+    let (code, _, err) = chat(&["--questions", q.to_str().unwrap(), "--answers", ans.to_str().unwrap()], tmp.path());
+    assert_eq!(code, 2, "{err}");
+    for want in ["q.jsonl", "4 bad line(s)", "line 2: not JSON", "line 3: no `question`", "line 4: id \"a\" was already used on line 1", "line 5: `id` is [1]"] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(!ans.exists(), "nothing is written for a bad questions file");
+    // A missing image is named with its line.
+    std::fs::write(&q, r#"{"id": "a", "question": "fine", "image": "nope.png"}"#).unwrap();
+    let (code, _, err) = chat(&["--questions", q.to_str().unwrap(), "--answers", ans.to_str().unwrap()], tmp.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("q.jsonl: line 1") && err.contains("nope.png"), "{err}");
+    // A complete answers line that is not an answer is an error, not skipped.
+    std::fs::write(&ans, "not json\n").unwrap();
+    let (code, _, err) = chat(&["--questions", q.to_str().unwrap(), "--answers", ans.to_str().unwrap()], tmp.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("a.jsonl: line 1 is not an answer"), "{err}");
+}

@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use crate::chat::{generate_greedy, scatter_image_embeds, CachedQwen2};
-use openuni_models::qwen2::{self, Qwen2Config};
+use openuni_models::qwen2;
 use openuni_tensor::{HostData, HostTensor, Weights};
 
 use super::{run_graph, vit, Case, Kind, Options, Produced};
@@ -32,9 +32,7 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     let eos = field("eos_token_id")? as usize;
     let mdir = case.model_dir();
     let cfg_path = mdir.join("config.json");
-    let cfg_json: serde_json::Value = openuni_models::config::read_json(&cfg_path)?;
-    let llm_json = cfg_json.get("llm_config").or_else(|| cfg_json.get("text_config")).with_context(|| format!("{}: no `llm_config`", cfg_path.display()))?;
-    let llm_cfg: Qwen2Config = serde_json::from_value(llm_json.clone()).with_context(|| format!("{}: `llm_config` is not a Qwen2 config", cfg_path.display()))?;
+    let llm_cfg = openuni_models::config::read_mllm_config(&cfg_path)?.llm;
     let context_id = added_token_id(&mdir.join("tokenizer.json"), "<IMG_CONTEXT>")?;
 
     if opts.device != crate::exec::Device::Cpu {

@@ -56,24 +56,50 @@ pub fn parse_config<T: ModelConfig>(value: serde_json::Value, origin: &str) -> R
 }
 
 /// The config of a multimodal LLM folder: an InternVL3 folder nests its Qwen2 decoder under
-/// `llm_config` (and its vision tower under `vision_config`, which the text-to-image path does not
-/// read); a plain Qwen2 folder is the decoder config itself. Every entry point (generate, verify,
-/// bench, tests) reads an LLM folder through [`read_mllm_config`] / [`MllmConfig::from_value`], so
-/// the nesting is handled in one place; a vision config, when needed, is added here.
+/// `llm_config` (transformers' native InternVL layout: `text_config`) and its vision tower under
+/// `vision_config`; a plain Qwen2 folder is the decoder config itself. Every entry point
+/// (generate, chat, verify, bench, tests) reads an LLM folder through [`read_mllm_config`] /
+/// [`MllmConfig::from_value`], so the nesting is handled in one place. The vision settings are
+/// parsed only when asked for ([`MllmConfig::vision`]): text-to-image never reads them, so a
+/// vision setting this port does not implement does not stop it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MllmConfig {
     /// The Qwen2 decoder.
     pub llm: Qwen2Config,
+    /// The chat template named by the config (`template`; InternVL3: `internvl2_5`), if any.
+    pub template: Option<String>,
+    /// The whole config.json, for the vision settings.
+    raw: serde_json::Value,
+    origin: String,
 }
 
 impl MllmConfig {
     /// From a parsed config.json (`origin` names the file in errors).
     pub fn from_value(raw: serde_json::Value, origin: &str) -> Result<MllmConfig> {
-        let llm = match raw.get("llm_config") {
-            Some(nested) => parse_config(nested.clone(), &format!("{origin}: llm_config"))?,
-            None => parse_config(raw, origin)?,
+        let nested = ["llm_config", "text_config"].into_iter().find_map(|k| Some((k, raw.get(k)?)));
+        let llm = match nested {
+            Some((key, nested)) => parse_config(nested.clone(), &format!("{origin}: {key}"))?,
+            None => parse_config(raw.clone(), origin)?,
         };
-        Ok(MllmConfig { llm })
+        let template = match raw.get("template") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(t)) => Some(t.clone()),
+            Some(other) => {
+                return Err(ModelError::Config { path: origin.into(), msg: format!("field `template`: {other} is not a template name") })
+            }
+        };
+        Ok(MllmConfig { llm, template, raw, origin: origin.into() })
+    }
+
+    /// Whether the config has a vision tower section.
+    pub fn has_vision(&self) -> bool {
+        self.raw.get("vision_config").is_some_and(|v| v.is_object())
+    }
+
+    /// The vision tower and projector settings (an error naming the file when there is no
+    /// `vision_config` or a setting is not supported).
+    pub fn vision(&self) -> Result<crate::internvit::InternVlVisionConfig> {
+        crate::internvit::InternVlVisionConfig::from_json(&self.raw, &self.origin)
     }
 }
 
@@ -179,6 +205,13 @@ impl Bounds<'_> {
     }
 }
 
+/// The vision tower and projector settings of an InternVL `config.json` (original nesting with
+/// `vision_config`/`llm_config`, or transformers' `vision_config`/`text_config`), through the one
+/// reader [`read_mllm_config`].
+pub fn read_internvl_vision(path: &Path) -> Result<crate::internvit::InternVlVisionConfig, ModelError> {
+    read_mllm_config(path)?.vision()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,7 +238,20 @@ mod tests {
     fn mllm_reader_takes_nested_or_plain_configs() {
         let plain = MllmConfig::from_value(qwen2(), "plain.json").unwrap();
         let nested = serde_json::json!({"llm_config": qwen2(), "vision_config": {"hidden_size": 32}, "template": "internvl2_5"});
-        assert_eq!(MllmConfig::from_value(nested, "nested.json").unwrap(), plain);
+        assert_eq!(MllmConfig::from_value(nested, "nested.json").unwrap().llm, plain.llm);
+        // transformers' native layout nests the decoder under `text_config`.
+        let native = serde_json::json!({"text_config": qwen2(), "vision_config": {"hidden_size": 32}});
+        let native = MllmConfig::from_value(native, "native.json").unwrap();
+        assert_eq!(native.llm, plain.llm);
+        assert!(native.has_vision() && !plain.has_vision());
+        // The vision settings are parsed on request, with the file named.
+        let e = native.vision().unwrap_err().to_string();
+        assert!(e.contains("native.json") && e.contains("vision_config"), "{e}");
+        let e = plain.vision().unwrap_err().to_string();
+        assert!(e.contains("plain.json") && e.contains("no vision tower"), "{e}");
+        let t = MllmConfig::from_value(serde_json::json!({"llm_config": qwen2(), "template": "internvl2_5"}), "t.json").unwrap();
+        assert_eq!(t.template.as_deref(), Some("internvl2_5"));
+        assert!(MllmConfig::from_value(serde_json::json!({"llm_config": qwen2(), "template": 3}), "t.json").is_err());
         // Errors inside the nesting say where.
         let mut bad = qwen2();
         bad["num_hidden_layers"] = serde_json::json!(1u64 << 62);
@@ -216,11 +262,4 @@ mod tests {
         let e = MllmConfig::from_value(serde_json::json!({"llm_config": bad}), "cfg.json").unwrap_err().to_string();
         assert!(e.contains("llm_config") && e.contains("intermediate_size"), "{e}");
     }
-}
-
-/// The vision tower and projector settings of an InternVL `config.json` (original nesting with
-/// `vision_config`/`llm_config`, or transformers' `vision_config`/`text_config`).
-pub fn read_internvl_vision(path: &Path) -> Result<crate::internvit::InternVlVisionConfig, ModelError> {
-    let cfg: serde_json::Value = read_json(path)?;
-    crate::internvit::InternVlVisionConfig::from_json(&cfg, &path.display().to_string())
 }
