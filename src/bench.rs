@@ -28,6 +28,8 @@ use crate::exec::{executor, Device};
 use crate::pipeline::{DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
 use crate::tiny_model;
 
+pub mod plan;
+
 /// Seeded random weights of any requested name and shape, drawn by `tiny_model::init_rule`
 /// from a per-tensor stream (so every run of a benchmark sees the same model). Values are
 /// generated on request: nothing is stored.

@@ -68,6 +68,10 @@ enum Command {
         /// Only write the variant's model configs as JSON into DIR (for tools/bench_torch.py) and exit.
         #[arg(long, value_name = "DIR")]
         write_configs: Option<PathBuf>,
+        /// Print the counted plan instead of timing: launches, FLOPs, bytes, host traffic and a
+        /// roofline model per stage, from the graphs at real size (no weights, no device, seconds).
+        #[arg(long)]
+        plan: bool,
     },
     /// Ask InternVL3 a question, optionally about an image (given as its preprocessed pixel values);
     /// the answer streams to stdout. Without --model, the built-in tiny random model answers
@@ -251,10 +255,15 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(all_passed)
         }
-        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs } => {
+        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, plan } => {
             if let Some(dir) = write_configs {
                 openuni::bench::write_configs(&variant, &dir)?;
                 println!("{}", dir.display());
+                return Ok(true);
+            }
+            if plan {
+                let opts = openuni::bench::plan::PlanOptions { variant, batches: batch, steps, size, json, command: std::env::args().collect::<Vec<_>>().join(" ") };
+                print!("{}", openuni::bench::plan::render(&openuni::bench::plan::run(&opts)?));
                 return Ok(true);
             }
             let device = Device::parse(&device)?;
