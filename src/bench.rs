@@ -454,7 +454,8 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             Ok(())
         };
         // Progress on stderr: on the emulated GPU a stage takes seconds to minutes.
-        let progress = |what: &str| eprintln!("bench: batch {n}: {what}");
+        let started = Instant::now();
+        let progress = |what: &str| eprintln!("bench: batch {n}: {:6.1} s: {what}", started.elapsed().as_secs_f64());
         progress("warm-up (builds the executors, uploads the weights)");
         // Warm-up: builds and captures every resident executor and uploads the weights.
         generate().with_context(|| format!("batch {n}: warm-up"))?;
@@ -504,6 +505,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             resident_activation_bytes: model.resident_activation_bytes(),
             weight_bytes: model.resident_weight_bytes(),
         });
+        progress("done");
         // The next batch size gets its own executors; free these first.
         model.release_executors();
     }

@@ -41,7 +41,7 @@ enum Command {
         /// b-512, l-512, l-1024, or tiny (the built-in tiny model's sizes).
         #[arg(long, default_value = "b-512")]
         variant: String,
-        /// Comma-separated batch sizes [default: 1,8,32; on --device emu 1,2].
+        /// Comma-separated batch sizes [default: 1,8,32; on --device emu 1].
         #[arg(long, value_delimiter = ',', value_parser = usize_in(limits::BATCH.0, limits::BATCH.1))]
         batch: Option<Vec<usize>>,
         /// cpu, cuda, cuda:N, or emu (the emulated GPU: correctness only, its times are not speed).
@@ -63,7 +63,7 @@ enum Command {
         /// Write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Image side in pixels (a multiple of 32); default: the variant's size.
+        /// Image side in pixels (a multiple of 32); default: the variant's size (on --device emu 64).
         #[arg(long, value_parser = usize_in(limits::SIDE.0, limits::SIDE.1))]
         size: Option<usize>,
         /// Only write the variant's model configs as JSON into DIR (for tools/bench_torch.py) and exit.
@@ -265,7 +265,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             // The emulator's times are CPU times, not speed: its defaults only exercise every stage
             // once (a minute for the tiny model, not the GPU defaults' many minutes).
             let emu = !plan && Device::parse(&device)? == Device::Emu;
-            let batch = batch.unwrap_or_else(|| if emu { vec![1, 2] } else { vec![1, 8, 32] });
+            let batch = batch.unwrap_or_else(|| if emu { vec![1] } else { vec![1, 8, 32] });
+            let size = size.or(emu.then_some(64));
             let steps = steps.unwrap_or(if emu { 2 } else { 20 });
             let iters = iters.unwrap_or(if emu { 1 } else { 10 });
             if plan {
