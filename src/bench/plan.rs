@@ -216,7 +216,7 @@ pub fn run(o: &PlanOptions) -> Result<PlanReport> {
     let (model, own_size) = super::random_model(&o.variant)?;
     let up = model.vae_cfg.upscale();
     let size = o.size.unwrap_or(own_size);
-    if size == 0 || size % up != 0 {
+    if size == 0 || !size.is_multiple_of(up) {
         anyhow::bail!("--size {size} is not a positive multiple of {up} (the VAE upscales latents {up}x)");
     }
     let (lh, lw) = (size / up, size / up);
