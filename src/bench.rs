@@ -28,6 +28,8 @@ use crate::exec::{executor, Device};
 use crate::pipeline::{DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
 use crate::tiny_model;
 
+pub mod plan;
+
 /// Seeded random weights of any requested name and shape, drawn by `tiny_model::init_rule`
 /// from a per-tensor stream (so every run of a benchmark sees the same model). Values are
 /// generated on request: nothing is stored.
@@ -451,12 +453,19 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             model.decode(&lat, run)?;
             Ok(())
         };
+        // Progress on stderr: on the emulated GPU a stage takes seconds to minutes.
+        let started = Instant::now();
+        let progress = |what: &str| eprintln!("bench: batch {n}: {:6.1} s: {what}", started.elapsed().as_secs_f64());
+        progress("warm-up (builds the executors, uploads the weights)");
         // Warm-up: builds and captures every resident executor and uploads the weights.
         generate().with_context(|| format!("batch {n}: warm-up"))?;
+        progress(&format!("{} whole batches of {} steps", o.iters.min(3), o.steps));
         let batch_ms = median((0..o.iters.min(3)).map(|_| wall_ms(&mut generate)).collect::<Result<_>>()?);
         let three: Vec<GenerationBatch> = (0..3).map(|_| GenerationBatch { prompts: ids.clone(), noise: noise.clone() }).collect();
         let params = SamplingParams { steps: o.steps, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: shift, decode: DecodeOptions::default() };
+        progress("3 batches pipelined");
         let pipelined_ms = wall_ms(&mut || model.generate_batches(&three, &params, run, |_| {}, |_, _| Ok(())))?;
+        progress(&format!("conditioning, caption path, step and decode, {} runs each", o.iters));
         let conditioning_ms = median(
             (0..o.iters)
                 .map(|_| {
@@ -472,6 +481,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         let step_ms = time("step", &[2 * n, c, lh, lw])?;
         let decode_ms = time("decoder", &[n, c, lh, lw])?;
         if o.profile {
+            progress("profile of the step and decode graphs");
             for (label, dims) in [("step", vec![2 * n, c, lh, lw]), ("decoder", vec![n, c, lh, lw])] {
                 let p = model.resident_executor(label, &dims, run, |e| {
                     let ms = e.profile(o.iters)?;
@@ -495,6 +505,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             resident_activation_bytes: model.resident_activation_bytes(),
             weight_bytes: model.resident_weight_bytes(),
         });
+        progress("done");
         // The next batch size gets its own executors; free these first.
         model.release_executors();
     }

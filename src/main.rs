@@ -41,33 +41,38 @@ enum Command {
         /// b-512, l-512, l-1024, or tiny (the built-in tiny model's sizes).
         #[arg(long, default_value = "b-512")]
         variant: String,
-        /// Comma-separated batch sizes.
-        #[arg(long, default_value = "1,8,32", value_delimiter = ',', value_parser = usize_in(limits::BATCH.0, limits::BATCH.1))]
-        batch: Vec<usize>,
+        /// Comma-separated batch sizes [default: 1,8,32; on --device emu 1].
+        #[arg(long, value_delimiter = ',', value_parser = usize_in(limits::BATCH.0, limits::BATCH.1))]
+        batch: Option<Vec<usize>>,
         /// cpu, cuda, cuda:N, or emu (the emulated GPU: correctness only, its times are not speed).
         #[arg(long, default_value = "cuda")]
         device: String,
         /// bf16 or f32 (the CPU runs f32).
         #[arg(long, default_value = "bf16")]
         dtype: String,
-        /// Denoising steps of the end-to-end batch time.
-        #[arg(long, default_value_t = 20, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
-        steps: usize,
-        /// Timed runs per measurement (after a warm-up); the median is reported.
-        #[arg(long, default_value_t = 10, value_parser = usize_in(limits::ITERS.0, limits::ITERS.1))]
-        iters: usize,
+        /// Denoising steps of the end-to-end batch time [default: 20; on --device emu 2].
+        #[arg(long, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
+        steps: Option<usize>,
+        /// Timed runs per measurement (after a warm-up); the median is reported [default: 10; on
+        /// --device emu 1].
+        #[arg(long, value_parser = usize_in(limits::ITERS.0, limits::ITERS.1))]
+        iters: Option<usize>,
         /// Also profile every op of the step and decode graphs.
         #[arg(long)]
         profile: bool,
         /// Write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Image side in pixels (a multiple of 32); default: the variant's size.
+        /// Image side in pixels (a multiple of 32); default: the variant's size (on --device emu 64).
         #[arg(long, value_parser = usize_in(limits::SIDE.0, limits::SIDE.1))]
         size: Option<usize>,
         /// Only write the variant's model configs as JSON into DIR (for tools/bench_torch.py) and exit.
         #[arg(long, value_name = "DIR")]
         write_configs: Option<PathBuf>,
+        /// Print the counted plan instead of timing: launches, FLOPs, bytes, host traffic and a
+        /// roofline model per stage, from the graphs at real size (no weights, no device, seconds).
+        #[arg(long)]
+        plan: bool,
     },
     /// Ask InternVL3 a question, optionally about images; the answer streams to stdout. With
     /// --questions, answer a JSONL file of questions with continuous batching. Without --model, the
@@ -267,10 +272,22 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(all_passed)
         }
-        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs } => {
+        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, plan } => {
             if let Some(dir) = write_configs {
                 openuni::bench::write_configs(&variant, &dir)?;
                 println!("{}", dir.display());
+                return Ok(true);
+            }
+            // The emulator's times are CPU times, not speed: its defaults only exercise every stage
+            // once (a minute for the tiny model, not the GPU defaults' many minutes).
+            let emu = !plan && Device::parse(&device)? == Device::Emu;
+            let batch = batch.unwrap_or_else(|| if emu { vec![1] } else { vec![1, 8, 32] });
+            let size = size.or(emu.then_some(64));
+            let steps = steps.unwrap_or(if emu { 2 } else { 20 });
+            let iters = iters.unwrap_or(if emu { 1 } else { 10 });
+            if plan {
+                let opts = openuni::bench::plan::PlanOptions { variant, batches: batch, steps, size, json, command: std::env::args().collect::<Vec<_>>().join(" ") };
+                print!("{}", openuni::bench::plan::render(&openuni::bench::plan::run(&opts)?));
                 return Ok(true);
             }
             let device = Device::parse(&device)?;

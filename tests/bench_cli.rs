@@ -67,3 +67,40 @@ fn tiny_bench_on_the_emulated_gpu() {
     assert!(stdout.contains("not GPU speed"), "the emulator's times must be labelled: {stdout}");
     assert!(stdout.contains("upsample_conv2d"));
 }
+
+/// `--plan` counts a real-size variant from its graphs alone (no weights, no device): every stage
+/// of every batch, and host traffic that follows the pipeline's data flow: the caption path's K/V
+/// come back to the host as f32 and go up again once for the step, the latents (both CFG halves)
+/// and the timesteps go up every step and the velocity comes back, the images come back as f32.
+#[test]
+fn plan_counts_a_real_size_variant_without_a_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("plan.json");
+    let (code, stdout, stderr) = bench(&["--plan", "--variant", "b-512", "--batch", "1,32", "--steps", "20", "--json", json.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    println!("{stdout}");
+    assert!(stdout.contains("roofline") && stdout.contains("H100") && stdout.contains("H200"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for b in results {
+        let n = b["batch"].as_f64().unwrap();
+        let stage = |name: &str| b["stages"].as_array().unwrap().iter().find(|s| s["stage"] == name).unwrap_or_else(|| panic!("no {name} stage")).clone();
+        let (step, caption, decoder) = (stage("step"), stage("caption"), stage("decoder"));
+        stage("conditioning");
+        assert_eq!(step["runs_per_batch"], 20);
+        // 28 blocks: at least one launch per node, every GEMM a launch.
+        assert!(step["launches"].as_u64() >= step["nodes"].as_u64());
+        assert!(step["gemm_launches"].as_u64().unwrap() >= 28 * 4);
+        let latents = 2.0 * n * 32.0 * 16.0 * 16.0 * 4.0;
+        let kv = caption["dtoh_bytes_per_batch"].as_f64().unwrap();
+        assert_eq!(step["htod_bytes_per_batch"].as_f64().unwrap(), kv + 20.0 * (latents + 2.0 * n * 4.0));
+        assert_eq!(step["dtoh_bytes_per_batch"].as_f64().unwrap(), 20.0 * latents);
+        assert_eq!(decoder["dtoh_bytes_per_batch"].as_f64().unwrap(), n * 3.0 * 512.0 * 512.0 * 4.0);
+        assert_eq!(b["model_batch_ms"].as_array().unwrap().len(), 2);
+        assert!(b["model_batch_ms"][1].as_f64() <= b["model_batch_ms"][0].as_f64(), "the H200 has more bandwidth, same FLOP/s");
+    }
+    let (code, _, stderr) = bench(&["--plan", "--variant", "b-9000", "--batch", "1"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--variant `b-9000`"), "{stderr}");
+}

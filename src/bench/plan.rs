@@ -1,0 +1,316 @@
+//! `openuni bench --plan`: what a batch costs, counted from the graphs a variant builds at real
+//! size (shapes only: no weights are read, no device is opened). Per stage (conditioning, caption
+//! path, one denoising step, decode): kernel launches as the CUDA backend resolves each node,
+//! GEMM and non-GEMM FLOPs and bytes from the graph's cost model (`openuni_graph::node_cost`),
+//! activation bytes per pass, the host<->device bytes of a batch as the pipeline moves them today,
+//! and the time a roofline model gives on an H100 and an H200 (docs/gpu-plan.md).
+//!
+//! Launch counts mirror `openuni_cuda::families::resolve` op by op (one exhaustive match, so a new
+//! op does not compile until it is counted here), calling the families' own launch builders where
+//! the count depends on the shapes. A `Linear` counts as one cuBLASLt matmul: on hardware the
+//! algorithm cuBLASLt picks may add a split-K reduction kernel, so GEMM launches are a lower bound.
+
+use std::collections::HashSet;
+
+use anyhow::Result;
+use openuni_cuda::families::{attention, linear_attention};
+use openuni_graph::{node_cost, Graph, Node, Op};
+use openuni_tensor::DType;
+use serde::Serialize;
+
+use crate::pipeline::{tile_starts, DecodeOptions, Tiling};
+
+/// A device's ceilings for the roofline model (vendor datasheets; docs/gpu-plan.md).
+#[derive(Clone, Copy, Serialize)]
+pub struct Roof {
+    pub name: &'static str,
+    /// Dense bf16 tensor-core FLOP/s.
+    pub tflops: f64,
+    /// HBM bytes/s.
+    pub tbytes_per_s: f64,
+}
+
+/// NVIDIA H100 SXM5 and H200 SXM datasheets: 989 dense bf16 TFLOP/s (1979 with sparsity);
+/// 3.35 TB/s HBM3 and 4.8 TB/s HBM3e.
+pub const ROOFS: [Roof; 2] = [
+    Roof { name: "H100 SXM", tflops: 989.0, tbytes_per_s: 3.35 },
+    Roof { name: "H200 SXM", tflops: 989.0, tbytes_per_s: 4.8 },
+];
+
+/// Streaming multiprocessors of the modelled device (H100 SXM and H200 both have 132): grid-stride
+/// kernels and the linear attention's chunking size their grids by it, not their launch counts.
+const SM_COUNT: u32 = 132;
+
+#[derive(Serialize, Default, Clone)]
+pub struct StagePlan {
+    pub stage: String,
+    /// Times the stage's graph runs per batch (the step: once per denoising step).
+    pub runs_per_batch: usize,
+    pub nodes: usize,
+    /// Kernel launches of one pass: node launches plus the bf16 casts of inputs and outputs.
+    pub launches: usize,
+    pub gemm_launches: usize,
+    pub gemm_flops: f64,
+    pub other_flops: f64,
+    /// Bytes every node reads and writes at least once (cost model), bf16 storage; `other_bytes`
+    /// includes the bf16<->f32 casts of the graph's inputs and outputs.
+    pub gemm_bytes: f64,
+    pub other_bytes: f64,
+    /// Of those, the bytes that are not weight reads (activations in and out of every node).
+    pub activation_bytes: f64,
+    /// Host->device and device->host bytes of one batch for this stage (f32 as the pipeline hands them).
+    pub htod_bytes_per_batch: f64,
+    pub dtoh_bytes_per_batch: f64,
+    /// Roofline time of one pass per device in `ROOFS` order, ms (sum over nodes of
+    /// max(flops/peak, bytes/bandwidth); launch latency and PCIe not included).
+    pub model_ms: Vec<f64>,
+}
+
+#[derive(Serialize)]
+pub struct BatchPlan {
+    pub batch: usize,
+    pub stages: Vec<StagePlan>,
+    /// Host<->device bytes of the whole batch, both directions.
+    pub host_bytes_per_batch: f64,
+    /// conditioning + caption + steps · step + decode, roofline, per device.
+    pub model_batch_ms: Vec<f64>,
+    pub model_images_per_s: Vec<f64>,
+}
+
+#[derive(Serialize)]
+pub struct PlanReport {
+    pub variant: String,
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub dtype: String,
+    pub date: String,
+    pub commit: String,
+    pub command: String,
+    pub roofs: Vec<Roof>,
+    pub launch_count_method: String,
+    pub results: Vec<BatchPlan>,
+}
+
+/// Kernel launches the CUDA backend resolves `node` to (see the module comment).
+pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
+    let empty = g.shape(node.output).numel() == 0;
+    let one = usize::from(!empty);
+    Ok(match &node.op {
+        Op::Linear { .. } => one,
+        Op::RmsNorm { .. } | Op::LayerNorm { .. } => one,
+        Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => one,
+        Op::Attention { q, k, heads, kv_heads, head_dim, causal, scale, .. } => {
+            let (qs, ks) = (g.shape(*q).dims(), g.shape(*k).dims());
+            let args = attention::AttentionArgs {
+                dtype,
+                q: 0,
+                k: 0,
+                v: 0,
+                mask: 0,
+                segments: 0,
+                rope_cs: 0,
+                out: 0,
+                batch: qs[0],
+                n: qs[1],
+                m: ks[1],
+                heads: *heads,
+                kv_heads: *kv_heads,
+                head_dim: *head_dim,
+                causal: *causal,
+                scale: *scale,
+            };
+            attention::launch(&args).map_err(anyhow::Error::msg)?.len()
+        }
+        Op::LinearAttention { heads, head_dim, .. } => {
+            let d = g.shape(node.output).dims();
+            let dims = linear_attention::Dims::separate(d[0], d[1], *heads, *head_dim);
+            linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len()
+        }
+        Op::PackedLinearAttention { groups, head_dim, .. } => {
+            let d = g.shape(node.output).dims();
+            let dims = linear_attention::Dims::packed(d[0], d[1], *groups, *head_dim);
+            linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len()
+        }
+        Op::Transpose { .. } => one,
+        Op::ModulationTable { .. } | Op::Chunk { .. } | Op::TimestepEmbedding { .. } | Op::SwiGlu { .. } | Op::SliceTokens { .. } => one,
+        Op::GatherTokens { starts, .. } => starts.len() * one,
+        Op::ClassPosEmbed { .. } => 3 * one,
+        Op::Concat { xs } => xs.iter().filter(|&&x| g.shape(x).last() > 0).count() * one,
+        Op::Conv2d { .. }
+        | Op::UpsampleConv2d { .. }
+        | Op::DepthwiseConv2d { .. }
+        | Op::DepthwiseConvGlu { .. }
+        | Op::GroupedLinear { .. }
+        | Op::RepeatChannels { .. } => one,
+    })
+}
+
+/// Host<->device bytes of one run of a stage's graph as the pipeline drives it today: every input
+/// set and every output read back as f32 (`CudaExecutor::set_inputs` / `outputs`).
+fn io_bytes(g: &Graph, names: impl Fn(&str) -> bool) -> (f64, f64) {
+    let f32b = |id| g.shape(id).numel() as f64 * 4.0;
+    let inputs = g.inputs().filter(|(_, n)| names(n)).map(|(id, _)| f32b(id)).sum();
+    let outputs = g.outputs.iter().map(|(_, id)| f32b(*id)).sum();
+    (inputs, outputs)
+}
+
+/// The plan of one graph's pass, with `runs` passes per batch.
+fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType) -> Result<StagePlan> {
+    let es = dtype.size_in_bytes() as f64;
+    let weights: HashSet<_> = g.weights().map(|(id, _)| id).collect();
+    let mut p = StagePlan { stage: stage.into(), runs_per_batch: runs, nodes: g.nodes.len(), model_ms: vec![0.0; ROOFS.len()], ..Default::default() };
+    for node in &g.nodes {
+        let c = node_cost(g, node);
+        let bytes = c.elems * es;
+        let weight_bytes: f64 = node.op.inputs().iter().filter(|i| weights.contains(i)).map(|&i| g.shape(i).numel() as f64 * es).sum();
+        let launches = cuda_launches(g, node, dtype)?;
+        p.launches += launches;
+        p.activation_bytes += bytes - weight_bytes;
+        if matches!(node.op, Op::Linear { .. }) {
+            p.gemm_launches += launches;
+            p.gemm_flops += c.flops;
+            p.gemm_bytes += bytes;
+        } else {
+            p.other_flops += c.flops;
+            p.other_bytes += bytes;
+        }
+        for (t, roof) in p.model_ms.iter_mut().zip(ROOFS) {
+            *t += (c.flops / (roof.tflops * 1e12)).max(bytes / (roof.tbytes_per_s * 1e12)) * 1e3;
+        }
+    }
+    // bf16 storage: one cast launch per input from its f32 staging slot into the arena and one per
+    // output back to f32 staging, every pass (the step's K/V too: they are cast on every replay).
+    if dtype == DType::BF16 {
+        let staged: Vec<f64> = g.inputs().map(|(id, _)| id).chain(g.outputs.iter().map(|(_, id)| *id)).map(|id| g.shape(id).numel() as f64).filter(|&n| n > 0.0).collect();
+        p.launches += staged.len();
+        let bytes: f64 = staged.iter().map(|n| n * (4.0 + es)).sum();
+        p.other_bytes += bytes;
+        p.activation_bytes += bytes;
+        for (t, roof) in p.model_ms.iter_mut().zip(ROOFS) {
+            *t += bytes / (roof.tbytes_per_s * 1e12) * 1e3;
+        }
+    }
+    // The step's persistent inputs (cross-attention K/V) are set once per batch; the latents and
+    // the timestep every step, the velocity read back every step.
+    let (once_in, _) = io_bytes(g, |n| n.starts_with("cross_kv."));
+    let (every_in, out) = io_bytes(g, |n| !n.starts_with("cross_kv."));
+    p.htod_bytes_per_batch = once_in + runs as f64 * every_in;
+    p.dtoh_bytes_per_batch = runs as f64 * out;
+    Ok(p)
+}
+
+pub struct PlanOptions {
+    pub variant: String,
+    pub batches: Vec<usize>,
+    pub steps: usize,
+    pub size: Option<usize>,
+    pub json: Option<std::path::PathBuf>,
+    pub command: String,
+}
+
+pub fn run(o: &PlanOptions) -> Result<PlanReport> {
+    if o.batches.is_empty() || o.batches.contains(&0) {
+        anyhow::bail!("--batch takes a comma-separated list of positive batch sizes");
+    }
+    let (model, own_size) = super::random_model(&o.variant)?;
+    let up = model.vae_cfg.upscale();
+    let size = o.size.unwrap_or(own_size);
+    if size == 0 || !size.is_multiple_of(up) {
+        anyhow::bail!("--size {size} is not a positive multiple of {up} (the VAE upscales latents {up}x)");
+    }
+    let (lh, lw) = (size / up, size / up);
+    let dtype = DType::BF16;
+    let decode = DecodeOptions::from_flags(None, size, size, &model.vae_cfg)?;
+    let mut results = vec![];
+    for &n in &o.batches {
+        let mut stages = vec![];
+        for (name, g) in model.batch_graphs(n, lh, lw, decode)? {
+            let runs = match name {
+                "step" => o.steps,
+                "decoder.tile" => {
+                    let t = Tiling::new(&model.vae_cfg, decode.tile.unwrap_or(size))?;
+                    let grid = model.vae_cfg.local_split().grid;
+                    tile_starts(lh * grid, t.tile, 2 * t.context).len() * tile_starts(lw * grid, t.tile, 2 * t.context).len()
+                }
+                _ => 1,
+            };
+            stages.push(stage_plan(name, &g, runs, dtype)?);
+        }
+        let host_bytes_per_batch = stages.iter().map(|s| s.htod_bytes_per_batch + s.dtoh_bytes_per_batch).sum();
+        let model_batch_ms: Vec<f64> = (0..ROOFS.len()).map(|i| stages.iter().map(|s| s.runs_per_batch as f64 * s.model_ms[i]).sum()).collect();
+        let model_images_per_s = model_batch_ms.iter().map(|ms| n as f64 / (ms * 1e-3)).collect();
+        results.push(BatchPlan { batch: n, stages, host_bytes_per_batch, model_batch_ms, model_images_per_s });
+    }
+    let report = PlanReport {
+        variant: o.variant.clone(),
+        height: size,
+        width: size,
+        steps: o.steps,
+        dtype: dtype.to_string(),
+        date: super::command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        commit: super::command_output("git", &["rev-parse", "--short", "HEAD"]),
+        command: o.command.clone(),
+        roofs: ROOFS.to_vec(),
+        launch_count_method: "exact mirror of the CUDA backend's per-node resolution (families' launch builders); a GEMM counts as one cuBLASLt matmul".into(),
+        results,
+    };
+    if let Some(p) = &o.json {
+        crate::atomic::write_bytes(p, serde_json::to_string_pretty(&report)?.as_bytes()).map_err(|e| anyhow::anyhow!("{}: cannot write the JSON plan: {e}", p.display()))?;
+    }
+    Ok(report)
+}
+
+/// The plan as a text table.
+pub fn render(r: &PlanReport) -> String {
+    use std::fmt::Write;
+    let gb = |b: f64| b / 1e9;
+    let mut s = String::new();
+    let _ = writeln!(s, "openuni bench --plan: {} {}x{}, {} steps, {} storage (counted from the graphs; no device)", r.variant, r.width, r.height, r.steps, r.dtype);
+    let _ = writeln!(s, "commit {}, {}", r.commit, r.date);
+    let _ = writeln!(
+        s,
+        "model times: roofline per node, max(FLOPs / peak, bytes / bandwidth), {}; launch latency and PCIe not included",
+        r.roofs.iter().map(|x| format!("{} {} TFLOP/s bf16, {} TB/s", x.name, x.tflops, x.tbytes_per_s)).collect::<Vec<_>>().join("; ")
+    );
+    for b in &r.results {
+        let _ = writeln!(s, "\nbatch {} ({} CFG rows)", b.batch, 2 * b.batch);
+        let _ = writeln!(
+            s,
+            "{:<15} {:>5} {:>6} {:>8} {:>6} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
+            "stage", "runs", "nodes", "launches", "gemm", "GEMM TF", "other TF", "GEMM GB", "other GB", "act. GB", "HtoD GB/b", "DtoH GB/b", "H100 ms", "H200 ms"
+        );
+        for st in &b.stages {
+            let _ = writeln!(
+                s,
+                "{:<15} {:>5} {:>6} {:>8} {:>6} {:>10.3} {:>10.3} {:>9.3} {:>9.3} {:>9.3} {:>10.3} {:>10.3} {:>9.3} {:>9.3}",
+                st.stage,
+                st.runs_per_batch,
+                st.nodes,
+                st.launches,
+                st.gemm_launches,
+                st.gemm_flops / 1e12,
+                st.other_flops / 1e12,
+                gb(st.gemm_bytes),
+                gb(st.other_bytes),
+                gb(st.activation_bytes),
+                gb(st.htod_bytes_per_batch),
+                gb(st.dtoh_bytes_per_batch),
+                st.model_ms[0],
+                st.model_ms.get(1).copied().unwrap_or(0.0)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "batch total (stages x runs): host<->device {:.3} GB; model {} ",
+            gb(b.host_bytes_per_batch),
+            r.roofs
+                .iter()
+                .zip(b.model_batch_ms.iter().zip(&b.model_images_per_s))
+                .map(|(roof, (ms, ips))| format!("{} {:.1} ms ({:.1} images/s)", roof.name, ms, ips))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    s
+}
