@@ -132,6 +132,9 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
             let dims = linear_attention::Dims::packed(d[0], d[1], *groups, *head_dim);
             linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len()
         }
+        // Decode: the chunked pass and the log-sum-exp merge; append: the cache copy (the planner
+        // never aliases a value with its input) and the in-place write.
+        Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } => 2 * one,
         Op::Transpose { .. } => one,
         Op::ModulationTable { .. } | Op::Chunk { .. } | Op::TimestepEmbedding { .. } | Op::SwiGlu { .. } | Op::SliceTokens { .. } => one,
         Op::GatherTokens { starts, .. } => starts.len() * one,
