@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use openuni::exec::{parse_dtype, Device};
 use openuni::generate::limits::{self, f32_in, usize_in};
+use openuni_models::variant::DEFAULT_STEPS;
 use openuni::verify::{run_case, Options};
 
 #[derive(Parser)]
@@ -51,7 +52,7 @@ enum Command {
         #[arg(long, default_value = "bf16")]
         dtype: String,
         /// Denoising steps of the end-to-end batch time.
-        #[arg(long, default_value_t = 20, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
+        #[arg(long, default_value_t = DEFAULT_STEPS, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
         steps: usize,
         /// Timed runs per measurement (after a warm-up); the median is reported.
         #[arg(long, default_value_t = 10, value_parser = usize_in(limits::ITERS.0, limits::ITERS.1))]
@@ -146,7 +147,7 @@ struct GenerateArgs {
     #[arg(long)]
     vae: Option<PathBuf>,
     /// Denoising steps (1..=1000).
-    #[arg(long, default_value_t = 20, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
+    #[arg(long, default_value_t = DEFAULT_STEPS, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
     steps: usize,
     /// Classifier-free guidance scale, a finite number in 0..=100.
     #[arg(long, default_value_t = 4.5, value_parser = f32_in(limits::GUIDANCE.0, limits::GUIDANCE.1))]

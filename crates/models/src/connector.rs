@@ -1,7 +1,7 @@
 //! OpenUni's connector (`ConnectorEncoder`, a SigLIP-vision-encoder stack without embeddings):
 //! per layer `x = x + out_proj(MHA(LN1(x)))`, `x = x + fc2(gelu_tanh(fc1(LN2(x))))`; biased
 //! projections, bidirectional attention with no mask, no position embedding, no final norm
-//! (spec/openuni.md §1.5).
+//! (docs/models.md, "Conditioning").
 
 use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
 use serde::Deserialize;
@@ -30,15 +30,6 @@ fn default_act() -> String {
 }
 
 impl ConnectorConfig {
-    /// OpenUni-B (InternVL3-1B width) and OpenUni-L (InternVL3-2B width).
-    pub fn openuni_b() -> ConnectorConfig {
-        ConnectorConfig { hidden_size: 896, intermediate_size: 3072, num_attention_heads: 14, num_hidden_layers: 6, layer_norm_eps: 1e-6, hidden_act: default_act() }
-    }
-
-    pub fn openuni_l() -> ConnectorConfig {
-        ConnectorConfig { hidden_size: 1536, intermediate_size: 8960, num_attention_heads: 24, num_hidden_layers: 6, layer_norm_eps: 1e-6, hidden_act: default_act() }
-    }
-
     pub fn validate(&self, origin: &str) -> Result<UnaryFn> {
         let err = |msg: String| ModelError::Config { path: origin.into(), msg };
         let b = Bounds(origin);

@@ -10,6 +10,7 @@ pub mod prompt;
 pub mod qwen2;
 pub mod sana;
 pub mod scheduler;
+pub mod variant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
