@@ -1,4 +1,5 @@
-//! OpenUni text-to-image, end to end (spec/openuni.md §1, sana_dcae.md §4): prompt ids ->
+//! OpenUni text-to-image, end to end (docs/architecture.md, "One generation";
+//! docs/models.md): prompt ids ->
 //! LLM with meta-queries -> connector -> projector -> SANA with CFG and DPM-Solver++ -> DC-AE ->
 //! uint8 pixels. Each stage is its own graph; what depends only on the prompt (the caption path
 //! and every block's cross-attention K/V) runs once per generation, the step graph once per step.
@@ -82,7 +83,7 @@ struct Resident {
 }
 
 /// The key by which a fine-tuned OpenUni checkpoint is recognised: it carries the whole SANA
-/// transformer under `transformer.` (spec/openuni.md §4).
+/// transformer under `transformer.` (docs/models.md, "Variants").
 const FINETUNED_PROBE: &str = "transformer.proj_out.weight";
 
 /// Opens a weight file or folder: safetensors (file, folder, sharded index) or a PyTorch `.pth`
@@ -653,7 +654,7 @@ impl OpenUni {
         Ok(HostTensor::from_f32(shape, values.iter().map(|x| x / sf).collect())?)
     }
 
-    /// Tiled decode, exact up to summation order (spec/sana_dcae.md §3.4). DC-AE's attention is
+    /// Tiled decode, exact up to summation order (docs/models.md, "DC-AE decoder"). DC-AE's attention is
     /// global, so the decoder's global part (conv_in and the attention stages, at most 1/8 of the
     /// image's resolution for the SANA VAEs) runs on the whole latent once. Its features are then
     /// cut into overlapping `tiling.tile`-pixel tiles for the local part (the high-resolution

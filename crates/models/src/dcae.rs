@@ -1,5 +1,5 @@
 //! The decoder of diffusers `AutoencoderDC` (DC-AE f32c32, SANA 1.0/1.1 structure), op by op as
-//! spec/sana_dcae.md §3.2 describes it. Activations are tokens [B, h·w, C] (NHWC); convolutions
+//! docs/models.md ("DC-AE decoder") describes it. Activations are tokens [B, h·w, C] (NHWC); convolutions
 //! act on the h×w grid. Upstream key names are kept ("decoder.…").
 
 use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
@@ -179,7 +179,7 @@ pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: 
     Ok(DecoderOutputs { sample: l.sample, stem: g.stem, stages, conv_out_input: l.conv_out_input })
 }
 
-/// How the decoder splits for exact tiling (spec/sana_dcae.md §3.4): the stages from
+/// How the decoder splits for exact tiling (docs/models.md, "DC-AE decoder"): the stages from
 /// `split` up hold the global linear attention and run on the whole latent; the stages below
 /// it are ResBlocks and upsamplers only, so each output pixel of that local part depends on its
 /// input within `context` pixels and nothing else.

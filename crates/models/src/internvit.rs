@@ -1,5 +1,5 @@
 //! InternVL's vision side: InternViT (the `vision_model` of InternVL3, InternViT-300M-448px-V2.5),
-//! pixel shuffle v2 and the `mlp1` projector, op by op as spec/internvl3.md §4-§5 and
+//! pixel shuffle v2 and the `mlp1` projector, op by op as docs/internvl3-vision.md and
 //! docs/internvl3-vision.md describe them. Pixel values [T, 3, S, S] (every tile of every image as
 //! one batch) -> image embeddings [T, (S/p · r)², D] for the LLM's `<IMG_CONTEXT>` slots.
 //!

@@ -1,5 +1,5 @@
 //! The Qwen2 decoder inside InternVL3 (transformers `Qwen2Model`), op by op as
-//! spec/internvl3.md §3 describes it: RMSNorm, q/k/v with bias and o without, GQA, rotate-half
+//! docs/models.md ("Conditioning") describes it: RMSNorm, q/k/v with bias and o without, GQA, rotate-half
 //! RoPE, SwiGLU, final norm. Upstream key names are kept under a prefix: "model." for a Qwen2
 //! folder, "language_model.model." inside an InternVL3 checkpoint.
 

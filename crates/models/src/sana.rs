@@ -1,5 +1,5 @@
 //! diffusers `SanaTransformer2DModel` (Sana 600M/1600M 512px and SANA1.5 1.6B 1024px), op by op
-//! as spec/sana_dcae.md §1 describes it. Upstream key names are kept.
+//! as docs/models.md ("SANA transformer") describes it. Upstream key names are kept.
 //!
 //! The model is built in two parts so that what depends only on the prompt runs once per
 //! generation: [`caption_path`] (caption projection + norm, then every block's cross-attention
