@@ -16,6 +16,9 @@ pub mod variant;
 pub enum ModelError {
     #[error("{path}: {msg}")]
     Config { path: String, msg: String },
+    /// A request the model cannot serve (e.g. a decode tile smaller than the decoder's reach).
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Graph(#[from] openuni_graph::GraphError),
 }
