@@ -6,6 +6,7 @@ pub mod connector;
 pub mod dcae;
 pub mod internvit;
 pub mod internvl_preprocess;
+pub mod nn;
 pub mod prompt;
 pub mod qwen2;
 pub mod sana;

@@ -9,6 +9,7 @@ use openuni_graph::{GraphBuilder, Modulation, UnaryFn, ValueId};
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
+use crate::nn::{linear, rms_norm as rmsnorm};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -142,17 +143,6 @@ pub fn check_timesteps(t: &[f32]) -> Result<()> {
 /// A weight by upstream key.
 fn w(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId> {
     Ok(b.weight(&key, shape.to_vec())?)
-}
-
-fn linear(b: &mut GraphBuilder, p: &str, x: ValueId, din: usize, dout: usize, bias: bool) -> Result<ValueId> {
-    let wt = w(b, format!("{p}.weight"), &[dout, din])?;
-    let bs = if bias { Some(w(b, format!("{p}.bias"), &[dout])?) } else { None };
-    Ok(b.linear(p, x, wt, bs)?)
-}
-
-fn rmsnorm(b: &mut GraphBuilder, p: &str, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
-    let wt = w(b, format!("{p}.weight"), &[d])?;
-    Ok(b.rmsnorm(p, x, wt, None, eps)?)
 }
 
 /// Per-block cross-attention keys and values, computed once per prompt.
