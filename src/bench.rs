@@ -16,11 +16,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use openuni_graph::{node_cost, Graph, GraphBuilder};
-use openuni_models::connector::ConnectorConfig;
 use openuni_models::dcae::DcaeConfig;
 use openuni_models::config::{parse_config, MllmConfig};
 use openuni_models::sana::SanaConfig;
 use openuni_models::scheduler::SamplerKind;
+use openuni_models::variant;
 use openuni_tensor::{Error as TensorError, HostTensor, Shape, TensorSource};
 use serde::Serialize;
 
@@ -95,95 +95,17 @@ impl TensorSource for RandomWeights {
     }
 }
 
-/// The configs of a benchmarked variant (spec/internvl3.md §2.3, spec/sana_dcae.md §2.1, §3.1).
-struct VariantConfigs {
-    llm: serde_json::Value,
-    connector: ConnectorConfig,
-    num_queries: usize,
-    transformer: serde_json::Value,
-    vae: serde_json::Value,
-    size: usize,
-}
-
-fn qwen2(hidden: usize, inter: usize, layers: usize, heads: usize) -> serde_json::Value {
-    serde_json::json!({
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": 2, "vocab_size": 151674,
-        "rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 32768,
-        "rope_theta": 1000000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "tie_word_embeddings": false
-    })
-}
-
-fn sana(heads: usize, layers: usize, cross_heads: usize, cross_hd: usize, sample: usize, qk_norm: Option<&str>) -> serde_json::Value {
-    serde_json::json!({
-        "in_channels": 32, "out_channels": 32, "num_attention_heads": heads, "attention_head_dim": 32,
-        "num_layers": layers, "num_cross_attention_heads": cross_heads, "cross_attention_head_dim": cross_hd,
-        "cross_attention_dim": heads * 32, "caption_channels": 2304, "mlp_ratio": 2.5, "attention_bias": false,
-        "patch_size": 1, "norm_elementwise_affine": false, "norm_eps": 1e-6, "sample_size": sample, "qk_norm": qk_norm
-    })
-}
-
-fn dcae_f32c32() -> serde_json::Value {
-    serde_json::json!({
-        "latent_channels": 32, "attention_head_dim": 32,
-        "decoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
-        "decoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"],
-        "decoder_layers_per_block": [3, 3, 3, 3, 3, 3],
-        "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-        "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu", "upsample_block_type": "interpolate",
-        "scaling_factor": 0.41407
-    })
-}
-
-fn variant_configs(name: &str) -> Result<VariantConfigs> {
-    Ok(match name {
-        "b-512" => VariantConfigs {
-            llm: qwen2(896, 4864, 24, 14),
-            connector: ConnectorConfig::openuni_b(),
-            num_queries: 256,
-            transformer: sana(36, 28, 16, 72, 16, None),
-            vae: dcae_f32c32(),
-            size: 512,
-        },
-        "l-512" => VariantConfigs {
-            llm: qwen2(1536, 8960, 28, 12),
-            connector: ConnectorConfig::openuni_l(),
-            num_queries: 256,
-            transformer: sana(70, 20, 20, 112, 16, None),
-            vae: dcae_f32c32(),
-            size: 512,
-        },
-        "l-1024" => VariantConfigs {
-            llm: qwen2(1536, 8960, 28, 12),
-            connector: ConnectorConfig::openuni_l(),
-            num_queries: 256,
-            transformer: sana(70, 20, 20, 112, 32, Some("rms_norm_across_heads")),
-            vae: dcae_f32c32(),
-            size: 1024,
-        },
-        "tiny" => VariantConfigs {
-            llm: tiny_model::llm_config(),
-            connector: tiny_model::connector_config(),
-            num_queries: tiny_model::NUM_QUERIES,
-            transformer: tiny_model::transformer_config(),
-            vae: tiny_model::vae_config(),
-            size: tiny_model::SIZE,
-        },
-        _ => bail!("--variant `{name}` is not one of b-512, l-512, l-1024, tiny"),
-    })
-}
-
 /// Writes the variant's configs as JSON (llm.json, connector.json, transformer.json, vae.json,
 /// openuni.json with the query count and image size), so that the PyTorch baseline
 /// (tools/bench_torch.py) builds exactly the models this benchmark runs.
 pub fn write_configs(variant: &str, dir: &std::path::Path) -> Result<()> {
-    let v = variant_configs(variant)?;
+    let v = variant::any(variant).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let files = [
-        ("llm.json", v.llm),
-        ("connector.json", serde_json::to_value(&v.connector)?),
-        ("transformer.json", v.transformer),
-        ("vae.json", v.vae),
+        ("llm.json", (v.llm)()),
+        ("connector.json", serde_json::to_value((v.connector)())?),
+        ("transformer.json", (v.transformer)()),
+        ("vae.json", (v.vae)()),
         ("openuni.json", serde_json::json!({"variant": variant, "num_queries": v.num_queries, "size": v.size})),
     ];
     for (name, value) in files {
@@ -195,10 +117,10 @@ pub fn write_configs(variant: &str, dir: &std::path::Path) -> Result<()> {
 
 /// A variant with random weights.
 pub fn random_model(variant: &str) -> Result<(OpenUni, usize)> {
-    let v = variant_configs(variant)?;
-    let llm_cfg = MllmConfig::from_value(v.llm, &format!("variant {variant} llm"))?.llm;
-    let tcfg: SanaConfig = parse_config(v.transformer, &format!("variant {variant} transformer"))?;
-    let vcfg: DcaeConfig = parse_config(v.vae, &format!("variant {variant} vae"))?;
+    let v = variant::any(variant).map_err(anyhow::Error::msg)?;
+    let llm_cfg = MllmConfig::from_value((v.llm)(), &format!("variant {variant} llm"))?.llm;
+    let tcfg: SanaConfig = parse_config((v.transformer)(), &format!("variant {variant} transformer"))?;
+    let vcfg: DcaeConfig = parse_config((v.vae)(), &format!("variant {variant} vae"))?;
     let src = |what: &str, tables: Vec<(&str, Vec<usize>)>| -> Box<dyn TensorSource> {
         Box::new(RandomWeights {
             origin: format!("random {variant} {what} weights"),
@@ -216,7 +138,7 @@ pub fn random_model(variant: &str) -> Result<(OpenUni, usize)> {
         llm,
         "model.",
         openuni,
-        v.connector,
+        (v.connector)(),
         v.num_queries,
         tcfg,
         src("transformer", vec![]),

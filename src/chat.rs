@@ -1,4 +1,4 @@
-//! InternVL image chat on the CPU in f32 (spec/internvl3.md §3, §7.5, §9): the image embeddings
+//! InternVL image chat on the CPU in f32 (docs/internvl3-vision.md "Chat"): the image embeddings
 //! scattered into the `<IMG_CONTEXT>` rows of the prompt's embeddings, then the Qwen2 decoder
 //! with a KV cache: one prefill over the prompt, then one token per step against the cached
 //! keys and values (post-RoPE k, as transformers caches them), greedy argmax (ties to the first

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use openuni_models::connector::ConnectorConfig;
 use openuni_models::prompt::PromptTokenizer;
+use openuni_models::variant::{self, Published, Variant, CHECKPOINT_REPO};
 use openuni_tensor::{DType, HostTensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -20,54 +21,9 @@ use crate::image::{write_png, Existing};
 use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, ModelPaths, OpenUni, RunOptions, SamplingParams};
 use crate::tiny_model;
 
-/// One of the three published OpenUni variants.
-pub struct Variant {
-    pub name: &'static str,
-    pub mllm_repo: &'static str,
-    pub transformer_repo: &'static str,
-    pub vae_repo: &'static str,
-    /// The checkpoint file name in `wusize/openuni` without the suffix.
-    pub checkpoint_stem: &'static str,
-    pub connector: fn() -> ConnectorConfig,
-    pub size: usize,
-}
-
-pub const CHECKPOINT_REPO: &str = "wusize/openuni";
-
-pub const VARIANTS: [Variant; 3] = [
-    Variant {
-        name: "b-512",
-        mllm_repo: "OpenGVLab/InternVL3-1B",
-        transformer_repo: "Efficient-Large-Model/Sana_600M_512px_diffusers",
-        vae_repo: "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers",
-        checkpoint_stem: "openuni_b_internvl3_1b_sana_0_6b_512_hf",
-        connector: ConnectorConfig::openuni_b,
-        size: 512,
-    },
-    Variant {
-        name: "l-512",
-        mllm_repo: "OpenGVLab/InternVL3-2B",
-        transformer_repo: "Efficient-Large-Model/Sana_1600M_512px_diffusers",
-        vae_repo: "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers",
-        checkpoint_stem: "openuni_l_internvl3_2b_sana_1_6b_512_hf",
-        connector: ConnectorConfig::openuni_l,
-        size: 512,
-    },
-    Variant {
-        name: "l-1024",
-        mllm_repo: "OpenGVLab/InternVL3-2B",
-        transformer_repo: "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers",
-        vae_repo: "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers",
-        checkpoint_stem: "openuni_l_internvl3_2b_sana_1_6b_1024_hf",
-        connector: ConnectorConfig::openuni_l,
-        size: 1024,
-    },
-];
-
+/// A published variant by name (the tiny model is `generate`'s fallback, not a choice).
 pub fn variant(name: &str) -> Result<&'static Variant> {
-    VARIANTS.iter().find(|v| v.name == name).with_context(|| {
-        format!("--variant `{name}` is not one of {}", VARIANTS.iter().map(|v| v.name).collect::<Vec<_>>().join(", "))
-    })
+    variant::published(name).map_err(anyhow::Error::msg)
 }
 
 /// Bounds of the flags, checked when the command line is parsed (before anything is built), so
@@ -205,16 +161,18 @@ pub struct ModelFlags {
 }
 
 pub fn resolve(v: &Variant, flags: &ModelFlags) -> Result<Resolved> {
+    let Some(published) = &v.published else { bail!("variant {} has no published weights to find", v.name) };
+    let Published { mllm_repo, transformer_repo, vae_repo, checkpoint_stem } = published;
     let cache = hf_hub_cache();
     let snap = |repo: &str| cache.as_deref().and_then(|c| hf_snapshot(c, repo));
     let found_checkpoint = || -> Option<PathBuf> {
         let s = snap(CHECKPOINT_REPO)?;
         // The fine-tuned (stage 2) file first: it is the one the paper's numbers come from.
-        ["blip3o60k", "text2image23m"].iter().map(|k| s.join(format!("{}_{k}.pth", v.checkpoint_stem))).find(|p| p.is_file())
+        ["blip3o60k", "text2image23m"].iter().map(|k| s.join(format!("{}_{k}.pth", checkpoint_stem))).find(|p| p.is_file())
     };
-    let mllm = flags.mllm.clone().or_else(|| snap(v.mllm_repo));
-    let transformer = flags.transformer.clone().or_else(|| snap(v.transformer_repo).map(|p| p.join("transformer")));
-    let vae = flags.vae.clone().or_else(|| snap(v.vae_repo)).or_else(|| snap(v.transformer_repo).map(|p| p.join("vae")));
+    let mllm = flags.mllm.clone().or_else(|| snap(mllm_repo));
+    let transformer = flags.transformer.clone().or_else(|| snap(transformer_repo).map(|p| p.join("transformer")));
+    let vae = flags.vae.clone().or_else(|| snap(vae_repo)).or_else(|| snap(transformer_repo).map(|p| p.join("vae")));
     let checkpoint = flags.checkpoint.clone().or_else(found_checkpoint);
     let any_flag = flags.checkpoint.is_some() || flags.mllm.is_some() || flags.transformer.is_some() || flags.vae.is_some();
     match (&mllm, &transformer, &vae, &checkpoint) {
@@ -234,27 +192,27 @@ pub fn resolve(v: &Variant, flags: &ModelFlags) -> Result<Resolved> {
                 openuni: p.1,
                 transformer: p.2,
                 vae: p.3,
-                connector: tiny_model::connector_config(),
+                connector: (variant::TINY.connector)(),
                 builtin: true,
-                default_size: tiny_model::SIZE,
+                default_size: variant::TINY.size,
             })
         }
         _ => {
             let cache = cache.map(|c| c.display().to_string()).unwrap_or_else(|| "(no HOME)".into());
             let mut missing = vec![];
             if mllm.is_none() {
-                missing.push(format!("the MLLM ({}; --mllm DIR)", v.mllm_repo));
+                missing.push(format!("the MLLM ({}; --mllm DIR)", mllm_repo));
             }
             if transformer.is_none() {
-                missing.push(format!("the transformer ({}, transformer/; --transformer DIR)", v.transformer_repo));
+                missing.push(format!("the transformer ({}, transformer/; --transformer DIR)", transformer_repo));
             }
             if vae.is_none() {
-                missing.push(format!("the VAE ({}; --vae DIR)", v.vae_repo));
+                missing.push(format!("the VAE ({}; --vae DIR)", vae_repo));
             }
             if checkpoint.is_none() {
                 missing.push(format!(
                     "the OpenUni checkpoint ({CHECKPOINT_REPO}: {}_blip3o60k.pth or _text2image23m.pth; --checkpoint FILE)",
-                    v.checkpoint_stem
+                    checkpoint_stem
                 ));
             }
             bail!("variant {}: not found in the Hugging Face cache {cache} nor given by flags: {}", v.name, missing.join("; "))

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use openuni_tensor::HostTensor;
 
 /// Text chunks that describe the program, not the image: ignored when settings are compared.
 const NOT_SETTINGS: [&str; 1] = ["Software"];
@@ -107,4 +108,25 @@ pub fn existing(path: &Path, width: usize, height: usize, settings: &[(String, S
     } else {
         Existing::Redo(format!("{}: made with other settings: {}", path.display(), differing.join(", ")))
     }
+}
+
+/// OpenUni's post-processing: `uint8(clamp(127.5·x + 128, 0, 255))` (the cast truncates), NCHW
+/// [B, 3, H, W] -> NHWC bytes [B, H, W, 3].
+pub fn to_uint8_nhwc(decoded: &HostTensor) -> Result<(Vec<u8>, [usize; 4])> {
+    let d = decoded.shape.dims();
+    if d.len() != 4 || d[1] != 3 {
+        bail!("decoded image has shape {}, expected [B, 3, H, W]", decoded.shape);
+    }
+    let (b, h, w) = (d[0], d[2], d[3]);
+    let x = decoded.to_f32_vec();
+    let mut out = vec![0u8; b * h * w * 3];
+    for bi in 0..b {
+        for c in 0..3 {
+            for p in 0..h * w {
+                let v = (127.5 * x[(bi * 3 + c) * h * w + p] + 128.0).clamp(0.0, 255.0);
+                out[(bi * h * w + p) * 3 + c] = v as u8;
+            }
+        }
+    }
+    Ok((out, [b, h, w, 3]))
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use openuni::exec::{parse_dtype, Device};
 use openuni::generate::limits::{self, f32_in, usize_in};
+use openuni_models::variant::DEFAULT_STEPS;
 use openuni::verify::{run_case, Options};
 
 #[derive(Parser)]
@@ -50,7 +51,7 @@ enum Command {
         /// bf16 or f32 (the CPU runs f32).
         #[arg(long, default_value = "bf16")]
         dtype: String,
-        /// Denoising steps of the end-to-end batch time [default: 20; on --device emu 2].
+        /// Denoising steps of the end-to-end batch time [default: 20 (OpenUni's); on --device emu 2].
         #[arg(long, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
         steps: Option<usize>,
         /// Timed runs per measurement (after a warm-up); the median is reported [default: 10; on
@@ -167,7 +168,7 @@ struct GenerateArgs {
     #[arg(long)]
     vae: Option<PathBuf>,
     /// Denoising steps (1..=1000).
-    #[arg(long, default_value_t = 20, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
+    #[arg(long, default_value_t = DEFAULT_STEPS, value_parser = usize_in(limits::STEPS.0, limits::STEPS.1))]
     steps: usize,
     /// Classifier-free guidance scale, a finite number in 0..=100.
     #[arg(long, default_value_t = 4.5, value_parser = f32_in(limits::GUIDANCE.0, limits::GUIDANCE.1))]
@@ -283,7 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             let emu = !plan && Device::parse(&device)? == Device::Emu;
             let batch = batch.unwrap_or_else(|| if emu { vec![1] } else { vec![1, 8, 32] });
             let size = size.or(emu.then_some(64));
-            let steps = steps.unwrap_or(if emu { 2 } else { 20 });
+            let steps = steps.unwrap_or(if emu { 2 } else { DEFAULT_STEPS });
             let iters = iters.unwrap_or(if emu { 1 } else { 10 });
             if plan {
                 let opts = openuni::bench::plan::PlanOptions { variant, batches: batch, steps, size, json, command: std::env::args().collect::<Vec<_>>().join(" ") };

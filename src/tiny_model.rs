@@ -14,6 +14,7 @@ use openuni_models::dcae::{self, DcaeConfig};
 use openuni_models::config::{parse_config, MllmConfig};
 use openuni_models::qwen2;
 use openuni_models::sana::{self, SanaConfig};
+use openuni_models::variant::TINY;
 use openuni_tensor::{write_safetensors, HostTensor, Shape};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -24,45 +25,14 @@ const TOKENIZER: &str = include_str!("../assets/tiny_tokenizer.json");
 const SEED: u64 = 20250530;
 /// Bumped whenever the tiny model's structure or initialisation changes (cache key).
 const VERSION: u32 = 1;
-pub const NUM_QUERIES: usize = 16;
-/// The default picture size of the tiny model.
-pub const SIZE: usize = 256;
+// The tiny model's sizes and configs are `variant::TINY`, in the table every variant is read from.
 
 pub fn llm_config() -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 328,
-        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
-        "tie_word_embeddings": false
-    })
+    (TINY.llm)()
 }
 
 pub fn connector_config() -> ConnectorConfig {
-    ConnectorConfig { hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, num_hidden_layers: 2, layer_norm_eps: 1e-6, hidden_act: "gelu_pytorch_tanh".into() }
-}
-
-pub fn transformer_config() -> serde_json::Value {
-    serde_json::json!({
-        "_class_name": "SanaTransformer2DModel", "in_channels": 32, "out_channels": 32,
-        "num_attention_heads": 2, "attention_head_dim": 32, "num_layers": 2,
-        "num_cross_attention_heads": 2, "cross_attention_head_dim": 32, "cross_attention_dim": 64,
-        "caption_channels": 48, "mlp_ratio": 2.5, "attention_bias": false, "sample_size": 8,
-        "patch_size": 1, "norm_elementwise_affine": false, "norm_eps": 1e-6,
-        "interpolation_scale": null, "qk_norm": null
-    })
-}
-
-pub fn vae_config() -> serde_json::Value {
-    serde_json::json!({
-        "_class_name": "AutoencoderDC", "latent_channels": 32, "attention_head_dim": 8,
-        "decoder_block_out_channels": [8, 8, 16, 16, 32, 64],
-        "decoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"],
-        "decoder_layers_per_block": [1, 1, 1, 1, 1, 1],
-        "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-        "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu", "decoder_in_shortcut": true,
-        "decoder_conv_act_fn": "relu", "upsample_block_type": "interpolate", "scaling_factor": 0.41407
-    })
+    (TINY.connector)()
 }
 
 /// How a random weight is drawn, as (standard deviation, mean): norms' weights near 1, biases
@@ -151,13 +121,13 @@ fn build(dir: &Path, llm: &Path, transformer: &Path, vae: &Path, openuni: &Path)
 
     // OpenUni checkpoint: meta-queries, connector, projector.
     let cc = connector_config();
-    let tc: SanaConfig = parse_config(transformer_config(), "tiny transformer")?;
+    let tc: SanaConfig = parse_config((TINY.transformer)(), "tiny transformer")?;
     let mut b = GraphBuilder::new();
-    let x = b.input("x", [1, NUM_QUERIES, cc.hidden_size])?;
+    let x = b.input("x", [1, TINY.num_queries, cc.hidden_size])?;
     connector::build(&mut b, &cc, "connector.", x, "tiny connector")?;
     let g = b.finish();
     let extra = [
-        ("meta_queries", vec![NUM_QUERIES, lc.hidden_size]),
+        ("meta_queries", vec![TINY.num_queries, lc.hidden_size]),
         ("projector.weight", vec![tc.caption_channels, cc.hidden_size]),
         ("projector.bias", vec![tc.caption_channels]),
     ];
@@ -165,23 +135,23 @@ fn build(dir: &Path, llm: &Path, transformer: &Path, vae: &Path, openuni: &Path)
 
     // Transformer (diffusers folder layout).
     let mut b = GraphBuilder::new();
-    let enc = b.input("enc", [2, NUM_QUERIES, tc.caption_channels])?;
+    let enc = b.input("enc", [2, TINY.num_queries, tc.caption_channels])?;
     let (_, kv) = sana::caption_path(&mut b, &tc, enc)?;
     let xs = b.input("x", [2, tc.in_channels, 2, 2])?;
     let t = b.input("t", [2])?;
     sana::denoise(&mut b, &tc, xs, t, &kv, None, 2, 2)?;
     let g = b.finish();
     save(&transformer.join("diffusion_pytorch_model.safetensors"), &weights_of(&[&g], &[], &mut rng))?;
-    write_json(&transformer.join("config.json"), &transformer_config())?;
+    write_json(&transformer.join("config.json"), &(TINY.transformer)())?;
 
     // VAE (diffusers AutoencoderDC folder layout, decoder only).
-    let vc: DcaeConfig = parse_config(vae_config(), "tiny vae")?;
+    let vc: DcaeConfig = parse_config((TINY.vae)(), "tiny vae")?;
     let mut b = GraphBuilder::new();
     let z = b.input("z", [1, vc.latent_channels, 4, 4])?;
     dcae::decoder(&mut b, &vc, z, "tiny vae")?;
     let g = b.finish();
     save(&vae.join("diffusion_pytorch_model.safetensors"), &weights_of(&[&g], &[], &mut rng))?;
-    write_json(&vae.join("config.json"), &vae_config())?;
+    write_json(&vae.join("config.json"), &(TINY.vae)())?;
     Ok(())
 }
 

@@ -230,7 +230,7 @@ fn seeded_sampling_is_reproducible_and_top_k_1_is_greedy() {
 
 #[test]
 fn multi_turn_history_is_rendered_as_internvl_does() {
-    // spec/internvl3.md §7.1: system + sep, then role + message + sep per turn, the open
+    // docs/internvl3-vision.md "Chat", the internvl2_5 template: system + sep, then role + message + sep per turn, the open
     // assistant role last; the image goes with the current question.
     let h = vec![("Hi?".to_string(), "Hello.".to_string())];
     let got = openuni::chat::internvl2_5_conversation(&h, "And now?", Some(2));

@@ -5,7 +5,7 @@
 //! Tolerances (openuni_cuda::testing::check), both against the CPU twin (f64 softmax) on the f32
 //! inputs: f32 storage, relative L2 <= 1e-5; bf16 storage, <= 2x the relative L2 error of a plain
 //! bf16 run (the CPU twin on q, k, v rounded to bf16, its output rounded to bf16) -- the
-//! flash-attention rule of spec/README.md, not the looser 2e-2 fallback.
+//! flash-attention rule (docs/architecture.md, "Numerics and toolchain"), not the looser 2e-2 fallback.
 //!
 //! Coverage: the models' head dims (16, 32, 64, 72, 112, 128), B = 2, non-causal and causal,
 //! GQA (heads/kv_heads 4/2, 6/1, 12/2), key-padding masks (some keys padded, and one sample with

@@ -31,7 +31,7 @@ fn errors(a: &[f32], reference: &[f32]) -> (f32, f64) {
     (max, (num / den).sqrt())
 }
 
-/// The SANA VAEs' decoder (dc-ae-f32c32-sana-1.0 / 1.1, spec/sana_dcae.md §3.1).
+/// The SANA VAEs' decoder (dc-ae-f32c32-sana-1.0 / 1.1, docs/models.md).
 fn sana_vae_config() -> DcaeConfig {
     serde_json::from_str(
         r#"{"latent_channels": 32, "attention_head_dim": 32,

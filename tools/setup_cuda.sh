@@ -2,7 +2,7 @@
 # Installs the pinned CUDA 13.0 NVRTC, runtime headers, CRT and CCCL from PyPI (no GPU, no toolkit needed)
 # and prints the environment that the build, the tests and the program read.
 #   eval "$(bash tools/setup_cuda.sh)"
-# NVRTC is pinned to 13.0.x: newer NVRTC emits PTX that the R580 driver (CUDA 13.0) rejects (spec/toolchain.md §1).
+# NVRTC is pinned to 13.0.x: newer NVRTC emits PTX that the R580 driver (CUDA 13.0) rejects (docs/architecture.md, "Numerics and toolchain").
 set -euo pipefail
 D="${OPENUNI_CUDA_DIR:-$HOME/.cache/openuni/cuda-13.0.2}"
 CU="$D/nvidia/cu13"

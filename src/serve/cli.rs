@@ -60,7 +60,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PX")]
     pub max_side: Option<usize>,
     /// Default steps of a request without `steps`.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = openuni_models::variant::DEFAULT_STEPS)]
     pub steps: usize,
     /// Default guidance of a request without `guidance_scale`.
     #[arg(long, default_value_t = 4.5)]

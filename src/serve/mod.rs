@@ -29,13 +29,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use openuni_models::prompt::{PromptIds, PromptTokenizer};
 use openuni_models::scheduler::SamplerKind;
+use openuni_models::variant::Variant;
 use openuni_tensor::DType;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use crate::exec::Device;
-use crate::generate::{flow_shift, resolve, ModelFlags, Variant};
+use crate::generate::{flow_shift, resolve, ModelFlags};
 use crate::pipeline::{DecodeOptions, ModelPaths, OpenUni, RunOptions};
 use api::{ApiError, Limits};
 use batcher::{BatchPolicy, Job, Queue, Worker};

@@ -3,7 +3,7 @@
 //! everything that affects the output.
 //!
 //! NVRTC must be 13.0.x: newer NVRTC emits PTX that the R580 driver (CUDA 13.0) rejects
-//! (spec/toolchain.md §1). CUBIN does not have that problem, and is the default on real GPUs.
+//! (docs/architecture.md, "Numerics and toolchain"). CUBIN does not have that problem, and is the default on real GPUs.
 
 use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};

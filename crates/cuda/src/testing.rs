@@ -106,7 +106,7 @@ pub fn round_to(dtype: DType, v: &[f32]) -> Vec<f32> {
 /// dtype too: a plain bf16 run of the same computation (bf16 in, f32 math, bf16 out), whose
 /// error a bf16 kernel cannot avoid.
 /// f32 storage: relative L2 <= 1e-5. bf16 storage: relative L2 <= 2x the baseline's (the
-/// flash-attention rule of spec/README.md), plus 1e-7 for exactly representable cases.
+/// flash-attention rule, docs/architecture.md "Numerics and toolchain"), plus 1e-7 for exactly representable cases.
 /// Returns (error, tolerance); prints one line.
 pub fn check(what: &str, dtype: DType, got: &[f32], want: &[f32], baseline: &[f32]) -> (f64, f64) {
     let e = rel_l2(got, want);

@@ -1,7 +1,7 @@
 //! The emulated GPU: CUDA kernels compiled for the CPU and run as fibers, behind a CPU implementation of
 //! the CUDA driver API (`libcuda.so.1`) and of the cuBLASLt calls cudarc makes (`libcublasLt.so.13`).
 //!
-//! See `spec/emulation.md` and crates/emu/README.md. In short:
+//! See crates/emu/README.md. In short:
 //! * build.rs compiles every `kernels/*.cu` (and this crate's `tests/kernels/*.cu`) as C++ through
 //!   `include/openuni_emu.h`, with one descriptor per `extern "C" __global__` kernel ([`registry`]);
 //! * [`fiber`] runs a launch: blocks over a few workers, one fiber per CUDA thread;

@@ -1,12 +1,13 @@
 //! OpenUni's connector (`ConnectorEncoder`, a SigLIP-vision-encoder stack without embeddings):
 //! per layer `x = x + out_proj(MHA(LN1(x)))`, `x = x + fc2(gelu_tanh(fc1(LN2(x))))`; biased
 //! projections, bidirectional attention with no mask, no position embedding, no final norm
-//! (spec/openuni.md §1.5).
+//! (docs/models.md, "Conditioning").
 
 use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
+use crate::nn::{layer_norm, linear};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
@@ -30,15 +31,6 @@ fn default_act() -> String {
 }
 
 impl ConnectorConfig {
-    /// OpenUni-B (InternVL3-1B width) and OpenUni-L (InternVL3-2B width).
-    pub fn openuni_b() -> ConnectorConfig {
-        ConnectorConfig { hidden_size: 896, intermediate_size: 3072, num_attention_heads: 14, num_hidden_layers: 6, layer_norm_eps: 1e-6, hidden_act: default_act() }
-    }
-
-    pub fn openuni_l() -> ConnectorConfig {
-        ConnectorConfig { hidden_size: 1536, intermediate_size: 8960, num_attention_heads: 24, num_hidden_layers: 6, layer_norm_eps: 1e-6, hidden_act: default_act() }
-    }
-
     pub fn validate(&self, origin: &str) -> Result<UnaryFn> {
         let err = |msg: String| ModelError::Config { path: origin.into(), msg };
         let b = Bounds(origin);
@@ -78,36 +70,24 @@ pub fn build(b: &mut GraphBuilder, cfg: &ConnectorConfig, prefix: &str, x: Value
     Ok(layers)
 }
 
-fn layer_norm(b: &mut GraphBuilder, p: &str, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
-    let w = b.weight(&format!("{p}.weight"), [d])?;
-    let bias = b.weight(&format!("{p}.bias"), [d])?;
-    Ok(b.layernorm(p, x, Some(w), Some(bias), eps, None)?)
-}
-
-fn linear(b: &mut GraphBuilder, p: &str, x: ValueId, din: usize, dout: usize) -> Result<ValueId> {
-    let w = b.weight(&format!("{p}.weight"), [dout, din])?;
-    let bias = b.weight(&format!("{p}.bias"), [dout])?;
-    Ok(b.linear(p, x, w, Some(bias))?)
-}
-
 fn encoder_layer(b: &mut GraphBuilder, cfg: &ConnectorConfig, p: &str, x: ValueId, act: UnaryFn, d: usize) -> Result<ValueId> {
     let h = layer_norm(b, &format!("{p}.layer_norm1"), x, d, cfg.layer_norm_eps)?;
     let a = self_attention(b, cfg, &format!("{p}.self_attn"), h, d)?;
     let x = b.add(&format!("{p}.residual1"), x, a)?;
     let h = layer_norm(b, &format!("{p}.layer_norm2"), x, d, cfg.layer_norm_eps)?;
-    let h = linear(b, &format!("{p}.mlp.fc1"), h, d, cfg.intermediate_size)?;
+    let h = linear(b, &format!("{p}.mlp.fc1"), h, d, cfg.intermediate_size, true)?;
     let h = b.unary(&format!("{p}.mlp.act"), h, act)?;
-    let h = linear(b, &format!("{p}.mlp.fc2"), h, cfg.intermediate_size, d)?;
+    let h = linear(b, &format!("{p}.mlp.fc2"), h, cfg.intermediate_size, d, true)?;
     Ok(b.add(&format!("{p}.residual2"), x, h)?)
 }
 
 fn self_attention(b: &mut GraphBuilder, cfg: &ConnectorConfig, p: &str, x: ValueId, d: usize) -> Result<ValueId> {
     let heads = cfg.num_attention_heads;
     let head_dim = d / heads;
-    let q = linear(b, &format!("{p}.q_proj"), x, d, d)?;
-    let k = linear(b, &format!("{p}.k_proj"), x, d, d)?;
-    let v = linear(b, &format!("{p}.v_proj"), x, d, d)?;
+    let q = linear(b, &format!("{p}.q_proj"), x, d, d, true)?;
+    let k = linear(b, &format!("{p}.k_proj"), x, d, d, true)?;
+    let v = linear(b, &format!("{p}.v_proj"), x, d, d, true)?;
     let scale = (head_dim as f32).powf(-0.5);
     let o = b.attention(&format!("{p}.attn"), q, k, v, None, heads, heads, head_dim, false, scale)?;
-    linear(b, &format!("{p}.out_proj"), o, d, d)
+    linear(b, &format!("{p}.out_proj"), o, d, d, true)
 }

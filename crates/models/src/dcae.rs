@@ -1,5 +1,5 @@
 //! The decoder of diffusers `AutoencoderDC` (DC-AE f32c32, SANA 1.0/1.1 structure), op by op as
-//! spec/sana_dcae.md §3.2 describes it. Activations are tokens [B, h·w, C] (NHWC); convolutions
+//! docs/models.md ("DC-AE decoder") describes it. Activations are tokens [B, h·w, C] (NHWC); convolutions
 //! act on the h×w grid. Upstream key names are kept ("decoder.…").
 
 use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
@@ -179,7 +179,7 @@ pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: 
     Ok(DecoderOutputs { sample: l.sample, stem: g.stem, stages, conv_out_input: l.conv_out_input })
 }
 
-/// How the decoder splits for exact tiling (spec/sana_dcae.md §3.4): the stages from
+/// How the decoder splits for exact tiling (docs/models.md, "DC-AE decoder"): the stages from
 /// `split` up hold the global linear attention and run on the whole latent; the stages below
 /// it are ResBlocks and upsamplers only, so each output pixel of that local part depends on its
 /// input within `context` pixels and nothing else.
@@ -213,6 +213,60 @@ impl DcaeConfig {
         }
         LocalSplit { split, channels: self.decoder_block_out_channels[split], upscale: 1 << split, grid: 1 << (n - 1 - split), context: r }
     }
+}
+
+/// A tiled decode's geometry on the grid of the decoder's local part (`dcae::LocalSplit`):
+/// tiles of `tile` pixels a side, each decoding `context` pixels beyond the region it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiling {
+    pub tile: usize,
+    pub context: usize,
+}
+
+impl Tiling {
+    /// Tiles of `tile_px` output pixels with the decoder's whole receptive field as context.
+    pub fn new(vae: &DcaeConfig, tile_px: usize) -> Result<Tiling> {
+        let bail = |msg: String| Err(ModelError::Invalid(msg));
+        let (up, s) = (vae.upscale(), vae.local_split());
+        if tile_px == 0 || tile_px % up != 0 {
+            return bail(format!("--decode-tile {tile_px} is not a positive multiple of {up} (one latent pixel is {up}x{up} pixels)"));
+        }
+        let t = Tiling { tile: tile_px / s.upscale, context: s.context };
+        if t.tile <= 2 * t.context {
+            let ctx = t.context * s.upscale;
+            return bail(format!(
+                "--decode-tile {tile_px} keeps no pixels of its own: each tile decodes {ctx} px of context on each side \
+                 (the decoder's receptive field beyond its attention stages), so a tile must be larger than {} px",
+                2 * ctx
+            ));
+        }
+        Ok(t)
+    }
+}
+
+/// Start offsets of tiles of `tile` covering `n` with stride `tile - overlap`, the last one
+/// clamped so that it ends at `n`; one tile at 0 when `n <= tile`.
+pub fn tile_starts(n: usize, tile: usize, overlap: usize) -> Vec<usize> {
+    if n <= tile {
+        return vec![0];
+    }
+    let stride = tile - overlap;
+    let mut v = vec![];
+    let mut s = 0;
+    while s + tile < n {
+        v.push(s);
+        s += stride;
+    }
+    v.push(n - tile);
+    v
+}
+
+/// The span of `[0, n)` each tile starting at `starts` keeps: from `context` past its start (0 for
+/// the first) to where the next one's begins (`n` for the last). With stride <= tile - 2·context
+/// every kept pixel is at least `context` from its tile's inner edges.
+pub fn owned_spans(starts: &[usize], n: usize, context: usize) -> Vec<(usize, usize)> {
+    let lo = |i: usize| if i == 0 { 0 } else { starts[i] + context };
+    (0..starts.len()).map(|i| (lo(i), if i + 1 < starts.len() { lo(i + 1) } else { n })).collect()
 }
 
 /// The global part's result: the features the local part reads, tokens [batch, h·w, channels].

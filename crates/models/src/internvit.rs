@@ -1,5 +1,5 @@
 //! InternVL's vision side: InternViT (the `vision_model` of InternVL3, InternViT-300M-448px-V2.5),
-//! pixel shuffle v2 and the `mlp1` projector, op by op as spec/internvl3.md §4-§5 and
+//! pixel shuffle v2 and the `mlp1` projector, op by op as docs/internvl3-vision.md and
 //! docs/internvl3-vision.md describe them. Pixel values [T, 3, S, S] (every tile of every image as
 //! one batch) -> image embeddings [T, (S/p · r)², D] for the LLM's `<IMG_CONTEXT>` slots.
 //!
@@ -11,6 +11,7 @@ use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
 use openuni_tensor::{HostTensor, Shape, TensorSource};
 use serde_json::Value;
 
+use crate::nn::{layer_norm, linear, rms_norm};
 use crate::{ModelError, Result};
 
 /// `mlp1.0` is a default `nn.LayerNorm(4·C)`: eps 1e-5 (not the ViT's 1e-6).
@@ -189,21 +190,11 @@ fn weight(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId>
     Ok(b.weight(&key, shape.to_vec())?)
 }
 
-fn linear(b: &mut GraphBuilder, p: &str, x: ValueId, din: usize, dout: usize, bias: bool) -> Result<ValueId> {
-    let w = weight(b, format!("{p}.weight"), &[dout, din])?;
-    let bs = if bias { Some(weight(b, format!("{p}.bias"), &[dout])?) } else { None };
-    Ok(b.linear(p, x, w, bs)?)
-}
-
 fn norm(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, kind: NormType, eps: f32) -> Result<ValueId> {
-    let w = weight(b, format!("{p}.weight"), &[c])?;
-    Ok(match kind {
-        NormType::LayerNorm => {
-            let bias = weight(b, format!("{p}.bias"), &[c])?;
-            b.layernorm(p, x, Some(w), Some(bias), eps, None)?
-        }
-        NormType::RmsNorm => b.rmsnorm(p, x, w, None, eps)?,
-    })
+    match kind {
+        NormType::LayerNorm => layer_norm(b, p, x, c, eps),
+        NormType::RmsNorm => rms_norm(b, p, x, c, eps),
+    }
 }
 
 /// The graph from `pixel_values` [T, channels, S, S] to the projector output, all tiles as one batch.

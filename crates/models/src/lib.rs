@@ -6,15 +6,20 @@ pub mod connector;
 pub mod dcae;
 pub mod internvit;
 pub mod internvl_preprocess;
+pub mod nn;
 pub mod prompt;
 pub mod qwen2;
 pub mod sana;
 pub mod scheduler;
+pub mod variant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: {msg}")]
     Config { path: String, msg: String },
+    /// A request the model cannot serve (e.g. a decode tile smaller than the decoder's reach).
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Graph(#[from] openuni_graph::GraphError),
 }

@@ -1,5 +1,5 @@
 //! The Qwen2 decoder inside InternVL3 (transformers `Qwen2Model`), op by op as
-//! spec/internvl3.md §3 describes it: RMSNorm, q/k/v with bias and o without, GQA, rotate-half
+//! docs/models.md ("Conditioning") describes it: RMSNorm, q/k/v with bias and o without, GQA, rotate-half
 //! RoPE, SwiGLU, final norm. Upstream key names are kept under a prefix: "model." for a Qwen2
 //! folder, "language_model.model." inside an InternVL3 checkpoint.
 
@@ -7,6 +7,7 @@ use openuni_graph::{AttentionParams, GraphBuilder, ValueId};
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
+use crate::nn::{linear, rms_norm as rmsnorm};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -197,17 +198,6 @@ fn stack(b: &mut GraphBuilder, cfg: &Qwen2Config, prefix: &str, embeds: ValueId,
     }
     let hidden_states = rmsnorm(b, &format!("{prefix}norm"), x, cfg.hidden_size, cfg.rms_norm_eps)?;
     Ok(Qwen2Outputs { hidden_states, layers })
-}
-
-fn rmsnorm(b: &mut GraphBuilder, p: &str, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
-    let w = b.weight(&format!("{p}.weight"), [d])?;
-    Ok(b.rmsnorm(p, x, w, None, eps)?)
-}
-
-fn linear(b: &mut GraphBuilder, p: &str, x: ValueId, din: usize, dout: usize, bias: bool) -> Result<ValueId> {
-    let w = b.weight(&format!("{p}.weight"), [dout, din])?;
-    let bs = if bias { Some(b.weight(&format!("{p}.bias"), [dout])?) } else { None };
-    Ok(b.linear(p, x, w, bs)?)
 }
 
 fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, p: &str, x: ValueId, theta: f32, segments: Option<&[usize]>) -> Result<ValueId> {

@@ -1,5 +1,5 @@
 //! diffusers `SanaTransformer2DModel` (Sana 600M/1600M 512px and SANA1.5 1.6B 1024px), op by op
-//! as spec/sana_dcae.md §1 describes it. Upstream key names are kept.
+//! as docs/models.md ("SANA transformer") describes it. Upstream key names are kept.
 //!
 //! The model is built in two parts so that what depends only on the prompt runs once per
 //! generation: [`caption_path`] (caption projection + norm, then every block's cross-attention
@@ -9,6 +9,7 @@ use openuni_graph::{GraphBuilder, Modulation, UnaryFn, ValueId};
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
+use crate::nn::{linear, rms_norm as rmsnorm};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -142,17 +143,6 @@ pub fn check_timesteps(t: &[f32]) -> Result<()> {
 /// A weight by upstream key.
 fn w(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId> {
     Ok(b.weight(&key, shape.to_vec())?)
-}
-
-fn linear(b: &mut GraphBuilder, p: &str, x: ValueId, din: usize, dout: usize, bias: bool) -> Result<ValueId> {
-    let wt = w(b, format!("{p}.weight"), &[dout, din])?;
-    let bs = if bias { Some(w(b, format!("{p}.bias"), &[dout])?) } else { None };
-    Ok(b.linear(p, x, wt, bs)?)
-}
-
-fn rmsnorm(b: &mut GraphBuilder, p: &str, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
-    let wt = w(b, format!("{p}.weight"), &[d])?;
-    Ok(b.rmsnorm(p, x, wt, None, eps)?)
 }
 
 /// Per-block cross-attention keys and values, computed once per prompt.

@@ -1,7 +1,7 @@
 //! The samplers: OpenUni's default through diffusers' SanaPipeline, `DPMSolverMultistepScheduler`
 //! with `algorithm_type dpmsolver++, solver_order 2, solver_type midpoint, prediction_type
-//! flow_prediction, use_flow_sigmas, final_sigmas_type zero, lower_order_final` (spec/sana_dcae.md
-//! §4.3-4.4), and flow Euler (`FlowMatchEulerDiscreteScheduler(shift)`). All solver math is f32,
+//! flow_prediction, use_flow_sigmas, final_sigmas_type zero, lower_order_final` (docs/models.md,
+//! "Sampling"), and flow Euler (`FlowMatchEulerDiscreteScheduler(shift)`). All solver math is f32,
 //! as diffusers computes it (its coefficients are 0-d f32 tensors); schedules are made in f64
 //! where diffusers uses numpy and stored as f32.
 
@@ -212,7 +212,7 @@ mod tests {
 
     #[test]
     fn schedule_20_steps_shift_3_matches_the_published_table() {
-        // spec/sana_dcae.md §4.3, read off diffusers.
+        // docs/models.md ("Sampling"), read off diffusers.
         let s = FlowSchedule::new(20, 3.0).unwrap();
         assert_eq!(
             s.timesteps,
@@ -225,7 +225,7 @@ mod tests {
 
     #[test]
     fn euler_schedule_matches_the_published_start() {
-        // spec/sana_dcae.md §4.3: "timesteps are σ·1000 as floats (1000.0, 981.875, ...)".
+        // docs/models.md ("Sampling"): flow Euler's timesteps are σ·1000 as floats (1000.0, 981.875, ...).
         let (s, t) = flow_euler_schedule(20, 3.0).unwrap();
         assert_eq!(t[0], 1000.0);
         assert!((t[1] - 981.875).abs() < 0.01, "{}", t[1]);

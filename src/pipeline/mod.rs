@@ -1,0 +1,107 @@
+//! OpenUni text-to-image, end to end (docs/architecture.md, "One generation";
+//! docs/models.md): prompt ids ->
+//! LLM with meta-queries -> connector -> projector -> SANA with CFG and DPM-Solver++ -> DC-AE ->
+//! uint8 pixels. Each stage is its own graph; what depends only on the prompt (the caption path
+
+mod assembly;
+mod decode;
+mod resident;
+mod sampling;
+
+use std::cell::RefCell;
+use std::path::Path;
+
+use openuni_models::connector::ConnectorConfig;
+use openuni_models::dcae::DcaeConfig;
+use openuni_models::qwen2::Qwen2Config;
+use openuni_models::sana::SanaConfig;
+use openuni_models::scheduler::SamplerKind;
+use openuni_tensor::{DType, HostTensor, TensorSource};
+
+use crate::exec::{Device, GraphExecutor};
+
+pub use crate::image::to_uint8_nhwc;
+pub use assembly::{open_weights, planned_graph_bytes};
+pub use decode::{decode_graphs, DecodeOptions};
+pub use openuni_models::dcae::{owned_spans, tile_starts, Tiling};
+use resident::Resident;
+pub use resident::Stage;
+pub use sampling::{check_finite, StopCheck, Stopped};
+
+/// The models of one OpenUni variant, loaded from their folders.
+pub struct OpenUni {
+    pub llm_cfg: Qwen2Config,
+    pub llm: Box<dyn TensorSource>,
+    llm_prefix: &'static str,
+    /// meta_queries, connector.*, projector.*, and for fine-tuned checkpoints transformer.*.
+    pub openuni: Box<dyn TensorSource>,
+    pub connector_cfg: ConnectorConfig,
+    pub num_queries: usize,
+    pub transformer_cfg: SanaConfig,
+    transformer_base: Box<dyn TensorSource>,
+    pub vae_cfg: DcaeConfig,
+    pub vae: Box<dyn TensorSource>,
+    /// Device weights and executors kept between calls (see [`Resident`]).
+    resident: RefCell<Resident>,
+    /// Asked before every denoising step (see [`set_stop_check`](Self::set_stop_check)).
+    stop_check: RefCell<Option<StopCheck>>,
+}
+
+/// Where the pieces are.
+pub struct ModelPaths<'a> {
+    pub llm: &'a Path,
+    pub openuni: &'a Path,
+    pub transformer: &'a Path,
+    pub vae: &'a Path,
+}
+
+/// How the computation runs.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// One batch for [`OpenUni::generate_batches`]: each image's (cond, uncond) prompt ids and the
+/// batch's noise [N, 32, h, w].
+pub struct GenerationBatch {
+    pub prompts: Vec<(Vec<u32>, Vec<u32>)>,
+    pub noise: HostTensor,
+}
+
+/// How the images are sampled and decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct SamplingParams {
+    pub steps: usize,
+    pub guidance: f32,
+    pub sampler: SamplerKind,
+    pub flow_shift: f64,
+    pub decode: DecodeOptions,
+}
+
+/// A conditioning enqueued by [`OpenUni::start_conditioning`].
+pub struct PendingConditioning {
+    exec: Box<dyn GraphExecutor>,
+    n: usize,
+}
+
+/// The conditioning of N prompts: rows ordered [uncond_0 .. uncond_N-1, cond_0 .. cond_N-1]
+/// (diffusers' CFG order: the transformer output's first half is unconditional).
+pub struct Conditioning {
+    /// [2N, Q, caption_channels]
+    pub prompt_embeds: HostTensor,
+    /// The LLM's last Q hidden states after the final norm, [N, Q, D] each.
+    pub hidden_uncond: HostTensor,
+    pub hidden_cond: HostTensor,
+    /// The connector output [2N, Q, D].
+    pub connector: HostTensor,
+}
+
+/// Per-step values a caller may want to see (verification, progress).
+pub struct StepRecord {
+    pub timestep: f32,
+    /// The raw transformer output [2N, 32, h, w] before guidance.
+    pub model_output: HostTensor,
+    /// The latents after the step [N, 32, h, w].
+    pub latents: HostTensor,
+}

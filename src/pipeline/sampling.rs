@@ -1,0 +1,242 @@
+//! The sampling loop: conditioning (LLM with meta-queries, connector, projector), the caption
+//! path's K/V, the denoising steps with classifier-free guidance, and the checks that no stage
+//! passed on a non-finite value.
+
+use openuni_models::scheduler::{guide, Sampler, SamplerKind};
+use std::collections::HashMap;
+
+use anyhow::{bail, Result};
+use openuni_tensor::{HostTensor, Shape};
+
+use crate::exec::Device;
+
+use super::resident::Stage;
+use super::{Conditioning, GenerationBatch, OpenUni, PendingConditioning, RunOptions, SamplingParams, StepRecord};
+
+/// A check asked before every denoising step; `true` ends the generation with [`Stopped`].
+pub type StopCheck = Box<dyn Fn() -> bool>;
+
+/// The error of a generation ended by its [`StopCheck`] (e.g. every client of a served batch left).
+#[derive(Debug)]
+pub struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "generation stopped before its last step: nobody waits for it")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+impl OpenUni {
+    /// Prompt ids (cond, uncond) -> prompt embeddings [2, Q, caption_channels], [uncond, cond].
+    pub fn condition(&self, ids_cond: &[u32], ids_uncond: &[u32], run: RunOptions) -> Result<Conditioning> {
+        self.condition_batch(&[(ids_cond, ids_uncond)], run)
+    }
+
+    /// N prompts' ids (cond, uncond) -> prompt embeddings [2N, Q, caption_channels] in the
+    /// order [uncond_0..N-1, cond_0..N-1].
+    pub fn condition_batch(&self, prompts: &[(&[u32], &[u32])], run: RunOptions) -> Result<Conditioning> {
+        let pending = self.start_conditioning(prompts, run)?;
+        self.finish_conditioning(pending)
+    }
+
+    /// The 2N sequences of N prompts in row order [uncond_0..N-1, cond_0..N-1], each with the
+    /// meta-queries appended: their lengths (the packed segments).
+    pub(super) fn segments(&self, prompts: &[(&[u32], &[u32])]) -> Vec<usize> {
+        prompts.iter().map(|p| p.1.len()).chain(prompts.iter().map(|p| p.0.len())).map(|l| l + self.num_queries).collect()
+    }
+
+    /// Starts the conditioning of N prompts (`conditioning_graph` on their packed sequences). On a
+    /// GPU it is enqueued on the device's second lane and this returns before it has run, so the
+    /// caller can denoise another batch meanwhile; [`finish_conditioning`](Self::finish_conditioning)
+    /// waits for it.
+    pub fn start_conditioning(&self, prompts: &[(&[u32], &[u32])], run: RunOptions) -> Result<PendingConditioning> {
+        let n = prompts.len();
+        if n == 0 {
+            bail!("no prompts to condition on");
+        }
+        let (d, q) = (self.llm_cfg.hidden_size, self.num_queries);
+        let queries = self.openuni.tensor_f32("meta_queries", &[q, d].into())?.to_f32_vec();
+        let segments = self.segments(prompts);
+        let total: usize = segments.iter().sum();
+        let mut embeds = Vec::with_capacity(total * d);
+        for ids in prompts.iter().map(|p| p.1).chain(prompts.iter().map(|p| p.0)) {
+            let rows: Vec<usize> = ids
+                .iter()
+                .map(|&i| {
+                    let i = i as usize;
+                    if i < self.llm_cfg.vocab_size {
+                        Ok(i)
+                    } else {
+                        bail!("token id {i} is outside the LLM's vocabulary of {}", self.llm_cfg.vocab_size)
+                    }
+                })
+                .collect::<Result<_>>()?;
+            embeds.extend(self.llm.rows_f32(&format!("{}embed_tokens.weight", self.llm_prefix), &rows)?.to_f32_vec());
+            embeds.extend_from_slice(&queries);
+        }
+        // The graph depends on the prompts' lengths, so its executor is made per call (on the
+        // resident weights).
+        let mut exec = self.new_executor(Stage::Conditioning, &self.conditioning_graph(&segments)?, run)?;
+        exec.set_inputs(&HashMap::from([("inputs_embeds".to_string(), HostTensor::from_f32([1, total, d], embeds)?)]))?;
+        exec.execute()?;
+        Ok(PendingConditioning { exec, n })
+    }
+
+    /// Waits for a conditioning started by [`start_conditioning`](Self::start_conditioning).
+    pub fn finish_conditioning(&self, mut p: PendingConditioning) -> Result<Conditioning> {
+        let (n, q, d) = (p.n, self.num_queries, self.llm_cfg.hidden_size);
+        let mut out = p.exec.outputs()?;
+        let hidden = out.remove("hidden").expect("graph output").to_f32_vec();
+        let half = n * q * d;
+        Ok(Conditioning {
+            prompt_embeds: out.remove("prompt_embeds").expect("graph output"),
+            connector: out.remove("connector").expect("graph output"),
+            hidden_uncond: HostTensor::from_f32([n, q, d], hidden[..half].to_vec())?,
+            hidden_cond: HostTensor::from_f32([n, q, d], hidden[half..].to_vec())?,
+        })
+    }
+
+    /// The caption path for `prompt_embeds`.
+    pub(super) fn cross_kv(&self, prompt_embeds: &HostTensor, run: RunOptions) -> Result<HashMap<String, HostTensor>> {
+        let dims = prompt_embeds.shape.dims().to_vec();
+        let inputs = HashMap::from([("encoder_hidden_states".to_string(), prompt_embeds.clone())]);
+        self.with_executor(Stage::Transformer, "caption", &dims, run, false, || self.caption_graph(&prompt_embeds.shape), |e| e.run(&inputs))
+    }
+
+    /// Generates `batches` one after another: the conditioning of batch i + 1 is started (on the
+    /// device's second lane) before batch i is denoised, so on a GPU the two overlap. Each batch's
+    /// decoded images [N, 3, H, W] go to `done(batch index, images)`; `on_step(N)` after each step.
+    pub fn generate_batches(
+        &self,
+        batches: &[GenerationBatch],
+        p: &SamplingParams,
+        run: RunOptions,
+        mut on_step: impl FnMut(usize),
+        mut done: impl FnMut(usize, HostTensor) -> Result<()>,
+    ) -> Result<()> {
+        let start = |b: &GenerationBatch| {
+            let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(c, u)| (&c[..], &u[..])).collect();
+            self.start_conditioning(&pairs, run)
+        };
+        let mut next = match batches.first() {
+            Some(b) => Some(start(b)?),
+            None => return Ok(()),
+        };
+        for (i, b) in batches.iter().enumerate() {
+            let cond = self.finish_conditioning(next.take().expect("started before"))?;
+            if let Some(after) = batches.get(i + 1) {
+                next = Some(start(after)?);
+            }
+            // No image is written from a non-finite value: each stage's output is checked, and the
+            // first one holding NaN/Inf is named (NaN weights, an overflow, a bad config value).
+            check_finite("conditioning: the LLM's query states", &cond.hidden_uncond, i)?;
+            check_finite("conditioning: the LLM's query states", &cond.hidden_cond, i)?;
+            check_finite("conditioning: the connector output", &cond.connector, i)?;
+            check_finite("conditioning: the projector output (prompt embeddings)", &cond.prompt_embeds, i)?;
+            let n = b.prompts.len();
+            let (mut k, mut first_bad) = (0, None);
+            let latents = self.denoise(&cond.prompt_embeds, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |r| {
+                on_step(n);
+                k += 1;
+                if first_bad.is_none() {
+                    let at = format!("denoise step {k} of {}", p.steps);
+                    first_bad = check_finite(&format!("{at}: the transformer output (from its weights, the caption path's K/V or the latents fed in)"), &r.model_output, i)
+                        .and_then(|_| check_finite(&format!("{at}: the guided sampler update (guidance {})", p.guidance), &r.latents, i))
+                        .err();
+                }
+            })?;
+            if let Some(e) = first_bad {
+                return Err(e);
+            }
+            check_finite("the latents after denoising", &latents, i)?;
+            let sf = self.vae_cfg.scaling_factor;
+            let scaled = HostTensor::from_f32(latents.shape.clone(), latents.to_f32_vec().iter().map(|x| x / sf).collect())?;
+            check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &scaled, i)?;
+            let decoded = self.decode_with(&latents, run, p.decode)?;
+            check_finite(&format!("decode: the VAE output (latents / scaling_factor {} decoded)", self.vae_cfg.scaling_factor), &decoded, i)?;
+            done(i, decoded)?;
+        }
+        Ok(())
+    }
+
+    /// The sampling loop from `noise` [N, 32, h, w] with `prompt_embeds` [2N, Q, cc] (uncond rows
+    /// first): each step runs the transformer once on the batch [uncond, cond] of all N images,
+    /// guides in f32 and takes a sampler step; latents stay f32. The caption path runs once, its
+    /// K/V stay on the device for every step, and on a GPU the step is a captured CUDA graph.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise(
+        &self,
+        prompt_embeds: &HostTensor,
+        noise: &HostTensor,
+        steps: usize,
+        guidance: f32,
+        sampler: SamplerKind,
+        flow_shift: f64,
+        run: RunOptions,
+        mut on_step: impl FnMut(StepRecord),
+    ) -> Result<HostTensor> {
+        let cfg = &self.transformer_cfg;
+        let nd = noise.shape.dims().to_vec();
+        if nd.len() != 4 || nd[0] == 0 || nd[1] != cfg.in_channels {
+            bail!("noise has shape {}, expected [N, {}, h, w]", noise.shape, cfg.in_channels);
+        }
+        let n = nd[0];
+        let pe = prompt_embeds.shape.dims().to_vec();
+        if pe.len() != 3 || pe[0] != 2 * n || pe[2] != cfg.caption_channels {
+            bail!("prompt embeddings have shape {}, expected [{}, Q, {}] (uncond and cond rows of {n} images)", prompt_embeds.shape, 2 * n, cfg.caption_channels);
+        }
+        let (h, w) = (nd[2], nd[3]);
+        let kv = self.cross_kv(prompt_embeds, run)?;
+        let kv_shapes: HashMap<String, Shape> = kv.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+        let dims = [2 * n, cfg.in_channels, h, w];
+        let capture = run.device != Device::Cpu;
+        let mut solver = Sampler::with_kind(sampler, steps, flow_shift).map_err(anyhow::Error::msg)?;
+        let mut latents = noise.to_f32_vec();
+        let per = latents.len();
+        let mut guided = vec![0f32; per];
+        self.with_executor(Stage::Transformer, "step", &dims, run, capture, || self.step_graph(&kv_shapes, 2 * n, h, w), |e| {
+            // The batch's K/V once; only the latents and the timestep change per step.
+            e.set_inputs(&kv)?;
+            while let Some(ts) = solver.timestep() {
+                if self.stop_check.borrow().as_ref().is_some_and(|stop| stop()) {
+                    return Err(Stopped.into());
+                }
+                let mut x2 = latents.clone();
+                x2.extend_from_slice(&latents);
+                // The transformer sees the timestep as f32, as SanaPipeline passes it.
+                let inputs = HashMap::from([
+                    ("hidden_states".to_string(), HostTensor::from_f32(dims, x2)?),
+                    ("timestep".to_string(), HostTensor::from_f32([2 * n], vec![ts; 2 * n])?),
+                ]);
+                e.set_inputs(&inputs)?;
+                e.execute()?;
+                let v = e.outputs()?.remove("velocity").expect("graph output");
+                let vv = v.to_f32_vec();
+                guide(&vv[..per], &vv[per..], guidance, &mut guided);
+                solver.step(&guided, &mut latents).map_err(anyhow::Error::msg)?;
+                on_step(StepRecord { timestep: ts, model_output: v, latents: HostTensor::from_f32(noise.shape.clone(), latents.clone())? });
+            }
+            Ok(())
+        })?;
+        Ok(HostTensor::from_f32(noise.shape.clone(), latents)?)
+    }
+}
+
+/// An error unless every value of `t` is finite: names the stage, the batch, what was found and
+/// where to look (the stage's weights, `openuni verify --diff-nodes` to find the op).
+pub fn check_finite(stage: &str, t: &HostTensor, batch: usize) -> Result<()> {
+    let v = t.to_f32_vec();
+    let Some(first) = v.iter().position(|x| !x.is_finite()) else { return Ok(()) };
+    let (nan, inf) = v.iter().fold((0usize, 0usize), |(n, i), x| (n + x.is_nan() as usize, i + x.is_infinite() as usize));
+    bail!(
+        "non-finite values first appeared in {stage} (batch {batch}): {nan} NaN and {inf} infinite of {} values, the first at \
+         flat index {first} of shape {} ({}); no image was written. A NaN/Inf weight or config value of that stage, or an \
+         overflow, causes this: check the model files, and run `openuni verify CASE --diff-nodes` on a reference case \
+         of the component to find the first diverging op",
+        v.len(),
+        t.shape,
+        v[first]
+    )
+}
