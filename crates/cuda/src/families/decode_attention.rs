@@ -54,7 +54,11 @@ pub struct DecodeArgs {
     pub scale: f32,
 }
 
-fn check_sizes(batch: usize, kv_heads: usize, max_len: usize, head_dim: usize) -> std::result::Result<(), String> {
+/// The limits both kernels share (grid, 32-bit sizes, head dim, RoPE's even head dim).
+fn check_sizes(batch: usize, kv_heads: usize, max_len: usize, head_dim: usize, rope: bool) -> std::result::Result<(), String> {
+    if rope && !head_dim.is_multiple_of(2) {
+        return Err(format!("fused RoPE needs an even head dim, found {head_dim}"));
+    }
     if head_dim == 0 || head_dim > MAX_HEAD_DIM {
         return Err(format!("head dim {head_dim} has no decode kernel: supported head dims are 1 to {MAX_HEAD_DIM}"));
     }
@@ -76,10 +80,7 @@ pub fn launch(a: &DecodeArgs) -> std::result::Result<Vec<Launch>, String> {
     if group > MAX_GROUP {
         return Err(format!("{group} query heads per key/value head exceed the kernel's {MAX_GROUP}"));
     }
-    check_sizes(a.batch, a.kv_heads, a.max_len, a.head_dim)?;
-    if a.rope_cs != 0 && !a.head_dim.is_multiple_of(2) {
-        return Err(format!("fused RoPE needs an even head dim, found {}", a.head_dim));
-    }
+    check_sizes(a.batch, a.kv_heads, a.max_len, a.head_dim, a.rope_cs != 0)?;
     if a.batch == 0 {
         return Ok(vec![]);
     }
@@ -135,10 +136,7 @@ pub struct AppendArgs {
 
 /// The launch of one in-place append.
 pub fn append_launch(a: &AppendArgs, sm_count: u32) -> std::result::Result<Vec<Launch>, String> {
-    check_sizes(a.batch, a.kv_heads, a.max_len, a.head_dim)?;
-    if a.rope_cs != 0 && !a.head_dim.is_multiple_of(2) {
-        return Err(format!("fused RoPE needs an even head dim, found {}", a.head_dim));
-    }
+    check_sizes(a.batch, a.kv_heads, a.max_len, a.head_dim, a.rope_cs != 0)?;
     if a.batch == 0 {
         return Ok(vec![]);
     }
