@@ -634,12 +634,12 @@ impl ChatModel {
         let mut b = openuni_graph::GraphBuilder::new();
         let x = b.input("pixel_values", px.shape.clone())?;
         let out = openuni_models::internvit::build(&mut b, &vcfg, x)?;
-        b.output("vit_embeds", out.vit_embeds)?;
+        b.mark(openuni_models::internvit::VIT_EMBEDS, out.vit_embeds)?;
         let g = b.finish();
         let src = openuni_models::internvit::VitWeights { inner: &self.weights, layout };
         let mut ex = crate::exec::executor(self.device, &g, &src, self.dtype, false)?;
         let inputs = std::collections::HashMap::from([("pixel_values".to_string(), px.to_dtype(openuni_tensor::DType::F32)?)]);
-        Ok(ex.run(&inputs)?.remove("vit_embeds").expect("graph output").to_f32_vec())
+        Ok(openuni_models::internvit::VIT_EMBEDS.take(&mut ex.run(&inputs)?)?.to_f32_vec())
     }
 
     /// The templated prompt's embeddings with the image rows scattered in. `images`: the
@@ -769,7 +769,7 @@ pub fn tiny_chat_model(dir: &std::path::Path) -> anyhow::Result<std::path::PathB
     let x = b.input("px", [1, 3, 448, 448])?;
     openuni_models::internvit::build(&mut b, &vcfg, x)?;
     let e = b.input("e", [1, 4, lcfg.hidden_size])?;
-    openuni_models::qwen2::build(&mut b, &lcfg, "language_model.model.", e, "tiny chat llm")?;
+    openuni_models::qwen2::build(&mut b, &lcfg, &openuni_models::nn::Scope::new("language_model.model"), e, "tiny chat llm")?;
     let g = b.finish();
     let mut shapes: Vec<(String, Vec<usize>)> = g.weights().map(|(id, n)| (n.to_string(), g.shape(id).dims().to_vec())).collect();
     let (v, d) = (lcfg.vocab_size, lcfg.hidden_size);

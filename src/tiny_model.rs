@@ -12,6 +12,8 @@ use openuni_graph::{Graph, GraphBuilder};
 use openuni_models::connector::{self, ConnectorConfig};
 use openuni_models::dcae::{self, DcaeConfig};
 use openuni_models::config::{parse_config, MllmConfig};
+use openuni_models::nn::{self, Scope};
+use openuni_models::openuni as head;
 use openuni_models::qwen2;
 use openuni_models::sana::{self, SanaConfig};
 use openuni_models::variant::TINY;
@@ -112,7 +114,7 @@ fn build(dir: &Path, llm: &Path, transformer: &Path, vae: &Path, openuni: &Path)
     let lc = MllmConfig::from_value(llm_config(), "tiny llm")?.llm;
     let mut b = GraphBuilder::new();
     let x = b.input("x", [1, 4, lc.hidden_size])?;
-    qwen2::build(&mut b, &lc, "model.", x, "tiny llm")?;
+    qwen2::build(&mut b, &lc, &Scope::new("model"), x, "tiny llm")?;
     let g = b.finish();
     let w = weights_of(&[&g], &[("model.embed_tokens.weight", vec![lc.vocab_size, lc.hidden_size])], &mut rng);
     save(&llm.join("model.safetensors"), &w)?;
@@ -124,14 +126,10 @@ fn build(dir: &Path, llm: &Path, transformer: &Path, vae: &Path, openuni: &Path)
     let tc: SanaConfig = parse_config((TINY.transformer)(), "tiny transformer")?;
     let mut b = GraphBuilder::new();
     let x = b.input("x", [1, TINY.num_queries, cc.hidden_size])?;
-    connector::build(&mut b, &cc, "connector.", x, "tiny connector")?;
+    let layers = connector::build(&mut b, &cc, &Scope::new(head::CONNECTOR_PREFIX), x, "tiny connector")?;
+    nn::linear(&mut b, &Scope::new(head::PROJECTOR_PREFIX), *layers.last().unwrap_or(&x), cc.hidden_size, tc.caption_channels, true)?;
     let g = b.finish();
-    let extra = [
-        ("meta_queries", vec![TINY.num_queries, lc.hidden_size]),
-        ("projector.weight", vec![tc.caption_channels, cc.hidden_size]),
-        ("projector.bias", vec![tc.caption_channels]),
-    ];
-    save(openuni, &weights_of(&[&g], &extra, &mut rng))?;
+    save(openuni, &weights_of(&[&g], &[(head::META_QUERIES, vec![TINY.num_queries, lc.hidden_size])], &mut rng))?;
 
     // Transformer (diffusers folder layout).
     let mut b = GraphBuilder::new();

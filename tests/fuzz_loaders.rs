@@ -19,6 +19,7 @@ use openuni_graph::GraphBuilder;
 use openuni_models::config::{read_config, read_mllm_config, ModelConfig, SchedulerConfig};
 use openuni_models::connector::{self, ConnectorConfig};
 use openuni_models::dcae::{self, DcaeConfig};
+use openuni_models::nn::Scope;
 use openuni_models::qwen2;
 use openuni_models::sana::{self, SanaConfig};
 use openuni_tensor::{read_pth_bytes, PthOptions, Weights};
@@ -317,7 +318,7 @@ fn load_config(kind: ConfigKind, text: &[u8]) -> bool {
         ConfigKind::Mllm => {
             let Ok(c) = read_mllm_config(&p) else { return false };
             let x = b.input("x", [1, 3, c.llm.hidden_size]).unwrap();
-            let _ = qwen2::build(&mut b, &c.llm, "model.", x, "fuzz");
+            let _ = qwen2::build(&mut b, &c.llm, &Scope::new("model"), x, "fuzz");
         }
         ConfigKind::Sana => {
             let Some(c) = read_kind::<SanaConfig>(&p) else { return false };
@@ -337,7 +338,7 @@ fn load_config(kind: ConfigKind, text: &[u8]) -> bool {
         ConfigKind::Connector => {
             let Some(c) = read_kind::<ConnectorConfig>(&p) else { return false };
             let x = b.input("x", [1, 2, c.hidden_size]).unwrap();
-            let _ = connector::build(&mut b, &c, "", x, "fuzz");
+            let _ = connector::build(&mut b, &c, &Scope::default(), x, "fuzz");
         }
         ConfigKind::Scheduler => {
             let Some(c) = read_kind::<SchedulerConfig>(&p) else { return false };

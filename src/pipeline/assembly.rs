@@ -5,23 +5,20 @@ use std::cell::RefCell;
 use std::path::Path;
 
 use openuni_models::config::{read_config, read_mllm_config};
-use openuni_models::connector::{self, ConnectorConfig};
+use openuni_models::connector::ConnectorConfig;
 use openuni_models::dcae::DcaeConfig;
+use openuni_models::openuni::{self as head, Head};
 use openuni_models::qwen2::{self, Qwen2Config};
 use openuni_models::sana::{self, SanaConfig};
 use openuni_tensor::{read_pth, Overlay, Routed, TensorMap, Weights};
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use openuni_graph::{Graph, GraphBuilder};
+use openuni_graph::Graph;
 use openuni_tensor::{DType, Shape, TensorSource};
 
 use super::resident::Stage;
 use super::{decode_graphs, DecodeOptions, ModelPaths, OpenUni};
-
-/// The key by which a fine-tuned OpenUni checkpoint is recognised: it carries the whole SANA
-/// transformer under `transformer.` (docs/models.md, "Variants").
-const FINETUNED_PROBE: &str = "transformer.proj_out.weight";
 
 /// Opens a weight file or folder: safetensors (file, folder, sharded index) or a PyTorch `.pth`
 /// read by our own allow-listed unpickler (never executing checkpoint code).
@@ -42,14 +39,7 @@ impl OpenUni {
         let (llm_prefix, _) = qwen2::detect_prefix(&mut llm.keys())
             .with_context(|| format!("{}: no Qwen2 or InternVL3 embedding table", paths.llm.display()))?;
         let openuni = open_weights(paths.openuni)?;
-        let mq = openuni.shape_of("meta_queries")?;
-        if mq.rank() != 2 || mq.dims()[1] != llm_cfg.hidden_size {
-            bail!(
-                "{}: `meta_queries` has shape {mq}, expected [Q, {}] (the LLM's hidden size)",
-                paths.openuni.display(),
-                llm_cfg.hidden_size
-            );
-        }
+        let num_queries = head::num_queries(openuni.as_ref(), &llm_cfg)?;
         if connector_cfg.hidden_size != llm_cfg.hidden_size {
             bail!("connector width {} differs from the LLM's hidden size {}", connector_cfg.hidden_size, llm_cfg.hidden_size);
         }
@@ -58,7 +48,7 @@ impl OpenUni {
         let vcfg_path = paths.vae.join("config.json");
         let vae_cfg: DcaeConfig = read_config(&vcfg_path)?;
         Ok(OpenUni {
-            num_queries: mq.dims()[0],
+            num_queries,
             llm_cfg,
             llm: Box::new(llm),
             llm_prefix,
@@ -106,7 +96,7 @@ impl OpenUni {
     pub(super) fn source(&self, stage: Stage) -> Box<dyn TensorSource + '_> {
         match stage {
             Stage::Conditioning => Box::new(Routed {
-                routes: vec![("connector.", self.openuni.as_ref()), ("projector.", self.openuni.as_ref())],
+                routes: vec![(head::CONNECTOR_PREFIX, self.openuni.as_ref()), (head::PROJECTOR_PREFIX, self.openuni.as_ref())],
                 default: self.llm.as_ref(),
             }),
             Stage::Transformer => self.transformer(),
@@ -116,49 +106,32 @@ impl OpenUni {
 
     /// The transformer's weights: a fine-tuned checkpoint's `transformer.*` over the diffusers folder.
     pub fn transformer(&self) -> Box<dyn TensorSource + '_> {
-        if self.openuni.contains(FINETUNED_PROBE) {
-            Box::new(Overlay { top: self.openuni.as_ref(), prefix: "transformer.".into(), base: self.transformer_base.as_ref() })
+        if self.openuni.contains(head::FINETUNED_PROBE) {
+            Box::new(Overlay { top: self.openuni.as_ref(), prefix: head::TRANSFORMER_PREFIX.into(), base: self.transformer_base.as_ref() })
         } else {
             Box::new(self.transformer_base.as_ref())
         }
     }
 
-    /// The conditioning graph of packed sequences of `segments` tokens (each ending in the Q
-    /// meta-queries): the LLM with causal attention inside each sequence and no padding, the last
-    /// Q states of every sequence after the final norm, the connector on all of them at once, the
-    /// projector. Outputs `hidden` [S, Q, D], `connector` [S, Q, D], `prompt_embeds` [S, Q, cc].
+    /// The OpenUni head of this model (meta-queries, LLM, connector, projector).
+    pub(super) fn head(&self) -> Head<'_> {
+        Head {
+            llm: &self.llm_cfg,
+            llm_prefix: self.llm_prefix,
+            connector: &self.connector_cfg,
+            num_queries: self.num_queries,
+            caption_channels: self.transformer_cfg.caption_channels,
+        }
+    }
+
+    /// The conditioning graph of packed sequences of `segments` tokens ([`Head::graph`]).
     pub(super) fn conditioning_graph(&self, segments: &[usize]) -> Result<Graph> {
-        let (d, q, cc) = (self.llm_cfg.hidden_size, self.num_queries, self.transformer_cfg.caption_channels);
-        let total: usize = segments.iter().sum();
-        let mut b = GraphBuilder::new();
-        let x = b.input("inputs_embeds", [1, total, d])?;
-        let o = qwen2::build_packed(&mut b, &self.llm_cfg, self.llm_prefix, x, segments, "llm")?;
-        let ends = segments.iter().scan(0, |at, &l| {
-            *at += l;
-            Some(*at - q)
-        });
-        let hidden = b.gather_tokens("queries", o.hidden_states, &ends.collect::<Vec<_>>(), q)?;
-        let layers = connector::build(&mut b, &self.connector_cfg, "connector.", hidden, "connector")?;
-        let c = *layers.last().unwrap_or(&hidden);
-        let pw = b.weight("projector.weight", [cc, d])?;
-        let pb = b.weight("projector.bias", [cc])?;
-        let e = b.linear("projector", c, pw, Some(pb))?;
-        b.output("hidden", hidden)?;
-        b.output("connector", c)?;
-        b.output("prompt_embeds", e)?;
-        Ok(b.finish())
+        Ok(self.head().graph(segments)?)
     }
 
     /// The caption path graph (projection, norm, every block's cross-attention K/V).
     pub(super) fn caption_graph(&self, prompt_embeds: &Shape) -> Result<Graph> {
-        let mut b = GraphBuilder::new();
-        let enc = b.input("encoder_hidden_states", prompt_embeds.clone())?;
-        let (_, kv) = sana::caption_path(&mut b, &self.transformer_cfg, enc)?;
-        for (i, p) in kv.iter().enumerate() {
-            b.output(&format!("cross_kv.{i}.k"), p.k)?;
-            b.output(&format!("cross_kv.{i}.v"), p.v)?;
-        }
-        Ok(b.finish())
+        Ok(sana::caption_graph(&self.transformer_cfg, prompt_embeds)?)
     }
 
     /// The graphs alive together for a batch of `n` images with `h`×`w` latents decoded as
@@ -196,21 +169,7 @@ impl OpenUni {
     /// The transformer step graph on [2N, C, h, w] reading the caption path's K/V (of the
     /// shapes in `kv`) as inputs.
     pub(super) fn step_graph(&self, kv: &HashMap<String, Shape>, batch2: usize, h: usize, w: usize) -> Result<Graph> {
-        let cfg = &self.transformer_cfg;
-        let mut b = GraphBuilder::new();
-        let x = b.input("hidden_states", [batch2, cfg.in_channels, h, w])?;
-        let t = b.input("timestep", [batch2])?;
-        let mut kv_inputs = vec![];
-        for i in 0..cfg.num_layers {
-            let (kn, vn) = (format!("cross_kv.{i}.k"), format!("cross_kv.{i}.v"));
-            let k = b.input(&kn, kv[&kn].clone())?;
-            let v = b.input(&vn, kv[&vn].clone())?;
-            kv_inputs.push(sana::CrossKv { k, v });
-        }
-        // OpenUni's prompt mask is all ones, which is the same as no mask.
-        let o = sana::denoise(&mut b, cfg, x, t, &kv_inputs, None, h, w)?;
-        b.output("velocity", o.output)?;
-        Ok(b.finish())
+        Ok(sana::step_graph(&self.transformer_cfg, kv, batch2, h, w)?)
     }
 }
 

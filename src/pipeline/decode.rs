@@ -1,11 +1,11 @@
 //! DC-AE decoding on the resident executors: in one piece, or in exact tiles (the geometry is
 //! `openuni_models::dcae::Tiling`, next to the decoder's receptive-field logic).
 
-use openuni_models::dcae::{self, owned_spans, tile_starts, DcaeConfig, Tiling};
+use openuni_models::dcae::{decoder_global_graph, decoder_graph, decoder_tile_graph, owned_spans, tile_starts, DcaeConfig, Tiling, FEATURES, LATENT, SAMPLE};
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use openuni_graph::{Graph, GraphBuilder};
+use openuni_graph::Graph;
 use openuni_tensor::{HostTensor, Shape};
 
 use super::resident::Stage;
@@ -41,9 +41,9 @@ impl OpenUni {
 
     /// Decodes raw (unscaled) latents `values` of `shape` on the resident decoder executor.
     pub(super) fn decode_piece(&self, shape: Shape, values: Vec<f32>, run: RunOptions) -> Result<HostTensor> {
-        let inputs = HashMap::from([("latent".to_string(), self.scaled_latent(shape.clone(), values)?)]);
-        let mut out = self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || decoder_graph(&self.vae_cfg, &shape), |e| e.run(&inputs))?;
-        Ok(out.remove("sample").expect("graph output"))
+        let inputs = HashMap::from([(LATENT.to_string(), self.scaled_latent(shape.clone(), values)?)]);
+        let mut out = self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || Ok(decoder_graph(&self.vae_cfg, &shape)?), |e| e.run(&inputs))?;
+        Ok(SAMPLE.take(&mut out)?)
     }
 
     pub(super) fn scaled_latent(&self, shape: Shape, values: Vec<f32>) -> Result<HostTensor> {
@@ -77,9 +77,9 @@ impl OpenUni {
             .and_then(|n| n.checked_mul(pw))
             .filter(|&n| n <= isize::MAX as usize / 4)
             .with_context(|| format!("the latent {} decodes to an image too large to hold in memory", latents.shape))?;
-        let inputs = HashMap::from([("latent".to_string(), self.scaled_latent(latents.shape.clone(), latents.to_f32_vec())?)]);
-        let mut out = self.with_executor(Stage::Vae, "decoder.global", &d, run, false, || decoder_global_graph(&self.vae_cfg, &latents.shape), |e| e.run(&inputs))?;
-        let features = out.remove("features").expect("graph output").to_f32_vec();
+        let inputs = HashMap::from([(LATENT.to_string(), self.scaled_latent(latents.shape.clone(), latents.to_f32_vec())?)]);
+        let mut out = self.with_executor(Stage::Vae, "decoder.global", &d, run, false, || Ok(decoder_global_graph(&self.vae_cfg, &latents.shape)?), |e| e.run(&inputs))?;
+        let features = FEATURES.take(&mut out)?.to_f32_vec();
         let (th, tw) = (tile.min(fh), tile.min(fw));
         let (ys, xs) = (tile_starts(fh, tile, 2 * context), tile_starts(fw, tile, 2 * context));
         let (own_y, own_x) = (owned_spans(&ys, fh, context), owned_spans(&xs, fw, context));
@@ -93,10 +93,10 @@ impl OpenUni {
                         piece.extend_from_slice(&features[(row + x0) * ch..(row + x0 + tw) * ch]);
                     }
                 }
-                let inputs = HashMap::from([("features".to_string(), HostTensor::from_f32([bsz, th * tw, ch], piece)?)]);
+                let inputs = HashMap::from([(FEATURES.0.to_string(), HostTensor::from_f32([bsz, th * tw, ch], piece)?)]);
                 let dims = [bsz, th, tw];
-                let mut out = self.with_executor(Stage::Vae, "decoder.tile", &dims, run, false, || decoder_tile_graph(&self.vae_cfg, bsz, th, tw), |e| e.run(&inputs))?;
-                let decoded = out.remove("sample").expect("graph output").to_f32_vec();
+                let mut out = self.with_executor(Stage::Vae, "decoder.tile", &dims, run, false, || Ok(decoder_tile_graph(&self.vae_cfg, bsz, th, tw)?), |e| e.run(&inputs))?;
+                let decoded = SAMPLE.take(&mut out)?.to_f32_vec();
                 let (tph, tpw) = (th * up, tw * up);
                 let (cx0, cx1) = ((ox0 - x0) * up, (ox1 - x0) * up);
                 for bc in 0..bsz * 3 {
@@ -109,33 +109,6 @@ impl OpenUni {
         }
         Ok(HostTensor::from_f32([bsz, 3, ph, pw], image)?)
     }
-}
-
-/// The decoder graph for latents of `shape`.
-pub(super) fn decoder_graph(vae: &DcaeConfig, shape: &Shape) -> Result<Graph> {
-    let mut b = GraphBuilder::new();
-    let z = b.input("latent", shape.clone())?;
-    let o = dcae::decoder(&mut b, vae, z, "vae")?;
-    b.output("sample", o.sample)?;
-    Ok(b.finish())
-}
-
-/// The decoder's global part (conv_in and the attention stages) on latents of `shape`.
-pub(super) fn decoder_global_graph(vae: &DcaeConfig, shape: &Shape) -> Result<Graph> {
-    let mut b = GraphBuilder::new();
-    let z = b.input("latent", shape.clone())?;
-    let o = dcae::decoder_global(&mut b, vae, z, "vae")?;
-    b.output("features", o.features)?;
-    Ok(b.finish())
-}
-
-/// The decoder's local part on a tile of `batch` × `h`×`w` global features.
-pub(super) fn decoder_tile_graph(vae: &DcaeConfig, batch: usize, h: usize, w: usize) -> Result<Graph> {
-    let mut b = GraphBuilder::new();
-    let x = b.input("features", [batch, h * w, vae.local_split().channels])?;
-    let o = dcae::decoder_local(&mut b, vae, x, batch, h, w)?;
-    b.output("sample", o.sample)?;
-    Ok(b.finish())
 }
 
 /// The tiling `opts` asks for on latents of `dims`, or `None` when one tile would cover them.

@@ -2,6 +2,8 @@
 //! path's K/V, the denoising steps with classifier-free guidance, and the checks that no stage
 //! passed on a non-finite value.
 
+use openuni_models::openuni::{self as head, segments, CONNECTOR, HIDDEN, PROMPT_EMBEDS};
+use openuni_models::sana;
 use openuni_models::scheduler::{guide, Sampler, SamplerKind};
 use std::collections::HashMap;
 
@@ -41,12 +43,6 @@ impl OpenUni {
         self.finish_conditioning(pending)
     }
 
-    /// The 2N sequences of N prompts in row order [uncond_0..N-1, cond_0..N-1], each with the
-    /// meta-queries appended: their lengths (the packed segments).
-    pub(super) fn segments(&self, prompts: &[(&[u32], &[u32])]) -> Vec<usize> {
-        prompts.iter().map(|p| p.1.len()).chain(prompts.iter().map(|p| p.0.len())).map(|l| l + self.num_queries).collect()
-    }
-
     /// Starts the conditioning of N prompts (`conditioning_graph` on their packed sequences). On a
     /// GPU it is enqueued on the device's second lane and this returns before it has run, so the
     /// caller can denoise another batch meanwhile; [`finish_conditioning`](Self::finish_conditioning)
@@ -56,30 +52,14 @@ impl OpenUni {
         if n == 0 {
             bail!("no prompts to condition on");
         }
-        let (d, q) = (self.llm_cfg.hidden_size, self.num_queries);
-        let queries = self.openuni.tensor_f32("meta_queries", &[q, d].into())?.to_f32_vec();
-        let segments = self.segments(prompts);
+        let d = self.llm_cfg.hidden_size;
+        let segments = segments(prompts, self.num_queries);
         let total: usize = segments.iter().sum();
-        let mut embeds = Vec::with_capacity(total * d);
-        for ids in prompts.iter().map(|p| p.1).chain(prompts.iter().map(|p| p.0)) {
-            let rows: Vec<usize> = ids
-                .iter()
-                .map(|&i| {
-                    let i = i as usize;
-                    if i < self.llm_cfg.vocab_size {
-                        Ok(i)
-                    } else {
-                        bail!("token id {i} is outside the LLM's vocabulary of {}", self.llm_cfg.vocab_size)
-                    }
-                })
-                .collect::<Result<_>>()?;
-            embeds.extend(self.llm.rows_f32(&format!("{}embed_tokens.weight", self.llm_prefix), &rows)?.to_f32_vec());
-            embeds.extend_from_slice(&queries);
-        }
+        let embeds = self.head().inputs_embeds(self.llm.as_ref(), self.openuni.as_ref(), prompts)?;
         // The graph depends on the prompts' lengths, so its executor is made per call (on the
         // resident weights).
         let mut exec = self.new_executor(Stage::Conditioning, &self.conditioning_graph(&segments)?, run)?;
-        exec.set_inputs(&HashMap::from([("inputs_embeds".to_string(), HostTensor::from_f32([1, total, d], embeds)?)]))?;
+        exec.set_inputs(&HashMap::from([(head::INPUTS_EMBEDS.to_string(), HostTensor::from_f32([1, total, d], embeds)?)]))?;
         exec.execute()?;
         Ok(PendingConditioning { exec, n })
     }
@@ -88,11 +68,11 @@ impl OpenUni {
     pub fn finish_conditioning(&self, mut p: PendingConditioning) -> Result<Conditioning> {
         let (n, q, d) = (p.n, self.num_queries, self.llm_cfg.hidden_size);
         let mut out = p.exec.outputs()?;
-        let hidden = out.remove("hidden").expect("graph output").to_f32_vec();
+        let hidden = HIDDEN.take(&mut out)?.to_f32_vec();
         let half = n * q * d;
         Ok(Conditioning {
-            prompt_embeds: out.remove("prompt_embeds").expect("graph output"),
-            connector: out.remove("connector").expect("graph output"),
+            prompt_embeds: PROMPT_EMBEDS.take(&mut out)?,
+            connector: CONNECTOR.take(&mut out)?,
             hidden_uncond: HostTensor::from_f32([n, q, d], hidden[..half].to_vec())?,
             hidden_cond: HostTensor::from_f32([n, q, d], hidden[half..].to_vec())?,
         })
@@ -101,7 +81,7 @@ impl OpenUni {
     /// The caption path for `prompt_embeds`.
     pub(super) fn cross_kv(&self, prompt_embeds: &HostTensor, run: RunOptions) -> Result<HashMap<String, HostTensor>> {
         let dims = prompt_embeds.shape.dims().to_vec();
-        let inputs = HashMap::from([("encoder_hidden_states".to_string(), prompt_embeds.clone())]);
+        let inputs = HashMap::from([(sana::ENCODER_HIDDEN_STATES.to_string(), prompt_embeds.clone())]);
         self.with_executor(Stage::Transformer, "caption", &dims, run, false, || self.caption_graph(&prompt_embeds.shape), |e| e.run(&inputs))
     }
 
@@ -207,12 +187,12 @@ impl OpenUni {
                 x2.extend_from_slice(&latents);
                 // The transformer sees the timestep as f32, as SanaPipeline passes it.
                 let inputs = HashMap::from([
-                    ("hidden_states".to_string(), HostTensor::from_f32(dims, x2)?),
-                    ("timestep".to_string(), HostTensor::from_f32([2 * n], vec![ts; 2 * n])?),
+                    (sana::HIDDEN_STATES.to_string(), HostTensor::from_f32(dims, x2)?),
+                    (sana::TIMESTEP.to_string(), HostTensor::from_f32([2 * n], vec![ts; 2 * n])?),
                 ]);
                 e.set_inputs(&inputs)?;
                 e.execute()?;
-                let v = e.outputs()?.remove("velocity").expect("graph output");
+                let v = sana::VELOCITY.take(&mut e.outputs()?)?;
                 let vv = v.to_f32_vec();
                 guide(&vv[..per], &vv[per..], guidance, &mut guided);
                 solver.step(&guided, &mut latents).map_err(anyhow::Error::msg)?;

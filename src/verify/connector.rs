@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use openuni_graph::GraphBuilder;
 use openuni_models::config::read_config;
 use openuni_models::connector::{self, ConnectorConfig};
+use openuni_models::nn::Scope;
 use openuni_tensor::Weights;
 
 use super::{Case, Check, Prepared};
@@ -21,15 +22,13 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     }
     let mut b = GraphBuilder::new();
     let x = b.input("inputs", inputs.shape.clone())?;
-    let layers = connector::build(&mut b, &cfg, "", x, &cfg_path.display().to_string())?;
+    let layers = connector::build(&mut b, &cfg, &Scope::default(), x, &cfg_path.display().to_string())?;
     let mut checks = vec![];
-    b.output("outputs", *layers.last().unwrap_or(&x))?;
-    checks.push(Check { output: "outputs".into(), reference: "outputs".into(), decisive: true });
+    checks.push(Check::mark(&mut b, "outputs", *layers.last().unwrap_or(&x), true)?);
     for (i, &l) in layers.iter().enumerate() {
         let name = format!("mid.layers.{i}");
         if case.io.contains(&name) {
-            b.output(&name, l)?;
-            checks.push(Check { output: name.clone(), reference: name, decisive: false });
+            checks.push(Check::mark(&mut b, &name, l, false)?);
         }
     }
     let weights = Weights::open(case.model_dir())?;

@@ -54,8 +54,7 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     let o = sana::denoise(&mut b, &cfg, xi, ti, &kv, mask, xd[2], xd[3])?;
 
     let mut checks = vec![];
-    b.output("output", o.output)?;
-    checks.push(Check { output: "output".into(), reference: "output".into(), decisive: true });
+    checks.push(Check::mark(&mut b, "output", o.output, true)?);
     let mut mids = vec![
         ("mid.patch_embed".to_string(), o.patch_embed),
         ("mid.time_embed.timestep".into(), o.t6),
@@ -66,8 +65,7 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     mids.extend(o.blocks.iter().enumerate().map(|(i, &v)| (format!("mid.transformer_blocks.{i}"), v)));
     for (name, v) in mids {
         if case.io.contains(&name) {
-            b.output(&name, v)?;
-            checks.push(Check { output: name.clone(), reference: name, decisive: false });
+            checks.push(Check::mark(&mut b, &name, v, false)?);
         }
     }
     Ok(Prepared { graph: b.finish(), weights: Box::new(Weights::open(case.model_dir())?), inputs, checks })

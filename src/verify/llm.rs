@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use openuni_graph::GraphBuilder;
 use openuni_models::config::read_mllm_config;
+use openuni_models::nn::Scope;
 use openuni_models::qwen2;
 use openuni_tensor::Weights;
 
@@ -36,28 +37,24 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
 
     let mut b = GraphBuilder::new();
     let x = b.input("inputs_embeds", embeds.shape.clone())?;
-    let out = qwen2::build(&mut b, &cfg, prefix, x, &origin)?;
+    let out = qwen2::build(&mut b, &cfg, &Scope::new(prefix), x, &origin)?;
     let mut checks = vec![];
-    b.output("hidden_states", out.hidden_states)?;
-    checks.push(Check { output: "hidden_states".into(), reference: "hidden_states".into(), decisive: true });
+    checks.push(Check::mark(&mut b, "hidden_states", out.hidden_states, true)?);
     for (i, &l) in out.layers.iter().enumerate() {
         let name = format!("mid.layers.{i}");
         if case.io.contains(&name) {
-            b.output(&name, l)?;
-            checks.push(Check { output: name.clone(), reference: name, decisive: false });
+            checks.push(Check::mark(&mut b, &name, l, false)?);
         }
     }
     if case.io.contains("mid.logits") {
         let head = if cfg.tie_word_embeddings { embed_key.clone() } else { format!("{head_prefix}lm_head.weight") };
         let w = b.weight(&head, [cfg.vocab_size, d])?;
         let logits = b.linear("lm_head", out.hidden_states, w, None)?;
-        b.output("mid.logits", logits)?;
-        checks.push(Check { output: "mid.logits".into(), reference: "mid.logits".into(), decisive: false });
+        checks.push(Check::mark(&mut b, "mid.logits", logits, false)?);
     }
     if case.io.contains("mid.embed_tokens") {
         // The lookup ran on the host; the graph input is that result.
-        b.output("mid.embed_tokens", x)?;
-        checks.push(Check { output: "mid.embed_tokens".into(), reference: "mid.embed_tokens".into(), decisive: false });
+        checks.push(Check::mark(&mut b, "mid.embed_tokens", x, false)?);
     }
     Ok(Prepared {
         graph: b.finish(),

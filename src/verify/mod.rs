@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use openuni_graph::Graph;
+use openuni_graph::{Graph, GraphBuilder, ValueId};
 use openuni_tensor::{DType, HostTensor, TensorSource, Weights};
 
 use crate::compare::{diff, first_non_finite, Diff};
@@ -118,6 +118,15 @@ pub struct Check {
     pub reference: String,
     /// Intermediates (`mid.*`) are reported to localise a mismatch but do not decide the verdict.
     pub decisive: bool,
+}
+
+impl Check {
+    /// Marks `id` as the graph output `name` and checks it against the case's tensor of the same
+    /// name: the one place a check's output is named, so the run finds what was marked.
+    pub fn mark(b: &mut GraphBuilder, name: &str, id: ValueId, decisive: bool) -> Result<Check> {
+        b.output(name, id)?;
+        Ok(Check { output: name.into(), reference: name.into(), decisive })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -263,13 +272,11 @@ fn run_graph(case: &Case, p: Prepared, opts: &Options) -> Result<(Vec<Produced>,
     let produced = p
         .checks
         .iter()
-        .map(|c| Produced {
-            reference: c.reference.clone(),
-            tensor: outputs.remove(&c.output).expect("every check names a graph output"),
-            decisive: c.decisive,
-            kind: Kind::Float,
+        .map(|c| {
+            let tensor = outputs.remove(&c.output).with_context(|| format!("{}: the graph has no output `{}` to check", case.dir.display(), c.output))?;
+            Ok(Produced { reference: c.reference.clone(), tensor, decisive: c.decisive, kind: Kind::Float })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let node_diffs = if opts.diff_nodes {
         let rows = diff_nodes(&p.graph, p.weights.as_ref(), &p.inputs, opts.device, opts.dtype)?;
         let w = rows.iter().map(|r| r.node.len()).max().unwrap_or(4);

@@ -23,8 +23,7 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     let z = b.input("latent", latent.shape.clone())?;
     let o = dcae::decoder(&mut b, &cfg, z, &cfg_path.display().to_string())?;
     let mut checks = vec![];
-    b.output("sample", o.sample)?;
-    checks.push(Check { output: "sample".into(), reference: "sample".into(), decisive: true });
+    checks.push(Check::mark(&mut b, "sample", o.sample, true)?);
     // Intermediates are NCHW in the case; ours are tokens: transpose for the comparison.
     let batch = d[0];
     let mut mids = vec![("mid.decoder.stem".to_string(), o.stem, d[2], d[3])];
@@ -35,8 +34,7 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
         if case.io.contains(&name) {
             let c = b.shape(v).last();
             let t = b.transpose(&format!("{name}.nchw"), v, batch, h * w, c, [batch, c, h, w])?;
-            b.output(&name, t)?;
-            checks.push(Check { output: name.clone(), reference: name, decisive: false });
+            checks.push(Check::mark(&mut b, &name, t, false)?);
         }
     }
     Ok(Prepared {

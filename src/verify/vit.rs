@@ -36,13 +36,11 @@ pub fn prepare_outputs(case: &Case, mids: bool) -> Result<Prepared> {
     let mut b = GraphBuilder::new();
     let x = b.input("pixel_values", pixels.shape.clone())?;
     let out = internvit::build(&mut b, &cfg, x)?;
-    b.output("vit_embeds", out.vit_embeds)?;
-    let mut checks = vec![Check { output: "vit_embeds".into(), reference: "vit_embeds".into(), decisive: true }];
+    let mut checks = vec![Check::mark(&mut b, internvit::VIT_EMBEDS.0, out.vit_embeds, true)?];
     for (i, &l) in out.layers.iter().enumerate() {
         let name = format!("mid.vision_model.encoder.layers.{i}");
         if mids && case.io.contains(&name) {
-            b.output(&name, l)?;
-            checks.push(Check { output: name.clone(), reference: name, decisive: false });
+            checks.push(Check::mark(&mut b, &name, l, false)?);
         }
     }
     let weights = Box::new(VitWeights { inner: weights, layout });

@@ -46,6 +46,19 @@ pub struct Node {
     pub output: ValueId,
 }
 
+/// The name of a graph output, declared once as a `const` next to the code that builds the graph
+/// and used both to mark the output ([`GraphBuilder::mark`]) and to read it back
+/// ([`take`](Self::take)): renaming it changes both sides, so they cannot drift apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OutputName(pub &'static str);
+
+impl OutputName {
+    /// Removes this output from a run's outputs, or an error naming it when the run has none.
+    pub fn take<T>(self, outputs: &mut HashMap<String, T>) -> Result<T> {
+        outputs.remove(self.0).ok_or(GraphError::MissingOutput { name: self.0.to_string() })
+    }
+}
+
 /// A built graph: values, nodes in execution order, and named outputs.
 #[derive(Clone, Debug, Default)]
 pub struct Graph {
@@ -125,6 +138,13 @@ impl GraphBuilder {
         self.named("weight", name, shape.into(), ValueKind::Weight(name.into()))
     }
 
+    /// Marks `id` as the output `out` (see [`OutputName`]).
+    pub fn mark(&mut self, out: OutputName, id: ValueId) -> Result<()> {
+        self.output(out.0, id)
+    }
+
+    /// Marks `id` as an output named at run time (per-layer or per-check outputs); fixed outputs
+    /// use [`mark`](Self::mark) with a declared [`OutputName`].
     pub fn output(&mut self, name: &str, id: ValueId) -> Result<()> {
         if self.g.outputs.iter().any(|(n, _)| n == name) {
             return Err(GraphError::Duplicate { what: "output", name: name.into() });

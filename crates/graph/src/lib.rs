@@ -10,7 +10,7 @@ mod cost;
 mod op;
 mod planner;
 
-pub use builder::{AttentionParams, Graph, GraphBuilder, Node, Value, ValueId, ValueKind};
+pub use builder::{AttentionParams, Graph, GraphBuilder, Node, OutputName, Value, ValueId, ValueKind};
 pub use cost::{node_cost, Cost};
 pub use op::{Modulation, Op, UnaryFn};
 pub use planner::{plan, Plan, ARENA_ALIGN_ELEMS};
@@ -23,6 +23,9 @@ pub enum GraphError {
     Shape { op: &'static str, msg: String },
     #[error("duplicate {what} name `{name}`")]
     Duplicate { what: &'static str, name: String },
+    /// A run's outputs lack one the caller reads (the graph was built without marking it).
+    #[error("the graph has no output `{name}`")]
+    MissingOutput { name: String },
 }
 
 pub type Result<T, E = GraphError> = std::result::Result<T, E>;

@@ -7,7 +7,7 @@ use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
-use crate::nn::{layer_norm, linear};
+use crate::nn::{layer_norm, linear, Scope};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
@@ -52,9 +52,9 @@ impl ModelConfig for ConnectorConfig {
 }
 
 /// Adds the connector to `b`: `x` is [B, N, hidden]. Returns each layer's output (same shape);
-/// the last one is the connector's result. Weight names are `{prefix}layers.{i}.…` (prefix "" for
-/// a bare connector folder, "connector." inside an OpenUni checkpoint).
-pub fn build(b: &mut GraphBuilder, cfg: &ConnectorConfig, prefix: &str, x: ValueId, origin: &str) -> Result<Vec<ValueId>> {
+/// the last one is the connector's result. Weight names are `{scope}.layers.{i}.…` (the top
+/// scope for a bare connector folder, `connector` inside an OpenUni checkpoint).
+pub fn build(b: &mut GraphBuilder, cfg: &ConnectorConfig, scope: &Scope, x: ValueId, origin: &str) -> Result<Vec<ValueId>> {
     let act = cfg.validate(origin)?;
     let d = cfg.hidden_size;
     let xs = b.shape(x).clone();
@@ -64,30 +64,31 @@ pub fn build(b: &mut GraphBuilder, cfg: &ConnectorConfig, prefix: &str, x: Value
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     let mut x = x;
     for i in 0..cfg.num_hidden_layers {
-        x = encoder_layer(b, cfg, &format!("{prefix}layers.{i}"), x, act, d)?;
+        x = encoder_layer(b, cfg, &scope.pp("layers").pp(i), x, act, d)?;
         layers.push(x);
     }
     Ok(layers)
 }
 
-fn encoder_layer(b: &mut GraphBuilder, cfg: &ConnectorConfig, p: &str, x: ValueId, act: UnaryFn, d: usize) -> Result<ValueId> {
-    let h = layer_norm(b, &format!("{p}.layer_norm1"), x, d, cfg.layer_norm_eps)?;
-    let a = self_attention(b, cfg, &format!("{p}.self_attn"), h, d)?;
-    let x = b.add(&format!("{p}.residual1"), x, a)?;
-    let h = layer_norm(b, &format!("{p}.layer_norm2"), x, d, cfg.layer_norm_eps)?;
-    let h = linear(b, &format!("{p}.mlp.fc1"), h, d, cfg.intermediate_size, true)?;
-    let h = b.unary(&format!("{p}.mlp.act"), h, act)?;
-    let h = linear(b, &format!("{p}.mlp.fc2"), h, cfg.intermediate_size, d, true)?;
-    Ok(b.add(&format!("{p}.residual2"), x, h)?)
+fn encoder_layer(b: &mut GraphBuilder, cfg: &ConnectorConfig, s: &Scope, x: ValueId, act: UnaryFn, d: usize) -> Result<ValueId> {
+    let h = layer_norm(b, &s.pp("layer_norm1"), x, d, cfg.layer_norm_eps)?;
+    let a = self_attention(b, cfg, &s.pp("self_attn"), h, d)?;
+    let x = b.add(&s.name("residual1"), x, a)?;
+    let h = layer_norm(b, &s.pp("layer_norm2"), x, d, cfg.layer_norm_eps)?;
+    let m = s.pp("mlp");
+    let h = linear(b, &m.pp("fc1"), h, d, cfg.intermediate_size, true)?;
+    let h = b.unary(&m.name("act"), h, act)?;
+    let h = linear(b, &m.pp("fc2"), h, cfg.intermediate_size, d, true)?;
+    Ok(b.add(&s.name("residual2"), x, h)?)
 }
 
-fn self_attention(b: &mut GraphBuilder, cfg: &ConnectorConfig, p: &str, x: ValueId, d: usize) -> Result<ValueId> {
+fn self_attention(b: &mut GraphBuilder, cfg: &ConnectorConfig, s: &Scope, x: ValueId, d: usize) -> Result<ValueId> {
     let heads = cfg.num_attention_heads;
     let head_dim = d / heads;
-    let q = linear(b, &format!("{p}.q_proj"), x, d, d, true)?;
-    let k = linear(b, &format!("{p}.k_proj"), x, d, d, true)?;
-    let v = linear(b, &format!("{p}.v_proj"), x, d, d, true)?;
+    let q = linear(b, &s.pp("q_proj"), x, d, d, true)?;
+    let k = linear(b, &s.pp("k_proj"), x, d, d, true)?;
+    let v = linear(b, &s.pp("v_proj"), x, d, d, true)?;
     let scale = (head_dim as f32).powf(-0.5);
-    let o = b.attention(&format!("{p}.attn"), q, k, v, None, heads, heads, head_dim, false, scale)?;
-    linear(b, &format!("{p}.out_proj"), o, d, d, true)
+    let o = b.attention(&s.name("attn"), q, k, v, None, heads, heads, head_dim, false, scale)?;
+    linear(b, &s.pp("out_proj"), o, d, d, true)
 }

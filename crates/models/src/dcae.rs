@@ -2,10 +2,12 @@
 //! docs/models.md ("DC-AE decoder") describes it. Activations are tokens [B, h·w, C] (NHWC); convolutions
 //! act on the h×w grid. Upstream key names are kept ("decoder.…").
 
-use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
+use openuni_graph::{Graph, GraphBuilder, OutputName, UnaryFn, ValueId};
+use openuni_tensor::Shape;
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
+use crate::nn::{linear, rms_norm_biased, Scope};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -142,30 +144,21 @@ pub struct DecoderOutputs {
     pub conv_out_input: ValueId,
 }
 
-fn w(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId> {
-    Ok(b.weight(&key, shape.to_vec())?)
+/// The decoder's weights: `decoder.…` in an `AutoencoderDC` folder.
+fn top() -> Scope {
+    Scope::new("decoder")
 }
 
 /// A k×k conv, then SiLU when `silu` (one node: the CUDA kernels fuse it into the epilogue).
 #[allow(clippy::too_many_arguments)]
-fn conv(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, k: usize, bias: bool, silu: bool, h: usize, wd: usize) -> Result<ValueId> {
-    let wt = w(b, format!("{p}.weight"), &[cout, cin, k, k])?;
-    let bs = if bias { Some(w(b, format!("{p}.bias"), &[cout])?) } else { None };
-    Ok(b.conv2d(p, x, wt, bs, h, wd, k, silu)?)
+fn conv(b: &mut GraphBuilder, s: &Scope, x: ValueId, cin: usize, cout: usize, k: usize, bias: bool, silu: bool, h: usize, wd: usize) -> Result<ValueId> {
+    let wt = b.weight(&s.name("weight"), [cout, cin, k, k])?;
+    let bs = if bias { Some(b.weight(&s.name("bias"), [cout])?) } else { None };
+    Ok(b.conv2d(s.path(), x, wt, bs, h, wd, k, silu)?)
 }
 
-/// A 1×1 conv (stored [out, in, 1, 1]) or a linear (stored [out, in]) over channels.
-fn pointwise(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, bias: bool) -> Result<ValueId> {
-    let wt = w(b, format!("{p}.weight"), &[cout, cin])?;
-    let bs = if bias { Some(w(b, format!("{p}.bias"), &[cout])?) } else { None };
-    Ok(b.linear(p, x, wt, bs)?)
-}
-
-fn rmsnorm_ch(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize) -> Result<ValueId> {
-    let wt = w(b, format!("{p}.weight"), &[c])?;
-    let bs = w(b, format!("{p}.bias"), &[c])?;
-    Ok(b.rmsnorm(p, x, wt, Some(bs), NORM_EPS)?)
-}
+// 1×1 convs are `nn::linear` over the token layout: the weight readers serve a stored
+// [out, in, 1, 1] conv weight as [out, in] (size-1 axes aside, the same tensor).
 
 /// The decoder on `latent` [B, latent_channels, h, w] (NCHW, already divided by the scaling
 /// factor by the caller): [`decoder_global`] then [`decoder_local`].
@@ -177,6 +170,42 @@ pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: 
         stages[i] = s;
     }
     Ok(DecoderOutputs { sample: l.sample, stem: g.stem, stages, conv_out_input: l.conv_out_input })
+}
+
+/// The decoder graphs' input: latents already divided by the scaling factor [B, C, h, w].
+pub const LATENT: &str = "latent";
+/// The decoded image [B, 3, H, W] (the whole decoder's and a tile's output).
+pub const SAMPLE: OutputName = OutputName("sample");
+/// The global part's output and the tile graph's input: features [B, h·w, C] (tokens).
+pub const FEATURES: OutputName = OutputName("features");
+
+/// The decoder graph for latents of `shape`: input [`LATENT`], output [`SAMPLE`].
+pub fn decoder_graph(cfg: &DcaeConfig, shape: &Shape) -> Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let z = b.input(LATENT, shape.clone())?;
+    let o = decoder(&mut b, cfg, z, "vae")?;
+    b.mark(SAMPLE, o.sample)?;
+    Ok(b.finish())
+}
+
+/// The decoder's global part (conv_in and the attention stages) on latents of `shape`: input
+/// [`LATENT`], output [`FEATURES`].
+pub fn decoder_global_graph(cfg: &DcaeConfig, shape: &Shape) -> Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let z = b.input(LATENT, shape.clone())?;
+    let o = decoder_global(&mut b, cfg, z, "vae")?;
+    b.mark(FEATURES, o.features)?;
+    Ok(b.finish())
+}
+
+/// The decoder's local part on a tile of `batch` × `h`×`w` global features: input
+/// [`FEATURES`], output [`SAMPLE`].
+pub fn decoder_tile_graph(cfg: &DcaeConfig, batch: usize, h: usize, w: usize) -> Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let x = b.input(FEATURES.0, [batch, h * w, cfg.local_split().channels])?;
+    let o = decoder_local(&mut b, cfg, x, batch, h, w)?;
+    b.mark(SAMPLE, o.sample)?;
+    Ok(b.finish())
 }
 
 /// How the decoder splits for exact tiling (docs/models.md, "DC-AE decoder"): the stages from
@@ -302,11 +331,12 @@ pub fn decoder_global(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, o
     let (batch, h, wd) = (d[0], d[2], d[3]);
     let chans = &cfg.decoder_block_out_channels;
     let n = chans.len();
-    let z = b.transpose("decoder.to_tokens", latent, batch, cfg.latent_channels, h * wd, [batch, h * wd, cfg.latent_channels])?;
-    let mut x = conv(b, "decoder.conv_in", z, cfg.latent_channels, chans[n - 1], 3, true, false, h, wd)?;
+    let top = top();
+    let z = b.transpose(&top.name("to_tokens"), latent, batch, cfg.latent_channels, h * wd, [batch, h * wd, cfg.latent_channels])?;
+    let mut x = conv(b, &top.pp("conv_in"), z, cfg.latent_channels, chans[n - 1], 3, true, false, h, wd)?;
     if cfg.decoder_in_shortcut {
-        let r = b.repeat_channels("decoder.in_shortcut", z, chans[n - 1] / cfg.latent_channels)?;
-        x = b.add("decoder.stem", x, r)?;
+        let r = b.repeat_channels(&top.name("in_shortcut"), z, chans[n - 1] / cfg.latent_channels)?;
+        x = b.add(&top.name("stem"), x, r)?;
     }
     let stem = x;
     let mut stages = vec![(x, h, wd); n];
@@ -320,11 +350,11 @@ pub fn decoder_local(b: &mut GraphBuilder, cfg: &DcaeConfig, features: ValueId, 
     let split = cfg.local_split().split;
     let mut stages = vec![(features, h, wd); split];
     let (x, h, wd) = run_stages(b, cfg, features, h, wd, 0..split, &mut stages)?;
-    let chans = &cfg.decoder_block_out_channels;
-    let x = rmsnorm_ch(b, "decoder.norm_out", x, chans[0])?;
-    let conv_out_input = b.unary("decoder.conv_act", x, UnaryFn::Relu)?;
-    let y = conv(b, "decoder.conv_out", conv_out_input, chans[0], 3, 3, true, false, h, wd)?;
-    let sample = b.transpose("decoder.to_nchw", y, batch, h * wd, 3, [batch, 3, h, wd])?;
+    let (chans, top) = (&cfg.decoder_block_out_channels, top());
+    let x = rms_norm_biased(b, &top.pp("norm_out"), x, chans[0], NORM_EPS)?;
+    let conv_out_input = b.unary(&top.name("conv_act"), x, UnaryFn::Relu)?;
+    let y = conv(b, &top.pp("conv_out"), conv_out_input, chans[0], 3, 3, true, false, h, wd)?;
+    let sample = b.transpose(&top.name("to_nchw"), y, batch, h * wd, 3, [batch, 3, h, wd])?;
     Ok(LocalOutputs { sample, stages, conv_out_input })
 }
 
@@ -342,16 +372,16 @@ fn run_stages(
     let chans = &cfg.decoder_block_out_channels;
     let n = chans.len();
     for i in range.rev() {
-        let p = format!("decoder.up_blocks.{i}");
+        let stage = top().pp("up_blocks").pp(i);
         let c = chans[i];
         let mut first = 0;
         if i < n - 1 {
-            x = up_block(b, &format!("{p}.0"), x, chans[i + 1], c, h, wd)?;
+            x = up_block(b, &stage.pp(0), x, chans[i + 1], c, h, wd)?;
             (h, wd) = (2 * h, 2 * wd);
             first = 1;
         }
         for j in 0..cfg.decoder_layers_per_block[i] {
-            let bp = format!("{p}.{}", first + j);
+            let bp = stage.pp(first + j);
             x = match cfg.block_type(i).expect("validated") {
                 BlockType::Res => res_block(b, &bp, x, c, h, wd)?,
                 BlockType::EfficientVit => efficient_vit_block(b, &bp, x, c, cfg.attention_head_dim, h, wd)?,
@@ -366,57 +396,61 @@ fn run_stages(
 /// one fused node (`Op::UpsampleConv2d`, the same math as upsample2x -> conv -> + shortcut): the
 /// CUDA backend computes it as four 2×2 phase convolutions on `x` and never materializes the
 /// upsampled tensor.
-fn up_block(b: &mut GraphBuilder, p: &str, x: ValueId, cin: usize, cout: usize, h: usize, wd: usize) -> Result<ValueId> {
-    let wt = w(b, format!("{p}.conv.weight"), &[cout, cin, 3, 3])?;
-    let bs = w(b, format!("{p}.conv.bias"), &[cout])?;
-    Ok(b.upsample_conv2d(&format!("{p}.conv"), x, wt, Some(bs), h, wd, true)?)
+fn up_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, cin: usize, cout: usize, h: usize, wd: usize) -> Result<ValueId> {
+    let cs = s.pp("conv");
+    let wt = b.weight(&cs.name("weight"), [cout, cin, 3, 3])?;
+    let bs = b.weight(&cs.name("bias"), [cout])?;
+    Ok(b.upsample_conv2d(cs.path(), x, wt, Some(bs), h, wd, true)?)
 }
 
 /// `x + norm(conv2(silu(conv1(x))))`.
-fn res_block(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
-    let y = conv(b, &format!("{p}.conv1"), x, c, c, 3, true, true, h, wd)?;
-    let y = conv(b, &format!("{p}.conv2"), y, c, c, 3, false, false, h, wd)?;
-    let y = rmsnorm_ch(b, &format!("{p}.norm"), y, c)?;
-    Ok(b.add(&format!("{p}.residual"), x, y)?)
+fn res_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
+    let y = conv(b, &s.pp("conv1"), x, c, c, 3, true, true, h, wd)?;
+    let y = conv(b, &s.pp("conv2"), y, c, c, 3, false, false, h, wd)?;
+    let y = rms_norm_biased(b, &s.pp("norm"), y, c, NORM_EPS)?;
+    Ok(b.add(&s.name("residual"), x, y)?)
 }
 
 /// `conv_out(attn(x))`, both residual.
-fn efficient_vit_block(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
-    let x = multiscale_attention(b, &format!("{p}.attn"), x, c, hd, h, wd)?;
-    glumbconv(b, &format!("{p}.conv_out"), x, c, h, wd)
+fn efficient_vit_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
+    let x = multiscale_attention(b, &s.pp("attn"), x, c, hd, h, wd)?;
+    glumbconv(b, &s.pp("conv_out"), x, c, h, wd)
 }
 
 /// SanaMultiscaleLinearAttention: [to_q|to_k|to_v] (one fused 1×1 conv), the 5×5 depthwise +
 /// grouped 1×1 multi-scale branch, ReLU linear attention over groups of (q|k|v) of `hd` channels
 /// each, to_out, channel RMSNorm, residual.
-fn multiscale_attention(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
+fn multiscale_attention(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
     let heads = c / hd;
-    let q = pointwise(b, &format!("{p}.to_q"), x, c, c, false)?;
-    let k = pointwise(b, &format!("{p}.to_k"), x, c, c, false)?;
-    let v = pointwise(b, &format!("{p}.to_v"), x, c, c, false)?;
-    let qkv = b.concat(&format!("{p}.qkv"), &[q, k, v])?;
-    let m = format!("{p}.to_qkv_multiscale.0");
-    let dw = w(b, format!("{m}.proj_in.weight"), &[3 * c, 1, 5, 5])?;
-    let agg = b.depthwise_conv2d(&format!("{m}.proj_in"), qkv, dw, None, h, wd, 5)?;
-    let gw = w(b, format!("{m}.proj_out.weight"), &[3 * c, hd, 1, 1])?;
-    let agg = b.grouped_linear(&format!("{m}.proj_out"), agg, gw, 3 * heads)?;
-    let all = b.concat(&format!("{p}.multiscale_qkv"), &[qkv, agg])?;
-    let o = b.packed_linear_attention(&format!("{p}.linear_attention"), all, 2 * heads, hd)?;
-    let o = pointwise(b, &format!("{p}.to_out"), o, 2 * c, c, false)?;
-    let o = rmsnorm_ch(b, &format!("{p}.norm_out"), o, c)?;
-    Ok(b.add(&format!("{p}.residual"), x, o)?)
+    let q = linear(b, &s.pp("to_q"), x, c, c, false)?;
+    let k = linear(b, &s.pp("to_k"), x, c, c, false)?;
+    let v = linear(b, &s.pp("to_v"), x, c, c, false)?;
+    let qkv = b.concat(&s.name("qkv"), &[q, k, v])?;
+    let m = s.pp("to_qkv_multiscale").pp(0);
+    let (pin, pout) = (m.pp("proj_in"), m.pp("proj_out"));
+    let dw = b.weight(&pin.name("weight"), [3 * c, 1, 5, 5])?;
+    let agg = b.depthwise_conv2d(pin.path(), qkv, dw, None, h, wd, 5)?;
+    let gw = b.weight(&pout.name("weight"), [3 * c, hd, 1, 1])?;
+    let agg = b.grouped_linear(pout.path(), agg, gw, 3 * heads)?;
+    let all = b.concat(&s.name("multiscale_qkv"), &[qkv, agg])?;
+    let o = b.packed_linear_attention(&s.name("linear_attention"), all, 2 * heads, hd)?;
+    let o = linear(b, &s.pp("to_out"), o, 2 * c, c, false)?;
+    let o = rms_norm_biased(b, &s.pp("norm_out"), o, c, NORM_EPS)?;
+    Ok(b.add(&s.name("residual"), x, o)?)
 }
 
 /// GLUMBConv with residual: `x + norm(point(u · silu(g)))`, `[u|g] = dw3x3(silu(inverted(x)))`.
-fn glumbconv(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
+fn glumbconv(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
     let hidden = EXPAND * c;
-    let y = pointwise(b, &format!("{p}.conv_inverted"), x, c, 2 * hidden, true)?;
-    let y = b.unary(&format!("{p}.conv_inverted.act"), y, UnaryFn::Silu)?;
-    let dw = w(b, format!("{p}.conv_depth.weight"), &[2 * hidden, 1, 3, 3])?;
-    let db = w(b, format!("{p}.conv_depth.bias"), &[2 * hidden])?;
+    let inv = s.pp("conv_inverted");
+    let y = linear(b, &inv, x, c, 2 * hidden, true)?;
+    let y = b.unary(&inv.name("act"), y, UnaryFn::Silu)?;
+    let dc = s.pp("conv_depth");
+    let dw = b.weight(&dc.name("weight"), [2 * hidden, 1, 3, 3])?;
+    let db = b.weight(&dc.name("bias"), [2 * hidden])?;
     // conv_depth, then chunk into (u, gate) and u · silu(gate): one fused node.
-    let y = b.depthwise_conv_glu(&format!("{p}.conv_depth"), y, dw, Some(db), h, wd, 3)?;
-    let y = pointwise(b, &format!("{p}.conv_point"), y, hidden, c, false)?;
-    let y = rmsnorm_ch(b, &format!("{p}.norm"), y, c)?;
-    Ok(b.add(&format!("{p}.residual"), x, y)?)
+    let y = b.depthwise_conv_glu(dc.path(), y, dw, Some(db), h, wd, 3)?;
+    let y = linear(b, &s.pp("conv_point"), y, hidden, c, false)?;
+    let y = rms_norm_biased(b, &s.pp("norm"), y, c, NORM_EPS)?;
+    Ok(b.add(&s.name("residual"), x, y)?)
 }

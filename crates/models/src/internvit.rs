@@ -7,11 +7,11 @@
 //! [`VitWeights`] serves them from either that layout or transformers' native InternVL layout
 //! (`model.vision_tower.*`, `model.multi_modal_projector.*`), so one graph serves both.
 
-use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
+use openuni_graph::{GraphBuilder, OutputName, UnaryFn, ValueId};
 use openuni_tensor::{HostTensor, Shape, TensorSource};
 use serde_json::Value;
 
-use crate::nn::{layer_norm, linear, rms_norm};
+use crate::nn::{layer_norm, linear, rms_norm, Scope};
 use crate::{ModelError, Result};
 
 /// `mlp1.0` is a default `nn.LayerNorm(4·C)`: eps 1e-5 (not the ViT's 1e-6).
@@ -178,6 +178,9 @@ impl InternVlVisionConfig {
     }
 }
 
+/// The name under which a graph outputs [`VitOutputs::vit_embeds`].
+pub const VIT_EMBEDS: OutputName = OutputName("vit_embeds");
+
 /// Outputs of [`build`].
 pub struct VitOutputs {
     /// mlp1's output [T, tokens_per_tile, D].
@@ -186,14 +189,10 @@ pub struct VitOutputs {
     pub layers: Vec<ValueId>,
 }
 
-fn weight(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId> {
-    Ok(b.weight(&key, shape.to_vec())?)
-}
-
-fn norm(b: &mut GraphBuilder, p: &str, x: ValueId, c: usize, kind: NormType, eps: f32) -> Result<ValueId> {
+fn norm(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, kind: NormType, eps: f32) -> Result<ValueId> {
     match kind {
-        NormType::LayerNorm => layer_norm(b, p, x, c, eps),
-        NormType::RmsNorm => rms_norm(b, p, x, c, eps),
+        NormType::LayerNorm => layer_norm(b, s, x, c, eps),
+        NormType::RmsNorm => rms_norm(b, s, x, c, eps),
     }
 }
 
@@ -208,7 +207,7 @@ pub fn build(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, pixel_values: Val
     let mut x = embeddings(b, cfg, pixel_values, t)?;
     let mut layers = vec![];
     for i in 0..cfg.layers_used() {
-        x = encoder_layer(b, cfg, &format!("vision_model.encoder.layers.{i}"), x)?;
+        x = encoder_layer(b, cfg, &Scope::new("vision_model").pp("encoder").pp("layers").pp(i), x)?;
         layers.push(x);
     }
     // Drop the class token, then pixel shuffle v2 with scale 0.5 as two transposes. Token
@@ -221,10 +220,11 @@ pub fn build(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, pixel_values: Val
     let x = b.transpose("pixel_shuffle.cols", x, t * h * h, 2 * c, 2, [t, h * h, 4 * c])?;
     // mlp1: LayerNorm(4C) -> Linear -> GELU (erf) -> Linear.
     let d = cfg.llm_hidden_size;
-    let x = norm(b, "mlp1.0", x, 4 * c, NormType::LayerNorm, MLP1_NORM_EPS)?;
-    let x = linear(b, "mlp1.1", x, 4 * c, d, true)?;
-    let x = b.unary("mlp1.2", x, UnaryFn::GeluErf)?;
-    let vit_embeds = linear(b, "mlp1.3", x, d, d, true)?;
+    let mlp1 = Scope::new("mlp1");
+    let x = layer_norm(b, &mlp1.pp(0), x, 4 * c, MLP1_NORM_EPS)?;
+    let x = linear(b, &mlp1.pp(1), x, 4 * c, d, true)?;
+    let x = b.unary(&mlp1.name("2"), x, UnaryFn::GeluErf)?;
+    let vit_embeds = linear(b, &mlp1.pp(3), x, d, d, true)?;
     Ok(VitOutputs { vit_embeds, layers })
 }
 
@@ -236,40 +236,42 @@ fn embeddings(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, pixel_values: Va
     let x = b.transpose("patchify.channels", pixel_values, t, ch, s * s, [t, s * s, ch])?;
     let x = b.transpose("patchify.rows", x, t * g, p, g * p * ch, [t * g, g * p * ch, p])?;
     let x = b.transpose("patchify.cols", x, t * g * g, p, ch * p, [t, g * g, ch * p * p])?;
-    let e = "vision_model.embeddings";
-    let x = linear(b, &format!("{e}.patch_embedding"), x, ch * p * p, c, true)?;
-    let cls = weight(b, format!("{e}.class_embedding"), &[c])?;
-    let pos = weight(b, format!("{e}.position_embedding"), &[g * g + 1, c])?;
-    Ok(b.class_pos_embed(&format!("{e}.add"), x, cls, pos)?)
+    let e = Scope::new("vision_model").pp("embeddings");
+    let x = linear(b, &e.pp("patch_embedding"), x, ch * p * p, c, true)?;
+    let cls = b.weight(&e.name("class_embedding"), [c])?;
+    let pos = b.weight(&e.name("position_embedding"), [g * g + 1, c])?;
+    Ok(b.class_pos_embed(&e.name("add"), x, cls, pos)?)
 }
 
 /// One pre-norm block: `x + ls1 · attn(norm1(x))`, then `x + ls2 · mlp(norm2(x))`.
-fn encoder_layer(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, p: &str, x: ValueId) -> Result<ValueId> {
+fn encoder_layer(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, s: &Scope, x: ValueId) -> Result<ValueId> {
     let (c, heads, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
-    let h = norm(b, &format!("{p}.norm1"), x, c, cfg.norm_type, cfg.layer_norm_eps)?;
+    let h = norm(b, &s.pp("norm1"), x, c, cfg.norm_type, cfg.layer_norm_eps)?;
     // qkv as three GEMMs over row slices of the stored [3C, C] weight (see VitWeights).
-    let mut qkv = vec![];
+    let (attn, mut qkv) = (s.pp("attn"), vec![]);
     for part in ["q", "k", "v"] {
-        let w = weight(b, format!("{p}.attn.qkv.weight[{part}]"), &[c, c])?;
-        let bias = if cfg.qkv_bias { Some(weight(b, format!("{p}.attn.qkv.bias[{part}]"), &[c])?) } else { None };
-        qkv.push(b.linear(&format!("{p}.attn.{part}"), h, w, bias)?);
+        let fused = attn.pp("qkv");
+        let w = b.weight(&fused.name(&format!("weight[{part}]")), [c, c])?;
+        let bias = if cfg.qkv_bias { Some(b.weight(&fused.name(&format!("bias[{part}]")), [c])?) } else { None };
+        qkv.push(b.linear(&attn.name(part), h, w, bias)?);
     }
     let (mut q, mut k, v) = (qkv[0], qkv[1], qkv[2]);
     if cfg.qk_normalization {
         // RMSNorm over all heads' channels together (upstream flattens the heads first).
-        q = norm(b, &format!("{p}.attn.q_norm"), q, c, NormType::RmsNorm, cfg.layer_norm_eps)?;
-        k = norm(b, &format!("{p}.attn.k_norm"), k, c, NormType::RmsNorm, cfg.layer_norm_eps)?;
+        q = rms_norm(b, &attn.pp("q_norm"), q, c, cfg.layer_norm_eps)?;
+        k = rms_norm(b, &attn.pp("k_norm"), k, c, cfg.layer_norm_eps)?;
     }
-    let o = b.attention(&format!("{p}.attn.core"), q, k, v, None, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
-    let o = linear(b, &format!("{p}.attn.proj"), o, c, c, true)?;
-    let ls1 = weight(b, format!("{p}.ls1"), &[1, c])?;
-    let x = b.gated_add(&format!("{p}.residual1"), x, ls1, o)?;
-    let h = norm(b, &format!("{p}.norm2"), x, c, cfg.norm_type, cfg.layer_norm_eps)?;
-    let h = linear(b, &format!("{p}.mlp.fc1"), h, c, cfg.intermediate_size, true)?;
-    let h = b.unary(&format!("{p}.mlp.act"), h, UnaryFn::GeluErf)?;
-    let h = linear(b, &format!("{p}.mlp.fc2"), h, cfg.intermediate_size, c, true)?;
-    let ls2 = weight(b, format!("{p}.ls2"), &[1, c])?;
-    Ok(b.gated_add(&format!("{p}.residual2"), x, ls2, h)?)
+    let o = b.attention(&attn.name("core"), q, k, v, None, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
+    let o = linear(b, &attn.pp("proj"), o, c, c, true)?;
+    let ls1 = b.weight(&s.name("ls1"), [1, c])?;
+    let x = b.gated_add(&s.name("residual1"), x, ls1, o)?;
+    let h = norm(b, &s.pp("norm2"), x, c, cfg.norm_type, cfg.layer_norm_eps)?;
+    let mlp = s.pp("mlp");
+    let h = linear(b, &mlp.pp("fc1"), h, c, cfg.intermediate_size, true)?;
+    let h = b.unary(&mlp.name("act"), h, UnaryFn::GeluErf)?;
+    let h = linear(b, &mlp.pp("fc2"), h, cfg.intermediate_size, c, true)?;
+    let ls2 = b.weight(&s.name("ls2"), [1, c])?;
+    Ok(b.gated_add(&s.name("residual2"), x, ls2, h)?)
 }
 
 /// Where a checkpoint keeps the vision tower.

@@ -7,6 +7,7 @@ pub mod dcae;
 pub mod internvit;
 pub mod internvl_preprocess;
 pub mod nn;
+pub mod openuni;
 pub mod prompt;
 pub mod qwen2;
 pub mod sana;
@@ -22,6 +23,8 @@ pub enum ModelError {
     Invalid(String),
     #[error(transparent)]
     Graph(#[from] openuni_graph::GraphError),
+    #[error(transparent)]
+    Tensor(#[from] openuni_tensor::Error),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -7,7 +7,7 @@ use openuni_graph::{AttentionParams, GraphBuilder, ValueId};
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
-use crate::nn::{linear, rms_norm as rmsnorm};
+use crate::nn::{linear, rms_norm, Scope};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -146,10 +146,10 @@ pub struct Qwen2Outputs {
 /// The decoder stack on `embeds` [B, T, D] (the token embeddings, with OpenUni's meta-queries
 /// appended); every row is one causal sequence at positions 0..T-1. RoPE is fused into the
 /// attention node (the same arithmetic as a separate rope op on q and k; see `Op::Attention`).
-pub fn build(b: &mut GraphBuilder, cfg: &Qwen2Config, prefix: &str, embeds: ValueId, origin: &str) -> Result<Qwen2Outputs> {
+pub fn build(b: &mut GraphBuilder, cfg: &Qwen2Config, scope: &Scope, embeds: ValueId, origin: &str) -> Result<Qwen2Outputs> {
     let s = check_embeds(b, cfg, embeds, origin)?;
     cfg.check_length(s.dims()[1])?;
-    stack(b, cfg, prefix, embeds, None, origin)
+    stack(b, cfg, scope, embeds, None, origin)
 }
 
 /// The decoder stack on several sequences packed along the token axis: `embeds` [1, T, D] holds
@@ -159,7 +159,7 @@ pub fn build(b: &mut GraphBuilder, cfg: &Qwen2Config, prefix: &str, embeds: Valu
 pub fn build_packed(
     b: &mut GraphBuilder,
     cfg: &Qwen2Config,
-    prefix: &str,
+    scope: &Scope,
     embeds: ValueId,
     segments: &[usize],
     origin: &str,
@@ -175,7 +175,7 @@ pub fn build_packed(
     for (i, &len) in segments.iter().enumerate() {
         cfg.check_length(len).map_err(|e| ModelError::Config { path: origin.into(), msg: format!("packed sequence {i}: {e}") })?;
     }
-    stack(b, cfg, prefix, embeds, Some(segments), origin)
+    stack(b, cfg, scope, embeds, Some(segments), origin)
 }
 
 /// Checks `embeds` is [B, T, D] and returns its shape.
@@ -188,26 +188,26 @@ fn check_embeds(b: &GraphBuilder, cfg: &Qwen2Config, embeds: ValueId, origin: &s
     Ok(s)
 }
 
-fn stack(b: &mut GraphBuilder, cfg: &Qwen2Config, prefix: &str, embeds: ValueId, segments: Option<&[usize]>, origin: &str) -> Result<Qwen2Outputs> {
+fn stack(b: &mut GraphBuilder, cfg: &Qwen2Config, scope: &Scope, embeds: ValueId, segments: Option<&[usize]>, origin: &str) -> Result<Qwen2Outputs> {
     let theta = cfg.rope_theta(origin)?;
     let mut x = embeds;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
-        x = decoder_layer(b, cfg, &format!("{prefix}layers.{i}"), x, theta, segments)?;
+        x = decoder_layer(b, cfg, &scope.pp("layers").pp(i), x, theta, segments)?;
         layers.push(x);
     }
-    let hidden_states = rmsnorm(b, &format!("{prefix}norm"), x, cfg.hidden_size, cfg.rms_norm_eps)?;
+    let hidden_states = rms_norm(b, &scope.pp("norm"), x, cfg.hidden_size, cfg.rms_norm_eps)?;
     Ok(Qwen2Outputs { hidden_states, layers })
 }
 
-fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, p: &str, x: ValueId, theta: f32, segments: Option<&[usize]>) -> Result<ValueId> {
+fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, s: &Scope, x: ValueId, theta: f32, segments: Option<&[usize]>) -> Result<ValueId> {
     let d = cfg.hidden_size;
     let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
-    let h = rmsnorm(b, &format!("{p}.input_layernorm"), x, d, cfg.rms_norm_eps)?;
-    let a = format!("{p}.self_attn");
-    let q = linear(b, &format!("{a}.q_proj"), h, d, heads * hd, true)?;
-    let k = linear(b, &format!("{a}.k_proj"), h, d, kv_heads * hd, true)?;
-    let v = linear(b, &format!("{a}.v_proj"), h, d, kv_heads * hd, true)?;
+    let h = rms_norm(b, &s.pp("input_layernorm"), x, d, cfg.rms_norm_eps)?;
+    let a = s.pp("self_attn");
+    let q = linear(b, &a.pp("q_proj"), h, d, heads * hd, true)?;
+    let k = linear(b, &a.pp("k_proj"), h, d, kv_heads * hd, true)?;
+    let v = linear(b, &a.pp("v_proj"), h, d, kv_heads * hd, true)?;
     // RoPE on q and k inside the attention node (positions restart at each packed sequence).
     let ap = AttentionParams {
         key_mask: None,
@@ -219,16 +219,16 @@ fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, p: &str, x: ValueId, t
         segments: segments.map(|s| s.to_vec()),
         rope: Some(theta),
     };
-    let o = b.attention_ext(&format!("{a}.attn"), q, k, v, ap)?;
-    let o = linear(b, &format!("{a}.o_proj"), o, heads * hd, d, false)?;
-    let x = b.add(&format!("{p}.residual1"), x, o)?;
-    let h = rmsnorm(b, &format!("{p}.post_attention_layernorm"), x, d, cfg.rms_norm_eps)?;
-    let m = format!("{p}.mlp");
-    let g = linear(b, &format!("{m}.gate_proj"), h, d, cfg.intermediate_size, false)?;
-    let u = linear(b, &format!("{m}.up_proj"), h, d, cfg.intermediate_size, false)?;
-    let a = b.swiglu(&format!("{m}.act"), g, u)?;
-    let y = linear(b, &format!("{m}.down_proj"), a, cfg.intermediate_size, d, false)?;
-    Ok(b.add(&format!("{p}.residual2"), x, y)?)
+    let o = b.attention_ext(&a.name("attn"), q, k, v, ap)?;
+    let o = linear(b, &a.pp("o_proj"), o, heads * hd, d, false)?;
+    let x = b.add(&s.name("residual1"), x, o)?;
+    let h = rms_norm(b, &s.pp("post_attention_layernorm"), x, d, cfg.rms_norm_eps)?;
+    let m = s.pp("mlp");
+    let g = linear(b, &m.pp("gate_proj"), h, d, cfg.intermediate_size, false)?;
+    let u = linear(b, &m.pp("up_proj"), h, d, cfg.intermediate_size, false)?;
+    let a = b.swiglu(&m.name("act"), g, u)?;
+    let y = linear(b, &m.pp("down_proj"), a, cfg.intermediate_size, d, false)?;
+    Ok(b.add(&s.name("residual2"), x, y)?)
 }
 
 /// Where the decoder's weights live in a checkpoint: "model." in a Qwen2 folder,

@@ -5,11 +5,14 @@
 //! generation: [`caption_path`] (caption projection + norm, then every block's cross-attention
 //! K/V) and [`denoise`] (one transformer call per step).
 
-use openuni_graph::{GraphBuilder, Modulation, UnaryFn, ValueId};
+use std::collections::HashMap;
+
+use openuni_graph::{Graph, GraphBuilder, Modulation, OutputName, UnaryFn, ValueId};
+use openuni_tensor::Shape;
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
-use crate::nn::{linear, rms_norm as rmsnorm};
+use crate::nn::{linear, rms_norm, Scope};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -140,11 +143,6 @@ pub fn check_timesteps(t: &[f32]) -> Result<()> {
     }
 }
 
-/// A weight by upstream key.
-fn w(b: &mut GraphBuilder, key: String, shape: &[usize]) -> Result<ValueId> {
-    Ok(b.weight(&key, shape.to_vec())?)
-}
-
 /// Per-block cross-attention keys and values, computed once per prompt.
 pub struct CrossKv {
     pub k: ValueId,
@@ -155,20 +153,21 @@ pub struct CrossKv {
 /// `encoder_hidden_states` [B, L, caption_channels]; then each block's `attn2` K (with its norm
 /// for SANA1.5) and V. Returns (caption states, per-block K/V).
 pub fn caption_path(b: &mut GraphBuilder, cfg: &SanaConfig, enc: ValueId) -> Result<(ValueId, Vec<CrossKv>)> {
-    let d = cfg.dim();
-    let h = linear(b, "caption_projection.linear_1", enc, cfg.caption_channels, d, true)?;
-    let h = b.unary("caption_projection.act_1", h, UnaryFn::GeluTanh)?;
-    let h = linear(b, "caption_projection.linear_2", h, d, d, true)?;
-    let c = rmsnorm(b, "caption_norm", h, d, CAPTION_NORM_EPS)?;
+    let (d, top) = (cfg.dim(), Scope::default());
+    let cp = top.pp("caption_projection");
+    let h = linear(b, &cp.pp("linear_1"), enc, cfg.caption_channels, d, true)?;
+    let h = b.unary(&cp.name("act_1"), h, UnaryFn::GeluTanh)?;
+    let h = linear(b, &cp.pp("linear_2"), h, d, d, true)?;
+    let c = rms_norm(b, &top.pp("caption_norm"), h, d, CAPTION_NORM_EPS)?;
     let inner = cfg.num_cross_attention_heads * cfg.cross_attention_head_dim;
     let mut kv = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
-        let p = format!("transformer_blocks.{i}.attn2");
-        let mut k = linear(b, &format!("{p}.to_k"), c, d, inner, true)?;
+        let a = top.pp("transformer_blocks").pp(i).pp("attn2");
+        let mut k = linear(b, &a.pp("to_k"), c, d, inner, true)?;
         if cfg.qk_norm() {
-            k = rmsnorm(b, &format!("{p}.norm_k"), k, inner, QK_NORM_EPS)?;
+            k = rms_norm(b, &a.pp("norm_k"), k, inner, QK_NORM_EPS)?;
         }
-        let v = linear(b, &format!("{p}.to_v"), c, d, inner, true)?;
+        let v = linear(b, &a.pp("to_v"), c, d, inner, true)?;
         kv.push(CrossKv { k, v });
     }
     Ok((c, kv))
@@ -198,7 +197,7 @@ pub fn denoise(
     h: usize,
     wd: usize,
 ) -> Result<DenoiseOutputs> {
-    let d = cfg.dim();
+    let (d, top) = (cfg.dim(), Scope::default());
     let hs = b.shape(hidden_states).clone();
     let batch = hs.dims()[0];
     let n = h * wd;
@@ -209,42 +208,94 @@ pub fn denoise(
         });
     }
     // Patch embed: 1×1 conv = a linear over channels of the token layout.
-    let tokens = b.transpose("patch_embed.to_tokens", hidden_states, batch, cfg.in_channels, n, [batch, n, cfg.in_channels])?;
-    let x0 = linear(b, "patch_embed.proj", tokens, cfg.in_channels, d, true)?;
+    let pe = top.pp("patch_embed");
+    let tokens = b.transpose(&pe.name("to_tokens"), hidden_states, batch, cfg.in_channels, n, [batch, n, cfg.in_channels])?;
+    let x0 = linear(b, &pe.pp("proj"), tokens, cfg.in_channels, d, true)?;
 
     // AdaLayerNormSingle: sinusoid (cos first) -> linear_1 -> SiLU -> linear_2 = embedded_timestep;
     // t6 = linear(SiLU(embedded_timestep)).
-    let sin = b.timestep_embedding("time_embed.emb.time_proj", timestep, TIMESTEP_CHANNELS)?;
-    let p = "time_embed.emb.timestep_embedder";
-    let e = linear(b, &format!("{p}.linear_1"), sin, TIMESTEP_CHANNELS, d, true)?;
-    let e = b.unary(&format!("{p}.act"), e, UnaryFn::Silu)?;
-    let embedded = linear(b, &format!("{p}.linear_2"), e, d, d, true)?;
-    let e = b.unary("time_embed.silu", embedded, UnaryFn::Silu)?;
-    let t6 = linear(b, "time_embed.linear", e, d, 6 * d, true)?;
+    let te = top.pp("time_embed");
+    let sin = b.timestep_embedding(&te.pp("emb").name("time_proj"), timestep, TIMESTEP_CHANNELS)?;
+    let p = te.pp("emb").pp("timestep_embedder");
+    let e = linear(b, &p.pp("linear_1"), sin, TIMESTEP_CHANNELS, d, true)?;
+    let e = b.unary(&p.name("act"), e, UnaryFn::Silu)?;
+    let embedded = linear(b, &p.pp("linear_2"), e, d, d, true)?;
+    let e = b.unary(&te.name("silu"), embedded, UnaryFn::Silu)?;
+    let t6 = linear(b, &te.pp("linear"), e, d, 6 * d, true)?;
 
     let mut x = x0;
     let mut blocks = Vec::with_capacity(cfg.num_layers);
     for (i, kv) in cross_kv.iter().enumerate() {
-        x = block(b, cfg, &format!("transformer_blocks.{i}"), x, t6, kv, mask, h, wd)?;
+        x = block(b, cfg, &top.pp("transformer_blocks").pp(i), x, t6, kv, mask, h, wd)?;
         blocks.push(x);
     }
 
     // Output head: shift, scale from scale_shift_table[2, D] + embedded_timestep (no SiLU).
-    let table = w(b, "scale_shift_table".into(), &[2, d])?;
-    let m = b.modulation_table("norm_out.modulation", embedded, table)?;
-    let shift = b.chunk("norm_out.shift", m, 0)?;
-    let scale = b.chunk("norm_out.scale", m, 1)?;
-    let norm_out = b.layernorm("norm_out", x, None, None, cfg.norm_eps, Some(Modulation { scale, shift }))?;
-    let out = linear(b, "proj_out", norm_out, d, cfg.out_channels(), true)?;
-    let output = b.transpose("unpatchify", out, batch, n, cfg.out_channels(), [batch, cfg.out_channels(), h, wd])?;
+    let table = b.weight(&top.name("scale_shift_table"), [2, d])?;
+    let no = top.pp("norm_out");
+    let m = b.modulation_table(&no.name("modulation"), embedded, table)?;
+    let shift = b.chunk(&no.name("shift"), m, 0)?;
+    let scale = b.chunk(&no.name("scale"), m, 1)?;
+    let norm_out = b.layernorm(no.path(), x, None, None, cfg.norm_eps, Some(Modulation { scale, shift }))?;
+    let out = linear(b, &top.pp("proj_out"), norm_out, d, cfg.out_channels(), true)?;
+    let output = b.transpose(&top.name("unpatchify"), out, batch, n, cfg.out_channels(), [batch, cfg.out_channels(), h, wd])?;
     Ok(DenoiseOutputs { output, patch_embed: x0, t6, embedded_timestep: embedded, blocks, norm_out })
+}
+
+/// The caption graph's input: the prompt embeddings [B, L, caption_channels].
+pub const ENCODER_HIDDEN_STATES: &str = "encoder_hidden_states";
+/// The step graph's inputs: the latents [B, in, h, w] and the timesteps [B].
+pub const HIDDEN_STATES: &str = "hidden_states";
+pub const TIMESTEP: &str = "timestep";
+/// The step graph's output: the velocity [B, out, h, w].
+pub const VELOCITY: OutputName = OutputName("velocity");
+
+/// The names under which the caption graph outputs block `i`'s cross-attention K and V, and the
+/// step graph reads them as inputs.
+pub fn cross_kv_names(i: usize) -> (String, String) {
+    (format!("cross_kv.{i}.k"), format!("cross_kv.{i}.v"))
+}
+
+/// The caption path graph on prompt embeddings of `shape`: every block's K/V as the outputs
+/// named by [`cross_kv_names`].
+pub fn caption_graph(cfg: &SanaConfig, shape: &Shape) -> Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let enc = b.input(ENCODER_HIDDEN_STATES, shape.clone())?;
+    let (_, kv) = caption_path(&mut b, cfg, enc)?;
+    for (i, p) in kv.iter().enumerate() {
+        let (k, v) = cross_kv_names(i);
+        b.output(&k, p.k)?;
+        b.output(&v, p.v)?;
+    }
+    Ok(b.finish())
+}
+
+/// One transformer call on [batch, in, h, w] reading the caption path's K/V as inputs of the
+/// shapes in `kv` (the caption graph's outputs): inputs [`HIDDEN_STATES`], [`TIMESTEP`] and the
+/// K/V, output [`VELOCITY`]. OpenUni's prompt mask is all ones, the same as no mask.
+pub fn step_graph(cfg: &SanaConfig, kv: &HashMap<String, Shape>, batch: usize, h: usize, w: usize) -> Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let x = b.input(HIDDEN_STATES, [batch, cfg.in_channels, h, w])?;
+    let t = b.input(TIMESTEP, [batch])?;
+    let mut kv_inputs = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let mut input = |name: String| -> Result<ValueId> {
+            let shape = kv.get(&name).ok_or_else(|| ModelError::Invalid(format!("the step graph needs the caption path's `{name}`, which is missing")))?;
+            Ok(b.input(&name, shape.clone())?)
+        };
+        let (kn, vn) = cross_kv_names(i);
+        kv_inputs.push(CrossKv { k: input(kn)?, v: input(vn)? });
+    }
+    let o = denoise(&mut b, cfg, x, t, &kv_inputs, None, h, w)?;
+    b.mark(VELOCITY, o.output)?;
+    Ok(b.finish())
 }
 
 #[allow(clippy::too_many_arguments)]
 fn block(
     b: &mut GraphBuilder,
     cfg: &SanaConfig,
-    p: &str,
+    s: &Scope,
     x: ValueId,
     t6: ValueId,
     kv: &CrossKv,
@@ -254,60 +305,64 @@ fn block(
 ) -> Result<ValueId> {
     let d = cfg.dim();
     // Modulation rows: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
-    let table = w(b, format!("{p}.scale_shift_table"), &[6, d])?;
-    let m = b.modulation_table(&format!("{p}.modulation"), t6, table)?;
-    let row = |b: &mut GraphBuilder, i: usize, name: &str| b.chunk(&format!("{p}.{name}"), m, i);
+    let table = b.weight(&s.name("scale_shift_table"), [6, d])?;
+    let m = b.modulation_table(&s.name("modulation"), t6, table)?;
+    let row = |b: &mut GraphBuilder, i: usize, name: &str| b.chunk(&s.name(name), m, i);
     let (shift_msa, scale_msa, gate_msa) = (row(b, 0, "shift_msa")?, row(b, 1, "scale_msa")?, row(b, 2, "gate_msa")?);
     let (shift_mlp, scale_mlp, gate_mlp) = (row(b, 3, "shift_mlp")?, row(b, 4, "scale_mlp")?, row(b, 5, "gate_mlp")?);
 
     // 1. Linear self-attention on the modulated norm, gated residual.
-    let a = b.layernorm(&format!("{p}.norm1"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_msa, shift: shift_msa }))?;
-    let a = linear_self_attention(b, cfg, &format!("{p}.attn1"), a)?;
-    let x = b.gated_add(&format!("{p}.attn1.residual"), x, gate_msa, a)?;
+    let a = b.layernorm(&s.name("norm1"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_msa, shift: shift_msa }))?;
+    let a1 = s.pp("attn1");
+    let a = linear_self_attention(b, cfg, &a1, a)?;
+    let x = b.gated_add(&a1.name("residual"), x, gate_msa, a)?;
 
     // 2. Cross-attention from the un-normalised x, plain residual.
     let inner = cfg.num_cross_attention_heads * cfg.cross_attention_head_dim;
-    let q2 = format!("{p}.attn2");
-    let mut q = linear(b, &format!("{q2}.to_q"), x, d, inner, true)?;
+    let a2 = s.pp("attn2");
+    let mut q = linear(b, &a2.pp("to_q"), x, d, inner, true)?;
     if cfg.qk_norm() {
-        q = rmsnorm(b, &format!("{q2}.norm_q"), q, inner, QK_NORM_EPS)?;
+        q = rms_norm(b, &a2.pp("norm_q"), q, inner, QK_NORM_EPS)?;
     }
     let hd = cfg.cross_attention_head_dim;
     let heads = cfg.num_cross_attention_heads;
-    let o = b.attention(&format!("{q2}.attn"), q, kv.k, kv.v, mask, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
-    let o = linear(b, &format!("{q2}.to_out.0"), o, inner, d, true)?;
-    let x = b.add(&format!("{q2}.residual"), x, o)?;
+    let o = b.attention(&a2.name("attn"), q, kv.k, kv.v, mask, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
+    let o = linear(b, &a2.pp("to_out").pp(0), o, inner, d, true)?;
+    let x = b.add(&a2.name("residual"), x, o)?;
 
     // 3. Mix-FFN (GLUMBConv) on the modulated norm, gated residual.
-    let a = b.layernorm(&format!("{p}.norm2"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_mlp, shift: shift_mlp }))?;
-    let f = glumbconv(b, cfg, &format!("{p}.ff"), a, h, wd)?;
-    Ok(b.gated_add(&format!("{p}.ff.residual"), x, gate_mlp, f)?)
+    let a = b.layernorm(&s.name("norm2"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_mlp, shift: shift_mlp }))?;
+    let ff = s.pp("ff");
+    let f = glumbconv(b, cfg, &ff, a, h, wd)?;
+    Ok(b.gated_add(&ff.name("residual"), x, gate_mlp, f)?)
 }
 
-fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, p: &str, x: ValueId) -> Result<ValueId> {
+fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: ValueId) -> Result<ValueId> {
     let d = cfg.dim();
     let bias = cfg.attention_bias;
-    let mut q = linear(b, &format!("{p}.to_q"), x, d, d, bias)?;
-    let mut k = linear(b, &format!("{p}.to_k"), x, d, d, bias)?;
-    let v = linear(b, &format!("{p}.to_v"), x, d, d, bias)?;
+    let mut q = linear(b, &s.pp("to_q"), x, d, d, bias)?;
+    let mut k = linear(b, &s.pp("to_k"), x, d, d, bias)?;
+    let v = linear(b, &s.pp("to_v"), x, d, d, bias)?;
     if cfg.qk_norm() {
         // SANA1.5: RMSNorm across all heads, before the head split and the ReLU.
-        q = rmsnorm(b, &format!("{p}.norm_q"), q, d, QK_NORM_EPS)?;
-        k = rmsnorm(b, &format!("{p}.norm_k"), k, d, QK_NORM_EPS)?;
+        q = rms_norm(b, &s.pp("norm_q"), q, d, QK_NORM_EPS)?;
+        k = rms_norm(b, &s.pp("norm_k"), k, d, QK_NORM_EPS)?;
     }
-    let o = b.linear_attention(&format!("{p}.linear_attention"), q, k, v, cfg.num_attention_heads, cfg.attention_head_dim)?;
+    let o = b.linear_attention(&s.name("linear_attention"), q, k, v, cfg.num_attention_heads, cfg.attention_head_dim)?;
     // The fp16 ±65504 clip diffusers applies here only matters for fp16 storage, which this
     // engine does not use (f32 reference, bf16 CUDA).
-    linear(b, &format!("{p}.to_out.0"), o, d, d, true)
+    linear(b, &s.pp("to_out").pp(0), o, d, d, true)
 }
 
-fn glumbconv(b: &mut GraphBuilder, cfg: &SanaConfig, p: &str, x: ValueId, h: usize, wd: usize) -> Result<ValueId> {
+fn glumbconv(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: ValueId, h: usize, wd: usize) -> Result<ValueId> {
     let (d, hf) = (cfg.dim(), cfg.ffn_hidden());
-    let u = linear(b, &format!("{p}.conv_inverted"), x, d, 2 * hf, true)?;
-    let u = b.unary(&format!("{p}.conv_inverted.act"), u, UnaryFn::Silu)?;
-    let dw = w(b, format!("{p}.conv_depth.weight"), &[2 * hf, 1, 3, 3])?;
-    let db = w(b, format!("{p}.conv_depth.bias"), &[2 * hf])?;
+    let inv = s.pp("conv_inverted");
+    let u = linear(b, &inv, x, d, 2 * hf, true)?;
+    let u = b.unary(&inv.name("act"), u, UnaryFn::Silu)?;
+    let dc = s.pp("conv_depth");
+    let dw = b.weight(&dc.name("weight"), [2 * hf, 1, 3, 3])?;
+    let db = b.weight(&dc.name("bias"), [2 * hf])?;
     // conv_depth, then chunk into (u, gate) and u · silu(gate): one fused node.
-    let u = b.depthwise_conv_glu(&format!("{p}.conv_depth"), u, dw, Some(db), h, wd, 3)?;
-    linear(b, &format!("{p}.conv_point"), u, hf, d, false)
+    let u = b.depthwise_conv_glu(dc.path(), u, dw, Some(db), h, wd, 3)?;
+    linear(b, &s.pp("conv_point"), u, hf, d, false)
 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use openuni_cpu::CpuExecutor;
 use openuni_graph::{Graph, GraphBuilder};
+use openuni_models::nn::Scope;
 use openuni_models::qwen2::{self, Qwen2Config};
 use openuni_tensor::{HostTensor, TensorMap};
 
@@ -60,7 +61,7 @@ fn build_packed_equals_build_per_sequence() {
 
     let mut b = GraphBuilder::new();
     let xi = b.input("x", [1, t, d]).unwrap();
-    let out = qwen2::build_packed(&mut b, &cfg, "model.", xi, &segs, "test").unwrap();
+    let out = qwen2::build_packed(&mut b, &cfg, &Scope::new("model"), xi, &segs, "test").unwrap();
     b.output("h", out.hidden_states).unwrap();
     let g = b.finish();
     let w = weights(&g);
@@ -71,7 +72,7 @@ fn build_packed_equals_build_per_sequence() {
     for &len in &segs {
         let mut b = GraphBuilder::new();
         let xi = b.input("x", [1, len, d]).unwrap();
-        let out = qwen2::build(&mut b, &cfg, "model.", xi, "test").unwrap();
+        let out = qwen2::build(&mut b, &cfg, &Scope::new("model"), xi, "test").unwrap();
         b.output("h", out.hidden_states).unwrap();
         let g1 = b.finish();
         let alone = run(&g1, &w, x[start * d..(start + len) * d].to_vec(), [1, len, d]);
@@ -86,7 +87,7 @@ fn build_packed_equals_build_per_sequence() {
     // The packing matters: the whole token range as one sequence gives a different last segment.
     let mut b = GraphBuilder::new();
     let xi = b.input("x", [1, t, d]).unwrap();
-    let out = qwen2::build(&mut b, &cfg, "model.", xi, "test").unwrap();
+    let out = qwen2::build(&mut b, &cfg, &Scope::new("model"), xi, "test").unwrap();
     b.output("h", out.hidden_states).unwrap();
     let whole = run(&b.finish(), &w, x, [1, t, d]);
     let diff = whole[(t - 1) * d..].iter().zip(&packed[(t - 1) * d..]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -98,10 +99,10 @@ fn build_packed_refuses_bad_segments() {
     let cfg = config();
     let mut b = GraphBuilder::new();
     let x = b.input("x", [1, 50, cfg.hidden_size]).unwrap();
-    let e = qwen2::build_packed(&mut b, &cfg, "model.", x, &[20, 20], "llm").err().unwrap().to_string();
+    let e = qwen2::build_packed(&mut b, &cfg, &Scope::new("model"), x, &[20, 20], "llm").err().unwrap().to_string();
     assert!(e.contains("[20, 20]") && e.contains("sum 40"), "{e}");
     // 41 tokens exceed max_position_embeddings = 40 in one sequence, though the total is fine.
-    let e = qwen2::build_packed(&mut b, &cfg, "model.", x, &[9, 41], "llm").err().unwrap().to_string();
+    let e = qwen2::build_packed(&mut b, &cfg, &Scope::new("model"), x, &[9, 41], "llm").err().unwrap().to_string();
     assert!(e.contains("packed sequence 1") && e.contains("41 tokens"), "{e}");
-    assert!(qwen2::build_packed(&mut b, &cfg, "model.", x, &[10, 40], "llm").is_ok());
+    assert!(qwen2::build_packed(&mut b, &cfg, &Scope::new("model"), x, &[10, 40], "llm").is_ok());
 }
