@@ -7,7 +7,7 @@ use openuni_tensor::Shape;
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
-use crate::nn::{linear, rms_norm_biased, Scope};
+use crate::nn::{glumb_conv, linear, rms_norm_biased, Scope};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -414,7 +414,7 @@ fn res_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h: usize, wd
 /// `conv_out(attn(x))`, both residual.
 fn efficient_vit_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
     let x = multiscale_attention(b, &s.pp("attn"), x, c, hd, h, wd)?;
-    glumbconv(b, &s.pp("conv_out"), x, c, h, wd)
+    glumb_conv_residual(b, &s.pp("conv_out"), x, c, h, wd)
 }
 
 /// SanaMultiscaleLinearAttention: [to_q|to_k|to_v] (one fused 1×1 conv), the 5×5 depthwise +
@@ -440,17 +440,8 @@ fn multiscale_attention(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h
 }
 
 /// GLUMBConv with residual: `x + norm(point(u · silu(g)))`, `[u|g] = dw3x3(silu(inverted(x)))`.
-fn glumbconv(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
-    let hidden = EXPAND * c;
-    let inv = s.pp("conv_inverted");
-    let y = linear(b, &inv, x, c, 2 * hidden, true)?;
-    let y = b.unary(&inv.name("act"), y, UnaryFn::Silu)?;
-    let dc = s.pp("conv_depth");
-    let dw = b.weight(&dc.name("weight"), [2 * hidden, 1, 3, 3])?;
-    let db = b.weight(&dc.name("bias"), [2 * hidden])?;
-    // conv_depth, then chunk into (u, gate) and u · silu(gate): one fused node.
-    let y = b.depthwise_conv_glu(dc.path(), y, dw, Some(db), h, wd, 3)?;
-    let y = linear(b, &s.pp("conv_point"), y, hidden, c, false)?;
+fn glumb_conv_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
+    let y = glumb_conv(b, s, x, c, EXPAND * c, c, h, wd)?;
     let y = rms_norm_biased(b, &s.pp("norm"), y, c, NORM_EPS)?;
     Ok(b.add(&s.name("residual"), x, y)?)
 }

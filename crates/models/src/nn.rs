@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use openuni_graph::{GraphBuilder, ValueId};
+use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
 
 use crate::Result;
 
@@ -78,6 +78,23 @@ pub fn rms_norm_biased(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: usize, ep
     let w = b.weight(&s.name("weight"), [d])?;
     let bias = b.weight(&s.name("bias"), [d])?;
     Ok(b.rmsnorm(s.path(), x, w, Some(bias), eps)?)
+}
+
+/// diffusers `GLUMBConv` without its optional norm and residual (SANA's feed-forward; DC-AE's
+/// EfficientViT blocks add both): `conv_inverted` (1×1, bias) -> SiLU -> `conv_depth` (3×3
+/// depthwise, bias) -> chunk into (u, gate) -> u · SiLU(gate) -> `conv_point` (1×1, no bias), on
+/// tokens [B, h·w, din] of an h×w grid.
+#[allow(clippy::too_many_arguments)]
+pub fn glumb_conv(b: &mut GraphBuilder, s: &Scope, x: ValueId, din: usize, hidden: usize, dout: usize, h: usize, w: usize) -> Result<ValueId> {
+    let inv = s.pp("conv_inverted");
+    let u = linear(b, &inv, x, din, 2 * hidden, true)?;
+    let u = b.unary(&inv.name("act"), u, UnaryFn::Silu)?;
+    let dc = s.pp("conv_depth");
+    let dw = b.weight(&dc.name("weight"), [2 * hidden, 1, 3, 3])?;
+    let db = b.weight(&dc.name("bias"), [2 * hidden])?;
+    // conv_depth, the chunk and u · silu(gate): one fused node.
+    let u = b.depthwise_conv_glu(dc.path(), u, dw, Some(db), h, w, 3)?;
+    linear(b, &s.pp("conv_point"), u, hidden, dout, false)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use openuni_tensor::Shape;
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
-use crate::nn::{linear, rms_norm, Scope};
+use crate::nn::{glumb_conv, linear, rms_norm, Scope};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -333,7 +333,7 @@ fn block(
     // 3. Mix-FFN (GLUMBConv) on the modulated norm, gated residual.
     let a = b.layernorm(&s.name("norm2"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_mlp, shift: shift_mlp }))?;
     let ff = s.pp("ff");
-    let f = glumbconv(b, cfg, &ff, a, h, wd)?;
+    let f = glumb_conv(b, &ff, a, d, cfg.ffn_hidden(), d, h, wd)?;
     Ok(b.gated_add(&ff.name("residual"), x, gate_mlp, f)?)
 }
 
@@ -354,15 +354,3 @@ fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: V
     linear(b, &s.pp("to_out").pp(0), o, d, d, true)
 }
 
-fn glumbconv(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: ValueId, h: usize, wd: usize) -> Result<ValueId> {
-    let (d, hf) = (cfg.dim(), cfg.ffn_hidden());
-    let inv = s.pp("conv_inverted");
-    let u = linear(b, &inv, x, d, 2 * hf, true)?;
-    let u = b.unary(&inv.name("act"), u, UnaryFn::Silu)?;
-    let dc = s.pp("conv_depth");
-    let dw = b.weight(&dc.name("weight"), [2 * hf, 1, 3, 3])?;
-    let db = b.weight(&dc.name("bias"), [2 * hf])?;
-    // conv_depth, then chunk into (u, gate) and u · silu(gate): one fused node.
-    let u = b.depthwise_conv_glu(dc.path(), u, dw, Some(db), h, wd, 3)?;
-    linear(b, &s.pp("conv_point"), u, hf, d, false)
-}
