@@ -1,7 +1,9 @@
 //! OpenUni text-to-image, end to end (docs/architecture.md, "One generation";
 //! docs/models.md): prompt ids ->
 //! LLM with meta-queries -> connector -> projector -> SANA with CFG and DPM-Solver++ -> DC-AE ->
-//! uint8 pixels. Each stage is its own graph; what depends only on the prompt (the caption path
+//! uint8 pixels. Each stage is its own graph, built by its model in `crates/models` (the OpenUni
+//! head by `openuni::Head`); what depends only on the prompt (the caption path's K/V) runs once
+//! per batch.
 
 mod assembly;
 mod decode;
