@@ -30,7 +30,7 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
         .map(|i| usize::try_from(i).ok().filter(|&u| u < cfg.vocab_size).with_context(|| format!("token id {i} is outside the vocabulary of {}", cfg.vocab_size)))
         .collect::<Result<_>>()?;
     // The embedding lookup runs on the host, reading only the rows used.
-    let embed_key = format!("{prefix}embed_tokens.weight");
+    let embed_key = Scope::new(prefix).pp("embed_tokens").name("weight");
     let embeds = weights.rows_f32(&embed_key, &ids)?;
     let d = cfg.hidden_size;
     let embeds = openuni_tensor::HostTensor::from_f32([dims[0], dims[1], d], embeds.to_f32_vec())?;
@@ -47,7 +47,7 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
         }
     }
     if case.io.contains("mid.logits") {
-        let head = if cfg.tie_word_embeddings { embed_key.clone() } else { format!("{head_prefix}lm_head.weight") };
+        let head = if cfg.tie_word_embeddings { embed_key.clone() } else { Scope::new(head_prefix).pp("lm_head").name("weight") };
         let w = b.weight(&head, [cfg.vocab_size, d])?;
         let logits = b.linear("lm_head", out.hidden_states, w, None)?;
         checks.push(Check::mark(&mut b, "mid.logits", logits, false)?);

@@ -181,20 +181,21 @@ pub const FEATURES: OutputName = OutputName("features");
 
 /// The decoder graph for latents of `shape`: input [`LATENT`], output [`SAMPLE`].
 pub fn decoder_graph(cfg: &DcaeConfig, shape: &Shape) -> Result<Graph> {
-    let mut b = GraphBuilder::new();
-    let z = b.input(LATENT, shape.clone())?;
-    let o = decoder(&mut b, cfg, z, "vae")?;
-    b.mark(SAMPLE, o.sample)?;
-    Ok(b.finish())
+    on_latent(shape, SAMPLE, |b, z| Ok(decoder(b, cfg, z, "vae")?.sample))
 }
 
 /// The decoder's global part (conv_in and the attention stages) on latents of `shape`: input
 /// [`LATENT`], output [`FEATURES`].
 pub fn decoder_global_graph(cfg: &DcaeConfig, shape: &Shape) -> Result<Graph> {
+    on_latent(shape, FEATURES, |b, z| Ok(decoder_global(b, cfg, z, "vae")?.features))
+}
+
+/// A graph from the input [`LATENT`] of `shape` to the output `out` that `part` computes.
+fn on_latent(shape: &Shape, out: OutputName, part: impl FnOnce(&mut GraphBuilder, ValueId) -> Result<ValueId>) -> Result<Graph> {
     let mut b = GraphBuilder::new();
     let z = b.input(LATENT, shape.clone())?;
-    let o = decoder_global(&mut b, cfg, z, "vae")?;
-    b.mark(FEATURES, o.features)?;
+    let y = part(&mut b, z)?;
+    b.mark(out, y)?;
     Ok(b.finish())
 }
 

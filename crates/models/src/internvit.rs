@@ -292,7 +292,7 @@ impl VitLayout {
         }
         ["model.", ""]
             .into_iter()
-            .find(|pre| source.contains(&format!("{pre}vision_tower.embeddings.patch_embeddings.projection.weight")))
+            .find(|pre| source.contains(&Scope::new(pre).name("vision_tower.embeddings.patch_embeddings.projection.weight")))
             .map(|prefix| VitLayout::Native { prefix })
     }
 }
@@ -345,7 +345,7 @@ impl<S: TensorSource> VitWeights<S> {
             let part = ["q", "k", "v"][i];
             key = key.replace(".attn.qkv.", &format!(".attention.{part}_proj."));
         }
-        Stored { key: format!("{prefix}{key}"), third: None }
+        Stored { key: Scope::new(prefix).name(&key), third: None }
     }
 }
 
