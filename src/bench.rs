@@ -17,6 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use openuni_graph::{node_cost, Graph, GraphBuilder};
 use openuni_models::dcae::DcaeConfig;
+use openuni_models::openuni as openuni_head;
 use openuni_models::config::{parse_config, MllmConfig};
 use openuni_models::sana::SanaConfig;
 use openuni_models::scheduler::SamplerKind;
@@ -131,7 +132,7 @@ pub fn random_model(variant: &str) -> Result<(OpenUni, usize)> {
     // The OpenUni checkpoint holds no `transformer.*` here: the base transformer's weights are used.
     let openuni = Box::new(NotFinetuned(RandomWeights {
         origin: format!("random {variant} openuni weights"),
-        tables: HashMap::from([("meta_queries".to_string(), Shape::new(vec![v.num_queries, llm_cfg.hidden_size]))]),
+        tables: HashMap::from([(openuni_head::META_QUERIES.to_string(), Shape::new(vec![v.num_queries, llm_cfg.hidden_size]))]),
     }));
     let m = OpenUni::from_parts(
         llm_cfg,
@@ -159,7 +160,7 @@ impl TensorSource for NotFinetuned {
         self.0.shape_of(name)
     }
     fn contains(&self, name: &str) -> bool {
-        !name.starts_with("transformer.")
+        !name.starts_with(openuni_head::TRANSFORMER_PREFIX)
     }
     fn tensor_f32(&self, name: &str, shape: &Shape) -> openuni_tensor::Result<HostTensor> {
         self.0.tensor_f32(name, shape)
