@@ -71,6 +71,10 @@ typedef struct openuni_emu_tu {
 void openuni_emu_install_hooks(const openuni_emu_hooks* h);
 openuni_emu_thread** openuni_emu_cur_slot(void);
 unsigned char* openuni_emu_dyn_smem_ptr(void);
+/* Called by the scheduler before each block: records its dynamic shared memory size, bumps the serial. */
+void openuni_emu_block_begin(uint32_t dyn_smem_size);
+extern __thread uint32_t openuni_emu_dyn_smem_size;
+extern __thread uint64_t openuni_emu_block_serial;
 
 #ifdef __cplusplus
 }

@@ -59,6 +59,7 @@ extern "C" {
     fn openuni_emu_install_hooks(h: *const Hooks);
     fn openuni_emu_cur_slot() -> *mut *mut ThreadState;
     fn openuni_emu_dyn_smem_ptr() -> *mut u8;
+    fn openuni_emu_block_begin(dyn_smem_size: u32);
 }
 
 /// The order in which a block's threads (and the grid's blocks) are run. Races that a missing barrier
@@ -382,7 +383,8 @@ fn run_block(
                 openuni_emu_dyn_smem_ptr(),
                 0xFF,
                 (cfg.dyn_smem as usize).min(MAX_DYN_SMEM),
-            )
+            );
+            openuni_emu_block_begin(cfg.dyn_smem.min(MAX_DYN_SMEM as u32));
         };
 
         // One fiber per CUDA thread, on reused guard-paged stacks.

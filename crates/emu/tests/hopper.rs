@@ -1,0 +1,476 @@
+//! sm_90a on the emulated GPU (kernels/include/wgmma.cuh, mbarrier.cuh, sm90.cuh; kernels in
+//! tests/kernels/hopper.cu): every result is checked against a plain CPU computation, with the shared-memory
+//! images, register fragments and expected accumulators built here from the PTX ISA's layouts. Layouts are
+//! chosen so that a wrong swizzle, a transposed fragment, swapped LBO/SBO or a wrong phase shows; the
+//! mutants (a missing wgmma.wait_group or wgmma.fence, a mis-encoded descriptor, a wrong mbarrier parity) must
+//! be reported or give a wrong result.
+mod common;
+use common::*;
+use half::bf16;
+use openuni_emu::{LaunchError, Order};
+
+fn need_kernels() -> bool {
+    if !openuni_emu::kernels_compiled() {
+        eprintln!("skipped: {}", openuni_emu::NO_KERNELS_MSG);
+        return false;
+    }
+    // Hang detection in spin-waits: short, so that a mutant that hangs is reported quickly.
+    std::env::set_var("OPENUNI_EMU_HANG_MS", "300");
+    true
+}
+
+/// Small deterministic generator: bf16 values in [-2, 2) with few mantissa bits (exact products).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    fn bf16(&mut self) -> bf16 {
+        bf16::from_f32((self.next() % 64) as f32 / 16.0 - 2.0)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Sw {
+    None,
+    B32,
+    B64,
+    B128,
+}
+impl Sw {
+    /// The descriptor's encoding (bits 62-63).
+    fn code(self) -> i32 {
+        match self {
+            Sw::None => 0,
+            Sw::B128 => 1,
+            Sw::B64 => 2,
+            Sw::B32 => 3,
+        }
+    }
+    fn line_bytes(self) -> usize {
+        match self {
+            Sw::None => 16,
+            Sw::B32 => 32,
+            Sw::B64 => 64,
+            Sw::B128 => 128,
+        }
+    }
+    /// The swizzle as TMA and wgmma apply it to a shared address: the 16-byte chunk index within a
+    /// 128-byte line is XORed with the line index modulo the pattern's lines (2, 4 or 8).
+    fn apply(self, addr: usize) -> usize {
+        let lines = self.line_bytes() / 16;
+        let chunk = (addr >> 4) & 7;
+        let line = (addr >> 7) % lines;
+        (addr & !0x70) | ((chunk ^ line) << 4)
+    }
+}
+
+/// An operand tile (rows = M or N, K columns) placed in a shared-memory image at `base`.
+struct Placed {
+    lbo: u32,
+    sbo: u32,
+    /// Byte offset of the tile for each 16-wide k step (what the descriptor's start address points at).
+    step_off: Vec<u32>,
+}
+
+/// Lays out element (mn, k) of a bf16 operand the way the ISA's figures draw each mode: K-major swizzled
+/// tiles are rows of `line` bytes along K (one row per mn, K split into line-wide blocks); MN-major swizzled
+/// tiles are rows of `line` bytes along MN (one row per k); unswizzled tiles are 8x8 core matrices of 128
+/// contiguous bytes (K-major: 8 rows of 8 k; MN-major: 8 k of 8 mn).
+fn place(
+    image: &mut [u8],
+    base: usize,
+    mn_major: bool,
+    sw: Sw,
+    rows: usize,
+    k: usize,
+    at: impl Fn(usize, usize) -> bf16,
+) -> Placed {
+    let w = sw.line_bytes();
+    let logical = |mn: usize, kk: usize| -> usize {
+        match (mn_major, sw) {
+            // k groups far apart (LBO), 8-row groups adjacent (SBO = 128).
+            (false, Sw::None) => (kk / 8) * (rows / 8) * 128 + (mn / 8) * 128 + (mn % 8) * 16 + (kk % 8) * 2,
+            (false, _) => (kk / (w / 2)) * rows * w + mn * w + (kk % (w / 2)) * 2,
+            // mn groups adjacent (SBO = 128), k groups far apart (LBO).
+            (true, Sw::None) => (kk / 8) * (rows / 8) * 128 + (mn / 8) * 128 + (kk % 8) * 16 + (mn % 8) * 2,
+            (true, _) => (mn / (w / 2)) * k * w + kk * w + (mn % (w / 2)) * 2,
+        }
+    };
+    for mn in 0..rows {
+        for kk in 0..k {
+            let a = sw.apply(base + logical(mn, kk));
+            image[a..a + 2].copy_from_slice(&at(mn, kk).to_bits().to_le_bytes());
+        }
+    }
+    let (lbo, sbo) = match (mn_major, sw) {
+        (false, Sw::None) => ((rows / 8) * 128, 128),
+        (false, _) => (16, 8 * w),
+        (true, Sw::None) => ((rows / 8) * 128, 128),
+        (true, _) => (k * w, 8 * w),
+    };
+    let step_off = (0..k / 16)
+        .map(|s| (base + logical(0, 16 * s)) as u32)
+        .collect();
+    Placed {
+        lbo: lbo as u32,
+        sbo: sbo as u32,
+        step_off,
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct WgmmaArgs {
+    n: i32,
+    ta: i32,
+    tb: i32,
+    a_regs: i32,
+    scale_d: i32,
+    k_steps: i32,
+    sw: i32,
+    variant: i32,
+    a_lbo: u32,
+    a_sbo: u32,
+    b_lbo: u32,
+    b_sbo: u32,
+    a_off: [u32; 8],
+    b_off: [u32; 8],
+}
+
+const MISSING_WAIT: i32 = 1;
+const MISSING_FENCE: i32 = 2;
+const WRONG_PARITY: i32 = 3;
+
+/// (row, col) of accumulator register r of warpgroup thread t (ISA: "WGMMA .m64nNk16 register fragment
+/// layout for accumulator matrix D").
+fn d_coord(t: usize, r: usize) -> (usize, usize) {
+    let (w, g, tq) = (t / 32, (t % 32) / 4, t % 4);
+    (16 * w + g + 8 * ((r % 4) / 2), 8 * (r / 4) + 2 * tq + r % 2)
+}
+
+struct Case {
+    n: usize,
+    ta: bool,
+    tb: bool,
+    sw: Sw,
+    a_regs: bool,
+    scale_d: bool,
+}
+
+struct Setup {
+    image: Vec<u8>,
+    frags: Vec<u32>,
+    d0: Vec<f32>,
+    want: Vec<f32>,
+    args: WgmmaArgs,
+}
+
+const K: usize = 64;
+
+fn setup(c: &Case, seed: u64) -> Setup {
+    let mut rng = Rng(seed);
+    let a: Vec<bf16> = (0..64 * K).map(|_| rng.bf16()).collect(); // A[m][k]
+    let b: Vec<bf16> = (0..K * c.n).map(|_| rng.bf16()).collect(); // B[k][n]
+    let d0: Vec<f32> = (0..128 * c.n / 2).map(|_| rng.bf16().to_f32()).collect();
+    let b_base = 64 * K * 2 + 1024; // a gap, and 1024-byte aligned
+    let mut image = vec![0u8; b_base + c.n * K * 2 + 1024];
+    let pa = place(&mut image, 0, c.ta, c.sw, 64, K, |m, k| a[m * K + k]);
+    let pb = place(&mut image, b_base, c.tb, c.sw, c.n, K, |n, k| b[k * c.n + n]);
+    // A fragments per k step and thread (ISA: "WGMMA .m64nNk16 register fragment layout for matrix A").
+    let mut frags = vec![0u32; (K / 16) * 128 * 4];
+    for s in 0..K / 16 {
+        for t in 0..128 {
+            let (w, g, tq) = (t / 32, (t % 32) / 4, t % 4);
+            for j in 0..4 {
+                let (row, col) = (16 * w + g + 8 * (j % 2), 16 * s + 2 * tq + 8 * (j / 2));
+                frags[(s * 128 + t) * 4 + j] = a[row * K + col].to_bits() as u32
+                    | (a[row * K + col + 1].to_bits() as u32) << 16;
+            }
+        }
+    }
+    let mut want = vec![0f32; 128 * c.n / 2];
+    for t in 0..128 {
+        for r in 0..c.n / 2 {
+            let (row, col) = d_coord(t, r);
+            let mut acc = if c.scale_d { d0[t * c.n / 2 + r] } else { 0.0 };
+            for k in 0..K {
+                acc += a[row * K + k].to_f32() * b[k * c.n + col].to_f32();
+            }
+            want[t * c.n / 2 + r] = acc;
+        }
+    }
+    let mut args = WgmmaArgs {
+        n: c.n as i32,
+        ta: c.ta as i32,
+        tb: c.tb as i32,
+        a_regs: c.a_regs as i32,
+        scale_d: c.scale_d as i32,
+        k_steps: (K / 16) as i32,
+        sw: c.sw.code(),
+        variant: 0,
+        a_lbo: pa.lbo,
+        a_sbo: pa.sbo,
+        b_lbo: pb.lbo,
+        b_sbo: pb.sbo,
+        ..Default::default()
+    };
+    args.a_off[..K / 16].copy_from_slice(&pa.step_off);
+    args.b_off[..K / 16].copy_from_slice(&pb.step_off);
+    Setup {
+        image,
+        frags,
+        d0,
+        want,
+        args,
+    }
+}
+
+fn run_wgmma(s: &Setup, args: WgmmaArgs, order: Order) -> Result<Vec<f32>, LaunchError> {
+    let mut d = s.d0.clone();
+    let (mut pi, mut nb, mut pf, mut pd, mut a) = (
+        s.image.as_ptr(),
+        s.image.len() as u32,
+        s.frags.as_ptr(),
+        d.as_mut_ptr(),
+        args,
+    );
+    launch(
+        "emu_test_wgmma",
+        [1, 1, 1],
+        [128, 1, 1],
+        s.image.len() as u32,
+        order,
+        &mut [arg(&mut pi), arg(&mut nb), arg(&mut pf), arg(&mut pd), arg(&mut a)],
+    )?;
+    Ok(d)
+}
+
+fn mismatches(got: &[f32], want: &[f32]) -> usize {
+    got.iter().zip(want).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+}
+
+#[test]
+fn wgmma_from_shared_memory_every_n_swizzle_and_major() {
+    if !need_kernels() {
+        return;
+    }
+    let mut seed = 1;
+    for n in [8, 16, 32, 64, 128, 256] {
+        for sw in [Sw::None, Sw::B32, Sw::B64, Sw::B128] {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                seed += 1;
+                let c = Case { n, ta, tb, sw, a_regs: false, scale_d: seed % 2 == 0 };
+                let s = setup(&c, seed);
+                // One order per case (alternating), both orders over the sweep.
+                let order = if seed % 2 == 0 { Order::Forward } else { Order::Reverse };
+                let d = run_wgmma(&s, s.args, order)
+                    .unwrap_or_else(|e| panic!("N={n} {sw:?} trans {ta}/{tb}: {e}"));
+                assert_eq!(
+                    mismatches(&d, &s.want),
+                    0,
+                    "N={n} {sw:?} trans-a {ta} trans-b {tb} scale-d {}",
+                    c.scale_d
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn wgmma_with_a_from_registers() {
+    if !need_kernels() {
+        return;
+    }
+    for (i, n) in [8, 64, 256].into_iter().enumerate() {
+        for sw in [Sw::None, Sw::B128] {
+            for tb in [false, true] {
+                for order in ORDERS {
+                    let c = Case { n, ta: false, tb, sw, a_regs: true, scale_d: i % 2 == 1 };
+                    let s = setup(&c, 100 + i as u64);
+                    let d = run_wgmma(&s, s.args, order).unwrap();
+                    assert_eq!(mismatches(&d, &s.want), 0, "N={n} {sw:?} trans-b {tb} {order:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn wgmma_mutants_are_caught() {
+    if !need_kernels() {
+        return;
+    }
+    let c = Case { n: 64, ta: false, tb: true, sw: Sw::B128, a_regs: false, scale_d: true };
+    let s = setup(&c, 7);
+    for order in ORDERS {
+        // A missing wgmma.wait_group: the accumulators are never written.
+        let mut a = s.args;
+        a.variant = MISSING_WAIT;
+        let d = run_wgmma(&s, a, order).unwrap();
+        let wrong = mismatches(&d, &s.want);
+        println!("missing wgmma.wait_group ({order:?}): {wrong}/{} accumulators wrong", d.len());
+        assert_eq!(d, s.d0, "without the wait, the accumulators keep their old values");
+        assert!(wrong > d.len() / 2);
+
+        // A missing wgmma.fence before the first mma_async: reported.
+        let mut a = s.args;
+        a.variant = MISSING_FENCE;
+        let e = run_wgmma(&s, a, order).unwrap_err();
+        assert!(e.message.contains("wgmma.fence"), "{e}");
+
+        // Mis-encoded descriptors: swizzle 64B instead of 128B (data in the wrong chunks), and LBO/SBO of the
+        // unswizzled layout swapped.
+        let mut a = s.args;
+        a.sw = Sw::B64.code();
+        let d = run_wgmma(&s, a, order).unwrap();
+        let wrong = mismatches(&d, &s.want);
+        println!("64B descriptor on a 128B tile ({order:?}): {wrong}/{} wrong", d.len());
+        assert!(wrong > d.len() / 2);
+
+        let c2 = Case { n: 32, ta: true, tb: false, sw: Sw::None, a_regs: false, scale_d: false };
+        let s2 = setup(&c2, 9);
+        let mut a = s2.args;
+        std::mem::swap(&mut a.a_lbo, &mut a.a_sbo);
+        std::mem::swap(&mut a.b_lbo, &mut a.b_sbo);
+        let d = run_wgmma(&s2, a, order).unwrap();
+        let wrong = mismatches(&d, &s2.want);
+        println!("LBO and SBO swapped ({order:?}): {wrong}/{} wrong", d.len());
+        assert!(wrong > d.len() / 2);
+
+        // A 128B-swizzled operand that does not start on the pattern's 1024-byte boundary: reported.
+        let mut a = s.args;
+        for o in a.b_off.iter_mut().take(4) {
+            *o += 128;
+        }
+        let e = run_wgmma(&s, a, order).unwrap_err();
+        assert!(e.message.contains("line 1 of a 128B swizzle pattern"), "{e}");
+
+        // A descriptor pointing past the block's dynamic shared memory: reported.
+        let mut a = s.args;
+        a.b_off[0] = s.image.len() as u32 - 1024;
+        let e = run_wgmma(&s, a, order).unwrap_err();
+        assert!(e.message.contains("outside the block's"), "{e}");
+    }
+}
+
+#[test]
+fn wgmma_warpgroups_rendezvous_separately_and_setmaxnreg_is_checked() {
+    if !need_kernels() {
+        return;
+    }
+    let mut rng = Rng(42);
+    let a: Vec<bf16> = (0..128 * 16).map(|_| rng.bf16()).collect(); // 128x16
+    let b: Vec<bf16> = (0..16 * 8).map(|_| rng.bf16()).collect(); // 16x8
+    let mut image = vec![0u8; 4096 + 256];
+    // K-major, no swizzle: core matrix (m/8, k/8) at (k/8)*2048 + (m/8)*128.
+    for m in 0..128 {
+        for k in 0..16 {
+            let o = (k / 8) * 2048 + (m / 8) * 128 + (m % 8) * 16 + (k % 8) * 2;
+            image[o..o + 2].copy_from_slice(&a[m * 16 + k].to_bits().to_le_bytes());
+        }
+    }
+    for n in 0..8 {
+        for k in 0..16 {
+            let o = 4096 + (k / 8) * 128 + (n % 8) * 16 + (k % 8) * 2;
+            image[o..o + 2].copy_from_slice(&b[k * 8 + n].to_bits().to_le_bytes());
+        }
+    }
+    for order in ORDERS {
+        for bad in [0i32, 1] {
+            let mut out = vec![0f32; 256 * 4];
+            let (mut pi, mut nb, mut po, mut pb) =
+                (image.as_ptr(), image.len() as u32, out.as_mut_ptr(), bad);
+            let r = launch(
+                "emu_test_wgmma_two_groups",
+                [1, 1, 1],
+                [256, 1, 1],
+                image.len() as u32,
+                order,
+                &mut [arg(&mut pi), arg(&mut nb), arg(&mut po), arg(&mut pb)],
+            );
+            if bad == 1 {
+                let e = r.unwrap_err();
+                assert!(e.message.contains("setmaxnreg"), "{e}");
+                continue;
+            }
+            r.unwrap();
+            for t in 0..256 {
+                for r in 0..4 {
+                    let (row, col) = d_coord(t % 128, r);
+                    let row = row + 64 * (t / 128);
+                    let want: f32 = (0..16).map(|k| a[row * 16 + k].to_f32() * b[k * 8 + col].to_f32()).sum();
+                    assert_eq!(out[t * 4 + r], want, "thread {t} reg {r} {order:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn mbarrier_phases_and_transaction_counts() {
+    if !need_kernels() {
+        return;
+    }
+    for order in ORDERS {
+        let mut out = vec![0i32; 15];
+        let mut po = out.as_mut_ptr();
+        launch("emu_test_mbarrier_script", [1, 1, 1], [32, 1, 1], 0, order, &mut [arg(&mut po)]).unwrap();
+        // (try_wait.parity 0, try_wait.parity 1) after each step.
+        assert_eq!(
+            out,
+            [0, 1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, -1],
+            "{order:?}"
+        );
+    }
+}
+
+fn run_ring(variant: i32, order: Order) -> (Result<(), LaunchError>, Vec<f32>, Vec<f32>) {
+    let rounds = 6;
+    let src: Vec<f32> = (0..rounds * 32).map(|i| (i % 17) as f32).collect();
+    let mut want = vec![0f32; 4];
+    for w in 1..4 {
+        want[w] = src.iter().sum();
+    }
+    let mut out = vec![0f32; 4];
+    let (mut ps, mut nr, mut po, mut v) = (src.as_ptr(), rounds as i32, out.as_mut_ptr(), variant);
+    let r = launch(
+        "emu_test_mbarrier_ring",
+        [1, 1, 1],
+        [128, 1, 1],
+        64 + 2 * 32 * 4,
+        order,
+        &mut [arg(&mut ps), arg(&mut nr), arg(&mut po), arg(&mut v)],
+    );
+    (r, out, want)
+}
+
+#[test]
+fn mbarrier_producer_consumer_ring() {
+    if !need_kernels() {
+        return;
+    }
+    for order in ORDERS {
+        let (r, out, want) = run_ring(0, order);
+        r.unwrap();
+        assert_eq!(out[1..], want[1..], "{order:?}");
+    }
+}
+
+#[test]
+fn mbarrier_wrong_parity_is_caught() {
+    if !need_kernels() {
+        return;
+    }
+    for order in ORDERS {
+        let (r, out, want) = with_timeout(60, move || run_ring(WRONG_PARITY, order));
+        match r {
+            Err(e) => println!("wrong parity ({order:?}): reported: {e}"),
+            Ok(()) => {
+                println!("wrong parity ({order:?}): sums {:?}, want {:?}", &out[1..], &want[1..]);
+                assert_ne!(out[1..], want[1..], "a wrong parity must not pass");
+            }
+        }
+    }
+}

@@ -1,0 +1,167 @@
+// sm_90a helpers (kernels/include/wgmma.cuh, mbarrier.cuh, sm90.cuh) on the emulated GPU: tests/hopper.rs
+// builds the shared-memory images, fragments and expected results on the host, from the PTX ISA's layouts.
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include "mbarrier.cuh"
+#include "sm90.cuh"
+#include "wgmma.cuh"
+
+// What a test kernel does wrong on purpose (the mutants tests/hopper.rs expects to be caught).
+enum Variant { OK = 0, MISSING_WAIT = 1, MISSING_FENCE = 2, WRONG_PARITY = 3 };
+
+struct WgmmaArgs {
+  int n, ta, tb, a_regs, scale_d, k_steps, sw, variant;
+  unsigned a_lbo, a_sbo, b_lbo, b_sbo;
+  unsigned a_off[8], b_off[8];  // per k step: byte offset of the operand in the shared image
+};
+
+template <int N, int TA, int TB>
+__device__ void wgmma_run(const WgmmaArgs& p, unsigned char* sm, const unsigned* a_frags, float* d) {
+  const unsigned t = threadIdx.x % 128;
+  const ou::Swizzle sw = static_cast<ou::Swizzle>(p.sw);
+  if (p.variant != MISSING_FENCE) ou::wgmma_fence();
+  for (int s = 0; s < p.k_steps; ++s) {
+    const unsigned long long db = ou::wgmma_desc(sm + p.b_off[s], p.b_lbo, p.b_sbo, sw);
+    const bool scale_d = p.scale_d || s > 0;
+    if (p.a_regs) {
+      const unsigned a[4] = {a_frags[(s * 128 + t) * 4], a_frags[(s * 128 + t) * 4 + 1], a_frags[(s * 128 + t) * 4 + 2],
+                             a_frags[(s * 128 + t) * 4 + 3]};
+      ou::wgmma_mma_rs<N, TB>(d, a, db, scale_d);
+    } else {
+      const unsigned long long da = ou::wgmma_desc(sm + p.a_off[s], p.a_lbo, p.a_sbo, sw);
+      ou::wgmma_mma_ss<N, TA, TB>(d, da, db, scale_d);
+    }
+  }
+  ou::wgmma_commit_group();
+  if (p.variant != MISSING_WAIT) ou::wgmma_wait_group<0>();
+}
+
+template <int N>
+__device__ void wgmma_dispatch(const WgmmaArgs& p, unsigned char* sm, const unsigned* a_frags, float* dglob) {
+  float d[N / 2];
+  const unsigned t = threadIdx.x % 128;
+  for (int r = 0; r < N / 2; ++r) d[r] = dglob[t * (N / 2) + r];
+  if (p.ta == 0 && p.tb == 0) wgmma_run<N, 0, 0>(p, sm, a_frags, d);
+  if (p.ta == 0 && p.tb == 1) wgmma_run<N, 0, 1>(p, sm, a_frags, d);
+  if (p.ta == 1 && p.tb == 0) wgmma_run<N, 1, 0>(p, sm, a_frags, d);
+  if (p.ta == 1 && p.tb == 1) wgmma_run<N, 1, 1>(p, sm, a_frags, d);
+  for (int r = 0; r < N / 2; ++r) dglob[t * (N / 2) + r] = d[r];
+}
+
+// One warpgroup: copies `image` (the operands as they lie in shared memory) to dynamic shared memory, runs
+// k_steps wgmma.mma_async m64nNk16 on the accumulators in/out `d` ([thread][N/2], the initial C).
+extern "C" __global__ void emu_test_wgmma(const unsigned char* image, unsigned image_bytes, const unsigned* a_frags,
+                                          float* d, WgmmaArgs p) {
+  extern __shared__ __align__(1024) unsigned char sm[];
+  for (unsigned i = threadIdx.x; i < image_bytes; i += blockDim.x) sm[i] = image[i];
+  ou::fence_proxy_async();
+  __syncthreads();
+  switch (p.n) {
+    case 8: wgmma_dispatch<8>(p, sm, a_frags, d); break;
+    case 16: wgmma_dispatch<16>(p, sm, a_frags, d); break;
+    case 32: wgmma_dispatch<32>(p, sm, a_frags, d); break;
+    case 64: wgmma_dispatch<64>(p, sm, a_frags, d); break;
+    case 128: wgmma_dispatch<128>(p, sm, a_frags, d); break;
+    case 256: wgmma_dispatch<256>(p, sm, a_frags, d); break;
+    default: break;
+  }
+}
+
+// Two warpgroups each run their own m64n8k16 (rows 64g..64g+63 of A), the second after setmaxnreg: both
+// threads' sets of accumulators must come out right (warpgroups rendezvous separately).
+extern "C" __global__ void emu_test_wgmma_two_groups(const unsigned char* image, unsigned image_bytes, float* out,
+                                                     int bad_setmaxnreg) {
+  extern __shared__ __align__(1024) unsigned char sm[];
+  for (unsigned i = threadIdx.x; i < image_bytes; i += blockDim.x) sm[i] = image[i];
+  __syncthreads();
+  const unsigned g = threadIdx.x / 128, t = threadIdx.x % 128;
+  if (g == 0) {
+    ou::setmaxnreg_dec<40>();
+  } else if (bad_setmaxnreg && t >= 64) {
+    ou::setmaxnreg_inc<240>();  // BUG: warps 2-3 of the group ask for another count than warps 0-1
+  } else {
+    ou::setmaxnreg_inc<232>();
+  }
+  float d[4] = {0, 0, 0, 0};
+  // A: K-major, no swizzle, core matrices 128 bytes; rows 64g.. start 8 core matrices (1024 bytes) per
+  // 64 rows further. B (8x16, K-major) after A's 128 rows.
+  const unsigned long long da = ou::wgmma_desc(sm + g * 2048, 128 * 16, 128, ou::Swizzle::none);
+  const unsigned long long db = ou::wgmma_desc(sm + 4096, 128, 256, ou::Swizzle::none);
+  ou::wgmma_fence();
+  ou::wgmma_mma_ss<8, 0, 0>(d, da, db, false);
+  ou::wgmma_commit_group();
+  ou::wgmma_wait_group<0>();
+  for (int r = 0; r < 4; ++r) out[threadIdx.x * 4 + r] = d[r];
+}
+
+// mbarrier semantics, one thread: the results of try_wait.parity 0/1 after each step of a script, so that
+// tests/hopper.rs can check phases, arrival counts and transaction counts exactly.
+extern "C" __global__ void emu_test_mbarrier_script(int* out) {
+  __shared__ __align__(8) uint64_t bar;
+  if (threadIdx.x != 0) return;
+  int i = 0;
+  auto probe = [&] {
+    out[i++] = ou::mbarrier_try_wait_parity(&bar, 0);
+    out[i++] = ou::mbarrier_try_wait_parity(&bar, 1);
+  };
+  ou::mbarrier_init(&bar, 2);
+  probe();                                 // fresh: phase 0 in progress
+  ou::mbarrier_arrive(&bar);
+  probe();                                 // 1 of 2 arrivals
+  ou::mbarrier_arrive_expect_tx(&bar, 64);
+  probe();                                 // arrivals done, 64 bytes outstanding
+  ou::mbarrier_complete_tx(&bar, 32);
+  probe();
+  ou::mbarrier_complete_tx(&bar, 32);
+  probe();                                 // phase 0 complete, phase 1 in progress
+  ou::mbarrier_complete_tx(&bar, 16);      // bytes may land before they are expected (tx-count -16)
+  ou::mbarrier_arrive(&bar);
+  ou::mbarrier_arrive(&bar);
+  probe();                                 // arrivals done, tx-count -16: phase 1 still open
+  ou::mbarrier_expect_tx(&bar, 16);
+  probe();                                 // tx-count 0: phase 1 complete
+  ou::mbarrier_inval(&bar);
+  out[i++] = -1;
+}
+
+// A producer warp fills a 2-stage ring in dynamic shared memory, `rounds` times; 3 consumer warps wait on
+// the stage's full barrier (arrive_expect_tx by the producer + complete_tx as the data lands), sum it, and
+// release the stage on its empty barrier. out[w] = what consumer warp w summed.
+extern "C" __global__ void emu_test_mbarrier_ring(const float* src, int rounds, float* out, int variant) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* empty = full + 2;
+  float* data = reinterpret_cast<float*>(smem + 64);  // 2 stages x 32 floats
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < 2; ++s) {
+      ou::mbarrier_init(&full[s], 1);
+      ou::mbarrier_init(&empty[s], 3 * 32);
+    }
+    ou::mbarrier_init_fence();
+  }
+  __syncthreads();
+  if (warp == 0) {
+    for (int r = 0; r < rounds; ++r) {
+      const int s = r % 2;
+      const unsigned phase = (unsigned)(r / 2) & 1u;
+      ou::mbarrier_wait_parity(&empty[s], phase ^ 1u);  // a fresh barrier's parity-1 wait passes at once
+      if (lane == 0) ou::mbarrier_arrive_expect_tx(&full[s], 32 * 4);
+      __syncwarp();
+      data[s * 32 + lane] = src[r * 32 + lane];
+      ou::mbarrier_complete_tx(&full[s], 4);  // each lane's 4 bytes have landed
+    }
+  } else {
+    float acc = 0.f;
+    for (int r = 0; r < rounds; ++r) {
+      const int s = r % 2;
+      unsigned phase = (unsigned)(r / 2) & 1u;
+      if (variant == WRONG_PARITY) phase ^= 1u;  // BUG: waits for the previous phase
+      ou::mbarrier_wait_parity(&full[s], phase);
+      acc += data[s * 32 + lane];
+      ou::mbarrier_arrive(&empty[s]);
+    }
+    for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[warp] = acc;
+  }
+}
