@@ -40,7 +40,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
+#include <sys/time.h>
 
 // The real CUDA 13 headers compile on the host with g++ (bf16/f16 types, conversions, most operators).
 #include <vector_types.h>
@@ -521,9 +521,9 @@ inline uint64_t hang_limit_ns() {
   return ms * 1000000ull;
 }
 inline uint64_t now_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+  timeval tv;  // <time.h> would clash with the device clock() below
+  gettimeofday(&tv, nullptr);
+  return (uint64_t)tv.tv_sec * 1000000000ull + (uint64_t)tv.tv_usec * 1000ull;
 }
 struct hang_guard {
   uint64_t watched;

@@ -146,6 +146,9 @@ const WAIT_BLOCK: u8 = 1;
 const WAIT_WARP: u8 = 2;
 const EXITED: u8 = 3;
 const FAILED: u8 = 4;
+/// Gave way in a spin-wait (`__nanosleep`, the sm_90 twins' waits): runs again in the next pass over the
+/// block, after every other warp has had its turn (a spin-wait across warps must let the other warps run).
+const YIELDED: u8 = 5;
 
 struct Rec {
     st: ThreadState,
@@ -200,7 +203,7 @@ unsafe extern "C" fn hook_warp_sync(
 
 unsafe extern "C" fn hook_yield(t: *mut ThreadState) {
     let r = rec_of(t);
-    (*r).status = RUNNABLE;
+    (*r).status = YIELDED;
     suspend(r);
 }
 
@@ -446,6 +449,7 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
     let mut exited = 0usize;
     let mut waiting_block = 0usize;
     loop {
+        let mut yielded = false;
         for wi in 0..nwarps {
             let wi = if order == Order::Reverse {
                 nwarps - 1 - wi
@@ -500,6 +504,7 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
                         }
                         CoroutineResult::Yield(()) => match r.status {
                             WAIT_BLOCK => waiting_block += 1,
+                            YIELDED => yielded = true,
                             WAIT_WARP => {
                                 warp_arrive(&mut w.warps[wi], recs, first, cnt, lane, wi, n)?
                             }
@@ -524,6 +529,15 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
                     break;
                 }
             }
+        }
+        if yielded {
+            for i in 0..n {
+                let r = unsafe { &mut *recs.add(i) };
+                if r.status == YIELDED {
+                    r.status = RUNNABLE;
+                }
+            }
+            continue;
         }
         if exited == n {
             return Ok(());
@@ -650,6 +664,7 @@ fn describe(recs: *mut Rec, n: usize) -> String {
         let r = unsafe { &*recs.add(i) };
         match r.status {
             RUNNABLE => "runnable".into(),
+            YIELDED => "spin-waiting".into(),
             WAIT_BLOCK => {
                 let name = [
                     "__syncthreads()",

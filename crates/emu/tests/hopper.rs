@@ -23,7 +23,10 @@ fn need_kernels() -> bool {
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) as u32
     }
     fn bf16(&mut self) -> bf16 {
@@ -91,10 +94,14 @@ fn place(
     let logical = |mn: usize, kk: usize| -> usize {
         match (mn_major, sw) {
             // k groups far apart (LBO), 8-row groups adjacent (SBO = 128).
-            (false, Sw::None) => (kk / 8) * (rows / 8) * 128 + (mn / 8) * 128 + (mn % 8) * 16 + (kk % 8) * 2,
+            (false, Sw::None) => {
+                (kk / 8) * (rows / 8) * 128 + (mn / 8) * 128 + (mn % 8) * 16 + (kk % 8) * 2
+            }
             (false, _) => (kk / (w / 2)) * rows * w + mn * w + (kk % (w / 2)) * 2,
             // mn groups adjacent (SBO = 128), k groups far apart (LBO).
-            (true, Sw::None) => (kk / 8) * (rows / 8) * 128 + (mn / 8) * 128 + (kk % 8) * 16 + (mn % 8) * 2,
+            (true, Sw::None) => {
+                (kk / 8) * (rows / 8) * 128 + (mn / 8) * 128 + (kk % 8) * 16 + (mn % 8) * 2
+            }
             (true, _) => (mn / (w / 2)) * k * w + kk * w + (mn % (w / 2)) * 2,
         }
     };
@@ -174,10 +181,14 @@ fn setup(c: &Case, seed: u64) -> Setup {
     let a: Vec<bf16> = (0..64 * K).map(|_| rng.bf16()).collect(); // A[m][k]
     let b: Vec<bf16> = (0..K * c.n).map(|_| rng.bf16()).collect(); // B[k][n]
     let d0: Vec<f32> = (0..128 * c.n / 2).map(|_| rng.bf16().to_f32()).collect();
-    let b_base = 64 * K * 2 + 1024; // a gap, and 1024-byte aligned
-    let mut image = vec![0u8; b_base + c.n * K * 2 + 1024];
+    // An MN-major swizzled tile narrower than a line still takes a line per k.
+    let span = |rows: usize| (rows * K * 2).max(K * c.sw.line_bytes());
+    let b_base = span(64) + 1024; // a gap, and 1024-byte aligned
+    let mut image = vec![0u8; b_base + span(c.n) + 1024];
     let pa = place(&mut image, 0, c.ta, c.sw, 64, K, |m, k| a[m * K + k]);
-    let pb = place(&mut image, b_base, c.tb, c.sw, c.n, K, |n, k| b[k * c.n + n]);
+    let pb = place(&mut image, b_base, c.tb, c.sw, c.n, K, |n, k| {
+        b[k * c.n + n]
+    });
     // A fragments per k step and thread (ISA: "WGMMA .m64nNk16 register fragment layout for matrix A").
     let mut frags = vec![0u32; (K / 16) * 128 * 4];
     for s in 0..K / 16 {
@@ -242,13 +253,22 @@ fn run_wgmma(s: &Setup, args: WgmmaArgs, order: Order) -> Result<Vec<f32>, Launc
         [128, 1, 1],
         s.image.len() as u32,
         order,
-        &mut [arg(&mut pi), arg(&mut nb), arg(&mut pf), arg(&mut pd), arg(&mut a)],
+        &mut [
+            arg(&mut pi),
+            arg(&mut nb),
+            arg(&mut pf),
+            arg(&mut pd),
+            arg(&mut a),
+        ],
     )?;
     Ok(d)
 }
 
 fn mismatches(got: &[f32], want: &[f32]) -> usize {
-    got.iter().zip(want).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+    got.iter()
+        .zip(want)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
 }
 
 #[test]
@@ -261,18 +281,25 @@ fn wgmma_from_shared_memory_every_n_swizzle_and_major() {
         for sw in [Sw::None, Sw::B32, Sw::B64, Sw::B128] {
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                 seed += 1;
-                let c = Case { n, ta, tb, sw, a_regs: false, scale_d: seed % 2 == 0 };
+                let c = Case {
+                    n,
+                    ta,
+                    tb,
+                    sw,
+                    a_regs: false,
+                    scale_d: seed % 2 == 0,
+                };
                 let s = setup(&c, seed);
-                // One order per case (alternating), both orders over the sweep.
-                let order = if seed % 2 == 0 { Order::Forward } else { Order::Reverse };
-                let d = run_wgmma(&s, s.args, order)
-                    .unwrap_or_else(|e| panic!("N={n} {sw:?} trans {ta}/{tb}: {e}"));
-                assert_eq!(
-                    mismatches(&d, &s.want),
-                    0,
-                    "N={n} {sw:?} trans-a {ta} trans-b {tb} scale-d {}",
-                    c.scale_d
-                );
+                for order in ORDERS {
+                    let d = run_wgmma(&s, s.args, order)
+                        .unwrap_or_else(|e| panic!("N={n} {sw:?} trans {ta}/{tb}: {e}"));
+                    assert_eq!(
+                        mismatches(&d, &s.want),
+                        0,
+                        "N={n} {sw:?} trans-a {ta} trans-b {tb} scale-d {} {order:?}",
+                        c.scale_d
+                    );
+                }
             }
         }
     }
@@ -287,10 +314,21 @@ fn wgmma_with_a_from_registers() {
         for sw in [Sw::None, Sw::B128] {
             for tb in [false, true] {
                 for order in ORDERS {
-                    let c = Case { n, ta: false, tb, sw, a_regs: true, scale_d: i % 2 == 1 };
+                    let c = Case {
+                        n,
+                        ta: false,
+                        tb,
+                        sw,
+                        a_regs: true,
+                        scale_d: i % 2 == 1,
+                    };
                     let s = setup(&c, 100 + i as u64);
                     let d = run_wgmma(&s, s.args, order).unwrap();
-                    assert_eq!(mismatches(&d, &s.want), 0, "N={n} {sw:?} trans-b {tb} {order:?}");
+                    assert_eq!(
+                        mismatches(&d, &s.want),
+                        0,
+                        "N={n} {sw:?} trans-b {tb} {order:?}"
+                    );
                 }
             }
         }
@@ -302,7 +340,14 @@ fn wgmma_mutants_are_caught() {
     if !need_kernels() {
         return;
     }
-    let c = Case { n: 64, ta: false, tb: true, sw: Sw::B128, a_regs: false, scale_d: true };
+    let c = Case {
+        n: 64,
+        ta: false,
+        tb: true,
+        sw: Sw::B128,
+        a_regs: false,
+        scale_d: true,
+    };
     let s = setup(&c, 7);
     for order in ORDERS {
         // A missing wgmma.wait_group: the accumulators are never written.
@@ -310,8 +355,14 @@ fn wgmma_mutants_are_caught() {
         a.variant = MISSING_WAIT;
         let d = run_wgmma(&s, a, order).unwrap();
         let wrong = mismatches(&d, &s.want);
-        println!("missing wgmma.wait_group ({order:?}): {wrong}/{} accumulators wrong", d.len());
-        assert_eq!(d, s.d0, "without the wait, the accumulators keep their old values");
+        println!(
+            "missing wgmma.wait_group ({order:?}): {wrong}/{} accumulators wrong",
+            d.len()
+        );
+        assert_eq!(
+            d, s.d0,
+            "without the wait, the accumulators keep their old values"
+        );
         assert!(wrong > d.len() / 2);
 
         // A missing wgmma.fence before the first mma_async: reported.
@@ -324,12 +375,49 @@ fn wgmma_mutants_are_caught() {
         // unswizzled layout swapped.
         let mut a = s.args;
         a.sw = Sw::B64.code();
-        let d = run_wgmma(&s, a, order).unwrap();
-        let wrong = mismatches(&d, &s.want);
-        println!("64B descriptor on a 128B tile ({order:?}): {wrong}/{} wrong", d.len());
+        match run_wgmma(&s, a, order) {
+            Ok(d) => {
+                let wrong = mismatches(&d, &s.want);
+                println!(
+                    "64B descriptor on a 128B tile ({order:?}): {wrong}/{} wrong",
+                    d.len()
+                );
+                assert!(wrong > d.len() / 2);
+            }
+            Err(e) => println!(
+                "64B descriptor on a 128B tile ({order:?}): reported: {}",
+                e.message
+            ),
+        }
+        let c3 = Case {
+            n: 64,
+            ta: false,
+            tb: false,
+            sw: Sw::B128,
+            a_regs: false,
+            scale_d: true,
+        };
+        let s3 = setup(&c3, 8);
+        let mut a = s3.args;
+        a.sw = Sw::B32.code();
+        a.b_sbo = 256; // consistent with 32B lines: the data is still in the wrong places
+        a.a_sbo = 256;
+        let d = run_wgmma(&s3, a, order).unwrap();
+        let wrong = mismatches(&d, &s3.want);
+        println!(
+            "32B descriptor on a 128B tile ({order:?}): {wrong}/{} wrong",
+            d.len()
+        );
         assert!(wrong > d.len() / 2);
 
-        let c2 = Case { n: 32, ta: true, tb: false, sw: Sw::None, a_regs: false, scale_d: false };
+        let c2 = Case {
+            n: 32,
+            ta: true,
+            tb: false,
+            sw: Sw::None,
+            a_regs: false,
+            scale_d: false,
+        };
         let s2 = setup(&c2, 9);
         let mut a = s2.args;
         std::mem::swap(&mut a.a_lbo, &mut a.a_sbo);
@@ -345,7 +433,10 @@ fn wgmma_mutants_are_caught() {
             *o += 128;
         }
         let e = run_wgmma(&s, a, order).unwrap_err();
-        assert!(e.message.contains("line 1 of a 128B swizzle pattern"), "{e}");
+        assert!(
+            e.message.contains("line 1 of a 128B swizzle pattern"),
+            "{e}"
+        );
 
         // A descriptor pointing past the block's dynamic shared memory: reported.
         let mut a = s.args;
@@ -400,7 +491,9 @@ fn wgmma_warpgroups_rendezvous_separately_and_setmaxnreg_is_checked() {
                 for r in 0..4 {
                     let (row, col) = d_coord(t % 128, r);
                     let row = row + 64 * (t / 128);
-                    let want: f32 = (0..16).map(|k| a[row * 16 + k].to_f32() * b[k * 8 + col].to_f32()).sum();
+                    let want: f32 = (0..16)
+                        .map(|k| a[row * 16 + k].to_f32() * b[k * 8 + col].to_f32())
+                        .sum();
                     assert_eq!(out[t * 4 + r], want, "thread {t} reg {r} {order:?}");
                 }
             }
@@ -416,7 +509,15 @@ fn mbarrier_phases_and_transaction_counts() {
     for order in ORDERS {
         let mut out = vec![0i32; 15];
         let mut po = out.as_mut_ptr();
-        launch("emu_test_mbarrier_script", [1, 1, 1], [32, 1, 1], 0, order, &mut [arg(&mut po)]).unwrap();
+        launch(
+            "emu_test_mbarrier_script",
+            [1, 1, 1],
+            [32, 1, 1],
+            0,
+            order,
+            &mut [arg(&mut po)],
+        )
+        .unwrap();
         // (try_wait.parity 0, try_wait.parity 1) after each step.
         assert_eq!(
             out,
@@ -468,7 +569,11 @@ fn mbarrier_wrong_parity_is_caught() {
         match r {
             Err(e) => println!("wrong parity ({order:?}): reported: {e}"),
             Ok(()) => {
-                println!("wrong parity ({order:?}): sums {:?}, want {:?}", &out[1..], &want[1..]);
+                println!(
+                    "wrong parity ({order:?}): sums {:?}, want {:?}",
+                    &out[1..],
+                    &want[1..]
+                );
                 assert_ne!(out[1..], want[1..], "a wrong parity must not pass");
             }
         }

@@ -16,7 +16,7 @@ struct WgmmaArgs {
 };
 
 template <int N, int TA, int TB>
-__device__ void wgmma_run(const WgmmaArgs& p, unsigned char* sm, const unsigned* a_frags, float* d) {
+__device__ void wgmma_run(const WgmmaArgs& p, unsigned char* sm, const unsigned* a_frags, float (&d)[N / 2]) {
   const unsigned t = threadIdx.x % 128;
   const ou::Swizzle sw = static_cast<ou::Swizzle>(p.sw);
   if (p.variant != MISSING_FENCE) ou::wgmma_fence();
@@ -85,7 +85,7 @@ extern "C" __global__ void emu_test_wgmma_two_groups(const unsigned char* image,
   float d[4] = {0, 0, 0, 0};
   // A: K-major, no swizzle, core matrices 128 bytes; rows 64g.. start 8 core matrices (1024 bytes) per
   // 64 rows further. B (8x16, K-major) after A's 128 rows.
-  const unsigned long long da = ou::wgmma_desc(sm + g * 2048, 128 * 16, 128, ou::Swizzle::none);
+  const unsigned long long da = ou::wgmma_desc(sm + g * 1024, 128 * 16, 128, ou::Swizzle::none);
   const unsigned long long db = ou::wgmma_desc(sm + 4096, 128, 256, ou::Swizzle::none);
   ou::wgmma_fence();
   ou::wgmma_mma_ss<8, 0, 0>(d, da, db, false);
