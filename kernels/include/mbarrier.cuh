@@ -18,7 +18,6 @@
 // `bar` points at a 64-bit object in shared memory (static or dynamic), 8-byte aligned.
 #pragma once
 
-#include <stdint.h>
 
 #if defined(__CUDA_ARCH__)
 #define OU_MB_SITE
@@ -46,7 +45,7 @@ inline uint64_t pack(const State& s) {
   return (uint64_t)s.pending | (uint64_t)s.expected << 20 | ((uint64_t)(unsigned)s.tx & ((1u << TX_BITS) - 1)) << 40 |
          (uint64_t)s.parity << 61 | 1ull << 62;
 }
-inline State load(const uint64_t* bar, const char* op, const char* file, int line) {
+inline State load(const unsigned long long* bar, const char* op, const char* file, int line) {
   if (reinterpret_cast<uintptr_t>(bar) & 7u) openuni_emu_fail(716, "mbarrier: address is not 8-byte aligned", file, line);
   const uint64_t v = *bar;
   if ((v >> 62) != 1u) {
@@ -59,7 +58,7 @@ inline State load(const uint64_t* bar, const char* op, const char* file, int lin
   s.tx = (int)((v >> 40) & ((1u << TX_BITS) - 1)) << (32 - TX_BITS) >> (32 - TX_BITS);
   return s;
 }
-[[noreturn]] inline void fail_state(const uint64_t* bar, const State& s, const char* what, const char* file, int line,
+[[noreturn]] inline void fail_state(const unsigned long long* bar, const State& s, const char* what, const char* file, int line,
                                     int code = 715) {
   char msg[300];
   snprintf(msg, sizeof msg, "%s (barrier %p: phase parity %u, %u of %u arrivals pending, tx-count %d)", what,
@@ -67,7 +66,7 @@ inline State load(const uint64_t* bar, const char* op, const char* file, int lin
   openuni_emu_fail(code, msg, file, line);
 }
 // Applies tx (+ expected bytes, - completed bytes) and `arrivals`, then completes the phase if it is done.
-inline uint64_t update(uint64_t* bar, int tx, unsigned arrivals, const char* op, const char* file, int line) {
+inline uint64_t update(unsigned long long* bar, int tx, unsigned arrivals, const char* op, const char* file, int line) {
   State s = load(bar, op, file, line);
   const uint64_t token = (uint64_t)s.parity;
   const long long t = (long long)s.tx + tx;
@@ -85,7 +84,7 @@ inline uint64_t update(uint64_t* bar, int tx, unsigned arrivals, const char* op,
 }  // namespace mbarrier_emu
 #endif
 
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count OU_MB_SITE) {
+__device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned count OU_MB_SITE) {
 #if defined(__CUDA_ARCH__)
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))),
                "r"(count) : "memory");
@@ -104,9 +103,9 @@ __device__ __forceinline__ void mbarrier_init_fence() {
 #endif
 }
 
-__device__ __forceinline__ uint64_t mbarrier_arrive(uint64_t* bar OU_MB_SITE) {
+__device__ __forceinline__ unsigned long long mbarrier_arrive(unsigned long long* bar OU_MB_SITE) {
 #if defined(__CUDA_ARCH__)
-  uint64_t state;
+  unsigned long long state;
   asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];\n"
                : "=l"(state) : "r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))) : "memory");
   return state;
@@ -115,9 +114,9 @@ __device__ __forceinline__ uint64_t mbarrier_arrive(uint64_t* bar OU_MB_SITE) {
 #endif
 }
 
-__device__ __forceinline__ uint64_t mbarrier_arrive_expect_tx(uint64_t* bar, unsigned tx OU_MB_SITE) {
+__device__ __forceinline__ unsigned long long mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned tx OU_MB_SITE) {
 #if defined(__CUDA_ARCH__)
-  uint64_t state;
+  unsigned long long state;
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 %0, [%1], %2;\n"
                : "=l"(state) : "r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))), "r"(tx) : "memory");
   return state;
@@ -127,7 +126,7 @@ __device__ __forceinline__ uint64_t mbarrier_arrive_expect_tx(uint64_t* bar, uns
 #endif
 }
 
-__device__ __forceinline__ void mbarrier_expect_tx(uint64_t* bar, unsigned tx OU_MB_SITE) {
+__device__ __forceinline__ void mbarrier_expect_tx(unsigned long long* bar, unsigned tx OU_MB_SITE) {
 #if defined(__CUDA_ARCH__)
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n"
                ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))), "r"(tx) : "memory");
@@ -136,7 +135,7 @@ __device__ __forceinline__ void mbarrier_expect_tx(uint64_t* bar, unsigned tx OU
 #endif
 }
 
-__device__ __forceinline__ void mbarrier_complete_tx(uint64_t* bar, unsigned tx OU_MB_SITE) {
+__device__ __forceinline__ void mbarrier_complete_tx(unsigned long long* bar, unsigned tx OU_MB_SITE) {
 #if defined(__CUDA_ARCH__)
   asm volatile("mbarrier.complete_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n"
                ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))), "r"(tx) : "memory");
@@ -145,7 +144,7 @@ __device__ __forceinline__ void mbarrier_complete_tx(uint64_t* bar, unsigned tx 
 #endif
 }
 
-__device__ __forceinline__ bool mbarrier_try_wait_parity(uint64_t* bar, unsigned parity OU_MB_SITE) {
+__device__ __forceinline__ bool mbarrier_try_wait_parity(unsigned long long* bar, unsigned parity OU_MB_SITE) {
 #if defined(__CUDA_ARCH__)
   unsigned done;
   asm volatile(
@@ -157,7 +156,7 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(uint64_t* bar, unsigned
 #endif
 }
 
-__device__ __forceinline__ void mbarrier_wait_parity(uint64_t* bar, unsigned parity OU_MB_SITE) {
+__device__ __forceinline__ void mbarrier_wait_parity(unsigned long long* bar, unsigned parity OU_MB_SITE) {
 #if defined(__CUDA_ARCH__)
   while (!mbarrier_try_wait_parity(bar, parity)) {
   }
@@ -176,7 +175,7 @@ __device__ __forceinline__ void mbarrier_wait_parity(uint64_t* bar, unsigned par
 #endif
 }
 
-__device__ __forceinline__ void mbarrier_inval(uint64_t* bar OU_MB_SITE) {
+__device__ __forceinline__ void mbarrier_inval(unsigned long long* bar OU_MB_SITE) {
 #if defined(__CUDA_ARCH__)
   asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(bar)))
                : "memory");

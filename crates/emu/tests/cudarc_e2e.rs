@@ -733,3 +733,68 @@ extern "C" {
     #[link_name = "dlopen"]
     fn libc_dlopen(path: *const std::ffi::c_char, flags: std::ffi::c_int) -> *mut std::ffi::c_void;
 }
+
+#[test]
+fn cudarc_nvrtc_compiles_the_sm90a_helpers() {
+    if skip() || !run_in_emulated_process("cudarc_nvrtc_compiles_the_sm90a_helpers", &[]) {
+        return;
+    }
+    // The inline PTX of wgmma.cuh, mbarrier.cuh, tma.cuh and sm90.cuh (every instantiation the test kernels
+    // make) through NVRTC and ptxas for sm_90a (a CUBIN), then as compute_90a PTX loaded on the emulated
+    // driver (entry names and parameter sizes match the CPU build) and run on the CPU twins.
+    use cudarc::nvrtc::result as nr;
+    let path = Path::new(MANIFEST).join("tests/kernels/hopper.cu");
+    let src = std::fs::read_to_string(&path).unwrap();
+    let prog = nr::create_program(&std::ffi::CString::new(src.clone()).unwrap(), None).unwrap();
+    let mut opts: Vec<String> = cuda_include_dirs()
+        .iter()
+        .map(|d| format!("--include-path={d}"))
+        .collect();
+    opts.push(format!("--include-path={MANIFEST}/../../kernels/include"));
+    opts.push("--gpu-architecture=sm_90a".into());
+    opts.push("--std=c++17".into());
+    unsafe {
+        if let Err(e) = nr::compile_program(prog, &opts) {
+            let log = nr::get_program_log(prog).unwrap();
+            panic!(
+                "{e:?}: {}",
+                String::from_utf8_lossy(&log.iter().map(|&c| c as u8).collect::<Vec<u8>>())
+            );
+        }
+        let mut n = 0usize;
+        cudarc::nvrtc::sys::nvrtcGetCUBINSize(prog, &mut n)
+            .result()
+            .unwrap();
+        assert!(n > 0, "no CUBIN for sm_90a");
+        nr::destroy_program(prog).unwrap();
+    }
+    let mut include_paths = cuda_include_dirs();
+    include_paths.push(format!("{MANIFEST}/../../kernels/include"));
+    let ptx = compile_ptx_with_opts(
+        src,
+        CompileOptions {
+            include_paths,
+            arch: Some("compute_90a"),
+            options: vec!["--std=c++17".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("NVRTC compute_90a: {e:?}"));
+    let ctx = ctx();
+    let stream = ctx.default_stream();
+    let module = ctx
+        .load_module(ptx)
+        .unwrap_or_else(|e| panic!("{e:?} ({})", openuni_emu::driver::last_error_message()));
+    let f = module.load_function("emu_test_mbarrier_script").unwrap();
+    let mut out = stream.alloc_zeros::<i32>(15).unwrap();
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { stream.launch_builder(&f).arg(&mut out).launch(cfg) }.unwrap();
+    assert_eq!(
+        stream.clone_dtoh(&out).unwrap(),
+        vec![0, 1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, -1]
+    );
+}

@@ -1,7 +1,6 @@
 // sm_90a helpers (kernels/include/wgmma.cuh, mbarrier.cuh, sm90.cuh) on the emulated GPU: tests/hopper.rs
 // builds the shared-memory images, fragments and expected results on the host, from the PTX ISA's layouts.
 #include <cuda_bf16.h>
-#include <stdint.h>
 #include "mbarrier.cuh"
 #include "sm90.cuh"
 #include "wgmma.cuh"
@@ -97,7 +96,7 @@ extern "C" __global__ void emu_test_wgmma_two_groups(const unsigned char* image,
 // mbarrier semantics, one thread: the results of try_wait.parity 0/1 after each step of a script, so that
 // tests/hopper.rs can check phases, arrival counts and transaction counts exactly.
 extern "C" __global__ void emu_test_mbarrier_script(int* out) {
-  __shared__ __align__(8) uint64_t bar;
+  __shared__ __align__(8) unsigned long long bar;
   if (threadIdx.x != 0) return;
   int i = 0;
   auto probe = [&] {
@@ -129,8 +128,8 @@ extern "C" __global__ void emu_test_mbarrier_script(int* out) {
 // release the stage on its empty barrier. out[w] = what consumer warp w summed.
 extern "C" __global__ void emu_test_mbarrier_ring(const float* src, int rounds, float* out, int variant) {
   extern __shared__ __align__(1024) unsigned char smem[];
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
-  uint64_t* empty = full + 2;
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);
+  unsigned long long* empty = full + 2;
   float* data = reinterpret_cast<float*>(smem + 64);  // 2 stages x 32 floats
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
