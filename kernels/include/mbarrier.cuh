@@ -15,7 +15,7 @@
 // has parity `phase & 1`; try_wait.parity(p) is true when the current phase's parity differs from p, i.e.
 // the first wait of a fresh barrier uses parity 0 (blocks until phase 0 completes), and a wait with parity 1
 // on a fresh barrier returns at once (CUTLASS's producer start state).
-// `bar` points at a 64-bit object in shared memory (static or dynamic), 8-byte aligned.
+// `bar` points at a 64-bit object (unsigned long long) in shared memory (static or dynamic), 8-byte aligned.
 #pragma once
 
 
@@ -152,6 +152,7 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(unsigned long long* bar
       : "=r"(done) : "r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))), "r"(parity) : "memory");
   return done != 0;
 #else
+  openuni_emu::async_flush(bar);  // TMA copies that complete on this barrier land now
   return mbarrier_emu::load(bar, "mbarrier.try_wait.parity", OU_MB_HERE).parity != (parity & 1u);
 #endif
 }

@@ -592,6 +592,51 @@ inline void warpgroup_sync(const char* what, const char* file, int line) {
     }
   }
 }
+// Asynchronous-proxy operations that complete on an mbarrier (TMA loads): queued at issue, carried out by
+// the first try_wait on their barrier (in issue order), so that nothing lands before a wait could see it.
+struct async_op {
+  const void* bar;
+  void (*complete)(const unsigned char* ctx);
+  alignas(64) unsigned char ctx[192];
+};
+struct async_queue {
+  uint64_t serial;
+  int count;
+  async_op ops[256];
+};
+inline async_queue* async_ops() {
+  static __thread async_queue* q = nullptr;
+  if (!q) q = static_cast<async_queue*>(calloc(1, sizeof(async_queue)));
+  if (q->serial != openuni_emu_block_serial) {
+    q->serial = openuni_emu_block_serial;
+    q->count = 0;
+  }
+  return q;
+}
+inline void async_push(const void* bar, void (*complete)(const unsigned char*), const void* ctx, size_t n,
+                       const char* file, int line) {
+  async_queue* q = async_ops();
+  if (q->count == 256 || n > sizeof q->ops[0].ctx)
+    openuni_emu_fail(719, "more than 256 asynchronous copies pending on mbarriers in one block", file, line);
+  async_op& op = q->ops[q->count++];
+  op.bar = bar;
+  op.complete = complete;
+  std::memcpy(op.ctx, ctx, n);
+}
+inline void async_flush(const void* bar) {
+  async_queue* q = async_ops();
+  int kept = 0;
+  for (int i = 0; i < q->count; ++i) {
+    if (q->ops[i].bar == bar) {
+      async_op op = q->ops[i];
+      op.complete(op.ctx);
+    } else {
+      if (kept != i) q->ops[kept] = q->ops[i];
+      kept++;
+    }
+  }
+  q->count = kept;
+}
 }  // namespace openuni_emu
 
 // ---- kernel registration (build.rs appends one descriptor per extern "C" __global__ function) ----------

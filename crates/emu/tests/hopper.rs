@@ -579,3 +579,347 @@ fn mbarrier_wrong_parity_is_caught() {
         }
     }
 }
+
+// ---- TMA ----------------------------------------------------------------------------------------------
+
+use openuni_emu::driver::{cuTensorMapEncodeTiled, TensorMapBlob};
+
+/// A 16-byte aligned host buffer (the emulated device memory is host memory).
+fn aligned(bytes: usize) -> Vec<u128> {
+    vec![0u128; bytes.div_ceil(16)]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode(
+    dtype: u32,
+    base: *const u8,
+    dims: &[u64],
+    strides: &[u64],
+    boxd: &[u32],
+    swizzle: u32,
+    oob_nan: bool,
+) -> Result<TensorMapBlob, i32> {
+    let mut m = TensorMapBlob::default();
+    let es = vec![1u32; dims.len()];
+    let r = unsafe {
+        cuTensorMapEncodeTiled(
+            &mut m as *mut TensorMapBlob as *mut std::ffi::c_void,
+            dtype,
+            dims.len() as u32,
+            base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            es.as_ptr(),
+            0,
+            swizzle,
+            0,
+            oob_nan as u32,
+        )
+    };
+    if r == 0 {
+        Ok(m)
+    } else {
+        Err(r as i32)
+    }
+}
+
+/// CUtensorMapSwizzle (0 none, 1 32B, 2 64B, 3 128B) as an address swizzle.
+fn tma_sw(code: u32) -> Sw {
+    [Sw::None, Sw::B32, Sw::B64, Sw::B128][code as usize]
+}
+
+struct TmaCase {
+    dtype: u32,
+    es: usize,
+    dims: Vec<u64>,
+    strides: Vec<u64>, // bytes, dims 1..
+    boxd: Vec<u32>,
+    coords: Vec<i32>,
+    swizzle: u32,
+    oob_nan: bool,
+}
+
+/// The shared-memory bytes the box must produce: dense rows of boxDim[0] elements, innermost first, each
+/// byte at its swizzled address (relative to the 1024-aligned destination); out-of-bounds elements 0 or NaN.
+fn tma_expected(c: &TmaCase, global: &[u8]) -> Vec<u8> {
+    let row_bytes = c.boxd[0] as usize * c.es;
+    let rows: usize = c.boxd[1..].iter().map(|&b| b as usize).product();
+    let mut img = vec![0u8; row_bytes * rows];
+    let nan: Vec<u8> = match c.es {
+        2 => 0x7FFFu16.to_le_bytes().to_vec(),
+        4 => 0x7FFF_FFFFu32.to_le_bytes().to_vec(),
+        _ => unreachable!(),
+    };
+    for r in 0..rows {
+        let mut rr = r;
+        let mut off = 0usize;
+        let mut inside = true;
+        for d in 1..c.dims.len() {
+            let b = c.boxd[d] as usize;
+            let x = c.coords[d] as i64 + (rr % b) as i64;
+            rr /= b;
+            inside &= x >= 0 && (x as u64) < c.dims[d];
+            off += x.max(0) as usize * c.strides[d - 1] as usize;
+        }
+        for i in 0..c.boxd[0] as usize {
+            let x = c.coords[0] as i64 + i as i64;
+            let dst = tma_sw(c.swizzle).apply(1024 + r * row_bytes + i * c.es) - 1024;
+            if inside && x >= 0 && (x as u64) < c.dims[0] {
+                let g = off + x as usize * c.es;
+                img[dst..dst + c.es].copy_from_slice(&global[g..g + c.es]);
+            } else if c.oob_nan {
+                img[dst..dst + c.es].copy_from_slice(&nan);
+            }
+        }
+    }
+    img
+}
+
+fn run_tma(c: &TmaCase, variant: i32, order: Order) -> (Vec<u8>, Vec<u8>) {
+    let mut strides_all = vec![c.es as u64];
+    strides_all.extend(&c.strides);
+    let total = (c.dims.last().unwrap() * strides_all.last().unwrap()) as usize;
+    let mut buf = aligned(total);
+    let global = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, total) };
+    let mut rng = Rng(c.dims.iter().sum::<u64>() + c.swizzle as u64);
+    for b in global.iter_mut() {
+        *b = (rng.next() % 251) as u8 & 0x7F; // no NaN patterns in the data
+    }
+    let want = tma_expected(c, global);
+    let mut map = encode(
+        c.dtype,
+        global.as_ptr(),
+        &c.dims,
+        &c.strides,
+        &c.boxd,
+        c.swizzle,
+        c.oob_nan,
+    )
+    .expect("cuTensorMapEncodeTiled");
+    let mut out = vec![0u8; want.len()];
+    let mut co = [0i32; 4];
+    co[..c.coords.len()].copy_from_slice(&c.coords);
+    let (mut rank, mut c0, mut c1, mut c2, mut c3) =
+        (c.dims.len() as i32, co[0], co[1], co[2], co[3]);
+    let (mut nb, mut po, mut v) = (want.len() as u32, out.as_mut_ptr(), variant);
+    launch(
+        "emu_test_tma_load",
+        [1, 1, 1],
+        [64, 1, 1],
+        1024 + want.len() as u32,
+        order,
+        &mut [
+            arg(&mut map),
+            arg(&mut rank),
+            arg(&mut c0),
+            arg(&mut c1),
+            arg(&mut c2),
+            arg(&mut c3),
+            arg(&mut nb),
+            arg(&mut po),
+            arg(&mut v),
+        ],
+    )
+    .unwrap();
+    (out, want)
+}
+
+fn tma_cases() -> Vec<TmaCase> {
+    vec![
+        // 2D bf16, padded rows, 128B swizzle, the box hangs over the left and bottom edges.
+        TmaCase {
+            dtype: 9,
+            es: 2,
+            dims: vec![100, 37],
+            strides: vec![224],
+            boxd: vec![64, 8],
+            coords: vec![-8, 33],
+            swizzle: 3,
+            oob_nan: false,
+        },
+        // 3D f32, 64B swizzle, over the right, far and near edges.
+        TmaCase {
+            dtype: 7,
+            es: 4,
+            dims: vec![20, 6, 5],
+            strides: vec![96, 640],
+            boxd: vec![16, 4, 3],
+            coords: vec![8, 4, -1],
+            swizzle: 2,
+            oob_nan: false,
+        },
+        // 4D bf16, 32B swizzle.
+        TmaCase {
+            dtype: 9,
+            es: 2,
+            dims: vec![16, 3, 4, 2],
+            strides: vec![32, 96, 384],
+            boxd: vec![16, 2, 2, 2],
+            coords: vec![0, 2, 3, 1],
+            swizzle: 1,
+            oob_nan: false,
+        },
+        // 2D f32, no swizzle, NaN fill.
+        TmaCase {
+            dtype: 7,
+            es: 4,
+            dims: vec![8, 8],
+            strides: vec![32],
+            boxd: vec![8, 4],
+            coords: vec![4, 6],
+            swizzle: 0,
+            oob_nan: true,
+        },
+    ]
+}
+
+#[test]
+fn tma_loads_2d_3d_4d_with_swizzle_and_out_of_bounds_fill() {
+    if !need_kernels() {
+        return;
+    }
+    for (i, c) in tma_cases().iter().enumerate() {
+        for order in ORDERS {
+            let (out, want) = run_tma(c, 0, order);
+            assert_eq!(out, want, "case {i} {order:?}");
+        }
+    }
+}
+
+#[test]
+fn tma_read_before_the_mbarrier_wait_sees_poison() {
+    if !need_kernels() {
+        return;
+    }
+    let c = &tma_cases()[0];
+    for order in ORDERS {
+        let (out, _) = run_tma(c, 4, order);
+        assert!(
+            out.iter().all(|&b| b == 0xFF),
+            "{order:?}: the box must not land before the wait"
+        );
+    }
+}
+
+#[test]
+fn tma_wrong_swizzle_in_the_box_is_caught() {
+    // Also the TMA -> wgmma chain with 128B swizzle (the correct pairing) against a CPU matmul.
+    if !need_kernels() {
+        return;
+    }
+    let mut rng = Rng(77);
+    let a: Vec<bf16> = (0..64 * 64).map(|_| rng.bf16()).collect(); // A[m][k]
+    let bt: Vec<bf16> = (0..64 * 64).map(|_| rng.bf16()).collect(); // B^T[n][k]
+    let (mut ba, mut bb) = (aligned(8192), aligned(8192));
+    unsafe {
+        std::ptr::copy_nonoverlapping(a.as_ptr() as *const u8, ba.as_mut_ptr() as *mut u8, 8192);
+        std::ptr::copy_nonoverlapping(bt.as_ptr() as *const u8, bb.as_mut_ptr() as *mut u8, 8192);
+    }
+    let mut want = vec![0f32; 128 * 32];
+    for t in 0..128 {
+        for r in 0..32 {
+            let (row, col) = d_coord(t, r);
+            want[t * 32 + r] = (0..64)
+                .map(|k| a[row * 64 + k].to_f32() * bt[col * 64 + k].to_f32())
+                .sum();
+        }
+    }
+    for order in ORDERS {
+        for (map_sw, ok) in [(3u32, true), (0, false)] {
+            let enc =
+                |p: *const u8| encode(9, p, &[64, 64], &[128], &[64, 64], map_sw, false).unwrap();
+            let (mut ma, mut mb) = (enc(ba.as_ptr() as *const u8), enc(bb.as_ptr() as *const u8));
+            let mut out = vec![0f32; 128 * 32];
+            let (mut po, mut sw) = (out.as_mut_ptr(), Sw::B128.code());
+            launch(
+                "emu_test_tma_wgmma",
+                [1, 1, 1],
+                [128, 1, 1],
+                1024 + 2 * 8192,
+                order,
+                &mut [arg(&mut ma), arg(&mut mb), arg(&mut po), arg(&mut sw)],
+            )
+            .unwrap();
+            let wrong = mismatches(&out, &want);
+            if ok {
+                assert_eq!(wrong, 0, "TMA 128B -> wgmma 128B {order:?}");
+            } else {
+                println!(
+                    "TMA box without swizzle read as 128B by wgmma ({order:?}): {wrong}/4096 wrong"
+                );
+                assert!(wrong > 2048);
+            }
+        }
+    }
+}
+
+#[test]
+fn tensor_map_arguments_are_checked() {
+    let buf = aligned(1 << 16);
+    let p = buf.as_ptr() as *const u8;
+    let ok = encode(9, p, &[64, 64], &[128], &[64, 64], 3, false);
+    assert!(ok.is_ok());
+    type Enc<'a> = Box<dyn Fn() -> Result<TensorMapBlob, i32> + 'a>;
+    let cases: Vec<(Enc, &str)> = vec![
+        (
+            Box::new(|| {
+                encode(
+                    9,
+                    p,
+                    &[64; 6],
+                    &[128, 256, 512, 1024, 2048],
+                    &[8; 6],
+                    0,
+                    false,
+                )
+            }),
+            "tensorRank",
+        ),
+        (
+            Box::new(|| encode(9, p.wrapping_add(8), &[64, 64], &[128], &[64, 64], 3, false)),
+            "globalAddress",
+        ),
+        (
+            Box::new(|| encode(9, p, &[64, 64], &[120], &[64, 64], 3, false)),
+            "globalStrides[0]",
+        ),
+        (
+            Box::new(|| encode(9, p, &[64, 64], &[1u64 << 40], &[64, 64], 3, false)),
+            "globalStrides[0]",
+        ),
+        (
+            Box::new(|| encode(9, p, &[512, 64], &[1024], &[257, 1], 0, false)),
+            "boxDim[0]",
+        ),
+        (
+            Box::new(|| encode(9, p, &[512, 64], &[1024], &[128, 8], 3, false)),
+            "swizzle span",
+        ),
+        (
+            Box::new(|| encode(9, p, &[64, 64], &[128], &[4, 8], 0, false)),
+            "multiple of 16",
+        ),
+        (
+            Box::new(|| encode(3, p, &[64, 64], &[256], &[64, 8], 0, true)),
+            "oobFill",
+        ),
+        (
+            Box::new(|| encode(9, p, &[0, 64], &[128], &[64, 8], 0, false)),
+            "globalDim[0]",
+        ),
+    ];
+    for (f, what) in cases {
+        // The driver's last message is per process: other tests' launches may replace it meanwhile, so
+        // retry a few times for the message (the error code is checked every time).
+        let mut msg = String::new();
+        for _ in 0..20 {
+            assert_eq!(f().unwrap_err(), 1, "{what}");
+            msg = openuni_emu::driver::last_error_message();
+            if msg.contains(what) {
+                break;
+            }
+        }
+        assert!(msg.contains(what), "{what}: {msg}");
+    }
+}

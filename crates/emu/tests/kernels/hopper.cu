@@ -3,10 +3,11 @@
 #include <cuda_bf16.h>
 #include "mbarrier.cuh"
 #include "sm90.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 // What a test kernel does wrong on purpose (the mutants tests/hopper.rs expects to be caught).
-enum Variant { OK = 0, MISSING_WAIT = 1, MISSING_FENCE = 2, WRONG_PARITY = 3 };
+enum Variant { OK = 0, MISSING_WAIT = 1, MISSING_FENCE = 2, WRONG_PARITY = 3, READ_BEFORE_WAIT = 4 };
 
 struct WgmmaArgs {
   int n, ta, tb, a_regs, scale_d, k_steps, sw, variant;
@@ -163,4 +164,60 @@ extern "C" __global__ void emu_test_mbarrier_ring(const float* src, int rounds, 
     for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) out[warp] = acc;
   }
+}
+
+// One TMA box load of a rank-2..4 tensor map at the given coordinates into dynamic shared memory at offset
+// 1024; out receives the `bytes` shared-memory bytes as they lie there (swizzled), for tests/hopper.rs to
+// compare with its own placement.
+extern "C" __global__ void emu_test_tma_load(const __grid_constant__ ou::TensorMap map, int rank, int c0, int c1,
+                                             int c2, int c3, unsigned bytes, unsigned char* out, int variant) {
+  extern __shared__ __align__(1024) unsigned char sm[];
+  unsigned long long* bar = reinterpret_cast<unsigned long long*>(sm);
+  unsigned char* dst = sm + 1024;
+  if (threadIdx.x == 0) {
+    ou::mbarrier_init(bar, 1);
+    ou::mbarrier_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ou::tma_prefetch_map(map);
+    ou::mbarrier_arrive_expect_tx(bar, bytes);
+    if (rank == 2) ou::tma_load_2d(dst, map, bar, c0, c1);
+    if (rank == 3) ou::tma_load_3d(dst, map, bar, c0, c1, c2);
+    if (rank == 4) ou::tma_load_4d(dst, map, bar, c0, c1, c2, c3);
+  }
+  if (variant != READ_BEFORE_WAIT) ou::mbarrier_wait_parity(bar, 0);
+  for (unsigned i = threadIdx.x; i < bytes; i += blockDim.x) out[i] = dst[i];
+}
+
+// TMA -> wgmma: A (64x64 bf16, K contiguous) and B (64 n x 64 k, K contiguous) arrive by TMA boxes of
+// 64 x 64 (the maps' swizzle), then four m64n64k16 steps read them as K-major tiles with descriptors of
+// swizzle `sw` (SBO 1024: 8 rows of 128 bytes). out: [thread][32] accumulators.
+extern "C" __global__ void emu_test_tma_wgmma(const __grid_constant__ ou::TensorMap map_a,
+                                              const __grid_constant__ ou::TensorMap map_b, float* out, int sw) {
+  extern __shared__ __align__(1024) unsigned char sm[];
+  unsigned long long* bar = reinterpret_cast<unsigned long long*>(sm);
+  unsigned char* a = sm + 1024;
+  unsigned char* b = a + 64 * 64 * 2;
+  if (threadIdx.x == 0) {
+    ou::mbarrier_init(bar, 1);
+    ou::mbarrier_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ou::mbarrier_arrive_expect_tx(bar, 2 * 64 * 64 * 2);
+    ou::tma_load_2d(a, map_a, bar, 0, 0);
+    ou::tma_load_2d(b, map_b, bar, 0, 0);
+  }
+  ou::mbarrier_wait_parity(bar, 0);
+  float d[32];
+  ou::wgmma_fence();
+  for (int s = 0; s < 4; ++s) {
+    const unsigned long long da = ou::wgmma_desc(a + 32 * s, 16, 1024, static_cast<ou::Swizzle>(sw));
+    const unsigned long long db = ou::wgmma_desc(b + 32 * s, 16, 1024, static_cast<ou::Swizzle>(sw));
+    ou::wgmma_mma_ss<64, 0, 0>(d, da, db, s > 0);
+  }
+  ou::wgmma_commit_group();
+  ou::wgmma_wait_group<0>();
+  for (int r = 0; r < 32; ++r) out[threadIdx.x * 32 + r] = d[r];
 }
