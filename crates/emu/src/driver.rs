@@ -2705,8 +2705,13 @@ pub unsafe extern "C" fn cuTensorMapEncodeTiled(
         ));
     }
     let Some((elem_bytes, is_float)) = tensor_map_dtype(data_type) else {
+        if (13..=15).contains(&data_type) {
+            return unsupported(format!(
+                "tensorDataType {data_type}: packed 4/6-bit types are not emulated"
+            ));
+        }
         return bad(format!(
-            "tensorDataType {data_type}: expected 0..=12 (UINT8 .. TFLOAT32_FTZ)"
+            "tensorDataType {data_type}: expected 0..=15 (UINT8 .. 16U6_ALIGN16B)"
         ));
     };
     if !(1..=5).contains(&rank) {
@@ -2727,9 +2732,14 @@ pub unsafe extern "C" fn cuTensorMapEncodeTiled(
             "interleaved layouts are not emulated (interleave must be NONE)".into(),
         );
     }
-    if swizzle > 3 {
+    if swizzle > 6 {
         return bad(format!(
-            "swizzle {swizzle}: expected 0 (NONE), 1 (32B), 2 (64B) or 3 (128B)"
+            "swizzle {swizzle}: expected 0..=6 (NONE, 32B, 64B, 128B, 128B_ATOM_*)"
+        ));
+    }
+    if swizzle > 3 {
+        return unsupported(format!(
+            "swizzle {swizzle}: the 128B_ATOM_* modes are not emulated"
         ));
     }
     if l2_promotion > 3 {
@@ -2787,7 +2797,8 @@ pub unsafe extern "C" fn cuTensorMapEncodeTiled(
         if e == 0 || e > 8 {
             return bad(format!("elementStrides[{i}] = {e}: expected 1..=8"));
         }
-        if e != 1 {
+        // elementStrides[0] is ignored without interleave (TMA has no stride in dimension 0).
+        if e != 1 && i > 0 {
             return unsupported(format!("elementStrides[{i}] = {e}: only 1 is emulated"));
         }
         blob.element_strides[i] = 1;

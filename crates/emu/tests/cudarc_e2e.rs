@@ -797,4 +797,69 @@ fn cudarc_nvrtc_compiles_the_sm90a_helpers() {
         stream.clone_dtoh(&out).unwrap(),
         vec![0, 1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, -1]
     );
+
+    // A tensor map made through cudarc's sys binding of cuTensorMapEncodeTiled (what a Rust launcher
+    // calls), passed by value to a TMA kernel: a 2D f32 tensor 32 x 8, box 32 x 4 at row 6 (rows 8, 9
+    // out of bounds: zero), no swizzle.
+    use cudarc::driver::{sys, DevicePtr, DeviceRepr};
+    #[repr(transparent)]
+    struct TensorMap(sys::CUtensorMap);
+    unsafe impl DeviceRepr for TensorMap {}
+    let src: Vec<f32> = (0..256).map(|i| i as f32).collect();
+    let g = stream.clone_htod(&src).unwrap();
+    let mut map = TensorMap(sys::CUtensorMap { opaque: [0; 16] });
+    let (dims, strides, boxd, es) = ([32u64, 8], [128u64], [32u32, 4], [1u32, 1]);
+    {
+        let (gp, _sync) = g.device_ptr(&stream);
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map.0,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                2,
+                gp as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxd.as_ptr(),
+                es.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+    }
+    let tma = module.load_function("emu_test_tma_load").unwrap();
+    let mut bytes = stream.alloc_zeros::<u8>(512).unwrap();
+    let (rank, c0, c1, c2, c3, n, variant) = (2i32, 0i32, 6i32, 0i32, 0i32, 512u32, 0i32);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 1024 + 512,
+    };
+    unsafe {
+        stream
+            .launch_builder(&tma)
+            .arg(&map)
+            .arg(&rank)
+            .arg(&c0)
+            .arg(&c1)
+            .arg(&c2)
+            .arg(&c3)
+            .arg(&n)
+            .arg(&mut bytes)
+            .arg(&variant)
+            .launch(cfg)
+    }
+    .unwrap();
+    let got: Vec<f32> = stream
+        .clone_dtoh(&bytes)
+        .unwrap()
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let want: Vec<f32> = (0..128)
+        .map(|i| if i < 64 { (192 + i) as f32 } else { 0.0 })
+        .collect();
+    assert_eq!(got, want);
 }
