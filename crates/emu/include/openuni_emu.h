@@ -512,7 +512,7 @@ inline unsigned char* smem_window_ptr(uint32_t addr, uint32_t n, const char* wha
 }
 // Spin-waits on emulated hardware state (warpgroup rendezvous, mbarrier phases) yield to the block's other
 // threads; one that sees the watched state unchanged for OPENUNI_EMU_HANG_MS (default 5000) ms of wall time
-// is a hang, reported as CUDA_ERROR_LAUNCH_FAILED (719) instead of spinning forever.
+// and 10000 spins is a hang, reported as CUDA_ERROR_LAUNCH_FAILED (719) instead of spinning forever.
 inline uint64_t hang_limit_ns() {
   static const uint64_t ms = [] {
     const char* e = getenv("OPENUNI_EMU_HANG_MS");
@@ -536,7 +536,8 @@ struct hang_guard {
     if (++spins < 64) return false;
     uint64_t t = now_ns();
     if (since == 0) since = t;
-    return t - since > hang_limit_ns();
+    // Both many spins and the wall time: one long preemption of the worker is not a hang.
+    return spins > 10000 && t - since > hang_limit_ns();
   }
 };
 // Warpgroup rendezvous (4 consecutive warps, threads 128w..128w+127 of the block): every thread of the

@@ -15,7 +15,7 @@ fn need_kernels() -> bool {
         return false;
     }
     // Hang detection in spin-waits: short, so that a mutant that hangs is reported quickly.
-    std::env::set_var("OPENUNI_EMU_HANG_MS", "300");
+    std::env::set_var("OPENUNI_EMU_HANG_MS", "1000");
     true
 }
 
@@ -149,6 +149,7 @@ struct WgmmaArgs {
 const MISSING_WAIT: i32 = 1;
 const MISSING_FENCE: i32 = 2;
 const WRONG_PARITY: i32 = 3;
+const CLOBBER_BEFORE_WAIT: i32 = 5;
 
 /// (row, col) of accumulator register r of warpgroup thread t (ISA: "WGMMA .m64nNk16 register fragment
 /// layout for accumulator matrix D").
@@ -364,6 +365,17 @@ fn wgmma_mutants_are_caught() {
             "without the wait, the accumulators keep their old values"
         );
         assert!(wrong > d.len() / 2);
+
+        // Shared-memory operands overwritten before the wait: the emulator reads them at the wait.
+        let mut a = s.args;
+        a.variant = CLOBBER_BEFORE_WAIT;
+        let d = run_wgmma(&s, a, order).unwrap();
+        let wrong = mismatches(&d, &s.want);
+        println!(
+            "B overwritten before wgmma.wait_group ({order:?}): {wrong}/{} wrong",
+            d.len()
+        );
+        assert!(wrong > d.len() / 4);
 
         // A missing wgmma.fence before the first mma_async: reported.
         let mut a = s.args;

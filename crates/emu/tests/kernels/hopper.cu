@@ -7,7 +7,7 @@
 #include "wgmma.cuh"
 
 // What a test kernel does wrong on purpose (the mutants tests/hopper.rs expects to be caught).
-enum Variant { OK = 0, MISSING_WAIT = 1, MISSING_FENCE = 2, WRONG_PARITY = 3, READ_BEFORE_WAIT = 4 };
+enum Variant { OK = 0, MISSING_WAIT = 1, MISSING_FENCE = 2, WRONG_PARITY = 3, READ_BEFORE_WAIT = 4, CLOBBER_BEFORE_WAIT = 5 };
 
 struct WgmmaArgs {
   int n, ta, tb, a_regs, scale_d, k_steps, sw, variant;
@@ -33,6 +33,11 @@ __device__ void wgmma_run(const WgmmaArgs& p, unsigned char* sm, const unsigned*
     }
   }
   ou::wgmma_commit_group();
+  if (p.variant == CLOBBER_BEFORE_WAIT) {
+    // BUG: overwrites B while the mma_async ops that read it may still be in flight.
+    for (unsigned i = t; i < 2048; i += 128) sm[p.b_off[0] + i] = 0;
+    __syncthreads();
+  }
   if (p.variant != MISSING_WAIT) ou::wgmma_wait_group<0>();
 }
 
