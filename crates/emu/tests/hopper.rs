@@ -935,3 +935,82 @@ fn tensor_map_arguments_are_checked() {
         assert!(msg.contains(what), "{what}: {msg}");
     }
 }
+
+#[test]
+fn warp_specialised_tma_wgmma_pipeline() {
+    if !need_kernels() {
+        return;
+    }
+    let k = 256;
+    let mut rng = Rng(5);
+    let a: Vec<bf16> = (0..64 * k).map(|_| rng.bf16()).collect(); // A[m][k]
+    let bt: Vec<bf16> = (0..64 * k).map(|_| rng.bf16()).collect(); // B^T[n][k]
+    let (mut ba, mut bb) = (aligned(64 * k * 2), aligned(64 * k * 2));
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            a.as_ptr() as *const u8,
+            ba.as_mut_ptr() as *mut u8,
+            64 * k * 2,
+        );
+        std::ptr::copy_nonoverlapping(
+            bt.as_ptr() as *const u8,
+            bb.as_mut_ptr() as *mut u8,
+            64 * k * 2,
+        );
+    }
+    let enc = |p: *const u8| {
+        encode(
+            9,
+            p,
+            &[k as u64, 64],
+            &[(k * 2) as u64],
+            &[64, 64],
+            3,
+            false,
+        )
+        .unwrap()
+    };
+    let mut want = vec![0f32; 128 * 32];
+    for t in 0..128 {
+        for r in 0..32 {
+            let (row, col) = d_coord(t, r);
+            want[t * 32 + r] = (0..k)
+                .map(|kk| a[row * k + kk].to_f32() * bt[col * k + kk].to_f32())
+                .sum();
+        }
+    }
+    let mut wrong_early = 0;
+    for order in ORDERS {
+        for early in [0i32, 1] {
+            let (mut ma, mut mb) = (enc(ba.as_ptr() as *const u8), enc(bb.as_ptr() as *const u8));
+            let mut out = vec![0f32; 128 * 32];
+            let (mut kt, mut po, mut e) = ((k / 64) as i32, out.as_mut_ptr(), early);
+            launch(
+                "emu_test_ws_gemm",
+                [1, 1, 1],
+                [256, 1, 1],
+                1024 + 2 * 16384,
+                order,
+                &mut [
+                    arg(&mut ma),
+                    arg(&mut mb),
+                    arg(&mut kt),
+                    arg(&mut po),
+                    arg(&mut e),
+                ],
+            )
+            .unwrap();
+            let wrong = mismatches(&out, &want);
+            if early == 0 {
+                assert_eq!(wrong, 0, "{order:?}");
+            } else {
+                println!("stage released before wgmma.wait_group ({order:?}): {wrong}/4096 wrong");
+                wrong_early += wrong;
+            }
+        }
+    }
+    assert!(
+        wrong_early > 0,
+        "releasing a stage before the wgmma wait must show in some order"
+    );
+}

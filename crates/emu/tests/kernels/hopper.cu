@@ -226,3 +226,59 @@ extern "C" __global__ void emu_test_tma_wgmma(const __grid_constant__ ou::Tensor
   ou::wgmma_wait_group<0>();
   for (int r = 0; r < 32; ++r) out[threadIdx.x * 32 + r] = d[r];
 }
+
+// The warp-specialised pipeline Hopper GEMMs and FA3 use, on every primitive at once: C (64x64) = A (64xK)
+// * B^T (B given as 64 n x K, K contiguous), K a multiple of 64. Warpgroup 0 produces (setmaxnreg.dec; one
+// thread issues TMA boxes of 64x64 with 128B swizzle into a 2-stage ring, each stage guarded by a full and
+// an empty mbarrier), warpgroup 1 consumes (setmaxnreg.inc; 4 wgmma m64n64k16 per stage). With
+// `release_early` the consumers release a stage before their wgmma.wait_group (BUG: the producer may refill
+// it while the wgmma still reads it).
+extern "C" __global__ void emu_test_ws_gemm(const __grid_constant__ ou::TensorMap map_a,
+                                            const __grid_constant__ ou::TensorMap map_b, int k_tiles, float* c,
+                                            int release_early) {
+  extern __shared__ __align__(1024) unsigned char sm[];
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(sm);
+  unsigned long long* empty = full + 2;
+  auto a_stage = [&](int s) { return sm + 1024 + s * 16384; };
+  auto b_stage = [&](int s) { return sm + 1024 + s * 16384 + 8192; };
+  const unsigned wg = threadIdx.x / 128, t = threadIdx.x % 128;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < 2; ++s) {
+      ou::mbarrier_init(&full[s], 1);
+      ou::mbarrier_init(&empty[s], 128);
+    }
+    ou::mbarrier_init_fence();
+  }
+  __syncthreads();
+  if (wg == 0) {
+    ou::setmaxnreg_dec<40>();
+    if (t == 0) {
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        const int s = kt % 2;
+        const unsigned phase = (unsigned)(kt / 2) & 1u;
+        ou::mbarrier_wait_parity(&empty[s], phase ^ 1u);
+        ou::mbarrier_arrive_expect_tx(&full[s], 2 * 8192);
+        ou::tma_load_2d(a_stage(s), map_a, &full[s], kt * 64, 0);
+        ou::tma_load_2d(b_stage(s), map_b, &full[s], kt * 64, 0);
+      }
+    }
+  } else {
+    ou::setmaxnreg_inc<232>();
+    float d[32];
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const int s = kt % 2;
+      ou::mbarrier_wait_parity(&full[s], (unsigned)(kt / 2) & 1u);
+      ou::wgmma_fence();
+      for (int j = 0; j < 4; ++j) {
+        const unsigned long long da = ou::wgmma_desc(a_stage(s) + 32 * j, 16, 1024, ou::Swizzle::b128);
+        const unsigned long long db = ou::wgmma_desc(b_stage(s) + 32 * j, 16, 1024, ou::Swizzle::b128);
+        ou::wgmma_mma_ss<64, 0, 0>(d, da, db, kt > 0 || j > 0);
+      }
+      ou::wgmma_commit_group();
+      if (release_early) ou::mbarrier_arrive(&empty[s]);
+      ou::wgmma_wait_group<0>();
+      if (!release_early) ou::mbarrier_arrive(&empty[s]);
+    }
+    for (int r = 0; r < 32; ++r) c[t * 32 + r] = d[r];
+  }
+}
