@@ -103,10 +103,9 @@ inline void issue(void* dst, const TensorMap& tmap, unsigned long long* bar, con
   l.dst = openuni_emu::smem_window_addr(dst, "cp.async.bulk.tensor destination", file, line);
   if (l.dst % 128u) openuni_emu_fail(716, "cp.async.bulk.tensor: shared-memory destination is not 128-byte aligned", file, line);
   const unsigned n = box_bytes(m);
-  unsigned char* p = openuni_emu::smem_window_ptr(l.dst, (n + 127u) & ~127u, "cp.async.bulk.tensor destination", file, line);
+  openuni_emu::smem_window_ptr(l.dst, (n + 127u) & ~127u, "cp.async.bulk.tensor destination", file, line);  // bounds
   // The swizzle moves 16-byte chunks within 128-byte lines: poison exactly the bytes the copy will write.
   for (unsigned o = 0; o < n; o += 16) std::memset(openuni_emu_dyn_smem_ptr() + swizzle_addr(l.dst + o, swizzle_of(m)), 0xFF, 16);
-  (void)p;
   mbarrier_emu::load(bar, "cp.async.bulk.tensor", file, line);
   l.bar = bar;
   for (int i = 0; i < RANK; ++i) l.c[i] = c[i];

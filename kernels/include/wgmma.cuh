@@ -51,6 +51,12 @@ __device__ __forceinline__ unsigned long long wgmma_desc(const void* smem, unsig
   const unsigned a = smem_addr(smem);
 #else
   const unsigned a = smem_addr(smem, OU_WG_HERE);
+  if (a % 16u || lbo_bytes % 16u || sbo_bytes % 16u || lbo_bytes >= (1u << 18) || sbo_bytes >= (1u << 18)) {
+    char msg[200];
+    snprintf(msg, sizeof msg, "wgmma_desc: start 0x%x, LBO %u and SBO %u must be multiples of 16 below 2^18 (14-bit "
+             "fields of x >> 4)", a, lbo_bytes, sbo_bytes);
+    openuni_emu_fail(715, msg, OU_WG_HERE);
+  }
 #endif
   return (unsigned long long)((a & 0x3FFFFu) >> 4) | (unsigned long long)((lbo_bytes & 0x3FFFFu) >> 4) << 16 |
          (unsigned long long)((sbo_bytes & 0x3FFFFu) >> 4) << 32 | (unsigned long long)sw << 62;
