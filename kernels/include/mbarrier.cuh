@@ -8,7 +8,8 @@
 //   mbarrier_expect_tx(bar, tx)          raises the transaction count only
 //   mbarrier_complete_tx(bar, tx)        lowers it (what TMA copies do as their bytes land)
 //   mbarrier_try_wait_parity(bar, p)     true once the phase with parity p has completed
-//   mbarrier_wait_parity(bar, p)         spins on try_wait (the emulator yields to other threads meanwhile)
+//   mbarrier_wait_parity(bar, p)         loops on try_wait (on the emulated GPU a failing try_wait yields to
+//                                        the other threads, and one that sees no change for too long fails)
 //   mbarrier_inval(bar)                  ends the barrier's life (before its memory is reused)
 // A phase completes when its pending arrivals reach 0 and its transaction count is 0; the barrier then
 // moves to the next phase (parity flips) with the expected arrivals pending again. The phase in progress
@@ -64,6 +65,22 @@ inline State load(const unsigned long long* bar, const char* op, const char* fil
   snprintf(msg, sizeof msg, "%s (barrier %p: phase parity %u, %u of %u arrivals pending, tx-count %d)", what,
            (const void*)bar, s.parity, s.pending, s.expected, s.tx);
   openuni_emu_fail(code, msg, file, line);
+}
+// Per thread: the barrier it last failed to wait on, and how long it has seen no change there.
+struct Waiter {
+  uint64_t serial;
+  const unsigned long long* bar;
+  openuni_emu::hang_guard guard{0};
+};
+inline Waiter& waiter() {
+  static __thread Waiter* table = nullptr;
+  if (!table) table = new Waiter[1024];
+  Waiter& w = table[openuni_emu::linear_tid()];
+  if (w.serial != openuni_emu_block_serial) {
+    w.serial = openuni_emu_block_serial;
+    w.bar = nullptr;
+  }
+  return w;
 }
 // Applies tx (+ expected bytes, - completed bytes) and `arrivals`, then completes the phase if it is done.
 inline uint64_t update(unsigned long long* bar, int tx, unsigned arrivals, const char* op, const char* file, int line) {
@@ -153,7 +170,27 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(unsigned long long* bar
   return done != 0;
 #else
   openuni_emu::async_flush(bar);  // TMA copies that complete on this barrier land now
-  return mbarrier_emu::load(bar, "mbarrier.try_wait.parity", OU_MB_HERE).parity != (parity & 1u);
+  const mbarrier_emu::State st = mbarrier_emu::load(bar, "mbarrier.try_wait.parity", OU_MB_HERE);
+  mbarrier_emu::Waiter& w = mbarrier_emu::waiter();
+  if (st.parity != (parity & 1u)) {
+    w.bar = nullptr;
+    return true;
+  }
+  // Not yet. On a GPU try_wait suspends the thread for a while; here it lets the block's other threads run,
+  // so that loops on try_wait alone make progress, and reports a wait that sees no change for too long.
+  if (w.bar != bar) {
+    w.bar = bar;
+    w.guard = openuni_emu::hang_guard(*bar);
+  }
+  if (w.guard.stuck(*bar))
+    mbarrier_emu::fail_state(bar, st,
+                             parity & 1u ? "mbarrier.try_wait.parity 1 made no progress (a wrong parity, or a missing "
+                                           "arrive or complete_tx): hang"
+                                         : "mbarrier.try_wait.parity 0 made no progress (a wrong parity, or a missing "
+                                           "arrive or complete_tx): hang",
+                             OU_MB_HERE, 719);
+  openuni_emu_hooks_table.yield_now(openuni_emu_cur);
+  return false;
 #endif
 }
 
@@ -162,16 +199,7 @@ __device__ __forceinline__ void mbarrier_wait_parity(unsigned long long* bar, un
   while (!mbarrier_try_wait_parity(bar, parity)) {
   }
 #else
-  openuni_emu::hang_guard guard(*bar);
   while (!mbarrier_try_wait_parity(bar, parity, OU_MB_HERE)) {
-    __nanosleep(20);
-    if (guard.stuck(*bar))
-      mbarrier_emu::fail_state(bar, mbarrier_emu::load(bar, "mbarrier.try_wait.parity", OU_MB_HERE),
-                               parity & 1u ? "mbarrier.try_wait.parity 1 made no progress (a wrong parity, or a missing "
-                                             "arrive or complete_tx): hang"
-                                           : "mbarrier.try_wait.parity 0 made no progress (a wrong parity, or a missing "
-                                             "arrive or complete_tx): hang",
-                               OU_MB_HERE, 719);
   }
 #endif
 }
