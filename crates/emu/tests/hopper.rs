@@ -312,7 +312,7 @@ fn wgmma_with_a_from_registers() {
         return;
     }
     for (i, n) in [8, 64, 256].into_iter().enumerate() {
-        for sw in [Sw::None, Sw::B128] {
+        for sw in [Sw::None, Sw::B32, Sw::B64, Sw::B128] {
             for tb in [false, true] {
                 for order in ORDERS {
                     let c = Case {
