@@ -75,6 +75,7 @@ fn main() {
         .opt_level(2)
         .warnings(false)
         .flag("-w")
+        .flag("-Wno-psabi") // GCC's note on passing 64-byte aligned structs (ou::TensorMap) by value
         .flag("-fno-strict-aliasing") // kernels type-pun through reinterpret_cast (float4 loads of bf16, ...)
         .flag("-mtls-dialect=gnu2")
         .flag("-fno-omit-frame-pointer");

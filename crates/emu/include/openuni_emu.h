@@ -26,6 +26,7 @@
 #include <climits>
 #include <cmath>
 #include <cstddef>
+#include <cstdarg>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -39,6 +40,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/time.h>
 
 // The real CUDA 13 headers compile on the host with g++ (bf16/f16 types, conversions, most operators).
 #include <vector_types.h>
@@ -472,6 +474,171 @@ inline int __half2int_rn(__half a) { return (int)nearbyintf(__half2float(a)); }
 
 // ---- odds and ends ---------------------------------------------------------------------------------------
 inline void __prof_trigger(int) {}
+
+// ---- sm_90 support: what kernels/include/{wgmma,mbarrier,tma}.cuh build their CPU twins on ------------
+namespace openuni_emu {
+inline uint32_t linear_tid() {
+  const openuni_emu_thread* t = openuni_emu_cur;
+  return t->tid[0] + t->bdim[0] * (t->tid[1] + t->bdim[1] * t->tid[2]);
+}
+inline uint32_t block_threads() {
+  const openuni_emu_thread* t = openuni_emu_cur;
+  return t->bdim[0] * t->bdim[1] * t->bdim[2];
+}
+// The shared-memory window address (what `cvta.to.shared` gives on a GPU) of a pointer into dynamic shared
+// memory: its offset from the start of the block's dynamic shared memory. Static `__shared__` arrays live in
+// thread-local storage here and have no window address: descriptors and TMA destinations must point into
+// `extern __shared__` memory. Fails the launch (715) for any other pointer.
+inline uint32_t smem_window_addr(const void* p, const char* what, const char* file, int line) {
+  size_t off = (size_t)((const unsigned char*)p - openuni_emu_dyn_smem_ptr());
+  if ((const unsigned char*)p < openuni_emu_dyn_smem_ptr() || off >= openuni_emu_dyn_smem_size) {
+    char msg[256];
+    snprintf(msg, sizeof msg,
+             "%s: %p is not in the block's dynamic shared memory (%u bytes; the emulator gives window addresses "
+             "only to extern __shared__ memory)", what, p, openuni_emu_dyn_smem_size);
+    openuni_emu_fail(715, msg, file, line);
+  }
+  return (uint32_t)off;
+}
+// Checks that [addr, addr + n) lies in the block's dynamic shared memory; returns the host pointer.
+inline unsigned char* smem_window_ptr(uint32_t addr, uint32_t n, const char* what, const char* file, int line) {
+  if ((uint64_t)addr + n > openuni_emu_dyn_smem_size) {
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s: shared address 0x%x + %u bytes is outside the block's %u bytes of dynamic shared memory",
+             what, addr, n, openuni_emu_dyn_smem_size);
+    openuni_emu_fail(715, msg, file, line);
+  }
+  return openuni_emu_dyn_smem_ptr() + addr;
+}
+// Spin-waits on emulated hardware state (warpgroup rendezvous, mbarrier phases) yield to the block's other
+// threads; one that sees the watched state unchanged for OPENUNI_EMU_HANG_MS (default 5000) ms of wall time
+// and 10000 spins is a hang, reported as CUDA_ERROR_LAUNCH_FAILED (719) instead of spinning forever.
+inline uint64_t hang_limit_ns() {
+  static const uint64_t ms = [] {
+    const char* e = getenv("OPENUNI_EMU_HANG_MS");
+    return e && *e ? strtoull(e, nullptr, 10) : 5000ull;
+  }();
+  return ms * 1000000ull;
+}
+inline uint64_t now_ns() {
+  timeval tv;  // <time.h> would clash with the device clock() below
+  gettimeofday(&tv, nullptr);
+  return (uint64_t)tv.tv_sec * 1000000000ull + (uint64_t)tv.tv_usec * 1000ull;
+}
+struct hang_guard {
+  uint64_t watched;
+  uint64_t since = 0;
+  unsigned spins = 0;
+  explicit hang_guard(uint64_t w) : watched(w) {}
+  // Call once per spin with the watched state's current value; true once it has not changed for too long.
+  bool stuck(uint64_t now_watched) {
+    if (now_watched != watched) { watched = now_watched; since = 0; spins = 0; return false; }
+    if (++spins < 64) return false;
+    uint64_t t = now_ns();
+    if (since == 0) since = t;
+    // Both many spins and the wall time: one long preemption of the worker is not a hang.
+    return spins > 10000 && t - since > hang_limit_ns();
+  }
+};
+// Warpgroup rendezvous (4 consecutive warps, threads 128w..128w+127 of the block): every thread of the
+// warpgroup must arrive at the same kind of instruction (`what`); the last one releases the others.
+struct warpgroup_rv {
+  uint64_t serial;
+  uint32_t arrived;
+  uint32_t generation;
+  const char* what;
+  const char* file;
+  int line;
+};
+inline warpgroup_rv* warpgroup_state() {
+  static __thread warpgroup_rv table[8];
+  warpgroup_rv* g = &table[linear_tid() / 128u];
+  if (g->serial != openuni_emu_block_serial) *g = warpgroup_rv{openuni_emu_block_serial, 0, 0, nullptr, nullptr, 0};
+  return g;
+}
+inline void warpgroup_sync(const char* what, const char* file, int line) {
+  uint32_t wg = linear_tid() / 128u, n = block_threads();
+  if (n < 128u * (wg + 1)) {
+    char msg[200];
+    snprintf(msg, sizeof msg, "%s: warpgroup %u is incomplete (block of %u threads): a warpgroup is 128 threads", what, wg, n);
+    openuni_emu_fail(719, msg, file, line);
+  }
+  warpgroup_rv* g = warpgroup_state();
+  if (g->arrived == 0) {
+    g->what = what;
+    g->file = file;
+    g->line = line;
+  } else if (strcmp(g->what, what) != 0) {
+    char msg[300];
+    snprintf(msg, sizeof msg, "warpgroup %u diverged: this thread is at %s while others wait at %s (%s:%d)", wg, what,
+             g->what, g->file, g->line);
+    openuni_emu_fail(719, msg, file, line);
+  }
+  uint32_t gen = g->generation;
+  if (++g->arrived == 128u) {
+    g->arrived = 0;
+    g->generation++;
+    return;
+  }
+  hang_guard guard(g->arrived);
+  while (g->generation == gen) {
+    openuni_emu_hooks_table.yield_now(openuni_emu_cur);
+    if (g->generation != gen) break;
+    if (guard.stuck(g->arrived)) {
+      char msg[300];
+      snprintf(msg, sizeof msg,
+               "%s: warpgroup %u never completed its rendezvous (%u of 128 threads arrived; the others exited or wait "
+               "elsewhere)", what, wg, g->arrived);
+      openuni_emu_fail(719, msg, file, line);
+    }
+  }
+}
+// Asynchronous-proxy operations that complete on an mbarrier (TMA loads): queued at issue, carried out by
+// the first try_wait on their barrier (in issue order), so that nothing lands before a wait could see it.
+struct async_op {
+  const void* bar;
+  void (*complete)(const unsigned char* ctx);
+  alignas(64) unsigned char ctx[192];
+};
+struct async_queue {
+  uint64_t serial;
+  int count;
+  async_op ops[256];
+};
+inline async_queue* async_ops() {
+  static __thread async_queue* q = nullptr;
+  if (!q) q = static_cast<async_queue*>(calloc(1, sizeof(async_queue)));
+  if (q->serial != openuni_emu_block_serial) {
+    q->serial = openuni_emu_block_serial;
+    q->count = 0;
+  }
+  return q;
+}
+inline void async_push(const void* bar, void (*complete)(const unsigned char*), const void* ctx, size_t n,
+                       const char* file, int line) {
+  async_queue* q = async_ops();
+  if (q->count == 256 || n > sizeof q->ops[0].ctx)
+    openuni_emu_fail(719, "more than 256 asynchronous copies pending on mbarriers in one block", file, line);
+  async_op& op = q->ops[q->count++];
+  op.bar = bar;
+  op.complete = complete;
+  std::memcpy(op.ctx, ctx, n);
+}
+inline void async_flush(const void* bar) {
+  async_queue* q = async_ops();
+  int kept = 0;
+  for (int i = 0; i < q->count; ++i) {
+    if (q->ops[i].bar == bar) {
+      async_op op = q->ops[i];
+      op.complete(op.ctx);
+    } else {
+      if (kept != i) q->ops[kept] = q->ops[i];
+      kept++;
+    }
+  }
+  q->count = kept;
+}
+}  // namespace openuni_emu
 
 // ---- kernel registration (build.rs appends one descriptor per extern "C" __global__ function) ----------
 namespace openuni_emu {

@@ -67,10 +67,34 @@ typedef struct openuni_emu_tu {
   uint32_t nglobals;
 } openuni_emu_tu;
 
+/* The 128-byte CUtensorMap as the emulated driver's cuTensorMapEncodeTiled fills it (src/driver.rs) and
+ * kernels/include/tma.cuh reads it. Tiled mode, no interleave. */
+#define OPENUNI_EMU_TMAP_MAGIC 0x50414d54u /* "TMAP" */
+typedef struct openuni_emu_tensor_map {
+  uint32_t magic;
+  uint8_t rank;       /* 1..5 */
+  uint8_t dtype;      /* CUtensorMapDataType */
+  uint8_t elem_bytes; /* 1, 2, 4 or 8 */
+  uint8_t swizzle;    /* CUtensorMapSwizzle: 0 none, 1 32B, 2 64B, 3 128B */
+  uint8_t oob_nan;    /* CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA */
+  uint8_t l2_promotion;
+  uint8_t reserved0[6];
+  uint64_t global_address;
+  uint64_t dims[5];    /* elements */
+  uint64_t strides[5]; /* bytes; strides[0] = elem_bytes */
+  uint16_t box[5];     /* elements, 1..256 */
+  uint8_t element_strides[5];
+  uint8_t reserved1[9];
+} openuni_emu_tensor_map;
+
 /* runtime.cpp */
 void openuni_emu_install_hooks(const openuni_emu_hooks* h);
 openuni_emu_thread** openuni_emu_cur_slot(void);
 unsigned char* openuni_emu_dyn_smem_ptr(void);
+/* Called by the scheduler before each block: records its dynamic shared memory size, bumps the serial. */
+void openuni_emu_block_begin(uint32_t dyn_smem_size);
+extern __thread uint32_t openuni_emu_dyn_smem_size;
+extern __thread uint64_t openuni_emu_block_serial;
 
 #ifdef __cplusplus
 }

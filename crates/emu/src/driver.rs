@@ -2628,3 +2628,204 @@ pub unsafe extern "C" fn cuGetErrorName(code: CUresult, p: *mut *const c_char) -
     *p = static_cstr(error_name(code));
     CUDA_SUCCESS
 }
+
+// ---- tensor maps (TMA) -----------------------------------------------------------------------------------
+
+/// The 128-byte `CUtensorMap` blob as this driver fills it; mirrors `openuni_emu_tensor_map` in
+/// include/openuni_emu_abi.h, which kernels/include/tma.cuh reads on the device side.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TensorMapBlob {
+    pub magic: u32,
+    pub rank: u8,
+    pub dtype: u8,
+    pub elem_bytes: u8,
+    pub swizzle: u8,
+    pub oob_nan: u8,
+    pub l2_promotion: u8,
+    pub reserved0: [u8; 6],
+    pub global_address: u64,
+    pub dims: [u64; 5],
+    pub strides: [u64; 5],
+    pub box_dims: [u16; 5],
+    pub element_strides: [u8; 5],
+    pub reserved1: [u8; 9],
+}
+const _: () = assert!(std::mem::size_of::<TensorMapBlob>() == 128);
+pub const TENSOR_MAP_MAGIC: u32 = 0x5041_4d54;
+
+/// Bytes per element of a `CUtensorMapDataType` (UINT8 .. TFLOAT32_FTZ), and whether it is a float type.
+fn tensor_map_dtype(t: u32) -> Option<(u8, bool)> {
+    Some(match t {
+        0 => (1, false),               // UINT8
+        1 => (2, false),               // UINT16
+        2 | 3 => (4, false),           // UINT32, INT32
+        4 | 5 => (8, false),           // UINT64, INT64
+        6 | 9 => (2, true),            // FLOAT16, BFLOAT16
+        7 | 10 | 11 | 12 => (4, true), // FLOAT32, FLOAT32_FTZ, TFLOAT32, TFLOAT32_FTZ
+        8 => (8, true),                // FLOAT64
+        _ => return None,
+    })
+}
+
+/// `cuTensorMapEncodeTiled`, with the argument checks the driver API documents. The emulated GPU supports
+/// tiled maps without interleave and with element strides 1 (what TMA GEMM/attention kernels use); other
+/// valid values are `CUDA_ERROR_NOT_SUPPORTED`, invalid ones `CUDA_ERROR_INVALID_VALUE`, each with a message.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn cuTensorMapEncodeTiled(
+    tensor_map: *mut c_void,
+    data_type: c_uint,
+    rank: c_uint,
+    global_address: *mut c_void,
+    global_dim: *const u64,
+    global_strides: *const u64,
+    box_dim: *const c_uint,
+    element_strides: *const c_uint,
+    interleave: c_uint,
+    swizzle: c_uint,
+    l2_promotion: c_uint,
+    oob_fill: c_uint,
+) -> CUresult {
+    let bad = |msg: String| {
+        report(
+            CUDA_ERROR_INVALID_VALUE,
+            format!("cuTensorMapEncodeTiled: {msg}"),
+        )
+    };
+    let unsupported = |msg: String| {
+        report(
+            CUDA_ERROR_NOT_SUPPORTED,
+            format!("cuTensorMapEncodeTiled: {msg}"),
+        )
+    };
+    if tensor_map.is_null() || (tensor_map as usize) % 64 != 0 {
+        return bad(format!(
+            "tensorMap {tensor_map:p} must be non-null and 64-byte aligned"
+        ));
+    }
+    let Some((elem_bytes, is_float)) = tensor_map_dtype(data_type) else {
+        if (13..=15).contains(&data_type) {
+            return unsupported(format!(
+                "tensorDataType {data_type}: packed 4/6-bit types are not emulated"
+            ));
+        }
+        return bad(format!(
+            "tensorDataType {data_type}: expected 0..=15 (UINT8 .. 16U6_ALIGN16B)"
+        ));
+    };
+    if !(1..=5).contains(&rank) {
+        return bad(format!("tensorRank {rank}: expected 1..=5"));
+    }
+    if interleave > 2 {
+        return bad(format!(
+            "interleave {interleave}: expected 0 (NONE), 1 (16B) or 2 (32B)"
+        ));
+    }
+    if interleave != 0 {
+        if rank < 3 {
+            return bad(format!(
+                "interleave {interleave} needs tensorRank >= 3, found {rank}"
+            ));
+        }
+        return unsupported(
+            "interleaved layouts are not emulated (interleave must be NONE)".into(),
+        );
+    }
+    if swizzle > 6 {
+        return bad(format!(
+            "swizzle {swizzle}: expected 0..=6 (NONE, 32B, 64B, 128B, 128B_ATOM_*)"
+        ));
+    }
+    if swizzle > 3 {
+        return unsupported(format!(
+            "swizzle {swizzle}: the 128B_ATOM_* modes are not emulated"
+        ));
+    }
+    if l2_promotion > 3 {
+        return bad(format!("l2Promotion {l2_promotion}: expected 0..=3"));
+    }
+    if oob_fill > 1 {
+        return bad(format!(
+            "oobFill {oob_fill}: expected 0 (NONE) or 1 (NAN_REQUEST_ZERO_FMA)"
+        ));
+    }
+    if oob_fill == 1 && !is_float {
+        return bad(format!(
+            "oobFill NAN_REQUEST_ZERO_FMA needs a floating-point tensorDataType, found {data_type}"
+        ));
+    }
+    if global_address.is_null() || (global_address as usize) % 16 != 0 {
+        return bad(format!(
+            "globalAddress {global_address:p} must be 16-byte aligned"
+        ));
+    }
+    if global_dim.is_null()
+        || box_dim.is_null()
+        || element_strides.is_null()
+        || (rank > 1 && global_strides.is_null())
+    {
+        return bad(
+            "globalDim, globalStrides (rank > 1), boxDim and elementStrides must be non-null"
+                .into(),
+        );
+    }
+    let r = rank as usize;
+    let mut blob = TensorMapBlob {
+        magic: TENSOR_MAP_MAGIC,
+        rank: rank as u8,
+        dtype: data_type as u8,
+        elem_bytes,
+        swizzle: swizzle as u8,
+        oob_nan: oob_fill as u8,
+        l2_promotion: l2_promotion as u8,
+        global_address: global_address as u64,
+        ..Default::default()
+    };
+    for i in 0..r {
+        let d = *global_dim.add(i);
+        if d == 0 || d > 1 << 32 {
+            return bad(format!("globalDim[{i}] = {d}: expected 1..=2^32"));
+        }
+        blob.dims[i] = d;
+        let b = *box_dim.add(i);
+        if b == 0 || b > 256 {
+            return bad(format!("boxDim[{i}] = {b}: expected 1..=256"));
+        }
+        blob.box_dims[i] = b as u16;
+        let e = *element_strides.add(i);
+        if e == 0 || e > 8 {
+            return bad(format!("elementStrides[{i}] = {e}: expected 1..=8"));
+        }
+        // elementStrides[0] is ignored without interleave (TMA has no stride in dimension 0).
+        if e != 1 && i > 0 {
+            return unsupported(format!("elementStrides[{i}] = {e}: only 1 is emulated"));
+        }
+        blob.element_strides[i] = 1;
+    }
+    blob.strides[0] = elem_bytes as u64;
+    for i in 1..r {
+        let s = *global_strides.add(i - 1);
+        if s % 16 != 0 || s >= 1 << 40 {
+            return bad(format!(
+                "globalStrides[{}] = {s}: expected a multiple of 16 below 2^40",
+                i - 1
+            ));
+        }
+        blob.strides[i] = s;
+    }
+    let inner = blob.box_dims[0] as u64 * elem_bytes as u64;
+    if inner % 16 != 0 {
+        return bad(format!(
+            "boxDim[0] * element size = {inner} bytes: must be a multiple of 16 (interleave NONE)"
+        ));
+    }
+    let span = [0u64, 32, 64, 128][swizzle as usize];
+    if swizzle != 0 && inner > span {
+        return bad(format!(
+            "boxDim[0] * element size = {inner} bytes exceeds the {span}-byte swizzle span"
+        ));
+    }
+    std::ptr::write(tensor_map as *mut TensorMapBlob, blob);
+    CUDA_SUCCESS
+}

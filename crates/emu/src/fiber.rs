@@ -59,6 +59,7 @@ extern "C" {
     fn openuni_emu_install_hooks(h: *const Hooks);
     fn openuni_emu_cur_slot() -> *mut *mut ThreadState;
     fn openuni_emu_dyn_smem_ptr() -> *mut u8;
+    fn openuni_emu_block_begin(dyn_smem_size: u32);
 }
 
 /// The order in which a block's threads (and the grid's blocks) are run. Races that a missing barrier
@@ -145,6 +146,9 @@ const WAIT_BLOCK: u8 = 1;
 const WAIT_WARP: u8 = 2;
 const EXITED: u8 = 3;
 const FAILED: u8 = 4;
+/// Gave way in a spin-wait (`__nanosleep`, the sm_90 twins' waits): runs again in the next pass over the
+/// block, after every other warp has had its turn (a spin-wait across warps must let the other warps run).
+const YIELDED: u8 = 5;
 
 struct Rec {
     st: ThreadState,
@@ -199,7 +203,7 @@ unsafe extern "C" fn hook_warp_sync(
 
 unsafe extern "C" fn hook_yield(t: *mut ThreadState) {
     let r = rec_of(t);
-    (*r).status = RUNNABLE;
+    (*r).status = YIELDED;
     suspend(r);
 }
 
@@ -382,7 +386,8 @@ fn run_block(
                 openuni_emu_dyn_smem_ptr(),
                 0xFF,
                 (cfg.dyn_smem as usize).min(MAX_DYN_SMEM),
-            )
+            );
+            openuni_emu_block_begin(cfg.dyn_smem.min(MAX_DYN_SMEM as u32));
         };
 
         // One fiber per CUDA thread, on reused guard-paged stacks.
@@ -444,6 +449,7 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
     let mut exited = 0usize;
     let mut waiting_block = 0usize;
     loop {
+        let mut yielded = false;
         for wi in 0..nwarps {
             let wi = if order == Order::Reverse {
                 nwarps - 1 - wi
@@ -498,6 +504,7 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
                         }
                         CoroutineResult::Yield(()) => match r.status {
                             WAIT_BLOCK => waiting_block += 1,
+                            YIELDED => yielded = true,
                             WAIT_WARP => {
                                 warp_arrive(&mut w.warps[wi], recs, first, cnt, lane, wi, n)?
                             }
@@ -522,6 +529,15 @@ fn schedule(w: &mut Worker, recs: *mut Rec, n: usize, order: Order) -> Result<()
                     break;
                 }
             }
+        }
+        if yielded {
+            for i in 0..n {
+                let r = unsafe { &mut *recs.add(i) };
+                if r.status == YIELDED {
+                    r.status = RUNNABLE;
+                }
+            }
+            continue;
         }
         if exited == n {
             return Ok(());
@@ -648,6 +664,7 @@ fn describe(recs: *mut Rec, n: usize) -> String {
         let r = unsafe { &*recs.add(i) };
         match r.status {
             RUNNABLE => "runnable".into(),
+            YIELDED => "spin-waiting".into(),
             WAIT_BLOCK => {
                 let name = [
                     "__syncthreads()",

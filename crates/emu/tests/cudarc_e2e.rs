@@ -733,3 +733,133 @@ extern "C" {
     #[link_name = "dlopen"]
     fn libc_dlopen(path: *const std::ffi::c_char, flags: std::ffi::c_int) -> *mut std::ffi::c_void;
 }
+
+#[test]
+fn cudarc_nvrtc_compiles_the_sm90a_helpers() {
+    if skip() || !run_in_emulated_process("cudarc_nvrtc_compiles_the_sm90a_helpers", &[]) {
+        return;
+    }
+    // The inline PTX of wgmma.cuh, mbarrier.cuh, tma.cuh and sm90.cuh (every instantiation the test kernels
+    // make) through NVRTC and ptxas for sm_90a (a CUBIN), then as compute_90a PTX loaded on the emulated
+    // driver (entry names and parameter sizes match the CPU build) and run on the CPU twins.
+    use cudarc::nvrtc::result as nr;
+    let path = Path::new(MANIFEST).join("tests/kernels/hopper.cu");
+    let src = std::fs::read_to_string(&path).unwrap();
+    let prog = nr::create_program(&std::ffi::CString::new(src.clone()).unwrap(), None).unwrap();
+    let mut opts: Vec<String> = cuda_include_dirs()
+        .iter()
+        .map(|d| format!("--include-path={d}"))
+        .collect();
+    opts.push(format!("--include-path={MANIFEST}/../../kernels/include"));
+    opts.push("--gpu-architecture=sm_90a".into());
+    opts.push("--std=c++17".into());
+    unsafe {
+        if let Err(e) = nr::compile_program(prog, &opts) {
+            let log = nr::get_program_log(prog).unwrap();
+            panic!(
+                "{e:?}: {}",
+                String::from_utf8_lossy(&log.iter().map(|&c| c as u8).collect::<Vec<u8>>())
+            );
+        }
+        let mut n = 0usize;
+        cudarc::nvrtc::sys::nvrtcGetCUBINSize(prog, &mut n)
+            .result()
+            .unwrap();
+        assert!(n > 0, "no CUBIN for sm_90a");
+        nr::destroy_program(prog).unwrap();
+    }
+    let mut include_paths = cuda_include_dirs();
+    include_paths.push(format!("{MANIFEST}/../../kernels/include"));
+    let ptx = compile_ptx_with_opts(
+        src,
+        CompileOptions {
+            include_paths,
+            arch: Some("compute_90a"),
+            options: vec!["--std=c++17".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("NVRTC compute_90a: {e:?}"));
+    let ctx = ctx();
+    let stream = ctx.default_stream();
+    let module = ctx
+        .load_module(ptx)
+        .unwrap_or_else(|e| panic!("{e:?} ({})", openuni_emu::driver::last_error_message()));
+    let f = module.load_function("emu_test_mbarrier_script").unwrap();
+    let mut out = stream.alloc_zeros::<i32>(15).unwrap();
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { stream.launch_builder(&f).arg(&mut out).launch(cfg) }.unwrap();
+    assert_eq!(
+        stream.clone_dtoh(&out).unwrap(),
+        vec![0, 1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, -1]
+    );
+
+    // A tensor map made through cudarc's sys binding of cuTensorMapEncodeTiled (what a Rust launcher
+    // calls), passed by value to a TMA kernel: a 2D f32 tensor 32 x 8, box 32 x 4 at row 6 (rows 8, 9
+    // out of bounds: zero), no swizzle.
+    use cudarc::driver::{sys, DevicePtr, DeviceRepr};
+    #[repr(transparent)]
+    struct TensorMap(sys::CUtensorMap);
+    unsafe impl DeviceRepr for TensorMap {}
+    let src: Vec<f32> = (0..256).map(|i| i as f32).collect();
+    let g = stream.clone_htod(&src).unwrap();
+    let mut map = TensorMap(sys::CUtensorMap { opaque: [0; 16] });
+    let (dims, strides, boxd, es) = ([32u64, 8], [128u64], [32u32, 4], [1u32, 1]);
+    {
+        let (gp, _sync) = g.device_ptr(&stream);
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map.0,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                2,
+                gp as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxd.as_ptr(),
+                es.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+    }
+    let tma = module.load_function("emu_test_tma_load").unwrap();
+    let mut bytes = stream.alloc_zeros::<u8>(512).unwrap();
+    let (rank, c0, c1, c2, c3, n, variant) = (2i32, 0i32, 6i32, 0i32, 0i32, 512u32, 0i32);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 1024 + 512,
+    };
+    unsafe {
+        stream
+            .launch_builder(&tma)
+            .arg(&map)
+            .arg(&rank)
+            .arg(&c0)
+            .arg(&c1)
+            .arg(&c2)
+            .arg(&c3)
+            .arg(&n)
+            .arg(&mut bytes)
+            .arg(&variant)
+            .launch(cfg)
+    }
+    .unwrap();
+    let got: Vec<f32> = stream
+        .clone_dtoh(&bytes)
+        .unwrap()
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let want: Vec<f32> = (0..128)
+        .map(|i| if i < 64 { (192 + i) as f32 } else { 0.0 })
+        .collect();
+    assert_eq!(got, want);
+}
