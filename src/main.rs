@@ -281,7 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             // The emulator's times are CPU times, not speed: its defaults only exercise every stage
             // once (a minute for the tiny model, not the GPU defaults' many minutes).
-            let emu = !plan && Device::parse(&device)? == Device::Emu;
+            let emu = !plan && Device::parse(&device)?.is_emulated();
             let batch = batch.unwrap_or_else(|| if emu { vec![1] } else { vec![1, 8, 32] });
             let size = size.or(emu.then_some(64));
             let steps = steps.unwrap_or(if emu { 2 } else { DEFAULT_STEPS });
