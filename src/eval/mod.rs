@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use crate::exec::Device;
 use crate::generate::{Resolved, Settings};
 
-pub use prompts::{image_seed, read, work_items, Benchmark, EvalPrompt, WorkItem, DPG_SAMPLES};
+pub use prompts::{batches, image_seed, read, work_items, Benchmark, EvalPrompt, WorkItem, DPG_SAMPLES};
 pub use shard::Shard;
 pub use workers::parse_devices;
 
@@ -70,6 +70,8 @@ fn settings_text(bench: Benchmark, prompt: &EvalPrompt, negative: Option<&str>, 
         ("negative_prompt".into(), negative.unwrap_or_default().to_string()),
         ("seed".into(), seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
         ("steps".into(), s.steps.to_string()),
+        // The set's batches follow from it, and a batched image equals a single one only to rounding.
+        ("batch".into(), s.batch.to_string()),
         ("guidance".into(), s.guidance.to_string()),
         ("sampler".into(), format!("{:?}", s.sampler)),
         ("flow_shift".into(), shift.to_string()),
@@ -125,7 +127,9 @@ pub fn run(o: &EvalOptions, models: &Resolved, s: &Settings) -> Result<EvalRepor
     let samples = o.bench.samples(o.samples)?;
     let shard = choose_shard(o.shard.as_deref())?;
     let all = work_items(o.bench, &prompts, samples);
-    let mine: Vec<&WorkItem> = all.iter().filter(|w| shard.owns(w.id)).collect();
+    // Shards split the set's fixed batches (batch b goes to shard b % N).
+    let units: Vec<Vec<usize>> = batches(&all, s.batch).into_iter().enumerate().filter(|(b, _)| shard.owns(*b)).map(|(_, u)| u).collect();
+    let mine: Vec<&WorkItem> = units.iter().flatten().map(|&i| &all[i]).collect();
     for d in &o.devices {
         crate::generate::check_device(*d, s.dtype)?;
     }
@@ -158,20 +162,30 @@ pub fn run(o: &EvalOptions, models: &Resolved, s: &Settings) -> Result<EvalRepor
 
     // What is left: a complete PNG made with the same settings is kept; anything else is made again.
     let size = plan.image_size();
-    let mut todo = vec![];
+    let mut todo: Vec<Vec<workers::Job>> = vec![];
     let mut skipped = 0;
-    for w in &mine {
-        let seeds: Vec<u64> = w.samples.iter().map(|&k| image_seed(o.seed, w.prompt, k)).collect();
-        let text = settings_text(o.bench, &prompts[w.prompt], o.negative_prompt.as_deref(), &seeds, s, plan.shift, &model_name, size);
-        let (fh, fw) = file_size(o.bench, size);
-        let path = s.out.join(&w.file);
-        match crate::image::existing(&path, fw, fh, &text) {
-            crate::image::Existing::Finished => skipped += 1,
-            crate::image::Existing::Missing => todo.push(workers::Job { item: (*w).clone(), seeds, text, path }),
-            crate::image::Existing::Redo(why) => {
-                eprintln!("note: {why}; making it again");
-                todo.push(workers::Job { item: (*w).clone(), seeds, text, path });
-            }
+    for unit in &units {
+        let mut jobs = vec![];
+        for w in unit.iter().map(|&i| &all[i]) {
+            let seeds: Vec<u64> = w.samples.iter().map(|&k| image_seed(o.seed, w.prompt, k)).collect();
+            let text = settings_text(o.bench, &prompts[w.prompt], o.negative_prompt.as_deref(), &seeds, s, plan.shift, &model_name, size);
+            let (fh, fw) = file_size(o.bench, size);
+            let path = s.out.join(&w.file);
+            let complete = match crate::image::existing(&path, fw, fh, &text) {
+                crate::image::Existing::Finished => true,
+                crate::image::Existing::Missing => false,
+                crate::image::Existing::Redo(why) => {
+                    eprintln!("note: {why}; making it again");
+                    false
+                }
+            };
+            skipped += complete as usize;
+            jobs.push(workers::Job { item: w.clone(), seeds, text, path, complete });
+        }
+        // A batch with a file left is made whole (the same batch makes the same images); only its
+        // missing files are written.
+        if jobs.iter().any(|j| !j.complete) {
+            todo.push(jobs);
         }
     }
     if skipped > 0 {

@@ -232,6 +232,27 @@ pub fn work_items(bench: Benchmark, prompts: &[EvalPrompt], samples: usize) -> V
     out
 }
 
+/// The batches of the whole set: consecutive files packed up to `batch` images (at least one
+/// file each), as indices into `items`. The pipeline's batched images agree with single ones only
+/// to float rounding (GEMM blocking follows the batch size), so a file is bit-identical across
+/// shards, devices and re-runs because every batch is this fixed one, whoever makes it.
+pub fn batches(items: &[WorkItem], batch: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = vec![];
+    let mut n = 0;
+    for (i, w) in items.iter().enumerate() {
+        let k = w.samples.len();
+        match out.last_mut() {
+            Some(last) if n + k <= batch.max(1) => last.push(i),
+            _ => {
+                out.push(vec![i]);
+                n = 0;
+            }
+        }
+        n += k;
+    }
+    out
+}
+
 /// The seed of sample `sample` of prompt `prompt`: a pure function of (base seed, prompt index,
 /// sample index), so that any subset (a shard, a re-run, another batch size or device count)
 /// makes the same noise. splitmix64 (Steele, Lea, Flood 2014) of each part in turn:

@@ -112,6 +112,8 @@ pub struct Job {
     /// Its PNG text chunks.
     pub text: Vec<(String, String)>,
     pub path: PathBuf,
+    /// Already complete: made again with its batch, but not written.
+    pub complete: bool,
 }
 
 /// A file with its tokenized prompt, ready for the queue.
@@ -135,7 +137,7 @@ pub struct Context<'a> {
 /// The shared queue: groups of files, and how many groups workers hold now (a worker waits while
 /// others are busy, because a failing one may hand its group back).
 struct Queue {
-    groups: VecDeque<Vec<Ready>>,
+    groups: VecDeque<Vec<Unit>>,
     busy: usize,
     /// Workers still able to work.
     alive: usize,
@@ -149,42 +151,38 @@ struct DeviceStats {
     error: Option<String>,
 }
 
-/// Makes every job on `devices`; returns (files written, files refused with why).
-pub fn run(ctx: &Context, jobs: Vec<Job>, devices: &[Device]) -> Result<(usize, Vec<String>)> {
-    let s = ctx.settings;
+/// A batch of the set (see [`super::batches`]) ready for the queue.
+type Unit = Vec<Ready>;
+
+/// Makes every batch of jobs on `devices`; returns (files written, files refused with why).
+pub fn run(ctx: &Context, units: Vec<Vec<Job>>, devices: &[Device]) -> Result<(usize, Vec<String>)> {
     // Tokenize first: a refused prompt is reported and the rest go on.
-    let mut ready = vec![];
+    let mut ready: Vec<Unit> = vec![];
     let mut failed = vec![];
-    for job in jobs {
-        let text = &ctx.prompts[job.item.prompt].text;
-        match ctx.plan.tokenizer.encode(text, ctx.negative_prompt, ctx.plan.max_tokens) {
-            Ok(ids) => ready.push(Ready { job, ids }),
-            Err(e) => {
-                let msg = format!("{}: prompt {}: {e}; not made", job.item.file.display(), job.item.prompt);
-                eprintln!("{msg}");
-                failed.push(msg);
+    for jobs in units {
+        let mut unit = vec![];
+        for job in jobs {
+            let text = &ctx.prompts[job.item.prompt].text;
+            match ctx.plan.tokenizer.encode(text, ctx.negative_prompt, ctx.plan.max_tokens) {
+                Ok(ids) => unit.push(Ready { job, ids }),
+                Err(e) => {
+                    let msg = format!("{}: prompt {}: {e}; not made", job.item.file.display(), job.item.prompt);
+                    eprintln!("{msg}");
+                    failed.push(msg);
+                }
             }
         }
-    }
-    let images_per_file = |r: &Ready| r.job.item.samples.len();
-    let total_images: usize = ready.iter().map(images_per_file).sum();
-    // Groups of up to two batches of images (whole files): the conditioning of a group's second
-    // batch overlaps the denoising of its first, and a failed device hands back little work.
-    let cap = (2 * s.batch).max(1);
-    let mut groups: VecDeque<Vec<Ready>> = VecDeque::new();
-    let mut cur: Vec<Ready> = vec![];
-    let mut n = 0;
-    for r in ready {
-        let k = images_per_file(&r);
-        if !cur.is_empty() && n + k > cap {
-            groups.push_back(std::mem::take(&mut cur));
-            n = 0;
+        if unit.iter().any(|r| !r.job.complete) {
+            ready.push(unit);
         }
-        n += k;
-        cur.push(r);
     }
-    if !cur.is_empty() {
-        groups.push_back(cur);
+    let total_images: usize = ready.iter().flatten().filter(|r| !r.job.complete).map(|r| r.job.item.samples.len()).sum();
+    // Groups of two batches: the conditioning of a group's second batch overlaps the denoising
+    // of its first, and a failed device hands back little work.
+    let mut groups: VecDeque<Vec<Unit>> = VecDeque::new();
+    let mut it = ready.into_iter();
+    while let Some(a) = it.next() {
+        groups.push_back(std::iter::once(a).chain(it.next()).collect());
     }
     if groups.is_empty() {
         return Ok((0, failed));
@@ -215,7 +213,7 @@ pub fn run(ctx: &Context, jobs: Vec<Job>, devices: &[Device]) -> Result<(usize, 
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
     let written = written.into_inner();
-    let left: usize = queue.lock().unwrap_or_else(|e| e.into_inner()).groups.iter().flatten().map(|r| r.job.item.samples.len()).sum();
+    let left: usize = queue.lock().unwrap_or_else(|e| e.into_inner()).groups.iter().flatten().flatten().filter(|r| !r.job.complete).map(|r| r.job.item.samples.len()).sum();
     // The summary: images, failures, images/s per device.
     let stats: Vec<DeviceStats> = stats.iter().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone()).collect();
     let failures = stats.iter().filter(|d| d.error.is_some()).count();
@@ -268,9 +266,9 @@ fn worker(
         };
         let Some(group) = group else { return Ok(()) };
         let t = Instant::now();
-        let mut done = vec![false; group.len()];
+        let mut done: Vec<Vec<bool>> = group.iter().map(|u| vec![false; u.len()]).collect();
         let result = make_group(ctx, &model, run, &group, &mut done, bar, written);
-        let images: usize = group.iter().zip(&done).filter(|(_, d)| **d).map(|(r, _)| r.job.item.samples.len()).sum();
+        let images: usize = group.iter().flatten().zip(done.iter().flatten()).filter(|(r, d)| **d && !r.job.complete).map(|(r, _)| r.job.item.samples.len()).sum();
         let secs = t.elapsed().as_secs_f64();
         {
             let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -283,7 +281,16 @@ fn worker(
         let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
         q.busy -= 1;
         if let Err(e) = result {
-            let back: Vec<Ready> = group.into_iter().zip(done).filter(|(_, d)| !d).map(|(r, _)| r).collect();
+            // Batches with a file left go back whole (their finished files marked complete).
+            let back: Vec<Unit> = group
+                .into_iter()
+                .zip(done)
+                .map(|(u, d)| u.into_iter().zip(d).map(|(mut r, d)| {
+                    r.job.complete |= d;
+                    r
+                }).collect::<Unit>())
+                .filter(|u| u.iter().any(|r| !r.job.complete))
+                .collect();
             if !back.is_empty() {
                 q.groups.push_front(back);
             }
@@ -294,13 +301,22 @@ fn worker(
     }
 }
 
-/// Makes a group's images in batches of `--batch` and writes each file when its images are done.
-fn make_group(ctx: &Context, model: &OpenUni, run: RunOptions, group: &[Ready], done: &mut [bool], bar: &ProgressBar, written: &std::sync::atomic::AtomicUsize) -> Result<()> {
+/// Makes a group's batches (a DPG grid over `--batch` in chunks of it) and writes each missing
+/// file when its images are done.
+fn make_group(ctx: &Context, model: &OpenUni, run: RunOptions, units: &[Unit], done: &mut [Vec<bool>], bar: &ProgressBar, written: &std::sync::atomic::AtomicUsize) -> Result<()> {
     let plan = ctx.plan;
     let (c, (lh, lw)) = (plan.channels, plan.latent);
-    // Every image of the group: (file in group, position in file).
-    let images: Vec<(usize, usize)> = group.iter().enumerate().flat_map(|(f, r)| (0..r.job.item.samples.len()).map(move |k| (f, k))).collect();
-    let chunks: Vec<&[(usize, usize)]> = images.chunks(ctx.settings.batch.max(1)).collect();
+    // The group's files in one list; done[u][f] for each.
+    let group: Vec<&Ready> = units.iter().flatten().collect();
+    let place: Vec<(usize, usize)> = units.iter().enumerate().flat_map(|(u, unit)| (0..unit.len()).map(move |f| (u, f))).collect();
+    // Every image: (file in group, position in file), chunked within each batch of the set.
+    let mut chunks: Vec<Vec<(usize, usize)>> = vec![];
+    let mut first = 0;
+    for unit in units {
+        let images: Vec<(usize, usize)> = (first..first + unit.len()).flat_map(|f| (0..group[f].job.item.samples.len()).map(move |k| (f, k))).collect();
+        chunks.extend(images.chunks(ctx.settings.batch.max(1)).map(<[_]>::to_vec));
+        first += unit.len();
+    }
     let batches = chunks
         .iter()
         .map(|chunk| {
@@ -325,10 +341,13 @@ fn make_group(ctx: &Context, model: &OpenUni, run: RunOptions, group: &[Ready], 
             pixels[f][k] = Some(rgb[j * per..(j + 1) * per].to_vec());
             if pixels[f].iter().all(Option::is_some) {
                 let imgs: Vec<Vec<u8>> = pixels[f].iter_mut().map(|p| p.take().expect("checked")).collect();
-                write_file(ctx, &group[f].job, &imgs, run.device, seconds_per_image)?;
-                done[f] = true;
-                written.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                bar.inc(imgs.len() as u64);
+                if !group[f].job.complete {
+                    write_file(ctx, &group[f].job, &imgs, run.device, seconds_per_image)?;
+                    written.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    bar.inc(imgs.len() as u64);
+                }
+                let (u, j) = place[f];
+                done[u][j] = true;
             }
         }
         last = Instant::now();
@@ -366,6 +385,7 @@ fn write_file(ctx: &Context, job: &Job, imgs: &[Vec<u8>], device: Device, second
         "samples": job.item.samples,
         "seeds": job.seeds,
         "steps": s.steps,
+        "batch": s.batch,
         "guidance": s.guidance,
         "sampler": format!("{:?}", s.sampler),
         "flow_shift": ctx.plan.shift,
