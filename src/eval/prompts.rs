@@ -272,6 +272,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn batches_pack_whole_files_up_to_the_batch_size() {
+        let p = |n: usize| (0..n).map(|i| EvalPrompt { text: format!("p{i}"), key: i.to_string(), metadata: None }).collect::<Vec<_>>();
+        let g = work_items(Benchmark::GenEval, &p(3), 2);
+        assert_eq!(g.len(), 6);
+        assert_eq!(g[3].file, PathBuf::from("00001/samples/00001.png"));
+        assert_eq!(batches(&g, 4), vec![vec![0, 1, 2, 3], vec![4, 5]]);
+        assert_eq!(batches(&g, 1), (0..6).map(|i| vec![i]).collect::<Vec<_>>());
+        // A DPG grid is 4 images: one per batch below 5, never split.
+        let d = work_items(Benchmark::Dpg, &p(3), DPG_SAMPLES);
+        assert_eq!(batches(&d, 2), vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(batches(&d, 8), vec![vec![0, 1], vec![2]]);
+    }
+
+    #[test]
     fn seeds_differ_by_prompt_and_sample_and_are_stable() {
         let s = image_seed(42, 0, 0);
         assert_ne!(s, image_seed(42, 0, 1));
