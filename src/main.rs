@@ -215,7 +215,8 @@ struct GenerateArgs {
     /// With --eval geneval: images per prompt (default 4).
     #[arg(long, requires = "eval", value_parser = usize_in(1, 1000))]
     samples: Option<usize>,
-    /// With --eval: make shard K of N (file i goes to shard i % N); default: from
+    /// With --eval: make shard K of N (batch b of the set, --batch images, goes to shard b % N;
+    /// every shard must use the same --batch); default: from
     /// SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX/JOB_COMPLETION_COUNT.
     #[arg(long, value_name = "K/N", requires = "eval")]
     shard: Option<String>,

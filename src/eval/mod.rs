@@ -3,9 +3,9 @@
 //! machine, resumable, with a manifest per shard and a `--check` of the whole set.
 //!
 //! Every file is one work item (a GenEval sample, a DPG 2x2 grid, a WISE image); each image's seed
-//! is [`image_seed`] of (base seed, prompt index, sample index), and the pipeline makes the same
-//! image in a batch of N as alone, so neither the shard count, the device count, the batch size
-//! nor an interruption changes a file.
+//! is [`image_seed`] of (base seed, prompt index, sample index). The set is cut into fixed batches
+//! ([`batches`]) that shards, devices and re-runs all make whole, so with the same `--batch`
+//! neither the shard count, the device count nor an interruption changes a file (docs/eval.md).
 
 mod prompts;
 mod shard;

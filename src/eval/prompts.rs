@@ -204,7 +204,7 @@ fn kind(v: &serde_json::Value) -> &'static str {
 /// One output file: a work item of the queue and of the shards.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkItem {
-    /// Position in the whole set's list of files (the shards split by it).
+    /// Position in the whole set's list of files.
     pub id: usize,
     /// Index of the prompt in the file.
     pub prompt: usize,

@@ -1,7 +1,7 @@
 //! Shards: one slice of a benchmark's files per process, chosen by `--shard K/N` or by the
 //! cluster's scheduler (a Slurm job array, a Kubernetes Indexed Job), never by a coordinator of
-//! our own. File i goes to shard i % N: balanced within one file, and two shards never write the
-//! same file.
+//! our own. Batch b of the set (`eval::batches`: consecutive files of `--batch` images) goes to
+//! shard b % N: balanced within one batch, and two shards never write the same file.
 
 use anyhow::{bail, Result};
 
@@ -58,7 +58,7 @@ impl Shard {
         Ok(None)
     }
 
-    /// Whether work item `i` is this shard's.
+    /// Whether batch `i` of the set is this shard's.
     pub fn owns(self, i: usize) -> bool {
         i % self.count == self.index
     }
