@@ -303,6 +303,10 @@ fn emulated_devices_share_the_work_and_survive_a_failing_one() {
     assert!(err.contains("1 device failure(s)"), "{err}");
     assert_same(&one, &failing);
 
+    let o = eval(cache, "wise", &prompts, &tmp.path().join("x"), &["--device", "emu:0,3"], &[("OPENUNI_EMU_DEVICES", "2")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(2) && err.contains("there is no emu:3 (2 emu device(s): 0..2)"), "{err}");
+
     let none = tmp.path().join("none");
     let o = eval(cache, "wise", &prompts, &none, &["--device", "emu:all"], &[("OPENUNI_EMU_DEVICES", "1"), ("OPENUNI_EMU_FAIL_DEVICE", "0")]);
     let err = String::from_utf8_lossy(&o.stderr);
