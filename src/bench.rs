@@ -289,7 +289,7 @@ fn prompt_ids(vocab: usize, n: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
 
 /// Measured ceilings: a large GEMM and a large elementwise add in the storage dtype.
 fn measure_ceilings(run: RunOptions, iters: usize) -> Result<Ceilings> {
-    let (m, k) = if run.device == Device::Cpu || run.device == Device::Emu { (256, 512) } else { (8192, 8192) };
+    let (m, k) = if run.device == Device::Cpu || run.device.is_emulated() { (256, 512) } else { (8192, 8192) };
     let src = RandomWeights { origin: "ceiling".into(), tables: HashMap::new() };
     let mut b = GraphBuilder::new();
     let x = b.input("x", [m, k])?;
@@ -303,7 +303,7 @@ fn measure_ceilings(run: RunOptions, iters: usize) -> Result<Ceilings> {
     // Larger than the caches (the emulator's slowness keeps its array smaller).
     let n = match run.device {
         Device::Cpu => 1 << 24,
-        Device::Emu => 1 << 20,
+        Device::Emu | Device::EmuAt(_) => 1 << 20,
         Device::Cuda(_) => 1 << 28,
     };
     let mut b = GraphBuilder::new();

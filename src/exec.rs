@@ -21,19 +21,46 @@ pub enum Device {
     /// The emulated GPU (crates/emu): the real CUDA backend and kernels, run on the CPU. It checks
     /// correctness (numerics, launch configurations, barriers, memory bounds), never speed.
     Emu,
+    /// Emulated device N >= 1 (`emu:N`, with `OPENUNI_EMU_DEVICES` > N); `emu` and `emu:0` are
+    /// [`Device::Emu`], kept a unit variant so that code naming the emulated GPU stays as it is.
+    EmuAt(usize),
 }
 
 impl Device {
-    /// Parses `cpu`, `cuda`, `cuda:N` or `emu`.
+    /// Parses `cpu`, `cuda`, `cuda:N`, `emu` or `emu:N`.
     pub fn parse(s: &str) -> Result<Device> {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
             "emu" => Ok(Device::Emu),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Ok(Device::Cuda(n)),
-                _ => bail!("--device `{s}` is not one of cpu, cuda, cuda:N, emu"),
+            _ => match (s.strip_prefix("cuda:").map(str::parse::<usize>), s.strip_prefix("emu:").map(str::parse::<usize>)) {
+                (Some(Ok(n)), _) => Ok(Device::Cuda(n)),
+                (_, Some(Ok(n))) => Ok(Device::emulated(n)),
+                _ => bail!("--device `{s}` is not one of cpu, cuda, cuda:N, emu, emu:N"),
             },
+        }
+    }
+
+    /// Emulated device `n`.
+    pub fn emulated(n: usize) -> Device {
+        if n == 0 {
+            Device::Emu
+        } else {
+            Device::EmuAt(n)
+        }
+    }
+
+    /// Whether this is an emulated GPU.
+    pub fn is_emulated(self) -> bool {
+        matches!(self, Device::Emu | Device::EmuAt(_))
+    }
+
+    /// The CUDA ordinal (real or emulated); `None` for the CPU.
+    pub fn ordinal(self) -> Option<usize> {
+        match self {
+            Device::Cpu => None,
+            Device::Cuda(n) | Device::EmuAt(n) => Some(n),
+            Device::Emu => Some(0),
         }
     }
 }
@@ -44,6 +71,7 @@ impl std::fmt::Display for Device {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
             Device::Emu => write!(f, "emu"),
+            Device::EmuAt(n) => write!(f, "emu:{n}"),
         }
     }
 }
@@ -253,7 +281,7 @@ pub fn executor_with(
 ) -> Result<Box<dyn GraphExecutor>> {
     match (device, cache) {
         (Device::Cpu, WeightCache::Cpu(c)) => Ok(Box::new(CpuExecutor::with_cache(graph, weights, c, keep_all)?)),
-        (Device::Cuda(_) | Device::Emu, WeightCache::Cuda(c)) => Ok(Box::new(CudaExecutor::with_cache(graph, weights, c, keep_all)?)),
+        (Device::Cuda(_) | Device::Emu | Device::EmuAt(_), WeightCache::Cuda(c)) => Ok(Box::new(CudaExecutor::with_cache(graph, weights, c, keep_all)?)),
         _ => bail!("a weight cache for another device was passed for --device {device}"),
     }
 }
@@ -272,15 +300,28 @@ pub fn open_device_lane(device: Device) -> Result<Arc<CudaDevice>> {
     Ok(lane)
 }
 
+/// How many devices of `device`'s kind there are: CUDA GPUs, or emulated ones
+/// (`OPENUNI_EMU_DEVICES`); 1 for the CPU.
+pub fn device_count(device: Device) -> Result<usize> {
+    match device {
+        Device::Cpu => Ok(1),
+        Device::Cuda(_) => Ok(openuni_cuda::device_count()?),
+        Device::Emu | Device::EmuAt(_) => {
+            load_emulator()?;
+            Ok(openuni_cuda::device_count()?)
+        }
+    }
+}
+
 /// Opens a CUDA device (real or emulated), once per process and device.
 pub fn open_device(device: Device) -> Result<Arc<CudaDevice>> {
     static OPEN: OnceLock<std::sync::Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
     let ordinal = match device {
         Device::Cpu => bail!("the CPU is not a CUDA device"),
         Device::Cuda(n) => n,
-        Device::Emu => {
+        Device::Emu | Device::EmuAt(_) => {
             load_emulator()?;
-            0
+            device.ordinal().unwrap_or(0)
         }
     };
     let mut open = OPEN.get_or_init(Default::default).lock().expect("device table");
@@ -288,7 +329,7 @@ pub fn open_device(device: Device) -> Result<Arc<CudaDevice>> {
         return Ok(d.clone());
     }
     let dev = CudaDevice::open(ordinal).with_context(|| format!("--device {device}"))?;
-    if device == Device::Emu && !dev.is_emulated() {
+    if device.is_emulated() && !dev.is_emulated() {
         bail!("--device emu: the loaded driver is a real GPU's ({}); the emulated one must be loaded before any other", dev.name());
     }
     open.insert(ordinal, dev.clone());

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod chat;
 pub mod compare;
 pub mod convert;
+pub mod eval;
 pub mod exec;
 pub mod generate;
 pub mod image;

@@ -207,10 +207,68 @@ struct GenerateArgs {
     /// decode's. Default: 512-px tiles when a side exceeds 1024 px, else one piece.
     #[arg(long, value_name = "PX", value_parser = usize_in(0, limits::SIDE.1))]
     decode_tile: Option<usize>,
+    /// A benchmark's prompt set: geneval (--prompts evaluation_metadata.jsonl), dpg (--prompts a
+    /// folder of .txt prompts) or wise (--prompts its JSON); writes the layout its scorer reads into
+    /// --out. --device may then name several devices: cuda:all, cuda:0,2,3, emu:all, emu:0,1.
+    #[arg(long, value_name = "BENCH", requires = "prompts")]
+    eval: Option<String>,
+    /// With --eval geneval: images per prompt (default 4).
+    #[arg(long, requires = "eval", value_parser = usize_in(1, 1000))]
+    samples: Option<usize>,
+    /// With --eval: make shard K of N (batch b of the set, --batch images, goes to shard b % N;
+    /// every shard must use the same --batch); default: from
+    /// SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX/JOB_COMPLETION_COUNT.
+    #[arg(long, value_name = "K/N", requires = "eval")]
+    shard: Option<String>,
+    /// With --eval: report what of the set is missing or duplicated in DIR (all shards); exit 1 if
+    /// anything is. Generates nothing.
+    #[arg(long, value_name = "DIR", requires = "eval")]
+    check: Option<PathBuf>,
+    /// With --eval: a line per device and batch.
+    #[arg(long, requires = "eval")]
+    verbose: bool,
+}
+
+/// `generate --eval`: a benchmark's prompt set on one or several devices, or `--check`.
+fn generate_eval(a: GenerateArgs, bench: &str) -> anyhow::Result<bool> {
+    use openuni::eval::{self, Benchmark};
+    use openuni::generate::{resolve, variant, ModelFlags, Settings};
+    let bench = Benchmark::parse(bench)?;
+    let prompts = a.prompts.clone().ok_or_else(|| anyhow::anyhow!("--eval needs --prompts FILE (the benchmark's prompt file or folder)"))?;
+    if let Some(dir) = &a.check {
+        return eval::check(bench, &prompts, a.samples, dir);
+    }
+    if a.prompt.is_some() {
+        anyhow::bail!("--eval reads --prompts, not --prompt");
+    }
+    let v = variant(&a.variant)?;
+    let devices = eval::parse_devices(&a.device)?;
+    let dtype = parse_dtype(&a.dtype)?;
+    for d in &devices {
+        openuni::generate::check_device(*d, dtype)?;
+    }
+    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler)
+        .ok_or_else(|| anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler))?;
+    for (flag, v) in [("--height", a.height), ("--width", a.width), ("--decode-tile", a.decode_tile)] {
+        if let Some(v) = v.filter(|v| v % 32 != 0 || *v == 0) {
+            anyhow::bail!("{flag} {v} is not a positive multiple of 32 (the VAE upscales latents 32x)");
+        }
+    }
+    let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
+    if models.builtin {
+        eprintln!("note: no OpenUni weights configured or cached; using the built-in tiny random model. Its pictures are not meaningful.");
+    }
+    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device: devices[0], dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch };
+    let opts = eval::EvalOptions { bench, prompts, samples: a.samples, shard: a.shard, devices, verbose: a.verbose, seed: a.seed, negative_prompt: a.negative_prompt };
+    let report = eval::run(&opts, &models, &settings)?;
+    Ok(report.failed.is_empty())
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
     use openuni::generate::{check_device, read_prompts, resolve, run, variant, Item, ModelFlags, Settings};
+    if let Some(bench) = a.eval.clone() {
+        return generate_eval(a, &bench);
+    }
     // Every flag is checked (and the device opened) before prompts are read or models loaded.
     let v = variant(&a.variant)?;
     let (device, dtype) = (Device::parse(&a.device)?, parse_dtype(&a.dtype)?);
@@ -281,7 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             // The emulator's times are CPU times, not speed: its defaults only exercise every stage
             // once (a minute for the tiny model, not the GPU defaults' many minutes).
-            let emu = !plan && Device::parse(&device)? == Device::Emu;
+            let emu = !plan && Device::parse(&device)?.is_emulated();
             let batch = batch.unwrap_or_else(|| if emu { vec![1] } else { vec![1, 8, 32] });
             let size = size.or(emu.then_some(64));
             let steps = steps.unwrap_or(if emu { 2 } else { DEFAULT_STEPS });

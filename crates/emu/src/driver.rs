@@ -134,7 +134,8 @@ struct State {
     events: HashSet<usize>,
     graphs: HashSet<usize>,
     execs: HashSet<usize>,
-    sticky: Option<CUresult>,
+    /// A sticky launch error per device.
+    sticky: [Option<CUresult>; MAX_DEVICES],
     ctx_refs: usize,
 }
 
@@ -154,7 +155,7 @@ fn state() -> MutexGuard<'static, State> {
             events: HashSet::new(),
             graphs: HashSet::new(),
             execs: HashSet::new(),
-            sticky: None,
+            sticky: [None; MAX_DEVICES],
             ctx_refs: 0,
         })
     })
@@ -195,10 +196,62 @@ thread_local! {
     static CURRENT_CTX: Cell<usize> = const { Cell::new(0) };
 }
 
-/// The primary context (there is one device).
-fn primary_ctx() -> usize {
-    static CTX: u64 = 0x0C0C_0C0C;
-    &CTX as *const u64 as usize
+/// The most emulated devices (`OPENUNI_EMU_DEVICES`).
+pub const MAX_DEVICES: usize = 16;
+
+/// OPENUNI_EMU_DEVICES: how many devices the driver reports (1..=16, default 1). They share one
+/// memory pool (`OPENUNI_EMU_MEMORY`) and the kernel workers; each has its own primary context and
+/// its own sticky launch error, so a failure on one leaves the others usable, as on real GPUs.
+pub fn device_count() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| match std::env::var("OPENUNI_EMU_DEVICES") {
+        Ok(s) => match s.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_DEVICES).contains(&n) => n,
+            _ => {
+                eprintln!("openuni-emu: OPENUNI_EMU_DEVICES={s:?} is not a number in 1..={MAX_DEVICES}; using 1");
+                1
+            }
+        },
+        Err(_) => 1,
+    })
+}
+
+fn valid_device(dev: CUdevice) -> bool {
+    dev >= 0 && (dev as usize) < device_count()
+}
+
+/// The primary context of device `ordinal` (an address that identifies it).
+fn primary_ctx(ordinal: usize) -> usize {
+    static CTX: [u64; MAX_DEVICES] = [0x0C0C_0C0C; MAX_DEVICES];
+    &CTX[ordinal.min(MAX_DEVICES - 1)] as *const u64 as usize
+}
+
+/// The device whose primary context `ctx` is.
+fn ctx_ordinal(ctx: usize) -> Option<usize> {
+    (0..device_count()).find(|&d| primary_ctx(d) == ctx)
+}
+
+/// The device of the calling thread's current context (0 when none is current).
+fn current_device() -> usize {
+    ctx_ordinal(CURRENT_CTX.with(|c| c.get())).unwrap_or(0)
+}
+
+/// OPENUNI_EMU_FAIL_DEVICE=N (with OPENUNI_EMU_FAIL_AFTER=K, default 0): every kernel launch on
+/// device N after its first K fails with CUDA_ERROR_LAUNCH_FAILED (sticky on that device), for
+/// testing how a program survives a failing GPU.
+fn injected_failure(ordinal: usize) -> Option<String> {
+    static FAIL: OnceLock<Option<(usize, u64)>> = OnceLock::new();
+    static LAUNCHES: [std::sync::atomic::AtomicU64; MAX_DEVICES] = [const { std::sync::atomic::AtomicU64::new(0) }; MAX_DEVICES];
+    let (dev, after) = (*FAIL.get_or_init(|| {
+        let dev = std::env::var("OPENUNI_EMU_FAIL_DEVICE").ok()?.trim().parse::<usize>().ok()?;
+        let after = std::env::var("OPENUNI_EMU_FAIL_AFTER").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        Some((dev, after))
+    }))?;
+    if dev != ordinal {
+        return None;
+    }
+    let n = LAUNCHES[ordinal.min(MAX_DEVICES - 1)].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    (n >= after).then(|| format!("injected failure (OPENUNI_EMU_FAIL_DEVICE={dev}, OPENUNI_EMU_FAIL_AFTER={after}): launch {} on device {dev} fails", n + 1))
 }
 
 static LAST_ERROR: Mutex<String> = Mutex::new(String::new());
@@ -225,7 +278,7 @@ fn sticky_enabled() -> bool {
 
 /// Clears a sticky launch error (emulator tests only: a real process would have to restart).
 pub fn reset_sticky_error() {
-    state().sticky = None;
+    state().sticky = [None; MAX_DEVICES];
 }
 
 macro_rules! check_init {
@@ -233,7 +286,7 @@ macro_rules! check_init {
         if !$st.initialized {
             return CUDA_ERROR_NOT_INITIALIZED;
         }
-        if let Some(code) = $st.sticky {
+        if let Some(code) = $st.sticky[current_device()] {
             return code;
         }
     }};
@@ -491,10 +544,10 @@ pub unsafe extern "C" fn cuDeviceGet(dev: *mut CUdevice, ordinal: c_int) -> CUre
     if dev.is_null() {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    if ordinal != 0 {
+    if !valid_device(ordinal) {
         return CUDA_ERROR_INVALID_DEVICE;
     }
-    *dev = 0;
+    *dev = ordinal;
     CUDA_SUCCESS
 }
 
@@ -506,13 +559,13 @@ pub unsafe extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
     if n.is_null() {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    *n = 1;
+    *n = device_count() as c_int;
     CUDA_SUCCESS
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUdevice) -> CUresult {
-    if dev != 0 {
+    if !valid_device(dev) {
         return CUDA_ERROR_INVALID_DEVICE;
     }
     if name.is_null() || len <= 0 {
@@ -527,7 +580,7 @@ pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUd
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut u8, dev: CUdevice) -> CUresult {
-    if dev != 0 {
+    if !valid_device(dev) {
         return CUDA_ERROR_INVALID_DEVICE;
     }
     if uuid.is_null() {
@@ -544,7 +597,7 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut u8, dev: CUdevice) -> CUresu
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult {
-    if dev != 0 {
+    if !valid_device(dev) {
         return CUDA_ERROR_INVALID_DEVICE;
     }
     if bytes.is_null() {
@@ -626,7 +679,7 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(
     attrib: c_int,
     dev: CUdevice,
 ) -> CUresult {
-    if dev != 0 {
+    if !valid_device(dev) {
         return CUDA_ERROR_INVALID_DEVICE;
     }
     if pi.is_null() {
@@ -647,7 +700,7 @@ pub unsafe extern "C" fn cuDeviceComputeCapability(
     minor: *mut c_int,
     dev: CUdevice,
 ) -> CUresult {
-    if dev != 0 {
+    if !valid_device(dev) {
         return CUDA_ERROR_INVALID_DEVICE;
     }
     if major.is_null() || minor.is_null() {
@@ -664,20 +717,20 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut Handle, dev: CUdevi
     if !st.initialized {
         return CUDA_ERROR_NOT_INITIALIZED;
     }
-    if dev != 0 {
+    if !valid_device(dev) {
         return CUDA_ERROR_INVALID_DEVICE;
     }
     if pctx.is_null() {
         return CUDA_ERROR_INVALID_VALUE;
     }
     st.ctx_refs += 1;
-    *pctx = primary_ctx() as Handle;
+    *pctx = primary_ctx(dev as usize) as Handle;
     CUDA_SUCCESS
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult {
-    if dev != 0 {
+    if !valid_device(dev) {
         return CUDA_ERROR_INVALID_DEVICE;
     }
     let mut st = state();
@@ -687,7 +740,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) -> CUresult {
-    if dev != 0 {
+    if !valid_device(dev) {
         return CUDA_ERROR_INVALID_DEVICE;
     }
     CUDA_SUCCESS
@@ -707,7 +760,7 @@ pub unsafe extern "C" fn cuCtxGetCurrent(pctx: *mut Handle) -> CUresult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxSetCurrent(ctx: Handle) -> CUresult {
-    if !ctx.is_null() && ctx as usize != primary_ctx() {
+    if !ctx.is_null() && ctx_ordinal(ctx as usize).is_none() {
         return CUDA_ERROR_INVALID_CONTEXT;
     }
     CURRENT_CTX.with(|c| c.set(ctx as usize));
@@ -733,10 +786,10 @@ pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut CUdevice) -> CUresult {
     if dev.is_null() {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    if CURRENT_CTX.with(|c| c.get()) == 0 {
+    let Some(ordinal) = ctx_ordinal(CURRENT_CTX.with(|c| c.get())) else {
         return CUDA_ERROR_INVALID_CONTEXT;
-    }
-    *dev = 0;
+    };
+    *dev = ordinal as CUdevice;
     CUDA_SUCCESS
 }
 
@@ -759,7 +812,7 @@ pub unsafe extern "C" fn cuCtxCreate_v4(
 ) -> CUresult {
     let r = cuDevicePrimaryCtxRetain(pctx, dev);
     if r == CUDA_SUCCESS {
-        CURRENT_CTX.with(|c| c.set(primary_ctx()));
+        CURRENT_CTX.with(|c| c.set(primary_ctx(dev as usize)));
     }
     r
 }
@@ -777,10 +830,10 @@ pub unsafe extern "C" fn cuCtxCreate_v3(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: Handle) -> CUresult {
-    if ctx as usize != primary_ctx() {
+    let Some(ordinal) = ctx_ordinal(ctx as usize) else {
         return CUDA_ERROR_INVALID_CONTEXT;
-    }
-    cuDevicePrimaryCtxRelease_v2(0)
+    };
+    cuDevicePrimaryCtxRelease_v2(ordinal as CUdevice)
 }
 
 #[no_mangle]
@@ -1974,10 +2027,16 @@ pub unsafe extern "C" fn cuOccupancyMaxActiveClusters(
 /// Runs a kernel now and checks the redzones of the allocations its pointer arguments point into.
 unsafe fn run_kernel(func: &Function, cfg: &LaunchConfig, params: *mut *mut c_void) -> CUresult {
     let k = func.kernel;
+    if let Some(msg) = injected_failure(current_device()) {
+        if sticky_enabled() {
+            state().sticky[current_device()] = Some(CUDA_ERROR_LAUNCH_FAILED);
+        }
+        return report(CUDA_ERROR_LAUNCH_FAILED, format!("{}: {msg}", k.name));
+    }
     if let Err(e) = fiber::launch(k, cfg, params, &LaunchOptions::default()) {
         let code = e.code as CUresult;
         if sticky_enabled() && matches!(code, 700 | 710 | 714..=719) {
-            state().sticky = Some(code);
+            state().sticky[current_device()] = Some(code);
         }
         return report(code, e.message);
     }
@@ -1993,7 +2052,7 @@ unsafe fn run_kernel(func: &Function, cfg: &LaunchConfig, params: *mut *mut c_vo
                 if let Some(msg) = redzone_damage(start, a) {
                     drop(st);
                     if sticky_enabled() {
-                        state().sticky = Some(CUDA_ERROR_ILLEGAL_ADDRESS);
+                        state().sticky[current_device()] = Some(CUDA_ERROR_ILLEGAL_ADDRESS);
                     }
                     return report(
                         CUDA_ERROR_ILLEGAL_ADDRESS,
@@ -2151,7 +2210,7 @@ pub(crate) fn capture_or_run(
     node: impl Fn() -> CUresult + Send + Sync + 'static,
 ) -> Option<CUresult> {
     let st = state();
-    if let Some(code) = st.sticky {
+    if let Some(code) = st.sticky[current_device()] {
         return Some(code);
     }
     if !stream_ok(&st, stream) {
@@ -2475,7 +2534,7 @@ unsafe fn replay(nodes: &[Node]) -> CUresult {
             } => {
                 let func = {
                     let st = state();
-                    if let Some(code) = st.sticky {
+                    if let Some(code) = st.sticky[current_device()] {
                         return code;
                     }
                     match function(&st, *func as Handle) {
