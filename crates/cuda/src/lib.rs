@@ -24,7 +24,7 @@ pub mod testing;
 mod weights;
 
 pub use device::{
-    default_target, device_available, device_count, driver_present, is_emulated_name, preload_library, CudaDevice,
+    default_target, device_available, device_count, driver_present, emu_traffic, is_emulated_name, preload_library, reset_emu_traffic, CudaDevice,
     DeviceBuffer, KArg, EMULATED_DEVICE_NAME,
 };
 pub use error::{CudaError, Result};
