@@ -59,8 +59,6 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     let tokens: usize = b.prompts.iter().map(|(cd, u)| cd.len() + u.len()).sum::<usize>() + 2 * N * q;
     let latent = N * c * h * w;
     let image = N * 3 * PX * PX;
-    let t = &m.transformer_cfg;
-    let kv = t.num_layers * 2 * (2 * N * q * t.num_cross_attention_heads * t.cross_attention_head_dim) * 4;
     // The attention's segment table (an i32 [start, end) pair per token) and RoPE table (an f32
     // (cos, sin) pair per position of the longest sequence and rotary frequency), uploaded by the
     // conditioning executor made per call (its graph depends on the prompts' lengths).
@@ -70,14 +68,12 @@ fn batch_of_8_moves_only_the_listed_bytes() {
         ("conditioning: token embeddings + meta-queries gathered on the host [1, tokens, D] f32", tokens * d * 4),
         ("conditioning: the per-call executor's constant tables (segments, RoPE)", llm_tables),
         ("caption path: prompt embeddings [2N, Q, cc] f32", 2 * N * q * cc * 4),
-        ("step: the caption path's cross-attention K and V of every block [2N, Q, cross] f32, once", kv),
         ("step: latents of both CFG halves [2N, C, h, w] f32, every step", STEPS * 2 * latent * 4),
         ("step: timesteps [2N] f32, every step", STEPS * 2 * N * 4),
         ("decoder: latents / scaling_factor [N, C, h, w] f32 (initial noise drawn on the host)", latent * 4),
     ];
     let down = [
         ("conditioning: hidden [2N, Q, D], connector [2N, Q, D], prompt embeddings [2N, Q, cc] f32", 2 * N * q * (2 * d + cc) * 4),
-        ("caption path: cross-attention K and V of every block [2N, Q, cross] f32", kv),
         ("step: velocity [2N, C, h, w] f32, every step", STEPS * 2 * latent * 4),
         ("decoder: image [N, 3, H, W] f32", image * 4),
     ];

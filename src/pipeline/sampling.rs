@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use openuni_tensor::{HostTensor, Shape};
 
-use crate::exec::Device;
+use crate::exec::{Device, TensorHandle};
 
 use super::resident::Stage;
 use super::{Conditioning, GenerationBatch, OpenUni, PendingConditioning, RunOptions, SamplingParams, StepRecord};
@@ -98,11 +98,16 @@ impl OpenUni {
         })
     }
 
-    /// The caption path for `prompt_embeds`.
-    pub(super) fn cross_kv(&self, prompt_embeds: &HostTensor, run: RunOptions) -> Result<HashMap<String, HostTensor>> {
+    /// The caption path for `prompt_embeds`: every block's cross-attention K/V, left on the
+    /// device (a GPU) for the step executor's inputs.
+    pub(super) fn cross_kv(&self, prompt_embeds: &HostTensor, run: RunOptions) -> Result<HashMap<String, TensorHandle>> {
         let dims = prompt_embeds.shape.dims().to_vec();
         let inputs = HashMap::from([("encoder_hidden_states".to_string(), prompt_embeds.clone())]);
-        self.with_executor(Stage::Transformer, "caption", &dims, run, false, || self.caption_graph(&prompt_embeds.shape), |e| e.run(&inputs))
+        self.with_executor(Stage::Transformer, "caption", &dims, run, false, || self.caption_graph(&prompt_embeds.shape), |e| {
+            e.set_inputs(&inputs)?;
+            e.execute()?;
+            e.output_handles()
+        })
     }
 
     /// Generates `batches` one after another: the conditioning of batch i + 1 is started (on the
@@ -189,7 +194,7 @@ impl OpenUni {
         }
         let (h, w) = (nd[2], nd[3]);
         let kv = self.cross_kv(prompt_embeds, run)?;
-        let kv_shapes: HashMap<String, Shape> = kv.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+        let kv_shapes: HashMap<String, Shape> = kv.iter().map(|(k, v)| (k.clone(), v.shape().clone())).collect();
         let dims = [2 * n, cfg.in_channels, h, w];
         let capture = run.device != Device::Cpu;
         let mut solver = Sampler::with_kind(sampler, steps, flow_shift).map_err(anyhow::Error::msg)?;
@@ -197,8 +202,8 @@ impl OpenUni {
         let per = latents.len();
         let mut guided = vec![0f32; per];
         self.with_executor(Stage::Transformer, "step", &dims, run, capture, || self.step_graph(&kv_shapes, 2 * n, h, w), |e| {
-            // The batch's K/V once; only the latents and the timestep change per step.
-            e.set_inputs(&kv)?;
+            // The batch's K/V once, device to device; only the latents and the timestep change per step.
+            e.set_input_handles(&kv)?;
             while let Some(ts) = solver.timestep() {
                 if self.stop_check.borrow().as_ref().is_some_and(|stop| stop()) {
                     return Err(Stopped.into());

@@ -28,7 +28,7 @@ pub use device::{
     DeviceBuffer, KArg, EMULATED_DEVICE_NAME,
 };
 pub use error::{CudaError, Result};
-pub use executor::{CudaExecutor, NodeTiming};
+pub use executor::{CudaExecutor, DeviceTensor, NodeTiming};
 pub use kernels::{file_of_kernel, kernel_headers, kernel_sources, source_fingerprint, KernelSet, PrebuiltKernel};
 pub use nvrtc::{KernelFormat, KernelResources, KernelTarget};
 pub use weights::WeightCache;
