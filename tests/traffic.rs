@@ -16,9 +16,11 @@ const STEPS: usize = 2;
 /// 64 px images: a 2x2 latent for the tiny DC-AE (32x upscale).
 const PX: usize = 64;
 
-/// Eight prompts of different lengths (ids below the tiny vocabulary of 328), uncond shorter.
+/// Eight different prompts (ids below the tiny vocabulary of 328) of the lengths `bench --plan`
+/// models (30-token prompts, 16-token unconditional prompts), so that the plan's host<->device
+/// bytes can be checked against the measured ones.
 fn batch(c: usize, h: usize, w: usize) -> GenerationBatch {
-    let prompts: Vec<(Vec<u32>, Vec<u32>)> = (0..N as u32).map(|i| ((10 + i..20 + 3 * i).collect(), (3..5 + i % 3).collect())).collect();
+    let prompts: Vec<(Vec<u32>, Vec<u32>)> = (0..N as u32).map(|i| ((10 + 7 * i..40 + 7 * i).collect(), (200 + i..216 + i).collect())).collect();
     let mut z = vec![];
     for i in 0..N {
         z.extend(noise(11 + i as u64, c, h, w).to_f32_vec());
@@ -87,4 +89,14 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     println!("measured: host->device {htod} B (listed {want_up}), device->host {dtoh} B (listed {want_down})");
     assert_eq!(htod as usize, want_up, "host->device bytes of a batch of {N}");
     assert_eq!(dtoh as usize, want_down, "device->host bytes of a batch of {N}");
+
+    // `openuni bench --plan`'s model of the same batch (docs/gpu-plan.md) counts the same bytes,
+    // less the conditioning's constant tables, which it leaves out.
+    let opts = openuni::bench::plan::PlanOptions { variant: "tiny".into(), batches: vec![N], steps: STEPS, size: Some(PX), json: None, command: String::new() };
+    let plan = openuni::bench::plan::run(&opts).unwrap();
+    let stages = &plan.results[0].stages;
+    let (plan_up, plan_down) = (stages.iter().map(|s| s.htod_bytes_per_batch).sum::<f64>(), stages.iter().map(|s| s.dtoh_bytes_per_batch).sum::<f64>());
+    println!("bench --plan tiny, batch {N}: host->device {plan_up} B (+ {llm_tables} B of tables), device->host {plan_down} B");
+    assert_eq!(plan_up as usize + llm_tables, htod as usize, "the plan's host->device bytes against the measured ones");
+    assert_eq!(plan_down as usize, dtoh as usize, "the plan's device->host bytes against the measured ones");
 }
