@@ -69,7 +69,6 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     let up = [
         ("conditioning: token embeddings + meta-queries gathered on the host [1, tokens, D] f32", tokens * d * 4),
         ("conditioning: the per-call executor's constant tables (segments, RoPE)", llm_tables),
-        ("caption path: prompt embeddings [2N, Q, cc] f32", 2 * N * q * cc * 4),
         ("step: latents of both CFG halves [2N, C, h, w] f32, every step", STEPS * 2 * latent * 4),
         ("step: timesteps [2N] f32, every step", STEPS * 2 * N * 4),
         ("decoder: latents / scaling_factor [N, C, h, w] f32 (initial noise drawn on the host)", latent * 4),

@@ -151,11 +151,17 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
     })
 }
 
-/// Graph inputs and outputs that never cross the host boundary: the caption path's K/V outputs,
-/// handed to the step's inputs device to device (`GraphExecutor::output_handles` /
-/// `set_input_handles`) once per batch.
-fn stays_on_device(name: &str) -> bool {
+/// Graph outputs never read back to the host: the caption path's K/V, handed to the step's
+/// inputs device to device (`GraphExecutor::output_handles` / `set_input_handles`) once per batch.
+fn output_stays_on_device(name: &str) -> bool {
     name.starts_with("cross_kv.")
+}
+
+/// Graph inputs set from another graph's output on the device, never from the host: the step's
+/// K/V, and the caption path's prompt embeddings (the conditioning's output, which is also read
+/// back to the host for the finite check).
+fn input_from_device(name: &str) -> bool {
+    name.starts_with("cross_kv.") || name == "encoder_hidden_states"
 }
 
 /// Host<->device bytes of one pass of a stage's graph as the pipeline drives it: every input
@@ -163,8 +169,9 @@ fn stays_on_device(name: &str) -> bool {
 /// `outputs`); values that stay on the device are not counted.
 fn io_bytes(g: &Graph) -> (f64, f64) {
     let f32b = |id| g.shape(id).numel() as f64 * 4.0;
-    let inputs = g.inputs().filter(|(_, n)| !stays_on_device(n)).map(|(id, _)| f32b(id)).sum();
-    let outputs = g.outputs.iter().filter(|(n, _)| !stays_on_device(n)).map(|(_, id)| f32b(*id)).sum();
+    // fold from +0.0: an empty f64 `sum` is -0.0, which would print as "-0.000".
+    let inputs = g.inputs().filter(|(_, n)| !input_from_device(n)).map(|(id, _)| f32b(id)).fold(0.0, |a, b| a + b);
+    let outputs = g.outputs.iter().filter(|(n, _)| !output_stays_on_device(n)).map(|(_, id)| f32b(*id)).fold(0.0, |a, b| a + b);
     (inputs, outputs)
 }
 
@@ -202,17 +209,21 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType) -> Result<Stage
     // bf16 storage: one cast launch per input set from the host (f32 staging -> arena, when it is
     // set) and per output read back (arena -> f32 staging, when it is read). Every input and
     // output that crosses the host boundary does so on every pass (the step's latents, timestep
-    // and velocity); the K/V stay on the device and are never cast.
+    // and velocity); values handed over on the device are never cast.
     if dtype == DType::BF16 {
-        let crossing = g.inputs().map(|(id, n)| (id, n.to_string())).chain(g.outputs.iter().map(|(n, id)| (*id, n.clone())));
-        let staged: Vec<f64> = crossing.filter(|(_, n)| !stays_on_device(n)).map(|(id, _)| g.shape(id).numel() as f64).filter(|&n| n > 0.0).collect();
+        let ins = g.inputs().filter(|(_, n)| !input_from_device(n)).map(|(id, _)| id);
+        let outs = g.outputs.iter().filter(|(n, _)| !output_stays_on_device(n)).map(|(_, id)| *id);
+        let staged: Vec<f64> = ins.chain(outs).map(|id| g.shape(id).numel() as f64).filter(|&n| n > 0.0).collect();
         p.launches += staged.len();
         add_bytes(&mut p, staged.iter().map(|n| n * (4.0 + es)).sum());
     }
-    // The caption path's K/V are copied device to device into the step's inputs (read and write
-    // once per batch, in the storage dtype), counted with the caption path that runs once.
-    let handed_over: f64 = g.outputs.iter().filter(|(n, _)| stays_on_device(n)).map(|(_, id)| g.shape(*id).numel() as f64 * es * 2.0).sum();
-    add_bytes(&mut p, handed_over);
+    // Values handed over are copied device to device (read and write once per batch, in the
+    // storage dtype): the K/V counted with the caption path that makes them (the step runs many
+    // times per batch), the prompt embeddings with the caption path that reads them.
+    let bytes = |id| g.shape(id).numel() as f64 * es * 2.0;
+    let made: f64 = g.outputs.iter().filter(|(n, _)| output_stays_on_device(n)).map(|(_, id)| bytes(*id)).sum();
+    let read: f64 = g.inputs().filter(|(_, n)| input_from_device(n) && !n.starts_with("cross_kv.")).map(|(id, _)| bytes(id)).sum();
+    add_bytes(&mut p, made + read);
     let (every_in, out) = io_bytes(g);
     p.htod_bytes_per_batch = runs as f64 * every_in;
     p.dtoh_bytes_per_batch = runs as f64 * out;

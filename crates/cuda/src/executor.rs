@@ -58,7 +58,8 @@ pub struct DeviceTensor {
     ptr: u64,
     shape: Shape,
     dtype: DType,
-    ordinal: usize,
+    /// The producer's device handle (its stream: a lane of the device may differ from the consumer's).
+    dev: Arc<CudaDevice>,
     _arena: Arc<DeviceBuffer>,
     /// The producer's run counter, and its value when the handle was made.
     runs: Arc<AtomicU64>,
@@ -80,7 +81,7 @@ impl DeviceTensor {
 
 impl std::fmt::Debug for DeviceTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceTensor({} {} {} on device {})", self.name, self.shape, self.dtype, self.ordinal)
+        write!(f, "DeviceTensor({} {} {} on device {})", self.name, self.shape, self.dtype, self.dev.ordinal())
     }
 }
 
@@ -431,7 +432,7 @@ impl CudaExecutor {
             ptr: self.ptr(id),
             shape: self.graph.shape(id).clone(),
             dtype: self.dtype,
-            ordinal: self.dev.ordinal(),
+            dev: self.dev.clone(),
             _arena: self.arena.clone(),
             runs: self.runs.clone(),
             made_at: self.runs.load(Ordering::Relaxed),
@@ -451,7 +452,7 @@ impl CudaExecutor {
         if t.dtype != self.dtype {
             return Err(err(format!("is given {t:?} stored as {}, this executor stores {}", t.dtype, self.dtype)));
         }
-        if t.ordinal != self.dev.ordinal() {
+        if t.dev.ordinal() != self.dev.ordinal() {
             return Err(err(format!("is given {t:?}, this executor runs on device {}", self.dev.ordinal())));
         }
         if t.runs.load(Ordering::Relaxed) != t.made_at {
@@ -461,6 +462,11 @@ impl CudaExecutor {
             return Err(err("is read in f32 by a kernel (its staging copy), so it must be set from the host".into()));
         }
         self.dev.copy_on_device(t.ptr, self.ptr(id), t.bytes())?;
+        if !Arc::ptr_eq(&t.dev, &self.dev) {
+            // The producer's memory belongs to another stream (a lane), which may free or rewrite
+            // it in its own order once the handle is dropped: the copy must be done before.
+            self.dev.synchronize()?;
+        }
         if !self.inputs_set.contains(&id) {
             self.inputs_set.push(id);
         }
