@@ -54,6 +54,13 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     let second = generate();
     let (htod, dtoh) = openuni_cuda::emu_traffic().expect("emulated driver");
     assert_eq!(first.to_f32_vec(), second.to_f32_vec(), "the same batch gave another image the second time");
+    // The values handed over on the device (prompt embeddings, K/V) are the ones the host path
+    // (`denoise` from host prompt embeddings) sets: a bf16 value read to f32 and set again is exact.
+    let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(cd, u)| (&cd[..], &u[..])).collect();
+    let cond = m.condition_batch(&pairs, run).unwrap();
+    let lat = m.denoise(&cond.prompt_embeds, &b.noise, STEPS, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
+    let host_path = m.decode_with(&lat, run, p.decode).unwrap();
+    assert_eq!(first.to_f32_vec(), host_path.to_f32_vec(), "the device hand-over changed the image");
 
     // What a batch moves, tensor by tensor (f32 = 4 bytes a value).
     let (d, q) = (m.llm_cfg.hidden_size, m.num_queries);
