@@ -9,6 +9,10 @@
 //! a buffer fails with CUDA_ERROR_ILLEGAL_ADDRESS (700), naming the allocation and the offset. Writes that
 //! go beyond the redzone hit a guard page and crash the process (SIGSEGV) instead of corrupting memory.
 //!
+//! Every executed copy is counted by direction (host->device, device->host; memsets and device->device
+//! copies are not traffic): `openuni_emu_traffic` reads the counters, `openuni_emu_traffic_reset` zeroes
+//! them (non-CUDA exports, resolved with dlsym by `openuni_cuda::emu_traffic`).
+//!
 //! Everything runs synchronously on the calling thread (plus the block workers): streams only matter for
 //! graph capture, events time with the host clock. Launch failures (700, 710, 715, 716, 719) are sticky, as
 //! on a GPU: every later call returns the same error (set OPENUNI_EMU_STICKY=0 to turn that off).
