@@ -95,8 +95,9 @@ pub struct Conditioning {
     pub hidden_cond: HostTensor,
     /// The connector output [2N, Q, D].
     pub connector: HostTensor,
-    /// `prompt_embeds` where the conditioning left them (on a GPU: its output on the device), so
-    /// that the caption path reads them without a host round trip.
+    /// `prompt_embeds` where the conditioning left them (on a GPU: its output on the device, which
+    /// keeps the conditioning's memory alive), so that the caption path reads them without a host
+    /// round trip; `condition_batch` gives a host copy instead.
     pub prompt_embeds_on_device: TensorHandle,
 }
 

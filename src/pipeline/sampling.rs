@@ -38,7 +38,10 @@ impl OpenUni {
     /// order [uncond_0..N-1, cond_0..N-1].
     pub fn condition_batch(&self, prompts: &[(&[u32], &[u32])], run: RunOptions) -> Result<Conditioning> {
         let pending = self.start_conditioning(prompts, run)?;
-        self.finish_conditioning(pending)
+        let mut c = self.finish_conditioning(pending)?;
+        // A caller holding the result must not hold the conditioning's device memory with it.
+        c.prompt_embeds_on_device = TensorHandle::Host(c.prompt_embeds.clone());
+        Ok(c)
     }
 
     /// The 2N sequences of N prompts in row order [uncond_0..N-1, cond_0..N-1], each with the
