@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
-use openuni_cuda::{CudaDevice, CudaExecutor};
+use openuni_cuda::{CudaDevice, CudaExecutor, DeviceTensor};
 use openuni_cpu::CpuExecutor;
 use openuni_graph::{Graph, ValueId};
-use openuni_tensor::{DType, HostTensor, TensorSource};
+use openuni_tensor::{DType, HostTensor, Shape, TensorSource};
 
 use crate::compare::{diff, Diff};
 
@@ -148,6 +148,29 @@ pub trait GraphExecutor {
     fn graph(&self) -> &Graph;
     /// Device (or host) bytes of the activation arena, workspaces and staging of this graph.
     fn activation_bytes(&self) -> usize;
+    /// Every output of the last run where it lies: on a GPU left on the device in the storage
+    /// dtype (no download, no cast), on the CPU the host tensor. For another executor's
+    /// [`set_input_handles`](Self::set_input_handles) before this one runs again.
+    fn output_handles(&mut self) -> Result<HashMap<String, TensorHandle>>;
+    /// Sets inputs from [`TensorHandle`]s: a device handle is copied on the device (same device,
+    /// storage dtype and shape, checked), a host one is set as by `set_inputs`.
+    fn set_input_handles(&mut self, inputs: &HashMap<String, TensorHandle>) -> Result<()>;
+}
+
+/// A graph value passed from one executor to another: on a GPU it stays on the device.
+#[derive(Clone, Debug)]
+pub enum TensorHandle {
+    Host(HostTensor),
+    Device(DeviceTensor),
+}
+
+impl TensorHandle {
+    pub fn shape(&self) -> &Shape {
+        match self {
+            TensorHandle::Host(t) => &t.shape,
+            TensorHandle::Device(t) => t.shape(),
+        }
+    }
 }
 
 impl GraphExecutor for CudaExecutor {
@@ -177,6 +200,19 @@ impl GraphExecutor for CudaExecutor {
     }
     fn activation_bytes(&self) -> usize {
         self.arena_bytes() + self.resource_bytes() + self.staging_bytes()
+    }
+    fn output_handles(&mut self) -> Result<HashMap<String, TensorHandle>> {
+        let names: Vec<String> = CudaExecutor::graph(self).outputs.iter().map(|(n, _)| n.clone()).collect();
+        names.into_iter().map(|n| Ok((n.clone(), TensorHandle::Device(self.output_tensor(&n)?)))).collect()
+    }
+    fn set_input_handles(&mut self, inputs: &HashMap<String, TensorHandle>) -> Result<()> {
+        for (name, t) in inputs {
+            match t {
+                TensorHandle::Device(d) => self.set_input_tensor(name, d)?,
+                TensorHandle::Host(h) => CudaExecutor::set_inputs(self, &HashMap::from([(name.clone(), h.clone())]))?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -214,6 +250,18 @@ impl GraphExecutor for CpuExecutor {
     }
     fn activation_bytes(&self) -> usize {
         self.plan().arena_elems * 4
+    }
+    fn output_handles(&mut self) -> Result<HashMap<String, TensorHandle>> {
+        Ok(CpuExecutor::outputs(self).into_iter().map(|(n, t)| (n, TensorHandle::Host(t))).collect())
+    }
+    fn set_input_handles(&mut self, inputs: &HashMap<String, TensorHandle>) -> Result<()> {
+        for (name, t) in inputs {
+            match t {
+                TensorHandle::Host(h) => CpuExecutor::set_inputs(self, &HashMap::from([(name.clone(), h.clone())]))?,
+                TensorHandle::Device(d) => bail!("input `{name}`: the CPU executor was handed {d:?}, a device tensor"),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -2,7 +2,7 @@
 //! size (shapes only: no weights are read, no device is opened). Per stage (conditioning, caption
 //! path, one denoising step, decode): kernel launches as the CUDA backend resolves each node,
 //! GEMM and non-GEMM FLOPs and bytes from the graph's cost model (`openuni_graph::node_cost`),
-//! activation bytes per pass, the host<->device bytes of a batch as the pipeline moves them today,
+//! activation bytes per pass, the host<->device bytes of a batch as the pipeline moves them,
 //! and the time a roofline model gives on an H100 and an H200 (docs/gpu-plan.md).
 //!
 //! Launch counts mirror `openuni_cuda::families::resolve` op by op (one exhaustive match, so a new
@@ -47,13 +47,15 @@ pub struct StagePlan {
     /// Times the stage's graph runs per batch (the step: once per denoising step).
     pub runs_per_batch: usize,
     pub nodes: usize,
-    /// Kernel launches of one pass: node launches plus the bf16 casts of inputs and outputs.
+    /// Kernel launches of one pass: node launches plus the bf16 staging casts of the inputs set
+    /// from the host and the outputs read back to it on every pass.
     pub launches: usize,
     pub gemm_launches: usize,
     pub gemm_flops: f64,
     pub other_flops: f64,
     /// Bytes every node reads and writes at least once (cost model), bf16 storage; `other_bytes`
-    /// includes the bf16<->f32 casts of the graph's inputs and outputs.
+    /// includes the bf16<->f32 casts of the values that cross the host boundary every pass, and
+    /// the caption path's device-to-device copy of its K/V into the step's inputs.
     pub gemm_bytes: f64,
     pub other_bytes: f64,
     /// Of those, the bytes that are not weight reads (activations in and out of every node).
@@ -149,12 +151,27 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
     })
 }
 
-/// Host<->device bytes of one run of a stage's graph as the pipeline drives it today: every input
-/// set and every output read back as f32 (`CudaExecutor::set_inputs` / `outputs`).
-fn io_bytes(g: &Graph, names: impl Fn(&str) -> bool) -> (f64, f64) {
+/// Graph outputs never read back to the host: the caption path's K/V, handed to the step's
+/// inputs device to device (`GraphExecutor::output_handles` / `set_input_handles`) once per batch.
+fn output_stays_on_device(name: &str) -> bool {
+    name.starts_with("cross_kv.")
+}
+
+/// Graph inputs set from another graph's output on the device, never from the host: the step's
+/// K/V, and the caption path's prompt embeddings (the conditioning's output, which is also read
+/// back to the host for the finite check).
+fn input_from_device(name: &str) -> bool {
+    name.starts_with("cross_kv.") || name == "encoder_hidden_states"
+}
+
+/// Host<->device bytes of one pass of a stage's graph as the pipeline drives it: every input
+/// set from the host and every output read back, as f32 (`CudaExecutor::set_inputs` /
+/// `outputs`); values that stay on the device are not counted.
+fn io_bytes(g: &Graph) -> (f64, f64) {
     let f32b = |id| g.shape(id).numel() as f64 * 4.0;
-    let inputs = g.inputs().filter(|(_, n)| names(n)).map(|(id, _)| f32b(id)).sum();
-    let outputs = g.outputs.iter().map(|(_, id)| f32b(*id)).sum();
+    // fold from +0.0: an empty f64 `sum` is -0.0, which would print as "-0.000".
+    let inputs = g.inputs().filter(|(_, n)| !input_from_device(n)).map(|(id, _)| f32b(id)).fold(0.0, |a, b| a + b);
+    let outputs = g.outputs.iter().filter(|(n, _)| !output_stays_on_device(n)).map(|(_, id)| f32b(*id)).fold(0.0, |a, b| a + b);
     (inputs, outputs)
 }
 
@@ -182,23 +199,33 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType) -> Result<Stage
             *t += (c.flops / (roof.tflops * 1e12)).max(bytes / (roof.tbytes_per_s * 1e12)) * 1e3;
         }
     }
-    // bf16 storage: one cast launch per input from its f32 staging slot into the arena and one per
-    // output back to f32 staging, every pass (the step's K/V too: they are cast on every replay).
-    if dtype == DType::BF16 {
-        let staged: Vec<f64> = g.inputs().map(|(id, _)| id).chain(g.outputs.iter().map(|(_, id)| *id)).map(|id| g.shape(id).numel() as f64).filter(|&n| n > 0.0).collect();
-        p.launches += staged.len();
-        let bytes: f64 = staged.iter().map(|n| n * (4.0 + es)).sum();
+    let add_bytes = |p: &mut StagePlan, bytes: f64| {
         p.other_bytes += bytes;
         p.activation_bytes += bytes;
         for (t, roof) in p.model_ms.iter_mut().zip(ROOFS) {
             *t += bytes / (roof.tbytes_per_s * 1e12) * 1e3;
         }
+    };
+    // bf16 storage: one cast launch per input set from the host (f32 staging -> arena, when it is
+    // set) and per output read back (arena -> f32 staging, when it is read). Every input and
+    // output that crosses the host boundary does so on every pass (the step's latents, timestep
+    // and velocity); values handed over on the device are never cast.
+    if dtype == DType::BF16 {
+        let ins = g.inputs().filter(|(_, n)| !input_from_device(n)).map(|(id, _)| id);
+        let outs = g.outputs.iter().filter(|(n, _)| !output_stays_on_device(n)).map(|(_, id)| *id);
+        let staged: Vec<f64> = ins.chain(outs).map(|id| g.shape(id).numel() as f64).filter(|&n| n > 0.0).collect();
+        p.launches += staged.len();
+        add_bytes(&mut p, staged.iter().map(|n| n * (4.0 + es)).sum());
     }
-    // The step's persistent inputs (cross-attention K/V) are set once per batch; the latents and
-    // the timestep every step, the velocity read back every step.
-    let (once_in, _) = io_bytes(g, |n| n.starts_with("cross_kv."));
-    let (every_in, out) = io_bytes(g, |n| !n.starts_with("cross_kv."));
-    p.htod_bytes_per_batch = once_in + runs as f64 * every_in;
+    // Values handed over are copied device to device (read and write once per batch, in the
+    // storage dtype): the K/V counted with the caption path that makes them (the step runs many
+    // times per batch), the prompt embeddings with the caption path that reads them.
+    let bytes = |id| g.shape(id).numel() as f64 * es * 2.0;
+    let made: f64 = g.outputs.iter().filter(|(n, _)| output_stays_on_device(n)).map(|(_, id)| bytes(*id)).sum();
+    let read: f64 = g.inputs().filter(|(_, n)| input_from_device(n) && !n.starts_with("cross_kv.")).map(|(id, _)| bytes(id)).sum();
+    add_bytes(&mut p, made + read);
+    let (every_in, out) = io_bytes(g);
+    p.htod_bytes_per_batch = runs as f64 * every_in;
     p.dtoh_bytes_per_batch = runs as f64 * out;
     Ok(p)
 }

@@ -20,7 +20,7 @@ use openuni_models::sana::SanaConfig;
 use openuni_models::scheduler::SamplerKind;
 use openuni_tensor::{DType, HostTensor, TensorSource};
 
-use crate::exec::{Device, GraphExecutor};
+use crate::exec::{Device, GraphExecutor, TensorHandle};
 
 pub use crate::image::to_uint8_nhwc;
 pub use assembly::{open_weights, planned_graph_bytes};
@@ -97,6 +97,10 @@ pub struct Conditioning {
     pub hidden_cond: HostTensor,
     /// The connector output [2N, Q, D].
     pub connector: HostTensor,
+    /// `prompt_embeds` where the conditioning left them (on a GPU: its output on the device, which
+    /// keeps the conditioning's memory alive), so that the caption path reads them without a host
+    /// round trip; `condition_batch` gives a host copy instead.
+    pub prompt_embeds_on_device: TensorHandle,
 }
 
 /// Per-step values a caller may want to see (verification, progress).

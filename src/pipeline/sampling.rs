@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use openuni_tensor::{HostTensor, Shape};
 
-use crate::exec::Device;
+use crate::exec::{Device, TensorHandle};
 
 use super::resident::Stage;
 use super::{Conditioning, GenerationBatch, OpenUni, PendingConditioning, RunOptions, SamplingParams, StepRecord};
@@ -40,7 +40,10 @@ impl OpenUni {
     /// order [uncond_0..N-1, cond_0..N-1].
     pub fn condition_batch(&self, prompts: &[(&[u32], &[u32])], run: RunOptions) -> Result<Conditioning> {
         let pending = self.start_conditioning(prompts, run)?;
-        self.finish_conditioning(pending)
+        let mut c = self.finish_conditioning(pending)?;
+        // A caller holding the result must not hold the conditioning's device memory with it.
+        c.prompt_embeds_on_device = TensorHandle::Host(c.prompt_embeds.clone());
+        Ok(c)
     }
 
     /// Starts the conditioning of N prompts (`conditioning_graph` on their packed sequences). On a
@@ -70,7 +73,9 @@ impl OpenUni {
         let mut out = p.exec.outputs()?;
         let hidden = HIDDEN.take(&mut out)?.to_f32_vec();
         let half = n * q * d;
+        let prompt_embeds_on_device = PROMPT_EMBEDS.take(&mut p.exec.output_handles()?)?;
         Ok(Conditioning {
+            prompt_embeds_on_device,
             prompt_embeds: PROMPT_EMBEDS.take(&mut out)?,
             connector: CONNECTOR.take(&mut out)?,
             hidden_uncond: HostTensor::from_f32([n, q, d], hidden[..half].to_vec())?,
@@ -78,11 +83,16 @@ impl OpenUni {
         })
     }
 
-    /// The caption path for `prompt_embeds`.
-    pub(super) fn cross_kv(&self, prompt_embeds: &HostTensor, run: RunOptions) -> Result<HashMap<String, HostTensor>> {
-        let dims = prompt_embeds.shape.dims().to_vec();
-        let inputs = HashMap::from([(sana::ENCODER_HIDDEN_STATES.to_string(), prompt_embeds.clone())]);
-        self.with_executor(Stage::Transformer, "caption", &dims, run, false, || self.caption_graph(&prompt_embeds.shape), |e| e.run(&inputs))
+    /// The caption path for `prompt_embeds`: every block's cross-attention K/V, left on the
+    /// device (a GPU) for the step executor's inputs.
+    pub(super) fn cross_kv(&self, prompt_embeds: TensorHandle, run: RunOptions) -> Result<HashMap<String, TensorHandle>> {
+        let shape = prompt_embeds.shape().clone();
+        let inputs = HashMap::from([(sana::ENCODER_HIDDEN_STATES.to_string(), prompt_embeds)]);
+        self.with_executor(Stage::Transformer, "caption", shape.dims(), run, false, || self.caption_graph(&shape), |e| {
+            e.set_input_handles(&inputs)?;
+            e.execute()?;
+            e.output_handles()
+        })
     }
 
     /// Generates `batches` one after another: the conditioning of batch i + 1 is started (on the
@@ -106,18 +116,23 @@ impl OpenUni {
         };
         for (i, b) in batches.iter().enumerate() {
             let cond = self.finish_conditioning(next.take().expect("started before"))?;
-            if let Some(after) = batches.get(i + 1) {
-                next = Some(start(after)?);
-            }
             // No image is written from a non-finite value: each stage's output is checked, and the
             // first one holding NaN/Inf is named (NaN weights, an overflow, a bad config value).
             check_finite("conditioning: the LLM's query states", &cond.hidden_uncond, i)?;
             check_finite("conditioning: the LLM's query states", &cond.hidden_cond, i)?;
             check_finite("conditioning: the connector output", &cond.connector, i)?;
             check_finite("conditioning: the projector output (prompt embeddings)", &cond.prompt_embeds, i)?;
+            check_denoise_inputs(&self.transformer_cfg, cond.prompt_embeds_on_device.shape(), &b.noise.shape)?;
+            // The caption path reads the prompt embeddings where the conditioning left them; the
+            // handle (and with it the conditioning's memory) is dropped before the next batch's
+            // conditioning allocates its own.
+            let kv = self.cross_kv(cond.prompt_embeds_on_device, run)?;
+            if let Some(after) = batches.get(i + 1) {
+                next = Some(start(after)?);
+            }
             let n = b.prompts.len();
             let (mut k, mut first_bad) = (0, None);
-            let latents = self.denoise(&cond.prompt_embeds, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |r| {
+            let latents = self.denoise_from(&kv, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |r| {
                 on_step(n);
                 k += 1;
                 if first_bad.is_none() {
@@ -155,21 +170,31 @@ impl OpenUni {
         sampler: SamplerKind,
         flow_shift: f64,
         run: RunOptions,
+        on_step: impl FnMut(StepRecord),
+    ) -> Result<HostTensor> {
+        check_denoise_inputs(&self.transformer_cfg, &prompt_embeds.shape, &noise.shape)?;
+        let kv = self.cross_kv(TensorHandle::Host(prompt_embeds.clone()), run)?;
+        self.denoise_from(&kv, noise, steps, guidance, sampler, flow_shift, run, on_step)
+    }
+
+    /// [`denoise`](Self::denoise) from the caption path's K/V (`cross_kv`), wherever they lie.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_from(
+        &self,
+        kv: &HashMap<String, TensorHandle>,
+        noise: &HostTensor,
+        steps: usize,
+        guidance: f32,
+        sampler: SamplerKind,
+        flow_shift: f64,
+        run: RunOptions,
         mut on_step: impl FnMut(StepRecord),
     ) -> Result<HostTensor> {
         let cfg = &self.transformer_cfg;
         let nd = noise.shape.dims().to_vec();
-        if nd.len() != 4 || nd[0] == 0 || nd[1] != cfg.in_channels {
-            bail!("noise has shape {}, expected [N, {}, h, w]", noise.shape, cfg.in_channels);
-        }
         let n = nd[0];
-        let pe = prompt_embeds.shape.dims().to_vec();
-        if pe.len() != 3 || pe[0] != 2 * n || pe[2] != cfg.caption_channels {
-            bail!("prompt embeddings have shape {}, expected [{}, Q, {}] (uncond and cond rows of {n} images)", prompt_embeds.shape, 2 * n, cfg.caption_channels);
-        }
         let (h, w) = (nd[2], nd[3]);
-        let kv = self.cross_kv(prompt_embeds, run)?;
-        let kv_shapes: HashMap<String, Shape> = kv.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+        let kv_shapes: HashMap<String, Shape> = kv.iter().map(|(k, v)| (k.clone(), v.shape().clone())).collect();
         let dims = [2 * n, cfg.in_channels, h, w];
         let capture = run.device != Device::Cpu;
         let mut solver = Sampler::with_kind(sampler, steps, flow_shift).map_err(anyhow::Error::msg)?;
@@ -177,8 +202,8 @@ impl OpenUni {
         let per = latents.len();
         let mut guided = vec![0f32; per];
         self.with_executor(Stage::Transformer, "step", &dims, run, capture, || self.step_graph(&kv_shapes, 2 * n, h, w), |e| {
-            // The batch's K/V once; only the latents and the timestep change per step.
-            e.set_inputs(&kv)?;
+            // The batch's K/V once, device to device; only the latents and the timestep change per step.
+            e.set_input_handles(kv)?;
             while let Some(ts) = solver.timestep() {
                 if self.stop_check.borrow().as_ref().is_some_and(|stop| stop()) {
                     return Err(Stopped.into());
@@ -202,6 +227,21 @@ impl OpenUni {
         })?;
         Ok(HostTensor::from_f32(noise.shape.clone(), latents)?)
     }
+}
+
+/// An error unless `noise` is [N, C, h, w] and prompt embeddings of shape `pe` hold the uncond
+/// and cond rows of its N images: [2N, Q, caption_channels].
+fn check_denoise_inputs(cfg: &openuni_models::sana::SanaConfig, pe: &Shape, noise: &Shape) -> Result<()> {
+    let nd = noise.dims();
+    if nd.len() != 4 || nd[0] == 0 || nd[1] != cfg.in_channels {
+        bail!("noise has shape {noise}, expected [N, {}, h, w]", cfg.in_channels);
+    }
+    let n = nd[0];
+    let d = pe.dims();
+    if d.len() != 3 || d[0] != 2 * n || d[2] != cfg.caption_channels {
+        bail!("prompt embeddings have shape {pe}, expected [{}, Q, {}] (uncond and cond rows of {n} images)", 2 * n, cfg.caption_channels);
+    }
+    Ok(())
 }
 
 /// An error unless every value of `t` is finite: names the stage, the batch, what was found and

@@ -65,6 +65,46 @@ pub fn preload_library(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Host<->device bytes counted by the emulated driver (crates/emu, `openuni_emu_traffic`), as
+/// (host->device, device->host) since it was loaded or last [`reset_emu_traffic`]; `None` when the
+/// loaded driver is not the emulated one (a real GPU's driver counts nothing). Memsets and
+/// device->device copies are not counted.
+pub fn emu_traffic() -> Option<(u64, u64)> {
+    let f = emu_symbol::<unsafe extern "C" fn(*mut u64, *mut u64)>(b"openuni_emu_traffic\0")?;
+    let (mut htod, mut dtoh) = (0u64, 0u64);
+    // SAFETY: the emulated driver's exported reader writes two u64s through valid pointers.
+    unsafe { f(&mut htod, &mut dtoh) };
+    Some((htod, dtoh))
+}
+
+/// Sets the emulated driver's traffic counters to zero; false when the driver is not the emulated one.
+pub fn reset_emu_traffic() -> bool {
+    match emu_symbol::<unsafe extern "C" fn()>(b"openuni_emu_traffic_reset\0") {
+        // SAFETY: the emulated driver's exported reset takes nothing and stores two atomics.
+        Some(f) => {
+            unsafe { f() };
+            true
+        }
+        None => false,
+    }
+}
+
+/// A symbol of the already-loaded `libcuda.so.1` (never loads it): through the handle of the
+/// library cudarc loaded (RTLD_NOLOAD), else the process's global scope (`preload_library`).
+fn emu_symbol<T: Copy>(name: &[u8]) -> Option<T> {
+    use libloading::os::unix::{Library, RTLD_NOW};
+    const RTLD_NOLOAD: std::ffi::c_int = 4; // glibc's value (dlfcn.h)
+    // SAFETY: RTLD_NOLOAD only returns a handle to a library that is already loaded (no
+    // initialisers run); the symbol's type is the one the emulated driver exports.
+    unsafe {
+        let lib = Library::open(Some("libcuda.so.1"), RTLD_NOW | RTLD_NOLOAD).or_else(|_| Ok::<_, ()>(Library::this())).ok()?;
+        let f = lib.get::<T>(name).ok().map(|s| *s);
+        // Keep the reference count balanced without unloading: the library stays loaded by cudarc.
+        drop(lib);
+        f
+    }
+}
+
 /// A kernel argument: a device pointer (0 for "absent"), an integer or a float.
 #[derive(Clone, Copy, Debug)]
 pub enum KArg {

@@ -5,13 +5,20 @@
 //! fixed pointers, and every kernel module the graph needs is loaded, so `run` allocates nothing
 //! and a run can be captured into a CUDA graph and replayed.
 //!
-//! Storage is f32 or bf16; values are always handed in and out as f32. With bf16 storage, f32
+//! Storage is f32 or bf16; host values are always handed in and out as f32. With bf16 storage, f32
 //! inputs go to an f32 staging buffer and are cast into the arena on the device
-//! (`cast_f32_to_bf16`), and outputs are cast back (`cast_bf16_to_f32`) into staging before the
-//! copy to the host. Those casts are part of a captured graph. The f32 staging copy of an input
-//! stays valid for the whole run, and a kernel family may read it instead of the bf16 arena copy
+//! (`cast_f32_to_bf16`) when they are set, and outputs are cast back (`cast_bf16_to_f32`) into
+//! staging when they are read. The casts sit at the host boundary, not in a pass (nor in a captured
+//! graph): an input set once (a batch's cross-attention K/V) is cast once, not on every replay,
+//! and an output that is never read is never cast. The f32 staging copy of an input stays valid
+//! until it is set again, and a kernel family may read it instead of the bf16 arena copy
 //! (`families::Ctx::f32_ptr`): the timestep embedding does, so that a timestep such as 999, which
 //! bf16 rounds to 1000, reaches the sinusoid exactly.
+//!
+//! A graph output can stay on the device: [`CudaExecutor::output_tensor`] hands out a
+//! [`DeviceTensor`] (the value in the arena, in the storage dtype) and
+//! [`CudaExecutor::set_input_tensor`] copies it on the device into another executor's input, with
+//! no host round trip and no cast.
 //!
 //! Besides the arena, the weights and the staging buffer, the executor owns the workspaces and
 //! constant tables that kernel families request once at resolve time (`families::Resources`).
@@ -21,9 +28,11 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use half::bf16;
 use openuni_graph::{plan, Graph, Plan, ValueId, ValueKind};
-use openuni_tensor::{DType, HostTensor, TensorSource};
+use openuni_tensor::{DType, HostTensor, Shape, TensorSource};
 
 use crate::device::{CudaDevice, DeviceBuffer};
 use crate::error::{CudaError, DriverContext, Result};
@@ -40,6 +49,42 @@ pub struct NodeTiming {
     pub min_ms: f64,
 }
 
+/// A graph value left on the device by [`CudaExecutor::output_tensor`]: the producer's arena
+/// memory (kept alive by the handle), its shape and storage dtype. It holds the value of the
+/// producer's last run; [`CudaExecutor::set_input_tensor`] refuses it once the producer has run again.
+#[derive(Clone)]
+pub struct DeviceTensor {
+    name: String,
+    ptr: u64,
+    shape: Shape,
+    dtype: DType,
+    /// The producer's device handle (its stream: a lane of the device may differ from the consumer's).
+    dev: Arc<CudaDevice>,
+    _arena: Arc<DeviceBuffer>,
+    /// The producer's run counter, and its value when the handle was made.
+    runs: Arc<AtomicU64>,
+    made_at: u64,
+}
+
+impl DeviceTensor {
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Bytes on the device.
+    pub fn bytes(&self) -> usize {
+        self.shape.numel() * self.dtype.size_in_bytes()
+    }
+}
+
+impl std::fmt::Debug for DeviceTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceTensor({} {} {} on device {})", self.name, self.shape, self.dtype, self.dev.ordinal())
+    }
+}
+
 /// An f32 staging slot of a bf16 executor: (value, device address of its f32 copy, elements).
 struct Staged {
     id: ValueId,
@@ -53,7 +98,7 @@ pub struct CudaExecutor {
     plan: Plan,
     dtype: DType,
     keep_all: bool,
-    arena: DeviceBuffer,
+    arena: Arc<DeviceBuffer>,
     /// Keeps the shared device weights alive as long as this executor points into them.
     _weights: Arc<WeightCache>,
     weight_ptr: HashMap<ValueId, u64>,
@@ -67,9 +112,15 @@ pub struct CudaExecutor {
     resources: families::Resources,
     /// One step per node, in order (`families::resolve`).
     steps: Vec<Step>,
-    /// bf16 storage: the casts of the inputs' f32 staging into the arena, and of the outputs back.
-    input_casts: Vec<Launch>,
+    /// bf16 storage: the cast of each input's f32 staging into the arena (enqueued when the input
+    /// is set), and of the outputs back (enqueued when they are read), in `staged_*` order.
+    input_casts: Vec<Vec<Launch>>,
     output_casts: Vec<Launch>,
+    /// Inputs whose f32 staging copy a kernel family reads (`families::Ctx::f32_ptr`): they can
+    /// only be set from the host.
+    f32_read: Vec<ValueId>,
+    /// Runs enqueued so far (shared with the [`DeviceTensor`]s handed out, to detect stale ones).
+    runs: Arc<AtomicU64>,
     captured: Option<CudaGraph>,
 }
 
@@ -115,7 +166,7 @@ impl CudaExecutor {
         let esize = dtype.size_in_bytes();
         let plan = plan(graph, keep_all);
 
-        let arena = dev.alloc(plan.arena_elems * esize)?;
+        let arena = Arc::new(dev.alloc(plan.arena_elems * esize)?);
         // Poison the arena (NaN in f32 and bf16) so that a read of an unwritten value shows.
         dev.fill_bytes(arena.ptr(), 0xFF, arena.bytes())?;
 
@@ -176,6 +227,8 @@ impl CudaExecutor {
             steps: vec![],
             input_casts: vec![],
             output_casts: vec![],
+            f32_read: vec![],
+            runs: Arc::new(AtomicU64::new(0)),
             captured: None,
         };
         ex.resolve()?;
@@ -225,13 +278,18 @@ impl CudaExecutor {
     fn resolve(&mut self) -> Result<()> {
         let mut steps = Vec::with_capacity(self.graph.nodes.len());
         let resources = std::cell::RefCell::new(std::mem::take(&mut self.resources));
+        let f32_read = std::cell::RefCell::new(vec![]);
         let g = &self.graph;
         let p = |id: ValueId| self.ptr(id);
         // An f32 copy of a value: the value itself with f32 storage, an input's staging slot with bf16.
         let p32 = |id: ValueId| -> Option<u64> {
             match self.dtype {
                 DType::F32 => Some(self.ptr(id)),
-                _ => self.staged_inputs.iter().find(|s| s.id == id).map(|s| s.ptr),
+                _ => {
+                    let s = self.staged_inputs.iter().find(|s| s.id == id)?;
+                    f32_read.borrow_mut().push(id);
+                    Some(s.ptr)
+                }
             }
         };
         let fctx = families::Ctx {
@@ -261,7 +319,7 @@ impl CudaExecutor {
         let sms = self.dev.sm_count();
         let mut input_casts = vec![];
         for s in &self.staged_inputs {
-            input_casts.extend(elementwise::cast(DType::BF16, sms, s.ptr, self.ptr(s.id), s.n)?);
+            input_casts.push(elementwise::cast(DType::BF16, sms, s.ptr, self.ptr(s.id), s.n)?);
         }
         let mut output_casts = vec![];
         for s in &self.staged_outputs {
@@ -275,6 +333,7 @@ impl CudaExecutor {
         self.steps = steps;
         self.input_casts = input_casts;
         self.output_casts = output_casts;
+        self.f32_read = f32_read.into_inner();
         self.resources = resources.into_inner();
         Ok(())
     }
@@ -288,28 +347,24 @@ impl CudaExecutor {
         r.map_err(|e| node_err(&node.name, node.op.name(), e.to_string()))
     }
 
-    fn enqueue_input_casts(&self) -> Result<()> {
-        // SAFETY: staging slots and arena values of the sizes resolved.
-        unsafe { families::enqueue(&self.dev, &self.input_casts) }
-    }
-
     fn enqueue_output_casts(&self) -> Result<()> {
-        // SAFETY: as above.
+        // SAFETY: staging slots and arena values of the sizes resolved.
         unsafe { families::enqueue(&self.dev, &self.output_casts) }
     }
 
-    /// Input casts (bf16), every node, output casts (bf16).
+    /// Every node (one pass; the staging casts are not part of it).
     fn enqueue_all(&self) -> Result<()> {
-        self.enqueue_input_casts()?;
         for i in 0..self.steps.len() {
             self.enqueue_step(i)?;
         }
-        self.enqueue_output_casts()
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Copies `inputs` (any subset of the graph's inputs) to the device: into the arena (f32) or
-    /// the staging slots (bf16). Inputs are never overwritten by a run (the planner keeps them),
-    /// so an input given once serves every later run until it is given again.
+    /// the staging slots, cast into the arena at once (bf16). Inputs are never overwritten by a
+    /// run (the planner keeps them), so an input given once serves every later run until it is
+    /// given again.
     pub fn set_inputs(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<()> {
         for (name, t) in inputs {
             let id = self.graph.input_id(name).ok_or_else(|| CudaError::Input {
@@ -324,17 +379,15 @@ impl CudaExecutor {
                 });
             }
             let v = t.to_f32_vec();
-            let dst = match self.dtype {
-                DType::F32 => self.ptr(id),
+            match self.dtype {
+                DType::F32 => self.dev.copy_to_device(&v, self.ptr(id))?,
                 _ => {
-                    self.staged_inputs
-                        .iter()
-                        .find(|s| s.id == id)
-                        .expect("a staging slot per input")
-                        .ptr
+                    let i = self.staged_inputs.iter().position(|s| s.id == id).expect("a staging slot per input");
+                    self.dev.copy_to_device(&v, self.staged_inputs[i].ptr)?;
+                    // SAFETY: the input's staging slot and arena value, of the sizes resolved.
+                    unsafe { families::enqueue(&self.dev, &self.input_casts[i]) }?;
                 }
-            };
-            self.dev.copy_to_device(&v, dst)?;
+            }
             if !self.inputs_set.contains(&id) {
                 self.inputs_set.push(id);
             }
@@ -357,9 +410,67 @@ impl CudaExecutor {
     pub fn execute(&mut self) -> Result<()> {
         self.check_inputs_set()?;
         match &self.captured {
-            Some(g) => g.launch().ctx(|| "launching the CUDA graph".into()),
+            Some(g) => {
+                g.launch().ctx(|| "launching the CUDA graph".into())?;
+                self.runs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
             None => self.enqueue_all(),
         }
+    }
+
+    /// Graph output `name` of the last run, left on the device in the storage dtype (waits for
+    /// the device, so that a consumer on another stream reads it complete).
+    pub fn output_tensor(&self, name: &str) -> Result<DeviceTensor> {
+        let id = self.graph.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id).ok_or_else(|| CudaError::Invalid {
+            what: "output".into(),
+            msg: format!("`{name}` is not an output of this graph"),
+        })?;
+        self.dev.synchronize()?;
+        Ok(DeviceTensor {
+            name: name.into(),
+            ptr: self.ptr(id),
+            shape: self.graph.shape(id).clone(),
+            dtype: self.dtype,
+            dev: self.dev.clone(),
+            _arena: self.arena.clone(),
+            runs: self.runs.clone(),
+            made_at: self.runs.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Sets input `name` from another executor's output on the same device, copied on the device
+    /// into this executor's arena (no host copy, no cast). Shape and storage dtype must match; the
+    /// producer must not have run since the handle was made.
+    pub fn set_input_tensor(&mut self, name: &str, t: &DeviceTensor) -> Result<()> {
+        let err = |msg: String| CudaError::Input { name: name.into(), msg };
+        let id = self.graph.input_id(name).ok_or_else(|| err("is not an input of this graph".into()))?;
+        let shape = self.graph.shape(id);
+        if &t.shape != shape {
+            return Err(err(format!("is given {t:?} of shape {}, expected {shape}", t.shape)));
+        }
+        if t.dtype != self.dtype {
+            return Err(err(format!("is given {t:?} stored as {}, this executor stores {}", t.dtype, self.dtype)));
+        }
+        if t.dev.ordinal() != self.dev.ordinal() {
+            return Err(err(format!("is given {t:?}, this executor runs on device {}", self.dev.ordinal())));
+        }
+        if t.runs.load(Ordering::Relaxed) != t.made_at {
+            return Err(err(format!("is given {t:?}, whose producer has run again since: the value is gone")));
+        }
+        if self.f32_read.contains(&id) {
+            return Err(err("is read in f32 by a kernel (its staging copy), so it must be set from the host".into()));
+        }
+        self.dev.copy_on_device(t.ptr, self.ptr(id), t.bytes())?;
+        if !Arc::ptr_eq(&t.dev, &self.dev) {
+            // The producer's memory belongs to another stream (a lane), which may free or rewrite
+            // it in its own order once the handle is dropped: the copy must be done before.
+            self.dev.synchronize()?;
+        }
+        if !self.inputs_set.contains(&id) {
+            self.inputs_set.push(id);
+        }
+        Ok(())
     }
 
     /// Whether runs replay a captured CUDA graph.
@@ -389,6 +500,7 @@ impl CudaExecutor {
     }
 
     fn download_outputs(&self) -> Result<HashMap<String, HostTensor>> {
+        self.enqueue_output_casts()?;
         self.dev.synchronize()?;
         let mut out = HashMap::new();
         for (name, id) in &self.graph.outputs {
@@ -451,8 +563,8 @@ impl CudaExecutor {
         Ok(HostTensor::from_f32(shape, v)?)
     }
 
-    /// Captures one run (input casts, every node, output casts) into a CUDA graph, replacing any
-    /// earlier capture. Inputs are not part of it: [`CudaExecutor::replay`] copies them first.
+    /// Captures one run (every node) into a CUDA graph, replacing any earlier capture. Inputs and
+    /// their casts are not part of it: [`CudaExecutor::replay`] sets them first.
     pub fn capture(&mut self) -> Result<()> {
         self.captured = None;
         let stream = self.dev.stream().clone();
@@ -503,13 +615,11 @@ impl CudaExecutor {
         }
         let mut times = vec![Vec::with_capacity(iters); n];
         for _ in 0..iters {
-            self.enqueue_input_casts()?;
             for i in 0..n {
                 self.dev.record(&starts[i])?;
                 self.enqueue_step(i)?;
                 self.dev.record(&ends[i])?;
             }
-            self.enqueue_output_casts()?;
             self.dev.synchronize()?;
             for i in 0..n {
                 let ms = starts[i].elapsed_ms(&ends[i]).ctx(|| "reading event times".into())?;

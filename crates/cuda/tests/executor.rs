@@ -269,3 +269,50 @@ fn linear_gemm_epilogues_match_cpu() {
         }
     }
 }
+
+/// A graph output handed to another executor's input on the device (`output_tensor` /
+/// `set_input_tensor`) gives what the host round trip gives, bit for bit (a bf16 value read as f32
+/// and cast back is exact), also into a captured graph; a wrong shape, storage dtype or a stale
+/// handle (its producer ran again) is refused with the input named.
+#[test]
+fn outputs_handed_over_on_the_device_match_the_host_round_trip() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(21);
+    let g = graph();
+    let w = weights(&mut rng);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut producer = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
+        let mut consumer = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
+        consumer.capture().unwrap();
+        let first = inputs(&mut rng);
+        let y = producer.run(&first).unwrap().remove("y").unwrap();
+        let mut rest = inputs(&mut rng);
+        rest.remove("x");
+
+        let handle = producer.output_tensor("y").unwrap();
+        assert_eq!(handle.shape().dims(), [B, N, C]);
+        consumer.set_input_tensor("x", &handle).unwrap();
+        consumer.set_inputs(&rest).unwrap();
+        consumer.execute().unwrap();
+        let on_device = consumer.outputs().unwrap();
+
+        rest.insert("x".into(), y);
+        let via_host = consumer.replay(&rest).unwrap();
+        for name in ["y", "mlp"] {
+            assert_eq!(on_device[name].to_f32_vec(), via_host[name].to_f32_vec(), "{dtype} {name}: hand-over differs from the host round trip");
+        }
+
+        let msg = |e: CudaError| e.to_string();
+        let e = msg(consumer.set_input_tensor("gate", &handle).unwrap_err());
+        assert!(e.contains("gate") && e.contains("expected"), "{e}");
+        let other = if dtype == DType::F32 { DType::BF16 } else { DType::F32 };
+        let mut other_ex = CudaExecutor::new(&dev, &g, &w, other, false).unwrap();
+        let e = msg(other_ex.set_input_tensor("x", &handle).unwrap_err());
+        assert!(e.contains("x") && e.contains("stored as"), "{e}");
+        producer.execute().unwrap();
+        let e = msg(consumer.set_input_tensor("x", &handle).unwrap_err());
+        assert!(e.contains("has run again"), "{e}");
+        let e = msg(producer.output_tensor("nope").unwrap_err());
+        assert!(e.contains("nope"), "{e}");
+    }
+}

@@ -9,6 +9,10 @@
 //! a buffer fails with CUDA_ERROR_ILLEGAL_ADDRESS (700), naming the allocation and the offset. Writes that
 //! go beyond the redzone hit a guard page and crash the process (SIGSEGV) instead of corrupting memory.
 //!
+//! Every executed copy is counted by direction (host->device, device->host; memsets and device->device
+//! copies are not traffic): `openuni_emu_traffic` reads the counters, `openuni_emu_traffic_reset` zeroes
+//! them (non-CUDA exports, resolved with dlsym by `openuni_cuda::emu_traffic`).
+//!
 //! Everything runs synchronously on the calling thread (plus the block workers): streams only matter for
 //! graph capture, events time with the host clock. Launch failures (700, 710, 715, 716, 719) are sticky, as
 //! on a GPU: every later call returns the same error (set OPENUNI_EMU_STICKY=0 to turn that off).
@@ -450,7 +454,49 @@ unsafe fn copy_checked(
         );
     }
     std::ptr::copy(src as *const u8, dst as *mut u8, n);
+    count_traffic(st, dst, src, n);
     CUDA_SUCCESS
+}
+
+// ---- host<->device traffic ---------------------------------------------------------------------------
+
+/// Bytes copied host->device and device->host since load or the last `openuni_emu_traffic_reset`.
+/// Every executed copy passes `copy_checked` (eager copies, async variants and graph replays), so
+/// this is the one place they are counted; memsets and device->device copies are not traffic.
+static TRAFFIC_HTOD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static TRAFFIC_DTOH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts a copy by where its ends really live: pinned host memory (`cuMemHostAlloc`) is in the
+/// allocation table but is host memory, whatever the copy entry point claimed.
+fn count_traffic(st: &State, dst: usize, src: usize, n: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let on_device = |p: usize| st.find(p, 1).is_some_and(|(_, a)| a.kind != MemKind::Host);
+    match (on_device(dst), on_device(src)) {
+        (true, false) => TRAFFIC_HTOD.fetch_add(n as u64, Relaxed),
+        (false, true) => TRAFFIC_DTOH.fetch_add(n as u64, Relaxed),
+        _ => 0,
+    };
+}
+
+/// Reads the host->device and device->host byte counters (either pointer may be null). Not a CUDA
+/// entry point: the Rust side resolves it with dlsym (`openuni_cuda::emu_traffic`).
+#[no_mangle]
+pub unsafe extern "C" fn openuni_emu_traffic(htod: *mut u64, dtoh: *mut u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !htod.is_null() {
+        *htod = TRAFFIC_HTOD.load(Relaxed);
+    }
+    if !dtoh.is_null() {
+        *dtoh = TRAFFIC_DTOH.load(Relaxed);
+    }
+}
+
+/// Sets both traffic counters to zero.
+#[no_mangle]
+pub extern "C" fn openuni_emu_traffic_reset() {
+    use std::sync::atomic::Ordering::Relaxed;
+    TRAFFIC_HTOD.store(0, Relaxed);
+    TRAFFIC_DTOH.store(0, Relaxed);
 }
 
 unsafe fn memset_checked(

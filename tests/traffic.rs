@@ -1,0 +1,108 @@
+//! Host<->device traffic of a generation on the emulated GPU (issue 13, item 1): the emulated
+//! driver counts every byte copied host->device and device->host (crates/emu, `count_traffic`),
+//! and a `--batch 8` generation of the tiny model in bf16, after a first generation has uploaded
+//! the weights and built the resident executors, must move exactly the bytes listed below and no
+//! more. docs/gpu-plan.md ("Host<->device traffic") says what still moves and why.
+
+use openuni::exec::Device;
+use openuni::generate::noise;
+use openuni::pipeline::{DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
+use openuni::tiny_model;
+use openuni_models::scheduler::SamplerKind;
+use openuni_tensor::{DType, HostTensor};
+
+const N: usize = 8;
+const STEPS: usize = 2;
+/// 64 px images: a 2x2 latent for the tiny DC-AE (32x upscale).
+const PX: usize = 64;
+
+/// Eight different prompts (ids below the tiny vocabulary of 328) of the lengths `bench --plan`
+/// models (30-token prompts, 16-token unconditional prompts), so that the plan's host<->device
+/// bytes can be checked against the measured ones.
+fn batch(c: usize, h: usize, w: usize) -> GenerationBatch {
+    let prompts: Vec<(Vec<u32>, Vec<u32>)> = (0..N as u32).map(|i| ((10 + 7 * i..40 + 7 * i).collect(), (200 + i..216 + i).collect())).collect();
+    let mut z = vec![];
+    for i in 0..N {
+        z.extend(noise(11 + i as u64, c, h, w).to_f32_vec());
+    }
+    GenerationBatch { prompts, noise: HostTensor::from_f32([N, c, h, w], z).unwrap() }
+}
+
+#[test]
+fn batch_of_8_moves_only_the_listed_bytes() {
+    if !openuni::exec::emulator_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = OpenUni::load(&tiny_model::paths(&tiny_model::ensure(dir.path()).unwrap()), tiny_model::connector_config()).unwrap();
+    let run = RunOptions { device: Device::Emu, dtype: DType::BF16 };
+    let p = SamplingParams { steps: STEPS, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode: DecodeOptions::default() };
+    let (c, h, w) = (m.transformer_cfg.in_channels, PX / 32, PX / 32);
+    let b = batch(c, h, w);
+    let generate = || {
+        let mut images = vec![];
+        m.generate_batches(std::slice::from_ref(&b), &p, run, |_| {}, |_, img| {
+            images.push(img);
+            Ok(())
+        })
+        .unwrap();
+        images.remove(0)
+    };
+    // The first generation uploads the weights and builds the resident executors.
+    let first = generate();
+    assert!(openuni_cuda::reset_emu_traffic(), "the emulated driver exports no traffic counters");
+    let second = generate();
+    let (htod, dtoh) = openuni_cuda::emu_traffic().expect("emulated driver");
+    assert_eq!(first.to_f32_vec(), second.to_f32_vec(), "the same batch gave another image the second time");
+    // The values handed over on the device (prompt embeddings, K/V) are the ones the host path
+    // (`denoise` from host prompt embeddings) sets: a bf16 value read to f32 and set again is exact.
+    let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(cd, u)| (&cd[..], &u[..])).collect();
+    let cond = m.condition_batch(&pairs, run).unwrap();
+    let lat = m.denoise(&cond.prompt_embeds, &b.noise, STEPS, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
+    let host_path = m.decode_with(&lat, run, p.decode).unwrap();
+    assert_eq!(first.to_f32_vec(), host_path.to_f32_vec(), "the device hand-over changed the image");
+
+    // What a batch moves, tensor by tensor (f32 = 4 bytes a value).
+    let (d, q) = (m.llm_cfg.hidden_size, m.num_queries);
+    let cc = m.transformer_cfg.caption_channels;
+    let tokens: usize = b.prompts.iter().map(|(cd, u)| cd.len() + u.len()).sum::<usize>() + 2 * N * q;
+    let latent = N * c * h * w;
+    let image = N * 3 * PX * PX;
+    // The attention's segment table (an i32 [start, end) pair per token) and RoPE table (an f32
+    // (cos, sin) pair per position of the longest sequence and rotary frequency), uploaded by the
+    // conditioning executor made per call (its graph depends on the prompts' lengths).
+    let longest = b.prompts.iter().map(|(cd, u)| cd.len().max(u.len())).max().unwrap() + q;
+    let llm_tables = tokens * 2 * 4 + longest * (d / m.llm_cfg.num_attention_heads) * 4;
+    let up = [
+        ("conditioning: token embeddings + meta-queries gathered on the host [1, tokens, D] f32", tokens * d * 4),
+        ("conditioning: the per-call executor's constant tables (segments, RoPE)", llm_tables),
+        ("step: latents of both CFG halves [2N, C, h, w] f32, every step", STEPS * 2 * latent * 4),
+        ("step: timesteps [2N] f32, every step", STEPS * 2 * N * 4),
+        ("decoder: latents / scaling_factor [N, C, h, w] f32 (initial noise drawn on the host)", latent * 4),
+    ];
+    let down = [
+        ("conditioning: hidden [2N, Q, D], connector [2N, Q, D], prompt embeddings [2N, Q, cc] f32", 2 * N * q * (2 * d + cc) * 4),
+        ("step: velocity [2N, C, h, w] f32, every step", STEPS * 2 * latent * 4),
+        ("decoder: image [N, 3, H, W] f32", image * 4),
+    ];
+    for (what, bytes) in up.iter() {
+        println!("host->device {bytes:>9} B  {what}");
+    }
+    for (what, bytes) in down.iter() {
+        println!("device->host {bytes:>9} B  {what}");
+    }
+    let (want_up, want_down): (usize, usize) = (up.iter().map(|x| x.1).sum(), down.iter().map(|x| x.1).sum());
+    println!("measured: host->device {htod} B (listed {want_up}), device->host {dtoh} B (listed {want_down})");
+    assert_eq!(htod as usize, want_up, "host->device bytes of a batch of {N}");
+    assert_eq!(dtoh as usize, want_down, "device->host bytes of a batch of {N}");
+
+    // `openuni bench --plan`'s model of the same batch (docs/gpu-plan.md) counts the same bytes,
+    // less the conditioning's constant tables, which it leaves out.
+    let opts = openuni::bench::plan::PlanOptions { variant: "tiny".into(), batches: vec![N], steps: STEPS, size: Some(PX), json: None, command: String::new() };
+    let plan = openuni::bench::plan::run(&opts).unwrap();
+    let stages = &plan.results[0].stages;
+    let (plan_up, plan_down) = (stages.iter().map(|s| s.htod_bytes_per_batch).sum::<f64>(), stages.iter().map(|s| s.dtoh_bytes_per_batch).sum::<f64>());
+    println!("bench --plan tiny, batch {N}: host->device {plan_up} B (+ {llm_tables} B of tables), device->host {plan_down} B");
+    assert_eq!(plan_up as usize + llm_tables, htod as usize, "the plan's host->device bytes against the measured ones");
+    assert_eq!(plan_down as usize, dtoh as usize, "the plan's device->host bytes against the measured ones");
+}
