@@ -24,6 +24,8 @@ pub struct Metrics {
     pub requests: IntCounter,
     /// Pipeline calls stopped between denoising steps because every request in them was gone.
     pub batches_stopped: IntCounter,
+    /// Image rows that left a running batch at a denoising step (client gone or deadline passed).
+    pub rows_cancelled: IntCounter,
 }
 
 impl Metrics {
@@ -53,6 +55,8 @@ impl Metrics {
             requests: IntCounter::new("openuni_requests_total", "Image generation requests received").expect("valid metric"),
             batches_stopped: IntCounter::new("openuni_batches_stopped_total", "Batches stopped between steps because every client left or timed out")
                 .expect("valid metric"),
+            rows_cancelled: IntCounter::new("openuni_rows_cancelled_total", "Image rows that left a running batch at a denoising step because their client left or timed out")
+                .expect("valid metric"),
             registry,
         };
         let r = &m.registry;
@@ -67,6 +71,7 @@ impl Metrics {
         r.register(Box::new(m.errors.clone())).expect("unique");
         r.register(Box::new(m.requests.clone())).expect("unique");
         r.register(Box::new(m.batches_stopped.clone())).expect("unique");
+        r.register(Box::new(m.rows_cancelled.clone())).expect("unique");
         // Every kind shows from the start (at 0), so a dashboard can rate() it.
         for kind in ["invalid_json", "invalid_value", "unknown_parameter", "missing_required_parameter", "model_not_found", "invalid_api_key", "queue_full", "deadline_exceeded", "cancelled", "payload_too_large", "generation_failed", "out_of_memory", "shutting_down"] {
             m.errors.with_label_values(&[kind]);
