@@ -291,6 +291,45 @@ fn overload_503_cancellation_and_graceful_shutdown() {
     assert!(status.success(), "{status}");
 }
 
+/// Two requests share one batch; the first one's client leaves while it runs: its rows leave the
+/// batch at the next step (counted in `openuni_rows_cancelled_total`), and the other request's
+/// image is byte for byte the one `openuni generate --batch 2` makes for the same two prompts and
+/// seeds (what the batch would have given it had nobody left).
+#[test]
+fn cpu_cancelled_request_leaves_its_running_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--max-batch", "2", "--batch-window-ms", "5000"], &[]);
+    let url = s.url("/v1/images/generations");
+    // About a second or more of denoising on the CPU: long enough to leave in the middle.
+    let (size, steps) = ("128x128", 1000);
+    let leaving = json!({"prompt": "a kite", "size": size, "seed": 3, "steps": steps}).to_string();
+    let staying = json!({"prompt": "a boat", "size": size, "seed": 9, "steps": steps}).to_string();
+    let a = {
+        use std::io::Write;
+        let mut conn = std::net::TcpStream::connect(s.base.trim_start_matches("http://")).unwrap();
+        let head = format!("POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", leaving.len());
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(leaving.as_bytes()).unwrap();
+        conn
+    };
+    wait_for("the first request to be queued", || metric(&s, "openuni_queue_depth") == 1.0);
+    let b = std::thread::spawn(move || post(&url, &staying, None, Duration::from_secs(120)).unwrap());
+    wait_for("the batch of two to start", || metric(&s, "openuni_batches_running") == 1.0);
+    drop(a);
+    let b = b.join().unwrap();
+    assert_eq!(b.status, 200, "{}", b.body);
+    assert_eq!(metric(&s, "openuni_rows_cancelled_total"), 1.0, "the cancelled request's row did not leave the running batch");
+    assert_eq!(metric(&s, "openuni_images_generated_total"), 1.0);
+    assert_eq!(metric(&s, "openuni_batch_size_sum"), 2.0, "the two requests did not share a batch");
+    assert_eq!(metric(&s, "openuni_batches_stopped_total"), 0.0);
+    let served = decode_png(b.body["data"][0]["b64_json"].as_str().unwrap());
+    let prompts = tmp.path().join("two.jsonl");
+    std::fs::write(&prompts, "{\"prompt\":\"a kite\",\"seed\":3}\n{\"prompt\":\"a boat\",\"seed\":9}\n").unwrap();
+    let steps = steps.to_string();
+    let reference = generate_cli(tmp.path(), &tmp.path().join("g2"), &["--prompts", prompts.to_str().unwrap(), "--width", "128", "--height", "128", "--steps", &steps, "--batch", "2"]);
+    assert!(served == reference[1], "the image of the request that stayed differs from `openuni generate --batch 2`'s");
+}
+
 /// Bad JSON, bad fields, a too-large body, an unknown path: OpenAI-shaped errors naming the field;
 /// the API key (from OPENUNI_API_KEY) on /v1/*; the per-request deadline. The server stays up.
 #[test]
