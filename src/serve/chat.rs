@@ -200,7 +200,7 @@ fn parse_messages(o: &Map<String, Value>, l: &ChatLimits) -> Result<Messages, Ap
     }
     match turns.last() {
         Some((_, "user", ..)) => {}
-        Some((i, ..)) => return Err(bad(format!("messages[{i}].role"), "the last message must be a `user` message (the question to answer)")),
+        Some((i, ..)) => return Err(bad(format!("messages[{i}].role"), format!("`messages[{i}].role`: the last message must be a `user` message (the question to answer)"))),
         None => return Err(bad("messages", "`messages` has no `user` message")),
     }
     let (_, _, question, images) = turns.pop().expect("checked above");
