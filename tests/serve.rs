@@ -558,3 +558,20 @@ fn chat_bad_requests_name_the_field() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["usage"]["completion_tokens"], 2);
 }
+
+/// A chat model folder without a vision tower (the built-in tiny OpenUni's LLM): the server
+/// still serves images, and chat answers 501 saying why.
+#[test]
+fn chat_without_a_vision_tower_is_501_naming_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llm = tmp.path().join("tiny-model-v1/llm");
+    let s = Server::start(tmp.path(), &["--chat-model", llm.to_str().unwrap()], &[]);
+    let r = post(&s.url("/v1/chat/completions"), &json!({"messages": [{"role": "user", "content": "hi"}]}).to_string(), None, Duration::from_secs(30)).unwrap();
+    assert_eq!(r.status, 501, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "chat_unavailable");
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("tiny-model-v1/llm") && msg.contains("vision"), "{msg}");
+    let (_, models) = get(&s.url("/v1/models"));
+    assert_eq!(serde_json::from_str::<Value>(&models).unwrap()["data"].as_array().unwrap().len(), 1);
+    assert_eq!(generate_images(&s, json!({"prompt": "still works", "size": "64x64", "steps": 1})).len(), 1);
+}
