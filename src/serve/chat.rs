@@ -57,6 +57,7 @@ pub struct ChatLimits {
 }
 
 /// A checked chat request.
+#[derive(Debug)]
 pub struct ChatRequest {
     /// The system message (InternVL's default when none is given).
     pub system: Option<String>,
@@ -604,4 +605,53 @@ fn sse_events(c: Chunk, rx: UnboundedReceiver<ChatEvent>, deadline: tokio::time:
         }
     })
     .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ChatLimits {
+        ChatLimits { model_id: "m".into(), default_max_tokens: 16, context: 100, max_images: 1, max_image_bytes: 1000, max_num: 12, max_text_chars: 50 }
+    }
+
+    #[test]
+    fn messages_become_system_history_and_question() {
+        let body = json!({"messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "c"},
+            {"role": "user", "content": "d"}],
+            "temperature": 0.5, "seed": 3, "top_k": 4, "stream": true});
+        let r = parse_chat_request(body.to_string().as_bytes(), &limits()).unwrap();
+        assert_eq!(r.system.as_deref(), Some("be brief"));
+        assert_eq!(r.history, vec![("a\nb".to_string(), "c".to_string())]);
+        assert_eq!((r.question.as_str(), r.images.len(), r.max_tokens, r.stream), ("d", 0, 16, true));
+        assert_eq!(r.sampling, Some(Sampling { temperature: 0.5, top_k: 4, top_p: 1.0, seed: 3 }));
+        assert_eq!(r.texts.len(), 4);
+        let greedy = parse_chat_request(br#"{"messages":[{"role":"user","content":"q"}],"temperature":0,"max_tokens":7}"#, &limits()).unwrap();
+        assert_eq!((greedy.sampling, greedy.max_tokens), (None, 7));
+    }
+
+    #[test]
+    fn limits_name_the_field() {
+        let err = |b: Value| parse_chat_request(b.to_string().as_bytes(), &limits()).unwrap_err();
+        let e = err(json!({"messages": [{"role": "user", "content": "x".repeat(51)}]}));
+        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+        let e = err(json!({"messages": [{"role": "user", "content": "q"}], "max_tokens": 101}));
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        let big = format!("data:image/png;base64,{}", "A".repeat(2000));
+        let two = json!([{"type": "image_url", "image_url": {"url": big}}]);
+        let e = err(json!({"messages": [{"role": "user", "content": two}]}));
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0].image_url.url"));
+        assert!(e.message.contains("larger than 1000 bytes"), "{}", e.message);
+        let png = crate::serve::batcher::encode_png(&[9; 12], 2, 2).unwrap();
+        let tiny = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png));
+        let one = json!({"type": "image_url", "image_url": {"url": tiny}});
+        let r = parse_chat_request(json!({"messages": [{"role": "user", "content": [one.clone()]}]}).to_string().as_bytes(), &limits()).unwrap();
+        assert_eq!(r.images[0].shape.dims(), &[1, 3, TILE, TILE]);
+        let e = err(json!({"messages": [{"role": "user", "content": [one.clone(), one]}]}));
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[1]"));
+        assert!(e.message.contains("at most 1 images"), "{}", e.message);
+    }
 }
