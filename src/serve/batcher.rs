@@ -7,6 +7,8 @@
 //! batch holds, a second batch goes into the same call, so its conditioning overlaps the first
 //! batch's denoising (the pipeline's throughput mode). A request's images never split between
 //! batches. Image i of a request gets `seed + i`, so each image is what `openuni generate` makes.
+//! Before every denoising step the pipeline asks which images are still wanted: the rows of a
+//! request whose client left or whose deadline passed leave the running batch there.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -193,7 +193,7 @@ fn parse_messages(o: &Map<String, Value>, l: &ChatLimits) -> Result<Messages, Ap
             system = Some(text);
             continue;
         }
-        let expected = if turns.len() % 2 == 0 { "user" } else { "assistant" };
+        let expected = if turns.len().is_multiple_of(2) { "user" } else { "assistant" };
         if role != expected {
             return Err(bad(format!("{at}.role"), format!("`{at}.role` is \"{role}\" where \"{expected}\" was expected: user and assistant messages alternate, starting with user")));
         }

@@ -1,12 +1,14 @@
-//! `openuni serve`: an OpenAI-compatible image server with dynamic batching.
+//! `openuni serve`: an OpenAI-compatible image and chat server with dynamic batching.
 //!
-//! tokio + axum answer HTTP; one worker thread owns the model (its resident weights and
-//! executors) and generates batches formed by [`batcher`]. Endpoints:
-//! `POST /v1/images/generations`, `GET /v1/models`, `GET /health`, `GET /metrics`.
-//! Limits: a bounded queue (503 with Retry-After when full), a per-request deadline (504), a
-//! request body limit (413), cancellation of requests whose client disconnected (dropped before
-//! their batch starts, their result discarded if it already started), an optional API key
-//! compared in constant time, graceful shutdown on SIGTERM or ctrl-c that finishes admitted work.
+//! tokio + axum answer HTTP; one worker thread owns the image model (its resident weights and
+//! executors) and generates batches formed by [`batcher`]; another owns the understanding model
+//! and answers chat requests one at a time ([`chat`]). Endpoints: `POST /v1/images/generations`,
+//! `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`.
+//! Limits: bounded queues (503 with Retry-After when full), a per-request deadline (504), request
+//! body limits (413), cancellation of requests whose client disconnected (dropped before their
+//! batch starts; in a running batch their rows leave at the next denoising step; a chat answer
+//! stops at its next token), an optional API key compared in constant time, graceful shutdown on
+//! SIGTERM or ctrl-c that finishes admitted work.
 
 pub mod api;
 pub mod batcher;
