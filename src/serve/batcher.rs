@@ -51,7 +51,8 @@ pub struct Job {
     pub ids: PromptIds,
     pub admitted: Instant,
     pub deadline: Instant,
-    /// Set when the client went away or its deadline passed: the job is dropped before its batch.
+    /// Set when the client went away or its deadline passed: the job is dropped before its batch,
+    /// or its rows leave its running batch at the next step.
     pub cancelled: Arc<AtomicBool>,
     pub reply: oneshot::Sender<Result<Vec<Image>, JobError>>,
 }
