@@ -149,6 +149,11 @@ impl<'a> CachedQwen2<'a> {
             .map_err(|e| ModelError::Config { path: self.source.origin(), msg: e.to_string() })
     }
 
+    /// Empties the decoder's own cache, for a new conversation on the same weights.
+    pub fn reset(&mut self) {
+        self.cache = self.new_cache();
+    }
+
     /// Positions already in the decoder's own cache.
     pub fn cached_len(&self) -> usize {
         self.cache.len
@@ -371,14 +376,29 @@ pub fn generate(
     picker: &mut Picker,
     mut on_token: impl FnMut(usize),
 ) -> Result<(Vec<f32>, Vec<usize>)> {
+    generate_until(llm, prompt_embeds, max_new_tokens, eos, picker, |id| {
+        on_token(id);
+        true
+    })
+}
+
+/// [`generate`] that also stops when `on_token` returns `false` (e.g. the reader went away).
+pub fn generate_until(
+    llm: &mut CachedQwen2,
+    prompt_embeds: &[f32],
+    max_new_tokens: usize,
+    eos: Option<usize>,
+    picker: &mut Picker,
+    mut on_token: impl FnMut(usize) -> bool,
+) -> Result<(Vec<f32>, Vec<usize>)> {
     let prefill = llm.forward(prompt_embeds)?;
     let mut ids = vec![];
     let mut logits = prefill.clone();
     while ids.len() < max_new_tokens {
         let next = picker.pick(&logits);
         ids.push(next);
-        on_token(next);
-        if Some(next) == eos || ids.len() == max_new_tokens {
+        let go_on = on_token(next);
+        if Some(next) == eos || ids.len() == max_new_tokens || !go_on {
             break;
         }
         let e = llm.embed(&[next])?;
@@ -483,13 +503,18 @@ pub fn internvl2_5_conversation(history: &[(String, String)], question: &str, im
 /// Several: the model card's multi-image form, `Image-1: <image>\nImage-2: <image>\n` before the
 /// question, each `<image>` then replaced by its own `<img>…</img>` (`num_patches_list`).
 pub fn internvl2_5_with_images(history: &[(String, String)], question: &str, image_tokens: &[usize]) -> String {
+    internvl2_5_with_system(INTERNVL2_5_SYSTEM, history, question, image_tokens)
+}
+
+/// [`internvl2_5_with_images`] with another system message (InternVL's `model.system_message`).
+pub fn internvl2_5_with_system(system: &str, history: &[(String, String)], question: &str, image_tokens: &[usize]) -> String {
     let block = |n: usize| format!("<img>{}</img>", "<IMG_CONTEXT>".repeat(n));
     let image = match image_tokens {
         [] => String::new(),
         [n] => format!("{}\n", block(*n)),
         many => many.iter().enumerate().map(|(i, &n)| format!("Image-{}: {}\n", i + 1, block(n))).collect(),
     };
-    let mut s = format!("<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n");
+    let mut s = format!("<|im_start|>system\n{system}<|im_end|>\n");
     for (q, a) in history {
         s.push_str(&format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"));
     }
@@ -652,6 +677,19 @@ impl ChatModel {
         images: Option<(&openuni_tensor::HostTensor, &[usize])>,
         origin: &str,
     ) -> anyhow::Result<Vec<f32>> {
+        self.prompt_embeds_with_system(llm, INTERNVL2_5_SYSTEM, history, question, images, origin)
+    }
+
+    /// [`prompt_embeds`](Self::prompt_embeds) with another system message.
+    pub fn prompt_embeds_with_system(
+        &self,
+        llm: &CachedQwen2,
+        system: &str,
+        history: &[(String, String)],
+        question: &str,
+        images: Option<(&openuni_tensor::HostTensor, &[usize])>,
+        origin: &str,
+    ) -> anyhow::Result<Vec<f32>> {
         let image = match images {
             Some((px, tiles)) => {
                 let e = self.image_embeds(px, origin)?;
@@ -660,7 +698,7 @@ impl ChatModel {
             }
             None => None,
         };
-        let text = internvl2_5_with_images(history, question, image.as_ref().map_or(&[][..], |(n, _)| n));
+        let text = internvl2_5_with_system(system, history, question, image.as_ref().map_or(&[][..], |(n, _)| n));
         let ids: Vec<usize> = self.tok.encode_text(&text, "prompt")?.into_iter().map(|i| i as usize).collect();
         let mut embeds = llm.embed(&ids)?;
         if let Some((_, img)) = &image {
@@ -679,6 +717,37 @@ impl ChatModel {
         if self.tiny {
             eprintln!("note: this is the built-in tiny model with random weights: its answers are not meaningful (use --model DIR for an InternVL3 folder)");
         }
+    }
+}
+
+/// The answer's text as its tokens arrive: what each new token adds to the detokenised answer
+/// (special tokens skipped). A character split over tokens decodes as U+FFFD until its last
+/// byte arrives, so its text waits until then.
+#[derive(Default)]
+pub struct TextStream {
+    /// The ids so far.
+    pub ids: Vec<u32>,
+    shown: String,
+}
+
+impl TextStream {
+    /// Adds `id`; the text it completes (often empty).
+    pub fn push(&mut self, tok: &openuni_models::prompt::PromptTokenizer, id: usize) -> anyhow::Result<String> {
+        self.ids.push(id as u32);
+        let t = tok.tokenizer().decode(&self.ids, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
+        if t.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let new = t.strip_prefix(self.shown.as_str()).unwrap_or_default().to_string();
+        self.shown = t;
+        Ok(new)
+    }
+
+    /// The text not yet given out (a last incomplete character) and the whole answer.
+    pub fn finish(&self, tok: &openuni_models::prompt::PromptTokenizer) -> anyhow::Result<(String, String)> {
+        let all = tok.tokenizer().decode(&self.ids, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
+        let rest = all.strip_prefix(self.shown.as_str()).unwrap_or_default().to_string();
+        Ok((rest, all))
     }
 }
 
@@ -707,37 +776,26 @@ pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
     let mut llm = m.llm()?;
     let embeds = m.prompt_embeds(&llm, &o.history, &o.prompt, px.as_ref().map(|p| (p, tiles.as_slice())), &origin)?;
     // Stream: print what each new token adds to the detokenised answer (special tokens skipped).
-    let mut generated: Vec<u32> = vec![];
-    let mut shown = String::new();
+    let mut text = TextStream::default();
     let mut stdout = std::io::stdout();
     let mut decode_err = None;
     let mut picker = Picker::new(o.sampling)?;
     let eos = m.eos;
-    generate(&mut llm, &embeds, o.max_new_tokens, Some(eos), &mut picker, |id| {
-        generated.push(id as u32);
-        match m.tok.tokenizer().decode(&generated, true) {
-            // A character split over tokens decodes as U+FFFD until its last byte arrives: wait.
-            Ok(t) if t.ends_with('\u{FFFD}') => {}
-            Ok(t) => {
-                if let Some(new) = t.strip_prefix(shown.as_str()) {
-                    let _ = write!(stdout, "{new}");
-                    let _ = stdout.flush();
-                }
-                shown = t;
-            }
-            Err(e) => decode_err = Some(e.to_string()),
+    generate(&mut llm, &embeds, o.max_new_tokens, Some(eos), &mut picker, |id| match text.push(&m.tok, id) {
+        Ok(new) => {
+            let _ = write!(stdout, "{new}");
+            let _ = stdout.flush();
         }
+        Err(e) => decode_err = Some(e),
     })?;
     if let Some(e) = decode_err {
-        bail!("detokenising the answer: {e}");
+        return Err(e);
     }
-    let all = m.tok.tokenizer().decode(&generated, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
-    if let Some(rest) = all.strip_prefix(shown.as_str()) {
-        print!("{rest}");
-    }
+    let (rest, all) = text.finish(&m.tok)?;
+    print!("{rest}");
     println!();
-    let stop = if generated.last() == Some(&(eos as u32)) { "stopped at <|im_end|>" } else { "stopped at --max-new-tokens" };
-    eprintln!("({} tokens, {stop})", generated.len());
+    let stop = if text.ids.last() == Some(&(eos as u32)) { "stopped at <|im_end|>" } else { "stopped at --max-new-tokens" };
+    eprintln!("({} tokens, {stop})", text.ids.len());
     m.note_if_tiny();
     Ok(all)
 }

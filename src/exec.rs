@@ -171,6 +171,13 @@ impl TensorHandle {
             TensorHandle::Device(t) => t.shape(),
         }
     }
+    /// The value on the host (a device value is downloaded in its storage dtype).
+    pub fn to_host(&self) -> Result<HostTensor> {
+        match self {
+            TensorHandle::Host(t) => Ok(t.clone()),
+            TensorHandle::Device(t) => Ok(t.to_host()?),
+        }
+    }
 }
 
 impl GraphExecutor for CudaExecutor {

@@ -291,6 +291,45 @@ fn overload_503_cancellation_and_graceful_shutdown() {
     assert!(status.success(), "{status}");
 }
 
+/// Two requests share one batch; the first one's client leaves while it runs: its rows leave the
+/// batch at the next step (counted in `openuni_rows_cancelled_total`), and the other request's
+/// image is byte for byte the one `openuni generate --batch 2` makes for the same two prompts and
+/// seeds (what the batch would have given it had nobody left).
+#[test]
+fn cpu_cancelled_request_leaves_its_running_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--max-batch", "2", "--batch-window-ms", "5000"], &[]);
+    let url = s.url("/v1/images/generations");
+    // About a second or more of denoising on the CPU: long enough to leave in the middle.
+    let (size, steps) = ("128x128", 1000);
+    let leaving = json!({"prompt": "a kite", "size": size, "seed": 3, "steps": steps}).to_string();
+    let staying = json!({"prompt": "a boat", "size": size, "seed": 9, "steps": steps}).to_string();
+    let a = {
+        use std::io::Write;
+        let mut conn = std::net::TcpStream::connect(s.base.trim_start_matches("http://")).unwrap();
+        let head = format!("POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", leaving.len());
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(leaving.as_bytes()).unwrap();
+        conn
+    };
+    wait_for("the first request to be queued", || metric(&s, "openuni_queue_depth") == 1.0);
+    let b = std::thread::spawn(move || post(&url, &staying, None, Duration::from_secs(120)).unwrap());
+    wait_for("the batch of two to start", || metric(&s, "openuni_batches_running") == 1.0);
+    drop(a);
+    let b = b.join().unwrap();
+    assert_eq!(b.status, 200, "{}", b.body);
+    assert_eq!(metric(&s, "openuni_rows_cancelled_total"), 1.0, "the cancelled request's row did not leave the running batch");
+    assert_eq!(metric(&s, "openuni_images_generated_total"), 1.0);
+    assert_eq!(metric(&s, "openuni_batch_size_sum"), 2.0, "the two requests did not share a batch");
+    assert_eq!(metric(&s, "openuni_batches_stopped_total"), 0.0);
+    let served = decode_png(b.body["data"][0]["b64_json"].as_str().unwrap());
+    let prompts = tmp.path().join("two.jsonl");
+    std::fs::write(&prompts, "{\"prompt\":\"a kite\",\"seed\":3}\n{\"prompt\":\"a boat\",\"seed\":9}\n").unwrap();
+    let steps = steps.to_string();
+    let reference = generate_cli(tmp.path(), &tmp.path().join("g2"), &["--prompts", prompts.to_str().unwrap(), "--width", "128", "--height", "128", "--steps", &steps, "--batch", "2"]);
+    assert!(served == reference[1], "the image of the request that stayed differs from `openuni generate --batch 2`'s");
+}
+
 /// Bad JSON, bad fields, a too-large body, an unknown path: OpenAI-shaped errors naming the field;
 /// the API key (from OPENUNI_API_KEY) on /v1/*; the per-request deadline. The server stays up.
 #[test]
@@ -359,4 +398,180 @@ fn bad_requests_api_key_and_deadline() {
     // Every case but the missing prompt and the wrong model counts as `invalid_value`.
     assert_eq!(metric(&s, "openuni_errors_total{kind=\"invalid_value\"}"), cases.len() as f64 - 2.0);
     assert_eq!(metric(&s, "openuni_errors_total{kind=\"invalid_api_key\"}"), 5.0);
+}
+
+/// `openuni chat` with `args`: (the answer it printed, the number of tokens it reported).
+fn chat_cli(cache: &Path, args: &[&str]) -> (String, usize) {
+    let o = Command::new(env!("CARGO_BIN_EXE_openuni")).arg("chat").args(args).env("OPENUNI_CACHE", cache).env("HF_HUB_CACHE", cache.join("no-hub")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    let answer = String::from_utf8(o.stdout).unwrap().strip_suffix('\n').expect("a newline after the answer").to_string();
+    let at = err.find(" tokens, stopped").unwrap_or_else(|| panic!("no token count in {err}"));
+    let tokens = err[..at].rsplit('(').next().unwrap().parse().unwrap();
+    (answer, tokens)
+}
+
+/// A streamed chat answer: its `chat.completion.chunk` objects, checked to end with `[DONE]`.
+fn chat_stream(url: &str, body: &Value) -> Vec<Value> {
+    let r = agent(Duration::from_secs(60)).post(url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
+    let text = r.into_string().unwrap();
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    data[..data.len() - 1].iter().map(|d| serde_json::from_str::<Value>(d).unwrap()).collect()
+}
+
+/// A small PNG (an RGB gradient), as a file and as a data URL.
+fn test_image(dir: &Path) -> (std::path::PathBuf, String) {
+    let (w, h) = (40, 28);
+    let rgb: Vec<u8> = (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x * 6) as u8, (y * 9) as u8, ((x + y) * 3) as u8])).collect();
+    let png = {
+        let mut out = vec![];
+        let mut e = png::Encoder::new(&mut out, w as u32, h as u32);
+        e.set_color(png::ColorType::Rgb);
+        e.set_depth(png::BitDepth::Eight);
+        e.write_header().unwrap().write_image_data(&rgb).unwrap();
+        out
+    };
+    let path = dir.join("picture.png");
+    std::fs::write(&path, &png).unwrap();
+    (path, format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png)))
+}
+
+/// Chat on the CPU (the built-in tiny chat model): a question about an image, greedy and sampled
+/// with a seed, answered as one `chat.completion` and as streamed chunks, gives the text and the
+/// token count `openuni chat` gives for the same question, image and seed.
+#[test]
+fn cpu_chat_equals_openuni_chat_streaming_or_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[], &[]);
+    let url = s.url("/v1/chat/completions");
+    let (models_code, models) = get(&s.url("/v1/models"));
+    assert_eq!(models_code, 200);
+    assert_eq!(serde_json::from_str::<Value>(&models).unwrap()["data"][1]["id"], "openuni-tiny-chat");
+    let (image, data_url) = test_image(tmp.path());
+    let question = "What is in this picture?";
+    let content = json!([{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": question}]);
+    for (extra, cli) in [
+        (json!({}), vec![]),
+        (json!({"temperature": 0.9, "top_p": 0.95, "seed": 7}), vec!["--temperature", "0.9", "--top-p", "0.95", "--seed", "7"]),
+    ] {
+        let mut body = json!({"model": "openuni-tiny-chat", "messages": [{"role": "user", "content": content}], "max_tokens": 10});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let mut args = vec!["--prompt", question, "--image", image.to_str().unwrap(), "--max-new-tokens", "10"];
+        args.extend(cli);
+        let (answer, tokens) = chat_cli(tmp.path(), &args);
+
+        let r = post(&url, &body.to_string(), None, Duration::from_secs(60)).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["object"], "chat.completion");
+        assert_eq!(r.body["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(r.body["choices"][0]["message"]["content"], answer.as_str(), "{body}");
+        assert_eq!(r.body["usage"]["completion_tokens"], tokens);
+        let prompt_tokens = r.body["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(prompt_tokens > 256, "the image's 256 context tokens are not in the prompt ({prompt_tokens})");
+        assert_eq!(r.body["usage"]["total_tokens"], prompt_tokens + tokens as u64);
+        let finish = if tokens < 10 { "stop" } else { "length" };
+        assert_eq!(r.body["choices"][0]["finish_reason"], finish);
+
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let chunks = chat_stream(&url, &body);
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(streamed, answer);
+        let n = chunks.len();
+        assert_eq!(chunks[n - 2]["choices"][0]["finish_reason"], finish);
+        assert_eq!(chunks[n - 1]["usage"]["completion_tokens"], tokens);
+        assert_eq!(chunks[n - 1]["usage"]["prompt_tokens"], prompt_tokens);
+    }
+    // History and a text-only question: the same as `openuni chat --history`.
+    let history = tmp.path().join("history.json");
+    std::fs::write(&history, r#"[["Hi", "Hello! How can I help?"]]"#).unwrap();
+    let (answer, _) = chat_cli(tmp.path(), &["--prompt", "Tell me more", "--history", history.to_str().unwrap(), "--max-new-tokens", "6"]);
+    let body = json!({"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Hello! How can I help?"}]},
+        {"role": "user", "content": "Tell me more"}], "max_tokens": 6});
+    let r = post(&url, &body.to_string(), None, Duration::from_secs(60)).unwrap();
+    assert_eq!(r.body["choices"][0]["message"]["content"], answer.as_str(), "{}", r.body);
+    assert_eq!(metric(&s, "openuni_chat_requests_total"), 5.0);
+}
+
+/// Bad chat requests: OpenAI-shaped 400s naming the field (content parts included), an http(s)
+/// image URL refused without any fetch; the server keeps answering.
+#[test]
+fn chat_bad_requests_name_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--max-chat-body-bytes", "4096"], &[]);
+    let url = s.url("/v1/chat/completions");
+    let user = |content: Value| json!({"messages": [{"role": "user", "content": content}]});
+    let image = |url: &str| json!([{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]);
+    let cases = [
+        (json!({}), "messages"),
+        (json!({"messages": []}), "messages"),
+        (json!({"messages": "hi"}), "messages"),
+        (json!({"messages": [7]}), "messages[0]"),
+        (json!({"messages": [{"role": "robot", "content": "hi"}]}), "messages[0].role"),
+        (json!({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]}), "messages[1].role"),
+        (json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}), "messages[1].role"),
+        (json!({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}), "messages[1].role"),
+        (json!({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}), "messages[0].tool_calls"),
+        (user(json!(5)), "messages[0].content"),
+        (user(json!("")), "messages[0].content"),
+        (user(json!([{"type": "audio", "audio": {}}])), "messages[0].content[0].type"),
+        (user(json!([{"text": "no type"}])), "messages[0].content[0].type"),
+        (user(json!([{"type": "text", "text": 3}])), "messages[0].content[0].text"),
+        (user(json!(["just a string"])), "messages[0].content[0]"),
+        (user(json!([{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}])), "messages[0].content[0].image_url"),
+        (user(image("https://example.com/cat.png")), "messages[0].content[1].image_url.url"),
+        (user(image("http://127.0.0.1:1/cat.png")), "messages[0].content[1].image_url.url"),
+        (user(image("file:///etc/passwd")), "messages[0].content[1].image_url.url"),
+        (user(image("data:image/png,notbase64")), "messages[0].content[1].image_url.url"),
+        (user(image("data:image/gif;base64,R0lGODlh")), "messages[0].content[1].image_url.url"),
+        (user(image("data:image/png;base64,@@@@")), "messages[0].content[1].image_url.url"),
+        (user(image("data:image/png;base64,aGVsbG8gd29ybGQ=")), "messages[0].content[1].image_url.url"),
+        (json!({"messages": [{"role": "assistant", "content": image("data:image/png;base64,AAAA")}, {"role": "user", "content": "hi"}]}), "messages[0].content[1]"),
+        (json!({"messages": [{"role": "user", "content": "a <|im_end|> b"}]}), "messages[0].content"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), "max_tokens"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}), "temperature"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}), "top_p"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "n"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}), "stream"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), "model"),
+    ];
+    for (body, field) in &cases {
+        let r = post(&url, &body.to_string(), None, Duration::from_secs(30)).unwrap();
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert_eq!(r.body["error"]["param"], *field, "{body}: {}", r.body);
+        assert_eq!(r.body["error"]["type"], "invalid_request_error");
+        assert!(r.body["error"]["message"].as_str().unwrap().contains(&format!("`{field}")), "{}", r.body);
+    }
+    let r = post(&url, &json!({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"]}).to_string(), None, Duration::from_secs(30)).unwrap();
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (400, Some("unknown_parameter")));
+    let r = post(&url, &user(json!("x".repeat(5000))).to_string(), None, Duration::from_secs(30)).unwrap();
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (413, Some("payload_too_large")), "{}", r.body);
+    let r = post(&url, "{oops", None, Duration::from_secs(30)).unwrap();
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (400, Some("invalid_json")));
+    let r = post(&url, &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).to_string(), None, Duration::from_secs(30)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["usage"]["completion_tokens"], 2);
+}
+
+/// A chat model folder without a vision tower (the built-in tiny OpenUni's LLM): the server
+/// still serves images, and chat answers 501 saying why.
+#[test]
+fn chat_without_a_vision_tower_is_501_naming_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llm = tmp.path().join("tiny-model-v1/llm");
+    let s = Server::start(tmp.path(), &["--chat-model", llm.to_str().unwrap()], &[]);
+    let r = post(&s.url("/v1/chat/completions"), &json!({"messages": [{"role": "user", "content": "hi"}]}).to_string(), None, Duration::from_secs(30)).unwrap();
+    assert_eq!(r.status, 501, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "chat_unavailable");
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("tiny-model-v1/llm") && msg.contains("vision"), "{msg}");
+    let (_, models) = get(&s.url("/v1/models"));
+    assert_eq!(serde_json::from_str::<Value>(&models).unwrap()["data"].as_array().unwrap().len(), 1);
+    assert_eq!(generate_images(&s, json!({"prompt": "still works", "size": "64x64", "steps": 1})).len(), 1);
 }

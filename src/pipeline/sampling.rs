@@ -15,10 +15,15 @@ use crate::exec::{Device, TensorHandle};
 use super::resident::Stage;
 use super::{Conditioning, GenerationBatch, OpenUni, PendingConditioning, RunOptions, SamplingParams, StepRecord};
 
-/// A check asked before every denoising step; `true` ends the generation with [`Stopped`].
-pub type StopCheck = Box<dyn Fn() -> bool>;
+/// A check asked before every denoising step of batch `i` (the index in a
+/// [`generate_batches`](OpenUni::generate_batches) call; 0 for [`denoise`](OpenUni::denoise)):
+/// one flag per image of that batch, in its order, `true` while the image is still wanted. An
+/// image no longer wanted leaves the batch at that step (its latent rows and its uncond and cond
+/// caption K/V rows are dropped; the rest go on at the smaller batch); when none is wanted the
+/// batch ends with [`Stopped`].
+pub type StopCheck = Box<dyn Fn(usize) -> Vec<bool>>;
 
-/// The error of a generation ended by its [`StopCheck`] (e.g. every client of a served batch left).
+/// The error of a batch ended by its [`StopCheck`] (e.g. every client of a served batch left).
 #[derive(Debug)]
 pub struct Stopped;
 
@@ -98,13 +103,42 @@ impl OpenUni {
     /// Generates `batches` one after another: the conditioning of batch i + 1 is started (on the
     /// device's second lane) before batch i is denoised, so on a GPU the two overlap. Each batch's
     /// decoded images [N, 3, H, W] go to `done(batch index, images)`; `on_step(N)` after each step.
+    /// With a [`StopCheck`] that drops images, use [`generate_batches_rows`](Self::generate_batches_rows).
     pub fn generate_batches(
         &self,
         batches: &[GenerationBatch],
         p: &SamplingParams,
         run: RunOptions,
-        mut on_step: impl FnMut(usize),
+        on_step: impl FnMut(usize),
         mut done: impl FnMut(usize, HostTensor) -> Result<()>,
+    ) -> Result<()> {
+        let stopped = std::cell::Cell::new(false);
+        self.generate_batches_rows(batches, p, run, on_step, |i, decoded, rows| {
+            if rows.len() < batches[i].prompts.len() {
+                stopped.set(true);
+            }
+            done(i, decoded)
+        }, |_| stopped.set(true))?;
+        if stopped.get() {
+            return Err(Stopped.into());
+        }
+        Ok(())
+    }
+
+    /// [`generate_batches`](Self::generate_batches) under the [`StopCheck`]: `done(batch index,
+    /// images [M, 3, H, W], rows)` gets the images still wanted, `rows` their indices in the
+    /// batch (ascending); a batch whose images all left is skipped (`skipped(batch index)`) and
+    /// the next one goes on. The steps after a drop run at the smaller batch, so the images that
+    /// stay equal the whole batch's bit for bit where the step's per-image arithmetic does not
+    /// depend on the batch size (tests/batching.rs checks it on the CPU and the emulated GPU).
+    pub fn generate_batches_rows(
+        &self,
+        batches: &[GenerationBatch],
+        p: &SamplingParams,
+        run: RunOptions,
+        mut on_step: impl FnMut(usize),
+        mut done: impl FnMut(usize, HostTensor, &[usize]) -> Result<()>,
+        mut skipped: impl FnMut(usize),
     ) -> Result<()> {
         let start = |b: &GenerationBatch| {
             let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(c, u)| (&c[..], &u[..])).collect();
@@ -130,10 +164,9 @@ impl OpenUni {
             if let Some(after) = batches.get(i + 1) {
                 next = Some(start(after)?);
             }
-            let n = b.prompts.len();
             let (mut k, mut first_bad) = (0, None);
-            let latents = self.denoise_from(&kv, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |r| {
-                on_step(n);
+            let denoised = self.denoise_rows(i, kv, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |r| {
+                on_step(r.latents.shape.dims()[0]);
                 k += 1;
                 if first_bad.is_none() {
                     let at = format!("denoise step {k} of {}", p.steps);
@@ -141,7 +174,14 @@ impl OpenUni {
                         .and_then(|_| check_finite(&format!("{at}: the guided sampler update (guidance {})", p.guidance), &r.latents, i))
                         .err();
                 }
-            })?;
+            });
+            let (latents, rows) = match denoised {
+                Err(e) if e.is::<Stopped>() => {
+                    skipped(i);
+                    continue;
+                }
+                other => other?,
+            };
             if let Some(e) = first_bad {
                 return Err(e);
             }
@@ -151,7 +191,11 @@ impl OpenUni {
             check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &scaled, i)?;
             let decoded = self.decode_with(&latents, run, p.decode)?;
             check_finite(&format!("decode: the VAE output (latents / scaling_factor {} decoded)", self.vae_cfg.scaling_factor), &decoded, i)?;
-            done(i, decoded)?;
+            // The decode runs on the whole batch, the images that left included (discarded
+            // here): decoders whose arithmetic depends on the batch size (the CPU's convolutions
+            // pick their threading by it) then give the kept images the whole batch's bits.
+            let decoded = if rows.len() < b.prompts.len() { select_rows(&decoded, &rows)? } else { decoded };
+            done(i, decoded, &rows)?;
         }
         Ok(())
     }
@@ -160,6 +204,7 @@ impl OpenUni {
     /// first): each step runs the transformer once on the batch [uncond, cond] of all N images,
     /// guides in f32 and takes a sampler step; latents stay f32. The caption path runs once, its
     /// K/V stay on the device for every step, and on a GPU the step is a captured CUDA graph.
+    /// Under a [`StopCheck`] that drops images, the latents of the images still wanted.
     #[allow(clippy::too_many_arguments)]
     pub fn denoise(
         &self,
@@ -174,14 +219,20 @@ impl OpenUni {
     ) -> Result<HostTensor> {
         check_denoise_inputs(&self.transformer_cfg, &prompt_embeds.shape, &noise.shape)?;
         let kv = self.cross_kv(TensorHandle::Host(prompt_embeds.clone()), run)?;
-        self.denoise_from(&kv, noise, steps, guidance, sampler, flow_shift, run, on_step)
+        let (latents, rows) = self.denoise_rows(0, kv, noise, steps, guidance, sampler, flow_shift, run, on_step)?;
+        select_rows(&latents, &rows)
     }
 
-    /// [`denoise`](Self::denoise) from the caption path's K/V (`cross_kv`), wherever they lie.
+    /// [`denoise`](Self::denoise) as batch `batch` of a call: asks the [`StopCheck`] before every
+    /// step, and when images are no longer wanted drops their rows (latents, uncond and cond
+    /// caption K/V) and goes on at the smaller batch with the step executor of that size (on a
+    /// GPU a new captured graph). Returns the latents [N, 32, h, w] of the whole batch (an image
+    /// that left keeps the latents it had then) and the indices of the images still wanted.
     #[allow(clippy::too_many_arguments)]
-    fn denoise_from(
+    fn denoise_rows(
         &self,
-        kv: &HashMap<String, TensorHandle>,
+        batch: usize,
+        mut kv: HashMap<String, TensorHandle>,
         noise: &HostTensor,
         steps: usize,
         guidance: f32,
@@ -189,43 +240,72 @@ impl OpenUni {
         flow_shift: f64,
         run: RunOptions,
         mut on_step: impl FnMut(StepRecord),
-    ) -> Result<HostTensor> {
+    ) -> Result<(HostTensor, Vec<usize>)> {
         let cfg = &self.transformer_cfg;
         let nd = noise.shape.dims().to_vec();
         let n = nd[0];
         let (h, w) = (nd[2], nd[3]);
-        let kv_shapes: HashMap<String, Shape> = kv.iter().map(|(k, v)| (k.clone(), v.shape().clone())).collect();
-        let dims = [2 * n, cfg.in_channels, h, w];
+        let kv_shapes = |kv: &HashMap<String, TensorHandle>| -> HashMap<String, Shape> { kv.iter().map(|(k, v)| (k.clone(), v.shape().clone())).collect() };
         let capture = run.device != Device::Cpu;
         let mut solver = Sampler::with_kind(sampler, steps, flow_shift).map_err(anyhow::Error::msg)?;
         let mut latents = noise.to_f32_vec();
-        let per = latents.len();
-        let mut guided = vec![0f32; per];
-        self.with_executor(Stage::Transformer, "step", &dims, run, capture, || self.step_graph(&kv_shapes, 2 * n, h, w), |e| {
-            // The batch's K/V once, device to device; only the latents and the timestep change per step.
-            e.set_input_handles(kv)?;
-            while let Some(ts) = solver.timestep() {
-                if self.stop_check.borrow().as_ref().is_some_and(|stop| stop()) {
-                    return Err(Stopped.into());
+        // Every image's latents, the ones that left as they were when they left.
+        let mut all = latents.clone();
+        let per_image = all.len() / n;
+        // The batch's images still in it (indices into the batch).
+        let mut rows: Vec<usize> = (0..n).collect();
+        loop {
+            let m = rows.len();
+            let dims = [2 * m, cfg.in_channels, h, w];
+            let lat_shape = Shape::from([m, cfg.in_channels, h, w]);
+            let per = latents.len();
+            let mut guided = vec![0f32; per];
+            let shapes = kv_shapes(&kv);
+            let keep = self.with_executor(Stage::Transformer, "step", &dims, run, capture, || self.step_graph(&shapes, 2 * m, h, w), |e| {
+                // The batch's K/V once, device to device; only the latents and the timestep change per step.
+                e.set_input_handles(&kv)?;
+                while let Some(ts) = solver.timestep() {
+                    if let Some(check) = self.stop_check.borrow().as_ref() {
+                        let wanted = check(batch);
+                        let keep: Vec<usize> = (0..m).filter(|&p| wanted.get(rows[p]).copied().unwrap_or(true)).collect();
+                        if keep.is_empty() {
+                            return Err(Stopped.into());
+                        }
+                        if keep.len() < m {
+                            return Ok(Some(keep));
+                        }
+                    }
+                    let mut x2 = latents.clone();
+                    x2.extend_from_slice(&latents);
+                    // The transformer sees the timestep as f32, as SanaPipeline passes it.
+                    let inputs = HashMap::from([
+                        (sana::HIDDEN_STATES.to_string(), HostTensor::from_f32(dims, x2)?),
+                        (sana::TIMESTEP.to_string(), HostTensor::from_f32([2 * m], vec![ts; 2 * m])?),
+                    ]);
+                    e.set_inputs(&inputs)?;
+                    e.execute()?;
+                    let v = sana::VELOCITY.take(&mut e.outputs()?)?;
+                    let vv = v.to_f32_vec();
+                    guide(&vv[..per], &vv[per..], guidance, &mut guided);
+                    solver.step(&guided, &mut latents).map_err(anyhow::Error::msg)?;
+                    on_step(StepRecord { timestep: ts, model_output: v, latents: HostTensor::from_f32(lat_shape.clone(), latents.clone())? });
                 }
-                let mut x2 = latents.clone();
-                x2.extend_from_slice(&latents);
-                // The transformer sees the timestep as f32, as SanaPipeline passes it.
-                let inputs = HashMap::from([
-                    (sana::HIDDEN_STATES.to_string(), HostTensor::from_f32(dims, x2)?),
-                    (sana::TIMESTEP.to_string(), HostTensor::from_f32([2 * n], vec![ts; 2 * n])?),
-                ]);
-                e.set_inputs(&inputs)?;
-                e.execute()?;
-                let v = sana::VELOCITY.take(&mut e.outputs()?)?;
-                let vv = v.to_f32_vec();
-                guide(&vv[..per], &vv[per..], guidance, &mut guided);
-                solver.step(&guided, &mut latents).map_err(anyhow::Error::msg)?;
-                on_step(StepRecord { timestep: ts, model_output: v, latents: HostTensor::from_f32(noise.shape.clone(), latents.clone())? });
+                Ok(None)
+            })?;
+            for (p, &r) in rows.iter().enumerate() {
+                all[r * per_image..(r + 1) * per_image].copy_from_slice(&latents[p * per_image..(p + 1) * per_image]);
             }
-            Ok(())
-        })?;
-        Ok(HostTensor::from_f32(noise.shape.clone(), latents)?)
+            let Some(keep) = keep else {
+                return Ok((HostTensor::from_f32(noise.shape.clone(), all)?, rows));
+            };
+            // Images left: their rows leave the latents and the K/V ([uncond rows, cond rows]).
+            latents = keep.iter().flat_map(|&p| latents[p * per_image..(p + 1) * per_image].iter().copied()).collect();
+            solver.keep_rows(per_image, &keep);
+            let cfg_rows: Vec<usize> = keep.iter().copied().chain(keep.iter().map(|&p| m + p)).collect();
+            // The K/V come to the host for the row selection (rare: only when a request leaves).
+            kv = kv.into_iter().map(|(name, t)| Ok((name, TensorHandle::Host(select_rows(&t.to_host()?, &cfg_rows)?)))).collect::<Result<_>>()?;
+            rows = keep.iter().map(|&p| rows[p]).collect();
+        }
     }
 }
 
@@ -242,6 +322,21 @@ fn check_denoise_inputs(cfg: &openuni_models::sana::SanaConfig, pe: &Shape, nois
         bail!("prompt embeddings have shape {pe}, expected [{}, Q, {}] (uncond and cond rows of {n} images)", 2 * n, cfg.caption_channels);
     }
     Ok(())
+}
+
+/// The rows `which` of `t` along its first dimension, in that order, in `t`'s dtype.
+fn select_rows(t: &HostTensor, which: &[usize]) -> Result<HostTensor> {
+    let dims = t.shape.dims();
+    let Some(&first) = dims.first() else { bail!("cannot select rows of a scalar") };
+    if let Some(&bad) = which.iter().find(|&&r| r >= first) {
+        bail!("row {bad} of a tensor of shape {}", t.shape);
+    }
+    let bytes = t.data.as_bytes();
+    let row = bytes.len() / first.max(1);
+    let picked: Vec<u8> = which.iter().flat_map(|&r| bytes[r * row..(r + 1) * row].iter().copied()).collect();
+    let mut shape = dims.to_vec();
+    shape[0] = which.len();
+    Ok(HostTensor::new(shape, openuni_tensor::HostData::from_le_bytes(t.dtype(), &picked))?)
 }
 
 /// An error unless every value of `t` is finite: names the stage, the batch, what was found and

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use openuni_models::scheduler::SamplerKind;
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 
 /// An error answered in OpenAI's shape.
 #[derive(Debug)]
@@ -17,8 +18,8 @@ pub struct ApiError {
     pub message: String,
     /// OpenAI's `type`: invalid_request_error, server_error, ...
     pub kind: &'static str,
-    /// The request field at fault, if one is.
-    pub param: Option<&'static str>,
+    /// The request field at fault, if one is (e.g. `prompt`, `messages[1].content[0].image_url.url`).
+    pub param: Option<Cow<'static, str>>,
     pub code: Option<&'static str>,
     /// Seconds for a `Retry-After` header (503 when the queue is full).
     pub retry_after: Option<u64>,
@@ -26,7 +27,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: Some(param), code: Some("invalid_value"), retry_after: None }
+        ApiError::invalid_at(param, message)
+    }
+
+    /// [`invalid`](Self::invalid) for a field whose name is made at run time.
+    pub fn invalid_at(param: impl Into<Cow<'static, str>>, message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: Some(param.into()), code: Some("invalid_value"), retry_after: None }
     }
 
     pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
@@ -230,23 +236,23 @@ mod tests {
     fn errors_name_the_field() {
         assert_eq!(err("{").code, Some("invalid_json"));
         assert_eq!(err("[]").code, Some("invalid_json"));
-        assert_eq!(err(r#"{"n":1}"#).param, Some("prompt"));
-        assert_eq!(err(r#"{"prompt":""}"#).param, Some("prompt"));
-        assert_eq!(err(r#"{"prompt":"a","n":0}"#).param, Some("n"));
-        assert_eq!(err(r#"{"prompt":"a","n":5}"#).param, Some("n"));
-        assert_eq!(err(r#"{"prompt":"a","size":"100x64"}"#).param, Some("size"));
-        assert_eq!(err(r#"{"prompt":"a","size":"2048x64"}"#).param, Some("size"));
-        assert_eq!(err(r#"{"prompt":"a","size":"big"}"#).param, Some("size"));
-        assert_eq!(err(r#"{"prompt":"a","response_format":"url"}"#).param, Some("response_format"));
-        assert_eq!(err(r#"{"prompt":"a","steps":0}"#).param, Some("steps"));
-        assert_eq!(err(r#"{"prompt":"a","seed":-1}"#).param, Some("seed"));
-        assert_eq!(err(r#"{"prompt":"a","guidance_scale":"x"}"#).param, Some("guidance_scale"));
-        assert_eq!(err(r#"{"prompt":"a","model":"dall-e-3"}"#).param, Some("model"));
-        assert_eq!(err(r#"{"prompt":"a","sampler":"ddim"}"#).param, Some("sampler"));
+        assert_eq!(err(r#"{"n":1}"#).param.as_deref(), Some("prompt"));
+        assert_eq!(err(r#"{"prompt":""}"#).param.as_deref(), Some("prompt"));
+        assert_eq!(err(r#"{"prompt":"a","n":0}"#).param.as_deref(), Some("n"));
+        assert_eq!(err(r#"{"prompt":"a","n":5}"#).param.as_deref(), Some("n"));
+        assert_eq!(err(r#"{"prompt":"a","size":"100x64"}"#).param.as_deref(), Some("size"));
+        assert_eq!(err(r#"{"prompt":"a","size":"2048x64"}"#).param.as_deref(), Some("size"));
+        assert_eq!(err(r#"{"prompt":"a","size":"big"}"#).param.as_deref(), Some("size"));
+        assert_eq!(err(r#"{"prompt":"a","response_format":"url"}"#).param.as_deref(), Some("response_format"));
+        assert_eq!(err(r#"{"prompt":"a","steps":0}"#).param.as_deref(), Some("steps"));
+        assert_eq!(err(r#"{"prompt":"a","seed":-1}"#).param.as_deref(), Some("seed"));
+        assert_eq!(err(r#"{"prompt":"a","guidance_scale":"x"}"#).param.as_deref(), Some("guidance_scale"));
+        assert_eq!(err(r#"{"prompt":"a","model":"dall-e-3"}"#).param.as_deref(), Some("model"));
+        assert_eq!(err(r#"{"prompt":"a","sampler":"ddim"}"#).param.as_deref(), Some("sampler"));
         let e = err(r#"{"prompt":"a","colour":1}"#);
         assert!(e.message.contains("`colour`"), "{}", e.message);
         let long = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(101));
-        assert_eq!(err(&long).param, Some("prompt"));
-        assert_eq!(err(&format!(r#"{{"prompt":"a","n":2,"seed":{}}}"#, u64::MAX)).param, Some("seed"));
+        assert_eq!(err(&long).param.as_deref(), Some("prompt"));
+        assert_eq!(err(&format!(r#"{{"prompt":"a","n":2,"seed":{}}}"#, u64::MAX)).param.as_deref(), Some("seed"));
     }
 }

@@ -7,6 +7,8 @@
 //! batch holds, a second batch goes into the same call, so its conditioning overlaps the first
 //! batch's denoising (the pipeline's throughput mode). A request's images never split between
 //! batches. Image i of a request gets `seed + i`, so each image is what `openuni generate` makes.
+//! Before every denoising step the pipeline asks which images are still wanted: the rows of a
+//! request whose client left or whose deadline passed leave the running batch there.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,7 +26,7 @@ use tokio::sync::oneshot;
 use super::api::ImageRequest;
 use super::metrics::Metrics;
 use crate::generate::{is_out_of_memory, noise};
-use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams, Stopped};
+use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
 
 /// One generated image of a request.
 #[derive(Clone, Debug)]
@@ -49,7 +51,8 @@ pub struct Job {
     pub ids: PromptIds,
     pub admitted: Instant,
     pub deadline: Instant,
-    /// Set when the client went away or its deadline passed: the job is dropped before its batch.
+    /// Set when the client went away or its deadline passed: the job is dropped before its batch,
+    /// or its rows leave its running batch at the next step.
     pub cancelled: Arc<AtomicBool>,
     pub reply: oneshot::Sender<Result<Vec<Image>, JobError>>,
 }
@@ -223,12 +226,16 @@ impl Worker {
             self.metrics.queue_wait.observe(start.duration_since(j.admitted).as_secs_f64());
         }
         self.metrics.batches_running.inc();
-        // Once every request of this call is cancelled or past its deadline, the denoising stops
-        // at its next step: nobody would take the images.
-        let watch: Vec<(Arc<AtomicBool>, Instant)> = groups.iter().flatten().map(|j| (j.cancelled.clone(), j.deadline)).collect();
-        self.model.set_stop_check(Some(Box::new(move || {
+        // Before every denoising step the pipeline asks which images of the running batch are
+        // still wanted: the rows of a request cancelled or past its deadline leave the batch at
+        // that step, the others go on; a batch whose requests are all gone ends there.
+        let watch: Vec<Vec<(Arc<AtomicBool>, Instant)>> = groups
+            .iter()
+            .map(|g| g.iter().flat_map(|j| std::iter::repeat_n((j.cancelled.clone(), j.deadline), j.request.n)).collect())
+            .collect();
+        self.model.set_stop_check(Some(Box::new(move |gi| {
             let now = Instant::now();
-            watch.iter().all(|(c, d)| c.load(Ordering::Relaxed) || now >= *d)
+            watch.get(gi).map_or(vec![], |rows| rows.iter().map(|(c, d)| !c.load(Ordering::Relaxed) && now < *d).collect())
         })));
         let mut replies: Vec<Option<Vec<Image>>> = vec![None; groups.iter().map(Vec::len).sum()];
         let outcome = catch_unwind(AssertUnwindSafe(|| self.run_groups(&groups, &mut replies)));
@@ -236,10 +243,6 @@ impl Worker {
         self.metrics.batches_running.dec();
         let failure = match outcome {
             Ok(Ok(())) => None,
-            Ok(Err(e)) if e.is::<Stopped>() => {
-                self.metrics.batches_stopped.inc();
-                Some(JobError { code: "cancelled", message: e.to_string() })
-            }
             Ok(Err(e)) => {
                 let code = if is_out_of_memory(&e) { "out_of_memory" } else { "generation_failed" };
                 Some(JobError { code, message: format!("{e:#}") })
@@ -249,17 +252,21 @@ impl Worker {
                 Some(JobError { code: "generation_failed", message: format!("internal error: the batch panicked ({what})") })
             }
         };
-        if failure.as_ref().is_some_and(|f| f.code != "cancelled") {
+        if failure.is_some() {
             // Executors may be half-built after a failure: the next batch makes fresh ones.
             self.model.release_executors();
         }
-        let images: usize = groups.iter().flatten().map(|j| j.request.n).sum();
+        let images: usize = groups.iter().flatten().zip(&replies).filter(|(_, r)| r.is_some()).map(|(j, _)| j.request.n).sum();
         let elapsed = start.elapsed().as_secs_f64();
         self.metrics.batch_duration.observe(elapsed);
         for (job, reply) in groups.into_iter().flatten().zip(replies) {
             let answer = match (reply, &failure) {
                 (Some(imgs), _) => Ok(imgs),
                 (None, Some(f)) => Err(f.clone()),
+                // Its rows left the batch: the client went away or its deadline passed.
+                (None, None) if job.gone(Instant::now()) => {
+                    Err(JobError { code: "cancelled", message: "the request left its batch: its client went away or its deadline passed".into() })
+                }
                 (None, None) => Err(JobError { code: "generation_failed", message: "internal error: the batch returned no images for this request".into() }),
             };
             // A client that went away meanwhile does not take the result: it is discarded.
@@ -297,22 +304,38 @@ impl Worker {
             *at += g.len();
             Some(s)
         }).collect();
-        m.generate_batches(&batches, &params, self.run, |_| {}, |gi, decoded| {
+        let rows_of = |gi: usize| groups[gi].iter().map(|j| j.request.n).sum::<usize>();
+        m.generate_batches_rows(&batches, &params, self.run, |_| {}, |gi, decoded, kept| {
             self.metrics.batch_size.observe(batches[gi].prompts.len() as f64);
+            self.metrics.rows_cancelled.inc_by((rows_of(gi) - kept.len()) as u64);
             let (pixels, [_, h, w, _]) = to_uint8_nhwc(&decoded)?;
             let per = h * w * 3;
-            let mut row = 0;
+            // `kept` lists the batch rows still in `decoded`, ascending; a request's rows leave
+            // together, so each request is either wholly in it or wholly out.
+            let mut out = 0;
+            let mut first_row = 0;
             for (k, j) in groups[gi].iter().enumerate() {
-                let mut imgs = vec![];
-                for i in 0..j.request.n {
-                    let png = encode_png(&pixels[row * per..(row + 1) * per], w, h)?;
-                    imgs.push(Image { png_base64: base64::engine::general_purpose::STANDARD.encode(png), seed: j.seed + i as u64 });
-                    row += 1;
+                let n = j.request.n;
+                let rows = first_row..first_row + n;
+                first_row += n;
+                if !kept.contains(&rows.start) {
+                    continue;
                 }
-                self.metrics.images_generated.inc_by(j.request.n as u64);
+                let mut imgs = vec![];
+                for i in 0..n {
+                    let png = encode_png(&pixels[out * per..(out + 1) * per], w, h)?;
+                    imgs.push(Image { png_base64: base64::engine::general_purpose::STANDARD.encode(png), seed: j.seed + i as u64 });
+                    out += 1;
+                }
+                self.metrics.images_generated.inc_by(n as u64);
                 replies[first_of_group[gi] + k] = Some(imgs);
             }
+            anyhow::ensure!(out == kept.len(), "internal error: {} images decoded for {out} kept rows", kept.len());
             Ok(())
+        }, |gi| {
+            // Every request of a batch left before its end: it stopped at its next step.
+            self.metrics.batches_stopped.inc();
+            self.metrics.rows_cancelled.inc_by(rows_of(gi) as u64);
         })
     }
 }

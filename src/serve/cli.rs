@@ -68,6 +68,13 @@ pub struct ServeArgs {
     /// Default sampler of a request without `sampler`: dpm-solver or euler.
     #[arg(long, default_value = "dpm-solver")]
     pub sampler: String,
+    /// The InternVL3 folder (with its vision tower) that answers POST /v1/chat/completions
+    /// (default: the variant's LLM folder; the built-in tiny chat model with the built-in model).
+    #[arg(long, value_name = "DIR")]
+    pub chat_model: Option<PathBuf>,
+    /// Largest chat request body in bytes (images come inline as base64), then 413.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_chat_body_bytes: usize,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -93,5 +100,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         steps: a.steps,
         guidance: a.guidance,
         sampler,
+        chat_model: a.chat_model,
+        max_chat_body_bytes: a.max_chat_body_bytes,
     })
 }

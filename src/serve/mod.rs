@@ -1,15 +1,18 @@
-//! `openuni serve`: an OpenAI-compatible image server with dynamic batching.
+//! `openuni serve`: an OpenAI-compatible image and chat server with dynamic batching.
 //!
-//! tokio + axum answer HTTP; one worker thread owns the model (its resident weights and
-//! executors) and generates batches formed by [`batcher`]. Endpoints:
-//! `POST /v1/images/generations`, `GET /v1/models`, `GET /health`, `GET /metrics`.
-//! Limits: a bounded queue (503 with Retry-After when full), a per-request deadline (504), a
-//! request body limit (413), cancellation of requests whose client disconnected (dropped before
-//! their batch starts, their result discarded if it already started), an optional API key
-//! compared in constant time, graceful shutdown on SIGTERM or ctrl-c that finishes admitted work.
+//! tokio + axum answer HTTP; one worker thread owns the image model (its resident weights and
+//! executors) and generates batches formed by [`batcher`]; another owns the understanding model
+//! and answers chat requests one at a time ([`chat`]). Endpoints: `POST /v1/images/generations`,
+//! `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`.
+//! Limits: bounded queues (503 with Retry-After when full), a per-request deadline (504), request
+//! body limits (413), cancellation of requests whose client disconnected (dropped before their
+//! batch starts; in a running batch their rows leave at the next denoising step; a chat answer
+//! stops at its next token), an optional API key compared in constant time, graceful shutdown on
+//! SIGTERM or ctrl-c that finishes admitted work.
 
 pub mod api;
 pub mod batcher;
+pub mod chat;
 pub mod cli;
 pub mod metrics;
 
@@ -65,6 +68,11 @@ pub struct ServeOptions {
     pub steps: usize,
     pub guidance: f32,
     pub sampler: SamplerKind,
+    /// The InternVL3 folder chat answers with; `None`: the variant's LLM folder (the built-in
+    /// tiny chat model with the built-in tiny model).
+    pub chat_model: Option<std::path::PathBuf>,
+    /// Largest chat request body in bytes (images come inline).
+    pub max_chat_body_bytes: usize,
 }
 
 /// What the handlers share.
@@ -76,6 +84,8 @@ struct AppState {
     limits: Limits,
     api_key: Option<Vec<u8>>,
     deadline: Duration,
+    /// The chat endpoint's service, or why chat is off.
+    chat: chat::Chat,
 }
 
 /// The model loaded by the worker thread, as the server needs to know it.
@@ -112,6 +122,9 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     }
     let model_id = if resolved.builtin { "openuni-tiny".to_string() } else { format!("openuni-{}", o.variant.name) };
     let tokenizer = PromptTokenizer::from_dir(&resolved.llm)?;
+    // Chat answers with the variant's InternVL3 when its folder has the vision tower.
+    let chat_dir = o.chat_model.clone().or_else(|| (!resolved.builtin).then(|| resolved.llm.clone()));
+    let chat_id = if resolved.builtin && o.chat_model.is_none() { "openuni-tiny-chat".to_string() } else { format!("{model_id}-chat") };
     let metrics = Arc::new(Metrics::new());
     let queue = Arc::new(Queue::new(o.queue, metrics.clone()));
 
@@ -149,6 +162,11 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         })?
     };
     let loaded = ready_rx.recv().context("the worker thread stopped while loading the model")??;
+    let chat = chat::start(chat_dir, o.device, o.dtype, o.queue, chat_id, metrics.clone());
+    match &chat {
+        Ok(c) => eprintln!("openuni serve: chat with {} (POST /v1/chat/completions)", c.limits.model_id),
+        Err(why) => eprintln!("note: chat is off: {why}"),
+    }
     let limits = Limits {
         model_id,
         default_size: resolved.default_size,
@@ -169,6 +187,7 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         limits,
         api_key: o.api_key.map(String::into_bytes),
         deadline: o.deadline,
+        chat,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let served = runtime.block_on(async {
@@ -176,7 +195,7 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         let addr: SocketAddr = listener.local_addr()?;
         println!("openuni serve: {} on {} {}, max batch {}, listening on http://{addr}", state.limits.model_id, o.device, o.dtype, loaded.max_batch);
         std::io::stdout().flush()?;
-        axum::serve(listener, router(state.clone(), o.max_body_bytes)).with_graceful_shutdown(shutdown_signal()).await?;
+        axum::serve(listener, router(state.clone(), o.max_body_bytes, o.max_chat_body_bytes)).with_graceful_shutdown(shutdown_signal()).await?;
         anyhow::Ok(())
     });
     // Every connection is finished; the worker drains what is left (nothing, normally) and stops.
@@ -205,13 +224,14 @@ fn default_max_batch(model: &OpenUni, run: RunOptions, size: usize) -> usize {
     (1..=32).rev().find(|&k| need(k) <= free).unwrap_or(1)
 }
 
-fn router(state: Arc<AppState>, max_body: usize) -> Router {
+fn router(state: Arc<AppState>, max_body: usize, max_chat_body: usize) -> Router {
     Router::new()
         .route("/v1/images/generations", post(generations))
+        .route("/v1/chat/completions", post(chat::completions).layer(DefaultBodyLimit::max(max_chat_body)))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such endpoint; see /v1/images/generations, /v1/models, /health, /metrics") })
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such endpoint; see /v1/images/generations, /v1/chat/completions, /v1/models, /health, /metrics") })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -251,7 +271,11 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    Ok(Json(json!({"object": "list", "data": [{"id": state.limits.model_id, "object": "model", "created": 0, "owned_by": "openuni"}]})).into_response())
+    let mut data = vec![json!({"id": state.limits.model_id, "object": "model", "created": 0, "owned_by": "openuni"})];
+    if let Ok(c) = &state.chat {
+        data.push(json!({"id": c.limits.model_id, "object": "model", "created": 0, "owned_by": "openuni"}));
+    }
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {

@@ -77,6 +77,16 @@ impl DeviceTensor {
     pub fn bytes(&self) -> usize {
         self.shape.numel() * self.dtype.size_in_bytes()
     }
+    /// The value on the host in its storage dtype (for a consumer that must rearrange it there).
+    pub fn to_host(&self) -> Result<HostTensor> {
+        if self.runs.load(Ordering::Relaxed) != self.made_at {
+            return Err(CudaError::Input { name: self.name.clone(), msg: "its producer has run again since the handle was made: the value is gone".into() });
+        }
+        let mut bytes = vec![0u8; self.bytes()];
+        // On the producer's stream: ordered after the kernels that wrote it.
+        self.dev.copy_to_host(self.ptr, &mut bytes)?;
+        Ok(HostTensor::new(self.shape.clone(), openuni_tensor::HostData::from_le_bytes(self.dtype, &bytes))?)
+    }
 }
 
 impl std::fmt::Debug for DeviceTensor {

@@ -148,6 +148,15 @@ impl Sampler {
         self.timesteps.get(self.step).copied()
     }
 
+    /// Keeps only the rows `keep` (each `row_len` values, in that order) of the multistep
+    /// history, for a batch whose other images left: the step is elementwise, so the rows kept
+    /// go on exactly as they would in the whole batch.
+    pub fn keep_rows(&mut self, row_len: usize, keep: &[usize]) {
+        if let Some(h) = self.prev_x0.as_mut() {
+            *h = keep.iter().flat_map(|&r| h[r * row_len..(r + 1) * row_len].iter().copied()).collect();
+        }
+    }
+
     /// One step: `velocity` is the (guided) model output for `sample`; `sample` is updated in place.
     pub fn step(&mut self, velocity: &[f32], sample: &mut [f32]) -> Result<(), String> {
         let n = self.num_steps();
