@@ -9,6 +9,7 @@ pub mod internvl_preprocess;
 pub mod nn;
 pub mod prompt;
 pub mod qwen2;
+pub mod qwen2_decode;
 pub mod sana;
 pub mod scheduler;
 pub mod variant;
