@@ -124,10 +124,10 @@ enum Command {
         /// With --temperature: the seed of the draws (the same seed gives the same answer).
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Where the vision tower runs: cpu, cuda, cuda:N or emu (the LLM decodes on the CPU in f32).
+        /// Where the vision tower and the LLM (prefill, KV-cached decode) run: cpu, cuda, cuda:N or emu.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Vision tower storage type: f32 or bf16.
+        /// Storage type of weights, activations and the KV cache on the device: f32 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
