@@ -160,8 +160,7 @@ impl<'a> CachedQwen2<'a> {
         self.lens[0]
     }
 
-    /// The decode step, when one has run: its executor (for its traffic counters) and whether it
-    /// replays a captured graph.
+    /// The decode step's executor once a prompt has been prefilled (for its traffic counters).
     pub fn step_executor(&self) -> Option<&dyn GraphExecutor> {
         self.step.as_ref().map(|s| s.exec.as_ref())
     }
