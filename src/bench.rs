@@ -29,6 +29,7 @@ use crate::exec::{executor, Device};
 use crate::pipeline::{DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
 use crate::tiny_model;
 
+pub mod chat;
 pub mod plan;
 
 /// Seeded random weights of any requested name and shape, drawn by `tiny_model::init_rule`

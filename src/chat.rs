@@ -1,16 +1,18 @@
-//! InternVL image chat on the CPU in f32 (docs/internvl3-vision.md "Chat"): the image embeddings
-//! scattered into the `<IMG_CONTEXT>` rows of the prompt's embeddings, then the Qwen2 decoder
-//! with a KV cache: one prefill over the prompt, then one token per step against the cached
-//! keys and values (post-RoPE k, as transformers caches them), greedy argmax (ties to the first
-//! index) until `eos` or `max_new_tokens`.
-//!
-//! The arithmetic is the CPU reference ops' (`openuni_cpu::ops`), the same the graph's CPU
-//! executor runs for `qwen2::build`; the cache is this module's own (the graph has no cache).
+//! InternVL image chat (docs/internvl3-vision.md "Chat"): the image embeddings scattered into
+//! the `<IMG_CONTEXT>` rows of the prompt's embeddings, then the Qwen2 decoder with a KV cache on
+//! the chosen device: one prefill graph over the prompt, then one decode-step graph per token
+//! against the cached keys and values (post-RoPE k, as transformers caches them; an executor
+//! state that persists across steps), greedy argmax (ties to the first index) until `eos` or
+//! `max_new_tokens`. docs/decode.md describes the graphs and the cache.
 
-use openuni_cpu::ops::{self, AttentionDims};
+use std::collections::HashMap;
+
+use crate::exec::{Device, GraphExecutor, WeightCache};
+use openuni_cpu::ops;
 use openuni_models::qwen2::Qwen2Config;
+use openuni_models::qwen2_decode::{self, DecoderWeights};
 use openuni_models::{ModelError, Result};
-use openuni_tensor::{Shape, TensorSource};
+use openuni_tensor::{DType, HostTensor, Shape, TensorSource};
 
 pub mod questions;
 
@@ -38,99 +40,99 @@ pub fn scatter_image_embeds(embeds: &mut [f32], ids: &[usize], context_id: usize
     Ok(())
 }
 
-struct Layer {
-    input_norm: Vec<f32>,
-    q: (Vec<f32>, Vec<f32>),
-    k: (Vec<f32>, Vec<f32>),
-    v: (Vec<f32>, Vec<f32>),
-    o: Vec<f32>,
-    post_norm: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    down: Vec<f32>,
+/// Token embeddings read from the checkpoint's table (the decoder's input, on the host: a decode
+/// step uploads one D-wide row per sequence).
+#[derive(Clone)]
+pub struct Embeddings<'a> {
+    source: &'a dyn TensorSource,
+    key: String,
+    vocab: usize,
 }
 
-/// One sequence's KV cache: per layer, the keys (post-RoPE) and values of every position so far,
-/// [len, kv_heads·head_dim] each.
-#[derive(Clone, Debug, Default)]
-pub struct KvCache {
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
-    len: usize,
-}
-
-impl KvCache {
-    /// Positions already in the cache.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+impl Embeddings<'_> {
+    /// Token embeddings [ids.len(), D] (rows read from the checkpoint).
+    pub fn embed(&self, ids: &[usize]) -> Result<Vec<f32>> {
+        if let Some(&bad) = ids.iter().find(|&&i| i >= self.vocab) {
+            return Err(err(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
+        }
+        self.source
+            .rows_f32(&self.key, ids)
+            .map(|t| t.to_f32_vec())
+            .map_err(|e| ModelError::Config { path: self.source.origin(), msg: e.to_string() })
     }
 }
 
-/// A Qwen2 decoder with its KV cache (f32, CPU). [`CachedQwen2::forward`] runs one sequence
-/// against the decoder's own cache; [`CachedQwen2::forward_batch`] runs several sequences, each
-/// with its own [`KvCache`], through the same weights at once (continuous batching).
+/// The decode-step executor and the cache length it was built for.
+struct DecodeStep {
+    exec: Box<dyn GraphExecutor>,
+    max_len: usize,
+    /// Steps run; after the first (eager) one the step is captured and then replayed.
+    runs: usize,
+}
+
+/// The Qwen2 decoder of chat with a KV cache of `slots` sequences, run as the graphs of
+/// `openuni_models::qwen2_decode` on a device (docs/decode.md): [`CachedQwen2::prefill`] runs a
+/// prompt and writes its keys and values into a slot's rows of the decode step's cache (an
+/// executor state); [`CachedQwen2::step`] decodes one token for any of the slots at once. On a
+/// GPU the step is captured into a CUDA graph after its first run and replayed from then on.
+/// The cache grows (the step rebuilt, the cached rows copied over) when a sequence needs more
+/// positions than it holds.
 pub struct CachedQwen2<'a> {
     cfg: Qwen2Config,
     theta: f32,
     source: &'a dyn TensorSource,
-    embed_key: String,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    lm_head: Vec<f32>,
-    cache: KvCache,
+    embeddings: Embeddings<'a>,
+    weights: DecoderWeights,
+    device: Device,
+    cache: WeightCache,
+    origin: String,
+    /// Tokens cached per slot.
+    lens: Vec<usize>,
+    step: Option<DecodeStep>,
+    /// Positions the next cache build holds at least (`reserve`).
+    reserved: usize,
 }
 
 impl<'a> CachedQwen2<'a> {
-    /// Loads the decoder under `prefix` ("language_model.model." in an InternVL checkpoint) and the
-    /// head `head_key` (ignored with tied embeddings).
-    pub fn load(source: &'a dyn TensorSource, cfg: &Qwen2Config, prefix: &str, head_key: &str, origin: &str) -> Result<CachedQwen2<'a>> {
+    /// The decoder under `prefix` ("language_model.model." in an InternVL checkpoint) with the
+    /// head `head_key` (ignored with tied embeddings), on the CPU in f32 with one slot.
+    pub fn load(source: &'a dyn TensorSource, cfg: &Qwen2Config, prefix: &str, head_key: &str, origin: &str) -> anyhow::Result<CachedQwen2<'a>> {
+        Self::load_on(source, cfg, prefix, head_key, origin, Device::Cpu, DType::F32, 1)
+    }
+
+    /// As [`CachedQwen2::load`], on `device` with `dtype` storage (the KV cache too: f32 on the
+    /// CPU, bf16 or f32 on a GPU) and `slots` sequences decoding together.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_on(
+        source: &'a dyn TensorSource,
+        cfg: &Qwen2Config,
+        prefix: &str,
+        head_key: &str,
+        origin: &str,
+        device: Device,
+        dtype: DType,
+        slots: usize,
+    ) -> anyhow::Result<CachedQwen2<'a>> {
         cfg.validate(origin)?;
-        let (d, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
-        let (qw, kw) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let get = |name: String, shape: &[usize]| -> Result<Vec<f32>> {
-            source
-                .tensor_f32(&name, &Shape::new(shape.to_vec()))
-                .map(|t| t.to_f32_vec())
-                .map_err(|e| ModelError::Config { path: source.origin(), msg: e.to_string() })
-        };
-        let mut layers = vec![];
-        for l in 0..cfg.num_hidden_layers {
-            let p = format!("{prefix}layers.{l}");
-            let a = format!("{p}.self_attn");
-            layers.push(Layer {
-                input_norm: get(format!("{p}.input_layernorm.weight"), &[d])?,
-                q: (get(format!("{a}.q_proj.weight"), &[qw, d])?, get(format!("{a}.q_proj.bias"), &[qw])?),
-                k: (get(format!("{a}.k_proj.weight"), &[kw, d])?, get(format!("{a}.k_proj.bias"), &[kw])?),
-                v: (get(format!("{a}.v_proj.weight"), &[kw, d])?, get(format!("{a}.v_proj.bias"), &[kw])?),
-                o: get(format!("{a}.o_proj.weight"), &[d, qw])?,
-                post_norm: get(format!("{p}.post_attention_layernorm.weight"), &[d])?,
-                gate: get(format!("{p}.mlp.gate_proj.weight"), &[i, d])?,
-                up: get(format!("{p}.mlp.up_proj.weight"), &[i, d])?,
-                down: get(format!("{p}.mlp.down_proj.weight"), &[d, i])?,
-            });
+        anyhow::ensure!(slots >= 1, "the decoder needs at least one batch slot");
+        if device == Device::Cpu && dtype != DType::F32 {
+            anyhow::bail!("--device cpu runs the f32 reference only; --dtype {dtype} needs --device cuda or emu");
         }
         let embed_key = format!("{prefix}embed_tokens.weight");
-        let head = if cfg.tie_word_embeddings { embed_key.clone() } else { head_key.to_string() };
-        let mut llm = CachedQwen2 {
+        let head_key = if cfg.tie_word_embeddings { embed_key.clone() } else { head_key.to_string() };
+        Ok(CachedQwen2 {
             cfg: cfg.clone(),
             theta: cfg.rope_theta(origin)?,
             source,
-            embed_key,
-            norm: get(format!("{prefix}norm.weight"), &[d])?,
-            lm_head: get(head, &[cfg.vocab_size, d])?,
-            cache: KvCache::default(),
-            layers,
-        };
-        llm.cache = llm.new_cache();
-        Ok(llm)
-    }
-
-    /// An empty cache for one more sequence.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: vec![(vec![], vec![]); self.cfg.num_hidden_layers], len: 0 }
+            embeddings: Embeddings { source, key: embed_key, vocab: cfg.vocab_size },
+            weights: DecoderWeights { prefix: prefix.to_string(), head_key },
+            device,
+            cache: WeightCache::new(device, dtype)?,
+            origin: origin.to_string(),
+            lens: vec![0; slots],
+            step: None,
+            reserved: 0,
+        })
     }
 
     /// The model width D.
@@ -138,110 +140,167 @@ impl<'a> CachedQwen2<'a> {
         self.cfg.hidden_size
     }
 
+    /// Sequences that can decode together.
+    pub fn slots(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// The embedding table (a handle that does not borrow the decoder).
+    pub fn embeddings(&self) -> Embeddings<'a> {
+        self.embeddings.clone()
+    }
+
     /// Token embeddings [ids.len(), D] (rows read from the checkpoint).
     pub fn embed(&self, ids: &[usize]) -> Result<Vec<f32>> {
-        if let Some(&bad) = ids.iter().find(|&&i| i >= self.cfg.vocab_size) {
-            return Err(err(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size)));
-        }
-        self.source
-            .rows_f32(&self.embed_key, ids)
-            .map(|t| t.to_f32_vec())
-            .map_err(|e| ModelError::Config { path: self.source.origin(), msg: e.to_string() })
+        self.embeddings.embed(ids)
     }
 
-    /// Empties the decoder's own cache, for a new conversation on the same weights.
+    /// Empties every slot, for a new conversation on the same weights.
     pub fn reset(&mut self) {
-        self.cache = self.new_cache();
+        self.lens.iter_mut().for_each(|l| *l = 0);
     }
 
-    /// Positions already in the decoder's own cache.
+    /// Positions cached in slot 0.
     pub fn cached_len(&self) -> usize {
-        self.cache.len
+        self.lens[0]
     }
 
-    /// Runs `embeds` ([n, D], n >= 1) at positions len..len+n, appends their keys and values to the
-    /// decoder's own cache, and returns the logits [V] of the last position.
-    pub fn forward(&mut self, embeds: &[f32]) -> Result<Vec<f32>> {
-        let mut cache = std::mem::take(&mut self.cache);
-        let out = self.forward_batch(&mut [(&mut cache, embeds)]);
-        self.cache = cache;
-        Ok(out?.remove(0))
+    /// The decode step's executor once a prompt has been prefilled (for its traffic counters).
+    pub fn step_executor(&self) -> Option<&dyn GraphExecutor> {
+        self.step.as_ref().map(|s| s.exec.as_ref())
     }
 
-    /// Runs several sequences at once, each `(cache, embeds [n_i, D])` at its own positions
-    /// len_i..len_i+n_i, appending to its own cache; returns each sequence's last-position logits.
-    /// The projections and the MLP run over the rows of all sequences together (one matrix product
-    /// per weight); attention runs per sequence against its own cache. Every row's arithmetic is
-    /// the one it gets alone, so a sequence's logits do not depend on its batch mates.
-    pub fn forward_batch(&self, seqs: &mut [(&mut KvCache, &[f32])]) -> Result<Vec<Vec<f32>>> {
+    /// Makes the next cache build hold at least `positions` per slot (a caller that knows its
+    /// prompt and budget avoids a rebuild mid-answer).
+    pub fn reserve(&mut self, positions: usize) {
+        self.reserved = self.reserved.max(positions);
+    }
+
+    /// Forgets slot `slot`'s sequence (its rows are overwritten by the next prefill).
+    pub fn free(&mut self, slot: usize) {
+        self.lens[slot] = 0;
+    }
+
+    /// Runs `embeds` ([n, D], n >= 1) on slot 0: a prompt on an empty slot, else one decode
+    /// token; returns the logits [V] of the last position.
+    pub fn forward(&mut self, embeds: &[f32]) -> anyhow::Result<Vec<f32>> {
+        if self.lens[0] == 0 {
+            return self.prefill(0, embeds);
+        }
+        anyhow::ensure!(
+            embeds.len() == self.cfg.hidden_size,
+            "slot 0 already holds {} tokens: only one token at a time can follow (a new prompt needs an empty slot)",
+            self.lens[0]
+        );
+        Ok(self.step(&[(0, embeds)])?.remove(0))
+    }
+
+    /// Runs the prompt `embeds` [L, D] on slot `slot` (which must be empty) with the prefill graph,
+    /// writes its keys (rotated at their positions) and values into the slot's cache rows 0..L,
+    /// and returns the logits [V] of its last position.
+    pub fn prefill(&mut self, slot: usize, embeds: &[f32]) -> anyhow::Result<Vec<f32>> {
+        let c = self.cfg.clone();
+        let (d, hd, kv) = (c.hidden_size, c.head_dim(), c.num_key_value_heads);
+        let n = embeds.len() / d;
+        anyhow::ensure!(n > 0 && n * d == embeds.len(), "embeddings of {} values are not a whole number of {d}-wide rows", embeds.len());
+        anyhow::ensure!(slot < self.slots() && self.lens[slot] == 0, "slot {slot} is not a free slot of {}", self.slots());
+        c.check_length(n)?;
+        let g = qwen2_decode::build_prefill(&c, &self.weights, n, &self.origin)?;
+        let mut ex = crate::exec::executor_with(self.device, &g, self.source, &self.cache, false)?;
+        let input = HostTensor::from_f32([1, n, d], embeds.to_vec())?;
+        let mut out = ex.run(&HashMap::from([(qwen2_decode::EMBEDS.to_string(), input)]))?;
+        self.ensure_capacity((n + 1).min(c.max_position_embeddings))?;
+        let step = self.step.as_mut().expect("made by ensure_capacity");
+        let (max_len, theta) = (step.max_len, self.theta);
+        let positions: Vec<usize> = (0..n).collect();
+        for layer in 0..c.num_hidden_layers {
+            for keys in [true, false] {
+                let x = out.remove(&qwen2_decode::prefill_kv_name(layer, keys)).expect("graph output").to_f32_vec();
+                // Keys are cached after RoPE, as the append rotates them (the same rope_at).
+                let rows = if keys {
+                    let mut r = vec![0f32; x.len()];
+                    ops::rope_at(&x, &positions, kv, hd, theta, &mut r);
+                    r
+                } else {
+                    x
+                };
+                // [L, kv·hd] -> rows 0..L of each (slot, kv head) of [slots, kv, max_len, hd].
+                for h in 0..kv {
+                    let run: Vec<f32> = (0..n).flat_map(|t| rows[(t * kv + h) * hd..(t * kv + h + 1) * hd].iter().copied()).collect();
+                    step.exec.write_state(&qwen2_decode::cache_name(layer, keys), (slot * kv + h) * max_len * hd, &run)?;
+                }
+            }
+        }
+        self.lens[slot] = n;
+        Ok(out.remove(qwen2_decode::LOGITS).expect("graph output").to_f32_vec())
+    }
+
+    /// One decode step: each `(slot, embedding [D])` at its slot's next position, all slots in one
+    /// run of the step graph (slots not named compute at their next free row and are ignored);
+    /// returns the logits [V] of each, in order.
+    pub fn step(&mut self, tokens: &[(usize, &[f32])]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let (d, v, slots) = (self.cfg.hidden_size, self.cfg.vocab_size, self.slots());
+        for (i, &(slot, e)) in tokens.iter().enumerate() {
+            anyhow::ensure!(slot < slots && self.lens[slot] > 0, "slot {slot} holds no prompt (prefill first)");
+            anyhow::ensure!(e.len() == d, "the embedding of slot {slot} has {} values, expected {d}", e.len());
+            anyhow::ensure!(!tokens[..i].iter().any(|t| t.0 == slot), "slot {slot} is given twice in one step");
+            self.cfg.check_length(self.lens[slot] + 1)?;
+        }
+        let need = self.lens.iter().max().copied().unwrap_or(0) + 1;
+        self.ensure_capacity(need)?;
+        let mut embeds = vec![0f32; slots * d];
+        for &(slot, e) in tokens {
+            embeds[slot * d..(slot + 1) * d].copy_from_slice(e);
+        }
+        let positions: Vec<f32> = self.lens.iter().map(|&l| l as f32).collect();
+        let inputs = HashMap::from([
+            (qwen2_decode::EMBEDS.to_string(), HostTensor::from_f32([slots, d], embeds)?),
+            (qwen2_decode::POSITIONS.to_string(), HostTensor::from_f32([slots], positions)?),
+        ]);
+        let step = self.step.as_mut().expect("made by ensure_capacity");
+        let logits = step.exec.run(&inputs)?.remove(qwen2_decode::LOGITS).expect("graph output").to_f32_vec();
+        step.runs += 1;
+        if step.runs == 1 && self.device != Device::Cpu {
+            // The launches never change between steps (fixed pointers, max_len-sized grids, the
+            // positions read on the device): capture once after the eager warm-up, then replay.
+            step.exec.capture()?;
+        }
+        for &(slot, _) in tokens {
+            self.lens[slot] += 1;
+        }
+        Ok(tokens.iter().map(|&(slot, _)| logits[slot * v..(slot + 1) * v].to_vec()).collect())
+    }
+
+    /// Makes the decode step hold at least `need` positions per slot: built on first use, rebuilt
+    /// (at least doubled, multiples of 256, within the model's context) with the cached rows
+    /// copied over when it is too small.
+    fn ensure_capacity(&mut self, need: usize) -> anyhow::Result<()> {
+        let old = self.step.as_ref().map_or(0, |s| s.max_len);
+        if need <= old {
+            return Ok(());
+        }
         let c = &self.cfg;
-        let (d, hd, inter) = (c.hidden_size, c.head_dim(), c.intermediate_size);
-        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
-        let (qw, kw) = (heads * hd, kv_heads * hd);
-        let mut counts = vec![];
-        let mut positions = vec![];
-        for (cache, embeds) in seqs.iter() {
-            let n = embeds.len() / d;
-            if n == 0 || n * d != embeds.len() {
-                return Err(err(format!("embeddings of {} values are not a whole number of {d}-wide rows", embeds.len())));
+        let max_len = need.max(self.reserved).max(2 * old).next_multiple_of(256).min(c.max_position_embeddings).max(need);
+        let slots = self.slots();
+        let g = qwen2_decode::build_decode_step(c, &self.weights, slots, max_len, &self.origin)?;
+        let mut exec = crate::exec::executor_with(self.device, &g, self.source, &self.cache, false)?;
+        if let Some(prev) = &self.step {
+            let (kv, hd) = (c.num_key_value_heads, c.head_dim());
+            for layer in 0..c.num_hidden_layers {
+                for keys in [true, false] {
+                    let name = qwen2_decode::cache_name(layer, keys);
+                    for (slot, &len) in self.lens.iter().enumerate() {
+                        for h in 0..kv {
+                            let row = slot * kv + h;
+                            let rows = prev.exec.read_state(&name, row * old * hd, len * hd)?;
+                            exec.write_state(&name, row * max_len * hd, &rows)?;
+                        }
+                    }
+                }
             }
-            if cache.layers.len() != c.num_hidden_layers {
-                return Err(err(format!("a KV cache of {} layers for a decoder of {}", cache.layers.len(), c.num_hidden_layers)));
-            }
-            c.check_length(cache.len + n)?;
-            positions.extend(cache.len..cache.len + n);
-            counts.push(n);
         }
-        let rows = positions.len();
-        let eps = c.rms_norm_eps;
-        let mut x: Vec<f32> = seqs.iter().flat_map(|(_, e)| e.iter().copied()).collect();
-        let mut h = vec![0f32; rows * d];
-        for (li, layer) in self.layers.iter().enumerate() {
-            ops::rmsnorm(&x, &layer.input_norm, None, eps, d, &mut h);
-            let (mut q, mut k, mut v) = (vec![0f32; rows * qw], vec![0f32; rows * kw], vec![0f32; rows * kw]);
-            ops::linear(&h, &layer.q.0, Some(&layer.q.1), rows, d, qw, &mut q);
-            ops::linear(&h, &layer.k.0, Some(&layer.k.1), rows, d, kw, &mut k);
-            ops::linear(&h, &layer.v.0, Some(&layer.v.1), rows, d, kw, &mut v);
-            let (mut qr, mut kr) = (vec![0f32; q.len()], vec![0f32; k.len()]);
-            ops::rope_at(&q, &positions, heads, hd, self.theta, &mut qr);
-            ops::rope_at(&k, &positions, kv_heads, hd, self.theta, &mut kr);
-            let mut o = vec![0f32; rows * qw];
-            let mut start = 0;
-            for ((cache, _), &n) in seqs.iter_mut().zip(&counts) {
-                let (kc, vc) = &mut cache.layers[li];
-                kc.extend_from_slice(&kr[start * kw..(start + n) * kw]);
-                vc.extend_from_slice(&v[start * kw..(start + n) * kw]);
-                // Causal over the whole cache: the last query sees every key (ops::attention
-                // aligns the last query with the last key).
-                let total = kc.len() / kw;
-                let dims = AttentionDims { batch: 1, q_len: n, kv_len: total, heads, kv_heads, head_dim: hd, causal: true, scale: (hd as f32).powf(-0.5) };
-                ops::attention(&qr[start * qw..(start + n) * qw], kc, vc, None, dims, &mut o[start * qw..(start + n) * qw]);
-                start += n;
-            }
-            let mut y = vec![0f32; rows * d];
-            ops::linear(&o, &layer.o, None, rows, qw, d, &mut y);
-            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
-            ops::rmsnorm(&x, &layer.post_norm, None, eps, d, &mut h);
-            let (mut g, mut u) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
-            ops::linear(&h, &layer.gate, None, rows, d, inter, &mut g);
-            ops::linear(&h, &layer.up, None, rows, d, inter, &mut u);
-            let mut a = vec![0f32; rows * inter];
-            ops::swiglu(&g, &u, &mut a);
-            ops::linear(&a, &layer.down, None, rows, inter, d, &mut y);
-            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
-        }
-        // The last row of each sequence through the final norm and the head, together.
-        let b = seqs.len();
-        let mut last = vec![0f32; b * d];
-        let mut end = 0;
-        for ((cache, _), (&n, out)) in seqs.iter_mut().zip(counts.iter().zip(last.chunks_exact_mut(d))) {
-            end += n;
-            cache.len += n;
-            ops::rmsnorm(&x[(end - 1) * d..end * d], &self.norm, None, eps, d, out);
-        }
-        let mut logits = vec![0f32; b * c.vocab_size];
-        ops::linear(&last, &self.lm_head, None, b, d, c.vocab_size, &mut logits);
-        Ok(logits.chunks_exact(c.vocab_size).map(|l| l.to_vec()).collect())
+        self.step = Some(DecodeStep { exec, max_len, runs: 0 });
+        Ok(())
     }
 }
 
@@ -354,16 +413,16 @@ impl Picker {
     }
 }
 
-/// Greedy decoding from prompt embeddings: returns the prefill logits (last prompt position)
-/// and the generated ids (ending with `eos` when it was produced). `on_token` sees each id as
-/// it is decoded (streaming).
+/// Greedy decoding from prompt embeddings on slot 0: returns the prefill logits (last prompt
+/// position) and the generated ids (ending with `eos` when it was produced). `on_token` sees
+/// each id as it is decoded (streaming).
 pub fn generate_greedy(
     llm: &mut CachedQwen2,
     prompt_embeds: &[f32],
     max_new_tokens: usize,
     eos: Option<usize>,
     on_token: impl FnMut(usize),
-) -> Result<(Vec<f32>, Vec<usize>)> {
+) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
     generate(llm, prompt_embeds, max_new_tokens, eos, &mut Picker::Greedy, on_token)
 }
 
@@ -375,7 +434,7 @@ pub fn generate(
     eos: Option<usize>,
     picker: &mut Picker,
     mut on_token: impl FnMut(usize),
-) -> Result<(Vec<f32>, Vec<usize>)> {
+) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
     generate_until(llm, prompt_embeds, max_new_tokens, eos, picker, |id| {
         on_token(id);
         true
@@ -390,7 +449,8 @@ pub fn generate_until(
     eos: Option<usize>,
     picker: &mut Picker,
     mut on_token: impl FnMut(usize) -> bool,
-) -> Result<(Vec<f32>, Vec<usize>)> {
+) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
+    llm.reserve(llm.cached_len() + prompt_embeds.len() / llm.hidden_size().max(1) + max_new_tokens);
     let prefill = llm.forward(prompt_embeds)?;
     let mut ids = vec![];
     let mut logits = prefill.clone();
@@ -414,59 +474,66 @@ pub struct BatchRequest<K> {
     pub max_new_tokens: usize,
 }
 
-/// Continuous batching on the CPU decoder: up to `max_batch` sequences decode together, one
-/// [`KvCache`] each. Before every step, free places are filled from `requests` (a joining
-/// sequence runs its prompt as part of that step: its prefill rides along with the others'
-/// decode rows); after the step, a sequence that produced `eos` or reached its budget leaves and
-/// `on_done` gets its generated ids (ending with `eos` when produced). Each sequence picks its
-/// tokens with its own [`Picker`] (`sampling` None: greedy), so greedy answers are the ones
-/// [`generate_greedy`] gives one at a time. An error from `requests` or `on_done` stops the run.
+/// Continuous batching over the decoder's batch slots: up to `llm.slots()` sequences decode
+/// together, each in its own slot of the KV cache. Before every step, free slots are filled from
+/// `requests` (a joining sequence runs its prefill and picks its first token); then one decode
+/// step runs every live sequence; a sequence that produced `eos` or reached its budget leaves
+/// (its slot is freed for the next) and `on_done` gets its generated ids (ending with `eos` when
+/// produced). Each sequence picks its tokens with its own [`Picker`] (`sampling` None: greedy),
+/// so greedy answers are the ones [`generate_greedy`] gives one at a time. An error from
+/// `requests` or `on_done` stops the run.
 pub fn generate_continuous<K>(
-    llm: &CachedQwen2,
+    llm: &mut CachedQwen2,
     mut requests: impl Iterator<Item = anyhow::Result<BatchRequest<K>>>,
-    max_batch: usize,
     eos: Option<usize>,
     sampling: Option<Sampling>,
     mut on_done: impl FnMut(K, Vec<usize>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     struct Live<K> {
         key: K,
-        cache: KvCache,
+        slot: usize,
         input: Vec<f32>,
         ids: Vec<usize>,
         max_new_tokens: usize,
         picker: Picker,
     }
-    anyhow::ensure!(max_batch >= 1, "the batch size must be at least 1");
     let mut live: Vec<Live<K>> = vec![];
+    let mut free: Vec<usize> = (0..llm.slots()).rev().collect();
     let mut more = true;
     loop {
-        while more && live.len() < max_batch {
+        while more && !free.is_empty() {
             match requests.next().transpose()? {
                 Some(r) if r.max_new_tokens == 0 => on_done(r.key, vec![])?,
-                Some(r) => live.push(Live {
-                    key: r.key,
-                    cache: llm.new_cache(),
-                    input: r.prompt_embeds,
-                    ids: vec![],
-                    max_new_tokens: r.max_new_tokens,
-                    picker: Picker::new(sampling)?,
-                }),
+                Some(r) => {
+                    let slot = free.pop().expect("checked");
+                    let logits = llm.prefill(slot, &r.prompt_embeds)?;
+                    let mut picker = Picker::new(sampling)?;
+                    let next = picker.pick(&logits);
+                    if Some(next) == eos || r.max_new_tokens == 1 {
+                        llm.free(slot);
+                        free.push(slot);
+                        on_done(r.key, vec![next])?;
+                    } else {
+                        live.push(Live { key: r.key, slot, input: llm.embed(&[next])?, ids: vec![next], max_new_tokens: r.max_new_tokens, picker });
+                    }
+                }
                 None => more = false,
             }
         }
         if live.is_empty() {
+            if more {
+                continue;
+            }
             return Ok(());
         }
-        let logits = {
-            let mut batch: Vec<(&mut KvCache, &[f32])> = live.iter_mut().map(|s| (&mut s.cache, s.input.as_slice())).collect();
-            llm.forward_batch(&mut batch)?
-        };
+        let logits = llm.step(&live.iter().map(|s| (s.slot, s.input.as_slice())).collect::<Vec<_>>())?;
         let mut still = vec![];
         for (mut s, l) in live.into_iter().zip(logits) {
             let next = s.picker.pick(&l);
             s.ids.push(next);
             if Some(next) == eos || s.ids.len() == s.max_new_tokens {
+                llm.free(s.slot);
+                free.push(s.slot);
                 on_done(s.key, s.ids)?;
             } else {
                 s.input = llm.embed(&[next])?;
@@ -538,7 +605,7 @@ pub struct ChatOptions {
     pub max_new_tokens: usize,
     /// None: greedy.
     pub sampling: Option<Sampling>,
-    /// Where the ViT runs (the LLM decodes on the CPU in f32).
+    /// Where the ViT and the LLM run.
     pub device: crate::exec::Device,
     pub dtype: openuni_tensor::DType,
 }
@@ -636,12 +703,13 @@ impl ChatModel {
         Ok(())
     }
 
-    /// The decoder (on the CPU in f32).
-    pub fn llm(&self) -> anyhow::Result<CachedQwen2<'_>> {
+    /// The decoder on the chosen device and dtype, with `slots` sequences decoding together.
+    pub fn llm(&self, slots: usize) -> anyhow::Result<CachedQwen2<'_>> {
         use anyhow::Context;
         let (prefix, head_prefix) = openuni_models::qwen2::detect_prefix(&mut self.weights.keys())
             .with_context(|| format!("{}: no `language_model.model.embed_tokens.weight`", self.weights.origin().display()))?;
-        Ok(CachedQwen2::load(&self.weights, &self.cfg.llm, prefix, &format!("{head_prefix}lm_head.weight"), &self.cfg_path.display().to_string())?)
+        let head = format!("{head_prefix}lm_head.weight");
+        CachedQwen2::load_on(&self.weights, &self.cfg.llm, prefix, &head, &self.cfg_path.display().to_string(), self.device, self.dtype, slots)
     }
 
     /// The vision tower + mlp1 over all tiles as one batch: [T·256, D] embeddings.
@@ -671,7 +739,7 @@ impl ChatModel {
     /// pixel values of all tiles and the tiles per image.
     pub fn prompt_embeds(
         &self,
-        llm: &CachedQwen2,
+        llm: &Embeddings,
         history: &[(String, String)],
         question: &str,
         images: Option<(&openuni_tensor::HostTensor, &[usize])>,
@@ -683,7 +751,7 @@ impl ChatModel {
     /// [`prompt_embeds`](Self::prompt_embeds) with another system message.
     pub fn prompt_embeds_with_system(
         &self,
-        llm: &CachedQwen2,
+        llm: &Embeddings,
         system: &str,
         history: &[(String, String)],
         question: &str,
@@ -773,8 +841,8 @@ pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
         (None, Some(t)) => (Some(t.pixel_values), t.tiles, "--image".to_string()),
         (None, None) => (None, vec![], String::new()),
     };
-    let mut llm = m.llm()?;
-    let embeds = m.prompt_embeds(&llm, &o.history, &o.prompt, px.as_ref().map(|p| (p, tiles.as_slice())), &origin)?;
+    let mut llm = m.llm(1)?;
+    let embeds = m.prompt_embeds(&llm.embeddings(), &o.history, &o.prompt, px.as_ref().map(|p| (p, tiles.as_slice())), &origin)?;
     // Stream: print what each new token adds to the detokenised answer (special tokens skipped).
     let mut text = TextStream::default();
     let mut stdout = std::io::stdout();

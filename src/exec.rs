@@ -148,6 +148,14 @@ pub trait GraphExecutor {
     fn graph(&self) -> &Graph;
     /// Device (or host) bytes of the activation arena, workspaces and staging of this graph.
     fn activation_bytes(&self) -> usize;
+    /// Writes f32 `data` into the state (`ValueKind::State`, a KV cache) `name` from element
+    /// `offset` on; states persist across runs and replays.
+    fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<()>;
+    /// Reads `len` elements of the state `name` from element `offset` on, as f32.
+    fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>>;
+    /// Bytes this executor copied host -> device and device -> host so far (0 on the CPU, which
+    /// has no bus).
+    fn host_traffic(&self) -> (u64, u64);
     /// Every output of the last run where it lies: on a GPU left on the device in the storage
     /// dtype (no download, no cast), on the CPU the host tensor. For another executor's
     /// [`set_input_handles`](Self::set_input_handles) before this one runs again.
@@ -221,6 +229,15 @@ impl GraphExecutor for CudaExecutor {
         }
         Ok(())
     }
+    fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<()> {
+        Ok(CudaExecutor::write_state(self, name, offset, data)?)
+    }
+    fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
+        Ok(CudaExecutor::read_state(self, name, offset, len)?)
+    }
+    fn host_traffic(&self) -> (u64, u64) {
+        CudaExecutor::host_traffic(self)
+    }
 }
 
 impl GraphExecutor for CpuExecutor {
@@ -269,6 +286,15 @@ impl GraphExecutor for CpuExecutor {
             }
         }
         Ok(())
+    }
+    fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<()> {
+        Ok(CpuExecutor::write_state(self, name, offset, data)?)
+    }
+    fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
+        Ok(CpuExecutor::read_state(self, name, offset, len)?)
+    }
+    fn host_traffic(&self) -> (u64, u64) {
+        (0, 0)
     }
 }
 

@@ -74,6 +74,13 @@ enum Command {
         /// roofline model per stage, from the graphs at real size (no weights, no device, seconds).
         #[arg(long)]
         plan: bool,
+        /// Benchmark the chat decoder instead (the variant's LLM): prefill time and per-step decode
+        /// time at each --batch (slots), tokens/s (tools/bench_torch_chat.py is the baseline).
+        #[arg(long)]
+        chat: bool,
+        /// With --chat: prompt tokens per sequence.
+        #[arg(long, default_value_t = 128, value_parser = usize_in(1, 32768))]
+        chat_prompt: usize,
     },
     /// Ask InternVL3 a question, optionally about images; the answer streams to stdout. With
     /// --questions, answer a JSONL file of questions with continuous batching. Without --model, the
@@ -124,10 +131,10 @@ enum Command {
         /// With --temperature: the seed of the draws (the same seed gives the same answer).
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Where the vision tower runs: cpu, cuda, cuda:N or emu (the LLM decodes on the CPU in f32).
+        /// Where the vision tower and the LLM (prefill, KV-cached decode) run: cpu, cuda, cuda:N or emu.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Vision tower storage type: f32 or bf16.
+        /// Storage type of weights, activations and the KV cache on the device: f32 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
@@ -331,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(all_passed)
         }
-        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, plan } => {
+        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, plan, chat, chat_prompt } => {
             if let Some(dir) = write_configs {
                 openuni::bench::write_configs(&variant, &dir)?;
                 println!("{}", dir.display());
@@ -357,6 +364,20 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             } else {
                 dtype
             };
+            if chat {
+                let opts = openuni::bench::chat::ChatBenchOptions {
+                    variant,
+                    device,
+                    dtype,
+                    batches: batch,
+                    prompt: chat_prompt,
+                    iters,
+                    json,
+                    command: std::env::args().collect::<Vec<_>>().join(" "),
+                };
+                print!("{}", openuni::bench::chat::render(&openuni::bench::chat::run(&opts)?));
+                return Ok(true);
+            }
             let opts = openuni::bench::BenchOptions {
                 variant,
                 batches: batch,

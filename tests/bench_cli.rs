@@ -107,3 +107,28 @@ fn plan_counts_a_real_size_variant_without_a_device() {
     assert_ne!(code, 0);
     assert!(stderr.contains("--variant `b-9000`"), "{stderr}");
 }
+
+#[test]
+fn tiny_chat_bench_on_the_cpu_reports_prefill_and_decode_per_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("chat.json");
+    let (code, stdout, stderr) =
+        bench(&["--chat", "--variant", "tiny", "--batch", "1,3", "--device", "cpu", "--iters", "2", "--chat-prompt", "8", "--json", json.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    println!("{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|b| b["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3]);
+    for b in rows {
+        for k in ["prefill_ms", "decode_step_ms", "tokens_per_s"] {
+            assert!(b[k].as_f64().unwrap() > 0.0, "{k} = {}", b[k]);
+        }
+        let per_s = b["batch"].as_f64().unwrap() * 1e3 / b["decode_step_ms"].as_f64().unwrap();
+        assert!((b["tokens_per_s"].as_f64().unwrap() - per_s).abs() < 1e-6 * per_s);
+    }
+    assert_eq!(r["prompt_tokens"], 8);
+    assert!(stdout.contains("decode_step_ms") && stdout.contains("tokens/s"));
+    let (code, _, stderr) = bench(&["--chat", "--variant", "tiny", "--device", "cpu", "--chat-prompt", "0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--chat-prompt"), "{stderr}");
+}

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use openuni::chat::{argmax, CachedQwen2};
+use openuni::exec::Device;
 use openuni_models::qwen2::Qwen2Config;
-use openuni_tensor::{write_safetensors, HostData, HostTensor, Weights};
+use openuni_tensor::{write_safetensors, DType, HostData, HostTensor, Weights};
 
 fn case() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_tiny")
@@ -313,7 +314,6 @@ fn continuous_batching_gives_the_one_at_a_time_greedy_answers() {
     let cfg = llm_config();
     let w = Weights::open(case().join("model")).unwrap();
     let (p, h) = ("language_model.model.", "language_model.lm_head.weight");
-    let llm = CachedQwen2::load(&w, &cfg, p, h, "chat_tiny").unwrap();
     // Prompts of different lengths and budgets, so sequences leave and join mid-run.
     let prompts: Vec<(Vec<usize>, usize)> =
         vec![(vec![3, 17, 40], 9), (vec![5, 99, 12, 7, 8, 1], 3), (vec![42], 6), (vec![11, 12, 13, 14], 1), (vec![7, 7, 7, 7, 7, 7, 7, 7], 7)];
@@ -324,10 +324,12 @@ fn continuous_batching_gives_the_one_at_a_time_greedy_answers() {
         alone.push(generate_greedy(&mut one, &e, *n, None, |_| {}).unwrap().1);
     }
     for max_batch in [1, 2, 5] {
-        let reqs = prompts.iter().enumerate().map(|(i, (ids, n))| Ok(BatchRequest { key: i, prompt_embeds: llm.embed(ids).unwrap(), max_new_tokens: *n }));
+        let mut llm = CachedQwen2::load_on(&w, &cfg, p, h, "chat_tiny", Device::Cpu, DType::F32, max_batch).unwrap();
+        let table = llm.embeddings();
+        let reqs = prompts.iter().enumerate().map(|(i, (ids, n))| Ok(BatchRequest { key: i, prompt_embeds: table.embed(ids).unwrap(), max_new_tokens: *n }));
         let mut got = vec![vec![]; prompts.len()];
         let mut order = vec![];
-        generate_continuous(&llm, reqs, max_batch, None, None, |k, ids| {
+        generate_continuous(&mut llm, reqs, None, None, |k, ids| {
             order.push(k);
             got[k] = ids;
             Ok(())

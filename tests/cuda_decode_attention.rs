@@ -10,6 +10,9 @@
 //! The append is checked with the same rule on the whole cache and on the appended rows alone, and
 //! every other row must be an exact copy.
 //!
+//! `kv_cache_append_on_a_state_persists_across_runs`: the append on an executor state is in place
+//! and the cache persists across runs (CPU executor, then the device in both dtypes).
+//!
 //! One test needs no device: the CPU twin of a decode step (append K rotated and V at position p,
 //! attend with q rotated at p) equals the last row of the prefill attention (`attention_ext`, causal,
 //! fused RoPE) over the same p + 1 tokens. Without a CUDA device (real or emulated) the other
@@ -185,5 +188,64 @@ fn decode_step_equals_last_row_of_prefill() {
         let e = openuni_cuda::testing::rel_l2(&out, &prefill[(n - 1) * qw..]);
         println!("decode step vs prefill last row, n {n} heads {heads}/{kv_heads} hd {hd}: rel L2 {e:.3e}");
         assert!(e <= 1e-5, "decode step differs from the prefill's last row: rel L2 {e:.3e}");
+    }
+}
+
+/// `KvCacheAppend` on an executor state (`GraphBuilder::state`) writes in place and the cache
+/// persists across runs: three runs at positions 0, 1, 2 leave the three appended rows (and zeros
+/// elsewhere), on the CPU executor and on the device in both storage dtypes, with the attention
+/// of the last run reading all three rows.
+#[test]
+fn kv_cache_append_on_a_state_persists_across_runs() {
+    let (b, kv, hd, max_len) = (2, 2, 64, 5);
+    let mut gb = GraphBuilder::new();
+    let cache = gb.state("k_cache", [b, kv, max_len, hd]).unwrap();
+    let xi = gb.input("x", [b, kv * hd]).unwrap();
+    let pi = gb.input("positions", [b]).unwrap();
+    let qi = gb.input("q", [b, 2 * kv * hd]).unwrap();
+    let c2 = gb.kv_cache_append("append", cache, xi, pi, kv, hd, Some(THETA)).unwrap();
+    let y = gb.decode_attention("attn", qi, c2, c2, pi, 2 * kv, kv, hd, 0.125, Some(THETA)).unwrap();
+    gb.output("y", y).unwrap();
+    let g = gb.finish();
+    let mut rng = Rng::new(73);
+    let xs: Vec<Vec<f32>> = (0..3).map(|_| rng.normals(b * kv * hd, 0.0, 1.0)).collect();
+    let q = rng.normals(b * 2 * kv * hd, 0.0, 1.0);
+    // The expected cache and last output from the CPU twins, appended one run at a time.
+    let d = DecodeDims { batch: b, heads: kv, kv_heads: kv, head_dim: hd, max_len };
+    let mut want = vec![0f32; b * kv * max_len * hd];
+    for (p, x) in xs.iter().enumerate() {
+        cpu::kv_cache_write(x, &[p as f32; 2], d, Some(THETA), &mut want);
+    }
+    let mut want_y = vec![0f32; q.len()];
+    cpu::decode_attention(&q, &want, &want, &[2.0; 2], DecodeDims { heads: 2 * kv, ..d }, 0.125, Some(THETA), &mut want_y);
+    let inputs = |p: usize| -> HashMap<String, HostTensor> {
+        HashMap::from([
+            ("x".to_string(), HostTensor::from_f32([b, kv * hd], xs[p].clone()).unwrap()),
+            ("positions".to_string(), HostTensor::from_f32([b], vec![p as f32; b]).unwrap()),
+            ("q".to_string(), HostTensor::from_f32([b, 2 * kv * hd], q.clone()).unwrap()),
+        ])
+    };
+    let mut cpu_ex = openuni_cpu::CpuExecutor::new(&g, &HashMap::new(), false).unwrap();
+    let mut y = vec![];
+    for p in 0..3 {
+        y = cpu_ex.run(&inputs(p)).unwrap()["y"].to_f32_vec();
+    }
+    assert_eq!(cpu_ex.read_state("k_cache", 0, want.len()).unwrap(), want, "cpu executor state");
+    assert_eq!(y, want_y, "cpu executor attention over the state");
+    let Some(dev) = device_or_skip() else { return };
+    for dtype in DTYPES {
+        let mut ex = CudaExecutor::new(&dev, &g, &HashMap::new(), dtype, false).unwrap();
+        for p in 0..3 {
+            y = ex.run(&inputs(p)).unwrap()["y"].to_f32_vec();
+        }
+        let got = ex.read_state("k_cache", 0, want.len()).unwrap();
+        check(&format!("state cache {dtype}"), dtype, &got, &want, &round_to(dtype, &want));
+        assert!(got.chunks(hd).enumerate().all(|(r, row)| r % max_len < 3 || row.iter().all(|&v| v == 0.0)), "{dtype}: rows past the appended ones are not zero");
+        check(&format!("attention over the state {dtype}"), dtype, &y, &want_y, &want_y);
+        // write_state then read_state round-trips (bf16: values that bf16 holds exactly).
+        ex.write_state("k_cache", hd, &[0.5; 64]).unwrap();
+        assert_eq!(ex.read_state("k_cache", hd, 64).unwrap(), vec![0.5; 64]);
+        assert!(ex.write_state("k_cache", want.len() - 1, &[0.0; 2]).is_err());
+        assert!(ex.write_state("x", 0, &[0.0]).is_err());
     }
 }

@@ -32,7 +32,7 @@ if [ "${1:-}" = "--build" ]; then
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu/' .gitignore 2>/dev/null || echo /.gpu/ >> .git/info/exclude
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
   J="$(mktemp)"
-  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv --test cuda_layout >> "$J"
+  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv --test cuda_layout --test cuda_decode_attention >> "$J"
   cargo test --release --no-run --message-format=json -p openuni-cuda --tests >> "$J"
   cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv --bench layout --bench misc >> "$J"
   cargo build --release

@@ -1,5 +1,5 @@
 //! `openuni chat --questions FILE.jsonl --answers OUT.jsonl`: many questions answered with
-//! continuous batching on the CPU decoder ([`super::generate_continuous`]).
+//! continuous batching over the decoder's batch slots on the chosen device ([`super::generate_continuous`]).
 //!
 //! Questions: one JSON object per line, `{"id": string | number, "question": string,
 //! "image": path | [paths] | absent}` (other fields are ignored; blank lines skipped); relative
@@ -140,7 +140,8 @@ pub fn run(o: &ChatOptions, questions: &Path, answers: &Path, max_batch: usize) 
     for q in &todo {
         m.check_text(&format!("{}: line {}: the question", questions.display(), q.line), &q.question)?;
     }
-    let llm = m.llm()?;
+    let mut llm = m.llm(max_batch.max(1))?;
+    let embeddings = llm.embeddings();
     let mut out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -151,12 +152,13 @@ pub fn run(o: &ChatOptions, questions: &Path, answers: &Path, max_batch: usize) 
         let at = |e: anyhow::Error| e.context(format!("{name}: line {} (id {})", q.line, q.id));
         let images = load_images(&q.images, o.max_num).map_err(at)?;
         let embeds = m
-            .prompt_embeds(&llm, &[], &q.question, images.as_ref().map(|t| (&t.pixel_values, t.tiles.as_slice())), &name)
+            .prompt_embeds(&embeddings, &[], &q.question, images.as_ref().map(|t| (&t.pixel_values, t.tiles.as_slice())), &name)
             .map_err(at)?;
         Ok(BatchRequest { key: k, prompt_embeds: embeds, max_new_tokens: o.max_new_tokens })
     });
     let mut answered = 0;
-    generate_continuous(&llm, requests, max_batch, Some(m.eos), o.sampling, |k, ids| {
+    anyhow::ensure!(max_batch >= 1, "the batch size must be at least 1");
+    generate_continuous(&mut llm, requests, Some(m.eos), o.sampling, |k, ids| {
         let q = todo[k];
         let line = serde_json::json!({"id": q.id, "question": q.question, "answer": m.detokenise(&ids)?, "tokens": ids.len()});
         // One complete line per write, flushed: an interruption leaves at most one partial line.

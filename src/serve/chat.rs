@@ -337,7 +337,7 @@ pub fn start(dir: Option<PathBuf>, device: crate::exec::Device, dtype: openuni_t
                 return;
             }
         };
-        let llm = match m.llm() {
+        let llm = match m.llm(1) {
             Ok(l) => l,
             Err(e) => {
                 let _ = ready_tx.send(Err(format!("{e:#}")));
@@ -416,7 +416,7 @@ fn answer(m: &ChatModel, llm: &mut crate::chat::CachedQwen2<'_>, job: &ChatJob, 
     llm.reset();
     let system = r.system.as_deref().unwrap_or(INTERNVL2_5_SYSTEM);
     let embeds = m
-        .prompt_embeds_with_system(llm, system, &r.history, &r.question, pixels.as_ref().map(|(p, t)| (p, t.as_slice())), "the request's images")
+        .prompt_embeds_with_system(&llm.embeddings(), system, &r.history, &r.question, pixels.as_ref().map(|(p, t)| (p, t.as_slice())), "the request's images")
         .map_err(server_error)?;
     let prompt_tokens = embeds.len() / llm.hidden_size();
     let context = m.cfg.llm.max_position_embeddings;

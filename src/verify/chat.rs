@@ -4,8 +4,9 @@
 //! tokenizer.json (the `<IMG_CONTEXT>` id is read from its added tokens); case.json gives
 //! `max_new_tokens` and `eos_token_id`.
 //!
-//! The ViT runs as a graph on the chosen device and dtype; the LLM (prefill + cached decode)
-//! runs on the CPU in f32 on every device: a GPU decoder with a KV cache is not implemented.
+//! The ViT and the LLM (prefill graph, then the KV-cached decode-step graph) run on the chosen
+//! device and dtype. On bf16 storage the prefill logits are judged by the bf16 rule and the
+//! generated ids still exactly.
 
 use anyhow::{bail, Context, Result};
 use crate::chat::{generate_greedy, scatter_image_embeds, CachedQwen2};
@@ -35,9 +36,6 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     let llm_cfg = openuni_models::config::read_mllm_config(&cfg_path)?.llm;
     let context_id = added_token_id(&mdir.join("tokenizer.json"), "<IMG_CONTEXT>")?;
 
-    if opts.device != crate::exec::Device::Cpu {
-        eprintln!("note: component chat: the ViT runs on {} ({}); the LLM prefill and cached decode run on the CPU in f32 (no GPU decoder yet)", opts.device, opts.dtype);
-    }
     // 1. The image embeddings: the vit component's graph on the chosen device.
     let (mut produced, _) = run_graph(case, vit::prepare_outputs(case, false)?, opts)?;
     let image = produced.remove(0).tensor.to_f32_vec();
@@ -51,7 +49,8 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     let weights = Weights::open(&mdir)?;
     let (prefix, head_prefix) = qwen2::detect_prefix(&mut weights.keys())
         .with_context(|| format!("{}: no `language_model.model.embed_tokens.weight`", weights.origin().display()))?;
-    let mut llm = CachedQwen2::load(&weights, &llm_cfg, prefix, &format!("{head_prefix}lm_head.weight"), &cfg_path.display().to_string())?;
+    let head = format!("{head_prefix}lm_head.weight");
+    let mut llm = CachedQwen2::load_on(&weights, &llm_cfg, prefix, &head, &cfg_path.display().to_string(), opts.device, opts.dtype, 1)?;
     let mut embeds = llm.embed(&ids)?;
     scatter_image_embeds(&mut embeds, &ids, context_id, &image, llm_cfg.hidden_size)?;
     let (prefill, generated) = generate_greedy(&mut llm, &embeds, max_new, Some(eos), |_| {})?;

@@ -143,6 +143,30 @@ impl CpuExecutor {
         Ok(())
     }
 
+    /// Writes `data` into the state `name` from element `offset` on (a sequence's prompt keys and
+    /// values into its rows of a KV cache). States start zeroed and keep their values across runs.
+    pub fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<(), ExecError> {
+        let off = self.state_range(name, offset, data.len())?;
+        self.arena[off + offset..off + offset + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Reads `len` elements of the state `name` from element `offset` on.
+    pub fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>, ExecError> {
+        let off = self.state_range(name, offset, len)?;
+        Ok(self.arena[off + offset..off + offset + len].to_vec())
+    }
+
+    /// The arena offset of state `name`, checking that [offset, offset + len) is inside it.
+    fn state_range(&self, name: &str, offset: usize, len: usize) -> Result<usize, ExecError> {
+        let id = self.graph.state_id(name).ok_or_else(|| ExecError::Input { name: name.into(), msg: "is not a state of this graph".into() })?;
+        let n = self.graph.shape(id).numel();
+        if offset.checked_add(len).is_none_or(|end| end > n) {
+            return Err(ExecError::Input { name: name.into(), msg: format!("elements {offset}..{} are outside the state's {n}", offset.saturating_add(len)) });
+        }
+        Ok(self.plan.offset(id).expect("states are planned"))
+    }
+
     fn check_inputs_set(&self) -> Result<(), ExecError> {
         match self.graph.inputs().find(|(id, _)| !self.inputs_set.contains(id)) {
             Some((_, name)) => Err(ExecError::Input { name: name.into(), msg: "missing".into() }),
@@ -192,7 +216,7 @@ impl CpuExecutor {
     pub fn value(&self, id: ValueId) -> Result<HostTensor, ExecError> {
         let live_at_end = self.graph.outputs.iter().any(|(_, o)| *o == id);
         match self.graph.value(id).kind {
-            ValueKind::Weight(_) => Ok(self.read(id)),
+            ValueKind::Weight(_) | ValueKind::State(_) => Ok(self.read(id)),
             _ if self.keep_all || live_at_end => Ok(self.read(id)),
             _ => Err(ExecError::NotKept(id)),
         }
@@ -340,7 +364,12 @@ impl CpuExecutor {
             Op::KvCacheAppend { cache, x, positions, kv_heads, head_dim, rope } => {
                 let c = g.shape(*cache).dims();
                 let d = ops::DecodeDims { batch: c[0], heads: *kv_heads, kv_heads: *kv_heads, head_dim: *head_dim, max_len: c[2] };
-                ops::kv_cache_append(view.get(*cache), view.get(*x), view.get(*positions), d, *rope, y)
+                if self.plan.offset(*cache) == Some(off) {
+                    // A state: `y` is the cache itself, updated in place.
+                    ops::kv_cache_write(view.get(*x), view.get(*positions), d, *rope, y)
+                } else {
+                    ops::kv_cache_append(view.get(*cache), view.get(*x), view.get(*positions), d, *rope, y)
+                }
             }
         }
         self.arena = out;

@@ -675,8 +675,14 @@ pub fn decode_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], positions: 
 /// `Op::KvCacheAppend`: `out` = `cache` with row p_b of every (b, KV head) set to `x` (rotated at
 /// position p_b when `rope` is given).
 pub fn kv_cache_append(cache: &[f32], x: &[f32], positions: &[f32], d: DecodeDims, rope: Option<f32>, out: &mut [f32]) {
-    let (hd, w) = (d.head_dim, d.kv_heads * d.head_dim);
     out.copy_from_slice(cache);
+    kv_cache_write(x, positions, d, rope, out);
+}
+
+/// `Op::KvCacheAppend` in place (the cache is an executor state): row p_b of every (b, KV head)
+/// of `cache` set to `x`, rotated at p_b when `rope` is given.
+pub fn kv_cache_write(x: &[f32], positions: &[f32], d: DecodeDims, rope: Option<f32>, cache: &mut [f32]) {
+    let (hd, w) = (d.head_dim, d.kv_heads * d.head_dim);
     let mut row = vec![0f32; w];
     for b in 0..d.batch {
         let p = decode_position(positions[b], d.max_len);
@@ -687,7 +693,7 @@ pub fn kv_cache_append(cache: &[f32], x: &[f32], positions: &[f32], d: DecodeDim
         }
         for h in 0..d.kv_heads {
             let dst = ((b * d.kv_heads + h) * d.max_len + p) * hd;
-            out[dst..dst + hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
+            cache[dst..dst + hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
         }
     }
 }

@@ -132,6 +132,9 @@ pub struct CudaExecutor {
     /// Runs enqueued so far (shared with the [`DeviceTensor`]s handed out, to detect stale ones).
     runs: Arc<AtomicU64>,
     captured: Option<CudaGraph>,
+    /// Bytes copied host -> device and device -> host by this executor (inputs, states, outputs,
+    /// values): what a decode step costs the bus.
+    traffic: [std::sync::atomic::AtomicU64; 2],
 }
 
 const STAGING_ALIGN: usize = 256;
@@ -177,8 +180,13 @@ impl CudaExecutor {
         let plan = plan(graph, keep_all);
 
         let arena = Arc::new(dev.alloc(plan.arena_elems * esize)?);
-        // Poison the arena (NaN in f32 and bf16) so that a read of an unwritten value shows.
+        // Poison the arena (NaN in f32 and bf16) so that a read of an unwritten value shows;
+        // states start zeroed (a KV cache's unwritten rows are masked, and 0 · NaN is NaN).
         dev.fill_bytes(arena.ptr(), 0xFF, arena.bytes())?;
+        for (id, _) in graph.states() {
+            let off = plan.offset(id).expect("states are planned") * esize;
+            dev.fill_bytes(arena.ptr() + off as u64, 0, graph.shape(id).numel() * esize)?;
+        }
 
         let mut weight_ptr = HashMap::new();
         for (id, name) in graph.weights() {
@@ -240,6 +248,7 @@ impl CudaExecutor {
             f32_read: vec![],
             runs: Arc::new(AtomicU64::new(0)),
             captured: None,
+            traffic: Default::default(),
         };
         ex.resolve()?;
         dev.synchronize()?;
@@ -398,11 +407,69 @@ impl CudaExecutor {
                     unsafe { families::enqueue(&self.dev, &self.input_casts[i]) }?;
                 }
             }
+            self.count(v.len() * 4, 0);
             if !self.inputs_set.contains(&id) {
                 self.inputs_set.push(id);
             }
         }
         Ok(())
+    }
+
+    /// Writes `data` (f32, converted to the storage dtype on the host) into the state `name` from
+    /// element `offset` on: a sequence's prompt keys and values into its rows of a KV cache.
+    /// States start zeroed and keep their values across runs and replays.
+    pub fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<()> {
+        let dst = self.state_ptr(name, offset, data.len())?;
+        match self.dtype {
+            DType::F32 => self.dev.copy_to_device(data, dst)?,
+            _ => {
+                let h: Vec<u16> = data.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+                self.dev.copy_to_device(&h, dst)?
+            }
+        }
+        self.count(data.len() * self.dtype.size_in_bytes(), 0);
+        Ok(())
+    }
+
+    /// Reads `len` elements of the state `name` from element `offset` on, as f32.
+    pub fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
+        let src = self.state_ptr(name, offset, len)?;
+        self.dev.synchronize()?;
+        self.count(0, len * self.dtype.size_in_bytes());
+        Ok(match self.dtype {
+            DType::F32 => {
+                let mut v = vec![0f32; len];
+                self.dev.copy_to_host(src, &mut v)?;
+                v
+            }
+            _ => {
+                let mut h = vec![0u16; len];
+                self.dev.copy_to_host(src, &mut h)?;
+                h.into_iter().map(|b| bf16::from_bits(b).to_f32()).collect()
+            }
+        })
+    }
+
+    /// The device address of element `offset` of state `name`, checking [offset, offset + len).
+    fn state_ptr(&self, name: &str, offset: usize, len: usize) -> Result<u64> {
+        let id = self.graph.state_id(name).ok_or_else(|| CudaError::Input { name: name.into(), msg: "is not a state of this graph".into() })?;
+        let n = self.graph.shape(id).numel();
+        if offset.checked_add(len).is_none_or(|end| end > n) {
+            return Err(CudaError::Input { name: name.into(), msg: format!("elements {offset}..{} are outside the state's {n}", offset.saturating_add(len)) });
+        }
+        Ok(self.ptr(id) + (offset * self.dtype.size_in_bytes()) as u64)
+    }
+
+    fn count(&self, up: usize, down: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.traffic[0].fetch_add(up as u64, Relaxed);
+        self.traffic[1].fetch_add(down as u64, Relaxed);
+    }
+
+    /// Bytes this executor has copied (host -> device, device -> host) since it was made.
+    pub fn host_traffic(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.traffic[0].load(Relaxed), self.traffic[1].load(Relaxed))
     }
 
     fn check_inputs_set(&self) -> Result<()> {
@@ -527,6 +594,7 @@ impl CudaExecutor {
             };
             let mut v = vec![0f32; shape.numel()];
             self.dev.copy_to_host(src, &mut v)?;
+            self.count(0, v.len() * 4);
             out.insert(name.clone(), HostTensor::from_f32(shape, v)?);
         }
         Ok(out)
@@ -551,7 +619,7 @@ impl CudaExecutor {
             });
         }
         let live_at_end = self.graph.outputs.iter().any(|(_, o)| *o == id);
-        let readable = matches!(self.graph.value(id).kind, ValueKind::Weight(_)) || self.keep_all || live_at_end;
+        let readable = matches!(self.graph.value(id).kind, ValueKind::Weight(_) | ValueKind::State(_)) || self.keep_all || live_at_end;
         if !readable {
             return Err(CudaError::NotKept { id: id.0 });
         }

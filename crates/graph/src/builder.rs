@@ -30,6 +30,11 @@ pub enum ValueKind {
     Weight(String),
     /// Produced by node `node`.
     Activation { node: usize },
+    /// Executor state, by name: memory that persists across runs (zeroed when the executor is
+    /// made, written by the caller with `write_state`), never an input to give on each run. A
+    /// `KvCacheAppend` on a state updates it in place: the append's output is the state's own
+    /// memory (the planner aliases them), so a decode step moves no cache (docs/decode.md).
+    State(String),
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +93,32 @@ impl Graph {
         self.inputs().find(|(_, n)| *n == name).map(|(id, _)| id)
     }
 
+    /// The persistent state values ([`ValueKind::State`]).
+    pub fn states(&self) -> impl Iterator<Item = (ValueId, &str)> {
+        self.values.iter().enumerate().filter_map(|(i, v)| match &v.kind {
+            ValueKind::State(n) => Some((ValueId(i), n.as_str())),
+            _ => None,
+        })
+    }
+
+    /// The state called `name`.
+    pub fn state_id(&self, name: &str) -> Option<ValueId> {
+        self.states().find(|(_, n)| *n == name).map(|(id, _)| id)
+    }
+
+    /// The state whose memory `id` occupies: the state itself, or a `KvCacheAppend` of it (which
+    /// writes the state in place).
+    pub fn state_of(&self, id: ValueId) -> Option<ValueId> {
+        match &self.value(id).kind {
+            ValueKind::State(_) => Some(id),
+            ValueKind::Activation { node } => match &self.nodes[*node].op {
+                Op::KvCacheAppend { cache, .. } => self.state_of(*cache),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     pub fn weights(&self) -> impl Iterator<Item = (ValueId, &str)> {
         self.values.iter().enumerate().filter_map(|(i, v)| match &v.kind {
             ValueKind::Weight(n) => Some((ValueId(i), n.as_str())),
@@ -132,6 +163,11 @@ impl GraphBuilder {
 
     pub fn input(&mut self, name: &str, shape: impl Into<Shape>) -> Result<ValueId> {
         self.named("input", name, shape.into(), ValueKind::Input(name.into()))
+    }
+
+    /// A persistent state value ([`ValueKind::State`]): a KV cache.
+    pub fn state(&mut self, name: &str, shape: impl Into<Shape>) -> Result<ValueId> {
+        self.named("state", name, shape.into(), ValueKind::State(name.into()))
     }
 
     pub fn weight(&mut self, name: &str, shape: impl Into<Shape>) -> Result<ValueId> {
@@ -369,6 +405,14 @@ impl GraphBuilder {
         expect_shape("kv_cache_append", &format!("{name}: positions"), self.shape(positions), &Shape::new([b]))?;
         if rope.is_some() && !head_dim.is_multiple_of(2) {
             return bad(format!("fused RoPE needs an even head dim, found {head_dim}"));
+        }
+        if let Some(state) = self.g.state_of(cache) {
+            // In place: the state's memory is the output, so one append per state and run
+            // (a second would also be in place, and readers of the first would see it).
+            let taken = self.g.nodes.iter().any(|n| matches!(&n.op, Op::KvCacheAppend { cache: c, .. } if self.g.state_of(*c) == Some(state)));
+            if taken {
+                return bad("this state is already appended to in this graph (one in-place append per state)".into());
+            }
         }
         let op = Op::KvCacheAppend { cache, x, positions, kv_heads, head_dim, rope };
         Ok(self.push(name, op, cs))

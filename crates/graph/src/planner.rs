@@ -40,11 +40,16 @@ pub fn plan(graph: &Graph, keep_all: bool) -> Plan {
     let mut life: Vec<Option<(usize, usize)>> = graph
         .values
         .iter()
-        .map(|v| match v.kind {
+        .enumerate()
+        .map(|(i, v)| match v.kind {
             // Inputs live for the whole run and are never overwritten, so that an input set once
             // (a batch's cross-attention K/V) serves every later run of the graph. All inputs are
             // live at node 0 anyway, so this keeps alive only inputs whose last use came early.
             ValueKind::Input(_) => Some((0, n_nodes)),
+            // States persist across runs: live for the whole run, never shared.
+            ValueKind::State(_) => Some((0, n_nodes)),
+            // An in-place append to a state is the state's own memory (placed at the end).
+            ValueKind::Activation { .. } if graph.state_of(ValueId(i)).is_some() => None,
             ValueKind::Activation { node } => Some((node, node)),
             ValueKind::Weight(_) => None,
         })
@@ -83,6 +88,14 @@ pub fn plan(graph: &Graph, keep_all: bool) -> Plan {
         .map(|order| place(order, &life, &sizes))
         .min_by_key(|(_, arena)| *arena)
         .expect("two orders");
+    let mut offsets = offsets;
+    for i in 0..n {
+        if matches!(graph.values[i].kind, ValueKind::Activation { .. }) {
+            if let Some(state) = graph.state_of(ValueId(i)) {
+                offsets[i] = offsets[state.0];
+            }
+        }
+    }
     let mut live_at = vec![0usize; n_nodes + 1];
     for (i, l) in life.iter().enumerate() {
         if let Some((start, end)) = *l {
@@ -129,7 +142,8 @@ mod tests {
         let mut life = vec![(usize::MAX, 0usize); g.values.len()];
         for (i, v) in g.values.iter().enumerate() {
             match v.kind {
-                ValueKind::Input(_) => life[i] = (0, n_nodes),
+                ValueKind::Input(_) | ValueKind::State(_) => life[i] = (0, n_nodes),
+                ValueKind::Activation { .. } if g.state_of(ValueId(i)).is_some() => {}
                 ValueKind::Activation { node } => life[i] = (node, node),
                 ValueKind::Weight(_) => {}
             }
@@ -200,7 +214,7 @@ mod tests {
         let mut life: Vec<Option<(usize, usize)>> = vec![None; g.values.len()];
         for (i, v) in g.values.iter().enumerate() {
             life[i] = match v.kind {
-                ValueKind::Input(_) => Some((0, n_nodes)),
+                ValueKind::Input(_) | ValueKind::State(_) => Some((0, n_nodes)),
                 ValueKind::Activation { node } => Some((node, node)),
                 ValueKind::Weight(_) => None,
             };
@@ -258,5 +272,30 @@ mod tests {
         let p = plan(&g, false);
         assert!(p.offsets.iter().flatten().all(|o| o % ARENA_ALIGN_ELEMS == 0));
         assert_no_overlap(&g, &p);
+    }
+
+    #[test]
+    fn an_append_to_a_state_is_the_states_memory() {
+        let mut b = GraphBuilder::new();
+        let cache = b.state("k_cache", [2, 1, 8, 4]).unwrap();
+        let x = b.input("x", [2, 4]).unwrap();
+        let pos = b.input("pos", [2]).unwrap();
+        let c2 = b.kv_cache_append("append", cache, x, pos, 1, 4, None).unwrap();
+        let q = b.unary("q", x, UnaryFn::Relu).unwrap();
+        let o = b.decode_attention("attn", q, c2, c2, pos, 1, 1, 4, 0.5, None).unwrap();
+        b.output("o", o).unwrap();
+        // A second in-place append to the same state is refused.
+        assert!(b.kv_cache_append("again", c2, x, pos, 1, 4, None).is_err());
+        let g = b.finish();
+        for keep_all in [false, true] {
+            let p = plan(&g, keep_all);
+            assert_eq!(p.offset(c2), p.offset(cache));
+            // Nothing else overlaps the state.
+            let (so, sn) = (p.offset(cache).unwrap(), 64);
+            for v in [x, pos, q, o] {
+                let (vo, vn) = (p.offset(v).unwrap(), g.shape(v).numel());
+                assert!(vo + vn <= so || vo >= so + sn, "value {v:?} overlaps the state");
+            }
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod nn;
 pub mod openuni;
 pub mod prompt;
 pub mod qwen2;
+pub mod qwen2_decode;
 pub mod sana;
 pub mod scheduler;
 pub mod variant;

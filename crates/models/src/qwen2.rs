@@ -201,13 +201,7 @@ fn stack(b: &mut GraphBuilder, cfg: &Qwen2Config, scope: &Scope, embeds: ValueId
 }
 
 fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, s: &Scope, x: ValueId, theta: f32, segments: Option<&[usize]>) -> Result<ValueId> {
-    let d = cfg.hidden_size;
     let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
-    let h = rms_norm(b, &s.pp("input_layernorm"), x, d, cfg.rms_norm_eps)?;
-    let a = s.pp("self_attn");
-    let q = linear(b, &a.pp("q_proj"), h, d, heads * hd, true)?;
-    let k = linear(b, &a.pp("k_proj"), h, d, kv_heads * hd, true)?;
-    let v = linear(b, &a.pp("v_proj"), h, d, kv_heads * hd, true)?;
     // RoPE on q and k inside the attention node (positions restart at each packed sequence).
     let ap = AttentionParams {
         key_mask: None,
@@ -219,7 +213,27 @@ fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, s: &Scope, x: ValueId,
         segments: segments.map(|s| s.to_vec()),
         rope: Some(theta),
     };
-    let o = b.attention_ext(&a.name("attn"), q, k, v, ap)?;
+    layer_with(b, cfg, s, x, |b, a, q, k, v| Ok(b.attention_ext(&a.name("attn"), q, k, v, ap)?))
+}
+
+/// One decoder layer in scope `s` around `attend(builder, s.self_attn, q, k, v)`, which returns
+/// the attention output (heads·hd wide, before o_proj): the causal prompt attention of [`build`],
+/// or the KV-cache append + decode attention of `qwen2_decode` (one place for the layer).
+pub(crate) fn layer_with(
+    b: &mut GraphBuilder,
+    cfg: &Qwen2Config,
+    s: &Scope,
+    x: ValueId,
+    attend: impl FnOnce(&mut GraphBuilder, &Scope, ValueId, ValueId, ValueId) -> Result<ValueId>,
+) -> Result<ValueId> {
+    let d = cfg.hidden_size;
+    let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    let h = rms_norm(b, &s.pp("input_layernorm"), x, d, cfg.rms_norm_eps)?;
+    let a = s.pp("self_attn");
+    let q = linear(b, &a.pp("q_proj"), h, d, heads * hd, true)?;
+    let k = linear(b, &a.pp("k_proj"), h, d, kv_heads * hd, true)?;
+    let v = linear(b, &a.pp("v_proj"), h, d, kv_heads * hd, true)?;
+    let o = attend(b, &a, q, k, v)?;
     let o = linear(b, &a.pp("o_proj"), o, heads * hd, d, false)?;
     let x = b.add(&s.name("residual1"), x, o)?;
     let h = rms_norm(b, &s.pp("post_attention_layernorm"), x, d, cfg.rms_norm_eps)?;

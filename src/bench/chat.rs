@@ -1,0 +1,123 @@
+//! `openuni bench --chat`: the chat decoder (src/chat.rs, docs/decode.md) on a variant's LLM with
+//! seeded random weights: the prefill time of a prompt, and the per-step decode time with every
+//! batch slot holding a prompt of that length (the step captured after its first run on a GPU).
+//! tools/bench_torch_chat.py measures transformers' Qwen2 the same way.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use openuni_models::config::MllmConfig;
+use openuni_models::variant;
+use openuni_tensor::{DType, Shape};
+use serde::Serialize;
+
+use super::{command_output, device_name, median, wall_ms, RandomWeights};
+use crate::chat::CachedQwen2;
+use crate::exec::Device;
+
+pub struct ChatBenchOptions {
+    pub variant: String,
+    pub device: Device,
+    pub dtype: DType,
+    /// Decode batch sizes (slots).
+    pub batches: Vec<usize>,
+    /// Prompt tokens per sequence.
+    pub prompt: usize,
+    /// Timed decode steps per batch size (after the first, untimed one).
+    pub iters: usize,
+    pub json: Option<PathBuf>,
+    pub command: String,
+}
+
+#[derive(Serialize)]
+pub struct ChatBenchRow {
+    pub batch: usize,
+    /// One prompt of `prompt_tokens` through the prefill graph, its K/V written into the cache
+    /// (median over the batch's prefills after one warm-up).
+    pub prefill_ms: f64,
+    /// One decode step of all `batch` slots (median), logits downloaded.
+    pub decode_step_ms: f64,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Serialize)]
+pub struct ChatBenchReport {
+    pub variant: String,
+    pub device: String,
+    pub dtype: String,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub vocab_size: usize,
+    pub prompt_tokens: usize,
+    pub iters: usize,
+    pub date: String,
+    pub commit: String,
+    pub command: String,
+    pub rows: Vec<ChatBenchRow>,
+}
+
+pub fn run(o: &ChatBenchOptions) -> Result<ChatBenchReport> {
+    let v = variant::any(&o.variant).map_err(anyhow::Error::msg)?;
+    let cfg = MllmConfig::from_value((v.llm)(), &format!("variant {} llm", o.variant))?.llm;
+    anyhow::ensure!(o.prompt >= 1, "--chat-prompt must be at least 1");
+    let weights = RandomWeights {
+        origin: format!("random {} llm weights", o.variant),
+        tables: [("model.embed_tokens.weight".to_string(), Shape::new(vec![cfg.vocab_size, cfg.hidden_size]))].into(),
+    };
+    let ids: Vec<usize> = (0..o.prompt).map(|i| (i * 7919 + 13) % cfg.vocab_size).collect();
+    let mut rows = vec![];
+    for &batch in &o.batches {
+        let mut llm = CachedQwen2::load_on(&weights, &cfg, "model.", "lm_head.weight", "bench --chat", o.device, o.dtype, batch)?;
+        llm.reserve(o.prompt + o.iters + 2);
+        let embeds = llm.embed(&ids)?;
+        // Warm-up (weights converted or uploaded once), then every slot's prefill timed.
+        llm.prefill(0, &embeds)?;
+        llm.free(0);
+        let mut prefill = vec![];
+        for slot in 0..batch {
+            prefill.push(wall_ms(&mut || llm.prefill(slot, &embeds).map(drop))?);
+        }
+        let e = llm.embed(&[ids[0]])?;
+        let tokens: Vec<(usize, &[f32])> = (0..batch).map(|s| (s, e.as_slice())).collect();
+        llm.step(&tokens)?;
+        let mut steps = vec![];
+        for _ in 0..o.iters.max(1) {
+            steps.push(wall_ms(&mut || llm.step(&tokens).map(drop))?);
+        }
+        let step = median(steps);
+        rows.push(ChatBenchRow { batch, prefill_ms: median(prefill), decode_step_ms: step, tokens_per_s: batch as f64 * 1e3 / step });
+    }
+    let report = ChatBenchReport {
+        variant: o.variant.clone(),
+        device: device_name(o.device),
+        dtype: o.dtype.to_string(),
+        hidden_size: cfg.hidden_size,
+        layers: cfg.num_hidden_layers,
+        vocab_size: cfg.vocab_size,
+        prompt_tokens: o.prompt,
+        iters: o.iters,
+        date: command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        commit: command_output("git", &["rev-parse", "--short", "HEAD"]),
+        command: o.command.clone(),
+        rows,
+    };
+    if let Some(p) = &o.json {
+        crate::atomic::write_bytes(p, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("{}: cannot write the JSON report", p.display()))?;
+    }
+    Ok(report)
+}
+
+pub fn render(r: &ChatBenchReport) -> String {
+    let mut s = format!(
+        "chat decoder of {} (LLM D={}, {} layers, vocab {}), {} {}, prompt {} tokens, median of {} decode steps\n",
+        r.variant, r.hidden_size, r.layers, r.vocab_size, r.device, r.dtype, r.prompt_tokens, r.iters
+    );
+    s.push_str("batch  prefill_ms  decode_step_ms  tokens/s\n");
+    for row in &r.rows {
+        s.push_str(&format!("{:>5}  {:>10.2}  {:>14.3}  {:>8.1}\n", row.batch, row.prefill_ms, row.decode_step_ms, row.tokens_per_s));
+    }
+    if r.device.starts_with("emu") {
+        s.push_str("note: the emulated GPU checks correctness; its times are CPU times, not speed\n");
+    }
+    s
+}

@@ -1,0 +1,130 @@
+//! The chat decoder (src/chat.rs: prefill graph + decode-step graph with the KV cache as executor
+//! state, docs/decode.md) on the emulated GPU, against the same decoder on the CPU in f32:
+//!
+//! - teacher-forced logits (prefill, then decode steps, the cache grown mid-sequence past 256
+//!   positions) within 1e-5 in f32 storage and within the bf16 default tolerance in bf16;
+//! - continuous batching over device batch slots gives the CPU's greedy answers (f32);
+//! - a decode step, captured and replayed, moves only the new tokens' embeddings and positions in
+//!   and the logits out, whatever the cache holds (the executor's own byte counters).
+//!
+//! The committed chat case on emu (f32 and bf16) runs in tests/verify_emu.rs. Without the emulated
+//! GPU (tools/build_emu.sh not run) the tests print `skipped: no CUDA device`.
+
+use std::path::{Path, PathBuf};
+
+use openuni::chat::{generate_continuous, generate_greedy, BatchRequest, CachedQwen2};
+use openuni::exec::{emulator_or_skip, Device};
+use openuni_models::qwen2::Qwen2Config;
+use openuni_tensor::{DType, Weights};
+
+const P: &str = "language_model.model.";
+const H: &str = "language_model.lm_head.weight";
+
+fn case() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_tiny")
+}
+
+fn llm_config() -> Qwen2Config {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case().join("model/config.json")).unwrap()).unwrap();
+    serde_json::from_value(v["llm_config"].clone()).unwrap()
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Logits of the prefill of `ids[..prompt]` and of each later id fed as the next token.
+fn teacher_forced(llm: &mut CachedQwen2, ids: &[usize], prompt: usize) -> Vec<Vec<f32>> {
+    let mut out = vec![llm.forward(&llm.embed(&ids[..prompt]).unwrap()).unwrap()];
+    for &id in &ids[prompt..] {
+        out.push(llm.forward(&llm.embed(&[id]).unwrap()).unwrap());
+    }
+    out
+}
+
+#[test]
+fn emulated_decoder_matches_the_cpu_logits_across_a_cache_growth() {
+    if !emulator_or_skip() {
+        return;
+    }
+    let (cfg, w) = (llm_config(), Weights::open(case().join("model")).unwrap());
+    // 250 prompt tokens and 12 steps: the cache is built for 256 positions, then grown to 512
+    // with the cached rows copied over (the CPU reference reserves 512 up front: no growth).
+    let ids: Vec<usize> = (0..262).map(|i| (i * 37 + 11) % 280).collect();
+    let mut cpu = CachedQwen2::load(&w, &cfg, P, H, "chat_tiny").unwrap();
+    cpu.reserve(512);
+    let want = teacher_forced(&mut cpu, &ids, 250);
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let mut emu = CachedQwen2::load_on(&w, &cfg, P, H, "chat_tiny", Device::Emu, dtype, 1).unwrap();
+        let got = teacher_forced(&mut emu, &ids, 250);
+        let errs: Vec<f64> = got.iter().zip(&want).map(|(g, w)| rel_l2(g, w)).collect();
+        let worst = errs.iter().copied().fold(0f64, f64::max);
+        println!("emu {dtype}: worst rel L2 over {} positions {worst:.1e}", errs.len());
+        assert!(errs.iter().all(|&e| e <= tol), "emu {dtype}: {errs:?} above {tol}");
+        assert_eq!(emu.cached_len(), 262);
+    }
+    // A wrong cache changes the result (the comparison above can fail): a different prompt.
+    let mut other = CachedQwen2::load(&w, &cfg, P, H, "chat_tiny").unwrap();
+    let mut changed = ids.clone();
+    changed[3] = (changed[3] + 1) % 280;
+    let diff = teacher_forced(&mut other, &changed, 250);
+    assert!(rel_l2(&diff[12], &want[12]) > 1e-3);
+}
+
+#[test]
+fn continuous_batching_on_the_emulated_gpu_gives_the_cpu_answers() {
+    if !emulator_or_skip() {
+        return;
+    }
+    let (cfg, w) = (llm_config(), Weights::open(case().join("model")).unwrap());
+    let prompts: Vec<(Vec<usize>, usize)> = vec![(vec![3, 17, 40], 7), (vec![5, 99, 12, 7, 8, 1], 3), (vec![42], 5), (vec![7, 7, 7, 7], 6)];
+    let mut alone = vec![];
+    for (ids, n) in &prompts {
+        let mut one = CachedQwen2::load(&w, &cfg, P, H, "chat_tiny").unwrap();
+        let e = one.embed(ids).unwrap();
+        alone.push(generate_greedy(&mut one, &e, *n, None, |_| {}).unwrap().1);
+    }
+    let mut llm = CachedQwen2::load_on(&w, &cfg, P, H, "chat_tiny", Device::Emu, DType::F32, 2).unwrap();
+    let table = llm.embeddings();
+    let reqs = prompts.iter().enumerate().map(|(i, (ids, n))| Ok(BatchRequest { key: i, prompt_embeds: table.embed(ids).unwrap(), max_new_tokens: *n }));
+    let mut got = vec![vec![]; prompts.len()];
+    generate_continuous(&mut llm, reqs, None, None, |k, ids| {
+        got[k] = ids;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got, alone);
+}
+
+#[test]
+fn a_decode_step_moves_only_the_new_tokens_and_the_logits() {
+    if !emulator_or_skip() {
+        return;
+    }
+    let (cfg, w) = (llm_config(), Weights::open(case().join("model")).unwrap());
+    let slots = 3;
+    let mut llm = CachedQwen2::load_on(&w, &cfg, P, H, "chat_tiny", Device::Emu, DType::BF16, slots).unwrap();
+    llm.reserve(1024);
+    llm.prefill(0, &llm.embed(&(0..200).map(|i| i % 280).collect::<Vec<_>>()).unwrap()).unwrap();
+    llm.prefill(2, &llm.embed(&[5, 6, 7]).unwrap()).unwrap();
+    let e = llm.embed(&[9]).unwrap();
+    // The first step runs eagerly and is captured; the next ones replay the capture.
+    llm.step(&[(0, &e), (2, &e)]).unwrap();
+    let before = llm.step_executor().unwrap().host_traffic();
+    let steps = 4;
+    for _ in 0..steps {
+        llm.step(&[(0, &e), (2, &e)]).unwrap();
+    }
+    let after = llm.step_executor().unwrap().host_traffic();
+    let (up, down) = ((after.0 - before.0) / steps, (after.1 - before.1) / steps);
+    let (d, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+    let s = slots as u64;
+    // f32 embeddings [slots, D] and positions [slots] in, f32 logits [slots, V] out: nothing else.
+    assert_eq!(up, s * d * 4 + s * 4);
+    assert_eq!(down, s * v * 4);
+    let cache_bytes = (cfg.num_hidden_layers * 2 * slots * cfg.num_key_value_heads * 1024 * cfg.head_dim() * 2) as u64;
+    println!("per decode step: {up} B up, {down} B down; the bf16 KV cache holds {cache_bytes} B");
+    assert!(up + down < cache_bytes / 100);
+}
