@@ -72,6 +72,10 @@ fn batched_vs_single(run: RunOptions) -> (f64, f64, f64) {
     (e_pe, e_lat, e_img)
 }
 
+/// The emulated-GPU tests of this file share the process's device and its stream: a CUDA-graph
+/// capture by one would catch the other's calls, so they run one at a time.
+static EMU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn batch_equals_single_images_on_cpu() {
     let (pe, lat, img) = batched_vs_single(RunOptions { device: Device::Cpu, dtype: DType::F32 });
@@ -82,6 +86,7 @@ fn batch_equals_single_images_on_cpu() {
 
 #[test]
 fn batch_equals_single_images_on_the_emulated_gpu() {
+    let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
     if !openuni::exec::emulator_or_skip() {
         return;
     }
@@ -169,6 +174,7 @@ fn rows_leaving_a_batch_keep_the_others_bits_on_cpu() {
 
 #[test]
 fn rows_leaving_a_batch_keep_the_others_bits_on_the_emulated_gpu() {
+    let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
     if !openuni::exec::emulator_or_skip() {
         return;
     }

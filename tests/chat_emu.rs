@@ -44,8 +44,13 @@ fn teacher_forced(llm: &mut CachedQwen2, ids: &[usize], prompt: usize) -> Vec<Ve
     out
 }
 
+/// These tests share the process's emulated device and its stream: a CUDA-graph capture by one
+/// would catch the other's calls, so they run one at a time.
+static EMU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn emulated_decoder_matches_the_cpu_logits_across_a_cache_growth() {
+    let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
     if !emulator_or_skip() {
         return;
     }
@@ -75,6 +80,7 @@ fn emulated_decoder_matches_the_cpu_logits_across_a_cache_growth() {
 
 #[test]
 fn continuous_batching_on_the_emulated_gpu_gives_the_cpu_answers() {
+    let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
     if !emulator_or_skip() {
         return;
     }
@@ -100,6 +106,7 @@ fn continuous_batching_on_the_emulated_gpu_gives_the_cpu_answers() {
 
 #[test]
 fn a_decode_step_moves_only_the_new_tokens_and_the_logits() {
+    let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
     if !emulator_or_skip() {
         return;
     }
