@@ -201,19 +201,24 @@ fn stack(b: &mut GraphBuilder, cfg: &Qwen2Config, scope: &Scope, embeds: ValueId
 }
 
 fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, s: &Scope, x: ValueId, theta: f32, segments: Option<&[usize]>) -> Result<ValueId> {
-    let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
-    // RoPE on q and k inside the attention node (positions restart at each packed sequence).
-    let ap = AttentionParams {
+    let ap = causal_attention(cfg, theta, segments);
+    layer_with(b, cfg, s, x, |b, a, q, k, v| Ok(b.attention_ext(&a.name("attn"), q, k, v, ap)?))
+}
+
+/// The decoder's causal self-attention over a prompt: RoPE on q and k inside the attention node
+/// (positions restart at each packed sequence when `segments` are given).
+pub(crate) fn causal_attention(cfg: &Qwen2Config, theta: f32, segments: Option<&[usize]>) -> AttentionParams {
+    let hd = cfg.head_dim();
+    AttentionParams {
         key_mask: None,
-        heads,
-        kv_heads,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads,
         head_dim: hd,
         causal: true,
         scale: (hd as f32).powf(-0.5),
         segments: segments.map(|s| s.to_vec()),
         rope: Some(theta),
-    };
-    layer_with(b, cfg, s, x, |b, a, q, k, v| Ok(b.attention_ext(&a.name("attn"), q, k, v, ap)?))
+    }
 }
 
 /// One decoder layer in scope `s` around `attend(builder, s.self_attn, q, k, v)`, which returns

@@ -15,7 +15,7 @@
 use openuni_graph::{GraphBuilder, ValueId};
 
 use crate::nn::{rms_norm, Scope};
-use crate::qwen2::{layer_with, Qwen2Config};
+use crate::qwen2::{causal_attention, layer_with, Qwen2Config};
 use crate::{ModelError, Result};
 
 /// Graph input names.
@@ -58,24 +58,13 @@ pub fn build_prefill(cfg: &Qwen2Config, w: &DecoderWeights, len: usize, origin: 
         return Err(ModelError::Config { path: origin.into(), msg: "an empty prompt (no tokens to prefill)".into() });
     }
     let theta = cfg.rope_theta(origin)?;
-    let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
     let mut b = GraphBuilder::new();
     let mut x = b.input(EMBEDS, [1, len, cfg.hidden_size])?;
     for i in 0..cfg.num_hidden_layers {
         let mut kv = None;
         x = layer_with(&mut b, cfg, &Scope::new(&w.prefix).pp("layers").pp(i), x, |b, a, q, k, v| {
             kv = Some((k, v));
-            let ap = openuni_graph::AttentionParams {
-                key_mask: None,
-                heads,
-                kv_heads,
-                head_dim: hd,
-                causal: true,
-                scale: (hd as f32).powf(-0.5),
-                segments: None,
-                rope: Some(theta),
-            };
-            Ok(b.attention_ext(&a.name("attn"), q, k, v, ap)?)
+            Ok(b.attention_ext(&a.name("attn"), q, k, v, causal_attention(cfg, theta, None))?)
         })?;
         let (k, v) = kv.expect("the layer calls attend");
         b.output(&prefill_kv_name(i, true), k)?;
