@@ -753,14 +753,21 @@ fn cudarc_nvrtc_compiles_the_sm90a_helpers() {
     opts.push(format!("--include-path={MANIFEST}/../../kernels/include"));
     opts.push("--gpu-architecture=sm_90a".into());
     opts.push("--std=c++17".into());
+    // The ptxas report (registers, spills, shared memory per test kernel) goes to the CI log.
+    opts.push("--ptxas-options=-v".into());
     unsafe {
-        if let Err(e) = nr::compile_program(prog, &opts) {
-            let log = nr::get_program_log(prog).unwrap();
-            panic!(
-                "{e:?}: {}",
-                String::from_utf8_lossy(&log.iter().map(|&c| c as u8).collect::<Vec<u8>>())
-            );
+        let compiled = nr::compile_program(prog, &opts);
+        let log = nr::get_program_log(prog).unwrap();
+        let log = String::from_utf8_lossy(&log.iter().map(|&c| c as u8).collect::<Vec<u8>>()).into_owned();
+        if let Err(e) = compiled {
+            panic!("{e:?}: {log}");
         }
+        for line in log.lines().filter(|l| l.contains("Compiling entry") || l.contains("Used ") || l.contains("spill")) {
+            println!("sm_90a ptxas: {}", line.trim());
+        }
+        // C7519: ptxas inserted a warpgroup.arrive where registers meet a wgmma; counted, not listed.
+        let injected = log.lines().filter(|l| l.contains("C7519")).count();
+        println!("sm_90a ptxas: {injected} warpgroup.arrive injected by ptxas (C7519)");
         let mut n = 0usize;
         cudarc::nvrtc::sys::nvrtcGetCUBINSize(prog, &mut n)
             .result()
