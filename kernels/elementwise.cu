@@ -11,6 +11,8 @@
 //                                      s = row / tokens the sample (adaLN gated residual, gate [B, C])
 //   cast_f32_to_bf16(x, y, n)          round to nearest even
 //   cast_bf16_to_f32(x, y, n)          exact
+//   cast_{f32,bf16}_to_u8(x, y, n)     integer-valued 0..=255 (quantize_u8's output) -> bytes; saturating,
+//                                      truncating, NaN -> 0 (the executor's uint8 read-back)
 //
 // Version 1 (this one):
 // - Storage f32 or bf16, math in f32 with the accurate expf/tanhf/erff (no fast-math: these are
@@ -99,6 +101,11 @@ __device__ __forceinline__ void gated_add(const T* x, const T* gate, const T* v,
     }
 }
 
+template <typename S>
+__device__ __forceinline__ void cast_to_u8(const S* x, unsigned char* y, i64 n) {
+    for (i64 i = global_thread(); i < n; i += grid_threads()) y[i] = (unsigned char)fminf(fmaxf(to_f32(x[i]), 0.f), 255.f);
+}
+
 // Casts 8 elements per step: two float4 loads against one 16-byte bf16 store (or the reverse).
 template <typename S, typename D>
 __device__ __forceinline__ void cast(const S* x, D* y, i64 n) {
@@ -157,3 +164,5 @@ extern "C" __global__ void gated_add_bf16(const bf16* x, const bf16* gate, const
 
 extern "C" __global__ void cast_f32_to_bf16(const float* x, bf16* y, i64 n) { ou::cast<float, bf16>(x, y, n); }
 extern "C" __global__ void cast_bf16_to_f32(const bf16* x, float* y, i64 n) { ou::cast<bf16, float>(x, y, n); }
+extern "C" __global__ void cast_f32_to_u8(const float* x, unsigned char* y, i64 n) { ou::cast_to_u8<float>(x, y, n); }
+extern "C" __global__ void cast_bf16_to_u8(const bf16* x, unsigned char* y, i64 n) { ou::cast_to_u8<bf16>(x, y, n); }

@@ -15,6 +15,19 @@
 //       does (f32 exp(-ln(10000) * i / half)), so that the f32 argument t * freq_i is bit-identical: at t ~ 1000
 //       one ulp of freq moves the argument by ~1e-4.
 //   swiglu_{f32,bf16}(gate, up, y, n)                   y = silu(gate) * up
+//   embedding_gather_{f32,bf16}(ids, table, extra, out, tokens, d, v, e)
+//       out[t] = table[ids[t]] (ids[t] < v) or extra[ids[t] - v] (v <= ids[t] < v + e); `ids` is the f32 copy
+//       of the input (integer-valued); an id that is not an integer in [0, v + e) gives a NaN row, never a
+//       read outside the tables (the host refuses such ids first, naming them). CPU twin: embedding_gather.
+//   quantize_u8_{f32,bf16}(x, out, batch, pixels)
+//       [B, 3, H, W] -> [B, H, W, 3] pixel values trunc(clamp(127.5 * x + 128, 0, 255)) (NaN -> 0), with
+//       __fmul_rn / __fadd_rn so that no fused multiply-add changes a rounding: bit-exact with the CPU
+//       twin openuni_cpu::ops::quantize_u8 (the one definition of the rule). Held as integer-valued
+//       numbers (exact in bf16) until the executor reads them back as bytes (cast_*_to_u8).
+//   any_nonfinite_{f32,bf16}(x, n, flag)      atomicOr(flag, 1) if any x is NaN/Inf (flag: a zeroed u32 workspace)
+//   any_nonfinite_finish_{f32,bf16}(flag, out)  out[0] = flag ? 1 : 0, and the workspace back to 0
+//       CPU twin: any_nonfinite. The test is on the exponent bits (all ones), so no compiler flag can
+//       fold it away.
 //
 // Version 1 (this one):
 // - All math in f32 except the sinusoids: cos/sin of the f32 argument are computed in double and rounded
@@ -92,6 +105,50 @@ __device__ __forceinline__ void swiglu(const T* gate, const T* up, T* y, i64 n) 
         y[i] = from_f32<T>(misc_silu(to_f32(gate[i])) * to_f32(up[i]));
 }
 
+template <typename T>
+__device__ __forceinline__ void embedding_gather(const float* ids, const T* table, const T* extra, T* out, i64 tokens, int d,
+                                                 i64 v, i64 e) {
+    const i64 n = tokens * d;
+    for (i64 k = misc_thread(); k < n; k += misc_threads()) {
+        const i64 t = k / d;
+        const int j = (int)(k - t * d);
+        const float f = ids[t];
+        const bool ok = f >= 0.f && f < (float)(v + e) && f == floorf(f);
+        const i64 id = ok ? (i64)f : 0;
+        out[k] = !ok ? from_f32<T>(__uint_as_float(0x7fc00000u)) : id < v ? table[id * d + j] : extra[(id - v) * d + j];
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void quantize_u8(const T* x, T* out, int batch, i64 pixels) {
+    const i64 n = (i64)batch * 3 * pixels;
+    for (i64 k = misc_thread(); k < n; k += misc_threads()) {
+        // k indexes the output [B, H·W, 3]: read the planar input [B, 3, H·W].
+        const i64 b = k / (3 * pixels), r = k - b * 3 * pixels, p = r / 3;
+        const int c = (int)(r - p * 3);
+        const float y = __fadd_rn(__fmul_rn(127.5f, to_f32(x[(b * 3 + c) * pixels + p])), 128.f);
+        // fmaxf(NaN, 0) = 0: NaN -> 0 as the CPU twin's saturating cast.
+        out[k] = from_f32<T>(truncf(fminf(fmaxf(y, 0.f), 255.f)));
+    }
+}
+
+__device__ __forceinline__ bool misc_nonfinite(float v) { return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u; }
+
+template <typename T>
+__device__ __forceinline__ void any_nonfinite(const T* x, i64 n, unsigned* flag) {
+    bool bad = false;
+    for (i64 k = misc_thread(); k < n; k += misc_threads()) bad |= misc_nonfinite(to_f32(x[k]));
+    if (bad) atomicOr(flag, 1u);
+}
+
+template <typename T>
+__device__ __forceinline__ void any_nonfinite_finish(unsigned* flag, T* out) {
+    if (misc_thread() == 0) {
+        out[0] = from_f32<T>(*flag ? 1.f : 0.f);
+        *flag = 0u;
+    }
+}
+
 }  // namespace ou
 
 using ou::bf16;
@@ -125,3 +182,20 @@ extern "C" __global__ void timestep_embedding_bf16_tbf16(const bf16* t, const fl
 
 extern "C" __global__ void swiglu_f32(const float* gate, const float* up, float* y, i64 n) { ou::swiglu<float>(gate, up, y, n); }
 extern "C" __global__ void swiglu_bf16(const bf16* gate, const bf16* up, bf16* y, i64 n) { ou::swiglu<bf16>(gate, up, y, n); }
+
+extern "C" __global__ void embedding_gather_f32(const float* ids, const float* table, const float* extra, float* out, i64 tokens, int d,
+                                                i64 v, i64 e) {
+    ou::embedding_gather<float>(ids, table, extra, out, tokens, d, v, e);
+}
+extern "C" __global__ void embedding_gather_bf16(const float* ids, const bf16* table, const bf16* extra, bf16* out, i64 tokens, int d,
+                                                 i64 v, i64 e) {
+    ou::embedding_gather<bf16>(ids, table, extra, out, tokens, d, v, e);
+}
+
+extern "C" __global__ void quantize_u8_f32(const float* x, float* out, int batch, i64 pixels) { ou::quantize_u8<float>(x, out, batch, pixels); }
+extern "C" __global__ void quantize_u8_bf16(const bf16* x, bf16* out, int batch, i64 pixels) { ou::quantize_u8<bf16>(x, out, batch, pixels); }
+
+extern "C" __global__ void any_nonfinite_f32(const float* x, i64 n, unsigned* flag) { ou::any_nonfinite<float>(x, n, flag); }
+extern "C" __global__ void any_nonfinite_bf16(const bf16* x, i64 n, unsigned* flag) { ou::any_nonfinite<bf16>(x, n, flag); }
+extern "C" __global__ void any_nonfinite_finish_f32(unsigned* flag, float* out) { ou::any_nonfinite_finish<float>(flag, out); }
+extern "C" __global__ void any_nonfinite_finish_bf16(unsigned* flag, bf16* out) { ou::any_nonfinite_finish<bf16>(flag, out); }

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use openuni_cuda::{CudaDevice, CudaExecutor, DeviceTensor};
 use openuni_cpu::CpuExecutor;
 use openuni_graph::{Graph, ValueId};
-use openuni_tensor::{DType, HostTensor, Shape, TensorSource};
+use openuni_tensor::{DType, HostData, HostTensor, Shape, TensorSource};
 
 use crate::compare::{diff, Diff};
 
@@ -184,6 +184,14 @@ impl TensorHandle {
         match self {
             TensorHandle::Host(t) => Ok(t.clone()),
             TensorHandle::Device(t) => Ok(t.to_host()?),
+        }
+    }
+    /// Integer-valued pixel values (an `Op::QuantizeU8` output) as uint8 on the host: a device
+    /// value is cast on the device and read back at one byte a value.
+    pub fn to_host_u8(&self) -> Result<HostTensor> {
+        match self {
+            TensorHandle::Host(t) => Ok(HostTensor::new(t.shape.clone(), HostData::U8(t.to_f32_vec().iter().map(|&v| v.clamp(0.0, 255.0) as u8).collect()))?),
+            TensorHandle::Device(t) => Ok(t.to_host_u8()?),
         }
     }
 }

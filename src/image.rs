@@ -110,10 +110,18 @@ pub fn existing(path: &Path, width: usize, height: usize, settings: &[(String, S
     }
 }
 
-/// OpenUni's post-processing: `uint8(clamp(127.5·x + 128, 0, 255))` (the cast truncates), NCHW
-/// [B, 3, H, W] -> NHWC bytes [B, H, W, 3].
+/// OpenUni's post-processing: `uint8(clamp(127.5·x + 128, 0, 255))` (the cast truncates;
+/// `openuni_cpu::ops::quantize_u8`, the rule the device's `Op::QuantizeU8` shares), NCHW
+/// [B, 3, H, W] -> NHWC bytes [B, H, W, 3]. Pixels already quantized on the device (uint8
+/// [B, H, W, 3], what `generate_batches` hands out) pass through as they are.
 pub fn to_uint8_nhwc(decoded: &HostTensor) -> Result<(Vec<u8>, [usize; 4])> {
     let d = decoded.shape.dims();
+    if let openuni_tensor::HostData::U8(px) = &decoded.data {
+        if d.len() != 4 || d[3] != 3 {
+            bail!("uint8 image has shape {}, expected [B, H, W, 3]", decoded.shape);
+        }
+        return Ok((px.clone(), [d[0], d[1], d[2], 3]));
+    }
     if d.len() != 4 || d[1] != 3 {
         bail!("decoded image has shape {}, expected [B, 3, H, W]", decoded.shape);
     }
@@ -123,8 +131,7 @@ pub fn to_uint8_nhwc(decoded: &HostTensor) -> Result<(Vec<u8>, [usize; 4])> {
     for bi in 0..b {
         for c in 0..3 {
             for p in 0..h * w {
-                let v = (127.5 * x[(bi * 3 + c) * h * w + p] + 128.0).clamp(0.0, 255.0);
-                out[(bi * h * w + p) * 3 + c] = v as u8;
+                out[(bi * h * w + p) * 3 + c] = openuni_cpu::ops::quantize_u8(x[(bi * 3 + c) * h * w + p]);
             }
         }
     }

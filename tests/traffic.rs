@@ -3,6 +3,7 @@
 //! and a `--batch 8` generation of the tiny model in bf16, after a first generation has uploaded
 //! the weights and built the resident executors, must move exactly the bytes listed below and no
 //! more. docs/gpu-plan.md ("Host<->device traffic") says what still moves and why.
+//! Also checks that the device's token gather and uint8 quantization give the host path's pixels.
 
 use openuni::exec::Device;
 use openuni::generate::noise;
@@ -53,18 +54,19 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     assert!(openuni_cuda::reset_emu_traffic(), "the emulated driver exports no traffic counters");
     let second = generate();
     let (htod, dtoh) = openuni_cuda::emu_traffic().expect("emulated driver");
-    assert_eq!(first.to_f32_vec(), second.to_f32_vec(), "the same batch gave another image the second time");
+    assert_eq!(first.data.as_bytes(), second.data.as_bytes(), "the same batch gave another image the second time");
     // The values handed over on the device (prompt embeddings, K/V) are the ones the host path
     // (`denoise` from host prompt embeddings) sets: a bf16 value read to f32 and set again is exact.
     let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(cd, u)| (&cd[..], &u[..])).collect();
     let cond = m.condition_batch(&pairs, run).unwrap();
     let lat = m.denoise(&cond.prompt_embeds, &b.noise, STEPS, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
     let host_path = m.decode_with(&lat, run, p.decode).unwrap();
-    assert_eq!(first.to_f32_vec(), host_path.to_f32_vec(), "the device hand-over changed the image");
+    // ... and the pixels quantized on the device are the host rule's on the f32 image.
+    let (host_pixels, _) = openuni::pipeline::to_uint8_nhwc(&host_path).unwrap();
+    assert_eq!(first.data.as_bytes(), &host_pixels[..], "the device hand-over or the device quantization changed the image");
 
     // What a batch moves, tensor by tensor (f32 = 4 bytes a value).
     let (d, q) = (m.llm_cfg.hidden_size, m.num_queries);
-    let cc = m.transformer_cfg.caption_channels;
     let tokens: usize = b.prompts.iter().map(|(cd, u)| cd.len() + u.len()).sum::<usize>() + 2 * N * q;
     let latent = N * c * h * w;
     let image = N * 3 * PX * PX;
@@ -73,17 +75,20 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     // conditioning executor made per call (its graph depends on the prompts' lengths).
     let longest = b.prompts.iter().map(|(cd, u)| cd.len().max(u.len())).max().unwrap() + q;
     let llm_tables = tokens * 2 * 4 + longest * (d / m.llm_cfg.num_attention_heads) * 4;
+    // Storage bytes of a scalar read back in the executors' dtype (a non-finite flag).
+    let flag = run.dtype.size_in_bytes();
     let up = [
-        ("conditioning: token embeddings + meta-queries gathered on the host [1, tokens, D] f32", tokens * d * 4),
+        ("conditioning: token ids, the meta-queries' ids appended [1, tokens] f32 (gathered from the tables on the device)", tokens * 4),
         ("conditioning: the per-call executor's constant tables (segments, RoPE)", llm_tables),
-        ("step: latents of both CFG halves [2N, C, h, w] f32, every step", STEPS * 2 * latent * 4),
+        ("step: latents of both CFG halves [2N, C, h, w] f32, every step (guidance and solver on the host)", STEPS * 2 * latent * 4),
         ("step: timesteps [2N] f32, every step", STEPS * 2 * N * 4),
-        ("decoder: latents / scaling_factor [N, C, h, w] f32 (initial noise drawn on the host)", latent * 4),
+        ("decoder: latents / scaling_factor [N, C, h, w] f32 (the latents live on the host between steps)", latent * 4),
     ];
     let down = [
-        ("conditioning: hidden [2N, Q, D], connector [2N, Q, D], prompt embeddings [2N, Q, cc] f32", 2 * N * q * (2 * d + cc) * 4),
-        ("step: velocity [2N, C, h, w] f32, every step", STEPS * 2 * latent * 4),
-        ("decoder: image [N, 3, H, W] f32", image * 4),
+        ("conditioning: non-finite flags of hidden, connector, prompt embeddings (one scalar each)", 3 * flag),
+        ("step: velocity [2N, C, h, w] f32, every step (guidance and solver on the host)", STEPS * 2 * latent * 4),
+        ("decoder: non-finite flag of the image (one scalar)", flag),
+        ("decoder: image [N, H, W, 3] uint8 (quantized on the device)", image),
     ];
     for (what, bytes) in up.iter() {
         println!("host->device {bytes:>9} B  {what}");

@@ -18,7 +18,7 @@ use openuni_graph::{node_cost, Graph, Node, Op};
 use openuni_tensor::DType;
 use serde::Serialize;
 
-use crate::pipeline::{tile_starts, DecodeOptions, Tiling};
+use crate::pipeline::{nonfinite_flag, tile_starts, DecodeOptions, Tiling, IMAGE_U8};
 
 /// A device's ceilings for the roofline model (vendor datasheets; docs/gpu-plan.md).
 #[derive(Clone, Copy, Serialize)]
@@ -140,6 +140,9 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         Op::Transpose { .. } => one,
         Op::ModulationTable { .. } | Op::Chunk { .. } | Op::TimestepEmbedding { .. } | Op::SwiGlu { .. } | Op::SliceTokens { .. } => one,
         Op::GatherTokens { starts, .. } => starts.len() * one,
+        Op::EmbeddingGather { .. } | Op::QuantizeU8 { .. } => one,
+        // The flag over the tensor, then the finish launch that writes it and re-zeroes the flag.
+        Op::AnyNonFinite { x } => usize::from(g.shape(*x).numel() > 0) + 1,
         Op::ClassPosEmbed { .. } => 3 * one,
         Op::Concat { xs } => xs.iter().filter(|&&x| g.shape(x).last() > 0).count() * one,
         Op::Conv2d { .. }
@@ -151,27 +154,59 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
     })
 }
 
-/// Graph outputs never read back to the host: the caption path's K/V, handed to the step's
-/// inputs device to device (`GraphExecutor::output_handles` / `set_input_handles`) once per batch.
-fn output_stays_on_device(name: &str) -> bool {
-    name.starts_with("cross_kv.")
+/// How the pipeline reads a graph output back (src/pipeline).
+#[derive(Clone, Copy, PartialEq)]
+enum Read {
+    /// Never read back: the caption path's K/V and the conditioning's prompt embeddings, handed
+    /// to the next graph's inputs device to device (`output_handles` / `set_input_handles`); the
+    /// conditioning's other outputs and the decoder's f32 sample, checked on the device by their
+    /// non-finite flags (read only when a flag is set, an error anyway).
+    Stays,
+    /// A non-finite flag: one scalar in the storage dtype (`TensorHandle::to_host`), no cast.
+    Flag,
+    /// The decoder's uint8 pixels: cast to bytes on the device, one byte a value.
+    U8,
+    /// Through `outputs()`: f32, after a staging cast with bf16 storage (the step's velocity).
+    F32,
+}
+
+fn output_read(g: &Graph, name: &str) -> Read {
+    let checked_on_device = g.outputs.iter().any(|(n, _)| *n == nonfinite_flag(name));
+    if name == IMAGE_U8 {
+        Read::U8
+    } else if name.ends_with(&nonfinite_flag("")) {
+        Read::Flag
+    } else if name.starts_with("cross_kv.") || checked_on_device {
+        Read::Stays
+    } else {
+        Read::F32
+    }
 }
 
 /// Graph inputs set from another graph's output on the device, never from the host: the step's
-/// K/V, and the caption path's prompt embeddings (the conditioning's output, which is also read
-/// back to the host for the finite check).
+/// K/V, and the caption path's prompt embeddings (the conditioning's output).
 fn input_from_device(name: &str) -> bool {
     name.starts_with("cross_kv.") || name == "encoder_hidden_states"
 }
 
 /// Host<->device bytes of one pass of a stage's graph as the pipeline drives it: every input
-/// set from the host and every output read back, as f32 (`CudaExecutor::set_inputs` /
-/// `outputs`); values that stay on the device are not counted.
-fn io_bytes(g: &Graph) -> (f64, f64) {
-    let f32b = |id| g.shape(id).numel() as f64 * 4.0;
+/// set from the host as f32 (`CudaExecutor::set_inputs`: the conditioning's token ids, the
+/// step's latents and timesteps, the decoder's latents) and every output read back as
+/// [`output_read`] says; values that stay on the device are not counted.
+fn io_bytes(g: &Graph, es: f64) -> (f64, f64) {
+    let numel = |id| g.shape(id).numel() as f64;
     // fold from +0.0: an empty f64 `sum` is -0.0, which would print as "-0.000".
-    let inputs = g.inputs().filter(|(_, n)| !input_from_device(n)).map(|(id, _)| f32b(id)).fold(0.0, |a, b| a + b);
-    let outputs = g.outputs.iter().filter(|(n, _)| !output_stays_on_device(n)).map(|(_, id)| f32b(*id)).fold(0.0, |a, b| a + b);
+    let inputs = g.inputs().filter(|(_, n)| !input_from_device(n)).map(|(id, _)| numel(id) * 4.0).fold(0.0, |a, b| a + b);
+    let outputs = g
+        .outputs
+        .iter()
+        .map(|(n, id)| match output_read(g, n) {
+            Read::Stays => 0.0,
+            Read::Flag => numel(*id) * es,
+            Read::U8 => numel(*id),
+            Read::F32 => numel(*id) * 4.0,
+        })
+        .fold(0.0, |a, b| a + b);
     (inputs, outputs)
 }
 
@@ -207,24 +242,30 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType) -> Result<Stage
         }
     };
     // bf16 storage: one cast launch per input set from the host (f32 staging -> arena, when it is
-    // set) and per output read back (arena -> f32 staging, when it is read). Every input and
-    // output that crosses the host boundary does so on every pass (the step's latents, timestep
-    // and velocity); values handed over on the device are never cast.
+    // set) and per output read back through `outputs()` (arena -> f32 staging, when it is read).
+    // Every input and output that crosses the host boundary does so on every pass (the step's
+    // latents, timestep and velocity); values handed over on the device are never cast, flags are
+    // read in the storage dtype.
     if dtype == DType::BF16 {
         let ins = g.inputs().filter(|(_, n)| !input_from_device(n)).map(|(id, _)| id);
-        let outs = g.outputs.iter().filter(|(n, _)| !output_stays_on_device(n)).map(|(_, id)| *id);
+        let outs = g.outputs.iter().filter(|(n, _)| output_read(g, n) == Read::F32).map(|(_, id)| *id);
         let staged: Vec<f64> = ins.chain(outs).map(|id| g.shape(id).numel() as f64).filter(|&n| n > 0.0).collect();
         p.launches += staged.len();
         add_bytes(&mut p, staged.iter().map(|n| n * (4.0 + es)).sum());
     }
+    // The uint8 pixels are cast to bytes on the device when read (any storage): one launch, the
+    // value read in the storage dtype and written at one byte a value.
+    let u8_out: Vec<f64> = g.outputs.iter().filter(|(n, _)| output_read(g, n) == Read::U8).map(|(_, id)| g.shape(*id).numel() as f64).collect();
+    p.launches += u8_out.len();
+    add_bytes(&mut p, u8_out.iter().map(|n| n * (es + 1.0)).sum());
     // Values handed over are copied device to device (read and write once per batch, in the
     // storage dtype): the K/V counted with the caption path that makes them (the step runs many
     // times per batch), the prompt embeddings with the caption path that reads them.
     let bytes = |id| g.shape(id).numel() as f64 * es * 2.0;
-    let made: f64 = g.outputs.iter().filter(|(n, _)| output_stays_on_device(n)).map(|(_, id)| bytes(*id)).sum();
+    let made: f64 = g.outputs.iter().filter(|(n, _)| n.starts_with("cross_kv.")).map(|(_, id)| bytes(*id)).sum();
     let read: f64 = g.inputs().filter(|(_, n)| input_from_device(n) && !n.starts_with("cross_kv.")).map(|(id, _)| bytes(id)).sum();
     add_bytes(&mut p, made + read);
-    let (every_in, out) = io_bytes(g);
+    let (every_in, out) = io_bytes(g, es);
     p.htod_bytes_per_batch = runs as f64 * every_in;
     p.dtoh_bytes_per_batch = runs as f64 * out;
     Ok(p)

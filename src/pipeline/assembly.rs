@@ -18,6 +18,7 @@ use openuni_graph::Graph;
 use openuni_tensor::{DType, Shape, TensorSource};
 
 use super::resident::Stage;
+use super::sampling::with_finite_flags;
 use super::{decode_graphs, DecodeOptions, ModelPaths, OpenUni};
 
 /// Opens a weight file or folder: safetensors (file, folder, sharded index) or a PyTorch `.pth`
@@ -96,7 +97,11 @@ impl OpenUni {
     pub(super) fn source(&self, stage: Stage) -> Box<dyn TensorSource + '_> {
         match stage {
             Stage::Conditioning => Box::new(Routed {
-                routes: vec![(head::CONNECTOR_PREFIX, self.openuni.as_ref()), (head::PROJECTOR_PREFIX, self.openuni.as_ref())],
+                routes: vec![
+                    (head::CONNECTOR_PREFIX, self.openuni.as_ref()),
+                    (head::PROJECTOR_PREFIX, self.openuni.as_ref()),
+                    (head::META_QUERIES, self.openuni.as_ref()),
+                ],
                 default: self.llm.as_ref(),
             }),
             Stage::Transformer => self.transformer(),
@@ -124,9 +129,10 @@ impl OpenUni {
         }
     }
 
-    /// The conditioning graph of packed sequences of `segments` tokens ([`Head::graph`]).
+    /// The conditioning graph of packed sequences of `segments` tokens ([`Head::graph`]), with a
+    /// non-finite flag after each of its outputs (read instead of the outputs themselves).
     pub(super) fn conditioning_graph(&self, segments: &[usize]) -> Result<Graph> {
-        Ok(self.head().graph(segments)?)
+        with_finite_flags(self.head().graph(segments)?, &[head::HIDDEN.0, head::CONNECTOR.0, head::PROMPT_EMBEDS.0])
     }
 
     /// The caption path graph (projection, norm, every block's cross-attention K/V).

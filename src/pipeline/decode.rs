@@ -5,11 +5,26 @@ use openuni_models::dcae::{decoder_global_graph, decoder_graph, decoder_tile_gra
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use openuni_graph::Graph;
-use openuni_tensor::{HostTensor, Shape};
+use openuni_graph::{Graph, GraphBuilder};
+use openuni_tensor::{HostData, HostTensor, Shape};
 
 use super::resident::Stage;
-use super::{OpenUni, RunOptions};
+use super::sampling::{check_finite, check_finite_flag, with_finite_flags};
+use super::{to_uint8_nhwc, OpenUni, RunOptions};
+
+/// The decoder graph's uint8 pixels [B, H, W, 3] (`Op::QuantizeU8` of [`SAMPLE`]): what a
+/// generation reads back, one byte a value.
+pub const IMAGE_U8: &str = "image_u8";
+
+/// The decoder as the pipeline runs it: the model's [`SAMPLE`] [B, 3, H, W], its uint8 pixels
+/// [`IMAGE_U8`] and its non-finite flag, each read from the device only when wanted.
+pub fn pipeline_decoder_graph(vae: &DcaeConfig, shape: &Shape) -> Result<Graph> {
+    let mut b = GraphBuilder::extend(with_finite_flags(decoder_graph(vae, shape)?, &[SAMPLE.0])?);
+    let sample = b.output_id(SAMPLE.0).context("the decoder graph has no sample output")?;
+    let pixels = b.quantize_u8(IMAGE_U8, sample)?;
+    b.output(IMAGE_U8, pixels)?;
+    Ok(b.finish())
+}
 
 impl OpenUni {
     /// `decoder(latents / scaling_factor)` -> [B, 3, H, W] in nominal [-1, 1], in one piece.
@@ -39,11 +54,41 @@ impl OpenUni {
         Ok(())
     }
 
-    /// Decodes raw (unscaled) latents `values` of `shape` on the resident decoder executor.
+    /// Decodes raw (unscaled) latents `values` of `shape` on the resident decoder executor: the
+    /// f32 sample [B, 3, H, W].
     pub(super) fn decode_piece(&self, shape: Shape, values: Vec<f32>, run: RunOptions) -> Result<HostTensor> {
         let inputs = HashMap::from([(LATENT.to_string(), self.scaled_latent(shape.clone(), values)?)]);
-        let mut out = self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || Ok(decoder_graph(&self.vae_cfg, &shape)?), |e| e.run(&inputs))?;
-        Ok(SAMPLE.take(&mut out)?)
+        let sample = self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || pipeline_decoder_graph(&self.vae_cfg, &shape), |e| {
+            e.set_inputs(&inputs)?;
+            e.execute()?;
+            SAMPLE.take(&mut e.output_handles()?)?.to_host()
+        })?;
+        Ok(HostTensor::from_f32(sample.shape.clone(), sample.to_f32_vec())?)
+    }
+
+    /// Decodes `latents` as `opts` says to uint8 pixels [B, H, W, 3] (the host writer's layout),
+    /// refusing a non-finite decoder output (batch `batch` of a call, for the message). In one
+    /// piece the pixels are quantized on the device and read back at one byte a value after a
+    /// one-scalar finite check; tiled, the stitched f32 image is checked and quantized on the
+    /// host by the same rule.
+    pub fn decode_u8(&self, latents: &HostTensor, run: RunOptions, opts: DecodeOptions, batch: usize) -> Result<HostTensor> {
+        let stage = format!("decode: the VAE output (latents / scaling_factor {} decoded)", self.vae_cfg.scaling_factor);
+        if let Some(t) = tiling(&self.vae_cfg, latents.shape.dims(), opts)? {
+            let decoded = self.decode_tiled(latents, run, t)?;
+            check_finite(&stage, &decoded, batch)?;
+            let (px, dims) = to_uint8_nhwc(&decoded)?;
+            return Ok(HostTensor::new(dims.to_vec(), HostData::U8(px))?);
+        }
+        self.check_latent(latents)?;
+        let shape = latents.shape.clone();
+        let inputs = HashMap::from([(LATENT.to_string(), self.scaled_latent(shape.clone(), latents.to_f32_vec())?)]);
+        self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || pipeline_decoder_graph(&self.vae_cfg, &shape), |e| {
+            e.set_inputs(&inputs)?;
+            e.execute()?;
+            let h = e.output_handles()?;
+            check_finite_flag(&h, SAMPLE.0, &stage, batch)?;
+            h.get(IMAGE_U8).context("the decoder graph has no uint8 image")?.to_host_u8()
+        })
     }
 
     pub(super) fn scaled_latent(&self, shape: Shape, values: Vec<f32>) -> Result<HostTensor> {
@@ -123,7 +168,7 @@ pub(super) fn tiling(vae: &DcaeConfig, dims: &[usize], opts: DecodeOptions) -> R
 pub fn decode_graphs(vae: &DcaeConfig, n: usize, h: usize, w: usize, opts: DecodeOptions) -> Result<Vec<(&'static str, Graph)>> {
     let shape: Shape = [n, vae.latent_channels, h, w].into();
     Ok(match tiling(vae, shape.dims(), opts)? {
-        None => vec![("decoder", decoder_graph(vae, &shape)?)],
+        None => vec![("decoder", pipeline_decoder_graph(vae, &shape)?)],
         Some(t) => {
             let grid = vae.local_split().grid;
             vec![("decoder.global", decoder_global_graph(vae, &shape)?), ("decoder.tile", decoder_tile_graph(vae, n, t.tile.min(h * grid), t.tile.min(w * grid))?)]

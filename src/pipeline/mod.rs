@@ -24,11 +24,11 @@ use crate::exec::{Device, GraphExecutor, TensorHandle};
 
 pub use crate::image::to_uint8_nhwc;
 pub use assembly::{open_weights, planned_graph_bytes};
-pub use decode::{decode_graphs, DecodeOptions};
+pub use decode::{decode_graphs, pipeline_decoder_graph, DecodeOptions, IMAGE_U8};
 pub use openuni_models::dcae::{owned_spans, tile_starts, Tiling};
 use resident::Resident;
 pub use resident::Stage;
-pub use sampling::{check_finite, StopCheck, Stopped};
+pub use sampling::{check_finite, nonfinite_flag, StopCheck, Stopped};
 
 /// The models of one OpenUni variant, loaded from their folders.
 pub struct OpenUni {

@@ -7,7 +7,8 @@ use openuni_models::sana;
 use openuni_models::scheduler::{guide, Sampler, SamplerKind};
 use std::collections::HashMap;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use openuni_graph::{Graph, GraphBuilder};
 use openuni_tensor::{HostTensor, Shape};
 
 use crate::exec::{Device, TensorHandle};
@@ -60,14 +61,14 @@ impl OpenUni {
         if n == 0 {
             bail!("no prompts to condition on");
         }
-        let d = self.llm_cfg.hidden_size;
         let segments = segments(prompts, self.num_queries);
         let total: usize = segments.iter().sum();
-        let embeds = self.head().inputs_embeds(self.llm.as_ref(), self.openuni.as_ref(), prompts)?;
+        // Only the token ids cross to the device (4 B a token); refused here if outside the vocabulary.
+        let ids = self.head().input_ids(prompts)?;
         // The graph depends on the prompts' lengths, so its executor is made per call (on the
         // resident weights).
         let mut exec = self.new_executor(Stage::Conditioning, &self.conditioning_graph(&segments)?, run)?;
-        exec.set_inputs(&HashMap::from([(head::INPUTS_EMBEDS.to_string(), HostTensor::from_f32([1, total, d], embeds)?)]))?;
+        exec.set_inputs(&HashMap::from([(head::INPUT_IDS.to_string(), HostTensor::from_f32([1, total], ids)?)]))?;
         exec.execute()?;
         Ok(PendingConditioning { exec, n })
     }
@@ -88,6 +89,21 @@ impl OpenUni {
         })
     }
 
+    /// Waits for a conditioning started by [`start_conditioning`](Self::start_conditioning) and
+    /// checks each stage's output on the device (one flag each, [`check_finite_flag`]): the prompt
+    /// embeddings where the conditioning left them, nothing else read back.
+    fn finish_conditioning_on_device(&self, mut p: PendingConditioning, batch: usize) -> Result<TensorHandle> {
+        let mut h = p.exec.output_handles()?;
+        for (out, stage) in [
+            (HIDDEN, "conditioning: the LLM's query states"),
+            (CONNECTOR, "conditioning: the connector output"),
+            (PROMPT_EMBEDS, "conditioning: the projector output (prompt embeddings)"),
+        ] {
+            check_finite_flag(&h, out.0, stage, batch)?;
+        }
+        Ok(PROMPT_EMBEDS.take(&mut h)?)
+    }
+
     /// The caption path for `prompt_embeds`: every block's cross-attention K/V, left on the
     /// device (a GPU) for the step executor's inputs.
     pub(super) fn cross_kv(&self, prompt_embeds: TensorHandle, run: RunOptions) -> Result<HashMap<String, TensorHandle>> {
@@ -102,7 +118,7 @@ impl OpenUni {
 
     /// Generates `batches` one after another: the conditioning of batch i + 1 is started (on the
     /// device's second lane) before batch i is denoised, so on a GPU the two overlap. Each batch's
-    /// decoded images [N, 3, H, W] go to `done(batch index, images)`; `on_step(N)` after each step.
+    /// images, uint8 pixels [N, H, W, 3] (quantized on the device), go to `done(batch index, images)`; `on_step(N)` after each step.
     /// With a [`StopCheck`] that drops images, use [`generate_batches_rows`](Self::generate_batches_rows).
     pub fn generate_batches(
         &self,
@@ -126,7 +142,7 @@ impl OpenUni {
     }
 
     /// [`generate_batches`](Self::generate_batches) under the [`StopCheck`]: `done(batch index,
-    /// images [M, 3, H, W], rows)` gets the images still wanted, `rows` their indices in the
+    /// uint8 images [M, H, W, 3], rows)` gets the images still wanted, `rows` their indices in the
     /// batch (ascending); a batch whose images all left is skipped (`skipped(batch index)`) and
     /// the next one goes on. The steps after a drop run at the smaller batch, so the images that
     /// stay equal the whole batch's bit for bit where the step's per-image arithmetic does not
@@ -149,18 +165,15 @@ impl OpenUni {
             None => return Ok(()),
         };
         for (i, b) in batches.iter().enumerate() {
-            let cond = self.finish_conditioning(next.take().expect("started before"))?;
-            // No image is written from a non-finite value: each stage's output is checked, and the
-            // first one holding NaN/Inf is named (NaN weights, an overflow, a bad config value).
-            check_finite("conditioning: the LLM's query states", &cond.hidden_uncond, i)?;
-            check_finite("conditioning: the LLM's query states", &cond.hidden_cond, i)?;
-            check_finite("conditioning: the connector output", &cond.connector, i)?;
-            check_finite("conditioning: the projector output (prompt embeddings)", &cond.prompt_embeds, i)?;
-            check_denoise_inputs(&self.transformer_cfg, cond.prompt_embeds_on_device.shape(), &b.noise.shape)?;
+            // No image is written from a non-finite value: each stage's output is checked (on the
+            // device where it lies), and the first one holding NaN/Inf is named (NaN weights, an
+            // overflow, a bad config value).
+            let prompt_embeds = self.finish_conditioning_on_device(next.take().expect("started before"), i)?;
+            check_denoise_inputs(&self.transformer_cfg, prompt_embeds.shape(), &b.noise.shape)?;
             // The caption path reads the prompt embeddings where the conditioning left them; the
             // handle (and with it the conditioning's memory) is dropped before the next batch's
             // conditioning allocates its own.
-            let kv = self.cross_kv(cond.prompt_embeds_on_device, run)?;
+            let kv = self.cross_kv(prompt_embeds, run)?;
             if let Some(after) = batches.get(i + 1) {
                 next = Some(start(after)?);
             }
@@ -189,8 +202,8 @@ impl OpenUni {
             let sf = self.vae_cfg.scaling_factor;
             let scaled = HostTensor::from_f32(latents.shape.clone(), latents.to_f32_vec().iter().map(|x| x / sf).collect())?;
             check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &scaled, i)?;
-            let decoded = self.decode_with(&latents, run, p.decode)?;
-            check_finite(&format!("decode: the VAE output (latents / scaling_factor {} decoded)", self.vae_cfg.scaling_factor), &decoded, i)?;
+            // uint8 pixels [N, H, W, 3], the decoder's output checked for non-finite values first.
+            let decoded = self.decode_u8(&latents, run, p.decode, i)?;
             // The decode runs on the whole batch, the images that left included (discarded
             // here): decoders whose arithmetic depends on the batch size (the CPU's convolutions
             // pick their threading by it) then give the kept images the whole batch's bits.
@@ -337,6 +350,35 @@ fn select_rows(t: &HostTensor, which: &[usize]) -> Result<HostTensor> {
     let mut shape = dims.to_vec();
     shape[0] = which.len();
     Ok(HostTensor::new(shape, openuni_tensor::HostData::from_le_bytes(t.dtype(), &picked))?)
+}
+
+/// The output holding [`Op::AnyNonFinite`](openuni_graph::Op::AnyNonFinite) of graph output `output`.
+pub fn nonfinite_flag(output: &str) -> String {
+    format!("{output}.nonfinite")
+}
+
+/// `g` with a non-finite flag ([`nonfinite_flag`]) after each of `outputs`: the pipeline reads
+/// one scalar per checked tensor instead of the tensor.
+pub(super) fn with_finite_flags(g: Graph, outputs: &[&str]) -> Result<Graph> {
+    let mut b = GraphBuilder::extend(g);
+    for &out in outputs {
+        let id = b.output_id(out).with_context(|| format!("the graph has no output `{out}` to check"))?;
+        let flag = b.any_nonfinite(&nonfinite_flag(out), id)?;
+        b.output(&nonfinite_flag(out), flag)?;
+    }
+    Ok(b.finish())
+}
+
+/// [`check_finite`] on a run's output left where it lies (`handles`, from `output_handles`):
+/// reads its flag ([`with_finite_flags`]), one scalar; only when that is set (an error anyway)
+/// does the tensor come to the host, for the same message as the host check.
+pub(super) fn check_finite_flag(handles: &HashMap<String, TensorHandle>, output: &str, stage: &str, batch: usize) -> Result<()> {
+    let get = |name: &str| handles.get(name).with_context(|| format!("the graph has no output `{name}`"));
+    if get(&nonfinite_flag(output))?.to_host()?.to_f32_vec().first() == Some(&0.0) {
+        return Ok(());
+    }
+    check_finite(stage, &get(output)?.to_host()?, batch)?;
+    bail!("{stage} (batch {batch}): the device flagged a non-finite value that the host copy does not hold")
 }
 
 /// An error unless every value of `t` is finite: names the stage, the batch, what was found and

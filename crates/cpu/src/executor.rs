@@ -361,6 +361,12 @@ impl CpuExecutor {
                 let (qv, kv, vv, pv) = (view.get(*q), view.get(*k_cache), view.get(*v_cache), view.get(*positions));
                 ops::decode_attention(qv, kv, vv, pv, d, *scale, *rope, y)
             }
+            Op::EmbeddingGather { ids, table, extra } => ops::embedding_gather(view.get(*ids), view.get(*table), extra.map(|e| view.get(e)), cols, y),
+            Op::QuantizeU8 { x } => {
+                let d = g.shape(*x).dims();
+                ops::quantize_image_u8(view.get(*x), d[0], d[2] * d[3], y)
+            }
+            Op::AnyNonFinite { x } => y[0] = ops::any_nonfinite(view.get(*x)),
             Op::KvCacheAppend { cache, x, positions, kv_heads, head_dim, rope } => {
                 let c = g.shape(*cache).dims();
                 let d = ops::DecodeDims { batch: c[0], heads: *kv_heads, kv_heads: *kv_heads, head_dim: *head_dim, max_len: c[2] };

@@ -248,6 +248,45 @@ pub fn timestep_embedding(t: &[f32], dim: usize, out: &mut [f32]) {
     }
 }
 
+/// `Op::EmbeddingGather`: row `ids[t]` of `table` [V, D] (then of `extra` [E, D]) into row t of
+/// `out`; an id that is not an integer in [0, V + E) gives a NaN row.
+pub fn embedding_gather(ids: &[f32], table: &[f32], extra: Option<&[f32]>, d: usize, out: &mut [f32]) {
+    let v = table.len() / d.max(1);
+    let e = extra.map_or(0, |x| x.len() / d.max(1));
+    for (t, &id) in ids.iter().enumerate() {
+        let row = &mut out[t * d..(t + 1) * d];
+        let ok = id >= 0.0 && id.fract() == 0.0 && (id as usize) < v + e;
+        match (ok, id as usize) {
+            (true, i) if i < v => row.copy_from_slice(&table[i * d..(i + 1) * d]),
+            (true, i) => row.copy_from_slice(&extra.expect("id below V + E")[(i - v) * d..(i - v + 1) * d]),
+            (false, _) => row.fill(f32::NAN),
+        }
+    }
+}
+
+/// The one definition of the uint8 pixel rule: `x` in nominal [-1, 1] -> `127.5·x + 128` (two
+/// f32 roundings, no fused multiply-add), clamped to [0, 255] and truncated; NaN -> 0 (the
+/// pipeline refuses a non-finite image before any pixel is written).
+pub fn quantize_u8(x: f32) -> u8 {
+    (127.5 * x + 128.0).clamp(0.0, 255.0) as u8
+}
+
+/// `Op::QuantizeU8`: a decoded image [B, 3, H, W] -> pixel values [B, H, W, 3] ([`quantize_u8`]).
+pub fn quantize_image_u8(x: &[f32], batch: usize, pixels: usize, out: &mut [f32]) {
+    for b in 0..batch {
+        for c in 0..3 {
+            for p in 0..pixels {
+                out[(b * pixels + p) * 3 + c] = quantize_u8(x[(b * 3 + c) * pixels + p]) as f32;
+            }
+        }
+    }
+}
+
+/// `Op::AnyNonFinite`: 1 if any value is NaN or ±Inf, else 0.
+pub fn any_nonfinite(x: &[f32]) -> f32 {
+    x.iter().any(|v| !v.is_finite()) as u8 as f32
+}
+
 /// [batch, rows, cols] -> [batch, cols, rows].
 pub fn transpose(x: &[f32], batch: usize, rows: usize, cols: usize, out: &mut [f32]) {
     for b in 0..batch {

@@ -87,6 +87,24 @@ impl DeviceTensor {
         self.dev.copy_to_host(self.ptr, &mut bytes)?;
         Ok(HostTensor::new(self.shape.clone(), openuni_tensor::HostData::from_le_bytes(self.dtype, &bytes))?)
     }
+
+    /// The value as bytes: integer-valued pixel values 0..=255 (an `Op::QuantizeU8` output) cast
+    /// to uint8 on the device and read back at one byte a value (values outside are saturated).
+    pub fn to_host_u8(&self) -> Result<HostTensor> {
+        if self.runs.load(Ordering::Relaxed) != self.made_at {
+            return Err(CudaError::Input { name: self.name.clone(), msg: "its producer has run again since the handle was made: the value is gone".into() });
+        }
+        let n = self.shape.numel();
+        let mut bytes = vec![0u8; n];
+        if n > 0 {
+            let buf = self.dev.alloc(n)?;
+            let cast = elementwise::cast_to_u8(self.dtype, self.dev.sm_count(), self.ptr, buf.ptr(), n)?;
+            // SAFETY: the value (n elements of the storage dtype, alive with the arena) into `buf` (n bytes).
+            unsafe { families::enqueue(&self.dev, &cast) }?;
+            self.dev.copy_to_host(buf.ptr(), &mut bytes)?;
+        }
+        Ok(HostTensor::new(self.shape.clone(), openuni_tensor::HostData::U8(bytes))?)
+    }
 }
 
 impl std::fmt::Debug for DeviceTensor {

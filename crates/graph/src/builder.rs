@@ -139,6 +139,25 @@ impl GraphBuilder {
         GraphBuilder::default()
     }
 
+    /// Goes on building a finished graph (e.g. a pipeline adding checks after a model's outputs).
+    pub fn extend(g: Graph) -> GraphBuilder {
+        let names = g
+            .values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| match &v.kind {
+                ValueKind::Input(n) | ValueKind::Weight(n) | ValueKind::State(n) => Some((n.clone(), ValueId(i))),
+                ValueKind::Activation { .. } => None,
+            })
+            .collect();
+        GraphBuilder { g, names }
+    }
+
+    /// The value marked as output `name`, if any.
+    pub fn output_id(&self, name: &str) -> Option<ValueId> {
+        self.g.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+    }
+
     pub fn shape(&self, id: ValueId) -> &Shape {
         self.g.shape(id)
     }
@@ -606,6 +625,39 @@ impl GraphBuilder {
             return Err(shape_err("gather_tokens", format!("{name}: tokens {bad}..{} are not inside {s}", bad + len)));
         }
         Ok(self.push(name, Op::GatherTokens { x, starts: starts.to_vec(), len }, Shape::new([starts.len(), len, s.last()])))
+    }
+
+    /// Rows of `table` [V, D] (then of `extra` [E, D]) by the ids in `ids` [..] -> [.., D]
+    /// ([`Op::EmbeddingGather`]).
+    pub fn embedding_gather(&mut self, name: &str, ids: ValueId, table: ValueId, extra: Option<ValueId>) -> Result<ValueId> {
+        let (is, ts) = (self.shape(ids).clone(), self.shape(table).clone());
+        if ts.rank() != 2 || is.rank() == 0 {
+            return Err(shape_err("embedding_gather", format!("{name}: needs ids of rank >= 1 and a [V, D] table, got ids {is} and table {ts}")));
+        }
+        if let Some(e) = extra {
+            let es = self.shape(e);
+            if es.rank() != 2 || es.last() != ts.last() {
+                return Err(shape_err("embedding_gather", format!("{name}: the extra rows {es} are not [E, {}] like the table {ts}", ts.last())));
+            }
+        }
+        let mut dims = is.dims().to_vec();
+        dims.push(ts.last());
+        Ok(self.push(name, Op::EmbeddingGather { ids, table, extra }, Shape::new(dims)))
+    }
+
+    /// uint8 pixel values [B, H, W, 3] of a decoded image [B, 3, H, W] ([`Op::QuantizeU8`]).
+    pub fn quantize_u8(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        if s.rank() != 4 || s.dims()[1] != 3 {
+            return Err(shape_err("quantize_u8", format!("{name}: needs an image [B, 3, H, W], got {s}")));
+        }
+        let d = s.dims();
+        Ok(self.push(name, Op::QuantizeU8 { x }, Shape::new([d[0], d[2], d[3], 3])))
+    }
+
+    /// [1]: whether `x` holds a NaN or an infinity ([`Op::AnyNonFinite`]).
+    pub fn any_nonfinite(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
+        Ok(self.push(name, Op::AnyNonFinite { x }, Shape::new([1])))
     }
 
     pub fn concat(&mut self, name: &str, xs: &[ValueId]) -> Result<ValueId> {

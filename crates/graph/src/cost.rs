@@ -17,7 +17,11 @@ pub struct Cost {
 pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
     let numel = |id| graph.shape(id).numel() as f64;
     let out = graph.shape(node.output);
-    let elems = node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>() + out.numel() as f64;
+    let elems = match &node.op {
+        // Only the rows the ids name are read, not the whole table.
+        Op::EmbeddingGather { ids, .. } => numel(*ids) + 2.0 * out.numel() as f64,
+        _ => node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>() + out.numel() as f64,
+    };
     let rows = out.rows() as f64;
     let flops = match &node.op {
         Op::Linear { x, w, .. } => 2.0 * rows * graph.shape(*x).last() as f64 * graph.shape(*w).dims()[0] as f64,

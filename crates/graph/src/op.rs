@@ -162,6 +162,20 @@ pub enum Op {
     /// op the result is a new value (a backend copies the cache); a decoder that owns its cache
     /// buffers calls the backend's in-place launch (openuni_cuda::families::decode_attention).
     KvCacheAppend { cache: ValueId, x: ValueId, positions: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32> },
+    /// Rows of an embedding table by token id: `ids` [..] (integer-valued f32, exact below 2^24;
+    /// a graph input, so a bf16 executor reads its f32 copy) -> [.., D] with the row of id i
+    /// `table[i]` for i < V (`table` [V, D]) and `extra[i - V]` for V <= i < V + E (`extra`
+    /// [E, D]: OpenUni's meta-queries, appended to every prompt as ids V..V+Q). The caller checks
+    /// the ids on the host and names a bad one; an id outside [0, V + E) (or not an integer) gives
+    /// a NaN row, never a read outside the tables.
+    EmbeddingGather { ids: ValueId, table: ValueId, extra: Option<ValueId> },
+    /// A decoded image [B, 3, H, W] in nominal [-1, 1] -> uint8 pixel values [B, H, W, 3] (held
+    /// as integer-valued numbers 0..=255, exact in bf16; a backend reads them back as bytes):
+    /// `openuni_cpu::ops::quantize_u8`, the one definition of the rounding rule.
+    QuantizeU8 { x: ValueId },
+    /// [1]: 1 if any value of `x` is NaN or ±Inf, else 0 (the pipeline's per-stage non-finite
+    /// check, read back as one scalar instead of the tensor).
+    AnyNonFinite { x: ValueId },
 }
 
 impl Op {
@@ -193,6 +207,9 @@ impl Op {
             Op::GroupedLinear { .. } => "grouped_linear",
             Op::DecodeAttention { .. } => "decode_attention",
             Op::KvCacheAppend { .. } => "kv_cache_append",
+            Op::EmbeddingGather { .. } => "embedding_gather",
+            Op::QuantizeU8 { .. } => "quantize_u8",
+            Op::AnyNonFinite { .. } => "any_nonfinite",
         }
     }
 
@@ -231,7 +248,13 @@ impl Op {
             | Op::PackedLinearAttention { qkv: x, .. }
             | Op::RepeatChannels { x, .. }
             | Op::SliceTokens { x, .. }
-            | Op::GatherTokens { x, .. } => v.push(*x),
+            | Op::GatherTokens { x, .. }
+            | Op::QuantizeU8 { x }
+            | Op::AnyNonFinite { x } => v.push(*x),
+            Op::EmbeddingGather { ids, table, extra } => {
+                v.extend([*ids, *table]);
+                v.extend(extra);
+            }
             Op::Conv2d { x, weight, bias, .. } | Op::UpsampleConv2d { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);

@@ -7,7 +7,7 @@
 //! fine-tuned one (stage 2) also the whole SANA transformer under `transformer.*`.
 
 use openuni_graph::{Graph, GraphBuilder, OutputName, ValueId};
-use openuni_tensor::{Shape, TensorSource};
+use openuni_tensor::TensorSource;
 
 use crate::connector::{self, ConnectorConfig};
 use crate::nn::{linear, Scope};
@@ -25,8 +25,9 @@ pub const PROJECTOR_PREFIX: &str = "projector.";
 pub const TRANSFORMER_PREFIX: &str = "transformer.";
 pub const FINETUNED_PROBE: &str = "transformer.proj_out.weight";
 
-/// The conditioning graph's input: every sequence's embedding rows, packed [1, T, D].
-pub const INPUTS_EMBEDS: &str = "inputs_embeds";
+/// The conditioning graph's input: every sequence's token ids with its meta-queries' ids, packed
+/// [1, T] ([`Head::input_ids`]).
+pub const INPUT_IDS: &str = "input_ids";
 /// The LLM's last Q hidden states of every sequence after the final norm [S, Q, D].
 pub const HIDDEN: OutputName = OutputName("hidden");
 /// The connector's output [S, Q, D].
@@ -73,24 +74,22 @@ pub fn segments(prompts: &[(&[u32], &[u32])], num_queries: usize) -> Vec<usize> 
 }
 
 impl Head<'_> {
-    /// The conditioning graph's input [1, T, D] for N prompts (cond ids, uncond ids): each
-    /// sequence's token embedding rows (read from `llm`), then the meta-queries, in the order of
-    /// [`segments`]. Token ids outside the vocabulary are refused.
-    pub fn inputs_embeds(&self, llm: &dyn TensorSource, checkpoint: &dyn TensorSource, prompts: &[(&[u32], &[u32])]) -> Result<Vec<f32>> {
-        let (d, q, vocab) = (self.llm.hidden_size, self.num_queries, self.llm.vocab_size);
-        let queries = checkpoint.tensor_f32(META_QUERIES, &Shape::new([q, d]))?.to_f32_vec();
-        let total: usize = segments(prompts, q).iter().sum();
-        let table = Scope::new(self.llm_prefix).pp("embed_tokens").name("weight");
-        let mut embeds = Vec::with_capacity(total * d);
-        for ids in prompts.iter().map(|p| p.1).chain(prompts.iter().map(|p| p.0)) {
-            if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+    /// The conditioning graph's input [`INPUT_IDS`] [1, T] for N prompts (cond ids, uncond ids):
+    /// each sequence's token ids, then the Q meta-queries as ids V..V+Q (V the LLM's vocabulary:
+    /// [`Op::EmbeddingGather`](openuni_graph::Op::EmbeddingGather) reads them from the
+    /// meta-query table), in the order of [`segments`], as integer-valued f32 (exact: V + Q is far
+    /// below 2^24). Token ids outside the vocabulary are refused here, before anything runs.
+    pub fn input_ids(&self, prompts: &[(&[u32], &[u32])]) -> Result<Vec<f32>> {
+        let (q, vocab) = (self.num_queries, self.llm.vocab_size);
+        let mut ids = Vec::with_capacity(segments(prompts, q).iter().sum());
+        for seq in prompts.iter().map(|p| p.1).chain(prompts.iter().map(|p| p.0)) {
+            if let Some(bad) = seq.iter().find(|&&i| i as usize >= vocab) {
                 return Err(ModelError::Invalid(format!("token id {bad} is outside the LLM's vocabulary of {vocab}")));
             }
-            let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-            embeds.extend(llm.rows_f32(&table, &rows)?.to_f32_vec());
-            embeds.extend_from_slice(&queries);
+            ids.extend(seq.iter().map(|&i| i as f32));
+            ids.extend((vocab..vocab + q).map(|i| i as f32));
         }
-        Ok(embeds)
+        Ok(ids)
     }
 
     /// The conditioning on `x` [1, T, D], packed sequences of `segments` tokens (each ending in
@@ -117,12 +116,17 @@ impl Head<'_> {
         Ok(HeadOutputs { hidden, connector, prompt_embeds })
     }
 
-    /// The conditioning graph on packed sequences of `segments` tokens: input [`INPUTS_EMBEDS`],
-    /// outputs [`HIDDEN`], [`CONNECTOR`] and [`PROMPT_EMBEDS`].
+    /// The conditioning graph on packed sequences of `segments` tokens: input [`INPUT_IDS`],
+    /// gathered on the device from the LLM's embedding table and the meta-queries, outputs
+    /// [`HIDDEN`], [`CONNECTOR`] and [`PROMPT_EMBEDS`].
     pub fn graph(&self, segments: &[usize]) -> Result<Graph> {
         let total: usize = segments.iter().sum();
+        let (d, q) = (self.llm.hidden_size, self.num_queries);
         let mut b = GraphBuilder::new();
-        let x = b.input(INPUTS_EMBEDS, [1, total, self.llm.hidden_size])?;
+        let ids = b.input(INPUT_IDS, [1, total])?;
+        let table = b.weight(&Scope::new(self.llm_prefix).pp("embed_tokens").name("weight"), [self.llm.vocab_size, d])?;
+        let queries = b.weight(META_QUERIES, [q, d])?;
+        let x = b.embedding_gather("embed_tokens", ids, table, Some(queries))?;
         let o = self.build(&mut b, x, segments)?;
         b.mark(HIDDEN, o.hidden)?;
         b.mark(CONNECTOR, o.connector)?;

@@ -64,6 +64,19 @@ pub fn gated_add(dtype: DType, sm_count: u32, x: u64, gate: u64, v: u64, out: u6
 }
 
 /// `cast_f32_to_bf16` (`to == BF16`) or `cast_bf16_to_f32` (`to == F32`) over `n` elements.
+/// The read-back of integer-valued pixel values (`Op::QuantizeU8`) stored as `from` into bytes.
+pub fn cast_to_u8(from: DType, sm_count: u32, x: u64, y: u64, n: usize) -> Result<Vec<Launch>> {
+    let kernel = match from {
+        DType::F32 => "cast_f32_to_u8",
+        DType::BF16 => "cast_bf16_to_u8",
+        d => return Err(CudaError::DType(d)),
+    };
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    Ok(launch(kernel.into(), sm_count, items(n, 1), vec![KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)]))
+}
+
 pub fn cast(to: DType, sm_count: u32, x: u64, y: u64, n: usize) -> Result<Vec<Launch>> {
     let kernel = match to {
         DType::BF16 => "cast_f32_to_bf16",

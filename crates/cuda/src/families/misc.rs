@@ -1,6 +1,7 @@
 //! Small ops (`kernels/misc.cu`): adaLN-single's modulation table and its chunks, the timestep
-//! sinusoid, SwiGLU, token slices, gathers and concatenation, and a ViT's class token + position
-//! embedding (composed of the copy and modulation-table kernels).
+//! sinusoid, SwiGLU, token slices, gathers and concatenation, a ViT's class token + position
+//! embedding (composed of the copy and modulation-table kernels), and the pipeline's ends: the
+//! token-embedding gather, the uint8 quantization of the image and the non-finite flag.
 //!
 //! Chunk, GatherTokens and Concat are strided 2-D copies (Chunk: one launch; GatherTokens: one per
 //! gathered range; Concat: one per input, into its column range of the output). The timestep
@@ -161,6 +162,46 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                 n.div_ceil(v),
                 vec![KArg::Ptr(p(*gate)), KArg::Ptr(p(*up)), KArg::Ptr(y), KArg::I64(n as i64)],
             )]
+        }
+        Op::EmbeddingGather { ids, table, extra } => {
+            let d = out.last();
+            let tokens = g.shape(*ids).numel();
+            // Token ids above 256 do not survive bf16: read the input's f32 copy.
+            let ids32 = (ctx.f32_ptr)(*ids).ok_or_else(|| crate::error::CudaError::Invalid {
+                what: "embedding_gather".into(),
+                msg: format!("its ids must be a graph input (an f32 copy exists only for those), got {}", node.name),
+            })?;
+            let (v, e) = (g.shape(*table).dims()[0], extra.map_or(0, |x| g.shape(x).dims()[0]));
+            vec![launch(
+                ctx,
+                format!("embedding_gather_{s}"),
+                n,
+                vec![
+                    KArg::Ptr(ids32),
+                    KArg::Ptr(p(*table)),
+                    KArg::Ptr(extra.map_or(0, p)),
+                    KArg::Ptr(y),
+                    KArg::I64(tokens as i64),
+                    i32_arg("embedding_gather D", d)?,
+                    KArg::I64(v as i64),
+                    KArg::I64(e as i64),
+                ],
+            )]
+        }
+        Op::QuantizeU8 { x } => {
+            let d = dims(*x);
+            vec![launch(ctx, format!("quantize_u8_{s}"), n, vec![KArg::Ptr(p(*x)), KArg::Ptr(y), i32_arg("quantize_u8 batch", d[0])?, KArg::I64((d[2] * d[3]) as i64)])]
+        }
+        Op::AnyNonFinite { x } => {
+            // A zeroed flag shared by every such node (the finish launch sets it back to zero).
+            let flag = ctx.workspace("any_nonfinite.flag", 4)?;
+            let xn = g.shape(*x).numel();
+            let mut v = vec![];
+            if xn > 0 {
+                v.push(launch(ctx, format!("any_nonfinite_{s}"), xn, vec![KArg::Ptr(p(*x)), KArg::I64(xn as i64), KArg::Ptr(flag)]));
+            }
+            v.push(Launch { kernel: format!("any_nonfinite_finish_{s}"), grid: (1, 1, 1), block: (32, 1, 1), smem: 0, args: vec![KArg::Ptr(flag), KArg::Ptr(y)] });
+            v
         }
         _ => unreachable!("misc::resolve called for {}", node.op.name()),
     })

@@ -187,6 +187,9 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         | Op::SwiGlu { .. }
         | Op::SliceTokens { .. }
         | Op::GatherTokens { .. }
+        | Op::EmbeddingGather { .. }
+        | Op::QuantizeU8 { .. }
+        | Op::AnyNonFinite { .. }
         | Op::ClassPosEmbed { .. }
         | Op::Concat { .. } => misc::resolve(ctx, node),
         Op::Conv2d { .. }
