@@ -1,12 +1,14 @@
 //! kernels/misc.cu against its CPU twins (openuni_cpu::ops::{modulation_table, chunk,
-//! timestep_embedding, swiglu, slice_tokens (gather_tokens), concat}) on random inputs, through
+//! timestep_embedding, swiglu, slice_tokens (gather_tokens), concat, embedding_gather,
+//! quantize_image_u8, any_nonfinite}) on random and edge inputs, through
 //! the CUDA executor on one-node graphs, f32 and bf16 storage, B = 2, odd widths (scalar paths)
 //! and multiples of 8 (16-byte vector paths).
 //!
 //! Tolerances (openuni_cuda::testing::check), against the CPU twin on the f32 inputs: f32 storage,
 //! relative L2 <= 1e-5; bf16 storage, <= 2x the relative L2 error of a plain bf16 run (the CPU
 //! twin on the inputs rounded to bf16, its output rounded to bf16). Two stricter rules:
-//! - the copies (chunk, gather_tokens, concat) must equal the rounded input exactly;
+//! - the copies (chunk, gather_tokens, concat, embedding_gather) must equal the rounded input
+//!   exactly, and the uint8 quantization and the non-finite flag the CPU twin on it bit for bit;
 //! - the timestep embedding in bf16 storage must be as close as the f32 result rounded to bf16
 //!   (2x its error): the timestep is read from the input's f32 copy, so t = 999 is not the 1000
 //!   bf16 would make of it.
@@ -212,6 +214,125 @@ fn swiglu_matches_cpu() {
             let mut base = vec![0.0; b * n * c];
             cpu::swiglu(&round_to(dtype, &gate), &round_to(dtype, &up), &mut base);
             check(&format!("swiglu {dtype} [{b}, {n}, {c}]"), dtype, &got, &want, &base);
+        }
+    }
+}
+
+/// `a` and `b` equal bit for bit, NaN matching any NaN.
+fn assert_same(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let bad: Vec<usize> = (0..got.len()).filter(|&i| !(got[i].to_bits() == want[i].to_bits() || got[i].is_nan() && want[i].is_nan())).collect();
+    assert!(bad.is_empty(), "{what}: {} of {} values differ, the first at {}: {} against {}", bad.len(), got.len(), bad[0], got[bad[0]], want[bad[0]]);
+}
+
+#[test]
+fn embedding_gather_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(31);
+    // V = 300 (ids above 256, which bf16 cannot hold: the kernel reads the ids' f32 copy), E = 4
+    // extra rows (meta-queries as ids 300..304); then ids that must give NaN rows, never a read
+    // outside the tables: past V + E, negative, not an integer, NaN.
+    let (v, e) = (300usize, 4usize);
+    let ids = [0.0, 299.0, 257.0, 300.0, 303.0, 7.0, 299.0, 304.0, -1.0, 2.5, f32::NAN, 1e9];
+    for d in [5usize, 64] {
+        let table = rng.normals(v * d, 0.0, 1.0);
+        let extra = rng.normals(e * d, 0.0, 1.0);
+        let mut gb = GraphBuilder::new();
+        let idi = gb.input("ids", [1, ids.len()]).unwrap();
+        let ti = gb.weight("embed_tokens.weight", [v, d]).unwrap();
+        let ei = gb.weight("meta_queries", [e, d]).unwrap();
+        let y = gb.embedding_gather("embed", idi, ti, Some(ei)).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let w = HashMap::from([("embed_tokens.weight".to_string(), tensor(&[v, d], &table)), ("meta_queries".to_string(), tensor(&[e, d], &extra))]);
+        for dtype in DTYPES {
+            let mut want = vec![0.0; ids.len() * d];
+            cpu::embedding_gather(&ids, &round_to(dtype, &table), Some(&round_to(dtype, &extra)), d, &mut want);
+            assert!(want[7 * d..].iter().all(|x| x.is_nan()) && want[..7 * d].iter().all(|x| x.is_finite()), "the CPU twin's NaN rows");
+            let got = run(&dev, &g, &w, &[("ids", &[1, ids.len()], &ids)], dtype);
+            assert_same(&format!("embedding_gather {dtype} D={d}"), &got, &want);
+        }
+    }
+}
+
+#[test]
+fn quantize_u8_matches_the_host_rule_bit_for_bit() {
+    let Some(dev) = device_or_skip() else { return };
+    // The edges of the rule: -1, 1, 0, out of range, NaN (-> 0 as the host's saturating cast), ±Inf,
+    // and for every pixel value k the inputs whose 127.5·x + 128 lands at k and at k + 0.5, with
+    // their f32 neighbours (truncation and the no-FMA rounding are tested where they decide).
+    let mut x = vec![-1.0, 1.0, 0.0, -1.5, 1.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1e-30];
+    for k in 0..=256 {
+        for at in [k as f32, k as f32 + 0.5] {
+            let x0 = (at - 128.0) / 127.5;
+            x.extend([x0, x0.next_up(), x0.next_down()]);
+        }
+    }
+    let mut rng = Rng::new(32);
+    // Random values up to whole images [B, 3, H, W] with B = 2, H·W = len / 6.
+    let pad = 60 + (6 - x.len() % 6) % 6;
+    x.extend(rng.normals(pad, 0.0, 0.7));
+    let (b, pixels) = (2, x.len() / 6);
+    let (h, w) = (1, pixels);
+    let mut gb = GraphBuilder::new();
+    let xi = gb.input("x", [b, 3, h, w]).unwrap();
+    let y = gb.quantize_u8("quantize", xi).unwrap();
+    gb.output("y", y).unwrap();
+    let g = gb.finish();
+    for dtype in DTYPES {
+        let xr = round_to(dtype, &x);
+        // The host rule (src/image.rs `to_uint8_nhwc` calls it) on the values the device holds.
+        let mut want = vec![0.0; x.len()];
+        cpu::quantize_image_u8(&xr, b, pixels, &mut want);
+        let mut ex = CudaExecutor::new(&dev, &g, &no_weights(), dtype, false).unwrap();
+        let got = ex.run(&HashMap::from([("x".to_string(), tensor(&[b, 3, h, w], &x))])).unwrap()["y"].to_f32_vec();
+        assert_same(&format!("quantize_u8 {dtype}"), &got, &want);
+        // Read back as bytes, one a value.
+        let bytes = ex.output_tensor("y").unwrap().to_host_u8().unwrap();
+        assert_eq!(bytes.shape.dims(), &[b, h, w, 3]);
+        let want_bytes: Vec<u8> = want.iter().map(|&v| v as u8).collect();
+        assert_eq!(bytes.data.as_bytes(), &want_bytes[..], "quantize_u8 {dtype}: the bytes read back");
+        // NaN -> 0 and the range ends, explicitly (channel 0 of image 0 holds x[0..pixels] in order).
+        assert_eq!([want[0], want[3], want[15], want[18], want[21]], [0.0, 255.0, 0.0, 255.0, 0.0], "{dtype}: -1, 1, NaN, Inf, -Inf");
+    }
+}
+
+#[test]
+fn any_nonfinite_flags_nan_and_inf_and_resets() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(33);
+    let n = 50_000;
+    // Two flags in one graph (they share the zeroed workspace the finish launch re-zeroes).
+    let mut gb = GraphBuilder::new();
+    let (a, b) = (gb.input("a", [n]).unwrap(), gb.input("b", [7]).unwrap());
+    let (fa, fb) = (gb.any_nonfinite("a.nonfinite", a).unwrap(), gb.any_nonfinite("b.nonfinite", b).unwrap());
+    gb.output("fa", fa).unwrap();
+    gb.output("fb", fb).unwrap();
+    let g = gb.finish();
+    let clean = rng.normals(n, 0.0, 100.0);
+    let with = |i: usize, v: f32| {
+        let mut x = clean.clone();
+        x[i] = v;
+        x
+    };
+    let small = rng.normals(7, 0.0, 1.0);
+    let mut small_inf = small.clone();
+    small_inf[6] = f32::NEG_INFINITY;
+    for dtype in DTYPES {
+        let mut ex = CudaExecutor::new(&dev, &g, &no_weights(), dtype, false).unwrap();
+        // (a, b, flags): in order, so a set flag must not leak into the next run or the other node.
+        for (av, bv, want) in [
+            (with(n - 1, f32::NAN), small.clone(), [1.0, 0.0]),
+            (clean.clone(), small.clone(), [0.0, 0.0]),
+            (with(0, f32::INFINITY), small_inf.clone(), [1.0, 1.0]),
+            (clean.clone(), small_inf.clone(), [0.0, 1.0]),
+            (clean.clone(), small.clone(), [0.0, 0.0]),
+        ] {
+            let out = ex.run(&HashMap::from([("a".to_string(), tensor(&[n], &av)), ("b".to_string(), tensor(&[7], &bv))])).unwrap();
+            let got = [out["fa"].to_f32_vec()[0], out["fb"].to_f32_vec()[0]];
+            let cpu_want = [cpu::any_nonfinite(&av), cpu::any_nonfinite(&bv)];
+            assert_eq!(cpu_want, want, "the CPU twin");
+            assert_eq!(got, want, "any_nonfinite {dtype}");
         }
     }
 }
