@@ -1,5 +1,6 @@
 //! Bandwidth of kernels/misc.cu (adaLN-single's modulation table and chunks, the timestep
-//! sinusoid, SwiGLU, token gathers, concatenation) at the models' shapes, against the
+//! sinusoid, SwiGLU, token gathers, concatenation, the token-embedding gather, the uint8
+//! quantization and the non-finite flag) at the models' shapes, against the
 //! device-to-device copy bandwidth measured in the same run. Each op runs as a one-node graph
 //! through the CUDA executor (its launch builders need the executor's context) and is timed with
 //! `CudaExecutor::profile` (CUDA events around the node only, no staging casts; median of 50).
@@ -59,6 +60,18 @@ fn main() {
         case("concat of two [2, 256, 1536]", &[("a", vec![2, t(256), conn]), ("b", vec![2, t(256), conn])], |gb, v| {
             gb.concat("cat", &[v[0], v[1]]).unwrap()
         }),
+        {
+            // The conditioning's token gather: 32 prompt pairs of 46 tokens + 256 meta-queries each,
+            // from a table of InternVL3-1B's width (rows cut: only the rows read count).
+            let (tokens, rows, d) = (t(64 * 302), t(8192), c(896));
+            let mut cs = case("token-embedding gather (64 x 302 ids, D 896)", &[("ids", vec![1, tokens]), ("table", vec![rows, d])], |gb, v| {
+                gb.embedding_gather("embed", v[0], v[1], None).unwrap()
+            });
+            cs.elems = tokens + 2 * tokens * d;
+            cs
+        },
+        case("uint8 quantize of 32 images 512 px", &[("x", vec![t(32), 3, c(512), c(512)])], |gb, v| gb.quantize_u8("quantize", v[0]).unwrap()),
+        case("non-finite flag of 32 images 512 px", &[("x", vec![t(32), 3, c(512), c(512)])], |gb, v| gb.any_nonfinite("flag", v[0]).unwrap()),
     ];
     let mut rng = Rng::new(4);
     let iters = if dev.is_emulated() { 3 } else { 50 };
@@ -69,8 +82,15 @@ fn main() {
                 .iter()
                 .map(|(n, s)| {
                     let len = s.iter().product();
-                    // Timesteps in [0, 1000), everything else standard normal.
-                    let v = if n == "t" && s.len() == 1 { (0..len).map(|i| (i * 499 % 1000) as f32).collect() } else { rng.normals(len, 0.0, 1.0) };
+                    // Timesteps in [0, 1000), token ids spread over the table, everything else standard normal.
+                    let v = if n == "t" && s.len() == 1 {
+                        (0..len).map(|i| (i * 499 % 1000) as f32).collect()
+                    } else if n == "ids" {
+                        let rows = cs.inputs.iter().find(|(m, _)| m == "table").map_or(1, |(_, s)| s[0]);
+                        (0..len).map(|i| (i * 7919 % rows) as f32).collect()
+                    } else {
+                        rng.normals(len, 0.0, 1.0)
+                    };
                     (n.clone(), HostTensor::from_f32(s.clone(), v).unwrap())
                 })
                 .collect();
