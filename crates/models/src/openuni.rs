@@ -134,3 +134,35 @@ impl Head<'_> {
         Ok(b.finish())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host side of the device gather: ids in row order [uncond, cond] with the meta-queries'
+    /// ids V..V+Q after each sequence; an id outside the vocabulary is refused before anything
+    /// runs, naming it; the graph reads the ids and gathers from the two tables.
+    #[test]
+    fn input_ids_append_the_meta_query_ids_and_refuse_ids_outside_the_vocabulary() {
+        let llm: Qwen2Config = serde_json::from_value(serde_json::json!({
+            "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "vocab_size": 10, "rope_theta": 10000.0
+        }))
+        .unwrap();
+        let connector: ConnectorConfig =
+            serde_json::from_value(serde_json::json!({"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1})).unwrap();
+        let head = Head { llm: &llm, llm_prefix: "model.", connector: &connector, num_queries: 2, caption_channels: 4 };
+        let prompts: [(&[u32], &[u32]); 2] = [(&[1, 2, 3], &[9]), (&[0], &[4, 5])];
+        let ids = head.input_ids(&prompts).unwrap();
+        assert_eq!(ids, [9., 10., 11., 4., 5., 10., 11., 1., 2., 3., 10., 11., 0., 10., 11.]);
+        let e = head.input_ids(&[(&[1, 10], &[0])]).unwrap_err().to_string();
+        assert!(e.contains("token id 10") && e.contains("vocabulary of 10"), "{e}");
+
+        let g = head.graph(&segments(&prompts, 2)).unwrap();
+        let (id, _) = g.inputs().find(|(_, n)| *n == INPUT_IDS).expect("the ids input");
+        assert_eq!(g.shape(id).dims(), [1, ids.len()]);
+        let gather = g.nodes.iter().find(|n| n.op.name() == "embedding_gather").expect("the gather node");
+        let read: Vec<&str> = gather.op.inputs().iter().filter_map(|&i| g.weights().find(|(w, _)| *w == i).map(|(_, n)| n)).collect();
+        assert_eq!(read, ["model.embed_tokens.weight", META_QUERIES]);
+    }
+}
