@@ -219,6 +219,7 @@ fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>)
 
 pub mod attention;
 pub mod conv;
+pub mod conv_sm90;
 pub mod decode_attention;
 pub mod elementwise;
 pub mod layout;
