@@ -88,7 +88,8 @@ extern "C" __global__ void conv3x3_weights_sm90(const bf16* w, bf16* out, int ci
 
 extern "C" __launch_bounds__(384, 1) __global__ void conv2d_bf16_wgmma(const __grid_constant__ ou::TensorMap map_x, const __grid_constant__ ou::TensorMap map_w, const bf16* bias, const bf16* res, bf16* y, int h, int wd, int cin, int cout, int act) {
 #if OU_CONV_SM90
-    ou::conv_sm90<false>(map_x, map_w, nullptr, bias, res, y, h, wd, cin, cout, act, 0);
+    extern __shared__ __align__(1024) unsigned char smem[];
+    ou::conv_sm90<false>(smem, map_x, map_w, nullptr, bias, res, y, h, wd, cin, cout, act, 0);
 #else
     __trap();  // not sm_90a: the launcher never selects this kernel
 #endif
@@ -96,7 +97,8 @@ extern "C" __launch_bounds__(384, 1) __global__ void conv2d_bf16_wgmma(const __g
 
 extern "C" __launch_bounds__(384, 1) __global__ void upsample_conv2d_bf16_wgmma(const __grid_constant__ ou::TensorMap map_x, const __grid_constant__ ou::TensorMap map_w, const bf16* x, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
 #if OU_CONV_SM90
-    ou::conv_sm90<true>(map_x, map_w, x, bias, nullptr, y, h, wd, cin, cout, 0, shortcut);
+    extern __shared__ __align__(1024) unsigned char smem[];
+    ou::conv_sm90<true>(smem, map_x, map_w, x, bias, nullptr, y, h, wd, cin, cout, 0, shortcut);
 #else
     __trap();  // not sm_90a: the launcher never selects this kernel
 #endif

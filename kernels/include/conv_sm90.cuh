@@ -42,14 +42,13 @@ static_assert(C90_BOX_PIXELS == 128 && C90_TILE_N == 128, "a consumer issues 2 x
 // The conv/upsample mainloop and epilogue. UP: the upsample conv (4 taps of phase blockIdx.z on the
 // low-resolution grid), else the 3x3 conv (9 taps).
 template <bool UP, int MUTANT = C90_OK>
-__device__ __forceinline__ void conv_sm90(const TensorMap& map_x, const TensorMap& map_w, const bf16* __restrict__ x,
+__device__ __forceinline__ void conv_sm90(unsigned char* dyn_smem, const TensorMap& map_x, const TensorMap& map_w, const bf16* __restrict__ x,
                                           const bf16* __restrict__ bias, const bf16* __restrict__ res,
                                           bf16* __restrict__ y, int h, int wd, int cin, int cout, int act,
                                           int shortcut) {
-    extern __shared__ __align__(1024) unsigned char c90_smem[];
     // The 128B swizzle pattern repeats every 1024 bytes and the descriptors say base offset 0: stages
-    // start on a 1024-byte boundary of the shared window.
-    unsigned char* sm = c90_smem + ((1024u - smem_addr(c90_smem) % 1024u) % 1024u);
+    // start on a 1024-byte boundary of the shared window (dyn_smem: the kernel's dynamic shared memory).
+    unsigned char* sm = dyn_smem + ((1024u - smem_addr(dyn_smem) % 1024u) % 1024u);
     unsigned long long* full = reinterpret_cast<unsigned long long*>(sm + C90_STAGES * C90_STAGE_BYTES);
     unsigned long long* empty = full + C90_STAGES;
     auto a_stage = [&](int s, int c) { return sm + s * C90_STAGE_BYTES + c * C90_A_BYTES; };
