@@ -5,9 +5,9 @@
 //! Selection ([`selected`] and the `*_qualifies` functions; `conv::resolve` applies them): a device
 //! of compute capability 9.0 whose kernels are compiled for `sm_90a`/`compute_90a` (the emulated
 //! GPU reports 9.0), unless `OPENUNI_KERNELS=mma` forces the `mma.sync` kernels of `conv.cu`; bf16
-//! storage, a 3×3 kernel (conv), and a shape the TMA can tile: `cin % 8 == 0` (row strides are
-//! multiples of 16 bytes) and `x` 16-byte aligned. Any grid, any `cout`. Everything else runs on
-//! the `mma.sync` / CUDA-core kernels as before.
+//! storage, a 3×3 kernel (conv), a shape the TMA can tile: `cin % 8 == 0` (row strides are
+//! multiples of 16 bytes) and `x` 16-byte aligned, and at least [`MIN_CHANNELS`] input and output
+//! channels. Any grid. Everything else runs on the `mma.sync` / CUDA-core kernels as before.
 //!
 //! The kernels read the weights in their own layout, made once per weight tensor at resolve time by
 //! `conv3x3_weights_sm90` into an executor-owned buffer (`Ctx::workspace`, keyed by the weight's
@@ -57,14 +57,20 @@ pub fn selected(dev: &CudaDevice) -> bool {
     device_supports(dev) && !forced_mma()
 }
 
-/// Whether the sm_90a conv2d takes this call.
+/// Smallest input and output channel counts the selection sends to the sm_90a kernels: below, a
+/// 64-channel stage or the 128-channel output tile would be mostly zero padding (the kernels
+/// themselves take any `cin % 8 == 0` and any `cout`). In the DC-AE decoder every 3×3 conv but
+/// conv_in (32 channels in) and conv_out (3 out) qualifies.
+pub const MIN_CHANNELS: usize = 64;
+
+/// Whether the sm_90a conv2d takes this call (on a [`selected`] device).
 pub fn conv2d_qualifies(a: &Conv2dArgs) -> bool {
-    a.dtype == DType::BF16 && a.kernel == 3 && a.cin % 8 == 0 && a.x % 16 == 0
+    a.dtype == DType::BF16 && a.kernel == 3 && a.cin % 8 == 0 && a.x % 16 == 0 && a.cin >= MIN_CHANNELS && a.cout >= MIN_CHANNELS
 }
 
-/// Whether the sm_90a upsample conv takes this call.
+/// Whether the sm_90a upsample conv takes this call (on a [`selected`] device).
 pub fn upsample_qualifies(a: &UpsampleConv2dArgs) -> bool {
-    a.dtype == DType::BF16 && a.cin % 8 == 0 && a.x % 16 == 0
+    a.dtype == DType::BF16 && a.cin % 8 == 0 && a.x % 16 == 0 && a.cin >= MIN_CHANNELS && a.cout >= MIN_CHANNELS
 }
 
 /// Bytes of the prepared weights: 9 taps (conv) or 4 phases × 4 taps (upsample) of [cout][cin] bf16.
