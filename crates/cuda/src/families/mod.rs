@@ -218,6 +218,7 @@ fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>)
 }
 
 pub mod attention;
+pub mod attention_sm90;
 pub mod conv;
 pub mod conv_sm90;
 pub mod decode_attention;
