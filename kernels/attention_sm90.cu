@@ -52,9 +52,8 @@ constexpr int A90_BN = 64;         // keys per tile
 constexpr int A90_STAGES = 2;
 constexpr unsigned A90_BOX = 64 * 128;  // one box: 64 rows of 64 bf16
 
-// Dynamic shared memory: 1 KiB alignment slack, Q (per consumer), K and V stages, barriers.
-template <int HD>
-constexpr int a90_smem() { return 1024 + (A90_CONSUMERS + 2 * A90_STAGES) * (HD / 64) * (int)A90_BOX + 128; }
+// Dynamic shared memory (the launcher's attention_sm90::smem_bytes): 1 KiB alignment slack, Q (per
+// consumer), K and V stages, each HD / 64 boxes, then the barriers (128 bytes).
 
 #if OU_ATT_SM90
 __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
