@@ -27,7 +27,7 @@ pub fn tiled_bf16_swizzle128(what: &str, global: u64, dims: &[u64], row_strides:
     if !(1..=5).contains(&rank) || row_strides.len() + 1 != rank || box_dims.len() != rank {
         return Err(bad(format!("rank {rank} with {} strides and {} box dims", row_strides.len(), box_dims.len())));
     }
-    if global % 16 != 0 {
+    if !global.is_multiple_of(16) {
         return Err(bad(format!("address {global:#x} is not 16-byte aligned")));
     }
     if let Some(s) = row_strides.iter().find(|s| **s % 16 != 0) {

@@ -45,7 +45,7 @@ pub fn qualifies(a: &AttentionArgs) -> bool {
         && [a.q, a.k, a.v].iter().all(|p| p % 16 == 0)
         && a.heads > 0
         && a.kv_heads > 0
-        && a.heads % a.kv_heads == 0
+        && a.heads.is_multiple_of(a.kv_heads)
 }
 
 fn invalid(msg: String) -> CudaError {

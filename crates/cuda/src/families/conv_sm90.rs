@@ -65,12 +65,12 @@ pub const MIN_CHANNELS: usize = 64;
 
 /// Whether the sm_90a conv2d takes this call (on a [`selected`] device).
 pub fn conv2d_qualifies(a: &Conv2dArgs) -> bool {
-    a.dtype == DType::BF16 && a.kernel == 3 && a.cin % 8 == 0 && a.x % 16 == 0 && a.cin >= MIN_CHANNELS && a.cout >= MIN_CHANNELS
+    a.dtype == DType::BF16 && a.kernel == 3 && a.cin.is_multiple_of(8) && a.x.is_multiple_of(16) && a.cin >= MIN_CHANNELS && a.cout >= MIN_CHANNELS
 }
 
 /// Whether the sm_90a upsample conv takes this call (on a [`selected`] device).
 pub fn upsample_qualifies(a: &UpsampleConv2dArgs) -> bool {
-    a.dtype == DType::BF16 && a.cin % 8 == 0 && a.x % 16 == 0 && a.cin >= MIN_CHANNELS && a.cout >= MIN_CHANNELS
+    a.dtype == DType::BF16 && a.cin.is_multiple_of(8) && a.x.is_multiple_of(16) && a.cin >= MIN_CHANNELS && a.cout >= MIN_CHANNELS
 }
 
 /// Bytes of the prepared weights: 9 taps (conv) or 4 phases × 4 taps (upsample) of [cout][cin] bf16.
@@ -81,7 +81,7 @@ pub fn prepared_weight_bytes(cin: usize, cout: usize, upsample: bool) -> usize {
 /// `conv3x3_weights_sm90`: upstream [cout, cin, 3, 3] bf16 weights at `weight` -> the kernels'
 /// layout at `out` ([`prepared_weight_bytes`], 16-byte aligned).
 pub fn prepare_weights(sm_count: u32, weight: u64, out: u64, cin: usize, cout: usize, upsample: bool) -> Result<Launch> {
-    if out % 16 != 0 {
+    if !out.is_multiple_of(16) {
         return Err(invalid("conv3x3_weights_sm90", format!("output address {out:#x} is not 16-byte aligned")));
     }
     Ok(Launch {
@@ -95,6 +95,7 @@ pub fn prepare_weights(sm_count: u32, weight: u64, out: u64, cin: usize, cout: u
 
 /// The tensor maps of one call: x [batch, h, w, cin] in boxes of 64 channels × 16 columns × 8
 /// rows, the prepared weights [taps, cout, cin] in boxes of 64 × 128 × 1; 128B swizzle.
+#[allow(clippy::too_many_arguments)]
 fn maps(what: &str, x: u64, prepared: u64, batch: usize, h: usize, w: usize, cin: usize, cout: usize, taps: usize) -> Result<[KArg; 2]> {
     let (c, w64, h64, b64) = (cin as u64, w as u64, h as u64, batch as u64);
     let mx = tma::tiled_bf16_swizzle128(
@@ -119,7 +120,7 @@ fn check_shape(what: &str, batch: usize, h: usize, w: usize, cin: usize, cout: u
     if batch == 0 || h == 0 || w == 0 || cin == 0 || cout == 0 {
         return Err(invalid(what, format!("empty shape: batch {batch}, grid {h}×{w}, {cin} -> {cout} channels")));
     }
-    if cin % 8 != 0 || x % 16 != 0 {
+    if !cin.is_multiple_of(8) || !x.is_multiple_of(16) {
         return Err(invalid(what, format!("the sm_90a kernel needs cin % 8 == 0 and a 16-byte aligned input; found cin {cin}, x {x:#x}")));
     }
     let tiles = h.div_ceil(TILE_H) * w.div_ceil(C90_TILE_W) * batch;
@@ -169,7 +170,7 @@ pub fn upsample_conv2d(a: &UpsampleConv2dArgs, prepared: u64) -> Result<Launch> 
     if a.dtype != DType::BF16 {
         return Err(invalid(what, format!("{}: the sm_90a upsample conv is bf16 only", a.dtype)));
     }
-    if a.shortcut && (4 * a.cout) % a.cin != 0 {
+    if a.shortcut && !(4 * a.cout).is_multiple_of(a.cin) {
         return Err(invalid(what, format!("4·{} output channels are not a multiple of {} (shortcut)", a.cout, a.cin)));
     }
     let tiles = check_shape(what, a.batch, a.h, a.w, a.cin, a.cout, a.x)?;
