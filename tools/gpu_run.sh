@@ -22,8 +22,8 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 GPU_DIR="$ROOT/.gpu"
-TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention cuda_conv cuda_layout backend executor)
-BENCHES=(norm elementwise linear_attention attention conv layout misc)
+TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention cuda_conv cuda_conv_sm90 cuda_attention_sm90 cuda_layout backend executor)
+BENCHES=(norm elementwise linear_attention attention conv conv_sm90 attention_sm90 layout misc)
 VARIANTS=(b-512 l-512 l-1024)
 
 if [ "${1:-}" = "--build" ]; then

@@ -37,6 +37,7 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     std::fs::write(out_dir.join("embedded_kernels.rs"), out).unwrap();
     std::fs::write(out_dir.join("conv_geometry.rs"), geometry_constants(&include.join("conv_geometry.cuh"))).unwrap();
+    std::fs::write(out_dir.join("conv_sm90_geometry.rs"), geometry_constants(&include.join("conv_sm90_geometry.cuh"))).unwrap();
 }
 
 /// Rust constants from the `constexpr int NAME = VALUE;` lines of a geometry header, so that a

@@ -281,27 +281,35 @@ inline bool same_op(const Op& x, const Op& y) {
   return x.da == y.da && x.db == y.db && x.group == y.group && x.n == y.n && x.a_regs == y.a_regs &&
          x.scale_d == y.scale_d && x.ta == y.ta && x.tb == y.tb && x.sa == y.sa && x.sb == y.sb;
 }
-// Computes this thread's accumulators for op i (every thread of the warpgroup has issued it).
+// Computes this thread's accumulators for op i (every thread of the warpgroup has issued it). The thread's
+// 2 rows of A and N/4 columns of B are decoded once (not once per accumulator); the sums are the same
+// f32 operations in the same k order.
 inline void compute(Thread* wg, int i, unsigned me, const char* file, int line) {
   const Op& op = wg[me].ops[i];
   Desc da{}, db = decode(op.db, "B", op.tb != 0, op.n, file, line);
   if (!op.a_regs) da = decode(op.da, "A", op.ta != 0, 64, file, line);
   const int w = (int)me / 32, lane = (int)me % 32, g = lane / 4, tq = lane % 4;
-  for (int r = 0; r < op.n / 2; ++r) {
-    const int row = 16 * w + g + 8 * ((r % 4) / 2), col = 8 * (r / 4) + 2 * tq + (r % 2);
-    float acc = op.scale_d ? op.d[r] : 0.f;
+  float av[2][16], bv[64][16];  // av[h]: row 16w + g + 8h; bv[2j + e]: column 8j + 2tq + e
+  for (int h = 0; h < 2; ++h) {
+    const int row = 16 * w + g + 8 * h;
     for (int k = 0; k < 16; ++k) {
-      float a;
       if (op.a_regs) {
         // A[row][k] is in warp row/16, lane (row%8)*4 + (k%8)/2, register (row%16)/8 + 2*(k/8), half k%2.
         const unsigned owner = (unsigned)(32 * (row / 16) + (row % 8) * 4 + (k % 8) / 2);
         const unsigned reg = wg[owner].ops[i].a[(row % 16) / 8 + 2 * (k / 8)];
-        a = __uint_as_float(k & 1 ? (reg & 0xffff0000u) : (reg << 16));
+        av[h][k] = __uint_as_float(k & 1 ? (reg & 0xffff0000u) : (reg << 16));
       } else {
-        a = smem_elem(da, op.ta != 0, row, k);
+        av[h][k] = smem_elem(da, op.ta != 0, row, k);
       }
-      acc += ((float)op.sa * a) * ((float)op.sb * smem_elem(db, op.tb != 0, col, k));
     }
+  }
+  for (int c = 0; c < op.n / 4; ++c)
+    for (int k = 0; k < 16; ++k) bv[c][k] = smem_elem(db, op.tb != 0, 8 * (c / 2) + 2 * tq + (c % 2), k);
+  for (int r = 0; r < op.n / 2; ++r) {
+    const float* a = av[(r % 4) / 2];
+    const float* b = bv[2 * (r / 4) + (r % 2)];
+    float acc = op.scale_d ? op.d[r] : 0.f;
+    for (int k = 0; k < 16; ++k) acc += ((float)op.sa * a[k]) * ((float)op.sb * b[k]);
     op.d[r] = acc;
   }
 }

@@ -105,13 +105,15 @@ fn emu_symbol<T: Copy>(name: &[u8]) -> Option<T> {
     }
 }
 
-/// A kernel argument: a device pointer (0 for "absent"), an integer or a float.
+/// A kernel argument: a device pointer (0 for "absent"), an integer, a float, or a TMA tensor map
+/// passed by value (`const __grid_constant__ ou::TensorMap`, crate::tma).
 #[derive(Clone, Copy, Debug)]
 pub enum KArg {
     Ptr(u64),
     I64(i64),
     I32(i32),
     F32(f32),
+    TensorMap(crate::tma::TensorMap),
 }
 
 /// Dynamic shared memory a kernel may use without opting in (`cuFuncSetAttribute`).
@@ -411,6 +413,7 @@ impl CudaDevice {
                 KArg::I64(v) => b.arg(v),
                 KArg::I32(v) => b.arg(v),
                 KArg::F32(v) => b.arg(v),
+                KArg::TensorMap(m) => b.arg(m),
             };
         }
         let cfg = LaunchConfig {

@@ -21,6 +21,7 @@ pub mod gemm;
 mod kernels;
 pub mod nvrtc;
 pub mod testing;
+pub mod tma;
 mod weights;
 
 pub use device::{

@@ -222,6 +222,10 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         causal: *causal,
         scale: *scale,
     };
+    // On sm_90 the wgmma/TMA kernel where the call qualifies (attention_sm90.rs), else mma.sync.
+    if super::conv_sm90::selected(ctx.dev) && super::attention_sm90::qualifies(&args) {
+        return super::attention_sm90::launch(&args);
+    }
     // The executor prefixes the node's name.
     launch(&args).map_err(|msg| CudaError::Invalid { what: "kernels/attention.cu".into(), msg })
 }

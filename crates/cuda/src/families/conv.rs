@@ -290,43 +290,46 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let launch = match &node.op {
         Op::Conv2d { x, weight, bias, h, w, kernel, silu } => {
             let xs = g.shape(*x);
-            conv2d(
-                &Conv2dArgs {
-                    dtype: ctx.dtype,
-                    x: p(*x),
-                    weight: p(*weight),
-                    bias: bias.map_or(0, p),
-                    residual: 0,
-                    y: out,
-                    batch: xs.dims()[0],
-                    h: *h,
-                    w: *w,
-                    cin: xs.last(),
-                    cout: g.shape(*weight).dims()[0],
-                    kernel: *kernel,
-                    act: if *silu { ConvAct::Silu } else { ConvAct::None },
-                },
-                ConvKernel::Auto,
-            )?
+            let args = Conv2dArgs {
+                dtype: ctx.dtype,
+                x: p(*x),
+                weight: p(*weight),
+                bias: bias.map_or(0, p),
+                residual: 0,
+                y: out,
+                batch: xs.dims()[0],
+                h: *h,
+                w: *w,
+                cin: xs.last(),
+                cout: g.shape(*weight).dims()[0],
+                kernel: *kernel,
+                act: if *silu { ConvAct::Silu } else { ConvAct::None },
+            };
+            // On sm_90 the wgmma/TMA kernel where the shape qualifies (conv_sm90.rs), else mma.sync.
+            match super::conv_sm90::resolve_conv2d(ctx, &args)? {
+                Some(l) => l,
+                None => conv2d(&args, ConvKernel::Auto)?,
+            }
         }
         Op::UpsampleConv2d { x, weight, bias, h, w, shortcut } => {
             let xs = g.shape(*x);
-            upsample_conv2d(
-                &UpsampleConv2dArgs {
-                    dtype: ctx.dtype,
-                    x: p(*x),
-                    weight: p(*weight),
-                    bias: bias.map_or(0, p),
-                    y: out,
-                    batch: xs.dims()[0],
-                    h: *h,
-                    w: *w,
-                    cin: xs.last(),
-                    cout: g.shape(*weight).dims()[0],
-                    shortcut: *shortcut,
-                },
-                ConvKernel::Auto,
-            )?
+            let args = UpsampleConv2dArgs {
+                dtype: ctx.dtype,
+                x: p(*x),
+                weight: p(*weight),
+                bias: bias.map_or(0, p),
+                y: out,
+                batch: xs.dims()[0],
+                h: *h,
+                w: *w,
+                cin: xs.last(),
+                cout: g.shape(*weight).dims()[0],
+                shortcut: *shortcut,
+            };
+            match super::conv_sm90::resolve_upsample_conv2d(ctx, &args)? {
+                Some(l) => l,
+                None => upsample_conv2d(&args, ConvKernel::Auto)?,
+            }
         }
         Op::DepthwiseConv2d { x, weight, bias, h, w, kernel } => {
             let xs = g.shape(*x);

@@ -221,7 +221,9 @@ fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>)
 }
 
 pub mod attention;
+pub mod attention_sm90;
 pub mod conv;
+pub mod conv_sm90;
 pub mod decode_attention;
 pub mod elementwise;
 pub mod layout;

@@ -1,0 +1,74 @@
+//! The sm_90a attention (kernels/attention_sm90.cu: FA3-style, wgmma + TMA) against attention.cu's
+//! mma.sync kernel on the same shapes: ViT (InternViT, head dim 64, non-causal) and LLM prefill
+//! (causal, GQA; head dims 64 and 128), in TFLOP/s (4 · n · m_visible · hd FLOPs per batch · head, a
+//! causal call counting the visible half, as benches/attention.rs), and the sm_90a / mma.sync speed-up.
+//! The prefill shapes run without fused RoPE (the sm_90a kernel does not take it yet: in the
+//! engine, prefill with RoPE stays on attention.cu).
+//!
+//! CUDA events, warm-up, median of 50 samples; one line per kernel and a JSON record. Without a
+//! CUDA device: `skipped: no CUDA device`; not sm_90a: `skipped: not an sm_90a device`; on the
+//! emulated GPU the shapes are cut (a smoke run, CPU times). Run: `cargo bench --bench attention_sm90`.
+
+use openuni_cuda::families::attention::{launch, AttentionArgs};
+use openuni_cuda::families::{attention_sm90, conv_sm90};
+use openuni_cuda::testing::{random_bytes, time_ms, BenchReport, Rng};
+use openuni_tensor::DType;
+
+fn main() {
+    let Some(mut r) = BenchReport::start("attention_sm90", env!("OPENUNI_GIT_COMMIT")) else {
+        return;
+    };
+    let dev = r.dev.clone();
+    if !conv_sm90::device_supports(&dev) {
+        println!("skipped: not an sm_90a device ({:?})", dev.compute_capability());
+        return;
+    }
+    let emu = dev.is_emulated();
+    let (warmup, runs) = r.runs();
+    let mut rng = Rng::new(3);
+    let bf = DType::BF16;
+    // (label, batch, n = m, heads, kv_heads, head dim, causal)
+    let cases: &[(&str, usize, usize, usize, usize, usize, bool)] = &[
+        ("InternViT-300M, 8 tiles of 448² (1025 tokens)", 8, 1025, 16, 16, 64, false),
+        ("LLM prefill, hd 64 (Qwen2.5-0.5B), 2048 tokens", 1, 2048, 14, 2, 64, true),
+        ("LLM prefill, hd 64, 8192 tokens", 1, 8192, 14, 2, 64, true),
+        ("LLM prefill, hd 128 (Qwen2.5-1.5B), 4096 tokens", 1, 4096, 12, 2, 128, true),
+    ];
+    for &(label, b, n, heads, kv_heads, hd, causal) in cases {
+        let (b, n, heads, kv_heads) = if emu { (1, n.min(130), heads.min(2), kv_heads.min(2).min(heads.min(2))) } else { (b, n, heads, kv_heads) };
+        let q = dev.upload(&random_bytes(&mut rng, bf, b * n * heads * hd, 0.0, 1.0)).unwrap();
+        let k = dev.upload(&random_bytes(&mut rng, bf, b * n * kv_heads * hd, 0.0, 1.0)).unwrap();
+        let v = dev.upload(&random_bytes(&mut rng, bf, b * n * kv_heads * hd, 0.0, 1.0)).unwrap();
+        let o = dev.alloc(b * n * heads * hd * 2).unwrap();
+        let a = AttentionArgs {
+            dtype: bf,
+            q: q.ptr(),
+            k: k.ptr(),
+            v: v.ptr(),
+            mask: 0,
+            segments: 0,
+            rope_cs: 0,
+            out: o.ptr(),
+            batch: b,
+            n,
+            m: n,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            causal,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let visible = if causal { n * (n + 1) / 2 } else { n * n };
+        let flops = 4.0 * (b * heads * visible * hd) as f64;
+        let bytes = 2 * (2 * b * n * heads * hd + 2 * b * n * kv_heads * hd);
+        let mut times = vec![];
+        for ls in [launch(&a).unwrap(), attention_sm90::launch(&a).unwrap()] {
+            // SAFETY: the buffers hold the shapes launched.
+            let ms = time_ms(&dev, warmup, runs, 1, |_| unsafe { ls[0].enqueue(&dev) }).unwrap();
+            r.add_flops(&ls[0].kernel, label, &[b, n, heads, kv_heads, hd], flops, bytes, ms);
+            times.push(ms);
+        }
+        println!("  {label}: sm_90a / mma.sync speed-up {:.2}x", times[0] / times[1]);
+    }
+    r.finish();
+}
