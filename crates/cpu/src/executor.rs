@@ -371,6 +371,10 @@ impl CpuExecutor {
                     ops::kv_cache_append(view.get(*cache), view.get(*x), view.get(*positions), d, *rope, y)
                 }
             }
+            Op::KvCacheRows { x, kv_heads, head_dim, rope } => {
+                let xd = g.shape(*x).dims();
+                ops::kv_cache_rows(view.get(*x), xd[0], xd[1], *kv_heads, *head_dim, *rope, y)
+            }
         }
         self.arena = out;
     }

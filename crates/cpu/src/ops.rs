@@ -679,6 +679,20 @@ pub fn kv_cache_append(cache: &[f32], x: &[f32], positions: &[f32], d: DecodeDim
     kv_cache_write(x, positions, d, rope, out);
 }
 
+/// `Op::KvCacheRows`: a prompt `x` [batch, tokens, kv_heads·hd] as cache rows [batch, kv_heads,
+/// tokens, hd]: token t written as the append writes the token at position t (rotated at t when
+/// `rope` is given), so the prefill's rows equal what `tokens` appends would have cached.
+pub fn kv_cache_rows(x: &[f32], batch: usize, tokens: usize, kv_heads: usize, head_dim: usize, rope: Option<f32>, out: &mut [f32]) {
+    let w = kv_heads * head_dim;
+    let d = DecodeDims { batch: 1, heads: kv_heads, kv_heads, head_dim, max_len: tokens };
+    for (b, cache) in out.chunks_exact_mut(tokens * w).take(batch).enumerate() {
+        for t in 0..tokens {
+            let row = &x[(b * tokens + t) * w..(b * tokens + t + 1) * w];
+            kv_cache_write(row, &[t as f32], d, rope, cache);
+        }
+    }
+}
+
 /// `Op::KvCacheAppend` in place (the cache is an executor state): row p_b of every (b, KV head)
 /// of `cache` set to `x`, rotated at p_b when `rope` is given.
 pub fn kv_cache_write(x: &[f32], positions: &[f32], d: DecodeDims, rope: Option<f32>, cache: &mut [f32]) {

@@ -162,6 +162,12 @@ pub enum Op {
     /// op the result is a new value (a backend copies the cache); a decoder that owns its cache
     /// buffers calls the backend's in-place launch (openuni_cuda::families::decode_attention).
     KvCacheAppend { cache: ValueId, x: ValueId, positions: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32> },
+    /// A prompt's keys or values laid out as KV-cache rows: `x` [B, T, kv_heads·head_dim] ->
+    /// [B, kv_heads, T, head_dim], token t rotated at position t when `rope` = Some(theta) (keys,
+    /// exactly as [`Op::KvCacheAppend`] rotates the token at p_b = t) or moved as is (values).
+    /// Rows 0..T of one (sequence, KV head) are then one contiguous run, which a prefill copies
+    /// on the device into rows 0..T of its slot of the decode step's cache state.
+    KvCacheRows { x: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32> },
 }
 
 impl Op {
@@ -193,6 +199,7 @@ impl Op {
             Op::GroupedLinear { .. } => "grouped_linear",
             Op::DecodeAttention { .. } => "decode_attention",
             Op::KvCacheAppend { .. } => "kv_cache_append",
+            Op::KvCacheRows { .. } => "kv_cache_rows",
         }
     }
 
@@ -231,7 +238,8 @@ impl Op {
             | Op::PackedLinearAttention { qkv: x, .. }
             | Op::RepeatChannels { x, .. }
             | Op::SliceTokens { x, .. }
-            | Op::GatherTokens { x, .. } => v.push(*x),
+            | Op::GatherTokens { x, .. }
+            | Op::KvCacheRows { x, .. } => v.push(*x),
             Op::Conv2d { x, weight, bias, .. } | Op::UpsampleConv2d { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);

@@ -178,7 +178,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => norm::resolve(ctx, node),
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => elementwise::resolve(ctx, node),
         Op::Attention { .. } => attention::resolve(ctx, node),
-        Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } => decode_attention::resolve(ctx, node),
+        Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } | Op::KvCacheRows { .. } => decode_attention::resolve(ctx, node),
         Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } => linear_attention::resolve(ctx, node),
         Op::Transpose { .. } => layout::resolve(ctx, node),
         Op::ModulationTable { .. }
