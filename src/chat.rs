@@ -645,6 +645,9 @@ pub struct ChatModel {
     pub weights: openuni_tensor::Weights,
     device: crate::exec::Device,
     dtype: openuni_tensor::DType,
+    /// The vision tower's weights, converted or uploaded by the first image and kept for the next
+    /// (a questions file runs the ViT once per question).
+    vit_weights: crate::exec::WeightCache,
 }
 
 impl ChatModel {
@@ -678,7 +681,11 @@ impl ChatModel {
         let eos = tok.token_id("<|im_end|>").map(|i| i as usize).with_context(|| format!("{}: no token `<|im_end|>`", tok.path().display()))?;
         let specials = tok.tokenizer().get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
         let weights = openuni_tensor::Weights::open(&dir)?;
-        Ok(ChatModel { tiny: model.is_none(), cfg, cfg_path, tok, eos, specials, weights, device, dtype })
+        if device == crate::exec::Device::Cpu && dtype != openuni_tensor::DType::F32 {
+            bail!("--device cpu runs the f32 reference only; --dtype {dtype} needs --device cuda or emu");
+        }
+        let vit_weights = crate::exec::WeightCache::new(device, dtype)?;
+        Ok(ChatModel { tiny: model.is_none(), cfg, cfg_path, tok, eos, specials, weights, device, dtype, vit_weights })
     }
 
     fn special(&self, t: &str) -> anyhow::Result<usize> {
@@ -721,7 +728,7 @@ impl ChatModel {
         b.mark(openuni_models::internvit::VIT_EMBEDS, out.vit_embeds)?;
         let g = b.finish();
         let src = openuni_models::internvit::VitWeights { inner: &self.weights, layout };
-        let mut ex = crate::exec::executor(self.device, &g, &src, self.dtype, false)?;
+        let mut ex = crate::exec::executor_with(self.device, &g, &src, &self.vit_weights, false)?;
         let inputs = std::collections::HashMap::from([("pixel_values".to_string(), px.to_dtype(openuni_tensor::DType::F32)?)]);
         Ok(openuni_models::internvit::VIT_EMBEDS.take(&mut ex.run(&inputs)?)?.to_f32_vec())
     }
