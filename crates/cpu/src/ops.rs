@@ -56,6 +56,30 @@ pub fn layernorm(
     }
 }
 
+/// InternVL's pixel shuffle v2 (scale 0.5) as a gather: `x` [batch, skip + g·g, c] -> [batch,
+/// (g/2)², 4c], row r·(g/2) + q holding tokens `skip + (2r + dy)·g + 2q + dx` as channels
+/// `(2·dy + dx)·c + ch` (what the model's view/permute/view/permute computes).
+pub fn pixel_shuffle(x: &[f32], batch: usize, grid: usize, skip: usize, c: usize, out: &mut [f32]) {
+    let (h, tokens) = (grid / 2, skip + grid * grid);
+    for b in 0..batch {
+        for (row, (r, q)) in (0..h).flat_map(|r| (0..h).map(move |q| (r, q))).enumerate() {
+            for (seg, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+                let src = (b * tokens + skip + (2 * r + dy) * grid + 2 * q + dx) * c;
+                let dst = ((b * h * h + row) * 4 + seg) * c;
+                out[dst..dst + c].copy_from_slice(&x[src..src + c]);
+            }
+        }
+    }
+}
+
+/// `Op::PixelShuffleLayerNorm`: [`pixel_shuffle`], then [`layernorm`] over the 4c channels.
+#[allow(clippy::too_many_arguments)]
+pub fn pixel_shuffle_layernorm(x: &[f32], w: &[f32], b: &[f32], eps: f32, batch: usize, grid: usize, skip: usize, c: usize, out: &mut [f32]) {
+    let mut shuffled = vec![0f32; out.len()];
+    pixel_shuffle(x, batch, grid, skip, c, &mut shuffled);
+    layernorm(&shuffled, Some(w), Some(b), eps, 4 * c, None, out);
+}
+
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }

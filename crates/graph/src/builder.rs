@@ -602,6 +602,23 @@ impl GraphBuilder {
         Ok(self.push(name, Op::ClassPosEmbed { x, cls, pos }, Shape::new([b, n + 1, c])))
     }
 
+    /// `Op::PixelShuffleLayerNorm`: `x` [B, skip + grid², C] -> [B, (grid/2)², 4C].
+    #[allow(clippy::too_many_arguments)]
+    pub fn pixel_shuffle_layernorm(&mut self, name: &str, x: ValueId, weight: ValueId, bias: ValueId, eps: f32, grid: usize, skip: usize) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        if grid == 0 || !grid.is_multiple_of(2) || s.rank() != 3 || s.dims()[1] != skip + grid * grid {
+            return Err(shape_err(
+                "pixel_shuffle_layernorm",
+                format!("{name}: input {s} is not [B, {skip} + {grid}², C] with an even grid (pixel shuffle merges 2×2 tokens)"),
+            ));
+        }
+        let c4 = 4 * s.last();
+        expect_shape("pixel_shuffle_layernorm", &format!("{name}: weight"), self.shape(weight), &Shape::new([c4]))?;
+        expect_shape("pixel_shuffle_layernorm", &format!("{name}: bias"), self.shape(bias), &Shape::new([c4]))?;
+        let h = grid / 2;
+        Ok(self.push(name, Op::PixelShuffleLayerNorm { x, weight, bias, eps, grid, skip }, Shape::new([s.dims()[0], h * h, c4])))
+    }
+
     pub fn slice_tokens(&mut self, name: &str, x: ValueId, start: usize, len: usize) -> Result<ValueId> {
         let s = self.shape(x).clone();
         if s.rank() != 3 || start + len > s.dims()[1] {

@@ -168,6 +168,13 @@ pub enum Op {
     /// Rows 0..T of one (sequence, KV head) are then one contiguous run, which a prefill copies
     /// on the device into rows 0..T of its slot of the decode step's cache state.
     KvCacheRows { x: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32> },
+    /// InternVL's pixel shuffle (v2, scale 0.5) read through its index map by the LayerNorm that
+    /// follows it (mlp1's), so the shuffled tensor is never stored: `x` [B, skip + g·g, C], whose
+    /// tokens after the first `skip` (the class token) lie on a g×g grid, g even ->
+    /// [B, (g/2)², 4C]. Output row r·(g/2) + c gathers the 2×2 block's tokens
+    /// `skip + (2r + dy)·g + 2c + dx` as channels `(2·dy + dx)·C + ch`, then LayerNorm over the
+    /// 4C channels with `weight` and `bias` [4C].
+    PixelShuffleLayerNorm { x: ValueId, weight: ValueId, bias: ValueId, eps: f32, grid: usize, skip: usize },
 }
 
 impl Op {
@@ -200,6 +207,7 @@ impl Op {
             Op::DecodeAttention { .. } => "decode_attention",
             Op::KvCacheAppend { .. } => "kv_cache_append",
             Op::KvCacheRows { .. } => "kv_cache_rows",
+            Op::PixelShuffleLayerNorm { .. } => "pixel_shuffle_layernorm",
         }
     }
 
@@ -250,6 +258,7 @@ impl Op {
             Op::SwiGlu { gate, up } => v.extend([*gate, *up]),
             Op::DecodeAttention { q, k_cache, v_cache, positions, .. } => v.extend([*q, *k_cache, *v_cache, *positions]),
             Op::KvCacheAppend { cache, x, positions, .. } => v.extend([*cache, *x, *positions]),
+            Op::PixelShuffleLayerNorm { x, weight, bias, .. } => v.extend([*x, *weight, *bias]),
             Op::DepthwiseConv2d { x, weight, bias, .. } | Op::DepthwiseConvGlu { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);

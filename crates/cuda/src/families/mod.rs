@@ -181,6 +181,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } | Op::KvCacheRows { .. } => decode_attention::resolve(ctx, node),
         Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } => linear_attention::resolve(ctx, node),
         Op::Transpose { .. } => layout::resolve(ctx, node),
+        Op::PixelShuffleLayerNorm { .. } => pixel_shuffle::resolve(ctx, node),
         Op::ModulationTable { .. }
         | Op::Chunk { .. }
         | Op::TimestepEmbedding { .. }
@@ -224,4 +225,5 @@ pub mod elementwise;
 pub mod layout;
 pub mod linear_attention;
 pub mod misc;
+pub mod pixel_shuffle;
 pub mod norm;
