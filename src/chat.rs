@@ -138,6 +138,12 @@ impl<'a> CachedQwen2<'a> {
         self.cfg.hidden_size
     }
 
+    /// Bytes of the decoder's weights on its device (the head included, the embedding table only
+    /// when tied to it: the table is read on the host), what a decode step streams once.
+    pub fn weight_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
     /// Sequences that can decode together.
     pub fn slots(&self) -> usize {
         self.lens.len()

@@ -38,6 +38,12 @@ pub struct ChatBenchRow {
     /// One decode step of all `batch` slots (median), logits downloaded.
     pub decode_step_ms: f64,
     pub tokens_per_s: f64,
+    /// Bytes one decode step must read at least: every weight once, and each sequence's cached
+    /// keys and values up to its position (mean over the timed steps), in the storage dtype.
+    pub step_bytes: usize,
+    /// `step_bytes` over the step's time: the decode target compares it with the device's HBM
+    /// bandwidth (docs/decode.md, "Measuring the GPU targets").
+    pub step_gb_per_s: f64,
 }
 
 #[derive(Serialize)]
@@ -85,7 +91,18 @@ pub fn run(o: &ChatBenchOptions) -> Result<ChatBenchReport> {
             steps.push(wall_ms(&mut || llm.step(&tokens).map(drop))?);
         }
         let step = median(steps);
-        rows.push(ChatBenchRow { batch, prefill_ms: median(prefill), decode_step_ms: step, tokens_per_s: batch as f64 * 1e3 / step });
+        // Timed step i attends keys 0..=prompt + 1 + i of every slot.
+        let mean_keys = o.prompt + 2 + (o.iters.max(1) - 1) / 2;
+        let kv = batch * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim() * mean_keys * o.dtype.size_in_bytes();
+        let step_bytes = llm.weight_bytes() + kv;
+        rows.push(ChatBenchRow {
+            batch,
+            prefill_ms: median(prefill),
+            decode_step_ms: step,
+            tokens_per_s: batch as f64 * 1e3 / step,
+            step_bytes,
+            step_gb_per_s: step_bytes as f64 / (step * 1e6),
+        });
     }
     let report = ChatBenchReport {
         variant: o.variant.clone(),
@@ -112,9 +129,17 @@ pub fn render(r: &ChatBenchReport) -> String {
         "chat decoder of {} (LLM D={}, {} layers, vocab {}), {} {}, prompt {} tokens, median of {} decode steps\n",
         r.variant, r.hidden_size, r.layers, r.vocab_size, r.device, r.dtype, r.prompt_tokens, r.iters
     );
-    s.push_str("batch  prefill_ms  decode_step_ms  tokens/s\n");
+    s.push_str("batch  prefill_ms  decode_step_ms  tokens/s  step_MB  step_GB/s\n");
     for row in &r.rows {
-        s.push_str(&format!("{:>5}  {:>10.2}  {:>14.3}  {:>8.1}\n", row.batch, row.prefill_ms, row.decode_step_ms, row.tokens_per_s));
+        s.push_str(&format!(
+            "{:>5}  {:>10.2}  {:>14.3}  {:>8.1}  {:>7.1}  {:>9.1}\n",
+            row.batch,
+            row.prefill_ms,
+            row.decode_step_ms,
+            row.tokens_per_s,
+            row.step_bytes as f64 / 1e6,
+            row.step_gb_per_s
+        ));
     }
     if r.device.starts_with("emu") {
         s.push_str("note: the emulated GPU checks correctness; its times are CPU times, not speed\n");
