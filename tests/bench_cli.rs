@@ -133,8 +133,12 @@ fn tiny_chat_bench_on_the_cpu_reports_prefill_and_decode_per_batch() {
     let kv_per_sequence = (bytes[1] - bytes[0]) / 2;
     assert!(kv_per_sequence > 0 && bytes[0] > kv_per_sequence && bytes[1] - bytes[0] == 2 * kv_per_sequence, "{bytes:?}");
     assert_eq!(r["prompt_tokens"], 8);
+    assert!(r["vit"].is_null(), "no --vit-tiles, no vision tower timing");
     assert!(stdout.contains("decode_step_ms") && stdout.contains("tokens/s"));
     let (code, _, stderr) = bench(&["--chat", "--variant", "tiny", "--device", "cpu", "--chat-prompt", "0"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--chat-prompt"), "{stderr}");
+    let (code, _, stderr) = bench(&["--chat", "--variant", "tiny", "--device", "cpu", "--vit-tiles", "65"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--vit-tiles"), "{stderr}");
 }

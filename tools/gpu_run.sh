@@ -182,12 +182,13 @@ if [ "$PHASE" != kernels ]; then
     PYTHONPATH="$SITE" run_step "torch bench $v" "$OUT/bench.log" python3 tools/bench_torch.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch 1,8,32 --iters 20 --compile --json "$OUT/torch-$v.json"
     [ -f "$OUT/ours-$v.json" ] && [ -f "$OUT/torch-$v.json" ] && python3 tools/bench_torch.py --compare "$OUT/ours-$v.json" "$OUT/torch-$v.json" | tee -a "$OUT/ratios.txt"
   done
-  # Chat decoder (docs/decode.md, "Measuring the GPU targets"): batch 1 at a 2k context (bandwidth), batch 64.
+  # Chat (docs/decode.md, "Measuring the GPU targets"): batch 1 at a 2k context (bandwidth) + the ViT, batch 64.
   for v in b-512 l-512; do
-    for shape in "1 2048" "64 512"; do
+    # "batch prompt vit-tiles": the ViT of 13 tiles is timed with the batch-1 run.
+    for shape in "1 2048 13" "64 512 0"; do
       set -- $shape
-      run_step "openuni bench --chat $v b$1 p$2" "$OUT/bench.log" "$OU" bench --chat --variant "$v" --device cuda --dtype bf16 --batch "$1" --chat-prompt "$2" --iters 50 --json "$OUT/ours-chat-$v-b$1.json"
-      PYTHONPATH="$SITE" run_step "torch chat bench $v b$1 p$2" "$OUT/bench.log" python3 tools/bench_torch_chat.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch "$1" --prompt "$2" --iters 50 --json "$OUT/torch-chat-$v-b$1.json"
+      run_step "openuni bench --chat $v b$1 p$2" "$OUT/bench.log" "$OU" bench --chat --variant "$v" --device cuda --dtype bf16 --batch "$1" --chat-prompt "$2" --vit-tiles "$3" --iters 50 --json "$OUT/ours-chat-$v-b$1.json"
+      PYTHONPATH="$SITE" run_step "torch chat bench $v b$1 p$2" "$OUT/bench.log" python3 tools/bench_torch_chat.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch "$1" --prompt "$2" --vit-tiles "$3" --iters 50 --json "$OUT/torch-chat-$v-b$1.json"
     done
   done
 fi
