@@ -4,13 +4,14 @@
 //! The caches rotate through enough sets to exceed 3x the L2 (in a model the other layers' weights
 //! evict them between steps), so the KV rows come from DRAM. CUDA events, warm-up, median of 50.
 //! The append entries write one row per (sequence, KV head) in place (what a decoder that owns its
-//! cache launches), counted as x read plus the row written.
+//! cache launches), counted as x read plus the row written. The rows entries lay one prompt of
+//! max_len tokens out as cache rows (the prefill's keys, rotated), counted as read once, written once.
 //! Prints one line per kernel and a JSON record (device, date, commit); without a CUDA device it
 //! prints `skipped: no CUDA device`; on the emulated GPU the shapes are cut down (a smoke run of the
 //! benchmark code, CPU times). Run: `cargo bench --bench decode_attention`.
 
 use openuni_cuda::families::attention::rope_table;
-use openuni_cuda::families::decode_attention::{append_launch, launch, workspace_bytes, AppendArgs, DecodeArgs};
+use openuni_cuda::families::decode_attention::{append_launch, launch, rows_launch, workspace_bytes, AppendArgs, DecodeArgs, RowsArgs};
 use openuni_cuda::testing::{random_bytes, rotation, time_ms, BenchReport, Rng};
 use openuni_tensor::DType;
 
@@ -120,6 +121,18 @@ fn main() {
         })
         .unwrap();
         r.add("kv_cache_append", c.label, &[batch, max_len, c.kv_heads, hd], 2 * batch * c.kv_heads * hd * es, ms);
+
+        // The prefill's keys of a prompt of max_len tokens as cache rows (rotated): read once, written once.
+        let n = max_len * c.kv_heads * hd;
+        let (prompt, rows) = (dev.upload(&random_bytes(&mut rng, c.dtype, n, 0.0, 1.0)).unwrap(), dev.alloc(n * es).unwrap());
+        let a = RowsArgs { dtype: c.dtype, x: prompt.ptr(), rope_cs: rope.ptr(), out: rows.ptr(), batch: 1, tokens: max_len, kv_heads: c.kv_heads, head_dim: hd };
+        let rows_l = rows_launch(&a, dev.sm_count()).unwrap();
+        let ms = time_ms(&dev, warmup, runs, 1, |_| {
+            // SAFETY: the buffers hold the shapes launched.
+            unsafe { rows_l.iter().try_for_each(|l| l.enqueue(&dev)) }
+        })
+        .unwrap();
+        r.add("kv_cache_rows", c.label, &[1, max_len, c.kv_heads, hd], 2 * n * es, ms);
     }
     r.finish();
 }

@@ -1,10 +1,11 @@
 // decode_attention.cu: the decode phase of an LLM over a KV cache. CPU twins:
-// openuni_cpu::ops::{decode_attention, kv_cache_append}.
+// openuni_cpu::ops::{decode_attention, kv_cache_append, kv_cache_rows}.
 //
 //   decode_attention_{f32,bf16}(q, k_cache, v_cache, positions, rope_cs, partial, B, heads, kv_heads,
 //       max_len, hd, scale, smem_bytes)
 //   decode_attention_merge_{f32,bf16}(partial, positions, out, B, heads, max_len, hd)
 //   kv_cache_append_{f32,bf16}(x, positions, rope_cs, cache, B, kv_heads, max_len, hd)
+//   kv_cache_rows_{f32,bf16}(x, rope_cs, out, B, tokens, kv_heads, hd)
 //
 //   q [B, heads*hd], caches [B, kv_heads, max_len, hd], out [B, heads*hd] in the storage type;
 //   positions [B] f32 (the f32 copy of the graph input, so positions above 256 are exact in bf16
@@ -216,6 +217,32 @@ __device__ void append(const T* __restrict__ x, const float* __restrict__ positi
     }
 }
 
+// kv_cache_rows_*: one thread per element of the prompt x [B, T, kv_heads, hd], grid-stride in x's
+// order (coalesced reads), written to out [B, kv_heads, T, hd] (runs of hd contiguous), token t
+// rotated at position t with rope_cs (T positions) exactly as append rotates the token at p = t.
+template <typename T>
+__device__ void cache_rows(const T* __restrict__ x, const float* __restrict__ rope_cs, T* __restrict__ out,
+                           int B, int tokens, int kv_heads, int hd) {
+    const i64 total = (i64)B * tokens * kv_heads * hd;
+    const int half = hd / 2;
+    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
+        const i64 row = e / hd;  // (b * tokens + t) * kv_heads + h
+        const int d = (int)(e % hd);
+        const int h = (int)(row % kv_heads);
+        const i64 bt = row / kv_heads;
+        const int t = (int)(bt % tokens);
+        const i64 b = bt / tokens;
+        const T* xr = x + row * hd;
+        float v = to_f32(xr[d]);
+        if (rope_cs) {
+            const int i = d < half ? d : d - half;
+            const float c = rope_cs[((i64)t * half + i) * 2], s = rope_cs[((i64)t * half + i) * 2 + 1];
+            v = d < half ? v * c - to_f32(xr[d + half]) * s : v * c + to_f32(xr[i]) * s;
+        }
+        out[((b * kv_heads + h) * tokens + t) * hd + d] = from_f32<T>(v);
+    }
+}
+
 }  // namespace dec
 }  // namespace ou
 
@@ -243,4 +270,10 @@ extern "C" __global__ void decode_attention_merge_bf16(const float* partial, con
 }
 extern "C" __global__ void kv_cache_append_bf16(const bf16* x, const float* positions, const float* rope_cs, bf16* cache, int B, int kv_heads, int max_len, int hd) {
     ou::dec::append<bf16>(x, positions, rope_cs, cache, B, kv_heads, max_len, hd);
+}
+extern "C" __global__ void kv_cache_rows_f32(const float* x, const float* rope_cs, float* out, int B, int tokens, int kv_heads, int hd) {
+    ou::dec::cache_rows<float>(x, rope_cs, out, B, tokens, kv_heads, hd);
+}
+extern "C" __global__ void kv_cache_rows_bf16(const bf16* x, const float* rope_cs, bf16* out, int B, int tokens, int kv_heads, int hd) {
+    ou::dec::cache_rows<bf16>(x, rope_cs, out, B, tokens, kv_heads, hd);
 }

@@ -109,6 +109,8 @@ pub fn write_configs(variant: &str, dir: &std::path::Path) -> Result<()> {
         ("transformer.json", (v.transformer)()),
         ("vae.json", (v.vae)()),
         ("openuni.json", serde_json::json!({"variant": variant, "num_queries": v.num_queries, "size": v.size})),
+        // The MLLM's vision tower (tools/bench_torch_chat.py --vit-tiles).
+        ("vit.json", variant::internvl3_vision(MllmConfig::from_value((v.llm)(), &format!("variant {variant} llm"))?.llm.hidden_size)),
     ];
     for (name, value) in files {
         let p = dir.join(name);

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 
 use crate::exec::{Device, GraphExecutor, WeightCache};
-use openuni_cpu::ops;
 use openuni_models::qwen2::Qwen2Config;
 use openuni_models::qwen2_decode::{self, DecoderWeights};
 use openuni_models::{ModelError, Result};
@@ -79,7 +78,6 @@ struct DecodeStep {
 /// positions than it holds.
 pub struct CachedQwen2<'a> {
     cfg: Qwen2Config,
-    theta: f32,
     source: &'a dyn TensorSource,
     embeddings: Embeddings<'a>,
     weights: DecoderWeights,
@@ -114,6 +112,7 @@ impl<'a> CachedQwen2<'a> {
         slots: usize,
     ) -> anyhow::Result<CachedQwen2<'a>> {
         cfg.validate(origin)?;
+        cfg.rope_theta(origin)?;
         anyhow::ensure!(slots >= 1, "the decoder needs at least one batch slot");
         if device == Device::Cpu && dtype != DType::F32 {
             anyhow::bail!("--device cpu runs the f32 reference only; --dtype {dtype} needs --device cuda or emu");
@@ -122,7 +121,6 @@ impl<'a> CachedQwen2<'a> {
         let head_key = if cfg.tie_word_embeddings { embed_key.clone() } else { head_key.to_string() };
         Ok(CachedQwen2 {
             cfg: cfg.clone(),
-            theta: cfg.rope_theta(origin)?,
             source,
             embeddings: Embeddings { source, key: embed_key, vocab: cfg.vocab_size },
             weights: DecoderWeights { prefix: prefix.to_string(), head_key },
@@ -138,6 +136,12 @@ impl<'a> CachedQwen2<'a> {
     /// The model width D.
     pub fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
+    }
+
+    /// Bytes of the decoder's weights on its device (the head included, the embedding table only
+    /// when tied to it: the table is read on the host), what a decode step streams once.
+    pub fn weight_bytes(&self) -> usize {
+        self.cache.bytes()
     }
 
     /// Sequences that can decode together.
@@ -196,8 +200,8 @@ impl<'a> CachedQwen2<'a> {
     }
 
     /// Runs the prompt `embeds` [L, D] on slot `slot` (which must be empty) with the prefill graph,
-    /// writes its keys (rotated at their positions) and values into the slot's cache rows 0..L,
-    /// and returns the logits [V] of its last position.
+    /// copies its keys (rotated at their positions by the graph) and values on the device into the
+    /// slot's cache rows 0..L (no host round trip), and returns the logits [V] of its last position.
     pub fn prefill(&mut self, slot: usize, embeds: &[f32]) -> anyhow::Result<Vec<f32>> {
         let c = self.cfg.clone();
         let (d, hd, kv) = (c.hidden_size, c.head_dim(), c.num_key_value_heads);
@@ -208,31 +212,24 @@ impl<'a> CachedQwen2<'a> {
         let g = qwen2_decode::build_prefill(&c, &self.weights, n, &self.origin)?;
         let mut ex = crate::exec::executor_with(self.device, &g, self.source, &self.cache, false)?;
         let input = HostTensor::from_f32([1, n, d], embeds.to_vec())?;
-        let mut out = ex.run(&HashMap::from([(qwen2_decode::EMBEDS.to_string(), input)]))?;
+        ex.set_inputs(&HashMap::from([(qwen2_decode::EMBEDS.to_string(), input)]))?;
+        ex.execute()?;
+        // Left where they are (on a GPU: the device, in the storage dtype).
+        let mut out = ex.output_handles()?;
         self.ensure_capacity((n + 1).min(c.max_position_embeddings))?;
         let step = self.step.as_mut().expect("made by ensure_capacity");
-        let (max_len, theta) = (step.max_len, self.theta);
-        let positions: Vec<usize> = (0..n).collect();
+        let max_len = step.max_len;
         for layer in 0..c.num_hidden_layers {
             for keys in [true, false] {
-                let x = out.remove(&qwen2_decode::prefill_kv_name(layer, keys)).expect("graph output").to_f32_vec();
-                // Keys are cached after RoPE, as the append rotates them (the same rope_at).
-                let rows = if keys {
-                    let mut r = vec![0f32; x.len()];
-                    ops::rope_at(&x, &positions, kv, hd, theta, &mut r);
-                    r
-                } else {
-                    x
-                };
-                // [L, kv·hd] -> rows 0..L of each (slot, kv head) of [slots, kv, max_len, hd].
+                let rows = out.remove(&qwen2_decode::prefill_kv_name(layer, keys)).expect("graph output");
+                // [1, kv, L, hd] -> rows 0..L of each (slot, kv head) of [slots, kv, max_len, hd].
                 for h in 0..kv {
-                    let run: Vec<f32> = (0..n).flat_map(|t| rows[(t * kv + h) * hd..(t * kv + h + 1) * hd].iter().copied()).collect();
-                    step.exec.write_state(&qwen2_decode::cache_name(layer, keys), (slot * kv + h) * max_len * hd, &run)?;
+                    step.exec.copy_to_state(&qwen2_decode::cache_name(layer, keys), (slot * kv + h) * max_len * hd, &rows, h * n * hd, n * hd)?;
                 }
             }
         }
         self.lens[slot] = n;
-        Ok(out.remove(qwen2_decode::LOGITS).expect("graph output").to_f32_vec())
+        Ok(out.remove(qwen2_decode::LOGITS).expect("graph output").to_host()?.to_f32_vec())
     }
 
     /// One decode step: each `(slot, embedding [D])` at its slot's next position, all slots in one
@@ -654,6 +651,9 @@ pub struct ChatModel {
     pub weights: openuni_tensor::Weights,
     device: crate::exec::Device,
     dtype: openuni_tensor::DType,
+    /// The vision tower's weights, converted or uploaded by the first image and kept for the next
+    /// (a questions file runs the ViT once per question).
+    vit_weights: crate::exec::WeightCache,
 }
 
 impl ChatModel {
@@ -687,7 +687,11 @@ impl ChatModel {
         let eos = tok.token_id("<|im_end|>").map(|i| i as usize).with_context(|| format!("{}: no token `<|im_end|>`", tok.path().display()))?;
         let specials = tok.tokenizer().get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
         let weights = openuni_tensor::Weights::open(&dir)?;
-        Ok(ChatModel { tiny: model.is_none(), cfg, cfg_path, tok, eos, specials, weights, device, dtype })
+        if device == crate::exec::Device::Cpu && dtype != openuni_tensor::DType::F32 {
+            bail!("--device cpu runs the f32 reference only; --dtype {dtype} needs --device cuda or emu");
+        }
+        let vit_weights = crate::exec::WeightCache::new(device, dtype)?;
+        Ok(ChatModel { tiny: model.is_none(), cfg, cfg_path, tok, eos, specials, weights, device, dtype, vit_weights })
     }
 
     fn special(&self, t: &str) -> anyhow::Result<usize> {
@@ -730,7 +734,7 @@ impl ChatModel {
         b.mark(openuni_models::internvit::VIT_EMBEDS, out.vit_embeds)?;
         let g = b.finish();
         let src = openuni_models::internvit::VitWeights { inner: &self.weights, layout };
-        let mut ex = crate::exec::executor(self.device, &g, &src, self.dtype, false)?;
+        let mut ex = crate::exec::executor_with(self.device, &g, &src, &self.vit_weights, false)?;
         let inputs = std::collections::HashMap::from([("pixel_values".to_string(), px.to_dtype(openuni_tensor::DType::F32)?)]);
         Ok(openuni_models::internvit::VIT_EMBEDS.take(&mut ex.run(&inputs)?)?.to_f32_vec())
     }

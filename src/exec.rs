@@ -151,6 +151,10 @@ pub trait GraphExecutor {
     /// Writes f32 `data` into the state (`ValueKind::State`, a KV cache) `name` from element
     /// `offset` on; states persist across runs and replays.
     fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<()>;
+    /// Copies elements [`src_offset`, `src_offset + len`) of `src` (an output of another executor
+    /// of the same backend) into the state `name` from element `offset` on: a device handle on the
+    /// device in the storage dtype (no host copy), a host one as by `write_state`.
+    fn copy_to_state(&mut self, name: &str, offset: usize, src: &TensorHandle, src_offset: usize, len: usize) -> Result<()>;
     /// Reads `len` elements of the state `name` from element `offset` on, as f32.
     fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>>;
     /// Bytes this executor copied host -> device and device -> host so far (0 on the CPU, which
@@ -163,6 +167,15 @@ pub trait GraphExecutor {
     /// Sets inputs from [`TensorHandle`]s: a device handle is copied on the device (same device,
     /// storage dtype and shape, checked), a host one is set as by `set_inputs`.
     fn set_input_handles(&mut self, inputs: &HashMap<String, TensorHandle>) -> Result<()>;
+}
+
+/// [`GraphExecutor::copy_to_state`] from a host tensor: its elements [src_offset, src_offset + len).
+fn write_state_from_host(ex: &mut dyn GraphExecutor, name: &str, offset: usize, src: &HostTensor, src_offset: usize, len: usize) -> Result<()> {
+    let v = src.to_f32_vec();
+    let Some(part) = src_offset.checked_add(len).and_then(|end| v.get(src_offset..end)) else {
+        bail!("state `{name}`: elements {src_offset}..{} of a {} tensor do not exist", src_offset.saturating_add(len), src.shape);
+    };
+    ex.write_state(name, offset, part)
 }
 
 /// A graph value passed from one executor to another: on a GPU it stays on the device.
@@ -240,6 +253,12 @@ impl GraphExecutor for CudaExecutor {
     fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<()> {
         Ok(CudaExecutor::write_state(self, name, offset, data)?)
     }
+    fn copy_to_state(&mut self, name: &str, offset: usize, src: &TensorHandle, src_offset: usize, len: usize) -> Result<()> {
+        match src {
+            TensorHandle::Device(d) => Ok(CudaExecutor::copy_to_state(self, name, offset, d, src_offset, len)?),
+            TensorHandle::Host(h) => write_state_from_host(self, name, offset, h, src_offset, len),
+        }
+    }
     fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
         Ok(CudaExecutor::read_state(self, name, offset, len)?)
     }
@@ -297,6 +316,12 @@ impl GraphExecutor for CpuExecutor {
     }
     fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<()> {
         Ok(CpuExecutor::write_state(self, name, offset, data)?)
+    }
+    fn copy_to_state(&mut self, name: &str, offset: usize, src: &TensorHandle, src_offset: usize, len: usize) -> Result<()> {
+        match src {
+            TensorHandle::Host(h) => write_state_from_host(self, name, offset, h, src_offset, len),
+            TensorHandle::Device(d) => bail!("state `{name}`: the CPU executor was handed {d:?}, a device tensor"),
+        }
     }
     fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
         Ok(CpuExecutor::read_state(self, name, offset, len)?)

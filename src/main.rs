@@ -81,6 +81,10 @@ enum Command {
         /// With --chat: prompt tokens per sequence.
         #[arg(long, default_value_t = 128, value_parser = usize_in(1, 32768))]
         chat_prompt: usize,
+        /// With --chat: also time InternVL3's vision tower (InternViT-300M + mlp1, random weights) on
+        /// this many 448² tiles as one batch (0: not).
+        #[arg(long, default_value_t = 0, value_parser = usize_in(0, 64))]
+        vit_tiles: usize,
     },
     /// Ask InternVL3 a question, optionally about images; the answer streams to stdout. With
     /// --questions, answer a JSONL file of questions with continuous batching. Without --model, the
@@ -338,7 +342,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(all_passed)
         }
-        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, plan, chat, chat_prompt } => {
+        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, plan, chat, chat_prompt, vit_tiles } => {
             if let Some(dir) = write_configs {
                 openuni::bench::write_configs(&variant, &dir)?;
                 println!("{}", dir.display());
@@ -372,6 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     batches: batch,
                     prompt: chat_prompt,
                     iters,
+                    vit_tiles,
                     json,
                     command: std::env::args().collect::<Vec<_>>().join(" "),
                 };

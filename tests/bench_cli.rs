@@ -131,10 +131,20 @@ fn tiny_chat_bench_on_the_cpu_reports_prefill_and_decode_per_batch() {
         }
         let per_s = b["batch"].as_f64().unwrap() * 1e3 / b["decode_step_ms"].as_f64().unwrap();
         assert!((b["tokens_per_s"].as_f64().unwrap() - per_s).abs() < 1e-6 * per_s);
+        let gbs = b["step_bytes"].as_f64().unwrap() / (b["decode_step_ms"].as_f64().unwrap() * 1e6);
+        assert!((b["step_gb_per_s"].as_f64().unwrap() - gbs).abs() < 1e-6 * gbs);
     }
+    // The weights are read once per step whatever the batch; the K/V once per sequence.
+    let bytes: Vec<u64> = rows.iter().map(|b| b["step_bytes"].as_u64().unwrap()).collect();
+    let kv_per_sequence = (bytes[1] - bytes[0]) / 2;
+    assert!(kv_per_sequence > 0 && bytes[0] > kv_per_sequence && bytes[1] - bytes[0] == 2 * kv_per_sequence, "{bytes:?}");
     assert_eq!(r["prompt_tokens"], 8);
+    assert!(r["vit"].is_null(), "no --vit-tiles, no vision tower timing");
     assert!(stdout.contains("decode_step_ms") && stdout.contains("tokens/s"));
     let (code, _, stderr) = bench(&["--chat", "--variant", "tiny", "--device", "cpu", "--chat-prompt", "0"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--chat-prompt"), "{stderr}");
+    let (code, _, stderr) = bench(&["--chat", "--variant", "tiny", "--device", "cpu", "--vit-tiles", "65"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--vit-tiles"), "{stderr}");
 }

@@ -5,7 +5,9 @@
 //!   positions) within 1e-5 in f32 storage and within the bf16 default tolerance in bf16;
 //! - continuous batching over device batch slots gives the CPU's greedy answers (f32);
 //! - a decode step, captured and replayed, moves only the new tokens' embeddings and positions in
-//!   and the logits out, whatever the cache holds (the executor's own byte counters).
+//!   and the logits out, whatever the cache holds (the executor's own byte counters);
+//! - a whole chat turn (ViT, prefill, decode) moves exactly the pixels, the prompt and the answer's
+//!   logits over the bus, and no K/V (the emulated driver's counters).
 //!
 //! The committed chat case on emu (f32 and bf16) runs in tests/verify_emu.rs. Without the emulated
 //! GPU (tools/build_emu.sh not run) the tests print `skipped: no CUDA device`.
@@ -134,4 +136,50 @@ fn a_decode_step_moves_only_the_new_tokens_and_the_logits() {
     let cache_bytes = (cfg.num_hidden_layers * 2 * slots * cfg.num_key_value_heads * 1024 * cfg.head_dim() * 2) as u64;
     println!("per decode step: {up} B up, {down} B down; the bf16 KV cache holds {cache_bytes} B");
     assert!(up + down < cache_bytes / 100);
+}
+
+/// One whole chat turn on the emulated GPU (bf16), counted by the emulated driver itself
+/// (`openuni_cuda::emu_traffic`: every host<->device copy of the process): the pixel values in,
+/// the image embeddings out (scattered into the prompt on the host), the prompt embeddings in,
+/// the prefill logits out; then per decode step the new token's embedding and position in and
+/// the logits out. The prefill's keys and values go into the decode step's cache on the device
+/// (`copy_to_state`): they cross the bus neither way. The first turn (weights uploaded, cache
+/// built, step captured) is not counted; the second, the same question again, is.
+#[test]
+fn a_chat_turn_moves_pixels_prompt_and_answer_but_no_kv() {
+    let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulator_or_skip() {
+        return;
+    }
+    let m = openuni::chat::ChatModel::open(Some(&case().join("model")), Device::Emu, DType::BF16).unwrap();
+    let px = Weights::open(case().join("io.safetensors")).unwrap().get("pixel_values").unwrap();
+    let tiles = px.shape.dims()[0];
+    let mut llm = m.llm(1).unwrap();
+    let new_tokens = 6;
+    let turn = |llm: &mut CachedQwen2| {
+        llm.reset();
+        let e = m.prompt_embeds(&llm.embeddings(), &[], "What colour is the square?", Some((&px, &[tiles])), "io.safetensors").unwrap();
+        // No end token: exactly `new_tokens` ids, so the step count is known.
+        let (_, ids) = generate_greedy(llm, &e, new_tokens, None, |_| {}).unwrap();
+        assert_eq!(ids.len(), new_tokens);
+        e.len() / llm.hidden_size()
+    };
+    turn(&mut llm);
+    assert!(openuni_cuda::reset_emu_traffic(), "the emulated driver counts traffic");
+    let prompt = turn(&mut llm);
+    let (up, down) = openuni_cuda::emu_traffic().unwrap();
+
+    let cfg = llm_config();
+    let (d, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim());
+    let (steps, image_tokens) = (new_tokens - 1, tiles * 256);
+    let want_up = tiles * 3 * 448 * 448 * 4 // pixel values, f32
+        + prompt * d * 4 // prompt embeddings, f32
+        + prompt * hd * 4 // the prefill executor's RoPE table (cos, sin per position and pair)
+        + steps * (d * 4 + 4); // per step: the embedding and the position, f32
+    let want_down = image_tokens * d * 4 // image embeddings, f32
+        + v * 2 // prefill logits, bf16 as stored
+        + steps * v * 4; // per step: the logits, f32
+    let kv = cfg.num_hidden_layers * 2 * prompt * cfg.num_key_value_heads * hd;
+    println!("one chat turn ({tiles} tile, {prompt} prompt tokens, {new_tokens} new): {up} B up, {down} B down; the prompt's K/V are {} B in bf16", kv * 2);
+    assert_eq!((up as usize, down as usize), (want_up, want_down), "host->device, device->host bytes of one chat turn");
 }

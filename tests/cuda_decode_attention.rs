@@ -1,5 +1,5 @@
 //! kernels/decode_attention.cu against its CPU twins (openuni_cpu::ops::{decode_attention,
-//! kv_cache_append}) through the CUDA executor on one-node graphs, f32 and bf16 storage: cache
+//! kv_cache_append, kv_cache_rows}) through the CUDA executor on one-node graphs, f32 and bf16 storage: cache
 //! lengths 1, below, at and past the kernel's key chunk (256), several sequences of different
 //! lengths in one batch, GQA ratios 1, 2, 6 and 7 (InternVL3-2B 12/2 hd 128, 1B 14/2 hd 64), head
 //! dims 64, 128 and odd-sized ones, with and without fused RoPE, and a position past the cache
@@ -188,6 +188,46 @@ fn decode_step_equals_last_row_of_prefill() {
         let e = openuni_cuda::testing::rel_l2(&out, &prefill[(n - 1) * qw..]);
         println!("decode step vs prefill last row, n {n} heads {heads}/{kv_heads} hd {hd}: rel L2 {e:.3e}");
         assert!(e <= 1e-5, "decode step differs from the prefill's last row: rel L2 {e:.3e}");
+    }
+}
+
+/// `KvCacheRows` (a prompt's K/V as cache rows) on the device against its CPU twin, and the twin
+/// against the rotation done directly (`rope_at` over the prompt at positions 0..T, then the
+/// [T, kv, hd] -> [kv, T, hd] move): prompt lengths 1, 3 and 300, kv heads 1 and 2, hd 64 and 40.
+#[test]
+fn kv_cache_rows_matches_cpu() {
+    let mut rng = Rng::new(73);
+    let dev = device_or_skip();
+    for (batch, tokens, kv, hd) in [(1, 1, 2, 64), (2, 3, 1, 40), (1, 300, 2, 64)] {
+        let x = rng.normals(batch * tokens * kv * hd, 0.0, 1.0);
+        for rope in [Some(THETA), None] {
+            let mut want = vec![0.0; x.len()];
+            cpu::kv_cache_rows(&x, batch, tokens, kv, hd, rope, &mut want);
+            let positions: Vec<usize> = (0..tokens).collect();
+            for b in 0..batch {
+                let xb = &x[b * tokens * kv * hd..(b + 1) * tokens * kv * hd];
+                let mut r = xb.to_vec();
+                if let Some(theta) = rope {
+                    cpu::rope_at(xb, &positions, kv, hd, theta, &mut r);
+                }
+                for (t, h, d) in (0..tokens).flat_map(|t| (0..kv).flat_map(move |h| (0..hd).map(move |d| (t, h, d)))) {
+                    let got = want[((b * kv + h) * tokens + t) * hd + d];
+                    assert_eq!(got.to_bits(), r[(t * kv + h) * hd + d].to_bits(), "kv_cache_rows twin: b {b} t {t} h {h} d {d}");
+                }
+            }
+            let Some(dev) = &dev else { continue };
+            let mut gb = GraphBuilder::new();
+            let xi = gb.input("x", [batch, tokens, kv * hd]).unwrap();
+            let y = gb.kv_cache_rows("rows", xi, kv, hd, rope).unwrap();
+            gb.output("y", y).unwrap();
+            let g = gb.finish();
+            for dtype in DTYPES {
+                let got = run(dev, &g, &[("x", vec![batch, tokens, kv * hd], &x[..])], dtype);
+                let mut base = vec![0.0; x.len()];
+                cpu::kv_cache_rows(&round_to(dtype, &x), batch, tokens, kv, hd, rope, &mut base);
+                check(&format!("kv_cache_rows {dtype} batch {batch} tokens {tokens} kv {kv} hd {hd} rope {}", rope.is_some()), dtype, &got, &want, &base);
+            }
+        }
     }
 }
 

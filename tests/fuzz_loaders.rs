@@ -422,5 +422,9 @@ fn published_variant_configs_are_within_bounds() {
         read_config::<SanaConfig>(&dir.path().join("transformer.json")).unwrap_or_else(|e| panic!("{variant}: {e}"));
         read_config::<DcaeConfig>(&dir.path().join("vae.json")).unwrap_or_else(|e| panic!("{variant}: {e}"));
         read_config::<ConnectorConfig>(&dir.path().join("connector.json")).unwrap_or_else(|e| panic!("{variant}: {e}"));
+        // The MLLM's vision tower (bench --chat --vit-tiles, bench_torch_chat.py): InternViT-300M.
+        let vit: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("vit.json")).unwrap()).unwrap();
+        let v = openuni_models::internvit::InternVlVisionConfig::from_json(&vit, "vit.json").unwrap_or_else(|e| panic!("{variant}: {e}"));
+        assert_eq!((v.hidden_size, v.num_hidden_layers, v.tokens_per_tile()), (1024, 24, 256), "{variant}");
     }
 }

@@ -22,8 +22,8 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 GPU_DIR="$ROOT/.gpu"
-TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention cuda_conv cuda_conv_sm90 cuda_attention_sm90 cuda_layout backend executor)
-BENCHES=(norm elementwise linear_attention attention conv conv_sm90 attention_sm90 layout misc)
+TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention cuda_conv cuda_conv_sm90 cuda_attention_sm90 cuda_layout cuda_decode_attention cuda_pixel_shuffle backend executor)
+BENCHES=(norm elementwise linear_attention attention conv conv_sm90 attention_sm90 layout misc decode_attention pixel_shuffle)
 VARIANTS=(b-512 l-512 l-1024)
 
 if [ "${1:-}" = "--build" ]; then
@@ -32,9 +32,9 @@ if [ "${1:-}" = "--build" ]; then
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu/' .gitignore 2>/dev/null || echo /.gpu/ >> .git/info/exclude
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
   J="$(mktemp)"
-  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv --test cuda_layout --test cuda_decode_attention >> "$J"
+  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv --test cuda_layout --test cuda_decode_attention --test cuda_pixel_shuffle >> "$J"
   cargo test --release --no-run --message-format=json -p openuni-cuda --tests >> "$J"
-  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv --bench layout --bench misc >> "$J"
+  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv --bench layout --bench misc --bench decode_attention --bench pixel_shuffle >> "$J"
   cargo build --release
   cp target/release/openuni "$GPU_DIR/openuni" && strip --strip-debug "$GPU_DIR/openuni"
   for v in "${VARIANTS[@]}"; do "$GPU_DIR/openuni" bench --variant "$v" --write-configs "$GPU_DIR/configs/$v" > /dev/null; done
@@ -181,6 +181,15 @@ if [ "$PHASE" != kernels ]; then
     run_step "openuni bench $v" "$OUT/bench.log" "$OU" bench --variant "$v" --batch 1,8,32 --device cuda --dtype bf16 --iters 20 --profile --json "$OUT/ours-$v.json"
     PYTHONPATH="$SITE" run_step "torch bench $v" "$OUT/bench.log" python3 tools/bench_torch.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch 1,8,32 --iters 20 --compile --json "$OUT/torch-$v.json"
     [ -f "$OUT/ours-$v.json" ] && [ -f "$OUT/torch-$v.json" ] && python3 tools/bench_torch.py --compare "$OUT/ours-$v.json" "$OUT/torch-$v.json" | tee -a "$OUT/ratios.txt"
+  done
+  # Chat (docs/decode.md, "Measuring the GPU targets"): batch 1 at a 2k context (bandwidth) + the ViT, batch 64.
+  for v in b-512 l-512; do
+    # "batch prompt vit-tiles": the ViT of 13 tiles is timed with the batch-1 run.
+    for shape in "1 2048 13" "64 512 0"; do
+      set -- $shape
+      run_step "openuni bench --chat $v b$1 p$2" "$OUT/bench.log" "$OU" bench --chat --variant "$v" --device cuda --dtype bf16 --batch "$1" --chat-prompt "$2" --vit-tiles "$3" --iters 50 --json "$OUT/ours-chat-$v-b$1.json"
+      PYTHONPATH="$SITE" run_step "torch chat bench $v b$1 p$2" "$OUT/bench.log" python3 tools/bench_torch_chat.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch "$1" --prompt "$2" --vit-tiles "$3" --iters 50 --json "$OUT/torch-chat-$v-b$1.json"
+    done
   done
 fi
 

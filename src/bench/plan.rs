@@ -137,6 +137,8 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         // Decode: the chunked pass and the log-sum-exp merge; append: the cache copy (the planner
         // never aliases a value with its input) and the in-place write.
         Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } => 2 * one,
+        Op::KvCacheRows { .. } => one,
+        Op::PixelShuffleLayerNorm { .. } => one,
         Op::Transpose { .. } => one,
         Op::ModulationTable { .. } | Op::Chunk { .. } | Op::TimestepEmbedding { .. } | Op::SwiGlu { .. } | Op::SliceTokens { .. } => one,
         Op::GatherTokens { starts, .. } => starts.len() * one,

@@ -377,6 +377,15 @@ impl CpuExecutor {
                     ops::kv_cache_append(view.get(*cache), view.get(*x), view.get(*positions), d, *rope, y)
                 }
             }
+            Op::PixelShuffleLayerNorm { x, weight, bias, eps, grid, skip } => {
+                let xd = g.shape(*x).dims();
+                let f = if fast { fast::pixel_shuffle_layernorm } else { ops::pixel_shuffle_layernorm };
+                f(view.get(*x), view.get(*weight), view.get(*bias), *eps, xd[0], *grid, *skip, xd[2], y)
+            }
+            Op::KvCacheRows { x, kv_heads, head_dim, rope } => {
+                let xd = g.shape(*x).dims();
+                ops::kv_cache_rows(view.get(*x), xd[0], xd[1], *kv_heads, *head_dim, *rope, y)
+            }
         }
         self.arena = out;
     }

@@ -30,6 +30,14 @@ pub fn rmsnorm(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, cols: usize, o
 }
 
 /// [`ops::layernorm`], rows split across threads (f32 statistics, two passes).
+/// [`ops::pixel_shuffle_layernorm`] with the norm across threads (the gather is one plain copy).
+#[allow(clippy::too_many_arguments)]
+pub fn pixel_shuffle_layernorm(x: &[f32], w: &[f32], b: &[f32], eps: f32, batch: usize, grid: usize, skip: usize, c: usize, out: &mut [f32]) {
+    let mut shuffled = vec![0f32; out.len()];
+    ops::pixel_shuffle(x, batch, grid, skip, c, &mut shuffled);
+    layernorm(&shuffled, Some(w), Some(b), eps, 4 * c, None, out);
+}
+
 pub fn layernorm(x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, eps: f32, cols: usize, modulation: Option<ModulationRef>, out: &mut [f32]) {
     let rows_per_task = (ELEMS_PER_TASK / cols).max(1);
     out.par_chunks_mut(rows_per_task * cols).enumerate().for_each(|(t, yb)| {

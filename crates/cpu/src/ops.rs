@@ -56,6 +56,30 @@ pub fn layernorm(
     }
 }
 
+/// InternVL's pixel shuffle v2 (scale 0.5) as a gather: `x` [batch, skip + g·g, c] -> [batch,
+/// (g/2)², 4c], row r·(g/2) + q holding tokens `skip + (2r + dy)·g + 2q + dx` as channels
+/// `(2·dy + dx)·c + ch` (what the model's view/permute/view/permute computes).
+pub fn pixel_shuffle(x: &[f32], batch: usize, grid: usize, skip: usize, c: usize, out: &mut [f32]) {
+    let (h, tokens) = (grid / 2, skip + grid * grid);
+    for b in 0..batch {
+        for (row, (r, q)) in (0..h).flat_map(|r| (0..h).map(move |q| (r, q))).enumerate() {
+            for (seg, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+                let src = (b * tokens + skip + (2 * r + dy) * grid + 2 * q + dx) * c;
+                let dst = ((b * h * h + row) * 4 + seg) * c;
+                out[dst..dst + c].copy_from_slice(&x[src..src + c]);
+            }
+        }
+    }
+}
+
+/// `Op::PixelShuffleLayerNorm`: [`pixel_shuffle`], then [`layernorm`] over the 4c channels.
+#[allow(clippy::too_many_arguments)]
+pub fn pixel_shuffle_layernorm(x: &[f32], w: &[f32], b: &[f32], eps: f32, batch: usize, grid: usize, skip: usize, c: usize, out: &mut [f32]) {
+    let mut shuffled = vec![0f32; out.len()];
+    pixel_shuffle(x, batch, grid, skip, c, &mut shuffled);
+    layernorm(&shuffled, Some(w), Some(b), eps, 4 * c, None, out);
+}
+
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
@@ -716,6 +740,20 @@ pub fn decode_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], positions: 
 pub fn kv_cache_append(cache: &[f32], x: &[f32], positions: &[f32], d: DecodeDims, rope: Option<f32>, out: &mut [f32]) {
     out.copy_from_slice(cache);
     kv_cache_write(x, positions, d, rope, out);
+}
+
+/// `Op::KvCacheRows`: a prompt `x` [batch, tokens, kv_heads·hd] as cache rows [batch, kv_heads,
+/// tokens, hd]: token t written as the append writes the token at position t (rotated at t when
+/// `rope` is given), so the prefill's rows equal what `tokens` appends would have cached.
+pub fn kv_cache_rows(x: &[f32], batch: usize, tokens: usize, kv_heads: usize, head_dim: usize, rope: Option<f32>, out: &mut [f32]) {
+    let w = kv_heads * head_dim;
+    let d = DecodeDims { batch: 1, heads: kv_heads, kv_heads, head_dim, max_len: tokens };
+    for (b, cache) in out.chunks_exact_mut(tokens * w).take(batch).enumerate() {
+        for t in 0..tokens {
+            let row = &x[(b * tokens + t) * w..(b * tokens + t + 1) * w];
+            kv_cache_write(row, &[t as f32], d, rope, cache);
+        }
+    }
 }
 
 /// `Op::KvCacheAppend` in place (the cache is an executor state): row p_b of every (b, KV head)

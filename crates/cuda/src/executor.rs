@@ -449,6 +449,34 @@ impl CudaExecutor {
         Ok(())
     }
 
+    /// Copies elements [`src_offset`, `src_offset + len`) of `src` (another executor's output on
+    /// this device, in this executor's storage dtype) into the state `name` from element `offset`
+    /// on, on the device (no host copy, no cast): a prefill's key/value rows into a sequence's
+    /// rows of the decode step's KV cache.
+    pub fn copy_to_state(&mut self, name: &str, offset: usize, src: &DeviceTensor, src_offset: usize, len: usize) -> Result<()> {
+        let err = |msg: String| CudaError::Input { name: name.into(), msg };
+        let dst = self.state_ptr(name, offset, len)?;
+        if src_offset.checked_add(len).is_none_or(|end| end > src.shape.numel()) {
+            return Err(err(format!("elements {src_offset}..{} of {src:?} are outside its {}", src_offset.saturating_add(len), src.shape.numel())));
+        }
+        if src.dtype != self.dtype {
+            return Err(err(format!("is given {src:?} stored as {}, this executor stores {}", src.dtype, self.dtype)));
+        }
+        if src.dev.ordinal() != self.dev.ordinal() {
+            return Err(err(format!("is given {src:?}, this executor runs on device {}", self.dev.ordinal())));
+        }
+        if src.runs.load(Ordering::Relaxed) != src.made_at {
+            return Err(err(format!("is given {src:?}, whose producer has run again since: the value is gone")));
+        }
+        let es = self.dtype.size_in_bytes();
+        self.dev.copy_on_device(src.ptr + (src_offset * es) as u64, dst, len * es)?;
+        if !Arc::ptr_eq(&src.dev, &self.dev) {
+            // As in `set_input_tensor`: the producer's stream may reuse its memory once the handle goes.
+            self.dev.synchronize()?;
+        }
+        Ok(())
+    }
+
     /// Reads `len` elements of the state `name` from element `offset` on, as f32.
     pub fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
         let src = self.state_ptr(name, offset, len)?;

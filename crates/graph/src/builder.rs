@@ -437,6 +437,20 @@ impl GraphBuilder {
         Ok(self.push(name, op, cs))
     }
 
+    /// `Op::KvCacheRows`: x [B, T, kv_heads·head_dim] -> [B, kv_heads, T, head_dim].
+    pub fn kv_cache_rows(&mut self, name: &str, x: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32>) -> Result<ValueId> {
+        let xs = self.shape(x).clone();
+        let bad = |m: String| Err(shape_err("kv_cache_rows", format!("{name}: {m}")));
+        if xs.rank() != 3 || kv_heads == 0 || head_dim == 0 || xs.last() != kv_heads * head_dim {
+            return bad(format!("x has shape {xs}, expected [B, T, {}] ({kv_heads} KV heads of {head_dim})", kv_heads * head_dim));
+        }
+        if rope.is_some() && !head_dim.is_multiple_of(2) {
+            return bad(format!("fused RoPE needs an even head dim, found {head_dim}"));
+        }
+        let (b, t) = (xs.dims()[0], xs.dims()[1]);
+        Ok(self.push(name, Op::KvCacheRows { x, kv_heads, head_dim, rope }, Shape::new([b, kv_heads, t, head_dim])))
+    }
+
     pub fn linear_attention(&mut self, name: &str, q: ValueId, k: ValueId, v: ValueId, heads: usize, head_dim: usize) -> Result<ValueId> {
         let qs = self.shape(q).clone();
         if qs.rank() != 3 || qs.last() != heads * head_dim {
@@ -607,6 +621,23 @@ impl GraphBuilder {
         Ok(self.push(name, Op::ClassPosEmbed { x, cls, pos }, Shape::new([b, n + 1, c])))
     }
 
+    /// `Op::PixelShuffleLayerNorm`: `x` [B, skip + grid², C] -> [B, (grid/2)², 4C].
+    #[allow(clippy::too_many_arguments)]
+    pub fn pixel_shuffle_layernorm(&mut self, name: &str, x: ValueId, weight: ValueId, bias: ValueId, eps: f32, grid: usize, skip: usize) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        if grid == 0 || !grid.is_multiple_of(2) || s.rank() != 3 || s.dims()[1] != skip + grid * grid {
+            return Err(shape_err(
+                "pixel_shuffle_layernorm",
+                format!("{name}: input {s} is not [B, {skip} + {grid}², C] with an even grid (pixel shuffle merges 2×2 tokens)"),
+            ));
+        }
+        let c4 = 4 * s.last();
+        expect_shape("pixel_shuffle_layernorm", &format!("{name}: weight"), self.shape(weight), &Shape::new([c4]))?;
+        expect_shape("pixel_shuffle_layernorm", &format!("{name}: bias"), self.shape(bias), &Shape::new([c4]))?;
+        let h = grid / 2;
+        Ok(self.push(name, Op::PixelShuffleLayerNorm { x, weight, bias, eps, grid, skip }, Shape::new([s.dims()[0], h * h, c4])))
+    }
+
     pub fn slice_tokens(&mut self, name: &str, x: ValueId, start: usize, len: usize) -> Result<ValueId> {
         let s = self.shape(x).clone();
         if s.rank() != 3 || start + len > s.dims()[1] {
@@ -731,5 +762,13 @@ mod decode_tests {
         let xo = b.input("xo", [3, 10]).unwrap();
         let e = b.kv_cache_append("l4.append", odd, xo, p, 2, 5, Some(1e6)).unwrap_err().to_string();
         assert!(e.contains("even head dim"), "{e}");
+
+        let prompt = b.input("prompt", [1, 7, 2 * 64]).unwrap();
+        let rows = b.kv_cache_rows("l0.k_rows", prompt, 2, 64, Some(1e6)).unwrap();
+        assert_eq!(b.shape(rows), &Shape::new([1, 2, 7, 64]));
+        let e = b.kv_cache_rows("l5.k_rows", prompt, 3, 64, None).unwrap_err().to_string();
+        assert!(e.contains("l5.k_rows") && e.contains("x has shape"), "{e}");
+        let e = b.kv_cache_rows("l6.k_rows", xo, 2, 5, None).unwrap_err().to_string();
+        assert!(e.contains("l6.k_rows"), "{e}");
     }
 }

@@ -176,6 +176,19 @@ pub enum Op {
     /// [1]: 1 if any value of `x` is NaN or ±Inf, else 0 (the pipeline's per-stage non-finite
     /// check, read back as one scalar instead of the tensor).
     AnyNonFinite { x: ValueId },
+    /// A prompt's keys or values laid out as KV-cache rows: `x` [B, T, kv_heads·head_dim] ->
+    /// [B, kv_heads, T, head_dim], token t rotated at position t when `rope` = Some(theta) (keys,
+    /// exactly as [`Op::KvCacheAppend`] rotates the token at p_b = t) or moved as is (values).
+    /// Rows 0..T of one (sequence, KV head) are then one contiguous run, which a prefill copies
+    /// on the device into rows 0..T of its slot of the decode step's cache state.
+    KvCacheRows { x: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32> },
+    /// InternVL's pixel shuffle (v2, scale 0.5) read through its index map by the LayerNorm that
+    /// follows it (mlp1's), so the shuffled tensor is never stored: `x` [B, skip + g·g, C], whose
+    /// tokens after the first `skip` (the class token) lie on a g×g grid, g even ->
+    /// [B, (g/2)², 4C]. Output row r·(g/2) + c gathers the 2×2 block's tokens
+    /// `skip + (2r + dy)·g + 2c + dx` as channels `(2·dy + dx)·C + ch`, then LayerNorm over the
+    /// 4C channels with `weight` and `bias` [4C].
+    PixelShuffleLayerNorm { x: ValueId, weight: ValueId, bias: ValueId, eps: f32, grid: usize, skip: usize },
 }
 
 impl Op {
@@ -210,6 +223,8 @@ impl Op {
             Op::EmbeddingGather { .. } => "embedding_gather",
             Op::QuantizeU8 { .. } => "quantize_u8",
             Op::AnyNonFinite { .. } => "any_nonfinite",
+            Op::KvCacheRows { .. } => "kv_cache_rows",
+            Op::PixelShuffleLayerNorm { .. } => "pixel_shuffle_layernorm",
         }
     }
 
@@ -250,7 +265,8 @@ impl Op {
             | Op::SliceTokens { x, .. }
             | Op::GatherTokens { x, .. }
             | Op::QuantizeU8 { x }
-            | Op::AnyNonFinite { x } => v.push(*x),
+            | Op::AnyNonFinite { x }
+            | Op::KvCacheRows { x, .. } => v.push(*x),
             Op::EmbeddingGather { ids, table, extra } => {
                 v.extend([*ids, *table]);
                 v.extend(extra);
@@ -265,6 +281,7 @@ impl Op {
             Op::SwiGlu { gate, up } => v.extend([*gate, *up]),
             Op::DecodeAttention { q, k_cache, v_cache, positions, .. } => v.extend([*q, *k_cache, *v_cache, *positions]),
             Op::KvCacheAppend { cache, x, positions, .. } => v.extend([*cache, *x, *positions]),
+            Op::PixelShuffleLayerNorm { x, weight, bias, .. } => v.extend([*x, *weight, *bias]),
             Op::DepthwiseConv2d { x, weight, bias, .. } | Op::DepthwiseConvGlu { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);

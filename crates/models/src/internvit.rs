@@ -210,18 +210,15 @@ pub fn build(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, pixel_values: Val
         x = encoder_layer(b, cfg, &Scope::new("vision_model").pp("encoder").pp("layers").pp(i), x)?;
         layers.push(x);
     }
-    // Drop the class token, then pixel shuffle v2 with scale 0.5 as two transposes. Token
-    // (2·r2 + dy)·g + 2·c2 + dx, viewed as (r2, dy, c2, dx, ch), must become token r2·g/2 + c2 with
-    // channel dy·2C + dx·C + ch: (r2, dy, [c2 dx ch]) -> (r2, [c2 dx ch], dy), then
-    // (r2 c2, [dx ch], dy) -> (r2 c2, dy, [dx ch]).
-    let h = g / 2;
-    let patches = b.slice_tokens("vit.drop_cls", x, 1, g * g)?;
-    let x = b.transpose("pixel_shuffle.rows", patches, t * h, 2, g * c, [t * h, g * c, 2])?;
-    let x = b.transpose("pixel_shuffle.cols", x, t * h * h, 2 * c, 2, [t, h * h, 4 * c])?;
-    // mlp1: LayerNorm(4C) -> Linear -> GELU (erf) -> Linear.
+    // Drop the class token, pixel shuffle v2 (scale 0.5) and mlp1's LayerNorm(4C) as one op that
+    // reads the ViT's output through the shuffle's index map (Op::PixelShuffleLayerNorm): token
+    // (2·r + dy)·g + 2·q + dx becomes channels (2·dy + dx)·C of token r·g/2 + q, never stored.
     let d = cfg.llm_hidden_size;
     let mlp1 = Scope::new("mlp1");
-    let x = layer_norm(b, &mlp1.pp(0), x, 4 * c, MLP1_NORM_EPS)?;
+    let ln = mlp1.pp(0);
+    let (w, bias) = (b.weight(&ln.name("weight"), [4 * c])?, b.weight(&ln.name("bias"), [4 * c])?);
+    let x = b.pixel_shuffle_layernorm(&mlp1.name("0"), x, w, bias, MLP1_NORM_EPS, g, 1)?;
+    // mlp1: (LayerNorm above) -> Linear -> GELU (erf) -> Linear.
     let x = linear(b, &mlp1.pp(1), x, 4 * c, d, true)?;
     let x = b.unary(&mlp1.name("2"), x, UnaryFn::GeluErf)?;
     let vit_embeds = linear(b, &mlp1.pp(3), x, d, d, true)?;

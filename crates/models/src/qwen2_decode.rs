@@ -2,8 +2,9 @@
 //! (docs/decode.md, "The decoder as graphs"):
 //!
 //! - the **prefill** graph runs a prompt [1, L, D] with causal attention and gives the logits of
-//!   its last position and every layer's k (before RoPE) and v [1, L, kv_heads·hd], which the
-//!   caller writes into a sequence's rows of the decode step's KV cache;
+//!   its last position and every layer's keys (rotated) and values as KV-cache rows
+//!   [1, kv_heads, L, hd] (`KvCacheRows`), which the caller copies on the device into a
+//!   sequence's rows of the decode step's KV cache;
 //! - the **decode step** graph runs one new token per batch slot: embeddings [B, D] and positions
 //!   [B] in, per layer the k/v projections appended to the layer's KV cache in place
 //!   (`KvCacheAppend`, keys rotated at each slot's position) and `DecodeAttention` over it, logits
@@ -29,9 +30,10 @@ pub fn cache_name(layer: usize, keys: bool) -> String {
     format!("layers.{layer}.{}_cache", if keys { "k" } else { "v" })
 }
 
-/// The prefill graph's output holding layer `layer`'s k (before RoPE) or v.
+/// The prefill graph's output holding layer `layer`'s keys (rotated) or values as cache rows
+/// [1, kv_heads, L, hd].
 pub fn prefill_kv_name(layer: usize, keys: bool) -> String {
-    format!("layers.{layer}.{}", if keys { "k" } else { "v" })
+    format!("layers.{layer}.{}_rows", if keys { "k" } else { "v" })
 }
 
 /// Where the decoder reads its weights: the layers under `prefix` ("language_model.model."),
@@ -67,6 +69,10 @@ pub fn build_prefill(cfg: &Qwen2Config, w: &DecoderWeights, len: usize, origin: 
             Ok(b.attention_ext(&a.name("attn"), q, k, v, causal_attention(cfg, theta, None))?)
         })?;
         let (k, v) = kv.expect("the layer calls attend");
+        let (kv_heads, hd) = (cfg.num_key_value_heads, cfg.head_dim());
+        let layer = Scope::new(&w.prefix).pp("layers").pp(i);
+        let k = b.kv_cache_rows(&layer.name("k_rows"), k, kv_heads, hd, Some(theta))?;
+        let v = b.kv_cache_rows(&layer.name("v_rows"), v, kv_heads, hd, None)?;
         b.output(&prefill_kv_name(i, true), k)?;
         b.output(&prefill_kv_name(i, false), v)?;
     }

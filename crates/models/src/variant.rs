@@ -153,6 +153,23 @@ fn find(name: &str, keep: fn(&Variant) -> bool) -> Result<&'static Variant, Stri
     })
 }
 
+/// The vision side of InternVL3-1B and -2B (InternViT-300M-448px-V2.5, the same for both, spec
+/// internvl3.md §2.4) as an original-layout InternVL config.json around an LLM of width
+/// `llm_hidden`: what `bench --chat --vit-tiles` builds with random weights, and what
+/// `bench --write-configs` hands tools/bench_torch_chat.py as vit.json.
+pub fn internvl3_vision(llm_hidden: usize) -> Value {
+    json!({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internvl2_5",
+        "downsample_ratio": 0.5, "ps_version": "v2", "select_layer": -1, "force_image_size": 448,
+        "vision_config": {
+            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "image_size": 448, "patch_size": 14, "num_channels": 3, "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6, "qkv_bias": true, "qk_normalization": false, "hidden_act": "gelu"
+        },
+        "llm_config": {"hidden_size": llm_hidden},
+    })
+}
+
 /// A published Qwen2 LLM's config (InternVL3-1B: Qwen2.5-0.5B width; InternVL3-2B: Qwen2.5-1.5B).
 fn qwen2(hidden: usize, inter: usize, layers: usize, heads: usize) -> Value {
     json!({

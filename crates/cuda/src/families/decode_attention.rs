@@ -160,6 +160,44 @@ pub fn append_launch(a: &AppendArgs, sm_count: u32) -> std::result::Result<Vec<L
     }])
 }
 
+/// One prompt's K or V as cache rows on device pointers (see `Op::KvCacheRows`): `x` [batch,
+/// tokens, kv_heads·head_dim] -> `out` [batch, kv_heads, tokens, head_dim], rotated when
+/// `rope_cs` (a [`rope_table`] of at least `tokens` positions) is non-zero.
+#[derive(Clone, Copy, Debug)]
+pub struct RowsArgs {
+    pub dtype: DType,
+    pub x: u64,
+    pub rope_cs: u64,
+    pub out: u64,
+    pub batch: usize,
+    pub tokens: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The launch of one `kv_cache_rows`.
+pub fn rows_launch(a: &RowsArgs, sm_count: u32) -> std::result::Result<Vec<Launch>, String> {
+    if a.rope_cs != 0 && !a.head_dim.is_multiple_of(2) {
+        return Err(format!("fused RoPE needs an even head dim, found {}", a.head_dim));
+    }
+    let n = a.batch * a.tokens * a.kv_heads * a.head_dim;
+    if n > i32::MAX as usize {
+        return Err(format!("a prompt of {} × {} tokens × {} × {} does not fit the kernel's 32-bit sizes", a.batch, a.tokens, a.kv_heads, a.head_dim));
+    }
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    let s = super::suffix(a.dtype).map_err(|e| e.to_string())?;
+    let i = |v: usize| KArg::I32(v as i32);
+    Ok(vec![Launch {
+        kernel: format!("kv_cache_rows_{s}"),
+        grid: stride_grid(sm_count, n),
+        block: (STRIDE_THREADS, 1, 1),
+        smem: 0,
+        args: vec![KArg::Ptr(a.x), KArg::Ptr(a.rope_cs), KArg::Ptr(a.out), i(a.batch), i(a.tokens), i(a.kv_heads), i(a.head_dim)],
+    }])
+}
+
 /// The device address of the f32 positions, or an error: bf16 storage cannot hold positions
 /// above 256 exactly, so they must be a graph input (which keeps an f32 copy).
 fn positions_ptr(ctx: &Ctx, positions: ValueId) -> Result<u64> {
@@ -237,6 +275,21 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             };
             launches.extend(append_launch(&args, ctx.dev.sm_count()).map_err(err)?);
             Ok(launches)
+        }
+        Op::KvCacheRows { x, kv_heads, head_dim, rope } => {
+            let xd = ctx.graph.shape(*x).dims().to_vec();
+            let (batch, tokens) = (xd[0], xd[1]);
+            let args = RowsArgs {
+                dtype: ctx.dtype,
+                x: p(*x),
+                rope_cs: rope_ptr(ctx, *rope, *head_dim, tokens)?,
+                out: p(node.output),
+                batch,
+                tokens,
+                kv_heads: *kv_heads,
+                head_dim: *head_dim,
+            };
+            rows_launch(&args, ctx.dev.sm_count()).map_err(err)
         }
         op => unreachable!("decode_attention::resolve called for {}", op.name()),
     }

@@ -178,9 +178,10 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => norm::resolve(ctx, node),
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => elementwise::resolve(ctx, node),
         Op::Attention { .. } => attention::resolve(ctx, node),
-        Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } => decode_attention::resolve(ctx, node),
+        Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } | Op::KvCacheRows { .. } => decode_attention::resolve(ctx, node),
         Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } => linear_attention::resolve(ctx, node),
         Op::Transpose { .. } => layout::resolve(ctx, node),
+        Op::PixelShuffleLayerNorm { .. } => pixel_shuffle::resolve(ctx, node),
         Op::ModulationTable { .. }
         | Op::Chunk { .. }
         | Op::TimestepEmbedding { .. }
@@ -229,4 +230,5 @@ pub mod elementwise;
 pub mod layout;
 pub mod linear_attention;
 pub mod misc;
+pub mod pixel_shuffle;
 pub mod norm;
