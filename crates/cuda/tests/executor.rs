@@ -107,6 +107,36 @@ fn graph_matches_the_cpu_executor_node_by_node() {
 }
 
 #[test]
+fn capture_follows_one_eager_warm_up_pass() {
+    // On a GPU a kernel's first launch may load its module and cuBLASLt may set up state on its
+    // first matmul: neither may happen inside a stream capture. So an executor that has not run
+    // eagerly yet only arms the capture, and captures right after its first (eager) execute.
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(9);
+    let g = graph();
+    let w = weights(&mut rng);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut ex = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
+        ex.capture().unwrap();
+        assert!(!ex.is_captured() && ex.is_capture_armed(), "{dtype}: captured before any eager pass");
+        let inp = inputs(&mut rng);
+        let warm = ex.replay(&inp).unwrap();
+        assert!(ex.is_captured() && !ex.is_capture_armed(), "{dtype}: the eager warm-up pass did not capture");
+        let replayed = ex.replay(&inp).unwrap();
+        let mut fresh = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
+        let ran = fresh.run(&inp).unwrap();
+        for name in ["y", "mlp"] {
+            assert!(warm[name].to_f32_vec() == ran[name].to_f32_vec(), "{dtype} {name}: the warm-up pass differs from run");
+            assert!(replayed[name].to_f32_vec() == ran[name].to_f32_vec(), "{dtype} {name}: the replay differs from run");
+        }
+        // An executor that has run eagerly captures at once.
+        fresh.capture().unwrap();
+        assert!(fresh.is_captured() && !fresh.is_capture_armed(), "{dtype}: a warmed-up executor must capture at once");
+        println!("{dtype}: capture armed on a fresh executor, taken after its eager pass; replays identical to run");
+    }
+}
+
+#[test]
 fn capture_and_replay_give_the_same_results_as_run() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(8);
