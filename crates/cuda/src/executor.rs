@@ -112,6 +112,8 @@ pub struct CudaExecutor {
     /// Keeps the shared device weights alive as long as this executor points into them.
     _weights: Arc<WeightCache>,
     weight_ptr: HashMap<ValueId, u64>,
+    /// Weights held only in a kernel's prepared layout (`families::conv::ConvWeightLayout`).
+    prepared_weights: Vec<ValueId>,
     /// Graph inputs given at least once (inputs persist across runs; see `set_inputs`).
     inputs_set: Vec<ValueId>,
     _staging: Option<DeviceBuffer>,
@@ -195,8 +197,13 @@ impl CudaExecutor {
         }
 
         let mut weight_ptr = HashMap::new();
+        let mut prepared = vec![];
         for (id, name) in graph.weights() {
-            weight_ptr.insert(id, cache.get(weights, name, graph.shape(id))?);
+            let layout = families::conv::weight_layout(graph, id, dtype)?;
+            if layout.is_some() {
+                prepared.push(id);
+            }
+            weight_ptr.insert(id, cache.get_in(weights, name, graph.shape(id), layout)?);
         }
 
         // f32 staging for bf16 storage: one slot per input and per output.
@@ -243,6 +250,7 @@ impl CudaExecutor {
             arena,
             _weights: cache.clone(),
             weight_ptr,
+            prepared_weights: prepared,
             inputs_set: vec![],
             _staging: staging,
             staged_inputs,
@@ -644,6 +652,15 @@ impl CudaExecutor {
             return Err(CudaError::Invalid {
                 what: "value".into(),
                 msg: format!("no value {} in the graph", id.0),
+            });
+        }
+        if self.prepared_weights.contains(&id) {
+            return Err(CudaError::Invalid {
+                what: "value".into(),
+                msg: format!(
+                    "weight `{}` is held on the device only in its conv kernel's prepared layout (families::conv::ConvWeightLayout), not as [cout, cin, 3, 3]",
+                    self.graph.weights().find(|(w, _)| *w == id).map_or("?", |(_, n)| n)
+                ),
             });
         }
         let live_at_end = self.graph.outputs.iter().any(|(_, o)| *o == id);
