@@ -247,6 +247,14 @@ template <int BN, int TAPS> struct TcStage {
     static constexpr int BYTES = A_BYTES + TAPS * BN * TC_ROWB;
 };
 
+// The dynamic shared memory of the tensor-core convs (the launcher sizes it: TC_STAGES stages).
+// Declared in a plain function, as attention.cu does: the emulated GPU binds every `extern
+// __shared__` array to its per-worker buffer, which a declaration inside a template does not get.
+__device__ __forceinline__ unsigned char* conv_tc_smem() {
+    extern __shared__ __align__(128) unsigned char ou_conv_tc_smem[];
+    return ou_conv_tc_smem;
+}
+
 // The conv (UP = false, TAPS = 9, grid z = 1) or the upsample conv (UP = true, TAPS = 4, grid z =
 // phase 2 pi + pj, the tile on the low-resolution grid) of one block: 8 x 16 pixels x BN channels.
 // Warps: 4 along M (2 tile rows each) x 2 along N (BN / 2 channels each).
@@ -259,7 +267,7 @@ __device__ __forceinline__ void conv_tc(const bf16* __restrict__ x, const bf16* 
     constexpr int NB = WN / 16;    // ldmatrix.x4 of B per tap (two n8 tiles each)
     constexpr int NJ = 2 * NB;     // n8 tiles per warp
     using Stage = TcStage<BN, TAPS>;
-    extern __shared__ __align__(128) unsigned char tc_smem[];
+    unsigned char* const tc_smem = conv_tc_smem();
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int wm = warp & 3;   // tile rows 2 wm, 2 wm + 1
