@@ -3,49 +3,43 @@
 // CPU twins: openuni_cpu::ops::{conv2d, upsample_conv2d, depthwise_conv2d, depthwise_conv_glu,
 // grouped_linear, repeat_channels}. Launchers: crates/cuda/src/families/conv.rs.
 //
-//   conv2d_bf16_tc(x, w, bias, res, y, h, wd, cin, cout, act)      grid (tiles of 8 x 16 pixels x batch, Cout / 64)
+//   conv2d_bf16_tc{,_n128}(x, w, bias, res, y, h, wd, cin, cout, act)   grid (tiles of 8 x 16 pixels x batch, Cout / BN)
 //       3x3 convolution, stride 1, zero padding 1, on the tensor cores (mma.sync m16n8k16 bf16 -> f32
 //       through kernels/include/mma.cuh). Implicit GEMM: M = output pixels, N = Cout, K = Cin * 9.
-//       A block computes an 8 x 16 tile of output pixels (M = 128) for 64 output channels, in chunks
-//       of 16 input channels. Per chunk it stages in shared memory
-//         - the input halo, 10 x 18 pixels x 16 channels (each input pixel is read once per chunk,
-//           not 9 times as an explicit im2col would), rows padded to 24 bf16 (48 bytes) so that the
-//           8 row addresses of an ldmatrix hit distinct banks;
-//         - the weights of the 9 taps, [tap][64 Cout][16 Cin] (padded to 24), read from the upstream
-//           layout [Cout, Cin, 3, 3] directly: for one output channel, the 16 x 9 weights of a chunk
-//           are one contiguous run of 144 elements, loaded as 16-byte vectors and scattered by tap.
-//           (No weight-prep step is needed; a [tap][Cout][Cin] layout prepared at load time would only
-//           turn the scatter into plain vector stores.)
-//       Each of the 8 warps owns 32 pixels (2 tile rows) x 32 channels: per tap and chunk, 2 ldmatrix.x4
-//       for A (the tap's shift is just another row address), 2 ldmatrix.x4 for B, 8 mma. One shared
-//       buffer, two barriers per chunk, no software prefetch: that keeps the kernel at 128 registers,
-//       so two blocks (16 warps, 2 x 36 KiB) share an SM and one block's loads overlap the other's
-//       mma. (A register-staged prefetch of the next chunk measured 174 registers in ptxas: one block
-//       per SM.) The loader threads take one 16-byte vector position of 14 channels' runs each, so
-//       the 8 shared addresses a vector scatters to are loop-invariant. Epilogue in f32: + bias,
-//       then SiLU when act == 1, then + res (same shape as y) when res is non-null, rounded once.
-//       Any Cin, Cout, h, w: 16-byte vector loads when Cin % 8 == 0 and the pointers are 16-byte
-//       aligned, element loads (zero-filled past Cin) otherwise; pixels and channels past the edges are
-//       masked. 36 KiB of static shared memory, 256 threads.
+//       A block computes an 8 x 16 tile of output pixels (M = 128) for BN output channels (64, or
+//       128 in the _n128 instance, which the launcher picks when Cout % 128 == 0), in chunks of 16
+//       input channels, through a TC_STAGES-deep cp.async ring (3 stages: chunk c + 2 is in flight
+//       while chunk c is computed). Each stage holds the 10 x 18 input halo (each input pixel read
+//       once per chunk, not 9 times as an explicit im2col would) and the chunk's [9][BN][16]
+//       weights, both as 32-byte rows with a bank-conflict-free swizzle (analysis at tc_swz).
+//       w is NOT the upstream [Cout, Cin, 3, 3]: it is the layout prepared once at load
+//       (openuni_cuda::families::conv::prepare_conv_weight, ConvWeightLayout::Taps3x3: rows of 16
+//       input channels, Cout padded to 128), so a stage is whole 16-byte copies, no scatter.
+//       8 warps, 4 along M x 2 along N, each 32 pixels x BN/2 channels: per tap and chunk 2
+//       ldmatrix.x4 for A (the tap's shift is just another row address), BN/32 for B, BN/4 mma.
+//       Epilogue in f32: + bias, then SiLU when act == 1, then + res (same shape as y) when res is
+//       non-null, rounded once. Any Cin, Cout, h, w: cp.async of the halo when Cin % 8 == 0 (the
+//       launcher asserts x 16-byte aligned then, never a silent fallback), element loads (zero-filled
+//       past Cin) otherwise; pixels and channels past the edges are masked. Dynamic shared memory
+//       (the launcher sizes it): 3 x (5,760 + 9 x BN x 32) bytes = 72,576 (BN 64) or 127,872 (BN 128).
+//       __launch_bounds__(256, 2) for BN 64 (two blocks per SM, <= 128 registers), (256, 1) for 128.
 //   conv2d_{f32,bf16}(x, w, bias, res, y, h, wd, cin, cout, k, act) grid as conv2d_bf16_tc
 //       k x k convolution (odd k <= 7), stride 1, zero padding k/2, on the CUDA cores with f32 FMAs:
 //       the f32-storage path (the 1e-5 tolerance rules out TF32 and bf16 tensor cores) and the bf16
 //       path for kernel sizes other than 3. Same tiling as above (8 x 16 pixels x 64 channels, the
 //       input halo in shared memory), chunks of 8 input channels, weights of up to 9 taps at a time;
 //       each thread accumulates one tile column (8 pixels) x 4 channels. Same epilogue.
-//   upsample_conv2d_bf16_tc(x, w, bias, y, h, wd, cin, cout, shortcut)
+//   upsample_conv2d_bf16_tc{,_n128}(x, w, bias, y, h, wd, cin, cout, shortcut)
 //       DC-AE's DCUpBlock2d in one kernel: conv3x3(upsample2x(x)) + bias (+ the pixel-shuffle
 //       shortcut of x when shortcut != 0), x on the h x wd grid, y on 2h x 2wd. The 3x3 conv of a
 //       nearest-upsampled input is, for each output parity (pi, pj), a 2x2 conv of the
-//       low-resolution input with weights summed over tap groups (derivation above upconv_tc):
-//       16 instead of 36 taps per 4 outputs (2.25x fewer MACs), and the upsampled tensor (4x the
-//       input) is never written or read. blockIdx.z is the phase; otherwise conv2d_bf16_tc's tiling
-//       on the low-resolution grid (8 x 16 pixels x 64 channels, chunks of 16 channels, the same
-//       10 x 18 halo). Per chunk the raw weights are staged as loaded ([64][144], 16-byte stores),
-//       then combined in f32 into the phase's 4 taps and rounded once to bf16 (the only numerical
-//       difference from the plain conv: one extra rounding of the summed weights), then 4 taps x
-//       8 mma per warp. The shortcut is gathered from x in the epilogue. 38.4 KiB shared memory.
-//       Next step: combine the weights once at load time (a weight-prep pass) instead of per block.
+//       low-resolution input with weights summed over tap groups: 16 instead of 36 taps per 4
+//       outputs (2.25x fewer MACs), and the upsampled tensor (4x the input) is never written or
+//       read. The sums are made once at load, in f32 from the checkpoint, rounded once
+//       (ConvWeightLayout::UpsamplePhases; derivation at prepare_conv_weight). blockIdx.z is the
+//       phase; otherwise conv2d_bf16_tc's kernel (the same conv_tc template) with 4 taps on the
+//       low-resolution grid. The shortcut is gathered from x in the epilogue. Dynamic shared memory
+//       3 x (5,760 + 4 x BN x 32) = 41,856 (BN 64) or 66,432 (BN 128) bytes.
 //   upsample_conv2d_{f32,bf16}(x, w, bias, y, h, wd, cin, cout, shortcut)
 //       The same op on the CUDA cores (conv2d_direct with UP: the halo loader reads x at half the
 //       coordinates); the f32-storage path and a second bf16 implementation for the tests.
@@ -74,11 +68,11 @@
 //       kernels/include/conv_geometry.cuh; crates/cuda/build.rs generates the launcher's constants
 //       from that header.
 //
-// Version 1 (this one): correctness on any shape first, the tiling chosen for the decoder's shapes
-// (Cout 128..1024, grids 16^2..1024^2). Known next steps, to be measured on a GPU: cp.async double
-// buffering, a 128-channel N tile with dynamic shared memory, a [tap][Cout][Cin] weight layout
-// (and pre-combined phase weights for the upsample conv) prepared at load time, shared-memory
-// staging of the output tile for 16-byte stores.
+// Version 2 (this one): the tensor-core kernels read weights prepared at load, pipeline their loads
+// through a 3-stage cp.async ring into swizzled shared rows, and take a 128-channel tile where Cout
+// allows. Known next steps, to be measured on a GPU: shared-memory staging of the output tile for
+// 16-byte stores, a 2-CTA or larger M tile for the 1024-channel shapes, the sm_90a wgmma/TMA version
+// (kernels of their own, docs/hopper.md).
 
 #include "common.cuh"
 #include "conv_geometry.cuh"
@@ -724,11 +718,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_bf16_tc_n128(const b
         ou::conv_tc<128, false, false>(x, w, bias, res, y, h, wd, cin, cout, act, 0);
 }
 
-extern "C" __global__ void conv2d_f32(const float* x, const float* w, const float* bias, const float* res, float* y, int h, int wd, int cin, int cout, int k, int act) {
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_f32(const float* x, const float* w, const float* bias, const float* res, float* y, int h, int wd, int cin, int cout, int k, int act) {
     ou::conv2d_direct<float, false>(x, w, bias, res, y, h, wd, cin, cout, k, act, 0);
 }
 
-extern "C" __global__ void conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, int h, int wd, int cin, int cout, int k, int act) {
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, int h, int wd, int cin, int cout, int k, int act) {
     ou::conv2d_direct<bf16, false>(x, w, bias, res, y, h, wd, cin, cout, k, act, 0);
 }
 
@@ -746,43 +740,43 @@ extern "C" __global__ void __launch_bounds__(256, 1) upsample_conv2d_bf16_tc_n12
         ou::conv_tc<128, true, false>(x, w, bias, nullptr, y, h, wd, cin, cout, 0, shortcut);
 }
 
-extern "C" __global__ void upsample_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int h, int wd, int cin, int cout, int shortcut) {
+extern "C" __global__ void __launch_bounds__(256, 2) upsample_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int h, int wd, int cin, int cout, int shortcut) {
     ou::conv2d_direct<float, true>(x, w, bias, nullptr, y, h, wd, cin, cout, 3, 0, shortcut);
 }
 
-extern "C" __global__ void upsample_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
+extern "C" __global__ void __launch_bounds__(256, 2) upsample_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
     ou::conv2d_direct<bf16, true>(x, w, bias, nullptr, y, h, wd, cin, cout, 3, 0, shortcut);
 }
 
-extern "C" __global__ void depthwise_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c, int k) {
+extern "C" __global__ void __launch_bounds__(256) depthwise_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c, int k) {
     ou::depthwise_conv2d<float>(x, w, bias, y, batch, h, wd, c, k);
 }
 
-extern "C" __global__ void depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
+extern "C" __global__ void __launch_bounds__(256) depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<float>(x, w, bias, y, batch, h, wd, c);
 }
 
-extern "C" __global__ void depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
+extern "C" __global__ void __launch_bounds__(256) depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<bf16>(x, w, bias, y, batch, h, wd, c);
 }
 
-extern "C" __global__ void depthwise_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c, int k) {
+extern "C" __global__ void __launch_bounds__(256) depthwise_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c, int k) {
     ou::depthwise_conv2d<bf16>(x, w, bias, y, batch, h, wd, c, k);
 }
 
-extern "C" __global__ void grouped_linear_f32(const float* x, const float* w, float* y, i64 rows, int cin, int cout, int groups) {
+extern "C" __global__ void __launch_bounds__(256) grouped_linear_f32(const float* x, const float* w, float* y, i64 rows, int cin, int cout, int groups) {
     ou::grouped_linear<float>(x, w, y, rows, cin, cout, groups);
 }
 
-extern "C" __global__ void grouped_linear_bf16(const bf16* x, const bf16* w, bf16* y, i64 rows, int cin, int cout, int groups) {
+extern "C" __global__ void __launch_bounds__(256) grouped_linear_bf16(const bf16* x, const bf16* w, bf16* y, i64 rows, int cin, int cout, int groups) {
     ou::grouped_linear<bf16>(x, w, y, rows, cin, cout, groups);
 }
 
-extern "C" __global__ void repeat_channels_f32(const float* x, float* y, i64 rows, int cin, int repeats) {
+extern "C" __global__ void __launch_bounds__(256) repeat_channels_f32(const float* x, float* y, i64 rows, int cin, int repeats) {
     ou::repeat_channels<float>(x, y, rows, cin, repeats);
 }
 
-extern "C" __global__ void repeat_channels_bf16(const bf16* x, bf16* y, i64 rows, int cin, int repeats) {
+extern "C" __global__ void __launch_bounds__(256) repeat_channels_bf16(const bf16* x, bf16* y, i64 rows, int cin, int repeats) {
     ou::repeat_channels<bf16>(x, y, rows, cin, repeats);
 }
 
