@@ -213,6 +213,9 @@ fn conv2d_kernels_with_fused_epilogue_and_misaligned_pointers() {
                         continue;
                     }
                     let l = conv::conv2d(&a, choice).unwrap();
+                    if misalign == 0 && dtype == DType::BF16 {
+                        println!("{}: {} bytes of dynamic shared memory, grid {:?}", l.kernel, l.smem, l.grid);
+                    }
                     // SAFETY: every buffer holds the shapes launched.
                     unsafe { l.enqueue(&dev).unwrap() };
                     let got = download(&dev, dtype, yp, n);
