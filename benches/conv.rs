@@ -54,6 +54,7 @@ fn main() {
     let b = dev.upload(&random_bytes(&mut rng, bf, g * g, 0.0, 1.0)).unwrap();
     let c = dev.alloc(g * g * 2).unwrap();
     let gemm = LinearGemm::new(
+        &dev,
         &blas,
         &LinearArgs {
             dtype: bf,

@@ -270,7 +270,7 @@ fn linear_gemm_epilogues_match_cpu() {
                 bias: with_bias.then_some(bb.ptr()),
                 y: yb.ptr(),
             };
-            let g = LinearGemm::new(&blas, &args).unwrap();
+            let g = LinearGemm::new(&dev, &blas, &args).unwrap();
             dev.fill_bytes(yb.ptr(), 0xFF, yb.bytes()).unwrap();
             unsafe { g.run(&dev, &blas).unwrap() };
             let got: Vec<f32> = match dtype {

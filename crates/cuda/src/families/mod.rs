@@ -214,7 +214,7 @@ fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>)
         bias: bias.map(ctx.ptr),
         y: (ctx.ptr)(node.output),
     };
-    Ok(Step::Gemm(LinearGemm::new(&blas, &args)?, blas))
+    Ok(Step::Gemm(LinearGemm::new(ctx.dev, &blas, &args)?, blas))
 }
 
 pub mod attention;
