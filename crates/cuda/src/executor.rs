@@ -327,6 +327,11 @@ impl CudaExecutor {
                 }
             }
         };
+        let gelu_fusions: HashMap<ValueId, ValueId> = g
+            .nodes
+            .iter()
+            .filter_map(|n| families::gelu_fused_into_linear(g, n, self.keep_all).map(|lin| (lin, n.output)))
+            .collect();
         let fctx = families::Ctx {
             dev: &self.dev,
             graph: g,
@@ -334,6 +339,7 @@ impl CudaExecutor {
             ptr: &p,
             f32_ptr: &p32,
             resources: &resources,
+            gelu_fusions: &gelu_fusions,
         };
         for node in &g.nodes {
             let step = families::resolve(&fctx, node).map_err(|e| match e {
