@@ -14,7 +14,7 @@
 //! Run: `cargo bench --bench conv` (or tools/gpu_run.sh). The comparison with cuDNN
 //! (torch conv2d, bf16, channels_last) needs a PyTorch run on the same GPU.
 
-use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, Conv2dArgs, UpsampleConv2dArgs};
+use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, ConvWeightLayout, Conv2dArgs, UpsampleConv2dArgs};
 use openuni_cuda::gemm::{Epilogue, LinearArgs, LinearGemm};
 use openuni_cuda::testing::{random_bytes, time_ms, BenchReport, Rng};
 use openuni_tensor::DType;
@@ -54,6 +54,7 @@ fn main() {
     let b = dev.upload(&random_bytes(&mut rng, bf, g * g, 0.0, 1.0)).unwrap();
     let c = dev.alloc(g * g * 2).unwrap();
     let gemm = LinearGemm::new(
+        &dev,
         &blas,
         &LinearArgs {
             dtype: bf,
@@ -78,7 +79,10 @@ fn main() {
         for (label, h, w, cin, cout) in conv_shapes(px) {
             let (h, w, cin, cout) = (cut(h, 8), cut(w, 8), cut(cin, 32), cut(cout, 32));
             let x = dev.upload(&random_bytes(&mut rng, bf, h * w * cin, 0.0, 1.0)).unwrap();
-            let wt = dev.upload(&random_bytes(&mut rng, bf, cout * cin * 9, 0.0, 0.05)).unwrap();
+            // Large enough for either prepared layout the tensor-core kernels read (the upsample
+            // phases' 16 taps per chunk is the larger), and for the upstream [cout, cin, 3, 3].
+            let wlen = conv::prepared_conv_weight_len(ConvWeightLayout::UpsamplePhases, cout, cin);
+            let wt = dev.upload(&random_bytes(&mut rng, bf, wlen, 0.0, 0.05)).unwrap();
             let bias = dev.upload(&random_bytes(&mut rng, bf, cout, 0.0, 0.1)).unwrap();
             let y = dev.alloc(h * w * cout * 2).unwrap();
             let l = conv::conv2d(
@@ -105,7 +109,7 @@ fn main() {
             let flops = 2.0 * (h * w * cin * cout * 9) as f64;
             let tflops = flops / (ms * 1e-3) / 1e12;
             let frac = tflops / ceiling;
-            let bytes = 2 * (h * w * (cin + cout) + cout * cin * 9 + cout);
+            let bytes = 2 * (h * w * (cin + cout) + cout * cin * 9 + cout);  // the weight's useful bytes
             r.add(
                 &l.kernel,
                 &format!("{label}: {tflops:.2} TFLOP/s = {:.1}% of the GEMM ceiling", 100.0 * frac),

@@ -3,49 +3,43 @@
 // CPU twins: openuni_cpu::ops::{conv2d, upsample_conv2d, depthwise_conv2d, depthwise_conv_glu,
 // grouped_linear, repeat_channels}. Launchers: crates/cuda/src/families/conv.rs.
 //
-//   conv2d_bf16_tc(x, w, bias, res, y, h, wd, cin, cout, act)      grid (tiles of 8 x 16 pixels x batch, Cout / 64)
+//   conv2d_bf16_tc{,_n128}(x, w, bias, res, y, h, wd, cin, cout, act)   grid (tiles of 8 x 16 pixels x batch, Cout / BN)
 //       3x3 convolution, stride 1, zero padding 1, on the tensor cores (mma.sync m16n8k16 bf16 -> f32
 //       through kernels/include/mma.cuh). Implicit GEMM: M = output pixels, N = Cout, K = Cin * 9.
-//       A block computes an 8 x 16 tile of output pixels (M = 128) for 64 output channels, in chunks
-//       of 16 input channels. Per chunk it stages in shared memory
-//         - the input halo, 10 x 18 pixels x 16 channels (each input pixel is read once per chunk,
-//           not 9 times as an explicit im2col would), rows padded to 24 bf16 (48 bytes) so that the
-//           8 row addresses of an ldmatrix hit distinct banks;
-//         - the weights of the 9 taps, [tap][64 Cout][16 Cin] (padded to 24), read from the upstream
-//           layout [Cout, Cin, 3, 3] directly: for one output channel, the 16 x 9 weights of a chunk
-//           are one contiguous run of 144 elements, loaded as 16-byte vectors and scattered by tap.
-//           (No weight-prep step is needed; a [tap][Cout][Cin] layout prepared at load time would only
-//           turn the scatter into plain vector stores.)
-//       Each of the 8 warps owns 32 pixels (2 tile rows) x 32 channels: per tap and chunk, 2 ldmatrix.x4
-//       for A (the tap's shift is just another row address), 2 ldmatrix.x4 for B, 8 mma. One shared
-//       buffer, two barriers per chunk, no software prefetch: that keeps the kernel at 128 registers,
-//       so two blocks (16 warps, 2 x 36 KiB) share an SM and one block's loads overlap the other's
-//       mma. (A register-staged prefetch of the next chunk measured 174 registers in ptxas: one block
-//       per SM.) The loader threads take one 16-byte vector position of 14 channels' runs each, so
-//       the 8 shared addresses a vector scatters to are loop-invariant. Epilogue in f32: + bias,
-//       then SiLU when act == 1, then + res (same shape as y) when res is non-null, rounded once.
-//       Any Cin, Cout, h, w: 16-byte vector loads when Cin % 8 == 0 and the pointers are 16-byte
-//       aligned, element loads (zero-filled past Cin) otherwise; pixels and channels past the edges are
-//       masked. 36 KiB of static shared memory, 256 threads.
+//       A block computes an 8 x 16 tile of output pixels (M = 128) for BN output channels (64, or
+//       128 in the _n128 instance, which the launcher picks when Cout % 128 == 0), in chunks of 16
+//       input channels, through a TC_STAGES-deep cp.async ring (3 stages: chunk c + 2 is in flight
+//       while chunk c is computed). Each stage holds the 10 x 18 input halo (each input pixel read
+//       once per chunk, not 9 times as an explicit im2col would) and the chunk's [9][BN][16]
+//       weights, both as 32-byte rows with a bank-conflict-free swizzle (analysis at tc_swz).
+//       w is NOT the upstream [Cout, Cin, 3, 3]: it is the layout prepared once at load
+//       (openuni_cuda::families::conv::prepare_conv_weight, ConvWeightLayout::Taps3x3: rows of 16
+//       input channels, Cout padded to 128), so a stage is whole 16-byte copies, no scatter.
+//       8 warps, 4 along M x 2 along N, each 32 pixels x BN/2 channels: per tap and chunk 2
+//       ldmatrix.x4 for A (the tap's shift is just another row address), BN/32 for B, BN/4 mma.
+//       Epilogue in f32: + bias, then SiLU when act == 1, then + res (same shape as y) when res is
+//       non-null, rounded once. Any Cin, Cout, h, w: cp.async of the halo when Cin % 8 == 0 (the
+//       launcher asserts x 16-byte aligned then, never a silent fallback), element loads (zero-filled
+//       past Cin) otherwise; pixels and channels past the edges are masked. Dynamic shared memory
+//       (the launcher sizes it): 3 x (5,760 + 9 x BN x 32) bytes = 72,576 (BN 64) or 127,872 (BN 128).
+//       __launch_bounds__(256, 2) for BN 64 (two blocks per SM, <= 128 registers), (256, 1) for 128.
 //   conv2d_{f32,bf16}(x, w, bias, res, y, h, wd, cin, cout, k, act) grid as conv2d_bf16_tc
 //       k x k convolution (odd k <= 7), stride 1, zero padding k/2, on the CUDA cores with f32 FMAs:
 //       the f32-storage path (the 1e-5 tolerance rules out TF32 and bf16 tensor cores) and the bf16
 //       path for kernel sizes other than 3. Same tiling as above (8 x 16 pixels x 64 channels, the
 //       input halo in shared memory), chunks of 8 input channels, weights of up to 9 taps at a time;
 //       each thread accumulates one tile column (8 pixels) x 4 channels. Same epilogue.
-//   upsample_conv2d_bf16_tc(x, w, bias, y, h, wd, cin, cout, shortcut)
+//   upsample_conv2d_bf16_tc{,_n128}(x, w, bias, y, h, wd, cin, cout, shortcut)
 //       DC-AE's DCUpBlock2d in one kernel: conv3x3(upsample2x(x)) + bias (+ the pixel-shuffle
 //       shortcut of x when shortcut != 0), x on the h x wd grid, y on 2h x 2wd. The 3x3 conv of a
 //       nearest-upsampled input is, for each output parity (pi, pj), a 2x2 conv of the
-//       low-resolution input with weights summed over tap groups (derivation above upconv_tc):
-//       16 instead of 36 taps per 4 outputs (2.25x fewer MACs), and the upsampled tensor (4x the
-//       input) is never written or read. blockIdx.z is the phase; otherwise conv2d_bf16_tc's tiling
-//       on the low-resolution grid (8 x 16 pixels x 64 channels, chunks of 16 channels, the same
-//       10 x 18 halo). Per chunk the raw weights are staged as loaded ([64][144], 16-byte stores),
-//       then combined in f32 into the phase's 4 taps and rounded once to bf16 (the only numerical
-//       difference from the plain conv: one extra rounding of the summed weights), then 4 taps x
-//       8 mma per warp. The shortcut is gathered from x in the epilogue. 38.4 KiB shared memory.
-//       Next step: combine the weights once at load time (a weight-prep pass) instead of per block.
+//       low-resolution input with weights summed over tap groups: 16 instead of 36 taps per 4
+//       outputs (2.25x fewer MACs), and the upsampled tensor (4x the input) is never written or
+//       read. The sums are made once at load, in f32 from the checkpoint, rounded once
+//       (ConvWeightLayout::UpsamplePhases; derivation at prepare_conv_weight). blockIdx.z is the
+//       phase; otherwise conv2d_bf16_tc's kernel (the same conv_tc template) with 4 taps on the
+//       low-resolution grid. The shortcut is gathered from x in the epilogue. Dynamic shared memory
+//       3 x (5,760 + 4 x BN x 32) = 41,856 (BN 64) or 66,432 (BN 128) bytes.
 //   upsample_conv2d_{f32,bf16}(x, w, bias, y, h, wd, cin, cout, shortcut)
 //       The same op on the CUDA cores (conv2d_direct with UP: the halo loader reads x at half the
 //       coordinates); the f32-storage path and a second bf16 implementation for the tests.
@@ -74,14 +68,17 @@
 //       kernels/include/conv_geometry.cuh; crates/cuda/build.rs generates the launcher's constants
 //       from that header.
 //
-// Version 1 (this one): correctness on any shape first, the tiling chosen for the decoder's shapes
-// (Cout 128..1024, grids 16^2..1024^2). Known next steps, to be measured on a GPU: cp.async double
-// buffering, a 128-channel N tile with dynamic shared memory, a [tap][Cout][Cin] weight layout
-// (and pre-combined phase weights for the upsample conv) prepared at load time, shared-memory
-// staging of the output tile for 16-byte stores.
+// Version 2 (this one): the tensor-core kernels read weights prepared at load, pipeline their loads
+// through a 3-stage cp.async ring into swizzled shared rows, and take a 128-channel tile where Cout
+// allows. Known next steps, to be measured on a GPU: shared-memory staging of the output tile for
+// 16-byte stores, a 2-CTA or larger M tile for the 1024-channel shapes, the sm_90a wgmma/TMA version
+// (kernels of their own, docs/hopper.md).
 
 #include "common.cuh"
 #include "conv_geometry.cuh"
+#include "cp_async.cuh"
+// The emulated ldmatrix fails a launch whose 8x8 matrix rows hit a shared-memory bank twice.
+#define OU_LDMATRIX_BANK_CHECK 1
 #include "mma.cuh"
 
 namespace ou {
@@ -202,125 +199,120 @@ __device__ __forceinline__ void conv2d_direct(const T* __restrict__ x, const T* 
 }
 
 // ---------------------------------------------------------------------------------------------
-// conv2d 3x3 on the tensor cores (bf16)
+// conv2d 3x3 and the upsample conv on the tensor cores (bf16)
+//
+// Implicit GEMM: M = output pixels (a tile of 8 x 16), N = output channels (BN = 64 or 128), K =
+// input channels x taps, in chunks of 16 input channels (one mma k step). Per chunk a stage holds
+//   - the input halo, 10 x 18 pixels x 16 channels (each input pixel is read once per chunk, not
+//     once per tap as an explicit im2col would): row p = halo pixel, 32 bytes;
+//   - the chunk's weights, [TAPS][BN][16]: row t BN + n, 32 bytes. The weights were permuted once
+//     at load into exactly this order (families::conv::prepare_conv_weight), so a stage is plain
+//     16-byte cp.async copies, no scatter.
+// Shared rows are 32 bytes (two 16-byte halves) with the halves swapped on every other group of 4
+// rows: half h of row r lives at r * 32 + 16 (h ^ ((r >> 2) & 1)) (tc_swz). Bank check: an ldmatrix
+// 8x8 matrix reads 8 consecutive rows, one half each; rows r and r + 4 share (2 r) mod 8 but not
+// the swap bit, so the 8 16-byte units (2 r + h') mod 8 are distinct: conflict-free for any first
+// row (the tap shift is a row offset). A cp.async quarter-warp writes both halves of 4 rows starting
+// at a multiple of 4: units 0..7 once each. The emulated ldmatrix enforces the first property for
+// this file (OU_LDMATRIX_BANK_CHECK, kernels/include/mma.cuh); the second follows from the
+// loaders' index maps (v -> row v / 2, half v % 2).
+// TC_STAGES stages in a cp.async ring: chunk c + STAGES - 1 is in flight while chunk c is computed.
 
 constexpr int TC_TH = CONV_TILE_H, TC_TW = CONV_TILE_W;  // output tile: 8 rows x 16 columns = 128 pixels
-constexpr int TC_BN = CONV_TILE_N;                       // output channels per block
-constexpr int TC_BK = 16;                              // input channels per chunk (one mma k step)
-constexpr int TC_HH = TC_TH + 2, TC_HW = TC_TW + 2;    // halo 10 x 18
-constexpr int TC_HP = TC_HH * TC_HW;                   // 180 halo pixels
-constexpr int TC_LD = 24;                              // padded row length (bf16) of both tiles
+constexpr int TC_BK = CONV_TC_CHUNK;                     // input channels per chunk (one mma k step)
+constexpr int TC_HH = TC_TH + 2, TC_HW = TC_TW + 2;      // halo 10 x 18
+constexpr int TC_HP = TC_HH * TC_HW;                     // 180 halo pixels
 constexpr int TC_THREADS = 256;
-constexpr int TC_AV = TC_HP * TC_BK / 8;               // 16-byte vectors of the halo per chunk (360)
-constexpr int TC_RV = TC_BK * 9 / 8;                  // 16-byte vectors per output channel's run (18)
-constexpr int TC_BROWS = TC_THREADS / TC_RV;           // output channels per pass of the block (14)
-constexpr int TC_AR = (TC_AV + TC_THREADS - 1) / TC_THREADS;  // per thread: 2
-constexpr int TC_BR = (TC_BN + TC_BROWS - 1) / TC_BROWS;      // per thread: 5
+constexpr int TC_STAGES = CONV_TC_STAGES;                // cp.async ring depth
+constexpr int TC_NPAD = CONV_TC_NPAD;                    // prepared weights: output channels padded to this
+constexpr int TC_ROWB = 32;                              // bytes per shared row (16 bf16)
+
+// Byte offset of half `hf` (channels 8 hf .. 8 hf + 7) of shared row `r` (see the bank analysis above).
+__device__ __forceinline__ int tc_swz(int r, int hf) { return r * TC_ROWB + ((hf ^ ((r >> 2) & 1)) << 4); }
 
 union Bf16x8 {
     uint4 u;
     bf16 e[8];
 };
 
-// The global loads of one chunk (input channels c0 .. c0 + 15) into registers.
-// VEC: 16-byte vector loads (cin % 8 == 0, x and w 16-byte aligned), else element loads.
-template <bool VEC>
-__device__ __forceinline__ void tc_load(const bf16* __restrict__ x, const bf16* __restrict__ w, uint4 (&ra)[TC_AR],
-                                        uint4 (&rb)[TC_BR], i64 img, int oy0, int ox0, int n0, int c0, int h, int wd,
-                                        int cin, int cout) {
-    const int tid = threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < TC_AR; ++i) {
-        const int s = tid + i * TC_THREADS;
-        Bf16x8 v;
-        v.u = make_uint4(0u, 0u, 0u, 0u);
-        if (s < TC_AV) {
-            const int p = s >> 1, ch = c0 + 8 * (s & 1);
-            const int iy = oy0 - 1 + p / TC_HW, ix = ox0 - 1 + p % TC_HW;
-            if (iy >= 0 && iy < h && ix >= 0 && ix < wd && ch < cin) {
-                const bf16* src = x + (img + (i64)iy * wd + ix) * cin + ch;
-                if constexpr (VEC) {
-                    v.u = *reinterpret_cast<const uint4*>(src);  // cin % 8 == 0: the whole vector is inside
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 8; ++e)
-                        if (ch + e < cin) v.e[e] = src[e];
-                }
-            }
-        }
-        ra[i] = v.u;
-    }
-    // Weights: for output channel n0 + n the chunk's (ci, tap) elements are the contiguous run
-    // [((n0 + n) cin + c0) 9, + 144); element e of it is (ci = e / 9, tap = e % 9). Thread tid
-    // loads vector tid % 18 of channels tid / 18 + 14 i (the last 4 threads idle), so the 8 shared
-    // addresses its vector scatters to are the same for every i up to a constant offset.
-    const int valid = min(TC_BK, cin - c0) * 9;  // elements of the run that belong to this channel's row
-    const int bv = tid % TC_RV, bn = tid / TC_RV, e0 = 8 * bv;
-#pragma unroll
-    for (int i = 0; i < TC_BR; ++i) {
-        const int n = bn + TC_BROWS * i;
-        Bf16x8 v;
-        v.u = make_uint4(0u, 0u, 0u, 0u);
-        if (bn < TC_BROWS && n < TC_BN && n0 + n < cout && e0 < valid) {
-            const bf16* src = w + ((i64)(n0 + n) * cin + c0) * 9 + e0;
-            if constexpr (VEC) {
-                v.u = *reinterpret_cast<const uint4*>(src);  // cin % 8 == 0: valid is a multiple of 8
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e)
-                    if (e0 + e < valid) v.e[e] = src[e];
-            }
-        }
-        rb[i] = v.u;
-    }
+// Bytes of one stage: the halo, then TAPS x BN weight rows.
+template <int BN, int TAPS> struct TcStage {
+    static constexpr int A_BYTES = TC_HP * TC_ROWB;
+    static constexpr int BYTES = A_BYTES + TAPS * BN * TC_ROWB;
+};
+
+// The dynamic shared memory of the tensor-core convs (the launcher sizes it: TC_STAGES stages).
+// Declared in a plain function, as attention.cu does: the emulated GPU binds every `extern
+// __shared__` array to its per-worker buffer, which a declaration inside a template does not get.
+__device__ __forceinline__ unsigned char* conv_tc_smem() {
+    extern __shared__ __align__(128) unsigned char ou_conv_tc_smem[];
+    return ou_conv_tc_smem;
 }
 
-__device__ __forceinline__ void tc_store(bf16 (*As)[TC_LD], bf16 (*Bs)[TC_BN][TC_LD], const uint4 (&ra)[TC_AR],
-                                         const uint4 (&rb)[TC_BR]) {
-    const int tid = threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < TC_AR; ++i) {
-        const int s = tid + i * TC_THREADS;
-        if (s < TC_AV) *reinterpret_cast<uint4*>(&As[s >> 1][8 * (s & 1)]) = ra[i];
-    }
-    const int bv = tid % TC_RV, bn = tid / TC_RV;
-#pragma unroll
-    for (int i = 0; i < TC_BR; ++i) {
-        const int n = bn + TC_BROWS * i;
-        if (bn < TC_BROWS && n < TC_BN) {
-            Bf16x8 v;
-            v.u = rb[i];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const int el = 8 * bv + e;
-                Bs[el % 9][n][el / 9] = v.e[e];
-            }
-        }
-    }
-}
+// The conv (UP = false, TAPS = 9, grid z = 1) or the upsample conv (UP = true, TAPS = 4, grid z =
+// phase 2 pi + pj, the tile on the low-resolution grid) of one block: 8 x 16 pixels x BN channels.
+// Warps: 4 along M (2 tile rows each) x 2 along N (BN / 2 channels each).
+template <int BN, bool UP, bool VEC>
+__device__ __forceinline__ void conv_tc(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                        const bf16* __restrict__ bias, const bf16* __restrict__ res,
+                                        bf16* __restrict__ y, int h, int wd, int cin, int cout, int act, int shortcut) {
+    constexpr int TAPS = UP ? 4 : 9;
+    constexpr int WN = BN / 2;     // output channels per warp
+    constexpr int NB = WN / 16;    // ldmatrix.x4 of B per tap (two n8 tiles each)
+    constexpr int NJ = 2 * NB;     // n8 tiles per warp
+    using Stage = TcStage<BN, TAPS>;
+    unsigned char* const tc_smem = conv_tc_smem();
 
-// As [TC_HP][TC_LD] and Bs [9][TC_BN][TC_LD]: the shared tiles, declared once by the entry point
-// (both instances of this template use the same 36 KiB).
-template <bool VEC>
-__device__ __forceinline__ void conv2d_tc(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                          const bf16* __restrict__ bias, const bf16* __restrict__ res,
-                                          bf16* __restrict__ y, int h, int wd, int cin, int cout, int act,
-                                          bf16 (*As)[TC_LD], bf16 (*Bs)[TC_BN][TC_LD]) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int wm = warp & 3;   // tile rows 2 wm, 2 wm + 1
-    const int wn = warp >> 2;  // output channels 32 wn .. 32 wn + 31 of the block
+    const int wn = warp >> 2;  // output channels WN wn .. of the block
+    const int pi = UP ? (int)blockIdx.z >> 1 : 0, pj = UP ? (int)blockIdx.z & 1 : 0;
     int ox0, oy0, b;
     tile_origin(TC_TH, TC_TW, h, wd, ox0, oy0, b);
-    const int n0 = blockIdx.y * TC_BN;
+    const int n0 = blockIdx.y * BN;
     const i64 img = (i64)b * h * wd;
+    const int chunks = (cin + TC_BK - 1) / TC_BK;
+    const int npad = (cout + TC_NPAD - 1) / TC_NPAD * TC_NPAD;
+    // Prepared weights: rows of 16 bf16, row ((c P + phase) TAPS + t) npad + n with P = 4 phases
+    // (UP) or 1.
+    const int phases = UP ? 4 : 1, phase = UP ? 2 * pi + pj : 0;
 
-    float acc[2][4][4];
+    float acc[2][NJ][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int nj = 0; nj < 4; ++nj)
+        for (int nj = 0; nj < NJ; ++nj)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.f;
+
+    auto load = [&](int c) {
+        unsigned char* st = tc_smem + (c % TC_STAGES) * Stage::BYTES;
+        const int tid2 = threadIdx.x;
+        const int c0 = c * TC_BK;
+        for (int v = tid2; v < TC_HP * 2; v += TC_THREADS) {
+            const int p = v >> 1, hf = v & 1, ch = c0 + 8 * hf;
+            const int iy = oy0 - 1 + p / TC_HW, ix = ox0 - 1 + p % TC_HW;
+            const bool in = iy >= 0 && iy < h && ix >= 0 && ix < wd && ch < cin;
+            const bf16* src = x + (img + (i64)(in ? iy : 0) * wd + (in ? ix : 0)) * cin + (in ? ch : 0);
+            if constexpr (VEC) {
+                cp_async_16(st + tc_swz(p, hf), src, in);  // cin % 8 == 0: the whole vector is inside
+            } else {
+                Bf16x8 e;
+                e.u = make_uint4(0u, 0u, 0u, 0u);
+                if (in)
+#pragma unroll
+                    for (int j = 0; j < 8; ++j)
+                        if (ch + j < cin) e.e[j] = src[j];
+                *reinterpret_cast<uint4*>(st + tc_swz(p, hf)) = e.u;
+            }
+        }
+        unsigned char* bs = st + Stage::A_BYTES;
+        const bf16* wc = w + ((i64)(c * phases + phase) * TAPS * npad + n0) * TC_BK;
+        for (int v = tid2; v < TAPS * BN * 2; v += TC_THREADS) {
+            const int r = v >> 1, hf = v & 1, t = r / BN, n = r % BN;
+            cp_async_16(bs + tc_swz(r, hf), wc + ((i64)t * npad + n) * TC_BK + 8 * hf, true);
+        }
+    };
 
     // ldmatrix row addresses of this lane: matrix li = lane / 8, row lr = lane % 8.
     // A (16 pixels x 16 channels): matrices (px 0-7, k 0-7), (px 8-15, k 0-7), (px 0-7, k 8-15),
@@ -328,41 +320,50 @@ __device__ __forceinline__ void conv2d_tc(const bf16* __restrict__ x, const bf16
     // B (16 channels k x 16 outputs n, stored n-major): matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
     // (n 8-15, k 0-7), (n 8-15, k 8-15) give b[0..1] of two n8 tiles.
     const int li = lane >> 3, lr = lane & 7;
-    const int a_px = lr + 8 * (li & 1), a_k = 8 * (li >> 1);
-    const int b_n = 8 * (li >> 1) + lr, b_k = 8 * (li & 1);
+    const int a_px = lr + 8 * (li & 1), a_hf = li >> 1;
+    const int b_n = 8 * (li >> 1) + lr, b_hf = li & 1;
 
-    for (int c0 = 0; c0 < cin; c0 += TC_BK) {
-        {
-            uint4 ra[TC_AR], rb[TC_BR];
-            tc_load<VEC>(x, w, ra, rb, img, oy0, ox0, n0, c0, h, wd, cin, cout);
-            tc_store(As, Bs, ra, rb);
-        }
-        __syncthreads();
+    // Prologue: stages 0 .. STAGES - 2 in flight (a group per stage, empty past the last chunk, so
+    // that "chunk c has landed" is always "at most STAGES - 2 groups pending").
 #pragma unroll
-        for (int t = 0; t < 9; ++t) {
-            const int dy = t / 3, dx = t % 3;
-            unsigned a[2][4], bq[2][4];
+    for (int s = 0; s < TC_STAGES - 1; ++s) {
+        if (s < chunks) load(s);
+        cp_async_commit();
+    }
+    for (int c = 0; c < chunks; ++c) {
+        cp_async_wait<TC_STAGES - 2>();  // this thread's copies of chunk c are done
+        __syncthreads();  // everyone's are; and everyone is done reading chunk c - 1's stage
+        if (c + TC_STAGES - 1 < chunks) load(c + TC_STAGES - 1);  // into chunk c - 1's stage
+        cp_async_commit();
+        const unsigned char* as = tc_smem + (c % TC_STAGES) * Stage::BYTES;
+        const unsigned char* bs = as + Stage::A_BYTES;
+#pragma unroll
+        for (int t = 0; t < TAPS; ++t) {
+            // Halo offset of the tap: (dy, dx) of the 3x3 conv, or (pi + r, pj + s) of phase tap (r, s).
+            const int dy = UP ? pi + (t >> 1) : t / 3, dx = UP ? pj + (t & 1) : t % 3;
+            unsigned a[2][4], bq[NB][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(a[mi], as + tc_swz((2 * wm + mi + dy) * TC_HW + a_px + dx, a_hf));
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) ldmatrix_x4(bq[nb], bs + tc_swz(t * BN + WN * wn + 16 * nb + b_n, b_hf));
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi)
-                ldmatrix_x4(a[mi], &As[(2 * wm + mi + dy) * TC_HW + a_px + dx][a_k]);
 #pragma unroll
-            for (int nb = 0; nb < 2; ++nb) ldmatrix_x4(bq[nb], &Bs[t][32 * wn + 16 * nb + b_n][b_k]);
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int nj = 0; nj < 4; ++nj) {
+                for (int nj = 0; nj < NJ; ++nj) {
                     const unsigned bb[2] = {bq[nj >> 1][2 * (nj & 1)], bq[nj >> 1][2 * (nj & 1) + 1]};
                     mma_m16n8k16_bf16_f32(acc[mi][nj], a[mi], bb, acc[mi][nj]);
                 }
         }
-        __syncthreads();  // every warp is done with As and Bs before the next store
     }
+    cp_async_wait<0>();  // only empty groups are left; nothing may stay pending past the block
 
     // Accumulator e of tile (mi, nj): pixel row g + 8 (e >= 2) of the m16 tile (= tile column),
-    // output channel 2 tq + (e & 1) of the n8 tile.
+    // output channel 2 tq + (e & 1) of the n8 tile. Epilogue in f32: + bias, then SiLU (act == 1),
+    // then + res; the upsample conv adds the pixel-shuffle shortcut of x instead. Rounded once.
+    // Pair stores need y (and res) 4-byte aligned, which the launcher checked.
     const int g = lane >> 2, tq = lane & 3;
-    const bool pairs = cout % 2 == 0 && (reinterpret_cast<unsigned long long>(y) & 3ull) == 0 &&
-                       (!res || (reinterpret_cast<unsigned long long>(res) & 3ull) == 0);
+    const bool pairs = cout % 2 == 0;
+    const int R = UP && shortcut ? 4 * cout / cin : 1;
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
         const int oy = oy0 + 2 * wm + mi;
@@ -370,150 +371,25 @@ __device__ __forceinline__ void conv2d_tc(const bf16* __restrict__ x, const bf16
         for (int hf = 0; hf < 2; ++hf) {
             const int ox = ox0 + g + 8 * hf;
             if (oy >= h || ox >= wd) continue;
-            const i64 o = (img + (i64)oy * wd + ox) * cout;
+            const i64 o = UP ? ((i64)b * 2 * h + 2 * oy + pi) * (2 * wd) * cout + (i64)(2 * ox + pj) * cout
+                             : (img + (i64)oy * wd + ox) * cout;
+            const bf16* xs = x + (img + (i64)oy * wd + ox) * cin;
 #pragma unroll
-            for (int nj = 0; nj < 4; ++nj) {
-                const int n = n0 + 32 * wn + 8 * nj + 2 * tq;
+            for (int nj = 0; nj < NJ; ++nj) {
+                const int n = n0 + WN * wn + 8 * nj + 2 * tq;
                 if (n >= cout) continue;
                 float v[2] = {acc[mi][nj][2 * hf], acc[mi][nj][2 * hf + 1]};
                 const int m = min(2, cout - n);
                 for (int j = 0; j < m; ++j) {
                     if (bias) v[j] += to_f32(bias[n + j]);
-                    v[j] = conv_epilogue(v[j], act);
-                    if (res) v[j] += to_f32(res[o + n + j]);
+                    if constexpr (UP) {
+                        if (shortcut) v[j] += to_f32(xs[(4 * (n + j) + 2 * pi + pj) / R]);
+                    } else {
+                        v[j] = conv_epilogue(v[j], act);
+                        if (res) v[j] += to_f32(res[o + n + j]);
+                    }
                 }
                 if (pairs) {  // m == 2: cout is even and n is even
-                    *reinterpret_cast<__nv_bfloat162*>(y + o + n) = __floats2bfloat162_rn(v[0], v[1]);
-                } else {
-                    for (int j = 0; j < m; ++j) y[o + n + j] = from_f32<bf16>(v[j]);
-                }
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// the upsample conv as four 2x2 phase convolutions on the tensor cores (bf16)
-//
-// Output pixel (2y + pi, 2x + pj) of conv3x3(upsample2x(x)) reads upsampled rows 2y + pi - 1 + dy,
-// i.e. low-resolution rows y - 1 + pi + r with r = (pi + dy + 1) / 2 - pi in {0, 1}: for pi = 0 the
-// taps dy = {0} land on r = 0 and {1, 2} on r = 1; for pi = 1, {0, 1} on r = 0 and {2} on r = 1
-// (columns alike). So each parity phase (pi, pj) is a 2x2 convolution of x with weights summed over
-// those groups: 4 taps instead of 9 per output pixel.
-
-// Combines the 9 taps of (output channel n, input channel ci) held in `src` ([ci][tap] order,
-// tap = 3 dy + dx) into the 4 taps (r, s) of phase (pi, pj), in f32, rounded once to bf16.
-__device__ __forceinline__ void phase_taps(const bf16* src, int pi, int pj, bf16 (&out)[4]) {
-    float rows[2][3];  // rows[r][dx]: the taps of row group r
-#pragma unroll
-    for (int dx = 0; dx < 3; ++dx) {
-        const float c0 = to_f32(src[dx]), c1 = to_f32(src[3 + dx]), c2 = to_f32(src[6 + dx]);
-        rows[0][dx] = pi == 0 ? c0 : c0 + c1;
-        rows[1][dx] = pi == 0 ? c1 + c2 : c2;
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        out[2 * r] = from_f32<bf16>(pj == 0 ? rows[r][0] : rows[r][0] + rows[r][1]);
-        out[2 * r + 1] = from_f32<bf16>(pj == 0 ? rows[r][1] + rows[r][2] : rows[r][2]);
-    }
-}
-
-// As: the halo [TC_HP][TC_LD] (the same 10 x 18 low-resolution window as conv2d_tc: both row
-// parities need rows y - 1 .. y + 8); Braw: the chunk's weights as loaded, [TC_BN][16 * 9];
-// Bs: the phase's combined weights [4][TC_BN][TC_LD]. blockIdx.z = 2 pi + pj.
-template <bool VEC>
-__device__ __forceinline__ void upconv_tc(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                          const bf16* __restrict__ bias, bf16* __restrict__ y, int h, int wd,
-                                          int cin, int cout, int shortcut, bf16 (*As)[TC_LD],
-                                          bf16 (*Braw)[TC_BK * 9], bf16 (*Bs)[TC_BN][TC_LD]) {
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int wm = warp & 3, wn = warp >> 2;
-    const int pi = blockIdx.z >> 1, pj = blockIdx.z & 1;
-    int ox0, oy0, b;
-    tile_origin(TC_TH, TC_TW, h, wd, ox0, oy0, b);  // low-resolution tile
-    const int n0 = blockIdx.y * TC_BN;
-    const i64 img = (i64)b * h * wd;
-
-    float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int nj = 0; nj < 4; ++nj)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.f;
-
-    const int li = lane >> 3, lr = lane & 7;
-    const int a_px = lr + 8 * (li & 1), a_k = 8 * (li >> 1);
-    const int b_n = 8 * (li >> 1) + lr, b_k = 8 * (li & 1);
-
-    for (int c0 = 0; c0 < cin; c0 += TC_BK) {
-        {
-            uint4 ra[TC_AR], rb[TC_BR];
-            tc_load<VEC>(x, w, ra, rb, img, oy0, ox0, n0, c0, h, wd, cin, cout);
-#pragma unroll
-            for (int i = 0; i < TC_AR; ++i) {
-                const int s = tid + i * TC_THREADS;
-                if (s < TC_AV) *reinterpret_cast<uint4*>(&As[s >> 1][8 * (s & 1)]) = ra[i];
-            }
-            const int bv = tid % TC_RV, bn = tid / TC_RV;
-#pragma unroll
-            for (int i = 0; i < TC_BR; ++i) {
-                const int n = bn + TC_BROWS * i;
-                if (bn < TC_BROWS && n < TC_BN) *reinterpret_cast<uint4*>(&Braw[n][8 * bv]) = rb[i];
-            }
-        }
-        __syncthreads();
-        for (int q = tid; q < TC_BN * TC_BK; q += TC_THREADS) {
-            const int n = q / TC_BK, ci = q % TC_BK;
-            bf16 t4[4];
-            phase_taps(&Braw[n][ci * 9], pi, pj, t4);
-#pragma unroll
-            for (int t = 0; t < 4; ++t) Bs[t][n][ci] = t4[t];
-        }
-        __syncthreads();
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            const int dy = pi + (t >> 1), dx = pj + (t & 1);  // halo offset of tap (r, s)
-            unsigned a[2][4], bq[2][4];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-                ldmatrix_x4(a[mi], &As[(2 * wm + mi + dy) * TC_HW + a_px + dx][a_k]);
-#pragma unroll
-            for (int nb = 0; nb < 2; ++nb) ldmatrix_x4(bq[nb], &Bs[t][32 * wn + 16 * nb + b_n][b_k]);
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int nj = 0; nj < 4; ++nj) {
-                    const unsigned bb[2] = {bq[nj >> 1][2 * (nj & 1)], bq[nj >> 1][2 * (nj & 1) + 1]};
-                    mma_m16n8k16_bf16_f32(acc[mi][nj], a[mi], bb, acc[mi][nj]);
-                }
-        }
-        __syncthreads();  // every warp is done with As and Bs before the next store
-    }
-
-    const int g = lane >> 2, tq = lane & 3;
-    const int W2 = 2 * wd, R = shortcut ? 4 * cout / cin : 1;
-    const bool pairs = cout % 2 == 0 && (reinterpret_cast<unsigned long long>(y) & 3ull) == 0;
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-        const int ly = oy0 + 2 * wm + mi;  // low-resolution row
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            const int lx = ox0 + g + 8 * hf;
-            if (ly >= h || lx >= wd) continue;
-            const i64 o = ((i64)b * 2 * h + 2 * ly + pi) * W2 * cout + (i64)(2 * lx + pj) * cout;
-            const bf16* xs = x + (img + (i64)ly * wd + lx) * cin;
-#pragma unroll
-            for (int nj = 0; nj < 4; ++nj) {
-                const int n = n0 + 32 * wn + 8 * nj + 2 * tq;
-                if (n >= cout) continue;
-                float v[2] = {acc[mi][nj][2 * hf], acc[mi][nj][2 * hf + 1]};
-                const int m = min(2, cout - n);
-                for (int j = 0; j < m; ++j) {
-                    if (bias) v[j] += to_f32(bias[n + j]);
-                    if (shortcut) v[j] += to_f32(xs[(4 * (n + j) + 2 * pi + pj) / R]);
-                }
-                if (pairs) {
                     *reinterpret_cast<__nv_bfloat162*>(y + o + n) = __floats2bfloat162_rn(v[0], v[1]);
                 } else {
                     for (int j = 0; j < m; ++j) y[o + n + j] = from_f32<bf16>(v[j]);
@@ -823,72 +699,84 @@ __device__ __forceinline__ void repeat_channels(const T* __restrict__ x, T* __re
 using ou::bf16;
 using ou::i64;
 
-extern "C" __global__ void conv2d_bf16_tc(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, int h, int wd, int cin, int cout, int act) {
-    // Two instances rather than a run-time branch inside one: each path gets its own register
-    // allocation (the vector path needs far fewer).
-    __shared__ __align__(16) bf16 As[ou::TC_HP][ou::TC_LD];
-    __shared__ __align__(16) bf16 Bs[9][ou::TC_BN][ou::TC_LD];
-    if (cin % 8 == 0 && ou::aligned16(x) && ou::aligned16(w))
-        ou::conv2d_tc<true>(x, w, bias, res, y, h, wd, cin, cout, act, As, Bs);
+// The tensor-core convs: weights in the prepared layout (families::conv::prepare_conv_weight),
+// dynamic shared memory of TC_STAGES stages (the launcher sizes it), 256 threads. Two instances per
+// entry point rather than a run-time branch inside one: each path gets its own register allocation.
+// BN = 64 keeps a block at <= 128 registers (two blocks per SM); BN = 128 (Cout a multiple of 128,
+// every large decoder conv) halves the halo traffic per output and runs one block per SM.
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bf16_tc(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, int h, int wd, int cin, int cout, int act) {
+    if (cin % 8 == 0)
+        ou::conv_tc<64, false, true>(x, w, bias, res, y, h, wd, cin, cout, act, 0);
     else
-        ou::conv2d_tc<false>(x, w, bias, res, y, h, wd, cin, cout, act, As, Bs);
+        ou::conv_tc<64, false, false>(x, w, bias, res, y, h, wd, cin, cout, act, 0);
 }
 
-extern "C" __global__ void conv2d_f32(const float* x, const float* w, const float* bias, const float* res, float* y, int h, int wd, int cin, int cout, int k, int act) {
+extern "C" __global__ void __launch_bounds__(256, 1) conv2d_bf16_tc_n128(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, int h, int wd, int cin, int cout, int act) {
+    if (cin % 8 == 0)
+        ou::conv_tc<128, false, true>(x, w, bias, res, y, h, wd, cin, cout, act, 0);
+    else
+        ou::conv_tc<128, false, false>(x, w, bias, res, y, h, wd, cin, cout, act, 0);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_f32(const float* x, const float* w, const float* bias, const float* res, float* y, int h, int wd, int cin, int cout, int k, int act) {
     ou::conv2d_direct<float, false>(x, w, bias, res, y, h, wd, cin, cout, k, act, 0);
 }
 
-extern "C" __global__ void conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, int h, int wd, int cin, int cout, int k, int act) {
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, int h, int wd, int cin, int cout, int k, int act) {
     ou::conv2d_direct<bf16, false>(x, w, bias, res, y, h, wd, cin, cout, k, act, 0);
 }
 
-extern "C" __global__ void upsample_conv2d_bf16_tc(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
-    __shared__ __align__(16) bf16 As[ou::TC_HP][ou::TC_LD];
-    __shared__ __align__(16) bf16 Braw[ou::TC_BN][ou::TC_BK * 9];
-    __shared__ __align__(16) bf16 Bs[4][ou::TC_BN][ou::TC_LD];
-    if (cin % 8 == 0 && ou::aligned16(x) && ou::aligned16(w))
-        ou::upconv_tc<true>(x, w, bias, y, h, wd, cin, cout, shortcut, As, Braw, Bs);
+extern "C" __global__ void __launch_bounds__(256, 2) upsample_conv2d_bf16_tc(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
+    if (cin % 8 == 0)
+        ou::conv_tc<64, true, true>(x, w, bias, nullptr, y, h, wd, cin, cout, 0, shortcut);
     else
-        ou::upconv_tc<false>(x, w, bias, y, h, wd, cin, cout, shortcut, As, Braw, Bs);
+        ou::conv_tc<64, true, false>(x, w, bias, nullptr, y, h, wd, cin, cout, 0, shortcut);
 }
 
-extern "C" __global__ void upsample_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int h, int wd, int cin, int cout, int shortcut) {
+extern "C" __global__ void __launch_bounds__(256, 1) upsample_conv2d_bf16_tc_n128(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
+    if (cin % 8 == 0)
+        ou::conv_tc<128, true, true>(x, w, bias, nullptr, y, h, wd, cin, cout, 0, shortcut);
+    else
+        ou::conv_tc<128, true, false>(x, w, bias, nullptr, y, h, wd, cin, cout, 0, shortcut);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) upsample_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int h, int wd, int cin, int cout, int shortcut) {
     ou::conv2d_direct<float, true>(x, w, bias, nullptr, y, h, wd, cin, cout, 3, 0, shortcut);
 }
 
-extern "C" __global__ void upsample_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
+extern "C" __global__ void __launch_bounds__(256, 2) upsample_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int h, int wd, int cin, int cout, int shortcut) {
     ou::conv2d_direct<bf16, true>(x, w, bias, nullptr, y, h, wd, cin, cout, 3, 0, shortcut);
 }
 
-extern "C" __global__ void depthwise_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c, int k) {
+extern "C" __global__ void __launch_bounds__(256) depthwise_conv2d_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c, int k) {
     ou::depthwise_conv2d<float>(x, w, bias, y, batch, h, wd, c, k);
 }
 
-extern "C" __global__ void depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
+extern "C" __global__ void __launch_bounds__(256) depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<float>(x, w, bias, y, batch, h, wd, c);
 }
 
-extern "C" __global__ void depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
+extern "C" __global__ void __launch_bounds__(256) depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<bf16>(x, w, bias, y, batch, h, wd, c);
 }
 
-extern "C" __global__ void depthwise_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c, int k) {
+extern "C" __global__ void __launch_bounds__(256) depthwise_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c, int k) {
     ou::depthwise_conv2d<bf16>(x, w, bias, y, batch, h, wd, c, k);
 }
 
-extern "C" __global__ void grouped_linear_f32(const float* x, const float* w, float* y, i64 rows, int cin, int cout, int groups) {
+extern "C" __global__ void __launch_bounds__(256) grouped_linear_f32(const float* x, const float* w, float* y, i64 rows, int cin, int cout, int groups) {
     ou::grouped_linear<float>(x, w, y, rows, cin, cout, groups);
 }
 
-extern "C" __global__ void grouped_linear_bf16(const bf16* x, const bf16* w, bf16* y, i64 rows, int cin, int cout, int groups) {
+extern "C" __global__ void __launch_bounds__(256) grouped_linear_bf16(const bf16* x, const bf16* w, bf16* y, i64 rows, int cin, int cout, int groups) {
     ou::grouped_linear<bf16>(x, w, y, rows, cin, cout, groups);
 }
 
-extern "C" __global__ void repeat_channels_f32(const float* x, float* y, i64 rows, int cin, int repeats) {
+extern "C" __global__ void __launch_bounds__(256) repeat_channels_f32(const float* x, float* y, i64 rows, int cin, int repeats) {
     ou::repeat_channels<float>(x, y, rows, cin, repeats);
 }
 
-extern "C" __global__ void repeat_channels_bf16(const bf16* x, bf16* y, i64 rows, int cin, int repeats) {
+extern "C" __global__ void __launch_bounds__(256) repeat_channels_bf16(const bf16* x, bf16* y, i64 rows, int cin, int repeats) {
     ou::repeat_channels<bf16>(x, y, rows, cin, repeats);
 }
 
@@ -897,8 +785,9 @@ extern "C" __global__ void repeat_channels_bf16(const bf16* x, bf16* y, i64 rows
 // limits, depthwise rows and channels, grouped_linear rows and outputs.
 extern "C" __global__ void conv_geometry(int* out) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
-        const int g[12] = {ou::CV_TH, ou::CV_TW, ou::CV_BN, ou::TC_TH, ou::TC_TW, ou::TC_BN,
-                           ou::CV_KMAX, ou::DW_KMAX, ou::DW_R, ou::DW_CB, ou::GL_BM, ou::GL_BN};
-        for (int i = 0; i < 12; ++i) out[i] = g[i];
+        const int g[14] = {ou::CV_TH, ou::CV_TW, ou::CV_BN, ou::TC_TH, ou::TC_TW, ou::TC_STAGES,
+                           ou::CV_KMAX, ou::DW_KMAX, ou::DW_R, ou::DW_CB, ou::GL_BM, ou::GL_BN,
+                           ou::TC_NPAD, ou::TC_BK};
+        for (int i = 0; i < 14; ++i) out[i] = g[i];
     }
 }

@@ -19,8 +19,9 @@
 //       grid (chunks, heads, B), 128 threads. CTA (c, h, b) reduces tokens [c * chunk_len, (c+1) * chunk_len)
 //       of head (b, h) to S = HD*HD + HD floats (KV row-major, then ksum). With one chunk it writes `state`
 //       [B*heads][S] directly. With several, each CTA writes its slot of `partial` [B*heads][chunks][S], and
-//       the last CTA of the head to finish (counted with an atomic on `counters` [B*heads], zero before the
-//       launch, reset to zero by that CTA) sums the chunks' partials in chunk order into `state`: the result
+//       the last CTA of the head to finish (counted with an acquire-release atomic on `counters` [B*heads],
+//       kernels/include/atomics.cuh; zero before the launch, reset to zero by that CTA) sums the chunks'
+//       partials in chunk order into `state`: the result
 //       is deterministic, and k and v are read once.
 //   linear_attention_apply_<dtype>_hd<HD>(q, state, out, n_tokens, row_stride, head_stride, out_row_stride)
 //       grid (ceil(N / 128), heads, B), 128 threads: each CTA applies its head's state to 128 tokens of q.
@@ -51,6 +52,7 @@
 //   making the partial states a noticeable share of the traffic); any values with chunks * chunk_len >= N
 //   and chunk_len a multiple of 64 are correct.
 
+#include "atomics.cuh"
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -82,12 +84,16 @@ __device__ __forceinline__ void la_finish(const float* red, int parts, float* pa
         dst[e] = s;
     }
     if (chunks == 1) return;  // the same for the whole grid
-    __threadfence();          // this CTA's partial is visible before the counter says so
+    // Hand-off between CTAs: every thread's partial writes come before the barrier, thread 0's
+    // acquire-release add comes after it (release: the CTA's partial is visible to the CTA that
+    // acquires a later count); the last CTA's add acquires every earlier release, and the barrier
+    // after it extends that to all its threads (the PTX memory model's causality order is transitive
+    // through bar.sync). The partials are then read through L2 (__ldcg), never from a stale L1 line.
     __syncthreads();
-    if (threadIdx.x == 0) la_last = atomicAdd(counters + head, 1u) == (unsigned)(chunks - 1) ? 1u : 0u;
+    if (threadIdx.x == 0)
+        la_last = atomic_add_acq_rel_gpu(counters + head, 1u) == (unsigned)(chunks - 1) ? 1u : 0u;
     __syncthreads();
     if (!la_last) return;
-    __threadfence();
     const float* src = partial + head * chunks * S;
     for (int e = threadIdx.x; e < S; e += blockDim.x) {
         float s = 0.f;

@@ -139,7 +139,8 @@ pub trait GraphExecutor {
     /// The outputs of the last run, as f32 (waits for the device).
     fn outputs(&mut self) -> Result<HashMap<String, HostTensor>>;
     fn value(&self, id: ValueId) -> Result<HostTensor>;
-    /// Captures a run into a CUDA graph that later `execute`s replay (a no-op on the CPU).
+    /// Captures a run into a CUDA graph that later `execute`s replay, always after one eager
+    /// warm-up pass (on an executor that has not run, the next `execute` is that pass); a no-op on the CPU.
     fn capture(&mut self) -> Result<()>;
     /// Wall times of `iters` runs after a warm-up, in ms (CUDA events on a GPU).
     fn time_runs(&mut self, iters: usize) -> Result<Vec<f64>>;

@@ -2,11 +2,15 @@
 //! depthwise_conv2d, depthwise_conv_glu, grouped_linear, repeat_channels}) on random inputs:
 //! one-node graphs through the CUDA executor (f32 and bf16 storage), and the conv2d kernels
 //! launched directly for what no graph op reaches (the fused SiLU + residual epilogue, the CUDA-core kernel on 3×3 bf16,
-//! misaligned pointers that force the element-wise load paths).
+//! misaligned pointers: element-wise paths on the CUDA cores, a clear launcher error on the tensor
+//! cores, whose vector loads need the alignment).
 //!
 //! Shapes: odd channel counts (3, 5, 7, 9, 70), channel counts that are not a multiple of the
 //! 16-channel chunk (24), non-square grids, 1×1 and 3×4 grids, grids that cross the 8×16 tile
-//! (9×17, 17×33), more than one 64-channel output tile, B = 2.
+//! (9×17, 17×33), more than one 64-channel output tile, the 128-channel tile of the tensor-core
+//! kernels (Cout 128, 256; also with Cin % 8 != 0), more input chunks than cp.async stages, B = 2.
+//! The tensor-core kernels also run with the emulator's ldmatrix bank-conflict check
+//! (OU_LDMATRIX_BANK_CHECK in conv.cu): a conflicting shared-memory layout fails their launches.
 //!
 //! Tolerances (openuni_cuda::testing::check), against the CPU twin on the f32 inputs: f32 storage,
 //! relative L2 <= 1e-5; bf16 storage, <= 2x the relative L2 error of a plain bf16 run (the CPU twin
@@ -18,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use openuni_cpu::ops as cpu;
-use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, Conv2dArgs, UpsampleConv2dArgs};
+use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, ConvWeightLayout, Conv2dArgs, UpsampleConv2dArgs};
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::{CudaDevice, CudaExecutor, DeviceBuffer};
 use openuni_graph::{Graph, GraphBuilder};
@@ -75,6 +79,8 @@ fn conv2d_matches_cpu() {
         (1, 6, 5, 7, 9, 1, true, false),
         (2, 7, 9, 8, 8, 5, false, true),
         (1, 3, 4, 5, 3, 7, true, false),
+        (1, 9, 17, 80, 128, 3, true, true),
+        (2, 3, 5, 20, 256, 3, false, false),
     ];
     for &(b, h, w, cin, cout, k, with_bias, silu) in cases {
         let x = rng.normals(b * h * w * cin, 0.1, 1.0);
@@ -139,15 +145,25 @@ fn download(dev: &CudaDevice, dtype: DType, p: u64, n: usize) -> Vec<f32> {
     }
 }
 
+/// The weight as the kernel of `launch` reads it: prepared for the tensor-core kernels, upstream otherwise.
+fn kernel_weight(kernel: &str, layout: ConvWeightLayout, wt: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    if kernel.contains("_tc") {
+        conv::prepare_conv_weight(layout, wt, cout, cin)
+    } else {
+        wt.to_vec()
+    }
+}
+
 /// The conv2d kernels launched directly: the fused epilogue `silu(conv + bias) + residual`, both
-/// kernels on bf16 3×3, and pointers one element off a 16-byte boundary (element-wise loads and
-/// stores even where the channel counts allow vectors).
+/// kernels on bf16 3×3, and pointers one element off a 16-byte boundary: element-wise loads and
+/// stores on the CUDA cores; on the tensor cores, whose cp.async needs 16-byte x and weight, a
+/// launcher error naming the tensor and the alignment (never a silent fallback).
 #[test]
 fn conv2d_kernels_with_fused_epilogue_and_misaligned_pointers() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(12);
     // (batch, h, w, cin, cout)
-    for &(b, h, w, cin, cout) in &[(2usize, 5usize, 18usize, 16usize, 24usize), (1, 9, 4, 9, 7), (1, 3, 4, 32, 66)] {
+    for &(b, h, w, cin, cout) in &[(2usize, 5usize, 18usize, 16usize, 24usize), (1, 9, 4, 9, 7), (1, 3, 4, 32, 66), (1, 2, 9, 16, 128)] {
         let k = 3;
         let x = rng.normals(b * h * w * cin, 0.0, 1.0);
         let wt = rng.normals(cout * cin * k * k, 0.0, 1.0 / ((cin * k * k) as f32).sqrt());
@@ -166,8 +182,11 @@ fn conv2d_kernels_with_fused_epilogue_and_misaligned_pointers() {
             let kernels: &[ConvKernel] = if dtype == DType::BF16 { &[ConvKernel::Auto, ConvKernel::Direct] } else { &[ConvKernel::Auto] };
             for &choice in kernels {
                 for misalign in [0usize, 1] {
+                    // The kernel this choice launches (the launch builder decides from the shape alone).
+                    let probe = Conv2dArgs { dtype, x: 0, weight: 0, bias: 0, residual: 0, y: 0, batch: b, h, w, cin, cout, kernel: k, act: ConvAct::Silu };
+                    let kernel = conv::conv2d(&probe, choice).unwrap().kernel;
                     let (_xb, xp) = upload(&dev, dtype, &x, misalign);
-                    let (_wb, wp) = upload(&dev, dtype, &wt, misalign);
+                    let (_wb, wp) = upload(&dev, dtype, &kernel_weight(&kernel, ConvWeightLayout::Taps3x3, &wt, cout, cin), misalign);
                     let (_bb, bp) = upload(&dev, dtype, &bias, misalign);
                     let (_rb, rp) = upload(&dev, dtype, &res, misalign);
                     let (yb, yp) = upload(&dev, dtype, &vec![f32::NAN; n], misalign);
@@ -186,7 +205,17 @@ fn conv2d_kernels_with_fused_epilogue_and_misaligned_pointers() {
                         kernel: k,
                         act: ConvAct::Silu,
                     };
+                    if misalign == 1 && kernel.contains("_tc") {
+                        let e = conv::conv2d(&a, choice).err().expect("a misaligned tensor-core conv must be refused").to_string();
+                        let tensor = if cin % 8 == 0 { "x at" } else { "weight at" };
+                        assert!(e.contains(tensor) && e.contains("16-byte aligned"), "{kernel}: {e}");
+                        println!("{kernel} misaligned: {e}");
+                        continue;
+                    }
                     let l = conv::conv2d(&a, choice).unwrap();
+                    if misalign == 0 && dtype == DType::BF16 {
+                        println!("{}: {} bytes of dynamic shared memory, grid {:?}", l.kernel, l.smem, l.grid);
+                    }
                     // SAFETY: every buffer holds the shapes launched.
                     unsafe { l.enqueue(&dev).unwrap() };
                     let got = download(&dev, dtype, yp, n);
@@ -221,6 +250,8 @@ fn upsample_conv2d_matches_cpu() {
         (1, 3, 2, 6, 3, true, true),
         (2, 2, 3, 3, 5, true, false),
         (1, 4, 4, 32, 70, true, false),
+        (1, 3, 9, 64, 128, true, true),
+        (1, 2, 3, 12, 128, true, false),
     ];
     for &(b, h, w, cin, cout, with_bias, shortcut) in cases {
         let x = rng.normals(b * h * w * cin, 0.1, 1.0);
@@ -253,7 +284,8 @@ fn upsample_conv2d_matches_cpu() {
     }
 }
 
-/// Both upsample-conv kernels on bf16, with pointers one element off a 16-byte boundary.
+/// Both upsample-conv kernels on bf16, with pointers one element off a 16-byte boundary: the
+/// CUDA-core kernel computes, the tensor-core launcher refuses with the tensor and the alignment.
 #[test]
 fn upsample_conv2d_kernels_on_misaligned_pointers() {
     let Some(dev) = device_or_skip() else { return };
@@ -274,11 +306,19 @@ fn upsample_conv2d_kernels_on_misaligned_pointers() {
         let base = twin(&r(&x), &r(&wt), &r(&bias));
         for choice in [ConvKernel::Auto, ConvKernel::Direct] {
             for misalign in [0usize, 1] {
+                let probe = UpsampleConv2dArgs { dtype, x: 0, weight: 0, bias: 0, y: 0, batch: b, h, w, cin, cout, shortcut: true };
+                let kernel = conv::upsample_conv2d(&probe, choice).unwrap().kernel;
                 let (_xb, xp) = upload(&dev, dtype, &x, misalign);
-                let (_wb, wp) = upload(&dev, dtype, &wt, misalign);
+                let (_wb, wp) = upload(&dev, dtype, &kernel_weight(&kernel, ConvWeightLayout::UpsamplePhases, &wt, cout, cin), misalign);
                 let (_bb, bp) = upload(&dev, dtype, &bias, misalign);
                 let (_yb, yp) = upload(&dev, dtype, &vec![f32::NAN; n], misalign);
                 let a = UpsampleConv2dArgs { dtype, x: xp, weight: wp, bias: bp, y: yp, batch: b, h, w, cin, cout, shortcut: true };
+                if misalign == 1 && kernel.contains("_tc") {
+                    let e = conv::upsample_conv2d(&a, choice).err().expect("a misaligned tensor-core upsample conv must be refused").to_string();
+                    assert!(e.contains("x at") && e.contains("16-byte aligned"), "{kernel}: {e}");
+                    println!("{kernel} misaligned: {e}");
+                    continue;
+                }
                 let l = conv::upsample_conv2d(&a, choice).unwrap();
                 // SAFETY: every buffer holds the shapes launched.
                 unsafe { l.enqueue(&dev).unwrap() };
@@ -531,7 +571,7 @@ fn resblock_decoder_matches_cpu() {
 fn conv_geometry_matches_the_launcher() {
     let Some(dev) = device_or_skip() else { return };
     use openuni_cuda::families::conv::geometry as g;
-    let buf = dev.alloc(12 * 4).unwrap();
+    let buf = dev.alloc(14 * 4).unwrap();
     let l = openuni_cuda::families::Launch {
         kernel: "conv_geometry".into(),
         grid: (1, 1, 1),
@@ -539,9 +579,9 @@ fn conv_geometry_matches_the_launcher() {
         smem: 0,
         args: vec![openuni_cuda::KArg::Ptr(buf.ptr())],
     };
-    // SAFETY: the kernel writes 12 ints to its argument.
+    // SAFETY: the kernel writes 14 ints to its argument.
     unsafe { l.enqueue(&dev).unwrap() };
-    let mut got = vec![0i32; 12];
+    let mut got = vec![0i32; 14];
     dev.copy_to_host(buf.ptr(), &mut got).unwrap();
     let want = [
         g::CONV_TILE_H,
@@ -549,17 +589,19 @@ fn conv_geometry_matches_the_launcher() {
         g::CONV_TILE_N,
         g::CONV_TILE_H,
         g::CONV_TILE_W,
-        g::CONV_TILE_N,
+        g::CONV_TC_STAGES,
         g::CONV_KMAX,
         g::CONV_KMAX,
         g::DW_ROWS,
         g::DW_CHANNELS,
         g::GL_ROWS,
         g::GL_COLS,
+        g::CONV_TC_NPAD,
+        g::CONV_TC_CHUNK,
     ];
     let want: Vec<i32> = want.iter().map(|&v| v as i32).collect();
     assert_eq!(
         got, want,
-        "kernels/conv.cu compiles with tile h/w/n (CUDA cores), h/w/n (tensor cores), kmax (conv, depthwise), depthwise rows/channels, grouped rows/cols {got:?}, the launcher uses {want:?}"
+        "kernels/conv.cu compiles with tile h/w/n (CUDA cores), h/w/stages (tensor cores), kmax (conv, depthwise), depthwise rows/channels, grouped rows/cols, tensor-core weight padding/chunk {got:?}, the launcher uses {want:?}"
     );
 }

@@ -210,3 +210,23 @@ fn prebuilt_kernels_are_loaded_when_they_match_the_device() {
         assert!(origins.iter().all(|(_, o)| *o == "prebuilt"), "{origins:?}");
     }
 }
+
+/// Hazards only real hardware shows, pinned in the PTX: the linear attention's cross-CTA reduction
+/// hands the partial states over with an acquire-release atomic (kernels/include/atomics.cuh), not a
+/// relaxed atomicAdd between __threadfence()s.
+#[test]
+fn cross_cta_hand_offs_use_acquire_release_atomics() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let mut opts = CompileOptions::new(KernelTarget::new("sm_90a", KernelFormat::Ptx));
+    opts.use_cache = false;
+    let (file, src) = kernel_sources().iter().find(|(f, _)| *f == "linear_attention.cu").expect("linear_attention.cu");
+    let m = nvrtc::compile(file, src, kernel_headers(), &opts).unwrap_or_else(|e| panic!("{e}"));
+    let ptx = String::from_utf8(m.image).unwrap();
+    let count = |pat: &str| ptx.lines().filter(|l| l.contains(pat)).count();
+    let (acq_rel, relaxed, fences) = (count("atom.acq_rel.gpu.global.add.u32"), count("atom.global.add.u32"), count("membar.gl") + count("fence.sc.gpu"));
+    println!("{file}: {acq_rel} atom.acq_rel.gpu adds, {relaxed} relaxed atom.global.add, {fences} membar.gl / fence.sc.gpu");
+    assert!(acq_rel > 0, "{file}: no acquire-release atomic in the PTX");
+    assert_eq!(relaxed + fences, 0, "{file}: a relaxed atomic or a bare fence is left in the cross-CTA reduction");
+}

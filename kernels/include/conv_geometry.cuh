@@ -12,6 +12,9 @@ namespace ou {
 constexpr int CONV_TILE_H = 8;    // output tile rows of conv2d_* and upsample_conv2d_* (per phase)
 constexpr int CONV_TILE_W = 16;   // output tile columns
 constexpr int CONV_TILE_N = 64;   // output channels per block
+constexpr int CONV_TC_STAGES = 3;  // conv2d_bf16_tc*, upsample_conv2d_bf16_tc*: cp.async ring depth
+constexpr int CONV_TC_NPAD = 128;  // their prepared weights: output channels padded to a multiple of this
+constexpr int CONV_TC_CHUNK = 16;  // their prepared weights: input channels per chunk (zero-padded)
 constexpr int CONV_KMAX = 7;      // largest (odd) kernel of conv2d_{f32,bf16} and depthwise_conv2d_*
 constexpr int DW_ROWS = 4;        // depthwise: output rows per thread
 constexpr int DW_CHANNELS = 128;  // depthwise: channels per block (32 threads x 4)

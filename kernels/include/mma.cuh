@@ -15,6 +15,8 @@
 // ldmatrix loads 1, 2 or 4 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give the row addresses of
 // matrix i (16-byte aligned). Register i of lane l receives row l/4, columns 2(l%4), 2(l%4)+1 of matrix i;
 // with .trans it receives column l/4, rows 2(l%4), 2(l%4)+1 instead.
+// A file that defines OU_LDMATRIX_BANK_CHECK before including this header gets, on the emulated GPU,
+// a failed launch for every ldmatrix whose matrix rows conflict in shared-memory banks.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -48,6 +50,24 @@ __device__ __forceinline__ void ldmatrix(unsigned* r, const void* row, const cha
   if (lane < 8 * N && (reinterpret_cast<size_t>(row) & 15u) != 0)
     openuni_emu_fail(716, "ldmatrix: row address is not 16-byte aligned", file, line);
   openuni_emu::lanes all = openuni_emu::exchange(0xffffffffu, row, file, line);
+#if defined(OU_LDMATRIX_BANK_CHECK)
+  // Shared memory has 32 banks of 4 bytes: the 8 16-byte rows of one matrix are read without a
+  // conflict when they lie in 8 distinct 16-byte bank groups, (address / 16) mod 8. Addresses in
+  // dynamic shared memory count from its start (its offset on a GPU), others as they are.
+  for (int m = 0; m < N; ++m) {
+    unsigned seen = 0;
+    for (int r = 0; r < 8; ++r) {
+      const unsigned char* p = static_cast<const unsigned char*>(all.get<const void*>(m * 8 + r));
+      const unsigned char* base = openuni_emu_dyn_smem_ptr();
+      const size_t off = p >= base && p < base + openuni_emu_dyn_smem_size ? (size_t)(p - base) : (size_t)p;
+      const unsigned unit = 1u << ((off >> 4) & 7);
+      if (seen & unit)
+        openuni_emu_fail(719, "ldmatrix: two rows of one 8x8 matrix fall in the same shared-memory bank group "
+                              "(a bank conflict; OU_LDMATRIX_BANK_CHECK)", file, line);
+      seen |= unit;
+    }
+  }
+#endif
   for (int m = 0; m < N; ++m) {
     unsigned lo, hi;
     if (!TRANS) {

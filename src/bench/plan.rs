@@ -101,6 +101,8 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
     Ok(match &node.op {
         Op::Linear { .. } => one,
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => one,
+        // A tanh-GELU after a Linear is that GEMM's epilogue (executor peephole): no launch.
+        Op::Unary { .. } if openuni_cuda::families::gelu_fused_into_linear(g, node, false).is_some() => 0,
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => one,
         Op::Attention { q, k, heads, kv_heads, head_dim, causal, scale, .. } => {
             let (qs, ks) = (g.shape(*q).dims(), g.shape(*k).dims());

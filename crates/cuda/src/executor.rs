@@ -130,6 +130,8 @@ pub struct CudaExecutor {
     /// Keeps the shared device weights alive as long as this executor points into them.
     _weights: Arc<WeightCache>,
     weight_ptr: HashMap<ValueId, u64>,
+    /// Weights held only in a kernel's prepared layout (`families::conv::ConvWeightLayout`).
+    prepared_weights: Vec<ValueId>,
     /// Graph inputs given at least once (inputs persist across runs; see `set_inputs`).
     inputs_set: Vec<ValueId>,
     _staging: Option<DeviceBuffer>,
@@ -150,6 +152,12 @@ pub struct CudaExecutor {
     /// Runs enqueued so far (shared with the [`DeviceTensor`]s handed out, to detect stale ones).
     runs: Arc<AtomicU64>,
     captured: Option<CudaGraph>,
+    /// An eager pass (every node launched outside a capture) has been enqueued: the warm-up a
+    /// capture needs (see `capture`).
+    warmed: bool,
+    /// `capture` was called before any eager pass: the next `execute` runs eagerly (the warm-up)
+    /// and captures right after it.
+    capture_armed: bool,
     /// Bytes copied host -> device and device -> host by this executor (inputs, states, outputs,
     /// values): what a decode step costs the bus.
     traffic: [std::sync::atomic::AtomicU64; 2],
@@ -207,8 +215,13 @@ impl CudaExecutor {
         }
 
         let mut weight_ptr = HashMap::new();
+        let mut prepared = vec![];
         for (id, name) in graph.weights() {
-            weight_ptr.insert(id, cache.get(weights, name, graph.shape(id))?);
+            let layout = families::conv::weight_layout(graph, id, dtype)?;
+            if layout.is_some() {
+                prepared.push(id);
+            }
+            weight_ptr.insert(id, cache.get_in(weights, name, graph.shape(id), layout)?);
         }
 
         // f32 staging for bf16 storage: one slot per input and per output.
@@ -255,6 +268,7 @@ impl CudaExecutor {
             arena,
             _weights: cache.clone(),
             weight_ptr,
+            prepared_weights: prepared,
             inputs_set: vec![],
             _staging: staging,
             staged_inputs,
@@ -266,6 +280,8 @@ impl CudaExecutor {
             f32_read: vec![],
             runs: Arc::new(AtomicU64::new(0)),
             captured: None,
+            warmed: false,
+            capture_armed: false,
             traffic: Default::default(),
         };
         ex.resolve()?;
@@ -329,6 +345,11 @@ impl CudaExecutor {
                 }
             }
         };
+        let gelu_fusions: HashMap<ValueId, ValueId> = g
+            .nodes
+            .iter()
+            .filter_map(|n| families::gelu_fused_into_linear(g, n, self.keep_all).map(|lin| (lin, n.output)))
+            .collect();
         let fctx = families::Ctx {
             dev: &self.dev,
             graph: g,
@@ -336,6 +357,7 @@ impl CudaExecutor {
             ptr: &p,
             f32_ptr: &p32,
             resources: &resources,
+            gelu_fusions: &gelu_fusions,
         };
         for node in &g.nodes {
             let step = families::resolve(&fctx, node).map_err(|e| match e {
@@ -387,6 +409,13 @@ impl CudaExecutor {
     fn enqueue_output_casts(&self) -> Result<()> {
         // SAFETY: staging slots and arena values of the sizes resolved.
         unsafe { families::enqueue(&self.dev, &self.output_casts) }
+    }
+
+    /// Every node, eagerly (not into a capture): the pass that warms the executor up for `capture`.
+    fn enqueue_eager(&mut self) -> Result<()> {
+        self.enqueue_all()?;
+        self.warmed = true;
+        Ok(())
     }
 
     /// Every node (one pass; the staging casts are not part of it).
@@ -529,7 +558,8 @@ impl CudaExecutor {
     }
 
     /// Enqueues one run on the inputs set so far: the captured CUDA graph when there is one
-    /// (`capture`), else every node. Returns without waiting; `outputs` synchronizes.
+    /// (`capture`), else every node (and, when a capture is armed, captures right after this
+    /// eager pass). Returns without waiting; `outputs` synchronizes.
     pub fn execute(&mut self) -> Result<()> {
         self.check_inputs_set()?;
         match &self.captured {
@@ -538,7 +568,13 @@ impl CudaExecutor {
                 self.runs.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            None => self.enqueue_all(),
+            None => {
+                self.enqueue_eager()?;
+                if self.capture_armed {
+                    self.capture_now()?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -601,6 +637,12 @@ impl CudaExecutor {
         self.captured.is_some()
     }
 
+    /// Whether `capture` was asked for before any eager pass: the next `execute` is that pass
+    /// and captures after it.
+    pub fn is_capture_armed(&self) -> bool {
+        self.capture_armed
+    }
+
     /// The graph's outputs (f32) after `execute`; waits for the device.
     pub fn outputs(&self) -> Result<HashMap<String, HostTensor>> {
         self.download_outputs()
@@ -651,7 +693,7 @@ impl CudaExecutor {
     pub fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
         self.set_inputs(inputs)?;
         self.check_inputs_set()?;
-        self.enqueue_all()?;
+        self.enqueue_eager()?;
         self.download_outputs()
     }
 
@@ -662,6 +704,15 @@ impl CudaExecutor {
             return Err(CudaError::Invalid {
                 what: "value".into(),
                 msg: format!("no value {} in the graph", id.0),
+            });
+        }
+        if self.prepared_weights.contains(&id) {
+            return Err(CudaError::Invalid {
+                what: "value".into(),
+                msg: format!(
+                    "weight `{}` is held on the device only in its conv kernel's prepared layout (families::conv::ConvWeightLayout), not as [cout, cin, 3, 3]",
+                    self.graph.weights().find(|(w, _)| *w == id).map_or("?", |(_, n)| n)
+                ),
             });
         }
         let live_at_end = self.graph.outputs.iter().any(|(_, o)| *o == id);
@@ -687,9 +738,28 @@ impl CudaExecutor {
         Ok(HostTensor::from_f32(shape, v)?)
     }
 
-    /// Captures one run (every node) into a CUDA graph, replacing any earlier capture. Inputs and
-    /// their casts are not part of it: [`CudaExecutor::replay`] sets them first.
+    /// Captures one run (every node) into a CUDA graph, replacing any earlier capture; later
+    /// `execute`s replay it. Inputs and their casts are not part of it: [`CudaExecutor::replay`]
+    /// sets them first.
+    ///
+    /// A capture only follows an eager pass: on a GPU the first launch of a kernel may still load
+    /// its module (lazy loading) and cuBLASLt may initialise state on its first matmul, neither of
+    /// which may happen inside a capture. So on an executor that has not run yet, `capture` only
+    /// arms the capture: the next `execute` runs every node eagerly (that run's results are
+    /// real, nothing is computed twice) and captures right after it.
     pub fn capture(&mut self) -> Result<()> {
+        self.captured = None;
+        if self.warmed {
+            self.capture_now()
+        } else {
+            self.capture_armed = true;
+            Ok(())
+        }
+    }
+
+    fn capture_now(&mut self) -> Result<()> {
+        debug_assert!(self.warmed, "a capture follows an eager pass");
+        self.capture_armed = false;
         self.captured = None;
         let stream = self.dev.stream().clone();
         self.dev.synchronize()?;
@@ -711,7 +781,7 @@ impl CudaExecutor {
 
     /// Copies `inputs` to the device and launches the captured graph (see `capture`).
     pub fn replay(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
-        if self.captured.is_none() {
+        if self.captured.is_none() && !self.capture_armed {
             return Err(CudaError::Invalid {
                 what: "replay".into(),
                 msg: "nothing captured: call capture() first".into(),
@@ -728,7 +798,7 @@ impl CudaExecutor {
         let iters = iters.max(1);
         self.set_inputs(inputs)?;
         self.check_inputs_set()?;
-        self.enqueue_all()?;
+        self.enqueue_eager()?;
         self.dev.synchronize()?;
         let n = self.steps.len();
         let mut starts = Vec::with_capacity(n);

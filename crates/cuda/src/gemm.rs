@@ -9,6 +9,14 @@
 //! so m = out, n = rows, k = in. The bias epilogue adds bias[out] to every column of D (every row
 //! of y). bf16 storage: A, B, C, D and bias in bf16, compute and scale in f32
 //! (CUBLAS_COMPUTE_32F); f32 storage: everything f32, CUBLAS_COMPUTE_32F (no TF32).
+//!
+//! The algorithm: on the first use of a (device, driver, cuBLASLt version, shape, dtypes,
+//! epilogue, operand alignments) the top [`ALGO_CANDIDATES`] of cuBLASLt's heuristic are each
+//! timed with CUDA events (one warm-up, then the median of 5 runs) and the fastest is kept, in
+//! memory and on disk ([`crate::gemm_cache`]); later uses, in this process or the next, read the
+//! choice. On the emulated GPU timing means nothing: every candidate still runs once (the code
+//! path is exercised; above 2^27 multiply-adds only the first, to keep CPU time bounded) and the
+//! choice is always the first, so results are deterministic there.
 
 use std::ffi::c_void;
 use std::mem::size_of;
@@ -20,12 +28,24 @@ use openuni_tensor::DType;
 
 use crate::device::{CudaDevice, DeviceBuffer};
 use crate::error::{CudaError, DriverContext, Result};
+use crate::gemm_cache::AlgoCache;
+
+/// How many of cuBLASLt's heuristic candidates are timed on the first use of a shape.
+pub const ALGO_CANDIDATES: usize = 4;
+
+/// On the emulated GPU (CPU GEMMs) every candidate runs once only up to this many multiply-adds;
+/// a larger GEMM runs just the first (the choice there) when its shape is first seen.
+const EMU_TRY_ALL_MACS: u64 = 1 << 27;
 
 /// The cuBLASLt handle of a device and its workspace (32 MiB from compute capability 9.0 on,
 /// 4 MiB before, as NVIDIA recommends).
 pub struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: DeviceBuffer,
+    /// Device name, compute capability, driver and cuBLASLt versions: the part of a choice's key
+    /// that says where it was measured.
+    identity: String,
+    choices: AlgoCache,
 }
 
 // SAFETY: the handle is only used on the device's one stream; cuBLASLt handles may be shared
@@ -66,7 +86,19 @@ impl Blas {
                 return Err(e);
             }
         };
-        Ok(Blas { handle, workspace })
+        let mut driver = 0i32;
+        // SAFETY: writes one int.
+        let _ = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+        // SAFETY: a plain query of the loaded library.
+        let lt_version = unsafe { sys::cublasLtGetVersion() };
+        let (ma, mi) = dev.compute_capability();
+        let identity = format!("{} sm_{ma}{mi} driver {driver} cublasLt {lt_version}", dev.name());
+        Ok(Blas { handle, workspace, identity, choices: AlgoCache::default_location() })
+    }
+
+    /// Where the per-shape algorithm choices are kept (None: in memory only).
+    pub fn choice_cache(&self) -> Option<&std::path::Path> {
+        self.choices.path()
     }
 
     pub fn workspace_bytes(&self) -> usize {
@@ -102,9 +134,23 @@ pub struct LinearGemm {
     b: sys::cublasLtMatrixLayout_t,
     c: sys::cublasLtMatrixLayout_t,
     algo: sys::cublasLtMatmulAlgo_t,
+    choice: AlgoChoice,
+    /// m · n · k.
+    macs: u64,
     x: u64,
     w: u64,
     y: u64,
+}
+
+/// Which heuristic candidate a [`LinearGemm`] runs, and how it was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlgoChoice {
+    /// Position in cuBLASLt's heuristic list.
+    pub index: usize,
+    /// Candidates the heuristic returned (at most [`ALGO_CANDIDATES`]).
+    pub candidates: usize,
+    /// Read from the choice cache (no timing was needed).
+    pub cached: bool,
 }
 
 // SAFETY: the descriptors are plain heap objects owned by this value.
@@ -138,7 +184,9 @@ fn alignment(ptrs: &[u64]) -> u32 {
 }
 
 impl LinearGemm {
-    pub fn new(blas: &Blas, p: &LinearArgs) -> Result<LinearGemm> {
+    /// Plans the GEMM: descriptors, layouts, and the algorithm (timed on first use of the shape,
+    /// see the module docs; the timing runs write `y`, so plan before `y` holds anything).
+    pub fn new(dev: &CudaDevice, blas: &Blas, p: &LinearArgs) -> Result<LinearGemm> {
         let what = |s: &'static str| {
             move || {
                 format!(
@@ -167,6 +215,8 @@ impl LinearGemm {
             c: std::ptr::null_mut(),
             // SAFETY: a plain C struct, overwritten by the heuristic below.
             algo: unsafe { std::mem::zeroed() },
+            choice: AlgoChoice { index: 0, candidates: 0, cached: false },
+            macs: (p.out_features * p.rows * p.in_features) as u64,
             x: p.x,
             w: p.w,
             y: p.y,
@@ -251,10 +301,79 @@ impl LinearGemm {
             }
         }
         // SAFETY: all descriptors are live.
-        let h = unsafe { lt::get_matmul_algo_heuristic(blas.handle, g.desc, g.a, g.b, g.c, g.c, pref.0) }
-            .ctx(what("no cuBLASLt algorithm (cublasLtMatmulAlgoGetHeuristic)"))?;
-        g.algo = h.algo;
+        let cands = unsafe { heuristic_candidates(blas, &g, pref.0) }.ctx(what("no cuBLASLt algorithm (cublasLtMatmulAlgoGetHeuristic)"))?;
+        let align = |ptr: u64| alignment(&[ptr]);
+        let key = format!(
+            "{}|{:?}|m{m} n{n} k{k}|{:?}|align w{} x{} y{} bias{}",
+            blas.identity,
+            p.dtype,
+            p.epilogue,
+            align(p.w),
+            align(p.x),
+            align(p.y),
+            p.bias.map_or(0, align)
+        );
+        let (index, cached) = match blas.choices.get(&key) {
+            Some(i) if i < cands.len() => (i, true),
+            _ => {
+                let i = g.choose(dev, blas, &cands)?;
+                blas.choices.insert(&key, i);
+                (i, false)
+            }
+        };
+        g.algo = cands[index].algo;
+        g.choice = AlgoChoice { index, candidates: cands.len(), cached };
         Ok(g)
+    }
+
+    /// The algorithm this GEMM runs and how it was chosen.
+    pub fn algo_choice(&self) -> AlgoChoice {
+        self.choice
+    }
+
+    /// The fastest candidate by CUDA-event timing (one warm-up, median of 5); on the emulated GPU
+    /// each candidate runs once and the first is kept. A candidate that fails to run is skipped.
+    fn choose(&self, dev: &CudaDevice, blas: &Blas, cands: &[sys::cublasLtMatmulHeuristicResult_t]) -> Result<usize> {
+        const RUNS: usize = 5;
+        let mut best: Option<(f32, usize)> = None;
+        let mut last_err = None;
+        for (i, c) in cands.iter().enumerate() {
+            // SAFETY: the operands given to `new` are valid for these shapes (its contract).
+            if dev.is_emulated() && i > 0 && self.macs > EMU_TRY_ALL_MACS {
+                break; // large on the emulator: only the choice itself runs
+            }
+            if let Err(e) = unsafe { self.run_algo(dev, blas, &c.algo) } {
+                last_err = Some(e);
+                continue;
+            }
+            if dev.is_emulated() {
+                continue;
+            }
+            let (start, end) = (dev.timing_event()?, dev.timing_event()?);
+            let mut times = Vec::with_capacity(RUNS);
+            for _ in 0..RUNS {
+                dev.record(&start)?;
+                // SAFETY: as above.
+                unsafe { self.run_algo(dev, blas, &c.algo) }?;
+                dev.record(&end)?;
+                dev.synchronize()?;
+                times.push(start.elapsed_ms(&end).ctx(|| "timing a cuBLASLt candidate".into())?);
+            }
+            times.sort_by(|a, b| a.total_cmp(b));
+            let median = times[RUNS / 2];
+            if best.is_none_or(|(t, _)| median < t) {
+                best = Some((median, i));
+            }
+        }
+        dev.synchronize()?;
+        if dev.is_emulated() && last_err.is_none() {
+            return Ok(0);
+        }
+        match (best, last_err) {
+            (Some((_, i)), _) => Ok(i),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(0),
+        }
     }
 
     /// Enqueues the GEMM on `dev`'s stream.
@@ -262,6 +381,12 @@ impl LinearGemm {
     /// # Safety
     /// The pointers given to [`LinearGemm::new`] must still be valid for these shapes.
     pub unsafe fn run(&self, dev: &CudaDevice, blas: &Blas) -> Result<()> {
+        self.run_algo(dev, blas, &self.algo)
+    }
+
+    /// # Safety
+    /// As [`LinearGemm::run`].
+    unsafe fn run_algo(&self, dev: &CudaDevice, blas: &Blas, algo: &sys::cublasLtMatmulAlgo_t) -> Result<()> {
         let alpha = 1.0f32;
         let beta = 0.0f32;
         lt::matmul(
@@ -277,7 +402,7 @@ impl LinearGemm {
             self.c,
             self.y as *mut c_void,
             self.c,
-            &self.algo,
+            algo,
             blas.workspace.ptr() as *mut c_void,
             blas.workspace.bytes(),
             dev.stream().cu_stream() as sys::cudaStream_t,
@@ -300,4 +425,25 @@ impl Drop for LinearGemm {
             }
         }
     }
+}
+
+/// Up to [`ALGO_CANDIDATES`] heuristic results with a success state, best first.
+///
+/// # Safety
+/// The descriptors of `g` and `pref` must be live.
+unsafe fn heuristic_candidates(
+    blas: &Blas,
+    g: &LinearGemm,
+    pref: sys::cublasLtMatmulPreference_t,
+) -> std::result::Result<Vec<sys::cublasLtMatmulHeuristicResult_t>, cudarc::cublaslt::result::CublasError> {
+    let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = vec![std::mem::zeroed(); ALGO_CANDIDATES];
+    let mut count = 0i32;
+    sys::cublasLtMatmulAlgoGetHeuristic(blas.handle, g.desc, g.a, g.b, g.c, g.c, pref, ALGO_CANDIDATES as i32, results.as_mut_ptr(), &mut count)
+        .result()?;
+    results.truncate(count.clamp(0, ALGO_CANDIDATES as i32) as usize);
+    results.retain(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+    if results.is_empty() {
+        return Err(cudarc::cublaslt::result::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED));
+    }
+    Ok(results)
 }

@@ -18,6 +18,7 @@ mod error;
 mod executor;
 pub mod families;
 pub mod gemm;
+pub mod gemm_cache;
 mod kernels;
 pub mod nvrtc;
 pub mod testing;

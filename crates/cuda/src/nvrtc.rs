@@ -511,7 +511,8 @@ pub fn compile(file: &str, source: &str, headers: &[(&str, &str)], opts: &Compil
 }
 
 /// The `extern "C" __global__` entry points defined in a `.cu` source, in order of appearance
-/// (a plain text scan: `extern "C" __global__ void NAME(`, also when written through a macro
+/// (a plain text scan: `extern "C" __global__ void NAME(` or `extern "C" __global__ void
+/// __launch_bounds__(..) NAME(`, also when written through a macro
 /// that the scan cannot see into; such kernels are found from the PTX instead, see
 /// [`ptx_entries`]).
 pub fn entry_points(source: &str) -> Vec<String> {
@@ -529,7 +530,12 @@ pub fn entry_points(source: &str) -> Vec<String> {
         }
         let t = after.trim_start();
         let Some(t) = t.strip_prefix("void") else { continue };
-        let t = t.trim_start();
+        let mut t = t.trim_start();
+        // An occupancy hint between the return type and the name: `__launch_bounds__(256, 2)`.
+        if let Some(b) = t.strip_prefix("__launch_bounds__") {
+            let Some(close) = b.find(')') else { continue };
+            t = b[close + 1..].trim_start();
+        }
         let name: String = t
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')

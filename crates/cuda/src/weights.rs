@@ -1,5 +1,7 @@
 //! Device weights shared by every executor of a model: each tensor is converted and uploaded
-//! once per (device, storage dtype), however many graphs (stages, batch sizes) read it.
+//! once per (device, storage dtype, layout), however many graphs (stages, batch sizes) read it.
+//! A weight that a tensor-core conv reads is held only in that kernel's prepared layout
+//! (`families::conv::ConvWeightLayout`, permuted once here on the host), not also upstream.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,12 +10,13 @@ use half::bf16;
 use openuni_tensor::{DType, Shape, TensorSource};
 
 use crate::device::{CudaDevice, DeviceBuffer};
+use crate::families::conv::{prepare_conv_weight, ConvWeightLayout};
 use crate::error::{CudaError, Result};
 
 pub struct WeightCache {
     pub(crate) dev: Arc<CudaDevice>,
     pub(crate) dtype: DType,
-    tensors: Mutex<HashMap<(String, Shape), DeviceBuffer>>,
+    tensors: Mutex<HashMap<(String, Shape, Option<ConvWeightLayout>), DeviceBuffer>>,
 }
 
 impl WeightCache {
@@ -34,11 +37,28 @@ impl WeightCache {
     /// (converted on the host to the storage dtype). Each tensor is its own allocation, so its
     /// address stays valid as long as the cache lives.
     pub fn get(&self, source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<u64> {
-        let key = (name.to_string(), shape.clone());
+        self.get_in(source, name, shape, None)
+    }
+
+    /// As [`WeightCache::get`], held in `layout` (`None`: upstream) on the device: a conv weight
+    /// [cout, cin, 3, 3] is permuted (and for the upsample conv, its phase taps combined) in f32 on
+    /// the host, then converted to the storage dtype once.
+    pub fn get_in(&self, source: &dyn TensorSource, name: &str, shape: &Shape, layout: Option<ConvWeightLayout>) -> Result<u64> {
+        let key = (name.to_string(), shape.clone(), layout);
         if let Some(b) = self.tensors.lock().expect("weight cache").get(&key) {
             return Ok(b.ptr());
         }
-        let v = source.tensor_f32(name, shape)?.to_f32_vec();
+        let mut v = source.tensor_f32(name, shape)?.to_f32_vec();
+        if let Some(layout) = layout {
+            let d = shape.dims();
+            if d.len() != 4 || d[2] != 3 || d[3] != 3 {
+                return Err(CudaError::Invalid {
+                    what: "weight layout".into(),
+                    msg: format!("weight `{name}` has shape {shape}, the {layout:?} layout takes [cout, cin, 3, 3]"),
+                });
+            }
+            v = prepare_conv_weight(layout, &v, d[0], d[1]);
+        }
         let buf = match self.dtype {
             DType::F32 => self.dev.upload(&v)?,
             DType::BF16 => {

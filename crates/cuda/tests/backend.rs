@@ -71,8 +71,9 @@ fn every_kernel_is_found_in_its_file() {
 fn entry_point_scan_ignores_comments_and_macros() {
     let src =
         "// extern \"C\" __global__ void in_comment(int)\nextern \"C\" __global__ void a_f32(const float* x) {}\n\
-               #define K(n) extern \"C\" __global__ void n##_x(int)\nextern \"C\" __global__ void\nb_bf16 (int) {}\n";
-    assert_eq!(nvrtc::entry_points(src), vec!["a_f32", "b_bf16"]);
+               #define K(n) extern \"C\" __global__ void n##_x(int)\nextern \"C\" __global__ void\nb_bf16 (int) {}\n\
+               extern \"C\" __global__ void __launch_bounds__(256, 2) c_tc(int) {}\n";
+    assert_eq!(nvrtc::entry_points(src), vec!["a_f32", "b_bf16", "c_tc"]);
     let ptx = ".version 9.0\n.visible .entry rmsnorm_f32(\n.param .u64 a\n)\n.entry other (\n";
     assert_eq!(nvrtc::ptx_entries(ptx), vec!["rmsnorm_f32", "other"]);
 }

@@ -106,6 +106,79 @@ fn graph_matches_the_cpu_executor_node_by_node() {
     }
 }
 
+/// The executor's Linear + tanh-GELU peephole (families::gelu_fused_into_linear): the GEMM's
+/// (bias +) GELU epilogue computes the pair, matching the CPU executor (Linear, then GeluTanh); the
+/// erf GELU, a Linear whose input dies at it, and keep_all are not fused.
+#[test]
+fn linear_then_tanh_gelu_runs_as_one_gemm() {
+    let mut g = GraphBuilder::new();
+    let x = g.input("x", [B, N, C]).unwrap();
+    let w1 = g.weight("fc1.weight", [H, C]).unwrap();
+    let b1 = g.weight("fc1.bias", [H]).unwrap();
+    let w2 = g.weight("fc2.weight", [C, H]).unwrap();
+    let a = g.linear("fc1", x, w1, Some(b1)).unwrap();
+    let a = g.unary("act", a, UnaryFn::GeluTanh).unwrap();
+    let o = g.linear("fc2", a, w2, None).unwrap();
+    let e = g.unary("act_erf", o, UnaryFn::GeluErf).unwrap();
+    let r = g.unary("relu", e, UnaryFn::Relu).unwrap(); // read only by fc3: dies there
+    let n = g.linear("fc3", r, w1, None).unwrap();
+    let t = g.unary("act_after_dying_input", n, UnaryFn::GeluTanh).unwrap();
+    g.output("y", e).unwrap();
+    g.output("z", t).unwrap();
+    let g = g.finish();
+    let fused: Vec<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| openuni_cuda::families::gelu_fused_into_linear(&g, n, false).is_some())
+        .map(|n| n.name.as_str())
+        .collect();
+    assert_eq!(fused, ["act"], "only the tanh GELU after a Linear whose input outlives it");
+    assert!(g.nodes.iter().all(|n| openuni_cuda::families::gelu_fused_into_linear(&g, n, true).is_none()), "keep_all fuses nothing");
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(10);
+    let w = weights(&mut rng);
+    let inp = HashMap::from([("x".to_string(), HostTensor::from_f32(vec![B, N, C], rng.normals(B * N * C, 0.0, 1.0)).unwrap())]);
+    let want = CpuExecutor::new(&g, &w, false).unwrap().run(&inp).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let got = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap().run(&inp).unwrap();
+        for name in ["y", "z"] {
+            let e = rel_l2(&got[name].to_f32_vec(), &want[name].to_f32_vec());
+            println!("{dtype} {name} with the GELU in fc1's epilogue: rel L2 {e:.3e}");
+            assert!(e <= tol(dtype), "{dtype} {name}: rel L2 {e:.3e}");
+        }
+    }
+}
+
+#[test]
+fn capture_follows_one_eager_warm_up_pass() {
+    // On a GPU a kernel's first launch may load its module and cuBLASLt may set up state on its
+    // first matmul: neither may happen inside a stream capture. So an executor that has not run
+    // eagerly yet only arms the capture, and captures right after its first (eager) execute.
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(9);
+    let g = graph();
+    let w = weights(&mut rng);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut ex = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
+        ex.capture().unwrap();
+        assert!(!ex.is_captured() && ex.is_capture_armed(), "{dtype}: captured before any eager pass");
+        let inp = inputs(&mut rng);
+        let warm = ex.replay(&inp).unwrap();
+        assert!(ex.is_captured() && !ex.is_capture_armed(), "{dtype}: the eager warm-up pass did not capture");
+        let replayed = ex.replay(&inp).unwrap();
+        let mut fresh = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
+        let ran = fresh.run(&inp).unwrap();
+        for name in ["y", "mlp"] {
+            assert!(warm[name].to_f32_vec() == ran[name].to_f32_vec(), "{dtype} {name}: the warm-up pass differs from run");
+            assert!(replayed[name].to_f32_vec() == ran[name].to_f32_vec(), "{dtype} {name}: the replay differs from run");
+        }
+        // An executor that has run eagerly captures at once.
+        fresh.capture().unwrap();
+        assert!(fresh.is_captured() && !fresh.is_capture_armed(), "{dtype}: a warmed-up executor must capture at once");
+        println!("{dtype}: capture armed on a fresh executor, taken after its eager pass; replays identical to run");
+    }
+}
+
 #[test]
 fn capture_and_replay_give_the_same_results_as_run() {
     let Some(dev) = device_or_skip() else { return };
@@ -240,7 +313,7 @@ fn linear_gemm_epilogues_match_cpu() {
                 bias: with_bias.then_some(bb.ptr()),
                 y: yb.ptr(),
             };
-            let g = LinearGemm::new(&blas, &args).unwrap();
+            let g = LinearGemm::new(&dev, &blas, &args).unwrap();
             dev.fill_bytes(yb.ptr(), 0xFF, yb.bytes()).unwrap();
             unsafe { g.run(&dev, &blas).unwrap() };
             let got: Vec<f32> = match dtype {

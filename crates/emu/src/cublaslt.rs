@@ -345,6 +345,9 @@ pub struct HeuristicResult {
     reserved: [c_int; 4],
 }
 
+/// Heuristic candidates the emulated cuBLASLt returns at most.
+const EMU_CANDIDATES: c_int = 3;
+
 #[no_mangle]
 pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
     h: Handle,
@@ -380,17 +383,23 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
         *count = 0;
         return e;
     }
-    std::ptr::write(
-        results,
-        HeuristicResult {
-            algo: [0x0E0E; 8],
-            workspace_size: 0,
-            state: CUBLAS_STATUS_SUCCESS,
-            waves: 1.0,
-            reserved: [0; 4],
-        },
-    );
-    *count = 1;
+    // Up to EMU_CANDIDATES candidates, as a GPU's heuristic returns several: they compute the
+    // same (one CPU GEMM), so callers that time candidates run their whole code path. algo[0]
+    // tells them apart.
+    let n = requested.min(EMU_CANDIDATES);
+    for i in 0..n {
+        std::ptr::write(
+            results.add(i as usize),
+            HeuristicResult {
+                algo: [0x0E0E + i as u64, 0x0E0E, 0x0E0E, 0x0E0E, 0x0E0E, 0x0E0E, 0x0E0E, 0x0E0E],
+                workspace_size: 0,
+                state: CUBLAS_STATUS_SUCCESS,
+                waves: 1.0,
+                reserved: [0; 4],
+            },
+        );
+    }
+    *count = n;
     CUBLAS_STATUS_SUCCESS
 }
 

@@ -138,3 +138,27 @@ fn wrong_fragment_index_is_caught() {
     println!("mma with a[1]/a[2] swapped: {wrong}/128 elements differ from the naive matmul");
     assert!(wrong > 64, "{wrong}");
 }
+
+/// The bank check conv.cu relies on: rows 16, 48 or 80 bytes apart fall in 8 distinct 16-byte bank
+/// groups (no conflict), rows 32 or 128 bytes apart do not (2-way, 8-way): the launch fails.
+#[test]
+fn ldmatrix_bank_conflicts_fail_the_launch_where_checked() {
+    if !need_kernels() {
+        return;
+    }
+    for order in ORDERS {
+        for (stride, conflict) in [(16i32, false), (48, false), (80, false), (32, true), (128, true)] {
+            let mut out = vec![0u32; 32 * 4];
+            let (mut s, mut po) = (stride, out.as_mut_ptr());
+            let r = launch("emu_test_ldmatrix_banks", [1, 1, 1], [32, 1, 1], 32 * stride as u32, order, &mut [arg(&mut s), arg(&mut po)]);
+            match (conflict, r) {
+                (false, Ok(())) => {}
+                (true, Err(e)) => {
+                    assert_eq!(e.code, 719, "stride {stride}: {}", e.message);
+                    assert!(e.message.contains("bank"), "stride {stride}: {}", e.message);
+                }
+                (c, r) => panic!("stride {stride}: conflict expected {c}, launch gave {:?}", r.map_err(|e| e.message)),
+            }
+        }
+    }
+}

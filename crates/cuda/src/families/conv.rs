@@ -6,8 +6,12 @@
 //! The launch builders are public so that tests and benchmarks launch exactly what the executor
 //! launches, on raw device pointers, and can reach the epilogue options (fused SiLU, residual)
 //! that no graph op uses yet.
+//!
+//! The tensor-core kernels read their weights in a layout prepared once at load
+//! ([`prepare_conv_weight`], held by the device weight cache, `crate::weights`): the CPU twin and
+//! the checkpoints keep the upstream [Cout, Cin, 3, 3].
 
-use openuni_graph::{Node, Op};
+use openuni_graph::{Graph, Node, Op, ValueId};
 use openuni_tensor::DType;
 
 use super::{i32_arg, stride_grid, suffix, Ctx, Launch};
@@ -20,7 +24,10 @@ use crate::error::{CudaError, Result};
 pub mod geometry {
     include!(concat!(env!("OUT_DIR"), "/conv_geometry.rs"));
 }
-use geometry::{CONV_TILE_H as TILE_H, CONV_TILE_N as TILE_N, CONV_TILE_W as TILE_W, DW_CHANNELS, DW_ROWS, GL_COLS, GL_ROWS};
+use geometry::{
+    CONV_TC_CHUNK as TC_CHUNK, CONV_TC_NPAD as TC_NPAD, CONV_TC_STAGES as TC_STAGES, CONV_TILE_H as TILE_H, CONV_TILE_N as TILE_N,
+    CONV_TILE_W as TILE_W, DW_CHANNELS, DW_ROWS, GL_COLS, GL_ROWS,
+};
 
 /// Largest kernel of `conv2d_{f32,bf16}` and `depthwise_conv2d_*`.
 pub const MAX_KERNEL: usize = geometry::CONV_KMAX;
@@ -43,17 +50,182 @@ pub enum ConvAct {
     Silu,
 }
 
+/// The weight layouts the tensor-core kernels read, prepared once at load from the upstream
+/// [Cout, Cin, 3, 3] (kernels/conv.cu, "conv2d 3x3 and the upsample conv on the tensor cores").
+/// Both are rows of 16 input channels (one chunk, zero past Cin) for output channels padded with
+/// zero rows to a multiple of `CONV_TC_NPAD`, so a block's stage is whole 16-byte copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConvWeightLayout {
+    /// `conv2d_bf16_tc*`: row (chunk · 9 + tap) · npad + cout, tap = 3 dy + dx.
+    Taps3x3,
+    /// `upsample_conv2d_bf16_tc*`: the 3×3 taps of the conv over the nearest-2× upsampled input
+    /// combined into four 2×2 phase convolutions of the low-resolution input (summed in f32,
+    /// rounded once to the storage type): row ((chunk · 4 + phase) · 4 + tap) · npad + cout,
+    /// phase = 2 pi + pj (output row / column parity), tap = 2 r + s.
+    UpsamplePhases,
+}
+
+/// Whether a conv of this storage type and kernel size runs on the tensor cores (and so reads its
+/// weight in a [`ConvWeightLayout`]).
+pub fn conv2d_uses_tensor_cores(dtype: DType, kernel: usize) -> bool {
+    dtype == DType::BF16 && kernel == 3
+}
+
+/// Whether the upsample conv of this storage type runs on the tensor cores.
+pub fn upsample_conv2d_uses_tensor_cores(dtype: DType) -> bool {
+    dtype == DType::BF16
+}
+
+/// Output channels padded as the prepared layouts are.
+fn padded_cout(cout: usize) -> usize {
+    cout.div_ceil(TC_NPAD) * TC_NPAD
+}
+
+/// Elements of a weight prepared in `layout` for `cout` × `cin` channels.
+pub fn prepared_conv_weight_len(layout: ConvWeightLayout, cout: usize, cin: usize) -> usize {
+    let taps = match layout {
+        ConvWeightLayout::Taps3x3 => 9,
+        ConvWeightLayout::UpsamplePhases => 16,
+    };
+    cin.div_ceil(TC_CHUNK) * taps * padded_cout(cout) * TC_CHUNK
+}
+
+/// `w` ([cout, cin, 3, 3], upstream) in `layout`, in f32 (the caller rounds to the storage type).
+///
+/// The upsample phases: output pixel (2y + pi, 2x + pj) of conv3x3(upsample2x(x)) reads upsampled
+/// row 2y + pi − 1 + dy = low-resolution row y − 1 + pi + r with r = (pi + dy + 1) / 2 − pi ∈ {0, 1}:
+/// for pi = 0 tap dy = 0 lands on r = 0 and dy ∈ {1, 2} on r = 1; for pi = 1, dy ∈ {0, 1} on r = 0
+/// and dy = 2 on r = 1 (columns alike). So phase (pi, pj) is a 2×2 conv of x whose tap (r, s) is
+/// the sum of the 3×3 taps of those row and column groups: 16 instead of 36 taps per 4 outputs.
+pub fn prepare_conv_weight(layout: ConvWeightLayout, w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    assert_eq!(w.len(), cout * cin * 9, "prepare_conv_weight: a [{cout}, {cin}, 3, 3] weight");
+    let npad = padded_cout(cout);
+    let mut out = vec![0f32; prepared_conv_weight_len(layout, cout, cin)];
+    let at = |n: usize, ci: usize, dy: usize, dx: usize| w[((n * cin + ci) * 3 + dy) * 3 + dx];
+    // The 3×3 rows (or columns) that 2×2 tap r of parity p gathers.
+    let group = |p: usize, r: usize| -> &'static [usize] {
+        match (p, r) {
+            (0, 0) => &[0],
+            (0, _) => &[1, 2],
+            (_, 0) => &[0, 1],
+            _ => &[2],
+        }
+    };
+    for n in 0..cout {
+        for ci in 0..cin {
+            let (chunk, k) = (ci / TC_CHUNK, ci % TC_CHUNK);
+            match layout {
+                ConvWeightLayout::Taps3x3 => {
+                    for t in 0..9 {
+                        out[((chunk * 9 + t) * npad + n) * TC_CHUNK + k] = at(n, ci, t / 3, t % 3);
+                    }
+                }
+                ConvWeightLayout::UpsamplePhases => {
+                    for phase in 0..4 {
+                        let (pi, pj) = (phase / 2, phase % 2);
+                        for t in 0..4 {
+                            let (r, c) = (t / 2, t % 2);
+                            let mut sum = 0f32;
+                            for &dy in group(pi, r) {
+                                for &dx in group(pj, c) {
+                                    sum += at(n, ci, dy, dx);
+                                }
+                            }
+                            out[(((chunk * 4 + phase) * 4 + t) * npad + n) * TC_CHUNK + k] = sum;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The layout weight `id` is held in on the device for storage type `dtype`: the tensor-core
+/// layout when every op that reads it is a tensor-core conv of one kind, `None` (upstream) when
+/// none is; a weight read by both kinds, or by a tensor-core conv and another op, is an error
+/// naming it (no model shares a conv weight).
+pub fn weight_layout(graph: &Graph, id: ValueId, dtype: DType) -> Result<Option<ConvWeightLayout>> {
+    let mut found: Option<Option<ConvWeightLayout>> = None;
+    for node in &graph.nodes {
+        if !node.op.inputs().contains(&id) {
+            continue;
+        }
+        let this = match &node.op {
+            Op::Conv2d { weight, kernel, .. } if *weight == id && conv2d_uses_tensor_cores(dtype, *kernel) => Some(ConvWeightLayout::Taps3x3),
+            Op::UpsampleConv2d { weight, .. } if *weight == id && upsample_conv2d_uses_tensor_cores(dtype) => Some(ConvWeightLayout::UpsamplePhases),
+            _ => None,
+        };
+        match found {
+            Some(prev) if prev != this => {
+                return Err(invalid(
+                    "weight layout",
+                    format!(
+                        "weight `{}` is read in the layouts {prev:?} and {this:?} (node `{}`): a tensor-core conv's weight cannot be shared",
+                        graph.weights().find(|(w, _)| *w == id).map_or("?", |(_, n)| n),
+                        node.name
+                    ),
+                ))
+            }
+            _ => found = Some(this),
+        }
+    }
+    Ok(found.flatten())
+}
+
+fn check_align(what: &str, tensor: &str, ptr: u64, align: u64, why: &str) -> Result<()> {
+    if ptr % align != 0 {
+        return Err(invalid(what, format!("{tensor} at {ptr:#x} is not {align}-byte aligned ({why})")));
+    }
+    Ok(())
+}
+
+/// The tensor-core kernels' output-channel tile: 128 when Cout is a multiple of 128 (every large
+/// decoder conv), else 64.
+fn tc_tile_n(cout: usize) -> usize {
+    if cout % 128 == 0 {
+        128
+    } else {
+        64
+    }
+}
+
+/// Dynamic shared memory of a tensor-core conv: `TC_STAGES` stages of the 10 × 18 halo and
+/// `taps` × `bn` weight rows, 32 bytes per row.
+fn tc_smem(taps: usize, bn: usize) -> u32 {
+    (TC_STAGES * ((TILE_H + 2) * (TILE_W + 2) + taps * bn) * 32) as u32
+}
+
+/// The alignment the tensor-core kernels' vector accesses need, asserted (never a silent fallback):
+/// x 16 bytes when Cin % 8 == 0 (cp.async of 8 channels; other Cin take element loads), the
+/// prepared weight 16 bytes, y and the residual 4 bytes when Cout is even (bf16 pair stores).
+fn check_tc_alignment(what: &str, x: u64, weight: u64, y: u64, residual: u64, cin: usize, cout: usize) -> Result<()> {
+    if cin % 8 == 0 {
+        check_align(what, "x", x, 16, "16-byte cp.async of 8 input channels")?;
+    }
+    check_align(what, "weight", weight, 16, "16-byte cp.async of the prepared layout")?;
+    if cout % 2 == 0 {
+        check_align(what, "y", y, 4, "bf16 pair stores")?;
+        if residual != 0 {
+            check_align(what, "residual", residual, 4, "bf16 pair loads")?;
+        }
+    }
+    Ok(())
+}
+
 /// Which conv2d kernel to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvKernel {
-    /// `conv2d_bf16_tc` for bf16 3×3, `conv2d_<dtype>` otherwise (what the executor uses).
+    /// `conv2d_bf16_tc*` for bf16 3×3 (the weight in [`ConvWeightLayout::Taps3x3`]),
+    /// `conv2d_<dtype>` otherwise (what the executor uses).
     Auto,
     /// `conv2d_<dtype>` on the CUDA cores, whatever the shape.
     Direct,
 }
 
 /// One conv2d call: `y = act(conv(x, weight) + bias) + residual` over tokens [batch, h·w, cin] ->
-/// [batch, h·w, cout], weight [cout, cin, k, k]. Pointers of 0 mean absent (bias, residual).
+/// [batch, h·w, cout], weight [cout, cin, k, k] (in [`ConvWeightLayout::Taps3x3`] for the
+/// tensor-core kernel). Pointers of 0 mean absent (bias, residual).
 #[derive(Clone, Copy, Debug)]
 pub struct Conv2dArgs {
     pub dtype: DType,
@@ -82,8 +254,12 @@ pub fn conv2d(a: &Conv2dArgs, choice: ConvKernel) -> Result<Launch> {
         return Err(invalid(what, format!("empty shape: batch {}, grid {}×{}, {} -> {} channels", a.batch, a.h, a.w, a.cin, a.cout)));
     }
     let tiles = a.h.div_ceil(TILE_H) * a.w.div_ceil(TILE_W) * a.batch;
-    let grid = (grid_dim(what, tiles, i32::MAX as usize)?, grid_dim(what, a.cout.div_ceil(TILE_N), 65535)?, 1);
-    let tensor_cores = choice == ConvKernel::Auto && a.dtype == DType::BF16 && a.kernel == 3;
+    let tensor_cores = choice == ConvKernel::Auto && conv2d_uses_tensor_cores(a.dtype, a.kernel);
+    let bn = if tensor_cores { tc_tile_n(a.cout) } else { TILE_N };
+    let grid = (grid_dim(what, tiles, i32::MAX as usize)?, grid_dim(what, a.cout.div_ceil(bn), 65535)?, 1);
+    if tensor_cores {
+        check_tc_alignment(what, a.x, a.weight, a.y, a.residual, a.cin, a.cout)?;
+    }
     let mut args = vec![
         KArg::Ptr(a.x),
         KArg::Ptr(a.weight),
@@ -103,10 +279,14 @@ pub fn conv2d(a: &Conv2dArgs, choice: ConvKernel) -> Result<Launch> {
         ConvAct::Silu => 1,
     }));
     Ok(Launch {
-        kernel: if tensor_cores { "conv2d_bf16_tc".into() } else { format!("conv2d_{s}") },
+        kernel: match (tensor_cores, bn) {
+            (true, 128) => "conv2d_bf16_tc_n128".into(),
+            (true, _) => "conv2d_bf16_tc".into(),
+            _ => format!("conv2d_{s}"),
+        },
         grid,
         block: (256, 1, 1),
-        smem: 0,
+        smem: if tensor_cores { tc_smem(9, bn) } else { 0 },
         args,
     })
 }
@@ -128,9 +308,9 @@ pub struct UpsampleConv2dArgs {
     pub shortcut: bool,
 }
 
-/// The launch of one upsample conv: `upsample_conv2d_bf16_tc` (four 2×2 phase convolutions on
-/// the low-resolution input, on the tensor cores; grid z = phase) for bf16 with
-/// [`ConvKernel::Auto`], else `upsample_conv2d_<dtype>` (the 3×3 conv on the CUDA cores, reading
+/// The launch of one upsample conv: `upsample_conv2d_bf16_tc*` (four 2×2 phase convolutions on
+/// the low-resolution input, on the tensor cores; grid z = phase; the weight in
+/// [`ConvWeightLayout::UpsamplePhases`]) for bf16 with [`ConvKernel::Auto`], else `upsample_conv2d_<dtype>` (the 3×3 conv on the CUDA cores, reading
 /// the upsampled input through index arithmetic).
 pub fn upsample_conv2d(a: &UpsampleConv2dArgs, choice: ConvKernel) -> Result<Launch> {
     let what = "upsample_conv2d";
@@ -141,15 +321,23 @@ pub fn upsample_conv2d(a: &UpsampleConv2dArgs, choice: ConvKernel) -> Result<Lau
     if a.shortcut && (4 * a.cout) % a.cin != 0 {
         return Err(invalid(what, format!("4·{} output channels are not a multiple of {} (shortcut)", a.cout, a.cin)));
     }
-    let tensor_cores = choice == ConvKernel::Auto && a.dtype == DType::BF16;
+    let tensor_cores = choice == ConvKernel::Auto && upsample_conv2d_uses_tensor_cores(a.dtype);
     // Tiles of the low-resolution grid (tensor cores, one per phase) or of the output grid.
     let (gh, gw, phases) = if tensor_cores { (a.h, a.w, 4) } else { (2 * a.h, 2 * a.w, 1) };
     let tiles = gh.div_ceil(TILE_H) * gw.div_ceil(TILE_W) * a.batch;
+    let bn = if tensor_cores { tc_tile_n(a.cout) } else { TILE_N };
+    if tensor_cores {
+        check_tc_alignment(what, a.x, a.weight, a.y, 0, a.cin, a.cout)?;
+    }
     Ok(Launch {
-        kernel: if tensor_cores { "upsample_conv2d_bf16_tc".into() } else { format!("upsample_conv2d_{s}") },
-        grid: (grid_dim(what, tiles, i32::MAX as usize)?, grid_dim(what, a.cout.div_ceil(TILE_N), 65535)?, phases),
+        kernel: match (tensor_cores, bn) {
+            (true, 128) => "upsample_conv2d_bf16_tc_n128".into(),
+            (true, _) => "upsample_conv2d_bf16_tc".into(),
+            _ => format!("upsample_conv2d_{s}"),
+        },
+        grid: (grid_dim(what, tiles, i32::MAX as usize)?, grid_dim(what, a.cout.div_ceil(bn), 65535)?, phases),
         block: (256, 1, 1),
-        smem: 0,
+        smem: if tensor_cores { tc_smem(4, bn) } else { 0 },
         args: vec![
             KArg::Ptr(a.x),
             KArg::Ptr(a.weight),

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use openuni_graph::{Graph, Node, Op, ValueId};
+use openuni_graph::{Graph, Node, Op, UnaryFn, ValueId, ValueKind};
 use openuni_tensor::DType;
 
 use crate::device::{CudaDevice, DeviceBuffer, KArg};
@@ -114,6 +114,41 @@ pub struct Ctx<'a> {
     pub f32_ptr: &'a dyn Fn(ValueId) -> Option<u64>,
     /// Buffers the families own through the executor (see [`Ctx::workspace`]).
     pub resources: &'a RefCell<Resources>,
+    /// The Linear + tanh-GELU pairs run as one GEMM (see [`gelu_fused_into_linear`]): the Linear's
+    /// output -> the GELU's output.
+    pub gelu_fusions: &'a HashMap<ValueId, ValueId>,
+}
+
+/// Executor-side peephole (issue 13 item 5, docs/gpu-plan.md): a tanh-GELU node
+/// (`Op::Unary { f: GeluTanh }`) whose input is a `Linear`'s output read by nothing else (and not
+/// a graph output) is computed by that Linear's GEMM with cuBLASLt's (bias +) GELU epilogue, which
+/// is the tanh form, written straight into the GELU's output; the GELU node launches nothing.
+/// The erf GELU is never fused (cuBLASLt does not compute it). Only when the GELU is the next node
+/// and the Linear's activation inputs outlive it (so no memory the GEMM reads can be the GELU's
+/// output); off with `keep_all` (every value must stay readable, and the Linear's own output is
+/// never written). Returns the Linear's output.
+pub fn gelu_fused_into_linear(g: &Graph, node: &Node, keep_all: bool) -> Option<ValueId> {
+    let Op::Unary { x, f: UnaryFn::GeluTanh } = &node.op else { return None };
+    if keep_all || g.outputs.iter().any(|(_, o)| o == x) {
+        return None;
+    }
+    let ValueKind::Activation { node: producer } = g.value(*x).kind else { return None };
+    let ValueKind::Activation { node: this } = g.value(node.output).kind else { return None };
+    let linear = g.nodes.get(producer)?;
+    if !matches!(linear.op, Op::Linear { .. }) || this != producer + 1 {
+        return None;
+    }
+    let readers = g.nodes.iter().filter(|n| n.op.inputs().contains(x)).count();
+    // The GEMM writes the GELU's output one node early. The planner keeps that memory apart from
+    // every value live at the GELU node, but a value whose life ends at the Linear node may share
+    // it: only the Linear's own inputs can, so each activation input must be read later too.
+    let outlives = |v: &ValueId| match g.value(*v).kind {
+        ValueKind::Activation { .. } => {
+            g.outputs.iter().any(|(_, o)| o == v) || g.nodes[producer + 1..].iter().any(|n| n.op.inputs().contains(v))
+        }
+        _ => true, // inputs and states live for the whole run, weights are not in the arena
+    };
+    (readers == 1 && linear.op.inputs().iter().all(outlives)).then_some(*x)
 }
 
 /// Device memory a family requested at resolve time (workspaces, constant tables), kept alive by
@@ -176,6 +211,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
     let launches = match &node.op {
         Op::Linear { x, w, bias } => return linear(ctx, node, *x, *w, *bias),
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => norm::resolve(ctx, node),
+        Op::Unary { x, .. } if ctx.gelu_fusions.contains_key(x) => Ok(vec![]), // in the Linear's GEMM
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => elementwise::resolve(ctx, node),
         Op::Attention { .. } => attention::resolve(ctx, node),
         Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } | Op::KvCacheRows { .. } => decode_attention::resolve(ctx, node),
@@ -207,18 +243,26 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
 fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>) -> Result<Step> {
     let blas = ctx.dev.blas()?;
     let out = ctx.graph.shape(node.output);
+    // A tanh-GELU reading only this output is done by the epilogue, into the GELU's output.
+    let gelu = ctx.gelu_fusions.get(&node.output).copied();
+    let epilogue = match (bias.is_some(), gelu.is_some()) {
+        (false, false) => Epilogue::None,
+        (true, false) => Epilogue::Bias,
+        (false, true) => Epilogue::Gelu,
+        (true, true) => Epilogue::BiasGelu,
+    };
     let args = LinearArgs {
         dtype: ctx.dtype,
         rows: out.rows(),
         in_features: ctx.graph.shape(x).last(),
         out_features: out.last(),
-        epilogue: if bias.is_some() { Epilogue::Bias } else { Epilogue::None },
+        epilogue,
         x: (ctx.ptr)(x),
         w: (ctx.ptr)(w),
         bias: bias.map(ctx.ptr),
-        y: (ctx.ptr)(node.output),
+        y: (ctx.ptr)(gelu.unwrap_or(node.output)),
     };
-    Ok(Step::Gemm(LinearGemm::new(&blas, &args)?, blas))
+    Ok(Step::Gemm(LinearGemm::new(ctx.dev, &blas, &args)?, blas))
 }
 
 pub mod attention;
