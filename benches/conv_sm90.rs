@@ -38,6 +38,7 @@ fn main() {
     let b = dev.upload(&random_bytes(&mut rng, bf, g * g, 0.0, 1.0)).unwrap();
     let c = dev.alloc(g * g * 2).unwrap();
     let gemm = LinearGemm::new(
+        &dev,
         &blas,
         &LinearArgs { dtype: bf, rows: g, in_features: g, out_features: g, epilogue: Epilogue::None, x: a.ptr(), w: b.ptr(), bias: None, y: c.ptr() },
     )

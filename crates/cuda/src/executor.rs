@@ -217,7 +217,7 @@ impl CudaExecutor {
         let mut weight_ptr = HashMap::new();
         let mut prepared = vec![];
         for (id, name) in graph.weights() {
-            let layout = families::conv::weight_layout(graph, id, dtype)?;
+            let layout = families::conv::weight_layout(dev, graph, id, dtype)?;
             if layout.is_some() {
                 prepared.push(id);
             }

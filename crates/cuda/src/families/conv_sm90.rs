@@ -65,12 +65,23 @@ pub const MIN_CHANNELS: usize = 64;
 
 /// Whether the sm_90a conv2d takes this call (on a [`selected`] device).
 pub fn conv2d_qualifies(a: &Conv2dArgs) -> bool {
-    a.dtype == DType::BF16 && a.kernel == 3 && a.cin.is_multiple_of(8) && a.x.is_multiple_of(16) && a.cin >= MIN_CHANNELS && a.cout >= MIN_CHANNELS
+    conv2d_shape_qualifies(a.dtype, a.kernel, a.cin, a.cout) && a.x.is_multiple_of(16)
+}
+
+/// The shape part of [`conv2d_qualifies`], known before any address: the device weight cache asks
+/// it to hold such a conv's weight in the upstream layout, which this path prepares from.
+pub fn conv2d_shape_qualifies(dtype: DType, kernel: usize, cin: usize, cout: usize) -> bool {
+    dtype == DType::BF16 && kernel == 3 && cin.is_multiple_of(8) && cin >= MIN_CHANNELS && cout >= MIN_CHANNELS
+}
+
+/// The shape part of [`upsample_qualifies`] (see [`conv2d_shape_qualifies`]).
+pub fn upsample_shape_qualifies(dtype: DType, cin: usize, cout: usize) -> bool {
+    dtype == DType::BF16 && cin.is_multiple_of(8) && cin >= MIN_CHANNELS && cout >= MIN_CHANNELS
 }
 
 /// Whether the sm_90a upsample conv takes this call (on a [`selected`] device).
 pub fn upsample_qualifies(a: &UpsampleConv2dArgs) -> bool {
-    a.dtype == DType::BF16 && a.cin.is_multiple_of(8) && a.x.is_multiple_of(16) && a.cin >= MIN_CHANNELS && a.cout >= MIN_CHANNELS
+    upsample_shape_qualifies(a.dtype, a.cin, a.cout) && a.x.is_multiple_of(16)
 }
 
 /// Bytes of the prepared weights: 9 taps (conv) or 4 phases × 4 taps (upsample) of [cout][cin] bf16.
@@ -209,8 +220,13 @@ fn prepared_for(ctx: &Ctx, weight: u64, cin: usize, cout: usize, upsample: bool)
 
 /// A conv2d node on the sm_90a kernel: `None` when it does not take it (device or shape).
 pub fn resolve_conv2d(ctx: &Ctx, a: &Conv2dArgs) -> Result<Option<Launch>> {
-    if !selected(ctx.dev) || !conv2d_qualifies(a) {
+    if !selected(ctx.dev) || !conv2d_shape_qualifies(a.dtype, a.kernel, a.cin, a.cout) {
         return Ok(None);
+    }
+    // The weight is held upstream for this path (conv::weight_layout): the mma.sync kernel could
+    // not read it, so a misaligned input is an error, not a fallback.
+    if !conv2d_qualifies(a) {
+        return Err(invalid("conv2d_bf16_wgmma", format!("input x at {:#x} is not 16-byte aligned (TMA)", a.x)));
     }
     let prepared = prepared_for(ctx, a.weight, a.cin, a.cout, false)?;
     conv2d(a, prepared).map(Some)
@@ -218,8 +234,11 @@ pub fn resolve_conv2d(ctx: &Ctx, a: &Conv2dArgs) -> Result<Option<Launch>> {
 
 /// An upsample-conv node on the sm_90a kernel: `None` when it does not take it.
 pub fn resolve_upsample_conv2d(ctx: &Ctx, a: &UpsampleConv2dArgs) -> Result<Option<Launch>> {
-    if !selected(ctx.dev) || !upsample_qualifies(a) {
+    if !selected(ctx.dev) || !upsample_shape_qualifies(a.dtype, a.cin, a.cout) {
         return Ok(None);
+    }
+    if !upsample_qualifies(a) {
+        return Err(invalid("upsample_conv2d_bf16_wgmma", format!("input x at {:#x} is not 16-byte aligned (TMA)", a.x)));
     }
     let prepared = prepared_for(ctx, a.weight, a.cin, a.cout, true)?;
     upsample_conv2d(a, prepared).map(Some)
