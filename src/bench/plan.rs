@@ -101,6 +101,7 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
     Ok(match &node.op {
         Op::Linear { .. } => one,
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => one,
+        Op::RmsNormResidual { .. } | Op::RmsNormReluConv2d { .. } => one,
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => one,
         Op::Attention { q, k, heads, kv_heads, head_dim, causal, scale, .. } => {
             let (qs, ks) = (g.shape(*q).dims(), g.shape(*k).dims());

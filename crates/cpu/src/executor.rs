@@ -258,6 +258,15 @@ impl CpuExecutor {
                 let f = if fast { fast::rmsnorm } else { ops::rmsnorm };
                 f(view.get(*x), view.get(*weight), bias.map(|b| view.get(b)), *eps, cols, y)
             }
+            Op::RmsNormResidual { x, weight, bias, eps, residual } => {
+                let f = if fast { fast::rmsnorm_residual } else { ops::rmsnorm_residual };
+                f(view.get(*x), view.get(*weight), bias.map(|b| view.get(b)), view.get(*residual), *eps, cols, y)
+            }
+            Op::RmsNormReluConv2d { x, norm_weight, norm_bias, eps, weight, bias, h, w, kernel } => {
+                let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());
+                let f = if fast { fast::rmsnorm_relu_conv2d } else { ops::rmsnorm_relu_conv2d };
+                f(view.get(*x), view.get(*norm_weight), norm_bias.map(|nb| view.get(nb)), *eps, view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *kernel, y)
+            }
             Op::LayerNorm { x, weight, bias, eps, modulation } => {
                 let m = modulation.map(|m| ModulationRef {
                     scale: view.get(m.scale),

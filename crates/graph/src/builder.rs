@@ -551,6 +551,51 @@ impl GraphBuilder {
         Ok(self.push(name, Op::Conv2d { x, weight, bias, h, w, kernel, silu }, Shape::new([b, h * w, cout])))
     }
 
+    /// `residual + rmsnorm(x)` in one node (`Op::RmsNormResidual`).
+    pub fn rmsnorm_residual(&mut self, name: &str, x: ValueId, weight: ValueId, bias: Option<ValueId>, eps: f32, residual: ValueId) -> Result<ValueId> {
+        let c = Shape::new([self.shape(x).last()]);
+        expect_shape("rmsnorm_residual", &format!("{name}: weight"), self.shape(weight), &c)?;
+        if let Some(b) = bias {
+            expect_shape("rmsnorm_residual", &format!("{name}: bias"), self.shape(b), &c)?;
+        }
+        let s = self.shape(x).clone();
+        expect_shape("rmsnorm_residual", &format!("{name}: residual"), self.shape(residual), &s)?;
+        Ok(self.push(name, Op::RmsNormResidual { x, weight, bias, eps, residual }, s))
+    }
+
+    /// `conv2d(relu(rmsnorm(x)))` in one node (`Op::RmsNormReluConv2d`) -> [B, h·w, Cout].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_relu_conv2d(
+        &mut self,
+        name: &str,
+        x: ValueId,
+        norm_weight: ValueId,
+        norm_bias: Option<ValueId>,
+        eps: f32,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+    ) -> Result<ValueId> {
+        let op = "rmsnorm_relu_conv2d";
+        let (b, cin) = self.grid(op, name, x, h, w)?;
+        let c = Shape::new([cin]);
+        expect_shape(op, &format!("{name}: norm weight"), self.shape(norm_weight), &c)?;
+        if let Some(nb) = norm_bias {
+            expect_shape(op, &format!("{name}: norm bias"), self.shape(nb), &c)?;
+        }
+        let ws = self.shape(weight).clone();
+        if kernel % 2 == 0 || ws.rank() != 4 || ws.dims()[1..] != [cin, kernel, kernel] {
+            return Err(shape_err(op, format!("{name}: weight {ws} is not [Cout, {cin}, {kernel}, {kernel}] (odd kernel)")));
+        }
+        let cout = ws.dims()[0];
+        if let Some(bb) = bias {
+            expect_shape(op, &format!("{name}: bias"), self.shape(bb), &Shape::new([cout]))?;
+        }
+        Ok(self.push(name, Op::RmsNormReluConv2d { x, norm_weight, norm_bias, eps, weight, bias, h, w, kernel }, Shape::new([b, h * w, cout])))
+    }
+
     /// DCUpBlock2d (interpolate) in one node: `conv3x3(upsample2x(x)) (+ bias)
     /// (+ pixel_shuffle_shortcut(x))` -> [B, 2h·2w, Cout]. See `Op::UpsampleConv2d`.
     #[allow(clippy::too_many_arguments)]

@@ -162,6 +162,23 @@ pub enum Op {
     /// op the result is a new value (a backend copies the cache); a decoder that owns its cache
     /// buffers calls the backend's in-place launch (openuni_cuda::families::decode_attention).
     KvCacheAppend { cache: ValueId, x: ValueId, positions: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32> },
+    /// `residual + RmsNorm(x)` in one pass (DC-AE's `x + norm(block(x))`): the normalised tensor
+    /// is never stored. Same math as `RmsNorm` then `Add { a: residual, b: norm }`.
+    RmsNormResidual { x: ValueId, weight: ValueId, bias: Option<ValueId>, eps: f32, residual: ValueId },
+    /// DC-AE's output head in one op: `Conv2d(ReLU(RmsNorm(x, norm_weight, norm_bias, eps)))`
+    /// (k×k, zero padding k/2, no SiLU) over tokens [B, h·w, Cin] -> [B, h·w, Cout], with the
+    /// normalised, rectified tensor never stored. Meant for few output channels (conv_out: 3).
+    RmsNormReluConv2d {
+        x: ValueId,
+        norm_weight: ValueId,
+        norm_bias: Option<ValueId>,
+        eps: f32,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+    },
 }
 
 impl Op {
@@ -193,6 +210,8 @@ impl Op {
             Op::GroupedLinear { .. } => "grouped_linear",
             Op::DecodeAttention { .. } => "decode_attention",
             Op::KvCacheAppend { .. } => "kv_cache_append",
+            Op::RmsNormResidual { .. } => "rmsnorm_residual",
+            Op::RmsNormReluConv2d { .. } => "rmsnorm_relu_conv2d",
         }
     }
 
@@ -244,6 +263,17 @@ impl Op {
             Op::KvCacheAppend { cache, x, positions, .. } => v.extend([*cache, *x, *positions]),
             Op::DepthwiseConv2d { x, weight, bias, .. } | Op::DepthwiseConvGlu { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
+                v.extend(bias);
+            }
+            Op::RmsNormResidual { x, weight, bias, residual, .. } => {
+                v.extend([*x, *weight]);
+                v.extend(bias);
+                v.push(*residual);
+            }
+            Op::RmsNormReluConv2d { x, norm_weight, norm_bias, weight, bias, .. } => {
+                v.extend([*x, *norm_weight]);
+                v.extend(norm_bias);
+                v.push(*weight);
                 v.extend(bias);
             }
         }

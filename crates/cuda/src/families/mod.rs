@@ -175,7 +175,8 @@ impl Ctx<'_> {
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
     let launches = match &node.op {
         Op::Linear { x, w, bias } => return linear(ctx, node, *x, *w, *bias),
-        Op::RmsNorm { .. } | Op::LayerNorm { .. } => norm::resolve(ctx, node),
+        Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::RmsNormResidual { .. } => norm::resolve(ctx, node),
+        Op::RmsNormReluConv2d { .. } => norm_conv::resolve(ctx, node),
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => elementwise::resolve(ctx, node),
         Op::Attention { .. } => attention::resolve(ctx, node),
         Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } => decode_attention::resolve(ctx, node),
@@ -225,3 +226,4 @@ pub mod layout;
 pub mod linear_attention;
 pub mod misc;
 pub mod norm;
+pub mod norm_conv;
