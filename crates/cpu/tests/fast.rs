@@ -52,6 +52,10 @@ fn norms_match_twins() {
         fast::rmsnorm(&x, &w, Some(&b), 1e-6, cols, &mut f);
         ops::rmsnorm(&x, &w, Some(&b), 1e-6, cols, &mut p);
         assert_eq!(f, p, "rmsnorm runs its twin on row blocks");
+        let res = rand_vec(&mut r, rows * cols);
+        fast::rmsnorm_residual(&x, &w, Some(&b), &res, 1e-6, cols, &mut f);
+        ops::rmsnorm_residual(&x, &w, Some(&b), &res, 1e-6, cols, &mut p);
+        assert_eq!(f, p, "rmsnorm_residual runs its twin on row blocks");
         for (wo, bo, m) in [(None, None, false), (Some(&w[..]), Some(&b[..]), false), (Some(&w[..]), None, true)] {
             let m = m.then_some(ModulationRef { scale: &scale, shift: &shift, tokens });
             fast::layernorm(&x, wo, bo, 1e-5, cols, m, &mut f);
@@ -184,6 +188,24 @@ fn convs_match_twins() {
         fast::upsample_conv2d(&x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut f);
         ops::upsample_conv2d(&x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut p);
         assert_close(&format!("upsample_conv2d {b}x{h}x{w} {cin}->{cout} shortcut {shortcut}"), &f, &p, 1e-6);
+    }
+}
+
+#[test]
+fn rmsnorm_relu_conv2d_matches_twin() {
+    let mut r = rng(12);
+    // Bands of 8 output rows: 19 and 17 rows end mid-band; a 1-row image; k = 1 and 3; channel
+    // counts below, at and past the 8-lane dot product (5, 8, 24, 70); 1 to 4 output channels.
+    for (b, h, w, cin, cout, kernel) in [(1, 1, 1, 1, 1, 1), (2, 19, 7, 5, 3, 3), (1, 17, 33, 24, 4, 3), (2, 3, 4, 70, 3, 1), (1, 9, 5, 8, 2, 3)] {
+        let x: Vec<f32> = rand_vec(&mut r, b * h * w * cin).iter().map(|v| v * 3.0).collect();
+        let (nw, nb) = (rand_vec(&mut r, cin), rand_vec(&mut r, cin));
+        let (wt, bias) = (rand_vec(&mut r, cout * cin * kernel * kernel), rand_vec(&mut r, cout));
+        for (nbi, bi) in [(None, None), (Some(&nb[..]), Some(&bias[..]))] {
+            let (mut f, mut p) = (vec![7.0; b * h * w * cout], vec![0.0; b * h * w * cout]);
+            fast::rmsnorm_relu_conv2d(&x, &nw, nbi, 1e-5, &wt, bi, b, h, w, cin, cout, kernel, &mut f);
+            ops::rmsnorm_relu_conv2d(&x, &nw, nbi, 1e-5, &wt, bi, b, h, w, cin, cout, kernel, &mut p);
+            assert_close(&format!("rmsnorm_relu_conv2d {b}x{h}x{w} {cin}->{cout} k{kernel} bias {}", bi.is_some()), &f, &p, 1e-6);
+        }
     }
 }
 
