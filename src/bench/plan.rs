@@ -135,6 +135,15 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
             let dims = linear_attention::Dims::packed(d[0], d[1], *groups, *head_dim);
             linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len()
         }
+        Op::MultiscaleLinearAttention { scales, head_dim } => {
+            let d = g.shape(node.output).dims();
+            let mut n = 0;
+            for &x in scales {
+                let dims = linear_attention::Dims::packed(d[0], d[1], g.shape(x).last() / (3 * head_dim), *head_dim).in_columns(d[2]);
+                n += linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len();
+            }
+            n
+        }
         // Decode: the chunked pass and the log-sum-exp merge; append: the cache copy (the planner
         // never aliases a value with its input) and the in-place write.
         Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } => 2 * one,

@@ -267,6 +267,12 @@ impl CpuExecutor {
                 let f = if fast { fast::rmsnorm_relu_conv2d } else { ops::rmsnorm_relu_conv2d };
                 f(view.get(*x), view.get(*norm_weight), norm_bias.map(|nb| view.get(nb)), *eps, view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *kernel, y)
             }
+            Op::MultiscaleLinearAttention { scales, head_dim } => {
+                let d = out_shape.dims();
+                let parts: Vec<&[f32]> = scales.iter().map(|&x| view.get(x)).collect();
+                let widths: Vec<usize> = scales.iter().map(|&x| g.shape(x).last()).collect();
+                (if fast { fast::multiscale_linear_attention } else { ops::multiscale_linear_attention })(&parts, &widths, d[0], d[1], *head_dim, y)
+            }
             Op::LayerNorm { x, weight, bias, eps, modulation } => {
                 let m = modulation.map(|m| ModulationRef {
                     scale: view.get(m.scale),

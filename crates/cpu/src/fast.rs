@@ -254,6 +254,23 @@ pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups:
     linear_attention_core(qkv, qkv, qkv, layout, batch, tokens, groups, hd, out)
 }
 
+/// [`ops::multiscale_linear_attention`]: [`packed_linear_attention`] on each scale in place (no
+/// concat of the inputs), its groups' outputs copied into their column range of `out`.
+pub fn multiscale_linear_attention(scales: &[&[f32]], widths: &[usize], batch: usize, tokens: usize, hd: usize, out: &mut [f32]) {
+    let c: usize = widths.iter().map(|w| w / 3).sum();
+    let mut col = 0;
+    for (x, &wd) in scales.iter().zip(widths) {
+        let (g, oc) = (wd / (3 * hd), wd / 3);
+        if oc == 0 {
+            continue;
+        }
+        let mut part = vec![0f32; batch * tokens * oc];
+        packed_linear_attention(x, batch, tokens, g, hd, &mut part);
+        out[..batch * tokens * c].par_chunks_mut(c).zip(part.par_chunks(oc)).for_each(|(o, p)| o[col..col + oc].copy_from_slice(p));
+        col += oc;
+    }
+}
+
 /// Depthwise k×k of one image row into `acc` (w pixels × c channels, f32), with the weights
 /// transposed to tap-major `wt[tap][c]` so the inner loop runs along contiguous channels.
 #[allow(clippy::too_many_arguments)]

@@ -448,6 +448,17 @@ pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups:
     linear_attention(&q, &k, &v, batch, tokens, groups, hd, out);
 }
 
+/// DC-AE's multi-scale linear attention over packed `scales` ([`Op::MultiscaleLinearAttention`]):
+/// [`concat`] of the scales (widths `widths`), then [`packed_linear_attention`].
+///
+/// [`Op::MultiscaleLinearAttention`]: openuni_graph::Op::MultiscaleLinearAttention
+pub fn multiscale_linear_attention(scales: &[&[f32]], widths: &[usize], batch: usize, tokens: usize, hd: usize, out: &mut [f32]) {
+    let total: usize = widths.iter().sum();
+    let mut all = vec![0f32; batch * tokens * total];
+    concat(scales, widths, &mut all);
+    packed_linear_attention(&all, batch, tokens, total / (3 * hd), hd, out);
+}
+
 /// k×k convolution (stride 1, zero padding k/2) over tokens [B, h·w, Cin] -> [B, h·w, Cout], as
 /// im2col in row blocks + sgemm; `weight` [Cout, Cin, k, k].
 #[allow(clippy::too_many_arguments)]

@@ -127,6 +127,22 @@ fn attention_ext_with_segments_and_rope_matches_twin() {
 }
 
 #[test]
+fn multiscale_linear_attention_matches_twin() {
+    let mut r = rng(13);
+    // Scales of 2 and 1 groups (uneven), and DC-AE's two equal scales.
+    for (b, n, hd, groups) in [(1, 1, 2, vec![2, 1]), (2, 300, 8, vec![3, 3]), (1, 70, 32, vec![1, 2, 1])] {
+        let xs: Vec<Vec<f32>> = groups.iter().map(|g| rand_vec(&mut r, b * n * g * 3 * hd)).collect();
+        let parts: Vec<&[f32]> = xs.iter().map(|x| &x[..]).collect();
+        let widths: Vec<usize> = groups.iter().map(|g| g * 3 * hd).collect();
+        let c = groups.iter().sum::<usize>() * hd;
+        let (mut f, mut p) = (vec![7.0; b * n * c], vec![0.0; b * n * c]);
+        fast::multiscale_linear_attention(&parts, &widths, b, n, hd, &mut f);
+        ops::multiscale_linear_attention(&parts, &widths, b, n, hd, &mut p);
+        assert_close(&format!("multiscale_linear_attention {b}x{n} hd {hd} groups {groups:?}"), &f, &p, 1e-5);
+    }
+}
+
+#[test]
 fn linear_attention_matches_twins() {
     let mut r = rng(6);
     for (b, n, heads, hd) in [(1, 1, 1, 3), (2, 300, 3, 7), (1, 517, 2, 32)] {

@@ -528,6 +528,23 @@ impl GraphBuilder {
         Ok(self.push(name, Op::PackedLinearAttention { qkv, groups, head_dim }, s.with_last(groups * head_dim)))
     }
 
+    /// `packed_linear_attention(concat(scales))` without the concat (`Op::MultiscaleLinearAttention`):
+    /// every scale [B, N, gᵢ·3·head_dim] with the same B and N -> [B, N, (Σ gᵢ)·head_dim].
+    pub fn multiscale_linear_attention(&mut self, name: &str, scales: &[ValueId], head_dim: usize) -> Result<ValueId> {
+        let op = "multiscale_linear_attention";
+        let Some(&first) = scales.first() else { return Err(shape_err(op, format!("{name}: no scales"))) };
+        let s0 = self.shape(first).clone();
+        let mut groups = 0;
+        for &x in scales {
+            let s = self.shape(x);
+            if head_dim == 0 || s.rank() != 3 || s.dims()[..2] != s0.dims()[..2] || s.last() % (3 * head_dim) != 0 {
+                return Err(shape_err(op, format!("{name}: scale {s} is not [{}, {}, g·3·{head_dim}]", s0.dims()[0], s0.dims().get(1).copied().unwrap_or(0))));
+            }
+            groups += s.last() / (3 * head_dim);
+        }
+        Ok(self.push(name, Op::MultiscaleLinearAttention { scales: scales.to_vec(), head_dim }, s0.with_last(groups * head_dim)))
+    }
+
     /// Checks that `x` is [B, h·w, C] and returns (B, C).
     fn grid(&self, op: &'static str, name: &str, x: ValueId, h: usize, w: usize) -> Result<(usize, usize)> {
         let s = self.shape(x);

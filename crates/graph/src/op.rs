@@ -179,6 +179,12 @@ pub enum Op {
         w: usize,
         kernel: usize,
     },
+    /// DC-AE's multi-scale linear attention core without the concat of its scales: exactly
+    /// `PackedLinearAttention` of `Concat(scales)`, where each scale is a packed [B, N, gᵢ·3·hd]
+    /// tensor (the projected qkv, then each aggregated branch) and the groups are numbered across
+    /// the scales in order; output [B, N, (Σ gᵢ)·hd]. A backend reads each scale where it is and
+    /// writes its groups into their column range of the output.
+    MultiscaleLinearAttention { scales: Vec<ValueId>, head_dim: usize },
 }
 
 impl Op {
@@ -212,6 +218,7 @@ impl Op {
             Op::KvCacheAppend { .. } => "kv_cache_append",
             Op::RmsNormResidual { .. } => "rmsnorm_residual",
             Op::RmsNormReluConv2d { .. } => "rmsnorm_relu_conv2d",
+            Op::MultiscaleLinearAttention { .. } => "multiscale_linear_attention",
         }
     }
 
@@ -276,6 +283,7 @@ impl Op {
                 v.push(*weight);
                 v.extend(bias);
             }
+            Op::MultiscaleLinearAttention { scales, .. } => v.extend(scales),
         }
         v
     }

@@ -444,8 +444,8 @@ fn multiscale_attention(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h
     let agg = b.depthwise_conv2d(pin.path(), qkv, dw, None, h, wd, 5)?;
     let gw = b.weight(&pout.name("weight"), [3 * c, hd, 1, 1])?;
     let agg = b.grouped_linear(pout.path(), agg, gw, 3 * heads)?;
-    let all = b.concat(&s.name("multiscale_qkv"), &[qkv, agg])?;
-    let o = b.packed_linear_attention(&s.name("linear_attention"), all, 2 * heads, hd)?;
+    // The concat of [qkv | agg] upstream makes is never stored: the attention reads both scales.
+    let o = b.multiscale_linear_attention(&s.name("linear_attention"), &[qkv, agg], hd)?;
     let o = linear(b, &s.pp("to_out"), o, 2 * c, c, false)?;
     rms_norm_biased_residual(b, &s.pp("norm_out"), o, c, NORM_EPS, x)
 }

@@ -180,7 +180,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => elementwise::resolve(ctx, node),
         Op::Attention { .. } => attention::resolve(ctx, node),
         Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } => decode_attention::resolve(ctx, node),
-        Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } => linear_attention::resolve(ctx, node),
+        Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } | Op::MultiscaleLinearAttention { .. } => linear_attention::resolve(ctx, node),
         Op::Transpose { .. } => layout::resolve(ctx, node),
         Op::ModulationTable { .. }
         | Op::Chunk { .. }
