@@ -20,7 +20,7 @@ pub fn rmsnorm(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, cols: usize, o
 pub fn rmsnorm_residual(x: &[f32], w: &[f32], b: Option<&[f32]>, residual: &[f32], eps: f32, cols: usize, out: &mut [f32]) {
     rmsnorm(x, w, b, eps, cols, out);
     for (y, &r) in out.iter_mut().zip(residual) {
-        *y = r + *y;
+        *y += r; // r + y: the same bits (f32 addition is commutative)
     }
 }
 

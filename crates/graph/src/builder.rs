@@ -537,7 +537,7 @@ impl GraphBuilder {
         let mut groups = 0;
         for &x in scales {
             let s = self.shape(x);
-            if head_dim == 0 || s.rank() != 3 || s.dims()[..2] != s0.dims()[..2] || s.last() % (3 * head_dim) != 0 {
+            if head_dim == 0 || s.rank() != 3 || s.dims()[..2] != s0.dims()[..2] || !s.last().is_multiple_of(3 * head_dim) {
                 return Err(shape_err(op, format!("{name}: scale {s} is not [{}, {}, g·3·{head_dim}]", s0.dims()[0], s0.dims().get(1).copied().unwrap_or(0))));
             }
             groups += s.last() / (3 * head_dim);
@@ -603,7 +603,7 @@ impl GraphBuilder {
             expect_shape(op, &format!("{name}: norm bias"), self.shape(nb), &c)?;
         }
         let ws = self.shape(weight).clone();
-        if kernel % 2 == 0 || ws.rank() != 4 || ws.dims()[1..] != [cin, kernel, kernel] {
+        if kernel.is_multiple_of(2) || ws.rank() != 4 || ws.dims()[1..] != [cin, kernel, kernel] {
             return Err(shape_err(op, format!("{name}: weight {ws} is not [Cout, {cin}, {kernel}, {kernel}] (odd kernel)")));
         }
         let cout = ws.dims()[0];

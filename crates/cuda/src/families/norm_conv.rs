@@ -47,7 +47,7 @@ pub fn rmsnorm_relu_conv2d(a: &NormConvArgs) -> Result<Vec<Launch>> {
     if a.cout > MAX_COUT {
         return Err(invalid(format!("{} output channels, the kernel computes at most {MAX_COUT}", a.cout)));
     }
-    if a.kernel % 2 == 0 || a.kernel > MAX_KERNEL {
+    if a.kernel.is_multiple_of(2) || a.kernel > MAX_KERNEL {
         return Err(invalid(format!("kernel size {}, expected an odd size up to {MAX_KERNEL}", a.kernel)));
     }
     if a.batch == 0 || a.h == 0 || a.w_px == 0 || a.cout == 0 {
