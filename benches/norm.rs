@@ -16,6 +16,8 @@ enum Kind {
     Rms,
     /// DC-AE channel RMSNorm (weight and bias).
     RmsBias,
+    /// DC-AE channel RMSNorm with the block's residual added (`rmsnorm_residual`).
+    RmsBiasResidual,
     /// Connector LayerNorm (weight and bias).
     LayerNorm,
     /// SANA norm1/norm2: no affine, fused adaLN modulation per sample.
@@ -55,6 +57,8 @@ fn main() {
         ("LLM RMSNorm", Kind::Rms, 2 * 300, 1536, bf),
         ("DC-AE channel RMSNorm", Kind::RmsBias, 512 * 512, 128, bf),
         ("DC-AE channel RMSNorm", Kind::RmsBias, 128 * 128, 512, bf),
+        ("DC-AE RMSNorm + residual", Kind::RmsBiasResidual, 512 * 512, 128, bf),
+        ("DC-AE RMSNorm + residual", Kind::RmsBiasResidual, 128 * 128, 512, bf),
     ];
     let mut rng = Rng::new(1);
     let (warmup, runs) = r.runs();
@@ -86,6 +90,7 @@ fn main() {
         let (kernel, extra) = match kind {
             Kind::Rms => ("rmsnorm", cols),
             Kind::RmsBias => ("rmsnorm+bias", 2 * cols),
+            Kind::RmsBiasResidual => ("rmsnorm_residual", 2 * cols + rows * cols),
             Kind::LayerNorm => ("layernorm", 2 * cols),
             Kind::LayerNormAdaLn { .. } => ("layernorm+adaLN", 2 * samples * cols),
         };
@@ -97,6 +102,11 @@ fn main() {
                 match kind {
                     Kind::Rms => norm::rmsnorm(dtype, xp, w.ptr(), 0, yp, rows, cols, 1e-6).and_then(|l| enqueue(&dev, &l)),
                     Kind::RmsBias => norm::rmsnorm(dtype, xp, w.ptr(), b.ptr(), yp, rows, cols, 1e-6).and_then(|l| enqueue(&dev, &l)),
+                    // The residual is another set of the rotation (the same shape, also from DRAM).
+                    Kind::RmsBiasResidual => {
+                        let rp = x.ptr() + (((i + 1) % sets) * set) as u64;
+                        norm::rmsnorm_residual(dtype, xp, w.ptr(), b.ptr(), rp, yp, rows, cols, 1e-5).and_then(|l| enqueue(&dev, &l))
+                    }
                     Kind::LayerNorm => norm::layernorm(dtype, xp, w.ptr(), b.ptr(), None, yp, rows, cols, 1e-5).and_then(|l| enqueue(&dev, &l)),
                     Kind::LayerNormAdaLn { tokens } => {
                         let m = Modulation {

@@ -3,6 +3,10 @@
 //   rmsnorm_{f32,bf16}(x, w, b, y, rows, cols, eps)
 //       y = x / sqrt(mean(x^2) + eps) * w (+ b). `b` may be null: it is there for DC-AE's channel
 //       RMSNorm (weight and bias); the LLM's and SANA's RMSNorms pass null.
+//   rmsnorm_residual_{f32,bf16}(x, w, b, r, y, rows, cols, eps)
+//       y = r + rmsnorm(x) (DC-AE's `x + norm(block(x))`): the residual is added in f32 to the
+//       normalised value before the one rounding, and the normalised tensor is never stored.
+//       CPU twin: openuni_cpu::ops::rmsnorm_residual.
 //   layernorm_{f32,bf16}(x, w, b, scale, shift, y, rows, cols, tokens, eps)
 //       y = (x - mean) / sqrt(var + eps) (* w) (+ b), biased variance as PyTorch; `w`, `b` may be
 //       null (SANA's norm1/norm2 have no affine). When `scale` and `shift` are non-null, the fused
@@ -39,14 +43,15 @@ constexpr int NORM_CACHE = 4;
 // One row group: the tx threads with the same threadIdx.y normalise row `row`.
 // K = elements per item (vector width or 1).
 template <typename T, int K, bool RMS>
-__device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, const T* scale, const T* shift, T* y,
-                                         i64 rows, int cols, int tokens, float eps, float* red) {
+__device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, const T* scale, const T* shift,
+                                         const T* res, T* y, i64 rows, int cols, int tokens, float eps, float* red) {
     const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
     const bool valid = row < rows;
     const int tx = blockDim.x;
     const int items = cols / K;
     const T* xr = x + (valid ? row : 0) * (i64)cols;
     T* yr = y + (valid ? row : 0) * (i64)cols;
+    const T* rr = res ? res + (valid ? row : 0) * (i64)cols : nullptr;
     const bool cached = items <= NORM_CACHE * tx;  // the same for every thread of the block
 
     float c[NORM_CACHE][K];
@@ -129,6 +134,12 @@ __device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, con
 #pragma unroll
             for (int j = 0; j < K; ++j) v[j] = v[j] * (1.f + s[j]) + h[j];
         }
+        if (rr) {
+            float t[K];
+            load_k<T, K>(rr + o, t);
+#pragma unroll
+            for (int j = 0; j < K; ++j) v[j] = t[j] + v[j];
+        }
         store_k<T, K>(yr + o, v);
     };
     if (cached) {
@@ -147,16 +158,16 @@ __device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, con
 }
 
 template <typename T, bool RMS>
-__device__ __forceinline__ void norm(const T* x, const T* w, const T* b, const T* scale, const T* shift, T* y,
-                                     i64 rows, int cols, int tokens, float eps) {
+__device__ __forceinline__ void norm(const T* x, const T* w, const T* b, const T* scale, const T* shift, const T* res,
+                                     T* y, i64 rows, int cols, int tokens, float eps) {
     __shared__ float red[32];
     constexpr int V = Vec16<T>::N;
     const bool vec = cols % V == 0 && aligned16(x) && aligned16(y) && (!w || aligned16(w)) && (!b || aligned16(b)) &&
-                     (!scale || aligned16(scale)) && (!shift || aligned16(shift));
+                     (!scale || aligned16(scale)) && (!shift || aligned16(shift)) && (!res || aligned16(res));
     if (vec)
-        norm_row<T, V, RMS>(x, w, b, scale, shift, y, rows, cols, tokens, eps, red);
+        norm_row<T, V, RMS>(x, w, b, scale, shift, res, y, rows, cols, tokens, eps, red);
     else
-        norm_row<T, 1, RMS>(x, w, b, scale, shift, y, rows, cols, tokens, eps, red);
+        norm_row<T, 1, RMS>(x, w, b, scale, shift, res, y, rows, cols, tokens, eps, red);
 }
 
 }  // namespace ou
@@ -166,20 +177,30 @@ using ou::i64;
 
 extern "C" __global__ void rmsnorm_f32(const float* x, const float* w, const float* b, float* y, i64 rows, int cols,
                                        float eps) {
-    ou::norm<float, true>(x, w, b, nullptr, nullptr, y, rows, cols, 1, eps);
+    ou::norm<float, true>(x, w, b, nullptr, nullptr, nullptr, y, rows, cols, 1, eps);
 }
 
 extern "C" __global__ void rmsnorm_bf16(const bf16* x, const bf16* w, const bf16* b, bf16* y, i64 rows, int cols,
                                         float eps) {
-    ou::norm<bf16, true>(x, w, b, nullptr, nullptr, y, rows, cols, 1, eps);
+    ou::norm<bf16, true>(x, w, b, nullptr, nullptr, nullptr, y, rows, cols, 1, eps);
+}
+
+extern "C" __global__ void rmsnorm_residual_f32(const float* x, const float* w, const float* b, const float* r,
+                                                float* y, i64 rows, int cols, float eps) {
+    ou::norm<float, true>(x, w, b, nullptr, nullptr, r, y, rows, cols, 1, eps);
+}
+
+extern "C" __global__ void rmsnorm_residual_bf16(const bf16* x, const bf16* w, const bf16* b, const bf16* r, bf16* y,
+                                                 i64 rows, int cols, float eps) {
+    ou::norm<bf16, true>(x, w, b, nullptr, nullptr, r, y, rows, cols, 1, eps);
 }
 
 extern "C" __global__ void layernorm_f32(const float* x, const float* w, const float* b, const float* scale,
                                          const float* shift, float* y, i64 rows, int cols, int tokens, float eps) {
-    ou::norm<float, false>(x, w, b, scale, shift, y, rows, cols, tokens, eps);
+    ou::norm<float, false>(x, w, b, scale, shift, nullptr, y, rows, cols, tokens, eps);
 }
 
 extern "C" __global__ void layernorm_bf16(const bf16* x, const bf16* w, const bf16* b, const bf16* scale,
                                           const bf16* shift, bf16* y, i64 rows, int cols, int tokens, float eps) {
-    ou::norm<bf16, false>(x, w, b, scale, shift, y, rows, cols, tokens, eps);
+    ou::norm<bf16, false>(x, w, b, scale, shift, nullptr, y, rows, cols, tokens, eps);
 }

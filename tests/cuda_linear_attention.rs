@@ -137,6 +137,41 @@ fn packed_linear_attention_matches_cpu() {
     }
 }
 
+/// `MultiscaleLinearAttention` (DC-AE's [qkv | agg] without the concat): each scale's groups
+/// written into their column range of the output, against the twin (concat, then the packed
+/// attention). Uneven scales (2 + 1 groups), DC-AE's two equal scales at head dim 32 with several
+/// chunks per head (N = 1025), one token.
+#[test]
+fn multiscale_linear_attention_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(15);
+    for (b, n, hd, groups) in [(2, 7, 8, vec![2, 1]), (2, 1025, 32, vec![2, 2]), (1, 1, 16, vec![1, 3])] {
+        let xs: Vec<Vec<f32>> = groups.iter().map(|g| rng.normals(b * n * g * 3 * hd, 0.2, 1.0)).collect();
+        let widths: Vec<usize> = groups.iter().map(|g| g * 3 * hd).collect();
+        let c = groups.iter().sum::<usize>() * hd;
+        let twin = |xs: &[Vec<f32>]| {
+            let parts: Vec<&[f32]> = xs.iter().map(|x| &x[..]).collect();
+            let mut y = vec![0.0; b * n * c];
+            cpu::multiscale_linear_attention(&parts, &widths, b, n, hd, &mut y);
+            y
+        };
+        let want = twin(&xs);
+        let mut gb = GraphBuilder::new();
+        let ids: Vec<_> = widths.iter().enumerate().map(|(i, &w)| gb.input(&format!("s{i}"), [b, n, w]).unwrap()).collect();
+        let y = gb.multiscale_linear_attention("attn.linear_attention", &ids, hd).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let inputs: HashMap<String, HostTensor> = xs.iter().zip(&widths).enumerate().map(|(i, (x, &w))| (format!("s{i}"), tensor(&[b, n, w], x.clone()))).collect();
+        for dtype in DTYPES {
+            let got = &run(&dev, &g, &inputs, dtype)["y"];
+            let base = twin(&xs.iter().map(|x| round_to(dtype, x)).collect::<Vec<_>>());
+            let what = format!("multiscale_linear_attention {dtype} B={b} N={n} hd={hd} groups={groups:?}");
+            check(&what, dtype, got, &want, &base);
+            check_exact_bf16(&what, dtype, got, &base);
+        }
+    }
+}
+
 /// Heads whose keys (or queries) are all negative have a zero state (or zero query after ReLU):
 /// the output is exactly 0 (0 / 1e-15), never NaN.
 #[test]

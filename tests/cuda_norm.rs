@@ -1,4 +1,4 @@
-//! kernels/norm.cu against its CPU twins (openuni_cpu::ops::{rmsnorm, layernorm}) on random
+//! kernels/norm.cu against its CPU twins (openuni_cpu::ops::{rmsnorm, rmsnorm_residual, layernorm}) on random
 //! inputs: through the CUDA executor on one-node graphs (f32 and bf16 storage), and launched
 //! directly on misaligned and in-place pointers (the kernels' scalar paths).
 //!
@@ -97,6 +97,44 @@ fn rmsnorm_matches_cpu() {
                     &want,
                     &base,
                 );
+            }
+        }
+    }
+}
+
+/// `rmsnorm_residual_*` (DC-AE's `x + norm(y)`) against `cpu::rmsnorm_residual` on the same
+/// shapes: the vector path (columns a multiple of 8) and the scalar path (48 in f32 aside, 100,
+/// 5003), with and without the norm's bias.
+#[test]
+fn rmsnorm_residual_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(7);
+    for &(rows, cols) in SHAPES {
+        for with_bias in [false, true] {
+            let x = rng.normals(rows * cols, 0.5, 2.0);
+            let r = rng.normals(rows * cols, 0.0, 1.5);
+            let w = rng.normals(cols, 1.0, 0.3);
+            let b = rng.normals(cols, 0.0, 0.5);
+            let eps = 1e-5;
+            let mut want = vec![0.0; rows * cols];
+            cpu::rmsnorm_residual(&x, &w, with_bias.then_some(&b[..]), &r, eps, cols, &mut want);
+
+            let mut gb = GraphBuilder::new();
+            let xi = gb.input("x", [rows, cols]).unwrap();
+            let ri = gb.input("r", [rows, cols]).unwrap();
+            let wi = gb.weight("w", [cols]).unwrap();
+            let bi = if with_bias { Some(gb.weight("b", [cols]).unwrap()) } else { None };
+            let y = gb.rmsnorm_residual("norm", xi, wi, bi, eps, ri).unwrap();
+            gb.output("y", y).unwrap();
+            let g = gb.finish();
+            let weights = HashMap::from([("w".to_string(), tensor(&[cols], w.clone())), ("b".to_string(), tensor(&[cols], b.clone()))]);
+            let inputs = HashMap::from([("x".to_string(), tensor(&[rows, cols], x.clone())), ("r".to_string(), tensor(&[rows, cols], r.clone()))]);
+            for dtype in DTYPES {
+                let got = run(&dev, &g, &weights, &inputs, dtype);
+                let mut base = vec![0.0; rows * cols];
+                let rb = round_to(dtype, &b);
+                cpu::rmsnorm_residual(&round_to(dtype, &x), &round_to(dtype, &w), with_bias.then_some(&rb[..]), &round_to(dtype, &r), eps, cols, &mut base);
+                check(&format!("rmsnorm_residual {dtype} [{rows}, {cols}] bias={with_bias}"), dtype, &got, &want, &base);
             }
         }
     }

@@ -103,6 +103,7 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => one,
         // A tanh-GELU after a Linear is that GEMM's epilogue (executor peephole): no launch.
         Op::Unary { .. } if openuni_cuda::families::gelu_fused_into_linear(g, node, false).is_some() => 0,
+        Op::RmsNormResidual { .. } | Op::RmsNormReluConv2d { .. } => one,
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => one,
         Op::Attention { q, k, heads, kv_heads, head_dim, causal, scale, .. } => {
             let (qs, ks) = (g.shape(*q).dims(), g.shape(*k).dims());
@@ -135,6 +136,15 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
             let d = g.shape(node.output).dims();
             let dims = linear_attention::Dims::packed(d[0], d[1], *groups, *head_dim);
             linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len()
+        }
+        Op::MultiscaleLinearAttention { scales, head_dim } => {
+            let d = g.shape(node.output).dims();
+            let mut n = 0;
+            for &x in scales {
+                let dims = linear_attention::Dims::packed(d[0], d[1], g.shape(x).last() / (3 * head_dim), *head_dim).in_columns(d[2]);
+                n += linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len();
+            }
+            n
         }
         // Decode: the chunked pass and the log-sum-exp merge; append: the cache copy (the planner
         // never aliases a value with its input) and the in-place write.

@@ -28,8 +28,11 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     let batch = d[0];
     let mut mids = vec![("mid.decoder.stem".to_string(), o.stem, d[2], d[3])];
     mids.extend(o.stages.iter().enumerate().map(|(i, &(v, h, w))| (format!("mid.decoder.up_blocks.{i}"), v, h, w)));
-    let last = o.stages[0];
-    mids.push(("mid.decoder.conv_out_input".into(), o.conv_out_input, last.1, last.2));
+    // The decoder's fused head never stores conv_out's input: rebuilt unfused when compared.
+    let (last, lh, lw) = o.stages[0];
+    if case.io.contains("mid.decoder.conv_out_input") {
+        mids.push(("mid.decoder.conv_out_input".into(), dcae::conv_out_input(&mut b, &cfg, last)?, lh, lw));
+    }
     for (name, v, h, w) in mids {
         if case.io.contains(&name) {
             let c = b.shape(v).last();

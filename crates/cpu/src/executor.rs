@@ -258,6 +258,21 @@ impl CpuExecutor {
                 let f = if fast { fast::rmsnorm } else { ops::rmsnorm };
                 f(view.get(*x), view.get(*weight), bias.map(|b| view.get(b)), *eps, cols, y)
             }
+            Op::RmsNormResidual { x, weight, bias, eps, residual } => {
+                let f = if fast { fast::rmsnorm_residual } else { ops::rmsnorm_residual };
+                f(view.get(*x), view.get(*weight), bias.map(|b| view.get(b)), view.get(*residual), *eps, cols, y)
+            }
+            Op::RmsNormReluConv2d { x, norm_weight, norm_bias, eps, weight, bias, h, w, kernel } => {
+                let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());
+                let f = if fast { fast::rmsnorm_relu_conv2d } else { ops::rmsnorm_relu_conv2d };
+                f(view.get(*x), view.get(*norm_weight), norm_bias.map(|nb| view.get(nb)), *eps, view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *kernel, y)
+            }
+            Op::MultiscaleLinearAttention { scales, head_dim } => {
+                let d = out_shape.dims();
+                let parts: Vec<&[f32]> = scales.iter().map(|&x| view.get(x)).collect();
+                let widths: Vec<usize> = scales.iter().map(|&x| g.shape(x).last()).collect();
+                (if fast { fast::multiscale_linear_attention } else { ops::multiscale_linear_attention })(&parts, &widths, d[0], d[1], *head_dim, y)
+            }
             Op::LayerNorm { x, weight, bias, eps, modulation } => {
                 let m = modulation.map(|m| ModulationRef {
                     scale: view.get(m.scale),

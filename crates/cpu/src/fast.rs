@@ -29,6 +29,14 @@ pub fn rmsnorm(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, cols: usize, o
         .for_each(|(y, x)| ops::rmsnorm(x, w, b, eps, cols, y));
 }
 
+/// [`ops::rmsnorm_residual`], rows split across threads (bit-identical to the twin).
+pub fn rmsnorm_residual(x: &[f32], w: &[f32], b: Option<&[f32]>, residual: &[f32], eps: f32, cols: usize, out: &mut [f32]) {
+    let n = (ELEMS_PER_TASK / cols).max(1) * cols;
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n).zip(residual.par_chunks(n)))
+        .for_each(|(y, (x, r))| ops::rmsnorm_residual(x, w, b, r, eps, cols, y));
+}
+
 /// [`ops::layernorm`], rows split across threads (f32 statistics, two passes).
 /// [`ops::pixel_shuffle_layernorm`] with the norm across threads (the gather is one plain copy).
 #[allow(clippy::too_many_arguments)]
@@ -254,6 +262,23 @@ pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups:
     linear_attention_core(qkv, qkv, qkv, layout, batch, tokens, groups, hd, out)
 }
 
+/// [`ops::multiscale_linear_attention`]: [`packed_linear_attention`] on each scale in place (no
+/// concat of the inputs), its groups' outputs copied into their column range of `out`.
+pub fn multiscale_linear_attention(scales: &[&[f32]], widths: &[usize], batch: usize, tokens: usize, hd: usize, out: &mut [f32]) {
+    let c: usize = widths.iter().map(|w| w / 3).sum();
+    let mut col = 0;
+    for (x, &wd) in scales.iter().zip(widths) {
+        let (g, oc) = (wd / (3 * hd), wd / 3);
+        if oc == 0 {
+            continue;
+        }
+        let mut part = vec![0f32; batch * tokens * oc];
+        packed_linear_attention(x, batch, tokens, g, hd, &mut part);
+        out[..batch * tokens * c].par_chunks_mut(c).zip(part.par_chunks(oc)).for_each(|(o, p)| o[col..col + oc].copy_from_slice(p));
+        col += oc;
+    }
+}
+
 /// Depthwise k×k of one image row into `acc` (w pixels × c channels, f32), with the weights
 /// transposed to tap-major `wt[tap][c]` so the inner loop runs along contiguous channels.
 #[allow(clippy::too_many_arguments)]
@@ -438,4 +463,87 @@ pub fn grouped_linear(x: &[f32], weight: &[f32], cin: usize, cout: usize, groups
         let wv = View::new(weight, g * co * ci, 1, ci);
         gemm_into(rows, co, ci, out, g * co, cout, false, xv, wv, Threads::All);
     }
+}
+
+/// Output rows per task of [`rmsnorm_relu_conv2d`]: each task normalises its rows plus the k - 1
+/// rows of context around them, so the normalised tensor exists only a band at a time.
+const NORM_CONV_BAND: usize = 8;
+
+/// [`ops::rmsnorm_relu_conv2d`] for few output channels: per task (a band of output rows of one
+/// image), RMSNorm + ReLU of the rows it reads into a scratch band, then a direct convolution,
+/// one dot product over the channels per (output channel, tap) with the weights permuted once
+/// per call to [Cout, k·k, Cin]. No full-size temporary, no im2col; f32 accumulation in another
+/// order than the twin's sgemm.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_relu_conv2d(
+    x: &[f32],
+    norm_weight: &[f32],
+    norm_bias: Option<&[f32]>,
+    eps: f32,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    out: &mut [f32],
+) {
+    let (taps, p) = (kernel * kernel, kernel / 2);
+    let mut wt = vec![0f32; cout * taps * cin];
+    for o in 0..cout {
+        for ci in 0..cin {
+            for t in 0..taps {
+                wt[(o * taps + t) * cin + ci] = weight[(o * cin + ci) * taps + t];
+            }
+        }
+    }
+    let out = &mut out[..batch * h * w * cout];
+    if out.is_empty() {
+        return;
+    }
+    out.par_chunks_mut(h * w * cout).enumerate().for_each(|(b, ob)| {
+        ob.par_chunks_mut(NORM_CONV_BAND * w * cout).enumerate().for_each_init(Vec::new, |band: &mut Vec<f32>, (i, o)| {
+            let (y0, rows) = (i * NORM_CONV_BAND, o.len() / (w * cout));
+            let (lo, hi) = (y0.saturating_sub(p), (y0 + rows + p).min(h));
+            band.resize((hi - lo) * w * cin, 0.0);
+            ops::rmsnorm(&x[(b * h + lo) * w * cin..(b * h + hi) * w * cin], norm_weight, norm_bias, eps, cin, band);
+            band.iter_mut().for_each(|v| *v = v.max(0.0));
+            let mut acc = vec![0f32; cout];
+            for yy in 0..rows {
+                for xx in 0..w {
+                    match bias {
+                        Some(bb) => acc.copy_from_slice(bb),
+                        None => acc.fill(0.0),
+                    }
+                    for dy in 0..kernel {
+                        let Some(sy) = (y0 + yy + dy).checked_sub(p).filter(|&s| s < h) else { continue };
+                        for dx in 0..kernel {
+                            let Some(sx) = (xx + dx).checked_sub(p).filter(|&s| s < w) else { continue };
+                            let src = &band[((sy - lo) * w + sx) * cin..][..cin];
+                            let t = dy * kernel + dx;
+                            for (oc, a) in acc.iter_mut().enumerate() {
+                                *a += dot(src, &wt[(oc * taps + t) * cin..][..cin]);
+                            }
+                        }
+                    }
+                    o[(yy * w + xx) * cout..][..cout].copy_from_slice(&acc);
+                }
+            }
+        });
+    });
+}
+
+/// `Σ a·b` in 8 independent lanes (vectorises), then the lanes summed.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }

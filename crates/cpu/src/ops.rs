@@ -15,6 +15,15 @@ pub fn rmsnorm(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, cols: usize, o
     }
 }
 
+/// `residual + rmsnorm(x)`: [`rmsnorm`] then [`add`] with the residual first, as DC-AE's blocks
+/// compute `x + norm(y)` (bit-identical to the two ops).
+pub fn rmsnorm_residual(x: &[f32], w: &[f32], b: Option<&[f32]>, residual: &[f32], eps: f32, cols: usize, out: &mut [f32]) {
+    rmsnorm(x, w, b, eps, cols, out);
+    for (y, &r) in out.iter_mut().zip(residual) {
+        *y += r; // r + y: the same bits (f32 addition is commutative)
+    }
+}
+
 /// adaLN modulation operands: `scale`/`shift` hold one row of `cols` per sample, each sample owning
 /// `tokens` consecutive rows of the input.
 #[derive(Clone, Copy)]
@@ -502,6 +511,17 @@ pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups:
     linear_attention(&q, &k, &v, batch, tokens, groups, hd, out);
 }
 
+/// DC-AE's multi-scale linear attention over packed `scales` ([`Op::MultiscaleLinearAttention`]):
+/// [`concat`] of the scales (widths `widths`), then [`packed_linear_attention`].
+///
+/// [`Op::MultiscaleLinearAttention`]: openuni_graph::Op::MultiscaleLinearAttention
+pub fn multiscale_linear_attention(scales: &[&[f32]], widths: &[usize], batch: usize, tokens: usize, hd: usize, out: &mut [f32]) {
+    let total: usize = widths.iter().sum();
+    let mut all = vec![0f32; batch * tokens * total];
+    concat(scales, widths, &mut all);
+    packed_linear_attention(&all, batch, tokens, total / (3 * hd), hd, out);
+}
+
 /// k×k convolution (stride 1, zero padding k/2) over tokens [B, h·w, Cin] -> [B, h·w, Cout], as
 /// im2col in row blocks + sgemm; `weight` [Cout, Cin, k, k].
 #[allow(clippy::too_many_arguments)]
@@ -532,6 +552,30 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: 
             linear(&cols[..n * kk], weight, bias, n, kk, cout, &mut ob[start * cout..(start + n) * cout]);
         }
     }
+}
+
+/// DC-AE's output head: [`conv2d`] of `relu(rmsnorm(x, norm_weight, norm_bias))` (the three
+/// ops in turn, through a full-size temporary: the plain twin of the fused kernel).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_relu_conv2d(
+    x: &[f32],
+    norm_weight: &[f32],
+    norm_bias: Option<&[f32]>,
+    eps: f32,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    out: &mut [f32],
+) {
+    let (mut n, mut r) = (vec![0f32; batch * h * w * cin], vec![0f32; batch * h * w * cin]);
+    rmsnorm(x, norm_weight, norm_bias, eps, cin, &mut n);
+    unary(UnaryFn::Relu, &n, &mut r);
+    conv2d(&r, weight, bias, batch, h, w, cin, cout, kernel, out);
 }
 
 /// DCUpBlock2d (interpolate): `conv2d(upsample2x(x), weight, bias)` (3×3) on an h×w grid ->

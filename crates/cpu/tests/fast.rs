@@ -52,6 +52,10 @@ fn norms_match_twins() {
         fast::rmsnorm(&x, &w, Some(&b), 1e-6, cols, &mut f);
         ops::rmsnorm(&x, &w, Some(&b), 1e-6, cols, &mut p);
         assert_eq!(f, p, "rmsnorm runs its twin on row blocks");
+        let res = rand_vec(&mut r, rows * cols);
+        fast::rmsnorm_residual(&x, &w, Some(&b), &res, 1e-6, cols, &mut f);
+        ops::rmsnorm_residual(&x, &w, Some(&b), &res, 1e-6, cols, &mut p);
+        assert_eq!(f, p, "rmsnorm_residual runs its twin on row blocks");
         for (wo, bo, m) in [(None, None, false), (Some(&w[..]), Some(&b[..]), false), (Some(&w[..]), None, true)] {
             let m = m.then_some(ModulationRef { scale: &scale, shift: &shift, tokens });
             fast::layernorm(&x, wo, bo, 1e-5, cols, m, &mut f);
@@ -123,6 +127,22 @@ fn attention_ext_with_segments_and_rope_matches_twin() {
 }
 
 #[test]
+fn multiscale_linear_attention_matches_twin() {
+    let mut r = rng(13);
+    // Scales of 2 and 1 groups (uneven), and DC-AE's two equal scales.
+    for (b, n, hd, groups) in [(1, 1, 2, vec![2, 1]), (2, 300, 8, vec![3, 3]), (1, 70, 32, vec![1, 2, 1])] {
+        let xs: Vec<Vec<f32>> = groups.iter().map(|g| rand_vec(&mut r, b * n * g * 3 * hd)).collect();
+        let parts: Vec<&[f32]> = xs.iter().map(|x| &x[..]).collect();
+        let widths: Vec<usize> = groups.iter().map(|g| g * 3 * hd).collect();
+        let c = groups.iter().sum::<usize>() * hd;
+        let (mut f, mut p) = (vec![7.0; b * n * c], vec![0.0; b * n * c]);
+        fast::multiscale_linear_attention(&parts, &widths, b, n, hd, &mut f);
+        ops::multiscale_linear_attention(&parts, &widths, b, n, hd, &mut p);
+        assert_close(&format!("multiscale_linear_attention {b}x{n} hd {hd} groups {groups:?}"), &f, &p, 1e-5);
+    }
+}
+
+#[test]
 fn linear_attention_matches_twins() {
     let mut r = rng(6);
     for (b, n, heads, hd) in [(1, 1, 1, 3), (2, 300, 3, 7), (1, 517, 2, 32)] {
@@ -184,6 +204,24 @@ fn convs_match_twins() {
         fast::upsample_conv2d(&x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut f);
         ops::upsample_conv2d(&x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut p);
         assert_close(&format!("upsample_conv2d {b}x{h}x{w} {cin}->{cout} shortcut {shortcut}"), &f, &p, 1e-6);
+    }
+}
+
+#[test]
+fn rmsnorm_relu_conv2d_matches_twin() {
+    let mut r = rng(12);
+    // Bands of 8 output rows: 19 and 17 rows end mid-band; a 1-row image; k = 1 and 3; channel
+    // counts below, at and past the 8-lane dot product (5, 8, 24, 70); 1 to 4 output channels.
+    for (b, h, w, cin, cout, kernel) in [(1, 1, 1, 1, 1, 1), (2, 19, 7, 5, 3, 3), (1, 17, 33, 24, 4, 3), (2, 3, 4, 70, 3, 1), (1, 9, 5, 8, 2, 3)] {
+        let x: Vec<f32> = rand_vec(&mut r, b * h * w * cin).iter().map(|v| v * 3.0).collect();
+        let (nw, nb) = (rand_vec(&mut r, cin), rand_vec(&mut r, cin));
+        let (wt, bias) = (rand_vec(&mut r, cout * cin * kernel * kernel), rand_vec(&mut r, cout));
+        for (nbi, bi) in [(None, None), (Some(&nb[..]), Some(&bias[..]))] {
+            let (mut f, mut p) = (vec![7.0; b * h * w * cout], vec![0.0; b * h * w * cout]);
+            fast::rmsnorm_relu_conv2d(&x, &nw, nbi, 1e-5, &wt, bi, b, h, w, cin, cout, kernel, &mut f);
+            ops::rmsnorm_relu_conv2d(&x, &nw, nbi, 1e-5, &wt, bi, b, h, w, cin, cout, kernel, &mut p);
+            assert_close(&format!("rmsnorm_relu_conv2d {b}x{h}x{w} {cin}->{cout} k{kernel} bias {}", bi.is_some()), &f, &p, 1e-6);
+        }
     }
 }
 

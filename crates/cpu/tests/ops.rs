@@ -119,6 +119,22 @@ fn upsample_conv2d_equals_the_unfused_ops() {
     }
 }
 
+#[test]
+fn rmsnorm_residual_equals_rmsnorm_then_add() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for (rows, cols) in [(1, 1), (7, 13), (40, 128)] {
+        let (x, r) = (rand_vec(&mut rng, rows * cols), rand_vec(&mut rng, rows * cols));
+        let (w, b) = (rand_vec(&mut rng, cols), rand_vec(&mut rng, cols));
+        for bias in [None, Some(&b[..])] {
+            let (mut n, mut want, mut got) = (vec![0.0; rows * cols], vec![0.0; rows * cols], vec![0.0; rows * cols]);
+            ops::rmsnorm(&x, &w, bias, 1e-5, cols, &mut n);
+            ops::add(&r, &n, &mut want);
+            ops::rmsnorm_residual(&x, &w, bias, &r, 1e-5, cols, &mut got);
+            assert_eq!(got, want, "[{rows}, {cols}] bias={}", bias.is_some());
+        }
+    }
+}
+
 /// Packed segments [a, b, c] (causal, GQA, fused RoPE) equal running each sequence on its own:
 /// the separate `rope` op (positions 0..len) then plain causal attention, segment by segment.
 #[test]

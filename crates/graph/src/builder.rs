@@ -561,6 +561,23 @@ impl GraphBuilder {
         Ok(self.push(name, Op::PackedLinearAttention { qkv, groups, head_dim }, s.with_last(groups * head_dim)))
     }
 
+    /// `packed_linear_attention(concat(scales))` without the concat (`Op::MultiscaleLinearAttention`):
+    /// every scale [B, N, gᵢ·3·head_dim] with the same B and N -> [B, N, (Σ gᵢ)·head_dim].
+    pub fn multiscale_linear_attention(&mut self, name: &str, scales: &[ValueId], head_dim: usize) -> Result<ValueId> {
+        let op = "multiscale_linear_attention";
+        let Some(&first) = scales.first() else { return Err(shape_err(op, format!("{name}: no scales"))) };
+        let s0 = self.shape(first).clone();
+        let mut groups = 0;
+        for &x in scales {
+            let s = self.shape(x);
+            if head_dim == 0 || s.rank() != 3 || s.dims()[..2] != s0.dims()[..2] || !s.last().is_multiple_of(3 * head_dim) {
+                return Err(shape_err(op, format!("{name}: scale {s} is not [{}, {}, g·3·{head_dim}]", s0.dims()[0], s0.dims().get(1).copied().unwrap_or(0))));
+            }
+            groups += s.last() / (3 * head_dim);
+        }
+        Ok(self.push(name, Op::MultiscaleLinearAttention { scales: scales.to_vec(), head_dim }, s0.with_last(groups * head_dim)))
+    }
+
     /// Checks that `x` is [B, h·w, C] and returns (B, C).
     fn grid(&self, op: &'static str, name: &str, x: ValueId, h: usize, w: usize) -> Result<(usize, usize)> {
         let s = self.shape(x);
@@ -582,6 +599,51 @@ impl GraphBuilder {
             expect_shape("conv2d", &format!("{name}: bias"), self.shape(bb), &Shape::new([cout]))?;
         }
         Ok(self.push(name, Op::Conv2d { x, weight, bias, h, w, kernel, silu }, Shape::new([b, h * w, cout])))
+    }
+
+    /// `residual + rmsnorm(x)` in one node (`Op::RmsNormResidual`).
+    pub fn rmsnorm_residual(&mut self, name: &str, x: ValueId, weight: ValueId, bias: Option<ValueId>, eps: f32, residual: ValueId) -> Result<ValueId> {
+        let c = Shape::new([self.shape(x).last()]);
+        expect_shape("rmsnorm_residual", &format!("{name}: weight"), self.shape(weight), &c)?;
+        if let Some(b) = bias {
+            expect_shape("rmsnorm_residual", &format!("{name}: bias"), self.shape(b), &c)?;
+        }
+        let s = self.shape(x).clone();
+        expect_shape("rmsnorm_residual", &format!("{name}: residual"), self.shape(residual), &s)?;
+        Ok(self.push(name, Op::RmsNormResidual { x, weight, bias, eps, residual }, s))
+    }
+
+    /// `conv2d(relu(rmsnorm(x)))` in one node (`Op::RmsNormReluConv2d`) -> [B, h·w, Cout].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_relu_conv2d(
+        &mut self,
+        name: &str,
+        x: ValueId,
+        norm_weight: ValueId,
+        norm_bias: Option<ValueId>,
+        eps: f32,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+    ) -> Result<ValueId> {
+        let op = "rmsnorm_relu_conv2d";
+        let (b, cin) = self.grid(op, name, x, h, w)?;
+        let c = Shape::new([cin]);
+        expect_shape(op, &format!("{name}: norm weight"), self.shape(norm_weight), &c)?;
+        if let Some(nb) = norm_bias {
+            expect_shape(op, &format!("{name}: norm bias"), self.shape(nb), &c)?;
+        }
+        let ws = self.shape(weight).clone();
+        if kernel.is_multiple_of(2) || ws.rank() != 4 || ws.dims()[1..] != [cin, kernel, kernel] {
+            return Err(shape_err(op, format!("{name}: weight {ws} is not [Cout, {cin}, {kernel}, {kernel}] (odd kernel)")));
+        }
+        let cout = ws.dims()[0];
+        if let Some(bb) = bias {
+            expect_shape(op, &format!("{name}: bias"), self.shape(bb), &Shape::new([cout]))?;
+        }
+        Ok(self.push(name, Op::RmsNormReluConv2d { x, norm_weight, norm_bias, eps, weight, bias, h, w, kernel }, Shape::new([b, h * w, cout])))
     }
 
     /// DCUpBlock2d (interpolate) in one node: `conv3x3(upsample2x(x)) (+ bias)

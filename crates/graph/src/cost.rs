@@ -45,7 +45,12 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
             let d = graph.shape(*qkv).dims();
             4.0 * (d[0] * d[1] * groups * head_dim * head_dim) as f64
         }
+        Op::MultiscaleLinearAttention { head_dim, .. } => {
+            let d = out.dims();
+            4.0 * (d[0] * d[1] * d[2] * head_dim) as f64
+        }
         Op::Conv2d { x, kernel, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * kernel * kernel) as f64,
+        Op::RmsNormReluConv2d { x, kernel, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * kernel * kernel) as f64,
         Op::UpsampleConv2d { x, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * 9) as f64,
         Op::DepthwiseConv2d { kernel, .. } => 2.0 * out.numel() as f64 * (kernel * kernel) as f64,
         Op::DepthwiseConvGlu { kernel, .. } => 4.0 * out.numel() as f64 * (kernel * kernel) as f64,

@@ -189,6 +189,29 @@ pub enum Op {
     /// `skip + (2r + dy)·g + 2c + dx` as channels `(2·dy + dx)·C + ch`, then LayerNorm over the
     /// 4C channels with `weight` and `bias` [4C].
     PixelShuffleLayerNorm { x: ValueId, weight: ValueId, bias: ValueId, eps: f32, grid: usize, skip: usize },
+    /// `residual + RmsNorm(x)` in one pass (DC-AE's `x + norm(block(x))`): the normalised tensor
+    /// is never stored. Same math as `RmsNorm` then `Add { a: residual, b: norm }`.
+    RmsNormResidual { x: ValueId, weight: ValueId, bias: Option<ValueId>, eps: f32, residual: ValueId },
+    /// DC-AE's output head in one op: `Conv2d(ReLU(RmsNorm(x, norm_weight, norm_bias, eps)))`
+    /// (k×k, zero padding k/2, no SiLU) over tokens [B, h·w, Cin] -> [B, h·w, Cout], with the
+    /// normalised, rectified tensor never stored. Meant for few output channels (conv_out: 3).
+    RmsNormReluConv2d {
+        x: ValueId,
+        norm_weight: ValueId,
+        norm_bias: Option<ValueId>,
+        eps: f32,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+    },
+    /// DC-AE's multi-scale linear attention core without the concat of its scales: exactly
+    /// `PackedLinearAttention` of `Concat(scales)`, where each scale is a packed [B, N, gᵢ·3·hd]
+    /// tensor (the projected qkv, then each aggregated branch) and the groups are numbered across
+    /// the scales in order; output [B, N, (Σ gᵢ)·hd]. A backend reads each scale where it is and
+    /// writes its groups into their column range of the output.
+    MultiscaleLinearAttention { scales: Vec<ValueId>, head_dim: usize },
 }
 
 impl Op {
@@ -225,6 +248,9 @@ impl Op {
             Op::AnyNonFinite { .. } => "any_nonfinite",
             Op::KvCacheRows { .. } => "kv_cache_rows",
             Op::PixelShuffleLayerNorm { .. } => "pixel_shuffle_layernorm",
+            Op::RmsNormResidual { .. } => "rmsnorm_residual",
+            Op::RmsNormReluConv2d { .. } => "rmsnorm_relu_conv2d",
+            Op::MultiscaleLinearAttention { .. } => "multiscale_linear_attention",
         }
     }
 
@@ -286,6 +312,18 @@ impl Op {
                 v.extend([*x, *weight]);
                 v.extend(bias);
             }
+            Op::RmsNormResidual { x, weight, bias, residual, .. } => {
+                v.extend([*x, *weight]);
+                v.extend(bias);
+                v.push(*residual);
+            }
+            Op::RmsNormReluConv2d { x, norm_weight, norm_bias, weight, bias, .. } => {
+                v.extend([*x, *norm_weight]);
+                v.extend(norm_bias);
+                v.push(*weight);
+                v.extend(bias);
+            }
+            Op::MultiscaleLinearAttention { scales, .. } => v.extend(scales),
         }
         v
     }

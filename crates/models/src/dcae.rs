@@ -7,7 +7,7 @@ use openuni_tensor::Shape;
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
-use crate::nn::{glumb_conv, linear, rms_norm_biased, Scope};
+use crate::nn::{glumb_conv, linear, rms_norm_biased, rms_norm_biased_residual, Scope};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -138,10 +138,10 @@ pub struct DecoderOutputs {
     pub sample: ValueId,
     /// conv_in + in-shortcut, the input of the last stage (tokens).
     pub stem: ValueId,
-    /// Output of each stage `up_blocks.i`, indexed by i (tokens), with its grid size.
+    /// Output of each stage `up_blocks.i`, indexed by i (tokens), with its grid size. The head
+    /// (norm_out, ReLU, conv_out) is one fused node on `stages[0]`; [`conv_out_input`] builds
+    /// its inner value for comparisons.
     pub stages: Vec<(ValueId, usize, usize)>,
-    /// ReLU(norm_out(x)), the input of conv_out (tokens).
-    pub conv_out_input: ValueId,
 }
 
 /// The decoder's weights: `decoder.…` in an `AutoencoderDC` folder.
@@ -169,7 +169,7 @@ pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: 
     for (i, s) in l.stages.into_iter().enumerate() {
         stages[i] = s;
     }
-    Ok(DecoderOutputs { sample: l.sample, stem: g.stem, stages, conv_out_input: l.conv_out_input })
+    Ok(DecoderOutputs { sample: l.sample, stem: g.stem, stages })
 }
 
 /// The decoder graphs' input: latents already divided by the scaling factor [B, C, h, w].
@@ -318,7 +318,6 @@ pub struct LocalOutputs {
     pub sample: ValueId,
     /// Output of each stage `up_blocks.i`, i < split (tokens), with its grid size.
     pub stages: Vec<(ValueId, usize, usize)>,
-    pub conv_out_input: ValueId,
 }
 
 /// conv_in with the in-shortcut, then the stages from the last down to `local_split().split`.
@@ -351,12 +350,25 @@ pub fn decoder_local(b: &mut GraphBuilder, cfg: &DcaeConfig, features: ValueId, 
     let split = cfg.local_split().split;
     let mut stages = vec![(features, h, wd); split];
     let (x, h, wd) = run_stages(b, cfg, features, h, wd, 0..split, &mut stages)?;
-    let (chans, top) = (&cfg.decoder_block_out_channels, top());
-    let x = rms_norm_biased(b, &top.pp("norm_out"), x, chans[0], NORM_EPS)?;
-    let conv_out_input = b.unary(&top.name("conv_act"), x, UnaryFn::Relu)?;
-    let y = conv(b, &top.pp("conv_out"), conv_out_input, chans[0], 3, 3, true, false, h, wd)?;
+    let (c, top) = (cfg.decoder_block_out_channels[0], top());
+    // norm_out -> ReLU -> conv_out (3×3, 3 channels) as one node: the 128-channel full-resolution
+    // normalised and rectified tensors are never stored.
+    let (norm, out) = (top.pp("norm_out"), top.pp("conv_out"));
+    let nw = b.weight(&norm.name("weight"), [c])?;
+    let nb = b.weight(&norm.name("bias"), [c])?;
+    let wt = b.weight(&out.name("weight"), [3, c, 3, 3])?;
+    let bs = b.weight(&out.name("bias"), [3])?;
+    let y = b.rmsnorm_relu_conv2d(out.path(), x, nw, Some(nb), NORM_EPS, wt, Some(bs), h, wd, 3)?;
     let sample = b.transpose(&top.name("to_nchw"), y, batch, h * wd, 3, [batch, 3, h, wd])?;
-    Ok(LocalOutputs { sample, stages, conv_out_input })
+    Ok(LocalOutputs { sample, stages })
+}
+
+/// ReLU(norm_out(x)), the input of conv_out, built unfused on `x` (the last stage's output) for
+/// comparisons with a reference's intermediate: the decoder itself never stores it.
+pub fn conv_out_input(b: &mut GraphBuilder, cfg: &DcaeConfig, x: ValueId) -> Result<ValueId> {
+    let top = top();
+    let x = rms_norm_biased(b, &top.pp("norm_out"), x, cfg.decoder_block_out_channels[0], NORM_EPS)?;
+    Ok(b.unary(&top.name("conv_act"), x, UnaryFn::Relu)?)
 }
 
 /// `up_blocks.i` for i in `range`, from the highest down (each but the last starting with its
@@ -404,12 +416,11 @@ fn up_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, cin: usize, cout: usize
     Ok(b.upsample_conv2d(cs.path(), x, wt, Some(bs), h, wd, true)?)
 }
 
-/// `x + norm(conv2(silu(conv1(x))))`.
+/// `x + norm(conv2(silu(conv1(x))))` (the norm and the residual one node).
 fn res_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
     let y = conv(b, &s.pp("conv1"), x, c, c, 3, true, true, h, wd)?;
     let y = conv(b, &s.pp("conv2"), y, c, c, 3, false, false, h, wd)?;
-    let y = rms_norm_biased(b, &s.pp("norm"), y, c, NORM_EPS)?;
-    Ok(b.add(&s.name("residual"), x, y)?)
+    rms_norm_biased_residual(b, &s.pp("norm"), y, c, NORM_EPS, x)
 }
 
 /// `conv_out(attn(x))`, both residual.
@@ -433,16 +444,14 @@ fn multiscale_attention(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h
     let agg = b.depthwise_conv2d(pin.path(), qkv, dw, None, h, wd, 5)?;
     let gw = b.weight(&pout.name("weight"), [3 * c, hd, 1, 1])?;
     let agg = b.grouped_linear(pout.path(), agg, gw, 3 * heads)?;
-    let all = b.concat(&s.name("multiscale_qkv"), &[qkv, agg])?;
-    let o = b.packed_linear_attention(&s.name("linear_attention"), all, 2 * heads, hd)?;
+    // The concat of [qkv | agg] upstream makes is never stored: the attention reads both scales.
+    let o = b.multiscale_linear_attention(&s.name("linear_attention"), &[qkv, agg], hd)?;
     let o = linear(b, &s.pp("to_out"), o, 2 * c, c, false)?;
-    let o = rms_norm_biased(b, &s.pp("norm_out"), o, c, NORM_EPS)?;
-    Ok(b.add(&s.name("residual"), x, o)?)
+    rms_norm_biased_residual(b, &s.pp("norm_out"), o, c, NORM_EPS, x)
 }
 
 /// GLUMBConv with residual: `x + norm(point(u · silu(g)))`, `[u|g] = dw3x3(silu(inverted(x)))`.
 fn glumb_conv_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
     let y = glumb_conv(b, s, x, c, EXPAND * c, c, h, wd)?;
-    let y = rms_norm_biased(b, &s.pp("norm"), y, c, NORM_EPS)?;
-    Ok(b.add(&s.name("residual"), x, y)?)
+    rms_norm_biased_residual(b, &s.pp("norm"), y, c, NORM_EPS, x)
 }

@@ -80,6 +80,14 @@ pub fn rms_norm_biased(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: usize, ep
     Ok(b.rmsnorm(s.path(), x, w, Some(bias), eps)?)
 }
 
+/// `residual + rms_norm_biased(x)` as one node (`Op::RmsNormResidual`): DC-AE's `x + norm(y)`
+/// block endings, without storing the normalised tensor.
+pub fn rms_norm_biased_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: usize, eps: f32, residual: ValueId) -> Result<ValueId> {
+    let w = b.weight(&s.name("weight"), [d])?;
+    let bias = b.weight(&s.name("bias"), [d])?;
+    Ok(b.rmsnorm_residual(s.path(), x, w, Some(bias), eps, residual)?)
+}
+
 /// diffusers `GLUMBConv` without its optional norm and residual (SANA's feed-forward; DC-AE's
 /// EfficientViT blocks add both): `conv_inverted` (1×1, bias) -> SiLU -> `conv_depth` (3×3
 /// depthwise, bias) -> chunk into (u, gate) -> u · SiLU(gate) -> `conv_point` (1×1, no bias), on

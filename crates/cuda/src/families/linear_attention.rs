@@ -1,5 +1,6 @@
 //! ReLU linear attention (`kernels/linear_attention.cu`): SANA's `Op::LinearAttention` and DC-AE's
-//! `Op::PackedLinearAttention`, two launches per node.
+//! `Op::PackedLinearAttention`, two launches per node; `Op::MultiscaleLinearAttention`, two per
+//! scale (each scale's groups read in place and written into their columns of the output).
 //!
 //! 1. `linear_attention_state_<dtype>_hd<HD>`, grid (chunks, heads, B): each CTA reduces one chunk
 //!    of tokens of one head to its f32 state (KV, HD×HD, and the key sum). With one chunk per head
@@ -41,7 +42,9 @@ const CTAS_PER_SM: usize = 4;
 
 /// The shape of one linear attention and where its heads sit in memory: element (b, n, head h,
 /// channel i) of q, k and v is at `(b·tokens + n)·row_stride + h·head_stride + i`; the output is
-/// [batch, tokens, heads·head_dim].
+/// [batch, tokens, heads·head_dim] in rows of `out_row_stride` values (head h at column h·head_dim
+/// of the row: a multi-scale attention writes each scale's heads into a column range of a wider
+/// output, [`Dims::in_columns`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dims {
     pub batch: usize,
@@ -50,17 +53,24 @@ pub struct Dims {
     pub head_dim: usize,
     pub row_stride: usize,
     pub head_stride: usize,
+    pub out_row_stride: usize,
 }
 
 impl Dims {
     /// SANA's layout: q, k, v are three [B, N, heads·head_dim] tensors.
     pub fn separate(batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Dims {
-        Dims { batch, tokens, heads, head_dim, row_stride: heads * head_dim, head_stride: head_dim }
+        Dims { batch, tokens, heads, head_dim, row_stride: heads * head_dim, head_stride: head_dim, out_row_stride: heads * head_dim }
     }
 
     /// DC-AE's layout: one [B, N, groups·3·head_dim] tensor, group g = (q | k | v).
     pub fn packed(batch: usize, tokens: usize, groups: usize, head_dim: usize) -> Dims {
-        Dims { batch, tokens, heads: groups, head_dim, row_stride: groups * 3 * head_dim, head_stride: 3 * head_dim }
+        Dims { batch, tokens, heads: groups, head_dim, row_stride: groups * 3 * head_dim, head_stride: 3 * head_dim, out_row_stride: groups * head_dim }
+    }
+
+    /// The same attention writing into output rows of `out_row_stride` values (the caller
+    /// offsets the output pointer to the first column of its range).
+    pub fn in_columns(self, out_row_stride: usize) -> Dims {
+        Dims { out_row_stride, ..self }
     }
 
     /// f32 values of one head's state: KV (head_dim²) and the key sum (head_dim).
@@ -139,7 +149,13 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
     let n = i32_arg("linear attention tokens", d.tokens)?;
     let rs = i32_arg("linear attention row stride", d.row_stride)?;
     let hs = i32_arg("linear attention head stride", d.head_stride)?;
-    let ors = i32_arg("linear attention output row stride", d.heads * hd)?;
+    if d.out_row_stride < d.heads * hd {
+        return Err(CudaError::Invalid {
+            what: "linear attention".into(),
+            msg: format!("output row stride {} is less than heads·head_dim = {}", d.out_row_stride, d.heads * hd),
+        });
+    }
+    let ors = i32_arg("linear attention output row stride", d.out_row_stride)?;
     // Row offsets inside the kernels are 64-bit; the products below only need to fit i64.
     let chunk_arg = i32_arg("linear attention chunk length", chunk_len)?;
     Ok(vec![
@@ -184,21 +200,39 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let out = ctx.graph.shape(node.output).dims();
     let (batch, tokens) = (out[0], out[1]);
     let es = ctx.dtype.size_in_bytes() as u64;
-    let (d, ptrs) = match &node.op {
-        Op::LinearAttention { q, k, v, heads, head_dim } => (
-            Dims::separate(batch, tokens, *heads, *head_dim),
-            Pointers { q: p(*q), k: p(*k), v: p(*v), out: p(node.output) },
-        ),
+    let packed = |x: u64, hd: usize| Pointers { q: x, k: x + (hd as u64) * es, v: x + 2 * (hd as u64) * es, out: 0 };
+    let calls: Vec<(Dims, Pointers)> = match &node.op {
+        Op::LinearAttention { q, k, v, heads, head_dim } => {
+            vec![(Dims::separate(batch, tokens, *heads, *head_dim), Pointers { q: p(*q), k: p(*k), v: p(*v), out: p(node.output) })]
+        }
         Op::PackedLinearAttention { qkv, groups, head_dim } => {
-            let base = p(*qkv);
-            let hd = *head_dim as u64;
-            (
-                Dims::packed(batch, tokens, *groups, *head_dim),
-                Pointers { q: base, k: base + hd * es, v: base + 2 * hd * es, out: p(node.output) },
-            )
+            vec![(Dims::packed(batch, tokens, *groups, *head_dim), Pointers { out: p(node.output), ..packed(p(*qkv), *head_dim) })]
+        }
+        // One packed attention per scale, each writing its groups' columns of the output.
+        Op::MultiscaleLinearAttention { scales, head_dim } => {
+            let (hd, ors) = (*head_dim, ctx.graph.shape(node.output).last());
+            let mut col = 0;
+            let mut calls = vec![];
+            for &x in scales {
+                let groups = ctx.graph.shape(x).last() / (3 * hd);
+                let out = p(node.output) + (col * hd) as u64 * es;
+                calls.push((Dims::packed(batch, tokens, groups, hd).in_columns(ors), Pointers { out, ..packed(p(x), hd) }));
+                col += groups;
+            }
+            calls
         }
         _ => unreachable!("linear_attention::resolve called for {}", node.op.name()),
     };
+    let mut all = vec![];
+    for (d, ptrs) in calls {
+        all.extend(resolve_one(ctx, &d, ptrs)?);
+    }
+    Ok(all)
+}
+
+/// The launches of one attention, with its workspaces.
+fn resolve_one(ctx: &Ctx, d: &Dims, ptrs: Pointers) -> Result<Vec<Launch>> {
+    let d = *d;
     if !HEAD_DIMS.contains(&d.head_dim) {
         // The same message as `launches`, before any workspace is allocated.
         return launches(ctx.dtype, ctx.dev.sm_count(), &d, ptrs, 0, 0);

@@ -210,12 +210,13 @@ impl Ctx<'_> {
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
     let launches = match &node.op {
         Op::Linear { x, w, bias } => return linear(ctx, node, *x, *w, *bias),
-        Op::RmsNorm { .. } | Op::LayerNorm { .. } => norm::resolve(ctx, node),
+        Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::RmsNormResidual { .. } => norm::resolve(ctx, node),
+        Op::RmsNormReluConv2d { .. } => norm_conv::resolve(ctx, node),
         Op::Unary { x, .. } if ctx.gelu_fusions.contains_key(x) => Ok(vec![]), // in the Linear's GEMM
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => elementwise::resolve(ctx, node),
         Op::Attention { .. } => attention::resolve(ctx, node),
         Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } | Op::KvCacheRows { .. } => decode_attention::resolve(ctx, node),
-        Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } => linear_attention::resolve(ctx, node),
+        Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } | Op::MultiscaleLinearAttention { .. } => linear_attention::resolve(ctx, node),
         Op::Transpose { .. } => layout::resolve(ctx, node),
         Op::PixelShuffleLayerNorm { .. } => pixel_shuffle::resolve(ctx, node),
         Op::ModulationTable { .. }
@@ -276,3 +277,4 @@ pub mod linear_attention;
 pub mod misc;
 pub mod pixel_shuffle;
 pub mod norm;
+pub mod norm_conv;

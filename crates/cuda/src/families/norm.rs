@@ -1,4 +1,4 @@
-//! Row norms (`kernels/norm.cu`): RMSNorm (optional bias) and LayerNorm (optional affine, optional
+//! Row norms (`kernels/norm.cu`): RMSNorm (optional bias, optional fused residual) and LayerNorm (optional affine, optional
 //! fused adaLN modulation), over the last dimension. CPU twins: `openuni_cpu::ops::{rmsnorm,
 //! layernorm}`.
 //!
@@ -44,6 +44,28 @@ pub fn rmsnorm(dtype: DType, x: u64, w: u64, b: u64, y: u64, rows: usize, cols: 
         KArg::Ptr(x),
         KArg::Ptr(w),
         KArg::Ptr(b),
+        KArg::Ptr(y),
+        KArg::I64(rows as i64),
+        i32_arg("cols", cols)?,
+        KArg::F32(eps),
+    ];
+    Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
+}
+
+/// `rmsnorm_residual_<dtype>`: `y = r + x / sqrt(mean(x²) + eps) · w (+ b)` over rows of `cols`
+/// (`b` may be 0); no launch for an empty tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_residual(dtype: DType, x: u64, w: u64, b: u64, r: u64, y: u64, rows: usize, cols: usize, eps: f32) -> Result<Vec<Launch>> {
+    let kernel = format!("rmsnorm_residual_{}", suffix(dtype)?);
+    if rows == 0 || cols == 0 {
+        return Ok(vec![]);
+    }
+    let (block, grid) = norm_launch(rows, cols, dtype);
+    let args = vec![
+        KArg::Ptr(x),
+        KArg::Ptr(w),
+        KArg::Ptr(b),
+        KArg::Ptr(r),
         KArg::Ptr(y),
         KArg::I64(rows as i64),
         i32_arg("cols", cols)?,
@@ -112,6 +134,9 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let (rows, cols) = (out.rows(), out.last());
     match &node.op {
         Op::RmsNorm { x, weight, bias, eps } => rmsnorm(ctx.dtype, p(*x), p(*weight), bias.map_or(0, p), p(node.output), rows, cols, *eps),
+        Op::RmsNormResidual { x, weight, bias, eps, residual } => {
+            rmsnorm_residual(ctx.dtype, p(*x), p(*weight), bias.map_or(0, p), p(*residual), p(node.output), rows, cols, *eps)
+        }
         Op::LayerNorm { x, weight, bias, eps, modulation } => {
             let m = modulation.map(|m| Modulation { scale: p(m.scale), shift: p(m.shift), tokens: out.dims()[1] });
             layernorm(ctx.dtype, p(*x), weight.map_or(0, p), bias.map_or(0, p), m, p(node.output), rows, cols, *eps)
