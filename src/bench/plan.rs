@@ -99,7 +99,8 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
     let empty = g.shape(node.output).numel() == 0;
     let one = usize::from(!empty);
     Ok(match &node.op {
-        Op::Linear { .. } => one,
+        Op::Linear { .. } | Op::LinearResidual { .. } => one,
+        Op::AdaLayerNorm { .. } | Op::AdaGatedAdd { .. } => one,
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => one,
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => one,
         Op::Attention { q, k, heads, kv_heads, head_dim, causal, scale, .. } => {
@@ -187,7 +188,7 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType) -> Result<Stage
         let launches = cuda_launches(g, node, dtype)?;
         p.launches += launches;
         p.activation_bytes += bytes - weight_bytes;
-        if matches!(node.op, Op::Linear { .. }) {
+        if matches!(node.op, Op::Linear { .. } | Op::LinearResidual { .. }) {
             p.gemm_launches += launches;
             p.gemm_flops += c.flops;
             p.gemm_bytes += bytes;

@@ -105,6 +105,9 @@ pub struct LinearGemm {
     x: u64,
     w: u64,
     y: u64,
+    /// The C operand: `y` itself with beta = 0, or a residual added with beta = 1.
+    c_ptr: u64,
+    beta: f32,
 }
 
 // SAFETY: the descriptors are plain heap objects owned by this value.
@@ -139,6 +142,13 @@ fn alignment(ptrs: &[u64]) -> u32 {
 
 impl LinearGemm {
     pub fn new(blas: &Blas, p: &LinearArgs) -> Result<LinearGemm> {
+        Self::with_residual(blas, p, None)
+    }
+
+    /// As [`LinearGemm::new`], plus `residual` ([rows, out_features], same dtype) added to the
+    /// product as cuBLASLt's C operand with beta = 1: `y = x·wᵀ (+ bias) + residual`, one rounding.
+    /// `residual` may be `y` itself (in place) or another buffer.
+    pub fn with_residual(blas: &Blas, p: &LinearArgs, residual: Option<u64>) -> Result<LinearGemm> {
         let what = |s: &'static str| {
             move || {
                 format!(
@@ -170,6 +180,8 @@ impl LinearGemm {
             x: p.x,
             w: p.w,
             y: p.y,
+            c_ptr: residual.unwrap_or(p.y),
+            beta: if residual.is_some() { 1.0 } else { 0.0 },
         };
         g.a = lt::create_matrix_layout(dt, k, m, k as i64).ctx(what("layout of A"))?;
         g.b = lt::create_matrix_layout(dt, k, n, k as i64).ctx(what("layout of B"))?;
@@ -242,7 +254,7 @@ impl LinearGemm {
             for (attr, ptr) in [
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.w),
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.x),
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.y),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, residual.unwrap_or(p.y)),
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.y),
             ] {
                 let a = alignment(&[ptr]);
@@ -263,7 +275,7 @@ impl LinearGemm {
     /// The pointers given to [`LinearGemm::new`] must still be valid for these shapes.
     pub unsafe fn run(&self, dev: &CudaDevice, blas: &Blas) -> Result<()> {
         let alpha = 1.0f32;
-        let beta = 0.0f32;
+        let beta = self.beta;
         lt::matmul(
             blas.handle,
             self.desc,
@@ -273,7 +285,7 @@ impl LinearGemm {
             self.a,
             self.x as *const c_void,
             self.b,
-            self.y as *const c_void,
+            self.c_ptr as *const c_void,
             self.c,
             self.y as *mut c_void,
             self.c,

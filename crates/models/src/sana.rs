@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 
-use openuni_graph::{Graph, GraphBuilder, Modulation, OutputName, UnaryFn, ValueId};
+use openuni_graph::{Graph, GraphBuilder, OutputName, UnaryFn, ValueId};
 use openuni_tensor::Shape;
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
-use crate::nn::{glumb_conv, linear, rms_norm, Scope};
+use crate::nn::{glumb_conv, linear, linear_residual, rms_norm, Scope};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -230,13 +230,11 @@ pub fn denoise(
         blocks.push(x);
     }
 
-    // Output head: shift, scale from scale_shift_table[2, D] + embedded_timestep (no SiLU).
+    // Output head: shift (row 0), scale (row 1) of scale_shift_table[2, D] + embedded_timestep
+    // (no SiLU), read by the norm itself.
     let table = b.weight(&top.name("scale_shift_table"), [2, d])?;
     let no = top.pp("norm_out");
-    let m = b.modulation_table(&no.name("modulation"), embedded, table)?;
-    let shift = b.chunk(&no.name("shift"), m, 0)?;
-    let scale = b.chunk(&no.name("scale"), m, 1)?;
-    let norm_out = b.layernorm(no.path(), x, None, None, cfg.norm_eps, Some(Modulation { scale, shift }))?;
+    let norm_out = b.ada_layernorm(no.path(), x, embedded, table, 1, 0, cfg.norm_eps)?;
     let out = linear(b, &top.pp("proj_out"), norm_out, d, cfg.out_channels(), true)?;
     let output = b.transpose(&top.name("unpatchify"), out, batch, n, cfg.out_channels(), [batch, cfg.out_channels(), h, wd])?;
     Ok(DenoiseOutputs { output, patch_embed: x0, t6, embedded_timestep: embedded, blocks, norm_out })
@@ -304,18 +302,16 @@ fn block(
     wd: usize,
 ) -> Result<ValueId> {
     let d = cfg.dim();
-    // Modulation rows: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+    // The modulation rows of table + t6 (adaLN-single), read by the norms and gated residuals
+    // themselves (the [B, 6, D] table is never stored).
     let table = b.weight(&s.name("scale_shift_table"), [6, d])?;
-    let m = b.modulation_table(&s.name("modulation"), t6, table)?;
-    let row = |b: &mut GraphBuilder, i: usize, name: &str| b.chunk(&s.name(name), m, i);
-    let (shift_msa, scale_msa, gate_msa) = (row(b, 0, "shift_msa")?, row(b, 1, "scale_msa")?, row(b, 2, "gate_msa")?);
-    let (shift_mlp, scale_mlp, gate_mlp) = (row(b, 3, "shift_mlp")?, row(b, 4, "scale_mlp")?, row(b, 5, "gate_mlp")?);
+    let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (0, 1, 2, 3, 4, 5);
 
     // 1. Linear self-attention on the modulated norm, gated residual.
-    let a = b.layernorm(&s.name("norm1"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_msa, shift: shift_msa }))?;
+    let a = b.ada_layernorm(&s.name("norm1"), x, t6, table, scale_msa, shift_msa, cfg.norm_eps)?;
     let a1 = s.pp("attn1");
     let a = linear_self_attention(b, cfg, &a1, a)?;
-    let x = b.gated_add(&a1.name("residual"), x, gate_msa, a)?;
+    let x = b.ada_gated_add(&a1.name("residual"), x, t6, table, gate_msa, a)?;
 
     // 2. Cross-attention from the un-normalised x, plain residual.
     let inner = cfg.num_cross_attention_heads * cfg.cross_attention_head_dim;
@@ -327,14 +323,14 @@ fn block(
     let hd = cfg.cross_attention_head_dim;
     let heads = cfg.num_cross_attention_heads;
     let o = b.attention(&a2.name("attn"), q, kv.k, kv.v, mask, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
-    let o = linear(b, &a2.pp("to_out").pp(0), o, inner, d, true)?;
-    let x = b.add(&a2.name("residual"), x, o)?;
+    // The output projection adds the residual x in the GEMM (C input, beta = 1).
+    let x = linear_residual(b, &a2.pp("to_out").pp(0), o, inner, d, true, x)?;
 
     // 3. Mix-FFN (GLUMBConv) on the modulated norm, gated residual.
-    let a = b.layernorm(&s.name("norm2"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_mlp, shift: shift_mlp }))?;
+    let a = b.ada_layernorm(&s.name("norm2"), x, t6, table, scale_mlp, shift_mlp, cfg.norm_eps)?;
     let ff = s.pp("ff");
     let f = glumb_conv(b, &ff, a, d, cfg.ffn_hidden(), d, h, wd)?;
-    Ok(b.gated_add(&ff.name("residual"), x, gate_mlp, f)?)
+    Ok(b.ada_gated_add(&ff.name("residual"), x, t6, table, gate_mlp, f)?)
 }
 
 fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: ValueId) -> Result<ValueId> {

@@ -175,8 +175,9 @@ impl Ctx<'_> {
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
     let launches = match &node.op {
         Op::Linear { x, w, bias } => return linear(ctx, node, *x, *w, *bias),
-        Op::RmsNorm { .. } | Op::LayerNorm { .. } => norm::resolve(ctx, node),
-        Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => elementwise::resolve(ctx, node),
+        Op::LinearResidual { x, w, bias, residual } => return linear_residual(ctx, node, *x, *w, *bias, Some(*residual)),
+        Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::AdaLayerNorm { .. } => norm::resolve(ctx, node),
+        Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } | Op::AdaGatedAdd { .. } => elementwise::resolve(ctx, node),
         Op::Attention { .. } => attention::resolve(ctx, node),
         Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } => decode_attention::resolve(ctx, node),
         Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } => linear_attention::resolve(ctx, node),
@@ -201,6 +202,11 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
 
 /// `Op::Linear`: one cuBLASLt matmul, planned now (`crate::gemm`).
 fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>) -> Result<Step> {
+    linear_residual(ctx, node, x, w, bias, None)
+}
+
+/// `Op::Linear`, or `Op::LinearResidual` with the residual as the matmul's C (beta = 1).
+fn linear_residual(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>, residual: Option<ValueId>) -> Result<Step> {
     let blas = ctx.dev.blas()?;
     let out = ctx.graph.shape(node.output);
     let args = LinearArgs {
@@ -214,7 +220,7 @@ fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>)
         bias: bias.map(ctx.ptr),
         y: (ctx.ptr)(node.output),
     };
-    Ok(Step::Gemm(LinearGemm::new(&blas, &args)?, blas))
+    Ok(Step::Gemm(LinearGemm::with_residual(&blas, &args, residual.map(ctx.ptr))?, blas))
 }
 
 pub mod attention;
