@@ -36,7 +36,7 @@ impl WeightCache {
         if let Some(t) = self.tensors.lock().expect("weight cache").get(&key) {
             return Ok(t.clone());
         }
-        let t = Arc::new(source.tensor_f32(name, shape)?.to_f32_vec());
+        let t = Arc::new(openuni_tensor::derived::tensor_f32(source, name, shape)?.to_f32_vec());
         self.tensors.lock().expect("weight cache").insert(key, t.clone());
         Ok(t)
     }

@@ -38,7 +38,7 @@ impl WeightCache {
         if let Some(b) = self.tensors.lock().expect("weight cache").get(&key) {
             return Ok(b.ptr());
         }
-        let v = source.tensor_f32(name, shape)?.to_f32_vec();
+        let v = openuni_tensor::derived::tensor_f32(source, name, shape)?.to_f32_vec();
         let buf = match self.dtype {
             DType::F32 => self.dev.upload(&v)?,
             DType::BF16 => {

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use openuni_graph::{Graph, GraphBuilder, OutputName, UnaryFn, ValueId};
-use openuni_tensor::Shape;
+use openuni_tensor::{derived, Shape};
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
@@ -336,6 +336,18 @@ fn block(
 fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: ValueId) -> Result<ValueId> {
     let d = cfg.dim();
     let bias = cfg.attention_bias;
+    if !cfg.qk_norm() {
+        // q, k, v as one GEMM: the three weights' rows interleaved per head at load time
+        // (openuni_tensor::derived), so the output is per head (q_h | k_h | v_h), the layout the
+        // packed linear attention reads: x is read once, and one launch instead of three.
+        let hd = cfg.attention_head_dim;
+        let part = |leaf: &str| ["to_q", "to_k", "to_v"].map(|p| s.pp(p).name(leaf)).to_vec();
+        let w = b.weight(&derived::interleaved_rows_name(&part("weight"), hd), [3 * d, d])?;
+        let bs = if bias { Some(b.weight(&derived::interleaved_rows_name(&part("bias"), hd), [3 * d])?) } else { None };
+        let qkv = b.linear(&s.name("to_qkv"), x, w, bs)?;
+        let o = b.packed_linear_attention(&s.name("linear_attention"), qkv, cfg.num_attention_heads, hd)?;
+        return linear(b, &s.pp("to_out").pp(0), o, d, d, true);
+    }
     let mut q = linear(b, &s.pp("to_q"), x, d, d, bias)?;
     let mut k = linear(b, &s.pp("to_k"), x, d, d, bias)?;
     let v = linear(b, &s.pp("to_v"), x, d, d, bias)?;
