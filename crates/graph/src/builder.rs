@@ -750,3 +750,39 @@ mod decode_tests {
         assert!(e.contains("even head dim"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod fused_dit_tests {
+    use super::*;
+
+    /// The fused DiT ops check their operands and name the node and the tensor when refusing.
+    #[test]
+    fn fused_dit_ops_check_shapes() {
+        let mut b = GraphBuilder::new();
+        let x = b.input("x", [2, 5, 8]).unwrap();
+        let t6 = b.input("t6", [2, 48]).unwrap();
+        let t1 = b.input("t1", [2, 8]).unwrap();
+        let table = b.weight("table", [6, 8]).unwrap();
+        let y = b.ada_layernorm("blk.norm1", x, t6, table, 1, 0, 1e-6).unwrap();
+        assert_eq!(b.shape(y), b.shape(x));
+        b.ada_layernorm("head", x, t1, table, 1, 0, 1e-6).unwrap();
+        let r = b.ada_gated_add("blk.res", x, t6, table, 5, y).unwrap();
+        assert_eq!(b.shape(r), b.shape(x));
+        let e = b.ada_layernorm("blk.norm2", x, t6, table, 6, 0, 1e-6).unwrap_err().to_string();
+        assert!(e.contains("blk.norm2") && e.contains("row 6"), "{e}");
+        let bad_t = b.input("bad_t", [2, 40]).unwrap();
+        let e = b.ada_gated_add("blk.res2", x, bad_t, table, 2, y).unwrap_err().to_string();
+        assert!(e.contains("blk.res2") && e.contains("t has shape"), "{e}");
+        let w = b.weight("w", [8, 8]).unwrap();
+        let o = b.linear_residual("to_out", x, w, None, y).unwrap();
+        assert_eq!(b.shape(o), b.shape(x));
+        let e = b.linear_residual("to_out2", x, w, None, t1).unwrap_err().to_string();
+        assert!(e.contains("to_out2") && e.contains("residual"), "{e}");
+        let dw = b.weight("dw", [8, 1, 3, 3]).unwrap();
+        let xs = b.input("xs", [1, 6, 8]).unwrap();
+        let g = b.silu_depthwise_conv_glu("ff.conv_depth", xs, dw, None, 2, 3, 3).unwrap();
+        assert_eq!(b.shape(g), &Shape::new([1, 6, 4]));
+        let n = b.g.nodes.len();
+        assert!(matches!(b.g.nodes[n - 1].op, Op::DepthwiseConvGlu { silu_input: true, .. }));
+    }
+}
