@@ -348,12 +348,30 @@ fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: V
         let o = b.packed_linear_attention(&s.name("linear_attention"), qkv, cfg.num_attention_heads, hd)?;
         return linear(b, &s.pp("to_out").pp(0), o, d, d, true);
     }
-    let mut q = linear(b, &s.pp("to_q"), x, d, d, bias)?;
+    // SANA1.5 (qk_norm): diffusers applies RMSNorm across all heads to q and k, before the head
+    // split and the ReLU: q̂_n = (q_n ⊙ w) / r_n with r_n = sqrt(mean(q_n²) + eps) > 0 per token.
+    // What cancels, and what does not (docs/models.md, "SANA1.5's q norm"):
+    // - w does NOT cancel: relu(q ⊙ w) weights each channel of the dot products with the keys
+    //   (and for w_i < 0 it is not relu(q)·w_i at all). It is folded into to_q instead: row i of
+    //   the weight (and bias) times w_i, once at load (derived `scale_rows`), so the GEMM
+    //   computes q ⊙ w exactly as the norm's product does.
+    // - 1/r_n does cancel: r_n > 0, so relu(q̂_n) = relu(q_n ⊙ w) / r_n, and per head the output
+    //   num / (den + 1e-15) becomes (num / r_n) / (den / r_n + 1e-15) = num / (den + r_n·1e-15):
+    //   the same up to where the 1e-15 sits. den = Σ_m relu(k_m)·relu(q̂_n) is either 0 (then num
+    //   is 0 too and both give 0) or a sum of positive products, against which r_n·1e-15 is below
+    //   f32 resolution unless den < ~1e-8·r_n. So the q norm node is dropped.
+    // - The k norm's 1/s_m is per key token: it weights the keys' contributions to the state
+    //   and does not cancel; k keeps its RMSNorm.
+    let q = if cfg.qk_norm() {
+        let wq = b.weight(&derived::scaled_rows_name(&s.pp("to_q").name("weight"), &s.pp("norm_q").name("weight")), [d, d])?;
+        let bq = if bias { Some(b.weight(&derived::scaled_rows_name(&s.pp("to_q").name("bias"), &s.pp("norm_q").name("weight")), [d])?) } else { None };
+        b.linear(&s.pp("to_q").path().to_string(), x, wq, bq)?
+    } else {
+        linear(b, &s.pp("to_q"), x, d, d, bias)?
+    };
     let mut k = linear(b, &s.pp("to_k"), x, d, d, bias)?;
     let v = linear(b, &s.pp("to_v"), x, d, d, bias)?;
     if cfg.qk_norm() {
-        // SANA1.5: RMSNorm across all heads, before the head split and the ReLU.
-        q = rms_norm(b, &s.pp("norm_q"), q, d, QK_NORM_EPS)?;
         k = rms_norm(b, &s.pp("norm_k"), k, d, QK_NORM_EPS)?;
     }
     let o = b.linear_attention(&s.name("linear_attention"), q, k, v, cfg.num_attention_heads, cfg.attention_head_dim)?;
