@@ -365,7 +365,7 @@ fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: V
     let q = if cfg.qk_norm() {
         let wq = b.weight(&derived::scaled_rows_name(&s.pp("to_q").name("weight"), &s.pp("norm_q").name("weight")), [d, d])?;
         let bq = if bias { Some(b.weight(&derived::scaled_rows_name(&s.pp("to_q").name("bias"), &s.pp("norm_q").name("weight")), [d])?) } else { None };
-        b.linear(&s.pp("to_q").path().to_string(), x, wq, bq)?
+        b.linear(s.pp("to_q").path(), x, wq, bq)?
     } else {
         linear(b, &s.pp("to_q"), x, d, d, bias)?
     };
