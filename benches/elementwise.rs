@@ -17,6 +17,11 @@ enum Kind {
     GatedAdd {
         tokens: usize,
     },
+    /// The same with the gate read from adaLN-single's t6 [B, 6·cols] and table [6, cols]
+    /// (`ada_gated_add`, as the step runs it).
+    AdaGatedAdd {
+        tokens: usize,
+    },
     /// Storage cast to `DType` (f32 -> bf16 when BF16, bf16 -> f32 when F32).
     Cast(DType),
 }
@@ -67,6 +72,7 @@ fn main() {
             2240,
             DType::F32,
         ),
+        ("SANA-1.6B gated residual, table rows", Kind::AdaGatedAdd { tokens: 1024 }, 2 * 1024, 2240, bf),
         ("SANA-1.6B width", Kind::Cast(DType::BF16), 2 * 1024, 2240, DType::F32),
         ("SANA-1.6B width", Kind::Cast(DType::F32), 2 * 1024, 2240, bf),
     ];
@@ -83,7 +89,7 @@ fn main() {
         };
         let (set_in, set_out) = ((n * es).div_ceil(256) * 256, (n * out_es).div_ceil(256) * 256);
         let reads = match kind {
-            Kind::Add | Kind::GatedAdd { .. } => 2,
+            Kind::Add | Kind::GatedAdd { .. } | Kind::AdaGatedAdd { .. } => 2,
             _ => 1,
         };
         let sets = if dev.is_emulated() {
@@ -105,16 +111,19 @@ fn main() {
                 .unwrap();
         }
         let samples = match kind {
-            Kind::GatedAdd { tokens } => rows.div_ceil(tokens.min(rows)),
+            Kind::GatedAdd { tokens } | Kind::AdaGatedAdd { tokens } => rows.div_ceil(tokens.min(rows)),
             _ => 1,
         };
         let gate = dev
             .upload(&random_bytes(&mut rng, dtype, samples * cols, 0.0, 1.0))
             .unwrap();
+        let t6 = dev.upload(&random_bytes(&mut rng, dtype, samples * 6 * cols, 0.0, 1.0)).unwrap();
+        let table = dev.upload(&random_bytes(&mut rng, dtype, 6 * cols, 0.0, 0.5)).unwrap();
         let (name, bytes) = match kind {
             Kind::Unary(f) => (format!("{}_{dtype}", f.name()), 2 * n * es),
             Kind::Add => (format!("add_{dtype}"), 3 * n * es),
             Kind::GatedAdd { .. } => (format!("gated_add_{dtype}"), (3 * n + samples * cols) * es),
+            Kind::AdaGatedAdd { .. } => (format!("ada_gated_add_{dtype}"), (3 * n + samples * cols + cols) * es),
             Kind::Cast(to) => (format!("cast_{dtype}_to_{to}"), n * (es + out_es)),
         };
         let sms = dev.sm_count();
@@ -132,6 +141,10 @@ fn main() {
                     Kind::Add => elementwise::add(dtype, sms, ap, bp, yp, n).and_then(|l| enqueue(&dev, &l)),
                     Kind::GatedAdd { tokens } => {
                         elementwise::gated_add(dtype, sms, ap, gate.ptr(), bp, yp, n, tokens.min(rows), cols).and_then(|l| enqueue(&dev, &l))
+                    }
+                    Kind::AdaGatedAdd { tokens } => {
+                        let (gate, stride) = openuni_cuda::families::norm::table_row(t6.ptr(), 6 * cols, table.ptr(), 6, cols, 2, es);
+                        elementwise::ada_gated_add(dtype, sms, ap, gate, stride, bp, yp, n, tokens.min(rows), cols).and_then(|l| enqueue(&dev, &l))
                     }
                     Kind::Cast(to) => elementwise::cast(to, sms, ap, yp, n).and_then(|l| enqueue(&dev, &l)),
                 }

@@ -22,6 +22,9 @@ enum Kind {
     LayerNorm,
     /// SANA norm1/norm2: no affine, fused adaLN modulation per sample.
     LayerNormAdaLn { tokens: usize },
+    /// SANA norm1/norm2 as the step runs them: `ada_layernorm`, the modulation rows read from the
+    /// timestep projection [B, 6·C] and the [6, C] table.
+    AdaLayerNorm { tokens: usize },
 }
 
 fn main() {
@@ -51,6 +54,7 @@ fn main() {
             1152,
             bf,
         ),
+        ("SANA-600M adaLN LN, table rows", Kind::AdaLayerNorm { tokens: 1024 }, 2 * 1024, 1152, bf),
         ("SANA-1.6B RMSNorm", Kind::Rms, 2 * 1024, 2240, bf),
         ("connector LN", Kind::LayerNorm, 2 * 256, 1536, bf),
         ("connector LN (1 prompt)", Kind::LayerNorm, 256, 1536, bf),
@@ -78,7 +82,7 @@ fn main() {
         let w = dev.upload(&random_bytes(&mut rng, dtype, cols, 1.0, 0.2)).unwrap();
         let b = dev.upload(&random_bytes(&mut rng, dtype, cols, 0.0, 0.2)).unwrap();
         let samples = match kind {
-            Kind::LayerNormAdaLn { tokens } => rows.div_ceil(tokens.min(rows)),
+            Kind::LayerNormAdaLn { tokens } | Kind::AdaLayerNorm { tokens } => rows.div_ceil(tokens.min(rows)),
             _ => 0,
         };
         let sc = dev
@@ -87,12 +91,16 @@ fn main() {
         let sh = dev
             .upload(&random_bytes(&mut rng, dtype, samples.max(1) * cols, 0.0, 0.3))
             .unwrap();
+        // adaLN-single's timestep projection [B, 6·C] and table [6, C] (AdaLayerNorm).
+        let t6 = dev.upload(&random_bytes(&mut rng, dtype, samples.max(1) * 6 * cols, 0.0, 0.3)).unwrap();
+        let table = dev.upload(&random_bytes(&mut rng, dtype, 6 * cols, 0.0, 0.3)).unwrap();
         let (kernel, extra) = match kind {
             Kind::Rms => ("rmsnorm", cols),
             Kind::RmsBias => ("rmsnorm+bias", 2 * cols),
             Kind::RmsBiasResidual => ("rmsnorm_residual", 2 * cols + rows * cols),
             Kind::LayerNorm => ("layernorm", 2 * cols),
             Kind::LayerNormAdaLn { .. } => ("layernorm+adaLN", 2 * samples * cols),
+            Kind::AdaLayerNorm { .. } => ("ada_layernorm", 2 * samples * cols + 2 * cols),
         };
         let ms = time_ms(&dev, warmup, runs, sets, |i| {
             let off = ((i % sets) * set) as u64;
@@ -115,6 +123,11 @@ fn main() {
                             tokens: tokens.min(rows),
                         };
                         norm::layernorm(dtype, xp, 0, 0, Some(m), yp, rows, cols, 1e-6).and_then(|l| enqueue(&dev, &l))
+                    }
+                    Kind::AdaLayerNorm { tokens } => {
+                        let (scale, stride) = norm::table_row(t6.ptr(), 6 * cols, table.ptr(), 6, cols, 1, es);
+                        let (shift, _) = norm::table_row(t6.ptr(), 6 * cols, table.ptr(), 6, cols, 0, es);
+                        norm::ada_layernorm(dtype, xp, scale, shift, stride, yp, rows, cols, tokens.min(rows), 1e-6).and_then(|l| enqueue(&dev, &l))
                     }
                 }
             }

@@ -47,6 +47,10 @@
 //   depthwise_conv3_glu_{f32,bf16}(x, w, bias, y, batch, h, wd, c): the 3x3 depthwise conv of a
 //     [.., 2c] input fused with GLUMBConv's gate, u * silu(g) -> [.., c] (the 2c-wide conv output
 //     is never stored)
+//   silu_depthwise_conv3_glu_{f32,bf16}(x, w, bias, y, batch, h, wd, c): the same on silu(x), the
+//     SiLU applied to each input vector as it is loaded (GLUMBConv's conv_inverted activation: the
+//     activated 2c-wide tensor is never stored either; each element is loaded, and its SiLU
+//     evaluated, about (DW_ROWS + 2) * 3 / DW_ROWS times, which costs ALU, not memory)
 //       Depthwise k x k (odd k <= 7), zero padding k/2, weight [C, 1, k, k], bias may be null. Block
 //       (32, 8) owns 128 channels (blockIdx.y) whose weights it stages once in shared memory (25 KiB
 //       at most), then strides over (sample, 4-row block, column) items. A thread computes 4
@@ -533,7 +537,7 @@ __device__ __forceinline__ void depthwise_conv2d(const T* x, const T* w, const T
 // = dw(u) * silu(dw(g)), so the 2c-channel conv output (SANA's widest activation) is never stored.
 // Same work split as dwconv: the block owns DW_CB output channels, whose u and g weights sit in
 // shared memory.
-template <typename T>
+template <typename T, bool SILU_IN>
 __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                                             T* __restrict__ y, int batch, int h, int wd, int c) {
     constexpr int ks = 3, pad = 1, kk = 9;
@@ -584,6 +588,10 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
                 float u[4], g[4];
                 load4(px, u, vec, nc);
                 load4(px + c, g, vec, nc);
+                if constexpr (SILU_IN) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) u[e] = u[e] / (1.f + expf(-u[e])), g[e] = g[e] / (1.f + expf(-g[e]));
+                }
 #pragma unroll
                 for (int q = 0; q < DW_R; ++q) {
                     const int dy = j - q;
@@ -753,11 +761,19 @@ extern "C" __global__ void __launch_bounds__(256) depthwise_conv2d_f32(const flo
 }
 
 extern "C" __global__ void __launch_bounds__(256) depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
-    ou::dwconv3_glu<float>(x, w, bias, y, batch, h, wd, c);
+    ou::dwconv3_glu<float, false>(x, w, bias, y, batch, h, wd, c);
 }
 
 extern "C" __global__ void __launch_bounds__(256) depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
-    ou::dwconv3_glu<bf16>(x, w, bias, y, batch, h, wd, c);
+    ou::dwconv3_glu<bf16, false>(x, w, bias, y, batch, h, wd, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256) silu_depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
+    ou::dwconv3_glu<float, true>(x, w, bias, y, batch, h, wd, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256) silu_depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
+    ou::dwconv3_glu<bf16, true>(x, w, bias, y, batch, h, wd, c);
 }
 
 extern "C" __global__ void __launch_bounds__(256) depthwise_conv2d_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c, int k) {

@@ -9,6 +9,11 @@
 //   gated_add_{f32,bf16}(x, gate, v, y, n, tokens, cols)
 //                                      y = x + gate[s, c] * v, for element (row, c) of a [rows, cols] view,
 //                                      s = row / tokens the sample (adaLN gated residual, gate [B, C])
+//   ada_gated_add_{f32,bf16}(x, gate, gate_tab, v, y, n, tokens, cols, gate_stride)
+//                                      y = x + (gate[s * gate_stride + c] + gate_tab[c]) * v: the gate read
+//                                      from adaLN-single's table where it is made (a row of the timestep
+//                                      projection t plus a row of the [k, C] table, summed in f32), so the
+//                                      table and its row copies are never stored
 //   cast_f32_to_bf16(x, y, n)          round to nearest even
 //   cast_bf16_to_f32(x, y, n)          exact
 //   cast_{f32,bf16}_to_u8(x, y, n)     integer-valued 0..=255 (quantize_u8's output) -> bytes; saturating,
@@ -79,24 +84,36 @@ __device__ __forceinline__ void add(const T* a, const T* b, T* y, i64 n) {
         y[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
 }
 
+// gate_tab may be null (plain gated_add: gate_stride == cols).
 template <typename T>
-__device__ __forceinline__ void gated_add(const T* x, const T* gate, const T* v, T* y, i64 n, int tokens, int cols) {
+__device__ __forceinline__ void gated_add(const T* x, const T* gate, const T* gate_tab, const T* v, T* y, i64 n,
+                                          int tokens, int cols, i64 gate_stride) {
     constexpr int V = Vec16<T>::N;
     const i64 sample_elems = (i64)tokens * cols;
-    const i64 nv = cols % V == 0 && aligned16(x) && aligned16(gate) && aligned16(v) && aligned16(y) ? n / V : 0;
+    const i64 nv = cols % V == 0 && gate_stride % V == 0 && aligned16(x) && aligned16(gate) &&
+                           (!gate_tab || aligned16(gate_tab)) && aligned16(v) && aligned16(y)
+                       ? n / V
+                       : 0;
     for (i64 i = global_thread(); i < nv; i += grid_threads()) {
         const i64 e = i * V;
-        const T* g = gate + (e / sample_elems) * cols + (e % cols);
+        const T* g = gate + (e / sample_elems) * gate_stride + (e % cols);
         float a[V], gv[V], b[V];
         load_vec<T>(x + e, a);
         load_vec<T>(g, gv);
+        if (gate_tab) {
+            float tv[V];
+            load_vec<T>(gate_tab + (e % cols), tv);
+#pragma unroll
+            for (int j = 0; j < V; ++j) gv[j] += tv[j];
+        }
         load_vec<T>(v + e, b);
 #pragma unroll
         for (int j = 0; j < V; ++j) a[j] += gv[j] * b[j];
         store_vec<T>(y + e, a);
     }
     for (i64 e = nv * V + global_thread(); e < n; e += grid_threads()) {
-        const float g = to_f32(gate[(e / sample_elems) * cols + (e % cols)]);
+        float g = to_f32(gate[(e / sample_elems) * gate_stride + (e % cols)]);
+        if (gate_tab) g += to_f32(gate_tab[e % cols]);
         y[e] = from_f32<T>(to_f32(x[e]) + g * to_f32(v[e]));
     }
 }
@@ -155,11 +172,20 @@ extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* y, i64 n
 
 extern "C" __global__ void gated_add_f32(const float* x, const float* gate, const float* v, float* y, i64 n, int tokens,
                                          int cols) {
-    ou::gated_add<float>(x, gate, v, y, n, tokens, cols);
+    ou::gated_add<float>(x, gate, nullptr, v, y, n, tokens, cols, cols);
 }
 extern "C" __global__ void gated_add_bf16(const bf16* x, const bf16* gate, const bf16* v, bf16* y, i64 n, int tokens,
                                           int cols) {
-    ou::gated_add<bf16>(x, gate, v, y, n, tokens, cols);
+    ou::gated_add<bf16>(x, gate, nullptr, v, y, n, tokens, cols, cols);
+}
+
+extern "C" __global__ void ada_gated_add_f32(const float* x, const float* gate, const float* gate_tab, const float* v,
+                                             float* y, i64 n, int tokens, int cols, i64 gate_stride) {
+    ou::gated_add<float>(x, gate, gate_tab, v, y, n, tokens, cols, gate_stride);
+}
+extern "C" __global__ void ada_gated_add_bf16(const bf16* x, const bf16* gate, const bf16* gate_tab, const bf16* v,
+                                              bf16* y, i64 n, int tokens, int cols, i64 gate_stride) {
+    ou::gated_add<bf16>(x, gate, gate_tab, v, y, n, tokens, cols, gate_stride);
 }
 
 extern "C" __global__ void cast_f32_to_bf16(const float* x, bf16* y, i64 n) { ou::cast<float, bf16>(x, y, n); }

@@ -12,6 +12,12 @@
 //       null (SANA's norm1/norm2 have no affine). When `scale` and `shift` are non-null, the fused
 //       adaLN modulation y = y * (1 + scale[s]) + shift[s] follows, where s = row / tokens is the
 //       sample the row belongs to and scale/shift hold one row of `cols` per sample ([B, C]).
+//   ada_layernorm_{f32,bf16}(x, scale, shift, scale_tab, shift_tab, y, rows, cols, tokens, mod_stride, eps)
+//       layernorm without affine, modulated by adaLN-single's table read where it is made: the
+//       modulation of sample s is scale[s * mod_stride + c] + scale_tab[c] (shift alike), i.e. the
+//       caller points scale/shift at rows of the timestep projection t ([B, k*C], mod_stride k*C, or
+//       [B, C], mod_stride C) and scale_tab/shift_tab at rows of the [k, C] table: the sum is
+//       made in f32 here, so the [B, k, C] table and its row copies are never stored.
 //
 // Launch layout (chosen by openuni_cuda::families::norm::norm_launch): blockDim = (tx, ty), each row is
 // handled by the tx threads that share threadIdx.y, ty rows per block, gridDim.x = ceil(rows / ty).
@@ -44,7 +50,8 @@ constexpr int NORM_CACHE = 4;
 // K = elements per item (vector width or 1).
 template <typename T, int K, bool RMS>
 __device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, const T* scale, const T* shift,
-                                         const T* res, T* y, i64 rows, int cols, int tokens, float eps, float* red) {
+                                         const T* scale_tab, const T* shift_tab, i64 mod_stride, const T* res, T* y,
+                                         i64 rows, int cols, int tokens, float eps, float* red) {
     const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
     const bool valid = row < rows;
     const int tx = blockDim.x;
@@ -108,8 +115,8 @@ __device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, con
     }
     if (!valid) return;  // no barrier follows
 
-    const T* sc = scale ? scale + (row / tokens) * (i64)cols : nullptr;
-    const T* sh = shift ? shift + (row / tokens) * (i64)cols : nullptr;
+    const T* sc = scale ? scale + (row / tokens) * mod_stride : nullptr;
+    const T* sh = shift ? shift + (row / tokens) * mod_stride : nullptr;
     // Writes one item: normalise, affine, modulation.
     auto emit = [&](int it, float (&v)[K]) {
         const i64 o = (i64)it * K;
@@ -131,6 +138,13 @@ __device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, con
             float s[K], h[K];
             load_k<T, K>(sc + o, s);
             load_k<T, K>(sh + o, h);
+            if (scale_tab) {
+                float ts[K], th[K];
+                load_k<T, K>(scale_tab + o, ts);
+                load_k<T, K>(shift_tab + o, th);
+#pragma unroll
+                for (int j = 0; j < K; ++j) s[j] += ts[j], h[j] += th[j];
+            }
 #pragma unroll
             for (int j = 0; j < K; ++j) v[j] = v[j] * (1.f + s[j]) + h[j];
         }
@@ -158,16 +172,18 @@ __device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, con
 }
 
 template <typename T, bool RMS>
-__device__ __forceinline__ void norm(const T* x, const T* w, const T* b, const T* scale, const T* shift, const T* res,
-                                     T* y, i64 rows, int cols, int tokens, float eps) {
+__device__ __forceinline__ void norm(const T* x, const T* w, const T* b, const T* scale, const T* shift,
+                                     const T* scale_tab, const T* shift_tab, i64 mod_stride, const T* res, T* y,
+                                     i64 rows, int cols, int tokens, float eps) {
     __shared__ float red[32];
     constexpr int V = Vec16<T>::N;
-    const bool vec = cols % V == 0 && aligned16(x) && aligned16(y) && (!w || aligned16(w)) && (!b || aligned16(b)) &&
-                     (!scale || aligned16(scale)) && (!shift || aligned16(shift)) && (!res || aligned16(res));
+    const bool vec = cols % V == 0 && mod_stride % V == 0 && aligned16(x) && aligned16(y) && (!w || aligned16(w)) &&
+                     (!b || aligned16(b)) && (!scale || aligned16(scale)) && (!shift || aligned16(shift)) &&
+                     (!scale_tab || aligned16(scale_tab)) && (!shift_tab || aligned16(shift_tab)) && (!res || aligned16(res));
     if (vec)
-        norm_row<T, V, RMS>(x, w, b, scale, shift, res, y, rows, cols, tokens, eps, red);
+        norm_row<T, V, RMS>(x, w, b, scale, shift, scale_tab, shift_tab, mod_stride, res, y, rows, cols, tokens, eps, red);
     else
-        norm_row<T, 1, RMS>(x, w, b, scale, shift, res, y, rows, cols, tokens, eps, red);
+        norm_row<T, 1, RMS>(x, w, b, scale, shift, scale_tab, shift_tab, mod_stride, res, y, rows, cols, tokens, eps, red);
 }
 
 }  // namespace ou
@@ -177,30 +193,42 @@ using ou::i64;
 
 extern "C" __global__ void rmsnorm_f32(const float* x, const float* w, const float* b, float* y, i64 rows, int cols,
                                        float eps) {
-    ou::norm<float, true>(x, w, b, nullptr, nullptr, nullptr, y, rows, cols, 1, eps);
+    ou::norm<float, true>(x, w, b, nullptr, nullptr, nullptr, nullptr, cols, nullptr, y, rows, cols, 1, eps);
 }
 
 extern "C" __global__ void rmsnorm_bf16(const bf16* x, const bf16* w, const bf16* b, bf16* y, i64 rows, int cols,
                                         float eps) {
-    ou::norm<bf16, true>(x, w, b, nullptr, nullptr, nullptr, y, rows, cols, 1, eps);
+    ou::norm<bf16, true>(x, w, b, nullptr, nullptr, nullptr, nullptr, cols, nullptr, y, rows, cols, 1, eps);
 }
 
 extern "C" __global__ void rmsnorm_residual_f32(const float* x, const float* w, const float* b, const float* r,
                                                 float* y, i64 rows, int cols, float eps) {
-    ou::norm<float, true>(x, w, b, nullptr, nullptr, r, y, rows, cols, 1, eps);
+    ou::norm<float, true>(x, w, b, nullptr, nullptr, nullptr, nullptr, cols, r, y, rows, cols, 1, eps);
 }
 
 extern "C" __global__ void rmsnorm_residual_bf16(const bf16* x, const bf16* w, const bf16* b, const bf16* r, bf16* y,
                                                  i64 rows, int cols, float eps) {
-    ou::norm<bf16, true>(x, w, b, nullptr, nullptr, r, y, rows, cols, 1, eps);
+    ou::norm<bf16, true>(x, w, b, nullptr, nullptr, nullptr, nullptr, cols, r, y, rows, cols, 1, eps);
 }
 
 extern "C" __global__ void layernorm_f32(const float* x, const float* w, const float* b, const float* scale,
                                          const float* shift, float* y, i64 rows, int cols, int tokens, float eps) {
-    ou::norm<float, false>(x, w, b, scale, shift, nullptr, y, rows, cols, tokens, eps);
+    ou::norm<float, false>(x, w, b, scale, shift, nullptr, nullptr, cols, nullptr, y, rows, cols, tokens, eps);
 }
 
 extern "C" __global__ void layernorm_bf16(const bf16* x, const bf16* w, const bf16* b, const bf16* scale,
                                           const bf16* shift, bf16* y, i64 rows, int cols, int tokens, float eps) {
-    ou::norm<bf16, false>(x, w, b, scale, shift, nullptr, y, rows, cols, tokens, eps);
+    ou::norm<bf16, false>(x, w, b, scale, shift, nullptr, nullptr, cols, nullptr, y, rows, cols, tokens, eps);
+}
+
+extern "C" __global__ void ada_layernorm_f32(const float* x, const float* scale, const float* shift, const float* scale_tab,
+                                             const float* shift_tab, float* y, i64 rows, int cols, int tokens,
+                                             i64 mod_stride, float eps) {
+    ou::norm<float, false>(x, nullptr, nullptr, scale, shift, scale_tab, shift_tab, mod_stride, nullptr, y, rows, cols, tokens, eps);
+}
+
+extern "C" __global__ void ada_layernorm_bf16(const bf16* x, const bf16* scale, const bf16* shift, const bf16* scale_tab,
+                                              const bf16* shift_tab, bf16* y, i64 rows, int cols, int tokens,
+                                              i64 mod_stride, float eps) {
+    ou::norm<bf16, false>(x, nullptr, nullptr, scale, shift, scale_tab, shift_tab, mod_stride, nullptr, y, rows, cols, tokens, eps);
 }

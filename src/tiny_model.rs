@@ -64,7 +64,11 @@ fn weights_of(graphs: &[&Graph], extra: &[(&str, Vec<usize>)], rng: &mut rand::r
     let mut seen = HashMap::new();
     for g in graphs {
         for (id, name) in g.weights() {
-            seen.entry(name.to_string()).or_insert_with(|| g.shape(id).clone());
+            // A weight made at load from stored parts (openuni_tensor::derived) is stored as its parts.
+            let stored = openuni_tensor::derived::parts(name, g.shape(id)).unwrap_or_else(|| vec![(name.to_string(), g.shape(id).clone())]);
+            for (n, s) in stored {
+                seen.entry(n).or_insert(s);
+            }
         }
     }
     for (name, s) in extra {

@@ -466,6 +466,46 @@ fn depthwise_conv_glu_matches_cpu() {
     }
 }
 
+/// GLUMBConv from its `conv_inverted` output on: SiLU applied as the depthwise-GLU kernel loads
+/// its input, against the twin `silu_depthwise_conv_glu` (silu, then depthwise_conv_glu).
+#[test]
+fn silu_depthwise_conv_glu_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(23);
+    // (batch, h, w, c (output channels), bias)
+    let cases: &[(usize, usize, usize, usize, bool)] = &[(2, 3, 4, 8, true), (1, 1, 1, 4, false), (1, 5, 7, 133, true), (2, 4, 3, 3, false), (1, 2, 2, 130, true)];
+    for &(b, h, w, c, with_bias) in cases {
+        let c2 = 2 * c;
+        let x = rng.normals(b * h * w * c2, 0.1, 2.0);
+        let wt = rng.normals(c2 * 9, 0.0, 1.0 / 3.0);
+        let bias = rng.normals(c2, 0.0, 0.5);
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [b, h * w, c2]).unwrap();
+        let wi = gb.weight("w", [c2, 1, 3, 3]).unwrap();
+        let bi = with_bias.then(|| gb.weight("b", [c2]).unwrap());
+        let y = gb.silu_depthwise_conv_glu("dwglu", xi, wi, bi, h, w, 3).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let (ws, bs) = ([c2, 1, 3, 3], [c2]);
+        let mut weights: Vec<(&str, &[usize], &[f32])> = vec![("w", &ws, &wt)];
+        if with_bias {
+            weights.push(("b", &bs, &bias));
+        }
+        check_graph(
+            &dev,
+            &format!("silu_depthwise_conv_glu 3x3 [{b}, {h}x{w}, {c2} -> {c}] bias={with_bias}"),
+            &g,
+            &[("x", &[b, h * w, c2], &x)],
+            &weights,
+            &|i, wv| {
+                let mut o = vec![0.0; b * h * w * c];
+                cpu::silu_depthwise_conv_glu(&i[0], &wv[0], wv.get(1).map(|v| &v[..]), b, h, w, c2, 3, &mut o);
+                o
+            },
+        );
+    }
+}
+
 /// The grid-stride kernels (depthwise conv, channel repeat)
 /// launched with a single block along the strided dimension, so each thread loops over many items.
 #[test]

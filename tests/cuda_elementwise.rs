@@ -296,3 +296,50 @@ fn elementwise_on_misaligned_and_in_place_pointers() {
         );
     }
 }
+
+/// `ada_gated_add`: the gate row read from adaLN-single's table (`t` [B, k·C] or [B, C]) against
+/// the twin composed of modulation_table, chunk and gated_add; C a multiple of the vector widths
+/// and not (17, 100).
+#[test]
+fn ada_gated_add_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(13);
+    // (B, N, C, k, per-row t, gate row)
+    for &(b, n, c, k, per_row, gate) in &[
+        (2usize, 37usize, 96usize, 6usize, true, 2usize),
+        (3, 5, 1152, 6, true, 5),
+        (2, 9, 17, 6, true, 2),
+        (3, 4, 100, 3, false, 1),
+    ] {
+        let tc = if per_row { k * c } else { c };
+        let total = b * n * c;
+        let x = rng.normals(total, 0.0, 1.0);
+        let t = rng.normals(b * tc, 0.0, 1.0);
+        let table = rng.normals(k * c, 0.0, 0.5);
+        let v = rng.normals(total, 0.0, 1.0);
+        let d = cpu::AdaDims { batch: b, tokens: n, cols: c, k };
+        let mut want = vec![0.0; total];
+        cpu::ada_gated_add(&x, &t, &table, d, gate, &v, &mut want);
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [b, n, c]).unwrap();
+        let ti = gb.input("t", [b, tc]).unwrap();
+        let tab = gb.input("table", [k, c]).unwrap();
+        let vi = gb.input("v", [b, n, c]).unwrap();
+        let y = gb.ada_gated_add("gated_residual", xi, ti, tab, gate, vi).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let inputs = HashMap::from([
+            ("x".to_string(), tensor(&[b, n, c], x.clone())),
+            ("t".to_string(), tensor(&[b, tc], t.clone())),
+            ("table".to_string(), tensor(&[k, c], table.clone())),
+            ("v".to_string(), tensor(&[b, n, c], v.clone())),
+        ]);
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &inputs, dtype);
+            let r = |a: &[f32]| round_to(dtype, a);
+            let mut base = vec![0.0; total];
+            cpu::ada_gated_add(&r(&x), &r(&t), &r(&table), d, gate, &r(&v), &mut base);
+            check(&format!("ada_gated_add {dtype} [{b}, {n}, {c}] table [{k}, {c}] t [{b}, {tc}]"), dtype, &got, &want, &base);
+        }
+    }
+}

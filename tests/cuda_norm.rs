@@ -337,3 +337,45 @@ fn norms_on_misaligned_and_in_place_pointers() {
 fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|f| f.to_le_bytes()).collect()
 }
+
+/// `ada_layernorm`: the modulation rows read from adaLN-single's table (`t` [B, k·C] per row, or
+/// [B, C] broadcast, as SANA's head) against the twin composed of modulation_table, chunk and
+/// layernorm; C a multiple of the vector width and not (100: scalar path), rows out of order.
+#[test]
+fn ada_layernorm_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(5);
+    // (B, N, C, k rows, per-row t, scale row, shift row)
+    for &(b, n, c, k, per_row, scale, shift) in &[
+        (2usize, 37usize, 96usize, 6usize, true, 1usize, 0usize),
+        (3, 5, 1152, 6, true, 4, 3),
+        (2, 7, 100, 6, true, 1, 5),
+        (2, 3, 1152, 2, false, 1, 0),
+        (1, 4, 100, 2, false, 0, 1),
+    ] {
+        let tc = if per_row { k * c } else { c };
+        let x = rng.normals(b * n * c, -1.0, 2.0);
+        let t = rng.normals(b * tc, 0.0, 0.5);
+        let table = rng.normals(k * c, 0.0, 0.3);
+        let eps = 1e-6;
+        let d = cpu::AdaDims { batch: b, tokens: n, cols: c, k };
+        let mut want = vec![0.0; b * n * c];
+        cpu::ada_layernorm(&x, &t, &table, d, scale, shift, eps, &mut want);
+
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [b, n, c]).unwrap();
+        let ti = gb.input("t", [b, tc]).unwrap();
+        let tab = gb.weight("table", [k, c]).unwrap();
+        let y = gb.ada_layernorm("norm1", xi, ti, tab, scale, shift, eps).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let weights = HashMap::from([("table".to_string(), tensor(&[k, c], table.clone()))]);
+        let inputs = HashMap::from([("x".to_string(), tensor(&[b, n, c], x.clone())), ("t".to_string(), tensor(&[b, tc], t.clone()))]);
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &weights, &inputs, dtype);
+            let mut base = vec![0.0; b * n * c];
+            cpu::ada_layernorm(&round_to(dtype, &x), &round_to(dtype, &t), &round_to(dtype, &table), d, scale, shift, eps, &mut base);
+            check(&format!("ada_layernorm {dtype} [{b}, {n}, {c}] table [{k}, {c}] t [{b}, {tc}]"), dtype, &got, &want, &base);
+        }
+    }
+}

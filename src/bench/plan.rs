@@ -99,7 +99,8 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
     let empty = g.shape(node.output).numel() == 0;
     let one = usize::from(!empty);
     Ok(match &node.op {
-        Op::Linear { .. } => one,
+        Op::Linear { .. } | Op::LinearResidual { .. } => one,
+        Op::AdaLayerNorm { .. } | Op::AdaGatedAdd { .. } => one,
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => one,
         // A tanh-GELU after a Linear is that GEMM's epilogue (executor peephole): no launch.
         Op::Unary { .. } if openuni_cuda::families::gelu_fused_into_linear(g, node, false).is_some() => 0,
@@ -236,7 +237,7 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType) -> Result<Stage
         let launches = cuda_launches(g, node, dtype)?;
         p.launches += launches;
         p.activation_bytes += bytes - weight_bytes;
-        if matches!(node.op, Op::Linear { .. }) {
+        if matches!(node.op, Op::Linear { .. } | Op::LinearResidual { .. }) {
             p.gemm_launches += launches;
             p.gemm_flops += c.flops;
             p.gemm_bytes += bytes;

@@ -36,7 +36,7 @@ impl WeightCache {
         if let Some(t) = self.tensors.lock().expect("weight cache").get(&key) {
             return Ok(t.clone());
         }
-        let t = Arc::new(source.tensor_f32(name, shape)?.to_f32_vec());
+        let t = Arc::new(openuni_tensor::derived::tensor_f32(source, name, shape)?.to_f32_vec());
         self.tensors.lock().expect("weight cache").insert(key, t.clone());
         Ok(t)
     }
@@ -322,9 +322,28 @@ impl CpuExecutor {
                 let b = out_shape.dims()[0];
                 (if fast { fast::depthwise_conv2d } else { ops::depthwise_conv2d })(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cols, *kernel, y)
             }
-            Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel } => {
+            Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel, silu_input } => {
                 let b = out_shape.dims()[0];
-                (if fast { fast::depthwise_conv_glu } else { ops::depthwise_conv_glu })(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, 2 * cols, *kernel, y)
+                let f = match (*silu_input, fast) {
+                    (false, true) => fast::depthwise_conv_glu,
+                    (false, false) => ops::depthwise_conv_glu,
+                    (true, true) => fast::silu_depthwise_conv_glu,
+                    (true, false) => ops::silu_depthwise_conv_glu,
+                };
+                f(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, 2 * cols, *kernel, y)
+            }
+            Op::LinearResidual { x, w, bias, residual } => {
+                let k = g.shape(*x).last();
+                let f = if fast { fast::linear_residual } else { ops::linear_residual };
+                f(view.get(*x), view.get(*w), bias.map(|b| view.get(b)), view.get(*residual), out_shape.rows(), k, cols, y);
+            }
+            Op::AdaLayerNorm { x, t, table, scale, shift, eps } => {
+                let d = ada_dims(&out_shape, g.shape(*table));
+                (if fast { fast::ada_layernorm } else { ops::ada_layernorm })(view.get(*x), view.get(*t), view.get(*table), d, *scale, *shift, *eps, y)
+            }
+            Op::AdaGatedAdd { x, t, table, gate, y: yy } => {
+                let d = ada_dims(&out_shape, g.shape(*table));
+                (if fast { fast::ada_gated_add } else { ops::ada_gated_add })(view.get(*x), view.get(*t), view.get(*table), d, *gate, view.get(*yy), y)
             }
             Op::SwiGlu { gate, up } => (if fast { fast::swiglu } else { ops::swiglu })(view.get(*gate), view.get(*up), y),
             Op::PackedLinearAttention { qkv, groups, head_dim } => {
@@ -404,6 +423,12 @@ impl CpuExecutor {
         }
         self.arena = out;
     }
+}
+
+/// The shapes of a fused adaLN op on [B, N, C] with a [k, C] table.
+fn ada_dims(out: &openuni_tensor::Shape, table: &openuni_tensor::Shape) -> ops::AdaDims {
+    let d = out.dims();
+    ops::AdaDims { batch: d[0], tokens: d[1], cols: d[2], k: table.dims()[0] }
 }
 
 /// Read access to every value except the output being written, which is split out of the arena.

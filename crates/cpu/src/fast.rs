@@ -547,3 +547,40 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     lanes.iter().sum::<f32>() + tail
 }
+
+/// [`ops::ada_layernorm`]: the two table rows ([batch, cols], small) as the twin makes them, then
+/// [`layernorm`] across threads.
+#[allow(clippy::too_many_arguments)]
+pub fn ada_layernorm(x: &[f32], t: &[f32], table: &[f32], d: ops::AdaDims, scale: usize, shift: usize, eps: f32, out: &mut [f32]) {
+    let sc = ops::modulation_row(t, table, d.batch, d.k, d.cols, scale);
+    let sh = ops::modulation_row(t, table, d.batch, d.k, d.cols, shift);
+    layernorm(x, None, None, eps, d.cols, Some(ModulationRef { scale: &sc, shift: &sh, tokens: d.tokens }), out)
+}
+
+/// [`ops::ada_gated_add`]: the gate row as the twin makes it, then [`gated_add`] across threads.
+#[allow(clippy::too_many_arguments)]
+pub fn ada_gated_add(x: &[f32], t: &[f32], table: &[f32], d: ops::AdaDims, gate: usize, y: &[f32], out: &mut [f32]) {
+    let g = ops::modulation_row(t, table, d.batch, d.k, d.cols, gate);
+    gated_add(x, &g, y, d.tokens, d.cols, out)
+}
+
+/// [`ops::silu_depthwise_conv_glu`]: the SiLU once per element into a scratch copy (on the CPU
+/// that is cheaper than evaluating it in each of the k² taps that read an element, as the CUDA
+/// kernel does to save the memory pass), then [`depthwise_conv_glu`].
+#[allow(clippy::too_many_arguments)]
+pub fn silu_depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, c2: usize, kernel: usize, out: &mut [f32]) {
+    let mut a = vec![0f32; batch * h * w * c2];
+    unary(UnaryFn::Silu, &x[..a.len()], &mut a);
+    depthwise_conv_glu(&a, weight, bias, batch, h, w, c2, kernel, out)
+}
+
+/// [`ops::linear_residual`]: [`linear`], then the residual added across threads.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_residual(x: &[f32], w: &[f32], bias: Option<&[f32]>, residual: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
+    linear(x, w, bias, rows, k, n, out);
+    out[..rows * n].par_chunks_mut(ELEMS_PER_TASK).zip(residual.par_chunks(ELEMS_PER_TASK)).for_each(|(o, r)| {
+        for (o, &r) in o.iter_mut().zip(r) {
+            *o += r;
+        }
+    });
+}

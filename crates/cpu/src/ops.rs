@@ -818,3 +818,56 @@ pub fn kv_cache_write(x: &[f32], positions: &[f32], d: DecodeDims, rope: Option<
         }
     }
 }
+
+/// Row `row` of `modulation_table(t, table)` for every sample: [batch, c] (`t` [batch, k·c] or
+/// [batch, c], `table` [k, c]); the one place the fused adaLN ops read the table.
+pub fn modulation_row(t: &[f32], table: &[f32], batch: usize, k: usize, c: usize, row: usize) -> Vec<f32> {
+    let mut m = vec![0f32; batch * k * c];
+    modulation_table(t, table, batch, k, c, &mut m);
+    let mut out = vec![0f32; batch * c];
+    chunk(&m, batch, k, c, row, &mut out);
+    out
+}
+
+/// Shapes of the fused adaLN ops: `batch` samples of `tokens` rows of `cols`, a table of `k` rows.
+#[derive(Clone, Copy, Debug)]
+pub struct AdaDims {
+    pub batch: usize,
+    pub tokens: usize,
+    pub cols: usize,
+    pub k: usize,
+}
+
+/// `Op::AdaLayerNorm`: `layernorm(x)` without affine, modulated by rows `scale` and `shift` of
+/// `modulation_table(t, table)`; composed of those twins.
+#[allow(clippy::too_many_arguments)]
+pub fn ada_layernorm(x: &[f32], t: &[f32], table: &[f32], d: AdaDims, scale: usize, shift: usize, eps: f32, out: &mut [f32]) {
+    let sc = modulation_row(t, table, d.batch, d.k, d.cols, scale);
+    let sh = modulation_row(t, table, d.batch, d.k, d.cols, shift);
+    layernorm(x, None, None, eps, d.cols, Some(ModulationRef { scale: &sc, shift: &sh, tokens: d.tokens }), out)
+}
+
+/// `Op::AdaGatedAdd`: `gated_add(x, m[gate], y)` with row `gate` of `modulation_table(t, table)`.
+#[allow(clippy::too_many_arguments)]
+pub fn ada_gated_add(x: &[f32], t: &[f32], table: &[f32], d: AdaDims, gate: usize, y: &[f32], out: &mut [f32]) {
+    let g = modulation_row(t, table, d.batch, d.k, d.cols, gate);
+    gated_add(x, &g, y, d.tokens, d.cols, out)
+}
+
+/// `Op::DepthwiseConvGlu` with `silu_input`: `depthwise_conv_glu(silu(x))`.
+#[allow(clippy::too_many_arguments)]
+pub fn silu_depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, c2: usize, kernel: usize, out: &mut [f32]) {
+    let mut a = vec![0f32; x.len()];
+    unary(UnaryFn::Silu, x, &mut a);
+    depthwise_conv_glu(&a, weight, bias, batch, h, w, c2, kernel, out)
+}
+
+/// `Op::LinearResidual`: `residual + linear(x, w, bias)` (the linear's output rounded first, as
+/// PyTorch's `x + proj(o)`).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_residual(x: &[f32], w: &[f32], bias: Option<&[f32]>, residual: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
+    linear(x, w, bias, rows, k, n, out);
+    for (o, &r) in out[..rows * n].iter_mut().zip(residual) {
+        *o += r;
+    }
+}

@@ -277,3 +277,36 @@ fn sgemm_backends_match_naive_loop() {
         }
     }
 }
+
+/// The fused DiT ops' fast versions against their plain twins: the adaLN ops reading the
+/// modulation table ([B, k·C] and [B, C] t), the SiLU-input depthwise GLU, the residual linear.
+#[test]
+fn dit_fusions_match_twins() {
+    let mut r = rng(11);
+    for (b, n, c, k, per_row) in [(2usize, 5usize, 12usize, 6usize, true), (3, 7, 9, 2, false)] {
+        let tc = if per_row { k * c } else { c };
+        let (x, y) = (rand_vec(&mut r, b * n * c), rand_vec(&mut r, b * n * c));
+        let (t, table) = (rand_vec(&mut r, b * tc), rand_vec(&mut r, k * c));
+        let d = ops::AdaDims { batch: b, tokens: n, cols: c, k };
+        let (mut f, mut p) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        fast::ada_layernorm(&x, &t, &table, d, 1, 0, 1e-6, &mut f);
+        ops::ada_layernorm(&x, &t, &table, d, 1, 0, 1e-6, &mut p);
+        assert_close(&format!("ada_layernorm {b}x{n}x{c} k{k}"), &f, &p, 1e-6);
+        fast::ada_gated_add(&x, &t, &table, d, k - 1, &y, &mut f);
+        ops::ada_gated_add(&x, &t, &table, d, k - 1, &y, &mut p);
+        assert_close(&format!("ada_gated_add {b}x{n}x{c} k{k}"), &f, &p, 1e-6);
+    }
+    let (b, h, w, c2) = (2, 5, 7, 6);
+    let x = rand_vec(&mut r, b * h * w * c2);
+    let (wt, bias) = (rand_vec(&mut r, c2 * 9), rand_vec(&mut r, c2));
+    let (mut f, mut p) = (vec![0.0; x.len() / 2], vec![0.0; x.len() / 2]);
+    fast::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, 3, &mut f);
+    ops::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, 3, &mut p);
+    assert_close("silu_depthwise_conv_glu", &f, &p, 1e-6);
+    let (rows, kk, nn) = (9, 13, 11);
+    let (x, wt, bias, res) = (rand_vec(&mut r, rows * kk), rand_vec(&mut r, nn * kk), rand_vec(&mut r, nn), rand_vec(&mut r, rows * nn));
+    let (mut f, mut p) = (vec![0.0; rows * nn], vec![0.0; rows * nn]);
+    fast::linear_residual(&x, &wt, Some(&bias), &res, rows, kk, nn, &mut f);
+    ops::linear_residual(&x, &wt, Some(&bias), &res, rows, kk, nn, &mut p);
+    assert_close("linear_residual", &f, &p, 1e-5);
+}

@@ -140,6 +140,9 @@ pub struct LinearGemm {
     x: u64,
     w: u64,
     y: u64,
+    /// The C operand: `y` itself with beta = 0, or a residual added with beta = 1.
+    c_ptr: u64,
+    beta: f32,
 }
 
 /// Which heuristic candidate a [`LinearGemm`] runs, and how it was chosen.
@@ -187,6 +190,15 @@ impl LinearGemm {
     /// Plans the GEMM: descriptors, layouts, and the algorithm (timed on first use of the shape,
     /// see the module docs; the timing runs write `y`, so plan before `y` holds anything).
     pub fn new(dev: &CudaDevice, blas: &Blas, p: &LinearArgs) -> Result<LinearGemm> {
+        Self::with_residual(dev, blas, p, None)
+    }
+
+    /// As [`LinearGemm::new`], plus `residual` ([rows, out_features], same dtype) added to the
+    /// product as cuBLASLt's C operand with beta = 1: `y = x·wᵀ (+ bias) + residual`, one rounding.
+    /// `residual` may be `y` itself (in place) or another buffer. Planning runs the candidate
+    /// algorithms, which write `y` (and, with `residual` = `y`, read it): plan before `y` holds
+    /// the residual.
+    pub fn with_residual(dev: &CudaDevice, blas: &Blas, p: &LinearArgs, residual: Option<u64>) -> Result<LinearGemm> {
         let what = |s: &'static str| {
             move || {
                 format!(
@@ -220,6 +232,8 @@ impl LinearGemm {
             x: p.x,
             w: p.w,
             y: p.y,
+            c_ptr: residual.unwrap_or(p.y),
+            beta: if residual.is_some() { 1.0 } else { 0.0 },
         };
         g.a = lt::create_matrix_layout(dt, k, m, k as i64).ctx(what("layout of A"))?;
         g.b = lt::create_matrix_layout(dt, k, n, k as i64).ctx(what("layout of B"))?;
@@ -292,7 +306,7 @@ impl LinearGemm {
             for (attr, ptr) in [
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.w),
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.x),
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.y),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, residual.unwrap_or(p.y)),
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.y),
             ] {
                 let a = alignment(&[ptr]);
@@ -304,14 +318,15 @@ impl LinearGemm {
         let cands = unsafe { heuristic_candidates(blas, &g, pref.0) }.ctx(what("no cuBLASLt algorithm (cublasLtMatmulAlgoGetHeuristic)"))?;
         let align = |ptr: u64| alignment(&[ptr]);
         let key = format!(
-            "{}|{:?}|m{m} n{n} k{k}|{:?}|align w{} x{} y{} bias{}",
+            "{}|{:?}|m{m} n{n} k{k}|{:?}|align w{} x{} y{} bias{}|beta{}",
             blas.identity,
             p.dtype,
             p.epilogue,
             align(p.w),
             align(p.x),
             align(p.y),
-            p.bias.map_or(0, align)
+            p.bias.map_or(0, align),
+            residual.map_or(0, align)
         );
         let (index, cached) = match blas.choices.get(&key) {
             Some(i) if i < cands.len() => (i, true),
@@ -388,7 +403,7 @@ impl LinearGemm {
     /// As [`LinearGemm::run`].
     unsafe fn run_algo(&self, dev: &CudaDevice, blas: &Blas, algo: &sys::cublasLtMatmulAlgo_t) -> Result<()> {
         let alpha = 1.0f32;
-        let beta = 0.0f32;
+        let beta = self.beta;
         lt::matmul(
             blas.handle,
             self.desc,
@@ -398,7 +413,7 @@ impl LinearGemm {
             self.a,
             self.x as *const c_void,
             self.b,
-            self.y as *const c_void,
+            self.c_ptr as *const c_void,
             self.c,
             self.y as *mut c_void,
             self.c,

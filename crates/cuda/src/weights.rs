@@ -48,7 +48,7 @@ impl WeightCache {
         if let Some(b) = self.tensors.lock().expect("weight cache").get(&key) {
             return Ok(b.ptr());
         }
-        let mut v = source.tensor_f32(name, shape)?.to_f32_vec();
+        let mut v = openuni_tensor::derived::tensor_f32(source, name, shape)?.to_f32_vec();
         if let Some(layout) = layout {
             let d = shape.dims();
             if d.len() != 4 || d[2] != 3 || d[3] != 3 {

@@ -389,3 +389,65 @@ fn outputs_handed_over_on_the_device_match_the_host_round_trip() {
         assert!(e.contains("nope"), "{e}");
     }
 }
+
+/// `Op::LinearResidual` (the residual as cuBLASLt's C operand, beta = 1) against its CPU twin
+/// `linear_residual`, through the executor with and without bias, and launched directly in place
+/// (C = D, the residual overwritten by the sum).
+#[test]
+fn linear_residual_matches_cpu() {
+    use openuni_cpu::ops as cpu;
+    use openuni_cuda::gemm::{Epilogue, LinearArgs, LinearGemm};
+    use openuni_cuda::testing::{check, round_to};
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(31);
+    for &(rows, k, n) in &[(7usize, 48usize, 40usize), (37, 96, 64), (5, 33, 17)] {
+        let x = rng.normals(rows * k, 0.0, 1.0);
+        let w = rng.normals(n * k, 0.0, 0.2);
+        let b = rng.normals(n, 0.0, 0.5);
+        let r = rng.normals(rows * n, 1.0, 2.0);
+        for with_bias in [false, true] {
+            let bias = with_bias.then_some(&b[..]);
+            let mut want = vec![0f32; rows * n];
+            cpu::linear_residual(&x, &w, bias, &r, rows, k, n, &mut want);
+            let mut g = GraphBuilder::new();
+            let xi = g.input("x", [rows, k]).unwrap();
+            let ri = g.input("r", [rows, n]).unwrap();
+            let wi = g.weight("w", [n, k]).unwrap();
+            let bi = with_bias.then(|| g.weight("b", [n]).unwrap());
+            let y = g.linear_residual("to_out", xi, wi, bi, ri).unwrap();
+            g.output("y", y).unwrap();
+            let g = g.finish();
+            let weights = HashMap::from([
+                ("w".to_string(), HostTensor::from_f32([n, k], w.clone()).unwrap()),
+                ("b".to_string(), HostTensor::from_f32([n], b.clone()).unwrap()),
+            ]);
+            let inputs = HashMap::from([
+                ("x".to_string(), HostTensor::from_f32([rows, k], x.clone()).unwrap()),
+                ("r".to_string(), HostTensor::from_f32([rows, n], r.clone()).unwrap()),
+            ]);
+            for dtype in [DType::F32, DType::BF16] {
+                let mut ex = CudaExecutor::new(&dev, &g, &weights, dtype, false).unwrap();
+                let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
+                let rd = |v: &[f32]| round_to(dtype, v);
+                let mut base = vec![0f32; rows * n];
+                cpu::linear_residual(&rd(&x), &rd(&w), with_bias.then(|| rd(&b)).as_deref(), &rd(&r), rows, k, n, &mut base);
+                check(&format!("linear_residual {dtype} [{rows}, {k}] -> {n} bias={with_bias}"), dtype, &got, &want, &base);
+            }
+        }
+        // In place: C = D = the residual's buffer (f32 storage).
+        let blas = dev.blas().unwrap();
+        let up = |v: &[f32]| dev.upload(v).unwrap();
+        let (xb, wb, yb) = (up(&x), up(&w), up(&r));
+        let args = LinearArgs { dtype: DType::F32, rows, in_features: k, out_features: n, epilogue: Epilogue::None, x: xb.ptr(), w: wb.ptr(), bias: None, y: yb.ptr() };
+        let gemm = LinearGemm::with_residual(&dev, &blas, &args, Some(yb.ptr())).unwrap();
+        // Planning runs the candidates (timing), which write y: the residual goes in after it,
+        // as in the executor (every GEMM is planned when the executor is built, before any run).
+        dev.copy_to_device(&r, yb.ptr()).unwrap();
+        unsafe { gemm.run(&dev, &blas).unwrap() };
+        let mut got = vec![0f32; rows * n];
+        dev.copy_to_host(yb.ptr(), &mut got).unwrap();
+        let mut want = vec![0f32; rows * n];
+        cpu::linear_residual(&x, &w, None, &r, rows, k, n, &mut want);
+        check(&format!("linear_residual f32 [{rows}, {k}] -> {n} in place"), DType::F32, &got, &want, &want);
+    }
+}

@@ -222,15 +222,21 @@ impl GraphBuilder {
     // ---- ops ----
 
     pub fn linear(&mut self, name: &str, x: ValueId, w: ValueId, bias: Option<ValueId>) -> Result<ValueId> {
+        let s = self.linear_shape("linear", name, x, w, bias)?;
+        Ok(self.push(name, Op::Linear { x, w, bias }, s))
+    }
+
+    /// The output shape of `linear(x, w, bias)`, or an error naming `op` and the node.
+    fn linear_shape(&self, op: &'static str, name: &str, x: ValueId, w: ValueId, bias: Option<ValueId>) -> Result<Shape> {
         let (xs, ws) = (self.shape(x).clone(), self.shape(w).clone());
         if ws.rank() != 2 || xs.last() != ws.dims()[1] {
-            return Err(shape_err("linear", format!("{name}: input {xs} does not fit weight {ws} ([out, in])")));
+            return Err(shape_err(op, format!("{name}: input {xs} does not fit weight {ws} ([out, in])")));
         }
         let out = ws.dims()[0];
         if let Some(b) = bias {
-            expect_shape("linear", &format!("{name}: bias"), self.shape(b), &Shape::new([out]))?;
+            expect_shape(op, &format!("{name}: bias"), self.shape(b), &Shape::new([out]))?;
         }
-        Ok(self.push(name, Op::Linear { x, w, bias }, xs.with_last(out)))
+        Ok(xs.with_last(out))
     }
 
     pub fn rmsnorm(&mut self, name: &str, x: ValueId, weight: ValueId, bias: Option<ValueId>, eps: f32) -> Result<ValueId> {
@@ -791,7 +797,70 @@ impl GraphBuilder {
         if xs.last() % 2 != 0 {
             return Err(shape_err("depthwise_conv_glu", format!("{name}: input {xs} has an odd channel count (expected [u | gate])")));
         }
-        Ok(self.push(name, Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel }, xs.with_last(xs.last() / 2)))
+        Ok(self.push(name, Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel, silu_input: false }, xs.with_last(xs.last() / 2)))
+    }
+
+    /// `glu_silu(depthwise_conv2d(silu(x)))` as one node: GLUMBConv from its `conv_inverted`
+    /// output on (the SiLU applied as the conv loads x).
+    #[allow(clippy::too_many_arguments)]
+    pub fn silu_depthwise_conv_glu(
+        &mut self,
+        name: &str,
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+    ) -> Result<ValueId> {
+        let y = self.depthwise_conv_glu(name, x, weight, bias, h, w, kernel)?;
+        if let Some(Op::DepthwiseConvGlu { silu_input, .. }) = self.g.nodes.last_mut().map(|n| &mut n.op) {
+            *silu_input = true;
+        }
+        Ok(y)
+    }
+
+    /// `residual + linear(x, w, bias)` as one node (the GEMM adds the residual as its C input).
+    pub fn linear_residual(&mut self, name: &str, x: ValueId, w: ValueId, bias: Option<ValueId>, residual: ValueId) -> Result<ValueId> {
+        let s = self.linear_shape("linear_residual", name, x, w, bias)?;
+        expect_shape("linear_residual", &format!("{name}: residual"), self.shape(residual), &s)?;
+        Ok(self.push(name, Op::LinearResidual { x, w, bias, residual }, s))
+    }
+
+    /// The adaLN row `row` of a modulation table `table` [k, C] with `t` [B, k·C] or [B, C] (see
+    /// [`Op::AdaLayerNorm`]), checked against a [B, N, C] input.
+    fn check_table_row(&self, op: &'static str, name: &str, xs: &Shape, t: ValueId, table: ValueId, rows: &[usize]) -> Result<()> {
+        let bc = self.broadcast_shape(op, name, xs)?;
+        let (ts, tab) = (self.shape(t), self.shape(table));
+        let c = bc.dims()[1];
+        if tab.rank() != 2 || tab.dims()[1] != c {
+            return Err(shape_err(op, format!("{name}: table has shape {tab}, expected [k, {c}]")));
+        }
+        let k = tab.dims()[0];
+        if ts.rank() != 2 || ts.dims()[0] != bc.dims()[0] || (ts.dims()[1] != k * c && ts.dims()[1] != c) {
+            return Err(shape_err(op, format!("{name}: t has shape {ts}, expected [{}, {}] or [{}, {c}]", bc.dims()[0], k * c, bc.dims()[0])));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= k) {
+            return Err(shape_err(op, format!("{name}: table row {r} is not inside the {k} rows of {tab}")));
+        }
+        Ok(())
+    }
+
+    /// LayerNorm (no affine) of [B, N, C] `x` modulated by rows `scale` and `shift` of the adaLN
+    /// table `table` + `t` (see [`Op::AdaLayerNorm`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ada_layernorm(&mut self, name: &str, x: ValueId, t: ValueId, table: ValueId, scale: usize, shift: usize, eps: f32) -> Result<ValueId> {
+        let xs = self.shape(x).clone();
+        self.check_table_row("ada_layernorm", name, &xs, t, table, &[scale, shift])?;
+        Ok(self.push(name, Op::AdaLayerNorm { x, t, table, scale, shift, eps }, xs))
+    }
+
+    /// `x + m[gate] · y` with the gate row `gate` of the adaLN table (see [`Op::AdaGatedAdd`]).
+    pub fn ada_gated_add(&mut self, name: &str, x: ValueId, t: ValueId, table: ValueId, gate: usize, y: ValueId) -> Result<ValueId> {
+        let xs = self.shape(x).clone();
+        expect_shape("ada_gated_add", &format!("{name}: y"), self.shape(y), &xs)?;
+        self.check_table_row("ada_gated_add", name, &xs, t, table, &[gate])?;
+        Ok(self.push(name, Op::AdaGatedAdd { x, t, table, gate, y }, xs))
     }
 }
 
@@ -832,5 +901,41 @@ mod decode_tests {
         assert!(e.contains("l5.k_rows") && e.contains("x has shape"), "{e}");
         let e = b.kv_cache_rows("l6.k_rows", xo, 2, 5, None).unwrap_err().to_string();
         assert!(e.contains("l6.k_rows"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod fused_dit_tests {
+    use super::*;
+
+    /// The fused DiT ops check their operands and name the node and the tensor when refusing.
+    #[test]
+    fn fused_dit_ops_check_shapes() {
+        let mut b = GraphBuilder::new();
+        let x = b.input("x", [2, 5, 8]).unwrap();
+        let t6 = b.input("t6", [2, 48]).unwrap();
+        let t1 = b.input("t1", [2, 8]).unwrap();
+        let table = b.weight("table", [6, 8]).unwrap();
+        let y = b.ada_layernorm("blk.norm1", x, t6, table, 1, 0, 1e-6).unwrap();
+        assert_eq!(b.shape(y), b.shape(x));
+        b.ada_layernorm("head", x, t1, table, 1, 0, 1e-6).unwrap();
+        let r = b.ada_gated_add("blk.res", x, t6, table, 5, y).unwrap();
+        assert_eq!(b.shape(r), b.shape(x));
+        let e = b.ada_layernorm("blk.norm2", x, t6, table, 6, 0, 1e-6).unwrap_err().to_string();
+        assert!(e.contains("blk.norm2") && e.contains("row 6"), "{e}");
+        let bad_t = b.input("bad_t", [2, 40]).unwrap();
+        let e = b.ada_gated_add("blk.res2", x, bad_t, table, 2, y).unwrap_err().to_string();
+        assert!(e.contains("blk.res2") && e.contains("t has shape"), "{e}");
+        let w = b.weight("w", [8, 8]).unwrap();
+        let o = b.linear_residual("to_out", x, w, None, y).unwrap();
+        assert_eq!(b.shape(o), b.shape(x));
+        let e = b.linear_residual("to_out2", x, w, None, t1).unwrap_err().to_string();
+        assert!(e.contains("to_out2") && e.contains("residual"), "{e}");
+        let dw = b.weight("dw", [8, 1, 3, 3]).unwrap();
+        let xs = b.input("xs", [1, 6, 8]).unwrap();
+        let g = b.silu_depthwise_conv_glu("ff.conv_depth", xs, dw, None, 2, 3, 3).unwrap();
+        assert_eq!(b.shape(g), &Shape::new([1, 6, 4]));
+        let n = b.g.nodes.len();
+        assert!(matches!(b.g.nodes[n - 1].op, Op::DepthwiseConvGlu { silu_input: true, .. }));
     }
 }

@@ -24,7 +24,7 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
     };
     let rows = out.rows() as f64;
     let flops = match &node.op {
-        Op::Linear { x, w, .. } => 2.0 * rows * graph.shape(*x).last() as f64 * graph.shape(*w).dims()[0] as f64,
+        Op::Linear { x, w, .. } | Op::LinearResidual { x, w, .. } => 2.0 * rows * graph.shape(*x).last() as f64 * graph.shape(*w).dims()[0] as f64,
         Op::Attention { q, k, heads, head_dim, causal, segments, .. } => {
             let (qs, ks) = (graph.shape(*q).dims(), graph.shape(*k).dims());
             // Packed sequences: only the (query, key) pairs inside each segment are work.

@@ -98,8 +98,10 @@ pub enum Op {
     DepthwiseConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
     /// GLUMBConv's middle in one op: `DepthwiseConv2d` of the 2H-channel input, then the GLU with
     /// SiLU gate over the last dim, `[u | g]` (2H) -> `u · silu(g)` (H), so the 2H-wide conv output
-    /// is never stored: [B, h·w, 2H] -> [B, h·w, H].
-    DepthwiseConvGlu { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
+    /// is never stored: [B, h·w, 2H] -> [B, h·w, H]. `silu_input`: the conv reads `silu(x)`
+    /// (GLUMBConv's `conv_inverted` activation, applied as the kernel loads x, so the activated
+    /// 2H-wide tensor is never stored either).
+    DepthwiseConvGlu { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize, silu_input: bool },
     /// DC-AE's multi-scale linear attention core: `qkv` [B, N, groups·3·head_dim] where group g is
     /// channels [3·hd·g, 3·hd·(g+1)) = (q | k | v) of that group; output [B, N, groups·head_dim]
     /// (channel g·hd + j). Same math as `LinearAttention` (diffusers' quadratic path for tiny
@@ -212,6 +214,18 @@ pub enum Op {
     /// the scales in order; output [B, N, (Σ gᵢ)·hd]. A backend reads each scale where it is and
     /// writes its groups into their column range of the output.
     MultiscaleLinearAttention { scales: Vec<ValueId>, head_dim: usize },
+    /// `residual + x · wᵀ + bias`: a `Linear` whose output is added to `residual` (same shape as
+    /// the output) in the GEMM itself (cuBLASLt's C operand with beta = 1), so the residual add
+    /// is not a pass of its own (SANA's cross-attention output projection).
+    LinearResidual { x: ValueId, w: ValueId, bias: Option<ValueId>, residual: ValueId },
+    /// `LayerNorm` without affine of [B, N, C] `x`, modulated by adaLN-single's table read where it
+    /// is made: `· (1 + m[scale]) + m[shift]` with `m[j] = table[j, :] + t[b, j·C..(j+1)·C]` (`t`
+    /// [B, k·C], `table` [k, C]) or `table[j, :] + t[b, :]` (`t` [B, C]): row j of
+    /// `ModulationTable { t, table }`, without storing that table or copying its rows out.
+    AdaLayerNorm { x: ValueId, t: ValueId, table: ValueId, scale: usize, shift: usize, eps: f32 },
+    /// `GatedAdd` with the gate read from the modulation table as [`Op::AdaLayerNorm`] reads it:
+    /// `x + m[gate] · y`, `m[gate]` [B, C] broadcast over the tokens of [B, N, C].
+    AdaGatedAdd { x: ValueId, t: ValueId, table: ValueId, gate: usize, y: ValueId },
 }
 
 impl Op {
@@ -251,6 +265,9 @@ impl Op {
             Op::RmsNormResidual { .. } => "rmsnorm_residual",
             Op::RmsNormReluConv2d { .. } => "rmsnorm_relu_conv2d",
             Op::MultiscaleLinearAttention { .. } => "multiscale_linear_attention",
+            Op::LinearResidual { .. } => "linear_residual",
+            Op::AdaLayerNorm { .. } => "ada_layernorm",
+            Op::AdaGatedAdd { .. } => "ada_gated_add",
         }
     }
 
@@ -324,6 +341,13 @@ impl Op {
                 v.extend(bias);
             }
             Op::MultiscaleLinearAttention { scales, .. } => v.extend(scales),
+            Op::LinearResidual { x, w, bias, residual } => {
+                v.extend([*x, *w]);
+                v.extend(bias);
+                v.push(*residual);
+            }
+            Op::AdaLayerNorm { x, t, table, .. } => v.extend([*x, *t, *table]),
+            Op::AdaGatedAdd { x, t, table, y, .. } => v.extend([*x, *t, *table, *y]),
         }
         v
     }

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use openuni_graph::{GraphBuilder, UnaryFn, ValueId};
+use openuni_graph::{GraphBuilder, ValueId};
 
 use crate::Result;
 
@@ -59,6 +59,14 @@ pub fn linear(b: &mut GraphBuilder, s: &Scope, x: ValueId, din: usize, dout: usi
     Ok(b.linear(s.path(), x, w, bs)?)
 }
 
+/// `residual + linear(x)` as one node: the GEMM adds the residual as its C input (beta = 1).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, din: usize, dout: usize, bias: bool, residual: ValueId) -> Result<ValueId> {
+    let w = b.weight(&s.name("weight"), [dout, din])?;
+    let bs = if bias { Some(b.weight(&s.name("bias"), [dout])?) } else { None };
+    Ok(b.linear_residual(s.path(), x, w, bs, residual)?)
+}
+
 /// PyTorch `nn.LayerNorm(d, eps)` with weight and bias over the last axis.
 pub fn layer_norm(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
     let w = b.weight(&s.name("weight"), [d])?;
@@ -96,12 +104,12 @@ pub fn rms_norm_biased_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: 
 pub fn glumb_conv(b: &mut GraphBuilder, s: &Scope, x: ValueId, din: usize, hidden: usize, dout: usize, h: usize, w: usize) -> Result<ValueId> {
     let inv = s.pp("conv_inverted");
     let u = linear(b, &inv, x, din, 2 * hidden, true)?;
-    let u = b.unary(&inv.name("act"), u, UnaryFn::Silu)?;
     let dc = s.pp("conv_depth");
     let dw = b.weight(&dc.name("weight"), [2 * hidden, 1, 3, 3])?;
     let db = b.weight(&dc.name("bias"), [2 * hidden])?;
-    // conv_depth, the chunk and u · silu(gate): one fused node.
-    let u = b.depthwise_conv_glu(dc.path(), u, dw, Some(db), h, w, 3)?;
+    // conv_inverted's SiLU, conv_depth, the chunk and u · silu(gate): one fused node (the SiLU
+    // is applied as the conv loads its input; cuBLASLt has no SiLU epilogue to put it in the GEMM).
+    let u = b.silu_depthwise_conv_glu(dc.path(), u, dw, Some(db), h, w, 3)?;
     linear(b, &s.pp("conv_point"), u, hidden, dout, false)
 }
 

@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 
-use openuni_graph::{Graph, GraphBuilder, Modulation, OutputName, UnaryFn, ValueId};
-use openuni_tensor::Shape;
+use openuni_graph::{Graph, GraphBuilder, OutputName, UnaryFn, ValueId};
+use openuni_tensor::{derived, Shape};
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
-use crate::nn::{glumb_conv, linear, rms_norm, Scope};
+use crate::nn::{glumb_conv, linear, linear_residual, rms_norm, Scope};
 use crate::{ModelError, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -230,13 +230,11 @@ pub fn denoise(
         blocks.push(x);
     }
 
-    // Output head: shift, scale from scale_shift_table[2, D] + embedded_timestep (no SiLU).
+    // Output head: shift (row 0), scale (row 1) of scale_shift_table[2, D] + embedded_timestep
+    // (no SiLU), read by the norm itself.
     let table = b.weight(&top.name("scale_shift_table"), [2, d])?;
     let no = top.pp("norm_out");
-    let m = b.modulation_table(&no.name("modulation"), embedded, table)?;
-    let shift = b.chunk(&no.name("shift"), m, 0)?;
-    let scale = b.chunk(&no.name("scale"), m, 1)?;
-    let norm_out = b.layernorm(no.path(), x, None, None, cfg.norm_eps, Some(Modulation { scale, shift }))?;
+    let norm_out = b.ada_layernorm(no.path(), x, embedded, table, 1, 0, cfg.norm_eps)?;
     let out = linear(b, &top.pp("proj_out"), norm_out, d, cfg.out_channels(), true)?;
     let output = b.transpose(&top.name("unpatchify"), out, batch, n, cfg.out_channels(), [batch, cfg.out_channels(), h, wd])?;
     Ok(DenoiseOutputs { output, patch_embed: x0, t6, embedded_timestep: embedded, blocks, norm_out })
@@ -304,18 +302,16 @@ fn block(
     wd: usize,
 ) -> Result<ValueId> {
     let d = cfg.dim();
-    // Modulation rows: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+    // The modulation rows of table + t6 (adaLN-single), read by the norms and gated residuals
+    // themselves (the [B, 6, D] table is never stored).
     let table = b.weight(&s.name("scale_shift_table"), [6, d])?;
-    let m = b.modulation_table(&s.name("modulation"), t6, table)?;
-    let row = |b: &mut GraphBuilder, i: usize, name: &str| b.chunk(&s.name(name), m, i);
-    let (shift_msa, scale_msa, gate_msa) = (row(b, 0, "shift_msa")?, row(b, 1, "scale_msa")?, row(b, 2, "gate_msa")?);
-    let (shift_mlp, scale_mlp, gate_mlp) = (row(b, 3, "shift_mlp")?, row(b, 4, "scale_mlp")?, row(b, 5, "gate_mlp")?);
+    let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (0, 1, 2, 3, 4, 5);
 
     // 1. Linear self-attention on the modulated norm, gated residual.
-    let a = b.layernorm(&s.name("norm1"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_msa, shift: shift_msa }))?;
+    let a = b.ada_layernorm(&s.name("norm1"), x, t6, table, scale_msa, shift_msa, cfg.norm_eps)?;
     let a1 = s.pp("attn1");
     let a = linear_self_attention(b, cfg, &a1, a)?;
-    let x = b.gated_add(&a1.name("residual"), x, gate_msa, a)?;
+    let x = b.ada_gated_add(&a1.name("residual"), x, t6, table, gate_msa, a)?;
 
     // 2. Cross-attention from the un-normalised x, plain residual.
     let inner = cfg.num_cross_attention_heads * cfg.cross_attention_head_dim;
@@ -327,25 +323,55 @@ fn block(
     let hd = cfg.cross_attention_head_dim;
     let heads = cfg.num_cross_attention_heads;
     let o = b.attention(&a2.name("attn"), q, kv.k, kv.v, mask, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
-    let o = linear(b, &a2.pp("to_out").pp(0), o, inner, d, true)?;
-    let x = b.add(&a2.name("residual"), x, o)?;
+    // The output projection adds the residual x in the GEMM (C input, beta = 1).
+    let x = linear_residual(b, &a2.pp("to_out").pp(0), o, inner, d, true, x)?;
 
     // 3. Mix-FFN (GLUMBConv) on the modulated norm, gated residual.
-    let a = b.layernorm(&s.name("norm2"), x, None, None, cfg.norm_eps, Some(Modulation { scale: scale_mlp, shift: shift_mlp }))?;
+    let a = b.ada_layernorm(&s.name("norm2"), x, t6, table, scale_mlp, shift_mlp, cfg.norm_eps)?;
     let ff = s.pp("ff");
     let f = glumb_conv(b, &ff, a, d, cfg.ffn_hidden(), d, h, wd)?;
-    Ok(b.gated_add(&ff.name("residual"), x, gate_mlp, f)?)
+    Ok(b.ada_gated_add(&ff.name("residual"), x, t6, table, gate_mlp, f)?)
 }
 
 fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: ValueId) -> Result<ValueId> {
     let d = cfg.dim();
     let bias = cfg.attention_bias;
-    let mut q = linear(b, &s.pp("to_q"), x, d, d, bias)?;
+    if !cfg.qk_norm() {
+        // q, k, v as one GEMM: the three weights' rows interleaved per head at load time
+        // (openuni_tensor::derived), so the output is per head (q_h | k_h | v_h), the layout the
+        // packed linear attention reads: x is read once, and one launch instead of three.
+        let hd = cfg.attention_head_dim;
+        let part = |leaf: &str| ["to_q", "to_k", "to_v"].map(|p| s.pp(p).name(leaf)).to_vec();
+        let w = b.weight(&derived::interleaved_rows_name(&part("weight"), hd), [3 * d, d])?;
+        let bs = if bias { Some(b.weight(&derived::interleaved_rows_name(&part("bias"), hd), [3 * d])?) } else { None };
+        let qkv = b.linear(&s.name("to_qkv"), x, w, bs)?;
+        let o = b.packed_linear_attention(&s.name("linear_attention"), qkv, cfg.num_attention_heads, hd)?;
+        return linear(b, &s.pp("to_out").pp(0), o, d, d, true);
+    }
+    // SANA1.5 (qk_norm): diffusers applies RMSNorm across all heads to q and k, before the head
+    // split and the ReLU: q̂_n = (q_n ⊙ w) / r_n with r_n = sqrt(mean(q_n²) + eps) > 0 per token.
+    // What cancels, and what does not (docs/models.md, "SANA1.5's q norm"):
+    // - w does NOT cancel: relu(q ⊙ w) weights each channel of the dot products with the keys
+    //   (and for w_i < 0 it is not relu(q)·w_i at all). It is folded into to_q instead: row i of
+    //   the weight (and bias) times w_i, once at load (derived `scale_rows`), so the GEMM
+    //   computes q ⊙ w exactly as the norm's product does.
+    // - 1/r_n does cancel: r_n > 0, so relu(q̂_n) = relu(q_n ⊙ w) / r_n, and per head the output
+    //   num / (den + 1e-15) becomes (num / r_n) / (den / r_n + 1e-15) = num / (den + r_n·1e-15):
+    //   the same up to where the 1e-15 sits. den = Σ_m relu(k_m)·relu(q̂_n) is either 0 (then num
+    //   is 0 too and both give 0) or a sum of positive products, against which r_n·1e-15 is below
+    //   f32 resolution unless den < ~1e-8·r_n. So the q norm node is dropped.
+    // - The k norm's 1/s_m is per key token: it weights the keys' contributions to the state
+    //   and does not cancel; k keeps its RMSNorm.
+    let q = if cfg.qk_norm() {
+        let wq = b.weight(&derived::scaled_rows_name(&s.pp("to_q").name("weight"), &s.pp("norm_q").name("weight")), [d, d])?;
+        let bq = if bias { Some(b.weight(&derived::scaled_rows_name(&s.pp("to_q").name("bias"), &s.pp("norm_q").name("weight")), [d])?) } else { None };
+        b.linear(s.pp("to_q").path(), x, wq, bq)?
+    } else {
+        linear(b, &s.pp("to_q"), x, d, d, bias)?
+    };
     let mut k = linear(b, &s.pp("to_k"), x, d, d, bias)?;
     let v = linear(b, &s.pp("to_v"), x, d, d, bias)?;
     if cfg.qk_norm() {
-        // SANA1.5: RMSNorm across all heads, before the head split and the ReLU.
-        q = rms_norm(b, &s.pp("norm_q"), q, d, QK_NORM_EPS)?;
         k = rms_norm(b, &s.pp("norm_k"), k, d, QK_NORM_EPS)?;
     }
     let o = b.linear_attention(&s.name("linear_attention"), q, k, v, cfg.num_attention_heads, cfg.attention_head_dim)?;

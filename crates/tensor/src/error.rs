@@ -23,6 +23,8 @@ pub enum Error {
     DataLength { shape: Shape, expected: usize, found: usize },
     #[error("{path}: index {index} is out of range for tensor `{key}` with {len} rows")]
     IndexOutOfRange { path: PathBuf, key: String, index: usize, len: usize },
+    #[error("{path}: derived weight `{name}`: {msg}")]
+    Derived { path: PathBuf, name: String, msg: String },
     #[error("cannot convert a {from} tensor to {to}")]
     Conversion { from: DType, to: DType },
 }

@@ -3,6 +3,7 @@
 //! Everything numeric in the CPU reference is f32; the other dtypes exist so weights and reference
 //! files of any upstream precision can be read, and so the CUDA backend can upload bf16/f16 data.
 
+pub mod derived;
 mod dtype;
 mod error;
 mod pth;

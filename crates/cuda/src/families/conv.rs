@@ -419,6 +419,31 @@ pub fn depthwise_conv3_glu(
     depthwise_launch(name, what, sm_count, [x, weight, bias, y], batch, h, w, c, None)
 }
 
+/// `silu_depthwise_conv3_glu_<dtype>`: [`depthwise_conv3_glu`] of `silu(x)`, the SiLU applied as
+/// the kernel loads x (GLUMBConv's `conv_inverted` activation; `Op::DepthwiseConvGlu` with
+/// `silu_input`). Same work split.
+#[allow(clippy::too_many_arguments)]
+pub fn silu_depthwise_conv3_glu(
+    dtype: DType,
+    sm_count: u32,
+    x: u64,
+    weight: u64,
+    bias: u64,
+    y: u64,
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    kernel: usize,
+) -> Result<Launch> {
+    let what = "silu_depthwise_conv_glu";
+    if kernel != 3 {
+        return Err(invalid(what, format!("kernel {kernel}: the fused CUDA SiLU + depthwise conv + GLU is 3x3 only (GLUMBConv's)")));
+    }
+    let name = format!("silu_depthwise_conv3_glu_{}", suffix(dtype)?);
+    depthwise_launch(name, what, sm_count, [x, weight, bias, y], batch, h, w, c, None)
+}
+
 /// Depthwise k×k conv (odd k <= [`MAX_KERNEL`]), weight [c, 1, k, k], `bias` 0 when absent.
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv2d(
@@ -532,9 +557,10 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             let xs = g.shape(*x);
             depthwise_conv2d(ctx.dtype, sms, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last(), *kernel)?
         }
-        Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel } => {
+        Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel, silu_input } => {
             let xs = g.shape(*x);
-            depthwise_conv3_glu(ctx.dtype, sms, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last() / 2, *kernel)?
+            let f = if *silu_input { silu_depthwise_conv3_glu } else { depthwise_conv3_glu };
+            f(ctx.dtype, sms, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last() / 2, *kernel)?
         }
         Op::GroupedLinear { x, weight, groups } => {
             let xs = g.shape(*x);

@@ -63,6 +63,32 @@ pub fn gated_add(dtype: DType, sm_count: u32, x: u64, gate: u64, v: u64, out: u6
     Ok(launch(kernel, sm_count, items(n, vec_width(dtype)), args))
 }
 
+/// `ada_gated_add_<dtype>`: `out = x + (gate.t_row[s · t_stride + c] + gate.table_row[c]) · v`
+/// over `n` elements of a [rows, cols] view, `s = row / tokens`: the adaLN gated residual with its
+/// gate read from adaLN-single's table (see [`super::norm::TableRow`]).
+#[allow(clippy::too_many_arguments)]
+pub fn ada_gated_add(dtype: DType, sm_count: u32, x: u64, gate: super::norm::TableRow, t_stride: usize, v: u64, out: u64, n: usize, tokens: usize, cols: usize) -> Result<Vec<Launch>> {
+    let kernel = format!("ada_gated_add_{}", suffix(dtype)?);
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    if tokens == 0 || cols == 0 {
+        return Err(CudaError::Invalid { what: "ada_gated_add".into(), msg: format!("tokens {tokens}, cols {cols}") });
+    }
+    let args = vec![
+        KArg::Ptr(x),
+        KArg::Ptr(gate.t_row),
+        KArg::Ptr(gate.table_row),
+        KArg::Ptr(v),
+        KArg::Ptr(out),
+        KArg::I64(n as i64),
+        i32_arg("tokens", tokens)?,
+        i32_arg("cols", cols)?,
+        KArg::I64(t_stride as i64),
+    ];
+    Ok(launch(kernel, sm_count, items(n, vec_width(dtype)), args))
+}
+
 /// `cast_f32_to_bf16` (`to == BF16`) or `cast_bf16_to_f32` (`to == F32`) over `n` elements.
 /// The read-back of integer-valued pixel values (`Op::QuantizeU8`) stored as `from` into bytes.
 pub fn cast_to_u8(from: DType, sm_count: u32, x: u64, y: u64, n: usize) -> Result<Vec<Launch>> {
@@ -97,6 +123,12 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         Op::Unary { x, f } => unary(t, sms, *f, p(*x), y, n),
         Op::Add { a, b } => add(t, sms, p(*a), p(*b), y, n),
         Op::GatedAdd { x, gate, y: v } => gated_add(t, sms, p(*x), p(*gate), p(*v), y, n, out.rows() / ctx.graph.shape(*gate).rows(), out.last()),
+        Op::AdaGatedAdd { x, t: tv, table, gate, y: v } => {
+            let g = ctx.graph;
+            let (k, cols) = (g.shape(*table).dims()[0], out.last());
+            let (row, stride) = super::norm::table_row(p(*tv), g.shape(*tv).last(), p(*table), k, cols, *gate, t.size_in_bytes());
+            ada_gated_add(t, sms, p(*x), row, stride, p(*v), y, n, out.dims()[1], cols)
+        }
         _ => unreachable!("elementwise::resolve called for {}", node.op.name()),
     }
 }

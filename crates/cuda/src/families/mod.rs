@@ -210,10 +210,11 @@ impl Ctx<'_> {
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
     let launches = match &node.op {
         Op::Linear { x, w, bias } => return linear(ctx, node, *x, *w, *bias),
-        Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::RmsNormResidual { .. } => norm::resolve(ctx, node),
+        Op::LinearResidual { x, w, bias, residual } => return linear_residual(ctx, node, *x, *w, *bias, Some(*residual)),
+        Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::RmsNormResidual { .. } | Op::AdaLayerNorm { .. } => norm::resolve(ctx, node),
         Op::RmsNormReluConv2d { .. } => norm_conv::resolve(ctx, node),
         Op::Unary { x, .. } if ctx.gelu_fusions.contains_key(x) => Ok(vec![]), // in the Linear's GEMM
-        Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => elementwise::resolve(ctx, node),
+        Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } | Op::AdaGatedAdd { .. } => elementwise::resolve(ctx, node),
         Op::Attention { .. } => attention::resolve(ctx, node),
         Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } | Op::KvCacheRows { .. } => decode_attention::resolve(ctx, node),
         Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } | Op::MultiscaleLinearAttention { .. } => linear_attention::resolve(ctx, node),
@@ -242,6 +243,11 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
 
 /// `Op::Linear`: one cuBLASLt matmul, planned now (`crate::gemm`).
 fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>) -> Result<Step> {
+    linear_residual(ctx, node, x, w, bias, None)
+}
+
+/// `Op::Linear`, or `Op::LinearResidual` with the residual as the matmul's C (beta = 1).
+fn linear_residual(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>, residual: Option<ValueId>) -> Result<Step> {
     let blas = ctx.dev.blas()?;
     let out = ctx.graph.shape(node.output);
     // A tanh-GELU reading only this output is done by the epilogue, into the GELU's output.
@@ -263,7 +269,7 @@ fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>)
         bias: bias.map(ctx.ptr),
         y: (ctx.ptr)(gelu.unwrap_or(node.output)),
     };
-    Ok(Step::Gemm(LinearGemm::new(ctx.dev, &blas, &args)?, blas))
+    Ok(Step::Gemm(LinearGemm::with_residual(ctx.dev, &blas, &args, residual.map(ctx.ptr))?, blas))
 }
 
 pub mod attention;

@@ -128,6 +128,52 @@ pub fn layernorm(
     Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
 }
 
+/// adaLN-single's modulation rows as the fused kernels read them: for sample s, row `row` is
+/// `t_row[s · t_stride + c] + table_row[c]` (device addresses of the row's start in `t` and in
+/// the [k, C] table; `t_stride` k·C for a [B, k·C] `t`, C for a [B, C] one broadcast over the rows).
+#[derive(Clone, Copy, Debug)]
+pub struct TableRow {
+    pub t_row: u64,
+    pub table_row: u64,
+}
+
+/// The [`TableRow`] of row `row` of the adaLN table `table` [k, C] with `t` [B, k·C] or [B, C],
+/// and the stride of `t` between samples, for `es`-byte elements.
+pub fn table_row(t: u64, t_cols: usize, table: u64, k: usize, c: usize, row: usize, es: usize) -> (TableRow, usize) {
+    let per_row = t_cols == k * c;
+    let t_row = if per_row { t + (row * c * es) as u64 } else { t };
+    (TableRow { t_row, table_row: table + (row * c * es) as u64 }, t_cols)
+}
+
+/// `ada_layernorm_<dtype>`: LayerNorm without affine of `rows` rows of `cols` (`tokens` rows per
+/// sample), then `· (1 + scale) + shift` with both modulation rows read from adaLN-single's table
+/// ([`TableRow`]; `t_stride` elements between samples); no launch for an empty tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn ada_layernorm(dtype: DType, x: u64, scale: TableRow, shift: TableRow, t_stride: usize, y: u64, rows: usize, cols: usize, tokens: usize, eps: f32) -> Result<Vec<Launch>> {
+    let kernel = format!("ada_layernorm_{}", suffix(dtype)?);
+    if rows == 0 || cols == 0 {
+        return Ok(vec![]);
+    }
+    if tokens == 0 {
+        return Err(CudaError::Invalid { what: "ada_layernorm".into(), msg: "tokens is 0".into() });
+    }
+    let (block, grid) = norm_launch(rows, cols, dtype);
+    let args = vec![
+        KArg::Ptr(x),
+        KArg::Ptr(scale.t_row),
+        KArg::Ptr(shift.t_row),
+        KArg::Ptr(scale.table_row),
+        KArg::Ptr(shift.table_row),
+        KArg::Ptr(y),
+        KArg::I64(rows as i64),
+        i32_arg("cols", cols)?,
+        i32_arg("tokens", tokens)?,
+        KArg::I64(t_stride as i64),
+        KArg::F32(eps),
+    ];
+    Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
+}
+
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let p = ctx.ptr;
     let out = ctx.graph.shape(node.output);
@@ -140,6 +186,12 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         Op::LayerNorm { x, weight, bias, eps, modulation } => {
             let m = modulation.map(|m| Modulation { scale: p(m.scale), shift: p(m.shift), tokens: out.dims()[1] });
             layernorm(ctx.dtype, p(*x), weight.map_or(0, p), bias.map_or(0, p), m, p(node.output), rows, cols, *eps)
+        }
+        Op::AdaLayerNorm { x, t, table, scale, shift, eps } => {
+            let (k, es, tc) = (ctx.graph.shape(*table).dims()[0], ctx.dtype.size_in_bytes(), ctx.graph.shape(*t).last());
+            let (sc, stride) = table_row(p(*t), tc, p(*table), k, cols, *scale, es);
+            let (sh, _) = table_row(p(*t), tc, p(*table), k, cols, *shift, es);
+            ada_layernorm(ctx.dtype, p(*x), sc, sh, stride, p(node.output), rows, cols, out.dims()[1], *eps)
         }
         _ => unreachable!("norm::resolve called for {}", node.op.name()),
     }
