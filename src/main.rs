@@ -214,6 +214,14 @@ struct GenerateArgs {
     /// decode's. Default: 512-px tiles when a side exceeds 1024 px, else one piece.
     #[arg(long, value_name = "PX", value_parser = usize_in(0, limits::SIDE.1))]
     decode_tile: Option<usize>,
+    /// Release the LLM once the batches are conditioned, before the transformer loads (the peak
+    /// is then the larger phase, not the sum): auto (on the CPU, for one batch, or when keeping
+    /// every stage would not fit), yes or no. `serve` keeps every stage.
+    #[arg(long, default_value = "auto", value_name = "auto|yes|no")]
+    release_llm: String,
+    /// Run even when the memory plan (printed before the run) says it will not fit.
+    #[arg(long)]
+    skip_memory_check: bool,
     /// A benchmark's prompt set: geneval (--prompts evaluation_metadata.jsonl), dpg (--prompts a
     /// folder of .txt prompts) or wise (--prompts its JSON); writes the layout its scorer reads into
     /// --out. --device may then name several devices: cuda:all, cuda:0,2,3, emu:all, emu:0,1.
@@ -241,6 +249,8 @@ fn generate_eval(a: GenerateArgs, bench: &str) -> anyhow::Result<bool> {
     use openuni::eval::{self, Benchmark};
     use openuni::generate::{resolve, variant, ModelFlags, Settings};
     let bench = Benchmark::parse(bench)?;
+    // Evaluation workers keep every stage resident (they check the memory themselves).
+    let memory = openuni::generate::MemoryPolicy::default();
     let prompts = a.prompts.clone().ok_or_else(|| anyhow::anyhow!("--eval needs --prompts FILE (the benchmark's prompt file or folder)"))?;
     if let Some(dir) = &a.check {
         return eval::check(bench, &prompts, a.samples, dir);
@@ -265,7 +275,7 @@ fn generate_eval(a: GenerateArgs, bench: &str) -> anyhow::Result<bool> {
     if models.builtin {
         eprintln!("note: no OpenUni weights configured or cached; using the built-in tiny random model. Its pictures are not meaningful.");
     }
-    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device: devices[0], dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch };
+    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device: devices[0], dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch, memory };
     let opts = eval::EvalOptions { bench, prompts, samples: a.samples, shard: a.shard, devices, verbose: a.verbose, seed: a.seed, negative_prompt: a.negative_prompt };
     let report = eval::run(&opts, &models, &settings)?;
     Ok(report.failed.is_empty())
@@ -276,6 +286,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
     if let Some(bench) = a.eval.clone() {
         return generate_eval(a, &bench);
     }
+    let memory = openuni::generate::MemoryPolicy { release_llm: openuni::generate::ReleaseLlm::parse(&a.release_llm)?, skip_check: a.skip_memory_check };
     // Every flag is checked (and the device opened) before prompts are read or models loaded.
     let v = variant(&a.variant)?;
     let (device, dtype) = (Device::parse(&a.device)?, parse_dtype(&a.dtype)?);
@@ -299,7 +310,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
         anyhow::bail!("no prompt left to generate: every line of the prompts file was refused (see above)");
     }
     let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
-    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch };
+    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch, memory };
     let report = run(&items, &models, &settings)?;
     for p in &report.written {
         println!("{}", p.display());

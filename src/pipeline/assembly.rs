@@ -1,7 +1,7 @@
 //! Model assembly: an `OpenUni` from its folders (or from parts), the weight source of each
 //! stage, and the graphs of a generation (conditioning, caption path, step) with their memory plans.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 
 use openuni_models::config::{read_config, read_mllm_config};
@@ -60,6 +60,7 @@ impl OpenUni {
             vae: Box::new(Weights::open(paths.vae)?),
             resident: RefCell::default(),
             stop_check: RefCell::default(),
+            release_llm: Cell::new(false),
         })
     }
 
@@ -90,6 +91,7 @@ impl OpenUni {
             vae,
             resident: RefCell::default(),
             stop_check: RefCell::default(),
+            release_llm: Cell::new(false),
         }
     }
 
@@ -160,6 +162,32 @@ impl OpenUni {
         Ok(seen.values().sum())
     }
 
+    /// The memory a batch of `n` images of `h`×`w` latents plans (see [`MemoryPlan`]): weights
+    /// and activation arenas per stage, stored as `dtype`.
+    pub fn memory_plan(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions, release_llm: bool) -> Result<MemoryPlan> {
+        let mut plan = MemoryPlan { release_llm, ..MemoryPlan::default() };
+        let mut seen: HashMap<(Stage, String), ()> = HashMap::new();
+        for (name, g) in self.batch_graphs(n, h, w, decode)? {
+            let stage = match name {
+                "conditioning" => Stage::Conditioning,
+                "step" | "caption" => Stage::Transformer,
+                _ => Stage::Vae,
+            };
+            let (weights, acts) = match stage {
+                Stage::Conditioning => (&mut plan.conditioning_weights, &mut plan.conditioning_activations),
+                Stage::Transformer => (&mut plan.transformer_weights, &mut plan.denoise_activations),
+                Stage::Vae => (&mut plan.vae_weights, &mut plan.decode_activations),
+            };
+            for (id, wname) in g.weights() {
+                if seen.insert((stage, wname.to_string()), ()).is_none() {
+                    *weights += g.shape(id).numel() * dtype.size_in_bytes();
+                }
+            }
+            *acts += planned_graph_bytes(&g, dtype);
+        }
+        Ok(plan)
+    }
+
     /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage
     /// (see [`planned_graph_bytes`]).
     pub fn planned_batch_bytes(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions) -> Result<usize> {
@@ -170,6 +198,60 @@ impl OpenUni {
     /// shapes in `kv`) as inputs.
     pub(super) fn step_graph(&self, kv: &HashMap<String, Shape>, batch2: usize, h: usize, w: usize) -> Result<Graph> {
         Ok(sana::step_graph(&self.transformer_cfg, kv, batch2, h, w)?)
+    }
+}
+
+/// What a batch plans to hold, in bytes: each stage's weights (graph weights read, counted once
+/// per stage) and its graphs' activation arenas. The conditioning stage's executor lives for one
+/// call; the transformer's (caption path, step) and the VAE's stay resident between batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub conditioning_weights: usize,
+    pub transformer_weights: usize,
+    pub vae_weights: usize,
+    pub conditioning_activations: usize,
+    /// Caption path and step.
+    pub denoise_activations: usize,
+    pub decode_activations: usize,
+    /// Whether the LLM (the conditioning stage) is released before the transformer loads
+    /// ([`OpenUni::set_release_llm`]): the two phases then never hold each other's weights.
+    pub release_llm: bool,
+}
+
+impl MemoryPlan {
+    fn conditioning_phase(&self) -> (usize, usize) {
+        (self.conditioning_weights, self.conditioning_activations)
+    }
+
+    fn image_phase(&self) -> (usize, usize) {
+        (self.transformer_weights + self.vae_weights, self.denoise_activations + self.decode_activations)
+    }
+
+    /// The phase with the larger total, as (weights, activations): with the LLM released the
+    /// conditioning phase or the denoise-and-decode phase; else everything at once.
+    pub fn peak_parts(&self) -> (usize, usize) {
+        let (c, i) = (self.conditioning_phase(), self.image_phase());
+        if self.release_llm {
+            if c.0 + c.1 > i.0 + i.1 { c } else { i }
+        } else {
+            (c.0 + i.0, c.1 + i.1)
+        }
+    }
+
+    /// Weights of the stages resident at once at the peak.
+    pub fn weights_at_peak(&self) -> usize {
+        self.peak_parts().0
+    }
+
+    /// Planned peak of weights and activations.
+    pub fn peak(&self) -> usize {
+        let (w, a) = self.peak_parts();
+        w + a
+    }
+
+    /// Every stage's weights and activations at once (nothing released).
+    pub fn resident_all(&self) -> usize {
+        MemoryPlan { release_llm: false, ..*self }.peak()
     }
 }
 

@@ -89,6 +89,32 @@ impl OpenUni {
         *self.stop_check.borrow_mut() = check;
     }
 
+    /// With `true`, [`generate_batches`](Self::generate_batches) conditions all its batches first,
+    /// then releases the LLM ([`release_stage`](Self::release_stage)) before the transformer
+    /// loads, so the two never hold memory at once (the peak is the larger phase, not the sum);
+    /// the next call loads the LLM again. With `false` (the default, and what `serve` keeps)
+    /// every stage stays resident and a batch's conditioning overlaps the previous denoising.
+    pub fn set_release_llm(&self, release: bool) {
+        self.release_llm.set(release);
+    }
+
+    pub fn releases_llm(&self) -> bool {
+        self.release_llm.get()
+    }
+
+    /// Drops `stage`'s resident weights (host copies, device buffers) and the mapped pages of its
+    /// files from this process's memory; its next use loads them again.
+    pub fn release_stage(&self, stage: Stage) {
+        self.resident.borrow_mut().weights.retain(|(s, _, _), _| *s != stage);
+        self.source(stage).release_pages();
+        // Freed host weights below glibc's mmap threshold stay in the heap until trimmed.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap memory to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+
     /// Drops every resident executor (their weights stay).
     pub fn release_executors(&self) {
         self.resident.borrow_mut().execs.clear();

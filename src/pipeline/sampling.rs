@@ -144,12 +144,27 @@ impl OpenUni {
             let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(c, u)| (&c[..], &u[..])).collect();
             self.start_conditioning(&pairs, run)
         };
-        let mut next = match batches.first() {
-            Some(b) => Some(start(b)?),
-            None => return Ok(()),
-        };
+        if batches.is_empty() {
+            return Ok(());
+        }
+        // Releasing the LLM: every batch is conditioned first (the results are small host
+        // tensors), then the LLM's memory goes before the transformer's comes.
+        let release = self.release_llm.get();
+        let mut conditioned = vec![];
+        if release {
+            for b in batches {
+                let mut c = self.finish_conditioning(start(b)?)?;
+                c.prompt_embeds_on_device = TensorHandle::Host(c.prompt_embeds.clone());
+                conditioned.push(Some(c));
+            }
+            self.release_stage(Stage::Conditioning);
+        }
+        let mut next = if release { None } else { Some(start(&batches[0])?) };
         for (i, b) in batches.iter().enumerate() {
-            let cond = self.finish_conditioning(next.take().expect("started before"))?;
+            let cond = match conditioned.get_mut(i) {
+                Some(c) => c.take().expect("each batch's conditioning is taken once"),
+                None => self.finish_conditioning(next.take().expect("started before"))?,
+            };
             // No image is written from a non-finite value: each stage's output is checked, and the
             // first one holding NaN/Inf is named (NaN weights, an overflow, a bad config value).
             check_finite("conditioning: the LLM's query states", &cond.hidden_uncond, i)?;
@@ -161,7 +176,7 @@ impl OpenUni {
             // handle (and with it the conditioning's memory) is dropped before the next batch's
             // conditioning allocates its own.
             let kv = self.cross_kv(cond.prompt_embeds_on_device, run)?;
-            if let Some(after) = batches.get(i + 1) {
+            if let Some(after) = batches.get(i + 1).filter(|_| !release) {
                 next = Some(start(after)?);
             }
             let (mut k, mut first_bad) = (0, None);

@@ -32,21 +32,29 @@ impl WeightCache {
 
     /// The device address of weight `name` with `shape`, uploaded from `source` on first use
     /// (converted on the host to the storage dtype). Each tensor is its own allocation, so its
-    /// address stays valid as long as the cache lives.
+    /// address stays valid as long as the cache lives. From a mapped file the upload reads the
+    /// mapping: stored bytes of the storage dtype go up as they are, f32 goes up in place or is
+    /// rounded to bf16 straight from it; no f32 copy is made unless the file holds another
+    /// float type. The file's pages then leave host memory.
     pub fn get(&self, source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<u64> {
         let key = (name.to_string(), shape.clone());
         if let Some(b) = self.tensors.lock().expect("weight cache").get(&key) {
             return Ok(b.ptr());
         }
-        let v = source.tensor_f32(name, shape)?.to_f32_vec();
-        let buf = match self.dtype {
-            DType::F32 => self.dev.upload(&v)?,
-            DType::BF16 => {
-                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-                self.dev.upload(&h)?
+        let buf = match (self.dtype, source.stored_bytes(name, shape)?) {
+            (DType::BF16, Some((DType::BF16, bytes))) => self.dev.upload(bytes)?,
+            (DType::F32 | DType::BF16, _) => {
+                let v = source.weight_f32(name, shape)?;
+                if self.dtype == DType::F32 {
+                    self.dev.upload(&v[..])?
+                } else {
+                    let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                    self.dev.upload(&h)?
+                }
             }
-            d => return Err(CudaError::DType(d)),
+            (d, _) => return Err(CudaError::DType(d)),
         };
+        source.done_with(name);
         let ptr = buf.ptr();
         self.tensors.lock().expect("weight cache").insert(key, buf);
         Ok(ptr)
