@@ -70,6 +70,13 @@ enum Command {
         /// Only write the variant's model configs as JSON into DIR (for tools/bench_torch.py) and exit.
         #[arg(long, value_name = "DIR")]
         write_configs: Option<PathBuf>,
+        /// Only write the variant's model at its real size with this benchmark's seeded random
+        /// weights (stored as --dtype: f32 or bf16) into DIR, in the layouts `generate` reads
+        /// (--mllm DIR/llm --checkpoint DIR/openuni.safetensors --transformer DIR/transformer
+        /// --vae DIR/vae), and exit: for measuring generate's memory without the published
+        /// weights. Its pictures are not meaningful.
+        #[arg(long, value_name = "DIR")]
+        write_random_model: Option<PathBuf>,
         /// Print the counted plan instead of timing: launches, FLOPs, bytes, host traffic and a
         /// roofline model per stage, from the graphs at real size (no weights, no device, seconds).
         #[arg(long)]
@@ -349,7 +356,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(all_passed)
         }
-        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, plan, chat, chat_prompt } => {
+        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, write_random_model, plan, chat, chat_prompt } => {
+            if let Some(dir) = write_random_model {
+                let v = openuni_models::variant::any(&variant).map_err(anyhow::Error::msg)?;
+                let bytes = openuni::tiny_model::write_random_model(v, &dir, parse_dtype(&dtype)?)?;
+                eprintln!("wrote {:.2} GiB of random {variant} weights ({dtype}; not meaningful pictures)", bytes as f64 / (1u64 << 30) as f64);
+                println!("{}", dir.display());
+                return Ok(true);
+            }
             if let Some(dir) = write_configs {
                 openuni::bench::write_configs(&variant, &dir)?;
                 println!("{}", dir.display());
