@@ -357,7 +357,7 @@ pub struct Settings {
     pub decode_tile: Option<usize>,
     /// Images per batch (`--batch`): conditioned, denoised and decoded together.
     pub batch: usize,
-    /// `--release-llm`, `--skip-memory-check`.
+    /// `--release-stages`, `--skip-memory-check`.
     pub memory: MemoryPolicy,
 }
 
@@ -411,7 +411,7 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     let shift = flow_shift(&models.transformer)?;
     let n = s.batch.min(items.len()).max(1);
     let release = plan_memory(&model, n, items.len().div_ceil(n), height, width, run, decode_opts, s.memory)?;
-    model.set_release_llm(release);
+    model.set_release_stages(release);
     std::fs::create_dir_all(&s.out).with_context(|| format!("{}: cannot create the output folder", s.out.display()))?;
 
     let model_name = if models.builtin { "built-in tiny random model (not meaningful)".to_string() } else { s.variant.name.to_string() };
@@ -503,24 +503,25 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     Ok(Report { written, failed })
 }
 
-/// Whether `generate` releases the LLM once its batches are conditioned (`--release-llm`).
+/// Whether `generate` releases each stage once it is done with it (`--release-stages`; see
+/// [`OpenUni::set_release_stages`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ReleaseLlm {
-    /// Release on the CPU (nothing overlaps there), for a single batch (nothing needs the LLM
-    /// later), or when keeping every stage resident would not fit.
+pub enum ReleaseStages {
+    /// Release on the CPU (nothing overlaps there), for a single batch (nothing needs a stage
+    /// again), or when keeping every stage resident would not fit.
     #[default]
     Auto,
     Yes,
     No,
 }
 
-impl ReleaseLlm {
-    pub fn parse(s: &str) -> Result<ReleaseLlm> {
+impl ReleaseStages {
+    pub fn parse(s: &str) -> Result<ReleaseStages> {
         match s {
-            "auto" => Ok(ReleaseLlm::Auto),
-            "yes" => Ok(ReleaseLlm::Yes),
-            "no" => Ok(ReleaseLlm::No),
-            _ => bail!("--release-llm `{s}` is not one of auto, yes, no"),
+            "auto" => Ok(ReleaseStages::Auto),
+            "yes" => Ok(ReleaseStages::Yes),
+            "no" => Ok(ReleaseStages::No),
+            _ => bail!("--release-stages `{s}` is not one of auto, yes, no"),
         }
     }
 }
@@ -528,7 +529,7 @@ impl ReleaseLlm {
 /// How `generate` plans its memory.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemoryPolicy {
-    pub release_llm: ReleaseLlm,
+    pub release_stages: ReleaseStages,
     /// `--skip-memory-check`: run even when the plan says it will not fit.
     pub skip_check: bool,
 }
@@ -549,7 +550,7 @@ pub struct RunMemory {
 
 impl RunMemory {
     /// `n` images per batch in `batches` batches of `height`×`width`.
-    pub fn new(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, release_llm: bool) -> Result<RunMemory> {
+    pub fn new(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, release_stages: bool) -> Result<RunMemory> {
         let up = model.vae_cfg.upscale().max(1);
         let (lh, lw) = (height / up, width / up);
         let too_large = || anyhow::anyhow!("--batch {n} of {width}x{height} images: the memory needed does not fit a 64-bit count");
@@ -558,13 +559,13 @@ impl RunMemory {
         let latents = mul(mul(mul(n, model.transformer_cfg.in_channels)?, lh)?, lw)?;
         let images = mul(pixels, 3 * 4 + 1)?;
         let mut host_tensors = mul(latents, 6 * 4)?.checked_add(images).ok_or_else(too_large)?;
-        if release_llm {
+        if release_stages {
             // Per batch: prompt embeddings (and their host copy), connector output, query states.
             let (q, d, cc) = (model.num_queries, model.llm_cfg.hidden_size, model.transformer_cfg.caption_channels);
             let per_batch = mul(mul(mul(2 * n, q)?, 2 * cc + 2 * d)?, 4)?;
             host_tensors = host_tensors.checked_add(mul(per_batch, batches)?).ok_or_else(too_large)?;
         }
-        let plan = model.memory_plan(n, lh, lw, run.dtype, decode, release_llm)?;
+        let plan = model.memory_plan(n, lh, lw, run.dtype, decode, release_stages, batches)?;
         let on_cpu = run.device == Device::Cpu;
         let host_peak = host_tensors + if on_cpu { plan.peak() } else { 0 };
         Ok(RunMemory { plan, host_tensors, host_peak, device_peak: (!on_cpu).then(|| plan.peak()) })
@@ -573,17 +574,15 @@ impl RunMemory {
     /// One line: the peak and what it is made of.
     pub fn describe(&self) -> String {
         let p = &self.plan;
-        let (w, a) = p.peak_parts();
-        let stages = if p.release_llm {
-            if w == p.conditioning_weights && p.conditioning_weights + p.conditioning_activations > p.transformer_weights + p.vae_weights + p.denoise_activations + p.decode_activations {
-                format!("the LLM {} while conditioning; transformer {} + VAE {} after it is released", human(p.conditioning_weights), human(p.transformer_weights), human(p.vae_weights))
-            } else {
-                format!("transformer {} + VAE {}; the LLM's {} released after conditioning", human(p.transformer_weights), human(p.vae_weights), human(p.conditioning_weights))
-            }
+        let (phase, w, a) = p.peak_phase();
+        let stages = format!("LLM {}, transformer {}, VAE {}", human(p.conditioning_weights), human(p.transformer_weights), human(p.vae_weights));
+        let held = if p.release_stages {
+            let phases: Vec<String> = p.phases().iter().map(|(n, w, a)| format!("{n} {}", human(w + a))).collect();
+            format!("in the {phase} phase; stages released when done, phases: {}", phases.join(", "))
         } else {
-            format!("LLM {} + transformer {} + VAE {}, all resident", human(p.conditioning_weights), human(p.transformer_weights), human(p.vae_weights))
+            "every stage resident".to_string()
         };
-        let weights = format!("weights {} at once ({stages})", human(w));
+        let weights = format!("weights {} at once ({held}; {stages})", human(w));
         match self.device_peak {
             None => format!("host peak {} = {weights} + activations {} + host tensors {}", human(self.host_peak), human(a), human(self.host_tensors)),
             Some(d) => format!("device peak {} = {weights} + activations {}; host {} of tensors", human(d), human(a), human(self.host_peak)),
@@ -591,13 +590,13 @@ impl RunMemory {
     }
 }
 
-/// Whether a run releases the LLM under `policy`: see [`ReleaseLlm::Auto`].
-pub fn decide_release(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, policy: ReleaseLlm) -> Result<bool> {
+/// Whether a run releases its stages under `policy`: see [`ReleaseStages::Auto`].
+pub fn decide_release(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, policy: ReleaseStages) -> Result<bool> {
     Ok(match policy {
-        ReleaseLlm::Yes => true,
-        ReleaseLlm::No => false,
-        ReleaseLlm::Auto if run.device == Device::Cpu || batches <= 1 => true,
-        ReleaseLlm::Auto => {
+        ReleaseStages::Yes => true,
+        ReleaseStages::No => false,
+        ReleaseStages::Auto if run.device == Device::Cpu || batches <= 1 => true,
+        ReleaseStages::Auto => {
             let keep = RunMemory::new(model, n, batches, height, width, run, decode, false)?;
             let free = device_free(run).unwrap_or(u64::MAX);
             keep.device_peak.unwrap_or(0) as u64 > free || keep.host_peak as u64 > host_memory_left().unwrap_or(u64::MAX)
@@ -611,9 +610,9 @@ fn device_free(run: RunOptions) -> Option<u64> {
 
 /// Plans a run's memory, prints the plan (stderr) and refuses with advice when it would not fit
 /// the host memory left ([`host_memory_limits`]) or, on a GPU, the device's free memory, unless
-/// `policy.skip_check`. Returns whether the LLM is released after conditioning.
+/// `policy.skip_check`. Returns whether stages are released when done.
 pub fn plan_memory(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, policy: MemoryPolicy) -> Result<bool> {
-    let release = decide_release(model, n, batches, height, width, run, decode, policy.release_llm)?;
+    let release = decide_release(model, n, batches, height, width, run, decode, policy.release_stages)?;
     let m = RunMemory::new(model, n, batches, height, width, run, decode, release)?;
     let limits = host_memory_limits();
     let left = limits.iter().map(|l| l.1).min();
@@ -624,7 +623,7 @@ pub fn plan_memory(model: &OpenUni, n: usize, batches: usize, height: usize, wid
         advice.push("a smaller --batch".to_string());
     }
     if !release {
-        advice.push(format!("--release-llm yes (the peak would be {})", human(MemoryPlan { release_llm: true, ..m.plan }.peak())));
+        advice.push(format!("--release-stages yes (the peak would be {})", human(MemoryPlan { release_stages: true, ..m.plan }.peak())));
     }
     if decode.tile.is_none() {
         advice.push("--decode-tile 512".into());

@@ -221,11 +221,12 @@ struct GenerateArgs {
     /// decode's. Default: 512-px tiles when a side exceeds 1024 px, else one piece.
     #[arg(long, value_name = "PX", value_parser = usize_in(0, limits::SIDE.1))]
     decode_tile: Option<usize>,
-    /// Release the LLM once the batches are conditioned, before the transformer loads (the peak
-    /// is then the larger phase, not the sum): auto (on the CPU, for one batch, or when keeping
-    /// every stage would not fit), yes or no. `serve` keeps every stage.
+    /// Release each stage once the run is done with it: the LLM once the batches are conditioned
+    /// (before the transformer loads), the transformer before the last decode, so the peak is the
+    /// largest phase, not the sum: auto (on the CPU, for one batch, or when keeping every stage
+    /// would not fit), yes or no. `serve` keeps every stage.
     #[arg(long, default_value = "auto", value_name = "auto|yes|no")]
-    release_llm: String,
+    release_stages: String,
     /// Run even when the memory plan (printed before the run) says it will not fit.
     #[arg(long)]
     skip_memory_check: bool,
@@ -293,7 +294,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
     if let Some(bench) = a.eval.clone() {
         return generate_eval(a, &bench);
     }
-    let memory = openuni::generate::MemoryPolicy { release_llm: openuni::generate::ReleaseLlm::parse(&a.release_llm)?, skip_check: a.skip_memory_check };
+    let memory = openuni::generate::MemoryPolicy { release_stages: openuni::generate::ReleaseStages::parse(&a.release_stages)?, skip_check: a.skip_memory_check };
     // Every flag is checked (and the device opened) before prompts are read or models loaded.
     let v = variant(&a.variant)?;
     let (device, dtype) = (Device::parse(&a.device)?, parse_dtype(&a.dtype)?);

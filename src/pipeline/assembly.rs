@@ -60,7 +60,7 @@ impl OpenUni {
             vae: Box::new(Weights::open(paths.vae)?),
             resident: RefCell::default(),
             stop_check: RefCell::default(),
-            release_llm: Cell::new(false),
+            release_stages: Cell::new(false),
         })
     }
 
@@ -91,7 +91,7 @@ impl OpenUni {
             vae,
             resident: RefCell::default(),
             stop_check: RefCell::default(),
-            release_llm: Cell::new(false),
+            release_stages: Cell::new(false),
         }
     }
 
@@ -164,8 +164,8 @@ impl OpenUni {
 
     /// The memory a batch of `n` images of `h`×`w` latents plans (see [`MemoryPlan`]): weights
     /// and activation arenas per stage, stored as `dtype`.
-    pub fn memory_plan(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions, release_llm: bool) -> Result<MemoryPlan> {
-        let mut plan = MemoryPlan { release_llm, ..MemoryPlan::default() };
+    pub fn memory_plan(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions, release_stages: bool, batches: usize) -> Result<MemoryPlan> {
+        let mut plan = MemoryPlan { release_stages, single_batch: batches <= 1, ..MemoryPlan::default() };
         let mut seen: HashMap<(Stage, String), ()> = HashMap::new();
         for (name, g) in self.batch_graphs(n, h, w, decode)? {
             let stage = match name {
@@ -213,29 +213,40 @@ pub struct MemoryPlan {
     /// Caption path and step.
     pub denoise_activations: usize,
     pub decode_activations: usize,
-    /// Whether the LLM (the conditioning stage) is released before the transformer loads
-    /// ([`OpenUni::set_release_llm`]): the two phases then never hold each other's weights.
-    pub release_llm: bool,
+    /// Whether each stage is released once the run no longer needs it
+    /// ([`OpenUni::set_release_stages`]): the LLM before the transformer loads, the transformer
+    /// before the last batch's decode.
+    pub release_stages: bool,
+    /// A run of one batch: with `release_stages` its decode holds no transformer.
+    pub single_batch: bool,
 }
 
 impl MemoryPlan {
-    fn conditioning_phase(&self) -> (usize, usize) {
-        (self.conditioning_weights, self.conditioning_activations)
-    }
-
-    fn image_phase(&self) -> (usize, usize) {
-        (self.transformer_weights + self.vae_weights, self.denoise_activations + self.decode_activations)
-    }
-
-    /// The phase with the larger total, as (weights, activations): with the LLM released the
-    /// conditioning phase or the denoise-and-decode phase; else everything at once.
-    pub fn peak_parts(&self) -> (usize, usize) {
-        let (c, i) = (self.conditioning_phase(), self.image_phase());
-        if self.release_llm {
-            if c.0 + c.1 > i.0 + i.1 { c } else { i }
-        } else {
-            (c.0 + i.0, c.1 + i.1)
+    /// The phases of a run as (weights, activations) held at once: with stages released,
+    /// conditioning, then denoising and decoding (one batch: denoising, then decoding alone);
+    /// else one phase holding everything.
+    pub fn phases(&self) -> Vec<(&'static str, usize, usize)> {
+        let (c, t, v) = (
+            (self.conditioning_weights, self.conditioning_activations),
+            (self.transformer_weights, self.denoise_activations),
+            (self.vae_weights, self.decode_activations),
+        );
+        match (self.release_stages, self.single_batch) {
+            (false, _) => vec![("all stages", c.0 + t.0 + v.0, c.1 + t.1 + v.1)],
+            (true, false) => vec![("conditioning", c.0, c.1), ("denoise and decode", t.0 + v.0, t.1 + v.1)],
+            (true, true) => vec![("conditioning", c.0, c.1), ("denoise", t.0, t.1), ("decode", v.0, v.1)],
         }
+    }
+
+    /// The phase with the largest total: (name, weights, activations).
+    pub fn peak_phase(&self) -> (&'static str, usize, usize) {
+        self.phases().into_iter().max_by_key(|p| p.1 + p.2).expect("at least one phase")
+    }
+
+    /// The peak phase's (weights, activations).
+    pub fn peak_parts(&self) -> (usize, usize) {
+        let (_, w, a) = self.peak_phase();
+        (w, a)
     }
 
     /// Weights of the stages resident at once at the peak.
@@ -251,7 +262,7 @@ impl MemoryPlan {
 
     /// Every stage's weights and activations at once (nothing released).
     pub fn resident_all(&self) -> usize {
-        MemoryPlan { release_llm: false, ..*self }.peak()
+        MemoryPlan { release_stages: false, ..*self }.peak()
     }
 }
 

@@ -48,8 +48,8 @@ pub struct OpenUni {
     /// Asked before every denoising step (see [`set_stop_check`](Self::set_stop_check)).
     stop_check: RefCell<Option<StopCheck>>,
     /// Whether [`generate_batches`](Self::generate_batches) releases the LLM once its batches are
-    /// conditioned (see [`set_release_llm`](Self::set_release_llm)).
-    release_llm: Cell<bool>,
+    /// conditioned (see [`set_release_stages`](Self::set_release_stages)).
+    release_stages: Cell<bool>,
 }
 
 /// Where the pieces are.

@@ -149,7 +149,7 @@ impl OpenUni {
         }
         // Releasing the LLM: every batch is conditioned first (the results are small host
         // tensors), then the LLM's memory goes before the transformer's comes.
-        let release = self.release_llm.get();
+        let release = self.release_stages.get();
         let mut conditioned = vec![];
         if release {
             for b in batches {
@@ -204,6 +204,10 @@ impl OpenUni {
             let sf = self.vae_cfg.scaling_factor;
             let scaled = HostTensor::from_f32(latents.shape.clone(), latents.to_f32_vec().iter().map(|x| x / sf).collect())?;
             check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &scaled, i)?;
+            if release && i + 1 == batches.len() {
+                // Nothing denoises after the last batch: the decode gets the transformer's memory.
+                self.release_stage(Stage::Transformer);
+            }
             let decoded = self.decode_with(&latents, run, p.decode)?;
             check_finite(&format!("decode: the VAE output (latents / scaling_factor {} decoded)", self.vae_cfg.scaling_factor), &decoded, i)?;
             // The decode runs on the whole batch, the images that left included (discarded
