@@ -542,7 +542,11 @@ pub struct RunMemory {
     /// uint8 conversion make, and the bytes), and with the LLM released the batches' kept
     /// conditionings.
     pub host_tensors: usize,
-    /// Planned peak of host memory (on the CPU: weights, activations and host tensors).
+    /// This process's resident memory when the plan was made (code, tokenizer, configs; no
+    /// weight read yet), from /proc/self/status VmRSS (0 where unknown).
+    pub process_now: usize,
+    /// Planned peak of the process's host memory: `process_now` + host tensors + on the CPU the
+    /// plan's peak phase (weights and activations).
     pub host_peak: usize,
     /// Planned peak of device memory (weights and activations), on a GPU.
     pub device_peak: Option<usize>,
@@ -567,8 +571,17 @@ impl RunMemory {
         }
         let plan = model.memory_plan(n, lh, lw, run.dtype, decode, release_stages, batches)?;
         let on_cpu = run.device == Device::Cpu;
-        let host_peak = host_tensors + if on_cpu { plan.peak() } else { 0 };
-        Ok(RunMemory { plan, host_tensors, host_peak, device_peak: (!on_cpu).then(|| plan.peak()) })
+        let process_now = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|t| t.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<usize>().ok())
+            .map_or(0, |kib| kib * 1024);
+        let host_peak = process_now + host_tensors + if on_cpu { plan.peak() } else { 0 };
+        Ok(RunMemory { plan, host_tensors, process_now, host_peak, device_peak: (!on_cpu).then(|| plan.peak()) })
+    }
+
+    /// Host bytes the run will add to what the process holds now (compared with the memory left).
+    pub fn host_growth(&self) -> usize {
+        self.host_peak - self.process_now
     }
 
     /// One line: the peak and what it is made of.
@@ -584,7 +597,7 @@ impl RunMemory {
         };
         let weights = format!("weights {} at once ({held}; {stages})", human(w));
         match self.device_peak {
-            None => format!("host peak {} = {weights} + activations {} + host tensors {}", human(self.host_peak), human(a), human(self.host_tensors)),
+            None => format!("host peak {} = {weights} + activations {} + host tensors {} + the process now {}", human(self.host_peak), human(a), human(self.host_tensors), human(self.process_now)),
             Some(d) => format!("device peak {} = {weights} + activations {}; host {} of tensors", human(d), human(a), human(self.host_peak)),
         }
     }
@@ -599,7 +612,7 @@ pub fn decide_release(model: &OpenUni, n: usize, batches: usize, height: usize, 
         ReleaseStages::Auto => {
             let keep = RunMemory::new(model, n, batches, height, width, run, decode, false)?;
             let free = device_free(run).unwrap_or(u64::MAX);
-            keep.device_peak.unwrap_or(0) as u64 > free || keep.host_peak as u64 > host_memory_left().unwrap_or(u64::MAX)
+            keep.device_peak.unwrap_or(0) as u64 > free || keep.host_growth() as u64 > host_memory_left().unwrap_or(u64::MAX)
         }
     })
 }
@@ -635,15 +648,15 @@ pub fn plan_memory(model: &OpenUni, n: usize, batches: usize, height: usize, wid
             return Ok(release);
         }
         bail!(
-            "--batch {n} of {width}x{height} images plans {} of {what} ({}), but only {} are left: use {}, or --skip-memory-check to run anyway",
+            "--batch {n} of {width}x{height} images needs about {} of {what} ({}), but only {} are left: use {}, or --skip-memory-check to run anyway",
             human(need),
             m.describe(),
             human(have as usize),
             advice.join(", ")
         )
     };
-    if let Some(left) = left.filter(|&l| m.host_peak as u64 > l) {
-        return fail("host memory", m.host_peak, left, &advice);
+    if let Some(left) = left.filter(|&l| m.host_growth() as u64 > l) {
+        return fail("host memory", m.host_growth(), left, &advice);
     }
     if let Some(d) = m.device_peak {
         if let Some(free) = device_free(run).filter(|&f| d as u64 > f) {
@@ -662,10 +675,10 @@ pub fn plan_memory(model: &OpenUni, n: usize, batches: usize, height: usize, wid
 pub fn check_memory(model: &OpenUni, n: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions) -> Result<()> {
     let m = RunMemory::new(model, n, 1, height, width, run, decode, false)?;
     match host_memory_left() {
-        Some(left) if m.host_peak as u64 > left => bail!(
+        Some(left) if m.host_growth() as u64 > left => bail!(
             "--batch {n} of {width}x{height} images needs about {} of host memory ({}), but only {} are left \
              (available memory, the cgroup limit and the address-space limit): use a smaller --height/--width or --batch{}",
-            human(m.host_peak),
+            human(m.host_growth()),
             m.describe(),
             human(left as usize),
             if decode.tile.is_none() { ", or --decode-tile 512" } else { "" }
