@@ -534,6 +534,12 @@ pub struct MemoryPolicy {
     pub skip_check: bool,
 }
 
+/// What the CPU ops hold outside the planned arenas, per thread of the pool: the sgemm
+/// library's per-thread buffers (OpenBLAS maps its own), the fast ops' per-call scratch, allocator
+/// slack. Not derived: measured, the L-1024 run on 2 threads held 163 MiB above a plan without it
+/// (docs/memory.md); 128 MiB a thread covers that with room.
+pub const CPU_SCRATCH_PER_THREAD: usize = 128 << 20;
+
 /// A run's planned memory: the model's [`MemoryPlan`] in the run's storage type plus the host
 /// tensors around it.
 pub struct RunMemory {
@@ -542,6 +548,8 @@ pub struct RunMemory {
     /// uint8 conversion make, and the bytes), and with the LLM released the batches' kept
     /// conditionings.
     pub host_tensors: usize,
+    /// On the CPU, [`CPU_SCRATCH_PER_THREAD`] per thread of the pool.
+    pub scratch: usize,
     /// This process's resident memory when the plan was made (code, tokenizer, configs; no
     /// weight read yet), from /proc/self/status VmRSS (0 where unknown).
     pub process_now: usize,
@@ -575,8 +583,9 @@ impl RunMemory {
             .ok()
             .and_then(|t| t.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<usize>().ok())
             .map_or(0, |kib| kib * 1024);
-        let host_peak = process_now + host_tensors + if on_cpu { plan.peak() } else { 0 };
-        Ok(RunMemory { plan, host_tensors, process_now, host_peak, device_peak: (!on_cpu).then(|| plan.peak()) })
+        let scratch = if on_cpu { CPU_SCRATCH_PER_THREAD * rayon::current_num_threads() } else { 0 };
+        let host_peak = process_now + host_tensors + scratch + if on_cpu { plan.peak() } else { 0 };
+        Ok(RunMemory { plan, host_tensors, scratch, process_now, host_peak, device_peak: (!on_cpu).then(|| plan.peak()) })
     }
 
     /// Host bytes the run will add to what the process holds now (compared with the memory left).
@@ -597,7 +606,14 @@ impl RunMemory {
         };
         let weights = format!("weights {} at once ({held}; {stages})", human(w));
         match self.device_peak {
-            None => format!("host peak {} = {weights} + activations {} + host tensors {} + the process now {}", human(self.host_peak), human(a), human(self.host_tensors), human(self.process_now)),
+            None => format!(
+                "host peak {} = {weights} + activations {} + host tensors {} + scratch {} + the process now {}",
+                human(self.host_peak),
+                human(a),
+                human(self.host_tensors),
+                human(self.scratch),
+                human(self.process_now)
+            ),
             Some(d) => format!("device peak {} = {weights} + activations {}; host {} of tensors", human(d), human(a), human(self.host_peak)),
         }
     }
@@ -638,7 +654,7 @@ pub fn plan_memory(model: &OpenUni, n: usize, batches: usize, height: usize, wid
     if !release {
         advice.push(format!("--release-stages yes (the peak would be {})", human(MemoryPlan { release_stages: true, ..m.plan }.peak())));
     }
-    if decode.tile.is_none() {
+    if decode.tile.is_none() && height.max(width) > 512 {
         advice.push("--decode-tile 512".into());
     }
     advice.push("a smaller --height/--width".into());

@@ -198,7 +198,10 @@ fn real_size_plans_peak_within_1_25x_of_the_weights_resident_at_once() {
         let plan = RunMemory::new(&m, 1, 1, size, size, run, decode, true).unwrap();
         let weights = plan.plan.weights_at_peak();
         eprintln!("{variant}: {}", plan.describe());
-        assert!(plan.host_peak * 4 <= weights * 5, "{variant}: planned peak {} above 1.25x the {weights} bytes of weights resident at once", plan.host_peak);
+        // The model's part of the plan (the process and the per-thread scratch allowance, which
+        // depends on the machine's thread count, are added on top; docs/memory.md).
+        let model_part = plan.host_peak - plan.process_now - plan.scratch;
+        assert!(model_part * 4 <= weights * 5, "{variant}: planned peak {model_part} above 1.25x the {weights} bytes of weights resident at once");
         assert!(plan.host_peak < plan.plan.resident_all(), "{variant}: releasing the LLM lowers the peak");
     }
 }
