@@ -676,10 +676,17 @@ pub fn plan_memory(model: &OpenUni, n: usize, batches: usize, height: usize, wid
     }
     if let Some(d) = m.device_peak {
         if let Some(free) = device_free(run).filter(|&f| d as u64 > f) {
-            if run.dtype == DType::F32 {
-                advice.insert(0, "--dtype bf16".into());
+            if policy.skip_check {
+                return fail("device memory", d, free, &advice);
             }
-            return fail("device memory", d, free, &advice);
+            // The same words as an out-of-memory error met while running: the batch that fits.
+            let up = model.vae_cfg.upscale().max(1);
+            bail!(
+                "{} (by the memory plan, before running: device peak {}{}; --skip-memory-check runs anyway)",
+                out_of_memory_advice(model, n, height / up, width / up, run, decode),
+                human(d),
+                if run.dtype == DType::F32 { "; --dtype bf16 halves the weights" } else { "" }
+            );
         }
     }
     Ok(release)
