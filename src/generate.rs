@@ -118,7 +118,7 @@ pub fn host_memory_limits() -> Vec<(&'static str, u64)> {
     // SAFETY: getrlimit writes one rlimit struct that we own.
     if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
         let used = read("/proc/self/status").and_then(|t| field(&t, "VmSize:")).unwrap_or(0);
-        limits.push(("address-space limit", (lim.rlim_cur as u64).saturating_sub(used)));
+        limits.push(("address-space limit", lim.rlim_cur.saturating_sub(used)));
     }
     limits
 }
@@ -562,6 +562,7 @@ pub struct RunMemory {
 
 impl RunMemory {
     /// `n` images per batch in `batches` batches of `height`×`width`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, release_stages: bool) -> Result<RunMemory> {
         let up = model.vae_cfg.upscale().max(1);
         let (lh, lw) = (height / up, width / up);
@@ -620,6 +621,7 @@ impl RunMemory {
 }
 
 /// Whether a run releases its stages under `policy`: see [`ReleaseStages::Auto`].
+#[allow(clippy::too_many_arguments)]
 pub fn decide_release(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, policy: ReleaseStages) -> Result<bool> {
     Ok(match policy {
         ReleaseStages::Yes => true,
@@ -640,6 +642,7 @@ fn device_free(run: RunOptions) -> Option<u64> {
 /// Plans a run's memory, prints the plan (stderr) and refuses with advice when it would not fit
 /// the host memory left ([`host_memory_limits`]) or, on a GPU, the device's free memory, unless
 /// `policy.skip_check`. Returns whether stages are released when done.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_memory(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, policy: MemoryPolicy) -> Result<bool> {
     let release = decide_release(model, n, batches, height, width, run, decode, policy.release_stages)?;
     let m = RunMemory::new(model, n, batches, height, width, run, decode, release)?;

@@ -164,6 +164,7 @@ impl OpenUni {
 
     /// The memory a batch of `n` images of `h`×`w` latents plans (see [`MemoryPlan`]): weights
     /// and activation arenas per stage, stored as `dtype`.
+    #[allow(clippy::too_many_arguments)]
     pub fn memory_plan(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions, release_stages: bool, batches: usize) -> Result<MemoryPlan> {
         let mut plan = MemoryPlan { release_stages, single_batch: batches <= 1, ..MemoryPlan::default() };
         let mut seen: HashMap<(Stage, String), ()> = HashMap::new();

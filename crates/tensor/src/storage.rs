@@ -27,7 +27,7 @@ impl F32Data {
     /// then converts into an owned copy).
     pub(crate) fn mapped(map: &Arc<Mmap>, start: usize, len: usize) -> Option<F32Data> {
         let end = len.checked_mul(4)?.checked_add(start)?;
-        let aligned = (map.as_ptr() as usize + start) % std::mem::align_of::<f32>() == 0;
+        let aligned = (map.as_ptr() as usize + start).is_multiple_of(std::mem::align_of::<f32>());
         (cfg!(target_endian = "little") && aligned && end <= map.len())
             .then(|| F32Data { inner: Inner::Mapped { map: map.clone(), start, len } })
     }
