@@ -18,7 +18,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::exec::Device;
 use crate::image::{write_png, Existing};
-use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, ModelPaths, OpenUni, RunOptions, SamplingParams};
+use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, MemoryPlan, ModelPaths, OpenUni, RunOptions, SamplingParams};
 use crate::tiny_model;
 
 /// A published variant by name (the tiny model is `generate`'s fallback, not a choice).
@@ -89,26 +89,44 @@ pub fn check_device(device: Device, dtype: DType) -> Result<()> {
     }
 }
 
-/// Bytes of host memory this process can still allocate: the smaller of the system's available
-/// memory and what the address-space limit (`ulimit -v`) leaves; `None` when neither is known.
-pub fn host_memory_left() -> Option<u64> {
+/// The bounds on the host memory this process can still allocate, in bytes, each with where it
+/// comes from: the system's available memory (/proc/meminfo MemAvailable), the cgroup's limit
+/// less its usage (cgroup v2 memory.max, v1 memory.limit_in_bytes; page cache counted as free),
+/// and what the address-space limit (`ulimit -v`) leaves.
+pub fn host_memory_limits() -> Vec<(&'static str, u64)> {
     let field = |text: &str, key: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(key))?;
         Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()?.saturating_mul(1024))
     };
-    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| field(&t, "MemAvailable:"));
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let number = |p: &str| read(p).and_then(|t| t.trim().parse::<u64>().ok());
+    let mut limits = vec![];
+    if let Some(a) = read("/proc/meminfo").and_then(|t| field(&t, "MemAvailable:")) {
+        limits.push(("MemAvailable", a));
+    }
+    // The cgroup's page cache is reclaimable, so it is not counted as used.
+    let cache = |stat: &str, key: &str| read(stat).and_then(|t| t.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())).unwrap_or(0);
+    if let (Some(max), Some(cur)) = (number("/sys/fs/cgroup/memory.max"), number("/sys/fs/cgroup/memory.current")) {
+        limits.push(("cgroup memory.max", max.saturating_sub(cur.saturating_sub(cache("/sys/fs/cgroup/memory.stat", "file ")))));
+    } else if let (Some(max), Some(cur)) = (number("/sys/fs/cgroup/memory/memory.limit_in_bytes"), number("/sys/fs/cgroup/memory/memory.usage_in_bytes")) {
+        // v1 reports "no limit" as a huge number.
+        if max < 1 << 60 {
+            limits.push(("cgroup memory.limit_in_bytes", max.saturating_sub(cur.saturating_sub(cache("/sys/fs/cgroup/memory/memory.stat", "cache ")))));
+        }
+    }
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes one rlimit struct that we own.
-    let as_left = if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
-        let used = std::fs::read_to_string("/proc/self/status").ok().and_then(|t| field(&t, "VmSize:")).unwrap_or(0);
-        Some((lim.rlim_cur as u64).saturating_sub(used))
-    } else {
-        None
-    };
-    match (avail, as_left) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
+        let used = read("/proc/self/status").and_then(|t| field(&t, "VmSize:")).unwrap_or(0);
+        limits.push(("address-space limit", lim.rlim_cur.saturating_sub(used)));
     }
+    limits
+}
+
+/// Bytes of host memory this process can still allocate: the smallest of [`host_memory_limits`];
+/// `None` when none is known.
+pub fn host_memory_left() -> Option<u64> {
+    host_memory_limits().into_iter().map(|(_, b)| b).min()
 }
 
 /// The hub cache folder: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.
@@ -339,6 +357,8 @@ pub struct Settings {
     pub decode_tile: Option<usize>,
     /// Images per batch (`--batch`): conditioned, denoised and decoded together.
     pub batch: usize,
+    /// `--release-stages`, `--skip-memory-check`.
+    pub memory: MemoryPolicy,
 }
 
 /// What a run did.
@@ -389,7 +409,9 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     let (lh, lw) = (height / up, width / up);
     let decode_opts = DecodeOptions::from_flags(s.decode_tile, height, width, &model.vae_cfg)?;
     let shift = flow_shift(&models.transformer)?;
-    check_memory(&model, s.batch.min(items.len()).max(1), height, width, run, decode_opts)?;
+    let n = s.batch.min(items.len()).max(1);
+    let release = plan_memory(&model, n, items.len().div_ceil(n), height, width, run, decode_opts, s.memory)?;
+    model.set_release_stages(release);
     std::fs::create_dir_all(&s.out).with_context(|| format!("{}: cannot create the output folder", s.out.display()))?;
 
     let model_name = if models.builtin { "built-in tiny random model (not meaningful)".to_string() } else { s.variant.name.to_string() };
@@ -481,32 +503,209 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     Ok(Report { written, failed })
 }
 
-/// Refuses a run whose planned host memory exceeds what this process can still allocate (see
-/// [`host_memory_left`]), so that a large size or batch is an error instead of an allocation
-/// abort. Counted with checked arithmetic: the batch's noise, latents and decoded images (f32,
-/// with the copies the finiteness check and the uint8 conversion make, and the bytes); on the CPU
-/// also the f32 weights and the planned activation arenas of every stage.
-pub fn check_memory(model: &OpenUni, n: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions) -> Result<()> {
-    let up = model.vae_cfg.upscale().max(1);
-    let (lh, lw) = (height / up, width / up);
-    let too_large = || anyhow::anyhow!("--batch {n} of {width}x{height} images: the memory needed does not fit a 64-bit count");
-    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(too_large);
-    let pixels = mul(mul(mul(n, 3)?, height)?, width)?;
-    let latents = mul(mul(mul(n, model.transformer_cfg.in_channels)?, lh)?, lw)?;
-    let images = mul(pixels, 3 * 4 + 1)?;
-    let mut need = mul(latents, 6 * 4)?.checked_add(images).ok_or_else(too_large)?;
-    let mut parts = format!("images {}", human(images));
-    if run.device == Device::Cpu {
-        let weights = model.planned_weight_bytes(lh, lw, DType::F32)?;
-        let acts = model.planned_batch_bytes(n, lh, lw, DType::F32, decode)?;
-        need = need.checked_add(weights).and_then(|v| v.checked_add(acts)).ok_or_else(too_large)?;
-        parts = format!("weights {}, activations {}, {parts}", human(weights), human(acts));
+/// Whether `generate` releases each stage once it is done with it (`--release-stages`; see
+/// [`OpenUni::set_release_stages`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReleaseStages {
+    /// Release on the CPU (nothing overlaps there), for a single batch (nothing needs a stage
+    /// again), or when keeping every stage resident would not fit.
+    #[default]
+    Auto,
+    Yes,
+    No,
+}
+
+impl ReleaseStages {
+    pub fn parse(s: &str) -> Result<ReleaseStages> {
+        match s {
+            "auto" => Ok(ReleaseStages::Auto),
+            "yes" => Ok(ReleaseStages::Yes),
+            "no" => Ok(ReleaseStages::No),
+            _ => bail!("--release-stages `{s}` is not one of auto, yes, no"),
+        }
     }
-    match host_memory_left() {
-        Some(left) if need as u64 > left => bail!(
-            "--batch {n} of {width}x{height} images needs about {} of host memory ({parts}), but only {} are left \
-             (available memory and the address-space limit): use a smaller --height/--width or --batch{}",
+}
+
+/// How `generate` plans its memory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryPolicy {
+    pub release_stages: ReleaseStages,
+    /// `--skip-memory-check`: run even when the plan says it will not fit.
+    pub skip_check: bool,
+}
+
+/// What the CPU ops hold outside the planned arenas, per thread of the pool: the sgemm
+/// library's per-thread buffers (OpenBLAS maps its own), the fast ops' per-call scratch, allocator
+/// slack. Not derived: measured, the L-1024 run on 2 threads held 163 MiB above a plan without it
+/// (docs/memory.md); 128 MiB a thread covers that with room.
+pub const CPU_SCRATCH_PER_THREAD: usize = 128 << 20;
+
+/// A run's planned memory: the model's [`MemoryPlan`] in the run's storage type plus the host
+/// tensors around it.
+pub struct RunMemory {
+    pub plan: MemoryPlan,
+    /// Noise, latents and decoded images (f32, with the copies the finiteness check and the
+    /// uint8 conversion make, and the bytes), and with the LLM released the batches' kept
+    /// conditionings.
+    pub host_tensors: usize,
+    /// On the CPU, [`CPU_SCRATCH_PER_THREAD`] per thread of the pool.
+    pub scratch: usize,
+    /// This process's resident memory when the plan was made (code, tokenizer, configs; no
+    /// weight read yet), from /proc/self/status VmRSS (0 where unknown).
+    pub process_now: usize,
+    /// Planned peak of the process's host memory: `process_now` + host tensors + on the CPU the
+    /// plan's peak phase (weights and activations).
+    pub host_peak: usize,
+    /// Planned peak of device memory (weights and activations), on a GPU.
+    pub device_peak: Option<usize>,
+}
+
+impl RunMemory {
+    /// `n` images per batch in `batches` batches of `height`×`width`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, release_stages: bool) -> Result<RunMemory> {
+        let up = model.vae_cfg.upscale().max(1);
+        let (lh, lw) = (height / up, width / up);
+        let too_large = || anyhow::anyhow!("--batch {n} of {width}x{height} images: the memory needed does not fit a 64-bit count");
+        let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(too_large);
+        let pixels = mul(mul(mul(n, 3)?, height)?, width)?;
+        let latents = mul(mul(mul(n, model.transformer_cfg.in_channels)?, lh)?, lw)?;
+        let images = mul(pixels, 3 * 4 + 1)?;
+        let mut host_tensors = mul(latents, 6 * 4)?.checked_add(images).ok_or_else(too_large)?;
+        if release_stages {
+            // Per batch: prompt embeddings (and their host copy), connector output, query states.
+            let (q, d, cc) = (model.num_queries, model.llm_cfg.hidden_size, model.transformer_cfg.caption_channels);
+            let per_batch = mul(mul(mul(2 * n, q)?, 2 * cc + 2 * d)?, 4)?;
+            host_tensors = host_tensors.checked_add(mul(per_batch, batches)?).ok_or_else(too_large)?;
+        }
+        let plan = model.memory_plan(n, lh, lw, run.dtype, decode, release_stages, batches)?;
+        let on_cpu = run.device == Device::Cpu;
+        let process_now = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|t| t.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<usize>().ok())
+            .map_or(0, |kib| kib * 1024);
+        let scratch = if on_cpu { CPU_SCRATCH_PER_THREAD * rayon::current_num_threads() } else { 0 };
+        let host_peak = process_now + host_tensors + scratch + if on_cpu { plan.peak() } else { 0 };
+        Ok(RunMemory { plan, host_tensors, scratch, process_now, host_peak, device_peak: (!on_cpu).then(|| plan.peak()) })
+    }
+
+    /// Host bytes the run will add to what the process holds now (compared with the memory left).
+    pub fn host_growth(&self) -> usize {
+        self.host_peak - self.process_now
+    }
+
+    /// One line: the peak and what it is made of.
+    pub fn describe(&self) -> String {
+        let p = &self.plan;
+        let (phase, w, a) = p.peak_phase();
+        let stages = format!("LLM {}, transformer {}, VAE {}", human(p.conditioning_weights), human(p.transformer_weights), human(p.vae_weights));
+        let held = if p.release_stages {
+            let phases: Vec<String> = p.phases().iter().map(|(n, w, a)| format!("{n} {}", human(w + a))).collect();
+            format!("in the {phase} phase; stages released when done, phases: {}", phases.join(", "))
+        } else {
+            "every stage resident".to_string()
+        };
+        let weights = format!("weights {} at once ({held}; {stages})", human(w));
+        match self.device_peak {
+            None => format!(
+                "host peak {} = {weights} + activations {} + host tensors {} + scratch {} + the process now {}",
+                human(self.host_peak),
+                human(a),
+                human(self.host_tensors),
+                human(self.scratch),
+                human(self.process_now)
+            ),
+            Some(d) => format!("device peak {} = {weights} + activations {}; host {} of tensors", human(d), human(a), human(self.host_peak)),
+        }
+    }
+}
+
+/// Whether a run releases its stages under `policy`: see [`ReleaseStages::Auto`].
+#[allow(clippy::too_many_arguments)]
+pub fn decide_release(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, policy: ReleaseStages) -> Result<bool> {
+    Ok(match policy {
+        ReleaseStages::Yes => true,
+        ReleaseStages::No => false,
+        ReleaseStages::Auto if run.device == Device::Cpu || batches <= 1 => true,
+        ReleaseStages::Auto => {
+            let keep = RunMemory::new(model, n, batches, height, width, run, decode, false)?;
+            let free = device_free(run).unwrap_or(u64::MAX);
+            keep.device_peak.unwrap_or(0) as u64 > free || keep.host_growth() as u64 > host_memory_left().unwrap_or(u64::MAX)
+        }
+    })
+}
+
+fn device_free(run: RunOptions) -> Option<u64> {
+    crate::exec::open_device(run.device).and_then(|d| Ok(d.memory_info()?)).ok().map(|(f, _)| f as u64)
+}
+
+/// Plans a run's memory, prints the plan (stderr) and refuses with advice when it would not fit
+/// the host memory left ([`host_memory_limits`]) or, on a GPU, the device's free memory, unless
+/// `policy.skip_check`. Returns whether stages are released when done.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_memory(model: &OpenUni, n: usize, batches: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions, policy: MemoryPolicy) -> Result<bool> {
+    let release = decide_release(model, n, batches, height, width, run, decode, policy.release_stages)?;
+    let m = RunMemory::new(model, n, batches, height, width, run, decode, release)?;
+    let limits = host_memory_limits();
+    let left = limits.iter().map(|l| l.1).min();
+    let bounds: Vec<String> = limits.iter().map(|(what, b)| format!("{what} {}", human(*b as usize))).collect();
+    eprintln!("memory plan: {}; host memory left: {}", m.describe(), if bounds.is_empty() { "unknown".into() } else { bounds.join(", ") });
+    let mut advice = vec![];
+    if n > 1 {
+        advice.push("a smaller --batch".to_string());
+    }
+    if !release {
+        advice.push(format!("--release-stages yes (the peak would be {})", human(MemoryPlan { release_stages: true, ..m.plan }.peak())));
+    }
+    if decode.tile.is_none() && height.max(width) > 512 {
+        advice.push("--decode-tile 512".into());
+    }
+    advice.push("a smaller --height/--width".into());
+    let fail = |what: &str, need: usize, have: u64, advice: &[String]| -> Result<bool> {
+        if policy.skip_check {
+            eprintln!("warning: the plan needs {} of {what} but {} are left; running anyway (--skip-memory-check)", human(need), human(have as usize));
+            return Ok(release);
+        }
+        bail!(
+            "--batch {n} of {width}x{height} images needs about {} of {what} ({}), but only {} are left: use {}, or --skip-memory-check to run anyway",
             human(need),
+            m.describe(),
+            human(have as usize),
+            advice.join(", ")
+        )
+    };
+    if let Some(left) = left.filter(|&l| m.host_growth() as u64 > l) {
+        return fail("host memory", m.host_growth(), left, &advice);
+    }
+    if let Some(d) = m.device_peak {
+        if let Some(free) = device_free(run).filter(|&f| d as u64 > f) {
+            if policy.skip_check {
+                return fail("device memory", d, free, &advice);
+            }
+            // The same words as an out-of-memory error met while running: the batch that fits.
+            let up = model.vae_cfg.upscale().max(1);
+            bail!(
+                "{} (by the memory plan, before running: device peak {}{}; --skip-memory-check runs anyway)",
+                out_of_memory_advice(model, n, height / up, width / up, run, decode),
+                human(d),
+                if run.dtype == DType::F32 { "; --dtype bf16 halves the weights" } else { "" }
+            );
+        }
+    }
+    Ok(release)
+}
+
+/// Refuses a run whose planned host memory exceeds what this process can still allocate (see
+/// [`host_memory_left`]), every stage kept resident, so that a large size or batch is an error
+/// instead of an allocation abort (see [`RunMemory`]).
+pub fn check_memory(model: &OpenUni, n: usize, height: usize, width: usize, run: RunOptions, decode: DecodeOptions) -> Result<()> {
+    let m = RunMemory::new(model, n, 1, height, width, run, decode, false)?;
+    match host_memory_left() {
+        Some(left) if m.host_growth() as u64 > left => bail!(
+            "--batch {n} of {width}x{height} images needs about {} of host memory ({}), but only {} are left \
+             (available memory, the cgroup limit and the address-space limit): use a smaller --height/--width or --batch{}",
+            human(m.host_growth()),
+            m.describe(),
             human(left as usize),
             if decode.tile.is_none() { ", or --decode-tile 512" } else { "" }
         ),

@@ -70,6 +70,13 @@ enum Command {
         /// Only write the variant's model configs as JSON into DIR (for tools/bench_torch.py) and exit.
         #[arg(long, value_name = "DIR")]
         write_configs: Option<PathBuf>,
+        /// Only write the variant's model at its real size with this benchmark's seeded random
+        /// weights (stored as --dtype: f32 or bf16) into DIR, in the layouts `generate` reads
+        /// (--mllm DIR/llm --checkpoint DIR/openuni.safetensors --transformer DIR/transformer
+        /// --vae DIR/vae), and exit: for measuring generate's memory without the published
+        /// weights. Its pictures are not meaningful.
+        #[arg(long, value_name = "DIR")]
+        write_random_model: Option<PathBuf>,
         /// Print the counted plan instead of timing: launches, FLOPs, bytes, host traffic and a
         /// roofline model per stage, from the graphs at real size (no weights, no device, seconds).
         #[arg(long)]
@@ -218,6 +225,15 @@ struct GenerateArgs {
     /// decode's. Default: 512-px tiles when a side exceeds 1024 px, else one piece.
     #[arg(long, value_name = "PX", value_parser = usize_in(0, limits::SIDE.1))]
     decode_tile: Option<usize>,
+    /// Release each stage once the run is done with it: the LLM once the batches are conditioned
+    /// (before the transformer loads), the transformer before the last decode, so the peak is the
+    /// largest phase, not the sum: auto (on the CPU, for one batch, or when keeping every stage
+    /// would not fit), yes or no. `serve` keeps every stage.
+    #[arg(long, default_value = "auto", value_name = "auto|yes|no")]
+    release_stages: String,
+    /// Run even when the memory plan (printed before the run) says it will not fit.
+    #[arg(long)]
+    skip_memory_check: bool,
     /// A benchmark's prompt set: geneval (--prompts evaluation_metadata.jsonl), dpg (--prompts a
     /// folder of .txt prompts) or wise (--prompts its JSON); writes the layout its scorer reads into
     /// --out. --device may then name several devices: cuda:all, cuda:0,2,3, emu:all, emu:0,1.
@@ -245,6 +261,8 @@ fn generate_eval(a: GenerateArgs, bench: &str) -> anyhow::Result<bool> {
     use openuni::eval::{self, Benchmark};
     use openuni::generate::{resolve, variant, ModelFlags, Settings};
     let bench = Benchmark::parse(bench)?;
+    // Evaluation workers keep every stage resident (they check the memory themselves).
+    let memory = openuni::generate::MemoryPolicy::default();
     let prompts = a.prompts.clone().ok_or_else(|| anyhow::anyhow!("--eval needs --prompts FILE (the benchmark's prompt file or folder)"))?;
     if let Some(dir) = &a.check {
         return eval::check(bench, &prompts, a.samples, dir);
@@ -269,7 +287,7 @@ fn generate_eval(a: GenerateArgs, bench: &str) -> anyhow::Result<bool> {
     if models.builtin {
         eprintln!("note: no OpenUni weights configured or cached; using the built-in tiny random model. Its pictures are not meaningful.");
     }
-    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device: devices[0], dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch };
+    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device: devices[0], dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch, memory };
     let opts = eval::EvalOptions { bench, prompts, samples: a.samples, shard: a.shard, devices, verbose: a.verbose, seed: a.seed, negative_prompt: a.negative_prompt };
     let report = eval::run(&opts, &models, &settings)?;
     Ok(report.failed.is_empty())
@@ -280,6 +298,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
     if let Some(bench) = a.eval.clone() {
         return generate_eval(a, &bench);
     }
+    let memory = openuni::generate::MemoryPolicy { release_stages: openuni::generate::ReleaseStages::parse(&a.release_stages)?, skip_check: a.skip_memory_check };
     // Every flag is checked (and the device opened) before prompts are read or models loaded.
     let v = variant(&a.variant)?;
     let (device, dtype) = (Device::parse(&a.device)?, parse_dtype(&a.dtype)?);
@@ -303,7 +322,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
         anyhow::bail!("no prompt left to generate: every line of the prompts file was refused (see above)");
     }
     let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
-    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch };
+    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch, memory };
     let report = run(&items, &models, &settings)?;
     for p in &report.written {
         println!("{}", p.display());
@@ -342,7 +361,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(all_passed)
         }
-        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, plan, chat, chat_prompt, vit_tiles } => {
+        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, write_random_model, plan, chat, chat_prompt, vit_tiles } => {
+            if let Some(dir) = write_random_model {
+                let v = openuni_models::variant::any(&variant).map_err(anyhow::Error::msg)?;
+                let bytes = openuni::tiny_model::write_random_model(v, &dir, parse_dtype(&dtype)?)?;
+                eprintln!("wrote {:.2} GiB of random {variant} weights ({dtype}; not meaningful pictures)", bytes as f64 / (1u64 << 30) as f64);
+                println!("{}", dir.display());
+                return Ok(true);
+            }
             if let Some(dir) = write_configs {
                 openuni::bench::write_configs(&variant, &dir)?;
                 println!("{}", dir.display());

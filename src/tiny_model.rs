@@ -16,8 +16,8 @@ use openuni_models::nn::{self, Scope};
 use openuni_models::openuni as head;
 use openuni_models::qwen2;
 use openuni_models::sana::{self, SanaConfig};
-use openuni_models::variant::TINY;
-use openuni_tensor::{write_safetensors, HostTensor, Shape};
+use openuni_models::variant::{Variant, TINY};
+use openuni_tensor::{write_safetensors, DType, HostTensor, Shape, TensorSource};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
@@ -59,8 +59,8 @@ fn init(name: &str, shape: &Shape, rng: &mut rand::rngs::StdRng) -> HostTensor {
     HostTensor::from_f32(shape.clone(), v).expect("sized")
 }
 
-/// Random weights for every weight a graph reads, plus `extra` named shapes.
-fn weights_of(graphs: &[&Graph], extra: &[(&str, Vec<usize>)], rng: &mut rand::rngs::StdRng) -> Vec<(String, HostTensor)> {
+/// The name and shape of every weight the graphs read, plus `extra` named shapes, sorted by name.
+fn shapes_of(graphs: &[&Graph], extra: &[(&str, Vec<usize>)]) -> Vec<(String, Shape)> {
     let mut seen = HashMap::new();
     for g in graphs {
         for (id, name) in g.weights() {
@@ -76,7 +76,115 @@ fn weights_of(graphs: &[&Graph], extra: &[(&str, Vec<usize>)], rng: &mut rand::r
     }
     let mut names: Vec<_> = seen.into_iter().collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
-    names.into_iter().map(|(n, s)| (n.clone(), init(&n, &s, rng))).collect()
+    names
+}
+
+/// One file of a model written to disk: where (relative to the model folder) and its tensors.
+struct ModelFile {
+    path: &'static str,
+    tensors: Vec<(String, Shape)>,
+}
+
+/// The files of `v`'s model in the upstream layouts (Qwen2 folder `llm/`, OpenUni checkpoint
+/// `openuni.safetensors`, diffusers `transformer/` and `vae/`), with the tensors the pipeline reads.
+fn layout(v: &Variant) -> Result<Vec<ModelFile>> {
+    // LLM (Qwen2 folder layout).
+    let lc = MllmConfig::from_value((v.llm)(), &format!("{} llm", v.name))?.llm;
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", [1, 4, lc.hidden_size])?;
+    qwen2::build(&mut b, &lc, &Scope::new("model"), x, v.name)?;
+    let llm = shapes_of(&[&b.finish()], &[("model.embed_tokens.weight", vec![lc.vocab_size, lc.hidden_size])]);
+
+    // OpenUni checkpoint: meta-queries, connector, projector.
+    let cc = (v.connector)();
+    let tc: SanaConfig = parse_config((v.transformer)(), &format!("{} transformer", v.name))?;
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", [1, v.num_queries, cc.hidden_size])?;
+    let layers = connector::build(&mut b, &cc, &Scope::new(head::CONNECTOR_PREFIX), x, v.name)?;
+    nn::linear(&mut b, &Scope::new(head::PROJECTOR_PREFIX), *layers.last().unwrap_or(&x), cc.hidden_size, tc.caption_channels, true)?;
+    let openuni = shapes_of(&[&b.finish()], &[(head::META_QUERIES, vec![v.num_queries, lc.hidden_size])]);
+
+    // Transformer (diffusers folder layout).
+    let mut b = GraphBuilder::new();
+    let enc = b.input("enc", [2, v.num_queries, tc.caption_channels])?;
+    let (_, kv) = sana::caption_path(&mut b, &tc, enc)?;
+    let xs = b.input("x", [2, tc.in_channels, 2, 2])?;
+    let t = b.input("t", [2])?;
+    sana::denoise(&mut b, &tc, xs, t, &kv, None, 2, 2)?;
+    let transformer = shapes_of(&[&b.finish()], &[]);
+
+    // VAE (diffusers AutoencoderDC folder layout, decoder only).
+    let vc: DcaeConfig = parse_config((v.vae)(), &format!("{} vae", v.name))?;
+    let mut b = GraphBuilder::new();
+    let z = b.input("z", [1, vc.latent_channels, 4, 4])?;
+    dcae::decoder(&mut b, &vc, z, v.name)?;
+    let vae = shapes_of(&[&b.finish()], &[]);
+    Ok(vec![
+        ModelFile { path: "llm/model.safetensors", tensors: llm },
+        ModelFile { path: "openuni.safetensors", tensors: openuni },
+        ModelFile { path: "transformer/diffusion_pytorch_model.safetensors", tensors: transformer },
+        ModelFile { path: "vae/diffusion_pytorch_model.safetensors", tensors: vae },
+    ])
+}
+
+/// Writes the configs (and the tiny tokenizer) of `v` next to its weight files under `dir`.
+fn write_configs(dir: &Path, v: &Variant) -> Result<()> {
+    for d in ["llm", "transformer", "vae"] {
+        std::fs::create_dir_all(dir.join(d)).with_context(|| format!("{}: cannot create", dir.join(d).display()))?;
+    }
+    write_json(&dir.join("llm/config.json"), &(v.llm)())?;
+    std::fs::write(dir.join("llm/tokenizer.json"), TOKENIZER)?;
+    write_json(&dir.join("transformer/config.json"), &(v.transformer)())?;
+    write_json(&dir.join("vae/config.json"), &(v.vae)())
+}
+
+/// A tensor written by [`write_random_model`]: its values drawn when the writer asks for them,
+/// so that only one tensor is in memory at a time.
+struct Drawn {
+    name: String,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl safetensors::View for &Drawn {
+    fn dtype(&self) -> safetensors::Dtype {
+        if self.dtype == DType::BF16 { safetensors::Dtype::BF16 } else { safetensors::Dtype::F32 }
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let shape = Shape::new(self.shape.clone());
+        let t = crate::bench::RandomWeights { origin: String::new(), tables: HashMap::new() }.tensor_f32(&self.name, &shape).expect("random weights of any shape");
+        let v = t.into_f32_vec();
+        std::borrow::Cow::Owned(match self.dtype {
+            DType::BF16 => v.iter().flat_map(|x| openuni_tensor::bf16::from_f32(*x).to_le_bytes()).collect(),
+            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+    }
+}
+
+/// Writes `v`'s model at its real size with seeded random weights (the benchmark's, see
+/// `bench::RandomWeights`) stored as `dtype` (f32 or bf16) under `dir`, in the layouts
+/// `generate` reads (`--mllm DIR/llm --checkpoint DIR/openuni.safetensors --transformer
+/// DIR/transformer --vae DIR/vae`), for measuring memory and speed without the published
+/// weights. Its pictures are not meaningful. Returns the bytes written.
+pub fn write_random_model(v: &Variant, dir: &Path, dtype: DType) -> Result<u64> {
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        anyhow::bail!("random models are written as f32 or bf16, not {dtype}");
+    }
+    write_configs(dir, v)?;
+    let mut bytes = 0;
+    for f in layout(v)? {
+        let path = dir.join(f.path);
+        let drawn: Vec<Drawn> = f.tensors.into_iter().map(|(name, s)| Drawn { name, shape: s.dims().to_vec(), dtype }).collect();
+        safetensors::serialize_to_file(drawn.iter().map(|d| (d.name.clone(), d)), None, &path).with_context(|| format!("{}: cannot write", path.display()))?;
+        bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    }
+    Ok(bytes)
 }
 
 fn save(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
@@ -102,58 +210,23 @@ pub fn ensure(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf)> {
     let openuni = dir.join("openuni.safetensors");
     let done = dir.join(".complete");
     if !done.exists() {
-        build(dir, &llm, &transformer, &vae, &openuni).with_context(|| format!("writing the built-in tiny model to {}", dir.display()))?;
+        build(dir).with_context(|| format!("writing the built-in tiny model to {}", dir.display()))?;
         std::fs::write(&done, b"")?;
     }
     Ok((llm, openuni, transformer, vae))
 }
 
-fn build(dir: &Path, llm: &Path, transformer: &Path, vae: &Path, openuni: &Path) -> Result<()> {
-    for d in [dir, llm, transformer, vae] {
-        std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create", d.display()))?;
-    }
+fn build(dir: &Path) -> Result<()> {
+    write_configs(dir, &TINY)?;
+    // One generator across the files, in their order, each file's tensors in name order.
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
-
-    // LLM (Qwen2 folder layout).
-    let lc = MllmConfig::from_value(llm_config(), "tiny llm")?.llm;
-    let mut b = GraphBuilder::new();
-    let x = b.input("x", [1, 4, lc.hidden_size])?;
-    qwen2::build(&mut b, &lc, &Scope::new("model"), x, "tiny llm")?;
-    let g = b.finish();
-    let w = weights_of(&[&g], &[("model.embed_tokens.weight", vec![lc.vocab_size, lc.hidden_size])], &mut rng);
-    save(&llm.join("model.safetensors"), &w)?;
-    write_json(&llm.join("config.json"), &llm_config())?;
-    std::fs::write(llm.join("tokenizer.json"), TOKENIZER)?;
-
-    // OpenUni checkpoint: meta-queries, connector, projector.
-    let cc = connector_config();
-    let tc: SanaConfig = parse_config((TINY.transformer)(), "tiny transformer")?;
-    let mut b = GraphBuilder::new();
-    let x = b.input("x", [1, TINY.num_queries, cc.hidden_size])?;
-    let layers = connector::build(&mut b, &cc, &Scope::new(head::CONNECTOR_PREFIX), x, "tiny connector")?;
-    nn::linear(&mut b, &Scope::new(head::PROJECTOR_PREFIX), *layers.last().unwrap_or(&x), cc.hidden_size, tc.caption_channels, true)?;
-    let g = b.finish();
-    save(openuni, &weights_of(&[&g], &[(head::META_QUERIES, vec![TINY.num_queries, lc.hidden_size])], &mut rng))?;
-
-    // Transformer (diffusers folder layout).
-    let mut b = GraphBuilder::new();
-    let enc = b.input("enc", [2, TINY.num_queries, tc.caption_channels])?;
-    let (_, kv) = sana::caption_path(&mut b, &tc, enc)?;
-    let xs = b.input("x", [2, tc.in_channels, 2, 2])?;
-    let t = b.input("t", [2])?;
-    sana::denoise(&mut b, &tc, xs, t, &kv, None, 2, 2)?;
-    let g = b.finish();
-    save(&transformer.join("diffusion_pytorch_model.safetensors"), &weights_of(&[&g], &[], &mut rng))?;
-    write_json(&transformer.join("config.json"), &(TINY.transformer)())?;
-
-    // VAE (diffusers AutoencoderDC folder layout, decoder only).
-    let vc: DcaeConfig = parse_config((TINY.vae)(), "tiny vae")?;
-    let mut b = GraphBuilder::new();
-    let z = b.input("z", [1, vc.latent_channels, 4, 4])?;
-    dcae::decoder(&mut b, &vc, z, "tiny vae")?;
-    let g = b.finish();
-    save(&vae.join("diffusion_pytorch_model.safetensors"), &weights_of(&[&g], &[], &mut rng))?;
-    write_json(&vae.join("config.json"), &(TINY.vae)())?;
+    for f in layout(&TINY)? {
+        let tensors: Vec<(String, HostTensor)> = f.tensors.into_iter().map(|(n, s)| {
+            let t = init(&n, &s, &mut rng);
+            (n, t)
+        }).collect();
+        save(&dir.join(f.path), &tensors)?;
+    }
     Ok(())
 }
 

@@ -249,6 +249,10 @@ fn load_safetensors(bytes: &[u8]) -> bool {
         ok &= w.get(k).is_ok_and(|t| t.shape == shape);
         // integer tensors are refused as f32 weights (an error, not a panic)
         let _ = w.get_f32(k, None);
+        // the held-once path (in place or converted) agrees with the copy
+        if let (Ok(held), Ok(copy)) = (w.weight_f32(k, &shape), w.get_f32(k, None)) {
+            ok &= held.iter().zip(copy.to_f32_vec()).all(|(a, b)| a.to_bits() == b.to_bits()) && held.len() == shape.numel();
+        }
     }
     ok
 }

@@ -1,7 +1,7 @@
 //! Model assembly: an `OpenUni` from its folders (or from parts), the weight source of each
 //! stage, and the graphs of a generation (conditioning, caption path, step) with their memory plans.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 
 use openuni_models::config::{read_config, read_mllm_config};
@@ -61,6 +61,7 @@ impl OpenUni {
             vae: Box::new(Weights::open(paths.vae)?),
             resident: RefCell::default(),
             stop_check: RefCell::default(),
+            release_stages: Cell::new(false),
         })
     }
 
@@ -91,6 +92,7 @@ impl OpenUni {
             vae,
             resident: RefCell::default(),
             stop_check: RefCell::default(),
+            release_stages: Cell::new(false),
         }
     }
 
@@ -166,6 +168,33 @@ impl OpenUni {
         Ok(seen.values().sum())
     }
 
+    /// The memory a batch of `n` images of `h`×`w` latents plans (see [`MemoryPlan`]): weights
+    /// and activation arenas per stage, stored as `dtype`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn memory_plan(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions, release_stages: bool, batches: usize) -> Result<MemoryPlan> {
+        let mut plan = MemoryPlan { release_stages, single_batch: batches <= 1, ..MemoryPlan::default() };
+        let mut seen: HashMap<(Stage, String), ()> = HashMap::new();
+        for (name, g) in self.batch_graphs(n, h, w, decode)? {
+            let stage = match name {
+                "conditioning" => Stage::Conditioning,
+                "step" | "caption" => Stage::Transformer,
+                _ => Stage::Vae,
+            };
+            let (weights, acts) = match stage {
+                Stage::Conditioning => (&mut plan.conditioning_weights, &mut plan.conditioning_activations),
+                Stage::Transformer => (&mut plan.transformer_weights, &mut plan.denoise_activations),
+                Stage::Vae => (&mut plan.vae_weights, &mut plan.decode_activations),
+            };
+            for (id, wname) in g.weights() {
+                if seen.insert((stage, wname.to_string()), ()).is_none() {
+                    *weights += g.shape(id).numel() * dtype.size_in_bytes();
+                }
+            }
+            *acts += planned_graph_bytes(&g, dtype);
+        }
+        Ok(plan)
+    }
+
     /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage
     /// (see [`planned_graph_bytes`]).
     pub fn planned_batch_bytes(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions) -> Result<usize> {
@@ -176,6 +205,71 @@ impl OpenUni {
     /// shapes in `kv`) as inputs.
     pub(super) fn step_graph(&self, kv: &HashMap<String, Shape>, batch2: usize, h: usize, w: usize) -> Result<Graph> {
         Ok(sana::step_graph(&self.transformer_cfg, kv, batch2, h, w)?)
+    }
+}
+
+/// What a batch plans to hold, in bytes: each stage's weights (graph weights read, counted once
+/// per stage) and its graphs' activation arenas. The conditioning stage's executor lives for one
+/// call; the transformer's (caption path, step) and the VAE's stay resident between batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub conditioning_weights: usize,
+    pub transformer_weights: usize,
+    pub vae_weights: usize,
+    pub conditioning_activations: usize,
+    /// Caption path and step.
+    pub denoise_activations: usize,
+    pub decode_activations: usize,
+    /// Whether each stage is released once the run no longer needs it
+    /// ([`OpenUni::set_release_stages`]): the LLM before the transformer loads, the transformer
+    /// before the last batch's decode.
+    pub release_stages: bool,
+    /// A run of one batch: with `release_stages` its decode holds no transformer.
+    pub single_batch: bool,
+}
+
+impl MemoryPlan {
+    /// The phases of a run as (weights, activations) held at once: with stages released,
+    /// conditioning, then denoising and decoding (one batch: denoising, then decoding alone);
+    /// else one phase holding everything.
+    pub fn phases(&self) -> Vec<(&'static str, usize, usize)> {
+        let (c, t, v) = (
+            (self.conditioning_weights, self.conditioning_activations),
+            (self.transformer_weights, self.denoise_activations),
+            (self.vae_weights, self.decode_activations),
+        );
+        match (self.release_stages, self.single_batch) {
+            (false, _) => vec![("all stages", c.0 + t.0 + v.0, c.1 + t.1 + v.1)],
+            (true, false) => vec![("conditioning", c.0, c.1), ("denoise and decode", t.0 + v.0, t.1 + v.1)],
+            (true, true) => vec![("conditioning", c.0, c.1), ("denoise", t.0, t.1), ("decode", v.0, v.1)],
+        }
+    }
+
+    /// The phase with the largest total: (name, weights, activations).
+    pub fn peak_phase(&self) -> (&'static str, usize, usize) {
+        self.phases().into_iter().max_by_key(|p| p.1 + p.2).expect("at least one phase")
+    }
+
+    /// The peak phase's (weights, activations).
+    pub fn peak_parts(&self) -> (usize, usize) {
+        let (_, w, a) = self.peak_phase();
+        (w, a)
+    }
+
+    /// Weights of the stages resident at once at the peak.
+    pub fn weights_at_peak(&self) -> usize {
+        self.peak_parts().0
+    }
+
+    /// Planned peak of weights and activations.
+    pub fn peak(&self) -> usize {
+        let (w, a) = self.peak_parts();
+        w + a
+    }
+
+    /// Every stage's weights and activations at once (nothing released).
+    pub fn resident_all(&self) -> usize {
+        MemoryPlan { release_stages: false, ..*self }.peak()
     }
 }
 

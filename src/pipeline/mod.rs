@@ -10,7 +10,7 @@ mod decode;
 mod resident;
 mod sampling;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 
 use openuni_models::connector::ConnectorConfig;
@@ -23,7 +23,7 @@ use openuni_tensor::{DType, HostTensor, TensorSource};
 use crate::exec::{Device, GraphExecutor, TensorHandle};
 
 pub use crate::image::to_uint8_nhwc;
-pub use assembly::{open_weights, planned_graph_bytes};
+pub use assembly::{open_weights, planned_graph_bytes, MemoryPlan};
 pub use decode::{decode_graphs, pipeline_decoder_graph, DecodeOptions, IMAGE_U8};
 pub use openuni_models::dcae::{owned_spans, tile_starts, Tiling};
 use resident::Resident;
@@ -47,6 +47,9 @@ pub struct OpenUni {
     resident: RefCell<Resident>,
     /// Asked before every denoising step (see [`set_stop_check`](Self::set_stop_check)).
     stop_check: RefCell<Option<StopCheck>>,
+    /// Whether [`generate_batches`](Self::generate_batches) releases the LLM once its batches are
+    /// conditioned (see [`set_release_stages`](Self::set_release_stages)).
+    release_stages: Cell<bool>,
 }
 
 /// Where the pieces are.

@@ -21,6 +21,17 @@ pub enum Stage {
     Vae,
 }
 
+impl Stage {
+    /// The stage whose weights the resident graph `name` reads.
+    fn of_graph(name: &str) -> Stage {
+        match name {
+            "conditioning" => Stage::Conditioning,
+            "caption" | "step" => Stage::Transformer,
+            _ => Stage::Vae,
+        }
+    }
+}
+
 /// An executor kept for reuse: which graph, at which input shape, on which device.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ExecKey {
@@ -87,6 +98,37 @@ impl OpenUni {
     /// `true`, `denoise` and `generate_batches` end with [`Stopped`].
     pub fn set_stop_check(&self, check: Option<StopCheck>) {
         *self.stop_check.borrow_mut() = check;
+    }
+
+    /// With `true`, [`generate_batches`](Self::generate_batches) releases each stage once the
+    /// call no longer needs it ([`release_stage`](Self::release_stage)): it conditions all its
+    /// batches first and releases the LLM before the transformer loads, and releases the
+    /// transformer (weights and executors) before the last batch's decode, so the peak is the
+    /// largest phase, not the sum; the next call loads them again. With `false` (the default,
+    /// and what `serve` keeps) every stage stays resident and a batch's conditioning overlaps
+    /// the previous denoising.
+    pub fn set_release_stages(&self, release: bool) {
+        self.release_stages.set(release);
+    }
+
+    pub fn releases_stages(&self) -> bool {
+        self.release_stages.get()
+    }
+
+    /// Drops `stage`'s resident weights (host copies, device buffers), its resident executors
+    /// and the mapped pages of its files from this process's memory; its next use loads them again.
+    pub fn release_stage(&self, stage: Stage) {
+        let mut r = self.resident.borrow_mut();
+        r.weights.retain(|(s, _, _), _| *s != stage);
+        r.execs.retain(|k, _| Stage::of_graph(k.graph) != stage);
+        drop(r);
+        self.source(stage).release_pages();
+        // Freed host weights below glibc's mmap threshold stay in the heap until trimmed.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap memory to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 
     /// Drops every resident executor (their weights stay).

@@ -160,21 +160,36 @@ impl OpenUni {
             let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(c, u)| (&c[..], &u[..])).collect();
             self.start_conditioning(&pairs, run)
         };
-        let mut next = match batches.first() {
-            Some(b) => Some(start(b)?),
-            None => return Ok(()),
-        };
+        if batches.is_empty() {
+            return Ok(());
+        }
+        // Releasing the LLM: every batch is conditioned first (the results are small host
+        // tensors), then the LLM's memory goes before the transformer's comes.
+        let release = self.release_stages.get();
+        let mut conditioned = vec![];
+        if release {
+            for (i, b) in batches.iter().enumerate() {
+                // Brought to the host: the conditioning's executors (and their memory) go next.
+                let pe = self.finish_conditioning_on_device(start(b)?, i)?;
+                conditioned.push(Some(TensorHandle::Host(pe.to_host()?)));
+            }
+            self.release_stage(Stage::Conditioning);
+        }
+        let mut next = if release { None } else { Some(start(&batches[0])?) };
         for (i, b) in batches.iter().enumerate() {
             // No image is written from a non-finite value: each stage's output is checked (on the
             // device where it lies), and the first one holding NaN/Inf is named (NaN weights, an
             // overflow, a bad config value).
-            let prompt_embeds = self.finish_conditioning_on_device(next.take().expect("started before"), i)?;
+            let prompt_embeds = match conditioned.get_mut(i) {
+                Some(c) => c.take().expect("each batch's conditioning is taken once"),
+                None => self.finish_conditioning_on_device(next.take().expect("started before"), i)?,
+            };
             check_denoise_inputs(&self.transformer_cfg, prompt_embeds.shape(), &b.noise.shape)?;
             // The caption path reads the prompt embeddings where the conditioning left them; the
             // handle (and with it the conditioning's memory) is dropped before the next batch's
             // conditioning allocates its own.
             let kv = self.cross_kv(prompt_embeds, run)?;
-            if let Some(after) = batches.get(i + 1) {
+            if let Some(after) = batches.get(i + 1).filter(|_| !release) {
                 next = Some(start(after)?);
             }
             let (mut k, mut first_bad) = (0, None);
@@ -202,6 +217,10 @@ impl OpenUni {
             let sf = self.vae_cfg.scaling_factor;
             let scaled = HostTensor::from_f32(latents.shape.clone(), latents.to_f32_vec().iter().map(|x| x / sf).collect())?;
             check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &scaled, i)?;
+            if release && i + 1 == batches.len() {
+                // Nothing denoises after the last batch: the decode gets the transformer's memory.
+                self.release_stage(Stage::Transformer);
+            }
             // uint8 pixels [N, H, W, 3], the decoder's output checked for non-finite values first.
             let decoded = self.decode_u8(&latents, run, p.decode, i)?;
             // The decode runs on the whole batch, the images that left included (discarded

@@ -3,7 +3,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use openuni_graph::{plan, Graph, Op, Plan, ValueId, ValueKind};
-use openuni_tensor::{HostTensor, Shape, TensorSource};
+use openuni_tensor::{F32Data, HostTensor, Shape, TensorSource};
 
 use crate::fast;
 use crate::ops::{self, AttentionDims, ModulationRef};
@@ -18,11 +18,13 @@ pub enum ExecError {
     NotKept(ValueId),
 }
 
-/// f32 copies of weights shared by every executor built with the same cache, so that the many
-/// graphs of one model (per batch size, per stage) convert each tensor once.
+/// f32 weights shared by every executor built with the same cache, so that the many graphs of
+/// one model (per batch size, per stage) hold each tensor once: read in place from a mapped f32
+/// file, or converted once ([`TensorSource::weight_f32`]). Executors borrow them (`Arc`) and
+/// never copy them.
 #[derive(Default)]
 pub struct WeightCache {
-    tensors: Mutex<HashMap<(String, Shape), Arc<Vec<f32>>>>,
+    tensors: Mutex<HashMap<(String, Shape), Arc<F32Data>>>,
 }
 
 impl WeightCache {
@@ -31,19 +33,24 @@ impl WeightCache {
     }
 
     /// The weight `name` with `shape`, converted from `source` on first use.
-    pub fn get(&self, source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<Arc<Vec<f32>>, ExecError> {
+    pub fn get(&self, source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<Arc<F32Data>, ExecError> {
         let key = (name.to_string(), shape.clone());
         if let Some(t) = self.tensors.lock().expect("weight cache").get(&key) {
             return Ok(t.clone());
         }
-        let t = Arc::new(openuni_tensor::derived::tensor_f32(source, name, shape)?.to_f32_vec());
+        let t = Arc::new(openuni_tensor::derived::weight_f32(source, name, shape)?);
         self.tensors.lock().expect("weight cache").insert(key, t.clone());
         Ok(t)
     }
 
-    /// Bytes held.
+    /// Bytes of the weights held (in place or owned).
     pub fn bytes(&self) -> usize {
-        self.tensors.lock().expect("weight cache").values().map(|t| t.len() * 4).sum()
+        self.tensors.lock().expect("weight cache").values().map(|t| t.bytes()).sum()
+    }
+
+    /// Bytes of the weights read in place from mapped files (the rest are owned copies).
+    pub fn mapped_bytes(&self) -> usize {
+        self.tensors.lock().expect("weight cache").values().filter(|t| t.is_mapped()).map(|t| t.bytes()).sum()
     }
 }
 
@@ -73,7 +80,7 @@ pub struct CpuExecutor {
     graph: Graph,
     plan: Plan,
     arena: Vec<f32>,
-    weights: HashMap<ValueId, Arc<Vec<f32>>>,
+    weights: HashMap<ValueId, Arc<F32Data>>,
     keep_all: bool,
     kernels: Kernels,
     /// Which graph inputs (by value id) have been given at least once.

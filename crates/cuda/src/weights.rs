@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use half::bf16;
-use openuni_tensor::{DType, Shape, TensorSource};
+use openuni_tensor::{DType, F32Data, Shape, TensorSource};
 
 use crate::device::{CudaDevice, DeviceBuffer};
 use crate::families::conv::{prepare_conv_weight, ConvWeightLayout};
@@ -35,7 +35,10 @@ impl WeightCache {
 
     /// The device address of weight `name` with `shape`, uploaded from `source` on first use
     /// (converted on the host to the storage dtype). Each tensor is its own allocation, so its
-    /// address stays valid as long as the cache lives.
+    /// address stays valid as long as the cache lives. From a mapped file the upload reads the
+    /// mapping: stored bytes of the storage dtype go up as they are, f32 goes up in place or is
+    /// rounded to bf16 straight from it; no f32 copy is made unless the file holds another
+    /// float type. The file's pages then leave host memory.
     pub fn get(&self, source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<u64> {
         self.get_in(source, name, shape, None)
     }
@@ -48,25 +51,33 @@ impl WeightCache {
         if let Some(b) = self.tensors.lock().expect("weight cache").get(&key) {
             return Ok(b.ptr());
         }
-        let mut v = openuni_tensor::derived::tensor_f32(source, name, shape)?.to_f32_vec();
-        if let Some(layout) = layout {
-            let d = shape.dims();
-            if d.len() != 4 || d[2] != 3 || d[3] != 3 {
-                return Err(CudaError::Invalid {
-                    what: "weight layout".into(),
-                    msg: format!("weight `{name}` has shape {shape}, the {layout:?} layout takes [cout, cin, 3, 3]"),
-                });
+        // Stored bytes go up as they are only for a stored (not derived) weight in the upstream layout.
+        let as_stored = layout.is_none() && !openuni_tensor::derived::is_derived(name);
+        let stored = if as_stored { source.stored_bytes(name, shape)? } else { None };
+        let buf = match (self.dtype, stored) {
+            (DType::BF16, Some((DType::BF16, bytes))) => self.dev.upload(bytes)?,
+            (DType::F32 | DType::BF16, _) => {
+                let mut v = openuni_tensor::derived::weight_f32(source, name, shape)?;
+                if let Some(layout) = layout {
+                    let d = shape.dims();
+                    if d.len() != 4 || d[2] != 3 || d[3] != 3 {
+                        return Err(CudaError::Invalid {
+                            what: "weight layout".into(),
+                            msg: format!("weight `{name}` has shape {shape}, the {layout:?} layout takes [cout, cin, 3, 3]"),
+                        });
+                    }
+                    v = F32Data::owned(prepare_conv_weight(layout, &v, d[0], d[1]));
+                }
+                if self.dtype == DType::F32 {
+                    self.dev.upload(&v[..])?
+                } else {
+                    let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                    self.dev.upload(&h)?
+                }
             }
-            v = prepare_conv_weight(layout, &v, d[0], d[1]);
-        }
-        let buf = match self.dtype {
-            DType::F32 => self.dev.upload(&v)?,
-            DType::BF16 => {
-                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-                self.dev.upload(&h)?
-            }
-            d => return Err(CudaError::DType(d)),
+            (d, _) => return Err(CudaError::DType(d)),
         };
+        source.done_with(name);
         let ptr = buf.ptr();
         self.tensors.lock().expect("weight cache").insert(key, buf);
         Ok(ptr)

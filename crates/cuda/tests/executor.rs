@@ -451,3 +451,34 @@ fn linear_residual_matches_cpu() {
         check(&format!("linear_residual f32 [{rows}, {k}] -> {n} in place"), DType::F32, &got, &want, &want);
     }
 }
+
+#[test]
+fn weights_upload_from_mapped_files_as_from_memory() {
+    // bf16 storage from a bf16 file uploads the stored bytes; f32 storage from an f32 file
+    // uploads the mapping in place; the other pairs convert. Each must put on the device exactly
+    // what the in-memory source of the same tensors gives.
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(11);
+    let g = graph();
+    let w = weights(&mut rng);
+    let dir = std::env::temp_dir().join(format!("openuni-cuda-mapped-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for file_dtype in [DType::F32, DType::BF16] {
+        let stored: HashMap<String, HostTensor> = w.iter().map(|(k, v)| (k.clone(), v.to_dtype(file_dtype).unwrap())).collect();
+        let path = dir.join(format!("{file_dtype}.safetensors"));
+        openuni_tensor::write_safetensors(&path, stored.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap();
+        let mapped = openuni_tensor::Weights::open(&path).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let from_file = CudaExecutor::new(&dev, &g, &mapped, dtype, false).unwrap();
+            let from_memory = CudaExecutor::new(&dev, &g, &stored, dtype, false).unwrap();
+            for (id, name) in g.weights() {
+                assert_eq!(
+                    from_file.value(id).unwrap().to_f32_vec(),
+                    from_memory.value(id).unwrap().to_f32_vec(),
+                    "{name}: {file_dtype} file uploaded as {dtype}"
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

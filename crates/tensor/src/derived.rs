@@ -13,7 +13,7 @@
 //!   a per-output-channel scale folded into a linear layer's weight and bias (SANA1.5's q-norm
 //!   weight, docs/models.md).
 
-use crate::{Error, HostTensor, Result, Shape, TensorSource};
+use crate::{Error, F32Data, HostTensor, Result, Shape, TensorSource};
 
 const INTERLEAVE: &str = "interleave_rows[";
 const SCALE_ROWS: &str = "scale_rows(";
@@ -55,6 +55,21 @@ fn parse(name: &str) -> Option<(usize, Vec<&str>)> {
     let (block, rest) = rest.split_once("](")?;
     let list = rest.strip_suffix(')')?;
     Some((block.parse().ok()?, list.split(',').collect()))
+}
+
+/// Whether `name` names a derived weight (built from stored parts).
+pub fn is_derived(name: &str) -> bool {
+    parse_scale(name).is_some() || parse(name).is_some()
+}
+
+/// As [`tensor_f32`], held once: a stored weight comes from `source.weight_f32` (in place from
+/// a mapped f32 file where it can), a derived one is built into an owned vector.
+pub fn weight_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<F32Data> {
+    if is_derived(name) {
+        Ok(F32Data::owned(tensor_f32(source, name, shape)?.to_f32_vec()))
+    } else {
+        source.weight_f32(name, shape)
+    }
 }
 
 /// Weight `name` with `shape` from `source`: built from its parts when `name` is derived, else

@@ -9,6 +9,7 @@ mod error;
 mod pth;
 mod safetensors_io;
 mod shape;
+mod storage;
 mod tensor;
 
 pub use dtype::DType;
@@ -19,6 +20,7 @@ pub use pth::{
 };
 pub use safetensors_io::{write_safetensors, Overlay, Routed, TensorMap, TensorSource, Weights};
 pub use shape::Shape;
+pub use storage::F32Data;
 pub use tensor::{HostData, HostTensor};
 
 pub use half::{bf16, f16};

@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::{DType, Error, HostData, HostTensor, Result, Shape};
+use crate::{DType, Error, F32Data, HostData, HostTensor, Result, Shape};
 
 struct Entry {
     file: usize,
@@ -19,11 +20,14 @@ struct Entry {
     end: usize,
 }
 
-/// A read-only set of named tensors from one or more safetensors files.
+/// A read-only set of named tensors from one or more safetensors files, memory-mapped: an f32
+/// tensor is used in place ([`Weights::weight_f32`]), others are converted once per request, and
+/// the pages a caller no longer needs are dropped from this process's memory (they stay in the
+/// page cache and map again on the next read).
 pub struct Weights {
     /// What error messages call this set: the file, or the index / folder it came from.
     origin: PathBuf,
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
     entries: BTreeMap<String, Entry>,
 }
 
@@ -146,7 +150,7 @@ impl Weights {
                     Entry { file: fi, st_dtype: info.dtype, shape: Shape::new(info.shape.clone()), start: base + s, end: base + e },
                 );
             }
-            files.push((p.clone(), mmap));
+            files.push((p.clone(), Arc::new(mmap)));
         }
         Ok(Weights { origin: origin.to_path_buf(), files, entries })
     }
@@ -230,32 +234,87 @@ impl Weights {
         })
     }
 
-    /// Reads a floating-point tensor as f32, checking its shape when `expected` is given.
+    /// An error unless the stored shape of `key` equals `expected`, ignoring size-1 dims: a 1×1
+    /// conv weight [O, I, 1, 1] is the linear weight [O, I].
+    fn check_shape(&self, key: &str, e: &Entry, expected: &Shape) -> Result<()> {
+        if squeezed(&e.shape) != squeezed(expected) {
+            return Err(Error::ShapeMismatch { path: self.files[e.file].0.clone(), key: key.into(), expected: expected.clone(), found: e.shape.clone() });
+        }
+        Ok(())
+    }
+
+    /// The stored float dtype of `key`, or an error naming it.
+    fn float_dtype(&self, key: &str, e: &Entry) -> Result<DType> {
+        match dtype_of(e.st_dtype) {
+            Some(d) if d.is_float() => Ok(d),
+            _ => Err(self.unsupported(key, e, "is not a floating-point type (expected f32, bf16 or f16)")),
+        }
+    }
+
+    /// Reads a floating-point tensor as an owned f32 copy, checking its shape when `expected` is
+    /// given (and then taking that shape).
     pub fn get_f32(&self, key: &str, expected: Option<&Shape>) -> Result<HostTensor> {
         let e = self.entry(key)?;
         if let Some(exp) = expected {
-            // Shapes differing only in size-1 dims hold the same data: a 1×1 conv weight
-            // [O, I, 1, 1] is the linear weight [O, I].
-            if squeezed(&e.shape) != squeezed(exp) {
-                return Err(Error::ShapeMismatch {
-                    path: self.files[e.file].0.clone(),
-                    key: key.into(),
-                    expected: exp.clone(),
-                    found: e.shape.clone(),
-                });
+            self.check_shape(key, e, exp)?;
+        }
+        let d = self.float_dtype(key, e)?;
+        self.check_fits(key, e, (e.end - e.start) / d.size_in_bytes() * 4)?;
+        let data = decode_f32(d, &self.files[e.file].1[e.start..e.end]);
+        HostTensor::from_f32(expected.unwrap_or(&e.shape).clone(), data)
+    }
+
+    /// A floating-point tensor as f32 with shape `expected`, held once: an aligned f32 tensor is
+    /// read in place from the mapping (no copy); bf16/f16 (or unaligned f32) are converted into
+    /// one owned vector, after which the stored pages are dropped from this process's memory.
+    pub fn weight_f32(&self, key: &str, expected: &Shape) -> Result<F32Data> {
+        let e = self.entry(key)?;
+        self.check_shape(key, e, expected)?;
+        let d = self.float_dtype(key, e)?;
+        let map = &self.files[e.file].1;
+        if d == DType::F32 {
+            if let Some(v) = F32Data::mapped(map, e.start, (e.end - e.start) / 4) {
+                return Ok(v);
             }
         }
-        match dtype_of(e.st_dtype) {
-            Some(d) if d.is_float() => {
-                // the stored copy and the f32 one are alive together
-                self.check_fits(key, e, (e.end - e.start).saturating_mul(1 + 4 / d.size_in_bytes()))?;
-                let mut t = self.get(key)?.to_dtype(DType::F32)?;
-                if let Some(exp) = expected {
-                    t.shape = exp.clone();
-                }
-                Ok(t)
-            }
-            _ => Err(self.unsupported(key, e, "is not a floating-point type (expected f32, bf16 or f16)")),
+        self.check_fits(key, e, (e.end - e.start) / d.size_in_bytes() * 4)?;
+        let v = F32Data::owned(decode_f32(d, &map[e.start..e.end]));
+        self.drop_pages(e);
+        Ok(v)
+    }
+
+    /// The stored bytes of a tensor and their dtype (for an upload in the storage dtype without
+    /// an f32 copy), after checking its shape.
+    pub fn stored_bytes(&self, key: &str, expected: &Shape) -> Result<(DType, &[u8])> {
+        let e = self.entry(key)?;
+        self.check_shape(key, e, expected)?;
+        let d = self.float_dtype(key, e)?;
+        Ok((d, &self.files[e.file].1[e.start..e.end]))
+    }
+
+    /// Drops the pages of `e` from this process's resident memory (they stay in the page cache).
+    fn drop_pages(&self, e: &Entry) {
+        // SAFETY: the mapping is file-backed, read-only and private, and is never written, so no
+        // page differs from the file: after MADV_DONTNEED a read maps the same bytes again, and
+        // slices borrowed from the mapping (in-place tensors sharing a page) stay valid. Failure
+        // only means the pages stay resident.
+        let _ = unsafe { self.files[e.file].1.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+    }
+
+    /// Tells the set that the caller has its own copy of `key` (converted or uploaded): its pages
+    /// leave this process's memory.
+    pub fn done_with(&self, key: &str) {
+        if let Some(e) = self.entries.get(key) {
+            self.drop_pages(e);
+        }
+    }
+
+    /// Drops every page of every file from this process's resident memory (releasing a model's
+    /// in-place weights); a later read maps them again from the page cache or the disk.
+    pub fn release_pages(&self) {
+        for (_, map) in &self.files {
+            // SAFETY: as in `drop_pages`.
+            let _ = unsafe { map.unchecked_advise(UncheckedAdvice::DontNeed) };
         }
     }
 
@@ -284,6 +343,17 @@ impl Weights {
     /// Reads every tensor as f32 (floats) or i64 (integers), for small reference files.
     pub fn all(&self) -> Result<HashMap<String, HostTensor>> {
         self.keys().map(|k| Ok((k.to_string(), self.get(k)?))).collect()
+    }
+}
+
+/// Little-endian float bytes of `dtype` as f32 values, in one allocation (byte-wise, so unaligned
+/// mapped data is fine).
+fn decode_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        d => unreachable!("decode_f32 is called on float dtypes only, not {d}"),
     }
 }
 
@@ -332,6 +402,27 @@ pub trait TensorSource {
         self.shape_of(name).is_ok()
     }
 
+    /// As [`tensor_f32`](Self::tensor_f32), held once: a mapped f32 file's tensor is used in
+    /// place, others are converted once (executors keep the result and share it).
+    fn weight_f32(&self, name: &str, shape: &Shape) -> Result<F32Data> {
+        Ok(F32Data::owned(self.tensor_f32(name, shape)?.into_f32_vec()))
+    }
+
+    /// The stored bytes and dtype of a float tensor where the source holds them (a mapped file),
+    /// shape checked as in [`tensor_f32`](Self::tensor_f32); `None` where it does not. Lets a
+    /// device upload bf16 weights without an f32 copy.
+    fn stored_bytes(&self, _name: &str, _shape: &Shape) -> Result<Option<(DType, &[u8])>> {
+        Ok(None)
+    }
+
+    /// The caller has its own copy of `name` now (converted or uploaded): a mapped source drops
+    /// its pages from this process's memory.
+    fn done_with(&self, _name: &str) {}
+
+    /// Drops every mapped page from this process's memory (a released model); later reads map
+    /// them again.
+    fn release_pages(&self) {}
+
     /// Rows of a 2-D table as f32 (embedding lookups).
     fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<HostTensor> {
         let shape = self.shape_of(name)?;
@@ -362,6 +453,18 @@ impl TensorSource for Weights {
     }
     fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
         self.get_f32(name, Some(shape))
+    }
+    fn weight_f32(&self, name: &str, shape: &Shape) -> Result<F32Data> {
+        Weights::weight_f32(self, name, shape)
+    }
+    fn stored_bytes(&self, name: &str, shape: &Shape) -> Result<Option<(DType, &[u8])>> {
+        Weights::stored_bytes(self, name, shape).map(Some)
+    }
+    fn done_with(&self, name: &str) {
+        Weights::done_with(self, name)
+    }
+    fn release_pages(&self) {
+        Weights::release_pages(self)
     }
     fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<HostTensor> {
         Weights::rows_f32(self, name, rows)
@@ -448,6 +551,30 @@ impl TensorSource for Overlay<'_> {
             self.base.tensor_f32(name, shape)
         }
     }
+    fn weight_f32(&self, name: &str, shape: &Shape) -> Result<F32Data> {
+        let key = format!("{}{name}", self.prefix);
+        if self.top.contains(&key) {
+            self.top.weight_f32(&key, shape)
+        } else {
+            self.base.weight_f32(name, shape)
+        }
+    }
+    fn stored_bytes(&self, name: &str, shape: &Shape) -> Result<Option<(DType, &[u8])>> {
+        let key = format!("{}{name}", self.prefix);
+        if self.top.contains(&key) {
+            self.top.stored_bytes(&key, shape)
+        } else {
+            self.base.stored_bytes(name, shape)
+        }
+    }
+    fn done_with(&self, name: &str) {
+        self.top.done_with(&format!("{}{name}", self.prefix));
+        self.base.done_with(name);
+    }
+    fn release_pages(&self) {
+        self.top.release_pages();
+        self.base.release_pages();
+    }
 }
 
 /// Names starting with one of `routes`' prefixes come from that route's source, all others from
@@ -480,6 +607,19 @@ impl TensorSource for Routed<'_> {
     fn contains(&self, name: &str) -> bool {
         self.source(name).contains(name)
     }
+    fn weight_f32(&self, name: &str, shape: &Shape) -> Result<F32Data> {
+        self.source(name).weight_f32(name, shape)
+    }
+    fn stored_bytes(&self, name: &str, shape: &Shape) -> Result<Option<(DType, &[u8])>> {
+        self.source(name).stored_bytes(name, shape)
+    }
+    fn done_with(&self, name: &str) {
+        self.source(name).done_with(name)
+    }
+    fn release_pages(&self) {
+        self.default.release_pages();
+        self.routes.iter().for_each(|(_, s)| s.release_pages());
+    }
     fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<HostTensor> {
         self.source(name).rows_f32(name, rows)
     }
@@ -494,6 +634,21 @@ impl<T: TensorSource + ?Sized> TensorSource for &T {
     }
     fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
         (**self).tensor_f32(name, shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        (**self).contains(name)
+    }
+    fn weight_f32(&self, name: &str, shape: &Shape) -> Result<F32Data> {
+        (**self).weight_f32(name, shape)
+    }
+    fn stored_bytes(&self, name: &str, shape: &Shape) -> Result<Option<(DType, &[u8])>> {
+        (**self).stored_bytes(name, shape)
+    }
+    fn done_with(&self, name: &str) {
+        (**self).done_with(name)
+    }
+    fn release_pages(&self) {
+        (**self).release_pages()
     }
     fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<HostTensor> {
         (**self).rows_f32(name, rows)

@@ -145,6 +145,14 @@ impl HostTensor {
         }
     }
 
+    /// f32 values of any numeric tensor, moving the storage when it already is f32.
+    pub fn into_f32_vec(self) -> Vec<f32> {
+        match self.data {
+            HostData::F32(v) => v,
+            _ => self.to_f32_vec(),
+        }
+    }
+
     /// i64 values of an integer tensor (ids), or of a float tensor holding integers (timesteps).
     pub fn to_i64_vec(&self) -> Vec<i64> {
         match &self.data {
