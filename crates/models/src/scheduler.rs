@@ -5,7 +5,57 @@
 //! as diffusers computes it (its coefficients are 0-d f32 tensors); schedules are made in f64
 //! where diffusers uses numpy and stored as f32.
 
-use openuni_graph::{coeff, SAMPLER_COEFFS};
+use openuni_graph::{coeff, Graph, GraphBuilder, OutputName, SAMPLER_COEFFS};
+
+/// The device sampler's graphs (f32 storage on every device; `elems` = the latents' element
+/// count N·C·h·w, viewed flat [1, elems] so that [`MODEL_INPUT`] is one concatenation):
+/// [`sampler_graph`] takes one step from the transformer's output, [`sampler_prime_graph`] puts
+/// the initial noise where the step reads it. Inputs:
+pub const VELOCITY: &str = "velocity";
+pub const SAMPLE: &str = "sample";
+pub const PREV_X0: &str = "prev_x0";
+pub const COEFFS: &str = "coeffs";
+pub const NOISE: &str = "noise";
+/// The latents after the step [1, elems] (the next step's [`SAMPLE`]).
+pub const LATENTS: OutputName = OutputName("latents");
+/// The step's clean estimate [1, elems] (the next step's [`PREV_X0`]).
+pub const X0: OutputName = OutputName("x0");
+/// The latents twice [1, 2·elems]: the transformer's [uncond; cond] input of the next step.
+pub const MODEL_INPUT: OutputName = OutputName("model_input");
+/// [1]: whether the transformer's output (the [`VELOCITY`] input) holds a NaN or an infinity.
+pub const VELOCITY_NONFINITE: OutputName = OutputName("velocity.nonfinite");
+
+/// One sampler step on the device: `Op::GuidedX0` (guidance and clean estimate), then
+/// `Op::DpmSolverUpdate`, with the step's [`Sampler::coefficients`] as the [`COEFFS`] input.
+pub fn sampler_graph(elems: usize) -> crate::Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let v = b.input(VELOCITY, [1, 2 * elems])?;
+    let x = b.input(SAMPLE, [1, elems])?;
+    let p = b.input(PREV_X0, [1, elems])?;
+    let k = b.input(COEFFS, [SAMPLER_COEFFS])?;
+    let x0 = b.guided_x0("sampler.x0", v, x, k)?;
+    let next = b.dpm_solver_update("sampler.latents", x, x0, p, k)?;
+    let both = b.concat("sampler.model_input", &[next, next])?;
+    let bad = b.any_nonfinite("sampler.velocity_nonfinite", v)?;
+    b.mark(X0, x0)?;
+    b.mark(LATENTS, next)?;
+    b.mark(MODEL_INPUT, both)?;
+    b.mark(VELOCITY_NONFINITE, bad)?;
+    Ok(b.finish())
+}
+
+/// The noise [`NOISE`] [1, elems] as the first step's [`LATENTS`] (and [`X0`], which the first,
+/// first-order step does not read) and [`MODEL_INPUT`]: the one upload of a batch's latents.
+pub fn sampler_prime_graph(elems: usize) -> crate::Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let z = b.input(NOISE, [1, elems])?;
+    let copy = b.concat("sampler.noise", &[z])?;
+    let both = b.concat("sampler.model_input", &[z, z])?;
+    b.mark(LATENTS, copy)?;
+    b.mark(X0, copy)?;
+    b.mark(MODEL_INPUT, both)?;
+    Ok(b.finish())
+}
 
 /// The schedule for `num_steps` steps: `sigmas` has N+1 entries (the last is 0), `timesteps` N
 /// integers (σ·1000 truncated; what the transformer sees).
@@ -145,6 +195,11 @@ impl Sampler {
 
     pub fn num_steps(&self) -> usize {
         self.timesteps.len()
+    }
+
+    /// Steps taken so far.
+    pub fn steps_taken(&self) -> usize {
+        self.step
     }
 
     /// The timestep the model sees at the current step; `None` when done.
