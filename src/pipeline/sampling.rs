@@ -268,7 +268,7 @@ impl OpenUni {
             let shapes = kv_shapes(&kv);
             // The latents cross to the device once (for a batch, and again only after images left).
             let noise_in = HashMap::from([(scheduler::NOISE.to_string(), HostTensor::from_f32([1, elems], std::mem::take(&mut latents))?)]);
-            let (mut sample, mut prev_x0, mut model_input) = self.with_executor(Stage::Transformer, "sampler.prime", &[elems], f32_run, false, || Ok(scheduler::sampler_prime_graph(elems)?), |e| {
+            let (mut sample, mut prev_x0, mut model_input) = self.with_executor(Stage::Transformer, "sampler.prime", &[elems], f32_run, false, || Ok(sampler_graphs(elems)?.remove(0).1), |e| {
                 e.set_inputs(&noise_in)?;
                 e.execute()?;
                 let mut o = e.output_handles()?;
@@ -307,7 +307,7 @@ impl OpenUni {
                 kv_set = true;
                 // Guidance and the solver step on the device, with this step's coefficients.
                 let coeffs = solver.coefficients(guidance).map_err(anyhow::Error::msg)?;
-                let mut out = self.with_executor(Stage::Transformer, "sampler", &[elems], f32_run, false, || Ok(with_finite_flags(scheduler::sampler_graph(elems)?, &[scheduler::LATENTS.0])?), |e| {
+                let mut out = self.with_executor(Stage::Transformer, "sampler", &[elems], f32_run, false, || Ok(sampler_graphs(elems)?.remove(1).1), |e| {
                     e.set_inputs(&HashMap::from([(scheduler::COEFFS.to_string(), HostTensor::from_f32([openuni_graph::SAMPLER_COEFFS], coeffs.to_vec())?)]))?;
                     e.set_input_handles(&HashMap::from([
                         (scheduler::VELOCITY.to_string(), velocity.reshaped([1, 2 * elems])?),
@@ -353,6 +353,16 @@ impl OpenUni {
             rows = keep.iter().map(|&p| rows[p]).collect();
         }
     }
+}
+
+/// The device sampler's graphs for latents of `elems` values, f32 on every device: "sampler.prime"
+/// (the noise in, once per batch) and "sampler" (one guided DPM-Solver++ step, run every step,
+/// with the non-finite flag of its latents).
+pub fn sampler_graphs(elems: usize) -> Result<Vec<(&'static str, Graph)>> {
+    Ok(vec![
+        ("sampler.prime", scheduler::sampler_prime_graph(elems)?),
+        ("sampler", with_finite_flags(scheduler::sampler_graph(elems)?, &[scheduler::LATENTS.0])?),
+    ])
 }
 
 /// An error unless `noise` is [N, C, h, w] and prompt embeddings of shape `pe` hold the uncond
