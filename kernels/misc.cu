@@ -28,6 +28,16 @@
 //   any_nonfinite_finish_{f32,bf16}(flag, out)  out[0] = flag ? 1 : 0, and the workspace back to 0
 //       CPU twin: any_nonfinite. The test is on the exponent bits (all ones), so no compiler flag can
 //       fold it away.
+//   guided_x0_{f32,bf16}(v, x, k, out, n)
+//       out[i] = x[i] - k[SIGMA] * (u + k[GUIDANCE] * (c - u)), u = v[i], c = v[n + i] (the [uncond; cond]
+//       halves of the transformer's output). CPU twin: guided_x0.
+//   dpm_solver_update_{f32,bf16}(x, x0, prev, k, out, n)
+//       by k[ORDER]: 0 out = x0; 1 out = ratio*x - c*x0; 2 out = (ratio*x - c*x0) - half_c*(inv_r0*(x0 - prev)).
+//       CPU twin: dpm_solver_update.
+//       Both: `k` is the f32 coefficient input (openuni_graph::coeff: 0 guidance, 1 sigma, 2 ratio, 3 c,
+//       4 half_c, 5 inv_r0, 6 order; the f32 staging copy under bf16 storage); every product and sum is
+//       __fmul_rn / __fadd_rn / __fsub_rn, so no fused multiply-add changes a rounding: with f32 storage
+//       the result equals the host solver (openuni_models::scheduler) bit for bit.
 //
 // Version 1 (this one):
 // - All math in f32 except the sinusoids: cos/sin of the f32 argument are computed in double and rounded
@@ -149,6 +159,29 @@ __device__ __forceinline__ void any_nonfinite_finish(unsigned* flag, T* out) {
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void guided_x0(const T* v, const T* x, const float* k, T* out, i64 n) {
+    const float g = k[0], sigma = k[1];
+    for (i64 e = misc_thread(); e < n; e += misc_threads()) {
+        const float u = to_f32(v[e]), c = to_f32(v[n + e]);
+        const float guided = __fadd_rn(u, __fmul_rn(g, __fsub_rn(c, u)));
+        out[e] = from_f32<T>(__fsub_rn(to_f32(x[e]), __fmul_rn(sigma, guided)));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void dpm_solver_update(const T* x, const T* x0, const T* prev, const float* k, T* out, i64 n) {
+    const float ratio = k[2], c = k[3], half_c = k[4], inv_r0 = k[5];
+    const int order = (int)k[6];
+    for (i64 e = misc_thread(); e < n; e += misc_threads()) {
+        const float d0 = to_f32(x0[e]);
+        float y = d0;
+        if (order >= 1) y = __fsub_rn(__fmul_rn(ratio, to_f32(x[e])), __fmul_rn(c, d0));
+        if (order >= 2) y = __fsub_rn(y, __fmul_rn(half_c, __fmul_rn(inv_r0, __fsub_rn(d0, to_f32(prev[e])))));
+        out[e] = from_f32<T>(y);
+    }
+}
+
 }  // namespace ou
 
 using ou::bf16;
@@ -199,3 +232,12 @@ extern "C" __global__ void any_nonfinite_f32(const float* x, i64 n, unsigned* fl
 extern "C" __global__ void any_nonfinite_bf16(const bf16* x, i64 n, unsigned* flag) { ou::any_nonfinite<bf16>(x, n, flag); }
 extern "C" __global__ void any_nonfinite_finish_f32(unsigned* flag, float* out) { ou::any_nonfinite_finish<float>(flag, out); }
 extern "C" __global__ void any_nonfinite_finish_bf16(unsigned* flag, bf16* out) { ou::any_nonfinite_finish<bf16>(flag, out); }
+
+extern "C" __global__ void guided_x0_f32(const float* v, const float* x, const float* k, float* out, i64 n) { ou::guided_x0<float>(v, x, k, out, n); }
+extern "C" __global__ void guided_x0_bf16(const bf16* v, const bf16* x, const float* k, bf16* out, i64 n) { ou::guided_x0<bf16>(v, x, k, out, n); }
+extern "C" __global__ void dpm_solver_update_f32(const float* x, const float* x0, const float* prev, const float* k, float* out, i64 n) {
+    ou::dpm_solver_update<float>(x, x0, prev, k, out, n);
+}
+extern "C" __global__ void dpm_solver_update_bf16(const bf16* x, const bf16* x0, const bf16* prev, const float* k, bf16* out, i64 n) {
+    ou::dpm_solver_update<bf16>(x, x0, prev, k, out, n);
+}

@@ -193,6 +193,14 @@ impl TensorHandle {
             TensorHandle::Device(t) => t.shape(),
         }
     }
+    /// The same value viewed as `shape` (as many elements; no copy on a device).
+    pub fn reshaped(&self, shape: impl Into<Shape>) -> Result<TensorHandle> {
+        let shape = shape.into();
+        Ok(match self {
+            TensorHandle::Host(t) => TensorHandle::Host(HostTensor::new(shape, t.data.clone()).with_context(|| format!("viewing {} as another shape", t.shape))?),
+            TensorHandle::Device(t) => TensorHandle::Device(t.reshaped(shape)?),
+        })
+    }
     /// The value on the host (a device value is downloaded in its storage dtype).
     pub fn to_host(&self) -> Result<HostTensor> {
         match self {

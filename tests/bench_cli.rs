@@ -97,8 +97,17 @@ fn plan_counts_a_real_size_variant_without_a_device() {
         assert_eq!(caption["dtoh_bytes_per_batch"].as_f64().unwrap(), 0.0);
         // Its prompt embeddings come from the conditioning's output on the device.
         assert_eq!(caption["htod_bytes_per_batch"].as_f64().unwrap(), 0.0);
-        assert_eq!(step["htod_bytes_per_batch"].as_f64().unwrap(), 20.0 * (latents + 2.0 * n * 4.0));
-        assert_eq!(step["dtoh_bytes_per_batch"].as_f64().unwrap(), 20.0 * latents);
+        // The step: only its timesteps cross (the latents and velocity stay on the device) ...
+        assert_eq!(step["htod_bytes_per_batch"].as_f64().unwrap(), 20.0 * 2.0 * n * 4.0);
+        assert_eq!(step["dtoh_bytes_per_batch"].as_f64().unwrap(), 0.0);
+        // ... the f32 sampler: 7 coefficients up and one f32 flag down a step; its prime the noise
+        // up and the final latents down, once.
+        let (sampler, prime) = (stage("sampler"), stage("sampler.prime"));
+        assert_eq!(sampler["runs_per_batch"], 20);
+        assert_eq!(sampler["htod_bytes_per_batch"].as_f64().unwrap(), 20.0 * 7.0 * 4.0);
+        assert_eq!(sampler["dtoh_bytes_per_batch"].as_f64().unwrap(), 20.0 * 4.0);
+        assert_eq!(prime["htod_bytes_per_batch"].as_f64().unwrap(), latents / 2.0);
+        assert_eq!(prime["dtoh_bytes_per_batch"].as_f64().unwrap(), latents / 2.0);
         // uint8 pixels and the image's non-finite flag (one bf16 scalar).
         assert_eq!(decoder["dtoh_bytes_per_batch"].as_f64().unwrap(), n * 3.0 * 512.0 * 512.0 + 2.0);
         // The conditioning: 4 B a token up (the plan's 30-token prompts, 16-token unconditional

@@ -1,6 +1,6 @@
 //! kernels/misc.cu against its CPU twins (openuni_cpu::ops::{modulation_table, chunk,
 //! timestep_embedding, swiglu, slice_tokens (gather_tokens), concat, embedding_gather,
-//! quantize_image_u8, any_nonfinite}) on random and edge inputs, through
+//! quantize_image_u8, any_nonfinite, guided_x0, dpm_solver_update}) on random and edge inputs, through
 //! the CUDA executor on one-node graphs, f32 and bf16 storage, B = 2, odd widths (scalar paths)
 //! and multiples of 8 (16-byte vector paths).
 //!
@@ -333,6 +333,70 @@ fn any_nonfinite_flags_nan_and_inf_and_resets() {
             let cpu_want = [cpu::any_nonfinite(&av), cpu::any_nonfinite(&bv)];
             assert_eq!(cpu_want, want, "the CPU twin");
             assert_eq!(got, want, "any_nonfinite {dtype}");
+        }
+    }
+}
+
+/// The device sampler's step (`guided_x0` then `dpm_solver_update`, one graph as the pipeline's
+/// sampler graph) against the CPU twins, for each order (0 Euler, 1, 2) with coefficients of a
+/// real schedule: f32 storage bit for bit (the kernels use no fused multiply-add), bf16 within
+/// the rule. The coefficients are read in f32 under bf16 storage (their staging copy).
+#[test]
+fn guided_x0_and_dpm_solver_update_match_the_cpu_twins() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(41);
+    // An odd element count (no vector path) across several blocks.
+    let n = 2 * 3 * 37 * 29;
+    let mut gb = GraphBuilder::new();
+    let v = gb.input("velocity", [2 * n]).unwrap();
+    let x = gb.input("sample", [n]).unwrap();
+    let p = gb.input("prev_x0", [n]).unwrap();
+    let k = gb.input("coeffs", [openuni_graph::SAMPLER_COEFFS]).unwrap();
+    let x0 = gb.guided_x0("x0", v, x, k).unwrap();
+    let y = gb.dpm_solver_update("y", x, x0, p, k).unwrap();
+    gb.output("x0", x0).unwrap();
+    gb.output("y", y).unwrap();
+    let g = gb.finish();
+    let (vv, xv, pv) = (rng.normals(2 * n, 0.0, 1.0), rng.normals(n, 0.0, 1.0), rng.normals(n, 0.0, 1.0));
+    // [guidance, sigma, ratio, c, half_c, inv_r0, order]: Euler (sigma = -dt), first and second order
+    // (20 steps, shift 3, step 5).
+    let coeff_sets: [[f32; 7]; 3] = [
+        [4.5, 0.0183, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [4.5, 0.9997, 0.98, -0.0171, -0.00855, 0.0, 1.0],
+        [4.5, 0.922, 0.9, -0.0835, -0.04175, 0.71, 2.0],
+    ];
+    for dtype in DTYPES {
+        let mut ex = CudaExecutor::new(&dev, &g, &no_weights(), dtype, false).unwrap();
+        for kv in coeff_sets {
+            let inputs = HashMap::from([
+                ("velocity".to_string(), tensor(&[2 * n], &vv)),
+                ("sample".to_string(), tensor(&[n], &xv)),
+                ("prev_x0".to_string(), tensor(&[n], &pv)),
+                ("coeffs".to_string(), tensor(&[7], &kv)),
+            ]);
+            let out = ex.run(&inputs).unwrap();
+            let (got_x0, got_y) = (out["x0"].to_f32_vec(), out["y"].to_f32_vec());
+            let twin = |vv: &[f32], xv: &[f32], pv: &[f32]| {
+                let (mut x0, mut y) = (vec![0f32; n], vec![0f32; n]);
+                cpu::guided_x0(vv, xv, &kv, &mut x0);
+                cpu::dpm_solver_update(xv, &x0, pv, &kv, &mut y);
+                (x0, y)
+            };
+            let (want_x0, want_y) = twin(&vv, &xv, &pv);
+            let what = format!("order {} {dtype}", kv[6]);
+            if dtype == DType::F32 {
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got_x0), bits(&want_x0), "guided_x0 {what}");
+                assert_eq!(bits(&got_y), bits(&want_y), "dpm_solver_update {what}");
+            } else {
+                // The plain bf16 run: rounded inputs, the estimate rounded before the update.
+                let r = |v: &[f32]| round_to(dtype, v);
+                let (plain_x0, _) = twin(&r(&vv), &r(&xv), &r(&pv));
+                let mut plain_y = vec![0f32; n];
+                cpu::dpm_solver_update(&r(&xv), &r(&plain_x0), &r(&pv), &kv, &mut plain_y);
+                check(&format!("guided_x0 {what}"), dtype, &got_x0, &want_x0, &plain_x0);
+                check(&format!("dpm_solver_update {what}"), dtype, &got_y, &want_y, &plain_y);
+            }
         }
     }
 }

@@ -80,13 +80,15 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     let up = [
         ("conditioning: token ids, the meta-queries' ids appended [1, tokens] f32 (gathered from the tables on the device)", tokens * 4),
         ("conditioning: the per-call executor's constant tables (segments, RoPE)", llm_tables),
-        ("step: latents of both CFG halves [2N, C, h, w] f32, every step (guidance and solver on the host)", STEPS * 2 * latent * 4),
+        ("sampler: the noise [N, C, h, w] f32, once (the latents, the multistep history and the CFG + solver step stay on the device)", latent * 4),
         ("step: timesteps [2N] f32, every step", STEPS * 2 * N * 4),
-        ("decoder: latents / scaling_factor [N, C, h, w] f32 (the latents live on the host between steps)", latent * 4),
+        ("sampler: the step's coefficients [7] f32, every step", STEPS * 7 * 4),
+        ("decoder: latents / scaling_factor [N, C, h, w] f32 (scaled on the host)", latent * 4),
     ];
     let down = [
         ("conditioning: non-finite flags of hidden, connector, prompt embeddings (one scalar each)", 3 * flag),
-        ("step: velocity [2N, C, h, w] f32, every step (guidance and solver on the host)", STEPS * 2 * latent * 4),
+        ("sampler: non-finite flag of the latents after each step (one f32 scalar)", STEPS * 4),
+        ("sampler: the final latents [N, C, h, w] f32, once (to the decoder through the host)", latent * 4),
         ("decoder: non-finite flag of the image (one scalar)", flag),
         ("decoder: image [N, H, W, 3] uint8 (quantized on the device)", image),
     ];

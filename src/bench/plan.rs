@@ -16,6 +16,7 @@ use anyhow::Result;
 use openuni_cuda::families::{attention, linear_attention};
 use openuni_graph::{node_cost, Graph, Node, Op};
 use openuni_tensor::DType;
+use openuni_models::{sana, scheduler};
 use serde::Serialize;
 
 use crate::pipeline::{nonfinite_flag, tile_starts, DecodeOptions, Tiling, IMAGE_U8};
@@ -155,7 +156,7 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         Op::Transpose { .. } => one,
         Op::ModulationTable { .. } | Op::Chunk { .. } | Op::TimestepEmbedding { .. } | Op::SwiGlu { .. } | Op::SliceTokens { .. } => one,
         Op::GatherTokens { starts, .. } => starts.len() * one,
-        Op::EmbeddingGather { .. } | Op::QuantizeU8 { .. } => one,
+        Op::EmbeddingGather { .. } | Op::QuantizeU8 { .. } | Op::GuidedX0 { .. } | Op::DpmSolverUpdate { .. } => one,
         // The flag over the tensor, then the finish launch that writes it and re-zeroes the flag.
         Op::AnyNonFinite { x } => usize::from(g.shape(*x).numel() > 0) + 1,
         Op::ClassPosEmbed { .. } => 3 * one,
@@ -189,19 +190,37 @@ fn output_read(g: &Graph, name: &str) -> Read {
     let checked_on_device = g.outputs.iter().any(|(n, _)| *n == nonfinite_flag(name));
     if name == IMAGE_U8 {
         Read::U8
+    } else if name == scheduler::VELOCITY_NONFINITE.0 {
+        // Read only when the sampler's latents flag is set (an error anyway).
+        Read::Stays
     } else if name.ends_with(&nonfinite_flag("")) {
         Read::Flag
-    } else if name.starts_with("cross_kv.") || checked_on_device {
+    } else if name.starts_with("cross_kv.") || checked_on_device || HANDED_OVER.contains(&name) {
         Read::Stays
     } else {
         Read::F32
     }
 }
 
+/// The denoising loop's values handed between the step and the sampler graphs on the device:
+/// the step's velocity (an output and the sampler's input), the sampler's latents, estimate and
+/// the step's next input (outputs), the sampler's sample and history (inputs), the step's
+/// latents input. (The latents go to the host once per batch after the last step.)
+const HANDED_OVER: [&str; 7] = [
+    sana::VELOCITY.0,
+    scheduler::LATENTS.0,
+    scheduler::X0.0,
+    scheduler::MODEL_INPUT.0,
+    scheduler::SAMPLE,
+    scheduler::PREV_X0,
+    sana::HIDDEN_STATES,
+];
+
 /// Graph inputs set from another graph's output on the device, never from the host: the step's
-/// K/V, and the caption path's prompt embeddings (the conditioning's output).
+/// K/V, the caption path's prompt embeddings (the conditioning's output), and the denoising
+/// loop's [`HANDED_OVER`] values.
 fn input_from_device(name: &str) -> bool {
-    name.starts_with("cross_kv.") || name == "encoder_hidden_states"
+    name.starts_with("cross_kv.") || name == "encoder_hidden_states" || HANDED_OVER.contains(&name)
 }
 
 /// Host<->device bytes of one pass of a stage's graph as the pipeline drives it: every input
@@ -226,8 +245,10 @@ fn io_bytes(g: &Graph, es: f64) -> (f64, f64) {
 }
 
 /// The plan of one graph's pass, with `runs` passes per batch.
-fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType) -> Result<StagePlan> {
+fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DType) -> Result<StagePlan> {
     let es = dtype.size_in_bytes() as f64;
+    let step_es = step_dtype.size_in_bytes() as f64;
+    let numel_of = |g: &Graph, id| g.shape(id).numel() as f64;
     let weights: HashSet<_> = g.weights().map(|(id, _)| id).collect();
     let mut p = StagePlan { stage: stage.into(), runs_per_batch: runs, nodes: g.nodes.len(), model_ms: vec![0.0; ROOFS.len()], ..Default::default() };
     for node in &g.nodes {
@@ -262,7 +283,8 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType) -> Result<Stage
     // latents, timestep and velocity); values handed over on the device are never cast, flags are
     // read in the storage dtype.
     if dtype == DType::BF16 {
-        let ins = g.inputs().filter(|(_, n)| !input_from_device(n)).map(|(id, _)| id);
+        // The step's latents come from the f32 sampler into the f32 staging slot: still cast.
+        let ins = g.inputs().filter(|(_, n)| !input_from_device(n) || *n == sana::HIDDEN_STATES).map(|(id, _)| id);
         let outs = g.outputs.iter().filter(|(n, _)| output_read(g, n) == Read::F32).map(|(_, id)| *id);
         let staged: Vec<f64> = ins.chain(outs).map(|id| g.shape(id).numel() as f64).filter(|&n| n > 0.0).collect();
         p.launches += staged.len();
@@ -280,6 +302,15 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType) -> Result<Stage
     let made: f64 = g.outputs.iter().filter(|(n, _)| n.starts_with("cross_kv.")).map(|(_, id)| bytes(*id)).sum();
     let read: f64 = g.inputs().filter(|(_, n)| input_from_device(n) && !n.starts_with("cross_kv.")).map(|(id, _)| bytes(id)).sum();
     add_bytes(&mut p, made + read);
+    // The denoising loop's hand-overs, every step: the step's velocity cast bf16 -> f32 into the
+    // sampler (one launch), the sampler's latents (f32) copied into the step's staging slot and its
+    // latents and estimate into its own inputs (device-to-device copies, read and written).
+    if stage == "sampler" {
+        let v = g.input_id(scheduler::VELOCITY).map_or(0.0, |id| numel_of(g, id));
+        let l = g.input_id(scheduler::SAMPLE).map_or(0.0, |id| numel_of(g, id));
+        p.launches += 1;
+        add_bytes(&mut p, v * (step_es + 4.0) + 2.0 * v * 4.0 + 2.0 * 2.0 * l * 4.0);
+    }
     let (every_in, out) = io_bytes(g, es);
     p.htod_bytes_per_batch = runs as f64 * every_in;
     p.dtoh_bytes_per_batch = runs as f64 * out;
@@ -313,7 +344,7 @@ pub fn run(o: &PlanOptions) -> Result<PlanReport> {
         let mut stages = vec![];
         for (name, g) in model.batch_graphs(n, lh, lw, decode)? {
             let runs = match name {
-                "step" => o.steps,
+                "step" | "sampler" => o.steps,
                 "decoder.tile" => {
                     let t = Tiling::new(&model.vae_cfg, decode.tile.unwrap_or(size))?;
                     let grid = model.vae_cfg.local_split().grid;
@@ -321,7 +352,14 @@ pub fn run(o: &PlanOptions) -> Result<PlanReport> {
                 }
                 _ => 1,
             };
-            stages.push(stage_plan(name, &g, runs, dtype)?);
+            // The sampler runs in f32 whatever the step's storage.
+            let stage_dtype = if name.starts_with("sampler") { DType::F32 } else { dtype };
+            let mut st = stage_plan(name, &g, runs, stage_dtype, dtype)?;
+            if name == "sampler.prime" {
+                // The latents' one trip back, after the last step (for the decoder).
+                st.dtoh_bytes_per_batch += (n * model.transformer_cfg.in_channels * lh * lw * 4) as f64;
+            }
+            stages.push(st);
         }
         let host_bytes_per_batch = stages.iter().map(|s| s.htod_bytes_per_batch + s.dtoh_bytes_per_batch).sum();
         let model_batch_ms: Vec<f64> = (0..ROOFS.len()).map(|i| stages.iter().map(|s| s.runs_per_batch as f64 * s.model_ms[i]).sum()).collect();

@@ -109,8 +109,9 @@ pub struct Conditioning {
 /// Per-step values a caller may want to see (verification, progress).
 pub struct StepRecord {
     pub timestep: f32,
-    /// The raw transformer output [2N, 32, h, w] before guidance.
-    pub model_output: HostTensor,
-    /// The latents after the step [N, 32, h, w].
-    pub latents: HostTensor,
+    /// The raw transformer output [2N, 32, h, w] before guidance, where it lies (on a GPU the
+    /// device; `to_host` reads it, valid during the callback).
+    pub model_output: crate::exec::TensorHandle,
+    /// The latents after the step [N, 32, h, w] (f32), where they lie.
+    pub latents: crate::exec::TensorHandle,
 }

@@ -4,12 +4,12 @@
 
 use openuni_models::openuni::{self as head, segments, CONNECTOR, HIDDEN, PROMPT_EMBEDS};
 use openuni_models::sana;
-use openuni_models::scheduler::{guide, Sampler, SamplerKind};
+use openuni_models::scheduler::{self, Sampler, SamplerKind};
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 use openuni_graph::{Graph, GraphBuilder};
-use openuni_tensor::{HostTensor, Shape};
+use openuni_tensor::{DType, HostTensor, Shape};
 
 use crate::exec::{Device, TensorHandle};
 
@@ -192,17 +192,8 @@ impl OpenUni {
             if let Some(after) = batches.get(i + 1).filter(|_| !release) {
                 next = Some(start(after)?);
             }
-            let (mut k, mut first_bad) = (0, None);
-            let denoised = self.denoise_rows(i, kv, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |r| {
-                on_step(r.latents.shape.dims()[0]);
-                k += 1;
-                if first_bad.is_none() {
-                    let at = format!("denoise step {k} of {}", p.steps);
-                    first_bad = check_finite(&format!("{at}: the transformer output (from its weights, the caption path's K/V or the latents fed in)"), &r.model_output, i)
-                        .and_then(|_| check_finite(&format!("{at}: the guided sampler update (guidance {})", p.guidance), &r.latents, i))
-                        .err();
-                }
-            });
+            // Each step's non-finite check is a device flag read in `denoise_rows` (one scalar a step).
+            let denoised = self.denoise_rows(i, kv, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |r| on_step(r.latents.shape().dims()[0]));
             let (latents, rows) = match denoised {
                 Err(e) if e.is::<Stopped>() => {
                     skipped(i);
@@ -210,9 +201,6 @@ impl OpenUni {
                 }
                 other => other?,
             };
-            if let Some(e) = first_bad {
-                return Err(e);
-            }
             check_finite("the latents after denoising", &latents, i)?;
             let sf = self.vae_cfg.scaling_factor;
             let scaled = HostTensor::from_f32(latents.shape.clone(), latents.to_f32_vec().iter().map(|x| x / sf).collect())?;
@@ -279,6 +267,9 @@ impl OpenUni {
         let (h, w) = (nd[2], nd[3]);
         let kv_shapes = |kv: &HashMap<String, TensorHandle>| -> HashMap<String, Shape> { kv.iter().map(|(k, v)| (k.clone(), v.shape().clone())).collect() };
         let capture = run.device != Device::Cpu;
+        // The sampler runs in f32 whatever the step's storage (the latents and the multistep
+        // history stay f32 on the device; docs/architecture.md, "The device sampler").
+        let f32_run = RunOptions { dtype: DType::F32, ..run };
         let mut solver = Sampler::with_kind(sampler, steps, flow_shift).map_err(anyhow::Error::msg)?;
         let mut latents = noise.to_f32_vec();
         // Every image's latents, the ones that left as they were when they left.
@@ -286,59 +277,111 @@ impl OpenUni {
         let per_image = all.len() / n;
         // The batch's images still in it (indices into the batch).
         let mut rows: Vec<usize> = (0..n).collect();
+        // The multistep history of the rows kept, while a drop moves them to a smaller batch.
+        let mut history: Option<Vec<f32>> = None;
         loop {
             let m = rows.len();
             let dims = [2 * m, cfg.in_channels, h, w];
             let lat_shape = Shape::from([m, cfg.in_channels, h, w]);
-            let per = latents.len();
-            let mut guided = vec![0f32; per];
+            let elems = latents.len();
             let shapes = kv_shapes(&kv);
-            let keep = self.with_executor(Stage::Transformer, "step", &dims, run, capture, || self.step_graph(&shapes, 2 * m, h, w), |e| {
-                // The batch's K/V once, device to device; only the latents and the timestep change per step.
-                e.set_input_handles(&kv)?;
-                while let Some(ts) = solver.timestep() {
-                    if let Some(check) = self.stop_check.borrow().as_ref() {
-                        let wanted = check(batch);
-                        let keep: Vec<usize> = (0..m).filter(|&p| wanted.get(rows[p]).copied().unwrap_or(true)).collect();
-                        if keep.is_empty() {
-                            return Err(Stopped.into());
-                        }
-                        if keep.len() < m {
-                            return Ok(Some(keep));
-                        }
-                    }
-                    let mut x2 = latents.clone();
-                    x2.extend_from_slice(&latents);
-                    // The transformer sees the timestep as f32, as SanaPipeline passes it.
-                    let inputs = HashMap::from([
-                        (sana::HIDDEN_STATES.to_string(), HostTensor::from_f32(dims, x2)?),
-                        (sana::TIMESTEP.to_string(), HostTensor::from_f32([2 * m], vec![ts; 2 * m])?),
-                    ]);
-                    e.set_inputs(&inputs)?;
-                    e.execute()?;
-                    let v = sana::VELOCITY.take(&mut e.outputs()?)?;
-                    let vv = v.to_f32_vec();
-                    guide(&vv[..per], &vv[per..], guidance, &mut guided);
-                    solver.step(&guided, &mut latents).map_err(anyhow::Error::msg)?;
-                    on_step(StepRecord { timestep: ts, model_output: v, latents: HostTensor::from_f32(lat_shape.clone(), latents.clone())? });
-                }
-                Ok(None)
+            // The latents cross to the device once (for a batch, and again only after images left).
+            let noise_in = HashMap::from([(scheduler::NOISE.to_string(), HostTensor::from_f32([1, elems], std::mem::take(&mut latents))?)]);
+            let (mut sample, mut prev_x0, mut model_input) = self.with_executor(Stage::Transformer, "sampler.prime", &[elems], f32_run, false, || Ok(sampler_graphs(elems)?.remove(0).1), |e| {
+                e.set_inputs(&noise_in)?;
+                e.execute()?;
+                let mut o = e.output_handles()?;
+                Ok((scheduler::LATENTS.take(&mut o)?, scheduler::X0.take(&mut o)?, scheduler::MODEL_INPUT.take(&mut o)?))
             })?;
+            if let Some(h) = history.take() {
+                // After a drop, the rows kept of the multistep history go back with the latents.
+                prev_x0 = TensorHandle::Host(HostTensor::from_f32([1, elems], h)?);
+            }
+            let mut kv_set = false;
+            let mut keep = None;
+            while let Some(ts) = solver.timestep() {
+                if let Some(check) = self.stop_check.borrow().as_ref() {
+                    let wanted = check(batch);
+                    let k: Vec<usize> = (0..m).filter(|&p| wanted.get(rows[p]).copied().unwrap_or(true)).collect();
+                    if k.is_empty() {
+                        return Err(Stopped.into());
+                    }
+                    if k.len() < m {
+                        keep = Some(k);
+                        break;
+                    }
+                }
+                // The transformer on [uncond; cond]: the latents handed over on the device (f32 into
+                // the step's storage), the timestep (as f32, as SanaPipeline passes it) from the host.
+                let velocity = self.with_executor(Stage::Transformer, "step", &dims, run, capture, || self.step_graph(&shapes, 2 * m, h, w), |e| {
+                    if !kv_set {
+                        // The batch's K/V once, device to device.
+                        e.set_input_handles(&kv)?;
+                    }
+                    e.set_input_handles(&HashMap::from([(sana::HIDDEN_STATES.to_string(), model_input.reshaped(dims)?)]))?;
+                    e.set_inputs(&HashMap::from([(sana::TIMESTEP.to_string(), HostTensor::from_f32([2 * m], vec![ts; 2 * m])?)]))?;
+                    e.execute()?;
+                    Ok(sana::VELOCITY.take(&mut e.output_handles()?)?)
+                })?;
+                kv_set = true;
+                // Guidance and the solver step on the device, with this step's coefficients.
+                let coeffs = solver.coefficients(guidance).map_err(anyhow::Error::msg)?;
+                let mut out = self.with_executor(Stage::Transformer, "sampler", &[elems], f32_run, false, || Ok(sampler_graphs(elems)?.remove(1).1), |e| {
+                    e.set_inputs(&HashMap::from([(scheduler::COEFFS.to_string(), HostTensor::from_f32([openuni_graph::SAMPLER_COEFFS], coeffs.to_vec())?)]))?;
+                    e.set_input_handles(&HashMap::from([
+                        (scheduler::VELOCITY.to_string(), velocity.reshaped([1, 2 * elems])?),
+                        (scheduler::SAMPLE.to_string(), sample.clone()),
+                        (scheduler::PREV_X0.to_string(), prev_x0.clone()),
+                    ]))?;
+                    e.execute()?;
+                    e.output_handles()
+                })?;
+                solver.advance();
+                // One scalar a step: the latents' non-finite flag; only when set (an error anyway)
+                // does the velocity's flag say which stage to name.
+                let k = solver.steps_taken();
+                let at = format!("denoise step {k} of {steps}");
+                if let Err(e) = check_finite_flag(&out, scheduler::LATENTS.0, &format!("{at}: the guided sampler update (guidance {guidance})"), batch) {
+                    let flag = out.get(scheduler::VELOCITY_NONFINITE.0).context("the sampler graph has no velocity flag")?;
+                    if flag.to_host()?.to_f32_vec().first() != Some(&0.0) {
+                        check_finite(&format!("{at}: the transformer output (from its weights, the caption path's K/V or the latents fed in)"), &velocity.to_host()?, batch)?;
+                    }
+                    return Err(e);
+                }
+                sample = scheduler::LATENTS.take(&mut out)?;
+                prev_x0 = scheduler::X0.take(&mut out)?;
+                model_input = scheduler::MODEL_INPUT.take(&mut out)?;
+                on_step(StepRecord { timestep: ts, model_output: velocity, latents: sample.reshaped(lat_shape.clone())? });
+            }
+            // The latents come back once (for the decoder, and for the rows a drop keeps).
+            latents = sample.to_host()?.to_f32_vec();
             for (p, &r) in rows.iter().enumerate() {
                 all[r * per_image..(r + 1) * per_image].copy_from_slice(&latents[p * per_image..(p + 1) * per_image]);
             }
             let Some(keep) = keep else {
                 return Ok((HostTensor::from_f32(noise.shape.clone(), all)?, rows));
             };
-            // Images left: their rows leave the latents and the K/V ([uncond rows, cond rows]).
+            // Images left: their rows leave the latents, the multistep history and the K/V
+            // ([uncond rows, cond rows]); the history comes to the host for it (rare).
             latents = keep.iter().flat_map(|&p| latents[p * per_image..(p + 1) * per_image].iter().copied()).collect();
-            solver.keep_rows(per_image, &keep);
+            let h = prev_x0.to_host()?.to_f32_vec();
+            history = Some(keep.iter().flat_map(|&p| h[p * per_image..(p + 1) * per_image].iter().copied()).collect());
             let cfg_rows: Vec<usize> = keep.iter().copied().chain(keep.iter().map(|&p| m + p)).collect();
             // The K/V come to the host for the row selection (rare: only when a request leaves).
             kv = kv.into_iter().map(|(name, t)| Ok((name, TensorHandle::Host(select_rows(&t.to_host()?, &cfg_rows)?)))).collect::<Result<_>>()?;
             rows = keep.iter().map(|&p| rows[p]).collect();
         }
     }
+}
+
+/// The device sampler's graphs for latents of `elems` values, f32 on every device: "sampler.prime"
+/// (the noise in, once per batch) and "sampler" (one guided DPM-Solver++ step, run every step,
+/// with the non-finite flag of its latents).
+pub fn sampler_graphs(elems: usize) -> Result<Vec<(&'static str, Graph)>> {
+    Ok(vec![
+        ("sampler.prime", scheduler::sampler_prime_graph(elems)?),
+        ("sampler", with_finite_flags(scheduler::sampler_graph(elems)?, &[scheduler::LATENTS.0])?),
+    ])
 }
 
 /// An error unless `noise` is [N, C, h, w] and prompt embeddings of shape `pe` hold the uncond

@@ -72,11 +72,23 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
     let noise = case.tensor("noise")?;
     let mut timesteps = vec![];
     let (mut dit_out, mut steps_latents) = (vec![], vec![]);
+    let mut read_err = None;
     let latents = model.denoise(&c.prompt_embeds, &noise, steps, guidance, SamplerKind::DpmSolver, shift, run, |r| {
         timesteps.push(r.timestep);
-        dit_out.extend(r.model_output.to_f32_vec());
-        steps_latents.extend(r.latents.to_f32_vec());
+        // The step's values where they lie (the device on a GPU), read while they are valid.
+        match (r.model_output.to_host(), r.latents.to_host()) {
+            (Ok(v), Ok(l)) => {
+                dit_out.extend(v.to_f32_vec());
+                steps_latents.extend(l.to_f32_vec());
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                read_err.get_or_insert(e);
+            }
+        }
     })?;
+    if let Some(e) = read_err {
+        return Err(e);
+    }
     let n = timesteps.len();
     let ld = noise.shape.dims().to_vec();
     push(&mut out, "latents", latents.clone(), true, Kind::Float);

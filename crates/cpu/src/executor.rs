@@ -408,6 +408,10 @@ impl CpuExecutor {
                 ops::quantize_image_u8(view.get(*x), d[0], d[2] * d[3], y)
             }
             Op::AnyNonFinite { x } => y[0] = ops::any_nonfinite(view.get(*x)),
+            Op::GuidedX0 { velocity, sample, coeffs } => ops::guided_x0(view.get(*velocity), view.get(*sample), view.get(*coeffs), y),
+            Op::DpmSolverUpdate { sample, x0, prev_x0, coeffs } => {
+                ops::dpm_solver_update(view.get(*sample), view.get(*x0), view.get(*prev_x0), view.get(*coeffs), y)
+            }
             Op::KvCacheAppend { cache, x, positions, kv_heads, head_dim, rope } => {
                 let c = g.shape(*cache).dims();
                 let d = ops::DecodeDims { batch: c[0], heads: *kv_heads, kv_heads: *kv_heads, head_dim: *head_dim, max_len: c[2] };

@@ -2,7 +2,7 @@
 //! CPU twin is easy to find (`kernels/norm.cu::rmsnorm_*` <-> `ops::rmsnorm`). Row statistics are
 //! accumulated in f64 so the oracle is at least as exact as PyTorch's f32.
 
-use openuni_graph::UnaryFn;
+use openuni_graph::{coeff, UnaryFn};
 
 /// RMSNorm over rows of `cols` values: `x / sqrt(mean(x²) + eps) · w (+ b)`.
 pub fn rmsnorm(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, cols: usize, out: &mut [f32]) {
@@ -318,6 +318,35 @@ pub fn quantize_image_u8(x: &[f32], batch: usize, pixels: usize, out: &mut [f32]
 /// `Op::AnyNonFinite`: 1 if any value is NaN or ±Inf, else 0.
 pub fn any_nonfinite(x: &[f32]) -> f32 {
     x.iter().any(|v| !v.is_finite()) as u8 as f32
+}
+
+/// `Op::GuidedX0`: `out = x − σ·(u + g·(c − u))` with `u`, `c` the halves of `v` (uncond rows,
+/// then cond rows) and g, σ from `k` (`openuni_graph::coeff`). The sampler's guidance and clean
+/// estimate, in the order and f32 roundings of `openuni_models::scheduler` (guide, then step).
+pub fn guided_x0(v: &[f32], x: &[f32], k: &[f32], out: &mut [f32]) {
+    let (g, s) = (k[coeff::GUIDANCE], k[coeff::SIGMA]);
+    let (uncond, cond) = v.split_at(x.len());
+    for (((o, &xv), &u), &c) in out.iter_mut().zip(x).zip(uncond).zip(cond) {
+        let guided = u + g * (c - u);
+        *o = xv - s * guided;
+    }
+}
+
+/// `Op::DpmSolverUpdate`: by `k[ORDER]`, `d0` (0, Euler), `ratio·x − c·d0` (1) or
+/// `(ratio·x − c·d0) − half_c·(inv_r0·(d0 − p))` (2), coefficients from `k` (`openuni_graph::coeff`).
+pub fn dpm_solver_update(x: &[f32], x0: &[f32], prev: &[f32], k: &[f32], out: &mut [f32]) {
+    let (ratio, c, half_c, inv_r0) = (k[coeff::RATIO], k[coeff::C], k[coeff::HALF_C], k[coeff::INV_R0]);
+    let order = k[coeff::ORDER];
+    for (((o, &xv), &d0), &p) in out.iter_mut().zip(x).zip(x0).zip(prev) {
+        *o = if order == 0.0 {
+            d0
+        } else if order == 1.0 {
+            ratio * xv - c * d0
+        } else {
+            let d1 = inv_r0 * (d0 - p);
+            ratio * xv - c * d0 - half_c * d1
+        };
+    }
 }
 
 /// [batch, rows, cols] -> [batch, cols, rows].

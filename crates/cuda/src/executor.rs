@@ -77,6 +77,14 @@ impl DeviceTensor {
     pub fn bytes(&self) -> usize {
         self.shape.numel() * self.dtype.size_in_bytes()
     }
+    /// The same value viewed as `shape` (as many elements): a flat view for an elementwise consumer.
+    pub fn reshaped(&self, shape: impl Into<Shape>) -> Result<DeviceTensor> {
+        let shape = shape.into();
+        if shape.numel() != self.shape.numel() {
+            return Err(CudaError::Input { name: self.name.clone(), msg: format!("of shape {} cannot be viewed as {shape}", self.shape) });
+        }
+        Ok(DeviceTensor { shape, ..self.clone() })
+    }
     /// The value on the host in its storage dtype (for a consumer that must rearrange it there).
     pub fn to_host(&self) -> Result<HostTensor> {
         if self.runs.load(Ordering::Relaxed) != self.made_at {
@@ -599,8 +607,10 @@ impl CudaExecutor {
     }
 
     /// Sets input `name` from another executor's output on the same device, copied on the device
-    /// into this executor's arena (no host copy, no cast). Shape and storage dtype must match; the
-    /// producer must not have run since the handle was made.
+    /// into this executor's arena (no host copy). Shapes must match; an f32 value into bf16
+    /// storage goes through the input's f32 staging slot and its cast (as from the host), a bf16
+    /// value into f32 storage is cast exactly on the device. The producer must not have run since
+    /// the handle was made.
     pub fn set_input_tensor(&mut self, name: &str, t: &DeviceTensor) -> Result<()> {
         let err = |msg: String| CudaError::Input { name: name.into(), msg };
         let id = self.graph.input_id(name).ok_or_else(|| err("is not an input of this graph".into()))?;
@@ -608,7 +618,7 @@ impl CudaExecutor {
         if &t.shape != shape {
             return Err(err(format!("is given {t:?} of shape {}, expected {shape}", t.shape)));
         }
-        if t.dtype != self.dtype {
+        if t.dtype != self.dtype && !matches!((t.dtype, self.dtype), (DType::F32, DType::BF16) | (DType::BF16, DType::F32)) {
             return Err(err(format!("is given {t:?} stored as {}, this executor stores {}", t.dtype, self.dtype)));
         }
         if t.dev.ordinal() != self.dev.ordinal() {
@@ -617,10 +627,28 @@ impl CudaExecutor {
         if t.runs.load(Ordering::Relaxed) != t.made_at {
             return Err(err(format!("is given {t:?}, whose producer has run again since: the value is gone")));
         }
-        if self.f32_read.contains(&id) {
-            return Err(err("is read in f32 by a kernel (its staging copy), so it must be set from the host".into()));
+        match (t.dtype, self.dtype) {
+            // An f32 value into bf16 storage (the sampler's f32 latents into the step): into the
+            // input's f32 staging slot, then its cast, exactly as `set_inputs` from the host.
+            (DType::F32, DType::BF16) => {
+                let i = self.staged_inputs.iter().position(|s| s.id == id).expect("a staging slot per input");
+                self.dev.copy_on_device(t.ptr, self.staged_inputs[i].ptr, t.bytes())?;
+                // SAFETY: the input's staging slot and arena value, of the sizes resolved.
+                unsafe { families::enqueue(&self.dev, &self.input_casts[i]) }?;
+            }
+            // A bf16 value into f32 storage (the step's velocity into the f32 sampler): the exact cast.
+            (DType::BF16, DType::F32) => {
+                let cast = elementwise::cast(DType::F32, self.dev.sm_count(), t.ptr, self.ptr(id), shape.numel())?;
+                // SAFETY: the producer's bf16 value (alive with its arena) into this arena's f32 input, n elements each.
+                unsafe { families::enqueue(&self.dev, &cast) }?;
+            }
+            _ => {
+                if self.f32_read.contains(&id) {
+                    return Err(err("is read in f32 by a kernel (its staging copy), so it must be set from the host".into()));
+                }
+                self.dev.copy_on_device(t.ptr, self.ptr(id), t.bytes())?;
+            }
         }
-        self.dev.copy_on_device(t.ptr, self.ptr(id), t.bytes())?;
         if !Arc::ptr_eq(&t.dev, &self.dev) {
             // The producer's memory belongs to another stream (a lane), which may free or rewrite
             // it in its own order once the handle is dropped: the copy must be done before.

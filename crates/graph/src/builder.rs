@@ -759,6 +759,31 @@ impl GraphBuilder {
         Ok(self.push(name, Op::AnyNonFinite { x }, Shape::new([1])))
     }
 
+    /// The guided clean estimate ([`Op::GuidedX0`]): `velocity` holds twice `sample`'s elements
+    /// (uncond rows, then cond rows); `coeffs` is [SAMPLER_COEFFS]; the result has `sample`'s shape.
+    pub fn guided_x0(&mut self, name: &str, velocity: ValueId, sample: ValueId, coeffs: ValueId) -> Result<ValueId> {
+        let (v, x, k) = (self.shape(velocity).clone(), self.shape(sample).clone(), self.shape(coeffs).clone());
+        if v.numel() != 2 * x.numel() || k.dims() != [crate::op::SAMPLER_COEFFS] {
+            return Err(shape_err(
+                "guided_x0",
+                format!("{name}: velocity {v} must hold twice the sample {x}'s elements (uncond and cond rows), coeffs {k} must be [{}]", crate::op::SAMPLER_COEFFS),
+            ));
+        }
+        Ok(self.push(name, Op::GuidedX0 { velocity, sample, coeffs }, x))
+    }
+
+    /// The DPM-Solver++ update ([`Op::DpmSolverUpdate`]): `sample`, `x0` and `prev_x0` of one shape.
+    pub fn dpm_solver_update(&mut self, name: &str, sample: ValueId, x0: ValueId, prev_x0: ValueId, coeffs: ValueId) -> Result<ValueId> {
+        let (x, d0, p, k) = (self.shape(sample).clone(), self.shape(x0).clone(), self.shape(prev_x0).clone(), self.shape(coeffs).clone());
+        if x != d0 || x != p || k.dims() != [crate::op::SAMPLER_COEFFS] {
+            return Err(shape_err(
+                "dpm_solver_update",
+                format!("{name}: sample {x}, x0 {d0} and prev_x0 {p} must have one shape, coeffs {k} must be [{}]", crate::op::SAMPLER_COEFFS),
+            ));
+        }
+        Ok(self.push(name, Op::DpmSolverUpdate { sample, x0, prev_x0, coeffs }, x))
+    }
+
     pub fn concat(&mut self, name: &str, xs: &[ValueId]) -> Result<ValueId> {
         let first = self.shape(*xs.first().ok_or_else(|| shape_err("concat", format!("{name}: nothing to concatenate")))?).clone();
         let mut last = 0;

@@ -55,6 +55,9 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
         Op::DepthwiseConv2d { kernel, .. } => 2.0 * out.numel() as f64 * (kernel * kernel) as f64,
         Op::DepthwiseConvGlu { kernel, .. } => 4.0 * out.numel() as f64 * (kernel * kernel) as f64,
         Op::GroupedLinear { x, groups, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() / groups) as f64,
+        // Per element: guidance 3 (sub, mul, add) and the estimate 2; the update 3 (first order) to 6.
+        Op::GuidedX0 { .. } => 5.0 * out.numel() as f64,
+        Op::DpmSolverUpdate { .. } => 6.0 * out.numel() as f64,
         _ => 0.0,
     };
     Cost { flops, elems }

@@ -226,7 +226,35 @@ pub enum Op {
     /// `GatedAdd` with the gate read from the modulation table as [`Op::AdaLayerNorm`] reads it:
     /// `x + m[gate] · y`, `m[gate]` [B, C] broadcast over the tokens of [B, N, C].
     AdaGatedAdd { x: ValueId, t: ValueId, table: ValueId, gate: usize, y: ValueId },
+    /// Classifier-free guidance and the flow model's clean estimate in one pass, f32 arithmetic in
+    /// this order (no fused multiply-add): `v = u + g·(c − u)`, `out = x − σ·v`, where `u` and `c`
+    /// are the first and second halves of `velocity` (the transformer's [uncond; cond] rows, 2N
+    /// rows) and `x` = `sample` (N rows). `coeffs` [SAMPLER_COEFFS] is a graph input (read as f32
+    /// even with bf16 storage), indices [`coeff`]: g = GUIDANCE, σ = SIGMA. With σ = −Δt this is
+    /// the Euler step `x + Δt·v` exactly (negation is exact).
+    GuidedX0 { velocity: ValueId, sample: ValueId, coeffs: ValueId },
+    /// DPM-Solver++ (2M, midpoint) update of `sample` x with the clean estimate `x0` (d0) and the
+    /// previous step's `prev_x0` (p), f32 arithmetic in this order (no fused multiply-add), by
+    /// `coeffs[ORDER]`: 0, `out = d0` (Euler, whose step is `GuidedX0` already); 1, `out = ratio·x
+    /// − c·d0`; 2, `out = (ratio·x − c·d0) − half_c·(inv_r0·(d0 − p))`. Coefficients computed on the
+    /// host (`openuni_models::scheduler::Sampler::coefficients`), indices [`coeff`].
+    DpmSolverUpdate { sample: ValueId, x0: ValueId, prev_x0: ValueId, coeffs: ValueId },
 }
+
+/// The layout of the `coeffs` input of [`Op::GuidedX0`] and [`Op::DpmSolverUpdate`]: one step's
+/// sampler scalars, computed on the host in f32.
+pub mod coeff {
+    pub const GUIDANCE: usize = 0;
+    pub const SIGMA: usize = 1;
+    pub const RATIO: usize = 2;
+    pub const C: usize = 3;
+    pub const HALF_C: usize = 4;
+    pub const INV_R0: usize = 5;
+    /// 0: Euler (the update is the estimate), 1: first order, 2: second order.
+    pub const ORDER: usize = 6;
+}
+/// Elements of the sampler's `coeffs` input ([`coeff`]).
+pub const SAMPLER_COEFFS: usize = 7;
 
 impl Op {
     pub fn name(&self) -> &'static str {
@@ -268,6 +296,8 @@ impl Op {
             Op::LinearResidual { .. } => "linear_residual",
             Op::AdaLayerNorm { .. } => "ada_layernorm",
             Op::AdaGatedAdd { .. } => "ada_gated_add",
+            Op::GuidedX0 { .. } => "guided_x0",
+            Op::DpmSolverUpdate { .. } => "dpm_solver_update",
         }
     }
 
@@ -314,6 +344,8 @@ impl Op {
                 v.extend([*ids, *table]);
                 v.extend(extra);
             }
+            Op::GuidedX0 { velocity, sample, coeffs } => v.extend([*velocity, *sample, *coeffs]),
+            Op::DpmSolverUpdate { sample, x0, prev_x0, coeffs } => v.extend([*sample, *x0, *prev_x0, *coeffs]),
             Op::Conv2d { x, weight, bias, .. } | Op::UpsampleConv2d { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);

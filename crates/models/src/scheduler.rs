@@ -5,6 +5,58 @@
 //! as diffusers computes it (its coefficients are 0-d f32 tensors); schedules are made in f64
 //! where diffusers uses numpy and stored as f32.
 
+use openuni_graph::{coeff, Graph, GraphBuilder, OutputName, SAMPLER_COEFFS};
+
+/// The device sampler's graphs (f32 storage on every device; `elems` = the latents' element
+/// count N·C·h·w, viewed flat [1, elems] so that [`MODEL_INPUT`] is one concatenation):
+/// [`sampler_graph`] takes one step from the transformer's output, [`sampler_prime_graph`] puts
+/// the initial noise where the step reads it. Inputs:
+pub const VELOCITY: &str = "velocity";
+pub const SAMPLE: &str = "sample";
+pub const PREV_X0: &str = "prev_x0";
+pub const COEFFS: &str = "coeffs";
+pub const NOISE: &str = "noise";
+/// The latents after the step [1, elems] (the next step's [`SAMPLE`]).
+pub const LATENTS: OutputName = OutputName("latents");
+/// The step's clean estimate [1, elems] (the next step's [`PREV_X0`]).
+pub const X0: OutputName = OutputName("x0");
+/// The latents twice [1, 2·elems]: the transformer's [uncond; cond] input of the next step.
+pub const MODEL_INPUT: OutputName = OutputName("model_input");
+/// [1]: whether the transformer's output (the [`VELOCITY`] input) holds a NaN or an infinity.
+pub const VELOCITY_NONFINITE: OutputName = OutputName("velocity.nonfinite");
+
+/// One sampler step on the device: `Op::GuidedX0` (guidance and clean estimate), then
+/// `Op::DpmSolverUpdate`, with the step's [`Sampler::coefficients`] as the [`COEFFS`] input.
+pub fn sampler_graph(elems: usize) -> crate::Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let v = b.input(VELOCITY, [1, 2 * elems])?;
+    let x = b.input(SAMPLE, [1, elems])?;
+    let p = b.input(PREV_X0, [1, elems])?;
+    let k = b.input(COEFFS, [SAMPLER_COEFFS])?;
+    let x0 = b.guided_x0("sampler.x0", v, x, k)?;
+    let next = b.dpm_solver_update("sampler.latents", x, x0, p, k)?;
+    let both = b.concat("sampler.model_input", &[next, next])?;
+    let bad = b.any_nonfinite("sampler.velocity_nonfinite", v)?;
+    b.mark(X0, x0)?;
+    b.mark(LATENTS, next)?;
+    b.mark(MODEL_INPUT, both)?;
+    b.mark(VELOCITY_NONFINITE, bad)?;
+    Ok(b.finish())
+}
+
+/// The noise [`NOISE`] [1, elems] as the first step's [`LATENTS`] (and [`X0`], which the first,
+/// first-order step does not read) and [`MODEL_INPUT`]: the one upload of a batch's latents.
+pub fn sampler_prime_graph(elems: usize) -> crate::Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let z = b.input(NOISE, [1, elems])?;
+    let copy = b.concat("sampler.noise", &[z])?;
+    let both = b.concat("sampler.model_input", &[z, z])?;
+    b.mark(LATENTS, copy)?;
+    b.mark(X0, copy)?;
+    b.mark(MODEL_INPUT, both)?;
+    Ok(b.finish())
+}
+
 /// The schedule for `num_steps` steps: `sigmas` has N+1 entries (the last is 0), `timesteps` N
 /// integers (σ·1000 truncated; what the transformer sees).
 #[derive(Clone, Debug, PartialEq)]
@@ -117,6 +169,8 @@ pub struct Sampler {
     pub timesteps: Vec<f32>,
     step: usize,
     prev_x0: Option<Vec<f32>>,
+    /// Steps taken on the device ([`advance`](Self::advance)), whose history lies there.
+    device_steps: usize,
 }
 
 /// The DPM-Solver++ sampler by its historical name.
@@ -136,11 +190,16 @@ impl Sampler {
             }
             SamplerKind::FlowEuler => flow_euler_schedule(num_steps, flow_shift)?,
         };
-        Ok(Sampler { kind, sigmas, timesteps, step: 0, prev_x0: None })
+        Ok(Sampler { kind, sigmas, timesteps, step: 0, prev_x0: None, device_steps: 0 })
     }
 
     pub fn num_steps(&self) -> usize {
         self.timesteps.len()
+    }
+
+    /// Steps taken so far.
+    pub fn steps_taken(&self) -> usize {
+        self.step
     }
 
     /// The timestep the model sees at the current step; `None` when done.
@@ -155,6 +214,53 @@ impl Sampler {
         if let Some(h) = self.prev_x0.as_mut() {
             *h = keep.iter().flat_map(|&r| h[r * row_len..(r + 1) * row_len].iter().copied()).collect();
         }
+    }
+
+    /// The current step's coefficients as the `coeffs` input of `Op::GuidedX0` and
+    /// `Op::DpmSolverUpdate` (layout `openuni_graph::coeff`), f32 as [`step`](Self::step) computes
+    /// them; the device sampler runs the step with them, then [`advance`](Self::advance)s.
+    pub fn coefficients(&self, guidance: f32) -> Result<[f32; SAMPLER_COEFFS], String> {
+        let n = self.num_steps();
+        let i = self.step;
+        if i >= n {
+            return Err(format!("all {n} steps have been taken"));
+        }
+        let sig = &self.sigmas;
+        let mut k = [0f32; SAMPLER_COEFFS];
+        k[coeff::GUIDANCE] = guidance;
+        if self.kind == SamplerKind::FlowEuler {
+            // x + Δt·v as x − (−Δt)·v: the same f32 result (negation is exact).
+            k[coeff::SIGMA] = -(sig[i + 1] - sig[i]);
+            return Ok(k);
+        }
+        let s0 = sig[i];
+        let t = sig[i + 1];
+        let h = lambda(t) - lambda(s0);
+        let c = (1.0 - t) * ((-h).exp() - 1.0);
+        k[coeff::SIGMA] = s0;
+        k[coeff::RATIO] = t / s0;
+        k[coeff::C] = c;
+        k[coeff::HALF_C] = 0.5 * c;
+        // First order at the first step and at the last (final σ = 0 gives exactly x0).
+        let first_order = i == 0 || i == n - 1 || !self.has_history();
+        k[coeff::ORDER] = if first_order { 1.0 } else { 2.0 };
+        if !first_order {
+            let h0 = lambda(s0) - lambda(sig[i - 1]);
+            k[coeff::INV_R0] = 1.0 / (h0 / h);
+        }
+        Ok(k)
+    }
+
+    /// Whether the multistep history holds the previous step's estimate (DPM-Solver++ after a
+    /// step; on the device the sampler keeps it, so this counts the steps taken).
+    fn has_history(&self) -> bool {
+        self.prev_x0.is_some() || self.device_steps > 0
+    }
+
+    /// Moves to the next step after the device took this one with [`coefficients`](Self::coefficients).
+    pub fn advance(&mut self) {
+        self.step += 1;
+        self.device_steps += 1;
     }
 
     /// One step: `velocity` is the (guided) model output for `sample`; `sample` is updated in place.
@@ -239,6 +345,42 @@ mod tests {
         assert_eq!(t[0], 1000.0);
         assert!((t[1] - 981.875).abs() < 0.01, "{}", t[1]);
         assert_eq!((s.len(), s[20]), (21, 0.0));
+    }
+
+    /// The device sampler's CPU twins (`guided_x0`, `dpm_solver_update`) with [`Sampler::coefficients`]
+    /// equal the host's `guide` + [`Sampler::step`] bit for bit, over every step of both samplers.
+    #[test]
+    fn device_sampler_ops_equal_the_host_solver_bit_for_bit() {
+        use openuni_cpu::ops::{dpm_solver_update, guided_x0};
+        let n = 37;
+        let mut seed = 1u32;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+        };
+        for kind in [SamplerKind::DpmSolver, SamplerKind::FlowEuler] {
+            for steps in [1, 2, 20] {
+                let (mut host, mut dev) = (Sampler::with_kind(kind, steps, 3.0).unwrap(), Sampler::with_kind(kind, steps, 3.0).unwrap());
+                let mut x_host: Vec<f32> = (0..n).map(|_| rnd()).collect();
+                let (mut x_dev, mut prev) = (x_host.clone(), vec![0f32; n]);
+                let g = 4.5;
+                for _ in 0..steps {
+                    let v: Vec<f32> = (0..2 * n).map(|_| rnd()).collect();
+                    let mut guided = vec![0f32; n];
+                    guide(&v[..n], &v[n..], g, &mut guided);
+                    host.step(&guided, &mut x_host).unwrap();
+                    let k = dev.coefficients(g).unwrap();
+                    let (mut x0, mut next) = (vec![0f32; n], vec![0f32; n]);
+                    guided_x0(&v, &x_dev, &k, &mut x0);
+                    dpm_solver_update(&x_dev, &x0, &prev, &k, &mut next);
+                    dev.advance();
+                    (x_dev, prev) = (next, x0);
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&x_dev), bits(&x_host), "{kind:?} {steps} steps");
+                }
+                assert!(dev.coefficients(g).is_err());
+            }
+        }
     }
 
     #[test]

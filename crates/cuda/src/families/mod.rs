@@ -229,6 +229,8 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         | Op::EmbeddingGather { .. }
         | Op::QuantizeU8 { .. }
         | Op::AnyNonFinite { .. }
+        | Op::GuidedX0 { .. }
+        | Op::DpmSolverUpdate { .. }
         | Op::ClassPosEmbed { .. }
         | Op::Concat { .. } => misc::resolve(ctx, node),
         Op::Conv2d { .. }
