@@ -163,7 +163,7 @@ impl OpenUni {
         let mut seen = HashMap::new();
         for (_, g) in self.batch_graphs(1, h, w, DecodeOptions::default())? {
             for (id, name) in g.weights() {
-                seen.insert(name.to_string(), g.shape(id).numel() * dtype.size_in_bytes());
+                seen.insert(name.to_string(), openuni_cuda::families::conv::planned_weight_elems(&g, id, dtype) * dtype.size_in_bytes());
             }
         }
         Ok(seen.values().sum())
@@ -178,7 +178,7 @@ impl OpenUni {
         for (name, g) in self.batch_graphs(n, h, w, decode)? {
             let stage = match name {
                 "conditioning" => Stage::Conditioning,
-                "step" | "caption" => Stage::Transformer,
+                "step" | "caption" | "sampler" | "sampler.prime" => Stage::Transformer,
                 _ => Stage::Vae,
             };
             let (weights, acts) = match stage {
@@ -188,10 +188,10 @@ impl OpenUni {
             };
             for (id, wname) in g.weights() {
                 if seen.insert((stage, wname.to_string()), ()).is_none() {
-                    *weights += g.shape(id).numel() * dtype.size_in_bytes();
+                    *weights += openuni_cuda::families::conv::planned_weight_elems(&g, id, dtype) * dtype.size_in_bytes();
                 }
             }
-            *acts += planned_graph_bytes(&g, dtype);
+            *acts += planned_graph_bytes(&g, graph_dtype(name, dtype));
         }
         Ok(plan)
     }
@@ -199,13 +199,23 @@ impl OpenUni {
     /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage
     /// (see [`planned_graph_bytes`]).
     pub fn planned_batch_bytes(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions) -> Result<usize> {
-        Ok(self.batch_graphs(n, h, w, decode)?.iter().map(|(_, g)| planned_graph_bytes(g, dtype)).sum())
+        Ok(self.batch_graphs(n, h, w, decode)?.iter().map(|(name, g)| planned_graph_bytes(g, graph_dtype(name, dtype))).sum())
     }
 
     /// The transformer step graph on [2N, C, h, w] reading the caption path's K/V (of the
     /// shapes in `kv`) as inputs.
     pub(super) fn step_graph(&self, kv: &HashMap<String, Shape>, batch2: usize, h: usize, w: usize) -> Result<Graph> {
         Ok(sana::step_graph(&self.transformer_cfg, kv, batch2, h, w)?)
+    }
+}
+
+/// The storage dtype graph `name` of [`OpenUni::batch_graphs`] runs in: the device sampler's
+/// graphs are f32 on every device (sampling::sampler_graphs), the others `dtype`.
+fn graph_dtype(name: &str, dtype: DType) -> DType {
+    if name.starts_with("sampler") {
+        DType::F32
+    } else {
+        dtype
     }
 }
 

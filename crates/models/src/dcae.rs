@@ -3,7 +3,7 @@
 //! act on the h×w grid. Upstream key names are kept ("decoder.…").
 
 use openuni_graph::{Graph, GraphBuilder, OutputName, UnaryFn, ValueId};
-use openuni_tensor::Shape;
+use openuni_tensor::{derived, Shape};
 use serde::Deserialize;
 
 use crate::config::{bounds, Bounds, ModelConfig};
@@ -429,15 +429,16 @@ fn efficient_vit_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, hd
     glumb_conv_residual(b, &s.pp("conv_out"), x, c, h, wd)
 }
 
-/// SanaMultiscaleLinearAttention: [to_q|to_k|to_v] (one fused 1×1 conv), the 5×5 depthwise +
+/// SanaMultiscaleLinearAttention: [to_q|to_k|to_v] (one GEMM), the 5×5 depthwise +
 /// grouped 1×1 multi-scale branch, ReLU linear attention over groups of (q|k|v) of `hd` channels
 /// each, to_out, channel RMSNorm, residual.
 fn multiscale_attention(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
     let heads = c / hd;
-    let q = linear(b, &s.pp("to_q"), x, c, c, false)?;
-    let k = linear(b, &s.pp("to_k"), x, c, c, false)?;
-    let v = linear(b, &s.pp("to_v"), x, c, c, false)?;
-    let qkv = b.concat(&s.name("qkv"), &[q, k, v])?;
+    // [to_q; to_k; to_v] as one GEMM on the three weights concatenated once at load (interleaving
+    // blocks of c rows is a plain row concat): x is read once and the concat is never stored.
+    let parts = ["to_q", "to_k", "to_v"].map(|p| s.pp(p).name("weight")).to_vec();
+    let w = b.weight(&derived::interleaved_rows_name(&parts, c), [3 * c, c])?;
+    let qkv = b.linear(&s.name("qkv"), x, w, None)?;
     let m = s.pp("to_qkv_multiscale").pp(0);
     let (pin, pout) = (m.pp("proj_in"), m.pp("proj_out"));
     let dw = b.weight(&pin.name("weight"), [3 * c, 1, 5, 5])?;

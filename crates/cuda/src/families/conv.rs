@@ -90,6 +90,25 @@ pub fn prepared_conv_weight_len(layout: ConvWeightLayout, cout: usize, cin: usiz
     cin.div_ceil(TC_CHUNK) * taps * padded_cout(cout) * TC_CHUNK
 }
 
+/// Elements the device holds for weight `id` of `graph` stored as `dtype`, for memory plans made
+/// without a device: a weight a tensor-core conv reads counts as the larger of its upstream size
+/// and its prepared layout's (padded) size, since which one is held depends on the device
+/// (sm_90a takes the upstream weight and prepares its own copy per executor).
+pub fn planned_weight_elems(graph: &Graph, id: ValueId, dtype: DType) -> usize {
+    let numel = graph.shape(id).numel();
+    let cout = graph.shape(id).dims().first().copied().unwrap_or(0);
+    let prepared = graph.nodes.iter().find_map(|node| match &node.op {
+        Op::Conv2d { x, weight, kernel, .. } if *weight == id && conv2d_uses_tensor_cores(dtype, *kernel) => {
+            Some(prepared_conv_weight_len(ConvWeightLayout::Taps3x3, cout, graph.shape(*x).last()))
+        }
+        Op::UpsampleConv2d { x, weight, .. } if *weight == id && upsample_conv2d_uses_tensor_cores(dtype) => {
+            Some(prepared_conv_weight_len(ConvWeightLayout::UpsamplePhases, cout, graph.shape(*x).last()))
+        }
+        _ => None,
+    });
+    prepared.map_or(numel, |p| p.max(numel))
+}
+
 /// `w` ([cout, cin, 3, 3], upstream) in `layout`, in f32 (the caller rounds to the storage type).
 ///
 /// The upsample phases: output pixel (2y + pi, 2x + pj) of conv3x3(upsample2x(x)) reads upsampled
