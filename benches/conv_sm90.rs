@@ -10,7 +10,7 @@
 //! sm_90a device`; on the emulated GPU the shapes are cut (8×8 grids, 64 channels) and the times are
 //! CPU times (a smoke run of this code). Run: `cargo bench --bench conv_sm90` (or tools/gpu_run.sh).
 
-use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, Conv2dArgs, UpsampleConv2dArgs};
+use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, ConvWeightLayout, Conv2dArgs, UpsampleConv2dArgs};
 use openuni_cuda::families::conv_sm90;
 use openuni_cuda::gemm::{Epilogue, LinearArgs, LinearGemm};
 use openuni_cuda::testing::{random_bytes, time_ms, BenchReport, Rng};
@@ -62,15 +62,19 @@ fn main() {
         let x = dev.upload(&random_bytes(&mut rng, bf, lh * lw * cin, 0.0, 1.0)).unwrap();
         let wt = dev.upload(&random_bytes(&mut rng, bf, cout * cin * 9, 0.0, 0.05)).unwrap();
         let bias = dev.upload(&random_bytes(&mut rng, bf, cout, 0.0, 0.1)).unwrap();
+        // The mma.sync kernels read their own load-time layout (conv::prepare_conv_weight, padded
+        // output channels): a buffer of that size (the values do not matter for timing).
+        let wlen = conv::prepared_conv_weight_len(ConvWeightLayout::UpsamplePhases, cout, cin);
+        let wt_mma = dev.upload(&random_bytes(&mut rng, bf, wlen, 0.0, 0.05)).unwrap();
         let y = dev.alloc(h * w * cout * 2).unwrap();
         let prepared = dev.alloc(conv_sm90::prepared_weight_bytes(cin, cout, up)).unwrap();
         let prep = conv_sm90::prepare_weights(dev.sm_count(), wt.ptr(), prepared.ptr(), cin, cout, up).unwrap();
         let (mma, sm90) = if up {
             let a = UpsampleConv2dArgs { dtype: bf, x: x.ptr(), weight: wt.ptr(), bias: bias.ptr(), y: y.ptr(), batch: 1, h: lh, w: lw, cin, cout, shortcut: (4 * cout) % cin == 0 };
-            (conv::upsample_conv2d(&a, ConvKernel::Auto).unwrap(), conv_sm90::upsample_conv2d(&a, prepared.ptr()).unwrap())
+            (conv::upsample_conv2d(&UpsampleConv2dArgs { weight: wt_mma.ptr(), ..a }, ConvKernel::Auto).unwrap(), conv_sm90::upsample_conv2d(&a, prepared.ptr()).unwrap())
         } else {
             let a = Conv2dArgs { dtype: bf, x: x.ptr(), weight: wt.ptr(), bias: bias.ptr(), residual: 0, y: y.ptr(), batch: 1, h, w, cin, cout, kernel: 3, act: ConvAct::None };
-            (conv::conv2d(&a, ConvKernel::Auto).unwrap(), conv_sm90::conv2d(&a, prepared.ptr()).unwrap())
+            (conv::conv2d(&Conv2dArgs { weight: wt_mma.ptr(), ..a }, ConvKernel::Auto).unwrap(), conv_sm90::conv2d(&a, prepared.ptr()).unwrap())
         };
         let flops = 2.0 * (h * w * cin * cout * 9) as f64;
         let bytes = 2 * (lh * lw * cin + h * w * cout + cout * cin * 9 + cout);
