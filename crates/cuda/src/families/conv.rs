@@ -415,7 +415,10 @@ fn depthwise_launch(
 }
 
 /// `depthwise_conv3_glu_<dtype>`: the 3×3 depthwise conv of a [.., 2c] input fused with the SiLU
-/// gate, `u · silu(g)` -> [.., c] (`c` output channels). Same work split as [`depthwise_conv2d`].
+/// gate, `u · silu(g)` -> [.., c] (`c` output channels). With `silu_input`,
+/// `silu_depthwise_conv3_glu_<dtype>`: the same of `silu(x)`, the SiLU applied as the kernel loads x
+/// (GLUMBConv's `conv_inverted` activation; `Op::DepthwiseConvGlu` with `silu_input`). Same work
+/// split as [`depthwise_conv2d`].
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv3_glu(
     dtype: DType,
@@ -429,37 +432,13 @@ pub fn depthwise_conv3_glu(
     w: usize,
     c: usize,
     kernel: usize,
+    silu_input: bool,
 ) -> Result<Launch> {
-    let what = "depthwise_conv_glu";
+    let (what, prefix) = if silu_input { ("silu_depthwise_conv_glu", "silu_") } else { ("depthwise_conv_glu", "") };
     if kernel != 3 {
         return Err(invalid(what, format!("kernel {kernel}: the fused CUDA depthwise conv + GLU is 3x3 only (GLUMBConv's)")));
     }
-    let name = format!("depthwise_conv3_glu_{}", suffix(dtype)?);
-    depthwise_launch(name, what, sm_count, [x, weight, bias, y], batch, h, w, c, None)
-}
-
-/// `silu_depthwise_conv3_glu_<dtype>`: [`depthwise_conv3_glu`] of `silu(x)`, the SiLU applied as
-/// the kernel loads x (GLUMBConv's `conv_inverted` activation; `Op::DepthwiseConvGlu` with
-/// `silu_input`). Same work split.
-#[allow(clippy::too_many_arguments)]
-pub fn silu_depthwise_conv3_glu(
-    dtype: DType,
-    sm_count: u32,
-    x: u64,
-    weight: u64,
-    bias: u64,
-    y: u64,
-    batch: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    kernel: usize,
-) -> Result<Launch> {
-    let what = "silu_depthwise_conv_glu";
-    if kernel != 3 {
-        return Err(invalid(what, format!("kernel {kernel}: the fused CUDA SiLU + depthwise conv + GLU is 3x3 only (GLUMBConv's)")));
-    }
-    let name = format!("silu_depthwise_conv3_glu_{}", suffix(dtype)?);
+    let name = format!("{prefix}depthwise_conv3_glu_{}", suffix(dtype)?);
     depthwise_launch(name, what, sm_count, [x, weight, bias, y], batch, h, w, c, None)
 }
 
@@ -578,8 +557,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         }
         Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel, silu_input } => {
             let xs = g.shape(*x);
-            let f = if *silu_input { silu_depthwise_conv3_glu } else { depthwise_conv3_glu };
-            f(ctx.dtype, sms, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last() / 2, *kernel)?
+            depthwise_conv3_glu(ctx.dtype, sms, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last() / 2, *kernel, *silu_input)?
         }
         Op::GroupedLinear { x, weight, groups } => {
             let xs = g.shape(*x);

@@ -35,42 +35,25 @@ pub fn norm_launch(rows: usize, cols: usize, dtype: DType) -> ((u32, u32, u32), 
 /// an empty tensor.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm(dtype: DType, x: u64, w: u64, b: u64, y: u64, rows: usize, cols: usize, eps: f32) -> Result<Vec<Launch>> {
-    let kernel = format!("rmsnorm_{}", suffix(dtype)?);
-    if rows == 0 || cols == 0 {
-        return Ok(vec![]);
-    }
-    let (block, grid) = norm_launch(rows, cols, dtype);
-    let args = vec![
-        KArg::Ptr(x),
-        KArg::Ptr(w),
-        KArg::Ptr(b),
-        KArg::Ptr(y),
-        KArg::I64(rows as i64),
-        i32_arg("cols", cols)?,
-        KArg::F32(eps),
-    ];
-    Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
+    rms_rows(format!("rmsnorm_{}", suffix(dtype)?), dtype, &[x, w, b, y], rows, cols, eps)
 }
 
 /// `rmsnorm_residual_<dtype>`: `y = r + x / sqrt(mean(x²) + eps) · w (+ b)` over rows of `cols`
 /// (`b` may be 0); no launch for an empty tensor.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_residual(dtype: DType, x: u64, w: u64, b: u64, r: u64, y: u64, rows: usize, cols: usize, eps: f32) -> Result<Vec<Launch>> {
-    let kernel = format!("rmsnorm_residual_{}", suffix(dtype)?);
+    rms_rows(format!("rmsnorm_residual_{}", suffix(dtype)?), dtype, &[x, w, b, r, y], rows, cols, eps)
+}
+
+/// The launch of an RMSNorm kernel whose arguments are `ptrs`, then (rows, cols, eps); no launch
+/// for an empty tensor.
+fn rms_rows(kernel: String, dtype: DType, ptrs: &[u64], rows: usize, cols: usize, eps: f32) -> Result<Vec<Launch>> {
     if rows == 0 || cols == 0 {
         return Ok(vec![]);
     }
     let (block, grid) = norm_launch(rows, cols, dtype);
-    let args = vec![
-        KArg::Ptr(x),
-        KArg::Ptr(w),
-        KArg::Ptr(b),
-        KArg::Ptr(r),
-        KArg::Ptr(y),
-        KArg::I64(rows as i64),
-        i32_arg("cols", cols)?,
-        KArg::F32(eps),
-    ];
+    let mut args: Vec<KArg> = ptrs.iter().map(|&p| KArg::Ptr(p)).collect();
+    args.extend([KArg::I64(rows as i64), i32_arg("cols", cols)?, KArg::F32(eps)]);
     Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
 }
 
