@@ -9,21 +9,28 @@
 #    (.gpu/configs/), downloads the diffusers wheel the GPU image lacks (.gpu/whl/), and records the commit.
 # 2. On the GPU machine (no Rust, no network; CUDA 13.0 in /usr/local/cuda), from the repo root:
 #        bash tools/gpu_run.sh [kernels|pipeline|all]     # with the device tool: carry [".gpu"]
-#    kernels: every kernel test (CUBIN, then PTX), sanitizers, kernel benchmarks.
-#    pipeline: every reference case through `openuni verify --device cuda` (f32 and bf16), a batched
-#    `openuni generate` of the tiny model, then `openuni bench` of b-512, l-512, l-1024 (batch 1, 8, 32, with
-#    the per-op profile) and tools/bench_torch.py on the same shapes (eager and torch.compile), with ratios.
-#    It prints nvidia-smi, points LD_LIBRARY_PATH (libnvrtc, libcublasLt) and CUDA_INCLUDE_DIRS at
-#    /usr/local/cuda, runs every test executable (CUBIN kernels, then again with PTX kernels), the
-#    compute-sanitizer memcheck/racecheck passes when the tool is there, then every benchmark, and
-#    writes to $OUT (default ./gpu-out): summary.txt, tests.log, sanitizer.log, bench.log,
-#    bench.jsonl, env.txt. The summary table is printed last. Exit status: non-zero if any test failed.
+#    A device lease is short (15 minutes a session, start included), so the run is ordered by value and
+#    bounded by a budget ($GPU_BUDGET_S seconds, default 500): each step gets at most what is left, a
+#    step that no longer fits is listed as SKIPPED (out of time), and the results are re-packed after every
+#    step, so a run cut short still brings back what it did. Order (all):
+#      1. every kernel test with CUBIN kernels (real-hardware correctness first);
+#      2. b-512: `openuni bench` (batch 1, 8, 32, per-op profile) and tools/bench_torch.py eager on the
+#         same shapes, with the ratio table;
+#      3. every reference case through `openuni verify --device cuda` (bf16, f32), a batched generate;
+#      4. the sm_90a vs mma.sync kernel benchmarks, then the other kernel benchmarks;
+#      5. torch.compile for b-512, the l-512 / l-1024 benches, chat benches, PTX re-runs, sanitizers.
+#    kernels = steps 1, 4 and the PTX/sanitizer part of 5; pipeline = 2, 3 and the rest of 5.
+#    It points LD_LIBRARY_PATH (libnvrtc, libcublasLt) and CUDA_INCLUDE_DIRS at /usr/local/cuda and writes
+#    to $OUT (default ./gpu-out) at most 8 files: summary.txt (printed last), env.txt and results.tar.gz
+#    (tests.log, bench.log, sanitizer.log, bench.jsonl, the JSON of both benches, ratios.txt, images).
+#    Exit status: non-zero if any test failed.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 GPU_DIR="$ROOT/.gpu"
-TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention cuda_conv cuda_conv_sm90 cuda_attention_sm90 cuda_layout cuda_decode_attention cuda_pixel_shuffle backend executor)
-BENCHES=(norm elementwise linear_attention attention conv conv_sm90 attention_sm90 layout misc decode_attention pixel_shuffle)
+TESTS=(kernels_compile cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention cuda_conv cuda_conv_sm90 cuda_attention_sm90 cuda_layout cuda_decode_attention cuda_pixel_shuffle cuda_norm_conv backend executor gemm_choice)
+# The sm_90a benches first: they compare the Hopper kernels with the mma.sync ones on the same shapes.
+BENCHES=(conv_sm90 attention_sm90 conv attention linear_attention norm_conv norm elementwise layout misc decode_attention pixel_shuffle)
 VARIANTS=(b-512 l-512 l-1024)
 
 if [ "${1:-}" = "--build" ]; then
@@ -32,9 +39,9 @@ if [ "${1:-}" = "--build" ]; then
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu/' .gitignore 2>/dev/null || echo /.gpu/ >> .git/info/exclude
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
   J="$(mktemp)"
-  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv --test cuda_layout --test cuda_decode_attention --test cuda_pixel_shuffle >> "$J"
+  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv --test cuda_layout --test cuda_decode_attention --test cuda_pixel_shuffle --test cuda_conv_sm90 --test cuda_attention_sm90 --test cuda_norm_conv >> "$J"
   cargo test --release --no-run --message-format=json -p openuni-cuda --tests >> "$J"
-  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv --bench layout --bench misc --bench decode_attention --bench pixel_shuffle >> "$J"
+  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv --bench layout --bench misc --bench decode_attention --bench pixel_shuffle --bench conv_sm90 --bench attention_sm90 --bench norm_conv >> "$J"
   cargo build --release
   cp target/release/openuni "$GPU_DIR/openuni" && strip --strip-debug "$GPU_DIR/openuni"
   for v in "${VARIANTS[@]}"; do "$GPU_DIR/openuni" bench --variant "$v" --write-configs "$GPU_DIR/configs/$v" > /dev/null; done
@@ -71,55 +78,65 @@ fi
 
 PHASE="${1:-all}"
 case "$PHASE" in kernels|pipeline|all) ;; *) echo "usage: bash tools/gpu_run.sh [--build | kernels | pipeline | all]" >&2; exit 2;; esac
-OUT="${OUT:-$ROOT/gpu-out}"
-mkdir -p "$OUT"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
-: > "$OUT/tests.log"
-: > "$OUT/bench.log"
-: > "$OUT/sanitizer.log"
-rm -f "$OUT/bench.jsonl"
-
 if [ ! -d "$GPU_DIR" ]; then
   echo "no .gpu/ folder: build the executables first with 'bash tools/gpu_run.sh --build' on the CPU machine" >&2
   exit 2
 fi
+OUT="${OUT:-$ROOT/gpu-out}"
+mkdir -p "$OUT"
+WORK="$(mktemp -d /tmp/gpu-run.XXXXXX)"   # the logs; packed into $OUT/results.tar.gz after every step
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+touch "$WORK/tests.log" "$WORK/bench.log" "$WORK/sanitizer.log"
+BUDGET="${GPU_BUDGET_S:-500}"
+T_START=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
+pack() { tar czf "$OUT/results.tar.gz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"; }
 
 CUDA="${CUDA_HOME:-/usr/local/cuda}"
 export LD_LIBRARY_PATH="$CUDA/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CUDA_INCLUDE_DIRS="${CUDA_INCLUDE_DIRS:-$CUDA/include:$CUDA/include/cccl}"
 export OPENUNI_KERNEL_CACHE="${OPENUNI_KERNEL_CACHE:-/tmp/openuni-kernel-cache}"
-export OPENUNI_BENCH_JSON="$OUT/bench.jsonl"
+export OPENUNI_BENCH_JSON="$WORK/bench.jsonl"
 export OPENUNI_GIT_COMMIT="$(cat "$GPU_DIR/COMMIT" 2>/dev/null || echo unknown)"
 export RUST_BACKTRACE=1
+export PYTHONUNBUFFERED=1
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $OPENUNI_GIT_COMMIT"
+  echo "phase: $PHASE, budget ${BUDGET} s"
   echo "host: $(uname -a)"
   nvidia-smi 2>&1 || echo "nvidia-smi failed"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || true
   echo "nvcc: $(command -v nvcc || echo none) $(nvcc --version 2>/dev/null | tail -1)"
+  echo "python: $(python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' 2>&1)"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   echo "CUDA_INCLUDE_DIRS=$CUDA_INCLUDE_DIRS"
   ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|nvrtc|cublasLt' || true
   ls "$CUDA"/lib64/libnvrtc* "$CUDA"/lib64/libcublasLt* 2>&1 | head
   ls -d "$CUDA"/include/cuda_bf16.h "$CUDA"/include/cccl 2>&1
+  nproc; free -g | head -2
   ls -la "$GPU_DIR"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-printf "%-36s %-6s %7s %7s %8s %s\n" "step" "status" "passed" "failed" "seconds" "note" >> "$SUMMARY"
+printf "%-40s %-7s %7s %7s %8s %s\n" "step" "status" "passed" "failed" "seconds" "note" >> "$SUMMARY"
 any_fail=0
 
-# Runs one executable; appends its output to LOG and one row to the summary.
-run_step() { # name log exe args...
-  local name="$1" log="$2" exe="$3"; shift 3
-  local t0 t1 rc out passed failed note status
+# Runs one command for at most MAX seconds (and never past the budget); appends its output to LOG and one
+# row to the summary. A step that would get under 15 s is skipped and listed as such.
+run_step() { # name log max_seconds exe args...
+  local name="$1" log="$2" max="$3" exe="$4"; shift 4
+  local t0 t1 rc out passed failed note status lim
+  lim=$(left); lim=$(( lim - 5 )); [ "$lim" -gt "$max" ] && lim="$max"
+  if [ "$lim" -lt 15 ]; then
+    printf "%-40s %-7s\n" "$name" "SKIPPED (out of time)" >> "$SUMMARY"; return 0
+  fi
   t0=$(date +%s.%N)
   out="$(mktemp)"
-  { echo; echo "===== $name: $exe $*"; } >> "$log"
-  timeout 540 "$exe" "$@" > "$out" 2>&1
+  { echo; echo "===== $name: $exe $* (limit ${lim} s)"; } >> "$log"
+  timeout "$lim" "$exe" "$@" > "$out" 2>&1
   rc=$?
   t1=$(date +%s.%N)
   cat "$out" >> "$log"
@@ -129,77 +146,105 @@ run_step() { # name log exe args...
   if grep -q "skipped: no CUDA device" "$out"; then note="SKIPPED: no CUDA device"; fi
   if grep -q "skipped: NVRTC not found" "$out"; then note="SKIPPED: NVRTC not found"; fi
   if [ $rc -eq 0 ]; then status=PASS; else status=FAIL; any_fail=1; fi
-  [ $rc -eq 124 ] && note="timeout $note"
-  printf "%-36s %-6s %7s %7s %8.1f %s\n" "$name" "$status" "$passed" "$failed" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" "$note" >> "$SUMMARY"
+  [ $rc -eq 124 ] && { status=TIMEOUT; note="limit ${lim} s $note"; }
+  printf "%-40s %-7s %7s %7s %8.1f %s\n" "$name" "$status" "$passed" "$failed" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" "$note" >> "$SUMMARY"
   rm -f "$out"
+  pack
 }
 
-if [ "$PHASE" != pipeline ]; then
-for t in "${TESTS[@]}"; do
-  exe="$GPU_DIR/test-$t"
-  [ -x "$exe" ] || { printf "%-36s %-6s\n" "test $t" "MISSING" >> "$SUMMARY"; any_fail=1; continue; }
-  run_step "test $t" "$OUT/tests.log" "$exe" --nocapture --test-threads=1
-done
-for t in cuda_norm cuda_elementwise cuda_linear_attention cuda_misc executor; do
-  exe="$GPU_DIR/test-$t"
-  [ -x "$exe" ] || continue
-  OPENUNI_KERNEL_FORMAT=ptx run_step "test $t (ptx)" "$OUT/tests.log" "$exe" --nocapture --test-threads=1
-done
+OU="$GPU_DIR/openuni"
+SITE=/tmp/openuni-site
+torch_ready=0
+torch_site() {
+  if [ $torch_ready = 0 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$GPU_DIR"/whl/*.whl > "$WORK/pip.log" 2>&1 || echo "diffusers wheel install failed (see pip.log)"
+    torch_ready=1
+  fi
+}
+bench_pair() { # variant batches iters compile(0/1)
+  local v="$1" b="$2" it="$3" c="$4"
+  run_step "openuni bench $v b$b" "$WORK/bench.log" 240 "$OU" bench --variant "$v" --batch "$b" --device cuda --dtype bf16 --iters "$it" --profile --json "$WORK/ours-$v.json"
+  torch_site
+  local extra=(); [ "$c" = 1 ] && extra=(--compile)
+  PYTHONPATH="$SITE" run_step "torch bench $v b$b${extra:+ compile}" "$WORK/bench.log" 300 python3 tools/bench_torch.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch "$b" --iters "$it" "${extra[@]}" --json "$WORK/torch-$v${extra:+-compile}.json"
+  if [ -f "$WORK/ours-$v.json" ] && [ -f "$WORK/torch-$v${extra:+-compile}.json" ]; then
+    { echo "== $v (torch${extra:+ with compile})"; python3 tools/bench_torch.py --compare "$WORK/ours-$v.json" "$WORK/torch-$v${extra:+-compile}.json"; } >> "$WORK/ratios.txt" 2>&1
+  fi
+  pack
+}
 
-if command -v compute-sanitizer > /dev/null 2>&1; then
-  for t in cuda_norm cuda_elementwise cuda_linear_attention cuda_misc; do
+# 1. Kernel tests, CUBIN (real hardware: the first correctness check of every kernel on a GPU).
+if [ "$PHASE" != pipeline ]; then
+  for t in "${TESTS[@]}"; do
     exe="$GPU_DIR/test-$t"
-    [ -x "$exe" ] || continue
-    run_step "memcheck $t" "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 9 "$exe" --test-threads=1
+    [ -x "$exe" ] || { printf "%-40s %-7s\n" "test $t" "MISSING" >> "$SUMMARY"; any_fail=1; continue; }
+    run_step "test $t" "$WORK/tests.log" 120 "$exe" --test-threads=1
   done
-  [ -x "$GPU_DIR/test-cuda_norm" ] && run_step "racecheck cuda_norm" "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 9 "$GPU_DIR/test-cuda_norm" --test-threads=1
-  [ -x "$GPU_DIR/test-cuda_norm" ] && run_step "synccheck cuda_norm" "$OUT/sanitizer.log" compute-sanitizer --tool synccheck --error-exitcode 9 "$GPU_DIR/test-cuda_norm" --test-threads=1
-  [ -x "$GPU_DIR/test-cuda_linear_attention" ] && run_step "racecheck cuda_linear_attention" "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 9 "$GPU_DIR/test-cuda_linear_attention" --test-threads=1
-  [ -x "$GPU_DIR/test-cuda_linear_attention" ] && run_step "synccheck cuda_linear_attention" "$OUT/sanitizer.log" compute-sanitizer --tool synccheck --error-exitcode 9 "$GPU_DIR/test-cuda_linear_attention" --test-threads=1
-else
-  printf "%-36s %-6s\n" "compute-sanitizer" "ABSENT" >> "$SUMMARY"
 fi
 
-for b in "${BENCHES[@]}"; do
-  exe="$GPU_DIR/bench-$b"
-  [ -x "$exe" ] || { printf "%-36s %-6s\n" "bench $b" "MISSING" >> "$SUMMARY"; any_fail=1; continue; }
-  run_step "bench $b" "$OUT/bench.log" "$exe"
-done
-
-fi # kernels
-
+# 2. b-512 against PyTorch eager on the same shapes.
 if [ "$PHASE" != kernels ]; then
-  OU="$GPU_DIR/openuni"
-  for dtype in f32 bf16; do
-    run_step "verify cases cuda $dtype" "$OUT/tests.log" "$OU" verify tests/fixtures/*/ --device cuda --dtype "$dtype"
+  bench_pair b-512 1,8,32 20 0
+  # 3. Numerics of the whole pipeline on the GPU: every reference case, then a batched generate.
+  for dtype in bf16 f32; do
+    run_step "verify cases cuda $dtype" "$WORK/tests.log" 90 "$OU" verify tests/fixtures/*/ --device cuda --dtype "$dtype"
   done
-  printf 'a red fox\na lighthouse at dusk\na bowl of cherries\n' > "$OUT/prompts.txt"
-  run_step "generate tiny --batch 3" "$OUT/tests.log" "$OU" generate --prompts "$OUT/prompts.txt" --batch 3 --device cuda --dtype bf16 --out "$OUT/images"
-  SITE=/tmp/openuni-site
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$GPU_DIR"/whl/*.whl > "$OUT/pip.log" 2>&1 || echo "diffusers wheel install failed (see pip.log)"
-  for v in "${VARIANTS[@]}"; do
-    run_step "openuni bench $v" "$OUT/bench.log" "$OU" bench --variant "$v" --batch 1,8,32 --device cuda --dtype bf16 --iters 20 --profile --json "$OUT/ours-$v.json"
-    PYTHONPATH="$SITE" run_step "torch bench $v" "$OUT/bench.log" python3 tools/bench_torch.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch 1,8,32 --iters 20 --compile --json "$OUT/torch-$v.json"
-    [ -f "$OUT/ours-$v.json" ] && [ -f "$OUT/torch-$v.json" ] && python3 tools/bench_torch.py --compare "$OUT/ours-$v.json" "$OUT/torch-$v.json" | tee -a "$OUT/ratios.txt"
+  printf 'a red fox\na lighthouse at dusk\na bowl of cherries\n' > "$WORK/prompts.txt"
+  run_step "generate tiny --batch 3" "$WORK/tests.log" 60 "$OU" generate --prompts "$WORK/prompts.txt" --batch 3 --device cuda --dtype bf16 --out "$WORK/images"
+fi
+
+# 4. Kernel benchmarks (the sm_90a vs mma.sync comparisons first).
+if [ "$PHASE" != pipeline ]; then
+  for b in "${BENCHES[@]}"; do
+    exe="$GPU_DIR/bench-$b"
+    [ -x "$exe" ] || { printf "%-40s %-7s\n" "bench $b" "MISSING" >> "$SUMMARY"; continue; }
+    run_step "bench $b" "$WORK/bench.log" 90 "$exe"
   done
-  # Chat (docs/decode.md, "Measuring the GPU targets"): batch 1 at a 2k context (bandwidth) + the ViT, batch 64.
+fi
+
+# 5. What is left, while time lasts.
+if [ "$PHASE" != kernels ]; then
+  bench_pair b-512 32 10 1
+  bench_pair l-1024 1,32 10 0
+  bench_pair l-512 1,32 10 0
   for v in b-512 l-512; do
-    # "batch prompt vit-tiles": the ViT of 13 tiles is timed with the batch-1 run.
     for shape in "1 2048 13" "64 512 0"; do
       set -- $shape
-      run_step "openuni bench --chat $v b$1 p$2" "$OUT/bench.log" "$OU" bench --chat --variant "$v" --device cuda --dtype bf16 --batch "$1" --chat-prompt "$2" --vit-tiles "$3" --iters 50 --json "$OUT/ours-chat-$v-b$1.json"
-      PYTHONPATH="$SITE" run_step "torch chat bench $v b$1 p$2" "$OUT/bench.log" python3 tools/bench_torch_chat.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch "$1" --prompt "$2" --vit-tiles "$3" --iters 50 --json "$OUT/torch-chat-$v-b$1.json"
+      run_step "openuni bench --chat $v b$1 p$2" "$WORK/bench.log" 120 "$OU" bench --chat --variant "$v" --device cuda --dtype bf16 --batch "$1" --chat-prompt "$2" --vit-tiles "$3" --iters 50 --json "$WORK/ours-chat-$v-b$1.json"
+      PYTHONPATH="$SITE" run_step "torch chat bench $v b$1 p$2" "$WORK/bench.log" 120 python3 tools/bench_torch_chat.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch "$1" --prompt "$2" --vit-tiles "$3" --iters 50 --json "$WORK/torch-chat-$v-b$1.json"
     done
   done
 fi
+if [ "$PHASE" != pipeline ]; then
+  for t in cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention_sm90 cuda_conv_sm90; do
+    exe="$GPU_DIR/test-$t"
+    [ -x "$exe" ] || continue
+    OPENUNI_KERNEL_FORMAT=ptx run_step "test $t (ptx)" "$WORK/tests.log" 90 "$exe" --test-threads=1
+  done
+  if command -v compute-sanitizer > /dev/null 2>&1; then
+    for t in cuda_norm cuda_linear_attention cuda_attention_sm90; do
+      exe="$GPU_DIR/test-$t"
+      [ -x "$exe" ] || continue
+      run_step "memcheck $t" "$WORK/sanitizer.log" 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$exe" --test-threads=1
+      run_step "racecheck $t" "$WORK/sanitizer.log" 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$exe" --test-threads=1
+    done
+  else
+    printf "%-40s %-7s\n" "compute-sanitizer" "ABSENT" >> "$SUMMARY"
+  fi
+fi
 
+cp "$SUMMARY" "$WORK/summary.txt"
+pack
 echo
 echo "===== benchmark lines"
-grep -E "GB/s|copy:" "$OUT/bench.log" || true
+grep -E "GB/s|TFLOP/s|copy:|speed-up|x " "$WORK/bench.log" | head -150 || true
+echo
+echo "===== ratios"
+cat "$WORK/ratios.txt" 2>/dev/null
 echo
 echo "===== failures"
-grep -E "panicked|FAILED|error:|ERROR SUMMARY: [1-9]" "$OUT/tests.log" "$OUT/sanitizer.log" | head -40 || true
+grep -E "panicked|FAILED|error:|ERROR SUMMARY: [1-9]" "$WORK/tests.log" "$WORK/sanitizer.log" | head -40 || true
 echo
-echo "===== summary ($OUT)"
+echo "===== summary ($OUT; logs in results.tar.gz)"
 cat "$SUMMARY"
 exit $any_fail
