@@ -193,5 +193,26 @@ fn main() {
         let ms = time_ms(&dev, warmup, runs, 1, |_| unsafe { l.enqueue(&dev) }).unwrap();
         r.add(&l.kernel, label, &[h, w, c, p], bytes, ms);
     }
+
+    // The depthwise 3x3 + SiLU gate with the SiLU of its input folded in (GLUMBConv after
+    // conv_inverted): reads [.., 2c], writes [.., c].
+    let glu_cases: Vec<(&str, usize, usize, usize, usize)> = vec![
+        // (where, images, h, w, output channels)
+        ("Sana-600M MixFFN, b-512 batch 32 (64 CFG rows of 16²)", 64, 16, 16, 2880),
+        ("SANA1.5-1.6B MixFFN, l-1024 batch 1 (2 CFG rows of 32²)", 2, 32, 32, 5600),
+        ("DC-AE up_blocks.3 GLUMBConv (4·512) @1024²", 1, 128, 128, 2048),
+    ];
+    for (label, b, h, w, c) in glu_cases {
+        let (b, h, w, c) = (cut(b, 1), cut(h, 8), cut(w, 8), cut(c, 96));
+        let n = b * h * w * c;
+        let x = dev.upload(&random_bytes(&mut rng, bf, 2 * n, 0.0, 1.0)).unwrap();
+        let y = dev.alloc(n * 2).unwrap();
+        let wt = dev.upload(&random_bytes(&mut rng, bf, 2 * c * 9, 0.0, 0.3)).unwrap();
+        let l = conv::depthwise_conv3_glu(bf, x.ptr(), wt.ptr(), 0, y.ptr(), b, h, w, c, 3, true).unwrap();
+        // SAFETY: the buffers hold the shapes launched.
+        let ms = time_ms(&dev, warmup, runs, 1, |_| unsafe { l.enqueue(&dev) }).unwrap();
+        r.add(&l.kernel, label, &[b, h, w, 2 * c], 2 * (3 * n + 2 * c * 9), ms);
+        std::mem::forget((x, y, wt)); // live to the end of the process
+    }
     r.finish();
 }

@@ -535,83 +535,70 @@ __device__ __forceinline__ void depthwise_conv2d(const T* x, const T* w, const T
 
 // The depthwise 3x3 conv fused with GLUMBConv's SiLU gate: input [.., 2c] (u | g), output [.., c]
 // = dw(u) * silu(dw(g)), so the 2c-channel conv output (SANA's widest activation) is never stored.
-// Same work split as dwconv: the block owns DW_CB output channels, whose u and g weights sit in
-// shared memory.
+// With SILU_IN the input is silu(x) (GLUMBConv's conv_inverted activation, applied here as x loads).
+//
+// A block owns one tile of DWG_ROWS x DWG_COLS output pixels of one image and DWG_CHANNELS output
+// channels. It stages the tile's input with its 1-pixel halo, u and g halves, in shared memory (zero
+// outside the image, the SiLU applied once per staged element), then each thread computes outputs of
+// one channel from shared memory. The SiLU of the input is why this is staged: computed per tap read
+// (as a register-only kernel would) it costs about 4.5 exponentials and divisions per input element
+// and bounds the kernel by arithmetic (5% of the copy bandwidth on an H200, docs/gpu-plan.md).
 template <typename T, bool SILU_IN>
 __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                                             T* __restrict__ y, int batch, int h, int wd, int c) {
-    constexpr int ks = 3, pad = 1, kk = 9;
-    __shared__ float Wu[kk][DW_CB], Wg[kk][DW_CB];
-    __shared__ float Bu[DW_CB], Bg[DW_CB];
+    constexpr int TR = DWG_ROWS, TC = DWG_COLS, CB = DWG_CHANNELS;
+    constexpr int SR = TR + 2, SC = TC + 2;  // staged rows and columns (halo included)
+    __shared__ float S[SR * SC][2][CB];      // [pixel][u | g][channel]
     const int cin = 2 * c;
-    const int cb = blockIdx.y * DW_CB;
-    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
-    for (int i = tid; i < kk * DW_CB; i += nthreads) {
-        const int t = i / DW_CB, cl = i % DW_CB;
-        const bool in = cb + cl < c;
-        Wu[t][cl] = in ? to_f32(w[(i64)(cb + cl) * kk + t]) : 0.f;
-        Wg[t][cl] = in ? to_f32(w[(i64)(cb + cl + c) * kk + t]) : 0.f;
-    }
-    for (int cl = tid; cl < DW_CB; cl += nthreads) {
-        const bool in = bias && cb + cl < c;
-        Bu[cl] = in ? to_f32(bias[cb + cl]) : 0.f;
-        Bg[cl] = in ? to_f32(bias[cb + cl + c]) : 0.f;
-    }
-    __syncthreads();  // the only barrier: every thread reaches it before its item loop
+    const int c0 = blockIdx.y * CB;
+    const int col_tiles = (wd + TC - 1) / TC, row_tiles = (h + TR - 1) / TR;
+    const int tile = blockIdx.x;
+    const int x0 = (tile % col_tiles) * TC;
+    const int y0 = ((tile / col_tiles) % row_tiles) * TR;
+    const int b = tile / (col_tiles * row_tiles);
+    const int tid = threadIdx.x;
+    const int cl = tid % CB;  // this thread's channel in the compute phase
+    const bool ch_in = c0 + cl < c;
 
-    const int cl0 = 4 * threadIdx.x, c0 = cb + cl0, nc = min(4, c - c0);
-    if (nc <= 0) return;
-    const int align = 4 * (int)sizeof(T);
-    const bool vec = c % 4 == 0 && (reinterpret_cast<unsigned long long>(x) % align) == 0 &&
-                     (reinterpret_cast<unsigned long long>(y) % align) == 0;
-    const int rb = (h + DW_R - 1) / DW_R;
-    const i64 items = (i64)batch * rb * wd;
-    for (i64 it = (i64)blockIdx.x * blockDim.y + threadIdx.y; it < items; it += (i64)gridDim.x * blockDim.y) {
-        const int ox = (int)(it % wd);
-        const i64 r = it / wd;
-        const int y0 = (int)(r % rb) * DW_R;
-        const int b = (int)(r / rb);
-        float au[DW_R][4], ag[DW_R][4];
+    // The thread's 9 + 9 weights and 2 biases, read before the staging so the loads overlap.
+    float wu[9], wg[9], bu = 0.f, bg = 0.f;
 #pragma unroll
-        for (int q = 0; q < DW_R; ++q)
+    for (int t = 0; t < 9; ++t) {
+        wu[t] = ch_in ? to_f32(w[(i64)(c0 + cl) * 9 + t]) : 0.f;
+        wg[t] = ch_in ? to_f32(w[(i64)(c0 + cl + c) * 9 + t]) : 0.f;
+    }
+    if (bias && ch_in) bu = to_f32(bias[c0 + cl]), bg = to_f32(bias[c0 + cl + c]);
+
+    // Stage: element i = (pixel, half, channel), channel fastest so a warp reads 32 consecutive channels.
+    for (int i = tid; i < SR * SC * 2 * CB; i += blockDim.x) {
+        const int ch = i % CB, half = (i / CB) % 2, p = i / (2 * CB);
+        const int iy = y0 - 1 + p / SC, ix = x0 - 1 + p % SC;
+        float v = 0.f;
+        if (iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + ch < c) {
+            v = to_f32(x[(((i64)b * h + iy) * wd + ix) * cin + half * c + c0 + ch]);
+            // Fast SiLU (a few ulp of f32, far below bf16's rounding); the clamp keeps the divisor
+            // finite and below 2^126, where __fdividef would return 0 or NaN.
+            if constexpr (SILU_IN) v = __fdividef(v, 1.f + __expf(fminf(-v, 80.f)));
+        }
+        S[p][half][ch] = v;
+    }
+    __syncthreads();  // the only barrier: every thread reaches it (no early return above)
+
+    if (!ch_in) return;
+    for (int q = tid / CB; q < TR * TC; q += blockDim.x / CB) {
+        const int oy = q / TC, ox = q % TC;
+        if (y0 + oy >= h || x0 + ox >= wd) continue;
+        float au = bu, ag = bg;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) au[q][j] = Bu[cl0 + j], ag[q][j] = Bg[cl0 + j];
+        for (int dy = 0; dy < 3; ++dy)
 #pragma unroll
-        for (int j = 0; j < DW_R + ks - 1; ++j) {
-            const int iy = y0 - pad + j;
-            if (iy < 0 || iy >= h) continue;
-#pragma unroll
-            for (int d = 0; d < ks; ++d) {
-                const int ix = ox - pad + d;
-                if (ix < 0 || ix >= wd) continue;
-                const T* px = x + (((i64)b * h + iy) * wd + ix) * cin + c0;
-                float u[4], g[4];
-                load4(px, u, vec, nc);
-                load4(px + c, g, vec, nc);
-                if constexpr (SILU_IN) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) u[e] = u[e] / (1.f + expf(-u[e])), g[e] = g[e] / (1.f + expf(-g[e]));
-                }
-#pragma unroll
-                for (int q = 0; q < DW_R; ++q) {
-                    const int dy = j - q;
-                    if (dy < 0 || dy >= ks) continue;
-                    const float* wu = &Wu[dy * ks + d][cl0];
-                    const float* wg = &Wg[dy * ks + d][cl0];
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) au[q][e] += wu[e] * u[e], ag[q][e] += wg[e] * g[e];
-                }
+            for (int dx = 0; dx < 3; ++dx) {
+                const int p = (oy + dy) * SC + ox + dx;
+                au += wu[dy * 3 + dx] * S[p][0][cl];
+                ag += wg[dy * 3 + dx] * S[p][1][cl];
             }
-        }
-#pragma unroll
-        for (int q = 0; q < DW_R; ++q) {
-            const int oy = y0 + q;
-            if (oy >= h) break;
-            float o[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[e] = au[q][e] * (ag[q][e] / (1.f + expf(-ag[q][e])));
-            store4(y + (((i64)b * h + oy) * wd + ox) * c + c0, o, vec, nc);
-        }
+        const float o = au * (ag / (1.f + expf(-ag)));
+        y[(((i64)b * h + y0 + oy) * wd + x0 + ox) * c + c0 + cl] = from_f32<T>(o);
     }
 }
 

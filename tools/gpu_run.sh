@@ -19,7 +19,9 @@
 #      3. every reference case through `openuni verify --device cuda` (bf16, f32), a batched generate;
 #      4. the sm_90a vs mma.sync kernel benchmarks, then the other kernel benchmarks;
 #      5. torch.compile for b-512, the l-512 / l-1024 benches, chat benches, PTX re-runs, sanitizers.
-#    kernels = steps 1, 4 and the PTX/sanitizer part of 5; pipeline = 2, 3 and the rest of 5.
+#    kernels = steps 1, 4 and the PTX/sanitizer part of 5; pipeline = 2, 3 and the rest of 5; quick = the
+#    kernel tests and benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against
+#    PyTorch eager (a re-check after a change, for the few device minutes a second call has).
 #    It points LD_LIBRARY_PATH (libnvrtc, libcublasLt) and CUDA_INCLUDE_DIRS at /usr/local/cuda and writes
 #    to $OUT (default ./gpu-out) at most 8 files: summary.txt (printed last), env.txt and results.tar.gz
 #    (tests.log, bench.log, sanitizer.log, bench.jsonl, the JSON of both benches, ratios.txt, images).
@@ -82,7 +84,7 @@ PY
 fi
 
 PHASE="${1:-all}"
-case "$PHASE" in kernels|pipeline|all) ;; *) echo "usage: bash tools/gpu_run.sh [--build | kernels | pipeline | all]" >&2; exit 2;; esac
+case "$PHASE" in kernels|pipeline|all|quick) ;; *) echo "usage: bash tools/gpu_run.sh [--build | kernels | pipeline | all | quick]" >&2; exit 2;; esac
 if [ ! -d "$GPU_DIR" ]; then
   echo "no .gpu/ folder: build the executables first with 'bash tools/gpu_run.sh --build' on the CPU machine" >&2
   exit 2
@@ -182,8 +184,21 @@ bench_pair() { # variant batches iters compile(0/1)
   pack
 }
 
+# quick: a short re-check after a change (what a few device minutes allow): the kernel tests and
+# kernel benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against PyTorch.
+if [ "$PHASE" = quick ]; then
+  for t in ${GPU_QUICK_TESTS:-cuda_conv}; do
+    run_step "test $t" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1
+  done
+  for b in ${GPU_QUICK_BENCHES:-conv}; do
+    run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
+  done
+  bench_pair b-512 32 10 0
+  PHASE=done
+fi
+
 # 1. Kernel tests, CUBIN (real hardware: the first correctness check of every kernel on a GPU).
-if [ "$PHASE" != pipeline ]; then
+if [ "$PHASE" = kernels ] || [ "$PHASE" = all ]; then
   for t in "${TESTS[@]}"; do
     exe="$GPU_DIR/test-$t"
     [ -x "$exe" ] || { printf "%-40s %-7s\n" "test $t" "MISSING" >> "$SUMMARY"; any_fail=1; continue; }
@@ -192,18 +207,19 @@ if [ "$PHASE" != pipeline ]; then
 fi
 
 # 2. b-512 against PyTorch eager on the same shapes.
-if [ "$PHASE" != kernels ]; then
+if [ "$PHASE" = pipeline ] || [ "$PHASE" = all ]; then
   bench_pair b-512 1,32 10 0
   # 3. Numerics of the whole pipeline on the GPU: every reference case, then a batched generate.
+  CASES=(); for d in tests/fixtures/*/; do [ -f "$d/case.json" ] && CASES+=("$d"); done  # fuzz/, pth/ hold no case
   for dtype in bf16 f32; do
-    run_step "verify cases cuda $dtype" "$WORK/tests.log" 90 "$OU" verify tests/fixtures/*/ --device cuda --dtype "$dtype"
+    run_step "verify cases cuda $dtype" "$WORK/tests.log" 90 "$OU" verify "${CASES[@]}" --device cuda --dtype "$dtype"
   done
   printf 'a red fox\na lighthouse at dusk\na bowl of cherries\n' > "$WORK/prompts.txt"
   run_step "generate tiny --batch 3" "$WORK/tests.log" 60 "$OU" generate --prompts "$WORK/prompts.txt" --batch 3 --device cuda --dtype bf16 --out "$WORK/images"
 fi
 
 # 4. Kernel benchmarks (the sm_90a vs mma.sync comparisons first).
-if [ "$PHASE" != pipeline ]; then
+if [ "$PHASE" = kernels ] || [ "$PHASE" = all ]; then
   for b in "${BENCHES[@]}"; do
     exe="$GPU_DIR/bench-$b"
     [ -x "$exe" ] || { printf "%-40s %-7s\n" "bench $b" "MISSING" >> "$SUMMARY"; continue; }
@@ -212,7 +228,7 @@ if [ "$PHASE" != pipeline ]; then
 fi
 
 # 5. What is left, while time lasts.
-if [ "$PHASE" != kernels ]; then
+if [ "$PHASE" = pipeline ] || [ "$PHASE" = all ]; then
   bench_pair b-512 32 10 1
   bench_pair l-1024 1,32 10 0
   bench_pair l-512 1,32 10 0
@@ -224,7 +240,7 @@ if [ "$PHASE" != kernels ]; then
     done
   done
 fi
-if [ "$PHASE" != pipeline ]; then
+if [ "$PHASE" = kernels ] || [ "$PHASE" = all ]; then
   [ -x "$GPU_DIR/test-kernels_compile" ] && run_step "test kernels_compile" "$WORK/tests.log" 120 "$GPU_DIR/test-kernels_compile" --nocapture --test-threads=1
   for t in cuda_norm cuda_elementwise cuda_linear_attention cuda_misc cuda_attention_sm90 cuda_conv_sm90; do
     exe="$GPU_DIR/test-$t"

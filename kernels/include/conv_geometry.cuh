@@ -18,6 +18,9 @@ constexpr int CONV_TC_CHUNK = 16;  // their prepared weights: input channels per
 constexpr int CONV_KMAX = 7;      // largest (odd) kernel of conv2d_{f32,bf16} and depthwise_conv2d_*
 constexpr int DW_ROWS = 4;        // depthwise: output rows per thread
 constexpr int DW_CHANNELS = 128;  // depthwise: channels per block (32 threads x 4)
+constexpr int DWG_CHANNELS = 32;  // depthwise 3x3 + GLU: output channels per block (u and g: 2x this)
+constexpr int DWG_ROWS = 4;       // depthwise 3x3 + GLU: output rows of a block's tile
+constexpr int DWG_COLS = 16;      // depthwise 3x3 + GLU: output columns of a block's tile
 constexpr int GL_ROWS = 128;      // grouped_linear: rows per block
 constexpr int GL_COLS = 32;       // grouped_linear: outputs per block
 

@@ -337,6 +337,8 @@ inline float sinpif(float x) { return sinf(x * 3.14159265358979323846f); }
 inline float cospif(float x) { return cosf(x * 3.14159265358979323846f); }
 inline void sincospif(float x, float* s, float* c) { *s = sinpif(x); *c = cospif(x); }
 inline float __tanf(float x) { return tanf(x); }
+// The hardware __expf is approximate (ex2.approx of x·log2 e, a few ulp); here it is exact.
+inline float __expf(float x) { return expf(x); }
 inline float erfinvf(float y) {
   // Newton iterations on erf from a closed-form start (Giles' approximation); device erfinvf is ~2 ulp.
   if (y <= -1.0f) return y == -1.0f ? -INFINITY : NAN;

@@ -416,13 +416,13 @@ fn depthwise_launch(
 
 /// `depthwise_conv3_glu_<dtype>`: the 3×3 depthwise conv of a [.., 2c] input fused with the SiLU
 /// gate, `u · silu(g)` -> [.., c] (`c` output channels). With `silu_input`,
-/// `silu_depthwise_conv3_glu_<dtype>`: the same of `silu(x)`, the SiLU applied as the kernel loads x
-/// (GLUMBConv's `conv_inverted` activation; `Op::DepthwiseConvGlu` with `silu_input`). Same work
-/// split as [`depthwise_conv2d`].
+/// `silu_depthwise_conv3_glu_<dtype>`: the same of `silu(x)`, the SiLU applied once per input element
+/// as the kernel stages it (GLUMBConv's `conv_inverted` activation; `Op::DepthwiseConvGlu` with
+/// `silu_input`). One block of 256 threads per tile of `DWG_ROWS` × `DWG_COLS` output pixels of one
+/// image and `DWG_CHANNELS` output channels (kernels/conv.cu, `dwconv3_glu`).
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv3_glu(
     dtype: DType,
-    sm_count: u32,
     x: u64,
     weight: u64,
     bias: u64,
@@ -438,8 +438,26 @@ pub fn depthwise_conv3_glu(
     if kernel != 3 {
         return Err(invalid(what, format!("kernel {kernel}: the fused CUDA depthwise conv + GLU is 3x3 only (GLUMBConv's)")));
     }
-    let name = format!("{prefix}depthwise_conv3_glu_{}", suffix(dtype)?);
-    depthwise_launch(name, what, sm_count, [x, weight, bias, y], batch, h, w, c, None)
+    let tiles = batch * h.div_ceil(geometry::DWG_ROWS) * w.div_ceil(geometry::DWG_COLS);
+    let gx = grid_dim(what, tiles, i32::MAX as usize)?;
+    let gy = grid_dim(what, c.div_ceil(geometry::DWG_CHANNELS), 65535)?;
+    let args = vec![
+        KArg::Ptr(x),
+        KArg::Ptr(weight),
+        KArg::Ptr(bias),
+        KArg::Ptr(y),
+        i32_arg("batch", batch)?,
+        i32_arg("h", h)?,
+        i32_arg("w", w)?,
+        i32_arg("channels", c)?,
+    ];
+    Ok(Launch {
+        kernel: format!("{prefix}depthwise_conv3_glu_{}", suffix(dtype)?),
+        grid: (gx, gy, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        args,
+    })
 }
 
 /// Depthwise k×k conv (odd k <= [`MAX_KERNEL`]), weight [c, 1, k, k], `bias` 0 when absent.
@@ -557,7 +575,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         }
         Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel, silu_input } => {
             let xs = g.shape(*x);
-            depthwise_conv3_glu(ctx.dtype, sms, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last() / 2, *kernel, *silu_input)?
+            depthwise_conv3_glu(ctx.dtype, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last() / 2, *kernel, *silu_input)?
         }
         Op::GroupedLinear { x, weight, groups } => {
             let xs = g.shape(*x);
