@@ -20,5 +20,7 @@ constexpr int DW_ROWS = 4;        // depthwise: output rows per thread
 constexpr int DW_CHANNELS = 128;  // depthwise: channels per block (32 threads x 4)
 constexpr int GL_ROWS = 128;      // grouped_linear: rows per block
 constexpr int GL_COLS = 32;       // grouped_linear: outputs per block
+constexpr int MF_M = 256;         // mixffn_inverted_glu (kernels/mixffn_inverted_glu.cu): GEMM rows (tokens) per block
+constexpr int MF_HC = 16;         // mixffn_inverted_glu: hidden channels per block (2x as many GEMM columns)
 
 }  // namespace ou

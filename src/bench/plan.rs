@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 
 use anyhow::Result;
-use openuni_cuda::families::{attention, linear_attention};
+use openuni_cuda::families::{attention, linear_attention, mixffn_inverted_glu};
 use openuni_graph::{node_cost, Graph, Node, Op};
 use openuni_tensor::DType;
 use openuni_models::{sana, scheduler};
@@ -167,6 +167,8 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         | Op::DepthwiseConvGlu { .. }
         | Op::GroupedLinear { .. }
         | Op::RepeatChannels { .. } => one,
+        // Fused: one kernel; else the GEMM and the depthwise GLU (families::mixffn_inverted_glu).
+        Op::MixFfnInvertedGlu { x, h, w, .. } => one * mixffn_inverted_glu::launch_count(dtype, g.shape(*x).last(), *h, *w),
     })
 }
 
@@ -258,7 +260,7 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
         let launches = cuda_launches(g, node, dtype)?;
         p.launches += launches;
         p.activation_bytes += bytes - weight_bytes;
-        if matches!(node.op, Op::Linear { .. } | Op::LinearResidual { .. }) {
+        if matches!(node.op, Op::Linear { .. } | Op::LinearResidual { .. } | Op::MixFfnInvertedGlu { .. }) {
             p.gemm_launches += launches;
             p.gemm_flops += c.flops;
             p.gemm_bytes += bytes;
