@@ -9,21 +9,25 @@
 //       layout: row j is GEMM column j), bi [2H] or null, wd [2H, 1, 3, 3], bd [2H] or null ->
 //       y [B, h*wd_, H].
 //
-// Launch: grid (ceil(H / MF_HC), ceil(h / band), B), 256 threads. A block owns MF_HC hidden channels
+// Launch: grid (ceil(H / MF_HC), ceil(h / band), B), 256 threads, MF_SMEM bytes of dynamic shared
+// memory (one block per SM: `__launch_bounds__(256, 1)`). A block owns MF_HC hidden channels
 // (GEMM columns c0.. and H + c0..: both GLU halves of its channels) and `band` output rows of one
 // image. It computes the GEMM for those rows plus one halo row above and below (inside the image),
 // at most MF_M tokens: the launcher picks band = h when the whole image fits (no halo, nothing
 // computed twice: SANA at 512 px, 16x16 = 256 tokens), else MF_M / wd_ - 2 rows.
 //   1. GEMM on the tensor cores (mma.sync m16n8k16 bf16 -> f32, kernels/include/mma.cuh): MF_M x
-//      2*MF_HC tile, k in stages of MF_KC through a 2-stage cp.async ring; 8 warps of 32 rows x 32
-//      columns. Shared rows are 80 bytes, so the 8 rows of an ldmatrix matrix fall in 8 distinct
-//      16-byte bank groups (checked on the emulated GPU: OU_LDMATRIX_BANK_CHECK).
+//      2*MF_HC (256 x 128) tile, k in stages of MF_KC through a MF_STAGES-deep cp.async ring (stage
+//      kc + 2 in flight while kc is computed); 8 warps (4 along M x 2 along N) of 64 x 64. Shared
+//      rows are 80 bytes, so the 8 rows of an ldmatrix matrix fall in 8 distinct 16-byte bank groups
+//      (checked on the emulated GPU: OU_LDMATRIX_BANK_CHECK). The column width sets how often an
+//      image's x is read from L2: H / MF_HC times (45 for SANA's 2880).
 //   2. The tile + bias, rounded to bf16 (what the unfused GEMM stores), SiLU, as f32 in shared memory
-//      (it reuses the stages' memory).
+//      (it reuses the stages' memory; 256 x 129 f32 = MF_SMEM bytes, the largest part).
 //   3. The depthwise 3x3 conv of both halves from shared memory (zero padding at the image's
 //      edges), then u * silu(g), written as bf16: one thread per (token, channel).
-// Known next steps, to be measured on a GPU: a wider column tile (the A tile is reread from L2 by
-// every channel slice of an image: H / MF_HC times), a deeper ring, 16-byte output stores.
+// Known next steps, to be measured on a GPU: the A tile is still reread from L2 by every channel
+// slice (a 2-CTA cluster sharing it through distributed shared memory would halve that), 16-byte
+// output stores, the halo recompute at 32x32 (8 GEMM rows per 6 output rows).
 
 #include "common.cuh"
 #include "conv_geometry.cuh"
@@ -39,17 +43,22 @@ constexpr int MF_LD = MF_KC + 8;      // bf16 per shared row: 80 bytes (see abov
 constexpr int MF_COLS = 2 * MF_HC;    // GEMM columns per block: MF_HC u channels, then their gates
 constexpr int MF_SLD = MF_COLS + 1;   // f32 per row of the activated tile
 constexpr int MF_THREADS = 256;
-static_assert(MF_M == 32 * (MF_THREADS / 32), "one warp per 32 rows");
-static_assert(MF_COLS == 32, "a warp computes 32 columns (4 n8 tiles)");
+constexpr int MF_STAGES = 3;
+constexpr int MF_WM = 4, MF_WN = 2;                         // warps along M and N
+constexpr int MF_TM = MF_M / MF_WM, MF_TN = MF_COLS / MF_WN;  // warp tile: 64 x 64
+constexpr int MF_MI = MF_TM / 16, MF_NI = MF_TN / 8;          // m16 and n8 tiles per warp
+static_assert(MF_WM * MF_WN * 32 == MF_THREADS, "8 warps");
+static_assert(MF_NI % 2 == 0, "B fragments are loaded two n8 tiles at a time");
 
 struct MfStage {
     bf16 a[MF_M][MF_LD];
     bf16 b[MF_COLS][MF_LD];
 };
 union MfSmem {
-    MfStage st[2];
+    MfStage st[MF_STAGES];
     float act[MF_M][MF_SLD];
 };
+static_assert(sizeof(MfSmem) == MF_SMEM, "conv_geometry.cuh's MF_SMEM is the launcher's dynamic shared memory");
 
 __device__ __forceinline__ float mf_silu(float v) { return v / (1.f + expf(-v)); }
 
@@ -57,10 +66,12 @@ __device__ __forceinline__ void mixffn_inverted_glu(const bf16* __restrict__ x, 
                                                     const bf16* __restrict__ bi, const bf16* __restrict__ wd,
                                                     const bf16* __restrict__ bd, bf16* __restrict__ y, int h,
                                                     int wdt, int c, int hidden, int band) {
-    __shared__ __align__(16) MfSmem sm;
+    extern __shared__ __align__(128) unsigned char ou_mixffn_smem[];
+    MfSmem& sm = *reinterpret_cast<MfSmem*>(ou_mixffn_smem);
     __shared__ float Wdw[9][MF_COLS];
     __shared__ float Bi[MF_COLS], Bd[MF_COLS];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp % MF_WM, wn = warp / MF_WM;
     const int c0 = blockIdx.x * MF_HC;
     const int r0 = blockIdx.y * band, r1 = min(r0 + band, h);  // output rows [r0, r1)
     const int lo = max(r0 - 1, 0), hi = min(r1 + 1, h);        // GEMM rows [lo, hi) of the image
@@ -96,61 +107,64 @@ __device__ __forceinline__ void mixffn_inverted_glu(const bf16* __restrict__ x, 
         }
     };
 
-    float acc[2][4][4];
+    float acc[MF_MI][MF_NI][4];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MF_MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < MF_NI; ++ni)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
-    const bool busy = warp * 32 < rows;  // warp-uniform: a warp past the band's rows has no work
+    const bool busy = wm * MF_TM < rows;  // warp-uniform: a warp past the band's rows has no work
     const int nk = (c + MF_KC - 1) / MF_KC;
-    load(0, 0);
-    cp_async_commit();
+    // Ring: one commit group per stage, empty past the last chunk, so that in iteration kc
+    // `wait<MF_STAGES - 2>` means chunk kc has landed.
+#pragma unroll
+    for (int s = 0; s < MF_STAGES - 1; ++s) {
+        if (s < nk) load(s, s * MF_KC);
+        cp_async_commit();
+    }
     for (int kc = 0; kc < nk; ++kc) {
-        if (kc + 1 < nk) {
-            load((kc + 1) & 1, (kc + 1) * MF_KC);  // the stage computed in iteration kc - 1
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();  // stage kc & 1 complete for every thread
+        cp_async_wait<MF_STAGES - 2>();
+        __syncthreads();  // chunk kc visible to all; the stage computed in iteration kc - 1 is free
+        const int next = kc + MF_STAGES - 1;
+        if (next < nk) load(next % MF_STAGES, next * MF_KC);
+        cp_async_commit();
         if (busy) {
-            const MfStage& st = sm.st[kc & 1];
+            const MfStage& st = sm.st[kc % MF_STAGES];
 #pragma unroll
             for (int kk = 0; kk < MF_KC; kk += 16) {
-                unsigned a[2][4], b[4][2];
+                unsigned a[MF_MI][4], b[MF_NI][2];
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
-                    ldmatrix_x4(a[mi], &st.a[warp * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+                for (int mi = 0; mi < MF_MI; ++mi)
+                    ldmatrix_x4(a[mi], &st.a[wm * MF_TM + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
 #pragma unroll
-                for (int np = 0; np < 2; ++np) {
+                for (int np = 0; np < MF_NI / 2; ++np) {
                     unsigned r[4];
-                    ldmatrix_x4(r, &st.b[np * 16 + (lane & 7) + (lane >> 4) * 8][kk + ((lane >> 3) & 1) * 8]);
+                    ldmatrix_x4(r, &st.b[wn * MF_TN + np * 16 + (lane & 7) + (lane >> 4) * 8][kk + ((lane >> 3) & 1) * 8]);
                     b[2 * np][0] = r[0];
                     b[2 * np][1] = r[1];
                     b[2 * np + 1][0] = r[2];
                     b[2 * np + 1][1] = r[3];
                 }
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
+                for (int mi = 0; mi < MF_MI; ++mi)
 #pragma unroll
-                    for (int ni = 0; ni < 4; ++ni) mma_m16n8k16_bf16_f32(acc[mi][ni], a[mi], b[ni], acc[mi][ni]);
+                    for (int ni = 0; ni < MF_NI; ++ni) mma_m16n8k16_bf16_f32(acc[mi][ni], a[mi], b[ni], acc[mi][ni]);
             }
         }
-        __syncthreads();  // stage kc & 1 read by everyone before it is refilled (or becomes act)
     }
+    cp_async_wait<0>();  // only empty groups remain; nothing may be pending at the block's end
+    __syncthreads();     // every warp done with the stages before they become `act`
 
     // 2. bias, bf16 rounding, SiLU -> act (f32).
     const int g = lane >> 2, tq = lane & 3;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MF_MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < MF_NI; ++ni)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int m = warp * 32 + mi * 16 + g + (i >= 2 ? 8 : 0), j = ni * 8 + 2 * tq + (i & 1);
+                const int m = wm * MF_TM + mi * 16 + g + (i >= 2 ? 8 : 0), j = wn * MF_TN + ni * 8 + 2 * tq + (i & 1);
                 const float v = to_f32(from_f32<bf16>(acc[mi][ni][i] + Bi[j]));
                 sm.act[m][j] = mf_silu(v);
             }
@@ -185,7 +199,7 @@ __device__ __forceinline__ void mixffn_inverted_glu(const bf16* __restrict__ x, 
 
 using ou::bf16;
 
-extern "C" __global__ void __launch_bounds__(256) mixffn_inverted_glu_bf16(const bf16* x, const bf16* wi, const bf16* bi,
+extern "C" __global__ void __launch_bounds__(256, 1) mixffn_inverted_glu_bf16(const bf16* x, const bf16* wi, const bf16* bi,
                                                                            const bf16* wd, const bf16* bd, bf16* y, int h,
                                                                            int wdt, int c, int hidden, int band) {
     ou::mixffn_inverted_glu(x, wi, bi, wd, bd, y, h, wdt, c, hidden, band);

@@ -3,8 +3,8 @@
 //! (Linear, then silu_depthwise_conv_glu) on random inputs, through the CUDA executor on one-node
 //! graphs; and the launcher's selection and refusals.
 //!
-//! Shapes: C 8, 16, 24 and 40 (a k tail after the 32-wide stage), hidden 5 to 20 (not multiples
-//! of the 16-channel slice), 1 to 3 images, 4×4, 16×16 (256 tokens: one block per image), 5×7
+//! Shapes: C 8, 16, 24 and 40 (a k tail after the 32-wide stage), hidden 5 to 70 (not multiples
+//! of the 64-channel slice; 70: two slices), 1 to 3 images, 4×4, 16×16 (256 tokens: one block per image), 5×7
 //! (non-square), and 12×32 (384 tokens: bands of 6 rows with recomputed halo rows). bf16 storage
 //! with C % 8 == 0 runs the fused kernel; f32 storage and C = 12 run the two-op path (cuBLASLt GEMM
 //! into a workspace, then the depthwise GLU), tested the same way. Tolerances
@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use openuni_cpu::ops as cpu;
-use openuni_cuda::families::mixffn_inverted_glu::{self, MixFfnArgs, MF_M};
+use openuni_cuda::families::mixffn_inverted_glu::{self, MixFfnArgs, MF_HC, MF_M};
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::CudaExecutor;
 use openuni_graph::GraphBuilder;
@@ -35,6 +35,7 @@ fn mixffn_inverted_glu_matches_cpu() {
         (1, 5, 7, 24, 17, false),
         (2, 12, 32, 16, 18, true),
         (1, 4, 4, 12, 6, true),
+        (1, 3, 5, 16, 70, true),
     ] {
         let (rows, c2) = (b * h * w, 2 * hidden);
         let x = rng.normals(rows * c, 0.0, 1.0);
@@ -88,9 +89,9 @@ fn mixffn_inverted_glu_matches_cpu() {
 fn mixffn_inverted_glu_launcher_refuses_what_it_does_not_compute() {
     let a = MixFfnArgs { x: 256, wi: 512, bi: 0, wd: 0, bd: 0, y: 0, batch: 2, h: 16, w: 16, c: 1152, hidden: 2880 };
     let l = mixffn_inverted_glu::mixffn_inverted_glu(&a).unwrap();
-    assert_eq!((l.grid, l.block), ((180, 1, 2), (256, 1, 1)), "one block per image and 16 hidden channels");
+    assert_eq!((l.grid, l.block), ((2880usize.div_ceil(MF_HC) as u32, 1, 2), (256, 1, 1)), "one block per image and MF_HC hidden channels");
     let banded = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { h: 32, w: 32, ..a }).unwrap();
-    assert_eq!(banded.grid, (180, 32usize.div_ceil(MF_M / 32 - 2) as u32, 2), "bands with halo rows at 32x32");
+    assert_eq!(banded.grid, (2880usize.div_ceil(MF_HC) as u32, 32usize.div_ceil(MF_M / 32 - 2) as u32, 2), "bands with halo rows at 32x32");
     let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { c: 12, ..a }).unwrap_err().to_string();
     assert!(e.contains("12 channels") && e.contains("C % 8 == 0"), "{e}");
     let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { w: MF_M, ..a }).unwrap_err().to_string();

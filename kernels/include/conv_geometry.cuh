@@ -21,6 +21,7 @@ constexpr int DW_CHANNELS = 128;  // depthwise: channels per block (32 threads x
 constexpr int GL_ROWS = 128;      // grouped_linear: rows per block
 constexpr int GL_COLS = 32;       // grouped_linear: outputs per block
 constexpr int MF_M = 256;         // mixffn_inverted_glu (kernels/mixffn_inverted_glu.cu): GEMM rows (tokens) per block
-constexpr int MF_HC = 16;         // mixffn_inverted_glu: hidden channels per block (2x as many GEMM columns)
+constexpr int MF_HC = 64;         // mixffn_inverted_glu: hidden channels per block (2x as many GEMM columns)
+constexpr int MF_SMEM = 132096;   // mixffn_inverted_glu: dynamic shared memory, sizeof(MfSmem) (checked there)
 
 }  // namespace ou

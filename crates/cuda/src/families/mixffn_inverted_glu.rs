@@ -22,6 +22,8 @@ use crate::gemm::{Epilogue, LinearArgs, LinearGemm};
 pub const MF_M: usize = geometry::MF_M;
 /// Hidden channels of one block (it computes both GLU halves of each: 2 × this GEMM columns).
 pub const MF_HC: usize = geometry::MF_HC;
+/// Dynamic shared memory of a block: the stages' ring, later the activated GEMM tile.
+pub const MF_SMEM: usize = geometry::MF_SMEM;
 
 fn invalid(msg: String) -> CudaError {
     CudaError::Invalid { what: "mixffn_inverted_glu".into(), msg }
@@ -77,7 +79,7 @@ pub fn mixffn_inverted_glu(a: &MixFfnArgs) -> Result<Launch> {
         kernel: "mixffn_inverted_glu_bf16".into(),
         grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
         block: (256, 1, 1),
-        smem: 0,
+        smem: MF_SMEM as u32,
         args: vec![
             KArg::Ptr(a.x),
             KArg::Ptr(a.wi),
