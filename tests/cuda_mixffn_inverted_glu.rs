@@ -5,9 +5,10 @@
 //!
 //! Shapes: C 8, 16, 24 and 40 (a k tail after the 32-wide stage), hidden 5 to 70 (not multiples
 //! of the 64-channel slice; 70: two slices), 1 to 3 images, 4×4, 16×16 (256 tokens: one block per image), 5×7
-//! (non-square), and 12×32 (384 tokens: bands of 6 rows with recomputed halo rows). bf16 storage
-//! with C % 8 == 0 runs the fused kernel; f32 storage and C = 12 run the two-op path (cuBLASLt GEMM
-//! into a workspace, then the depthwise GLU), tested the same way. Tolerances
+//! (non-square) through the executor: bf16 storage with C % 8 == 0 and the whole latent in one
+//! block runs the fused kernel; f32 storage, C = 12 and 12×32 (384 tokens) run the two-op path (cuBLASLt GEMM
+//! into a workspace, then the depthwise GLU), tested the same way; the kernel's halo bands
+//! (12×32, 7×80) launched directly. Tolerances
 //! (openuni_cuda::testing::check): f32 relative L2 <= 1e-5; bf16 <= 2x the error of a plain bf16
 //! run of the same computation (the twin on inputs rounded to bf16, its GEMM output rounded to
 //! bf16 as a bf16 GEMM stores it). Without a CUDA device every test prints `skipped: no CUDA device`.
@@ -15,6 +16,7 @@
 use std::collections::HashMap;
 
 use openuni_cpu::ops as cpu;
+use openuni_cuda::families::enqueue;
 use openuni_cuda::families::mixffn_inverted_glu::{self, MixFfnArgs, MF_HC, MF_M};
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::CudaExecutor;
@@ -81,6 +83,43 @@ fn mixffn_inverted_glu_matches_cpu() {
             let what = format!("mixffn_inverted_glu {dtype} [{b}, {h}x{w}, {c}] -> {hidden} biases={biases} fused={fused}");
             check(&what, dtype, &got, &want, &base);
         }
+    }
+}
+
+/// Bands with recomputed halo rows (latents wider than one block: the launcher supports them, the
+/// executor does not pick them, see `fused_band`), launched directly on bf16 buffers: 12×32 (bands of
+/// 6 rows, 8 GEMM rows), 7×80 (bands of 1 row between two halo rows), 2 images.
+#[test]
+fn mixffn_inverted_glu_bands_match_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(31);
+    for &(b, h, w, c, hidden) in &[(2, 12, 32, 16, 18), (1, 7, 80, 8, 70)] {
+        let (rows, c2) = (b * h * w, 2 * hidden);
+        let x = rng.normals(rows * c, 0.0, 1.0);
+        let (wi, bi) = (rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()), rng.normals(c2, 0.0, 0.3));
+        let (wd, bd) = (rng.normals(c2 * 9, 0.0, 0.4), rng.normals(c2, 0.0, 0.3));
+        let mut want = vec![0.0; rows * hidden];
+        cpu::mixffn_inverted_glu(&x, &wi, Some(&bi), &wd, Some(&bd), b, h, w, c, c2, &mut want);
+        let r = |v: &[f32]| round_to(DType::BF16, v);
+        let mut inv = vec![0.0; rows * c2];
+        cpu::linear(&r(&x), &r(&wi), Some(&r(&bi)), rows, c, c2, &mut inv);
+        let mut base = vec![0.0; rows * hidden];
+        cpu::silu_depthwise_conv_glu(&r(&inv), &r(&wd), Some(&r(&bd)), b, h, w, c2, 3, &mut base);
+
+        let bits = |v: &[f32]| v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect::<Vec<u16>>();
+        let up = |v: &[f32]| dev.upload(&bits(v)).unwrap();
+        let (xd, wid, bid, wdd, bdd) = (up(&x), up(&wi), up(&bi), up(&wd), up(&bd));
+        let y = dev.alloc(rows * hidden * 2).unwrap();
+        let a = MixFfnArgs { x: xd.ptr(), wi: wid.ptr(), bi: bid.ptr(), wd: wdd.ptr(), bd: bdd.ptr(), y: y.ptr(), batch: b, h, w, c, hidden };
+        let l = mixffn_inverted_glu::mixffn_inverted_glu(&a).unwrap();
+        assert!(l.grid.1 > 1, "[{h}x{w}] runs in bands");
+        // SAFETY: every buffer holds the shapes launched.
+        unsafe { enqueue(&dev, &[l]).unwrap() };
+        dev.synchronize().unwrap();
+        let mut out = vec![0u16; rows * hidden];
+        dev.copy_to_host(y.ptr(), &mut out).unwrap();
+        let got: Vec<f32> = out.iter().map(|&u| half::bf16::from_bits(u).to_f32()).collect();
+        check(&format!("mixffn_inverted_glu bands [{b}, {h}x{w}, {c}] -> {hidden}"), DType::BF16, &got, &want, &base);
     }
 }
 

@@ -5,7 +5,7 @@
 //! Two ways to run the node, chosen by [`fused_band`] (one place, tested):
 //! - fused: one launch of `mixffn_inverted_glu_bf16`, the GEMM tile kept in shared memory, when
 //!   the storage is bf16 (the kernel is mma.sync bf16), C % 8 == 0 (16-byte cp.async rows) and
-//!   three latent rows fit one block's [`MF_M`] tokens (the 3×3 conv's halo);
+//!   the whole latent fits one block's [`MF_M`] tokens (no halo recomputed);
 //! - otherwise: the GEMM (cuBLASLt, bias epilogue) into a workspace, then
 //!   `silu_depthwise_conv3_glu_<dtype>` (the two-op path of before, f32 storage included).
 
@@ -29,19 +29,31 @@ fn invalid(msg: String) -> CudaError {
     CudaError::Invalid { what: "mixffn_inverted_glu".into(), msg }
 }
 
-/// Output rows per block when the fused kernel runs this shape (`dtype` storage, `c` input
-/// channels, an `h`×`w` latent), `None` when it does not: the whole image when it fits [`MF_M`]
-/// tokens (no halo: SANA at 512 px), else bands of `MF_M / w - 2` rows with a recomputed halo
-/// row above and below (at least one output row, so `w <= MF_M / 3`).
-pub fn fused_band(dtype: DType, c: usize, h: usize, w: usize) -> Option<usize> {
-    if dtype != DType::BF16 || c % 8 != 0 || c == 0 || h == 0 || w == 0 {
-        return None;
-    }
-    if h * w <= MF_M {
+/// Output rows per block of the fused kernel on an `h`×`w` latent: the whole image when it fits
+/// [`MF_M`] tokens (no halo), else bands of `MF_M / w - 2` rows with a halo row above and below
+/// computed twice (at least one output row, so `w <= MF_M / 3`).
+pub fn band_rows(h: usize, w: usize) -> Option<usize> {
+    if h == 0 || w == 0 {
+        None
+    } else if h * w <= MF_M {
         Some(h)
     } else {
         (MF_M / w).checked_sub(2).filter(|&r| r >= 1)
     }
+}
+
+/// The executor's choice: `Some(band)` when a node runs the fused kernel (`dtype` storage, `c`
+/// input channels, an `h`×`w` latent), `None` for the two-op path. Fused only with bf16 storage
+/// (the kernel is mma.sync bf16), C % 8 == 0 (16-byte cp.async rows) and the whole image in one
+/// block (h·w <= [`MF_M`]: SANA at 512 px, 16×16). Bands with halo rows (SANA at 1024 px, 32×32:
+/// 8 GEMM rows for 6 output rows) would compute the conv_inverted GEMM 4/3 times over; that GEMM
+/// is compute bound at those shapes, so the launcher supports bands (tested) but the executor
+/// does not pick them until a GPU measurement says they pay.
+pub fn fused_band(dtype: DType, c: usize, h: usize, w: usize) -> Option<usize> {
+    if dtype != DType::BF16 || c % 8 != 0 || c == 0 || h * w > MF_M {
+        return None;
+    }
+    band_rows(h, w)
 }
 
 /// Pointers and shape of one call; `bi` and `bd` 0 when absent.
@@ -60,10 +72,11 @@ pub struct MixFfnArgs {
     pub hidden: usize,
 }
 
-/// The fused launch (bf16 storage), or an error naming what [`fused_band`] refuses or a pointer
+/// The fused launch (bf16 storage; bands where [`band_rows`] needs them), or an error naming a
+/// shape the kernel does not compute or a pointer
 /// that is not 16-byte aligned (x and wi are read in 16-byte cp.async copies).
 pub fn mixffn_inverted_glu(a: &MixFfnArgs) -> Result<Launch> {
-    let band = fused_band(DType::BF16, a.c, a.h, a.w).ok_or_else(|| {
+    let band = band_rows(a.h, a.w).filter(|_| a.c % 8 == 0 && a.c > 0).ok_or_else(|| {
         invalid(format!("{} channels on a {}x{} latent: the fused kernel needs C % 8 == 0 and w <= {}", a.c, a.h, a.w, MF_M / 3))
     })?;
     for (name, p) in [("x", a.x), ("conv_inverted weight", a.wi)] {
@@ -161,13 +174,15 @@ mod tests {
         // SANA 512 px: the whole 16x16 image in one block.
         assert_eq!(fused_band(DType::BF16, 1152, 16, 16), Some(16));
         assert_eq!(fused_band(DType::BF16, 8, 4, 4), Some(4));
-        // 1024 px: 32x32, bands of 6 rows (8 GEMM rows with the halo).
-        assert_eq!(fused_band(DType::BF16, 2240, 32, 32), Some(MF_M / 32 - 2));
-        // Too wide for three rows, C not a multiple of 8, f32 storage: the two-op path.
-        assert_eq!(fused_band(DType::BF16, 64, 4, MF_M / 3 + 1), None);
+        // 1024 px (32x32) would need halo bands: the two-op path, though the launcher has bands.
+        assert_eq!(fused_band(DType::BF16, 2240, 32, 32), None);
+        assert_eq!(band_rows(32, 32), Some(MF_M / 32 - 2));
+        assert_eq!(band_rows(4, MF_M / 3 + 1), None);
+        // C not a multiple of 8, f32 storage: the two-op path.
         assert_eq!(fused_band(DType::BF16, 12, 4, 4), None);
         assert_eq!(fused_band(DType::F32, 64, 4, 4), None);
-        assert_eq!(launch_count(DType::BF16, 64, 4, 4), 1);
+        assert_eq!(launch_count(DType::BF16, 1152, 16, 16), 1);
+        assert_eq!(launch_count(DType::BF16, 2240, 32, 32), 2);
         assert_eq!(launch_count(DType::F32, 64, 4, 4), 2);
     }
 }
