@@ -574,9 +574,9 @@ pub fn silu_depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, 
     depthwise_conv_glu(&a, weight, bias, batch, h, w, c2, kernel, out)
 }
 
-/// `Op::MixFfnInvertedGlu`: `silu_depthwise_conv_glu(linear(x, weight, bias), dw_weight, dw_bias)`,
-/// 3×3, the composition of the two ops (`weight` [c2, k], x [batch, h·w, k]). CPU twin of the
-/// CUDA kernel `mixffn_inverted_glu_bf16`.
+/// [`ops::mixffn_inverted_glu`]: the GEMM into one scratch buffer, the SiLU in place on it, then
+/// [`depthwise_conv_glu`]: one 2H-wide f32 buffer outside the memory plan, as the two-op graph
+/// held next to its planned GEMM output (the SiLU copy of [`silu_depthwise_conv_glu`]).
 #[allow(clippy::too_many_arguments)]
 pub fn mixffn_inverted_glu(
     x: &[f32],
@@ -593,7 +593,8 @@ pub fn mixffn_inverted_glu(
 ) {
     let mut inverted = vec![0f32; batch * h * w * c2];
     linear(x, weight, bias, batch * h * w, k, c2, &mut inverted);
-    silu_depthwise_conv_glu(&inverted, dw_weight, dw_bias, batch, h, w, c2, 3, out)
+    inverted.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = ops::silu(*v)));
+    depthwise_conv_glu(&inverted, dw_weight, dw_bias, batch, h, w, c2, 3, out)
 }
 
 /// [`ops::linear_residual`]: [`linear`], then the residual added across threads.
