@@ -865,7 +865,7 @@ impl GraphBuilder {
             return Err(shape_err(op, format!("{name}: input {} is not [B, {h}·{w}, C]", self.shape(x))));
         }
         let c2 = inverted.last();
-        if c2 % 2 != 0 {
+        if !c2.is_multiple_of(2) {
             return Err(shape_err(op, format!("{name}: weight {} has an odd output count (expected [u | gate])", self.shape(weight))));
         }
         expect_shape(op, &format!("{name}: dw_weight"), self.shape(dw_weight), &Shape::new([c2, 1, 3, 3]))?;

@@ -50,7 +50,7 @@ pub fn band_rows(h: usize, w: usize) -> Option<usize> {
 /// is compute bound at those shapes, so the launcher supports bands (tested) but the executor
 /// does not pick them until a GPU measurement says they pay.
 pub fn fused_band(dtype: DType, c: usize, h: usize, w: usize) -> Option<usize> {
-    if dtype != DType::BF16 || c % 8 != 0 || c == 0 || h * w > MF_M {
+    if dtype != DType::BF16 || !c.is_multiple_of(8) || c == 0 || h * w > MF_M {
         return None;
     }
     band_rows(h, w)
@@ -76,11 +76,11 @@ pub struct MixFfnArgs {
 /// shape the kernel does not compute or a pointer
 /// that is not 16-byte aligned (x and wi are read in 16-byte cp.async copies).
 pub fn mixffn_inverted_glu(a: &MixFfnArgs) -> Result<Launch> {
-    let band = band_rows(a.h, a.w).filter(|_| a.c % 8 == 0 && a.c > 0).ok_or_else(|| {
+    let band = band_rows(a.h, a.w).filter(|_| a.c.is_multiple_of(8) && a.c > 0).ok_or_else(|| {
         invalid(format!("{} channels on a {}x{} latent: the fused kernel needs C % 8 == 0 and w <= {}", a.c, a.h, a.w, MF_M / 3))
     })?;
     for (name, p) in [("x", a.x), ("conv_inverted weight", a.wi)] {
-        if p % 16 != 0 {
+        if !p.is_multiple_of(16) {
             return Err(invalid(format!("{name} at {p:#x} is not 16-byte aligned")));
         }
     }
