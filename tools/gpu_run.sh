@@ -32,9 +32,9 @@ cd "$ROOT"
 GPU_DIR="$ROOT/.gpu"
 # The wgmma/TMA kernels first (the emulator's reading of the PTX ISA meets the hardware), then the rest.
 # kernels_compile (NVRTC only, no device; CI runs it) goes last: it compiles everything twice, uncached.
-TESTS=(cuda_conv_sm90 cuda_attention_sm90 cuda_attention cuda_conv cuda_linear_attention cuda_norm cuda_norm_conv cuda_elementwise cuda_misc cuda_layout cuda_decode_attention cuda_pixel_shuffle backend executor gemm_choice)
+TESTS=(cuda_conv_sm90 cuda_attention_sm90 cuda_attention cuda_conv cuda_mixffn_inverted_glu cuda_linear_attention cuda_norm cuda_norm_conv cuda_elementwise cuda_misc cuda_layout cuda_decode_attention cuda_pixel_shuffle backend executor gemm_choice)
 # The sm_90a benches first: they compare the Hopper kernels with the mma.sync ones on the same shapes.
-BENCHES=(conv_sm90 attention_sm90 conv attention linear_attention norm_conv norm elementwise layout misc decode_attention pixel_shuffle)
+BENCHES=(conv_sm90 attention_sm90 mixffn_inverted_glu conv attention linear_attention norm_conv norm elementwise layout misc decode_attention pixel_shuffle)
 VARIANTS=(b-512 l-512 l-1024)
 
 if [ "${1:-}" = "--build" ]; then
@@ -43,9 +43,9 @@ if [ "${1:-}" = "--build" ]; then
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu/' .gitignore 2>/dev/null || echo /.gpu/ >> .git/info/exclude
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
   J="$(mktemp)"
-  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv --test cuda_layout --test cuda_decode_attention --test cuda_pixel_shuffle --test cuda_conv_sm90 --test cuda_attention_sm90 --test cuda_norm_conv >> "$J"
+  cargo test --release --no-run --message-format=json --test kernels_compile --test cuda_norm --test cuda_elementwise --test cuda_linear_attention --test cuda_misc --test cuda_attention --test cuda_conv --test cuda_layout --test cuda_decode_attention --test cuda_pixel_shuffle --test cuda_conv_sm90 --test cuda_attention_sm90 --test cuda_norm_conv --test cuda_mixffn_inverted_glu >> "$J"
   cargo test --release --no-run --message-format=json -p openuni-cuda --tests >> "$J"
-  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv --bench layout --bench misc --bench decode_attention --bench pixel_shuffle --bench conv_sm90 --bench attention_sm90 --bench norm_conv >> "$J"
+  cargo bench --no-run --message-format=json --bench norm --bench elementwise --bench linear_attention --bench attention --bench conv --bench layout --bench misc --bench decode_attention --bench pixel_shuffle --bench conv_sm90 --bench attention_sm90 --bench norm_conv --bench mixffn_inverted_glu >> "$J"
   cargo build --release
   cp target/release/openuni "$GPU_DIR/openuni" && strip --strip-debug "$GPU_DIR/openuni"
   for v in "${VARIANTS[@]}"; do "$GPU_DIR/openuni" bench --variant "$v" --write-configs "$GPU_DIR/configs/$v" > /dev/null; done

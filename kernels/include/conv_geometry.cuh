@@ -23,5 +23,8 @@ constexpr int DWG_ROWS = 4;       // depthwise 3x3 + GLU: output rows of a block
 constexpr int DWG_COLS = 16;      // depthwise 3x3 + GLU: output columns of a block's tile
 constexpr int GL_ROWS = 128;      // grouped_linear: rows per block
 constexpr int GL_COLS = 32;       // grouped_linear: outputs per block
+constexpr int MF_M = 256;         // mixffn_inverted_glu (kernels/mixffn_inverted_glu.cu): GEMM rows (tokens) per block
+constexpr int MF_HC = 64;         // mixffn_inverted_glu: hidden channels per block (2x as many GEMM columns)
+constexpr int MF_SMEM = 132096;   // mixffn_inverted_glu: dynamic shared memory, sizeof(MfSmem) (checked there)
 
 }  // namespace ou

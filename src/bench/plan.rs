@@ -13,8 +13,8 @@
 use std::collections::HashSet;
 
 use anyhow::Result;
-use openuni_cuda::families::{attention, linear_attention};
-use openuni_graph::{node_cost, Graph, Node, Op};
+use openuni_cuda::families::{attention, linear_attention, mixffn_inverted_glu};
+use openuni_graph::{node_cost, Cost, Graph, Node, Op, ValueId};
 use openuni_tensor::DType;
 use openuni_models::{sana, scheduler};
 use serde::Serialize;
@@ -167,7 +167,27 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         | Op::DepthwiseConvGlu { .. }
         | Op::GroupedLinear { .. }
         | Op::RepeatChannels { .. } => one,
+        // Fused: one kernel; else the GEMM and the depthwise GLU (families::mixffn_inverted_glu).
+        Op::MixFfnInvertedGlu { x, h, w, .. } => one * mixffn_inverted_glu::launch_count(dtype, g.shape(*x).last(), *h, *w),
     })
+}
+
+/// An `Op::MixFfnInvertedGlu` node the executor runs on its two-op path
+/// (families::mixffn_inverted_glu::fused_band: f32 storage, C % 8 != 0, or a latent larger than
+/// one block) as the two nodes it then is: the GEMM, which also writes the 2H-wide output, and
+/// the depthwise GLU, which reads it back. `None` for every other node (and a fused MixFFN).
+fn unfused_mixffn_parts(g: &Graph, node: &Node, dtype: DType) -> Option<[Cost; 2]> {
+    let Op::MixFfnInvertedGlu { x, weight, bias, dw_weight, dw_bias, h, w } = &node.op else { return None };
+    let xs = g.shape(*x);
+    if mixffn_inverted_glu::fused_band(dtype, xs.last(), *h, *w).is_some() {
+        return None;
+    }
+    let numel = |id: &ValueId| g.shape(*id).numel() as f64;
+    let (c, c2, rows) = (xs.last() as f64, g.shape(*weight).dims()[0] as f64, xs.rows() as f64);
+    let out = g.shape(node.output).numel() as f64;
+    let gemm = Cost { flops: 2.0 * rows * c * c2, elems: numel(x) + numel(weight) + bias.as_ref().map_or(0.0, numel) + rows * c2 };
+    let dw = Cost { flops: 4.0 * out * 9.0, elems: rows * c2 + numel(dw_weight) + dw_bias.as_ref().map_or(0.0, numel) + out };
+    Some([gemm, dw])
 }
 
 /// How the pipeline reads a graph output back (src/pipeline).
@@ -253,12 +273,14 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
     let mut p = StagePlan { stage: stage.into(), runs_per_batch: runs, nodes: g.nodes.len(), model_ms: vec![0.0; ROOFS.len()], ..Default::default() };
     for node in &g.nodes {
         let c = node_cost(g, node);
-        let bytes = c.elems * es;
+        // What the node runs as: one kernel, or (a MixFFN's two-op path) a GEMM and a depthwise GLU.
+        let parts = unfused_mixffn_parts(g, node, dtype).unwrap_or([c, Cost::default()]);
+        let bytes = (parts[0].elems + parts[1].elems) * es;
         let weight_bytes: f64 = node.op.inputs().iter().filter(|i| weights.contains(i)).map(|&i| g.shape(i).numel() as f64 * es).sum();
         let launches = cuda_launches(g, node, dtype)?;
         p.launches += launches;
         p.activation_bytes += bytes - weight_bytes;
-        if matches!(node.op, Op::Linear { .. } | Op::LinearResidual { .. }) {
+        if matches!(node.op, Op::Linear { .. } | Op::LinearResidual { .. } | Op::MixFfnInvertedGlu { .. }) {
             p.gemm_launches += launches;
             p.gemm_flops += c.flops;
             p.gemm_bytes += bytes;
@@ -267,7 +289,9 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
             p.other_bytes += bytes;
         }
         for (t, roof) in p.model_ms.iter_mut().zip(ROOFS) {
-            *t += (c.flops / (roof.tflops * 1e12)).max(bytes / (roof.tbytes_per_s * 1e12)) * 1e3;
+            for part in &parts {
+                *t += (part.flops / (roof.tflops * 1e12)).max(part.elems * es / (roof.tbytes_per_s * 1e12)) * 1e3;
+            }
         }
     }
     let add_bytes = |p: &mut StagePlan, bytes: f64| {

@@ -339,6 +339,11 @@ impl CpuExecutor {
                 };
                 f(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, 2 * cols, *kernel, y)
             }
+            Op::MixFfnInvertedGlu { x, weight, bias, dw_weight, dw_bias, h, w } => {
+                let (b, k) = (out_shape.dims()[0], g.shape(*x).last());
+                let f = if fast { fast::mixffn_inverted_glu } else { ops::mixffn_inverted_glu };
+                f(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), view.get(*dw_weight), dw_bias.map(|bb| view.get(bb)), b, *h, *w, k, 2 * cols, y)
+            }
             Op::LinearResidual { x, w, bias, residual } => {
                 let k = g.shape(*x).last();
                 let f = if fast { fast::linear_residual } else { ops::linear_residual };

@@ -574,6 +574,29 @@ pub fn silu_depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, 
     depthwise_conv_glu(&a, weight, bias, batch, h, w, c2, kernel, out)
 }
 
+/// [`ops::mixffn_inverted_glu`]: the GEMM into one scratch buffer, the SiLU in place on it, then
+/// [`depthwise_conv_glu`]: one 2H-wide f32 buffer outside the memory plan, as the two-op graph
+/// held next to its planned GEMM output (the SiLU copy of [`silu_depthwise_conv_glu`]).
+#[allow(clippy::too_many_arguments)]
+pub fn mixffn_inverted_glu(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    dw_weight: &[f32],
+    dw_bias: Option<&[f32]>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    c2: usize,
+    out: &mut [f32],
+) {
+    let mut inverted = vec![0f32; batch * h * w * c2];
+    linear(x, weight, bias, batch * h * w, k, c2, &mut inverted);
+    inverted.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = ops::silu(*v)));
+    depthwise_conv_glu(&inverted, dw_weight, dw_bias, batch, h, w, c2, 3, out)
+}
+
 /// [`ops::linear_residual`]: [`linear`], then the residual added across threads.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_residual(x: &[f32], w: &[f32], bias: Option<&[f32]>, residual: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {

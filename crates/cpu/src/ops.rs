@@ -891,6 +891,28 @@ pub fn silu_depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, 
     depthwise_conv_glu(&a, weight, bias, batch, h, w, c2, kernel, out)
 }
 
+/// `Op::MixFfnInvertedGlu`: `silu_depthwise_conv_glu(linear(x, weight, bias), dw_weight, dw_bias)`,
+/// 3×3, the composition of the two ops (`weight` [c2, k], x [batch, h·w, k]). CPU twin of the
+/// CUDA kernel `mixffn_inverted_glu_bf16`.
+#[allow(clippy::too_many_arguments)]
+pub fn mixffn_inverted_glu(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    dw_weight: &[f32],
+    dw_bias: Option<&[f32]>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    c2: usize,
+    out: &mut [f32],
+) {
+    let mut inverted = vec![0f32; batch * h * w * c2];
+    linear(x, weight, bias, batch * h * w, k, c2, &mut inverted);
+    silu_depthwise_conv_glu(&inverted, dw_weight, dw_bias, batch, h, w, c2, 3, out)
+}
+
 /// `Op::LinearResidual`: `residual + linear(x, w, bias)` (the linear's output rounded first, as
 /// PyTorch's `x + proj(o)`).
 #[allow(clippy::too_many_arguments)]

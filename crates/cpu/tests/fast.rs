@@ -303,6 +303,12 @@ fn dit_fusions_match_twins() {
     fast::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, 3, &mut f);
     ops::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, 3, &mut p);
     assert_close("silu_depthwise_conv_glu", &f, &p, 1e-6);
+    let k = 10;
+    let (x, wi, bi) = (rand_vec(&mut r, b * h * w * k), rand_vec(&mut r, c2 * k), rand_vec(&mut r, c2));
+    let (mut f, mut p) = (vec![0.0; b * h * w * c2 / 2], vec![0.0; b * h * w * c2 / 2]);
+    fast::mixffn_inverted_glu(&x, &wi, Some(&bi), &wt, Some(&bias), b, h, w, k, c2, &mut f);
+    ops::mixffn_inverted_glu(&x, &wi, Some(&bi), &wt, Some(&bias), b, h, w, k, c2, &mut p);
+    assert_close("mixffn_inverted_glu", &f, &p, 1e-5);
     let (rows, kk, nn) = (9, 13, 11);
     let (x, wt, bias, res) = (rand_vec(&mut r, rows * kk), rand_vec(&mut r, nn * kk), rand_vec(&mut r, nn), rand_vec(&mut r, rows * nn));
     let (mut f, mut p) = (vec![0.0; rows * nn], vec![0.0; rows * nn]);

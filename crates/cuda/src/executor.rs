@@ -373,13 +373,11 @@ impl CudaExecutor {
                 e => node_err(&node.name, node.op.name(), e.to_string()),
             })?;
             // Load every kernel now, so that a run compiles nothing and a missing kernel names its node.
-            if let Step::Launches(ls) = &step {
-                for l in ls {
-                    self.dev
-                        .kernels()
-                        .function(&l.kernel)
-                        .map_err(|e| node_err(&node.name, node.op.name(), format!("kernel `{}`: {e}", l.kernel)))?;
-                }
+            for l in step.launches() {
+                self.dev
+                    .kernels()
+                    .function(&l.kernel)
+                    .map_err(|e| node_err(&node.name, node.op.name(), format!("kernel `{}`: {e}", l.kernel)))?;
             }
             steps.push(step);
         }

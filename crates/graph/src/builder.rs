@@ -845,6 +845,36 @@ impl GraphBuilder {
         Ok(y)
     }
 
+    /// `silu_depthwise_conv_glu(linear(x, weight, bias), dw_weight, dw_bias, h, w, 3)` as one node
+    /// ([`Op::MixFfnInvertedGlu`]): GLUMBConv from its input to the GLU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mixffn_inverted_glu(
+        &mut self,
+        name: &str,
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        dw_weight: ValueId,
+        dw_bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+    ) -> Result<ValueId> {
+        let op = "mixffn_inverted_glu";
+        let inverted = self.linear_shape(op, name, x, weight, bias)?;
+        if inverted.rank() != 3 || inverted.dims()[1] != h * w {
+            return Err(shape_err(op, format!("{name}: input {} is not [B, {h}·{w}, C]", self.shape(x))));
+        }
+        let c2 = inverted.last();
+        if !c2.is_multiple_of(2) {
+            return Err(shape_err(op, format!("{name}: weight {} has an odd output count (expected [u | gate])", self.shape(weight))));
+        }
+        expect_shape(op, &format!("{name}: dw_weight"), self.shape(dw_weight), &Shape::new([c2, 1, 3, 3]))?;
+        if let Some(b) = dw_bias {
+            expect_shape(op, &format!("{name}: dw_bias"), self.shape(b), &Shape::new([c2]))?;
+        }
+        Ok(self.push(name, Op::MixFfnInvertedGlu { x, weight, bias, dw_weight, dw_bias, h, w }, inverted.with_last(c2 / 2)))
+    }
+
     /// `residual + linear(x, w, bias)` as one node (the GEMM adds the residual as its C input).
     pub fn linear_residual(&mut self, name: &str, x: ValueId, w: ValueId, bias: Option<ValueId>, residual: ValueId) -> Result<ValueId> {
         let s = self.linear_shape("linear_residual", name, x, w, bias)?;

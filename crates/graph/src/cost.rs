@@ -54,6 +54,10 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
         Op::UpsampleConv2d { x, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * 9) as f64,
         Op::DepthwiseConv2d { kernel, .. } => 2.0 * out.numel() as f64 * (kernel * kernel) as f64,
         Op::DepthwiseConvGlu { kernel, .. } => 4.0 * out.numel() as f64 * (kernel * kernel) as f64,
+        // The 1×1 conv C -> 2H, then the 3×3 depthwise conv of both GLU halves.
+        Op::MixFfnInvertedGlu { x, weight, .. } => {
+            2.0 * rows * graph.shape(*x).last() as f64 * graph.shape(*weight).dims()[0] as f64 + 4.0 * out.numel() as f64 * 9.0
+        }
         Op::GroupedLinear { x, groups, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() / groups) as f64,
         // Per element: guidance 3 (sub, mul, add) and the estimate 2; the update 3 (first order) to 6.
         Op::GuidedX0 { .. } => 5.0 * out.numel() as f64,

@@ -102,6 +102,11 @@ pub enum Op {
     /// (GLUMBConv's `conv_inverted` activation, applied as the kernel loads x, so the activated
     /// 2H-wide tensor is never stored either).
     DepthwiseConvGlu { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize, silu_input: bool },
+    /// GLUMBConv from its input to the GLU in one op: `conv_inverted` (a 1×1 conv, i.e. `Linear`
+    /// C -> 2H with `weight` [2H, C] and `bias`), then exactly `DepthwiseConvGlu` with
+    /// `silu_input` and kernel 3 (`dw_weight` [2H, 1, 3, 3], `dw_bias`): [B, h·w, C] -> [B, h·w, H].
+    /// The 2H-wide GEMM output is never stored (the CUDA kernel keeps its tile in shared memory).
+    MixFfnInvertedGlu { x: ValueId, weight: ValueId, bias: Option<ValueId>, dw_weight: ValueId, dw_bias: Option<ValueId>, h: usize, w: usize },
     /// DC-AE's multi-scale linear attention core: `qkv` [B, N, groups·3·head_dim] where group g is
     /// channels [3·hd·g, 3·hd·(g+1)) = (q | k | v) of that group; output [B, N, groups·head_dim]
     /// (channel g·hd + j). Same math as `LinearAttention` (diffusers' quadratic path for tiny
@@ -273,6 +278,7 @@ impl Op {
             Op::Transpose { .. } => "transpose",
             Op::DepthwiseConv2d { .. } => "depthwise_conv2d",
             Op::DepthwiseConvGlu { .. } => "depthwise_conv_glu",
+            Op::MixFfnInvertedGlu { .. } => "mixffn_inverted_glu",
             Op::SwiGlu { .. } => "swiglu",
             Op::PackedLinearAttention { .. } => "packed_linear_attention",
             Op::Conv2d { .. } => "conv2d",
@@ -360,6 +366,12 @@ impl Op {
             Op::DepthwiseConv2d { x, weight, bias, .. } | Op::DepthwiseConvGlu { x, weight, bias, .. } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);
+            }
+            Op::MixFfnInvertedGlu { x, weight, bias, dw_weight, dw_bias, .. } => {
+                v.extend([*x, *weight]);
+                v.extend(bias);
+                v.push(*dw_weight);
+                v.extend(dw_bias);
             }
             Op::RmsNormResidual { x, weight, bias, residual, .. } => {
                 v.extend([*x, *weight]);

@@ -103,13 +103,14 @@ pub fn rms_norm_biased_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: 
 #[allow(clippy::too_many_arguments)]
 pub fn glumb_conv(b: &mut GraphBuilder, s: &Scope, x: ValueId, din: usize, hidden: usize, dout: usize, h: usize, w: usize) -> Result<ValueId> {
     let inv = s.pp("conv_inverted");
-    let u = linear(b, &inv, x, din, 2 * hidden, true)?;
+    let iw = b.weight(&inv.name("weight"), [2 * hidden, din])?;
+    let ib = b.weight(&inv.name("bias"), [2 * hidden])?;
     let dc = s.pp("conv_depth");
     let dw = b.weight(&dc.name("weight"), [2 * hidden, 1, 3, 3])?;
     let db = b.weight(&dc.name("bias"), [2 * hidden])?;
-    // conv_inverted's SiLU, conv_depth, the chunk and u · silu(gate): one fused node (the SiLU
-    // is applied as the conv loads its input; cuBLASLt has no SiLU epilogue to put it in the GEMM).
-    let u = b.silu_depthwise_conv_glu(dc.path(), u, dw, Some(db), h, w, 3)?;
+    // conv_inverted, its SiLU, conv_depth, the chunk and u · silu(gate): one node, so the 2·hidden
+    // wide GEMM output is never stored (on a GPU it stays in shared memory for the depthwise conv).
+    let u = b.mixffn_inverted_glu(dc.path(), x, iw, Some(ib), dw, Some(db), h, w)?;
     linear(b, &s.pp("conv_point"), u, hidden, dout, false)
 }
 

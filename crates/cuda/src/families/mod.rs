@@ -54,6 +54,8 @@ pub unsafe fn enqueue(dev: &CudaDevice, launches: &[Launch]) -> Result<()> {
 pub enum Step {
     Launches(Vec<Launch>),
     Gemm(LinearGemm, Arc<Blas>),
+    /// A matmul, then launches that read its output (a fused op's fallback path).
+    GemmThen(LinearGemm, Arc<Blas>, Vec<Launch>),
 }
 
 impl Step {
@@ -63,6 +65,18 @@ impl Step {
         match self {
             Step::Launches(ls) => enqueue(dev, ls),
             Step::Gemm(g, blas) => g.run(dev, blas),
+            Step::GemmThen(g, blas, ls) => {
+                g.run(dev, blas)?;
+                enqueue(dev, ls)
+            }
+        }
+    }
+
+    /// The kernel launches of the step (not its matmul).
+    pub fn launches(&self) -> &[Launch] {
+        match self {
+            Step::Launches(ls) | Step::GemmThen(_, _, ls) => ls,
+            Step::Gemm(..) => &[],
         }
     }
 }
@@ -239,6 +253,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         | Op::DepthwiseConvGlu { .. }
         | Op::GroupedLinear { .. }
         | Op::RepeatChannels { .. } => conv::resolve(ctx, node),
+        Op::MixFfnInvertedGlu { .. } => return mixffn_inverted_glu::resolve(ctx, node),
     };
     launches.map(Step::Launches)
 }
@@ -283,6 +298,7 @@ pub mod elementwise;
 pub mod layout;
 pub mod linear_attention;
 pub mod misc;
+pub mod mixffn_inverted_glu;
 pub mod pixel_shuffle;
 pub mod norm;
 pub mod norm_conv;

@@ -1,0 +1,140 @@
+//! kernels/mixffn_inverted_glu.cu (`mixffn_inverted_glu_bf16`: GLUMBConv's conv_inverted + SiLU +
+//! depthwise 3×3 + GLU in one kernel) against its CPU twin `openuni_cpu::ops::mixffn_inverted_glu`
+//! (Linear, then silu_depthwise_conv_glu) on random inputs, through the CUDA executor on one-node
+//! graphs; and the launcher's selection and refusals.
+//!
+//! Shapes: C 8, 16, 24 and 40 (a k tail after the 32-wide stage), hidden 5 to 70 (not multiples
+//! of the 64-channel slice; 70: two slices), 1 to 3 images, 4×4, 16×16 (256 tokens: one block per image), 5×7
+//! (non-square) through the executor: bf16 storage with C % 8 == 0 and the whole latent in one
+//! block runs the fused kernel; f32 storage, C = 12 and 12×32 (384 tokens) run the two-op path (cuBLASLt GEMM
+//! into a workspace, then the depthwise GLU), tested the same way; the kernel's halo bands
+//! (12×32, 7×80) launched directly. Tolerances
+//! (openuni_cuda::testing::check): f32 relative L2 <= 1e-5; bf16 <= 2x the error of a plain bf16
+//! run of the same computation (the twin on inputs rounded to bf16, its GEMM output rounded to
+//! bf16 as a bf16 GEMM stores it). Without a CUDA device every test prints `skipped: no CUDA device`.
+
+use std::collections::HashMap;
+
+use openuni_cpu::ops as cpu;
+use openuni_cuda::families::enqueue;
+use openuni_cuda::families::mixffn_inverted_glu::{self, MixFfnArgs, MF_HC, MF_M};
+use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
+use openuni_cuda::CudaExecutor;
+use openuni_graph::GraphBuilder;
+use openuni_tensor::{DType, HostTensor};
+
+fn tensor(shape: &[usize], v: Vec<f32>) -> HostTensor {
+    HostTensor::from_f32(shape.to_vec(), v).unwrap()
+}
+
+#[test]
+fn mixffn_inverted_glu_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(13);
+    for &(b, h, w, c, hidden, biases) in &[
+        (1, 4, 4, 8, 5, true),
+        (3, 16, 16, 40, 20, true),
+        (1, 5, 7, 24, 17, false),
+        (2, 12, 32, 16, 18, true),
+        (1, 4, 4, 12, 6, true),
+        (1, 3, 5, 16, 70, true),
+    ] {
+        let (rows, c2) = (b * h * w, 2 * hidden);
+        let x = rng.normals(rows * c, 0.0, 1.0);
+        let (wi, bi) = (rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()), rng.normals(c2, 0.0, 0.3));
+        let (wd, bd) = (rng.normals(c2 * 9, 0.0, 0.4), rng.normals(c2, 0.0, 0.3));
+        // `round_inverted`: the GEMM output rounded as a bf16 GEMM stores it (the plain bf16 run).
+        let twin = |x: &[f32], wi: &[f32], bi: &[f32], wd: &[f32], bd: &[f32], round_inverted: bool| {
+            let mut inv = vec![0.0; rows * c2];
+            cpu::linear(x, wi, biases.then_some(bi), rows, c, c2, &mut inv);
+            if round_inverted {
+                inv = round_to(DType::BF16, &inv);
+            }
+            let mut y = vec![0.0; rows * hidden];
+            cpu::silu_depthwise_conv_glu(&inv, wd, biases.then_some(bd), b, h, w, c2, 3, &mut y);
+            y
+        };
+        let mut want = vec![0.0; rows * hidden];
+        cpu::mixffn_inverted_glu(&x, &wi, biases.then_some(&bi[..]), &wd, biases.then_some(&bd[..]), b, h, w, c, c2, &mut want);
+        assert_eq!(want, twin(&x, &wi, &bi, &wd, &bd, false), "the CPU twin is the composition of the two ops");
+
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [b, h * w, c]).unwrap();
+        let wii = gb.weight("wi", [c2, c]).unwrap();
+        let bii = if biases { Some(gb.weight("bi", [c2]).unwrap()) } else { None };
+        let wdi = gb.weight("wd", [c2, 1, 3, 3]).unwrap();
+        let bdi = if biases { Some(gb.weight("bd", [c2]).unwrap()) } else { None };
+        let y = gb.mixffn_inverted_glu("mixffn", xi, wii, bii, wdi, bdi, h, w).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let mut weights =
+            HashMap::from([("wi".to_string(), tensor(&[c2, c], wi.clone())), ("wd".to_string(), tensor(&[c2, 1, 3, 3], wd.clone()))]);
+        if biases {
+            weights.insert("bi".into(), tensor(&[c2], bi.clone()));
+            weights.insert("bd".into(), tensor(&[c2], bd.clone()));
+        }
+        let inputs = HashMap::from([("x".to_string(), tensor(&[b, h * w, c], x.clone()))]);
+        for dtype in [DType::F32, DType::BF16] {
+            let fused = mixffn_inverted_glu::fused_band(dtype, c, h, w).is_some();
+            let mut ex = CudaExecutor::new(&dev, &g, &weights, dtype, false).unwrap();
+            let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
+            let r = |v: &[f32]| round_to(dtype, v);
+            let base = twin(&r(&x), &r(&wi), &r(&bi), &r(&wd), &r(&bd), dtype == DType::BF16);
+            let what = format!("mixffn_inverted_glu {dtype} [{b}, {h}x{w}, {c}] -> {hidden} biases={biases} fused={fused}");
+            check(&what, dtype, &got, &want, &base);
+        }
+    }
+}
+
+/// Bands with recomputed halo rows (latents wider than one block: the launcher supports them, the
+/// executor does not pick them, see `fused_band`), launched directly on bf16 buffers: 12×32 (bands of
+/// 6 rows, 8 GEMM rows), 7×80 (bands of 1 row between two halo rows), 2 images.
+#[test]
+fn mixffn_inverted_glu_bands_match_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(31);
+    for &(b, h, w, c, hidden) in &[(2, 12, 32, 16, 18), (1, 7, 80, 8, 70)] {
+        let (rows, c2) = (b * h * w, 2 * hidden);
+        let x = rng.normals(rows * c, 0.0, 1.0);
+        let (wi, bi) = (rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()), rng.normals(c2, 0.0, 0.3));
+        let (wd, bd) = (rng.normals(c2 * 9, 0.0, 0.4), rng.normals(c2, 0.0, 0.3));
+        let mut want = vec![0.0; rows * hidden];
+        cpu::mixffn_inverted_glu(&x, &wi, Some(&bi), &wd, Some(&bd), b, h, w, c, c2, &mut want);
+        let r = |v: &[f32]| round_to(DType::BF16, v);
+        let mut inv = vec![0.0; rows * c2];
+        cpu::linear(&r(&x), &r(&wi), Some(&r(&bi)), rows, c, c2, &mut inv);
+        let mut base = vec![0.0; rows * hidden];
+        cpu::silu_depthwise_conv_glu(&r(&inv), &r(&wd), Some(&r(&bd)), b, h, w, c2, 3, &mut base);
+
+        let bits = |v: &[f32]| v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect::<Vec<u16>>();
+        let up = |v: &[f32]| dev.upload(&bits(v)).unwrap();
+        let (xd, wid, bid, wdd, bdd) = (up(&x), up(&wi), up(&bi), up(&wd), up(&bd));
+        let y = dev.alloc(rows * hidden * 2).unwrap();
+        let a = MixFfnArgs { x: xd.ptr(), wi: wid.ptr(), bi: bid.ptr(), wd: wdd.ptr(), bd: bdd.ptr(), y: y.ptr(), batch: b, h, w, c, hidden };
+        let l = mixffn_inverted_glu::mixffn_inverted_glu(&a).unwrap();
+        assert!(l.grid.1 > 1, "[{h}x{w}] runs in bands");
+        // SAFETY: every buffer holds the shapes launched.
+        unsafe { enqueue(&dev, &[l]).unwrap() };
+        dev.synchronize().unwrap();
+        let mut out = vec![0u16; rows * hidden];
+        dev.copy_to_host(y.ptr(), &mut out).unwrap();
+        let got: Vec<f32> = out.iter().map(|&u| half::bf16::from_bits(u).to_f32()).collect();
+        check(&format!("mixffn_inverted_glu bands [{b}, {h}x{w}, {c}] -> {hidden}"), DType::BF16, &got, &want, &base);
+    }
+}
+
+/// The fused launcher refuses what the kernel does not compute, naming it (no device needed).
+#[test]
+fn mixffn_inverted_glu_launcher_refuses_what_it_does_not_compute() {
+    let a = MixFfnArgs { x: 256, wi: 512, bi: 0, wd: 0, bd: 0, y: 0, batch: 2, h: 16, w: 16, c: 1152, hidden: 2880 };
+    let l = mixffn_inverted_glu::mixffn_inverted_glu(&a).unwrap();
+    assert_eq!((l.grid, l.block), ((2880usize.div_ceil(MF_HC) as u32, 1, 2), (256, 1, 1)), "one block per image and MF_HC hidden channels");
+    let banded = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { h: 32, w: 32, ..a }).unwrap();
+    assert_eq!(banded.grid, (2880usize.div_ceil(MF_HC) as u32, 32usize.div_ceil(MF_M / 32 - 2) as u32, 2), "bands with halo rows at 32x32");
+    let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { c: 12, ..a }).unwrap_err().to_string();
+    assert!(e.contains("12 channels") && e.contains("C % 8 == 0"), "{e}");
+    let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { w: MF_M, ..a }).unwrap_err().to_string();
+    assert!(e.contains(&format!("16x{MF_M} latent")), "{e}");
+    let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { x: 8, ..a }).unwrap_err().to_string();
+    assert!(e.contains("x at 0x8 is not 16-byte aligned"), "{e}");
+}
