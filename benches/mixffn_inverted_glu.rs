@@ -68,7 +68,7 @@ fn main() {
             LinearGemm::new(&dev, &blas, &args).unwrap()
         })
         .collect();
-    let dw = depthwise_conv3_glu(dtype, dev.sm_count(), inverted.ptr(), wd.ptr(), bd.ptr(), y.ptr(), batch, h, w, hidden, 3, true).unwrap();
+    let dw = depthwise_conv3_glu(dtype, inverted.ptr(), wd.ptr(), bd.ptr(), y.ptr(), batch, h, w, hidden, 3, true).unwrap();
     let ms2 = time_ms(&dev, warmup, runs, sets, |i| {
         // SAFETY: as above; the GEMM writes `inverted`, which the depthwise GLU reads.
         unsafe {
