@@ -11,7 +11,8 @@
 //   key/value head h / (heads / kv_heads) (GQA); logit[i, j] = scale * q_i . k_j + bias_j with
 //   bias_j = (1 - mask[b, j]) * -10000 when mask ([B, m]) is non-null; with `causal`, query i sees keys
 //   j <= i + m - n. Head dims: hd % 8 == 0, hd <= HD (64 or 128): the maps' boxes are 64 columns wide
-//   and the columns past hd are the TMA's zero fill. No packed segments or fused RoPE (attention.cu).
+//   and the columns past hd are the TMA's zero fill. No packed segments (attention.cu); fused RoPE is
+//   the pre-pass attention_rope_bf16 below, then this kernel on the rotated q and k.
 //
 //   The maps are 4D over (hd, heads, tokens, B) with boxes of 64 columns x 1 head x 64 tokens x 1 and
 //   the 128B swizzle: a box lands as 64 rows of 128 bytes, a K-major 128B operand (SBO 1024).
@@ -30,6 +31,17 @@
 //   Epilogue: the row sums reduced over the quad, O / l rounded to bf16 and stored as pairs.
 //   Not yet (measure first): the intra-warpgroup overlap of softmax and the next S wgmma and the
 //   ping-pong of two consumers (FA3's remaining tricks), a TMA store of O, separate K and V barriers.
+//
+//   attention_rope_bf16(q, k, rope_cs, q_out, k_out, tokens, n, heads, kv_heads, hd)   grid
+//       ceil(tokens * (heads + kv_heads) * hd / 8 / 256), 256 threads: fused RoPE's pre-pass. The wgmma
+//       kernel reads q and k by TMA straight into swizzled shared memory, so instead of rotating tiles
+//       there (attention.cu's rope_tile_bf16) the launcher rotates q [tokens, heads*hd] and k [tokens,
+//       kv_heads*hd] (tokens = B * n, n = m, row t at position t % n) once into scratch (q_out, k_out)
+//       and maps those. rotate_half with attention.cu's table, rope_cs[(p * hd/2 + i) * 2 + {0, 1}] =
+//       (cos, sin): x1 c - x2 s and x2 c + x1 s with every product and sum rounded once (no fused
+//       multiply-add), then rounded to bf16: the CPU twin's rope_at on the bf16 inputs, rounded to bf16,
+//       bit for bit (what attention.cu stores in its tiles, up to the FMA it may contract). One thread
+//       rotates 4 adjacent pairs (hd % 8 == 0: 8-byte loads of each half, 32 bytes of the table).
 
 #include "attention_sm90.cuh"
 
@@ -49,4 +61,32 @@ extern "C" __launch_bounds__(384, 1) __global__ void attention_bf16_wgmma_hd64(c
 
 extern "C" __launch_bounds__(384, 1) __global__ void attention_bf16_wgmma_hd128(const __grid_constant__ ou::TensorMap map_q, const __grid_constant__ ou::TensorMap map_k, const __grid_constant__ ou::TensorMap map_v, const bf16* mask, bf16* out, int n, int m, int heads, int kv_heads, int hd, int causal, float scale_log2) {
     OU_A90_BODY(128)
+}
+
+extern "C" __launch_bounds__(256) __global__ void attention_rope_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k, const float* __restrict__ rope_cs, bf16* __restrict__ q_out, bf16* __restrict__ k_out, long long tokens, int n, int heads, int kv_heads, int hd) {
+    using ou::i64;
+    const int half = hd / 2, quads = half / 4;
+    const i64 per_token = (i64)(heads + kv_heads) * quads;
+    const i64 total = tokens * per_token;
+    for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
+        const i64 t = e / per_token;
+        const int r = (int)(e - t * per_token), h = r / quads, i = (r - h * quads) * 4;
+        const i64 row = h < heads ? (t * heads + h) * hd : (t * kv_heads + h - heads) * hd;
+        const bf16* src = (h < heads ? q : k) + row;
+        bf16* dst = (h < heads ? q_out : k_out) + row;
+        const float* c = rope_cs + ((t % n) * half + i) * 2;
+        const float4 cs01 = *reinterpret_cast<const float4*>(c), cs23 = *reinterpret_cast<const float4*>(c + 4);
+        const float cos_[4] = {cs01.x, cs01.z, cs23.x, cs23.z}, sin_[4] = {cs01.y, cs01.w, cs23.y, cs23.w};
+        const uint2 a = *reinterpret_cast<const uint2*>(src + i), b = *reinterpret_cast<const uint2*>(src + half + i);
+        const bf16* x1 = reinterpret_cast<const bf16*>(&a);
+        const bf16* x2 = reinterpret_cast<const bf16*>(&b);
+        __align__(8) bf16 y1[4], y2[4];
+        for (int j = 0; j < 4; ++j) {
+            const float u = ou::to_f32(x1[j]), w = ou::to_f32(x2[j]);
+            y1[j] = ou::from_f32<bf16>(__fsub_rn(__fmul_rn(u, cos_[j]), __fmul_rn(w, sin_[j])));
+            y2[j] = ou::from_f32<bf16>(__fadd_rn(__fmul_rn(w, cos_[j]), __fmul_rn(u, sin_[j])));
+        }
+        *reinterpret_cast<uint2*>(dst + i) = *reinterpret_cast<const uint2*>(y1);
+        *reinterpret_cast<uint2*>(dst + half + i) = *reinterpret_cast<const uint2*>(y2);
+    }
 }
