@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use openuni_cpu::ops::{self as cpu, AttentionDims};
-use openuni_cuda::families::attention::{rope_table, AttentionArgs};
+use openuni_cuda::families::attention::{rope_table, segment_table, AttentionArgs};
 use openuni_cuda::families::{attention_sm90, conv_sm90};
 use openuni_cuda::testing::{check, device_or_skip, rel_l2, round_to, Rng};
 use openuni_cuda::{CudaDevice, CudaExecutor, DeviceBuffer};
@@ -128,13 +128,16 @@ const THETA: f32 = 1e6;
 fn attention_sm90_rope_matches_cpu() {
     let Some(dev) = sm90_device() else { return };
     let mut rng = Rng::new(43);
-    // (batch, n = m, heads, kv_heads, hd, causal)
-    let cases: &[(usize, usize, usize, usize, usize, bool)] = &[
-        (1, 70, 4, 2, 64, true),
-        (2, 130, 2, 1, 128, true),
-        (1, 130, 2, 2, 64, false),
+    // (batch, n = m, heads, kv_heads, hd, causal, packed segments). Segment boundaries 60, 70, 134, 137
+    // straddle the 64-key tiles and the 128-row blocks (a block then starts its keys mid-sequence).
+    let cases: &[(usize, usize, usize, usize, usize, bool, Option<&[usize]>)] = &[
+        (1, 70, 4, 2, 64, true, None),
+        (2, 130, 2, 1, 128, true, None),
+        (1, 130, 2, 2, 64, false, None),
+        (1, 237, 4, 2, 64, true, Some(&[60, 10, 64, 3, 100])),
+        (1, 113, 2, 1, 128, false, Some(&[37, 5, 70, 1])),
     ];
-    for &(b, n, heads, kv_heads, hd, causal) in cases {
+    for &(b, n, heads, kv_heads, hd, causal, segs) in cases {
         let scale = 1.0 / (hd as f32).sqrt();
         let q = rng.normals(b * n * heads * hd, 0.0, 1.0);
         let k = rng.normals(b * n * kv_heads * hd, 0.1, 1.5);
@@ -142,25 +145,33 @@ fn attention_sm90_rope_matches_cpu() {
         let d = AttentionDims { batch: b, q_len: n, kv_len: n, heads, kv_heads, head_dim: hd, causal, scale };
         let twin = |q: &[f32], k: &[f32], v: &[f32], rope: Option<f32>| {
             let mut o = vec![0.0; b * n * heads * hd];
-            cpu::attention_ext(q, k, v, None, d, None, rope, &mut o);
+            cpu::attention_ext(q, k, v, None, d, segs, rope, &mut o);
             o
         };
         let want = twin(&q, &k, &v, Some(THETA));
         let base = twin(&round_to(BF, &q), &round_to(BF, &k), &round_to(BF, &v), Some(THETA));
         let unrotated = rel_l2(&twin(&q, &k, &v, None), &want);
         assert!(unrotated > 0.05, "RoPE changes the result by only {unrotated:.3e}: the case cannot see it");
+        if segs.is_some() {
+            let mut whole = vec![0.0; want.len()];
+            cpu::attention_ext(&q, &k, &v, None, d, None, Some(THETA), &mut whole);
+            let apart = rel_l2(&whole, &want);
+            assert!(apart > 0.05, "segments change the result by only {apart:.3e}: the case cannot see them");
+        }
         let (_qb, qp) = upload(&dev, &q);
         let (_kb, kp) = upload(&dev, &k);
         let (_vb, vp) = upload(&dev, &v);
         let (_ob, op) = upload(&dev, &vec![f32::NAN; b * n * heads * hd]);
-        let table = dev.upload(&rope_table(THETA, hd, n).iter().flat_map(|c| c.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let positions = segs.map_or(n, |s| s.iter().copied().max().unwrap());
+        let table = dev.upload(&rope_table(THETA, hd, positions).iter().flat_map(|c| c.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let seg_table = segs.map(|s| dev.upload(&segment_table(s).iter().flat_map(|c| c.to_le_bytes()).collect::<Vec<u8>>()).unwrap());
         let a = AttentionArgs {
             dtype: BF,
             q: qp,
             k: kp,
             v: vp,
             mask: 0,
-            segments: 0,
+            segments: seg_table.as_ref().map_or(0, |t| t.ptr()),
             rope_cs: table.ptr(),
             out: op,
             batch: b,
@@ -184,7 +195,7 @@ fn attention_sm90_rope_matches_cpu() {
             unsafe { l.enqueue(&dev).unwrap() };
         }
         // The pre-pass: bit for bit.
-        let pos = cpu::token_positions(b, n, None);
+        let pos = cpu::token_positions(b, n, segs);
         for (what, x, h, off) in [("q", &q, heads, 0), ("k", &k, kv_heads, b * n * heads * hd)] {
             let mut r = vec![0.0; x.len()];
             cpu::rope_at(&round_to(BF, x), &pos, h, hd, THETA, &mut r);
@@ -195,7 +206,7 @@ fn attention_sm90_rope_matches_cpu() {
         }
         let got = download(&dev, op, b * n * heads * hd);
         check(
-            &format!("{} + {} [{b}, {n}, {heads}/{kv_heads} heads, hd {hd}] causal={causal} rope", ls[0].kernel, ls[1].kernel),
+            &format!("{} + {} [{b}, {n}, {heads}/{kv_heads} heads, hd {hd}] causal={causal} segments={segs:?} rope", ls[0].kernel, ls[1].kernel),
             BF,
             &got,
             &want,
@@ -276,7 +287,10 @@ fn attention_sm90_selection_rule() {
     for hd in [4, 100, 136, 256] {
         assert!(!attention_sm90::qualifies(&AttentionArgs { head_dim: hd, ..a }), "hd {hd}");
     }
-    assert!(!attention_sm90::qualifies(&AttentionArgs { segments: 0x5000, ..a }));
+    // Packed segments: batch 1, n = m.
+    assert!(attention_sm90::qualifies(&AttentionArgs { segments: 0x5000, ..a }));
+    assert!(!attention_sm90::qualifies(&AttentionArgs { segments: 0x5000, batch: 2, ..a }));
+    assert!(!attention_sm90::qualifies(&AttentionArgs { segments: 0x5000, m: 9, ..a }));
     // Fused RoPE (n = m): the pre-pass, then the attention.
     let rope = AttentionArgs { rope_cs: 0x5000, causal: true, ..a };
     assert!(attention_sm90::qualifies(&rope));
@@ -284,7 +298,7 @@ fn attention_sm90_selection_rule() {
     assert_eq!(attention_sm90::launch_count(&a), 1);
     assert_eq!(attention_sm90::rope_scratch_bytes(&rope), 2 * 8 * (2 + 1) * 64);
     assert!(!attention_sm90::qualifies(&AttentionArgs { m: 9, ..rope }));
-    assert!(!attention_sm90::qualifies(&AttentionArgs { segments: 0x6000, ..rope }));
+    assert!(attention_sm90::qualifies(&AttentionArgs { segments: 0x6000, ..rope }));
     assert!(!attention_sm90::qualifies(&AttentionArgs { dtype: DType::F32, ..a }));
     assert!(!attention_sm90::qualifies(&AttentionArgs { q: 0x1002, ..a }));
 }

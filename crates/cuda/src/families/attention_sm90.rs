@@ -5,12 +5,13 @@
 //! Selection ([`qualifies`], applied in `attention::resolve`): the sm_90a conv rule's device
 //! ([`super::conv_sm90::selected`]: compute capability 9.0, kernels for sm_90a, no
 //! `OPENUNI_KERNELS=mma`), bf16 storage, head dim a multiple of 8 up to 128 (capacities 64 and
-//! 128; columns past the head dim are the TMA's zero fill), q/k/v 16-byte aligned, no packed
-//! segments (batched chat's prefill stays on attention.cu). Causal, GQA and the key mask are taken.
+//! 128; columns past the head dim are the TMA's zero fill), q/k/v 16-byte aligned. Causal, GQA,
+//! the key mask and packed segments (batch 1, n = m: every row sees its own segment's keys; the
+//! block loads the key tiles from its first row's segment start) are taken.
 //!
-//! Fused RoPE (the LLM prefill; n = m): a pre-pass `attention_rope_bf16` rotates q and k into
-//! scratch ([`rope_scratch_bytes`], the executor's workspace), then the unchanged wgmma kernel maps
-//! the rotated copies. Rotating inside the kernel would save that pass (2 · (q + k) bytes), but its
+//! Fused RoPE (the LLM prefill; n = m; positions restart at each segment): a pre-pass
+//! `attention_rope_bf16` rotates q and k into scratch ([`rope_scratch_bytes`], the executor's
+//! workspace), then the wgmma kernel maps the rotated copies. Rotating inside the kernel would save that pass (2 · (q + k) bytes), but its
 //! tiles arrive by TMA already swizzled and K tiles are shared by both consumers: docs/hopper.md.
 
 use openuni_tensor::DType;
@@ -45,7 +46,7 @@ pub fn smem_bytes(capacity: usize) -> usize {
 pub fn qualifies(a: &AttentionArgs) -> bool {
     a.dtype == DType::BF16
         && capacity(a.head_dim).is_some()
-        && a.segments == 0
+        && (a.segments == 0 || (a.n == a.m && a.batch == 1))
         && (a.rope_cs == 0 || a.n == a.m)
         && [a.q, a.k, a.v].iter().all(|p| p % 16 == 0)
         && a.heads > 0
@@ -83,11 +84,12 @@ pub fn launch_count(a: &AttentionArgs) -> usize {
 pub fn launch(a: &AttentionArgs, rope_scratch: u64) -> Result<Vec<Launch>> {
     if !qualifies(a) {
         return Err(invalid(format!(
-            "{} head dim {}, segments {}, rope {} with {} queries and {} keys: the sm_90a attention is bf16, head dim a multiple of 8 up to 128, no packed segments, fused RoPE only with as many keys as queries, 16-byte aligned q/k/v",
+            "{} head dim {}, segments {}, rope {} with batch {}, {} queries and {} keys: the sm_90a attention is bf16, head dim a multiple of 8 up to 128, packed segments (batch 1) and fused RoPE only with as many keys as queries, 16-byte aligned q/k/v",
             a.dtype,
             a.head_dim,
             a.segments != 0,
             a.rope_cs != 0,
+            a.batch,
             a.n,
             a.m
         )));
@@ -116,6 +118,7 @@ pub fn launch(a: &AttentionArgs, rope_scratch: u64) -> Result<Vec<Launch>> {
             args: vec![
                 KArg::Ptr(a.q),
                 KArg::Ptr(a.k),
+                KArg::Ptr(a.segments),
                 KArg::Ptr(a.rope_cs),
                 KArg::Ptr(q),
                 KArg::Ptr(k),
@@ -150,6 +153,7 @@ pub fn launch(a: &AttentionArgs, rope_scratch: u64) -> Result<Vec<Launch>> {
             KArg::TensorMap(mk),
             KArg::TensorMap(mv),
             KArg::Ptr(a.mask),
+            KArg::Ptr(a.segments),
             KArg::Ptr(a.out),
             KArg::I32(a.n as i32),
             KArg::I32(a.m as i32),
