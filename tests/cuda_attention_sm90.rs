@@ -6,7 +6,8 @@
 //! n != m both ways, lengths not multiples of the 64-key tile or the 128-row query block (5, 33,
 //! 70, 77, 100, 130), head dims 32 and 72 (zero-filled up to the 64 / 128 capacities), 64 and 128.
 //! Fused RoPE (the LLM prefill: the pre-pass `attention_rope_bf16`, then the wgmma kernel): causal
-//! and not, GQA, head dims 64 and 128, lengths 70 and 130, against the CPU twin
+//! and not, GQA, head dims 64 and 128, lengths 70 and 130, packed segments (batch 1) whose
+//! boundaries straddle the key tiles and query blocks, against the CPU twin
 //! (`openuni_cpu::ops::attention_ext`), the pre-pass's rotated q and k bit for bit against the CPU's
 //! `rope_at` on the bf16 inputs, and through the executor (the path an sm_90 device selects, and
 //! attention.cu's under `OPENUNI_KERNELS=mma`).
