@@ -45,8 +45,8 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
 template <int HD, int MUTANT = A90_OK>
 __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const TensorMap& map_q, const TensorMap& map_k,
                                                const TensorMap& map_v, const bf16* __restrict__ mask,
-                                               const int* __restrict__ seg, bf16* __restrict__ out, int n, int m, int heads, int kv_heads, int hd,
-                                               int causal, float scale_log2) {
+                                               const int* __restrict__ seg, bf16* __restrict__ out, int n, int m,
+                                               int heads, int kv_heads, int hd, int causal, float scale_log2) {
     constexpr int CB = HD / 64;  // 64-column boxes per row
     unsigned char* sm = dyn_smem + ((1024u - smem_addr(dyn_smem) % 1024u) % 1024u);
     auto q_box = [&](int c, int cb) { return sm + (c * CB + cb) * A90_BOX; };

@@ -11,8 +11,9 @@
 //!
 //! Fused RoPE (the LLM prefill; n = m; positions restart at each segment): a pre-pass
 //! `attention_rope_bf16` rotates q and k into scratch ([`rope_scratch_bytes`], the executor's
-//! workspace), then the wgmma kernel maps the rotated copies. Rotating inside the kernel would save that pass (2 · (q + k) bytes), but its
-//! tiles arrive by TMA already swizzled and K tiles are shared by both consumers: docs/hopper.md.
+//! workspace), then the wgmma kernel maps the rotated copies. Rotating inside the kernel would
+//! save that pass (2 · (q + k) bytes), but its tiles arrive by TMA already swizzled and K tiles
+//! are shared by both consumers: docs/hopper.md.
 
 use openuni_tensor::DType;
 
