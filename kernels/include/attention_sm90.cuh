@@ -45,8 +45,8 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
 template <int HD, int MUTANT = A90_OK>
 __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const TensorMap& map_q, const TensorMap& map_k,
                                                const TensorMap& map_v, const bf16* __restrict__ mask,
-                                               bf16* __restrict__ out, int n, int m, int heads, int kv_heads, int hd,
-                                               int causal, float scale_log2) {
+                                               const int* __restrict__ seg, bf16* __restrict__ out, int n, int m,
+                                               int heads, int kv_heads, int hd, int causal, float scale_log2) {
     constexpr int CB = HD / 64;  // 64-column boxes per row
     unsigned char* sm = dyn_smem + ((1024u - smem_addr(dyn_smem) % 1024u) % 1024u);
     auto q_box = [&](int c, int cb) { return sm + (c * CB + cb) * A90_BOX; };
@@ -58,9 +58,12 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
 
     const int q0 = blockIdx.x * A90_BM;
     const int b = blockIdx.y / heads, h = blockIdx.y % heads, kvh = h / (heads / kv_heads);
-    // Keys the block's last row sees: [0, hi).
+    // Keys the block's rows see: [lo, hi), from its first row's segment start (packed segments, n = m;
+    // starts and ends are non-decreasing in the row) to what its last row sees; key tiles [first, tiles).
     const int last = min(q0 + A90_BM, n) - 1;
-    const int hi = causal ? min(m, last + m - n + 1) : m;
+    const int lo = seg ? seg[2 * q0] : 0;
+    const int hi = causal ? min(m, last + m - n + 1) : (seg ? seg[2 * last + 1] : m);
+    const int first = lo / A90_BN;
     const int tiles = hi > 0 ? (hi + A90_BN - 1) / A90_BN : 0;
 
     const unsigned wg = threadIdx.x / 128, t = threadIdx.x % 128;
@@ -83,9 +86,9 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
         mbarrier_arrive_expect_tx(q_full, A90_CONSUMERS * CB * A90_BOX);
         for (int c = 0; c < A90_CONSUMERS; ++c)
             for (int cb = 0; cb < CB; ++cb) tma_load_4d(q_box(c, cb), map_q, q_full, 64 * cb, h, q0 + 64 * c, b);
-        for (int it = 0; it < tiles; ++it) {
-            const int s = it % A90_STAGES;
-            mbarrier_wait_parity(&empty[s], ((unsigned)(it / A90_STAGES) & 1u) ^ 1u);
+        for (int it = first; it < tiles; ++it) {
+            const int s = (it - first) % A90_STAGES;
+            mbarrier_wait_parity(&empty[s], ((unsigned)((it - first) / A90_STAGES) & 1u) ^ 1u);
             mbarrier_arrive_expect_tx(&kv_full[s], 2 * CB * A90_BOX);
             for (int cb = 0; cb < CB; ++cb) {
                 tma_load_4d(k_box(s, cb), map_k, &kv_full[s], 64 * cb, kvh, it * A90_BN, b);
@@ -98,12 +101,14 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
     setmaxnreg_inc<232>();
     const int c = (int)wg - 1;
     const int warp = (int)t / 32, g = (int)(t % 32) / 4, tq = (int)t % 4;
-    // This thread's two rows (absolute query indices) and the last key each sees.
-    int row[2], vis[2];
+    // This thread's two rows (absolute query indices) and the keys each sees: [from, vis].
+    int row[2], from[2], vis[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         row[r] = q0 + 64 * c + 16 * warp + g + 8 * r;
-        vis[r] = causal ? row[r] + m - n : m - 1;  // keys j <= vis are visible
+        const int sr = min(row[r], n - 1);  // rows past n are never stored
+        from[r] = seg ? seg[2 * sr] : 0;
+        vis[r] = causal ? row[r] + m - n : (seg ? seg[2 * sr + 1] - 1 : m - 1);
     }
     float o[HD / 2];
 #pragma unroll
@@ -112,9 +117,9 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
     constexpr float MASK_BIAS_LOG2 = -10000.f * 1.4426950408889634f;
     mbarrier_wait_parity(q_full, 0);
 
-    for (int it = 0; it < tiles; ++it) {
-        const int s = it % A90_STAGES;
-        mbarrier_wait_parity(&kv_full[s], (unsigned)(it / A90_STAGES) & 1u);
+    for (int it = first; it < tiles; ++it) {
+        const int s = (it - first) % A90_STAGES;
+        mbarrier_wait_parity(&kv_full[s], (unsigned)((it - first) / A90_STAGES) & 1u);
         float sc[A90_BN / 2];
         wgmma_fence_operand(sc);
         wgmma_fence();
@@ -137,7 +142,7 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
                 const int key = it * A90_BN + 8 * j + 2 * tq + (e & 1), r = e >> 1;
                 float x = sc[4 * j + e] * scale_log2;
                 if (mask && key < m) x += (1.f - to_f32(mask[(i64)b * m + key])) * MASK_BIAS_LOG2;
-                if (key >= m || key > vis[r]) x = A90_NEG_INF;
+                if (key >= m || key > vis[r] || key < from[r]) x = A90_NEG_INF;
                 sc[4 * j + e] = x;
                 tile_max[r] = fmaxf(tile_max[r], x);
             }

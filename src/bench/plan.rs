@@ -7,13 +7,14 @@
 //!
 //! Launch counts mirror `openuni_cuda::families::resolve` op by op (one exhaustive match, so a new
 //! op does not compile until it is counted here), calling the families' own launch builders where
-//! the count depends on the shapes. A `Linear` counts as one cuBLASLt matmul: on hardware the
+//! the count depends on the shapes, for the modelled H100 / H200 (sm_90: the attention's sm_90a
+//! path where a call qualifies, its RoPE pre-pass's bytes added to the node). A `Linear` counts as one cuBLASLt matmul: on hardware the
 //! algorithm cuBLASLt picks may add a split-K reduction kernel, so GEMM launches are a lower bound.
 
 use std::collections::HashSet;
 
 use anyhow::Result;
-use openuni_cuda::families::{attention, linear_attention, mixffn_inverted_glu};
+use openuni_cuda::families::{attention, attention_sm90, linear_attention, mixffn_inverted_glu};
 use openuni_graph::{node_cost, Cost, Graph, Node, Op, ValueId};
 use openuni_tensor::DType;
 use openuni_models::{sana, scheduler};
@@ -107,27 +108,15 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         Op::Unary { .. } if openuni_cuda::families::gelu_fused_into_linear(g, node, false).is_some() => 0,
         Op::RmsNormResidual { .. } | Op::RmsNormReluConv2d { .. } => one,
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => one,
-        Op::Attention { q, k, heads, kv_heads, head_dim, causal, scale, .. } => {
-            let (qs, ks) = (g.shape(*q).dims(), g.shape(*k).dims());
-            let args = attention::AttentionArgs {
-                dtype,
-                q: 0,
-                k: 0,
-                v: 0,
-                mask: 0,
-                segments: 0,
-                rope_cs: 0,
-                out: 0,
-                batch: qs[0],
-                n: qs[1],
-                m: ks[1],
-                heads: *heads,
-                kv_heads: *kv_heads,
-                head_dim: *head_dim,
-                causal: *causal,
-                scale: *scale,
-            };
-            attention::launch(&args).map_err(anyhow::Error::msg)?.len()
+        // The modelled H100 / H200 take the sm_90a attention where a call qualifies (with fused
+        // RoPE: its pre-pass, then the attention), else attention.cu.
+        Op::Attention { .. } => {
+            let args = attention_args(g, node, dtype).expect("an attention node");
+            if attention_sm90::qualifies(&args) {
+                attention_sm90::launch_count(&args)
+            } else {
+                attention::launch(&args).map_err(anyhow::Error::msg)?.len()
+            }
         }
         Op::LinearAttention { heads, head_dim, .. } => {
             let d = g.shape(node.output).dims();
@@ -188,6 +177,43 @@ fn unfused_mixffn_parts(g: &Graph, node: &Node, dtype: DType) -> Option<[Cost; 2
     let gemm = Cost { flops: 2.0 * rows * c * c2, elems: numel(x) + numel(weight) + bias.as_ref().map_or(0.0, numel) + rows * c2 };
     let dw = Cost { flops: 4.0 * out * 9.0, elems: rows * c2 + numel(dw_weight) + dw_bias.as_ref().map_or(0.0, numel) + out };
     Some([gemm, dw])
+}
+
+/// An attention node's call with placeholder addresses (16-byte aligned; the segment and RoPE
+/// tables non-zero when the node has them), for the launch builders' and the selection's shape
+/// rules; None for other ops.
+fn attention_args(g: &Graph, node: &Node, dtype: DType) -> Option<attention::AttentionArgs> {
+    let Op::Attention { q, k, heads, kv_heads, head_dim, causal, scale, segments, rope, .. } = &node.op else { return None };
+    let (qs, ks) = (g.shape(*q).dims(), g.shape(*k).dims());
+    Some(attention::AttentionArgs {
+        dtype,
+        q: 0,
+        k: 0,
+        v: 0,
+        mask: 0,
+        segments: if segments.is_some() { 16 } else { 0 },
+        rope_cs: if rope.is_some() { 16 } else { 0 },
+        out: 0,
+        batch: qs[0],
+        n: qs[1],
+        m: ks[1],
+        heads: *heads,
+        kv_heads: *kv_heads,
+        head_dim: *head_dim,
+        causal: *causal,
+        scale: *scale,
+    })
+}
+
+/// Bytes a node moves beyond its cost-model bytes on the modelled device: the sm_90a attention's
+/// RoPE pre-pass reads q and k and writes their rotated copies.
+fn extra_bytes(g: &Graph, node: &Node, dtype: DType) -> f64 {
+    match attention_args(g, node, dtype) {
+        Some(a) if a.rope_cs != 0 && attention_sm90::qualifies(&a) && attention_sm90::launch_count(&a) > 0 => {
+            2.0 * attention_sm90::rope_scratch_bytes(&a) as f64
+        }
+        _ => 0.0,
+    }
 }
 
 /// How the pipeline reads a graph output back (src/pipeline).
@@ -273,9 +299,11 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
     let mut p = StagePlan { stage: stage.into(), runs_per_batch: runs, nodes: g.nodes.len(), model_ms: vec![0.0; ROOFS.len()], ..Default::default() };
     for node in &g.nodes {
         let c = node_cost(g, node);
-        // What the node runs as: one kernel, or (a MixFFN's two-op path) a GEMM and a depthwise GLU.
+        // What the node runs as: one kernel, or (a MixFFN's two-op path) a GEMM and a depthwise GLU;
+        // plus what the modelled device moves beyond the cost model (the sm_90a RoPE pre-pass).
         let parts = unfused_mixffn_parts(g, node, dtype).unwrap_or([c, Cost::default()]);
-        let bytes = (parts[0].elems + parts[1].elems) * es;
+        let extra = extra_bytes(g, node, dtype);
+        let bytes = (parts[0].elems + parts[1].elems) * es + extra;
         let weight_bytes: f64 = node.op.inputs().iter().filter(|i| weights.contains(i)).map(|&i| g.shape(i).numel() as f64 * es).sum();
         let launches = cuda_launches(g, node, dtype)?;
         p.launches += launches;
@@ -289,8 +317,9 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
             p.other_bytes += bytes;
         }
         for (t, roof) in p.model_ms.iter_mut().zip(ROOFS) {
-            for part in &parts {
-                *t += (part.flops / (roof.tflops * 1e12)).max(part.elems * es / (roof.tbytes_per_s * 1e12)) * 1e3;
+            for (i, part) in parts.iter().enumerate() {
+                let part_bytes = part.elems * es + if i == 0 { extra } else { 0.0 };
+                *t += (part.flops / (roof.tflops * 1e12)).max(part_bytes / (roof.tbytes_per_s * 1e12)) * 1e3;
             }
         }
     }

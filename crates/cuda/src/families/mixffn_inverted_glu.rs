@@ -160,7 +160,6 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         y: inverted,
     };
     let gemm = LinearGemm::new(ctx.dev, &blas, &args)?;
-    let sms = ctx.dev.sm_count();
     let dw = depthwise_conv3_glu(ctx.dtype, inverted, a.wd, a.bd, a.y, a.batch, a.h, a.w, hidden, 3, true)?;
     Ok(Step::GemmThen(gemm, blas, vec![dw]))
 }
