@@ -187,8 +187,9 @@ bench_pair() { # variant batches iters compile(0/1)
 # quick: a short re-check after a change (what a few device minutes allow): the kernel tests and
 # kernel benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against PyTorch.
 if [ "$PHASE" = quick ]; then
-  for t in ${GPU_QUICK_TESTS:-cuda_conv}; do
-    run_step "test $t" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1
+  for t in ${GPU_QUICK_TESTS:-cuda_conv}; do  # NAME or NAME:FILTER (a test-name filter)
+    f=""; [ "${t#*:}" != "$t" ] && f="${t#*:}" && t="${t%%:*}"
+    run_step "test $t${f:+ ($f)}" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1 $f
   done
   for b in ${GPU_QUICK_BENCHES:-conv}; do
     run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
