@@ -64,9 +64,9 @@ fn main() {
                 let t = (rows * inner * es) as u64;
                 let p = if case.packed {
                     let hd = (d.head_dim * es) as u64;
-                    Pointers { q: base, k: base + hd, v: base + 2 * hd, out: base + (in_elems * es) as u64 }
+                    Pointers { q: base, k: base + hd, v: base + 2 * hd, out: base + (in_elems * es) as u64, key_norm: None }
                 } else {
-                    Pointers { q: base, k: base + t, v: base + 2 * t, out: base + 3 * t }
+                    Pointers { q: base, k: base + t, v: base + 2 * t, out: base + 3 * t, key_norm: None }
                 };
                 launches(case.dtype, dev.sm_count(), &d, p, states.ptr(), counters.ptr()).unwrap()
             })

@@ -20,6 +20,14 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
     let elems = match &node.op {
         // Only the rows the ids name are read, not the whole table.
         Op::EmbeddingGather { ids, .. } => numel(*ids) + 2.0 * out.numel() as f64,
+        // The key norm needs every token's RMS over all groups before any group's state: the
+        // CUDA backend reads the k columns once more for it (a pre-pass writing one f32 per
+        // token, read back by the state kernel: 2 storage elements each way in bf16, counted
+        // as 4 per token, an upper bound for f32 storage).
+        Op::PackedLinearAttention { key_norm: Some(_), groups, head_dim, .. } => {
+            let tokens = out.rows() as f64;
+            node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>() + out.numel() as f64 + tokens * (*groups * *head_dim) as f64 + 4.0 * tokens
+        }
         _ => node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>() + out.numel() as f64,
     };
     let rows = out.rows() as f64;
@@ -41,7 +49,7 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
             let d = graph.shape(*q).dims();
             4.0 * (d[0] * d[1] * heads * head_dim * head_dim) as f64
         }
-        Op::PackedLinearAttention { qkv, groups, head_dim } => {
+        Op::PackedLinearAttention { qkv, groups, head_dim, .. } => {
             let d = graph.shape(*qkv).dims();
             4.0 * (d[0] * d[1] * groups * head_dim * head_dim) as f64
         }
