@@ -27,6 +27,17 @@
 //       grid (ceil(N / 128), heads, B), 128 threads: each CTA applies its head's state to 128 tokens of q.
 //       q is read once and out written once.
 //
+// Key norm (Op::PackedLinearAttention's key_norm, SANA1.5's norm_k, CPU twin
+// openuni_cpu::ops::packed_linear_attention_key_norm): the keys are RMS-normalised across all heads,
+// k_hat = k * rstd_n * w[h * HD + i] with rstd_n = 1 / sqrt(mean over the token's heads * HD channels + eps),
+// applied where the state kernel loads k (rounded to the storage type as the unfused norm's output is,
+// then relu), so the normalised keys are never stored. rstd needs the whole row, which no state CTA (one
+// head) sees, so a third launch comes first:
+//   linear_attention_key_rms_<dtype>(k, rstd, rows, heads, head_dim, row_stride, head_stride, eps)
+//       one warp per token row (B * N rows, 4 per CTA of 128 threads) writes rstd[row] (f32). It reads k
+//       once; the state kernel then reads k and rstd instead of a stored normalised copy.
+// The state kernels take key_w (the norm weight, heads * HD) and key_rstd; both null: no key norm.
+//
 // HD is a template parameter: 2, 8, 16 and 32 are compiled (32 is every real model; 8 and 2 appear in the
 // test fixtures). The launcher refuses other head dims with a message naming this file.
 //
@@ -133,6 +144,16 @@ __device__ __forceinline__ void la_load_tile(const T* base, i64 rs, int valid, i
     }
 }
 
+// The key norm on a tile loaded without relu: tile[r][c] = relu(round_T(tile[r][c] * rstd[r] * w[c])) for
+// the `valid` rows (the others stay zero), `w` this head's HD weights, `rstd` the tile's first token's.
+template <typename T, int HD>
+__device__ __forceinline__ void la_norm_keys(float* tile, int valid, const T* w, const float* rstd) {
+    for (int idx = threadIdx.x; idx < valid * HD; idx += blockDim.x) {
+        const int r = idx / HD, c = idx % HD;
+        tile[idx] = fmaxf(to_f32(from_f32<T>(tile[idx] * rstd[r] * to_f32(w[c]))), 0.f);
+    }
+}
+
 // R consecutive floats of shared memory (16-byte aligned when R == 4).
 template <int R>
 __device__ __forceinline__ void la_row(const float* p, float (&v)[R]) {
@@ -149,7 +170,8 @@ __device__ __forceinline__ void la_row(const float* p, float (&v)[R]) {
 
 template <typename T, int HD>
 __device__ __forceinline__ void la_state_fma(const T* k, const T* v, float* partial, float* state, unsigned* counters,
-                                             int n_tokens, int rs, int hs, int chunk_len, int chunks) {
+                                             int n_tokens, int rs, int hs, int chunk_len, int chunks, const T* key_w,
+                                             const float* key_rstd) {
     constexpr int S = LaState<HD>::S;
     constexpr int RB = HD >= 4 ? 4 : HD;  // each thread owns an RB x RB block of KV
     constexpr int NB = HD / RB;
@@ -177,7 +199,13 @@ __device__ __forceinline__ void la_state_fma(const T* k, const T* v, float* part
     for (int m0 = n0; m0 < n1; m0 += TILE) {
         const int rows = min(TILE, n1 - m0);
         __syncthreads();  // the previous tile has been consumed
-        la_load_tile<T, HD, true>(k + head0 + (i64)m0 * rs, rs, rows, TILE, ks, vec);
+        if (key_rstd) {
+            la_load_tile<T, HD, false>(k + head0 + (i64)m0 * rs, rs, rows, TILE, ks, vec);
+            __syncthreads();  // the loader's thread-to-element map is not the norm's
+            la_norm_keys<T, HD>(ks, rows, key_w + blockIdx.y * HD, key_rstd + (i64)blockIdx.z * n_tokens + m0);
+        } else {
+            la_load_tile<T, HD, true>(k + head0 + (i64)m0 * rs, rs, rows, TILE, ks, vec);
+        }
         la_load_tile<T, HD, false>(v + head0 + (i64)m0 * rs, rs, rows, TILE, vs, vec);
         __syncthreads();
         for (int m = grp; m < rows; m += G) {
@@ -315,9 +343,18 @@ __device__ __forceinline__ void la_store8(bf16* p, uint4 x, bool vec) {
     for (int i = 0; i < 8; ++i) p[i] = pk.e[i];
 }
 
+// The key norm on 8 bf16 keys of one token: bf16(k * rstd * w) (then relu by the caller).
+__device__ __forceinline__ uint4 la_norm8(uint4 x, const float (&w)[8], float rstd) {
+    Pack16<bf16> pk;
+    pk.raw = x;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) pk.e[i] = __float2bfloat16_rn(__bfloat162float(pk.e[i]) * rstd * w[i]);
+    return pk.raw;
+}
+
 __device__ __forceinline__ void la_state_mma32(const bf16* k, const bf16* v, float* partial, float* state,
                                                unsigned* counters, int n_tokens, int rs, int hs, int chunk_len,
-                                               int chunks) {
+                                               int chunks, const bf16* key_w, const float* key_rstd) {
     constexpr int HD = 32, S = LaState<HD>::S, TILE = LA_STATE_TILE, LD = LA_LD;
     __shared__ __align__(16) bf16 ks[TILE * LD];
     __shared__ __align__(16) bf16 vs[TILE * LD];
@@ -330,7 +367,16 @@ __device__ __forceinline__ void la_state_mma32(const bf16* k, const bf16* v, flo
 
     // Each thread moves 2 vectors of k and 2 of v per 64-token tile: vector s covers tile row
     // (threadIdx.x + 128 s) / 4, columns 8 ((threadIdx.x + 128 s) % 4) .. + 8.
+    // With the key norm: this thread's 8 weights (its columns are the same in every tile) and the
+    // 1/rms of its two rows of the tile in flight.
     uint4 pk[2], pv[2];
+    float kw[8], pr[2] = {0.f, 0.f};
+    if (key_rstd) {
+        const bf16* w = key_w + blockIdx.y * HD + (threadIdx.x & 3) * 8;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) kw[i] = __bfloat162float(w[i]);
+    }
+    const float* rstd = key_rstd ? key_rstd + (i64)blockIdx.z * n_tokens : nullptr;
     auto fetch = [&](int m0) {
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
@@ -339,6 +385,7 @@ __device__ __forceinline__ void la_state_mma32(const bf16* k, const bf16* v, flo
             const i64 off = head0 + (i64)(m0 + r) * rs + c;
             pk[s] = la_load8(k + off, ok, vec);
             pv[s] = la_load8(v + off, ok, vec);
+            if (rstd) pr[s] = ok ? rstd[m0 + r] : 0.f;
         }
     };
 
@@ -362,7 +409,7 @@ __device__ __forceinline__ void la_state_mma32(const bf16* k, const bf16* v, flo
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
             const int idx = threadIdx.x + LA_THREADS * s, r = idx >> 2, c = (idx & 3) * 8;
-            *reinterpret_cast<uint4*>(ks + r * LD + c) = la_relu8(pk[s]);
+            *reinterpret_cast<uint4*>(ks + r * LD + c) = la_relu8(rstd ? la_norm8(pk[s], kw, pr[s]) : pk[s]);
             *reinterpret_cast<uint4*>(vs + r * LD + c) = pv[s];
         }
         __syncthreads();
@@ -507,6 +554,37 @@ __device__ __forceinline__ void la_apply_mma32(const bf16* q, const float* state
     }
 }
 
+// ---- key norm pre-pass ---------------------------------------------------------------------------------------
+
+// rstd[row] = 1 / sqrt(mean(k²) + eps) over the row's heads * hd key channels (head h's at
+// k + row * rs + h * hs), one warp per row; f32 as the RMSNorm kernels compute it.
+template <typename T>
+__device__ __forceinline__ void la_key_rms(const T* k, float* rstd, i64 rows, int heads, int hd, int rs, int hs,
+                                           float eps) {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * (LA_THREADS / 32) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // the whole warp; no barrier follows
+    const T* kr = k + row * rs;
+    constexpr int V = Vec16<T>::N;
+    float s = 0.f;
+    if (hd % V == 0 && aligned16(k) && rs % V == 0 && hs % V == 0) {
+        const int per_head = hd / V;
+        for (int e = lane; e < heads * per_head; e += 32) {
+            float x[V];
+            load_vec<T>(kr + (i64)(e / per_head) * hs + (e % per_head) * V, x);
+#pragma unroll
+            for (int j = 0; j < V; ++j) s += x[j] * x[j];
+        }
+    } else {
+        for (int e = lane; e < heads * hd; e += 32) {
+            const float x = to_f32(kr[(i64)(e / hd) * hs + e % hd]);
+            s += x * x;
+        }
+    }
+    s = warp_sum(s, 32);
+    if (lane == 0) rstd[row] = 1.f / sqrtf(s / (float)(heads * hd) + eps);
+}
+
 }  // namespace ou
 
 using ou::bf16;
@@ -515,31 +593,31 @@ using ou::bf16;
 // scanning the sources for `extern "C" __global__ void NAME(`.
 
 // State: f32 storage (FMA).
-extern "C" __global__ void linear_attention_state_f32_hd2(const float* k, const float* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks) {
-    ou::la_state_fma<float, 2>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks);
+extern "C" __global__ void linear_attention_state_f32_hd2(const float* k, const float* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks, const float* key_w, const float* key_rstd) {
+    ou::la_state_fma<float, 2>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks, key_w, key_rstd);
 }
-extern "C" __global__ void linear_attention_state_f32_hd8(const float* k, const float* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks) {
-    ou::la_state_fma<float, 8>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks);
+extern "C" __global__ void linear_attention_state_f32_hd8(const float* k, const float* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks, const float* key_w, const float* key_rstd) {
+    ou::la_state_fma<float, 8>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks, key_w, key_rstd);
 }
-extern "C" __global__ void linear_attention_state_f32_hd16(const float* k, const float* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks) {
-    ou::la_state_fma<float, 16>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks);
+extern "C" __global__ void linear_attention_state_f32_hd16(const float* k, const float* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks, const float* key_w, const float* key_rstd) {
+    ou::la_state_fma<float, 16>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks, key_w, key_rstd);
 }
-extern "C" __global__ void linear_attention_state_f32_hd32(const float* k, const float* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks) {
-    ou::la_state_fma<float, 32>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks);
+extern "C" __global__ void linear_attention_state_f32_hd32(const float* k, const float* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks, const float* key_w, const float* key_rstd) {
+    ou::la_state_fma<float, 32>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks, key_w, key_rstd);
 }
 
 // State: bf16 storage (FMA for the small head dims, tensor cores for 32).
-extern "C" __global__ void linear_attention_state_bf16_hd2(const bf16* k, const bf16* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks) {
-    ou::la_state_fma<bf16, 2>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks);
+extern "C" __global__ void linear_attention_state_bf16_hd2(const bf16* k, const bf16* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks, const bf16* key_w, const float* key_rstd) {
+    ou::la_state_fma<bf16, 2>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks, key_w, key_rstd);
 }
-extern "C" __global__ void linear_attention_state_bf16_hd8(const bf16* k, const bf16* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks) {
-    ou::la_state_fma<bf16, 8>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks);
+extern "C" __global__ void linear_attention_state_bf16_hd8(const bf16* k, const bf16* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks, const bf16* key_w, const float* key_rstd) {
+    ou::la_state_fma<bf16, 8>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks, key_w, key_rstd);
 }
-extern "C" __global__ void linear_attention_state_bf16_hd16(const bf16* k, const bf16* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks) {
-    ou::la_state_fma<bf16, 16>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks);
+extern "C" __global__ void linear_attention_state_bf16_hd16(const bf16* k, const bf16* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks, const bf16* key_w, const float* key_rstd) {
+    ou::la_state_fma<bf16, 16>(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks, key_w, key_rstd);
 }
-extern "C" __global__ void linear_attention_state_bf16_hd32(const bf16* k, const bf16* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks) {
-    ou::la_state_mma32(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks);
+extern "C" __global__ void linear_attention_state_bf16_hd32(const bf16* k, const bf16* v, float* partial, float* state, unsigned* counters, int n_tokens, int row_stride, int head_stride, int chunk_len, int chunks, const bf16* key_w, const float* key_rstd) {
+    ou::la_state_mma32(k, v, partial, state, counters, n_tokens, row_stride, head_stride, chunk_len, chunks, key_w, key_rstd);
 }
 
 // Apply: f32 storage (FMA).
@@ -568,4 +646,12 @@ extern "C" __global__ void linear_attention_apply_bf16_hd16(const bf16* q, const
 }
 extern "C" __global__ void linear_attention_apply_bf16_hd32(const bf16* q, const float* state, bf16* out, int n_tokens, int row_stride, int head_stride, int out_row_stride) {
     ou::la_apply_mma32(q, state, out, n_tokens, row_stride, head_stride, out_row_stride);
+}
+
+// Key norm pre-pass.
+extern "C" __global__ void linear_attention_key_rms_f32(const float* k, float* rstd, long long rows, int heads, int head_dim, int row_stride, int head_stride, float eps) {
+    ou::la_key_rms<float>(k, rstd, rows, heads, head_dim, row_stride, head_stride, eps);
+}
+extern "C" __global__ void linear_attention_key_rms_bf16(const bf16* k, float* rstd, long long rows, int heads, int head_dim, int row_stride, int head_stride, float eps) {
+    ou::la_key_rms<bf16>(k, rstd, rows, heads, head_dim, row_stride, head_stride, eps);
 }

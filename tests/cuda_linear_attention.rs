@@ -137,6 +137,74 @@ fn packed_linear_attention_matches_cpu() {
     }
 }
 
+fn packed_key_norm_graph(b: usize, n: usize, groups: usize, hd: usize, eps: f32) -> Graph {
+    let mut gb = GraphBuilder::new();
+    let x = gb.input("qkv", [b, n, groups * 3 * hd]).unwrap();
+    let w = gb.weight("attn.norm_k.weight", [groups * hd]).unwrap();
+    let y = gb.packed_linear_attention_key_norm("attn.linear_attention", x, groups, hd, w, eps).unwrap();
+    gb.output("y", y).unwrap();
+    gb.finish()
+}
+
+/// The unfused composition the key-normed op stands for: unpack q, k, v, `rmsnorm` of k across
+/// all groups (its output rounded to the storage type when `round`, as a stored normalised k
+/// is), then the separate-tensor linear attention.
+#[allow(clippy::too_many_arguments)]
+fn key_norm_then_attention(x: &[f32], w: &[f32], eps: f32, b: usize, n: usize, groups: usize, hd: usize, round: Option<DType>) -> Vec<f32> {
+    let c = groups * hd;
+    let (mut q, mut k, mut v) = (vec![0.0; b * n * c], vec![0.0; b * n * c], vec![0.0; b * n * c]);
+    for row in 0..b * n {
+        for g in 0..groups {
+            let src = &x[row * 3 * c + g * 3 * hd..][..3 * hd];
+            q[row * c + g * hd..][..hd].copy_from_slice(&src[..hd]);
+            k[row * c + g * hd..][..hd].copy_from_slice(&src[hd..2 * hd]);
+            v[row * c + g * hd..][..hd].copy_from_slice(&src[2 * hd..]);
+        }
+    }
+    let mut kn = vec![0.0; b * n * c];
+    cpu::rmsnorm(&k, w, None, eps, c, &mut kn);
+    if let Some(dt) = round {
+        kn = round_to(dt, &kn);
+    }
+    let mut out = vec![0.0; b * n * c];
+    cpu::linear_attention(&q, &kn, &v, b, n, groups, hd, &mut out);
+    out
+}
+
+/// `PackedLinearAttention` with `key_norm` (SANA1.5's attn1: the 1/rms pre-pass, then the norm
+/// applied at the state kernel's k loads) against the unfused composition (RMSNorm of k, then
+/// the attention): head dim 32 (tensor cores in bf16) and the FMA head dims, one chunk and
+/// several chunks per head (N = 1025), a weight with both signs.
+#[test]
+fn packed_linear_attention_key_norm_matches_unfused() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(17);
+    let eps = 1e-6;
+    for hd in [2, 8, 32] {
+        for &(b, n, groups) in &[(2, 7, 3), (2, 300, 2), (2, 1025, 3)] {
+            if hd != 32 && n > 300 {
+                continue;
+            }
+            let c = groups * hd;
+            let x = rng.normals(b * n * 3 * c, 0.2, 1.0);
+            let w = rng.normals(c, 0.5, 1.0);
+            let want = key_norm_then_attention(&x, &w, eps, b, n, groups, hd, None);
+            let g = packed_key_norm_graph(b, n, groups, hd, eps);
+            let inputs = HashMap::from([("qkv".to_string(), tensor(&[b, n, 3 * c], x.clone()))]);
+            let weights = HashMap::from([("attn.norm_k.weight".to_string(), tensor(&[c], w.clone()))]);
+            let (chunks, len) = chunking(dev.sm_count(), &Dims::packed(b, n, groups, hd));
+            for dtype in DTYPES {
+                let mut ex = CudaExecutor::new(&dev, &g, &weights, dtype, false).unwrap();
+                let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
+                let base = key_norm_then_attention(&round_to(dtype, &x), &round_to(dtype, &w), eps, b, n, groups, hd, Some(dtype));
+                let what = format!("packed_linear_attention key_norm {dtype} B={b} N={n} groups={groups} hd={hd} ({chunks} chunks of {len})");
+                check(&what, dtype, &got, &want, &base);
+                check_exact_bf16(&what, dtype, &got, &base);
+            }
+        }
+    }
+}
+
 /// `MultiscaleLinearAttention` (DC-AE's [qkv | agg] without the concat): each scale's groups
 /// written into their column range of the output, against the twin (concat, then the packed
 /// attention). Uneven scales (2 + 1 groups), DC-AE's two equal scales at head dim 32 with several

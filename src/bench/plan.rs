@@ -121,19 +121,21 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         Op::LinearAttention { heads, head_dim, .. } => {
             let d = g.shape(node.output).dims();
             let dims = linear_attention::Dims::separate(d[0], d[1], *heads, *head_dim);
-            linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len()
+            linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0, key_norm: None }, 0, 0)?.len()
         }
-        Op::PackedLinearAttention { groups, head_dim, .. } => {
+        Op::PackedLinearAttention { groups, head_dim, key_norm, .. } => {
             let d = g.shape(node.output).dims();
             let dims = linear_attention::Dims::packed(d[0], d[1], *groups, *head_dim);
-            linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len()
+            // With a key norm: the 1/rms pre-pass launch first.
+            let key_norm = key_norm.map(|n| linear_attention::KeyNormPointers { weight: 0, rstd: 0, eps: n.eps });
+            linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0, key_norm }, 0, 0)?.len()
         }
         Op::MultiscaleLinearAttention { scales, head_dim } => {
             let d = g.shape(node.output).dims();
             let mut n = 0;
             for &x in scales {
                 let dims = linear_attention::Dims::packed(d[0], d[1], g.shape(x).last() / (3 * head_dim), *head_dim).in_columns(d[2]);
-                n += linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0 }, 0, 0)?.len();
+                n += linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0, key_norm: None }, 0, 0)?.len();
             }
             n
         }

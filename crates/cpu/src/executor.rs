@@ -358,9 +358,15 @@ impl CpuExecutor {
                 (if fast { fast::ada_gated_add } else { ops::ada_gated_add })(view.get(*x), view.get(*t), view.get(*table), d, *gate, view.get(*yy), y)
             }
             Op::SwiGlu { gate, up } => (if fast { fast::swiglu } else { ops::swiglu })(view.get(*gate), view.get(*up), y),
-            Op::PackedLinearAttention { qkv, groups, head_dim } => {
+            Op::PackedLinearAttention { qkv, groups, head_dim, key_norm } => {
                 let d = out_shape.dims();
-                (if fast { fast::packed_linear_attention } else { ops::packed_linear_attention })(view.get(*qkv), d[0], d[1], *groups, *head_dim, y)
+                match key_norm {
+                    None => (if fast { fast::packed_linear_attention } else { ops::packed_linear_attention })(view.get(*qkv), d[0], d[1], *groups, *head_dim, y),
+                    Some(n) => {
+                        let f = if fast { fast::packed_linear_attention_key_norm } else { ops::packed_linear_attention_key_norm };
+                        f(view.get(*qkv), view.get(n.weight), n.eps, d[0], d[1], *groups, *head_dim, y)
+                    }
+                }
             }
             Op::Conv2d { x, weight, bias, h, w, kernel, silu } => {
                 let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());

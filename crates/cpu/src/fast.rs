@@ -262,6 +262,13 @@ pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups:
     linear_attention_core(qkv, qkv, qkv, layout, batch, tokens, groups, hd, out)
 }
 
+/// [`ops::packed_linear_attention_key_norm`]: the same key normalisation with [`rmsnorm`], then
+/// [`packed_linear_attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn packed_linear_attention_key_norm(qkv: &[f32], weight: &[f32], eps: f32, batch: usize, tokens: usize, groups: usize, hd: usize, out: &mut [f32]) {
+    packed_linear_attention(&ops::packed_keys_normalized(qkv, weight, eps, groups, hd, rmsnorm), batch, tokens, groups, hd, out)
+}
+
 /// [`ops::multiscale_linear_attention`]: [`packed_linear_attention`] on each scale in place (no
 /// concat of the inputs), its groups' outputs copied into their column range of `out`.
 pub fn multiscale_linear_attention(scales: &[&[f32]], widths: &[usize], batch: usize, tokens: usize, hd: usize, out: &mut [f32]) {

@@ -540,6 +540,40 @@ pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups:
     linear_attention(&q, &k, &v, batch, tokens, groups, hd, out);
 }
 
+/// [`packed_linear_attention`] with the keys RMS-normalised across all groups first
+/// (`Op::PackedLinearAttention`'s `key_norm`, SANA1.5's `norm_k`): exactly [`rmsnorm`] of each
+/// token's gathered k row ([`packed_keys_normalized`]), then the attention.
+#[allow(clippy::too_many_arguments)]
+pub fn packed_linear_attention_key_norm(qkv: &[f32], weight: &[f32], eps: f32, batch: usize, tokens: usize, groups: usize, hd: usize, out: &mut [f32]) {
+    packed_linear_attention(&packed_keys_normalized(qkv, weight, eps, groups, hd, rmsnorm), batch, tokens, groups, hd, out);
+}
+
+/// The row-norm function of [`packed_keys_normalized`] (`rmsnorm`'s signature).
+pub type RowNorm = fn(&[f32], &[f32], Option<&[f32]>, f32, usize, &mut [f32]);
+
+/// A copy of the packed `qkv` (rows of `groups`·(q | k | v), each `hd` wide) whose k columns are
+/// replaced by `norm` (an [`rmsnorm`]) of each row's k channels gathered across the groups
+/// (channel g·hd + i, the weight's index).
+pub fn packed_keys_normalized(qkv: &[f32], weight: &[f32], eps: f32, groups: usize, hd: usize, norm: RowNorm) -> Vec<f32> {
+    let c = groups * hd;
+    let rows = qkv.len() / (3 * c);
+    let mut k = vec![0f32; rows * c];
+    for (r, kr) in k.chunks_exact_mut(c).enumerate() {
+        for g in 0..groups {
+            kr[g * hd..][..hd].copy_from_slice(&qkv[r * 3 * c + g * 3 * hd + hd..][..hd]);
+        }
+    }
+    let mut kn = vec![0f32; rows * c];
+    norm(&k, weight, None, eps, c, &mut kn);
+    let mut out = qkv.to_vec();
+    for (r, kr) in kn.chunks_exact(c).enumerate() {
+        for g in 0..groups {
+            out[r * 3 * c + g * 3 * hd + hd..][..hd].copy_from_slice(&kr[g * hd..][..hd]);
+        }
+    }
+    out
+}
+
 /// DC-AE's multi-scale linear attention over packed `scales` ([`Op::MultiscaleLinearAttention`]):
 /// [`concat`] of the scales (widths `widths`), then [`packed_linear_attention`].
 ///

@@ -159,6 +159,44 @@ fn linear_attention_matches_twins() {
     }
 }
 
+/// The key-normed packed linear attention (SANA1.5's attn1, `Op::PackedLinearAttention` with
+/// `key_norm`), plain and fast, against the unfused composition: unpack q, k, v, `rmsnorm` of k
+/// across all heads, then the separate-tensor `linear_attention`. Relative L2 <= 1e-4.
+#[test]
+fn packed_linear_attention_key_norm_matches_unfused() {
+    let mut r = rng(16);
+    for (b, n, heads, hd) in [(1, 1, 1, 3), (2, 300, 3, 7), (1, 517, 2, 32), (2, 65, 5, 8)] {
+        let c = heads * hd;
+        let qkv = rand_vec(&mut r, b * n * 3 * c);
+        // Norm weight with both signs (a negative weight flips which keys the ReLU keeps).
+        let w = rand_vec(&mut r, c);
+        let eps = 1e-6;
+        let (mut q, mut k, mut v) = (vec![0.0; b * n * c], vec![0.0; b * n * c], vec![0.0; b * n * c]);
+        for row in 0..b * n {
+            for h in 0..heads {
+                let src = &qkv[row * 3 * c + h * 3 * hd..][..3 * hd];
+                q[row * c + h * hd..][..hd].copy_from_slice(&src[..hd]);
+                k[row * c + h * hd..][..hd].copy_from_slice(&src[hd..2 * hd]);
+                v[row * c + h * hd..][..hd].copy_from_slice(&src[2 * hd..]);
+            }
+        }
+        let mut kn = vec![0.0; b * n * c];
+        ops::rmsnorm(&k, &w, None, eps, c, &mut kn);
+        let mut want = vec![0.0; b * n * c];
+        ops::linear_attention(&q, &kn, &v, b, n, heads, hd, &mut want);
+        let (mut f, mut p) = (vec![0.0; b * n * c], vec![0.0; b * n * c]);
+        ops::packed_linear_attention_key_norm(&qkv, &w, eps, b, n, heads, hd, &mut p);
+        fast::packed_linear_attention_key_norm(&qkv, &w, eps, b, n, heads, hd, &mut f);
+        assert_close(&format!("packed_linear_attention_key_norm (plain) {b}x{n}x{heads}x{hd}"), &p, &want, 1e-4);
+        assert_close(&format!("packed_linear_attention_key_norm (fast) {b}x{n}x{heads}x{hd}"), &f, &want, 1e-4);
+        // The norm matters: without it the result is far from the composition.
+        ops::packed_linear_attention(&qkv, b, n, heads, hd, &mut p);
+        let num: f64 = p.iter().zip(&want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+        assert!((num / den).sqrt() > 1e-2, "{b}x{n}x{heads}x{hd}: the key norm changed nothing");
+    }
+}
+
 #[test]
 fn depthwise_convs_match_twins() {
     let mut r = rng(7);

@@ -2,7 +2,7 @@ use std::collections::HashMap;
 
 use openuni_tensor::Shape;
 
-use crate::{expect_shape, shape_err, GraphError, Modulation, Op, Result, UnaryFn};
+use crate::{expect_shape, shape_err, GraphError, KeyNorm, Modulation, Op, Result, UnaryFn};
 
 /// The options of one attention node ([`GraphBuilder::attention_ext`]; meanings in `Op::Attention`).
 #[derive(Clone, Debug, PartialEq)]
@@ -560,11 +560,22 @@ impl GraphBuilder {
     }
 
     pub fn packed_linear_attention(&mut self, name: &str, qkv: ValueId, groups: usize, head_dim: usize) -> Result<ValueId> {
+        self.packed_linear_attention_with(name, qkv, groups, head_dim, None)
+    }
+
+    /// [`Self::packed_linear_attention`] with the keys RMS-normalised across all groups first
+    /// (`weight` [groups·head_dim]; [`crate::KeyNorm`]).
+    pub fn packed_linear_attention_key_norm(&mut self, name: &str, qkv: ValueId, groups: usize, head_dim: usize, weight: ValueId, eps: f32) -> Result<ValueId> {
+        expect_shape("packed_linear_attention", &format!("{name}: key norm weight"), self.shape(weight), &Shape::new([groups * head_dim]))?;
+        self.packed_linear_attention_with(name, qkv, groups, head_dim, Some(KeyNorm { weight, eps }))
+    }
+
+    fn packed_linear_attention_with(&mut self, name: &str, qkv: ValueId, groups: usize, head_dim: usize, key_norm: Option<KeyNorm>) -> Result<ValueId> {
         let s = self.shape(qkv).clone();
         if s.rank() != 3 || s.last() != groups * 3 * head_dim {
             return Err(shape_err("packed_linear_attention", format!("{name}: input {s} is not [B, N, {groups}·3·{head_dim}]")));
         }
-        Ok(self.push(name, Op::PackedLinearAttention { qkv, groups, head_dim }, s.with_last(groups * head_dim)))
+        Ok(self.push(name, Op::PackedLinearAttention { qkv, groups, head_dim, key_norm }, s.with_last(groups * head_dim)))
     }
 
     /// `packed_linear_attention(concat(scales))` without the concat (`Op::MultiscaleLinearAttention`):

@@ -20,6 +20,14 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
     let elems = match &node.op {
         // Only the rows the ids name are read, not the whole table.
         Op::EmbeddingGather { ids, .. } => numel(*ids) + 2.0 * out.numel() as f64,
+        // The key norm needs every token's RMS over all groups before any group's state: the
+        // CUDA backend reads the k columns once more for it (a pre-pass writing one f32 per
+        // token, read back by the state kernel: 2 storage elements each way in bf16, counted
+        // as 4 per token, an upper bound for f32 storage).
+        Op::PackedLinearAttention { key_norm: Some(_), groups, head_dim, .. } => {
+            let tokens = out.rows() as f64;
+            node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>() + out.numel() as f64 + tokens * (*groups * *head_dim) as f64 + 4.0 * tokens
+        }
         _ => node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>() + out.numel() as f64,
     };
     let rows = out.rows() as f64;
@@ -41,7 +49,7 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
             let d = graph.shape(*q).dims();
             4.0 * (d[0] * d[1] * heads * head_dim * head_dim) as f64
         }
-        Op::PackedLinearAttention { qkv, groups, head_dim } => {
+        Op::PackedLinearAttention { qkv, groups, head_dim, .. } => {
             let d = graph.shape(*qkv).dims();
             4.0 * (d[0] * d[1] * groups * head_dim * head_dim) as f64
         }
@@ -83,5 +91,26 @@ mod tests {
         let c = node_cost(&g, &g.nodes[0]);
         assert_eq!(c.flops, 2.0 * 12.0 * 8.0 * 5.0);
         assert_eq!(c.elems, 96.0 + 40.0 + 60.0);
+    }
+
+    #[test]
+    fn key_norm_counts_the_pre_pass_and_a_bad_weight_is_refused() {
+        // B = 2, N = 5, 3 groups of hd 4: qkv [2, 5, 36], out [2, 5, 12], weight [12].
+        let mut b = GraphBuilder::new();
+        let x = b.input("qkv", [2, 5, 36]).unwrap();
+        let w = b.weight("attn.norm_k.weight", [12]).unwrap();
+        let plain = b.packed_linear_attention("plain", x, 3, 4).unwrap();
+        let normed = b.packed_linear_attention_key_norm("normed", x, 3, 4, w, 1e-5).unwrap();
+        let bad = b.weight("bad", [11]).unwrap();
+        let e = b.packed_linear_attention_key_norm("attn1.linear_attention", x, 3, 4, bad, 1e-5).unwrap_err().to_string();
+        assert!(e.contains("attn1.linear_attention") && e.contains("[11]") && e.contains("[12]"), "{e}");
+        b.output("a", plain).unwrap();
+        b.output("b", normed).unwrap();
+        let g = b.finish();
+        let (p, n) = (node_cost(&g, &g.nodes[0]), node_cost(&g, &g.nodes[1]));
+        assert_eq!(p.elems, 360.0 + 120.0);
+        // + the weight, k read again by the 1/rms pre-pass (10 tokens x 12), 4 per token for the f32.
+        assert_eq!(n.elems, p.elems + 12.0 + 120.0 + 40.0);
+        assert_eq!(n.flops, p.flops);
     }
 }

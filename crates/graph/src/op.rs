@@ -41,6 +41,15 @@ pub struct Modulation {
     pub shift: ValueId,
 }
 
+/// An RMSNorm across all heads applied to the keys of a packed linear attention before its ReLU
+/// (SANA1.5's `norm_k`): each token's k row, `groups·head_dim` channels gathered from the groups,
+/// becomes `k · (1 / sqrt(mean(k²) + eps)) · weight` (`weight` [groups·head_dim], channel g·hd + i).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KeyNorm {
+    pub weight: ValueId,
+    pub eps: f32,
+}
+
 /// One node's computation. Every tensor is contiguous and row-major; "rows" are all leading
 /// dimensions flattened, and norms/linears act on the last dimension.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,8 +119,10 @@ pub enum Op {
     /// DC-AE's multi-scale linear attention core: `qkv` [B, N, groups·3·head_dim] where group g is
     /// channels [3·hd·g, 3·hd·(g+1)) = (q | k | v) of that group; output [B, N, groups·head_dim]
     /// (channel g·hd + j). Same math as `LinearAttention` (diffusers' quadratic path for tiny
-    /// inputs computes the same formula in another order).
-    PackedLinearAttention { qkv: ValueId, groups: usize, head_dim: usize },
+    /// inputs computes the same formula in another order). `key_norm`: the keys are RMS-normalised
+    /// across all groups first (`RmsNorm` of the k columns, then this op), the norm applied by the
+    /// attention as it reads k, so the normalised keys are never stored.
+    PackedLinearAttention { qkv: ValueId, groups: usize, head_dim: usize, key_norm: Option<KeyNorm> },
     /// k×k convolution, stride 1, zero padding k/2, over tokens [B, h·w, Cin] on an h×w grid:
     /// `weight` [Cout, Cin, k, k] -> [B, h·w, Cout], then SiLU when `silu` (fused into the
     /// CUDA kernels' epilogue, so the pre-activation tensor is never stored).
@@ -335,11 +346,14 @@ impl Op {
                 v.extend(key_mask);
             }
             Op::LinearAttention { q, k, v: vv, .. } => v.extend([*q, *k, *vv]),
+            Op::PackedLinearAttention { qkv, key_norm, .. } => {
+                v.push(*qkv);
+                v.extend(key_norm.map(|n| n.weight));
+            }
             Op::ModulationTable { t, table } => v.extend([*t, *table]),
             Op::Chunk { x, .. }
             | Op::TimestepEmbedding { t: x, .. }
             | Op::Transpose { x, .. }
-            | Op::PackedLinearAttention { qkv: x, .. }
             | Op::RepeatChannels { x, .. }
             | Op::SliceTokens { x, .. }
             | Op::GatherTokens { x, .. }

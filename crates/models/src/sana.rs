@@ -336,45 +336,41 @@ fn block(
 fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: ValueId) -> Result<ValueId> {
     let d = cfg.dim();
     let bias = cfg.attention_bias;
-    if !cfg.qk_norm() {
-        // q, k, v as one GEMM: the three weights' rows interleaved per head at load time
-        // (openuni_tensor::derived), so the output is per head (q_h | k_h | v_h), the layout the
-        // packed linear attention reads: x is read once, and one launch instead of three.
-        let hd = cfg.attention_head_dim;
-        let part = |leaf: &str| ["to_q", "to_k", "to_v"].map(|p| s.pp(p).name(leaf)).to_vec();
-        let w = b.weight(&derived::interleaved_rows_name(&part("weight"), hd), [3 * d, d])?;
-        let bs = if bias { Some(b.weight(&derived::interleaved_rows_name(&part("bias"), hd), [3 * d])?) } else { None };
-        let qkv = b.linear(&s.name("to_qkv"), x, w, bs)?;
-        let o = b.packed_linear_attention(&s.name("linear_attention"), qkv, cfg.num_attention_heads, hd)?;
-        return linear(b, &s.pp("to_out").pp(0), o, d, d, true);
-    }
+    // q, k, v as one GEMM: the three weights' rows interleaved per head at load time
+    // (openuni_tensor::derived), so the output is per head (q_h | k_h | v_h), the layout the
+    // packed linear attention reads: x is read once, and one launch instead of three.
+    //
     // SANA1.5 (qk_norm): diffusers applies RMSNorm across all heads to q and k, before the head
     // split and the ReLU: q̂_n = (q_n ⊙ w) / r_n with r_n = sqrt(mean(q_n²) + eps) > 0 per token.
     // What cancels, and what does not (docs/models.md, "SANA1.5's q norm"):
     // - w does NOT cancel: relu(q ⊙ w) weights each channel of the dot products with the keys
     //   (and for w_i < 0 it is not relu(q)·w_i at all). It is folded into to_q instead: row i of
-    //   the weight (and bias) times w_i, once at load (derived `scale_rows`), so the GEMM
-    //   computes q ⊙ w exactly as the norm's product does.
+    //   the weight (and bias) times w_i, once at load (derived `scale_rows`, nested in the
+    //   interleave), so the GEMM computes q ⊙ w exactly as the norm's product does.
     // - 1/r_n does cancel: r_n > 0, so relu(q̂_n) = relu(q_n ⊙ w) / r_n, and per head the output
     //   num / (den + 1e-15) becomes (num / r_n) / (den / r_n + 1e-15) = num / (den + r_n·1e-15):
     //   the same up to where the 1e-15 sits. den = Σ_m relu(k_m)·relu(q̂_n) is either 0 (then num
     //   is 0 too and both give 0) or a sum of positive products, against which r_n·1e-15 is below
     //   f32 resolution unless den < ~1e-8·r_n. So the q norm node is dropped.
     // - The k norm's 1/s_m is per key token: it weights the keys' contributions to the state
-    //   and does not cancel; k keeps its RMSNorm.
-    let q = if cfg.qk_norm() {
-        let wq = b.weight(&derived::scaled_rows_name(&s.pp("to_q").name("weight"), &s.pp("norm_q").name("weight")), [d, d])?;
-        let bq = if bias { Some(b.weight(&derived::scaled_rows_name(&s.pp("to_q").name("bias"), &s.pp("norm_q").name("weight")), [d])?) } else { None };
-        b.linear(s.pp("to_q").path(), x, wq, bq)?
-    } else {
-        linear(b, &s.pp("to_q"), x, d, d, bias)?
+    //   and does not cancel. The attention applies it (and its weight) as it reads the raw k
+    //   (`Op::PackedLinearAttention`'s `key_norm`), so the normalised keys are never stored.
+    let hd = cfg.attention_head_dim;
+    let qk_norm = cfg.qk_norm();
+    let part = |leaf: &str| -> Vec<String> {
+        let q = s.pp("to_q").name(leaf);
+        let q = if qk_norm { derived::scaled_rows_name(&q, &s.pp("norm_q").name("weight")) } else { q };
+        vec![q, s.pp("to_k").name(leaf), s.pp("to_v").name(leaf)]
     };
-    let mut k = linear(b, &s.pp("to_k"), x, d, d, bias)?;
-    let v = linear(b, &s.pp("to_v"), x, d, d, bias)?;
-    if cfg.qk_norm() {
-        k = rms_norm(b, &s.pp("norm_k"), k, d, QK_NORM_EPS)?;
-    }
-    let o = b.linear_attention(&s.name("linear_attention"), q, k, v, cfg.num_attention_heads, cfg.attention_head_dim)?;
+    let w = b.weight(&derived::interleaved_rows_name(&part("weight"), hd), [3 * d, d])?;
+    let bs = if bias { Some(b.weight(&derived::interleaved_rows_name(&part("bias"), hd), [3 * d])?) } else { None };
+    let qkv = b.linear(&s.name("to_qkv"), x, w, bs)?;
+    let o = if qk_norm {
+        let wk = b.weight(&s.pp("norm_k").name("weight"), [d])?;
+        b.packed_linear_attention_key_norm(&s.name("linear_attention"), qkv, cfg.num_attention_heads, hd, wk, QK_NORM_EPS)?
+    } else {
+        b.packed_linear_attention(&s.name("linear_attention"), qkv, cfg.num_attention_heads, hd)?
+    };
     // The fp16 ±65504 clip diffusers applies here only matters for fp16 storage, which this
     // engine does not use (f32 reference, bf16 CUDA).
     linear(b, &s.pp("to_out").pp(0), o, d, d, true)

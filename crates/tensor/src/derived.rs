@@ -12,6 +12,9 @@
 //! - `scale_rows(a,s)`: row i of `a` (a matrix [R, ..] or a vector [R]) times `s[i]` (`s` [R]):
 //!   a per-output-channel scale folded into a linear layer's weight and bias (SANA1.5's q-norm
 //!   weight, docs/models.md).
+//!
+//! A part may itself be derived (SANA1.5's q, k, v GEMM interleaves the scaled `to_q` with
+//! `to_k` and `to_v`): names nest, and parts are built recursively.
 
 use crate::{Error, F32Data, HostTensor, Result, Shape, TensorSource};
 
@@ -28,9 +31,15 @@ pub fn interleaved_rows_name(parts: &[String], block: usize) -> String {
     format!("{INTERLEAVE}{block}]({})", parts.join(","))
 }
 
-/// The stored parts of a derived weight of `shape`, with the shape each part must have; `None`
-/// for a stored (not derived) name.
+/// The stored parts of a derived weight of `shape` (nested derivations flattened), with the shape
+/// each part must have; `None` for a stored (not derived) name.
 pub fn parts(name: &str, shape: &Shape) -> Option<Vec<(String, Shape)>> {
+    let direct = direct_parts(name, shape)?;
+    Some(direct.into_iter().flat_map(|(p, s)| parts(&p, &s).unwrap_or_else(|| vec![(p, s)])).collect())
+}
+
+/// The parts a derived name is built from directly (each may be derived itself).
+fn direct_parts(name: &str, shape: &Shape) -> Option<Vec<(String, Shape)>> {
     if let Some((a, s)) = parse_scale(name) {
         let rows = *shape.dims().first()?;
         return Some(vec![(a.to_string(), shape.clone()), (s.to_string(), Shape::new([rows]))]);
@@ -47,14 +56,35 @@ pub fn parts(name: &str, shape: &Shape) -> Option<Vec<(String, Shape)>> {
 }
 
 fn parse_scale(name: &str) -> Option<(&str, &str)> {
-    name.strip_prefix(SCALE_ROWS)?.strip_suffix(')')?.split_once(',')
+    match split_top(name.strip_prefix(SCALE_ROWS)?.strip_suffix(')')?)[..] {
+        [a, s] => Some((a, s)),
+        _ => None,
+    }
 }
 
 fn parse(name: &str) -> Option<(usize, Vec<&str>)> {
     let rest = name.strip_prefix(INTERLEAVE)?;
     let (block, rest) = rest.split_once("](")?;
     let list = rest.strip_suffix(')')?;
-    Some((block.parse().ok()?, list.split(',').collect()))
+    Some((block.parse().ok()?, split_top(list)))
+}
+
+/// `list` split at the commas outside any brackets (a nested derived name stays one item).
+fn split_top(list: &str) -> Vec<&str> {
+    let (mut items, mut depth, mut start) = (vec![], 0i32, 0);
+    for (i, ch) in list.char_indices() {
+        match ch {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&list[start..]);
+    items
 }
 
 /// Whether `name` names a derived weight (built from stored parts).
@@ -76,11 +106,11 @@ pub fn weight_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Resul
 /// `source.tensor_f32(name, shape)`.
 pub fn tensor_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<HostTensor> {
     if parse_scale(name).is_some() {
-        let Some(parts) = parts(name, shape) else {
+        let Some(parts) = direct_parts(name, shape) else {
             return Err(Error::Derived { path: source.origin().into(), name: name.into(), msg: format!("shape {shape} has no rows to scale") });
         };
-        let mut a = source.tensor_f32(&parts[0].0, &parts[0].1)?.to_f32_vec();
-        let s = source.tensor_f32(&parts[1].0, &parts[1].1)?.to_f32_vec();
+        let mut a = tensor_f32(source, &parts[0].0, &parts[0].1)?.to_f32_vec();
+        let s = tensor_f32(source, &parts[1].0, &parts[1].1)?.to_f32_vec();
         let row = a.len() / s.len().max(1);
         for (r, &f) in a.chunks_mut(row.max(1)).zip(&s) {
             r.iter_mut().for_each(|v| *v *= f);
@@ -88,7 +118,7 @@ pub fn tensor_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Resul
         return HostTensor::from_f32(shape.clone(), a);
     }
     let Some((block, _)) = parse(name) else { return source.tensor_f32(name, shape) };
-    let Some(parts) = parts(name, shape) else {
+    let Some(parts) = direct_parts(name, shape) else {
         return Err(Error::Derived {
             path: source.origin().into(),
             name: name.into(),
@@ -96,7 +126,7 @@ pub fn tensor_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Resul
         });
     };
     let row = shape.numel() / shape.dims()[0];
-    let loaded = parts.iter().map(|(p, s)| source.tensor_f32(p, s).map(|t| t.to_f32_vec())).collect::<Result<Vec<_>>>()?;
+    let loaded = parts.iter().map(|(p, s)| tensor_f32(source, p, s).map(|t| t.to_f32_vec())).collect::<Result<Vec<_>>>()?;
     let part_rows = shape.dims()[0] / parts.len();
     let mut out = Vec::with_capacity(shape.numel());
     for b in 0..part_rows / block {
@@ -142,5 +172,12 @@ mod tests {
         m.insert("s3".into(), HostTensor::from_f32([3], vec![1.0; 3]).unwrap());
         let e = tensor_f32(&m, &scaled_rows_name("q", "s3"), &Shape::new([4, 2])).unwrap_err().to_string();
         assert!(e.contains("s3"), "{e}");
+        // Nested: q's rows scaled, then interleaved with k and v; parts lists the stored leaves.
+        let nested = interleaved_rows_name(&[scaled_rows_name("q", "s"), "k".into(), "v".into()], 2);
+        let t = tensor_f32(&m, &nested, &Shape::new([12, 2])).unwrap().to_f32_vec();
+        let rows: Vec<f32> = t.chunks(2).map(|r| r[0]).collect();
+        assert_eq!(rows, [0., -20., 100., 110., 200., 210., 10., 90., 120., 130., 220., 230.]);
+        let leaves: Vec<String> = parts(&nested, &Shape::new([12, 2])).unwrap().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(leaves, ["q", "s", "k", "v"]);
     }
 }

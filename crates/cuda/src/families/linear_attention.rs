@@ -12,6 +12,12 @@
 //! k and v are read once by (1), q once by (2), the output written once; the only other traffic
 //! is the states themselves (S = HD² + HD floats per head and chunk), which stay in L2.
 //!
+//! With a key norm (`PackedLinearAttention { key_norm }`, SANA1.5) a third launch comes first:
+//! `linear_attention_key_rms_<dtype>`, one f32 1/rms per token over all heads' keys (a head's CTA
+//! never sees the other heads' channels), which the state kernel applies with the norm weight as
+//! it loads k. k is read twice (pre-pass, state) instead of read, written normalised and read
+//! again by a separate RMSNorm.
+//!
 //! Scratch: the states and partial states live in one workspace and the per-head counters in
 //! another ([`Ctx::workspace`], keys `linear_attention.states` / `.counters`), each shared by
 //! every linear-attention node of an executor: nodes run one after another on one stream, and
@@ -86,7 +92,21 @@ pub struct Pointers {
     pub k: u64,
     pub v: u64,
     pub out: u64,
+    /// The keys' RMSNorm across all heads, applied as the state kernel loads k.
+    pub key_norm: Option<KeyNormPointers>,
 }
+
+/// The key norm's weight (heads·head_dim, storage dtype), its epsilon, and a workspace of one f32
+/// per token (`batch·tokens·4` bytes) for the pre-pass's 1/rms.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyNormPointers {
+    pub weight: u64,
+    pub rstd: u64,
+    pub eps: f32,
+}
+
+/// Token rows per CTA of the key-norm pre-pass (one warp each).
+const KEY_RMS_ROWS: usize = THREADS as usize / 32;
 
 /// The state kernel's split of each head's tokens: `(chunks, chunk_len)`, chunk_len a multiple of
 /// 64 and chunks·chunk_len ≥ tokens with no empty chunk. Enough CTAs to give every SM a few
@@ -158,7 +178,19 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
     let ors = i32_arg("linear attention output row stride", d.out_row_stride)?;
     // Row offsets inside the kernels are 64-bit; the products below only need to fit i64.
     let chunk_arg = i32_arg("linear attention chunk length", chunk_len)?;
-    Ok(vec![
+    let mut all = vec![];
+    if let Some(kn) = p.key_norm {
+        let rows = d.batch * d.tokens;
+        all.push(Launch {
+            kernel: format!("linear_attention_key_rms_{s}"),
+            grid: (check_grid_x("key norm rows", rows.div_ceil(KEY_RMS_ROWS))?, 1, 1),
+            block: (THREADS, 1, 1),
+            smem: 0,
+            args: vec![KArg::Ptr(p.k), KArg::Ptr(kn.rstd), KArg::I64(rows as i64), i32_arg("linear attention heads", d.heads)?, i32_arg("linear attention head dim", hd)?, rs, hs, KArg::F32(kn.eps)],
+        });
+    }
+    let (key_w, key_rstd) = p.key_norm.map_or((0, 0), |kn| (kn.weight, kn.rstd));
+    all.extend([
         Launch {
             kernel: format!("linear_attention_state_{s}_hd{hd}"),
             grid: (chunks as u32, heads, batch),
@@ -175,6 +207,8 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
                 hs,
                 chunk_arg,
                 KArg::I32(chunks as i32),
+                KArg::Ptr(key_w),
+                KArg::Ptr(key_rstd),
             ],
         },
         Launch {
@@ -192,7 +226,12 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
                 ors,
             ],
         },
-    ])
+    ]);
+    Ok(all)
+}
+
+fn check_grid_x(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).ok().filter(|&v| v <= i32::MAX as u32).ok_or_else(|| CudaError::Invalid { what: "linear attention".into(), msg: format!("{what}: {v} CTAs exceed the grid's x limit") })
 }
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
@@ -200,13 +239,17 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let out = ctx.graph.shape(node.output).dims();
     let (batch, tokens) = (out[0], out[1]);
     let es = ctx.dtype.size_in_bytes() as u64;
-    let packed = |x: u64, hd: usize| Pointers { q: x, k: x + (hd as u64) * es, v: x + 2 * (hd as u64) * es, out: 0 };
+    let packed = |x: u64, hd: usize| Pointers { q: x, k: x + (hd as u64) * es, v: x + 2 * (hd as u64) * es, out: 0, key_norm: None };
     let calls: Vec<(Dims, Pointers)> = match &node.op {
         Op::LinearAttention { q, k, v, heads, head_dim } => {
-            vec![(Dims::separate(batch, tokens, *heads, *head_dim), Pointers { q: p(*q), k: p(*k), v: p(*v), out: p(node.output) })]
+            vec![(Dims::separate(batch, tokens, *heads, *head_dim), Pointers { q: p(*q), k: p(*k), v: p(*v), out: p(node.output), key_norm: None })]
         }
-        Op::PackedLinearAttention { qkv, groups, head_dim } => {
-            vec![(Dims::packed(batch, tokens, *groups, *head_dim), Pointers { out: p(node.output), ..packed(p(*qkv), *head_dim) })]
+        Op::PackedLinearAttention { qkv, groups, head_dim, key_norm } => {
+            let key_norm = match key_norm {
+                None => None,
+                Some(n) => Some(KeyNormPointers { weight: p(n.weight), rstd: ctx.workspace("linear_attention.key_rstd", (batch * tokens * 4).max(256))?, eps: n.eps }),
+            };
+            vec![(Dims::packed(batch, tokens, *groups, *head_dim), Pointers { out: p(node.output), key_norm, ..packed(p(*qkv), *head_dim) })]
         }
         // One packed attention per scale, each writing its groups' columns of the output.
         Op::MultiscaleLinearAttention { scales, head_dim } => {
