@@ -23,8 +23,8 @@ use openuni_tensor::{DType, HostTensor, TensorSource};
 use crate::exec::{Device, GraphExecutor, TensorHandle};
 
 pub use crate::image::to_uint8_nhwc;
-pub use assembly::{open_weights, planned_graph_bytes, MemoryPlan};
-pub use decode::{decode_graphs, pipeline_decoder_graph, DecodeOptions, IMAGE_U8};
+pub use assembly::{graph_dtype, open_weights, planned_graph_bytes, MemoryPlan};
+pub use decode::{decode_graphs, decoder_input_graph, pipeline_decoder_graph, DecodeOptions, DENOISED, IMAGE_U8};
 pub use openuni_models::dcae::{owned_spans, tile_starts, Tiling};
 use resident::Resident;
 pub use resident::Stage;
