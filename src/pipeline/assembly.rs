@@ -222,8 +222,8 @@ pub fn graph_dtype(name: &str, dtype: DType) -> DType {
 }
 
 /// What a batch plans to hold, in bytes: each stage's weights (graph weights read, counted once
-/// per stage) and its graphs' activation arenas. The conditioning stage's executor lives for one
-/// call; the transformer's (caption path, step) and the VAE's stay resident between batches.
+/// per stage) and its graphs' activation arenas. Every stage's executors (the conditioning's for
+/// the last prompt lengths, the caption path, step and sampler, the VAE's) stay resident between batches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryPlan {
     pub conditioning_weights: usize,

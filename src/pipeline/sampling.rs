@@ -65,21 +65,24 @@ impl OpenUni {
         let total: usize = segments.iter().sum();
         // Only the token ids cross to the device (4 B a token); refused here if outside the vocabulary.
         let ids = self.head().input_ids(prompts)?;
-        // The graph depends on the prompts' lengths, so its executor is made per call (on the
-        // resident weights).
-        let mut exec = self.new_executor(Stage::Conditioning, &self.conditioning_graph(&segments)?, run)?;
-        exec.set_inputs(&HashMap::from([(head::INPUT_IDS.to_string(), HostTensor::from_f32([1, total], ids)?)]))?;
-        exec.execute()?;
-        Ok(PendingConditioning { exec, n })
+        // The graph depends on the prompts' lengths: its executor stays resident for those lengths
+        // (keyed by the segments), so a batch of the lengths before uploads only its ids (no
+        // constant tables, nothing allocated); other lengths replace it.
+        let input = HashMap::from([(head::INPUT_IDS.to_string(), HostTensor::from_f32([1, total], ids)?)]);
+        self.with_executor(Stage::Conditioning, "conditioning", &segments, run, false, || self.conditioning_graph(&segments), |e| {
+            e.set_inputs(&input)?;
+            e.execute()
+        })?;
+        Ok(PendingConditioning { segments, run, n })
     }
 
     /// Waits for a conditioning started by [`start_conditioning`](Self::start_conditioning).
-    pub fn finish_conditioning(&self, mut p: PendingConditioning) -> Result<Conditioning> {
+    pub fn finish_conditioning(&self, p: PendingConditioning) -> Result<Conditioning> {
         let (n, q, d) = (p.n, self.num_queries, self.llm_cfg.hidden_size);
-        let mut out = p.exec.outputs()?;
+        let (mut out, mut handles) = self.resident_executor("conditioning", &p.segments, p.run, |e| Ok((e.outputs()?, e.output_handles()?)))?;
         let hidden = HIDDEN.take(&mut out)?.to_f32_vec();
         let half = n * q * d;
-        let prompt_embeds_on_device = PROMPT_EMBEDS.take(&mut p.exec.output_handles()?)?;
+        let prompt_embeds_on_device = PROMPT_EMBEDS.take(&mut handles)?;
         Ok(Conditioning {
             prompt_embeds_on_device,
             prompt_embeds: PROMPT_EMBEDS.take(&mut out)?,
@@ -92,8 +95,8 @@ impl OpenUni {
     /// Waits for a conditioning started by [`start_conditioning`](Self::start_conditioning) and
     /// checks each stage's output on the device (one flag each, [`check_finite_flag`]): the prompt
     /// embeddings where the conditioning left them, nothing else read back.
-    fn finish_conditioning_on_device(&self, mut p: PendingConditioning, batch: usize) -> Result<TensorHandle> {
-        let mut h = p.exec.output_handles()?;
+    fn finish_conditioning_on_device(&self, p: PendingConditioning, batch: usize) -> Result<TensorHandle> {
+        let mut h = self.resident_executor("conditioning", &p.segments, p.run, |e| e.output_handles())?;
         for (out, stage) in [
             (HIDDEN, "conditioning: the LLM's query states"),
             (CONNECTOR, "conditioning: the connector output"),
