@@ -8,7 +8,8 @@
 //! up since the conditioning executor stays resident for the batch's prompt lengths (its
 //! constant tables are not uploaded again; 14,712 B up with them).
 //! docs/gpu-plan.md ("Host<->device traffic") says what still moves and why.
-//! Also checks that the device's token gather and uint8 quantization give the host path's pixels.
+//! Also checks that the device's token gather, its `latents / scaling_factor` (in one piece and
+//! tiled) and its uint8 quantization give the host path's pixels.
 
 use openuni::exec::Device;
 use openuni::generate::noise;
@@ -133,4 +134,35 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     println!("two batches: host->device {htod2} B, device->host {dtoh2} B");
     assert_eq!(images, 2);
     assert_eq!((htod2 as usize, dtoh2 as usize), (2 * want_up, 2 * want_down), "host<->device bytes of two batches of {N} in one call");
+}
+
+/// A tiled decode in the pipeline reads `latents / scaling_factor` where "decoder.input" made it
+/// (the decoder's global part takes the device value): its pixels equal the host path's (latents
+/// read back, divided on the host, uploaded, decoded in the same tiles) bit for bit.
+#[test]
+fn tiled_decode_of_the_device_latents_equals_the_host_path() {
+    if !openuni::exec::emulator_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = OpenUni::load(&tiny_model::paths(&tiny_model::ensure(dir.path()).unwrap()), tiny_model::connector_config()).unwrap();
+    let run = RunOptions { device: Device::Emu, dtype: DType::BF16 };
+    // 192 px (a 6x6 latent) in 96-px tiles: four tiles.
+    let decode = DecodeOptions { tile: Some(96) };
+    let p = SamplingParams { steps: 1, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode };
+    let c = m.transformer_cfg.in_channels;
+    let prompts = vec![((10..40).collect::<Vec<u32>>(), (200..216).collect::<Vec<u32>>())];
+    let b = GenerationBatch { prompts, noise: noise(3, c, 6, 6) };
+    let mut images = vec![];
+    m.generate_batches(std::slice::from_ref(&b), &p, run, |_| {}, |_, img| {
+        images.push(img);
+        Ok(())
+    })
+    .unwrap();
+    m.resident_executor("decoder.global", &[1, c, 6, 6], run, |_| Ok(())).expect("the pipeline decoded in tiles");
+    let cond = m.condition(&b.prompts[0].0, &b.prompts[0].1, run).unwrap();
+    let lat = m.denoise(&cond.prompt_embeds, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
+    let (host_pixels, dims) = openuni::pipeline::to_uint8_nhwc(&m.decode_with(&lat, run, decode).unwrap()).unwrap();
+    assert_eq!(dims, [1, 192, 192, 3]);
+    assert_eq!(images[0].data.as_bytes(), &host_pixels[..], "the tiled decode of the device's latents / scaling_factor changed the image");
 }
