@@ -36,11 +36,15 @@ fn batch(c: usize, h: usize, w: usize, shift: u32) -> GenerationBatch {
     GenerationBatch { prompts, noise: HostTensor::from_f32([N, c, h, w], z).unwrap() }
 }
 
+/// The emulated driver's byte counters are per process: the tests of this file run one at a time.
+static COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn batch_of_8_moves_only_the_listed_bytes() {
     if !openuni::exec::emulator_or_skip() {
         return;
     }
+    let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let m = OpenUni::load(&tiny_model::paths(&tiny_model::ensure(dir.path()).unwrap()), tiny_model::connector_config()).unwrap();
     let run = RunOptions { device: Device::Emu, dtype: DType::BF16 };
@@ -144,6 +148,7 @@ fn tiled_decode_of_the_device_latents_equals_the_host_path() {
     if !openuni::exec::emulator_or_skip() {
         return;
     }
+    let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let m = OpenUni::load(&tiny_model::paths(&tiny_model::ensure(dir.path()).unwrap()), tiny_model::connector_config()).unwrap();
     let run = RunOptions { device: Device::Emu, dtype: DType::BF16 };
