@@ -72,6 +72,7 @@ fn main() {
         },
         case("uint8 quantize of 32 images 512 px", &[("x", vec![t(32), 3, c(512), c(512)])], |gb, v| gb.quantize_u8("quantize", v[0]).unwrap()),
         case("non-finite flag of 32 images 512 px", &[("x", vec![t(32), 3, c(512), c(512)])], |gb, v| gb.any_nonfinite("flag", v[0]).unwrap()),
+        case("div_scalar: the decoder input of 32 latents 512 px", &[("x", vec![t(32), 32, c(16), c(16)])], |gb, v| gb.div_scalar("divide", v[0], 0.41407).unwrap()),
     ];
     let mut rng = Rng::new(4);
     let iters = if dev.is_emulated() { 3 } else { 50 };

@@ -34,7 +34,12 @@
 //   dpm_solver_update_{f32,bf16}(x, x0, prev, k, out, n)
 //       by k[ORDER]: 0 out = x0; 1 out = ratio*x - c*x0; 2 out = (ratio*x - c*x0) - half_c*(inv_r0*(x0 - prev)).
 //       CPU twin: dpm_solver_update.
-//       Both: `k` is the f32 coefficient input (openuni_graph::coeff: 0 guidance, 1 sigma, 2 ratio, 3 c,
+//   div_scalar_{f32,bf16}(x, y, d, n)
+//       y[i] = __fdiv_rn(x[i], d): one IEEE f32 division, correctly rounded (never x * (1/d), whatever the
+//       compiler flags), so with f32 storage the result is the host's `x / d` bit for bit (the decoder's
+//       input latents / scaling_factor, made where the sampler left the latents). With bf16 storage the
+//       input is widened exactly and the quotient rounded once to bf16. CPU twin: div_scalar.
+//       Both (the sampler's two): `k` is the f32 coefficient input (openuni_graph::coeff: 0 guidance, 1 sigma, 2 ratio, 3 c,
 //       4 half_c, 5 inv_r0, 6 order; the f32 staging copy under bf16 storage); every product and sum is
 //       __fmul_rn / __fadd_rn / __fsub_rn, so no fused multiply-add changes a rounding: with f32 storage
 //       the result equals the host solver (openuni_models::scheduler) bit for bit.
@@ -182,6 +187,11 @@ __device__ __forceinline__ void dpm_solver_update(const T* x, const T* x0, const
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void div_scalar(const T* x, T* y, float d, i64 n) {
+    for (i64 e = misc_thread(); e < n; e += misc_threads()) y[e] = from_f32<T>(__fdiv_rn(to_f32(x[e]), d));
+}
+
 }  // namespace ou
 
 using ou::bf16;
@@ -241,3 +251,5 @@ extern "C" __global__ void dpm_solver_update_f32(const float* x, const float* x0
 extern "C" __global__ void dpm_solver_update_bf16(const bf16* x, const bf16* x0, const bf16* prev, const float* k, bf16* out, i64 n) {
     ou::dpm_solver_update<bf16>(x, x0, prev, k, out, n);
 }
+extern "C" __global__ void div_scalar_f32(const float* x, float* y, float d, i64 n) { ou::div_scalar<float>(x, y, d, n); }
+extern "C" __global__ void div_scalar_bf16(const bf16* x, bf16* y, float d, i64 n) { ou::div_scalar<bf16>(x, y, d, n); }

@@ -101,13 +101,17 @@ fn plan_counts_a_real_size_variant_without_a_device() {
         assert_eq!(step["htod_bytes_per_batch"].as_f64().unwrap(), 20.0 * 2.0 * n * 4.0);
         assert_eq!(step["dtoh_bytes_per_batch"].as_f64().unwrap(), 0.0);
         // ... the f32 sampler: 7 coefficients up and one f32 flag down a step; its prime the noise
-        // up and the final latents down, once.
+        // up, once; the final latents stay on the device for the decoder's input.
         let (sampler, prime) = (stage("sampler"), stage("sampler.prime"));
         assert_eq!(sampler["runs_per_batch"], 20);
         assert_eq!(sampler["htod_bytes_per_batch"].as_f64().unwrap(), 20.0 * 7.0 * 4.0);
         assert_eq!(sampler["dtoh_bytes_per_batch"].as_f64().unwrap(), 20.0 * 4.0);
         assert_eq!(prime["htod_bytes_per_batch"].as_f64().unwrap(), latents / 2.0);
-        assert_eq!(prime["dtoh_bytes_per_batch"].as_f64().unwrap(), latents / 2.0);
+        assert_eq!(prime["dtoh_bytes_per_batch"].as_f64().unwrap(), 0.0);
+        // `latents / scaling_factor` made on the device (one launch) and read there by the decoder.
+        let input = stage("decoder.input");
+        assert_eq!((input["launches"].as_u64(), input["htod_bytes_per_batch"].as_f64(), input["dtoh_bytes_per_batch"].as_f64()), (Some(1), Some(0.0), Some(0.0)));
+        assert_eq!(decoder["htod_bytes_per_batch"].as_f64().unwrap(), 0.0);
         // uint8 pixels and the image's non-finite flag (one bf16 scalar).
         assert_eq!(decoder["dtoh_bytes_per_batch"].as_f64().unwrap(), n * 3.0 * 512.0 * 512.0 + 2.0);
         // The conditioning: 4 B a token up (the plan's 30-token prompts, 16-token unconditional

@@ -1,6 +1,6 @@
 //! kernels/misc.cu against its CPU twins (openuni_cpu::ops::{modulation_table, chunk,
 //! timestep_embedding, swiglu, slice_tokens (gather_tokens), concat, embedding_gather,
-//! quantize_image_u8, any_nonfinite, guided_x0, dpm_solver_update}) on random and edge inputs, through
+//! quantize_image_u8, any_nonfinite, guided_x0, dpm_solver_update, div_scalar}) on random and edge inputs, through
 //! the CUDA executor on one-node graphs, f32 and bf16 storage, B = 2, odd widths (scalar paths)
 //! and multiples of 8 (16-byte vector paths).
 //!
@@ -8,7 +8,8 @@
 //! relative L2 <= 1e-5; bf16 storage, <= 2x the relative L2 error of a plain bf16 run (the CPU
 //! twin on the inputs rounded to bf16, its output rounded to bf16). Two stricter rules:
 //! - the copies (chunk, gather_tokens, concat, embedding_gather) must equal the rounded input
-//!   exactly, and the uint8 quantization and the non-finite flag the CPU twin on it bit for bit;
+//!   exactly, and the uint8 quantization, the non-finite flag and the division by a scalar the
+//!   CPU twin on it bit for bit;
 //! - the timestep embedding in bf16 storage must be as close as the f32 result rounded to bf16
 //!   (2x its error): the timestep is read from the input's f32 copy, so t = 999 is not the 1000
 //!   bf16 would make of it.
@@ -397,6 +398,41 @@ fn guided_x0_and_dpm_solver_update_match_the_cpu_twins() {
                 check(&format!("guided_x0 {what}"), dtype, &got_x0, &want_x0, &plain_x0);
                 check(&format!("dpm_solver_update {what}"), dtype, &got_y, &want_y, &plain_y);
             }
+        }
+    }
+}
+
+/// The decoder's input `latents / scaling_factor` made on the device ("decoder.input") must be
+/// the host's division bit for bit: one correctly rounded f32 division a value (`__fdiv_rn`),
+/// not a multiply by the reciprocal, which rounds differently for some of these inputs (checked
+/// here, so that the test can tell the two apart). bf16 storage: the quotient of the stored
+/// (rounded) input, rounded once. Edge inputs: zeros, subnormals, the largest finite values
+/// (whose quotient overflows for a divisor below 1), ±Inf and NaN.
+#[test]
+fn div_scalar_is_the_host_division_bit_for_bit() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(43);
+    let mut x = vec![0.0, -0.0, 1.0, -1.0, f32::MIN_POSITIVE, 1e-40, -1e-42, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    x.extend(rng.normals(2 * 3 * 37 * 29, 0.0, 3.0));
+    let n = x.len();
+    // SANA's DC-AE f32c32 scaling factor, another model's, and an exact power of two.
+    for divisor in [0.41407f32, 0.3189, 3.0, 0.5] {
+        let mut gb = GraphBuilder::new();
+        let xi = gb.input("x", [n]).unwrap();
+        let y = gb.div_scalar("divide", xi, divisor).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        if divisor != 0.5 {
+            let r = 1.0 / divisor;
+            assert!(x.iter().any(|&v| v * r != v / divisor && v.is_finite()), "divisor {divisor}: no input tells the division from a multiply");
+        }
+        for dtype in DTYPES {
+            let xr = round_to(dtype, &x);
+            let mut want = vec![0f32; n];
+            cpu::div_scalar(&xr, divisor, &mut want);
+            let want = round_to(dtype, &want);
+            let got = run(&dev, &g, &no_weights(), &[("x", &[n], &x)], dtype);
+            assert_same(&format!("div_scalar by {divisor} {dtype}"), &got, &want);
         }
     }
 }

@@ -20,7 +20,8 @@ use openuni_tensor::DType;
 use openuni_models::{sana, scheduler};
 use serde::Serialize;
 
-use crate::pipeline::{nonfinite_flag, tile_starts, DecodeOptions, Tiling, IMAGE_U8};
+use crate::pipeline::{graph_dtype, nonfinite_flag, tile_starts, DecodeOptions, Tiling, IMAGE_U8};
+use openuni_models::dcae::LATENT;
 
 /// A device's ceilings for the roofline model (vendor datasheets; docs/gpu-plan.md).
 #[derive(Clone, Copy, Serialize)]
@@ -147,7 +148,7 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         Op::Transpose { .. } => one,
         Op::ModulationTable { .. } | Op::Chunk { .. } | Op::TimestepEmbedding { .. } | Op::SwiGlu { .. } | Op::SliceTokens { .. } => one,
         Op::GatherTokens { starts, .. } => starts.len() * one,
-        Op::EmbeddingGather { .. } | Op::QuantizeU8 { .. } | Op::GuidedX0 { .. } | Op::DpmSolverUpdate { .. } => one,
+        Op::EmbeddingGather { .. } | Op::QuantizeU8 { .. } | Op::GuidedX0 { .. } | Op::DpmSolverUpdate { .. } | Op::DivScalar { .. } => one,
         // The flag over the tensor, then the finish launch that writes it and re-zeroes the flag.
         Op::AnyNonFinite { x } => usize::from(g.shape(*x).numel() > 0) + 1,
         Op::ClassPosEmbed { .. } => 3 * one,
@@ -253,8 +254,9 @@ fn output_read(g: &Graph, name: &str) -> Read {
 /// The denoising loop's values handed between the step and the sampler graphs on the device:
 /// the step's velocity (an output and the sampler's input), the sampler's latents, estimate and
 /// the step's next input (outputs), the sampler's sample and history (inputs), the step's
-/// latents input. (The latents go to the host once per batch after the last step.)
-const HANDED_OVER: [&str; 7] = [
+/// latents input; then the decoder's input `latents / scaling_factor`, made from the sampler's
+/// latents by "decoder.input" and read by the decoder (or its global part).
+const HANDED_OVER: [&str; 8] = [
     sana::VELOCITY.0,
     scheduler::LATENTS.0,
     scheduler::X0.0,
@@ -262,6 +264,7 @@ const HANDED_OVER: [&str; 7] = [
     scheduler::SAMPLE,
     scheduler::PREV_X0,
     sana::HIDDEN_STATES,
+    LATENT,
 ];
 
 /// Graph inputs set from another graph's output on the device, never from the host: the step's
@@ -338,8 +341,9 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
     // latents, timestep and velocity); values handed over on the device are never cast, flags are
     // read in the storage dtype.
     if dtype == DType::BF16 {
-        // The step's latents come from the f32 sampler into the f32 staging slot: still cast.
-        let ins = g.inputs().filter(|(_, n)| !input_from_device(n) || *n == sana::HIDDEN_STATES).map(|(id, _)| id);
+        // The step's latents come from the f32 sampler, the decoder's from the f32 "decoder.input",
+        // into the f32 staging slot: still cast.
+        let ins = g.inputs().filter(|(_, n)| !input_from_device(n) || *n == sana::HIDDEN_STATES || *n == LATENT).map(|(id, _)| id);
         let outs = g.outputs.iter().filter(|(n, _)| output_read(g, n) == Read::F32).map(|(_, id)| *id);
         let staged: Vec<f64> = ins.chain(outs).map(|id| g.shape(id).numel() as f64).filter(|&n| n > 0.0).collect();
         p.launches += staged.len();
@@ -407,14 +411,8 @@ pub fn run(o: &PlanOptions) -> Result<PlanReport> {
                 }
                 _ => 1,
             };
-            // The sampler runs in f32 whatever the step's storage.
-            let stage_dtype = if name.starts_with("sampler") { DType::F32 } else { dtype };
-            let mut st = stage_plan(name, &g, runs, stage_dtype, dtype)?;
-            if name == "sampler.prime" {
-                // The latents' one trip back, after the last step (for the decoder).
-                st.dtoh_bytes_per_batch += (n * model.transformer_cfg.in_channels * lh * lw * 4) as f64;
-            }
-            stages.push(st);
+            // The sampler and the decoder's input run in f32 whatever the step's storage.
+            stages.push(stage_plan(name, &g, runs, graph_dtype(name, dtype), dtype)?);
         }
         let host_bytes_per_batch = stages.iter().map(|s| s.htod_bytes_per_batch + s.dtoh_bytes_per_batch).sum();
         let model_batch_ms: Vec<f64> = (0..ROOFS.len()).map(|i| stages.iter().map(|s| s.runs_per_batch as f64 * s.model_ms[i]).sum()).collect();

@@ -154,6 +154,7 @@ impl OpenUni {
         let segments: Vec<usize> = (0..2 * n).map(|i| if i < n { 16 + q } else { 30 + q }).collect();
         let mut graphs = vec![("conditioning", self.conditioning_graph(&segments)?), ("step", self.step_graph(&kv, 2 * n, h, w)?), ("caption", caption)];
         graphs.extend(super::sampling::sampler_graphs(n * self.transformer_cfg.in_channels * h * w)?);
+        graphs.push(("decoder.input", super::decode::decoder_input_graph(&self.vae_cfg, &[n, self.vae_cfg.latent_channels, h, w].into())?));
         graphs.extend(decode_graphs(&self.vae_cfg, n, h, w, decode)?);
         Ok(graphs)
     }
@@ -210,9 +211,10 @@ impl OpenUni {
 }
 
 /// The storage dtype graph `name` of [`OpenUni::batch_graphs`] runs in: the device sampler's
-/// graphs are f32 on every device (sampling::sampler_graphs), the others `dtype`.
-fn graph_dtype(name: &str, dtype: DType) -> DType {
-    if name.starts_with("sampler") {
+/// graphs (sampling::sampler_graphs) and the decoder's input (decode::decoder_input_graph) are
+/// f32 on every device, the others `dtype`.
+pub fn graph_dtype(name: &str, dtype: DType) -> DType {
+    if name.starts_with("sampler") || name == "decoder.input" {
         DType::F32
     } else {
         dtype
@@ -220,8 +222,8 @@ fn graph_dtype(name: &str, dtype: DType) -> DType {
 }
 
 /// What a batch plans to hold, in bytes: each stage's weights (graph weights read, counted once
-/// per stage) and its graphs' activation arenas. The conditioning stage's executor lives for one
-/// call; the transformer's (caption path, step) and the VAE's stay resident between batches.
+/// per stage) and its graphs' activation arenas. Every stage's executors (the conditioning's for
+/// the last prompt lengths, the caption path, step and sampler, the VAE's) stay resident between batches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryPlan {
     pub conditioning_weights: usize,

@@ -6,7 +6,10 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 use openuni_graph::{Graph, GraphBuilder};
-use openuni_tensor::{HostData, HostTensor, Shape};
+use openuni_models::scheduler;
+use openuni_tensor::{DType, HostData, HostTensor, Shape};
+
+use crate::exec::TensorHandle;
 
 use super::resident::Stage;
 use super::sampling::{check_finite, check_finite_flag, with_finite_flags};
@@ -23,6 +26,21 @@ pub fn pipeline_decoder_graph(vae: &DcaeConfig, shape: &Shape) -> Result<Graph> 
     let sample = b.output_id(SAMPLE.0).context("the decoder graph has no sample output")?;
     let pixels = b.quantize_u8(IMAGE_U8, sample)?;
     b.output(IMAGE_U8, pixels)?;
+    Ok(b.finish())
+}
+
+/// The input of [`decoder_input_graph`]: the sampler's f32 latents [B, C, h, w].
+pub const DENOISED: &str = scheduler::LATENTS.0;
+
+/// "decoder.input", f32 on every device: the decoder's input [`LATENT`] = `latents / scaling_factor`
+/// ([`Op::DivScalar`](openuni_graph::Op::DivScalar), one correctly rounded f32 division a value,
+/// as the host divides) from the sampler's latents [`DENOISED`] of `shape`, made where the
+/// sampler left them so that they never cross to the host before the decode.
+pub fn decoder_input_graph(vae: &DcaeConfig, shape: &Shape) -> Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let x = b.input(DENOISED, shape.clone())?;
+    let y = b.div_scalar(LATENT, x, vae.scaling_factor)?;
+    b.output(LATENT, y)?;
     Ok(b.finish())
 }
 
@@ -43,13 +61,17 @@ impl OpenUni {
     }
 
     pub(super) fn check_latent(&self, latents: &HostTensor) -> Result<()> {
-        let d = latents.shape.dims();
+        self.check_latent_shape(&latents.shape)
+    }
+
+    fn check_latent_shape(&self, shape: &Shape) -> Result<()> {
+        let d = shape.dims();
         let c = self.vae_cfg.latent_channels;
         if d.len() != 4 || d[1] != c {
-            bail!("the latent has shape {}, expected [B, {c}, h, w] (the VAE's latent channels)", latents.shape);
+            bail!("the latent has shape {shape}, expected [B, {c}, h, w] (the VAE's latent channels)");
         }
         if d[0] == 0 || d[2] == 0 || d[3] == 0 {
-            bail!("the latent has shape {}: an empty latent cannot be decoded", latents.shape);
+            bail!("the latent has shape {shape}: an empty latent cannot be decoded");
         }
         Ok(())
     }
@@ -66,34 +88,69 @@ impl OpenUni {
         Ok(HostTensor::from_f32(sample.shape.clone(), sample.to_f32_vec())?)
     }
 
-    /// Decodes `latents` as `opts` says to uint8 pixels [B, H, W, 3] (the host writer's layout),
-    /// refusing a non-finite decoder output (batch `batch` of a call, for the message). In one
-    /// piece the pixels are quantized on the device and read back at one byte a value after a
-    /// one-scalar finite check; tiled, the stitched f32 image is checked and quantized on the
-    /// host by the same rule.
-    pub fn decode_u8(&self, latents: &HostTensor, run: RunOptions, opts: DecodeOptions, batch: usize) -> Result<HostTensor> {
+    /// The pipeline's decode: `latents` [N, C, h, w] (f32) where the sampler left them, decoded
+    /// as `opts` says to uint8 pixels [N, H, W, 3] (the host writer's layout), refusing a
+    /// non-finite decoder output (batch `batch` of a call, for the message). The decoder's input
+    /// `latents / scaling_factor` is made where the latents lie ([`decoder_input_graph`]: on a
+    /// GPU the latents never come to the host). In one piece the pixels are quantized on the
+    /// device and read back at one byte a value after a one-scalar finite check; tiled, the
+    /// stitched f32 image is checked and quantized on the host by the same rule.
+    pub(super) fn decode_u8(&self, latents: TensorHandle, run: RunOptions, opts: DecodeOptions, batch: usize) -> Result<HostTensor> {
+        self.check_latent_shape(latents.shape())?;
         let stage = format!("decode: the VAE output (latents / scaling_factor {} decoded)", self.vae_cfg.scaling_factor);
-        if let Some(t) = tiling(&self.vae_cfg, latents.shape.dims(), opts)? {
-            let decoded = self.decode_tiled(latents, run, t)?;
-            check_finite(&stage, &decoded, batch)?;
+        let input = self.decoder_input(&latents, run)?;
+        if let Some(t) = tiling(&self.vae_cfg, latents.shape().dims(), opts)? {
+            let decoded = self.decode_tiled_input(&input, run, t)?;
+            if let Err(e) = check_finite(&stage, &decoded, batch) {
+                self.check_decoder_inputs(&latents, &input, batch)?;
+                return Err(e);
+            }
             let (px, dims) = to_uint8_nhwc(&decoded)?;
             return Ok(HostTensor::new(dims.to_vec(), HostData::U8(px))?);
         }
-        self.check_latent(latents)?;
-        let shape = latents.shape.clone();
-        let inputs = HashMap::from([(LATENT.to_string(), self.scaled_latent(shape.clone(), latents.to_f32_vec())?)]);
+        let shape = latents.shape().clone();
+        let inputs = HashMap::from([(LATENT.to_string(), input.clone())]);
         self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || pipeline_decoder_graph(&self.vae_cfg, &shape), |e| {
-            e.set_inputs(&inputs)?;
+            e.set_input_handles(&inputs)?;
             e.execute()?;
             let h = e.output_handles()?;
-            check_finite_flag(&h, SAMPLE.0, &stage, batch)?;
+            if let Err(err) = check_finite_flag(&h, SAMPLE.0, &stage, batch) {
+                self.check_decoder_inputs(&latents, &input, batch)?;
+                return Err(err);
+            }
             h.get(IMAGE_U8).context("the decoder graph has no uint8 image")?.to_host_u8()
         })
     }
 
-    pub(super) fn scaled_latent(&self, shape: Shape, values: Vec<f32>) -> Result<HostTensor> {
+    /// `latents / scaling_factor`, the decoder's input, made where `latents` lie by the f32
+    /// graph "decoder.input" ([`decoder_input_graph`]): one correctly rounded f32 division per
+    /// value, the host path's [`scaled_latent`](Self::scaled_latent) bit for bit. A device output
+    /// set into a bf16 decoder goes through its f32 staging slot and cast, as a host upload does.
+    pub(super) fn decoder_input(&self, latents: &TensorHandle, run: RunOptions) -> Result<TensorHandle> {
+        let shape = latents.shape().clone();
+        let f32_run = RunOptions { dtype: DType::F32, ..run };
+        let inputs = HashMap::from([(DENOISED.to_string(), latents.clone())]);
+        self.with_executor(Stage::Vae, "decoder.input", shape.dims(), f32_run, false, || decoder_input_graph(&self.vae_cfg, &shape), |e| {
+            e.set_input_handles(&inputs)?;
+            e.execute()?;
+            e.output_handles()?.remove(LATENT).context("the decoder input graph has no output")
+        })
+    }
+
+    /// After the decoder's output was found non-finite: names the latents or the decoder's input
+    /// instead when they hold the first non-finite value (read back only then, an error anyway).
+    fn check_decoder_inputs(&self, latents: &TensorHandle, input: &TensorHandle, batch: usize) -> Result<()> {
+        check_finite("the latents after denoising", &latents.to_host()?, batch)?;
         let sf = self.vae_cfg.scaling_factor;
-        Ok(HostTensor::from_f32(shape, values.iter().map(|x| x / sf).collect())?)
+        check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &input.to_host()?, batch)
+    }
+
+    /// `latents / scaling_factor` on the host (the host path of [`decode`](Self::decode)), by the
+    /// CPU twin of the device's division (`Op::DivScalar`).
+    pub(super) fn scaled_latent(&self, shape: Shape, values: Vec<f32>) -> Result<HostTensor> {
+        let mut scaled = vec![0f32; values.len()];
+        openuni_cpu::ops::div_scalar(&values, self.vae_cfg.scaling_factor, &mut scaled);
+        Ok(HostTensor::from_f32(shape, scaled)?)
     }
 
     /// Tiled decode, exact up to summation order (docs/models.md, "DC-AE decoder"). DC-AE's attention is
@@ -107,11 +164,19 @@ impl OpenUni {
     /// edge, so every tile has one shape and one resident executor serves them all.
     pub fn decode_tiled(&self, latents: &HostTensor, run: RunOptions, tiling: Tiling) -> Result<HostTensor> {
         self.check_latent(latents)?;
+        let input = TensorHandle::Host(self.scaled_latent(latents.shape.clone(), latents.to_f32_vec())?);
+        self.decode_tiled_input(&input, run, tiling)
+    }
+
+    /// [`decode_tiled`](Self::decode_tiled) of the decoder's input `latents / scaling_factor`
+    /// where it lies (the global part reads it on the device when it is there).
+    fn decode_tiled_input(&self, input: &TensorHandle, run: RunOptions, tiling: Tiling) -> Result<HostTensor> {
         let Tiling { tile, context } = tiling;
         if tile <= 2 * context {
             bail!("decode tile of {tile} feature pixels keeps nothing of its own with {context} pixels of context on each side");
         }
-        let d = latents.shape.dims().to_vec();
+        let shape = input.shape().clone();
+        let d = shape.dims().to_vec();
         let (bsz, h, w) = (d[0], d[2], d[3]);
         let split = self.vae_cfg.local_split();
         let (up, fh, fw, ch) = (split.upscale, h * split.grid, w * split.grid, split.channels);
@@ -121,9 +186,13 @@ impl OpenUni {
             .and_then(|n| n.checked_mul(ph))
             .and_then(|n| n.checked_mul(pw))
             .filter(|&n| n <= isize::MAX as usize / 4)
-            .with_context(|| format!("the latent {} decodes to an image too large to hold in memory", latents.shape))?;
-        let inputs = HashMap::from([(LATENT.to_string(), self.scaled_latent(latents.shape.clone(), latents.to_f32_vec())?)]);
-        let mut out = self.with_executor(Stage::Vae, "decoder.global", &d, run, false, || Ok(decoder_global_graph(&self.vae_cfg, &latents.shape)?), |e| e.run(&inputs))?;
+            .with_context(|| format!("the latent {shape} decodes to an image too large to hold in memory"))?;
+        let inputs = HashMap::from([(LATENT.to_string(), input.clone())]);
+        let mut out = self.with_executor(Stage::Vae, "decoder.global", &d, run, false, || Ok(decoder_global_graph(&self.vae_cfg, &shape)?), |e| {
+            e.set_input_handles(&inputs)?;
+            e.execute()?;
+            e.outputs()
+        })?;
         let features = FEATURES.take(&mut out)?.to_f32_vec();
         let (th, tw) = (tile.min(fh), tile.min(fw));
         let (ys, xs) = (tile_starts(fh, tile, 2 * context), tile_starts(fw, tile, 2 * context));

@@ -20,11 +20,11 @@ use openuni_models::sana::SanaConfig;
 use openuni_models::scheduler::SamplerKind;
 use openuni_tensor::{DType, HostTensor, TensorSource};
 
-use crate::exec::{Device, GraphExecutor, TensorHandle};
+use crate::exec::{Device, TensorHandle};
 
 pub use crate::image::to_uint8_nhwc;
-pub use assembly::{open_weights, planned_graph_bytes, MemoryPlan};
-pub use decode::{decode_graphs, pipeline_decoder_graph, DecodeOptions, IMAGE_U8};
+pub use assembly::{graph_dtype, open_weights, planned_graph_bytes, MemoryPlan};
+pub use decode::{decode_graphs, decoder_input_graph, pipeline_decoder_graph, DecodeOptions, DENOISED, IMAGE_U8};
 pub use openuni_models::dcae::{owned_spans, tile_starts, Tiling};
 use resident::Resident;
 pub use resident::Stage;
@@ -84,9 +84,11 @@ pub struct SamplingParams {
     pub decode: DecodeOptions,
 }
 
-/// A conditioning enqueued by [`OpenUni::start_conditioning`].
+/// A conditioning enqueued by [`OpenUni::start_conditioning`] on the resident executor of its
+/// prompts' segment lengths.
 pub struct PendingConditioning {
-    exec: Box<dyn GraphExecutor>,
+    segments: Vec<usize>,
+    run: RunOptions,
     n: usize,
 }
 

@@ -43,8 +43,9 @@ struct ExecKey {
 
 /// What stays on the device between calls, so that the batches after the first of a shape
 /// upload and allocate nothing: each stage's weights once per (device, dtype), and one executor
-/// per graph for the last shape it ran (the step executor with its captured CUDA graph). The LLM graph depends
-/// on the prompt lengths, so its executors are made per call (sharing the resident weights).
+/// per graph for the last shape it ran (the step executor with its captured CUDA graph). The LLM
+/// graph depends on the prompt lengths: its executor is kept for the last segment lengths
+/// conditioned (its "dims"), so batches of the same lengths reuse it.
 #[derive(Default)]
 pub(super) struct Resident {
     weights: HashMap<(Stage, Device, DType), WeightCache>,

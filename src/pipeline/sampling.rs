@@ -65,21 +65,24 @@ impl OpenUni {
         let total: usize = segments.iter().sum();
         // Only the token ids cross to the device (4 B a token); refused here if outside the vocabulary.
         let ids = self.head().input_ids(prompts)?;
-        // The graph depends on the prompts' lengths, so its executor is made per call (on the
-        // resident weights).
-        let mut exec = self.new_executor(Stage::Conditioning, &self.conditioning_graph(&segments)?, run)?;
-        exec.set_inputs(&HashMap::from([(head::INPUT_IDS.to_string(), HostTensor::from_f32([1, total], ids)?)]))?;
-        exec.execute()?;
-        Ok(PendingConditioning { exec, n })
+        // The graph depends on the prompts' lengths: its executor stays resident for those lengths
+        // (keyed by the segments), so a batch of the lengths before uploads only its ids (no
+        // constant tables, nothing allocated); other lengths replace it.
+        let input = HashMap::from([(head::INPUT_IDS.to_string(), HostTensor::from_f32([1, total], ids)?)]);
+        self.with_executor(Stage::Conditioning, "conditioning", &segments, run, false, || self.conditioning_graph(&segments), |e| {
+            e.set_inputs(&input)?;
+            e.execute()
+        })?;
+        Ok(PendingConditioning { segments, run, n })
     }
 
     /// Waits for a conditioning started by [`start_conditioning`](Self::start_conditioning).
-    pub fn finish_conditioning(&self, mut p: PendingConditioning) -> Result<Conditioning> {
+    pub fn finish_conditioning(&self, p: PendingConditioning) -> Result<Conditioning> {
         let (n, q, d) = (p.n, self.num_queries, self.llm_cfg.hidden_size);
-        let mut out = p.exec.outputs()?;
+        let (mut out, mut handles) = self.resident_executor("conditioning", &p.segments, p.run, |e| Ok((e.outputs()?, e.output_handles()?)))?;
         let hidden = HIDDEN.take(&mut out)?.to_f32_vec();
         let half = n * q * d;
-        let prompt_embeds_on_device = PROMPT_EMBEDS.take(&mut p.exec.output_handles()?)?;
+        let prompt_embeds_on_device = PROMPT_EMBEDS.take(&mut handles)?;
         Ok(Conditioning {
             prompt_embeds_on_device,
             prompt_embeds: PROMPT_EMBEDS.take(&mut out)?,
@@ -92,8 +95,8 @@ impl OpenUni {
     /// Waits for a conditioning started by [`start_conditioning`](Self::start_conditioning) and
     /// checks each stage's output on the device (one flag each, [`check_finite_flag`]): the prompt
     /// embeddings where the conditioning left them, nothing else read back.
-    fn finish_conditioning_on_device(&self, mut p: PendingConditioning, batch: usize) -> Result<TensorHandle> {
-        let mut h = p.exec.output_handles()?;
+    fn finish_conditioning_on_device(&self, p: PendingConditioning, batch: usize) -> Result<TensorHandle> {
+        let mut h = self.resident_executor("conditioning", &p.segments, p.run, |e| e.output_handles())?;
         for (out, stage) in [
             (HIDDEN, "conditioning: the LLM's query states"),
             (CONNECTOR, "conditioning: the connector output"),
@@ -201,16 +204,15 @@ impl OpenUni {
                 }
                 other => other?,
             };
-            check_finite("the latents after denoising", &latents, i)?;
-            let sf = self.vae_cfg.scaling_factor;
-            let scaled = HostTensor::from_f32(latents.shape.clone(), latents.to_f32_vec().iter().map(|x| x / sf).collect())?;
-            check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &scaled, i)?;
             if release && i + 1 == batches.len() {
-                // Nothing denoises after the last batch: the decode gets the transformer's memory.
+                // Nothing denoises after the last batch: the decode gets the transformer's memory
+                // (the latents' handle keeps the sampler's small arena alive until the decode).
                 self.release_stage(Stage::Transformer);
             }
-            // uint8 pixels [N, H, W, 3], the decoder's output checked for non-finite values first.
-            let decoded = self.decode_u8(&latents, run, p.decode, i)?;
+            // uint8 pixels [N, H, W, 3] from the latents where the sampler left them (their
+            // finiteness flagged after every step), the decoder's output checked for non-finite
+            // values first (a set flag names the latents or the decoder input when they hold it).
+            let decoded = self.decode_u8(latents, run, p.decode, i)?;
             // The decode runs on the whole batch, the images that left included (discarded
             // here): decoders whose arithmetic depends on the batch size (the CPU's convolutions
             // pick their threading by it) then give the kept images the whole batch's bits.
@@ -240,14 +242,16 @@ impl OpenUni {
         check_denoise_inputs(&self.transformer_cfg, &prompt_embeds.shape, &noise.shape)?;
         let kv = self.cross_kv(TensorHandle::Host(prompt_embeds.clone()), run)?;
         let (latents, rows) = self.denoise_rows(0, kv, noise, steps, guidance, sampler, flow_shift, run, on_step)?;
-        select_rows(&latents, &rows)
+        select_rows(&latents.to_host()?, &rows)
     }
 
     /// [`denoise`](Self::denoise) as batch `batch` of a call: asks the [`StopCheck`] before every
     /// step, and when images are no longer wanted drops their rows (latents, uncond and cond
     /// caption K/V) and goes on at the smaller batch with the step executor of that size (on a
-    /// GPU a new captured graph). Returns the latents [N, 32, h, w] of the whole batch (an image
-    /// that left keeps the latents it had then) and the indices of the images still wanted.
+    /// GPU a new captured graph). Returns the latents [N, 32, h, w] (f32) of the whole batch (an
+    /// image that left keeps the latents it had then) and the indices of the images still
+    /// wanted. The latents stay where the sampler left them (on a GPU the device) unless images
+    /// left, whose rows are put together on the host (rare).
     #[allow(clippy::too_many_arguments)]
     fn denoise_rows(
         &self,
@@ -260,7 +264,7 @@ impl OpenUni {
         flow_shift: f64,
         run: RunOptions,
         mut on_step: impl FnMut(StepRecord),
-    ) -> Result<(HostTensor, Vec<usize>)> {
+    ) -> Result<(TensorHandle, Vec<usize>)> {
         let cfg = &self.transformer_cfg;
         let nd = noise.shape.dims().to_vec();
         let n = nd[0];
@@ -353,13 +357,17 @@ impl OpenUni {
                 model_input = scheduler::MODEL_INPUT.take(&mut out)?;
                 on_step(StepRecord { timestep: ts, model_output: velocity, latents: sample.reshaped(lat_shape.clone())? });
             }
-            // The latents come back once (for the decoder, and for the rows a drop keeps).
+            if keep.is_none() && m == n {
+                // No image left: the decoder reads the latents where they are.
+                return Ok((sample.reshaped(noise.shape.clone())?, rows));
+            }
+            // Images left: the latents come to the host for the rows kept (and for the decoder).
             latents = sample.to_host()?.to_f32_vec();
             for (p, &r) in rows.iter().enumerate() {
                 all[r * per_image..(r + 1) * per_image].copy_from_slice(&latents[p * per_image..(p + 1) * per_image]);
             }
             let Some(keep) = keep else {
-                return Ok((HostTensor::from_f32(noise.shape.clone(), all)?, rows));
+                return Ok((TensorHandle::Host(HostTensor::from_f32(noise.shape.clone(), all)?), rows));
             };
             // Images left: their rows leave the latents, the multistep history and the K/V
             // ([uncond rows, cond rows]); the history comes to the host for it (rare).

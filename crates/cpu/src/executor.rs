@@ -419,6 +419,7 @@ impl CpuExecutor {
                 ops::quantize_image_u8(view.get(*x), d[0], d[2] * d[3], y)
             }
             Op::AnyNonFinite { x } => y[0] = ops::any_nonfinite(view.get(*x)),
+            Op::DivScalar { x, divisor } => ops::div_scalar(view.get(*x), *divisor, y),
             Op::GuidedX0 { velocity, sample, coeffs } => ops::guided_x0(view.get(*velocity), view.get(*sample), view.get(*coeffs), y),
             Op::DpmSolverUpdate { sample, x0, prev_x0, coeffs } => {
                 ops::dpm_solver_update(view.get(*sample), view.get(*x0), view.get(*prev_x0), view.get(*coeffs), y)

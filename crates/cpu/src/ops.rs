@@ -349,6 +349,15 @@ pub fn dpm_solver_update(x: &[f32], x0: &[f32], prev: &[f32], k: &[f32], out: &m
     }
 }
 
+/// `Op::DivScalar`: `x / divisor`, one IEEE f32 division per element (never a multiply by the
+/// reciprocal, which rounds differently): the one definition of the decoder's input
+/// `latents / scaling_factor` (the pipeline's host path calls it too).
+pub fn div_scalar(x: &[f32], divisor: f32, out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v / divisor;
+    }
+}
+
 /// [batch, rows, cols] -> [batch, cols, rows].
 pub fn transpose(x: &[f32], batch: usize, rows: usize, cols: usize, out: &mut [f32]) {
     for b in 0..batch {

@@ -770,6 +770,12 @@ impl GraphBuilder {
         Ok(self.push(name, Op::AnyNonFinite { x }, Shape::new([1])))
     }
 
+    /// `x / divisor` elementwise, one correctly rounded f32 division each ([`Op::DivScalar`]).
+    pub fn div_scalar(&mut self, name: &str, x: ValueId, divisor: f32) -> Result<ValueId> {
+        let s = self.shape(x).clone();
+        Ok(self.push(name, Op::DivScalar { x, divisor }, s))
+    }
+
     /// The guided clean estimate ([`Op::GuidedX0`]): `velocity` holds twice `sample`'s elements
     /// (uncond rows, then cond rows); `coeffs` is [SAMPLER_COEFFS]; the result has `sample`'s shape.
     pub fn guided_x0(&mut self, name: &str, velocity: ValueId, sample: ValueId, coeffs: ValueId) -> Result<ValueId> {

@@ -70,6 +70,7 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
         // Per element: guidance 3 (sub, mul, add) and the estimate 2; the update 3 (first order) to 6.
         Op::GuidedX0 { .. } => 5.0 * out.numel() as f64,
         Op::DpmSolverUpdate { .. } => 6.0 * out.numel() as f64,
+        Op::DivScalar { .. } => out.numel() as f64,
         _ => 0.0,
     };
     Cost { flops, elems }

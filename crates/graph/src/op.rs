@@ -255,6 +255,10 @@ pub enum Op {
     /// − c·d0`; 2, `out = (ratio·x − c·d0) − half_c·(inv_r0·(d0 − p))`. Coefficients computed on the
     /// host (`openuni_models::scheduler::Sampler::coefficients`), indices [`coeff`].
     DpmSolverUpdate { sample: ValueId, x0: ValueId, prev_x0: ValueId, coeffs: ValueId },
+    /// `x / divisor`, one IEEE f32 division (correctly rounded) per element, never a multiply by
+    /// the reciprocal: the decoder's input `latents / scaling_factor` made on the device bit for
+    /// bit as the host divides (`openuni_cpu::ops::div_scalar`, the one definition).
+    DivScalar { x: ValueId, divisor: f32 },
 }
 
 /// The layout of the `coeffs` input of [`Op::GuidedX0`] and [`Op::DpmSolverUpdate`]: one step's
@@ -315,6 +319,7 @@ impl Op {
             Op::AdaGatedAdd { .. } => "ada_gated_add",
             Op::GuidedX0 { .. } => "guided_x0",
             Op::DpmSolverUpdate { .. } => "dpm_solver_update",
+            Op::DivScalar { .. } => "div_scalar",
         }
     }
 
@@ -359,6 +364,7 @@ impl Op {
             | Op::GatherTokens { x, .. }
             | Op::QuantizeU8 { x }
             | Op::AnyNonFinite { x }
+            | Op::DivScalar { x, .. }
             | Op::KvCacheRows { x, .. } => v.push(*x),
             Op::EmbeddingGather { ids, table, extra } => {
                 v.extend([*ids, *table]);

@@ -197,6 +197,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             let k = (ctx.f32_ptr)(*coeffs).ok_or_else(|| crate::error::CudaError::Invalid { what: "dpm_solver_update".into(), msg: "its coeffs must be a graph input (read in f32)".into() })?;
             vec![launch(ctx, format!("dpm_solver_update_{s}"), n, vec![KArg::Ptr(p(*sample)), KArg::Ptr(p(*x0)), KArg::Ptr(p(*prev_x0)), KArg::Ptr(k), KArg::Ptr(y), KArg::I64(n as i64)])]
         }
+        Op::DivScalar { x, divisor } => vec![launch(ctx, format!("div_scalar_{s}"), n, vec![KArg::Ptr(p(*x)), KArg::Ptr(y), KArg::F32(*divisor), KArg::I64(n as i64)])],
         Op::QuantizeU8 { x } => {
             let d = dims(*x);
             vec![launch(ctx, format!("quantize_u8_{s}"), n, vec![KArg::Ptr(p(*x)), KArg::Ptr(y), i32_arg("quantize_u8 batch", d[0])?, KArg::I64((d[2] * d[3]) as i64)])]

@@ -245,6 +245,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         | Op::AnyNonFinite { .. }
         | Op::GuidedX0 { .. }
         | Op::DpmSolverUpdate { .. }
+        | Op::DivScalar { .. }
         | Op::ClassPosEmbed { .. }
         | Op::Concat { .. } => misc::resolve(ctx, node),
         Op::Conv2d { .. }
