@@ -193,8 +193,10 @@ fn convs_match_twins() {
     let mut r = rng(8);
     // 2·37·29 = 2146 pixels: blocks of 1024 split mid-row, several blocks per image (the
     // block-parallel path); 5x3 is one small block (the GEMM-parallel path); 2x3 with 9 output
-    // channels keeps the weights' own layout (fewer pixels than channels).
-    for (b, h, w, cin, cout, kernel) in [(2, 37, 29, 5, 7, 3), (1, 5, 3, 11, 4, 3), (1, 4, 6, 3, 2, 1), (1, 40, 30, 2, 3, 5), (1, 2, 3, 3, 9, 3)] {
+    // channels keeps the weights' own layout (fewer pixels than channels). Widths from 64 on run
+    // the shifted-GEMM path (`conv_taps`): 2x37x67 in bands of 15 rows, the last one short (the
+    // band-parallel path), 1x3x70 one band (the GEMM-parallel path), 5x5 taps on 1x20x64.
+    for (b, h, w, cin, cout, kernel) in [(2, 37, 29, 5, 7, 3), (1, 5, 3, 11, 4, 3), (1, 4, 6, 3, 2, 1), (1, 40, 30, 2, 3, 5), (1, 2, 3, 3, 9, 3), (2, 37, 67, 6, 5, 3), (1, 3, 70, 4, 3, 3), (1, 20, 64, 3, 4, 5)] {
         let x = rand_vec(&mut r, b * h * w * cin);
         let (wt, bias) = (rand_vec(&mut r, cout * cin * kernel * kernel), rand_vec(&mut r, cout));
         for (bi, silu) in [(None, false), (Some(&bias[..]), true)] {
@@ -207,7 +209,7 @@ fn convs_match_twins() {
             assert_close(&format!("conv2d {b}x{h}x{w} {cin}->{cout} k{kernel}"), &f, &p, 1e-6);
         }
     }
-    for (b, h, w, cin, cout, shortcut) in [(2, 17, 19, 8, 4, true), (1, 3, 5, 6, 3, false), (1, 2, 1, 4, 8, true), (1, 1, 1, 4, 8, true)] {
+    for (b, h, w, cin, cout, shortcut) in [(2, 17, 19, 8, 4, true), (1, 3, 5, 6, 3, false), (1, 2, 1, 4, 8, true), (1, 1, 1, 4, 8, true), (2, 11, 33, 8, 4, true)] {
         let x = rand_vec(&mut r, b * h * w * cin);
         let (wt, bias) = (rand_vec(&mut r, cout * cin * 9), rand_vec(&mut r, cout));
         let (mut f, mut p) = (vec![0.0; b * 4 * h * w * cout], vec![0.0; b * 4 * h * w * cout]);
