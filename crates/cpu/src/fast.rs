@@ -13,6 +13,72 @@ use openuni_graph::UnaryFn;
 /// Elements per parallel task of the elementwise ops: big enough to amortise a task.
 const ELEMS_PER_TASK: usize = 1 << 14;
 
+/// Defines `fn $name` that runs its body compiled for AVX2 (8 floats a vector) when the CPU has
+/// it, else as built (baseline x86-64: SSE2, 4 floats). For the hot loops LLVM vectorises by
+/// itself: the same operations in the same order either way (no FMA), so the results are
+/// bit-identical; only the vector width changes.
+macro_rules! with_avx2 {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+with_avx2! {
+    /// `y = silu(x)` on one block.
+    fn silu_block(x: &[f32], y: &mut [f32]) {
+        y.iter_mut().zip(x).for_each(|(y, &v)| *y = silu(v));
+    }
+}
+
+with_avx2! {
+    /// `v = silu(v)` on one block.
+    fn silu_in_place(v: &mut [f32]) {
+        v.iter_mut().for_each(|v| *v = silu(*v));
+    }
+}
+
+with_avx2! {
+    /// `y = gelu_tanh(x)` on one block.
+    fn gelu_tanh_block(x: &[f32], y: &mut [f32]) {
+        y.iter_mut().zip(x).for_each(|(y, &v)| *y = gelu_tanh(v));
+    }
+}
+
+with_avx2! {
+    /// `y = silu(g) · u` on one block.
+    fn swiglu_block(g: &[f32], u: &[f32], y: &mut [f32]) {
+        y.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = silu(g) * u);
+    }
+}
+
+with_avx2! {
+    /// The GLU of one row of depthwise results `acc` (pixels × 2H: u then g) into `o` (pixels × H).
+    fn glu_row(acc: &[f32], hh: usize, o: &mut [f32]) {
+        for (oy, a) in o.chunks_exact_mut(hh).zip(acc.chunks_exact(2 * hh)) {
+            let (u, g) = a.split_at(hh);
+            oy.iter_mut().zip(u.iter().zip(g)).for_each(|(y, (&u, &g))| *y = u * silu(g));
+        }
+    }
+}
+
 /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias)` on every thread.
 pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize, out: &mut [f32]) {
     if let Some(b) = bias {
@@ -121,8 +187,8 @@ pub fn gelu_tanh(x: f32) -> f32 {
 /// and ReLU as the twin.
 pub fn unary(f: UnaryFn, x: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(ELEMS_PER_TASK).zip(x.par_chunks(ELEMS_PER_TASK)).for_each(|(y, x)| match f {
-        UnaryFn::Silu => y.iter_mut().zip(x).for_each(|(y, &v)| *y = silu(v)),
-        UnaryFn::GeluTanh => y.iter_mut().zip(x).for_each(|(y, &v)| *y = gelu_tanh(v)),
+        UnaryFn::Silu => silu_block(x, y),
+        UnaryFn::GeluTanh => gelu_tanh_block(x, y),
         UnaryFn::GeluErf | UnaryFn::Relu => ops::unary(f, x, y),
     });
 }
@@ -138,7 +204,7 @@ pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(ELEMS_PER_TASK)
         .zip(gate.par_chunks(ELEMS_PER_TASK).zip(up.par_chunks(ELEMS_PER_TASK)))
-        .for_each(|(y, (g, u))| y.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = silu(g) * u));
+        .for_each(|(y, (g, u))| swiglu_block(g, u, y));
 }
 
 /// [`ops::gated_add`] across threads, row by row.
@@ -325,53 +391,55 @@ pub fn multiscale_linear_attention(scales: &[&[f32]], widths: &[usize], batch: u
     }
 }
 
-/// Depthwise k×k of one image row into `acc` (w pixels × c channels, f32), with the weights
-/// transposed to tap-major `wt[tap][c]` so the inner loop runs along contiguous channels.
-#[allow(clippy::too_many_arguments)]
-fn depthwise_row(x: &[f32], wt: &[f32], bias: Option<&[f32]>, b: usize, y: usize, h: usize, w: usize, c: usize, kernel: usize, acc: &mut [f32]) {
-    let p = kernel / 2;
-    // (input offset, weight offset) of each tap inside the image, per pixel.
-    let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kernel * kernel);
-    for (xx, a) in acc.chunks_exact_mut(c).enumerate() {
-        taps.clear();
-        for dy in 0..kernel {
-            let Some(sy) = (y + dy).checked_sub(p).filter(|&s| s < h) else { continue };
-            for dx in 0..kernel {
-                let Some(sx) = (xx + dx).checked_sub(p).filter(|&s| s < w) else { continue };
-                taps.push((((b * h + sy) * w + sx) * c, (dy * kernel + dx) * c));
-            }
-        }
-        // DW_LANES channels at a time summed over every tap in registers (a whole-row pass per
-        // tap streamed the row's accumulators through the cache k² times); same order of sums.
-        let full = c - c % DW_LANES;
-        for c0 in (0..full).step_by(DW_LANES) {
-            let mut s: [f32; DW_LANES] = match bias {
-                Some(bb) => bb[c0..c0 + DW_LANES].try_into().expect("DW_LANES channels"),
-                None => [0.0; DW_LANES],
-            };
-            for &(xo, wo) in &taps {
-                let src: &[f32; DW_LANES] = x[xo + c0..][..DW_LANES].try_into().expect("DW_LANES channels");
-                let wk: &[f32; DW_LANES] = wt[wo + c0..][..DW_LANES].try_into().expect("DW_LANES channels");
-                for i in 0..DW_LANES {
-                    s[i] += wk[i] * src[i];
+with_avx2! {
+    /// Depthwise k×k of one image row into `acc` (w pixels × c channels, f32), with the weights
+    /// transposed to tap-major `wt[tap][c]` so the inner loop runs along contiguous channels.
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise_row(x: &[f32], wt: &[f32], bias: Option<&[f32]>, b: usize, y: usize, h: usize, w: usize, c: usize, kernel: usize, acc: &mut [f32]) {
+        let p = kernel / 2;
+        // (input offset, weight offset) of each tap inside the image, per pixel.
+        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kernel * kernel);
+        for (xx, a) in acc.chunks_exact_mut(c).enumerate() {
+            taps.clear();
+            for dy in 0..kernel {
+                let Some(sy) = (y + dy).checked_sub(p).filter(|&s| s < h) else { continue };
+                for dx in 0..kernel {
+                    let Some(sx) = (xx + dx).checked_sub(p).filter(|&s| s < w) else { continue };
+                    taps.push((((b * h + sy) * w + sx) * c, (dy * kernel + dx) * c));
                 }
             }
-            a[c0..c0 + DW_LANES].copy_from_slice(&s);
-        }
-        let tail = &mut a[full..];
-        match bias {
-            Some(bb) => tail.copy_from_slice(&bb[full..c]),
-            None => tail.fill(0.0),
-        }
-        for &(xo, wo) in &taps {
-            for ((a, &s), &wv) in tail.iter_mut().zip(&x[xo + full..xo + c]).zip(&wt[wo + full..wo + c]) {
-                *a += wv * s;
+            // DW_LANES channels at a time summed over every tap in registers (a whole-row pass per
+            // tap streamed the row's accumulators through the cache k² times); same order of sums.
+            let full = c - c % DW_LANES;
+            for c0 in (0..full).step_by(DW_LANES) {
+                let mut s: [f32; DW_LANES] = match bias {
+                    Some(bb) => bb[c0..c0 + DW_LANES].try_into().expect("DW_LANES channels"),
+                    None => [0.0; DW_LANES],
+                };
+                for &(xo, wo) in &taps {
+                    let src: &[f32; DW_LANES] = x[xo + c0..][..DW_LANES].try_into().expect("DW_LANES channels");
+                    let wk: &[f32; DW_LANES] = wt[wo + c0..][..DW_LANES].try_into().expect("DW_LANES channels");
+                    for i in 0..DW_LANES {
+                        s[i] += wk[i] * src[i];
+                    }
+                }
+                a[c0..c0 + DW_LANES].copy_from_slice(&s);
+            }
+            let tail = &mut a[full..];
+            match bias {
+                Some(bb) => tail.copy_from_slice(&bb[full..c]),
+                None => tail.fill(0.0),
+            }
+            for &(xo, wo) in &taps {
+                for ((a, &s), &wv) in tail.iter_mut().zip(&x[xo + full..xo + c]).zip(&wt[wo + full..wo + c]) {
+                    *a += wv * s;
+                }
             }
         }
     }
 }
 
-/// Channels of one depthwise register block (8 SSE vectors).
+/// Channels of one depthwise register block (8 SSE or 4 AVX2 vectors).
 const DW_LANES: usize = 32;
 
 /// `weight` [C, 1, k, k] -> tap-major [k·k, C].
@@ -403,11 +471,7 @@ pub fn depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch
         || vec![0f32; w * c2],
         |acc, (r, o)| {
             depthwise_row(x, &wt, bias, r / h, r % h, h, w, c2, kernel, acc);
-            for (oy, a) in o.chunks_exact_mut(hh).zip(acc.chunks_exact(c2)) {
-                for (i, y) in oy.iter_mut().enumerate() {
-                    *y = a[i] * silu(a[hh + i]);
-                }
-            }
+            glu_row(acc, hh, o);
         },
     );
 }
@@ -475,7 +539,7 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight
         }
         gemm_into(n, cout, kk, o, 0, cout, bias.is_some(), View::new(cols, 0, kk, 1), View::new(wmat, 0, 1, kk), par);
         if silu && par == Threads::One {
-            o.iter_mut().for_each(|v| *v = self::silu(*v));
+            silu_in_place(o);
         }
     };
     let blocks = batch * (oh * ow).div_ceil(block);
@@ -501,7 +565,7 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight
             }
         }
         if silu {
-            out.par_chunks_mut(ELEMS_PER_TASK).for_each(|c| c.iter_mut().for_each(|v| *v = self::silu(*v)));
+            out.par_chunks_mut(ELEMS_PER_TASK).for_each(silu_in_place);
         }
     }
 }
@@ -541,7 +605,7 @@ fn conv_taps<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, wmat: &[
         for (r, orow) in o.chunks_exact_mut(ow * cout).enumerate() {
             orow.copy_from_slice(&acc[r * pw * cout..][..ow * cout]);
             if silu {
-                orow.iter_mut().for_each(|v| *v = self::silu(*v));
+                silu_in_place(orow);
             }
         }
     };
