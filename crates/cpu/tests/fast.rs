@@ -308,13 +308,13 @@ fn dit_fusions_match_twins() {
         ops::ada_gated_add(&x, &t, &table, d, k - 1, &y, &mut p);
         assert_close(&format!("ada_gated_add {b}x{n}x{c} k{k}"), &f, &p, 1e-6);
     }
-    for (b, h, w, c2) in [(2, 5, 7, 6), (1, 3, 4, 70)] {
+    for (b, h, w, c2, k) in [(2, 5, 7, 6, 3), (1, 9, 4, 70, 3), (1, 1, 3, 4, 3), (2, 10, 3, 6, 5)] {
         let x = rand_vec(&mut r, b * h * w * c2);
-        let (wt, bias) = (rand_vec(&mut r, c2 * 9), rand_vec(&mut r, c2));
+        let (wt, bias) = (rand_vec(&mut r, c2 * k * k), rand_vec(&mut r, c2));
         let (mut f, mut p) = (vec![0.0; x.len() / 2], vec![0.0; x.len() / 2]);
-        fast::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, 3, &mut f);
-        ops::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, 3, &mut p);
-        assert_close(&format!("silu_depthwise_conv_glu {b}x{h}x{w}x{c2}"), &f, &p, 1e-6);
+        fast::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, k, &mut f);
+        ops::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, k, &mut p);
+        assert_close(&format!("silu_depthwise_conv_glu {b}x{h}x{w}x{c2} k{k}"), &f, &p, 1e-6);
     }
     let (rows, kk, nn) = (9, 13, 11);
     let (x, wt, bias, res) = (rand_vec(&mut r, rows * kk), rand_vec(&mut r, nn * kk), rand_vec(&mut r, nn), rand_vec(&mut r, rows * nn));
