@@ -18,17 +18,17 @@ const ELEMS_PER_TASK: usize = 1 << 14;
 /// itself: the same operations in the same order either way (no FMA), so the results are
 /// bit-identical; only the vector width changes.
 macro_rules! with_avx2 {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        fn $name($($arg: $ty),*) {
+        fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2")]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
@@ -218,6 +218,17 @@ pub fn gated_add(x: &[f32], gate: &[f32], y: &[f32], tokens: usize, cols: usize,
     });
 }
 
+with_avx2! {
+    /// `row[j] = e^(row[j] - m)` for the `lim` visible keys ([`exp_f32`], vectorised), 0 for the rest;
+    /// returns their sum (summed in key order).
+    fn softmax_exp_row(row: &mut [f32], lim: usize, m: f32) -> f32 {
+        for (j, sj) in row.iter_mut().enumerate() {
+            *sj = if j < lim { exp_f32(*sj - m) } else { 0.0 };
+        }
+        row.iter().sum()
+    }
+}
+
 /// Softmax attention as flash-attention does it: per (sample, block of `Q_BLOCK` queries, head),
 /// the logits of `KV_BLOCK` keys at a time as one GEMM tile, an online softmax (running max and
 /// sum, earlier output rescaled), and `P·V` accumulated by a second GEMM tile. Memory is
@@ -260,11 +271,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: A
                             m = m.max(*sj);
                         }
                         let m_new = max[i].max(m);
-                        let mut block_sum = 0.0;
-                        for (j, sj) in row.iter_mut().enumerate() {
-                            *sj = if j < lim { (*sj - m_new).exp() } else { 0.0 };
-                            block_sum += *sj;
-                        }
+                        let block_sum = softmax_exp_row(row, lim, m_new);
                         if m_new > max[i] {
                             let corr = (max[i] - m_new).exp();
                             sum[i] *= corr;
