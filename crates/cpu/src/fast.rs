@@ -488,9 +488,9 @@ pub fn depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch
 const CONV_BLOCK: usize = 1024;
 
 /// From this output width on, a tap-major conv runs as [`conv_taps`]: the padding columns it
-/// computes and drops cost (k-1)/width of the FLOPs. On the DC-AE decoder's 128-512-wide 3×3
-/// convs it took about 10 % less CPU time than im2col + one GEMM (`perf stat` task-clock, one
-/// thread, 128²×128 and 64²×256 channels, 2026-12-04).
+/// computes and drops cost (k-1)/width of the FLOPs. On the DC-AE decoder's 3×3 convs (512²×128,
+/// 256²×256, 128²×512 channels) it took 8-12 % less time than im2col + one GEMM, both threads
+/// (docs/cpu-performance.md).
 const CONV_TAPS_MIN_WIDTH: usize = 64;
 
 /// A k×k convolution on an `oh`×`ow` output grid as im2col blocks + GEMM, SiLU optionally
