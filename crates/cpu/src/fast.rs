@@ -155,13 +155,14 @@ pub fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-104.0, 89.0);
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
-    let r = x - n * 0.693_359_375 + n * 2.121_944_4e-4;
+    // ln 2 = 0.693359375 (the f32 of 0.6933594; few mantissa bits, so n·hi is exact) - 2.1219444e-4.
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let (n1, n2) = (n >> 1, n - (n >> 1));
