@@ -5,8 +5,8 @@
 //!
 //! Shapes: C 8, 16, 24 and 40 (a k tail after the 32-wide stage), hidden 5 to 70 (not multiples
 //! of the 64-channel slice; 70: two slices), 1 to 3 images, 4×4, 16×16 (256 tokens: one block per image), 5×7
-//! (non-square) through the executor: bf16 storage with C % 8 == 0 and the whole latent in one
-//! block runs the fused kernel; f32 storage, C = 12 and 12×32 (384 tokens) run the two-op path (cuBLASLt GEMM
+//! (non-square) through the executor: with `OPENUNI_MIXFFN=fused`, bf16 storage with C % 8 == 0 and
+//! the whole latent in one block runs the fused kernel; by default, f32 storage, C = 12 and 12×32 (384 tokens) run the two-op path (cuBLASLt GEMM
 //! into a workspace, then the depthwise GLU), tested the same way; the kernel's halo bands
 //! (12×32, 7×80) launched directly. Tolerances
 //! (openuni_cuda::testing::check): f32 relative L2 <= 1e-5; bf16 <= 2x the error of a plain bf16
@@ -74,8 +74,16 @@ fn mixffn_inverted_glu_matches_cpu() {
             weights.insert("bd".into(), tensor(&[c2], bd.clone()));
         }
         let inputs = HashMap::from([("x".to_string(), tensor(&[b, h * w, c], x.clone()))]);
-        for dtype in [DType::F32, DType::BF16] {
+        // Both selections: the default two-op path and the opted-in fused kernel (this is the only
+        // test of this binary that reads or sets OPENUNI_MIXFFN; the others launch directly).
+        for (dtype, opt_in) in [(DType::F32, false), (DType::BF16, false), (DType::BF16, true)] {
+            if opt_in {
+                std::env::set_var("OPENUNI_MIXFFN", "fused");
+            } else {
+                std::env::remove_var("OPENUNI_MIXFFN");
+            }
             let fused = mixffn_inverted_glu::fused_band(dtype, c, h, w).is_some();
+            assert_eq!(fused, opt_in && mixffn_inverted_glu::fused_band_applies(dtype, c, h, w).is_some());
             let mut ex = CudaExecutor::new(&dev, &g, &weights, dtype, false).unwrap();
             let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
             let r = |v: &[f32]| round_to(dtype, v);
@@ -83,6 +91,7 @@ fn mixffn_inverted_glu_matches_cpu() {
             let what = format!("mixffn_inverted_glu {dtype} [{b}, {h}x{w}, {c}] -> {hidden} biases={biases} fused={fused}");
             check(&what, dtype, &got, &want, &base);
         }
+        std::env::remove_var("OPENUNI_MIXFFN");
     }
 }
 

@@ -3,11 +3,14 @@
 //! `openuni_cpu::ops::mixffn_inverted_glu`.
 //!
 //! Two ways to run the node, chosen by [`fused_band`] (one place, tested):
-//! - fused: one launch of `mixffn_inverted_glu_bf16`, the GEMM tile kept in shared memory, when
-//!   the storage is bf16 (the kernel is mma.sync bf16), C % 8 == 0 (16-byte cp.async rows) and
-//!   the whole latent fits one block's [`MF_M`] tokens (no halo recomputed);
-//! - otherwise: the GEMM (cuBLASLt, bias epilogue) into a workspace, then
-//!   `silu_depthwise_conv3_glu_<dtype>` (the two-op path of before, f32 storage included).
+//! - the two-op path, the default: the GEMM (cuBLASLt, bias epilogue) into a workspace, then
+//!   `silu_depthwise_conv3_glu_<dtype>`;
+//! - fused, opted into with `OPENUNI_MIXFFN=fused` ([`fused_opted_in`]): one launch of
+//!   `mixffn_inverted_glu_bf16`, the GEMM tile kept in shared memory, where it applies
+//!   ([`fused_band_applies`]: bf16 storage, C % 8 == 0, the whole latent in one block's [`MF_M`]
+//!   tokens). It moves 21% fewer modelled bytes per b-512 step, but on an H200 it took 1.85 ms per
+//!   Sana-600M batch-32 block against 1.02 ms for the two-op path (docs/gpu-results.md, run 2): its
+//!   mma.sync GEMM reaches 119 TFLOP/s where cuBLASLt's reaches 700, so it is not the default.
 
 use openuni_graph::{Node, Op};
 use openuni_tensor::DType;
@@ -43,17 +46,38 @@ pub fn band_rows(h: usize, w: usize) -> Option<usize> {
 }
 
 /// The executor's choice: `Some(band)` when a node runs the fused kernel (`dtype` storage, `c`
-/// input channels, an `h`×`w` latent), `None` for the two-op path. Fused only with bf16 storage
+/// input channels, an `h`×`w` latent), `None` for the two-op path. Fused only when opted into
+/// ([`fused_opted_in`]), with bf16 storage
 /// (the kernel is mma.sync bf16), C % 8 == 0 (16-byte cp.async rows) and the whole image in one
 /// block (h·w <= [`MF_M`]: SANA at 512 px, 16×16). Bands with halo rows (SANA at 1024 px, 32×32:
 /// 8 GEMM rows for 6 output rows) would compute the conv_inverted GEMM 4/3 times over; that GEMM
 /// is compute bound at those shapes, so the launcher supports bands (tested) but the executor
 /// does not pick them until a GPU measurement says they pay.
 pub fn fused_band(dtype: DType, c: usize, h: usize, w: usize) -> Option<usize> {
+    fused_band_applies(dtype, c, h, w).filter(|_| fused_opted_in())
+}
+
+/// Where the fused kernel can run (the rule of [`fused_band`] without the opt-in).
+pub fn fused_band_applies(dtype: DType, c: usize, h: usize, w: usize) -> Option<usize> {
     if dtype != DType::BF16 || !c.is_multiple_of(8) || c == 0 || h * w > MF_M {
         return None;
     }
     band_rows(h, w)
+}
+
+/// `OPENUNI_MIXFFN=fused` selects the fused kernel where it applies; unset or `two-op`: the
+/// two-op path (measured faster on an H200, see the module comment). Another value is named on
+/// stderr once and read as `two-op`.
+pub fn fused_opted_in() -> bool {
+    match std::env::var("OPENUNI_MIXFFN").as_deref() {
+        Ok("fused") => true,
+        Ok("two-op") | Ok("") | Err(_) => false,
+        Ok(other) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| eprintln!("warning: OPENUNI_MIXFFN=`{other}` is neither `fused` nor `two-op`: using the two-op MixFFN"));
+            false
+        }
+    }
 }
 
 /// Pointers and shape of one call; `bi` and `bd` 0 when absent.
@@ -171,17 +195,24 @@ mod tests {
     #[test]
     fn fused_band_selects_the_kernel_only_where_it_applies() {
         // SANA 512 px: the whole 16x16 image in one block.
-        assert_eq!(fused_band(DType::BF16, 1152, 16, 16), Some(16));
-        assert_eq!(fused_band(DType::BF16, 8, 4, 4), Some(4));
+        assert_eq!(fused_band_applies(DType::BF16, 1152, 16, 16), Some(16));
+        assert_eq!(fused_band_applies(DType::BF16, 8, 4, 4), Some(4));
         // 1024 px (32x32) would need halo bands: the two-op path, though the launcher has bands.
-        assert_eq!(fused_band(DType::BF16, 2240, 32, 32), None);
+        assert_eq!(fused_band_applies(DType::BF16, 2240, 32, 32), None);
         assert_eq!(band_rows(32, 32), Some(MF_M / 32 - 2));
         assert_eq!(band_rows(4, MF_M / 3 + 1), None);
         // C not a multiple of 8, f32 storage: the two-op path.
-        assert_eq!(fused_band(DType::BF16, 12, 4, 4), None);
-        assert_eq!(fused_band(DType::F32, 64, 4, 4), None);
+        assert_eq!(fused_band_applies(DType::BF16, 12, 4, 4), None);
+        assert_eq!(fused_band_applies(DType::F32, 64, 4, 4), None);
+        // Only opted into (the only test of this binary that reads or sets OPENUNI_MIXFFN).
+        std::env::remove_var("OPENUNI_MIXFFN");
+        assert_eq!(fused_band(DType::BF16, 1152, 16, 16), None);
+        assert_eq!(launch_count(DType::BF16, 1152, 16, 16), 2);
+        std::env::set_var("OPENUNI_MIXFFN", "fused");
+        assert_eq!(fused_band(DType::BF16, 1152, 16, 16), Some(16));
         assert_eq!(launch_count(DType::BF16, 1152, 16, 16), 1);
         assert_eq!(launch_count(DType::BF16, 2240, 32, 32), 2);
         assert_eq!(launch_count(DType::F32, 64, 4, 4), 2);
+        std::env::remove_var("OPENUNI_MIXFFN");
     }
 }
