@@ -113,7 +113,7 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         // RoPE: its pre-pass, then the attention), else attention.cu.
         Op::Attention { .. } => {
             let args = attention_args(g, node, dtype).expect("an attention node");
-            if attention_sm90::qualifies(&args) {
+            if attention_sm90::selected_for(&args) {
                 attention_sm90::launch_count(&args)
             } else {
                 attention::launch(&args).map_err(anyhow::Error::msg)?.len()
@@ -212,7 +212,7 @@ fn attention_args(g: &Graph, node: &Node, dtype: DType) -> Option<attention::Att
 /// RoPE pre-pass reads q and k and writes their rotated copies.
 fn extra_bytes(g: &Graph, node: &Node, dtype: DType) -> f64 {
     match attention_args(g, node, dtype) {
-        Some(a) if a.rope_cs != 0 && attention_sm90::qualifies(&a) && attention_sm90::launch_count(&a) > 0 => {
+        Some(a) if a.rope_cs != 0 && attention_sm90::selected_for(&a) && attention_sm90::launch_count(&a) > 0 => {
             2.0 * attention_sm90::rope_scratch_bytes(&a) as f64
         }
         _ => 0.0,

@@ -224,7 +224,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     };
     // On sm_90 the wgmma/TMA kernel where the call qualifies (attention_sm90.rs), else mma.sync.
     // Fused RoPE there rotates q and k into scratch first (nodes run in turn: one shared buffer).
-    if super::conv_sm90::selected(ctx.dev) && super::attention_sm90::qualifies(&args) {
+    if super::conv_sm90::selected(ctx.dev) && super::attention_sm90::selected_for(&args) {
         let scratch = match args.rope_cs {
             0 => 0,
             _ => ctx.workspace("attention_sm90.rope_qk", super::attention_sm90::rope_scratch_bytes(&args))?,

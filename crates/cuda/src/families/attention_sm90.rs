@@ -2,12 +2,14 @@
 //! wgmma, producer/consumer warpgroups) and the rule that selects it over attention.cu's mma.sync
 //! kernel.
 //!
-//! Selection ([`qualifies`], applied in `attention::resolve`): the sm_90a conv rule's device
+//! Selection ([`selected_for`]: [`qualifies`] without packed segments, applied in
+//! `attention::resolve`): the sm_90a conv rule's device
 //! ([`super::conv_sm90::selected`]: compute capability 9.0, kernels for sm_90a, no
 //! `OPENUNI_KERNELS=mma`), bf16 storage, head dim a multiple of 8 up to 128 (capacities 64 and
 //! 128; columns past the head dim are the TMA's zero fill), q/k/v 16-byte aligned. Causal, GQA,
-//! the key mask and packed segments (batch 1, n = m: every row sees its own segment's keys; the
-//! block loads the key tiles from its first row's segment start) are taken.
+//! the key mask are taken. The kernel also computes packed segments (batch 1, n = m: every row sees
+//! its own segment's keys; the block loads the key tiles from its first row's segment start), but
+//! the executor leaves them to attention.cu (batch invariance, [`selected_for`]).
 //!
 //! Fused RoPE (the LLM prefill; n = m; positions restart at each segment): a pre-pass
 //! `attention_rope_bf16` rotates q and k into scratch ([`rope_scratch_bytes`], the executor's
@@ -53,6 +55,16 @@ pub fn qualifies(a: &AttentionArgs) -> bool {
         && a.heads > 0
         && a.kv_heads > 0
         && a.heads.is_multiple_of(a.kv_heads)
+}
+
+/// Whether the executor runs this call on the sm_90a kernel (on a selected device): it
+/// [`qualifies`] and has no packed segments. The kernel computes packed segments (tested), but a
+/// block loads key tiles from its first row's segment start, so a row's summation order depends
+/// on where its prompt sits in the packed row: a batch of prompts would then not give the images
+/// of one prompt at a time (tests/batching.rs, 1e-2 apart in bf16). attention.cu keeps them
+/// bit-identical, so packed prefills stay there.
+pub fn selected_for(a: &AttentionArgs) -> bool {
+    a.segments == 0 && qualifies(a)
 }
 
 fn invalid(msg: String) -> CudaError {

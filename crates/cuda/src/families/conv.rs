@@ -380,7 +380,21 @@ pub fn upsample_conv2d(a: &UpsampleConv2dArgs, choice: ConvKernel) -> Result<Lau
     })
 }
 
-/// The launch shared by the depthwise kernels: blocks of (32, 8) threads, 128 channels
+/// The arguments every depthwise kernel takes first: x, weight, bias, y, batch, h, w, channels.
+fn depthwise_args([x, weight, bias, y]: [u64; 4], batch: usize, h: usize, w: usize, c: usize) -> Result<Vec<KArg>> {
+    Ok(vec![
+        KArg::Ptr(x),
+        KArg::Ptr(weight),
+        KArg::Ptr(bias),
+        KArg::Ptr(y),
+        i32_arg("batch", batch)?,
+        i32_arg("h", h)?,
+        i32_arg("w", w)?,
+        i32_arg("channels", c)?,
+    ])
+}
+
+/// The launch of `depthwise_conv2d_*`: blocks of (32, 8) threads, 128 channels
 /// (blockIdx.y) x 8 (sample, 4-row block, column) items at a time; about 16 blocks per SM in all,
 /// each striding over its items. `kernel_arg` is passed last when the kernel takes its size.
 #[allow(clippy::too_many_arguments)]
@@ -398,16 +412,7 @@ fn depthwise_launch(
     let items = batch * h.div_ceil(DW_ROWS) * w;
     let gy = grid_dim(what, c.div_ceil(DW_CHANNELS), 65535)?;
     let gx = items.div_ceil(8).clamp(1, ((sm_count.max(1) as usize) * 16).div_ceil(gy as usize));
-    let mut args = vec![
-        KArg::Ptr(x),
-        KArg::Ptr(weight),
-        KArg::Ptr(bias),
-        KArg::Ptr(y),
-        i32_arg("batch", batch)?,
-        i32_arg("h", h)?,
-        i32_arg("w", w)?,
-        i32_arg("channels", c)?,
-    ];
+    let mut args = depthwise_args([x, weight, bias, y], batch, h, w, c)?;
     if let Some(k) = kernel_arg {
         args.push(i32_arg("kernel", k)?);
     }
@@ -441,16 +446,7 @@ pub fn depthwise_conv3_glu(
     let tiles = batch * h.div_ceil(geometry::DWG_ROWS) * w.div_ceil(geometry::DWG_COLS);
     let gx = grid_dim(what, tiles, i32::MAX as usize)?;
     let gy = grid_dim(what, c.div_ceil(geometry::DWG_CHANNELS), 65535)?;
-    let args = vec![
-        KArg::Ptr(x),
-        KArg::Ptr(weight),
-        KArg::Ptr(bias),
-        KArg::Ptr(y),
-        i32_arg("batch", batch)?,
-        i32_arg("h", h)?,
-        i32_arg("w", w)?,
-        i32_arg("channels", c)?,
-    ];
+    let args = depthwise_args([x, weight, bias, y], batch, h, w, c)?;
     Ok(Launch {
         kernel: format!("{prefix}depthwise_conv3_glu_{}", suffix(dtype)?),
         grid: (gx, gy, 1),
