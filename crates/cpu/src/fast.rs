@@ -790,9 +790,9 @@ pub fn silu_depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, 
     depthwise_conv_glu(&a, weight, bias, batch, h, w, c2, kernel, out)
 }
 
-/// [`ops::mixffn_inverted_glu`]: the GEMM into one scratch buffer, the SiLU in place on it, then
-/// [`depthwise_conv_glu`]: one 2H-wide f32 buffer outside the memory plan, as the two-op graph
-/// held next to its planned GEMM output (the SiLU copy of [`silu_depthwise_conv_glu`]).
+/// [`ops::mixffn_inverted_glu`]: the GEMM into a scratch buffer, then [`silu_depthwise_conv_glu`]
+/// (which holds the SiLU's copy): the 2H-wide f32 buffers outside the memory plan that the two-op
+/// graph held next to its planned GEMM output.
 #[allow(clippy::too_many_arguments)]
 pub fn mixffn_inverted_glu(
     x: &[f32],
@@ -809,8 +809,9 @@ pub fn mixffn_inverted_glu(
 ) {
     let mut inverted = vec![0f32; batch * h * w * c2];
     linear(x, weight, bias, batch * h * w, k, c2, &mut inverted);
-    inverted.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = ops::silu(*v)));
-    depthwise_conv_glu(&inverted, dw_weight, dw_bias, batch, h, w, c2, 3, out)
+    // The same fast SiLU as the two-op graph's `silu_depthwise_conv_glu` (exp_f32): a MixFFN node
+    // and its two-op form give the same bits, whichever a graph holds.
+    silu_depthwise_conv_glu(&inverted, dw_weight, dw_bias, batch, h, w, c2, 3, out)
 }
 
 /// [`ops::linear_residual`]: [`linear`], then the residual added across threads.
