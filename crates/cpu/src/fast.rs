@@ -600,7 +600,7 @@ pub fn mixffn_inverted_glu(
 ) {
     let mut inverted = vec![0f32; batch * h * w * c2];
     linear(x, weight, bias, batch * h * w, k, c2, &mut inverted);
-    // The same fast SiLU as the two-op graph's `silu_depthwise_conv_glu` : a MixFFN node
+    // The same fast SiLU as the two-op graph's `silu_depthwise_conv_glu`: a MixFFN node
     // and its two-op form give the same bits, whichever a graph holds.
     silu_depthwise_conv_glu(&inverted, dw_weight, dw_bias, batch, h, w, c2, 3, out)
 }

@@ -443,7 +443,10 @@ pub fn depthwise_conv3_glu(
     if kernel != 3 {
         return Err(invalid(what, format!("kernel {kernel}: the fused CUDA depthwise conv + GLU is 3x3 only (GLUMBConv's)")));
     }
-    let tiles = batch * h.div_ceil(geometry::DWG_ROWS) * w.div_ceil(geometry::DWG_COLS);
+    let tiles = batch
+        .checked_mul(h.div_ceil(geometry::DWG_ROWS))
+        .and_then(|t| t.checked_mul(w.div_ceil(geometry::DWG_COLS)))
+        .ok_or_else(|| invalid(what, format!("{batch} images of {h}x{w}: the tile count overflows")))?;
     let gx = grid_dim(what, tiles, i32::MAX as usize)?;
     let gy = grid_dim(what, c.div_ceil(geometry::DWG_CHANNELS), 65535)?;
     let args = depthwise_args([x, weight, bias, y], batch, h, w, c)?;
