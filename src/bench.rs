@@ -1,7 +1,7 @@
 //! `openuni bench`: the real-size variants (or the tiny one) with seeded random weights, no
 //! download needed. For each batch size: per-stage times (conditioning, caption path, one
 //! denoising step, decode), the end-to-end time of a whole batch and images/s, planned activation
-//! memory; with `--profile`, a per-op profile of the step and decode graphs with achieved FLOP/s
+//! memory; with `--profile`, a per-op profile of the conditioning, step and decode graphs with achieved FLOP/s
 //! and bytes/s against ceilings measured in the same run (a large GEMM, a large elementwise add).
 //! Printed as a table and written as JSON.
 //!
@@ -407,7 +407,12 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         let step_ms = time("step", &[2 * n, c, lh, lw])?;
         let decode_ms = time("decoder", &[n, c, lh, lw])?;
         if o.profile {
-            progress("profile of the step and decode graphs");
+            progress("profile of the conditioning, step and decode graphs");
+            let p = model.with_conditioning_executor(&pairs, run, |e| {
+                let ms = e.profile(o.iters)?;
+                Ok(profile_graph(&format!("conditioning batch {n}"), e.graph(), &ms, esize, ceilings.as_ref()))
+            })?;
+            profile.extend(p);
             for (label, dims) in [("step", vec![2 * n, c, lh, lw]), ("decoder", vec![n, c, lh, lw])] {
                 let p = model.resident_executor(label, &dims, run, |e| {
                     let ms = e.profile(o.iters)?;

@@ -58,7 +58,7 @@ enum Command {
         /// --device emu 1].
         #[arg(long, value_parser = usize_in(limits::ITERS.0, limits::ITERS.1))]
         iters: Option<usize>,
-        /// Also profile every op of the step and decode graphs.
+        /// Also profile every op of the conditioning, step and decode graphs.
         #[arg(long)]
         profile: bool,
         /// Write the report as JSON to this file.

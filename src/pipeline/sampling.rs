@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use openuni_graph::{Graph, GraphBuilder};
 use openuni_tensor::{DType, HostTensor, Shape};
 
-use crate::exec::{Device, TensorHandle};
+use crate::exec::{Device, GraphExecutor, TensorHandle};
 
 use super::resident::Stage;
 use super::{Conditioning, GenerationBatch, OpenUni, PendingConditioning, RunOptions, SamplingParams, StepRecord};
@@ -74,6 +74,17 @@ impl OpenUni {
             e.execute()
         })?;
         Ok(PendingConditioning { segments, run, n })
+    }
+
+    /// Runs `f` on a new conditioning executor of `prompts` with its input ids set, not yet run
+    /// (`openuni bench --profile` times its nodes).
+    pub fn with_conditioning_executor<R>(&self, prompts: &[(&[u32], &[u32])], run: RunOptions, f: impl FnOnce(&mut dyn GraphExecutor) -> Result<R>) -> Result<R> {
+        let segments = segments(prompts, self.num_queries);
+        let total: usize = segments.iter().sum();
+        let ids = self.head().input_ids(prompts)?;
+        let mut exec = self.new_executor(Stage::Conditioning, &self.conditioning_graph(&segments)?, run)?;
+        exec.set_inputs(&HashMap::from([(head::INPUT_IDS.to_string(), HostTensor::from_f32([1, total], ids)?)]))?;
+        f(exec.as_mut())
     }
 
     /// Waits for a conditioning started by [`start_conditioning`](Self::start_conditioning).

@@ -321,10 +321,10 @@ impl CpuExecutor {
             }
             Op::Chunk { x, index } => {
                 let d = g.shape(*x).dims();
-                ops::chunk(view.get(*x), d[0], d[1], d[2], *index, y)
+                (if fast { fast::chunk } else { ops::chunk })(view.get(*x), d[0], d[1], d[2], *index, y)
             }
             Op::TimestepEmbedding { t, dim } => ops::timestep_embedding(view.get(*t), *dim, y),
-            Op::Transpose { x, batch, rows, cols } => ops::transpose(view.get(*x), *batch, *rows, *cols, y),
+            Op::Transpose { x, batch, rows, cols } => (if fast { fast::transpose } else { ops::transpose })(view.get(*x), *batch, *rows, *cols, y),
             Op::DepthwiseConv2d { x, weight, bias, h, w, kernel } => {
                 let b = out_shape.dims()[0];
                 (if fast { fast::depthwise_conv2d } else { ops::depthwise_conv2d })(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cols, *kernel, y)
@@ -384,7 +384,7 @@ impl CpuExecutor {
                 let (b, cin) = (out_shape.dims()[0], g.shape(*x).last());
                 (if fast { fast::upsample_conv2d } else { ops::upsample_conv2d })(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, cin, cols, *shortcut, y)
             }
-            Op::RepeatChannels { x, repeats } => ops::repeat_channels(view.get(*x), g.shape(*x).last(), *repeats, y),
+            Op::RepeatChannels { x, repeats } => (if fast { fast::repeat_channels } else { ops::repeat_channels })(view.get(*x), g.shape(*x).last(), *repeats, y),
             Op::GatherTokens { x, starts, len } => {
                 let (t, c) = (g.shape(*x).dims()[1], g.shape(*x).last());
                 for (i, &s) in starts.iter().enumerate() {
@@ -397,12 +397,12 @@ impl CpuExecutor {
             }
             Op::SliceTokens { x, start, len } => {
                 let d = g.shape(*x).dims();
-                ops::slice_tokens(view.get(*x), d[0], d[1], d[2], *start, *len, y)
+                (if fast { fast::slice_tokens } else { ops::slice_tokens })(view.get(*x), d[0], d[1], d[2], *start, *len, y)
             }
             Op::Concat { xs } => {
                 let parts: Vec<&[f32]> = xs.iter().map(|&x| view.get(x)).collect();
                 let widths: Vec<usize> = xs.iter().map(|&x| g.shape(x).last()).collect();
-                ops::concat(&parts, &widths, y)
+                (if fast { fast::concat } else { ops::concat })(&parts, &widths, y)
             }
             Op::GroupedLinear { x, weight, groups } => {
                 (if fast { fast::grouped_linear } else { ops::grouped_linear })(view.get(*x), view.get(*weight), g.shape(*x).last(), cols, *groups, y)
@@ -413,7 +413,7 @@ impl CpuExecutor {
                 let (qv, kv, vv, pv) = (view.get(*q), view.get(*k_cache), view.get(*v_cache), view.get(*positions));
                 ops::decode_attention(qv, kv, vv, pv, d, *scale, *rope, y)
             }
-            Op::EmbeddingGather { ids, table, extra } => ops::embedding_gather(view.get(*ids), view.get(*table), extra.map(|e| view.get(e)), cols, y),
+            Op::EmbeddingGather { ids, table, extra } => (if fast { fast::embedding_gather } else { ops::embedding_gather })(view.get(*ids), view.get(*table), extra.map(|e| view.get(e)), cols, y),
             Op::QuantizeU8 { x } => {
                 let d = g.shape(*x).dims();
                 ops::quantize_image_u8(view.get(*x), d[0], d[2] * d[3], y)

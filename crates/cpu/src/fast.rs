@@ -13,6 +13,72 @@ use openuni_graph::UnaryFn;
 /// Elements per parallel task of the elementwise ops: big enough to amortise a task.
 const ELEMS_PER_TASK: usize = 1 << 14;
 
+/// Defines `fn $name` that runs its body compiled for AVX2 (8 floats a vector) when the CPU has
+/// it, else as built (baseline x86-64: SSE2, 4 floats). For the hot loops LLVM vectorises by
+/// itself: the same operations in the same order either way (no FMA), so the results are
+/// bit-identical; only the vector width changes.
+macro_rules! with_avx2 {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+with_avx2! {
+    /// `y = silu(x)` on one block.
+    fn silu_block(x: &[f32], y: &mut [f32]) {
+        y.iter_mut().zip(x).for_each(|(y, &v)| *y = silu(v));
+    }
+}
+
+with_avx2! {
+    /// `v = silu(v)` on one block.
+    fn silu_in_place(v: &mut [f32]) {
+        v.iter_mut().for_each(|v| *v = silu(*v));
+    }
+}
+
+with_avx2! {
+    /// `y = gelu_tanh(x)` on one block.
+    fn gelu_tanh_block(x: &[f32], y: &mut [f32]) {
+        y.iter_mut().zip(x).for_each(|(y, &v)| *y = gelu_tanh(v));
+    }
+}
+
+with_avx2! {
+    /// `y = silu(g) · u` on one block.
+    fn swiglu_block(g: &[f32], u: &[f32], y: &mut [f32]) {
+        y.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = silu(g) * u);
+    }
+}
+
+with_avx2! {
+    /// The GLU of one row of depthwise results `acc` (pixels × 2H: u then g) into `o` (pixels × H).
+    fn glu_row(acc: &[f32], hh: usize, o: &mut [f32]) {
+        for (oy, a) in o.chunks_exact_mut(hh).zip(acc.chunks_exact(2 * hh)) {
+            let (u, g) = a.split_at(hh);
+            oy.iter_mut().zip(u.iter().zip(g)).for_each(|(y, (&u, &g))| *y = u * silu(g));
+        }
+    }
+}
+
 /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias)` on every thread.
 pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize, out: &mut [f32]) {
     if let Some(b) = bias {
@@ -76,9 +142,56 @@ pub fn layernorm(x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, eps: f32, cols
     });
 }
 
-/// [`ops::unary`] across threads.
+/// `e^x` in f32 written so that a loop over it vectorises (the libm `expf` call does not):
+/// Cephes' `expf`, x = n·ln 2 + r with |r| <= ln 2 / 2 (Cody-Waite split of ln 2), a degree-6
+/// polynomial in r, then times 2^n as two normal powers of two 2^⌊n/2⌋·2^(n-⌊n/2⌋), so that the
+/// result underflows to subnormals and 0 and overflows to +inf where f32's `exp` does. Relative
+/// error about 2e-7 in the normal range. NaN stays NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    // 1.5·2^23: adding it rounds to an integer held in the low mantissa bits (no `round` call).
+    const ROUND: f32 = 12_582_912.0;
+    // e^-104 rounds to 0, e^89 is +inf: outside, the result no longer changes.
+    let x = x.clamp(-104.0, 89.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // ln 2 = 0.693359375 (the f32 of 0.6933594; few mantissa bits, so n·hi is exact) - 2.1219444e-4.
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let (n1, n2) = (n >> 1, n - (n >> 1));
+    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    y * pow2(n1) * pow2(n2)
+}
+
+/// [`ops::silu`] on [`exp_f32`].
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp_f32(-x))
+}
+
+/// [`ops::gelu_tanh`] in f32: `0.5·x·(1 + tanh(u)) = x·sigmoid(2u)` with `u = √(2/π)·(x + 0.044715·x³)`,
+/// the logistic form on [`exp_f32`] (the twin takes an f64 `tanh`).
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const TWO_K: f32 = 2.0 * 0.797_884_6; // 2·√(2/π)
+    x / (1.0 + exp_f32(-TWO_K * (x + 0.044_715 * x * x * x)))
+}
+
+/// [`ops::unary`] across threads; SiLU and tanh-GELU on [`exp_f32`] (vectorised), the erf-GELU
+/// and ReLU as the twin.
 pub fn unary(f: UnaryFn, x: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(ELEMS_PER_TASK).zip(x.par_chunks(ELEMS_PER_TASK)).for_each(|(y, x)| ops::unary(f, x, y));
+    out.par_chunks_mut(ELEMS_PER_TASK).zip(x.par_chunks(ELEMS_PER_TASK)).for_each(|(y, x)| match f {
+        UnaryFn::Silu => silu_block(x, y),
+        UnaryFn::GeluTanh => gelu_tanh_block(x, y),
+        UnaryFn::GeluErf | UnaryFn::Relu => ops::unary(f, x, y),
+    });
 }
 
 /// [`ops::add`] across threads.
@@ -88,11 +201,11 @@ pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
         .for_each(|(y, (a, b))| ops::add(a, b, y));
 }
 
-/// [`ops::swiglu`] across threads.
+/// [`ops::swiglu`] across threads, SiLU on [`exp_f32`].
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(ELEMS_PER_TASK)
         .zip(gate.par_chunks(ELEMS_PER_TASK).zip(up.par_chunks(ELEMS_PER_TASK)))
-        .for_each(|(y, (g, u))| ops::swiglu(g, u, y));
+        .for_each(|(y, (g, u))| swiglu_block(g, u, y));
 }
 
 /// [`ops::gated_add`] across threads, row by row.
@@ -104,6 +217,17 @@ pub fn gated_add(x: &[f32], gate: &[f32], y: &[f32], tokens: usize, cols: usize,
             o[j] = xr[j] + g[j] * yr[j];
         }
     });
+}
+
+with_avx2! {
+    /// `row[j] = e^(row[j] - m)` for the `lim` visible keys ([`exp_f32`], vectorised), 0 for the rest;
+    /// returns their sum (summed in key order).
+    fn softmax_exp_row(row: &mut [f32], lim: usize, m: f32) -> f32 {
+        for (j, sj) in row.iter_mut().enumerate() {
+            *sj = if j < lim { exp_f32(*sj - m) } else { 0.0 };
+        }
+        row.iter().sum()
+    }
 }
 
 /// Softmax attention as flash-attention does it: per (sample, block of `Q_BLOCK` queries, head),
@@ -148,11 +272,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: A
                             m = m.max(*sj);
                         }
                         let m_new = max[i].max(m);
-                        let mut block_sum = 0.0;
-                        for (j, sj) in row.iter_mut().enumerate() {
-                            *sj = if j < lim { (*sj - m_new).exp() } else { 0.0 };
-                            block_sum += *sj;
-                        }
+                        let block_sum = softmax_exp_row(row, lim, m_new);
                         if m_new > max[i] {
                             let corr = (max[i] - m_new).exp();
                             sum[i] *= corr;
@@ -286,29 +406,56 @@ pub fn multiscale_linear_attention(scales: &[&[f32]], widths: &[usize], batch: u
     }
 }
 
-/// Depthwise k×k of one image row into `acc` (w pixels × c channels, f32), with the weights
-/// transposed to tap-major `wt[tap][c]` so the inner loop runs along contiguous channels.
-#[allow(clippy::too_many_arguments)]
-fn depthwise_row(x: &[f32], wt: &[f32], bias: Option<&[f32]>, b: usize, y: usize, h: usize, w: usize, c: usize, kernel: usize, acc: &mut [f32]) {
-    let p = kernel / 2;
-    for (xx, a) in acc.chunks_exact_mut(c).enumerate() {
-        match bias {
-            Some(bb) => a.copy_from_slice(bb),
-            None => a.fill(0.0),
-        }
-        for dy in 0..kernel {
-            let Some(sy) = (y + dy).checked_sub(p).filter(|&s| s < h) else { continue };
-            for dx in 0..kernel {
-                let Some(sx) = (xx + dx).checked_sub(p).filter(|&s| s < w) else { continue };
-                let src = &x[((b * h + sy) * w + sx) * c..][..c];
-                let wk = &wt[(dy * kernel + dx) * c..][..c];
-                for ((a, &s), &wv) in a.iter_mut().zip(src).zip(wk) {
+with_avx2! {
+    /// Depthwise k×k of one image row into `acc` (w pixels × c channels, f32), with the weights
+    /// transposed to tap-major `wt[tap][c]` so the inner loop runs along contiguous channels.
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise_row(x: &[f32], wt: &[f32], bias: Option<&[f32]>, b: usize, y: usize, h: usize, w: usize, c: usize, kernel: usize, acc: &mut [f32]) {
+        let p = kernel / 2;
+        // (input offset, weight offset) of each tap inside the image, per pixel.
+        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kernel * kernel);
+        for (xx, a) in acc.chunks_exact_mut(c).enumerate() {
+            taps.clear();
+            for dy in 0..kernel {
+                let Some(sy) = (y + dy).checked_sub(p).filter(|&s| s < h) else { continue };
+                for dx in 0..kernel {
+                    let Some(sx) = (xx + dx).checked_sub(p).filter(|&s| s < w) else { continue };
+                    taps.push((((b * h + sy) * w + sx) * c, (dy * kernel + dx) * c));
+                }
+            }
+            // DW_LANES channels at a time summed over every tap in registers (a whole-row pass per
+            // tap streamed the row's accumulators through the cache k² times); same order of sums.
+            let full = c - c % DW_LANES;
+            for c0 in (0..full).step_by(DW_LANES) {
+                let mut s: [f32; DW_LANES] = match bias {
+                    Some(bb) => bb[c0..c0 + DW_LANES].try_into().expect("DW_LANES channels"),
+                    None => [0.0; DW_LANES],
+                };
+                for &(xo, wo) in &taps {
+                    let src: &[f32; DW_LANES] = x[xo + c0..][..DW_LANES].try_into().expect("DW_LANES channels");
+                    let wk: &[f32; DW_LANES] = wt[wo + c0..][..DW_LANES].try_into().expect("DW_LANES channels");
+                    for i in 0..DW_LANES {
+                        s[i] += wk[i] * src[i];
+                    }
+                }
+                a[c0..c0 + DW_LANES].copy_from_slice(&s);
+            }
+            let tail = &mut a[full..];
+            match bias {
+                Some(bb) => tail.copy_from_slice(&bb[full..c]),
+                None => tail.fill(0.0),
+            }
+            for &(xo, wo) in &taps {
+                for ((a, &s), &wv) in tail.iter_mut().zip(&x[xo + full..xo + c]).zip(&wt[wo + full..wo + c]) {
                     *a += wv * s;
                 }
             }
         }
     }
 }
+
+/// Channels of one depthwise register block (8 SSE or 4 AVX2 vectors).
+const DW_LANES: usize = 32;
 
 /// `weight` [C, 1, k, k] -> tap-major [k·k, C].
 fn taps_major(weight: &[f32], c: usize, kernel: usize) -> Vec<f32> {
@@ -339,17 +486,20 @@ pub fn depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch
         || vec![0f32; w * c2],
         |acc, (r, o)| {
             depthwise_row(x, &wt, bias, r / h, r % h, h, w, c2, kernel, acc);
-            for (oy, a) in o.chunks_exact_mut(hh).zip(acc.chunks_exact(c2)) {
-                for (i, y) in oy.iter_mut().enumerate() {
-                    *y = a[i] * ops::silu(a[hh + i]);
-                }
-            }
+            glu_row(acc, hh, o);
         },
     );
 }
 
-/// Output pixels per im2col block: bounds each thread's scratch (as the twins' BLOCK).
+/// Output pixels per im2col block or [`conv_taps`] band: bounds each thread's scratch (as the
+/// twins' BLOCK).
 const CONV_BLOCK: usize = 1024;
+
+/// From this output width on, a tap-major conv runs as [`conv_taps`]: the padding columns it
+/// computes and drops cost (k-1)/width of the FLOPs. On the DC-AE decoder's 3×3 convs (512²×128,
+/// 256²×256, 128²×512 channels) it took 8-12 % less time than im2col + one GEMM, both threads
+/// (docs/cpu-performance.md).
+const CONV_TAPS_MIN_WIDTH: usize = 64;
 
 /// A k×k convolution on an `oh`×`ow` output grid as im2col blocks + GEMM, SiLU optionally
 /// applied to each block while it is in cache. `src(b, y, x)` gives the input pixel's channels read
@@ -378,6 +528,9 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight
         vec![]
     };
     let wmat = if tap_major { &permuted[..] } else { weight };
+    if tap_major && ow >= CONV_TAPS_MIN_WIDTH {
+        return conv_taps(src, wmat, bias, batch, oh, ow, cin, cout, kernel, silu, out);
+    }
     let fill = |b: usize, start: usize, cols: &mut [f32]| {
         for (pi, col) in cols.chunks_exact_mut(kk).enumerate() {
             let (y, xx) = ((start + pi) / ow, (start + pi) % ow);
@@ -401,7 +554,7 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight
         }
         gemm_into(n, cout, kk, o, 0, cout, bias.is_some(), View::new(cols, 0, kk, 1), View::new(wmat, 0, 1, kk), par);
         if silu && par == Threads::One {
-            o.iter_mut().for_each(|v| *v = ops::silu(*v));
+            silu_in_place(o);
         }
     };
     let blocks = batch * (oh * ow).div_ceil(block);
@@ -427,7 +580,63 @@ fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight
             }
         }
         if silu {
-            out.par_chunks_mut(ELEMS_PER_TASK).for_each(|c| c.iter_mut().for_each(|v| *v = ops::silu(*v)));
+            out.par_chunks_mut(ELEMS_PER_TASK).for_each(silu_in_place);
+        }
+    }
+}
+
+/// A k×k convolution (stride 1, zero padding k/2) as k² shifted GEMMs on bands of output rows,
+/// no im2col: per band, the input rows it reads are copied once into a zero-padded scratch
+/// ((rows + k - 1) × (ow + k - 1) pixels); on that padded grid the input pixels of tap (dy, dx)
+/// for consecutive outputs are consecutive rows (stride Cin), so each tap is one GEMM
+/// [band pixels, Cin] · [Cin, Cout] accumulated into a band result (the padding columns' rows are
+/// computed and dropped). `src(b, y, x)` and `wmat` (tap-major [Cout, k², Cin]) as in
+/// [`conv_blocks`].
+#[allow(clippy::too_many_arguments)]
+fn conv_taps<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, wmat: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
+    let (taps, p, pw) = (kernel * kernel, kernel / 2, ow + kernel - 1);
+    let band = (CONV_BLOCK / ow).clamp(1, oh);
+    let m = (band - 1) * pw + ow;
+    let run_band = |b: usize, y0: usize, o: &mut [f32], pad: &mut Vec<f32>, acc: &mut Vec<f32>, par: Threads| {
+        let rows = o.len() / (ow * cout);
+        pad.clear();
+        pad.resize((rows + kernel - 1) * pw * cin, 0.0);
+        for r in 0..rows + kernel - 1 {
+            let Some(sy) = (y0 + r).checked_sub(p).filter(|&s| s < oh) else { continue };
+            for x in 0..ow {
+                pad[(r * pw + x + p) * cin..][..cin].copy_from_slice(src(b, sy, x));
+            }
+        }
+        let m = (rows - 1) * pw + ow;
+        acc.resize(m * cout, 0.0);
+        if let Some(bb) = bias {
+            acc.chunks_exact_mut(cout).for_each(|r| r.copy_from_slice(bb));
+        }
+        for t in 0..taps {
+            let (dy, dx) = (t / kernel, t % kernel);
+            let a = View::new(pad, (dy * pw + dx) * cin, cin, 1);
+            gemm_into(m, cout, cin, acc, 0, cout, t > 0 || bias.is_some(), a, View::new(wmat, t * cin, 1, taps * cin), par);
+        }
+        for (r, orow) in o.chunks_exact_mut(ow * cout).enumerate() {
+            orow.copy_from_slice(&acc[r * pw * cout..][..ow * cout]);
+            if silu {
+                silu_in_place(orow);
+            }
+        }
+    };
+    let bands = batch * oh.div_ceil(band);
+    let out = &mut out[..batch * oh * ow * cout];
+    let scratch = || (Vec::with_capacity((band + kernel - 1) * pw * cin), Vec::with_capacity(m * cout));
+    if bands >= 2 * rayon::current_num_threads() {
+        out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(b, ob)| {
+            ob.par_chunks_mut(band * ow * cout).enumerate().for_each_init(scratch, |(pad, acc), (i, o)| run_band(b, i * band, o, pad, acc, Threads::One))
+        });
+    } else {
+        let (mut pad, mut acc) = scratch();
+        for (b, ob) in out.chunks_mut(oh * ow * cout).enumerate() {
+            for (i, o) in ob.chunks_mut(band * ow * cout).enumerate() {
+                run_band(b, i * band, o, &mut pad, &mut acc, Threads::All);
+            }
         }
     }
 }
@@ -614,4 +823,75 @@ pub fn linear_residual(x: &[f32], w: &[f32], bias: Option<&[f32]>, residual: &[f
             *o += r;
         }
     });
+}
+
+/// Rows per parallel task of the data-movement ops for rows of `width` elements.
+fn rows_per_task(width: usize) -> usize {
+    (ELEMS_PER_TASK / width.max(1)).max(1)
+}
+
+/// [`ops::transpose`] in tiles of 32×32 (both sides stay in cache); tasks of 32 output rows (input
+/// columns) of one sample across threads.
+pub fn transpose(x: &[f32], batch: usize, rows: usize, cols: usize, out: &mut [f32]) {
+    const TILE: usize = 32;
+    let n = rows * cols;
+    if n == 0 {
+        return;
+    }
+    out[..batch * n].par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yo, xi)| {
+        yo.par_chunks_mut(TILE * rows).enumerate().for_each(|(t, yb)| {
+            let c0 = t * TILE;
+            for r0 in (0..rows).step_by(TILE) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    let y = &mut yb[(c - c0) * rows..][..rows];
+                    for r in r0..(r0 + TILE).min(rows) {
+                        y[r] = xi[r * cols + c];
+                    }
+                }
+            }
+        })
+    });
+}
+
+/// [`ops::concat`], row blocks across threads.
+pub fn concat(xs: &[&[f32]], widths: &[usize], out: &mut [f32]) {
+    let total: usize = widths.iter().sum();
+    if total == 0 {
+        return;
+    }
+    let rows_per = rows_per_task(total);
+    out.par_chunks_mut(rows_per * total).enumerate().for_each(|(t, o)| {
+        let r0 = t * rows_per;
+        let rows = o.len() / total;
+        let parts: Vec<&[f32]> = xs.iter().zip(widths).map(|(x, &wd)| &x[r0 * wd..(r0 + rows) * wd]).collect();
+        ops::concat(&parts, widths, o);
+    });
+}
+
+/// [`ops::chunk`], samples across threads.
+pub fn chunk(x: &[f32], batch: usize, k: usize, c: usize, index: usize, out: &mut [f32]) {
+    if c == 0 {
+        return;
+    }
+    out[..batch * c].par_chunks_mut(c).enumerate().with_min_len(rows_per_task(c)).for_each(|(b, o)| o.copy_from_slice(&x[(b * k + index) * c..][..c]));
+}
+
+/// [`ops::repeat_channels`], row blocks across threads.
+pub fn repeat_channels(x: &[f32], cin: usize, repeats: usize, out: &mut [f32]) {
+    let (width, rows_per) = (cin * repeats, rows_per_task(cin * repeats));
+    if width == 0 {
+        return;
+    }
+    out.par_chunks_mut(rows_per * width).zip(x.par_chunks(rows_per * cin)).for_each(|(o, xi)| ops::repeat_channels(xi, cin, repeats, o));
+}
+
+/// [`ops::slice_tokens`], samples across threads.
+pub fn slice_tokens(x: &[f32], batch: usize, tokens: usize, c: usize, start: usize, len: usize, out: &mut [f32]) {
+    out[..batch * len * c].par_chunks_mut((len * c).max(1)).enumerate().for_each(|(b, o)| o.copy_from_slice(&x[(b * tokens + start) * c..][..len * c]));
+}
+
+/// [`ops::embedding_gather`], token blocks across threads.
+pub fn embedding_gather(ids: &[f32], table: &[f32], extra: Option<&[f32]>, d: usize, out: &mut [f32]) {
+    let per = rows_per_task(d);
+    out[..ids.len() * d].par_chunks_mut(per * d).zip(ids.par_chunks(per)).for_each(|(o, ids)| ops::embedding_gather(ids, table, extra, d, o));
 }

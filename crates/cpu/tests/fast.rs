@@ -72,7 +72,16 @@ fn elementwise_ops_match_twins() {
     let n = rows * cols;
     let (a, b, g) = (rand_vec(&mut r, n), rand_vec(&mut r, n), rand_vec(&mut r, rows / tokens * cols));
     let (mut f, mut p) = (vec![0.0; n], vec![0.0; n]);
-    for u in [UnaryFn::Silu, UnaryFn::GeluTanh, UnaryFn::GeluErf, UnaryFn::Relu] {
+    // SiLU and tanh-GELU on the vectorised exp: close; the others run the twin: exact.
+    let wide: Vec<f32> = a.iter().map(|v| v * 50.0).collect(); // into both tails of the activations
+    for u in [UnaryFn::Silu, UnaryFn::GeluTanh] {
+        for x in [&a, &wide] {
+            fast::unary(u, x, &mut f);
+            ops::unary(u, x, &mut p);
+            assert_close(&format!("{u:?}"), &f, &p, 1e-6);
+        }
+    }
+    for u in [UnaryFn::GeluErf, UnaryFn::Relu] {
         fast::unary(u, &a, &mut f);
         ops::unary(u, &a, &mut p);
         assert_eq!(f, p, "{u:?}");
@@ -82,7 +91,7 @@ fn elementwise_ops_match_twins() {
     assert_eq!(f, p, "add");
     fast::swiglu(&a, &b, &mut f);
     ops::swiglu(&a, &b, &mut p);
-    assert_eq!(f, p, "swiglu");
+    assert_close("swiglu", &f, &p, 1e-6);
     fast::gated_add(&a, &g, &b, tokens, cols, &mut f);
     ops::gated_add(&a, &g, &b, tokens, cols, &mut p);
     assert_eq!(f, p, "gated_add");
@@ -200,7 +209,8 @@ fn packed_linear_attention_key_norm_matches_unfused() {
 #[test]
 fn depthwise_convs_match_twins() {
     let mut r = rng(7);
-    for (b, h, w, c, kernel) in [(1, 1, 1, 2, 3), (2, 5, 7, 6, 3), (1, 9, 4, 34, 5), (1, 3, 2, 4, 1)] {
+    // 70 and 130 channels: whole 32-channel register blocks and a tail (GLU: 35 and 65 out).
+    for (b, h, w, c, kernel) in [(1, 1, 1, 2, 3), (2, 5, 7, 6, 3), (1, 9, 4, 34, 5), (1, 3, 2, 4, 1), (2, 4, 3, 70, 3), (1, 2, 5, 130, 3)] {
         let x = rand_vec(&mut r, b * h * w * c);
         let (wt, bias) = (rand_vec(&mut r, c * kernel * kernel), rand_vec(&mut r, c));
         for bi in [None, Some(&bias[..])] {
@@ -221,8 +231,10 @@ fn convs_match_twins() {
     let mut r = rng(8);
     // 2·37·29 = 2146 pixels: blocks of 1024 split mid-row, several blocks per image (the
     // block-parallel path); 5x3 is one small block (the GEMM-parallel path); 2x3 with 9 output
-    // channels keeps the weights' own layout (fewer pixels than channels).
-    for (b, h, w, cin, cout, kernel) in [(2, 37, 29, 5, 7, 3), (1, 5, 3, 11, 4, 3), (1, 4, 6, 3, 2, 1), (1, 40, 30, 2, 3, 5), (1, 2, 3, 3, 9, 3)] {
+    // channels keeps the weights' own layout (fewer pixels than channels). Widths from 64 on run
+    // the shifted-GEMM path (`conv_taps`): 2x37x67 in bands of 15 rows, the last one short (the
+    // band-parallel path), 1x3x70 one band (the GEMM-parallel path), 5x5 taps on 1x20x64.
+    for (b, h, w, cin, cout, kernel) in [(2, 37, 29, 5, 7, 3), (1, 5, 3, 11, 4, 3), (1, 4, 6, 3, 2, 1), (1, 40, 30, 2, 3, 5), (1, 2, 3, 3, 9, 3), (2, 37, 67, 6, 5, 3), (1, 3, 70, 4, 3, 3), (1, 20, 64, 3, 4, 5)] {
         let x = rand_vec(&mut r, b * h * w * cin);
         let (wt, bias) = (rand_vec(&mut r, cout * cin * kernel * kernel), rand_vec(&mut r, cout));
         for (bi, silu) in [(None, false), (Some(&bias[..]), true)] {
@@ -235,7 +247,7 @@ fn convs_match_twins() {
             assert_close(&format!("conv2d {b}x{h}x{w} {cin}->{cout} k{kernel}"), &f, &p, 1e-6);
         }
     }
-    for (b, h, w, cin, cout, shortcut) in [(2, 17, 19, 8, 4, true), (1, 3, 5, 6, 3, false), (1, 2, 1, 4, 8, true), (1, 1, 1, 4, 8, true)] {
+    for (b, h, w, cin, cout, shortcut) in [(2, 17, 19, 8, 4, true), (1, 3, 5, 6, 3, false), (1, 2, 1, 4, 8, true), (1, 1, 1, 4, 8, true), (2, 11, 33, 8, 4, true)] {
         let x = rand_vec(&mut r, b * h * w * cin);
         let (wt, bias) = (rand_vec(&mut r, cout * cin * 9), rand_vec(&mut r, cout));
         let (mut f, mut p) = (vec![0.0; b * 4 * h * w * cout], vec![0.0; b * 4 * h * w * cout]);
@@ -334,14 +346,16 @@ fn dit_fusions_match_twins() {
         ops::ada_gated_add(&x, &t, &table, d, k - 1, &y, &mut p);
         assert_close(&format!("ada_gated_add {b}x{n}x{c} k{k}"), &f, &p, 1e-6);
     }
-    let (b, h, w, c2) = (2, 5, 7, 6);
-    let x = rand_vec(&mut r, b * h * w * c2);
+    for (b, h, w, c2, k) in [(2, 5, 7, 6, 3), (1, 9, 4, 70, 3), (1, 1, 3, 4, 3), (2, 10, 3, 6, 5)] {
+        let x = rand_vec(&mut r, b * h * w * c2);
+        let (wt, bias) = (rand_vec(&mut r, c2 * k * k), rand_vec(&mut r, c2));
+        let (mut f, mut p) = (vec![0.0; x.len() / 2], vec![0.0; x.len() / 2]);
+        fast::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, k, &mut f);
+        ops::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, k, &mut p);
+        assert_close(&format!("silu_depthwise_conv_glu {b}x{h}x{w}x{c2} k{k}"), &f, &p, 1e-6);
+    }
+    let (b, h, w, c2, k) = (2, 5, 7, 6, 10);
     let (wt, bias) = (rand_vec(&mut r, c2 * 9), rand_vec(&mut r, c2));
-    let (mut f, mut p) = (vec![0.0; x.len() / 2], vec![0.0; x.len() / 2]);
-    fast::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, 3, &mut f);
-    ops::silu_depthwise_conv_glu(&x, &wt, Some(&bias), b, h, w, c2, 3, &mut p);
-    assert_close("silu_depthwise_conv_glu", &f, &p, 1e-6);
-    let k = 10;
     let (x, wi, bi) = (rand_vec(&mut r, b * h * w * k), rand_vec(&mut r, c2 * k), rand_vec(&mut r, c2));
     let (mut f, mut p) = (vec![0.0; b * h * w * c2 / 2], vec![0.0; b * h * w * c2 / 2]);
     fast::mixffn_inverted_glu(&x, &wi, Some(&bi), &wt, Some(&bias), b, h, w, k, c2, &mut f);
@@ -353,4 +367,85 @@ fn dit_fusions_match_twins() {
     fast::linear_residual(&x, &wt, Some(&bias), &res, rows, kk, nn, &mut f);
     ops::linear_residual(&x, &wt, Some(&bias), &res, rows, kk, nn, &mut p);
     assert_close("linear_residual", &f, &p, 1e-5);
+}
+
+/// The vectorisable `exp_f32` against f64's `exp` over f32's normal range, into the
+/// subnormals, past both ends, and on NaN; the activations on it at extreme inputs.
+#[test]
+fn exp_f32_matches_f64_exp() {
+    let mut worst = 0f64;
+    for i in 0..=200_000 {
+        let x = -87.0 + 175.7 * i as f32 / 200_000.0;
+        let want = (x as f64).exp();
+        worst = worst.max(((fast::exp_f32(x) as f64 - want) / want).abs());
+    }
+    assert!(worst < 4e-7, "exp_f32: worst relative error {worst:.2e}");
+    for x in [-87.5f32, -95.0, -100.0, -103.5] {
+        let (got, want) = (fast::exp_f32(x) as f64, (x as f64).exp());
+        assert!((got - want).abs() <= 2e-45 + 1e-6 * want, "exp_f32({x}) = {got:e}, want {want:e} (a subnormal)");
+    }
+    assert!(fast::exp_f32(f32::NAN).is_nan());
+    assert_eq!(fast::exp_f32(-1e30), 0.0);
+    assert_eq!(fast::exp_f32(89.0), f32::INFINITY);
+    assert_eq!(fast::exp_f32(1e30), f32::INFINITY);
+    assert_eq!(fast::silu(-1e30), ops::silu(-1e30));
+    assert_eq!(fast::silu(1e30), ops::silu(1e30));
+    assert_eq!(fast::gelu_tanh(-1e4), ops::gelu_tanh(-1e4));
+    assert_eq!(fast::gelu_tanh(1e4), ops::gelu_tanh(1e4));
+}
+
+/// The data-movement ops split across threads: exactly their twins, on shapes with partial tiles
+/// and tasks.
+#[test]
+fn data_movement_ops_match_twins() {
+    let mut r = rng(12);
+    for (batch, rows, cols) in [(1, 1, 1), (2, 33, 65), (3, 700, 31), (1, 5, 4000)] {
+        let x = rand_vec(&mut r, batch * rows * cols);
+        let (mut f, mut p) = (vec![9.0; x.len()], vec![0.0; x.len()]);
+        fast::transpose(&x, batch, rows, cols, &mut f);
+        ops::transpose(&x, batch, rows, cols, &mut p);
+        assert_eq!(f, p, "transpose {batch}x{rows}x{cols}");
+    }
+    let widths = [3usize, 1, 130];
+    let rows = 401; // 134 columns: 122 rows per task, the last task partial
+    let parts: Vec<Vec<f32>> = widths.iter().map(|&w| rand_vec(&mut r, rows * w)).collect();
+    let refs: Vec<&[f32]> = parts.iter().map(|v| &v[..]).collect();
+    let total: usize = widths.iter().sum();
+    let (mut f, mut p) = (vec![9.0; rows * total], vec![0.0; rows * total]);
+    fast::concat(&refs, &widths, &mut f);
+    ops::concat(&refs, &widths, &mut p);
+    assert_eq!(f, p, "concat");
+    let (batch, k, c) = (37, 6, 23);
+    let x = rand_vec(&mut r, batch * k * c);
+    for index in [0, 5] {
+        let (mut f, mut p) = (vec![9.0; batch * c], vec![0.0; batch * c]);
+        fast::chunk(&x, batch, k, c, index, &mut f);
+        ops::chunk(&x, batch, k, c, index, &mut p);
+        assert_eq!(f, p, "chunk {index}");
+    }
+    let (rows, cin, repeats) = (1001, 3, 7);
+    let x = rand_vec(&mut r, rows * cin);
+    let (mut f, mut p) = (vec![9.0; rows * cin * repeats], vec![0.0; rows * cin * repeats]);
+    fast::repeat_channels(&x, cin, repeats, &mut f);
+    ops::repeat_channels(&x, cin, repeats, &mut p);
+    assert_eq!(f, p, "repeat_channels");
+    let (batch, tokens, c, start, len) = (3, 50, 17, 4, 29);
+    let x = rand_vec(&mut r, batch * tokens * c);
+    let (mut f, mut p) = (vec![9.0; batch * len * c], vec![0.0; batch * len * c]);
+    fast::slice_tokens(&x, batch, tokens, c, start, len, &mut f);
+    ops::slice_tokens(&x, batch, tokens, c, start, len, &mut p);
+    assert_eq!(f, p, "slice_tokens");
+    // ids past the table read `extra`; out of range and fractional ids give NaN rows.
+    let (v, e, d) = (50, 4, 9);
+    let (table, extra) = (rand_vec(&mut r, v * d), rand_vec(&mut r, e * d));
+    let ids: Vec<f32> = (0..3000).map(|i| match i % 101 {
+        0 => 54.0,
+        1 => 2.5,
+        _ => ((i * 7) % (v + e)) as f32,
+    }).collect();
+    let (mut f, mut p) = (vec![9.0; ids.len() * d], vec![0.0; ids.len() * d]);
+    fast::embedding_gather(&ids, &table, Some(&extra), d, &mut f);
+    ops::embedding_gather(&ids, &table, Some(&extra), d, &mut p);
+    assert!(f.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()), "embedding_gather");
+    assert!(f.iter().any(|v| v.is_nan()), "the bad ids gave NaN rows");
 }
