@@ -218,3 +218,75 @@ fn out_of_memory_names_a_batch_that_fits() {
     let (code, err) = generate(&fits.to_string());
     assert_eq!(code, Some(0), "the advised --batch {fits} failed too: {err}");
 }
+
+/// An image's denoising on the CPU does not depend on the batch it is in, bit for bit: the same
+/// prompt embeddings and noise give the same latents alone and as the second image of two. (The
+/// sgemm libraries change kernels with the row count; the executor runs each image's rows as their
+/// own GEMM for this.) Sizes from the tiny 4×6 latents, where OpenBLAS's small-matrix kernels
+/// decide, to 32×32.
+#[test]
+fn an_images_latents_do_not_depend_on_its_batch_on_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let run = RunOptions { device: Device::Cpu, dtype: DType::F32 };
+    let ps = prompts();
+    let pairs: Vec<(&[u32], &[u32])> = ps[..2].iter().map(|(c, u)| (&c[..], &u[..])).collect();
+    let c = m.transformer_cfg.in_channels;
+    let embeds = m.condition_batch(&pairs, run).unwrap().prompt_embeds;
+    // Rows [uncond_0, uncond_1, cond_0, cond_1]; image 1 alone: [uncond_1, cond_1].
+    let pe = embeds.to_f32_vec();
+    let per = pe.len() / 4;
+    let single: Vec<f32> = pe[per..2 * per].iter().chain(&pe[3 * per..]).copied().collect();
+    let mut dims = embeds.shape.dims().to_vec();
+    dims[0] = 2;
+    let single = HostTensor::from_f32(dims, single).unwrap();
+    for (h, w) in [(4, 6), (8, 8), (32, 32)] {
+        let z: Vec<f32> = [7u64, 8].iter().flat_map(|&s| noise(s, c, h, w).to_f32_vec()).collect();
+        let both = m.denoise(&embeds, &HostTensor::from_f32([2, c, h, w], z).unwrap(), 2, 4.5, SamplerKind::DpmSolver, 3.0, run, |_| {}).unwrap().to_f32_vec();
+        let alone = m.denoise(&single, &noise(8, c, h, w), 2, 4.5, SamplerKind::DpmSolver, 3.0, run, |_| {}).unwrap().to_f32_vec();
+        let differing = alone.iter().zip(&both[alone.len()..]).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differing, 0, "{h}x{w} latents: {differing} of {} values differ between the image alone and in a batch of two", alone.len());
+    }
+}
+
+/// [`rows_leave_a_running_batch`] with two images of 4×6 latents (OpenBLAS's small-matrix sizes):
+/// the image that stays after the other leaves (after step 1, 2 or 3 of 4) keeps the bits it has
+/// when nobody leaves.
+#[test]
+fn an_image_staying_in_a_batch_of_two_keeps_its_bits_on_cpu() {
+    use openuni::pipeline::{DecodeOptions, GenerationBatch, SamplingParams};
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let run = RunOptions { device: Device::Cpu, dtype: DType::F32 };
+    let c = m.transformer_cfg.in_channels;
+    let (h, w) = (4, 6);
+    let z = (0..2).flat_map(|i| noise(7 + i as u64, c, h, w).to_f32_vec()).collect();
+    let batches = vec![GenerationBatch { prompts: prompts()[..2].to_vec(), noise: HostTensor::from_f32([2, c, h, w], z).unwrap() }];
+    let params = SamplingParams { steps: 4, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode: DecodeOptions::default() };
+    let mut full = vec![];
+    m.generate_batches(&batches, &params, run, |_| {}, |_, img| {
+        full.push(img.to_f32_vec());
+        Ok(())
+    })
+    .unwrap();
+    let per = full[0].len() / 2;
+    for leave_after in 1..=3 {
+        let asked = std::rc::Rc::new(std::cell::Cell::new(0));
+        let counter = asked.clone();
+        m.set_stop_check(Some(Box::new(move |_| {
+            counter.set(counter.get() + 1);
+            vec![counter.get() <= leave_after, true]
+        })));
+        let mut got = vec![];
+        m.generate_batches_rows(&batches, &params, run, |_| {}, |_, img, rows| {
+            got.push((rows.to_vec(), img.to_f32_vec()));
+            Ok(())
+        }, |_| {})
+        .unwrap();
+        m.set_stop_check(None);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, vec![1], "image 0 did not leave");
+        let differing = got[0].1.iter().zip(&full[0][per..]).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differing, 0, "leaving after step {leave_after}: {differing} of {per} image values differ");
+    }
+}

@@ -259,7 +259,10 @@ impl CpuExecutor {
                 let k = g.shape(*x).last();
                 let b = bias.map(|b| view.get(b));
                 let f = if fast { fast::linear } else { ops::linear };
-                f(view.get(*x), view.get(*w), b, out_shape.rows(), k, cols, y);
+                let wv = view.get(*w);
+                for (xi, yi) in per_image(g, &out_shape, view.get(*x), k, y) {
+                    f(xi, wv, b, yi.len() / cols, k, cols, yi);
+                }
             }
             Op::RmsNorm { x, weight, bias, eps } => {
                 let f = if fast { fast::rmsnorm } else { ops::rmsnorm };
@@ -347,7 +350,11 @@ impl CpuExecutor {
             Op::LinearResidual { x, w, bias, residual } => {
                 let k = g.shape(*x).last();
                 let f = if fast { fast::linear_residual } else { ops::linear_residual };
-                f(view.get(*x), view.get(*w), bias.map(|b| view.get(b)), view.get(*residual), out_shape.rows(), k, cols, y);
+                let (wv, bv, rv) = (view.get(*w), bias.map(|b| view.get(b)), view.get(*residual));
+                let per = out_shape.numel() / image_count(g, &out_shape);
+                for (i, (xi, yi)) in per_image(g, &out_shape, view.get(*x), k, y).enumerate() {
+                    f(xi, wv, bv, &rv[i * per..(i + 1) * per], yi.len() / cols, k, cols, yi);
+                }
             }
             Op::AdaLayerNorm { x, t, table, scale, shift, eps } => {
                 let d = ada_dims(&out_shape, g.shape(*table));
@@ -405,7 +412,10 @@ impl CpuExecutor {
                 (if fast { fast::concat } else { ops::concat })(&parts, &widths, y)
             }
             Op::GroupedLinear { x, weight, groups } => {
-                (if fast { fast::grouped_linear } else { ops::grouped_linear })(view.get(*x), view.get(*weight), g.shape(*x).last(), cols, *groups, y)
+                let (f, cin, wv) = (if fast { fast::grouped_linear } else { ops::grouped_linear }, g.shape(*x).last(), view.get(*weight));
+                for (xi, yi) in per_image(g, &out_shape, view.get(*x), cin, y) {
+                    f(xi, wv, cin, cols, *groups, yi);
+                }
             }
             Op::DecodeAttention { q, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale, rope } => {
                 let c = g.shape(*k_cache).dims();
@@ -449,6 +459,25 @@ impl CpuExecutor {
 }
 
 /// The shapes of a fused adaLN op on [B, N, C] with a [k, C] table.
+/// How many pieces a row-wise GEMM op of output `shape` runs in: one per image (the leading
+/// dimension) in a [`batch_invariant`](openuni_graph::Graph::batch_invariant) graph, else 1.
+fn image_count(g: &openuni_graph::Graph, shape: &openuni_tensor::Shape) -> usize {
+    match shape.dims() {
+        [b, _, ..] if g.batch_invariant && *b > 0 => *b,
+        _ => 1,
+    }
+}
+
+/// A row-wise GEMM op's input (`k` values a row) and output cut into [`image_count`] pieces, each
+/// its own sgemm call. sgemm libraries pick kernels and blocking by the row count (OpenBLAS's
+/// small-matrix kernels, the gemm crate's blocking), so one call over the whole batch lets an
+/// image's values depend on how many images share it; per image they do not. Each call is still
+/// split across threads.
+fn per_image<'a, 'b>(g: &openuni_graph::Graph, out: &openuni_tensor::Shape, x: &'a [f32], k: usize, y: &'b mut [f32]) -> impl Iterator<Item = (&'a [f32], &'b mut [f32])> {
+    let rows = out.rows() / image_count(g, out);
+    x[..out.rows() * k].chunks((rows * k).max(1)).zip(y.chunks_mut((rows * out.last()).max(1)))
+}
+
 fn ada_dims(out: &openuni_tensor::Shape, table: &openuni_tensor::Shape) -> ops::AdaDims {
     let d = out.dims();
     ops::AdaDims { batch: d[0], tokens: d[1], cols: d[2], k: table.dims()[0] }

@@ -70,6 +70,11 @@ pub struct Graph {
     pub values: Vec<Value>,
     pub nodes: Vec<Node>,
     pub outputs: Vec<(String, ValueId)>,
+    /// Every image of the batch (the leading dimension of the activations) gets the same
+    /// arithmetic whatever the batch size: an executor that would pick kernels by row count runs
+    /// each image's rows on their own (the CPU executor's GEMMs). Set by the DiT's step and caption
+    /// graphs, so that an image staying in a batch others leave keeps its bits (`openuni serve`).
+    pub batch_invariant: bool,
 }
 
 impl Graph {
@@ -217,6 +222,11 @@ impl GraphBuilder {
 
     pub fn finish(self) -> Graph {
         self.g
+    }
+
+    /// Marks the graph [`Graph::batch_invariant`].
+    pub fn batch_invariant(&mut self) {
+        self.g.batch_invariant = true;
     }
 
     // ---- ops ----

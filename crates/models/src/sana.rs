@@ -258,6 +258,7 @@ pub fn cross_kv_names(i: usize) -> (String, String) {
 /// named by [`cross_kv_names`].
 pub fn caption_graph(cfg: &SanaConfig, shape: &Shape) -> Result<Graph> {
     let mut b = GraphBuilder::new();
+    b.batch_invariant();
     let enc = b.input(ENCODER_HIDDEN_STATES, shape.clone())?;
     let (_, kv) = caption_path(&mut b, cfg, enc)?;
     for (i, p) in kv.iter().enumerate() {
@@ -273,6 +274,7 @@ pub fn caption_graph(cfg: &SanaConfig, shape: &Shape) -> Result<Graph> {
 /// K/V, output [`VELOCITY`]. OpenUni's prompt mask is all ones, the same as no mask.
 pub fn step_graph(cfg: &SanaConfig, kv: &HashMap<String, Shape>, batch: usize, h: usize, w: usize) -> Result<Graph> {
     let mut b = GraphBuilder::new();
+    b.batch_invariant();
     let x = b.input(HIDDEN_STATES, [batch, cfg.in_channels, h, w])?;
     let t = b.input(TIMESTEP, [batch])?;
     let mut kv_inputs = Vec::with_capacity(cfg.num_layers);
