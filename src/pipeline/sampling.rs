@@ -103,6 +103,14 @@ impl OpenUni {
         })
     }
 
+    /// The conditioning as `generate` runs it: the prompt embeddings [2N, Q, C] left where the
+    /// conditioning wrote them (on a GPU the device), each stage's output checked for non-finite
+    /// values by a device flag, nothing else read back (`openuni bench` times this).
+    pub fn condition_batch_on_device(&self, prompts: &[(&[u32], &[u32])], run: RunOptions) -> Result<TensorHandle> {
+        let pending = self.start_conditioning(prompts, run)?;
+        self.finish_conditioning_on_device(pending, 0)
+    }
+
     /// Waits for a conditioning started by [`start_conditioning`](Self::start_conditioning) and
     /// checks each stage's output on the device (one flag each, [`check_finite_flag`]): the prompt
     /// embeddings where the conditioning left them, nothing else read back.
