@@ -100,13 +100,29 @@ fn batch_equals_single_images_on_the_emulated_gpu() {
     }
 }
 
+/// Four DPM-Solver++ steps at guidance 4.5, the whole-image decode.
+fn four_steps() -> openuni::pipeline::SamplingParams {
+    openuni::pipeline::SamplingParams { steps: 4, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode: openuni::pipeline::DecodeOptions::default() }
+}
+
+/// Every batch's images (f32) as `generate_batches` gives them, nobody leaving.
+fn whole_batches(m: &OpenUni, batches: &[openuni::pipeline::GenerationBatch], params: &openuni::pipeline::SamplingParams, run: RunOptions) -> Vec<Vec<f32>> {
+    let mut full = vec![];
+    m.generate_batches(batches, params, run, |_| {}, |_, img| {
+        full.push(img.to_f32_vec());
+        Ok(())
+    })
+    .unwrap();
+    full
+}
+
 /// Through `generate_batches_rows` (what `openuni serve` runs, with the stop check it sets when a
 /// client leaves): in batch 0 of three images, image 1 leaves after the second of four steps and
 /// the other two go on at a batch of two; every image of batch 1 leaves at once (the batch is
 /// skipped and batch 2 still runs; `all_three` false: batch 0 alone). The images that stay are bit for bit the ones the same call
 /// gives without anybody leaving. Returns how many image values differ from those.
 fn rows_leave_a_running_batch(run: RunOptions, all_three: bool) -> usize {
-    use openuni::pipeline::{DecodeOptions, GenerationBatch, SamplingParams};
+    use openuni::pipeline::GenerationBatch;
     use std::cell::{Cell, RefCell};
     use std::rc::Rc;
     let dir = tempfile::tempdir().unwrap();
@@ -119,13 +135,8 @@ fn rows_leave_a_running_batch(run: RunOptions, all_three: bool) -> usize {
         GenerationBatch { prompts: ps, noise: HostTensor::from_f32([n, c, h, w], z).unwrap() }
     };
     let batches = if all_three { vec![batch(7), batch(20), batch(30)] } else { vec![batch(7)] };
-    let params = SamplingParams { steps: 4, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode: DecodeOptions::default() };
-    let mut full = vec![];
-    m.generate_batches(&batches, &params, run, |_| {}, |_, img| {
-        full.push(img.to_f32_vec());
-        Ok(())
-    })
-    .unwrap();
+    let params = four_steps();
+    let full = whole_batches(&m, &batches, &params, run);
 
     let asked = Rc::new(Cell::new(0));
     let counter = asked.clone();
@@ -254,7 +265,7 @@ fn an_images_latents_do_not_depend_on_its_batch_on_cpu() {
 /// when nobody leaves.
 #[test]
 fn an_image_staying_in_a_batch_of_two_keeps_its_bits_on_cpu() {
-    use openuni::pipeline::{DecodeOptions, GenerationBatch, SamplingParams};
+    use openuni::pipeline::GenerationBatch;
     let dir = tempfile::tempdir().unwrap();
     let m = model(dir.path());
     let run = RunOptions { device: Device::Cpu, dtype: DType::F32 };
@@ -262,13 +273,8 @@ fn an_image_staying_in_a_batch_of_two_keeps_its_bits_on_cpu() {
     let (h, w) = (4, 6);
     let z = (0..2).flat_map(|i| noise(7 + i as u64, c, h, w).to_f32_vec()).collect();
     let batches = vec![GenerationBatch { prompts: prompts()[..2].to_vec(), noise: HostTensor::from_f32([2, c, h, w], z).unwrap() }];
-    let params = SamplingParams { steps: 4, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode: DecodeOptions::default() };
-    let mut full = vec![];
-    m.generate_batches(&batches, &params, run, |_| {}, |_, img| {
-        full.push(img.to_f32_vec());
-        Ok(())
-    })
-    .unwrap();
+    let params = four_steps();
+    let full = whole_batches(&m, &batches, &params, run);
     let per = full[0].len() / 2;
     for leave_after in 1..=3 {
         let asked = std::rc::Rc::new(std::cell::Cell::new(0));
