@@ -510,7 +510,10 @@ const CONV_TAPS_MIN_WIDTH: usize = 64;
 /// im2col row is k·k contiguous copies of Cin channels; else the im2col rows follow the weights'
 /// [Cin, k·k] order.
 #[allow(clippy::too_many_arguments)]
-fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
+fn conv_blocks<'a>(path: ConvPath, src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
+    if kernel == 3 && path.winograd(cin, cout) {
+        return conv_winograd(src, weight, bias, batch, oh, ow, cin, cout, silu, out);
+    }
     let (kk, taps, p) = (cin * kernel * kernel, kernel * kernel, kernel / 2);
     let block = CONV_BLOCK.min(oh * ow);
     let tap_major = taps > 1 && cout <= batch * oh * ow;
@@ -641,21 +644,214 @@ fn conv_taps<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, wmat: &[
     }
 }
 
+/// Which algorithm [`conv2d_on`] / [`upsample_conv2d_on`] use for a 3×3 convolution ([`conv2d`]
+/// and [`upsample_conv2d`] take `Auto`); other kernel sizes always take the GEMM path. Public so
+/// that the tests and the benchmark can force each path whatever the shape rule says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvPath {
+    /// [`conv_winograd`] when both channel counts reach [`WINOGRAD_MIN_CHANNELS`], else GEMM.
+    Auto,
+    /// im2col + GEMM or shifted GEMMs ([`conv_blocks`], [`conv_taps`]).
+    Gemm,
+    /// Winograd F(2×2, 3×3) ([`conv_winograd`]).
+    Winograd,
+}
+
+/// From this many input and output channels on, `ConvPath::Auto` runs a 3×3 conv as Winograd:
+/// the transforms cost O(Cin + Cout) per tile against the GEMMs' O(Cin·Cout), so they pay once
+/// the GEMMs dominate (docs/cpu-performance.md, "Winograd F(2x2,3x3)"). Depends on the
+/// channel counts only, never on the batch or the image size, so an image's bits do not depend
+/// on what else is in the batch.
+pub const WINOGRAD_MIN_CHANNELS: usize = 32;
+
+impl ConvPath {
+    fn winograd(self, cin: usize, cout: usize) -> bool {
+        match self {
+            ConvPath::Auto => cin >= WINOGRAD_MIN_CHANNELS && cout >= WINOGRAD_MIN_CHANNELS,
+            ConvPath::Gemm => false,
+            ConvPath::Winograd => true,
+        }
+    }
+}
+
+/// 2×2-output tiles per [`conv_winograd`] band: bounds each thread's scratch (16·tiles·(Cin +
+/// Cout) floats) while keeping each of the 16 GEMMs tall enough to amortise packing its weights.
+const WINOGRAD_TILES: usize = 256;
+
+/// Winograd's G (Lavin & Gray 2015, F(2×2, 3×3)): the weight transform U = G g Gᵀ.
+const WINOGRAD_G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+
+/// The weights [Cout, Cin, 3, 3] transformed to U = G g Gᵀ, as 16 matrices [Cout, Cin] (one per
+/// element ξ = 4i + j of the 4×4 transformed tile). Summed in f64 and rounded once.
+fn winograd_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+    let mut u = vec![0f32; 16 * cout * cin];
+    u.par_chunks_mut(cout * cin).enumerate().for_each(|(xi, ux)| {
+        let (gi, gj) = (WINOGRAD_G[xi / 4], WINOGRAD_G[xi % 4]);
+        for (uv, g) in ux.iter_mut().zip(weight.chunks_exact(9)) {
+            let mut acc = 0f64;
+            for a in 0..3 {
+                for b in 0..3 {
+                    acc += gi[a] * gj[b] * g[a * 3 + b] as f64;
+                }
+            }
+            *uv = acc as f32;
+        }
+    });
+    u
+}
+
+with_avx2! {
+    /// V = Bᵀ d B of one 4×4 input tile, every channel at once: `d` the tile's 16 pixels
+    /// row-major, `v` 16 rows of `cin` channels (row ξ = 4i + j). Adds and subtracts only.
+    fn winograd_input_tile(d: &[&[f32]; 16], v: &mut [f32]) {
+        let cin = v.len() / 16;
+        let d: [&[f32]; 16] = d.map(|s| &s[..cin]);
+        let mut rows = v.chunks_exact_mut(cin);
+        let v: [&mut [f32]; 16] = std::array::from_fn(|_| rows.next().unwrap());
+        let [v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15] = v;
+        for c in 0..cin {
+            let x = |k: usize| d[k][c];
+            // Bᵀ d (rows), column j: t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3.
+            let t: [[f32; 4]; 4] = std::array::from_fn(|j| [x(j) - x(8 + j), x(4 + j) + x(8 + j), x(8 + j) - x(4 + j), x(4 + j) - x(12 + j)]);
+            // (Bᵀ d) B (columns), row i.
+            let r = |i: usize| [t[0][i] - t[2][i], t[1][i] + t[2][i], t[2][i] - t[1][i], t[1][i] - t[3][i]];
+            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+            (v0[c], v1[c], v2[c], v3[c]) = (r0[0], r0[1], r0[2], r0[3]);
+            (v4[c], v5[c], v6[c], v7[c]) = (r1[0], r1[1], r1[2], r1[3]);
+            (v8[c], v9[c], v10[c], v11[c]) = (r2[0], r2[1], r2[2], r2[3]);
+            (v12[c], v13[c], v14[c], v15[c]) = (r3[0], r3[1], r3[2], r3[3]);
+        }
+    }
+}
+
+with_avx2! {
+    /// Y = Aᵀ M A + bias of one tile: `m` 16 rows of `cout` channels (row ξ = 4i + j), `y0` and
+    /// `y1` the two output pixels of the tile's first and second row (2·Cout each).
+    fn winograd_output_tile(m: &[f32], bias: &[f32], y0: &mut [f32], y1: &mut [f32]) {
+        let cout = bias.len();
+        let m: [&[f32]; 16] = std::array::from_fn(|k| &m[k * cout..][..cout]);
+        let (y00, y01) = y0[..2 * cout].split_at_mut(cout);
+        let (y10, y11) = y1[..2 * cout].split_at_mut(cout);
+        for c in 0..cout {
+            let x = |k: usize| m[k][c];
+            // Aᵀ M (rows), column j: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3.
+            let s0: [f32; 4] = std::array::from_fn(|j| x(j) + x(4 + j) + x(8 + j));
+            let s1: [f32; 4] = std::array::from_fn(|j| x(4 + j) - x(8 + j) - x(12 + j));
+            let b = bias[c];
+            y00[c] = s0[0] + s0[1] + s0[2] + b;
+            y01[c] = s0[1] - s0[2] - s0[3] + b;
+            y10[c] = s1[0] + s1[1] + s1[2] + b;
+            y11[c] = s1[1] - s1[2] - s1[3] + b;
+        }
+    }
+}
+
+/// A 3×3 convolution (stride 1, zero padding 1) as Winograd F(2×2, 3×3) (Lavin & Gray 2015,
+/// "Fast Algorithms for Convolutional Neural Networks"): each 2×2 block of outputs comes from a
+/// 4×4 input tile as Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A, so the channel mixing is 16 GEMMs
+/// [tiles, Cin]·[Cin, Cout] over P/4 tiles: 16/36 of direct convolution's multiply-adds. Per
+/// band of tile rows (bounded scratch, as [`conv_taps`]): the input transform into V
+/// [tiles, 16, Cin], the 16 GEMMs into M [tiles, 16, Cout], the output transform + bias (+ SiLU)
+/// into the output rows; a last tile row or column past an odd height or width computes its
+/// outputs and drops them. `src(b, y, x)` as in [`conv_blocks`]; `weight` is [Cout, Cin, 3, 3].
+/// Rounding: the transforms add a few f32 roundings per output; on the decoder's statistics the
+/// relative L2 against the f64 twin is 3e-7, as the GEMM path's (tests/fast.rs).
+#[allow(clippy::too_many_arguments)]
+fn conv_winograd<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, silu: bool, out: &mut [f32]) {
+    let u = winograd_weights(weight, cin, cout);
+    let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+    let band = (WINOGRAD_TILES / tw).clamp(1, th); // tile rows per band
+    let zeros = vec![0f32; cin.max(cout)];
+    let bias_row = bias.unwrap_or(&zeros[..cout]);
+    let run_band = |b: usize, ty0: usize, o: &mut [f32], v: &mut Vec<f32>, m: &mut Vec<f32>, par: Threads| {
+        let trows = (o.len() / (ow * cout)).div_ceil(2);
+        let tiles = trows * tw;
+        v.resize(tiles * 16 * cin, 0.0);
+        m.resize(tiles * 16 * cout, 0.0);
+        v.par_chunks_mut(tw * 16 * cin).enumerate().for_each(|(tr, vrow)| {
+            let y = 2 * (ty0 + tr); // the tile's first output row; its input rows start at y - 1
+            let sy: [Option<usize>; 4] = std::array::from_fn(|i| (y + i).checked_sub(1).filter(|&s| s < oh));
+            for (tx, vt) in vrow.chunks_exact_mut(16 * cin).enumerate() {
+                let d: [&[f32]; 16] = std::array::from_fn(|k| {
+                    let sx = (2 * tx + k % 4).checked_sub(1).filter(|&s| s < ow);
+                    match (sy[k / 4], sx) {
+                        (Some(sy), Some(sx)) => src(b, sy, sx),
+                        _ => &zeros[..cin],
+                    }
+                });
+                winograd_input_tile(&d, vt);
+            }
+        });
+        for xi in 0..16 {
+            gemm_into(tiles, cout, cin, m, xi * cout, 16 * cout, false, View::new(v, xi * cin, 16 * cin, 1), View::new(&u, xi * cout * cin, 1, cin), par);
+        }
+        o.par_chunks_mut(2 * ow * cout).zip(m.par_chunks(tw * 16 * cout)).for_each(|(orow, mrow)| {
+            let (r0, r1) = orow.split_at_mut(ow * cout); // r1 is empty on a last odd row
+            let mut r1 = r1.chunks_mut(2 * cout);
+            for (y0, mt) in r0.chunks_mut(2 * cout).zip(mrow.chunks_exact(16 * cout)) {
+                match r1.next() {
+                    Some(y1) if y0.len() == 2 * cout => winograd_output_tile(mt, bias_row, y0, y1),
+                    y1 => {
+                        // A tile past the bottom or right edge: compute all four, keep those inside.
+                        let mut t = vec![0f32; 4 * cout];
+                        let (t0, t1) = t.split_at_mut(2 * cout);
+                        winograd_output_tile(mt, bias_row, t0, t1);
+                        y0.copy_from_slice(&t0[..y0.len()]);
+                        if let Some(y1) = y1 {
+                            y1.copy_from_slice(&t1[..y1.len()]);
+                        }
+                    }
+                }
+            }
+            if silu {
+                silu_in_place(orow);
+            }
+        });
+    };
+    let bands = batch * th.div_ceil(band);
+    let out = &mut out[..batch * oh * ow * cout];
+    let scratch = || (Vec::with_capacity(band * tw * 16 * cin), Vec::with_capacity(band * tw * 16 * cout));
+    if bands >= 2 * rayon::current_num_threads() {
+        out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(b, ob)| {
+            ob.par_chunks_mut(2 * band * ow * cout).enumerate().for_each_init(scratch, |(v, m), (i, o)| run_band(b, i * band, o, v, m, Threads::One))
+        });
+    } else {
+        let (mut v, mut m) = scratch();
+        for (b, ob) in out.chunks_mut(oh * ow * cout).enumerate() {
+            for (i, o) in ob.chunks_mut(2 * band * ow * cout).enumerate() {
+                run_band(b, i * band, o, &mut v, &mut m, Threads::All);
+            }
+        }
+    }
+}
+
 /// [`ops::conv2d`] (k×k, stride 1, zero padding k/2), optionally followed by SiLU (the CUDA
 /// kernel's fused epilogue).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
+    conv2d_on(ConvPath::Auto, x, weight, bias, batch, h, w, cin, cout, kernel, silu, out);
+}
+
+/// [`conv2d`] with the 3×3 algorithm chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_on(path: ConvPath, x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
     let src = |b: usize, y: usize, xx: usize| &x[((b * h + y) * w + xx) * cin..][..cin];
-    conv_blocks(src, weight, bias, batch, h, w, cin, cout, kernel, silu, out);
+    conv_blocks(path, src, weight, bias, batch, h, w, cin, cout, kernel, silu, out);
 }
 
 /// [`ops::upsample_conv2d`]: the 3×3 conv reads the nearest-2× upsampled input in place, then
 /// the pixel-shuffle shortcut is added row by row.
 #[allow(clippy::too_many_arguments)]
 pub fn upsample_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, shortcut: bool, out: &mut [f32]) {
+    upsample_conv2d_on(ConvPath::Auto, x, weight, bias, batch, h, w, cin, cout, shortcut, out);
+}
+
+/// [`upsample_conv2d`] with the 3×3 algorithm chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn upsample_conv2d_on(path: ConvPath, x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, shortcut: bool, out: &mut [f32]) {
     let (hh, ww) = (2 * h, 2 * w);
     let src = |b: usize, y: usize, xx: usize| &x[((b * h + y / 2) * w + xx / 2) * cin..][..cin];
-    conv_blocks(src, weight, bias, batch, hh, ww, cin, cout, 3, false, out);
+    conv_blocks(path, src, weight, bias, batch, hh, ww, cin, cout, 3, false, out);
     if shortcut {
         let r = 4 * cout / cin;
         out[..batch * hh * ww * cout].par_chunks_mut(ww * cout).enumerate().for_each(|(row, o)| {
