@@ -511,7 +511,7 @@ const CONV_TAPS_MIN_WIDTH: usize = 64;
 /// [Cin, k·k] order.
 #[allow(clippy::too_many_arguments)]
 fn conv_blocks<'a>(path: ConvPath, src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
-    if kernel == 3 && path.winograd(cin, cout) {
+    if kernel == 3 && path.winograd(cin, cout, oh * ow) {
         return conv_winograd(src, weight, bias, batch, oh, ow, cin, cout, silu, out);
     }
     let (kk, taps, p) = (cin * kernel * kernel, kernel * kernel, kernel / 2);
@@ -649,7 +649,8 @@ fn conv_taps<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, wmat: &[
 /// that the tests and the benchmark can force each path whatever the shape rule says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvPath {
-    /// [`conv_winograd`] when both channel counts reach [`WINOGRAD_MIN_CHANNELS`], else GEMM.
+    /// [`conv_winograd`] when the shape reaches [`WINOGRAD_MIN_CHANNELS`] and
+    /// [`WINOGRAD_MIN_PIXELS`], else GEMM.
     Auto,
     /// im2col + GEMM or shifted GEMMs ([`conv_blocks`], [`conv_taps`]).
     Gemm,
@@ -657,17 +658,22 @@ pub enum ConvPath {
     Winograd,
 }
 
-/// From this many input and output channels on, `ConvPath::Auto` runs a 3×3 conv as Winograd:
-/// the transforms cost O(Cin + Cout) per tile against the GEMMs' O(Cin·Cout), so they pay once
-/// the GEMMs dominate (docs/cpu-performance.md, "Winograd F(2x2,3x3)"). Depends on the
-/// channel counts only, never on the batch or the image size, so an image's bits do not depend
-/// on what else is in the batch.
+/// `ConvPath::Auto` runs a 3×3 conv as Winograd from this many input and output channels on
+/// and from [`WINOGRAD_MIN_PIXELS`] output pixels per image on: the transforms cost O(Cin + Cout)
+/// per tile against the GEMMs' O(Cin·Cout), and the weight transform (16·Cin·Cout floats written
+/// per call) needs enough tiles to amortise. Measured on the DC-AE decoder's shapes
+/// (benches/cpu_conv.rs, docs/cpu-performance.md): 1.2-1.5x faster from 64×64 pixels on, break-even
+/// at 32×32 with 1024 channels. Depends on the per-image shape only, never on the batch, so an
+/// image's bits do not depend on what else is in the batch.
 pub const WINOGRAD_MIN_CHANNELS: usize = 32;
 
+/// See [`WINOGRAD_MIN_CHANNELS`].
+pub const WINOGRAD_MIN_PIXELS: usize = 64 * 64;
+
 impl ConvPath {
-    fn winograd(self, cin: usize, cout: usize) -> bool {
+    fn winograd(self, cin: usize, cout: usize, pixels: usize) -> bool {
         match self {
-            ConvPath::Auto => cin >= WINOGRAD_MIN_CHANNELS && cout >= WINOGRAD_MIN_CHANNELS,
+            ConvPath::Auto => cin >= WINOGRAD_MIN_CHANNELS && cout >= WINOGRAD_MIN_CHANNELS && pixels >= WINOGRAD_MIN_PIXELS,
             ConvPath::Gemm => false,
             ConvPath::Winograd => true,
         }
@@ -681,45 +687,68 @@ const WINOGRAD_TILES: usize = 256;
 /// Winograd's G (Lavin & Gray 2015, F(2×2, 3×3)): the weight transform U = G g Gᵀ.
 const WINOGRAD_G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
 
-/// The weights [Cout, Cin, 3, 3] transformed to U = G g Gᵀ, as 16 matrices [Cout, Cin] (one per
-/// element ξ = 4i + j of the 4×4 transformed tile). Summed in f64 and rounded once.
+/// The weights [Cout, Cin, 3, 3] transformed to U = G g Gᵀ, laid out [Cout, 16, Cin]: for each
+/// element ξ = 4i + j of the 4×4 transformed tile, a [Cin, Cout] GEMM operand with row stride 1
+/// and column stride 16·Cin. Each output channel's weights are read once; summed in f64 and
+/// rounded once.
 fn winograd_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
-    let mut u = vec![0f32; 16 * cout * cin];
-    u.par_chunks_mut(cout * cin).enumerate().for_each(|(xi, ux)| {
-        let (gi, gj) = (WINOGRAD_G[xi / 4], WINOGRAD_G[xi % 4]);
-        for (uv, g) in ux.iter_mut().zip(weight.chunks_exact(9)) {
-            let mut acc = 0f64;
-            for a in 0..3 {
-                for b in 0..3 {
-                    acc += gi[a] * gj[b] * g[a * 3 + b] as f64;
-                }
+    let mut u = vec![0f32; cout * 16 * cin];
+    u.par_chunks_mut(16 * cin).zip(weight.par_chunks(9 * cin)).for_each(|(uc, wc)| {
+        for (ci, g) in wc.chunks_exact(9).enumerate() {
+            // G g (3 columns), then (G g) Gᵀ.
+            let gg: [[f64; 3]; 4] = std::array::from_fn(|i| std::array::from_fn(|b| (0..3).map(|a| WINOGRAD_G[i][a] * g[a * 3 + b] as f64).sum()));
+            for xi in 0..16 {
+                let (i, j) = (xi / 4, xi % 4);
+                uc[xi * cin + ci] = (0..3).map(|b| gg[i][b] * WINOGRAD_G[j][b]).sum::<f64>() as f32;
             }
-            *uv = acc as f32;
         }
     });
     u
+}
+
+/// Channels per step of the Winograd transforms: one AVX2 vector; the 16 values of a tile are
+/// loaded into fixed-size arrays so that LLVM turns the per-lane arithmetic into vector ops.
+const WINOGRAD_LANES: usize = 8;
+
+/// Copies `src` (at most [`WINOGRAD_LANES`] values) into the front of `dst`; a full vector as
+/// one fixed-size copy (inlined, where a variable-length one would call memmove).
+#[inline(always)]
+fn lanes_copy(dst: &mut [f32], src: &[f32]) {
+    const L: usize = WINOGRAD_LANES;
+    if src.len() == L {
+        <&mut [f32; L]>::try_from(&mut dst[..L]).unwrap().copy_from_slice(<&[f32; L]>::try_from(src).unwrap());
+    } else {
+        dst[..src.len()].copy_from_slice(src);
+    }
 }
 
 with_avx2! {
     /// V = Bᵀ d B of one 4×4 input tile, every channel at once: `d` the tile's 16 pixels
     /// row-major, `v` 16 rows of `cin` channels (row ξ = 4i + j). Adds and subtracts only.
     fn winograd_input_tile(d: &[&[f32]; 16], v: &mut [f32]) {
+        const L: usize = WINOGRAD_LANES;
         let cin = v.len() / 16;
-        let d: [&[f32]; 16] = d.map(|s| &s[..cin]);
-        let mut rows = v.chunks_exact_mut(cin);
-        let v: [&mut [f32]; 16] = std::array::from_fn(|_| rows.next().unwrap());
-        let [v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15] = v;
-        for c in 0..cin {
-            let x = |k: usize| d[k][c];
-            // Bᵀ d (rows), column j: t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3.
-            let t: [[f32; 4]; 4] = std::array::from_fn(|j| [x(j) - x(8 + j), x(4 + j) + x(8 + j), x(8 + j) - x(4 + j), x(4 + j) - x(12 + j)]);
-            // (Bᵀ d) B (columns), row i.
-            let r = |i: usize| [t[0][i] - t[2][i], t[1][i] + t[2][i], t[2][i] - t[1][i], t[1][i] - t[3][i]];
-            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-            (v0[c], v1[c], v2[c], v3[c]) = (r0[0], r0[1], r0[2], r0[3]);
-            (v4[c], v5[c], v6[c], v7[c]) = (r1[0], r1[1], r1[2], r1[3]);
-            (v8[c], v9[c], v10[c], v11[c]) = (r2[0], r2[1], r2[2], r2[3]);
-            (v12[c], v13[c], v14[c], v15[c]) = (r3[0], r3[1], r3[2], r3[3]);
+        for c in (0..cin).step_by(L) {
+            let n = L.min(cin - c);
+            let mut x = [[0f32; L]; 16];
+            for (xk, dk) in x.iter_mut().zip(d) {
+                lanes_copy(xk, &dk[c..c + n]);
+            }
+            let mut y = [[0f32; L]; 16];
+            for l in 0..L {
+                // Bᵀ d (rows), column j: t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3.
+                let t: [[f32; 4]; 4] = std::array::from_fn(|j| [x[j][l] - x[8 + j][l], x[4 + j][l] + x[8 + j][l], x[8 + j][l] - x[4 + j][l], x[4 + j][l] - x[12 + j][l]]);
+                // (Bᵀ d) B (columns), row i.
+                for i in 0..4 {
+                    y[4 * i][l] = t[0][i] - t[2][i];
+                    y[4 * i + 1][l] = t[1][i] + t[2][i];
+                    y[4 * i + 2][l] = t[2][i] - t[1][i];
+                    y[4 * i + 3][l] = t[1][i] - t[3][i];
+                }
+            }
+            for (k, yk) in y.iter().enumerate() {
+                lanes_copy(&mut v[k * cin + c..][..n], &yk[..n]);
+            }
         }
     }
 }
@@ -728,20 +757,30 @@ with_avx2! {
     /// Y = Aᵀ M A + bias of one tile: `m` 16 rows of `cout` channels (row ξ = 4i + j), `y0` and
     /// `y1` the two output pixels of the tile's first and second row (2·Cout each).
     fn winograd_output_tile(m: &[f32], bias: &[f32], y0: &mut [f32], y1: &mut [f32]) {
+        const L: usize = WINOGRAD_LANES;
         let cout = bias.len();
-        let m: [&[f32]; 16] = std::array::from_fn(|k| &m[k * cout..][..cout]);
-        let (y00, y01) = y0[..2 * cout].split_at_mut(cout);
-        let (y10, y11) = y1[..2 * cout].split_at_mut(cout);
-        for c in 0..cout {
-            let x = |k: usize| m[k][c];
-            // Aᵀ M (rows), column j: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3.
-            let s0: [f32; 4] = std::array::from_fn(|j| x(j) + x(4 + j) + x(8 + j));
-            let s1: [f32; 4] = std::array::from_fn(|j| x(4 + j) - x(8 + j) - x(12 + j));
-            let b = bias[c];
-            y00[c] = s0[0] + s0[1] + s0[2] + b;
-            y01[c] = s0[1] - s0[2] - s0[3] + b;
-            y10[c] = s1[0] + s1[1] + s1[2] + b;
-            y11[c] = s1[1] - s1[2] - s1[3] + b;
+        for c in (0..cout).step_by(L) {
+            let n = L.min(cout - c);
+            let mut x = [[0f32; L]; 16];
+            for (k, xk) in x.iter_mut().enumerate() {
+                lanes_copy(xk, &m[k * cout + c..][..n]);
+            }
+            let mut b = [0f32; L];
+            lanes_copy(&mut b, &bias[c..c + n]);
+            let mut y = [[0f32; L]; 4];
+            for l in 0..L {
+                // Aᵀ M (rows), column j: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3.
+                let s0: [f32; 4] = std::array::from_fn(|j| x[j][l] + x[4 + j][l] + x[8 + j][l]);
+                let s1: [f32; 4] = std::array::from_fn(|j| x[4 + j][l] - x[8 + j][l] - x[12 + j][l]);
+                y[0][l] = s0[0] + s0[1] + s0[2] + b[l];
+                y[1][l] = s0[1] - s0[2] - s0[3] + b[l];
+                y[2][l] = s1[0] + s1[1] + s1[2] + b[l];
+                y[3][l] = s1[1] - s1[2] - s1[3] + b[l];
+            }
+            lanes_copy(&mut y0[c..c + n], &y[0][..n]);
+            lanes_copy(&mut y0[cout + c..][..n], &y[1][..n]);
+            lanes_copy(&mut y1[c..c + n], &y[2][..n]);
+            lanes_copy(&mut y1[cout + c..][..n], &y[3][..n]);
         }
     }
 }
@@ -783,7 +822,7 @@ fn conv_winograd<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weig
             }
         });
         for xi in 0..16 {
-            gemm_into(tiles, cout, cin, m, xi * cout, 16 * cout, false, View::new(v, xi * cin, 16 * cin, 1), View::new(&u, xi * cout * cin, 1, cin), par);
+            gemm_into(tiles, cout, cin, m, xi * cout, 16 * cout, false, View::new(v, xi * cin, 16 * cin, 1), View::new(&u, xi * cin, 1, 16 * cin), par);
         }
         o.par_chunks_mut(2 * ow * cout).zip(m.par_chunks(tw * 16 * cout)).for_each(|(orow, mrow)| {
             let (r0, r1) = orow.split_at_mut(ow * cout); // r1 is empty on a last odd row
