@@ -847,10 +847,11 @@ fn conv_winograd<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weig
             }
         });
     };
-    let bands = batch * th.div_ceil(band);
     let out = &mut out[..batch * oh * ow * cout];
     let scratch = || (Vec::with_capacity(band * tw * 16 * cin), Vec::with_capacity(band * tw * 16 * cout));
-    if bands >= 2 * rayon::current_num_threads() {
+    // Bands per image, not per batch, choose between the two: an image's GEMMs then run the same
+    // way (same rows, same threading) alone or in a batch, so its bits do not depend on the batch.
+    if th.div_ceil(band) >= 2 * rayon::current_num_threads() {
         out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(b, ob)| {
             ob.par_chunks_mut(2 * band * ow * cout).enumerate().for_each_init(scratch, |(v, m), (i, o)| run_band(b, i * band, o, v, m, Threads::One))
         });

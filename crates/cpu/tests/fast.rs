@@ -300,6 +300,24 @@ fn winograd_convs_match_twins() {
 }
 
 #[test]
+fn winograd_conv_is_batch_invariant() {
+    // An image's output alone and next to another image, bit for bit (the executor runs a whole
+    // batch through one call): 40x300 is 20 bands of one tile row per image (the band-parallel
+    // path), 36x40 two bands of 12 tile rows (GEMMs on all threads, split by columns: 64 output
+    // channels), 70x64 five bands of 8.
+    let mut r = rng(16);
+    for (h, w, cin, cout) in [(40, 300, 8, 9), (36, 40, 16, 64), (70, 64, 3, 4)] {
+        let (a, b) = (rand_vec(&mut r, h * w * cin), rand_vec(&mut r, h * w * cin));
+        let (wt, bias) = (rand_vec(&mut r, cout * cin * 9), rand_vec(&mut r, cout));
+        let mut alone = vec![0.0; h * w * cout];
+        fast::conv2d_on(fast::ConvPath::Winograd, &a, &wt, Some(&bias), 1, h, w, cin, cout, 3, true, &mut alone);
+        let mut both = vec![0.0; 2 * h * w * cout];
+        fast::conv2d_on(fast::ConvPath::Winograd, &[b, a].concat(), &wt, Some(&bias), 2, h, w, cin, cout, 3, true, &mut both);
+        assert!(alone == both[h * w * cout..], "winograd {h}x{w} {cin}->{cout}: the second image of a batch differs from it alone");
+    }
+}
+
+#[test]
 fn winograd_error_on_decoder_like_convs() {
     // The decoder's statistics: activations ~N(0, 1), weights ~N(0, 1/(9 cin)) (unit-variance
     // outputs), 128 to 512 channels, on a small image (edges and interior). Measured relative L2
