@@ -710,15 +710,29 @@ fn winograd_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
 /// loaded into fixed-size arrays so that LLVM turns the per-lane arithmetic into vector ops.
 const WINOGRAD_LANES: usize = 8;
 
-/// Copies `src` (at most [`WINOGRAD_LANES`] values) into the front of `dst`; a full vector as
-/// one fixed-size copy (inlined, where a variable-length one would call memmove).
+/// V = Bᵀ d B for channels c..c + n of one tile (n <= [`WINOGRAD_LANES`]); inlined with n a
+/// constant for the full vectors, so that the copies are fixed-size moves, not memcpy calls.
 #[inline(always)]
-fn lanes_copy(dst: &mut [f32], src: &[f32]) {
+fn winograd_input_lanes(d: &[&[f32]; 16], v: &mut [f32], cin: usize, c: usize, n: usize) {
     const L: usize = WINOGRAD_LANES;
-    if src.len() == L {
-        <&mut [f32; L]>::try_from(&mut dst[..L]).unwrap().copy_from_slice(<&[f32; L]>::try_from(src).unwrap());
-    } else {
-        dst[..src.len()].copy_from_slice(src);
+    let mut x = [[0f32; L]; 16];
+    for (xk, dk) in x.iter_mut().zip(d) {
+        xk[..n].copy_from_slice(&dk[c..c + n]);
+    }
+    let mut y = [[0f32; L]; 16];
+    for l in 0..L {
+        // Bᵀ d (rows), column j: t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3.
+        let t: [[f32; 4]; 4] = std::array::from_fn(|j| [x[j][l] - x[8 + j][l], x[4 + j][l] + x[8 + j][l], x[8 + j][l] - x[4 + j][l], x[4 + j][l] - x[12 + j][l]]);
+        // (Bᵀ d) B (columns), row i.
+        for i in 0..4 {
+            y[4 * i][l] = t[0][i] - t[2][i];
+            y[4 * i + 1][l] = t[1][i] + t[2][i];
+            y[4 * i + 2][l] = t[2][i] - t[1][i];
+            y[4 * i + 3][l] = t[1][i] - t[3][i];
+        }
+    }
+    for (k, yk) in y.iter().enumerate() {
+        v[k * cin + c..][..n].copy_from_slice(&yk[..n]);
     }
 }
 
@@ -728,29 +742,41 @@ with_avx2! {
     fn winograd_input_tile(d: &[&[f32]; 16], v: &mut [f32]) {
         const L: usize = WINOGRAD_LANES;
         let cin = v.len() / 16;
-        for c in (0..cin).step_by(L) {
-            let n = L.min(cin - c);
-            let mut x = [[0f32; L]; 16];
-            for (xk, dk) in x.iter_mut().zip(d) {
-                lanes_copy(xk, &dk[c..c + n]);
-            }
-            let mut y = [[0f32; L]; 16];
-            for l in 0..L {
-                // Bᵀ d (rows), column j: t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3.
-                let t: [[f32; 4]; 4] = std::array::from_fn(|j| [x[j][l] - x[8 + j][l], x[4 + j][l] + x[8 + j][l], x[8 + j][l] - x[4 + j][l], x[4 + j][l] - x[12 + j][l]]);
-                // (Bᵀ d) B (columns), row i.
-                for i in 0..4 {
-                    y[4 * i][l] = t[0][i] - t[2][i];
-                    y[4 * i + 1][l] = t[1][i] + t[2][i];
-                    y[4 * i + 2][l] = t[2][i] - t[1][i];
-                    y[4 * i + 3][l] = t[1][i] - t[3][i];
-                }
-            }
-            for (k, yk) in y.iter().enumerate() {
-                lanes_copy(&mut v[k * cin + c..][..n], &yk[..n]);
-            }
+        let full = cin / L * L;
+        for c in (0..full).step_by(L) {
+            winograd_input_lanes(d, v, cin, c, L);
+        }
+        if full < cin {
+            winograd_input_lanes(d, v, cin, full, cin - full);
         }
     }
+}
+
+/// Y = Aᵀ M A + bias for channels c..c + n of one tile, as [`winograd_input_lanes`].
+#[inline(always)]
+fn winograd_output_lanes(m: &[f32], bias: &[f32], y0: &mut [f32], y1: &mut [f32], c: usize, n: usize) {
+    const L: usize = WINOGRAD_LANES;
+    let cout = bias.len();
+    let mut x = [[0f32; L]; 16];
+    for (k, xk) in x.iter_mut().enumerate() {
+        xk[..n].copy_from_slice(&m[k * cout + c..][..n]);
+    }
+    let mut b = [0f32; L];
+    b[..n].copy_from_slice(&bias[c..c + n]);
+    let mut y = [[0f32; L]; 4];
+    for l in 0..L {
+        // Aᵀ M (rows), column j: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3.
+        let s0: [f32; 4] = std::array::from_fn(|j| x[j][l] + x[4 + j][l] + x[8 + j][l]);
+        let s1: [f32; 4] = std::array::from_fn(|j| x[4 + j][l] - x[8 + j][l] - x[12 + j][l]);
+        y[0][l] = s0[0] + s0[1] + s0[2] + b[l];
+        y[1][l] = s0[1] - s0[2] - s0[3] + b[l];
+        y[2][l] = s1[0] + s1[1] + s1[2] + b[l];
+        y[3][l] = s1[1] - s1[2] - s1[3] + b[l];
+    }
+    y0[c..c + n].copy_from_slice(&y[0][..n]);
+    y0[cout + c..][..n].copy_from_slice(&y[1][..n]);
+    y1[c..c + n].copy_from_slice(&y[2][..n]);
+    y1[cout + c..][..n].copy_from_slice(&y[3][..n]);
 }
 
 with_avx2! {
@@ -759,28 +785,12 @@ with_avx2! {
     fn winograd_output_tile(m: &[f32], bias: &[f32], y0: &mut [f32], y1: &mut [f32]) {
         const L: usize = WINOGRAD_LANES;
         let cout = bias.len();
-        for c in (0..cout).step_by(L) {
-            let n = L.min(cout - c);
-            let mut x = [[0f32; L]; 16];
-            for (k, xk) in x.iter_mut().enumerate() {
-                lanes_copy(xk, &m[k * cout + c..][..n]);
-            }
-            let mut b = [0f32; L];
-            lanes_copy(&mut b, &bias[c..c + n]);
-            let mut y = [[0f32; L]; 4];
-            for l in 0..L {
-                // Aᵀ M (rows), column j: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3.
-                let s0: [f32; 4] = std::array::from_fn(|j| x[j][l] + x[4 + j][l] + x[8 + j][l]);
-                let s1: [f32; 4] = std::array::from_fn(|j| x[4 + j][l] - x[8 + j][l] - x[12 + j][l]);
-                y[0][l] = s0[0] + s0[1] + s0[2] + b[l];
-                y[1][l] = s0[1] - s0[2] - s0[3] + b[l];
-                y[2][l] = s1[0] + s1[1] + s1[2] + b[l];
-                y[3][l] = s1[1] - s1[2] - s1[3] + b[l];
-            }
-            lanes_copy(&mut y0[c..c + n], &y[0][..n]);
-            lanes_copy(&mut y0[cout + c..][..n], &y[1][..n]);
-            lanes_copy(&mut y1[c..c + n], &y[2][..n]);
-            lanes_copy(&mut y1[cout + c..][..n], &y[3][..n]);
+        let full = cout / L * L;
+        for c in (0..full).step_by(L) {
+            winograd_output_lanes(m, bias, y0, y1, c, L);
+        }
+        if full < cout {
+            winograd_output_lanes(m, bias, y0, y1, full, cout - full);
         }
     }
 }
