@@ -5,7 +5,7 @@
 //! process, the median of `OPENUNI_BENCH_ITERS` (default 5) runs after one warm-up. GFLOP/s
 //! counts direct convolution's 2·P·9·Cin·Cout for both paths, so the rates compare.
 //! Run: `cargo bench --bench cpu_conv` (prints the load average: the machine is often shared);
-//! `OPENUNI_CONV_CASE=128->128` runs only the cases whose cin->cout contains it, and
+//! `OPENUNI_CONV_CASE='128->128'` runs only the cases whose cin->cout contains it, and
 //! `OPENUNI_CONV_PATH=winograd` (or `gemm`) only that path (for a profiler).
 
 use std::time::Instant;
