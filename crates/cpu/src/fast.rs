@@ -508,7 +508,7 @@ const CONV_TAPS_MIN_WIDTH: usize = 64;
 /// turn, each GEMM on every thread. When the image has more pixels than the conv has output
 /// channels, the weights are permuted to tap-major [Cout, k·k, Cin] once per call, so that each
 /// im2col row is k·k contiguous copies of Cin channels; else the im2col rows follow the weights'
-/// [Cin, k·k] order.
+/// [Cin, k·k] order. A 3×3 conv that `path` sends to Winograd goes to [`conv_winograd`] instead.
 #[allow(clippy::too_many_arguments)]
 fn conv_blocks<'a>(path: ConvPath, src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
     if kernel == 3 && path.winograd(cin, cout, oh * ow) {
@@ -662,8 +662,8 @@ pub enum ConvPath {
 /// and from [`WINOGRAD_MIN_PIXELS`] output pixels per image on: the transforms cost O(Cin + Cout)
 /// per tile against the GEMMs' O(Cin·Cout), and the weight transform (16·Cin·Cout floats written
 /// per call) needs enough tiles to amortise. Measured on the DC-AE decoder's shapes
-/// (benches/cpu_conv.rs, docs/cpu-performance.md): 1.2-1.5x faster from 64×64 pixels on, break-even
-/// at 32×32 with 1024 channels. Depends on the per-image shape only, never on the batch, so an
+/// (benches/cpu_conv.rs, docs/cpu-performance.md): 1.24-1.70x faster from 64×64 pixels on,
+/// 0.82-1.06x at 32×32 with 1024 channels. Depends on the per-image shape only, never on the batch, so an
 /// image's bits do not depend on what else is in the batch.
 pub const WINOGRAD_MIN_CHANNELS: usize = 32;
 
