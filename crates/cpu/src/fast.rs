@@ -508,9 +508,12 @@ const CONV_TAPS_MIN_WIDTH: usize = 64;
 /// turn, each GEMM on every thread. When the image has more pixels than the conv has output
 /// channels, the weights are permuted to tap-major [Cout, k·k, Cin] once per call, so that each
 /// im2col row is k·k contiguous copies of Cin channels; else the im2col rows follow the weights'
-/// [Cin, k·k] order.
+/// [Cin, k·k] order. A 3×3 conv that `path` sends to Winograd goes to [`conv_winograd`] instead.
 #[allow(clippy::too_many_arguments)]
-fn conv_blocks<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
+fn conv_blocks<'a>(path: ConvPath, src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
+    if kernel == 3 && path.winograd(cin, cout, oh * ow) {
+        return conv_winograd(src, weight, bias, batch, oh, ow, cin, cout, silu, out);
+    }
     let (kk, taps, p) = (cin * kernel * kernel, kernel * kernel, kernel / 2);
     let block = CONV_BLOCK.min(oh * ow);
     let tap_major = taps > 1 && cout <= batch * oh * ow;
@@ -641,21 +644,264 @@ fn conv_taps<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, wmat: &[
     }
 }
 
+/// Which algorithm [`conv2d_on`] / [`upsample_conv2d_on`] use for a 3×3 convolution ([`conv2d`]
+/// and [`upsample_conv2d`] take `Auto`); other kernel sizes always take the GEMM path. Public so
+/// that the tests and the benchmark can force each path whatever the shape rule says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvPath {
+    /// [`conv_winograd`] when the shape reaches [`WINOGRAD_MIN_CHANNELS`] and
+    /// [`WINOGRAD_MIN_PIXELS`], else GEMM.
+    Auto,
+    /// im2col + GEMM or shifted GEMMs ([`conv_blocks`], [`conv_taps`]).
+    Gemm,
+    /// Winograd F(2×2, 3×3) ([`conv_winograd`]).
+    Winograd,
+}
+
+/// `ConvPath::Auto` runs a 3×3 conv as Winograd from this many input and output channels on
+/// and from [`WINOGRAD_MIN_PIXELS`] output pixels per image on: the transforms cost O(Cin + Cout)
+/// per tile against the GEMMs' O(Cin·Cout), and the weight transform (16·Cin·Cout floats written
+/// per call) needs enough tiles to amortise. Measured on the DC-AE decoder's shapes
+/// (benches/cpu_conv.rs, docs/cpu-performance.md): 1.24-1.70x faster from 64×64 pixels on,
+/// 0.82-1.06x at 32×32 with 1024 channels. Depends on the per-image shape only, never on the batch, so an
+/// image's bits do not depend on what else is in the batch.
+pub const WINOGRAD_MIN_CHANNELS: usize = 32;
+
+/// See [`WINOGRAD_MIN_CHANNELS`].
+pub const WINOGRAD_MIN_PIXELS: usize = 64 * 64;
+
+impl ConvPath {
+    fn winograd(self, cin: usize, cout: usize, pixels: usize) -> bool {
+        match self {
+            ConvPath::Auto => cin >= WINOGRAD_MIN_CHANNELS && cout >= WINOGRAD_MIN_CHANNELS && pixels >= WINOGRAD_MIN_PIXELS,
+            ConvPath::Gemm => false,
+            ConvPath::Winograd => true,
+        }
+    }
+}
+
+/// 2×2-output tiles per [`conv_winograd`] band: bounds each thread's scratch (16·tiles·(Cin +
+/// Cout) floats) while keeping each of the 16 GEMMs tall enough to amortise packing its weights.
+const WINOGRAD_TILES: usize = 256;
+
+/// Winograd's G (Lavin & Gray 2015, F(2×2, 3×3)): the weight transform U = G g Gᵀ.
+const WINOGRAD_G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+
+/// The weights [Cout, Cin, 3, 3] transformed to U = G g Gᵀ, laid out [Cout, 16, Cin]: for each
+/// element ξ = 4i + j of the 4×4 transformed tile, a [Cin, Cout] GEMM operand with row stride 1
+/// and column stride 16·Cin. Each output channel's weights are read once; summed in f64 and
+/// rounded once.
+fn winograd_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+    let mut u = vec![0f32; cout * 16 * cin];
+    u.par_chunks_mut(16 * cin).zip(weight.par_chunks(9 * cin)).for_each(|(uc, wc)| {
+        for (ci, g) in wc.chunks_exact(9).enumerate() {
+            // G g (3 columns), then (G g) Gᵀ.
+            let gg: [[f64; 3]; 4] = std::array::from_fn(|i| std::array::from_fn(|b| (0..3).map(|a| WINOGRAD_G[i][a] * g[a * 3 + b] as f64).sum()));
+            for xi in 0..16 {
+                let (i, j) = (xi / 4, xi % 4);
+                uc[xi * cin + ci] = (0..3).map(|b| gg[i][b] * WINOGRAD_G[j][b]).sum::<f64>() as f32;
+            }
+        }
+    });
+    u
+}
+
+/// Channels per step of the Winograd transforms: one AVX2 vector; the 16 values of a tile are
+/// loaded into fixed-size arrays so that LLVM turns the per-lane arithmetic into vector ops.
+const WINOGRAD_LANES: usize = 8;
+
+/// V = Bᵀ d B for channels c..c + n of one tile (n <= [`WINOGRAD_LANES`]); inlined with n a
+/// constant for the full vectors, so that the copies are fixed-size moves, not memcpy calls.
+#[inline(always)]
+fn winograd_input_lanes(d: &[&[f32]; 16], v: &mut [f32], cin: usize, c: usize, n: usize) {
+    const L: usize = WINOGRAD_LANES;
+    let mut x = [[0f32; L]; 16];
+    for (xk, dk) in x.iter_mut().zip(d) {
+        xk[..n].copy_from_slice(&dk[c..c + n]);
+    }
+    let mut y = [[0f32; L]; 16];
+    for l in 0..L {
+        // Bᵀ d (rows), column j: t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3.
+        let t: [[f32; 4]; 4] = std::array::from_fn(|j| [x[j][l] - x[8 + j][l], x[4 + j][l] + x[8 + j][l], x[8 + j][l] - x[4 + j][l], x[4 + j][l] - x[12 + j][l]]);
+        // (Bᵀ d) B (columns), row i.
+        for i in 0..4 {
+            y[4 * i][l] = t[0][i] - t[2][i];
+            y[4 * i + 1][l] = t[1][i] + t[2][i];
+            y[4 * i + 2][l] = t[2][i] - t[1][i];
+            y[4 * i + 3][l] = t[1][i] - t[3][i];
+        }
+    }
+    for (k, yk) in y.iter().enumerate() {
+        v[k * cin + c..][..n].copy_from_slice(&yk[..n]);
+    }
+}
+
+with_avx2! {
+    /// V = Bᵀ d B of one 4×4 input tile, every channel at once: `d` the tile's 16 pixels
+    /// row-major, `v` 16 rows of `cin` channels (row ξ = 4i + j). Adds and subtracts only.
+    fn winograd_input_tile(d: &[&[f32]; 16], v: &mut [f32]) {
+        const L: usize = WINOGRAD_LANES;
+        let cin = v.len() / 16;
+        let full = cin / L * L;
+        for c in (0..full).step_by(L) {
+            winograd_input_lanes(d, v, cin, c, L);
+        }
+        if full < cin {
+            winograd_input_lanes(d, v, cin, full, cin - full);
+        }
+    }
+}
+
+/// Y = Aᵀ M A + bias for channels c..c + n of one tile, as [`winograd_input_lanes`].
+#[inline(always)]
+fn winograd_output_lanes(m: &[f32], bias: &[f32], y0: &mut [f32], y1: &mut [f32], c: usize, n: usize) {
+    const L: usize = WINOGRAD_LANES;
+    let cout = bias.len();
+    let mut x = [[0f32; L]; 16];
+    for (k, xk) in x.iter_mut().enumerate() {
+        xk[..n].copy_from_slice(&m[k * cout + c..][..n]);
+    }
+    let mut b = [0f32; L];
+    b[..n].copy_from_slice(&bias[c..c + n]);
+    let mut y = [[0f32; L]; 4];
+    for l in 0..L {
+        // Aᵀ M (rows), column j: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3.
+        let s0: [f32; 4] = std::array::from_fn(|j| x[j][l] + x[4 + j][l] + x[8 + j][l]);
+        let s1: [f32; 4] = std::array::from_fn(|j| x[4 + j][l] - x[8 + j][l] - x[12 + j][l]);
+        y[0][l] = s0[0] + s0[1] + s0[2] + b[l];
+        y[1][l] = s0[1] - s0[2] - s0[3] + b[l];
+        y[2][l] = s1[0] + s1[1] + s1[2] + b[l];
+        y[3][l] = s1[1] - s1[2] - s1[3] + b[l];
+    }
+    y0[c..c + n].copy_from_slice(&y[0][..n]);
+    y0[cout + c..][..n].copy_from_slice(&y[1][..n]);
+    y1[c..c + n].copy_from_slice(&y[2][..n]);
+    y1[cout + c..][..n].copy_from_slice(&y[3][..n]);
+}
+
+with_avx2! {
+    /// Y = Aᵀ M A + bias of one tile: `m` 16 rows of `cout` channels (row ξ = 4i + j), `y0` and
+    /// `y1` the two output pixels of the tile's first and second row (2·Cout each).
+    fn winograd_output_tile(m: &[f32], bias: &[f32], y0: &mut [f32], y1: &mut [f32]) {
+        const L: usize = WINOGRAD_LANES;
+        let cout = bias.len();
+        let full = cout / L * L;
+        for c in (0..full).step_by(L) {
+            winograd_output_lanes(m, bias, y0, y1, c, L);
+        }
+        if full < cout {
+            winograd_output_lanes(m, bias, y0, y1, full, cout - full);
+        }
+    }
+}
+
+/// A 3×3 convolution (stride 1, zero padding 1) as Winograd F(2×2, 3×3) (Lavin & Gray 2015,
+/// "Fast Algorithms for Convolutional Neural Networks"): each 2×2 block of outputs comes from a
+/// 4×4 input tile as Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A, so the channel mixing is 16 GEMMs
+/// [tiles, Cin]·[Cin, Cout] over P/4 tiles: 16/36 of direct convolution's multiply-adds. Per
+/// band of tile rows (bounded scratch, as [`conv_taps`]): the input transform into V
+/// [tiles, 16, Cin], the 16 GEMMs into M [tiles, 16, Cout], the output transform + bias (+ SiLU)
+/// into the output rows; a last tile row or column past an odd height or width computes its
+/// outputs and drops them. `src(b, y, x)` as in [`conv_blocks`]; `weight` is [Cout, Cin, 3, 3].
+/// Rounding: the transforms add a few f32 roundings per output; on the decoder's statistics the
+/// relative L2 against the f64 twin is 3e-7, as the GEMM path's (tests/fast.rs).
+#[allow(clippy::too_many_arguments)]
+fn conv_winograd<'a>(src: impl Fn(usize, usize, usize) -> &'a [f32] + Sync, weight: &[f32], bias: Option<&[f32]>, batch: usize, oh: usize, ow: usize, cin: usize, cout: usize, silu: bool, out: &mut [f32]) {
+    let u = winograd_weights(weight, cin, cout);
+    let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+    let band = (WINOGRAD_TILES / tw).clamp(1, th); // tile rows per band
+    let zeros = vec![0f32; cin.max(cout)];
+    let bias_row = bias.unwrap_or(&zeros[..cout]);
+    let run_band = |b: usize, ty0: usize, o: &mut [f32], v: &mut Vec<f32>, m: &mut Vec<f32>, par: Threads| {
+        let trows = (o.len() / (ow * cout)).div_ceil(2);
+        let tiles = trows * tw;
+        v.resize(tiles * 16 * cin, 0.0);
+        m.resize(tiles * 16 * cout, 0.0);
+        v.par_chunks_mut(tw * 16 * cin).enumerate().for_each(|(tr, vrow)| {
+            let y = 2 * (ty0 + tr); // the tile's first output row; its input rows start at y - 1
+            let sy: [Option<usize>; 4] = std::array::from_fn(|i| (y + i).checked_sub(1).filter(|&s| s < oh));
+            for (tx, vt) in vrow.chunks_exact_mut(16 * cin).enumerate() {
+                let d: [&[f32]; 16] = std::array::from_fn(|k| {
+                    let sx = (2 * tx + k % 4).checked_sub(1).filter(|&s| s < ow);
+                    match (sy[k / 4], sx) {
+                        (Some(sy), Some(sx)) => src(b, sy, sx),
+                        _ => &zeros[..cin],
+                    }
+                });
+                winograd_input_tile(&d, vt);
+            }
+        });
+        for xi in 0..16 {
+            gemm_into(tiles, cout, cin, m, xi * cout, 16 * cout, false, View::new(v, xi * cin, 16 * cin, 1), View::new(&u, xi * cin, 1, 16 * cin), par);
+        }
+        o.par_chunks_mut(2 * ow * cout).zip(m.par_chunks(tw * 16 * cout)).for_each(|(orow, mrow)| {
+            let (r0, r1) = orow.split_at_mut(ow * cout); // r1 is empty on a last odd row
+            let mut r1 = r1.chunks_mut(2 * cout);
+            for (y0, mt) in r0.chunks_mut(2 * cout).zip(mrow.chunks_exact(16 * cout)) {
+                match r1.next() {
+                    Some(y1) if y0.len() == 2 * cout => winograd_output_tile(mt, bias_row, y0, y1),
+                    y1 => {
+                        // A tile past the bottom or right edge: compute all four, keep those inside.
+                        let mut t = vec![0f32; 4 * cout];
+                        let (t0, t1) = t.split_at_mut(2 * cout);
+                        winograd_output_tile(mt, bias_row, t0, t1);
+                        y0.copy_from_slice(&t0[..y0.len()]);
+                        if let Some(y1) = y1 {
+                            y1.copy_from_slice(&t1[..y1.len()]);
+                        }
+                    }
+                }
+            }
+            if silu {
+                silu_in_place(orow);
+            }
+        });
+    };
+    let out = &mut out[..batch * oh * ow * cout];
+    let scratch = || (Vec::with_capacity(band * tw * 16 * cin), Vec::with_capacity(band * tw * 16 * cout));
+    // Bands per image, not per batch, choose between the two: an image's GEMMs then run the same
+    // way (same rows, same threading) alone or in a batch, so its bits do not depend on the batch.
+    if th.div_ceil(band) >= 2 * rayon::current_num_threads() {
+        out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(b, ob)| {
+            ob.par_chunks_mut(2 * band * ow * cout).enumerate().for_each_init(scratch, |(v, m), (i, o)| run_band(b, i * band, o, v, m, Threads::One))
+        });
+    } else {
+        let (mut v, mut m) = scratch();
+        for (b, ob) in out.chunks_mut(oh * ow * cout).enumerate() {
+            for (i, o) in ob.chunks_mut(2 * band * ow * cout).enumerate() {
+                run_band(b, i * band, o, &mut v, &mut m, Threads::All);
+            }
+        }
+    }
+}
+
 /// [`ops::conv2d`] (k×k, stride 1, zero padding k/2), optionally followed by SiLU (the CUDA
 /// kernel's fused epilogue).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
+    conv2d_on(ConvPath::Auto, x, weight, bias, batch, h, w, cin, cout, kernel, silu, out);
+}
+
+/// [`conv2d`] with the 3×3 algorithm chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_on(path: ConvPath, x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, kernel: usize, silu: bool, out: &mut [f32]) {
     let src = |b: usize, y: usize, xx: usize| &x[((b * h + y) * w + xx) * cin..][..cin];
-    conv_blocks(src, weight, bias, batch, h, w, cin, cout, kernel, silu, out);
+    conv_blocks(path, src, weight, bias, batch, h, w, cin, cout, kernel, silu, out);
 }
 
 /// [`ops::upsample_conv2d`]: the 3×3 conv reads the nearest-2× upsampled input in place, then
 /// the pixel-shuffle shortcut is added row by row.
 #[allow(clippy::too_many_arguments)]
 pub fn upsample_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, shortcut: bool, out: &mut [f32]) {
+    upsample_conv2d_on(ConvPath::Auto, x, weight, bias, batch, h, w, cin, cout, shortcut, out);
+}
+
+/// [`upsample_conv2d`] with the 3×3 algorithm chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn upsample_conv2d_on(path: ConvPath, x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, shortcut: bool, out: &mut [f32]) {
     let (hh, ww) = (2 * h, 2 * w);
     let src = |b: usize, y: usize, xx: usize| &x[((b * h + y / 2) * w + xx / 2) * cin..][..cin];
-    conv_blocks(src, weight, bias, batch, hh, ww, cin, cout, 3, false, out);
+    conv_blocks(path, src, weight, bias, batch, hh, ww, cin, cout, 3, false, out);
     if shortcut {
         let r = 4 * cout / cin;
         out[..batch * hh * ww * cout].par_chunks_mut(ww * cout).enumerate().for_each(|(row, o)| {

@@ -257,6 +257,86 @@ fn convs_match_twins() {
     }
 }
 
+/// Standard normal samples (Box-Muller), scaled by `std`.
+fn normal_vec(rng: &mut rand::rngs::StdRng, n: usize, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u1, u2): (f32, f32) = (rng.random_range(f32::EPSILON..1.0), rng.random_range(0.0..1.0));
+            std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect()
+}
+
+#[test]
+fn winograd_convs_match_twins() {
+    let mut r = rng(14);
+    // The Winograd path forced on (whatever `WINOGRAD_MIN_CHANNELS` says): 1-pixel, 1-row and
+    // 1-column images (tiles past both edges), odd and even heights and widths (a last tile row
+    // or column half outside), channel counts off any vector width; 2x37x67 is three bands of 7
+    // tile rows per image, six in all (the band-parallel path), 1x3x70 one band (the
+    // GEMM-parallel path). Tolerance 1e-6 as the GEMM paths: F(2x2, 3x3)'s transforms add only
+    // a few f32 roundings (see `winograd_error_on_decoder_like_convs`).
+    for (b, h, w, cin, cout) in [(1, 1, 1, 3, 2), (1, 1, 7, 5, 4), (1, 6, 1, 4, 3), (2, 5, 7, 17, 9), (1, 8, 6, 33, 20), (2, 37, 67, 6, 5), (1, 3, 70, 4, 3)] {
+        let x = rand_vec(&mut r, b * h * w * cin);
+        let (wt, bias) = (rand_vec(&mut r, cout * cin * 9), rand_vec(&mut r, cout));
+        for (bi, silu) in [(None, false), (Some(&bias[..]), true), (Some(&bias[..]), false)] {
+            let (mut f, mut p) = (vec![7.0; b * h * w * cout], vec![0.0; b * h * w * cout]);
+            fast::conv2d_on(fast::ConvPath::Winograd, &x, &wt, bi, b, h, w, cin, cout, 3, silu, &mut f);
+            ops::conv2d(&x, &wt, bi, b, h, w, cin, cout, 3, &mut p);
+            if silu {
+                p.iter_mut().for_each(|v| *v = ops::silu(*v));
+            }
+            assert_close(&format!("winograd conv2d {b}x{h}x{w} {cin}->{cout} bias {} silu {silu}", bi.is_some()), &f, &p, 1e-6);
+        }
+    }
+    for (b, h, w, cin, cout, shortcut) in [(2, 17, 19, 8, 4, true), (1, 3, 5, 6, 3, false), (1, 1, 1, 4, 8, true), (2, 11, 33, 8, 4, true)] {
+        let x = rand_vec(&mut r, b * h * w * cin);
+        let (wt, bias) = (rand_vec(&mut r, cout * cin * 9), rand_vec(&mut r, cout));
+        let (mut f, mut p) = (vec![7.0; b * 4 * h * w * cout], vec![0.0; b * 4 * h * w * cout]);
+        fast::upsample_conv2d_on(fast::ConvPath::Winograd, &x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut f);
+        ops::upsample_conv2d(&x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut p);
+        assert_close(&format!("winograd upsample_conv2d {b}x{h}x{w} {cin}->{cout} shortcut {shortcut}"), &f, &p, 1e-6);
+    }
+}
+
+#[test]
+fn winograd_conv_is_batch_invariant() {
+    // An image's output alone and next to another image, bit for bit (the executor runs a whole
+    // batch through one call): 40x300 is 20 bands of one tile row per image (the band-parallel
+    // path), 36x40 two bands of 12 tile rows (GEMMs on all threads, split by columns: 64 output
+    // channels), 70x64 five bands of 8.
+    let mut r = rng(16);
+    for (h, w, cin, cout) in [(40, 300, 8, 9), (36, 40, 16, 64), (70, 64, 3, 4)] {
+        let (a, b) = (rand_vec(&mut r, h * w * cin), rand_vec(&mut r, h * w * cin));
+        let (wt, bias) = (rand_vec(&mut r, cout * cin * 9), rand_vec(&mut r, cout));
+        let mut alone = vec![0.0; h * w * cout];
+        fast::conv2d_on(fast::ConvPath::Winograd, &a, &wt, Some(&bias), 1, h, w, cin, cout, 3, true, &mut alone);
+        let mut both = vec![0.0; 2 * h * w * cout];
+        fast::conv2d_on(fast::ConvPath::Winograd, &[b, a].concat(), &wt, Some(&bias), 2, h, w, cin, cout, 3, true, &mut both);
+        assert!(alone == both[h * w * cout..], "winograd {h}x{w} {cin}->{cout}: the second image of a batch differs from it alone");
+    }
+}
+
+#[test]
+fn winograd_error_on_decoder_like_convs() {
+    // The decoder's statistics: activations ~N(0, 1), weights ~N(0, 1/(9 cin)) (unit-variance
+    // outputs), 128 to 512 channels, on a small image (edges and interior). Measured relative L2
+    // against the f64 twin (2026-12-04): Winograd 3.1e-7 to 3.4e-7, the GEMM path 3.5e-7 to
+    // 3.7e-7, so the GEMM paths' 1e-6 holds; the whole-model rule is 1e-4 against PyTorch.
+    let mut r = rng(15);
+    for (h, w, cin, cout) in [(9, 12, 128, 128), (6, 7, 256, 256), (4, 5, 512, 512)] {
+        let x = normal_vec(&mut r, h * w * cin, 1.0);
+        let (wt, bias) = (normal_vec(&mut r, cout * cin * 9, (1.0 / (9.0 * cin as f32)).sqrt()), normal_vec(&mut r, cout, 0.1));
+        let (mut f, mut g, mut p) = (vec![0.0; h * w * cout], vec![0.0; h * w * cout], vec![0.0; h * w * cout]);
+        fast::conv2d_on(fast::ConvPath::Winograd, &x, &wt, Some(&bias), 1, h, w, cin, cout, 3, false, &mut f);
+        fast::conv2d_on(fast::ConvPath::Gemm, &x, &wt, Some(&bias), 1, h, w, cin, cout, 3, false, &mut g);
+        ops::conv2d(&x, &wt, Some(&bias), 1, h, w, cin, cout, 3, &mut p);
+        let rel = |a: &[f32]| (a.iter().zip(&p).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / p.iter().map(|b| (*b as f64).powi(2)).sum::<f64>()).sqrt();
+        eprintln!("{h}x{w} {cin}->{cout}: relative L2 winograd {:.2e}, gemm {:.2e}", rel(&f), rel(&g));
+        assert_close(&format!("winograd conv2d {h}x{w} {cin}->{cout}"), &f, &p, 1e-6);
+    }
+}
+
 #[test]
 fn rmsnorm_relu_conv2d_matches_twin() {
     let mut r = rng(12);
