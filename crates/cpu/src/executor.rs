@@ -343,9 +343,13 @@ impl CpuExecutor {
                 f(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), b, *h, *w, 2 * cols, *kernel, y)
             }
             Op::MixFfnInvertedGlu { x, weight, bias, dw_weight, dw_bias, h, w } => {
-                let (b, k) = (out_shape.dims()[0], g.shape(*x).last());
+                let k = g.shape(*x).last();
                 let f = if fast { fast::mixffn_inverted_glu } else { ops::mixffn_inverted_glu };
-                f(view.get(*x), view.get(*weight), bias.map(|bb| view.get(bb)), view.get(*dw_weight), dw_bias.map(|bb| view.get(bb)), b, *h, *w, k, 2 * cols, y)
+                let (wv, bv, dw, dwb) = (view.get(*weight), bias.map(|bb| view.get(bb)), view.get(*dw_weight), dw_bias.map(|bb| view.get(bb)));
+                // Its GEMM per image like a `Linear`'s, so the node and its two-op form give the same bits.
+                for (xi, yi) in per_image(g, &out_shape, view.get(*x), k, y) {
+                    f(xi, wv, bv, dw, dwb, yi.len() / (h * w * cols).max(1), *h, *w, k, 2 * cols, yi);
+                }
             }
             Op::LinearResidual { x, w, bias, residual } => {
                 let k = g.shape(*x).last();

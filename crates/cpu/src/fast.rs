@@ -1054,10 +1054,7 @@ pub fn mixffn_inverted_glu(
     out: &mut [f32],
 ) {
     let mut inverted = vec![0f32; batch * h * w * c2];
-    // One GEMM per image, as the executor runs the two-op form's linear (`per_image`).
-    for (xi, yi) in x[..batch * h * w * k].chunks((h * w * k).max(1)).zip(inverted.chunks_mut((h * w * c2).max(1))) {
-        linear(xi, weight, bias, h * w, k, c2, yi);
-    }
+    linear(x, weight, bias, batch * h * w, k, c2, &mut inverted);
     // The same fast SiLU as the two-op graph's `silu_depthwise_conv_glu`: a MixFFN node
     // and its two-op form give the same bits, whichever a graph holds.
     silu_depthwise_conv_glu(&inverted, dw_weight, dw_bias, batch, h, w, c2, 3, out)
