@@ -8,7 +8,8 @@ stack, as OpenUni builds it) and projector, diffusers' SanaTransformer2DModel an
 batch size N: conditioning (2N rows padded to the longest prompt, attention mask; the way a batched
 transformers call runs), one transformer call on 2N rows, one decode of N latents, and a whole batch (20 steps of
 DPM-Solver++ with CFG through diffusers' scheduler, then decode). GPU: CUDA events, warm-up, median; CPU:
-perf_counter, same discipline. `--compile` adds torch.compile'd transformer/decoder timings.
+perf_counter, same discipline. `--compile` adds torch.compile'd transformer/decoder timings; `--compiled-only`
+times only those two (the eager columns come from another call: a device lease is short).
 
     ./target/release/openuni bench --variant b-512 --write-configs /tmp/cfg-b512
     python3 tools/bench_torch.py --configs /tmp/cfg-b512 --device cuda --dtype bf16 --batch 1,8,32 --json torch.json
@@ -115,6 +116,8 @@ def run(args):
     timer = Timer(device)
     results = []
     tr, vae = m["transformer"], m["vae"]
+    if args.compiled_only:
+        args.compile = True
     if args.compile:
         tr_c = torch.compile(tr)
         dec_c = torch.compile(vae.decoder)
@@ -168,15 +171,16 @@ def run(args):
             return vae.decoder(latents.to(dtype) / sf)
 
         r = dict(batch=n)
-        r["conditioning_ms"] = timer.median(condition, args.iters)
-        r["step_ms"] = timer.median(step, args.iters)
-        r["decode_ms"] = timer.median(decode, args.iters)
-        r["batch_ms"] = timer.median(whole, min(args.iters, 3))
-        r["images_per_s"] = n / (r["batch_ms"] * 1e-3)
+        if not args.compiled_only:
+            r["conditioning_ms"] = timer.median(condition, args.iters)
+            r["step_ms"] = timer.median(step, args.iters)
+            r["decode_ms"] = timer.median(decode, args.iters)
+            r["batch_ms"] = timer.median(whole, min(args.iters, 3))
+            r["images_per_s"] = n / (r["batch_ms"] * 1e-3)
         if args.compile:
             r["compiled_step_ms"] = timer.median(lambda: step(tr_c), args.iters, warmup=3)
             r["compiled_decode_ms"] = timer.median(lambda: decode(dec_c), args.iters, warmup=3)
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and not args.compiled_only:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             decode()
@@ -206,8 +210,12 @@ def compare(ours_path, torch_path):
         t = by_n.get(r["batch"])
         if t is None:
             continue
-        cells = [f"{t[k] / r[k]:>15.2f}x" for k in keys]
-        print(f"{r['batch']:>5} " + " ".join(cells) + f" {r['images_per_s']:>7.2f} vs {t['images_per_s']:<6.2f}")
+        cells = [f"{t[k] / r[k]:>15.2f}x" if k in t and k in r else f"{'-':>16}" for k in keys]
+        ips = f" {r['images_per_s']:>7.2f} vs {t['images_per_s']:<6.2f}" if "images_per_s" in t else ""
+        print(f"{r['batch']:>5} " + " ".join(cells) + ips)
+        for k, ok in (("compiled_step_ms", "step_ms"), ("compiled_decode_ms", "decode_ms")):
+            if k in t and ok in r:
+                print(f"{'':>5} {ok} vs torch.compile: {t[k]:.2f} / {r[ok]:.2f} ms = {t[k] / r[ok]:.2f}x")
 
 
 def sgemm_server(threads):
@@ -242,6 +250,7 @@ def main():
     ap.add_argument("--size", type=int)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compiled-only", action="store_true", help="time only the torch.compile'd step and decode")
     ap.add_argument("--json")
     ap.add_argument("--compare", nargs=2, metavar=("OURS_JSON", "TORCH_JSON"))
     ap.add_argument("--sgemm-server", action="store_true", help="time F.linear calls for benches/gemm.rs (stdin/stdout)")

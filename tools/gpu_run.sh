@@ -21,7 +21,8 @@
 #      5. torch.compile for b-512, the l-512 / l-1024 benches, chat benches, PTX re-runs, sanitizers.
 #    kernels = steps 1, 4 and the PTX/sanitizer part of 5; pipeline = 2, 3 and the rest of 5; quick = the
 #    kernel tests and benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against
-#    PyTorch eager (a re-check after a change, for the few device minutes a second call has).
+#    PyTorch eager (a re-check after a change, for the few device minutes a second call has); measure = the
+#    pipeline numbers after an earlier run's kernel tests passed (see the phase below for its order).
 #    It points LD_LIBRARY_PATH (libnvrtc, libcublasLt) and CUDA_INCLUDE_DIRS at /usr/local/cuda and writes
 #    to $OUT (default ./gpu-out) at most 8 files: summary.txt (printed last), env.txt and results.tar.gz
 #    (tests.log, bench.log, sanitizer.log, bench.jsonl, the JSON of both benches, ratios.txt, images).
@@ -84,7 +85,7 @@ PY
 fi
 
 PHASE="${1:-all}"
-case "$PHASE" in kernels|pipeline|all|quick) ;; *) echo "usage: bash tools/gpu_run.sh [--build | kernels | pipeline | all | quick]" >&2; exit 2;; esac
+case "$PHASE" in kernels|pipeline|all|quick|measure) ;; *) echo "usage: bash tools/gpu_run.sh [--build | kernels | pipeline | all | quick | measure]" >&2; exit 2;; esac
 if [ ! -d "$GPU_DIR" ]; then
   echo "no .gpu/ folder: build the executables first with 'bash tools/gpu_run.sh --build' on the CPU machine" >&2
   exit 2
@@ -174,12 +175,13 @@ torch_site() {
 }
 bench_pair() { # variant batches iters compile(0/1)
   local v="$1" b="$2" it="$3" c="$4"
-  run_step "openuni bench $v b$b" "$WORK/bench.log" 240 "$OU" bench --variant "$v" --batch "$b" --device cuda --dtype bf16 --iters "$it" --profile --json "$WORK/ours-$v.json"
+  local ours="$WORK/ours-$v-b${b//,/_}.json"  # one file per call: a later pair of the variant keeps this one
+  run_step "openuni bench $v b$b" "$WORK/bench.log" 240 "$OU" bench --variant "$v" --batch "$b" --device cuda --dtype bf16 --iters "$it" --profile --json "$ours"
   torch_site
   local extra=(); [ "$c" = 1 ] && extra=(--compile)
   PYTHONPATH="$SITE" run_step "torch bench $v b$b${extra:+ compile}" "$WORK/bench.log" 300 python3 tools/bench_torch.py --configs "$GPU_DIR/configs/$v" --device cuda --dtype bf16 --batch "$b" --iters "$it" "${extra[@]}" --json "$WORK/torch-$v${extra:+-compile}.json"
-  if [ -f "$WORK/ours-$v.json" ] && [ -f "$WORK/torch-$v${extra:+-compile}.json" ]; then
-    { echo "== $v (torch${extra:+ with compile})"; python3 tools/bench_torch.py --compare "$WORK/ours-$v.json" "$WORK/torch-$v${extra:+-compile}.json"; } >> "$WORK/ratios.txt" 2>&1
+  if [ -f "$ours" ] && [ -f "$WORK/torch-$v${extra:+-compile}.json" ]; then
+    { echo "== $v (torch${extra:+ with compile})"; python3 tools/bench_torch.py --compare "$ours" "$WORK/torch-$v${extra:+-compile}.json"; } >> "$WORK/ratios.txt" 2>&1
   fi
   pack
 }
@@ -195,6 +197,37 @@ if [ "$PHASE" = quick ]; then
     run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
   done
   bench_pair b-512 32 10 0
+  PHASE=done
+fi
+
+# measure: after the kernel tests of an earlier run passed (docs/gpu-results.md), the pipeline numbers a
+# lease is for, in order of value: the kernel tests of kernels changed since ($GPU_MEASURE_TESTS), the
+# benches of the kernels changed most ($GPU_MEASURE_FIRST_BENCHES), b-512
+# batch 1 and 32 against PyTorch eager, every reference case through `verify` on the device, l-1024 batch 32
+# against eager, the torch.compile'd b-512 step and decode, the changed kernels' benches
+# ($GPU_MEASURE_BENCHES), then the sanitizers while time lasts.
+if [ "$PHASE" = measure ]; then
+  for t in ${GPU_MEASURE_TESTS:-cuda_norm_conv cuda_linear_attention cuda_misc cuda_mixffn_inverted_glu cuda_norm cuda_elementwise cuda_attention_sm90 cuda_conv_sm90 backend executor gemm_choice}; do
+    run_step "test $t" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1
+  done
+  for b in ${GPU_MEASURE_FIRST_BENCHES:-norm_conv}; do
+    run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
+  done
+  bench_pair b-512 1,32 10 0
+  CASES=(); for d in tests/fixtures/*/; do [ -f "$d/case.json" ] && CASES+=("$d"); done
+  for dtype in bf16 f32; do
+    run_step "verify cases cuda $dtype" "$WORK/tests.log" 60 "$OU" verify "${CASES[@]}" --device cuda --dtype "$dtype"
+  done
+  bench_pair l-1024 32 5 0
+  torch_site
+  PYTHONPATH="$SITE" run_step "torch bench b-512 b32 compiled" "$WORK/bench.log" 200 python3 tools/bench_torch.py --configs "$GPU_DIR/configs/b-512" --device cuda --dtype bf16 --batch 32 --iters 10 --compiled-only --json "$WORK/torch-b-512-compiled.json"
+  [ -f "$WORK/torch-b-512-compiled.json" ] && [ -f "$WORK/ours-b-512-b1_32.json" ] && { echo "== b-512 (torch.compile)"; python3 tools/bench_torch.py --compare "$WORK/ours-b-512-b1_32.json" "$WORK/torch-b-512-compiled.json"; } >> "$WORK/ratios.txt" 2>&1
+  for b in ${GPU_MEASURE_BENCHES:-linear_attention misc conv}; do
+    run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
+  done
+  for t in cuda_linear_attention cuda_attention_sm90; do
+    run_step "memcheck $t" "$WORK/sanitizer.log" 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$GPU_DIR/test-$t" --test-threads=1
+  done
   PHASE=done
 fi
 

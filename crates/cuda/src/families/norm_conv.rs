@@ -8,12 +8,14 @@ use super::{i32_arg, suffix, Ctx, Launch};
 use crate::device::KArg;
 use crate::error::{CudaError, Result};
 
-/// Output tile of one CTA (`NC_TW` × `NC_TH` pixels, one per thread).
+/// Output tile of one CTA (`NC_TW` × `NC_TH` pixels; a thread owns 4 pixels of one column).
 const TILE_W: usize = 32;
-const TILE_H: usize = 4;
+const TILE_H: usize = 16;
+/// Threads per CTA (`NC_THREADS`).
+const THREADS: usize = 128;
 /// Most output channels the kernel accumulates (`NC_MAX_COUT`): DC-AE's conv_out has 3.
 pub const MAX_COUT: usize = 4;
-/// Largest (odd) kernel (`NC_MAX_K`).
+/// Largest kernel (`NC_MAX_K`); the kernel is 1 or 3.
 pub const MAX_KERNEL: usize = 3;
 
 /// The pointers and shape of one call; `nb` and `b` may be 0 (absent).
@@ -40,15 +42,15 @@ fn invalid(msg: String) -> CudaError {
 }
 
 /// `rmsnorm_relu_conv2d_<dtype>`: `y = conv(relu(rmsnorm(x)))`; no launch for an empty output.
-/// Refuses more than [`MAX_COUT`] output channels or a kernel that is even or above
+/// Refuses more than [`MAX_COUT`] output channels or a kernel size other than 1 or
 /// [`MAX_KERNEL`], naming the value.
 pub fn rmsnorm_relu_conv2d(a: &NormConvArgs) -> Result<Vec<Launch>> {
     let kernel = format!("rmsnorm_relu_conv2d_{}", suffix(a.dtype)?);
     if a.cout > MAX_COUT {
         return Err(invalid(format!("{} output channels, the kernel computes at most {MAX_COUT}", a.cout)));
     }
-    if a.kernel.is_multiple_of(2) || a.kernel > MAX_KERNEL {
-        return Err(invalid(format!("kernel size {}, expected an odd size up to {MAX_KERNEL}", a.kernel)));
+    if a.kernel != 1 && a.kernel != MAX_KERNEL {
+        return Err(invalid(format!("kernel size {}, expected 1 or {MAX_KERNEL}", a.kernel)));
     }
     if a.batch == 0 || a.h == 0 || a.w_px == 0 || a.cout == 0 {
         return Ok(vec![]);
@@ -72,7 +74,7 @@ pub fn rmsnorm_relu_conv2d(a: &NormConvArgs) -> Result<Vec<Launch>> {
         KArg::F32(a.eps),
     ];
     let grid = (a.w_px.div_ceil(TILE_W) as u32, gy as u32, a.batch as u32);
-    Ok(vec![Launch { kernel, grid, block: ((TILE_W * TILE_H) as u32, 1, 1), smem: 0, args }])
+    Ok(vec![Launch { kernel, grid, block: (THREADS as u32, 1, 1), smem: 0, args }])
 }
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
