@@ -537,18 +537,29 @@ __device__ __forceinline__ void depthwise_conv2d(const T* x, const T* w, const T
 // = dw(u) * silu(dw(g)), so the 2c-channel conv output (SANA's widest activation) is never stored.
 // With SILU_IN the input is silu(x) (GLUMBConv's conv_inverted activation, applied here as x loads).
 //
-// A block owns one tile of DWG_ROWS x DWG_COLS output pixels of one image and DWG_CHANNELS output
-// channels. It stages the tile's input with its 1-pixel halo, u and g halves, in shared memory (zero
-// outside the image, the SiLU applied once per staged element), then each thread computes outputs of
-// one channel from shared memory. The SiLU of the input is why this is staged: computed per tap read
-// (as a register-only kernel would) it costs about 4.5 exponentials and divisions per input element
-// and bounds the kernel by arithmetic (5% of the copy bandwidth on an H200, docs/gpu-plan.md).
+// A block of DWG_THREADS owns one tile of DWG_ROWS x DWG_COLS output pixels of one image and
+// DWG_CHANNELS output channels. It stages the tile's input with its 1-pixel halo, u and g halves,
+// in shared memory (zero outside the image, the SiLU applied once per staged element), then each
+// thread computes outputs from shared memory. The SiLU of the input is why this is staged:
+// computed per tap read (as a register-only kernel would) it costs about 4.5 exponentials and
+// divisions per input element and bounds the kernel by arithmetic (5% of the copy bandwidth on an
+// H200, docs/gpu-results.md run 1).
+//
+// Staging reads 16-byte vectors (8 bf16 / 4 f32 channels), all of a thread's loads issued before
+// any is used, when the channel count and the pointer allow (`c` a multiple of the vector width,
+// x 16-byte aligned); else one element per load. The first staged version read one 2-byte element
+// per load, one load in flight per thread, which holds too few bytes in flight to cover the
+// memory latency (about 4 KB per SM). A thread then computes 4 consecutive output columns of one
+// row and one channel: the 3 x 6 staged pixels of each half serve all 4 (9 shared loads per
+// output instead of 18), lanes on consecutive channels (no bank conflicts).
 template <typename T, bool SILU_IN>
 __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                                             T* __restrict__ y, int batch, int h, int wd, int c) {
-    constexpr int TR = DWG_ROWS, TC = DWG_COLS, CB = DWG_CHANNELS;
+    constexpr int TR = DWG_ROWS, TC = DWG_COLS, CB = DWG_CHANNELS, NT = DWG_THREADS;
     constexpr int SR = TR + 2, SC = TC + 2;  // staged rows and columns (halo included)
-    __shared__ float S[SR * SC][2][CB];      // [pixel][u | g][channel]
+    constexpr int SX = 4;                    // output columns per thread
+    static_assert(TC % SX == 0 && (TR * TC / SX * CB) % NT == 0 && NT % CB == 0, "tile and block disagree");
+    __shared__ __align__(16) float S[SR * SC][2][CB];  // [pixel][u | g][channel]
     const int cin = 2 * c;
     const int c0 = blockIdx.y * CB;
     const int col_tiles = (wd + TC - 1) / TC, row_tiles = (h + TR - 1) / TR;
@@ -557,7 +568,7 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
     const int y0 = ((tile / col_tiles) % row_tiles) * TR;
     const int b = tile / (col_tiles * row_tiles);
     const int tid = threadIdx.x;
-    const int cl = tid % CB;  // this thread's channel in the compute phase
+    const int cl = tid % CB;  // this thread's channel in the compute phase (the same for all its strips)
     const bool ch_in = c0 + cl < c;
 
     // The thread's 9 + 9 weights and 2 biases, read before the staging so the loads overlap.
@@ -569,36 +580,85 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
     }
     if (bias && ch_in) bu = to_f32(bias[c0 + cl]), bg = to_f32(bias[c0 + cl + c]);
 
-    // Stage: element i = (pixel, half, channel), channel fastest so a warp reads 32 consecutive channels.
-    for (int i = tid; i < SR * SC * 2 * CB; i += blockDim.x) {
-        const int ch = i % CB, half = (i / CB) % 2, p = i / (2 * CB);
-        const int iy = y0 - 1 + p / SC, ix = x0 - 1 + p % SC;
-        float v = 0.f;
-        if (iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + ch < c) {
-            v = to_f32(x[(((i64)b * h + iy) * wd + ix) * cin + half * c + c0 + ch]);
-            // Fast SiLU (a few ulp of f32, far below bf16's rounding); the clamp keeps the divisor
-            // finite and below 2^126, where __fdividef would return 0 or NaN.
-            if constexpr (SILU_IN) v = __fdividef(v, 1.f + __expf(fminf(-v, 80.f)));
+    // Fast SiLU (a few ulp of f32, far below bf16's rounding); the clamp keeps the divisor finite
+    // and below 2^126, where __fdividef would return 0 or NaN.
+    auto silu = [](float v) { return __fdividef(v, 1.f + __expf(fminf(-v, 80.f))); };
+    constexpr int V = Vec16<T>::N;
+    if (c % V == 0 && aligned16(x)) {
+        // Stage by vectors: element i = (pixel, half, vector), vector fastest. With c % V == 0 a
+        // vector lies wholly inside or outside the channel range, and every one is 16-byte aligned.
+        constexpr int G = CB / V, N = SR * SC * 2 * G, PER = (N + NT - 1) / NT;
+        float v[PER][V];
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int i = tid + k * NT, g = i % G, half = (i / G) % 2, p = i / (2 * G);
+            const int iy = y0 - 1 + p / SC, ix = x0 - 1 + p % SC;
+            if (i < N && iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + g * V < c) {
+                load_vec<T>(x + (((i64)b * h + iy) * wd + ix) * cin + half * c + c0 + g * V, v[k]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < V; ++e) v[k][e] = 0.f;
+            }
         }
-        S[p][half][ch] = v;
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int i = tid + k * NT, g = i % G, half = (i / G) % 2, p = i / (2 * G);
+            if (i >= N) break;
+            float* dst = &S[p][half][g * V];
+#pragma unroll
+            for (int e = 0; e < V; e += 4) {
+                float4 q;
+                q.x = SILU_IN ? silu(v[k][e]) : v[k][e];
+                q.y = SILU_IN ? silu(v[k][e + 1]) : v[k][e + 1];
+                q.z = SILU_IN ? silu(v[k][e + 2]) : v[k][e + 2];
+                q.w = SILU_IN ? silu(v[k][e + 3]) : v[k][e + 3];
+                *reinterpret_cast<float4*>(dst + e) = q;  // silu(0) = 0: the padding stays zero
+            }
+        }
+    } else {
+        // Stage by elements: channel fastest, so a warp reads 32 consecutive channels.
+        for (int i = tid; i < SR * SC * 2 * CB; i += NT) {
+            const int ch = i % CB, half = (i / CB) % 2, p = i / (2 * CB);
+            const int iy = y0 - 1 + p / SC, ix = x0 - 1 + p % SC;
+            float v = 0.f;
+            if (iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + ch < c) {
+                v = to_f32(x[(((i64)b * h + iy) * wd + ix) * cin + half * c + c0 + ch]);
+                if constexpr (SILU_IN) v = silu(v);
+            }
+            S[p][half][ch] = v;
+        }
     }
     __syncthreads();  // the only barrier: every thread reaches it (no early return above)
 
     if (!ch_in) return;
-    for (int q = tid / CB; q < TR * TC; q += blockDim.x / CB) {
-        const int oy = q / TC, ox = q % TC;
-        if (y0 + oy >= h || x0 + ox >= wd) continue;
-        float au = bu, ag = bg;
+    // Strips of SX output columns of one row: item = strip * CB + channel.
+    for (int item = tid; item < TR * TC / SX * CB; item += NT) {
+        const int strip = item / CB, oy = strip / (TC / SX), ox0 = (strip % (TC / SX)) * SX;
+        if (y0 + oy >= h || x0 + ox0 >= wd) continue;
+        float au[SX], ag[SX];
 #pragma unroll
-        for (int dy = 0; dy < 3; ++dy)
+        for (int j = 0; j < SX; ++j) au[j] = bu, ag[j] = bg;
 #pragma unroll
-            for (int dx = 0; dx < 3; ++dx) {
-                const int p = (oy + dy) * SC + ox + dx;
-                au += wu[dy * 3 + dx] * S[p][0][cl];
-                ag += wg[dy * 3 + dx] * S[p][1][cl];
+        for (int dy = 0; dy < 3; ++dy) {
+#pragma unroll
+            for (int sx = 0; sx < SX + 2; ++sx) {
+                const int p = (oy + dy) * SC + ox0 + sx;
+                const float su = S[p][0][cl], sg = S[p][1][cl];
+#pragma unroll
+                for (int j = 0; j < SX; ++j) {
+                    const int dx = sx - j;
+                    if (dx < 0 || dx > 2) continue;
+                    au[j] += wu[dy * 3 + dx] * su;
+                    ag[j] += wg[dy * 3 + dx] * sg;
+                }
             }
-        const float o = au * (ag / (1.f + expf(-ag)));
-        y[(((i64)b * h + y0 + oy) * wd + x0 + ox) * c + c0 + cl] = from_f32<T>(o);
+        }
+        T* yp = y + (((i64)b * h + y0 + oy) * wd + x0 + ox0) * c + c0 + cl;
+#pragma unroll
+        for (int j = 0; j < SX; ++j) {
+            if (x0 + ox0 + j >= wd) break;
+            yp[(i64)j * c] = from_f32<T>(au[j] * silu(ag[j]));
+        }
     }
 }
 

@@ -58,7 +58,8 @@ enum Command {
         /// --device emu 1].
         #[arg(long, value_parser = usize_in(limits::ITERS.0, limits::ITERS.1))]
         iters: Option<usize>,
-        /// Also profile every op of the conditioning, step and decode graphs.
+        /// Also profile every op of the conditioning, step and decode graphs (with --plan: each
+        /// stage's counted launches, FLOPs and bytes by op).
         #[arg(long)]
         profile: bool,
         /// Write the report as JSON to this file.
@@ -383,7 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             let iters = iters.unwrap_or(if emu { 1 } else { 10 });
             if plan {
                 let opts = openuni::bench::plan::PlanOptions { variant, batches: batch, steps, size, json, command: std::env::args().collect::<Vec<_>>().join(" ") };
-                print!("{}", openuni::bench::plan::render(&openuni::bench::plan::run(&opts)?));
+                print!("{}", openuni::bench::plan::render(&openuni::bench::plan::run(&opts)?, profile));
                 return Ok(true);
             }
             let device = Device::parse(&device)?;

@@ -427,14 +427,16 @@ fn repeat_channels_matches_cpu() {
 
 /// The 3x3 depthwise conv fused with GLUMBConv's gate: [.., 2c] -> [.., c] against the two CPU ops
 /// in a row; channel counts around the 32-channel block, images over several 4 x 16 tiles (halos
-/// that cross tile edges) and tiles that overhang the image.
+/// that cross tile edges) and tiles that overhang the image (the 4-column strips cut at the
+/// image's right edge). Channel counts that are multiples of the 16-byte vector (8, 40, 72, 80;
+/// f32 also 4) stage by vectors, the others (3, 33, 130, 133) by elements.
 #[test]
 fn depthwise_conv_glu_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(19);
     // (batch, h, w, c (output channels), bias)
     let cases: &[(usize, usize, usize, usize, bool)] =
-        &[(2, 3, 4, 8, true), (1, 1, 1, 4, false), (2, 6, 4, 80, true), (1, 5, 7, 133, true), (2, 4, 3, 3, false), (1, 2, 2, 130, true), (2, 9, 35, 40, true)];
+        &[(2, 3, 4, 8, true), (1, 1, 1, 4, false), (2, 6, 4, 80, true), (1, 5, 7, 133, true), (2, 4, 3, 3, false), (1, 2, 2, 130, true), (2, 9, 35, 40, true), (1, 7, 19, 72, false)];
     for &(b, h, w, c, with_bias) in cases {
         let c2 = 2 * c;
         let x = rng.normals(b * h * w * c2, 0.1, 1.0);
@@ -475,7 +477,7 @@ fn silu_depthwise_conv_glu_matches_cpu() {
     let mut rng = Rng::new(23);
     // (batch, h, w, c (output channels), bias)
     let cases: &[(usize, usize, usize, usize, bool)] =
-        &[(2, 3, 4, 8, true), (1, 1, 1, 4, false), (1, 5, 7, 133, true), (2, 4, 3, 3, false), (1, 2, 2, 130, true), (3, 17, 18, 33, false)];
+        &[(2, 3, 4, 8, true), (1, 1, 1, 4, false), (1, 5, 7, 133, true), (2, 4, 3, 3, false), (1, 2, 2, 130, true), (3, 17, 18, 33, false), (2, 9, 35, 40, true), (1, 6, 20, 96, false)];
     for &(b, h, w, c, with_bias) in cases {
         let c2 = 2 * c;
         let x = rng.normals(b * h * w * c2, 0.1, 2.0);

@@ -21,6 +21,7 @@ constexpr int DW_CHANNELS = 128;  // depthwise: channels per block (32 threads x
 constexpr int DWG_CHANNELS = 32;  // depthwise 3x3 + GLU: output channels per block (u and g: 2x this)
 constexpr int DWG_ROWS = 4;       // depthwise 3x3 + GLU: output rows of a block's tile
 constexpr int DWG_COLS = 16;      // depthwise 3x3 + GLU: output columns of a block's tile
+constexpr int DWG_THREADS = 256;  // depthwise 3x3 + GLU: threads per block
 constexpr int GL_ROWS = 128;      // grouped_linear: rows per block
 constexpr int GL_COLS = 32;       // grouped_linear: outputs per block
 constexpr int MF_M = 256;         // mixffn_inverted_glu (kernels/mixffn_inverted_glu.cu): GEMM rows (tokens) per block

@@ -69,6 +69,19 @@ pub struct StagePlan {
     /// Roofline time of one pass per device in `ROOFS` order, ms (sum over nodes of
     /// max(flops/peak, bytes/bandwidth); launch latency and PCIe not included).
     pub model_ms: Vec<f64>,
+    /// The nodes' share of one pass by op kind, most bytes first (the staging casts and copies
+    /// the stage adds are in the totals above, not here).
+    pub ops: Vec<OpPlan>,
+}
+
+/// One op kind's nodes in a stage's pass.
+#[derive(Serialize, Default, Clone)]
+pub struct OpPlan {
+    pub op: String,
+    pub nodes: usize,
+    pub launches: usize,
+    pub flops: f64,
+    pub bytes: f64,
 }
 
 #[derive(Serialize)]
@@ -302,6 +315,7 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
     let numel_of = |g: &Graph, id| g.shape(id).numel() as f64;
     let weights: HashSet<_> = g.weights().map(|(id, _)| id).collect();
     let mut p = StagePlan { stage: stage.into(), runs_per_batch: runs, nodes: g.nodes.len(), model_ms: vec![0.0; ROOFS.len()], ..Default::default() };
+    let mut by_op: std::collections::BTreeMap<&str, OpPlan> = Default::default();
     for node in &g.nodes {
         let c = node_cost(g, node);
         // What the node runs as: one kernel, or (a MixFFN's two-op path) a GEMM and a depthwise GLU;
@@ -311,6 +325,11 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
         let bytes = (parts[0].elems + parts[1].elems) * es + extra;
         let weight_bytes: f64 = node.op.inputs().iter().filter(|i| weights.contains(i)).map(|&i| g.shape(i).numel() as f64 * es).sum();
         let launches = cuda_launches(g, node, dtype)?;
+        let op = by_op.entry(node.op.name()).or_insert_with(|| OpPlan { op: node.op.name().into(), ..Default::default() });
+        op.nodes += 1;
+        op.launches += launches;
+        op.flops += c.flops;
+        op.bytes += bytes;
         p.launches += launches;
         p.activation_bytes += bytes - weight_bytes;
         if matches!(node.op, Op::Linear { .. } | Op::LinearResidual { .. } | Op::MixFfnInvertedGlu { .. }) {
@@ -370,6 +389,8 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
         p.launches += 1;
         add_bytes(&mut p, v * (step_es + 4.0) + 2.0 * v * 4.0 + 2.0 * 2.0 * l * 4.0);
     }
+    p.ops = by_op.into_values().collect();
+    p.ops.sort_by(|a, b| b.bytes.total_cmp(&a.bytes));
     let (every_in, out) = io_bytes(g, es);
     p.htod_bytes_per_batch = runs as f64 * every_in;
     p.dtoh_bytes_per_batch = runs as f64 * out;
@@ -438,8 +459,8 @@ pub fn run(o: &PlanOptions) -> Result<PlanReport> {
     Ok(report)
 }
 
-/// The plan as a text table.
-pub fn render(r: &PlanReport) -> String {
+/// The plan as a text table; with `by_op`, each stage's ops below it (`--plan --profile`).
+pub fn render(r: &PlanReport, by_op: bool) -> String {
     use std::fmt::Write;
     let gb = |b: f64| b / 1e9;
     let mut s = String::new();
@@ -476,6 +497,16 @@ pub fn render(r: &PlanReport) -> String {
                 st.model_ms[0],
                 st.model_ms.get(1).copied().unwrap_or(0.0)
             );
+        }
+        if by_op {
+            for st in &b.stages {
+                let total: f64 = st.ops.iter().map(|o| o.bytes).sum();
+                let _ = writeln!(s, "  {} by op (one pass): {:>5} {:>8} {:>10} {:>9} {:>7}", st.stage, "nodes", "launches", "TF", "GB", "bytes");
+                for o in &st.ops {
+                    let share = if total > 0.0 { 100.0 * o.bytes / total } else { 0.0 };
+                    let _ = writeln!(s, "    {:<28} {:>5} {:>8} {:>10.3} {:>9.3} {:>6.1}%", o.op, o.nodes, o.launches, o.flops / 1e12, gb(o.bytes), share);
+                }
+            }
         }
         let _ = writeln!(
             s,

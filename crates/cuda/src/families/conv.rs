@@ -423,7 +423,7 @@ fn depthwise_launch(
 /// gate, `u · silu(g)` -> [.., c] (`c` output channels). With `silu_input`,
 /// `silu_depthwise_conv3_glu_<dtype>`: the same of `silu(x)`, the SiLU applied once per input element
 /// as the kernel stages it (GLUMBConv's `conv_inverted` activation; `Op::DepthwiseConvGlu` with
-/// `silu_input`). One block of 256 threads per tile of `DWG_ROWS` × `DWG_COLS` output pixels of one
+/// `silu_input`). One block of `DWG_THREADS` threads per tile of `DWG_ROWS` × `DWG_COLS` output pixels of one
 /// image and `DWG_CHANNELS` output channels (kernels/conv.cu, `dwconv3_glu`).
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv3_glu(
@@ -453,7 +453,7 @@ pub fn depthwise_conv3_glu(
     Ok(Launch {
         kernel: format!("{prefix}depthwise_conv3_glu_{}", suffix(dtype)?),
         grid: (gx, gy, 1),
-        block: (256, 1, 1),
+        block: (geometry::DWG_THREADS as u32, 1, 1),
         smem: 0,
         args,
     })
