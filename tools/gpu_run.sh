@@ -207,10 +207,11 @@ fi
 # against eager, the torch.compile'd b-512 step and decode, the changed kernels' benches
 # ($GPU_MEASURE_BENCHES), then the sanitizers while time lasts.
 if [ "$PHASE" = measure ]; then
-  for t in ${GPU_MEASURE_TESTS:-cuda_norm_conv cuda_linear_attention cuda_misc cuda_mixffn_inverted_glu cuda_norm cuda_elementwise cuda_attention_sm90 cuda_conv_sm90 backend executor gemm_choice}; do
-    run_step "test $t" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1
+  for t in ${GPU_MEASURE_TESTS:-cuda_norm_conv cuda_conv:glu cuda_mixffn_inverted_glu cuda_linear_attention cuda_misc cuda_norm cuda_elementwise cuda_attention_sm90 cuda_conv_sm90 backend executor gemm_choice}; do
+    f=""; [ "${t#*:}" != "$t" ] && f="${t#*:}" && t="${t%%:*}"  # NAME or NAME:FILTER
+    run_step "test $t${f:+ ($f)}" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1 $f
   done
-  for b in ${GPU_MEASURE_FIRST_BENCHES:-norm_conv}; do
+  for b in ${GPU_MEASURE_FIRST_BENCHES:-norm_conv mixffn_inverted_glu}; do
     run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
   done
   bench_pair b-512 1,32 10 0
