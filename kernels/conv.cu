@@ -571,14 +571,16 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
     const int cl = tid % CB;  // this thread's channel in the compute phase (the same for all its strips)
     const bool ch_in = c0 + cl < c;
 
-    // The thread's 9 + 9 weights and 2 biases, read before the staging so the loads overlap.
-    float wu[9], wg[9], bu = 0.f, bg = 0.f;
-#pragma unroll
-    for (int t = 0; t < 9; ++t) {
-        wu[t] = ch_in ? to_f32(w[(i64)(c0 + cl) * 9 + t]) : 0.f;
-        wg[t] = ch_in ? to_f32(w[(i64)(c0 + cl + c) * 9 + t]) : 0.f;
+    // The block's 2 x 9 weights and 2 biases per channel go through shared memory, loaded with the
+    // staging: held in registers from the start they would be live through it (the registers per
+    // thread, not shared memory, bound the blocks per SM).
+    __shared__ float Wt[2][10][CB];  // [u | g][tap 0..8, bias][channel]
+    for (int i = tid; i < 2 * 10 * CB; i += NT) {
+        const int ch = i % CB, t = (i / CB) % 10, half = i / (10 * CB), co = c0 + ch + half * c;
+        float v = 0.f;
+        if (c0 + ch < c) v = t < 9 ? to_f32(w[(i64)co * 9 + t]) : (bias ? to_f32(bias[co]) : 0.f);
+        Wt[half][t][ch] = v;
     }
-    if (bias && ch_in) bu = to_f32(bias[c0 + cl]), bg = to_f32(bias[c0 + cl + c]);
 
     // Fast SiLU (a few ulp of f32, far below bf16's rounding); the clamp keeps the divisor finite
     // and below 2^126, where __fdividef would return 0 or NaN.
@@ -587,18 +589,16 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
     if (c % V == 0 && aligned16(x)) {
         // Stage by vectors: element i = (pixel, half, vector), vector fastest. With c % V == 0 a
         // vector lies wholly inside or outside the channel range, and every one is 16-byte aligned.
+        // The loaded vectors stay raw (16 bytes: 4 registers for 8 bf16) until they are stored.
         constexpr int G = CB / V, N = SR * SC * 2 * G, PER = (N + NT - 1) / NT;
-        float v[PER][V];
+        Pack16<T> v[PER];
 #pragma unroll
         for (int k = 0; k < PER; ++k) {
             const int i = tid + k * NT, g = i % G, half = (i / G) % 2, p = i / (2 * G);
             const int iy = y0 - 1 + p / SC, ix = x0 - 1 + p % SC;
-            if (i < N && iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + g * V < c) {
-                load_vec<T>(x + (((i64)b * h + iy) * wd + ix) * cin + half * c + c0 + g * V, v[k]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < V; ++e) v[k][e] = 0.f;
-            }
+            v[k].raw = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits: 0 in bf16 and f32
+            if (i < N && iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + g * V < c)
+                v[k].raw = *reinterpret_cast<const uint4*>(x + (((i64)b * h + iy) * wd + ix) * cin + half * c + c0 + g * V);
         }
 #pragma unroll
         for (int k = 0; k < PER; ++k) {
@@ -608,10 +608,11 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
 #pragma unroll
             for (int e = 0; e < V; e += 4) {
                 float4 q;
-                q.x = SILU_IN ? silu(v[k][e]) : v[k][e];
-                q.y = SILU_IN ? silu(v[k][e + 1]) : v[k][e + 1];
-                q.z = SILU_IN ? silu(v[k][e + 2]) : v[k][e + 2];
-                q.w = SILU_IN ? silu(v[k][e + 3]) : v[k][e + 3];
+                q.x = to_f32(v[k].e[e]);
+                q.y = to_f32(v[k].e[e + 1]);
+                q.z = to_f32(v[k].e[e + 2]);
+                q.w = to_f32(v[k].e[e + 3]);
+                if constexpr (SILU_IN) q.x = silu(q.x), q.y = silu(q.y), q.z = silu(q.z), q.w = silu(q.w);
                 *reinterpret_cast<float4*>(dst + e) = q;  // silu(0) = 0: the padding stays zero
             }
         }
@@ -628,9 +629,13 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
             S[p][half][ch] = v;
         }
     }
-    __syncthreads();  // the only barrier: every thread reaches it (no early return above)
+    __syncthreads();  // the only barrier (staging and weights written): no early return above
 
     if (!ch_in) return;
+    float wu[9], wg[9];
+#pragma unroll
+    for (int t = 0; t < 9; ++t) wu[t] = Wt[0][t][cl], wg[t] = Wt[1][t][cl];
+    const float bu = Wt[0][9][cl], bg = Wt[1][9][cl];
     // Strips of SX output columns of one row: item = strip * CB + channel.
     for (int item = tid; item < TR * TC / SX * CB; item += NT) {
         const int strip = item / CB, oy = strip / (TC / SX), ox0 = (strip % (TC / SX)) * SX;
@@ -807,19 +812,21 @@ extern "C" __global__ void __launch_bounds__(256) depthwise_conv2d_f32(const flo
     ou::depthwise_conv2d<float>(x, w, bias, y, batch, h, wd, c, k);
 }
 
-extern "C" __global__ void __launch_bounds__(256) depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
+// The depthwise GLU: at most 48 registers in bf16 (5 blocks of 256 per SM, the shared memory of 5
+// fits), 64 in f32 (4 blocks; 48 would spill): blocks per SM are its memory-level parallelism.
+extern "C" __global__ void __launch_bounds__(256, 4) depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<float, false>(x, w, bias, y, batch, h, wd, c);
 }
 
-extern "C" __global__ void __launch_bounds__(256) depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
+extern "C" __global__ void __launch_bounds__(256, 5) depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<bf16, false>(x, w, bias, y, batch, h, wd, c);
 }
 
-extern "C" __global__ void __launch_bounds__(256) silu_depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
+extern "C" __global__ void __launch_bounds__(256, 4) silu_depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<float, true>(x, w, bias, y, batch, h, wd, c);
 }
 
-extern "C" __global__ void __launch_bounds__(256) silu_depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
+extern "C" __global__ void __launch_bounds__(256, 5) silu_depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<bf16, true>(x, w, bias, y, batch, h, wd, c);
 }
 
