@@ -66,21 +66,58 @@ __device__ __forceinline__ void rmsnorm_relu_conv2d(NormConvSmem& sm, const T* x
     const int y0 = blockIdx.y * NC_TH - P, x0 = blockIdx.x * NC_TW - P;
     const T* xb = x + (i64)blockIdx.z * h * wd * cin;
 
+    // With 16-byte vectors (cin a multiple of the vector width, x 16-byte aligned) both passes over
+    // x issue several wide loads per thread before using any: one element per load, one load in
+    // flight (the first version) left the kernel waiting on memory latency at 4-6% of the copy
+    // ceiling on an H200 (docs/gpu-results.md run 3).
+    constexpr int V = Vec16<T>::N;
+    const bool vec = cin % V == 0 && aligned16(x);
+
     // 1. 1/rms of every halo pixel (-1: outside the image).
     const int lane = tid & 31, warp = tid >> 5;
-    for (int q = warp; q < HP * WP; q += NC_THREADS / 32) {
-        const int r = q / WP, cc = q % WP, sy = y0 + r, sx = x0 + cc;
-        const bool inside = sy >= 0 && sy < h && sx >= 0 && sx < wd;  // the same for the whole warp
-        float s = 0.f;
-        if (inside) {
-            const T* px = xb + ((i64)sy * wd + sx) * cin;
-            for (int c = lane; c < cin; c += 32) {
-                const float v = to_f32(px[c]);
-                s += v * v;
+    if (vec) {
+        // Half a warp per pixel (lanes over its vectors), 4 pixels per half-warp in flight.
+        constexpr int PIX = NC_THREADS / 16, UN = 4;
+        const int half = lane >> 4, l16 = lane & 15;
+        for (int q0 = warp * 2; q0 < HP * WP; q0 += PIX * UN) {  // q0 is the warp's: both halves reach the shuffles
+            float sq[UN];
+#pragma unroll
+            for (int u = 0; u < UN; ++u) {
+                const int q = q0 + half + u * PIX, sy = y0 + q / WP, sx = x0 + q % WP;
+                sq[u] = 0.f;
+                if (q < HP * WP && sy >= 0 && sy < h && sx >= 0 && sx < wd) {
+                    const T* px = xb + ((i64)sy * wd + sx) * cin;
+                    for (int c = l16 * V; c < cin; c += 16 * V) {
+                        Pack16<T> pk;
+                        pk.raw = *reinterpret_cast<const uint4*>(px + c);
+#pragma unroll
+                        for (int e = 0; e < V; ++e) sq[u] += to_f32(pk.e[e]) * to_f32(pk.e[e]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UN; ++u) {
+                const float ss = warp_sum(sq[u], 16);
+                const int q = q0 + half + u * PIX, r = q / WP, cc = q % WP, sy = y0 + r, sx = x0 + cc;
+                if (l16 == 0 && q < HP * WP)
+                    rstd[r * NC_HS + cc] = (sy >= 0 && sy < h && sx >= 0 && sx < wd) ? 1.f / sqrtf(ss / (float)cin + eps) : -1.f;
             }
         }
-        s = warp_sum(s, 32);
-        if (lane == 0) rstd[r * NC_HS + cc] = inside ? 1.f / sqrtf(s / (float)cin + eps) : -1.f;
+    } else {
+        for (int q = warp; q < HP * WP; q += NC_THREADS / 32) {
+            const int r = q / WP, cc = q % WP, sy = y0 + r, sx = x0 + cc;
+            const bool inside = sy >= 0 && sy < h && sx >= 0 && sx < wd;  // the same for the whole warp
+            float sq = 0.f;
+            if (inside) {
+                const T* px = xb + ((i64)sy * wd + sx) * cin;
+                for (int c = lane; c < cin; c += 32) {
+                    const float v = to_f32(px[c]);
+                    sq += v * v;
+                }
+            }
+            sq = warp_sum(sq, 32);
+            if (lane == 0) rstd[r * NC_HS + cc] = inside ? 1.f / sqrtf(sq / (float)cin + eps) : -1.f;
+        }
     }
 
     float acc[NC_RPT][COUT];
@@ -105,15 +142,39 @@ __device__ __forceinline__ void rmsnorm_relu_conv2d(NormConvSmem& sm, const T* x
         }
         __syncthreads();  // rstd, nwc/nbc and wsm written; the previous chunk's tile fully read
         // 2b. relu(norm(x)) of the chunk's channels over the halo tile, channel-major.
-        for (int i = tid; i < HP * WP * NC_CC; i += NC_THREADS) {
-            const int q = i / NC_CC, c = i % NC_CC, ch = c0 + c, r = q / WP, cc = q % WP, hi = r * NC_HS + cc;
-            const float rs = rstd[hi];
-            float v = 0.f;
-            if (rs >= 0.f && ch < cin) {
-                const float xv = to_f32(xb[((i64)(y0 + r) * wd + x0 + cc) * cin + ch]);
-                v = fmaxf(xv * rs * nwc[c] + nbc[c], 0.f);
+        if (vec) {
+            // One vector per (pixel, vector of the chunk), all of a thread's loads issued first.
+            constexpr int G = NC_CC / V, N = HP * WP * G, PER = (N + NC_THREADS - 1) / NC_THREADS;
+            Pack16<T> pk[PER];
+#pragma unroll
+            for (int k = 0; k < PER; ++k) {
+                const int i = tid + k * NC_THREADS, q = i / G, g = i % G, r = q / WP, cc = q % WP;
+                pk[k].raw = make_uint4(0u, 0u, 0u, 0u);
+                if (i < N && rstd[r * NC_HS + cc] >= 0.f && c0 + g * V < cin)
+                    pk[k].raw = *reinterpret_cast<const uint4*>(xb + ((i64)(y0 + r) * wd + x0 + cc) * cin + c0 + g * V);
             }
-            tile[c][hi] = v;
+#pragma unroll
+            for (int k = 0; k < PER; ++k) {
+                const int i = tid + k * NC_THREADS, q = i / G, g = i % G, hi = q / WP * NC_HS + q % WP;
+                if (i >= N) break;
+                const float rs = rstd[hi];
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const int c = g * V + e;
+                    tile[c][hi] = (rs >= 0.f && c0 + c < cin) ? fmaxf(to_f32(pk[k].e[e]) * rs * nwc[c] + nbc[c], 0.f) : 0.f;
+                }
+            }
+        } else {
+            for (int i = tid; i < HP * WP * NC_CC; i += NC_THREADS) {
+                const int q = i / NC_CC, c = i % NC_CC, ch = c0 + c, r = q / WP, cc = q % WP, hi = r * NC_HS + cc;
+                const float rs = rstd[hi];
+                float v = 0.f;
+                if (rs >= 0.f && ch < cin) {
+                    const float xv = to_f32(xb[((i64)(y0 + r) * wd + x0 + cc) * cin + ch]);
+                    v = fmaxf(xv * rs * nwc[c] + nbc[c], 0.f);
+                }
+                tile[c][hi] = v;
+            }
         }
         __syncthreads();
         // 2c. This thread's NC_RPT pixels over the chunk: staged row r feeds output row j at tap row r - j.

@@ -4,7 +4,9 @@
 //!
 //! Shapes cross the kernel's 32-wide, 16-high output tile and its 4-row thread strips (w 33, 37
 //! and 40; h 5, 9, 17, 19 and 35), take channel counts that are not a multiple of the 8-channel
-//! chunk (5, 9, 17) and the decoder's 128, k = 1 and 3, 1 to 4 output channels, B = 2. Tolerances (openuni_cuda::testing::check): f32 relative L2 <= 1e-5;
+//! chunk (5, 9, 12, 17) and the decoder's 128, k = 1 and 3, 1 to 4 output channels, B = 2. Channel
+//! counts that are multiples of the 16-byte vector (24, 128; f32 also 12, whose last chunk is half
+//! a chunk) take the vector loads, the others the element loads. Tolerances (openuni_cuda::testing::check): f32 relative L2 <= 1e-5;
 //! bf16 <= 2x the error of a plain bf16 run (the twin on inputs rounded to bf16, output rounded).
 //! Without a CUDA device (real or emulated) every test prints `skipped: no CUDA device`.
 
@@ -34,6 +36,7 @@ fn rmsnorm_relu_conv2d_matches_cpu() {
         (1, 35, 40, 24, 3, 3, true),
         (2, 17, 5, 9, 1, 3, false),
         (1, 19, 33, 128, 3, 1, true),
+        (1, 18, 34, 12, 2, 3, true),
     ] {
         let x = rng.normals(b * h * w * cin, 0.3, 2.0);
         let (nw, nb) = (rng.normals(cin, 1.0, 0.3), rng.normals(cin, 0.0, 0.5));
