@@ -561,9 +561,13 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
     static_assert(TC % SX == 0 && (TR * TC / SX * CB) % NT == 0 && NT % CB == 0, "tile and block disagree");
     __shared__ __align__(16) float S[SR * SC][2][CB];  // [pixel][u | g][channel]
     const int cin = 2 * c;
-    const int c0 = blockIdx.y * CB;
+    // Channel blocks vary fastest along the grid: the blocks in flight together read neighbouring
+    // 64-byte pieces of the same pixels' rows (one row is 2c channels, 11.5 KB in Sana-600M), and a
+    // tile's halo is read again by the next tile soon after, from L2.
+    const int cblocks = (c + CB - 1) / CB;
+    const int c0 = (int)(blockIdx.x % cblocks) * CB;
     const int col_tiles = (wd + TC - 1) / TC, row_tiles = (h + TR - 1) / TR;
-    const int tile = blockIdx.x;
+    const int tile = blockIdx.x / cblocks;
     const int x0 = (tile % col_tiles) * TC;
     const int y0 = ((tile / col_tiles) % row_tiles) * TR;
     const int b = tile / (col_tiles * row_tiles);
@@ -591,19 +595,24 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
         // vector lies wholly inside or outside the channel range, and every one is 16-byte aligned.
         // The loaded vectors stay raw (16 bytes: 4 registers for 8 bf16) until they are stored.
         constexpr int G = CB / V, N = SR * SC * 2 * G, PER = (N + NT - 1) / NT;
+        static_assert(PER <= 32, "one bit per vector");
         Pack16<T> v[PER];
+        unsigned loaded = 0;  // bit k: v[k] came from x (else zero padding: no SiLU to spend on it)
 #pragma unroll
         for (int k = 0; k < PER; ++k) {
             const int i = tid + k * NT, g = i % G, half = (i / G) % 2, p = i / (2 * G);
             const int iy = y0 - 1 + p / SC, ix = x0 - 1 + p % SC;
             v[k].raw = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits: 0 in bf16 and f32
-            if (i < N && iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + g * V < c)
+            if (i < N && iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + g * V < c) {
                 v[k].raw = *reinterpret_cast<const uint4*>(x + (((i64)b * h + iy) * wd + ix) * cin + half * c + c0 + g * V);
+                loaded |= 1u << k;
+            }
         }
 #pragma unroll
         for (int k = 0; k < PER; ++k) {
             const int i = tid + k * NT, g = i % G, half = (i / G) % 2, p = i / (2 * G);
             if (i >= N) break;
+            const bool pad = !((loaded >> k) & 1u);
             float* dst = &S[p][half][g * V];
 #pragma unroll
             for (int e = 0; e < V; e += 4) {
@@ -612,8 +621,8 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
                 q.y = to_f32(v[k].e[e + 1]);
                 q.z = to_f32(v[k].e[e + 2]);
                 q.w = to_f32(v[k].e[e + 3]);
-                if constexpr (SILU_IN) q.x = silu(q.x), q.y = silu(q.y), q.z = silu(q.z), q.w = silu(q.w);
-                *reinterpret_cast<float4*>(dst + e) = q;  // silu(0) = 0: the padding stays zero
+                if (SILU_IN && !pad) q.x = silu(q.x), q.y = silu(q.y), q.z = silu(q.z), q.w = silu(q.w);
+                *reinterpret_cast<float4*>(dst + e) = q;
             }
         }
     } else {
@@ -812,13 +821,13 @@ extern "C" __global__ void __launch_bounds__(256) depthwise_conv2d_f32(const flo
     ou::depthwise_conv2d<float>(x, w, bias, y, batch, h, wd, c, k);
 }
 
-// The depthwise GLU: at most 48 registers in bf16 (5 blocks of 256 per SM, the shared memory of 5
-// fits), 64 in f32 (4 blocks; 48 would spill): blocks per SM are its memory-level parallelism.
-extern "C" __global__ void __launch_bounds__(256, 4) depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
+// The depthwise GLU: at most 64 registers (4 blocks of 256 per SM; 48 registers, 5 blocks, spill),
+// the f32 one without SiLU 85 (3 blocks; 64 spill): blocks per SM are its memory-level parallelism.
+extern "C" __global__ void __launch_bounds__(256, 3) depthwise_conv3_glu_f32(const float* x, const float* w, const float* bias, float* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<float, false>(x, w, bias, y, batch, h, wd, c);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 5) depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
+extern "C" __global__ void __launch_bounds__(256, 4) depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<bf16, false>(x, w, bias, y, batch, h, wd, c);
 }
 
@@ -826,7 +835,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) silu_depthwise_conv3_glu_f3
     ou::dwconv3_glu<float, true>(x, w, bias, y, batch, h, wd, c);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 5) silu_depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
+extern "C" __global__ void __launch_bounds__(256, 4) silu_depthwise_conv3_glu_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int batch, int h, int wd, int c) {
     ou::dwconv3_glu<bf16, true>(x, w, bias, y, batch, h, wd, c);
 }
 

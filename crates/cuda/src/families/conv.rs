@@ -447,12 +447,15 @@ pub fn depthwise_conv3_glu(
         .checked_mul(h.div_ceil(geometry::DWG_ROWS))
         .and_then(|t| t.checked_mul(w.div_ceil(geometry::DWG_COLS)))
         .ok_or_else(|| invalid(what, format!("{batch} images of {h}x{w}: the tile count overflows")))?;
-    let gx = grid_dim(what, tiles, i32::MAX as usize)?;
-    let gy = grid_dim(what, c.div_ceil(geometry::DWG_CHANNELS), 65535)?;
+    // One dimension, channel blocks fastest (the kernel splits blockIdx.x).
+    let blocks = tiles
+        .checked_mul(c.div_ceil(geometry::DWG_CHANNELS))
+        .ok_or_else(|| invalid(what, format!("{batch} images of {h}x{w}, {c} channels: the block count overflows")))?;
+    let gx = grid_dim(what, blocks, i32::MAX as usize)?;
     let args = depthwise_args([x, weight, bias, y], batch, h, w, c)?;
     Ok(Launch {
         kernel: format!("{prefix}depthwise_conv3_glu_{}", suffix(dtype)?),
-        grid: (gx, gy, 1),
+        grid: (gx, 1, 1),
         block: (geometry::DWG_THREADS as u32, 1, 1),
         smem: 0,
         args,
