@@ -28,7 +28,7 @@
 // Version 1 (this one):
 // - Statistics in f32, computed in two passes over values held in registers: mean first, then
 //   the sum of squared deviations (no E[x^2] - mean^2 cancellation). Each thread keeps up to
-//   CACHE = 4 items of its row in registers, so the row is read from memory once (a norm is a pure
+//   CACHE = 5 items of its row in registers, so the row is read from memory once (a norm is a pure
 //   streaming kernel: the target is the device-to-device copy bandwidth). Rows longer than
 //   CACHE * tx items fall back to re-reading the row, which then comes from L1/L2.
 // - An item is one 16-byte vector (8 bf16 or 4 f32) when cols is a multiple of the vector width
@@ -44,7 +44,11 @@
 
 namespace ou {
 
-constexpr int NORM_CACHE = 4;
+// 5, not 4: SANA-600M's 1152 columns (144 bf16 vectors) then fit one warp per row, whose
+// reductions are shuffles only; with 4 they took 64 threads and a shared-memory step with barriers,
+// and the adaLN LayerNorm ran at 38% of the copy ceiling on an H200 where the one-warp norms ran at
+// 68-86% (docs/gpu-results.md run 3).
+constexpr int NORM_CACHE = 5;
 
 // One row group: the tx threads with the same threadIdx.y normalise row `row`.
 // K = elements per item (vector width or 1).

@@ -24,7 +24,7 @@
 namespace ou {
 namespace ps {
 
-constexpr int CACHE = 4;
+constexpr int CACHE = 5;  // norm.cu's NORM_CACHE: the launch layout is norm_launch's
 
 template <typename T, int K>
 __device__ __forceinline__ void shuffle_norm_row(const T* x, const T* w, const T* b, T* y, i64 rows, int c, int grid,

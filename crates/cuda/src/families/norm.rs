@@ -12,15 +12,19 @@ use super::{i32_arg, suffix, vec_width, Ctx, Launch};
 use crate::device::KArg;
 use crate::error::{CudaError, Result};
 
+/// Items a thread keeps in registers (`NORM_CACHE` in kernels/norm.cu): a row of up to 32 times
+/// this many items gets one warp (reductions by shuffles only).
+const NORM_CACHE: usize = 5;
+
 /// Launch layout of the norm kernels: `(block (tx, ty), grid)`. Each row is handled by `tx`
-/// threads so that each thread holds at most 4 items (16-byte vectors when `cols` is a multiple
-/// of the vector width, else single elements) in registers: a power of two up to 32 (a sub-warp
-/// per row, shuffles only), else a multiple of 32 up to 1024. `ty` rows share a block of at least
-/// 128 threads.
+/// threads so that each thread holds at most [`NORM_CACHE`] items (16-byte vectors when `cols` is
+/// a multiple of the vector width, else single elements) in registers: a power of two up to 32 (a
+/// sub-warp per row, shuffles only), else a multiple of 32 up to 1024. `ty` rows share a block of
+/// at least 128 threads.
 pub fn norm_launch(rows: usize, cols: usize, dtype: DType) -> ((u32, u32, u32), (u32, u32, u32)) {
     let v = vec_width(dtype);
     let items = if cols.is_multiple_of(v) { cols / v } else { cols };
-    let want = items.div_ceil(4).max(1);
+    let want = items.div_ceil(NORM_CACHE).max(1);
     let tx = if want <= 32 {
         want.next_power_of_two()
     } else {
