@@ -21,7 +21,8 @@
 #      5. torch.compile for b-512, the l-512 / l-1024 benches, chat benches, PTX re-runs, sanitizers.
 #    kernels = steps 1, 4 and the PTX/sanitizer part of 5; pipeline = 2, 3 and the rest of 5; quick = the
 #    kernel tests and benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against
-#    PyTorch eager (a re-check after a change, for the few device minutes a second call has); measure = the
+#    PyTorch eager (a re-check after a change, for the few device minutes a second call has; with
+#    GPU_QUICK_COMPILE=1 then the torch.compile'd step); measure = the
 #    pipeline numbers after an earlier run's kernel tests passed (see the phase below for its order).
 #    It points LD_LIBRARY_PATH (libnvrtc, libcublasLt) and CUDA_INCLUDE_DIRS at /usr/local/cuda and writes
 #    to $OUT (default ./gpu-out) at most 8 files: summary.txt (printed last), env.txt and results.tar.gz
@@ -186,6 +187,14 @@ bench_pair() { # variant batches iters compile(0/1)
   pack
 }
 
+# The torch.compile'd b-512 batch-32 step against ours (OURS: an `openuni bench --json` of this run).
+compiled_step() { # ours_json
+  torch_site
+  PYTHONPATH="$SITE" run_step "torch bench b-512 b32 compiled" "$WORK/bench.log" 200 python3 tools/bench_torch.py --configs "$GPU_DIR/configs/b-512" --device cuda --dtype bf16 --batch 32 --iters 10 --compiled-only --json "$WORK/torch-b-512-compiled.json"
+  [ -f "$WORK/torch-b-512-compiled.json" ] && [ -f "$1" ] && { echo "== b-512 (torch.compile)"; python3 tools/bench_torch.py --compare "$1" "$WORK/torch-b-512-compiled.json"; } >> "$WORK/ratios.txt" 2>&1
+  pack
+}
+
 # quick: a short re-check after a change (what a few device minutes allow): the kernel tests and
 # kernel benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against PyTorch.
 if [ "$PHASE" = quick ]; then
@@ -197,6 +206,7 @@ if [ "$PHASE" = quick ]; then
     run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
   done
   bench_pair b-512 32 10 0
+  [ "${GPU_QUICK_COMPILE:-0}" = 1 ] && compiled_step "$WORK/ours-b-512-b32.json"
   PHASE=done
 fi
 
@@ -220,9 +230,7 @@ if [ "$PHASE" = measure ]; then
     run_step "verify cases cuda $dtype" "$WORK/tests.log" 60 "$OU" verify "${CASES[@]}" --device cuda --dtype "$dtype"
   done
   bench_pair l-1024 32 5 0
-  torch_site
-  PYTHONPATH="$SITE" run_step "torch bench b-512 b32 compiled" "$WORK/bench.log" 200 python3 tools/bench_torch.py --configs "$GPU_DIR/configs/b-512" --device cuda --dtype bf16 --batch 32 --iters 10 --compiled-only --json "$WORK/torch-b-512-compiled.json"
-  [ -f "$WORK/torch-b-512-compiled.json" ] && [ -f "$WORK/ours-b-512-b1_32.json" ] && { echo "== b-512 (torch.compile)"; python3 tools/bench_torch.py --compare "$WORK/ours-b-512-b1_32.json" "$WORK/torch-b-512-compiled.json"; } >> "$WORK/ratios.txt" 2>&1
+  compiled_step "$WORK/ours-b-512-b1_32.json"
   for b in ${GPU_MEASURE_BENCHES:-linear_attention misc conv}; do
     run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
   done
