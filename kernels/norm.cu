@@ -23,7 +23,12 @@
 // handled by the tx threads that share threadIdx.y, ty rows per block, gridDim.x = ceil(rows / ty).
 // tx is a power of two <= 32 (rows of a few hundred columns: a sub-warp per row, reductions by
 // shuffles only) or a multiple of 32 (wide rows: warp shuffles, then one shared-memory step).
-// Any tx, ty and cols are correct; the launcher's choice only affects speed.
+// Any tx, ty and cols are correct; the launcher's choice only affects speed. Blocks have at most
+// NORM_MAX_THREADS = 512 threads, whose registers fit an SM up to 128 a thread; tests/kernels_compile.rs
+// checks every norm kernel's count against that. On an H200 (run 4, docs/gpu-results.md) a
+// 1024-thread block of layernorm_bf16 at 71 registers failed to launch (too many resources); the
+// emulated GPU has no register file, so this cannot show there. (__launch_bounds__(512) would say the
+// same to ptxas, but it then made layernorm_bf16 spill at 64 registers.)
 //
 // Version 1 (this one):
 // - Statistics in f32, computed in two passes over values held in registers: mean first, then

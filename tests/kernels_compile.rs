@@ -69,6 +69,17 @@ fn embedded_kernels_are_the_ones_on_disk() {
     );
 }
 
+/// 32-bit registers of an sm_90 SM (and the most one block may use).
+const REGISTERS_PER_SM: usize = 65536;
+
+/// The largest block a kernel's launcher may use, for the kernels launched with more than 256
+/// threads (up to 256, any register count ptxas allows fits). A block whose registers do not fit
+/// fails to launch on hardware, which the emulated GPU cannot show (docs/gpu-results.md run 4).
+fn largest_block(kernel: &str) -> Option<usize> {
+    let norm = ["rmsnorm_f32", "rmsnorm_bf16", "rmsnorm_residual_", "layernorm_", "ada_layernorm_", "pixel_shuffle_layernorm_"];
+    norm.iter().any(|p| kernel.starts_with(p)).then_some(openuni_cuda::families::norm::NORM_MAX_THREADS)
+}
+
 #[test]
 fn every_kernel_compiles_for_sm_90a() {
     if !nvrtc_or_skip() {
@@ -88,6 +99,15 @@ fn every_kernel_compiles_for_sm_90a() {
                     println!("{k}");
                     if k.spill_stores > 0 || k.spill_loads > 0 {
                         println!("  warning: {} spills registers", k.name);
+                    }
+                    if let Some(threads) = largest_block(&k.name) {
+                        if k.registers as usize * threads > REGISTERS_PER_SM {
+                            failures.push(format!(
+                                "{}: {} registers x {threads} threads (its launcher's largest block) exceed the {REGISTERS_PER_SM} \
+                                 registers of an SM: such a launch fails on hardware (not on the emulated GPU)",
+                                k.name, k.registers
+                            ));
+                        }
                     }
                 }
                 // C7519: ptxas had to insert warpgroup.arrive (wgmma registers it could not prove

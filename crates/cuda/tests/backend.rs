@@ -110,7 +110,8 @@ fn norm_launch_layouts_are_valid() {
                 let ((tx, ty, tz), (gx, _, _)) = openuni_cuda::families::norm::norm_launch(rows, cols, dtype);
                 assert_eq!(tz, 1);
                 assert!(tx.is_power_of_two() && tx <= 32 || tx % 32 == 0, "tx {tx}");
-                assert!(tx * ty <= 1024 && (tx * ty) % 32 == 0, "block {tx}x{ty}");
+                let max = openuni_cuda::families::norm::NORM_MAX_THREADS as u32;
+                assert!(tx * ty <= max && (tx * ty) % 32 == 0, "block {tx}x{ty}, the kernels' launch bounds are {max}");
                 assert!(gx as usize * ty as usize >= rows);
             }
         }

@@ -16,11 +16,17 @@ use crate::error::{CudaError, Result};
 /// this many items gets one warp (reductions by shuffles only).
 const NORM_CACHE: usize = 5;
 
+/// Most threads in a norm block: a larger block could need more registers than an SM has (1024
+/// threads at 71 registers failed to launch on an H200; tests/kernels_compile.rs checks the norm
+/// kernels' registers against this). Rows longer than `NORM_CACHE` × 512 items are re-read from
+/// L1/L2 instead of held in registers.
+pub const NORM_MAX_THREADS: usize = 512;
+
 /// Launch layout of the norm kernels: `(block (tx, ty), grid)`. Each row is handled by `tx`
 /// threads so that each thread holds at most [`NORM_CACHE`] items (16-byte vectors when `cols` is
 /// a multiple of the vector width, else single elements) in registers: a power of two up to 32 (a
-/// sub-warp per row, shuffles only), else a multiple of 32 up to 1024. `ty` rows share a block of
-/// at least 128 threads.
+/// sub-warp per row, shuffles only), else a multiple of 32 up to [`NORM_MAX_THREADS`]. `ty` rows
+/// share a block of at least 128 threads.
 pub fn norm_launch(rows: usize, cols: usize, dtype: DType) -> ((u32, u32, u32), (u32, u32, u32)) {
     let v = vec_width(dtype);
     let items = if cols.is_multiple_of(v) { cols / v } else { cols };
@@ -28,7 +34,7 @@ pub fn norm_launch(rows: usize, cols: usize, dtype: DType) -> ((u32, u32, u32), 
     let tx = if want <= 32 {
         want.next_power_of_two()
     } else {
-        (want.div_ceil(32) * 32).min(1024)
+        (want.div_ceil(32) * 32).min(NORM_MAX_THREADS)
     };
     let ty = (128 / tx).max(1);
     let grid = rows.div_ceil(ty).max(1);
