@@ -1,7 +1,7 @@
 //! kernels/mixffn_inverted_glu.cu (`mixffn_inverted_glu_bf16`: GLUMBConv's conv_inverted + SiLU +
 //! depthwise 3×3 + GLU in one kernel) against the two-op path it replaces, in the same run: the
 //! cuBLASLt GEMM (bias epilogue) writing the 2H-wide output, then `silu_depthwise_conv3_glu_bf16`
-//! reading it back. Shape: Sana-600M (b-512) at batch 32, i.e. 64 CFG rows of a 16×16 latent,
+//! reading it back; then each of those two ops alone. Shape: Sana-600M (b-512) at batch 32, i.e. 64 CFG rows of a 16×16 latent,
 //! C 1152 -> 2 × 2880 (on the emulated GPU a reduced shape, only to exercise the code). CUDA events,
 //! warm-up, median of the samples, inputs rotated through sets 3x the L2 size. Without a CUDA
 //! device it prints `skipped: no CUDA device`. Run: `cargo bench --bench mixffn_inverted_glu`.
@@ -79,5 +79,20 @@ fn main() {
     .unwrap();
     r.add_flops("gemm+silu_dwconv3_glu", label, &[batch, h, w, c, hidden], flops, io + 2 * rows * 2 * hidden * es, ms2);
     println!("fused / two-op time: {:.3}", ms / ms2);
+
+    // The two ops of that path alone, to tell which one holds the time: the GEMM (rotating its
+    // input), then the depthwise GLU on the GEMM's output (2H-wide, larger than L2 at the real shape).
+    let ms_gemm = time_ms(&dev, warmup, runs, sets, |i| {
+        // SAFETY: as above.
+        unsafe { gemms[i % sets].run(&dev, &blas) }
+    })
+    .unwrap();
+    r.add_flops("gemm (conv_inverted)", label, &[rows, c, 2 * hidden], 2.0 * (rows * c * 2 * hidden) as f64, (rows * (c + 2 * hidden) + 2 * hidden * (c + 1)) * es, ms_gemm);
+    let ms_dw = time_ms(&dev, warmup, runs, 1, |_| {
+        // SAFETY: as above.
+        unsafe { enqueue(&dev, std::slice::from_ref(&dw)) }
+    })
+    .unwrap();
+    r.add(&dw.kernel, label, &[batch, h, w, 2 * hidden], (rows * 3 * hidden + 2 * hidden * 10) * es, ms_dw);
     r.finish();
 }

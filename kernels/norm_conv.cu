@@ -14,12 +14,14 @@
 // serves up to 4 outputs (18 shared loads feed 108 FMAs per channel for k 3, cout 3, where the first
 // version of this kernel, one pixel per thread, issued 45 loads per 36 FMAs and ran at 3% of the copy
 // ceiling on an H200, docs/gpu-results.md run 1):
-//   1. one warp per halo pixel, lanes over the channels: the pixel's 1/rms (f32), kept in shared
-//      memory; a pixel outside the image is marked (-1) and reads as zero (the conv's padding is
+//   1. every halo pixel's 1/rms (f32), kept in shared memory: half a warp per pixel over 16-byte
+//      vectors, 4 pixels per half-warp in flight (or, without vectors, one warp per pixel over single
+//      elements); a pixel outside the image is marked (-1) and reads as zero (the conv's padding is
 //      applied to relu(norm(x)), not to x);
 //   2. channels in chunks of NC_CC = 8: the chunk of the halo tile is normalised, rectified and
 //      stored channel-major in shared memory (f32; a fixed 18×34 layout per channel, whose stride
-//      612 ≡ 4 mod 32 makes the 8-channels-by-4-pixels store pattern conflict-free), the chunk's
+//      612 ≡ 4 mod 32 keeps both store patterns conflict-free: a vector's channels of consecutive
+//      pixels, or without vectors 8 channels by 4 pixels), the chunk's
 //      weights next to it as one float4 of output channels per (channel, tap); then every thread
 //      accumulates its 4 pixels' outputs over the chunk's channels and taps in f32 (consecutive
 //      lanes read consecutive columns: no bank conflicts; the weight reads are broadcasts).
