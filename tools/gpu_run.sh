@@ -23,7 +23,8 @@
 #    kernel tests and benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against
 #    PyTorch eager (a re-check after a change, for the few device minutes a second call has; with
 #    GPU_QUICK_COMPILE=1 then the torch.compile'd step); measure = the
-#    pipeline numbers after an earlier run's kernel tests passed (see the phase below for its order).
+#    pipeline numbers after an earlier run's kernel tests passed (see the phase below for its order);
+#    profile = Nsight Compute on the kernels named in $GPU_NCU.
 #    It points LD_LIBRARY_PATH (libnvrtc, libcublasLt) and CUDA_INCLUDE_DIRS at /usr/local/cuda and writes
 #    to $OUT (default ./gpu-out) at most 8 files: summary.txt (printed last), env.txt and results.tar.gz
 #    (tests.log, bench.log, sanitizer.log, bench.jsonl, the JSON of both benches, ratios.txt, images).
@@ -86,7 +87,7 @@ PY
 fi
 
 PHASE="${1:-all}"
-case "$PHASE" in kernels|pipeline|all|quick|measure) ;; *) echo "usage: bash tools/gpu_run.sh [--build | kernels | pipeline | all | quick | measure]" >&2; exit 2;; esac
+case "$PHASE" in kernels|pipeline|all|quick|measure|profile) ;; *) echo "usage: bash tools/gpu_run.sh [--build | kernels | pipeline | all | quick | measure | profile]" >&2; exit 2;; esac
 if [ ! -d "$GPU_DIR" ]; then
   echo "no .gpu/ folder: build the executables first with 'bash tools/gpu_run.sh --build' on the CPU machine" >&2
   exit 2
@@ -100,7 +101,7 @@ mkdir -p "$OUT"
 WORK="$(mktemp -d /tmp/gpu-run.XXXXXX)"   # the logs; packed into $OUT/results.tar.gz after every step
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
-touch "$WORK/tests.log" "$WORK/bench.log" "$WORK/sanitizer.log"
+touch "$WORK/tests.log" "$WORK/bench.log" "$WORK/sanitizer.log" "$WORK/ncu.log"
 BUDGET="${GPU_BUDGET_S:-420}"
 T_START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
@@ -194,6 +195,23 @@ compiled_step() { # ours_json
   [ -f "$WORK/torch-b-512-compiled.json" ] && [ -f "$1" ] && { echo "== b-512 (torch.compile)"; python3 tools/bench_torch.py --compare "$1" "$WORK/torch-b-512-compiled.json"; } >> "$WORK/ratios.txt" 2>&1
   pack
 }
+
+# profile: Nsight Compute on one launch of each kernel named in $GPU_NCU ("bench:kernel-regex ..."), run
+# from that kernel's benchmark executable: speed of light, memory and compute workload, occupancy, warp
+# states and scheduler statistics, as text in ncu.log (what limits a kernel, before changing it again).
+if [ "$PHASE" = profile ]; then
+  if command -v ncu > /dev/null 2>&1; then
+    for t in ${GPU_NCU:-mixffn_inverted_glu:silu_depthwise_conv3_glu_bf16 norm_conv:rmsnorm_relu_conv2d_bf16 conv_sm90:conv2d_bf16_wgmma}; do
+      b="${t%%:*}"; k="${t#*:}"
+      run_step "ncu $k" "$WORK/ncu.log" 90 ncu --target-processes all --kernel-name "regex:^$k\$" --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section SchedulerStats "$GPU_DIR/bench-$b"
+    done
+  else
+    printf "%-40s %-7s\n" "ncu" "ABSENT" >> "$SUMMARY"
+  fi
+  PHASE=done
+fi
 
 # quick: a short re-check after a change (what a few device minutes allow): the kernel tests and
 # kernel benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against PyTorch.
@@ -307,6 +325,11 @@ pack
 echo
 echo "===== benchmark lines"
 grep -E "GB/s|TFLOP/s|copy:|speed-up|x " "$WORK/bench.log" | head -150 || true
+if [ -s "$WORK/ncu.log" ]; then
+  echo
+  echo "===== ncu (the headline metrics; all of it in ncu.log)"
+  grep -E '^  [a-z_0-9]+_(bf16|f32)|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|ERR_' "$WORK/ncu.log" | head -80
+fi
 echo
 echo "===== ratios"
 cat "$WORK/ratios.txt" 2>/dev/null
