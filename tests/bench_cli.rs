@@ -121,7 +121,23 @@ fn plan_counts_a_real_size_variant_without_a_device() {
         assert_eq!(cond["dtoh_bytes_per_batch"].as_f64().unwrap(), 3.0 * 2.0);
         assert_eq!(b["model_batch_ms"].as_array().unwrap().len(), 2);
         assert!(b["model_batch_ms"][1].as_f64() <= b["model_batch_ms"][0].as_f64(), "the H200 has more bandwidth, same FLOP/s");
+        // The plan by op covers every node of a stage once; its launches and bytes are the nodes',
+        // the stage's staging casts and hand-over copies on top.
+        for st in b["stages"].as_array().unwrap() {
+            let ops = st["ops"].as_array().unwrap();
+            let sum = |k: &str| ops.iter().map(|o| o[k].as_f64().unwrap()).sum::<f64>();
+            assert_eq!(sum("nodes"), st["nodes"].as_f64().unwrap(), "{}", st["stage"]);
+            assert!(sum("launches") <= st["launches"].as_f64().unwrap(), "{}", st["stage"]);
+            let total = st["gemm_bytes"].as_f64().unwrap() + st["other_bytes"].as_f64().unwrap();
+            assert!(sum("bytes") <= total * (1.0 + 1e-12) && sum("bytes") > 0.0, "{}: {} of {total}", st["stage"], sum("bytes"));
+            assert!(ops.windows(2).all(|w| w[0]["bytes"].as_f64() >= w[1]["bytes"].as_f64()), "most bytes first");
+        }
+        let mixffn = step["ops"].as_array().unwrap().iter().find(|o| o["op"] == "mixffn_inverted_glu").expect("the step's MixFFN");
+        assert_eq!(mixffn["nodes"], 28);
     }
+    let (code, stdout, stderr) = bench(&["--plan", "--profile", "--variant", "b-512", "--batch", "32"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("step by op (one pass)") && stdout.contains("mixffn_inverted_glu"), "{stdout}");
     let (code, _, stderr) = bench(&["--plan", "--variant", "b-9000", "--batch", "1"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("--variant `b-9000`"), "{stderr}");
