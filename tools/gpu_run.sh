@@ -235,7 +235,7 @@ fi
 # against eager, the torch.compile'd b-512 step and decode, the changed kernels' benches
 # ($GPU_MEASURE_BENCHES), then the sanitizers while time lasts.
 if [ "$PHASE" = measure ]; then
-  for t in ${GPU_MEASURE_TESTS:-cuda_norm_conv cuda_conv:glu cuda_mixffn_inverted_glu cuda_linear_attention cuda_misc cuda_norm cuda_elementwise cuda_attention_sm90 cuda_conv_sm90 backend executor gemm_choice}; do
+  for t in ${GPU_MEASURE_TESTS:-cuda_norm cuda_pixel_shuffle cuda_norm_conv cuda_conv:glu cuda_mixffn_inverted_glu cuda_linear_attention cuda_misc cuda_elementwise cuda_attention_sm90 cuda_conv_sm90 backend executor gemm_choice}; do
     f=""; [ "${t#*:}" != "$t" ] && f="${t#*:}" && t="${t%%:*}"  # NAME or NAME:FILTER
     run_step "test $t${f:+ ($f)}" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1 $f
   done
