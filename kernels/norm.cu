@@ -24,16 +24,13 @@
 // tx is a power of two <= 32 (rows of a few hundred columns: a sub-warp per row, reductions by
 // shuffles only) or a multiple of 32 (wide rows: warp shuffles, then one shared-memory step).
 // Any tx, ty and cols are correct; the launcher's choice only affects speed. Blocks have at most
-// NORM_MAX_THREADS = 512 threads, whose registers fit an SM up to 128 a thread; tests/kernels_compile.rs
-// checks every norm kernel's count against that. On an H200 (run 4, docs/gpu-results.md) a
-// 1024-thread block of layernorm_bf16 at 71 registers failed to launch (too many resources); the
-// emulated GPU has no register file, so this cannot show there. (__launch_bounds__(512) would say the
-// same to ptxas, but it then made layernorm_bf16 spill at 64 registers.)
+// NORM_MAX_THREADS threads (norm_geometry.cuh: why). __launch_bounds__(512) would tell ptxas the
+// same, but it then made layernorm_bf16 spill at 64 registers.
 //
 // Version 1 (this one):
 // - Statistics in f32, computed in two passes over values held in registers: mean first, then
 //   the sum of squared deviations (no E[x^2] - mean^2 cancellation). Each thread keeps up to
-//   CACHE = 5 items of its row in registers, so the row is read from memory once (a norm is a pure
+//   NORM_CACHE items of its row in registers, so the row is read from memory once (a norm is a pure
 //   streaming kernel: the target is the device-to-device copy bandwidth). Rows longer than
 //   CACHE * tx items fall back to re-reading the row, which then comes from L1/L2.
 // - An item is one 16-byte vector (8 bf16 or 4 f32) when cols is a multiple of the vector width
@@ -46,14 +43,11 @@
 //   thread, and the final pass is the only one that writes.
 
 #include "common.cuh"
+#include "norm_geometry.cuh"
 
 namespace ou {
 
-// 5, not 4: SANA-600M's 1152 columns (144 bf16 vectors) then fit one warp per row, whose
-// reductions are shuffles only; with 4 they took 64 threads and a shared-memory step with barriers,
-// and the adaLN LayerNorm ran at 38% of the copy ceiling on an H200 where the one-warp norms ran at
-// 68-86% (docs/gpu-results.md run 3).
-constexpr int NORM_CACHE = 5;
+// NORM_CACHE (items a thread holds) and NORM_MAX_THREADS: norm_geometry.cuh.
 
 // One row group: the tx threads with the same threadIdx.y normalise row `row`.
 // K = elements per item (vector width or 1).

@@ -31,17 +31,13 @@
 // Accumulation is in f32 in (channel chunk, channel, tap row, tap column) order: not the CPU twin's.
 
 #include "common.cuh"
+#include "norm_geometry.cuh"
 
 namespace ou {
 
-constexpr int NC_TW = 32;                    // output tile width (one column per lane)
-constexpr int NC_RPT = 4;                    // output rows per thread
-constexpr int NC_TROWS = 4;                  // thread rows (warps) per CTA
+// NC_TW, NC_RPT, NC_TROWS, NC_MAX_K, NC_MAX_COUT, NC_CC: norm_geometry.cuh (the launcher reads them too).
 constexpr int NC_TH = NC_RPT * NC_TROWS;     // output tile height
 constexpr int NC_THREADS = NC_TW * NC_TROWS;
-constexpr int NC_MAX_K = 3;
-constexpr int NC_MAX_COUT = 4;
-constexpr int NC_CC = 8;
 constexpr int NC_HS = NC_TW + NC_MAX_K - 1;  // row stride of the staged halo tile, for every k
 constexpr int NC_HALO = (NC_TH + NC_MAX_K - 1) * NC_HS;
 

@@ -20,11 +20,11 @@
 // drop-CLS slice and the two transposes that stood here before (three full copies) are gone.
 
 #include "common.cuh"
+#include "norm_geometry.cuh"
 
 namespace ou {
 namespace ps {
 
-constexpr int CACHE = 5;  // norm.cu's NORM_CACHE: the launch layout is norm_launch's
 
 template <typename T, int K>
 __device__ __forceinline__ void shuffle_norm_row(const T* x, const T* w, const T* b, T* y, i64 rows, int c, int grid,
@@ -45,13 +45,13 @@ __device__ __forceinline__ void shuffle_norm_row(const T* x, const T* w, const T
         return base + ((i64)(seg >> 1) * grid + (seg & 1)) * c + (e - seg * c);
     };
     T* yr = y + r0 * (i64)cols;
-    const bool cached = items <= CACHE * tx;
+    const bool cached = items <= NORM_CACHE * tx;
 
-    float v[CACHE][K];
+    float v[NORM_CACHE][K];
     float sum = 0.f;
     if (cached) {
 #pragma unroll
-        for (int k = 0; k < CACHE; ++k) {
+        for (int k = 0; k < NORM_CACHE; ++k) {
             const int it = threadIdx.x + k * tx;
             if (valid && it < items) {
                 load_k<T, K>(src(it), v[k]);
@@ -71,7 +71,7 @@ __device__ __forceinline__ void shuffle_norm_row(const T* x, const T* w, const T
     float sq = 0.f;
     if (cached) {
 #pragma unroll
-        for (int k = 0; k < CACHE; ++k) {
+        for (int k = 0; k < NORM_CACHE; ++k) {
             const int it = threadIdx.x + k * tx;
             if (valid && it < items) {
 #pragma unroll
@@ -100,7 +100,7 @@ __device__ __forceinline__ void shuffle_norm_row(const T* x, const T* w, const T
     };
     if (cached) {
 #pragma unroll
-        for (int k = 0; k < CACHE; ++k) {
+        for (int k = 0; k < NORM_CACHE; ++k) {
             const int it = threadIdx.x + k * tx;
             if (it < items) emit(it, v[k]);
         }

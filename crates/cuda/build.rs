@@ -38,6 +38,7 @@ fn main() {
     std::fs::write(out_dir.join("embedded_kernels.rs"), out).unwrap();
     std::fs::write(out_dir.join("conv_geometry.rs"), geometry_constants(&include.join("conv_geometry.cuh"))).unwrap();
     std::fs::write(out_dir.join("conv_sm90_geometry.rs"), geometry_constants(&include.join("conv_sm90_geometry.cuh"))).unwrap();
+    std::fs::write(out_dir.join("norm_geometry.rs"), geometry_constants(&include.join("norm_geometry.cuh"))).unwrap();
 }
 
 /// Rust constants from the `constexpr int NAME = VALUE;` lines of a geometry header, so that a

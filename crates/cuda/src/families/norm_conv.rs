@@ -8,15 +8,18 @@ use super::{i32_arg, suffix, Ctx, Launch};
 use crate::device::KArg;
 use crate::error::{CudaError, Result};
 
-/// Output tile of one CTA (`NC_TW` × `NC_TH` pixels; a thread owns 4 pixels of one column).
-const TILE_W: usize = 32;
-const TILE_H: usize = 16;
+use super::norm::geometry as g;
+
+/// Output tile of one CTA (`NC_TW` × `NC_TH` pixels; a thread owns `NC_RPT` pixels of one column),
+/// from kernels/include/norm_geometry.cuh.
+const TILE_W: usize = g::NC_TW;
+const TILE_H: usize = g::NC_RPT * g::NC_TROWS;
 /// Threads per CTA (`NC_THREADS`).
-const THREADS: usize = 128;
+const THREADS: usize = g::NC_TW * g::NC_TROWS;
 /// Most output channels the kernel accumulates (`NC_MAX_COUT`): DC-AE's conv_out has 3.
-pub const MAX_COUT: usize = 4;
+pub const MAX_COUT: usize = g::NC_MAX_COUT;
 /// Largest kernel (`NC_MAX_K`); the kernel is 1 or 3.
-pub const MAX_KERNEL: usize = 3;
+pub const MAX_KERNEL: usize = g::NC_MAX_K;
 
 /// The pointers and shape of one call; `nb` and `b` may be 0 (absent).
 #[derive(Clone, Copy, Debug)]
