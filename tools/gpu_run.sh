@@ -188,6 +188,28 @@ bench_pair() { # variant batches iters compile(0/1)
   pack
 }
 
+# Kernel test executables, each NAME or NAME:FILTER (a test-name filter), at most 60 s each.
+run_tests() { # names...
+  local t f
+  for t in "$@"; do
+    f=""; [ "${t#*:}" != "$t" ] && f="${t#*:}" && t="${t%%:*}"
+    run_step "test $t${f:+ ($f)}" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1 $f
+  done
+}
+# Kernel benchmark executables by name, at most 60 s each.
+run_benches() { # names...
+  local b
+  for b in "$@"; do run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"; done
+}
+# Every reference case through `verify` on the device, bf16 then f32 (fuzz/ and pth/ hold no case).
+verify_cases() { # max_seconds
+  local d dtype cases=()
+  for d in tests/fixtures/*/; do [ -f "$d/case.json" ] && cases+=("$d"); done
+  for dtype in bf16 f32; do
+    run_step "verify cases cuda $dtype" "$WORK/tests.log" "$1" "$OU" verify "${cases[@]}" --device cuda --dtype "$dtype"
+  done
+}
+
 # The torch.compile'd b-512 batch-32 step against ours (OURS: an `openuni bench --json` of this run).
 compiled_step() { # ours_json
   torch_site
@@ -216,13 +238,8 @@ fi
 # quick: a short re-check after a change (what a few device minutes allow): the kernel tests and
 # kernel benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against PyTorch.
 if [ "$PHASE" = quick ]; then
-  for t in ${GPU_QUICK_TESTS:-cuda_conv}; do  # NAME or NAME:FILTER (a test-name filter)
-    f=""; [ "${t#*:}" != "$t" ] && f="${t#*:}" && t="${t%%:*}"
-    run_step "test $t${f:+ ($f)}" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1 $f
-  done
-  for b in ${GPU_QUICK_BENCHES:-conv}; do
-    run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
-  done
+  run_tests ${GPU_QUICK_TESTS:-cuda_conv}
+  run_benches ${GPU_QUICK_BENCHES:-conv}
   bench_pair b-512 32 10 0
   [ "${GPU_QUICK_COMPILE:-0}" = 1 ] && compiled_step "$WORK/ours-b-512-b32.json"
   PHASE=done
@@ -235,23 +252,13 @@ fi
 # against eager, the torch.compile'd b-512 step and decode, the changed kernels' benches
 # ($GPU_MEASURE_BENCHES), then the sanitizers while time lasts.
 if [ "$PHASE" = measure ]; then
-  for t in ${GPU_MEASURE_TESTS:-cuda_norm cuda_pixel_shuffle cuda_norm_conv cuda_conv:glu cuda_mixffn_inverted_glu cuda_linear_attention cuda_misc cuda_elementwise cuda_attention_sm90 cuda_conv_sm90 backend executor gemm_choice}; do
-    f=""; [ "${t#*:}" != "$t" ] && f="${t#*:}" && t="${t%%:*}"  # NAME or NAME:FILTER
-    run_step "test $t${f:+ ($f)}" "$WORK/tests.log" 60 "$GPU_DIR/test-$t" --nocapture --test-threads=1 $f
-  done
-  for b in ${GPU_MEASURE_FIRST_BENCHES:-norm_conv mixffn_inverted_glu}; do
-    run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
-  done
+  run_tests ${GPU_MEASURE_TESTS:-cuda_norm cuda_pixel_shuffle cuda_norm_conv cuda_conv:glu cuda_mixffn_inverted_glu cuda_linear_attention cuda_misc cuda_elementwise cuda_attention_sm90 cuda_conv_sm90 backend executor gemm_choice}
+  run_benches ${GPU_MEASURE_FIRST_BENCHES:-norm_conv mixffn_inverted_glu}
   bench_pair b-512 1,32 10 0
-  CASES=(); for d in tests/fixtures/*/; do [ -f "$d/case.json" ] && CASES+=("$d"); done
-  for dtype in bf16 f32; do
-    run_step "verify cases cuda $dtype" "$WORK/tests.log" 60 "$OU" verify "${CASES[@]}" --device cuda --dtype "$dtype"
-  done
+  verify_cases 60
   bench_pair l-1024 32 5 0
   compiled_step "$WORK/ours-b-512-b1_32.json"
-  for b in ${GPU_MEASURE_BENCHES:-linear_attention misc conv}; do
-    run_step "bench $b" "$WORK/bench.log" 60 "$GPU_DIR/bench-$b"
-  done
+  run_benches ${GPU_MEASURE_BENCHES:-linear_attention misc conv}
   for t in cuda_linear_attention cuda_attention_sm90; do
     run_step "memcheck $t" "$WORK/sanitizer.log" 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$GPU_DIR/test-$t" --test-threads=1
   done
@@ -271,10 +278,7 @@ fi
 if [ "$PHASE" = pipeline ] || [ "$PHASE" = all ]; then
   bench_pair b-512 1,32 10 0
   # 3. Numerics of the whole pipeline on the GPU: every reference case, then a batched generate.
-  CASES=(); for d in tests/fixtures/*/; do [ -f "$d/case.json" ] && CASES+=("$d"); done  # fuzz/, pth/ hold no case
-  for dtype in bf16 f32; do
-    run_step "verify cases cuda $dtype" "$WORK/tests.log" 90 "$OU" verify "${CASES[@]}" --device cuda --dtype "$dtype"
-  done
+  verify_cases 90
   printf 'a red fox\na lighthouse at dusk\na bowl of cherries\n' > "$WORK/prompts.txt"
   run_step "generate tiny --batch 3" "$WORK/tests.log" 60 "$OU" generate --prompts "$WORK/prompts.txt" --batch 3 --device cuda --dtype bf16 --out "$WORK/images"
 fi
