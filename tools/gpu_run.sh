@@ -220,14 +220,17 @@ compiled_step() { # ours_json
 
 # profile: Nsight Compute on one launch of each kernel named in $GPU_NCU ("bench:kernel-regex ..."), run
 # from that kernel's benchmark executable: speed of light, memory and compute workload, occupancy, warp
-# states and scheduler statistics, as text in ncu.log (what limits a kernel, before changing it again).
+# states, scheduler and instruction statistics and the hottest source lines, as text in ncu.log (what
+# limits a kernel, before changing it again). $GPU_PROFILE_TESTS / $GPU_PROFILE_BENCHES run first.
 if [ "$PHASE" = profile ]; then
+  run_tests ${GPU_PROFILE_TESTS:-}      # optional checks first, e.g. the kernels a profile is about
+  run_benches ${GPU_PROFILE_BENCHES:-}
   if command -v ncu > /dev/null 2>&1; then
     for t in ${GPU_NCU:-mixffn_inverted_glu:silu_depthwise_conv3_glu_bf16 norm_conv:rmsnorm_relu_conv2d_bf16 conv_sm90:conv2d_bf16_wgmma}; do
       b="${t%%:*}"; k="${t#*:}"
       run_step "ncu $k" "$WORK/ncu.log" 90 ncu --target-processes all --kernel-name "regex:^$k\$" --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
-        --section LaunchStats --section WarpStateStats --section SchedulerStats "$GPU_DIR/bench-$b"
+        --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats --section SourceCounters "$GPU_DIR/bench-$b"
     done
   else
     printf "%-40s %-7s\n" "ncu" "ABSENT" >> "$SUMMARY"
