@@ -81,6 +81,7 @@
 #include "common.cuh"
 #include "conv_geometry.cuh"
 #include "cp_async.cuh"
+#include "fast_math.cuh"
 // The emulated ldmatrix fails a launch whose 8x8 matrix rows hit a shared-memory bank twice.
 #define OU_LDMATRIX_BANK_CHECK 1
 #include "mma.cuh"
@@ -545,21 +546,31 @@ __device__ __forceinline__ void depthwise_conv2d(const T* x, const T* w, const T
 // divisions per input element and bounds the kernel by arithmetic (5% of the copy bandwidth on an
 // H200, docs/gpu-results.md run 1).
 //
-// Staging reads 16-byte vectors (8 bf16 / 4 f32 channels), all of a thread's loads issued before
-// any is used, when the channel count and the pointer allow (`c` a multiple of the vector width,
-// x 16-byte aligned); else one element per load. The first staged version read one 2-byte element
-// per load, one load in flight per thread, which holds too few bytes in flight to cover the
-// memory latency (about 4 KB per SM). A thread then computes 4 consecutive output columns of one
-// row and one channel: the 3 x 6 staged pixels of each half serve all 4 (9 shared loads per
-// output instead of 18), lanes on consecutive channels (no bank conflicts).
+// The kernel is bound by instruction issue, not memory (Nsight Compute on the H200, run 5: issue
+// slots 77% busy, DRAM 14%, 165 warp instructions per output of which 18 are the conv's FMAs), so
+// what follows counts instructions:
+// - staging reads 16-byte vectors (8 bf16 / 4 f32 channels), all of a thread's loads issued before
+//   any is used, when the channel count and the pointer allow (`c` a multiple of the vector width,
+//   x 16-byte aligned); else one element per load. The SiLU is `silu_fast` (5 instructions) and is
+//   applied to padding too (silu(0) = 0), which costs less than the branch that skipped it;
+// - an 8-row tile stages 1.4 input pixels per output pixel (a 4-row one 1.7);
+// - the weights are read as the contiguous [channel][tap] runs they are in memory (coalesced), and
+//   transposed into shared memory, where a compute thread reads its own channel's taps;
+// - a thread computes 4 consecutive output columns of one row and one channel: the 3 x 6 staged
+//   pixels of each half serve all 4 (9 shared loads per output instead of 18), lanes on
+//   consecutive channels (no bank conflicts), its strips a fixed count (the loop unrolls).
 template <typename T, bool SILU_IN>
 __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                                             T* __restrict__ y, int batch, int h, int wd, int c) {
     constexpr int TR = DWG_ROWS, TC = DWG_COLS, CB = DWG_CHANNELS, NT = DWG_THREADS;
     constexpr int SR = TR + 2, SC = TC + 2;  // staged rows and columns (halo included)
     constexpr int SX = 4;                    // output columns per thread
+    constexpr int STRIPS = TR * TC / SX * CB / NT;  // strips of SX outputs per thread
     static_assert(TC % SX == 0 && (TR * TC / SX * CB) % NT == 0 && NT % CB == 0, "tile and block disagree");
     __shared__ __align__(16) float S[SR * SC][2][CB];  // [pixel][u | g][channel]
+    // The block's 2 x 9 weights and 2 biases per channel, [u | g][tap 0..8, bias][channel]. Rows of
+    // CB + 1: the transposing stores of consecutive taps fall in different banks.
+    __shared__ float Wt[2][10][CB + 1];
     const int cin = 2 * c;
     // Channel blocks vary fastest along the grid: the blocks in flight together read neighbouring
     // 64-byte pieces of the same pixels' rows (one row is 2c channels, 11.5 KB in Sana-600M), and a
@@ -575,54 +586,60 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
     const int cl = tid % CB;  // this thread's channel in the compute phase (the same for all its strips)
     const bool ch_in = c0 + cl < c;
 
-    // The block's 2 x 9 weights and 2 biases per channel go through shared memory, loaded with the
+    // Weights: for each half, the block's channels' 9 taps are one contiguous run of 9 * CB
+    // elements (w is [2c][9]); read in order (coalesced), stored transposed. Loaded with the
     // staging: held in registers from the start they would be live through it (the registers per
     // thread, not shared memory, bound the blocks per SM).
-    __shared__ float Wt[2][10][CB];  // [u | g][tap 0..8, bias][channel]
-    for (int i = tid; i < 2 * 10 * CB; i += NT) {
-        const int ch = i % CB, t = (i / CB) % 10, half = i / (10 * CB), co = c0 + ch + half * c;
-        float v = 0.f;
-        if (c0 + ch < c) v = t < 9 ? to_f32(w[(i64)co * 9 + t]) : (bias ? to_f32(bias[co]) : 0.f);
-        Wt[half][t][ch] = v;
+    const int nch = min(CB, c - c0);
+    for (int i = tid; i < 2 * 9 * CB; i += NT) {
+        const int half = i / (9 * CB), r = i - half * (9 * CB), ch = r / 9, t = r - ch * 9;
+        Wt[half][t][ch] = ch < nch ? to_f32(w[((i64)half * c + c0) * 9 + r]) : 0.f;
+    }
+    if (tid < 2 * CB) {
+        const int half = tid / CB, ch = tid % CB;
+        Wt[half][9][ch] = bias && ch < nch ? to_f32(bias[half * c + c0 + ch]) : 0.f;
     }
 
-    // Fast SiLU (a few ulp of f32, far below bf16's rounding); the clamp keeps the divisor finite
-    // and below 2^126, where __fdividef would return 0 or NaN.
-    auto silu = [](float v) { return __fdividef(v, 1.f + __expf(fminf(-v, 80.f))); };
     constexpr int V = Vec16<T>::N;
     if (c % V == 0 && aligned16(x)) {
         // Stage by vectors: element i = (pixel, half, vector), vector fastest. With c % V == 0 a
         // vector lies wholly inside or outside the channel range, and every one is 16-byte aligned.
         // The loaded vectors stay raw (16 bytes: 4 registers for 8 bf16) until they are stored.
         constexpr int G = CB / V, N = SR * SC * 2 * G, PER = (N + NT - 1) / NT;
-        static_assert(PER <= 32, "one bit per vector");
-        Pack16<T> v[PER];
-        unsigned loaded = 0;  // bit k: v[k] came from x (else zero padding: no SiLU to spend on it)
+        static_assert(NT % (2 * G) == 0, "a thread's vector and half are the same for all its loads");
+        const int g = tid % G, half = (tid / G) % 2, p0 = tid / (2 * G);
+        constexpr int DP = NT / (2 * G);  // pixels between a thread's consecutive loads
+        const bool g_in = c0 + g * V < c;
+        const T* xb = x + (i64)b * h * wd * cin + half * c + c0 + g * V;
+        // In rounds of at most 4 vectors (64 bytes in flight per thread, 64 KB per SM at 4 blocks):
+        // all 6 at once (8-row tile, bf16) leave too few registers and spill.
+        constexpr int RV = PER < 4 ? PER : 4, ROUNDS = (PER + RV - 1) / RV;
 #pragma unroll
-        for (int k = 0; k < PER; ++k) {
-            const int i = tid + k * NT, g = i % G, half = (i / G) % 2, p = i / (2 * G);
-            const int iy = y0 - 1 + p / SC, ix = x0 - 1 + p % SC;
-            v[k].raw = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits: 0 in bf16 and f32
-            if (i < N && iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + g * V < c) {
-                v[k].raw = *reinterpret_cast<const uint4*>(x + (((i64)b * h + iy) * wd + ix) * cin + half * c + c0 + g * V);
-                loaded |= 1u << k;
+        for (int r = 0; r < ROUNDS; ++r) {
+            Pack16<T> v[RV];
+#pragma unroll
+            for (int k = 0; k < RV; ++k) {
+                const int p = p0 + (r * RV + k) * DP;
+                const int iy = y0 - 1 + p / SC, ix = x0 - 1 + p % SC;
+                v[k].raw = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits: 0 in bf16 and f32
+                if (p < SR * SC && iy >= 0 && iy < h && ix >= 0 && ix < wd && g_in)
+                    v[k].raw = *reinterpret_cast<const uint4*>(xb + ((i64)iy * wd + ix) * cin);
             }
-        }
 #pragma unroll
-        for (int k = 0; k < PER; ++k) {
-            const int i = tid + k * NT, g = i % G, half = (i / G) % 2, p = i / (2 * G);
-            if (i >= N) break;
-            const bool pad = !((loaded >> k) & 1u);
-            float* dst = &S[p][half][g * V];
+            for (int k = 0; k < RV; ++k) {
+                const int p = p0 + (r * RV + k) * DP;
+                if (p >= SR * SC) break;
+                float* dst = &S[p][half][g * V];
 #pragma unroll
-            for (int e = 0; e < V; e += 4) {
-                float4 q;
-                q.x = to_f32(v[k].e[e]);
-                q.y = to_f32(v[k].e[e + 1]);
-                q.z = to_f32(v[k].e[e + 2]);
-                q.w = to_f32(v[k].e[e + 3]);
-                if (SILU_IN && !pad) q.x = silu(q.x), q.y = silu(q.y), q.z = silu(q.z), q.w = silu(q.w);
-                *reinterpret_cast<float4*>(dst + e) = q;
+                for (int e = 0; e < V; e += 4) {
+                    float4 q;
+                    q.x = to_f32(v[k].e[e]);
+                    q.y = to_f32(v[k].e[e + 1]);
+                    q.z = to_f32(v[k].e[e + 2]);
+                    q.w = to_f32(v[k].e[e + 3]);
+                    if constexpr (SILU_IN) q.x = silu_fast(q.x), q.y = silu_fast(q.y), q.z = silu_fast(q.z), q.w = silu_fast(q.w);
+                    *reinterpret_cast<float4*>(dst + e) = q;
+                }
             }
         }
     } else {
@@ -633,7 +650,7 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
             float v = 0.f;
             if (iy >= 0 && iy < h && ix >= 0 && ix < wd && c0 + ch < c) {
                 v = to_f32(x[(((i64)b * h + iy) * wd + ix) * cin + half * c + c0 + ch]);
-                if constexpr (SILU_IN) v = silu(v);
+                if constexpr (SILU_IN) v = silu_fast(v);
             }
             S[p][half][ch] = v;
         }
@@ -646,8 +663,10 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
     for (int t = 0; t < 9; ++t) wu[t] = Wt[0][t][cl], wg[t] = Wt[1][t][cl];
     const float bu = Wt[0][9][cl], bg = Wt[1][9][cl];
     // Strips of SX output columns of one row: item = strip * CB + channel.
-    for (int item = tid; item < TR * TC / SX * CB; item += NT) {
-        const int strip = item / CB, oy = strip / (TC / SX), ox0 = (strip % (TC / SX)) * SX;
+    T* const yb = y + (((i64)b * h + y0) * wd + x0) * c + c0 + cl;
+#pragma unroll
+    for (int k = 0; k < STRIPS; ++k) {
+        const int strip = (tid + k * NT) / CB, oy = strip / (TC / SX), ox0 = (strip % (TC / SX)) * SX;
         if (y0 + oy >= h || x0 + ox0 >= wd) continue;
         float au[SX], ag[SX];
 #pragma unroll
@@ -667,11 +686,11 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
                 }
             }
         }
-        T* yp = y + (((i64)b * h + y0 + oy) * wd + x0 + ox0) * c + c0 + cl;
+        T* yp = yb + ((i64)oy * wd + ox0) * c;
 #pragma unroll
         for (int j = 0; j < SX; ++j) {
             if (x0 + ox0 + j >= wd) break;
-            yp[(i64)j * c] = from_f32<T>(au[j] * silu(ag[j]));
+            yp[(i64)j * c] = from_f32<T>(au[j] * silu_fast(ag[j]));
         }
     }
 }

@@ -2,6 +2,7 @@
 //! one line per kernel: registers, spill stores/loads and static shared memory. Any compile error
 //! fails. Without NVRTC: fails when $CI is set (CI must run `tools/setup_cuda.sh`), else prints
 //! `skipped: NVRTC not found`.
+//! `OPENUNI_DUMP_CUBIN=DIR` also writes each CUBIN there (`nvdisasm -c` reads its SASS).
 //!
 //! Also checks that the sources embedded in openuni-cuda are the ones on disk, that the source
 //! scan finds exactly the kernels ptxas compiled, and that the prebuilt images of build.rs (when
@@ -95,6 +96,11 @@ fn every_kernel_compiles_for_sm_90a() {
         match nvrtc::compile(file, src, kernel_headers(), &opts) {
             Ok(m) => {
                 println!("{file}: {} bytes of sm_90a CUBIN", m.image.len());
+                // OPENUNI_DUMP_CUBIN=DIR keeps the CUBINs, to read their SASS with nvdisasm.
+                if let Some(dir) = std::env::var_os("OPENUNI_DUMP_CUBIN") {
+                    let path = std::path::Path::new(&dir).join(file.replace(".cu", ".sm_90a.cubin"));
+                    std::fs::write(&path, &m.image).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+                }
                 for k in &m.resources {
                     println!("{k}");
                     if k.spill_stores > 0 || k.spill_loads > 0 {
