@@ -1,6 +1,7 @@
 //! The sm_90a attention (kernels/attention_sm90.cu: FA3-style, wgmma + TMA) against attention.cu's
 //! mma.sync kernel on the same shapes: ViT (InternViT, head dim 64, non-causal) and LLM prefill
-//! (causal, GQA; head dims 64 and 128), in TFLOP/s (4 · n · m_visible · hd FLOPs per batch · head, a
+//! (causal, GQA; head dims 64 and 128) and SANA's cross-attention at batch 32 (head dims 72 and 112),
+//! in TFLOP/s (4 · n · m_visible · hd FLOPs per batch · head, a
 //! causal call counting the visible half, as benches/attention.rs), and the sm_90a / mma.sync speed-up.
 //! The last prefill packs 4 sequences into one row (segments, as the text-to-image conditioning
 //! packs cond and uncond and batched chat its prompts). The prefill shapes run with fused RoPE (theta 1e6, as the engine's LLM prefill): attention.cu
@@ -37,6 +38,11 @@ fn main() {
         ("LLM prefill, hd 64, 8192 tokens", 1, 8192, 14, 2, 64, true, 1),
         ("LLM prefill, hd 128 (Qwen2.5-1.5B), 4096 tokens", 1, 4096, 12, 2, 128, true, 1),
         ("LLM prefill packed, hd 64: 4 sequences of 1024 tokens in one row", 1, 4096, 14, 2, 64, true, 4),
+        // The step's cross-attention at 512 px, batch 32 (64 CFG rows): 16x16 latent tokens attend to
+        // the connector's 256 condition tokens (n = m by coincidence); head dims 72 and 112 run on the
+        // hd128 wgmma kernel (zero-filled columns) and on mma.sync's hd80 / hd112.
+        ("SANA-600M cross-attn, b-512 batch 32 (64 rows x 256 tokens, hd 72)", 64, 256, 16, 16, 72, false, 1),
+        ("SANA-1.6B cross-attn, l-512 batch 32 (64 rows x 256 tokens, hd 112)", 64, 256, 20, 20, 112, false, 1),
     ];
     for &(label, b, n, heads, kv_heads, hd, causal, packed) in cases {
         let (b, n, heads, kv_heads) = if emu { (1, n.min(130), heads.min(2), kv_heads.min(2).min(heads.min(2))) } else { (b, n, heads, kv_heads) };

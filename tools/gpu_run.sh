@@ -221,7 +221,8 @@ compiled_step() { # ours_json
 # profile: Nsight Compute on one launch of each kernel named in $GPU_NCU ("bench:kernel-regex ..."), run
 # from that kernel's benchmark executable: speed of light, memory and compute workload, occupancy, warp
 # states, scheduler and instruction statistics and the hottest source lines, as text in ncu.log (what
-# limits a kernel, before changing it again). $GPU_PROFILE_TESTS / $GPU_PROFILE_BENCHES run first.
+# limits a kernel, before changing it again). $GPU_PROFILE_TESTS / $GPU_PROFILE_BENCHES run first;
+# $GPU_NCU_EXTRA is added to ncu's options (e.g. --print-details all: the stall reasons by kind).
 if [ "$PHASE" = profile ]; then
   run_tests ${GPU_PROFILE_TESTS:-}      # optional checks first, e.g. the kernels a profile is about
   run_benches ${GPU_PROFILE_BENCHES:-}
@@ -230,7 +231,7 @@ if [ "$PHASE" = profile ]; then
       b="${t%%:*}"; k="${t#*:}"
       run_step "ncu $k" "$WORK/ncu.log" 90 ncu --target-processes all --kernel-name "regex:^$k\$" --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
-        --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats --section SourceCounters "$GPU_DIR/bench-$b"
+        --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats --section SourceCounters ${GPU_NCU_EXTRA:-} "$GPU_DIR/bench-$b"
     done
   else
     printf "%-40s %-7s\n" "ncu" "ABSENT" >> "$SUMMARY"
