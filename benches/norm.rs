@@ -55,6 +55,9 @@ fn main() {
             bf,
         ),
         ("SANA-600M adaLN LN, table rows", Kind::AdaLayerNorm { tokens: 1024 }, 2 * 1024, 1152, bf),
+        // The step's norm1/norm2 at batch 32 (64 CFG rows): b-512 (256 tokens a row) and l-1024.
+        ("b-512 batch 32 step adaLN LN", Kind::AdaLayerNorm { tokens: 256 }, 64 * 256, 1152, bf),
+        ("l-1024 batch 32 step adaLN LN", Kind::AdaLayerNorm { tokens: 1024 }, 64 * 1024, 2240, bf),
         ("SANA-1.6B RMSNorm", Kind::Rms, 2 * 1024, 2240, bf),
         ("connector LN", Kind::LayerNorm, 2 * 256, 1536, bf),
         ("connector LN (1 prompt)", Kind::LayerNorm, 256, 1536, bf),
