@@ -88,8 +88,10 @@
 
 namespace ou {
 
+// The activation of the conv epilogues: silu_fast (as conv_sm90's), not an IEEE divide of the accurate
+// expf (dozens of instructions per output element, and code the epilogue then fetches per tile).
 __device__ __forceinline__ float conv_epilogue(float v, int act) {
-    return act == 1 ? v / (1.f + expf(-v)) : v;
+    return act == 1 ? silu_fast(v) : v;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -133,6 +133,7 @@ fn conv2d_sm90_matches_cpu() {
         (2, 3, 17, 24, 36, false, true, true),
         (1, 17, 9, 72, 130, true, true, true),
         (1, 16, 16, 64, 128, true, false, false),
+        (1, 4, 6, 16, 7, true, true, true),  // odd cout: the epilogue's element-wise path with SiLU and residual
     ];
     for &(b, h, w, cin, cout, with_bias, silu, with_res) in cases {
         let n = b * h * w * cout;

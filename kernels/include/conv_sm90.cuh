@@ -6,6 +6,7 @@
 
 #include "common.cuh"
 #include "conv_sm90_geometry.cuh"
+#include "fast_math.cuh"
 #include "mbarrier.cuh"
 #include "sm90.cuh"
 #include "tma.cuh"
@@ -39,6 +40,63 @@ static_assert(C90_CHUNK * 2 == 128, "a stage's k extent is one 128-byte swizzle 
 static_assert(C90_BOX_PIXELS == 128 && C90_TILE_N == 128, "a consumer issues 2 x m64n128 per k16 step");
 
 #if OU_CONV_SM90
+// The epilogue of conv_sm90 (below) for one consumer thread: its accumulators of rows ly0 + 4i, columns
+// lx0 + 8 half, channels nt + 8j + e (i, half, e < 2, j < C90_TILE_N / 8) to y, in f32: + bias (bv,
+// loaded by the caller), SiLU when ACT, + res (same shape as y) when non-null (conv); + DC-AE's
+// pixel-shuffle shortcut of x when shortcut != 0 (upsample, phase (pi, pj): output pixel (2 ly + pi,
+// 2 lx + pj)); rounded once to bf16, channel pairs stored (and res read) as bf16x2 when they are aligned.
+template <bool UP, bool ACT>
+__device__ __forceinline__ void conv_sm90_epilogue(const float (&acc)[2][C90_TILE_N / 2], const float (&bv)[C90_TILE_N / 8][2],
+                                                   const bf16* __restrict__ x, const bf16* __restrict__ res, bf16* __restrict__ y,
+                                                   int h, int wd, int cin, int cout, int shortcut, int b, int ly0, int lx0, int nt,
+                                                   int pi, int pj) {
+    const int gh = UP ? 2 * h : h, gw = UP ? 2 * wd : wd;  // the output grid
+    const i64 img = (i64)b * h * wd, img_out = (i64)b * gh * gw;
+    // Pairs need cout even (then n is even) and 4-byte aligned y and res (checked, not assumed).
+    const bool pairs = cout % 2 == 0 && ((reinterpret_cast<unsigned long long>(y) | reinterpret_cast<unsigned long long>(res)) & 3ull) == 0;
+    const int R = UP && shortcut ? 4 * cout / cin : 1;  // the shortcut's channel repeat (launcher-checked)
+    // The shortcut's channel k / R: a shift when R is a power of two (DC-AE's 2 and 4), not a division
+    // per element.
+    const int rshift = (R & (R - 1)) == 0 ? __ffs(R) - 1 : -1;
+    auto xch = [&](int k) { return rshift >= 0 ? k >> rshift : k / R; };
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int ly = ly0 + 4 * i;
+        if (ly >= h) continue;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int lx = lx0 + 8 * half;
+            if (lx >= wd) continue;
+            const int oy = UP ? 2 * ly + pi : ly, ox = UP ? 2 * lx + pj : lx;
+            const i64 o = (img_out + (i64)oy * gw + ox) * cout;
+            const bf16* xs = UP && shortcut ? x + (img + (i64)ly * wd + lx) * cin : nullptr;
+#pragma unroll
+            for (int j = 0; j < C90_TILE_N / 8; ++j) {
+                const int n = nt + 8 * j;
+                if (n >= cout) continue;
+                float v[2] = {acc[i][4 * j + 2 * half] + bv[j][0], acc[i][4 * j + 2 * half + 1] + bv[j][1]};
+                if constexpr (ACT) v[0] = silu_fast(v[0]), v[1] = silu_fast(v[1]);
+                if (pairs) {  // cout even, n even: 4-byte aligned pairs
+                    if (res) {
+                        const float2 r = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(res + o + n));
+                        v[0] += r.x, v[1] += r.y;
+                    }
+                    if (xs) v[0] += to_f32(xs[xch(4 * n + 2 * pi + pj)]), v[1] += to_f32(xs[xch(4 * (n + 1) + 2 * pi + pj)]);
+                    *reinterpret_cast<__nv_bfloat162*>(y + o + n) = __floats2bfloat162_rn(v[0], v[1]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        if (n + e >= cout) continue;
+                        if (res) v[e] += to_f32(res[o + n + e]);
+                        if (xs) v[e] += to_f32(xs[xch(4 * (n + e) + 2 * pi + pj)]);
+                        y[o + n + e] = from_f32<bf16>(v[e]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 // The conv/upsample mainloop and epilogue. UP: the upsample conv (4 taps of phase blockIdx.z on the
 // low-resolution grid), else the 3x3 conv (9 taps).
 template <bool UP, int MUTANT = C90_OK>
@@ -129,45 +187,25 @@ __device__ __forceinline__ void conv_sm90(unsigned char* dyn_smem, const TensorM
     wgmma_fence_operand(acc[1]);
 
     // Epilogue. Accumulator register 4j + r of m64 block i: box row 4i + warp, column g + 8 (r / 2),
-    // channel n0 + 8j + 2tq + (r % 2).
+    // channel n0 + 8j + 2tq + (r % 2). Its code is kept small: it runs once per tile straight from the
+    // instruction cache, and the first version (biases re-read per element, the SiLU as an IEEE divide
+    // of the accurate expf, every flag tested per element: 12k instructions, most of the kernel's 194 KB
+    // of code) left the warps waiting for instructions ("no instruction" was the top stall, Nsight
+    // Compute on the H200, run 6). The biases are loaded once (each serves 4 pixels), the SiLU is
+    // silu_fast, and the activation is a template argument (one branch per tile).
     const int warp = (int)t / 32, g = (int)(t % 32) / 4, tq = (int)t % 4;
-    const int gh = UP ? 2 * h : h, gw = UP ? 2 * wd : wd;  // the output grid
-    const i64 img = (i64)b * h * wd, img_out = (i64)b * gh * gw;
-    const bool pairs = cout % 2 == 0;
-    const int R = UP && shortcut ? 4 * cout / cin : 1;  // the shortcut's channel repeat (launcher-checked)
+    float bv[C90_TILE_N / 8][2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int ly = oy0 + c * C90_BOX_H + 4 * i + warp;
-        if (ly >= h) continue;
+    for (int j = 0; j < C90_TILE_N / 8; ++j)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int lx = ox0 + g + 8 * half;
-            if (lx >= wd) continue;
-            const int oy = UP ? 2 * ly + pi : ly, ox = UP ? 2 * lx + pj : lx;
-            const i64 o = (img_out + (i64)oy * gw + ox) * cout;
-            const bf16* xs = UP ? x + (img + (i64)ly * wd + lx) * cin : nullptr;
-#pragma unroll
-            for (int j = 0; j < C90_TILE_N / 8; ++j) {
-                const int n = n0 + 8 * j + 2 * tq;
-                if (n >= cout) continue;
-                float v[2] = {acc[i][4 * j + 2 * half], acc[i][4 * j + 2 * half + 1]};
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    if (n + e >= cout) continue;
-                    if (bias) v[e] += to_f32(bias[n + e]);
-                    if (act == 1) v[e] = v[e] / (1.f + expf(-v[e]));
-                    if (res) v[e] += to_f32(res[o + n + e]);
-                    if (UP && shortcut) v[e] += to_f32(xs[(4 * (n + e) + 2 * pi + pj) / R]);
-                }
-                if (pairs) {  // cout even, n even: a 4-byte aligned pair
-                    *reinterpret_cast<__nv_bfloat162*>(y + o + n) = __floats2bfloat162_rn(v[0], v[1]);
-                } else {
-                    y[o + n] = from_f32<bf16>(v[0]);
-                    if (n + 1 < cout) y[o + n + 1] = from_f32<bf16>(v[1]);
-                }
-            }
+        for (int e = 0; e < 2; ++e) {
+            const int n = n0 + 8 * j + 2 * tq + e;
+            bv[j][e] = bias && n < cout ? to_f32(bias[n]) : 0.f;
         }
-    }
+    if (act == 1)
+        conv_sm90_epilogue<UP, true>(acc, bv, x, res, y, h, wd, cin, cout, shortcut, b, oy0 + c * C90_BOX_H + warp, ox0 + g, n0 + 2 * tq, pi, pj);
+    else
+        conv_sm90_epilogue<UP, false>(acc, bv, x, res, y, h, wd, cin, cout, shortcut, b, oy0 + c * C90_BOX_H + warp, ox0 + g, n0 + 2 * tq, pi, pj);
 }
 #endif
 
