@@ -31,10 +31,13 @@
 //       thread; per stage it waits on `full`, issues 4 k16 steps x 2 `wgmma.mma_async.m64n128k16`,
 //       commits, waits until at most the current group is in flight (wait_group 1), and only then
 //       releases the previous stage to the producer (its wgmma reads are complete). Four 48 KiB stages.
-//       Epilogue from the accumulator registers (f32): + bias, SiLU when act == 1, + res (same shape as
-//       y) when non-null (conv); + bias and DC-AE's pixel-shuffle shortcut of x when shortcut != 0
+//       Epilogue (conv_sm90_epilogue, conv_sm90.cuh) through shared memory: each consumer warp copies
+//       its accumulators into its own A box of one stage (free once the mainloop is done), then a rolled
+//       loop over 8-channel vectors computes in f32 + bias, SiLU when act == 1, + res (same shape as y)
+//       when non-null (conv); + bias and DC-AE's pixel-shuffle shortcut of x when shortcut != 0
 //       (upsample: blockIdx.z = 2 pi + pj, the tile is on the low-resolution grid and its pixels land at
-//       (2 ly + pi, 2 lx + pj)); rounded once to bf16, pairs of channels stored as bf16x2.
+//       (2 ly + pi, 2 lx + pj)); rounded once to bf16, stored as 16-byte vectors (element-wise when
+//       cout % 8 != 0 or a pointer is not 16-byte aligned). Small code on purpose: see there.
 //       Shape rules (the launcher checks them): cin % 8 == 0 (TMA row strides are multiples of 16
 //       bytes), x and the prepared weights 16-byte aligned; any h, wd, cout.
 //   conv_sm90_geometry(out)   the geometry the kernels are compiled with (conv_sm90_geometry.cuh).
@@ -42,7 +45,7 @@
 // On devices other than sm_90a the kernels compile to a trap (wgmma and setmaxnreg exist only there);
 // the launcher selects them only on compute capability 9.0.
 //
-// Not yet (measure first on a GPU): a TMA store of the output tile through shared memory, a persistent
+// Not yet (measure first on a GPU): a TMA store of the output tile, a persistent
 // tile scheduler, two consumer warpgroups ping-ponging mainloop and epilogue (CUTLASS's "pingpong"),
 // thread-block clusters multicasting the weight box, and weights prepared at load time rather than at
 // resolve time.

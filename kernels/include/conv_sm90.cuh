@@ -40,60 +40,94 @@ static_assert(C90_CHUNK * 2 == 128, "a stage's k extent is one 128-byte swizzle 
 static_assert(C90_BOX_PIXELS == 128 && C90_TILE_N == 128, "a consumer issues 2 x m64n128 per k16 step");
 
 #if OU_CONV_SM90
-// The epilogue of conv_sm90 (below) for one consumer thread: its accumulators of rows ly0 + 4i, columns
-// lx0 + 8 half, channels nt + 8j + e (i, half, e < 2, j < C90_TILE_N / 8) to y, in f32: + bias (bv,
-// loaded by the caller), SiLU when ACT, + res (same shape as y) when non-null (conv); + DC-AE's
-// pixel-shuffle shortcut of x when shortcut != 0 (upsample, phase (pi, pj): output pixel (2 ly + pi,
-// 2 lx + pj)); rounded once to bf16, channel pairs stored (and res read) as bf16x2 when they are aligned.
-template <bool UP, bool ACT>
-__device__ __forceinline__ void conv_sm90_epilogue(const float (&acc)[2][C90_TILE_N / 2], const float (&bv)[C90_TILE_N / 8][2],
-                                                   const bf16* __restrict__ x, const bf16* __restrict__ res, bf16* __restrict__ y,
-                                                   int h, int wd, int cin, int cout, int shortcut, int b, int ly0, int lx0, int nt,
-                                                   int pi, int pj) {
+// The epilogue of conv_sm90 (below) for one consumer warp: its accumulators, image rows ly0 and ly0 + 4
+// (m64 blocks i = 0, 1), columns ox0 .. ox0 + 15, channels n0 .. n0 + 127, to y, in f32: + bias, SiLU
+// when act == 1, + res (same shape as y) when non-null (conv); + DC-AE's pixel-shuffle shortcut of x
+// when shortcut != 0 (upsample, phase (pi, pj): output pixel (2 ly + pi, 2 lx + pj)); rounded once to
+// bf16. `tile` is 16 KiB of shared memory only this warp uses now.
+//
+// Its code is kept small: it runs once per tile, and its instructions come from the instruction cache
+// cold. The first version stored straight from the accumulator registers, which needs the loops over
+// them unrolled: with the biases re-read per element, the SiLU an IEEE divide of the accurate expf and
+// every flag tested per element, it was 12k instructions, most of the kernel's 194 KB of code, and
+// "no instruction" was the kernel's top stall (Nsight Compute on the H200, docs/gpu-results.md run 6).
+// Now only the copy of the accumulators to shared memory is unrolled (64 stores); the outputs are then
+// made by a rolled loop over 8-channel vectors (16-byte loads of bias and res, 16-byte stores of y).
+//
+// Shared layout [i][pixel][channel] f32, the 8-channel groups of pixel p XOR-swizzled by p % 4, so the
+// accumulator stores (float2, lanes g = 0..3 on four pixels) fall in distinct banks.
+template <bool UP>
+__device__ __forceinline__ void conv_sm90_epilogue(const float (&acc)[2][C90_TILE_N / 2], float* tile, const bf16* __restrict__ x,
+                                                   const bf16* __restrict__ bias, const bf16* __restrict__ res, bf16* __restrict__ y,
+                                                   int h, int wd, int cin, int cout, int act, int shortcut, int b, int ly0, int ox0,
+                                                   int n0, int pi, int pj) {
+    constexpr int TN = C90_TILE_N, PX = C90_TILE_W, G = TN / 8;
+    static_assert(2 * PX * TN * 4 == C90_A_BYTES, "the warp's staging tile is one consumer A box");
+    auto at = [](int i, int p, int ch) { return (i * PX + p) * TN + (ch ^ ((p & 3) << 3)); };
+    const int lane = (int)threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    // Accumulator register 4j + r of m64 block i: pixel g + 8 (r / 2), channel 8j + 2tq + (r % 2).
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int j = 0; j < G; ++j)
+                *reinterpret_cast<float2*>(tile + at(i, g + 8 * half, 8 * j + 2 * tq)) =
+                    make_float2(acc[i][4 * j + 2 * half], acc[i][4 * j + 2 * half + 1]);
+    __syncwarp();
+
     const int gh = UP ? 2 * h : h, gw = UP ? 2 * wd : wd;  // the output grid
     const i64 img = (i64)b * h * wd, img_out = (i64)b * gh * gw;
-    // Pairs need cout even (then n is even) and 4-byte aligned y and res (checked, not assumed).
-    const bool pairs = cout % 2 == 0 && ((reinterpret_cast<unsigned long long>(y) | reinterpret_cast<unsigned long long>(res)) & 3ull) == 0;
+    const bool vec = cout % 8 == 0 && aligned16(y) && (!res || aligned16(res)) && (!bias || aligned16(bias));
     const int R = UP && shortcut ? 4 * cout / cin : 1;  // the shortcut's channel repeat (launcher-checked)
-    // The shortcut's channel k / R: a shift when R is a power of two (DC-AE's 2 and 4), not a division
-    // per element.
+    // The shortcut's channel k / R: a shift when R is a power of two (DC-AE's 2 and 4).
     const int rshift = (R & (R - 1)) == 0 ? __ffs(R) - 1 : -1;
-    auto xch = [&](int k) { return rshift >= 0 ? k >> rshift : k / R; };
+#pragma unroll 1
+    for (int v = lane; v < 2 * PX * G; v += 32) {
+        const int i = v / (PX * G), p = v / G % PX, cg = v % G;
+        const int ly = ly0 + 4 * i, lx = ox0 + p, n = n0 + 8 * cg;
+        if (ly >= h || lx >= wd || n >= cout) continue;
+        const float* src = tile + at(i, p, 8 * cg);  // the 8 channels stay contiguous (whole groups swizzle)
+        float r[8];
+        *reinterpret_cast<float4*>(r) = *reinterpret_cast<const float4*>(src);
+        *reinterpret_cast<float4*>(r + 4) = *reinterpret_cast<const float4*>(src + 4);
+        const int oy = UP ? 2 * ly + pi : ly, ox = UP ? 2 * lx + pj : lx;
+        const i64 o = (img_out + (i64)oy * gw + ox) * cout + n;
+        const bf16* xs = UP && shortcut ? x + (img + (i64)ly * wd + lx) * cin : nullptr;
+        const int ne = vec ? 8 : min(8, cout - n);
+        float t[8];
+        if (bias) {
+            if (vec) load_vec(bias + n, t);
+            else
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int ly = ly0 + 4 * i;
-        if (ly >= h) continue;
+                for (int e = 0; e < 8; ++e) t[e] = e < ne ? to_f32(bias[n + e]) : 0.f;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int lx = lx0 + 8 * half;
-            if (lx >= wd) continue;
-            const int oy = UP ? 2 * ly + pi : ly, ox = UP ? 2 * lx + pj : lx;
-            const i64 o = (img_out + (i64)oy * gw + ox) * cout;
-            const bf16* xs = UP && shortcut ? x + (img + (i64)ly * wd + lx) * cin : nullptr;
+            for (int e = 0; e < 8; ++e) r[e] += t[e];
+        }
+        if (act == 1) {
 #pragma unroll
-            for (int j = 0; j < C90_TILE_N / 8; ++j) {
-                const int n = nt + 8 * j;
-                if (n >= cout) continue;
-                float v[2] = {acc[i][4 * j + 2 * half] + bv[j][0], acc[i][4 * j + 2 * half + 1] + bv[j][1]};
-                if constexpr (ACT) v[0] = silu_fast(v[0]), v[1] = silu_fast(v[1]);
-                if (pairs) {  // cout even, n even: 4-byte aligned pairs
-                    if (res) {
-                        const float2 r = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(res + o + n));
-                        v[0] += r.x, v[1] += r.y;
-                    }
-                    if (xs) v[0] += to_f32(xs[xch(4 * n + 2 * pi + pj)]), v[1] += to_f32(xs[xch(4 * (n + 1) + 2 * pi + pj)]);
-                    *reinterpret_cast<__nv_bfloat162*>(y + o + n) = __floats2bfloat162_rn(v[0], v[1]);
-                } else {
+            for (int e = 0; e < 8; ++e) r[e] = silu_fast(r[e]);
+        }
+        if (res) {
+            if (vec) load_vec(res + o, t);
+            else
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        if (n + e >= cout) continue;
-                        if (res) v[e] += to_f32(res[o + n + e]);
-                        if (xs) v[e] += to_f32(xs[xch(4 * (n + e) + 2 * pi + pj)]);
-                        y[o + n + e] = from_f32<bf16>(v[e]);
-                    }
-                }
+                for (int e = 0; e < 8; ++e) t[e] = e < ne ? to_f32(res[o + e]) : 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) r[e] += t[e];
+        }
+        if (xs) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int k = 4 * (n + e) + 2 * pi + pj;
+                if (e < ne) r[e] += to_f32(xs[rshift >= 0 ? k >> rshift : k / R]);
             }
         }
+        if (vec) store_vec(y + o, r);
+        else
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                if (e < ne) y[o + e] = from_f32<bf16>(r[e]);
     }
 }
 
@@ -186,26 +220,14 @@ __device__ __forceinline__ void conv_sm90(unsigned char* dyn_smem, const TensorM
     wgmma_fence_operand(acc[0]);
     wgmma_fence_operand(acc[1]);
 
-    // Epilogue. Accumulator register 4j + r of m64 block i: box row 4i + warp, column g + 8 (r / 2),
-    // channel n0 + 8j + 2tq + (r % 2). Its code is kept small: it runs once per tile straight from the
-    // instruction cache, and the first version (biases re-read per element, the SiLU as an IEEE divide
-    // of the accurate expf, every flag tested per element: 12k instructions, most of the kernel's 194 KB
-    // of code) left the warps waiting for instructions ("no instruction" was the top stall, Nsight
-    // Compute on the H200, run 6). The biases are loaded once (each serves 4 pixels), the SiLU is
-    // silu_fast, and the activation is a template argument (one branch per tile).
-    const int warp = (int)t / 32, g = (int)(t % 32) / 4, tq = (int)t % 4;
-    float bv[C90_TILE_N / 8][2];
-#pragma unroll
-    for (int j = 0; j < C90_TILE_N / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int n = n0 + 8 * j + 2 * tq + e;
-            bv[j][e] = bias && n < cout ? to_f32(bias[n]) : 0.f;
-        }
-    if (act == 1)
-        conv_sm90_epilogue<UP, true>(acc, bv, x, res, y, h, wd, cin, cout, shortcut, b, oy0 + c * C90_BOX_H + warp, ox0 + g, n0 + 2 * tq, pi, pj);
-    else
-        conv_sm90_epilogue<UP, false>(acc, bv, x, res, y, h, wd, cin, cout, shortcut, b, oy0 + c * C90_BOX_H + warp, ox0 + g, n0 + 2 * tq, pi, pj);
+    // Epilogue (conv_sm90_epilogue): warp w of consumer c stages its accumulators in its own A box of
+    // stage w, free now: every load was consumed, and only this consumer's wgmma read it (all complete).
+    // The proxy fence orders these generic stores after the async proxy's (TMA, wgmma) accesses.
+    static_assert(C90_STAGES >= 4, "each of a consumer's 4 warps stages its tile in one stage's A box");
+    fence_proxy_async();
+    const int warp = (int)t / 32;
+    float* tile = reinterpret_cast<float*>(a_stage(warp, c));
+    conv_sm90_epilogue<UP>(acc, tile, x, bias, res, y, h, wd, cin, cout, act, shortcut, b, oy0 + c * C90_BOX_H + warp, ox0, n0, pi, pj);
 }
 #endif
 
