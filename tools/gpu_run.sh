@@ -22,7 +22,8 @@
 #    kernels = steps 1, 4 and the PTX/sanitizer part of 5; pipeline = 2, 3 and the rest of 5; quick = the
 #    kernel tests and benches named in $GPU_QUICK_TESTS / $GPU_QUICK_BENCHES, then b-512 batch 32 against
 #    PyTorch eager (a re-check after a change, for the few device minutes a second call has; with
-#    GPU_QUICK_L1024=1 then our l-1024 batch 32, with GPU_QUICK_COMPILE=1 then the torch.compile'd step); measure = the
+#    GPU_QUICK_VERIFY=1 first every reference case through `verify`, GPU_QUICK_L1024=1 then our l-1024
+#    batch 32, GPU_QUICK_COMPILE=1 then the torch.compile'd step); measure = the
 #    pipeline numbers after an earlier run's kernel tests passed (see the phase below for its order);
 #    profile = Nsight Compute on the kernels named in $GPU_NCU.
 #    It points LD_LIBRARY_PATH (libnvrtc, libcublasLt) and CUDA_INCLUDE_DIRS at /usr/local/cuda and writes
@@ -244,6 +245,7 @@ fi
 if [ "$PHASE" = quick ]; then
   run_tests ${GPU_QUICK_TESTS:-cuda_conv}
   run_benches ${GPU_QUICK_BENCHES:-conv}
+  [ "${GPU_QUICK_VERIFY:-0}" = 1 ] && verify_cases 60   # every reference case, bf16 and f32 (seconds)
   bench_pair b-512 32 10 0
   # GPU_QUICK_L1024=1: then our l-1024 batch 32 alone (its images/s target; PyTorch's l-1024 run takes
   # 140 s, more than a short lease has: the ratio comes from a measure run).
