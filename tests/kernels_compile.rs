@@ -1,5 +1,6 @@
 //! Compiles every kernels/*.cu with NVRTC for sm_90a (CUBIN, `--ptxas-options=-v`) and prints
-//! one line per kernel: registers, spill stores/loads and static shared memory. Any compile error
+//! one line per kernel: registers, spill stores/loads, static shared memory and SASS instructions
+//! (the code size, from the CUBIN's sections). Any compile error
 //! fails. Without NVRTC: fails when $CI is set (CI must run `tools/setup_cuda.sh`), else prints
 //! `skipped: NVRTC not found`.
 //! `OPENUNI_DUMP_CUBIN=DIR` also writes each CUBIN there (`nvdisasm -c` reads its SASS).
@@ -70,6 +71,24 @@ fn embedded_kernels_are_the_ones_on_disk() {
     );
 }
 
+/// Bytes of SASS of each kernel of a CUBIN: the size of its `.text.<kernel>` section (an sm_90
+/// instruction is 16 bytes).
+fn code_bytes(cubin: &[u8]) -> std::collections::HashMap<String, u64> {
+    use object::{Object, ObjectSection};
+    let file = object::File::parse(cubin).expect("NVRTC's CUBIN is an ELF file");
+    file.sections()
+        .filter_map(|s| Some((s.name().ok()?.strip_prefix(".text.")?.to_string(), s.size())))
+        .collect()
+}
+
+/// The most SASS instructions a kernel may have where code size decides speed. The sm_90a convs
+/// run their epilogue once per tile from a cold instruction cache with one CTA per SM: an epilogue
+/// unrolled over the accumulators (12,128 instructions in all) made "no instruction" their top stall
+/// (docs/gpu-results.md run 6); staged through shared memory they are about 1,000.
+fn code_budget(kernel: &str) -> Option<u64> {
+    ["conv2d_bf16_wgmma", "upsample_conv2d_bf16_wgmma"].contains(&kernel).then_some(2048)
+}
+
 /// 32-bit registers of an sm_90 SM (and the most one block may use).
 const REGISTERS_PER_SM: usize = 65536;
 
@@ -96,13 +115,28 @@ fn every_kernel_compiles_for_sm_90a() {
         match nvrtc::compile(file, src, kernel_headers(), &opts) {
             Ok(m) => {
                 println!("{file}: {} bytes of sm_90a CUBIN", m.image.len());
+                let code = code_bytes(&m.image);
                 // OPENUNI_DUMP_CUBIN=DIR keeps the CUBINs, to read their SASS with nvdisasm.
                 if let Some(dir) = std::env::var_os("OPENUNI_DUMP_CUBIN") {
                     let path = std::path::Path::new(&dir).join(file.replace(".cu", ".sm_90a.cubin"));
                     std::fs::write(&path, &m.image).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
                 }
                 for k in &m.resources {
-                    println!("{k}");
+                    let Some(&bytes) = code.get(&k.name) else {
+                        failures.push(format!("{file}: no .text section for kernel {} in the CUBIN", k.name));
+                        continue;
+                    };
+                    println!("{k}, {} SASS instructions", bytes / 16);
+                    if let Some(budget) = code_budget(&k.name) {
+                        if bytes / 16 > budget {
+                            failures.push(format!(
+                                "{}: {} SASS instructions, more than its budget of {budget} (see code_budget: code that runs \
+                                 once per tile from a cold instruction cache)",
+                                k.name,
+                                bytes / 16
+                            ));
+                        }
+                    }
                     if k.spill_stores > 0 || k.spill_loads > 0 {
                         println!("  warning: {} spills registers", k.name);
                     }
