@@ -30,7 +30,8 @@
 // Version 1 (this one):
 // - Statistics in f32, computed in two passes over values held in registers: mean first, then
 //   the sum of squared deviations (no E[x^2] - mean^2 cancellation). Each thread keeps up to
-//   NORM_CACHE items of its row in registers, so the row is read from memory once (a norm is a pure
+//   NORM_CACHE items of its row in registers, in the storage type (CachedItem), so the row is read
+//   from memory once (a norm is a pure
 //   streaming kernel: the target is the device-to-device copy bandwidth). Rows longer than
 //   CACHE * tx items fall back to re-reading the row, which then comes from L1/L2.
 // - An item is one 16-byte vector (8 bf16 or 4 f32) when cols is a multiple of the vector width
@@ -49,6 +50,21 @@ namespace ou {
 
 // NORM_CACHE (items a thread holds) and NORM_MAX_THREADS: norm_geometry.cuh.
 
+// One item of K elements (a 16-byte vector, or one element when K == 1) kept in its storage type
+// between the passes over a row: 8 bf16 are 4 registers, not the 8 of their f32 values. The cached
+// row then takes half the registers, which bound the blocks per SM (78 registers for ada_layernorm_bf16
+// with f32 items: 6 blocks of 128 threads; each pass converts again, a few ALU instructions).
+template <typename T, int K> struct CachedItem {
+    Pack16<T> p;
+    __device__ __forceinline__ void load(const T* src) { p.raw = *reinterpret_cast<const uint4*>(src); }
+    __device__ __forceinline__ float operator[](int j) const { return to_f32(p.e[j]); }
+};
+template <typename T> struct CachedItem<T, 1> {
+    T v;
+    __device__ __forceinline__ void load(const T* src) { v = src[0]; }
+    __device__ __forceinline__ float operator[](int) const { return to_f32(v); }
+};
+
 // One row group: the tx threads with the same threadIdx.y normalise row `row`.
 // K = elements per item (vector width or 1).
 template <typename T, int K, bool RMS>
@@ -64,14 +80,14 @@ __device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, con
     const T* rr = res ? res + (valid ? row : 0) * (i64)cols : nullptr;
     const bool cached = items <= NORM_CACHE * tx;  // the same for every thread of the block
 
-    float c[NORM_CACHE][K];
+    CachedItem<T, K> c[NORM_CACHE];
     float sum = 0.f;
     if (cached) {
 #pragma unroll
         for (int k = 0; k < NORM_CACHE; ++k) {
             const int it = threadIdx.x + k * tx;
             if (valid && it < items) {
-                load_k<T, K>(xr + (i64)it * K, c[k]);
+                c[k].load(xr + (i64)it * K);
 #pragma unroll
                 for (int j = 0; j < K; ++j) sum += RMS ? c[k][j] * c[k][j] : c[k][j];
             }
@@ -163,7 +179,12 @@ __device__ __forceinline__ void norm_row(const T* x, const T* w, const T* b, con
 #pragma unroll
         for (int k = 0; k < NORM_CACHE; ++k) {
             const int it = threadIdx.x + k * tx;
-            if (it < items) emit(it, c[k]);
+            if (it < items) {
+                float v[K];
+#pragma unroll
+                for (int j = 0; j < K; ++j) v[j] = c[k][j];
+                emit(it, v);
+            }
         }
     } else {
         for (int it = threadIdx.x; it < items; it += tx) {
