@@ -95,27 +95,22 @@ __device__ __forceinline__ void conv_sm90_epilogue(const float (&acc)[2][C90_TIL
         const i64 o = (img_out + (i64)oy * gw + ox) * cout + n;
         const bf16* xs = UP && shortcut ? x + (img + (i64)ly * wd + lx) * cin : nullptr;
         const int ne = vec ? 8 : min(8, cout - n);
-        float t[8];
-        if (bias) {
-            if (vec) load_vec(bias + n, t);
+        // r += the ne valid elements at p (one 16-byte vector when vec).
+        auto add = [&](const bf16* p) {
+            float t[8];
+            if (vec) load_vec(p, t);
             else
 #pragma unroll
-                for (int e = 0; e < 8; ++e) t[e] = e < ne ? to_f32(bias[n + e]) : 0.f;
+                for (int e = 0; e < 8; ++e) t[e] = e < ne ? to_f32(p[e]) : 0.f;
 #pragma unroll
             for (int e = 0; e < 8; ++e) r[e] += t[e];
-        }
+        };
+        if (bias) add(bias + n);
         if (act == 1) {
 #pragma unroll
             for (int e = 0; e < 8; ++e) r[e] = silu_fast(r[e]);
         }
-        if (res) {
-            if (vec) load_vec(res + o, t);
-            else
-#pragma unroll
-                for (int e = 0; e < 8; ++e) t[e] = e < ne ? to_f32(res[o + e]) : 0.f;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) r[e] += t[e];
-        }
+        if (res) add(res + o);
         if (xs) {
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
