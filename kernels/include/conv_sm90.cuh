@@ -95,13 +95,13 @@ __device__ __forceinline__ void conv_sm90_epilogue(const float (&acc)[2][C90_TIL
         const i64 o = (img_out + (i64)oy * gw + ox) * cout + n;
         const bf16* xs = UP && shortcut ? x + (img + (i64)ly * wd + lx) * cin : nullptr;
         const int ne = vec ? 8 : min(8, cout - n);
-        // r += the ne valid elements at p (one 16-byte vector when vec).
-        auto add = [&](const bf16* p) {
+        // r += the ne valid elements at `from` (one 16-byte vector when vec).
+        auto add = [&](const bf16* from) {
             float t[8];
-            if (vec) load_vec(p, t);
+            if (vec) load_vec(from, t);
             else
 #pragma unroll
-                for (int e = 0; e < 8; ++e) t[e] = e < ne ? to_f32(p[e]) : 0.f;
+                for (int e = 0; e < 8; ++e) t[e] = e < ne ? to_f32(from[e]) : 0.f;
 #pragma unroll
             for (int e = 0; e < 8; ++e) r[e] += t[e];
         };
