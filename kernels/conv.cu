@@ -588,6 +588,8 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
     const int tid = threadIdx.x;
     const int cl = tid % CB;  // this thread's channel in the compute phase (the same for all its strips)
     const bool ch_in = c0 + cl < c;
+    // Pixel offsets within an image are 32-bit (the launcher refuses h * wd > 2^31 - 1): a 64-bit
+    // multiply per load cost about 8 instructions of integer arithmetic.
 
     // Weights: for each half, the block's channels' 9 taps are one contiguous run of 9 * CB
     // elements (w is [2c][9]); read in order (coalesced), stored transposed. Loaded with the
@@ -626,7 +628,7 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
                 const int iy = y0 - 1 + p / SC, ix = x0 - 1 + p % SC;
                 v[k].raw = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits: 0 in bf16 and f32
                 if (p < SR * SC && iy >= 0 && iy < h && ix >= 0 && ix < wd && g_in)
-                    v[k].raw = *reinterpret_cast<const uint4*>(xb + ((i64)iy * wd + ix) * cin);
+                    v[k].raw = *reinterpret_cast<const uint4*>(xb + (i64)(iy * wd + ix) * cin);
             }
 #pragma unroll
             for (int k = 0; k < RV; ++k) {
@@ -689,7 +691,7 @@ __device__ __forceinline__ void dwconv3_glu(const T* __restrict__ x, const T* __
                 }
             }
         }
-        T* yp = yb + ((i64)oy * wd + ox0) * c;
+        T* yp = yb + (i64)(oy * wd + ox0) * c;
 #pragma unroll
         for (int j = 0; j < SX; ++j) {
             if (x0 + ox0 + j >= wd) break;

@@ -649,3 +649,12 @@ fn conv_geometry_matches_the_launcher() {
         "kernels/conv.cu compiles with tile h/w/n (CUDA cores), h/w/stages (tensor cores), kmax (conv, depthwise), depthwise rows/channels, grouped rows/cols, tensor-core weight padding/chunk {got:?}, the launcher uses {want:?}"
     );
 }
+
+/// The depthwise GLU kernel indexes an image's pixels in 32 bits: its launcher refuses a larger image
+/// with the sizes in the message (no device needed: it only builds the launch).
+#[test]
+fn depthwise_glu_launcher_refuses_images_past_32_bit_pixel_offsets() {
+    let err = conv::depthwise_conv3_glu(DType::BF16, 0, 0, 0, 0, 1, 50_000, 50_000, 64, 3, true).unwrap_err().to_string();
+    assert!(err.contains("50000x50000") && err.contains("32 bits"), "{err}");
+    assert!(conv::depthwise_conv3_glu(DType::BF16, 0, 0, 0, 0, 1, 46_340, 46_340, 64, 3, true).is_ok());
+}

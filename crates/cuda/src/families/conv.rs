@@ -443,6 +443,9 @@ pub fn depthwise_conv3_glu(
     if kernel != 3 {
         return Err(invalid(what, format!("kernel {kernel}: the fused CUDA depthwise conv + GLU is 3x3 only (GLUMBConv's)")));
     }
+    if h.checked_mul(w).is_none_or(|p| p > i32::MAX as usize) {
+        return Err(invalid(what, format!("an image of {h}x{w} pixels: the kernel indexes an image's pixels in 32 bits (at most 2^31 - 1)")));
+    }
     let tiles = batch
         .checked_mul(h.div_ceil(geometry::DWG_ROWS))
         .and_then(|t| t.checked_mul(w.div_ceil(geometry::DWG_COLS)))
