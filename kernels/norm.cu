@@ -31,9 +31,9 @@
 // - Statistics in f32, computed in two passes over values held in registers: mean first, then
 //   the sum of squared deviations (no E[x^2] - mean^2 cancellation). Each thread keeps up to
 //   NORM_CACHE items of its row in registers, in the storage type (CachedItem), so the row is read
-//   from memory once (a norm is a pure
-//   streaming kernel: the target is the device-to-device copy bandwidth). Rows longer than
-//   CACHE * tx items fall back to re-reading the row, which then comes from L1/L2.
+//   from memory once (a norm is a pure streaming kernel: the target is the device-to-device copy
+//   bandwidth). Rows longer than CACHE * tx items fall back to re-reading the row, which then comes
+//   from L1/L2.
 // - An item is one 16-byte vector (8 bf16 or 4 f32) when cols is a multiple of the vector width
 //   and every pointer is 16-byte aligned (always true inside the planner's arena, whose offsets
 //   are multiples of 64 elements), else one element. The check is made in the kernel, so any
