@@ -50,21 +50,6 @@ namespace ou {
 
 // NORM_CACHE (items a thread holds) and NORM_MAX_THREADS: norm_geometry.cuh.
 
-// One item of K elements (a 16-byte vector, or one element when K == 1) kept in its storage type
-// between the passes over a row: 8 bf16 are 4 registers, not the 8 of their f32 values. The cached
-// row then takes half the registers, which bound the blocks per SM (78 registers for ada_layernorm_bf16
-// with f32 items: 6 blocks of 128 threads; each pass converts again, a few ALU instructions).
-template <typename T, int K> struct CachedItem {
-    Pack16<T> p;
-    __device__ __forceinline__ void load(const T* src) { p.raw = *reinterpret_cast<const uint4*>(src); }
-    __device__ __forceinline__ float operator[](int j) const { return to_f32(p.e[j]); }
-};
-template <typename T> struct CachedItem<T, 1> {
-    T v;
-    __device__ __forceinline__ void load(const T* src) { v = src[0]; }
-    __device__ __forceinline__ float operator[](int) const { return to_f32(v); }
-};
-
 // One row group: the tx threads with the same threadIdx.y normalise row `row`.
 // K = elements per item (vector width or 1).
 template <typename T, int K, bool RMS>

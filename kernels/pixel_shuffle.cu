@@ -47,14 +47,14 @@ __device__ __forceinline__ void shuffle_norm_row(const T* x, const T* w, const T
     T* yr = y + r0 * (i64)cols;
     const bool cached = items <= NORM_CACHE * tx;
 
-    float v[NORM_CACHE][K];
+    CachedItem<T, K> v[NORM_CACHE];  // the row in its storage type (common.cuh: why)
     float sum = 0.f;
     if (cached) {
 #pragma unroll
         for (int k = 0; k < NORM_CACHE; ++k) {
             const int it = threadIdx.x + k * tx;
             if (valid && it < items) {
-                load_k<T, K>(src(it), v[k]);
+                v[k].load(src(it));
 #pragma unroll
                 for (int j = 0; j < K; ++j) sum += v[k][j];
             }
@@ -102,7 +102,12 @@ __device__ __forceinline__ void shuffle_norm_row(const T* x, const T* w, const T
 #pragma unroll
         for (int k = 0; k < NORM_CACHE; ++k) {
             const int it = threadIdx.x + k * tx;
-            if (it < items) emit(it, v[k]);
+            if (it < items) {
+                float t[K];
+#pragma unroll
+                for (int j = 0; j < K; ++j) t[j] = v[k][j];
+                emit(it, t);
+            }
         }
     } else {
         for (int it = threadIdx.x; it < items; it += tx) {

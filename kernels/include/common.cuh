@@ -59,6 +59,22 @@ __device__ __forceinline__ void store_vec(T* p, const float (&v)[Vec16<T>::N]) {
     *reinterpret_cast<uint4*>(p) = pk.raw;
 }
 
+// K consecutive elements (one 16-byte vector, or one element when K == 1) kept in their storage type,
+// for a kernel that holds a row across several passes (the norms): 8 bf16 are 4 registers, not the 8
+// of their f32 values, and registers bound those kernels' blocks per SM (ada_layernorm_bf16 needed 78
+// with f32 items: 6 blocks of 128 threads; 64 with these: 8). Each pass converts again (exact, a few
+// ALU instructions). load() needs a 16-byte aligned address when K is the vector width.
+template <typename T, int K> struct CachedItem {
+    Pack16<T> p;
+    __device__ __forceinline__ void load(const T* src) { p.raw = *reinterpret_cast<const uint4*>(src); }
+    __device__ __forceinline__ float operator[](int j) const { return to_f32(p.e[j]); }
+};
+template <typename T> struct CachedItem<T, 1> {
+    T v;
+    __device__ __forceinline__ void load(const T* src) { v = src[0]; }
+    __device__ __forceinline__ float operator[](int) const { return to_f32(v); }
+};
+
 // Loads / stores K consecutive elements starting at p: one vector when K is the vector width
 // (p must then be 16-byte aligned), K scalars when K == 1.
 template <typename T, int K>
