@@ -1,8 +1,8 @@
 //! kernels/mixffn_inverted_glu.cu (`mixffn_inverted_glu_bf16`: GLUMBConv's conv_inverted + SiLU +
 //! depthwise 3×3 + GLU in one kernel) against the two-op path it replaces, in the same run: the
 //! cuBLASLt GEMM (bias epilogue) writing the 2H-wide output, then `silu_depthwise_conv3_glu_bf16`
-//! reading it back; then each of those two ops alone. Shape: Sana-600M (b-512) at batch 32, i.e. 64 CFG rows of a 16×16 latent,
-//! C 1152 -> 2 × 2880 (on the emulated GPU a reduced shape, only to exercise the code). CUDA events,
+//! reading it back; then each of those two ops alone. Shape: Sana-600M (b-512) at batch 32, i.e.
+//! 64 CFG rows of a 16×16 latent, C 1152 -> 2 × 2880 (on the emulated GPU a reduced shape, only to exercise the code). CUDA events,
 //! warm-up, median of the samples, inputs rotated through sets 3x the L2 size. Without a CUDA
 //! device it prints `skipped: no CUDA device`. Run: `cargo bench --bench mixffn_inverted_glu`.
 

@@ -549,7 +549,7 @@ __device__ __forceinline__ void depthwise_conv2d(const T* x, const T* w, const T
 // H200, docs/gpu-results.md run 1).
 //
 // The kernel is bound by instruction issue, not memory (Nsight Compute on the H200, run 5: issue
-// slots 77% busy, DRAM 14%, 165 warp instructions per output of which 18 are the conv's FMAs), so
+// slots 77% busy, DRAM 14%, about 165 instructions per output of which 18 are the conv's FMAs), so
 // what follows counts instructions:
 // - staging reads 16-byte vectors (8 bf16 / 4 f32 channels), all of a thread's loads issued before
 //   any is used, when the channel count and the pointer allow (`c` a multiple of the vector width,

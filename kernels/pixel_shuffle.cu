@@ -25,7 +25,6 @@
 namespace ou {
 namespace ps {
 
-
 template <typename T, int K>
 __device__ __forceinline__ void shuffle_norm_row(const T* x, const T* w, const T* b, T* y, i64 rows, int c, int grid,
                                                  int skip, float eps, float* red) {
