@@ -39,6 +39,14 @@
 //       compiler flags), so with f32 storage the result is the host's `x / d` bit for bit (the decoder's
 //       input latents / scaling_factor, made where the sampler left the latents). With bf16 storage the
 //       input is widened exactly and the quotient rounded once to bf16. CPU twin: div_scalar.
+//   gaussian_noise_{f32,bf16}(seeds, out, n_seeds, per_seed)
+//       out[i * per_seed + j] = value j of seed i (seeds: [n_seeds, 4] f32 16-bit limbs, lowest first,
+//       openuni_graph::seed): Philox4x32-10 (Salmon et al., SC 2011; Random123's constants) of counter
+//       (j / 4, 0, 0) under key (seed lo, seed hi), then Box-Muller of words (0, 1) -> values 0, 1 and
+//       (2, 3) -> values 2, 3, with Cephes' logf and sinf/cosf polynomials. Every float operation is an
+//       explicit __fmul_rn / __fadd_rn / __fmaf_rn / __fsqrt_rn, so no contraction changes a rounding:
+//       the values equal the CPU twin's (gaussian_noise, noise_ln, noise_sincos_turn) bit for bit, on
+//       every device. One thread per group of four values; a few hundred thousand values a batch.
 //       Both (the sampler's two): `k` is the f32 coefficient input (openuni_graph::coeff: 0 guidance, 1 sigma, 2 ratio, 3 c,
 //       4 half_c, 5 inv_r0, 6 order; the f32 staging copy under bf16 storage); every product and sum is
 //       __fmul_rn / __fadd_rn / __fsub_rn, so no fused multiply-add changes a rounding: with f32 storage
@@ -192,6 +200,100 @@ __device__ __forceinline__ void div_scalar(const T* x, T* y, float d, i64 n) {
     for (i64 e = misc_thread(); e < n; e += misc_threads()) y[e] = from_f32<T>(__fdiv_rn(to_f32(x[e]), d));
 }
 
+// Philox4x32-10: four 32-bit words from a 128-bit counter and a 64-bit key.
+__device__ __forceinline__ void philox4x32_10(unsigned c[4], unsigned k0, unsigned k1) {
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const unsigned long long p0 = 0xD2511F53ull * c[0];
+        const unsigned long long p1 = 0xCD9E8D57ull * c[2];
+        const unsigned n0 = (unsigned)(p1 >> 32) ^ c[1] ^ k0, n2 = (unsigned)(p0 >> 32) ^ c[3] ^ k1;
+        c[0] = n0;
+        c[1] = (unsigned)p1;
+        c[2] = n2;
+        c[3] = (unsigned)p0;
+    }
+}
+
+// ln x, x in (0, 1]: CPU twin noise_ln.
+__device__ __forceinline__ float noise_ln(float x) {
+    const unsigned bits = __float_as_uint(x);
+    int e = (int)((bits >> 23) & 0xFFu) - 126;
+    float m = __uint_as_float((bits & 0x007FFFFFu) | 0x3F000000u);
+    if (m < 0.70710677f) {
+        e -= 1;
+        m = __fadd_rn(__fadd_rn(m, m), -1.f);
+    } else {
+        m = __fadd_rn(m, -1.f);
+    }
+    const float z = __fmul_rn(m, m);
+    float p = 7.0376836e-2f;
+    p = __fmaf_rn(p, m, -1.151461e-1f);
+    p = __fmaf_rn(p, m, 1.16769984e-1f);
+    p = __fmaf_rn(p, m, -1.2420141e-1f);
+    p = __fmaf_rn(p, m, 1.4249323e-1f);
+    p = __fmaf_rn(p, m, -1.6668057e-1f);
+    p = __fmaf_rn(p, m, 2.0000714e-1f);
+    p = __fmaf_rn(p, m, -2.4999994e-1f);
+    p = __fmaf_rn(p, m, 3.333333e-1f);
+    const float fe = (float)e;
+    float y = __fmul_rn(__fmul_rn(p, m), z);
+    y = __fmaf_rn(fe, -2.1219444e-4f, y);
+    y = __fmaf_rn(-0.5f, z, y);
+    return __fadd_rn(__fadd_rn(m, y), __fmul_rn(fe, 0.693359375f));
+}
+
+// (sin, cos) of 2 pi t / 2^24, t < 2^24: CPU twin noise_sincos_turn.
+__device__ __forceinline__ void noise_sincos_turn(unsigned t, float* sin_out, float* cos_out) {
+    const unsigned k = (t + (1u << 21)) >> 22;
+    const int f = (int)t - (int)(k << 22);
+    const float x = __fmul_rn((float)f, 3.14159265358979323846f / 8388608.f);
+    const float z = __fmul_rn(x, x);
+    const float ps = __fmaf_rn(__fmaf_rn(-1.9515296e-4f, z, 8.332161e-3f), z, -1.6666655e-1f);
+    const float s = __fmaf_rn(__fmul_rn(ps, z), x, x);
+    const float pc = __fmaf_rn(__fmaf_rn(2.4433157e-5f, z, -1.3887316e-3f), z, 4.1666646e-2f);
+    const float c = __fmaf_rn(pc, __fmul_rn(z, z), __fmaf_rn(-0.5f, z, 1.f));
+    switch (k & 3u) {
+        case 0: *sin_out = s; *cos_out = c; break;
+        case 1: *sin_out = c; *cos_out = -s; break;
+        case 2: *sin_out = -s; *cos_out = -c; break;
+        default: *sin_out = -c; *cos_out = s; break;
+    }
+}
+
+// (r cos, r sin) from two words: CPU twin box_muller.
+__device__ __forceinline__ void box_muller(unsigned a, unsigned b, float* z0, float* z1) {
+    const float u1 = __fmul_rn((float)((a >> 8) + 1u), 1.f / 16777216.f);
+    const float r = __fsqrt_rn(__fmul_rn(-2.f, noise_ln(u1)));
+    float s, c;
+    noise_sincos_turn(b >> 8, &s, &c);
+    *z0 = __fmul_rn(r, c);
+    *z1 = __fmul_rn(r, s);
+}
+
+// A limb: truncated to an integer, clamped to 0..=65535, NaN as 0 (openuni_graph::seed::from_limbs).
+__device__ __forceinline__ unsigned seed_limb(float v) { return (unsigned)fminf(fmaxf(v, 0.f), 65535.f); }
+
+template <typename T>
+__device__ __forceinline__ void gaussian_noise(const float* seeds, T* out, i64 n_seeds, i64 per_seed) {
+    const i64 groups = (per_seed + 3) / 4;
+    for (i64 e = misc_thread(); e < n_seeds * groups; e += misc_threads()) {
+        const i64 i = e / groups, g = e - i * groups;
+        const float* l = seeds + 4 * i;
+        const unsigned k0 = seed_limb(l[0]) | (seed_limb(l[1]) << 16), k1 = seed_limb(l[2]) | (seed_limb(l[3]) << 16);
+        unsigned c[4] = {(unsigned)g, (unsigned)((unsigned long long)g >> 32), 0u, 0u};
+        philox4x32_10(c, k0, k1);
+        float z[4];
+        box_muller(c[0], c[1], &z[0], &z[1]);
+        box_muller(c[2], c[3], &z[2], &z[3]);
+        T* o = out + i * per_seed + 4 * g;
+        const i64 left = per_seed - 4 * g;
+        for (int q = 0; q < 4 && q < left; ++q) o[q] = from_f32<T>(z[q]);
+    }
+}
+
 }  // namespace ou
 
 using ou::bf16;
@@ -253,3 +355,9 @@ extern "C" __global__ void dpm_solver_update_bf16(const bf16* x, const bf16* x0,
 }
 extern "C" __global__ void div_scalar_f32(const float* x, float* y, float d, i64 n) { ou::div_scalar<float>(x, y, d, n); }
 extern "C" __global__ void div_scalar_bf16(const bf16* x, bf16* y, float d, i64 n) { ou::div_scalar<bf16>(x, y, d, n); }
+extern "C" __global__ void gaussian_noise_f32(const float* seeds, float* out, i64 n_seeds, i64 per_seed) {
+    ou::gaussian_noise<float>(seeds, out, n_seeds, per_seed);
+}
+extern "C" __global__ void gaussian_noise_bf16(const float* seeds, bf16* out, i64 n_seeds, i64 per_seed) {
+    ou::gaussian_noise<bf16>(seeds, out, n_seeds, per_seed);
+}

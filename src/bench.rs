@@ -26,7 +26,7 @@ use openuni_tensor::{Error as TensorError, HostTensor, Shape, TensorSource};
 use serde::Serialize;
 
 use crate::exec::{executor, Device};
-use crate::pipeline::{DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
+use crate::pipeline::{DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams};
 use crate::tiny_model;
 
 pub mod chat;
@@ -374,7 +374,8 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     for &n in &o.batches {
         let ids = prompt_ids(model.llm_cfg.vocab_size, n);
         let pairs: Vec<(&[u32], &[u32])> = ids.iter().map(|(a, b)| (&a[..], &b[..])).collect();
-        let noise = HostTensor::from_f32([n, c, lh, lw], draw(7, n * c * lh * lw, 1.0, 0.0))?;
+        // Drawn on the device from the images' seeds, as `generate` does.
+        let noise = LatentNoise::seeded((0..n as u64).map(|i| 7 + i).collect(), c, lh, lw);
         let params = SamplingParams { steps: o.steps, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: shift, decode: DecodeOptions::default() };
         // `generate`'s path for one batch: the prompt embeddings and the caption K/V stay on the
         // device, the latents go to the decoder there, and only the uint8 images come back.

@@ -13,12 +13,10 @@ use openuni_models::connector::ConnectorConfig;
 use openuni_models::prompt::PromptTokenizer;
 use openuni_models::variant::{self, Published, Variant, CHECKPOINT_REPO};
 use openuni_tensor::{DType, HostTensor};
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 
 use crate::exec::Device;
 use crate::image::{write_png, Existing};
-use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, MemoryPlan, ModelPaths, OpenUni, RunOptions, SamplingParams};
+use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, LatentNoise, MemoryPlan, ModelPaths, OpenUni, RunOptions, SamplingParams};
 use crate::tiny_model;
 
 /// A published variant by name (the tiny model is `generate`'s fallback, not a choice).
@@ -336,11 +334,10 @@ pub fn slug(prompt: &str) -> String {
     s
 }
 
-/// Standard-normal latent noise [1, 32, h, w] from `seed` (our own generator: not PyTorch's).
+/// Standard-normal latent noise [1, 32, h, w] from `seed` (our own generator: not PyTorch's):
+/// what `generate` draws for that seed on any device ([`crate::pipeline::seeded_noise`]).
 pub fn noise(seed: u64, channels: usize, h: usize, w: usize) -> HostTensor {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..channels * h * w).map(|_| StandardNormal.sample(&mut rng)).collect();
-    HostTensor::from_f32([1, channels, h, w], v).expect("sized")
+    HostTensor::from_f32([1, channels, h, w], crate::pipeline::seeded_noise(seed, channels * h * w)).expect("sized")
 }
 
 pub struct Settings {
@@ -422,6 +419,7 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
             ("prompt".into(), it.prompt.clone()),
             ("negative_prompt".into(), it.negative_prompt.clone().unwrap_or_default()),
             ("seed".into(), it.seed.to_string()),
+            ("noise".into(), crate::pipeline::NOISE_GENERATOR.into()),
             ("steps".into(), s.steps.to_string()),
             ("guidance".into(), s.guidance.to_string()),
             ("sampler".into(), format!("{:?}", s.sampler)),
@@ -468,13 +466,10 @@ pub fn run(items: &[Item], models: &Resolved, s: &Settings) -> Result<Report> {
     let batches = chunks
         .iter()
         .map(|chunk| {
-            let mut z = Vec::with_capacity(chunk.len() * c * lh * lw);
-            for (_, it, _, _) in chunk.iter() {
-                z.extend(noise(it.seed, c, lh, lw).to_f32_vec());
-            }
+            // Each image's noise is drawn from its seed where the sampler runs (only the seeds cross).
             Ok(GenerationBatch {
                 prompts: chunk.iter().map(|(_, _, _, ids)| (ids.cond.clone(), ids.uncond.clone())).collect(),
-                noise: HostTensor::from_f32([chunk.len(), c, lh, lw], z)?,
+                noise: LatentNoise::seeded(chunk.iter().map(|(_, it, _, _)| it.seed).collect(), c, lh, lw),
             })
         })
         .collect::<Result<Vec<_>>>()?;

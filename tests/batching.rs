@@ -131,8 +131,8 @@ fn rows_leave_a_running_batch(run: RunOptions, all_three: bool) -> usize {
     let batch = |seed: u64| {
         let ps = prompts();
         let n = ps.len();
-        let z = (0..n).flat_map(|i| noise(seed + i as u64, c, h, w).to_f32_vec()).collect();
-        GenerationBatch { prompts: ps, noise: HostTensor::from_f32([n, c, h, w], z).unwrap() }
+        // Drawn from seeds where the sampler runs (`generate`'s path); the other test gives values.
+        GenerationBatch { prompts: ps, noise: openuni::pipeline::LatentNoise::seeded((0..n as u64).map(|i| seed + i).collect(), c, h, w) }
     };
     let batches = if all_three { vec![batch(7), batch(20), batch(30)] } else { vec![batch(7)] };
     let params = four_steps();
@@ -171,7 +171,7 @@ fn rows_leave_a_running_batch(run: RunOptions, all_three: bool) -> usize {
     // Every image of a batch leaving: `denoise` ends with Stopped.
     m.set_stop_check(Some(Box::new(|_| vec![false; 3])));
     let cond = m.condition_batch(&batches[0].prompts.iter().map(|(c, u)| (&c[..], &u[..])).collect::<Vec<_>>(), run).unwrap();
-    let e = m.denoise(&cond.prompt_embeds, &batches[0].noise, 4, 4.5, SamplerKind::DpmSolver, 3.0, run, |_| {}).unwrap_err();
+    let e = m.denoise(&cond.prompt_embeds, &batches[0].noise.to_host().unwrap(), 4, 4.5, SamplerKind::DpmSolver, 3.0, run, |_| {}).unwrap_err();
     assert!(e.is::<openuni::pipeline::Stopped>(), "{e:#}");
     m.set_stop_check(None);
     differing
@@ -272,7 +272,7 @@ fn an_image_staying_in_a_batch_of_two_keeps_its_bits_on_cpu() {
     let c = m.transformer_cfg.in_channels;
     let (h, w) = (4, 6);
     let z = (0..2).flat_map(|i| noise(7 + i as u64, c, h, w).to_f32_vec()).collect();
-    let batches = vec![GenerationBatch { prompts: prompts()[..2].to_vec(), noise: HostTensor::from_f32([2, c, h, w], z).unwrap() }];
+    let batches = vec![GenerationBatch { prompts: prompts()[..2].to_vec(), noise: openuni::pipeline::LatentNoise::Values(HostTensor::from_f32([2, c, h, w], z).unwrap()) }];
     let params = four_steps();
     let full = whole_batches(&m, &batches, &params, run);
     let per = full[0].len() / 2;

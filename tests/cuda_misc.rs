@@ -1,6 +1,6 @@
 //! kernels/misc.cu against its CPU twins (openuni_cpu::ops::{modulation_table, chunk,
 //! timestep_embedding, swiglu, slice_tokens (gather_tokens), concat, embedding_gather,
-//! quantize_image_u8, any_nonfinite, guided_x0, dpm_solver_update, div_scalar}) on random and edge inputs, through
+//! quantize_image_u8, any_nonfinite, guided_x0, dpm_solver_update, div_scalar, gaussian_noise}) on random and edge inputs, through
 //! the CUDA executor on one-node graphs, f32 and bf16 storage, B = 2, odd widths (scalar paths)
 //! and multiples of 8 (16-byte vector paths).
 //!
@@ -8,8 +8,8 @@
 //! relative L2 <= 1e-5; bf16 storage, <= 2x the relative L2 error of a plain bf16 run (the CPU
 //! twin on the inputs rounded to bf16, its output rounded to bf16). Two stricter rules:
 //! - the copies (chunk, gather_tokens, concat, embedding_gather) must equal the rounded input
-//!   exactly, and the uint8 quantization, the non-finite flag and the division by a scalar the
-//!   CPU twin on it bit for bit;
+//!   exactly, and the uint8 quantization, the non-finite flag, the division by a scalar and the
+//!   seeded noise the CPU twin on it bit for bit;
 //! - the timestep embedding in bf16 storage must be as close as the f32 result rounded to bf16
 //!   (2x its error): the timestep is read from the input's f32 copy, so t = 999 is not the 1000
 //!   bf16 would make of it.
@@ -435,4 +435,48 @@ fn div_scalar_is_the_host_division_bit_for_bit() {
             assert_same(&format!("div_scalar by {divisor} {dtype}"), &got, &want);
         }
     }
+}
+
+/// The initial noise drawn on the device ("sampler.prime", `Op::GaussianNoise`) must be the CPU
+/// twin's bit for bit (every float operation of the kernel is an explicit IEEE operation, so the
+/// same holds on hardware): seeds 0, 1, a large one and u64::MAX, several seeds per launch,
+/// counts that are and are not a multiple of the four values one Philox call gives, and a count
+/// above 2^16 groups. bf16 storage: the twin's value rounded once. A graph whose seeds are not an
+/// input is refused, naming the op.
+#[test]
+fn gaussian_noise_is_the_cpu_twin_bit_for_bit() {
+    let Some(dev) = device_or_skip() else { return };
+    let limbs = openuni_graph::seed::LIMBS;
+    for (seeds, per_seed) in [(vec![0u64], 8usize), (vec![1, 2, 3], 4099), (vec![0x0123_4567_89AB_CDEF, u64::MAX], 1), (vec![42], 262_147)] {
+        let l: Vec<f32> = seeds.iter().flat_map(|&s| openuni_graph::seed::limbs(s)).collect();
+        let n = seeds.len();
+        let mut gb = GraphBuilder::new();
+        let si = gb.input("seeds", [n, limbs]).unwrap();
+        let y = gb.gaussian_noise("noise", si, per_seed).unwrap();
+        gb.output("y", y).unwrap();
+        let g = gb.finish();
+        let mut want = vec![0f32; n * per_seed];
+        cpu::gaussian_noise(&l, per_seed, &mut want);
+        assert!(want.iter().all(|v| v.is_finite()), "the twin drew a non-finite value");
+        for dtype in DTYPES {
+            let got = run(&dev, &g, &no_weights(), &[("seeds", &[n, limbs], &l)], dtype);
+            assert_same(&format!("gaussian_noise {dtype} seeds {seeds:?} x {per_seed}"), &got, &round_to(dtype, &want));
+        }
+    }
+    // Seeds computed inside the graph: read as they are under f32 storage; under bf16 storage
+    // (where a limb above 256 would not survive) there is no f32 copy to read, so refused,
+    // naming the op.
+    let mut gb = GraphBuilder::new();
+    let si = gb.input("x", [1, limbs]).unwrap();
+    let s2 = gb.div_scalar("computed", si, 1.0).unwrap();
+    let y = gb.gaussian_noise("noise", s2, 4).unwrap();
+    gb.output("y", y).unwrap();
+    let g = gb.finish();
+    let x = [1.0, 0.0, 0.0, 0.0];
+    let mut want = vec![0f32; 4];
+    cpu::gaussian_noise(&x, 4, &mut want);
+    assert_same("gaussian_noise of computed seeds, f32", &run(&dev, &g, &no_weights(), &[("x", &[1, limbs], &x)], DType::F32), &want);
+    let e = CudaExecutor::new(&dev, &g, &no_weights(), DType::BF16, false).and_then(|mut ex| ex.run(&HashMap::from([("x".to_string(), tensor(&[1, limbs], &x))])).map(|_| ()));
+    let msg = format!("{:?}", e.expect_err("bf16: seeds computed in the graph must be refused"));
+    assert!(msg.contains("gaussian_noise") && msg.contains("seeds"), "{msg}");
 }

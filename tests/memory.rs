@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use openuni::exec::Device;
-use openuni::generate::{noise, RunMemory};
-use openuni::pipeline::{DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
+use openuni::generate::RunMemory;
+use openuni::pipeline::{DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams};
 use openuni::tiny_model;
 use openuni_cpu::{CpuExecutor, WeightCache};
 use openuni_graph::{Graph, GraphBuilder};
@@ -148,7 +148,7 @@ fn generate(m: &OpenUni) -> Vec<Vec<f32>> {
     let (h, w) = (4, 6);
     let batch = |seeds: &[u64], prompts: Vec<(Vec<u32>, Vec<u32>)>| GenerationBatch {
         prompts,
-        noise: HostTensor::from_f32([seeds.len(), c, h, w], seeds.iter().flat_map(|&s| noise(s, c, h, w).into_f32_vec()).collect()).unwrap(),
+        noise: LatentNoise::seeded(seeds.to_vec(), c, h, w),
     };
     let batches = [batch(&[1, 2], vec![((10..27).collect(), (3..9).collect()), ((40..44).collect(), (3..9).collect())]), batch(&[3], vec![((5..36).collect(), (50..52).collect())])];
     let p = SamplingParams { steps: 2, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode: DecodeOptions::default() };

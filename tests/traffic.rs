@@ -2,7 +2,9 @@
 //! driver counts every byte copied host->device and device->host (crates/emu, `count_traffic`),
 //! and a `--batch 8` generation of the tiny model in bf16, after a first generation has uploaded
 //! the weights and built the resident executors, must move exactly the bytes listed below and no
-//! more: 6,776 B up and 98,320 B down. Against 18,808 / 102,416 B before: 4,096 B less each way
+//! more: 2,808 B up and 98,320 B down. The noise is drawn on the device from the images' seeds
+//! (16 B an image up instead of the 4,096 B of noise: 6,776 B up before). Against 18,808 /
+//! 102,416 B before that: 4,096 B less each way
 //! since the decoder's input is made on the device (the final latents [8, 32, 2, 2] f32 no longer
 //! come back to the host nor go into the decoder as `latents / scaling_factor`), and 7,936 B less
 //! up since the conditioning executor stays resident for the batch's prompt lengths (its
@@ -12,11 +14,10 @@
 //! tiled) and its uint8 quantization give the host path's pixels.
 
 use openuni::exec::Device;
-use openuni::generate::noise;
-use openuni::pipeline::{DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
+use openuni::pipeline::{DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams};
 use openuni::tiny_model;
 use openuni_models::scheduler::SamplerKind;
-use openuni_tensor::{DType, HostTensor};
+use openuni_tensor::DType;
 
 const N: usize = 8;
 const STEPS: usize = 2;
@@ -29,11 +30,7 @@ const PX: usize = 64;
 /// `shift` moves every id (the same lengths, other prompts).
 fn batch(c: usize, h: usize, w: usize, shift: u32) -> GenerationBatch {
     let prompts: Vec<(Vec<u32>, Vec<u32>)> = (0..N as u32).map(|i| ((10 + 7 * i + shift..40 + 7 * i + shift).collect(), (200 + i + shift..216 + i + shift).collect())).collect();
-    let mut z = vec![];
-    for i in 0..N {
-        z.extend(noise(11 + i as u64, c, h, w).to_f32_vec());
-    }
-    GenerationBatch { prompts, noise: HostTensor::from_f32([N, c, h, w], z).unwrap() }
+    GenerationBatch { prompts, noise: LatentNoise::seeded((0..N as u64).map(|i| 11 + i).collect(), c, h, w) }
 }
 
 /// The emulated driver's byte counters are per process: the tests of this file run one at a time.
@@ -70,9 +67,10 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     // device's `latents / scaling_factor`) are the ones the host path sets (`denoise` from host
     // prompt embeddings, its latents read back, divided on the host and uploaded by `decode_with`):
     // a bf16 value read to f32 and set again is exact, and the device's division is the host's.
+    // The noise the device drew from the seeds is the CPU twin's, which the host path uploads.
     let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(cd, u)| (&cd[..], &u[..])).collect();
     let cond = m.condition_batch(&pairs, run).unwrap();
-    let lat = m.denoise(&cond.prompt_embeds, &b.noise, STEPS, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
+    let lat = m.denoise(&cond.prompt_embeds, &b.noise.to_host().unwrap(), STEPS, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
     let host_path = m.decode_with(&lat, run, p.decode).unwrap();
     // ... and the pixels quantized on the device are the host rule's on the f32 image.
     let (host_pixels, _) = openuni::pipeline::to_uint8_nhwc(&host_path).unwrap();
@@ -81,7 +79,6 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     // What a batch moves, tensor by tensor (f32 = 4 bytes a value).
     let q = m.num_queries;
     let tokens: usize = b.prompts.iter().map(|(cd, u)| cd.len() + u.len()).sum::<usize>() + 2 * N * q;
-    let latent = N * c * h * w;
     let image = N * 3 * PX * PX;
     // Not the conditioning executor's constant tables (the attention's segment table and RoPE
     // table, 7,936 B here): the executor stays resident for these prompt lengths, so the second
@@ -90,7 +87,8 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     let flag = run.dtype.size_in_bytes();
     let up = [
         ("conditioning: token ids, the meta-queries' ids appended [1, tokens] f32 (gathered from the tables on the device)", tokens * 4),
-        ("sampler: the noise [N, C, h, w] f32, once (the latents, the multistep history and the CFG + solver step stay on the device)", latent * 4),
+        // Not the noise [N, C, h, w]: it is drawn on the device ("sampler.prime", Op::GaussianNoise).
+        ("sampler: each image's noise seed as 4 limbs [N, 4] f32, once (the noise, the latents, the multistep history and the CFG + solver step stay on the device)", N * 4 * 4),
         ("step: timesteps [2N] f32, every step", STEPS * 2 * N * 4),
         ("sampler: the step's coefficients [7] f32, every step", STEPS * 7 * 4),
         // Not the decoder's input: `latents / scaling_factor` is made on the device from the
@@ -157,7 +155,7 @@ fn tiled_decode_of_the_device_latents_equals_the_host_path() {
     let p = SamplingParams { steps: 1, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode };
     let c = m.transformer_cfg.in_channels;
     let prompts = vec![((10..40).collect::<Vec<u32>>(), (200..216).collect::<Vec<u32>>())];
-    let b = GenerationBatch { prompts, noise: noise(3, c, 6, 6) };
+    let b = GenerationBatch { prompts, noise: LatentNoise::seeded(vec![3], c, 6, 6) };
     let mut images = vec![];
     m.generate_batches(std::slice::from_ref(&b), &p, run, |_| {}, |_, img| {
         images.push(img);
@@ -166,7 +164,7 @@ fn tiled_decode_of_the_device_latents_equals_the_host_path() {
     .unwrap();
     m.resident_executor("decoder.global", &[1, c, 6, 6], run, |_| Ok(())).expect("the pipeline decoded in tiles");
     let cond = m.condition(&b.prompts[0].0, &b.prompts[0].1, run).unwrap();
-    let lat = m.denoise(&cond.prompt_embeds, &b.noise, p.steps, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
+    let lat = m.denoise(&cond.prompt_embeds, &b.noise.to_host().unwrap(), p.steps, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
     let (host_pixels, dims) = openuni::pipeline::to_uint8_nhwc(&m.decode_with(&lat, run, decode).unwrap()).unwrap();
     assert_eq!(dims, [1, 192, 192, 3]);
     assert_eq!(images[0].data.as_bytes(), &host_pixels[..], "the tiled decode of the device's latents / scaling_factor changed the image");

@@ -78,7 +78,10 @@ fn main() {
         .flag("-Wno-psabi") // GCC's note on passing 64-byte aligned structs (ou::TensorMap) by value
         .flag("-fno-strict-aliasing") // kernels type-pun through reinterpret_cast (float4 loads of bf16, ...)
         .flag("-mtls-dialect=gnu2")
-        .flag("-fno-omit-frame-pointer");
+        .flag("-fno-omit-frame-pointer")
+        // __fmul_rn / __fadd_rn are plain operators here: no contraction into an FMA may merge
+        // them (GCC's default on targets with FMA), as the hardware never does.
+        .flag("-ffp-contract=off");
     if let Ok(extra) = env::var("OPENUNI_EMU_CXXFLAGS") {
         for f in extra.split_whitespace() {
             base.flag(f);

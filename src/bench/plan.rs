@@ -161,7 +161,7 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         Op::Transpose { .. } => one,
         Op::ModulationTable { .. } | Op::Chunk { .. } | Op::TimestepEmbedding { .. } | Op::SwiGlu { .. } | Op::SliceTokens { .. } => one,
         Op::GatherTokens { starts, .. } => starts.len() * one,
-        Op::EmbeddingGather { .. } | Op::QuantizeU8 { .. } | Op::GuidedX0 { .. } | Op::DpmSolverUpdate { .. } | Op::DivScalar { .. } => one,
+        Op::EmbeddingGather { .. } | Op::QuantizeU8 { .. } | Op::GuidedX0 { .. } | Op::DpmSolverUpdate { .. } | Op::DivScalar { .. } | Op::GaussianNoise { .. } => one,
         // The flag over the tensor, then the finish launch that writes it and re-zeroes the flag.
         Op::AnyNonFinite { x } => usize::from(g.shape(*x).numel() > 0) + 1,
         Op::ClassPosEmbed { .. } => 3 * one,

@@ -69,6 +69,7 @@ fn settings_text(bench: Benchmark, prompt: &EvalPrompt, negative: Option<&str>, 
         ("prompt".into(), prompt.text.clone()),
         ("negative_prompt".into(), negative.unwrap_or_default().to_string()),
         ("seed".into(), seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
+        ("noise".into(), crate::pipeline::NOISE_GENERATOR.into()),
         ("steps".into(), s.steps.to_string()),
         // The set's batches follow from it, and a batched image equals a single one only to rounding.
         ("batch".into(), s.batch.to_string()),

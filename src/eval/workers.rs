@@ -11,11 +11,10 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use openuni_models::prompt::{PromptIds, PromptTokenizer};
-use openuni_tensor::HostTensor;
 
 use crate::exec::{device_count, Device};
-use crate::generate::{flow_shift, noise, Resolved, Settings};
-use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, ModelPaths, OpenUni, RunOptions, SamplingParams};
+use crate::generate::{flow_shift, Resolved, Settings};
+use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, LatentNoise, ModelPaths, OpenUni, RunOptions, SamplingParams};
 
 use super::{Benchmark, EvalPrompt, Manifest, Shard, WorkItem};
 
@@ -320,13 +319,10 @@ fn make_group(ctx: &Context, model: &OpenUni, run: RunOptions, units: &[Unit], d
     let batches = chunks
         .iter()
         .map(|chunk| {
-            let mut z = Vec::with_capacity(chunk.len() * c * lh * lw);
-            for &(f, k) in chunk.iter() {
-                z.extend(noise(group[f].job.seeds[k], c, lh, lw).to_f32_vec());
-            }
+            let seeds = chunk.iter().map(|&(f, k)| group[f].job.seeds[k]).collect();
             Ok(GenerationBatch {
                 prompts: chunk.iter().map(|&(f, _)| (group[f].ids.cond.clone(), group[f].ids.uncond.clone())).collect(),
-                noise: HostTensor::from_f32([chunk.len(), c, lh, lw], z)?,
+                noise: LatentNoise::seeded(seeds, c, lh, lw),
             })
         })
         .collect::<Result<Vec<_>>>()?;

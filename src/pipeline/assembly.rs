@@ -153,7 +153,7 @@ impl OpenUni {
         // `openuni bench` uses (30-token prompts, 16-token unconditional prompts).
         let segments: Vec<usize> = (0..2 * n).map(|i| if i < n { 16 + q } else { 30 + q }).collect();
         let mut graphs = vec![("conditioning", self.conditioning_graph(&segments)?), ("step", self.step_graph(&kv, 2 * n, h, w)?), ("caption", caption)];
-        graphs.extend(super::sampling::sampler_graphs(n * self.transformer_cfg.in_channels * h * w)?);
+        graphs.extend(super::sampling::sampler_graphs(n, self.transformer_cfg.in_channels * h * w)?);
         graphs.push(("decoder.input", super::decode::decoder_input_graph(&self.vae_cfg, &[n, self.vae_cfg.latent_channels, h, w].into())?));
         graphs.extend(decode_graphs(&self.vae_cfg, n, h, w, decode)?);
         Ok(graphs)

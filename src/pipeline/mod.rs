@@ -18,7 +18,8 @@ use openuni_models::dcae::DcaeConfig;
 use openuni_models::qwen2::Qwen2Config;
 use openuni_models::sana::SanaConfig;
 use openuni_models::scheduler::SamplerKind;
-use openuni_tensor::{DType, HostTensor, TensorSource};
+use anyhow::Result;
+use openuni_tensor::{DType, HostTensor, Shape, TensorSource};
 
 use crate::exec::{Device, TensorHandle};
 
@@ -71,7 +72,57 @@ pub struct RunOptions {
 /// batch's noise [N, 32, h, w].
 pub struct GenerationBatch {
     pub prompts: Vec<(Vec<u32>, Vec<u32>)>,
-    pub noise: HostTensor,
+    pub noise: LatentNoise,
+}
+
+/// A batch's initial latents [N, C, h, w].
+#[derive(Clone, Debug)]
+pub enum LatentNoise {
+    /// Given values (a reference case's, a caller's own), uploaded once per batch.
+    Values(HostTensor),
+    /// Image i's noise drawn from `seeds[i]` where the sampler runs (on a GPU the device;
+    /// `Op::GaussianNoise`, the same bits on every device as [`seeded_noise`]).
+    Seeded { seeds: Vec<u64>, channels: usize, height: usize, width: usize },
+}
+
+impl LatentNoise {
+    pub fn seeded(seeds: Vec<u64>, channels: usize, height: usize, width: usize) -> LatentNoise {
+        LatentNoise::Seeded { seeds, channels, height, width }
+    }
+
+    pub fn shape(&self) -> Shape {
+        match self {
+            LatentNoise::Values(t) => t.shape.clone(),
+            LatentNoise::Seeded { seeds, channels, height, width } => Shape::from([seeds.len(), *channels, *height, *width]),
+        }
+    }
+
+    /// The values on the host (seeded noise drawn by the CPU twin).
+    pub fn to_host(&self) -> Result<HostTensor> {
+        match self {
+            LatentNoise::Values(t) => Ok(t.clone()),
+            LatentNoise::Seeded { seeds, channels, height, width } => {
+                let per = channels * height * width;
+                let mut v = vec![];
+                for &s in seeds {
+                    v.extend(seeded_noise(s, per));
+                }
+                Ok(HostTensor::from_f32([seeds.len(), *channels, *height, *width], v)?)
+            }
+        }
+    }
+}
+
+/// The seeded noise's generator, kept in every image's PNG text chunks ("noise"): an image
+/// made by an earlier generator (without the chunk) is made again, not kept as if the seed gave it.
+pub const NOISE_GENERATOR: &str = "philox4x32-10 box-muller";
+
+/// `n` standard-normal values from `seed`: what `Op::GaussianNoise` draws for it on any device
+/// (its CPU twin, `openuni_cpu::ops::gaussian_noise`: Philox4x32-10 and Box–Muller).
+pub fn seeded_noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    openuni_cpu::ops::gaussian_noise(&openuni_graph::seed::limbs(seed), n, &mut v);
+    v
 }
 
 /// How the images are sampled and decoded.

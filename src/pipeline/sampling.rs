@@ -14,7 +14,7 @@ use openuni_tensor::{DType, HostTensor, Shape};
 use crate::exec::{Device, GraphExecutor, TensorHandle};
 
 use super::resident::Stage;
-use super::{Conditioning, GenerationBatch, OpenUni, PendingConditioning, RunOptions, SamplingParams, StepRecord};
+use super::{Conditioning, GenerationBatch, LatentNoise, OpenUni, PendingConditioning, RunOptions, SamplingParams, StepRecord};
 
 /// A check asked before every denoising step of batch `i` (the index in a
 /// [`generate_batches`](OpenUni::generate_batches) call; 0 for [`denoise`](OpenUni::denoise)):
@@ -206,7 +206,7 @@ impl OpenUni {
                 Some(c) => c.take().expect("each batch's conditioning is taken once"),
                 None => self.finish_conditioning_on_device(next.take().expect("started before"), i)?,
             };
-            check_denoise_inputs(&self.transformer_cfg, prompt_embeds.shape(), &b.noise.shape)?;
+            check_denoise_inputs(&self.transformer_cfg, prompt_embeds.shape(), &b.noise.shape())?;
             // The caption path reads the prompt embeddings where the conditioning left them; the
             // handle (and with it the conditioning's memory) is dropped before the next batch's
             // conditioning allocates its own.
@@ -260,7 +260,7 @@ impl OpenUni {
     ) -> Result<HostTensor> {
         check_denoise_inputs(&self.transformer_cfg, &prompt_embeds.shape, &noise.shape)?;
         let kv = self.cross_kv(TensorHandle::Host(prompt_embeds.clone()), run)?;
-        let (latents, rows) = self.denoise_rows(0, kv, noise, steps, guidance, sampler, flow_shift, run, on_step)?;
+        let (latents, rows) = self.denoise_rows(0, kv, &LatentNoise::Values(noise.clone()), steps, guidance, sampler, flow_shift, run, on_step)?;
         select_rows(&latents.to_host()?, &rows)
     }
 
@@ -276,7 +276,7 @@ impl OpenUni {
         &self,
         batch: usize,
         mut kv: HashMap<String, TensorHandle>,
-        noise: &HostTensor,
+        noise: &LatentNoise,
         steps: usize,
         guidance: f32,
         sampler: SamplerKind,
@@ -285,7 +285,8 @@ impl OpenUni {
         mut on_step: impl FnMut(StepRecord),
     ) -> Result<(TensorHandle, Vec<usize>)> {
         let cfg = &self.transformer_cfg;
-        let nd = noise.shape.dims().to_vec();
+        let noise_shape = noise.shape();
+        let nd = noise_shape.dims().to_vec();
         let n = nd[0];
         let (h, w) = (nd[2], nd[3]);
         let kv_shapes = |kv: &HashMap<String, TensorHandle>| -> HashMap<String, Shape> { kv.iter().map(|(k, v)| (k.clone(), v.shape().clone())).collect() };
@@ -294,10 +295,16 @@ impl OpenUni {
         // history stay f32 on the device; docs/architecture.md, "The device sampler").
         let f32_run = RunOptions { dtype: DType::F32, ..run };
         let mut solver = Sampler::with_kind(sampler, steps, flow_shift).map_err(anyhow::Error::msg)?;
-        let mut latents = noise.to_f32_vec();
-        // Every image's latents, the ones that left as they were when they left.
-        let mut all = latents.clone();
-        let per_image = all.len() / n;
+        let per_image = cfg.in_channels * h * w;
+        // The latents to upload, when they come from the host (given noise, or rows kept after a
+        // drop); seeded noise is drawn where the sampler runs instead.
+        let mut latents = match noise {
+            LatentNoise::Values(t) => Some(t.to_f32_vec()),
+            LatentNoise::Seeded { .. } => None,
+        };
+        // Every image's latents, the ones that left as they were when they left (each row is
+        // written when it leaves, or at the first drop, before it is read).
+        let mut all = vec![0.0f32; n * per_image];
         // The batch's images still in it (indices into the batch).
         let mut rows: Vec<usize> = (0..n).collect();
         // The multistep history of the rows kept, while a drop moves them to a smaller batch.
@@ -306,16 +313,29 @@ impl OpenUni {
             let m = rows.len();
             let dims = [2 * m, cfg.in_channels, h, w];
             let lat_shape = Shape::from([m, cfg.in_channels, h, w]);
-            let elems = latents.len();
+            let elems = m * per_image;
             let shapes = kv_shapes(&kv);
-            // The latents cross to the device once (for a batch, and again only after images left).
-            let noise_in = HashMap::from([(scheduler::NOISE.to_string(), HostTensor::from_f32([1, elems], std::mem::take(&mut latents))?)]);
-            let (mut sample, mut prev_x0, mut model_input) = self.with_executor(Stage::Transformer, "sampler.prime", &[elems], f32_run, false, || Ok(sampler_graphs(elems)?.remove(0).1), |e| {
-                e.set_inputs(&noise_in)?;
+            let prime = |e: &mut dyn GraphExecutor, inputs: HashMap<String, HostTensor>| -> Result<_> {
+                e.set_inputs(&inputs)?;
                 e.execute()?;
                 let mut o = e.output_handles()?;
                 Ok((scheduler::LATENTS.take(&mut o)?, scheduler::X0.take(&mut o)?, scheduler::MODEL_INPUT.take(&mut o)?))
-            })?;
+            };
+            let (mut sample, mut prev_x0, mut model_input) = match (latents.take(), noise) {
+                // Host latents cross to the device once (given noise for a batch, or the rows kept
+                // after images left).
+                (Some(values), _) => {
+                    let inputs = HashMap::from([(scheduler::NOISE.to_string(), HostTensor::from_f32([1, elems], values)?)]);
+                    self.with_executor(Stage::Transformer, "sampler.prime_values", &[elems], f32_run, false, || sampler_values_prime_graph(elems), |e| prime(e, inputs))?
+                }
+                // Seeded noise: only the seeds cross (16 bytes an image).
+                (None, LatentNoise::Seeded { seeds, .. }) => {
+                    let limbs: Vec<f32> = seeds.iter().flat_map(|&s| openuni_graph::seed::limbs(s)).collect();
+                    let inputs = HashMap::from([(scheduler::SEEDS.to_string(), HostTensor::from_f32([n, openuni_graph::seed::LIMBS], limbs)?)]);
+                    self.with_executor(Stage::Transformer, "sampler.prime", &[n, per_image], f32_run, false, || sampler_seeded_prime_graph(n, per_image), |e| prime(e, inputs))?
+                }
+                (None, LatentNoise::Values(_)) => unreachable!("given noise is always uploaded as values"),
+            };
             if let Some(h) = history.take() {
                 // After a drop, the rows kept of the multistep history go back with the latents.
                 prev_x0 = TensorHandle::Host(HostTensor::from_f32([1, elems], h)?);
@@ -349,7 +369,7 @@ impl OpenUni {
                 kv_set = true;
                 // Guidance and the solver step on the device, with this step's coefficients.
                 let coeffs = solver.coefficients(guidance).map_err(anyhow::Error::msg)?;
-                let mut out = self.with_executor(Stage::Transformer, "sampler", &[elems], f32_run, false, || Ok(sampler_graphs(elems)?.remove(1).1), |e| {
+                let mut out = self.with_executor(Stage::Transformer, "sampler", &[elems], f32_run, false, || sampler_step_graph(elems), |e| {
                     e.set_inputs(&HashMap::from([(scheduler::COEFFS.to_string(), HostTensor::from_f32([openuni_graph::SAMPLER_COEFFS], coeffs.to_vec())?)]))?;
                     e.set_input_handles(&HashMap::from([
                         (scheduler::VELOCITY.to_string(), velocity.reshaped([1, 2 * elems])?),
@@ -378,19 +398,19 @@ impl OpenUni {
             }
             if keep.is_none() && m == n {
                 // No image left: the decoder reads the latents where they are.
-                return Ok((sample.reshaped(noise.shape.clone())?, rows));
+                return Ok((sample.reshaped(noise_shape.clone())?, rows));
             }
             // Images left: the latents come to the host for the rows kept (and for the decoder).
-            latents = sample.to_host()?.to_f32_vec();
+            let host = sample.to_host()?.to_f32_vec();
             for (p, &r) in rows.iter().enumerate() {
-                all[r * per_image..(r + 1) * per_image].copy_from_slice(&latents[p * per_image..(p + 1) * per_image]);
+                all[r * per_image..(r + 1) * per_image].copy_from_slice(&host[p * per_image..(p + 1) * per_image]);
             }
             let Some(keep) = keep else {
-                return Ok((TensorHandle::Host(HostTensor::from_f32(noise.shape.clone(), all)?), rows));
+                return Ok((TensorHandle::Host(HostTensor::from_f32(noise_shape.clone(), all)?), rows));
             };
             // Images left: their rows leave the latents, the multistep history and the K/V
             // ([uncond rows, cond rows]); the history comes to the host for it (rare).
-            latents = keep.iter().flat_map(|&p| latents[p * per_image..(p + 1) * per_image].iter().copied()).collect();
+            latents = Some(keep.iter().flat_map(|&p| host[p * per_image..(p + 1) * per_image].iter().copied()).collect());
             let h = prev_x0.to_host()?.to_f32_vec();
             history = Some(keep.iter().flat_map(|&p| h[p * per_image..(p + 1) * per_image].iter().copied()).collect());
             let cfg_rows: Vec<usize> = keep.iter().copied().chain(keep.iter().map(|&p| m + p)).collect();
@@ -401,14 +421,26 @@ impl OpenUni {
     }
 }
 
-/// The device sampler's graphs for latents of `elems` values, f32 on every device: "sampler.prime"
-/// (the noise in, once per batch) and "sampler" (one guided DPM-Solver++ step, run every step,
-/// with the non-finite flag of its latents).
-pub fn sampler_graphs(elems: usize) -> Result<Vec<(&'static str, Graph)>> {
-    Ok(vec![
-        ("sampler.prime", scheduler::sampler_prime_graph(elems)?),
-        ("sampler", with_finite_flags(scheduler::sampler_graph(elems)?, &[scheduler::LATENTS.0])?),
-    ])
+/// The device sampler's graphs for `n` images of `per_image` latent values, f32 on every device:
+/// "sampler.prime" (the noise drawn from the images' seeds, once per batch: what `generate`
+/// runs) and "sampler" (one guided DPM-Solver++ step, run every step, with the non-finite flag
+/// of its latents). Given noise (and the rows kept after images left) is uploaded instead by
+/// [`sampler_values_prime_graph`].
+pub fn sampler_graphs(n: usize, per_image: usize) -> Result<Vec<(&'static str, Graph)>> {
+    Ok(vec![("sampler.prime", sampler_seeded_prime_graph(n, per_image)?), ("sampler", sampler_step_graph(n * per_image)?)])
+}
+
+fn sampler_seeded_prime_graph(n: usize, per_image: usize) -> Result<Graph> {
+    Ok(scheduler::sampler_seeded_prime_graph(n, per_image)?)
+}
+
+/// "sampler.prime_values": the latents [1, elems] uploaded from the host.
+pub fn sampler_values_prime_graph(elems: usize) -> Result<Graph> {
+    Ok(scheduler::sampler_prime_graph(elems)?)
+}
+
+fn sampler_step_graph(elems: usize) -> Result<Graph> {
+    with_finite_flags(scheduler::sampler_graph(elems)?, &[scheduler::LATENTS.0])
 }
 
 /// An error unless `noise` is [N, C, h, w] and prompt embeddings of shape `pe` hold the uncond

@@ -20,13 +20,12 @@ use anyhow::Result;
 use base64::Engine;
 use openuni_models::prompt::PromptIds;
 use openuni_models::scheduler::SamplerKind;
-use openuni_tensor::HostTensor;
 use tokio::sync::oneshot;
 
 use super::api::ImageRequest;
 use super::metrics::Metrics;
-use crate::generate::{is_out_of_memory, noise};
-use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, OpenUni, RunOptions, SamplingParams};
+use crate::generate::is_out_of_memory;
+use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams};
 
 /// One generated image of a request.
 #[derive(Clone, Debug)]
@@ -287,15 +286,14 @@ impl Worker {
         let mut batches = vec![];
         for g in groups {
             let mut prompts = vec![];
-            let mut z = vec![];
+            let mut seeds = vec![];
             for j in g {
                 for i in 0..j.request.n {
                     prompts.push((j.ids.cond.clone(), j.ids.uncond.clone()));
-                    z.extend(noise(j.seed + i as u64, c, lh, lw).to_f32_vec());
+                    seeds.push(j.seed.wrapping_add(i as u64));
                 }
             }
-            let n = prompts.len();
-            batches.push(GenerationBatch { prompts, noise: HostTensor::from_f32([n, c, lh, lw], z)? });
+            batches.push(GenerationBatch { prompts, noise: LatentNoise::seeded(seeds, c, lh, lw) });
         }
         let decode = DecodeOptions::from_flags(None, key.height, key.width, &m.vae_cfg)?;
         let params = SamplingParams { steps: key.steps, guidance: key.guidance, sampler: key.sampler, flow_shift: self.flow_shift, decode };

@@ -434,6 +434,7 @@ impl CpuExecutor {
             }
             Op::AnyNonFinite { x } => y[0] = ops::any_nonfinite(view.get(*x)),
             Op::DivScalar { x, divisor } => ops::div_scalar(view.get(*x), *divisor, y),
+            Op::GaussianNoise { seeds, per_seed } => ops::gaussian_noise(view.get(*seeds), *per_seed, y),
             Op::GuidedX0 { velocity, sample, coeffs } => ops::guided_x0(view.get(*velocity), view.get(*sample), view.get(*coeffs), y),
             Op::DpmSolverUpdate { sample, x0, prev_x0, coeffs } => {
                 ops::dpm_solver_update(view.get(*sample), view.get(*x0), view.get(*prev_x0), view.get(*coeffs), y)

@@ -358,6 +358,96 @@ pub fn div_scalar(x: &[f32], divisor: f32, out: &mut [f32]) {
     }
 }
 
+/// `Op::GaussianNoise`: `per_seed` standard-normal values for each seed of `seeds` (rows of
+/// `openuni_graph::seed::LIMBS` limbs), row after row. Value j of a seed: Philox4x32-10 of
+/// counter (j / 4 as a u64, 0, 0) under key (seed low 32 bits, seed high 32 bits) gives four
+/// words; Box–Muller turns words (0, 1) into values 0, 1 and words (2, 3) into values 2, 3
+/// ([`box_muller`]). The one definition: kernels/misc.cu's `gaussian_noise` makes the same
+/// bits (only IEEE-exact integer ops, multiplies, adds, fused multiply-adds and square roots).
+pub fn gaussian_noise(seeds: &[f32], per_seed: usize, out: &mut [f32]) {
+    let limbs = openuni_graph::seed::LIMBS;
+    for (lr, or) in seeds.chunks_exact(limbs).zip(out.chunks_mut(per_seed.max(1))) {
+        let seed = openuni_graph::seed::from_limbs(lr);
+        let key = [seed as u32, (seed >> 32) as u32];
+        for (g, o4) in or.chunks_mut(4).enumerate() {
+            let w = philox4x32_10([g as u32, ((g as u64) >> 32) as u32, 0, 0], key);
+            let (z0, z1) = box_muller(w[0], w[1]);
+            let (z2, z3) = box_muller(w[2], w[3]);
+            for (o, z) in o4.iter_mut().zip([z0, z1, z2, z3]) {
+                *o = z;
+            }
+        }
+    }
+}
+
+/// Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3",
+/// SC 2011), with Random123's multipliers and key increments.
+pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (mut c, mut k) = (ctr, key);
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(0x9E37_79B9), k[1].wrapping_add(0xBB67_AE85)];
+        }
+        let p0 = 0xD251_1F53u64 * c[0] as u64;
+        let p1 = 0xCD9E_8D57u64 * c[2] as u64;
+        c = [(p1 >> 32) as u32 ^ c[1] ^ k[0], p1 as u32, (p0 >> 32) as u32 ^ c[3] ^ k[1], p0 as u32];
+    }
+    c
+}
+
+/// Two standard-normal values from two random words: radius `sqrt(-2 ln u1)` with `u1` in
+/// (0, 1] from `a`'s top 24 bits, angle `2π u2` with `u2` in [0, 1) from `b`'s; (r cos, r sin).
+pub fn box_muller(a: u32, b: u32) -> (f32, f32) {
+    let u1 = ((a >> 8) + 1) as f32 * (1.0 / 16_777_216.0);
+    let r = (-2.0 * noise_ln(u1)).sqrt();
+    let (s, c) = noise_sincos_turn(b >> 8);
+    (r * c, r * s)
+}
+
+/// ln x for x in (0, 1] (normal numbers): Cephes' `logf` (S. L. Moshier) reduction and
+/// polynomial, every operation spelled out, so the kernel's twin rounds the same way.
+pub fn noise_ln(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xFF) as i32 - 126;
+    // x = m · 2^e with m in [0.5, 1).
+    let mut m = f32::from_bits((bits & 0x007F_FFFF) | 0x3F00_0000);
+    if m < std::f32::consts::FRAC_1_SQRT_2 {
+        e -= 1;
+        m = (m + m) - 1.0;
+    } else {
+        m -= 1.0;
+    }
+    let z = m * m;
+    let mut p = 7.0376836e-2f32;
+    for c in [-1.151461e-1f32, 1.16769984e-1, -1.2420141e-1, 1.4249323e-1, -1.6668057e-1, 2.0000714e-1, -2.4999994e-1, 3.333333e-1] {
+        p = p.mul_add(m, c);
+    }
+    let fe = e as f32;
+    let mut y = (p * m) * z;
+    y = fe.mul_add(-2.1219444e-4, y);
+    y = (-0.5f32).mul_add(z, y);
+    (m + y) + fe * 0.693_359_375
+}
+
+/// (sin, cos) of the angle `2π t / 2^24` for `t` < 2^24: the nearest quarter turn is taken out
+/// in integers (exact), the rest, |x| <= π/4, goes through Cephes' `sinf`/`cosf` polynomials.
+pub fn noise_sincos_turn(t: u32) -> (f32, f32) {
+    let q = ((t + (1 << 21)) >> 22) & 3;
+    let f = t as i32 - (((t + (1 << 21)) >> 22) << 22) as i32; // in [-2^21, 2^21)
+    let x = f as f32 * (std::f32::consts::PI / 8_388_608.0); // f · (π/2) / 2^22
+    let z = x * x;
+    let ps = (-1.9515296e-4f32).mul_add(z, 8.332161e-3).mul_add(z, -1.6666655e-1);
+    let s = (ps * z).mul_add(x, x);
+    let pc = 2.4433157e-5f32.mul_add(z, -1.3887316e-3).mul_add(z, 4.1666646e-2);
+    let c = pc.mul_add(z * z, (-0.5f32).mul_add(z, 1.0));
+    match q {
+        0 => (s, c),
+        1 => (c, -s),
+        2 => (-s, -c),
+        _ => (-c, s),
+    }
+}
+
 /// [batch, rows, cols] -> [batch, cols, rows].
 pub fn transpose(x: &[f32], batch: usize, rows: usize, cols: usize, out: &mut [f32]) {
     for b in 0..batch {

@@ -786,6 +786,17 @@ impl GraphBuilder {
         Ok(self.push(name, Op::DivScalar { x, divisor }, s))
     }
 
+    /// Standard-normal noise [1, N·per_seed] from `seeds` [N, seed::LIMBS] ([`Op::GaussianNoise`]).
+    pub fn gaussian_noise(&mut self, name: &str, seeds: ValueId, per_seed: usize) -> Result<ValueId> {
+        let ss = self.shape(seeds).clone();
+        let d = ss.dims();
+        if d.len() != 2 || d[1] != crate::seed::LIMBS {
+            return Err(shape_err("gaussian_noise", format!("{name}: seeds have shape {ss}, expected [N, {}]", crate::seed::LIMBS)));
+        }
+        let n = d[0].checked_mul(per_seed).ok_or_else(|| shape_err("gaussian_noise", format!("{name}: {} seeds x {per_seed} values overflow", d[0])))?;
+        Ok(self.push(name, Op::GaussianNoise { seeds, per_seed }, Shape::new([1, n])))
+    }
+
     /// The guided clean estimate ([`Op::GuidedX0`]): `velocity` holds twice `sample`'s elements
     /// (uncond rows, then cond rows); `coeffs` is [SAMPLER_COEFFS]; the result has `sample`'s shape.
     pub fn guided_x0(&mut self, name: &str, velocity: ValueId, sample: ValueId, coeffs: ValueId) -> Result<ValueId> {

@@ -12,7 +12,7 @@ mod planner;
 
 pub use builder::{AttentionParams, Graph, GraphBuilder, Node, OutputName, Value, ValueId, ValueKind};
 pub use cost::{node_cost, Cost};
-pub use op::{coeff, KeyNorm, Modulation, Op, UnaryFn, SAMPLER_COEFFS};
+pub use op::{coeff, seed, KeyNorm, Modulation, Op, UnaryFn, SAMPLER_COEFFS};
 pub use planner::{plan, Plan, ARENA_ALIGN_ELEMS};
 
 use openuni_tensor::Shape;

@@ -259,6 +259,13 @@ pub enum Op {
     /// the reciprocal: the decoder's input `latents / scaling_factor` made on the device bit for
     /// bit as the host divides (`openuni_cpu::ops::div_scalar`, the one definition).
     DivScalar { x: ValueId, divisor: f32 },
+    /// Standard-normal noise drawn where the graph runs: `per_seed` values for each row of
+    /// `seeds` [N, seed::LIMBS] (a u64 seed as 16-bit limbs, [`seed`]), output [1, N·per_seed],
+    /// row i's values first. Value j of a seed is Box–Muller of Philox4x32-10 (key = the seed,
+    /// counter = j / 4) with our own f32 log and sin/cos written as explicit multiplies, adds
+    /// and fused multiply-adds, so every device draws the same bits as the one definition
+    /// (`openuni_cpu::ops::gaussian_noise`). `seeds` is a graph input (read as f32).
+    GaussianNoise { seeds: ValueId, per_seed: usize },
 }
 
 /// The layout of the `coeffs` input of [`Op::GuidedX0`] and [`Op::DpmSolverUpdate`]: one step's
@@ -275,6 +282,23 @@ pub mod coeff {
 }
 /// Elements of the sampler's `coeffs` input ([`coeff`]).
 pub const SAMPLER_COEFFS: usize = 7;
+
+/// The `seeds` input of [`Op::GaussianNoise`]: a u64 seed as [`LIMBS`](seed::LIMBS) 16-bit
+/// limbs, lowest first, each an integer-valued f32 (exact: graph inputs are f32 numbers).
+pub mod seed {
+    pub const LIMBS: usize = 4;
+
+    /// `seed` as its limbs.
+    pub fn limbs(seed: u64) -> [f32; LIMBS] {
+        std::array::from_fn(|i| ((seed >> (16 * i)) & 0xFFFF) as f32)
+    }
+
+    /// The seed of `limbs` (at least [`LIMBS`] values): a limb is truncated to an integer and
+    /// clamped to 0..=65535 (NaN reads as 0), the rule the kernel follows too.
+    pub fn from_limbs(limbs: &[f32]) -> u64 {
+        limbs[..LIMBS].iter().enumerate().fold(0, |s, (i, &v)| s | (v.max(0.0).min(65535.0) as u64) << (16 * i))
+    }
+}
 
 impl Op {
     pub fn name(&self) -> &'static str {
@@ -320,6 +344,7 @@ impl Op {
             Op::GuidedX0 { .. } => "guided_x0",
             Op::DpmSolverUpdate { .. } => "dpm_solver_update",
             Op::DivScalar { .. } => "div_scalar",
+            Op::GaussianNoise { .. } => "gaussian_noise",
         }
     }
 
@@ -365,6 +390,7 @@ impl Op {
             | Op::QuantizeU8 { x }
             | Op::AnyNonFinite { x }
             | Op::DivScalar { x, .. }
+            | Op::GaussianNoise { seeds: x, .. }
             | Op::KvCacheRows { x, .. } => v.push(*x),
             Op::EmbeddingGather { ids, table, extra } => {
                 v.extend([*ids, *table]);

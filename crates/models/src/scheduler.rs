@@ -16,6 +16,8 @@ pub const SAMPLE: &str = "sample";
 pub const PREV_X0: &str = "prev_x0";
 pub const COEFFS: &str = "coeffs";
 pub const NOISE: &str = "noise";
+/// [N, seed::LIMBS]: each image's noise seed ([`sampler_seeded_prime_graph`]).
+pub const SEEDS: &str = "seeds";
 /// The latents after the step [1, elems] (the next step's [`SAMPLE`]).
 pub const LATENTS: OutputName = OutputName("latents");
 /// The step's clean estimate [1, elems] (the next step's [`PREV_X0`]).
@@ -53,6 +55,20 @@ pub fn sampler_prime_graph(elems: usize) -> crate::Result<Graph> {
     let both = b.concat("sampler.model_input", &[z, z])?;
     b.mark(LATENTS, copy)?;
     b.mark(X0, copy)?;
+    b.mark(MODEL_INPUT, both)?;
+    Ok(b.finish())
+}
+
+/// [`sampler_prime_graph`] with the noise drawn where the graph runs (`Op::GaussianNoise`): image
+/// i's `per_image` values from seed i of the [`SEEDS`] input, so a batch's noise never crosses
+/// from the host (16 bytes of seed an image do).
+pub fn sampler_seeded_prime_graph(n: usize, per_image: usize) -> crate::Result<Graph> {
+    let mut b = GraphBuilder::new();
+    let seeds = b.input(SEEDS, [n, openuni_graph::seed::LIMBS])?;
+    let z = b.gaussian_noise("sampler.noise", seeds, per_image)?;
+    let both = b.concat("sampler.model_input", &[z, z])?;
+    b.mark(LATENTS, z)?;
+    b.mark(X0, z)?;
     b.mark(MODEL_INPUT, both)?;
     Ok(b.finish())
 }

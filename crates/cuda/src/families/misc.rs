@@ -1,7 +1,8 @@
 //! Small ops (`kernels/misc.cu`): adaLN-single's modulation table and its chunks, the timestep
 //! sinusoid, SwiGLU, token slices, gathers and concatenation, a ViT's class token + position
 //! embedding (composed of the copy and modulation-table kernels), and the pipeline's ends: the
-//! token-embedding gather, the uint8 quantization of the image and the non-finite flag.
+//! token-embedding gather, the initial noise drawn from seeds, the uint8 quantization of the image
+//! and the non-finite flag.
 //!
 //! Chunk, GatherTokens and Concat are strided 2-D copies (Chunk: one launch; GatherTokens: one per
 //! gathered range; Concat: one per input, into its column range of the output). The timestep
@@ -196,6 +197,16 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
         Op::DpmSolverUpdate { sample, x0, prev_x0, coeffs } => {
             let k = (ctx.f32_ptr)(*coeffs).ok_or_else(|| crate::error::CudaError::Invalid { what: "dpm_solver_update".into(), msg: "its coeffs must be a graph input (read in f32)".into() })?;
             vec![launch(ctx, format!("dpm_solver_update_{s}"), n, vec![KArg::Ptr(p(*sample)), KArg::Ptr(p(*x0)), KArg::Ptr(p(*prev_x0)), KArg::Ptr(k), KArg::Ptr(y), KArg::I64(n as i64)])]
+        }
+        // The seeds are read in f32 (a limb above 256 does not survive bf16): a graph input.
+        Op::GaussianNoise { seeds, per_seed } => {
+            let sp = (ctx.f32_ptr)(*seeds).ok_or_else(|| crate::error::CudaError::Invalid { what: "gaussian_noise".into(), msg: format!("its seeds must be a graph input (read in f32), got {}", node.name) })?;
+            let n_seeds = g.shape(*seeds).dims()[0];
+            if n == 0 {
+                vec![]
+            } else {
+                vec![launch(ctx, format!("gaussian_noise_{s}"), n_seeds * per_seed.div_ceil(4), vec![KArg::Ptr(sp), KArg::Ptr(y), KArg::I64(n_seeds as i64), KArg::I64(*per_seed as i64)])]
+            }
         }
         Op::DivScalar { x, divisor } => vec![launch(ctx, format!("div_scalar_{s}"), n, vec![KArg::Ptr(p(*x)), KArg::Ptr(y), KArg::F32(*divisor), KArg::I64(n as i64)])],
         Op::QuantizeU8 { x } => {

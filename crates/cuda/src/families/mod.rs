@@ -246,6 +246,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
         | Op::GuidedX0 { .. }
         | Op::DpmSolverUpdate { .. }
         | Op::DivScalar { .. }
+        | Op::GaussianNoise { .. }
         | Op::ClassPosEmbed { .. }
         | Op::Concat { .. } => misc::resolve(ctx, node),
         Op::Conv2d { .. }
