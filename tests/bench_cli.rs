@@ -70,9 +70,10 @@ fn tiny_bench_on_the_emulated_gpu() {
 
 /// `--plan` counts a real-size variant from its graphs alone (no weights, no device): every stage
 /// of every batch, and host traffic that follows the pipeline's data flow: token ids go up (4 B a
-/// token), the caption path's K/V stay on the device, the latents (both CFG halves) and the
-/// timesteps go up every step and the velocity comes back, the conditioning and the decoder send
-/// back one non-finite flag per checked tensor, and the images come back as uint8.
+/// token), the caption path's K/V stay on the device, the images' seeds go up once (the noise is
+/// drawn on the device), the latents stay there across the steps while the timesteps and the
+/// solver's coefficients go up every step, the conditioning, the sampler and the decoder send back
+/// one non-finite flag per checked tensor, and the images come back as uint8.
 #[test]
 fn plan_counts_a_real_size_variant_without_a_device() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,7 +93,6 @@ fn plan_counts_a_real_size_variant_without_a_device() {
         // 28 blocks: at least one launch per node, every GEMM a launch.
         assert!(step["launches"].as_u64() >= step["nodes"].as_u64());
         assert!(step["gemm_launches"].as_u64().unwrap() >= 28 * 4);
-        let latents = 2.0 * n * 32.0 * 16.0 * 16.0 * 4.0;
         // The caption path's K/V stay on the device (handed to the step device to device).
         assert_eq!(caption["dtoh_bytes_per_batch"].as_f64().unwrap(), 0.0);
         // Its prompt embeddings come from the conditioning's output on the device.
@@ -100,13 +100,14 @@ fn plan_counts_a_real_size_variant_without_a_device() {
         // The step: only its timesteps cross (the latents and velocity stay on the device) ...
         assert_eq!(step["htod_bytes_per_batch"].as_f64().unwrap(), 20.0 * 2.0 * n * 4.0);
         assert_eq!(step["dtoh_bytes_per_batch"].as_f64().unwrap(), 0.0);
-        // ... the f32 sampler: 7 coefficients up and one f32 flag down a step; its prime the noise
-        // up, once; the final latents stay on the device for the decoder's input.
+        // ... the f32 sampler: 7 coefficients up and one f32 flag down a step; its prime the
+        // images' seeds up (4 f32 limbs each), once: the noise is drawn on the device; the final
+        // latents stay on the device for the decoder's input.
         let (sampler, prime) = (stage("sampler"), stage("sampler.prime"));
         assert_eq!(sampler["runs_per_batch"], 20);
         assert_eq!(sampler["htod_bytes_per_batch"].as_f64().unwrap(), 20.0 * 7.0 * 4.0);
         assert_eq!(sampler["dtoh_bytes_per_batch"].as_f64().unwrap(), 20.0 * 4.0);
-        assert_eq!(prime["htod_bytes_per_batch"].as_f64().unwrap(), latents / 2.0);
+        assert_eq!(prime["htod_bytes_per_batch"].as_f64().unwrap(), n * 4.0 * 4.0);
         assert_eq!(prime["dtoh_bytes_per_batch"].as_f64().unwrap(), 0.0);
         // `latents / scaling_factor` made on the device (one launch) and read there by the decoder.
         let input = stage("decoder.input");
