@@ -426,7 +426,8 @@ pub fn noise_ln(x: f32) -> f32 {
     let mut y = (p * m) * z;
     y = fe.mul_add(-2.1219444e-4, y);
     y = (-0.5f32).mul_add(z, y);
-    (m + y) + fe * 0.693_359_375
+    // ln 2 split: 0.6933594 is 355/512 exactly (the kernel's 0.693359375f), the rest went into y.
+    (m + y) + fe * 0.693_359_4
 }
 
 /// (sin, cos) of the angle `2π t / 2^24` for `t` < 2^24: the nearest quarter turn is taken out

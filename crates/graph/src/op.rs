@@ -295,6 +295,8 @@ pub mod seed {
 
     /// The seed of `limbs` (at least [`LIMBS`] values): a limb is truncated to an integer and
     /// clamped to 0..=65535 (NaN reads as 0), the rule the kernel follows too.
+    // max/min, not clamp: clamp keeps a NaN, max(NaN, 0) is 0 (as the kernel's fmaxf).
+    #[allow(clippy::manual_clamp)]
     pub fn from_limbs(limbs: &[f32]) -> u64 {
         limbs[..LIMBS].iter().enumerate().fold(0, |s, (i, &v)| s | (v.max(0.0).min(65535.0) as u64) << (16 * i))
     }
