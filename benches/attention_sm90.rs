@@ -40,7 +40,8 @@ fn main() {
         ("LLM prefill packed, hd 64: 4 sequences of 1024 tokens in one row", 1, 4096, 14, 2, 64, true, 4),
         // The step's cross-attention at 512 px, batch 32 (64 CFG rows): 16x16 latent tokens attend to
         // the connector's 256 condition tokens (n = m by coincidence); head dims 72 and 112 run on the
-        // hd128 wgmma kernel (zero-filled columns) and on mma.sync's hd80 / hd112.
+        // hd80 / hd112 wgmma kernels (the hd128 one before 2026-12-04's change) and on mma.sync's
+        // hd80 / hd112.
         ("SANA-600M cross-attn, b-512 batch 32 (64 rows x 256 tokens, hd 72)", 64, 256, 16, 16, 72, false, 1),
         ("SANA-1.6B cross-attn, l-512 batch 32 (64 rows x 256 tokens, hd 112)", 64, 256, 20, 20, 112, false, 1),
     ];

@@ -4,14 +4,15 @@
 // kernels, which stay for other GPUs, for what this one does not take, and as the fallback); CPU twin
 // openuni_cpu::ops::attention. Launcher and selection: crates/cuda/src/families/attention_sm90.rs.
 //
-//   attention_bf16_wgmma_hd{64,128}(map_q, map_k, map_v, mask, seg, out, n, m, heads, kv_heads, hd, causal,
+//   attention_bf16_wgmma_hd{64,80,112,128}(map_q, map_k, map_v, mask, seg, out, n, m, heads, kv_heads, hd, causal,
 //       scale_log2)   grid (ceil(n / 128), B * heads), 384 threads, dynamic shared memory
 //       ATT90_SMEM<HD>.
 //   q [B, n, heads*hd], k and v [B, m, kv_heads*hd], out like q, bf16, row-major; query head h reads
 //   key/value head h / (heads / kv_heads) (GQA); logit[i, j] = scale * q_i . k_j + bias_j with
 //   bias_j = (1 - mask[b, j]) * -10000 when mask ([B, m]) is non-null; with `causal`, query i sees keys
-//   j <= i + m - n. Head dims: hd % 8 == 0, hd <= HD (64 or 128): the maps' boxes are 64 columns wide
-//   and the columns past hd are the TMA's zero fill. Packed sequences (`seg` non-null; B = 1, n = m):
+//   j <= i + m - n. Head dims: hd % 8 == 0, hd <= HD (64, 80, 112 or 128; the smallest that holds hd):
+//   the maps' boxes are 64 columns wide and the columns past hd are the TMA's zero fill; the tensor
+//   cores compute HD columns (attention_sm90.cuh). Packed sequences (`seg` non-null; B = 1, n = m):
 //   seg[2t], seg[2t + 1] = [start, end) of token t's segment (attention.cu's table); query i sees keys
 //   [start(i), end(i)) (and j <= i when causal), and a block streams the key tiles from its first row's
 //   start. Fused RoPE is the pre-pass attention_rope_bf16 below, then this kernel on the rotated q, k.
@@ -59,6 +60,14 @@ using ou::bf16;
 
 extern "C" __launch_bounds__(384, 1) __global__ void attention_bf16_wgmma_hd64(const __grid_constant__ ou::TensorMap map_q, const __grid_constant__ ou::TensorMap map_k, const __grid_constant__ ou::TensorMap map_v, const bf16* mask, const int* seg, bf16* out, int n, int m, int heads, int kv_heads, int hd, int causal, float scale_log2) {
     OU_A90_BODY(64)
+}
+
+extern "C" __launch_bounds__(384, 1) __global__ void attention_bf16_wgmma_hd80(const __grid_constant__ ou::TensorMap map_q, const __grid_constant__ ou::TensorMap map_k, const __grid_constant__ ou::TensorMap map_v, const bf16* mask, const int* seg, bf16* out, int n, int m, int heads, int kv_heads, int hd, int causal, float scale_log2) {
+    OU_A90_BODY(80)
+}
+
+extern "C" __launch_bounds__(384, 1) __global__ void attention_bf16_wgmma_hd112(const __grid_constant__ ou::TensorMap map_q, const __grid_constant__ ou::TensorMap map_k, const __grid_constant__ ou::TensorMap map_v, const bf16* mask, const int* seg, bf16* out, int n, int m, int heads, int kv_heads, int hd, int causal, float scale_log2) {
+    OU_A90_BODY(112)
 }
 
 extern "C" __launch_bounds__(384, 1) __global__ void attention_bf16_wgmma_hd128(const __grid_constant__ ou::TensorMap map_q, const __grid_constant__ ou::TensorMap map_k, const __grid_constant__ ou::TensorMap map_v, const bf16* mask, const int* seg, bf16* out, int n, int m, int heads, int kv_heads, int hd, int causal, float scale_log2) {

@@ -55,6 +55,13 @@ fn attention_sm90_matches_cpu() {
         (1, 130, 130, 1, 1, 72, true, false),
         (2, 5, 77, 4, 2, 32, false, true),
         (1, 100, 33, 1, 1, 128, false, false),
+        // The narrow capacities: SANA's cross-attention shapes (hd 72 -> 80, 112), in small: 300
+        // keys (a partial last tile), a key mask; hd 80, 104 (-> 112) and 120 (-> 128) at the edges.
+        (2, 64, 300, 2, 2, 72, false, true),
+        (1, 64, 300, 2, 2, 112, false, false),
+        (1, 130, 65, 1, 1, 80, false, false),
+        (2, 40, 40, 2, 1, 104, true, false),
+        (1, 40, 70, 1, 1, 120, false, true),
     ];
     for &(b, n, m, heads, kv_heads, hd, causal, with_mask) in cases {
         let scale = 1.0 / (hd as f32).sqrt();
@@ -285,6 +292,11 @@ fn attention_sm90_selection_rule() {
     for hd in [8, 72, 112, 128] {
         assert!(attention_sm90::qualifies(&AttentionArgs { head_dim: hd, ..a }), "hd {hd}");
     }
+    // The smallest capacity that holds the head dim: SANA's 72 computes 80 columns, not 128.
+    for (hd, cap) in [(8, 64), (64, 64), (72, 80), (80, 80), (88, 112), (112, 112), (120, 128), (128, 128)] {
+        assert_eq!(attention_sm90::capacity(hd), Some(cap), "hd {hd}");
+    }
+    assert_eq!(attention_sm90::smem_bytes(80), attention_sm90::smem_bytes(128), "80 columns take two 64-column boxes");
     for hd in [4, 100, 136, 256] {
         assert!(!attention_sm90::qualifies(&AttentionArgs { head_dim: hd, ..a }), "hd {hd}");
     }

@@ -34,7 +34,12 @@ constexpr int A90_STAGES = 2;
 constexpr unsigned A90_BOX = 64 * 128;  // one box: 64 rows of 64 bf16
 
 // Dynamic shared memory (the launcher's attention_sm90::smem_bytes): 1 KiB alignment slack, Q (per
-// consumer), K and V stages, each HD / 64 boxes, then the barriers (128 bytes).
+// consumer), K and V stages, each ceil(HD / 64) boxes, then the barriers (128 bytes).
+// HD (64, 80, 112, 128) is the width the tensor cores compute: S = Q K^T takes HD / 16 k-steps and
+// O += P V is one m64nHDk16 per 16 keys. Boxes are 64 columns, so HD 80 and 112 load two boxes like
+// 128 (the columns past hd are the TMA's zero fill, no memory read) but skip the k-steps and output
+// columns past HD: SANA-600M's hd 72 runs 5 k-steps and n80 instead of 8 and n128 (62.5 % of the
+// tensor work), SANA-1.6B's hd 112 7 and n112 (87.5 %).
 
 #if OU_ATT_SM90
 __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
@@ -47,7 +52,8 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
                                                const TensorMap& map_v, const bf16* __restrict__ mask,
                                                const int* __restrict__ seg, bf16* __restrict__ out, int n, int m,
                                                int heads, int kv_heads, int hd, int causal, float scale_log2) {
-    constexpr int CB = HD / 64;  // 64-column boxes per row
+    static_assert(HD % 16 == 0 && HD <= 128, "attention_sm90: HD a multiple of 16 up to 128");
+    constexpr int CB = (HD + 63) / 64;  // 64-column boxes per row
     unsigned char* sm = dyn_smem + ((1024u - smem_addr(dyn_smem) % 1024u) % 1024u);
     auto q_box = [&](int c, int cb) { return sm + (c * CB + cb) * A90_BOX; };
     auto k_box = [&](int s, int cb) { return sm + ((A90_CONSUMERS + s) * CB + cb) * A90_BOX; };

@@ -5,8 +5,9 @@
 //! Selection ([`selected_for`]: [`qualifies`] without packed segments, applied in
 //! `attention::resolve`): the sm_90a conv rule's device
 //! ([`super::conv_sm90::selected`]: compute capability 9.0, kernels for sm_90a, no
-//! `OPENUNI_KERNELS=mma`), bf16 storage, head dim a multiple of 8 up to 128 (capacities 64 and
-//! 128; columns past the head dim are the TMA's zero fill), q/k/v 16-byte aligned. Causal, GQA,
+//! `OPENUNI_KERNELS=mma`), bf16 storage, head dim a multiple of 8 up to 128 (capacities 64, 80,
+//! 112 and 128, [`CAPACITIES`]; columns past the head dim are the TMA's zero fill), q/k/v 16-byte
+//! aligned. Causal, GQA,
 //! the key mask are taken. The kernel also computes packed segments (batch 1, n = m: every row sees
 //! its own segment's keys; the block loads the key tiles from its first row's segment start), but
 //! the executor leaves them to attention.cu (batch invariance, [`selected_for`]).
@@ -29,20 +30,23 @@ use crate::tma;
 pub const BLOCK_M: usize = 128;
 const THREADS: u32 = 384;
 
-/// The head-dim capacity (kernel) that runs `head_dim`, if any.
+/// The head-dim capacities of the kernels: the width the tensor cores compute. 80 and 112 are
+/// SANA's head dims 72 and 112 (SANA-600M, SANA-1.6B) without the zero columns up to 128.
+pub const CAPACITIES: [usize; 4] = [64, 80, 112, 128];
+
+/// The head-dim capacity (kernel) that runs `head_dim`, if any: the smallest that holds it.
 pub fn capacity(head_dim: usize) -> Option<usize> {
-    match head_dim {
-        d if d == 0 || d % 8 != 0 => None,
-        d if d <= 64 => Some(64),
-        d if d <= 128 => Some(128),
-        _ => None,
+    if head_dim == 0 || !head_dim.is_multiple_of(8) {
+        return None;
     }
+    CAPACITIES.into_iter().find(|&c| head_dim <= c)
 }
 
 /// Dynamic shared memory of the kernel for `capacity` (`a90_smem<HD>`): 1 KiB alignment slack,
-/// Q for 2 consumers and 2 stages of K and V, each `capacity / 64` boxes of 8 KiB, and barriers.
+/// Q for 2 consumers and 2 stages of K and V, each `ceil(capacity / 64)` boxes of 8 KiB, and
+/// barriers.
 pub fn smem_bytes(capacity: usize) -> usize {
-    1024 + (2 + 2 * 2) * (capacity / 64) * 8192 + 128
+    1024 + (2 + 2 * 2) * capacity.div_ceil(64) * 8192 + 128
 }
 
 /// Whether the sm_90a kernel takes this call (on a selected device).
@@ -93,7 +97,7 @@ pub fn launch_count(a: &AttentionArgs) -> usize {
 
 /// The launches for a call that [`qualifies`] (none for empty shapes): with `rope_cs` set, the
 /// pre-pass `attention_rope_bf16` into `rope_scratch` ([`rope_scratch_bytes`], 16-byte aligned)
-/// and `attention_bf16_wgmma_hd{64,128}` on the rotated q and k; else that kernel alone.
+/// and `attention_bf16_wgmma_hd{64,80,112,128}` on the rotated q and k; else that kernel alone.
 pub fn launch(a: &AttentionArgs, rope_scratch: u64) -> Result<Vec<Launch>> {
     if !qualifies(a) {
         return Err(invalid(format!(
