@@ -47,7 +47,22 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-template <int HD, int MUTANT = A90_OK>
+// Registers per thread (setmaxnreg) with CTAS blocks of 384 threads per SM: the launch bound gives every
+// thread BASE (the register file's 65,536 / (384 CTAS), in the allocation's units of 8: 168 or 80); the
+// producer gives back down to PRODUCER and the consumers take what that frees. On hardware an inc that
+// asks for more than the block freed waits forever, so the sum is checked here (the emulator does not
+// model the register file).
+template <int CTAS> struct A90Regs {
+    static constexpr int BASE = 65536 / (384 * CTAS) / 8 * 8;
+    static constexpr int PRODUCER = CTAS == 1 ? 40 : 24;
+    static constexpr int CONSUMER = (384 * BASE - 128 * PRODUCER) / 256 / 8 * 8;
+    static_assert(CTAS == 1 || CTAS == 2, "attention_sm90: 1 or 2 blocks per SM");
+    static_assert(128 * PRODUCER + 256 * CONSUMER <= 384 * BASE, "setmaxnreg: the consumers take more than the producer gave back");
+};
+
+// CTAS: blocks per SM the kernel is built for (its __launch_bounds__): 1 (consumers of 232 registers) or 2
+// (104 registers: two blocks overlap one's softmax, prologue and epilogue with the other's loads and wgmma).
+template <int HD, int MUTANT = A90_OK, int CTAS = 1>
 __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const TensorMap& map_q, const TensorMap& map_k,
                                                const TensorMap& map_v, const bf16* __restrict__ mask,
                                                const int* __restrict__ seg, bf16* __restrict__ out, int n, int m,
@@ -87,7 +102,7 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
     __syncthreads();  // the only block-wide barrier
 
     if (wg == 0) {
-        setmaxnreg_dec<40>();
+        setmaxnreg_dec<A90Regs<CTAS>::PRODUCER>();
         if (t != 0) return;
         mbarrier_arrive_expect_tx(q_full, A90_CONSUMERS * CB * A90_BOX);
         for (int c = 0; c < A90_CONSUMERS; ++c)
@@ -104,7 +119,7 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
         return;
     }
 
-    setmaxnreg_inc<232>();
+    setmaxnreg_inc<A90Regs<CTAS>::CONSUMER>();
     const int c = (int)wg - 1;
     const int warp = (int)t / 32, g = (int)(t % 32) / 4, tq = (int)t % 4;
     // This thread's two rows (absolute query indices) and the keys each sees: [from, vis].

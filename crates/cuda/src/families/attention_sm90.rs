@@ -42,6 +42,23 @@ pub fn capacity(head_dim: usize) -> Option<usize> {
     CAPACITIES.into_iter().find(|&c| head_dim <= c)
 }
 
+/// The kernel the launcher picks for `capacity`: capacity 80 (SANA-600M's cross-attention, short
+/// blocks) runs the two-blocks-per-SM build `attention_bf16_wgmma_hd80_x2`; the others, and
+/// [`one_per_sm`] of it, one block per SM.
+pub fn kernel_name(capacity: usize) -> String {
+    if capacity == 80 {
+        "attention_bf16_wgmma_hd80_x2".into()
+    } else {
+        format!("attention_bf16_wgmma_hd{capacity}")
+    }
+}
+
+/// The one-block-per-SM build of a two-blocks-per-SM kernel (same arguments and shared memory),
+/// for `bench attention_sm90` to time both; `None` for the others.
+pub fn one_per_sm(kernel: &str) -> Option<String> {
+    kernel.strip_suffix("_x2").map(str::to_string)
+}
+
 /// Dynamic shared memory of the kernel for `capacity` (`a90_smem<HD>`): 1 KiB alignment slack,
 /// Q for 2 consumers and 2 stages of K and V, each `ceil(capacity / 64)` boxes of 8 KiB, and
 /// barriers.
@@ -97,7 +114,8 @@ pub fn launch_count(a: &AttentionArgs) -> usize {
 
 /// The launches for a call that [`qualifies`] (none for empty shapes): with `rope_cs` set, the
 /// pre-pass `attention_rope_bf16` into `rope_scratch` ([`rope_scratch_bytes`], 16-byte aligned)
-/// and `attention_bf16_wgmma_hd{64,80,112,128}` on the rotated q and k; else that kernel alone.
+/// and `attention_bf16_wgmma_hd{64,80,112,128}` ([`kernel_name`]) on the rotated q and k; else
+/// that kernel alone.
 pub fn launch(a: &AttentionArgs, rope_scratch: u64) -> Result<Vec<Launch>> {
     if !qualifies(a) {
         return Err(invalid(format!(
@@ -161,7 +179,7 @@ pub fn launch(a: &AttentionArgs, rope_scratch: u64) -> Result<Vec<Launch>> {
     let mk = map("attention k", k, a.kv_heads, a.m)?;
     let mv = map("attention v", a.v, a.kv_heads, a.m)?;
     launches.push(Launch {
-        kernel: format!("attention_bf16_wgmma_hd{cap}"),
+        kernel: kernel_name(cap),
         grid: (a.n.div_ceil(BLOCK_M) as u32, bh as u32, 1),
         block: (THREADS, 1, 1),
         smem: smem_bytes(cap) as u32,
