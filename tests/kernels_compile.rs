@@ -100,6 +100,23 @@ fn largest_block(kernel: &str) -> Option<usize> {
     norm.iter().any(|p| kernel.starts_with(p)).then_some(openuni_cuda::families::norm::NORM_MAX_THREADS)
 }
 
+/// Registers per thread a kernel that moves registers between warpgroups (`setmaxnreg`) must be
+/// given at launch: its launch bound's whole share of the register file, in units of 8 (168 for one
+/// block of 384 threads per SM, 80 for two). Its warpgroups' `setmaxnreg.dec`/`.inc` values are
+/// balanced against that share (attention_sm90.cuh's `A90Regs`; conv_sm90.cuh 40 / 232): with fewer
+/// registers the consumers' inc would ask for more than the producer freed and, on hardware, wait
+/// forever. The emulated GPU does not model the register file.
+fn setmaxnreg_share(kernel: &str) -> Option<usize> {
+    let blocks_per_sm = |threads: usize, blocks: usize| REGISTERS_PER_SM / (threads * blocks) / 8 * 8;
+    if kernel.starts_with("attention_bf16_wgmma_hd") {
+        Some(blocks_per_sm(384, if kernel.ends_with("_x2") { 2 } else { 1 }))
+    } else if ["conv2d_bf16_wgmma", "upsample_conv2d_bf16_wgmma"].contains(&kernel) {
+        Some(blocks_per_sm(openuni_cuda::families::conv_sm90::geometry::C90_THREADS as usize, 1))
+    } else {
+        None
+    }
+}
+
 #[test]
 fn every_kernel_compiles_for_sm_90a() {
     if !nvrtc_or_skip() {
@@ -139,6 +156,15 @@ fn every_kernel_compiles_for_sm_90a() {
                     }
                     if k.spill_stores > 0 || k.spill_loads > 0 {
                         println!("  warning: {} spills registers", k.name);
+                    }
+                    if let Some(share) = setmaxnreg_share(&k.name) {
+                        if k.registers as usize != share {
+                            failures.push(format!(
+                                "{}: {} registers, but its setmaxnreg balance assumes {share} a thread (see setmaxnreg_share): \
+                                 on hardware the consumers' setmaxnreg.inc would never return",
+                                k.name, k.registers
+                            ));
+                        }
                     }
                     if let Some(threads) = largest_block(&k.name) {
                         if k.registers as usize * threads > REGISTERS_PER_SM {
