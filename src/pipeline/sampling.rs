@@ -296,12 +296,8 @@ impl OpenUni {
         let f32_run = RunOptions { dtype: DType::F32, ..run };
         let mut solver = Sampler::with_kind(sampler, steps, flow_shift).map_err(anyhow::Error::msg)?;
         let per_image = cfg.in_channels * h * w;
-        // The latents to upload, when they come from the host (given noise, or rows kept after a
-        // drop); seeded noise is drawn where the sampler runs instead.
-        let mut latents = match noise {
-            LatentNoise::Values(t) => Some(t.to_f32_vec()),
-            LatentNoise::Seeded { .. } => None,
-        };
+        // The latents of the rows kept after images left, uploaded in the next round.
+        let mut latents: Option<Vec<f32>> = None;
         // Every image's latents, the ones that left as they were when they left (each row is
         // written when it leaves, or at the first drop, before it is read).
         let mut all = vec![0.0f32; n * per_image];
@@ -321,20 +317,21 @@ impl OpenUni {
                 let mut o = e.output_handles()?;
                 Ok((scheduler::LATENTS.take(&mut o)?, scheduler::X0.take(&mut o)?, scheduler::MODEL_INPUT.take(&mut o)?))
             };
+            let upload = |values: Vec<f32>| -> Result<_> {
+                let inputs = HashMap::from([(scheduler::NOISE.to_string(), HostTensor::from_f32([1, elems], values)?)]);
+                self.with_executor(Stage::Transformer, "sampler.prime_values", &[elems], f32_run, false, || sampler_values_prime_graph(elems), |e| prime(e, inputs))
+            };
             let (mut sample, mut prev_x0, mut model_input) = match (latents.take(), noise) {
-                // Host latents cross to the device once (given noise for a batch, or the rows kept
-                // after images left).
-                (Some(values), _) => {
-                    let inputs = HashMap::from([(scheduler::NOISE.to_string(), HostTensor::from_f32([1, elems], values)?)]);
-                    self.with_executor(Stage::Transformer, "sampler.prime_values", &[elems], f32_run, false, || sampler_values_prime_graph(elems), |e| prime(e, inputs))?
-                }
+                // Host latents cross to the device once: the rows kept after images left, or given
+                // noise for a batch.
+                (Some(values), _) => upload(values)?,
+                (None, LatentNoise::Values(t)) => upload(t.to_f32_vec())?,
                 // Seeded noise: only the seeds cross (16 bytes an image).
                 (None, LatentNoise::Seeded { seeds, .. }) => {
                     let limbs: Vec<f32> = seeds.iter().flat_map(|&s| openuni_graph::seed::limbs(s)).collect();
                     let inputs = HashMap::from([(scheduler::SEEDS.to_string(), HostTensor::from_f32([n, openuni_graph::seed::LIMBS], limbs)?)]);
                     self.with_executor(Stage::Transformer, "sampler.prime", &[n, per_image], f32_run, false, || sampler_seeded_prime_graph(n, per_image), |e| prime(e, inputs))?
                 }
-                (None, LatentNoise::Values(_)) => unreachable!("given noise is always uploaded as values"),
             };
             if let Some(h) = history.take() {
                 // After a drop, the rows kept of the multistep history go back with the latents.
