@@ -95,17 +95,6 @@ fn main() {
             }
         }
         println!("  {label}: sm_90a / mma.sync speed-up {:.2}x", times[0] / times[1]);
-        // A two-blocks-per-SM kernel against its one-block build, same launch otherwise.
-        let sm90 = attention_sm90::launch(&a, scratch.ptr()).unwrap();
-        let last = sm90.last().expect("the attention launch");
-        if let Some(one) = attention_sm90::one_per_sm(&last.kernel) {
-            let mut ls = sm90.clone();
-            ls.last_mut().expect("the attention launch").kernel = one;
-            // SAFETY: the same buffers and shapes as above.
-            let ms = time_ms(&dev, warmup, runs, 1, |_| unsafe { openuni_cuda::families::enqueue(&dev, &ls) }).unwrap();
-            r.add_flops(&ls.last().unwrap().kernel, label, &shape, flops, bytes, ms);
-            println!("  {label}: {} / {} speed-up {:.2}x", last.kernel, ls.last().unwrap().kernel, ms / times[1]);
-        }
     }
     r.finish();
 }

@@ -67,13 +67,6 @@ extern "C" __launch_bounds__(384, 1) __global__ void attention_bf16_wgmma_hd80(c
     OU_A90_BODY(80)
 }
 
-// Two blocks per SM (consumers of 104 registers, 97 KiB of shared memory each): SANA-600M's cross-attention
-// (hd 72) is 2,048 short blocks of 5 key tiles at b-512 batch 32, which one block per SM left at 24 % of the
-// copy bandwidth (run 6). The launcher picks this one for capacity 80; `bench attention_sm90` times both.
-extern "C" __launch_bounds__(384, 2) __global__ void attention_bf16_wgmma_hd80_x2(const __grid_constant__ ou::TensorMap map_q, const __grid_constant__ ou::TensorMap map_k, const __grid_constant__ ou::TensorMap map_v, const bf16* mask, const int* seg, bf16* out, int n, int m, int heads, int kv_heads, int hd, int causal, float scale_log2) {
-    OU_A90_BODY_CTAS(80, 2)
-}
-
 extern "C" __launch_bounds__(384, 1) __global__ void attention_bf16_wgmma_hd112(const __grid_constant__ ou::TensorMap map_q, const __grid_constant__ ou::TensorMap map_k, const __grid_constant__ ou::TensorMap map_v, const bf16* mask, const int* seg, bf16* out, int n, int m, int heads, int kv_heads, int hd, int causal, float scale_log2) {
     OU_A90_BODY(112)
 }

@@ -103,41 +103,20 @@ fn attention_sm90_matches_cpu() {
         };
         assert!(attention_sm90::qualifies(&a));
         let ls = attention_sm90::launch(&a, 0).unwrap();
-        // The launcher's kernel, and the one-block-per-SM build of a two-blocks-per-SM one (the
-        // same launch otherwise), each from a NaN-filled output.
-        let mut variants = vec![ls.clone()];
-        if let Some(one) = attention_sm90::one_per_sm(&ls[0].kernel) {
-            let mut alt = ls.clone();
-            alt[0].kernel = one;
-            variants.push(alt);
+        // SAFETY: every buffer holds the shapes launched.
+        for l in &ls {
+            unsafe { l.enqueue(&dev).unwrap() };
         }
-        for ls in variants {
-            let (_ob, op) = upload(&dev, &vec![f32::NAN; b * n * heads * hd]);
-            let ls: Vec<_> = ls.into_iter().map(|mut l| {
-                for arg in l.args.iter_mut() {
-                    if let openuni_cuda::KArg::Ptr(p) = arg {
-                        if *p == a.out {
-                            *p = op;
-                        }
-                    }
-                }
-                l
-            }).collect();
-            // SAFETY: every buffer holds the shapes launched.
-            for l in &ls {
-                unsafe { l.enqueue(&dev).unwrap() };
-            }
-            let mut got = vec![0u16; b * n * heads * hd];
-            dev.copy_to_host(op, &mut got).unwrap();
-            let got: Vec<f32> = got.into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect();
-            check(
-                &format!("{} [{b}, {n} x {m}, {heads}/{kv_heads} heads, hd {hd}] causal={causal} mask={with_mask}", ls[0].kernel),
-                BF,
-                &got,
-                &want,
-                &base,
-            );
-        }
+        let mut got = vec![0u16; b * n * heads * hd];
+        dev.copy_to_host(op, &mut got).unwrap();
+        let got: Vec<f32> = got.into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect();
+        check(
+            &format!("{} [{b}, {n} x {m}, {heads}/{kv_heads} heads, hd {hd}] causal={causal} mask={with_mask}", ls[0].kernel),
+            BF,
+            &got,
+            &want,
+            &base,
+        );
     }
 }
 
@@ -318,11 +297,7 @@ fn attention_sm90_selection_rule() {
         assert_eq!(attention_sm90::capacity(hd), Some(cap), "hd {hd}");
     }
     assert_eq!(attention_sm90::smem_bytes(80), attention_sm90::smem_bytes(128), "80 columns take two 64-column boxes");
-    // Two blocks per SM for capacity 80 must fit the SM's 227 KiB of shared memory.
-    assert_eq!(attention_sm90::kernel_name(80), "attention_bf16_wgmma_hd80_x2");
-    assert!(2 * attention_sm90::smem_bytes(80) <= 227 * 1024);
-    assert_eq!(attention_sm90::one_per_sm("attention_bf16_wgmma_hd80_x2").as_deref(), Some("attention_bf16_wgmma_hd80"));
-    assert_eq!(attention_sm90::one_per_sm("attention_bf16_wgmma_hd128"), None);
+    assert_eq!(attention_sm90::kernel_name(80), "attention_bf16_wgmma_hd80");
     for hd in [4, 100, 136, 256] {
         assert!(!attention_sm90::qualifies(&AttentionArgs { head_dim: hd, ..a }), "hd {hd}");
     }

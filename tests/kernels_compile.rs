@@ -102,16 +102,16 @@ fn largest_block(kernel: &str) -> Option<usize> {
 
 /// Registers per thread a kernel that moves registers between warpgroups (`setmaxnreg`) must be
 /// given at launch: its launch bound's whole share of the register file, in units of 8 (168 for one
-/// block of 384 threads per SM, 80 for two). Its warpgroups' `setmaxnreg.dec`/`.inc` values are
-/// balanced against that share (attention_sm90.cuh's `A90Regs`; conv_sm90.cuh 40 / 232): with fewer
+/// block of 384 threads per SM). Its warpgroups' `setmaxnreg.dec`/`.inc` values are balanced
+/// against that share (attention_sm90.cuh's `A90Regs`; conv_sm90.cuh 40 / 232): with fewer
 /// registers the consumers' inc would ask for more than the producer freed and, on hardware, wait
 /// forever. The emulated GPU does not model the register file.
 fn setmaxnreg_share(kernel: &str) -> Option<usize> {
-    let blocks_per_sm = |threads: usize, blocks: usize| REGISTERS_PER_SM / (threads * blocks) / 8 * 8;
+    let one_block_per_sm = |threads: usize| REGISTERS_PER_SM / threads / 8 * 8;
     if kernel.starts_with("attention_bf16_wgmma_hd") {
-        Some(blocks_per_sm(384, if kernel.ends_with("_x2") { 2 } else { 1 }))
+        Some(one_block_per_sm(384))
     } else if ["conv2d_bf16_wgmma", "upsample_conv2d_bf16_wgmma"].contains(&kernel) {
-        Some(blocks_per_sm(openuni_cuda::families::conv_sm90::geometry::C90_THREADS as usize, 1))
+        Some(one_block_per_sm(openuni_cuda::families::conv_sm90::geometry::C90_THREADS as usize))
     } else {
         None
     }
@@ -184,6 +184,11 @@ fn every_kernel_compiles_for_sm_90a() {
                 }
                 if file.ends_with("_sm90.cu") {
                     println!("{file}: {injected} warpgroup.arrive injected by ptxas (C7519)");
+                }
+                // C7512: wgmma serialized for lack of registers: the tensor cores wait on every
+                // wgmma (attention built for two blocks per SM, at 80 registers, got it).
+                for l in m.log.lines().filter(|l| l.contains("C7512")) {
+                    failures.push(format!("{file}: {l}"));
                 }
                 total += m.resources.len();
                 let mut compiled: Vec<&str> = m.resources.iter().map(|k| k.name.as_str()).collect();

@@ -60,8 +60,10 @@ template <int CTAS> struct A90Regs {
     static_assert(128 * PRODUCER + 256 * CONSUMER <= 384 * BASE, "setmaxnreg: the consumers take more than the producer gave back");
 };
 
-// CTAS: blocks per SM the kernel is built for (its __launch_bounds__): 1 (consumers of 232 registers) or 2
-// (104 registers: two blocks overlap one's softmax, prologue and epilogue with the other's loads and wgmma).
+// CTAS: blocks per SM the kernel is built for (its __launch_bounds__). Every kernel uses 1 (consumers of 232
+// registers). 2 (consumers of 104) compiles for HD 80 and 64, but ptxas allocates the consumers within the
+// launch bound's 80 registers and serializes their wgmma (C7512, which tests/kernels_compile.rs refuses);
+// HD 112 does not compile at 80. docs/hopper.md.
 template <int HD, int MUTANT = A90_OK, int CTAS = 1>
 __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const TensorMap& map_q, const TensorMap& map_k,
                                                const TensorMap& map_v, const bf16* __restrict__ mask,

@@ -42,21 +42,9 @@ pub fn capacity(head_dim: usize) -> Option<usize> {
     CAPACITIES.into_iter().find(|&c| head_dim <= c)
 }
 
-/// The kernel the launcher picks for `capacity`: capacity 80 (SANA-600M's cross-attention, short
-/// blocks) runs the two-blocks-per-SM build `attention_bf16_wgmma_hd80_x2`; the others, and
-/// [`one_per_sm`] of it, one block per SM.
+/// The kernel for `capacity`.
 pub fn kernel_name(capacity: usize) -> String {
-    if capacity == 80 {
-        "attention_bf16_wgmma_hd80_x2".into()
-    } else {
-        format!("attention_bf16_wgmma_hd{capacity}")
-    }
-}
-
-/// The one-block-per-SM build of a two-blocks-per-SM kernel (same arguments and shared memory),
-/// for `bench attention_sm90` to time both; `None` for the others.
-pub fn one_per_sm(kernel: &str) -> Option<String> {
-    kernel.strip_suffix("_x2").map(str::to_string)
+    format!("attention_bf16_wgmma_hd{capacity}")
 }
 
 /// Dynamic shared memory of the kernel for `capacity` (`a90_smem<HD>`): 1 KiB alignment slack,
