@@ -111,7 +111,7 @@ fn setmaxnreg_share(kernel: &str) -> Option<usize> {
     if kernel.starts_with("attention_bf16_wgmma_hd") {
         Some(one_block_per_sm(384))
     } else if ["conv2d_bf16_wgmma", "upsample_conv2d_bf16_wgmma"].contains(&kernel) {
-        Some(one_block_per_sm(openuni_cuda::families::conv_sm90::geometry::C90_THREADS as usize))
+        Some(one_block_per_sm(openuni_cuda::families::conv_sm90::geometry::C90_THREADS))
     } else {
         None
     }
