@@ -51,13 +51,12 @@
 using ou::bf16;
 
 #if OU_ATT_SM90
-#define OU_A90_BODY_CTAS(HD, CTAS)                                                                               \
+#define OU_A90_BODY(HD)                                                                                          \
     extern __shared__ __align__(1024) unsigned char smem[];                                                      \
-    ou::attention_sm90<HD, ou::A90_OK, CTAS>(smem, map_q, map_k, map_v, mask, seg, out, n, m, heads, kv_heads, hd, causal, scale_log2);
+    ou::attention_sm90<HD>(smem, map_q, map_k, map_v, mask, seg, out, n, m, heads, kv_heads, hd, causal, scale_log2);
 #else
-#define OU_A90_BODY_CTAS(HD, CTAS) __trap();  // not sm_90a: the launcher never selects this kernel
+#define OU_A90_BODY(HD) __trap();  // not sm_90a: the launcher never selects this kernel
 #endif
-#define OU_A90_BODY(HD) OU_A90_BODY_CTAS(HD, 1)
 
 extern "C" __launch_bounds__(384, 1) __global__ void attention_bf16_wgmma_hd64(const __grid_constant__ ou::TensorMap map_q, const __grid_constant__ ou::TensorMap map_k, const __grid_constant__ ou::TensorMap map_v, const bf16* mask, const int* seg, bf16* out, int n, int m, int heads, int kv_heads, int hd, int causal, float scale_log2) {
     OU_A90_BODY(64)
