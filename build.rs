@@ -68,7 +68,9 @@ fn find_nvcc() -> Option<PathBuf> {
     if let Some(d) = env("OPENUNI_CUDA_DIR") {
         dirs.push(PathBuf::from(d).join("nvidia/cu13/bin"));
     }
-    dirs.into_iter().map(|d| d.join("nvcc")).find(|c| c.is_file())
+    dirs.into_iter()
+        .map(|d| d.join("nvcc"))
+        .find(|c| c.is_file())
 }
 
 fn git_commit(root: &Path) -> String {
@@ -148,7 +150,9 @@ fn main() {
                 let fp = fingerprint(&std::fs::read(src).unwrap(), &headers);
                 for arch in archs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
                     let virt = arch.replacen("sm_", "compute_", 1);
-                    for (kind, target, flag) in [("cubin", arch.to_string(), "-cubin"), ("ptx", virt, "-ptx")] {
+                    for (kind, target, flag) in
+                        [("cubin", arch.to_string(), "-cubin"), ("ptx", virt, "-ptx")]
+                    {
                         let name = format!("{target}.{kind}");
                         let dst = dir.join(format!("{stem}.{name}"));
                         let res = Command::new(&nvcc)

@@ -44,18 +44,51 @@ const fn case(
     mask: bool,
     dtype: DType,
 ) -> Case {
-    Case { label, batch, n, m, heads, kv_heads, head_dim, causal, mask, dtype, segs: &[], rope: false }
+    Case {
+        label,
+        batch,
+        n,
+        m,
+        heads,
+        kv_heads,
+        head_dim,
+        causal,
+        mask,
+        dtype,
+        segs: &[],
+        rope: false,
+    }
 }
 
 /// Causal sequences `segs` packed along one token axis, with fused RoPE.
-const fn packed(label: &'static str, segs: &'static [usize], heads: usize, kv_heads: usize, head_dim: usize, dtype: DType) -> Case {
+const fn packed(
+    label: &'static str,
+    segs: &'static [usize],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+) -> Case {
     let mut n = 0;
     let mut i = 0;
     while i < segs.len() {
         n += segs[i];
         i += 1;
     }
-    Case { label, batch: 1, n, m: n, heads, kv_heads, head_dim, causal: true, mask: false, dtype, segs, rope: true }
+    Case {
+        label,
+        batch: 1,
+        n,
+        m: n,
+        heads,
+        kv_heads,
+        head_dim,
+        causal: true,
+        mask: false,
+        dtype,
+        segs,
+        rope: true,
+    }
 }
 
 /// 32 prompts of 266..297 tokens (text + 256 queries), cond and uncond: 64 sequences.
@@ -76,23 +109,154 @@ fn main() {
     let bf = DType::BF16;
     let cases = [
         // SANA cross-attention: 1024 latent tokens (512 px) attend to the 300 caption tokens.
-        case("SANA-1.6B cross-attn (CFG batch)", 2, 1024, 300, 20, 20, 112, false, true, bf),
-        case("SANA-1.6B cross-attn (batch 32)", 32, 1024, 300, 20, 20, 112, false, true, bf),
-        case("SANA-1.5 1024px cross-attn", 2, 4096, 300, 20, 20, 112, false, true, bf),
-        case("SANA-600M cross-attn (CFG batch)", 2, 1024, 300, 16, 16, 72, false, true, bf),
+        case(
+            "SANA-1.6B cross-attn (CFG batch)",
+            2,
+            1024,
+            300,
+            20,
+            20,
+            112,
+            false,
+            true,
+            bf,
+        ),
+        case(
+            "SANA-1.6B cross-attn (batch 32)",
+            32,
+            1024,
+            300,
+            20,
+            20,
+            112,
+            false,
+            true,
+            bf,
+        ),
+        case(
+            "SANA-1.5 1024px cross-attn",
+            2,
+            4096,
+            300,
+            20,
+            20,
+            112,
+            false,
+            true,
+            bf,
+        ),
+        case(
+            "SANA-600M cross-attn (CFG batch)",
+            2,
+            1024,
+            300,
+            16,
+            16,
+            72,
+            false,
+            true,
+            bf,
+        ),
         // InternVL3 LLM over prompt + 256 queries (~300 tokens), cond and uncond.
-        case("LLM 2B causal GQA 12/2", 2, 300, 300, 12, 2, 128, true, false, bf),
-        case("LLM 1B causal GQA 14/2", 2, 300, 300, 14, 2, 64, true, false, bf),
-        case("LLM 2B causal GQA, 32 prompts", 64, 300, 300, 12, 2, 128, true, false, bf),
+        case(
+            "LLM 2B causal GQA 12/2",
+            2,
+            300,
+            300,
+            12,
+            2,
+            128,
+            true,
+            false,
+            bf,
+        ),
+        case(
+            "LLM 1B causal GQA 14/2",
+            2,
+            300,
+            300,
+            14,
+            2,
+            64,
+            true,
+            false,
+            bf,
+        ),
+        case(
+            "LLM 2B causal GQA, 32 prompts",
+            64,
+            300,
+            300,
+            12,
+            2,
+            128,
+            true,
+            false,
+            bf,
+        ),
         // Connector: 256 queries, bidirectional.
-        case("connector L 24x64", 2, 256, 256, 24, 24, 64, false, false, bf),
-        case("connector B 14x64", 2, 256, 256, 14, 14, 64, false, false, bf),
+        case(
+            "connector L 24x64",
+            2,
+            256,
+            256,
+            24,
+            24,
+            64,
+            false,
+            false,
+            bf,
+        ),
+        case(
+            "connector B 14x64",
+            2,
+            256,
+            256,
+            14,
+            14,
+            64,
+            false,
+            false,
+            bf,
+        ),
         // The same LLM shapes packed (cond ~290 tokens, uncond 266, no padding), RoPE fused.
-        packed("LLM 2B packed cond/uncond, fused RoPE", &[290, 266], 12, 2, 128, bf),
-        packed("LLM 1B packed cond/uncond, fused RoPE", &[290, 266], 14, 2, 64, bf),
-        packed("LLM 2B packed 32 prompts, fused RoPE", &PROMPTS_64, 12, 2, 128, bf),
+        packed(
+            "LLM 2B packed cond/uncond, fused RoPE",
+            &[290, 266],
+            12,
+            2,
+            128,
+            bf,
+        ),
+        packed(
+            "LLM 1B packed cond/uncond, fused RoPE",
+            &[290, 266],
+            14,
+            2,
+            64,
+            bf,
+        ),
+        packed(
+            "LLM 2B packed 32 prompts, fused RoPE",
+            &PROMPTS_64,
+            12,
+            2,
+            128,
+            bf,
+        ),
         // The f32 reference path at one shape, for comparison.
-        case("SANA-1.6B cross-attn, f32 reference", 2, 1024, 300, 20, 20, 112, false, true, DType::F32),
+        case(
+            "SANA-1.6B cross-attn, f32 reference",
+            2,
+            1024,
+            300,
+            20,
+            20,
+            112,
+            false,
+            true,
+            DType::F32,
+        ),
     ];
     let mut rng = Rng::new(1);
     let (warmup, runs) = r.runs();
@@ -105,32 +269,73 @@ fn main() {
             (false, false) => c.segs.to_vec(),
         };
         let (batch, heads, kv_heads, n, m) = if emulated {
-            (1, 2, if c.kv_heads < c.heads { 1 } else { 2 }, c.n.min(64), c.m.min(64))
+            (
+                1,
+                2,
+                if c.kv_heads < c.heads { 1 } else { 2 },
+                c.n.min(64),
+                c.m.min(64),
+            )
         } else {
             (c.batch, c.heads, c.kv_heads, c.n, c.m)
         };
         let m = if c.causal { n } else { m };
-        let (n, m) = if segs.is_empty() { (n, m) } else { (segs.iter().sum(), segs.iter().sum()) };
+        let (n, m) = if segs.is_empty() {
+            (n, m)
+        } else {
+            (segs.iter().sum(), segs.iter().sum())
+        };
         let dev = r.dev.clone();
         let (hd, es) = (c.head_dim, c.dtype.size_in_bytes());
-        let q = dev.upload(&random_bytes(&mut rng, c.dtype, batch * n * heads * hd, 0.0, 1.0)).unwrap();
-        let k = dev.upload(&random_bytes(&mut rng, c.dtype, batch * m * kv_heads * hd, 0.0, 1.0)).unwrap();
-        let v = dev.upload(&random_bytes(&mut rng, c.dtype, batch * m * kv_heads * hd, 0.0, 1.0)).unwrap();
+        let q = dev
+            .upload(&random_bytes(
+                &mut rng,
+                c.dtype,
+                batch * n * heads * hd,
+                0.0,
+                1.0,
+            ))
+            .unwrap();
+        let k = dev
+            .upload(&random_bytes(
+                &mut rng,
+                c.dtype,
+                batch * m * kv_heads * hd,
+                0.0,
+                1.0,
+            ))
+            .unwrap();
+        let v = dev
+            .upload(&random_bytes(
+                &mut rng,
+                c.dtype,
+                batch * m * kv_heads * hd,
+                0.0,
+                1.0,
+            ))
+            .unwrap();
         let out = dev.alloc(batch * n * heads * hd * es).unwrap();
         // OpenUni's caption mask is all ones (the bias is then zero); the kernel reads it anyway.
         let mask = c.mask.then(|| {
             let ones = vec![1.0f32; batch * m];
             let bytes: Vec<u8> = match c.dtype {
                 DType::F32 => ones.iter().flat_map(|f| f.to_le_bytes()).collect(),
-                _ => ones.iter().flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes()).collect(),
+                _ => ones
+                    .iter()
+                    .flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes())
+                    .collect(),
             };
             dev.upload(&bytes).unwrap()
         });
         let bytes_i32 = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let bytes_f32 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-        let seg_buf = (!segs.is_empty()).then(|| dev.upload(&bytes_i32(&segment_table(&segs))).unwrap());
+        let seg_buf =
+            (!segs.is_empty()).then(|| dev.upload(&bytes_i32(&segment_table(&segs))).unwrap());
         let longest = segs.iter().copied().max().unwrap_or(n);
-        let rope_buf = c.rope.then(|| dev.upload(&bytes_f32(&rope_table(1e6, hd, longest))).unwrap());
+        let rope_buf = c.rope.then(|| {
+            dev.upload(&bytes_f32(&rope_table(1e6, hd, longest)))
+                .unwrap()
+        });
         let args = AttentionArgs {
             dtype: c.dtype,
             q: q.ptr(),
@@ -165,8 +370,16 @@ fn main() {
             (n * m) as f64
         };
         let flops = 4.0 * (batch * heads) as f64 * pairs * hd as f64;
-        let bytes = (2 * batch * n * heads * hd + 2 * batch * m * kv_heads * hd) * es + if c.mask { batch * m * es } else { 0 };
-        r.add_flops(&kernel, c.label, &[batch, n, m, heads, kv_heads, hd], flops, bytes, ms);
+        let bytes = (2 * batch * n * heads * hd + 2 * batch * m * kv_heads * hd) * es
+            + if c.mask { batch * m * es } else { 0 };
+        r.add_flops(
+            &kernel,
+            c.label,
+            &[batch, n, m, heads, kv_heads, hd],
+            flops,
+            bytes,
+            ms,
+        );
     }
     r.finish();
 }

@@ -14,7 +14,9 @@
 //! Run: `cargo bench --bench conv` (or tools/gpu_run.sh). The comparison with cuDNN
 //! (torch conv2d, bf16, channels_last) needs a PyTorch run on the same GPU.
 
-use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, ConvWeightLayout, Conv2dArgs, UpsampleConv2dArgs};
+use openuni_cuda::families::conv::{
+    self, Conv2dArgs, ConvAct, ConvKernel, ConvWeightLayout, UpsampleConv2dArgs,
+};
 use openuni_cuda::gemm::{Epilogue, LinearArgs, LinearGemm};
 use openuni_cuda::testing::{random_bytes, time_ms, BenchReport, Rng};
 use openuni_tensor::DType;
@@ -25,9 +27,21 @@ fn conv_shapes(px: usize) -> Vec<(String, usize, usize, usize, usize)> {
     let s = |d: usize| px / d;
     vec![
         (format!("conv_in @{px}²"), s(32), s(32), 32, 1024),
-        (format!("up_blocks.4.0.conv @{px}²"), s(16), s(16), 1024, 1024),
+        (
+            format!("up_blocks.4.0.conv @{px}²"),
+            s(16),
+            s(16),
+            1024,
+            1024,
+        ),
         (format!("up_blocks.3.0.conv @{px}²"), s(8), s(8), 1024, 512),
-        (format!("up_blocks.2.0.conv, ResBlocks @{px}²"), s(4), s(4), 512, 512),
+        (
+            format!("up_blocks.2.0.conv, ResBlocks @{px}²"),
+            s(4),
+            s(4),
+            512,
+            512,
+        ),
         (format!("up_blocks.1.0.conv @{px}²"), s(2), s(2), 512, 256),
         (format!("up_blocks.1 ResBlock @{px}²"), s(2), s(2), 256, 256),
         (format!("up_blocks.0.0.conv @{px}²"), px, px, 256, 128),
@@ -50,8 +64,12 @@ fn main() {
     // The bf16 GEMM ceiling: cuBLASLt on a large square GEMM.
     let g = if emu { 256 } else { 8192 };
     let blas = dev.blas().expect("cuBLASLt");
-    let a = dev.upload(&random_bytes(&mut rng, bf, g * g, 0.0, 1.0)).unwrap();
-    let b = dev.upload(&random_bytes(&mut rng, bf, g * g, 0.0, 1.0)).unwrap();
+    let a = dev
+        .upload(&random_bytes(&mut rng, bf, g * g, 0.0, 1.0))
+        .unwrap();
+    let b = dev
+        .upload(&random_bytes(&mut rng, bf, g * g, 0.0, 1.0))
+        .unwrap();
     let c = dev.alloc(g * g * 2).unwrap();
     let gemm = LinearGemm::new(
         &dev,
@@ -78,12 +96,18 @@ fn main() {
     for px in [512usize, 1024] {
         for (label, h, w, cin, cout) in conv_shapes(px) {
             let (h, w, cin, cout) = (cut(h, 8), cut(w, 8), cut(cin, 32), cut(cout, 32));
-            let x = dev.upload(&random_bytes(&mut rng, bf, h * w * cin, 0.0, 1.0)).unwrap();
+            let x = dev
+                .upload(&random_bytes(&mut rng, bf, h * w * cin, 0.0, 1.0))
+                .unwrap();
             // Large enough for either prepared layout the tensor-core kernels read (the upsample
             // phases' 16 taps per chunk is the larger), and for the upstream [cout, cin, 3, 3].
             let wlen = conv::prepared_conv_weight_len(ConvWeightLayout::UpsamplePhases, cout, cin);
-            let wt = dev.upload(&random_bytes(&mut rng, bf, wlen, 0.0, 0.05)).unwrap();
-            let bias = dev.upload(&random_bytes(&mut rng, bf, cout, 0.0, 0.1)).unwrap();
+            let wt = dev
+                .upload(&random_bytes(&mut rng, bf, wlen, 0.0, 0.05))
+                .unwrap();
+            let bias = dev
+                .upload(&random_bytes(&mut rng, bf, cout, 0.0, 0.1))
+                .unwrap();
             let y = dev.alloc(h * w * cout * 2).unwrap();
             let l = conv::conv2d(
                 &Conv2dArgs {
@@ -109,10 +133,13 @@ fn main() {
             let flops = 2.0 * (h * w * cin * cout * 9) as f64;
             let tflops = flops / (ms * 1e-3) / 1e12;
             let frac = tflops / ceiling;
-            let bytes = 2 * (h * w * (cin + cout) + cout * cin * 9 + cout);  // the weight's useful bytes
+            let bytes = 2 * (h * w * (cin + cout) + cout * cin * 9 + cout); // the weight's useful bytes
             r.add(
                 &l.kernel,
-                &format!("{label}: {tflops:.2} TFLOP/s = {:.1}% of the GEMM ceiling", 100.0 * frac),
+                &format!(
+                    "{label}: {tflops:.2} TFLOP/s = {:.1}% of the GEMM ceiling",
+                    100.0 * frac
+                ),
                 &[h, w, cin, cout],
                 bytes,
                 ms,
@@ -162,29 +189,77 @@ fn main() {
     let sms = dev.sm_count();
     let cases: Vec<(&str, &str, usize, usize, usize, usize)> = vec![
         // (kernel, where, h, w, channels, kernel size or groups or cout)
-        ("depthwise_conv2d", "up_blocks.5 multiscale dw5x5 (3·1024) @1024²", 32, 32, 3072, 5),
-        ("depthwise_conv2d", "up_blocks.3 multiscale dw5x5 (3·512) @1024²", 128, 128, 1536, 5),
-        ("depthwise_conv2d", "up_blocks.5 GLUMBConv dw3x3 (8·1024) @1024²", 32, 32, 8192, 3),
-        ("depthwise_conv2d", "up_blocks.3 GLUMBConv dw3x3 (8·512) @1024²", 128, 128, 4096, 3),
-        ("grouped_linear", "up_blocks.3 multiscale proj_out (3·512, 48 groups) @1024²", 128, 128, 1536, 48),
+        (
+            "depthwise_conv2d",
+            "up_blocks.5 multiscale dw5x5 (3·1024) @1024²",
+            32,
+            32,
+            3072,
+            5,
+        ),
+        (
+            "depthwise_conv2d",
+            "up_blocks.3 multiscale dw5x5 (3·512) @1024²",
+            128,
+            128,
+            1536,
+            5,
+        ),
+        (
+            "depthwise_conv2d",
+            "up_blocks.5 GLUMBConv dw3x3 (8·1024) @1024²",
+            32,
+            32,
+            8192,
+            3,
+        ),
+        (
+            "depthwise_conv2d",
+            "up_blocks.3 GLUMBConv dw3x3 (8·512) @1024²",
+            128,
+            128,
+            4096,
+            3,
+        ),
+        (
+            "grouped_linear",
+            "up_blocks.3 multiscale proj_out (3·512, 48 groups) @1024²",
+            128,
+            128,
+            1536,
+            48,
+        ),
     ];
     for (kernel, label, h, w, c, p) in cases {
         let (h, w, c) = (cut(h, 8), cut(w, 8), cut(c, 96));
-        let p = if kernel == "grouped_linear" { cut(p, 3) } else { p };
+        let p = if kernel == "grouped_linear" {
+            cut(p, 3)
+        } else {
+            p
+        };
         let n = h * w * c;
-        let x = dev.upload(&random_bytes(&mut rng, bf, n, 0.0, 1.0)).unwrap();
+        let x = dev
+            .upload(&random_bytes(&mut rng, bf, n, 0.0, 1.0))
+            .unwrap();
         let y = dev.alloc(4 * n * 2).unwrap();
         let (l, bytes) = match kernel {
             "depthwise_conv2d" => {
-                let wt = dev.upload(&random_bytes(&mut rng, bf, c * p * p, 0.0, 0.1)).unwrap();
-                let l = conv::depthwise_conv2d(bf, sms, x.ptr(), wt.ptr(), 0, y.ptr(), 1, h, w, c, p).unwrap();
+                let wt = dev
+                    .upload(&random_bytes(&mut rng, bf, c * p * p, 0.0, 0.1))
+                    .unwrap();
+                let l =
+                    conv::depthwise_conv2d(bf, sms, x.ptr(), wt.ptr(), 0, y.ptr(), 1, h, w, c, p)
+                        .unwrap();
                 std::mem::forget(wt); // lives to the end of the process
                 (l, 2 * (2 * n + c * p * p))
             }
             _ => {
                 let ci = c / p;
-                let wt = dev.upload(&random_bytes(&mut rng, bf, c * ci, 0.0, 0.1)).unwrap();
-                let l = conv::grouped_linear(bf, x.ptr(), wt.ptr(), y.ptr(), h * w, c, c, p).unwrap();
+                let wt = dev
+                    .upload(&random_bytes(&mut rng, bf, c * ci, 0.0, 0.1))
+                    .unwrap();
+                let l =
+                    conv::grouped_linear(bf, x.ptr(), wt.ptr(), y.ptr(), h * w, c, c, p).unwrap();
                 std::mem::forget(wt);
                 (l, 2 * (2 * n + c * ci))
             }
@@ -198,20 +273,49 @@ fn main() {
     // conv_inverted): reads [.., 2c], writes [.., c].
     let glu_cases: Vec<(&str, usize, usize, usize, usize)> = vec![
         // (where, images, h, w, output channels)
-        ("Sana-600M MixFFN, b-512 batch 32 (64 CFG rows of 16²)", 64, 16, 16, 2880),
-        ("SANA1.5-1.6B MixFFN, l-1024 batch 1 (2 CFG rows of 32²)", 2, 32, 32, 5600),
-        ("DC-AE up_blocks.3 GLUMBConv (4·512) @1024²", 1, 128, 128, 2048),
+        (
+            "Sana-600M MixFFN, b-512 batch 32 (64 CFG rows of 16²)",
+            64,
+            16,
+            16,
+            2880,
+        ),
+        (
+            "SANA1.5-1.6B MixFFN, l-1024 batch 1 (2 CFG rows of 32²)",
+            2,
+            32,
+            32,
+            5600,
+        ),
+        (
+            "DC-AE up_blocks.3 GLUMBConv (4·512) @1024²",
+            1,
+            128,
+            128,
+            2048,
+        ),
     ];
     for (label, b, h, w, c) in glu_cases {
         let (b, h, w, c) = (cut(b, 1), cut(h, 8), cut(w, 8), cut(c, 96));
         let n = b * h * w * c;
-        let x = dev.upload(&random_bytes(&mut rng, bf, 2 * n, 0.0, 1.0)).unwrap();
+        let x = dev
+            .upload(&random_bytes(&mut rng, bf, 2 * n, 0.0, 1.0))
+            .unwrap();
         let y = dev.alloc(n * 2).unwrap();
-        let wt = dev.upload(&random_bytes(&mut rng, bf, 2 * c * 9, 0.0, 0.3)).unwrap();
-        let l = conv::depthwise_conv3_glu(bf, x.ptr(), wt.ptr(), 0, y.ptr(), b, h, w, c, 3, true).unwrap();
+        let wt = dev
+            .upload(&random_bytes(&mut rng, bf, 2 * c * 9, 0.0, 0.3))
+            .unwrap();
+        let l = conv::depthwise_conv3_glu(bf, x.ptr(), wt.ptr(), 0, y.ptr(), b, h, w, c, 3, true)
+            .unwrap();
         // SAFETY: the buffers hold the shapes launched.
         let ms = time_ms(&dev, warmup, runs, 1, |_| unsafe { l.enqueue(&dev) }).unwrap();
-        r.add(&l.kernel, label, &[b, h, w, 2 * c], 2 * (3 * n + 2 * c * 9), ms);
+        r.add(
+            &l.kernel,
+            label,
+            &[b, h, w, 2 * c],
+            2 * (3 * n + 2 * c * 9),
+            ms,
+        );
         std::mem::forget((x, y, wt)); // live to the end of the process
     }
     r.finish();

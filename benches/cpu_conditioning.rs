@@ -18,13 +18,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn main() -> anyhow::Result<()> {
-    let iters: usize = std::env::var("OPENUNI_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let iters: usize = std::env::var("OPENUNI_BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let (model, _) = random_model("b-512")?;
-    let run = RunOptions { device: Device::Cpu, dtype: DType::F32 };
+    let run = RunOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+    };
     // `openuni bench`'s prompt lengths: a 30-token prompt and a 16-token unconditional one.
     let cond: Vec<u32> = (0..30).map(|j| (j * 7 + 11) as u32).collect();
     let uncond: Vec<u32> = (0..16).map(|j| (j * 13 + 5) as u32).collect();

@@ -19,11 +19,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn main() {
-    let iters: usize = std::env::var("OPENUNI_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let iters: usize = std::env::var("OPENUNI_BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let mut r = rand::rngs::StdRng::seed_from_u64(1);
     // (name, upsampling, input side, cin, cout): the output side is 2x the input's when upsampling.
     let cases = [
@@ -36,16 +41,28 @@ fn main() {
         ("upsample_conv2d", true, 32, 1024, 512),
         ("upsample_conv2d", true, 16, 1024, 1024),
     ];
-    println!("cpu_conv: median of {iters} after a warm-up, batch 1, f32, {} threads (load average {})", rayon::current_num_threads(), loadavg());
-    println!("{:<16} {:>9} {:>11} {:>10} {:>10} {:>9} {:>9} {:>8}", "op", "output", "cin->cout", "gemm ms", "wino ms", "gemm GF/s", "wino GF/s", "speedup");
+    println!(
+        "cpu_conv: median of {iters} after a warm-up, batch 1, f32, {} threads (load average {})",
+        rayon::current_num_threads(),
+        loadavg()
+    );
+    println!(
+        "{:<16} {:>9} {:>11} {:>10} {:>10} {:>9} {:>9} {:>8}",
+        "op", "output", "cin->cout", "gemm ms", "wino ms", "gemm GF/s", "wino GF/s", "speedup"
+    );
     let only_case = std::env::var("OPENUNI_CONV_CASE").ok();
     let only_path = std::env::var("OPENUNI_CONV_PATH").ok();
     for (name, up, side, cin, cout) in cases {
-        if only_case.as_ref().is_some_and(|c| !format!("{cin}->{cout}").contains(c.as_str())) {
+        if only_case
+            .as_ref()
+            .is_some_and(|c| !format!("{cin}->{cout}").contains(c.as_str()))
+        {
             continue;
         }
         let out_side = if up { 2 * side } else { side };
-        let x: Vec<f32> = (0..side * side * cin).map(|_| r.random_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = (0..side * side * cin)
+            .map(|_| r.random_range(-1.0..1.0))
+            .collect();
         let s = (1.0 / (9.0 * cin as f32)).sqrt();
         let w: Vec<f32> = (0..cout * cin * 9).map(|_| r.random_range(-s..s)).collect();
         let bias = vec![0.1f32; cout];
@@ -57,18 +74,53 @@ fn main() {
             let mut run = || {
                 let t = Instant::now();
                 if up {
-                    fast::upsample_conv2d_on(path, &x, &w, Some(&bias), 1, side, side, cin, cout, true, &mut out);
+                    fast::upsample_conv2d_on(
+                        path,
+                        &x,
+                        &w,
+                        Some(&bias),
+                        1,
+                        side,
+                        side,
+                        cin,
+                        cout,
+                        true,
+                        &mut out,
+                    );
                 } else {
-                    fast::conv2d_on(path, &x, &w, Some(&bias), 1, side, side, cin, cout, 3, true, &mut out);
+                    fast::conv2d_on(
+                        path,
+                        &x,
+                        &w,
+                        Some(&bias),
+                        1,
+                        side,
+                        side,
+                        cin,
+                        cout,
+                        3,
+                        true,
+                        &mut out,
+                    );
                 }
                 t.elapsed().as_secs_f64() * 1e3
             };
             run();
             median((0..iters).map(|_| run()).collect())
         };
-        let (g, wi) = (time(ConvPath::Gemm, "gemm"), time(ConvPath::Winograd, "winograd"));
+        let (g, wi) = (
+            time(ConvPath::Gemm, "gemm"),
+            time(ConvPath::Winograd, "winograd"),
+        );
         let gflop = 2.0 * (out_side * out_side * 9 * cin * cout) as f64 / 1e9;
-        println!("{name:<16} {:>9} {:>11} {g:>10.1} {wi:>10.1} {:>9.1} {:>9.1} {:>7.2}x", format!("{out_side}x{out_side}"), format!("{cin}->{cout}"), gflop / g * 1e3, gflop / wi * 1e3, g / wi);
+        println!(
+            "{name:<16} {:>9} {:>11} {g:>10.1} {wi:>10.1} {:>9.1} {:>9.1} {:>7.2}x",
+            format!("{out_side}x{out_side}"),
+            format!("{cin}->{cout}"),
+            gflop / g * 1e3,
+            gflop / wi * 1e3,
+            g / wi
+        );
     }
     println!("load average after: {}", loadavg());
 }

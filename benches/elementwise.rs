@@ -40,8 +40,20 @@ fn main() {
             5600,
             bf,
         ),
-        ("SANA-1.6B MLP hidden", Kind::Unary(UnaryFn::Silu), 2 * 1024, 5600, bf),
-        ("connector (L) MLP", Kind::Unary(UnaryFn::GeluTanh), 2 * 256, 8960, bf),
+        (
+            "SANA-1.6B MLP hidden",
+            Kind::Unary(UnaryFn::Silu),
+            2 * 1024,
+            5600,
+            bf,
+        ),
+        (
+            "connector (L) MLP",
+            Kind::Unary(UnaryFn::GeluTanh),
+            2 * 256,
+            8960,
+            bf,
+        ),
         (
             "SANA-1.6B MLP hidden",
             Kind::Unary(UnaryFn::GeluErf),
@@ -49,7 +61,13 @@ fn main() {
             5600,
             bf,
         ),
-        ("SANA-1.6B MLP hidden", Kind::Unary(UnaryFn::Relu), 2 * 1024, 5600, bf),
+        (
+            "SANA-1.6B MLP hidden",
+            Kind::Unary(UnaryFn::Relu),
+            2 * 1024,
+            5600,
+            bf,
+        ),
         (
             "SANA-1.6B width",
             Kind::Unary(UnaryFn::Silu),
@@ -72,9 +90,27 @@ fn main() {
             2240,
             DType::F32,
         ),
-        ("SANA-1.6B gated residual, table rows", Kind::AdaGatedAdd { tokens: 1024 }, 2 * 1024, 2240, bf),
-        ("SANA-1.6B width", Kind::Cast(DType::BF16), 2 * 1024, 2240, DType::F32),
-        ("SANA-1.6B width", Kind::Cast(DType::F32), 2 * 1024, 2240, bf),
+        (
+            "SANA-1.6B gated residual, table rows",
+            Kind::AdaGatedAdd { tokens: 1024 },
+            2 * 1024,
+            2240,
+            bf,
+        ),
+        (
+            "SANA-1.6B width",
+            Kind::Cast(DType::BF16),
+            2 * 1024,
+            2240,
+            DType::F32,
+        ),
+        (
+            "SANA-1.6B width",
+            Kind::Cast(DType::F32),
+            2 * 1024,
+            2240,
+            bf,
+        ),
     ];
     let mut rng = Rng::new(2);
     let (warmup, runs) = r.runs();
@@ -87,7 +123,10 @@ fn main() {
             Kind::Cast(to) => to.size_in_bytes(),
             _ => es,
         };
-        let (set_in, set_out) = ((n * es).div_ceil(256) * 256, (n * out_es).div_ceil(256) * 256);
+        let (set_in, set_out) = (
+            (n * es).div_ceil(256) * 256,
+            (n * out_es).div_ceil(256) * 256,
+        );
         let reads = match kind {
             Kind::Add | Kind::GatedAdd { .. } | Kind::AdaGatedAdd { .. } => 2,
             _ => 1,
@@ -111,46 +150,89 @@ fn main() {
                 .unwrap();
         }
         let samples = match kind {
-            Kind::GatedAdd { tokens } | Kind::AdaGatedAdd { tokens } => rows.div_ceil(tokens.min(rows)),
+            Kind::GatedAdd { tokens } | Kind::AdaGatedAdd { tokens } => {
+                rows.div_ceil(tokens.min(rows))
+            }
             _ => 1,
         };
         let gate = dev
             .upload(&random_bytes(&mut rng, dtype, samples * cols, 0.0, 1.0))
             .unwrap();
-        let t6 = dev.upload(&random_bytes(&mut rng, dtype, samples * 6 * cols, 0.0, 1.0)).unwrap();
-        let table = dev.upload(&random_bytes(&mut rng, dtype, 6 * cols, 0.0, 0.5)).unwrap();
+        let t6 = dev
+            .upload(&random_bytes(&mut rng, dtype, samples * 6 * cols, 0.0, 1.0))
+            .unwrap();
+        let table = dev
+            .upload(&random_bytes(&mut rng, dtype, 6 * cols, 0.0, 0.5))
+            .unwrap();
         let (name, bytes) = match kind {
             Kind::Unary(f) => (format!("{}_{dtype}", f.name()), 2 * n * es),
             Kind::Add => (format!("add_{dtype}"), 3 * n * es),
             Kind::GatedAdd { .. } => (format!("gated_add_{dtype}"), (3 * n + samples * cols) * es),
-            Kind::AdaGatedAdd { .. } => (format!("ada_gated_add_{dtype}"), (3 * n + samples * cols + cols) * es),
+            Kind::AdaGatedAdd { .. } => (
+                format!("ada_gated_add_{dtype}"),
+                (3 * n + samples * cols + cols) * es,
+            ),
             Kind::Cast(to) => (format!("cast_{dtype}_to_{to}"), n * (es + out_es)),
         };
         let sms = dev.sm_count();
-        let ms = time_ms(&dev, warmup, runs, sets, |i| {
-            let s = i % sets;
-            let (ap, bp, yp) = (
-                a.ptr() + (s * set_in) as u64,
-                b.ptr() + (s * set_in) as u64,
-                y.ptr() + (s * set_out) as u64,
-            );
-            // SAFETY: every buffer holds the shapes launched.
-            unsafe {
-                match kind {
-                    Kind::Unary(f) => elementwise::unary(dtype, sms, f, ap, yp, n).and_then(|l| enqueue(&dev, &l)),
-                    Kind::Add => elementwise::add(dtype, sms, ap, bp, yp, n).and_then(|l| enqueue(&dev, &l)),
-                    Kind::GatedAdd { tokens } => {
-                        elementwise::gated_add(dtype, sms, ap, gate.ptr(), bp, yp, n, tokens.min(rows), cols).and_then(|l| enqueue(&dev, &l))
+        let ms =
+            time_ms(&dev, warmup, runs, sets, |i| {
+                let s = i % sets;
+                let (ap, bp, yp) = (
+                    a.ptr() + (s * set_in) as u64,
+                    b.ptr() + (s * set_in) as u64,
+                    y.ptr() + (s * set_out) as u64,
+                );
+                // SAFETY: every buffer holds the shapes launched.
+                unsafe {
+                    match kind {
+                        Kind::Unary(f) => elementwise::unary(dtype, sms, f, ap, yp, n)
+                            .and_then(|l| enqueue(&dev, &l)),
+                        Kind::Add => elementwise::add(dtype, sms, ap, bp, yp, n)
+                            .and_then(|l| enqueue(&dev, &l)),
+                        Kind::GatedAdd { tokens } => elementwise::gated_add(
+                            dtype,
+                            sms,
+                            ap,
+                            gate.ptr(),
+                            bp,
+                            yp,
+                            n,
+                            tokens.min(rows),
+                            cols,
+                        )
+                        .and_then(|l| enqueue(&dev, &l)),
+                        Kind::AdaGatedAdd { tokens } => {
+                            let (gate, stride) = openuni_cuda::families::norm::table_row(
+                                t6.ptr(),
+                                6 * cols,
+                                table.ptr(),
+                                6,
+                                cols,
+                                2,
+                                es,
+                            );
+                            elementwise::ada_gated_add(
+                                dtype,
+                                sms,
+                                ap,
+                                gate,
+                                stride,
+                                bp,
+                                yp,
+                                n,
+                                tokens.min(rows),
+                                cols,
+                            )
+                            .and_then(|l| enqueue(&dev, &l))
+                        }
+                        Kind::Cast(to) => {
+                            elementwise::cast(to, sms, ap, yp, n).and_then(|l| enqueue(&dev, &l))
+                        }
                     }
-                    Kind::AdaGatedAdd { tokens } => {
-                        let (gate, stride) = openuni_cuda::families::norm::table_row(t6.ptr(), 6 * cols, table.ptr(), 6, cols, 2, es);
-                        elementwise::ada_gated_add(dtype, sms, ap, gate, stride, bp, yp, n, tokens.min(rows), cols).and_then(|l| enqueue(&dev, &l))
-                    }
-                    Kind::Cast(to) => elementwise::cast(to, sms, ap, yp, n).and_then(|l| enqueue(&dev, &l)),
                 }
-            }
-        })
-        .unwrap();
+            })
+            .unwrap();
         r.add(&name, label, &[rows, cols], bytes, ms);
     }
     r.finish();

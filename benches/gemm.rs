@@ -37,10 +37,33 @@ const SHAPES: &[(&str, usize, usize, usize)] = &[
 
 type Sgemm = fn(&[f32], &[f32], usize, usize, usize, &mut [f32], usize);
 
-fn mm_matrixmultiply(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], _threads: usize) {
+fn mm_matrixmultiply(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    _threads: usize,
+) {
     // SAFETY: x is m·k, w is n·k, out is m·n (checked by the caller), strides match.
     unsafe {
-        matrixmultiply::sgemm(m, k, n, 1.0, x.as_ptr(), k as isize, 1, w.as_ptr(), 1, k as isize, 0.0, out.as_mut_ptr(), n as isize, 1);
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
 }
 
@@ -48,11 +71,24 @@ fn mm_gemm(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], 
     // SAFETY: as above; gemm's dst = alpha·dst + beta·lhs·rhs with read_dst false.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            out.as_mut_ptr(), 1, n as isize, false,
-            x.as_ptr(), 1, k as isize,
-            w.as_ptr(), k as isize, 1,
-            0.0, 1.0, false, false, false,
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
             gemm::Parallelism::Rayon(threads),
         );
     }
@@ -61,14 +97,42 @@ fn mm_gemm(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], 
 /// `openuni_cpu::sgemm` (what the fast CPU ops run) on one backend: single-threaded calls on
 /// column blocks across rayon's pool.
 fn mm_ours(be: Backend, x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
-    sgemm::gemm_with(be, m, n, k, out, 0, n, false, View::new(x, 0, k, 1), View::new(w, 0, 1, k), Threads::All);
+    sgemm::gemm_with(
+        be,
+        m,
+        n,
+        k,
+        out,
+        0,
+        n,
+        false,
+        View::new(x, 0, k, 1),
+        View::new(w, 0, 1, k),
+        Threads::All,
+    );
 }
 
-fn mm_ours_openblas(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], _threads: usize) {
+fn mm_ours_openblas(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    _threads: usize,
+) {
     mm_ours(Backend::OpenBlas, x, w, m, k, n, out)
 }
 
-fn mm_ours_gemm(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], _threads: usize) {
+fn mm_ours_gemm(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    _threads: usize,
+) {
     mm_ours(Backend::GemmCrate, x, w, m, k, n, out)
 }
 
@@ -92,7 +156,11 @@ impl Torch {
             .ok()?;
         let stdin = child.stdin.take()?;
         let stdout = BufReader::new(child.stdout.take()?);
-        let mut t = Torch { child, stdin, stdout };
+        let mut t = Torch {
+            child,
+            stdin,
+            stdout,
+        };
         let ready = t.line();
         if ready.as_deref() != Some("ready") {
             eprintln!("the PyTorch helper did not start ({ready:?}); PyTorch not measured");
@@ -110,7 +178,9 @@ impl Torch {
     fn time_ms(&mut self, m: usize, k: usize, n: usize) -> f64 {
         writeln!(self.stdin, "{m} {k} {n}").expect("PyTorch helper stdin");
         self.stdin.flush().expect("PyTorch helper stdin");
-        self.line().and_then(|l| l.parse().ok()).expect("PyTorch helper answer")
+        self.line()
+            .and_then(|l| l.parse().ok())
+            .expect("PyTorch helper answer")
     }
 }
 
@@ -131,11 +201,21 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let reps: usize = std::env::var("OPENUNI_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let reps: usize = std::env::var("OPENUNI_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
     // matrixmultiply reads its thread count from the environment on first use.
     std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("rayon pool");
-    let mut cands: Vec<(&str, Sgemm)> = vec![("matrixmultiply", mm_matrixmultiply), ("gemm crate", mm_gemm), ("ours: gemm crate", mm_ours_gemm)];
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .expect("rayon pool");
+    let mut cands: Vec<(&str, Sgemm)> = vec![
+        ("matrixmultiply", mm_matrixmultiply),
+        ("gemm crate", mm_gemm),
+        ("ours: gemm crate", mm_ours_gemm),
+    ];
     if sgemm::backend() == Backend::OpenBlas {
         cands.push(("ours: OpenBLAS", mm_ours_openblas));
     } else {
@@ -151,7 +231,16 @@ fn main() {
     if torch.is_some() {
         names.push("PyTorch");
     }
-    println!("{:<38} {:>16} | {}", "shape", "M x K x N", names.iter().map(|n| format!("{n:>24}")).collect::<Vec<_>>().join(" "));
+    println!(
+        "{:<38} {:>16} | {}",
+        "shape",
+        "M x K x N",
+        names
+            .iter()
+            .map(|n| format!("{n:>24}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let mut seed = 1u32;
     let mut rnd = move || {
         seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
@@ -170,8 +259,15 @@ fn main() {
                 f(&x, &w, m, k, n, &mut out, threads);
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 if round == 0 {
-                    let err = out.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                    assert!(err < 1e-3, "{name} disagrees with matrixmultiply by {err} on {label}");
+                    let err = out
+                        .iter()
+                        .zip(&reference)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        err < 1e-3,
+                        "{name} disagrees with matrixmultiply by {err} on {label}"
+                    );
                 } else {
                     times[i].push(ms);
                 }
@@ -193,7 +289,15 @@ fn main() {
                 format!("{ms:>8.2}ms {:>5.0}GF/s{vs}", gflop / ms * 1e3)
             })
             .collect();
-        println!("{label:<38} {:>16} | {}", format!("{m}x{k}x{n}"), cells.iter().map(|c| format!("{c:>24}")).collect::<Vec<_>>().join(" "));
+        println!(
+            "{label:<38} {:>16} | {}",
+            format!("{m}x{k}x{n}"),
+            cells
+                .iter()
+                .map(|c| format!("{c:>24}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     println!("(x = PyTorch's time / this time in the same round: > 1 is faster than PyTorch)");
 }

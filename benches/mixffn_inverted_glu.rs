@@ -18,23 +18,47 @@ fn main() {
         return;
     };
     let dev = r.dev.clone();
-    let (batch, h, w, c, hidden, label) =
-        if dev.is_emulated() { (1, 16, 16, 64, 32, "emulated: reduced shape") } else { (64, 16, 16, 1152, 2880, "Sana-600M b-512 batch 32 (64 CFG rows)") };
+    let (batch, h, w, c, hidden, label) = if dev.is_emulated() {
+        (1, 16, 16, 64, 32, "emulated: reduced shape")
+    } else {
+        (
+            64,
+            16,
+            16,
+            1152,
+            2880,
+            "Sana-600M b-512 batch 32 (64 CFG rows)",
+        )
+    };
     let dtype = DType::BF16;
     let es = dtype.size_in_bytes();
     let rows = batch * h * w;
     let mut rng = Rng::new(13);
     let set = (rows * c * es).div_ceil(256) * 256;
-    let sets = if dev.is_emulated() { 1 } else { rotation(&dev, set) };
+    let sets = if dev.is_emulated() {
+        1
+    } else {
+        rotation(&dev, set)
+    };
     let x = dev.alloc(set * sets).unwrap();
-    dev.copy_to_device(&random_bytes(&mut rng, dtype, rows * c, 0.0, 1.0), x.ptr()).unwrap();
+    dev.copy_to_device(&random_bytes(&mut rng, dtype, rows * c, 0.0, 1.0), x.ptr())
+        .unwrap();
     for s in 1..sets {
-        dev.copy_on_device(x.ptr(), x.ptr() + (s * set) as u64, set).unwrap();
+        dev.copy_on_device(x.ptr(), x.ptr() + (s * set) as u64, set)
+            .unwrap();
     }
-    let wi = dev.upload(&random_bytes(&mut rng, dtype, 2 * hidden * c, 0.0, 0.03)).unwrap();
-    let bi = dev.upload(&random_bytes(&mut rng, dtype, 2 * hidden, 0.0, 0.1)).unwrap();
-    let wd = dev.upload(&random_bytes(&mut rng, dtype, 2 * hidden * 9, 0.0, 0.3)).unwrap();
-    let bd = dev.upload(&random_bytes(&mut rng, dtype, 2 * hidden, 0.0, 0.1)).unwrap();
+    let wi = dev
+        .upload(&random_bytes(&mut rng, dtype, 2 * hidden * c, 0.0, 0.03))
+        .unwrap();
+    let bi = dev
+        .upload(&random_bytes(&mut rng, dtype, 2 * hidden, 0.0, 0.1))
+        .unwrap();
+    let wd = dev
+        .upload(&random_bytes(&mut rng, dtype, 2 * hidden * 9, 0.0, 0.3))
+        .unwrap();
+    let bd = dev
+        .upload(&random_bytes(&mut rng, dtype, 2 * hidden, 0.0, 0.1))
+        .unwrap();
     let y = dev.alloc(rows * hidden * es).unwrap();
     let inverted = dev.alloc(rows * 2 * hidden * es).unwrap();
     let (warmup, runs) = r.runs();
@@ -43,12 +67,31 @@ fn main() {
     let io = (rows * (c + hidden) + 2 * hidden * (c + 11)) * es;
 
     let ms = time_ms(&dev, warmup, runs, sets, |i| {
-        let a = MixFfnArgs { x: xp(i), wi: wi.ptr(), bi: bi.ptr(), wd: wd.ptr(), bd: bd.ptr(), y: y.ptr(), batch, h, w, c, hidden };
+        let a = MixFfnArgs {
+            x: xp(i),
+            wi: wi.ptr(),
+            bi: bi.ptr(),
+            wd: wd.ptr(),
+            bd: bd.ptr(),
+            y: y.ptr(),
+            batch,
+            h,
+            w,
+            c,
+            hidden,
+        };
         // SAFETY: every buffer holds the shapes launched.
         unsafe { mixffn_inverted_glu::mixffn_inverted_glu(&a).and_then(|l| enqueue(&dev, &[l])) }
     })
     .unwrap();
-    r.add_flops("mixffn_inverted_glu", label, &[batch, h, w, c, hidden], flops, io, ms);
+    r.add_flops(
+        "mixffn_inverted_glu",
+        label,
+        &[batch, h, w, c, hidden],
+        flops,
+        io,
+        ms,
+    );
 
     // The two-op path: the GEMM's 2H-wide output is written and read back.
     let blas = dev.blas().expect("cuBLASLt");
@@ -68,7 +111,20 @@ fn main() {
             LinearGemm::new(&dev, &blas, &args).unwrap()
         })
         .collect();
-    let dw = depthwise_conv3_glu(dtype, inverted.ptr(), wd.ptr(), bd.ptr(), y.ptr(), batch, h, w, hidden, 3, true).unwrap();
+    let dw = depthwise_conv3_glu(
+        dtype,
+        inverted.ptr(),
+        wd.ptr(),
+        bd.ptr(),
+        y.ptr(),
+        batch,
+        h,
+        w,
+        hidden,
+        3,
+        true,
+    )
+    .unwrap();
     let ms2 = time_ms(&dev, warmup, runs, sets, |i| {
         // SAFETY: as above; the GEMM writes `inverted`, which the depthwise GLU reads.
         unsafe {
@@ -77,7 +133,14 @@ fn main() {
         }
     })
     .unwrap();
-    r.add_flops("gemm+silu_dwconv3_glu", label, &[batch, h, w, c, hidden], flops, io + 2 * rows * 2 * hidden * es, ms2);
+    r.add_flops(
+        "gemm+silu_dwconv3_glu",
+        label,
+        &[batch, h, w, c, hidden],
+        flops,
+        io + 2 * rows * 2 * hidden * es,
+        ms2,
+    );
     println!("fused / two-op time: {:.3}", ms / ms2);
 
     // The two ops of that path alone, to tell which one holds the time: the GEMM (rotating its
@@ -87,12 +150,25 @@ fn main() {
         unsafe { gemms[i % sets].run(&dev, &blas) }
     })
     .unwrap();
-    r.add_flops("gemm (conv_inverted)", label, &[rows, c, 2 * hidden], 2.0 * (rows * c * 2 * hidden) as f64, (rows * (c + 2 * hidden) + 2 * hidden * (c + 1)) * es, ms_gemm);
+    r.add_flops(
+        "gemm (conv_inverted)",
+        label,
+        &[rows, c, 2 * hidden],
+        2.0 * (rows * c * 2 * hidden) as f64,
+        (rows * (c + 2 * hidden) + 2 * hidden * (c + 1)) * es,
+        ms_gemm,
+    );
     let ms_dw = time_ms(&dev, warmup, runs, 1, |_| {
         // SAFETY: as above.
         unsafe { enqueue(&dev, std::slice::from_ref(&dw)) }
     })
     .unwrap();
-    r.add(&dw.kernel, label, &[batch, h, w, 2 * hidden], (rows * 3 * hidden + 2 * hidden * 10) * es, ms_dw);
+    r.add(
+        &dw.kernel,
+        label,
+        &[batch, h, w, 2 * hidden],
+        (rows * 3 * hidden + 2 * hidden * 10) * es,
+        ms_dw,
+    );
     r.finish();
 }

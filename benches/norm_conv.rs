@@ -15,7 +15,11 @@ fn main() {
         return;
     };
     let (cin, cout, k) = (128, 3, 3);
-    let cases = [("DC-AE conv_out, 1024² image", 1024, DType::BF16), ("DC-AE conv_out, 512² image", 512, DType::BF16), ("DC-AE conv_out, 512² image", 512, DType::F32)];
+    let cases = [
+        ("DC-AE conv_out, 1024² image", 1024, DType::BF16),
+        ("DC-AE conv_out, 512² image", 512, DType::BF16),
+        ("DC-AE conv_out, 512² image", 512, DType::F32),
+    ];
     let mut rng = Rng::new(1);
     let (warmup, runs) = r.runs();
     for (label, side, dtype) in cases {
@@ -23,25 +27,69 @@ fn main() {
         let dev = r.dev.clone();
         let es = dtype.size_in_bytes();
         let set = (h * w * cin * es).div_ceil(256) * 256;
-        let sets = if dev.is_emulated() { 1 } else { rotation(&dev, set) };
+        let sets = if dev.is_emulated() {
+            1
+        } else {
+            rotation(&dev, set)
+        };
         let x = dev.alloc(set * sets).unwrap();
         let y = dev.alloc(h * w * cout * es).unwrap();
-        dev.copy_to_device(&random_bytes(&mut rng, dtype, h * w * cin, 0.3, 1.5), x.ptr()).unwrap();
+        dev.copy_to_device(
+            &random_bytes(&mut rng, dtype, h * w * cin, 0.3, 1.5),
+            x.ptr(),
+        )
+        .unwrap();
         for s in 1..sets {
-            dev.copy_on_device(x.ptr(), x.ptr() + (s * set) as u64, set).unwrap();
+            dev.copy_on_device(x.ptr(), x.ptr() + (s * set) as u64, set)
+                .unwrap();
         }
-        let nw = dev.upload(&random_bytes(&mut rng, dtype, cin, 1.0, 0.2)).unwrap();
-        let nb = dev.upload(&random_bytes(&mut rng, dtype, cin, 0.0, 0.2)).unwrap();
-        let wt = dev.upload(&random_bytes(&mut rng, dtype, cout * cin * k * k, 0.0, 0.05)).unwrap();
-        let b = dev.upload(&random_bytes(&mut rng, dtype, cout, 0.0, 0.2)).unwrap();
+        let nw = dev
+            .upload(&random_bytes(&mut rng, dtype, cin, 1.0, 0.2))
+            .unwrap();
+        let nb = dev
+            .upload(&random_bytes(&mut rng, dtype, cin, 0.0, 0.2))
+            .unwrap();
+        let wt = dev
+            .upload(&random_bytes(
+                &mut rng,
+                dtype,
+                cout * cin * k * k,
+                0.0,
+                0.05,
+            ))
+            .unwrap();
+        let b = dev
+            .upload(&random_bytes(&mut rng, dtype, cout, 0.0, 0.2))
+            .unwrap();
         let ms = time_ms(&dev, warmup, runs, sets, |i| {
-            let a = NormConvArgs { dtype, x: x.ptr() + ((i % sets) * set) as u64, nw: nw.ptr(), nb: nb.ptr(), w: wt.ptr(), b: b.ptr(), y: y.ptr(), batch: 1, h, w_px: w, cin, cout, kernel: k, eps: 1e-5 };
+            let a = NormConvArgs {
+                dtype,
+                x: x.ptr() + ((i % sets) * set) as u64,
+                nw: nw.ptr(),
+                nb: nb.ptr(),
+                w: wt.ptr(),
+                b: b.ptr(),
+                y: y.ptr(),
+                batch: 1,
+                h,
+                w_px: w,
+                cin,
+                cout,
+                kernel: k,
+                eps: 1e-5,
+            };
             // SAFETY: every buffer holds the shapes launched.
             unsafe { norm_conv::rmsnorm_relu_conv2d(&a).and_then(|l| enqueue(&dev, &l)) }
         })
         .unwrap();
         let bytes = (h * w * (cin + cout) + 2 * cin + cout * (cin * k * k + 1)) * es;
-        r.add(&format!("rmsnorm_relu_conv2d_{dtype}"), label, &[h, w, cin, cout], bytes, ms);
+        r.add(
+            &format!("rmsnorm_relu_conv2d_{dtype}"),
+            label,
+            &[h, w, cin, cout],
+            bytes,
+            ms,
+        );
     }
     r.finish();
 }

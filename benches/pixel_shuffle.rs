@@ -18,7 +18,11 @@ fn main() {
     };
     // InternViT-300M: C = 1024, grid 32 (448 / 14), class token first.
     let (c, grid, skip) = (1024, 32, 1);
-    let cases = [("InternVL3 ViT, 1 tile", 1, DType::BF16), ("InternVL3 ViT, 13 tiles (12 + thumbnail)", 13, DType::BF16), ("InternVL3 ViT, 13 tiles, f32", 13, DType::F32)];
+    let cases = [
+        ("InternVL3 ViT, 1 tile", 1, DType::BF16),
+        ("InternVL3 ViT, 13 tiles (12 + thumbnail)", 13, DType::BF16),
+        ("InternVL3 ViT, 13 tiles, f32", 13, DType::F32),
+    ];
     let mut rng = Rng::new(7);
     let (warmup, runs) = r.runs();
     for (label, tiles, dtype) in cases {
@@ -27,23 +31,53 @@ fn main() {
         let es = dtype.size_in_bytes();
         let (n_in, n_out) = (tiles * (skip + grid * grid) * c, tiles * grid * grid * c);
         let set = (n_in * es).div_ceil(256) * 256;
-        let sets = if dev.is_emulated() { 1 } else { rotation(&dev, set + n_out * es) };
+        let sets = if dev.is_emulated() {
+            1
+        } else {
+            rotation(&dev, set + n_out * es)
+        };
         let x = dev.alloc(set * sets).unwrap();
-        dev.copy_to_device(&random_bytes(&mut rng, dtype, n_in, 0.0, 1.0), x.ptr()).unwrap();
+        dev.copy_to_device(&random_bytes(&mut rng, dtype, n_in, 0.0, 1.0), x.ptr())
+            .unwrap();
         for s in 1..sets {
-            dev.copy_on_device(x.ptr(), x.ptr() + (s * set) as u64, set).unwrap();
+            dev.copy_on_device(x.ptr(), x.ptr() + (s * set) as u64, set)
+                .unwrap();
         }
         let y = dev.alloc(n_out * es).unwrap();
-        let w = dev.upload(&random_bytes(&mut rng, dtype, 4 * c, 1.0, 0.2)).unwrap();
-        let b = dev.upload(&random_bytes(&mut rng, dtype, 4 * c, 0.0, 0.2)).unwrap();
+        let w = dev
+            .upload(&random_bytes(&mut rng, dtype, 4 * c, 1.0, 0.2))
+            .unwrap();
+        let b = dev
+            .upload(&random_bytes(&mut rng, dtype, 4 * c, 0.0, 0.2))
+            .unwrap();
         let ms = time_ms(&dev, warmup, runs, sets, |i| {
             let xp = x.ptr() + ((i % sets) * set) as u64;
             // SAFETY: the buffers hold the shapes launched.
-            unsafe { pixel_shuffle_layernorm(dtype, xp, w.ptr(), b.ptr(), y.ptr(), tiles, c, grid, skip, 1e-5).and_then(|l| enqueue(&dev, &l)) }
+            unsafe {
+                pixel_shuffle_layernorm(
+                    dtype,
+                    xp,
+                    w.ptr(),
+                    b.ptr(),
+                    y.ptr(),
+                    tiles,
+                    c,
+                    grid,
+                    skip,
+                    1e-5,
+                )
+                .and_then(|l| enqueue(&dev, &l))
+            }
         })
         .unwrap();
         let bytes = (2 * n_out + 8 * c) * es;
-        r.add(&format!("pixel_shuffle_layernorm_{dtype}"), label, &[tiles, (grid / 2) * (grid / 2), 4 * c], bytes, ms);
+        r.add(
+            &format!("pixel_shuffle_layernorm_{dtype}"),
+            label,
+            &[tiles, (grid / 2) * (grid / 2), 4 * c],
+            bytes,
+            ms,
+        );
     }
     r.finish();
 }

@@ -49,7 +49,9 @@ impl Writing {
         HANDLERS.call_once(|| {
             for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
                 // SAFETY: installs a handler that only does async-signal-safe work.
-                unsafe { libc::signal(sig, on_signal as extern "C" fn(c_int) as libc::sighandler_t) };
+                unsafe {
+                    libc::signal(sig, on_signal as extern "C" fn(c_int) as libc::sighandler_t)
+                };
             }
         });
         WRITING.fetch_add(1, Ordering::SeqCst);
@@ -85,7 +87,9 @@ fn temp_next_to(path: &Path) -> Result<tempfile::NamedTempFile> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file name", path.display()))?;
     let mut b = tempfile::Builder::new();
     // The permissions a plain create gives (0666 less the umask), not tempfile's private 0600.
     #[cfg(unix)]
@@ -93,29 +97,51 @@ fn temp_next_to(path: &Path) -> Result<tempfile::NamedTempFile> {
     b.prefix(&format!(".{}.", name.to_string_lossy()))
         .suffix(".partial")
         .tempfile_in(dir)
-        .with_context(|| format!("{}: cannot create a temporary file in {}", path.display(), dir.display()))
+        .with_context(|| {
+            format!(
+                "{}: cannot create a temporary file in {}",
+                path.display(),
+                dir.display()
+            )
+        })
 }
 
 /// Moves a complete temporary file to `path` (replacing what is there), unless a termination
 /// signal arrived while it was written: then it is removed.
 fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
     if Writing::interrupted() {
-        bail!("{}: interrupted; the partial file was removed", path.display());
+        bail!(
+            "{}: interrupted; the partial file was removed",
+            path.display()
+        );
     }
-    tmp.as_file().sync_all().with_context(|| format!("{}: cannot flush", path.display()))?;
-    tmp.persist(path).map_err(|e| anyhow::Error::new(e.error)).with_context(|| format!("{}: cannot move the finished file into place", path.display()))?;
+    tmp.as_file()
+        .sync_all()
+        .with_context(|| format!("{}: cannot flush", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| anyhow::Error::new(e.error))
+        .with_context(|| {
+            format!(
+                "{}: cannot move the finished file into place",
+                path.display()
+            )
+        })?;
     Ok(())
 }
 
 /// Writes `path` atomically through `write`, which gets a buffered writer.
-pub fn write_with(path: &Path, write: impl FnOnce(&mut BufWriter<&File>) -> Result<()>) -> Result<()> {
+pub fn write_with(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<&File>) -> Result<()>,
+) -> Result<()> {
     let writing = Writing::start();
     let result = (|| {
         let tmp = temp_next_to(path)?;
         {
             let mut w = BufWriter::new(tmp.as_file());
             write(&mut w).with_context(|| format!("{}: cannot write", path.display()))?;
-            w.flush().with_context(|| format!("{}: cannot write", path.display()))?;
+            w.flush()
+                .with_context(|| format!("{}: cannot write", path.display()))?;
         }
         persist(tmp, path)
     })();
@@ -135,7 +161,8 @@ pub fn write_via_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
         let tmp = temp_next_to(path)?;
         write(tmp.path())?;
         // The writer may have replaced the file at the temporary path: reopen before syncing.
-        let reopened = tempfile::NamedTempFile::from_parts(File::open(tmp.path())?, tmp.into_temp_path());
+        let reopened =
+            tempfile::NamedTempFile::from_parts(File::open(tmp.path())?, tmp.into_temp_path());
         persist(reopened, path)
     })();
     writing.finish(result)
@@ -146,7 +173,11 @@ mod tests {
     use super::*;
 
     fn leftovers(dir: &Path) -> Vec<String> {
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".partial")).collect()
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".partial"))
+            .collect()
     }
 
     #[test]

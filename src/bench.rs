@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use openuni_graph::{node_cost, Graph, GraphBuilder};
+use openuni_models::config::{parse_config, MllmConfig};
 use openuni_models::dcae::DcaeConfig;
 use openuni_models::openuni as openuni_head;
-use openuni_models::config::{parse_config, MllmConfig};
 use openuni_models::sana::SanaConfig;
 use openuni_models::scheduler::SamplerKind;
 use openuni_models::variant;
@@ -26,7 +26,9 @@ use openuni_tensor::{Error as TensorError, HostTensor, Shape, TensorSource};
 use serde::Serialize;
 
 use crate::exec::{executor, Device};
-use crate::pipeline::{DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams};
+use crate::pipeline::{
+    DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams,
+};
 use crate::tiny_model;
 
 pub mod chat;
@@ -60,7 +62,9 @@ fn seed_of(name: &str, row: usize) -> u64 {
 fn draw(seed: u64, n: usize, scale: f32, offset: f32) -> Vec<f32> {
     let mut s = seed;
     let k = scale * 3f32.sqrt() * 2.0;
-    (0..n).map(|_| offset + k * ((splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)).collect()
+    (0..n)
+        .map(|_| offset + k * ((splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5))
+        .collect()
 }
 
 impl TensorSource for RandomWeights {
@@ -68,19 +72,25 @@ impl TensorSource for RandomWeights {
         self.origin.clone()
     }
     fn shape_of(&self, name: &str) -> openuni_tensor::Result<Shape> {
-        self.tables.get(name).cloned().ok_or_else(|| TensorError::MissingKey {
-            path: self.origin.clone().into(),
-            key: name.into(),
-            available: self.tables.len(),
-            hint: "random weights know the shapes of their tables only".into(),
-        })
+        self.tables
+            .get(name)
+            .cloned()
+            .ok_or_else(|| TensorError::MissingKey {
+                path: self.origin.clone().into(),
+                key: name.into(),
+                available: self.tables.len(),
+                hint: "random weights know the shapes of their tables only".into(),
+            })
     }
     fn contains(&self, _name: &str) -> bool {
         true
     }
     fn tensor_f32(&self, name: &str, shape: &Shape) -> openuni_tensor::Result<HostTensor> {
         let (scale, offset) = tiny_model::init_rule(name, shape);
-        HostTensor::from_f32(shape.clone(), draw(seed_of(name, usize::MAX), shape.numel(), scale, offset))
+        HostTensor::from_f32(
+            shape.clone(),
+            draw(seed_of(name, usize::MAX), shape.numel(), scale, offset),
+        )
     }
     fn rows_f32(&self, name: &str, rows: &[usize]) -> openuni_tensor::Result<HostTensor> {
         let shape = self.shape_of(name)?;
@@ -89,7 +99,12 @@ impl TensorSource for RandomWeights {
         let mut out = Vec::with_capacity(rows.len() * cols);
         for &r in rows {
             if r >= n {
-                return Err(TensorError::IndexOutOfRange { path: self.origin.clone().into(), key: name.into(), index: r, len: n });
+                return Err(TensorError::IndexOutOfRange {
+                    path: self.origin.clone().into(),
+                    key: name.into(),
+                    index: r,
+                    len: n,
+                });
             }
             out.extend(draw(seed_of(name, r), cols, scale, offset));
         }
@@ -108,9 +123,19 @@ pub fn write_configs(variant: &str, dir: &std::path::Path) -> Result<()> {
         ("connector.json", serde_json::to_value((v.connector)())?),
         ("transformer.json", (v.transformer)()),
         ("vae.json", (v.vae)()),
-        ("openuni.json", serde_json::json!({"variant": variant, "num_queries": v.num_queries, "size": v.size})),
+        (
+            "openuni.json",
+            serde_json::json!({"variant": variant, "num_queries": v.num_queries, "size": v.size}),
+        ),
         // The MLLM's vision tower (tools/bench_torch_chat.py --vit-tiles).
-        ("vit.json", variant::internvl3_vision(MllmConfig::from_value((v.llm)(), &format!("variant {variant} llm"))?.llm.hidden_size)),
+        (
+            "vit.json",
+            variant::internvl3_vision(
+                MllmConfig::from_value((v.llm)(), &format!("variant {variant} llm"))?
+                    .llm
+                    .hidden_size,
+            ),
+        ),
     ];
     for (name, value) in files {
         let p = dir.join(name);
@@ -123,19 +148,32 @@ pub fn write_configs(variant: &str, dir: &std::path::Path) -> Result<()> {
 pub fn random_model(variant: &str) -> Result<(OpenUni, usize)> {
     let v = variant::any(variant).map_err(anyhow::Error::msg)?;
     let llm_cfg = MllmConfig::from_value((v.llm)(), &format!("variant {variant} llm"))?.llm;
-    let tcfg: SanaConfig = parse_config((v.transformer)(), &format!("variant {variant} transformer"))?;
+    let tcfg: SanaConfig =
+        parse_config((v.transformer)(), &format!("variant {variant} transformer"))?;
     let vcfg: DcaeConfig = parse_config((v.vae)(), &format!("variant {variant} vae"))?;
     let src = |what: &str, tables: Vec<(&str, Vec<usize>)>| -> Box<dyn TensorSource> {
         Box::new(RandomWeights {
             origin: format!("random {variant} {what} weights"),
-            tables: tables.into_iter().map(|(k, s)| (k.to_string(), Shape::new(s))).collect(),
+            tables: tables
+                .into_iter()
+                .map(|(k, s)| (k.to_string(), Shape::new(s)))
+                .collect(),
         })
     };
-    let llm = src("llm", vec![("model.embed_tokens.weight", vec![llm_cfg.vocab_size, llm_cfg.hidden_size])]);
+    let llm = src(
+        "llm",
+        vec![(
+            "model.embed_tokens.weight",
+            vec![llm_cfg.vocab_size, llm_cfg.hidden_size],
+        )],
+    );
     // The OpenUni checkpoint holds no `transformer.*` here: the base transformer's weights are used.
     let openuni = Box::new(NotFinetuned(RandomWeights {
         origin: format!("random {variant} openuni weights"),
-        tables: HashMap::from([(openuni_head::META_QUERIES.to_string(), Shape::new(vec![v.num_queries, llm_cfg.hidden_size]))]),
+        tables: HashMap::from([(
+            openuni_head::META_QUERIES.to_string(),
+            Shape::new(vec![v.num_queries, llm_cfg.hidden_size]),
+        )]),
     }));
     let m = OpenUni::from_parts(
         llm_cfg,
@@ -265,8 +303,13 @@ fn wall_ms(f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
 
 fn device_name(d: Device) -> String {
     match d {
-        Device::Cpu => format!("cpu ({} threads available)", std::thread::available_parallelism().map_or(1, |n| n.get())),
-        _ => crate::exec::open_device(d).map(|dev| format!("{d} ({})", dev.name())).unwrap_or_else(|_| d.to_string()),
+        Device::Cpu => format!(
+            "cpu ({} threads available)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+        _ => crate::exec::open_device(d)
+            .map(|dev| format!("{d} ({})", dev.name()))
+            .unwrap_or_else(|_| d.to_string()),
     }
 }
 
@@ -285,7 +328,9 @@ fn command_output(cmd: &str, args: &[&str]) -> String {
 fn prompt_ids(vocab: usize, n: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
     (0..n)
         .map(|i| {
-            let cond = (0..30).map(|j| ((i * 31 + j * 7 + 11) % vocab) as u32).collect();
+            let cond = (0..30)
+                .map(|j| ((i * 31 + j * 7 + 11) % vocab) as u32)
+                .collect();
             let uncond = (0..16).map(|j| ((j * 13 + 5) % vocab) as u32).collect();
             (cond, uncond)
         })
@@ -294,8 +339,15 @@ fn prompt_ids(vocab: usize, n: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
 
 /// Measured ceilings: a large GEMM and a large elementwise add in the storage dtype.
 fn measure_ceilings(run: RunOptions, iters: usize) -> Result<Ceilings> {
-    let (m, k) = if run.device == Device::Cpu || run.device.is_emulated() { (256, 512) } else { (8192, 8192) };
-    let src = RandomWeights { origin: "ceiling".into(), tables: HashMap::new() };
+    let (m, k) = if run.device == Device::Cpu || run.device.is_emulated() {
+        (256, 512)
+    } else {
+        (8192, 8192)
+    };
+    let src = RandomWeights {
+        origin: "ceiling".into(),
+        tables: HashMap::new(),
+    };
     let mut b = GraphBuilder::new();
     let x = b.input("x", [m, k])?;
     let w = b.weight("w", [k, k])?;
@@ -303,7 +355,10 @@ fn measure_ceilings(run: RunOptions, iters: usize) -> Result<Ceilings> {
     b.output("y", y)?;
     let g = b.finish();
     let mut e = executor(run.device, &g, &src, run.dtype, false)?;
-    e.set_inputs(&HashMap::from([("x".to_string(), src.tensor_f32("x", &[m, k].into())?)]))?;
+    e.set_inputs(&HashMap::from([(
+        "x".to_string(),
+        src.tensor_f32("x", &[m, k].into())?,
+    )]))?;
     let gemm_ms = median(e.time_runs(iters)?);
     // Larger than the caches (the emulator's slowness keeps its array smaller).
     let n = match run.device {
@@ -319,7 +374,10 @@ fn measure_ceilings(run: RunOptions, iters: usize) -> Result<Ceilings> {
     let g = b.finish();
     let mut e = executor(run.device, &g, &src, run.dtype, false)?;
     let t = src.tensor_f32("a", &[n].into())?;
-    e.set_inputs(&HashMap::from([("a".to_string(), t.clone()), ("c".to_string(), t)]))?;
+    e.set_inputs(&HashMap::from([
+        ("a".to_string(), t.clone()),
+        ("c".to_string(), t),
+    ]))?;
     let add_ms = median(e.time_runs(iters)?);
     Ok(Ceilings {
         tflops: 2.0 * (m * k * k) as f64 / (gemm_ms * 1e-3) / 1e12,
@@ -328,13 +386,24 @@ fn measure_ceilings(run: RunOptions, iters: usize) -> Result<Ceilings> {
 }
 
 /// Per-op profile of a resident graph.
-fn profile_graph(label: &str, graph: &Graph, node_ms: &[f64], esize: usize, ceil: Option<&Ceilings>) -> Vec<OpProfile> {
+fn profile_graph(
+    label: &str,
+    graph: &Graph,
+    node_ms: &[f64],
+    esize: usize,
+    ceil: Option<&Ceilings>,
+) -> Vec<OpProfile> {
     let total: f64 = node_ms.iter().sum();
     let mut by_op: BTreeMap<&str, (usize, f64, f64, f64)> = BTreeMap::new();
     for (node, &ms) in graph.nodes.iter().zip(node_ms) {
         let c = node_cost(graph, node);
         let e = by_op.entry(node.op.name()).or_default();
-        *e = (e.0 + 1, e.1 + ms, e.2 + c.flops, e.3 + c.elems * esize as f64);
+        *e = (
+            e.0 + 1,
+            e.1 + ms,
+            e.2 + c.flops,
+            e.3 + c.elems * esize as f64,
+        );
     }
     let mut out: Vec<OpProfile> = by_op
         .into_iter()
@@ -342,7 +411,16 @@ fn profile_graph(label: &str, graph: &Graph, node_ms: &[f64], esize: usize, ceil
             let s = ms * 1e-3;
             let (tflops, gbs) = (flops / s / 1e12, bytes / s / 1e9);
             let fraction = ceil.map_or(0.0, |c| (tflops / c.tflops).max(gbs / c.gbytes_per_s));
-            OpProfile { graph: label.into(), op: op.into(), nodes, ms, share: ms / total, tflops, gbytes_per_s: gbs, fraction_of_ceiling: fraction }
+            OpProfile {
+                graph: label.into(),
+                op: op.into(),
+                nodes,
+                ms,
+                share: ms / total,
+                tflops,
+                gbytes_per_s: gbs,
+                fraction_of_ceiling: fraction,
+            }
         })
         .collect();
     out.sort_by(|a, b| b.ms.total_cmp(&a.ms));
@@ -370,29 +448,64 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let shift = 3.0;
     let mut results = vec![];
     let mut profile = vec![];
-    let ceilings = if o.profile { Some(measure_ceilings(run, o.iters)?) } else { None };
+    let ceilings = if o.profile {
+        Some(measure_ceilings(run, o.iters)?)
+    } else {
+        None
+    };
     for &n in &o.batches {
         let ids = prompt_ids(model.llm_cfg.vocab_size, n);
         let pairs: Vec<(&[u32], &[u32])> = ids.iter().map(|(a, b)| (&a[..], &b[..])).collect();
         // Drawn on the device from the images' seeds, as `generate` does.
         let noise = LatentNoise::seeded((0..n as u64).map(|i| 7 + i).collect(), c, lh, lw);
-        let params = SamplingParams { steps: o.steps, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: shift, decode: DecodeOptions::default() };
+        let params = SamplingParams {
+            steps: o.steps,
+            guidance: 4.5,
+            sampler: SamplerKind::DpmSolver,
+            flow_shift: shift,
+            decode: DecodeOptions::default(),
+        };
         // `generate`'s path for one batch: the prompt embeddings and the caption K/V stay on the
         // device, the latents go to the decoder there, and only the uint8 images come back.
-        let one = [GenerationBatch { prompts: ids.clone(), noise: noise.clone() }];
+        let one = [GenerationBatch {
+            prompts: ids.clone(),
+            noise: noise.clone(),
+        }];
         let mut generate = || model.generate_batches(&one, &params, run, |_| {}, |_, _| Ok(()));
         // Progress on stderr: on the emulated GPU a stage takes seconds to minutes.
         let started = Instant::now();
-        let progress = |what: &str| eprintln!("bench: batch {n}: {:6.1} s: {what}", started.elapsed().as_secs_f64());
+        let progress = |what: &str| {
+            eprintln!(
+                "bench: batch {n}: {:6.1} s: {what}",
+                started.elapsed().as_secs_f64()
+            )
+        };
         progress("warm-up (builds the executors, uploads the weights)");
         // Warm-up: builds and captures every resident executor and uploads the weights.
         generate().with_context(|| format!("batch {n}: warm-up"))?;
-        progress(&format!("{} whole batches of {} steps", o.iters.min(3), o.steps));
-        let batch_ms = median((0..o.iters.min(3)).map(|_| wall_ms(&mut generate)).collect::<Result<_>>()?);
-        let three: Vec<GenerationBatch> = (0..3).map(|_| GenerationBatch { prompts: ids.clone(), noise: noise.clone() }).collect();
+        progress(&format!(
+            "{} whole batches of {} steps",
+            o.iters.min(3),
+            o.steps
+        ));
+        let batch_ms = median(
+            (0..o.iters.min(3))
+                .map(|_| wall_ms(&mut generate))
+                .collect::<Result<_>>()?,
+        );
+        let three: Vec<GenerationBatch> = (0..3)
+            .map(|_| GenerationBatch {
+                prompts: ids.clone(),
+                noise: noise.clone(),
+            })
+            .collect();
         progress("3 batches pipelined");
-        let pipelined_ms = wall_ms(&mut || model.generate_batches(&three, &params, run, |_| {}, |_, _| Ok(())))?;
-        progress(&format!("conditioning, caption path, step and decode, {} runs each", o.iters));
+        let pipelined_ms =
+            wall_ms(&mut || model.generate_batches(&three, &params, run, |_| {}, |_, _| Ok(())))?;
+        progress(&format!(
+            "conditioning, caption path, step and decode, {} runs each",
+            o.iters
+        ));
         let conditioning_ms = median(
             (0..o.iters)
                 .map(|_| {
@@ -405,7 +518,9 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
                 })
                 .collect::<Result<_>>()?,
         );
-        let time = |graph: &str, dims: &[usize]| -> Result<f64> { model.resident_executor(graph, dims, run, |e| Ok(median(e.time_runs(o.iters)?))) };
+        let time = |graph: &str, dims: &[usize]| -> Result<f64> {
+            model.resident_executor(graph, dims, run, |e| Ok(median(e.time_runs(o.iters)?)))
+        };
         let caption_ms = time("caption", &[2 * n, q, cc])?;
         let step_ms = time("step", &[2 * n, c, lh, lw])?;
         let decode_ms = time("decoder", &[n, c, lh, lw])?;
@@ -413,13 +528,28 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             progress("profile of the conditioning, step and decode graphs");
             let p = model.with_conditioning_executor(&pairs, run, |e| {
                 let ms = e.profile(o.iters)?;
-                Ok(profile_graph(&format!("conditioning batch {n}"), e.graph(), &ms, esize, ceilings.as_ref()))
+                Ok(profile_graph(
+                    &format!("conditioning batch {n}"),
+                    e.graph(),
+                    &ms,
+                    esize,
+                    ceilings.as_ref(),
+                ))
             })?;
             profile.extend(p);
-            for (label, dims) in [("step", vec![2 * n, c, lh, lw]), ("decoder", vec![n, c, lh, lw])] {
+            for (label, dims) in [
+                ("step", vec![2 * n, c, lh, lw]),
+                ("decoder", vec![n, c, lh, lw]),
+            ] {
                 let p = model.resident_executor(label, &dims, run, |e| {
                     let ms = e.profile(o.iters)?;
-                    Ok(profile_graph(&format!("{label} batch {n}"), e.graph(), &ms, esize, ceilings.as_ref()))
+                    Ok(profile_graph(
+                        &format!("{label} batch {n}"),
+                        e.graph(),
+                        &ms,
+                        esize,
+                        ceilings.as_ref(),
+                    ))
                 })?;
                 profile.extend(p);
             }
@@ -435,7 +565,13 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             batch_ms,
             images_per_s: n as f64 / (batch_ms * 1e-3),
             pipelined_images_per_s: 3.0 * n as f64 / (pipelined_ms * 1e-3),
-            planned_activation_bytes: model.planned_batch_bytes(n, lh, lw, run.dtype, DecodeOptions::default())?,
+            planned_activation_bytes: model.planned_batch_bytes(
+                n,
+                lh,
+                lw,
+                run.dtype,
+                DecodeOptions::default(),
+            )?,
             resident_activation_bytes: model.resident_activation_bytes(),
             weight_bytes: model.resident_weight_bytes(),
         });
@@ -459,7 +595,8 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         profile,
     };
     if let Some(p) = &o.json {
-        crate::atomic::write_bytes(p, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("{}: cannot write the JSON report", p.display()))?;
+        crate::atomic::write_bytes(p, serde_json::to_string_pretty(&report)?.as_bytes())
+            .with_context(|| format!("{}: cannot write the JSON report", p.display()))?;
     }
     Ok(report)
 }
@@ -468,15 +605,32 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
 pub fn render(r: &BenchReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(s, "openuni bench: {} {}x{}, {} steps, {} on {}, median of {} runs", r.variant, r.width, r.height, r.steps, r.dtype, r.device, r.iters);
+    let _ = writeln!(
+        s,
+        "openuni bench: {} {}x{}, {} steps, {} on {}, median of {} runs",
+        r.variant, r.width, r.height, r.steps, r.dtype, r.device, r.iters
+    );
     let _ = writeln!(s, "commit {}, {}", r.commit, r.date);
     if r.device.starts_with("emu") {
-        let _ = writeln!(s, "(emulated GPU: these are CPU times of the emulator, not GPU speed)");
+        let _ = writeln!(
+            s,
+            "(emulated GPU: these are CPU times of the emulator, not GPU speed)"
+        );
     }
     let _ = writeln!(
         s,
         "{:>5} {:>12} {:>10} {:>10} {:>10} {:>12} {:>10} {:>9} {:>10} {:>11} {:>10}",
-        "batch", "condition ms", "caption ms", "step ms", "decode ms", "stage sum ms", "batch ms", "images/s", "pipelined", "act. MiB", "weight MiB"
+        "batch",
+        "condition ms",
+        "caption ms",
+        "step ms",
+        "decode ms",
+        "stage sum ms",
+        "batch ms",
+        "images/s",
+        "pipelined",
+        "act. MiB",
+        "weight MiB"
     );
     for b in &r.results {
         let _ = writeln!(
@@ -496,10 +650,18 @@ pub fn render(r: &BenchReport) -> String {
         );
     }
     if let Some(c) = &r.ceilings {
-        let _ = writeln!(s, "\nmeasured ceilings: GEMM {:.3} TFLOP/s, elementwise {:.1} GB/s", c.tflops, c.gbytes_per_s);
+        let _ = writeln!(
+            s,
+            "\nmeasured ceilings: GEMM {:.3} TFLOP/s, elementwise {:.1} GB/s",
+            c.tflops, c.gbytes_per_s
+        );
     }
     if !r.profile.is_empty() {
-        let _ = writeln!(s, "{:<18} {:<26} {:>5} {:>10} {:>7} {:>9} {:>9} {:>9}", "graph", "op", "nodes", "ms", "share", "TFLOP/s", "GB/s", "of ceil.");
+        let _ = writeln!(
+            s,
+            "{:<18} {:<26} {:>5} {:>10} {:>7} {:>9} {:>9} {:>9}",
+            "graph", "op", "nodes", "ms", "share", "TFLOP/s", "GB/s", "of ceil."
+        );
         for p in &r.profile {
             let _ = writeln!(
                 s,

@@ -15,14 +15,22 @@ use openuni_tensor::{DType, HostTensor, Shape, TensorSource};
 
 pub mod questions;
 
-
 fn err(msg: String) -> ModelError {
-    ModelError::Config { path: "chat".into(), msg }
+    ModelError::Config {
+        path: "chat".into(),
+        msg,
+    }
 }
 
 /// Overwrites the rows of `embeds` ([ids.len(), d]) whose id is `context_id` with the rows of
 /// `image` ([n, d], tiles in order, row-major within a tile). The counts must agree.
-pub fn scatter_image_embeds(embeds: &mut [f32], ids: &[usize], context_id: usize, image: &[f32], d: usize) -> Result<()> {
+pub fn scatter_image_embeds(
+    embeds: &mut [f32],
+    ids: &[usize],
+    context_id: usize,
+    image: &[f32],
+    d: usize,
+) -> Result<()> {
     let slots = ids.iter().filter(|&&i| i == context_id).count();
     if slots * d != image.len() {
         return Err(err(format!(
@@ -52,12 +60,18 @@ impl Embeddings<'_> {
     /// Token embeddings [ids.len(), D] (rows read from the checkpoint).
     pub fn embed(&self, ids: &[usize]) -> Result<Vec<f32>> {
         if let Some(&bad) = ids.iter().find(|&&i| i >= self.vocab) {
-            return Err(err(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
+            return Err(err(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab
+            )));
         }
         self.source
             .rows_f32(&self.key, ids)
             .map(|t| t.to_f32_vec())
-            .map_err(|e| ModelError::Config { path: self.source.origin(), msg: e.to_string() })
+            .map_err(|e| ModelError::Config {
+                path: self.source.origin(),
+                msg: e.to_string(),
+            })
     }
 }
 
@@ -94,8 +108,23 @@ pub struct CachedQwen2<'a> {
 impl<'a> CachedQwen2<'a> {
     /// The decoder under `prefix` ("language_model.model." in an InternVL checkpoint) with the
     /// head `head_key` (ignored with tied embeddings), on the CPU in f32 with one slot.
-    pub fn load(source: &'a dyn TensorSource, cfg: &Qwen2Config, prefix: &str, head_key: &str, origin: &str) -> anyhow::Result<CachedQwen2<'a>> {
-        Self::load_on(source, cfg, prefix, head_key, origin, Device::Cpu, DType::F32, 1)
+    pub fn load(
+        source: &'a dyn TensorSource,
+        cfg: &Qwen2Config,
+        prefix: &str,
+        head_key: &str,
+        origin: &str,
+    ) -> anyhow::Result<CachedQwen2<'a>> {
+        Self::load_on(
+            source,
+            cfg,
+            prefix,
+            head_key,
+            origin,
+            Device::Cpu,
+            DType::F32,
+            1,
+        )
     }
 
     /// As [`CachedQwen2::load`], on `device` with `dtype` storage (the KV cache too: f32 on the
@@ -118,12 +147,23 @@ impl<'a> CachedQwen2<'a> {
             anyhow::bail!("--device cpu runs the f32 reference only; --dtype {dtype} needs --device cuda or emu");
         }
         let embed_key = format!("{prefix}embed_tokens.weight");
-        let head_key = if cfg.tie_word_embeddings { embed_key.clone() } else { head_key.to_string() };
+        let head_key = if cfg.tie_word_embeddings {
+            embed_key.clone()
+        } else {
+            head_key.to_string()
+        };
         Ok(CachedQwen2 {
             cfg: cfg.clone(),
             source,
-            embeddings: Embeddings { source, key: embed_key, vocab: cfg.vocab_size },
-            weights: DecoderWeights { prefix: prefix.to_string(), head_key },
+            embeddings: Embeddings {
+                source,
+                key: embed_key,
+                vocab: cfg.vocab_size,
+            },
+            weights: DecoderWeights {
+                prefix: prefix.to_string(),
+                head_key,
+            },
             device,
             cache: WeightCache::new(device, dtype)?,
             origin: origin.to_string(),
@@ -206,8 +246,16 @@ impl<'a> CachedQwen2<'a> {
         let c = self.cfg.clone();
         let (d, hd, kv) = (c.hidden_size, c.head_dim(), c.num_key_value_heads);
         let n = embeds.len() / d;
-        anyhow::ensure!(n > 0 && n * d == embeds.len(), "embeddings of {} values are not a whole number of {d}-wide rows", embeds.len());
-        anyhow::ensure!(slot < self.slots() && self.lens[slot] == 0, "slot {slot} is not a free slot of {}", self.slots());
+        anyhow::ensure!(
+            n > 0 && n * d == embeds.len(),
+            "embeddings of {} values are not a whole number of {d}-wide rows",
+            embeds.len()
+        );
+        anyhow::ensure!(
+            slot < self.slots() && self.lens[slot] == 0,
+            "slot {slot} is not a free slot of {}",
+            self.slots()
+        );
         c.check_length(n)?;
         let g = qwen2_decode::build_prefill(&c, &self.weights, n, &self.origin)?;
         let mut ex = crate::exec::executor_with(self.device, &g, self.source, &self.cache, false)?;
@@ -221,15 +269,27 @@ impl<'a> CachedQwen2<'a> {
         let max_len = step.max_len;
         for layer in 0..c.num_hidden_layers {
             for keys in [true, false] {
-                let rows = out.remove(&qwen2_decode::prefill_kv_name(layer, keys)).expect("graph output");
+                let rows = out
+                    .remove(&qwen2_decode::prefill_kv_name(layer, keys))
+                    .expect("graph output");
                 // [1, kv, L, hd] -> rows 0..L of each (slot, kv head) of [slots, kv, max_len, hd].
                 for h in 0..kv {
-                    step.exec.copy_to_state(&qwen2_decode::cache_name(layer, keys), (slot * kv + h) * max_len * hd, &rows, h * n * hd, n * hd)?;
+                    step.exec.copy_to_state(
+                        &qwen2_decode::cache_name(layer, keys),
+                        (slot * kv + h) * max_len * hd,
+                        &rows,
+                        h * n * hd,
+                        n * hd,
+                    )?;
                 }
             }
         }
         self.lens[slot] = n;
-        Ok(out.remove(qwen2_decode::LOGITS).expect("graph output").to_host()?.to_f32_vec())
+        Ok(out
+            .remove(qwen2_decode::LOGITS)
+            .expect("graph output")
+            .to_host()?
+            .to_f32_vec())
     }
 
     /// One decode step: each `(slot, embedding [D])` at its slot's next position, all slots in one
@@ -238,9 +298,19 @@ impl<'a> CachedQwen2<'a> {
     pub fn step(&mut self, tokens: &[(usize, &[f32])]) -> anyhow::Result<Vec<Vec<f32>>> {
         let (d, v, slots) = (self.cfg.hidden_size, self.cfg.vocab_size, self.slots());
         for (i, &(slot, e)) in tokens.iter().enumerate() {
-            anyhow::ensure!(slot < slots && self.lens[slot] > 0, "slot {slot} holds no prompt (prefill first)");
-            anyhow::ensure!(e.len() == d, "the embedding of slot {slot} has {} values, expected {d}", e.len());
-            anyhow::ensure!(!tokens[..i].iter().any(|t| t.0 == slot), "slot {slot} is given twice in one step");
+            anyhow::ensure!(
+                slot < slots && self.lens[slot] > 0,
+                "slot {slot} holds no prompt (prefill first)"
+            );
+            anyhow::ensure!(
+                e.len() == d,
+                "the embedding of slot {slot} has {} values, expected {d}",
+                e.len()
+            );
+            anyhow::ensure!(
+                !tokens[..i].iter().any(|t| t.0 == slot),
+                "slot {slot} is given twice in one step"
+            );
             self.cfg.check_length(self.lens[slot] + 1)?;
         }
         let need = self.lens.iter().max().copied().unwrap_or(0) + 1;
@@ -251,11 +321,22 @@ impl<'a> CachedQwen2<'a> {
         }
         let positions: Vec<f32> = self.lens.iter().map(|&l| l as f32).collect();
         let inputs = HashMap::from([
-            (qwen2_decode::EMBEDS.to_string(), HostTensor::from_f32([slots, d], embeds)?),
-            (qwen2_decode::POSITIONS.to_string(), HostTensor::from_f32([slots], positions)?),
+            (
+                qwen2_decode::EMBEDS.to_string(),
+                HostTensor::from_f32([slots, d], embeds)?,
+            ),
+            (
+                qwen2_decode::POSITIONS.to_string(),
+                HostTensor::from_f32([slots], positions)?,
+            ),
         ]);
         let step = self.step.as_mut().expect("made by ensure_capacity");
-        let logits = step.exec.run(&inputs)?.remove(qwen2_decode::LOGITS).expect("graph output").to_f32_vec();
+        let logits = step
+            .exec
+            .run(&inputs)?
+            .remove(qwen2_decode::LOGITS)
+            .expect("graph output")
+            .to_f32_vec();
         step.runs += 1;
         if step.runs == 1 && self.device != Device::Cpu {
             // The launches never change between steps (fixed pointers, max_len-sized grids, the
@@ -265,7 +346,10 @@ impl<'a> CachedQwen2<'a> {
         for &(slot, _) in tokens {
             self.lens[slot] += 1;
         }
-        Ok(tokens.iter().map(|&(slot, _)| logits[slot * v..(slot + 1) * v].to_vec()).collect())
+        Ok(tokens
+            .iter()
+            .map(|&(slot, _)| logits[slot * v..(slot + 1) * v].to_vec())
+            .collect())
     }
 
     /// Makes the decode step hold at least `need` positions per slot: built on first use, rebuilt
@@ -277,10 +361,16 @@ impl<'a> CachedQwen2<'a> {
             return Ok(());
         }
         let c = &self.cfg;
-        let max_len = need.max(self.reserved).max(2 * old).next_multiple_of(256).min(c.max_position_embeddings).max(need);
+        let max_len = need
+            .max(self.reserved)
+            .max(2 * old)
+            .next_multiple_of(256)
+            .min(c.max_position_embeddings)
+            .max(need);
         let slots = self.slots();
         let g = qwen2_decode::build_decode_step(c, &self.weights, slots, max_len, &self.origin)?;
-        let mut exec = crate::exec::executor_with(self.device, &g, self.source, &self.cache, false)?;
+        let mut exec =
+            crate::exec::executor_with(self.device, &g, self.source, &self.cache, false)?;
         if let Some(prev) = &self.step {
             let (kv, hd) = (c.num_key_value_heads, c.head_dim());
             for layer in 0..c.num_hidden_layers {
@@ -296,7 +386,11 @@ impl<'a> CachedQwen2<'a> {
                 }
             }
         }
-        self.step = Some(DecodeStep { exec, max_len, runs: 0 });
+        self.step = Some(DecodeStep {
+            exec,
+            max_len,
+            runs: 0,
+        });
         Ok(())
     }
 }
@@ -329,7 +423,10 @@ impl Sampling {
     /// Refuses settings with no meaning (temperature <= 0, top_p outside (0, 1]).
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(err(format!("temperature {} must be a positive number (leave sampling off for greedy)", self.temperature)));
+            return Err(err(format!(
+                "temperature {} must be a positive number (leave sampling off for greedy)",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(err(format!("top_p {} must be in (0, 1]", self.top_p)));
@@ -344,7 +441,9 @@ impl Sampling {
             let mut sorted = l.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
             let kth = sorted[self.top_k - 1];
-            l.iter_mut().filter(|x| **x < kth).for_each(|x| *x = f32::NEG_INFINITY);
+            l.iter_mut()
+                .filter(|x| **x < kth)
+                .for_each(|x| *x = f32::NEG_INFINITY);
         }
         if self.top_p < 1.0 {
             // Ascending order; drop the low tail whose cumulative probability is <= 1 - top_p,
@@ -420,7 +519,14 @@ pub fn generate_greedy(
     eos: Option<usize>,
     on_token: impl FnMut(usize),
 ) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
-    generate(llm, prompt_embeds, max_new_tokens, eos, &mut Picker::Greedy, on_token)
+    generate(
+        llm,
+        prompt_embeds,
+        max_new_tokens,
+        eos,
+        &mut Picker::Greedy,
+        on_token,
+    )
 }
 
 /// [`generate_greedy`] with any [`Picker`].
@@ -511,7 +617,14 @@ pub fn generate_continuous<K>(
                         free.push(slot);
                         on_done(r.key, vec![next])?;
                     } else {
-                        live.push(Live { key: r.key, slot, input: llm.embed(&[next])?, ids: vec![next], max_new_tokens: r.max_new_tokens, picker });
+                        live.push(Live {
+                            key: r.key,
+                            slot,
+                            input: llm.embed(&[next])?,
+                            ids: vec![next],
+                            max_new_tokens: r.max_new_tokens,
+                            picker,
+                        });
                     }
                 }
                 None => more = false,
@@ -523,7 +636,12 @@ pub fn generate_continuous<K>(
             }
             return Ok(());
         }
-        let logits = llm.step(&live.iter().map(|s| (s.slot, s.input.as_slice())).collect::<Vec<_>>())?;
+        let logits = llm.step(
+            &live
+                .iter()
+                .map(|s| (s.slot, s.input.as_slice()))
+                .collect::<Vec<_>>(),
+        )?;
         let mut still = vec![];
         for (mut s, l) in live.into_iter().zip(logits) {
             let next = s.picker.pick(&l);
@@ -558,7 +676,11 @@ pub fn internvl2_5_prompt(question: &str, image_tokens: Option<usize>) -> String
 /// The multi-turn form: earlier (question, answer) turns rendered as `role + message + sep`
 /// before the current question (InternVL's `chat(history=...)`; the image goes with the
 /// current question).
-pub fn internvl2_5_conversation(history: &[(String, String)], question: &str, image_tokens: Option<usize>) -> String {
+pub fn internvl2_5_conversation(
+    history: &[(String, String)],
+    question: &str,
+    image_tokens: Option<usize>,
+) -> String {
     internvl2_5_with_images(history, question, image_tokens.as_slice())
 }
 
@@ -566,23 +688,40 @@ pub fn internvl2_5_conversation(history: &[(String, String)], question: &str, im
 /// image i). One image: `<img>…</img>\n` before the question, as `chat()` prefixes `<image>\n`.
 /// Several: the model card's multi-image form, `Image-1: <image>\nImage-2: <image>\n` before the
 /// question, each `<image>` then replaced by its own `<img>…</img>` (`num_patches_list`).
-pub fn internvl2_5_with_images(history: &[(String, String)], question: &str, image_tokens: &[usize]) -> String {
+pub fn internvl2_5_with_images(
+    history: &[(String, String)],
+    question: &str,
+    image_tokens: &[usize],
+) -> String {
     internvl2_5_with_system(INTERNVL2_5_SYSTEM, history, question, image_tokens)
 }
 
 /// [`internvl2_5_with_images`] with another system message (InternVL's `model.system_message`).
-pub fn internvl2_5_with_system(system: &str, history: &[(String, String)], question: &str, image_tokens: &[usize]) -> String {
+pub fn internvl2_5_with_system(
+    system: &str,
+    history: &[(String, String)],
+    question: &str,
+    image_tokens: &[usize],
+) -> String {
     let block = |n: usize| format!("<img>{}</img>", "<IMG_CONTEXT>".repeat(n));
     let image = match image_tokens {
         [] => String::new(),
         [n] => format!("{}\n", block(*n)),
-        many => many.iter().enumerate().map(|(i, &n)| format!("Image-{}: {}\n", i + 1, block(n))).collect(),
+        many => many
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| format!("Image-{}: {}\n", i + 1, block(n)))
+            .collect(),
     };
     let mut s = format!("<|im_start|>system\n{system}<|im_end|>\n");
     for (q, a) in history {
-        s.push_str(&format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"));
+        s.push_str(&format!(
+            "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
+        ));
     }
-    s.push_str(&format!("<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"));
+    s.push_str(&format!(
+        "<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"
+    ));
     s
 }
 
@@ -610,8 +749,14 @@ pub struct ChatOptions {
 /// Reads a history file: a JSON list of [question, answer] pairs.
 pub fn read_history(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
     use anyhow::Context;
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the history", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of [question, answer] pairs", path.display()))
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the history", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON list of [question, answer] pairs",
+            path.display()
+        )
+    })
 }
 
 /// The images of one question: all their tiles as one ViT batch, and the tiles per image.
@@ -625,19 +770,26 @@ pub const TILE: usize = 448;
 
 /// Loads image files with the model card's `load_image(path, 448, max_num)` and stacks their
 /// tiles in order.
-pub fn load_images(paths: &[std::path::PathBuf], max_num: usize) -> anyhow::Result<Option<ImageTiles>> {
+pub fn load_images(
+    paths: &[std::path::PathBuf],
+    max_num: usize,
+) -> anyhow::Result<Option<ImageTiles>> {
     if paths.is_empty() {
         return Ok(None);
     }
     let mut values = vec![];
     let mut tiles = vec![];
     for p in paths {
-        let t = openuni_models::internvl_preprocess::load_image(p, TILE, max_num).map_err(|e| anyhow::anyhow!("image {e}"))?;
+        let t = openuni_models::internvl_preprocess::load_image(p, TILE, max_num)
+            .map_err(|e| anyhow::anyhow!("image {e}"))?;
         tiles.push(t.shape.dims()[0]);
         values.extend(t.to_f32_vec());
     }
     let total = tiles.iter().sum::<usize>();
-    Ok(Some(ImageTiles { pixel_values: openuni_tensor::HostTensor::from_f32([total, 3, TILE, TILE], values)?, tiles }))
+    Ok(Some(ImageTiles {
+        pixel_values: openuni_tensor::HostTensor::from_f32([total, 3, TILE, TILE], values)?,
+        tiles,
+    }))
 }
 
 /// An InternVL folder opened for chat: config (through the one reader), tokenizer, weights.
@@ -658,7 +810,11 @@ pub struct ChatModel {
 
 impl ChatModel {
     /// `model` None: the built-in tiny random model (written under the cache once).
-    pub fn open(model: Option<&std::path::Path>, device: crate::exec::Device, dtype: openuni_tensor::DType) -> anyhow::Result<ChatModel> {
+    pub fn open(
+        model: Option<&std::path::Path>,
+        device: crate::exec::Device,
+        dtype: openuni_tensor::DType,
+    ) -> anyhow::Result<ChatModel> {
         use anyhow::{bail, Context};
         let dir = match model {
             Some(d) if d.is_dir() => d.to_path_buf(),
@@ -674,29 +830,57 @@ impl ChatModel {
                     ),
                 }
             }
-            None => tiny_chat_model(&crate::tiny_model::default_dir().with_file_name("tiny-chat-v1"))?,
+            None => {
+                tiny_chat_model(&crate::tiny_model::default_dir().with_file_name("tiny-chat-v1"))?
+            }
         };
         let cfg_path = dir.join("config.json");
         let cfg = openuni_models::config::read_mllm_config(&cfg_path)?;
         if let Some(t) = cfg.template.as_deref() {
             if t != "internvl2_5" {
-                bail!("{}: template `{t}` is not supported (internvl2_5 is)", cfg_path.display());
+                bail!(
+                    "{}: template `{t}` is not supported (internvl2_5 is)",
+                    cfg_path.display()
+                );
             }
         }
         let tok = openuni_models::prompt::PromptTokenizer::from_dir(&dir)?;
-        let eos = tok.token_id("<|im_end|>").map(|i| i as usize).with_context(|| format!("{}: no token `<|im_end|>`", tok.path().display()))?;
-        let specials = tok.tokenizer().get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
+        let eos = tok
+            .token_id("<|im_end|>")
+            .map(|i| i as usize)
+            .with_context(|| format!("{}: no token `<|im_end|>`", tok.path().display()))?;
+        let specials = tok
+            .tokenizer()
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special)
+            .map(|t| t.content.clone())
+            .collect();
         let weights = openuni_tensor::Weights::open(&dir)?;
         if device == crate::exec::Device::Cpu && dtype != openuni_tensor::DType::F32 {
             bail!("--device cpu runs the f32 reference only; --dtype {dtype} needs --device cuda or emu");
         }
         let vit_weights = crate::exec::WeightCache::new(device, dtype)?;
-        Ok(ChatModel { tiny: model.is_none(), cfg, cfg_path, tok, eos, specials, weights, device, dtype, vit_weights })
+        Ok(ChatModel {
+            tiny: model.is_none(),
+            cfg,
+            cfg_path,
+            tok,
+            eos,
+            specials,
+            weights,
+            device,
+            dtype,
+            vit_weights,
+        })
     }
 
     fn special(&self, t: &str) -> anyhow::Result<usize> {
         use anyhow::Context;
-        self.tok.token_id(t).map(|i| i as usize).with_context(|| format!("{}: no token `{t}`", self.tok.path().display()))
+        self.tok
+            .token_id(t)
+            .map(|i| i as usize)
+            .with_context(|| format!("{}: no token `{t}`", self.tok.path().display()))
     }
 
     /// Refuses user text holding special-token text (it would change the template).
@@ -711,32 +895,73 @@ impl ChatModel {
     pub fn llm(&self, slots: usize) -> anyhow::Result<CachedQwen2<'_>> {
         use anyhow::Context;
         let (prefix, head_prefix) = openuni_models::qwen2::detect_prefix(&mut self.weights.keys())
-            .with_context(|| format!("{}: no `language_model.model.embed_tokens.weight`", self.weights.origin().display()))?;
+            .with_context(|| {
+                format!(
+                    "{}: no `language_model.model.embed_tokens.weight`",
+                    self.weights.origin().display()
+                )
+            })?;
         let head = format!("{head_prefix}lm_head.weight");
-        CachedQwen2::load_on(&self.weights, &self.cfg.llm, prefix, &head, &self.cfg_path.display().to_string(), self.device, self.dtype, slots)
+        CachedQwen2::load_on(
+            &self.weights,
+            &self.cfg.llm,
+            prefix,
+            &head,
+            &self.cfg_path.display().to_string(),
+            self.device,
+            self.dtype,
+            slots,
+        )
     }
 
     /// The vision tower + mlp1 over all tiles as one batch: [T·256, D] embeddings.
     /// `origin` names where the pixel values came from in errors.
-    pub fn image_embeds(&self, px: &openuni_tensor::HostTensor, origin: &str) -> anyhow::Result<Vec<f32>> {
+    pub fn image_embeds(
+        &self,
+        px: &openuni_tensor::HostTensor,
+        origin: &str,
+    ) -> anyhow::Result<Vec<f32>> {
         use anyhow::{bail, Context};
-        let vcfg = self.cfg.vision().map_err(|e| anyhow::anyhow!("an image was given, but {e}"))?;
-        let layout = openuni_models::internvit::VitLayout::detect(&self.weights)
-            .with_context(|| format!("an image was given, but {} has no vision tower weights", self.weights.origin().display()))?;
+        let vcfg = self
+            .cfg
+            .vision()
+            .map_err(|e| anyhow::anyhow!("an image was given, but {e}"))?;
+        let layout =
+            openuni_models::internvit::VitLayout::detect(&self.weights).with_context(|| {
+                format!(
+                    "an image was given, but {} has no vision tower weights",
+                    self.weights.origin().display()
+                )
+            })?;
         openuni_models::internvit::check_position_table(&self.weights, &vcfg)?;
         let s = vcfg.image_size;
-        if px.shape.rank() != 4 || px.shape.dims()[1..] != [vcfg.num_channels, s, s] || px.shape.dims()[0] == 0 {
-            bail!("{origin}: `pixel_values` has shape {}, expected [T, {}, {s}, {s}]", px.shape, vcfg.num_channels);
+        if px.shape.rank() != 4
+            || px.shape.dims()[1..] != [vcfg.num_channels, s, s]
+            || px.shape.dims()[0] == 0
+        {
+            bail!(
+                "{origin}: `pixel_values` has shape {}, expected [T, {}, {s}, {s}]",
+                px.shape,
+                vcfg.num_channels
+            );
         }
         let mut b = openuni_graph::GraphBuilder::new();
         let x = b.input("pixel_values", px.shape.clone())?;
         let out = openuni_models::internvit::build(&mut b, &vcfg, x)?;
         b.mark(openuni_models::internvit::VIT_EMBEDS, out.vit_embeds)?;
         let g = b.finish();
-        let src = openuni_models::internvit::VitWeights { inner: &self.weights, layout };
+        let src = openuni_models::internvit::VitWeights {
+            inner: &self.weights,
+            layout,
+        };
         let mut ex = crate::exec::executor_with(self.device, &g, &src, &self.vit_weights, false)?;
-        let inputs = std::collections::HashMap::from([("pixel_values".to_string(), px.to_dtype(openuni_tensor::DType::F32)?)]);
-        Ok(openuni_models::internvit::VIT_EMBEDS.take(&mut ex.run(&inputs)?)?.to_f32_vec())
+        let inputs = std::collections::HashMap::from([(
+            "pixel_values".to_string(),
+            px.to_dtype(openuni_tensor::DType::F32)?,
+        )]);
+        Ok(openuni_models::internvit::VIT_EMBEDS
+            .take(&mut ex.run(&inputs)?)?
+            .to_f32_vec())
     }
 
     /// The templated prompt's embeddings with the image rows scattered in. `images`: the
@@ -770,11 +995,27 @@ impl ChatModel {
             }
             None => None,
         };
-        let text = internvl2_5_with_system(system, history, question, image.as_ref().map_or(&[][..], |(n, _)| n));
-        let ids: Vec<usize> = self.tok.encode_text(&text, "prompt")?.into_iter().map(|i| i as usize).collect();
+        let text = internvl2_5_with_system(
+            system,
+            history,
+            question,
+            image.as_ref().map_or(&[][..], |(n, _)| n),
+        );
+        let ids: Vec<usize> = self
+            .tok
+            .encode_text(&text, "prompt")?
+            .into_iter()
+            .map(|i| i as usize)
+            .collect();
         let mut embeds = llm.embed(&ids)?;
         if let Some((_, img)) = &image {
-            scatter_image_embeds(&mut embeds, &ids, self.special("<IMG_CONTEXT>")?, img, self.cfg.llm.hidden_size)?;
+            scatter_image_embeds(
+                &mut embeds,
+                &ids,
+                self.special("<IMG_CONTEXT>")?,
+                img,
+                self.cfg.llm.hidden_size,
+            )?;
         }
         Ok(embeds)
     }
@@ -782,7 +1023,10 @@ impl ChatModel {
     /// The answer text of generated ids (special tokens skipped).
     pub fn detokenise(&self, ids: &[usize]) -> anyhow::Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.tok.tokenizer().decode(&ids, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))
+        self.tok
+            .tokenizer()
+            .decode(&ids, true)
+            .map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))
     }
 
     pub fn note_if_tiny(&self) {
@@ -804,21 +1048,40 @@ pub struct TextStream {
 
 impl TextStream {
     /// Adds `id`; the text it completes (often empty).
-    pub fn push(&mut self, tok: &openuni_models::prompt::PromptTokenizer, id: usize) -> anyhow::Result<String> {
+    pub fn push(
+        &mut self,
+        tok: &openuni_models::prompt::PromptTokenizer,
+        id: usize,
+    ) -> anyhow::Result<String> {
         self.ids.push(id as u32);
-        let t = tok.tokenizer().decode(&self.ids, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
+        let t = tok
+            .tokenizer()
+            .decode(&self.ids, true)
+            .map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
         if t.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let new = t.strip_prefix(self.shown.as_str()).unwrap_or_default().to_string();
+        let new = t
+            .strip_prefix(self.shown.as_str())
+            .unwrap_or_default()
+            .to_string();
         self.shown = t;
         Ok(new)
     }
 
     /// The text not yet given out (a last incomplete character) and the whole answer.
-    pub fn finish(&self, tok: &openuni_models::prompt::PromptTokenizer) -> anyhow::Result<(String, String)> {
-        let all = tok.tokenizer().decode(&self.ids, true).map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
-        let rest = all.strip_prefix(self.shown.as_str()).unwrap_or_default().to_string();
+    pub fn finish(
+        &self,
+        tok: &openuni_models::prompt::PromptTokenizer,
+    ) -> anyhow::Result<(String, String)> {
+        let all = tok
+            .tokenizer()
+            .decode(&self.ids, true)
+            .map_err(|e| anyhow::anyhow!("detokenising the answer: {e}"))?;
+        let rest = all
+            .strip_prefix(self.shown.as_str())
+            .unwrap_or_default()
+            .to_string();
         Ok((rest, all))
     }
 }
@@ -832,7 +1095,10 @@ pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
         bail!("--pixel-values and --image both give the image: use one");
     }
     let m = ChatModel::open(o.model.as_deref(), o.device, o.dtype)?;
-    let turns = o.history.iter().flat_map(|(q, a)| [("history", q), ("history", a)]);
+    let turns = o
+        .history
+        .iter()
+        .flat_map(|(q, a)| [("history", q), ("history", a)]);
     for (what, text) in std::iter::once(("--prompt", &o.prompt)).chain(turns) {
         m.check_text(what, text)?;
     }
@@ -846,27 +1112,44 @@ pub fn run_cli(o: &ChatOptions) -> anyhow::Result<String> {
         (None, None) => (None, vec![], String::new()),
     };
     let mut llm = m.llm(1)?;
-    let embeds = m.prompt_embeds(&llm.embeddings(), &o.history, &o.prompt, px.as_ref().map(|p| (p, tiles.as_slice())), &origin)?;
+    let embeds = m.prompt_embeds(
+        &llm.embeddings(),
+        &o.history,
+        &o.prompt,
+        px.as_ref().map(|p| (p, tiles.as_slice())),
+        &origin,
+    )?;
     // Stream: print what each new token adds to the detokenised answer (special tokens skipped).
     let mut text = TextStream::default();
     let mut stdout = std::io::stdout();
     let mut decode_err = None;
     let mut picker = Picker::new(o.sampling)?;
     let eos = m.eos;
-    generate(&mut llm, &embeds, o.max_new_tokens, Some(eos), &mut picker, |id| match text.push(&m.tok, id) {
-        Ok(new) => {
-            let _ = write!(stdout, "{new}");
-            let _ = stdout.flush();
-        }
-        Err(e) => decode_err = Some(e),
-    })?;
+    generate(
+        &mut llm,
+        &embeds,
+        o.max_new_tokens,
+        Some(eos),
+        &mut picker,
+        |id| match text.push(&m.tok, id) {
+            Ok(new) => {
+                let _ = write!(stdout, "{new}");
+                let _ = stdout.flush();
+            }
+            Err(e) => decode_err = Some(e),
+        },
+    )?;
     if let Some(e) = decode_err {
         return Err(e);
     }
     let (rest, all) = text.finish(&m.tok)?;
     print!("{rest}");
     println!();
-    let stop = if text.ids.last() == Some(&(eos as u32)) { "stopped at <|im_end|>" } else { "stopped at --max-new-tokens" };
+    let stop = if text.ids.last() == Some(&(eos as u32)) {
+        "stopped at <|im_end|>"
+    } else {
+        "stopped at --max-new-tokens"
+    };
     eprintln!("({} tokens, {stop})", text.ids.len());
     m.note_if_tiny();
     Ok(all)
@@ -899,17 +1182,33 @@ pub fn tiny_chat_model(dir: &std::path::Path) -> anyhow::Result<std::path::PathB
     let x = b.input("px", [1, 3, 448, 448])?;
     openuni_models::internvit::build(&mut b, &vcfg, x)?;
     let e = b.input("e", [1, 4, lcfg.hidden_size])?;
-    openuni_models::qwen2::build(&mut b, &lcfg, &openuni_models::nn::Scope::new("language_model.model"), e, "tiny chat llm")?;
+    openuni_models::qwen2::build(
+        &mut b,
+        &lcfg,
+        &openuni_models::nn::Scope::new("language_model.model"),
+        e,
+        "tiny chat llm",
+    )?;
     let g = b.finish();
-    let mut shapes: Vec<(String, Vec<usize>)> = g.weights().map(|(id, n)| (n.to_string(), g.shape(id).dims().to_vec())).collect();
+    let mut shapes: Vec<(String, Vec<usize>)> = g
+        .weights()
+        .map(|(id, n)| (n.to_string(), g.shape(id).dims().to_vec()))
+        .collect();
     let (v, d) = (lcfg.vocab_size, lcfg.hidden_size);
-    shapes.push(("language_model.model.embed_tokens.weight".into(), vec![v, d]));
+    shapes.push((
+        "language_model.model.embed_tokens.weight".into(),
+        vec![v, d],
+    ));
     shapes.push(("language_model.lm_head.weight".into(), vec![v, d]));
     // Graph names -> stored tensors: q/k/v thirds back into one fused qkv, and the stored shapes.
     let mut stored: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
     for (name, s) in shapes {
         let (key, shape) = match name.strip_suffix("[q]") {
-            Some(base) => (base.to_string(), { let mut s = s.clone(); s[0] *= 3; s }),
+            Some(base) => (base.to_string(), {
+                let mut s = s.clone();
+                s[0] *= 3;
+                s
+            }),
             None if name.ends_with("[k]") || name.ends_with("[v]") => continue,
             None if name.ends_with("patch_embedding.weight") => (name, vec![s[0], 3, 14, 14]),
             None if name.ends_with("class_embedding") => (name, vec![1, 1, s[0]]),
@@ -926,13 +1225,25 @@ pub fn tiny_chat_model(dir: &std::path::Path) -> anyhow::Result<std::path::PathB
         .map(|(n, s)| {
             let shape = Shape::new(s);
             let (scale, offset) = crate::tiny_model::init_rule(&n, &shape);
-            let v = (0..shape.numel()).map(|_| offset + scale * normal.sample(&mut rng)).collect();
-            (n, openuni_tensor::HostTensor::from_f32(shape, v).expect("sized"))
+            let v = (0..shape.numel())
+                .map(|_| offset + scale * normal.sample(&mut rng))
+                .collect();
+            (
+                n,
+                openuni_tensor::HostTensor::from_f32(shape, v).expect("sized"),
+            )
         })
         .collect();
-    openuni_tensor::write_safetensors(&dir.join("model.safetensors"), tensors.iter().map(|(k, v)| (k.as_str(), v)), None)?;
+    openuni_tensor::write_safetensors(
+        &dir.join("model.safetensors"),
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        None,
+    )?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
-    std::fs::write(dir.join("tokenizer.json"), include_str!("../assets/tiny_tokenizer.json"))?;
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        include_str!("../assets/tiny_tokenizer.json"),
+    )?;
     std::fs::write(dir.join(".complete"), b"")?;
     Ok(dir.to_path_buf())
 }

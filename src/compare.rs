@@ -18,7 +18,8 @@ pub struct Diff {
 /// output can never pass; callers refuse non-finite references before comparing.
 pub fn diff(got: &HostTensor, expected: &HostTensor) -> Diff {
     let (g, e) = (got.to_f32_vec(), expected.to_f32_vec());
-    let (mut num, mut den, mut max_abs, mut non_finite, mut over_half) = (0f64, 0f64, 0f64, 0usize, 0usize);
+    let (mut num, mut den, mut max_abs, mut non_finite, mut over_half) =
+        (0f64, 0f64, 0f64, 0usize, 0usize);
     for (&a, &b) in g.iter().zip(&e) {
         if !a.is_finite() {
             non_finite += 1;
@@ -31,8 +32,17 @@ pub fn diff(got: &HostTensor, expected: &HostTensor) -> Diff {
         num += d * d;
         den += (b as f64) * (b as f64);
     }
-    let rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
-    Diff { max_abs, rel_l2, non_finite, frac_over_half: over_half as f64 / g.len().max(1) as f64 }
+    let rel_l2 = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
+    Diff {
+        max_abs,
+        rel_l2,
+        non_finite,
+        frac_over_half: over_half as f64 / g.len().max(1) as f64,
+    }
 }
 
 /// The larger of two values, NaN if either is NaN.
@@ -46,7 +56,10 @@ fn nan_max(a: f64, b: f64) -> f64 {
 
 /// The first non-finite value of a tensor (index and value), if any.
 pub fn first_non_finite(t: &HostTensor) -> Option<(usize, f32)> {
-    t.to_f32_vec().into_iter().enumerate().find(|(_, v)| !v.is_finite())
+    t.to_f32_vec()
+        .into_iter()
+        .enumerate()
+        .find(|(_, v)| !v.is_finite())
 }
 
 impl Diff {
@@ -71,7 +84,10 @@ mod tests {
         let nan = HostTensor::from_f32([4], vec![3.0, f32::NAN, 4.0, 0.0]).unwrap();
         let d = diff(&nan, &e);
         assert!(!d.passes(1.0));
-        assert!(d.max_abs.is_nan() && d.rel_l2.is_nan(), "NaN must not be dropped: {d:?}");
+        assert!(
+            d.max_abs.is_nan() && d.rel_l2.is_nan(),
+            "NaN must not be dropped: {d:?}"
+        );
         // A NaN or Inf in the reference makes the metrics non-finite too (never a PASS).
         let d = diff(&e, &nan);
         assert!(d.rel_l2.is_nan() && !d.passes(1.0), "{d:?}");

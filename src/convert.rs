@@ -16,8 +16,13 @@ pub fn convert(input: &Path, output: &Path) -> anyhow::Result<String> {
             bail!("{}: the output would overwrite the input", output.display());
         }
     }
-    let ext = input.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let (tensors, how) = if is_zip(input)? || matches!(ext.as_str(), "pth" | "pt" | "bin" | "ckpt") {
+    let ext = input
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let (tensors, how) = if is_zip(input)? || matches!(ext.as_str(), "pth" | "pt" | "bin" | "ckpt")
+    {
         let ck = read_pth_with(input, &PthOptions::default())?;
         let mut how = vec!["torch.save archive".to_string()];
         if !ck.wrapper.is_empty() {
@@ -31,8 +36,12 @@ pub fn convert(input: &Path, output: &Path) -> anyhow::Result<String> {
         }
         (ck.tensors, how.join(", "))
     } else {
-        let w = Weights::open(input)
-            .with_context(|| format!("{}: neither a torch.save archive nor safetensors", input.display()))?;
+        let w = Weights::open(input).with_context(|| {
+            format!(
+                "{}: neither a torch.save archive nor safetensors",
+                input.display()
+            )
+        })?;
         let mut v = Vec::with_capacity(w.len());
         for k in w.keys() {
             v.push((k.to_string(), w.get(k)?));
@@ -47,7 +56,10 @@ pub fn convert(input: &Path, output: &Path) -> anyhow::Result<String> {
         ("format".to_string(), "pt".to_string()),
         (
             "source".to_string(),
-            input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            input
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         ),
     ]);
     let refs: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -77,9 +89,12 @@ fn is_zip(path: &Path) -> anyhow::Result<bool> {
     if path.is_dir() {
         return Ok(false);
     }
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut magic = [0u8; 4];
-    let n = f.read(&mut magic).with_context(|| format!("{}: cannot read", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     Ok(n == 4 && &magic == b"PK\x03\x04")
 }
 

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
-use openuni_cuda::{CudaDevice, CudaExecutor, DeviceTensor};
 use openuni_cpu::CpuExecutor;
+use openuni_cuda::{CudaDevice, CudaExecutor, DeviceTensor};
 use openuni_graph::{Graph, ValueId};
 use openuni_tensor::{DType, HostData, HostTensor, Shape, TensorSource};
 
@@ -33,7 +33,10 @@ impl Device {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
             "emu" => Ok(Device::Emu),
-            _ => match (s.strip_prefix("cuda:").map(str::parse::<usize>), s.strip_prefix("emu:").map(str::parse::<usize>)) {
+            _ => match (
+                s.strip_prefix("cuda:").map(str::parse::<usize>),
+                s.strip_prefix("emu:").map(str::parse::<usize>),
+            ) {
                 (Some(Ok(n)), _) => Ok(Device::Cuda(n)),
                 (_, Some(Ok(n))) => Ok(Device::emulated(n)),
                 _ => bail!("--device `{s}` is not one of cpu, cuda, cuda:N, emu, emu:N"),
@@ -82,8 +85,13 @@ fn emu_lib_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("OPENUNI_EMU_LIB") {
         return Some(PathBuf::from(d));
     }
-    let near_exe = std::env::current_exe().ok().and_then(|e| e.parent()?.parent().map(|t| t.join("emu/lib")));
-    [near_exe, Some(PathBuf::from("target/emu/lib"))].into_iter().flatten().find(|d| d.join("libcuda.so.1").is_file())
+    let near_exe = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent().map(|t| t.join("emu/lib")));
+    [near_exe, Some(PathBuf::from("target/emu/lib"))]
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("libcuda.so.1").is_file())
 }
 
 /// Whether the emulated GPU is built (for tests: when it is not, this prints the skip line
@@ -155,7 +163,14 @@ pub trait GraphExecutor {
     /// Copies elements [`src_offset`, `src_offset + len`) of `src` (an output of another executor
     /// of the same backend) into the state `name` from element `offset` on: a device handle on the
     /// device in the storage dtype (no host copy), a host one as by `write_state`.
-    fn copy_to_state(&mut self, name: &str, offset: usize, src: &TensorHandle, src_offset: usize, len: usize) -> Result<()>;
+    fn copy_to_state(
+        &mut self,
+        name: &str,
+        offset: usize,
+        src: &TensorHandle,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()>;
     /// Reads `len` elements of the state `name` from element `offset` on, as f32.
     fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>>;
     /// Bytes this executor copied host -> device and device -> host so far (0 on the CPU, which
@@ -171,10 +186,24 @@ pub trait GraphExecutor {
 }
 
 /// [`GraphExecutor::copy_to_state`] from a host tensor: its elements [src_offset, src_offset + len).
-fn write_state_from_host(ex: &mut dyn GraphExecutor, name: &str, offset: usize, src: &HostTensor, src_offset: usize, len: usize) -> Result<()> {
+fn write_state_from_host(
+    ex: &mut dyn GraphExecutor,
+    name: &str,
+    offset: usize,
+    src: &HostTensor,
+    src_offset: usize,
+    len: usize,
+) -> Result<()> {
     let v = src.to_f32_vec();
-    let Some(part) = src_offset.checked_add(len).and_then(|end| v.get(src_offset..end)) else {
-        bail!("state `{name}`: elements {src_offset}..{} of a {} tensor do not exist", src_offset.saturating_add(len), src.shape);
+    let Some(part) = src_offset
+        .checked_add(len)
+        .and_then(|end| v.get(src_offset..end))
+    else {
+        bail!(
+            "state `{name}`: elements {src_offset}..{} of a {} tensor do not exist",
+            src_offset.saturating_add(len),
+            src.shape
+        );
     };
     ex.write_state(name, offset, part)
 }
@@ -197,7 +226,10 @@ impl TensorHandle {
     pub fn reshaped(&self, shape: impl Into<Shape>) -> Result<TensorHandle> {
         let shape = shape.into();
         Ok(match self {
-            TensorHandle::Host(t) => TensorHandle::Host(HostTensor::new(shape, t.data.clone()).with_context(|| format!("viewing {} as another shape", t.shape))?),
+            TensorHandle::Host(t) => TensorHandle::Host(
+                HostTensor::new(shape, t.data.clone())
+                    .with_context(|| format!("viewing {} as another shape", t.shape))?,
+            ),
             TensorHandle::Device(t) => TensorHandle::Device(t.reshaped(shape)?),
         })
     }
@@ -212,7 +244,15 @@ impl TensorHandle {
     /// value is cast on the device and read back at one byte a value.
     pub fn to_host_u8(&self) -> Result<HostTensor> {
         match self {
-            TensorHandle::Host(t) => Ok(HostTensor::new(t.shape.clone(), HostData::U8(t.to_f32_vec().iter().map(|&v| v.clamp(0.0, 255.0) as u8).collect()))?),
+            TensorHandle::Host(t) => Ok(HostTensor::new(
+                t.shape.clone(),
+                HostData::U8(
+                    t.to_f32_vec()
+                        .iter()
+                        .map(|&v| v.clamp(0.0, 255.0) as u8)
+                        .collect(),
+                ),
+            )?),
             TensorHandle::Device(t) => Ok(t.to_host_u8()?),
         }
     }
@@ -238,7 +278,10 @@ impl GraphExecutor for CudaExecutor {
         Ok(CudaExecutor::time_runs(self, iters)?)
     }
     fn profile(&mut self, iters: usize) -> Result<Vec<f64>> {
-        Ok(CudaExecutor::profile(self, &HashMap::new(), iters)?.into_iter().map(|t| t.median_ms).collect())
+        Ok(CudaExecutor::profile(self, &HashMap::new(), iters)?
+            .into_iter()
+            .map(|t| t.median_ms)
+            .collect())
     }
     fn graph(&self) -> &Graph {
         CudaExecutor::graph(self)
@@ -247,14 +290,23 @@ impl GraphExecutor for CudaExecutor {
         self.arena_bytes() + self.resource_bytes() + self.staging_bytes()
     }
     fn output_handles(&mut self) -> Result<HashMap<String, TensorHandle>> {
-        let names: Vec<String> = CudaExecutor::graph(self).outputs.iter().map(|(n, _)| n.clone()).collect();
-        names.into_iter().map(|n| Ok((n.clone(), TensorHandle::Device(self.output_tensor(&n)?)))).collect()
+        let names: Vec<String> = CudaExecutor::graph(self)
+            .outputs
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        names
+            .into_iter()
+            .map(|n| Ok((n.clone(), TensorHandle::Device(self.output_tensor(&n)?))))
+            .collect()
     }
     fn set_input_handles(&mut self, inputs: &HashMap<String, TensorHandle>) -> Result<()> {
         for (name, t) in inputs {
             match t {
                 TensorHandle::Device(d) => self.set_input_tensor(name, d)?,
-                TensorHandle::Host(h) => CudaExecutor::set_inputs(self, &HashMap::from([(name.clone(), h.clone())]))?,
+                TensorHandle::Host(h) => {
+                    CudaExecutor::set_inputs(self, &HashMap::from([(name.clone(), h.clone())]))?
+                }
             }
         }
         Ok(())
@@ -262,9 +314,18 @@ impl GraphExecutor for CudaExecutor {
     fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<()> {
         Ok(CudaExecutor::write_state(self, name, offset, data)?)
     }
-    fn copy_to_state(&mut self, name: &str, offset: usize, src: &TensorHandle, src_offset: usize, len: usize) -> Result<()> {
+    fn copy_to_state(
+        &mut self,
+        name: &str,
+        offset: usize,
+        src: &TensorHandle,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
         match src {
-            TensorHandle::Device(d) => Ok(CudaExecutor::copy_to_state(self, name, offset, d, src_offset, len)?),
+            TensorHandle::Device(d) => Ok(CudaExecutor::copy_to_state(
+                self, name, offset, d, src_offset, len,
+            )?),
             TensorHandle::Host(h) => write_state_from_host(self, name, offset, h, src_offset, len),
         }
     }
@@ -303,7 +364,10 @@ impl GraphExecutor for CpuExecutor {
             .collect()
     }
     fn profile(&mut self, iters: usize) -> Result<Vec<f64>> {
-        Ok(CpuExecutor::profile(self, iters)?.into_iter().map(|t| t.median_ms).collect())
+        Ok(CpuExecutor::profile(self, iters)?
+            .into_iter()
+            .map(|t| t.median_ms)
+            .collect())
     }
     fn graph(&self) -> &Graph {
         CpuExecutor::graph(self)
@@ -312,13 +376,20 @@ impl GraphExecutor for CpuExecutor {
         self.plan().arena_elems * 4
     }
     fn output_handles(&mut self) -> Result<HashMap<String, TensorHandle>> {
-        Ok(CpuExecutor::outputs(self).into_iter().map(|(n, t)| (n, TensorHandle::Host(t))).collect())
+        Ok(CpuExecutor::outputs(self)
+            .into_iter()
+            .map(|(n, t)| (n, TensorHandle::Host(t)))
+            .collect())
     }
     fn set_input_handles(&mut self, inputs: &HashMap<String, TensorHandle>) -> Result<()> {
         for (name, t) in inputs {
             match t {
-                TensorHandle::Host(h) => CpuExecutor::set_inputs(self, &HashMap::from([(name.clone(), h.clone())]))?,
-                TensorHandle::Device(d) => bail!("input `{name}`: the CPU executor was handed {d:?}, a device tensor"),
+                TensorHandle::Host(h) => {
+                    CpuExecutor::set_inputs(self, &HashMap::from([(name.clone(), h.clone())]))?
+                }
+                TensorHandle::Device(d) => {
+                    bail!("input `{name}`: the CPU executor was handed {d:?}, a device tensor")
+                }
             }
         }
         Ok(())
@@ -326,10 +397,19 @@ impl GraphExecutor for CpuExecutor {
     fn write_state(&mut self, name: &str, offset: usize, data: &[f32]) -> Result<()> {
         Ok(CpuExecutor::write_state(self, name, offset, data)?)
     }
-    fn copy_to_state(&mut self, name: &str, offset: usize, src: &TensorHandle, src_offset: usize, len: usize) -> Result<()> {
+    fn copy_to_state(
+        &mut self,
+        name: &str,
+        offset: usize,
+        src: &TensorHandle,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
         match src {
             TensorHandle::Host(h) => write_state_from_host(self, name, offset, h, src_offset, len),
-            TensorHandle::Device(d) => bail!("state `{name}`: the CPU executor was handed {d:?}, a device tensor"),
+            TensorHandle::Device(d) => {
+                bail!("state `{name}`: the CPU executor was handed {d:?}, a device tensor")
+            }
         }
     }
     fn read_state(&self, name: &str, offset: usize, len: usize) -> Result<Vec<f32>> {
@@ -360,7 +440,10 @@ impl WeightCache {
     pub fn on_second_lane(device: Device, dtype: DType) -> Result<WeightCache> {
         Ok(match device {
             Device::Cpu => WeightCache::Cpu(openuni_cpu::WeightCache::new()),
-            _ => WeightCache::Cuda(openuni_cuda::WeightCache::new(&open_device_lane(device)?, dtype)),
+            _ => WeightCache::Cuda(openuni_cuda::WeightCache::new(
+                &open_device_lane(device)?,
+                dtype,
+            )),
         })
     }
 
@@ -383,7 +466,13 @@ pub fn executor(
     keep_all: bool,
 ) -> Result<Box<dyn GraphExecutor>> {
     check_dtype(device, dtype)?;
-    executor_with(device, graph, weights, &WeightCache::new(device, dtype)?, keep_all)
+    executor_with(
+        device,
+        graph,
+        weights,
+        &WeightCache::new(device, dtype)?,
+        keep_all,
+    )
 }
 
 fn check_dtype(device: Device, dtype: DType) -> Result<()> {
@@ -403,8 +492,12 @@ pub fn executor_with(
     keep_all: bool,
 ) -> Result<Box<dyn GraphExecutor>> {
     match (device, cache) {
-        (Device::Cpu, WeightCache::Cpu(c)) => Ok(Box::new(CpuExecutor::with_cache(graph, weights, c, keep_all)?)),
-        (Device::Cuda(_) | Device::Emu | Device::EmuAt(_), WeightCache::Cuda(c)) => Ok(Box::new(CudaExecutor::with_cache(graph, weights, c, keep_all)?)),
+        (Device::Cpu, WeightCache::Cpu(c)) => Ok(Box::new(CpuExecutor::with_cache(
+            graph, weights, c, keep_all,
+        )?)),
+        (Device::Cuda(_) | Device::Emu | Device::EmuAt(_), WeightCache::Cuda(c)) => Ok(Box::new(
+            CudaExecutor::with_cache(graph, weights, c, keep_all)?,
+        )),
         _ => bail!("a weight cache for another device was passed for --device {device}"),
     }
 }
@@ -414,11 +507,16 @@ pub fn executor_with(
 pub fn open_device_lane(device: Device) -> Result<Arc<CudaDevice>> {
     static LANES: OnceLock<std::sync::Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
     let dev = open_device(device)?;
-    let mut lanes = LANES.get_or_init(Default::default).lock().expect("lane table");
+    let mut lanes = LANES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("lane table");
     if let Some(d) = lanes.get(&dev.ordinal()) {
         return Ok(d.clone());
     }
-    let lane = dev.lane().with_context(|| format!("--device {device}: a second stream"))?;
+    let lane = dev
+        .lane()
+        .with_context(|| format!("--device {device}: a second stream"))?;
     lanes.insert(dev.ordinal(), lane.clone());
     Ok(lane)
 }
@@ -447,7 +545,10 @@ pub fn open_device(device: Device) -> Result<Arc<CudaDevice>> {
             device.ordinal().unwrap_or(0)
         }
     };
-    let mut open = OPEN.get_or_init(Default::default).lock().expect("device table");
+    let mut open = OPEN
+        .get_or_init(Default::default)
+        .lock()
+        .expect("device table");
     if let Some(d) = open.get(&ordinal) {
         return Ok(d.clone());
     }
@@ -479,12 +580,17 @@ pub fn diff_nodes(
     let mut cpu = CpuExecutor::reference(graph, weights, true)?;
     cpu.run(inputs)?;
     let mut dev = executor(device, graph, weights, dtype, true)?;
-    dev.run(inputs).with_context(|| format!("running the graph on {device}"))?;
+    dev.run(inputs)
+        .with_context(|| format!("running the graph on {device}"))?;
     let mut out = vec![];
     for node in &graph.nodes {
         let reference = GraphExecutor::value(&cpu, node.output)?;
         let got = dev.value(node.output)?;
-        out.push(NodeDiff { node: node.name.clone(), op: node.op.name(), diff: diff(&got, &reference) });
+        out.push(NodeDiff {
+            node: node.name.clone(),
+            op: node.op.name(),
+            diff: diff(&got, &reference),
+        });
     }
     Ok(out)
 }

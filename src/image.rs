@@ -13,12 +13,27 @@ const NOT_SETTINGS: [&str; 1] = ["Software"];
 
 /// Writes `rgb` (H·W·3 bytes, row-major) to `path` atomically (see `crate::atomic`), with `text`
 /// as PNG tEXt/iTXt chunks.
-pub fn write_png(path: &Path, rgb: &[u8], width: usize, height: usize, text: &[(String, String)]) -> Result<()> {
+pub fn write_png(
+    path: &Path,
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    text: &[(String, String)],
+) -> Result<()> {
     if width.checked_mul(height).and_then(|n| n.checked_mul(3)) != Some(rgb.len()) {
-        bail!("{}: {} bytes do not make a {width}x{height} RGB image", path.display(), rgb.len());
+        bail!(
+            "{}: {} bytes do not make a {width}x{height} RGB image",
+            path.display(),
+            rgb.len()
+        );
     }
     let (w32, h32) = (u32::try_from(width), u32::try_from(height));
-    let (Ok(w32), Ok(h32)) = (w32, h32) else { bail!("{}: {width}x{height} is too large for a PNG", path.display()) };
+    let (Ok(w32), Ok(h32)) = (w32, h32) else {
+        bail!(
+            "{}: {width}x{height} is too large for a PNG",
+            path.display()
+        )
+    };
     crate::atomic::write_with(path, |out| {
         let mut enc = png::Encoder::new(out, w32, h32);
         enc.set_color(png::ColorType::Rgb);
@@ -46,23 +61,42 @@ fn decode_png(path: &Path, expect_size: Option<(usize, usize)>) -> Result<Png> {
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut dec = png::Decoder::new(std::io::BufReader::new(file));
     // Our largest image (8192² RGB) plus room for text chunks.
-    dec.set_limits(png::Limits { bytes: 8192 * 8192 * 3 + (16 << 20) });
-    let mut reader = dec.read_info().with_context(|| format!("{}: not a PNG", path.display()))?;
+    dec.set_limits(png::Limits {
+        bytes: 8192 * 8192 * 3 + (16 << 20),
+    });
+    let mut reader = dec
+        .read_info()
+        .with_context(|| format!("{}: not a PNG", path.display()))?;
     let (w, h) = reader.info().size();
     if let Some((ew, eh)) = expect_size {
         if (w as usize, h as usize) != (ew, eh) {
             bail!("{}: {w}x{h}, not {ew}x{eh}", path.display());
         }
     }
-    if reader.info().color_type != png::ColorType::Rgb || reader.info().bit_depth != png::BitDepth::Eight {
+    if reader.info().color_type != png::ColorType::Rgb
+        || reader.info().bit_depth != png::BitDepth::Eight
+    {
         bail!("{}: not an 8-bit RGB PNG", path.display());
     }
-    let mut buf = vec![0; reader.output_buffer_size().with_context(|| format!("{}: too large", path.display()))?];
-    let info = reader.next_frame(&mut buf).with_context(|| format!("{}: cannot decode (truncated or corrupt)", path.display()))?;
+    let mut buf = vec![
+        0;
+        reader
+            .output_buffer_size()
+            .with_context(|| format!("{}: too large", path.display()))?
+    ];
+    let info = reader
+        .next_frame(&mut buf)
+        .with_context(|| format!("{}: cannot decode (truncated or corrupt)", path.display()))?;
     buf.truncate(info.buffer_size());
-    reader.finish().with_context(|| format!("{}: incomplete (no end chunk)", path.display()))?;
+    reader
+        .finish()
+        .with_context(|| format!("{}: incomplete (no end chunk)", path.display()))?;
     let meta = reader.info();
-    let mut text: Vec<(String, String)> = meta.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    let mut text: Vec<(String, String)> = meta
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
     for t in &meta.utf8_text {
         text.push((t.keyword.clone(), t.get_text().unwrap_or_default()));
     }
@@ -87,7 +121,12 @@ pub enum Existing {
 /// Compares the file at `path` with the image a run would write there (`width`×`height`, text
 /// chunks `settings`). Only a PNG that decodes completely and whose settings all match is
 /// `Finished`.
-pub fn existing(path: &Path, width: usize, height: usize, settings: &[(String, String)]) -> Existing {
+pub fn existing(
+    path: &Path,
+    width: usize,
+    height: usize,
+    settings: &[(String, String)],
+) -> Existing {
     if !path.exists() {
         return Existing::Missing;
     }
@@ -99,14 +138,21 @@ pub fn existing(path: &Path, width: usize, height: usize, settings: &[(String, S
         .iter()
         .filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str()))
         .filter_map(|(k, v)| {
-            let old = text.iter().find(|(kk, _)| kk == k).map(|(_, vv)| vv.as_str());
+            let old = text
+                .iter()
+                .find(|(kk, _)| kk == k)
+                .map(|(_, vv)| vv.as_str());
             (old != Some(v.as_str())).then(|| format!("{k} {} (now {v})", old.unwrap_or("missing")))
         })
         .collect();
     if differing.is_empty() {
         Existing::Finished
     } else {
-        Existing::Redo(format!("{}: made with other settings: {}", path.display(), differing.join(", ")))
+        Existing::Redo(format!(
+            "{}: made with other settings: {}",
+            path.display(),
+            differing.join(", ")
+        ))
     }
 }
 
@@ -118,12 +164,18 @@ pub fn to_uint8_nhwc(decoded: &HostTensor) -> Result<(Vec<u8>, [usize; 4])> {
     let d = decoded.shape.dims();
     if let openuni_tensor::HostData::U8(px) = &decoded.data {
         if d.len() != 4 || d[3] != 3 {
-            bail!("uint8 image has shape {}, expected [B, H, W, 3]", decoded.shape);
+            bail!(
+                "uint8 image has shape {}, expected [B, H, W, 3]",
+                decoded.shape
+            );
         }
         return Ok((px.clone(), [d[0], d[1], d[2], 3]));
     }
     if d.len() != 4 || d[1] != 3 {
-        bail!("decoded image has shape {}, expected [B, 3, H, W]", decoded.shape);
+        bail!(
+            "decoded image has shape {}, expected [B, 3, H, W]",
+            decoded.shape
+        );
     }
     let (b, h, w) = (d[0], d[2], d[3]);
     let x = decoded.to_f32_vec();
@@ -131,7 +183,8 @@ pub fn to_uint8_nhwc(decoded: &HostTensor) -> Result<(Vec<u8>, [usize; 4])> {
     for bi in 0..b {
         for c in 0..3 {
             for p in 0..h * w {
-                out[(bi * h * w + p) * 3 + c] = openuni_cpu::ops::quantize_u8(x[(bi * 3 + c) * h * w + p]);
+                out[(bi * h * w + p) * 3 + c] =
+                    openuni_cpu::ops::quantize_u8(x[(bi * 3 + c) * h * w + p]);
             }
         }
     }

@@ -7,11 +7,15 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use openuni::exec::{parse_dtype, Device};
 use openuni::generate::limits::{self, f32_in, usize_in};
-use openuni_models::variant::DEFAULT_STEPS;
 use openuni::verify::{run_case, Options};
+use openuni_models::variant::DEFAULT_STEPS;
 
 #[derive(Parser)]
-#[command(name = "openuni", version, about = "OpenUni inference engine: CUDA kernels with an f32 CPU reference")]
+#[command(
+    name = "openuni",
+    version,
+    about = "OpenUni inference engine: CUDA kernels with an f32 CPU reference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -264,7 +268,9 @@ fn generate_eval(a: GenerateArgs, bench: &str) -> anyhow::Result<bool> {
     let bench = Benchmark::parse(bench)?;
     // Evaluation workers keep every stage resident (they check the memory themselves).
     let memory = openuni::generate::MemoryPolicy::default();
-    let prompts = a.prompts.clone().ok_or_else(|| anyhow::anyhow!("--eval needs --prompts FILE (the benchmark's prompt file or folder)"))?;
+    let prompts = a.prompts.clone().ok_or_else(|| {
+        anyhow::anyhow!("--eval needs --prompts FILE (the benchmark's prompt file or folder)")
+    })?;
     if let Some(dir) = &a.check {
         return eval::check(bench, &prompts, a.samples, dir);
     }
@@ -277,42 +283,98 @@ fn generate_eval(a: GenerateArgs, bench: &str) -> anyhow::Result<bool> {
     for d in &devices {
         openuni::generate::check_device(*d, dtype)?;
     }
-    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler)
-        .ok_or_else(|| anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler))?;
-    for (flag, v) in [("--height", a.height), ("--width", a.width), ("--decode-tile", a.decode_tile)] {
+    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler).ok_or_else(|| {
+        anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler)
+    })?;
+    for (flag, v) in [
+        ("--height", a.height),
+        ("--width", a.width),
+        ("--decode-tile", a.decode_tile),
+    ] {
         if let Some(v) = v.filter(|v| v % 32 != 0 || *v == 0) {
-            anyhow::bail!("{flag} {v} is not a positive multiple of 32 (the VAE upscales latents 32x)");
+            anyhow::bail!(
+                "{flag} {v} is not a positive multiple of 32 (the VAE upscales latents 32x)"
+            );
         }
     }
-    let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
+    let models = resolve(
+        v,
+        &ModelFlags {
+            checkpoint: a.checkpoint,
+            mllm: a.mllm,
+            transformer: a.transformer,
+            vae: a.vae,
+        },
+    )?;
     if models.builtin {
         eprintln!("note: no OpenUni weights configured or cached; using the built-in tiny random model. Its pictures are not meaningful.");
     }
-    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device: devices[0], dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch, memory };
-    let opts = eval::EvalOptions { bench, prompts, samples: a.samples, shard: a.shard, devices, verbose: a.verbose, seed: a.seed, negative_prompt: a.negative_prompt };
+    let settings = Settings {
+        steps: a.steps,
+        sampler,
+        guidance: a.guidance,
+        height: a.height,
+        width: a.width,
+        device: devices[0],
+        dtype,
+        out: a.out,
+        variant: v,
+        decode_tile: a.decode_tile,
+        batch: a.batch,
+        memory,
+    };
+    let opts = eval::EvalOptions {
+        bench,
+        prompts,
+        samples: a.samples,
+        shard: a.shard,
+        devices,
+        verbose: a.verbose,
+        seed: a.seed,
+        negative_prompt: a.negative_prompt,
+    };
     let report = eval::run(&opts, &models, &settings)?;
     Ok(report.failed.is_empty())
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
-    use openuni::generate::{check_device, read_prompts, resolve, run, variant, Item, ModelFlags, Settings};
+    use openuni::generate::{
+        check_device, read_prompts, resolve, run, variant, Item, ModelFlags, Settings,
+    };
     if let Some(bench) = a.eval.clone() {
         return generate_eval(a, &bench);
     }
-    let memory = openuni::generate::MemoryPolicy { release_stages: openuni::generate::ReleaseStages::parse(&a.release_stages)?, skip_check: a.skip_memory_check };
+    let memory = openuni::generate::MemoryPolicy {
+        release_stages: openuni::generate::ReleaseStages::parse(&a.release_stages)?,
+        skip_check: a.skip_memory_check,
+    };
     // Every flag is checked (and the device opened) before prompts are read or models loaded.
     let v = variant(&a.variant)?;
     let (device, dtype) = (Device::parse(&a.device)?, parse_dtype(&a.dtype)?);
     check_device(device, dtype)?;
-    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler)
-        .ok_or_else(|| anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler))?;
-    for (flag, v) in [("--height", a.height), ("--width", a.width), ("--decode-tile", a.decode_tile)] {
+    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler).ok_or_else(|| {
+        anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler)
+    })?;
+    for (flag, v) in [
+        ("--height", a.height),
+        ("--width", a.width),
+        ("--decode-tile", a.decode_tile),
+    ] {
         if let Some(v) = v.filter(|v| v % 32 != 0 || *v == 0) {
-            anyhow::bail!("{flag} {v} is not a positive multiple of 32 (the VAE upscales latents 32x)");
+            anyhow::bail!(
+                "{flag} {v} is not a positive multiple of 32 (the VAE upscales latents 32x)"
+            );
         }
     }
     let (items, problems) = match (&a.prompt, &a.prompts) {
-        (Some(p), None) => (vec![Item { prompt: p.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed }], vec![]),
+        (Some(p), None) => (
+            vec![Item {
+                prompt: p.clone(),
+                negative_prompt: a.negative_prompt.clone(),
+                seed: a.seed,
+            }],
+            vec![],
+        ),
         (None, Some(f)) => read_prompts(f, a.seed, a.negative_prompt.as_deref())?,
         _ => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
     };
@@ -320,10 +382,33 @@ fn generate(a: GenerateArgs) -> anyhow::Result<bool> {
         eprintln!("{p}");
     }
     if items.is_empty() {
-        anyhow::bail!("no prompt left to generate: every line of the prompts file was refused (see above)");
+        anyhow::bail!(
+            "no prompt left to generate: every line of the prompts file was refused (see above)"
+        );
     }
-    let models = resolve(v, &ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae })?;
-    let settings = Settings { steps: a.steps, sampler, guidance: a.guidance, height: a.height, width: a.width, device, dtype, out: a.out, variant: v, decode_tile: a.decode_tile, batch: a.batch, memory };
+    let models = resolve(
+        v,
+        &ModelFlags {
+            checkpoint: a.checkpoint,
+            mllm: a.mllm,
+            transformer: a.transformer,
+            vae: a.vae,
+        },
+    )?;
+    let settings = Settings {
+        steps: a.steps,
+        sampler,
+        guidance: a.guidance,
+        height: a.height,
+        width: a.width,
+        device,
+        dtype,
+        out: a.out,
+        variant: v,
+        decode_tile: a.decode_tile,
+        batch: a.batch,
+        memory,
+    };
     let report = run(&items, &models, &settings)?;
     for p in &report.written {
         println!("{}", p.display());
@@ -352,8 +437,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Generate(a) => generate(a),
-        Command::Verify { cases, device, dtype, diff_nodes } => {
-            let opts = Options { device: Device::parse(&device)?, dtype: parse_dtype(&dtype)?, diff_nodes };
+        Command::Verify {
+            cases,
+            device,
+            dtype,
+            diff_nodes,
+        } => {
+            let opts = Options {
+                device: Device::parse(&device)?,
+                dtype: parse_dtype(&dtype)?,
+                diff_nodes,
+            };
             let mut all_passed = true;
             for case in &cases {
                 let report = run_case(case, &opts)?;
@@ -362,7 +456,23 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(all_passed)
         }
-        Command::Bench { variant, batch, device, dtype, steps, iters, profile, json, size, write_configs, write_random_model, plan, chat, chat_prompt, vit_tiles } => {
+        Command::Bench {
+            variant,
+            batch,
+            device,
+            dtype,
+            steps,
+            iters,
+            profile,
+            json,
+            size,
+            write_configs,
+            write_random_model,
+            plan,
+            chat,
+            chat_prompt,
+            vit_tiles,
+        } => {
             if let Some(dir) = write_random_model {
                 let v = openuni_models::variant::any(&variant).map_err(anyhow::Error::msg)?;
                 let bytes = openuni::tiny_model::write_random_model(v, &dir, parse_dtype(&dtype)?)?;
@@ -383,8 +493,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             let steps = steps.unwrap_or(if emu { 2 } else { DEFAULT_STEPS });
             let iters = iters.unwrap_or(if emu { 1 } else { 10 });
             if plan {
-                let opts = openuni::bench::plan::PlanOptions { variant, batches: batch, steps, size, json, command: std::env::args().collect::<Vec<_>>().join(" ") };
-                print!("{}", openuni::bench::plan::render(&openuni::bench::plan::run(&opts)?, profile));
+                let opts = openuni::bench::plan::PlanOptions {
+                    variant,
+                    batches: batch,
+                    steps,
+                    size,
+                    json,
+                    command: std::env::args().collect::<Vec<_>>().join(" "),
+                };
+                print!(
+                    "{}",
+                    openuni::bench::plan::render(&openuni::bench::plan::run(&opts)?, profile)
+                );
                 return Ok(true);
             }
             let device = Device::parse(&device)?;
@@ -407,7 +527,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     json,
                     command: std::env::args().collect::<Vec<_>>().join(" "),
                 };
-                print!("{}", openuni::bench::chat::render(&openuni::bench::chat::run(&opts)?));
+                print!(
+                    "{}",
+                    openuni::bench::chat::render(&openuni::bench::chat::run(&opts)?)
+                );
                 return Ok(true);
             }
             let opts = openuni::bench::BenchOptions {
@@ -426,12 +549,34 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Chat {
-            prompt, image, max_num, questions, answers, max_batch, history, pixel_values, model, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
+            prompt,
+            image,
+            max_num,
+            questions,
+            answers,
+            max_batch,
+            history,
+            pixel_values,
+            model,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            device,
+            dtype,
         } => {
             if temperature.is_none() && (top_k != 0 || top_p != 1.0) {
-                anyhow::bail!("--top-k and --top-p need --temperature (without it decoding is greedy)");
+                anyhow::bail!(
+                    "--top-k and --top-p need --temperature (without it decoding is greedy)"
+                );
             }
-            let sampling = temperature.map(|temperature| openuni::chat::Sampling { temperature, top_k, top_p, seed });
+            let sampling = temperature.map(|temperature| openuni::chat::Sampling {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            });
             let opts = openuni::chat::ChatOptions {
                 model,
                 prompt: prompt.unwrap_or_default(),

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use openuni_graph::{Graph, GraphBuilder};
+use openuni_models::config::{parse_config, MllmConfig};
 use openuni_models::connector::{self, ConnectorConfig};
 use openuni_models::dcae::{self, DcaeConfig};
-use openuni_models::config::{parse_config, MllmConfig};
 use openuni_models::nn::{self, Scope};
 use openuni_models::openuni as head;
 use openuni_models::qwen2;
@@ -55,7 +55,9 @@ pub fn init_rule(name: &str, shape: &Shape) -> (f32, f32) {
 fn init(name: &str, shape: &Shape, rng: &mut rand::rngs::StdRng) -> HostTensor {
     let (scale, offset) = init_rule(name, shape);
     let normal = Normal::new(0.0f32, 1.0).expect("valid normal");
-    let v = (0..shape.numel()).map(|_| offset + scale * normal.sample(rng)).collect::<Vec<_>>();
+    let v = (0..shape.numel())
+        .map(|_| offset + scale * normal.sample(rng))
+        .collect::<Vec<_>>();
     HostTensor::from_f32(shape.clone(), v).expect("sized")
 }
 
@@ -65,7 +67,8 @@ fn shapes_of(graphs: &[&Graph], extra: &[(&str, Vec<usize>)]) -> Vec<(String, Sh
     for g in graphs {
         for (id, name) in g.weights() {
             // A weight made at load from stored parts (openuni_tensor::derived) is stored as its parts.
-            let stored = openuni_tensor::derived::parts(name, g.shape(id)).unwrap_or_else(|| vec![(name.to_string(), g.shape(id).clone())]);
+            let stored = openuni_tensor::derived::parts(name, g.shape(id))
+                .unwrap_or_else(|| vec![(name.to_string(), g.shape(id).clone())]);
             for (n, s) in stored {
                 seen.entry(n).or_insert(s);
             }
@@ -93,7 +96,13 @@ fn layout(v: &Variant) -> Result<Vec<ModelFile>> {
     let mut b = GraphBuilder::new();
     let x = b.input("x", [1, 4, lc.hidden_size])?;
     qwen2::build(&mut b, &lc, &Scope::new("model"), x, v.name)?;
-    let llm = shapes_of(&[&b.finish()], &[("model.embed_tokens.weight", vec![lc.vocab_size, lc.hidden_size])]);
+    let llm = shapes_of(
+        &[&b.finish()],
+        &[(
+            "model.embed_tokens.weight",
+            vec![lc.vocab_size, lc.hidden_size],
+        )],
+    );
 
     // OpenUni checkpoint: meta-queries, connector, projector.
     let cc = (v.connector)();
@@ -101,8 +110,18 @@ fn layout(v: &Variant) -> Result<Vec<ModelFile>> {
     let mut b = GraphBuilder::new();
     let x = b.input("x", [1, v.num_queries, cc.hidden_size])?;
     let layers = connector::build(&mut b, &cc, &Scope::new(head::CONNECTOR_PREFIX), x, v.name)?;
-    nn::linear(&mut b, &Scope::new(head::PROJECTOR_PREFIX), *layers.last().unwrap_or(&x), cc.hidden_size, tc.caption_channels, true)?;
-    let openuni = shapes_of(&[&b.finish()], &[(head::META_QUERIES, vec![v.num_queries, lc.hidden_size])]);
+    nn::linear(
+        &mut b,
+        &Scope::new(head::PROJECTOR_PREFIX),
+        *layers.last().unwrap_or(&x),
+        cc.hidden_size,
+        tc.caption_channels,
+        true,
+    )?;
+    let openuni = shapes_of(
+        &[&b.finish()],
+        &[(head::META_QUERIES, vec![v.num_queries, lc.hidden_size])],
+    );
 
     // Transformer (diffusers folder layout).
     let mut b = GraphBuilder::new();
@@ -120,17 +139,30 @@ fn layout(v: &Variant) -> Result<Vec<ModelFile>> {
     dcae::decoder(&mut b, &vc, z, v.name)?;
     let vae = shapes_of(&[&b.finish()], &[]);
     Ok(vec![
-        ModelFile { path: "llm/model.safetensors", tensors: llm },
-        ModelFile { path: "openuni.safetensors", tensors: openuni },
-        ModelFile { path: "transformer/diffusion_pytorch_model.safetensors", tensors: transformer },
-        ModelFile { path: "vae/diffusion_pytorch_model.safetensors", tensors: vae },
+        ModelFile {
+            path: "llm/model.safetensors",
+            tensors: llm,
+        },
+        ModelFile {
+            path: "openuni.safetensors",
+            tensors: openuni,
+        },
+        ModelFile {
+            path: "transformer/diffusion_pytorch_model.safetensors",
+            tensors: transformer,
+        },
+        ModelFile {
+            path: "vae/diffusion_pytorch_model.safetensors",
+            tensors: vae,
+        },
     ])
 }
 
 /// Writes the configs (and the tiny tokenizer) of `v` next to its weight files under `dir`.
 fn write_configs(dir: &Path, v: &Variant) -> Result<()> {
     for d in ["llm", "transformer", "vae"] {
-        std::fs::create_dir_all(dir.join(d)).with_context(|| format!("{}: cannot create", dir.join(d).display()))?;
+        std::fs::create_dir_all(dir.join(d))
+            .with_context(|| format!("{}: cannot create", dir.join(d).display()))?;
     }
     write_json(&dir.join("llm/config.json"), &(v.llm)())?;
     std::fs::write(dir.join("llm/tokenizer.json"), TOKENIZER)?;
@@ -148,17 +180,29 @@ struct Drawn {
 
 impl safetensors::View for &Drawn {
     fn dtype(&self) -> safetensors::Dtype {
-        if self.dtype == DType::BF16 { safetensors::Dtype::BF16 } else { safetensors::Dtype::F32 }
+        if self.dtype == DType::BF16 {
+            safetensors::Dtype::BF16
+        } else {
+            safetensors::Dtype::F32
+        }
     }
     fn shape(&self) -> &[usize] {
         &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
         let shape = Shape::new(self.shape.clone());
-        let t = crate::bench::RandomWeights { origin: String::new(), tables: HashMap::new() }.tensor_f32(&self.name, &shape).expect("random weights of any shape");
+        let t = crate::bench::RandomWeights {
+            origin: String::new(),
+            tables: HashMap::new(),
+        }
+        .tensor_f32(&self.name, &shape)
+        .expect("random weights of any shape");
         let v = t.into_f32_vec();
         std::borrow::Cow::Owned(match self.dtype {
-            DType::BF16 => v.iter().flat_map(|x| openuni_tensor::bf16::from_f32(*x).to_le_bytes()).collect(),
+            DType::BF16 => v
+                .iter()
+                .flat_map(|x| openuni_tensor::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
             _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         })
     }
@@ -180,8 +224,17 @@ pub fn write_random_model(v: &Variant, dir: &Path, dtype: DType) -> Result<u64> 
     let mut bytes = 0;
     for f in layout(v)? {
         let path = dir.join(f.path);
-        let drawn: Vec<Drawn> = f.tensors.into_iter().map(|(name, s)| Drawn { name, shape: s.dims().to_vec(), dtype }).collect();
-        safetensors::serialize_to_file(drawn.iter().map(|d| (d.name.clone(), d)), None, &path).with_context(|| format!("{}: cannot write", path.display()))?;
+        let drawn: Vec<Drawn> = f
+            .tensors
+            .into_iter()
+            .map(|(name, s)| Drawn {
+                name,
+                shape: s.dims().to_vec(),
+                dtype,
+            })
+            .collect();
+        safetensors::serialize_to_file(drawn.iter().map(|d| (d.name.clone(), d)), None, &path)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
         bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     }
     Ok(bytes)
@@ -193,14 +246,19 @@ fn save(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v)?).with_context(|| format!("{}: cannot write", path.display()))
+    std::fs::write(path, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// Where the tiny model lives; it is (re)written there when missing.
 pub fn default_dir() -> PathBuf {
-    let base = std::env::var_os("OPENUNI_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/openuni")).unwrap_or_else(|| PathBuf::from(".openuni-cache"))
-    });
+    let base = std::env::var_os("OPENUNI_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/openuni"))
+                .unwrap_or_else(|| PathBuf::from(".openuni-cache"))
+        });
     base.join(format!("tiny-model-v{VERSION}"))
 }
 
@@ -210,7 +268,8 @@ pub fn ensure(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf)> {
     let openuni = dir.join("openuni.safetensors");
     let done = dir.join(".complete");
     if !done.exists() {
-        build(dir).with_context(|| format!("writing the built-in tiny model to {}", dir.display()))?;
+        build(dir)
+            .with_context(|| format!("writing the built-in tiny model to {}", dir.display()))?;
         std::fs::write(&done, b"")?;
     }
     Ok((llm, openuni, transformer, vae))
@@ -221,10 +280,14 @@ fn build(dir: &Path) -> Result<()> {
     // One generator across the files, in their order, each file's tensors in name order.
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
     for f in layout(&TINY)? {
-        let tensors: Vec<(String, HostTensor)> = f.tensors.into_iter().map(|(n, s)| {
-            let t = init(&n, &s, &mut rng);
-            (n, t)
-        }).collect();
+        let tensors: Vec<(String, HostTensor)> = f
+            .tensors
+            .into_iter()
+            .map(|(n, s)| {
+                let t = init(&n, &s, &mut rng);
+                (n, t)
+            })
+            .collect();
         save(&dir.join(f.path), &tensors)?;
     }
     Ok(())
@@ -232,5 +295,10 @@ fn build(dir: &Path) -> Result<()> {
 
 /// The tiny model's paths as the pipeline takes them.
 pub fn paths(p: &(PathBuf, PathBuf, PathBuf, PathBuf)) -> ModelPaths<'_> {
-    ModelPaths { llm: &p.0, openuni: &p.1, transformer: &p.2, vae: &p.3 }
+    ModelPaths {
+        llm: &p.0,
+        openuni: &p.1,
+        transformer: &p.2,
+        vae: &p.3,
+    }
 }

@@ -27,7 +27,9 @@ fn case() -> PathBuf {
 }
 
 fn llm_config() -> Qwen2Config {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case().join("model/config.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case().join("model/config.json")).unwrap())
+            .unwrap();
     serde_json::from_value(v["llm_config"].clone()).unwrap()
 }
 
@@ -64,12 +66,19 @@ fn emulated_decoder_matches_the_cpu_logits_across_a_cache_growth() {
     cpu.reserve(512);
     let want = teacher_forced(&mut cpu, &ids, 250);
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
-        let mut emu = CachedQwen2::load_on(&w, &cfg, P, H, "chat_tiny", Device::Emu, dtype, 1).unwrap();
+        let mut emu =
+            CachedQwen2::load_on(&w, &cfg, P, H, "chat_tiny", Device::Emu, dtype, 1).unwrap();
         let got = teacher_forced(&mut emu, &ids, 250);
         let errs: Vec<f64> = got.iter().zip(&want).map(|(g, w)| rel_l2(g, w)).collect();
         let worst = errs.iter().copied().fold(0f64, f64::max);
-        println!("emu {dtype}: worst rel L2 over {} positions {worst:.1e}", errs.len());
-        assert!(errs.iter().all(|&e| e <= tol), "emu {dtype}: {errs:?} above {tol}");
+        println!(
+            "emu {dtype}: worst rel L2 over {} positions {worst:.1e}",
+            errs.len()
+        );
+        assert!(
+            errs.iter().all(|&e| e <= tol),
+            "emu {dtype}: {errs:?} above {tol}"
+        );
         assert_eq!(emu.cached_len(), 262);
     }
     // A wrong cache changes the result (the comparison above can fail): a different prompt.
@@ -87,16 +96,28 @@ fn continuous_batching_on_the_emulated_gpu_gives_the_cpu_answers() {
         return;
     }
     let (cfg, w) = (llm_config(), Weights::open(case().join("model")).unwrap());
-    let prompts: Vec<(Vec<usize>, usize)> = vec![(vec![3, 17, 40], 7), (vec![5, 99, 12, 7, 8, 1], 3), (vec![42], 5), (vec![7, 7, 7, 7], 6)];
+    let prompts: Vec<(Vec<usize>, usize)> = vec![
+        (vec![3, 17, 40], 7),
+        (vec![5, 99, 12, 7, 8, 1], 3),
+        (vec![42], 5),
+        (vec![7, 7, 7, 7], 6),
+    ];
     let mut alone = vec![];
     for (ids, n) in &prompts {
         let mut one = CachedQwen2::load(&w, &cfg, P, H, "chat_tiny").unwrap();
         let e = one.embed(ids).unwrap();
         alone.push(generate_greedy(&mut one, &e, *n, None, |_| {}).unwrap().1);
     }
-    let mut llm = CachedQwen2::load_on(&w, &cfg, P, H, "chat_tiny", Device::Emu, DType::F32, 2).unwrap();
+    let mut llm =
+        CachedQwen2::load_on(&w, &cfg, P, H, "chat_tiny", Device::Emu, DType::F32, 2).unwrap();
     let table = llm.embeddings();
-    let reqs = prompts.iter().enumerate().map(|(i, (ids, n))| Ok(BatchRequest { key: i, prompt_embeds: table.embed(ids).unwrap(), max_new_tokens: *n }));
+    let reqs = prompts.iter().enumerate().map(|(i, (ids, n))| {
+        Ok(BatchRequest {
+            key: i,
+            prompt_embeds: table.embed(ids).unwrap(),
+            max_new_tokens: *n,
+        })
+    });
     let mut got = vec![vec![]; prompts.len()];
     generate_continuous(&mut llm, reqs, None, None, |k, ids| {
         got[k] = ids;
@@ -114,9 +135,15 @@ fn a_decode_step_moves_only_the_new_tokens_and_the_logits() {
     }
     let (cfg, w) = (llm_config(), Weights::open(case().join("model")).unwrap());
     let slots = 3;
-    let mut llm = CachedQwen2::load_on(&w, &cfg, P, H, "chat_tiny", Device::Emu, DType::BF16, slots).unwrap();
+    let mut llm =
+        CachedQwen2::load_on(&w, &cfg, P, H, "chat_tiny", Device::Emu, DType::BF16, slots).unwrap();
     llm.reserve(1024);
-    llm.prefill(0, &llm.embed(&(0..200).map(|i| i % 280).collect::<Vec<_>>()).unwrap()).unwrap();
+    llm.prefill(
+        0,
+        &llm.embed(&(0..200).map(|i| i % 280).collect::<Vec<_>>())
+            .unwrap(),
+    )
+    .unwrap();
     llm.prefill(2, &llm.embed(&[5, 6, 7]).unwrap()).unwrap();
     let e = llm.embed(&[9]).unwrap();
     // The first step runs eagerly and is captured; the next ones replay the capture.
@@ -133,7 +160,9 @@ fn a_decode_step_moves_only_the_new_tokens_and_the_logits() {
     // f32 embeddings [slots, D] and positions [slots] in, f32 logits [slots, V] out: nothing else.
     assert_eq!(up, s * d * 4 + s * 4);
     assert_eq!(down, s * v * 4);
-    let cache_bytes = (cfg.num_hidden_layers * 2 * slots * cfg.num_key_value_heads * 1024 * cfg.head_dim() * 2) as u64;
+    let cache_bytes =
+        (cfg.num_hidden_layers * 2 * slots * cfg.num_key_value_heads * 1024 * cfg.head_dim() * 2)
+            as u64;
     println!("per decode step: {up} B up, {down} B down; the bf16 KV cache holds {cache_bytes} B");
     assert!(up + down < cache_bytes / 100);
 }
@@ -151,21 +180,36 @@ fn a_chat_turn_moves_pixels_prompt_and_answer_but_no_kv() {
     if !emulator_or_skip() {
         return;
     }
-    let m = openuni::chat::ChatModel::open(Some(&case().join("model")), Device::Emu, DType::BF16).unwrap();
-    let px = Weights::open(case().join("io.safetensors")).unwrap().get("pixel_values").unwrap();
+    let m = openuni::chat::ChatModel::open(Some(&case().join("model")), Device::Emu, DType::BF16)
+        .unwrap();
+    let px = Weights::open(case().join("io.safetensors"))
+        .unwrap()
+        .get("pixel_values")
+        .unwrap();
     let tiles = px.shape.dims()[0];
     let mut llm = m.llm(1).unwrap();
     let new_tokens = 6;
     let turn = |llm: &mut CachedQwen2| {
         llm.reset();
-        let e = m.prompt_embeds(&llm.embeddings(), &[], "What colour is the square?", Some((&px, &[tiles])), "io.safetensors").unwrap();
+        let e = m
+            .prompt_embeds(
+                &llm.embeddings(),
+                &[],
+                "What colour is the square?",
+                Some((&px, &[tiles])),
+                "io.safetensors",
+            )
+            .unwrap();
         // No end token: exactly `new_tokens` ids, so the step count is known.
         let (_, ids) = generate_greedy(llm, &e, new_tokens, None, |_| {}).unwrap();
         assert_eq!(ids.len(), new_tokens);
         e.len() / llm.hidden_size()
     };
     turn(&mut llm);
-    assert!(openuni_cuda::reset_emu_traffic(), "the emulated driver counts traffic");
+    assert!(
+        openuni_cuda::reset_emu_traffic(),
+        "the emulated driver counts traffic"
+    );
     let prompt = turn(&mut llm);
     let (up, down) = openuni_cuda::emu_traffic().unwrap();
 
@@ -181,5 +225,9 @@ fn a_chat_turn_moves_pixels_prompt_and_answer_but_no_kv() {
         + steps * v * 4; // per step: the logits, f32
     let kv = cfg.num_hidden_layers * 2 * prompt * cfg.num_key_value_heads * hd;
     println!("one chat turn ({tiles} tile, {prompt} prompt tokens, {new_tokens} new): {up} B up, {down} B down; the prompt's K/V are {} B in bf16", kv * 2);
-    assert_eq!((up as usize, down as usize), (want_up, want_down), "host->device, device->host bytes of one chat turn");
+    assert_eq!(
+        (up as usize, down as usize),
+        (want_up, want_down),
+        "host->device, device->host bytes of one chat turn"
+    );
 }

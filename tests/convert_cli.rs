@@ -6,12 +6,23 @@ use std::process::Command;
 use openuni_tensor::{DType, Weights};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pth").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/pth")
+        .join(name)
 }
 
 fn convert(input: &Path, output: &Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_openuni")).arg("convert").arg(input).arg(output).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_openuni"))
+        .arg("convert")
+        .arg(input)
+        .arg(output)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -23,7 +34,10 @@ fn convert_flat_f32_pth() {
     assert!(stdout.contains("8 tensors"), "{stdout}");
     let got = Weights::open(&out).unwrap();
     let exp = Weights::open(fixture("openuni_flat_f32.expected.safetensors")).unwrap();
-    assert_eq!(got.keys().collect::<Vec<_>>(), exp.keys().collect::<Vec<_>>());
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        exp.keys().collect::<Vec<_>>()
+    );
     for k in exp.keys() {
         let (g, e) = (got.get(k).unwrap(), exp.get(k).unwrap());
         assert_eq!(g.dtype(), DType::F32, "{k}");
@@ -44,7 +58,11 @@ fn convert_bf16_state_dict_keeps_bf16() {
     for k in exp.keys() {
         let name = k.strip_prefix("module.").unwrap();
         assert_eq!(got.dtype(name).unwrap(), DType::BF16, "{name}");
-        assert_eq!(got.get(name).unwrap().to_f32_vec(), exp.get(k).unwrap().to_f32_vec(), "{name}");
+        assert_eq!(
+            got.get(name).unwrap().to_f32_vec(),
+            exp.get(k).unwrap().to_f32_vec(),
+            "{name}"
+        );
     }
 }
 
@@ -54,7 +72,10 @@ fn convert_refuses_hostile_pickle() {
     let out = dir.path().join("h.safetensors");
     let (code, _, stderr) = convert(&fixture("hostile.pth"), &out);
     assert_ne!(code, 0);
-    assert!(stderr.contains("os.system") && stderr.contains("hostile.pth"), "{stderr}");
+    assert!(
+        stderr.contains("os.system") && stderr.contains("hostile.pth"),
+        "{stderr}"
+    );
     assert!(!out.exists());
 }
 
@@ -70,13 +91,25 @@ fn assert_refused(fixture_name: &str, want: &[&str]) {
         assert!(stderr.contains(w), "want `{w}` in: {stderr}");
     }
     assert!(!out.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "something was left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "something was left behind"
+    );
 }
 
 #[test]
 fn convert_refuses_amplifying_stride0_view() {
     // torch.zeros(1).expand(4096, 4096): 4 bytes of storage, 64 MiB if materialised.
-    assert_refused("amplified.pth", &["`amplified`", "16777216 elements", "storage of only 1", "would amplify"]);
+    assert_refused(
+        "amplified.pth",
+        &[
+            "`amplified`",
+            "16777216 elements",
+            "storage of only 1",
+            "would amplify",
+        ],
+    );
 }
 
 #[test]

@@ -25,8 +25,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use openuni_cpu::ops::{self as cpu, AttentionDims};
-use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::families::attention::{self, AttentionArgs};
+use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::{CudaDevice, CudaExecutor, DeviceBuffer};
 use openuni_graph::{AttentionParams, GraphBuilder};
 use openuni_tensor::{DType, HostTensor};
@@ -54,8 +54,25 @@ struct Case {
     mask: Mask,
 }
 
-const fn case(n: usize, m: usize, heads: usize, kv_heads: usize, hd: usize, causal: bool, mask: Mask) -> Case {
-    Case { b: 2, n, m, heads, kv_heads, hd, causal, mask }
+const fn case(
+    n: usize,
+    m: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    causal: bool,
+    mask: Mask,
+) -> Case {
+    Case {
+        b: 2,
+        n,
+        m,
+        heads,
+        kv_heads,
+        hd,
+        causal,
+        mask,
+    }
 }
 
 /// The cases, grouped by head dim so that each dim gets non-causal, causal, GQA, masks and odd
@@ -137,7 +154,13 @@ fn inputs(rng: &mut Rng, c: &Case) -> Inputs {
         causal: c.causal,
         scale: 1.0 / (c.hd as f32).sqrt(),
     };
-    Inputs { q, k, v, mask: mask_values(c.mask, c.b, c.m), dims }
+    Inputs {
+        q,
+        k,
+        v,
+        mask: mask_values(c.mask, c.b, c.m),
+        dims,
+    }
 }
 
 /// (CPU twin on the f32 inputs, CPU twin on the inputs rounded to `dtype`).
@@ -164,21 +187,45 @@ fn run_graph(dev: &Arc<CudaDevice>, c: &Case, inp: &Inputs, dtype: DType) -> Vec
     let q = gb.input("q", [c.b, c.n, c.heads * c.hd]).unwrap();
     let k = gb.input("k", [c.b, c.m, c.kv_heads * c.hd]).unwrap();
     let v = gb.input("v", [c.b, c.m, c.kv_heads * c.hd]).unwrap();
-    let mask = inp.mask.as_ref().map(|_| gb.input("mask", [c.b, c.m]).unwrap());
+    let mask = inp
+        .mask
+        .as_ref()
+        .map(|_| gb.input("mask", [c.b, c.m]).unwrap());
     let y = gb
-        .attention("attn", q, k, v, mask, c.heads, c.kv_heads, c.hd, c.causal, inp.dims.scale)
+        .attention(
+            "attn",
+            q,
+            k,
+            v,
+            mask,
+            c.heads,
+            c.kv_heads,
+            c.hd,
+            c.causal,
+            inp.dims.scale,
+        )
         .unwrap();
     gb.output("y", y).unwrap();
     let g = gb.finish();
     let mut feeds = HashMap::from([
-        ("q".to_string(), tensor(&[c.b, c.n, c.heads * c.hd], inp.q.clone())),
-        ("k".to_string(), tensor(&[c.b, c.m, c.kv_heads * c.hd], inp.k.clone())),
-        ("v".to_string(), tensor(&[c.b, c.m, c.kv_heads * c.hd], inp.v.clone())),
+        (
+            "q".to_string(),
+            tensor(&[c.b, c.n, c.heads * c.hd], inp.q.clone()),
+        ),
+        (
+            "k".to_string(),
+            tensor(&[c.b, c.m, c.kv_heads * c.hd], inp.k.clone()),
+        ),
+        (
+            "v".to_string(),
+            tensor(&[c.b, c.m, c.kv_heads * c.hd], inp.v.clone()),
+        ),
     ]);
     if let Some(m) = &inp.mask {
         feeds.insert("mask".to_string(), tensor(&[c.b, c.m], m.clone()));
     }
-    let mut ex = CudaExecutor::new(dev, &g, &HashMap::<String, HostTensor>::new(), dtype, false).unwrap();
+    let mut ex =
+        CudaExecutor::new(dev, &g, &HashMap::<String, HostTensor>::new(), dtype, false).unwrap();
     ex.run(&feeds).unwrap()["y"].to_f32_vec()
 }
 
@@ -223,11 +270,33 @@ fn every_head_dim_matches_cpu() {
     for hd in sweep_head_dims() {
         let rope = hd % 2 == 0;
         let scale = 1.0 / (hd as f32).sqrt();
-        let (q, k, v) = (rng.normals(n * hd, 0.0, 1.0), rng.normals(m * hd, 0.1, 1.5), rng.normals(m * hd, 0.5, 1.0));
+        let (q, k, v) = (
+            rng.normals(n * hd, 0.0, 1.0),
+            rng.normals(m * hd, 0.1, 1.5),
+            rng.normals(m * hd, 0.5, 1.0),
+        );
         let mask: Vec<f32> = (0..m).map(|j| if j % 3 == 2 { 0.0 } else { 1.0 }).collect();
-        let (pq, pk, pv) = (rng.normals(t * hd, 0.0, 1.0), rng.normals(t * hd, 0.1, 1.5), rng.normals(t * hd, 0.5, 1.0));
-        let dims = AttentionDims { batch: 1, q_len: n, kv_len: m, heads: 1, kv_heads: 1, head_dim: hd, causal: false, scale };
-        let pdims = AttentionDims { q_len: t, kv_len: t, causal: true, ..dims };
+        let (pq, pk, pv) = (
+            rng.normals(t * hd, 0.0, 1.0),
+            rng.normals(t * hd, 0.1, 1.5),
+            rng.normals(t * hd, 0.5, 1.0),
+        );
+        let dims = AttentionDims {
+            batch: 1,
+            q_len: n,
+            kv_len: m,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: hd,
+            causal: false,
+            scale,
+        };
+        let pdims = AttentionDims {
+            q_len: t,
+            kv_len: t,
+            causal: true,
+            ..dims
+        };
         let theta = rope.then_some(THETA);
         let cpu_plain = |q: &[f32], k: &[f32], v: &[f32], mask: &[f32]| {
             let mut o = vec![0.0; n * hd];
@@ -247,7 +316,9 @@ fn every_head_dim_matches_cpu() {
         let ki = gb.input("k", [1, m, hd]).unwrap();
         let vi = gb.input("v", [1, m, hd]).unwrap();
         let mi = gb.input("mask", [1, m]).unwrap();
-        let y = gb.attention("attn", qi, ki, vi, Some(mi), 1, 1, hd, false, scale).unwrap();
+        let y = gb
+            .attention("attn", qi, ki, vi, Some(mi), 1, 1, hd, false, scale)
+            .unwrap();
         gb.output("y", y).unwrap();
         let pqi = gb.input("pq", [1, t, hd]).unwrap();
         let pki = gb.input("pk", [1, t, hd]).unwrap();
@@ -278,9 +349,22 @@ fn every_head_dim_matches_cpu() {
             let r = |x: &[f32]| round_to(dtype, x);
             let base = cpu_plain(&r(&q), &r(&k), &r(&v), &r(&mask));
             let pbase = cpu_packed(&r(&pq), &r(&pk), &r(&pv));
-            let mut ex = CudaExecutor::new(&dev, &g, &HashMap::<String, HostTensor>::new(), dtype, false).unwrap();
+            let mut ex = CudaExecutor::new(
+                &dev,
+                &g,
+                &HashMap::<String, HostTensor>::new(),
+                dtype,
+                false,
+            )
+            .unwrap();
             let out = ex.run(&feeds).unwrap();
-            check(&format!("attention {dtype} hd{hd} n={n} m={m} masked"), dtype, &out["y"].to_f32_vec(), &want, &base);
+            check(
+                &format!("attention {dtype} hd{hd} n={n} m={m} masked"),
+                dtype,
+                &out["y"].to_f32_vec(),
+                &want,
+                &base,
+            );
             check(
                 &format!("packed attention {dtype} hd{hd} segments {segs:?} causal rope={rope}"),
                 dtype,
@@ -302,7 +386,13 @@ fn head_dims_map_to_the_smallest_capacity() {
     }
     for hd in 1..=attention::MAX_HEAD_DIM {
         let cap = attention::capacity(hd).unwrap();
-        assert!(cap >= hd && attention::HEAD_DIM_CAPACITIES.iter().all(|&c| c < hd || c >= cap), "hd {hd} -> {cap}");
+        assert!(
+            cap >= hd
+                && attention::HEAD_DIM_CAPACITIES
+                    .iter()
+                    .all(|&c| c < hd || c >= cap),
+            "hd {hd} -> {cap}"
+        );
     }
     assert_eq!(attention::capacity(0), None);
     assert_eq!(attention::capacity(attention::MAX_HEAD_DIM + 1), None);
@@ -327,9 +417,19 @@ fn head_dims_map_to_the_smallest_capacity() {
     let l = attention::launch(&a).unwrap();
     assert_eq!(l[0].kernel, "attention_bf16_hd80");
     assert_eq!(l[0].smem as usize, attention::smem_bytes(DType::BF16, 80));
-    let l = attention::launch(&AttentionArgs { dtype: DType::F32, head_dim: 200, ..a }).unwrap();
+    let l = attention::launch(&AttentionArgs {
+        dtype: DType::F32,
+        head_dim: 200,
+        ..a
+    })
+    .unwrap();
     assert_eq!(l[0].kernel, "attention_f32_hd224");
-    let e = attention::launch(&AttentionArgs { head_dim: 7, rope_cs: 1, ..a }).unwrap_err();
+    let e = attention::launch(&AttentionArgs {
+        head_dim: 7,
+        rope_cs: 1,
+        ..a
+    })
+    .unwrap_err();
     assert!(e.contains("even head dim"), "{e}");
 }
 
@@ -354,7 +454,10 @@ fn attention_on_misaligned_pointers() {
             let host = |v: &[f32]| -> Vec<u8> {
                 match dtype {
                     DType::F32 => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
-                    _ => v.iter().flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes()).collect(),
+                    _ => v
+                        .iter()
+                        .flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes())
+                        .collect(),
                 }
             };
             let upload = |v: &[f32]| {
@@ -400,12 +503,23 @@ fn attention_on_misaligned_pointers() {
                 _ => {
                     let mut o = vec![0u16; len + 2];
                     dev.copy_to_host(ob.ptr(), &mut o).unwrap();
-                    o.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
+                    o.into_iter()
+                        .map(|b| half::bf16::from_bits(b).to_f32())
+                        .collect()
                 }
             };
-            assert!(all[0].is_nan() && all[len + 1].is_nan(), "{kernel} wrote outside its output");
+            assert!(
+                all[0].is_nan() && all[len + 1].is_nan(),
+                "{kernel} wrote outside its output"
+            );
             let (want, base) = expected(&inp, dtype);
-            check(&label(c, dtype, " misaligned"), dtype, &all[1..=len], &want, &base);
+            check(
+                &label(c, dtype, " misaligned"),
+                dtype,
+                &all[1..=len],
+                &want,
+                &base,
+            );
         }
     }
 }
@@ -417,16 +531,27 @@ fn unsupported_head_dim_is_refused() {
     let Some(dev) = device_or_skip() else { return };
     let mut gb = GraphBuilder::new();
     let q = gb.input("q", [2, 5, 2 * 264]).unwrap();
-    let y = gb.attention("caption.attn2", q, q, q, None, 2, 2, 264, false, 0.1).unwrap();
+    let y = gb
+        .attention("caption.attn2", q, q, q, None, 2, 2, 264, false, 0.1)
+        .unwrap();
     gb.output("y", y).unwrap();
     let g = gb.finish();
     for dtype in DTYPES {
-        let e = CudaExecutor::new(&dev, &g, &HashMap::<String, HostTensor>::new(), dtype, false)
-            .err()
-            .expect("head dim 264 must be refused")
-            .to_string();
+        let e = CudaExecutor::new(
+            &dev,
+            &g,
+            &HashMap::<String, HostTensor>::new(),
+            dtype,
+            false,
+        )
+        .err()
+        .expect("head dim 264 must be refused")
+        .to_string();
         println!("{e}");
-        assert!(e.contains("caption.attn2") && e.contains("head dim 264"), "{e}");
+        assert!(
+            e.contains("caption.attn2") && e.contains("head dim 264"),
+            "{e}"
+        );
         assert!(e.contains("1 to 256"), "{e}");
     }
 }
@@ -447,7 +572,17 @@ struct PackedCase {
 }
 
 const fn packed(segs: &'static [usize], hd: usize, causal: bool, rope: bool) -> PackedCase {
-    PackedCase { b: 1, segs: Some(segs), t: 0, heads: 8, kv_heads: 2, hd, causal, rope, mask: false }
+    PackedCase {
+        b: 1,
+        segs: Some(segs),
+        t: 0,
+        heads: 8,
+        kv_heads: 2,
+        hd,
+        causal,
+        rope,
+        mask: false,
+    }
 }
 
 /// Segments [37, 5, 70, 1] (unequal, a 1-token one), and [60, 10, 64, 3, 100] whose boundaries
@@ -464,9 +599,32 @@ const PACKED: &[PackedCase] = &[
     packed(&[60, 10, 64, 3, 100], 64, false, true),
     packed(&[60, 10, 64, 3, 100], 128, false, true),
     packed(&[300], 72, true, true),
-    PackedCase { b: 2, segs: None, t: 130, heads: 8, kv_heads: 2, hd: 64, causal: true, rope: true, mask: false },
-    PackedCase { b: 2, segs: None, t: 70, heads: 12, kv_heads: 2, hd: 128, causal: false, rope: true, mask: false },
-    PackedCase { mask: true, ..packed(&[37, 5, 70, 1], 64, false, true) },
+    PackedCase {
+        b: 2,
+        segs: None,
+        t: 130,
+        heads: 8,
+        kv_heads: 2,
+        hd: 64,
+        causal: true,
+        rope: true,
+        mask: false,
+    },
+    PackedCase {
+        b: 2,
+        segs: None,
+        t: 70,
+        heads: 12,
+        kv_heads: 2,
+        hd: 128,
+        causal: false,
+        rope: true,
+        mask: false,
+    },
+    PackedCase {
+        mask: true,
+        ..packed(&[37, 5, 70, 1], 64, false, true)
+    },
 ];
 
 const THETA: f32 = 1e6;
@@ -477,7 +635,14 @@ impl PackedCase {
     }
 }
 
-fn packed_expected(c: &PackedCase, q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>, segs: Option<&[usize]>) -> Vec<f32> {
+fn packed_expected(
+    c: &PackedCase,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    segs: Option<&[usize]>,
+) -> Vec<f32> {
     let t = c.tokens();
     let d = AttentionDims {
         batch: c.b,
@@ -507,7 +672,11 @@ fn packed_segments_and_fused_rope_match_cpu() {
         let q = rng.normals(c.b * t * qw, 0.0, 1.0);
         let k = rng.normals(c.b * t * kw, 0.1, 1.5);
         let v = rng.normals(c.b * t * kw, 0.5, 1.0);
-        let mask: Option<Vec<f32>> = c.mask.then(|| (0..c.b * t).map(|j| if j % 3 == 2 { 0.0 } else { 1.0 }).collect());
+        let mask: Option<Vec<f32>> = c.mask.then(|| {
+            (0..c.b * t)
+                .map(|j| if j % 3 == 2 { 0.0 } else { 1.0 })
+                .collect()
+        });
         let want = packed_expected(c, &q, &k, &v, mask.as_deref(), c.segs);
         if let Some(s) = c.segs.filter(|s| s.len() > 1) {
             let whole = packed_expected(c, &q, &k, &v, mask.as_deref(), None);
@@ -549,7 +718,14 @@ fn packed_segments_and_fused_rope_match_cpu() {
             if let Some(m) = &mask {
                 feeds.insert("mask".to_string(), tensor(&[c.b, t], m.clone()));
             }
-            let mut ex = CudaExecutor::new(&dev, &g, &HashMap::<String, HostTensor>::new(), dtype, false).unwrap();
+            let mut ex = CudaExecutor::new(
+                &dev,
+                &g,
+                &HashMap::<String, HostTensor>::new(),
+                dtype,
+                false,
+            )
+            .unwrap();
             let got = ex.run(&feeds).unwrap()["y"].to_f32_vec();
             let what = format!(
                 "packed attention {dtype} hd{} B={} segments={:?} T={t} heads {}/{} causal={} rope={} mask={}",
@@ -576,11 +752,23 @@ fn bad_segments_are_refused() {
         segments: Some(segs.to_vec()),
         rope: Some(THETA),
     };
-    let e = gb.attention_ext("llm.attn", q, q, q, p(&[3, 4])).unwrap_err().to_string();
-    assert!(e.contains("llm.attn") && e.contains("sum to 7") && e.contains("10 tokens"), "{e}");
-    let e = gb.attention_ext("llm.attn", q, q, q, p(&[10, 0])).unwrap_err().to_string();
+    let e = gb
+        .attention_ext("llm.attn", q, q, q, p(&[3, 4]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("llm.attn") && e.contains("sum to 7") && e.contains("10 tokens"),
+        "{e}"
+    );
+    let e = gb
+        .attention_ext("llm.attn", q, q, q, p(&[10, 0]))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("> 0"), "{e}");
-    let e = gb.attention_ext("llm.attn", q2, q2, q2, p(&[5, 5])).unwrap_err().to_string();
+    let e = gb
+        .attention_ext("llm.attn", q2, q2, q2, p(&[5, 5]))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("batch 1"), "{e}");
     assert!(gb.attention_ext("llm.attn", q, q, q, p(&[3, 7])).is_ok());
 }
@@ -601,15 +789,27 @@ fn packed_rope_on_misaligned_pointers() {
     let v = rng.normals(t * kw, 0.5, 1.0);
     let segs = c.segs.unwrap();
     let want = packed_expected(&c, &q, &k, &v, None, Some(segs));
-    let seg_bytes: Vec<u8> = attention::segment_table(segs).iter().flat_map(|x| x.to_le_bytes()).collect();
-    let rope_bytes: Vec<u8> = attention::rope_table(THETA, c.hd, 70).iter().flat_map(|x| x.to_le_bytes()).collect();
-    let (seg_buf, rope_buf) = (dev.upload(&seg_bytes).unwrap(), dev.upload(&rope_bytes).unwrap());
+    let seg_bytes: Vec<u8> = attention::segment_table(segs)
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let rope_bytes: Vec<u8> = attention::rope_table(THETA, c.hd, 70)
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let (seg_buf, rope_buf) = (
+        dev.upload(&seg_bytes).unwrap(),
+        dev.upload(&rope_bytes).unwrap(),
+    );
     for dtype in DTYPES {
         let es = dtype.size_in_bytes();
         let host = |v: &[f32]| -> Vec<u8> {
             match dtype {
                 DType::F32 => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
-                _ => v.iter().flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes()).collect(),
+                _ => v
+                    .iter()
+                    .flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes())
+                    .collect(),
             }
         };
         let upload = |v: &[f32]| {
@@ -654,12 +854,31 @@ fn packed_rope_on_misaligned_pointers() {
             _ => {
                 let mut o = vec![0u16; len + 2];
                 dev.copy_to_host(ob.ptr(), &mut o).unwrap();
-                o.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
+                o.into_iter()
+                    .map(|b| half::bf16::from_bits(b).to_f32())
+                    .collect()
             }
         };
-        assert!(all[0].is_nan() && all[len + 1].is_nan(), "{} wrote outside its output", launches[0].kernel);
-        let base = packed_expected(&c, &round_to(dtype, &q), &round_to(dtype, &k), &round_to(dtype, &v), None, Some(segs));
-        check(&format!("packed rope {dtype} hd64 segments {segs:?} misaligned"), dtype, &all[1..=len], &want, &base);
+        assert!(
+            all[0].is_nan() && all[len + 1].is_nan(),
+            "{} wrote outside its output",
+            launches[0].kernel
+        );
+        let base = packed_expected(
+            &c,
+            &round_to(dtype, &q),
+            &round_to(dtype, &k),
+            &round_to(dtype, &v),
+            None,
+            Some(segs),
+        );
+        check(
+            &format!("packed rope {dtype} hd64 segments {segs:?} misaligned"),
+            dtype,
+            &all[1..=len],
+            &want,
+            &base,
+        );
     }
     // The launcher refuses segments with batch > 1 and RoPE with n != m.
     let bad = AttentionArgs {
@@ -681,6 +900,15 @@ fn packed_rope_on_misaligned_pointers() {
         scale: 0.1,
     };
     assert!(attention::launch(&bad).unwrap_err().contains("batch 1"));
-    let bad = AttentionArgs { segments: 0, rope_cs: 1, batch: 1, m: 5, causal: false, ..bad };
-    assert!(attention::launch(&bad).unwrap_err().contains("as many keys as queries"));
+    let bad = AttentionArgs {
+        segments: 0,
+        rope_cs: 1,
+        batch: 1,
+        m: 5,
+        causal: false,
+        ..bad
+    };
+    assert!(attention::launch(&bad)
+        .unwrap_err()
+        .contains("as many keys as queries"));
 }

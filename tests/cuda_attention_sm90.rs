@@ -30,14 +30,20 @@ const BF: DType = DType::BF16;
 fn sm90_device() -> Option<Arc<CudaDevice>> {
     let dev = device_or_skip()?;
     if !conv_sm90::device_supports(&dev) {
-        println!("skipped: not an sm_90a device ({:?})", dev.compute_capability());
+        println!(
+            "skipped: not an sm_90a device ({:?})",
+            dev.compute_capability()
+        );
         return None;
     }
     Some(dev)
 }
 
 fn upload(dev: &CudaDevice, v: &[f32]) -> (DeviceBuffer, u64) {
-    let h: Vec<u16> = v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect();
+    let h: Vec<u16> = v
+        .iter()
+        .map(|&f| half::bf16::from_f32(f).to_bits())
+        .collect();
     let buf = dev.alloc(h.len().max(1) * 2).unwrap();
     dev.copy_to_device(&h, buf.ptr()).unwrap();
     let p = buf.ptr();
@@ -69,8 +75,25 @@ fn attention_sm90_matches_cpu() {
         let k = rng.normals(b * m * kv_heads * hd, 0.0, 1.0);
         let v = rng.normals(b * m * kv_heads * hd, 0.0, 1.0);
         // Sample 0 pads its last third, sample 1 (when present) every key.
-        let mask: Vec<f32> = (0..b * m).map(|i| if i / m == 0 { f32::from(i % m < m - m / 3) } else { 0.0 }).collect();
-        let d = AttentionDims { batch: b, q_len: n, kv_len: m, heads, kv_heads, head_dim: hd, causal, scale };
+        let mask: Vec<f32> = (0..b * m)
+            .map(|i| {
+                if i / m == 0 {
+                    f32::from(i % m < m - m / 3)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let d = AttentionDims {
+            batch: b,
+            q_len: n,
+            kv_len: m,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            causal,
+            scale,
+        };
         let twin = |q: &[f32], k: &[f32], v: &[f32]| {
             let mut o = vec![0.0; b * n * heads * hd];
             cpu::attention(q, k, v, with_mask.then_some(&mask[..]), d, &mut o);
@@ -109,7 +132,10 @@ fn attention_sm90_matches_cpu() {
         }
         let mut got = vec![0u16; b * n * heads * hd];
         dev.copy_to_host(op, &mut got).unwrap();
-        let got: Vec<f32> = got.into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect();
+        let got: Vec<f32> = got
+            .into_iter()
+            .map(|x| half::bf16::from_bits(x).to_f32())
+            .collect();
         check(
             &format!("{} [{b}, {n} x {m}, {heads}/{kv_heads} heads, hd {hd}] causal={causal} mask={with_mask}", ls[0].kernel),
             BF,
@@ -123,7 +149,9 @@ fn attention_sm90_matches_cpu() {
 fn download(dev: &CudaDevice, p: u64, n: usize) -> Vec<f32> {
     let mut h = vec![0u16; n];
     dev.copy_to_host(p, &mut h).unwrap();
-    h.into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect()
+    h.into_iter()
+        .map(|x| half::bf16::from_bits(x).to_f32())
+        .collect()
 }
 
 const THETA: f32 = 1e6;
@@ -150,29 +178,64 @@ fn attention_sm90_rope_matches_cpu() {
         let q = rng.normals(b * n * heads * hd, 0.0, 1.0);
         let k = rng.normals(b * n * kv_heads * hd, 0.1, 1.5);
         let v = rng.normals(b * n * kv_heads * hd, 0.5, 1.0);
-        let d = AttentionDims { batch: b, q_len: n, kv_len: n, heads, kv_heads, head_dim: hd, causal, scale };
+        let d = AttentionDims {
+            batch: b,
+            q_len: n,
+            kv_len: n,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            causal,
+            scale,
+        };
         let twin = |q: &[f32], k: &[f32], v: &[f32], rope: Option<f32>| {
             let mut o = vec![0.0; b * n * heads * hd];
             cpu::attention_ext(q, k, v, None, d, segs, rope, &mut o);
             o
         };
         let want = twin(&q, &k, &v, Some(THETA));
-        let base = twin(&round_to(BF, &q), &round_to(BF, &k), &round_to(BF, &v), Some(THETA));
+        let base = twin(
+            &round_to(BF, &q),
+            &round_to(BF, &k),
+            &round_to(BF, &v),
+            Some(THETA),
+        );
         let unrotated = rel_l2(&twin(&q, &k, &v, None), &want);
-        assert!(unrotated > 0.05, "RoPE changes the result by only {unrotated:.3e}: the case cannot see it");
+        assert!(
+            unrotated > 0.05,
+            "RoPE changes the result by only {unrotated:.3e}: the case cannot see it"
+        );
         if segs.is_some() {
             let mut whole = vec![0.0; want.len()];
             cpu::attention_ext(&q, &k, &v, None, d, None, Some(THETA), &mut whole);
             let apart = rel_l2(&whole, &want);
-            assert!(apart > 0.05, "segments change the result by only {apart:.3e}: the case cannot see them");
+            assert!(
+                apart > 0.05,
+                "segments change the result by only {apart:.3e}: the case cannot see them"
+            );
         }
         let (_qb, qp) = upload(&dev, &q);
         let (_kb, kp) = upload(&dev, &k);
         let (_vb, vp) = upload(&dev, &v);
         let (_ob, op) = upload(&dev, &vec![f32::NAN; b * n * heads * hd]);
         let positions = segs.map_or(n, |s| s.iter().copied().max().unwrap());
-        let table = dev.upload(&rope_table(THETA, hd, positions).iter().flat_map(|c| c.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-        let seg_table = segs.map(|s| dev.upload(&segment_table(s).iter().flat_map(|c| c.to_le_bytes()).collect::<Vec<u8>>()).unwrap());
+        let table = dev
+            .upload(
+                &rope_table(THETA, hd, positions)
+                    .iter()
+                    .flat_map(|c| c.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            )
+            .unwrap();
+        let seg_table = segs.map(|s| {
+            dev.upload(
+                &segment_table(s)
+                    .iter()
+                    .flat_map(|c| c.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            )
+            .unwrap()
+        });
         let a = AttentionArgs {
             dtype: BF,
             q: qp,
@@ -193,8 +256,15 @@ fn attention_sm90_rope_matches_cpu() {
         };
         assert!(attention_sm90::qualifies(&a));
         let e = attention_sm90::launch(&a, 0).unwrap_err().to_string();
-        assert!(e.contains("scratch") && e.contains(&attention_sm90::rope_scratch_bytes(&a).to_string()), "{e}");
-        let (_sb, sp) = upload(&dev, &vec![f32::NAN; attention_sm90::rope_scratch_bytes(&a) / 2]);
+        assert!(
+            e.contains("scratch")
+                && e.contains(&attention_sm90::rope_scratch_bytes(&a).to_string()),
+            "{e}"
+        );
+        let (_sb, sp) = upload(
+            &dev,
+            &vec![f32::NAN; attention_sm90::rope_scratch_bytes(&a) / 2],
+        );
         let ls = attention_sm90::launch(&a, sp).unwrap();
         assert_eq!(ls.len(), attention_sm90::launch_count(&a));
         assert_eq!(ls[0].kernel, "attention_rope_bf16");
@@ -209,8 +279,16 @@ fn attention_sm90_rope_matches_cpu() {
             cpu::rope_at(&round_to(BF, x), &pos, h, hd, THETA, &mut r);
             let r = round_to(BF, &r);
             let got = download(&dev, sp + 2 * off as u64, x.len());
-            let bad = got.iter().zip(&r).position(|(g, w)| g.to_bits() != w.to_bits());
-            assert!(bad.is_none(), "rotated {what} [{b}, {n}, {h} heads, hd {hd}] differs at {bad:?}: {:?} vs {:?}", bad.map(|i| got[i]), bad.map(|i| r[i]));
+            let bad = got
+                .iter()
+                .zip(&r)
+                .position(|(g, w)| g.to_bits() != w.to_bits());
+            assert!(
+                bad.is_none(),
+                "rotated {what} [{b}, {n}, {h} heads, hd {hd}] differs at {bad:?}: {:?} vs {:?}",
+                bad.map(|i| got[i]),
+                bad.map(|i| r[i])
+            );
         }
         let got = download(&dev, op, b * n * heads * hd);
         check(
@@ -235,7 +313,16 @@ fn executor_selects_sm90_for_rope_prefill() {
     let k = rng.normals(b * n * kv_heads * hd, 0.1, 1.5);
     let v = rng.normals(b * n * kv_heads * hd, 0.5, 1.0);
     let scale = 1.0 / (hd as f32).sqrt();
-    let d = AttentionDims { batch: b, q_len: n, kv_len: n, heads, kv_heads, head_dim: hd, causal: true, scale };
+    let d = AttentionDims {
+        batch: b,
+        q_len: n,
+        kv_len: n,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        causal: true,
+        scale,
+    };
     let twin = |q: &[f32], k: &[f32], v: &[f32]| {
         let mut o = vec![0.0; b * n * heads * hd];
         cpu::attention_ext(q, k, v, None, d, None, Some(THETA), &mut o);
@@ -247,7 +334,16 @@ fn executor_selects_sm90_for_rope_prefill() {
     let qi = gb.input("q", [b, n, heads * hd]).unwrap();
     let ki = gb.input("k", [b, n, kv_heads * hd]).unwrap();
     let vi = gb.input("v", [b, n, kv_heads * hd]).unwrap();
-    let p = AttentionParams { key_mask: None, heads, kv_heads, head_dim: hd, causal: true, scale, segments: None, rope: Some(THETA) };
+    let p = AttentionParams {
+        key_mask: None,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        causal: true,
+        scale,
+        segments: None,
+        rope: Some(THETA),
+    };
     let y = gb.attention_ext("llm.attn", qi, ki, vi, p).unwrap();
     gb.output("y", y).unwrap();
     let g = gb.finish();
@@ -257,13 +353,24 @@ fn executor_selects_sm90_for_rope_prefill() {
         ("k".to_string(), t(&[b, n, kv_heads * hd], &k)),
         ("v".to_string(), t(&[b, n, kv_heads * hd], &v)),
     ]);
-    let mut ex = CudaExecutor::new(&dev, &g, &HashMap::<String, HostTensor>::new(), BF, false).unwrap();
+    let mut ex =
+        CudaExecutor::new(&dev, &g, &HashMap::<String, HostTensor>::new(), BF, false).unwrap();
     let got = ex.run(&feeds).unwrap()["y"].to_f32_vec();
     let table = n * hd * 4;
     let scratch = 2 * b * n * (heads + kv_heads) * hd;
     let forced = conv_sm90::forced_mma();
-    let path = if forced { "attention.cu (OPENUNI_KERNELS=mma)" } else { "sm_90a" };
-    check(&format!("executor RoPE prefill on {path}"), BF, &got, &want, &base);
+    let path = if forced {
+        "attention.cu (OPENUNI_KERNELS=mma)"
+    } else {
+        "sm_90a"
+    };
+    check(
+        &format!("executor RoPE prefill on {path}"),
+        BF,
+        &got,
+        &want,
+        &base,
+    );
     let expected = if forced { table } else { table + scratch };
     assert_eq!(ex.resource_bytes(), expected, "resources on the {path} path: the RoPE table ({table} bytes) and, on sm_90a only, the pre-pass scratch ({scratch} bytes)");
 }
@@ -290,29 +397,75 @@ fn attention_sm90_selection_rule() {
     };
     assert!(attention_sm90::qualifies(&a));
     for hd in [8, 72, 112, 128] {
-        assert!(attention_sm90::qualifies(&AttentionArgs { head_dim: hd, ..a }), "hd {hd}");
+        assert!(
+            attention_sm90::qualifies(&AttentionArgs { head_dim: hd, ..a }),
+            "hd {hd}"
+        );
     }
     // The smallest capacity that holds the head dim: SANA's 72 computes 80 columns, not 128.
-    for (hd, cap) in [(8, 64), (64, 64), (72, 80), (80, 80), (88, 112), (112, 112), (120, 128), (128, 128)] {
+    for (hd, cap) in [
+        (8, 64),
+        (64, 64),
+        (72, 80),
+        (80, 80),
+        (88, 112),
+        (112, 112),
+        (120, 128),
+        (128, 128),
+    ] {
         assert_eq!(attention_sm90::capacity(hd), Some(cap), "hd {hd}");
     }
-    assert_eq!(attention_sm90::smem_bytes(80), attention_sm90::smem_bytes(128), "80 columns take two 64-column boxes");
+    assert_eq!(
+        attention_sm90::smem_bytes(80),
+        attention_sm90::smem_bytes(128),
+        "80 columns take two 64-column boxes"
+    );
     assert_eq!(attention_sm90::kernel_name(80), "attention_bf16_wgmma_hd80");
     for hd in [4, 100, 136, 256] {
-        assert!(!attention_sm90::qualifies(&AttentionArgs { head_dim: hd, ..a }), "hd {hd}");
+        assert!(
+            !attention_sm90::qualifies(&AttentionArgs { head_dim: hd, ..a }),
+            "hd {hd}"
+        );
     }
     // Packed segments: batch 1, n = m.
-    assert!(attention_sm90::qualifies(&AttentionArgs { segments: 0x5000, ..a }));
-    assert!(!attention_sm90::qualifies(&AttentionArgs { segments: 0x5000, batch: 2, ..a }));
-    assert!(!attention_sm90::qualifies(&AttentionArgs { segments: 0x5000, m: 9, ..a }));
+    assert!(attention_sm90::qualifies(&AttentionArgs {
+        segments: 0x5000,
+        ..a
+    }));
+    assert!(!attention_sm90::qualifies(&AttentionArgs {
+        segments: 0x5000,
+        batch: 2,
+        ..a
+    }));
+    assert!(!attention_sm90::qualifies(&AttentionArgs {
+        segments: 0x5000,
+        m: 9,
+        ..a
+    }));
     // Fused RoPE (n = m): the pre-pass, then the attention.
-    let rope = AttentionArgs { rope_cs: 0x5000, causal: true, ..a };
+    let rope = AttentionArgs {
+        rope_cs: 0x5000,
+        causal: true,
+        ..a
+    };
     assert!(attention_sm90::qualifies(&rope));
     assert_eq!(attention_sm90::launch_count(&rope), 2);
     assert_eq!(attention_sm90::launch_count(&a), 1);
-    assert_eq!(attention_sm90::rope_scratch_bytes(&rope), 2 * 8 * (2 + 1) * 64);
+    assert_eq!(
+        attention_sm90::rope_scratch_bytes(&rope),
+        2 * 8 * (2 + 1) * 64
+    );
     assert!(!attention_sm90::qualifies(&AttentionArgs { m: 9, ..rope }));
-    assert!(attention_sm90::qualifies(&AttentionArgs { segments: 0x6000, ..rope }));
-    assert!(!attention_sm90::qualifies(&AttentionArgs { dtype: DType::F32, ..a }));
-    assert!(!attention_sm90::qualifies(&AttentionArgs { q: 0x1002, ..a }));
+    assert!(attention_sm90::qualifies(&AttentionArgs {
+        segments: 0x6000,
+        ..rope
+    }));
+    assert!(!attention_sm90::qualifies(&AttentionArgs {
+        dtype: DType::F32,
+        ..a
+    }));
+    assert!(!attention_sm90::qualifies(&AttentionArgs {
+        q: 0x1002,
+        ..a
+    }));
 }

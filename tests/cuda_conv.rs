@@ -22,7 +22,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use openuni_cpu::ops as cpu;
-use openuni_cuda::families::conv::{self, ConvAct, ConvKernel, ConvWeightLayout, Conv2dArgs, UpsampleConv2dArgs};
+use openuni_cuda::families::conv::{
+    self, Conv2dArgs, ConvAct, ConvKernel, ConvWeightLayout, UpsampleConv2dArgs,
+};
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::{CudaDevice, CudaExecutor, DeviceBuffer};
 use openuni_graph::{Graph, GraphBuilder};
@@ -34,7 +36,13 @@ fn tensor(shape: &[usize], v: Vec<f32>) -> HostTensor {
     HostTensor::from_f32(shape.to_vec(), v).unwrap()
 }
 
-fn run(dev: &Arc<CudaDevice>, g: &Graph, w: &HashMap<String, HostTensor>, inputs: &HashMap<String, HostTensor>, dtype: DType) -> Vec<f32> {
+fn run(
+    dev: &Arc<CudaDevice>,
+    g: &Graph,
+    w: &HashMap<String, HostTensor>,
+    inputs: &HashMap<String, HostTensor>,
+    dtype: DType,
+) -> Vec<f32> {
     let mut ex = CudaExecutor::new(dev, g, w, dtype, false).unwrap();
     let out = ex.run(inputs).unwrap();
     out["y"].to_f32_vec()
@@ -53,11 +61,18 @@ fn check_graph(
     let iv: Vec<Vec<f32>> = inputs.iter().map(|(_, _, v)| v.to_vec()).collect();
     let wv: Vec<Vec<f32>> = weights.iter().map(|(_, _, v)| v.to_vec()).collect();
     let want = twin(&iv, &wv);
-    let ins: HashMap<String, HostTensor> = inputs.iter().map(|(n, s, v)| (n.to_string(), tensor(s, v.to_vec()))).collect();
-    let ws: HashMap<String, HostTensor> = weights.iter().map(|(n, s, v)| (n.to_string(), tensor(s, v.to_vec()))).collect();
+    let ins: HashMap<String, HostTensor> = inputs
+        .iter()
+        .map(|(n, s, v)| (n.to_string(), tensor(s, v.to_vec())))
+        .collect();
+    let ws: HashMap<String, HostTensor> = weights
+        .iter()
+        .map(|(n, s, v)| (n.to_string(), tensor(s, v.to_vec())))
+        .collect();
     for dtype in DTYPES {
         let got = run(dev, g, &ws, &ins, dtype);
-        let r = |v: &[Vec<f32>]| -> Vec<Vec<f32>> { v.iter().map(|x| round_to(dtype, x)).collect() };
+        let r =
+            |v: &[Vec<f32>]| -> Vec<Vec<f32>> { v.iter().map(|x| round_to(dtype, x)).collect() };
         let base = twin(&r(&iv), &r(&wv));
         check(&format!("{what} {dtype}"), dtype, &got, &want, &base);
     }
@@ -106,7 +121,18 @@ fn conv2d_matches_cpu() {
             &weights,
             &|i, wv| {
                 let mut o = vec![0.0; b * h * w * cout];
-                cpu::conv2d(&i[0], &wv[0], wv.get(1).map(|v| &v[..]), b, h, w, cin, cout, k, &mut o);
+                cpu::conv2d(
+                    &i[0],
+                    &wv[0],
+                    wv.get(1).map(|v| &v[..]),
+                    b,
+                    h,
+                    w,
+                    cin,
+                    cout,
+                    k,
+                    &mut o,
+                );
                 if silu {
                     o.iter_mut().for_each(|v| *v = cpu::silu(*v));
                 }
@@ -123,7 +149,10 @@ fn upload(dev: &CudaDevice, dtype: DType, v: &[f32], offset_elems: usize) -> (De
     match dtype {
         DType::F32 => dev.copy_to_device(v, p).unwrap(),
         _ => {
-            let h: Vec<u16> = v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect();
+            let h: Vec<u16> = v
+                .iter()
+                .map(|&f| half::bf16::from_f32(f).to_bits())
+                .collect();
             dev.copy_to_device(&h, p).unwrap()
         }
     }
@@ -140,13 +169,21 @@ fn download(dev: &CudaDevice, dtype: DType, p: u64, n: usize) -> Vec<f32> {
         _ => {
             let mut o = vec![0u16; n];
             dev.copy_to_host(p, &mut o).unwrap();
-            o.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
+            o.into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect()
         }
     }
 }
 
 /// The weight as the kernel of `launch` reads it: prepared for the tensor-core kernels, upstream otherwise.
-fn kernel_weight(kernel: &str, layout: ConvWeightLayout, wt: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+fn kernel_weight(
+    kernel: &str,
+    layout: ConvWeightLayout,
+    wt: &[f32],
+    cout: usize,
+    cin: usize,
+) -> Vec<f32> {
     if kernel.contains("_tc") {
         conv::prepare_conv_weight(layout, wt, cout, cin)
     } else {
@@ -163,7 +200,12 @@ fn conv2d_kernels_with_fused_epilogue_and_misaligned_pointers() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(12);
     // (batch, h, w, cin, cout)
-    for &(b, h, w, cin, cout) in &[(2usize, 5usize, 18usize, 16usize, 24usize), (1, 9, 4, 9, 7), (1, 3, 4, 32, 66), (1, 2, 9, 16, 128)] {
+    for &(b, h, w, cin, cout) in &[
+        (2usize, 5usize, 18usize, 16usize, 24usize),
+        (1, 9, 4, 9, 7),
+        (1, 3, 4, 32, 66),
+        (1, 2, 9, 16, 128),
+    ] {
         let k = 3;
         let x = rng.normals(b * h * w * cin, 0.0, 1.0);
         let wt = rng.normals(cout * cin * k * k, 0.0, 1.0 / ((cin * k * k) as f32).sqrt());
@@ -179,14 +221,37 @@ fn conv2d_kernels_with_fused_epilogue_and_misaligned_pointers() {
         for dtype in DTYPES {
             let r = |v: &[f32]| round_to(dtype, v);
             let base = twin(&r(&x), &r(&wt), &r(&bias), &r(&res));
-            let kernels: &[ConvKernel] = if dtype == DType::BF16 { &[ConvKernel::Auto, ConvKernel::Direct] } else { &[ConvKernel::Auto] };
+            let kernels: &[ConvKernel] = if dtype == DType::BF16 {
+                &[ConvKernel::Auto, ConvKernel::Direct]
+            } else {
+                &[ConvKernel::Auto]
+            };
             for &choice in kernels {
                 for misalign in [0usize, 1] {
                     // The kernel this choice launches (the launch builder decides from the shape alone).
-                    let probe = Conv2dArgs { dtype, x: 0, weight: 0, bias: 0, residual: 0, y: 0, batch: b, h, w, cin, cout, kernel: k, act: ConvAct::Silu };
+                    let probe = Conv2dArgs {
+                        dtype,
+                        x: 0,
+                        weight: 0,
+                        bias: 0,
+                        residual: 0,
+                        y: 0,
+                        batch: b,
+                        h,
+                        w,
+                        cin,
+                        cout,
+                        kernel: k,
+                        act: ConvAct::Silu,
+                    };
                     let kernel = conv::conv2d(&probe, choice).unwrap().kernel;
                     let (_xb, xp) = upload(&dev, dtype, &x, misalign);
-                    let (_wb, wp) = upload(&dev, dtype, &kernel_weight(&kernel, ConvWeightLayout::Taps3x3, &wt, cout, cin), misalign);
+                    let (_wb, wp) = upload(
+                        &dev,
+                        dtype,
+                        &kernel_weight(&kernel, ConvWeightLayout::Taps3x3, &wt, cout, cin),
+                        misalign,
+                    );
                     let (_bb, bp) = upload(&dev, dtype, &bias, misalign);
                     let (_rb, rp) = upload(&dev, dtype, &res, misalign);
                     let (yb, yp) = upload(&dev, dtype, &vec![f32::NAN; n], misalign);
@@ -206,15 +271,24 @@ fn conv2d_kernels_with_fused_epilogue_and_misaligned_pointers() {
                         act: ConvAct::Silu,
                     };
                     if misalign == 1 && kernel.contains("_tc") {
-                        let e = conv::conv2d(&a, choice).err().expect("a misaligned tensor-core conv must be refused").to_string();
+                        let e = conv::conv2d(&a, choice)
+                            .err()
+                            .expect("a misaligned tensor-core conv must be refused")
+                            .to_string();
                         let tensor = if cin % 8 == 0 { "x at" } else { "weight at" };
-                        assert!(e.contains(tensor) && e.contains("16-byte aligned"), "{kernel}: {e}");
+                        assert!(
+                            e.contains(tensor) && e.contains("16-byte aligned"),
+                            "{kernel}: {e}"
+                        );
                         println!("{kernel} misaligned: {e}");
                         continue;
                     }
                     let l = conv::conv2d(&a, choice).unwrap();
                     if misalign == 0 && dtype == DType::BF16 {
-                        println!("{}: {} bytes of dynamic shared memory, grid {:?}", l.kernel, l.smem, l.grid);
+                        println!(
+                            "{}: {} bytes of dynamic shared memory, grid {:?}",
+                            l.kernel, l.smem, l.grid
+                        );
                     }
                     // SAFETY: every buffer holds the shapes launched.
                     unsafe { l.enqueue(&dev).unwrap() };
@@ -261,7 +335,9 @@ fn upsample_conv2d_matches_cpu() {
         let xi = gb.input("x", [b, h * w, cin]).unwrap();
         let wi = gb.weight("w", [cout, cin, 3, 3]).unwrap();
         let bi = with_bias.then(|| gb.weight("b", [cout]).unwrap());
-        let y = gb.upsample_conv2d("up", xi, wi, bi, h, w, shortcut).unwrap();
+        let y = gb
+            .upsample_conv2d("up", xi, wi, bi, h, w, shortcut)
+            .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
         let (ws, bs) = ([cout, cin, 3, 3], [cout]);
@@ -306,23 +382,64 @@ fn upsample_conv2d_kernels_on_misaligned_pointers() {
         let base = twin(&r(&x), &r(&wt), &r(&bias));
         for choice in [ConvKernel::Auto, ConvKernel::Direct] {
             for misalign in [0usize, 1] {
-                let probe = UpsampleConv2dArgs { dtype, x: 0, weight: 0, bias: 0, y: 0, batch: b, h, w, cin, cout, shortcut: true };
+                let probe = UpsampleConv2dArgs {
+                    dtype,
+                    x: 0,
+                    weight: 0,
+                    bias: 0,
+                    y: 0,
+                    batch: b,
+                    h,
+                    w,
+                    cin,
+                    cout,
+                    shortcut: true,
+                };
                 let kernel = conv::upsample_conv2d(&probe, choice).unwrap().kernel;
                 let (_xb, xp) = upload(&dev, dtype, &x, misalign);
-                let (_wb, wp) = upload(&dev, dtype, &kernel_weight(&kernel, ConvWeightLayout::UpsamplePhases, &wt, cout, cin), misalign);
+                let (_wb, wp) = upload(
+                    &dev,
+                    dtype,
+                    &kernel_weight(&kernel, ConvWeightLayout::UpsamplePhases, &wt, cout, cin),
+                    misalign,
+                );
                 let (_bb, bp) = upload(&dev, dtype, &bias, misalign);
                 let (_yb, yp) = upload(&dev, dtype, &vec![f32::NAN; n], misalign);
-                let a = UpsampleConv2dArgs { dtype, x: xp, weight: wp, bias: bp, y: yp, batch: b, h, w, cin, cout, shortcut: true };
+                let a = UpsampleConv2dArgs {
+                    dtype,
+                    x: xp,
+                    weight: wp,
+                    bias: bp,
+                    y: yp,
+                    batch: b,
+                    h,
+                    w,
+                    cin,
+                    cout,
+                    shortcut: true,
+                };
                 if misalign == 1 && kernel.contains("_tc") {
-                    let e = conv::upsample_conv2d(&a, choice).err().expect("a misaligned tensor-core upsample conv must be refused").to_string();
-                    assert!(e.contains("x at") && e.contains("16-byte aligned"), "{kernel}: {e}");
+                    let e = conv::upsample_conv2d(&a, choice)
+                        .err()
+                        .expect("a misaligned tensor-core upsample conv must be refused")
+                        .to_string();
+                    assert!(
+                        e.contains("x at") && e.contains("16-byte aligned"),
+                        "{kernel}: {e}"
+                    );
                     println!("{kernel} misaligned: {e}");
                     continue;
                 }
                 let l = conv::upsample_conv2d(&a, choice).unwrap();
                 // SAFETY: every buffer holds the shapes launched.
                 unsafe { l.enqueue(&dev).unwrap() };
-                check(&format!("{} misaligned={misalign}", l.kernel), dtype, &download(&dev, dtype, yp, n), &want, &base);
+                check(
+                    &format!("{} misaligned={misalign}", l.kernel),
+                    dtype,
+                    &download(&dev, dtype, yp, n),
+                    &want,
+                    &base,
+                );
             }
         }
     }
@@ -368,7 +485,17 @@ fn depthwise_conv2d_matches_cpu() {
             &weights,
             &|i, wv| {
                 let mut o = vec![0.0; b * h * w * c];
-                cpu::depthwise_conv2d(&i[0], &wv[0], wv.get(1).map(|v| &v[..]), b, h, w, c, k, &mut o);
+                cpu::depthwise_conv2d(
+                    &i[0],
+                    &wv[0],
+                    wv.get(1).map(|v| &v[..]),
+                    b,
+                    h,
+                    w,
+                    c,
+                    k,
+                    &mut o,
+                );
                 o
             },
         );
@@ -381,7 +508,13 @@ fn grouped_linear_matches_cpu() {
     let mut rng = Rng::new(14);
     // (batch, tokens, cin, cout, groups): DC-AE's 32 -> 32 groups, uneven groups, more than one
     // 128-row block, more than one 32-output tile.
-    for &(b, n, cin, cout, groups) in &[(2usize, 12usize, 96usize, 96usize, 3usize), (1, 7, 12, 18, 3), (1, 130, 64, 128, 2), (2, 5, 9, 3, 3), (1, 3, 5, 7, 1)] {
+    for &(b, n, cin, cout, groups) in &[
+        (2usize, 12usize, 96usize, 96usize, 3usize),
+        (1, 7, 12, 18, 3),
+        (1, 130, 64, 128, 2),
+        (2, 5, 9, 3, 3),
+        (1, 3, 5, 7, 1),
+    ] {
         let x = rng.normals(b * n * cin, 0.0, 1.0);
         let ci = cin / groups;
         let wt = rng.normals(cout * ci, 0.0, 1.0 / (ci as f32).sqrt());
@@ -410,18 +543,30 @@ fn grouped_linear_matches_cpu() {
 fn repeat_channels_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(17);
-    for &(b, n, cin, rep) in &[(2usize, 12usize, 4usize, 32usize), (1, 5, 3, 5), (1, 7, 8, 2), (2, 1, 1, 3)] {
+    for &(b, n, cin, rep) in &[
+        (2usize, 12usize, 4usize, 32usize),
+        (1, 5, 3, 5),
+        (1, 7, 8, 2),
+        (2, 1, 1, 3),
+    ] {
         let x = rng.normals(b * n * cin, 0.0, 1.0);
         let mut gb = GraphBuilder::new();
         let xi = gb.input("x", [b, n, cin]).unwrap();
         let y = gb.repeat_channels("rep", xi, rep).unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
-        check_graph(&dev, &format!("repeat_channels [{b}, {n}, {cin}] x{rep}"), &g, &[("x", &[b, n, cin], &x)], &[], &|i, _| {
-            let mut o = vec![0.0; b * n * cin * rep];
-            cpu::repeat_channels(&i[0], cin, rep, &mut o);
-            o
-        });
+        check_graph(
+            &dev,
+            &format!("repeat_channels [{b}, {n}, {cin}] x{rep}"),
+            &g,
+            &[("x", &[b, n, cin], &x)],
+            &[],
+            &|i, _| {
+                let mut o = vec![0.0; b * n * cin * rep];
+                cpu::repeat_channels(&i[0], cin, rep, &mut o);
+                o
+            },
+        );
     }
 }
 
@@ -435,8 +580,16 @@ fn depthwise_conv_glu_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(19);
     // (batch, h, w, c (output channels), bias)
-    let cases: &[(usize, usize, usize, usize, bool)] =
-        &[(2, 3, 4, 8, true), (1, 1, 1, 4, false), (2, 6, 4, 80, true), (1, 5, 7, 133, true), (2, 4, 3, 3, false), (1, 2, 2, 130, true), (2, 9, 35, 40, true), (1, 7, 19, 72, false)];
+    let cases: &[(usize, usize, usize, usize, bool)] = &[
+        (2, 3, 4, 8, true),
+        (1, 1, 1, 4, false),
+        (2, 6, 4, 80, true),
+        (1, 5, 7, 133, true),
+        (2, 4, 3, 3, false),
+        (1, 2, 2, 130, true),
+        (2, 9, 35, 40, true),
+        (1, 7, 19, 72, false),
+    ];
     for &(b, h, w, c, with_bias) in cases {
         let c2 = 2 * c;
         let x = rng.normals(b * h * w * c2, 0.1, 1.0);
@@ -462,7 +615,17 @@ fn depthwise_conv_glu_matches_cpu() {
             &weights,
             &|i, wv| {
                 let mut o = vec![0.0; b * h * w * c];
-                cpu::depthwise_conv_glu(&i[0], &wv[0], wv.get(1).map(|v| &v[..]), b, h, w, c2, 3, &mut o);
+                cpu::depthwise_conv_glu(
+                    &i[0],
+                    &wv[0],
+                    wv.get(1).map(|v| &v[..]),
+                    b,
+                    h,
+                    w,
+                    c2,
+                    3,
+                    &mut o,
+                );
                 o
             },
         );
@@ -476,8 +639,16 @@ fn silu_depthwise_conv_glu_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(23);
     // (batch, h, w, c (output channels), bias)
-    let cases: &[(usize, usize, usize, usize, bool)] =
-        &[(2, 3, 4, 8, true), (1, 1, 1, 4, false), (1, 5, 7, 133, true), (2, 4, 3, 3, false), (1, 2, 2, 130, true), (3, 17, 18, 33, false), (2, 9, 35, 40, true), (1, 6, 20, 96, false)];
+    let cases: &[(usize, usize, usize, usize, bool)] = &[
+        (2, 3, 4, 8, true),
+        (1, 1, 1, 4, false),
+        (1, 5, 7, 133, true),
+        (2, 4, 3, 3, false),
+        (1, 2, 2, 130, true),
+        (3, 17, 18, 33, false),
+        (2, 9, 35, 40, true),
+        (1, 6, 20, 96, false),
+    ];
     for &(b, h, w, c, with_bias) in cases {
         let c2 = 2 * c;
         let x = rng.normals(b * h * w * c2, 0.1, 2.0);
@@ -487,7 +658,9 @@ fn silu_depthwise_conv_glu_matches_cpu() {
         let xi = gb.input("x", [b, h * w, c2]).unwrap();
         let wi = gb.weight("w", [c2, 1, 3, 3]).unwrap();
         let bi = with_bias.then(|| gb.weight("b", [c2]).unwrap());
-        let y = gb.silu_depthwise_conv_glu("dwglu", xi, wi, bi, h, w, 3).unwrap();
+        let y = gb
+            .silu_depthwise_conv_glu("dwglu", xi, wi, bi, h, w, 3)
+            .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
         let (ws, bs) = ([c2, 1, 3, 3], [c2]);
@@ -503,7 +676,17 @@ fn silu_depthwise_conv_glu_matches_cpu() {
             &weights,
             &|i, wv| {
                 let mut o = vec![0.0; b * h * w * c];
-                cpu::silu_depthwise_conv_glu(&i[0], &wv[0], wv.get(1).map(|v| &v[..]), b, h, w, c2, 3, &mut o);
+                cpu::silu_depthwise_conv_glu(
+                    &i[0],
+                    &wv[0],
+                    wv.get(1).map(|v| &v[..]),
+                    b,
+                    h,
+                    w,
+                    c2,
+                    3,
+                    &mut o,
+                );
                 o
             },
         );
@@ -535,11 +718,19 @@ fn grid_stride_kernels_cover_every_item_from_one_block() {
         let (_wb, wp) = upload(&dev, dtype, &wt, 0);
         let (_bb, bp) = upload(&dev, dtype, &bias, 0);
         let (_yb, yp) = upload(&dev, dtype, &vec![f32::NAN; n], 0);
-        one_block(conv::depthwise_conv2d(dtype, dev.sm_count(), xp, wp, bp, yp, b, h, w, c, 5).unwrap());
+        one_block(
+            conv::depthwise_conv2d(dtype, dev.sm_count(), xp, wp, bp, yp, b, h, w, c, 5).unwrap(),
+        );
         let (mut want, mut base) = (vec![0.0; n], vec![0.0; n]);
         cpu::depthwise_conv2d(&x, &wt, Some(&bias), b, h, w, c, 5, &mut want);
         cpu::depthwise_conv2d(&r(&x), &r(&wt), Some(&r(&bias)), b, h, w, c, 5, &mut base);
-        check(&format!("depthwise_conv2d 5x5 one block {dtype}"), dtype, &download(&dev, dtype, yp, n), &want, &base);
+        check(
+            &format!("depthwise_conv2d 5x5 one block {dtype}"),
+            dtype,
+            &download(&dev, dtype, yp, n),
+            &want,
+            &base,
+        );
 
         // Repeat over 24 channels.
         let c = 24;
@@ -550,7 +741,13 @@ fn grid_stride_kernels_cover_every_item_from_one_block() {
         one_block(conv::repeat_channels(dtype, dev.sm_count(), xp, yp, b * h * w, c, 3).unwrap());
         let mut want = vec![0.0; n];
         cpu::repeat_channels(&x, c, 3, &mut want);
-        check(&format!("repeat_channels one block {dtype}"), dtype, &download(&dev, dtype, yp, n), &want, &r(&want));
+        check(
+            &format!("repeat_channels one block {dtype}"),
+            dtype,
+            &download(&dev, dtype, yp, n),
+            &want,
+            &r(&want),
+        );
     }
 }
 
@@ -604,7 +801,10 @@ fn resblock_decoder_matches_cpu() {
         let e = openuni_cuda::testing::rel_l2(&got, &want);
         let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
         println!("ResBlock decoder [{b}, 8, {h}x{w}] -> [{b}, 3, {}x{}] {dtype}: rel L2 {e:.3e} (tolerance {tol:.0e})", 4 * h, 4 * w);
-        assert!(e <= tol, "{dtype}: relative L2 error {e:.3e} above {tol:.0e}");
+        assert!(
+            e <= tol,
+            "{dtype}: relative L2 error {e:.3e} above {tol:.0e}"
+        );
     }
 }
 
@@ -654,7 +854,14 @@ fn conv_geometry_matches_the_launcher() {
 /// with the sizes in the message (no device needed: it only builds the launch).
 #[test]
 fn depthwise_glu_launcher_refuses_images_past_32_bit_pixel_offsets() {
-    let err = conv::depthwise_conv3_glu(DType::BF16, 0, 0, 0, 0, 1, 50_000, 50_000, 64, 3, true).unwrap_err().to_string();
-    assert!(err.contains("50000x50000") && err.contains("32 bits"), "{err}");
-    assert!(conv::depthwise_conv3_glu(DType::BF16, 0, 0, 0, 0, 1, 46_340, 46_340, 64, 3, true).is_ok());
+    let err = conv::depthwise_conv3_glu(DType::BF16, 0, 0, 0, 0, 1, 50_000, 50_000, 64, 3, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("50000x50000") && err.contains("32 bits"),
+        "{err}"
+    );
+    assert!(
+        conv::depthwise_conv3_glu(DType::BF16, 0, 0, 0, 0, 1, 46_340, 46_340, 64, 3, true).is_ok()
+    );
 }

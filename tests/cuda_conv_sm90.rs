@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use openuni_cpu::ops as cpu;
-use openuni_cuda::families::conv::{ConvAct, Conv2dArgs, UpsampleConv2dArgs};
+use openuni_cuda::families::conv::{Conv2dArgs, ConvAct, UpsampleConv2dArgs};
 use openuni_cuda::families::conv_sm90::{self, geometry};
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::{CudaDevice, CudaExecutor, DeviceBuffer, KArg};
@@ -31,14 +31,21 @@ const BF: DType = DType::BF16;
 fn sm90_device() -> Option<Arc<CudaDevice>> {
     let dev = device_or_skip()?;
     if !conv_sm90::device_supports(&dev) {
-        println!("skipped: not an sm_90a device ({:?}, kernels for {})", dev.compute_capability(), dev.kernels().target().arch);
+        println!(
+            "skipped: not an sm_90a device ({:?}, kernels for {})",
+            dev.compute_capability(),
+            dev.kernels().target().arch
+        );
         return None;
     }
     Some(dev)
 }
 
 fn upload(dev: &CudaDevice, v: &[f32]) -> (DeviceBuffer, u64) {
-    let h: Vec<u16> = v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect();
+    let h: Vec<u16> = v
+        .iter()
+        .map(|&f| half::bf16::from_f32(f).to_bits())
+        .collect();
     let buf = dev.alloc(h.len().max(1) * 2).unwrap();
     dev.copy_to_device(&h, buf.ptr()).unwrap();
     let p = buf.ptr();
@@ -48,12 +55,16 @@ fn upload(dev: &CudaDevice, v: &[f32]) -> (DeviceBuffer, u64) {
 fn download(dev: &CudaDevice, p: u64, n: usize) -> Vec<f32> {
     let mut o = vec![0u16; n];
     dev.copy_to_host(p, &mut o).unwrap();
-    o.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
+    o.into_iter()
+        .map(|b| half::bf16::from_bits(b).to_f32())
+        .collect()
 }
 
 /// The weights in the kernels' layout, made on the device.
 fn prepare(dev: &CudaDevice, w: u64, cin: usize, cout: usize, upsample: bool) -> DeviceBuffer {
-    let out = dev.alloc(conv_sm90::prepared_weight_bytes(cin, cout, upsample)).unwrap();
+    let out = dev
+        .alloc(conv_sm90::prepared_weight_bytes(cin, cout, upsample))
+        .unwrap();
     let l = conv_sm90::prepare_weights(dev.sm_count(), w, out.ptr(), cin, cout, upsample).unwrap();
     // SAFETY: w holds [cout, cin, 3, 3] bf16, out prepared_weight_bytes.
     unsafe { l.enqueue(dev).unwrap() };
@@ -65,7 +76,16 @@ fn conv_sm90_geometry_matches_the_launcher() {
     let Some(dev) = sm90_device() else { return };
     let out = dev.alloc(8 * 4).unwrap();
     // SAFETY: the kernel writes 8 ints.
-    unsafe { dev.launch("conv_sm90_geometry", (1, 1, 1), (32, 1, 1), 0, &[KArg::Ptr(out.ptr())]).unwrap() };
+    unsafe {
+        dev.launch(
+            "conv_sm90_geometry",
+            (1, 1, 1),
+            (32, 1, 1),
+            0,
+            &[KArg::Ptr(out.ptr())],
+        )
+        .unwrap()
+    };
     let mut got = vec![0i32; 8];
     dev.copy_to_host(out.ptr(), &mut got).unwrap();
     let want = [
@@ -96,7 +116,11 @@ fn prepared_weights_are_the_upstream_weights_rearranged() {
     for t in 0..9 {
         for n in 0..cout {
             for c in 0..cin {
-                assert_eq!(got[(t * cout + n) * cin + c], at(n, c, t / 3, t % 3), "tap {t}, n {n}, c {c}");
+                assert_eq!(
+                    got[(t * cout + n) * cin + c],
+                    at(n, c, t / 3, t % 3),
+                    "tap {t}, n {n}, c {c}"
+                );
             }
         }
     }
@@ -115,9 +139,15 @@ fn prepared_weights_are_the_upstream_weights_rearranged() {
         let z = 8 * pi + 4 * pj + 2 * r + s;
         for n in 0..cout {
             for c in 0..cin {
-                let rows: Vec<f32> = (0..3).map(|dx| group(pi, r).iter().map(|&dy| at(n, c, dy, dx)).sum()).collect();
+                let rows: Vec<f32> = (0..3)
+                    .map(|dx| group(pi, r).iter().map(|&dy| at(n, c, dy, dx)).sum())
+                    .collect();
                 let v: f32 = group(pj, s).iter().map(|&dx| rows[dx]).sum();
-                assert_eq!(got[(z * cout + n) * cin + c], round_to(BF, &[v])[0], "phase ({pi},{pj}) tap ({r},{s})");
+                assert_eq!(
+                    got[(z * cout + n) * cin + c],
+                    round_to(BF, &[v])[0],
+                    "phase ({pi},{pj}) tap ({r},{s})"
+                );
             }
         }
     }
@@ -133,7 +163,7 @@ fn conv2d_sm90_matches_cpu() {
         (2, 3, 17, 24, 36, false, true, true),
         (1, 17, 9, 72, 130, true, true, true),
         (1, 16, 16, 64, 128, true, false, false),
-        (1, 4, 6, 16, 7, true, true, true),  // odd cout: the epilogue's element-wise path with SiLU and residual
+        (1, 4, 6, 16, 7, true, true, true), // odd cout: the epilogue's element-wise path with SiLU and residual
     ];
     for &(b, h, w, cin, cout, with_bias, silu, with_res) in cases {
         let n = b * h * w * cout;
@@ -143,14 +173,32 @@ fn conv2d_sm90_matches_cpu() {
         let res = rng.normals(n, 0.0, 1.0);
         let twin = |x: &[f32], wt: &[f32], bias: &[f32], res: &[f32]| -> Vec<f32> {
             let mut o = vec![0.0; n];
-            cpu::conv2d(x, wt, with_bias.then_some(bias), b, h, w, cin, cout, 3, &mut o);
+            cpu::conv2d(
+                x,
+                wt,
+                with_bias.then_some(bias),
+                b,
+                h,
+                w,
+                cin,
+                cout,
+                3,
+                &mut o,
+            );
             o.iter()
                 .zip(res)
-                .map(|(&v, &r)| (if silu { cpu::silu(v) } else { v }) + if with_res { r } else { 0.0 })
+                .map(|(&v, &r)| {
+                    (if silu { cpu::silu(v) } else { v }) + if with_res { r } else { 0.0 }
+                })
                 .collect()
         };
         let want = twin(&x, &wt, &bias, &res);
-        let base = twin(&round_to(BF, &x), &round_to(BF, &wt), &round_to(BF, &bias), &round_to(BF, &res));
+        let base = twin(
+            &round_to(BF, &x),
+            &round_to(BF, &wt),
+            &round_to(BF, &bias),
+            &round_to(BF, &res),
+        );
         let (_xb, xp) = upload(&dev, &x);
         let (_wb, wp) = upload(&dev, &wt);
         let (_bb, bp) = upload(&dev, &bias);
@@ -203,7 +251,18 @@ fn upsample_conv2d_sm90_matches_cpu() {
         let bias = rng.normals(cout, 0.0, 0.5);
         let twin = |x: &[f32], wt: &[f32], bias: &[f32]| -> Vec<f32> {
             let mut o = vec![0.0; n];
-            cpu::upsample_conv2d(x, wt, with_bias.then_some(bias), b, h, w, cin, cout, shortcut, &mut o);
+            cpu::upsample_conv2d(
+                x,
+                wt,
+                with_bias.then_some(bias),
+                b,
+                h,
+                w,
+                cin,
+                cout,
+                shortcut,
+                &mut o,
+            );
             o
         };
         let want = twin(&x, &wt, &bias);
@@ -247,7 +306,10 @@ fn upsample_conv2d_sm90_matches_cpu() {
 fn executor_selects_the_sm90_kernels_and_matches_cpu() {
     let Some(dev) = sm90_device() else { return };
     if conv_sm90::forced_mma() {
-        println!("skipped: {}=mma forces the mma.sync kernels", conv_sm90::KERNELS_ENV);
+        println!(
+            "skipped: {}=mma forces the mma.sync kernels",
+            conv_sm90::KERNELS_ENV
+        );
         return;
     }
     assert!(conv_sm90::selected(&dev));
@@ -262,7 +324,9 @@ fn executor_selects_the_sm90_kernels_and_matches_cpu() {
     let w1i = gb.weight("w1", [mid, cin, 3, 3]).unwrap();
     let b1i = gb.weight("b1", [mid]).unwrap();
     let w2i = gb.weight("w2", [cout, mid, 3, 3]).unwrap();
-    let c = gb.conv2d("conv", xi, w1i, Some(b1i), h, w, 3, true).unwrap();
+    let c = gb
+        .conv2d("conv", xi, w1i, Some(b1i), h, w, 3, true)
+        .unwrap();
     let y = gb.upsample_conv2d("up", c, w2i, None, h, w, true).unwrap();
     gb.output("y", y).unwrap();
     let g = gb.finish();
@@ -290,10 +354,21 @@ fn executor_selects_the_sm90_kernels_and_matches_cpu() {
     let inputs: HashMap<String, HostTensor> = [("x".to_string(), t(&[b, h * w, cin], &x))].into();
     let mut ex = CudaExecutor::new(&dev, &g, &weights, BF, false).unwrap();
     let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
-    check("executor conv2d -> upsample_conv2d (sm_90a)", BF, &got, &want, &base);
+    check(
+        "executor conv2d -> upsample_conv2d (sm_90a)",
+        BF,
+        &got,
+        &want,
+        &base,
+    );
     // Both nodes took the sm_90a path: their prepared weights are the executor's resources.
-    let prepared = conv_sm90::prepared_weight_bytes(cin, mid, false) + conv_sm90::prepared_weight_bytes(mid, cout, true);
-    assert!(ex.resource_bytes() >= prepared, "{} bytes of resources, {prepared} prepared weight bytes expected", ex.resource_bytes());
+    let prepared = conv_sm90::prepared_weight_bytes(cin, mid, false)
+        + conv_sm90::prepared_weight_bytes(mid, cout, true);
+    assert!(
+        ex.resource_bytes() >= prepared,
+        "{} bytes of resources, {prepared} prepared weight bytes expected",
+        ex.resource_bytes()
+    );
 
     // The rule: bf16, 3×3, cin % 8 == 0, x 16-byte aligned, at least 64 channels in and out.
     let a = Conv2dArgs {
@@ -317,5 +392,8 @@ fn executor_selects_the_sm90_kernels_and_matches_cpu() {
     assert!(!conv_sm90::conv2d_qualifies(&Conv2dArgs { cout: 3, ..a }));
     assert!(!conv_sm90::conv2d_qualifies(&Conv2dArgs { x: 0x1002, ..a }));
     assert!(!conv_sm90::conv2d_qualifies(&Conv2dArgs { kernel: 5, ..a }));
-    assert!(!conv_sm90::conv2d_qualifies(&Conv2dArgs { dtype: DType::F32, ..a }));
+    assert!(!conv_sm90::conv2d_qualifies(&Conv2dArgs {
+        dtype: DType::F32,
+        ..a
+    }));
 }

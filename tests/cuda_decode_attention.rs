@@ -30,9 +30,21 @@ use openuni_tensor::{DType, HostTensor};
 const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
 const THETA: f32 = 1e6;
 
-fn run(dev: &Arc<CudaDevice>, g: &Graph, inputs: &[(&str, Vec<usize>, &[f32])], dtype: DType) -> Vec<f32> {
-    let inputs: HashMap<String, HostTensor> =
-        inputs.iter().map(|(n, s, v)| (n.to_string(), HostTensor::from_f32(s.clone(), v.to_vec()).unwrap())).collect();
+fn run(
+    dev: &Arc<CudaDevice>,
+    g: &Graph,
+    inputs: &[(&str, Vec<usize>, &[f32])],
+    dtype: DType,
+) -> Vec<f32> {
+    let inputs: HashMap<String, HostTensor> = inputs
+        .iter()
+        .map(|(n, s, v)| {
+            (
+                n.to_string(),
+                HostTensor::from_f32(s.clone(), v.to_vec()).unwrap(),
+            )
+        })
+        .collect();
     let mut ex = CudaExecutor::new(dev, g, &HashMap::new(), dtype, false).unwrap();
     ex.run(&inputs).unwrap()["y"].to_f32_vec()
 }
@@ -47,7 +59,14 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let c = |positions: Vec<usize>, heads, kv_heads, hd, max_len, rope| Case { positions, heads, kv_heads, hd, max_len, rope };
+    let c = |positions: Vec<usize>, heads, kv_heads, hd, max_len, rope| Case {
+        positions,
+        heads,
+        kv_heads,
+        hd,
+        max_len,
+        rope,
+    };
     vec![
         // One key (the first decoded token after an empty cache), no GQA.
         c(vec![0], 2, 2, 64, 5, true),
@@ -63,7 +82,13 @@ fn cases() -> Vec<Case> {
 }
 
 fn dims(c: &Case) -> DecodeDims {
-    DecodeDims { batch: c.positions.len(), heads: c.heads, kv_heads: c.kv_heads, head_dim: c.hd, max_len: c.max_len }
+    DecodeDims {
+        batch: c.positions.len(),
+        heads: c.heads,
+        kv_heads: c.kv_heads,
+        head_dim: c.hd,
+        max_len: c.max_len,
+    }
 }
 
 #[test]
@@ -90,15 +115,36 @@ fn decode_attention_matches_cpu() {
         let ki = gb.input("k_cache", cache_shape.clone()).unwrap();
         let vi = gb.input("v_cache", cache_shape.clone()).unwrap();
         let pi = gb.input("positions", [b]).unwrap();
-        let y = gb.decode_attention("decode", qi, ki, vi, pi, c.heads, c.kv_heads, c.hd, scale, rope).unwrap();
+        let y = gb
+            .decode_attention(
+                "decode", qi, ki, vi, pi, c.heads, c.kv_heads, c.hd, scale, rope,
+            )
+            .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
         for dtype in DTYPES {
-            let inputs = [("q", vec![b, c.heads * c.hd], &q[..]), ("k_cache", cache_shape.clone(), &k[..]), ("v_cache", cache_shape.clone(), &v[..]), ("positions", vec![b], &pos[..])];
+            let inputs = [
+                ("q", vec![b, c.heads * c.hd], &q[..]),
+                ("k_cache", cache_shape.clone(), &k[..]),
+                ("v_cache", cache_shape.clone(), &v[..]),
+                ("positions", vec![b], &pos[..]),
+            ];
             let got = run(&dev, &g, &inputs, dtype);
             let mut base = vec![0.0; q.len()];
-            cpu::decode_attention(&round_to(dtype, &q), &round_to(dtype, &k), &round_to(dtype, &v), &pos, d, scale, rope, &mut base);
-            let what = format!("decode_attention {dtype} positions {:?} heads {}/{} hd {} max_len {} rope {}", c.positions, c.heads, c.kv_heads, c.hd, c.max_len, c.rope);
+            cpu::decode_attention(
+                &round_to(dtype, &q),
+                &round_to(dtype, &k),
+                &round_to(dtype, &v),
+                &pos,
+                d,
+                scale,
+                rope,
+                &mut base,
+            );
+            let what = format!(
+                "decode_attention {dtype} positions {:?} heads {}/{} hd {} max_len {} rope {}",
+                c.positions, c.heads, c.kv_heads, c.hd, c.max_len, c.rope
+            );
             check(&what, dtype, &got, &want, &base);
         }
     }
@@ -125,25 +171,53 @@ fn kv_cache_append_matches_cpu() {
             let ci = gb.input("cache", cache_shape.clone()).unwrap();
             let xi = gb.input("x", [b, c.kv_heads * c.hd]).unwrap();
             let pi = gb.input("positions", [b]).unwrap();
-            let y = gb.kv_cache_append("append", ci, xi, pi, c.kv_heads, c.hd, rope).unwrap();
+            let y = gb
+                .kv_cache_append("append", ci, xi, pi, c.kv_heads, c.hd, rope)
+                .unwrap();
             gb.output("y", y).unwrap();
             let g = gb.finish();
             for dtype in DTYPES {
-                let inputs = [("cache", cache_shape.clone(), &cache[..]), ("x", vec![b, c.kv_heads * c.hd], &x[..]), ("positions", vec![b], &pos[..])];
+                let inputs = [
+                    ("cache", cache_shape.clone(), &cache[..]),
+                    ("x", vec![b, c.kv_heads * c.hd], &x[..]),
+                    ("positions", vec![b], &pos[..]),
+                ];
                 let got = run(&dev, &g, &inputs, dtype);
                 let mut base = vec![0.0; cache.len()];
-                cpu::kv_cache_append(&round_to(dtype, &cache), &round_to(dtype, &x), &pos, d, rope, &mut base);
-                let what = format!("kv_cache_append {dtype} positions {:?} kv_heads {} hd {} max_len {} rope {}", c.positions, c.kv_heads, c.hd, c.max_len, rope.is_some());
+                cpu::kv_cache_append(
+                    &round_to(dtype, &cache),
+                    &round_to(dtype, &x),
+                    &pos,
+                    d,
+                    rope,
+                    &mut base,
+                );
+                let what = format!(
+                    "kv_cache_append {dtype} positions {:?} kv_heads {} hd {} max_len {} rope {}",
+                    c.positions,
+                    c.kv_heads,
+                    c.hd,
+                    c.max_len,
+                    rope.is_some()
+                );
                 check(&what, dtype, &got, &want, &base);
                 // The appended rows alone (the whole cache's rounding would hide their error).
                 let rows: Vec<usize> = (0..b * c.kv_heads)
                     .flat_map(|bh| {
-                        let start = (bh * c.max_len + cpu::decode_position(pos[bh / c.kv_heads], c.max_len)) * c.hd;
+                        let start = (bh * c.max_len
+                            + cpu::decode_position(pos[bh / c.kv_heads], c.max_len))
+                            * c.hd;
                         start..start + c.hd
                     })
                     .collect();
                 let pick = |v: &[f32]| rows.iter().map(|&e| v[e]).collect::<Vec<f32>>();
-                check(&format!("{what}, appended rows"), dtype, &pick(&got), &pick(&want), &pick(&base));
+                check(
+                    &format!("{what}, appended rows"),
+                    dtype,
+                    &pick(&got),
+                    &pick(&want),
+                    &pick(&base),
+                );
                 // Rows other than the appended ones are copied exactly.
                 let r = round_to(dtype, &cache);
                 let (hd, l) = (c.hd, c.max_len);
@@ -151,8 +225,13 @@ fn kv_cache_append_matches_cpu() {
                     let (row, bh) = ((e / hd) % l, e / (hd * l));
                     row != cpu::decode_position(pos[bh / c.kv_heads], l)
                 });
-                let bad = untouched.filter(|&e| got[e].to_bits() != r[e].to_bits()).count();
-                assert_eq!(bad, 0, "{what}: {bad} cache elements outside the appended rows changed");
+                let bad = untouched
+                    .filter(|&e| got[e].to_bits() != r[e].to_bits())
+                    .count();
+                assert_eq!(
+                    bad, 0,
+                    "{what}: {bad} cache elements outside the appended rows changed"
+                );
             }
         }
     }
@@ -163,19 +242,41 @@ fn kv_cache_append_matches_cpu() {
 #[test]
 fn decode_step_equals_last_row_of_prefill() {
     let mut rng = Rng::new(73);
-    for &(n, heads, kv_heads, hd) in &[(1usize, 2usize, 1usize, 8usize), (7, 14, 2, 64), (300, 12, 2, 128)] {
+    for &(n, heads, kv_heads, hd) in &[
+        (1usize, 2usize, 1usize, 8usize),
+        (7, 14, 2, 64),
+        (300, 12, 2, 128),
+    ] {
         let max_len = n + 3;
         let (qw, kw) = (heads * hd, kv_heads * hd);
         let q = rng.normals(n * qw, 0.0, 1.0);
         let k = rng.normals(n * kw, 0.0, 1.0);
         let v = rng.normals(n * kw, 0.0, 1.0);
         let scale = 1.0 / (hd as f32).sqrt();
-        let ad = AttentionDims { batch: 1, q_len: n, kv_len: n, heads, kv_heads, head_dim: hd, causal: true, scale };
+        let ad = AttentionDims {
+            batch: 1,
+            q_len: n,
+            kv_len: n,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            causal: true,
+            scale,
+        };
         let mut prefill = vec![0.0; n * qw];
         cpu::attention_ext(&q, &k, &v, None, ad, None, Some(THETA), &mut prefill);
 
-        let d = DecodeDims { batch: 1, heads, kv_heads, head_dim: hd, max_len };
-        let (mut kc, mut vc) = (vec![0.0; kv_heads * max_len * hd], vec![0.0; kv_heads * max_len * hd]);
+        let d = DecodeDims {
+            batch: 1,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            max_len,
+        };
+        let (mut kc, mut vc) = (
+            vec![0.0; kv_heads * max_len * hd],
+            vec![0.0; kv_heads * max_len * hd],
+        );
         for t in 0..n {
             let pos = [t as f32];
             let (mut k2, mut v2) = (vec![0.0; kc.len()], vec![0.0; vc.len()]);
@@ -184,10 +285,22 @@ fn decode_step_equals_last_row_of_prefill() {
             (kc, vc) = (k2, v2);
         }
         let mut out = vec![0.0; qw];
-        cpu::decode_attention(&q[(n - 1) * qw..], &kc, &vc, &[(n - 1) as f32], d, scale, Some(THETA), &mut out);
+        cpu::decode_attention(
+            &q[(n - 1) * qw..],
+            &kc,
+            &vc,
+            &[(n - 1) as f32],
+            d,
+            scale,
+            Some(THETA),
+            &mut out,
+        );
         let e = openuni_cuda::testing::rel_l2(&out, &prefill[(n - 1) * qw..]);
         println!("decode step vs prefill last row, n {n} heads {heads}/{kv_heads} hd {hd}: rel L2 {e:.3e}");
-        assert!(e <= 1e-5, "decode step differs from the prefill's last row: rel L2 {e:.3e}");
+        assert!(
+            e <= 1e-5,
+            "decode step differs from the prefill's last row: rel L2 {e:.3e}"
+        );
     }
 }
 
@@ -210,9 +323,15 @@ fn kv_cache_rows_matches_cpu() {
                 if let Some(theta) = rope {
                     cpu::rope_at(xb, &positions, kv, hd, theta, &mut r);
                 }
-                for (t, h, d) in (0..tokens).flat_map(|t| (0..kv).flat_map(move |h| (0..hd).map(move |d| (t, h, d)))) {
+                for (t, h, d) in (0..tokens)
+                    .flat_map(|t| (0..kv).flat_map(move |h| (0..hd).map(move |d| (t, h, d))))
+                {
                     let got = want[((b * kv + h) * tokens + t) * hd + d];
-                    assert_eq!(got.to_bits(), r[(t * kv + h) * hd + d].to_bits(), "kv_cache_rows twin: b {b} t {t} h {h} d {d}");
+                    assert_eq!(
+                        got.to_bits(),
+                        r[(t * kv + h) * hd + d].to_bits(),
+                        "kv_cache_rows twin: b {b} t {t} h {h} d {d}"
+                    );
                 }
             }
             let Some(dev) = &dev else { continue };
@@ -222,7 +341,12 @@ fn kv_cache_rows_matches_cpu() {
             gb.output("y", y).unwrap();
             let g = gb.finish();
             for dtype in DTYPES {
-                let got = run(dev, &g, &[("x", vec![batch, tokens, kv * hd], &x[..])], dtype);
+                let got = run(
+                    dev,
+                    &g,
+                    &[("x", vec![batch, tokens, kv * hd], &x[..])],
+                    dtype,
+                );
                 let mut base = vec![0.0; x.len()];
                 cpu::kv_cache_rows(&round_to(dtype, &x), batch, tokens, kv, hd, rope, &mut base);
                 check(&format!("kv_cache_rows {dtype} batch {batch} tokens {tokens} kv {kv} hd {hd} rope {}", rope.is_some()), dtype, &got, &want, &base);
@@ -243,26 +367,54 @@ fn kv_cache_append_on_a_state_persists_across_runs() {
     let xi = gb.input("x", [b, kv * hd]).unwrap();
     let pi = gb.input("positions", [b]).unwrap();
     let qi = gb.input("q", [b, 2 * kv * hd]).unwrap();
-    let c2 = gb.kv_cache_append("append", cache, xi, pi, kv, hd, Some(THETA)).unwrap();
-    let y = gb.decode_attention("attn", qi, c2, c2, pi, 2 * kv, kv, hd, 0.125, Some(THETA)).unwrap();
+    let c2 = gb
+        .kv_cache_append("append", cache, xi, pi, kv, hd, Some(THETA))
+        .unwrap();
+    let y = gb
+        .decode_attention("attn", qi, c2, c2, pi, 2 * kv, kv, hd, 0.125, Some(THETA))
+        .unwrap();
     gb.output("y", y).unwrap();
     let g = gb.finish();
     let mut rng = Rng::new(73);
     let xs: Vec<Vec<f32>> = (0..3).map(|_| rng.normals(b * kv * hd, 0.0, 1.0)).collect();
     let q = rng.normals(b * 2 * kv * hd, 0.0, 1.0);
     // The expected cache and last output from the CPU twins, appended one run at a time.
-    let d = DecodeDims { batch: b, heads: kv, kv_heads: kv, head_dim: hd, max_len };
+    let d = DecodeDims {
+        batch: b,
+        heads: kv,
+        kv_heads: kv,
+        head_dim: hd,
+        max_len,
+    };
     let mut want = vec![0f32; b * kv * max_len * hd];
     for (p, x) in xs.iter().enumerate() {
         cpu::kv_cache_write(x, &[p as f32; 2], d, Some(THETA), &mut want);
     }
     let mut want_y = vec![0f32; q.len()];
-    cpu::decode_attention(&q, &want, &want, &[2.0; 2], DecodeDims { heads: 2 * kv, ..d }, 0.125, Some(THETA), &mut want_y);
+    cpu::decode_attention(
+        &q,
+        &want,
+        &want,
+        &[2.0; 2],
+        DecodeDims { heads: 2 * kv, ..d },
+        0.125,
+        Some(THETA),
+        &mut want_y,
+    );
     let inputs = |p: usize| -> HashMap<String, HostTensor> {
         HashMap::from([
-            ("x".to_string(), HostTensor::from_f32([b, kv * hd], xs[p].clone()).unwrap()),
-            ("positions".to_string(), HostTensor::from_f32([b], vec![p as f32; b]).unwrap()),
-            ("q".to_string(), HostTensor::from_f32([b, 2 * kv * hd], q.clone()).unwrap()),
+            (
+                "x".to_string(),
+                HostTensor::from_f32([b, kv * hd], xs[p].clone()).unwrap(),
+            ),
+            (
+                "positions".to_string(),
+                HostTensor::from_f32([b], vec![p as f32; b]).unwrap(),
+            ),
+            (
+                "q".to_string(),
+                HostTensor::from_f32([b, 2 * kv * hd], q.clone()).unwrap(),
+            ),
         ])
     };
     let mut cpu_ex = openuni_cpu::CpuExecutor::new(&g, &HashMap::new(), false).unwrap();
@@ -270,7 +422,11 @@ fn kv_cache_append_on_a_state_persists_across_runs() {
     for p in 0..3 {
         y = cpu_ex.run(&inputs(p)).unwrap()["y"].to_f32_vec();
     }
-    assert_eq!(cpu_ex.read_state("k_cache", 0, want.len()).unwrap(), want, "cpu executor state");
+    assert_eq!(
+        cpu_ex.read_state("k_cache", 0, want.len()).unwrap(),
+        want,
+        "cpu executor state"
+    );
     assert_eq!(y, want_y, "cpu executor attention over the state");
     let Some(dev) = device_or_skip() else { return };
     for dtype in DTYPES {
@@ -279,13 +435,32 @@ fn kv_cache_append_on_a_state_persists_across_runs() {
             y = ex.run(&inputs(p)).unwrap()["y"].to_f32_vec();
         }
         let got = ex.read_state("k_cache", 0, want.len()).unwrap();
-        check(&format!("state cache {dtype}"), dtype, &got, &want, &round_to(dtype, &want));
-        assert!(got.chunks(hd).enumerate().all(|(r, row)| r % max_len < 3 || row.iter().all(|&v| v == 0.0)), "{dtype}: rows past the appended ones are not zero");
-        check(&format!("attention over the state {dtype}"), dtype, &y, &want_y, &want_y);
+        check(
+            &format!("state cache {dtype}"),
+            dtype,
+            &got,
+            &want,
+            &round_to(dtype, &want),
+        );
+        assert!(
+            got.chunks(hd)
+                .enumerate()
+                .all(|(r, row)| r % max_len < 3 || row.iter().all(|&v| v == 0.0)),
+            "{dtype}: rows past the appended ones are not zero"
+        );
+        check(
+            &format!("attention over the state {dtype}"),
+            dtype,
+            &y,
+            &want_y,
+            &want_y,
+        );
         // write_state then read_state round-trips (bf16: values that bf16 holds exactly).
         ex.write_state("k_cache", hd, &[0.5; 64]).unwrap();
         assert_eq!(ex.read_state("k_cache", hd, 64).unwrap(), vec![0.5; 64]);
-        assert!(ex.write_state("k_cache", want.len() - 1, &[0.0; 2]).is_err());
+        assert!(ex
+            .write_state("k_cache", want.len() - 1, &[0.0; 2])
+            .is_err());
         assert!(ex.write_state("x", 0, &[0.0]).is_err());
     }
 }

@@ -12,14 +12,19 @@ use std::sync::Arc;
 
 use half::bf16;
 use openuni_cpu::ops as cpu;
-use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::families::{elementwise, enqueue};
+use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::{CudaDevice, CudaExecutor};
 use openuni_graph::{Graph, GraphBuilder, UnaryFn};
 use openuni_tensor::{DType, HostTensor};
 
 const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
-const FNS: [UnaryFn; 4] = [UnaryFn::Silu, UnaryFn::GeluTanh, UnaryFn::GeluErf, UnaryFn::Relu];
+const FNS: [UnaryFn; 4] = [
+    UnaryFn::Silu,
+    UnaryFn::GeluTanh,
+    UnaryFn::GeluErf,
+    UnaryFn::Relu,
+];
 /// Shapes whose element counts are and are not multiples of the vector widths.
 const SHAPES: &[&[usize]] = &[&[1], &[7], &[37, 96], &[5, 1152], &[3, 2240], &[11, 1001]];
 
@@ -27,8 +32,14 @@ fn tensor(shape: &[usize], v: Vec<f32>) -> HostTensor {
     HostTensor::from_f32(shape.to_vec(), v).unwrap()
 }
 
-fn run(dev: &Arc<CudaDevice>, g: &Graph, inputs: &HashMap<String, HostTensor>, dtype: DType) -> Vec<f32> {
-    let mut ex = CudaExecutor::new(dev, g, &HashMap::<String, HostTensor>::new(), dtype, false).unwrap();
+fn run(
+    dev: &Arc<CudaDevice>,
+    g: &Graph,
+    inputs: &HashMap<String, HostTensor>,
+    dtype: DType,
+) -> Vec<f32> {
+    let mut ex =
+        CudaExecutor::new(dev, g, &HashMap::<String, HostTensor>::new(), dtype, false).unwrap();
     ex.run(inputs).unwrap()["y"].to_f32_vec()
 }
 
@@ -52,7 +63,13 @@ fn unary_functions_match_cpu() {
                 let got = run(&dev, &g, &inputs, dtype);
                 let mut base = vec![0.0; n];
                 cpu::unary(f, &round_to(dtype, &x), &mut base);
-                check(&format!("{} {dtype} {shape:?}", f.name()), dtype, &got, &want, &base);
+                check(
+                    &format!("{} {dtype} {shape:?}", f.name()),
+                    dtype,
+                    &got,
+                    &want,
+                    &base,
+                );
             }
         }
     }
@@ -129,7 +146,13 @@ fn gated_add_matches_cpu() {
                 c,
                 &mut base,
             );
-            check(&format!("gated_add {dtype} [{b}, {n}, {c}]"), dtype, &got, &want, &base);
+            check(
+                &format!("gated_add {dtype} [{b}, {n}, {c}]"),
+                dtype,
+                &got,
+                &want,
+                &base,
+            );
         }
     }
 }
@@ -169,8 +192,16 @@ fn casts_are_exact() {
         dev.fill_bytes(mid.ptr(), 0xFF, mid.bytes()).unwrap();
         dev.fill_bytes(back.ptr(), 0xFF, back.bytes()).unwrap();
         unsafe {
-            enqueue(&dev, &elementwise::cast(DType::BF16, dev.sm_count(), sp, mp, n).unwrap()).unwrap();
-            enqueue(&dev, &elementwise::cast(DType::F32, dev.sm_count(), mp, bp, n).unwrap()).unwrap();
+            enqueue(
+                &dev,
+                &elementwise::cast(DType::BF16, dev.sm_count(), sp, mp, n).unwrap(),
+            )
+            .unwrap();
+            enqueue(
+                &dev,
+                &elementwise::cast(DType::F32, dev.sm_count(), mp, bp, n).unwrap(),
+            )
+            .unwrap();
         }
         let mut h = vec![0u16; n];
         dev.copy_to_host(mp, &mut h).unwrap();
@@ -244,7 +275,11 @@ fn elementwise_on_misaligned_and_in_place_pointers() {
         let x = rng.normals(total, 0.0, 2.0);
         let v = rng.normals(total, 0.0, 1.0);
         let gate = rng.normals(b * c, 0.0, 1.0);
-        let (xr, vr, gr) = (round_to(dtype, &x), round_to(dtype, &v), round_to(dtype, &gate));
+        let (xr, vr, gr) = (
+            round_to(dtype, &x),
+            round_to(dtype, &v),
+            round_to(dtype, &gate),
+        );
         let mut xb = to_dev(&[0.0]);
         xb.extend(to_dev(&x));
         let mut vb = to_dev(&[0.0]);
@@ -257,7 +292,13 @@ fn elementwise_on_misaligned_and_in_place_pointers() {
 
         // silu, misaligned.
         dev.fill_bytes(ybuf.ptr(), 0xFF, ybuf.bytes()).unwrap();
-        unsafe { enqueue(&dev, &elementwise::unary(dtype, dev.sm_count(), UnaryFn::Silu, xp, yp, total).unwrap()).unwrap() };
+        unsafe {
+            enqueue(
+                &dev,
+                &elementwise::unary(dtype, dev.sm_count(), UnaryFn::Silu, xp, yp, total).unwrap(),
+            )
+            .unwrap()
+        };
         let (mut want, mut base) = (vec![0.0; total], vec![0.0; total]);
         cpu::unary(UnaryFn::Silu, &x, &mut want);
         cpu::unary(UnaryFn::Silu, &xr, &mut base);
@@ -270,7 +311,14 @@ fn elementwise_on_misaligned_and_in_place_pointers() {
         );
 
         // gated_add, misaligned x and v, aligned gate, in place over v.
-        unsafe { enqueue(&dev, &elementwise::gated_add(dtype, dev.sm_count(), xp, gbuf.ptr(), vp, vp, total, n, c).unwrap()).unwrap() };
+        unsafe {
+            enqueue(
+                &dev,
+                &elementwise::gated_add(dtype, dev.sm_count(), xp, gbuf.ptr(), vp, vp, total, n, c)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
         cpu::gated_add(&x, &gate, &v, n, c, &mut want);
         cpu::gated_add(&xr, &gr, &vr, n, c, &mut base);
         check(
@@ -284,7 +332,13 @@ fn elementwise_on_misaligned_and_in_place_pointers() {
         // add in place over misaligned x, odd length.
         let (a0, m) = (xbuf.ptr() + es, total - 3);
         let before = read(a0, m);
-        unsafe { enqueue(&dev, &elementwise::add(dtype, dev.sm_count(), a0, yp, a0, m).unwrap()).unwrap() };
+        unsafe {
+            enqueue(
+                &dev,
+                &elementwise::add(dtype, dev.sm_count(), a0, yp, a0, m).unwrap(),
+            )
+            .unwrap()
+        };
         let y = read(yp, m);
         let want_add: Vec<f32> = before.iter().zip(&y).map(|(p, q)| p + q).collect();
         check(
@@ -317,7 +371,12 @@ fn ada_gated_add_matches_cpu() {
         let t = rng.normals(b * tc, 0.0, 1.0);
         let table = rng.normals(k * c, 0.0, 0.5);
         let v = rng.normals(total, 0.0, 1.0);
-        let d = cpu::AdaDims { batch: b, tokens: n, cols: c, k };
+        let d = cpu::AdaDims {
+            batch: b,
+            tokens: n,
+            cols: c,
+            k,
+        };
         let mut want = vec![0.0; total];
         cpu::ada_gated_add(&x, &t, &table, d, gate, &v, &mut want);
         let mut gb = GraphBuilder::new();
@@ -325,7 +384,9 @@ fn ada_gated_add_matches_cpu() {
         let ti = gb.input("t", [b, tc]).unwrap();
         let tab = gb.input("table", [k, c]).unwrap();
         let vi = gb.input("v", [b, n, c]).unwrap();
-        let y = gb.ada_gated_add("gated_residual", xi, ti, tab, gate, vi).unwrap();
+        let y = gb
+            .ada_gated_add("gated_residual", xi, ti, tab, gate, vi)
+            .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
         let inputs = HashMap::from([
@@ -339,7 +400,13 @@ fn ada_gated_add_matches_cpu() {
             let r = |a: &[f32]| round_to(dtype, a);
             let mut base = vec![0.0; total];
             cpu::ada_gated_add(&r(&x), &r(&t), &r(&table), d, gate, &r(&v), &mut base);
-            check(&format!("ada_gated_add {dtype} [{b}, {n}, {c}] table [{k}, {c}] t [{b}, {tc}]"), dtype, &got, &want, &base);
+            check(
+                &format!("ada_gated_add {dtype} [{b}, {n}, {c}] table [{k}, {c}] t [{b}, {tc}]"),
+                dtype,
+                &got,
+                &want,
+                &base,
+            );
         }
     }
 }

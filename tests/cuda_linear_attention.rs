@@ -31,22 +31,38 @@ fn check_exact_bf16(what: &str, dtype: DType, got: &[f32], base: &[f32]) {
     }
     let e = rel_l2(got, &round_to(dtype, base));
     println!("{what}: vs the rounded bf16-input computation: rel L2 {e:.3e} (bound 5e-4)");
-    assert!(e <= 5e-4, "{what}: {e:.3e} from the bf16-input computation: the f32 state lost precision");
+    assert!(
+        e <= 5e-4,
+        "{what}: {e:.3e} from the bf16-input computation: the f32 state lost precision"
+    );
 }
 
 fn tensor(shape: &[usize], v: Vec<f32>) -> HostTensor {
     HostTensor::from_f32(shape.to_vec(), v).unwrap()
 }
 
-fn run(dev: &Arc<CudaDevice>, g: &Graph, inputs: &HashMap<String, HostTensor>, dtype: DType) -> HashMap<String, Vec<f32>> {
+fn run(
+    dev: &Arc<CudaDevice>,
+    g: &Graph,
+    inputs: &HashMap<String, HostTensor>,
+    dtype: DType,
+) -> HashMap<String, Vec<f32>> {
     let w: HashMap<String, HostTensor> = HashMap::new();
     let mut ex = CudaExecutor::new(dev, g, &w, dtype, false).unwrap();
-    ex.run(inputs).unwrap().into_iter().map(|(k, v)| (k, v.to_f32_vec())).collect()
+    ex.run(inputs)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_f32_vec()))
+        .collect()
 }
 
 /// q, k, v with a positive bias so that ReLU keeps about 60% of the values.
 fn qkv(rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    (rng.normals(n, 0.25, 1.0), rng.normals(n, 0.25, 1.0), rng.normals(n, 0.0, 1.0))
+    (
+        rng.normals(n, 0.25, 1.0),
+        rng.normals(n, 0.25, 1.0),
+        rng.normals(n, 0.0, 1.0),
+    )
 }
 
 fn separate_graph(b: usize, n: usize, heads: usize, hd: usize) -> Graph {
@@ -55,7 +71,9 @@ fn separate_graph(b: usize, n: usize, heads: usize, hd: usize) -> Graph {
     let q = gb.input("q", [b, n, c]).unwrap();
     let k = gb.input("k", [b, n, c]).unwrap();
     let v = gb.input("v", [b, n, c]).unwrap();
-    let y = gb.linear_attention("attn1.linear_attention", q, k, v, heads, hd).unwrap();
+    let y = gb
+        .linear_attention("attn1.linear_attention", q, k, v, heads, hd)
+        .unwrap();
     gb.output("y", y).unwrap();
     gb.finish()
 }
@@ -63,13 +81,22 @@ fn separate_graph(b: usize, n: usize, heads: usize, hd: usize) -> Graph {
 fn packed_graph(b: usize, n: usize, groups: usize, hd: usize) -> Graph {
     let mut gb = GraphBuilder::new();
     let x = gb.input("qkv", [b, n, groups * 3 * hd]).unwrap();
-    let y = gb.packed_linear_attention("attn.linear_attention", x, groups, hd).unwrap();
+    let y = gb
+        .packed_linear_attention("attn.linear_attention", x, groups, hd)
+        .unwrap();
     gb.output("y", y).unwrap();
     gb.finish()
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_separate(dev: &Arc<CudaDevice>, rng: &mut Rng, b: usize, n: usize, heads: usize, hd: usize) {
+fn check_separate(
+    dev: &Arc<CudaDevice>,
+    rng: &mut Rng,
+    b: usize,
+    n: usize,
+    heads: usize,
+    hd: usize,
+) {
     let c = heads * hd;
     let (q, k, v) = qkv(rng, b * n * c);
     let mut want = vec![0.0; b * n * c];
@@ -84,8 +111,19 @@ fn check_separate(dev: &Arc<CudaDevice>, rng: &mut Rng, b: usize, n: usize, head
     for dtype in DTYPES {
         let got = &run(dev, &g, &inputs, dtype)["y"];
         let mut base = vec![0.0; b * n * c];
-        cpu::linear_attention(&round_to(dtype, &q), &round_to(dtype, &k), &round_to(dtype, &v), b, n, heads, hd, &mut base);
-        let what = format!("linear_attention {dtype} B={b} N={n} heads={heads} hd={hd} ({chunks} chunks of {len})");
+        cpu::linear_attention(
+            &round_to(dtype, &q),
+            &round_to(dtype, &k),
+            &round_to(dtype, &v),
+            b,
+            n,
+            heads,
+            hd,
+            &mut base,
+        );
+        let what = format!(
+            "linear_attention {dtype} B={b} N={n} heads={heads} hd={hd} ({chunks} chunks of {len})"
+        );
         check(&what, dtype, got, &want, &base);
         check_exact_bf16(&what, dtype, got, &base);
     }
@@ -96,7 +134,14 @@ fn linear_attention_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(11);
     // (B, N, heads) at SANA's head dim 32.
-    for &(b, n, heads) in &[(2, 1, 1), (2, 7, 3), (2, 129, 70), (2, 300, 2), (2, 1025, 3), (1, 64, 5)] {
+    for &(b, n, heads) in &[
+        (2, 1, 1),
+        (2, 7, 3),
+        (2, 129, 70),
+        (2, 300, 2),
+        (2, 1025, 3),
+        (1, 64, 5),
+    ] {
         check_separate(&dev, &mut rng, b, n, heads, 32);
     }
 }
@@ -141,7 +186,9 @@ fn packed_key_norm_graph(b: usize, n: usize, groups: usize, hd: usize, eps: f32)
     let mut gb = GraphBuilder::new();
     let x = gb.input("qkv", [b, n, groups * 3 * hd]).unwrap();
     let w = gb.weight("attn.norm_k.weight", [groups * hd]).unwrap();
-    let y = gb.packed_linear_attention_key_norm("attn.linear_attention", x, groups, hd, w, eps).unwrap();
+    let y = gb
+        .packed_linear_attention_key_norm("attn.linear_attention", x, groups, hd, w, eps)
+        .unwrap();
     gb.output("y", y).unwrap();
     gb.finish()
 }
@@ -150,9 +197,22 @@ fn packed_key_norm_graph(b: usize, n: usize, groups: usize, hd: usize, eps: f32)
 /// all groups (its output rounded to the storage type when `round`, as a stored normalised k
 /// is), then the separate-tensor linear attention.
 #[allow(clippy::too_many_arguments)]
-fn key_norm_then_attention(x: &[f32], w: &[f32], eps: f32, b: usize, n: usize, groups: usize, hd: usize, round: Option<DType>) -> Vec<f32> {
+fn key_norm_then_attention(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    b: usize,
+    n: usize,
+    groups: usize,
+    hd: usize,
+    round: Option<DType>,
+) -> Vec<f32> {
     let c = groups * hd;
-    let (mut q, mut k, mut v) = (vec![0.0; b * n * c], vec![0.0; b * n * c], vec![0.0; b * n * c]);
+    let (mut q, mut k, mut v) = (
+        vec![0.0; b * n * c],
+        vec![0.0; b * n * c],
+        vec![0.0; b * n * c],
+    );
     for row in 0..b * n {
         for g in 0..groups {
             let src = &x[row * 3 * c + g * 3 * hd..][..3 * hd];
@@ -191,12 +251,22 @@ fn packed_linear_attention_key_norm_matches_unfused() {
             let want = key_norm_then_attention(&x, &w, eps, b, n, groups, hd, None);
             let g = packed_key_norm_graph(b, n, groups, hd, eps);
             let inputs = HashMap::from([("qkv".to_string(), tensor(&[b, n, 3 * c], x.clone()))]);
-            let weights = HashMap::from([("attn.norm_k.weight".to_string(), tensor(&[c], w.clone()))]);
+            let weights =
+                HashMap::from([("attn.norm_k.weight".to_string(), tensor(&[c], w.clone()))]);
             let (chunks, len) = chunking(dev.sm_count(), &Dims::packed(b, n, groups, hd));
             for dtype in DTYPES {
                 let mut ex = CudaExecutor::new(&dev, &g, &weights, dtype, false).unwrap();
                 let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
-                let base = key_norm_then_attention(&round_to(dtype, &x), &round_to(dtype, &w), eps, b, n, groups, hd, Some(dtype));
+                let base = key_norm_then_attention(
+                    &round_to(dtype, &x),
+                    &round_to(dtype, &w),
+                    eps,
+                    b,
+                    n,
+                    groups,
+                    hd,
+                    Some(dtype),
+                );
                 let what = format!("packed_linear_attention key_norm {dtype} B={b} N={n} groups={groups} hd={hd} ({chunks} chunks of {len})");
                 check(&what, dtype, &got, &want, &base);
                 check_exact_bf16(&what, dtype, &got, &base);
@@ -213,8 +283,15 @@ fn packed_linear_attention_key_norm_matches_unfused() {
 fn multiscale_linear_attention_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(15);
-    for (b, n, hd, groups) in [(2, 7, 8, vec![2, 1]), (2, 1025, 32, vec![2, 2]), (1, 1, 16, vec![1, 3])] {
-        let xs: Vec<Vec<f32>> = groups.iter().map(|g| rng.normals(b * n * g * 3 * hd, 0.2, 1.0)).collect();
+    for (b, n, hd, groups) in [
+        (2, 7, 8, vec![2, 1]),
+        (2, 1025, 32, vec![2, 2]),
+        (1, 1, 16, vec![1, 3]),
+    ] {
+        let xs: Vec<Vec<f32>> = groups
+            .iter()
+            .map(|g| rng.normals(b * n * g * 3 * hd, 0.2, 1.0))
+            .collect();
         let widths: Vec<usize> = groups.iter().map(|g| g * 3 * hd).collect();
         let c = groups.iter().sum::<usize>() * hd;
         let twin = |xs: &[Vec<f32>]| {
@@ -225,15 +302,28 @@ fn multiscale_linear_attention_matches_cpu() {
         };
         let want = twin(&xs);
         let mut gb = GraphBuilder::new();
-        let ids: Vec<_> = widths.iter().enumerate().map(|(i, &w)| gb.input(&format!("s{i}"), [b, n, w]).unwrap()).collect();
-        let y = gb.multiscale_linear_attention("attn.linear_attention", &ids, hd).unwrap();
+        let ids: Vec<_> = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| gb.input(&format!("s{i}"), [b, n, w]).unwrap())
+            .collect();
+        let y = gb
+            .multiscale_linear_attention("attn.linear_attention", &ids, hd)
+            .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
-        let inputs: HashMap<String, HostTensor> = xs.iter().zip(&widths).enumerate().map(|(i, (x, &w))| (format!("s{i}"), tensor(&[b, n, w], x.clone()))).collect();
+        let inputs: HashMap<String, HostTensor> = xs
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (x, &w))| (format!("s{i}"), tensor(&[b, n, w], x.clone())))
+            .collect();
         for dtype in DTYPES {
             let got = &run(&dev, &g, &inputs, dtype)["y"];
             let base = twin(&xs.iter().map(|x| round_to(dtype, x)).collect::<Vec<_>>());
-            let what = format!("multiscale_linear_attention {dtype} B={b} N={n} hd={hd} groups={groups:?}");
+            let what = format!(
+                "multiscale_linear_attention {dtype} B={b} N={n} hd={hd} groups={groups:?}"
+            );
             check(&what, dtype, got, &want, &base);
             check_exact_bf16(&what, dtype, got, &base);
         }
@@ -263,7 +353,10 @@ fn zero_state_gives_zero_output() {
     ]);
     for dtype in DTYPES {
         let got = &run(&dev, &g, &inputs, dtype)["y"];
-        assert!(got.iter().all(|&x| x == 0.0), "{dtype}: expected exact zeros");
+        assert!(
+            got.iter().all(|&x| x == 0.0),
+            "{dtype}: expected exact zeros"
+        );
     }
 }
 
@@ -284,12 +377,19 @@ fn repeated_runs_and_replays_are_identical() {
     let ki = gb.input("k", [b, n, c]).unwrap();
     let vi = gb.input("v", [b, n, c]).unwrap();
     let xi = gb.input("qkv", [b, n2, w2]).unwrap();
-    let y1 = gb.linear_attention("a.linear_attention", qi, ki, vi, heads, hd).unwrap();
-    let y2 = gb.packed_linear_attention("b.linear_attention", xi, groups, hd).unwrap();
+    let y1 = gb
+        .linear_attention("a.linear_attention", qi, ki, vi, heads, hd)
+        .unwrap();
+    let y2 = gb
+        .packed_linear_attention("b.linear_attention", xi, groups, hd)
+        .unwrap();
     gb.output("y1", y1).unwrap();
     gb.output("y2", y2).unwrap();
     let g = gb.finish();
-    assert!(chunking(dev.sm_count(), &Dims::separate(b, n, heads, hd)).0 > 1, "the test needs several chunks");
+    assert!(
+        chunking(dev.sm_count(), &Dims::separate(b, n, heads, hd)).0 > 1,
+        "the test needs several chunks"
+    );
     // Two input sets, their CPU results (f32 inputs) and plain bf16 baselines.
     struct Set {
         inputs: HashMap<String, HostTensor>,
@@ -320,24 +420,57 @@ fn repeated_runs_and_replays_are_identical() {
             let (a1, a2) = (out["y1"].to_f32_vec(), out["y2"].to_f32_vec());
             let (mut want1, mut base1) = (vec![0.0; b * n * c], vec![0.0; b * n * c]);
             cpu::linear_attention(&s.q, &s.k, &s.v, b, n, heads, hd, &mut want1);
-            cpu::linear_attention(&round_to(dtype, &s.q), &round_to(dtype, &s.k), &round_to(dtype, &s.v), b, n, heads, hd, &mut base1);
-            let (mut want2, mut base2) = (vec![0.0; b * n2 * groups * hd], vec![0.0; b * n2 * groups * hd]);
+            cpu::linear_attention(
+                &round_to(dtype, &s.q),
+                &round_to(dtype, &s.k),
+                &round_to(dtype, &s.v),
+                b,
+                n,
+                heads,
+                hd,
+                &mut base1,
+            );
+            let (mut want2, mut base2) = (
+                vec![0.0; b * n2 * groups * hd],
+                vec![0.0; b * n2 * groups * hd],
+            );
             cpu::packed_linear_attention(&s.x, b, n2, groups, hd, &mut want2);
             cpu::packed_linear_attention(&round_to(dtype, &s.x), b, n2, groups, hd, &mut base2);
-            check(&format!("{dtype} set {i} node 1"), dtype, &a1, &want1, &base1);
-            check(&format!("{dtype} set {i} node 2"), dtype, &a2, &want2, &base2);
+            check(
+                &format!("{dtype} set {i} node 1"),
+                dtype,
+                &a1,
+                &want1,
+                &base1,
+            );
+            check(
+                &format!("{dtype} set {i} node 2"),
+                dtype,
+                &a2,
+                &want2,
+                &base2,
+            );
             firsts.push((a1, a2));
         }
         let same = |out: &HashMap<String, HostTensor>, i: usize, what: &str| {
-            assert!(out["y1"].to_f32_vec() == firsts[i].0, "{dtype}: {what} of set {i} differs (node 1)");
-            assert!(out["y2"].to_f32_vec() == firsts[i].1, "{dtype}: {what} of set {i} differs (node 2)");
+            assert!(
+                out["y1"].to_f32_vec() == firsts[i].0,
+                "{dtype}: {what} of set {i} differs (node 1)"
+            );
+            assert!(
+                out["y2"].to_f32_vec() == firsts[i].1,
+                "{dtype}: {what} of set {i} differs (node 2)"
+            );
         };
         same(&ex.run(&sets[0].inputs).unwrap(), 0, "second run");
         ex.capture().unwrap();
         for i in [1, 0, 1] {
             same(&ex.replay(&sets[i].inputs).unwrap(), i, "replay");
         }
-        println!("{dtype}: runs and replays identical; workspaces {} bytes", ex.resource_bytes());
+        println!(
+            "{dtype}: runs and replays identical; workspaces {} bytes",
+            ex.resource_bytes()
+        );
     }
 }
 
@@ -346,7 +479,15 @@ fn unsupported_head_dim_is_a_clear_error() {
     let Some(dev) = device_or_skip() else { return };
     let g = separate_graph(1, 4, 2, 64);
     let w: HashMap<String, HostTensor> = HashMap::new();
-    let err = CudaExecutor::new(&dev, &g, &w, DType::BF16, false).err().expect("head dim 64 must be refused").to_string();
+    let err = CudaExecutor::new(&dev, &g, &w, DType::BF16, false)
+        .err()
+        .expect("head dim 64 must be refused")
+        .to_string();
     println!("{err}");
-    assert!(err.contains("attn1.linear_attention") && err.contains("head_dim 64") && err.contains("linear_attention.cu"), "{err}");
+    assert!(
+        err.contains("attn1.linear_attention")
+            && err.contains("head_dim 64")
+            && err.contains("linear_attention.cu"),
+        "{err}"
+    );
 }

@@ -31,8 +31,17 @@ fn tensor(shape: &[usize], v: &[f32]) -> HostTensor {
 }
 
 /// Runs a graph with output `y` on the device.
-fn run(dev: &Arc<CudaDevice>, g: &Graph, weights: &HashMap<String, HostTensor>, inputs: &[(&str, &[usize], &[f32])], dtype: DType) -> Vec<f32> {
-    let inputs: HashMap<String, HostTensor> = inputs.iter().map(|(n, s, v)| (n.to_string(), tensor(s, v))).collect();
+fn run(
+    dev: &Arc<CudaDevice>,
+    g: &Graph,
+    weights: &HashMap<String, HostTensor>,
+    inputs: &[(&str, &[usize], &[f32])],
+    dtype: DType,
+) -> Vec<f32> {
+    let inputs: HashMap<String, HostTensor> = inputs
+        .iter()
+        .map(|(n, s, v)| (n.to_string(), tensor(s, v)))
+        .collect();
     let mut ex = CudaExecutor::new(dev, g, weights, dtype, false).unwrap();
     ex.run(&inputs).unwrap()["y"].to_f32_vec()
 }
@@ -47,7 +56,13 @@ fn modulation_table_matches_cpu() {
     let mut rng = Rng::new(21);
     // (B, k, C, t per row): adaLN-single's block table (6 rows, t [B, 6C]) and head table (2 rows,
     // t [B, C] broadcast).
-    for &(b, k, c, per_row) in &[(2, 6, 48, true), (2, 2, 48, false), (2, 6, 7, true), (2, 2, 1152, false), (1, 6, 1152, true)] {
+    for &(b, k, c, per_row) in &[
+        (2, 6, 48, true),
+        (2, 2, 48, false),
+        (2, 6, 7, true),
+        (2, 2, 1152, false),
+        (1, 6, 1152, true),
+    ] {
         let tw = if per_row { k * c } else { c };
         let t = rng.normals(b * tw, 0.0, 1.0);
         let table = rng.normals(k * c, 0.0, 0.5);
@@ -63,8 +78,21 @@ fn modulation_table_matches_cpu() {
         for dtype in DTYPES {
             let got = run(&dev, &g, &w, &[("t", &[b, tw], &t)], dtype);
             let mut base = vec![0.0; b * k * c];
-            cpu::modulation_table(&round_to(dtype, &t), &round_to(dtype, &table), b, k, c, &mut base);
-            check(&format!("modulation_table {dtype} B={b} k={k} C={c} per_row={per_row}"), dtype, &got, &want, &base);
+            cpu::modulation_table(
+                &round_to(dtype, &t),
+                &round_to(dtype, &table),
+                b,
+                k,
+                c,
+                &mut base,
+            );
+            check(
+                &format!("modulation_table {dtype} B={b} k={k} C={c} per_row={per_row}"),
+                dtype,
+                &got,
+                &want,
+                &base,
+            );
         }
     }
 }
@@ -73,7 +101,11 @@ fn modulation_table_matches_cpu() {
 fn assert_copy(what: &str, dtype: DType, got: &[f32], want: &[f32]) {
     let r = round_to(dtype, want);
     assert_eq!(got.len(), r.len(), "{what}: length");
-    let bad = got.iter().zip(&r).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let bad = got
+        .iter()
+        .zip(&r)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
     println!("{what}: {bad} of {} elements differ", got.len());
     assert_eq!(bad, 0, "{what}: the copy is not exact");
 }
@@ -94,7 +126,12 @@ fn chunk_matches_cpu() {
             let g = gb.finish();
             for dtype in DTYPES {
                 let got = run(&dev, &g, &no_weights(), &[("x", &[b, k, c], &x)], dtype);
-                assert_copy(&format!("chunk {dtype} [{b}, {k}, {c}] row {index}"), dtype, &got, &want);
+                assert_copy(
+                    &format!("chunk {dtype} [{b}, {k}, {c}] row {index}"),
+                    dtype,
+                    &got,
+                    &want,
+                );
             }
         }
     }
@@ -105,11 +142,23 @@ fn gather_tokens_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(29);
     // (T, C, starts, len): the meta-query states of packed sequences; odd C takes the scalar path.
-    for (t, c, starts, len) in [(40, 64, vec![6, 20, 34], 6), (17, 5, vec![0, 3, 12], 5), (9, 48, vec![8], 1)] {
+    for (t, c, starts, len) in [
+        (40, 64, vec![6, 20, 34], 6),
+        (17, 5, vec![0, 3, 12], 5),
+        (9, 48, vec![8], 1),
+    ] {
         let x = rng.normals(t * c, 0.0, 1.0);
         let mut want = vec![0.0; starts.len() * len * c];
         for (i, &s) in starts.iter().enumerate() {
-            cpu::slice_tokens(&x, 1, t, c, s, len, &mut want[i * len * c..(i + 1) * len * c]);
+            cpu::slice_tokens(
+                &x,
+                1,
+                t,
+                c,
+                s,
+                len,
+                &mut want[i * len * c..(i + 1) * len * c],
+            );
         }
         let mut gb = GraphBuilder::new();
         let xi = gb.input("x", [1, t, c]).unwrap();
@@ -118,7 +167,12 @@ fn gather_tokens_matches_cpu() {
         let g = gb.finish();
         for dtype in DTYPES {
             let got = run(&dev, &g, &no_weights(), &[("x", &[1, t, c], &x)], dtype);
-            assert_copy(&format!("gather_tokens {dtype} [1, {t}, {c}] {starts:?}+{len}"), dtype, &got, &want);
+            assert_copy(
+                &format!("gather_tokens {dtype} [1, {t}, {c}] {starts:?}+{len}"),
+                dtype,
+                &got,
+                &want,
+            );
         }
     }
 }
@@ -128,25 +182,47 @@ fn concat_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(24);
     // Widths: odd (scalar path, unaligned destination columns), DC-AE's q|k|v (aligned), mixed.
-    for widths in [vec![5, 7], vec![5, 7, 3], vec![64, 64, 64], vec![64, 128], vec![8, 3, 16]] {
+    for widths in [
+        vec![5, 7],
+        vec![5, 7, 3],
+        vec![64, 64, 64],
+        vec![64, 128],
+        vec![8, 3, 16],
+    ] {
         let (b, n) = (2, 7);
-        let xs: Vec<Vec<f32>> = widths.iter().map(|&w| rng.normals(b * n * w, 0.0, 1.0)).collect();
+        let xs: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|&w| rng.normals(b * n * w, 0.0, 1.0))
+            .collect();
         let total: usize = widths.iter().sum();
         let mut want = vec![0.0; b * n * total];
         let parts: Vec<&[f32]> = xs.iter().map(|v| &v[..]).collect();
         cpu::concat(&parts, &widths, &mut want);
         let mut gb = GraphBuilder::new();
         let names: Vec<String> = (0..widths.len()).map(|i| format!("x{i}")).collect();
-        let ids: Vec<_> = names.iter().zip(&widths).map(|(nm, &w)| gb.input(nm, [b, n, w]).unwrap()).collect();
+        let ids: Vec<_> = names
+            .iter()
+            .zip(&widths)
+            .map(|(nm, &w)| gb.input(nm, [b, n, w]).unwrap())
+            .collect();
         let y = gb.concat("concat", &ids).unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
         let shapes: Vec<[usize; 3]> = widths.iter().map(|&w| [b, n, w]).collect();
-        let inputs: Vec<(&str, &[usize], &[f32])> =
-            names.iter().zip(&shapes).zip(&xs).map(|((nm, s), v)| (nm.as_str(), &s[..], &v[..])).collect();
+        let inputs: Vec<(&str, &[usize], &[f32])> = names
+            .iter()
+            .zip(&shapes)
+            .zip(&xs)
+            .map(|((nm, s), v)| (nm.as_str(), &s[..], &v[..]))
+            .collect();
         for dtype in DTYPES {
             let got = run(&dev, &g, &no_weights(), &inputs, dtype);
-            assert_copy(&format!("concat {dtype} widths {widths:?}"), dtype, &got, &want);
+            assert_copy(
+                &format!("concat {dtype} widths {widths:?}"),
+                dtype,
+                &got,
+                &want,
+            );
         }
     }
 }
@@ -155,7 +231,11 @@ fn timestep_graph(b: usize, dim: usize, via_node: bool) -> Graph {
     let mut gb = GraphBuilder::new();
     let t = gb.input("t", [b]).unwrap();
     // `via_node`: the timestep is computed on the device (stored in the executor's dtype).
-    let t = if via_node { gb.unary("t.relu", t, UnaryFn::Relu).unwrap() } else { t };
+    let t = if via_node {
+        gb.unary("t.relu", t, UnaryFn::Relu).unwrap()
+    } else {
+        t
+    };
     let y = gb.timestep_embedding("time_proj", t, dim).unwrap();
     gb.output("y", y).unwrap();
     gb.finish()
@@ -165,7 +245,12 @@ fn timestep_graph(b: usize, dim: usize, via_node: bool) -> Graph {
 fn timestep_embedding_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     // SANA's timesteps are integers up to 999 (bf16 holds integers exactly only up to 256).
-    for (t, dim) in [(vec![999.0, 0.0], 256), (vec![999.0, 998.0, 1.0, 517.0], 256), (vec![3.0, 261.0], 6), (vec![999.0, 501.0], 10)] {
+    for (t, dim) in [
+        (vec![999.0, 0.0], 256),
+        (vec![999.0, 998.0, 1.0, 517.0], 256),
+        (vec![3.0, 261.0], 6),
+        (vec![999.0, 501.0], 10),
+    ] {
         let b = t.len();
         let mut want = vec![0.0; b * dim];
         cpu::timestep_embedding(&t, dim, &mut want);
@@ -173,7 +258,13 @@ fn timestep_embedding_matches_cpu() {
         for dtype in DTYPES {
             let got = run(&dev, &g, &no_weights(), &[("t", &[b], &t)], dtype);
             // Stricter than the plain bf16 run (which rounds t): only the output rounding is allowed.
-            check(&format!("timestep_embedding {dtype} t={t:?} dim={dim}"), dtype, &got, &want, &want);
+            check(
+                &format!("timestep_embedding {dtype} t={t:?} dim={dim}"),
+                dtype,
+                &got,
+                &want,
+                &want,
+            );
         }
     }
 }
@@ -191,7 +282,13 @@ fn timestep_embedding_of_a_computed_timestep_matches_cpu() {
         // A bf16 value computed on the device is rounded like the plain bf16 run's input.
         let mut base = vec![0.0; b * dim];
         cpu::timestep_embedding(&round_to(dtype, &t), dim, &mut base);
-        check(&format!("timestep_embedding (computed t) {dtype}"), dtype, &got, &want, &base);
+        check(
+            &format!("timestep_embedding (computed t) {dtype}"),
+            dtype,
+            &got,
+            &want,
+            &base,
+        );
     }
 }
 
@@ -211,10 +308,22 @@ fn swiglu_matches_cpu() {
         gb.output("y", y).unwrap();
         let g = gb.finish();
         for dtype in DTYPES {
-            let got = run(&dev, &g, &no_weights(), &[("gate", &[b, n, c], &gate), ("up", &[b, n, c], &up)], dtype);
+            let got = run(
+                &dev,
+                &g,
+                &no_weights(),
+                &[("gate", &[b, n, c], &gate), ("up", &[b, n, c], &up)],
+                dtype,
+            );
             let mut base = vec![0.0; b * n * c];
             cpu::swiglu(&round_to(dtype, &gate), &round_to(dtype, &up), &mut base);
-            check(&format!("swiglu {dtype} [{b}, {n}, {c}]"), dtype, &got, &want, &base);
+            check(
+                &format!("swiglu {dtype} [{b}, {n}, {c}]"),
+                dtype,
+                &got,
+                &want,
+                &base,
+            );
         }
     }
 }
@@ -222,8 +331,20 @@ fn swiglu_matches_cpu() {
 /// `a` and `b` equal bit for bit, NaN matching any NaN.
 fn assert_same(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let bad: Vec<usize> = (0..got.len()).filter(|&i| !(got[i].to_bits() == want[i].to_bits() || got[i].is_nan() && want[i].is_nan())).collect();
-    assert!(bad.is_empty(), "{what}: {} of {} values differ, the first at {}: {} against {}", bad.len(), got.len(), bad[0], got[bad[0]], want[bad[0]]);
+    let bad: Vec<usize> = (0..got.len())
+        .filter(|&i| {
+            !(got[i].to_bits() == want[i].to_bits() || got[i].is_nan() && want[i].is_nan())
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} values differ, the first at {}: {} against {}",
+        bad.len(),
+        got.len(),
+        bad[0],
+        got[bad[0]],
+        want[bad[0]]
+    );
 }
 
 #[test]
@@ -234,7 +355,20 @@ fn embedding_gather_matches_cpu() {
     // extra rows (meta-queries as ids 300..304); then ids that must give NaN rows, never a read
     // outside the tables: past V + E, negative, not an integer, NaN.
     let (v, e) = (300usize, 4usize);
-    let ids = [0.0, 299.0, 257.0, 300.0, 303.0, 7.0, 299.0, 304.0, -1.0, 2.5, f32::NAN, 1e9];
+    let ids = [
+        0.0,
+        299.0,
+        257.0,
+        300.0,
+        303.0,
+        7.0,
+        299.0,
+        304.0,
+        -1.0,
+        2.5,
+        f32::NAN,
+        1e9,
+    ];
     for d in [5usize, 64] {
         let table = rng.normals(v * d, 0.0, 1.0);
         let extra = rng.normals(e * d, 0.0, 1.0);
@@ -245,11 +379,24 @@ fn embedding_gather_matches_cpu() {
         let y = gb.embedding_gather("embed", idi, ti, Some(ei)).unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
-        let w = HashMap::from([("embed_tokens.weight".to_string(), tensor(&[v, d], &table)), ("meta_queries".to_string(), tensor(&[e, d], &extra))]);
+        let w = HashMap::from([
+            ("embed_tokens.weight".to_string(), tensor(&[v, d], &table)),
+            ("meta_queries".to_string(), tensor(&[e, d], &extra)),
+        ]);
         for dtype in DTYPES {
             let mut want = vec![0.0; ids.len() * d];
-            cpu::embedding_gather(&ids, &round_to(dtype, &table), Some(&round_to(dtype, &extra)), d, &mut want);
-            assert!(want[7 * d..].iter().all(|x| x.is_nan()) && want[..7 * d].iter().all(|x| x.is_finite()), "the CPU twin's NaN rows");
+            cpu::embedding_gather(
+                &ids,
+                &round_to(dtype, &table),
+                Some(&round_to(dtype, &extra)),
+                d,
+                &mut want,
+            );
+            assert!(
+                want[7 * d..].iter().all(|x| x.is_nan())
+                    && want[..7 * d].iter().all(|x| x.is_finite()),
+                "the CPU twin's NaN rows"
+            );
             let got = run(&dev, &g, &w, &[("ids", &[1, ids.len()], &ids)], dtype);
             assert_same(&format!("embedding_gather {dtype} D={d}"), &got, &want);
         }
@@ -262,7 +409,18 @@ fn quantize_u8_matches_the_host_rule_bit_for_bit() {
     // The edges of the rule: -1, 1, 0, out of range, NaN (-> 0 as the host's saturating cast), ±Inf,
     // and for every pixel value k the inputs whose 127.5·x + 128 lands at k and at k + 0.5, with
     // their f32 neighbours (truncation and the no-FMA rounding are tested where they decide).
-    let mut x = vec![-1.0, 1.0, 0.0, -1.5, 1.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1e-30];
+    let mut x = vec![
+        -1.0,
+        1.0,
+        0.0,
+        -1.5,
+        1.5,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+        1e-30,
+    ];
     for k in 0..=256 {
         for at in [k as f32, k as f32 + 0.5] {
             let x0 = (at - 128.0) / 127.5;
@@ -286,15 +444,29 @@ fn quantize_u8_matches_the_host_rule_bit_for_bit() {
         let mut want = vec![0.0; x.len()];
         cpu::quantize_image_u8(&xr, b, pixels, &mut want);
         let mut ex = CudaExecutor::new(&dev, &g, &no_weights(), dtype, false).unwrap();
-        let got = ex.run(&HashMap::from([("x".to_string(), tensor(&[b, 3, h, w], &x))])).unwrap()["y"].to_f32_vec();
+        let got = ex
+            .run(&HashMap::from([(
+                "x".to_string(),
+                tensor(&[b, 3, h, w], &x),
+            )]))
+            .unwrap()["y"]
+            .to_f32_vec();
         assert_same(&format!("quantize_u8 {dtype}"), &got, &want);
         // Read back as bytes, one a value.
         let bytes = ex.output_tensor("y").unwrap().to_host_u8().unwrap();
         assert_eq!(bytes.shape.dims(), &[b, h, w, 3]);
         let want_bytes: Vec<u8> = want.iter().map(|&v| v as u8).collect();
-        assert_eq!(bytes.data.as_bytes(), &want_bytes[..], "quantize_u8 {dtype}: the bytes read back");
+        assert_eq!(
+            bytes.data.as_bytes(),
+            &want_bytes[..],
+            "quantize_u8 {dtype}: the bytes read back"
+        );
         // NaN -> 0 and the range ends, explicitly (channel 0 of image 0 holds x[0..pixels] in order).
-        assert_eq!([want[0], want[3], want[15], want[18], want[21]], [0.0, 255.0, 0.0, 255.0, 0.0], "{dtype}: -1, 1, NaN, Inf, -Inf");
+        assert_eq!(
+            [want[0], want[3], want[15], want[18], want[21]],
+            [0.0, 255.0, 0.0, 255.0, 0.0],
+            "{dtype}: -1, 1, NaN, Inf, -Inf"
+        );
     }
 }
 
@@ -306,7 +478,10 @@ fn any_nonfinite_flags_nan_and_inf_and_resets() {
     // Two flags in one graph (they share the zeroed workspace the finish launch re-zeroes).
     let mut gb = GraphBuilder::new();
     let (a, b) = (gb.input("a", [n]).unwrap(), gb.input("b", [7]).unwrap());
-    let (fa, fb) = (gb.any_nonfinite("a.nonfinite", a).unwrap(), gb.any_nonfinite("b.nonfinite", b).unwrap());
+    let (fa, fb) = (
+        gb.any_nonfinite("a.nonfinite", a).unwrap(),
+        gb.any_nonfinite("b.nonfinite", b).unwrap(),
+    );
     gb.output("fa", fa).unwrap();
     gb.output("fb", fb).unwrap();
     let g = gb.finish();
@@ -329,7 +504,12 @@ fn any_nonfinite_flags_nan_and_inf_and_resets() {
             (clean.clone(), small_inf.clone(), [0.0, 1.0]),
             (clean.clone(), small.clone(), [0.0, 0.0]),
         ] {
-            let out = ex.run(&HashMap::from([("a".to_string(), tensor(&[n], &av)), ("b".to_string(), tensor(&[7], &bv))])).unwrap();
+            let out = ex
+                .run(&HashMap::from([
+                    ("a".to_string(), tensor(&[n], &av)),
+                    ("b".to_string(), tensor(&[7], &bv)),
+                ]))
+                .unwrap();
             let got = [out["fa"].to_f32_vec()[0], out["fb"].to_f32_vec()[0]];
             let cpu_want = [cpu::any_nonfinite(&av), cpu::any_nonfinite(&bv)];
             assert_eq!(cpu_want, want, "the CPU twin");
@@ -358,7 +538,11 @@ fn guided_x0_and_dpm_solver_update_match_the_cpu_twins() {
     gb.output("x0", x0).unwrap();
     gb.output("y", y).unwrap();
     let g = gb.finish();
-    let (vv, xv, pv) = (rng.normals(2 * n, 0.0, 1.0), rng.normals(n, 0.0, 1.0), rng.normals(n, 0.0, 1.0));
+    let (vv, xv, pv) = (
+        rng.normals(2 * n, 0.0, 1.0),
+        rng.normals(n, 0.0, 1.0),
+        rng.normals(n, 0.0, 1.0),
+    );
     // [guidance, sigma, ratio, c, half_c, inv_r0, order]: Euler (sigma = -dt), first and second order
     // (20 steps, shift 3, step 5).
     let coeff_sets: [[f32; 7]; 3] = [
@@ -395,8 +579,20 @@ fn guided_x0_and_dpm_solver_update_match_the_cpu_twins() {
                 let (plain_x0, _) = twin(&r(&vv), &r(&xv), &r(&pv));
                 let mut plain_y = vec![0f32; n];
                 cpu::dpm_solver_update(&r(&xv), &r(&plain_x0), &r(&pv), &kv, &mut plain_y);
-                check(&format!("guided_x0 {what}"), dtype, &got_x0, &want_x0, &plain_x0);
-                check(&format!("dpm_solver_update {what}"), dtype, &got_y, &want_y, &plain_y);
+                check(
+                    &format!("guided_x0 {what}"),
+                    dtype,
+                    &got_x0,
+                    &want_x0,
+                    &plain_x0,
+                );
+                check(
+                    &format!("dpm_solver_update {what}"),
+                    dtype,
+                    &got_y,
+                    &want_y,
+                    &plain_y,
+                );
             }
         }
     }
@@ -412,7 +608,20 @@ fn guided_x0_and_dpm_solver_update_match_the_cpu_twins() {
 fn div_scalar_is_the_host_division_bit_for_bit() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(43);
-    let mut x = vec![0.0, -0.0, 1.0, -1.0, f32::MIN_POSITIVE, 1e-40, -1e-42, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    let mut x = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::MIN_POSITIVE,
+        1e-40,
+        -1e-42,
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
     x.extend(rng.normals(2 * 3 * 37 * 29, 0.0, 3.0));
     let n = x.len();
     // SANA's DC-AE f32c32 scaling factor, another model's, and an exact power of two.
@@ -424,7 +633,10 @@ fn div_scalar_is_the_host_division_bit_for_bit() {
         let g = gb.finish();
         if divisor != 0.5 {
             let r = 1.0 / divisor;
-            assert!(x.iter().any(|&v| v * r != v / divisor && v.is_finite()), "divisor {divisor}: no input tells the division from a multiply");
+            assert!(
+                x.iter().any(|&v| v * r != v / divisor && v.is_finite()),
+                "divisor {divisor}: no input tells the division from a multiply"
+            );
         }
         for dtype in DTYPES {
             let xr = round_to(dtype, &x);
@@ -447,8 +659,16 @@ fn div_scalar_is_the_host_division_bit_for_bit() {
 fn gaussian_noise_is_the_cpu_twin_bit_for_bit() {
     let Some(dev) = device_or_skip() else { return };
     let limbs = openuni_graph::seed::LIMBS;
-    for (seeds, per_seed) in [(vec![0u64], 8usize), (vec![1, 2, 3], 4099), (vec![0x0123_4567_89AB_CDEF, u64::MAX], 1), (vec![42], 262_147)] {
-        let l: Vec<f32> = seeds.iter().flat_map(|&s| openuni_graph::seed::limbs(s)).collect();
+    for (seeds, per_seed) in [
+        (vec![0u64], 8usize),
+        (vec![1, 2, 3], 4099),
+        (vec![0x0123_4567_89AB_CDEF, u64::MAX], 1),
+        (vec![42], 262_147),
+    ] {
+        let l: Vec<f32> = seeds
+            .iter()
+            .flat_map(|&s| openuni_graph::seed::limbs(s))
+            .collect();
         let n = seeds.len();
         let mut gb = GraphBuilder::new();
         let si = gb.input("seeds", [n, limbs]).unwrap();
@@ -457,10 +677,23 @@ fn gaussian_noise_is_the_cpu_twin_bit_for_bit() {
         let g = gb.finish();
         let mut want = vec![0f32; n * per_seed];
         cpu::gaussian_noise(&l, per_seed, &mut want);
-        assert!(want.iter().all(|v| v.is_finite()), "the twin drew a non-finite value");
+        assert!(
+            want.iter().all(|v| v.is_finite()),
+            "the twin drew a non-finite value"
+        );
         for dtype in DTYPES {
-            let got = run(&dev, &g, &no_weights(), &[("seeds", &[n, limbs], &l)], dtype);
-            assert_same(&format!("gaussian_noise {dtype} seeds {seeds:?} x {per_seed}"), &got, &round_to(dtype, &want));
+            let got = run(
+                &dev,
+                &g,
+                &no_weights(),
+                &[("seeds", &[n, limbs], &l)],
+                dtype,
+            );
+            assert_same(
+                &format!("gaussian_noise {dtype} seeds {seeds:?} x {per_seed}"),
+                &got,
+                &round_to(dtype, &want),
+            );
         }
     }
     // Seeds computed inside the graph: read as they are under f32 storage; under bf16 storage
@@ -475,8 +708,27 @@ fn gaussian_noise_is_the_cpu_twin_bit_for_bit() {
     let x = [1.0, 0.0, 0.0, 0.0];
     let mut want = vec![0f32; 4];
     cpu::gaussian_noise(&x, 4, &mut want);
-    assert_same("gaussian_noise of computed seeds, f32", &run(&dev, &g, &no_weights(), &[("x", &[1, limbs], &x)], DType::F32), &want);
-    let e = CudaExecutor::new(&dev, &g, &no_weights(), DType::BF16, false).and_then(|mut ex| ex.run(&HashMap::from([("x".to_string(), tensor(&[1, limbs], &x))])).map(|_| ()));
-    let msg = format!("{:?}", e.expect_err("bf16: seeds computed in the graph must be refused"));
-    assert!(msg.contains("gaussian_noise") && msg.contains("seeds"), "{msg}");
+    assert_same(
+        "gaussian_noise of computed seeds, f32",
+        &run(
+            &dev,
+            &g,
+            &no_weights(),
+            &[("x", &[1, limbs], &x)],
+            DType::F32,
+        ),
+        &want,
+    );
+    let e = CudaExecutor::new(&dev, &g, &no_weights(), DType::BF16, false).and_then(|mut ex| {
+        ex.run(&HashMap::from([("x".to_string(), tensor(&[1, limbs], &x))]))
+            .map(|_| ())
+    });
+    let msg = format!(
+        "{:?}",
+        e.expect_err("bf16: seeds computed in the graph must be refused")
+    );
+    assert!(
+        msg.contains("gaussian_noise") && msg.contains("seeds"),
+        "{msg}"
+    );
 }

@@ -41,10 +41,18 @@ fn mixffn_inverted_glu_matches_cpu() {
     ] {
         let (rows, c2) = (b * h * w, 2 * hidden);
         let x = rng.normals(rows * c, 0.0, 1.0);
-        let (wi, bi) = (rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()), rng.normals(c2, 0.0, 0.3));
+        let (wi, bi) = (
+            rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()),
+            rng.normals(c2, 0.0, 0.3),
+        );
         let (wd, bd) = (rng.normals(c2 * 9, 0.0, 0.4), rng.normals(c2, 0.0, 0.3));
         // `round_inverted`: the GEMM output rounded as a bf16 GEMM stores it (the plain bf16 run).
-        let twin = |x: &[f32], wi: &[f32], bi: &[f32], wd: &[f32], bd: &[f32], round_inverted: bool| {
+        let twin = |x: &[f32],
+                    wi: &[f32],
+                    bi: &[f32],
+                    wd: &[f32],
+                    bd: &[f32],
+                    round_inverted: bool| {
             let mut inv = vec![0.0; rows * c2];
             cpu::linear(x, wi, biases.then_some(bi), rows, c, c2, &mut inv);
             if round_inverted {
@@ -55,20 +63,48 @@ fn mixffn_inverted_glu_matches_cpu() {
             y
         };
         let mut want = vec![0.0; rows * hidden];
-        cpu::mixffn_inverted_glu(&x, &wi, biases.then_some(&bi[..]), &wd, biases.then_some(&bd[..]), b, h, w, c, c2, &mut want);
-        assert_eq!(want, twin(&x, &wi, &bi, &wd, &bd, false), "the CPU twin is the composition of the two ops");
+        cpu::mixffn_inverted_glu(
+            &x,
+            &wi,
+            biases.then_some(&bi[..]),
+            &wd,
+            biases.then_some(&bd[..]),
+            b,
+            h,
+            w,
+            c,
+            c2,
+            &mut want,
+        );
+        assert_eq!(
+            want,
+            twin(&x, &wi, &bi, &wd, &bd, false),
+            "the CPU twin is the composition of the two ops"
+        );
 
         let mut gb = GraphBuilder::new();
         let xi = gb.input("x", [b, h * w, c]).unwrap();
         let wii = gb.weight("wi", [c2, c]).unwrap();
-        let bii = if biases { Some(gb.weight("bi", [c2]).unwrap()) } else { None };
+        let bii = if biases {
+            Some(gb.weight("bi", [c2]).unwrap())
+        } else {
+            None
+        };
         let wdi = gb.weight("wd", [c2, 1, 3, 3]).unwrap();
-        let bdi = if biases { Some(gb.weight("bd", [c2]).unwrap()) } else { None };
-        let y = gb.mixffn_inverted_glu("mixffn", xi, wii, bii, wdi, bdi, h, w).unwrap();
+        let bdi = if biases {
+            Some(gb.weight("bd", [c2]).unwrap())
+        } else {
+            None
+        };
+        let y = gb
+            .mixffn_inverted_glu("mixffn", xi, wii, bii, wdi, bdi, h, w)
+            .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
-        let mut weights =
-            HashMap::from([("wi".to_string(), tensor(&[c2, c], wi.clone())), ("wd".to_string(), tensor(&[c2, 1, 3, 3], wd.clone()))]);
+        let mut weights = HashMap::from([
+            ("wi".to_string(), tensor(&[c2, c], wi.clone())),
+            ("wd".to_string(), tensor(&[c2, 1, 3, 3], wd.clone())),
+        ]);
         if biases {
             weights.insert("bi".into(), tensor(&[c2], bi.clone()));
             weights.insert("bd".into(), tensor(&[c2], bd.clone()));
@@ -76,18 +112,32 @@ fn mixffn_inverted_glu_matches_cpu() {
         let inputs = HashMap::from([("x".to_string(), tensor(&[b, h * w, c], x.clone()))]);
         // Both selections: the default two-op path and the opted-in fused kernel (this is the only
         // test of this binary that reads or sets OPENUNI_MIXFFN; the others launch directly).
-        for (dtype, opt_in) in [(DType::F32, false), (DType::BF16, false), (DType::BF16, true)] {
+        for (dtype, opt_in) in [
+            (DType::F32, false),
+            (DType::BF16, false),
+            (DType::BF16, true),
+        ] {
             if opt_in {
                 std::env::set_var("OPENUNI_MIXFFN", "fused");
             } else {
                 std::env::remove_var("OPENUNI_MIXFFN");
             }
             let fused = mixffn_inverted_glu::fused_band(dtype, c, h, w).is_some();
-            assert_eq!(fused, opt_in && mixffn_inverted_glu::fused_band_applies(dtype, c, h, w).is_some());
+            assert_eq!(
+                fused,
+                opt_in && mixffn_inverted_glu::fused_band_applies(dtype, c, h, w).is_some()
+            );
             let mut ex = CudaExecutor::new(&dev, &g, &weights, dtype, false).unwrap();
             let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
             let r = |v: &[f32]| round_to(dtype, v);
-            let base = twin(&r(&x), &r(&wi), &r(&bi), &r(&wd), &r(&bd), dtype == DType::BF16);
+            let base = twin(
+                &r(&x),
+                &r(&wi),
+                &r(&bi),
+                &r(&wd),
+                &r(&bd),
+                dtype == DType::BF16,
+            );
             let what = format!("mixffn_inverted_glu {dtype} [{b}, {h}x{w}, {c}] -> {hidden} biases={biases} fused={fused}");
             check(&what, dtype, &got, &want, &base);
         }
@@ -105,21 +155,52 @@ fn mixffn_inverted_glu_bands_match_cpu() {
     for &(b, h, w, c, hidden) in &[(2, 12, 32, 16, 18), (1, 7, 80, 8, 70)] {
         let (rows, c2) = (b * h * w, 2 * hidden);
         let x = rng.normals(rows * c, 0.0, 1.0);
-        let (wi, bi) = (rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()), rng.normals(c2, 0.0, 0.3));
+        let (wi, bi) = (
+            rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()),
+            rng.normals(c2, 0.0, 0.3),
+        );
         let (wd, bd) = (rng.normals(c2 * 9, 0.0, 0.4), rng.normals(c2, 0.0, 0.3));
         let mut want = vec![0.0; rows * hidden];
-        cpu::mixffn_inverted_glu(&x, &wi, Some(&bi), &wd, Some(&bd), b, h, w, c, c2, &mut want);
+        cpu::mixffn_inverted_glu(
+            &x,
+            &wi,
+            Some(&bi),
+            &wd,
+            Some(&bd),
+            b,
+            h,
+            w,
+            c,
+            c2,
+            &mut want,
+        );
         let r = |v: &[f32]| round_to(DType::BF16, v);
         let mut inv = vec![0.0; rows * c2];
         cpu::linear(&r(&x), &r(&wi), Some(&r(&bi)), rows, c, c2, &mut inv);
         let mut base = vec![0.0; rows * hidden];
         cpu::silu_depthwise_conv_glu(&r(&inv), &r(&wd), Some(&r(&bd)), b, h, w, c2, 3, &mut base);
 
-        let bits = |v: &[f32]| v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect::<Vec<u16>>();
+        let bits = |v: &[f32]| {
+            v.iter()
+                .map(|&f| half::bf16::from_f32(f).to_bits())
+                .collect::<Vec<u16>>()
+        };
         let up = |v: &[f32]| dev.upload(&bits(v)).unwrap();
         let (xd, wid, bid, wdd, bdd) = (up(&x), up(&wi), up(&bi), up(&wd), up(&bd));
         let y = dev.alloc(rows * hidden * 2).unwrap();
-        let a = MixFfnArgs { x: xd.ptr(), wi: wid.ptr(), bi: bid.ptr(), wd: wdd.ptr(), bd: bdd.ptr(), y: y.ptr(), batch: b, h, w, c, hidden };
+        let a = MixFfnArgs {
+            x: xd.ptr(),
+            wi: wid.ptr(),
+            bi: bid.ptr(),
+            wd: wdd.ptr(),
+            bd: bdd.ptr(),
+            y: y.ptr(),
+            batch: b,
+            h,
+            w,
+            c,
+            hidden,
+        };
         let l = mixffn_inverted_glu::mixffn_inverted_glu(&a).unwrap();
         assert!(l.grid.1 > 1, "[{h}x{w}] runs in bands");
         // SAFETY: every buffer holds the shapes launched.
@@ -127,23 +208,63 @@ fn mixffn_inverted_glu_bands_match_cpu() {
         dev.synchronize().unwrap();
         let mut out = vec![0u16; rows * hidden];
         dev.copy_to_host(y.ptr(), &mut out).unwrap();
-        let got: Vec<f32> = out.iter().map(|&u| half::bf16::from_bits(u).to_f32()).collect();
-        check(&format!("mixffn_inverted_glu bands [{b}, {h}x{w}, {c}] -> {hidden}"), DType::BF16, &got, &want, &base);
+        let got: Vec<f32> = out
+            .iter()
+            .map(|&u| half::bf16::from_bits(u).to_f32())
+            .collect();
+        check(
+            &format!("mixffn_inverted_glu bands [{b}, {h}x{w}, {c}] -> {hidden}"),
+            DType::BF16,
+            &got,
+            &want,
+            &base,
+        );
     }
 }
 
 /// The fused launcher refuses what the kernel does not compute, naming it (no device needed).
 #[test]
 fn mixffn_inverted_glu_launcher_refuses_what_it_does_not_compute() {
-    let a = MixFfnArgs { x: 256, wi: 512, bi: 0, wd: 0, bd: 0, y: 0, batch: 2, h: 16, w: 16, c: 1152, hidden: 2880 };
+    let a = MixFfnArgs {
+        x: 256,
+        wi: 512,
+        bi: 0,
+        wd: 0,
+        bd: 0,
+        y: 0,
+        batch: 2,
+        h: 16,
+        w: 16,
+        c: 1152,
+        hidden: 2880,
+    };
     let l = mixffn_inverted_glu::mixffn_inverted_glu(&a).unwrap();
-    assert_eq!((l.grid, l.block), ((2880usize.div_ceil(MF_HC) as u32, 1, 2), (256, 1, 1)), "one block per image and MF_HC hidden channels");
-    let banded = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { h: 32, w: 32, ..a }).unwrap();
-    assert_eq!(banded.grid, (2880usize.div_ceil(MF_HC) as u32, 32usize.div_ceil(MF_M / 32 - 2) as u32, 2), "bands with halo rows at 32x32");
-    let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { c: 12, ..a }).unwrap_err().to_string();
+    assert_eq!(
+        (l.grid, l.block),
+        ((2880usize.div_ceil(MF_HC) as u32, 1, 2), (256, 1, 1)),
+        "one block per image and MF_HC hidden channels"
+    );
+    let banded =
+        mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { h: 32, w: 32, ..a }).unwrap();
+    assert_eq!(
+        banded.grid,
+        (
+            2880usize.div_ceil(MF_HC) as u32,
+            32usize.div_ceil(MF_M / 32 - 2) as u32,
+            2
+        ),
+        "bands with halo rows at 32x32"
+    );
+    let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { c: 12, ..a })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("12 channels") && e.contains("C % 8 == 0"), "{e}");
-    let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { w: MF_M, ..a }).unwrap_err().to_string();
+    let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { w: MF_M, ..a })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&format!("16x{MF_M} latent")), "{e}");
-    let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { x: 8, ..a }).unwrap_err().to_string();
+    let e = mixffn_inverted_glu::mixffn_inverted_glu(&MixFfnArgs { x: 8, ..a })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("x at 0x8 is not 16-byte aligned"), "{e}");
 }

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use openuni_cpu::ops::{self as cpu, ModulationRef};
-use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::families::{enqueue, norm};
+use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::{CudaDevice, CudaExecutor};
 use openuni_graph::{GraphBuilder, Modulation};
 use openuni_tensor::{DType, HostTensor};
@@ -117,24 +117,56 @@ fn rmsnorm_residual_matches_cpu() {
             let b = rng.normals(cols, 0.0, 0.5);
             let eps = 1e-5;
             let mut want = vec![0.0; rows * cols];
-            cpu::rmsnorm_residual(&x, &w, with_bias.then_some(&b[..]), &r, eps, cols, &mut want);
+            cpu::rmsnorm_residual(
+                &x,
+                &w,
+                with_bias.then_some(&b[..]),
+                &r,
+                eps,
+                cols,
+                &mut want,
+            );
 
             let mut gb = GraphBuilder::new();
             let xi = gb.input("x", [rows, cols]).unwrap();
             let ri = gb.input("r", [rows, cols]).unwrap();
             let wi = gb.weight("w", [cols]).unwrap();
-            let bi = if with_bias { Some(gb.weight("b", [cols]).unwrap()) } else { None };
+            let bi = if with_bias {
+                Some(gb.weight("b", [cols]).unwrap())
+            } else {
+                None
+            };
             let y = gb.rmsnorm_residual("norm", xi, wi, bi, eps, ri).unwrap();
             gb.output("y", y).unwrap();
             let g = gb.finish();
-            let weights = HashMap::from([("w".to_string(), tensor(&[cols], w.clone())), ("b".to_string(), tensor(&[cols], b.clone()))]);
-            let inputs = HashMap::from([("x".to_string(), tensor(&[rows, cols], x.clone())), ("r".to_string(), tensor(&[rows, cols], r.clone()))]);
+            let weights = HashMap::from([
+                ("w".to_string(), tensor(&[cols], w.clone())),
+                ("b".to_string(), tensor(&[cols], b.clone())),
+            ]);
+            let inputs = HashMap::from([
+                ("x".to_string(), tensor(&[rows, cols], x.clone())),
+                ("r".to_string(), tensor(&[rows, cols], r.clone())),
+            ]);
             for dtype in DTYPES {
                 let got = run(&dev, &g, &weights, &inputs, dtype);
                 let mut base = vec![0.0; rows * cols];
                 let rb = round_to(dtype, &b);
-                cpu::rmsnorm_residual(&round_to(dtype, &x), &round_to(dtype, &w), with_bias.then_some(&rb[..]), &round_to(dtype, &r), eps, cols, &mut base);
-                check(&format!("rmsnorm_residual {dtype} [{rows}, {cols}] bias={with_bias}"), dtype, &got, &want, &base);
+                cpu::rmsnorm_residual(
+                    &round_to(dtype, &x),
+                    &round_to(dtype, &w),
+                    with_bias.then_some(&rb[..]),
+                    &round_to(dtype, &r),
+                    eps,
+                    cols,
+                    &mut base,
+                );
+                check(
+                    &format!("rmsnorm_residual {dtype} [{rows}, {cols}] bias={with_bias}"),
+                    dtype,
+                    &got,
+                    &want,
+                    &base,
+                );
             }
         }
     }
@@ -212,7 +244,13 @@ fn layernorm_with_adaln_modulation_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(3);
     // [B, N, C]: the modulation rows change every N rows.
-    for &(b, n, c) in &[(1, 1, 48), (2, 37, 96), (3, 5, 1152), (2, 3, 2240), (2, 7, 100)] {
+    for &(b, n, c) in &[
+        (1, 1, 48),
+        (2, 37, 96),
+        (3, 5, 1152),
+        (2, 3, 2240),
+        (2, 7, 100),
+    ] {
         let x = rng.normals(b * n * c, -1.0, 2.0);
         let scale = rng.normals(b * c, 0.0, 0.5);
         let shift = rng.normals(b * c, 0.0, 0.5);
@@ -230,7 +268,17 @@ fn layernorm_with_adaln_modulation_matches_cpu() {
         let si = gb.input("scale", [b, c]).unwrap();
         let hi = gb.input("shift", [b, c]).unwrap();
         let y = gb
-            .layernorm("norm1", xi, None, None, eps, Some(Modulation { scale: si, shift: hi }))
+            .layernorm(
+                "norm1",
+                xi,
+                None,
+                None,
+                eps,
+                Some(Modulation {
+                    scale: si,
+                    shift: hi,
+                }),
+            )
             .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
@@ -290,7 +338,9 @@ fn norms_on_misaligned_and_in_place_pointers() {
                     _ => {
                         let mut o = vec![0u16; n];
                         dev.copy_to_host(buf, &mut o).unwrap();
-                        o.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
+                        o.into_iter()
+                            .map(|b| half::bf16::from_bits(b).to_f32())
+                            .collect()
                     }
                 }
             };
@@ -305,7 +355,13 @@ fn norms_on_misaligned_and_in_place_pointers() {
             // RMSNorm, misaligned x and y.
             dev.copy_to_device(&host(&x), xp).unwrap();
             dev.fill_bytes(ybuf.ptr(), 0xFF, ybuf.bytes()).unwrap();
-            unsafe { enqueue(&dev, &norm::rmsnorm(dtype, xp, wbuf.ptr(), 0, yp, rows, cols, 1e-6).unwrap()).unwrap() };
+            unsafe {
+                enqueue(
+                    &dev,
+                    &norm::rmsnorm(dtype, xp, wbuf.ptr(), 0, yp, rows, cols, 1e-6).unwrap(),
+                )
+                .unwrap()
+            };
             let got = read(yp, n);
             let (mut want, mut base) = (vec![0.0; n], vec![0.0; n]);
             cpu::rmsnorm(&x, &w, None, 1e-6, cols, &mut want);
@@ -319,7 +375,13 @@ fn norms_on_misaligned_and_in_place_pointers() {
             );
 
             // LayerNorm in place over misaligned x.
-            unsafe { enqueue(&dev, &norm::layernorm(dtype, xp, wbuf.ptr(), 0, None, xp, rows, cols, 1e-5).unwrap()).unwrap() };
+            unsafe {
+                enqueue(
+                    &dev,
+                    &norm::layernorm(dtype, xp, wbuf.ptr(), 0, None, xp, rows, cols, 1e-5).unwrap(),
+                )
+                .unwrap()
+            };
             let got = read(xp, n);
             cpu::layernorm(&x, Some(&w), None, 1e-5, cols, None, &mut want);
             cpu::layernorm(&xr, Some(&wr), None, 1e-5, cols, None, &mut base);
@@ -358,7 +420,12 @@ fn ada_layernorm_matches_cpu() {
         let t = rng.normals(b * tc, 0.0, 0.5);
         let table = rng.normals(k * c, 0.0, 0.3);
         let eps = 1e-6;
-        let d = cpu::AdaDims { batch: b, tokens: n, cols: c, k };
+        let d = cpu::AdaDims {
+            batch: b,
+            tokens: n,
+            cols: c,
+            k,
+        };
         let mut want = vec![0.0; b * n * c];
         cpu::ada_layernorm(&x, &t, &table, d, scale, shift, eps, &mut want);
 
@@ -366,16 +433,36 @@ fn ada_layernorm_matches_cpu() {
         let xi = gb.input("x", [b, n, c]).unwrap();
         let ti = gb.input("t", [b, tc]).unwrap();
         let tab = gb.weight("table", [k, c]).unwrap();
-        let y = gb.ada_layernorm("norm1", xi, ti, tab, scale, shift, eps).unwrap();
+        let y = gb
+            .ada_layernorm("norm1", xi, ti, tab, scale, shift, eps)
+            .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
         let weights = HashMap::from([("table".to_string(), tensor(&[k, c], table.clone()))]);
-        let inputs = HashMap::from([("x".to_string(), tensor(&[b, n, c], x.clone())), ("t".to_string(), tensor(&[b, tc], t.clone()))]);
+        let inputs = HashMap::from([
+            ("x".to_string(), tensor(&[b, n, c], x.clone())),
+            ("t".to_string(), tensor(&[b, tc], t.clone())),
+        ]);
         for dtype in DTYPES {
             let got = run(&dev, &g, &weights, &inputs, dtype);
             let mut base = vec![0.0; b * n * c];
-            cpu::ada_layernorm(&round_to(dtype, &x), &round_to(dtype, &t), &round_to(dtype, &table), d, scale, shift, eps, &mut base);
-            check(&format!("ada_layernorm {dtype} [{b}, {n}, {c}] table [{k}, {c}] t [{b}, {tc}]"), dtype, &got, &want, &base);
+            cpu::ada_layernorm(
+                &round_to(dtype, &x),
+                &round_to(dtype, &t),
+                &round_to(dtype, &table),
+                d,
+                scale,
+                shift,
+                eps,
+                &mut base,
+            );
+            check(
+                &format!("ada_layernorm {dtype} [{b}, {n}, {c}] table [{k}, {c}] t [{b}, {tc}]"),
+                dtype,
+                &got,
+                &want,
+                &base,
+            );
         }
     }
 }

@@ -40,10 +40,27 @@ fn rmsnorm_relu_conv2d_matches_cpu() {
     ] {
         let x = rng.normals(b * h * w * cin, 0.3, 2.0);
         let (nw, nb) = (rng.normals(cin, 1.0, 0.3), rng.normals(cin, 0.0, 0.5));
-        let (wt, bias) = (rng.normals(cout * cin * k * k, 0.0, 0.2), rng.normals(cout, 0.0, 0.5));
+        let (wt, bias) = (
+            rng.normals(cout * cin * k * k, 0.0, 0.2),
+            rng.normals(cout, 0.0, 0.5),
+        );
         let twin = |x: &[f32], nw: &[f32], nb: &[f32], wt: &[f32], bias: &[f32]| {
             let mut y = vec![0.0; b * h * w * cout];
-            cpu::rmsnorm_relu_conv2d(x, nw, biases.then_some(nb), 1e-5, wt, biases.then_some(bias), b, h, w, cin, cout, k, &mut y);
+            cpu::rmsnorm_relu_conv2d(
+                x,
+                nw,
+                biases.then_some(nb),
+                1e-5,
+                wt,
+                biases.then_some(bias),
+                b,
+                h,
+                w,
+                cin,
+                cout,
+                k,
+                &mut y,
+            );
             y
         };
         let want = twin(&x, &nw, &nb, &wt, &bias);
@@ -51,13 +68,26 @@ fn rmsnorm_relu_conv2d_matches_cpu() {
         let mut gb = GraphBuilder::new();
         let xi = gb.input("x", [b, h * w, cin]).unwrap();
         let nwi = gb.weight("nw", [cin]).unwrap();
-        let nbi = if biases { Some(gb.weight("nb", [cin]).unwrap()) } else { None };
+        let nbi = if biases {
+            Some(gb.weight("nb", [cin]).unwrap())
+        } else {
+            None
+        };
         let wi = gb.weight("w", [cout, cin, k, k]).unwrap();
-        let bi = if biases { Some(gb.weight("b", [cout]).unwrap()) } else { None };
-        let y = gb.rmsnorm_relu_conv2d("conv_out", xi, nwi, nbi, 1e-5, wi, bi, h, w, k).unwrap();
+        let bi = if biases {
+            Some(gb.weight("b", [cout]).unwrap())
+        } else {
+            None
+        };
+        let y = gb
+            .rmsnorm_relu_conv2d("conv_out", xi, nwi, nbi, 1e-5, wi, bi, h, w, k)
+            .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
-        let mut weights = HashMap::from([("nw".to_string(), tensor(&[cin], nw.clone())), ("w".to_string(), tensor(&[cout, cin, k, k], wt.clone()))]);
+        let mut weights = HashMap::from([
+            ("nw".to_string(), tensor(&[cin], nw.clone())),
+            ("w".to_string(), tensor(&[cout, cin, k, k], wt.clone())),
+        ]);
         if biases {
             weights.insert("nb".into(), tensor(&[cin], nb.clone()));
             weights.insert("b".into(), tensor(&[cout], bias.clone()));
@@ -77,12 +107,34 @@ fn rmsnorm_relu_conv2d_matches_cpu() {
 /// error naming the value, never a launch (no device needed).
 #[test]
 fn rmsnorm_relu_conv2d_refuses_what_it_does_not_compute() {
-    let a = NormConvArgs { dtype: DType::BF16, x: 0, nw: 0, nb: 0, w: 0, b: 0, y: 0, batch: 1, h: 4, w_px: 4, cin: 8, cout: 3, kernel: 3, eps: 1e-5 };
+    let a = NormConvArgs {
+        dtype: DType::BF16,
+        x: 0,
+        nw: 0,
+        nb: 0,
+        w: 0,
+        b: 0,
+        y: 0,
+        batch: 1,
+        h: 4,
+        w_px: 4,
+        cin: 8,
+        cout: 3,
+        kernel: 3,
+        eps: 1e-5,
+    };
     assert_eq!(norm_conv::rmsnorm_relu_conv2d(&a).unwrap().len(), 1);
-    let e = norm_conv::rmsnorm_relu_conv2d(&NormConvArgs { cout: 5, ..a }).unwrap_err().to_string();
-    assert!(e.contains("5 output channels") && e.contains("at most 4"), "{e}");
+    let e = norm_conv::rmsnorm_relu_conv2d(&NormConvArgs { cout: 5, ..a })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("5 output channels") && e.contains("at most 4"),
+        "{e}"
+    );
     for k in [2, 5] {
-        let e = norm_conv::rmsnorm_relu_conv2d(&NormConvArgs { kernel: k, ..a }).unwrap_err().to_string();
+        let e = norm_conv::rmsnorm_relu_conv2d(&NormConvArgs { kernel: k, ..a })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&format!("kernel size {k}")), "{e}");
     }
 }

@@ -46,10 +46,16 @@ fn pixel_shuffle_twin_is_internvls() {
     let mut rng = Rng::new(11);
     for (n, g, c, skip) in [(2, 4, 3, 1), (1, 6, 5, 0), (1, 32, 2, 1)] {
         let x = rng.normals(n * (skip + g * g) * c, 0.0, 1.0);
-        let grid: Vec<f32> = (0..n).flat_map(|i| x[(i * (skip + g * g) + skip) * c..(i + 1) * (skip + g * g) * c].to_vec()).collect();
+        let grid: Vec<f32> = (0..n)
+            .flat_map(|i| x[(i * (skip + g * g) + skip) * c..(i + 1) * (skip + g * g) * c].to_vec())
+            .collect();
         let mut got = vec![0f32; n * g * g * c];
         cpu::pixel_shuffle(&x, n, g, skip, c, &mut got);
-        assert_eq!(got, internvl_pixel_shuffle(&grid, n, g, c), "n {n} grid {g} c {c} skip {skip}");
+        assert_eq!(
+            got,
+            internvl_pixel_shuffle(&grid, n, g, c),
+            "n {n} grid {g} c {c} skip {skip}"
+        );
     }
 }
 
@@ -68,20 +74,47 @@ fn pixel_shuffle_layernorm_matches_cpu() {
         let xi = gb.input("x", [n, skip + g * g, c]).unwrap();
         let wi = gb.weight("w", [4 * c]).unwrap();
         let bi = gb.weight("b", [4 * c]).unwrap();
-        let y = gb.pixel_shuffle_layernorm("mlp1.0", xi, wi, bi, 1e-5, g, skip).unwrap();
+        let y = gb
+            .pixel_shuffle_layernorm("mlp1.0", xi, wi, bi, 1e-5, g, skip)
+            .unwrap();
         gb.output("y", y).unwrap();
         let graph = gb.finish();
         let weights: HashMap<String, HostTensor> = HashMap::from([
-            ("w".to_string(), HostTensor::from_f32([4 * c], w.clone()).unwrap()),
-            ("b".to_string(), HostTensor::from_f32([4 * c], bias.clone()).unwrap()),
+            (
+                "w".to_string(),
+                HostTensor::from_f32([4 * c], w.clone()).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                HostTensor::from_f32([4 * c], bias.clone()).unwrap(),
+            ),
         ]);
         for dtype in [DType::F32, DType::BF16] {
             let mut ex = CudaExecutor::new(&dev, &graph, &weights, dtype, false).unwrap();
-            let inputs = HashMap::from([("x".to_string(), HostTensor::from_f32([n, skip + g * g, c], x.clone()).unwrap())]);
+            let inputs = HashMap::from([(
+                "x".to_string(),
+                HostTensor::from_f32([n, skip + g * g, c], x.clone()).unwrap(),
+            )]);
             let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
             let mut base = vec![0f32; want.len()];
-            cpu::pixel_shuffle_layernorm(&round_to(dtype, &x), &round_to(dtype, &w), &round_to(dtype, &bias), 1e-5, n, g, skip, c, &mut base);
-            check(&format!("pixel_shuffle_layernorm {dtype} n {n} grid {g} c {c} skip {skip}"), dtype, &got, &want, &base);
+            cpu::pixel_shuffle_layernorm(
+                &round_to(dtype, &x),
+                &round_to(dtype, &w),
+                &round_to(dtype, &bias),
+                1e-5,
+                n,
+                g,
+                skip,
+                c,
+                &mut base,
+            );
+            check(
+                &format!("pixel_shuffle_layernorm {dtype} n {n} grid {g} c {c} skip {skip}"),
+                dtype,
+                &got,
+                &want,
+                &base,
+            );
         }
     }
 }

@@ -36,10 +36,15 @@ fn seed_file(rel: &str) -> Vec<u8> {
 /// (and aborts the test) instead of succeeding on a large machine.
 fn cap_memory() {
     const CAP: u64 = 4 << 30;
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain system calls on a local struct; only lowers this process's soft limit.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_AS, &mut lim) == 0 && (lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur > CAP) {
+        if libc::getrlimit(libc::RLIMIT_AS, &mut lim) == 0
+            && (lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur > CAP)
+        {
             lim.rlim_cur = CAP;
             libc::setrlimit(libc::RLIMIT_AS, &lim);
         }
@@ -47,7 +52,10 @@ fn cap_memory() {
 }
 
 fn env_num(key: &str, default: u64) -> u64 {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// xorshift64*: deterministic, no dependency.
@@ -69,8 +77,22 @@ impl Rng {
 }
 
 /// Integers that break size arithmetic.
-const INTERESTING: [u64; 14] =
-    [0, 1, 2, 3, 7, 255, 65535, 65536, 1 << 31, 1 << 32, 1 << 40, 1 << 62, i64::MAX as u64, u64::MAX];
+const INTERESTING: [u64; 14] = [
+    0,
+    1,
+    2,
+    3,
+    7,
+    255,
+    65535,
+    65536,
+    1 << 31,
+    1 << 32,
+    1 << 40,
+    1 << 62,
+    i64::MAX as u64,
+    u64::MAX,
+];
 
 /// Byte-level mutations: bit flips, random bytes, insertions, deletions, chunk copies, and
 /// little-endian interesting integers written over the data.
@@ -177,9 +199,17 @@ fn mutate_json(rng: &mut Rng, v: &mut serde_json::Value) {
         return;
     }
     // Numbers are where configs go wrong: three mutations in four hit a numeric leaf.
-    let numeric: Vec<Vec<String>> = all.iter().filter(|p| at(v, p).is_some_and(|x| x.is_number())).cloned().collect();
+    let numeric: Vec<Vec<String>> = all
+        .iter()
+        .filter(|p| at(v, p).is_some_and(|x| x.is_number()))
+        .cloned()
+        .collect();
     for _ in 0..1 + rng.below(3) {
-        let path = if !numeric.is_empty() && rng.below(4) != 0 { rng.pick(&numeric).clone() } else { rng.pick(&all).clone() };
+        let path = if !numeric.is_empty() && rng.below(4) != 0 {
+            rng.pick(&numeric).clone()
+        } else {
+            rng.pick(&all).clone()
+        };
         let choice = rng.below(10);
         if choice == 0 {
             let (last, parent) = path.split_last().unwrap();
@@ -201,7 +231,12 @@ fn mutate_json(rng: &mut Rng, v: &mut serde_json::Value) {
 
 /// Runs `one` on mutated inputs until the time or round budget is spent; a panic is saved and
 /// reported with its round. Returns (rounds, accepted inputs).
-fn fuzz(target: &str, seeds: &[Vec<u8>], mutate: impl Fn(&mut Rng, &[u8]) -> Vec<u8>, one: impl Fn(&[u8]) -> bool) -> (u64, u64) {
+fn fuzz(
+    target: &str,
+    seeds: &[Vec<u8>],
+    mutate: impl Fn(&mut Rng, &[u8]) -> Vec<u8>,
+    one: impl Fn(&[u8]) -> bool,
+) -> (u64, u64) {
     cap_memory();
     let secs = env_num("OPENUNI_FUZZ_SECS", 8);
     let iters = env_num("OPENUNI_FUZZ_ITERS", u64::MAX);
@@ -223,12 +258,18 @@ fn fuzz(target: &str, seeds: &[Vec<u8>], mutate: impl Fn(&mut Rng, &[u8]) -> Vec
                 std::fs::create_dir_all(&dir).unwrap();
                 let f = dir.join(format!("{target}-{rounds}"));
                 std::fs::write(&f, &input).unwrap();
-                panic!("{target}: round {rounds} panicked; input saved to {}", f.display());
+                panic!(
+                    "{target}: round {rounds} panicked; input saved to {}",
+                    f.display()
+                );
             }
         }
         rounds += 1;
     }
-    println!("{target}: {rounds} rounds in {:.1} s, {accepted} accepted", start.elapsed().as_secs_f64());
+    println!(
+        "{target}: {rounds} rounds in {:.1} s, {accepted} accepted",
+        start.elapsed().as_secs_f64()
+    );
     (rounds, accepted)
 }
 
@@ -241,7 +282,9 @@ fn load_safetensors(bytes: &[u8]) -> bool {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.safetensors");
     std::fs::write(&p, bytes).unwrap();
-    let Ok(w) = Weights::open(&p) else { return false };
+    let Ok(w) = Weights::open(&p) else {
+        return false;
+    };
     let keys: Vec<String> = w.keys().map(str::to_string).collect();
     let mut ok = true;
     for k in &keys {
@@ -251,7 +294,11 @@ fn load_safetensors(bytes: &[u8]) -> bool {
         let _ = w.get_f32(k, None);
         // the held-once path (in place or converted) agrees with the copy
         if let (Ok(held), Ok(copy)) = (w.weight_f32(k, &shape), w.get_f32(k, None)) {
-            ok &= held.iter().zip(copy.to_f32_vec()).all(|(a, b)| a.to_bits() == b.to_bits()) && held.len() == shape.numel();
+            ok &= held
+                .iter()
+                .zip(copy.to_f32_vec())
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+                && held.len() == shape.numel();
         }
     }
     ok
@@ -270,8 +317,15 @@ fn mutate_safetensors(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     if rng.below(4) == 0 {
         // a dtype outside the supported set, or a bogus one
         if let Some(m) = header.as_object_mut() {
-            if let Some(t) = m.iter_mut().find(|(k, _)| *k != "__metadata__").and_then(|(_, t)| t.as_object_mut()) {
-                t.insert("dtype".into(), serde_json::json!(*rng.pick(&["F64", "BOOL", "I8", "F8_E4M3", "X"])));
+            if let Some(t) = m
+                .iter_mut()
+                .find(|(k, _)| *k != "__metadata__")
+                .and_then(|(_, t)| t.as_object_mut())
+            {
+                t.insert(
+                    "dtype".into(),
+                    serde_json::json!(*rng.pick(&["F64", "BOOL", "I8", "F8_E4M3", "X"])),
+                );
             }
         }
     }
@@ -297,14 +351,38 @@ enum ConfigKind {
 }
 
 const CONFIG_SEEDS: [(ConfigKind, &str); 8] = [
-    (ConfigKind::Mllm, "tests/fixtures/fuzz/internvl3_config.json"),
-    (ConfigKind::Mllm, "tests/fixtures/llm_gqa_untied/model/config.json"),
-    (ConfigKind::Sana, "tests/fixtures/dit_sana15_qknorm/model/config.json"),
-    (ConfigKind::Sana, "tests/fixtures/dit_sana10_mask/model/config.json"),
-    (ConfigKind::Dcae, "tests/fixtures/vae_quadratic_small/model/config.json"),
-    (ConfigKind::Dcae, "tests/fixtures/vae_linear_nonsquare/model/config.json"),
-    (ConfigKind::Connector, "tests/fixtures/connector_b2/model/config.json"),
-    (ConfigKind::Scheduler, "tests/fixtures/pipeline_tiny/model/scheduler/scheduler_config.json"),
+    (
+        ConfigKind::Mllm,
+        "tests/fixtures/fuzz/internvl3_config.json",
+    ),
+    (
+        ConfigKind::Mllm,
+        "tests/fixtures/llm_gqa_untied/model/config.json",
+    ),
+    (
+        ConfigKind::Sana,
+        "tests/fixtures/dit_sana15_qknorm/model/config.json",
+    ),
+    (
+        ConfigKind::Sana,
+        "tests/fixtures/dit_sana10_mask/model/config.json",
+    ),
+    (
+        ConfigKind::Dcae,
+        "tests/fixtures/vae_quadratic_small/model/config.json",
+    ),
+    (
+        ConfigKind::Dcae,
+        "tests/fixtures/vae_linear_nonsquare/model/config.json",
+    ),
+    (
+        ConfigKind::Connector,
+        "tests/fixtures/connector_b2/model/config.json",
+    ),
+    (
+        ConfigKind::Scheduler,
+        "tests/fixtures/pipeline_tiny/model/scheduler/scheduler_config.json",
+    ),
 ];
 
 fn read_kind<T: ModelConfig>(p: &Path) -> Option<T> {
@@ -320,12 +398,16 @@ fn load_config(kind: ConfigKind, text: &[u8]) -> bool {
     let mut b = GraphBuilder::new();
     match kind {
         ConfigKind::Mllm => {
-            let Ok(c) = read_mllm_config(&p) else { return false };
+            let Ok(c) = read_mllm_config(&p) else {
+                return false;
+            };
             let x = b.input("x", [1, 3, c.llm.hidden_size]).unwrap();
             let _ = qwen2::build(&mut b, &c.llm, &Scope::new("model"), x, "fuzz");
         }
         ConfigKind::Sana => {
-            let Some(c) = read_kind::<SanaConfig>(&p) else { return false };
+            let Some(c) = read_kind::<SanaConfig>(&p) else {
+                return false;
+            };
             let enc = b.input("enc", [1, 2, c.caption_channels]).unwrap();
             let x = b.input("x", [1, c.in_channels, 2, 2]).unwrap();
             let t = b.input("t", [1]).unwrap();
@@ -334,18 +416,24 @@ fn load_config(kind: ConfigKind, text: &[u8]) -> bool {
             }
         }
         ConfigKind::Dcae => {
-            let Some(c) = read_kind::<DcaeConfig>(&p) else { return false };
+            let Some(c) = read_kind::<DcaeConfig>(&p) else {
+                return false;
+            };
             let z = b.input("z", [1, c.latent_channels, 1, 2]).unwrap();
             let _ = dcae::decoder(&mut b, &c, z, "fuzz");
             let _ = c.local_split();
         }
         ConfigKind::Connector => {
-            let Some(c) = read_kind::<ConnectorConfig>(&p) else { return false };
+            let Some(c) = read_kind::<ConnectorConfig>(&p) else {
+                return false;
+            };
             let x = b.input("x", [1, 2, c.hidden_size]).unwrap();
             let _ = connector::build(&mut b, &c, &Scope::default(), x, "fuzz");
         }
         ConfigKind::Scheduler => {
-            let Some(c) = read_kind::<SchedulerConfig>(&p) else { return false };
+            let Some(c) = read_kind::<SchedulerConfig>(&p) else {
+                return false;
+            };
             let _ = openuni_models::scheduler::Sampler::new(20, c.flow_shift);
         }
     }
@@ -363,12 +451,18 @@ fn fuzz_safetensors_headers() {
         seed_file("tests/fixtures/pth/openuni_state_dict_bf16.expected.safetensors"),
     ];
     let (rounds, accepted) = fuzz("safetensors", &seeds, mutate_safetensors, load_safetensors);
-    assert!(rounds == 0 || accepted < rounds, "every mutation was accepted: the mutator does nothing");
+    assert!(
+        rounds == 0 || accepted < rounds,
+        "every mutation was accepted: the mutator does nothing"
+    );
 }
 
 #[test]
 fn fuzz_pth_reader() {
-    let seeds = vec![seed_file("tests/fixtures/fuzz/seed.pth"), seed_file("tests/fixtures/pth/openuni_state_dict_bf16.pth")];
+    let seeds = vec![
+        seed_file("tests/fixtures/fuzz/seed.pth"),
+        seed_file("tests/fixtures/pth/openuni_state_dict_bf16.pth"),
+    ];
     let mutate = |rng: &mut Rng, s: &[u8]| {
         let mut v = s.to_vec();
         mutate_bytes(rng, &mut v);
@@ -393,9 +487,12 @@ fn fuzz_config_readers() {
     let mutate = |rng: &mut Rng, s: &[u8]| {
         let mut body = s[1..].to_vec();
         // Structural mutation where the text is JSON (upstream's Infinity/NaN read as null).
-        let json = String::from_utf8(body.clone())
+        let json = String::from_utf8(body.clone()).ok().and_then(|t| {
+            serde_json::from_str::<serde_json::Value>(
+                &t.replace("Infinity", "null").replace("NaN", "null"),
+            )
             .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t.replace("Infinity", "null").replace("NaN", "null")).ok());
+        });
         match json {
             Some(mut v) if rng.below(3) != 0 => {
                 mutate_json(rng, &mut v);
@@ -423,12 +520,22 @@ fn published_variant_configs_are_within_bounds() {
         let dir = tempfile::tempdir().unwrap();
         openuni::bench::write_configs(variant, dir.path()).unwrap();
         read_mllm_config(&dir.path().join("llm.json")).unwrap_or_else(|e| panic!("{variant}: {e}"));
-        read_config::<SanaConfig>(&dir.path().join("transformer.json")).unwrap_or_else(|e| panic!("{variant}: {e}"));
-        read_config::<DcaeConfig>(&dir.path().join("vae.json")).unwrap_or_else(|e| panic!("{variant}: {e}"));
-        read_config::<ConnectorConfig>(&dir.path().join("connector.json")).unwrap_or_else(|e| panic!("{variant}: {e}"));
+        read_config::<SanaConfig>(&dir.path().join("transformer.json"))
+            .unwrap_or_else(|e| panic!("{variant}: {e}"));
+        read_config::<DcaeConfig>(&dir.path().join("vae.json"))
+            .unwrap_or_else(|e| panic!("{variant}: {e}"));
+        read_config::<ConnectorConfig>(&dir.path().join("connector.json"))
+            .unwrap_or_else(|e| panic!("{variant}: {e}"));
         // The MLLM's vision tower (bench --chat --vit-tiles, bench_torch_chat.py): InternViT-300M.
-        let vit: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("vit.json")).unwrap()).unwrap();
-        let v = openuni_models::internvit::InternVlVisionConfig::from_json(&vit, "vit.json").unwrap_or_else(|e| panic!("{variant}: {e}"));
-        assert_eq!((v.hidden_size, v.num_hidden_layers, v.tokens_per_tile()), (1024, 24, 256), "{variant}");
+        let vit: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("vit.json")).unwrap())
+                .unwrap();
+        let v = openuni_models::internvit::InternVlVisionConfig::from_json(&vit, "vit.json")
+            .unwrap_or_else(|e| panic!("{variant}: {e}"));
+        assert_eq!(
+            (v.hidden_size, v.num_hidden_layers, v.tokens_per_tile()),
+            (1024, 24, 256),
+            "{variant}"
+        );
     }
 }

@@ -12,7 +12,9 @@
 use std::path::Path;
 
 use openuni_cuda::nvrtc::{self, CompileOptions};
-use openuni_cuda::{kernel_headers, kernel_sources, source_fingerprint, KernelFormat, KernelTarget};
+use openuni_cuda::{
+    kernel_headers, kernel_sources, source_fingerprint, KernelFormat, KernelTarget,
+};
 
 mod prebuilt {
     include!(concat!(env!("OUT_DIR"), "/prebuilt_kernels.rs"));
@@ -57,7 +59,9 @@ fn embedded_kernels_are_the_ones_on_disk() {
     .find(|p| p.is_dir())
     .expect("the kernels/ folder (run from the repository root)");
     let embedded = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     };
     assert_eq!(
         embedded(kernel_sources()),
@@ -86,7 +90,9 @@ fn code_bytes(cubin: &[u8]) -> std::collections::HashMap<String, u64> {
 /// unrolled over the accumulators (12,128 instructions in all) made "no instruction" their top stall
 /// (docs/gpu-results.md run 6); staged through shared memory they are about 1,000.
 fn code_budget(kernel: &str) -> Option<u64> {
-    ["conv2d_bf16_wgmma", "upsample_conv2d_bf16_wgmma"].contains(&kernel).then_some(2048)
+    ["conv2d_bf16_wgmma", "upsample_conv2d_bf16_wgmma"]
+        .contains(&kernel)
+        .then_some(2048)
 }
 
 /// 32-bit registers of an sm_90 SM (and the most one block may use).
@@ -96,8 +102,17 @@ const REGISTERS_PER_SM: usize = 65536;
 /// threads (up to 256, any register count ptxas allows fits). A block whose registers do not fit
 /// fails to launch on hardware, which the emulated GPU cannot show (docs/gpu-results.md run 4).
 fn largest_block(kernel: &str) -> Option<usize> {
-    let norm = ["rmsnorm_f32", "rmsnorm_bf16", "rmsnorm_residual_", "layernorm_", "ada_layernorm_", "pixel_shuffle_layernorm_"];
-    norm.iter().any(|p| kernel.starts_with(p)).then_some(openuni_cuda::families::norm::NORM_MAX_THREADS)
+    let norm = [
+        "rmsnorm_f32",
+        "rmsnorm_bf16",
+        "rmsnorm_residual_",
+        "layernorm_",
+        "ada_layernorm_",
+        "pixel_shuffle_layernorm_",
+    ];
+    norm.iter()
+        .any(|p| kernel.starts_with(p))
+        .then_some(openuni_cuda::families::norm::NORM_MAX_THREADS)
 }
 
 /// Registers per thread a kernel that moves registers between warpgroups (`setmaxnreg`) must be
@@ -111,7 +126,9 @@ fn setmaxnreg_share(kernel: &str) -> Option<usize> {
     if kernel.starts_with("attention_bf16_wgmma_hd") {
         Some(one_block_per_sm(384))
     } else if ["conv2d_bf16_wgmma", "upsample_conv2d_bf16_wgmma"].contains(&kernel) {
-        Some(one_block_per_sm(openuni_cuda::families::conv_sm90::geometry::C90_THREADS))
+        Some(one_block_per_sm(
+            openuni_cuda::families::conv_sm90::geometry::C90_THREADS,
+        ))
     } else {
         None
     }
@@ -123,7 +140,10 @@ fn every_kernel_compiles_for_sm_90a() {
         return;
     }
     let (maj, min) = nvrtc::nvrtc_version().unwrap();
-    println!("NVRTC {maj}.{min}; CUDA headers: {:?}", nvrtc::cuda_include_dirs());
+    println!(
+        "NVRTC {maj}.{min}; CUDA headers: {:?}",
+        nvrtc::cuda_include_dirs()
+    );
     let mut opts = CompileOptions::new(KernelTarget::new("sm_90a", KernelFormat::Cubin));
     opts.use_cache = false;
     let mut failures = vec![];
@@ -135,12 +155,17 @@ fn every_kernel_compiles_for_sm_90a() {
                 let code = code_bytes(&m.image);
                 // OPENUNI_DUMP_CUBIN=DIR keeps the CUBINs, to read their SASS with nvdisasm.
                 if let Some(dir) = std::env::var_os("OPENUNI_DUMP_CUBIN") {
-                    let path = std::path::Path::new(&dir).join(file.replace(".cu", ".sm_90a.cubin"));
-                    std::fs::write(&path, &m.image).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+                    let path =
+                        std::path::Path::new(&dir).join(file.replace(".cu", ".sm_90a.cubin"));
+                    std::fs::write(&path, &m.image)
+                        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
                 }
                 for k in &m.resources {
                     let Some(&bytes) = code.get(&k.name) else {
-                        failures.push(format!("{file}: no .text section for kernel {} in the CUBIN", k.name));
+                        failures.push(format!(
+                            "{file}: no .text section for kernel {} in the CUBIN",
+                            k.name
+                        ));
                         continue;
                     };
                     println!("{k}, {} SASS instructions", bytes / 16);
@@ -180,7 +205,9 @@ fn every_kernel_compiles_for_sm_90a() {
                 // fenced), which serialises the wgmma pipeline: production kernels must not need it.
                 let injected = m.log.lines().filter(|l| l.contains("C7519")).count();
                 if injected > 0 {
-                    failures.push(format!("{file}: ptxas inserted {injected} warpgroup.arrive (C7519)"));
+                    failures.push(format!(
+                        "{file}: ptxas inserted {injected} warpgroup.arrive (C7519)"
+                    ));
                 }
                 if file.ends_with("_sm90.cu") {
                     println!("{file}: {injected} warpgroup.arrive injected by ptxas (C7519)");
@@ -225,7 +252,8 @@ fn every_kernel_compiles_to_ptx_the_r580_driver_accepts() {
     let mut opts = CompileOptions::new(KernelTarget::new("sm_90a", KernelFormat::Ptx));
     opts.use_cache = false;
     for (file, src) in kernel_sources() {
-        let m = nvrtc::compile(file, src, kernel_headers(), &opts).unwrap_or_else(|e| panic!("{e}"));
+        let m =
+            nvrtc::compile(file, src, kernel_headers(), &opts).unwrap_or_else(|e| panic!("{e}"));
         let ptx = String::from_utf8(m.image).unwrap();
         let version = ptx
             .lines()
@@ -235,7 +263,12 @@ fn every_kernel_compiles_to_ptx_the_r580_driver_accepts() {
             .to_string();
         let (a, b) = version
             .split_once('.')
-            .map(|(a, b)| (a.parse::<u32>().unwrap_or(99), b.parse::<u32>().unwrap_or(99)))
+            .map(|(a, b)| {
+                (
+                    a.parse::<u32>().unwrap_or(99),
+                    b.parse::<u32>().unwrap_or(99),
+                )
+            })
             .unwrap_or((99, 99));
         println!(
             "{file}: PTX .version {version}, {} entries",
@@ -258,7 +291,10 @@ fn prebuilt_kernels_match_the_sources() {
         return;
     }
     for p in table {
-        let src = kernel_sources().iter().find(|(f, _)| *f == p.file).map(|(_, s)| *s);
+        let src = kernel_sources()
+            .iter()
+            .find(|(f, _)| *f == p.file)
+            .map(|(_, s)| *s);
         let src = src.unwrap_or_else(|| panic!("prebuilt {} has no source", p.file));
         assert_eq!(
             p.fingerprint,
@@ -312,12 +348,23 @@ fn cross_cta_hand_offs_use_acquire_release_atomics() {
     }
     let mut opts = CompileOptions::new(KernelTarget::new("sm_90a", KernelFormat::Ptx));
     opts.use_cache = false;
-    let (file, src) = kernel_sources().iter().find(|(f, _)| *f == "linear_attention.cu").expect("linear_attention.cu");
+    let (file, src) = kernel_sources()
+        .iter()
+        .find(|(f, _)| *f == "linear_attention.cu")
+        .expect("linear_attention.cu");
     let m = nvrtc::compile(file, src, kernel_headers(), &opts).unwrap_or_else(|e| panic!("{e}"));
     let ptx = String::from_utf8(m.image).unwrap();
     let count = |pat: &str| ptx.lines().filter(|l| l.contains(pat)).count();
-    let (acq_rel, relaxed, fences) = (count("atom.acq_rel.gpu.global.add.u32"), count("atom.global.add.u32"), count("membar.gl") + count("fence.sc.gpu"));
+    let (acq_rel, relaxed, fences) = (
+        count("atom.acq_rel.gpu.global.add.u32"),
+        count("atom.global.add.u32"),
+        count("membar.gl") + count("fence.sc.gpu"),
+    );
     println!("{file}: {acq_rel} atom.acq_rel.gpu adds, {relaxed} relaxed atom.global.add, {fences} membar.gl / fence.sc.gpu");
     assert!(acq_rel > 0, "{file}: no acquire-release atomic in the PTX");
-    assert_eq!(relaxed + fences, 0, "{file}: a relaxed atomic or a bare fence is left in the cross-CTA reduction");
+    assert_eq!(
+        relaxed + fences,
+        0,
+        "{file}: a relaxed atomic or a bare fence is left in the cross-CTA reduction"
+    );
 }

@@ -14,7 +14,9 @@
 //! tiled) and its uint8 quantization give the host path's pixels.
 
 use openuni::exec::Device;
-use openuni::pipeline::{DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams};
+use openuni::pipeline::{
+    DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams,
+};
 use openuni::tiny_model;
 use openuni_models::scheduler::SamplerKind;
 use openuni_tensor::DType;
@@ -29,8 +31,18 @@ const PX: usize = 64;
 /// bytes can be checked against the measured ones.
 /// `shift` moves every id (the same lengths, other prompts).
 fn batch(c: usize, h: usize, w: usize, shift: u32) -> GenerationBatch {
-    let prompts: Vec<(Vec<u32>, Vec<u32>)> = (0..N as u32).map(|i| ((10 + 7 * i + shift..40 + 7 * i + shift).collect(), (200 + i + shift..216 + i + shift).collect())).collect();
-    GenerationBatch { prompts, noise: LatentNoise::seeded((0..N as u64).map(|i| 11 + i).collect(), c, h, w) }
+    let prompts: Vec<(Vec<u32>, Vec<u32>)> = (0..N as u32)
+        .map(|i| {
+            (
+                (10 + 7 * i + shift..40 + 7 * i + shift).collect(),
+                (200 + i + shift..216 + i + shift).collect(),
+            )
+        })
+        .collect();
+    GenerationBatch {
+        prompts,
+        noise: LatentNoise::seeded((0..N as u64).map(|i| 11 + i).collect(), c, h, w),
+    }
 }
 
 /// The emulated driver's byte counters are per process: the tests of this file run one at a time.
@@ -43,26 +55,52 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     }
     let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let m = OpenUni::load(&tiny_model::paths(&tiny_model::ensure(dir.path()).unwrap()), tiny_model::connector_config()).unwrap();
-    let run = RunOptions { device: Device::Emu, dtype: DType::BF16 };
-    let p = SamplingParams { steps: STEPS, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode: DecodeOptions::default() };
+    let m = OpenUni::load(
+        &tiny_model::paths(&tiny_model::ensure(dir.path()).unwrap()),
+        tiny_model::connector_config(),
+    )
+    .unwrap();
+    let run = RunOptions {
+        device: Device::Emu,
+        dtype: DType::BF16,
+    };
+    let p = SamplingParams {
+        steps: STEPS,
+        guidance: 4.5,
+        sampler: SamplerKind::DpmSolver,
+        flow_shift: 3.0,
+        decode: DecodeOptions::default(),
+    };
     let (c, h, w) = (m.transformer_cfg.in_channels, PX / 32, PX / 32);
     let b = batch(c, h, w, 0);
     let generate = || {
         let mut images = vec![];
-        m.generate_batches(std::slice::from_ref(&b), &p, run, |_| {}, |_, img| {
-            images.push(img);
-            Ok(())
-        })
+        m.generate_batches(
+            std::slice::from_ref(&b),
+            &p,
+            run,
+            |_| {},
+            |_, img| {
+                images.push(img);
+                Ok(())
+            },
+        )
         .unwrap();
         images.remove(0)
     };
     // The first generation uploads the weights and builds the resident executors.
     let first = generate();
-    assert!(openuni_cuda::reset_emu_traffic(), "the emulated driver exports no traffic counters");
+    assert!(
+        openuni_cuda::reset_emu_traffic(),
+        "the emulated driver exports no traffic counters"
+    );
     let second = generate();
     let (htod, dtoh) = openuni_cuda::emu_traffic().expect("emulated driver");
-    assert_eq!(first.data.as_bytes(), second.data.as_bytes(), "the same batch gave another image the second time");
+    assert_eq!(
+        first.data.as_bytes(),
+        second.data.as_bytes(),
+        "the same batch gave another image the second time"
+    );
     // The values handed over on the device (prompt embeddings, K/V, the final latents into the
     // device's `latents / scaling_factor`) are the ones the host path sets (`denoise` from host
     // prompt embeddings, its latents read back, divided on the host and uploaded by `decode_with`):
@@ -70,15 +108,35 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     // The noise the device drew from the seeds is the CPU twin's, which the host path uploads.
     let pairs: Vec<(&[u32], &[u32])> = b.prompts.iter().map(|(cd, u)| (&cd[..], &u[..])).collect();
     let cond = m.condition_batch(&pairs, run).unwrap();
-    let lat = m.denoise(&cond.prompt_embeds, &b.noise.to_host().unwrap(), STEPS, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
+    let lat = m
+        .denoise(
+            &cond.prompt_embeds,
+            &b.noise.to_host().unwrap(),
+            STEPS,
+            p.guidance,
+            p.sampler,
+            p.flow_shift,
+            run,
+            |_| {},
+        )
+        .unwrap();
     let host_path = m.decode_with(&lat, run, p.decode).unwrap();
     // ... and the pixels quantized on the device are the host rule's on the f32 image.
     let (host_pixels, _) = openuni::pipeline::to_uint8_nhwc(&host_path).unwrap();
-    assert_eq!(first.data.as_bytes(), &host_pixels[..], "the device hand-over or the device quantization changed the image");
+    assert_eq!(
+        first.data.as_bytes(),
+        &host_pixels[..],
+        "the device hand-over or the device quantization changed the image"
+    );
 
     // What a batch moves, tensor by tensor (f32 = 4 bytes a value).
     let q = m.num_queries;
-    let tokens: usize = b.prompts.iter().map(|(cd, u)| cd.len() + u.len()).sum::<usize>() + 2 * N * q;
+    let tokens: usize = b
+        .prompts
+        .iter()
+        .map(|(cd, u)| cd.len() + u.len())
+        .sum::<usize>()
+        + 2 * N * q;
     let image = N * 3 * PX * PX;
     // Not the conditioning executor's constant tables (the attention's segment table and RoPE
     // table, 7,936 B here): the executor stays resident for these prompt lengths, so the second
@@ -107,19 +165,42 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     for (what, bytes) in down.iter() {
         println!("device->host {bytes:>9} B  {what}");
     }
-    let (want_up, want_down): (usize, usize) = (up.iter().map(|x| x.1).sum(), down.iter().map(|x| x.1).sum());
+    let (want_up, want_down): (usize, usize) =
+        (up.iter().map(|x| x.1).sum(), down.iter().map(|x| x.1).sum());
     println!("measured: host->device {htod} B (listed {want_up}), device->host {dtoh} B (listed {want_down})");
-    assert_eq!(htod as usize, want_up, "host->device bytes of a batch of {N}");
-    assert_eq!(dtoh as usize, want_down, "device->host bytes of a batch of {N}");
+    assert_eq!(
+        htod as usize, want_up,
+        "host->device bytes of a batch of {N}"
+    );
+    assert_eq!(
+        dtoh as usize, want_down,
+        "device->host bytes of a batch of {N}"
+    );
 
     // `openuni bench --plan`'s model of the same batch (docs/gpu-plan.md) counts the same bytes.
-    let opts = openuni::bench::plan::PlanOptions { variant: "tiny".into(), batches: vec![N], steps: STEPS, size: Some(PX), json: None, command: String::new() };
+    let opts = openuni::bench::plan::PlanOptions {
+        variant: "tiny".into(),
+        batches: vec![N],
+        steps: STEPS,
+        size: Some(PX),
+        json: None,
+        command: String::new(),
+    };
     let plan = openuni::bench::plan::run(&opts).unwrap();
     let stages = &plan.results[0].stages;
-    let (plan_up, plan_down) = (stages.iter().map(|s| s.htod_bytes_per_batch).sum::<f64>(), stages.iter().map(|s| s.dtoh_bytes_per_batch).sum::<f64>());
+    let (plan_up, plan_down) = (
+        stages.iter().map(|s| s.htod_bytes_per_batch).sum::<f64>(),
+        stages.iter().map(|s| s.dtoh_bytes_per_batch).sum::<f64>(),
+    );
     println!("bench --plan tiny, batch {N}: host->device {plan_up} B, device->host {plan_down} B");
-    assert_eq!(plan_up as usize, htod as usize, "the plan's host->device bytes against the measured ones");
-    assert_eq!(plan_down as usize, dtoh as usize, "the plan's device->host bytes against the measured ones");
+    assert_eq!(
+        plan_up as usize, htod as usize,
+        "the plan's host->device bytes against the measured ones"
+    );
+    assert_eq!(
+        plan_down as usize, dtoh as usize,
+        "the plan's device->host bytes against the measured ones"
+    );
 
     // Two batches of other prompts of the same lengths in one call: twice a batch's bytes. The
     // second batch's conditioning runs on the first one's executor (its tables and weights are
@@ -127,15 +208,25 @@ fn batch_of_8_moves_only_the_listed_bytes() {
     let two = [batch(c, h, w, 1), batch(c, h, w, 2)];
     assert!(openuni_cuda::reset_emu_traffic());
     let mut images = 0;
-    m.generate_batches(&two, &p, run, |_| {}, |_, _| {
-        images += 1;
-        Ok(())
-    })
+    m.generate_batches(
+        &two,
+        &p,
+        run,
+        |_| {},
+        |_, _| {
+            images += 1;
+            Ok(())
+        },
+    )
     .unwrap();
     let (htod2, dtoh2) = openuni_cuda::emu_traffic().expect("emulated driver");
     println!("two batches: host->device {htod2} B, device->host {dtoh2} B");
     assert_eq!(images, 2);
-    assert_eq!((htod2 as usize, dtoh2 as usize), (2 * want_up, 2 * want_down), "host<->device bytes of two batches of {N} in one call");
+    assert_eq!(
+        (htod2 as usize, dtoh2 as usize),
+        (2 * want_up, 2 * want_down),
+        "host<->device bytes of two batches of {N} in one call"
+    );
 }
 
 /// A tiled decode in the pipeline reads `latents / scaling_factor` where "decoder.input" made it
@@ -148,24 +239,66 @@ fn tiled_decode_of_the_device_latents_equals_the_host_path() {
     }
     let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let m = OpenUni::load(&tiny_model::paths(&tiny_model::ensure(dir.path()).unwrap()), tiny_model::connector_config()).unwrap();
-    let run = RunOptions { device: Device::Emu, dtype: DType::BF16 };
+    let m = OpenUni::load(
+        &tiny_model::paths(&tiny_model::ensure(dir.path()).unwrap()),
+        tiny_model::connector_config(),
+    )
+    .unwrap();
+    let run = RunOptions {
+        device: Device::Emu,
+        dtype: DType::BF16,
+    };
     // 192 px (a 6x6 latent) in 96-px tiles: four tiles.
     let decode = DecodeOptions { tile: Some(96) };
-    let p = SamplingParams { steps: 1, guidance: 4.5, sampler: SamplerKind::DpmSolver, flow_shift: 3.0, decode };
+    let p = SamplingParams {
+        steps: 1,
+        guidance: 4.5,
+        sampler: SamplerKind::DpmSolver,
+        flow_shift: 3.0,
+        decode,
+    };
     let c = m.transformer_cfg.in_channels;
-    let prompts = vec![((10..40).collect::<Vec<u32>>(), (200..216).collect::<Vec<u32>>())];
-    let b = GenerationBatch { prompts, noise: LatentNoise::seeded(vec![3], c, 6, 6) };
+    let prompts = vec![(
+        (10..40).collect::<Vec<u32>>(),
+        (200..216).collect::<Vec<u32>>(),
+    )];
+    let b = GenerationBatch {
+        prompts,
+        noise: LatentNoise::seeded(vec![3], c, 6, 6),
+    };
     let mut images = vec![];
-    m.generate_batches(std::slice::from_ref(&b), &p, run, |_| {}, |_, img| {
-        images.push(img);
-        Ok(())
-    })
+    m.generate_batches(
+        std::slice::from_ref(&b),
+        &p,
+        run,
+        |_| {},
+        |_, img| {
+            images.push(img);
+            Ok(())
+        },
+    )
     .unwrap();
-    m.resident_executor("decoder.global", &[1, c, 6, 6], run, |_| Ok(())).expect("the pipeline decoded in tiles");
+    m.resident_executor("decoder.global", &[1, c, 6, 6], run, |_| Ok(()))
+        .expect("the pipeline decoded in tiles");
     let cond = m.condition(&b.prompts[0].0, &b.prompts[0].1, run).unwrap();
-    let lat = m.denoise(&cond.prompt_embeds, &b.noise.to_host().unwrap(), p.steps, p.guidance, p.sampler, p.flow_shift, run, |_| {}).unwrap();
-    let (host_pixels, dims) = openuni::pipeline::to_uint8_nhwc(&m.decode_with(&lat, run, decode).unwrap()).unwrap();
+    let lat = m
+        .denoise(
+            &cond.prompt_embeds,
+            &b.noise.to_host().unwrap(),
+            p.steps,
+            p.guidance,
+            p.sampler,
+            p.flow_shift,
+            run,
+            |_| {},
+        )
+        .unwrap();
+    let (host_pixels, dims) =
+        openuni::pipeline::to_uint8_nhwc(&m.decode_with(&lat, run, decode).unwrap()).unwrap();
     assert_eq!(dims, [1, 192, 192, 3]);
-    assert_eq!(images[0].data.as_bytes(), &host_pixels[..], "the tiled decode of the device's latents / scaling_factor changed the image");
+    assert_eq!(
+        images[0].data.as_bytes(),
+        &host_pixels[..],
+        "the tiled decode of the device's latents / scaling_factor changed the image"
+    );
 }

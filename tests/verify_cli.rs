@@ -28,8 +28,16 @@ fn cases_of(component: &str) -> Vec<PathBuf> {
 }
 
 fn verify(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_openuni")).arg("verify").args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_openuni"))
+        .arg("verify")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -55,7 +63,10 @@ fn edit_safetensors(file: &Path, edit: impl FnOnce(&mut HashMap<String, HostTens
 
 fn assert_all_pass(component: &str) {
     let cases = cases_of(component);
-    assert!(!cases.is_empty(), "no {component} case under tests/fixtures");
+    assert!(
+        !cases.is_empty(),
+        "no {component} case under tests/fixtures"
+    );
     for c in cases {
         let (code, out, err) = verify(&[c.to_str().unwrap()]);
         println!("{out}{err}");
@@ -123,7 +134,10 @@ fn missing_weight_is_a_clear_error() {
     });
     let (code, _, err) = verify(&[tmp.path().to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("layers.1.self_attn.out_proj.bias") && err.contains("model"), "{err}");
+    assert!(
+        err.contains("layers.1.self_attn.out_proj.bias") && err.contains("model"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -139,7 +153,10 @@ fn wrong_weight_shape_is_a_clear_error() {
     });
     let (code, _, err) = verify(&[tmp.path().to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("layers.0.mlp.fc2.bias") && err.contains("expected"), "{err}");
+    assert!(
+        err.contains("layers.0.mlp.fc2.bias") && err.contains("expected"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -147,7 +164,11 @@ fn unknown_component_and_missing_case_are_errors() {
     let case = &cases_of("connector")[0];
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(case, tmp.path());
-    std::fs::write(tmp.path().join("case.json"), r#"{"component": "teleporter"}"#).unwrap();
+    std::fs::write(
+        tmp.path().join("case.json"),
+        r#"{"component": "teleporter"}"#,
+    )
+    .unwrap();
     let (code, _, err) = verify(&[tmp.path().to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(err.contains("unknown component `teleporter`"), "{err}");
@@ -187,18 +208,31 @@ fn dit_case_with_bad_inputs_is_a_clear_error() {
     edit_safetensors(&tmp.path().join("io.safetensors"), |io| {
         let x = io.get_mut("hidden_states").unwrap();
         let d = x.shape.dims().to_vec();
-        *x = HostTensor::from_f32([d[0], 16, d[2], d[3]], vec![0.5; d[0] * 16 * d[2] * d[3]]).unwrap();
+        *x = HostTensor::from_f32([d[0], 16, d[2], d[3]], vec![0.5; d[0] * 16 * d[2] * d[3]])
+            .unwrap();
     });
     let (code, _, err) = verify(&[tmp.path().to_str().unwrap()]);
     assert_eq!(code, 2);
-    assert!(err.contains("hidden_states") && err.contains("expected [B, 32, h, w]"), "{err}");
+    assert!(
+        err.contains("hidden_states") && err.contains("expected [B, 32, h, w]"),
+        "{err}"
+    );
     // A mask of the wrong length.
-    let case = cases_of("dit").into_iter().find(|c| c.join("io.safetensors").exists() && Weights::open(c.join("io.safetensors")).unwrap().contains("encoder_attention_mask")).unwrap();
+    let case = cases_of("dit")
+        .into_iter()
+        .find(|c| {
+            c.join("io.safetensors").exists()
+                && Weights::open(c.join("io.safetensors"))
+                    .unwrap()
+                    .contains("encoder_attention_mask")
+        })
+        .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&case, tmp.path());
     edit_safetensors(&tmp.path().join("io.safetensors"), |io| {
         let m = io.get_mut("encoder_attention_mask").unwrap();
-        *m = HostTensor::from_f32([m.shape.dims()[0], 3], vec![1.0; m.shape.dims()[0] * 3]).unwrap();
+        *m =
+            HostTensor::from_f32([m.shape.dims()[0], 3], vec![1.0; m.shape.dims()[0] * 3]).unwrap();
     });
     let (code, _, err) = verify(&[tmp.path().to_str().unwrap()]);
     assert_eq!(code, 2);
@@ -219,7 +253,8 @@ fn copy_of(component: &str) -> tempfile::TempDir {
 /// Applies `edit` to the JSON file `rel` of a case copy.
 fn edit_json(dir: &Path, rel: &str, edit: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join(rel);
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
@@ -260,10 +295,24 @@ fn llm_case_with_internvl3_nested_config_passes() {
     let (code, out, err) = verify(&[tmp.path().to_str().unwrap()]);
     println!("{out}{err}");
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("hidden_states") && out.contains("result: PASS"), "{out}");
+    assert!(
+        out.contains("hidden_states") && out.contains("result: PASS"),
+        "{out}"
+    );
     // An out-of-bounds value inside the nesting is named with its path.
-    edit_json(tmp.path(), "model/config.json", |v| v["llm_config"]["num_hidden_layers"] = serde_json::json!(1_000_000));
-    assert_error(tmp.path(), &["config.json", "llm_config", "num_hidden_layers", "1000000", "1024"]);
+    edit_json(tmp.path(), "model/config.json", |v| {
+        v["llm_config"]["num_hidden_layers"] = serde_json::json!(1_000_000)
+    });
+    assert_error(
+        tmp.path(),
+        &[
+            "config.json",
+            "llm_config",
+            "num_hidden_layers",
+            "1000000",
+            "1024",
+        ],
+    );
 }
 
 #[test]
@@ -271,34 +320,152 @@ fn absurd_config_values_are_clear_errors() {
     use serde_json::json;
     // (component, config file, field, value, what the error must name)
     let cases: Vec<(&str, &str, &str, serde_json::Value, Vec<&str>)> = vec![
-        ("llm", "model/config.json", "num_hidden_layers", json!(1u64 << 62), vec!["num_hidden_layers", "4611686018427387904", "1024"]),
-        ("llm", "model/config.json", "num_hidden_layers", json!(1_000_000), vec!["num_hidden_layers", "1000000"]),
-        ("llm", "model/config.json", "num_hidden_layers", json!(-1), vec!["num_hidden_layers", "-1"]),
-        ("llm", "model/config.json", "rms_norm_eps", json!(-1.0), vec!["rms_norm_eps", "-1"]),
-        ("llm", "model/config.json", "rms_norm_eps", json!(0.0), vec!["rms_norm_eps"]),
-        ("llm", "model/config.json", "vocab_size", json!(1u64 << 40), vec!["vocab_size", "1099511627776"]),
-        ("llm", "model/config.json", "num_attention_heads", json!(3), vec!["hidden_size", "num_attention_heads", "3"]),
-        ("dit", "model/config.json", "num_layers", json!(1u64 << 62), vec!["num_layers", "4611686018427387904"]),
-        ("dit", "model/config.json", "attention_head_dim", json!(0), vec!["attention_head_dim", "0"]),
-        ("dit", "model/config.json", "mlp_ratio", json!(-2.5), vec!["mlp_ratio", "-2.5"]),
-        ("vae", "model/config.json", "attention_head_dim", json!(0), vec!["attention_head_dim", "0"]),
-        ("vae", "model/config.json", "latent_channels", json!(0), vec!["latent_channels", "0"]),
-        ("vae", "model/config.json", "scaling_factor", json!(0.0), vec!["scaling_factor", "0"]),
-        ("vae", "model/config.json", "scaling_factor", json!("NaN"), vec!["scaling_factor"]),
-        ("connector", "model/config.json", "num_hidden_layers", json!(1u64 << 62), vec!["num_hidden_layers"]),
-        ("connector", "model/config.json", "layer_norm_eps", json!(-1.0), vec!["layer_norm_eps"]),
-        ("scheduler", "case.json", "num_steps", json!(1u64 << 62), vec!["case.json", "num_steps", "4611686018427387904", "10000"]),
-        ("scheduler", "case.json", "num_steps", json!(0), vec!["num_steps", "0"]),
-        ("scheduler", "case.json", "flow_shift", json!(-3.0), vec!["flow_shift", "-3"]),
+        (
+            "llm",
+            "model/config.json",
+            "num_hidden_layers",
+            json!(1u64 << 62),
+            vec!["num_hidden_layers", "4611686018427387904", "1024"],
+        ),
+        (
+            "llm",
+            "model/config.json",
+            "num_hidden_layers",
+            json!(1_000_000),
+            vec!["num_hidden_layers", "1000000"],
+        ),
+        (
+            "llm",
+            "model/config.json",
+            "num_hidden_layers",
+            json!(-1),
+            vec!["num_hidden_layers", "-1"],
+        ),
+        (
+            "llm",
+            "model/config.json",
+            "rms_norm_eps",
+            json!(-1.0),
+            vec!["rms_norm_eps", "-1"],
+        ),
+        (
+            "llm",
+            "model/config.json",
+            "rms_norm_eps",
+            json!(0.0),
+            vec!["rms_norm_eps"],
+        ),
+        (
+            "llm",
+            "model/config.json",
+            "vocab_size",
+            json!(1u64 << 40),
+            vec!["vocab_size", "1099511627776"],
+        ),
+        (
+            "llm",
+            "model/config.json",
+            "num_attention_heads",
+            json!(3),
+            vec!["hidden_size", "num_attention_heads", "3"],
+        ),
+        (
+            "dit",
+            "model/config.json",
+            "num_layers",
+            json!(1u64 << 62),
+            vec!["num_layers", "4611686018427387904"],
+        ),
+        (
+            "dit",
+            "model/config.json",
+            "attention_head_dim",
+            json!(0),
+            vec!["attention_head_dim", "0"],
+        ),
+        (
+            "dit",
+            "model/config.json",
+            "mlp_ratio",
+            json!(-2.5),
+            vec!["mlp_ratio", "-2.5"],
+        ),
+        (
+            "vae",
+            "model/config.json",
+            "attention_head_dim",
+            json!(0),
+            vec!["attention_head_dim", "0"],
+        ),
+        (
+            "vae",
+            "model/config.json",
+            "latent_channels",
+            json!(0),
+            vec!["latent_channels", "0"],
+        ),
+        (
+            "vae",
+            "model/config.json",
+            "scaling_factor",
+            json!(0.0),
+            vec!["scaling_factor", "0"],
+        ),
+        (
+            "vae",
+            "model/config.json",
+            "scaling_factor",
+            json!("NaN"),
+            vec!["scaling_factor"],
+        ),
+        (
+            "connector",
+            "model/config.json",
+            "num_hidden_layers",
+            json!(1u64 << 62),
+            vec!["num_hidden_layers"],
+        ),
+        (
+            "connector",
+            "model/config.json",
+            "layer_norm_eps",
+            json!(-1.0),
+            vec!["layer_norm_eps"],
+        ),
+        (
+            "scheduler",
+            "case.json",
+            "num_steps",
+            json!(1u64 << 62),
+            vec!["case.json", "num_steps", "4611686018427387904", "10000"],
+        ),
+        (
+            "scheduler",
+            "case.json",
+            "num_steps",
+            json!(0),
+            vec!["num_steps", "0"],
+        ),
+        (
+            "scheduler",
+            "case.json",
+            "flow_shift",
+            json!(-3.0),
+            vec!["flow_shift", "-3"],
+        ),
     ];
     for (component, file, field, value, want) in cases {
         let tmp = copy_of(component);
         let nan = value == json!("NaN");
-        edit_json(tmp.path(), file, |v| v[field] = if nan { json!(null) } else { value.clone() });
+        edit_json(tmp.path(), file, |v| {
+            v[field] = if nan { json!(null) } else { value.clone() }
+        });
         if nan {
             // Upstream writers emit a bare NaN, which is not JSON; the reader maps it to null.
             let p = tmp.path().join(file);
-            let text = std::fs::read_to_string(&p).unwrap().replace(&format!("\"{field}\": null"), &format!("\"{field}\": NaN"));
+            let text = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace(&format!("\"{field}\": null"), &format!("\"{field}\": NaN"));
             std::fs::write(&p, text).unwrap();
         }
         let mut want = want;
@@ -314,11 +481,21 @@ fn absurd_config_values_are_clear_errors() {
 fn absurd_vae_stage_lists_are_clear_errors() {
     use serde_json::json;
     for (field, edit, want) in [
-        ("decoder_block_out_channels", json!(0), vec!["decoder_block_out_channels[1]", "0"]),
-        ("decoder_layers_per_block", json!(1_000_000), vec!["decoder_layers_per_block[1]", "1000000", "1024"]),
+        (
+            "decoder_block_out_channels",
+            json!(0),
+            vec!["decoder_block_out_channels[1]", "0"],
+        ),
+        (
+            "decoder_layers_per_block",
+            json!(1_000_000),
+            vec!["decoder_layers_per_block[1]", "1000000", "1024"],
+        ),
     ] {
         let tmp = copy_of("vae");
-        edit_json(tmp.path(), "model/config.json", |v| v[field][1] = edit.clone());
+        edit_json(tmp.path(), "model/config.json", |v| {
+            v[field][1] = edit.clone()
+        });
         assert_error(tmp.path(), &want);
     }
 }
@@ -333,7 +510,10 @@ fn non_finite_reference_is_an_error() {
             v[3] = bad;
             *t = HostTensor::from_f32(t.shape.clone(), v).unwrap();
         });
-        assert_error(tmp.path(), &["io.safetensors", "`outputs`", "non-finite", "index 3"]);
+        assert_error(
+            tmp.path(),
+            &["io.safetensors", "`outputs`", "non-finite", "index 3"],
+        );
     }
 }
 
@@ -349,9 +529,15 @@ fn nan_in_the_computed_output_fails() {
     let (code, out, err) = verify(&[tmp.path().to_str().unwrap()]);
     println!("{out}{err}");
     assert_eq!(code, 1, "{err}");
-    let line = out.lines().find(|l| l.trim_start().starts_with("outputs")).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("outputs"))
+        .unwrap();
     // The metrics carry the NaN (never dropped), and the verdict is FAIL.
-    assert!(line.contains("NaN") && line.contains("FAIL") && line.contains("non-finite"), "{line}");
+    assert!(
+        line.contains("NaN") && line.contains("FAIL") && line.contains("non-finite"),
+        "{line}"
+    );
     assert!(out.contains("result: FAIL"), "{out}");
 }
 
@@ -359,7 +545,9 @@ fn nan_in_the_computed_output_fails() {
 fn case_without_decisive_outputs_is_an_error() {
     // A pipeline case whose io file holds only the noise: nothing to decide a verdict on.
     let tmp = copy_of("pipeline");
-    edit_safetensors(&tmp.path().join("io.safetensors"), |io| io.retain(|k, _| k == "noise"));
+    edit_safetensors(&tmp.path().join("io.safetensors"), |io| {
+        io.retain(|k, _| k == "noise")
+    });
     assert_error(tmp.path(), &["no decisive output"]);
 }
 
@@ -368,7 +556,13 @@ fn empty_io_tensor_with_huge_dims_is_an_error() {
     // [2^40, 0] is a valid zero-byte tensor; it must not drive a loop of 2^40 rows.
     let tmp = copy_of("llm");
     edit_safetensors(&tmp.path().join("io.safetensors"), |io| {
-        io.insert("input_ids".into(), HostTensor::new([1usize << 40, 0], openuni_tensor::HostData::I64(vec![])).unwrap());
+        io.insert(
+            "input_ids".into(),
+            HostTensor::new([1usize << 40, 0], openuni_tensor::HostData::I64(vec![])).unwrap(),
+        );
     });
-    assert_error(tmp.path(), &["`input_ids`", "1099511627776, 0", "no elements"]);
+    assert_error(
+        tmp.path(),
+        &["`input_ids`", "1099511627776, 0", "no elements"],
+    );
 }

@@ -9,11 +9,12 @@ use std::process::Command;
 use openuni_tensor::{write_safetensors, HostTensor, Weights};
 
 fn cases() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("case.json").is_file())
-        .collect();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("case.json").is_file())
+            .collect();
     v.sort();
     v
 }
@@ -22,10 +23,24 @@ use openuni::exec::emulator_or_skip;
 
 fn verify(case: &Path, dtype: &str) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_openuni"))
-        .args(["verify", case.to_str().unwrap(), "--device", "emu", "--dtype", dtype])
+        .args([
+            "verify",
+            case.to_str().unwrap(),
+            "--device",
+            "emu",
+            "--dtype",
+            dtype,
+        ])
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 #[test]
@@ -54,10 +69,22 @@ fn perturbed_weight_fails_on_the_emulated_gpu_in_bf16() {
         std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
     }
     // A 5% change of one weight tensor: larger than bf16 noise, far below a broken model.
-    let mut w = Weights::open(src.join("model/model.safetensors")).unwrap().all().unwrap();
+    let mut w = Weights::open(src.join("model/model.safetensors"))
+        .unwrap()
+        .all()
+        .unwrap();
     let t = w.get_mut("layers.0.mlp.fc1.weight").unwrap();
-    *t = HostTensor::from_f32(t.shape.clone(), t.to_f32_vec().iter().map(|x| x * 1.05).collect()).unwrap();
-    write_safetensors(&tmp.path().join("model/model.safetensors"), w.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap();
+    *t = HostTensor::from_f32(
+        t.shape.clone(),
+        t.to_f32_vec().iter().map(|x| x * 1.05).collect(),
+    )
+    .unwrap();
+    write_safetensors(
+        &tmp.path().join("model/model.safetensors"),
+        w.iter().map(|(k, v)| (k.as_str(), v)),
+        None,
+    )
+    .unwrap();
     let (code, out) = verify(tmp.path(), "bf16");
     println!("{out}");
     assert_eq!(code, 1, "{out}");

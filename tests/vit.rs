@@ -25,8 +25,19 @@ fn case() -> PathBuf {
 }
 
 fn verify(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_openuni")).arg("verify").args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(env!("CARGO_BIN_EXE_openuni"))
+        .arg("verify")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// A copy of the case with `model/` taken from `model_from` (a folder of the case).
@@ -43,7 +54,8 @@ fn copy_case(dir: &Path, model_from: &str) {
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("model/config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
@@ -61,7 +73,10 @@ fn committed_vit_case_passes_on_cpu() {
     println!("{out}");
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("vit_embeds") && out.contains("PASS") && !out.contains("FAIL"));
-    assert!(out.contains("mid.vision_model.encoder.layers.1"), "the per-layer intermediates are compared");
+    assert!(
+        out.contains("mid.vision_model.encoder.layers.1"),
+        "the per-layer intermediates are compared"
+    );
 }
 
 #[test]
@@ -74,7 +89,10 @@ fn internvit_6b_variants_pass_on_cpu() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("vit_embeds") && !out.contains("FAIL"));
     // select_layer -2 of 3 layers: the last layer is not built, so its intermediate is not compared.
-    assert!(out.contains("mid.vision_model.encoder.layers.1") && !out.contains("mid.vision_model.encoder.layers.2"));
+    assert!(
+        out.contains("mid.vision_model.encoder.layers.1")
+            && !out.contains("mid.vision_model.encoder.layers.2")
+    );
 }
 
 #[test]
@@ -82,8 +100,16 @@ fn transformers_native_layout_passes_on_cpu() {
     let tmp = tempfile::tempdir().unwrap();
     copy_case(tmp.path(), "native_model");
     // transformers 5 saves the legacy names (`vision_tower.*`, `multi_modal_projector.*`).
-    let keys: Vec<String> = Weights::open(tmp.path().join("model")).unwrap().keys().map(String::from).collect();
-    assert!(keys.iter().any(|k| k.starts_with("vision_tower.encoder.layer.0.attention.q_proj")), "native_model holds transformers' names");
+    let keys: Vec<String> = Weights::open(tmp.path().join("model"))
+        .unwrap()
+        .keys()
+        .map(String::from)
+        .collect();
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("vision_tower.encoder.layer.0.attention.q_proj")),
+        "native_model holds transformers' names"
+    );
     let (code, out) = verify(&[tmp.path().to_str().unwrap()]);
     println!("{out}");
     assert_eq!(code, 0, "{out}");
@@ -91,7 +117,11 @@ fn transformers_native_layout_passes_on_cpu() {
     // Its in-memory names (`model.vision_tower.*`, as transformers 5's state_dict and the -hf
     // repos converted by it have them) load too.
     edit_tensors(&tmp.path().join("model/model.safetensors"), |w| {
-        let moved: Vec<String> = w.keys().filter(|k| !k.starts_with("language_model.")).cloned().collect();
+        let moved: Vec<String> = w
+            .keys()
+            .filter(|k| !k.starts_with("language_model."))
+            .cloned()
+            .collect();
         for k in moved {
             let t = w.remove(&k).unwrap();
             w.insert(format!("model.{k}"), t);
@@ -108,7 +138,11 @@ fn perturbed_layer_scale_fails() {
     copy_case(tmp.path(), "model");
     edit_tensors(&tmp.path().join("model/model.safetensors"), |w| {
         let t = w.get_mut("vision_model.encoder.layers.1.ls2").unwrap();
-        *t = HostTensor::from_f32(t.shape.clone(), t.to_f32_vec().iter().map(|x| x * 1.05).collect()).unwrap();
+        *t = HostTensor::from_f32(
+            t.shape.clone(),
+            t.to_f32_vec().iter().map(|x| x * 1.05).collect(),
+        )
+        .unwrap();
     });
     let (code, out) = verify(&[tmp.path().to_str().unwrap()]);
     println!("{out}");
@@ -126,12 +160,17 @@ fn model_without_vision_tower_is_a_clear_error() {
     let (code, out) = verify(&[tmp.path().to_str().unwrap()]);
     println!("{out}");
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("config.json") && out.contains("no vision tower"), "{out}");
+    assert!(
+        out.contains("config.json") && out.contains("no vision tower"),
+        "{out}"
+    );
 
     // The config is right but the weights have no vision tower (an LLM-only checkpoint).
     let tmp = tempfile::tempdir().unwrap();
     copy_case(tmp.path(), "model");
-    edit_tensors(&tmp.path().join("model/model.safetensors"), |w| w.retain(|k, _| k.starts_with("language_model.")));
+    edit_tensors(&tmp.path().join("model/model.safetensors"), |w| {
+        w.retain(|k, _| k.starts_with("language_model."))
+    });
     let (code, out) = verify(&[tmp.path().to_str().unwrap()]);
     println!("{out}");
     assert_eq!(code, 2, "{out}");
@@ -142,7 +181,11 @@ fn model_without_vision_tower_is_a_clear_error() {
 fn unsupported_settings_are_refused_by_name() {
     for (field, value, expect) in [
         ("ps_version", serde_json::json!("v1"), "ps_version `v1`"),
-        ("downsample_ratio", serde_json::json!(0.25), "downsample_ratio 0.25"),
+        (
+            "downsample_ratio",
+            serde_json::json!(0.25),
+            "downsample_ratio 0.25",
+        ),
         ("select_layer", serde_json::json!(-5), "select_layer -5"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
@@ -156,11 +199,16 @@ fn unsupported_settings_are_refused_by_name() {
     // A 336-px config: the 1025-row position table is for 448 (interpolation is not implemented).
     let tmp = tempfile::tempdir().unwrap();
     copy_case(tmp.path(), "model");
-    edit_config(tmp.path(), |v| v["force_image_size"] = serde_json::json!(336));
+    edit_config(tmp.path(), |v| {
+        v["force_image_size"] = serde_json::json!(336)
+    });
     let (code, out) = verify(&[tmp.path().to_str().unwrap()]);
     println!("{out}");
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("position embedding") && out.contains("[1, 577, 128]"), "{out}");
+    assert!(
+        out.contains("position embedding") && out.contains("[1, 577, 128]"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -168,12 +216,18 @@ fn wrong_pixel_values_shape_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     copy_case(tmp.path(), "model");
     edit_tensors(&tmp.path().join("io.safetensors"), |w| {
-        w.insert("pixel_values".into(), HostTensor::zeros_f32([1, 3, 224, 224]));
+        w.insert(
+            "pixel_values".into(),
+            HostTensor::zeros_f32([1, 3, 224, 224]),
+        );
     });
     let (code, out) = verify(&[tmp.path().to_str().unwrap()]);
     println!("{out}");
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("pixel_values") && out.contains("[1, 3, 224, 224]") && out.contains("448"), "{out}");
+    assert!(
+        out.contains("pixel_values") && out.contains("[1, 3, 224, 224]") && out.contains("448"),
+        "{out}"
+    );
 }
 
 const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
@@ -196,16 +250,39 @@ fn class_pos_embed_matches_cpu() {
         gb.output("y", y).unwrap();
         let g = gb.finish();
         let w = HashMap::from([
-            ("cls".to_string(), HostTensor::from_f32([c], cls.clone()).unwrap()),
-            ("pos".to_string(), HostTensor::from_f32([n + 1, c], pos.clone()).unwrap()),
+            (
+                "cls".to_string(),
+                HostTensor::from_f32([c], cls.clone()).unwrap(),
+            ),
+            (
+                "pos".to_string(),
+                HostTensor::from_f32([n + 1, c], pos.clone()).unwrap(),
+            ),
         ]);
         for dtype in DTYPES {
-            let inputs = HashMap::from([("x".to_string(), HostTensor::from_f32([b, n, c], x.clone()).unwrap())]);
+            let inputs = HashMap::from([(
+                "x".to_string(),
+                HostTensor::from_f32([b, n, c], x.clone()).unwrap(),
+            )]);
             let mut ex = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
             let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
             let mut base = vec![0.0; want.len()];
-            cpu::class_pos_embed(&round_to(dtype, &x), &round_to(dtype, &cls), &round_to(dtype, &pos), b, n, c, &mut base);
-            check(&format!("class_pos_embed {dtype} B={b} N={n} C={c}"), dtype, &got, &want, &round_to(dtype, &base));
+            cpu::class_pos_embed(
+                &round_to(dtype, &x),
+                &round_to(dtype, &cls),
+                &round_to(dtype, &pos),
+                b,
+                n,
+                c,
+                &mut base,
+            );
+            check(
+                &format!("class_pos_embed {dtype} B={b} N={n} C={c}"),
+                dtype,
+                &got,
+                &want,
+                &round_to(dtype, &base),
+            );
         }
     }
 }
@@ -228,11 +305,20 @@ fn gated_add_with_layer_scale_gate_matches_cpu() {
         let o = gb.gated_add("residual", xi, li, yi).unwrap();
         gb.output("y", o).unwrap();
         let g = gb.finish();
-        let w = HashMap::from([("ls".to_string(), HostTensor::from_f32([1, c], ls.clone()).unwrap())]);
+        let w = HashMap::from([(
+            "ls".to_string(),
+            HostTensor::from_f32([1, c], ls.clone()).unwrap(),
+        )]);
         // The CPU executor broadcasts the [1, C] gate the same way.
         let inputs = HashMap::from([
-            ("x".to_string(), HostTensor::from_f32([b, n, c], x.clone()).unwrap()),
-            ("y_in".to_string(), HostTensor::from_f32([b, n, c], y.clone()).unwrap()),
+            (
+                "x".to_string(),
+                HostTensor::from_f32([b, n, c], x.clone()).unwrap(),
+            ),
+            (
+                "y_in".to_string(),
+                HostTensor::from_f32([b, n, c], y.clone()).unwrap(),
+            ),
         ]);
         let mut cpu_ex = openuni_cpu::CpuExecutor::new(&g, &w, false).unwrap();
         assert_eq!(cpu_ex.run(&inputs).unwrap()["y"].to_f32_vec(), want);
@@ -240,8 +326,21 @@ fn gated_add_with_layer_scale_gate_matches_cpu() {
             let mut ex = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
             let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
             let mut base = vec![0.0; want.len()];
-            cpu::gated_add(&round_to(dtype, &x), &round_to(dtype, &ls), &round_to(dtype, &y), b * n, c, &mut base);
-            check(&format!("gated_add [1, C] gate {dtype} B={b} N={n} C={c}"), dtype, &got, &want, &round_to(dtype, &base));
+            cpu::gated_add(
+                &round_to(dtype, &x),
+                &round_to(dtype, &ls),
+                &round_to(dtype, &y),
+                b * n,
+                c,
+                &mut base,
+            );
+            check(
+                &format!("gated_add [1, C] gate {dtype} B={b} N={n} C={c}"),
+                dtype,
+                &got,
+                &want,
+                &round_to(dtype, &base),
+            );
         }
     }
 }

@@ -81,12 +81,27 @@ pub fn run(o: &ChatBenchOptions) -> Result<ChatBenchReport> {
     anyhow::ensure!(o.prompt >= 1, "--chat-prompt must be at least 1");
     let weights = RandomWeights {
         origin: format!("random {} llm weights", o.variant),
-        tables: [("model.embed_tokens.weight".to_string(), Shape::new(vec![cfg.vocab_size, cfg.hidden_size]))].into(),
+        tables: [(
+            "model.embed_tokens.weight".to_string(),
+            Shape::new(vec![cfg.vocab_size, cfg.hidden_size]),
+        )]
+        .into(),
     };
-    let ids: Vec<usize> = (0..o.prompt).map(|i| (i * 7919 + 13) % cfg.vocab_size).collect();
+    let ids: Vec<usize> = (0..o.prompt)
+        .map(|i| (i * 7919 + 13) % cfg.vocab_size)
+        .collect();
     let mut rows = vec![];
     for &batch in &o.batches {
-        let mut llm = CachedQwen2::load_on(&weights, &cfg, "model.", "lm_head.weight", "bench --chat", o.device, o.dtype, batch)?;
+        let mut llm = CachedQwen2::load_on(
+            &weights,
+            &cfg,
+            "model.",
+            "lm_head.weight",
+            "bench --chat",
+            o.device,
+            o.dtype,
+            batch,
+        )?;
         llm.reserve(o.prompt + o.iters + 2);
         let embeds = llm.embed(&ids)?;
         // Warm-up (weights converted or uploaded once), then every slot's prefill timed.
@@ -106,7 +121,13 @@ pub fn run(o: &ChatBenchOptions) -> Result<ChatBenchReport> {
         let step = median(steps);
         // Timed step i attends keys 0..=prompt + 1 + i of every slot.
         let mean_keys = o.prompt + 2 + (o.iters.max(1) - 1) / 2;
-        let kv = batch * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim() * mean_keys * o.dtype.size_in_bytes();
+        let kv = batch
+            * cfg.num_hidden_layers
+            * 2
+            * cfg.num_key_value_heads
+            * cfg.head_dim()
+            * mean_keys
+            * o.dtype.size_in_bytes();
         let step_bytes = llm.weight_bytes() + kv;
         rows.push(ChatBenchRow {
             batch,
@@ -119,7 +140,10 @@ pub fn run(o: &ChatBenchOptions) -> Result<ChatBenchReport> {
     }
     let vit = match o.vit_tiles {
         0 => None,
-        tiles => Some(VitBenchRow { tiles, ms: time_vit(o, cfg.hidden_size, tiles)? }),
+        tiles => Some(VitBenchRow {
+            tiles,
+            ms: time_vit(o, cfg.hidden_size, tiles)?,
+        }),
     };
     let report = ChatBenchReport {
         variant: o.variant.clone(),
@@ -137,7 +161,8 @@ pub fn run(o: &ChatBenchOptions) -> Result<ChatBenchReport> {
         vit,
     };
     if let Some(p) = &o.json {
-        crate::atomic::write_bytes(p, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("{}: cannot write the JSON report", p.display()))?;
+        crate::atomic::write_bytes(p, serde_json::to_string_pretty(&report)?.as_bytes())
+            .with_context(|| format!("{}: cannot write the JSON report", p.display()))?;
     }
     Ok(report)
 }
@@ -146,17 +171,28 @@ pub fn run(o: &ChatBenchOptions) -> Result<ChatBenchReport> {
 /// on `tiles` tiles as one batch, after a warm-up run; the pixel values are set once.
 fn time_vit(o: &ChatBenchOptions, llm_hidden: usize, tiles: usize) -> Result<f64> {
     use openuni_models::internvit;
-    let vcfg = internvit::InternVlVisionConfig::from_json(&variant::internvl3_vision(llm_hidden), "InternVL3 vision")?;
+    let vcfg = internvit::InternVlVisionConfig::from_json(
+        &variant::internvl3_vision(llm_hidden),
+        "InternVL3 vision",
+    )?;
     let s = vcfg.image_size;
     let mut b = openuni_graph::GraphBuilder::new();
     let x = b.input("pixel_values", [tiles, 3, s, s])?;
     let out = internvit::build(&mut b, &vcfg, x)?;
     b.mark(internvit::VIT_EMBEDS, out.vit_embeds)?;
     let g = b.finish();
-    let weights = RandomWeights { origin: format!("random InternViT-300M weights ({} llm width)", o.variant), tables: Default::default() };
+    let weights = RandomWeights {
+        origin: format!("random InternViT-300M weights ({} llm width)", o.variant),
+        tables: Default::default(),
+    };
     let mut ex = crate::exec::executor(o.device, &g, &weights, o.dtype, false)?;
-    let px: Vec<f32> = (0..tiles * 3 * s * s).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
-    ex.set_inputs(&std::collections::HashMap::from([("pixel_values".to_string(), openuni_tensor::HostTensor::from_f32([tiles, 3, s, s], px)?)]))?;
+    let px: Vec<f32> = (0..tiles * 3 * s * s)
+        .map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0)
+        .collect();
+    ex.set_inputs(&std::collections::HashMap::from([(
+        "pixel_values".to_string(),
+        openuni_tensor::HostTensor::from_f32([tiles, 3, s, s], px)?,
+    )]))?;
     Ok(median(ex.time_runs(o.iters.max(1))?))
 }
 
@@ -178,10 +214,15 @@ pub fn render(r: &ChatBenchReport) -> String {
         ));
     }
     if let Some(v) = &r.vit {
-        s.push_str(&format!("vision tower (InternViT-300M + mlp1), {} tiles: {:.2} ms\n", v.tiles, v.ms));
+        s.push_str(&format!(
+            "vision tower (InternViT-300M + mlp1), {} tiles: {:.2} ms\n",
+            v.tiles, v.ms
+        ));
     }
     if r.device.starts_with("emu") {
-        s.push_str("note: the emulated GPU checks correctness; its times are CPU times, not speed\n");
+        s.push_str(
+            "note: the emulated GPU checks correctness; its times are CPU times, not speed\n",
+        );
     }
     s
 }

@@ -16,8 +16,8 @@ use std::collections::HashSet;
 use anyhow::Result;
 use openuni_cuda::families::{attention, attention_sm90, linear_attention, mixffn_inverted_glu};
 use openuni_graph::{node_cost, Cost, Graph, Node, Op, ValueId};
-use openuni_tensor::DType;
 use openuni_models::{sana, scheduler};
+use openuni_tensor::DType;
 use serde::Serialize;
 
 use crate::pipeline::{graph_dtype, nonfinite_flag, tile_starts, DecodeOptions, Tiling, IMAGE_U8};
@@ -36,8 +36,16 @@ pub struct Roof {
 /// NVIDIA H100 SXM5 and H200 SXM datasheets: 989 dense bf16 TFLOP/s (1979 with sparsity);
 /// 3.35 TB/s HBM3 and 4.8 TB/s HBM3e.
 pub const ROOFS: [Roof; 2] = [
-    Roof { name: "H100 SXM", tflops: 989.0, tbytes_per_s: 3.35 },
-    Roof { name: "H200 SXM", tflops: 989.0, tbytes_per_s: 4.8 },
+    Roof {
+        name: "H100 SXM",
+        tflops: 989.0,
+        tbytes_per_s: 3.35,
+    },
+    Roof {
+        name: "H200 SXM",
+        tflops: 989.0,
+        tbytes_per_s: 4.8,
+    },
 ];
 
 /// Streaming multiprocessors of the modelled device (H100 SXM and H200 both have 132): grid-stride
@@ -119,7 +127,11 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         Op::AdaLayerNorm { .. } | Op::AdaGatedAdd { .. } => one,
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => one,
         // A tanh-GELU after a Linear is that GEMM's epilogue (executor peephole): no launch.
-        Op::Unary { .. } if openuni_cuda::families::gelu_fused_into_linear(g, node, false).is_some() => 0,
+        Op::Unary { .. }
+            if openuni_cuda::families::gelu_fused_into_linear(g, node, false).is_some() =>
+        {
+            0
+        }
         Op::RmsNormResidual { .. } | Op::RmsNormReluConv2d { .. } => one,
         Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } => one,
         // The modelled H100 / H200 take the sm_90a attention where a call qualifies (with fused
@@ -132,24 +144,83 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
                 attention::launch(&args).map_err(anyhow::Error::msg)?.len()
             }
         }
-        Op::LinearAttention { heads, head_dim, .. } => {
+        Op::LinearAttention {
+            heads, head_dim, ..
+        } => {
             let d = g.shape(node.output).dims();
             let dims = linear_attention::Dims::separate(d[0], d[1], *heads, *head_dim);
-            linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0, key_norm: None }, 0, 0)?.len()
+            linear_attention::launches(
+                dtype,
+                SM_COUNT,
+                &dims,
+                linear_attention::Pointers {
+                    q: 0,
+                    k: 0,
+                    v: 0,
+                    out: 0,
+                    key_norm: None,
+                },
+                0,
+                0,
+            )?
+            .len()
         }
-        Op::PackedLinearAttention { groups, head_dim, key_norm, .. } => {
+        Op::PackedLinearAttention {
+            groups,
+            head_dim,
+            key_norm,
+            ..
+        } => {
             let d = g.shape(node.output).dims();
             let dims = linear_attention::Dims::packed(d[0], d[1], *groups, *head_dim);
             // With a key norm: the 1/rms pre-pass launch first.
-            let key_norm = key_norm.map(|n| linear_attention::KeyNormPointers { weight: 0, rstd: 0, eps: n.eps });
-            linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0, key_norm }, 0, 0)?.len()
+            let key_norm = key_norm.map(|n| linear_attention::KeyNormPointers {
+                weight: 0,
+                rstd: 0,
+                eps: n.eps,
+            });
+            linear_attention::launches(
+                dtype,
+                SM_COUNT,
+                &dims,
+                linear_attention::Pointers {
+                    q: 0,
+                    k: 0,
+                    v: 0,
+                    out: 0,
+                    key_norm,
+                },
+                0,
+                0,
+            )?
+            .len()
         }
         Op::MultiscaleLinearAttention { scales, head_dim } => {
             let d = g.shape(node.output).dims();
             let mut n = 0;
             for &x in scales {
-                let dims = linear_attention::Dims::packed(d[0], d[1], g.shape(x).last() / (3 * head_dim), *head_dim).in_columns(d[2]);
-                n += linear_attention::launches(dtype, SM_COUNT, &dims, linear_attention::Pointers { q: 0, k: 0, v: 0, out: 0, key_norm: None }, 0, 0)?.len();
+                let dims = linear_attention::Dims::packed(
+                    d[0],
+                    d[1],
+                    g.shape(x).last() / (3 * head_dim),
+                    *head_dim,
+                )
+                .in_columns(d[2]);
+                n += linear_attention::launches(
+                    dtype,
+                    SM_COUNT,
+                    &dims,
+                    linear_attention::Pointers {
+                        q: 0,
+                        k: 0,
+                        v: 0,
+                        out: 0,
+                        key_norm: None,
+                    },
+                    0,
+                    0,
+                )?
+                .len();
             }
             n
         }
@@ -159,9 +230,18 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         Op::KvCacheRows { .. } => one,
         Op::PixelShuffleLayerNorm { .. } => one,
         Op::Transpose { .. } => one,
-        Op::ModulationTable { .. } | Op::Chunk { .. } | Op::TimestepEmbedding { .. } | Op::SwiGlu { .. } | Op::SliceTokens { .. } => one,
+        Op::ModulationTable { .. }
+        | Op::Chunk { .. }
+        | Op::TimestepEmbedding { .. }
+        | Op::SwiGlu { .. }
+        | Op::SliceTokens { .. } => one,
         Op::GatherTokens { starts, .. } => starts.len() * one,
-        Op::EmbeddingGather { .. } | Op::QuantizeU8 { .. } | Op::GuidedX0 { .. } | Op::DpmSolverUpdate { .. } | Op::DivScalar { .. } | Op::GaussianNoise { .. } => one,
+        Op::EmbeddingGather { .. }
+        | Op::QuantizeU8 { .. }
+        | Op::GuidedX0 { .. }
+        | Op::DpmSolverUpdate { .. }
+        | Op::DivScalar { .. }
+        | Op::GaussianNoise { .. } => one,
         // The flag over the tensor, then the finish launch that writes it and re-zeroes the flag.
         Op::AnyNonFinite { x } => usize::from(g.shape(*x).numel() > 0) + 1,
         Op::ClassPosEmbed { .. } => 3 * one,
@@ -173,7 +253,9 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         | Op::GroupedLinear { .. }
         | Op::RepeatChannels { .. } => one,
         // Fused: one kernel; else the GEMM and the depthwise GLU (families::mixffn_inverted_glu).
-        Op::MixFfnInvertedGlu { x, h, w, .. } => one * mixffn_inverted_glu::launch_count(dtype, g.shape(*x).last(), *h, *w),
+        Op::MixFfnInvertedGlu { x, h, w, .. } => {
+            one * mixffn_inverted_glu::launch_count(dtype, g.shape(*x).last(), *h, *w)
+        }
     })
 }
 
@@ -182,16 +264,37 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
 /// one block) as the two nodes it then is: the GEMM, which also writes the 2H-wide output, and
 /// the depthwise GLU, which reads it back. `None` for every other node (and a fused MixFFN).
 fn unfused_mixffn_parts(g: &Graph, node: &Node, dtype: DType) -> Option<[Cost; 2]> {
-    let Op::MixFfnInvertedGlu { x, weight, bias, dw_weight, dw_bias, h, w } = &node.op else { return None };
+    let Op::MixFfnInvertedGlu {
+        x,
+        weight,
+        bias,
+        dw_weight,
+        dw_bias,
+        h,
+        w,
+    } = &node.op
+    else {
+        return None;
+    };
     let xs = g.shape(*x);
     if mixffn_inverted_glu::fused_band(dtype, xs.last(), *h, *w).is_some() {
         return None;
     }
     let numel = |id: &ValueId| g.shape(*id).numel() as f64;
-    let (c, c2, rows) = (xs.last() as f64, g.shape(*weight).dims()[0] as f64, xs.rows() as f64);
+    let (c, c2, rows) = (
+        xs.last() as f64,
+        g.shape(*weight).dims()[0] as f64,
+        xs.rows() as f64,
+    );
     let out = g.shape(node.output).numel() as f64;
-    let gemm = Cost { flops: 2.0 * rows * c * c2, elems: numel(x) + numel(weight) + bias.as_ref().map_or(0.0, numel) + rows * c2 };
-    let dw = Cost { flops: 4.0 * out * 9.0, elems: rows * c2 + numel(dw_weight) + dw_bias.as_ref().map_or(0.0, numel) + out };
+    let gemm = Cost {
+        flops: 2.0 * rows * c * c2,
+        elems: numel(x) + numel(weight) + bias.as_ref().map_or(0.0, numel) + rows * c2,
+    };
+    let dw = Cost {
+        flops: 4.0 * out * 9.0,
+        elems: rows * c2 + numel(dw_weight) + dw_bias.as_ref().map_or(0.0, numel) + out,
+    };
     Some([gemm, dw])
 }
 
@@ -199,7 +302,21 @@ fn unfused_mixffn_parts(g: &Graph, node: &Node, dtype: DType) -> Option<[Cost; 2
 /// tables non-zero when the node has them), for the launch builders' and the selection's shape
 /// rules; None for other ops.
 fn attention_args(g: &Graph, node: &Node, dtype: DType) -> Option<attention::AttentionArgs> {
-    let Op::Attention { q, k, heads, kv_heads, head_dim, causal, scale, segments, rope, .. } = &node.op else { return None };
+    let Op::Attention {
+        q,
+        k,
+        heads,
+        kv_heads,
+        head_dim,
+        causal,
+        scale,
+        segments,
+        rope,
+        ..
+    } = &node.op
+    else {
+        return None;
+    };
     let (qs, ks) = (g.shape(*q).dims(), g.shape(*k).dims());
     Some(attention::AttentionArgs {
         dtype,
@@ -225,7 +342,11 @@ fn attention_args(g: &Graph, node: &Node, dtype: DType) -> Option<attention::Att
 /// RoPE pre-pass reads q and k and writes their rotated copies.
 fn extra_bytes(g: &Graph, node: &Node, dtype: DType) -> f64 {
     match attention_args(g, node, dtype) {
-        Some(a) if a.rope_cs != 0 && attention_sm90::selected_for(&a) && attention_sm90::launch_count(&a) > 0 => {
+        Some(a)
+            if a.rope_cs != 0
+                && attention_sm90::selected_for(&a)
+                && attention_sm90::launch_count(&a) > 0 =>
+        {
             2.0 * attention_sm90::rope_scratch_bytes(&a) as f64
         }
         _ => 0.0,
@@ -294,7 +415,11 @@ fn input_from_device(name: &str) -> bool {
 fn io_bytes(g: &Graph, es: f64) -> (f64, f64) {
     let numel = |id| g.shape(id).numel() as f64;
     // fold from +0.0: an empty f64 `sum` is -0.0, which would print as "-0.000".
-    let inputs = g.inputs().filter(|(_, n)| !input_from_device(n)).map(|(id, _)| numel(id) * 4.0).fold(0.0, |a, b| a + b);
+    let inputs = g
+        .inputs()
+        .filter(|(_, n)| !input_from_device(n))
+        .map(|(id, _)| numel(id) * 4.0)
+        .fold(0.0, |a, b| a + b);
     let outputs = g
         .outputs
         .iter()
@@ -309,12 +434,24 @@ fn io_bytes(g: &Graph, es: f64) -> (f64, f64) {
 }
 
 /// The plan of one graph's pass, with `runs` passes per batch.
-fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DType) -> Result<StagePlan> {
+fn stage_plan(
+    stage: &str,
+    g: &Graph,
+    runs: usize,
+    dtype: DType,
+    step_dtype: DType,
+) -> Result<StagePlan> {
     let es = dtype.size_in_bytes() as f64;
     let step_es = step_dtype.size_in_bytes() as f64;
     let numel_of = |g: &Graph, id| g.shape(id).numel() as f64;
     let weights: HashSet<_> = g.weights().map(|(id, _)| id).collect();
-    let mut p = StagePlan { stage: stage.into(), runs_per_batch: runs, nodes: g.nodes.len(), model_ms: vec![0.0; ROOFS.len()], ..Default::default() };
+    let mut p = StagePlan {
+        stage: stage.into(),
+        runs_per_batch: runs,
+        nodes: g.nodes.len(),
+        model_ms: vec![0.0; ROOFS.len()],
+        ..Default::default()
+    };
     let mut by_op: std::collections::BTreeMap<&str, OpPlan> = Default::default();
     for node in &g.nodes {
         let c = node_cost(g, node);
@@ -323,16 +460,28 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
         let parts = unfused_mixffn_parts(g, node, dtype).unwrap_or([c, Cost::default()]);
         let extra = extra_bytes(g, node, dtype);
         let bytes = (parts[0].elems + parts[1].elems) * es + extra;
-        let weight_bytes: f64 = node.op.inputs().iter().filter(|i| weights.contains(i)).map(|&i| g.shape(i).numel() as f64 * es).sum();
+        let weight_bytes: f64 = node
+            .op
+            .inputs()
+            .iter()
+            .filter(|i| weights.contains(i))
+            .map(|&i| g.shape(i).numel() as f64 * es)
+            .sum();
         let launches = cuda_launches(g, node, dtype)?;
-        let op = by_op.entry(node.op.name()).or_insert_with(|| OpPlan { op: node.op.name().into(), ..Default::default() });
+        let op = by_op.entry(node.op.name()).or_insert_with(|| OpPlan {
+            op: node.op.name().into(),
+            ..Default::default()
+        });
         op.nodes += 1;
         op.launches += launches;
         op.flops += c.flops;
         op.bytes += bytes;
         p.launches += launches;
         p.activation_bytes += bytes - weight_bytes;
-        if matches!(node.op, Op::Linear { .. } | Op::LinearResidual { .. } | Op::MixFfnInvertedGlu { .. }) {
+        if matches!(
+            node.op,
+            Op::Linear { .. } | Op::LinearResidual { .. } | Op::MixFfnInvertedGlu { .. }
+        ) {
             p.gemm_launches += launches;
             p.gemm_flops += c.flops;
             p.gemm_bytes += bytes;
@@ -343,7 +492,9 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
         for (t, roof) in p.model_ms.iter_mut().zip(ROOFS) {
             for (i, part) in parts.iter().enumerate() {
                 let part_bytes = part.elems * es + if i == 0 { extra } else { 0.0 };
-                *t += (part.flops / (roof.tflops * 1e12)).max(part_bytes / (roof.tbytes_per_s * 1e12)) * 1e3;
+                *t += (part.flops / (roof.tflops * 1e12))
+                    .max(part_bytes / (roof.tbytes_per_s * 1e12))
+                    * 1e3;
             }
         }
     }
@@ -362,32 +513,64 @@ fn stage_plan(stage: &str, g: &Graph, runs: usize, dtype: DType, step_dtype: DTy
     if dtype == DType::BF16 {
         // The step's latents come from the f32 sampler, the decoder's from the f32 "decoder.input",
         // into the f32 staging slot: still cast.
-        let ins = g.inputs().filter(|(_, n)| !input_from_device(n) || *n == sana::HIDDEN_STATES || *n == LATENT).map(|(id, _)| id);
-        let outs = g.outputs.iter().filter(|(n, _)| output_read(g, n) == Read::F32).map(|(_, id)| *id);
-        let staged: Vec<f64> = ins.chain(outs).map(|id| g.shape(id).numel() as f64).filter(|&n| n > 0.0).collect();
+        let ins = g
+            .inputs()
+            .filter(|(_, n)| !input_from_device(n) || *n == sana::HIDDEN_STATES || *n == LATENT)
+            .map(|(id, _)| id);
+        let outs = g
+            .outputs
+            .iter()
+            .filter(|(n, _)| output_read(g, n) == Read::F32)
+            .map(|(_, id)| *id);
+        let staged: Vec<f64> = ins
+            .chain(outs)
+            .map(|id| g.shape(id).numel() as f64)
+            .filter(|&n| n > 0.0)
+            .collect();
         p.launches += staged.len();
         add_bytes(&mut p, staged.iter().map(|n| n * (4.0 + es)).sum());
     }
     // The uint8 pixels are cast to bytes on the device when read (any storage): one launch, the
     // value read in the storage dtype and written at one byte a value.
-    let u8_out: Vec<f64> = g.outputs.iter().filter(|(n, _)| output_read(g, n) == Read::U8).map(|(_, id)| g.shape(*id).numel() as f64).collect();
+    let u8_out: Vec<f64> = g
+        .outputs
+        .iter()
+        .filter(|(n, _)| output_read(g, n) == Read::U8)
+        .map(|(_, id)| g.shape(*id).numel() as f64)
+        .collect();
     p.launches += u8_out.len();
     add_bytes(&mut p, u8_out.iter().map(|n| n * (es + 1.0)).sum());
     // Values handed over are copied device to device (read and write once per batch, in the
     // storage dtype): the K/V counted with the caption path that makes them (the step runs many
     // times per batch), the prompt embeddings with the caption path that reads them.
     let bytes = |id| g.shape(id).numel() as f64 * es * 2.0;
-    let made: f64 = g.outputs.iter().filter(|(n, _)| n.starts_with("cross_kv.")).map(|(_, id)| bytes(*id)).sum();
-    let read: f64 = g.inputs().filter(|(_, n)| input_from_device(n) && !n.starts_with("cross_kv.")).map(|(id, _)| bytes(id)).sum();
+    let made: f64 = g
+        .outputs
+        .iter()
+        .filter(|(n, _)| n.starts_with("cross_kv."))
+        .map(|(_, id)| bytes(*id))
+        .sum();
+    let read: f64 = g
+        .inputs()
+        .filter(|(_, n)| input_from_device(n) && !n.starts_with("cross_kv."))
+        .map(|(id, _)| bytes(id))
+        .sum();
     add_bytes(&mut p, made + read);
     // The denoising loop's hand-overs, every step: the step's velocity cast bf16 -> f32 into the
     // sampler (one launch), the sampler's latents (f32) copied into the step's staging slot and its
     // latents and estimate into its own inputs (device-to-device copies, read and written).
     if stage == "sampler" {
-        let v = g.input_id(scheduler::VELOCITY).map_or(0.0, |id| numel_of(g, id));
-        let l = g.input_id(scheduler::SAMPLE).map_or(0.0, |id| numel_of(g, id));
+        let v = g
+            .input_id(scheduler::VELOCITY)
+            .map_or(0.0, |id| numel_of(g, id));
+        let l = g
+            .input_id(scheduler::SAMPLE)
+            .map_or(0.0, |id| numel_of(g, id));
         p.launches += 1;
-        add_bytes(&mut p, v * (step_es + 4.0) + 2.0 * v * 4.0 + 2.0 * 2.0 * l * 4.0);
+        add_bytes(
+            &mut p,
+            v * (step_es + 4.0) + 2.0 * v * 4.0 + 2.0 * 2.0 * l * 4.0,
+        );
     }
     p.ops = by_op.into_values().collect();
     p.ops.sort_by(|a, b| b.bytes.total_cmp(&a.bytes));
@@ -414,7 +597,9 @@ pub fn run(o: &PlanOptions) -> Result<PlanReport> {
     let up = model.vae_cfg.upscale();
     let size = o.size.unwrap_or(own_size);
     if size == 0 || !size.is_multiple_of(up) {
-        anyhow::bail!("--size {size} is not a positive multiple of {up} (the VAE upscales latents {up}x)");
+        anyhow::bail!(
+            "--size {size} is not a positive multiple of {up} (the VAE upscales latents {up}x)"
+        );
     }
     let (lh, lw) = (size / up, size / up);
     let dtype = DType::BF16;
@@ -428,17 +613,37 @@ pub fn run(o: &PlanOptions) -> Result<PlanReport> {
                 "decoder.tile" => {
                     let t = Tiling::new(&model.vae_cfg, decode.tile.unwrap_or(size))?;
                     let grid = model.vae_cfg.local_split().grid;
-                    tile_starts(lh * grid, t.tile, 2 * t.context).len() * tile_starts(lw * grid, t.tile, 2 * t.context).len()
+                    tile_starts(lh * grid, t.tile, 2 * t.context).len()
+                        * tile_starts(lw * grid, t.tile, 2 * t.context).len()
                 }
                 _ => 1,
             };
             // The sampler and the decoder's input run in f32 whatever the step's storage.
             stages.push(stage_plan(name, &g, runs, graph_dtype(name, dtype), dtype)?);
         }
-        let host_bytes_per_batch = stages.iter().map(|s| s.htod_bytes_per_batch + s.dtoh_bytes_per_batch).sum();
-        let model_batch_ms: Vec<f64> = (0..ROOFS.len()).map(|i| stages.iter().map(|s| s.runs_per_batch as f64 * s.model_ms[i]).sum()).collect();
-        let model_images_per_s = model_batch_ms.iter().map(|ms| n as f64 / (ms * 1e-3)).collect();
-        results.push(BatchPlan { batch: n, stages, host_bytes_per_batch, model_batch_ms, model_images_per_s });
+        let host_bytes_per_batch = stages
+            .iter()
+            .map(|s| s.htod_bytes_per_batch + s.dtoh_bytes_per_batch)
+            .sum();
+        let model_batch_ms: Vec<f64> = (0..ROOFS.len())
+            .map(|i| {
+                stages
+                    .iter()
+                    .map(|s| s.runs_per_batch as f64 * s.model_ms[i])
+                    .sum()
+            })
+            .collect();
+        let model_images_per_s = model_batch_ms
+            .iter()
+            .map(|ms| n as f64 / (ms * 1e-3))
+            .collect();
+        results.push(BatchPlan {
+            batch: n,
+            stages,
+            host_bytes_per_batch,
+            model_batch_ms,
+            model_images_per_s,
+        });
     }
     let report = PlanReport {
         variant: o.variant.clone(),
@@ -454,7 +659,8 @@ pub fn run(o: &PlanOptions) -> Result<PlanReport> {
         results,
     };
     if let Some(p) = &o.json {
-        crate::atomic::write_bytes(p, serde_json::to_string_pretty(&report)?.as_bytes()).map_err(|e| anyhow::anyhow!("{}: cannot write the JSON plan: {e}", p.display()))?;
+        crate::atomic::write_bytes(p, serde_json::to_string_pretty(&report)?.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{}: cannot write the JSON plan: {e}", p.display()))?;
     }
     Ok(report)
 }
@@ -464,7 +670,11 @@ pub fn render(r: &PlanReport, by_op: bool) -> String {
     use std::fmt::Write;
     let gb = |b: f64| b / 1e9;
     let mut s = String::new();
-    let _ = writeln!(s, "openuni bench --plan: {} {}x{}, {} steps, {} storage (counted from the graphs; no device)", r.variant, r.width, r.height, r.steps, r.dtype);
+    let _ = writeln!(
+        s,
+        "openuni bench --plan: {} {}x{}, {} steps, {} storage (counted from the graphs; no device)",
+        r.variant, r.width, r.height, r.steps, r.dtype
+    );
     let _ = writeln!(s, "commit {}, {}", r.commit, r.date);
     let _ = writeln!(
         s,
@@ -501,10 +711,27 @@ pub fn render(r: &PlanReport, by_op: bool) -> String {
         if by_op {
             for st in &b.stages {
                 let total: f64 = st.ops.iter().map(|o| o.bytes).sum();
-                let _ = writeln!(s, "  {} by op (one pass): {:>5} {:>8} {:>10} {:>9} {:>7}", st.stage, "nodes", "launches", "TF", "GB", "bytes");
+                let _ = writeln!(
+                    s,
+                    "  {} by op (one pass): {:>5} {:>8} {:>10} {:>9} {:>7}",
+                    st.stage, "nodes", "launches", "TF", "GB", "bytes"
+                );
                 for o in &st.ops {
-                    let share = if total > 0.0 { 100.0 * o.bytes / total } else { 0.0 };
-                    let _ = writeln!(s, "    {:<28} {:>5} {:>8} {:>10.3} {:>9.3} {:>6.1}%", o.op, o.nodes, o.launches, o.flops / 1e12, gb(o.bytes), share);
+                    let share = if total > 0.0 {
+                        100.0 * o.bytes / total
+                    } else {
+                        0.0
+                    };
+                    let _ = writeln!(
+                        s,
+                        "    {:<28} {:>5} {:>8} {:>10.3} {:>9.3} {:>6.1}%",
+                        o.op,
+                        o.nodes,
+                        o.launches,
+                        o.flops / 1e12,
+                        gb(o.bytes),
+                        share
+                    );
                 }
             }
         }
@@ -515,7 +742,10 @@ pub fn render(r: &PlanReport, by_op: bool) -> String {
             r.roofs
                 .iter()
                 .zip(b.model_batch_ms.iter().zip(&b.model_images_per_s))
-                .map(|(roof, (ms, ips))| format!("{} {:.1} ms ({:.1} images/s)", roof.name, ms, ips))
+                .map(|(roof, (ms, ips))| format!(
+                    "{} {:.1} ms ({:.1} images/s)",
+                    roof.name, ms, ips
+                ))
                 .collect::<Vec<_>>()
                 .join(", ")
         );

@@ -36,7 +36,10 @@ fn id_key(id: &Value) -> String {
     id.to_string()
 }
 
-fn parse_question(line: &str, base: &Path) -> std::result::Result<(Value, String, Vec<PathBuf>), String> {
+fn parse_question(
+    line: &str,
+    base: &Path,
+) -> std::result::Result<(Value, String, Vec<PathBuf>), String> {
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
     let obj = v.as_object().ok_or("not a JSON object")?;
     let id = match obj.get("id") {
@@ -65,7 +68,8 @@ fn parse_question(line: &str, base: &Path) -> std::result::Result<(Value, String
 /// Reads and checks the whole questions file: every bad line is reported (line number and what
 /// is wrong), as are duplicate ids.
 pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the questions", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the questions", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut out = vec![];
     let mut bad = vec![];
@@ -78,16 +82,31 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
         match parse_question(line, base) {
             Ok((id, question, images)) => {
                 if let Some(first) = seen.insert(id_key(&id), n) {
-                    bad.push(format!("line {n}: id {id} was already used on line {first}"));
+                    bad.push(format!(
+                        "line {n}: id {id} was already used on line {first}"
+                    ));
                 }
-                out.push(Question { line: n, id, question, images });
+                out.push(Question {
+                    line: n,
+                    id,
+                    question,
+                    images,
+                });
             }
             Err(e) => bad.push(format!("line {n}: {e}")),
         }
     }
     if !bad.is_empty() {
-        let shown = bad.iter().take(20).map(|b| format!("\n  {b}")).collect::<String>();
-        let more = if bad.len() > 20 { format!("\n  ... and {} more", bad.len() - 20) } else { String::new() };
+        let shown = bad
+            .iter()
+            .take(20)
+            .map(|b| format!("\n  {b}"))
+            .collect::<String>();
+        let more = if bad.len() > 20 {
+            format!("\n  ... and {} more", bad.len() - 20)
+        } else {
+            String::new()
+        };
         bail!(
             "{}: {} bad line(s) (expected {{\"id\": string | number, \"question\": string, \"image\": path | [paths] | absent}}):{shown}{more}",
             path.display(),
@@ -104,7 +123,9 @@ pub fn answered_ids(path: &Path) -> Result<HashSet<String>> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ids),
-        Err(e) => return Err(e).with_context(|| format!("{}: cannot read the answers", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("{}: cannot read the answers", path.display()))
+        }
     };
     let mut start = 0;
     let mut n = 0;
@@ -112,8 +133,12 @@ pub fn answered_ids(path: &Path) -> Result<HashSet<String>> {
         n += 1;
         let Some(len) = bytes[start..].iter().position(|&b| b == b'\n') else {
             eprintln!("note: {}: line {n} is incomplete (an interrupted run): it is removed and its question redone", path.display());
-            let f = std::fs::OpenOptions::new().write(true).open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-            f.set_len(start as u64).with_context(|| format!("{}: cannot cut the incomplete line", path.display()))?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("{}: cannot open", path.display()))?;
+            f.set_len(start as u64)
+                .with_context(|| format!("{}: cannot cut the incomplete line", path.display()))?;
             break;
         };
         let line = &bytes[start..start + len];
@@ -121,24 +146,40 @@ pub fn answered_ids(path: &Path) -> Result<HashSet<String>> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let id = serde_json::from_slice::<Value>(line).ok().and_then(|v| v.get("id").cloned());
+        let id = serde_json::from_slice::<Value>(line)
+            .ok()
+            .and_then(|v| v.get("id").cloned());
         match id {
             Some(id) => ids.insert(id_key(&id)),
-            None => bail!("{}: line {n} is not an answer (a JSON object with an `id`); fix or remove it", path.display()),
+            None => bail!(
+                "{}: line {n} is not an answer (a JSON object with an `id`); fix or remove it",
+                path.display()
+            ),
         };
     }
     Ok(ids)
 }
 
 /// Answers the questions not yet answered; returns (answered now, skipped as already answered).
-pub fn run(o: &ChatOptions, questions: &Path, answers: &Path, max_batch: usize) -> Result<(usize, usize)> {
+pub fn run(
+    o: &ChatOptions,
+    questions: &Path,
+    answers: &Path,
+    max_batch: usize,
+) -> Result<(usize, usize)> {
     let all = read_questions(questions)?;
     let done = answered_ids(answers)?;
-    let todo: Vec<&Question> = all.iter().filter(|q| !done.contains(&id_key(&q.id))).collect();
+    let todo: Vec<&Question> = all
+        .iter()
+        .filter(|q| !done.contains(&id_key(&q.id)))
+        .collect();
     let skipped = all.len() - todo.len();
     let m = ChatModel::open(o.model.as_deref(), o.device, o.dtype)?;
     for q in &todo {
-        m.check_text(&format!("{}: line {}: the question", questions.display(), q.line), &q.question)?;
+        m.check_text(
+            &format!("{}: line {}: the question", questions.display(), q.line),
+            &q.question,
+        )?;
     }
     let mut llm = m.llm(max_batch.max(1))?;
     let embeddings = llm.embeddings();
@@ -146,27 +187,52 @@ pub fn run(o: &ChatOptions, questions: &Path, answers: &Path, max_batch: usize) 
         .create(true)
         .append(true)
         .open(answers)
-        .with_context(|| format!("{}: cannot open the answers for appending", answers.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: cannot open the answers for appending",
+                answers.display()
+            )
+        })?;
     let name = questions.display().to_string();
-    let requests = todo.iter().enumerate().map(|(k, q)| -> Result<BatchRequest<usize>> {
-        let at = |e: anyhow::Error| e.context(format!("{name}: line {} (id {})", q.line, q.id));
-        let images = load_images(&q.images, o.max_num).map_err(at)?;
-        let embeds = m
-            .prompt_embeds(&embeddings, &[], &q.question, images.as_ref().map(|t| (&t.pixel_values, t.tiles.as_slice())), &name)
-            .map_err(at)?;
-        Ok(BatchRequest { key: k, prompt_embeds: embeds, max_new_tokens: o.max_new_tokens })
-    });
+    let requests = todo
+        .iter()
+        .enumerate()
+        .map(|(k, q)| -> Result<BatchRequest<usize>> {
+            let at = |e: anyhow::Error| e.context(format!("{name}: line {} (id {})", q.line, q.id));
+            let images = load_images(&q.images, o.max_num).map_err(at)?;
+            let embeds = m
+                .prompt_embeds(
+                    &embeddings,
+                    &[],
+                    &q.question,
+                    images
+                        .as_ref()
+                        .map(|t| (&t.pixel_values, t.tiles.as_slice())),
+                    &name,
+                )
+                .map_err(at)?;
+            Ok(BatchRequest {
+                key: k,
+                prompt_embeds: embeds,
+                max_new_tokens: o.max_new_tokens,
+            })
+        });
     let mut answered = 0;
     anyhow::ensure!(max_batch >= 1, "the batch size must be at least 1");
     generate_continuous(&mut llm, requests, Some(m.eos), o.sampling, |k, ids| {
         let q = todo[k];
         let line = serde_json::json!({"id": q.id, "question": q.question, "answer": m.detokenise(&ids)?, "tokens": ids.len()});
         // One complete line per write, flushed: an interruption leaves at most one partial line.
-        out.write_all(format!("{line}\n").as_bytes()).and_then(|()| out.flush()).with_context(|| format!("{}: cannot append", answers.display()))?;
+        out.write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| out.flush())
+            .with_context(|| format!("{}: cannot append", answers.display()))?;
         answered += 1;
         Ok(())
     })?;
-    println!("answered {answered} question(s) -> {} ({skipped} already answered there were skipped)", answers.display());
+    println!(
+        "answered {answered} question(s) -> {} ({skipped} already answered there were skipped)",
+        answers.display()
+    );
     m.note_if_tiny();
     Ok((answered, skipped))
 }

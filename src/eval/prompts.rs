@@ -60,8 +60,16 @@ impl Benchmark {
             (b, Some(n)) => bail!(
                 "--samples {n}: --eval {} makes {} per prompt (its scorer reads {})",
                 b.name(),
-                if b == Benchmark::Dpg { "4 samples" } else { "1 image" },
-                if b == Benchmark::Dpg { "a 2x2 grid" } else { "one image per prompt id" }
+                if b == Benchmark::Dpg {
+                    "4 samples"
+                } else {
+                    "1 image"
+                },
+                if b == Benchmark::Dpg {
+                    "a 2x2 grid"
+                } else {
+                    "one image per prompt id"
+                }
             ),
         }
     }
@@ -92,12 +100,25 @@ pub fn read(bench: Benchmark, path: &Path) -> Result<Vec<EvalPrompt>> {
 }
 
 fn read_text(path: &Path, what: &str) -> Result<String> {
-    let size = std::fs::metadata(path).with_context(|| format!("{}: cannot read the {what}", path.display()))?.len();
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read the {what}", path.display()))?
+        .len();
     if size > limits::PROMPTS_FILE_BYTES {
-        bail!("{}: the {what} is {size} bytes, above the limit of {} bytes", path.display(), limits::PROMPTS_FILE_BYTES);
+        bail!(
+            "{}: the {what} is {size} bytes, above the limit of {} bytes",
+            path.display(),
+            limits::PROMPTS_FILE_BYTES
+        );
     }
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read the {what}", path.display()))?;
-    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: the {what} is not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to()))
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("{}: cannot read the {what}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: the {what} is not UTF-8 (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 fn check_length(text: &str, at: impl FnOnce() -> String) -> Result<()> {
@@ -115,15 +136,26 @@ fn read_geneval(path: &Path) -> Result<Vec<EvalPrompt>> {
         if line.trim().is_empty() {
             bail!("{}: empty line (GenEval numbers prompts by line: every line must be a JSON object with `prompt`)", at());
         }
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", at()))?;
-        let Some(obj) = v.as_object() else { bail!("{}: expected a JSON object, found {}", at(), kind(&v)) };
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", at()))?;
+        let Some(obj) = v.as_object() else {
+            bail!("{}: expected a JSON object, found {}", at(), kind(&v))
+        };
         let prompt = match obj.get("prompt") {
             Some(serde_json::Value::String(p)) => p.clone(),
-            Some(other) => bail!("{}: field `prompt`: expected a string, found {}", at(), kind(other)),
+            Some(other) => bail!(
+                "{}: field `prompt`: expected a string, found {}",
+                at(),
+                kind(other)
+            ),
             None => bail!("{}: no field `prompt`", at()),
         };
         check_length(&prompt, at)?;
-        out.push(EvalPrompt { key: format!("{:05}", out.len()), text: prompt, metadata: Some(line.trim().to_string()) });
+        out.push(EvalPrompt {
+            key: format!("{:05}", out.len()),
+            text: prompt,
+            metadata: Some(line.trim().to_string()),
+        });
     }
     Ok(out)
 }
@@ -142,7 +174,10 @@ fn read_dpg(path: &Path) -> Result<Vec<EvalPrompt>> {
     let mut seen: HashMap<String, PathBuf> = HashMap::new();
     let mut out = vec![];
     for f in files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         // The scorer's key: the image's base name up to its first '.'.
         let key = name.split('.').next().unwrap_or_default().to_string();
         if key.is_empty() || key.contains(|c: char| c == '/' || c == '\\') {
@@ -156,7 +191,11 @@ fn read_dpg(path: &Path) -> Result<Vec<EvalPrompt>> {
             bail!("{}: empty prompt", f.display());
         }
         check_length(&text, || f.display().to_string())?;
-        out.push(EvalPrompt { text, key, metadata: None });
+        out.push(EvalPrompt {
+            text,
+            key,
+            metadata: None,
+        });
     }
     Ok(out)
 }
@@ -164,16 +203,30 @@ fn read_dpg(path: &Path) -> Result<Vec<EvalPrompt>> {
 /// WISE's JSON: a list of objects with an integer `prompt_id` and a string `Prompt`.
 fn read_wise(path: &Path) -> Result<Vec<EvalPrompt>> {
     let text = read_text(path, "WISE prompt file")?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
-    let Some(list) = v.as_array() else { bail!("{}: expected a JSON list of prompt objects, found {}", path.display(), kind(&v)) };
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+    let Some(list) = v.as_array() else {
+        bail!(
+            "{}: expected a JSON list of prompt objects, found {}",
+            path.display(),
+            kind(&v)
+        )
+    };
     let mut seen: HashMap<u64, usize> = HashMap::new();
     let mut out = vec![];
     for (i, e) in list.iter().enumerate() {
         let at = || format!("{}: entry {i}", path.display());
-        let Some(obj) = e.as_object() else { bail!("{}: expected an object, found {}", at(), kind(e)) };
+        let Some(obj) = e.as_object() else {
+            bail!("{}: expected an object, found {}", at(), kind(e))
+        };
         let id = match obj.get("prompt_id") {
-            Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => n.as_u64().expect("checked"),
-            Some(other) => bail!("{}: field `prompt_id`: expected a non-negative integer, found {other}", at()),
+            Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => {
+                n.as_u64().expect("checked")
+            }
+            Some(other) => bail!(
+                "{}: field `prompt_id`: expected a non-negative integer, found {other}",
+                at()
+            ),
             None => bail!("{}: no field `prompt_id`", at()),
         };
         let prompt = match obj.get("Prompt") {
@@ -182,10 +235,17 @@ fn read_wise(path: &Path) -> Result<Vec<EvalPrompt>> {
             None => bail!("{} (prompt_id {id}): no field `Prompt` (WISE's prompt text; the field name is capitalised)", at()),
         };
         if let Some(first) = seen.insert(id, i) {
-            bail!("{}: prompt_id {id} again (first at entry {first}): both would be {id}.png", at());
+            bail!(
+                "{}: prompt_id {id} again (first at entry {first}): both would be {id}.png",
+                at()
+            );
         }
         check_length(&prompt, at)?;
-        out.push(EvalPrompt { text: prompt, key: id.to_string(), metadata: None });
+        out.push(EvalPrompt {
+            text: prompt,
+            key: id.to_string(),
+            metadata: None,
+        });
     }
     Ok(out)
 }
@@ -221,12 +281,29 @@ pub fn work_items(bench: Benchmark, prompts: &[EvalPrompt], samples: usize) -> V
         match bench {
             Benchmark::GenEval => {
                 for k in 0..samples {
-                    let file = PathBuf::from(format!("{p:05}")).join("samples").join(format!("{k:05}.png"));
-                    out.push(WorkItem { id: out.len(), prompt: p, samples: vec![k], file });
+                    let file = PathBuf::from(format!("{p:05}"))
+                        .join("samples")
+                        .join(format!("{k:05}.png"));
+                    out.push(WorkItem {
+                        id: out.len(),
+                        prompt: p,
+                        samples: vec![k],
+                        file,
+                    });
                 }
             }
-            Benchmark::Dpg => out.push(WorkItem { id: out.len(), prompt: p, samples: (0..DPG_SAMPLES).collect(), file: format!("{}.png", prompt.key).into() }),
-            Benchmark::Wise => out.push(WorkItem { id: out.len(), prompt: p, samples: vec![0], file: format!("{}.png", prompt.key).into() }),
+            Benchmark::Dpg => out.push(WorkItem {
+                id: out.len(),
+                prompt: p,
+                samples: (0..DPG_SAMPLES).collect(),
+                file: format!("{}.png", prompt.key).into(),
+            }),
+            Benchmark::Wise => out.push(WorkItem {
+                id: out.len(),
+                prompt: p,
+                samples: vec![0],
+                file: format!("{}.png", prompt.key).into(),
+            }),
         }
     }
     out
@@ -273,7 +350,15 @@ mod tests {
 
     #[test]
     fn batches_pack_whole_files_up_to_the_batch_size() {
-        let p = |n: usize| (0..n).map(|i| EvalPrompt { text: format!("p{i}"), key: i.to_string(), metadata: None }).collect::<Vec<_>>();
+        let p = |n: usize| {
+            (0..n)
+                .map(|i| EvalPrompt {
+                    text: format!("p{i}"),
+                    key: i.to_string(),
+                    metadata: None,
+                })
+                .collect::<Vec<_>>()
+        };
         let g = work_items(Benchmark::GenEval, &p(3), 2);
         assert_eq!(g.len(), 6);
         assert_eq!(g[3].file, PathBuf::from("00001/samples/00001.png"));

@@ -24,9 +24,15 @@ use super::{decode_graphs, DecodeOptions, ModelPaths, OpenUni};
 /// Opens a weight file or folder: safetensors (file, folder, sharded index) or a PyTorch `.pth`
 /// read by our own allow-listed unpickler (never executing checkpoint code).
 pub fn open_weights(path: &Path) -> Result<Box<dyn TensorSource>> {
-    if path.extension().is_some_and(|e| e == "pth" || e == "pt" || e == "bin") {
+    if path
+        .extension()
+        .is_some_and(|e| e == "pth" || e == "pt" || e == "bin")
+    {
         let tensors = read_pth(path)?.into_iter().collect();
-        Ok(Box::new(TensorMap { origin: path.display().to_string(), tensors }))
+        Ok(Box::new(TensorMap {
+            origin: path.display().to_string(),
+            tensors,
+        }))
     } else {
         Ok(Box::new(Weights::open(path)?))
     }
@@ -37,12 +43,20 @@ impl OpenUni {
         let llm_cfg_path = paths.llm.join("config.json");
         let llm_cfg = read_mllm_config(&llm_cfg_path)?.llm;
         let llm = Weights::open(paths.llm)?;
-        let (llm_prefix, _) = qwen2::detect_prefix(&mut llm.keys())
-            .with_context(|| format!("{}: no Qwen2 or InternVL3 embedding table", paths.llm.display()))?;
+        let (llm_prefix, _) = qwen2::detect_prefix(&mut llm.keys()).with_context(|| {
+            format!(
+                "{}: no Qwen2 or InternVL3 embedding table",
+                paths.llm.display()
+            )
+        })?;
         let openuni = open_weights(paths.openuni)?;
         let num_queries = head::num_queries(openuni.as_ref(), &llm_cfg)?;
         if connector_cfg.hidden_size != llm_cfg.hidden_size {
-            bail!("connector width {} differs from the LLM's hidden size {}", connector_cfg.hidden_size, llm_cfg.hidden_size);
+            bail!(
+                "connector width {} differs from the LLM's hidden size {}",
+                connector_cfg.hidden_size,
+                llm_cfg.hidden_size
+            );
         }
         let tcfg_path = paths.transformer.join("config.json");
         let transformer_cfg: SanaConfig = read_config(&tcfg_path)?;
@@ -114,7 +128,11 @@ impl OpenUni {
     /// The transformer's weights: a fine-tuned checkpoint's `transformer.*` over the diffusers folder.
     pub fn transformer(&self) -> Box<dyn TensorSource + '_> {
         if self.openuni.contains(head::FINETUNED_PROBE) {
-            Box::new(Overlay { top: self.openuni.as_ref(), prefix: head::TRANSFORMER_PREFIX.into(), base: self.transformer_base.as_ref() })
+            Box::new(Overlay {
+                top: self.openuni.as_ref(),
+                prefix: head::TRANSFORMER_PREFIX.into(),
+                base: self.transformer_base.as_ref(),
+            })
         } else {
             Box::new(self.transformer_base.as_ref())
         }
@@ -134,7 +152,10 @@ impl OpenUni {
     /// The conditioning graph of packed sequences of `segments` tokens ([`Head::graph`]), with a
     /// non-finite flag after each of its outputs (read instead of the outputs themselves).
     pub(super) fn conditioning_graph(&self, segments: &[usize]) -> Result<Graph> {
-        with_finite_flags(self.head().graph(segments)?, &[head::HIDDEN.0, head::CONNECTOR.0, head::PROMPT_EMBEDS.0])
+        with_finite_flags(
+            self.head().graph(segments)?,
+            &[head::HIDDEN.0, head::CONNECTOR.0, head::PROMPT_EMBEDS.0],
+        )
     }
 
     /// The caption path graph (projection, norm, every block's cross-attention K/V).
@@ -145,16 +166,41 @@ impl OpenUni {
     /// The graphs alive together for a batch of `n` images with `h`×`w` latents decoded as
     /// `decode` says (conditioning, caption path, step, decoder or its global part and tile),
     /// for memory planning without a device.
-    pub fn batch_graphs(&self, n: usize, h: usize, w: usize, decode: DecodeOptions) -> Result<Vec<(&'static str, Graph)>> {
+    pub fn batch_graphs(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        decode: DecodeOptions,
+    ) -> Result<Vec<(&'static str, Graph)>> {
         let (q, cc) = (self.num_queries, self.transformer_cfg.caption_channels);
         let caption = self.caption_graph(&[2 * n, q, cc].into())?;
-        let kv: HashMap<String, Shape> = caption.outputs.iter().map(|(name, id)| (name.clone(), caption.shape(*id).clone())).collect();
+        let kv: HashMap<String, Shape> = caption
+            .outputs
+            .iter()
+            .map(|(name, id)| (name.clone(), caption.shape(*id).clone()))
+            .collect();
         // The conditioning graph depends on the prompts' lengths: planned for the lengths
         // `openuni bench` uses (30-token prompts, 16-token unconditional prompts).
-        let segments: Vec<usize> = (0..2 * n).map(|i| if i < n { 16 + q } else { 30 + q }).collect();
-        let mut graphs = vec![("conditioning", self.conditioning_graph(&segments)?), ("step", self.step_graph(&kv, 2 * n, h, w)?), ("caption", caption)];
-        graphs.extend(super::sampling::sampler_graphs(n, self.transformer_cfg.in_channels * h * w)?);
-        graphs.push(("decoder.input", super::decode::decoder_input_graph(&self.vae_cfg, &[n, self.vae_cfg.latent_channels, h, w].into())?));
+        let segments: Vec<usize> = (0..2 * n)
+            .map(|i| if i < n { 16 + q } else { 30 + q })
+            .collect();
+        let mut graphs = vec![
+            ("conditioning", self.conditioning_graph(&segments)?),
+            ("step", self.step_graph(&kv, 2 * n, h, w)?),
+            ("caption", caption),
+        ];
+        graphs.extend(super::sampling::sampler_graphs(
+            n,
+            self.transformer_cfg.in_channels * h * w,
+        )?);
+        graphs.push((
+            "decoder.input",
+            super::decode::decoder_input_graph(
+                &self.vae_cfg,
+                &[n, self.vae_cfg.latent_channels, h, w].into(),
+            )?,
+        ));
         graphs.extend(decode_graphs(&self.vae_cfg, n, h, w, decode)?);
         Ok(graphs)
     }
@@ -164,7 +210,11 @@ impl OpenUni {
         let mut seen = HashMap::new();
         for (_, g) in self.batch_graphs(1, h, w, DecodeOptions::default())? {
             for (id, name) in g.weights() {
-                seen.insert(name.to_string(), openuni_cuda::families::conv::planned_weight_elems(&g, id, dtype) * dtype.size_in_bytes());
+                seen.insert(
+                    name.to_string(),
+                    openuni_cuda::families::conv::planned_weight_elems(&g, id, dtype)
+                        * dtype.size_in_bytes(),
+                );
             }
         }
         Ok(seen.values().sum())
@@ -173,8 +223,21 @@ impl OpenUni {
     /// The memory a batch of `n` images of `h`×`w` latents plans (see [`MemoryPlan`]): weights
     /// and activation arenas per stage, stored as `dtype`.
     #[allow(clippy::too_many_arguments)]
-    pub fn memory_plan(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions, release_stages: bool, batches: usize) -> Result<MemoryPlan> {
-        let mut plan = MemoryPlan { release_stages, single_batch: batches <= 1, ..MemoryPlan::default() };
+    pub fn memory_plan(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        dtype: DType,
+        decode: DecodeOptions,
+        release_stages: bool,
+        batches: usize,
+    ) -> Result<MemoryPlan> {
+        let mut plan = MemoryPlan {
+            release_stages,
+            single_batch: batches <= 1,
+            ..MemoryPlan::default()
+        };
         let mut seen: HashMap<(Stage, String), ()> = HashMap::new();
         for (name, g) in self.batch_graphs(n, h, w, decode)? {
             let stage = match name {
@@ -183,13 +246,19 @@ impl OpenUni {
                 _ => Stage::Vae,
             };
             let (weights, acts) = match stage {
-                Stage::Conditioning => (&mut plan.conditioning_weights, &mut plan.conditioning_activations),
-                Stage::Transformer => (&mut plan.transformer_weights, &mut plan.denoise_activations),
+                Stage::Conditioning => (
+                    &mut plan.conditioning_weights,
+                    &mut plan.conditioning_activations,
+                ),
+                Stage::Transformer => {
+                    (&mut plan.transformer_weights, &mut plan.denoise_activations)
+                }
                 Stage::Vae => (&mut plan.vae_weights, &mut plan.decode_activations),
             };
             for (id, wname) in g.weights() {
                 if seen.insert((stage, wname.to_string()), ()).is_none() {
-                    *weights += openuni_cuda::families::conv::planned_weight_elems(&g, id, dtype) * dtype.size_in_bytes();
+                    *weights += openuni_cuda::families::conv::planned_weight_elems(&g, id, dtype)
+                        * dtype.size_in_bytes();
                 }
             }
             *acts += planned_graph_bytes(&g, graph_dtype(name, dtype));
@@ -199,13 +268,30 @@ impl OpenUni {
 
     /// Planned activation bytes of [`batch_graphs`](Self::batch_graphs) with `dtype` storage
     /// (see [`planned_graph_bytes`]).
-    pub fn planned_batch_bytes(&self, n: usize, h: usize, w: usize, dtype: DType, decode: DecodeOptions) -> Result<usize> {
-        Ok(self.batch_graphs(n, h, w, decode)?.iter().map(|(name, g)| planned_graph_bytes(g, graph_dtype(name, dtype))).sum())
+    pub fn planned_batch_bytes(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        dtype: DType,
+        decode: DecodeOptions,
+    ) -> Result<usize> {
+        Ok(self
+            .batch_graphs(n, h, w, decode)?
+            .iter()
+            .map(|(name, g)| planned_graph_bytes(g, graph_dtype(name, dtype)))
+            .sum())
     }
 
     /// The transformer step graph on [2N, C, h, w] reading the caption path's K/V (of the
     /// shapes in `kv`) as inputs.
-    pub(super) fn step_graph(&self, kv: &HashMap<String, Shape>, batch2: usize, h: usize, w: usize) -> Result<Graph> {
+    pub(super) fn step_graph(
+        &self,
+        kv: &HashMap<String, Shape>,
+        batch2: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Graph> {
         Ok(sana::step_graph(&self.transformer_cfg, kv, batch2, h, w)?)
     }
 }
@@ -253,14 +339,24 @@ impl MemoryPlan {
         );
         match (self.release_stages, self.single_batch) {
             (false, _) => vec![("all stages", c.0 + t.0 + v.0, c.1 + t.1 + v.1)],
-            (true, false) => vec![("conditioning", c.0, c.1), ("denoise and decode", t.0 + v.0, t.1 + v.1)],
-            (true, true) => vec![("conditioning", c.0, c.1), ("denoise", t.0, t.1), ("decode", v.0, v.1)],
+            (true, false) => vec![
+                ("conditioning", c.0, c.1),
+                ("denoise and decode", t.0 + v.0, t.1 + v.1),
+            ],
+            (true, true) => vec![
+                ("conditioning", c.0, c.1),
+                ("denoise", t.0, t.1),
+                ("decode", v.0, v.1),
+            ],
         }
     }
 
     /// The phase with the largest total: (name, weights, activations).
     pub fn peak_phase(&self) -> (&'static str, usize, usize) {
-        self.phases().into_iter().max_by_key(|p| p.1 + p.2).expect("at least one phase")
+        self.phases()
+            .into_iter()
+            .max_by_key(|p| p.1 + p.2)
+            .expect("at least one phase")
     }
 
     /// The peak phase's (weights, activations).
@@ -282,7 +378,11 @@ impl MemoryPlan {
 
     /// Every stage's weights and activations at once (nothing released).
     pub fn resident_all(&self) -> usize {
-        MemoryPlan { release_stages: false, ..*self }.peak()
+        MemoryPlan {
+            release_stages: false,
+            ..*self
+        }
+        .peak()
     }
 }
 
@@ -290,6 +390,10 @@ impl MemoryPlan {
 /// staging of every input and output (the kernels' small workspaces are not counted).
 pub fn planned_graph_bytes(g: &Graph, dtype: DType) -> usize {
     let arena = openuni_graph::plan(g, false).arena_elems * dtype.size_in_bytes();
-    let staged: usize = g.inputs().map(|(id, _)| g.shape(id).numel()).chain(g.outputs.iter().map(|(_, id)| g.shape(*id).numel())).sum();
+    let staged: usize = g
+        .inputs()
+        .map(|(id, _)| g.shape(id).numel())
+        .chain(g.outputs.iter().map(|(_, id)| g.shape(*id).numel()))
+        .sum();
     arena + if dtype == DType::F32 { 0 } else { staged * 4 }
 }

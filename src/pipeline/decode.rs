@@ -1,7 +1,10 @@
 //! DC-AE decoding on the resident executors: in one piece, or in exact tiles (the geometry is
 //! `openuni_models::dcae::Tiling`, next to the decoder's receptive-field logic).
 
-use openuni_models::dcae::{decoder_global_graph, decoder_graph, decoder_tile_graph, owned_spans, tile_starts, DcaeConfig, Tiling, FEATURES, LATENT, SAMPLE};
+use openuni_models::dcae::{
+    decoder_global_graph, decoder_graph, decoder_tile_graph, owned_spans, tile_starts, DcaeConfig,
+    Tiling, FEATURES, LATENT, SAMPLE,
+};
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
@@ -23,7 +26,9 @@ pub const IMAGE_U8: &str = "image_u8";
 /// [`IMAGE_U8`] and its non-finite flag, each read from the device only when wanted.
 pub fn pipeline_decoder_graph(vae: &DcaeConfig, shape: &Shape) -> Result<Graph> {
     let mut b = GraphBuilder::extend(with_finite_flags(decoder_graph(vae, shape)?, &[SAMPLE.0])?);
-    let sample = b.output_id(SAMPLE.0).context("the decoder graph has no sample output")?;
+    let sample = b
+        .output_id(SAMPLE.0)
+        .context("the decoder graph has no sample output")?;
     let pixels = b.quantize_u8(IMAGE_U8, sample)?;
     b.output(IMAGE_U8, pixels)?;
     Ok(b.finish())
@@ -53,7 +58,12 @@ impl OpenUni {
 
     /// Decodes as `opts` asks: tiled when a tile size is set and the latent does not fit in one
     /// tile, else in one piece (`decode`).
-    pub fn decode_with(&self, latents: &HostTensor, run: RunOptions, opts: DecodeOptions) -> Result<HostTensor> {
+    pub fn decode_with(
+        &self,
+        latents: &HostTensor,
+        run: RunOptions,
+        opts: DecodeOptions,
+    ) -> Result<HostTensor> {
         match tiling(&self.vae_cfg, latents.shape.dims(), opts)? {
             Some(t) => self.decode_tiled(latents, run, t),
             None => self.decode(latents, run),
@@ -68,7 +78,9 @@ impl OpenUni {
         let d = shape.dims();
         let c = self.vae_cfg.latent_channels;
         if d.len() != 4 || d[1] != c {
-            bail!("the latent has shape {shape}, expected [B, {c}, h, w] (the VAE's latent channels)");
+            bail!(
+                "the latent has shape {shape}, expected [B, {c}, h, w] (the VAE's latent channels)"
+            );
         }
         if d[0] == 0 || d[2] == 0 || d[3] == 0 {
             bail!("the latent has shape {shape}: an empty latent cannot be decoded");
@@ -78,14 +90,33 @@ impl OpenUni {
 
     /// Decodes raw (unscaled) latents `values` of `shape` on the resident decoder executor: the
     /// f32 sample [B, 3, H, W].
-    pub(super) fn decode_piece(&self, shape: Shape, values: Vec<f32>, run: RunOptions) -> Result<HostTensor> {
-        let inputs = HashMap::from([(LATENT.to_string(), self.scaled_latent(shape.clone(), values)?)]);
-        let sample = self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || pipeline_decoder_graph(&self.vae_cfg, &shape), |e| {
-            e.set_inputs(&inputs)?;
-            e.execute()?;
-            SAMPLE.take(&mut e.output_handles()?)?.to_host()
-        })?;
-        Ok(HostTensor::from_f32(sample.shape.clone(), sample.to_f32_vec())?)
+    pub(super) fn decode_piece(
+        &self,
+        shape: Shape,
+        values: Vec<f32>,
+        run: RunOptions,
+    ) -> Result<HostTensor> {
+        let inputs = HashMap::from([(
+            LATENT.to_string(),
+            self.scaled_latent(shape.clone(), values)?,
+        )]);
+        let sample = self.with_executor(
+            Stage::Vae,
+            "decoder",
+            shape.dims(),
+            run,
+            false,
+            || pipeline_decoder_graph(&self.vae_cfg, &shape),
+            |e| {
+                e.set_inputs(&inputs)?;
+                e.execute()?;
+                SAMPLE.take(&mut e.output_handles()?)?.to_host()
+            },
+        )?;
+        Ok(HostTensor::from_f32(
+            sample.shape.clone(),
+            sample.to_f32_vec(),
+        )?)
     }
 
     /// The pipeline's decode: `latents` [N, C, h, w] (f32) where the sampler left them, decoded
@@ -95,9 +126,18 @@ impl OpenUni {
     /// GPU the latents never come to the host). In one piece the pixels are quantized on the
     /// device and read back at one byte a value after a one-scalar finite check; tiled, the
     /// stitched f32 image is checked and quantized on the host by the same rule.
-    pub(super) fn decode_u8(&self, latents: TensorHandle, run: RunOptions, opts: DecodeOptions, batch: usize) -> Result<HostTensor> {
+    pub(super) fn decode_u8(
+        &self,
+        latents: TensorHandle,
+        run: RunOptions,
+        opts: DecodeOptions,
+        batch: usize,
+    ) -> Result<HostTensor> {
         self.check_latent_shape(latents.shape())?;
-        let stage = format!("decode: the VAE output (latents / scaling_factor {} decoded)", self.vae_cfg.scaling_factor);
+        let stage = format!(
+            "decode: the VAE output (latents / scaling_factor {} decoded)",
+            self.vae_cfg.scaling_factor
+        );
         let input = self.decoder_input(&latents, run)?;
         if let Some(t) = tiling(&self.vae_cfg, latents.shape().dims(), opts)? {
             let decoded = self.decode_tiled_input(&input, run, t)?;
@@ -110,39 +150,75 @@ impl OpenUni {
         }
         let shape = latents.shape().clone();
         let inputs = HashMap::from([(LATENT.to_string(), input.clone())]);
-        self.with_executor(Stage::Vae, "decoder", shape.dims(), run, false, || pipeline_decoder_graph(&self.vae_cfg, &shape), |e| {
-            e.set_input_handles(&inputs)?;
-            e.execute()?;
-            let h = e.output_handles()?;
-            if let Err(err) = check_finite_flag(&h, SAMPLE.0, &stage, batch) {
-                self.check_decoder_inputs(&latents, &input, batch)?;
-                return Err(err);
-            }
-            h.get(IMAGE_U8).context("the decoder graph has no uint8 image")?.to_host_u8()
-        })
+        self.with_executor(
+            Stage::Vae,
+            "decoder",
+            shape.dims(),
+            run,
+            false,
+            || pipeline_decoder_graph(&self.vae_cfg, &shape),
+            |e| {
+                e.set_input_handles(&inputs)?;
+                e.execute()?;
+                let h = e.output_handles()?;
+                if let Err(err) = check_finite_flag(&h, SAMPLE.0, &stage, batch) {
+                    self.check_decoder_inputs(&latents, &input, batch)?;
+                    return Err(err);
+                }
+                h.get(IMAGE_U8)
+                    .context("the decoder graph has no uint8 image")?
+                    .to_host_u8()
+            },
+        )
     }
 
     /// `latents / scaling_factor`, the decoder's input, made where `latents` lie by the f32
     /// graph "decoder.input" ([`decoder_input_graph`]): one correctly rounded f32 division per
     /// value, the host path's [`scaled_latent`](Self::scaled_latent) bit for bit. A device output
     /// set into a bf16 decoder goes through its f32 staging slot and cast, as a host upload does.
-    pub(super) fn decoder_input(&self, latents: &TensorHandle, run: RunOptions) -> Result<TensorHandle> {
+    pub(super) fn decoder_input(
+        &self,
+        latents: &TensorHandle,
+        run: RunOptions,
+    ) -> Result<TensorHandle> {
         let shape = latents.shape().clone();
-        let f32_run = RunOptions { dtype: DType::F32, ..run };
+        let f32_run = RunOptions {
+            dtype: DType::F32,
+            ..run
+        };
         let inputs = HashMap::from([(DENOISED.to_string(), latents.clone())]);
-        self.with_executor(Stage::Vae, "decoder.input", shape.dims(), f32_run, false, || decoder_input_graph(&self.vae_cfg, &shape), |e| {
-            e.set_input_handles(&inputs)?;
-            e.execute()?;
-            e.output_handles()?.remove(LATENT).context("the decoder input graph has no output")
-        })
+        self.with_executor(
+            Stage::Vae,
+            "decoder.input",
+            shape.dims(),
+            f32_run,
+            false,
+            || decoder_input_graph(&self.vae_cfg, &shape),
+            |e| {
+                e.set_input_handles(&inputs)?;
+                e.execute()?;
+                e.output_handles()?
+                    .remove(LATENT)
+                    .context("the decoder input graph has no output")
+            },
+        )
     }
 
     /// After the decoder's output was found non-finite: names the latents or the decoder's input
     /// instead when they hold the first non-finite value (read back only then, an error anyway).
-    fn check_decoder_inputs(&self, latents: &TensorHandle, input: &TensorHandle, batch: usize) -> Result<()> {
+    fn check_decoder_inputs(
+        &self,
+        latents: &TensorHandle,
+        input: &TensorHandle,
+        batch: usize,
+    ) -> Result<()> {
         check_finite("the latents after denoising", &latents.to_host()?, batch)?;
         let sf = self.vae_cfg.scaling_factor;
-        check_finite(&format!("the decoder input (the latents / the VAE's scaling_factor {sf})"), &input.to_host()?, batch)
+        check_finite(
+            &format!("the decoder input (the latents / the VAE's scaling_factor {sf})"),
+            &input.to_host()?,
+            batch,
+        )
     }
 
     /// `latents / scaling_factor` on the host (the host path of [`decode`](Self::decode)), by the
@@ -162,15 +238,26 @@ impl OpenUni {
     /// all it depends on, so the stitched image is the one-piece decode's: no seam, no blend.
     /// Tiles start every `tile - 2·context` pixels, the last one in each direction clamped to the
     /// edge, so every tile has one shape and one resident executor serves them all.
-    pub fn decode_tiled(&self, latents: &HostTensor, run: RunOptions, tiling: Tiling) -> Result<HostTensor> {
+    pub fn decode_tiled(
+        &self,
+        latents: &HostTensor,
+        run: RunOptions,
+        tiling: Tiling,
+    ) -> Result<HostTensor> {
         self.check_latent(latents)?;
-        let input = TensorHandle::Host(self.scaled_latent(latents.shape.clone(), latents.to_f32_vec())?);
+        let input =
+            TensorHandle::Host(self.scaled_latent(latents.shape.clone(), latents.to_f32_vec())?);
         self.decode_tiled_input(&input, run, tiling)
     }
 
     /// [`decode_tiled`](Self::decode_tiled) of the decoder's input `latents / scaling_factor`
     /// where it lies (the global part reads it on the device when it is there).
-    fn decode_tiled_input(&self, input: &TensorHandle, run: RunOptions, tiling: Tiling) -> Result<HostTensor> {
+    fn decode_tiled_input(
+        &self,
+        input: &TensorHandle,
+        run: RunOptions,
+        tiling: Tiling,
+    ) -> Result<HostTensor> {
         let Tiling { tile, context } = tiling;
         if tile <= 2 * context {
             bail!("decode tile of {tile} feature pixels keeps nothing of its own with {context} pixels of context on each side");
@@ -179,23 +266,41 @@ impl OpenUni {
         let d = shape.dims().to_vec();
         let (bsz, h, w) = (d[0], d[2], d[3]);
         let split = self.vae_cfg.local_split();
-        let (up, fh, fw, ch) = (split.upscale, h * split.grid, w * split.grid, split.channels);
+        let (up, fh, fw, ch) = (
+            split.upscale,
+            h * split.grid,
+            w * split.grid,
+            split.channels,
+        );
         let (ph, pw) = (fh * up, fw * up);
         let npix = bsz
             .checked_mul(3)
             .and_then(|n| n.checked_mul(ph))
             .and_then(|n| n.checked_mul(pw))
             .filter(|&n| n <= isize::MAX as usize / 4)
-            .with_context(|| format!("the latent {shape} decodes to an image too large to hold in memory"))?;
+            .with_context(|| {
+                format!("the latent {shape} decodes to an image too large to hold in memory")
+            })?;
         let inputs = HashMap::from([(LATENT.to_string(), input.clone())]);
-        let mut out = self.with_executor(Stage::Vae, "decoder.global", &d, run, false, || Ok(decoder_global_graph(&self.vae_cfg, &shape)?), |e| {
-            e.set_input_handles(&inputs)?;
-            e.execute()?;
-            e.outputs()
-        })?;
+        let mut out = self.with_executor(
+            Stage::Vae,
+            "decoder.global",
+            &d,
+            run,
+            false,
+            || Ok(decoder_global_graph(&self.vae_cfg, &shape)?),
+            |e| {
+                e.set_input_handles(&inputs)?;
+                e.execute()?;
+                e.outputs()
+            },
+        )?;
         let features = FEATURES.take(&mut out)?.to_f32_vec();
         let (th, tw) = (tile.min(fh), tile.min(fw));
-        let (ys, xs) = (tile_starts(fh, tile, 2 * context), tile_starts(fw, tile, 2 * context));
+        let (ys, xs) = (
+            tile_starts(fh, tile, 2 * context),
+            tile_starts(fw, tile, 2 * context),
+        );
         let (own_y, own_x) = (owned_spans(&ys, fh, context), owned_spans(&xs, fw, context));
         let mut image = vec![0f32; npix];
         for (&y0, &(oy0, oy1)) in ys.iter().zip(&own_y) {
@@ -207,9 +312,20 @@ impl OpenUni {
                         piece.extend_from_slice(&features[(row + x0) * ch..(row + x0 + tw) * ch]);
                     }
                 }
-                let inputs = HashMap::from([(FEATURES.0.to_string(), HostTensor::from_f32([bsz, th * tw, ch], piece)?)]);
+                let inputs = HashMap::from([(
+                    FEATURES.0.to_string(),
+                    HostTensor::from_f32([bsz, th * tw, ch], piece)?,
+                )]);
                 let dims = [bsz, th, tw];
-                let mut out = self.with_executor(Stage::Vae, "decoder.tile", &dims, run, false, || Ok(decoder_tile_graph(&self.vae_cfg, bsz, th, tw)?), |e| e.run(&inputs))?;
+                let mut out = self.with_executor(
+                    Stage::Vae,
+                    "decoder.tile",
+                    &dims,
+                    run,
+                    false,
+                    || Ok(decoder_tile_graph(&self.vae_cfg, bsz, th, tw)?),
+                    |e| e.run(&inputs),
+                )?;
                 let decoded = SAMPLE.take(&mut out)?.to_f32_vec();
                 let (tph, tpw) = (th * up, tw * up);
                 let (cx0, cx1) = ((ox0 - x0) * up, (ox1 - x0) * up);
@@ -226,7 +342,11 @@ impl OpenUni {
 }
 
 /// The tiling `opts` asks for on latents of `dims`, or `None` when one tile would cover them.
-pub(super) fn tiling(vae: &DcaeConfig, dims: &[usize], opts: DecodeOptions) -> Result<Option<Tiling>> {
+pub(super) fn tiling(
+    vae: &DcaeConfig,
+    dims: &[usize],
+    opts: DecodeOptions,
+) -> Result<Option<Tiling>> {
     let Some(px) = opts.tile else { return Ok(None) };
     let (t, grid) = (Tiling::new(vae, px)?, vae.local_split().grid);
     Ok((dims.len() == 4 && (dims[2] * grid > t.tile || dims[3] * grid > t.tile)).then_some(t))
@@ -234,13 +354,25 @@ pub(super) fn tiling(vae: &DcaeConfig, dims: &[usize], opts: DecodeOptions) -> R
 
 /// The decode graphs a batch of `n` latents of `h`×`w` keeps resident as `opts` decodes: the
 /// whole decoder, or its global part and one tile of the local part.
-pub fn decode_graphs(vae: &DcaeConfig, n: usize, h: usize, w: usize, opts: DecodeOptions) -> Result<Vec<(&'static str, Graph)>> {
+pub fn decode_graphs(
+    vae: &DcaeConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+    opts: DecodeOptions,
+) -> Result<Vec<(&'static str, Graph)>> {
     let shape: Shape = [n, vae.latent_channels, h, w].into();
     Ok(match tiling(vae, shape.dims(), opts)? {
         None => vec![("decoder", pipeline_decoder_graph(vae, &shape)?)],
         Some(t) => {
             let grid = vae.local_split().grid;
-            vec![("decoder.global", decoder_global_graph(vae, &shape)?), ("decoder.tile", decoder_tile_graph(vae, n, t.tile.min(h * grid), t.tile.min(w * grid))?)]
+            vec![
+                ("decoder.global", decoder_global_graph(vae, &shape)?),
+                (
+                    "decoder.tile",
+                    decoder_tile_graph(vae, n, t.tile.min(h * grid), t.tile.min(w * grid))?,
+                ),
+            ]
         }
     })
 }
@@ -260,7 +392,12 @@ impl DecodeOptions {
     /// From `--decode-tile PX` (a multiple of the VAE's upscale, larger than twice its context)
     /// for an image of `height`×`width` pixels. No flag: tiled with the default tile when a side
     /// exceeds `AUTO_ABOVE_PX`.
-    pub fn from_flags(tile_px: Option<usize>, height: usize, width: usize, vae: &DcaeConfig) -> Result<DecodeOptions> {
+    pub fn from_flags(
+        tile_px: Option<usize>,
+        height: usize,
+        width: usize,
+        vae: &DcaeConfig,
+    ) -> Result<DecodeOptions> {
         let large = height > Self::AUTO_ABOVE_PX || width > Self::AUTO_ABOVE_PX;
         let tile = match tile_px {
             Some(t) => t,

@@ -13,19 +13,21 @@ mod sampling;
 use std::cell::{Cell, RefCell};
 use std::path::Path;
 
+use anyhow::Result;
 use openuni_models::connector::ConnectorConfig;
 use openuni_models::dcae::DcaeConfig;
 use openuni_models::qwen2::Qwen2Config;
 use openuni_models::sana::SanaConfig;
 use openuni_models::scheduler::SamplerKind;
-use anyhow::Result;
 use openuni_tensor::{DType, HostTensor, Shape, TensorSource};
 
 use crate::exec::{Device, TensorHandle};
 
 pub use crate::image::to_uint8_nhwc;
 pub use assembly::{graph_dtype, open_weights, planned_graph_bytes, MemoryPlan};
-pub use decode::{decode_graphs, decoder_input_graph, pipeline_decoder_graph, DecodeOptions, DENOISED, IMAGE_U8};
+pub use decode::{
+    decode_graphs, decoder_input_graph, pipeline_decoder_graph, DecodeOptions, DENOISED, IMAGE_U8,
+};
 pub use openuni_models::dcae::{owned_spans, tile_starts, Tiling};
 use resident::Resident;
 pub use resident::Stage;
@@ -82,18 +84,33 @@ pub enum LatentNoise {
     Values(HostTensor),
     /// Image i's noise drawn from `seeds[i]` where the sampler runs (on a GPU the device;
     /// `Op::GaussianNoise`, the same bits on every device as [`seeded_noise`]).
-    Seeded { seeds: Vec<u64>, channels: usize, height: usize, width: usize },
+    Seeded {
+        seeds: Vec<u64>,
+        channels: usize,
+        height: usize,
+        width: usize,
+    },
 }
 
 impl LatentNoise {
     pub fn seeded(seeds: Vec<u64>, channels: usize, height: usize, width: usize) -> LatentNoise {
-        LatentNoise::Seeded { seeds, channels, height, width }
+        LatentNoise::Seeded {
+            seeds,
+            channels,
+            height,
+            width,
+        }
     }
 
     pub fn shape(&self) -> Shape {
         match self {
             LatentNoise::Values(t) => t.shape.clone(),
-            LatentNoise::Seeded { seeds, channels, height, width } => Shape::from([seeds.len(), *channels, *height, *width]),
+            LatentNoise::Seeded {
+                seeds,
+                channels,
+                height,
+                width,
+            } => Shape::from([seeds.len(), *channels, *height, *width]),
         }
     }
 
@@ -101,13 +118,21 @@ impl LatentNoise {
     pub fn to_host(&self) -> Result<HostTensor> {
         match self {
             LatentNoise::Values(t) => Ok(t.clone()),
-            LatentNoise::Seeded { seeds, channels, height, width } => {
+            LatentNoise::Seeded {
+                seeds,
+                channels,
+                height,
+                width,
+            } => {
                 let per = channels * height * width;
                 let mut v = vec![];
                 for &s in seeds {
                     v.extend(seeded_noise(s, per));
                 }
-                Ok(HostTensor::from_f32([seeds.len(), *channels, *height, *width], v)?)
+                Ok(HostTensor::from_f32(
+                    [seeds.len(), *channels, *height, *width],
+                    v,
+                )?)
             }
         }
     }

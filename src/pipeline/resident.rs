@@ -60,7 +60,10 @@ impl OpenUni {
             return Ok(c.clone());
         }
         if run.device == Device::Cpu && run.dtype != DType::F32 {
-            bail!("--device cpu runs the f32 reference only; --dtype {} needs --device cuda", run.dtype);
+            bail!(
+                "--device cpu runs the f32 reference only; --dtype {} needs --device cuda",
+                run.dtype
+            );
         }
         // The conditioning runs on the device's second lane, so that the next batch's can overlap
         // this batch's denoising.
@@ -74,24 +77,47 @@ impl OpenUni {
 
     /// Bytes of resident weights (host f32 on the CPU, device memory on a GPU).
     pub fn resident_weight_bytes(&self) -> usize {
-        self.resident.borrow().weights.values().map(|c| c.bytes()).sum()
+        self.resident
+            .borrow()
+            .weights
+            .values()
+            .map(|c| c.bytes())
+            .sum()
     }
 
     /// Bytes of the resident executors' activations (arenas, workspaces, staging).
     pub fn resident_activation_bytes(&self) -> usize {
-        self.resident.borrow().execs.values().map(|e| e.activation_bytes()).sum()
+        self.resident
+            .borrow()
+            .execs
+            .values()
+            .map(|e| e.activation_bytes())
+            .sum()
     }
 
     /// Runs `f` on the resident executor of graph `name` ("caption", "step", "decoder",
     /// "decoder.global", "decoder.tile") for input dims `dims`; an error if no call has made it yet.
-    pub fn resident_executor<R>(&self, name: &str, dims: &[usize], run: RunOptions, f: impl FnOnce(&mut dyn GraphExecutor) -> Result<R>) -> Result<R> {
+    pub fn resident_executor<R>(
+        &self,
+        name: &str,
+        dims: &[usize],
+        run: RunOptions,
+        f: impl FnOnce(&mut dyn GraphExecutor) -> Result<R>,
+    ) -> Result<R> {
         let mut r = self.resident.borrow_mut();
         let e = r
             .execs
             .iter_mut()
-            .find(|(k, _)| k.graph == name && k.dims == dims && k.device == run.device && k.dtype == run.dtype)
+            .find(|(k, _)| {
+                k.graph == name && k.dims == dims && k.device == run.device && k.dtype == run.dtype
+            })
             .map(|(_, e)| e)
-            .with_context(|| format!("no resident `{name}` executor for {dims:?} on {} {}", run.device, run.dtype))?;
+            .with_context(|| {
+                format!(
+                    "no resident `{name}` executor for {dims:?} on {} {}",
+                    run.device, run.dtype
+                )
+            })?;
         f(e.as_mut())
     }
 
@@ -138,9 +164,20 @@ impl OpenUni {
     }
 
     /// A new executor of `graph` reading `stage`'s resident weights.
-    pub(super) fn new_executor(&self, stage: Stage, graph: &Graph, run: RunOptions) -> Result<Box<dyn GraphExecutor>> {
+    pub(super) fn new_executor(
+        &self,
+        stage: Stage,
+        graph: &Graph,
+        run: RunOptions,
+    ) -> Result<Box<dyn GraphExecutor>> {
         let cache = self.weight_cache(stage, run)?;
-        executor_with(run.device, graph, self.source(stage).as_ref(), &cache, false)
+        executor_with(
+            run.device,
+            graph,
+            self.source(stage).as_ref(),
+            &cache,
+            false,
+        )
     }
 
     /// Runs `f` on the resident executor of graph `name` for input dims `dims`, building it with
@@ -155,14 +192,23 @@ impl OpenUni {
         build: impl FnOnce() -> Result<Graph>,
         f: impl FnOnce(&mut dyn GraphExecutor) -> Result<R>,
     ) -> Result<R> {
-        let key = ExecKey { graph: name, dims: dims.to_vec(), device: run.device, dtype: run.dtype };
+        let key = ExecKey {
+            graph: name,
+            dims: dims.to_vec(),
+            device: run.device,
+            dtype: run.dtype,
+        };
         if !self.resident.borrow().execs.contains_key(&key) {
             // One resident executor per graph: a new shape (a last, smaller batch) replaces the
             // old one, freeing its memory first, so that memory stays bounded by the largest batch.
-            self.resident.borrow_mut().execs.retain(|k, _| k.graph != name);
+            self.resident
+                .borrow_mut()
+                .execs
+                .retain(|k, _| k.graph != name);
             let mut e = self.new_executor(stage, &build()?, run)?;
             if capture {
-                e.capture().with_context(|| format!("capturing the {name} graph"))?;
+                e.capture()
+                    .with_context(|| format!("capturing the {name} graph"))?;
             }
             self.resident.borrow_mut().execs.insert(key.clone(), e);
         }

@@ -25,7 +25,9 @@ use tokio::sync::oneshot;
 use super::api::ImageRequest;
 use super::metrics::Metrics;
 use crate::generate::is_out_of_memory;
-use crate::pipeline::{to_uint8_nhwc, DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams};
+use crate::pipeline::{
+    to_uint8_nhwc, DecodeOptions, GenerationBatch, LatentNoise, OpenUni, RunOptions, SamplingParams,
+};
 
 /// One generated image of a request.
 #[derive(Clone, Debug)]
@@ -69,7 +71,13 @@ pub struct BatchKey {
 impl Job {
     pub fn key(&self) -> BatchKey {
         let r = &self.request;
-        BatchKey { width: r.width, height: r.height, steps: r.steps, guidance: r.guidance, sampler: r.sampler }
+        BatchKey {
+            width: r.width,
+            height: r.height,
+            steps: r.steps,
+            guidance: r.guidance,
+            sampler: r.sampler,
+        }
     }
 
     fn gone(&self, now: Instant) -> bool {
@@ -99,7 +107,15 @@ pub struct BatchPolicy {
 
 impl Queue {
     pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Queue {
-        Queue { state: Mutex::new(State { jobs: VecDeque::new(), closing: false }), wake: Condvar::new(), capacity, metrics }
+        Queue {
+            state: Mutex::new(State {
+                jobs: VecDeque::new(),
+                closing: false,
+            }),
+            wake: Condvar::new(),
+            capacity,
+            metrics,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -145,14 +161,23 @@ impl Queue {
                 continue;
             };
             let (key, window_end) = (head.key(), head.admitted + p.window);
-            let rows: usize = s.jobs.iter().filter(|j| j.key() == key).map(|j| j.request.n).sum();
+            let rows: usize = s
+                .jobs
+                .iter()
+                .filter(|j| j.key() == key)
+                .map(|j| j.request.n)
+                .sum();
             let now = Instant::now();
             if rows >= p.max_batch || now >= window_end || s.closing {
                 let groups = take_groups(&mut s.jobs, key, p.max_batch);
                 self.metrics.queue_depth.set(s.jobs.len() as i64);
                 return Some(groups);
             }
-            s = self.wake.wait_timeout(s, window_end - now).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .wake
+                .wait_timeout(s, window_end - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -189,7 +214,10 @@ fn take_groups(jobs: &mut VecDeque<Job>, key: BatchKey, max_batch: usize) -> Vec
             continue;
         }
         rows += n;
-        groups.last_mut().expect("one group").push(jobs.remove(i).expect("in range"));
+        groups
+            .last_mut()
+            .expect("one group")
+            .push(jobs.remove(i).expect("in range"));
     }
     groups.retain(|g| !g.is_empty());
     groups
@@ -217,12 +245,18 @@ impl Worker {
     fn generate(&self, groups: Vec<Vec<Job>>) {
         let start = Instant::now();
         // A request cancelled while its batch was being formed is dropped here.
-        let groups: Vec<Vec<Job>> = groups.into_iter().map(|g| g.into_iter().filter(|j| !j.gone(start)).collect::<Vec<_>>()).filter(|g| !g.is_empty()).collect();
+        let groups: Vec<Vec<Job>> = groups
+            .into_iter()
+            .map(|g| g.into_iter().filter(|j| !j.gone(start)).collect::<Vec<_>>())
+            .filter(|g| !g.is_empty())
+            .collect();
         if groups.is_empty() {
             return;
         }
         for j in groups.iter().flatten() {
-            self.metrics.queue_wait.observe(start.duration_since(j.admitted).as_secs_f64());
+            self.metrics
+                .queue_wait
+                .observe(start.duration_since(j.admitted).as_secs_f64());
         }
         self.metrics.batches_running.inc();
         // Before every denoising step the pipeline asks which images of the running batch are
@@ -230,11 +264,21 @@ impl Worker {
         // that step, the others go on; a batch whose requests are all gone ends there.
         let watch: Vec<Vec<(Arc<AtomicBool>, Instant)>> = groups
             .iter()
-            .map(|g| g.iter().flat_map(|j| std::iter::repeat_n((j.cancelled.clone(), j.deadline), j.request.n)).collect())
+            .map(|g| {
+                g.iter()
+                    .flat_map(|j| {
+                        std::iter::repeat_n((j.cancelled.clone(), j.deadline), j.request.n)
+                    })
+                    .collect()
+            })
             .collect();
         self.model.set_stop_check(Some(Box::new(move |gi| {
             let now = Instant::now();
-            watch.get(gi).map_or(vec![], |rows| rows.iter().map(|(c, d)| !c.load(Ordering::Relaxed) && now < *d).collect())
+            watch.get(gi).map_or(vec![], |rows| {
+                rows.iter()
+                    .map(|(c, d)| !c.load(Ordering::Relaxed) && now < *d)
+                    .collect()
+            })
         })));
         let mut replies: Vec<Option<Vec<Image>>> = vec![None; groups.iter().map(Vec::len).sum()];
         let outcome = catch_unwind(AssertUnwindSafe(|| self.run_groups(&groups, &mut replies)));
@@ -243,19 +287,39 @@ impl Worker {
         let failure = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
-                let code = if is_out_of_memory(&e) { "out_of_memory" } else { "generation_failed" };
-                Some(JobError { code, message: format!("{e:#}") })
+                let code = if is_out_of_memory(&e) {
+                    "out_of_memory"
+                } else {
+                    "generation_failed"
+                };
+                Some(JobError {
+                    code,
+                    message: format!("{e:#}"),
+                })
             }
             Err(panic) => {
-                let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-                Some(JobError { code: "generation_failed", message: format!("internal error: the batch panicked ({what})") })
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Some(JobError {
+                    code: "generation_failed",
+                    message: format!("internal error: the batch panicked ({what})"),
+                })
             }
         };
         if failure.is_some() {
             // Executors may be half-built after a failure: the next batch makes fresh ones.
             self.model.release_executors();
         }
-        let images: usize = groups.iter().flatten().zip(&replies).filter(|(_, r)| r.is_some()).map(|(j, _)| j.request.n).sum();
+        let images: usize = groups
+            .iter()
+            .flatten()
+            .zip(&replies)
+            .filter(|(_, r)| r.is_some())
+            .map(|(j, _)| j.request.n)
+            .sum();
         let elapsed = start.elapsed().as_secs_f64();
         self.metrics.batch_duration.observe(elapsed);
         for (job, reply) in groups.into_iter().flatten().zip(replies) {
@@ -263,16 +327,24 @@ impl Worker {
                 (Some(imgs), _) => Ok(imgs),
                 (None, Some(f)) => Err(f.clone()),
                 // Its rows left the batch: the client went away or its deadline passed.
-                (None, None) if job.gone(Instant::now()) => {
-                    Err(JobError { code: "cancelled", message: "the request left its batch: its client went away or its deadline passed".into() })
-                }
-                (None, None) => Err(JobError { code: "generation_failed", message: "internal error: the batch returned no images for this request".into() }),
+                (None, None) if job.gone(Instant::now()) => Err(JobError {
+                    code: "cancelled",
+                    message:
+                        "the request left its batch: its client went away or its deadline passed"
+                            .into(),
+                }),
+                (None, None) => Err(JobError {
+                    code: "generation_failed",
+                    message: "internal error: the batch returned no images for this request".into(),
+                }),
             };
             // A client that went away meanwhile does not take the result: it is discarded.
             let _ = job.reply.send(answer);
         }
         if failure.is_none() {
-            self.metrics.images_per_second.set(images as f64 / elapsed.max(1e-9));
+            self.metrics
+                .images_per_second
+                .set(images as f64 / elapsed.max(1e-9));
         }
     }
 
@@ -282,7 +354,11 @@ impl Worker {
         let key = groups[0][0].key();
         let m = &self.model;
         let up = m.vae_cfg.upscale();
-        let (lh, lw, c) = (key.height / up, key.width / up, m.transformer_cfg.in_channels);
+        let (lh, lw, c) = (
+            key.height / up,
+            key.width / up,
+            m.transformer_cfg.in_channels,
+        );
         let mut batches = vec![];
         for g in groups {
             let mut prompts = vec![];
@@ -293,48 +369,78 @@ impl Worker {
                     seeds.push(j.seed.wrapping_add(i as u64));
                 }
             }
-            batches.push(GenerationBatch { prompts, noise: LatentNoise::seeded(seeds, c, lh, lw) });
+            batches.push(GenerationBatch {
+                prompts,
+                noise: LatentNoise::seeded(seeds, c, lh, lw),
+            });
         }
         let decode = DecodeOptions::from_flags(None, key.height, key.width, &m.vae_cfg)?;
-        let params = SamplingParams { steps: key.steps, guidance: key.guidance, sampler: key.sampler, flow_shift: self.flow_shift, decode };
-        let first_of_group: Vec<usize> = groups.iter().scan(0, |at, g| {
-            let s = *at;
-            *at += g.len();
-            Some(s)
-        }).collect();
+        let params = SamplingParams {
+            steps: key.steps,
+            guidance: key.guidance,
+            sampler: key.sampler,
+            flow_shift: self.flow_shift,
+            decode,
+        };
+        let first_of_group: Vec<usize> = groups
+            .iter()
+            .scan(0, |at, g| {
+                let s = *at;
+                *at += g.len();
+                Some(s)
+            })
+            .collect();
         let rows_of = |gi: usize| groups[gi].iter().map(|j| j.request.n).sum::<usize>();
-        m.generate_batches_rows(&batches, &params, self.run, |_| {}, |gi, decoded, kept| {
-            self.metrics.batch_size.observe(batches[gi].prompts.len() as f64);
-            self.metrics.rows_cancelled.inc_by((rows_of(gi) - kept.len()) as u64);
-            let (pixels, [_, h, w, _]) = to_uint8_nhwc(&decoded)?;
-            let per = h * w * 3;
-            // `kept` lists the batch rows still in `decoded`, ascending; a request's rows leave
-            // together, so each request is either wholly in it or wholly out.
-            let mut out = 0;
-            let mut first_row = 0;
-            for (k, j) in groups[gi].iter().enumerate() {
-                let n = j.request.n;
-                let rows = first_row..first_row + n;
-                first_row += n;
-                if !kept.contains(&rows.start) {
-                    continue;
+        m.generate_batches_rows(
+            &batches,
+            &params,
+            self.run,
+            |_| {},
+            |gi, decoded, kept| {
+                self.metrics
+                    .batch_size
+                    .observe(batches[gi].prompts.len() as f64);
+                self.metrics
+                    .rows_cancelled
+                    .inc_by((rows_of(gi) - kept.len()) as u64);
+                let (pixels, [_, h, w, _]) = to_uint8_nhwc(&decoded)?;
+                let per = h * w * 3;
+                // `kept` lists the batch rows still in `decoded`, ascending; a request's rows leave
+                // together, so each request is either wholly in it or wholly out.
+                let mut out = 0;
+                let mut first_row = 0;
+                for (k, j) in groups[gi].iter().enumerate() {
+                    let n = j.request.n;
+                    let rows = first_row..first_row + n;
+                    first_row += n;
+                    if !kept.contains(&rows.start) {
+                        continue;
+                    }
+                    let mut imgs = vec![];
+                    for i in 0..n {
+                        let png = encode_png(&pixels[out * per..(out + 1) * per], w, h)?;
+                        imgs.push(Image {
+                            png_base64: base64::engine::general_purpose::STANDARD.encode(png),
+                            seed: j.seed + i as u64,
+                        });
+                        out += 1;
+                    }
+                    self.metrics.images_generated.inc_by(n as u64);
+                    replies[first_of_group[gi] + k] = Some(imgs);
                 }
-                let mut imgs = vec![];
-                for i in 0..n {
-                    let png = encode_png(&pixels[out * per..(out + 1) * per], w, h)?;
-                    imgs.push(Image { png_base64: base64::engine::general_purpose::STANDARD.encode(png), seed: j.seed + i as u64 });
-                    out += 1;
-                }
-                self.metrics.images_generated.inc_by(n as u64);
-                replies[first_of_group[gi] + k] = Some(imgs);
-            }
-            anyhow::ensure!(out == kept.len(), "internal error: {} images decoded for {out} kept rows", kept.len());
-            Ok(())
-        }, |gi| {
-            // Every request of a batch left before its end: it stopped at its next step.
-            self.metrics.batches_stopped.inc();
-            self.metrics.rows_cancelled.inc_by(rows_of(gi) as u64);
-        })
+                anyhow::ensure!(
+                    out == kept.len(),
+                    "internal error: {} images decoded for {out} kept rows",
+                    kept.len()
+                );
+                Ok(())
+            },
+            |gi| {
+                // Every request of a batch left before its end: it stopped at its next step.
+                self.metrics.batches_stopped.inc();
+                self.metrics.rows_cancelled.inc_by(rows_of(gi) as u64);
+            },
+        )
     }
 }
 
@@ -354,7 +460,11 @@ pub fn encode_png(rgb: &[u8], width: usize, height: usize) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
 
-    fn job(width: usize, n: usize, cancelled: bool) -> (Job, oneshot::Receiver<Result<Vec<Image>, JobError>>) {
+    fn job(
+        width: usize,
+        n: usize,
+        cancelled: bool,
+    ) -> (Job, oneshot::Receiver<Result<Vec<Image>, JobError>>) {
         let (reply, rx) = oneshot::channel();
         let request = ImageRequest {
             prompt: "p".into(),
@@ -368,8 +478,22 @@ mod tests {
             sampler: SamplerKind::DpmSolver,
         };
         let now = Instant::now();
-        let ids = PromptIds { cond: vec![1], uncond: vec![2] };
-        (Job { request, seed: 0, ids, admitted: now, deadline: now + Duration::from_secs(60), cancelled: Arc::new(AtomicBool::new(cancelled)), reply }, rx)
+        let ids = PromptIds {
+            cond: vec![1],
+            uncond: vec![2],
+        };
+        (
+            Job {
+                request,
+                seed: 0,
+                ids,
+                admitted: now,
+                deadline: now + Duration::from_secs(60),
+                cancelled: Arc::new(AtomicBool::new(cancelled)),
+                reply,
+            },
+            rx,
+        )
     }
 
     #[test]
@@ -383,10 +507,16 @@ mod tests {
         }
         let key = jobs[0].key();
         let groups = take_groups(&mut jobs, key, 4);
-        let sizes: Vec<Vec<usize>> = groups.iter().map(|g| g.iter().map(|j| j.request.n).collect()).collect();
+        let sizes: Vec<Vec<usize>> = groups
+            .iter()
+            .map(|g| g.iter().map(|j| j.request.n).collect())
+            .collect();
         // 2 then 3 does not fit: a second batch starts; the 4 fits in neither and waits.
         assert_eq!(sizes, vec![vec![2], vec![3, 1]]);
-        let left: Vec<(usize, usize)> = jobs.iter().map(|j| (j.request.width, j.request.n)).collect();
+        let left: Vec<(usize, usize)> = jobs
+            .iter()
+            .map(|j| (j.request.width, j.request.n))
+            .collect();
         assert_eq!(left, vec![(96, 1), (64, 4)]);
     }
 
@@ -402,7 +532,10 @@ mod tests {
         assert_eq!(q.push(c).unwrap_err(), "queue_full");
         flag_b.store(true, Ordering::Relaxed);
         assert!(q.push(d).is_ok(), "a cancelled request kept its place");
-        let policy = BatchPolicy { window: Duration::ZERO, max_batch: 8 };
+        let policy = BatchPolicy {
+            window: Duration::ZERO,
+            max_batch: 8,
+        };
         let groups = q.next_batch(policy).unwrap();
         assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), vec![2]);
         q.close();

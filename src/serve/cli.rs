@@ -79,13 +79,22 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     if !(a.deadline_s.is_finite() && a.deadline_s > 0.0) {
-        anyhow::bail!("--deadline-s {} is not a positive number of seconds", a.deadline_s);
+        anyhow::bail!(
+            "--deadline-s {} is not a positive number of seconds",
+            a.deadline_s
+        );
     }
-    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler)
-        .ok_or_else(|| anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler))?;
+    let sampler = openuni_models::scheduler::SamplerKind::parse(&a.sampler).ok_or_else(|| {
+        anyhow::anyhow!("--sampler `{}` is not one of dpm-solver, euler", a.sampler)
+    })?;
     serve(ServeOptions {
         variant: variant(&a.variant)?,
-        models: ModelFlags { checkpoint: a.checkpoint, mllm: a.mllm, transformer: a.transformer, vae: a.vae },
+        models: ModelFlags {
+            checkpoint: a.checkpoint,
+            mllm: a.mllm,
+            transformer: a.transformer,
+            vae: a.vae,
+        },
         device: Device::parse(&a.device)?,
         dtype: parse_dtype(&a.dtype)?,
         host: a.host,

@@ -1,6 +1,9 @@
 //! `GET /metrics`: Prometheus text exposition of the server's queue, batches, images and errors.
 
-use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -35,7 +38,9 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let latency_buckets = vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0];
+        let latency_buckets = vec![
+            0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
+        ];
         let m = Metrics {
             queue_depth: IntGauge::new("openuni_queue_depth", "Requests waiting for a batch").expect("valid metric"),
             batches_running: IntGauge::new("openuni_batches_running", "Batches being generated now").expect("valid metric"),
@@ -67,21 +72,46 @@ impl Metrics {
         };
         let r = &m.registry;
         r.register(Box::new(m.queue_depth.clone())).expect("unique");
-        r.register(Box::new(m.batches_running.clone())).expect("unique");
+        r.register(Box::new(m.batches_running.clone()))
+            .expect("unique");
         r.register(Box::new(m.batch_size.clone())).expect("unique");
-        r.register(Box::new(m.images_generated.clone())).expect("unique");
-        r.register(Box::new(m.images_per_second.clone())).expect("unique");
-        r.register(Box::new(m.request_latency.clone())).expect("unique");
+        r.register(Box::new(m.images_generated.clone()))
+            .expect("unique");
+        r.register(Box::new(m.images_per_second.clone()))
+            .expect("unique");
+        r.register(Box::new(m.request_latency.clone()))
+            .expect("unique");
         r.register(Box::new(m.queue_wait.clone())).expect("unique");
-        r.register(Box::new(m.batch_duration.clone())).expect("unique");
+        r.register(Box::new(m.batch_duration.clone()))
+            .expect("unique");
         r.register(Box::new(m.errors.clone())).expect("unique");
         r.register(Box::new(m.requests.clone())).expect("unique");
-        r.register(Box::new(m.batches_stopped.clone())).expect("unique");
-        r.register(Box::new(m.rows_cancelled.clone())).expect("unique");
-        r.register(Box::new(m.chat_requests.clone())).expect("unique");
+        r.register(Box::new(m.batches_stopped.clone()))
+            .expect("unique");
+        r.register(Box::new(m.rows_cancelled.clone()))
+            .expect("unique");
+        r.register(Box::new(m.chat_requests.clone()))
+            .expect("unique");
         r.register(Box::new(m.chat_tokens.clone())).expect("unique");
         // Every kind shows from the start (at 0), so a dashboard can rate() it.
-        for kind in ["invalid_json", "invalid_value", "unknown_parameter", "missing_required_parameter", "model_not_found", "invalid_api_key", "queue_full", "deadline_exceeded", "cancelled", "payload_too_large", "generation_failed", "out_of_memory", "shutting_down", "chat_unavailable", "context_length_exceeded", "invalid_body"] {
+        for kind in [
+            "invalid_json",
+            "invalid_value",
+            "unknown_parameter",
+            "missing_required_parameter",
+            "model_not_found",
+            "invalid_api_key",
+            "queue_full",
+            "deadline_exceeded",
+            "cancelled",
+            "payload_too_large",
+            "generation_failed",
+            "out_of_memory",
+            "shutting_down",
+            "chat_unavailable",
+            "context_length_exceeded",
+            "invalid_body",
+        ] {
             m.errors.with_label_values(&[kind]);
         }
         m
@@ -94,7 +124,9 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut buf = vec![];
         // Encoding our own registered families cannot fail.
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
         String::from_utf8(buf).expect("Prometheus text is UTF-8")
     }
 }

@@ -110,9 +110,15 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     if o.device == Device::Cpu && o.dtype != DType::F32 {
-        bail!("--device cpu runs the f32 reference only; --dtype {} needs --device cuda or emu", o.dtype);
+        bail!(
+            "--device cpu runs the f32 reference only; --dtype {} needs --device cuda or emu",
+            o.dtype
+        );
     }
-    let loopback = o.host == "localhost" || o.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback = o.host == "localhost"
+        || o.host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     if !loopback && o.api_key.is_none() {
         eprintln!("warning: --host {} serves beyond this machine without an API key (--api-key or $OPENUNI_API_KEY)", o.host);
     }
@@ -120,11 +126,22 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     if resolved.builtin {
         eprintln!("note: no OpenUni weights configured or cached; serving the built-in tiny random model. Its pictures are not meaningful.");
     }
-    let model_id = if resolved.builtin { "openuni-tiny".to_string() } else { format!("openuni-{}", o.variant.name) };
+    let model_id = if resolved.builtin {
+        "openuni-tiny".to_string()
+    } else {
+        format!("openuni-{}", o.variant.name)
+    };
     let tokenizer = PromptTokenizer::from_dir(&resolved.llm)?;
     // Chat answers with the variant's InternVL3 when its folder has the vision tower.
-    let chat_dir = o.chat_model.clone().or_else(|| (!resolved.builtin).then(|| resolved.llm.clone()));
-    let chat_id = if resolved.builtin && o.chat_model.is_none() { "openuni-tiny-chat".to_string() } else { format!("{model_id}-chat") };
+    let chat_dir = o
+        .chat_model
+        .clone()
+        .or_else(|| (!resolved.builtin).then(|| resolved.llm.clone()));
+    let chat_id = if resolved.builtin && o.chat_model.is_none() {
+        "openuni-tiny-chat".to_string()
+    } else {
+        format!("{model_id}-chat")
+    };
     let metrics = Arc::new(Metrics::new());
     let queue = Arc::new(Queue::new(o.queue, metrics.clone()));
 
@@ -132,39 +149,72 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Loaded>>();
     let worker = {
         let (queue, metrics) = (queue.clone(), metrics.clone());
-        let run = RunOptions { device: o.device, dtype: o.dtype };
-        let (window, requested_batch, default_size) = (o.batch_window, o.max_batch, resolved.default_size);
-        std::thread::Builder::new().name("openuni-worker".into()).spawn(move || {
-            let loaded = (|| -> Result<Worker> {
-                let paths = ModelPaths { llm: &resolved.llm, openuni: &resolved.openuni, transformer: &resolved.transformer, vae: &resolved.vae };
-                let model = OpenUni::load(&paths, resolved.connector.clone())?;
-                let max_batch = match requested_batch {
-                    Some(b) => b,
-                    None => default_max_batch(&model, run, default_size),
-                };
-                let policy = BatchPolicy { window, max_batch };
-                Ok(Worker { flow_shift: flow_shift(&resolved.transformer)?, model, run, metrics, policy })
-            })();
-            match loaded {
-                Ok(w) => {
-                    let info = Loaded {
-                        max_tokens: w.model.llm_cfg.max_position_embeddings.saturating_sub(w.model.num_queries),
-                        size_multiple: w.model.vae_cfg.upscale(),
-                        max_batch: w.policy.max_batch,
+        let run = RunOptions {
+            device: o.device,
+            dtype: o.dtype,
+        };
+        let (window, requested_batch, default_size) =
+            (o.batch_window, o.max_batch, resolved.default_size);
+        std::thread::Builder::new()
+            .name("openuni-worker".into())
+            .spawn(move || {
+                let loaded = (|| -> Result<Worker> {
+                    let paths = ModelPaths {
+                        llm: &resolved.llm,
+                        openuni: &resolved.openuni,
+                        transformer: &resolved.transformer,
+                        vae: &resolved.vae,
                     };
-                    let _ = ready_tx.send(Ok(info));
-                    w.serve(&queue);
+                    let model = OpenUni::load(&paths, resolved.connector.clone())?;
+                    let max_batch = match requested_batch {
+                        Some(b) => b,
+                        None => default_max_batch(&model, run, default_size),
+                    };
+                    let policy = BatchPolicy { window, max_batch };
+                    Ok(Worker {
+                        flow_shift: flow_shift(&resolved.transformer)?,
+                        model,
+                        run,
+                        metrics,
+                        policy,
+                    })
+                })();
+                match loaded {
+                    Ok(w) => {
+                        let info = Loaded {
+                            max_tokens: w
+                                .model
+                                .llm_cfg
+                                .max_position_embeddings
+                                .saturating_sub(w.model.num_queries),
+                            size_multiple: w.model.vae_cfg.upscale(),
+                            max_batch: w.policy.max_batch,
+                        };
+                        let _ = ready_tx.send(Ok(info));
+                        w.serve(&queue);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
                 }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            }
-        })?
+            })?
     };
-    let loaded = ready_rx.recv().context("the worker thread stopped while loading the model")??;
-    let chat = chat::start(chat_dir, o.device, o.dtype, o.queue, chat_id, metrics.clone());
+    let loaded = ready_rx
+        .recv()
+        .context("the worker thread stopped while loading the model")??;
+    let chat = chat::start(
+        chat_dir,
+        o.device,
+        o.dtype,
+        o.queue,
+        chat_id,
+        metrics.clone(),
+    );
     match &chat {
-        Ok(c) => eprintln!("openuni serve: chat with {} (POST /v1/chat/completions)", c.limits.model_id),
+        Ok(c) => eprintln!(
+            "openuni serve: chat with {} (POST /v1/chat/completions)",
+            c.limits.model_id
+        ),
         Err(why) => eprintln!("note: chat is off: {why}"),
     }
     let limits = Limits {
@@ -189,18 +239,33 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         deadline: o.deadline,
         chat,
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let served = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind((o.host.as_str(), o.port)).await.with_context(|| format!("cannot listen on {}:{}", o.host, o.port))?;
+        let listener = tokio::net::TcpListener::bind((o.host.as_str(), o.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", o.host, o.port))?;
         let addr: SocketAddr = listener.local_addr()?;
-        println!("openuni serve: {} on {} {}, max batch {}, listening on http://{addr}", state.limits.model_id, o.device, o.dtype, loaded.max_batch);
+        println!(
+            "openuni serve: {} on {} {}, max batch {}, listening on http://{addr}",
+            state.limits.model_id, o.device, o.dtype, loaded.max_batch
+        );
         std::io::stdout().flush()?;
-        axum::serve(listener, router(state.clone(), o.max_body_bytes, o.max_chat_body_bytes)).with_graceful_shutdown(shutdown_signal()).await?;
+        axum::serve(
+            listener,
+            router(state.clone(), o.max_body_bytes, o.max_chat_body_bytes),
+        )
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
         anyhow::Ok(())
     });
     // Every connection is finished; the worker drains what is left (nothing, normally) and stops.
     queue.close();
-    worker.join().map_err(|_| anyhow::anyhow!("the worker thread panicked outside a batch"))?;
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the worker thread panicked outside a batch"))?;
     eprintln!("openuni serve: stopped");
     served
 }
@@ -217,10 +282,20 @@ fn default_max_batch(model: &OpenUni, run: RunOptions, size: usize) -> usize {
     }
     let up = model.vae_cfg.upscale();
     let (lh, lw) = (size / up, size / up);
-    let Ok(free) = crate::exec::open_device(run.device).and_then(|d| Ok(d.memory_info()?)).map(|(f, _)| f) else { return 1 };
+    let Ok(free) = crate::exec::open_device(run.device)
+        .and_then(|d| Ok(d.memory_info()?))
+        .map(|(f, _)| f)
+    else {
+        return 1;
+    };
     let weights = model.planned_weight_bytes(lh, lw, run.dtype).unwrap_or(0);
     let decode = DecodeOptions::from_flags(None, size, size, &model.vae_cfg).unwrap_or_default();
-    let need = |k: usize| model.planned_batch_bytes(k, lh, lw, run.dtype, decode).map(|b| b + b / 4 + weights).unwrap_or(usize::MAX);
+    let need = |k: usize| {
+        model
+            .planned_batch_bytes(k, lh, lw, run.dtype, decode)
+            .map(|b| b + b / 4 + weights)
+            .unwrap_or(usize::MAX)
+    };
     (1..=32).rev().find(|&k| need(k) <= free).unwrap_or(1)
 }
 
@@ -258,20 +333,36 @@ async fn shutdown_signal() {
 
 /// `Authorization: Bearer KEY` against the configured key, compared in constant time.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &state.api_key else { return Ok(()) };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let Some(key) = &state.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(key)) {
         Ok(())
     } else {
-        let e = ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", "missing or wrong API key: send `Authorization: Bearer KEY`");
+        let e = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "missing or wrong API key: send `Authorization: Bearer KEY`",
+        );
         state.metrics.error(e.metric_kind());
         Err(e)
     }
 }
 
-async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn models(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let mut data = vec![json!({"id": state.limits.model_id, "object": "model", "created": 0, "owned_by": "openuni"})];
+    let mut data = vec![
+        json!({"id": state.limits.model_id, "object": "model", "created": 0, "owned_by": "openuni"}),
+    ];
     if let Ok(c) = &state.chat {
         data.push(json!({"id": c.limits.model_id, "object": "model", "created": 0, "owned_by": "openuni"}));
     }
@@ -279,7 +370,11 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resul
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Marks its request cancelled when dropped before `done`: the client went away (hyper drops
@@ -299,7 +394,11 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn generations(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn generations(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     state.metrics.requests.inc();
     let counted = |e: ApiError| {
@@ -310,30 +409,73 @@ async fn generations(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
     let body = body.map_err(|e| {
         counted(ApiError {
             status: e.status(),
-            code: Some(if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" }),
+            code: Some(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "payload_too_large"
+            } else {
+                "invalid_body"
+            }),
             param: None,
-            ..ApiError::invalid("", format!("cannot read the request body: {}", e.body_text()))
+            ..ApiError::invalid(
+                "",
+                format!("cannot read the request body: {}", e.body_text()),
+            )
         })
     })?;
     let request = api::parse_image_request(&body, &state.limits).map_err(counted)?;
-    let refused = |field: &'static str, e: openuni_models::prompt::PromptError| counted(ApiError::invalid(field, format!("`{field}` cannot be used: {e}")));
-    let cond = state.tokenizer.cond_ids(&request.prompt, state.max_tokens).map_err(|e| refused("prompt", e))?;
-    let uncond = state.tokenizer.uncond_ids(request.negative_prompt.as_deref(), state.max_tokens).map_err(|e| refused("negative_prompt", e))?;
+    let refused = |field: &'static str, e: openuni_models::prompt::PromptError| {
+        counted(ApiError::invalid(
+            field,
+            format!("`{field}` cannot be used: {e}"),
+        ))
+    };
+    let cond = state
+        .tokenizer
+        .cond_ids(&request.prompt, state.max_tokens)
+        .map_err(|e| refused("prompt", e))?;
+    let uncond = state
+        .tokenizer
+        .uncond_ids(request.negative_prompt.as_deref(), state.max_tokens)
+        .map_err(|e| refused("negative_prompt", e))?;
     let ids = PromptIds { cond, uncond };
     let seed = request.seed.unwrap_or_else(|| rand::random::<u64>() >> 1);
     let n = request.n;
     let (tx, rx) = oneshot::channel();
     let cancelled = Arc::new(AtomicBool::new(false));
-    let job = Job { request, seed, ids, admitted: arrived, deadline: arrived + state.deadline, cancelled: cancelled.clone(), reply: tx };
+    let job = Job {
+        request,
+        seed,
+        ids,
+        admitted: arrived,
+        deadline: arrived + state.deadline,
+        cancelled: cancelled.clone(),
+        reply: tx,
+    };
     if let Err(why) = state.queue.push(job) {
         let e = if why == "queue_full" {
-            ApiError { retry_after: Some(retry_after(&state)), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "queue_full", "the request queue is full; retry later") }
+            ApiError {
+                retry_after: Some(retry_after(&state)),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "queue_full",
+                    "the request queue is full; retry later",
+                )
+            }
         } else {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", "the server is shutting down")
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+                "the server is shutting down",
+            )
         };
         return Err(counted(e));
     }
-    let mut guard = CancelOnDrop { flag: cancelled, done: false, metrics: state.metrics.clone() };
+    let mut guard = CancelOnDrop {
+        flag: cancelled,
+        done: false,
+        metrics: state.metrics.clone(),
+    };
     let answer = tokio::time::timeout(state.deadline, rx).await;
     guard.done = true;
     let images = match answer {
@@ -342,24 +484,57 @@ async fn generations(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
             return Err(counted(deadline_error(&state)));
         }
         // The worker dropped the request unanswered: its deadline passed before its batch.
-        Ok(Err(_)) if arrived.elapsed() >= state.deadline => return Err(counted(deadline_error(&state))),
-        Ok(Err(_)) => return Err(counted(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", "the worker stopped before this request ran"))),
+        Ok(Err(_)) if arrived.elapsed() >= state.deadline => {
+            return Err(counted(deadline_error(&state)))
+        }
+        Ok(Err(_)) => {
+            return Err(counted(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+                "the worker stopped before this request ran",
+            )))
+        }
         // Its batch stopped because every request in it was gone: for a client still waiting, that
         // means the deadline passed (the worker saw it a moment before this handler's timer).
         Ok(Ok(Err(e))) if e.code == "cancelled" => return Err(counted(deadline_error(&state))),
-        Ok(Ok(Err(e))) => return Err(counted(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.code, e.message))),
+        Ok(Ok(Err(e))) => {
+            return Err(counted(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.code,
+                e.message,
+            )))
+        }
         Ok(Ok(Ok(images))) => images,
     };
     debug_assert_eq!(images.len(), n);
-    state.metrics.request_latency.observe(arrived.elapsed().as_secs_f64());
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let data: Vec<_> = images.into_iter().map(|i| json!({"b64_json": i.png_base64, "seed": i.seed})).collect();
+    state
+        .metrics
+        .request_latency
+        .observe(arrived.elapsed().as_secs_f64());
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let data: Vec<_> = images
+        .into_iter()
+        .map(|i| json!({"b64_json": i.png_base64, "seed": i.seed}))
+        .collect();
     Ok(Json(json!({"created": created, "data": data})).into_response())
 }
 
 fn deadline_error(state: &AppState) -> ApiError {
-    let msg = format!("the request did not finish within the server's deadline of {:.1} s (--deadline-s)", state.deadline.as_secs_f64());
-    ApiError::new(StatusCode::GATEWAY_TIMEOUT, "server_error", "deadline_exceeded", msg)
+    let msg = format!(
+        "the request did not finish within the server's deadline of {:.1} s (--deadline-s)",
+        state.deadline.as_secs_f64()
+    );
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "server_error",
+        "deadline_exceeded",
+        msg,
+    )
 }
 
 /// Seconds a refused client should wait: the time the queue ahead needs at the last batch's pace.

@@ -18,13 +18,29 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     let inputs = case.tensor("inputs")?;
     let s = inputs.shape.dims().to_vec();
     if s.len() != 3 || s[2] != cfg.hidden_size {
-        bail!("{}: `inputs` has shape {}, expected [B, N, {}]", case.dir.display(), inputs.shape, cfg.hidden_size);
+        bail!(
+            "{}: `inputs` has shape {}, expected [B, N, {}]",
+            case.dir.display(),
+            inputs.shape,
+            cfg.hidden_size
+        );
     }
     let mut b = GraphBuilder::new();
     let x = b.input("inputs", inputs.shape.clone())?;
-    let layers = connector::build(&mut b, &cfg, &Scope::default(), x, &cfg_path.display().to_string())?;
+    let layers = connector::build(
+        &mut b,
+        &cfg,
+        &Scope::default(),
+        x,
+        &cfg_path.display().to_string(),
+    )?;
     let mut checks = vec![];
-    checks.push(Check::mark(&mut b, "outputs", *layers.last().unwrap_or(&x), true)?);
+    checks.push(Check::mark(
+        &mut b,
+        "outputs",
+        *layers.last().unwrap_or(&x),
+        true,
+    )?);
     for (i, &l) in layers.iter().enumerate() {
         let name = format!("mid.layers.{i}");
         if case.io.contains(&name) {
@@ -35,7 +51,10 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     Ok(Prepared {
         graph: b.finish(),
         weights: Box::new(weights),
-        inputs: HashMap::from([("inputs".to_string(), inputs.to_dtype(openuni_tensor::DType::F32)?)]),
+        inputs: HashMap::from([(
+            "inputs".to_string(),
+            inputs.to_dtype(openuni_tensor::DType::F32)?,
+        )]),
         checks,
     })
 }

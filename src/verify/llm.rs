@@ -22,12 +22,26 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     let ids = case.tensor("input_ids")?;
     let dims = ids.shape.dims().to_vec();
     if dims.len() != 2 {
-        bail!("{}: `input_ids` has shape {}, expected [B, L]", case.dir.display(), ids.shape);
+        bail!(
+            "{}: `input_ids` has shape {}, expected [B, L]",
+            case.dir.display(),
+            ids.shape
+        );
     }
     let ids: Vec<usize> = ids
         .to_i64_vec()
         .into_iter()
-        .map(|i| usize::try_from(i).ok().filter(|&u| u < cfg.vocab_size).with_context(|| format!("token id {i} is outside the vocabulary of {}", cfg.vocab_size)))
+        .map(|i| {
+            usize::try_from(i)
+                .ok()
+                .filter(|&u| u < cfg.vocab_size)
+                .with_context(|| {
+                    format!(
+                        "token id {i} is outside the vocabulary of {}",
+                        cfg.vocab_size
+                    )
+                })
+        })
         .collect::<Result<_>>()?;
     // The embedding lookup runs on the host, reading only the rows used.
     let embed_key = Scope::new(prefix).pp("embed_tokens").name("weight");
@@ -39,7 +53,12 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     let x = b.input("inputs_embeds", embeds.shape.clone())?;
     let out = qwen2::build(&mut b, &cfg, &Scope::new(prefix), x, &origin)?;
     let mut checks = vec![];
-    checks.push(Check::mark(&mut b, "hidden_states", out.hidden_states, true)?);
+    checks.push(Check::mark(
+        &mut b,
+        "hidden_states",
+        out.hidden_states,
+        true,
+    )?);
     for (i, &l) in out.layers.iter().enumerate() {
         let name = format!("mid.layers.{i}");
         if case.io.contains(&name) {
@@ -47,7 +66,11 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
         }
     }
     if case.io.contains("mid.logits") {
-        let head = if cfg.tie_word_embeddings { embed_key.clone() } else { Scope::new(head_prefix).pp("lm_head").name("weight") };
+        let head = if cfg.tie_word_embeddings {
+            embed_key.clone()
+        } else {
+            Scope::new(head_prefix).pp("lm_head").name("weight")
+        };
         let w = b.weight(&head, [cfg.vocab_size, d])?;
         let logits = b.linear("lm_head", out.hidden_states, w, None)?;
         checks.push(Check::mark(&mut b, "mid.logits", logits, false)?);

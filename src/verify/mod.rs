@@ -38,15 +38,22 @@ pub struct Case {
 impl Case {
     pub fn open(dir: &Path) -> Result<Case> {
         let cj = dir.join("case.json");
-        let text = std::fs::read_to_string(&cj).with_context(|| format!("{}: cannot read the case description", cj.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cj.display()))?;
+        let text = std::fs::read_to_string(&cj)
+            .with_context(|| format!("{}: cannot read the case description", cj.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", cj.display()))?;
         let component = json
             .get("component")
             .and_then(|c| c.as_str())
             .with_context(|| format!("{}: no \"component\" string", cj.display()))?
             .to_string();
         let io = Weights::open(dir.join("io.safetensors"))?;
-        Ok(Case { dir: dir.to_path_buf(), component, json, io })
+        Ok(Case {
+            dir: dir.to_path_buf(),
+            component,
+            json,
+            io,
+        })
     }
 
     /// An io tensor that must be present, hold at least one element and only finite values (an
@@ -70,10 +77,23 @@ impl Case {
     /// An integer field of case.json within `range`, named in the error.
     pub fn int_field(&self, key: &str, range: std::ops::RangeInclusive<u64>) -> Result<usize> {
         let cj = self.dir.join("case.json");
-        let v = self.json.get(key).with_context(|| format!("{}: no `{key}`", cj.display()))?;
-        let n = v.as_u64().with_context(|| format!("{}: `{key}` is {v}, expected a non-negative integer", cj.display()))?;
+        let v = self
+            .json
+            .get(key)
+            .with_context(|| format!("{}: no `{key}`", cj.display()))?;
+        let n = v.as_u64().with_context(|| {
+            format!(
+                "{}: `{key}` is {v}, expected a non-negative integer",
+                cj.display()
+            )
+        })?;
         if !range.contains(&n) {
-            bail!("{}: `{key}` is {n}, expected {} to {}", cj.display(), range.start(), range.end());
+            bail!(
+                "{}: `{key}` is {n}, expected {} to {}",
+                cj.display(),
+                range.start(),
+                range.end()
+            );
         }
         Ok(n as usize)
     }
@@ -81,10 +101,20 @@ impl Case {
     /// A finite number field of case.json within `range`, named in the error.
     pub fn num_field(&self, key: &str, range: std::ops::RangeInclusive<f64>) -> Result<f64> {
         let cj = self.dir.join("case.json");
-        let v = self.json.get(key).with_context(|| format!("{}: no `{key}`", cj.display()))?;
-        let x = v.as_f64().with_context(|| format!("{}: `{key}` is {v}, expected a number", cj.display()))?;
+        let v = self
+            .json
+            .get(key)
+            .with_context(|| format!("{}: no `{key}`", cj.display()))?;
+        let x = v
+            .as_f64()
+            .with_context(|| format!("{}: `{key}` is {v}, expected a number", cj.display()))?;
         if !(x.is_finite() && range.contains(&x)) {
-            bail!("{}: `{key}` is {x}, expected a finite number from {} to {}", cj.display(), range.start(), range.end());
+            bail!(
+                "{}: `{key}` is {x}, expected a finite number from {} to {}",
+                cj.display(),
+                range.start(),
+                range.end()
+            );
         }
         Ok(x)
     }
@@ -93,7 +123,10 @@ impl Case {
     pub fn positive_field(&self, key: &str, max: f64) -> Result<f64> {
         let x = self.num_field(key, f64::NEG_INFINITY..=f64::INFINITY)?;
         if !(x > 0.0 && x <= max) {
-            bail!("{}: `{key}` is {x}, expected a finite number in (0, {max}]", self.dir.join("case.json").display());
+            bail!(
+                "{}: `{key}` is {x}, expected a finite number in (0, {max}]",
+                self.dir.join("case.json").display()
+            );
         }
         Ok(x)
     }
@@ -125,7 +158,11 @@ impl Check {
     /// name: the one place a check's output is named, so the run finds what was marked.
     pub fn mark(b: &mut GraphBuilder, name: &str, id: ValueId, decisive: bool) -> Result<Check> {
         b.output(name, id)?;
-        Ok(Check { output: name.into(), reference: name.into(), decisive })
+        Ok(Check {
+            output: name.into(),
+            reference: name.into(),
+            decisive,
+        })
     }
 }
 
@@ -157,14 +194,22 @@ impl Line {
     pub fn passes(&self) -> bool {
         match &self.rule {
             Rule::RelL2 { tol, .. } => self.diff.passes(*tol),
-            Rule::Pixels { budget } => self.diff.non_finite == 0 && self.diff.max_abs <= 1.0 && self.diff.frac_over_half <= *budget,
+            Rule::Pixels { budget } => {
+                self.diff.non_finite == 0
+                    && self.diff.max_abs <= 1.0
+                    && self.diff.frac_over_half <= *budget
+            }
         }
     }
 
     fn describe_rule(&self) -> String {
         match &self.rule {
             Rule::RelL2 { tol, source } => format!("tol {tol:.1e} ({source})"),
-            Rule::Pixels { budget } => format!("off-by-one in {:.2}% <= {:.1}%", 100.0 * self.diff.frac_over_half, 100.0 * budget),
+            Rule::Pixels { budget } => format!(
+                "off-by-one in {:.2}% <= {:.1}%",
+                100.0 * self.diff.frac_over_half,
+                100.0 * budget
+            ),
         }
     }
 }
@@ -178,12 +223,19 @@ pub struct Report {
 impl Report {
     /// At least one decisive output, and every decisive output passes.
     pub fn passed(&self) -> bool {
-        self.lines.iter().any(|l| l.decisive) && self.lines.iter().filter(|l| l.decisive).all(|l| l.passes())
+        self.lines.iter().any(|l| l.decisive)
+            && self.lines.iter().filter(|l| l.decisive).all(|l| l.passes())
     }
 
     pub fn render(&self) -> String {
         let mut s = format!("{}\n", self.header);
-        let w = self.lines.iter().map(|l| l.name.len()).max().unwrap_or(8).max(8);
+        let w = self
+            .lines
+            .iter()
+            .map(|l| l.name.len())
+            .max()
+            .unwrap_or(8)
+            .max(8);
         for l in &self.lines {
             let verdict = match (l.decisive, l.passes()) {
                 (true, true) => "PASS",
@@ -191,7 +243,11 @@ impl Report {
                 (false, true) => "ok (intermediate)",
                 (false, false) => "off (intermediate)",
             };
-            let nf = if l.diff.non_finite > 0 { format!("  {} non-finite", l.diff.non_finite) } else { String::new() };
+            let nf = if l.diff.non_finite > 0 {
+                format!("  {} non-finite", l.diff.non_finite)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
                 "  {:w$}  max_abs {:.3e}  rel_l2 {:.3e}  {}  {verdict}{nf}",
@@ -205,8 +261,17 @@ impl Report {
             s.push_str(n);
         }
         let decisive = self.lines.iter().filter(|l| l.decisive).count();
-        let failed = self.lines.iter().filter(|l| l.decisive && !l.passes()).count();
-        let _ = writeln!(s, "result: {} ({} of {decisive} outputs failed)", if self.passed() { "PASS" } else { "FAIL" }, failed);
+        let failed = self
+            .lines
+            .iter()
+            .filter(|l| l.decisive && !l.passes())
+            .count();
+        let _ = writeln!(
+            s,
+            "result: {} ({} of {decisive} outputs failed)",
+            if self.passed() { "PASS" } else { "FAIL" },
+            failed
+        );
         s
     }
 }
@@ -258,7 +323,9 @@ fn run_graph(case: &Case, p: Prepared, opts: &Options) -> Result<(Vec<Produced>,
     if opts.device == Device::Cpu {
         // The io shapes decide the activations: refuse a case that cannot fit before the arena
         // is allocated (an error, not an allocation abort).
-        let need = openuni_graph::plan(&p.graph, false).arena_elems.saturating_mul(4) as u64;
+        let need = openuni_graph::plan(&p.graph, false)
+            .arena_elems
+            .saturating_mul(4) as u64;
         if let Some(avail) = openuni_tensor::mem_available().filter(|&a| need > a) {
             bail!(
                 "{}: running {} needs {need} bytes of activations for the case's input shapes, more than the {avail} bytes available (MemAvailable)",
@@ -268,21 +335,47 @@ fn run_graph(case: &Case, p: Prepared, opts: &Options) -> Result<(Vec<Produced>,
         }
     }
     let mut exec = executor(opts.device, &p.graph, p.weights.as_ref(), opts.dtype, false)?;
-    let mut outputs = exec.run(&p.inputs).with_context(|| format!("running {} on {}", case.component, opts.device))?;
+    let mut outputs = exec
+        .run(&p.inputs)
+        .with_context(|| format!("running {} on {}", case.component, opts.device))?;
     let produced = p
         .checks
         .iter()
         .map(|c| {
-            let tensor = outputs.remove(&c.output).with_context(|| format!("{}: the graph has no output `{}` to check", case.dir.display(), c.output))?;
-            Ok(Produced { reference: c.reference.clone(), tensor, decisive: c.decisive, kind: Kind::Float })
+            let tensor = outputs.remove(&c.output).with_context(|| {
+                format!(
+                    "{}: the graph has no output `{}` to check",
+                    case.dir.display(),
+                    c.output
+                )
+            })?;
+            Ok(Produced {
+                reference: c.reference.clone(),
+                tensor,
+                decisive: c.decisive,
+                kind: Kind::Float,
+            })
         })
         .collect::<Result<_>>()?;
     let node_diffs = if opts.diff_nodes {
-        let rows = diff_nodes(&p.graph, p.weights.as_ref(), &p.inputs, opts.device, opts.dtype)?;
+        let rows = diff_nodes(
+            &p.graph,
+            p.weights.as_ref(),
+            &p.inputs,
+            opts.device,
+            opts.dtype,
+        )?;
         let w = rows.iter().map(|r| r.node.len()).max().unwrap_or(4);
-        let mut s = format!("node diffs ({} against the cpu f32 reference):\n", opts.device);
+        let mut s = format!(
+            "node diffs ({} against the cpu f32 reference):\n",
+            opts.device
+        );
         for r in rows {
-            let _ = writeln!(s, "  {:w$}  {:10}  max_abs {:.3e}  rel_l2 {:.3e}", r.node, r.op, r.diff.max_abs, r.diff.rel_l2);
+            let _ = writeln!(
+                s,
+                "  {:w$}  {:10}  max_abs {:.3e}  rel_l2 {:.3e}",
+                r.node, r.op, r.diff.max_abs, r.diff.rel_l2
+            );
         }
         Some(s)
     } else {
@@ -295,18 +388,30 @@ fn run_graph(case: &Case, p: Prepared, opts: &Options) -> Result<(Vec<Produced>,
 /// of the same computation (`bf16.<name>` in io.safetensors), or 2e-2 when the case has none.
 fn tolerance(case: &Case, reference: &str, expected: &HostTensor, dtype: DType) -> Result<Rule> {
     if dtype == DType::F32 {
-        return Ok(Rule::RelL2 { tol: F32_TOL, source: "f32".into() });
+        return Ok(Rule::RelL2 {
+            tol: F32_TOL,
+            source: "f32".into(),
+        });
     }
     let key = format!("bf16.{reference}");
     if case.io.contains(&key) {
         let torch_bf16 = case.tensor(&key)?;
         let e = diff(&torch_bf16, expected).rel_l2;
         if !e.is_finite() {
-            bail!("{}: `{key}` gives a non-finite bf16 tolerance ({e})", case.dir.display());
+            bail!(
+                "{}: `{key}` gives a non-finite bf16 tolerance ({e})",
+                case.dir.display()
+            );
         }
-        Ok(Rule::RelL2 { tol: 2.0 * e, source: format!("2x torch bf16 {e:.1e}") })
+        Ok(Rule::RelL2 {
+            tol: 2.0 * e,
+            source: format!("2x torch bf16 {e:.1e}"),
+        })
     } else {
-        Ok(Rule::RelL2 { tol: BF16_FALLBACK_TOL, source: "bf16 default".into() })
+        Ok(Rule::RelL2 {
+            tol: BF16_FALLBACK_TOL,
+            source: "bf16 default".into(),
+        })
     }
 }
 
@@ -317,14 +422,30 @@ pub fn run_case(dir: &Path, opts: &Options) -> Result<Report> {
     for p in produced {
         let expected = case.tensor(&p.reference)?;
         if p.tensor.shape != expected.shape {
-            bail!("{}: output `{}` has shape {}, the reference has {}", dir.display(), p.reference, p.tensor.shape, expected.shape);
+            bail!(
+                "{}: output `{}` has shape {}, the reference has {}",
+                dir.display(),
+                p.reference,
+                p.tensor.shape,
+                expected.shape
+            );
         }
         let rule = match p.kind {
-            Kind::Exact => Rule::RelL2 { tol: 0.0, source: "exact".into() },
-            Kind::Pixels if opts.dtype == DType::F32 => Rule::Pixels { budget: PIXEL_BUDGET },
+            Kind::Exact => Rule::RelL2 {
+                tol: 0.0,
+                source: "exact".into(),
+            },
+            Kind::Pixels if opts.dtype == DType::F32 => Rule::Pixels {
+                budget: PIXEL_BUDGET,
+            },
             Kind::Float | Kind::Pixels => tolerance(&case, &p.reference, &expected, opts.dtype)?,
         };
-        lines.push(Line { name: p.reference, diff: diff(&p.tensor, &expected), rule, decisive: p.decisive });
+        lines.push(Line {
+            name: p.reference,
+            diff: diff(&p.tensor, &expected),
+            rule,
+            decisive: p.decisive,
+        });
     }
     if !lines.iter().any(|l| l.decisive) {
         // A case that checks nothing must not read as a PASS.
@@ -333,6 +454,16 @@ pub fn run_case(dir: &Path, opts: &Options) -> Result<Report> {
             dir.display()
         );
     }
-    let header = format!("case {}: component {}, device {}, dtype {}", dir.display(), case.component, opts.device, opts.dtype);
-    Ok(Report { header, lines, node_diffs })
+    let header = format!(
+        "case {}: component {}, device {}, dtype {}",
+        dir.display(),
+        case.component,
+        opts.device,
+        opts.dtype
+    );
+    Ok(Report {
+        header,
+        lines,
+        node_diffs,
+    })
 }

@@ -15,22 +15,46 @@ pub fn run(case: &Case, opts: &Options) -> Result<Vec<Produced>> {
         eprintln!("note: preprocessing runs on the host whatever --device says");
     }
     let cj = case.dir.join("case.json");
-    let max_num = case.json["max_num"].as_u64().with_context(|| format!("{}: no integer \"max_num\"", cj.display()))? as usize;
+    let max_num = case.json["max_num"]
+        .as_u64()
+        .with_context(|| format!("{}: no integer \"max_num\"", cj.display()))?
+        as usize;
     let input_size = match case.json.get("input_size") {
         None => INPUT_SIZE,
-        Some(v) => v.as_u64().with_context(|| format!("{}: \"input_size\" must be an integer, found {v}", cj.display()))? as usize,
+        Some(v) => v.as_u64().with_context(|| {
+            format!(
+                "{}: \"input_size\" must be an integer, found {v}",
+                cj.display()
+            )
+        })? as usize,
     };
     let image = match case.json.get("image").and_then(|v| v.as_str()) {
         Some(name) => case.dir.join(name),
         None => {
-            let found: Vec<_> = IMAGE_NAMES.iter().map(|n| case.dir.join(n)).filter(|p| p.is_file()).collect();
+            let found: Vec<_> = IMAGE_NAMES
+                .iter()
+                .map(|n| case.dir.join(n))
+                .filter(|p| p.is_file())
+                .collect();
             match found.as_slice() {
                 [one] => one.clone(),
-                [] => bail!("{}: no image file (expected one of {})", case.dir.display(), IMAGE_NAMES.join(", ")),
-                _ => bail!("{}: several image files; name one with \"image\" in case.json", case.dir.display()),
+                [] => bail!(
+                    "{}: no image file (expected one of {})",
+                    case.dir.display(),
+                    IMAGE_NAMES.join(", ")
+                ),
+                _ => bail!(
+                    "{}: several image files; name one with \"image\" in case.json",
+                    case.dir.display()
+                ),
             }
         }
     };
     let pixel_values = load_image(&image, input_size, max_num)?;
-    Ok(vec![Produced { reference: "pixel_values".into(), tensor: pixel_values, decisive: true, kind: Kind::Exact }])
+    Ok(vec![Produced {
+        reference: "pixel_values".into(),
+        tensor: pixel_values,
+        decisive: true,
+        kind: Kind::Exact,
+    }])
 }

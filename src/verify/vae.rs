@@ -17,7 +17,12 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     let latent = case.tensor("latent")?;
     let d = latent.shape.dims().to_vec();
     if d.len() != 4 || d[1] != cfg.latent_channels {
-        bail!("{}: `latent` has shape {}, expected [B, {}, h, w]", case.dir.display(), latent.shape, cfg.latent_channels);
+        bail!(
+            "{}: `latent` has shape {}, expected [B, {}, h, w]",
+            case.dir.display(),
+            latent.shape,
+            cfg.latent_channels
+        );
     }
     let mut b = GraphBuilder::new();
     let z = b.input("latent", latent.shape.clone())?;
@@ -27,16 +32,33 @@ pub fn prepare(case: &Case) -> Result<Prepared> {
     // Intermediates are NCHW in the case; ours are tokens: transpose for the comparison.
     let batch = d[0];
     let mut mids = vec![("mid.decoder.stem".to_string(), o.stem, d[2], d[3])];
-    mids.extend(o.stages.iter().enumerate().map(|(i, &(v, h, w))| (format!("mid.decoder.up_blocks.{i}"), v, h, w)));
+    mids.extend(
+        o.stages
+            .iter()
+            .enumerate()
+            .map(|(i, &(v, h, w))| (format!("mid.decoder.up_blocks.{i}"), v, h, w)),
+    );
     // The decoder's fused head never stores conv_out's input: rebuilt unfused when compared.
     let (last, lh, lw) = o.stages[0];
     if case.io.contains("mid.decoder.conv_out_input") {
-        mids.push(("mid.decoder.conv_out_input".into(), dcae::conv_out_input(&mut b, &cfg, last)?, lh, lw));
+        mids.push((
+            "mid.decoder.conv_out_input".into(),
+            dcae::conv_out_input(&mut b, &cfg, last)?,
+            lh,
+            lw,
+        ));
     }
     for (name, v, h, w) in mids {
         if case.io.contains(&name) {
             let c = b.shape(v).last();
-            let t = b.transpose(&format!("{name}.nchw"), v, batch, h * w, c, [batch, c, h, w])?;
+            let t = b.transpose(
+                &format!("{name}.nchw"),
+                v,
+                batch,
+                h * w,
+                c,
+                [batch, c, h, w],
+            )?;
             checks.push(Check::mark(&mut b, &name, t, false)?);
         }
     }

@@ -30,20 +30,35 @@ pub fn prepare_outputs(case: &Case, mids: bool) -> Result<Prepared> {
     internvit::check_position_table(&weights, &cfg)?;
     let pixels = case.tensor("pixel_values")?;
     let (s, ch) = (cfg.image_size, cfg.num_channels);
-    if pixels.shape.rank() != 4 || pixels.shape.dims()[1..] != [ch, s, s] || pixels.shape.dims()[0] == 0 {
-        bail!("{}: `pixel_values` has shape {}, expected [T, {ch}, {s}, {s}] with T >= 1", case.dir.display(), pixels.shape);
+    if pixels.shape.rank() != 4
+        || pixels.shape.dims()[1..] != [ch, s, s]
+        || pixels.shape.dims()[0] == 0
+    {
+        bail!(
+            "{}: `pixel_values` has shape {}, expected [T, {ch}, {s}, {s}] with T >= 1",
+            case.dir.display(),
+            pixels.shape
+        );
     }
     let mut b = GraphBuilder::new();
     let x = b.input("pixel_values", pixels.shape.clone())?;
     let out = internvit::build(&mut b, &cfg, x)?;
-    let mut checks = vec![Check::mark(&mut b, internvit::VIT_EMBEDS.0, out.vit_embeds, true)?];
+    let mut checks = vec![Check::mark(
+        &mut b,
+        internvit::VIT_EMBEDS.0,
+        out.vit_embeds,
+        true,
+    )?];
     for (i, &l) in out.layers.iter().enumerate() {
         let name = format!("mid.vision_model.encoder.layers.{i}");
         if mids && case.io.contains(&name) {
             checks.push(Check::mark(&mut b, &name, l, false)?);
         }
     }
-    let weights = Box::new(VitWeights { inner: weights, layout });
+    let weights = Box::new(VitWeights {
+        inner: weights,
+        layout,
+    });
     Ok(Prepared {
         graph: b.finish(),
         weights,

@@ -17,7 +17,15 @@ pub fn rmsnorm(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, cols: usize, o
 
 /// `residual + rmsnorm(x)`: [`rmsnorm`] then [`add`] with the residual first, as DC-AE's blocks
 /// compute `x + norm(y)` (bit-identical to the two ops).
-pub fn rmsnorm_residual(x: &[f32], w: &[f32], b: Option<&[f32]>, residual: &[f32], eps: f32, cols: usize, out: &mut [f32]) {
+pub fn rmsnorm_residual(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    residual: &[f32],
+    eps: f32,
+    cols: usize,
+    out: &mut [f32],
+) {
     rmsnorm(x, w, b, eps, cols, out);
     for (y, &r) in out.iter_mut().zip(residual) {
         *y += r; // r + y: the same bits (f32 addition is commutative)
@@ -44,7 +52,11 @@ pub fn layernorm(
     modulation: Option<ModulationRef>,
     out: &mut [f32],
 ) {
-    for (r, (xr, yr)) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)).enumerate() {
+    for (r, (xr, yr)) in x
+        .chunks_exact(cols)
+        .zip(out.chunks_exact_mut(cols))
+        .enumerate()
+    {
         let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
         let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
         let inv = 1.0 / (var + eps as f64).sqrt();
@@ -83,7 +95,17 @@ pub fn pixel_shuffle(x: &[f32], batch: usize, grid: usize, skip: usize, c: usize
 
 /// `Op::PixelShuffleLayerNorm`: [`pixel_shuffle`], then [`layernorm`] over the 4c channels.
 #[allow(clippy::too_many_arguments)]
-pub fn pixel_shuffle_layernorm(x: &[f32], w: &[f32], b: &[f32], eps: f32, batch: usize, grid: usize, skip: usize, c: usize, out: &mut [f32]) {
+pub fn pixel_shuffle_layernorm(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    batch: usize,
+    grid: usize,
+    skip: usize,
+    c: usize,
+    out: &mut [f32],
+) {
     let mut shuffled = vec![0f32; out.len()];
     pixel_shuffle(x, batch, grid, skip, c, &mut shuffled);
     layernorm(&shuffled, Some(w), Some(b), eps, 4 * c, None, out);
@@ -131,7 +153,15 @@ pub fn gated_add(x: &[f32], gate: &[f32], y: &[f32], tokens: usize, cols: usize,
 }
 
 /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias)` through matrixmultiply's sgemm.
-pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize, out: &mut [f32]) {
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     assert!(x.len() >= rows * k && w.len() >= n * k && out.len() >= rows * n);
     if let Some(b) = bias {
         for r in out[..rows * n].chunks_exact_mut(n) {
@@ -142,11 +172,20 @@ pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize,
     // SAFETY: the asserts above bound every index sgemm touches with these strides.
     unsafe {
         matrixmultiply::sgemm(
-            rows, k, n, 1.0,
-            x.as_ptr(), k as isize, 1,
-            w.as_ptr(), 1, k as isize,
+            rows,
+            k,
+            n,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
             beta,
-            out.as_mut_ptr(), n as isize, 1,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
         );
     }
 }
@@ -170,7 +209,14 @@ pub const MASKED_KEY_BIAS: f32 = -10000.0;
 /// Softmax attention, head by head, softmax in f64. Query head h reads key/value head
 /// h / (heads / kv_heads), as GQA's repeat_kv does. Causal masking aligns the last query with the
 /// last key. `key_mask` [B, M] (1 keep, 0 pad) adds `(1 − mask)·(−10000)` to the logits.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: AttentionDims, out: &mut [f32]) {
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: Option<&[f32]>,
+    d: AttentionDims,
+    out: &mut [f32],
+) {
     let (qw, kw, hd) = (d.heads * d.head_dim, d.kv_heads * d.head_dim, d.head_dim);
     let group = d.heads / d.kv_heads;
     let mut p = vec![0f64; d.kv_len];
@@ -179,12 +225,17 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: A
             let kh = h / group;
             for i in 0..d.q_len {
                 let qrow = &q[(b * d.q_len + i) * qw + h * hd..][..hd];
-                let visible = if d.causal { i + d.kv_len - d.q_len + 1 } else { d.kv_len };
+                let visible = if d.causal {
+                    i + d.kv_len - d.q_len + 1
+                } else {
+                    d.kv_len
+                };
                 let mut max = f64::NEG_INFINITY;
                 for (j, pj) in p.iter_mut().enumerate().take(visible) {
                     let krow = &k[(b * d.kv_len + j) * kw + kh * hd..][..hd];
                     let s: f32 = qrow.iter().zip(krow).map(|(a, c)| a * c).sum();
-                    let bias = key_mask.map_or(0.0, |m| (1.0 - m[b * d.kv_len + j]) * MASKED_KEY_BIAS);
+                    let bias =
+                        key_mask.map_or(0.0, |m| (1.0 - m[b * d.kv_len + j]) * MASKED_KEY_BIAS);
                     *pj = (s * d.scale + bias) as f64;
                     max = max.max(*pj);
                 }
@@ -213,7 +264,16 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: Option<&[f32]>, d: A
 /// SANA's ReLU linear attention (diffusers `SanaLinearAttnProcessor2_0`), per batch and head of
 /// `head_dim` channels: `out_n = Σ_m v_m (k_m·q_n) / (Σ_m k_m·q_n + 1e-15)` with ReLU on q and k.
 /// The state `Σ_m k_m v_mᵀ` and the key sum are accumulated in f64 (the oracle of the f32 kernel).
-pub fn linear_attention(q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize, out: &mut [f32]) {
+pub fn linear_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
     let (c, hd) = (heads * head_dim, head_dim);
     let mut kv = vec![0f64; hd * hd];
     let mut ksum = vec![0f64; hd];
@@ -233,7 +293,10 @@ pub fn linear_attention(q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: u
             }
             for n in 0..tokens {
                 let base = (b * tokens + n) * c + h * hd;
-                let qn: Vec<f64> = q[base..base + hd].iter().map(|&x| x.max(0.0) as f64).collect();
+                let qn: Vec<f64> = q[base..base + hd]
+                    .iter()
+                    .map(|&x| x.max(0.0) as f64)
+                    .collect();
                 let den: f64 = qn.iter().zip(&ksum).map(|(a, s)| a * s).sum::<f64>() + 1e-15;
                 for j in 0..hd {
                     let num: f64 = (0..hd).map(|i| qn[i] * kv[i * hd + j]).sum();
@@ -246,12 +309,23 @@ pub fn linear_attention(q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: u
 
 /// adaLN-single's table: `out[b, j, :] = table[j, :] + t_row(b, j)`, where `t` holds k·C values per
 /// sample (one row per j) or C values (the same row for every j).
-pub fn modulation_table(t: &[f32], table: &[f32], batch: usize, k: usize, c: usize, out: &mut [f32]) {
+pub fn modulation_table(
+    t: &[f32],
+    table: &[f32],
+    batch: usize,
+    k: usize,
+    c: usize,
+    out: &mut [f32],
+) {
     let per_row = t.len() / batch == k * c;
     for b in 0..batch {
         for j in 0..k {
             for i in 0..c {
-                let tv = if per_row { t[b * k * c + j * c + i] } else { t[b * c + i] };
+                let tv = if per_row {
+                    t[b * k * c + j * c + i]
+                } else {
+                    t[b * c + i]
+                };
                 out[(b * k + j) * c + i] = table[j * c + i] + tv;
             }
         }
@@ -283,7 +357,13 @@ pub fn timestep_embedding(t: &[f32], dim: usize, out: &mut [f32]) {
 
 /// `Op::EmbeddingGather`: row `ids[t]` of `table` [V, D] (then of `extra` [E, D]) into row t of
 /// `out`; an id that is not an integer in [0, V + E) gives a NaN row.
-pub fn embedding_gather(ids: &[f32], table: &[f32], extra: Option<&[f32]>, d: usize, out: &mut [f32]) {
+pub fn embedding_gather(
+    ids: &[f32],
+    table: &[f32],
+    extra: Option<&[f32]>,
+    d: usize,
+    out: &mut [f32],
+) {
     let v = table.len() / d.max(1);
     let e = extra.map_or(0, |x| x.len() / d.max(1));
     for (t, &id) in ids.iter().enumerate() {
@@ -291,7 +371,9 @@ pub fn embedding_gather(ids: &[f32], table: &[f32], extra: Option<&[f32]>, d: us
         let ok = id >= 0.0 && id.fract() == 0.0 && (id as usize) < v + e;
         match (ok, id as usize) {
             (true, i) if i < v => row.copy_from_slice(&table[i * d..(i + 1) * d]),
-            (true, i) => row.copy_from_slice(&extra.expect("id below V + E")[(i - v) * d..(i - v + 1) * d]),
+            (true, i) => {
+                row.copy_from_slice(&extra.expect("id below V + E")[(i - v) * d..(i - v + 1) * d])
+            }
             (false, _) => row.fill(f32::NAN),
         }
     }
@@ -335,7 +417,12 @@ pub fn guided_x0(v: &[f32], x: &[f32], k: &[f32], out: &mut [f32]) {
 /// `Op::DpmSolverUpdate`: by `k[ORDER]`, `d0` (0, Euler), `ratio·x − c·d0` (1) or
 /// `(ratio·x − c·d0) − half_c·(inv_r0·(d0 − p))` (2), coefficients from `k` (`openuni_graph::coeff`).
 pub fn dpm_solver_update(x: &[f32], x0: &[f32], prev: &[f32], k: &[f32], out: &mut [f32]) {
-    let (ratio, c, half_c, inv_r0) = (k[coeff::RATIO], k[coeff::C], k[coeff::HALF_C], k[coeff::INV_R0]);
+    let (ratio, c, half_c, inv_r0) = (
+        k[coeff::RATIO],
+        k[coeff::C],
+        k[coeff::HALF_C],
+        k[coeff::INV_R0],
+    );
     let order = k[coeff::ORDER];
     for (((o, &xv), &d0), &p) in out.iter_mut().zip(x).zip(x0).zip(prev) {
         *o = if order == 0.0 {
@@ -366,7 +453,10 @@ pub fn div_scalar(x: &[f32], divisor: f32, out: &mut [f32]) {
 /// bits (only IEEE-exact integer ops, multiplies, adds, fused multiply-adds and square roots).
 pub fn gaussian_noise(seeds: &[f32], per_seed: usize, out: &mut [f32]) {
     let limbs = openuni_graph::seed::LIMBS;
-    for (lr, or) in seeds.chunks_exact(limbs).zip(out.chunks_mut(per_seed.max(1))) {
+    for (lr, or) in seeds
+        .chunks_exact(limbs)
+        .zip(out.chunks_mut(per_seed.max(1)))
+    {
         let seed = openuni_graph::seed::from_limbs(lr);
         let key = [seed as u32, (seed >> 32) as u32];
         for (g, o4) in or.chunks_mut(4).enumerate() {
@@ -386,11 +476,19 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     let (mut c, mut k) = (ctr, key);
     for round in 0..10 {
         if round > 0 {
-            k = [k[0].wrapping_add(0x9E37_79B9), k[1].wrapping_add(0xBB67_AE85)];
+            k = [
+                k[0].wrapping_add(0x9E37_79B9),
+                k[1].wrapping_add(0xBB67_AE85),
+            ];
         }
         let p0 = 0xD251_1F53u64 * c[0] as u64;
         let p1 = 0xCD9E_8D57u64 * c[2] as u64;
-        c = [(p1 >> 32) as u32 ^ c[1] ^ k[0], p1 as u32, (p0 >> 32) as u32 ^ c[3] ^ k[1], p0 as u32];
+        c = [
+            (p1 >> 32) as u32 ^ c[1] ^ k[0],
+            p1 as u32,
+            (p0 >> 32) as u32 ^ c[3] ^ k[1],
+            p0 as u32,
+        ];
     }
     c
 }
@@ -419,7 +517,16 @@ pub fn noise_ln(x: f32) -> f32 {
     }
     let z = m * m;
     let mut p = 7.0376836e-2f32;
-    for c in [-1.151461e-1f32, 1.16769984e-1, -1.2420141e-1, 1.4249323e-1, -1.6668057e-1, 2.0000714e-1, -2.4999994e-1, 3.333333e-1] {
+    for c in [
+        -1.151461e-1f32,
+        1.16769984e-1,
+        -1.2420141e-1,
+        1.4249323e-1,
+        -1.6668057e-1,
+        2.0000714e-1,
+        -2.4999994e-1,
+        3.333333e-1,
+    ] {
         p = p.mul_add(m, c);
     }
     let fe = e as f32;
@@ -437,9 +544,13 @@ pub fn noise_sincos_turn(t: u32) -> (f32, f32) {
     let f = t as i32 - (((t + (1 << 21)) >> 22) << 22) as i32; // in [-2^21, 2^21)
     let x = f as f32 * (std::f32::consts::PI / 8_388_608.0); // f · (π/2) / 2^22
     let z = x * x;
-    let ps = (-1.9515296e-4f32).mul_add(z, 8.332161e-3).mul_add(z, -1.6666655e-1);
+    let ps = (-1.9515296e-4f32)
+        .mul_add(z, 8.332161e-3)
+        .mul_add(z, -1.6666655e-1);
     let s = (ps * z).mul_add(x, x);
-    let pc = 2.4433157e-5f32.mul_add(z, -1.3887316e-3).mul_add(z, 4.1666646e-2);
+    let pc = 2.4433157e-5f32
+        .mul_add(z, -1.3887316e-3)
+        .mul_add(z, 4.1666646e-2);
     let c = pc.mul_add(z * z, (-0.5f32).mul_add(z, 1.0));
     match q {
         0 => (s, c),
@@ -452,7 +563,10 @@ pub fn noise_sincos_turn(t: u32) -> (f32, f32) {
 /// [batch, rows, cols] -> [batch, cols, rows].
 pub fn transpose(x: &[f32], batch: usize, rows: usize, cols: usize, out: &mut [f32]) {
     for b in 0..batch {
-        let (xi, yo) = (&x[b * rows * cols..][..rows * cols], &mut out[b * rows * cols..][..rows * cols]);
+        let (xi, yo) = (
+            &x[b * rows * cols..][..rows * cols],
+            &mut out[b * rows * cols..][..rows * cols],
+        );
         for r in 0..rows {
             for c in 0..cols {
                 yo[c * rows + r] = xi[r * cols + c];
@@ -464,7 +578,17 @@ pub fn transpose(x: &[f32], batch: usize, rows: usize, cols: usize, out: &mut [f
 /// Depthwise k×k convolution, zero padding k/2, over tokens [B, h·w, C] on an h×w grid;
 /// `weight` [C, 1, k, k].
 #[allow(clippy::too_many_arguments)]
-pub fn depthwise_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, c: usize, kernel: usize, out: &mut [f32]) {
+pub fn depthwise_conv2d(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    kernel: usize,
+    out: &mut [f32],
+) {
     let p = (kernel / 2) as isize;
     for b in 0..batch {
         for y in 0..h {
@@ -512,12 +636,22 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// The rotary inverse frequencies as transformers computes them in f32:
 /// `1 / theta^(float(2i) / head_dim)`.
 pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
 }
 
 /// Rotary embedding ("rotate_half") on [batch, tokens, heads·head_dim], token t at position t.
 /// Angles are f32 products like transformers'; cos/sin of the f32 angle are taken in f64.
-pub fn rope(x: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize, theta: f32, out: &mut [f32]) {
+pub fn rope(
+    x: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    theta: f32,
+    out: &mut [f32],
+) {
     let pos: Vec<usize> = (0..batch).flat_map(|_| 0..tokens).collect();
     rope_at(x, &pos, heads, head_dim, theta, out)
 }
@@ -530,7 +664,14 @@ pub fn rope_cos_sin(pos: usize, inv_freq: f32) -> (f32, f32) {
 }
 
 /// [`rope`] with an explicit position per token row (`positions.len()` rows of heads·head_dim).
-pub fn rope_at(x: &[f32], positions: &[usize], heads: usize, head_dim: usize, theta: f32, out: &mut [f32]) {
+pub fn rope_at(
+    x: &[f32],
+    positions: &[usize],
+    heads: usize,
+    head_dim: usize,
+    theta: f32,
+    out: &mut [f32],
+) {
     let inv = rope_inv_freq(theta, head_dim);
     let half = head_dim / 2;
     for (r, &p) in positions.iter().enumerate() {
@@ -568,7 +709,17 @@ pub fn attention_ext(
     rope_theta: Option<f32>,
     out: &mut [f32],
 ) {
-    attention_ext_with(AttentionParts { rope_at, attention }, q, k, v, key_mask, d, segments, rope_theta, out)
+    attention_ext_with(
+        AttentionParts { rope_at, attention },
+        q,
+        k,
+        v,
+        key_mask,
+        d,
+        segments,
+        rope_theta,
+        out,
+    )
 }
 
 /// The two computations [`attention_ext_with`] is made of: the plain ones here, or the threaded
@@ -610,7 +761,11 @@ pub fn attention_ext_with(
     assert_eq!(d.batch, 1, "packed segments need batch 1");
     let mut s = 0;
     for &len in segs {
-        let ds = AttentionDims { q_len: len, kv_len: len, ..d };
+        let ds = AttentionDims {
+            q_len: len,
+            kv_len: len,
+            ..d
+        };
         (parts.attention)(
             &q[s * qw..(s + len) * qw],
             &k[s * kw..(s + len) * kw],
@@ -625,10 +780,21 @@ pub fn attention_ext_with(
 
 /// DC-AE's packed layout: group g of `qkv` rows is (q | k | v), each `hd` wide. Unpacks into three
 /// [tokens, groups·hd] tensors and runs [`linear_attention`].
-pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups: usize, hd: usize, out: &mut [f32]) {
+pub fn packed_linear_attention(
+    qkv: &[f32],
+    batch: usize,
+    tokens: usize,
+    groups: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
     let rows = batch * tokens;
     let c = groups * hd;
-    let (mut q, mut k, mut v) = (vec![0f32; rows * c], vec![0f32; rows * c], vec![0f32; rows * c]);
+    let (mut q, mut k, mut v) = (
+        vec![0f32; rows * c],
+        vec![0f32; rows * c],
+        vec![0f32; rows * c],
+    );
     for r in 0..rows {
         for g in 0..groups {
             let src = &qkv[r * 3 * c + g * 3 * hd..][..3 * hd];
@@ -644,8 +810,24 @@ pub fn packed_linear_attention(qkv: &[f32], batch: usize, tokens: usize, groups:
 /// (`Op::PackedLinearAttention`'s `key_norm`, SANA1.5's `norm_k`): exactly [`rmsnorm`] of each
 /// token's gathered k row ([`packed_keys_normalized`]), then the attention.
 #[allow(clippy::too_many_arguments)]
-pub fn packed_linear_attention_key_norm(qkv: &[f32], weight: &[f32], eps: f32, batch: usize, tokens: usize, groups: usize, hd: usize, out: &mut [f32]) {
-    packed_linear_attention(&packed_keys_normalized(qkv, weight, eps, groups, hd, rmsnorm), batch, tokens, groups, hd, out);
+pub fn packed_linear_attention_key_norm(
+    qkv: &[f32],
+    weight: &[f32],
+    eps: f32,
+    batch: usize,
+    tokens: usize,
+    groups: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    packed_linear_attention(
+        &packed_keys_normalized(qkv, weight, eps, groups, hd, rmsnorm),
+        batch,
+        tokens,
+        groups,
+        hd,
+        out,
+    );
 }
 
 /// The row-norm function of [`packed_keys_normalized`] (`rmsnorm`'s signature).
@@ -654,7 +836,14 @@ pub type RowNorm = fn(&[f32], &[f32], Option<&[f32]>, f32, usize, &mut [f32]);
 /// A copy of the packed `qkv` (rows of `groups`·(q | k | v), each `hd` wide) whose k columns are
 /// replaced by `norm` (an [`rmsnorm`]) of each row's k channels gathered across the groups
 /// (channel g·hd + i, the weight's index).
-pub fn packed_keys_normalized(qkv: &[f32], weight: &[f32], eps: f32, groups: usize, hd: usize, norm: RowNorm) -> Vec<f32> {
+pub fn packed_keys_normalized(
+    qkv: &[f32],
+    weight: &[f32],
+    eps: f32,
+    groups: usize,
+    hd: usize,
+    norm: RowNorm,
+) -> Vec<f32> {
     let c = groups * hd;
     let rows = qkv.len() / (3 * c);
     let mut k = vec![0f32; rows * c];
@@ -678,7 +867,14 @@ pub fn packed_keys_normalized(qkv: &[f32], weight: &[f32], eps: f32, groups: usi
 /// [`concat`] of the scales (widths `widths`), then [`packed_linear_attention`].
 ///
 /// [`Op::MultiscaleLinearAttention`]: openuni_graph::Op::MultiscaleLinearAttention
-pub fn multiscale_linear_attention(scales: &[&[f32]], widths: &[usize], batch: usize, tokens: usize, hd: usize, out: &mut [f32]) {
+pub fn multiscale_linear_attention(
+    scales: &[&[f32]],
+    widths: &[usize],
+    batch: usize,
+    tokens: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
     let total: usize = widths.iter().sum();
     let mut all = vec![0f32; batch * tokens * total];
     concat(scales, widths, &mut all);
@@ -688,7 +884,18 @@ pub fn multiscale_linear_attention(scales: &[&[f32]], widths: &[usize], batch: u
 /// k×k convolution (stride 1, zero padding k/2) over tokens [B, h·w, Cin] -> [B, h·w, Cout], as
 /// im2col in row blocks + sgemm; `weight` [Cout, Cin, k, k].
 #[allow(clippy::too_many_arguments)]
-pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, kernel: usize, out: &mut [f32]) {
+pub fn conv2d(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    out: &mut [f32],
+) {
     let kk = cin * kernel * kernel;
     let p = (kernel / 2) as isize;
     const BLOCK: usize = 1024; // output pixels per im2col block: bounds the scratch memory
@@ -706,13 +913,24 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: 
                         for dx in 0..kernel {
                             let sx = xx as isize + dx as isize - p;
                             let inside = sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize;
-                            col[(ci * kernel + dy) * kernel + dx] =
-                                if inside { xb[(sy as usize * w + sx as usize) * cin + ci] } else { 0.0 };
+                            col[(ci * kernel + dy) * kernel + dx] = if inside {
+                                xb[(sy as usize * w + sx as usize) * cin + ci]
+                            } else {
+                                0.0
+                            };
                         }
                     }
                 }
             }
-            linear(&cols[..n * kk], weight, bias, n, kk, cout, &mut ob[start * cout..(start + n) * cout]);
+            linear(
+                &cols[..n * kk],
+                weight,
+                bias,
+                n,
+                kk,
+                cout,
+                &mut ob[start * cout..(start + n) * cout],
+            );
         }
     }
 }
@@ -735,7 +953,10 @@ pub fn rmsnorm_relu_conv2d(
     kernel: usize,
     out: &mut [f32],
 ) {
-    let (mut n, mut r) = (vec![0f32; batch * h * w * cin], vec![0f32; batch * h * w * cin]);
+    let (mut n, mut r) = (
+        vec![0f32; batch * h * w * cin],
+        vec![0f32; batch * h * w * cin],
+    );
     rmsnorm(x, norm_weight, norm_bias, eps, cin, &mut n);
     unary(UnaryFn::Relu, &n, &mut r);
     conv2d(&r, weight, bias, batch, h, w, cin, cout, kernel, out);
@@ -746,7 +967,18 @@ pub fn rmsnorm_relu_conv2d(
 /// sgemm calls as [`conv2d`] on the upsampled tensor, read from `x` directly, then the shortcut
 /// added as [`add`] would: bit-identical to the unfused ops.
 #[allow(clippy::too_many_arguments)]
-pub fn upsample_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, cin: usize, cout: usize, shortcut: bool, out: &mut [f32]) {
+pub fn upsample_conv2d(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    shortcut: bool,
+    out: &mut [f32],
+) {
     let (hh, ww, kk) = (2 * h, 2 * w, cin * 9);
     const BLOCK: usize = 1024; // as conv2d
     let mut cols = vec![0f32; BLOCK.min(hh * ww) * kk];
@@ -763,12 +995,24 @@ pub fn upsample_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: u
                         for dx in 0..3 {
                             let sx = xx as isize + dx as isize - 1;
                             let inside = sy >= 0 && sy < hh as isize && sx >= 0 && sx < ww as isize;
-                            col[(ci * 3 + dy) * 3 + dx] = if inside { xb[(sy as usize / 2 * w + sx as usize / 2) * cin + ci] } else { 0.0 };
+                            col[(ci * 3 + dy) * 3 + dx] = if inside {
+                                xb[(sy as usize / 2 * w + sx as usize / 2) * cin + ci]
+                            } else {
+                                0.0
+                            };
                         }
                     }
                 }
             }
-            linear(&cols[..n * kk], weight, bias, n, kk, cout, &mut ob[start * cout..(start + n) * cout]);
+            linear(
+                &cols[..n * kk],
+                weight,
+                bias,
+                n,
+                kk,
+                cout,
+                &mut ob[start * cout..(start + n) * cout],
+            );
         }
         if shortcut {
             let r = 4 * cout / cin;
@@ -807,7 +1051,15 @@ pub fn upsample2x(x: &[f32], batch: usize, h: usize, w: usize, c: usize, out: &m
 /// `pixel_shuffle(repeat_interleave(x, R, channel), 2)`: `out[c, 2y+i, 2x+j] = x[(4c+2i+j)/R, y, x]`
 /// with R = 4·cout/cin, in token layout.
 #[allow(clippy::too_many_arguments)]
-pub fn pixel_shuffle_shortcut(x: &[f32], batch: usize, h: usize, w: usize, cin: usize, cout: usize, out: &mut [f32]) {
+pub fn pixel_shuffle_shortcut(
+    x: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    out: &mut [f32],
+) {
     let r = 4 * cout / cin;
     for b in 0..batch {
         for y in 0..h {
@@ -815,7 +1067,8 @@ pub fn pixel_shuffle_shortcut(x: &[f32], batch: usize, h: usize, w: usize, cin: 
                 let src = &x[((b * h + y) * w + xx) * cin..][..cin];
                 for i in 0..2 {
                     for j in 0..2 {
-                        let dst = &mut out[((b * 2 * h + 2 * y + i) * 2 * w + 2 * xx + j) * cout..][..cout];
+                        let dst = &mut out[((b * 2 * h + 2 * y + i) * 2 * w + 2 * xx + j) * cout..]
+                            [..cout];
                         for (c, d) in dst.iter_mut().enumerate() {
                             *d = src[(4 * c + 2 * i + j) / r];
                         }
@@ -840,13 +1093,24 @@ pub fn concat(xs: &[&[f32]], widths: &[usize], out: &mut [f32]) {
 
 /// Grouped 1×1 convolution: group g maps input channels [g·ci, (g+1)·ci) to output channels
 /// [g·co, (g+1)·co) with `weight` rows [g·co, (g+1)·co) of width ci.
-pub fn grouped_linear(x: &[f32], weight: &[f32], cin: usize, cout: usize, groups: usize, out: &mut [f32]) {
+pub fn grouped_linear(
+    x: &[f32],
+    weight: &[f32],
+    cin: usize,
+    cout: usize,
+    groups: usize,
+    out: &mut [f32],
+) {
     let (ci, co) = (cin / groups, cout / groups);
     for (xr, yr) in x.chunks_exact(cin).zip(out.chunks_exact_mut(cout)) {
         for g in 0..groups {
             for o in 0..co {
                 let wrow = &weight[(g * co + o) * ci..][..ci];
-                yr[g * co + o] = wrow.iter().zip(&xr[g * ci..(g + 1) * ci]).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() as f32;
+                yr[g * co + o] = wrow
+                    .iter()
+                    .zip(&xr[g * ci..(g + 1) * ci])
+                    .map(|(a, b)| (*a as f64) * (*b as f64))
+                    .sum::<f64>() as f32;
             }
         }
     }
@@ -854,28 +1118,59 @@ pub fn grouped_linear(x: &[f32], weight: &[f32], cin: usize, cout: usize, groups
 
 /// A ViT's input tokens: for each of `batch` samples, row 0 = `cls + pos[0]`, row 1 + i =
 /// `x[i] + pos[1 + i]` for the `n` patch tokens of `c` channels.
-pub fn class_pos_embed(x: &[f32], cls: &[f32], pos: &[f32], batch: usize, n: usize, c: usize, out: &mut [f32]) {
+pub fn class_pos_embed(
+    x: &[f32],
+    cls: &[f32],
+    pos: &[f32],
+    batch: usize,
+    n: usize,
+    c: usize,
+    out: &mut [f32],
+) {
     for (b, sample) in out.chunks_exact_mut((n + 1) * c).enumerate().take(batch) {
         let (first, rest) = sample.split_at_mut(c);
         for ((o, &t), &p) in first.iter_mut().zip(cls).zip(&pos[..c]) {
             *o = t + p;
         }
-        for ((o, &t), &p) in rest.iter_mut().zip(&x[b * n * c..(b + 1) * n * c]).zip(&pos[c..]) {
+        for ((o, &t), &p) in rest
+            .iter_mut()
+            .zip(&x[b * n * c..(b + 1) * n * c])
+            .zip(&pos[c..])
+        {
             *o = t + p;
         }
     }
 }
 
 /// Tokens [start, start + len) of each of `batch` rows of `tokens` tokens × `c` channels.
-pub fn slice_tokens(x: &[f32], batch: usize, tokens: usize, c: usize, start: usize, len: usize, out: &mut [f32]) {
+pub fn slice_tokens(
+    x: &[f32],
+    batch: usize,
+    tokens: usize,
+    c: usize,
+    start: usize,
+    len: usize,
+    out: &mut [f32],
+) {
     for b in 0..batch {
-        out[b * len * c..(b + 1) * len * c].copy_from_slice(&x[(b * tokens + start) * c..(b * tokens + start + len) * c]);
+        out[b * len * c..(b + 1) * len * c]
+            .copy_from_slice(&x[(b * tokens + start) * c..(b * tokens + start + len) * c]);
     }
 }
 
 /// `glu_silu(depthwise_conv2d(x))`: the CPU twin of the fused kernel is the two ops in a row.
 #[allow(clippy::too_many_arguments)]
-pub fn depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, c2: usize, kernel: usize, out: &mut [f32]) {
+pub fn depthwise_conv_glu(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    c2: usize,
+    kernel: usize,
+    out: &mut [f32],
+) {
     let mut mid = vec![0f32; batch * h * w * c2];
     depthwise_conv2d(x, weight, bias, batch, h, w, c2, kernel, &mut mid);
     glu_silu(&mid, c2 / 2, out);
@@ -904,7 +1199,16 @@ pub fn decode_position(p: f32, max_len: usize) -> usize {
 /// `Op::DecodeAttention`: for each sequence b and query head h, softmax(scale · q·kᵀ) · V over keys
 /// [0, p_b] of KV head h / (heads / kv_heads), q rotated at position p_b when `rope` is given.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], positions: &[f32], d: DecodeDims, scale: f32, rope: Option<f32>, out: &mut [f32]) {
+pub fn decode_attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    positions: &[f32],
+    d: DecodeDims,
+    scale: f32,
+    rope: Option<f32>,
+    out: &mut [f32],
+) {
     let hd = d.head_dim;
     let group = d.heads / d.kv_heads;
     let mut qr = vec![0f32; d.heads * hd];
@@ -944,7 +1248,14 @@ pub fn decode_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], positions: 
 
 /// `Op::KvCacheAppend`: `out` = `cache` with row p_b of every (b, KV head) set to `x` (rotated at
 /// position p_b when `rope` is given).
-pub fn kv_cache_append(cache: &[f32], x: &[f32], positions: &[f32], d: DecodeDims, rope: Option<f32>, out: &mut [f32]) {
+pub fn kv_cache_append(
+    cache: &[f32],
+    x: &[f32],
+    positions: &[f32],
+    d: DecodeDims,
+    rope: Option<f32>,
+    out: &mut [f32],
+) {
     out.copy_from_slice(cache);
     kv_cache_write(x, positions, d, rope, out);
 }
@@ -952,9 +1263,23 @@ pub fn kv_cache_append(cache: &[f32], x: &[f32], positions: &[f32], d: DecodeDim
 /// `Op::KvCacheRows`: a prompt `x` [batch, tokens, kv_heads·hd] as cache rows [batch, kv_heads,
 /// tokens, hd]: token t written as the append writes the token at position t (rotated at t when
 /// `rope` is given), so the prefill's rows equal what `tokens` appends would have cached.
-pub fn kv_cache_rows(x: &[f32], batch: usize, tokens: usize, kv_heads: usize, head_dim: usize, rope: Option<f32>, out: &mut [f32]) {
+pub fn kv_cache_rows(
+    x: &[f32],
+    batch: usize,
+    tokens: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rope: Option<f32>,
+    out: &mut [f32],
+) {
     let w = kv_heads * head_dim;
-    let d = DecodeDims { batch: 1, heads: kv_heads, kv_heads, head_dim, max_len: tokens };
+    let d = DecodeDims {
+        batch: 1,
+        heads: kv_heads,
+        kv_heads,
+        head_dim,
+        max_len: tokens,
+    };
     for (b, cache) in out.chunks_exact_mut(tokens * w).take(batch).enumerate() {
         for t in 0..tokens {
             let row = &x[(b * tokens + t) * w..(b * tokens + t + 1) * w];
@@ -965,7 +1290,13 @@ pub fn kv_cache_rows(x: &[f32], batch: usize, tokens: usize, kv_heads: usize, he
 
 /// `Op::KvCacheAppend` in place (the cache is an executor state): row p_b of every (b, KV head)
 /// of `cache` set to `x`, rotated at p_b when `rope` is given.
-pub fn kv_cache_write(x: &[f32], positions: &[f32], d: DecodeDims, rope: Option<f32>, cache: &mut [f32]) {
+pub fn kv_cache_write(
+    x: &[f32],
+    positions: &[f32],
+    d: DecodeDims,
+    rope: Option<f32>,
+    cache: &mut [f32],
+) {
     let (hd, w) = (d.head_dim, d.kv_heads * d.head_dim);
     let mut row = vec![0f32; w];
     for b in 0..d.batch {
@@ -984,7 +1315,14 @@ pub fn kv_cache_write(x: &[f32], positions: &[f32], d: DecodeDims, rope: Option<
 
 /// Row `row` of `modulation_table(t, table)` for every sample: [batch, c] (`t` [batch, k·c] or
 /// [batch, c], `table` [k, c]); the one place the fused adaLN ops read the table.
-pub fn modulation_row(t: &[f32], table: &[f32], batch: usize, k: usize, c: usize, row: usize) -> Vec<f32> {
+pub fn modulation_row(
+    t: &[f32],
+    table: &[f32],
+    batch: usize,
+    k: usize,
+    c: usize,
+    row: usize,
+) -> Vec<f32> {
     let mut m = vec![0f32; batch * k * c];
     modulation_table(t, table, batch, k, c, &mut m);
     let mut out = vec![0f32; batch * c];
@@ -1004,22 +1342,61 @@ pub struct AdaDims {
 /// `Op::AdaLayerNorm`: `layernorm(x)` without affine, modulated by rows `scale` and `shift` of
 /// `modulation_table(t, table)`; composed of those twins.
 #[allow(clippy::too_many_arguments)]
-pub fn ada_layernorm(x: &[f32], t: &[f32], table: &[f32], d: AdaDims, scale: usize, shift: usize, eps: f32, out: &mut [f32]) {
+pub fn ada_layernorm(
+    x: &[f32],
+    t: &[f32],
+    table: &[f32],
+    d: AdaDims,
+    scale: usize,
+    shift: usize,
+    eps: f32,
+    out: &mut [f32],
+) {
     let sc = modulation_row(t, table, d.batch, d.k, d.cols, scale);
     let sh = modulation_row(t, table, d.batch, d.k, d.cols, shift);
-    layernorm(x, None, None, eps, d.cols, Some(ModulationRef { scale: &sc, shift: &sh, tokens: d.tokens }), out)
+    layernorm(
+        x,
+        None,
+        None,
+        eps,
+        d.cols,
+        Some(ModulationRef {
+            scale: &sc,
+            shift: &sh,
+            tokens: d.tokens,
+        }),
+        out,
+    )
 }
 
 /// `Op::AdaGatedAdd`: `gated_add(x, m[gate], y)` with row `gate` of `modulation_table(t, table)`.
 #[allow(clippy::too_many_arguments)]
-pub fn ada_gated_add(x: &[f32], t: &[f32], table: &[f32], d: AdaDims, gate: usize, y: &[f32], out: &mut [f32]) {
+pub fn ada_gated_add(
+    x: &[f32],
+    t: &[f32],
+    table: &[f32],
+    d: AdaDims,
+    gate: usize,
+    y: &[f32],
+    out: &mut [f32],
+) {
     let g = modulation_row(t, table, d.batch, d.k, d.cols, gate);
     gated_add(x, &g, y, d.tokens, d.cols, out)
 }
 
 /// `Op::DepthwiseConvGlu` with `silu_input`: `depthwise_conv_glu(silu(x))`.
 #[allow(clippy::too_many_arguments)]
-pub fn silu_depthwise_conv_glu(x: &[f32], weight: &[f32], bias: Option<&[f32]>, batch: usize, h: usize, w: usize, c2: usize, kernel: usize, out: &mut [f32]) {
+pub fn silu_depthwise_conv_glu(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    c2: usize,
+    kernel: usize,
+    out: &mut [f32],
+) {
     let mut a = vec![0f32; x.len()];
     unary(UnaryFn::Silu, x, &mut a);
     depthwise_conv_glu(&a, weight, bias, batch, h, w, c2, kernel, out)
@@ -1050,7 +1427,16 @@ pub fn mixffn_inverted_glu(
 /// `Op::LinearResidual`: `residual + linear(x, w, bias)` (the linear's output rounded first, as
 /// PyTorch's `x + proj(o)`).
 #[allow(clippy::too_many_arguments)]
-pub fn linear_residual(x: &[f32], w: &[f32], bias: Option<&[f32]>, residual: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
+pub fn linear_residual(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     linear(x, w, bias, rows, k, n, out);
     for (o, &r) in out[..rows * n].iter_mut().zip(residual) {
         *o += r;

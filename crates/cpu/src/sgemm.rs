@@ -24,7 +24,10 @@ pub struct View<'a> {
 
 impl<'a> View<'a> {
     pub fn new(data: &'a [f32], off: usize, rs: usize, cs: usize) -> Self {
-        assert!(rs == 1 || cs == 1, "a GEMM operand needs unit stride along rows or columns");
+        assert!(
+            rs == 1 || cs == 1,
+            "a GEMM operand needs unit stride along rows or columns"
+        );
         View { data, off, rs, cs }
     }
 
@@ -32,7 +35,11 @@ impl<'a> View<'a> {
     fn check(&self, rows: usize, cols: usize) {
         if rows > 0 && cols > 0 {
             let last = self.off + (rows - 1) * self.rs + (cols - 1) * self.cs;
-            assert!(last < self.data.len(), "GEMM operand out of bounds: {last} >= {}", self.data.len());
+            assert!(
+                last < self.data.len(),
+                "GEMM operand out of bounds: {last} >= {}",
+                self.data.len()
+            );
         }
     }
 
@@ -48,7 +55,22 @@ pub enum Backend {
     GemmCrate,
 }
 
-type CblasSgemm = unsafe extern "C" fn(i32, i32, i32, i32, i32, i32, f32, *const f32, i32, *const f32, i32, f32, *mut f32, i32);
+type CblasSgemm = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const f32,
+    i32,
+    *const f32,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
 
 struct OpenBlas {
     sgemm: CblasSgemm,
@@ -63,10 +85,14 @@ fn openblas() -> Option<&'static OpenBlas> {
         }
         // SAFETY: loading OpenBLAS runs no code of ours; the symbols have the CBLAS C signatures.
         unsafe {
-            let lib = ["libopenblas.so.0", "libopenblas.so"].iter().find_map(|n| libloading::Library::new(n).ok())?;
+            let lib = ["libopenblas.so.0", "libopenblas.so"]
+                .iter()
+                .find_map(|n| libloading::Library::new(n).ok())?;
             let sgemm = *lib.get::<CblasSgemm>(b"cblas_sgemm\0").ok()?;
             // Our threads split the work; OpenBLAS's own would spin against rayon's.
-            let set_threads = *lib.get::<unsafe extern "C" fn(i32)>(b"openblas_set_num_threads\0").ok()?;
+            let set_threads = *lib
+                .get::<unsafe extern "C" fn(i32)>(b"openblas_set_num_threads\0")
+                .ok()?;
             set_threads(1);
             Some(OpenBlas { sgemm, _lib: lib })
         }
@@ -94,31 +120,86 @@ pub enum Threads {
 /// `dst[m, n] (+)= a[m, k] · b[k, n]`, `dst` row-major with row stride `ldd` from `dst_off`;
 /// `accumulate` adds to `dst` instead of overwriting it.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_off: usize, ldd: usize, accumulate: bool, a: View, b: View, threads: Threads) {
-    gemm_with(backend(), m, n, k, dst, dst_off, ldd, accumulate, a, b, threads)
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_off: usize,
+    ldd: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+    threads: Threads,
+) {
+    gemm_with(
+        backend(),
+        m,
+        n,
+        k,
+        dst,
+        dst_off,
+        ldd,
+        accumulate,
+        a,
+        b,
+        threads,
+    )
 }
 
 /// [`gemm`] on a chosen backend (falls back to the crate when OpenBLAS is not loaded).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_with(be: Backend, m: usize, n: usize, k: usize, dst: &mut [f32], dst_off: usize, ldd: usize, accumulate: bool, a: View, b: View, threads: Threads) {
+pub fn gemm_with(
+    be: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_off: usize,
+    ldd: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+    threads: Threads,
+) {
     if m == 0 || n == 0 {
         return;
     }
     a.check(m, k);
     b.check(k, n);
-    assert!(n <= ldd && dst_off + (m - 1) * ldd + n <= dst.len(), "GEMM destination out of bounds");
+    assert!(
+        n <= ldd && dst_off + (m - 1) * ldd + n <= dst.len(),
+        "GEMM destination out of bounds"
+    );
     if k == 0 {
         if !accumulate {
             (0..m).for_each(|r| dst[dst_off + r * ldd..][..n].fill(0.0));
         }
         return;
     }
-    let blas = if be == Backend::OpenBlas { openblas() } else { None };
+    let blas = if be == Backend::OpenBlas {
+        openblas()
+    } else {
+        None
+    };
     let dst = Dst(dst[dst_off..].as_mut_ptr());
     let whole = |c0: usize, c1: usize| {
         // SAFETY: the checks above bound every element of a, b and dst these calls touch; column
         // ranges [c0, c1) of different calls are disjoint, and `dst` is borrowed mutably.
-        unsafe { one_gemm(blas, m, c1 - c0, k, dst.at(c0), ldd, accumulate, a, b.ptr().add(c0 * b.cs), b) }
+        unsafe {
+            one_gemm(
+                blas,
+                m,
+                c1 - c0,
+                k,
+                dst.at(c0),
+                ldd,
+                accumulate,
+                a,
+                b.ptr().add(c0 * b.cs),
+                b,
+            )
+        }
     };
     let t = rayon::current_num_threads();
     if threads == Threads::One || t == 1 || n < 32 {
@@ -127,7 +208,9 @@ pub fn gemm_with(be: Backend, m: usize, n: usize, k: usize, dst: &mut [f32], dst
     // Column blocks (multiples of 16, for the kernels' vector width), one or two per thread.
     let parts = if n >= 64 * t { 2 * t } else { t };
     let step = n.div_ceil(parts).next_multiple_of(16);
-    (0..n.div_ceil(step)).into_par_iter().for_each(|p| whole(p * step, ((p + 1) * step).min(n)));
+    (0..n.div_ceil(step))
+        .into_par_iter()
+        .for_each(|p| whole(p * step, ((p + 1) * step).min(n)));
 }
 
 /// The destination pointer, shared by the column blocks of one GEMM (which write disjoint
@@ -150,7 +233,18 @@ unsafe impl Sync for Dst {}
 /// # Safety
 /// Every element of the m×k `a`, k×n `b` from `bp` and m×n `dst` (row stride ldd) must be valid.
 #[allow(clippy::too_many_arguments)]
-unsafe fn one_gemm(blas: Option<&OpenBlas>, m: usize, n: usize, k: usize, dst: *mut f32, ldd: usize, accumulate: bool, a: View, bp: *const f32, b: View) {
+unsafe fn one_gemm(
+    blas: Option<&OpenBlas>,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    ldd: usize,
+    accumulate: bool,
+    a: View,
+    bp: *const f32,
+    b: View,
+) {
     const ROW_MAJOR: i32 = 101;
     const NO_TRANS: i32 = 111;
     const TRANS: i32 = 112;
@@ -168,14 +262,42 @@ unsafe fn one_gemm(blas: Option<&OpenBlas>, m: usize, n: usize, k: usize, dst: *
         Some(lib) => {
             let ((ta, lda), (tb, ldb)) = (layout(&a, m, k), layout(&b, k, n));
             let beta = if accumulate { 1.0 } else { 0.0 };
-            (lib.sgemm)(ROW_MAJOR, ta, tb, m as i32, n as i32, k as i32, 1.0, a.ptr(), lda as i32, bp, ldb as i32, beta, dst, ldd as i32)
+            (lib.sgemm)(
+                ROW_MAJOR,
+                ta,
+                tb,
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a.ptr(),
+                lda as i32,
+                bp,
+                ldb as i32,
+                beta,
+                dst,
+                ldd as i32,
+            )
         }
         None => gemm::gemm(
-            m, n, k,
-            dst, 1, ldd as isize, accumulate,
-            a.ptr(), a.cs as isize, a.rs as isize,
-            bp, b.cs as isize, b.rs as isize,
-            1.0, 1.0, false, false, false,
+            m,
+            n,
+            k,
+            dst,
+            1,
+            ldd as isize,
+            accumulate,
+            a.ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            bp,
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
             Parallelism::None,
         ),
     }

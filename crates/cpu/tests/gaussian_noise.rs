@@ -10,12 +10,28 @@ use openuni_graph::seed;
 #[test]
 fn philox4x32_10_gives_the_published_known_answers() {
     let kat: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
-        ([0, 0, 0, 0], [0, 0], [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]),
-        ([u32::MAX; 4], [u32::MAX; 2], [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]),
-        ([0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344], [0xa409_3822, 0x299f_31d0], [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]),
+        (
+            [0, 0, 0, 0],
+            [0, 0],
+            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8],
+        ),
+        (
+            [u32::MAX; 4],
+            [u32::MAX; 2],
+            [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd],
+        ),
+        (
+            [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
+            [0xa409_3822, 0x299f_31d0],
+            [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1],
+        ),
     ];
     for (ctr, key, want) in kat {
-        assert_eq!(ops::philox4x32_10(ctr, key), want, "counter {ctr:08x?} key {key:08x?}");
+        assert_eq!(
+            ops::philox4x32_10(ctr, key),
+            want,
+            "counter {ctr:08x?} key {key:08x?}"
+        );
     }
 }
 
@@ -38,7 +54,12 @@ fn noise_ln_is_within_one_ulp_everywhere_it_is_used() {
         }
     }
     println!("noise_ln: worst {:.3} ulp at k = {}", worst.0, worst.1);
-    assert!(worst.0 <= 1.0, "noise_ln is {:.3} ulp off at {} / 2^24", worst.0, worst.1);
+    assert!(
+        worst.0 <= 1.0,
+        "noise_ln is {:.3} ulp off at {} / 2^24",
+        worst.0,
+        worst.1
+    );
     assert_eq!(ops::noise_ln(1.0), 0.0);
 }
 
@@ -50,7 +71,9 @@ fn noise_sincos_turn_is_accurate_for_every_angle() {
     for t in 0..(1u32 << 24) {
         let a = std::f64::consts::TAU * t as f64 / 16_777_216.0;
         let (s, c) = ops::noise_sincos_turn(t);
-        worst = worst.max((s as f64 - a.sin()).abs()).max((c as f64 - a.cos()).abs());
+        worst = worst
+            .max((s as f64 - a.sin()).abs())
+            .max((c as f64 - a.cos()).abs());
     }
     println!("noise_sincos_turn: worst absolute error {worst:.3e}");
     assert!(worst <= 1.5e-7, "sin/cos off by {worst:e}");
@@ -101,32 +124,58 @@ fn gaussian_noise_is_standard_normal() {
     let (var, skew, kurt) = (m(2), m(3) / m(2).powf(1.5), m(4) / (m(2) * m(2)));
     println!("mean {mean:.5} var {var:.5} skew {skew:.5} kurtosis {kurt:.5}");
     assert!(mean.abs() < 5.0 / nf.sqrt(), "mean {mean}");
-    assert!((var - 1.0).abs() < 5.0 * (2.0 / nf).sqrt(), "variance {var}");
+    assert!(
+        (var - 1.0).abs() < 5.0 * (2.0 / nf).sqrt(),
+        "variance {var}"
+    );
     assert!(skew.abs() < 5.0 * (6.0 / nf).sqrt(), "skewness {skew}");
-    assert!((kurt - 3.0).abs() < 5.0 * (24.0 / nf).sqrt(), "kurtosis {kurt}");
+    assert!(
+        (kurt - 3.0).abs() < 5.0 * (24.0 / nf).sqrt(),
+        "kurtosis {kurt}"
+    );
 
     let mut sorted: Vec<f64> = z.iter().map(|&v| v as f64).collect();
     sorted.sort_by(f64::total_cmp);
     let ks = sorted.iter().enumerate().map(|(i, &x)| {
         let f = normal_cdf(x);
-        (f - i as f64 / nf).abs().max(((i + 1) as f64 / nf - f).abs())
+        (f - i as f64 / nf)
+            .abs()
+            .max(((i + 1) as f64 / nf - f).abs())
     });
     let d = ks.fold(0.0, f64::max);
-    println!("Kolmogorov-Smirnov distance {d:.6} (0.1 % critical value {:.6})", 1.95 / nf.sqrt());
+    println!(
+        "Kolmogorov-Smirnov distance {d:.6} (0.1 % critical value {:.6})",
+        1.95 / nf.sqrt()
+    );
     assert!(d < 1.95 / nf.sqrt(), "KS distance {d}");
 
     // P(|z| > 3) = 0.0026998; the radius of u1 >= 2^-24 bounds |z| by sqrt(48 ln 2) = 5.77.
     let tail = z.iter().filter(|v| v.abs() > 3.0).count() as f64 / nf;
-    assert!((tail - 0.0026998).abs() < 5.0 * (0.0027 / nf).sqrt(), "tail mass {tail}");
-    assert!(z.iter().all(|v| v.abs() <= 5.77), "a value beyond the Box-Muller bound");
+    assert!(
+        (tail - 0.0026998).abs() < 5.0 * (0.0027 / nf).sqrt(),
+        "tail mass {tail}"
+    );
+    assert!(
+        z.iter().all(|v| v.abs() <= 5.77),
+        "a value beyond the Box-Muller bound"
+    );
 
-    let corr = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() / a.len() as f64;
+    let corr = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| x as f64 * y as f64)
+            .sum::<f64>()
+            / a.len() as f64
+    };
     for lag in [1, 2, 3, 4] {
         let r = corr(&z[..n - lag], &z[lag..]);
         assert!(r.abs() < 5.0 / nf.sqrt(), "lag-{lag} correlation {r}");
     }
     let r = corr(&z, &draw(20_250_532));
-    assert!(r.abs() < 5.0 / nf.sqrt(), "correlation of consecutive seeds {r}");
+    assert!(
+        r.abs() < 5.0 / nf.sqrt(),
+        "correlation of consecutive seeds {r}"
+    );
 }
 
 /// Counter-based: a seed's first values do not depend on how many are drawn (an image's noise
@@ -154,5 +203,8 @@ fn seed_limbs_round_trip_and_clamp() {
         assert_eq!(seed::from_limbs(&seed::limbs(s)), s);
     }
     // A limb outside 0..=65535 is clamped, a fraction truncated, NaN read as 0.
-    assert_eq!(seed::from_limbs(&[-3.0, 70_000.0, 2.7, f32::NAN]), 0xFFFF << 16 | 2 << 32);
+    assert_eq!(
+        seed::from_limbs(&[-3.0, 70_000.0, 2.7, f32::NAN]),
+        0xFFFF << 16 | 2 << 32
+    );
 }

@@ -11,7 +11,10 @@ fn rand_vec(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
 
 fn close(a: &[f32], b: &[f32], tol: f32) {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "element {i}: {x} vs {y}"
+        );
     }
 }
 
@@ -35,8 +38,20 @@ fn rmsnorm_and_layernorm_by_hand() {
     let r = 12.5f32.sqrt();
     close(&y, &[3.0 / r + 0.5, 8.0 / r], 1e-6);
     // LayerNorm of [1, 3]: mean 2, var 1 -> [-1, 1]; then modulation (1 + 0.5) and shift 1.
-    let m = ops::ModulationRef { scale: &[0.5, 0.5], shift: &[1.0, 1.0], tokens: 1 };
-    ops::layernorm(&[1.0, 3.0], Some(&[2.0, 2.0]), Some(&[0.0, 1.0]), 0.0, 2, Some(m), &mut y);
+    let m = ops::ModulationRef {
+        scale: &[0.5, 0.5],
+        shift: &[1.0, 1.0],
+        tokens: 1,
+    };
+    ops::layernorm(
+        &[1.0, 3.0],
+        Some(&[2.0, 2.0]),
+        Some(&[0.0, 1.0]),
+        0.0,
+        2,
+        Some(m),
+        &mut y,
+    );
     close(&y, &[(-2.0) * 1.5 + 1.0, 3.0 * 1.5 + 1.0], 1e-6);
 }
 
@@ -44,7 +59,11 @@ fn rmsnorm_and_layernorm_by_hand() {
 fn linear_matches_naive_loop() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let (rows, k, n) = (7, 13, 5);
-    let (x, w, b) = (rand_vec(&mut rng, rows * k), rand_vec(&mut rng, n * k), rand_vec(&mut rng, n));
+    let (x, w, b) = (
+        rand_vec(&mut rng, rows * k),
+        rand_vec(&mut rng, n * k),
+        rand_vec(&mut rng, n),
+    );
     let mut y = vec![0.0; rows * n];
     ops::linear(&x, &w, Some(&b), rows, k, n, &mut y);
     let mut naive = vec![0.0; rows * n];
@@ -74,19 +93,41 @@ fn attention_gqa_equals_repeated_heads_and_causal_first_row_is_v0() {
     let q = rand_vec(&mut rng, b * n * 4 * hd);
     let k = rand_vec(&mut rng, b * n * 2 * hd);
     let v = rand_vec(&mut rng, b * n * 2 * hd);
-    let d = AttentionDims { batch: b, q_len: n, kv_len: n, heads: 4, kv_heads: 2, head_dim: hd, causal: true, scale: 0.5 };
+    let d = AttentionDims {
+        batch: b,
+        q_len: n,
+        kv_len: n,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: hd,
+        causal: true,
+        scale: 0.5,
+    };
     let mut gqa = vec![0.0; q.len()];
     ops::attention(&q, &k, &v, None, d, &mut gqa);
     // Repeat each kv head twice (repeat_kv) and run plain multi-head attention.
     let rep = |t: &[f32]| -> Vec<f32> {
-        t.chunks_exact(2 * hd).flat_map(|row| [&row[..hd], &row[..hd], &row[hd..], &row[hd..]].concat()).collect()
+        t.chunks_exact(2 * hd)
+            .flat_map(|row| [&row[..hd], &row[..hd], &row[hd..], &row[hd..]].concat())
+            .collect()
     };
     let mut mha = vec![0.0; q.len()];
-    ops::attention(&q, &rep(&k), &rep(&v), None, AttentionDims { kv_heads: 4, ..d }, &mut mha);
+    ops::attention(
+        &q,
+        &rep(&k),
+        &rep(&v),
+        None,
+        AttentionDims { kv_heads: 4, ..d },
+        &mut mha,
+    );
     close(&gqa, &mha, 1e-6);
     // Causal: the first query sees only the first key, so its output is v[0] of its kv head.
     for h in 0..4 {
-        close(&gqa[h * hd..(h + 1) * hd], &v[(h / 2) * hd..(h / 2 + 1) * hd], 1e-6);
+        close(
+            &gqa[h * hd..(h + 1) * hd],
+            &v[(h / 2) * hd..(h / 2 + 1) * hd],
+            1e-6,
+        );
     }
 }
 
@@ -95,7 +136,11 @@ fn attention_gqa_equals_repeated_heads_and_causal_first_row_is_v0() {
 #[test]
 fn upsample_conv2d_equals_the_unfused_ops() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    for &(b, h, w, cin, cout, shortcut) in &[(2usize, 3usize, 5usize, 8usize, 4usize, true), (1, 17, 31, 4, 4, true), (1, 2, 3, 6, 5, false)] {
+    for &(b, h, w, cin, cout, shortcut) in &[
+        (2usize, 3usize, 5usize, 8usize, 4usize, true),
+        (1, 17, 31, 4, 4, true),
+        (1, 2, 3, 6, 5, false),
+    ] {
         let x = rand_vec(&mut rng, b * h * w * cin);
         let wt = rand_vec(&mut rng, cout * cin * 9);
         let bias = rand_vec(&mut rng, cout);
@@ -103,7 +148,18 @@ fn upsample_conv2d_equals_the_unfused_ops() {
         let mut up = vec![0.0; 4 * b * h * w * cin];
         ops::upsample2x(&x, b, h, w, cin, &mut up);
         let mut main = vec![0.0; n];
-        ops::conv2d(&up, &wt, Some(&bias), b, 2 * h, 2 * w, cin, cout, 3, &mut main);
+        ops::conv2d(
+            &up,
+            &wt,
+            Some(&bias),
+            b,
+            2 * h,
+            2 * w,
+            cin,
+            cout,
+            3,
+            &mut main,
+        );
         let want = if shortcut {
             let mut sc = vec![0.0; n];
             ops::pixel_shuffle_shortcut(&x, b, h, w, cin, cout, &mut sc);
@@ -115,7 +171,10 @@ fn upsample_conv2d_equals_the_unfused_ops() {
         };
         let mut got = vec![0.0; n];
         ops::upsample_conv2d(&x, &wt, Some(&bias), b, h, w, cin, cout, shortcut, &mut got);
-        assert_eq!(got, want, "[{b}, {h}x{w}, {cin}] -> {cout} shortcut={shortcut}");
+        assert_eq!(
+            got, want,
+            "[{b}, {h}x{w}, {cin}] -> {cout} shortcut={shortcut}"
+        );
     }
 }
 
@@ -123,10 +182,17 @@ fn upsample_conv2d_equals_the_unfused_ops() {
 fn rmsnorm_residual_equals_rmsnorm_then_add() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for (rows, cols) in [(1, 1), (7, 13), (40, 128)] {
-        let (x, r) = (rand_vec(&mut rng, rows * cols), rand_vec(&mut rng, rows * cols));
+        let (x, r) = (
+            rand_vec(&mut rng, rows * cols),
+            rand_vec(&mut rng, rows * cols),
+        );
         let (w, b) = (rand_vec(&mut rng, cols), rand_vec(&mut rng, cols));
         for bias in [None, Some(&b[..])] {
-            let (mut n, mut want, mut got) = (vec![0.0; rows * cols], vec![0.0; rows * cols], vec![0.0; rows * cols]);
+            let (mut n, mut want, mut got) = (
+                vec![0.0; rows * cols],
+                vec![0.0; rows * cols],
+                vec![0.0; rows * cols],
+            );
             ops::rmsnorm(&x, &w, bias, 1e-5, cols, &mut n);
             ops::add(&r, &n, &mut want);
             ops::rmsnorm_residual(&x, &w, bias, &r, 1e-5, cols, &mut got);
@@ -144,20 +210,40 @@ fn packed_segments_with_rope_equal_separate_sequences() {
     let segs = [5usize, 1, 9];
     let t: usize = segs.iter().sum();
     let (qw, kw) = (heads * hd, kv_heads * hd);
-    let (q, k, v) = (rand_vec(&mut rng, t * qw), rand_vec(&mut rng, t * kw), rand_vec(&mut rng, t * kw));
+    let (q, k, v) = (
+        rand_vec(&mut rng, t * qw),
+        rand_vec(&mut rng, t * kw),
+        rand_vec(&mut rng, t * kw),
+    );
     for (causal, rope) in [(true, Some(theta)), (false, Some(theta)), (true, None)] {
-        let d = AttentionDims { batch: 1, q_len: t, kv_len: t, heads, kv_heads, head_dim: hd, causal, scale: 0.3 };
+        let d = AttentionDims {
+            batch: 1,
+            q_len: t,
+            kv_len: t,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            causal,
+            scale: 0.3,
+        };
         let mut packed = vec![0.0; t * qw];
         ops::attention_ext(&q, &k, &v, None, d, Some(&segs), rope, &mut packed);
         let mut s = 0;
         for &len in &segs {
-            let (mut qs, mut ks) = (q[s * qw..(s + len) * qw].to_vec(), k[s * kw..(s + len) * kw].to_vec());
+            let (mut qs, mut ks) = (
+                q[s * qw..(s + len) * qw].to_vec(),
+                k[s * kw..(s + len) * kw].to_vec(),
+            );
             if let Some(th) = rope {
                 let (q0, k0) = (qs.clone(), ks.clone());
                 ops::rope(&q0, 1, len, heads, hd, th, &mut qs);
                 ops::rope(&k0, 1, len, kv_heads, hd, th, &mut ks);
             }
-            let ds = AttentionDims { q_len: len, kv_len: len, ..d };
+            let ds = AttentionDims {
+                q_len: len,
+                kv_len: len,
+                ..d
+            };
             let mut want = vec![0.0; len * qw];
             ops::attention(&qs, &ks, &v[s * kw..(s + len) * kw], None, ds, &mut want);
             close(&packed[s * qw..(s + len) * qw], &want, 1e-6);
@@ -166,7 +252,10 @@ fn packed_segments_with_rope_equal_separate_sequences() {
         // The segments matter: without them the first row of segment 2 would see segment 1.
         let mut whole = vec![0.0; t * qw];
         ops::attention_ext(&q, &k, &v, None, d, None, rope, &mut whole);
-        assert!(whole[6 * qw..7 * qw].iter().zip(&packed[6 * qw..7 * qw]).any(|(a, b)| (a - b).abs() > 1e-3));
+        assert!(whole[6 * qw..7 * qw]
+            .iter()
+            .zip(&packed[6 * qw..7 * qw])
+            .any(|(a, b)| (a - b).abs() > 1e-3));
     }
 }
 
@@ -176,8 +265,21 @@ fn fused_rope_equals_rope_then_attention() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
     let (b, t, heads, kv_heads, hd, theta) = (2, 23, 6, 2, 8, 1e6);
     let (qw, kw) = (heads * hd, kv_heads * hd);
-    let (q, k, v) = (rand_vec(&mut rng, b * t * qw), rand_vec(&mut rng, b * t * kw), rand_vec(&mut rng, b * t * kw));
-    let d = AttentionDims { batch: b, q_len: t, kv_len: t, heads, kv_heads, head_dim: hd, causal: true, scale: 0.35 };
+    let (q, k, v) = (
+        rand_vec(&mut rng, b * t * qw),
+        rand_vec(&mut rng, b * t * kw),
+        rand_vec(&mut rng, b * t * kw),
+    );
+    let d = AttentionDims {
+        batch: b,
+        q_len: t,
+        kv_len: t,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        causal: true,
+        scale: 0.35,
+    };
     let mut fused = vec![0.0; q.len()];
     ops::attention_ext(&q, &k, &v, None, d, None, Some(theta), &mut fused);
     let (mut qr, mut kr) = (vec![0.0; q.len()], vec![0.0; k.len()]);

@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
-use cudarc::driver::{result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 
 use crate::error::{CudaError, DriverContext, Result};
 use crate::kernels::KernelSet;
@@ -48,7 +50,9 @@ pub fn device_count() -> Result<usize> {
 /// True when a CUDA device (real or emulated) can be used. Never panics; cached.
 pub fn device_available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| std::panic::catch_unwind(|| device_count().map(|n| n > 0).unwrap_or(false)).unwrap_or(false))
+    *OK.get_or_init(|| {
+        std::panic::catch_unwind(|| device_count().map(|n| n > 0).unwrap_or(false)).unwrap_or(false)
+    })
 }
 
 /// Loads a library by absolute path and keeps it loaded, so that cudarc's later load by name
@@ -57,9 +61,11 @@ pub fn device_available() -> bool {
 pub fn preload_library(path: &std::path::Path) -> Result<()> {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     // SAFETY: loading a shared library runs its initialisers; the caller names a CUDA library.
-    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| CudaError::Io {
-        path: path.into(),
-        source: std::io::Error::other(e.to_string()),
+    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| {
+        CudaError::Io {
+            path: path.into(),
+            source: std::io::Error::other(e.to_string()),
+        }
     })?;
     std::mem::forget(lib);
     Ok(())
@@ -94,10 +100,12 @@ pub fn reset_emu_traffic() -> bool {
 fn emu_symbol<T: Copy>(name: &[u8]) -> Option<T> {
     use libloading::os::unix::{Library, RTLD_NOW};
     const RTLD_NOLOAD: std::ffi::c_int = 4; // glibc's value (dlfcn.h)
-    // SAFETY: RTLD_NOLOAD only returns a handle to a library that is already loaded (no
-    // initialisers run); the symbol's type is the one the emulated driver exports.
+                                            // SAFETY: RTLD_NOLOAD only returns a handle to a library that is already loaded (no
+                                            // initialisers run); the symbol's type is the one the emulated driver exports.
     unsafe {
-        let lib = Library::open(Some("libcuda.so.1"), RTLD_NOW | RTLD_NOLOAD).or_else(|_| Ok::<_, ()>(Library::this())).ok()?;
+        let lib = Library::open(Some("libcuda.so.1"), RTLD_NOW | RTLD_NOLOAD)
+            .or_else(|_| Ok::<_, ()>(Library::this()))
+            .ok()?;
         let f = lib.get::<T>(name).ok().map(|s| *s);
         // Keep the reference count balanced without unloading: the library stays loaded by cudarc.
         drop(lib);
@@ -238,7 +246,10 @@ impl CudaDevice {
     /// nothing orders work between lanes, so a value made on one lane must reach another through
     /// a synchronizing copy.
     pub fn lane(&self) -> Result<Arc<CudaDevice>> {
-        let stream = self.ctx.new_stream().ctx(|| "creating a second stream".into())?;
+        let stream = self
+            .ctx
+            .new_stream()
+            .ctx(|| "creating a second stream".into())?;
         Ok(Arc::new(CudaDevice {
             ctx: self.ctx.clone(),
             stream,
@@ -291,11 +302,16 @@ impl CudaDevice {
     }
 
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().ctx(|| "synchronizing the stream".into())
+        self.stream
+            .synchronize()
+            .ctx(|| "synchronizing the stream".into())
     }
 
     /// This handle's instance of `T`, made by `make` on first use (see `singletons`).
-    pub(crate) fn singleton<T: Any + Send + Sync>(&self, make: impl FnOnce(&CudaDevice) -> Result<T>) -> Result<Arc<T>> {
+    pub(crate) fn singleton<T: Any + Send + Sync>(
+        &self,
+        make: impl FnOnce(&CudaDevice) -> Result<T>,
+    ) -> Result<Arc<T>> {
         let mut m = self.singletons.lock().unwrap();
         if let Some(v) = m.get(&TypeId::of::<T>()) {
             return Ok(v.clone().downcast::<T>().expect("keyed by its type"));
@@ -308,10 +324,11 @@ impl CudaDevice {
     /// Allocates `bytes` (at least 1) of device memory, 256-byte aligned, contents undefined.
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         // SAFETY: u8 has no invalid bit patterns; the memory is written before it is read.
-        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|err| CudaError::Driver {
-            what: format!("allocating {bytes} bytes of device memory"),
-            err,
-        })?;
+        let slice =
+            unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|err| CudaError::Driver {
+                what: format!("allocating {bytes} bytes of device memory"),
+                err,
+            })?;
         let ptr = slice.device_ptr(&self.stream).0;
         Ok(DeviceBuffer {
             _slice: slice,
@@ -332,11 +349,17 @@ impl CudaDevice {
         if data.is_empty() {
             return Ok(());
         }
-        self.ctx.bind_to_thread().ctx(|| "binding the context".into())?;
+        self.ctx
+            .bind_to_thread()
+            .ctx(|| "binding the context".into())?;
         // SAFETY: the caller owns `dst` for size_of_val(data) bytes; pageable source memory is
         // staged by the driver before the call returns.
-        unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
-            .ctx(|| format!("copying {} bytes to the device", std::mem::size_of_val(data)))
+        unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }.ctx(|| {
+            format!(
+                "copying {} bytes to the device",
+                std::mem::size_of_val(data)
+            )
+        })
     }
 
     /// Copies `out.len()` elements from device address `src` into `out`, and waits for the copy.
@@ -344,7 +367,9 @@ impl CudaDevice {
         if out.is_empty() {
             return Ok(());
         }
-        self.ctx.bind_to_thread().ctx(|| "binding the context".into())?;
+        self.ctx
+            .bind_to_thread()
+            .ctx(|| "binding the context".into())?;
         let n = std::mem::size_of_val(out);
         // SAFETY: the caller guarantees `src` holds n readable bytes.
         unsafe { result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
@@ -357,7 +382,9 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(());
         }
-        self.ctx.bind_to_thread().ctx(|| "binding the context".into())?;
+        self.ctx
+            .bind_to_thread()
+            .ctx(|| "binding the context".into())?;
         // SAFETY: the caller owns both ranges.
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
             .ctx(|| format!("copying {bytes} bytes on the device"))
@@ -368,7 +395,9 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(());
         }
-        self.ctx.bind_to_thread().ctx(|| "binding the context".into())?;
+        self.ctx
+            .bind_to_thread()
+            .ctx(|| "binding the context".into())?;
         // SAFETY: the caller owns the range.
         unsafe { result::memset_d8_async(dst, value, bytes, self.stream.cu_stream()) }
             .ctx(|| format!("filling {bytes} bytes on the device"))
@@ -383,7 +412,9 @@ impl CudaDevice {
 
     /// Records `event` on the device's stream.
     pub fn record(&self, event: &CudaEvent) -> Result<()> {
-        event.record(&self.stream).ctx(|| "recording an event".into())
+        event
+            .record(&self.stream)
+            .ctx(|| "recording an event".into())
     }
 
     /// Launches kernel `kernel` (from any `kernels/*.cu`) on the device's stream.
@@ -403,8 +434,11 @@ impl CudaDevice {
         if smem > DEFAULT_DYNAMIC_SMEM {
             // Above 48 KiB a kernel must opt in to its dynamic shared memory (a host-side attribute,
             // so it also holds for launches recorded into a CUDA graph).
-            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .ctx(|| format!("allowing kernel `{kernel}` {smem} bytes of dynamic shared memory"))?;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .ctx(|| format!("allowing kernel `{kernel}` {smem} bytes of dynamic shared memory"))?;
         }
         let mut b = self.stream.launch_builder(&f);
         for a in args {

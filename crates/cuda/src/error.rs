@@ -26,7 +26,11 @@ pub enum CudaError {
         code: String,
     },
     #[error("NVRTC failed to compile {file} for {arch}:\n{log}")]
-    Compile { file: String, arch: String, log: String },
+    Compile {
+        file: String,
+        arch: String,
+        log: String,
+    },
     #[error("kernel `{0}` is not defined in any kernels/*.cu")]
     UnknownKernel(String),
     #[error("loading module {file} ({format}) failed: {err}")]
@@ -37,7 +41,9 @@ pub enum CudaError {
     },
     #[error("kernel `{kernel}`: launch failed: {err}")]
     Launch { kernel: String, err: DriverError },
-    #[error("cuBLASLt not available: libcublasLt.so.13 cannot be loaded (needed for node `{node}`)")]
+    #[error(
+        "cuBLASLt not available: libcublasLt.so.13 cannot be loaded (needed for node `{node}`)"
+    )]
     NoCublasLt { node: String },
     #[error("cuBLASLt failed while {what}: {err:?}")]
     Cublas { what: String, err: CublasError },
@@ -71,7 +77,9 @@ impl CudaError {
     /// Whether the device ran out of memory (so that a caller can say what would fit).
     pub fn is_out_of_memory(&self) -> bool {
         match self {
-            CudaError::Driver { err, .. } => err.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+            CudaError::Driver { err, .. } => {
+                err.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
+            }
             // A node's error keeps the driver error's text (e.g. its GEMM workspace allocation).
             CudaError::Node { msg, .. } => msg.contains("CUDA_ERROR_OUT_OF_MEMORY"),
             _ => false,

@@ -81,43 +81,71 @@ impl DeviceTensor {
     pub fn reshaped(&self, shape: impl Into<Shape>) -> Result<DeviceTensor> {
         let shape = shape.into();
         if shape.numel() != self.shape.numel() {
-            return Err(CudaError::Input { name: self.name.clone(), msg: format!("of shape {} cannot be viewed as {shape}", self.shape) });
+            return Err(CudaError::Input {
+                name: self.name.clone(),
+                msg: format!("of shape {} cannot be viewed as {shape}", self.shape),
+            });
         }
-        Ok(DeviceTensor { shape, ..self.clone() })
+        Ok(DeviceTensor {
+            shape,
+            ..self.clone()
+        })
     }
     /// The value on the host in its storage dtype (for a consumer that must rearrange it there).
     pub fn to_host(&self) -> Result<HostTensor> {
         if self.runs.load(Ordering::Relaxed) != self.made_at {
-            return Err(CudaError::Input { name: self.name.clone(), msg: "its producer has run again since the handle was made: the value is gone".into() });
+            return Err(CudaError::Input {
+                name: self.name.clone(),
+                msg: "its producer has run again since the handle was made: the value is gone"
+                    .into(),
+            });
         }
         let mut bytes = vec![0u8; self.bytes()];
         // On the producer's stream: ordered after the kernels that wrote it.
         self.dev.copy_to_host(self.ptr, &mut bytes)?;
-        Ok(HostTensor::new(self.shape.clone(), openuni_tensor::HostData::from_le_bytes(self.dtype, &bytes))?)
+        Ok(HostTensor::new(
+            self.shape.clone(),
+            openuni_tensor::HostData::from_le_bytes(self.dtype, &bytes),
+        )?)
     }
 
     /// The value as bytes: integer-valued pixel values 0..=255 (an `Op::QuantizeU8` output) cast
     /// to uint8 on the device and read back at one byte a value (values outside are saturated).
     pub fn to_host_u8(&self) -> Result<HostTensor> {
         if self.runs.load(Ordering::Relaxed) != self.made_at {
-            return Err(CudaError::Input { name: self.name.clone(), msg: "its producer has run again since the handle was made: the value is gone".into() });
+            return Err(CudaError::Input {
+                name: self.name.clone(),
+                msg: "its producer has run again since the handle was made: the value is gone"
+                    .into(),
+            });
         }
         let n = self.shape.numel();
         let mut bytes = vec![0u8; n];
         if n > 0 {
             let buf = self.dev.alloc(n)?;
-            let cast = elementwise::cast_to_u8(self.dtype, self.dev.sm_count(), self.ptr, buf.ptr(), n)?;
+            let cast =
+                elementwise::cast_to_u8(self.dtype, self.dev.sm_count(), self.ptr, buf.ptr(), n)?;
             // SAFETY: the value (n elements of the storage dtype, alive with the arena) into `buf` (n bytes).
             unsafe { families::enqueue(&self.dev, &cast) }?;
             self.dev.copy_to_host(buf.ptr(), &mut bytes)?;
         }
-        Ok(HostTensor::new(self.shape.clone(), openuni_tensor::HostData::U8(bytes))?)
+        Ok(HostTensor::new(
+            self.shape.clone(),
+            openuni_tensor::HostData::U8(bytes),
+        )?)
     }
 }
 
 impl std::fmt::Debug for DeviceTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceTensor({} {} {} on device {})", self.name, self.shape, self.dtype, self.dev.ordinal())
+        write!(
+            f,
+            "DeviceTensor({} {} {} on device {})",
+            self.name,
+            self.shape,
+            self.dtype,
+            self.dev.ordinal()
+        )
     }
 }
 
@@ -205,7 +233,12 @@ impl CudaExecutor {
     /// As [`CudaExecutor::new`], with the device weights taken from (and added to) `cache`, whose
     /// device and storage dtype the executor uses: the graphs of one model (each stage, each
     /// batch size) then hold one copy of each weight.
-    pub fn with_cache(graph: &Graph, weights: &dyn TensorSource, cache: &Arc<WeightCache>, keep_all: bool) -> Result<CudaExecutor> {
+    pub fn with_cache(
+        graph: &Graph,
+        weights: &dyn TensorSource,
+        cache: &Arc<WeightCache>,
+        keep_all: bool,
+    ) -> Result<CudaExecutor> {
         let (dev, dtype) = (&cache.dev, cache.dtype);
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(CudaError::DType(dtype));
@@ -237,7 +270,8 @@ impl CudaExecutor {
         let mut staged_outputs = vec![];
         let mut staging = None;
         if dtype == DType::BF16 {
-            let mut slots: Vec<(bool, ValueId, usize)> = graph.inputs().map(|(id, _)| (true, id, 0)).collect();
+            let mut slots: Vec<(bool, ValueId, usize)> =
+                graph.inputs().map(|(id, _)| (true, id, 0)).collect();
             let mut seen = std::collections::HashSet::new();
             for (_, id) in &graph.outputs {
                 if seen.insert(*id) {
@@ -356,7 +390,9 @@ impl CudaExecutor {
         let gelu_fusions: HashMap<ValueId, ValueId> = g
             .nodes
             .iter()
-            .filter_map(|n| families::gelu_fused_into_linear(g, n, self.keep_all).map(|lin| (lin, n.output)))
+            .filter_map(|n| {
+                families::gelu_fused_into_linear(g, n, self.keep_all).map(|lin| (lin, n.output))
+            })
             .collect();
         let fctx = families::Ctx {
             dev: &self.dev,
@@ -369,26 +405,43 @@ impl CudaExecutor {
         };
         for node in &g.nodes {
             let step = families::resolve(&fctx, node).map_err(|e| match e {
-                CudaError::NoCublasLt { .. } => CudaError::NoCublasLt { node: node.name.clone() },
+                CudaError::NoCublasLt { .. } => CudaError::NoCublasLt {
+                    node: node.name.clone(),
+                },
                 e => node_err(&node.name, node.op.name(), e.to_string()),
             })?;
             // Load every kernel now, so that a run compiles nothing and a missing kernel names its node.
             for l in step.launches() {
-                self.dev
-                    .kernels()
-                    .function(&l.kernel)
-                    .map_err(|e| node_err(&node.name, node.op.name(), format!("kernel `{}`: {e}", l.kernel)))?;
+                self.dev.kernels().function(&l.kernel).map_err(|e| {
+                    node_err(
+                        &node.name,
+                        node.op.name(),
+                        format!("kernel `{}`: {e}", l.kernel),
+                    )
+                })?;
             }
             steps.push(step);
         }
         let sms = self.dev.sm_count();
         let mut input_casts = vec![];
         for s in &self.staged_inputs {
-            input_casts.push(elementwise::cast(DType::BF16, sms, s.ptr, self.ptr(s.id), s.n)?);
+            input_casts.push(elementwise::cast(
+                DType::BF16,
+                sms,
+                s.ptr,
+                self.ptr(s.id),
+                s.n,
+            )?);
         }
         let mut output_casts = vec![];
         for s in &self.staged_outputs {
-            output_casts.extend(elementwise::cast(DType::F32, sms, self.ptr(s.id), s.ptr, s.n)?);
+            output_casts.extend(elementwise::cast(
+                DType::F32,
+                sms,
+                self.ptr(s.id),
+                s.ptr,
+                s.n,
+            )?);
         }
         if self.dtype == DType::BF16 {
             for k in ["cast_f32_to_bf16", "cast_bf16_to_f32"] {
@@ -454,7 +507,11 @@ impl CudaExecutor {
             match self.dtype {
                 DType::F32 => self.dev.copy_to_device(&v, self.ptr(id))?,
                 _ => {
-                    let i = self.staged_inputs.iter().position(|s| s.id == id).expect("a staging slot per input");
+                    let i = self
+                        .staged_inputs
+                        .iter()
+                        .position(|s| s.id == id)
+                        .expect("a staging slot per input");
                     self.dev.copy_to_device(&v, self.staged_inputs[i].ptr)?;
                     // SAFETY: the input's staging slot and arena value, of the sizes resolved.
                     unsafe { families::enqueue(&self.dev, &self.input_casts[i]) }?;
@@ -488,23 +545,49 @@ impl CudaExecutor {
     /// this device, in this executor's storage dtype) into the state `name` from element `offset`
     /// on, on the device (no host copy, no cast): a prefill's key/value rows into a sequence's
     /// rows of the decode step's KV cache.
-    pub fn copy_to_state(&mut self, name: &str, offset: usize, src: &DeviceTensor, src_offset: usize, len: usize) -> Result<()> {
-        let err = |msg: String| CudaError::Input { name: name.into(), msg };
+    pub fn copy_to_state(
+        &mut self,
+        name: &str,
+        offset: usize,
+        src: &DeviceTensor,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        let err = |msg: String| CudaError::Input {
+            name: name.into(),
+            msg,
+        };
         let dst = self.state_ptr(name, offset, len)?;
-        if src_offset.checked_add(len).is_none_or(|end| end > src.shape.numel()) {
-            return Err(err(format!("elements {src_offset}..{} of {src:?} are outside its {}", src_offset.saturating_add(len), src.shape.numel())));
+        if src_offset
+            .checked_add(len)
+            .is_none_or(|end| end > src.shape.numel())
+        {
+            return Err(err(format!(
+                "elements {src_offset}..{} of {src:?} are outside its {}",
+                src_offset.saturating_add(len),
+                src.shape.numel()
+            )));
         }
         if src.dtype != self.dtype {
-            return Err(err(format!("is given {src:?} stored as {}, this executor stores {}", src.dtype, self.dtype)));
+            return Err(err(format!(
+                "is given {src:?} stored as {}, this executor stores {}",
+                src.dtype, self.dtype
+            )));
         }
         if src.dev.ordinal() != self.dev.ordinal() {
-            return Err(err(format!("is given {src:?}, this executor runs on device {}", self.dev.ordinal())));
+            return Err(err(format!(
+                "is given {src:?}, this executor runs on device {}",
+                self.dev.ordinal()
+            )));
         }
         if src.runs.load(Ordering::Relaxed) != src.made_at {
-            return Err(err(format!("is given {src:?}, whose producer has run again since: the value is gone")));
+            return Err(err(format!(
+                "is given {src:?}, whose producer has run again since: the value is gone"
+            )));
         }
         let es = self.dtype.size_in_bytes();
-        self.dev.copy_on_device(src.ptr + (src_offset * es) as u64, dst, len * es)?;
+        self.dev
+            .copy_on_device(src.ptr + (src_offset * es) as u64, dst, len * es)?;
         if !Arc::ptr_eq(&src.dev, &self.dev) {
             // As in `set_input_tensor`: the producer's stream may reuse its memory once the handle goes.
             self.dev.synchronize()?;
@@ -533,10 +616,19 @@ impl CudaExecutor {
 
     /// The device address of element `offset` of state `name`, checking [offset, offset + len).
     fn state_ptr(&self, name: &str, offset: usize, len: usize) -> Result<u64> {
-        let id = self.graph.state_id(name).ok_or_else(|| CudaError::Input { name: name.into(), msg: "is not a state of this graph".into() })?;
+        let id = self.graph.state_id(name).ok_or_else(|| CudaError::Input {
+            name: name.into(),
+            msg: "is not a state of this graph".into(),
+        })?;
         let n = self.graph.shape(id).numel();
         if offset.checked_add(len).is_none_or(|end| end > n) {
-            return Err(CudaError::Input { name: name.into(), msg: format!("elements {offset}..{} are outside the state's {n}", offset.saturating_add(len)) });
+            return Err(CudaError::Input {
+                name: name.into(),
+                msg: format!(
+                    "elements {offset}..{} are outside the state's {n}",
+                    offset.saturating_add(len)
+                ),
+            });
         }
         Ok(self.ptr(id) + (offset * self.dtype.size_in_bytes()) as u64)
     }
@@ -554,7 +646,11 @@ impl CudaExecutor {
     }
 
     fn check_inputs_set(&self) -> Result<()> {
-        match self.graph.inputs().find(|(id, _)| !self.inputs_set.contains(id)) {
+        match self
+            .graph
+            .inputs()
+            .find(|(id, _)| !self.inputs_set.contains(id))
+        {
             Some((_, name)) => Err(CudaError::Input {
                 name: name.into(),
                 msg: "missing".into(),
@@ -587,10 +683,16 @@ impl CudaExecutor {
     /// Graph output `name` of the last run, left on the device in the storage dtype (waits for
     /// the device, so that a consumer on another stream reads it complete).
     pub fn output_tensor(&self, name: &str) -> Result<DeviceTensor> {
-        let id = self.graph.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id).ok_or_else(|| CudaError::Invalid {
-            what: "output".into(),
-            msg: format!("`{name}` is not an output of this graph"),
-        })?;
+        let id = self
+            .graph
+            .outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
+            .ok_or_else(|| CudaError::Invalid {
+                what: "output".into(),
+                msg: format!("`{name}` is not an output of this graph"),
+            })?;
         self.dev.synchronize()?;
         Ok(DeviceTensor {
             name: name.into(),
@@ -610,33 +712,66 @@ impl CudaExecutor {
     /// value into f32 storage is cast exactly on the device. The producer must not have run since
     /// the handle was made.
     pub fn set_input_tensor(&mut self, name: &str, t: &DeviceTensor) -> Result<()> {
-        let err = |msg: String| CudaError::Input { name: name.into(), msg };
-        let id = self.graph.input_id(name).ok_or_else(|| err("is not an input of this graph".into()))?;
+        let err = |msg: String| CudaError::Input {
+            name: name.into(),
+            msg,
+        };
+        let id = self
+            .graph
+            .input_id(name)
+            .ok_or_else(|| err("is not an input of this graph".into()))?;
         let shape = self.graph.shape(id);
         if &t.shape != shape {
-            return Err(err(format!("is given {t:?} of shape {}, expected {shape}", t.shape)));
+            return Err(err(format!(
+                "is given {t:?} of shape {}, expected {shape}",
+                t.shape
+            )));
         }
-        if t.dtype != self.dtype && !matches!((t.dtype, self.dtype), (DType::F32, DType::BF16) | (DType::BF16, DType::F32)) {
-            return Err(err(format!("is given {t:?} stored as {}, this executor stores {}", t.dtype, self.dtype)));
+        if t.dtype != self.dtype
+            && !matches!(
+                (t.dtype, self.dtype),
+                (DType::F32, DType::BF16) | (DType::BF16, DType::F32)
+            )
+        {
+            return Err(err(format!(
+                "is given {t:?} stored as {}, this executor stores {}",
+                t.dtype, self.dtype
+            )));
         }
         if t.dev.ordinal() != self.dev.ordinal() {
-            return Err(err(format!("is given {t:?}, this executor runs on device {}", self.dev.ordinal())));
+            return Err(err(format!(
+                "is given {t:?}, this executor runs on device {}",
+                self.dev.ordinal()
+            )));
         }
         if t.runs.load(Ordering::Relaxed) != t.made_at {
-            return Err(err(format!("is given {t:?}, whose producer has run again since: the value is gone")));
+            return Err(err(format!(
+                "is given {t:?}, whose producer has run again since: the value is gone"
+            )));
         }
         match (t.dtype, self.dtype) {
             // An f32 value into bf16 storage (the sampler's f32 latents into the step): into the
             // input's f32 staging slot, then its cast, exactly as `set_inputs` from the host.
             (DType::F32, DType::BF16) => {
-                let i = self.staged_inputs.iter().position(|s| s.id == id).expect("a staging slot per input");
-                self.dev.copy_on_device(t.ptr, self.staged_inputs[i].ptr, t.bytes())?;
+                let i = self
+                    .staged_inputs
+                    .iter()
+                    .position(|s| s.id == id)
+                    .expect("a staging slot per input");
+                self.dev
+                    .copy_on_device(t.ptr, self.staged_inputs[i].ptr, t.bytes())?;
                 // SAFETY: the input's staging slot and arena value, of the sizes resolved.
                 unsafe { families::enqueue(&self.dev, &self.input_casts[i]) }?;
             }
             // A bf16 value into f32 storage (the step's velocity into the f32 sampler): the exact cast.
             (DType::BF16, DType::F32) => {
-                let cast = elementwise::cast(DType::F32, self.dev.sm_count(), t.ptr, self.ptr(id), shape.numel())?;
+                let cast = elementwise::cast(
+                    DType::F32,
+                    self.dev.sm_count(),
+                    t.ptr,
+                    self.ptr(id),
+                    shape.numel(),
+                )?;
                 // SAFETY: the producer's bf16 value (alive with its arena) into this arena's f32 input, n elements each.
                 unsafe { families::enqueue(&self.dev, &cast) }?;
             }
@@ -685,7 +820,11 @@ impl CudaExecutor {
             self.execute()?;
             self.dev.record(&end)?;
             self.dev.synchronize()?;
-            out.push(start.elapsed_ms(&end).ctx(|| "reading event times".into())? as f64);
+            out.push(
+                start
+                    .elapsed_ms(&end)
+                    .ctx(|| "reading event times".into())? as f64,
+            );
         }
         Ok(out)
     }
@@ -716,7 +855,10 @@ impl CudaExecutor {
 
     /// Runs the graph; `inputs` must hold every graph input by name with its exact shape (any
     /// numeric dtype; converted to f32). Outputs are f32.
-    pub fn run(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
+    pub fn run(
+        &mut self,
+        inputs: &HashMap<String, HostTensor>,
+    ) -> Result<HashMap<String, HostTensor>> {
         self.set_inputs(inputs)?;
         self.check_inputs_set()?;
         self.enqueue_eager()?;
@@ -742,7 +884,11 @@ impl CudaExecutor {
             });
         }
         let live_at_end = self.graph.outputs.iter().any(|(_, o)| *o == id);
-        let readable = matches!(self.graph.value(id).kind, ValueKind::Weight(_) | ValueKind::State(_)) || self.keep_all || live_at_end;
+        let readable = matches!(
+            self.graph.value(id).kind,
+            ValueKind::Weight(_) | ValueKind::State(_)
+        ) || self.keep_all
+            || live_at_end;
         if !readable {
             return Err(CudaError::NotKept { id: id.0 });
         }
@@ -806,7 +952,10 @@ impl CudaExecutor {
     }
 
     /// Copies `inputs` to the device and launches the captured graph (see `capture`).
-    pub fn replay(&mut self, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, HostTensor>> {
+    pub fn replay(
+        &mut self,
+        inputs: &HashMap<String, HostTensor>,
+    ) -> Result<HashMap<String, HostTensor>> {
         if self.captured.is_none() && !self.capture_armed {
             return Err(CudaError::Invalid {
                 what: "replay".into(),
@@ -820,7 +969,11 @@ impl CudaExecutor {
 
     /// Runs the graph `iters` times (after one warm-up run) with a pair of CUDA events around each
     /// node, and returns each node's median and minimum time.
-    pub fn profile(&mut self, inputs: &HashMap<String, HostTensor>, iters: usize) -> Result<Vec<NodeTiming>> {
+    pub fn profile(
+        &mut self,
+        inputs: &HashMap<String, HostTensor>,
+        iters: usize,
+    ) -> Result<Vec<NodeTiming>> {
         let iters = iters.max(1);
         self.set_inputs(inputs)?;
         self.check_inputs_set()?;
@@ -842,7 +995,9 @@ impl CudaExecutor {
             }
             self.dev.synchronize()?;
             for i in 0..n {
-                let ms = starts[i].elapsed_ms(&ends[i]).ctx(|| "reading event times".into())?;
+                let ms = starts[i]
+                    .elapsed_ms(&ends[i])
+                    .ctx(|| "reading event times".into())?;
                 times[i].push(ms as f64);
             }
         }

@@ -71,7 +71,9 @@ impl Blas {
         if !cublaslt_present() {
             return Err(CudaError::NoCublasLt { node: "-".into() });
         }
-        dev.context().bind_to_thread().ctx(|| "binding the context".into())?;
+        dev.context()
+            .bind_to_thread()
+            .ctx(|| "binding the context".into())?;
         let handle = lt::create_handle().ctx(|| "creating the cuBLASLt handle".into())?;
         let ws = if dev.compute_capability().0 >= 9 {
             32 << 20
@@ -92,8 +94,16 @@ impl Blas {
         // SAFETY: a plain query of the loaded library.
         let lt_version = unsafe { sys::cublasLtGetVersion() };
         let (ma, mi) = dev.compute_capability();
-        let identity = format!("{} sm_{ma}{mi} driver {driver} cublasLt {lt_version}", dev.name());
-        Ok(Blas { handle, workspace, identity, choices: AlgoCache::default_location() })
+        let identity = format!(
+            "{} sm_{ma}{mi} driver {driver} cublasLt {lt_version}",
+            dev.name()
+        );
+        Ok(Blas {
+            handle,
+            workspace,
+            identity,
+            choices: AlgoCache::default_location(),
+        })
     }
 
     /// Where the per-shape algorithm choices are kept (None: in memory only).
@@ -198,7 +208,12 @@ impl LinearGemm {
     /// `residual` may be `y` itself (in place) or another buffer. Planning runs the candidate
     /// algorithms, which write `y` (and, with `residual` = `y`, read it): plan before `y` holds
     /// the residual.
-    pub fn with_residual(dev: &CudaDevice, blas: &Blas, p: &LinearArgs, residual: Option<u64>) -> Result<LinearGemm> {
+    pub fn with_residual(
+        dev: &CudaDevice,
+        blas: &Blas,
+        p: &LinearArgs,
+        residual: Option<u64>,
+    ) -> Result<LinearGemm> {
         let what = |s: &'static str| {
             move || {
                 format!(
@@ -227,7 +242,11 @@ impl LinearGemm {
             c: std::ptr::null_mut(),
             // SAFETY: a plain C struct, overwritten by the heuristic below.
             algo: unsafe { std::mem::zeroed() },
-            choice: AlgoChoice { index: 0, candidates: 0, cached: false },
+            choice: AlgoChoice {
+                index: 0,
+                candidates: 0,
+                cached: false,
+            },
             macs: (p.out_features * p.rows * p.in_features) as u64,
             x: p.x,
             w: p.w,
@@ -306,7 +325,10 @@ impl LinearGemm {
             for (attr, ptr) in [
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.w),
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.x),
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, residual.unwrap_or(p.y)),
+                (
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                    residual.unwrap_or(p.y),
+                ),
                 (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.y),
             ] {
                 let a = alignment(&[ptr]);
@@ -315,7 +337,9 @@ impl LinearGemm {
             }
         }
         // SAFETY: all descriptors are live.
-        let cands = unsafe { heuristic_candidates(blas, &g, pref.0) }.ctx(what("no cuBLASLt algorithm (cublasLtMatmulAlgoGetHeuristic)"))?;
+        let cands = unsafe { heuristic_candidates(blas, &g, pref.0) }.ctx(what(
+            "no cuBLASLt algorithm (cublasLtMatmulAlgoGetHeuristic)",
+        ))?;
         let align = |ptr: u64| alignment(&[ptr]);
         let key = format!(
             "{}|{:?}|m{m} n{n} k{k}|{:?}|align w{} x{} y{} bias{}|beta{}",
@@ -337,7 +361,11 @@ impl LinearGemm {
             }
         };
         g.algo = cands[index].algo;
-        g.choice = AlgoChoice { index, candidates: cands.len(), cached };
+        g.choice = AlgoChoice {
+            index,
+            candidates: cands.len(),
+            cached,
+        };
         Ok(g)
     }
 
@@ -348,7 +376,12 @@ impl LinearGemm {
 
     /// The fastest candidate by CUDA-event timing (one warm-up, median of 5); on the emulated GPU
     /// each candidate runs once and the first is kept. A candidate that fails to run is skipped.
-    fn choose(&self, dev: &CudaDevice, blas: &Blas, cands: &[sys::cublasLtMatmulHeuristicResult_t]) -> Result<usize> {
+    fn choose(
+        &self,
+        dev: &CudaDevice,
+        blas: &Blas,
+        cands: &[sys::cublasLtMatmulHeuristicResult_t],
+    ) -> Result<usize> {
         const RUNS: usize = 5;
         let mut best: Option<(f32, usize)> = None;
         let mut last_err = None;
@@ -372,7 +405,11 @@ impl LinearGemm {
                 unsafe { self.run_algo(dev, blas, &c.algo) }?;
                 dev.record(&end)?;
                 dev.synchronize()?;
-                times.push(start.elapsed_ms(&end).ctx(|| "timing a cuBLASLt candidate".into())?);
+                times.push(
+                    start
+                        .elapsed_ms(&end)
+                        .ctx(|| "timing a cuBLASLt candidate".into())?,
+                );
             }
             times.sort_by(|a, b| a.total_cmp(b));
             let median = times[RUNS / 2];
@@ -401,7 +438,12 @@ impl LinearGemm {
 
     /// # Safety
     /// As [`LinearGemm::run`].
-    unsafe fn run_algo(&self, dev: &CudaDevice, blas: &Blas, algo: &sys::cublasLtMatmulAlgo_t) -> Result<()> {
+    unsafe fn run_algo(
+        &self,
+        dev: &CudaDevice,
+        blas: &Blas,
+        algo: &sys::cublasLtMatmulAlgo_t,
+    ) -> Result<()> {
         let alpha = 1.0f32;
         let beta = self.beta;
         lt::matmul(
@@ -450,15 +492,32 @@ unsafe fn heuristic_candidates(
     blas: &Blas,
     g: &LinearGemm,
     pref: sys::cublasLtMatmulPreference_t,
-) -> std::result::Result<Vec<sys::cublasLtMatmulHeuristicResult_t>, cudarc::cublaslt::result::CublasError> {
-    let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = vec![std::mem::zeroed(); ALGO_CANDIDATES];
+) -> std::result::Result<
+    Vec<sys::cublasLtMatmulHeuristicResult_t>,
+    cudarc::cublaslt::result::CublasError,
+> {
+    let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+        vec![std::mem::zeroed(); ALGO_CANDIDATES];
     let mut count = 0i32;
-    sys::cublasLtMatmulAlgoGetHeuristic(blas.handle, g.desc, g.a, g.b, g.c, g.c, pref, ALGO_CANDIDATES as i32, results.as_mut_ptr(), &mut count)
-        .result()?;
+    sys::cublasLtMatmulAlgoGetHeuristic(
+        blas.handle,
+        g.desc,
+        g.a,
+        g.b,
+        g.c,
+        g.c,
+        pref,
+        ALGO_CANDIDATES as i32,
+        results.as_mut_ptr(),
+        &mut count,
+    )
+    .result()?;
     results.truncate(count.clamp(0, ALGO_CANDIDATES as i32) as usize);
     results.retain(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
     if results.is_empty() {
-        return Err(cudarc::cublaslt::result::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED));
+        return Err(cudarc::cublaslt::result::CublasError(
+            sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+        ));
     }
     Ok(results)
 }

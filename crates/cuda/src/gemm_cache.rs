@@ -29,7 +29,10 @@ pub struct AlgoCache {
 impl AlgoCache {
     /// A cache backed by `path` (`None`: in memory only).
     pub fn at(path: Option<PathBuf>) -> AlgoCache {
-        AlgoCache { path, map: Mutex::new(None) }
+        AlgoCache {
+            path,
+            map: Mutex::new(None),
+        }
     }
 
     /// The cache at its default place (see the module docs).
@@ -92,15 +95,28 @@ pub fn parse(text: &str) -> std::result::Result<BTreeMap<String, usize>, String>
     let mut lines = text.lines();
     match lines.next() {
         Some(HEADER) => {}
-        Some(other) => return Err(format!("line 1: expected `{HEADER}`, found `{}`", other.chars().take(60).collect::<String>())),
+        Some(other) => {
+            return Err(format!(
+                "line 1: expected `{HEADER}`, found `{}`",
+                other.chars().take(60).collect::<String>()
+            ))
+        }
         None => return Err("empty file".into()),
     }
     let mut map = BTreeMap::new();
     for (i, line) in lines.enumerate() {
-        let (k, v) = line.split_once('\t').ok_or_else(|| format!("line {}: no tab between key and index", i + 2))?;
-        let v: usize = v.trim().parse().map_err(|_| format!("line {}: index `{v}` is not a number", i + 2))?;
+        let (k, v) = line
+            .split_once('\t')
+            .ok_or_else(|| format!("line {}: no tab between key and index", i + 2))?;
+        let v: usize = v
+            .trim()
+            .parse()
+            .map_err(|_| format!("line {}: index `{v}` is not a number", i + 2))?;
         if k.is_empty() || v > 1024 {
-            return Err(format!("line {}: empty key or index {v} out of range", i + 2));
+            return Err(format!(
+                "line {}: empty key or index {v} out of range",
+                i + 2
+            ));
         }
         map.insert(k.to_string(), v);
     }
@@ -114,14 +130,23 @@ fn load(path: &Path) -> BTreeMap<String, usize> {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
         Err(e) => {
-            eprintln!("warning: cuBLASLt choice cache {}: cannot read it ({e}); rebuilding it", path.display());
+            eprintln!(
+                "warning: cuBLASLt choice cache {}: cannot read it ({e}); rebuilding it",
+                path.display()
+            );
             return BTreeMap::new();
         }
     };
-    match std::str::from_utf8(&text).map_err(|e| format!("not UTF-8 ({e})")).and_then(parse) {
+    match std::str::from_utf8(&text)
+        .map_err(|e| format!("not UTF-8 ({e})"))
+        .and_then(parse)
+    {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("warning: cuBLASLt choice cache {}: corrupt ({e}); rebuilding it", path.display());
+            eprintln!(
+                "warning: cuBLASLt choice cache {}: corrupt ({e}); rebuilding it",
+                path.display()
+            );
             BTreeMap::new()
         }
     }
@@ -144,7 +169,8 @@ mod tests {
     use super::*;
 
     fn temp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("openuni-gemm-cache-{}-{name}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("openuni-gemm-cache-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d.join("gemm-algos.tsv")
@@ -166,19 +192,33 @@ mod tests {
         let m = parse(&text).unwrap();
         assert_eq!(m.len(), 3, "{text}");
         assert_eq!(m["dev|m7 n8 k9"], 1, "tabs in keys are replaced");
-        let leftovers: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "gemm-algos.tsv").collect();
+        let leftovers: Vec<_> = std::fs::read_dir(p.parent().unwrap())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != "gemm-algos.tsv")
+            .collect();
         assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     }
 
     #[test]
     fn a_corrupt_file_is_rebuilt_not_a_panic() {
-        for junk in ["", "garbage\n", &format!("{HEADER}\nkey without tab\n"), &format!("{HEADER}\nk\tnot-a-number\n"), "\u{0}\u{ff}"] {
+        for junk in [
+            "",
+            "garbage\n",
+            &format!("{HEADER}\nkey without tab\n"),
+            &format!("{HEADER}\nk\tnot-a-number\n"),
+            "\u{0}\u{ff}",
+        ] {
             let p = temp("corrupt");
             std::fs::write(&p, junk).unwrap();
             let c = AlgoCache::at(Some(p.clone()));
             assert_eq!(c.get("k"), None, "{junk:?}: a corrupt cache is a miss");
             c.insert("k", 3);
-            assert_eq!(parse(&std::fs::read_to_string(&p).unwrap()).unwrap()["k"], 3, "{junk:?}: rebuilt");
+            assert_eq!(
+                parse(&std::fs::read_to_string(&p).unwrap()).unwrap()["k"],
+                3,
+                "{junk:?}: rebuilt"
+            );
         }
         assert!(parse(&format!("{HEADER}\nk\t1\n")).is_ok());
         assert!(parse("nonsense").unwrap_err().contains("line 1"));
@@ -186,7 +226,9 @@ mod tests {
 
     #[test]
     fn an_unwritable_place_is_a_warning() {
-        let c = AlgoCache::at(Some(PathBuf::from("/proc/openuni-no-such-dir/gemm-algos.tsv")));
+        let c = AlgoCache::at(Some(PathBuf::from(
+            "/proc/openuni-no-such-dir/gemm-algos.tsv",
+        )));
         c.insert("k", 1);
         assert_eq!(c.get("k"), Some(1), "the choice still holds in memory");
     }

@@ -128,17 +128,28 @@ impl KernelSet {
         }
         let file = file_of_kernel(name).ok_or_else(|| CudaError::UnknownKernel(name.into()))?;
         let module = self.module(file)?;
-        let f = module.load_function(name).map_err(|err| CudaError::Driver {
-            what: format!("looking up kernel `{name}` in {file}"),
-            err,
-        })?;
-        self.functions.lock().unwrap().insert(name.to_string(), f.clone());
+        let f = module
+            .load_function(name)
+            .map_err(|err| CudaError::Driver {
+                what: format!("looking up kernel `{name}` in {file}"),
+                err,
+            })?;
+        self.functions
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), f.clone());
         Ok(f)
     }
 
     /// Where each loaded file came from: `prebuilt`, `nvrtc` or `cache`.
     pub fn origins(&self) -> Vec<(&'static str, &'static str)> {
-        let mut v: Vec<_> = self.files.lock().unwrap().iter().map(|(f, l)| (*f, l.origin)).collect();
+        let mut v: Vec<_> = self
+            .files
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(f, l)| (*f, l.origin))
+            .collect();
         v.sort();
         v
     }
@@ -181,7 +192,10 @@ impl KernelSet {
                     kernel_headers(),
                     &CompileOptions::new(self.target.clone()),
                 )?;
-                self.resources.lock().unwrap().extend(m.resources.iter().cloned());
+                self.resources
+                    .lock()
+                    .unwrap()
+                    .extend(m.resources.iter().cloned());
                 (m.image, if m.from_cache { "cache" } else { "nvrtc" })
             }
         };
@@ -198,11 +212,14 @@ impl KernelSet {
                 Ptx::from_src(s)
             }
         };
-        let module = self.ctx.load_module(ptx).map_err(|err| CudaError::LoadModule {
-            file: file.into(),
-            format: fmt.name(),
-            err,
-        })?;
+        let module = self
+            .ctx
+            .load_module(ptx)
+            .map_err(|err| CudaError::LoadModule {
+                file: file.into(),
+                format: fmt.name(),
+                err,
+            })?;
         files.insert(
             file,
             LoadedFile {

@@ -26,12 +26,14 @@ pub mod tma;
 mod weights;
 
 pub use device::{
-    default_target, device_available, device_count, driver_present, emu_traffic, is_emulated_name, preload_library, reset_emu_traffic, CudaDevice,
-    DeviceBuffer, KArg, EMULATED_DEVICE_NAME,
+    default_target, device_available, device_count, driver_present, emu_traffic, is_emulated_name,
+    preload_library, reset_emu_traffic, CudaDevice, DeviceBuffer, KArg, EMULATED_DEVICE_NAME,
 };
 pub use error::{CudaError, Result};
 pub use executor::{CudaExecutor, DeviceTensor, NodeTiming};
-pub use kernels::{file_of_kernel, kernel_headers, kernel_sources, source_fingerprint, KernelSet, PrebuiltKernel};
+pub use kernels::{
+    file_of_kernel, kernel_headers, kernel_sources, source_fingerprint, KernelSet, PrebuiltKernel,
+};
 pub use nvrtc::{KernelFormat, KernelResources, KernelTarget};
 pub use weights::WeightCache;
 

@@ -167,7 +167,9 @@ fn cuda_lib_dirs() -> Vec<PathBuf> {
 }
 
 fn home() -> Option<PathBuf> {
-    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
 }
 
 /// Makes libnvrtc loadable: found by the dynamic loader (LD_LIBRARY_PATH, ldconfig), or else
@@ -226,7 +228,11 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 /// `tools/setup_cuda.sh` folder when present, else `/usr/local/cuda/include` and its `cccl`.
 pub fn cuda_include_dirs() -> Vec<PathBuf> {
     if let Ok(s) = std::env::var("CUDA_INCLUDE_DIRS") {
-        let v: Vec<PathBuf> = s.split(':').filter(|p| !p.is_empty()).map(PathBuf::from).collect();
+        let v: Vec<PathBuf> = s
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .collect();
         if !v.is_empty() {
             return v;
         }
@@ -246,7 +252,10 @@ pub fn cuda_include_dirs() -> Vec<PathBuf> {
             return vec![r.join("cccl"), r].into_iter().rev().collect();
         }
     }
-    vec!["/usr/local/cuda/include".into(), "/usr/local/cuda/include/cccl".into()]
+    vec![
+        "/usr/local/cuda/include".into(),
+        "/usr/local/cuda/include/cccl".into(),
+    ]
 }
 
 /// The kernel cache folder: `$OPENUNI_KERNEL_CACHE` (`off` disables the cache), else
@@ -339,7 +348,13 @@ impl Drop for Program {
     }
 }
 
-fn cache_key(file: &str, source: &str, headers: &[(&str, &str)], options: &[String], version: (i32, i32)) -> String {
+fn cache_key(
+    file: &str,
+    source: &str,
+    headers: &[(&str, &str)],
+    options: &[String],
+    version: (i32, i32),
+) -> String {
     let mut h = Sha256::new();
     h.update(b"openuni-kernel-cache-v1\0");
     h.update(format!("nvrtc {}.{}\0", version.0, version.1));
@@ -372,7 +387,12 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 /// `kernels/include/*.cuh`, included as `#include "common.cuh"`); CUDA's own headers come from
 /// [`cuda_include_dirs`]. With `use_cache`, a previous result with the same key is reused and a
 /// new one is stored (a cache that cannot be written is not an error).
-pub fn compile(file: &str, source: &str, headers: &[(&str, &str)], opts: &CompileOptions) -> Result<CompiledModule> {
+pub fn compile(
+    file: &str,
+    source: &str,
+    headers: &[(&str, &str)],
+    opts: &CompileOptions,
+) -> Result<CompiledModule> {
     let version = nvrtc_version()?;
     let options = opts.nvrtc_options();
     let ext = opts.target.format.name();
@@ -380,14 +400,19 @@ pub fn compile(file: &str, source: &str, headers: &[(&str, &str)], opts: &Compil
     let cached = if opts.use_cache {
         opts.cache_dir.clone().or_else(cache_dir).map(|d| {
             let key = cache_key(file, source, headers, &options, version);
-            d.join(format!("{stem}-{}-{}.{ext}", opts.target.nvrtc_arch(), &key[..32]))
+            d.join(format!(
+                "{stem}-{}-{}.{ext}",
+                opts.target.nvrtc_arch(),
+                &key[..32]
+            ))
         })
     } else {
         None
     };
     if let Some(p) = &cached {
         if let Ok(image) = std::fs::read(p) {
-            let log = std::fs::read_to_string(p.with_extension(format!("{ext}.log"))).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(p.with_extension(format!("{ext}.log"))).unwrap_or_default();
             let resources = parse_ptxas_log(&log);
             return Ok(CompiledModule {
                 file: file.into(),
@@ -408,14 +433,20 @@ pub fn compile(file: &str, source: &str, headers: &[(&str, &str)], opts: &Compil
     };
     let src = c(source, "source")?;
     let name = c(file, "file name")?;
-    let hsrc: Vec<CString> = headers.iter().map(|(_, s)| c(s, "header")).collect::<Result<_>>()?;
+    let hsrc: Vec<CString> = headers
+        .iter()
+        .map(|(_, s)| c(s, "header"))
+        .collect::<Result<_>>()?;
     let hname: Vec<CString> = headers
         .iter()
         .map(|(n, _)| c(n, "header name"))
         .collect::<Result<_>>()?;
     let hsrc_p: Vec<*const c_char> = hsrc.iter().map(|s| s.as_ptr()).collect();
     let hname_p: Vec<*const c_char> = hname.iter().map(|s| s.as_ptr()).collect();
-    let copts: Vec<CString> = options.iter().map(|o| c(o, "option")).collect::<Result<_>>()?;
+    let copts: Vec<CString> = options
+        .iter()
+        .map(|o| c(o, "option"))
+        .collect::<Result<_>>()?;
     let opt_p: Vec<*const c_char> = copts.iter().map(|s| s.as_ptr()).collect();
 
     let mut prog: nv::nvrtcProgram = std::ptr::null_mut();
@@ -479,7 +510,11 @@ pub fn compile(file: &str, source: &str, headers: &[(&str, &str)], opts: &Compil
         KernelFormat::Ptx => {
             let mut n = 0usize;
             // SAFETY: as above.
-            check(unsafe { nv::nvrtcGetPTXSize(prog.0, &mut n) }, "nvrtcGetPTXSize", file)?;
+            check(
+                unsafe { nv::nvrtcGetPTXSize(prog.0, &mut n) },
+                "nvrtcGetPTXSize",
+                file,
+            )?;
             let mut buf = vec![0u8; n];
             check(
                 unsafe { nv::nvrtcGetPTX(prog.0, buf.as_mut_ptr() as *mut c_char) },
@@ -529,7 +564,9 @@ pub fn entry_points(source: &str) -> Vec<String> {
             continue;
         }
         let t = after.trim_start();
-        let Some(t) = t.strip_prefix("void") else { continue };
+        let Some(t) = t.strip_prefix("void") else {
+            continue;
+        };
         let mut t = t.trim_start();
         // An occupancy hint between the return type and the name: `__launch_bounds__(256, 2)`.
         if let Some(b) = t.strip_prefix("__launch_bounds__") {
@@ -555,7 +592,11 @@ pub fn ptx_entries(ptx: &str) -> Vec<String> {
             let rest = l
                 .strip_prefix(".visible .entry ")
                 .or_else(|| l.strip_prefix(".entry "))?;
-            Some(rest.split(|c: char| c == '(' || c.is_whitespace()).next()?.to_string())
+            Some(
+                rest.split(|c: char| c == '(' || c.is_whitespace())
+                    .next()?
+                    .to_string(),
+            )
         })
         .collect()
 }

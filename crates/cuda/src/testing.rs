@@ -123,7 +123,10 @@ pub fn check(what: &str, dtype: DType, got: &[f32], want: &[f32], baseline: &[f3
         bad == 0,
         "{what}: {bad} non-finite outputs (unwritten or overflowing elements)"
     );
-    assert!(e <= tol, "{what}: relative L2 error {e:.3e} above {tol:.3e}");
+    assert!(
+        e <= tol,
+        "{what}: relative L2 error {e:.3e} above {tol:.3e}"
+    );
     (e, tol)
 }
 
@@ -160,10 +163,12 @@ pub fn time_ms(
             call += 1;
         }
         dev.record(&end)?;
-        let ms = start.elapsed_ms(&end).map_err(|err| crate::CudaError::Driver {
-            what: "reading event times".into(),
-            err,
-        })?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|err| crate::CudaError::Driver {
+                what: "reading event times".into(),
+                err,
+            })?;
         samples.push(ms as f64 / batch as f64);
     }
     Ok(median(&mut samples))
@@ -196,7 +201,9 @@ pub fn l2_bytes(dev: &CudaDevice) -> usize {
 /// How many input sets of `bytes_per_set` to rotate through so the working set is at least 3x
 /// the L2 (each call then reads from DRAM), at most 64.
 pub fn rotation(dev: &CudaDevice, bytes_per_set: usize) -> usize {
-    (3 * l2_bytes(dev)).div_ceil(bytes_per_set.max(1)).clamp(1, 64)
+    (3 * l2_bytes(dev))
+        .div_ceil(bytes_per_set.max(1))
+        .clamp(1, 64)
 }
 
 /// UTC time now as `YYYY-MM-DDTHH:MM:SSZ`.
@@ -256,7 +263,8 @@ impl BenchReport {
     pub fn start(bench: &str, commit: &str) -> Option<BenchReport> {
         let dev = device_or_skip()?;
         let bytes = if dev.is_emulated() { 16 << 20 } else { 1 << 30 };
-        let copy_gbs = copy_bandwidth_gbs(&dev, bytes, if dev.is_emulated() { 3 } else { 50 }).expect("copy bandwidth");
+        let copy_gbs = copy_bandwidth_gbs(&dev, bytes, if dev.is_emulated() { 3 } else { 50 })
+            .expect("copy bandwidth");
         if dev.is_emulated() {
             println!(
                 "emulated GPU: small shapes, and the times are CPU times (a smoke run of the benchmark code only)"
@@ -318,7 +326,15 @@ impl BenchReport {
 
     /// Records one call of a compute-bound kernel: `flops` per call (counted as 2 per
     /// multiply-add), `bytes` read plus written, `ms` per call. Prints TFLOP/s and GB/s.
-    pub fn add_flops(&mut self, kernel: &str, label: &str, shape: &[usize], flops: f64, bytes: usize, ms: f64) {
+    pub fn add_flops(
+        &mut self,
+        kernel: &str,
+        label: &str,
+        shape: &[usize],
+        flops: f64,
+        bytes: usize,
+        ms: f64,
+    ) {
         let tflops = flops / (ms * 1e-3) / 1e12;
         let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
         println!(
@@ -352,10 +368,16 @@ impl BenchReport {
         println!("json: {line}");
         if let Some(p) = std::env::var_os("OPENUNI_BENCH_JSON").filter(|p| !p.is_empty()) {
             use std::io::Write;
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(&p);
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p);
             match f.and_then(|mut f| writeln!(f, "{line}")) {
                 Ok(()) => println!("appended to {}", std::path::Path::new(&p).display()),
-                Err(e) => eprintln!("cannot append to {}: {e}", std::path::Path::new(&p).display()),
+                Err(e) => eprintln!(
+                    "cannot append to {}: {e}",
+                    std::path::Path::new(&p).display()
+                ),
             }
         }
     }

@@ -21,11 +21,24 @@ unsafe impl DeviceRepr for TensorMap {}
 /// `row_strides` the byte strides of dims 1.. (multiples of 16), boxes of `box_dims` elements,
 /// the 128-byte swizzle (a box row must then be 128 bytes at most), out-of-bounds elements read
 /// as zero. `what` names the tensor in errors.
-pub fn tiled_bf16_swizzle128(what: &str, global: u64, dims: &[u64], row_strides: &[u64], box_dims: &[u32]) -> Result<TensorMap> {
+pub fn tiled_bf16_swizzle128(
+    what: &str,
+    global: u64,
+    dims: &[u64],
+    row_strides: &[u64],
+    box_dims: &[u32],
+) -> Result<TensorMap> {
     let rank = dims.len();
-    let bad = |msg: String| CudaError::Invalid { what: format!("tensor map of {what}"), msg };
+    let bad = |msg: String| CudaError::Invalid {
+        what: format!("tensor map of {what}"),
+        msg,
+    };
     if !(1..=5).contains(&rank) || row_strides.len() + 1 != rank || box_dims.len() != rank {
-        return Err(bad(format!("rank {rank} with {} strides and {} box dims", row_strides.len(), box_dims.len())));
+        return Err(bad(format!(
+            "rank {rank} with {} strides and {} box dims",
+            row_strides.len(),
+            box_dims.len()
+        )));
     }
     if !global.is_multiple_of(16) {
         return Err(bad(format!("address {global:#x} is not 16-byte aligned")));

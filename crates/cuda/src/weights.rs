@@ -10,8 +10,8 @@ use half::bf16;
 use openuni_tensor::{DType, F32Data, Shape, TensorSource};
 
 use crate::device::{CudaDevice, DeviceBuffer};
-use crate::families::conv::{prepare_conv_weight, ConvWeightLayout};
 use crate::error::{CudaError, Result};
+use crate::families::conv::{prepare_conv_weight, ConvWeightLayout};
 
 pub struct WeightCache {
     pub(crate) dev: Arc<CudaDevice>,
@@ -22,7 +22,11 @@ pub struct WeightCache {
 impl WeightCache {
     /// An empty cache for weights stored as `dtype` (F32 or BF16) on `dev`.
     pub fn new(dev: &Arc<CudaDevice>, dtype: DType) -> Arc<WeightCache> {
-        Arc::new(WeightCache { dev: dev.clone(), dtype, tensors: Mutex::default() })
+        Arc::new(WeightCache {
+            dev: dev.clone(),
+            dtype,
+            tensors: Mutex::default(),
+        })
     }
 
     pub fn device(&self) -> &Arc<CudaDevice> {
@@ -46,14 +50,24 @@ impl WeightCache {
     /// As [`WeightCache::get`], held in `layout` (`None`: upstream) on the device: a conv weight
     /// [cout, cin, 3, 3] is permuted (and for the upsample conv, its phase taps combined) in f32 on
     /// the host, then converted to the storage dtype once.
-    pub fn get_in(&self, source: &dyn TensorSource, name: &str, shape: &Shape, layout: Option<ConvWeightLayout>) -> Result<u64> {
+    pub fn get_in(
+        &self,
+        source: &dyn TensorSource,
+        name: &str,
+        shape: &Shape,
+        layout: Option<ConvWeightLayout>,
+    ) -> Result<u64> {
         let key = (name.to_string(), shape.clone(), layout);
         if let Some(b) = self.tensors.lock().expect("weight cache").get(&key) {
             return Ok(b.ptr());
         }
         // Stored bytes go up as they are only for a stored (not derived) weight in the upstream layout.
         let as_stored = layout.is_none() && !openuni_tensor::derived::is_derived(name);
-        let stored = if as_stored { source.stored_bytes(name, shape)? } else { None };
+        let stored = if as_stored {
+            source.stored_bytes(name, shape)?
+        } else {
+            None
+        };
         let buf = match (self.dtype, stored) {
             (DType::BF16, Some((DType::BF16, bytes))) => self.dev.upload(bytes)?,
             (DType::F32 | DType::BF16, _) => {
@@ -85,6 +99,11 @@ impl WeightCache {
 
     /// Device bytes held.
     pub fn bytes(&self) -> usize {
-        self.tensors.lock().expect("weight cache").values().map(|b| b.bytes()).sum()
+        self.tensors
+            .lock()
+            .expect("weight cache")
+            .values()
+            .map(|b| b.bytes())
+            .sum()
     }
 }

@@ -3,7 +3,9 @@
 //! disk cache. Device tests live in the workspace's tests/cuda_*.rs.
 
 use openuni_cuda::nvrtc::{self, parse_ptxas_log, CompileOptions};
-use openuni_cuda::{file_of_kernel, kernel_headers, kernel_sources, source_fingerprint, KernelFormat, KernelTarget};
+use openuni_cuda::{
+    file_of_kernel, kernel_headers, kernel_sources, source_fingerprint, KernelFormat, KernelTarget,
+};
 use openuni_tensor::DType;
 
 const LOG: &str = "ptxas info    : 12 bytes gmem
@@ -37,7 +39,12 @@ fn ptxas_report_is_parsed_per_entry() {
     );
     assert_eq!(r[1].name, "add_f32");
     assert_eq!(
-        (r[1].registers, r[1].spill_stores, r[1].smem, r[1].stack_frame),
+        (
+            r[1].registers,
+            r[1].spill_stores,
+            r[1].smem,
+            r[1].stack_frame
+        ),
         (32, 0, 0, 0)
     );
     assert_eq!(
@@ -54,12 +61,21 @@ fn every_kernel_is_found_in_its_file() {
         "{names:?}"
     );
     assert!(kernel_headers().iter().any(|(n, _)| *n == "common.cuh"));
-    for k in ["rmsnorm_f32", "rmsnorm_bf16", "layernorm_f32", "layernorm_bf16"] {
+    for k in [
+        "rmsnorm_f32",
+        "rmsnorm_bf16",
+        "layernorm_f32",
+        "layernorm_bf16",
+    ] {
         assert_eq!(file_of_kernel(k), Some("norm.cu"), "{k}");
     }
     for op in ["silu", "gelu_tanh", "gelu_erf", "relu", "add", "gated_add"] {
         for t in ["f32", "bf16"] {
-            assert_eq!(file_of_kernel(&format!("{op}_{t}")), Some("elementwise.cu"), "{op}_{t}");
+            assert_eq!(
+                file_of_kernel(&format!("{op}_{t}")),
+                Some("elementwise.cu"),
+                "{op}_{t}"
+            );
         }
     }
     assert_eq!(file_of_kernel("cast_f32_to_bf16"), Some("elementwise.cu"));
@@ -105,13 +121,19 @@ fn targets_and_fingerprints() {
 #[test]
 fn norm_launch_layouts_are_valid() {
     for dtype in [DType::F32, DType::BF16] {
-        for cols in [1, 2, 3, 8, 32, 48, 96, 100, 128, 1152, 1536, 2240, 4097, 8960, 40000] {
+        for cols in [
+            1, 2, 3, 8, 32, 48, 96, 100, 128, 1152, 1536, 2240, 4097, 8960, 40000,
+        ] {
             for rows in [1, 5, 2048] {
-                let ((tx, ty, tz), (gx, _, _)) = openuni_cuda::families::norm::norm_launch(rows, cols, dtype);
+                let ((tx, ty, tz), (gx, _, _)) =
+                    openuni_cuda::families::norm::norm_launch(rows, cols, dtype);
                 assert_eq!(tz, 1);
                 assert!(tx.is_power_of_two() && tx <= 32 || tx % 32 == 0, "tx {tx}");
                 let max = openuni_cuda::families::norm::NORM_MAX_THREADS as u32;
-                assert!(tx * ty <= max && (tx * ty) % 32 == 0, "block {tx}x{ty}, the kernels' launch bounds are {max}");
+                assert!(
+                    tx * ty <= max && (tx * ty) % 32 == 0,
+                    "block {tx}x{ty}, the kernels' launch bounds are {max}"
+                );
                 assert!(gx as usize * ty as usize >= rows);
             }
         }
@@ -139,11 +161,18 @@ fn nvrtc_compiles_ptx_and_caches_it() {
     let _ = std::fs::remove_dir_all(&dir);
     let mut o = CompileOptions::new(KernelTarget::new("sm_90a", KernelFormat::Ptx));
     o.cache_dir = Some(dir.clone());
-    let (file, src) = kernel_sources().iter().find(|(f, _)| *f == "norm.cu").unwrap();
+    let (file, src) = kernel_sources()
+        .iter()
+        .find(|(f, _)| *f == "norm.cu")
+        .unwrap();
     let a = nvrtc::compile(file, src, kernel_headers(), &o).unwrap();
     assert!(!a.from_cache);
     let ptx = String::from_utf8(a.image.clone()).unwrap();
-    assert!(ptx.contains(".target sm_90a"), "{}", &ptx[..200.min(ptx.len())]);
+    assert!(
+        ptx.contains(".target sm_90a"),
+        "{}",
+        &ptx[..200.min(ptx.len())]
+    );
     let mut entries = nvrtc::ptx_entries(&ptx);
     entries.sort();
     let mut scanned = nvrtc::entry_points(src);
@@ -161,6 +190,9 @@ fn nvrtc_compiles_ptx_and_caches_it() {
     )
     .unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("bad.cu") && msg.contains("undefined_thing"), "{msg}");
+    assert!(
+        msg.contains("bad.cu") && msg.contains("undefined_thing"),
+        "{msg}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

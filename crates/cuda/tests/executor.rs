@@ -28,7 +28,14 @@ fn graph() -> Graph {
     let w2 = g.weight("fc2.weight", [C, H]).unwrap();
     let wn = g.weight("norm.weight", [C]).unwrap();
     let h = g
-        .layernorm("norm1", x, None, None, 1e-6, Some(Modulation { scale, shift }))
+        .layernorm(
+            "norm1",
+            x,
+            None,
+            None,
+            1e-6,
+            Some(Modulation { scale, shift }),
+        )
         .unwrap();
     let a = g.linear("fc1", h, w1, Some(b1)).unwrap();
     let a = g.unary("act", a, UnaryFn::GeluTanh).unwrap();
@@ -43,9 +50,15 @@ fn graph() -> Graph {
 fn weights(rng: &mut Rng) -> HashMap<String, HostTensor> {
     let t = |shape: &[usize], v: Vec<f32>| HostTensor::from_f32(shape.to_vec(), v).unwrap();
     HashMap::from([
-        ("fc1.weight".to_string(), t(&[H, C], rng.normals(H * C, 0.0, 0.15))),
+        (
+            "fc1.weight".to_string(),
+            t(&[H, C], rng.normals(H * C, 0.0, 0.15)),
+        ),
         ("fc1.bias".to_string(), t(&[H], rng.normals(H, 0.0, 0.5))),
-        ("fc2.weight".to_string(), t(&[C, H], rng.normals(C * H, 0.0, 0.1))),
+        (
+            "fc2.weight".to_string(),
+            t(&[C, H], rng.normals(C * H, 0.0, 0.1)),
+        ),
         ("norm.weight".to_string(), t(&[C], rng.normals(C, 1.0, 0.2))),
     ])
 }
@@ -53,9 +66,18 @@ fn weights(rng: &mut Rng) -> HashMap<String, HostTensor> {
 fn inputs(rng: &mut Rng) -> HashMap<String, HostTensor> {
     let t = |shape: &[usize], v: Vec<f32>| HostTensor::from_f32(shape.to_vec(), v).unwrap();
     HashMap::from([
-        ("x".to_string(), t(&[B, N, C], rng.normals(B * N * C, 0.0, 1.0))),
-        ("scale".to_string(), t(&[B, C], rng.normals(B * C, 0.0, 0.3))),
-        ("shift".to_string(), t(&[B, C], rng.normals(B * C, 0.0, 0.3))),
+        (
+            "x".to_string(),
+            t(&[B, N, C], rng.normals(B * N * C, 0.0, 1.0)),
+        ),
+        (
+            "scale".to_string(),
+            t(&[B, C], rng.normals(B * C, 0.0, 0.3)),
+        ),
+        (
+            "shift".to_string(),
+            t(&[B, C], rng.normals(B * C, 0.0, 0.3)),
+        ),
         ("gate".to_string(), t(&[B, C], rng.normals(B * C, 0.0, 1.0))),
     ])
 }
@@ -90,8 +112,16 @@ fn graph_matches_the_cpu_executor_node_by_node() {
             let a = ex.value(node.output).unwrap().to_f32_vec();
             let b = cpu.value(node.output).unwrap().to_f32_vec();
             let e = rel_l2(&a, &b);
-            println!("{dtype} node {:10} ({}): rel L2 {e:.3e}", node.name, node.op.name());
-            assert!(e <= tol(dtype), "{dtype} node {}: rel L2 {e:.3e}", node.name);
+            println!(
+                "{dtype} node {:10} ({}): rel L2 {e:.3e}",
+                node.name,
+                node.op.name()
+            );
+            assert!(
+                e <= tol(dtype),
+                "{dtype} node {}: rel L2 {e:.3e}",
+                node.name
+            );
         }
         // Weights read back as uploaded (rounded to the storage dtype).
         let (id, _) = g.weights().next().unwrap();
@@ -122,7 +152,9 @@ fn linear_then_tanh_gelu_runs_as_one_gemm() {
     let e = g.unary("act_erf", o, UnaryFn::GeluErf).unwrap();
     let r = g.unary("relu", e, UnaryFn::Relu).unwrap(); // read only by fc3: dies there
     let n = g.linear("fc3", r, w1, None).unwrap();
-    let t = g.unary("act_after_dying_input", n, UnaryFn::GeluTanh).unwrap();
+    let t = g
+        .unary("act_after_dying_input", n, UnaryFn::GeluTanh)
+        .unwrap();
     g.output("y", e).unwrap();
     g.output("z", t).unwrap();
     let g = g.finish();
@@ -132,15 +164,30 @@ fn linear_then_tanh_gelu_runs_as_one_gemm() {
         .filter(|n| openuni_cuda::families::gelu_fused_into_linear(&g, n, false).is_some())
         .map(|n| n.name.as_str())
         .collect();
-    assert_eq!(fused, ["act"], "only the tanh GELU after a Linear whose input outlives it");
-    assert!(g.nodes.iter().all(|n| openuni_cuda::families::gelu_fused_into_linear(&g, n, true).is_none()), "keep_all fuses nothing");
+    assert_eq!(
+        fused,
+        ["act"],
+        "only the tanh GELU after a Linear whose input outlives it"
+    );
+    assert!(
+        g.nodes
+            .iter()
+            .all(|n| openuni_cuda::families::gelu_fused_into_linear(&g, n, true).is_none()),
+        "keep_all fuses nothing"
+    );
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(10);
     let w = weights(&mut rng);
-    let inp = HashMap::from([("x".to_string(), HostTensor::from_f32(vec![B, N, C], rng.normals(B * N * C, 0.0, 1.0)).unwrap())]);
+    let inp = HashMap::from([(
+        "x".to_string(),
+        HostTensor::from_f32(vec![B, N, C], rng.normals(B * N * C, 0.0, 1.0)).unwrap(),
+    )]);
     let want = CpuExecutor::new(&g, &w, false).unwrap().run(&inp).unwrap();
     for dtype in [DType::F32, DType::BF16] {
-        let got = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap().run(&inp).unwrap();
+        let got = CudaExecutor::new(&dev, &g, &w, dtype, false)
+            .unwrap()
+            .run(&inp)
+            .unwrap();
         for name in ["y", "z"] {
             let e = rel_l2(&got[name].to_f32_vec(), &want[name].to_f32_vec());
             println!("{dtype} {name} with the GELU in fc1's epilogue: rel L2 {e:.3e}");
@@ -161,20 +208,35 @@ fn capture_follows_one_eager_warm_up_pass() {
     for dtype in [DType::F32, DType::BF16] {
         let mut ex = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
         ex.capture().unwrap();
-        assert!(!ex.is_captured() && ex.is_capture_armed(), "{dtype}: captured before any eager pass");
+        assert!(
+            !ex.is_captured() && ex.is_capture_armed(),
+            "{dtype}: captured before any eager pass"
+        );
         let inp = inputs(&mut rng);
         let warm = ex.replay(&inp).unwrap();
-        assert!(ex.is_captured() && !ex.is_capture_armed(), "{dtype}: the eager warm-up pass did not capture");
+        assert!(
+            ex.is_captured() && !ex.is_capture_armed(),
+            "{dtype}: the eager warm-up pass did not capture"
+        );
         let replayed = ex.replay(&inp).unwrap();
         let mut fresh = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
         let ran = fresh.run(&inp).unwrap();
         for name in ["y", "mlp"] {
-            assert!(warm[name].to_f32_vec() == ran[name].to_f32_vec(), "{dtype} {name}: the warm-up pass differs from run");
-            assert!(replayed[name].to_f32_vec() == ran[name].to_f32_vec(), "{dtype} {name}: the replay differs from run");
+            assert!(
+                warm[name].to_f32_vec() == ran[name].to_f32_vec(),
+                "{dtype} {name}: the warm-up pass differs from run"
+            );
+            assert!(
+                replayed[name].to_f32_vec() == ran[name].to_f32_vec(),
+                "{dtype} {name}: the replay differs from run"
+            );
         }
         // An executor that has run eagerly captures at once.
         fresh.capture().unwrap();
-        assert!(fresh.is_captured() && !fresh.is_capture_armed(), "{dtype}: a warmed-up executor must capture at once");
+        assert!(
+            fresh.is_captured() && !fresh.is_capture_armed(),
+            "{dtype}: a warmed-up executor must capture at once"
+        );
         println!("{dtype}: capture armed on a fresh executor, taken after its eager pass; replays identical to run");
     }
 }
@@ -187,7 +249,10 @@ fn capture_and_replay_give_the_same_results_as_run() {
     let w = weights(&mut rng);
     for dtype in [DType::F32, DType::BF16] {
         let mut ex = CudaExecutor::new(&dev, &g, &w, dtype, false).unwrap();
-        assert!(ex.replay(&inputs(&mut rng)).is_err(), "replay before capture must fail");
+        assert!(
+            ex.replay(&inputs(&mut rng)).is_err(),
+            "replay before capture must fail"
+        );
         ex.capture().unwrap();
         for round in 0..3 {
             let inp = inputs(&mut rng);
@@ -231,7 +296,10 @@ fn errors_name_the_node_or_input() {
     let mut inp = inputs(&mut rng);
     inp.remove("gate");
     let e = ex.run(&inp).unwrap_err();
-    assert!(matches!(e, CudaError::Input { ref name, .. } if name == "gate"), "{e}");
+    assert!(
+        matches!(e, CudaError::Input { ref name, .. } if name == "gate"),
+        "{e}"
+    );
     // Wrong input shape.
     let mut inp = inputs(&mut rng);
     inp.insert("x".into(), HostTensor::zeros_f32([B, N + 1, C]));
@@ -266,7 +334,10 @@ fn errors_name_the_node_or_input() {
         .unwrap()
         .to_string();
     println!("{e}");
-    assert!(e.contains("blocks.0.attn") && e.contains("attention"), "{e}");
+    assert!(
+        e.contains("blocks.0.attn") && e.contains("attention"),
+        "{e}"
+    );
     assert!(e.contains("head dim 264") && e.contains("1 to 256"), "{e}");
 }
 
@@ -300,7 +371,12 @@ fn linear_gemm_epilogues_match_cpu() {
             dev.upload(&bytes(&b)).unwrap(),
         );
         let yb = dev.alloc(rows * n * dtype.size_in_bytes()).unwrap();
-        for epi in [Epilogue::None, Epilogue::Bias, Epilogue::Gelu, Epilogue::BiasGelu] {
+        for epi in [
+            Epilogue::None,
+            Epilogue::Bias,
+            Epilogue::Gelu,
+            Epilogue::BiasGelu,
+        ] {
             let with_bias = matches!(epi, Epilogue::Bias | Epilogue::BiasGelu);
             let args = LinearArgs {
                 dtype,
@@ -325,12 +401,26 @@ fn linear_gemm_epilogues_match_cpu() {
                 _ => {
                     let mut o = vec![0u16; rows * n];
                     dev.copy_to_host(yb.ptr(), &mut o).unwrap();
-                    o.into_iter().map(|v| half::bf16::from_bits(v).to_f32()).collect()
+                    o.into_iter()
+                        .map(|v| half::bf16::from_bits(v).to_f32())
+                        .collect()
                 }
             };
-            let (xr, wr, br) = (round_to(dtype, &x), round_to(dtype, &w), round_to(dtype, &b));
+            let (xr, wr, br) = (
+                round_to(dtype, &x),
+                round_to(dtype, &w),
+                round_to(dtype, &b),
+            );
             let mut want = vec![0f32; rows * n];
-            cpu::linear(&xr, &wr, with_bias.then_some(&br[..]), rows, k, n, &mut want);
+            cpu::linear(
+                &xr,
+                &wr,
+                with_bias.then_some(&br[..]),
+                rows,
+                k,
+                n,
+                &mut want,
+            );
             if matches!(epi, Epilogue::Gelu | Epilogue::BiasGelu) {
                 let pre = want.clone();
                 cpu::unary(UnaryFn::GeluTanh, &pre, &mut want);
@@ -372,7 +462,11 @@ fn outputs_handed_over_on_the_device_match_the_host_round_trip() {
         rest.insert("x".into(), y);
         let via_host = consumer.replay(&rest).unwrap();
         for name in ["y", "mlp"] {
-            assert_eq!(on_device[name].to_f32_vec(), via_host[name].to_f32_vec(), "{dtype} {name}: hand-over differs from the host round trip");
+            assert_eq!(
+                on_device[name].to_f32_vec(),
+                via_host[name].to_f32_vec(),
+                "{dtype} {name}: hand-over differs from the host round trip"
+            );
         }
 
         let msg = |e: CudaError| e.to_string();
@@ -380,7 +474,11 @@ fn outputs_handed_over_on_the_device_match_the_host_round_trip() {
         assert!(e.contains("gate") && e.contains("expected"), "{e}");
         // Across storage dtypes the hand-over converts on the device exactly as the host path
         // does (f32 -> bf16 through the staging cast; bf16 -> f32 is exact).
-        let other = if dtype == DType::F32 { DType::BF16 } else { DType::F32 };
+        let other = if dtype == DType::F32 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
         let mut other_ex = CudaExecutor::new(&dev, &g, &w, other, false).unwrap();
         rest.remove("x");
         other_ex.set_input_tensor("x", &handle).unwrap();
@@ -390,7 +488,11 @@ fn outputs_handed_over_on_the_device_match_the_host_round_trip() {
         rest.insert("x".into(), handle.to_host().unwrap());
         let across_host = other_ex.run(&rest).unwrap();
         for name in ["y", "mlp"] {
-            assert_eq!(across[name].to_f32_vec(), across_host[name].to_f32_vec(), "{dtype} -> {other} {name}: hand-over differs from the host path");
+            assert_eq!(
+                across[name].to_f32_vec(),
+                across_host[name].to_f32_vec(),
+                "{dtype} -> {other} {name}: hand-over differs from the host path"
+            );
         }
         producer.execute().unwrap();
         let e = msg(consumer.set_input_tensor("x", &handle).unwrap_err());
@@ -428,27 +530,64 @@ fn linear_residual_matches_cpu() {
             g.output("y", y).unwrap();
             let g = g.finish();
             let weights = HashMap::from([
-                ("w".to_string(), HostTensor::from_f32([n, k], w.clone()).unwrap()),
-                ("b".to_string(), HostTensor::from_f32([n], b.clone()).unwrap()),
+                (
+                    "w".to_string(),
+                    HostTensor::from_f32([n, k], w.clone()).unwrap(),
+                ),
+                (
+                    "b".to_string(),
+                    HostTensor::from_f32([n], b.clone()).unwrap(),
+                ),
             ]);
             let inputs = HashMap::from([
-                ("x".to_string(), HostTensor::from_f32([rows, k], x.clone()).unwrap()),
-                ("r".to_string(), HostTensor::from_f32([rows, n], r.clone()).unwrap()),
+                (
+                    "x".to_string(),
+                    HostTensor::from_f32([rows, k], x.clone()).unwrap(),
+                ),
+                (
+                    "r".to_string(),
+                    HostTensor::from_f32([rows, n], r.clone()).unwrap(),
+                ),
             ]);
             for dtype in [DType::F32, DType::BF16] {
                 let mut ex = CudaExecutor::new(&dev, &g, &weights, dtype, false).unwrap();
                 let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
                 let rd = |v: &[f32]| round_to(dtype, v);
                 let mut base = vec![0f32; rows * n];
-                cpu::linear_residual(&rd(&x), &rd(&w), with_bias.then(|| rd(&b)).as_deref(), &rd(&r), rows, k, n, &mut base);
-                check(&format!("linear_residual {dtype} [{rows}, {k}] -> {n} bias={with_bias}"), dtype, &got, &want, &base);
+                cpu::linear_residual(
+                    &rd(&x),
+                    &rd(&w),
+                    with_bias.then(|| rd(&b)).as_deref(),
+                    &rd(&r),
+                    rows,
+                    k,
+                    n,
+                    &mut base,
+                );
+                check(
+                    &format!("linear_residual {dtype} [{rows}, {k}] -> {n} bias={with_bias}"),
+                    dtype,
+                    &got,
+                    &want,
+                    &base,
+                );
             }
         }
         // In place: C = D = the residual's buffer (f32 storage).
         let blas = dev.blas().unwrap();
         let up = |v: &[f32]| dev.upload(v).unwrap();
         let (xb, wb, yb) = (up(&x), up(&w), up(&r));
-        let args = LinearArgs { dtype: DType::F32, rows, in_features: k, out_features: n, epilogue: Epilogue::None, x: xb.ptr(), w: wb.ptr(), bias: None, y: yb.ptr() };
+        let args = LinearArgs {
+            dtype: DType::F32,
+            rows,
+            in_features: k,
+            out_features: n,
+            epilogue: Epilogue::None,
+            x: xb.ptr(),
+            w: wb.ptr(),
+            bias: None,
+            y: yb.ptr(),
+        };
         let gemm = LinearGemm::with_residual(&dev, &blas, &args, Some(yb.ptr())).unwrap();
         // Planning runs the candidates (timing), which write y: the residual goes in after it,
         // as in the executor (every GEMM is planned when the executor is built, before any run).
@@ -458,7 +597,13 @@ fn linear_residual_matches_cpu() {
         dev.copy_to_host(yb.ptr(), &mut got).unwrap();
         let mut want = vec![0f32; rows * n];
         cpu::linear_residual(&x, &w, None, &r, rows, k, n, &mut want);
-        check(&format!("linear_residual f32 [{rows}, {k}] -> {n} in place"), DType::F32, &got, &want, &want);
+        check(
+            &format!("linear_residual f32 [{rows}, {k}] -> {n} in place"),
+            DType::F32,
+            &got,
+            &want,
+            &want,
+        );
     }
 }
 
@@ -471,12 +616,19 @@ fn weights_upload_from_mapped_files_as_from_memory() {
     let mut rng = Rng::new(11);
     let g = graph();
     let w = weights(&mut rng);
-    let dir = std::env::temp_dir().join(format!("openuni-cuda-mapped-weights-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "openuni-cuda-mapped-weights-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     for file_dtype in [DType::F32, DType::BF16] {
-        let stored: HashMap<String, HostTensor> = w.iter().map(|(k, v)| (k.clone(), v.to_dtype(file_dtype).unwrap())).collect();
+        let stored: HashMap<String, HostTensor> = w
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(file_dtype).unwrap()))
+            .collect();
         let path = dir.join(format!("{file_dtype}.safetensors"));
-        openuni_tensor::write_safetensors(&path, stored.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap();
+        openuni_tensor::write_safetensors(&path, stored.iter().map(|(k, v)| (k.as_str(), v)), None)
+            .unwrap();
         let mapped = openuni_tensor::Weights::open(&path).unwrap();
         for dtype in [DType::F32, DType::BF16] {
             let from_file = CudaExecutor::new(&dev, &g, &mapped, dtype, false).unwrap();

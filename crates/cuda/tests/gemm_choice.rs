@@ -40,24 +40,52 @@ fn choices_are_made_once_per_shape_and_kept_on_disk() {
         bias: matches!(epilogue, Epilogue::BiasGelu).then_some(b.ptr()),
         y: y.ptr(),
     };
-    let first = LinearGemm::new(&dev, &blas, &args(rows, Epilogue::BiasGelu)).unwrap().algo_choice();
+    let first = LinearGemm::new(&dev, &blas, &args(rows, Epilogue::BiasGelu))
+        .unwrap()
+        .algo_choice();
     println!("first use: {first:?}");
     assert!(!first.cached, "the first use of a shape is a miss");
     assert!(first.candidates >= 1 && first.candidates <= ALGO_CANDIDATES);
     if dev.is_emulated() {
-        assert_eq!((first.index, first.candidates), (0, 3), "the emulator's choice is its first of 3 candidates");
+        assert_eq!(
+            (first.index, first.candidates),
+            (0, 3),
+            "the emulator's choice is its first of 3 candidates"
+        );
     }
     let text = std::fs::read_to_string(&path).unwrap();
-    let on_disk = gemm_cache::parse(&text).unwrap_or_else(|e| panic!("the rebuilt cache does not parse: {e}\n{text}"));
+    let on_disk = gemm_cache::parse(&text)
+        .unwrap_or_else(|e| panic!("the rebuilt cache does not parse: {e}\n{text}"));
     assert_eq!(on_disk.len(), 1, "{text}");
     let key = on_disk.keys().next().unwrap();
-    assert!(key.contains(dev.name()) && key.contains("m16 n24 k40") && key.contains("BiasGelu") && key.contains("cublasLt"), "{key}");
+    assert!(
+        key.contains(dev.name())
+            && key.contains("m16 n24 k40")
+            && key.contains("BiasGelu")
+            && key.contains("cublasLt"),
+        "{key}"
+    );
 
-    let again = LinearGemm::new(&dev, &blas, &args(rows, Epilogue::BiasGelu)).unwrap().algo_choice();
-    assert!(again.cached && again.index == first.index, "the second use reads the choice: {again:?}");
-    let other = LinearGemm::new(&dev, &blas, &args(rows / 2, Epilogue::None)).unwrap().algo_choice();
-    assert!(!other.cached, "another shape and epilogue is a miss: {other:?}");
-    assert_eq!(gemm_cache::parse(&std::fs::read_to_string(&path).unwrap()).unwrap().len(), 2);
+    let again = LinearGemm::new(&dev, &blas, &args(rows, Epilogue::BiasGelu))
+        .unwrap()
+        .algo_choice();
+    assert!(
+        again.cached && again.index == first.index,
+        "the second use reads the choice: {again:?}"
+    );
+    let other = LinearGemm::new(&dev, &blas, &args(rows / 2, Epilogue::None))
+        .unwrap()
+        .algo_choice();
+    assert!(
+        !other.cached,
+        "another shape and epilogue is a miss: {other:?}"
+    );
+    assert_eq!(
+        gemm_cache::parse(&std::fs::read_to_string(&path).unwrap())
+            .unwrap()
+            .len(),
+        2
+    );
     println!("cache {}: 2 choices, hit on reuse", path.display());
     let _ = std::fs::remove_dir_all(&dir);
 }

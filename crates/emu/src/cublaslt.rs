@@ -391,7 +391,16 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
         std::ptr::write(
             results.add(i as usize),
             HeuristicResult {
-                algo: [0x0E0E + i as u64, 0x0E0E, 0x0E0E, 0x0E0E, 0x0E0E, 0x0E0E, 0x0E0E, 0x0E0E],
+                algo: [
+                    0x0E0E + i as u64,
+                    0x0E0E,
+                    0x0E0E,
+                    0x0E0E,
+                    0x0E0E,
+                    0x0E0E,
+                    0x0E0E,
+                    0x0E0E,
+                ],
                 workspace_size: 0,
                 state: CUBLAS_STATUS_SUCCESS,
                 waves: 1.0,

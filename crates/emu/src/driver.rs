@@ -245,16 +245,25 @@ fn current_device() -> usize {
 /// testing how a program survives a failing GPU.
 fn injected_failure(ordinal: usize) -> Option<String> {
     static FAIL: OnceLock<Option<(usize, u64)>> = OnceLock::new();
-    static LAUNCHES: [std::sync::atomic::AtomicU64; MAX_DEVICES] = [const { std::sync::atomic::AtomicU64::new(0) }; MAX_DEVICES];
+    static LAUNCHES: [std::sync::atomic::AtomicU64; MAX_DEVICES] =
+        [const { std::sync::atomic::AtomicU64::new(0) }; MAX_DEVICES];
     let (dev, after) = (*FAIL.get_or_init(|| {
-        let dev = std::env::var("OPENUNI_EMU_FAIL_DEVICE").ok()?.trim().parse::<usize>().ok()?;
-        let after = std::env::var("OPENUNI_EMU_FAIL_AFTER").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let dev = std::env::var("OPENUNI_EMU_FAIL_DEVICE")
+            .ok()?
+            .trim()
+            .parse::<usize>()
+            .ok()?;
+        let after = std::env::var("OPENUNI_EMU_FAIL_AFTER")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
         Some((dev, after))
     }))?;
     if dev != ordinal {
         return None;
     }
-    let n = LAUNCHES[ordinal.min(MAX_DEVICES - 1)].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let n =
+        LAUNCHES[ordinal.min(MAX_DEVICES - 1)].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     (n >= after).then(|| format!("injected failure (OPENUNI_EMU_FAIL_DEVICE={dev}, OPENUNI_EMU_FAIL_AFTER={after}): launch {} on device {dev} fails", n + 1))
 }
 

@@ -758,11 +758,15 @@ fn cudarc_nvrtc_compiles_the_sm90a_helpers() {
     unsafe {
         let compiled = nr::compile_program(prog, &opts);
         let log = nr::get_program_log(prog).unwrap();
-        let log = String::from_utf8_lossy(&log.iter().map(|&c| c as u8).collect::<Vec<u8>>()).into_owned();
+        let log = String::from_utf8_lossy(&log.iter().map(|&c| c as u8).collect::<Vec<u8>>())
+            .into_owned();
         if let Err(e) = compiled {
             panic!("{e:?}: {log}");
         }
-        for line in log.lines().filter(|l| l.contains("Compiling entry") || l.contains("Used ") || l.contains("spill")) {
+        for line in log
+            .lines()
+            .filter(|l| l.contains("Compiling entry") || l.contains("Used ") || l.contains("spill"))
+        {
             println!("sm_90a ptxas: {}", line.trim());
         }
         // C7519: ptxas inserted a warpgroup.arrive where registers meet a wgmma; counted, not listed.

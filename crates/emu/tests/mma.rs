@@ -147,17 +147,33 @@ fn ldmatrix_bank_conflicts_fail_the_launch_where_checked() {
         return;
     }
     for order in ORDERS {
-        for (stride, conflict) in [(16i32, false), (48, false), (80, false), (32, true), (128, true)] {
+        for (stride, conflict) in [
+            (16i32, false),
+            (48, false),
+            (80, false),
+            (32, true),
+            (128, true),
+        ] {
             let mut out = vec![0u32; 32 * 4];
             let (mut s, mut po) = (stride, out.as_mut_ptr());
-            let r = launch("emu_test_ldmatrix_banks", [1, 1, 1], [32, 1, 1], 32 * stride as u32, order, &mut [arg(&mut s), arg(&mut po)]);
+            let r = launch(
+                "emu_test_ldmatrix_banks",
+                [1, 1, 1],
+                [32, 1, 1],
+                32 * stride as u32,
+                order,
+                &mut [arg(&mut s), arg(&mut po)],
+            );
             match (conflict, r) {
                 (false, Ok(())) => {}
                 (true, Err(e)) => {
                     assert_eq!(e.code, 719, "stride {stride}: {}", e.message);
                     assert!(e.message.contains("bank"), "stride {stride}: {}", e.message);
                 }
-                (c, r) => panic!("stride {stride}: conflict expected {c}, launch gave {:?}", r.map_err(|e| e.message)),
+                (c, r) => panic!(
+                    "stride {stride}: conflict expected {c}, launch gave {:?}",
+                    r.map_err(|e| e.message)
+                ),
             }
         }
     }

@@ -24,19 +24,39 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
         // CUDA backend reads the k columns once more for it (a pre-pass writing one f32 per
         // token, read back by the state kernel: 2 storage elements each way in bf16, counted
         // as 4 per token, an upper bound for f32 storage).
-        Op::PackedLinearAttention { key_norm: Some(_), groups, head_dim, .. } => {
+        Op::PackedLinearAttention {
+            key_norm: Some(_),
+            groups,
+            head_dim,
+            ..
+        } => {
             let tokens = out.rows() as f64;
-            node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>() + out.numel() as f64 + tokens * (*groups * *head_dim) as f64 + 4.0 * tokens
+            node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>()
+                + out.numel() as f64
+                + tokens * (*groups * *head_dim) as f64
+                + 4.0 * tokens
         }
         _ => node.op.inputs().iter().map(|&i| numel(i)).sum::<f64>() + out.numel() as f64,
     };
     let rows = out.rows() as f64;
     let flops = match &node.op {
-        Op::Linear { x, w, .. } | Op::LinearResidual { x, w, .. } => 2.0 * rows * graph.shape(*x).last() as f64 * graph.shape(*w).dims()[0] as f64,
-        Op::Attention { q, k, heads, head_dim, causal, segments, .. } => {
+        Op::Linear { x, w, .. } | Op::LinearResidual { x, w, .. } => {
+            2.0 * rows * graph.shape(*x).last() as f64 * graph.shape(*w).dims()[0] as f64
+        }
+        Op::Attention {
+            q,
+            k,
+            heads,
+            head_dim,
+            causal,
+            segments,
+            ..
+        } => {
             let (qs, ks) = (graph.shape(*q).dims(), graph.shape(*k).dims());
             // Packed sequences: only the (query, key) pairs inside each segment are work.
-            let pairs = segments.as_ref().map_or(qs[1] as f64 * ks[1] as f64, |s| s.iter().map(|&l| (l * l) as f64).sum());
+            let pairs = segments.as_ref().map_or(qs[1] as f64 * ks[1] as f64, |s| {
+                s.iter().map(|&l| (l * l) as f64).sum()
+            });
             let full = 4.0 * (qs[0] * heads * head_dim) as f64 * pairs;
             if *causal {
                 full / 2.0
@@ -45,11 +65,18 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
             }
         }
         // Per head: the k·vᵀ state and its product with q, hd² multiply-adds each per token.
-        Op::LinearAttention { q, heads, head_dim, .. } => {
+        Op::LinearAttention {
+            q, heads, head_dim, ..
+        } => {
             let d = graph.shape(*q).dims();
             4.0 * (d[0] * d[1] * heads * head_dim * head_dim) as f64
         }
-        Op::PackedLinearAttention { qkv, groups, head_dim, .. } => {
+        Op::PackedLinearAttention {
+            qkv,
+            groups,
+            head_dim,
+            ..
+        } => {
             let d = graph.shape(*qkv).dims();
             4.0 * (d[0] * d[1] * groups * head_dim * head_dim) as f64
         }
@@ -57,16 +84,25 @@ pub fn node_cost(graph: &Graph, node: &Node) -> Cost {
             let d = out.dims();
             4.0 * (d[0] * d[1] * d[2] * head_dim) as f64
         }
-        Op::Conv2d { x, kernel, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * kernel * kernel) as f64,
-        Op::RmsNormReluConv2d { x, kernel, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * kernel * kernel) as f64,
-        Op::UpsampleConv2d { x, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * 9) as f64,
+        Op::Conv2d { x, kernel, .. } => {
+            2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * kernel * kernel) as f64
+        }
+        Op::RmsNormReluConv2d { x, kernel, .. } => {
+            2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * kernel * kernel) as f64
+        }
+        Op::UpsampleConv2d { x, .. } => {
+            2.0 * rows * out.last() as f64 * (graph.shape(*x).last() * 9) as f64
+        }
         Op::DepthwiseConv2d { kernel, .. } => 2.0 * out.numel() as f64 * (kernel * kernel) as f64,
         Op::DepthwiseConvGlu { kernel, .. } => 4.0 * out.numel() as f64 * (kernel * kernel) as f64,
         // The 1×1 conv C -> 2H, then the 3×3 depthwise conv of both GLU halves.
         Op::MixFfnInvertedGlu { x, weight, .. } => {
-            2.0 * rows * graph.shape(*x).last() as f64 * graph.shape(*weight).dims()[0] as f64 + 4.0 * out.numel() as f64 * 9.0
+            2.0 * rows * graph.shape(*x).last() as f64 * graph.shape(*weight).dims()[0] as f64
+                + 4.0 * out.numel() as f64 * 9.0
         }
-        Op::GroupedLinear { x, groups, .. } => 2.0 * rows * out.last() as f64 * (graph.shape(*x).last() / groups) as f64,
+        Op::GroupedLinear { x, groups, .. } => {
+            2.0 * rows * out.last() as f64 * (graph.shape(*x).last() / groups) as f64
+        }
         // Per element: guidance 3 (sub, mul, add) and the estimate 2; the update 3 (first order) to 6.
         Op::GuidedX0 { .. } => 5.0 * out.numel() as f64,
         Op::DpmSolverUpdate { .. } => 6.0 * out.numel() as f64,
@@ -101,10 +137,18 @@ mod tests {
         let x = b.input("qkv", [2, 5, 36]).unwrap();
         let w = b.weight("attn.norm_k.weight", [12]).unwrap();
         let plain = b.packed_linear_attention("plain", x, 3, 4).unwrap();
-        let normed = b.packed_linear_attention_key_norm("normed", x, 3, 4, w, 1e-5).unwrap();
+        let normed = b
+            .packed_linear_attention_key_norm("normed", x, 3, 4, w, 1e-5)
+            .unwrap();
         let bad = b.weight("bad", [11]).unwrap();
-        let e = b.packed_linear_attention_key_norm("attn1.linear_attention", x, 3, 4, bad, 1e-5).unwrap_err().to_string();
-        assert!(e.contains("attn1.linear_attention") && e.contains("[11]") && e.contains("[12]"), "{e}");
+        let e = b
+            .packed_linear_attention_key_norm("attn1.linear_attention", x, 3, 4, bad, 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("attn1.linear_attention") && e.contains("[11]") && e.contains("[12]"),
+            "{e}"
+        );
         b.output("a", plain).unwrap();
         b.output("b", normed).unwrap();
         let g = b.finish();

@@ -10,7 +10,9 @@ mod cost;
 mod op;
 mod planner;
 
-pub use builder::{AttentionParams, Graph, GraphBuilder, Node, OutputName, Value, ValueId, ValueKind};
+pub use builder::{
+    AttentionParams, Graph, GraphBuilder, Node, OutputName, Value, ValueId, ValueKind,
+};
 pub use cost::{node_cost, Cost};
 pub use op::{coeff, seed, KeyNorm, Modulation, Op, UnaryFn, SAMPLER_COEFFS};
 pub use planner::{plan, Plan, ARENA_ALIGN_ELEMS};
@@ -31,12 +33,23 @@ pub enum GraphError {
 pub type Result<T, E = GraphError> = std::result::Result<T, E>;
 
 pub(crate) fn shape_err(op: &'static str, msg: impl Into<String>) -> GraphError {
-    GraphError::Shape { op, msg: msg.into() }
+    GraphError::Shape {
+        op,
+        msg: msg.into(),
+    }
 }
 
-pub(crate) fn expect_shape(op: &'static str, what: &str, found: &Shape, expected: &Shape) -> Result<()> {
+pub(crate) fn expect_shape(
+    op: &'static str,
+    what: &str,
+    found: &Shape,
+    expected: &Shape,
+) -> Result<()> {
     if found != expected {
-        return Err(shape_err(op, format!("{what} has shape {found}, expected {expected}")));
+        return Err(shape_err(
+            op,
+            format!("{what} has shape {found}, expected {expected}"),
+        ));
     }
     Ok(())
 }

@@ -55,17 +55,42 @@ pub struct KeyNorm {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// `y = x · wᵀ + bias`, with `w` [out, in] in PyTorch's nn.Linear layout.
-    Linear { x: ValueId, w: ValueId, bias: Option<ValueId> },
+    Linear {
+        x: ValueId,
+        w: ValueId,
+        bias: Option<ValueId>,
+    },
     /// `y = x / sqrt(mean(x²) + eps) · weight (+ bias)`; the bias form is DC-AE's channel RMSNorm.
-    RmsNorm { x: ValueId, weight: ValueId, bias: Option<ValueId>, eps: f32 },
+    RmsNorm {
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        eps: f32,
+    },
     /// `y = (x - mean) / sqrt(var + eps) (· weight + bias)`, then optionally modulated.
-    LayerNorm { x: ValueId, weight: Option<ValueId>, bias: Option<ValueId>, eps: f32, modulation: Option<Modulation> },
-    Unary { x: ValueId, f: UnaryFn },
+    LayerNorm {
+        x: ValueId,
+        weight: Option<ValueId>,
+        bias: Option<ValueId>,
+        eps: f32,
+        modulation: Option<Modulation>,
+    },
+    Unary {
+        x: ValueId,
+        f: UnaryFn,
+    },
     /// `a + b`, same shapes (residual add).
-    Add { a: ValueId, b: ValueId },
+    Add {
+        a: ValueId,
+        b: ValueId,
+    },
     /// `x + gate · y` with `gate` [B, C] broadcast over the tokens of [B, N, C] (adaLN gated residual),
     /// or `gate` [1, C] broadcast over every row (a ViT's per-channel layer scale).
-    GatedAdd { x: ValueId, gate: ValueId, y: ValueId },
+    GatedAdd {
+        x: ValueId,
+        gate: ValueId,
+        y: ValueId,
+    },
     /// Softmax attention. `q` [B, N, heads·head_dim], `k`/`v` [B, M, kv_heads·head_dim] (GQA when
     /// kv_heads < heads), output [B, N, heads·head_dim]; softmax in f32 with `scale` on the logits.
     /// `key_mask` [B, M] (1 keep, 0 pad) adds −10000 to padded keys' logits, as diffusers does.
@@ -91,42 +116,98 @@ pub enum Op {
     },
     /// SANA's ReLU linear attention over [B, N, heads·head_dim] q, k, v: per head,
     /// `out_n = Σ_m v_m (k_m·q_n) / (Σ_m k_m·q_n + 1e-15)` with ReLU on q and k, state in f32.
-    LinearAttention { q: ValueId, k: ValueId, v: ValueId, heads: usize, head_dim: usize },
+    LinearAttention {
+        q: ValueId,
+        k: ValueId,
+        v: ValueId,
+        heads: usize,
+        head_dim: usize,
+    },
     /// `out[b, j, :] = table[j, :] + t[b, j·C .. (j+1)·C]` for `t` [B, k·C], or `+ t[b, :]` for `t`
     /// [B, C] (broadcast over the k rows): adaLN-single's per-block (k = 6) and head (k = 2) tables.
-    ModulationTable { t: ValueId, table: ValueId },
+    ModulationTable {
+        t: ValueId,
+        table: ValueId,
+    },
     /// Row `index` of a [B, k, C] tensor: [B, C].
-    Chunk { x: ValueId, index: usize },
+    Chunk {
+        x: ValueId,
+        index: usize,
+    },
     /// The sinusoidal timestep embedding of diffusers' `Timesteps(dim, flip_sin_to_cos=True,
     /// downscale_freq_shift=0)`: `t` [B] -> [B, dim] = [cos(t·f_i), sin(t·f_i)], f_i = 10000^(−i/(dim/2)).
-    TimestepEmbedding { t: ValueId, dim: usize },
+    TimestepEmbedding {
+        t: ValueId,
+        dim: usize,
+    },
     /// [B, M, N] -> [B, N, M] (NCHW <-> token layouts; the output shape says how it is viewed).
-    Transpose { x: ValueId, batch: usize, rows: usize, cols: usize },
+    Transpose {
+        x: ValueId,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+    },
     /// Depthwise k×k convolution with zero padding k/2 and bias over tokens [B, h·w, C] laid out as
     /// an h×w grid (row-major); `weight` [C, 1, k, k].
-    DepthwiseConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize },
+    DepthwiseConv2d {
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+    },
     /// GLUMBConv's middle in one op: `DepthwiseConv2d` of the 2H-channel input, then the GLU with
     /// SiLU gate over the last dim, `[u | g]` (2H) -> `u · silu(g)` (H), so the 2H-wide conv output
     /// is never stored: [B, h·w, 2H] -> [B, h·w, H]. `silu_input`: the conv reads `silu(x)`
     /// (GLUMBConv's `conv_inverted` activation, applied as the kernel loads x, so the activated
     /// 2H-wide tensor is never stored either).
-    DepthwiseConvGlu { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize, silu_input: bool },
+    DepthwiseConvGlu {
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+        silu_input: bool,
+    },
     /// GLUMBConv from its input to the GLU in one op: `conv_inverted` (a 1×1 conv, i.e. `Linear`
     /// C -> 2H with `weight` [2H, C] and `bias`), then exactly `DepthwiseConvGlu` with
     /// `silu_input` and kernel 3 (`dw_weight` [2H, 1, 3, 3], `dw_bias`): [B, h·w, C] -> [B, h·w, H].
     /// The 2H-wide GEMM output is never stored (the CUDA kernel keeps its tile in shared memory).
-    MixFfnInvertedGlu { x: ValueId, weight: ValueId, bias: Option<ValueId>, dw_weight: ValueId, dw_bias: Option<ValueId>, h: usize, w: usize },
+    MixFfnInvertedGlu {
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        dw_weight: ValueId,
+        dw_bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+    },
     /// DC-AE's multi-scale linear attention core: `qkv` [B, N, groups·3·head_dim] where group g is
     /// channels [3·hd·g, 3·hd·(g+1)) = (q | k | v) of that group; output [B, N, groups·head_dim]
     /// (channel g·hd + j). Same math as `LinearAttention` (diffusers' quadratic path for tiny
     /// inputs computes the same formula in another order). `key_norm`: the keys are RMS-normalised
     /// across all groups first (`RmsNorm` of the k columns, then this op), the norm applied by the
     /// attention as it reads k, so the normalised keys are never stored.
-    PackedLinearAttention { qkv: ValueId, groups: usize, head_dim: usize, key_norm: Option<KeyNorm> },
+    PackedLinearAttention {
+        qkv: ValueId,
+        groups: usize,
+        head_dim: usize,
+        key_norm: Option<KeyNorm>,
+    },
     /// k×k convolution, stride 1, zero padding k/2, over tokens [B, h·w, Cin] on an h×w grid:
     /// `weight` [Cout, Cin, k, k] -> [B, h·w, Cout], then SiLU when `silu` (fused into the
     /// CUDA kernels' epilogue, so the pre-activation tensor is never stored).
-    Conv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, kernel: usize, silu: bool },
+    Conv2d {
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        kernel: usize,
+        silu: bool,
+    },
     /// DC-AE's DCUpBlock2d (interpolate) as one op: `Conv2d` (3×3, `weight` [Cout, Cin, 3, 3],
     /// optional bias) over the nearest 2× upsampling of x on an h×w grid -> 2h×2w, plus DC-AE's
     /// upsample shortcut when `shortcut`: `pixel_shuffle(repeat_interleave(x, R, channel), 2)`
@@ -134,24 +215,55 @@ pub enum Op {
     /// `upsample2x` and `pixel_shuffle_shortcut`). Exactly that composition; a backend may
     /// compute the conv as four 2×2 convolutions on the low-resolution input, one per output
     /// pixel parity (2.25× fewer MACs, no upsampled tensor in memory).
-    UpsampleConv2d { x: ValueId, weight: ValueId, bias: Option<ValueId>, h: usize, w: usize, shortcut: bool },
+    UpsampleConv2d {
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        h: usize,
+        w: usize,
+        shortcut: bool,
+    },
     /// `repeat_interleave(x, repeats, channel)`: output channel c is input channel c / repeats.
-    RepeatChannels { x: ValueId, repeats: usize },
+    RepeatChannels {
+        x: ValueId,
+        repeats: usize,
+    },
     /// A ViT's input tokens: the class token, then the patch tokens, plus the position table:
     /// `x` [B, N, C], `cls` [C], `pos` [N + 1, C] -> [B, N + 1, C] with row 0 = `cls + pos[0]` and
     /// row 1 + n = `x[n] + pos[1 + n]` (one rounding, as PyTorch's `cat` then `+`).
-    ClassPosEmbed { x: ValueId, cls: ValueId, pos: ValueId },
+    ClassPosEmbed {
+        x: ValueId,
+        cls: ValueId,
+        pos: ValueId,
+    },
     /// Tokens [start, start + len) of every row of a [B, T, C] tensor.
-    SliceTokens { x: ValueId, start: usize, len: usize },
+    SliceTokens {
+        x: ValueId,
+        start: usize,
+        len: usize,
+    },
     /// Tokens [s, s + len) of a [1, T, C] tensor for each s in `starts`, stacked: [starts.len(), len, C]
     /// (the meta-query states of every sequence of a packed batch).
-    GatherTokens { x: ValueId, starts: Vec<usize>, len: usize },
+    GatherTokens {
+        x: ValueId,
+        starts: Vec<usize>,
+        len: usize,
+    },
     /// Concatenation along the last dim.
-    Concat { xs: Vec<ValueId> },
+    Concat {
+        xs: Vec<ValueId>,
+    },
     /// Grouped 1×1 convolution (block-diagonal linear): `weight` [Cout, Cin/groups, 1, 1], no bias.
-    GroupedLinear { x: ValueId, weight: ValueId, groups: usize },
+    GroupedLinear {
+        x: ValueId,
+        weight: ValueId,
+        groups: usize,
+    },
     /// SwiGLU of two same-shaped tensors: `silu(gate) · up` (Qwen2's MLP).
-    SwiGlu { gate: ValueId, up: ValueId },
+    SwiGlu {
+        gate: ValueId,
+        up: ValueId,
+    },
     /// Decode-phase attention over a KV cache: one query row per sequence. `q` [B, heads·head_dim],
     /// `k_cache`/`v_cache` [B, kv_heads, max_len, head_dim], `positions` [B] (integer-valued f32:
     /// the position p_b of sequence b's new token, 0 <= p_b < max_len; values outside are clamped
@@ -179,37 +291,70 @@ pub enum Op {
     /// is (values). `positions` as in [`Op::DecodeAttention`] (clamped to [0, max_len)). As a graph
     /// op the result is a new value (a backend copies the cache); a decoder that owns its cache
     /// buffers calls the backend's in-place launch (openuni_cuda::families::decode_attention).
-    KvCacheAppend { cache: ValueId, x: ValueId, positions: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32> },
+    KvCacheAppend {
+        cache: ValueId,
+        x: ValueId,
+        positions: ValueId,
+        kv_heads: usize,
+        head_dim: usize,
+        rope: Option<f32>,
+    },
     /// Rows of an embedding table by token id: `ids` [..] (integer-valued f32, exact below 2^24;
     /// a graph input, so a bf16 executor reads its f32 copy) -> [.., D] with the row of id i
     /// `table[i]` for i < V (`table` [V, D]) and `extra[i - V]` for V <= i < V + E (`extra`
     /// [E, D]: OpenUni's meta-queries, appended to every prompt as ids V..V+Q). The caller checks
     /// the ids on the host and names a bad one; an id outside [0, V + E) (or not an integer) gives
     /// a NaN row, never a read outside the tables.
-    EmbeddingGather { ids: ValueId, table: ValueId, extra: Option<ValueId> },
+    EmbeddingGather {
+        ids: ValueId,
+        table: ValueId,
+        extra: Option<ValueId>,
+    },
     /// A decoded image [B, 3, H, W] in nominal [-1, 1] -> uint8 pixel values [B, H, W, 3] (held
     /// as integer-valued numbers 0..=255, exact in bf16; a backend reads them back as bytes):
     /// `openuni_cpu::ops::quantize_u8`, the one definition of the rounding rule.
-    QuantizeU8 { x: ValueId },
+    QuantizeU8 {
+        x: ValueId,
+    },
     /// [1]: 1 if any value of `x` is NaN or ±Inf, else 0 (the pipeline's per-stage non-finite
     /// check, read back as one scalar instead of the tensor).
-    AnyNonFinite { x: ValueId },
+    AnyNonFinite {
+        x: ValueId,
+    },
     /// A prompt's keys or values laid out as KV-cache rows: `x` [B, T, kv_heads·head_dim] ->
     /// [B, kv_heads, T, head_dim], token t rotated at position t when `rope` = Some(theta) (keys,
     /// exactly as [`Op::KvCacheAppend`] rotates the token at p_b = t) or moved as is (values).
     /// Rows 0..T of one (sequence, KV head) are then one contiguous run, which a prefill copies
     /// on the device into rows 0..T of its slot of the decode step's cache state.
-    KvCacheRows { x: ValueId, kv_heads: usize, head_dim: usize, rope: Option<f32> },
+    KvCacheRows {
+        x: ValueId,
+        kv_heads: usize,
+        head_dim: usize,
+        rope: Option<f32>,
+    },
     /// InternVL's pixel shuffle (v2, scale 0.5) read through its index map by the LayerNorm that
     /// follows it (mlp1's), so the shuffled tensor is never stored: `x` [B, skip + g·g, C], whose
     /// tokens after the first `skip` (the class token) lie on a g×g grid, g even ->
     /// [B, (g/2)², 4C]. Output row r·(g/2) + c gathers the 2×2 block's tokens
     /// `skip + (2r + dy)·g + 2c + dx` as channels `(2·dy + dx)·C + ch`, then LayerNorm over the
     /// 4C channels with `weight` and `bias` [4C].
-    PixelShuffleLayerNorm { x: ValueId, weight: ValueId, bias: ValueId, eps: f32, grid: usize, skip: usize },
+    PixelShuffleLayerNorm {
+        x: ValueId,
+        weight: ValueId,
+        bias: ValueId,
+        eps: f32,
+        grid: usize,
+        skip: usize,
+    },
     /// `residual + RmsNorm(x)` in one pass (DC-AE's `x + norm(block(x))`): the normalised tensor
     /// is never stored. Same math as `RmsNorm` then `Add { a: residual, b: norm }`.
-    RmsNormResidual { x: ValueId, weight: ValueId, bias: Option<ValueId>, eps: f32, residual: ValueId },
+    RmsNormResidual {
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        eps: f32,
+        residual: ValueId,
+    },
     /// DC-AE's output head in one op: `Conv2d(ReLU(RmsNorm(x, norm_weight, norm_bias, eps)))`
     /// (k×k, zero padding k/2, no SiLU) over tokens [B, h·w, Cin] -> [B, h·w, Cout], with the
     /// normalised, rectified tensor never stored. Meant for few output channels (conv_out: 3).
@@ -229,43 +374,79 @@ pub enum Op {
     /// tensor (the projected qkv, then each aggregated branch) and the groups are numbered across
     /// the scales in order; output [B, N, (Σ gᵢ)·hd]. A backend reads each scale where it is and
     /// writes its groups into their column range of the output.
-    MultiscaleLinearAttention { scales: Vec<ValueId>, head_dim: usize },
+    MultiscaleLinearAttention {
+        scales: Vec<ValueId>,
+        head_dim: usize,
+    },
     /// `residual + x · wᵀ + bias`: a `Linear` whose output is added to `residual` (same shape as
     /// the output) in the GEMM itself (cuBLASLt's C operand with beta = 1), so the residual add
     /// is not a pass of its own (SANA's cross-attention output projection).
-    LinearResidual { x: ValueId, w: ValueId, bias: Option<ValueId>, residual: ValueId },
+    LinearResidual {
+        x: ValueId,
+        w: ValueId,
+        bias: Option<ValueId>,
+        residual: ValueId,
+    },
     /// `LayerNorm` without affine of [B, N, C] `x`, modulated by adaLN-single's table read where it
     /// is made: `· (1 + m[scale]) + m[shift]` with `m[j] = table[j, :] + t[b, j·C..(j+1)·C]` (`t`
     /// [B, k·C], `table` [k, C]) or `table[j, :] + t[b, :]` (`t` [B, C]): row j of
     /// `ModulationTable { t, table }`, without storing that table or copying its rows out.
-    AdaLayerNorm { x: ValueId, t: ValueId, table: ValueId, scale: usize, shift: usize, eps: f32 },
+    AdaLayerNorm {
+        x: ValueId,
+        t: ValueId,
+        table: ValueId,
+        scale: usize,
+        shift: usize,
+        eps: f32,
+    },
     /// `GatedAdd` with the gate read from the modulation table as [`Op::AdaLayerNorm`] reads it:
     /// `x + m[gate] · y`, `m[gate]` [B, C] broadcast over the tokens of [B, N, C].
-    AdaGatedAdd { x: ValueId, t: ValueId, table: ValueId, gate: usize, y: ValueId },
+    AdaGatedAdd {
+        x: ValueId,
+        t: ValueId,
+        table: ValueId,
+        gate: usize,
+        y: ValueId,
+    },
     /// Classifier-free guidance and the flow model's clean estimate in one pass, f32 arithmetic in
     /// this order (no fused multiply-add): `v = u + g·(c − u)`, `out = x − σ·v`, where `u` and `c`
     /// are the first and second halves of `velocity` (the transformer's [uncond; cond] rows, 2N
     /// rows) and `x` = `sample` (N rows). `coeffs` [SAMPLER_COEFFS] is a graph input (read as f32
     /// even with bf16 storage), indices [`coeff`]: g = GUIDANCE, σ = SIGMA. With σ = −Δt this is
     /// the Euler step `x + Δt·v` exactly (negation is exact).
-    GuidedX0 { velocity: ValueId, sample: ValueId, coeffs: ValueId },
+    GuidedX0 {
+        velocity: ValueId,
+        sample: ValueId,
+        coeffs: ValueId,
+    },
     /// DPM-Solver++ (2M, midpoint) update of `sample` x with the clean estimate `x0` (d0) and the
     /// previous step's `prev_x0` (p), f32 arithmetic in this order (no fused multiply-add), by
     /// `coeffs[ORDER]`: 0, `out = d0` (Euler, whose step is `GuidedX0` already); 1, `out = ratio·x
     /// − c·d0`; 2, `out = (ratio·x − c·d0) − half_c·(inv_r0·(d0 − p))`. Coefficients computed on the
     /// host (`openuni_models::scheduler::Sampler::coefficients`), indices [`coeff`].
-    DpmSolverUpdate { sample: ValueId, x0: ValueId, prev_x0: ValueId, coeffs: ValueId },
+    DpmSolverUpdate {
+        sample: ValueId,
+        x0: ValueId,
+        prev_x0: ValueId,
+        coeffs: ValueId,
+    },
     /// `x / divisor`, one IEEE f32 division (correctly rounded) per element, never a multiply by
     /// the reciprocal: the decoder's input `latents / scaling_factor` made on the device bit for
     /// bit as the host divides (`openuni_cpu::ops::div_scalar`, the one definition).
-    DivScalar { x: ValueId, divisor: f32 },
+    DivScalar {
+        x: ValueId,
+        divisor: f32,
+    },
     /// Standard-normal noise drawn where the graph runs: `per_seed` values for each row of
     /// `seeds` [N, seed::LIMBS] (a u64 seed as 16-bit limbs, [`seed`]), output [1, N·per_seed],
     /// row i's values first. Value j of a seed is Box–Muller of Philox4x32-10 (key = the seed,
     /// counter = j / 4) with our own f32 log and sin/cos written as explicit multiplies, adds
     /// and fused multiply-adds, so every device draws the same bits as the one definition
     /// (`openuni_cpu::ops::gaussian_noise`). `seeds` is a graph input (read as f32).
-    GaussianNoise { seeds: ValueId, per_seed: usize },
+    GaussianNoise {
+        seeds: ValueId,
+        per_seed: usize,
+    },
 }
 
 /// The layout of the `coeffs` input of [`Op::GuidedX0`] and [`Op::DpmSolverUpdate`]: one step's
@@ -298,7 +479,9 @@ pub mod seed {
     // max/min, not clamp: clamp keeps a NaN, max(NaN, 0) is 0 (as the kernel's fmaxf).
     #[allow(clippy::manual_clamp)]
     pub fn from_limbs(limbs: &[f32]) -> u64 {
-        limbs[..LIMBS].iter().enumerate().fold(0, |s, (i, &v)| s | (v.max(0.0).min(65535.0) as u64) << (16 * i))
+        limbs[..LIMBS].iter().enumerate().fold(0, |s, (i, &v)| {
+            s | (v.max(0.0).min(65535.0) as u64) << (16 * i)
+        })
     }
 }
 
@@ -358,11 +541,19 @@ impl Op {
                 v.extend([*x, *w]);
                 v.extend(bias);
             }
-            Op::RmsNorm { x, weight, bias, .. } => {
+            Op::RmsNorm {
+                x, weight, bias, ..
+            } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);
             }
-            Op::LayerNorm { x, weight, bias, modulation, .. } => {
+            Op::LayerNorm {
+                x,
+                weight,
+                bias,
+                modulation,
+                ..
+            } => {
                 v.push(*x);
                 v.extend(weight);
                 v.extend(bias);
@@ -373,7 +564,13 @@ impl Op {
             Op::Unary { x, .. } => v.push(*x),
             Op::Add { a, b } => v.extend([*a, *b]),
             Op::GatedAdd { x, gate, y } => v.extend([*x, *gate, *y]),
-            Op::Attention { q, k, v: vv, key_mask, .. } => {
+            Op::Attention {
+                q,
+                k,
+                v: vv,
+                key_mask,
+                ..
+            } => {
                 v.extend([*q, *k, *vv]);
                 v.extend(key_mask);
             }
@@ -398,9 +595,23 @@ impl Op {
                 v.extend([*ids, *table]);
                 v.extend(extra);
             }
-            Op::GuidedX0 { velocity, sample, coeffs } => v.extend([*velocity, *sample, *coeffs]),
-            Op::DpmSolverUpdate { sample, x0, prev_x0, coeffs } => v.extend([*sample, *x0, *prev_x0, *coeffs]),
-            Op::Conv2d { x, weight, bias, .. } | Op::UpsampleConv2d { x, weight, bias, .. } => {
+            Op::GuidedX0 {
+                velocity,
+                sample,
+                coeffs,
+            } => v.extend([*velocity, *sample, *coeffs]),
+            Op::DpmSolverUpdate {
+                sample,
+                x0,
+                prev_x0,
+                coeffs,
+            } => v.extend([*sample, *x0, *prev_x0, *coeffs]),
+            Op::Conv2d {
+                x, weight, bias, ..
+            }
+            | Op::UpsampleConv2d {
+                x, weight, bias, ..
+            } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);
             }
@@ -408,32 +619,75 @@ impl Op {
             Op::ClassPosEmbed { x, cls, pos } => v.extend([*x, *cls, *pos]),
             Op::GroupedLinear { x, weight, .. } => v.extend([*x, *weight]),
             Op::SwiGlu { gate, up } => v.extend([*gate, *up]),
-            Op::DecodeAttention { q, k_cache, v_cache, positions, .. } => v.extend([*q, *k_cache, *v_cache, *positions]),
-            Op::KvCacheAppend { cache, x, positions, .. } => v.extend([*cache, *x, *positions]),
-            Op::PixelShuffleLayerNorm { x, weight, bias, .. } => v.extend([*x, *weight, *bias]),
-            Op::DepthwiseConv2d { x, weight, bias, .. } | Op::DepthwiseConvGlu { x, weight, bias, .. } => {
+            Op::DecodeAttention {
+                q,
+                k_cache,
+                v_cache,
+                positions,
+                ..
+            } => v.extend([*q, *k_cache, *v_cache, *positions]),
+            Op::KvCacheAppend {
+                cache,
+                x,
+                positions,
+                ..
+            } => v.extend([*cache, *x, *positions]),
+            Op::PixelShuffleLayerNorm {
+                x, weight, bias, ..
+            } => v.extend([*x, *weight, *bias]),
+            Op::DepthwiseConv2d {
+                x, weight, bias, ..
+            }
+            | Op::DepthwiseConvGlu {
+                x, weight, bias, ..
+            } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);
             }
-            Op::MixFfnInvertedGlu { x, weight, bias, dw_weight, dw_bias, .. } => {
+            Op::MixFfnInvertedGlu {
+                x,
+                weight,
+                bias,
+                dw_weight,
+                dw_bias,
+                ..
+            } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);
                 v.push(*dw_weight);
                 v.extend(dw_bias);
             }
-            Op::RmsNormResidual { x, weight, bias, residual, .. } => {
+            Op::RmsNormResidual {
+                x,
+                weight,
+                bias,
+                residual,
+                ..
+            } => {
                 v.extend([*x, *weight]);
                 v.extend(bias);
                 v.push(*residual);
             }
-            Op::RmsNormReluConv2d { x, norm_weight, norm_bias, weight, bias, .. } => {
+            Op::RmsNormReluConv2d {
+                x,
+                norm_weight,
+                norm_bias,
+                weight,
+                bias,
+                ..
+            } => {
                 v.extend([*x, *norm_weight]);
                 v.extend(norm_bias);
                 v.push(*weight);
                 v.extend(bias);
             }
             Op::MultiscaleLinearAttention { scales, .. } => v.extend(scales),
-            Op::LinearResidual { x, w, bias, residual } => {
+            Op::LinearResidual {
+                x,
+                w,
+                bias,
+                residual,
+            } => {
                 v.extend([*x, *w]);
                 v.extend(bias);
                 v.push(*residual);

@@ -72,7 +72,11 @@ pub fn plan(graph: &Graph, keep_all: bool) -> Plan {
         }
     }
 
-    let sizes: Vec<usize> = graph.values.iter().map(|v| round_up(v.shape.numel().max(1))).collect();
+    let sizes: Vec<usize> = graph
+        .values
+        .iter()
+        .map(|v| round_up(v.shape.numel().max(1)))
+        .collect();
     let slotted: Vec<usize> = (0..n).filter(|&i| life[i].is_some()).collect();
     let unshared = slotted.iter().map(|&i| sizes[i]).sum();
     // Two orders of the same first-fit placement; the smaller arena wins. In order of creation
@@ -103,19 +107,32 @@ pub fn plan(graph: &Graph, keep_all: bool) -> Plan {
         }
     }
     let live_peak = live_at.into_iter().max().unwrap_or(0);
-    Plan { offsets, arena_elems: arena, unshared_elems: unshared, live_peak_elems: live_peak }
+    Plan {
+        offsets,
+        arena_elems: arena,
+        unshared_elems: unshared,
+        live_peak_elems: live_peak,
+    }
 }
 
 /// Places the values in `order`, each at the lowest offset where it overlaps no value placed
 /// before it whose lifetime overlaps its own; returns the offsets and the arena size.
-fn place(order: &[usize], life: &[Option<(usize, usize)>], sizes: &[usize]) -> (Vec<Option<usize>>, usize) {
+fn place(
+    order: &[usize],
+    life: &[Option<(usize, usize)>],
+    sizes: &[usize],
+) -> (Vec<Option<usize>>, usize) {
     let mut offsets = vec![None; life.len()];
     let mut placed: Vec<(usize, usize, usize, usize)> = vec![]; // (offset, size, start, end)
     let mut arena = 0;
     for &i in order {
         let (start, end) = life[i].expect("slotted");
         let size = sizes[i];
-        let mut busy: Vec<(usize, usize)> = placed.iter().filter(|p| p.2 <= end && start <= p.3).map(|p| (p.0, p.1)).collect();
+        let mut busy: Vec<(usize, usize)> = placed
+            .iter()
+            .filter(|p| p.2 <= end && start <= p.3)
+            .map(|p| (p.0, p.1))
+            .collect();
         busy.sort_unstable();
         let mut at = 0;
         for (off, sz) in busy {
@@ -158,7 +175,9 @@ mod tests {
         }
         for a in 0..g.values.len() {
             for b in a + 1..g.values.len() {
-                let (Some(oa), Some(ob)) = (p.offsets[a], p.offsets[b]) else { continue };
+                let (Some(oa), Some(ob)) = (p.offsets[a], p.offsets[b]) else {
+                    continue;
+                };
                 let overlap_time = life[a].0 <= life[b].1 && life[b].0 <= life[a].1;
                 let (sa, sb) = (g.values[a].shape.numel(), g.values[b].shape.numel());
                 let overlap_mem = oa < ob + sb && ob < oa + sa;
@@ -248,7 +267,10 @@ mod tests {
         let xo = p.offset(x).unwrap();
         for v in 1..g.values.len() {
             if let Some(o) = p.offsets[v] {
-                assert!(o + 400 <= xo || o >= xo + round_up(400), "value {v} reuses the input's memory");
+                assert!(
+                    o + 400 <= xo || o >= xo + round_up(400),
+                    "value {v} reuses the input's memory"
+                );
             }
         }
     }
@@ -270,7 +292,11 @@ mod tests {
         b.output("z", z).unwrap();
         let g = b.finish();
         let p = plan(&g, false);
-        assert!(p.offsets.iter().flatten().all(|o| o % ARENA_ALIGN_ELEMS == 0));
+        assert!(p
+            .offsets
+            .iter()
+            .flatten()
+            .all(|o| o % ARENA_ALIGN_ELEMS == 0));
         assert_no_overlap(&g, &p);
     }
 
@@ -280,9 +306,13 @@ mod tests {
         let cache = b.state("k_cache", [2, 1, 8, 4]).unwrap();
         let x = b.input("x", [2, 4]).unwrap();
         let pos = b.input("pos", [2]).unwrap();
-        let c2 = b.kv_cache_append("append", cache, x, pos, 1, 4, None).unwrap();
+        let c2 = b
+            .kv_cache_append("append", cache, x, pos, 1, 4, None)
+            .unwrap();
         let q = b.unary("q", x, UnaryFn::Relu).unwrap();
-        let o = b.decode_attention("attn", q, c2, c2, pos, 1, 1, 4, 0.5, None).unwrap();
+        let o = b
+            .decode_attention("attn", q, c2, c2, pos, 1, 1, 4, 0.5, None)
+            .unwrap();
         b.output("o", o).unwrap();
         // A second in-place append to the same state is refused.
         assert!(b.kv_cache_append("again", c2, x, pos, 1, 4, None).is_err());
@@ -294,7 +324,10 @@ mod tests {
             let (so, sn) = (p.offset(cache).unwrap(), 64);
             for v in [x, pos, q, o] {
                 let (vo, vn) = (p.offset(v).unwrap(), g.shape(v).numel());
-                assert!(vo + vn <= so || vo >= so + sn, "value {v:?} overlaps the state");
+                assert!(
+                    vo + vn <= so || vo >= so + sn,
+                    "value {v:?} overlaps the state"
+                );
             }
         }
     }

@@ -76,7 +76,9 @@ pub struct MllmConfig {
 impl MllmConfig {
     /// From a parsed config.json (`origin` names the file in errors).
     pub fn from_value(raw: serde_json::Value, origin: &str) -> Result<MllmConfig> {
-        let nested = ["llm_config", "text_config"].into_iter().find_map(|k| Some((k, raw.get(k)?)));
+        let nested = ["llm_config", "text_config"]
+            .into_iter()
+            .find_map(|k| Some((k, raw.get(k)?)));
         let llm = match nested {
             Some((key, nested)) => parse_config(nested.clone(), &format!("{origin}: {key}"))?,
             None => parse_config(raw.clone(), origin)?,
@@ -85,10 +87,18 @@ impl MllmConfig {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(t)) => Some(t.clone()),
             Some(other) => {
-                return Err(ModelError::Config { path: origin.into(), msg: format!("field `template`: {other} is not a template name") })
+                return Err(ModelError::Config {
+                    path: origin.into(),
+                    msg: format!("field `template`: {other} is not a template name"),
+                })
             }
         };
-        Ok(MllmConfig { llm, template, raw, origin: origin.into() })
+        Ok(MllmConfig {
+            llm,
+            template,
+            raw,
+            origin: origin.into(),
+        })
     }
 
     /// Whether the config has a vision tower section.
@@ -128,23 +138,36 @@ impl ModelConfig for SchedulerConfig {
 /// scheduler configs do), which strict JSON rejects; they are read as null. A type error names
 /// the field (`llm_config.num_hidden_layers: invalid value ...`).
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let err = |msg: String| ModelError::Config { path: path.display().to_string(), msg };
+    let err = |msg: String| ModelError::Config {
+        path: path.display().to_string(),
+        msg,
+    };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let text = text.replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null");
+    let text = text
+        .replace("-Infinity", "null")
+        .replace("Infinity", "null")
+        .replace("NaN", "null");
     let de = &mut serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| err(describe(e)))
 }
 
 /// [`read_json`] for JSON already parsed.
 pub fn from_value<T: DeserializeOwned>(value: serde_json::Value, origin: &str) -> Result<T> {
-    serde_path_to_error::deserialize(value).map_err(|e| ModelError::Config { path: origin.into(), msg: describe(e) })
+    serde_path_to_error::deserialize(value).map_err(|e| ModelError::Config {
+        path: origin.into(),
+        msg: describe(e),
+    })
 }
 
 fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> String {
     let path = e.path().to_string();
     let inner = e.inner().to_string();
     // NaN and Infinity are read as null: say so, since the file says NaN.
-    let hint = if inner.contains("invalid type: null") { " (NaN, Infinity and null are not accepted here)" } else { "" };
+    let hint = if inner.contains("invalid type: null") {
+        " (NaN, Infinity and null are not accepted here)"
+    } else {
+        ""
+    };
     if path == "." || path.is_empty() {
         format!("invalid config: {inner}{hint}")
     } else {
@@ -157,21 +180,45 @@ pub(crate) struct Bounds<'a>(pub &'a str);
 
 impl Bounds<'_> {
     fn fail<T>(&self, field: &str, msg: String) -> Result<T> {
-        Err(ModelError::Config { path: self.0.into(), msg: format!("field `{field}`: {msg}") })
+        Err(ModelError::Config {
+            path: self.0.into(),
+            msg: format!("field `{field}`: {msg}"),
+        })
     }
 
     /// An integer in `range`.
     pub fn int(&self, field: &str, value: usize, range: RangeInclusive<usize>) -> Result<()> {
         if !range.contains(&value) {
-            return self.fail(field, format!("{value} is out of bounds (expected {} to {})", range.start(), range.end()));
+            return self.fail(
+                field,
+                format!(
+                    "{value} is out of bounds (expected {} to {})",
+                    range.start(),
+                    range.end()
+                ),
+            );
         }
         Ok(())
     }
 
     /// Every entry of a list in `range`, and the list's length in `len`.
-    pub fn ints(&self, field: &str, values: &[usize], len: RangeInclusive<usize>, range: RangeInclusive<usize>) -> Result<()> {
+    pub fn ints(
+        &self,
+        field: &str,
+        values: &[usize],
+        len: RangeInclusive<usize>,
+        range: RangeInclusive<usize>,
+    ) -> Result<()> {
         if !len.contains(&values.len()) {
-            return self.fail(field, format!("has {} entries (expected {} to {})", values.len(), len.start(), len.end()));
+            return self.fail(
+                field,
+                format!(
+                    "has {} entries (expected {} to {})",
+                    values.len(),
+                    len.start(),
+                    len.end()
+                ),
+            );
         }
         for (i, &v) in values.iter().enumerate() {
             self.int(&format!("{field}[{i}]"), v, range.clone())?;
@@ -182,16 +229,32 @@ impl Bounds<'_> {
     /// A finite number in (0, max].
     pub fn positive(&self, field: &str, value: f64, max: f64) -> Result<()> {
         if !(value.is_finite() && value > 0.0 && value <= max) {
-            return self.fail(field, format!("{value} is out of bounds (expected a finite number in (0, {max}])"));
+            return self.fail(
+                field,
+                format!("{value} is out of bounds (expected a finite number in (0, {max}])"),
+            );
         }
         Ok(())
     }
 
     /// `a * b` (a derived size) in `range`, computed without overflow.
-    pub fn product(&self, what: &str, a: usize, b: usize, range: RangeInclusive<usize>) -> Result<usize> {
+    pub fn product(
+        &self,
+        what: &str,
+        a: usize,
+        b: usize,
+        range: RangeInclusive<usize>,
+    ) -> Result<usize> {
         match a.checked_mul(b) {
             Some(p) if range.contains(&p) => Ok(p),
-            Some(p) => self.fail(what, format!("{a} x {b} = {p} is out of bounds (expected {} to {})", range.start(), range.end())),
+            Some(p) => self.fail(
+                what,
+                format!(
+                    "{a} x {b} = {p} is out of bounds (expected {} to {})",
+                    range.start(),
+                    range.end()
+                ),
+            ),
             None => self.fail(what, format!("{a} x {b} overflows")),
         }
     }
@@ -199,7 +262,10 @@ impl Bounds<'_> {
     /// `value` divisible by `by` (`by` already checked non-zero).
     pub fn divisible(&self, field: &str, value: usize, by_field: &str, by: usize) -> Result<()> {
         if by == 0 || value % by != 0 {
-            return self.fail(field, format!("{value} is not a multiple of `{by_field}` {by}"));
+            return self.fail(
+                field,
+                format!("{value} is not a multiple of `{by_field}` {by}"),
+            );
         }
         Ok(())
     }
@@ -208,7 +274,9 @@ impl Bounds<'_> {
 /// The vision tower and projector settings of an InternVL `config.json` (original nesting with
 /// `vision_config`/`llm_config`, or transformers' `vision_config`/`text_config`), through the one
 /// reader [`read_mllm_config`].
-pub fn read_internvl_vision(path: &Path) -> Result<crate::internvit::InternVlVisionConfig, ModelError> {
+pub fn read_internvl_vision(
+    path: &Path,
+) -> Result<crate::internvit::InternVlVisionConfig, ModelError> {
     read_mllm_config(path)?.vision()
 }
 
@@ -219,13 +287,26 @@ mod tests {
     #[test]
     fn bounds_name_the_field_value_and_bound() {
         let b = Bounds("cfg.json");
-        let e = b.int("num_layers", 1 << 62, 1..=1024).unwrap_err().to_string();
-        assert!(e.contains("cfg.json") && e.contains("num_layers") && e.contains(&(1usize << 62).to_string()) && e.contains("1024"), "{e}");
+        let e = b
+            .int("num_layers", 1 << 62, 1..=1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cfg.json")
+                && e.contains("num_layers")
+                && e.contains(&(1usize << 62).to_string())
+                && e.contains("1024"),
+            "{e}"
+        );
         assert!(b.positive("eps", f64::NAN, 1.0).is_err());
         assert!(b.positive("eps", 0.0, 1.0).is_err());
         assert!(b.positive("eps", f64::INFINITY, 1.0).is_err());
         assert!(b.positive("eps", 1e-6, 1.0).is_ok());
-        assert!(b.product("dim", usize::MAX, 2, 1..=10).unwrap_err().to_string().contains("overflows"));
+        assert!(b
+            .product("dim", usize::MAX, 2, 1..=10)
+            .unwrap_err()
+            .to_string()
+            .contains("overflows"));
         assert!(b.divisible("hidden_size", 10, "heads", 0).is_err());
     }
 
@@ -238,28 +319,58 @@ mod tests {
     fn mllm_reader_takes_nested_or_plain_configs() {
         let plain = MllmConfig::from_value(qwen2(), "plain.json").unwrap();
         let nested = serde_json::json!({"llm_config": qwen2(), "vision_config": {"hidden_size": 32}, "template": "internvl2_5"});
-        assert_eq!(MllmConfig::from_value(nested, "nested.json").unwrap().llm, plain.llm);
+        assert_eq!(
+            MllmConfig::from_value(nested, "nested.json").unwrap().llm,
+            plain.llm
+        );
         // transformers' native layout nests the decoder under `text_config`.
-        let native = serde_json::json!({"text_config": qwen2(), "vision_config": {"hidden_size": 32}});
+        let native =
+            serde_json::json!({"text_config": qwen2(), "vision_config": {"hidden_size": 32}});
         let native = MllmConfig::from_value(native, "native.json").unwrap();
         assert_eq!(native.llm, plain.llm);
         assert!(native.has_vision() && !plain.has_vision());
         // The vision settings are parsed on request, with the file named.
         let e = native.vision().unwrap_err().to_string();
-        assert!(e.contains("native.json") && e.contains("vision_config"), "{e}");
+        assert!(
+            e.contains("native.json") && e.contains("vision_config"),
+            "{e}"
+        );
         let e = plain.vision().unwrap_err().to_string();
-        assert!(e.contains("plain.json") && e.contains("no vision tower"), "{e}");
-        let t = MllmConfig::from_value(serde_json::json!({"llm_config": qwen2(), "template": "internvl2_5"}), "t.json").unwrap();
+        assert!(
+            e.contains("plain.json") && e.contains("no vision tower"),
+            "{e}"
+        );
+        let t = MllmConfig::from_value(
+            serde_json::json!({"llm_config": qwen2(), "template": "internvl2_5"}),
+            "t.json",
+        )
+        .unwrap();
         assert_eq!(t.template.as_deref(), Some("internvl2_5"));
-        assert!(MllmConfig::from_value(serde_json::json!({"llm_config": qwen2(), "template": 3}), "t.json").is_err());
+        assert!(MllmConfig::from_value(
+            serde_json::json!({"llm_config": qwen2(), "template": 3}),
+            "t.json"
+        )
+        .is_err());
         // Errors inside the nesting say where.
         let mut bad = qwen2();
         bad["num_hidden_layers"] = serde_json::json!(1u64 << 62);
-        let e = MllmConfig::from_value(serde_json::json!({"llm_config": bad}), "cfg.json").unwrap_err().to_string();
-        assert!(e.contains("cfg.json: llm_config") && e.contains("num_hidden_layers") && e.contains("1024"), "{e}");
+        let e = MllmConfig::from_value(serde_json::json!({"llm_config": bad}), "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cfg.json: llm_config")
+                && e.contains("num_hidden_layers")
+                && e.contains("1024"),
+            "{e}"
+        );
         let mut bad = qwen2();
         bad.as_object_mut().unwrap().remove("intermediate_size");
-        let e = MllmConfig::from_value(serde_json::json!({"llm_config": bad}), "cfg.json").unwrap_err().to_string();
-        assert!(e.contains("llm_config") && e.contains("intermediate_size"), "{e}");
+        let e = MllmConfig::from_value(serde_json::json!({"llm_config": bad}), "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("llm_config") && e.contains("intermediate_size"),
+            "{e}"
+        );
     }
 }

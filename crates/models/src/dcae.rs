@@ -70,17 +70,43 @@ enum BlockType {
 impl DcaeConfig {
     /// Refuses what this port does not implement, naming the config field.
     pub fn validate(&self, origin: &str) -> Result<()> {
-        let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+        let err = |msg: String| {
+            Err(ModelError::Config {
+                path: origin.into(),
+                msg,
+            })
+        };
         let b = Bounds(origin);
-        b.int("latent_channels", self.latent_channels, 1..=bounds::CHANNELS)?;
-        b.int("attention_head_dim", self.attention_head_dim, 1..=bounds::HEAD_DIM)?;
-        b.ints("decoder_block_out_channels", &self.decoder_block_out_channels, 1..=MAX_STAGES, 1..=bounds::WIDTH)?;
-        b.ints("decoder_layers_per_block", &self.decoder_layers_per_block, 1..=MAX_STAGES, 0..=bounds::LAYERS)?;
+        b.int(
+            "latent_channels",
+            self.latent_channels,
+            1..=bounds::CHANNELS,
+        )?;
+        b.int(
+            "attention_head_dim",
+            self.attention_head_dim,
+            1..=bounds::HEAD_DIM,
+        )?;
+        b.ints(
+            "decoder_block_out_channels",
+            &self.decoder_block_out_channels,
+            1..=MAX_STAGES,
+            1..=bounds::WIDTH,
+        )?;
+        b.ints(
+            "decoder_layers_per_block",
+            &self.decoder_layers_per_block,
+            1..=MAX_STAGES,
+            0..=bounds::LAYERS,
+        )?;
         // diffusers takes the factor from the config as is; 0, a negative, NaN or Inf would
         // silently give a flat or non-finite image.
         b.positive("scaling_factor", self.scaling_factor as f64, 1e6)?;
         let n = self.decoder_block_out_channels.len();
-        if self.decoder_block_types.len() != n || self.decoder_layers_per_block.len() != n || self.decoder_qkv_multiscales.len() != n {
+        if self.decoder_block_types.len() != n
+            || self.decoder_layers_per_block.len() != n
+            || self.decoder_qkv_multiscales.len() != n
+        {
             return err("decoder_block_out_channels, decoder_block_types, decoder_layers_per_block and decoder_qkv_multiscales must have one entry per stage".into());
         }
         let all = |v: &serde_json::Value, want: &str| match v {
@@ -89,30 +115,56 @@ impl DcaeConfig {
             _ => false,
         };
         if !all(&self.decoder_norm_types, "rms_norm") {
-            return err(format!("decoder_norm_types {} is not supported (rms_norm is)", self.decoder_norm_types));
+            return err(format!(
+                "decoder_norm_types {} is not supported (rms_norm is)",
+                self.decoder_norm_types
+            ));
         }
         if !all(&self.decoder_act_fns, "silu") {
-            return err(format!("decoder_act_fns {} is not supported (silu is)", self.decoder_act_fns));
+            return err(format!(
+                "decoder_act_fns {} is not supported (silu is)",
+                self.decoder_act_fns
+            ));
         }
         if self.upsample_block_type != "interpolate" {
-            return err(format!("upsample_block_type `{}` is not supported (interpolate is, as in every SANA VAE)", self.upsample_block_type));
+            return err(format!(
+                "upsample_block_type `{}` is not supported (interpolate is, as in every SANA VAE)",
+                self.upsample_block_type
+            ));
         }
         if self.decoder_conv_act_fn != "relu" {
-            return err(format!("decoder_conv_act_fn `{}` is not supported (relu is)", self.decoder_conv_act_fn));
+            return err(format!(
+                "decoder_conv_act_fn `{}` is not supported (relu is)",
+                self.decoder_conv_act_fn
+            ));
         }
         for (i, t) in self.decoder_block_types.iter().enumerate() {
-            match (self.block_type(i), self.decoder_qkv_multiscales[i].as_slice()) {
+            match (
+                self.block_type(i),
+                self.decoder_qkv_multiscales[i].as_slice(),
+            ) {
                 (Some(BlockType::Res), _) => {}
                 (Some(BlockType::EfficientVit), [5]) => {
                     if self.decoder_block_out_channels[i] % self.attention_head_dim != 0 {
-                        return err(format!("stage {i}: {} channels are not a multiple of attention_head_dim", self.decoder_block_out_channels[i]));
+                        return err(format!(
+                            "stage {i}: {} channels are not a multiple of attention_head_dim",
+                            self.decoder_block_out_channels[i]
+                        ));
                     }
                 }
-                (Some(BlockType::EfficientVit), s) => return err(format!("stage {i}: qkv multiscales {s:?} are not supported ([5] is)")),
-                (None, _) => return err(format!("stage {i}: block type `{t}` is not supported (ResBlock, EfficientViTBlock)")),
+                (Some(BlockType::EfficientVit), s) => {
+                    return err(format!(
+                        "stage {i}: qkv multiscales {s:?} are not supported ([5] is)"
+                    ))
+                }
+                (None, _) => return err(format!(
+                    "stage {i}: block type `{t}` is not supported (ResBlock, EfficientViTBlock)"
+                )),
             }
         }
-        if self.decoder_in_shortcut && self.decoder_block_out_channels[n - 1] % self.latent_channels != 0 {
+        if self.decoder_in_shortcut
+            && self.decoder_block_out_channels[n - 1] % self.latent_channels != 0
+        {
             return err("the in-shortcut needs the last stage's channels to be a multiple of latent_channels".into());
         }
         Ok(())
@@ -151,9 +203,24 @@ fn top() -> Scope {
 
 /// A k×k conv, then SiLU when `silu` (one node: the CUDA kernels fuse it into the epilogue).
 #[allow(clippy::too_many_arguments)]
-fn conv(b: &mut GraphBuilder, s: &Scope, x: ValueId, cin: usize, cout: usize, k: usize, bias: bool, silu: bool, h: usize, wd: usize) -> Result<ValueId> {
+fn conv(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    bias: bool,
+    silu: bool,
+    h: usize,
+    wd: usize,
+) -> Result<ValueId> {
     let wt = b.weight(&s.name("weight"), [cout, cin, k, k])?;
-    let bs = if bias { Some(b.weight(&s.name("bias"), [cout])?) } else { None };
+    let bs = if bias {
+        Some(b.weight(&s.name("bias"), [cout])?)
+    } else {
+        None
+    };
     Ok(b.conv2d(s.path(), x, wt, bs, h, wd, k, silu)?)
 }
 
@@ -162,14 +229,23 @@ fn conv(b: &mut GraphBuilder, s: &Scope, x: ValueId, cin: usize, cout: usize, k:
 
 /// The decoder on `latent` [B, latent_channels, h, w] (NCHW, already divided by the scaling
 /// factor by the caller): [`decoder_global`] then [`decoder_local`].
-pub fn decoder(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: &str) -> Result<DecoderOutputs> {
+pub fn decoder(
+    b: &mut GraphBuilder,
+    cfg: &DcaeConfig,
+    latent: ValueId,
+    origin: &str,
+) -> Result<DecoderOutputs> {
     let g = decoder_global(b, cfg, latent, origin)?;
     let l = decoder_local(b, cfg, g.features, g.batch, g.h, g.w)?;
     let mut stages = g.stages;
     for (i, s) in l.stages.into_iter().enumerate() {
         stages[i] = s;
     }
-    Ok(DecoderOutputs { sample: l.sample, stem: g.stem, stages })
+    Ok(DecoderOutputs {
+        sample: l.sample,
+        stem: g.stem,
+        stages,
+    })
 }
 
 /// The decoder graphs' input: latents already divided by the scaling factor [B, C, h, w].
@@ -187,11 +263,17 @@ pub fn decoder_graph(cfg: &DcaeConfig, shape: &Shape) -> Result<Graph> {
 /// The decoder's global part (conv_in and the attention stages) on latents of `shape`: input
 /// [`LATENT`], output [`FEATURES`].
 pub fn decoder_global_graph(cfg: &DcaeConfig, shape: &Shape) -> Result<Graph> {
-    on_latent(shape, FEATURES, |b, z| Ok(decoder_global(b, cfg, z, "vae")?.features))
+    on_latent(shape, FEATURES, |b, z| {
+        Ok(decoder_global(b, cfg, z, "vae")?.features)
+    })
 }
 
 /// A graph from the input [`LATENT`] of `shape` to the output `out` that `part` computes.
-fn on_latent(shape: &Shape, out: OutputName, part: impl FnOnce(&mut GraphBuilder, ValueId) -> Result<ValueId>) -> Result<Graph> {
+fn on_latent(
+    shape: &Shape,
+    out: OutputName,
+    part: impl FnOnce(&mut GraphBuilder, ValueId) -> Result<ValueId>,
+) -> Result<Graph> {
     let mut b = GraphBuilder::new();
     let z = b.input(LATENT, shape.clone())?;
     let y = part(&mut b, z)?;
@@ -232,7 +314,9 @@ impl DcaeConfig {
     pub fn local_split(&self) -> LocalSplit {
         let n = self.decoder_block_out_channels.len();
         // The lowest stage with attention; with none, only the last stage (it has no upsampler).
-        let split = (0..n).find(|&i| self.block_type(i) == Some(BlockType::EfficientVit)).unwrap_or(n - 1);
+        let split = (0..n)
+            .find(|&i| self.block_type(i) == Some(BlockType::EfficientVit))
+            .unwrap_or(n - 1);
         // Walk back from the output: conv_out reaches 1 pixel; each ResBlock's two 3×3 convs 2,
         // an upsampler's 3×3 conv 1 more at the high resolution; the nearest upsample halves the
         // reach (rounding up) on the way to the lower resolution.
@@ -241,7 +325,13 @@ impl DcaeConfig {
             r += 2 * self.decoder_layers_per_block[i] + 1;
             r = r.div_ceil(2);
         }
-        LocalSplit { split, channels: self.decoder_block_out_channels[split], upscale: 1 << split, grid: 1 << (n - 1 - split), context: r }
+        LocalSplit {
+            split,
+            channels: self.decoder_block_out_channels[split],
+            upscale: 1 << split,
+            grid: 1 << (n - 1 - split),
+            context: r,
+        }
     }
 }
 
@@ -261,7 +351,10 @@ impl Tiling {
         if tile_px == 0 || tile_px % up != 0 {
             return bail(format!("--decode-tile {tile_px} is not a positive multiple of {up} (one latent pixel is {up}x{up} pixels)"));
         }
-        let t = Tiling { tile: tile_px / s.upscale, context: s.context };
+        let t = Tiling {
+            tile: tile_px / s.upscale,
+            context: s.context,
+        };
         if t.tile <= 2 * t.context {
             let ctx = t.context * s.upscale;
             return bail(format!(
@@ -296,7 +389,9 @@ pub fn tile_starts(n: usize, tile: usize, overlap: usize) -> Vec<usize> {
 /// every kept pixel is at least `context` from its tile's inner edges.
 pub fn owned_spans(starts: &[usize], n: usize, context: usize) -> Vec<(usize, usize)> {
     let lo = |i: usize| if i == 0 { 0 } else { starts[i] + context };
-    (0..starts.len()).map(|i| (lo(i), if i + 1 < starts.len() { lo(i + 1) } else { n })).collect()
+    (0..starts.len())
+        .map(|i| (lo(i), if i + 1 < starts.len() { lo(i + 1) } else { n }))
+        .collect()
 }
 
 /// The global part's result: the features the local part reads, tokens [batch, h·w, channels].
@@ -321,32 +416,79 @@ pub struct LocalOutputs {
 }
 
 /// conv_in with the in-shortcut, then the stages from the last down to `local_split().split`.
-pub fn decoder_global(b: &mut GraphBuilder, cfg: &DcaeConfig, latent: ValueId, origin: &str) -> Result<GlobalOutputs> {
+pub fn decoder_global(
+    b: &mut GraphBuilder,
+    cfg: &DcaeConfig,
+    latent: ValueId,
+    origin: &str,
+) -> Result<GlobalOutputs> {
     cfg.validate(origin)?;
     let ls = b.shape(latent).clone();
     let d = ls.dims();
     if d.len() != 4 || d[1] != cfg.latent_channels {
-        return Err(ModelError::Config { path: origin.into(), msg: format!("latent has shape {ls}, expected [B, {}, h, w]", cfg.latent_channels) });
+        return Err(ModelError::Config {
+            path: origin.into(),
+            msg: format!(
+                "latent has shape {ls}, expected [B, {}, h, w]",
+                cfg.latent_channels
+            ),
+        });
     }
     let (batch, h, wd) = (d[0], d[2], d[3]);
     let chans = &cfg.decoder_block_out_channels;
     let n = chans.len();
     let top = top();
-    let z = b.transpose(&top.name("to_tokens"), latent, batch, cfg.latent_channels, h * wd, [batch, h * wd, cfg.latent_channels])?;
-    let mut x = conv(b, &top.pp("conv_in"), z, cfg.latent_channels, chans[n - 1], 3, true, false, h, wd)?;
+    let z = b.transpose(
+        &top.name("to_tokens"),
+        latent,
+        batch,
+        cfg.latent_channels,
+        h * wd,
+        [batch, h * wd, cfg.latent_channels],
+    )?;
+    let mut x = conv(
+        b,
+        &top.pp("conv_in"),
+        z,
+        cfg.latent_channels,
+        chans[n - 1],
+        3,
+        true,
+        false,
+        h,
+        wd,
+    )?;
     if cfg.decoder_in_shortcut {
-        let r = b.repeat_channels(&top.name("in_shortcut"), z, chans[n - 1] / cfg.latent_channels)?;
+        let r = b.repeat_channels(
+            &top.name("in_shortcut"),
+            z,
+            chans[n - 1] / cfg.latent_channels,
+        )?;
         x = b.add(&top.name("stem"), x, r)?;
     }
     let stem = x;
     let mut stages = vec![(x, h, wd); n];
     let (x, h, wd) = run_stages(b, cfg, x, h, wd, cfg.local_split().split..n, &mut stages)?;
-    Ok(GlobalOutputs { features: x, batch, h, w: wd, stem, stages })
+    Ok(GlobalOutputs {
+        features: x,
+        batch,
+        h,
+        w: wd,
+        stem,
+        stages,
+    })
 }
 
 /// The stages below `local_split().split`, then norm_out, ReLU and conv_out, on `features`
 /// tokens [batch, h·w, channels] (the global part's output, or a tile of it).
-pub fn decoder_local(b: &mut GraphBuilder, cfg: &DcaeConfig, features: ValueId, batch: usize, h: usize, wd: usize) -> Result<LocalOutputs> {
+pub fn decoder_local(
+    b: &mut GraphBuilder,
+    cfg: &DcaeConfig,
+    features: ValueId,
+    batch: usize,
+    h: usize,
+    wd: usize,
+) -> Result<LocalOutputs> {
     let split = cfg.local_split().split;
     let mut stages = vec![(features, h, wd); split];
     let (x, h, wd) = run_stages(b, cfg, features, h, wd, 0..split, &mut stages)?;
@@ -358,7 +500,18 @@ pub fn decoder_local(b: &mut GraphBuilder, cfg: &DcaeConfig, features: ValueId, 
     let nb = b.weight(&norm.name("bias"), [c])?;
     let wt = b.weight(&out.name("weight"), [3, c, 3, 3])?;
     let bs = b.weight(&out.name("bias"), [3])?;
-    let y = b.rmsnorm_relu_conv2d(out.path(), x, nw, Some(nb), NORM_EPS, wt, Some(bs), h, wd, 3)?;
+    let y = b.rmsnorm_relu_conv2d(
+        out.path(),
+        x,
+        nw,
+        Some(nb),
+        NORM_EPS,
+        wt,
+        Some(bs),
+        h,
+        wd,
+        3,
+    )?;
     let sample = b.transpose(&top.name("to_nchw"), y, batch, h * wd, 3, [batch, 3, h, wd])?;
     Ok(LocalOutputs { sample, stages })
 }
@@ -367,7 +520,13 @@ pub fn decoder_local(b: &mut GraphBuilder, cfg: &DcaeConfig, features: ValueId, 
 /// comparisons with a reference's intermediate: the decoder itself never stores it.
 pub fn conv_out_input(b: &mut GraphBuilder, cfg: &DcaeConfig, x: ValueId) -> Result<ValueId> {
     let top = top();
-    let x = rms_norm_biased(b, &top.pp("norm_out"), x, cfg.decoder_block_out_channels[0], NORM_EPS)?;
+    let x = rms_norm_biased(
+        b,
+        &top.pp("norm_out"),
+        x,
+        cfg.decoder_block_out_channels[0],
+        NORM_EPS,
+    )?;
     Ok(b.unary(&top.name("conv_act"), x, UnaryFn::Relu)?)
 }
 
@@ -397,7 +556,9 @@ fn run_stages(
             let bp = stage.pp(first + j);
             x = match cfg.block_type(i).expect("validated") {
                 BlockType::Res => res_block(b, &bp, x, c, h, wd)?,
-                BlockType::EfficientVit => efficient_vit_block(b, &bp, x, c, cfg.attention_head_dim, h, wd)?,
+                BlockType::EfficientVit => {
+                    efficient_vit_block(b, &bp, x, c, cfg.attention_head_dim, h, wd)?
+                }
             };
         }
         stages[i] = (x, h, wd);
@@ -409,7 +570,15 @@ fn run_stages(
 /// one fused node (`Op::UpsampleConv2d`, the same math as upsample2x -> conv -> + shortcut): the
 /// CUDA backend computes it as four 2×2 phase convolutions on `x` and never materializes the
 /// upsampled tensor.
-fn up_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, cin: usize, cout: usize, h: usize, wd: usize) -> Result<ValueId> {
+fn up_block(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    wd: usize,
+) -> Result<ValueId> {
     let cs = s.pp("conv");
     let wt = b.weight(&cs.name("weight"), [cout, cin, 3, 3])?;
     let bs = b.weight(&cs.name("bias"), [cout])?;
@@ -417,14 +586,29 @@ fn up_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, cin: usize, cout: usize
 }
 
 /// `x + norm(conv2(silu(conv1(x))))` (the norm and the residual one node).
-fn res_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
+fn res_block(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    c: usize,
+    h: usize,
+    wd: usize,
+) -> Result<ValueId> {
     let y = conv(b, &s.pp("conv1"), x, c, c, 3, true, true, h, wd)?;
     let y = conv(b, &s.pp("conv2"), y, c, c, 3, false, false, h, wd)?;
     rms_norm_biased_residual(b, &s.pp("norm"), y, c, NORM_EPS, x)
 }
 
 /// `conv_out(attn(x))`, both residual.
-fn efficient_vit_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
+fn efficient_vit_block(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    c: usize,
+    hd: usize,
+    h: usize,
+    wd: usize,
+) -> Result<ValueId> {
     let x = multiscale_attention(b, &s.pp("attn"), x, c, hd, h, wd)?;
     glumb_conv_residual(b, &s.pp("conv_out"), x, c, h, wd)
 }
@@ -432,11 +616,21 @@ fn efficient_vit_block(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, hd
 /// SanaMultiscaleLinearAttention: [to_q|to_k|to_v] (one GEMM), the 5×5 depthwise +
 /// grouped 1×1 multi-scale branch, ReLU linear attention over groups of (q|k|v) of `hd` channels
 /// each, to_out, channel RMSNorm, residual.
-fn multiscale_attention(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, hd: usize, h: usize, wd: usize) -> Result<ValueId> {
+fn multiscale_attention(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    c: usize,
+    hd: usize,
+    h: usize,
+    wd: usize,
+) -> Result<ValueId> {
     let heads = c / hd;
     // [to_q; to_k; to_v] as one GEMM on the three weights concatenated once at load (interleaving
     // blocks of c rows is a plain row concat): x is read once and the concat is never stored.
-    let parts = ["to_q", "to_k", "to_v"].map(|p| s.pp(p).name("weight")).to_vec();
+    let parts = ["to_q", "to_k", "to_v"]
+        .map(|p| s.pp(p).name("weight"))
+        .to_vec();
     let w = b.weight(&derived::interleaved_rows_name(&parts, c), [3 * c, c])?;
     let qkv = b.linear(&s.name("qkv"), x, w, None)?;
     let m = s.pp("to_qkv_multiscale").pp(0);
@@ -452,7 +646,14 @@ fn multiscale_attention(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h
 }
 
 /// GLUMBConv with residual: `x + norm(point(u · silu(g)))`, `[u|g] = dw3x3(silu(inverted(x)))`.
-fn glumb_conv_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, h: usize, wd: usize) -> Result<ValueId> {
+fn glumb_conv_residual(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    c: usize,
+    h: usize,
+    wd: usize,
+) -> Result<ValueId> {
     let y = glumb_conv(b, s, x, c, EXPAND * c, c, h, wd)?;
     rms_norm_biased_residual(b, &s.pp("norm"), y, c, NORM_EPS, x)
 }

@@ -52,26 +52,45 @@ impl InternVlVisionConfig {
     /// `force_image_size`) or transformers' (`vision_config` + `text_config`,
     /// `vision_feature_layer`, ...). Settings this port does not implement are refused by name.
     pub fn from_json(cfg: &Value, origin: &str) -> Result<InternVlVisionConfig> {
-        let err = |msg: String| ModelError::Config { path: origin.into(), msg };
+        let err = |msg: String| ModelError::Config {
+            path: origin.into(),
+            msg,
+        };
         let vc = cfg.get("vision_config").filter(|v| v.is_object()).ok_or_else(|| {
             err("no `vision_config`: this model has no vision tower (an InternVL config.json is needed for images)".into())
         })?;
         let native = cfg.get("text_config").is_some() && cfg.get("llm_config").is_none();
         let llm = cfg
             .get(if native { "text_config" } else { "llm_config" })
-            .ok_or_else(|| err("no `llm_config` (or `text_config`): the projector's output width is unknown".into()))?;
+            .ok_or_else(|| {
+                err(
+                    "no `llm_config` (or `text_config`): the projector's output width is unknown"
+                        .into(),
+                )
+            })?;
         let uint = |v: &Value, section: &str, key: &str| -> Result<usize> {
             // transformers writes image_size / patch_size as [h, w]: square only.
             let one = |x: &Value| x.as_u64().map(|u| u as usize);
             match v.get(key) {
-                Some(Value::Array(a)) if a.len() == 2 && one(&a[0]).is_some() && a[0] == a[1] => Ok(one(&a[0]).unwrap()),
+                Some(Value::Array(a)) if a.len() == 2 && one(&a[0]).is_some() && a[0] == a[1] => {
+                    Ok(one(&a[0]).unwrap())
+                }
                 Some(x) if one(x).is_some() => Ok(one(x).unwrap()),
-                Some(x) => Err(err(format!("{section}.{key} is {x}, expected a positive integer (or a square [n, n])"))),
+                Some(x) => Err(err(format!(
+                    "{section}.{key} is {x}, expected a positive integer (or a square [n, n])"
+                ))),
                 None => Err(err(format!("{section}.{key} is missing"))),
             }
         };
-        let get_str = |v: &Value, key: &str, default: &str| v.get(key).and_then(|x| x.as_str()).unwrap_or(default).to_string();
-        let get_bool = |v: &Value, key: &str, default: bool| v.get(key).and_then(|x| x.as_bool()).unwrap_or(default);
+        let get_str = |v: &Value, key: &str, default: &str| {
+            v.get(key)
+                .and_then(|x| x.as_str())
+                .unwrap_or(default)
+                .to_string()
+        };
+        let get_bool = |v: &Value, key: &str, default: bool| {
+            v.get(key).and_then(|x| x.as_bool()).unwrap_or(default)
+        };
 
         let hidden_size = uint(vc, "vision_config", "hidden_size")?;
         let num_attention_heads = uint(vc, "vision_config", "num_attention_heads")?;
@@ -83,25 +102,38 @@ impl InternVlVisionConfig {
                 image_size = f as usize;
             }
         }
-        let norm_type = match get_str(vc, "norm_type", "layer_norm").as_str() {
-            "layer_norm" => NormType::LayerNorm,
-            "rms_norm" => NormType::RmsNorm,
-            other => return Err(err(format!("vision_config.norm_type `{other}` is not supported (layer_norm or rms_norm)"))),
-        };
+        let norm_type =
+            match get_str(vc, "norm_type", "layer_norm").as_str() {
+                "layer_norm" => NormType::LayerNorm,
+                "rms_norm" => NormType::RmsNorm,
+                other => return Err(err(format!(
+                    "vision_config.norm_type `{other}` is not supported (layer_norm or rms_norm)"
+                ))),
+            };
         let act = get_str(vc, "hidden_act", "gelu");
         if act != "gelu" {
             return Err(err(format!("vision_config.hidden_act `{act}` is not supported (InternViT uses gelu, exact erf)")));
         }
-        let ratio = cfg.get("downsample_ratio").and_then(|r| r.as_f64()).unwrap_or(0.5);
+        let ratio = cfg
+            .get("downsample_ratio")
+            .and_then(|r| r.as_f64())
+            .unwrap_or(0.5);
         if ratio != 0.5 {
-            return Err(err(format!("downsample_ratio {ratio} is not supported (pixel shuffle with scale 0.5 is)")));
+            return Err(err(format!(
+                "downsample_ratio {ratio} is not supported (pixel shuffle with scale 0.5 is)"
+            )));
         }
         let (select_layer, qkv_bias, qk_normalization) = if native {
             if !get_bool(vc, "use_mean_pooling", true) {
-                return Err(err("vision_config.use_mean_pooling=false (a final ViT LayerNorm) is not supported".into()));
+                return Err(err(
+                    "vision_config.use_mean_pooling=false (a final ViT LayerNorm) is not supported"
+                        .into(),
+                ));
             }
             if !get_bool(vc, "use_absolute_position_embeddings", true) {
-                return Err(err("vision_config.use_absolute_position_embeddings=false is not supported".into()));
+                return Err(err(
+                    "vision_config.use_absolute_position_embeddings=false is not supported".into(),
+                ));
             }
             let strategy = get_str(cfg, "vision_feature_select_strategy", "default");
             if strategy != "default" {
@@ -109,17 +141,36 @@ impl InternVlVisionConfig {
             }
             let pact = get_str(cfg, "projector_hidden_act", "gelu");
             if pact != "gelu" {
-                return Err(err(format!("projector_hidden_act `{pact}` is not supported (gelu)")));
+                return Err(err(format!(
+                    "projector_hidden_act `{pact}` is not supported (gelu)"
+                )));
             }
-            let layer = cfg.get("vision_feature_layer").cloned().unwrap_or(Value::from(-1));
-            let layer = layer.as_i64().ok_or_else(|| err(format!("vision_feature_layer {layer} is not supported (one layer index)")))?;
-            (layer, get_bool(vc, "attention_bias", false), get_bool(vc, "use_qk_norm", false))
+            let layer = cfg
+                .get("vision_feature_layer")
+                .cloned()
+                .unwrap_or(Value::from(-1));
+            let layer = layer.as_i64().ok_or_else(|| {
+                err(format!(
+                    "vision_feature_layer {layer} is not supported (one layer index)"
+                ))
+            })?;
+            (
+                layer,
+                get_bool(vc, "attention_bias", false),
+                get_bool(vc, "use_qk_norm", false),
+            )
         } else {
             let ps = get_str(cfg, "ps_version", "v1");
             if ps != "v2" {
                 return Err(err(format!("ps_version `{ps}` is not supported (InternVL3 uses v2; v1 transposes the token grid)")));
             }
-            (cfg.get("select_layer").and_then(|s| s.as_i64()).unwrap_or(-1), get_bool(vc, "qkv_bias", true), get_bool(vc, "qk_normalization", false))
+            (
+                cfg.get("select_layer")
+                    .and_then(|s| s.as_i64())
+                    .unwrap_or(-1),
+                get_bool(vc, "qkv_bias", true),
+                get_bool(vc, "qk_normalization", false),
+            )
         };
         let c = InternVlVisionConfig {
             hidden_size,
@@ -129,23 +180,43 @@ impl InternVlVisionConfig {
             num_channels: vc.get("num_channels").and_then(|n| n.as_u64()).unwrap_or(3) as usize,
             image_size,
             patch_size,
-            layer_norm_eps: vc.get("layer_norm_eps").and_then(|e| e.as_f64()).unwrap_or(1e-6) as f32,
+            layer_norm_eps: vc
+                .get("layer_norm_eps")
+                .and_then(|e| e.as_f64())
+                .unwrap_or(1e-6) as f32,
             norm_type,
             qkv_bias,
             qk_normalization,
             select_layer,
-            llm_hidden_size: uint(llm, if native { "text_config" } else { "llm_config" }, "hidden_size")?,
+            llm_hidden_size: uint(
+                llm,
+                if native { "text_config" } else { "llm_config" },
+                "hidden_size",
+            )?,
         };
         c.validate(origin)?;
         Ok(c)
     }
 
     fn validate(&self, origin: &str) -> Result<()> {
-        let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return err(format!("vision_config: hidden_size {} is not a multiple of {} heads", self.hidden_size, self.num_attention_heads));
+        let err = |msg: String| {
+            Err(ModelError::Config {
+                path: origin.into(),
+                msg,
+            })
+        };
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return err(format!(
+                "vision_config: hidden_size {} is not a multiple of {} heads",
+                self.hidden_size, self.num_attention_heads
+            ));
         }
-        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) || !self.grid().is_multiple_of(2) {
+        if self.patch_size == 0
+            || !self.image_size.is_multiple_of(self.patch_size)
+            || !self.grid().is_multiple_of(2)
+        {
             return err(format!(
                 "image size {} with patch size {} does not give an even patch grid (pixel shuffle merges 2×2 patches)",
                 self.image_size, self.patch_size
@@ -153,7 +224,10 @@ impl InternVlVisionConfig {
         }
         let layers = self.num_hidden_layers as i64;
         if self.select_layer >= 0 || self.select_layer < -layers {
-            return err(format!("select_layer {} is not supported (-1 .. -{layers}: a layer counted from the last)", self.select_layer));
+            return err(format!(
+                "select_layer {} is not supported (-1 .. -{layers}: a layer counted from the last)",
+                self.select_layer
+            ));
         }
         Ok(())
     }
@@ -189,7 +263,14 @@ pub struct VitOutputs {
     pub layers: Vec<ValueId>,
 }
 
-fn norm(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, kind: NormType, eps: f32) -> Result<ValueId> {
+fn norm(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    c: usize,
+    kind: NormType,
+    eps: f32,
+) -> Result<ValueId> {
     match kind {
         NormType::LayerNorm => layer_norm(b, s, x, c, eps),
         NormType::RmsNorm => rms_norm(b, s, x, c, eps),
@@ -197,17 +278,34 @@ fn norm(b: &mut GraphBuilder, s: &Scope, x: ValueId, c: usize, kind: NormType, e
 }
 
 /// The graph from `pixel_values` [T, channels, S, S] to the projector output, all tiles as one batch.
-pub fn build(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, pixel_values: ValueId) -> Result<VitOutputs> {
-    let (s, g, c, ch) = (cfg.image_size, cfg.grid(), cfg.hidden_size, cfg.num_channels);
+pub fn build(
+    b: &mut GraphBuilder,
+    cfg: &InternVlVisionConfig,
+    pixel_values: ValueId,
+) -> Result<VitOutputs> {
+    let (s, g, c, ch) = (
+        cfg.image_size,
+        cfg.grid(),
+        cfg.hidden_size,
+        cfg.num_channels,
+    );
     let ps = b.shape(pixel_values).clone();
     if ps.rank() != 4 || ps.dims()[1..] != [ch, s, s] {
-        return Err(ModelError::Config { path: "pixel_values".into(), msg: format!("shape {ps}, expected [tiles, {ch}, {s}, {s}]") });
+        return Err(ModelError::Config {
+            path: "pixel_values".into(),
+            msg: format!("shape {ps}, expected [tiles, {ch}, {s}, {s}]"),
+        });
     }
     let t = ps.dims()[0];
     let mut x = embeddings(b, cfg, pixel_values, t)?;
     let mut layers = vec![];
     for i in 0..cfg.layers_used() {
-        x = encoder_layer(b, cfg, &Scope::new("vision_model").pp("encoder").pp("layers").pp(i), x)?;
+        x = encoder_layer(
+            b,
+            cfg,
+            &Scope::new("vision_model").pp("encoder").pp("layers").pp(i),
+            x,
+        )?;
         layers.push(x);
     }
     // Drop the class token, pixel shuffle v2 (scale 0.5) and mlp1's LayerNorm(4C) as one op that
@@ -216,7 +314,10 @@ pub fn build(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, pixel_values: Val
     let d = cfg.llm_hidden_size;
     let mlp1 = Scope::new("mlp1");
     let ln = mlp1.pp(0);
-    let (w, bias) = (b.weight(&ln.name("weight"), [4 * c])?, b.weight(&ln.name("bias"), [4 * c])?);
+    let (w, bias) = (
+        b.weight(&ln.name("weight"), [4 * c])?,
+        b.weight(&ln.name("bias"), [4 * c])?,
+    );
     let x = b.pixel_shuffle_layernorm(&mlp1.name("0"), x, w, bias, MLP1_NORM_EPS, g, 1)?;
     // mlp1: (LayerNorm above) -> Linear -> GELU (erf) -> Linear.
     let x = linear(b, &mlp1.pp(1), x, 4 * c, d, true)?;
@@ -226,13 +327,45 @@ pub fn build(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, pixel_values: Val
 }
 
 /// Patch embedding (Conv2d k = stride = p as patchify + GEMM), class token, position embedding.
-fn embeddings(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, pixel_values: ValueId, t: usize) -> Result<ValueId> {
-    let (s, p, g, c, ch) = (cfg.image_size, cfg.patch_size, cfg.grid(), cfg.hidden_size, cfg.num_channels);
+fn embeddings(
+    b: &mut GraphBuilder,
+    cfg: &InternVlVisionConfig,
+    pixel_values: ValueId,
+    t: usize,
+) -> Result<ValueId> {
+    let (s, p, g, c, ch) = (
+        cfg.image_size,
+        cfg.patch_size,
+        cfg.grid(),
+        cfg.hidden_size,
+        cfg.num_channels,
+    );
     // Patchify: (ch, py, ky, px, kx) -> (py, px, ch, ky, kx), the conv weight's (ch, ky, kx) order,
     // in three transposes: move ch last, then ky last, then kx last.
-    let x = b.transpose("patchify.channels", pixel_values, t, ch, s * s, [t, s * s, ch])?;
-    let x = b.transpose("patchify.rows", x, t * g, p, g * p * ch, [t * g, g * p * ch, p])?;
-    let x = b.transpose("patchify.cols", x, t * g * g, p, ch * p, [t, g * g, ch * p * p])?;
+    let x = b.transpose(
+        "patchify.channels",
+        pixel_values,
+        t,
+        ch,
+        s * s,
+        [t, s * s, ch],
+    )?;
+    let x = b.transpose(
+        "patchify.rows",
+        x,
+        t * g,
+        p,
+        g * p * ch,
+        [t * g, g * p * ch, p],
+    )?;
+    let x = b.transpose(
+        "patchify.cols",
+        x,
+        t * g * g,
+        p,
+        ch * p,
+        [t, g * g, ch * p * p],
+    )?;
     let e = Scope::new("vision_model").pp("embeddings");
     let x = linear(b, &e.pp("patch_embedding"), x, ch * p * p, c, true)?;
     let cls = b.weight(&e.name("class_embedding"), [c])?;
@@ -241,7 +374,12 @@ fn embeddings(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, pixel_values: Va
 }
 
 /// One pre-norm block: `x + ls1 · attn(norm1(x))`, then `x + ls2 · mlp(norm2(x))`.
-fn encoder_layer(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, s: &Scope, x: ValueId) -> Result<ValueId> {
+fn encoder_layer(
+    b: &mut GraphBuilder,
+    cfg: &InternVlVisionConfig,
+    s: &Scope,
+    x: ValueId,
+) -> Result<ValueId> {
     let (c, heads, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
     let h = norm(b, &s.pp("norm1"), x, c, cfg.norm_type, cfg.layer_norm_eps)?;
     // qkv as three GEMMs over row slices of the stored [3C, C] weight (see VitWeights).
@@ -249,7 +387,11 @@ fn encoder_layer(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, s: &Scope, x:
     for part in ["q", "k", "v"] {
         let fused = attn.pp("qkv");
         let w = b.weight(&fused.name(&format!("weight[{part}]")), [c, c])?;
-        let bias = if cfg.qkv_bias { Some(b.weight(&fused.name(&format!("bias[{part}]")), [c])?) } else { None };
+        let bias = if cfg.qkv_bias {
+            Some(b.weight(&fused.name(&format!("bias[{part}]")), [c])?)
+        } else {
+            None
+        };
         qkv.push(b.linear(&attn.name(part), h, w, bias)?);
     }
     let (mut q, mut k, v) = (qkv[0], qkv[1], qkv[2]);
@@ -258,7 +400,18 @@ fn encoder_layer(b: &mut GraphBuilder, cfg: &InternVlVisionConfig, s: &Scope, x:
         q = rms_norm(b, &attn.pp("q_norm"), q, c, cfg.layer_norm_eps)?;
         k = rms_norm(b, &attn.pp("k_norm"), k, c, cfg.layer_norm_eps)?;
     }
-    let o = b.attention(&attn.name("core"), q, k, v, None, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
+    let o = b.attention(
+        &attn.name("core"),
+        q,
+        k,
+        v,
+        None,
+        heads,
+        heads,
+        hd,
+        false,
+        (hd as f32).powf(-0.5),
+    )?;
     let o = linear(b, &attn.pp("proj"), o, c, c, true)?;
     let ls1 = b.weight(&s.name("ls1"), [1, c])?;
     let x = b.gated_add(&s.name("residual1"), x, ls1, o)?;
@@ -289,7 +442,12 @@ impl VitLayout {
         }
         ["model.", ""]
             .into_iter()
-            .find(|pre| source.contains(&Scope::new(pre).name("vision_tower.embeddings.patch_embeddings.projection.weight")))
+            .find(|pre| {
+                source.contains(
+                    &Scope::new(pre)
+                        .name("vision_tower.embeddings.patch_embeddings.projection.weight"),
+                )
+            })
             .map(|prefix| VitLayout::Native { prefix })
     }
 }
@@ -317,14 +475,29 @@ impl<S: TensorSource> VitWeights<S> {
             None => (name, None),
         };
         let VitLayout::Native { prefix } = &self.layout else {
-            return Stored { key: base.to_string(), third };
+            return Stored {
+                key: base.to_string(),
+                third,
+            };
         };
         // transformers' conversion (convert_internvl_weights_to_hf.py), applied in reverse.
         let mut key = base
-            .replace("vision_model.embeddings.class_embedding", "vision_tower.embeddings.cls_token")
-            .replace("vision_model.embeddings.position_embedding", "vision_tower.embeddings.position_embeddings")
-            .replace("vision_model.embeddings.patch_embedding", "vision_tower.embeddings.patch_embeddings.projection")
-            .replace("vision_model.encoder.layers.", "vision_tower.encoder.layer.")
+            .replace(
+                "vision_model.embeddings.class_embedding",
+                "vision_tower.embeddings.cls_token",
+            )
+            .replace(
+                "vision_model.embeddings.position_embedding",
+                "vision_tower.embeddings.position_embeddings",
+            )
+            .replace(
+                "vision_model.embeddings.patch_embedding",
+                "vision_tower.embeddings.patch_embeddings.projection",
+            )
+            .replace(
+                "vision_model.encoder.layers.",
+                "vision_tower.encoder.layer.",
+            )
             .replace(".norm1.", ".layernorm_before.")
             .replace(".norm2.", ".layernorm_after.")
             .replace(".attn.proj.", ".attention.projection_layer.")
@@ -342,7 +515,10 @@ impl<S: TensorSource> VitWeights<S> {
             let part = ["q", "k", "v"][i];
             key = key.replace(".attn.qkv.", &format!(".attention.{part}_proj."));
         }
-        Stored { key: Scope::new(prefix).name(&key), third: None }
+        Stored {
+            key: Scope::new(prefix).name(&key),
+            third: None,
+        }
     }
 }
 
@@ -382,7 +558,10 @@ impl<S: TensorSource> TensorSource for VitWeights<S> {
         };
         if let Some(i) = st.third {
             // A third of the fused qkv: rows [i·n, (i+1)·n).
-            if found.rank() == 0 || found.dims()[0] != 3 * shape.dims()[0] || found.numel() != 3 * shape.numel() {
+            if found.rank() == 0
+                || found.dims()[0] != 3 * shape.dims()[0]
+                || found.numel() != 3 * shape.numel()
+            {
                 return Err(mismatch());
             }
             let all = self.inner.tensor_f32(&st.key, &found)?.to_f32_vec();
@@ -391,7 +570,11 @@ impl<S: TensorSource> TensorSource for VitWeights<S> {
         }
         if name.ends_with("patch_embedding.weight") {
             // The conv weight [C, ch, p, p] is the patch GEMM's [C, ch·p·p] (same memory order).
-            if found.rank() != 4 || shape.rank() != 2 || found.dims()[0] != shape.dims()[0] || found.numel() != shape.numel() {
+            if found.rank() != 4
+                || shape.rank() != 2
+                || found.dims()[0] != shape.dims()[0]
+                || found.numel() != shape.numel()
+            {
                 return Err(mismatch());
             }
             let mut t = self.inner.tensor_f32(&st.key, &found)?;
@@ -405,11 +588,21 @@ impl<S: TensorSource> TensorSource for VitWeights<S> {
 /// Refuses a checkpoint whose position table is for another grid than the config's image size
 /// (upstream would interpolate it bicubically; every InternVL3 tile is 448, where it is exact).
 pub fn check_position_table(source: &dyn TensorSource, cfg: &InternVlVisionConfig) -> Result<()> {
-    let w = VitWeights { inner: source, layout: VitLayout::detect(source).unwrap_or(VitLayout::Original) };
+    let w = VitWeights {
+        inner: source,
+        layout: VitLayout::detect(source).unwrap_or(VitLayout::Original),
+    };
     let name = "vision_model.embeddings.position_embedding";
-    let found = w.shape_of(name).map_err(|e| ModelError::Config { path: source.origin(), msg: e.to_string() })?;
+    let found = w.shape_of(name).map_err(|e| ModelError::Config {
+        path: source.origin(),
+        msg: e.to_string(),
+    })?;
     let want = cfg.grid() * cfg.grid() + 1;
-    let rows = if found.rank() >= 2 { found.dims()[found.rank() - 2] } else { 0 };
+    let rows = if found.rank() >= 2 {
+        found.dims()[found.rank() - 2]
+    } else {
+        0
+    };
     if rows != want || found.last() != cfg.hidden_size {
         return Err(ModelError::Config {
             path: source.origin(),

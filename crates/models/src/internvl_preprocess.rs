@@ -38,7 +38,10 @@ pub struct ImageInputError {
 }
 
 fn err(file: &str, msg: impl Into<String>) -> ImageInputError {
-    ImageInputError { file: file.to_string(), msg: msg.into() }
+    ImageInputError {
+        file: file.to_string(),
+        msg: msg.into(),
+    }
 }
 
 /// An 8-bit RGB image, rows top to bottom, pixels interleaved R,G,B (Pillow's "RGB" mode).
@@ -52,12 +55,19 @@ pub struct RgbImage {
 impl RgbImage {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> RgbImage {
         assert_eq!(data.len(), width * height * 3, "RGB buffer size");
-        RgbImage { width, height, data }
+        RgbImage {
+            width,
+            height,
+            data,
+        }
     }
 
     /// `Image.crop((x0, y0, x0 + w, y0 + h))` for a box inside the image.
     pub fn crop(&self, x0: usize, y0: usize, w: usize, h: usize) -> RgbImage {
-        assert!(x0 + w <= self.width && y0 + h <= self.height, "crop box inside the image");
+        assert!(
+            x0 + w <= self.width && y0 + h <= self.height,
+            "crop box inside the image"
+        );
         let mut data = Vec::with_capacity(w * h * 3);
         for y in y0..y0 + h {
             let row = (y * self.width + x0) * 3;
@@ -76,30 +86,59 @@ impl RgbImage {
 /// reduced to their high byte); refuses what Pillow would turn into a silently wrong image.
 pub fn decode_rgb(path: &Path) -> Result<RgbImage, ImageInputError> {
     let name = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| err(&name, format!("cannot read the image: {e}")))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| err(&name, format!("cannot read the image: {e}")))?;
     if !meta.is_file() {
-        return Err(err(&name, "is not a file (expected a PNG, JPEG or WebP image)"));
+        return Err(err(
+            &name,
+            "is not a file (expected a PNG, JPEG or WebP image)",
+        ));
     }
     if meta.len() == 0 {
-        return Err(err(&name, "is empty (0 bytes), expected a PNG, JPEG or WebP image"));
+        return Err(err(
+            &name,
+            "is empty (0 bytes), expected a PNG, JPEG or WebP image",
+        ));
     }
     if meta.len() > MAX_FILE_BYTES {
-        return Err(err(&name, format!("is {} bytes, more than the {MAX_FILE_BYTES}-byte bound for an input image", meta.len())));
+        return Err(err(
+            &name,
+            format!(
+                "is {} bytes, more than the {MAX_FILE_BYTES}-byte bound for an input image",
+                meta.len()
+            ),
+        ));
     }
-    let bytes = std::fs::read(path).map_err(|e| err(&name, format!("cannot read the image: {e}")))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| err(&name, format!("cannot read the image: {e}")))?;
     decode_rgb_bytes(&bytes, &name)
 }
 
 /// [`decode_rgb`] on bytes already in memory; `name` is used in errors.
 pub fn decode_rgb_bytes(bytes: &[u8], name: &str) -> Result<RgbImage, ImageInputError> {
     if bytes.is_empty() {
-        return Err(err(name, "is empty (0 bytes), expected a PNG, JPEG or WebP image"));
+        return Err(err(
+            name,
+            "is empty (0 bytes), expected a PNG, JPEG or WebP image",
+        ));
     }
-    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| err(name, format!("cannot read: {e}")))?;
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| err(name, format!("cannot read: {e}")))?;
     let format = match reader.format() {
         Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)) => f,
-        Some(other) => return Err(err(name, format!("is a {other:?} image; supported formats are PNG, JPEG and WebP"))),
-        None => return Err(err(name, "is not a PNG, JPEG or WebP image (unrecognised file signature)")),
+        Some(other) => {
+            return Err(err(
+                name,
+                format!("is a {other:?} image; supported formats are PNG, JPEG and WebP"),
+            ))
+        }
+        None => {
+            return Err(err(
+                name,
+                "is not a PNG, JPEG or WebP image (unrecognised file signature)",
+            ))
+        }
     };
     match format {
         // JPEG goes to libjpeg-turbo (Pillow's decoder), see decode_jpeg.
@@ -113,11 +152,22 @@ pub fn decode_rgb_bytes(bytes: &[u8], name: &str) -> Result<RgbImage, ImageInput
     let mut limits = Limits::default();
     limits.max_alloc = Some(MAX_DECODER_ALLOC);
     reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(|e| err(name, format!("cannot read the {format:?} header: {e} (corrupt or truncated file?)")))?;
+    let decoder = reader.into_decoder().map_err(|e| {
+        err(
+            name,
+            format!("cannot read the {format:?} header: {e} (corrupt or truncated file?)"),
+        )
+    })?;
     let (w, h) = decoder.dimensions();
     check_dimensions(w as u64, h as u64, name)?;
-    let img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| err(name, format!("cannot decode the {format:?} image ({w}x{h}): {e} (corrupt or truncated file?)")))?;
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| {
+        err(
+            name,
+            format!(
+                "cannot decode the {format:?} image ({w}x{h}): {e} (corrupt or truncated file?)"
+            ),
+        )
+    })?;
     to_rgb8_like_pillow(img, name)
 }
 
@@ -141,7 +191,12 @@ fn check_dimensions(w: u64, h: u64, name: &str) -> Result<(), ImageInputError> {
 fn check_png_header(bytes: &[u8], name: &str) -> Result<(), ImageInputError> {
     let mut dec = png::Decoder::new(Cursor::new(bytes));
     dec.set_ignore_text_chunk(true);
-    let info = dec.read_header_info().map_err(|e| err(name, format!("cannot read the PNG header: {e} (corrupt or truncated file?)")))?;
+    let info = dec.read_header_info().map_err(|e| {
+        err(
+            name,
+            format!("cannot read the PNG header: {e} (corrupt or truncated file?)"),
+        )
+    })?;
     check_dimensions(info.width as u64, info.height as u64, name)?;
     if info.color_type == png::ColorType::Grayscale && info.bit_depth == png::BitDepth::Sixteen {
         return Err(err(
@@ -166,25 +221,45 @@ fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage, ImageInputError> {
     let run = || -> Result<RgbImage, ImageInputError> {
         let header = mozjpeg::Decompress::with_err(strict_jpeg_errors())
             .from_mem(bytes)
-            .map_err(|e| err(name, format!("cannot read the JPEG header: {e} (corrupt or truncated file?)")))?;
+            .map_err(|e| {
+                err(
+                    name,
+                    format!("cannot read the JPEG header: {e} (corrupt or truncated file?)"),
+                )
+            })?;
         let (w, h) = header.size();
         check_dimensions(w as u64, h as u64, name)?;
         if matches!(header.color_space(), JCS_CMYK | JCS_YCCK) {
             return Err(err(name, "is a CMYK (or YCCK) JPEG; only grayscale and YCbCr/RGB JPEGs are supported: convert it to RGB first"));
         }
-        let mut started = header.rgb().map_err(|e| err(name, format!("cannot decode the JPEG image ({w}x{h}): {e}")))?;
-        let data = started.read_scanlines::<u8>().map_err(|e| err(name, format!("cannot decode the JPEG image ({w}x{h}): {e}")))?;
-        started.finish().map_err(|e| err(name, format!("cannot finish the JPEG image ({w}x{h}): {e}")))?;
+        let mut started = header
+            .rgb()
+            .map_err(|e| err(name, format!("cannot decode the JPEG image ({w}x{h}): {e}")))?;
+        let data = started
+            .read_scanlines::<u8>()
+            .map_err(|e| err(name, format!("cannot decode the JPEG image ({w}x{h}): {e}")))?;
+        started
+            .finish()
+            .map_err(|e| err(name, format!("cannot finish the JPEG image ({w}x{h}): {e}")))?;
         if data.len() != w * h * 3 {
-            return Err(err(name, format!("JPEG decoder returned {} bytes for {w}x{h} RGB", data.len())));
+            return Err(err(
+                name,
+                format!("JPEG decoder returned {} bytes for {w}x{h} RGB", data.len()),
+            ));
         }
         Ok(RgbImage::new(w, h, data))
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
         Ok(result) => result,
         Err(payload) => {
-            let msg = payload.downcast_ref::<String>().cloned().unwrap_or_else(|| "libjpeg failed".into());
-            Err(err(name, format!("cannot decode the JPEG image: {msg} (corrupt or truncated file?)")))
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "libjpeg failed".into());
+            Err(err(
+                name,
+                format!("cannot decode the JPEG image: {msg} (corrupt or truncated file?)"),
+            ))
         }
     }
 }
@@ -209,8 +284,16 @@ fn strict_jpeg_errors() -> mozjpeg_sys::jpeg_error_mgr {
         }
         std::panic::resume_unwind(Box::new(text));
     }
-    unsafe extern "C-unwind" fn message(cinfo: &mut jpeg_common_struct, level: std::os::raw::c_int) {
-        if level < 0 && cinfo.err.as_ref().is_some_and(|e| e.msg_code == JWRN_JPEG_EOF) {
+    unsafe extern "C-unwind" fn message(
+        cinfo: &mut jpeg_common_struct,
+        level: std::os::raw::c_int,
+    ) {
+        if level < 0
+            && cinfo
+                .err
+                .as_ref()
+                .is_some_and(|e| e.msg_code == JWRN_JPEG_EOF)
+        {
             std::panic::resume_unwind(Box::new("the data ends early (truncated file)".to_string()));
         }
     }
@@ -230,18 +313,32 @@ fn to_rgb8_like_pillow(img: DynamicImage, name: &str) -> Result<RgbImage, ImageI
     let mut out = Vec::with_capacity(n * 3);
     match img {
         DynamicImage::ImageRgb8(b) => out = b.into_raw(),
-        DynamicImage::ImageRgba8(b) => out.extend(b.as_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]])),
-        DynamicImage::ImageLuma8(b) => out.extend(b.as_raw().iter().flat_map(|&l| [l, l, l])),
-        DynamicImage::ImageLumaA8(b) => out.extend(b.as_raw().chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]])),
-        DynamicImage::ImageRgb16(b) => out.extend(b.as_raw().iter().map(|&v| (v >> 8) as u8)),
-        DynamicImage::ImageRgba16(b) => {
-            out.extend(b.as_raw().chunks_exact(4).flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]))
+        DynamicImage::ImageRgba8(b) => {
+            out.extend(b.as_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]))
         }
+        DynamicImage::ImageLuma8(b) => out.extend(b.as_raw().iter().flat_map(|&l| [l, l, l])),
+        DynamicImage::ImageLumaA8(b) => {
+            out.extend(b.as_raw().chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]))
+        }
+        DynamicImage::ImageRgb16(b) => out.extend(b.as_raw().iter().map(|&v| (v >> 8) as u8)),
+        DynamicImage::ImageRgba16(b) => out.extend(
+            b.as_raw()
+                .chunks_exact(4)
+                .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]),
+        ),
         DynamicImage::ImageLumaA16(b) => out.extend(b.as_raw().chunks_exact(2).flat_map(|p| {
             let l = (p[0] >> 8) as u8;
             [l, l, l]
         })),
-        other => return Err(err(name, format!("has pixel type {:?}, which has no Pillow 'RGB' equivalent here", other.color()))),
+        other => {
+            return Err(err(
+                name,
+                format!(
+                    "has pixel type {:?}, which has no Pillow 'RGB' equivalent here",
+                    other.color()
+                ),
+            ))
+        }
     }
     Ok(RgbImage::new(w, h, out))
 }
@@ -305,11 +402,19 @@ fn axis_coeffs(in_size: usize, out_size: usize) -> AxisCoeffs {
             let w = if ww != 0.0 { k[x] / ww } else { k[x] };
             // Round half away from zero, then truncate, as `(int)(±0.5 + w * (1 << 22))`.
             let scaled = w * (1u32 << PRECISION_BITS) as f64;
-            row[x] = if w < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
+            row[x] = if w < 0.0 {
+                (-0.5 + scaled) as i32
+            } else {
+                (0.5 + scaled) as i32
+            };
         }
         bounds.push((xmin, xmax));
     }
-    AxisCoeffs { bounds, weights, ksize }
+    AxisCoeffs {
+        bounds,
+        weights,
+        ksize,
+    }
 }
 
 /// Pillow's `clip8`: drop the fraction bits (arithmetic shift) and clamp to 0..=255.
@@ -410,7 +515,9 @@ fn vertical_pass(src: &RgbImage, c: &AxisCoeffs, row_offset: usize) -> RgbImage 
 /// Python orders equal counts by set iteration; that order never changes the chosen grid (see
 /// docs/internvl3-preprocess.md and the exhaustive test below), so here they follow columns.
 pub fn target_ratios(max_num: usize) -> Vec<(usize, usize)> {
-    let mut v: Vec<(usize, usize)> = (1..=max_num).flat_map(|i| (1..=max_num / i).map(move |j| (i, j))).collect();
+    let mut v: Vec<(usize, usize)> = (1..=max_num)
+        .flat_map(|i| (1..=max_num / i).map(move |j| (i, j)))
+        .collect();
     v.sort_by_key(|&(i, j)| i * j);
     v
 }
@@ -418,7 +525,13 @@ pub fn target_ratios(max_num: usize) -> Vec<(usize, usize)> {
 /// The model card's `find_closest_aspect_ratio`: the grid whose aspect ratio is closest to the
 /// image's; on an exact tie the later (larger) grid wins when the image has more than half the
 /// pixels that grid's tiles hold.
-pub fn find_closest_aspect_ratio(aspect: f64, ratios: &[(usize, usize)], width: usize, height: usize, image_size: usize) -> (usize, usize) {
+pub fn find_closest_aspect_ratio(
+    aspect: f64,
+    ratios: &[(usize, usize)],
+    width: usize,
+    height: usize,
+    image_size: usize,
+) -> (usize, usize) {
     let mut best_diff = f64::INFINITY;
     let mut best = (1, 1);
     let area = (width * height) as f64;
@@ -427,7 +540,9 @@ pub fn find_closest_aspect_ratio(aspect: f64, ratios: &[(usize, usize)], width: 
         if diff < best_diff {
             best_diff = diff;
             best = (i, j);
-        } else if diff == best_diff && area > 0.5 * image_size as f64 * image_size as f64 * i as f64 * j as f64 {
+        } else if diff == best_diff
+            && area > 0.5 * image_size as f64 * image_size as f64 * i as f64 * j as f64
+        {
             best = (i, j);
         }
     }
@@ -437,12 +552,31 @@ pub fn find_closest_aspect_ratio(aspect: f64, ratios: &[(usize, usize)], width: 
 /// The model card's `dynamic_preprocess` with min_num 1: resize to the chosen grid of
 /// `image_size` tiles, crop the tiles in raster order, and append a thumbnail (the whole image
 /// resized to one tile) when there is more than one tile and `use_thumbnail` is set.
-pub fn dynamic_preprocess(img: &RgbImage, max_num: usize, image_size: usize, use_thumbnail: bool) -> Vec<RgbImage> {
+pub fn dynamic_preprocess(
+    img: &RgbImage,
+    max_num: usize,
+    image_size: usize,
+    use_thumbnail: bool,
+) -> Vec<RgbImage> {
     let aspect = img.width as f64 / img.height as f64;
-    let (cols, rows) = find_closest_aspect_ratio(aspect, &target_ratios(max_num), img.width, img.height, image_size);
+    let (cols, rows) = find_closest_aspect_ratio(
+        aspect,
+        &target_ratios(max_num),
+        img.width,
+        img.height,
+        image_size,
+    );
     let resized = resize_bicubic(img, image_size * cols, image_size * rows);
-    let mut tiles: Vec<RgbImage> =
-        (0..cols * rows).map(|k| resized.crop((k % cols) * image_size, (k / cols) * image_size, image_size, image_size)).collect();
+    let mut tiles: Vec<RgbImage> = (0..cols * rows)
+        .map(|k| {
+            resized.crop(
+                (k % cols) * image_size,
+                (k / cols) * image_size,
+                image_size,
+                image_size,
+            )
+        })
+        .collect();
     if use_thumbnail && tiles.len() != 1 {
         tiles.push(resize_bicubic(img, image_size, image_size));
     }
@@ -470,12 +604,17 @@ pub fn pixel_values(img: &RgbImage, input_size: usize, max_num: usize) -> HostTe
         // `T.Resize((input_size, input_size))` is a copy: every tile already has that size.
         normalize_into(t, chunk);
     }
-    HostTensor::from_f32([tiles.len(), 3, input_size, input_size], v).expect("shape matches the buffer")
+    HostTensor::from_f32([tiles.len(), 3, input_size, input_size], v)
+        .expect("shape matches the buffer")
 }
 
 /// The model card's `load_image(path, input_size, max_num)`: [T, 3, input_size, input_size] f32
 /// pixel values (before any bf16 cast), T = tiles (+ thumbnail).
-pub fn load_image(path: &Path, input_size: usize, max_num: usize) -> Result<HostTensor, ImageInputError> {
+pub fn load_image(
+    path: &Path,
+    input_size: usize,
+    max_num: usize,
+) -> Result<HostTensor, ImageInputError> {
     let name = path.display().to_string();
     // Bounds keep the output allocation bounded (at most 41 tiles of 896², about 395 MB of f32).
     if !(1..=MAX_INPUT_SIZE).contains(&input_size) {
@@ -495,9 +634,41 @@ mod tests {
     /// Python's sorted(set(...)) order for max_num 12 (CPython 3.11 `set` iteration), pasted from
     /// the model card's code run under the reference interpreter.
     const PY_ORDER_12: [(usize, usize); 35] = [
-        (1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1), (3, 2), (2, 3),
-        (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1), (1, 9), (3, 3), (9, 1), (2, 5), (5, 2), (10, 1), (1, 10),
-        (11, 1), (1, 11), (12, 1), (3, 4), (4, 3), (1, 12), (6, 2), (2, 6),
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (3, 1),
+        (1, 3),
+        (2, 2),
+        (4, 1),
+        (1, 4),
+        (5, 1),
+        (1, 5),
+        (1, 6),
+        (6, 1),
+        (3, 2),
+        (2, 3),
+        (7, 1),
+        (1, 7),
+        (4, 2),
+        (2, 4),
+        (1, 8),
+        (8, 1),
+        (1, 9),
+        (3, 3),
+        (9, 1),
+        (2, 5),
+        (5, 2),
+        (10, 1),
+        (1, 10),
+        (11, 1),
+        (1, 11),
+        (12, 1),
+        (3, 4),
+        (4, 3),
+        (1, 12),
+        (6, 2),
+        (2, 6),
     ];
 
     #[test]
@@ -526,13 +697,23 @@ mod tests {
                     }
                     // Midpoint m = (a0/a1 + b0/b1)/2 = num/den; compare |m - r| as fractions.
                     let (num, den) = ((a0 * b1 + b0 * a1) as i128, (2 * a1 * b1) as i128);
-                    let dist = |p: usize, q: usize| ((num * q as i128 - p as i128 * den).abs(), den * q as i128);
+                    let dist = |p: usize, q: usize| {
+                        ((num * q as i128 - p as i128 * den).abs(), den * q as i128)
+                    };
                     let tie = dist(a0, a1);
-                    let closer = c.iter().filter(|&&(p, q)| p * q <= a0 * a1 && (p, q) != (a0, a1) && (p, q) != (b0, b1)).any(|&(p, q)| {
-                        let d = dist(p, q);
-                        d.0 * tie.1 < tie.0 * d.1
-                    });
-                    assert!(closer, "max_num {max_num}: ({a0},{a1}) vs ({b0},{b1}) could tie");
+                    let closer = c
+                        .iter()
+                        .filter(|&&(p, q)| {
+                            p * q <= a0 * a1 && (p, q) != (a0, a1) && (p, q) != (b0, b1)
+                        })
+                        .any(|&(p, q)| {
+                            let d = dist(p, q);
+                            d.0 * tie.1 < tie.0 * d.1
+                        });
+                    assert!(
+                        closer,
+                        "max_num {max_num}: ({a0},{a1}) vs ({b0},{b1}) could tie"
+                    );
                 }
             }
         }
@@ -545,24 +726,46 @@ mod tests {
         // (3,3) through the larger-grid tie rule.
         assert_eq!(find_closest_aspect_ratio(1.0, &r, 448, 448, 448), (1, 1));
         assert_eq!(find_closest_aspect_ratio(1.0, &r, 1000, 1000, 448), (3, 3));
-        assert_eq!(find_closest_aspect_ratio(500.0 / 120.0, &r, 500, 120, 448), (4, 1));
+        assert_eq!(
+            find_closest_aspect_ratio(500.0 / 120.0, &r, 500, 120, 448),
+            (4, 1)
+        );
         let img = RgbImage::new(1000, 1000, vec![7; 3_000_000]);
         assert_eq!(dynamic_preprocess(&img, 12, 448, true).len(), 10);
         // 37x61 (aspect 0.61) -> (2,3): 6 tiles + thumbnail; with max_num 1 a single tile.
-        assert_eq!(find_closest_aspect_ratio(37.0 / 61.0, &r, 37, 61, 448), (2, 3));
+        assert_eq!(
+            find_closest_aspect_ratio(37.0 / 61.0, &r, 37, 61, 448),
+            (2, 3)
+        );
         let small = RgbImage::new(37, 61, vec![9; 37 * 61 * 3]);
         assert_eq!(dynamic_preprocess(&small, 12, 448, true).len(), 7);
         assert_eq!(dynamic_preprocess(&small, 1, 448, true).len(), 1);
-        assert_eq!(find_closest_aspect_ratio(120.0 / 500.0, &target_ratios(3), 120, 500, 448), (1, 3));
+        assert_eq!(
+            find_closest_aspect_ratio(120.0 / 500.0, &target_ratios(3), 120, 500, 448),
+            (1, 3)
+        );
     }
 
     #[test]
     fn bicubic_weights_sum_to_one_in_fixed_point() {
-        for (i, o) in [(37, 448), (500, 1792), (1000, 448), (3, 448), (448, 448 * 3), (120, 448)] {
+        for (i, o) in [
+            (37, 448),
+            (500, 1792),
+            (1000, 448),
+            (3, 448),
+            (448, 448 * 3),
+            (120, 448),
+        ] {
             let c = axis_coeffs(i, o);
             for (xx, &(_, taps)) in c.bounds.iter().enumerate() {
-                let s: i64 = c.weights[xx * c.ksize..xx * c.ksize + taps].iter().map(|&k| k as i64).sum();
-                assert!((s - (1 << 22)).abs() <= taps as i64, "{i}->{o} index {xx}: sum {s}");
+                let s: i64 = c.weights[xx * c.ksize..xx * c.ksize + taps]
+                    .iter()
+                    .map(|&k| k as i64)
+                    .sum();
+                assert!(
+                    (s - (1 << 22)).abs() <= taps as i64,
+                    "{i}->{o} index {xx}: sum {s}"
+                );
             }
         }
     }

@@ -23,12 +23,16 @@ impl Scope {
     /// The scope under a key prefix as checkpoints spell it (`model.`, `connector.`, or empty
     /// for the top level); a trailing dot is optional.
     pub fn new(prefix: &str) -> Scope {
-        Scope { path: prefix.trim_end_matches('.').to_string() }
+        Scope {
+            path: prefix.trim_end_matches('.').to_string(),
+        }
     }
 
     /// The sub-module `part` (a name or a layer index).
     pub fn pp(&self, part: impl fmt::Display) -> Scope {
-        Scope { path: self.name(&part.to_string()) }
+        Scope {
+            path: self.name(&part.to_string()),
+        }
     }
 
     /// The full key (or node name) of `leaf` in this scope: `{path}.{leaf}`, or `leaf` at the top.
@@ -53,36 +57,77 @@ impl fmt::Display for Scope {
 }
 
 /// `x W^T (+ b)`: PyTorch `nn.Linear(din, dout, bias)` (also a 1×1 conv stored [out, in]).
-pub fn linear(b: &mut GraphBuilder, s: &Scope, x: ValueId, din: usize, dout: usize, bias: bool) -> Result<ValueId> {
+pub fn linear(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    din: usize,
+    dout: usize,
+    bias: bool,
+) -> Result<ValueId> {
     let w = b.weight(&s.name("weight"), [dout, din])?;
-    let bs = if bias { Some(b.weight(&s.name("bias"), [dout])?) } else { None };
+    let bs = if bias {
+        Some(b.weight(&s.name("bias"), [dout])?)
+    } else {
+        None
+    };
     Ok(b.linear(s.path(), x, w, bs)?)
 }
 
 /// `residual + linear(x)` as one node: the GEMM adds the residual as its C input (beta = 1).
 #[allow(clippy::too_many_arguments)]
-pub fn linear_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, din: usize, dout: usize, bias: bool, residual: ValueId) -> Result<ValueId> {
+pub fn linear_residual(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    din: usize,
+    dout: usize,
+    bias: bool,
+    residual: ValueId,
+) -> Result<ValueId> {
     let w = b.weight(&s.name("weight"), [dout, din])?;
-    let bs = if bias { Some(b.weight(&s.name("bias"), [dout])?) } else { None };
+    let bs = if bias {
+        Some(b.weight(&s.name("bias"), [dout])?)
+    } else {
+        None
+    };
     Ok(b.linear_residual(s.path(), x, w, bs, residual)?)
 }
 
 /// PyTorch `nn.LayerNorm(d, eps)` with weight and bias over the last axis.
-pub fn layer_norm(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
+pub fn layer_norm(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    d: usize,
+    eps: f32,
+) -> Result<ValueId> {
     let w = b.weight(&s.name("weight"), [d])?;
     let bias = b.weight(&s.name("bias"), [d])?;
     Ok(b.layernorm(s.path(), x, Some(w), Some(bias), eps, None)?)
 }
 
 /// RMSNorm with a weight and no bias over the last axis (Qwen2RMSNorm, diffusers `RMSNorm`).
-pub fn rms_norm(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
+pub fn rms_norm(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    d: usize,
+    eps: f32,
+) -> Result<ValueId> {
     let w = b.weight(&s.name("weight"), [d])?;
     Ok(b.rmsnorm(s.path(), x, w, None, eps)?)
 }
 
 /// RMSNorm with a weight and a bias over the last axis (diffusers `RMSNorm(elementwise_affine,
 /// bias=True)`, DC-AE's channel norms).
-pub fn rms_norm_biased(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: usize, eps: f32) -> Result<ValueId> {
+pub fn rms_norm_biased(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    d: usize,
+    eps: f32,
+) -> Result<ValueId> {
     let w = b.weight(&s.name("weight"), [d])?;
     let bias = b.weight(&s.name("bias"), [d])?;
     Ok(b.rmsnorm(s.path(), x, w, Some(bias), eps)?)
@@ -90,7 +135,14 @@ pub fn rms_norm_biased(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: usize, ep
 
 /// `residual + rms_norm_biased(x)` as one node (`Op::RmsNormResidual`): DC-AE's `x + norm(y)`
 /// block endings, without storing the normalised tensor.
-pub fn rms_norm_biased_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: usize, eps: f32, residual: ValueId) -> Result<ValueId> {
+pub fn rms_norm_biased_residual(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    d: usize,
+    eps: f32,
+    residual: ValueId,
+) -> Result<ValueId> {
     let w = b.weight(&s.name("weight"), [d])?;
     let bias = b.weight(&s.name("bias"), [d])?;
     Ok(b.rmsnorm_residual(s.path(), x, w, Some(bias), eps, residual)?)
@@ -101,7 +153,16 @@ pub fn rms_norm_biased_residual(b: &mut GraphBuilder, s: &Scope, x: ValueId, d: 
 /// depthwise, bias) -> chunk into (u, gate) -> u · SiLU(gate) -> `conv_point` (1×1, no bias), on
 /// tokens [B, h·w, din] of an h×w grid.
 #[allow(clippy::too_many_arguments)]
-pub fn glumb_conv(b: &mut GraphBuilder, s: &Scope, x: ValueId, din: usize, hidden: usize, dout: usize, h: usize, w: usize) -> Result<ValueId> {
+pub fn glumb_conv(
+    b: &mut GraphBuilder,
+    s: &Scope,
+    x: ValueId,
+    din: usize,
+    hidden: usize,
+    dout: usize,
+    h: usize,
+    w: usize,
+) -> Result<ValueId> {
     let inv = s.pp("conv_inverted");
     let iw = b.weight(&inv.name("weight"), [2 * hidden, din])?;
     let ib = b.weight(&inv.name("bias"), [2 * hidden])?;
@@ -120,10 +181,22 @@ mod tests {
 
     #[test]
     fn scope_spells_upstream_keys() {
-        let s = Scope::new("language_model.model.").pp("layers").pp(3).pp("self_attn");
-        assert_eq!(s.name("weight"), "language_model.model.layers.3.self_attn.weight");
+        let s = Scope::new("language_model.model.")
+            .pp("layers")
+            .pp(3)
+            .pp("self_attn");
+        assert_eq!(
+            s.name("weight"),
+            "language_model.model.layers.3.self_attn.weight"
+        );
         assert_eq!(s.path(), "language_model.model.layers.3.self_attn");
-        assert_eq!(Scope::new("").pp("caption_norm").name("weight"), "caption_norm.weight");
-        assert_eq!(Scope::new("connector").name("x"), Scope::new("connector.").name("x"));
+        assert_eq!(
+            Scope::new("").pp("caption_norm").name("weight"),
+            "caption_norm.weight"
+        );
+        assert_eq!(
+            Scope::new("connector").name("x"),
+            Scope::new("connector.").name("x")
+        );
     }
 }

@@ -60,7 +60,10 @@ pub fn num_queries(checkpoint: &dyn TensorSource, llm: &Qwen2Config) -> Result<u
     if mq.rank() != 2 || mq.dims()[1] != llm.hidden_size || mq.dims()[0] == 0 {
         return Err(ModelError::Config {
             path: checkpoint.origin(),
-            msg: format!("`{META_QUERIES}` has shape {mq}, expected [Q, {}] (the LLM's hidden size)", llm.hidden_size),
+            msg: format!(
+                "`{META_QUERIES}` has shape {mq}, expected [Q, {}] (the LLM's hidden size)",
+                llm.hidden_size
+            ),
         });
     }
     Ok(mq.dims()[0])
@@ -70,7 +73,12 @@ pub fn num_queries(checkpoint: &dyn TensorSource, llm: &Qwen2Config) -> Result<u
 /// [uncond_0..N-1, cond_0..N-1] (diffusers' CFG order), each with the Q meta-queries appended:
 /// the packed segments of the conditioning graph.
 pub fn segments(prompts: &[(&[u32], &[u32])], num_queries: usize) -> Vec<usize> {
-    prompts.iter().map(|p| p.1.len()).chain(prompts.iter().map(|p| p.0.len())).map(|l| l + num_queries).collect()
+    prompts
+        .iter()
+        .map(|p| p.1.len())
+        .chain(prompts.iter().map(|p| p.0.len()))
+        .map(|l| l + num_queries)
+        .collect()
 }
 
 impl Head<'_> {
@@ -82,9 +90,15 @@ impl Head<'_> {
     pub fn input_ids(&self, prompts: &[(&[u32], &[u32])]) -> Result<Vec<f32>> {
         let (q, vocab) = (self.num_queries, self.llm.vocab_size);
         let mut ids = Vec::with_capacity(segments(prompts, q).iter().sum());
-        for seq in prompts.iter().map(|p| p.1).chain(prompts.iter().map(|p| p.0)) {
+        for seq in prompts
+            .iter()
+            .map(|p| p.1)
+            .chain(prompts.iter().map(|p| p.0))
+        {
             if let Some(bad) = seq.iter().find(|&&i| i as usize >= vocab) {
-                return Err(ModelError::Invalid(format!("token id {bad} is outside the LLM's vocabulary of {vocab}")));
+                return Err(ModelError::Invalid(format!(
+                    "token id {bad} is outside the LLM's vocabulary of {vocab}"
+                )));
             }
             ids.extend(seq.iter().map(|&i| i as f32));
             ids.extend((vocab..vocab + q).map(|i| i as f32));
@@ -96,12 +110,26 @@ impl Head<'_> {
     /// the Q meta-queries): the LLM with causal attention inside each sequence and no padding, the
     /// last Q states of every sequence after the final norm, the connector on all of them at
     /// once, the projector.
-    pub fn build(&self, b: &mut GraphBuilder, x: ValueId, segments: &[usize]) -> Result<HeadOutputs> {
+    pub fn build(
+        &self,
+        b: &mut GraphBuilder,
+        x: ValueId,
+        segments: &[usize],
+    ) -> Result<HeadOutputs> {
         let (d, q) = (self.llm.hidden_size, self.num_queries);
         if let Some(short) = segments.iter().find(|&&l| l < q) {
-            return Err(ModelError::Invalid(format!("a packed sequence of {short} tokens cannot hold the {q} meta-queries")));
+            return Err(ModelError::Invalid(format!(
+                "a packed sequence of {short} tokens cannot hold the {q} meta-queries"
+            )));
         }
-        let o = qwen2::build_packed(b, self.llm, &Scope::new(self.llm_prefix), x, segments, "llm")?;
+        let o = qwen2::build_packed(
+            b,
+            self.llm,
+            &Scope::new(self.llm_prefix),
+            x,
+            segments,
+            "llm",
+        )?;
         let ends: Vec<usize> = segments
             .iter()
             .scan(0, |at, &l| {
@@ -110,10 +138,27 @@ impl Head<'_> {
             })
             .collect();
         let hidden = b.gather_tokens("queries", o.hidden_states, &ends, q)?;
-        let layers = connector::build(b, self.connector, &Scope::new(CONNECTOR_PREFIX), hidden, "connector")?;
+        let layers = connector::build(
+            b,
+            self.connector,
+            &Scope::new(CONNECTOR_PREFIX),
+            hidden,
+            "connector",
+        )?;
         let connector = *layers.last().unwrap_or(&hidden);
-        let prompt_embeds = linear(b, &Scope::new(PROJECTOR_PREFIX), connector, d, self.caption_channels, true)?;
-        Ok(HeadOutputs { hidden, connector, prompt_embeds })
+        let prompt_embeds = linear(
+            b,
+            &Scope::new(PROJECTOR_PREFIX),
+            connector,
+            d,
+            self.caption_channels,
+            true,
+        )?;
+        Ok(HeadOutputs {
+            hidden,
+            connector,
+            prompt_embeds,
+        })
     }
 
     /// The conditioning graph on packed sequences of `segments` tokens: input [`INPUT_IDS`],
@@ -124,7 +169,12 @@ impl Head<'_> {
         let (d, q) = (self.llm.hidden_size, self.num_queries);
         let mut b = GraphBuilder::new();
         let ids = b.input(INPUT_IDS, [1, total])?;
-        let table = b.weight(&Scope::new(self.llm_prefix).pp("embed_tokens").name("weight"), [self.llm.vocab_size, d])?;
+        let table = b.weight(
+            &Scope::new(self.llm_prefix)
+                .pp("embed_tokens")
+                .name("weight"),
+            [self.llm.vocab_size, d],
+        )?;
         let queries = b.weight(META_QUERIES, [q, d])?;
         let x = b.embedding_gather("embed_tokens", ids, table, Some(queries))?;
         let o = self.build(&mut b, x, segments)?;
@@ -151,18 +201,42 @@ mod tests {
         .unwrap();
         let connector: ConnectorConfig =
             serde_json::from_value(serde_json::json!({"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1})).unwrap();
-        let head = Head { llm: &llm, llm_prefix: "model.", connector: &connector, num_queries: 2, caption_channels: 4 };
+        let head = Head {
+            llm: &llm,
+            llm_prefix: "model.",
+            connector: &connector,
+            num_queries: 2,
+            caption_channels: 4,
+        };
         let prompts: [(&[u32], &[u32]); 2] = [(&[1, 2, 3], &[9]), (&[0], &[4, 5])];
         let ids = head.input_ids(&prompts).unwrap();
-        assert_eq!(ids, [9., 10., 11., 4., 5., 10., 11., 1., 2., 3., 10., 11., 0., 10., 11.]);
+        assert_eq!(
+            ids,
+            [9., 10., 11., 4., 5., 10., 11., 1., 2., 3., 10., 11., 0., 10., 11.]
+        );
         let e = head.input_ids(&[(&[1, 10], &[0])]).unwrap_err().to_string();
-        assert!(e.contains("token id 10") && e.contains("vocabulary of 10"), "{e}");
+        assert!(
+            e.contains("token id 10") && e.contains("vocabulary of 10"),
+            "{e}"
+        );
 
         let g = head.graph(&segments(&prompts, 2)).unwrap();
-        let (id, _) = g.inputs().find(|(_, n)| *n == INPUT_IDS).expect("the ids input");
+        let (id, _) = g
+            .inputs()
+            .find(|(_, n)| *n == INPUT_IDS)
+            .expect("the ids input");
         assert_eq!(g.shape(id).dims(), [1, ids.len()]);
-        let gather = g.nodes.iter().find(|n| n.op.name() == "embedding_gather").expect("the gather node");
-        let read: Vec<&str> = gather.op.inputs().iter().filter_map(|&i| g.weights().find(|(w, _)| *w == i).map(|(_, n)| n)).collect();
+        let gather = g
+            .nodes
+            .iter()
+            .find(|n| n.op.name() == "embedding_gather")
+            .expect("the gather node");
+        let read: Vec<&str> = gather
+            .op
+            .inputs()
+            .iter()
+            .filter_map(|&i| g.weights().find(|(w, _)| *w == i).map(|(_, n)| n))
+            .collect();
         assert_eq!(read, ["model.embed_tokens.weight", META_QUERIES]);
     }
 }

@@ -57,16 +57,29 @@ pub enum PromptError {
     #[error("{path}: the tokenizer has no special token `{token}`, which OpenUni's prompt template needs")]
     MissingToken { path: PathBuf, token: String },
     #[error("the {which} is empty (after stripping whitespace){hint}")]
-    Empty { which: &'static str, hint: &'static str },
+    Empty {
+        which: &'static str,
+        hint: &'static str,
+    },
     #[error(
         "the {which} contains the special token `{token}`; it would be read as that token and break \
          OpenUni's chat template, so it is refused"
     )]
     SpecialToken { which: &'static str, token: String },
-    #[error("the {which} is {len} tokens after templating, longer than the maximum of {max} tokens")]
-    TooLong { which: &'static str, len: usize, max: usize },
+    #[error(
+        "the {which} is {len} tokens after templating, longer than the maximum of {max} tokens"
+    )]
+    TooLong {
+        which: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("{path}: cannot tokenize the {which}: {msg}")]
-    Encode { path: PathBuf, which: &'static str, msg: String },
+    Encode {
+        path: PathBuf,
+        which: &'static str,
+        msg: String,
+    },
 }
 
 pub type PromptResult<T> = std::result::Result<T, PromptError>;
@@ -92,7 +105,10 @@ pub struct PromptTokenizer {
 
 impl std::fmt::Debug for PromptTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PromptTokenizer").field("path", &self.path).field("specials", &self.specials).finish()
+        f.debug_struct("PromptTokenizer")
+            .field("path", &self.path)
+            .field("specials", &self.specials)
+            .finish()
     }
 }
 
@@ -104,11 +120,19 @@ impl PromptTokenizer {
 
     /// Loads a `tokenizer.json` and checks it has the template's special tokens.
     pub fn from_file(path: &Path) -> PromptResult<PromptTokenizer> {
-        let load = |msg: String| PromptError::Load { path: path.into(), msg };
+        let load = |msg: String| PromptError::Load {
+            path: path.into(),
+            msg,
+        };
         if !path.is_file() {
-            return Err(load(if path.exists() { "not a file".into() } else { "file not found".into() }));
+            return Err(load(if path.exists() {
+                "not a file".into()
+            } else {
+                "file not found".into()
+            }));
         }
-        let tok = Tokenizer::from_file(path).map_err(|e| load(format!("invalid tokenizer.json: {e}")))?;
+        let tok =
+            Tokenizer::from_file(path).map_err(|e| load(format!("invalid tokenizer.json: {e}")))?;
         let mut added: Vec<(u32, String)> = tok
             .get_added_tokens_decoder()
             .into_iter()
@@ -118,7 +142,10 @@ impl PromptTokenizer {
         added.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
         for t in [IM_START, IM_END, IMG_START] {
             if !added.iter().any(|(_, c)| c == t) {
-                return Err(PromptError::MissingToken { path: path.into(), token: t.into() });
+                return Err(PromptError::MissingToken {
+                    path: path.into(),
+                    token: t.into(),
+                });
             }
         }
         let mut me = PromptTokenizer {
@@ -148,23 +175,32 @@ impl PromptTokenizer {
 
     /// Encodes any text as upstream's `tokenizer.encode(text, add_special_tokens=True)`.
     pub fn encode_text(&self, text: &str, which: &'static str) -> PromptResult<Vec<u32>> {
-        let enc = self.tok.encode(text, true).map_err(|e| PromptError::Encode {
-            path: self.path.clone(),
-            which,
-            msg: e.to_string(),
-        })?;
+        let enc = self
+            .tok
+            .encode(text, true)
+            .map_err(|e| PromptError::Encode {
+                path: self.path.clone(),
+                which,
+                msg: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     fn count_specials(&self, ids: &[u32]) -> usize {
-        ids.iter().filter(|id| self.special_ids.contains(id)).count()
+        ids.iter()
+            .filter(|id| self.special_ids.contains(id))
+            .count()
     }
 
     /// Checks a user text: not empty after stripping, and free of special-token text.
     fn check_user_text(&self, text: &str, which: &'static str) -> PromptResult<()> {
         let s = py_strip(text);
         if s.is_empty() {
-            let hint = if which == "negative prompt" { "; leave it out for the default unconditional prompt" } else { "" };
+            let hint = if which == "negative prompt" {
+                "; leave it out for the default unconditional prompt"
+            } else {
+                ""
+            };
             return Err(PromptError::Empty { which, hint });
         }
         // The earliest special token in the text (longest first at equal positions).
@@ -174,12 +210,20 @@ impl PromptTokenizer {
             .filter_map(|t| s.find(t.as_str()).map(|p| (p, t)))
             .min_by_key(|(p, _)| *p);
         if let Some((_, t)) = found {
-            return Err(PromptError::SpecialToken { which, token: t.clone() });
+            return Err(PromptError::SpecialToken {
+                which,
+                token: t.clone(),
+            });
         }
         Ok(())
     }
 
-    fn encode_row(&self, text: &str, which: &'static str, max_tokens: usize) -> PromptResult<Vec<u32>> {
+    fn encode_row(
+        &self,
+        text: &str,
+        which: &'static str,
+        max_tokens: usize,
+    ) -> PromptResult<Vec<u32>> {
         let ids = self.encode_text(text, which)?;
         // A prompt whose edge merges with the template into a special token would change the count.
         if self.count_specials(&ids) != self.template_specials {
@@ -189,7 +233,11 @@ impl PromptTokenizer {
             });
         }
         if ids.len() > max_tokens {
-            return Err(PromptError::TooLong { which, len: ids.len(), max: max_tokens });
+            return Err(PromptError::TooLong {
+                which,
+                len: ids.len(),
+                max: max_tokens,
+            });
         }
         Ok(ids)
     }
@@ -202,16 +250,32 @@ impl PromptTokenizer {
     }
 
     /// Ids of the unconditional row: `Generate an image.`, or the negative prompt.
-    pub fn uncond_ids(&self, negative_prompt: Option<&str>, max_tokens: usize) -> PromptResult<Vec<u32>> {
+    pub fn uncond_ids(
+        &self,
+        negative_prompt: Option<&str>,
+        max_tokens: usize,
+    ) -> PromptResult<Vec<u32>> {
         if let Some(x) = negative_prompt {
             self.check_user_text(x, "negative prompt")?;
         }
-        let which = if negative_prompt.is_some() { "negative prompt" } else { "unconditional prompt" };
+        let which = if negative_prompt.is_some() {
+            "negative prompt"
+        } else {
+            "unconditional prompt"
+        };
         self.encode_row(&uncond_text(negative_prompt), which, max_tokens)
     }
 
     /// Both rows.
-    pub fn encode(&self, prompt: &str, negative_prompt: Option<&str>, max_tokens: usize) -> PromptResult<PromptIds> {
-        Ok(PromptIds { cond: self.cond_ids(prompt, max_tokens)?, uncond: self.uncond_ids(negative_prompt, max_tokens)? })
+    pub fn encode(
+        &self,
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        max_tokens: usize,
+    ) -> PromptResult<PromptIds> {
+        Ok(PromptIds {
+            cond: self.cond_ids(prompt, max_tokens)?,
+            uncond: self.uncond_ids(negative_prompt, max_tokens)?,
+        })
     }
 }

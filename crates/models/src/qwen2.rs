@@ -52,54 +52,112 @@ fn default_max_pos() -> usize {
 
 impl Qwen2Config {
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// The RoPE base from either config form. The `dynamic` (NTK) scaling of InternVL3 only acts
     /// beyond `max_position_embeddings`, which [`check_length`](Self::check_length) refuses, so
     /// it means plain RoPE here; other scalings are refused.
     pub fn rope_theta(&self, origin: &str) -> Result<f32> {
-        let err = |msg: String| ModelError::Config { path: origin.into(), msg };
+        let err = |msg: String| ModelError::Config {
+            path: origin.into(),
+            msg,
+        };
         let mut theta = self.rope_theta;
         let mut kinds = vec![];
         if let Some(p) = &self.rope_parameters {
             if let Some(t) = p.get("rope_theta").and_then(|t| t.as_f64()) {
                 theta = theta.or(Some(t));
             }
-            kinds.push(p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default").to_string());
+            kinds.push(
+                p.get("rope_type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("default")
+                    .to_string(),
+            );
         }
         if let Some(s) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str()).unwrap_or("?");
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("?");
             kinds.push(kind.to_string());
         }
-        if let Some(k) = kinds.iter().find(|k| !matches!(k.as_str(), "default" | "dynamic")) {
-            return Err(err(format!("rope scaling `{k}` is not supported (default and dynamic are)")));
+        if let Some(k) = kinds
+            .iter()
+            .find(|k| !matches!(k.as_str(), "default" | "dynamic"))
+        {
+            return Err(err(format!(
+                "rope scaling `{k}` is not supported (default and dynamic are)"
+            )));
         }
-        theta.map(|t| t as f32).ok_or_else(|| err("no rope_theta (neither at the top level nor in rope_parameters)".into()))
+        theta.map(|t| t as f32).ok_or_else(|| {
+            err("no rope_theta (neither at the top level nor in rope_parameters)".into())
+        })
     }
 
     /// Refuses configs this port does not implement or whose values are out of bounds, naming the
     /// field (the bounds: [`crate::config::bounds`]).
     pub fn validate(&self, origin: &str) -> Result<()> {
-        let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+        let err = |msg: String| {
+            Err(ModelError::Config {
+                path: origin.into(),
+                msg,
+            })
+        };
         let b = Bounds(origin);
         b.int("hidden_size", self.hidden_size, 1..=bounds::WIDTH)?;
-        b.int("intermediate_size", self.intermediate_size, 1..=bounds::MLP_WIDTH)?;
-        b.int("num_hidden_layers", self.num_hidden_layers, 1..=bounds::LAYERS)?;
-        b.int("num_attention_heads", self.num_attention_heads, 1..=bounds::HEADS)?;
-        b.int("num_key_value_heads", self.num_key_value_heads, 1..=bounds::HEADS)?;
+        b.int(
+            "intermediate_size",
+            self.intermediate_size,
+            1..=bounds::MLP_WIDTH,
+        )?;
+        b.int(
+            "num_hidden_layers",
+            self.num_hidden_layers,
+            1..=bounds::LAYERS,
+        )?;
+        b.int(
+            "num_attention_heads",
+            self.num_attention_heads,
+            1..=bounds::HEADS,
+        )?;
+        b.int(
+            "num_key_value_heads",
+            self.num_key_value_heads,
+            1..=bounds::HEADS,
+        )?;
         b.int("vocab_size", self.vocab_size, 1..=bounds::VOCAB)?;
-        b.int("max_position_embeddings", self.max_position_embeddings, 1..=bounds::POSITIONS)?;
+        b.int(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            1..=bounds::POSITIONS,
+        )?;
         b.positive("rms_norm_eps", self.rms_norm_eps as f64, 1.0)?;
         match self.head_dim {
             Some(hd) => {
                 b.int("head_dim", hd, 1..=bounds::HEAD_DIM)?;
-                b.product("num_attention_heads x head_dim", self.num_attention_heads, hd, 1..=bounds::WIDTH)?;
+                b.product(
+                    "num_attention_heads x head_dim",
+                    self.num_attention_heads,
+                    hd,
+                    1..=bounds::WIDTH,
+                )?;
             }
-            None => b.divisible("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)?,
+            None => b.divisible(
+                "hidden_size",
+                self.hidden_size,
+                "num_attention_heads",
+                self.num_attention_heads,
+            )?,
         }
         if self.head_dim() % 2 != 0 {
-            return err(format!("head dim {} is odd (rotate-half RoPE needs an even head dim)", self.head_dim()));
+            return err(format!(
+                "head dim {} is odd (rotate-half RoPE needs an even head dim)",
+                self.head_dim()
+            ));
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return err(format!(
@@ -108,7 +166,10 @@ impl Qwen2Config {
             ));
         }
         if self.hidden_act != "silu" {
-            return err(format!("hidden_act `{}` is not supported (Qwen2 uses silu)", self.hidden_act));
+            return err(format!(
+                "hidden_act `{}` is not supported (Qwen2 uses silu)",
+                self.hidden_act
+            ));
         }
         if self.use_sliding_window {
             return err("use_sliding_window=true is not supported".into());
@@ -122,7 +183,10 @@ impl Qwen2Config {
         if tokens > self.max_position_embeddings {
             return Err(ModelError::Config {
                 path: "llm".into(),
-                msg: format!("sequence of {tokens} tokens exceeds the model's context of {} tokens", self.max_position_embeddings),
+                msg: format!(
+                    "sequence of {tokens} tokens exceeds the model's context of {} tokens",
+                    self.max_position_embeddings
+                ),
             });
         }
         Ok(())
@@ -146,7 +210,13 @@ pub struct Qwen2Outputs {
 /// The decoder stack on `embeds` [B, T, D] (the token embeddings, with OpenUni's meta-queries
 /// appended); every row is one causal sequence at positions 0..T-1. RoPE is fused into the
 /// attention node (the same arithmetic as a separate rope op on q and k; see `Op::Attention`).
-pub fn build(b: &mut GraphBuilder, cfg: &Qwen2Config, scope: &Scope, embeds: ValueId, origin: &str) -> Result<Qwen2Outputs> {
+pub fn build(
+    b: &mut GraphBuilder,
+    cfg: &Qwen2Config,
+    scope: &Scope,
+    embeds: ValueId,
+    origin: &str,
+) -> Result<Qwen2Outputs> {
     let s = check_embeds(b, cfg, embeds, origin)?;
     cfg.check_length(s.dims()[1])?;
     stack(b, cfg, scope, embeds, None, origin)
@@ -165,7 +235,12 @@ pub fn build_packed(
     origin: &str,
 ) -> Result<Qwen2Outputs> {
     let s = check_embeds(b, cfg, embeds, origin)?;
-    let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+    let err = |msg: String| {
+        Err(ModelError::Config {
+            path: origin.into(),
+            msg,
+        })
+    };
     let total: usize = segments.iter().sum();
     if s.dims()[0] != 1 || total != s.dims()[1] || segments.is_empty() || segments.contains(&0) {
         return err(format!(
@@ -173,22 +248,43 @@ pub fn build_packed(
         ));
     }
     for (i, &len) in segments.iter().enumerate() {
-        cfg.check_length(len).map_err(|e| ModelError::Config { path: origin.into(), msg: format!("packed sequence {i}: {e}") })?;
+        cfg.check_length(len).map_err(|e| ModelError::Config {
+            path: origin.into(),
+            msg: format!("packed sequence {i}: {e}"),
+        })?;
     }
     stack(b, cfg, scope, embeds, Some(segments), origin)
 }
 
 /// Checks `embeds` is [B, T, D] and returns its shape.
-fn check_embeds(b: &GraphBuilder, cfg: &Qwen2Config, embeds: ValueId, origin: &str) -> Result<openuni_tensor::Shape> {
+fn check_embeds(
+    b: &GraphBuilder,
+    cfg: &Qwen2Config,
+    embeds: ValueId,
+    origin: &str,
+) -> Result<openuni_tensor::Shape> {
     cfg.validate(origin)?;
     let s = b.shape(embeds).clone();
     if s.rank() != 3 || s.last() != cfg.hidden_size {
-        return Err(ModelError::Config { path: origin.into(), msg: format!("embeddings have shape {s}, expected [B, T, {}]", cfg.hidden_size) });
+        return Err(ModelError::Config {
+            path: origin.into(),
+            msg: format!(
+                "embeddings have shape {s}, expected [B, T, {}]",
+                cfg.hidden_size
+            ),
+        });
     }
     Ok(s)
 }
 
-fn stack(b: &mut GraphBuilder, cfg: &Qwen2Config, scope: &Scope, embeds: ValueId, segments: Option<&[usize]>, origin: &str) -> Result<Qwen2Outputs> {
+fn stack(
+    b: &mut GraphBuilder,
+    cfg: &Qwen2Config,
+    scope: &Scope,
+    embeds: ValueId,
+    segments: Option<&[usize]>,
+    origin: &str,
+) -> Result<Qwen2Outputs> {
     let theta = cfg.rope_theta(origin)?;
     let mut x = embeds;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -197,17 +293,33 @@ fn stack(b: &mut GraphBuilder, cfg: &Qwen2Config, scope: &Scope, embeds: ValueId
         layers.push(x);
     }
     let hidden_states = rms_norm(b, &scope.pp("norm"), x, cfg.hidden_size, cfg.rms_norm_eps)?;
-    Ok(Qwen2Outputs { hidden_states, layers })
+    Ok(Qwen2Outputs {
+        hidden_states,
+        layers,
+    })
 }
 
-fn decoder_layer(b: &mut GraphBuilder, cfg: &Qwen2Config, s: &Scope, x: ValueId, theta: f32, segments: Option<&[usize]>) -> Result<ValueId> {
+fn decoder_layer(
+    b: &mut GraphBuilder,
+    cfg: &Qwen2Config,
+    s: &Scope,
+    x: ValueId,
+    theta: f32,
+    segments: Option<&[usize]>,
+) -> Result<ValueId> {
     let ap = causal_attention(cfg, theta, segments);
-    layer_with(b, cfg, s, x, |b, a, q, k, v| Ok(b.attention_ext(&a.name("attn"), q, k, v, ap)?))
+    layer_with(b, cfg, s, x, |b, a, q, k, v| {
+        Ok(b.attention_ext(&a.name("attn"), q, k, v, ap)?)
+    })
 }
 
 /// The decoder's causal self-attention over a prompt: RoPE on q and k inside the attention node
 /// (positions restart at each packed sequence when `segments` are given).
-pub(crate) fn causal_attention(cfg: &Qwen2Config, theta: f32, segments: Option<&[usize]>) -> AttentionParams {
+pub(crate) fn causal_attention(
+    cfg: &Qwen2Config,
+    theta: f32,
+    segments: Option<&[usize]>,
+) -> AttentionParams {
     let hd = cfg.head_dim();
     AttentionParams {
         key_mask: None,
@@ -232,7 +344,11 @@ pub(crate) fn layer_with(
     attend: impl FnOnce(&mut GraphBuilder, &Scope, ValueId, ValueId, ValueId) -> Result<ValueId>,
 ) -> Result<ValueId> {
     let d = cfg.hidden_size;
-    let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    let (heads, kv_heads, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim(),
+    );
     let h = rms_norm(b, &s.pp("input_layernorm"), x, d, cfg.rms_norm_eps)?;
     let a = s.pp("self_attn");
     let q = linear(b, &a.pp("q_proj"), h, d, heads * hd, true)?;

@@ -45,29 +45,54 @@ pub struct DecoderWeights {
 }
 
 /// The final norm and the LM head on [.., D] -> [.., V].
-fn head(b: &mut GraphBuilder, cfg: &Qwen2Config, w: &DecoderWeights, x: ValueId) -> Result<ValueId> {
-    let x = rms_norm(b, &Scope::new(&w.prefix).pp("norm"), x, cfg.hidden_size, cfg.rms_norm_eps)?;
+fn head(
+    b: &mut GraphBuilder,
+    cfg: &Qwen2Config,
+    w: &DecoderWeights,
+    x: ValueId,
+) -> Result<ValueId> {
+    let x = rms_norm(
+        b,
+        &Scope::new(&w.prefix).pp("norm"),
+        x,
+        cfg.hidden_size,
+        cfg.rms_norm_eps,
+    )?;
     let lm = b.weight(&w.head_key, [cfg.vocab_size, cfg.hidden_size])?;
     Ok(b.linear("lm_head", x, lm, None)?)
 }
 
 /// The prefill graph of a prompt of `len` tokens: input [`EMBEDS`] [1, len, D]; outputs
 /// [`LOGITS`] [1, 1, V] (last position) and [`prefill_kv_name`] of every layer.
-pub fn build_prefill(cfg: &Qwen2Config, w: &DecoderWeights, len: usize, origin: &str) -> Result<openuni_graph::Graph> {
+pub fn build_prefill(
+    cfg: &Qwen2Config,
+    w: &DecoderWeights,
+    len: usize,
+    origin: &str,
+) -> Result<openuni_graph::Graph> {
     cfg.validate(origin)?;
     cfg.check_length(len)?;
     if len == 0 {
-        return Err(ModelError::Config { path: origin.into(), msg: "an empty prompt (no tokens to prefill)".into() });
+        return Err(ModelError::Config {
+            path: origin.into(),
+            msg: "an empty prompt (no tokens to prefill)".into(),
+        });
     }
     let theta = cfg.rope_theta(origin)?;
     let mut b = GraphBuilder::new();
     let mut x = b.input(EMBEDS, [1, len, cfg.hidden_size])?;
     for i in 0..cfg.num_hidden_layers {
         let mut kv = None;
-        x = layer_with(&mut b, cfg, &Scope::new(&w.prefix).pp("layers").pp(i), x, |b, a, q, k, v| {
-            kv = Some((k, v));
-            Ok(b.attention_ext(&a.name("attn"), q, k, v, causal_attention(cfg, theta, None))?)
-        })?;
+        x = layer_with(
+            &mut b,
+            cfg,
+            &Scope::new(&w.prefix).pp("layers").pp(i),
+            x,
+            |b, a, q, k, v| {
+                kv = Some((k, v));
+                Ok(b.attention_ext(&a.name("attn"), q, k, v, causal_attention(cfg, theta, None))?)
+            },
+        )?;
         let (k, v) = kv.expect("the layer calls attend");
         let (kv_heads, hd) = (cfg.num_key_value_heads, cfg.head_dim());
         let layer = Scope::new(&w.prefix).pp("layers").pp(i);
@@ -85,25 +110,53 @@ pub fn build_prefill(cfg: &Qwen2Config, w: &DecoderWeights, len: usize, origin: 
 /// The decode-step graph for `slots` sequences and caches of `max_len` positions: inputs
 /// [`EMBEDS`] [slots, D] and [`POSITIONS`] [slots] (each slot's new position, integer-valued);
 /// states [`cache_name`] [slots, kv_heads, max_len, hd] per layer; output [`LOGITS`] [slots, V].
-pub fn build_decode_step(cfg: &Qwen2Config, w: &DecoderWeights, slots: usize, max_len: usize, origin: &str) -> Result<openuni_graph::Graph> {
+pub fn build_decode_step(
+    cfg: &Qwen2Config,
+    w: &DecoderWeights,
+    slots: usize,
+    max_len: usize,
+    origin: &str,
+) -> Result<openuni_graph::Graph> {
     cfg.validate(origin)?;
     cfg.check_length(max_len)?;
     if slots == 0 || max_len == 0 {
         return Err(ModelError::Config { path: origin.into(), msg: format!("a decode step needs at least one slot and one position (got {slots} slots of {max_len})") });
     }
     let theta = cfg.rope_theta(origin)?;
-    let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    let (heads, kv_heads, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim(),
+    );
     let mut b = GraphBuilder::new();
     let mut x = b.input(EMBEDS, [slots, cfg.hidden_size])?;
     let pos = b.input(POSITIONS, [slots])?;
     for i in 0..cfg.num_hidden_layers {
         let kc = b.state(&cache_name(i, true), [slots, kv_heads, max_len, hd])?;
         let vc = b.state(&cache_name(i, false), [slots, kv_heads, max_len, hd])?;
-        x = layer_with(&mut b, cfg, &Scope::new(&w.prefix).pp("layers").pp(i), x, |b, a, q, k, v| {
-            let kc = b.kv_cache_append(&a.name("k_append"), kc, k, pos, kv_heads, hd, Some(theta))?;
-            let vc = b.kv_cache_append(&a.name("v_append"), vc, v, pos, kv_heads, hd, None)?;
-            Ok(b.decode_attention(&a.name("attn"), q, kc, vc, pos, heads, kv_heads, hd, (hd as f32).powf(-0.5), Some(theta))?)
-        })?;
+        x = layer_with(
+            &mut b,
+            cfg,
+            &Scope::new(&w.prefix).pp("layers").pp(i),
+            x,
+            |b, a, q, k, v| {
+                let kc =
+                    b.kv_cache_append(&a.name("k_append"), kc, k, pos, kv_heads, hd, Some(theta))?;
+                let vc = b.kv_cache_append(&a.name("v_append"), vc, v, pos, kv_heads, hd, None)?;
+                Ok(b.decode_attention(
+                    &a.name("attn"),
+                    q,
+                    kc,
+                    vc,
+                    pos,
+                    heads,
+                    kv_heads,
+                    hd,
+                    (hd as f32).powf(-0.5),
+                    Some(theta),
+                )?)
+            },
+        )?;
     }
     let logits = head(&mut b, cfg, w, x)?;
     b.output(LOGITS, logits)?;

@@ -74,25 +74,55 @@ impl SanaConfig {
 
     /// Refuses configs this port does not implement, naming the field.
     pub fn validate(&self, origin: &str) -> Result<()> {
-        let err = |msg: String| Err(ModelError::Config { path: origin.into(), msg });
+        let err = |msg: String| {
+            Err(ModelError::Config {
+                path: origin.into(),
+                msg,
+            })
+        };
         let b = Bounds(origin);
         b.int("in_channels", self.in_channels, 1..=bounds::CHANNELS)?;
         if let Some(c) = self.out_channels {
             b.int("out_channels", c, 1..=bounds::CHANNELS)?;
         }
-        b.int("num_attention_heads", self.num_attention_heads, 1..=bounds::HEADS)?;
-        b.int("attention_head_dim", self.attention_head_dim, 1..=bounds::HEAD_DIM)?;
+        b.int(
+            "num_attention_heads",
+            self.num_attention_heads,
+            1..=bounds::HEADS,
+        )?;
+        b.int(
+            "attention_head_dim",
+            self.attention_head_dim,
+            1..=bounds::HEAD_DIM,
+        )?;
         b.int("num_layers", self.num_layers, 1..=bounds::LAYERS)?;
-        b.int("num_cross_attention_heads", self.num_cross_attention_heads, 1..=bounds::HEADS)?;
-        b.int("cross_attention_head_dim", self.cross_attention_head_dim, 1..=bounds::HEAD_DIM)?;
-        b.int("cross_attention_dim", self.cross_attention_dim, 1..=bounds::WIDTH)?;
+        b.int(
+            "num_cross_attention_heads",
+            self.num_cross_attention_heads,
+            1..=bounds::HEADS,
+        )?;
+        b.int(
+            "cross_attention_head_dim",
+            self.cross_attention_head_dim,
+            1..=bounds::HEAD_DIM,
+        )?;
+        b.int(
+            "cross_attention_dim",
+            self.cross_attention_dim,
+            1..=bounds::WIDTH,
+        )?;
         b.int("caption_channels", self.caption_channels, 1..=bounds::WIDTH)?;
         b.positive("mlp_ratio", self.mlp_ratio, 64.0)?;
         b.positive("norm_eps", self.norm_eps as f64, 1.0)?;
         if let Some(s) = self.sample_size {
             b.int("sample_size", s, 1..=bounds::WIDTH)?;
         }
-        b.product("num_attention_heads x attention_head_dim", self.num_attention_heads, self.attention_head_dim, 1..=bounds::WIDTH)?;
+        b.product(
+            "num_attention_heads x attention_head_dim",
+            self.num_attention_heads,
+            self.attention_head_dim,
+            1..=bounds::WIDTH,
+        )?;
         b.product(
             "num_cross_attention_heads x cross_attention_head_dim",
             self.num_cross_attention_heads,
@@ -100,9 +130,16 @@ impl SanaConfig {
             1..=bounds::WIDTH,
         )?;
         // mlp_ratio <= 64 and D <= WIDTH keep the Mix-FFN width finite; it must not round to 0.
-        b.int("int(mlp_ratio x inner width)", self.ffn_hidden(), 1..=64 * bounds::WIDTH)?;
+        b.int(
+            "int(mlp_ratio x inner width)",
+            self.ffn_hidden(),
+            1..=64 * bounds::WIDTH,
+        )?;
         if self.patch_size != 1 {
-            return err(format!("patch_size {} is not supported (OpenUni's SANA models use 1)", self.patch_size));
+            return err(format!(
+                "patch_size {} is not supported (OpenUni's SANA models use 1)",
+                self.patch_size
+            ));
         }
         if self.interpolation_scale.is_some() {
             return err("interpolation_scale is set: sincos position embeddings (2K/4K models) are not supported".into());
@@ -111,11 +148,18 @@ impl SanaConfig {
             return err("guidance_embeds (Sana-Sprint) is not supported".into());
         }
         if self.norm_elementwise_affine {
-            return err("norm_elementwise_affine=true is not supported (SANA's block norms have no affine)".into());
+            return err(
+                "norm_elementwise_affine=true is not supported (SANA's block norms have no affine)"
+                    .into(),
+            );
         }
         match self.qk_norm.as_deref() {
             None | Some("rms_norm_across_heads") => {}
-            Some(other) => return err(format!("qk_norm `{other}` is not supported (expected null or rms_norm_across_heads)")),
+            Some(other) => {
+                return err(format!(
+                    "qk_norm `{other}` is not supported (expected null or rms_norm_across_heads)"
+                ))
+            }
         }
         if self.cross_attention_dim != self.dim() {
             return err(format!(
@@ -138,7 +182,10 @@ impl ModelConfig for SanaConfig {
 /// error that would silently give a meaningless velocity.
 pub fn check_timesteps(t: &[f32]) -> Result<()> {
     match t.iter().find(|&&v| !(0.0..=1000.0).contains(&v)) {
-        Some(v) => Err(ModelError::Config { path: "timestep".into(), msg: format!("timestep {v} is outside [0, 1000]") }),
+        Some(v) => Err(ModelError::Config {
+            path: "timestep".into(),
+            msg: format!("timestep {v} is outside [0, 1000]"),
+        }),
         None => Ok(()),
     }
 }
@@ -152,7 +199,11 @@ pub struct CrossKv {
 /// `caption_projection` (Linear → tanh-GELU → Linear) and `caption_norm` (RMSNorm eps 1e-5) of
 /// `encoder_hidden_states` [B, L, caption_channels]; then each block's `attn2` K (with its norm
 /// for SANA1.5) and V. Returns (caption states, per-block K/V).
-pub fn caption_path(b: &mut GraphBuilder, cfg: &SanaConfig, enc: ValueId) -> Result<(ValueId, Vec<CrossKv>)> {
+pub fn caption_path(
+    b: &mut GraphBuilder,
+    cfg: &SanaConfig,
+    enc: ValueId,
+) -> Result<(ValueId, Vec<CrossKv>)> {
     let (d, top) = (cfg.dim(), Scope::default());
     let cp = top.pp("caption_projection");
     let h = linear(b, &cp.pp("linear_1"), enc, cfg.caption_channels, d, true)?;
@@ -204,12 +255,22 @@ pub fn denoise(
     if hs.dims() != [batch, cfg.in_channels, h, wd] {
         return Err(ModelError::Config {
             path: "transformer".into(),
-            msg: format!("hidden_states has shape {hs}, expected [B, {}, {h}, {wd}]", cfg.in_channels),
+            msg: format!(
+                "hidden_states has shape {hs}, expected [B, {}, {h}, {wd}]",
+                cfg.in_channels
+            ),
         });
     }
     // Patch embed: 1×1 conv = a linear over channels of the token layout.
     let pe = top.pp("patch_embed");
-    let tokens = b.transpose(&pe.name("to_tokens"), hidden_states, batch, cfg.in_channels, n, [batch, n, cfg.in_channels])?;
+    let tokens = b.transpose(
+        &pe.name("to_tokens"),
+        hidden_states,
+        batch,
+        cfg.in_channels,
+        n,
+        [batch, n, cfg.in_channels],
+    )?;
     let x0 = linear(b, &pe.pp("proj"), tokens, cfg.in_channels, d, true)?;
 
     // AdaLayerNormSingle: sinusoid (cos first) -> linear_1 -> SiLU -> linear_2 = embedded_timestep;
@@ -226,7 +287,17 @@ pub fn denoise(
     let mut x = x0;
     let mut blocks = Vec::with_capacity(cfg.num_layers);
     for (i, kv) in cross_kv.iter().enumerate() {
-        x = block(b, cfg, &top.pp("transformer_blocks").pp(i), x, t6, kv, mask, h, wd)?;
+        x = block(
+            b,
+            cfg,
+            &top.pp("transformer_blocks").pp(i),
+            x,
+            t6,
+            kv,
+            mask,
+            h,
+            wd,
+        )?;
         blocks.push(x);
     }
 
@@ -235,9 +306,30 @@ pub fn denoise(
     let table = b.weight(&top.name("scale_shift_table"), [2, d])?;
     let no = top.pp("norm_out");
     let norm_out = b.ada_layernorm(no.path(), x, embedded, table, 1, 0, cfg.norm_eps)?;
-    let out = linear(b, &top.pp("proj_out"), norm_out, d, cfg.out_channels(), true)?;
-    let output = b.transpose(&top.name("unpatchify"), out, batch, n, cfg.out_channels(), [batch, cfg.out_channels(), h, wd])?;
-    Ok(DenoiseOutputs { output, patch_embed: x0, t6, embedded_timestep: embedded, blocks, norm_out })
+    let out = linear(
+        b,
+        &top.pp("proj_out"),
+        norm_out,
+        d,
+        cfg.out_channels(),
+        true,
+    )?;
+    let output = b.transpose(
+        &top.name("unpatchify"),
+        out,
+        batch,
+        n,
+        cfg.out_channels(),
+        [batch, cfg.out_channels(), h, wd],
+    )?;
+    Ok(DenoiseOutputs {
+        output,
+        patch_embed: x0,
+        t6,
+        embedded_timestep: embedded,
+        blocks,
+        norm_out,
+    })
 }
 
 /// The caption graph's input: the prompt embeddings [B, L, caption_channels].
@@ -272,7 +364,13 @@ pub fn caption_graph(cfg: &SanaConfig, shape: &Shape) -> Result<Graph> {
 /// One transformer call on [batch, in, h, w] reading the caption path's K/V as inputs of the
 /// shapes in `kv` (the caption graph's outputs): inputs [`HIDDEN_STATES`], [`TIMESTEP`] and the
 /// K/V, output [`VELOCITY`]. OpenUni's prompt mask is all ones, the same as no mask.
-pub fn step_graph(cfg: &SanaConfig, kv: &HashMap<String, Shape>, batch: usize, h: usize, w: usize) -> Result<Graph> {
+pub fn step_graph(
+    cfg: &SanaConfig,
+    kv: &HashMap<String, Shape>,
+    batch: usize,
+    h: usize,
+    w: usize,
+) -> Result<Graph> {
     let mut b = GraphBuilder::new();
     b.batch_invariant();
     let x = b.input(HIDDEN_STATES, [batch, cfg.in_channels, h, w])?;
@@ -280,11 +378,18 @@ pub fn step_graph(cfg: &SanaConfig, kv: &HashMap<String, Shape>, batch: usize, h
     let mut kv_inputs = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let mut input = |name: String| -> Result<ValueId> {
-            let shape = kv.get(&name).ok_or_else(|| ModelError::Invalid(format!("the step graph needs the caption path's `{name}`, which is missing")))?;
+            let shape = kv.get(&name).ok_or_else(|| {
+                ModelError::Invalid(format!(
+                    "the step graph needs the caption path's `{name}`, which is missing"
+                ))
+            })?;
             Ok(b.input(&name, shape.clone())?)
         };
         let (kn, vn) = cross_kv_names(i);
-        kv_inputs.push(CrossKv { k: input(kn)?, v: input(vn)? });
+        kv_inputs.push(CrossKv {
+            k: input(kn)?,
+            v: input(vn)?,
+        });
     }
     let o = denoise(&mut b, cfg, x, t, &kv_inputs, None, h, w)?;
     b.mark(VELOCITY, o.output)?;
@@ -310,7 +415,15 @@ fn block(
     let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (0, 1, 2, 3, 4, 5);
 
     // 1. Linear self-attention on the modulated norm, gated residual.
-    let a = b.ada_layernorm(&s.name("norm1"), x, t6, table, scale_msa, shift_msa, cfg.norm_eps)?;
+    let a = b.ada_layernorm(
+        &s.name("norm1"),
+        x,
+        t6,
+        table,
+        scale_msa,
+        shift_msa,
+        cfg.norm_eps,
+    )?;
     let a1 = s.pp("attn1");
     let a = linear_self_attention(b, cfg, &a1, a)?;
     let x = b.ada_gated_add(&a1.name("residual"), x, t6, table, gate_msa, a)?;
@@ -324,18 +437,42 @@ fn block(
     }
     let hd = cfg.cross_attention_head_dim;
     let heads = cfg.num_cross_attention_heads;
-    let o = b.attention(&a2.name("attn"), q, kv.k, kv.v, mask, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
+    let o = b.attention(
+        &a2.name("attn"),
+        q,
+        kv.k,
+        kv.v,
+        mask,
+        heads,
+        heads,
+        hd,
+        false,
+        (hd as f32).powf(-0.5),
+    )?;
     // The output projection adds the residual x in the GEMM (C input, beta = 1).
     let x = linear_residual(b, &a2.pp("to_out").pp(0), o, inner, d, true, x)?;
 
     // 3. Mix-FFN (GLUMBConv) on the modulated norm, gated residual.
-    let a = b.ada_layernorm(&s.name("norm2"), x, t6, table, scale_mlp, shift_mlp, cfg.norm_eps)?;
+    let a = b.ada_layernorm(
+        &s.name("norm2"),
+        x,
+        t6,
+        table,
+        scale_mlp,
+        shift_mlp,
+        cfg.norm_eps,
+    )?;
     let ff = s.pp("ff");
     let f = glumb_conv(b, &ff, a, d, cfg.ffn_hidden(), d, h, wd)?;
     Ok(b.ada_gated_add(&ff.name("residual"), x, t6, table, gate_mlp, f)?)
 }
 
-fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: ValueId) -> Result<ValueId> {
+fn linear_self_attention(
+    b: &mut GraphBuilder,
+    cfg: &SanaConfig,
+    s: &Scope,
+    x: ValueId,
+) -> Result<ValueId> {
     let d = cfg.dim();
     let bias = cfg.attention_bias;
     // q, k, v as one GEMM: the three weights' rows interleaved per head at load time
@@ -361,20 +498,42 @@ fn linear_self_attention(b: &mut GraphBuilder, cfg: &SanaConfig, s: &Scope, x: V
     let qk_norm = cfg.qk_norm();
     let part = |leaf: &str| -> Vec<String> {
         let q = s.pp("to_q").name(leaf);
-        let q = if qk_norm { derived::scaled_rows_name(&q, &s.pp("norm_q").name("weight")) } else { q };
+        let q = if qk_norm {
+            derived::scaled_rows_name(&q, &s.pp("norm_q").name("weight"))
+        } else {
+            q
+        };
         vec![q, s.pp("to_k").name(leaf), s.pp("to_v").name(leaf)]
     };
-    let w = b.weight(&derived::interleaved_rows_name(&part("weight"), hd), [3 * d, d])?;
-    let bs = if bias { Some(b.weight(&derived::interleaved_rows_name(&part("bias"), hd), [3 * d])?) } else { None };
+    let w = b.weight(
+        &derived::interleaved_rows_name(&part("weight"), hd),
+        [3 * d, d],
+    )?;
+    let bs = if bias {
+        Some(b.weight(&derived::interleaved_rows_name(&part("bias"), hd), [3 * d])?)
+    } else {
+        None
+    };
     let qkv = b.linear(&s.name("to_qkv"), x, w, bs)?;
     let o = if qk_norm {
         let wk = b.weight(&s.pp("norm_k").name("weight"), [d])?;
-        b.packed_linear_attention_key_norm(&s.name("linear_attention"), qkv, cfg.num_attention_heads, hd, wk, QK_NORM_EPS)?
+        b.packed_linear_attention_key_norm(
+            &s.name("linear_attention"),
+            qkv,
+            cfg.num_attention_heads,
+            hd,
+            wk,
+            QK_NORM_EPS,
+        )?
     } else {
-        b.packed_linear_attention(&s.name("linear_attention"), qkv, cfg.num_attention_heads, hd)?
+        b.packed_linear_attention(
+            &s.name("linear_attention"),
+            qkv,
+            cfg.num_attention_heads,
+            hd,
+        )?
     };
     // The fp16 ±65504 clip diffusers applies here only matters for fp16 storage, which this
     // engine does not use (f32 reference, bf16 CUDA).
     linear(b, &s.pp("to_out").pp(0), o, d, d, true)
 }
-

@@ -90,10 +90,16 @@ pub const MAX_STEPS: usize = 10_000;
 /// Refuses step counts and shifts no schedule can be made from.
 fn check_schedule(num_steps: usize, flow_shift: f64) -> Result<(), String> {
     if !(1..=MAX_STEPS).contains(&num_steps) {
-        return Err(format!("the number of steps is {num_steps}, expected 1 to {MAX_STEPS}"));
+        return Err(format!(
+            "the number of steps is {num_steps}, expected 1 to {MAX_STEPS}"
+        ));
     }
-    if !(flow_shift.is_finite() && flow_shift > 0.0 && flow_shift <= crate::config::MAX_FLOW_SHIFT) {
-        return Err(format!("flow_shift must be a positive number up to {}, found {flow_shift}", crate::config::MAX_FLOW_SHIFT));
+    if !(flow_shift.is_finite() && flow_shift > 0.0 && flow_shift <= crate::config::MAX_FLOW_SHIFT)
+    {
+        return Err(format!(
+            "flow_shift must be a positive number up to {}, found {flow_shift}",
+            crate::config::MAX_FLOW_SHIFT
+        ));
     }
     Ok(())
 }
@@ -113,7 +119,10 @@ impl FlowSchedule {
             .collect();
         sigmas.reverse();
         sigmas.pop();
-        let timesteps = sigmas.iter().map(|&s| (s * NUM_TRAIN_TIMESTEPS as f64) as i64).collect();
+        let timesteps = sigmas
+            .iter()
+            .map(|&s| (s * NUM_TRAIN_TIMESTEPS as f64) as i64)
+            .collect();
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         sigmas.push(0.0);
         Ok(FlowSchedule { sigmas, timesteps })
@@ -164,12 +173,16 @@ pub fn flow_euler_schedule(num_steps: usize, shift: f64) -> Result<(Vec<f32>, Ve
             let t = if num_steps == 1 {
                 sigma_max * n_train
             } else {
-                sigma_max * n_train + (sigma_min - sigma_max) * n_train * i as f64 / (num_steps - 1) as f64
+                sigma_max * n_train
+                    + (sigma_min - sigma_max) * n_train * i as f64 / (num_steps - 1) as f64
             };
             shift64(t / n_train) as f32
         })
         .collect();
-    let timesteps = sigmas.iter().map(|&s| s * NUM_TRAIN_TIMESTEPS as f32).collect();
+    let timesteps = sigmas
+        .iter()
+        .map(|&s| s * NUM_TRAIN_TIMESTEPS as f32)
+        .collect();
     let mut sigmas = sigmas;
     sigmas.push(0.0);
     Ok((sigmas, timesteps))
@@ -198,7 +211,11 @@ impl Sampler {
         Sampler::with_kind(SamplerKind::DpmSolver, num_steps, flow_shift)
     }
 
-    pub fn with_kind(kind: SamplerKind, num_steps: usize, flow_shift: f64) -> Result<Sampler, String> {
+    pub fn with_kind(
+        kind: SamplerKind,
+        num_steps: usize,
+        flow_shift: f64,
+    ) -> Result<Sampler, String> {
         let (sigmas, timesteps) = match kind {
             SamplerKind::DpmSolver => {
                 let s = FlowSchedule::new(num_steps, flow_shift)?;
@@ -206,7 +223,14 @@ impl Sampler {
             }
             SamplerKind::FlowEuler => flow_euler_schedule(num_steps, flow_shift)?,
         };
-        Ok(Sampler { kind, sigmas, timesteps, step: 0, prev_x0: None, device_steps: 0 })
+        Ok(Sampler {
+            kind,
+            sigmas,
+            timesteps,
+            step: 0,
+            prev_x0: None,
+            device_steps: 0,
+        })
     }
 
     pub fn num_steps(&self) -> usize {
@@ -228,7 +252,10 @@ impl Sampler {
     /// go on exactly as they would in the whole batch.
     pub fn keep_rows(&mut self, row_len: usize, keep: &[usize]) {
         if let Some(h) = self.prev_x0.as_mut() {
-            *h = keep.iter().flat_map(|&r| h[r * row_len..(r + 1) * row_len].iter().copied()).collect();
+            *h = keep
+                .iter()
+                .flat_map(|&r| h[r * row_len..(r + 1) * row_len].iter().copied())
+                .collect();
         }
     }
 
@@ -286,7 +313,11 @@ impl Sampler {
             return Err(format!("all {n} steps have been taken"));
         }
         if velocity.len() != sample.len() {
-            return Err(format!("velocity has {} values, the sample {}", velocity.len(), sample.len()));
+            return Err(format!(
+                "velocity has {} values, the sample {}",
+                velocity.len(),
+                sample.len()
+            ));
         }
         let i = self.step;
         let sig = &self.sigmas;
@@ -300,7 +331,11 @@ impl Sampler {
         }
         let s0 = sig[i];
         // convert_model_output (flow prediction): x0 = x − σ·v.
-        let x0: Vec<f32> = sample.iter().zip(velocity).map(|(&x, &v)| x - s0 * v).collect();
+        let x0: Vec<f32> = sample
+            .iter()
+            .zip(velocity)
+            .map(|(&x, &v)| x - s0 * v)
+            .collect();
         let t = sig[i + 1];
         let (alpha_t, sigma_t) = (1.0 - t, t);
         let h = lambda(t) - lambda(s0);
@@ -347,7 +382,10 @@ mod tests {
         let s = FlowSchedule::new(20, 3.0).unwrap();
         assert_eq!(
             s.timesteps,
-            [999, 982, 963, 944, 922, 899, 874, 847, 817, 785, 749, 710, 666, 617, 562, 499, 428, 345, 249, 136]
+            [
+                999, 982, 963, 944, 922, 899, 874, 847, 817, 785, 749, 710, 666, 617, 562, 499,
+                428, 345, 249, 136
+            ]
         );
         assert!((s.sigmas[0] - 0.999666).abs() < 1e-6 && (s.sigmas[19] - 0.13624).abs() < 1e-5);
         assert_eq!(s.sigmas.len(), 21);
@@ -376,7 +414,10 @@ mod tests {
         };
         for kind in [SamplerKind::DpmSolver, SamplerKind::FlowEuler] {
             for steps in [1, 2, 20] {
-                let (mut host, mut dev) = (Sampler::with_kind(kind, steps, 3.0).unwrap(), Sampler::with_kind(kind, steps, 3.0).unwrap());
+                let (mut host, mut dev) = (
+                    Sampler::with_kind(kind, steps, 3.0).unwrap(),
+                    Sampler::with_kind(kind, steps, 3.0).unwrap(),
+                );
                 let mut x_host: Vec<f32> = (0..n).map(|_| rnd()).collect();
                 let (mut x_dev, mut prev) = (x_host.clone(), vec![0f32; n]);
                 let g = 4.5;

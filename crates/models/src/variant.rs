@@ -149,7 +149,14 @@ pub fn any(name: &str) -> Result<&'static Variant, String> {
 fn find(name: &str, keep: fn(&Variant) -> bool) -> Result<&'static Variant, String> {
     let mut names = VARIANTS.iter().copied().filter(|v| keep(v));
     names.clone().find(|v| v.name == name).ok_or_else(|| {
-        format!("--variant `{name}` is not one of {}", names.by_ref().map(|v| v.name).collect::<Vec<_>>().join(", "))
+        format!(
+            "--variant `{name}` is not one of {}",
+            names
+                .by_ref()
+                .map(|v| v.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     })
 }
 
@@ -193,7 +200,14 @@ fn connector(hidden: usize, inter: usize, heads: usize, layers: usize) -> Connec
 }
 
 /// A published SANA transformer's config (32-channel latents, head dim 32, Gemma-2's 2304-wide captions).
-fn sana(heads: usize, layers: usize, cross_heads: usize, cross_hd: usize, sample: usize, qk_norm: Option<&str>) -> Value {
+fn sana(
+    heads: usize,
+    layers: usize,
+    cross_heads: usize,
+    cross_hd: usize,
+    sample: usize,
+    qk_norm: Option<&str>,
+) -> Value {
     json!({
         "in_channels": 32, "out_channels": 32, "num_attention_heads": heads, "attention_head_dim": 32,
         "num_layers": layers, "num_cross_attention_heads": cross_heads, "cross_attention_head_dim": cross_hd,
@@ -222,17 +236,32 @@ mod tests {
     #[test]
     fn names_are_unique_and_errors_list_them() {
         for (i, a) in VARIANTS.iter().enumerate() {
-            assert!(VARIANTS[i + 1..].iter().all(|b| b.name != a.name), "{} twice", a.name);
+            assert!(
+                VARIANTS[i + 1..].iter().all(|b| b.name != a.name),
+                "{} twice",
+                a.name
+            );
         }
         assert_eq!(published("l-1024").unwrap().name, "l-1024");
-        assert_eq!(published("tiny").err().unwrap(), "--variant `tiny` is not one of b-512, l-512, l-1024");
-        assert_eq!(any("xl").err().unwrap(), "--variant `xl` is not one of b-512, l-512, l-1024, tiny");
+        assert_eq!(
+            published("tiny").err().unwrap(),
+            "--variant `tiny` is not one of b-512, l-512, l-1024"
+        );
+        assert_eq!(
+            any("xl").err().unwrap(),
+            "--variant `xl` is not one of b-512, l-512, l-1024, tiny"
+        );
     }
 
     #[test]
     fn connector_width_is_the_llm_width() {
         for v in VARIANTS {
-            assert_eq!((v.connector)().hidden_size, (v.llm)()["hidden_size"].as_u64().unwrap() as usize, "{}", v.name);
+            assert_eq!(
+                (v.connector)().hidden_size,
+                (v.llm)()["hidden_size"].as_u64().unwrap() as usize,
+                "{}",
+                v.name
+            );
         }
     }
 }

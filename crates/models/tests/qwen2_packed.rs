@@ -23,7 +23,9 @@ fn config() -> Qwen2Config {
 fn values(seed: &mut u64, n: usize) -> Vec<f32> {
     (0..n)
         .map(|_| {
-            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -42,12 +44,18 @@ fn weights(g: &Graph) -> TensorMap {
         }
         tensors.insert(name.to_string(), HostTensor::from_f32(shape, v).unwrap());
     }
-    TensorMap { origin: "random qwen2".into(), tensors }
+    TensorMap {
+        origin: "random qwen2".into(),
+        tensors,
+    }
 }
 
 fn run(g: &Graph, w: &TensorMap, x: Vec<f32>, shape: [usize; 3]) -> Vec<f32> {
     let mut ex = CpuExecutor::new(g, w, false).unwrap();
-    let feeds = HashMap::from([("x".to_string(), HostTensor::from_f32(shape.to_vec(), x).unwrap())]);
+    let feeds = HashMap::from([(
+        "x".to_string(),
+        HostTensor::from_f32(shape.to_vec(), x).unwrap(),
+    )]);
     ex.run(&feeds).unwrap()["h"].to_f32_vec()
 }
 
@@ -75,7 +83,12 @@ fn build_packed_equals_build_per_sequence() {
         let out = qwen2::build(&mut b, &cfg, &Scope::new("model"), xi, "test").unwrap();
         b.output("h", out.hidden_states).unwrap();
         let g1 = b.finish();
-        let alone = run(&g1, &w, x[start * d..(start + len) * d].to_vec(), [1, len, d]);
+        let alone = run(
+            &g1,
+            &w,
+            x[start * d..(start + len) * d].to_vec(),
+            [1, len, d],
+        );
         for (a, p) in alone.iter().zip(&packed[start * d..(start + len) * d]) {
             worst = worst.max((a - p).abs() / (1.0 + a.abs()));
         }
@@ -90,8 +103,15 @@ fn build_packed_equals_build_per_sequence() {
     let out = qwen2::build(&mut b, &cfg, &Scope::new("model"), xi, "test").unwrap();
     b.output("h", out.hidden_states).unwrap();
     let whole = run(&b.finish(), &w, x, [1, t, d]);
-    let diff = whole[(t - 1) * d..].iter().zip(&packed[(t - 1) * d..]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(diff > 1e-2, "one long sequence and the packed ones agree ({diff:.3e})");
+    let diff = whole[(t - 1) * d..]
+        .iter()
+        .zip(&packed[(t - 1) * d..])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff > 1e-2,
+        "one long sequence and the packed ones agree ({diff:.3e})"
+    );
 }
 
 #[test]
@@ -99,10 +119,19 @@ fn build_packed_refuses_bad_segments() {
     let cfg = config();
     let mut b = GraphBuilder::new();
     let x = b.input("x", [1, 50, cfg.hidden_size]).unwrap();
-    let e = qwen2::build_packed(&mut b, &cfg, &Scope::new("model"), x, &[20, 20], "llm").err().unwrap().to_string();
+    let e = qwen2::build_packed(&mut b, &cfg, &Scope::new("model"), x, &[20, 20], "llm")
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("[20, 20]") && e.contains("sum 40"), "{e}");
     // 41 tokens exceed max_position_embeddings = 40 in one sequence, though the total is fine.
-    let e = qwen2::build_packed(&mut b, &cfg, &Scope::new("model"), x, &[9, 41], "llm").err().unwrap().to_string();
-    assert!(e.contains("packed sequence 1") && e.contains("41 tokens"), "{e}");
+    let e = qwen2::build_packed(&mut b, &cfg, &Scope::new("model"), x, &[9, 41], "llm")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("packed sequence 1") && e.contains("41 tokens"),
+        "{e}"
+    );
     assert!(qwen2::build_packed(&mut b, &cfg, &Scope::new("model"), x, &[10, 40], "llm").is_ok());
 }

@@ -35,14 +35,22 @@ pub fn interleaved_rows_name(parts: &[String], block: usize) -> String {
 /// each part must have; `None` for a stored (not derived) name.
 pub fn parts(name: &str, shape: &Shape) -> Option<Vec<(String, Shape)>> {
     let direct = direct_parts(name, shape)?;
-    Some(direct.into_iter().flat_map(|(p, s)| parts(&p, &s).unwrap_or_else(|| vec![(p, s)])).collect())
+    Some(
+        direct
+            .into_iter()
+            .flat_map(|(p, s)| parts(&p, &s).unwrap_or_else(|| vec![(p, s)]))
+            .collect(),
+    )
 }
 
 /// The parts a derived name is built from directly (each may be derived itself).
 fn direct_parts(name: &str, shape: &Shape) -> Option<Vec<(String, Shape)>> {
     if let Some((a, s)) = parse_scale(name) {
         let rows = *shape.dims().first()?;
-        return Some(vec![(a.to_string(), shape.clone()), (s.to_string(), Shape::new([rows]))]);
+        return Some(vec![
+            (a.to_string(), shape.clone()),
+            (s.to_string(), Shape::new([rows])),
+        ]);
     }
     let (block, list) = parse(name)?;
     let n = list.len();
@@ -52,7 +60,11 @@ fn direct_parts(name: &str, shape: &Shape) -> Option<Vec<(String, Shape)>> {
     }
     let mut pd = d.to_vec();
     pd[0] /= n;
-    Some(list.into_iter().map(|p| (p.to_string(), Shape::new(pd.clone()))).collect())
+    Some(
+        list.into_iter()
+            .map(|p| (p.to_string(), Shape::new(pd.clone())))
+            .collect(),
+    )
 }
 
 fn parse_scale(name: &str) -> Option<(&str, &str)> {
@@ -96,7 +108,9 @@ pub fn is_derived(name: &str) -> bool {
 /// a mapped f32 file where it can), a derived one is built into an owned vector.
 pub fn weight_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<F32Data> {
     if is_derived(name) {
-        Ok(F32Data::owned(tensor_f32(source, name, shape)?.to_f32_vec()))
+        Ok(F32Data::owned(
+            tensor_f32(source, name, shape)?.to_f32_vec(),
+        ))
     } else {
         source.weight_f32(name, shape)
     }
@@ -107,7 +121,11 @@ pub fn weight_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Resul
 pub fn tensor_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Result<HostTensor> {
     if parse_scale(name).is_some() {
         let Some(parts) = direct_parts(name, shape) else {
-            return Err(Error::Derived { path: source.origin().into(), name: name.into(), msg: format!("shape {shape} has no rows to scale") });
+            return Err(Error::Derived {
+                path: source.origin().into(),
+                name: name.into(),
+                msg: format!("shape {shape} has no rows to scale"),
+            });
         };
         let mut a = tensor_f32(source, &parts[0].0, &parts[0].1)?.to_f32_vec();
         let s = tensor_f32(source, &parts[1].0, &parts[1].1)?.to_f32_vec();
@@ -117,7 +135,9 @@ pub fn tensor_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Resul
         }
         return HostTensor::from_f32(shape.clone(), a);
     }
-    let Some((block, _)) = parse(name) else { return source.tensor_f32(name, shape) };
+    let Some((block, _)) = parse(name) else {
+        return source.tensor_f32(name, shape);
+    };
     let Some(parts) = direct_parts(name, shape) else {
         return Err(Error::Derived {
             path: source.origin().into(),
@@ -126,7 +146,10 @@ pub fn tensor_f32(source: &dyn TensorSource, name: &str, shape: &Shape) -> Resul
         });
     };
     let row = shape.numel() / shape.dims()[0];
-    let loaded = parts.iter().map(|(p, s)| tensor_f32(source, p, s).map(|t| t.to_f32_vec())).collect::<Result<Vec<_>>>()?;
+    let loaded = parts
+        .iter()
+        .map(|(p, s)| tensor_f32(source, p, s).map(|t| t.to_f32_vec()))
+        .collect::<Result<Vec<_>>>()?;
     let part_rows = shape.dims()[0] / parts.len();
     let mut out = Vec::with_capacity(shape.numel());
     for b in 0..part_rows / block {
@@ -147,37 +170,76 @@ mod tests {
         let mut m: HashMap<String, HostTensor> = HashMap::new();
         // Three [4, 2] parts; value = 100·part + row·10 + col.
         for (p, name) in ["q", "k", "v"].iter().enumerate() {
-            let v = (0..4).flat_map(|r| (0..2).map(move |c| (100 * p + 10 * r + c) as f32)).collect();
+            let v = (0..4)
+                .flat_map(|r| (0..2).map(move |c| (100 * p + 10 * r + c) as f32))
+                .collect();
             m.insert(name.to_string(), HostTensor::from_f32([4, 2], v).unwrap());
         }
         let name = interleaved_rows_name(&["q".into(), "k".into(), "v".into()], 2);
         assert_eq!(name, "interleave_rows[2](q,k,v)");
-        let t = tensor_f32(&m, &name, &Shape::new([12, 2])).unwrap().to_f32_vec();
+        let t = tensor_f32(&m, &name, &Shape::new([12, 2]))
+            .unwrap()
+            .to_f32_vec();
         let rows: Vec<f32> = t.chunks(2).map(|r| r[0]).collect();
-        assert_eq!(rows, [0., 10., 100., 110., 200., 210., 20., 30., 120., 130., 220., 230.]);
+        assert_eq!(
+            rows,
+            [0., 10., 100., 110., 200., 210., 20., 30., 120., 130., 220., 230.]
+        );
         // A stored name passes through.
-        assert_eq!(tensor_f32(&m, "k", &Shape::new([4, 2])).unwrap().to_f32_vec()[0], 100.0);
+        assert_eq!(
+            tensor_f32(&m, "k", &Shape::new([4, 2]))
+                .unwrap()
+                .to_f32_vec()[0],
+            100.0
+        );
         // A missing part is reported by its own key.
         let bad = interleaved_rows_name(&["q".into(), "nope".into(), "v".into()], 2);
-        let e = tensor_f32(&m, &bad, &Shape::new([12, 2])).unwrap_err().to_string();
+        let e = tensor_f32(&m, &bad, &Shape::new([12, 2]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope"), "{e}");
         // A shape that does not split is refused, naming the weight.
-        let e = tensor_f32(&m, &name, &Shape::new([10, 2])).unwrap_err().to_string();
-        assert!(e.contains("interleave_rows[2]") && e.contains("[10, 2]"), "{e}");
+        let e = tensor_f32(&m, &name, &Shape::new([10, 2]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("interleave_rows[2]") && e.contains("[10, 2]"),
+            "{e}"
+        );
         assert!(parts("q", &Shape::new([4, 2])).is_none());
         // scale_rows: row r of q times s[r]; a misshapen scale is reported by its key.
-        m.insert("s".into(), HostTensor::from_f32([4], vec![1.0, -2.0, 0.5, 3.0]).unwrap());
-        let t = tensor_f32(&m, &scaled_rows_name("q", "s"), &Shape::new([4, 2])).unwrap().to_f32_vec();
+        m.insert(
+            "s".into(),
+            HostTensor::from_f32([4], vec![1.0, -2.0, 0.5, 3.0]).unwrap(),
+        );
+        let t = tensor_f32(&m, &scaled_rows_name("q", "s"), &Shape::new([4, 2]))
+            .unwrap()
+            .to_f32_vec();
         assert_eq!(t, [0., 1., -20., -22., 10., 10.5, 90., 93.]);
-        m.insert("s3".into(), HostTensor::from_f32([3], vec![1.0; 3]).unwrap());
-        let e = tensor_f32(&m, &scaled_rows_name("q", "s3"), &Shape::new([4, 2])).unwrap_err().to_string();
+        m.insert(
+            "s3".into(),
+            HostTensor::from_f32([3], vec![1.0; 3]).unwrap(),
+        );
+        let e = tensor_f32(&m, &scaled_rows_name("q", "s3"), &Shape::new([4, 2]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("s3"), "{e}");
         // Nested: q's rows scaled, then interleaved with k and v; parts lists the stored leaves.
-        let nested = interleaved_rows_name(&[scaled_rows_name("q", "s"), "k".into(), "v".into()], 2);
-        let t = tensor_f32(&m, &nested, &Shape::new([12, 2])).unwrap().to_f32_vec();
+        let nested =
+            interleaved_rows_name(&[scaled_rows_name("q", "s"), "k".into(), "v".into()], 2);
+        let t = tensor_f32(&m, &nested, &Shape::new([12, 2]))
+            .unwrap()
+            .to_f32_vec();
         let rows: Vec<f32> = t.chunks(2).map(|r| r[0]).collect();
-        assert_eq!(rows, [0., -20., 100., 110., 200., 210., 10., 90., 120., 130., 220., 230.]);
-        let leaves: Vec<String> = parts(&nested, &Shape::new([12, 2])).unwrap().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            rows,
+            [0., -20., 100., 110., 200., 210., 10., 90., 120., 130., 220., 230.]
+        );
+        let leaves: Vec<String> = parts(&nested, &Shape::new([12, 2]))
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         assert_eq!(leaves, ["q", "s", "k", "v"]);
     }
 }

@@ -15,8 +15,8 @@ mod tensor;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use pth::{
-    mem_available, read_pth, read_pth_bytes, read_pth_with, MemoryBudget, PthCheckpoint, PthError, PthOptions, PthResult,
-    ALLOWED_GLOBALS, MAX_OVERLAPPING_VIEW_ELEMENTS,
+    mem_available, read_pth, read_pth_bytes, read_pth_with, MemoryBudget, PthCheckpoint, PthError,
+    PthOptions, PthResult, ALLOWED_GLOBALS, MAX_OVERLAPPING_VIEW_ELEMENTS,
 };
 pub use safetensors_io::{write_safetensors, Overlay, Routed, TensorMap, TensorSource, Weights};
 pub use shape::Shape;

@@ -65,10 +65,18 @@ impl MemoryBudget {
 
     /// The budget for an archive of `archive_bytes`.
     pub fn for_archive(archive_bytes: u64) -> MemoryBudget {
-        let own = archive_bytes.saturating_mul(2).saturating_add(Self::SLACK_BYTES);
+        let own = archive_bytes
+            .saturating_mul(2)
+            .saturating_add(Self::SLACK_BYTES);
         match mem_available() {
-            Some(avail) if avail < own => MemoryBudget { bytes: avail, source: "MemAvailable in /proc/meminfo" },
-            _ => MemoryBudget { bytes: own, source: "twice the file size plus 256 MiB" },
+            Some(avail) if avail < own => MemoryBudget {
+                bytes: avail,
+                source: "MemAvailable in /proc/meminfo",
+            },
+            _ => MemoryBudget {
+                bytes: own,
+                source: "twice the file size plus 256 MiB",
+            },
         }
     }
 }
@@ -96,9 +104,18 @@ pub enum PthError {
          was executed){hint}. Allowed: {}",
         ALLOWED_GLOBALS.join(", ")
     )]
-    ForbiddenGlobal { path: PathBuf, entry: String, global: String, hint: String },
+    ForbiddenGlobal {
+        path: PathBuf,
+        entry: String,
+        global: String,
+        hint: String,
+    },
     #[error("{path}: `{entry}`: {msg}")]
-    Format { path: PathBuf, entry: String, msg: String },
+    Format {
+        path: PathBuf,
+        entry: String,
+        msg: String,
+    },
 }
 
 pub type PthResult<T> = std::result::Result<T, PthError>;
@@ -112,7 +129,9 @@ pub struct PthOptions {
 
 impl Default for PthOptions {
     fn default() -> Self {
-        PthOptions { strip_module_prefix: true }
+        PthOptions {
+            strip_module_prefix: true,
+        }
     }
 }
 
@@ -140,47 +159,85 @@ pub fn read_pth(path: &Path) -> PthResult<Vec<(String, HostTensor)>> {
 
 /// [`read_pth`] with options and the details of what was found.
 pub fn read_pth_with(path: &Path, opts: &PthOptions) -> PthResult<PthCheckpoint> {
-    let file = File::open(path).map_err(|source| PthError::Io { path: path.into(), source })?;
-    let len = file.metadata().map_err(|source| PthError::Io { path: path.into(), source })?.len();
-    let fmt = |entry: &str, msg: String| PthError::Format { path: path.into(), entry: entry.into(), msg };
+    let file = File::open(path).map_err(|source| PthError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| PthError::Io {
+            path: path.into(),
+            source,
+        })?
+        .len();
+    let fmt = |entry: &str, msg: String| PthError::Format {
+        path: path.into(),
+        entry: entry.into(),
+        msg,
+    };
     if len == 0 {
         return Err(fmt("(file)", "the file is empty".into()));
     }
     // SAFETY: mapped read-only; checkpoints are not modified while they are read (the same contract
     // as the safetensors loader).
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| PthError::Io { path: path.into(), source })?;
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| PthError::Io {
+        path: path.into(),
+        source,
+    })?;
     read_pth_bytes(path, &mmap, opts)
 }
 
 /// Reads a `torch.save` archive held in memory; `path` only names it in errors.
 pub fn read_pth_bytes(path: &Path, bytes: &[u8], opts: &PthOptions) -> PthResult<PthCheckpoint> {
-    let fmt = |entry: &str, msg: String| PthError::Format { path: path.into(), entry: entry.into(), msg };
+    let fmt = |entry: &str, msg: String| PthError::Format {
+        path: path.into(),
+        entry: entry.into(),
+        msg,
+    };
     let archive = Archive::open(bytes).map_err(|msg| fmt("(zip directory)", msg))?;
     let pkl_name = format!("{}/data.pkl", archive.top);
 
-    if let Some(order) = archive.entry(&format!("{}/byteorder", archive.top)).map_err(|m| fmt(&pkl_name, m))? {
+    if let Some(order) = archive
+        .entry(&format!("{}/byteorder", archive.top))
+        .map_err(|m| fmt(&pkl_name, m))?
+    {
         let order = String::from_utf8_lossy(order);
         if order.trim() != "little" {
             return Err(fmt(
                 &format!("{}/byteorder", archive.top),
-                format!("storages are `{}` endian; only little-endian checkpoints are supported", order.trim()),
+                format!(
+                    "storages are `{}` endian; only little-endian checkpoints are supported",
+                    order.trim()
+                ),
             ));
         }
     }
-    let pkl = archive.entry(&pkl_name).map_err(|m| fmt(&pkl_name, m))?.unwrap_or(&[]);
+    let pkl = archive
+        .entry(&pkl_name)
+        .map_err(|m| fmt(&pkl_name, m))?
+        .unwrap_or(&[]);
 
     let mut vm = Vm::new(pkl);
     let root = match vm.run() {
         Ok(v) => v,
         Err(VmError::Forbidden(global)) => {
             let hint = if global.starts_with("torch.nn.") || global.starts_with("__main__.") {
-                "; it looks like a whole pickled model object: save its `state_dict()` instead".into()
-            } else if global.starts_with("numpy.") || global.starts_with("mmengine.") || global.starts_with("argparse.") {
+                "; it looks like a whole pickled model object: save its `state_dict()` instead"
+                    .into()
+            } else if global.starts_with("numpy.")
+                || global.starts_with("mmengine.")
+                || global.starts_with("argparse.")
+            {
                 "; it looks like a full training checkpoint: save only its state dict".into()
             } else {
                 String::new()
             };
-            return Err(PthError::ForbiddenGlobal { path: path.into(), entry: pkl_name, global, hint });
+            return Err(PthError::ForbiddenGlobal {
+                path: path.into(),
+                entry: pkl_name,
+                global,
+                hint,
+            });
         }
         Err(VmError::Bad(msg)) => return Err(fmt(&pkl_name, msg)),
     };
@@ -208,7 +265,12 @@ pub fn read_pth_bytes(path: &Path, bytes: &[u8], opts: &PthOptions) -> PthResult
         }
     }
     if named.is_empty() {
-        let keys: Vec<String> = dict.items.iter().take(8).map(|(k, _)| vm.describe(k)).collect();
+        let keys: Vec<String> = dict
+            .items
+            .iter()
+            .take(8)
+            .map(|(k, _)| vm.describe(k))
+            .collect();
         return Err(fmt(
             &pkl_name,
             format!(
@@ -220,23 +282,30 @@ pub fn read_pth_bytes(path: &Path, bytes: &[u8], opts: &PthOptions) -> PthResult
         ));
     }
 
-    let stripped_prefix = if opts.strip_module_prefix && named.iter().all(|(n, _)| n.starts_with("module.")) {
-        let names: std::collections::HashSet<&str> = named.iter().map(|(n, _)| &n["module.".len()..]).collect();
-        if names.len() == named.len() && !names.contains("") {
-            for (n, _) in named.iter_mut() {
-                n.drain(.."module.".len());
+    let stripped_prefix =
+        if opts.strip_module_prefix && named.iter().all(|(n, _)| n.starts_with("module.")) {
+            let names: std::collections::HashSet<&str> =
+                named.iter().map(|(n, _)| &n["module.".len()..]).collect();
+            if names.len() == named.len() && !names.contains("") {
+                for (n, _) in named.iter_mut() {
+                    n.drain(.."module.".len());
+                }
+                Some("module.".to_string())
+            } else {
+                None
             }
-            Some("module.".to_string())
         } else {
             None
-        }
-    } else {
-        None
-    };
+        };
 
     if let Some((name, _)) = named.iter().find(|(n, _)| n == "__metadata__") {
         // safetensors reserves the name for its string table: such a file could not be read back.
-        return Err(fmt(&pkl_name, format!("tensor name `{name}` is reserved by safetensors for metadata; rename the tensor")));
+        return Err(fmt(
+            &pkl_name,
+            format!(
+                "tensor name `{name}` is reserved by safetensors for metadata; rename the tensor"
+            ),
+        ));
     }
 
     let budget = MemoryBudget::for_archive(bytes.len() as u64);
@@ -245,7 +314,9 @@ pub fn read_pth_bytes(path: &Path, bytes: &[u8], opts: &PthOptions) -> PthResult
     for (name, t) in named {
         let entry = format!("{}/data/{}", archive.top, t.storage.key);
         // Checked before the copy is allocated, so the limit is an error, never an abort.
-        let need = t.output_bytes().map_err(|m| fmt(&entry, format!("tensor `{name}`: {m}")))?;
+        let need = t
+            .output_bytes()
+            .map_err(|m| fmt(&entry, format!("tensor `{name}`: {m}")))?;
         used = used.saturating_add(need);
         if used > budget.bytes {
             let dims: Vec<String> = t.size.iter().map(|d| d.to_string()).collect();
@@ -263,11 +334,22 @@ pub fn read_pth_bytes(path: &Path, bytes: &[u8], opts: &PthOptions) -> PthResult
         let bytes = archive
             .entry(&entry)
             .map_err(|m| fmt(&entry, format!("storage of tensor `{name}`: {m}")))?
-            .ok_or_else(|| fmt(&entry, format!("storage of tensor `{name}` is missing from the archive")))?;
-        let tensor = materialise(&t, bytes).map_err(|m| fmt(&entry, format!("tensor `{name}`: {m}")))?;
+            .ok_or_else(|| {
+                fmt(
+                    &entry,
+                    format!("storage of tensor `{name}` is missing from the archive"),
+                )
+            })?;
+        let tensor =
+            materialise(&t, bytes).map_err(|m| fmt(&entry, format!("tensor `{name}`: {m}")))?;
         tensors.push((name, tensor));
     }
-    Ok(PthCheckpoint { tensors, wrapper, stripped_prefix, ignored })
+    Ok(PthCheckpoint {
+        tensors,
+        wrapper,
+        stripped_prefix,
+        ignored,
+    })
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -302,7 +384,9 @@ impl<'a> Archive<'a> {
             if f.encrypted() {
                 return Err(format!("entry `{name}` is encrypted"));
             }
-            let start = f.data_start().ok_or_else(|| format!("entry `{name}`: no data offset"))?;
+            let start = f
+                .data_start()
+                .ok_or_else(|| format!("entry `{name}`: no data offset"))?;
             let stored = f.compressed_size();
             entries.insert(name, (start, stored.max(f.size()), f.compression()));
             if f.compression() == CompressionMethod::Stored && f.size() != stored {
@@ -312,8 +396,10 @@ impl<'a> Archive<'a> {
                 ));
             }
         }
-        let mut tops: Vec<&String> =
-            entries.keys().filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1).collect();
+        let mut tops: Vec<&String> = entries
+            .keys()
+            .filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
+            .collect();
         tops.sort();
         let top = match tops.as_slice() {
             [one] => one.trim_end_matches("/data.pkl").to_string(),
@@ -331,12 +417,18 @@ impl<'a> Archive<'a> {
                 ))
             }
         };
-        Ok(Archive { bytes, top, entries })
+        Ok(Archive {
+            bytes,
+            top,
+            entries,
+        })
     }
 
     /// The bytes of an entry (None when absent).
     fn entry(&self, name: &str) -> Result<Option<&'a [u8]>, String> {
-        let Some(&(start, size, method)) = self.entries.get(name) else { return Ok(None) };
+        let Some(&(start, size, method)) = self.entries.get(name) else {
+            return Ok(None);
+        };
         if method != CompressionMethod::Stored {
             return Err(format!(
                 "entry is compressed ({method:?}); torch.save stores entries uncompressed, so this archive was \
@@ -442,12 +534,18 @@ struct TensorRef {
 impl TensorRef {
     /// Bytes of the contiguous tensor this view materialises as (f64 becomes f32).
     fn output_bytes(&self) -> Result<u64, String> {
-        let numel = self.size.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or("element count overflows")?;
+        let numel = self
+            .size
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or("element count overflows")?;
         let es = match self.storage.kind {
             StorageKind::F64 => 4,
             k => k.elem_size(),
         };
-        numel.checked_mul(es).ok_or_else(|| "byte size overflows".to_string())
+        numel
+            .checked_mul(es)
+            .ok_or_else(|| "byte size overflows".to_string())
     }
 }
 
@@ -534,7 +632,15 @@ fn opcode_name(op: u8) -> &'static str {
 
 impl<'a> Vm<'a> {
     fn new(data: &'a [u8]) -> Vm<'a> {
-        Vm { data, pos: 0, at: 0, stack: vec![], metastack: vec![], memo: HashMap::new(), arena: vec![] }
+        Vm {
+            data,
+            pos: 0,
+            at: 0,
+            stack: vec![],
+            metastack: vec![],
+            memo: HashMap::new(),
+            arena: vec![],
+        }
     }
 
     fn err<T>(&self, msg: impl std::fmt::Display) -> VmResult<T> {
@@ -572,7 +678,8 @@ impl<'a> Vm<'a> {
         let Some(n) = rest.iter().position(|&b| b == b'\n') else {
             return self.err("GLOBAL argument has no end of line");
         };
-        let s = std::str::from_utf8(&rest[..n]).map_err(|_| VmError::Bad(format!("at byte {}: GLOBAL name is not UTF-8", self.at)))?;
+        let s = std::str::from_utf8(&rest[..n])
+            .map_err(|_| VmError::Bad(format!("at byte {}: GLOBAL name is not UTF-8", self.at)))?;
         self.pos += n + 1;
         Ok(s)
     }
@@ -677,13 +784,19 @@ impl<'a> Vm<'a> {
         match v {
             Value::Int(i) if *i >= 0 => Ok(*i as u64),
             Value::Bool(b) => Ok(*b as u64),
-            other => self.err(format!("{what}: expected a non-negative int, found {}", self.describe(other))),
+            other => self.err(format!(
+                "{what}: expected a non-negative int, found {}",
+                self.describe(other)
+            )),
         }
     }
 
     fn int_tuple(&self, v: &Value, what: &str) -> VmResult<Vec<u64>> {
         let Some(items) = self.tuple(v) else {
-            return self.err(format!("{what}: expected a tuple of ints, found {}", self.describe(v)));
+            return self.err(format!(
+                "{what}: expected a tuple of ints, found {}",
+                self.describe(v)
+            ));
         };
         items.iter().map(|x| self.int(x, what)).collect()
     }
@@ -693,14 +806,18 @@ impl<'a> Vm<'a> {
             self.at = self.pos;
             let op = match self.take(1) {
                 Ok(b) => b[0],
-                Err(_) => return self.err("the pickle ends without STOP; the file is truncated or corrupt"),
+                Err(_) => {
+                    return self
+                        .err("the pickle ends without STOP; the file is truncated or corrupt")
+                }
             };
             match op {
                 0x80 => {
                     // PROTO
                     let p = self.u8()?;
                     if p > 5 {
-                        return self.err(format!("pickle protocol {p} is not supported (at most 5)"));
+                        return self
+                            .err(format!("pickle protocol {p} is not supported (at most 5)"));
                     }
                 }
                 0x95 => {
@@ -732,7 +849,10 @@ impl<'a> Vm<'a> {
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     if self.stack.len() < n {
-                        return self.err(format!("TUPLE{n} needs {n} values, the stack holds {}", self.stack.len()));
+                        return self.err(format!(
+                            "TUPLE{n} needs {n} values, the stack holds {}",
+                            self.stack.len()
+                        ));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
                     self.push_obj(Obj::Tuple(items));
@@ -821,7 +941,11 @@ impl<'a> Vm<'a> {
                     self.stack.push(Value::Int(v as i64));
                 }
                 0x8a | 0x8b => {
-                    let n = if op == 0x8a { self.u8()? as u64 } else { self.u32()? as u64 };
+                    let n = if op == 0x8a {
+                        self.u8()? as u64
+                    } else {
+                        self.u32()? as u64
+                    };
                     let b = self.take(n)?;
                     let v = self.long(b)?;
                     self.stack.push(Value::Int(v));
@@ -899,12 +1023,10 @@ impl<'a> Vm<'a> {
                         }
                     }
                 }
-                other => {
-                    return self.err(format!(
-                        "unsupported pickle opcode 0x{other:02x} ({}); torch.save does not write it",
-                        opcode_name(other)
-                    ))
-                }
+                other => return self.err(format!(
+                    "unsupported pickle opcode 0x{other:02x} ({}); torch.save does not write it",
+                    opcode_name(other)
+                )),
             }
         }
     }
@@ -934,14 +1056,20 @@ impl<'a> Vm<'a> {
         let neg = b[b.len() - 1] & 0x80 != 0;
         let fill = if neg { 0xff } else { 0 };
         if b.len() > 8 && b[8..].iter().any(|&x| x != fill) {
-            return self.err(format!("an integer of {} bytes does not fit 64 bits", b.len()));
+            return self.err(format!(
+                "an integer of {} bytes does not fit 64 bits",
+                b.len()
+            ));
         }
         let mut buf = [fill; 8];
         let n = b.len().min(8);
         buf[..n].copy_from_slice(&b[..n]);
         let v = i64::from_le_bytes(buf);
         if (v < 0) != neg {
-            return self.err(format!("an integer of {} bytes does not fit 64 bits", b.len()));
+            return self.err(format!(
+                "an integer of {} bytes does not fit 64 bits",
+                b.len()
+            ));
         }
         Ok(v)
     }
@@ -980,20 +1108,34 @@ impl<'a> Vm<'a> {
     /// `('storage', storage_type, key, location, numel)`, as torch.save writes for every storage.
     fn persistent_load(&self, pid: &Value) -> VmResult<StorageRef> {
         let Some(t) = self.tuple(pid) else {
-            return self.err(format!("persistent id is {}, expected a tuple ('storage', type, key, location, numel)", self.describe(pid)));
+            return self.err(format!(
+                "persistent id is {}, expected a tuple ('storage', type, key, location, numel)",
+                self.describe(pid)
+            ));
         };
         match t {
-            [Value::Str(tag), Value::Global(Global::Storage(kind)), key, _location, numel] if &**tag == "storage" => {
+            [Value::Str(tag), Value::Global(Global::Storage(kind)), key, _location, numel]
+                if &**tag == "storage" =>
+            {
                 let key: Rc<str> = match key {
                     Value::Str(s) => s.clone(),
                     Value::Int(i) => i.to_string().into(),
-                    other => return self.err(format!("storage key is {}, expected a string", self.describe(other))),
+                    other => {
+                        return self.err(format!(
+                            "storage key is {}, expected a string",
+                            self.describe(other)
+                        ))
+                    }
                 };
                 if key.is_empty() || key.contains('/') || key.contains("..") {
                     return self.err(format!("storage key {key:?} is not a plain name"));
                 }
                 let numel = self.int(numel, "storage size")?;
-                Ok(StorageRef { kind: *kind, key, numel })
+                Ok(StorageRef {
+                    kind: *kind,
+                    key,
+                    numel,
+                })
             }
             _ => {
                 let parts: Vec<String> = t.iter().map(|v| self.describe(v)).collect();
@@ -1007,16 +1149,25 @@ impl<'a> Vm<'a> {
 
     fn call(&mut self, func: &Value, args: &Value) -> VmResult<Value> {
         let Value::Global(g) = func else {
-            return self.err(format!("REDUCE calls {}, which is not an allowed function", self.describe(func)));
+            return self.err(format!(
+                "REDUCE calls {}, which is not an allowed function",
+                self.describe(func)
+            ));
         };
         let Some(a) = self.tuple(args) else {
-            return self.err(format!("REDUCE arguments are {}, expected a tuple", self.describe(args)));
+            return self.err(format!(
+                "REDUCE arguments are {}, expected a tuple",
+                self.describe(args)
+            ));
         };
         let a = a.to_vec();
         match g {
             Global::OrderedDict => {
                 if !a.is_empty() {
-                    return self.err(format!("OrderedDict called with {} arguments; torch.save passes none", a.len()));
+                    return self.err(format!(
+                        "OrderedDict called with {} arguments; torch.save passes none",
+                        a.len()
+                    ));
                 }
                 self.arena.push(Obj::Dict(Dict::default()));
                 Ok(Value::Obj(self.arena.len() - 1))
@@ -1024,49 +1175,89 @@ impl<'a> Vm<'a> {
             Global::RebuildTensorV2 => {
                 // (storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
                 if a.len() != 6 && a.len() != 7 {
-                    return self.err(format!("_rebuild_tensor_v2 called with {} arguments, expected 6 or 7", a.len()));
+                    return self.err(format!(
+                        "_rebuild_tensor_v2 called with {} arguments, expected 6 or 7",
+                        a.len()
+                    ));
                 }
                 let storage = match self.obj(&a[0]) {
                     Some(Obj::Storage(s)) => s.clone(),
-                    _ => return self.err(format!("_rebuild_tensor_v2: storage is {}", self.describe(&a[0]))),
+                    _ => {
+                        return self.err(format!(
+                            "_rebuild_tensor_v2: storage is {}",
+                            self.describe(&a[0])
+                        ))
+                    }
                 };
                 let offset = self.int(&a[1], "_rebuild_tensor_v2 storage_offset")?;
                 let size = self.int_tuple(&a[2], "_rebuild_tensor_v2 size")?;
                 let stride = self.int_tuple(&a[3], "_rebuild_tensor_v2 stride")?;
                 if size.len() != stride.len() {
-                    return self.err(format!("_rebuild_tensor_v2: size {size:?} and stride {stride:?} differ in rank"));
+                    return self.err(format!(
+                        "_rebuild_tensor_v2: size {size:?} and stride {stride:?} differ in rank"
+                    ));
                 }
-                self.arena.push(Obj::Tensor(TensorRef { storage, offset, size, stride }));
+                self.arena.push(Obj::Tensor(TensorRef {
+                    storage,
+                    offset,
+                    size,
+                    stride,
+                }));
                 Ok(Value::Obj(self.arena.len() - 1))
             }
             Global::RebuildParameter | Global::RebuildParameterWithState => {
                 // (data, requires_grad, backward_hooks[, state]): the parameter is its data.
                 let n = if *g == Global::RebuildParameter { 3 } else { 4 };
                 if a.len() != n {
-                    return self.err(format!("{g:?} called with {} arguments, expected {n}", a.len()));
+                    return self.err(format!(
+                        "{g:?} called with {} arguments, expected {n}",
+                        a.len()
+                    ));
                 }
                 if self.tensor(&a[0]).is_none() {
-                    return self.err(format!("{g:?}: data is {}, expected a tensor", self.describe(&a[0])));
+                    return self.err(format!(
+                        "{g:?}: data is {}, expected a tensor",
+                        self.describe(&a[0])
+                    ));
                 }
                 Ok(a[0].clone())
             }
             Global::RebuildFromTypeV2 => {
                 // (func, new_type, args, state): a tensor with Python attributes; rebuilt by func.
                 if a.len() != 4 {
-                    return self.err(format!("_rebuild_from_type_v2 called with {} arguments, expected 4", a.len()));
+                    return self.err(format!(
+                        "_rebuild_from_type_v2 called with {} arguments, expected 4",
+                        a.len()
+                    ));
                 }
-                if !matches!(a[1], Value::Global(Global::TensorType | Global::ParameterType)) {
-                    return self.err(format!("_rebuild_from_type_v2: type is {}", self.describe(&a[1])));
+                if !matches!(
+                    a[1],
+                    Value::Global(Global::TensorType | Global::ParameterType)
+                ) {
+                    return self.err(format!(
+                        "_rebuild_from_type_v2: type is {}",
+                        self.describe(&a[1])
+                    ));
                 }
-                if !matches!(a[0], Value::Global(Global::RebuildTensorV2 | Global::RebuildParameter | Global::RebuildParameterWithState)) {
-                    return self.err(format!("_rebuild_from_type_v2: function is {}", self.describe(&a[0])));
+                if !matches!(
+                    a[0],
+                    Value::Global(
+                        Global::RebuildTensorV2
+                            | Global::RebuildParameter
+                            | Global::RebuildParameterWithState
+                    )
+                ) {
+                    return self.err(format!(
+                        "_rebuild_from_type_v2: function is {}",
+                        self.describe(&a[0])
+                    ));
                 }
                 let v = self.call(&a[0], &a[2])?;
                 Ok(v)
             }
-            Global::TensorType | Global::ParameterType | Global::Storage(_) => {
-                self.err(format!("REDUCE calls {g:?}, which is only allowed as a type tag"))
-            }
+            Global::TensorType | Global::ParameterType | Global::Storage(_) => self.err(format!(
+                "REDUCE calls {g:?}, which is only allowed as a type tag"
+            )),
         }
     }
 }
@@ -1075,7 +1266,10 @@ impl<'a> Vm<'a> {
 /// root itself holds no tensor.
 fn select_state_dict<'v>(vm: &'v Vm, root: &Value) -> Result<(&'v Dict, Vec<String>), String> {
     let Some(mut d) = vm.dict(root) else {
-        return Err(format!("the saved object is {}, expected a dict of tensors", vm.describe(root)));
+        return Err(format!(
+            "the saved object is {}, expected a dict of tensors",
+            vm.describe(root)
+        ));
     };
     let mut path = vec![];
     for _ in 0..4 {
@@ -1109,13 +1303,20 @@ fn materialise(t: &TensorRef, bytes: &[u8]) -> Result<HostTensor, String> {
             bytes.len()
         ));
     }
-    let numel = t.size.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or("element count overflows")?;
+    let numel = t
+        .size
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or("element count overflows")?;
     let dims: Vec<usize> = t.size.iter().map(|&d| d as usize).collect();
     if numel > 0 {
         // The furthest element the view touches must lie inside the storage.
         let mut last = t.offset;
         for (&d, &st) in t.size.iter().zip(&t.stride) {
-            last = (d - 1).checked_mul(st).and_then(|x| x.checked_add(last)).ok_or("view extent overflows")?;
+            last = (d - 1)
+                .checked_mul(st)
+                .and_then(|x| x.checked_add(last))
+                .ok_or("view extent overflows")?;
         }
         if last >= s.numel {
             return Err(format!(
@@ -1156,9 +1357,11 @@ fn materialise(t: &TensorRef, bytes: &[u8]) -> Result<HostTensor, String> {
     };
     let data = match s.kind {
         StorageKind::F32 => HostData::from_le_bytes(DType::F32, raw),
-        StorageKind::F64 => {
-            HostData::F32(raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect())
-        }
+        StorageKind::F64 => HostData::F32(
+            raw.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+        ),
         StorageKind::F16 => HostData::from_le_bytes(DType::F16, raw),
         StorageKind::BF16 => HostData::from_le_bytes(DType::BF16, raw),
         StorageKind::I64 => HostData::from_le_bytes(DType::I64, raw),
@@ -1169,13 +1372,25 @@ fn materialise(t: &TensorRef, bytes: &[u8]) -> Result<HostTensor, String> {
 }
 
 /// Row-major walk over a strided view (bounds already checked), copying runs of the last dimension.
-fn gather(bytes: &[u8], es: usize, offset: usize, size: &[u64], stride: &[u64], numel: usize) -> Vec<u8> {
+fn gather(
+    bytes: &[u8],
+    es: usize,
+    offset: usize,
+    size: &[u64],
+    stride: &[u64],
+    numel: usize,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(numel * es);
     let rank = size.len();
     let (inner, inner_stride) = (size[rank - 1] as usize, stride[rank - 1] as usize);
     let mut idx = vec![0u64; rank - 1];
     loop {
-        let base = offset + idx.iter().zip(stride).map(|(&i, &s)| (i * s) as usize).sum::<usize>();
+        let base = offset
+            + idx
+                .iter()
+                .zip(stride)
+                .map(|(&i, &s)| (i * s) as usize)
+                .sum::<usize>();
         if inner_stride == 1 {
             out.extend_from_slice(&bytes[base * es..(base + inner) * es]);
         } else {

@@ -32,7 +32,10 @@ pub struct Weights {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn dtype_of(st: StDtype) -> Option<DType> {
@@ -70,12 +73,16 @@ impl Weights {
                 (1, _) => Weights::open_index(&indices[0]),
                 (0, 0) => Err(Error::Format {
                     path: path.to_path_buf(),
-                    msg: "folder holds no *.safetensors file and no *.safetensors.index.json".into(),
+                    msg: "folder holds no *.safetensors file and no *.safetensors.index.json"
+                        .into(),
                 }),
                 (0, _) => Weights::open_files(path, &singles),
                 _ => Err(Error::Format {
                     path: path.to_path_buf(),
-                    msg: format!("folder holds {} safetensors index files; pass one of them", indices.len()),
+                    msg: format!(
+                        "folder holds {} safetensors index files; pass one of them",
+                        indices.len()
+                    ),
                 }),
             };
         }
@@ -89,12 +96,17 @@ impl Weights {
 
     fn open_index(index: &Path) -> Result<Weights> {
         let text = std::fs::read_to_string(index).map_err(io_err(index))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Format { path: index.to_path_buf(), msg: format!("index is not JSON: {e}") })?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Format {
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
             path: index.to_path_buf(),
-            msg: "index has no `weight_map` object".into(),
+            msg: format!("index is not JSON: {e}"),
         })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Format {
+                path: index.to_path_buf(),
+                msg: "index has no `weight_map` object".into(),
+            })?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut shards: Vec<PathBuf> = map
             .values()
@@ -112,13 +124,20 @@ impl Weights {
                 Some(e) => {
                     return Err(Error::Format {
                         path: index.to_path_buf(),
-                        msg: format!("index puts `{key}` in {}, found in {}", shard.display(), w.files[e.file].0.display()),
+                        msg: format!(
+                            "index puts `{key}` in {}, found in {}",
+                            shard.display(),
+                            w.files[e.file].0.display()
+                        ),
                     })
                 }
                 None => {
                     return Err(Error::Format {
                         path: index.to_path_buf(),
-                        msg: format!("index names `{key}` in {}, which does not contain it", shard.display()),
+                        msg: format!(
+                            "index names `{key}` in {}, which does not contain it",
+                            shard.display()
+                        ),
                     })
                 }
             }
@@ -134,25 +153,43 @@ impl Weights {
             // SAFETY: the file is opened read-only and mapped privately; checkpoints are not
             // modified while the program runs (the same contract as every safetensors loader).
             let mmap = unsafe { Mmap::map(&f) }.map_err(io_err(p))?;
-            let (n, meta) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::Format { path: p.clone(), msg: e.to_string() })?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Format {
+                path: p.clone(),
+                msg: e.to_string(),
+            })?;
             let base = 8 + n;
             for (name, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
                 if base + e > mmap.len() {
-                    return Err(Error::Format { path: p.clone(), msg: format!("tensor `{name}` runs past the end of the file") });
+                    return Err(Error::Format {
+                        path: p.clone(),
+                        msg: format!("tensor `{name}` runs past the end of the file"),
+                    });
                 }
                 if entries.contains_key(&name) {
-                    return Err(Error::Format { path: p.clone(), msg: format!("tensor `{name}` appears in two files") });
+                    return Err(Error::Format {
+                        path: p.clone(),
+                        msg: format!("tensor `{name}` appears in two files"),
+                    });
                 }
                 entries.insert(
                     name,
-                    Entry { file: fi, st_dtype: info.dtype, shape: Shape::new(info.shape.clone()), start: base + s, end: base + e },
+                    Entry {
+                        file: fi,
+                        st_dtype: info.dtype,
+                        shape: Shape::new(info.shape.clone()),
+                        start: base + s,
+                        end: base + e,
+                    },
                 );
             }
             files.push((p.clone(), Arc::new(mmap)));
         }
-        Ok(Weights { origin: origin.to_path_buf(), files, entries })
+        Ok(Weights {
+            origin: origin.to_path_buf(),
+            files,
+            entries,
+        })
     }
 
     pub fn origin(&self) -> &Path {
@@ -184,7 +221,11 @@ impl Weights {
                 path: self.origin.clone(),
                 key: key.to_string(),
                 available: self.entries.len(),
-                hint: if similar.is_empty() { String::new() } else { format!("; similar: {}", similar.join(", ")) },
+                hint: if similar.is_empty() {
+                    String::new()
+                } else {
+                    format!("; similar: {}", similar.join(", "))
+                },
             }
         })
     }
@@ -224,13 +265,19 @@ impl Weights {
     /// Reads a tensor in its stored dtype.
     pub fn get(&self, key: &str) -> Result<HostTensor> {
         let e = self.entry(key)?;
-        let dtype = dtype_of(e.st_dtype).ok_or_else(|| self.unsupported(key, e, "the engine cannot read"))?;
+        let dtype = dtype_of(e.st_dtype)
+            .ok_or_else(|| self.unsupported(key, e, "the engine cannot read"))?;
         self.check_fits(key, e, e.end - e.start)?;
         let bytes = &self.files[e.file].1[e.start..e.end];
         let data = HostData::from_le_bytes(dtype, bytes);
         HostTensor::new(e.shape.clone(), data).map_err(|_| Error::Format {
             path: self.files[e.file].0.clone(),
-            msg: format!("tensor `{key}`: {} bytes do not fit shape {} of {}", bytes.len(), e.shape, dtype),
+            msg: format!(
+                "tensor `{key}`: {} bytes do not fit shape {} of {}",
+                bytes.len(),
+                e.shape,
+                dtype
+            ),
         })
     }
 
@@ -238,7 +285,12 @@ impl Weights {
     /// conv weight [O, I, 1, 1] is the linear weight [O, I].
     fn check_shape(&self, key: &str, e: &Entry, expected: &Shape) -> Result<()> {
         if squeezed(&e.shape) != squeezed(expected) {
-            return Err(Error::ShapeMismatch { path: self.files[e.file].0.clone(), key: key.into(), expected: expected.clone(), found: e.shape.clone() });
+            return Err(Error::ShapeMismatch {
+                path: self.files[e.file].0.clone(),
+                key: key.into(),
+                expected: expected.clone(),
+                found: e.shape.clone(),
+            });
         }
         Ok(())
     }
@@ -247,7 +299,11 @@ impl Weights {
     fn float_dtype(&self, key: &str, e: &Entry) -> Result<DType> {
         match dtype_of(e.st_dtype) {
             Some(d) if d.is_float() => Ok(d),
-            _ => Err(self.unsupported(key, e, "is not a floating-point type (expected f32, bf16 or f16)")),
+            _ => Err(self.unsupported(
+                key,
+                e,
+                "is not a floating-point type (expected f32, bf16 or f16)",
+            )),
         }
     }
 
@@ -298,7 +354,13 @@ impl Weights {
         // page differs from the file: after MADV_DONTNEED a read maps the same bytes again, and
         // slices borrowed from the mapping (in-place tensors sharing a page) stay valid. Failure
         // only means the pages stay resident.
-        let _ = unsafe { self.files[e.file].1.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+        let _ = unsafe {
+            self.files[e.file].1.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                e.start,
+                e.end - e.start,
+            )
+        };
     }
 
     /// Tells the set that the caller has its own copy of `key` (converted or uploaded): its pages
@@ -331,10 +393,21 @@ impl Weights {
         let mut out = Vec::with_capacity(rows.len() * cols);
         for &r in rows {
             if r >= n {
-                return Err(Error::IndexOutOfRange { path: self.files[e.file].0.clone(), key: key.into(), index: r, len: n });
+                return Err(Error::IndexOutOfRange {
+                    path: self.files[e.file].0.clone(),
+                    key: key.into(),
+                    index: r,
+                    len: n,
+                });
             }
             let start = e.start + r * row_bytes;
-            let t = HostTensor { shape: Shape::new([cols]), data: HostData::from_le_bytes(dtype, &self.files[e.file].1[start..start + row_bytes]) };
+            let t = HostTensor {
+                shape: Shape::new([cols]),
+                data: HostData::from_le_bytes(
+                    dtype,
+                    &self.files[e.file].1[start..start + row_bytes],
+                ),
+            };
             out.extend(t.to_f32_vec());
         }
         HostTensor::from_f32([rows.len(), cols], out)
@@ -342,7 +415,9 @@ impl Weights {
 
     /// Reads every tensor as f32 (floats) or i64 (integers), for small reference files.
     pub fn all(&self) -> Result<HashMap<String, HostTensor>> {
-        self.keys().map(|k| Ok((k.to_string(), self.get(k)?))).collect()
+        self.keys()
+            .map(|k| Ok((k.to_string(), self.get(k)?)))
+            .collect()
     }
 }
 
@@ -350,9 +425,18 @@ impl Weights {
 /// mapped data is fine).
 fn decode_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
         d => unreachable!("decode_f32 is called on float dtypes only, not {d}"),
     }
 }
@@ -366,7 +450,12 @@ pub fn write_safetensors<'a>(
     let mut views = vec![];
     for (name, t) in tensors {
         if name == "__metadata__" {
-            return Err(Error::Format { path: path.into(), msg: "a tensor cannot be named `__metadata__` (safetensors reserves it for metadata)".into() });
+            return Err(Error::Format {
+                path: path.into(),
+                msg:
+                    "a tensor cannot be named `__metadata__` (safetensors reserves it for metadata)"
+                        .into(),
+            });
         }
         let dtype = match t.dtype() {
             DType::F32 => StDtype::F32,
@@ -376,12 +465,19 @@ pub fn write_safetensors<'a>(
             DType::I32 => StDtype::I32,
             DType::U8 => StDtype::U8,
         };
-        let view = TensorView::new(dtype, t.shape.dims().to_vec(), t.data.as_bytes())
-            .map_err(|e| Error::Format { path: path.into(), msg: format!("tensor `{name}`: {e}") })?;
+        let view =
+            TensorView::new(dtype, t.shape.dims().to_vec(), t.data.as_bytes()).map_err(|e| {
+                Error::Format {
+                    path: path.into(),
+                    msg: format!("tensor `{name}`: {e}"),
+                }
+            })?;
         views.push((name.to_string(), view));
     }
-    safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| Error::Format { path: path.into(), msg: e.to_string() })
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| Error::Format {
+        path: path.into(),
+        msg: e.to_string(),
+    })
 }
 
 /// Where executors and models take weights from: graph weight names are upstream key names, so a
@@ -432,7 +528,12 @@ pub trait TensorSource {
         let mut out = Vec::with_capacity(rows.len() * cols);
         for &r in rows {
             if r >= n {
-                return Err(Error::IndexOutOfRange { path: self.origin().into(), key: name.into(), index: r, len: n });
+                return Err(Error::IndexOutOfRange {
+                    path: self.origin().into(),
+                    key: name.into(),
+                    index: r,
+                    len: n,
+                });
             }
             out.extend_from_slice(&t[r * cols..(r + 1) * cols]);
         }
@@ -482,24 +583,35 @@ impl TensorSource for TensorMap {
         self.origin.clone()
     }
     fn shape_of(&self, name: &str) -> Result<Shape> {
-        self.tensors.get(name).map(|t| t.shape.clone()).ok_or_else(|| Error::MissingKey {
-            path: self.origin.clone().into(),
-            key: name.into(),
-            available: self.tensors.len(),
-            hint: String::new(),
-        })
+        self.tensors
+            .get(name)
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| Error::MissingKey {
+                path: self.origin.clone().into(),
+                key: name.into(),
+                available: self.tensors.len(),
+                hint: String::new(),
+            })
     }
     fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
         let found = self.shape_of(name)?;
         if squeezed(&found) != squeezed(shape) {
-            return Err(Error::ShapeMismatch { path: self.origin.clone().into(), key: name.into(), expected: shape.clone(), found });
+            return Err(Error::ShapeMismatch {
+                path: self.origin.clone().into(),
+                key: name.into(),
+                expected: shape.clone(),
+                found,
+            });
         }
-        let mut t = self.tensors[name].to_dtype(DType::F32).map_err(|_| Error::UnsupportedDType {
-            path: self.origin.clone().into(),
-            key: name.into(),
-            found: self.tensors[name].dtype().to_string(),
-            purpose: "is not a floating-point type".into(),
-        })?;
+        let mut t =
+            self.tensors[name]
+                .to_dtype(DType::F32)
+                .map_err(|_| Error::UnsupportedDType {
+                    path: self.origin.clone().into(),
+                    key: name.into(),
+                    found: self.tensors[name].dtype().to_string(),
+                    purpose: "is not a floating-point type".into(),
+                })?;
         t.shape = shape.clone();
         Ok(t)
     }
@@ -510,17 +622,24 @@ impl TensorSource for HashMap<String, HostTensor> {
         "<in-memory weights>".into()
     }
     fn shape_of(&self, name: &str) -> Result<Shape> {
-        self.get(name).map(|t| t.shape.clone()).ok_or_else(|| Error::MissingKey {
-            path: self.origin().into(),
-            key: name.into(),
-            available: self.len(),
-            hint: String::new(),
-        })
+        self.get(name)
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| Error::MissingKey {
+                path: self.origin().into(),
+                key: name.into(),
+                available: self.len(),
+                hint: String::new(),
+            })
     }
     fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
         let found = self.shape_of(name)?;
         if squeezed(&found) != squeezed(shape) {
-            return Err(Error::ShapeMismatch { path: self.origin().into(), key: name.into(), expected: shape.clone(), found });
+            return Err(Error::ShapeMismatch {
+                path: self.origin().into(),
+                key: name.into(),
+                expected: shape.clone(),
+                found,
+            });
         }
         let mut t = self[name].to_dtype(DType::F32)?;
         t.shape = shape.clone();
@@ -541,7 +660,9 @@ impl TensorSource for Overlay<'_> {
         format!("{} (over {})", self.top.origin(), self.base.origin())
     }
     fn shape_of(&self, name: &str) -> Result<Shape> {
-        self.top.shape_of(&format!("{}{name}", self.prefix)).or_else(|_| self.base.shape_of(name))
+        self.top
+            .shape_of(&format!("{}{name}", self.prefix))
+            .or_else(|_| self.base.shape_of(name))
     }
     fn tensor_f32(&self, name: &str, shape: &Shape) -> Result<HostTensor> {
         let key = format!("{}{name}", self.prefix);
@@ -588,13 +709,20 @@ pub struct Routed<'a> {
 
 impl Routed<'_> {
     fn source(&self, name: &str) -> &dyn TensorSource {
-        self.routes.iter().find(|(p, _)| name.starts_with(p)).map_or(self.default, |r| r.1)
+        self.routes
+            .iter()
+            .find(|(p, _)| name.starts_with(p))
+            .map_or(self.default, |r| r.1)
     }
 }
 
 impl TensorSource for Routed<'_> {
     fn origin(&self) -> String {
-        let mut parts: Vec<String> = self.routes.iter().map(|(p, s)| format!("{p}* from {}", s.origin())).collect();
+        let mut parts: Vec<String> = self
+            .routes
+            .iter()
+            .map(|(p, s)| format!("{p}* from {}", s.origin()))
+            .collect();
         parts.push(format!("the rest from {}", self.default.origin()));
         parts.join(", ")
     }

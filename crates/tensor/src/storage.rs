@@ -14,12 +14,18 @@ pub struct F32Data {
 enum Inner {
     Owned(Vec<f32>),
     /// `len` f32 values at byte `start` of the mapping (4-byte aligned, little-endian host).
-    Mapped { map: Arc<Mmap>, start: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
 }
 
 impl F32Data {
     pub fn owned(v: Vec<f32>) -> F32Data {
-        F32Data { inner: Inner::Owned(v) }
+        F32Data {
+            inner: Inner::Owned(v),
+        }
     }
 
     /// The f32 values at bytes `start..start + 4 * len` of `map`, in place; `None` when they are
@@ -28,8 +34,13 @@ impl F32Data {
     pub(crate) fn mapped(map: &Arc<Mmap>, start: usize, len: usize) -> Option<F32Data> {
         let end = len.checked_mul(4)?.checked_add(start)?;
         let aligned = (map.as_ptr() as usize + start).is_multiple_of(std::mem::align_of::<f32>());
-        (cfg!(target_endian = "little") && aligned && end <= map.len())
-            .then(|| F32Data { inner: Inner::Mapped { map: map.clone(), start, len } })
+        (cfg!(target_endian = "little") && aligned && end <= map.len()).then(|| F32Data {
+            inner: Inner::Mapped {
+                map: map.clone(),
+                start,
+                len,
+            },
+        })
     }
 
     /// Whether the values are read in place from a mapped file (no copy on the heap).
@@ -56,13 +67,20 @@ impl Deref for F32Data {
         match &self.inner {
             Inner::Owned(v) => v,
             // `mapped` checked alignment, bounds and endianness; the mapping lives as long as self.
-            Inner::Mapped { map, start, len } => bytemuck::cast_slice(&map[*start..*start + 4 * *len]),
+            Inner::Mapped { map, start, len } => {
+                bytemuck::cast_slice(&map[*start..*start + 4 * *len])
+            }
         }
     }
 }
 
 impl std::fmt::Debug for F32Data {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "F32Data({} values, {})", self.len(), if self.is_mapped() { "mapped" } else { "owned" })
+        write!(
+            f,
+            "F32Data({} values, {})",
+            self.len(),
+            if self.is_mapped() { "mapped" } else { "owned" }
+        )
     }
 }

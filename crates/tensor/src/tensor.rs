@@ -54,11 +54,15 @@ impl HostData {
     /// Decodes little-endian bytes of `dtype` (byte-wise, so unaligned mmap data is fine).
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> HostData {
         fn chunks<const N: usize, T>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-            b.chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()
+            b.chunks_exact(N)
+                .map(|c| f(c.try_into().unwrap()))
+                .collect()
         }
         match dtype {
             DType::F32 => HostData::F32(chunks(bytes, f32::from_le_bytes)),
-            DType::BF16 => HostData::BF16(chunks(bytes, |c| bf16::from_bits(u16::from_le_bytes(c)))),
+            DType::BF16 => {
+                HostData::BF16(chunks(bytes, |c| bf16::from_bits(u16::from_le_bytes(c))))
+            }
             DType::F16 => HostData::F16(chunks(bytes, |c| f16::from_bits(u16::from_le_bytes(c)))),
             DType::I64 => HostData::I64(chunks(bytes, i64::from_le_bytes)),
             DType::I32 => HostData::I32(chunks(bytes, i32::from_le_bytes)),
@@ -78,7 +82,11 @@ impl HostTensor {
     pub fn new(shape: impl Into<Shape>, data: HostData) -> Result<HostTensor> {
         let shape = shape.into();
         if shape.numel() != data.len() {
-            return Err(Error::DataLength { expected: shape.numel(), found: data.len(), shape });
+            return Err(Error::DataLength {
+                expected: shape.numel(),
+                found: data.len(),
+                shape,
+            });
         }
         Ok(HostTensor { shape, data })
     }
@@ -90,7 +98,10 @@ impl HostTensor {
     pub fn zeros_f32(shape: impl Into<Shape>) -> HostTensor {
         let shape = shape.into();
         let n = shape.numel();
-        HostTensor { shape, data: HostData::F32(vec![0.0; n]) }
+        HostTensor {
+            shape,
+            data: HostData::F32(vec![0.0; n]),
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -125,16 +136,28 @@ impl HostTensor {
         let data = match (to, &self.data) {
             (t, d) if t == d.dtype() => d.clone(),
             (DType::F32, _) => HostData::F32(as_f32()),
-            (DType::BF16, d) if d.dtype().is_float() => HostData::BF16(as_f32().into_iter().map(bf16::from_f32).collect()),
-            (DType::F16, d) if d.dtype().is_float() => HostData::F16(as_f32().into_iter().map(f16::from_f32).collect()),
+            (DType::BF16, d) if d.dtype().is_float() => {
+                HostData::BF16(as_f32().into_iter().map(bf16::from_f32).collect())
+            }
+            (DType::F16, d) if d.dtype().is_float() => {
+                HostData::F16(as_f32().into_iter().map(f16::from_f32).collect())
+            }
             (DType::I64, HostData::I32(v)) => HostData::I64(v.iter().map(|&x| x as i64).collect()),
             (DType::I64, HostData::U8(v)) => HostData::I64(v.iter().map(|&x| x as i64).collect()),
             (DType::I32, HostData::I64(v)) if v.iter().all(|&x| i32::try_from(x).is_ok()) => {
                 HostData::I32(v.iter().map(|&x| x as i32).collect())
             }
-            _ => return Err(Error::Conversion { from: self.dtype(), to }),
+            _ => {
+                return Err(Error::Conversion {
+                    from: self.dtype(),
+                    to,
+                })
+            }
         };
-        Ok(HostTensor { shape: self.shape.clone(), data })
+        Ok(HostTensor {
+            shape: self.shape.clone(),
+            data,
+        })
     }
 
     /// f32 values of any numeric tensor.

@@ -7,17 +7,21 @@ use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 
 use openuni_tensor::{
-    read_pth, read_pth_bytes, read_pth_with, DType, HostData, HostTensor, MemoryBudget, PthError, PthOptions, Weights,
-    MAX_OVERLAPPING_VIEW_ELEMENTS,
+    read_pth, read_pth_bytes, read_pth_with, DType, HostData, HostTensor, MemoryBudget, PthError,
+    PthOptions, Weights, MAX_OVERLAPPING_VIEW_ELEMENTS,
 };
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pth").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/pth")
+        .join(name)
 }
 
 fn expected(name: &str) -> BTreeMap<String, HostTensor> {
     let w = Weights::open(fixture(name)).unwrap();
-    w.keys().map(|k| (k.to_string(), w.get(k).unwrap())).collect()
+    w.keys()
+        .map(|k| (k.to_string(), w.get(k).unwrap()))
+        .collect()
 }
 
 #[test]
@@ -70,7 +74,13 @@ fn state_dict_bf16_matches_torch() {
     assert_eq!(ck.tensors[0].0, "meta_queries");
 
     // names exactly as saved when stripping is off
-    let raw = read_pth_with(&path, &PthOptions { strip_module_prefix: false }).unwrap();
+    let raw = read_pth_with(
+        &path,
+        &PthOptions {
+            strip_module_prefix: false,
+        },
+    )
+    .unwrap();
     let names: Vec<&String> = raw.tensors.iter().map(|(n, _)| n).collect();
     let mut sorted = names.clone();
     sorted.sort();
@@ -84,7 +94,12 @@ fn assert_forbidden(file: &str, global: &str) {
     let _ = std::fs::remove_file(marker);
     let err = read_pth(&path).unwrap_err();
     match &err {
-        PthError::ForbiddenGlobal { global: g, entry, path: p, .. } => {
+        PthError::ForbiddenGlobal {
+            global: g,
+            entry,
+            path: p,
+            ..
+        } => {
             assert_eq!(g, global);
             assert!(entry.ends_with("/data.pkl"), "{entry}");
             assert_eq!(p, &path);
@@ -92,7 +107,10 @@ fn assert_forbidden(file: &str, global: &str) {
         other => panic!("expected ForbiddenGlobal, got {other}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains(global) && msg.contains(file) && msg.contains("refusing"), "{msg}");
+    assert!(
+        msg.contains(global) && msg.contains(file) && msg.contains("refusing"),
+        "{msg}"
+    );
     assert!(!marker.exists(), "the hostile pickle ran");
 }
 
@@ -110,11 +128,20 @@ fn hostile_builtins_eval_is_refused() {
 fn garbage_empty_missing_and_truncated_files_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let garbage = dir.path().join("garbage.pth");
-    std::fs::write(&garbage, b"this is not a checkpoint at all, just some text\n".repeat(20)).unwrap();
+    std::fs::write(
+        &garbage,
+        b"this is not a checkpoint at all, just some text\n".repeat(20),
+    )
+    .unwrap();
     let msg = read_pth(&garbage).unwrap_err().to_string();
-    assert!(msg.contains("garbage.pth") && msg.contains("not a torch.save zip archive"), "{msg}");
+    assert!(
+        msg.contains("garbage.pth") && msg.contains("not a torch.save zip archive"),
+        "{msg}"
+    );
 
-    let msg = read_pth(&fixture("openuni_flat_f32.expected.safetensors")).unwrap_err().to_string();
+    let msg = read_pth(&fixture("openuni_flat_f32.expected.safetensors"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("looks like a safetensors file"), "{msg}");
 
     let empty = dir.path().join("empty.pth");
@@ -126,21 +153,35 @@ fn garbage_empty_missing_and_truncated_files_are_clear_errors() {
     assert!(matches!(read_pth(&missing), Err(PthError::Io { .. })));
 
     let legacy = dir.path().join("legacy.pth");
-    std::fs::write(&legacy, b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.\x80\x02M\xe9\x03.").unwrap();
+    std::fs::write(
+        &legacy,
+        b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.\x80\x02M\xe9\x03.",
+    )
+    .unwrap();
     let msg = read_pth(&legacy).unwrap_err().to_string();
     assert!(msg.contains("legacy"), "{msg}");
 
     // every truncation of a valid file is an error, never a panic
     let full = std::fs::read(fixture("openuni_flat_f32.pth")).unwrap();
     for len in (0..full.len()).step_by(37) {
-        let r = std::panic::catch_unwind(|| read_pth_bytes(Path::new("t.pth"), &full[..len], &PthOptions::default()));
-        assert!(r.expect("panicked").is_err(), "truncated to {len} bytes but read fine");
+        let r = std::panic::catch_unwind(|| {
+            read_pth_bytes(Path::new("t.pth"), &full[..len], &PthOptions::default())
+        });
+        assert!(
+            r.expect("panicked").is_err(),
+            "truncated to {len} bytes but read fine"
+        );
     }
     // a truncated pickle inside a well-formed archive names the entry and the cause
     let pkl = data_pkl(&full);
     let bad = make_archive("cut", &pkl[..pkl.len() / 2], &[]);
-    let msg = read_pth_bytes(Path::new("cut.pth"), &bad, &PthOptions::default()).unwrap_err().to_string();
-    assert!(msg.contains("cut.pth") && msg.contains("cut/data.pkl") && msg.contains("truncated"), "{msg}");
+    let msg = read_pth_bytes(Path::new("cut.pth"), &bad, &PthOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("cut.pth") && msg.contains("cut/data.pkl") && msg.contains("truncated"),
+        "{msg}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -150,7 +191,11 @@ fn garbage_empty_missing_and_truncated_files_are_clear_errors() {
 /// The `data.pkl` bytes of a torch.save archive.
 fn data_pkl(archive: &[u8]) -> Vec<u8> {
     let mut z = zip::ZipArchive::new(Cursor::new(archive)).unwrap();
-    let name = z.file_names().map(|n| n.unwrap().to_string()).find(|n| n.ends_with("/data.pkl")).unwrap();
+    let name = z
+        .file_names()
+        .map(|n| n.unwrap().to_string())
+        .find(|n| n.ends_with("/data.pkl"))
+        .unwrap();
     let mut f = z.by_name(&name).unwrap();
     let mut v = vec![];
     std::io::Read::read_to_end(&mut f, &mut v).unwrap();
@@ -160,7 +205,8 @@ fn data_pkl(archive: &[u8]) -> Vec<u8> {
 /// A torch.save-like archive (stored entries) with the given pickle and storages.
 fn make_archive(top: &str, pkl: &[u8], storages: &[(&str, Vec<u8>)]) -> Vec<u8> {
     let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     w.start_file(format!("{top}/data.pkl"), opts).unwrap();
     w.write_all(pkl).unwrap();
     w.start_file(format!("{top}/byteorder"), opts).unwrap();
@@ -206,7 +252,8 @@ impl P {
     }
     fn global(&mut self, module: &str, name: &str) -> &mut Self {
         self.0.push(b'c');
-        self.0.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self.0
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
         self
     }
     fn tuple_ints(&mut self, v: &[i64]) -> &mut Self {
@@ -217,10 +264,30 @@ impl P {
         self.op(b"t")
     }
     /// `_rebuild_tensor_v2(('storage', Storage, key, 'cpu', numel), offset, size, stride, False, OrderedDict())`
-    fn tensor(&mut self, storage: &str, key: &str, numel: i64, offset: i64, size: &[i64], stride: &[i64]) -> &mut Self {
-        self.global("torch._utils", "_rebuild_tensor_v2").op(b"((").s("storage").global("torch", storage).s(key).s("cpu");
-        self.int(numel).op(b"tQ").int(offset).tuple_ints(size).tuple_ints(stride);
-        self.op(b"\x89").global("collections", "OrderedDict").op(b")R").op(b"tR")
+    fn tensor(
+        &mut self,
+        storage: &str,
+        key: &str,
+        numel: i64,
+        offset: i64,
+        size: &[i64],
+        stride: &[i64],
+    ) -> &mut Self {
+        self.global("torch._utils", "_rebuild_tensor_v2")
+            .op(b"((")
+            .s("storage")
+            .global("torch", storage)
+            .s(key)
+            .s("cpu");
+        self.int(numel)
+            .op(b"tQ")
+            .int(offset)
+            .tuple_ints(size)
+            .tuple_ints(stride);
+        self.op(b"\x89")
+            .global("collections", "OrderedDict")
+            .op(b")R")
+            .op(b"tR")
     }
 }
 
@@ -236,18 +303,34 @@ fn parameters_doubles_ints_bools_scalars_and_wrappers() {
     let mut p = P::default();
     p.op(b"\x80\x02}q\x00(").s("model").op(b"}q\x01(");
     p.s("module.w").global("torch._utils", "_rebuild_parameter");
-    p.op(b"(").tensor("DoubleStorage", "0", 6, 0, &[2, 3], &[1, 2]).op(b"\x88").global("collections", "OrderedDict").op(b")Rtq\x02R");
+    p.op(b"(")
+        .tensor("DoubleStorage", "0", 6, 0, &[2, 3], &[1, 2])
+        .op(b"\x88")
+        .global("collections", "OrderedDict")
+        .op(b")Rtq\x02R");
     p.s("module.n").tensor("LongStorage", "1", 2, 1, &[], &[]);
-    p.s("module.mask").tensor("BoolStorage", "2", 3, 0, &[3], &[1]);
-    p.s("module.e").tensor("FloatStorage", "3", 0, 0, &[0, 4], &[4, 1]);
-    p.s("module.x").tensor("IntStorage", "4", 3, 1, &[2, 2], &[0, 1]);
+    p.s("module.mask")
+        .tensor("BoolStorage", "2", 3, 0, &[3], &[1]);
+    p.s("module.e")
+        .tensor("FloatStorage", "3", 0, 0, &[0, 4], &[4, 1]);
+    p.s("module.x")
+        .tensor("IntStorage", "4", 3, 1, &[2, 2], &[0, 1]);
     p.op(b"u").s("epoch").int(3).s("cfg").s("x").op(b"u.");
     let storages = vec![
         ("0", f64_bytes(&[1.0, 2.0, 3.0, 4.0, 5.5, -6.25])),
-        ("1", [7i64, -9].iter().flat_map(|x| x.to_le_bytes()).collect()),
+        (
+            "1",
+            [7i64, -9].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
         ("2", vec![1, 0, 1]),
         ("3", vec![]),
-        ("4", [10i32, 20, 30].iter().flat_map(|x| x.to_le_bytes()).collect()),
+        (
+            "4",
+            [10i32, 20, 30]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
     ];
     let bytes = make_archive("archive", &p.0, &storages);
     let ck = read_pth_bytes(Path::new("synthetic.pth"), &bytes, &PthOptions::default()).unwrap();
@@ -255,7 +338,10 @@ fn parameters_doubles_ints_bools_scalars_and_wrappers() {
     assert_eq!(ck.stripped_prefix.as_deref(), Some("module."));
     let t: BTreeMap<_, _> = ck.tensors.into_iter().collect();
     // storage [[1,2],[3,4],[5.5,-6.25]] read with strides (1,2): rows of the transpose
-    assert_eq!(t["w"].data, HostData::F32(vec![1.0, 3.0, 5.5, 2.0, 4.0, -6.25]));
+    assert_eq!(
+        t["w"].data,
+        HostData::F32(vec![1.0, 3.0, 5.5, 2.0, 4.0, -6.25])
+    );
     assert_eq!(t["w"].shape.dims(), [2, 3]);
     assert_eq!(t["n"].data, HostData::I64(vec![-9]));
     assert_eq!(t["n"].shape.rank(), 0);
@@ -271,13 +357,31 @@ fn protocol4_frames_and_memoize() {
     let mut p = P::default();
     p.op(b"\x80\x04\x95").op(&0u64.to_le_bytes()).op(b"}\x94");
     p.short_s("a").op(b"\x94");
-    p.short_s("torch._utils").short_s("_rebuild_tensor_v2").op(b"\x93\x94");
-    p.op(b"((").short_s("storage").short_s("torch").short_s("HalfStorage").op(b"\x93").short_s("0").short_s("cpu");
-    p.op(b"\x8a\x01\x02tQ").int(0).op(b"\x8a\x01\x02\x85K\x01\x85\x89").global("collections", "OrderedDict").op(b")Rt\x94R");
+    p.short_s("torch._utils")
+        .short_s("_rebuild_tensor_v2")
+        .op(b"\x93\x94");
+    p.op(b"((")
+        .short_s("storage")
+        .short_s("torch")
+        .short_s("HalfStorage")
+        .op(b"\x93")
+        .short_s("0")
+        .short_s("cpu");
+    p.op(b"\x8a\x01\x02tQ")
+        .int(0)
+        .op(b"\x8a\x01\x02\x85K\x01\x85\x89")
+        .global("collections", "OrderedDict")
+        .op(b")Rt\x94R");
     p.op(b"\x94s.");
     let half = [0x3c00u16, 0xc000]; // 1.0, -2.0
-    let bytes = make_archive("p4", &p.0, &[("0", half.iter().flat_map(|x| x.to_le_bytes()).collect())]);
-    let got = read_pth_bytes(Path::new("p4.pth"), &bytes, &PthOptions::default()).unwrap().tensors;
+    let bytes = make_archive(
+        "p4",
+        &p.0,
+        &[("0", half.iter().flat_map(|x| x.to_le_bytes()).collect())],
+    );
+    let got = read_pth_bytes(Path::new("p4.pth"), &bytes, &PthOptions::default())
+        .unwrap()
+        .tensors;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0, "a");
     assert_eq!(got[0].1.to_f32_vec(), [1.0, -2.0]);
@@ -289,45 +393,88 @@ fn structural_errors_name_the_problem() {
     type Case = (Vec<u8>, Vec<(&'static str, Vec<u8>)>, &'static str);
     let cases: Vec<Case> = vec![
         // view past the end of its storage
-        ({
-            let mut p = P::default();
-            p.op(b"\x80\x02}").s("w").tensor("FloatStorage", "0", 4, 2, &[3], &[1]).op(b"s.");
-            p.0
-        }, vec![("0", vec![0; 16])], "past the storage"),
+        (
+            {
+                let mut p = P::default();
+                p.op(b"\x80\x02}")
+                    .s("w")
+                    .tensor("FloatStorage", "0", 4, 2, &[3], &[1])
+                    .op(b"s.");
+                p.0
+            },
+            vec![("0", vec![0; 16])],
+            "past the storage",
+        ),
         // storage entry shorter than numel says
-        ({
-            let mut p = P::default();
-            p.op(b"\x80\x02}").s("w").tensor("FloatStorage", "0", 4, 0, &[4], &[1]).op(b"s.");
-            p.0
-        }, vec![("0", vec![0; 12])], "needs 16 bytes"),
+        (
+            {
+                let mut p = P::default();
+                p.op(b"\x80\x02}")
+                    .s("w")
+                    .tensor("FloatStorage", "0", 4, 0, &[4], &[1])
+                    .op(b"s.");
+                p.0
+            },
+            vec![("0", vec![0; 12])],
+            "needs 16 bytes",
+        ),
         // missing storage
-        ({
-            let mut p = P::default();
-            p.op(b"\x80\x02}").s("w").tensor("FloatStorage", "7", 1, 0, &[1], &[1]).op(b"s.");
-            p.0
-        }, vec![], "missing from the archive"),
+        (
+            {
+                let mut p = P::default();
+                p.op(b"\x80\x02}")
+                    .s("w")
+                    .tensor("FloatStorage", "7", 1, 0, &[1], &[1])
+                    .op(b"s.");
+                p.0
+            },
+            vec![],
+            "missing from the archive",
+        ),
         // a list at the top
-        (b"\x80\x02]q\x00.".to_vec(), vec![], "expected a dict of tensors"),
+        (
+            b"\x80\x02]q\x00.".to_vec(),
+            vec![],
+            "expected a dict of tensors",
+        ),
         // a dict without tensors
-        ({
-            let mut p = P::default();
-            p.op(b"\x80\x02}").s("epoch").int(3).op(b"s.");
-            p.0
-        }, vec![], "no tensors found"),
+        (
+            {
+                let mut p = P::default();
+                p.op(b"\x80\x02}").s("epoch").int(3).op(b"s.");
+                p.0
+            },
+            vec![],
+            "no tensors found",
+        ),
         // an opcode torch.save never writes
         (b"\x80\x02}\x81.".to_vec(), vec![], "NEWOBJ"),
         // a storage type outside the allow-list is a forbidden global
-        ({
-            let mut p = P::default();
-            p.op(b"\x80\x02}").s("w").tensor("ComplexFloatStorage", "0", 1, 0, &[1], &[1]).op(b"s.");
-            p.0
-        }, vec![("0", vec![0; 8])], "torch.ComplexFloatStorage"),
+        (
+            {
+                let mut p = P::default();
+                p.op(b"\x80\x02}")
+                    .s("w")
+                    .tensor("ComplexFloatStorage", "0", 1, 0, &[1], &[1])
+                    .op(b"s.");
+                p.0
+            },
+            vec![("0", vec![0; 8])],
+            "torch.ComplexFloatStorage",
+        ),
         // calling a storage type
-        ({
-            let mut p = P::default();
-            p.op(b"\x80\x02}").s("w").global("torch", "FloatStorage").op(b")Rs.");
-            p.0
-        }, vec![], "only allowed as a type tag"),
+        (
+            {
+                let mut p = P::default();
+                p.op(b"\x80\x02}")
+                    .s("w")
+                    .global("torch", "FloatStorage")
+                    .op(b")Rs.");
+                p.0
+            },
+            vec![],
+            "only allowed as a type tag",
+        ),
         // memo read before write
         (b"\x80\x02h\x05.".to_vec(), vec![], "memo entry 5"),
     ];
@@ -335,7 +482,10 @@ fn structural_errors_name_the_problem() {
         let bytes = make_archive("bad", &pkl, &storages);
         let err = read_pth_bytes(Path::new("bad.pth"), &bytes, &PthOptions::default()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains(want) && msg.contains("bad.pth"), "case {i}: {msg}");
+        assert!(
+            msg.contains(want) && msg.contains("bad.pth"),
+            "case {i}: {msg}"
+        );
     }
 }
 
@@ -367,10 +517,19 @@ fn mutated_pickles_never_panic() {
             (i.to_string(), v)
         })
         .collect();
-    let storages: Vec<(&str, Vec<u8>)> = storages.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let storages: Vec<(&str, Vec<u8>)> = storages
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
     // the unmutated rebuild reads fine
     let ok = make_archive("m", &pkl, &storages);
-    assert_eq!(read_pth_bytes(Path::new("m.pth"), &ok, &PthOptions::default()).unwrap().tensors.len(), 8);
+    assert_eq!(
+        read_pth_bytes(Path::new("m.pth"), &ok, &PthOptions::default())
+            .unwrap()
+            .tensors
+            .len(),
+        8
+    );
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (mut oks, mut errs) = (0, 0);
@@ -397,7 +556,9 @@ fn mutated_pickles_never_panic() {
             }
         }
         let bytes = make_archive("m", &m, &storages);
-        let r = std::panic::catch_unwind(|| read_pth_bytes(Path::new("m.pth"), &bytes, &PthOptions::default()));
+        let r = std::panic::catch_unwind(|| {
+            read_pth_bytes(Path::new("m.pth"), &bytes, &PthOptions::default())
+        });
         match r {
             Ok(Ok(_)) => oks += 1,
             Ok(Err(_)) => errs += 1,
@@ -418,8 +579,13 @@ fn mutated_pickles_never_panic() {
             }
             b
         };
-        let r = std::panic::catch_unwind(|| read_pth_bytes(Path::new("r.pth"), &bytes, &PthOptions::default()));
-        assert!(r.is_ok(), "round {round}: the reader panicked on a corrupted archive");
+        let r = std::panic::catch_unwind(|| {
+            read_pth_bytes(Path::new("r.pth"), &bytes, &PthOptions::default())
+        });
+        assert!(
+            r.is_ok(),
+            "round {round}: the reader panicked on a corrupted archive"
+        );
     }
 }
 
@@ -427,16 +593,29 @@ fn mutated_pickles_never_panic() {
 fn amplifying_views_are_refused_and_memory_is_budgeted() {
     // A stride-0 view of a one-element storage asking for 16M elements (64 MiB from 4 bytes).
     let mut p = P::default();
-    p.op(b"\x80\x02}").s("big").tensor("FloatStorage", "0", 1, 0, &[4096, 4096], &[0, 0]).op(b"s.");
+    p.op(b"\x80\x02}")
+        .s("big")
+        .tensor("FloatStorage", "0", 1, 0, &[4096, 4096], &[0, 0])
+        .op(b"s.");
     let bytes = make_archive("amp", &p.0, &[("0", vec![0; 4])]);
-    let msg = read_pth_bytes(Path::new("amp.pth"), &bytes, &PthOptions::default()).unwrap_err().to_string();
-    assert!(msg.contains("amp.pth") && msg.contains("`big`") && msg.contains("would amplify"), "{msg}");
+    let msg = read_pth_bytes(Path::new("amp.pth"), &bytes, &PthOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("amp.pth") && msg.contains("`big`") && msg.contains("would amplify"),
+        "{msg}"
+    );
 
     // A small expanded view (as `expand` can leave in a state dict) is still read.
     let mut p = P::default();
-    p.op(b"\x80\x02}").s("bias").tensor("FloatStorage", "0", 1, 0, &[3, 4], &[0, 0]).op(b"s.");
+    p.op(b"\x80\x02}")
+        .s("bias")
+        .tensor("FloatStorage", "0", 1, 0, &[3, 4], &[0, 0])
+        .op(b"s.");
     let bytes = make_archive("small", &p.0, &[("0", 2.5f32.to_le_bytes().to_vec())]);
-    let t = read_pth_bytes(Path::new("small.pth"), &bytes, &PthOptions::default()).unwrap().tensors;
+    let t = read_pth_bytes(Path::new("small.pth"), &bytes, &PthOptions::default())
+        .unwrap()
+        .tensors;
     assert_eq!(t[0].1.to_f32_vec(), vec![2.5; 12]);
 
     // Many views of one storage: each alone is allowed, together they exceed twice the file plus
@@ -446,7 +625,8 @@ fn amplifying_views_are_refused_and_memory_is_budgeted() {
         let mut p = P::default();
         p.op(b"\x80\x02}(");
         for i in 0..count {
-            p.s(&format!("t{i}")).tensor(storage, "0", 1, 0, &[n / 1024, 1024], &[0, 0]);
+            p.s(&format!("t{i}"))
+                .tensor(storage, "0", 1, 0, &[n / 1024, 1024], &[0, 0]);
         }
         p.op(b"u.");
         p.0
@@ -454,23 +634,47 @@ fn amplifying_views_are_refused_and_memory_is_budgeted() {
     let bytes = make_archive("many", &views("FloatStorage", 300), &[("0", vec![0; 4])]);
     let budget = MemoryBudget::for_archive(bytes.len() as u64);
     assert!(budget.bytes <= (bytes.len() as u64) * 2 + MemoryBudget::SLACK_BYTES);
-    let msg = read_pth_bytes(Path::new("many.pth"), &bytes, &PthOptions::default()).unwrap_err().to_string();
-    assert!(msg.contains("many.pth") && msg.contains("tensor `t") && msg.contains("bytes allowed"), "{msg}");
+    let msg = read_pth_bytes(Path::new("many.pth"), &bytes, &PthOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("many.pth") && msg.contains("tensor `t") && msg.contains("bytes allowed"),
+        "{msg}"
+    );
     // 40 one-byte views (40 MiB) fit.
     let bytes = make_archive("bytes", &views("ByteStorage", 40), &[("0", vec![7])]);
-    assert_eq!(read_pth_bytes(Path::new("bytes.pth"), &bytes, &PthOptions::default()).unwrap().tensors.len(), 40);
+    assert_eq!(
+        read_pth_bytes(Path::new("bytes.pth"), &bytes, &PthOptions::default())
+            .unwrap()
+            .tensors
+            .len(),
+        40
+    );
 }
 
 #[test]
 fn tensor_named_metadata_is_refused() {
     let mut p = P::default();
-    p.op(b"\x80\x02}").s("__metadata__").tensor("FloatStorage", "0", 1, 0, &[1], &[1]).op(b"s.");
+    p.op(b"\x80\x02}")
+        .s("__metadata__")
+        .tensor("FloatStorage", "0", 1, 0, &[1], &[1])
+        .op(b"s.");
     let bytes = make_archive("meta", &p.0, &[("0", vec![0; 4])]);
-    let msg = read_pth_bytes(Path::new("meta.pth"), &bytes, &PthOptions::default()).unwrap_err().to_string();
-    assert!(msg.contains("meta.pth") && msg.contains("`__metadata__`") && msg.contains("reserved"), "{msg}");
+    let msg = read_pth_bytes(Path::new("meta.pth"), &bytes, &PthOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("meta.pth") && msg.contains("`__metadata__`") && msg.contains("reserved"),
+        "{msg}"
+    );
     // The writer refuses the name too, whatever the source.
     let dir = tempfile::tempdir().unwrap();
     let t = HostTensor::from_f32([1], vec![1.0]).unwrap();
-    let err = openuni_tensor::write_safetensors(&dir.path().join("x.safetensors"), [("__metadata__", &t)], None).unwrap_err();
+    let err = openuni_tensor::write_safetensors(
+        &dir.path().join("x.safetensors"),
+        [("__metadata__", &t)],
+        None,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("__metadata__"), "{err}");
 }

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use openuni_tensor::{bf16, write_safetensors, DType, Error, HostData, HostTensor, Shape, TensorSource, Weights};
+use openuni_tensor::{
+    bf16, write_safetensors, DType, Error, HostData, HostTensor, Shape, TensorSource, Weights,
+};
 
 fn t(shape: &[usize], v: Vec<f32>) -> HostTensor {
     HostTensor::from_f32(shape, v).unwrap()
@@ -14,8 +16,18 @@ fn sharded_index_with_mixed_dtypes_loads_as_f32() {
     let dir = tempfile::tempdir().unwrap();
     let a = t(&[2, 2], vec![1.0, -2.0, 3.5, 0.25]);
     let b = a.to_dtype(DType::BF16).unwrap();
-    write_safetensors(&dir.path().join("m-00001-of-00002.safetensors"), [("a.weight", &a)], None).unwrap();
-    write_safetensors(&dir.path().join("m-00002-of-00002.safetensors"), [("b.weight", &b)], None).unwrap();
+    write_safetensors(
+        &dir.path().join("m-00001-of-00002.safetensors"),
+        [("a.weight", &a)],
+        None,
+    )
+    .unwrap();
+    write_safetensors(
+        &dir.path().join("m-00002-of-00002.safetensors"),
+        [("b.weight", &b)],
+        None,
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("m.safetensors.index.json"),
         r#"{"metadata": {}, "weight_map": {"a.weight": "m-00001-of-00002.safetensors", "b.weight": "m-00002-of-00002.safetensors"}}"#,
@@ -39,30 +51,64 @@ fn errors_name_file_key_expected_and_found() {
     let e = w.get_f32("w", Some(&Shape::new([3, 2]))).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }));
     let msg = e.to_string();
-    assert!(msg.contains("model.safetensors") && msg.contains("`w`") && msg.contains("[3, 2]") && msg.contains("[2, 3]"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors")
+            && msg.contains("`w`")
+            && msg.contains("[3, 2]")
+            && msg.contains("[2, 3]"),
+        "{msg}"
+    );
 
     let msg = w.get_f32("missing.weight", None).unwrap_err().to_string();
-    assert!(msg.contains("model.safetensors") && msg.contains("missing.weight"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("missing.weight"),
+        "{msg}"
+    );
 
     let msg = w.get_f32("ids", None).unwrap_err().to_string();
     assert!(msg.contains("`ids`") && msg.contains("I64"), "{msg}");
     assert_eq!(w.get("ids").unwrap().to_i64_vec(), vec![1, 2, 3]);
 
-    let msg = Weights::open(dir.path().join("nope.safetensors")).err().unwrap().to_string();
+    let msg = Weights::open(dir.path().join("nope.safetensors"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("nope.safetensors"), "{msg}");
 
-    std::fs::write(dir.path().join("junk.safetensors"), b"not a safetensors file").unwrap();
-    let msg = Weights::open(dir.path().join("junk.safetensors")).err().unwrap().to_string();
-    assert!(msg.contains("junk.safetensors") && msg.contains("not a valid safetensors"), "{msg}");
+    std::fs::write(
+        dir.path().join("junk.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
+    let msg = Weights::open(dir.path().join("junk.safetensors"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("junk.safetensors") && msg.contains("not a valid safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn index_naming_a_key_its_shard_lacks_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    write_safetensors(&dir.path().join("s1.safetensors"), [("a", &t(&[1], vec![1.0]))], None).unwrap();
-    std::fs::write(dir.path().join("x.safetensors.index.json"), r#"{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}"#).unwrap();
+    write_safetensors(
+        &dir.path().join("s1.safetensors"),
+        [("a", &t(&[1], vec![1.0]))],
+        None,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("x.safetensors.index.json"),
+        r#"{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}"#,
+    )
+    .unwrap();
     let msg = Weights::open(dir.path()).err().unwrap().to_string();
-    assert!(msg.contains("`b`") && msg.contains("s1.safetensors"), "{msg}");
+    assert!(
+        msg.contains("`b`") && msg.contains("s1.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -80,18 +126,46 @@ fn conversions_round_to_nearest_even() {
 #[test]
 fn overlay_prefers_the_checkpoint_and_falls_back_to_the_base() {
     use openuni_tensor::{Overlay, TensorMap};
-    let base: HashMap<String, HostTensor> =
-        HashMap::from([("proj_out.weight".to_string(), t(&[2], vec![1.0, 2.0])), ("proj_out.bias".to_string(), t(&[1], vec![3.0]))]);
+    let base: HashMap<String, HostTensor> = HashMap::from([
+        ("proj_out.weight".to_string(), t(&[2], vec![1.0, 2.0])),
+        ("proj_out.bias".to_string(), t(&[1], vec![3.0])),
+    ]);
     // A fine-tuned OpenUni checkpoint carries the transformer under `transformer.`.
     let ckpt = TensorMap {
         origin: "ckpt.pth".into(),
-        tensors: HashMap::from([("transformer.proj_out.weight".to_string(), t(&[2], vec![9.0, 8.0])), ("meta_queries".to_string(), t(&[1], vec![0.0]))]),
+        tensors: HashMap::from([
+            (
+                "transformer.proj_out.weight".to_string(),
+                t(&[2], vec![9.0, 8.0]),
+            ),
+            ("meta_queries".to_string(), t(&[1], vec![0.0])),
+        ]),
     };
-    let o = Overlay { top: &ckpt, prefix: "transformer.".into(), base: &base };
-    assert_eq!(o.tensor_f32("proj_out.weight", &Shape::new([2])).unwrap().to_f32_vec(), vec![9.0, 8.0]);
-    assert_eq!(o.tensor_f32("proj_out.bias", &Shape::new([1])).unwrap().to_f32_vec(), vec![3.0]);
-    let msg = o.tensor_f32("proj_out.weight", &Shape::new([3])).unwrap_err().to_string();
-    assert!(msg.contains("ckpt.pth") && msg.contains("transformer.proj_out.weight"), "{msg}");
+    let o = Overlay {
+        top: &ckpt,
+        prefix: "transformer.".into(),
+        base: &base,
+    };
+    assert_eq!(
+        o.tensor_f32("proj_out.weight", &Shape::new([2]))
+            .unwrap()
+            .to_f32_vec(),
+        vec![9.0, 8.0]
+    );
+    assert_eq!(
+        o.tensor_f32("proj_out.bias", &Shape::new([1]))
+            .unwrap()
+            .to_f32_vec(),
+        vec![3.0]
+    );
+    let msg = o
+        .tensor_f32("proj_out.weight", &Shape::new([3]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("ckpt.pth") && msg.contains("transformer.proj_out.weight"),
+        "{msg}"
+    );
     assert!(o.tensor_f32("missing", &Shape::new([1])).is_err());
 }
 
@@ -104,7 +178,10 @@ fn tensor_larger_than_available_memory_is_an_error() {
         return;
     };
     let n = (avail + (1 << 30)) / 2 * 2;
-    let header = format!(r#"{{"huge":{{"dtype":"F16","shape":[{}],"data_offsets":[0,{n}]}}}}"#, n / 2);
+    let header = format!(
+        r#"{{"huge":{{"dtype":"F16","shape":[{}],"data_offsets":[0,{n}]}}}}"#,
+        n / 2
+    );
     let mut header = header.into_bytes();
     while header.len() % 8 != 0 {
         header.push(b' ');
@@ -118,9 +195,18 @@ fn tensor_larger_than_available_memory_is_an_error() {
     drop(f);
     let w = Weights::open(&p).unwrap();
     let shape = Shape::new([(n / 2) as usize]);
-    for err in [w.get("huge").unwrap_err(), w.get_f32("huge", None).unwrap_err(), w.weight_f32("huge", &shape).unwrap_err()] {
+    for err in [
+        w.get("huge").unwrap_err(),
+        w.get_f32("huge", None).unwrap_err(),
+        w.weight_f32("huge", &shape).unwrap_err(),
+    ] {
         let msg = err.to_string();
-        assert!(msg.contains("huge.safetensors") && msg.contains("`huge`") && msg.contains("MemAvailable"), "{msg}");
+        assert!(
+            msg.contains("huge.safetensors")
+                && msg.contains("`huge`")
+                && msg.contains("MemAvailable"),
+            "{msg}"
+        );
     }
 }
 
@@ -147,21 +233,43 @@ fn f32_weights_are_used_in_place_and_others_converted_once() {
     let w = Weights::open(&f).unwrap();
     let shape = Shape::new([3, 2]);
     let in_place = w.weight_f32("a", &shape).unwrap();
-    assert!(in_place.is_mapped(), "an aligned f32 tensor is read from the mapping, not copied");
+    assert!(
+        in_place.is_mapped(),
+        "an aligned f32 tensor is read from the mapping, not copied"
+    );
     assert_eq!(&in_place[..], a.f32s().unwrap());
     for key in ["b", "c"] {
         let v = w.weight_f32(key, &shape).unwrap();
         assert!(!v.is_mapped());
-        assert_eq!(&v[..], a.f32s().unwrap(), "{key}: these values are exact in bf16 and f16");
+        assert_eq!(
+            &v[..],
+            a.f32s().unwrap(),
+            "{key}: these values are exact in bf16 and f16"
+        );
     }
     // Size-1 dims are the same data (a 1×1 conv weight read as a linear weight).
-    assert!(w.weight_f32("a", &Shape::new([3, 2, 1, 1])).unwrap().is_mapped());
-    let msg = w.weight_f32("a", &Shape::new([2, 3])).unwrap_err().to_string();
-    assert!(msg.contains("m.safetensors") && msg.contains("`a`") && msg.contains("[2, 3]") && msg.contains("[3, 2]"), "{msg}");
+    assert!(w
+        .weight_f32("a", &Shape::new([3, 2, 1, 1]))
+        .unwrap()
+        .is_mapped());
+    let msg = w
+        .weight_f32("a", &Shape::new([2, 3]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("m.safetensors")
+            && msg.contains("`a`")
+            && msg.contains("[2, 3]")
+            && msg.contains("[3, 2]"),
+        "{msg}"
+    );
     // Through the trait and an Overlay (how the pipeline reads a fine-tuned transformer).
     let src: &dyn TensorSource = &w;
     assert!(src.weight_f32("a", &shape).unwrap().is_mapped());
-    assert_eq!(src.stored_bytes("b", &shape).unwrap().unwrap().0, DType::BF16);
+    assert_eq!(
+        src.stored_bytes("b", &shape).unwrap().unwrap().0,
+        DType::BF16
+    );
 }
 
 #[test]
@@ -172,7 +280,11 @@ fn unaligned_f32_data_is_copied_not_misread() {
     let vals = [1.5f32, -3.25];
     let mut data = vec![7u8];
     data.extend(vals.iter().flat_map(|v| v.to_le_bytes()));
-    raw_safetensors(&f, r#"{"flag":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}}"#, &data);
+    raw_safetensors(
+        &f,
+        r#"{"flag":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}}"#,
+        &data,
+    );
     let w = Weights::open(&f).unwrap();
     let v = w.weight_f32("w", &Shape::new([2])).unwrap();
     assert!(!v.is_mapped());
@@ -185,7 +297,11 @@ fn offsets_past_the_end_are_refused_at_open() {
     // or allocation, naming the file.
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("lying.safetensors");
-    raw_safetensors(&f, r#"{"w":{"dtype":"F32","shape":[250000000000000],"data_offsets":[0,1000000000000000]}}"#, &[0u8; 16]);
+    raw_safetensors(
+        &f,
+        r#"{"w":{"dtype":"F32","shape":[250000000000000],"data_offsets":[0,1000000000000000]}}"#,
+        &[0u8; 16],
+    );
     let msg = Weights::open(&f).err().expect("refused").to_string();
     assert!(msg.contains("lying.safetensors"), "{msg}");
 }
@@ -212,12 +328,21 @@ fn released_pages_leave_resident_memory() {
     let before = rss_file().unwrap();
     let v = w.weight_f32("w", &Shape::new([n])).unwrap();
     assert!(v.is_mapped());
-    assert_eq!(v.iter().map(|&x| x as f64).sum::<f64>(), (n as f64 - 1.0) * n as f64 / 2.0);
+    assert_eq!(
+        v.iter().map(|&x| x as f64).sum::<f64>(),
+        (n as f64 - 1.0) * n as f64 / 2.0
+    );
     let touched = rss_file().unwrap();
-    assert!(touched >= before + (24 << 20), "reading the in-place tensor maps its pages: RssFile {before} -> {touched}");
+    assert!(
+        touched >= before + (24 << 20),
+        "reading the in-place tensor maps its pages: RssFile {before} -> {touched}"
+    );
     w.release_pages();
     let released = rss_file().unwrap();
-    assert!(released + (24 << 20) <= touched, "release_pages drops them: RssFile {touched} -> {released}");
+    assert!(
+        released + (24 << 20) <= touched,
+        "release_pages drops them: RssFile {touched} -> {released}"
+    );
     // Still readable: the pages map again from the page cache.
     assert_eq!(v[n - 1], (n - 1) as f32);
 }

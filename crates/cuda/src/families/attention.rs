@@ -90,26 +90,46 @@ pub struct AttentionArgs {
 /// dim (with the supported ones) or the limit that is exceeded.
 pub fn launch(a: &AttentionArgs) -> std::result::Result<Vec<Launch>, String> {
     let Some(cap) = capacity(a.head_dim) else {
-        return Err(format!("head dim {} has no CUDA attention kernel: supported head dims are 1 to {MAX_HEAD_DIM}", a.head_dim));
+        return Err(format!(
+            "head dim {} has no CUDA attention kernel: supported head dims are 1 to {MAX_HEAD_DIM}",
+            a.head_dim
+        ));
     };
     if a.rope_cs != 0 && a.head_dim % 2 != 0 {
-        return Err(format!("fused RoPE needs an even head dim, found {}", a.head_dim));
+        return Err(format!(
+            "fused RoPE needs an even head dim, found {}",
+            a.head_dim
+        ));
     }
     if !matches!(a.dtype, DType::F32 | DType::BF16) {
-        return Err(format!("storage dtype {} has no attention kernel (f32 or bf16)", a.dtype));
+        return Err(format!(
+            "storage dtype {} has no attention kernel (f32 or bf16)",
+            a.dtype
+        ));
     }
     if a.heads == 0 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
-        return Err(format!("{} query heads cannot share {} key/value heads", a.heads, a.kv_heads));
+        return Err(format!(
+            "{} query heads cannot share {} key/value heads",
+            a.heads, a.kv_heads
+        ));
     }
     let bh = a.batch * a.heads;
     if bh > 65535 {
-        return Err(format!("batch · heads = {bh} exceeds the grid's y limit of 65535"));
+        return Err(format!(
+            "batch · heads = {bh} exceeds the grid's y limit of 65535"
+        ));
     }
     if a.n > i32::MAX as usize || a.m > i32::MAX as usize {
-        return Err(format!("lengths {} and {} do not fit the kernel's 32-bit indices", a.n, a.m));
+        return Err(format!(
+            "lengths {} and {} do not fit the kernel's 32-bit indices",
+            a.n, a.m
+        ));
     }
     if (a.segments != 0 || a.rope_cs != 0) && a.n != a.m {
-        return Err(format!("packed segments and fused RoPE need as many keys as queries, found {} and {}", a.m, a.n));
+        return Err(format!(
+            "packed segments and fused RoPE need as many keys as queries, found {} and {}",
+            a.m, a.n
+        ));
     }
     if a.segments != 0 && a.batch != 1 {
         return Err(format!("packed segments need batch 1, found {}", a.batch));
@@ -174,7 +194,9 @@ pub fn rope_table(theta: f32, head_dim: usize, positions: usize) -> Vec<f32> {
 /// transformers' rotary inverse frequencies `1 / theta^(2i/head_dim)` in f32 (the CPU twin's
 /// `rope_inv_freq`).
 pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
 }
 
 fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
@@ -183,7 +205,20 @@ fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let p = ctx.ptr;
-    let Op::Attention { q, k, v, key_mask, heads, kv_heads, head_dim, causal, scale, segments, rope } = &node.op else {
+    let Op::Attention {
+        q,
+        k,
+        v,
+        key_mask,
+        heads,
+        kv_heads,
+        head_dim,
+        causal,
+        scale,
+        segments,
+        rope,
+    } = &node.op
+    else {
         unreachable!("attention::resolve called for {}", node.op.name())
     };
     let qs = ctx.graph.shape(*q);
@@ -191,15 +226,27 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     // Tables keyed by their contents, so the layers of a model share one upload.
     let seg_ptr = match segments {
         Some(s) => {
-            let key = format!("attention.segments.{}", s.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(","));
+            let key = format!(
+                "attention.segments.{}",
+                s.iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
             ctx.constant(&key, &bytes_of(&segment_table(s)))?
         }
         None => 0,
     };
     let rope_ptr = match rope {
         Some(theta) => {
-            let positions = segments.as_ref().map_or(n, |s| s.iter().copied().max().unwrap_or(0)).max(1);
-            let key = format!("attention.rope_cs.{:08x}.{head_dim}.{positions}", theta.to_bits());
+            let positions = segments
+                .as_ref()
+                .map_or(n, |s| s.iter().copied().max().unwrap_or(0))
+                .max(1);
+            let key = format!(
+                "attention.rope_cs.{:08x}.{head_dim}.{positions}",
+                theta.to_bits()
+            );
             ctx.constant(&key, &bytes_of(&rope_table(*theta, *head_dim, positions)))?
         }
         None => 0,
@@ -227,10 +274,16 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     if super::conv_sm90::selected(ctx.dev) && super::attention_sm90::selected_for(&args) {
         let scratch = match args.rope_cs {
             0 => 0,
-            _ => ctx.workspace("attention_sm90.rope_qk", super::attention_sm90::rope_scratch_bytes(&args))?,
+            _ => ctx.workspace(
+                "attention_sm90.rope_qk",
+                super::attention_sm90::rope_scratch_bytes(&args),
+            )?,
         };
         return super::attention_sm90::launch(&args, scratch);
     }
     // The executor prefixes the node's name.
-    launch(&args).map_err(|msg| CudaError::Invalid { what: "kernels/attention.cu".into(), msg })
+    launch(&args).map_err(|msg| CudaError::Invalid {
+        what: "kernels/attention.cu".into(),
+        msg,
+    })
 }

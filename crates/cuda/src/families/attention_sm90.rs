@@ -77,7 +77,10 @@ pub fn selected_for(a: &AttentionArgs) -> bool {
 }
 
 fn invalid(msg: String) -> CudaError {
-    CudaError::Invalid { what: "attention (sm_90a)".into(), msg }
+    CudaError::Invalid {
+        what: "attention (sm_90a)".into(),
+        msg,
+    }
 }
 
 /// Threads per block of the RoPE pre-pass.
@@ -124,14 +127,23 @@ pub fn launch(a: &AttentionArgs, rope_scratch: u64) -> Result<Vec<Launch>> {
     let (mut q, mut k) = (a.q, a.k);
     if a.rope_cs != 0 {
         if rope_scratch == 0 || !rope_scratch.is_multiple_of(16) {
-            return Err(invalid(format!("fused RoPE needs 16-byte aligned scratch of {} bytes, found {rope_scratch:#x}", rope_scratch_bytes(a))));
+            return Err(invalid(format!(
+                "fused RoPE needs 16-byte aligned scratch of {} bytes, found {rope_scratch:#x}",
+                rope_scratch_bytes(a)
+            )));
         }
         let tokens = a.batch * a.n;
-        (q, k) = (rope_scratch, rope_scratch + (2 * tokens * a.heads * a.head_dim) as u64);
+        (q, k) = (
+            rope_scratch,
+            rope_scratch + (2 * tokens * a.heads * a.head_dim) as u64,
+        );
         let items = tokens * (a.heads + a.kv_heads) * a.head_dim / 8;
         let blocks = items.div_ceil(ROPE_THREADS);
         if blocks > i32::MAX as usize {
-            return Err(invalid(format!("{tokens} tokens of {} heads exceed the RoPE pre-pass's grid", a.heads + a.kv_heads)));
+            return Err(invalid(format!(
+                "{tokens} tokens of {} heads exceed the RoPE pre-pass's grid",
+                a.heads + a.kv_heads
+            )));
         }
         launches.push(Launch {
             kernel: "attention_rope_bf16".into(),
@@ -156,12 +168,21 @@ pub fn launch(a: &AttentionArgs, rope_scratch: u64) -> Result<Vec<Launch>> {
     let cap = capacity(a.head_dim).unwrap_or(128);
     let bh = a.batch * a.heads;
     if bh > 65535 || a.n > i32::MAX as usize || a.m > i32::MAX as usize {
-        return Err(invalid(format!("batch · heads {bh} or lengths {} / {} exceed the grid or 32-bit indices", a.n, a.m)));
+        return Err(invalid(format!(
+            "batch · heads {bh} or lengths {} / {} exceed the grid or 32-bit indices",
+            a.n, a.m
+        )));
     }
     let (hd, b) = (a.head_dim as u64, a.batch as u64);
     let map = |what: &str, p: u64, heads: usize, len: usize| {
         let (h, l) = (heads as u64, len as u64);
-        tma::tiled_bf16_swizzle128(what, p, &[hd, h, l, b], &[2 * hd, 2 * hd * h, 2 * hd * h * l], &[64, 1, 64, 1])
+        tma::tiled_bf16_swizzle128(
+            what,
+            p,
+            &[hd, h, l, b],
+            &[2 * hd, 2 * hd * h, 2 * hd * h * l],
+            &[64, 1, 64, 1],
+        )
     };
     let mq = map("attention q", q, a.heads, a.n)?;
     let mk = map("attention k", k, a.kv_heads, a.m)?;

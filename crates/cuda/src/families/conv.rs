@@ -25,20 +25,27 @@ pub mod geometry {
     include!(concat!(env!("OUT_DIR"), "/conv_geometry.rs"));
 }
 use geometry::{
-    CONV_TC_CHUNK as TC_CHUNK, CONV_TC_NPAD as TC_NPAD, CONV_TC_STAGES as TC_STAGES, CONV_TILE_H as TILE_H, CONV_TILE_N as TILE_N,
-    CONV_TILE_W as TILE_W, DW_CHANNELS, DW_ROWS, GL_COLS, GL_ROWS,
+    CONV_TC_CHUNK as TC_CHUNK, CONV_TC_NPAD as TC_NPAD, CONV_TC_STAGES as TC_STAGES,
+    CONV_TILE_H as TILE_H, CONV_TILE_N as TILE_N, CONV_TILE_W as TILE_W, DW_CHANNELS, DW_ROWS,
+    GL_COLS, GL_ROWS,
 };
 
 /// Largest kernel of `conv2d_{f32,bf16}` and `depthwise_conv2d_*`.
 pub const MAX_KERNEL: usize = geometry::CONV_KMAX;
 
 fn invalid(what: &str, msg: String) -> CudaError {
-    CudaError::Invalid { what: what.into(), msg }
+    CudaError::Invalid {
+        what: what.into(),
+        msg,
+    }
 }
 
 fn grid_dim(what: &str, v: usize, max: usize) -> Result<u32> {
     if v == 0 || v > max {
-        return Err(invalid(what, format!("grid dimension {v} outside 1..={max}")));
+        return Err(invalid(
+            what,
+            format!("grid dimension {v} outside 1..={max}"),
+        ));
     }
     Ok(v as u32)
 }
@@ -98,11 +105,19 @@ pub fn planned_weight_elems(graph: &Graph, id: ValueId, dtype: DType) -> usize {
     let numel = graph.shape(id).numel();
     let cout = graph.shape(id).dims().first().copied().unwrap_or(0);
     let prepared = graph.nodes.iter().find_map(|node| match &node.op {
-        Op::Conv2d { x, weight, kernel, .. } if *weight == id && conv2d_uses_tensor_cores(dtype, *kernel) => {
-            Some(prepared_conv_weight_len(ConvWeightLayout::Taps3x3, cout, graph.shape(*x).last()))
-        }
-        Op::UpsampleConv2d { x, weight, .. } if *weight == id && upsample_conv2d_uses_tensor_cores(dtype) => {
-            Some(prepared_conv_weight_len(ConvWeightLayout::UpsamplePhases, cout, graph.shape(*x).last()))
+        Op::Conv2d {
+            x, weight, kernel, ..
+        } if *weight == id && conv2d_uses_tensor_cores(dtype, *kernel) => Some(
+            prepared_conv_weight_len(ConvWeightLayout::Taps3x3, cout, graph.shape(*x).last()),
+        ),
+        Op::UpsampleConv2d { x, weight, .. }
+            if *weight == id && upsample_conv2d_uses_tensor_cores(dtype) =>
+        {
+            Some(prepared_conv_weight_len(
+                ConvWeightLayout::UpsamplePhases,
+                cout,
+                graph.shape(*x).last(),
+            ))
         }
         _ => None,
     });
@@ -116,8 +131,17 @@ pub fn planned_weight_elems(graph: &Graph, id: ValueId, dtype: DType) -> usize {
 /// for pi = 0 tap dy = 0 lands on r = 0 and dy ∈ {1, 2} on r = 1; for pi = 1, dy ∈ {0, 1} on r = 0
 /// and dy = 2 on r = 1 (columns alike). So phase (pi, pj) is a 2×2 conv of x whose tap (r, s) is
 /// the sum of the 3×3 taps of those row and column groups: 16 instead of 36 taps per 4 outputs.
-pub fn prepare_conv_weight(layout: ConvWeightLayout, w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    assert_eq!(w.len(), cout * cin * 9, "prepare_conv_weight: a [{cout}, {cin}, 3, 3] weight");
+pub fn prepare_conv_weight(
+    layout: ConvWeightLayout,
+    w: &[f32],
+    cout: usize,
+    cin: usize,
+) -> Vec<f32> {
+    assert_eq!(
+        w.len(),
+        cout * cin * 9,
+        "prepare_conv_weight: a [{cout}, {cin}, 3, 3] weight"
+    );
     let npad = padded_cout(cout);
     let mut out = vec![0f32; prepared_conv_weight_len(layout, cout, cin)];
     let at = |n: usize, ci: usize, dy: usize, dx: usize| w[((n * cin + ci) * 3 + dy) * 3 + dx];
@@ -164,7 +188,12 @@ pub fn prepare_conv_weight(layout: ConvWeightLayout, w: &[f32], cout: usize, cin
 /// layout when every op that reads it is a tensor-core conv of one kind, `None` (upstream) when
 /// none is; a weight read by both kinds, or by a tensor-core conv and another op, is an error
 /// naming it (no model shares a conv weight).
-pub fn weight_layout(dev: &CudaDevice, graph: &Graph, id: ValueId, dtype: DType) -> Result<Option<ConvWeightLayout>> {
+pub fn weight_layout(
+    dev: &CudaDevice,
+    graph: &Graph,
+    id: ValueId,
+    dtype: DType,
+) -> Result<Option<ConvWeightLayout>> {
     // A conv the sm_90a path takes reads the upstream weight and prepares its own copy
     // (conv_sm90::prepare_weights).
     let sm90 = super::conv_sm90::selected(dev);
@@ -174,13 +203,19 @@ pub fn weight_layout(dev: &CudaDevice, graph: &Graph, id: ValueId, dtype: DType)
             continue;
         }
         let this = match &node.op {
-            Op::Conv2d { x, weight, kernel, .. } if *weight == id && conv2d_uses_tensor_cores(dtype, *kernel) => {
+            Op::Conv2d {
+                x, weight, kernel, ..
+            } if *weight == id && conv2d_uses_tensor_cores(dtype, *kernel) => {
                 let (cin, cout) = (graph.shape(*x).last(), graph.shape(id).dims()[0]);
-                (!(sm90 && super::conv_sm90::conv2d_shape_qualifies(dtype, *kernel, cin, cout))).then_some(ConvWeightLayout::Taps3x3)
+                (!(sm90 && super::conv_sm90::conv2d_shape_qualifies(dtype, *kernel, cin, cout)))
+                    .then_some(ConvWeightLayout::Taps3x3)
             }
-            Op::UpsampleConv2d { x, weight, .. } if *weight == id && upsample_conv2d_uses_tensor_cores(dtype) => {
+            Op::UpsampleConv2d { x, weight, .. }
+                if *weight == id && upsample_conv2d_uses_tensor_cores(dtype) =>
+            {
                 let (cin, cout) = (graph.shape(*x).last(), graph.shape(id).dims()[0]);
-                (!(sm90 && super::conv_sm90::upsample_shape_qualifies(dtype, cin, cout))).then_some(ConvWeightLayout::UpsamplePhases)
+                (!(sm90 && super::conv_sm90::upsample_shape_qualifies(dtype, cin, cout)))
+                    .then_some(ConvWeightLayout::UpsamplePhases)
             }
             _ => None,
         };
@@ -203,7 +238,10 @@ pub fn weight_layout(dev: &CudaDevice, graph: &Graph, id: ValueId, dtype: DType)
 
 fn check_align(what: &str, tensor: &str, ptr: u64, align: u64, why: &str) -> Result<()> {
     if ptr % align != 0 {
-        return Err(invalid(what, format!("{tensor} at {ptr:#x} is not {align}-byte aligned ({why})")));
+        return Err(invalid(
+            what,
+            format!("{tensor} at {ptr:#x} is not {align}-byte aligned ({why})"),
+        ));
     }
     Ok(())
 }
@@ -227,11 +265,25 @@ fn tc_smem(taps: usize, bn: usize) -> u32 {
 /// The alignment the tensor-core kernels' vector accesses need, asserted (never a silent fallback):
 /// x 16 bytes when Cin % 8 == 0 (cp.async of 8 channels; other Cin take element loads), the
 /// prepared weight 16 bytes, y and the residual 4 bytes when Cout is even (bf16 pair stores).
-fn check_tc_alignment(what: &str, x: u64, weight: u64, y: u64, residual: u64, cin: usize, cout: usize) -> Result<()> {
+fn check_tc_alignment(
+    what: &str,
+    x: u64,
+    weight: u64,
+    y: u64,
+    residual: u64,
+    cin: usize,
+    cout: usize,
+) -> Result<()> {
     if cin % 8 == 0 {
         check_align(what, "x", x, 16, "16-byte cp.async of 8 input channels")?;
     }
-    check_align(what, "weight", weight, 16, "16-byte cp.async of the prepared layout")?;
+    check_align(
+        what,
+        "weight",
+        weight,
+        16,
+        "16-byte cp.async of the prepared layout",
+    )?;
     if cout % 2 == 0 {
         check_align(what, "y", y, 4, "bf16 pair stores")?;
         if residual != 0 {
@@ -276,15 +328,35 @@ pub fn conv2d(a: &Conv2dArgs, choice: ConvKernel) -> Result<Launch> {
     let what = "conv2d";
     let s = suffix(a.dtype)?;
     if a.kernel % 2 == 0 || a.kernel > MAX_KERNEL {
-        return Err(invalid(what, format!("kernel {0}×{0}: the CUDA conv2d takes odd kernels up to {MAX_KERNEL}", a.kernel)));
+        return Err(invalid(
+            what,
+            format!(
+                "kernel {0}×{0}: the CUDA conv2d takes odd kernels up to {MAX_KERNEL}",
+                a.kernel
+            ),
+        ));
     }
     if a.batch == 0 || a.h == 0 || a.w == 0 || a.cin == 0 || a.cout == 0 {
-        return Err(invalid(what, format!("empty shape: batch {}, grid {}×{}, {} -> {} channels", a.batch, a.h, a.w, a.cin, a.cout)));
+        return Err(invalid(
+            what,
+            format!(
+                "empty shape: batch {}, grid {}×{}, {} -> {} channels",
+                a.batch, a.h, a.w, a.cin, a.cout
+            ),
+        ));
     }
     let tiles = a.h.div_ceil(TILE_H) * a.w.div_ceil(TILE_W) * a.batch;
     let tensor_cores = choice == ConvKernel::Auto && conv2d_uses_tensor_cores(a.dtype, a.kernel);
-    let bn = if tensor_cores { tc_tile_n(a.cout) } else { TILE_N };
-    let grid = (grid_dim(what, tiles, i32::MAX as usize)?, grid_dim(what, a.cout.div_ceil(bn), 65535)?, 1);
+    let bn = if tensor_cores {
+        tc_tile_n(a.cout)
+    } else {
+        TILE_N
+    };
+    let grid = (
+        grid_dim(what, tiles, i32::MAX as usize)?,
+        grid_dim(what, a.cout.div_ceil(bn), 65535)?,
+        1,
+    );
     if tensor_cores {
         check_tc_alignment(what, a.x, a.weight, a.y, a.residual, a.cin, a.cout)?;
     }
@@ -344,16 +416,36 @@ pub fn upsample_conv2d(a: &UpsampleConv2dArgs, choice: ConvKernel) -> Result<Lau
     let what = "upsample_conv2d";
     let s = suffix(a.dtype)?;
     if a.batch == 0 || a.h == 0 || a.w == 0 || a.cin == 0 || a.cout == 0 {
-        return Err(invalid(what, format!("empty shape: batch {}, grid {}×{}, {} -> {} channels", a.batch, a.h, a.w, a.cin, a.cout)));
+        return Err(invalid(
+            what,
+            format!(
+                "empty shape: batch {}, grid {}×{}, {} -> {} channels",
+                a.batch, a.h, a.w, a.cin, a.cout
+            ),
+        ));
     }
     if a.shortcut && (4 * a.cout) % a.cin != 0 {
-        return Err(invalid(what, format!("4·{} output channels are not a multiple of {} (shortcut)", a.cout, a.cin)));
+        return Err(invalid(
+            what,
+            format!(
+                "4·{} output channels are not a multiple of {} (shortcut)",
+                a.cout, a.cin
+            ),
+        ));
     }
     let tensor_cores = choice == ConvKernel::Auto && upsample_conv2d_uses_tensor_cores(a.dtype);
     // Tiles of the low-resolution grid (tensor cores, one per phase) or of the output grid.
-    let (gh, gw, phases) = if tensor_cores { (a.h, a.w, 4) } else { (2 * a.h, 2 * a.w, 1) };
+    let (gh, gw, phases) = if tensor_cores {
+        (a.h, a.w, 4)
+    } else {
+        (2 * a.h, 2 * a.w, 1)
+    };
     let tiles = gh.div_ceil(TILE_H) * gw.div_ceil(TILE_W) * a.batch;
-    let bn = if tensor_cores { tc_tile_n(a.cout) } else { TILE_N };
+    let bn = if tensor_cores {
+        tc_tile_n(a.cout)
+    } else {
+        TILE_N
+    };
     if tensor_cores {
         check_tc_alignment(what, a.x, a.weight, a.y, 0, a.cin, a.cout)?;
     }
@@ -363,7 +455,11 @@ pub fn upsample_conv2d(a: &UpsampleConv2dArgs, choice: ConvKernel) -> Result<Lau
             (true, _) => "upsample_conv2d_bf16_tc".into(),
             _ => format!("upsample_conv2d_{s}"),
         },
-        grid: (grid_dim(what, tiles, i32::MAX as usize)?, grid_dim(what, a.cout.div_ceil(bn), 65535)?, phases),
+        grid: (
+            grid_dim(what, tiles, i32::MAX as usize)?,
+            grid_dim(what, a.cout.div_ceil(bn), 65535)?,
+            phases,
+        ),
         block: (256, 1, 1),
         smem: if tensor_cores { tc_smem(4, bn) } else { 0 },
         args: vec![
@@ -381,7 +477,13 @@ pub fn upsample_conv2d(a: &UpsampleConv2dArgs, choice: ConvKernel) -> Result<Lau
 }
 
 /// The arguments every depthwise kernel takes first: x, weight, bias, y, batch, h, w, channels.
-fn depthwise_args([x, weight, bias, y]: [u64; 4], batch: usize, h: usize, w: usize, c: usize) -> Result<Vec<KArg>> {
+fn depthwise_args(
+    [x, weight, bias, y]: [u64; 4],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+) -> Result<Vec<KArg>> {
     Ok(vec![
         KArg::Ptr(x),
         KArg::Ptr(weight),
@@ -411,12 +513,20 @@ fn depthwise_launch(
 ) -> Result<Launch> {
     let items = batch * h.div_ceil(DW_ROWS) * w;
     let gy = grid_dim(what, c.div_ceil(DW_CHANNELS), 65535)?;
-    let gx = items.div_ceil(8).clamp(1, ((sm_count.max(1) as usize) * 16).div_ceil(gy as usize));
+    let gx = items
+        .div_ceil(8)
+        .clamp(1, ((sm_count.max(1) as usize) * 16).div_ceil(gy as usize));
     let mut args = depthwise_args([x, weight, bias, y], batch, h, w, c)?;
     if let Some(k) = kernel_arg {
         args.push(i32_arg("kernel", k)?);
     }
-    Ok(Launch { kernel: name, grid: (gx as u32, gy, 1), block: (32, 8, 1), smem: 0, args })
+    Ok(Launch {
+        kernel: name,
+        grid: (gx as u32, gy, 1),
+        block: (32, 8, 1),
+        smem: 0,
+        args,
+    })
 }
 
 /// `depthwise_conv3_glu_<dtype>`: the 3×3 depthwise conv of a [.., 2c] input fused with the SiLU
@@ -439,9 +549,18 @@ pub fn depthwise_conv3_glu(
     kernel: usize,
     silu_input: bool,
 ) -> Result<Launch> {
-    let (what, prefix) = if silu_input { ("silu_depthwise_conv_glu", "silu_") } else { ("depthwise_conv_glu", "") };
+    let (what, prefix) = if silu_input {
+        ("silu_depthwise_conv_glu", "silu_")
+    } else {
+        ("depthwise_conv_glu", "")
+    };
     if kernel != 3 {
-        return Err(invalid(what, format!("kernel {kernel}: the fused CUDA depthwise conv + GLU is 3x3 only (GLUMBConv's)")));
+        return Err(invalid(
+            what,
+            format!(
+                "kernel {kernel}: the fused CUDA depthwise conv + GLU is 3x3 only (GLUMBConv's)"
+            ),
+        ));
     }
     if h.checked_mul(w).is_none_or(|p| p > i32::MAX as usize) {
         return Err(invalid(what, format!("an image of {h}x{w} pixels: the kernel indexes an image's pixels in 32 bits (at most 2^31 - 1)")));
@@ -449,11 +568,21 @@ pub fn depthwise_conv3_glu(
     let tiles = batch
         .checked_mul(h.div_ceil(geometry::DWG_ROWS))
         .and_then(|t| t.checked_mul(w.div_ceil(geometry::DWG_COLS)))
-        .ok_or_else(|| invalid(what, format!("{batch} images of {h}x{w}: the tile count overflows")))?;
+        .ok_or_else(|| {
+            invalid(
+                what,
+                format!("{batch} images of {h}x{w}: the tile count overflows"),
+            )
+        })?;
     // One dimension, channel blocks fastest (the kernel splits blockIdx.x).
     let blocks = tiles
         .checked_mul(c.div_ceil(geometry::DWG_CHANNELS))
-        .ok_or_else(|| invalid(what, format!("{batch} images of {h}x{w}, {c} channels: the block count overflows")))?;
+        .ok_or_else(|| {
+            invalid(
+                what,
+                format!("{batch} images of {h}x{w}, {c} channels: the block count overflows"),
+            )
+        })?;
     let gx = grid_dim(what, blocks, i32::MAX as usize)?;
     let args = depthwise_args([x, weight, bias, y], batch, h, w, c)?;
     Ok(Launch {
@@ -482,24 +611,55 @@ pub fn depthwise_conv2d(
 ) -> Result<Launch> {
     let what = "depthwise_conv2d";
     if kernel % 2 == 0 || kernel > MAX_KERNEL {
-        return Err(invalid(what, format!("kernel {kernel}: the CUDA depthwise conv takes odd kernels up to {MAX_KERNEL}")));
+        return Err(invalid(
+            what,
+            format!(
+                "kernel {kernel}: the CUDA depthwise conv takes odd kernels up to {MAX_KERNEL}"
+            ),
+        ));
     }
     let name = format!("depthwise_conv2d_{}", suffix(dtype)?);
-    depthwise_launch(name, what, sm_count, [x, weight, bias, y], batch, h, w, c, Some(kernel))
+    depthwise_launch(
+        name,
+        what,
+        sm_count,
+        [x, weight, bias, y],
+        batch,
+        h,
+        w,
+        c,
+        Some(kernel),
+    )
 }
 
 /// Block-diagonal 1×1 conv: `rows` tokens, `cin` -> `cout` channels in `groups` groups, weight
 /// [cout, cin / groups].
 #[allow(clippy::too_many_arguments)]
-pub fn grouped_linear(dtype: DType, x: u64, weight: u64, y: u64, rows: usize, cin: usize, cout: usize, groups: usize) -> Result<Launch> {
+pub fn grouped_linear(
+    dtype: DType,
+    x: u64,
+    weight: u64,
+    y: u64,
+    rows: usize,
+    cin: usize,
+    cout: usize,
+    groups: usize,
+) -> Result<Launch> {
     let what = "grouped_linear";
     if groups == 0 || cin % groups != 0 || cout % groups != 0 {
-        return Err(invalid(what, format!("{cin} -> {cout} channels do not split into {groups} groups")));
+        return Err(invalid(
+            what,
+            format!("{cin} -> {cout} channels do not split into {groups} groups"),
+        ));
     }
     let y_blocks = groups * (cout / groups).div_ceil(GL_COLS);
     Ok(Launch {
         kernel: format!("grouped_linear_{}", suffix(dtype)?),
-        grid: (grid_dim(what, rows.div_ceil(GL_ROWS), i32::MAX as usize)?, grid_dim(what, y_blocks, 65535)?, 1),
+        grid: (
+            grid_dim(what, rows.div_ceil(GL_ROWS), i32::MAX as usize)?,
+            grid_dim(what, y_blocks, 65535)?,
+            1,
+        ),
         block: (256, 1, 1),
         smem: 0,
         args: vec![
@@ -515,13 +675,30 @@ pub fn grouped_linear(dtype: DType, x: u64, weight: u64, y: u64, rows: usize, ci
 }
 
 /// `repeat_interleave` over the last dim of `rows` rows of `cin` channels.
-pub fn repeat_channels(dtype: DType, sm_count: u32, x: u64, y: u64, rows: usize, cin: usize, repeats: usize) -> Result<Launch> {
+pub fn repeat_channels(
+    dtype: DType,
+    sm_count: u32,
+    x: u64,
+    y: u64,
+    rows: usize,
+    cin: usize,
+    repeats: usize,
+) -> Result<Launch> {
     Ok(Launch {
         kernel: format!("repeat_channels_{}", suffix(dtype)?),
-        grid: stride_grid(sm_count, rows * cin * repeats / (16 / dtype.size_in_bytes()) + 1),
+        grid: stride_grid(
+            sm_count,
+            rows * cin * repeats / (16 / dtype.size_in_bytes()) + 1,
+        ),
         block: (256, 1, 1),
         smem: 0,
-        args: vec![KArg::Ptr(x), KArg::Ptr(y), KArg::I64(rows as i64), i32_arg("cin", cin)?, i32_arg("repeats", repeats)?],
+        args: vec![
+            KArg::Ptr(x),
+            KArg::Ptr(y),
+            KArg::I64(rows as i64),
+            i32_arg("cin", cin)?,
+            i32_arg("repeats", repeats)?,
+        ],
     })
 }
 
@@ -531,7 +708,15 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let sms = ctx.dev.sm_count();
     let out = p(node.output);
     let launch = match &node.op {
-        Op::Conv2d { x, weight, bias, h, w, kernel, silu } => {
+        Op::Conv2d {
+            x,
+            weight,
+            bias,
+            h,
+            w,
+            kernel,
+            silu,
+        } => {
             let xs = g.shape(*x);
             let args = Conv2dArgs {
                 dtype: ctx.dtype,
@@ -554,7 +739,14 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                 None => conv2d(&args, ConvKernel::Auto)?,
             }
         }
-        Op::UpsampleConv2d { x, weight, bias, h, w, shortcut } => {
+        Op::UpsampleConv2d {
+            x,
+            weight,
+            bias,
+            h,
+            w,
+            shortcut,
+        } => {
             let xs = g.shape(*x);
             let args = UpsampleConv2dArgs {
                 dtype: ctx.dtype,
@@ -574,17 +766,65 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                 None => upsample_conv2d(&args, ConvKernel::Auto)?,
             }
         }
-        Op::DepthwiseConv2d { x, weight, bias, h, w, kernel } => {
+        Op::DepthwiseConv2d {
+            x,
+            weight,
+            bias,
+            h,
+            w,
+            kernel,
+        } => {
             let xs = g.shape(*x);
-            depthwise_conv2d(ctx.dtype, sms, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last(), *kernel)?
+            depthwise_conv2d(
+                ctx.dtype,
+                sms,
+                p(*x),
+                p(*weight),
+                bias.map_or(0, p),
+                out,
+                xs.dims()[0],
+                *h,
+                *w,
+                xs.last(),
+                *kernel,
+            )?
         }
-        Op::DepthwiseConvGlu { x, weight, bias, h, w, kernel, silu_input } => {
+        Op::DepthwiseConvGlu {
+            x,
+            weight,
+            bias,
+            h,
+            w,
+            kernel,
+            silu_input,
+        } => {
             let xs = g.shape(*x);
-            depthwise_conv3_glu(ctx.dtype, p(*x), p(*weight), bias.map_or(0, p), out, xs.dims()[0], *h, *w, xs.last() / 2, *kernel, *silu_input)?
+            depthwise_conv3_glu(
+                ctx.dtype,
+                p(*x),
+                p(*weight),
+                bias.map_or(0, p),
+                out,
+                xs.dims()[0],
+                *h,
+                *w,
+                xs.last() / 2,
+                *kernel,
+                *silu_input,
+            )?
         }
         Op::GroupedLinear { x, weight, groups } => {
             let xs = g.shape(*x);
-            grouped_linear(ctx.dtype, p(*x), p(*weight), out, xs.rows(), xs.last(), g.shape(*weight).dims()[0], *groups)?
+            grouped_linear(
+                ctx.dtype,
+                p(*x),
+                p(*weight),
+                out,
+                xs.rows(),
+                xs.last(),
+                g.shape(*weight).dims()[0],
+                *groups,
+            )?
         }
         Op::RepeatChannels { x, repeats } => {
             let xs = g.shape(*x);

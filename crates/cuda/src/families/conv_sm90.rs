@@ -28,7 +28,9 @@ use crate::tma;
 pub mod geometry {
     include!(concat!(env!("OUT_DIR"), "/conv_sm90_geometry.rs"));
 }
-use geometry::{C90_BOX_H, C90_CHUNK, C90_CONSUMERS, C90_SMEM, C90_THREADS, C90_TILE_N, C90_TILE_W};
+use geometry::{
+    C90_BOX_H, C90_CHUNK, C90_CONSUMERS, C90_SMEM, C90_THREADS, C90_TILE_N, C90_TILE_W,
+};
 
 /// Pixel rows of a block tile.
 pub const TILE_H: usize = C90_BOX_H * C90_CONSUMERS;
@@ -37,7 +39,10 @@ pub const TILE_H: usize = C90_BOX_H * C90_CONSUMERS;
 pub const KERNELS_ENV: &str = "OPENUNI_KERNELS";
 
 fn invalid(what: &str, msg: String) -> CudaError {
-    CudaError::Invalid { what: what.into(), msg }
+    CudaError::Invalid {
+        what: what.into(),
+        msg,
+    }
 }
 
 /// Whether `OPENUNI_KERNELS=mma` asks for the `mma.sync` kernels.
@@ -71,7 +76,11 @@ pub fn conv2d_qualifies(a: &Conv2dArgs) -> bool {
 /// The shape part of [`conv2d_qualifies`], known before any address: the device weight cache asks
 /// it to hold such a conv's weight in the upstream layout, which this path prepares from.
 pub fn conv2d_shape_qualifies(dtype: DType, kernel: usize, cin: usize, cout: usize) -> bool {
-    dtype == DType::BF16 && kernel == 3 && cin.is_multiple_of(8) && cin >= MIN_CHANNELS && cout >= MIN_CHANNELS
+    dtype == DType::BF16
+        && kernel == 3
+        && cin.is_multiple_of(8)
+        && cin >= MIN_CHANNELS
+        && cout >= MIN_CHANNELS
 }
 
 /// The shape part of [`upsample_qualifies`] (see [`conv2d_shape_qualifies`]).
@@ -91,23 +100,49 @@ pub fn prepared_weight_bytes(cin: usize, cout: usize, upsample: bool) -> usize {
 
 /// `conv3x3_weights_sm90`: upstream [cout, cin, 3, 3] bf16 weights at `weight` -> the kernels'
 /// layout at `out` ([`prepared_weight_bytes`], 16-byte aligned).
-pub fn prepare_weights(sm_count: u32, weight: u64, out: u64, cin: usize, cout: usize, upsample: bool) -> Result<Launch> {
+pub fn prepare_weights(
+    sm_count: u32,
+    weight: u64,
+    out: u64,
+    cin: usize,
+    cout: usize,
+    upsample: bool,
+) -> Result<Launch> {
     if !out.is_multiple_of(16) {
-        return Err(invalid("conv3x3_weights_sm90", format!("output address {out:#x} is not 16-byte aligned")));
+        return Err(invalid(
+            "conv3x3_weights_sm90",
+            format!("output address {out:#x} is not 16-byte aligned"),
+        ));
     }
     Ok(Launch {
         kernel: "conv3x3_weights_sm90".into(),
         grid: stride_grid(sm_count, prepared_weight_bytes(cin, cout, upsample) / 2),
         block: (256, 1, 1),
         smem: 0,
-        args: vec![KArg::Ptr(weight), KArg::Ptr(out), i32_arg("cin", cin)?, i32_arg("cout", cout)?, KArg::I32(upsample as i32)],
+        args: vec![
+            KArg::Ptr(weight),
+            KArg::Ptr(out),
+            i32_arg("cin", cin)?,
+            i32_arg("cout", cout)?,
+            KArg::I32(upsample as i32),
+        ],
     })
 }
 
 /// The tensor maps of one call: x [batch, h, w, cin] in boxes of 64 channels × 16 columns × 8
 /// rows, the prepared weights [taps, cout, cin] in boxes of 64 × 128 × 1; 128B swizzle.
 #[allow(clippy::too_many_arguments)]
-fn maps(what: &str, x: u64, prepared: u64, batch: usize, h: usize, w: usize, cin: usize, cout: usize, taps: usize) -> Result<[KArg; 2]> {
+fn maps(
+    what: &str,
+    x: u64,
+    prepared: u64,
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    taps: usize,
+) -> Result<[KArg; 2]> {
     let (c, w64, h64, b64) = (cin as u64, w as u64, h as u64, batch as u64);
     let mx = tma::tiled_bf16_swizzle128(
         &format!("{what} input"),
@@ -127,9 +162,20 @@ fn maps(what: &str, x: u64, prepared: u64, batch: usize, h: usize, w: usize, cin
 }
 
 /// Checks a call's shape; returns the grid (tiles, output-channel blocks).
-fn check_shape(what: &str, batch: usize, h: usize, w: usize, cin: usize, cout: usize, x: u64) -> Result<(u32, u32)> {
+fn check_shape(
+    what: &str,
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    x: u64,
+) -> Result<(u32, u32)> {
     if batch == 0 || h == 0 || w == 0 || cin == 0 || cout == 0 {
-        return Err(invalid(what, format!("empty shape: batch {batch}, grid {h}×{w}, {cin} -> {cout} channels")));
+        return Err(invalid(
+            what,
+            format!("empty shape: batch {batch}, grid {h}×{w}, {cin} -> {cout} channels"),
+        ));
     }
     if !cin.is_multiple_of(8) || !x.is_multiple_of(16) {
         return Err(invalid(what, format!("the sm_90a kernel needs cin % 8 == 0 and a 16-byte aligned input; found cin {cin}, x {x:#x}")));
@@ -137,7 +183,10 @@ fn check_shape(what: &str, batch: usize, h: usize, w: usize, cin: usize, cout: u
     let tiles = h.div_ceil(TILE_H) * w.div_ceil(C90_TILE_W) * batch;
     let nb = cout.div_ceil(C90_TILE_N);
     if tiles > i32::MAX as usize || nb > 65535 {
-        return Err(invalid(what, format!("grid {tiles} x {nb} blocks: outside 2^31-1 x 65535")));
+        return Err(invalid(
+            what,
+            format!("grid {tiles} x {nb} blocks: outside 2^31-1 x 65535"),
+        ));
     }
     Ok((tiles as u32, nb as u32))
 }
@@ -147,7 +196,13 @@ fn check_shape(what: &str, batch: usize, h: usize, w: usize, cin: usize, cout: u
 pub fn conv2d(a: &Conv2dArgs, prepared: u64) -> Result<Launch> {
     let what = "conv2d (sm_90a)";
     if a.dtype != DType::BF16 || a.kernel != 3 {
-        return Err(invalid(what, format!("{} {}×{}: the sm_90a conv is bf16 3×3 only", a.dtype, a.kernel, a.kernel)));
+        return Err(invalid(
+            what,
+            format!(
+                "{} {}×{}: the sm_90a conv is bf16 3×3 only",
+                a.dtype, a.kernel, a.kernel
+            ),
+        ));
     }
     let tiles = check_shape(what, a.batch, a.h, a.w, a.cin, a.cout, a.x)?;
     let [mx, mw] = maps(what, a.x, prepared, a.batch, a.h, a.w, a.cin, a.cout, 9)?;
@@ -179,10 +234,19 @@ pub fn conv2d(a: &Conv2dArgs, prepared: u64) -> Result<Launch> {
 pub fn upsample_conv2d(a: &UpsampleConv2dArgs, prepared: u64) -> Result<Launch> {
     let what = "upsample_conv2d (sm_90a)";
     if a.dtype != DType::BF16 {
-        return Err(invalid(what, format!("{}: the sm_90a upsample conv is bf16 only", a.dtype)));
+        return Err(invalid(
+            what,
+            format!("{}: the sm_90a upsample conv is bf16 only", a.dtype),
+        ));
     }
     if a.shortcut && !(4 * a.cout).is_multiple_of(a.cin) {
-        return Err(invalid(what, format!("4·{} output channels are not a multiple of {} (shortcut)", a.cout, a.cin)));
+        return Err(invalid(
+            what,
+            format!(
+                "4·{} output channels are not a multiple of {} (shortcut)",
+                a.cout, a.cin
+            ),
+        ));
     }
     let tiles = check_shape(what, a.batch, a.h, a.w, a.cin, a.cout, a.x)?;
     let [mx, mw] = maps(what, a.x, prepared, a.batch, a.h, a.w, a.cin, a.cout, 16)?;
@@ -209,7 +273,10 @@ pub fn upsample_conv2d(a: &UpsampleConv2dArgs, prepared: u64) -> Result<Launch> 
 /// The prepared weights of one weight tensor, made now (enqueued on the device's stream, before
 /// any launch that reads them) into an executor-owned buffer keyed by the weight's address.
 fn prepared_for(ctx: &Ctx, weight: u64, cin: usize, cout: usize, upsample: bool) -> Result<u64> {
-    let key = format!("conv_sm90.weights.{weight:x}.{}", if upsample { "phases" } else { "taps" });
+    let key = format!(
+        "conv_sm90.weights.{weight:x}.{}",
+        if upsample { "phases" } else { "taps" }
+    );
     let out = ctx.workspace(&key, prepared_weight_bytes(cin, cout, upsample))?;
     let l = prepare_weights(ctx.dev.sm_count(), weight, out, cin, cout, upsample)?;
     // SAFETY: `weight` is the node's weight tensor [cout, cin, 3, 3] and `out` holds
@@ -226,7 +293,10 @@ pub fn resolve_conv2d(ctx: &Ctx, a: &Conv2dArgs) -> Result<Option<Launch>> {
     // The weight is held upstream for this path (conv::weight_layout): the mma.sync kernel could
     // not read it, so a misaligned input is an error, not a fallback.
     if !conv2d_qualifies(a) {
-        return Err(invalid("conv2d_bf16_wgmma", format!("input x at {:#x} is not 16-byte aligned (TMA)", a.x)));
+        return Err(invalid(
+            "conv2d_bf16_wgmma",
+            format!("input x at {:#x} is not 16-byte aligned (TMA)", a.x),
+        ));
     }
     let prepared = prepared_for(ctx, a.weight, a.cin, a.cout, false)?;
     conv2d(a, prepared).map(Some)
@@ -238,7 +308,10 @@ pub fn resolve_upsample_conv2d(ctx: &Ctx, a: &UpsampleConv2dArgs) -> Result<Opti
         return Ok(None);
     }
     if !upsample_qualifies(a) {
-        return Err(invalid("upsample_conv2d_bf16_wgmma", format!("input x at {:#x} is not 16-byte aligned (TMA)", a.x)));
+        return Err(invalid(
+            "upsample_conv2d_bf16_wgmma",
+            format!("input x at {:#x} is not 16-byte aligned (TMA)", a.x),
+        ));
     }
     let prepared = prepared_for(ctx, a.weight, a.cin, a.cout, true)?;
     upsample_conv2d(a, prepared).map(Some)

@@ -55,18 +55,37 @@ pub struct DecodeArgs {
 }
 
 /// The limits both kernels share (grid, 32-bit sizes, head dim, RoPE's even head dim).
-fn check_sizes(batch: usize, kv_heads: usize, max_len: usize, head_dim: usize, rope: bool) -> std::result::Result<(), String> {
+fn check_sizes(
+    batch: usize,
+    kv_heads: usize,
+    max_len: usize,
+    head_dim: usize,
+    rope: bool,
+) -> std::result::Result<(), String> {
     if rope && !head_dim.is_multiple_of(2) {
-        return Err(format!("fused RoPE needs an even head dim, found {head_dim}"));
+        return Err(format!(
+            "fused RoPE needs an even head dim, found {head_dim}"
+        ));
     }
     if head_dim == 0 || head_dim > MAX_HEAD_DIM {
-        return Err(format!("head dim {head_dim} has no decode kernel: supported head dims are 1 to {MAX_HEAD_DIM}"));
+        return Err(format!(
+            "head dim {head_dim} has no decode kernel: supported head dims are 1 to {MAX_HEAD_DIM}"
+        ));
     }
     if batch * kv_heads > 65535 {
-        return Err(format!("batch · kv_heads = {} exceeds the grid's y limit of 65535", batch * kv_heads));
+        return Err(format!(
+            "batch · kv_heads = {} exceeds the grid's y limit of 65535",
+            batch * kv_heads
+        ));
     }
-    if max_len == 0 || max_len.checked_mul(head_dim).is_none_or(|n| n > i32::MAX as usize) {
-        return Err(format!("a cache of {max_len} positions × {head_dim} does not fit the kernel's 32-bit sizes"));
+    if max_len == 0
+        || max_len
+            .checked_mul(head_dim)
+            .is_none_or(|n| n > i32::MAX as usize)
+    {
+        return Err(format!(
+            "a cache of {max_len} positions × {head_dim} does not fit the kernel's 32-bit sizes"
+        ));
     }
     Ok(())
 }
@@ -74,11 +93,16 @@ fn check_sizes(batch: usize, kv_heads: usize, max_len: usize, head_dim: usize, r
 /// The two launches (chunks, then merge) of one decode-attention call.
 pub fn launch(a: &DecodeArgs) -> std::result::Result<Vec<Launch>, String> {
     if a.heads == 0 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
-        return Err(format!("{} query heads cannot share {} key/value heads", a.heads, a.kv_heads));
+        return Err(format!(
+            "{} query heads cannot share {} key/value heads",
+            a.heads, a.kv_heads
+        ));
     }
     let group = a.heads / a.kv_heads;
     if group > MAX_GROUP {
-        return Err(format!("{group} query heads per key/value head exceed the kernel's {MAX_GROUP}"));
+        return Err(format!(
+            "{group} query heads per key/value head exceed the kernel's {MAX_GROUP}"
+        ));
     }
     check_sizes(a.batch, a.kv_heads, a.max_len, a.head_dim, a.rope_cs != 0)?;
     if a.batch == 0 {
@@ -90,7 +114,11 @@ pub fn launch(a: &DecodeArgs) -> std::result::Result<Vec<Launch>, String> {
     Ok(vec![
         Launch {
             kernel: format!("decode_attention_{s}"),
-            grid: (a.max_len.div_ceil(CHUNK) as u32, (a.batch * a.kv_heads) as u32, 1),
+            grid: (
+                a.max_len.div_ceil(CHUNK) as u32,
+                (a.batch * a.kv_heads) as u32,
+                1,
+            ),
             block: (THREADS, 1, 1),
             smem: smem as u32,
             args: vec![
@@ -114,7 +142,15 @@ pub fn launch(a: &DecodeArgs) -> std::result::Result<Vec<Launch>, String> {
             grid: ((a.batch * a.heads) as u32, 1, 1),
             block: (THREADS, 1, 1),
             smem: 0,
-            args: vec![KArg::Ptr(a.partial), KArg::Ptr(a.positions), KArg::Ptr(a.out), i(a.batch), i(a.heads), i(a.max_len), i(a.head_dim)],
+            args: vec![
+                KArg::Ptr(a.partial),
+                KArg::Ptr(a.positions),
+                KArg::Ptr(a.out),
+                i(a.batch),
+                i(a.heads),
+                i(a.max_len),
+                i(a.head_dim),
+            ],
         },
     ])
 }
@@ -178,11 +214,17 @@ pub struct RowsArgs {
 /// The launch of one `kv_cache_rows`.
 pub fn rows_launch(a: &RowsArgs, sm_count: u32) -> std::result::Result<Vec<Launch>, String> {
     if a.rope_cs != 0 && !a.head_dim.is_multiple_of(2) {
-        return Err(format!("fused RoPE needs an even head dim, found {}", a.head_dim));
+        return Err(format!(
+            "fused RoPE needs an even head dim, found {}",
+            a.head_dim
+        ));
     }
     let n = a.batch * a.tokens * a.kv_heads * a.head_dim;
     if n > i32::MAX as usize {
-        return Err(format!("a prompt of {} × {} tokens × {} × {} does not fit the kernel's 32-bit sizes", a.batch, a.tokens, a.kv_heads, a.head_dim));
+        return Err(format!(
+            "a prompt of {} × {} tokens × {} × {} does not fit the kernel's 32-bit sizes",
+            a.batch, a.tokens, a.kv_heads, a.head_dim
+        ));
     }
     if n == 0 {
         return Ok(vec![]);
@@ -194,7 +236,15 @@ pub fn rows_launch(a: &RowsArgs, sm_count: u32) -> std::result::Result<Vec<Launc
         grid: stride_grid(sm_count, n),
         block: (STRIDE_THREADS, 1, 1),
         smem: 0,
-        args: vec![KArg::Ptr(a.x), KArg::Ptr(a.rope_cs), KArg::Ptr(a.out), i(a.batch), i(a.tokens), i(a.kv_heads), i(a.head_dim)],
+        args: vec![
+            KArg::Ptr(a.x),
+            KArg::Ptr(a.rope_cs),
+            KArg::Ptr(a.out),
+            i(a.batch),
+            i(a.tokens),
+            i(a.kv_heads),
+            i(a.head_dim),
+        ],
     }])
 }
 
@@ -211,8 +261,14 @@ fn positions_ptr(ctx: &Ctx, positions: ValueId) -> Result<u64> {
 fn rope_ptr(ctx: &Ctx, rope: Option<f32>, head_dim: usize, max_len: usize) -> Result<u64> {
     match rope {
         Some(theta) => {
-            let key = format!("attention.rope_cs.{:08x}.{head_dim}.{max_len}", theta.to_bits());
-            ctx.constant(&key, bytemuck::cast_slice(&rope_table(theta, head_dim, max_len)))
+            let key = format!(
+                "attention.rope_cs.{:08x}.{head_dim}.{max_len}",
+                theta.to_bits()
+            );
+            ctx.constant(
+                &key,
+                bytemuck::cast_slice(&rope_table(theta, head_dim, max_len)),
+            )
         }
         None => Ok(0),
     }
@@ -220,12 +276,28 @@ fn rope_ptr(ctx: &Ctx, rope: Option<f32>, head_dim: usize, max_len: usize) -> Re
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let p = ctx.ptr;
-    let err = |msg| CudaError::Invalid { what: "kernels/decode_attention.cu".into(), msg };
+    let err = |msg| CudaError::Invalid {
+        what: "kernels/decode_attention.cu".into(),
+        msg,
+    };
     match &node.op {
-        Op::DecodeAttention { q, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale, rope } => {
+        Op::DecodeAttention {
+            q,
+            k_cache,
+            v_cache,
+            positions,
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+            rope,
+        } => {
             let c = ctx.graph.shape(*k_cache).dims().to_vec();
             let (batch, max_len) = (c[0], c[2]);
-            let partial = ctx.workspace("decode_attention.partial", workspace_bytes(batch, *heads, max_len, *head_dim).max(4))?;
+            let partial = ctx.workspace(
+                "decode_attention.partial",
+                workspace_bytes(batch, *heads, max_len, *head_dim).max(4),
+            )?;
             let args = DecodeArgs {
                 dtype: ctx.dtype,
                 q: p(*q),
@@ -244,7 +316,14 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             };
             launch(&args).map_err(err)
         }
-        Op::KvCacheAppend { cache, x, positions, kv_heads, head_dim, rope } => {
+        Op::KvCacheAppend {
+            cache,
+            x,
+            positions,
+            kv_heads,
+            head_dim,
+            rope,
+        } => {
             let c = ctx.graph.shape(*cache).dims().to_vec();
             let (batch, max_len) = (c[0], c[2]);
             let s = ctx.suffix()?;
@@ -259,7 +338,14 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
                     grid: stride_grid(ctx.dev.sm_count(), n.div_ceil(super::vec_width(ctx.dtype))),
                     block: (STRIDE_THREADS, 1, 1),
                     smem: 0,
-                    args: vec![KArg::Ptr(p(*cache)), KArg::Ptr(p(node.output)), KArg::I64(1), KArg::I64(n as i64), KArg::I64(n as i64), KArg::I64(n as i64)],
+                    args: vec![
+                        KArg::Ptr(p(*cache)),
+                        KArg::Ptr(p(node.output)),
+                        KArg::I64(1),
+                        KArg::I64(n as i64),
+                        KArg::I64(n as i64),
+                        KArg::I64(n as i64),
+                    ],
                 });
             }
             let args = AppendArgs {
@@ -276,7 +362,12 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             launches.extend(append_launch(&args, ctx.dev.sm_count()).map_err(err)?);
             Ok(launches)
         }
-        Op::KvCacheRows { x, kv_heads, head_dim, rope } => {
+        Op::KvCacheRows {
+            x,
+            kv_heads,
+            head_dim,
+            rope,
+        } => {
             let xd = ctx.graph.shape(*x).dims().to_vec();
             let (batch, tokens) = (xd[0], xd[1]);
             let args = RowsArgs {

@@ -19,16 +19,34 @@ fn items(n: usize, width: usize) -> usize {
 }
 
 fn launch(kernel: String, sm_count: u32, items: usize, args: Vec<KArg>) -> Vec<Launch> {
-    vec![Launch { kernel, grid: stride_grid(sm_count, items), block: (STRIDE_THREADS, 1, 1), smem: 0, args }]
+    vec![Launch {
+        kernel,
+        grid: stride_grid(sm_count, items),
+        block: (STRIDE_THREADS, 1, 1),
+        smem: 0,
+        args,
+    }]
 }
 
 /// `silu|gelu_tanh|gelu_erf|relu_<dtype>`: `y = f(x)` over `n` elements (in place allowed).
-pub fn unary(dtype: DType, sm_count: u32, f: UnaryFn, x: u64, y: u64, n: usize) -> Result<Vec<Launch>> {
+pub fn unary(
+    dtype: DType,
+    sm_count: u32,
+    f: UnaryFn,
+    x: u64,
+    y: u64,
+    n: usize,
+) -> Result<Vec<Launch>> {
     let kernel = format!("{}_{}", f.name(), suffix(dtype)?);
     if n == 0 {
         return Ok(vec![]);
     }
-    Ok(launch(kernel, sm_count, items(n, vec_width(dtype)), vec![KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)]))
+    Ok(launch(
+        kernel,
+        sm_count,
+        items(n, vec_width(dtype)),
+        vec![KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)],
+    ))
 }
 
 /// `add_<dtype>`: `y = a + b`.
@@ -37,19 +55,42 @@ pub fn add(dtype: DType, sm_count: u32, a: u64, b: u64, y: u64, n: usize) -> Res
     if n == 0 {
         return Ok(vec![]);
     }
-    Ok(launch(kernel, sm_count, items(n, vec_width(dtype)), vec![KArg::Ptr(a), KArg::Ptr(b), KArg::Ptr(y), KArg::I64(n as i64)]))
+    Ok(launch(
+        kernel,
+        sm_count,
+        items(n, vec_width(dtype)),
+        vec![
+            KArg::Ptr(a),
+            KArg::Ptr(b),
+            KArg::Ptr(y),
+            KArg::I64(n as i64),
+        ],
+    ))
 }
 
 /// `gated_add_<dtype>`: `out = x + gate[s, c] · v` over `n` elements of a [rows, cols] view,
 /// `s = row / tokens`.
 #[allow(clippy::too_many_arguments)]
-pub fn gated_add(dtype: DType, sm_count: u32, x: u64, gate: u64, v: u64, out: u64, n: usize, tokens: usize, cols: usize) -> Result<Vec<Launch>> {
+pub fn gated_add(
+    dtype: DType,
+    sm_count: u32,
+    x: u64,
+    gate: u64,
+    v: u64,
+    out: u64,
+    n: usize,
+    tokens: usize,
+    cols: usize,
+) -> Result<Vec<Launch>> {
     let kernel = format!("gated_add_{}", suffix(dtype)?);
     if n == 0 {
         return Ok(vec![]);
     }
     if tokens == 0 || cols == 0 {
-        return Err(CudaError::Invalid { what: "gated_add".into(), msg: format!("tokens {tokens}, cols {cols}") });
+        return Err(CudaError::Invalid {
+            what: "gated_add".into(),
+            msg: format!("tokens {tokens}, cols {cols}"),
+        });
     }
     let args = vec![
         KArg::Ptr(x),
@@ -67,13 +108,27 @@ pub fn gated_add(dtype: DType, sm_count: u32, x: u64, gate: u64, v: u64, out: u6
 /// over `n` elements of a [rows, cols] view, `s = row / tokens`: the adaLN gated residual with its
 /// gate read from adaLN-single's table (see [`super::norm::TableRow`]).
 #[allow(clippy::too_many_arguments)]
-pub fn ada_gated_add(dtype: DType, sm_count: u32, x: u64, gate: super::norm::TableRow, t_stride: usize, v: u64, out: u64, n: usize, tokens: usize, cols: usize) -> Result<Vec<Launch>> {
+pub fn ada_gated_add(
+    dtype: DType,
+    sm_count: u32,
+    x: u64,
+    gate: super::norm::TableRow,
+    t_stride: usize,
+    v: u64,
+    out: u64,
+    n: usize,
+    tokens: usize,
+    cols: usize,
+) -> Result<Vec<Launch>> {
     let kernel = format!("ada_gated_add_{}", suffix(dtype)?);
     if n == 0 {
         return Ok(vec![]);
     }
     if tokens == 0 || cols == 0 {
-        return Err(CudaError::Invalid { what: "ada_gated_add".into(), msg: format!("tokens {tokens}, cols {cols}") });
+        return Err(CudaError::Invalid {
+            what: "ada_gated_add".into(),
+            msg: format!("tokens {tokens}, cols {cols}"),
+        });
     }
     let args = vec![
         KArg::Ptr(x),
@@ -100,7 +155,12 @@ pub fn cast_to_u8(from: DType, sm_count: u32, x: u64, y: u64, n: usize) -> Resul
     if n == 0 {
         return Ok(vec![]);
     }
-    Ok(launch(kernel.into(), sm_count, items(n, 1), vec![KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)]))
+    Ok(launch(
+        kernel.into(),
+        sm_count,
+        items(n, 1),
+        vec![KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)],
+    ))
 }
 
 pub fn cast(to: DType, sm_count: u32, x: u64, y: u64, n: usize) -> Result<Vec<Launch>> {
@@ -112,7 +172,12 @@ pub fn cast(to: DType, sm_count: u32, x: u64, y: u64, n: usize) -> Result<Vec<La
     if n == 0 {
         return Ok(vec![]);
     }
-    Ok(launch(kernel.into(), sm_count, items(n, 8), vec![KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)]))
+    Ok(launch(
+        kernel.into(),
+        sm_count,
+        items(n, 8),
+        vec![KArg::Ptr(x), KArg::Ptr(y), KArg::I64(n as i64)],
+    ))
 }
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
@@ -122,11 +187,35 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     match &node.op {
         Op::Unary { x, f } => unary(t, sms, *f, p(*x), y, n),
         Op::Add { a, b } => add(t, sms, p(*a), p(*b), y, n),
-        Op::GatedAdd { x, gate, y: v } => gated_add(t, sms, p(*x), p(*gate), p(*v), y, n, out.rows() / ctx.graph.shape(*gate).rows(), out.last()),
-        Op::AdaGatedAdd { x, t: tv, table, gate, y: v } => {
+        Op::GatedAdd { x, gate, y: v } => gated_add(
+            t,
+            sms,
+            p(*x),
+            p(*gate),
+            p(*v),
+            y,
+            n,
+            out.rows() / ctx.graph.shape(*gate).rows(),
+            out.last(),
+        ),
+        Op::AdaGatedAdd {
+            x,
+            t: tv,
+            table,
+            gate,
+            y: v,
+        } => {
             let g = ctx.graph;
             let (k, cols) = (g.shape(*table).dims()[0], out.last());
-            let (row, stride) = super::norm::table_row(p(*tv), g.shape(*tv).last(), p(*table), k, cols, *gate, t.size_in_bytes());
+            let (row, stride) = super::norm::table_row(
+                p(*tv),
+                g.shape(*tv).last(),
+                p(*table),
+                k,
+                cols,
+                *gate,
+                t.size_in_bytes(),
+            );
             ada_gated_add(t, sms, p(*x), row, stride, p(*v), y, n, out.dims()[1], cols)
         }
         _ => unreachable!("elementwise::resolve called for {}", node.op.name()),

@@ -11,7 +11,14 @@ use crate::error::{CudaError, Result};
 const TILE: usize = 32;
 
 /// `transpose_<dtype>`: [batch, rows, cols] -> [batch, cols, rows]; no launch for an empty tensor.
-pub fn transpose(dtype: DType, x: u64, y: u64, batch: usize, rows: usize, cols: usize) -> Result<Vec<Launch>> {
+pub fn transpose(
+    dtype: DType,
+    x: u64,
+    y: u64,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<Launch>> {
     let kernel = format!("transpose_{}", suffix(dtype)?);
     if batch == 0 || rows == 0 || cols == 0 {
         return Ok(vec![]);
@@ -29,13 +36,30 @@ pub fn transpose(dtype: DType, x: u64, y: u64, batch: usize, rows: usize, cols: 
         grid: (tiles as u32, 1, batch as u32),
         block: (TILE as u32, 8, 1),
         smem: 0,
-        args: vec![KArg::Ptr(x), KArg::Ptr(y), i32_arg("transpose rows", rows)?, i32_arg("transpose cols", cols)?],
+        args: vec![
+            KArg::Ptr(x),
+            KArg::Ptr(y),
+            i32_arg("transpose rows", rows)?,
+            i32_arg("transpose cols", cols)?,
+        ],
     }])
 }
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     match &node.op {
-        Op::Transpose { x, batch, rows, cols } => transpose(ctx.dtype, (ctx.ptr)(*x), (ctx.ptr)(node.output), *batch, *rows, *cols),
+        Op::Transpose {
+            x,
+            batch,
+            rows,
+            cols,
+        } => transpose(
+            ctx.dtype,
+            (ctx.ptr)(*x),
+            (ctx.ptr)(node.output),
+            *batch,
+            *rows,
+            *cols,
+        ),
         _ => unreachable!("layout::resolve called for {}", node.op.name()),
     }
 }

@@ -65,18 +65,37 @@ pub struct Dims {
 impl Dims {
     /// SANA's layout: q, k, v are three [B, N, heads·head_dim] tensors.
     pub fn separate(batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Dims {
-        Dims { batch, tokens, heads, head_dim, row_stride: heads * head_dim, head_stride: head_dim, out_row_stride: heads * head_dim }
+        Dims {
+            batch,
+            tokens,
+            heads,
+            head_dim,
+            row_stride: heads * head_dim,
+            head_stride: head_dim,
+            out_row_stride: heads * head_dim,
+        }
     }
 
     /// DC-AE's layout: one [B, N, groups·3·head_dim] tensor, group g = (q | k | v).
     pub fn packed(batch: usize, tokens: usize, groups: usize, head_dim: usize) -> Dims {
-        Dims { batch, tokens, heads: groups, head_dim, row_stride: groups * 3 * head_dim, head_stride: 3 * head_dim, out_row_stride: groups * head_dim }
+        Dims {
+            batch,
+            tokens,
+            heads: groups,
+            head_dim,
+            row_stride: groups * 3 * head_dim,
+            head_stride: 3 * head_dim,
+            out_row_stride: groups * head_dim,
+        }
     }
 
     /// The same attention writing into output rows of `out_row_stride` values (the caller
     /// offsets the output pointer to the first column of its range).
     pub fn in_columns(self, out_row_stride: usize) -> Dims {
-        Dims { out_row_stride, ..self }
+        Dims {
+            out_row_stride,
+            ..self
+        }
     }
 
     /// f32 values of one head's state: KV (head_dim²) and the key sum (head_dim).
@@ -128,7 +147,12 @@ pub fn chunking(sm_count: u32, d: &Dims) -> (usize, usize) {
 /// that nodes of other shapes sharing them never find state data where they expect a counter.
 pub fn workspace_bytes(d: &Dims, chunks: usize) -> (usize, usize) {
     let heads = d.batch * d.heads;
-    let states = partial_offset(d) + if chunks > 1 { heads * chunks * d.state_floats() * 4 } else { 0 };
+    let states = partial_offset(d)
+        + if chunks > 1 {
+            heads * chunks * d.state_floats() * 4
+        } else {
+            0
+        };
     (states.max(256), (heads * 4).max(256))
 }
 
@@ -139,7 +163,10 @@ fn partial_offset(d: &Dims) -> usize {
 
 fn check_grid(what: &str, v: usize) -> Result<u32> {
     if v > 65535 {
-        return Err(CudaError::Invalid { what: "linear attention".into(), msg: format!("{what} {v} exceeds the grid's 65535") });
+        return Err(CudaError::Invalid {
+            what: "linear attention".into(),
+            msg: format!("{what} {v} exceeds the grid's 65535"),
+        });
     }
     Ok(v as u32)
 }
@@ -147,7 +174,14 @@ fn check_grid(what: &str, v: usize) -> Result<u32> {
 /// The two launches of one linear attention. `states` and `counters` are workspaces of the sizes
 /// [`workspace_bytes`] gives for `chunking(sm_count, d).0` chunks, the counters zero-filled. No
 /// launches when there are no tokens.
-pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64, counters: u64) -> Result<Vec<Launch>> {
+pub fn launches(
+    dtype: DType,
+    sm_count: u32,
+    d: &Dims,
+    p: Pointers,
+    states: u64,
+    counters: u64,
+) -> Result<Vec<Launch>> {
     let hd = d.head_dim;
     if !HEAD_DIMS.contains(&hd) {
         return Err(CudaError::Invalid {
@@ -172,7 +206,11 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
     if d.out_row_stride < d.heads * hd {
         return Err(CudaError::Invalid {
             what: "linear attention".into(),
-            msg: format!("output row stride {} is less than heads·head_dim = {}", d.out_row_stride, d.heads * hd),
+            msg: format!(
+                "output row stride {} is less than heads·head_dim = {}",
+                d.out_row_stride,
+                d.heads * hd
+            ),
         });
     }
     let ors = i32_arg("linear attention output row stride", d.out_row_stride)?;
@@ -183,10 +221,23 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
         let rows = d.batch * d.tokens;
         all.push(Launch {
             kernel: format!("linear_attention_key_rms_{s}"),
-            grid: (check_grid_x("key norm rows", rows.div_ceil(KEY_RMS_ROWS))?, 1, 1),
+            grid: (
+                check_grid_x("key norm rows", rows.div_ceil(KEY_RMS_ROWS))?,
+                1,
+                1,
+            ),
             block: (THREADS, 1, 1),
             smem: 0,
-            args: vec![KArg::Ptr(p.k), KArg::Ptr(kn.rstd), KArg::I64(rows as i64), i32_arg("linear attention heads", d.heads)?, i32_arg("linear attention head dim", hd)?, rs, hs, KArg::F32(kn.eps)],
+            args: vec![
+                KArg::Ptr(p.k),
+                KArg::Ptr(kn.rstd),
+                KArg::I64(rows as i64),
+                i32_arg("linear attention heads", d.heads)?,
+                i32_arg("linear attention head dim", hd)?,
+                rs,
+                hs,
+                KArg::F32(kn.eps),
+            ],
         });
     }
     let (key_w, key_rstd) = p.key_norm.map_or((0, 0), |kn| (kn.weight, kn.rstd));
@@ -231,7 +282,13 @@ pub fn launches(dtype: DType, sm_count: u32, d: &Dims, p: Pointers, states: u64,
 }
 
 fn check_grid_x(what: &str, v: usize) -> Result<u32> {
-    u32::try_from(v).ok().filter(|&v| v <= i32::MAX as u32).ok_or_else(|| CudaError::Invalid { what: "linear attention".into(), msg: format!("{what}: {v} CTAs exceed the grid's x limit") })
+    u32::try_from(v)
+        .ok()
+        .filter(|&v| v <= i32::MAX as u32)
+        .ok_or_else(|| CudaError::Invalid {
+            what: "linear attention".into(),
+            msg: format!("{what}: {v} CTAs exceed the grid's x limit"),
+        })
 }
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
@@ -239,17 +296,55 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let out = ctx.graph.shape(node.output).dims();
     let (batch, tokens) = (out[0], out[1]);
     let es = ctx.dtype.size_in_bytes() as u64;
-    let packed = |x: u64, hd: usize| Pointers { q: x, k: x + (hd as u64) * es, v: x + 2 * (hd as u64) * es, out: 0, key_norm: None };
+    let packed = |x: u64, hd: usize| Pointers {
+        q: x,
+        k: x + (hd as u64) * es,
+        v: x + 2 * (hd as u64) * es,
+        out: 0,
+        key_norm: None,
+    };
     let calls: Vec<(Dims, Pointers)> = match &node.op {
-        Op::LinearAttention { q, k, v, heads, head_dim } => {
-            vec![(Dims::separate(batch, tokens, *heads, *head_dim), Pointers { q: p(*q), k: p(*k), v: p(*v), out: p(node.output), key_norm: None })]
+        Op::LinearAttention {
+            q,
+            k,
+            v,
+            heads,
+            head_dim,
+        } => {
+            vec![(
+                Dims::separate(batch, tokens, *heads, *head_dim),
+                Pointers {
+                    q: p(*q),
+                    k: p(*k),
+                    v: p(*v),
+                    out: p(node.output),
+                    key_norm: None,
+                },
+            )]
         }
-        Op::PackedLinearAttention { qkv, groups, head_dim, key_norm } => {
+        Op::PackedLinearAttention {
+            qkv,
+            groups,
+            head_dim,
+            key_norm,
+        } => {
             let key_norm = match key_norm {
                 None => None,
-                Some(n) => Some(KeyNormPointers { weight: p(n.weight), rstd: ctx.workspace("linear_attention.key_rstd", (batch * tokens * 4).max(256))?, eps: n.eps }),
+                Some(n) => Some(KeyNormPointers {
+                    weight: p(n.weight),
+                    rstd: ctx
+                        .workspace("linear_attention.key_rstd", (batch * tokens * 4).max(256))?,
+                    eps: n.eps,
+                }),
             };
-            vec![(Dims::packed(batch, tokens, *groups, *head_dim), Pointers { out: p(node.output), key_norm, ..packed(p(*qkv), *head_dim) })]
+            vec![(
+                Dims::packed(batch, tokens, *groups, *head_dim),
+                Pointers {
+                    out: p(node.output),
+                    key_norm,
+                    ..packed(p(*qkv), *head_dim)
+                },
+            )]
         }
         // One packed attention per scale, each writing its groups' columns of the output.
         Op::MultiscaleLinearAttention { scales, head_dim } => {
@@ -259,7 +354,13 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
             for &x in scales {
                 let groups = ctx.graph.shape(x).last() / (3 * hd);
                 let out = p(node.output) + (col * hd) as u64 * es;
-                calls.push((Dims::packed(batch, tokens, groups, hd).in_columns(ors), Pointers { out, ..packed(p(x), hd) }));
+                calls.push((
+                    Dims::packed(batch, tokens, groups, hd).in_columns(ors),
+                    Pointers {
+                        out,
+                        ..packed(p(x), hd)
+                    },
+                ));
                 col += groups;
             }
             calls

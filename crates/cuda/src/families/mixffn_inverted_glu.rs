@@ -29,7 +29,10 @@ pub const MF_HC: usize = geometry::MF_HC;
 pub const MF_SMEM: usize = geometry::MF_SMEM;
 
 fn invalid(msg: String) -> CudaError {
-    CudaError::Invalid { what: "mixffn_inverted_glu".into(), msg }
+    CudaError::Invalid {
+        what: "mixffn_inverted_glu".into(),
+        msg,
+    }
 }
 
 /// Output rows per block of the fused kernel on an `h`×`w` latent: the whole image when it fits
@@ -100,17 +103,28 @@ pub struct MixFfnArgs {
 /// shape the kernel does not compute or a pointer
 /// that is not 16-byte aligned (x and wi are read in 16-byte cp.async copies).
 pub fn mixffn_inverted_glu(a: &MixFfnArgs) -> Result<Launch> {
-    let band = band_rows(a.h, a.w).filter(|_| a.c.is_multiple_of(8) && a.c > 0).ok_or_else(|| {
-        invalid(format!("{} channels on a {}x{} latent: the fused kernel needs C % 8 == 0 and w <= {}", a.c, a.h, a.w, MF_M / 3))
-    })?;
+    let band = band_rows(a.h, a.w)
+        .filter(|_| a.c.is_multiple_of(8) && a.c > 0)
+        .ok_or_else(|| {
+            invalid(format!(
+                "{} channels on a {}x{} latent: the fused kernel needs C % 8 == 0 and w <= {}",
+                a.c,
+                a.h,
+                a.w,
+                MF_M / 3
+            ))
+        })?;
     for (name, p) in [("x", a.x), ("conv_inverted weight", a.wi)] {
         if !p.is_multiple_of(16) {
             return Err(invalid(format!("{name} at {p:#x} is not 16-byte aligned")));
         }
     }
     let grid = (a.hidden.div_ceil(MF_HC), a.h.div_ceil(band), a.batch);
-    if grid.0 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 || grid.0 > i32::MAX as usize {
-        return Err(invalid(format!("grid {grid:?} is empty or exceeds 65535 in y or z")));
+    if grid.0 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 || grid.0 > i32::MAX as usize
+    {
+        return Err(invalid(format!(
+            "grid {grid:?} is empty or exceeds 65535 in y or z"
+        )));
     }
     Ok(Launch {
         kernel: "mixffn_inverted_glu_bf16".into(),
@@ -143,7 +157,16 @@ pub fn launch_count(dtype: DType, c: usize, h: usize, w: usize) -> usize {
 }
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
-    let Op::MixFfnInvertedGlu { x, weight, bias, dw_weight, dw_bias, h, w } = &node.op else {
+    let Op::MixFfnInvertedGlu {
+        x,
+        weight,
+        bias,
+        dw_weight,
+        dw_bias,
+        h,
+        w,
+    } = &node.op
+    else {
         unreachable!("mixffn_inverted_glu::resolve called for {}", node.op.name())
     };
     let (p, g) = (ctx.ptr, ctx.graph);
@@ -170,21 +193,30 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
     }
     // The two-op path: the 2H-wide GEMM output in a workspace shared by every such node.
     let rows = xs.rows();
-    let inverted = ctx.workspace("mixffn_inverted_glu.inverted", rows * 2 * hidden * ctx.dtype.size_in_bytes())?;
+    let inverted = ctx.workspace(
+        "mixffn_inverted_glu.inverted",
+        rows * 2 * hidden * ctx.dtype.size_in_bytes(),
+    )?;
     let blas = ctx.dev.blas()?;
     let args = LinearArgs {
         dtype: ctx.dtype,
         rows,
         in_features: c,
         out_features: 2 * hidden,
-        epilogue: if bias.is_some() { Epilogue::Bias } else { Epilogue::None },
+        epilogue: if bias.is_some() {
+            Epilogue::Bias
+        } else {
+            Epilogue::None
+        },
         x: a.x,
         w: a.wi,
         bias: bias.map(p),
         y: inverted,
     };
     let gemm = LinearGemm::new(ctx.dev, &blas, &args)?;
-    let dw = depthwise_conv3_glu(ctx.dtype, inverted, a.wd, a.bd, a.y, a.batch, a.h, a.w, hidden, 3, true)?;
+    let dw = depthwise_conv3_glu(
+        ctx.dtype, inverted, a.wd, a.bd, a.y, a.batch, a.h, a.w, hidden, 3, true,
+    )?;
     Ok(Step::GemmThen(gemm, blas, vec![dw]))
 }
 

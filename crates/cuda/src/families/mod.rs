@@ -96,7 +96,10 @@ pub fn suffix(dtype: DType) -> Result<&'static str> {
 pub fn i32_arg(what: &str, v: usize) -> Result<KArg> {
     i32::try_from(v)
         .map(KArg::I32)
-        .map_err(|_| CudaError::Invalid { what: what.into(), msg: format!("{v} does not fit 32 bits") })
+        .map_err(|_| CudaError::Invalid {
+            what: what.into(),
+            msg: format!("{v} does not fit 32 bits"),
+        })
 }
 
 /// Elements of `dtype` per 16-byte vector.
@@ -111,7 +114,11 @@ pub const STRIDE_THREADS: u32 = 256;
 /// the work, at most 16 per SM (a few waves; each thread then loops).
 pub fn stride_grid(sm_count: u32, items: usize) -> (u32, u32, u32) {
     let cap = (sm_count.max(1) as usize) * 16;
-    (items.div_ceil(STRIDE_THREADS as usize).clamp(1, cap) as u32, 1, 1)
+    (
+        items.div_ceil(STRIDE_THREADS as usize).clamp(1, cap) as u32,
+        1,
+        1,
+    )
 }
 
 /// What a family needs to resolve a node.
@@ -142,12 +149,22 @@ pub struct Ctx<'a> {
 /// output); off with `keep_all` (every value must stay readable, and the Linear's own output is
 /// never written). Returns the Linear's output.
 pub fn gelu_fused_into_linear(g: &Graph, node: &Node, keep_all: bool) -> Option<ValueId> {
-    let Op::Unary { x, f: UnaryFn::GeluTanh } = &node.op else { return None };
+    let Op::Unary {
+        x,
+        f: UnaryFn::GeluTanh,
+    } = &node.op
+    else {
+        return None;
+    };
     if keep_all || g.outputs.iter().any(|(_, o)| o == x) {
         return None;
     }
-    let ValueKind::Activation { node: producer } = g.value(*x).kind else { return None };
-    let ValueKind::Activation { node: this } = g.value(node.output).kind else { return None };
+    let ValueKind::Activation { node: producer } = g.value(*x).kind else {
+        return None;
+    };
+    let ValueKind::Activation { node: this } = g.value(node.output).kind else {
+        return None;
+    };
     let linear = g.nodes.get(producer)?;
     if !matches!(linear.op, Op::Linear { .. }) || this != producer + 1 {
         return None;
@@ -158,7 +175,10 @@ pub fn gelu_fused_into_linear(g: &Graph, node: &Node, keep_all: bool) -> Option<
     // it: only the Linear's own inputs can, so each activation input must be read later too.
     let outlives = |v: &ValueId| match g.value(*v).kind {
         ValueKind::Activation { .. } => {
-            g.outputs.iter().any(|(_, o)| o == v) || g.nodes[producer + 1..].iter().any(|n| n.op.inputs().contains(v))
+            g.outputs.iter().any(|(_, o)| o == v)
+                || g.nodes[producer + 1..]
+                    .iter()
+                    .any(|n| n.op.inputs().contains(v))
         }
         _ => true, // inputs and states live for the whole run, weights are not in the arena
     };
@@ -177,7 +197,11 @@ pub struct Resources {
 impl Resources {
     /// Bytes of device memory held.
     pub fn bytes(&self) -> usize {
-        self.by_key.values().chain(&self.retired).map(|b| b.bytes()).sum()
+        self.by_key
+            .values()
+            .chain(&self.retired)
+            .map(|b| b.bytes())
+            .sum()
     }
 }
 
@@ -224,14 +248,28 @@ impl Ctx<'_> {
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
     let launches = match &node.op {
         Op::Linear { x, w, bias } => return linear(ctx, node, *x, *w, *bias),
-        Op::LinearResidual { x, w, bias, residual } => return linear_residual(ctx, node, *x, *w, *bias, Some(*residual)),
-        Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::RmsNormResidual { .. } | Op::AdaLayerNorm { .. } => norm::resolve(ctx, node),
+        Op::LinearResidual {
+            x,
+            w,
+            bias,
+            residual,
+        } => return linear_residual(ctx, node, *x, *w, *bias, Some(*residual)),
+        Op::RmsNorm { .. }
+        | Op::LayerNorm { .. }
+        | Op::RmsNormResidual { .. }
+        | Op::AdaLayerNorm { .. } => norm::resolve(ctx, node),
         Op::RmsNormReluConv2d { .. } => norm_conv::resolve(ctx, node),
         Op::Unary { x, .. } if ctx.gelu_fusions.contains_key(x) => Ok(vec![]), // in the Linear's GEMM
-        Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } | Op::AdaGatedAdd { .. } => elementwise::resolve(ctx, node),
+        Op::Unary { .. } | Op::Add { .. } | Op::GatedAdd { .. } | Op::AdaGatedAdd { .. } => {
+            elementwise::resolve(ctx, node)
+        }
         Op::Attention { .. } => attention::resolve(ctx, node),
-        Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } | Op::KvCacheRows { .. } => decode_attention::resolve(ctx, node),
-        Op::LinearAttention { .. } | Op::PackedLinearAttention { .. } | Op::MultiscaleLinearAttention { .. } => linear_attention::resolve(ctx, node),
+        Op::DecodeAttention { .. } | Op::KvCacheAppend { .. } | Op::KvCacheRows { .. } => {
+            decode_attention::resolve(ctx, node)
+        }
+        Op::LinearAttention { .. }
+        | Op::PackedLinearAttention { .. }
+        | Op::MultiscaleLinearAttention { .. } => linear_attention::resolve(ctx, node),
         Op::Transpose { .. } => layout::resolve(ctx, node),
         Op::PixelShuffleLayerNorm { .. } => pixel_shuffle::resolve(ctx, node),
         Op::ModulationTable { .. }
@@ -266,7 +304,14 @@ fn linear(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>)
 }
 
 /// `Op::Linear`, or `Op::LinearResidual` with the residual as the matmul's C (beta = 1).
-fn linear_residual(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<ValueId>, residual: Option<ValueId>) -> Result<Step> {
+fn linear_residual(
+    ctx: &Ctx,
+    node: &Node,
+    x: ValueId,
+    w: ValueId,
+    bias: Option<ValueId>,
+    residual: Option<ValueId>,
+) -> Result<Step> {
     let blas = ctx.dev.blas()?;
     let out = ctx.graph.shape(node.output);
     // A tanh-GELU reading only this output is done by the epilogue, into the GELU's output.
@@ -288,7 +333,10 @@ fn linear_residual(ctx: &Ctx, node: &Node, x: ValueId, w: ValueId, bias: Option<
         bias: bias.map(ctx.ptr),
         y: (ctx.ptr)(gelu.unwrap_or(node.output)),
     };
-    Ok(Step::Gemm(LinearGemm::with_residual(ctx.dev, &blas, &args, residual.map(ctx.ptr))?, blas))
+    Ok(Step::Gemm(
+        LinearGemm::with_residual(ctx.dev, &blas, &args, residual.map(ctx.ptr))?,
+        blas,
+    ))
 }
 
 pub mod attention;
@@ -301,6 +349,6 @@ pub mod layout;
 pub mod linear_attention;
 pub mod misc;
 pub mod mixffn_inverted_glu;
-pub mod pixel_shuffle;
 pub mod norm;
 pub mod norm_conv;
+pub mod pixel_shuffle;

@@ -19,8 +19,8 @@ use crate::error::{CudaError, Result};
 pub mod geometry {
     include!(concat!(env!("OUT_DIR"), "/norm_geometry.rs"));
 }
-pub use geometry::NORM_MAX_THREADS;
 use geometry::NORM_CACHE;
+pub use geometry::NORM_MAX_THREADS;
 
 /// Launch layout of the norm kernels: `(block (tx, ty), grid)`. Each row is handled by `tx`
 /// threads so that each thread holds at most [`NORM_CACHE`] items (16-byte vectors when `cols` is
@@ -29,7 +29,11 @@ use geometry::NORM_CACHE;
 /// share a block of at least 128 threads.
 pub fn norm_launch(rows: usize, cols: usize, dtype: DType) -> ((u32, u32, u32), (u32, u32, u32)) {
     let v = vec_width(dtype);
-    let items = if cols.is_multiple_of(v) { cols / v } else { cols };
+    let items = if cols.is_multiple_of(v) {
+        cols / v
+    } else {
+        cols
+    };
     let want = items.div_ceil(NORM_CACHE).max(1);
     let tx = if want <= 32 {
         want.next_power_of_two()
@@ -44,27 +48,77 @@ pub fn norm_launch(rows: usize, cols: usize, dtype: DType) -> ((u32, u32, u32), 
 /// `rmsnorm_<dtype>`: `y = x / sqrt(mean(x²) + eps) · w (+ b)` over rows of `cols`; no launch for
 /// an empty tensor.
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm(dtype: DType, x: u64, w: u64, b: u64, y: u64, rows: usize, cols: usize, eps: f32) -> Result<Vec<Launch>> {
-    rms_rows(format!("rmsnorm_{}", suffix(dtype)?), dtype, &[x, w, b, y], rows, cols, eps)
+pub fn rmsnorm(
+    dtype: DType,
+    x: u64,
+    w: u64,
+    b: u64,
+    y: u64,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<Vec<Launch>> {
+    rms_rows(
+        format!("rmsnorm_{}", suffix(dtype)?),
+        dtype,
+        &[x, w, b, y],
+        rows,
+        cols,
+        eps,
+    )
 }
 
 /// `rmsnorm_residual_<dtype>`: `y = r + x / sqrt(mean(x²) + eps) · w (+ b)` over rows of `cols`
 /// (`b` may be 0); no launch for an empty tensor.
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_residual(dtype: DType, x: u64, w: u64, b: u64, r: u64, y: u64, rows: usize, cols: usize, eps: f32) -> Result<Vec<Launch>> {
-    rms_rows(format!("rmsnorm_residual_{}", suffix(dtype)?), dtype, &[x, w, b, r, y], rows, cols, eps)
+pub fn rmsnorm_residual(
+    dtype: DType,
+    x: u64,
+    w: u64,
+    b: u64,
+    r: u64,
+    y: u64,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<Vec<Launch>> {
+    rms_rows(
+        format!("rmsnorm_residual_{}", suffix(dtype)?),
+        dtype,
+        &[x, w, b, r, y],
+        rows,
+        cols,
+        eps,
+    )
 }
 
 /// The launch of an RMSNorm kernel whose arguments are `ptrs`, then (rows, cols, eps); no launch
 /// for an empty tensor.
-fn rms_rows(kernel: String, dtype: DType, ptrs: &[u64], rows: usize, cols: usize, eps: f32) -> Result<Vec<Launch>> {
+fn rms_rows(
+    kernel: String,
+    dtype: DType,
+    ptrs: &[u64],
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<Vec<Launch>> {
     if rows == 0 || cols == 0 {
         return Ok(vec![]);
     }
     let (block, grid) = norm_launch(rows, cols, dtype);
     let mut args: Vec<KArg> = ptrs.iter().map(|&p| KArg::Ptr(p)).collect();
-    args.extend([KArg::I64(rows as i64), i32_arg("cols", cols)?, KArg::F32(eps)]);
-    Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
+    args.extend([
+        KArg::I64(rows as i64),
+        i32_arg("cols", cols)?,
+        KArg::F32(eps),
+    ]);
+    Ok(vec![Launch {
+        kernel,
+        grid,
+        block,
+        smem: 0,
+        args,
+    }])
 }
 
 /// Fused adaLN modulation operands of [`layernorm`]: `scale`/`shift` [B, cols], one row per
@@ -118,7 +172,13 @@ pub fn layernorm(
         i32_arg("tokens", tokens)?,
         KArg::F32(eps),
     ];
-    Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
+    Ok(vec![Launch {
+        kernel,
+        grid,
+        block,
+        smem: 0,
+        args,
+    }])
 }
 
 /// adaLN-single's modulation rows as the fused kernels read them: for sample s, row `row` is
@@ -132,23 +192,55 @@ pub struct TableRow {
 
 /// The [`TableRow`] of row `row` of the adaLN table `table` [k, C] with `t` [B, k·C] or [B, C],
 /// and the stride of `t` between samples, for `es`-byte elements.
-pub fn table_row(t: u64, t_cols: usize, table: u64, k: usize, c: usize, row: usize, es: usize) -> (TableRow, usize) {
+pub fn table_row(
+    t: u64,
+    t_cols: usize,
+    table: u64,
+    k: usize,
+    c: usize,
+    row: usize,
+    es: usize,
+) -> (TableRow, usize) {
     let per_row = t_cols == k * c;
-    let t_row = if per_row { t + (row * c * es) as u64 } else { t };
-    (TableRow { t_row, table_row: table + (row * c * es) as u64 }, t_cols)
+    let t_row = if per_row {
+        t + (row * c * es) as u64
+    } else {
+        t
+    };
+    (
+        TableRow {
+            t_row,
+            table_row: table + (row * c * es) as u64,
+        },
+        t_cols,
+    )
 }
 
 /// `ada_layernorm_<dtype>`: LayerNorm without affine of `rows` rows of `cols` (`tokens` rows per
 /// sample), then `· (1 + scale) + shift` with both modulation rows read from adaLN-single's table
 /// ([`TableRow`]; `t_stride` elements between samples); no launch for an empty tensor.
 #[allow(clippy::too_many_arguments)]
-pub fn ada_layernorm(dtype: DType, x: u64, scale: TableRow, shift: TableRow, t_stride: usize, y: u64, rows: usize, cols: usize, tokens: usize, eps: f32) -> Result<Vec<Launch>> {
+pub fn ada_layernorm(
+    dtype: DType,
+    x: u64,
+    scale: TableRow,
+    shift: TableRow,
+    t_stride: usize,
+    y: u64,
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+    eps: f32,
+) -> Result<Vec<Launch>> {
     let kernel = format!("ada_layernorm_{}", suffix(dtype)?);
     if rows == 0 || cols == 0 {
         return Ok(vec![]);
     }
     if tokens == 0 {
-        return Err(CudaError::Invalid { what: "ada_layernorm".into(), msg: "tokens is 0".into() });
+        return Err(CudaError::Invalid {
+            what: "ada_layernorm".into(),
+            msg: "tokens is 0".into(),
+        });
     }
     let (block, grid) = norm_launch(rows, cols, dtype);
     let args = vec![
@@ -164,7 +256,13 @@ pub fn ada_layernorm(dtype: DType, x: u64, scale: TableRow, shift: TableRow, t_s
         KArg::I64(t_stride as i64),
         KArg::F32(eps),
     ];
-    Ok(vec![Launch { kernel, grid, block, smem: 0, args }])
+    Ok(vec![Launch {
+        kernel,
+        grid,
+        block,
+        smem: 0,
+        args,
+    }])
 }
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
@@ -172,19 +270,89 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let out = ctx.graph.shape(node.output);
     let (rows, cols) = (out.rows(), out.last());
     match &node.op {
-        Op::RmsNorm { x, weight, bias, eps } => rmsnorm(ctx.dtype, p(*x), p(*weight), bias.map_or(0, p), p(node.output), rows, cols, *eps),
-        Op::RmsNormResidual { x, weight, bias, eps, residual } => {
-            rmsnorm_residual(ctx.dtype, p(*x), p(*weight), bias.map_or(0, p), p(*residual), p(node.output), rows, cols, *eps)
+        Op::RmsNorm {
+            x,
+            weight,
+            bias,
+            eps,
+        } => rmsnorm(
+            ctx.dtype,
+            p(*x),
+            p(*weight),
+            bias.map_or(0, p),
+            p(node.output),
+            rows,
+            cols,
+            *eps,
+        ),
+        Op::RmsNormResidual {
+            x,
+            weight,
+            bias,
+            eps,
+            residual,
+        } => rmsnorm_residual(
+            ctx.dtype,
+            p(*x),
+            p(*weight),
+            bias.map_or(0, p),
+            p(*residual),
+            p(node.output),
+            rows,
+            cols,
+            *eps,
+        ),
+        Op::LayerNorm {
+            x,
+            weight,
+            bias,
+            eps,
+            modulation,
+        } => {
+            let m = modulation.map(|m| Modulation {
+                scale: p(m.scale),
+                shift: p(m.shift),
+                tokens: out.dims()[1],
+            });
+            layernorm(
+                ctx.dtype,
+                p(*x),
+                weight.map_or(0, p),
+                bias.map_or(0, p),
+                m,
+                p(node.output),
+                rows,
+                cols,
+                *eps,
+            )
         }
-        Op::LayerNorm { x, weight, bias, eps, modulation } => {
-            let m = modulation.map(|m| Modulation { scale: p(m.scale), shift: p(m.shift), tokens: out.dims()[1] });
-            layernorm(ctx.dtype, p(*x), weight.map_or(0, p), bias.map_or(0, p), m, p(node.output), rows, cols, *eps)
-        }
-        Op::AdaLayerNorm { x, t, table, scale, shift, eps } => {
-            let (k, es, tc) = (ctx.graph.shape(*table).dims()[0], ctx.dtype.size_in_bytes(), ctx.graph.shape(*t).last());
+        Op::AdaLayerNorm {
+            x,
+            t,
+            table,
+            scale,
+            shift,
+            eps,
+        } => {
+            let (k, es, tc) = (
+                ctx.graph.shape(*table).dims()[0],
+                ctx.dtype.size_in_bytes(),
+                ctx.graph.shape(*t).last(),
+            );
             let (sc, stride) = table_row(p(*t), tc, p(*table), k, cols, *scale, es);
             let (sh, _) = table_row(p(*t), tc, p(*table), k, cols, *shift, es);
-            ada_layernorm(ctx.dtype, p(*x), sc, sh, stride, p(node.output), rows, cols, out.dims()[1], *eps)
+            ada_layernorm(
+                ctx.dtype,
+                p(*x),
+                sc,
+                sh,
+                stride,
+                p(node.output),
+                rows,
+                cols,
+                out.dims()[1],
+                *eps,
+            )
         }
         _ => unreachable!("norm::resolve called for {}", node.op.name()),
     }

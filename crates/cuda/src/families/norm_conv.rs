@@ -41,7 +41,10 @@ pub struct NormConvArgs {
 }
 
 fn invalid(msg: String) -> CudaError {
-    CudaError::Invalid { what: "rmsnorm_relu_conv2d".into(), msg }
+    CudaError::Invalid {
+        what: "rmsnorm_relu_conv2d".into(),
+        msg,
+    }
 }
 
 /// `rmsnorm_relu_conv2d_<dtype>`: `y = conv(relu(rmsnorm(x)))`; no launch for an empty output.
@@ -50,17 +53,27 @@ fn invalid(msg: String) -> CudaError {
 pub fn rmsnorm_relu_conv2d(a: &NormConvArgs) -> Result<Vec<Launch>> {
     let kernel = format!("rmsnorm_relu_conv2d_{}", suffix(a.dtype)?);
     if a.cout > MAX_COUT {
-        return Err(invalid(format!("{} output channels, the kernel computes at most {MAX_COUT}", a.cout)));
+        return Err(invalid(format!(
+            "{} output channels, the kernel computes at most {MAX_COUT}",
+            a.cout
+        )));
     }
     if a.kernel != 1 && a.kernel != MAX_KERNEL {
-        return Err(invalid(format!("kernel size {}, expected 1 or {MAX_KERNEL}", a.kernel)));
+        return Err(invalid(format!(
+            "kernel size {}, expected 1 or {MAX_KERNEL}",
+            a.kernel
+        )));
     }
     if a.batch == 0 || a.h == 0 || a.w_px == 0 || a.cout == 0 {
         return Ok(vec![]);
     }
     let gy = a.h.div_ceil(TILE_H);
     if gy > 65535 || a.batch > 65535 {
-        return Err(invalid(format!("grid ({}, {gy}, {}) exceeds 65535 in y or z", a.w_px.div_ceil(TILE_W), a.batch)));
+        return Err(invalid(format!(
+            "grid ({}, {gy}, {}) exceeds 65535 in y or z",
+            a.w_px.div_ceil(TILE_W),
+            a.batch
+        )));
     }
     let args = vec![
         KArg::Ptr(a.x),
@@ -77,13 +90,29 @@ pub fn rmsnorm_relu_conv2d(a: &NormConvArgs) -> Result<Vec<Launch>> {
         KArg::F32(a.eps),
     ];
     let grid = (a.w_px.div_ceil(TILE_W) as u32, gy as u32, a.batch as u32);
-    Ok(vec![Launch { kernel, grid, block: (THREADS as u32, 1, 1), smem: 0, args }])
+    Ok(vec![Launch {
+        kernel,
+        grid,
+        block: (THREADS as u32, 1, 1),
+        smem: 0,
+        args,
+    }])
 }
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let p = ctx.ptr;
     match &node.op {
-        Op::RmsNormReluConv2d { x, norm_weight, norm_bias, eps, weight, bias, h, w, kernel } => {
+        Op::RmsNormReluConv2d {
+            x,
+            norm_weight,
+            norm_bias,
+            eps,
+            weight,
+            bias,
+            h,
+            w,
+            kernel,
+        } => {
             let out = ctx.graph.shape(node.output);
             rmsnorm_relu_conv2d(&NormConvArgs {
                 dtype: ctx.dtype,

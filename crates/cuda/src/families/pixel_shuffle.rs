@@ -14,7 +14,18 @@ use crate::error::Result;
 /// (see `Op::PixelShuffleLayerNorm`), in norm.cu's launch layout over rows of 4c; no launch for
 /// an empty tensor.
 #[allow(clippy::too_many_arguments)]
-pub fn pixel_shuffle_layernorm(dtype: DType, x: u64, w: u64, b: u64, y: u64, batch: usize, c: usize, grid: usize, skip: usize, eps: f32) -> Result<Vec<Launch>> {
+pub fn pixel_shuffle_layernorm(
+    dtype: DType,
+    x: u64,
+    w: u64,
+    b: u64,
+    y: u64,
+    batch: usize,
+    c: usize,
+    grid: usize,
+    skip: usize,
+    eps: f32,
+) -> Result<Vec<Launch>> {
     let kernel = format!("pixel_shuffle_layernorm_{}", suffix(dtype)?);
     let rows = batch * (grid / 2) * (grid / 2);
     if rows == 0 || c == 0 {
@@ -33,14 +44,39 @@ pub fn pixel_shuffle_layernorm(dtype: DType, x: u64, w: u64, b: u64, y: u64, bat
         i32_arg("skip", skip)?,
         KArg::F32(eps),
     ];
-    Ok(vec![Launch { kernel, grid: grid_dim, block, smem: 0, args }])
+    Ok(vec![Launch {
+        kernel,
+        grid: grid_dim,
+        block,
+        smem: 0,
+        args,
+    }])
 }
 
 pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Vec<Launch>> {
     let p = ctx.ptr;
-    let Op::PixelShuffleLayerNorm { x, weight, bias, eps, grid, skip } = &node.op else {
+    let Op::PixelShuffleLayerNorm {
+        x,
+        weight,
+        bias,
+        eps,
+        grid,
+        skip,
+    } = &node.op
+    else {
         unreachable!("pixel_shuffle::resolve called for {}", node.op.name())
     };
     let xd = ctx.graph.shape(*x).dims();
-    pixel_shuffle_layernorm(ctx.dtype, p(*x), p(*weight), p(*bias), p(node.output), xd[0], xd[2], *grid, *skip, *eps)
+    pixel_shuffle_layernorm(
+        ctx.dtype,
+        p(*x),
+        p(*weight),
+        p(*bias),
+        p(node.output),
+        xd[0],
+        xd[2],
+        *grid,
+        *skip,
+        *eps,
+    )
 }
