@@ -1,5 +1,6 @@
-//! kernels/mixffn_inverted_glu.cu (`mixffn_inverted_glu_bf16`: GLUMBConv's conv_inverted + SiLU +
-//! depthwise 3×3 + GLU in one kernel) against the two-op path it replaces, in the same run: the
+//! kernels/mixffn_inverted_glu.cu (`mixffn_inverted_glu_bf16` on mma.sync and, on sm_90a,
+//! `mixffn_inverted_glu_bf16_wgmma`: GLUMBConv's conv_inverted + SiLU + depthwise 3×3 + GLU in one
+//! kernel) against the two-op path they replace, in the same run: the
 //! cuBLASLt GEMM (bias epilogue) writing the 2H-wide output, then `silu_depthwise_conv3_glu_bf16`
 //! reading it back; then each of those two ops alone. Shape: Sana-600M (b-512) at batch 32, i.e.
 //! 64 CFG rows of a 16×16 latent, C 1152 -> 2 × 2880 (on the emulated GPU a reduced shape, only to exercise the code). CUDA events,
@@ -93,6 +94,45 @@ fn main() {
         ms,
     );
 
+    // The sm_90a kernel (wgmma + TMA), where the device runs it: the executor's default there.
+    let ms_wgmma = if mixffn_inverted_glu::sm90(&dev) {
+        let launches: Vec<_> = (0..sets)
+            .map(|s| {
+                let a = MixFfnArgs {
+                    x: xp(s),
+                    wi: wi.ptr(),
+                    bi: bi.ptr(),
+                    wd: wd.ptr(),
+                    bd: bd.ptr(),
+                    y: y.ptr(),
+                    batch,
+                    h,
+                    w,
+                    c,
+                    hidden,
+                };
+                mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&a).unwrap()
+            })
+            .collect();
+        let ms = time_ms(&dev, warmup, runs, sets, |i| {
+            // SAFETY: every buffer holds the shapes launched.
+            unsafe { enqueue(&dev, std::slice::from_ref(&launches[i % sets])) }
+        })
+        .unwrap();
+        r.add_flops(
+            "mixffn_inverted_glu_wgmma",
+            label,
+            &[batch, h, w, c, hidden],
+            flops,
+            io,
+            ms,
+        );
+        Some(ms)
+    } else {
+        println!("mixffn_inverted_glu_wgmma: skipped: not an sm_90a device");
+        None
+    };
+
     // The two-op path: the GEMM's 2H-wide output is written and read back.
     let blas = dev.blas().expect("cuBLASLt");
     let gemms: Vec<LinearGemm> = (0..sets)
@@ -141,7 +181,13 @@ fn main() {
         io + 2 * rows * 2 * hidden * es,
         ms2,
     );
-    println!("fused / two-op time: {:.3}", ms / ms2);
+    println!("fused (mma.sync) / two-op time: {:.3}", ms / ms2);
+    if let Some(t) = ms_wgmma {
+        println!(
+            "fused (wgmma) / two-op time: {:.3} (the executor keeps the faster per shape)",
+            t / ms2
+        );
+    }
 
     // The two ops of that path alone, to tell which one holds the time: the GEMM (rotating its
     // input), then the depthwise GLU on the GEMM's output (2H-wide, larger than L2 at the real shape).

@@ -35,6 +35,16 @@
 // The emulated ldmatrix fails a launch whose 8x8 matrix rows hit a shared-memory bank twice.
 #define OU_LDMATRIX_BANK_CHECK 1
 #include "mma.cuh"
+#include "mbarrier.cuh"
+#include "sm90.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+#if defined(OPENUNI_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define OU_MIXFFN_SM90 1
+#else
+#define OU_MIXFFN_SM90 0
+#endif
 
 namespace ou {
 
@@ -61,6 +71,39 @@ union MfSmem {
 static_assert(sizeof(MfSmem) == MF_SMEM, "conv_geometry.cuh's MF_SMEM is the launcher's dynamic shared memory");
 
 __device__ __forceinline__ float mf_silu(float v) { return v / (1.f + expf(-v)); }
+
+// The last step of both kernels: the depthwise 3x3 conv of both GLU halves from the activated GEMM
+// tile `act` (f32, row m = token (lo rows above) of the image, `ld` floats a row; columns j < MF_HC
+// the u channels c0 + j, MF_HC + j their gates; zero padding at the image's edges), then
+// u * silu(g), written as bf16 to output rows [r0, r1) of image blockIdx.z. `nthreads` threads,
+// this one `tid`; one (token, channel) per thread and step, consecutive threads on consecutive
+// channels (consecutive shared words and output bytes).
+__device__ __forceinline__ void mf_depthwise_glu(const float* act, int ld, const float (*Wdw)[MF_COLS], const float* Bd,
+                                                 bf16* __restrict__ y, int tid, int nthreads, int h, int wdt, int hidden,
+                                                 int c0, int r0, int r1, int lo) {
+    const int j = tid % MF_HC, ch = c0 + j;
+    if (ch >= hidden) return;  // no barrier follows
+    const int outs = (r1 - r0) * wdt;
+    bf16* yb = y + (i64)blockIdx.z * h * wdt * hidden;
+    for (int p = tid / MF_HC; p < outs; p += nthreads / MF_HC) {
+        const int oy = r0 + p / wdt, ox = p % wdt;
+        float u = Bd[j], gt = Bd[j + MF_HC];
+#pragma unroll
+        for (int dy = 0; dy < 3; ++dy) {
+            const int iy = oy + dy - 1;
+            if (iy < 0 || iy >= h) continue;
+#pragma unroll
+            for (int dx = 0; dx < 3; ++dx) {
+                const int ix = ox + dx - 1;
+                if (ix < 0 || ix >= wdt) continue;
+                const float* s = act + (i64)((iy - lo) * wdt + ix) * ld;
+                u += Wdw[dy * 3 + dx][j] * s[j];
+                gt += Wdw[dy * 3 + dx][j + MF_HC] * s[j + MF_HC];
+            }
+        }
+        yb[((i64)oy * wdt + ox) * hidden + ch] = from_f32<bf16>(u * mf_silu(gt));
+    }
+}
 
 __device__ __forceinline__ void mixffn_inverted_glu(const bf16* __restrict__ x, const bf16* __restrict__ wi,
                                                     const bf16* __restrict__ bi, const bf16* __restrict__ wd,
@@ -170,30 +213,159 @@ __device__ __forceinline__ void mixffn_inverted_glu(const bf16* __restrict__ x, 
             }
     __syncthreads();
 
-    // 3. depthwise 3x3 + GLU, one (token, channel) per thread and step.
-    const int j = tid % MF_HC, ch = c0 + j;
-    if (ch >= hidden) return;  // no barrier follows
-    const int outs = (r1 - r0) * wdt;
-    bf16* yb = y + (i64)blockIdx.z * h * wdt * hidden;
-    for (int p = tid / MF_HC; p < outs; p += MF_THREADS / MF_HC) {
-        const int oy = r0 + p / wdt, ox = p % wdt;
-        float u = Bd[j], gt = Bd[j + MF_HC];
+    // 3. depthwise 3x3 + GLU.
+    mf_depthwise_glu(&sm.act[0][0], MF_SLD, Wdw, Bd, y, tid, MF_THREADS, h, wdt, hidden, c0, r0, r1, lo);
+}
+
+
+// ---- sm_90a: the same block on wgmma, fed by TMA (mixffn_inverted_glu_bf16_wgmma) ----
+//
+// The block (one image of at most MF_M tokens, MF_HC channels: 256 x 128 GEMM tile) and the epilogue
+// are those of the kernel above; the GEMM is conv_sm90.cu's pipeline (docs/hopper.md): warpgroup 0
+// is the producer (setmaxnreg.dec to 40; one thread issues the TMA boxes of a stage after waiting on
+// its `empty` barrier), warpgroups 1 and 2 the consumers (setmaxnreg.inc to 232), consumer c owning
+// tokens 128c .. 128c + 127 as two m64 blocks x 128 columns (128 f32 accumulators a thread). A stage
+// is k = 64 input channels: consumer c's A box (x [B, hw, C] as a 3D map, box 64 x 128 x 1: tokens
+// past the image are the TMA's zero fill) and the B tile, two boxes of the weight [2H, C] (box 64 x
+// 64): rows c0 .. c0 + 63 (u) and H + c0 .. (gates), each 64 rows of 128 bytes, so the two land as
+// one 128-row K-major operand (the 128B swizzle repeats every 8 rows). Columns of channels >= H are
+// computed from whatever rows the boxes hold (zero fill or gate rows) and never written.
+// After the mainloop the consumers meet on an mbarrier (both must be done reading every stage), store
+// silu(bf16(acc + bias)) as f32 over the stages ([token][MF90_LD]: the float2 stores of a half-warp
+// fall in 32 distinct banks), meet again, and run mf_depthwise_glu.
+
+constexpr int MF90_CONSUMERS = 2;
+constexpr int MF90_ROWS = MF_M / MF90_CONSUMERS;                    // tokens of one consumer: 2 x m64
+constexpr unsigned MF90_A_BYTES = MF90_ROWS * MF90_CHUNK * 2;       // 16 KiB
+constexpr unsigned MF90_B_HALF = MF_HC * MF90_CHUNK * 2;            // one weight box: 8 KiB
+constexpr unsigned MF90_STAGE_BYTES = MF90_CONSUMERS * MF90_A_BYTES + 2 * MF90_B_HALF;
+constexpr int MF90_LD = MF_COLS + 8;                                // f32 per row of the activated tile
+static_assert(MF90_THREADS == 128 * (1 + MF90_CONSUMERS), "one producer and two consumer warpgroups");
+static_assert(MF90_CHUNK * 2 == 128, "a stage's k extent is one 128-byte swizzle line");
+static_assert(MF90_ROWS == 128 && MF_COLS == 128, "a consumer issues 2 x m64n128 per k16 step");
+static_assert(MF90_B_HALF % 1024 == 0, "the gate box starts on a swizzle-pattern boundary");
+static_assert(MF90_SMEM == 1024 + MF90_STAGES * MF90_STAGE_BYTES + 128, "MF90_SMEM: slack + stages + barriers");
+static_assert(MF_M * MF90_LD * 4 <= MF90_STAGES * (int)MF90_STAGE_BYTES, "the activated tile fits over the stages");
+static_assert((2 * MF90_STAGES + 2) * 8 <= 128, "the barriers fit their 128 bytes");
+
+#if OU_MIXFFN_SM90
+__device__ __forceinline__ void mixffn_inverted_glu_sm90(unsigned char* dyn_smem, const TensorMap& map_x,
+                                                         const TensorMap& map_w, const bf16* __restrict__ bi,
+                                                         const bf16* __restrict__ wd, const bf16* __restrict__ bd,
+                                                         bf16* __restrict__ y, int h, int wdt, int c, int hidden) {
+    // Stages on a 1024-byte boundary (the 128B swizzle pattern; descriptors say base offset 0).
+    unsigned char* sm = dyn_smem + ((1024u - smem_addr(dyn_smem) % 1024u) % 1024u);
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(sm + MF90_STAGES * MF90_STAGE_BYTES);
+    unsigned long long* empty = full + MF90_STAGES;
+    unsigned long long* met = empty + MF90_STAGES;  // [0]: mainloops done; [1]: tile stored
+    auto a_stage = [&](int s, int cn) { return sm + s * MF90_STAGE_BYTES + cn * MF90_A_BYTES; };
+    auto b_stage = [&](int s) { return sm + s * MF90_STAGE_BYTES + MF90_CONSUMERS * MF90_A_BYTES; };
+    __shared__ float Wdw[9][MF_COLS];
+    __shared__ float Bi[MF_COLS], Bd[MF_COLS];
+
+    const int c0 = blockIdx.x * MF_HC, b = blockIdx.z;
+    const int iters = (c + MF90_CHUNK - 1) / MF90_CHUNK;
+    const int tid = threadIdx.x, wg = tid / 128, t = tid % 128;
+    for (int i = tid; i < 9 * MF_COLS; i += MF90_THREADS) {
+        const int tap = i / MF_COLS, j = i % MF_COLS, cl = c0 + j % MF_HC;
+        const i64 ch = (j < MF_HC ? 0 : hidden) + cl;
+        Wdw[tap][j] = cl < hidden ? to_f32(wd[ch * 9 + tap]) : 0.f;
+    }
+    for (int j = tid; j < MF_COLS; j += MF90_THREADS) {
+        const int cl = c0 + j % MF_HC;
+        const i64 ch = (j < MF_HC ? 0 : hidden) + cl;
+        Bi[j] = cl < hidden && bi ? to_f32(bi[ch]) : 0.f;
+        Bd[j] = cl < hidden && bd ? to_f32(bd[ch]) : 0.f;
+    }
+    if (tid == 0) {
+        tma_prefetch_map(map_x);
+        tma_prefetch_map(map_w);
+        for (int s = 0; s < MF90_STAGES; ++s) {
+            mbarrier_init(&full[s], 1);                      // the producer's arrive.expect_tx; then the bytes
+            mbarrier_init(&empty[s], 128 * MF90_CONSUMERS);  // every consumer thread, after its wgmma reads
+        }
+        mbarrier_init(&met[0], 128 * MF90_CONSUMERS);
+        mbarrier_init(&met[1], 128 * MF90_CONSUMERS);
+        mbarrier_init_fence();
+    }
+    __syncthreads();  // the only block-wide barrier: the producer leaves early
+
+    if (wg == 0) {
+        setmaxnreg_dec<40>();
+        if (t != 0) return;
+        for (int it = 0; it < iters; ++it) {
+            const int s = it % MF90_STAGES, k0 = it * MF90_CHUNK;
+            mbarrier_wait_parity(&empty[s], ((unsigned)(it / MF90_STAGES) & 1u) ^ 1u);  // fresh: passes at once
+            mbarrier_arrive_expect_tx(&full[s], MF90_STAGE_BYTES);
 #pragma unroll
-        for (int dy = 0; dy < 3; ++dy) {
-            const int iy = oy + dy - 1;
-            if (iy < 0 || iy >= h) continue;
+            for (int cn = 0; cn < MF90_CONSUMERS; ++cn) tma_load_3d(a_stage(s, cn), map_x, &full[s], k0, cn * MF90_ROWS, b);
+            tma_load_2d(b_stage(s), map_w, &full[s], k0, c0);
+            tma_load_2d(b_stage(s) + MF90_B_HALF, map_w, &full[s], k0, hidden + c0);
+        }
+        return;
+    }
+
+    setmaxnreg_inc<232>();
+    const int cn = wg - 1;
+    float acc[2][MF_COLS / 2];
+    for (int it = 0; it < iters; ++it) {
+        const int s = it % MF90_STAGES;
+        mbarrier_wait_parity(&full[s], (unsigned)(it / MF90_STAGES) & 1u);
+        wgmma_fence_operand(acc[0]);
+        wgmma_fence_operand(acc[1]);
+        wgmma_fence();
 #pragma unroll
-            for (int dx = 0; dx < 3; ++dx) {
-                const int ix = ox + dx - 1;
-                if (ix < 0 || ix >= wdt) continue;
-                const float* s = sm.act[(iy - lo) * wdt + ix];
-                u += Wdw[dy * 3 + dx][j] * s[j];
-                gt += Wdw[dy * 3 + dx][j + MF_HC] * s[j + MF_HC];
+        for (int k = 0; k < MF90_CHUNK / 16; ++k) {
+            const unsigned long long db = wgmma_desc(b_stage(s) + 32 * k, 16, 1024, Swizzle::b128);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const unsigned long long da = wgmma_desc(a_stage(s, cn) + i * (MF90_A_BYTES / 2) + 32 * k, 16, 1024, Swizzle::b128);
+                wgmma_mma_ss<MF_COLS, 0, 0>(acc[i], da, db, it > 0 || k > 0);
             }
         }
-        yb[((i64)oy * wdt + ox) * hidden + ch] = from_f32<bf16>(u * mf_silu(gt));
+        wgmma_commit_group();
+        wgmma_wait_group<1>();  // the previous stage's group is complete: release that stage
+        wgmma_fence_operand(acc[0]);
+        wgmma_fence_operand(acc[1]);
+        if (it > 0) mbarrier_arrive(&empty[(it - 1) % MF90_STAGES]);
     }
+    wgmma_wait_group<0>();
+    wgmma_fence_operand(acc[0]);
+    wgmma_fence_operand(acc[1]);
+
+    // Both consumers' wgmma have read every stage: the stages become the activated tile.
+    mbarrier_arrive(&met[0]);
+    mbarrier_wait_parity(&met[0], 0);
+    fence_proxy_async();
+    float* act = reinterpret_cast<float*>(sm);
+    // Accumulator register 4j + r of m64 block i: token 16 warp + g + 8 (r / 2) of the block, column
+    // 8j + 2tq + (r % 2). Stored as they are (the only loop unrolled over the accumulators: its code
+    // runs once per block from a cold instruction cache, as conv_sm90.cuh's epilogue explains), then
+    // each thread turns its own values into what the unfused GEMM stores (bias added, rounded to
+    // bf16), then SiLU, in a rolled loop.
+    const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+    auto at = [&](int i, int half, int jn) {
+        return act + (cn * MF90_ROWS + 64 * i + 16 * warp + g + 8 * half) * MF90_LD + 8 * jn + 2 * tq;
+    };
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int jn = 0; jn < MF_COLS / 8; ++jn)
+                *reinterpret_cast<float2*>(at(i, half, jn)) = make_float2(acc[i][4 * jn + 2 * half], acc[i][4 * jn + 2 * half + 1]);
+#pragma unroll 1
+    for (int q = 0; q < 4 * (MF_COLS / 8); ++q) {
+        const int i = q / (2 * (MF_COLS / 8)), half = q / (MF_COLS / 8) % 2, jn = q % (MF_COLS / 8), j = 8 * jn + 2 * tq;
+        float2* v = reinterpret_cast<float2*>(at(i, half, jn));
+        const float2 r = *v;
+        *v = make_float2(mf_silu(to_f32(from_f32<bf16>(r.x + Bi[j]))), mf_silu(to_f32(from_f32<bf16>(r.y + Bi[j + 1]))));
+    }
+    mbarrier_arrive(&met[1]);
+    mbarrier_wait_parity(&met[1], 0);
+    mf_depthwise_glu(act, MF90_LD, Wdw, Bd, y, tid - 128, 128 * MF90_CONSUMERS, h, wdt, hidden, c0, 0, h, 0);
 }
+#endif
 
 }  // namespace ou
 
@@ -203,4 +375,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) mixffn_inverted_glu_bf16(co
                                                                            const bf16* wd, const bf16* bd, bf16* y, int h,
                                                                            int wdt, int c, int hidden, int band) {
     ou::mixffn_inverted_glu(x, wi, bi, wd, bd, y, h, wdt, c, hidden, band);
+}
+
+extern "C" __launch_bounds__(384, 1) __global__ void mixffn_inverted_glu_bf16_wgmma(const __grid_constant__ ou::TensorMap map_x, const __grid_constant__ ou::TensorMap map_w, const bf16* bi, const bf16* wd, const bf16* bd, bf16* y, int h, int wdt, int c, int hidden) {
+#if OU_MIXFFN_SM90
+    extern __shared__ __align__(1024) unsigned char ou_mixffn_sm90_smem[];
+    ou::mixffn_inverted_glu_sm90(ou_mixffn_sm90_smem, map_x, map_w, bi, wd, bd, y, h, wdt, c, hidden);
+#else
+    __trap();  // not sm_90a: the launcher never selects this kernel
+#endif
 }

@@ -4,11 +4,13 @@
 //! graphs; and the launcher's selection and refusals.
 //!
 //! Shapes: C 8, 16, 24 and 40 (a k tail after the 32-wide stage), hidden 5 to 70 (not multiples
-//! of the 64-channel slice; 70: two slices), 1 to 3 images, 4×4, 16×16 (256 tokens: one block per image), 5×7
-//! (non-square) through the executor: with `OPENUNI_MIXFFN=fused`, bf16 storage with C % 8 == 0 and
-//! the whole latent in one block runs the fused kernel; by default, f32 storage, C = 12 and 12×32 (384 tokens) run the two-op path (cuBLASLt GEMM
-//! into a workspace, then the depthwise GLU), tested the same way; the kernel's halo bands
-//! (12×32, 7×80) launched directly. Tolerances
+//! of the 64-channel slice; 70: two slices), 1 to 3 images, 4×4, 16×16 (256 tokens: one block per
+//! image), 5×7 (non-square) through the executor on every path `select` can take: `auto` (the
+//! emulated GPU is sm_90a: the wgmma kernel where it applies), `OPENUNI_MIXFFN=two-op`, and
+//! `OPENUNI_MIXFFN=fused` with `OPENUNI_KERNELS=mma` (the mma.sync kernel); f32 storage, C = 12 and
+//! 12×32 (384 tokens) run the two-op path (cuBLASLt GEMM into a workspace, then the depthwise GLU).
+//! The mma.sync kernel's halo bands (12×32, 7×80) and the wgmma kernel at more k stages than its
+//! ring (C up to 328: 6 stages, a k tail) are launched directly. Tolerances
 //! (openuni_cuda::testing::check): f32 relative L2 <= 1e-5; bf16 <= 2x the error of a plain bf16
 //! run of the same computation (the twin on inputs rounded to bf16, its GEMM output rounded to
 //! bf16 as a bf16 GEMM stores it). Without a CUDA device every test prints `skipped: no CUDA device`.
@@ -17,7 +19,9 @@ use std::collections::HashMap;
 
 use openuni_cpu::ops as cpu;
 use openuni_cuda::families::enqueue;
-use openuni_cuda::families::mixffn_inverted_glu::{self, MixFfnArgs, MF_HC, MF_M};
+use openuni_cuda::families::mixffn_inverted_glu::{
+    self, MixFfnArgs, Path, MF90_THREADS, MF_HC, MF_M,
+};
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::CudaExecutor;
 use openuni_graph::GraphBuilder;
@@ -110,23 +114,31 @@ fn mixffn_inverted_glu_matches_cpu() {
             weights.insert("bd".into(), tensor(&[c2], bd.clone()));
         }
         let inputs = HashMap::from([("x".to_string(), tensor(&[b, h * w, c], x.clone()))]);
-        // Both selections: the default two-op path and the opted-in fused kernel (this is the only
-        // test of this binary that reads or sets OPENUNI_MIXFFN; the others launch directly).
-        for (dtype, opt_in) in [
-            (DType::F32, false),
-            (DType::BF16, false),
-            (DType::BF16, true),
+        // Every selection (this is the only test of this binary that reads or sets OPENUNI_MIXFFN
+        // or OPENUNI_KERNELS; the others launch directly).
+        for (dtype, request, kernels) in [
+            (DType::F32, "auto", ""),
+            (DType::BF16, "two-op", ""),
+            (DType::BF16, "auto", ""),
+            (DType::BF16, "fused", "mma"),
         ] {
-            if opt_in {
-                std::env::set_var("OPENUNI_MIXFFN", "fused");
-            } else {
-                std::env::remove_var("OPENUNI_MIXFFN");
-            }
-            let fused = mixffn_inverted_glu::fused_band(dtype, c, h, w).is_some();
-            assert_eq!(
-                fused,
-                opt_in && mixffn_inverted_glu::fused_band_applies(dtype, c, h, w).is_some()
+            std::env::set_var("OPENUNI_MIXFFN", request);
+            std::env::set_var("OPENUNI_KERNELS", kernels);
+            let path = mixffn_inverted_glu::select(
+                mixffn_inverted_glu::request(),
+                mixffn_inverted_glu::sm90(&dev),
+                dtype,
+                c,
+                h,
+                w,
             );
+            let applies = mixffn_inverted_glu::fused_band_applies(dtype, c, h, w).is_some();
+            let expected = match (applies, request, kernels) {
+                (false, _, _) | (_, "two-op", _) => Path::TwoOp,
+                (true, "fused", "mma") => Path::Fused(h),
+                _ => Path::Wgmma,
+            };
+            assert_eq!(path, expected, "the emulated GPU is sm_90a");
             let mut ex = CudaExecutor::new(&dev, &g, &weights, dtype, false).unwrap();
             let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
             let r = |v: &[f32]| round_to(dtype, v);
@@ -138,9 +150,10 @@ fn mixffn_inverted_glu_matches_cpu() {
                 &r(&bd),
                 dtype == DType::BF16,
             );
-            let what = format!("mixffn_inverted_glu {dtype} [{b}, {h}x{w}, {c}] -> {hidden} biases={biases} fused={fused}");
+            let what = format!("mixffn_inverted_glu {dtype} [{b}, {h}x{w}, {c}] -> {hidden} biases={biases} {path:?}");
             check(&what, dtype, &got, &want, &base);
         }
+        std::env::remove_var("OPENUNI_KERNELS");
         std::env::remove_var("OPENUNI_MIXFFN");
     }
 }
@@ -220,6 +233,149 @@ fn mixffn_inverted_glu_bands_match_cpu() {
             &base,
         );
     }
+}
+
+/// The sm_90a kernel launched directly (bf16 buffers; the emulated GPU runs wgmma, TMA and
+/// mbarriers as specified, docs/hopper.md): more k stages than the 4-deep ring (C 264 and 328: 5 and
+/// 6 stages, 328 with a k tail of 8 channels), fewer than one (C 8), hidden not a multiple of the
+/// 64-channel slice (the last slice's u box then holds gate rows: computed, never written), no biases,
+/// latents of 16 and 35 tokens (the second consumer's box all zero fill) and 16×16 (both full).
+#[test]
+fn mixffn_inverted_glu_wgmma_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(90);
+    for &(b, h, w, c, hidden, biases) in &[
+        (2, 4, 4, 264, 70, true),
+        (1, 16, 16, 328, 20, true),
+        (3, 5, 7, 8, 5, false),
+        (1, 11, 13, 40, 64, true),
+    ] {
+        let (rows, c2) = (b * h * w, 2 * hidden);
+        let x = rng.normals(rows * c, 0.0, 1.0);
+        let (wi, bi) = (
+            rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()),
+            rng.normals(c2, 0.0, 0.3),
+        );
+        let (wd, bd) = (rng.normals(c2 * 9, 0.0, 0.4), rng.normals(c2, 0.0, 0.3));
+        let (bio, bdo) = (biases.then_some(&bi[..]), biases.then_some(&bd[..]));
+        let mut want = vec![0.0; rows * hidden];
+        cpu::mixffn_inverted_glu(&x, &wi, bio, &wd, bdo, b, h, w, c, c2, &mut want);
+        let r = |v: &[f32]| round_to(DType::BF16, v);
+        let mut inv = vec![0.0; rows * c2];
+        cpu::linear(
+            &r(&x),
+            &r(&wi),
+            biases.then(|| r(&bi)).as_deref(),
+            rows,
+            c,
+            c2,
+            &mut inv,
+        );
+        let mut base = vec![0.0; rows * hidden];
+        cpu::silu_depthwise_conv_glu(
+            &r(&inv),
+            &r(&wd),
+            biases.then(|| r(&bd)).as_deref(),
+            b,
+            h,
+            w,
+            c2,
+            3,
+            &mut base,
+        );
+
+        let bits = |v: &[f32]| {
+            v.iter()
+                .map(|&f| half::bf16::from_f32(f).to_bits())
+                .collect::<Vec<u16>>()
+        };
+        let up = |v: &[f32]| dev.upload(&bits(v)).unwrap();
+        let (xd, wid, bid, wdd, bdd) = (up(&x), up(&wi), up(&bi), up(&wd), up(&bd));
+        let y = dev.alloc(rows * hidden * 2).unwrap();
+        let (bip, bdp) = if biases {
+            (bid.ptr(), bdd.ptr())
+        } else {
+            (0, 0)
+        };
+        let a = MixFfnArgs {
+            x: xd.ptr(),
+            wi: wid.ptr(),
+            bi: bip,
+            wd: wdd.ptr(),
+            bd: bdp,
+            y: y.ptr(),
+            batch: b,
+            h,
+            w,
+            c,
+            hidden,
+        };
+        let l = mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&a).unwrap();
+        assert_eq!(
+            (l.grid, l.block.0 as usize),
+            ((hidden.div_ceil(MF_HC) as u32, 1, b as u32), MF90_THREADS)
+        );
+        // SAFETY: every buffer holds the shapes launched.
+        unsafe { enqueue(&dev, &[l]).unwrap() };
+        dev.synchronize().unwrap();
+        let mut out = vec![0u16; rows * hidden];
+        dev.copy_to_host(y.ptr(), &mut out).unwrap();
+        let got: Vec<f32> = out
+            .iter()
+            .map(|&u| half::bf16::from_bits(u).to_f32())
+            .collect();
+        check(
+            &format!(
+                "mixffn_inverted_glu_bf16_wgmma [{b}, {h}x{w}, {c}] -> {hidden} biases={biases}"
+            ),
+            DType::BF16,
+            &got,
+            &want,
+            &base,
+        );
+    }
+}
+
+/// The sm_90a launcher refuses what its kernel does not compute, naming it (no device needed).
+#[test]
+fn mixffn_inverted_glu_wgmma_launcher_refuses_what_it_does_not_compute() {
+    let a = MixFfnArgs {
+        x: 256,
+        wi: 512,
+        bi: 0,
+        wd: 0,
+        bd: 0,
+        y: 0,
+        batch: 2,
+        h: 16,
+        w: 16,
+        c: 1152,
+        hidden: 2880,
+    };
+    let l = mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&a).unwrap();
+    assert_eq!(
+        l.grid,
+        (2880usize.div_ceil(MF_HC) as u32, 1, 2),
+        "one block per image and MF_HC hidden channels"
+    );
+    let e = mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&MixFfnArgs { h: 32, w: 32, ..a })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("32x32 latent") && e.contains(&format!("at most {MF_M} tokens")),
+        "{e}"
+    );
+    let e = mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&MixFfnArgs { c: 12, ..a })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("12 channels") && e.contains("C % 8 == 0"), "{e}");
+    let e = mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&MixFfnArgs { wi: 520, ..a })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("conv_inverted weight at 0x208 is not 16-byte aligned"),
+        "{e}"
+    );
 }
 
 /// The fused launcher refuses what the kernel does not compute, naming it (no device needed).

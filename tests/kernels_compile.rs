@@ -90,9 +90,13 @@ fn code_bytes(cubin: &[u8]) -> std::collections::HashMap<String, u64> {
 /// unrolled over the accumulators (12,128 instructions in all) made "no instruction" their top stall
 /// (docs/gpu-results.md run 6); staged through shared memory they are about 1,000.
 fn code_budget(kernel: &str) -> Option<u64> {
-    ["conv2d_bf16_wgmma", "upsample_conv2d_bf16_wgmma"]
-        .contains(&kernel)
-        .then_some(2048)
+    [
+        "conv2d_bf16_wgmma",
+        "upsample_conv2d_bf16_wgmma",
+        "mixffn_inverted_glu_bf16_wgmma",
+    ]
+    .contains(&kernel)
+    .then_some(2048)
 }
 
 /// 32-bit registers of an sm_90 SM (and the most one block may use).
@@ -128,6 +132,10 @@ fn setmaxnreg_share(kernel: &str) -> Option<usize> {
     } else if ["conv2d_bf16_wgmma", "upsample_conv2d_bf16_wgmma"].contains(&kernel) {
         Some(one_block_per_sm(
             openuni_cuda::families::conv_sm90::geometry::C90_THREADS,
+        ))
+    } else if kernel == "mixffn_inverted_glu_bf16_wgmma" {
+        Some(one_block_per_sm(
+            openuni_cuda::families::mixffn_inverted_glu::MF90_THREADS,
         ))
     } else {
         None

@@ -27,5 +27,9 @@ constexpr int GL_COLS = 32;       // grouped_linear: outputs per block
 constexpr int MF_M = 256;         // mixffn_inverted_glu (kernels/mixffn_inverted_glu.cu): GEMM rows (tokens) per block
 constexpr int MF_HC = 64;         // mixffn_inverted_glu: hidden channels per block (2x as many GEMM columns)
 constexpr int MF_SMEM = 132096;   // mixffn_inverted_glu: dynamic shared memory, sizeof(MfSmem) (checked there)
+constexpr int MF90_CHUNK = 64;    // mixffn_inverted_glu_bf16_wgmma (sm_90a): k per TMA stage (one 128-byte swizzled row)
+constexpr int MF90_STAGES = 4;    // mixffn_inverted_glu_bf16_wgmma: depth of the TMA -> wgmma ring
+constexpr int MF90_THREADS = 384; // mixffn_inverted_glu_bf16_wgmma: 1 producer + 2 consumer warpgroups
+constexpr int MF90_SMEM = 197760; // mixffn_inverted_glu_bf16_wgmma: 1024 alignment slack + 4 x 48 KiB stages + barriers
 
 }  // namespace ou

@@ -254,15 +254,27 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
         | Op::RepeatChannels { .. } => one,
         // Fused: one kernel; else the GEMM and the depthwise GLU (families::mixffn_inverted_glu).
         Op::MixFfnInvertedGlu { x, h, w, .. } => {
-            one * mixffn_inverted_glu::launch_count(dtype, g.shape(*x).last(), *h, *w)
+            one * mixffn_inverted_glu::launch_count(modelled_mixffn_path(
+                dtype,
+                g.shape(*x).last(),
+                *h,
+                *w,
+            ))
         }
     })
 }
 
-/// An `Op::MixFfnInvertedGlu` node the executor runs on its two-op path
-/// (families::mixffn_inverted_glu::fused_band: f32 storage, C % 8 != 0, or a latent larger than
-/// one block) as the two nodes it then is: the GEMM, which also writes the 2H-wide output, and
-/// the depthwise GLU, which reads it back. `None` for every other node (and a fused MixFFN).
+/// The MixFFN path of the modelled H100 / H200 (an sm_90a device, `OPENUNI_MIXFFN` as set):
+/// families::mixffn_inverted_glu::select before its first-use timing, which on a GPU keeps the
+/// sm_90a fused kernel only if it is faster than the two-op path.
+fn modelled_mixffn_path(dtype: DType, c: usize, h: usize, w: usize) -> mixffn_inverted_glu::Path {
+    mixffn_inverted_glu::select(mixffn_inverted_glu::request(), true, dtype, c, h, w)
+}
+
+/// An `Op::MixFfnInvertedGlu` node the modelled device runs on its two-op path
+/// ([`modelled_mixffn_path`]: f32 storage, C % 8 != 0, a latent larger than one block, or
+/// `OPENUNI_MIXFFN=two-op`) as the two nodes it then is: the GEMM, which also writes the 2H-wide
+/// output, and the depthwise GLU, which reads it back. `None` for every other node (and a fused MixFFN).
 fn unfused_mixffn_parts(g: &Graph, node: &Node, dtype: DType) -> Option<[Cost; 2]> {
     let Op::MixFfnInvertedGlu {
         x,
@@ -277,7 +289,7 @@ fn unfused_mixffn_parts(g: &Graph, node: &Node, dtype: DType) -> Option<[Cost; 2
         return None;
     };
     let xs = g.shape(*x);
-    if mixffn_inverted_glu::fused_band(dtype, xs.last(), *h, *w).is_some() {
+    if modelled_mixffn_path(dtype, xs.last(), *h, *w) != mixffn_inverted_glu::Path::TwoOp {
         return None;
     }
     let numel = |id: &ValueId| g.shape(*id).numel() as f64;

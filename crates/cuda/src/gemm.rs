@@ -111,6 +111,16 @@ impl Blas {
         self.choices.path()
     }
 
+    /// The device and library versions that a cached choice was made on (part of every key).
+    pub(crate) fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// The per-shape choices kept on disk (also the MixFFN's path choice, families::mixffn_inverted_glu).
+    pub(crate) fn choices(&self) -> &AlgoCache {
+        &self.choices
+    }
+
     pub fn workspace_bytes(&self) -> usize {
         self.workspace.bytes()
     }
