@@ -18,10 +18,13 @@
 use std::collections::HashMap;
 
 use openuni_cpu::ops as cpu;
-use openuni_cuda::families::enqueue;
+use openuni_cuda::families::conv::depthwise_conv3_glu;
 use openuni_cuda::families::mixffn_inverted_glu::{
     self, MixFfnArgs, Path, MF90_THREADS, MF_HC, MF_M,
 };
+use openuni_cuda::families::{enqueue, Step};
+use openuni_cuda::gemm::{Epilogue, LinearArgs, LinearGemm};
+use openuni_cuda::gemm_cache::AlgoCache;
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
 use openuni_cuda::CudaExecutor;
 use openuni_graph::GraphBuilder;
@@ -334,6 +337,105 @@ fn mixffn_inverted_glu_wgmma_matches_cpu() {
             &base,
         );
     }
+}
+
+/// The executor's `auto` choice on a GPU (`timed_choice`, exercised here on the emulated GPU, whose
+/// events time the CPU): with nothing cached both paths are timed and the choice is written to the
+/// cache file; a cached choice is returned as it is, without timing, also from a new process's view
+/// of the file.
+#[test]
+fn mixffn_inverted_glu_timed_choice_is_cached() {
+    let Some(dev) = device_or_skip() else { return };
+    let (b, h, w, c, hidden) = (1, 4, 4, 16, 8);
+    let mut rng = Rng::new(7);
+    let bits = |v: &[f32]| {
+        v.iter()
+            .map(|&f| half::bf16::from_f32(f).to_bits())
+            .collect::<Vec<u16>>()
+    };
+    let mut up = |n: usize| dev.upload(&bits(&rng.normals(n, 0.0, 0.5))).unwrap();
+    let (xd, wid, bid, wdd, bdd) = (
+        up(b * h * w * c),
+        up(2 * hidden * c),
+        up(2 * hidden),
+        up(2 * hidden * 9),
+        up(2 * hidden),
+    );
+    let (y, inverted) = (
+        dev.alloc(b * h * w * hidden * 2).unwrap(),
+        dev.alloc(b * h * w * 2 * hidden * 2).unwrap(),
+    );
+    let a = MixFfnArgs {
+        x: xd.ptr(),
+        wi: wid.ptr(),
+        bi: bid.ptr(),
+        wd: wdd.ptr(),
+        bd: bdd.ptr(),
+        y: y.ptr(),
+        batch: b,
+        h,
+        w,
+        c,
+        hidden,
+    };
+    let fused = Step::Launches(vec![
+        mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&a).unwrap()
+    ]);
+    let blas = dev.blas().unwrap();
+    let args = LinearArgs {
+        dtype: DType::BF16,
+        rows: b * h * w,
+        in_features: c,
+        out_features: 2 * hidden,
+        epilogue: Epilogue::Bias,
+        x: a.x,
+        w: a.wi,
+        bias: Some(a.bi),
+        y: inverted.ptr(),
+    };
+    let gemm = LinearGemm::new(&dev, &blas, &args).unwrap();
+    let dw = depthwise_conv3_glu(
+        DType::BF16,
+        inverted.ptr(),
+        a.wd,
+        a.bd,
+        a.y,
+        b,
+        h,
+        w,
+        hidden,
+        3,
+        true,
+    )
+    .unwrap();
+    let two_op = Step::GemmThen(gemm, blas.clone(), vec![dw]);
+
+    let path =
+        std::env::temp_dir().join(format!("openuni-mixffn-choice-{}.tsv", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let key = "test device mixffn_inverted_glu b1 4x4 c16 h8";
+    let cache = AlgoCache::at(Some(path.clone()));
+    let chose = mixffn_inverted_glu::timed_choice(&dev, &cache, key, &fused, &two_op).unwrap();
+    let text = std::fs::read_to_string(&path).expect("the choice was written");
+    assert!(
+        text.contains(&format!("{key}\t{}", chose as usize)),
+        "{text}"
+    );
+    // A cached choice is kept as it is, here the opposite of what the timing chose.
+    let reread = AlgoCache::at(Some(path.clone()));
+    reread.insert(key, (!chose) as usize);
+    assert_eq!(
+        mixffn_inverted_glu::timed_choice(
+            &dev,
+            &AlgoCache::at(Some(path.clone())),
+            key,
+            &fused,
+            &two_op
+        )
+        .unwrap(),
+        !chose
+    );
+    let _ = std::fs::remove_file(&path);
 }
 
 /// The sm_90a launcher refuses what its kernel does not compute, naming it (no device needed).

@@ -304,36 +304,37 @@ fn parse_messages(o: &Map<String, Value>, l: &ChatLimits) -> Result<Messages, Ap
                 format!("`{at}.{k}` is not supported (a message has `role` and `content`)"),
             ));
         }
-        let role =
-            match m.get("role").and_then(Value::as_str) {
-                Some(r @ ("system" | "developer")) if i == 0 => {
-                    if r == "system" {
-                        "system"
-                    } else {
-                        "developer"
-                    }
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some(r @ ("system" | "developer")) if i == 0 => {
+                if r == "system" {
+                    "system"
+                } else {
+                    "developer"
                 }
-                Some("system" | "developer") => {
-                    return Err(bad(
-                        format!("{at}.role"),
-                        format!("`{at}.role`: a system message may only come first"),
-                    ))
-                }
-                Some("user") => "user",
-                Some("assistant") => "assistant",
-                Some(r) => return Err(bad(
+            }
+            Some("system" | "developer") => {
+                return Err(bad(
+                    format!("{at}.role"),
+                    format!("`{at}.role`: a system message may only come first"),
+                ))
+            }
+            Some("user") => "user",
+            Some("assistant") => "assistant",
+            Some(r) => {
+                return Err(bad(
                     format!("{at}.role"),
                     format!(
                         "`{at}.role` is \"{r}\", expected \"system\", \"user\" or \"assistant\""
                     ),
-                )),
-                None => {
-                    return Err(bad(
-                        format!("{at}.role"),
-                        format!("`{at}.role` is missing or not a string"),
-                    ))
-                }
-            };
+                ))
+            }
+            None => {
+                return Err(bad(
+                    format!("{at}.role"),
+                    format!("`{at}.role` is missing or not a string"),
+                ))
+            }
+        };
         let (text, images) = parse_content(
             m.get("content"),
             &format!("{at}.content"),

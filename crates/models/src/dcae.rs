@@ -157,9 +157,11 @@ impl DcaeConfig {
                         "stage {i}: qkv multiscales {s:?} are not supported ([5] is)"
                     ))
                 }
-                (None, _) => return err(format!(
+                (None, _) => {
+                    return err(format!(
                     "stage {i}: block type `{t}` is not supported (ResBlock, EfficientViTBlock)"
-                )),
+                ))
+                }
             }
         }
         if self.decoder_in_shortcut

@@ -102,14 +102,15 @@ impl InternVlVisionConfig {
                 image_size = f as usize;
             }
         }
-        let norm_type =
-            match get_str(vc, "norm_type", "layer_norm").as_str() {
-                "layer_norm" => NormType::LayerNorm,
-                "rms_norm" => NormType::RmsNorm,
-                other => return Err(err(format!(
+        let norm_type = match get_str(vc, "norm_type", "layer_norm").as_str() {
+            "layer_norm" => NormType::LayerNorm,
+            "rms_norm" => NormType::RmsNorm,
+            other => {
+                return Err(err(format!(
                     "vision_config.norm_type `{other}` is not supported (layer_norm or rms_norm)"
-                ))),
-            };
+                )))
+            }
+        };
         let act = get_str(vc, "hidden_act", "gelu");
         if act != "gelu" {
             return Err(err(format!("vision_config.hidden_act `{act}` is not supported (InternViT uses gelu, exact erf)")));

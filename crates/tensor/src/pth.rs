@@ -1023,10 +1023,12 @@ impl<'a> Vm<'a> {
                         }
                     }
                 }
-                other => return self.err(format!(
+                other => {
+                    return self.err(format!(
                     "unsupported pickle opcode 0x{other:02x} ({}); torch.save does not write it",
                     opcode_name(other)
-                )),
+                ))
+                }
             }
         }
     }

@@ -378,17 +378,33 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
             let blas = ctx.dev.blas()?;
             let key = choice_key(&blas, &a, bias.is_some());
             let two_op = two_op_step(ctx, &a, bias.map(p), xs.rows())?;
-            let keep_fused = match blas.choices().get(&key) {
-                Some(i) => i == 1,
-                None => {
-                    let (tf, tt) = (time_step(ctx.dev, &fused)?, time_step(ctx.dev, &two_op)?);
-                    blas.choices().insert(&key, (tf < tt) as usize);
-                    tf < tt
-                }
-            };
-            Ok(if keep_fused { fused } else { two_op })
+            Ok(
+                if timed_choice(ctx.dev, blas.choices(), &key, &fused, &two_op)? {
+                    fused
+                } else {
+                    two_op
+                },
+            )
         }
     }
+}
+
+/// Whether the fused step is kept for `key`: the choice in `cache` if there is one, else both
+/// steps timed now ([`time_step`]) and the faster recorded (1: fused, 0: two-op). Both steps must
+/// be resolved against live buffers; they write only their output and workspace.
+pub fn timed_choice(
+    dev: &CudaDevice,
+    cache: &crate::gemm_cache::AlgoCache,
+    key: &str,
+    fused: &Step,
+    two_op: &Step,
+) -> Result<bool> {
+    if let Some(i) = cache.get(key) {
+        return Ok(i == 1);
+    }
+    let (tf, tt) = (time_step(dev, fused)?, time_step(dev, two_op)?);
+    cache.insert(key, (tf < tt) as usize);
+    Ok(tf < tt)
 }
 
 #[cfg(test)]
