@@ -25,7 +25,14 @@
 //      (it reuses the stages' memory; 256 x 129 f32 = MF_SMEM bytes, the largest part).
 //   3. The depthwise 3x3 conv of both halves from shared memory (zero padding at the image's
 //      edges), then u * silu(g), written as bf16: one thread per (token, channel).
-// Known next steps, to be measured on a GPU: the A tile is still reread from L2 by every channel
+//
+//   mixffn_inverted_glu_bf16_wgmma(map_x, map_w, bi, wd, bd, y, h, wd_, c, hidden)      sm_90a
+//       The same block (whole latents only: h*wd_ <= MF_M) with its GEMM on wgmma fed by TMA (the
+//       pipeline of conv_sm90.cu); grid (ceil(H / MF_HC), 1, B), MF90_THREADS threads, MF90_SMEM
+//       bytes of dynamic shared memory. Described at its definition below and in docs/hopper.md.
+//       On other architectures it compiles to a trap and is never selected.
+//
+// Known next steps of the mma.sync kernel, to be measured on a GPU: the A tile is still reread from L2 by every channel
 // slice (a 2-CTA cluster sharing it through distributed shared memory would halve that), 16-byte
 // output stores, the halo recompute at 32x32 (8 GEMM rows per 6 output rows).
 
@@ -71,6 +78,25 @@ union MfSmem {
 static_assert(sizeof(MfSmem) == MF_SMEM, "conv_geometry.cuh's MF_SMEM is the launcher's dynamic shared memory");
 
 __device__ __forceinline__ float mf_silu(float v) { return v / (1.f + expf(-v)); }
+
+// The block's per-column constants for the epilogue, from every one of `nthreads` threads: the
+// depthwise weights Wdw[tap][j], the GEMM bias Bi[j] and the depthwise bias Bd[j] of column j (channel
+// (j < MF_HC ? 0 : hidden) + c0 + j % MF_HC; zero for channels >= hidden and absent biases).
+__device__ __forceinline__ void mf_load_columns(float (*Wdw)[MF_COLS], float* Bi, float* Bd, const bf16* __restrict__ wd,
+                                                const bf16* __restrict__ bi, const bf16* __restrict__ bd, int c0,
+                                                int hidden, int tid, int nthreads) {
+    for (int i = tid; i < 9 * MF_COLS; i += nthreads) {
+        const int tap = i / MF_COLS, j = i % MF_COLS, cl = c0 + j % MF_HC;
+        const i64 ch = (j < MF_HC ? 0 : hidden) + cl;
+        Wdw[tap][j] = cl < hidden ? to_f32(wd[ch * 9 + tap]) : 0.f;
+    }
+    for (int j = tid; j < MF_COLS; j += nthreads) {
+        const int cl = c0 + j % MF_HC;
+        const i64 ch = (j < MF_HC ? 0 : hidden) + cl;
+        Bi[j] = cl < hidden && bi ? to_f32(bi[ch]) : 0.f;
+        Bd[j] = cl < hidden && bd ? to_f32(bd[ch]) : 0.f;
+    }
+}
 
 // The last step of both kernels: the depthwise 3x3 conv of both GLU halves from the activated GEMM
 // tile `act` (f32, row m = token (lo rows above) of the image, `ld` floats a row; columns j < MF_HC
@@ -123,17 +149,7 @@ __device__ __forceinline__ void mixffn_inverted_glu(const bf16* __restrict__ x, 
 
     // Column j of the tile is channel (j < MF_HC ? 0 : hidden) + c0 + j % MF_HC; it exists when
     // c0 + j % MF_HC < hidden (zero weights otherwise, never written).
-    for (int i = tid; i < 9 * MF_COLS; i += MF_THREADS) {
-        const int t = i / MF_COLS, j = i % MF_COLS, cl = c0 + j % MF_HC;
-        const i64 ch = (j < MF_HC ? 0 : hidden) + cl;
-        Wdw[t][j] = cl < hidden ? to_f32(wd[ch * 9 + t]) : 0.f;
-    }
-    for (int j = tid; j < MF_COLS; j += MF_THREADS) {
-        const int cl = c0 + j % MF_HC;
-        const i64 ch = (j < MF_HC ? 0 : hidden) + cl;
-        Bi[j] = cl < hidden && bi ? to_f32(bi[ch]) : 0.f;
-        Bd[j] = cl < hidden && bd ? to_f32(bd[ch]) : 0.f;
-    }
+    mf_load_columns(Wdw, Bi, Bd, wd, bi, bd, c0, hidden, tid, MF_THREADS);
 
     // One stage: rows x k0..k0+MF_KC of x and the block's columns of wi, zero outside.
     auto load = [&](int s, int k0) {
@@ -266,17 +282,7 @@ __device__ __forceinline__ void mixffn_inverted_glu_sm90(unsigned char* dyn_smem
     const int c0 = blockIdx.x * MF_HC, b = blockIdx.z;
     const int iters = (c + MF90_CHUNK - 1) / MF90_CHUNK;
     const int tid = threadIdx.x, wg = tid / 128, t = tid % 128;
-    for (int i = tid; i < 9 * MF_COLS; i += MF90_THREADS) {
-        const int tap = i / MF_COLS, j = i % MF_COLS, cl = c0 + j % MF_HC;
-        const i64 ch = (j < MF_HC ? 0 : hidden) + cl;
-        Wdw[tap][j] = cl < hidden ? to_f32(wd[ch * 9 + tap]) : 0.f;
-    }
-    for (int j = tid; j < MF_COLS; j += MF90_THREADS) {
-        const int cl = c0 + j % MF_HC;
-        const i64 ch = (j < MF_HC ? 0 : hidden) + cl;
-        Bi[j] = cl < hidden && bi ? to_f32(bi[ch]) : 0.f;
-        Bd[j] = cl < hidden && bd ? to_f32(bd[ch]) : 0.f;
-    }
+    mf_load_columns(Wdw, Bi, Bd, wd, bi, bd, c0, hidden, tid, MF90_THREADS);
     if (tid == 0) {
         tma_prefetch_map(map_x);
         tma_prefetch_map(map_w);

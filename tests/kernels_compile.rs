@@ -246,6 +246,12 @@ fn every_kernel_compiles_for_sm_90a() {
         openuni_cuda::families::conv_sm90::geometry::C90_SMEM,
         openuni_cuda::families::conv_sm90::geometry::C90_THREADS
     );
+    println!(
+        "mixffn_inverted_glu.cu: mixffn_inverted_glu_bf16_wgmma uses {} bytes of dynamic shared memory, {} threads; mixffn_inverted_glu_bf16 {} bytes, 256 threads",
+        openuni_cuda::families::mixffn_inverted_glu::MF90_SMEM,
+        openuni_cuda::families::mixffn_inverted_glu::MF90_THREADS,
+        openuni_cuda::families::mixffn_inverted_glu::MF_SMEM
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(total > 0, "no kernels compiled");
 }
