@@ -228,7 +228,7 @@ if [ "$PHASE" = profile ]; then
   run_tests ${GPU_PROFILE_TESTS:-}      # optional checks first, e.g. the kernels a profile is about
   run_benches ${GPU_PROFILE_BENCHES:-}
   if command -v ncu > /dev/null 2>&1; then
-    for t in ${GPU_NCU:-mixffn_inverted_glu:silu_depthwise_conv3_glu_bf16 norm_conv:rmsnorm_relu_conv2d_bf16 conv_sm90:conv2d_bf16_wgmma}; do
+    for t in ${GPU_NCU:-mixffn_inverted_glu:mixffn_inverted_glu_bf16_wgmma mixffn_inverted_glu:silu_depthwise_conv3_glu_bf16 norm_conv:rmsnorm_relu_conv2d_bf16 conv_sm90:conv2d_bf16_wgmma}; do
       b="${t%%:*}"; k="${t#*:}"
       run_step "ncu $k" "$WORK/ncu.log" 90 ncu --target-processes all --kernel-name "regex:^$k\$" --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \

@@ -350,17 +350,31 @@ inline float erfinvf(float y) {
   for (int i = 0; i < 2; i++) x -= (erf(x) - y) / (1.1283791670955126 * exp(-x * x));
   return (float)x;
 }
-inline int __float2int_rn(float x) { return (int)nearbyintf(x); }
-inline int __float2int_rz(float x) { return (int)x; }
-inline int __float2int_rd(float x) { return (int)floorf(x); }
-inline int __float2int_ru(float x) { return (int)ceilf(x); }
-inline unsigned __float2uint_rn(float x) { return (unsigned)nearbyintf(x); }
-inline unsigned __float2uint_rz(float x) { return (unsigned)x; }
-inline long long __float2ll_rn(float x) { return (long long)nearbyintf(x); }
+// Float -> integer as the GPU's cvt does it: "the result is clamped to the destination range by
+// default" (PTX ISA, cvt), and NaN gives 0 (NVIDIA's documented behaviour for cvt to integer as we
+// read it; not yet checked on our H200). A C++ cast of an out-of-range or NaN value is undefined (x86
+// gives INT_MIN). Plain casts in kernel code stay C++ casts here: our kernels clamp before casting.
+// `r` is already rounded to an integral value (or NaN, or infinite).
+namespace openuni_emu {
+template <typename I, typename F>
+inline I saturate_to(F r) {
+  if (r != r) return 0;
+  if (r <= (F)std::numeric_limits<I>::min()) return std::numeric_limits<I>::min();
+  if (r >= (F)std::numeric_limits<I>::max()) return std::numeric_limits<I>::max();  // max rounds up: exact at the edge
+  return (I)r;
+}
+}  // namespace openuni_emu
+inline int __float2int_rn(float x) { return openuni_emu::saturate_to<int>(nearbyintf(x)); }
+inline int __float2int_rz(float x) { return openuni_emu::saturate_to<int>(truncf(x)); }
+inline int __float2int_rd(float x) { return openuni_emu::saturate_to<int>(floorf(x)); }
+inline int __float2int_ru(float x) { return openuni_emu::saturate_to<int>(ceilf(x)); }
+inline unsigned __float2uint_rn(float x) { return openuni_emu::saturate_to<unsigned>(nearbyintf(x)); }
+inline unsigned __float2uint_rz(float x) { return openuni_emu::saturate_to<unsigned>(truncf(x)); }
+inline long long __float2ll_rn(float x) { return openuni_emu::saturate_to<long long>(nearbyintf(x)); }
 inline float __int2float_rn(int x) { return (float)x; }
 inline float __uint2float_rn(unsigned x) { return (float)x; }
 inline float __double2float_rn(double x) { return (float)x; }
-inline int __double2int_rn(double x) { return (int)nearbyint(x); }
+inline int __double2int_rn(double x) { return openuni_emu::saturate_to<int>(nearbyint(x)); }
 inline int __float_as_int(float x) { int r; std::memcpy(&r, &x, 4); return r; }
 inline unsigned __float_as_uint(float x) { unsigned r; std::memcpy(&r, &x, 4); return r; }
 inline float __int_as_float(int x) { float r; std::memcpy(&r, &x, 4); return r; }

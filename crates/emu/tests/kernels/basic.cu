@@ -84,3 +84,15 @@ extern "C" __global__ void emu_test_stale_shared(float* out) {
   __syncthreads();
   out[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
 }
+
+// Float -> integer intrinsics on values a C++ cast leaves undefined (NaN, out of range).
+extern "C" __global__ void emu_test_float2int(const float* x, int* rn, int* rz, int* rd, unsigned* urn, long long* llrn, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    rn[i] = __float2int_rn(x[i]);
+    rz[i] = __float2int_rz(x[i]);
+    rd[i] = __float2int_rd(x[i]);
+    urn[i] = __float2uint_rn(x[i]);
+    llrn[i] = __float2ll_rn(x[i]);
+  }
+}
