@@ -470,11 +470,9 @@ pub fn slug(prompt: &str) -> String {
 /// Standard-normal latent noise [1, 32, h, w] from `seed` (our own generator: not PyTorch's):
 /// what `generate` draws for that seed on any device ([`crate::pipeline::seeded_noise`]).
 pub fn noise(seed: u64, channels: usize, h: usize, w: usize) -> HostTensor {
-    HostTensor::from_f32(
-        [1, channels, h, w],
-        crate::pipeline::seeded_noise(seed, channels * h * w),
-    )
-    .expect("sized")
+    crate::pipeline::LatentNoise::seeded(vec![seed], channels, h, w)
+        .to_host()
+        .expect("sized")
 }
 
 pub struct Settings {

@@ -332,24 +332,102 @@ fn float_to_int_saturates() {
     if !need_kernels() {
         return;
     }
-    let x = [2.5f32, -2.5, 3.7, -3.7, 1e10, -1e10, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 2147483520.0, -2147483648.0, 4294967040.0, 1e20];
+    let x = [
+        2.5f32,
+        -2.5,
+        3.7,
+        -3.7,
+        1e10,
+        -1e10,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        2147483520.0,
+        -2147483648.0,
+        4294967040.0,
+        1e20,
+    ];
     let n = x.len();
-    let (mut rn, mut rz, mut rd, mut urn, mut llrn) = (vec![7i32; n], vec![7i32; n], vec![7i32; n], vec![7u32; n], vec![7i64; n]);
-    let (mut px, mut p1, mut p2, mut p3, mut p4, mut p5, mut nn) =
-        (x.as_ptr(), rn.as_mut_ptr(), rz.as_mut_ptr(), rd.as_mut_ptr(), urn.as_mut_ptr(), llrn.as_mut_ptr(), n as i32);
+    let (mut rn, mut rz, mut rd, mut urn, mut llrn) = (
+        vec![7i32; n],
+        vec![7i32; n],
+        vec![7i32; n],
+        vec![7u32; n],
+        vec![7i64; n],
+    );
+    let (mut px, mut p1, mut p2, mut p3, mut p4, mut p5, mut nn) = (
+        x.as_ptr(),
+        rn.as_mut_ptr(),
+        rz.as_mut_ptr(),
+        rd.as_mut_ptr(),
+        urn.as_mut_ptr(),
+        llrn.as_mut_ptr(),
+        n as i32,
+    );
     launch(
         "emu_test_float2int",
         [1, 1, 1],
         [32, 1, 1],
         0,
         Order::Forward,
-        &mut [arg(&mut px), arg(&mut p1), arg(&mut p2), arg(&mut p3), arg(&mut p4), arg(&mut p5), arg(&mut nn)],
+        &mut [
+            arg(&mut px),
+            arg(&mut p1),
+            arg(&mut p2),
+            arg(&mut p3),
+            arg(&mut p4),
+            arg(&mut p5),
+            arg(&mut nn),
+        ],
     )
     .unwrap();
     let (max, min) = (i32::MAX, i32::MIN);
-    assert_eq!(rn, [2, -2, 4, -4, max, min, max, min, 0, 2147483520, min, max, max]);
-    assert_eq!(rz, [2, -2, 3, -3, max, min, max, min, 0, 2147483520, min, max, max]);
-    assert_eq!(rd, [2, -3, 3, -4, max, min, max, min, 0, 2147483520, min, max, max]);
-    assert_eq!(urn, [2, 0, 4, 0, u32::MAX, 0, u32::MAX, 0, 0, 2147483520, 0, 4294967040, u32::MAX]);
-    assert_eq!(llrn, [2, -2, 4, -4, 10_000_000_000, -10_000_000_000, i64::MAX, i64::MIN, 0, 2147483520, -2147483648, 4294967040, i64::MAX]);
+    assert_eq!(
+        rn,
+        [2, -2, 4, -4, max, min, max, min, 0, 2147483520, min, max, max]
+    );
+    assert_eq!(
+        rz,
+        [2, -2, 3, -3, max, min, max, min, 0, 2147483520, min, max, max]
+    );
+    assert_eq!(
+        rd,
+        [2, -3, 3, -4, max, min, max, min, 0, 2147483520, min, max, max]
+    );
+    assert_eq!(
+        urn,
+        [
+            2,
+            0,
+            4,
+            0,
+            u32::MAX,
+            0,
+            u32::MAX,
+            0,
+            0,
+            2147483520,
+            0,
+            4294967040,
+            u32::MAX
+        ]
+    );
+    assert_eq!(
+        llrn,
+        [
+            2,
+            -2,
+            4,
+            -4,
+            10_000_000_000,
+            -10_000_000_000,
+            i64::MAX,
+            i64::MIN,
+            0,
+            2147483520,
+            -2147483648,
+            4294967040,
+            i64::MAX
+        ]
+    );
 }
