@@ -377,14 +377,16 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
             // the shared workspace, which the executor's later steps overwrite before reading).
             let blas = ctx.dev.blas()?;
             let key = choice_key(&blas, &a, bias.is_some());
-            let two_op = two_op_step(ctx, &a, bias.map(p), xs.rows())?;
-            Ok(
-                if timed_choice(ctx.dev, blas.choices(), &key, &fused, &two_op)? {
-                    fused
-                } else {
-                    two_op
-                },
-            )
+            match blas.choices().get(&key) {
+                // Chosen before: only the chosen path is built (the two-op workspace is 2H wide).
+                Some(1) => Ok(fused),
+                Some(_) => two_op_step(ctx, &a, bias.map(p), xs.rows()),
+                None => {
+                    let two_op = two_op_step(ctx, &a, bias.map(p), xs.rows())?;
+                    let keep = timed_choice(ctx.dev, blas.choices(), &key, &fused, &two_op)?;
+                    Ok(if keep { fused } else { two_op })
+                }
+            }
         }
     }
 }
@@ -404,6 +406,11 @@ pub fn timed_choice(
     }
     let (tf, tt) = (time_step(dev, fused)?, time_step(dev, two_op)?);
     cache.insert(key, (tf < tt) as usize);
+    // Once per shape and device (later runs read the cache): which path a profile will show.
+    eprintln!(
+        "mixffn_inverted_glu: {key}: fused {tf:.4} ms, two-op {tt:.4} ms (median of 5): keeping {}",
+        if tf < tt { "fused" } else { "two-op" }
+    );
     Ok(tf < tt)
 }
 
