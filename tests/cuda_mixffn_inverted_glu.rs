@@ -22,11 +22,11 @@ use openuni_cuda::families::conv::depthwise_conv3_glu;
 use openuni_cuda::families::mixffn_inverted_glu::{
     self, MixFfnArgs, Path, MF90_THREADS, MF_HC, MF_M,
 };
-use openuni_cuda::families::{enqueue, Step};
+use openuni_cuda::families::{enqueue, Launch, Step};
 use openuni_cuda::gemm::{Epilogue, LinearArgs, LinearGemm};
 use openuni_cuda::gemm_cache::AlgoCache;
 use openuni_cuda::testing::{check, device_or_skip, round_to, Rng};
-use openuni_cuda::CudaExecutor;
+use openuni_cuda::{CudaDevice, CudaExecutor};
 use openuni_graph::GraphBuilder;
 use openuni_tensor::{DType, HostTensor};
 
@@ -34,89 +34,217 @@ fn tensor(shape: &[usize], v: Vec<f32>) -> HostTensor {
     HostTensor::from_f32(shape.to_vec(), v).unwrap()
 }
 
-#[test]
-fn mixffn_inverted_glu_matches_cpu() {
-    let Some(dev) = device_or_skip() else { return };
-    let mut rng = Rng::new(13);
-    for &(b, h, w, c, hidden, biases) in &[
-        (1, 4, 4, 8, 5, true),
-        (3, 16, 16, 40, 20, true),
-        (1, 5, 7, 24, 17, false),
-        (2, 12, 32, 16, 18, true),
-        (1, 4, 4, 12, 6, true),
-        (1, 3, 5, 16, 70, true),
-    ] {
+/// One random MixFFN problem: `b` images of `h`×`w` tokens, `c` channels in, `hidden` out
+/// (conv_inverted makes 2·hidden), with or without the two biases.
+struct Case {
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    hidden: usize,
+    biases: bool,
+    x: Vec<f32>,
+    wi: Vec<f32>,
+    bi: Vec<f32>,
+    wd: Vec<f32>,
+    bd: Vec<f32>,
+}
+
+impl Case {
+    fn new(
+        rng: &mut Rng,
+        (b, h, w, c, hidden): (usize, usize, usize, usize, usize),
+        biases: bool,
+    ) -> Case {
         let (rows, c2) = (b * h * w, 2 * hidden);
-        let x = rng.normals(rows * c, 0.0, 1.0);
-        let (wi, bi) = (
-            rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()),
-            rng.normals(c2, 0.0, 0.3),
-        );
-        let (wd, bd) = (rng.normals(c2 * 9, 0.0, 0.4), rng.normals(c2, 0.0, 0.3));
-        // `round_inverted`: the GEMM output rounded as a bf16 GEMM stores it (the plain bf16 run).
-        let twin = |x: &[f32],
-                    wi: &[f32],
-                    bi: &[f32],
-                    wd: &[f32],
-                    bd: &[f32],
-                    round_inverted: bool| {
-            let mut inv = vec![0.0; rows * c2];
-            cpu::linear(x, wi, biases.then_some(bi), rows, c, c2, &mut inv);
-            if round_inverted {
-                inv = round_to(DType::BF16, &inv);
-            }
-            let mut y = vec![0.0; rows * hidden];
-            cpu::silu_depthwise_conv_glu(&inv, wd, biases.then_some(bd), b, h, w, c2, 3, &mut y);
-            y
-        };
-        let mut want = vec![0.0; rows * hidden];
-        cpu::mixffn_inverted_glu(
-            &x,
-            &wi,
-            biases.then_some(&bi[..]),
-            &wd,
-            biases.then_some(&bd[..]),
+        Case {
             b,
             h,
             w,
             c,
-            c2,
-            &mut want,
+            hidden,
+            biases,
+            x: rng.normals(rows * c, 0.0, 1.0),
+            wi: rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()),
+            bi: rng.normals(c2, 0.0, 0.3),
+            wd: rng.normals(c2 * 9, 0.0, 0.4),
+            bd: rng.normals(c2, 0.0, 0.3),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.b * self.h * self.w
+    }
+
+    fn name(&self) -> String {
+        let Case {
+            b,
+            h,
+            w,
+            c,
+            hidden,
+            biases,
+            ..
+        } = self;
+        format!("[{b}, {h}x{w}, {c}] -> {hidden} biases={biases}")
+    }
+
+    /// The CPU twin of the fused op (f32).
+    fn want(&self) -> Vec<f32> {
+        let mut y = vec![0.0; self.rows() * self.hidden];
+        let (bi, bd) = (
+            self.biases.then_some(&self.bi[..]),
+            self.biases.then_some(&self.bd[..]),
         );
+        let Case {
+            b, h, w, c, hidden, ..
+        } = *self;
+        cpu::mixffn_inverted_glu(
+            &self.x,
+            &self.wi,
+            bi,
+            &self.wd,
+            bd,
+            b,
+            h,
+            w,
+            c,
+            2 * hidden,
+            &mut y,
+        );
+        y
+    }
+
+    /// The two ops it fuses, Linear then silu_depthwise_conv_glu, on inputs rounded to `dtype`;
+    /// with `round_inverted` the GEMM output is rounded to bf16 as a bf16 GEMM stores it (the plain
+    /// bf16 run that sets the bf16 tolerance).
+    fn two_op(&self, dtype: DType, round_inverted: bool) -> Vec<f32> {
+        let Case {
+            b,
+            h,
+            w,
+            c,
+            hidden,
+            biases,
+            ..
+        } = *self;
+        let (rows, c2) = (self.rows(), 2 * hidden);
+        let r = |v: &[f32]| round_to(dtype, v);
+        let mut inv = vec![0.0; rows * c2];
+        let bi = biases.then(|| r(&self.bi));
+        cpu::linear(
+            &r(&self.x),
+            &r(&self.wi),
+            bi.as_deref(),
+            rows,
+            c,
+            c2,
+            &mut inv,
+        );
+        if round_inverted {
+            inv = round_to(DType::BF16, &inv);
+        }
+        let mut y = vec![0.0; rows * hidden];
+        let bd = biases.then(|| r(&self.bd));
+        cpu::silu_depthwise_conv_glu(&inv, &r(&self.wd), bd.as_deref(), b, h, w, c2, 3, &mut y);
+        y
+    }
+
+    /// Launches one of the family's kernels directly on bf16 buffers (absent biases passed as null)
+    /// and returns its launch geometry and output.
+    fn launch(
+        &self,
+        dev: &CudaDevice,
+        launcher: fn(&MixFfnArgs) -> openuni_cuda::Result<Launch>,
+    ) -> (Launch, Vec<f32>) {
+        let bits = |v: &[f32]| {
+            v.iter()
+                .map(|&f| half::bf16::from_f32(f).to_bits())
+                .collect::<Vec<u16>>()
+        };
+        let up = |v: &[f32]| dev.upload(&bits(v)).unwrap();
+        let (xd, wid, bid, wdd, bdd) = (
+            up(&self.x),
+            up(&self.wi),
+            up(&self.bi),
+            up(&self.wd),
+            up(&self.bd),
+        );
+        let n = self.rows() * self.hidden;
+        let y = dev.alloc(n * 2).unwrap();
+        let bias = |p: u64| if self.biases { p } else { 0 };
+        let a = MixFfnArgs {
+            x: xd.ptr(),
+            wi: wid.ptr(),
+            bi: bias(bid.ptr()),
+            wd: wdd.ptr(),
+            bd: bias(bdd.ptr()),
+            y: y.ptr(),
+            batch: self.b,
+            h: self.h,
+            w: self.w,
+            c: self.c,
+            hidden: self.hidden,
+        };
+        let l = launcher(&a).unwrap();
+        // SAFETY: every buffer holds the shapes launched.
+        unsafe { enqueue(dev, std::slice::from_ref(&l)).unwrap() };
+        dev.synchronize().unwrap();
+        let mut out = vec![0u16; n];
+        dev.copy_to_host(y.ptr(), &mut out).unwrap();
+        (
+            l,
+            out.iter()
+                .map(|&u| half::bf16::from_bits(u).to_f32())
+                .collect(),
+        )
+    }
+}
+
+#[test]
+fn mixffn_inverted_glu_matches_cpu() {
+    let Some(dev) = device_or_skip() else { return };
+    let mut rng = Rng::new(13);
+    for &(shape, biases) in &[
+        ((1, 4, 4, 8, 5), true),
+        ((3, 16, 16, 40, 20), true),
+        ((1, 5, 7, 24, 17), false),
+        ((2, 12, 32, 16, 18), true),
+        ((1, 4, 4, 12, 6), true),
+        ((1, 3, 5, 16, 70), true),
+    ] {
+        let case = Case::new(&mut rng, shape, biases);
+        let Case {
+            b, h, w, c, hidden, ..
+        } = case;
+        let c2 = 2 * hidden;
+        let want = case.want();
         assert_eq!(
             want,
-            twin(&x, &wi, &bi, &wd, &bd, false),
+            case.two_op(DType::F32, false),
             "the CPU twin is the composition of the two ops"
         );
 
         let mut gb = GraphBuilder::new();
         let xi = gb.input("x", [b, h * w, c]).unwrap();
         let wii = gb.weight("wi", [c2, c]).unwrap();
-        let bii = if biases {
-            Some(gb.weight("bi", [c2]).unwrap())
-        } else {
-            None
-        };
+        let bii = biases.then(|| gb.weight("bi", [c2]).unwrap());
         let wdi = gb.weight("wd", [c2, 1, 3, 3]).unwrap();
-        let bdi = if biases {
-            Some(gb.weight("bd", [c2]).unwrap())
-        } else {
-            None
-        };
+        let bdi = biases.then(|| gb.weight("bd", [c2]).unwrap());
         let y = gb
             .mixffn_inverted_glu("mixffn", xi, wii, bii, wdi, bdi, h, w)
             .unwrap();
         gb.output("y", y).unwrap();
         let g = gb.finish();
         let mut weights = HashMap::from([
-            ("wi".to_string(), tensor(&[c2, c], wi.clone())),
-            ("wd".to_string(), tensor(&[c2, 1, 3, 3], wd.clone())),
+            ("wi".to_string(), tensor(&[c2, c], case.wi.clone())),
+            ("wd".to_string(), tensor(&[c2, 1, 3, 3], case.wd.clone())),
         ]);
         if biases {
-            weights.insert("bi".into(), tensor(&[c2], bi.clone()));
-            weights.insert("bd".into(), tensor(&[c2], bd.clone()));
+            weights.insert("bi".into(), tensor(&[c2], case.bi.clone()));
+            weights.insert("bd".into(), tensor(&[c2], case.bd.clone()));
         }
-        let inputs = HashMap::from([("x".to_string(), tensor(&[b, h * w, c], x.clone()))]);
+        let inputs = HashMap::from([("x".to_string(), tensor(&[b, h * w, c], case.x.clone()))]);
         // Every selection (this is the only test of this binary that reads or sets OPENUNI_MIXFFN
         // or OPENUNI_KERNELS; the others launch directly).
         for (dtype, request, kernels) in [
@@ -144,17 +272,14 @@ fn mixffn_inverted_glu_matches_cpu() {
             assert_eq!(path, expected, "the emulated GPU is sm_90a");
             let mut ex = CudaExecutor::new(&dev, &g, &weights, dtype, false).unwrap();
             let got = ex.run(&inputs).unwrap()["y"].to_f32_vec();
-            let r = |v: &[f32]| round_to(dtype, v);
-            let base = twin(
-                &r(&x),
-                &r(&wi),
-                &r(&bi),
-                &r(&wd),
-                &r(&bd),
-                dtype == DType::BF16,
+            let base = case.two_op(dtype, dtype == DType::BF16);
+            check(
+                &format!("mixffn_inverted_glu {dtype} {} {path:?}", case.name()),
+                dtype,
+                &got,
+                &want,
+                &base,
             );
-            let what = format!("mixffn_inverted_glu {dtype} [{b}, {h}x{w}, {c}] -> {hidden} biases={biases} {path:?}");
-            check(&what, dtype, &got, &want, &base);
         }
         std::env::remove_var("OPENUNI_KERNELS");
         std::env::remove_var("OPENUNI_MIXFFN");
@@ -168,72 +293,17 @@ fn mixffn_inverted_glu_matches_cpu() {
 fn mixffn_inverted_glu_bands_match_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(31);
-    for &(b, h, w, c, hidden) in &[(2, 12, 32, 16, 18), (1, 7, 80, 8, 70)] {
-        let (rows, c2) = (b * h * w, 2 * hidden);
-        let x = rng.normals(rows * c, 0.0, 1.0);
-        let (wi, bi) = (
-            rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()),
-            rng.normals(c2, 0.0, 0.3),
-        );
-        let (wd, bd) = (rng.normals(c2 * 9, 0.0, 0.4), rng.normals(c2, 0.0, 0.3));
-        let mut want = vec![0.0; rows * hidden];
-        cpu::mixffn_inverted_glu(
-            &x,
-            &wi,
-            Some(&bi),
-            &wd,
-            Some(&bd),
-            b,
-            h,
-            w,
-            c,
-            c2,
-            &mut want,
-        );
-        let r = |v: &[f32]| round_to(DType::BF16, v);
-        let mut inv = vec![0.0; rows * c2];
-        cpu::linear(&r(&x), &r(&wi), Some(&r(&bi)), rows, c, c2, &mut inv);
-        let mut base = vec![0.0; rows * hidden];
-        cpu::silu_depthwise_conv_glu(&r(&inv), &r(&wd), Some(&r(&bd)), b, h, w, c2, 3, &mut base);
-
-        let bits = |v: &[f32]| {
-            v.iter()
-                .map(|&f| half::bf16::from_f32(f).to_bits())
-                .collect::<Vec<u16>>()
-        };
-        let up = |v: &[f32]| dev.upload(&bits(v)).unwrap();
-        let (xd, wid, bid, wdd, bdd) = (up(&x), up(&wi), up(&bi), up(&wd), up(&bd));
-        let y = dev.alloc(rows * hidden * 2).unwrap();
-        let a = MixFfnArgs {
-            x: xd.ptr(),
-            wi: wid.ptr(),
-            bi: bid.ptr(),
-            wd: wdd.ptr(),
-            bd: bdd.ptr(),
-            y: y.ptr(),
-            batch: b,
-            h,
-            w,
-            c,
-            hidden,
-        };
-        let l = mixffn_inverted_glu::mixffn_inverted_glu(&a).unwrap();
-        assert!(l.grid.1 > 1, "[{h}x{w}] runs in bands");
-        // SAFETY: every buffer holds the shapes launched.
-        unsafe { enqueue(&dev, &[l]).unwrap() };
-        dev.synchronize().unwrap();
-        let mut out = vec![0u16; rows * hidden];
-        dev.copy_to_host(y.ptr(), &mut out).unwrap();
-        let got: Vec<f32> = out
-            .iter()
-            .map(|&u| half::bf16::from_bits(u).to_f32())
-            .collect();
+    for &shape in &[(2, 12, 32, 16, 18), (1, 7, 80, 8, 70)] {
+        let case = Case::new(&mut rng, shape, true);
+        let (l, got) = case.launch(&dev, mixffn_inverted_glu::mixffn_inverted_glu);
+        assert!(l.grid.1 > 1, "{} runs in bands", case.name());
+        let what = format!("mixffn_inverted_glu bands {}", case.name());
         check(
-            &format!("mixffn_inverted_glu bands [{b}, {h}x{w}, {c}] -> {hidden}"),
+            &what,
             DType::BF16,
             &got,
-            &want,
-            &base,
+            &case.want(),
+            &case.two_op(DType::BF16, true),
         );
     }
 }
@@ -247,94 +317,23 @@ fn mixffn_inverted_glu_bands_match_cpu() {
 fn mixffn_inverted_glu_wgmma_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     let mut rng = Rng::new(90);
-    for &(b, h, w, c, hidden, biases) in &[
-        (2, 4, 4, 264, 70, true),
-        (1, 16, 16, 328, 20, true),
-        (3, 5, 7, 8, 5, false),
-        (1, 11, 13, 40, 64, true),
+    for &(shape, biases) in &[
+        ((2, 4, 4, 264, 70), true),
+        ((1, 16, 16, 328, 20), true),
+        ((3, 5, 7, 8, 5), false),
+        ((1, 11, 13, 40, 64), true),
     ] {
-        let (rows, c2) = (b * h * w, 2 * hidden);
-        let x = rng.normals(rows * c, 0.0, 1.0);
-        let (wi, bi) = (
-            rng.normals(c2 * c, 0.0, 1.0 / (c as f32).sqrt()),
-            rng.normals(c2, 0.0, 0.3),
-        );
-        let (wd, bd) = (rng.normals(c2 * 9, 0.0, 0.4), rng.normals(c2, 0.0, 0.3));
-        let (bio, bdo) = (biases.then_some(&bi[..]), biases.then_some(&bd[..]));
-        let mut want = vec![0.0; rows * hidden];
-        cpu::mixffn_inverted_glu(&x, &wi, bio, &wd, bdo, b, h, w, c, c2, &mut want);
-        let r = |v: &[f32]| round_to(DType::BF16, v);
-        let mut inv = vec![0.0; rows * c2];
-        cpu::linear(
-            &r(&x),
-            &r(&wi),
-            biases.then(|| r(&bi)).as_deref(),
-            rows,
-            c,
-            c2,
-            &mut inv,
-        );
-        let mut base = vec![0.0; rows * hidden];
-        cpu::silu_depthwise_conv_glu(
-            &r(&inv),
-            &r(&wd),
-            biases.then(|| r(&bd)).as_deref(),
-            b,
-            h,
-            w,
-            c2,
-            3,
-            &mut base,
-        );
-
-        let bits = |v: &[f32]| {
-            v.iter()
-                .map(|&f| half::bf16::from_f32(f).to_bits())
-                .collect::<Vec<u16>>()
-        };
-        let up = |v: &[f32]| dev.upload(&bits(v)).unwrap();
-        let (xd, wid, bid, wdd, bdd) = (up(&x), up(&wi), up(&bi), up(&wd), up(&bd));
-        let y = dev.alloc(rows * hidden * 2).unwrap();
-        let (bip, bdp) = if biases {
-            (bid.ptr(), bdd.ptr())
-        } else {
-            (0, 0)
-        };
-        let a = MixFfnArgs {
-            x: xd.ptr(),
-            wi: wid.ptr(),
-            bi: bip,
-            wd: wdd.ptr(),
-            bd: bdp,
-            y: y.ptr(),
-            batch: b,
-            h,
-            w,
-            c,
-            hidden,
-        };
-        let l = mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&a).unwrap();
-        assert_eq!(
-            (l.grid, l.block.0 as usize),
-            ((hidden.div_ceil(MF_HC) as u32, 1, b as u32), MF90_THREADS)
-        );
-        // SAFETY: every buffer holds the shapes launched.
-        unsafe { enqueue(&dev, &[l]).unwrap() };
-        dev.synchronize().unwrap();
-        let mut out = vec![0u16; rows * hidden];
-        dev.copy_to_host(y.ptr(), &mut out).unwrap();
-        let got: Vec<f32> = out
-            .iter()
-            .map(|&u| half::bf16::from_bits(u).to_f32())
-            .collect();
+        let case = Case::new(&mut rng, shape, biases);
+        let (l, got) = case.launch(&dev, mixffn_inverted_glu::mixffn_inverted_glu_wgmma);
+        let grid = (case.hidden.div_ceil(MF_HC) as u32, 1, case.b as u32);
+        assert_eq!((l.grid, l.block.0 as usize), (grid, MF90_THREADS));
+        let what = format!("mixffn_inverted_glu_bf16_wgmma {}", case.name());
         check(
-            &format!(
-                "mixffn_inverted_glu_bf16_wgmma [{b}, {h}x{w}, {c}] -> {hidden} biases={biases}"
-            ),
+            &what,
             DType::BF16,
             &got,
-            &want,
-            &base,
+            &case.want(),
+            &case.two_op(DType::BF16, true),
         );
     }
 }
