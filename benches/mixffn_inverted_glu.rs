@@ -67,22 +67,25 @@ fn main() {
     let flops = 2.0 * (rows * c * 2 * hidden) as f64 + 4.0 * (rows * hidden * 9) as f64;
     let io = (rows * (c + hidden) + 2 * hidden * (c + 11)) * es;
 
+    // Arguments for input set `i` (x rotates through sets 3x the L2 size).
+    let args = |i: usize| MixFfnArgs {
+        x: xp(i),
+        wi: wi.ptr(),
+        bi: bi.ptr(),
+        wd: wd.ptr(),
+        bd: bd.ptr(),
+        y: y.ptr(),
+        batch,
+        h,
+        w,
+        c,
+        hidden,
+    };
     let ms = time_ms(&dev, warmup, runs, sets, |i| {
-        let a = MixFfnArgs {
-            x: xp(i),
-            wi: wi.ptr(),
-            bi: bi.ptr(),
-            wd: wd.ptr(),
-            bd: bd.ptr(),
-            y: y.ptr(),
-            batch,
-            h,
-            w,
-            c,
-            hidden,
-        };
         // SAFETY: every buffer holds the shapes launched.
-        unsafe { mixffn_inverted_glu::mixffn_inverted_glu(&a).and_then(|l| enqueue(&dev, &[l])) }
+        unsafe {
+            mixffn_inverted_glu::mixffn_inverted_glu(&args(i)).and_then(|l| enqueue(&dev, &[l]))
+        }
     })
     .unwrap();
     r.add_flops(
@@ -97,22 +100,7 @@ fn main() {
     // The sm_90a kernel (wgmma + TMA), where the device runs it: the executor's default there.
     let ms_wgmma = if mixffn_inverted_glu::sm90(&dev) {
         let launches: Vec<_> = (0..sets)
-            .map(|s| {
-                let a = MixFfnArgs {
-                    x: xp(s),
-                    wi: wi.ptr(),
-                    bi: bi.ptr(),
-                    wd: wd.ptr(),
-                    bd: bd.ptr(),
-                    y: y.ptr(),
-                    batch,
-                    h,
-                    w,
-                    c,
-                    hidden,
-                };
-                mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&a).unwrap()
-            })
+            .map(|s| mixffn_inverted_glu::mixffn_inverted_glu_wgmma(&args(s)).unwrap())
             .collect();
         let ms = time_ms(&dev, warmup, runs, sets, |i| {
             // SAFETY: every buffer holds the shapes launched.

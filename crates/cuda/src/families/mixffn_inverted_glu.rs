@@ -141,8 +141,7 @@ pub struct MixFfnArgs {
 }
 
 /// The fused launch (bf16 storage; bands where [`band_rows`] needs them), or an error naming a
-/// shape the kernel does not compute or a pointer
-/// that is not 16-byte aligned (x and wi are read in 16-byte cp.async copies).
+/// shape the kernel does not compute or a pointer that is not 16-byte aligned.
 pub fn mixffn_inverted_glu(a: &MixFfnArgs) -> Result<Launch> {
     let band = band_rows(a.h, a.w)
         .filter(|_| a.c.is_multiple_of(8) && a.c > 0)
@@ -155,11 +154,7 @@ pub fn mixffn_inverted_glu(a: &MixFfnArgs) -> Result<Launch> {
                 MF_M / 3
             ))
         })?;
-    for (name, p) in [("x", a.x), ("conv_inverted weight", a.wi)] {
-        if !p.is_multiple_of(16) {
-            return Err(invalid(format!("{name} at {p:#x} is not 16-byte aligned")));
-        }
-    }
+    require_aligned("mixffn_inverted_glu_bf16", a)?;
     let grid = (a.hidden.div_ceil(MF_HC), a.h.div_ceil(band), a.batch);
     if grid.0 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 || grid.0 > i32::MAX as usize
     {
@@ -172,20 +167,39 @@ pub fn mixffn_inverted_glu(a: &MixFfnArgs) -> Result<Launch> {
         grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
         block: (256, 1, 1),
         smem: MF_SMEM as u32,
-        args: vec![
-            KArg::Ptr(a.x),
-            KArg::Ptr(a.wi),
-            KArg::Ptr(a.bi),
-            KArg::Ptr(a.wd),
-            KArg::Ptr(a.bd),
-            KArg::Ptr(a.y),
-            i32_arg("h", a.h)?,
-            i32_arg("w", a.w)?,
-            i32_arg("channels", a.c)?,
-            i32_arg("hidden", a.hidden)?,
-            i32_arg("band", band)?,
-        ],
+        args: [
+            vec![KArg::Ptr(a.x), KArg::Ptr(a.wi)],
+            epilogue_args(a)?,
+            vec![i32_arg("band", band)?],
+        ]
+        .concat(),
     })
+}
+
+/// x and the conv_inverted weight are read in 16-byte copies (cp.async, or TMA boxes).
+fn require_aligned(what: &str, a: &MixFfnArgs) -> Result<()> {
+    for (name, p) in [("x", a.x), ("conv_inverted weight", a.wi)] {
+        if !p.is_multiple_of(16) {
+            return Err(invalid(format!(
+                "{what}: {name} at {p:#x} is not 16-byte aligned"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The arguments both kernels take after their two GEMM operands, in the same order.
+fn epilogue_args(a: &MixFfnArgs) -> Result<Vec<KArg>> {
+    Ok(vec![
+        KArg::Ptr(a.bi),
+        KArg::Ptr(a.wd),
+        KArg::Ptr(a.bd),
+        KArg::Ptr(a.y),
+        i32_arg("h", a.h)?,
+        i32_arg("w", a.w)?,
+        i32_arg("channels", a.c)?,
+        i32_arg("hidden", a.hidden)?,
+    ])
 }
 
 /// The sm_90a launch (the whole latent in one block per image and [`MF_HC`] channels), or an error
@@ -199,13 +213,7 @@ pub fn mixffn_inverted_glu_wgmma(a: &MixFfnArgs) -> Result<Launch> {
             a.c, a.h, a.w
         )));
     }
-    for (name, p) in [("x", a.x), ("conv_inverted weight", a.wi)] {
-        if !p.is_multiple_of(16) {
-            return Err(invalid(format!(
-                "{what}: {name} at {p:#x} is not 16-byte aligned (TMA)"
-            )));
-        }
-    }
+    require_aligned(what, a)?;
     let grid = (a.hidden.div_ceil(MF_HC), a.batch);
     if grid.0 == 0
         || grid.1 == 0
@@ -238,18 +246,11 @@ pub fn mixffn_inverted_glu_wgmma(a: &MixFfnArgs) -> Result<Launch> {
         grid: (grid.0 as u32, 1, grid.1 as u32),
         block: (MF90_THREADS as u32, 1, 1),
         smem: MF90_SMEM as u32,
-        args: vec![
-            KArg::TensorMap(map_x),
-            KArg::TensorMap(map_w),
-            KArg::Ptr(a.bi),
-            KArg::Ptr(a.wd),
-            KArg::Ptr(a.bd),
-            KArg::Ptr(a.y),
-            i32_arg("h", a.h)?,
-            i32_arg("w", a.w)?,
-            i32_arg("channels", a.c)?,
-            i32_arg("hidden", a.hidden)?,
-        ],
+        args: [
+            vec![KArg::TensorMap(map_x), KArg::TensorMap(map_w)],
+            epilogue_args(a)?,
+        ]
+        .concat(),
     })
 }
 
