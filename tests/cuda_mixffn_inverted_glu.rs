@@ -150,6 +150,18 @@ impl Case {
         y
     }
 
+    /// A bf16 kernel's output against the twin, at 2x the plain bf16 run's error.
+    fn check_bf16(&self, kernel: &str, got: &[f32]) {
+        let base = self.two_op(DType::BF16, true);
+        check(
+            &format!("{kernel} {}", self.name()),
+            DType::BF16,
+            got,
+            &self.want(),
+            &base,
+        );
+    }
+
     /// Launches one of the family's kernels directly on bf16 buffers (absent biases passed as null)
     /// and returns its launch geometry and output.
     fn launch(
@@ -297,14 +309,7 @@ fn mixffn_inverted_glu_bands_match_cpu() {
         let case = Case::new(&mut rng, shape, true);
         let (l, got) = case.launch(&dev, mixffn_inverted_glu::mixffn_inverted_glu);
         assert!(l.grid.1 > 1, "{} runs in bands", case.name());
-        let what = format!("mixffn_inverted_glu bands {}", case.name());
-        check(
-            &what,
-            DType::BF16,
-            &got,
-            &case.want(),
-            &case.two_op(DType::BF16, true),
-        );
+        case.check_bf16("mixffn_inverted_glu bands", &got);
     }
 }
 
@@ -327,14 +332,7 @@ fn mixffn_inverted_glu_wgmma_matches_cpu() {
         let (l, got) = case.launch(&dev, mixffn_inverted_glu::mixffn_inverted_glu_wgmma);
         let grid = (case.hidden.div_ceil(MF_HC) as u32, 1, case.b as u32);
         assert_eq!((l.grid, l.block.0 as usize), (grid, MF90_THREADS));
-        let what = format!("mixffn_inverted_glu_bf16_wgmma {}", case.name());
-        check(
-            &what,
-            DType::BF16,
-            &got,
-            &case.want(),
-            &case.two_op(DType::BF16, true),
-        );
+        case.check_bf16("mixffn_inverted_glu_bf16_wgmma", &got);
     }
 }
 
