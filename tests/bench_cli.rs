@@ -304,6 +304,22 @@ fn plan_counts_a_real_size_variant_without_a_device() {
     assert!(stderr.contains("--variant `b-9000`"), "{stderr}");
 }
 
+/// A value `OPENUNI_MIXFFN` does not take is refused by name, not read as `auto`.
+#[test]
+fn plan_refuses_an_unknown_mixffn_request() {
+    let out = Command::new(env!("CARGO_BIN_EXE_openuni"))
+        .args(["bench", "--plan", "--variant", "b-512", "--batch", "1"])
+        .env("OPENUNI_MIXFFN", "fusd")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("OPENUNI_MIXFFN=`fusd`: expected `auto`, `fused` or `two-op`"),
+        "{stderr}"
+    );
+}
+
 /// The step and decode of a real-size variant at batch 32 from `--plan`: (stage, launches, GEMM +
 /// other bytes), for the targets below.
 fn planned_batch_32(variant: &str) -> Vec<(String, u64, f64)> {

@@ -268,7 +268,7 @@ fn mixffn_inverted_glu_matches_cpu() {
             std::env::set_var("OPENUNI_MIXFFN", request);
             std::env::set_var("OPENUNI_KERNELS", kernels);
             let path = mixffn_inverted_glu::select(
-                mixffn_inverted_glu::request(),
+                mixffn_inverted_glu::request().unwrap(),
                 mixffn_inverted_glu::sm90(&dev),
                 dtype,
                 c,

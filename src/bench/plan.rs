@@ -264,11 +264,12 @@ pub fn cuda_launches(g: &Graph, node: &Node, dtype: DType) -> Result<usize> {
     })
 }
 
-/// The MixFFN path of the modelled H100 / H200 (an sm_90a device, `OPENUNI_MIXFFN` as set):
-/// families::mixffn_inverted_glu::select before its first-use timing, which on a GPU keeps the
-/// sm_90a fused kernel only if it is faster than the two-op path.
+/// The MixFFN path of the modelled H100 / H200 (an sm_90a device, `OPENUNI_MIXFFN` as set; `run`
+/// refuses a value it does not take): families::mixffn_inverted_glu::select before its first-use
+/// timing, which on a GPU keeps the sm_90a fused kernel only if it is faster than the two-op path.
 fn modelled_mixffn_path(dtype: DType, c: usize, h: usize, w: usize) -> mixffn_inverted_glu::Path {
-    mixffn_inverted_glu::select(mixffn_inverted_glu::request(), true, dtype, c, h, w)
+    let request = mixffn_inverted_glu::request().unwrap_or(mixffn_inverted_glu::Request::Auto);
+    mixffn_inverted_glu::select(request, true, dtype, c, h, w)
 }
 
 /// An `Op::MixFfnInvertedGlu` node the modelled device runs on its two-op path
@@ -602,6 +603,7 @@ pub struct PlanOptions {
 }
 
 pub fn run(o: &PlanOptions) -> Result<PlanReport> {
+    mixffn_inverted_glu::request()?;
     if o.batches.is_empty() || o.batches.contains(&0) {
         anyhow::bail!("--batch takes a comma-separated list of positive batch sizes");
     }

@@ -80,17 +80,16 @@ pub enum Request {
     Fused,
 }
 
-/// Reads [`MIXFFN_ENV`]; another value is named on stderr once and read as `auto`.
-pub fn request() -> Request {
+/// Reads [`MIXFFN_ENV`] (unset or empty: `auto`); another value is an error naming the variable,
+/// the value and the ones it takes.
+pub fn request() -> Result<Request> {
     match std::env::var(MIXFFN_ENV).as_deref().map(str::trim) {
-        Ok("fused") => Request::Fused,
-        Ok("two-op") => Request::TwoOp,
-        Ok("auto") | Ok("") | Err(_) => Request::Auto,
-        Ok(other) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| eprintln!("warning: {MIXFFN_ENV}=`{other}` is none of `auto`, `fused`, `two-op`: using `auto`"));
-            Request::Auto
-        }
+        Ok("fused") => Ok(Request::Fused),
+        Ok("two-op") => Ok(Request::TwoOp),
+        Ok("auto") | Ok("") | Err(_) => Ok(Request::Auto),
+        Ok(other) => Err(invalid(format!(
+            "{MIXFFN_ENV}=`{other}`: expected `auto`, `fused` or `two-op`"
+        ))),
     }
 }
 
@@ -365,7 +364,7 @@ pub fn resolve(ctx: &Ctx, node: &Node) -> Result<Step> {
     if a.batch * a.h * a.w * hidden == 0 {
         return Ok(Step::Launches(vec![]));
     }
-    let request = request();
+    let request = request()?;
     match select(request, sm90(ctx.dev), ctx.dtype, c, *h, *w) {
         Path::TwoOp => two_op_step(ctx, &a, bias.map(p), xs.rows()),
         Path::Fused(_) => Ok(Step::Launches(vec![mixffn_inverted_glu(&a)?])),
@@ -465,12 +464,17 @@ mod tests {
             ("two-op", Request::TwoOp),
             ("auto", Request::Auto),
             ("", Request::Auto),
-            ("bogus", Request::Auto),
         ] {
             std::env::set_var(MIXFFN_ENV, v);
-            assert_eq!(request(), want, "{v}");
+            assert_eq!(request().unwrap(), want, "{v}");
         }
+        std::env::set_var(MIXFFN_ENV, "fusd");
+        let e = request().unwrap_err().to_string();
+        assert!(
+            e.contains("OPENUNI_MIXFFN=`fusd`") && e.contains("`two-op`"),
+            "{e}"
+        );
         std::env::remove_var(MIXFFN_ENV);
-        assert_eq!(request(), Request::Auto);
+        assert_eq!(request().unwrap(), Request::Auto);
     }
 }
