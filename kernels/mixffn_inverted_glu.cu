@@ -297,7 +297,7 @@ __device__ __forceinline__ void mixffn_inverted_glu_sm90(unsigned char* dyn_smem
     __syncthreads();  // the only block-wide barrier: the producer leaves early
 
     if (wg == 0) {
-        setmaxnreg_dec<40>();
+        setmaxnreg_dec<WarpSpecializedRegs::PRODUCER>();
         if (t != 0) return;
         for (int it = 0; it < iters; ++it) {
             const int s = it % MF90_STAGES, k0 = it * MF90_CHUNK;
@@ -311,7 +311,7 @@ __device__ __forceinline__ void mixffn_inverted_glu_sm90(unsigned char* dyn_smem
         return;
     }
 
-    setmaxnreg_inc<232>();
+    setmaxnreg_inc<WarpSpecializedRegs::CONSUMER>();
     const int cn = wg - 1;
     float acc[2][MF_COLS / 2];
     for (int it = 0; it < iters; ++it) {

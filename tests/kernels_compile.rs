@@ -122,7 +122,7 @@ fn largest_block(kernel: &str) -> Option<usize> {
 /// Registers per thread a kernel that moves registers between warpgroups (`setmaxnreg`) must be
 /// given at launch: its launch bound's whole share of the register file, in units of 8 (168 for one
 /// block of 384 threads per SM). Its warpgroups' `setmaxnreg.dec`/`.inc` values are balanced
-/// against that share (attention_sm90.cuh's `A90Regs`; conv_sm90.cuh 40 / 232): with fewer
+/// against that share (sm90.cuh's `WarpSpecializedRegs`: 40 and 232): with fewer
 /// registers the consumers' inc would ask for more than the producer freed and, on hardware, wait
 /// forever. The emulated GPU does not model the register file.
 fn setmaxnreg_share(kernel: &str) -> Option<usize> {

@@ -47,19 +47,8 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-// Registers per thread (setmaxnreg), one block of 384 threads per SM (__launch_bounds__(384, 1)): every
-// thread starts with BASE (65,536 / 384 in the allocation's units of 8; tests/kernels_compile.rs checks
-// that ptxas gives exactly that), the producer gives back down to PRODUCER and the consumers take what that
-// frees. On hardware an inc that asks for more than the block freed waits forever, so the sum is checked
-// here (the emulator does not model the register file). Two blocks per SM (80 registers) were tried and
-// dropped: ptxas serializes the consumers' wgmma there (docs/hopper.md).
-struct A90Regs {
-    static constexpr int BASE = 65536 / 384 / 8 * 8;
-    static constexpr int PRODUCER = 40;
-    static constexpr int CONSUMER = (384 * BASE - 128 * PRODUCER) / 256 / 8 * 8;
-    static_assert(128 * PRODUCER + 256 * CONSUMER <= 384 * BASE, "setmaxnreg: the consumers take more than the producer gave back");
-};
-
+// Two blocks per SM (80 registers a thread) were tried and dropped: ptxas serializes the consumers' wgmma
+// there (docs/hopper.md); the registers are sm90.cuh's WarpSpecializedRegs.
 template <int HD, int MUTANT = A90_OK>
 __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const TensorMap& map_q, const TensorMap& map_k,
                                                const TensorMap& map_v, const bf16* __restrict__ mask,
@@ -100,7 +89,7 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
     __syncthreads();  // the only block-wide barrier
 
     if (wg == 0) {
-        setmaxnreg_dec<A90Regs::PRODUCER>();
+        setmaxnreg_dec<WarpSpecializedRegs::PRODUCER>();
         if (t != 0) return;
         mbarrier_arrive_expect_tx(q_full, A90_CONSUMERS * CB * A90_BOX);
         for (int c = 0; c < A90_CONSUMERS; ++c)
@@ -117,7 +106,7 @@ __device__ __forceinline__ void attention_sm90(unsigned char* dyn_smem, const Te
         return;
     }
 
-    setmaxnreg_inc<A90Regs::CONSUMER>();
+    setmaxnreg_inc<WarpSpecializedRegs::CONSUMER>();
     const int c = (int)wg - 1;
     const int warp = (int)t / 32, g = (int)(t % 32) / 4, tq = (int)t % 4;
     // This thread's two rows (absolute query indices) and the keys each sees: [from, vis].

@@ -164,7 +164,7 @@ __device__ __forceinline__ void conv_sm90(unsigned char* dyn_smem, const TensorM
 
     if (wg == 0) {
         // Producer: one thread issues every TMA; the warpgroup gives its registers to the consumers.
-        setmaxnreg_dec<40>();
+        setmaxnreg_dec<WarpSpecializedRegs::PRODUCER>();
         if (t != 0) return;
         for (int it = 0; it < iters; ++it) {
             const int s = it % C90_STAGES;
@@ -184,7 +184,7 @@ __device__ __forceinline__ void conv_sm90(unsigned char* dyn_smem, const TensorM
     }
 
     // Consumer c: pixels rows oy0 + 8c .. + 7 of the tile, as two m64 blocks (rows 4i .. 4i + 3 of the box).
-    setmaxnreg_inc<232>();
+    setmaxnreg_inc<WarpSpecializedRegs::CONSUMER>();
     const int c = (int)wg - 1;
     float acc[2][C90_TILE_N / 2];
     for (int it = 0; it < iters; ++it) {

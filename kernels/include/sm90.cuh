@@ -82,6 +82,19 @@ __device__ __forceinline__ void setmaxnreg_dec(OPENUNI_SM90_SITE_FIRST) {
 #endif
 }
 
+// Registers per thread of the warp-specialised kernels (a producer warpgroup and two consumer warpgroups,
+// one block of 384 threads per SM: __launch_bounds__(384, 1)): every thread starts with BASE (65,536 / 384
+// in the allocation's units of 8; tests/kernels_compile.rs checks that ptxas gives exactly that), the
+// producer gives back down to PRODUCER and the consumers take what that frees. On hardware an inc that asks
+// for more than the block freed waits forever, so the sum is checked here (the emulator does not model the
+// register file). Used by the sm_90a attention, conv and MixFFN kernels.
+struct WarpSpecializedRegs {
+  static constexpr int BASE = 65536 / 384 / 8 * 8;
+  static constexpr int PRODUCER = 40;
+  static constexpr int CONSUMER = (384 * BASE - 128 * PRODUCER) / 256 / 8 * 8;
+  static_assert(128 * PRODUCER + 256 * CONSUMER <= 384 * BASE, "setmaxnreg: the consumers take more than the producer gave back");
+};
+
 }  // namespace ou
 
 #undef OU_SM90_SITE
